@@ -1,0 +1,1 @@
+//! emu accelerator (x86emu).

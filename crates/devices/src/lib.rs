@@ -1,0 +1,72 @@
+//! Guest-visible legacy devices and userspace interrupt controllers of an x86
+//! PC-like virtual machine.
+//!
+//! Two accelerators use this crate:
+//!
+//! * **KVM with the in-kernel irqchip**: only [`serial::Serial`],
+//!   [`i8042::I8042`] and [`cmos::Cmos`] are used; interrupts are raised
+//!   through an [`irq::IrqLine`] implemented by the caller (e.g. `KVM_IRQ_LINE`).
+//! * **The software CPU emulator**: additionally uses the interrupt
+//!   controllers and timers, composed in [`irqchip::EmuIrqchip`]
+//!   (8259A PIC pair + 82093AA IOAPIC + xAPIC + 8254 PIT).
+//!
+//! Devices are attached to the guest through [`bus::PioBus`] (x86 I/O ports)
+//! and [`bus::MmioBus`] (guest-physical memory-mapped I/O).
+//!
+//! All guest-controlled inputs are treated as hostile: no guest access can
+//! panic; unknown registers read as documented constants and writes to them
+//! are ignored.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+pub mod bus;
+pub mod cmos;
+pub mod i8042;
+pub mod ioapic;
+pub mod irq;
+pub mod irqchip;
+pub mod lapic;
+pub mod pic;
+pub mod pit;
+pub mod serial;
+
+pub use bus::{MmioBus, MmioDevice, PioBus, PioDevice};
+pub use cmos::Cmos;
+pub use i8042::I8042;
+pub use ioapic::IoApic;
+pub use irq::{IrqLine, NoIrq};
+pub use irqchip::{EmuIrqchip, GsiLine};
+pub use lapic::Lapic;
+pub use pic::Pic;
+pub use pit::Pit;
+pub use serial::Serial;
+
+/// A virtual monotonic clock: each call returns the current time in
+/// nanoseconds (arbitrary epoch, must never go backwards).
+///
+/// The timers ([`Pit`], [`Lapic`]) read it at every guest register access so
+/// that counters decrease with (virtual) time.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Errors returned by this crate.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The range `[base, base + len)` overlaps a range already on the bus.
+    #[error("bus range {base:#x}+{len:#x} overlaps an existing device")]
+    Overlap {
+        /// First address (port or guest-physical address) of the rejected range.
+        base: u64,
+        /// Length of the rejected range, in ports or bytes.
+        len: u64,
+    },
+    /// The range is empty or wraps around the end of the address space.
+    #[error("invalid bus range {base:#x}+{len:#x}")]
+    InvalidRange {
+        /// First address of the rejected range.
+        base: u64,
+        /// Length of the rejected range.
+        len: u64,
+    },
+}

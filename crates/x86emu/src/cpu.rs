@@ -1,0 +1,332 @@
+//! The vCPU state and the run loop's public face.
+
+use crate::mmu::{Mmu, RamRegion};
+use crate::Bus;
+
+/// RFLAGS bits (Intel SDM Vol. 1 §3.4.3).
+#[allow(dead_code)]
+pub mod flags {
+    pub const CF: u64 = 1 << 0;
+    pub const PF: u64 = 1 << 2;
+    pub const AF: u64 = 1 << 4;
+    pub const ZF: u64 = 1 << 6;
+    pub const SF: u64 = 1 << 7;
+    pub const TF: u64 = 1 << 8;
+    pub const IF: u64 = 1 << 9;
+    pub const DF: u64 = 1 << 10;
+    pub const OF: u64 = 1 << 11;
+    pub const IOPL: u64 = 3 << 12;
+    pub const NT: u64 = 1 << 14;
+    pub const RF: u64 = 1 << 16;
+    pub const VM: u64 = 1 << 17;
+    pub const AC: u64 = 1 << 18;
+    pub const VIF: u64 = 1 << 19;
+    pub const VIP: u64 = 1 << 20;
+    pub const ID: u64 = 1 << 21;
+    /// The six arithmetic status flags.
+    pub const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
+}
+
+/// Control-register and EFER bits used by the emulator.
+#[allow(dead_code)]
+pub mod ctl {
+    pub const CR0_PE: u64 = 1 << 0;
+    pub const CR0_MP: u64 = 1 << 1;
+    pub const CR0_EM: u64 = 1 << 2;
+    pub const CR0_TS: u64 = 1 << 3;
+    pub const CR0_WP: u64 = 1 << 16;
+    pub const CR0_PG: u64 = 1 << 31;
+    pub const CR4_PSE: u64 = 1 << 4;
+    pub const CR4_PAE: u64 = 1 << 5;
+    pub const CR4_PGE: u64 = 1 << 7;
+    pub const CR4_OSFXSR: u64 = 1 << 9;
+    pub const CR4_PCIDE: u64 = 1 << 17;
+    pub const EFER_SCE: u64 = 1 << 0;
+    pub const EFER_LME: u64 = 1 << 8;
+    pub const EFER_LMA: u64 = 1 << 10;
+    pub const EFER_NXE: u64 = 1 << 11;
+}
+
+/// A segment register with its hidden descriptor cache.
+///
+/// `attr` uses the VMX access-rights layout (Intel SDM Vol. 3 §24.4.1): bits 0-3 type,
+/// 4 S, 5-6 DPL, 7 P, 12 AVL, 13 L, 14 D/B, 15 G, 16 unusable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seg {
+    /// Visible selector.
+    pub selector: u16,
+    /// Linear base address.
+    pub base: u64,
+    /// Limit in bytes.
+    pub limit: u32,
+    /// Access rights (see above).
+    pub attr: u32,
+}
+
+impl Seg {
+    /// Descriptor privilege level.
+    pub fn dpl(&self) -> u8 {
+        ((self.attr >> 5) & 3) as u8
+    }
+    /// 64-bit code segment (L bit).
+    pub fn long(&self) -> bool {
+        self.attr & (1 << 13) != 0
+    }
+    /// Default operand size 32 (D/B bit).
+    pub fn big(&self) -> bool {
+        self.attr & (1 << 14) != 0
+    }
+    /// Builds the access-rights word from a legacy descriptor's high dword.
+    pub fn attr_from_desc_hi(hi: u32) -> u32 {
+        (hi >> 8) & 0xf0ff
+    }
+}
+
+/// Segment register indices (hardware encoding order).
+pub mod sreg {
+    pub const ES: usize = 0;
+    pub const CS: usize = 1;
+    pub const SS: usize = 2;
+    pub const DS: usize = 3;
+    pub const FS: usize = 4;
+    pub const GS: usize = 5;
+}
+
+/// Model-specific registers the emulator keeps (Intel SDM Vol. 4).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Msrs {
+    pub star: u64,
+    pub lstar: u64,
+    pub cstar: u64,
+    pub sfmask: u64,
+    pub kernel_gs_base: u64,
+    pub tsc_aux: u64,
+    pub pat: u64,
+    pub apic_base: u64,
+    pub misc_enable: u64,
+    pub sysenter_cs: u64,
+    pub sysenter_esp: u64,
+    pub sysenter_eip: u64,
+    /// Offset added to the guest-time-derived TSC (written by WRMSR IA32_TSC).
+    pub tsc_offset: i64,
+}
+
+/// x87/SSE state (the FXSAVE image, Intel SDM Vol. 1 §10.5.1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FpuState {
+    /// XMM0-15.
+    pub xmm: [u128; 16],
+    pub mxcsr: u32,
+    /// x87 control word.
+    pub fcw: u16,
+    /// x87 status word (TOP in bits 11-13).
+    pub fsw: u16,
+    /// Abridged tag word as stored by FXSAVE (1 bit per register, 1 = valid).
+    pub ftw: u8,
+    /// x87 registers ST physical slots 0-7, as 80-bit extended values (low 10 bytes used).
+    pub st: [[u8; 16]; 8],
+    pub fop: u16,
+    pub fip: u64,
+    pub fdp: u64,
+}
+
+impl Default for FpuState {
+    fn default() -> Self {
+        FpuState {
+            xmm: [0; 16],
+            mxcsr: 0x1f80,
+            fcw: 0x037f,
+            fsw: 0,
+            ftw: 0,
+            st: [[0; 16]; 8],
+            fop: 0,
+            fip: 0,
+            fdp: 0,
+        }
+    }
+}
+
+/// Counters kept by the emulator.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Instructions retired.
+    pub instructions: u64,
+    /// Decode-cache misses (instructions decoded).
+    pub decodes: u64,
+    /// Exceptions delivered.
+    pub exceptions: u64,
+    /// External interrupts delivered.
+    pub interrupts: u64,
+    /// Port I/O accesses.
+    pub pio: u64,
+    /// MMIO accesses.
+    pub mmio: u64,
+    /// Software TLB misses (page walks).
+    pub tlb_misses: u64,
+}
+
+/// Static configuration of a CPU.
+#[derive(Clone, Debug)]
+pub struct CpuConfig {
+    /// TSC frequency in Hz advertised in CPUID leaf 0x15 (also the LAPIC bus clock).
+    pub tsc_hz: u64,
+    /// Initial APIC ID.
+    pub apic_id: u8,
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0 }
+    }
+}
+
+/// Why [`Cpu::run`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// `hlt` with interrupts enabled: nothing to run until an interrupt arrives.
+    Halted,
+    /// `hlt` with interrupts disabled: the CPU is stopped for good (Linux's power-off and
+    /// halt paths end here when no firmware interface is present).
+    HaltedForever,
+    /// Triple fault: the CPU would signal shutdown and the platform resets.
+    TripleFault(String),
+    /// The instruction budget given to [`Cpu::run`] was used up.
+    Budget,
+    /// The emulator met an instruction or state it does not implement.
+    Unsupported(String),
+}
+
+/// One emulated x86-64 vCPU.
+pub struct Cpu {
+    /// RAX..R15 in hardware order.
+    pub gpr: [u64; 16],
+    pub rip: u64,
+    pub rflags: u64,
+    /// ES, CS, SS, DS, FS, GS.
+    pub seg: [Seg; 6],
+    pub ldtr: Seg,
+    pub tr: Seg,
+    pub gdtr_base: u64,
+    pub gdtr_limit: u16,
+    pub idtr_base: u64,
+    pub idtr_limit: u16,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub cr8: u64,
+    pub efer: u64,
+    pub dr: [u64; 8],
+    pub xcr0: u64,
+    pub msr: Msrs,
+    pub fpu: FpuState,
+    pub(crate) mmu: Mmu,
+    pub(crate) config: CpuConfig,
+    /// Interrupts are inhibited for one instruction (after STI / MOV SS / POP SS).
+    pub(crate) interrupt_shadow: bool,
+    pub(crate) halted: bool,
+    pub stats: Stats,
+    /// Decoded-instruction cache keyed by GPA.
+    pub(crate) dcache: crate::exec::DecodeCache,
+    /// Set by instructions that may unmask or raise interrupts (STI, POPF, IRET, port and
+    /// MMIO writes): the run loop looks at the interrupt line again before the next one.
+    pub(crate) check_irq: bool,
+    /// Optional instruction trace: (rip, cs.selector) of every retired instruction is
+    /// written here when set (debugging against a reference trace).
+    pub trace: Option<Box<dyn std::io::Write + Send>>,
+}
+
+/// Exception class being delivered (for the double-fault rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fault2 {
+    Benign,
+    Contributory,
+    PageFault,
+    DoubleFault,
+}
+
+impl Cpu {
+    /// A CPU in the architectural reset state (real mode, CS:IP = F000:FFF0), with guest RAM
+    /// given as host mappings.
+    pub fn new(ram: Vec<RamRegion>, config: CpuConfig) -> Cpu {
+        let mut seg = [Seg { selector: 0, base: 0, limit: 0xffff, attr: 0x93 }; 6];
+        seg[sreg::CS] = Seg { selector: 0xf000, base: 0xffff0000, limit: 0xffff, attr: 0x9b };
+        let apic_base = 0xfee0_0000 | (1 << 11) | if config.apic_id == 0 { 1 << 8 } else { 0 };
+        Cpu {
+            gpr: [0; 16],
+            rip: 0xfff0,
+            rflags: 2,
+            seg,
+            ldtr: Seg { selector: 0, base: 0, limit: 0xffff, attr: 0x82 },
+            tr: Seg { selector: 0, base: 0, limit: 0xffff, attr: 0x8b },
+            gdtr_base: 0,
+            gdtr_limit: 0xffff,
+            idtr_base: 0,
+            idtr_limit: 0xffff,
+            cr0: 0x6000_0010,
+            cr2: 0,
+            cr3: 0,
+            cr4: 0,
+            cr8: 0,
+            efer: 0,
+            dr: [0, 0, 0, 0, 0xffff0ff0, 0x400, 0xffff0ff0, 0x400],
+            xcr0: 1,
+            msr: Msrs { apic_base, pat: 0x0007_0406_0007_0406, ..Msrs::default() },
+            fpu: FpuState::default(),
+            mmu: Mmu::new(ram),
+            config,
+            interrupt_shadow: false,
+            halted: false,
+            stats: Stats::default(),
+            dcache: crate::exec::DecodeCache::new(),
+            check_irq: true,
+            trace: None,
+        }
+    }
+
+    /// Current privilege level (CS.DPL; SS.DPL in real mode is 0).
+    #[inline]
+    pub fn cpl(&self) -> u8 {
+        if self.cr0 & ctl::CR0_PE == 0 {
+            0
+        } else {
+            self.seg[sreg::CS].dpl()
+        }
+    }
+
+    /// Long mode active and a 64-bit code segment.
+    #[inline]
+    pub fn in_64bit_mode(&self) -> bool {
+        self.efer & ctl::EFER_LMA != 0 && self.seg[sreg::CS].long()
+    }
+
+    /// Code size in bits (16, 32 or 64) that the decoder must use at the current CS.
+    #[inline]
+    pub fn bitness(&self) -> u32 {
+        if self.in_64bit_mode() {
+            64
+        } else if self.cr0 & ctl::CR0_PE != 0 && self.seg[sreg::CS].big() {
+            32
+        } else {
+            16
+        }
+    }
+
+    /// Whether the CPU sits in `hlt` waiting for an interrupt.
+    pub fn is_halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Drops all cached translations and decoded instructions (after the VMM wrote guest
+    /// memory or page tables behind the CPU's back, e.g. on restore).
+    pub fn flush_caches(&mut self) {
+        self.mmu.flush_all();
+        self.mmu.flush_code();
+    }
+
+    /// Runs until something the VMM must act on happens, or `budget` instructions retired.
+    pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> Exit {
+        crate::exec::run(self, bus, budget)
+    }
+}
+

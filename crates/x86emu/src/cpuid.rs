@@ -1,0 +1,57 @@
+//! The CPUID the emulator advertises: a plain x86-64 baseline that matches what it
+//! implements (Intel SDM Vol. 2A CPUID).
+//!
+//! The vendor is GenuineIntel, family 6 model 0x1c stepping 10 (an in-order Atom): Linux's
+//! vulnerability whitelist marks that model as not speculating, so the guest needs no PTI,
+//! VERW or retpoline mitigations. Leaf 0x15 gives the TSC/crystal frequency so the guest
+//! neither calibrates the TSC nor the local APIC timer.
+
+use crate::cpu::Cpu;
+
+/// Features in leaf 1 EDX: FPU PSE TSC MSR PAE CX8 APIC PGE CMOV PAT CLFSH MMX FXSR SSE SSE2.
+const LEAF1_EDX: u32 = (1 << 0)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 8)
+    | (1 << 9)
+    | (1 << 13)
+    | (1 << 15)
+    | (1 << 16)
+    | (1 << 19)
+    | (1 << 23)
+    | (1 << 24)
+    | (1 << 25)
+    | (1 << 26);
+
+fn regs4(s: &[u8; 16]) -> (u32, u32, u32, u32) {
+    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    (w(0), w(4), w(8), w(12))
+}
+
+/// Returns (EAX, EBX, ECX, EDX) for leaf `leaf`, subleaf `sub`.
+pub(crate) fn cpuid(cpu: &Cpu, leaf: u32, _sub: u32) -> (u32, u32, u32, u32) {
+    let tsc_hz = cpu.config.tsc_hz;
+    match leaf {
+        0 => (0x16, 0x756e_6547, 0x6c65_746e, 0x4965_6e69), // "GenuineIntel"
+        1 => {
+            let eax = 0x0001_06ca;
+            let ebx = (u32::from(cpu.config.apic_id) << 24) | (1 << 16) | (8 << 8);
+            (eax, ebx, 0, LEAF1_EDX)
+        }
+        0x15 => (1, 1, tsc_hz.min(u64::from(u32::MAX)) as u32, 0),
+        0x16 => {
+            let mhz = (tsc_hz / 1_000_000) as u32;
+            (mhz, mhz, 100, 0)
+        }
+        0x8000_0000 => (0x8000_0008, 0, 0, 0),
+        0x8000_0001 => (0, 0, 1, (1 << 11) | (1 << 20) | (1 << 29)),
+        0x8000_0002 => regs4(b"rustvisor emu x8"),
+        0x8000_0003 => regs4(b"6-64 CPU\0\0\0\0\0\0\0\0"),
+        0x8000_0004 => (0, 0, 0, 0),
+        0x8000_0007 => (0, 0, 0, 1 << 8),
+        0x8000_0008 => (0x3028, 0, 0, 0),
+        _ => (0, 0, 0, 0),
+    }
+}

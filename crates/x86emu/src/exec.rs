@@ -1,0 +1,1423 @@
+//! The interpreter: decode cache, run loop, operands and the integer instruction set.
+
+use crate::alu::{self, Op1, Op2};
+use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit};
+use crate::regs::{mask, sext, GPR_INFO};
+use crate::{Bus, Fault, Res};
+use iced_x86::{Code, ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+
+const DCACHE_SIZE: usize = 1 << 16;
+
+#[derive(Clone)]
+struct DEntry {
+    gpa: u64,
+    gen: u32,
+    bits: u32,
+    insn: Instruction,
+}
+
+/// Direct-mapped cache of decoded instructions keyed by GPA; an entry is valid while its
+/// page's code generation is unchanged (a store to the page retires it).
+pub(crate) struct DecodeCache {
+    e: Vec<DEntry>,
+}
+
+impl DecodeCache {
+    pub(crate) fn new() -> DecodeCache {
+        DecodeCache {
+            e: vec![DEntry { gpa: u64::MAX, gen: 0, bits: 0, insn: Instruction::default() }; DCACHE_SIZE],
+        }
+    }
+}
+
+/// Why an instruction did not complete normally.
+pub(crate) enum Stop {
+    Fault(Fault),
+    Exit(Exit),
+}
+
+impl From<Fault> for Stop {
+    fn from(f: Fault) -> Stop {
+        Stop::Fault(f)
+    }
+}
+
+pub(crate) type SRes<T> = std::result::Result<T, Stop>;
+
+/// Where an operand lives.
+#[derive(Clone, Copy)]
+pub(crate) enum Loc {
+    Reg(Register),
+    Mem(u64),
+    Imm(u64),
+}
+
+pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
+    let mut done = 0u64;
+    loop {
+        // Interrupt window: IF set and not in an STI/MOV SS shadow.
+        if cpu.rflags & IF != 0 && !cpu.interrupt_shadow && bus.interrupt_pending() {
+            if let Some(v) = bus.ack_interrupt() {
+                cpu.halted = false;
+                cpu.stats.interrupts += 1;
+                if let Err(e) = crate::interrupt::raise_interrupt(cpu, bus, v) {
+                    return e;
+                }
+            }
+        }
+        if cpu.halted {
+            return if cpu.rflags & IF != 0 { Exit::Halted } else { Exit::HaltedForever };
+        }
+        cpu.check_irq = false;
+        // Run a chunk without looking at the interrupt line.
+        let chunk = (budget - done).min(4096);
+        let mut n = 0;
+        while n < chunk {
+            cpu.interrupt_shadow = false;
+            match step(cpu, bus) {
+                Ok(()) => {}
+                Err(Stop::Fault(f)) => {
+                    if let Err(e) = crate::interrupt::raise_fault(cpu, bus, f) {
+                        return e;
+                    }
+                }
+                Err(Stop::Exit(e)) => {
+                    cpu.stats.instructions += n;
+                    return e;
+                }
+            }
+            n += 1;
+            if cpu.halted || (cpu.check_irq && !cpu.interrupt_shadow) {
+                break;
+            }
+        }
+        cpu.stats.instructions += n;
+        done += n;
+        if done >= budget {
+            return Exit::Budget;
+        }
+    }
+}
+
+/// Fetches (from the cache or by decoding) the instruction at CS:RIP.
+#[inline]
+fn fetch_decode(cpu: &mut Cpu) -> SRes<Instruction> {
+    let bits = cpu.bitness();
+    let la = if bits == 64 { cpu.rip } else { cpu.seg[sreg::CS].base.wrapping_add(cpu.rip) & 0xffff_ffff };
+    let user = cpu.user();
+    let gpa = cpu.translate(la, crate::mmu::Access::Exec, user)?;
+    let idx = ((gpa ^ (gpa >> 14)) as usize) & (DCACHE_SIZE - 1);
+    {
+        let e = &cpu.dcache.e[idx];
+        if e.gpa == gpa && e.bits == bits && e.insn.ip() == cpu.rip {
+            let page = cpu.mmu.ram_lookup(gpa).map(|(_, p)| p);
+            if let Some(p) = page {
+                if cpu.mmu.code_gen[p] == e.gen {
+                    return Ok(e.insn);
+                }
+            }
+        }
+    }
+    decode_slow(cpu, la, bits, user, idx)
+}
+
+#[cold]
+fn decode_slow(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SRes<Instruction> {
+    cpu.stats.decodes += 1;
+    let mut buf = [0u8; 16];
+    let (n, loc) = cpu.fetch(la, &mut buf, user)?;
+    let mut dec = Decoder::with_ip(bits, &buf[..n], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
+    let insn = dec.decode();
+    if insn.is_invalid() {
+        if n < 15 && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
+            // The rest lies on a page we could not fetch: raise its fault.
+            let next = (la | 0xfff).wrapping_add(1);
+            cpu.translate(next, crate::mmu::Access::Exec, user)?;
+        }
+        return Err(Stop::Fault(Fault::InvalidOpcode));
+    }
+    if let Some((gpa, page)) = loc {
+        let crosses = (la & 0xfff) as usize + insn.len() > 4096;
+        if !crosses && page != usize::MAX {
+            let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
+            cpu.dcache.e[idx] = DEntry { gpa, gen, bits, insn };
+        }
+    }
+    Ok(insn)
+}
+
+/// Executes one instruction.
+fn step(cpu: &mut Cpu, bus: &mut dyn Bus) -> SRes<()> {
+    let insn = fetch_decode(cpu)?;
+    if let Some(t) = cpu.trace.as_mut() {
+        let _ = writeln!(t, "{:016x} {:04x}", cpu.rip, cpu.seg[sreg::CS].selector);
+    }
+    let old = cpu.rip;
+    cpu.rip = insn.next_ip();
+    match execute(cpu, bus, &insn) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            cpu.rip = old;
+            Err(e)
+        }
+    }
+}
+use std::io::Write as _;
+
+#[inline(always)]
+fn cond(cpu: &Cpu, cc: ConditionCode) -> bool {
+    let f = cpu.rflags;
+    let cf = f & CF != 0;
+    let zf = f & ZF != 0;
+    let sf = f & SF != 0;
+    let of = f & OF != 0;
+    let pf = f & PF != 0;
+    match cc {
+        ConditionCode::o => of,
+        ConditionCode::no => !of,
+        ConditionCode::b => cf,
+        ConditionCode::ae => !cf,
+        ConditionCode::e => zf,
+        ConditionCode::ne => !zf,
+        ConditionCode::be => cf || zf,
+        ConditionCode::a => !cf && !zf,
+        ConditionCode::s => sf,
+        ConditionCode::ns => !sf,
+        ConditionCode::p => pf,
+        ConditionCode::np => !pf,
+        ConditionCode::l => sf != of,
+        ConditionCode::ge => sf == of,
+        ConditionCode::le => zf || sf != of,
+        ConditionCode::g => !zf && sf == of,
+        ConditionCode::None => true,
+    }
+}
+
+impl Cpu {
+    #[inline(always)]
+    pub(crate) fn get_reg(&self, r: Register) -> u64 {
+        let info = GPR_INFO[r as usize];
+        if info & 0x8000 != 0 {
+            return self.get_other_reg(r);
+        }
+        let v = self.gpr[(info & 0xf) as usize];
+        match (info >> 4) & 0xf {
+            1 => {
+                if info & 0x100 != 0 {
+                    (v >> 8) & 0xff
+                } else {
+                    v & 0xff
+                }
+            }
+            2 => v & 0xffff,
+            4 => v & 0xffff_ffff,
+            _ => v,
+        }
+    }
+
+    #[cold]
+    fn get_other_reg(&self, r: Register) -> u64 {
+        match r {
+            Register::ES => u64::from(self.seg[sreg::ES].selector),
+            Register::CS => u64::from(self.seg[sreg::CS].selector),
+            Register::SS => u64::from(self.seg[sreg::SS].selector),
+            Register::DS => u64::from(self.seg[sreg::DS].selector),
+            Register::FS => u64::from(self.seg[sreg::FS].selector),
+            Register::GS => u64::from(self.seg[sreg::GS].selector),
+            _ => 0,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
+        let info = GPR_INFO[r as usize];
+        if info & 0x8000 != 0 {
+            return;
+        }
+        let slot = &mut self.gpr[(info & 0xf) as usize];
+        match (info >> 4) & 0xf {
+            1 => {
+                if info & 0x100 != 0 {
+                    *slot = (*slot & !0xff00) | ((v & 0xff) << 8);
+                } else {
+                    *slot = (*slot & !0xff) | (v & 0xff);
+                }
+            }
+            2 => *slot = (*slot & !0xffff) | (v & 0xffff),
+            4 => *slot = v & 0xffff_ffff,
+            _ => *slot = v,
+        }
+    }
+
+    /// Effective address (offset within the segment) of the memory operand.
+    #[inline(always)]
+    pub(crate) fn ea(&self, insn: &Instruction) -> u64 {
+        let base = insn.memory_base();
+        let index = insn.memory_index();
+        let mut a = insn.memory_displacement64();
+        let mut asize = 8;
+        if base != Register::None {
+            if base == Register::RIP || base == Register::EIP {
+                return if base == Register::EIP { a & 0xffff_ffff } else { a };
+            }
+            a = a.wrapping_add(self.get_reg(base));
+            asize = base.size();
+        }
+        if index != Register::None {
+            a = a.wrapping_add(self.get_reg(index) << insn.memory_index_scale().trailing_zeros());
+            asize = index.size();
+        }
+        if base == Register::None && index == Register::None {
+            asize = match insn.memory_displ_size() {
+                2 => 2,
+                4 if !self.in_64bit_mode() => 4,
+                _ => 8,
+            };
+        }
+        a & mask(asize)
+    }
+
+    /// Linear address of a segment:offset pair.
+    #[inline(always)]
+    pub(crate) fn seg_la(&self, seg: Register, off: u64) -> u64 {
+        if self.in_64bit_mode() {
+            match seg {
+                Register::FS => self.seg[sreg::FS].base.wrapping_add(off),
+                Register::GS => self.seg[sreg::GS].base.wrapping_add(off),
+                _ => off,
+            }
+        } else {
+            let i = match seg {
+                Register::ES => sreg::ES,
+                Register::CS => sreg::CS,
+                Register::SS => sreg::SS,
+                Register::FS => sreg::FS,
+                Register::GS => sreg::GS,
+                _ => sreg::DS,
+            };
+            self.seg[i].base.wrapping_add(off) & 0xffff_ffff
+        }
+    }
+
+    /// Linear address of the instruction's memory operand.
+    #[inline(always)]
+    pub(crate) fn mem_la(&self, insn: &Instruction) -> u64 {
+        self.seg_la(insn.memory_segment(), self.ea(insn))
+    }
+
+    #[inline(always)]
+    pub(crate) fn loc(&self, insn: &Instruction, i: u32) -> Loc {
+        match insn.op_kind(i) {
+            OpKind::Register => Loc::Reg(insn.op_register(i)),
+            OpKind::Memory => Loc::Mem(self.mem_la(insn)),
+            _ => Loc::Imm(insn.immediate(i)),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn rd(&mut self, bus: &mut dyn Bus, l: Loc, size: usize) -> Res<u64> {
+        match l {
+            Loc::Reg(r) => Ok(self.get_reg(r)),
+            Loc::Mem(la) => {
+                let u = self.user();
+                self.read_la(bus, la, size, u)
+            }
+            Loc::Imm(v) => Ok(v & mask(size)),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn wr(&mut self, bus: &mut dyn Bus, l: Loc, size: usize, v: u64) -> Res<()> {
+        match l {
+            Loc::Reg(r) => {
+                self.set_reg(r, v);
+                Ok(())
+            }
+            Loc::Mem(la) => {
+                let u = self.user();
+                self.write_la(bus, la, size, v & mask(size), u)
+            }
+            Loc::Imm(_) => Err(Fault::InvalidOpcode),
+        }
+    }
+
+    /// Reads `size` bytes at linear `la` with the current privilege.
+    #[inline(always)]
+    pub(crate) fn rmem(&mut self, bus: &mut dyn Bus, la: u64, size: usize) -> Res<u64> {
+        let u = self.user();
+        self.read_la(bus, la, size, u)
+    }
+
+    #[inline(always)]
+    pub(crate) fn wmem(&mut self, bus: &mut dyn Bus, la: u64, size: usize, v: u64) -> Res<()> {
+        let u = self.user();
+        self.write_la(bus, la, size, v, u)
+    }
+
+    /// Stack address size in bytes.
+    #[inline(always)]
+    pub(crate) fn stack_size(&self) -> usize {
+        if self.in_64bit_mode() {
+            8
+        } else if self.seg[sreg::SS].big() {
+            4
+        } else {
+            2
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn rsp(&self) -> u64 {
+        self.gpr[4] & mask(self.stack_size())
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_rsp(&mut self, v: u64) {
+        match self.stack_size() {
+            8 => self.gpr[4] = v,
+            4 => self.gpr[4] = v & 0xffff_ffff,
+            _ => self.gpr[4] = (self.gpr[4] & !0xffff) | (v & 0xffff),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn push(&mut self, bus: &mut dyn Bus, size: usize, v: u64) -> Res<()> {
+        let sp = self.rsp().wrapping_sub(size as u64) & mask(self.stack_size());
+        let la = self.seg_la(Register::SS, sp);
+        self.wmem(bus, la, size, v)?;
+        self.set_rsp(sp);
+        Ok(())
+    }
+
+    #[inline(always)]
+    pub(crate) fn pop(&mut self, bus: &mut dyn Bus, size: usize) -> Res<u64> {
+        let sp = self.rsp();
+        let la = self.seg_la(Register::SS, sp);
+        let v = self.rmem(bus, la, size)?;
+        self.set_rsp(sp.wrapping_add(size as u64));
+        Ok(v)
+    }
+
+    /// Reads the value that a POP would return, `off` bytes above the stack top, without
+    /// changing RSP.
+    pub(crate) fn peek(&mut self, bus: &mut dyn Bus, off: u64, size: usize) -> Res<u64> {
+        let sp = self.rsp().wrapping_add(off) & mask(self.stack_size());
+        let la = self.seg_la(Register::SS, sp);
+        self.rmem(bus, la, size)
+    }
+
+    /// Sets RIP for a near branch to `target` (already within the code size).
+    #[inline(always)]
+    pub(crate) fn branch(&mut self, target: u64) -> Res<()> {
+        if self.in_64bit_mode() && ((target as i64) << 16 >> 16) as u64 != target {
+            return Err(Fault::GeneralProtection(0));
+        }
+        self.rip = target;
+        Ok(())
+    }
+
+    /// Writes RFLAGS as POPF/IRET do at the current privilege (Intel SDM Vol. 2 POPF).
+    pub(crate) fn write_flags(&mut self, v: u64, size: usize) {
+        let cpl = self.cpl();
+        let iopl = ((self.rflags >> 12) & 3) as u8;
+        let mut modifiable = CF | PF | AF | ZF | SF | TF | DF | OF | NT | AC | ID;
+        if cpl == 0 {
+            modifiable |= IOPL | IF;
+        } else if cpl <= iopl {
+            modifiable |= IF;
+        }
+        if size == 2 {
+            modifiable &= 0xffff;
+        }
+        let old = self.rflags;
+        self.rflags = (self.rflags & !modifiable) | (v & modifiable) | 2;
+        if old & IF == 0 && self.rflags & IF != 0 {
+            self.check_irq = true;
+        }
+    }
+}
+
+/// Maps ALU mnemonics onto host operations.
+fn op2_of(m: Mnemonic) -> Option<Op2> {
+    Some(match m {
+        Mnemonic::Add => Op2::Add,
+        Mnemonic::Or => Op2::Or,
+        Mnemonic::Adc => Op2::Adc,
+        Mnemonic::Sbb => Op2::Sbb,
+        Mnemonic::And => Op2::And,
+        Mnemonic::Sub => Op2::Sub,
+        Mnemonic::Xor => Op2::Xor,
+        Mnemonic::Shl | Mnemonic::Sal => Op2::Shl,
+        Mnemonic::Shr => Op2::Shr,
+        Mnemonic::Sar => Op2::Sar,
+        Mnemonic::Rol => Op2::Rol,
+        Mnemonic::Ror => Op2::Ror,
+        Mnemonic::Rcl => Op2::Rcl,
+        Mnemonic::Rcr => Op2::Rcr,
+        _ => return None,
+    })
+}
+
+/// Operand size of operand 0 in bytes.
+#[inline(always)]
+fn size0(insn: &Instruction) -> usize {
+    match insn.op0_kind() {
+        OpKind::Register => insn.op0_register().size(),
+        _ => insn.memory_size().size(),
+    }
+}
+
+/// Address size in bytes of a string instruction (from its implicit memory operand).
+fn string_asize(insn: &Instruction) -> usize {
+    for i in 0..insn.op_count() {
+        match insn.op_kind(i) {
+            OpKind::MemorySegSI | OpKind::MemoryESDI | OpKind::MemorySegDI => return 2,
+            OpKind::MemorySegESI | OpKind::MemoryESEDI | OpKind::MemorySegEDI => return 4,
+            OpKind::MemorySegRSI | OpKind::MemoryESRDI | OpKind::MemorySegRDI => return 8,
+            _ => {}
+        }
+    }
+    8
+}
+
+const REG_RCX: usize = 1;
+const REG_RSI: usize = 6;
+const REG_RDI: usize = 7;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StrOp {
+    Movs,
+    Stos,
+    Lods,
+    Cmps,
+    Scas,
+    Ins,
+    Outs,
+}
+
+/// Maximum iterations of a REP string instruction per step (keeps interrupts timely).
+const REP_CHUNK: u64 = 1 << 14;
+
+fn string_op(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: StrOp, size: usize) -> SRes<()> {
+    let asz = string_asize(insn);
+    let am = mask(asz);
+    let rep = insn.has_rep_prefix() || insn.has_repne_prefix();
+    let step: u64 = if cpu.rflags & DF != 0 { (size as u64).wrapping_neg() } else { size as u64 };
+    let src_seg = insn.memory_segment();
+    let mut iters = 0u64;
+    loop {
+        if rep {
+            if cpu.gpr[REG_RCX] & am == 0 {
+                return Ok(());
+            }
+            if iters == REP_CHUNK {
+                // Come back to this instruction later; lets interrupts in.
+                cpu.rip = insn.ip();
+                cpu.check_irq = true;
+                return Ok(());
+            }
+        }
+        let si = cpu.gpr[REG_RSI] & am;
+        let di = cpu.gpr[REG_RDI] & am;
+        let mut zf_stop = None;
+        match op {
+            StrOp::Movs => {
+                // Fast path: forward byte/qword copies within one RAM page each.
+                let v = cpu.rmem(bus, cpu.seg_la(src_seg, si), size)?;
+                cpu.wmem(bus, cpu.seg_la(Register::ES, di), size, v)?;
+                upd(cpu, REG_RSI, si.wrapping_add(step), asz);
+                upd(cpu, REG_RDI, di.wrapping_add(step), asz);
+            }
+            StrOp::Stos => {
+                let v = cpu.gpr[0] & mask(size);
+                cpu.wmem(bus, cpu.seg_la(Register::ES, di), size, v)?;
+                upd(cpu, REG_RDI, di.wrapping_add(step), asz);
+            }
+            StrOp::Lods => {
+                let v = cpu.rmem(bus, cpu.seg_la(src_seg, si), size)?;
+                set_acc(cpu, size, v);
+                upd(cpu, REG_RSI, si.wrapping_add(step), asz);
+            }
+            StrOp::Cmps => {
+                let a = cpu.rmem(bus, cpu.seg_la(src_seg, si), size)?;
+                let b = cpu.rmem(bus, cpu.seg_la(Register::ES, di), size)?;
+                let (_, f) = alu::op2(Op2::Sub, size, a, b, cpu.rflags);
+                cpu.rflags = f;
+                upd(cpu, REG_RSI, si.wrapping_add(step), asz);
+                upd(cpu, REG_RDI, di.wrapping_add(step), asz);
+                zf_stop = Some(f & ZF != 0);
+            }
+            StrOp::Scas => {
+                let b = cpu.rmem(bus, cpu.seg_la(Register::ES, di), size)?;
+                let (_, f) = alu::op2(Op2::Sub, size, cpu.gpr[0], b, cpu.rflags);
+                cpu.rflags = f;
+                upd(cpu, REG_RDI, di.wrapping_add(step), asz);
+                zf_stop = Some(f & ZF != 0);
+            }
+            StrOp::Ins => {
+                io_check(cpu)?;
+                let port = cpu.gpr[2] as u16;
+                let la = cpu.seg_la(Register::ES, di);
+                cpu.probe_write(la, size, cpu.user())?;
+                let v = bus.io_in(port, size as u8);
+                cpu.stats.pio += 1;
+                cpu.wmem(bus, la, size, u64::from(v))?;
+                upd(cpu, REG_RDI, di.wrapping_add(step), asz);
+            }
+            StrOp::Outs => {
+                io_check(cpu)?;
+                let port = cpu.gpr[2] as u16;
+                let v = cpu.rmem(bus, cpu.seg_la(src_seg, si), size)?;
+                bus.io_out(port, size as u8, v as u32);
+                cpu.stats.pio += 1;
+                cpu.check_irq = true;
+                upd(cpu, REG_RSI, si.wrapping_add(step), asz);
+            }
+        }
+        if !rep {
+            return Ok(());
+        }
+        let c = (cpu.gpr[REG_RCX] & am).wrapping_sub(1) & am;
+        upd(cpu, REG_RCX, c, asz);
+        iters += 1;
+        if let Some(zf) = zf_stop {
+            if insn.has_repe_prefix() && !zf {
+                return Ok(());
+            }
+            if insn.has_repne_prefix() && zf {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn upd(cpu: &mut Cpu, r: usize, v: u64, asz: usize) {
+    cpu.gpr[r] = match asz {
+        8 => v,
+        4 => v & 0xffff_ffff,
+        _ => (cpu.gpr[r] & !0xffff) | (v & 0xffff),
+    };
+}
+
+#[inline(always)]
+fn set_acc(cpu: &mut Cpu, size: usize, v: u64) {
+    let r = match size {
+        1 => Register::AL,
+        2 => Register::AX,
+        4 => Register::EAX,
+        _ => Register::RAX,
+    };
+    cpu.set_reg(r, v);
+}
+
+/// Port I/O permission: CPL <= IOPL (the TSS I/O bitmap is not consulted).
+fn io_check(cpu: &Cpu) -> Res<()> {
+    if cpu.cr0 & ctl::CR0_PE != 0 && u64::from(cpu.cpl()) > (cpu.rflags >> 12) & 3 {
+        return Err(Fault::GeneralProtection(0));
+    }
+    Ok(())
+}
+
+fn need_cpl0(cpu: &Cpu) -> Res<()> {
+    if cpu.cpl() != 0 {
+        return Err(Fault::GeneralProtection(0));
+    }
+    Ok(())
+}
+
+#[inline]
+fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
+    use Mnemonic as M;
+    let m = insn.mnemonic();
+    match m {
+        M::Mov => {
+            let k0 = insn.op0_kind();
+            if k0 == OpKind::Register {
+                let r0 = insn.op0_register();
+                if r0.is_segment_register() {
+                    let v = cpu.rd(bus, cpu.loc(insn, 1), 2)? as u16;
+                    return crate::interrupt::load_seg_reg(cpu, bus, r0, v).map_err(Stop::from);
+                }
+                if r0.is_cr() || r0.is_dr() {
+                    need_cpl0(cpu)?;
+                    let v = cpu.get_reg(insn.op1_register());
+                    return crate::system::write_cr_dr(cpu, r0, v);
+                }
+                let r1k = insn.op1_kind();
+                if r1k == OpKind::Register {
+                    let r1 = insn.op1_register();
+                    if r1.is_cr() || r1.is_dr() {
+                        need_cpl0(cpu)?;
+                        let v = crate::system::read_cr_dr(cpu, bus, r1);
+                        cpu.set_reg(r0, v);
+                        return Ok(());
+                    }
+                    if r1.is_segment_register() {
+                        let v = cpu.get_reg(r1);
+                        // mov r32/64, sreg zero-extends
+                        cpu.set_reg(r0, v);
+                        return Ok(());
+                    }
+                }
+                let size = r0.size();
+                let v = cpu.rd(bus, cpu.loc(insn, 1), size)?;
+                cpu.set_reg(r0, v);
+                Ok(())
+            } else {
+                let size = size0(insn);
+                let v = cpu.rd(bus, cpu.loc(insn, 1), size)?;
+                let l = cpu.loc(insn, 0);
+                cpu.wr(bus, l, size, v)?;
+                Ok(())
+            }
+        }
+        M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor => {
+            let size = size0(insn);
+            let l0 = cpu.loc(insn, 0);
+            let a = cpu.rd(bus, l0, size)?;
+            let b = match insn.op1_kind() {
+                OpKind::Register => cpu.get_reg(insn.op1_register()),
+                OpKind::Memory => cpu.rd(bus, cpu.loc(insn, 1), size)?,
+                _ => insn.immediate(1),
+            };
+            let op = op2_of(m).unwrap_or(Op2::Add);
+            let (r, f) = alu::op2(op, size, a, b, cpu.rflags);
+            cpu.wr(bus, l0, size, r)?;
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Cmp => {
+            let size = size0(insn);
+            let a = cpu.rd(bus, cpu.loc(insn, 0), size)?;
+            let b = cpu.rd(bus, cpu.loc(insn, 1), size)?;
+            let (_, f) = alu::op2(Op2::Sub, size, a, b, cpu.rflags);
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Test => {
+            let size = size0(insn);
+            let a = cpu.rd(bus, cpu.loc(insn, 0), size)?;
+            let b = cpu.rd(bus, cpu.loc(insn, 1), size)?;
+            cpu.rflags = alu::logic_flags(a & b, size, cpu.rflags);
+            Ok(())
+        }
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
+            let size = size0(insn);
+            let l0 = cpu.loc(insn, 0);
+            let a = cpu.rd(bus, l0, size)?;
+            let c = if insn.op_count() > 1 { cpu.rd(bus, cpu.loc(insn, 1), 1)? } else { 1 };
+            let (r, f) = alu::op2(op2_of(m).unwrap_or(Op2::Shl), size, a, c, cpu.rflags);
+            cpu.wr(bus, l0, size, r)?;
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Shld | M::Shrd => {
+            let size = size0(insn);
+            let l0 = cpu.loc(insn, 0);
+            let a = cpu.rd(bus, l0, size)?;
+            let b = cpu.get_reg(insn.op1_register());
+            let c = cpu.rd(bus, cpu.loc(insn, 2), 1)?;
+            let (r, f) = alu::shd(m == M::Shld, size, a, b, c, cpu.rflags);
+            cpu.wr(bus, l0, size, r)?;
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Inc | M::Dec | M::Neg | M::Not => {
+            let size = size0(insn);
+            let l0 = cpu.loc(insn, 0);
+            let a = cpu.rd(bus, l0, size)?;
+            let op = match m {
+                M::Inc => Op1::Inc,
+                M::Dec => Op1::Dec,
+                M::Neg => Op1::Neg,
+                _ => Op1::Not,
+            };
+            let (r, f) = alu::op1(op, size, a, cpu.rflags);
+            cpu.wr(bus, l0, size, r)?;
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Lea => {
+            let r0 = insn.op0_register();
+            let v = cpu.ea(insn);
+            cpu.set_reg(r0, v & mask(r0.size()));
+            Ok(())
+        }
+        M::Movzx => {
+            let r0 = insn.op0_register();
+            let s1 = match insn.op1_kind() {
+                OpKind::Register => insn.op1_register().size(),
+                _ => insn.memory_size().size(),
+            };
+            let v = cpu.rd(bus, cpu.loc(insn, 1), s1)?;
+            cpu.set_reg(r0, v & mask(s1));
+            Ok(())
+        }
+        M::Movsx | M::Movsxd => {
+            let r0 = insn.op0_register();
+            let s1 = match insn.op1_kind() {
+                OpKind::Register => insn.op1_register().size(),
+                _ => insn.memory_size().size(),
+            };
+            let v = cpu.rd(bus, cpu.loc(insn, 1), s1)?;
+            cpu.set_reg(r0, sext(v, s1) & mask(r0.size()));
+            Ok(())
+        }
+        M::Push => {
+            let size = insn.stack_pointer_increment().unsigned_abs() as usize;
+            let v = match insn.op0_kind() {
+                OpKind::Register => {
+                    let r = insn.op0_register();
+                    cpu.get_reg(r)
+                }
+                OpKind::Memory => cpu.rd(bus, cpu.loc(insn, 0), size)?,
+                _ => insn.immediate(0),
+            };
+            cpu.push(bus, size, v & mask(size))?;
+            Ok(())
+        }
+        M::Pop => {
+            let size = insn.stack_pointer_increment().unsigned_abs() as usize;
+            if insn.op0_kind() == OpKind::Register && insn.op0_register().is_segment_register() {
+                let v = cpu.peek(bus, 0, size)?;
+                crate::interrupt::load_seg_reg(cpu, bus, insn.op0_register(), v as u16)?;
+                let sp = cpu.rsp().wrapping_add(size as u64);
+                cpu.set_rsp(sp);
+                return Ok(());
+            }
+            let v = cpu.peek(bus, 0, size)?;
+            if insn.op0_kind() == OpKind::Memory {
+                // The address is computed after RSP is incremented (SDM POP).
+                let old = cpu.gpr[4];
+                let sp = cpu.rsp().wrapping_add(size as u64);
+                cpu.set_rsp(sp);
+                let l = cpu.loc(insn, 0);
+                if let Err(e) = cpu.wr(bus, l, size, v) {
+                    cpu.gpr[4] = old;
+                    return Err(e.into());
+                }
+            } else {
+                let sp = cpu.rsp().wrapping_add(size as u64);
+                cpu.set_rsp(sp);
+                cpu.set_reg(insn.op0_register(), v);
+            }
+            Ok(())
+        }
+        M::Xchg => {
+            let size = size0(insn);
+            let l0 = cpu.loc(insn, 0);
+            let l1 = cpu.loc(insn, 1);
+            let a = cpu.rd(bus, l0, size)?;
+            let b = cpu.rd(bus, l1, size)?;
+            if let Loc::Mem(_) = l1 {
+                cpu.wr(bus, l1, size, a)?;
+                cpu.wr(bus, l0, size, b)?;
+            } else {
+                cpu.wr(bus, l0, size, b)?;
+                cpu.wr(bus, l1, size, a)?;
+            }
+            Ok(())
+        }
+        M::Xadd => {
+            let size = size0(insn);
+            let l0 = cpu.loc(insn, 0);
+            let a = cpu.rd(bus, l0, size)?;
+            let b = cpu.get_reg(insn.op1_register());
+            let (r, f) = alu::op2(Op2::Add, size, a, b, cpu.rflags);
+            cpu.wr(bus, l0, size, r)?;
+            cpu.set_reg(insn.op1_register(), a);
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Cmpxchg => {
+            let size = size0(insn);
+            let l0 = cpu.loc(insn, 0);
+            let d = cpu.rd(bus, l0, size)?;
+            let acc = cpu.gpr[0] & mask(size);
+            let (_, f) = alu::op2(Op2::Sub, size, acc, d, cpu.rflags);
+            if f & ZF != 0 {
+                let s = cpu.get_reg(insn.op1_register());
+                cpu.wr(bus, l0, size, s)?;
+            } else {
+                // The destination is written back with its own value (locked cycle).
+                cpu.wr(bus, l0, size, d)?;
+                set_acc(cpu, size, d);
+            }
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Cmpxchg8b | M::Cmpxchg16b => {
+            let half = if m == M::Cmpxchg8b { 4 } else { 8 };
+            let la = cpu.mem_la(insn);
+            if half == 8 && la & 15 != 0 {
+                return Err(Fault::GeneralProtection(0).into());
+            }
+            let lo = cpu.rmem(bus, la, half)?;
+            let hi = cpu.rmem(bus, la + half as u64, half)?;
+            let m_ = mask(half);
+            if lo == cpu.gpr[0] & m_ && hi == cpu.gpr[2] & m_ {
+                cpu.probe_write(la, half * 2, cpu.user())?;
+                cpu.wmem(bus, la, half, cpu.gpr[3] & m_)?;
+                cpu.wmem(bus, la + half as u64, half, cpu.gpr[1] & m_)?;
+                cpu.rflags |= ZF;
+            } else {
+                cpu.probe_write(la, half * 2, cpu.user())?;
+                cpu.wmem(bus, la, half, lo)?;
+                cpu.wmem(bus, la + half as u64, half, hi)?;
+                if half == 4 {
+                    cpu.gpr[0] = lo;
+                    cpu.gpr[2] = hi;
+                } else {
+                    cpu.gpr[0] = lo;
+                    cpu.gpr[2] = hi;
+                }
+                cpu.rflags &= !ZF;
+            }
+            Ok(())
+        }
+        M::Jmp => {
+            match insn.op0_kind() {
+                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                    cpu.rip = insn.near_branch_target();
+                    Ok(())
+                }
+                OpKind::FarBranch16 | OpKind::FarBranch32 => {
+                    let off = if insn.op0_kind() == OpKind::FarBranch16 {
+                        u64::from(insn.far_branch16())
+                    } else {
+                        u64::from(insn.far_branch32())
+                    };
+                    crate::interrupt::far_jump(cpu, bus, insn.far_branch_selector(), off)?;
+                    Ok(())
+                }
+                OpKind::Memory if is_far(insn) => {
+                    let (sel, off) = read_far_ptr(cpu, bus, insn)?;
+                    crate::interrupt::far_jump(cpu, bus, sel, off)?;
+                    Ok(())
+                }
+                _ => {
+                    let size = size0(insn);
+                    let t = cpu.rd(bus, cpu.loc(insn, 0), size)?;
+                    cpu.branch(t)?;
+                    Ok(())
+                }
+            }
+        }
+        M::Call => {
+            match insn.op0_kind() {
+                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                    let size = insn.stack_pointer_increment().unsigned_abs() as usize;
+                    cpu.push(bus, size, insn.next_ip())?;
+                    cpu.rip = insn.near_branch_target();
+                    Ok(())
+                }
+                OpKind::FarBranch16 | OpKind::FarBranch32 | OpKind::Memory if is_far(insn) || insn.op0_kind() != OpKind::Memory => {
+                    let (sel, off) = if insn.op0_kind() == OpKind::Memory {
+                        read_far_ptr(cpu, bus, insn)?
+                    } else if insn.op0_kind() == OpKind::FarBranch16 {
+                        (insn.far_branch_selector(), u64::from(insn.far_branch16()))
+                    } else {
+                        (insn.far_branch_selector(), u64::from(insn.far_branch32()))
+                    };
+                    let size = insn.stack_pointer_increment().unsigned_abs() as usize / 2;
+                    let cs = u64::from(cpu.seg[sreg::CS].selector);
+                    let ret = insn.next_ip();
+                    let old_sp = cpu.gpr[4];
+                    cpu.push(bus, size, cs)?;
+                    cpu.push(bus, size, ret)?;
+                    if let Err(e) = crate::interrupt::far_jump(cpu, bus, sel, off) {
+                        cpu.gpr[4] = old_sp;
+                        return Err(e.into());
+                    }
+                    Ok(())
+                }
+                _ => {
+                    let size = size0(insn);
+                    let t = cpu.rd(bus, cpu.loc(insn, 0), size)?;
+                    let ssize = insn.stack_pointer_increment().unsigned_abs() as usize;
+                    if cpu.in_64bit_mode() && ((t as i64) << 16 >> 16) as u64 != t {
+                        return Err(Fault::GeneralProtection(0).into());
+                    }
+                    cpu.push(bus, ssize, insn.next_ip())?;
+                    cpu.rip = t;
+                    Ok(())
+                }
+            }
+        }
+        M::Ret => {
+            let size = match cpu.bitness() {
+                64 => {
+                    if insn.code() == Code::Retnw || insn.code() == Code::Retnw_imm16 {
+                        2
+                    } else {
+                        8
+                    }
+                }
+                32 => {
+                    if insn.code() == Code::Retnw || insn.code() == Code::Retnw_imm16 {
+                        2
+                    } else {
+                        4
+                    }
+                }
+                _ => {
+                    if insn.code() == Code::Retnd || insn.code() == Code::Retnd_imm16 {
+                        4
+                    } else {
+                        2
+                    }
+                }
+            };
+            let t = cpu.peek(bus, 0, size)?;
+            cpu.branch(t)?;
+            let extra = if insn.op_count() > 0 { insn.immediate(0) } else { 0 };
+            let sp = cpu.rsp().wrapping_add(size as u64 + extra);
+            cpu.set_rsp(sp);
+            Ok(())
+        }
+        M::Retf => crate::interrupt::far_ret(cpu, bus, insn).map_err(Stop::from),
+        M::Iret | M::Iretd | M::Iretq => crate::interrupt::iret(cpu, bus, insn).map_err(Stop::from),
+        M::Jo | M::Jno | M::Jb | M::Jae | M::Je | M::Jne | M::Jbe | M::Ja | M::Js | M::Jns | M::Jp | M::Jnp | M::Jl
+        | M::Jge | M::Jle | M::Jg => {
+            if cond(cpu, insn.condition_code()) {
+                cpu.rip = insn.near_branch_target();
+            }
+            Ok(())
+        }
+        M::Jrcxz | M::Jecxz | M::Jcxz => {
+            let sz = match m {
+                M::Jrcxz => 8,
+                M::Jecxz => 4,
+                _ => 2,
+            };
+            if cpu.gpr[1] & mask(sz) == 0 {
+                cpu.rip = insn.near_branch_target();
+            }
+            Ok(())
+        }
+        M::Loop | M::Loope | M::Loopne => {
+            let sz = insn.op0_register_or_count();
+            let c = cpu.gpr[1].wrapping_sub(1) & mask(sz);
+            upd(cpu, 1, c, sz);
+            let zf = cpu.rflags & ZF != 0;
+            let take = c != 0
+                && match m {
+                    M::Loope => zf,
+                    M::Loopne => !zf,
+                    _ => true,
+                };
+            if take {
+                cpu.rip = insn.near_branch_target();
+            }
+            Ok(())
+        }
+        M::Sete | M::Setne | M::Seto | M::Setno | M::Setb | M::Setae | M::Setbe | M::Seta | M::Sets | M::Setns
+        | M::Setp | M::Setnp | M::Setl | M::Setge | M::Setle | M::Setg => {
+            let v = cond(cpu, insn.condition_code()) as u64;
+            let l = cpu.loc(insn, 0);
+            cpu.wr(bus, l, 1, v)?;
+            Ok(())
+        }
+        M::Cmove | M::Cmovne | M::Cmovo | M::Cmovno | M::Cmovb | M::Cmovae | M::Cmovbe | M::Cmova | M::Cmovs
+        | M::Cmovns | M::Cmovp | M::Cmovnp | M::Cmovl | M::Cmovge | M::Cmovle | M::Cmovg => {
+            let r0 = insn.op0_register();
+            let size = r0.size();
+            let v = cpu.rd(bus, cpu.loc(insn, 1), size)?;
+            if cond(cpu, insn.condition_code()) {
+                cpu.set_reg(r0, v);
+            } else if size == 4 {
+                // A 32-bit CMOV zero-extends even when the condition is false.
+                let cur = cpu.get_reg(r0);
+                cpu.set_reg(r0, cur);
+            }
+            Ok(())
+        }
+        M::Imul if insn.op_count() >= 2 => {
+            let r0 = insn.op0_register();
+            let size = r0.size();
+            let (a, b) = if insn.op_count() == 3 {
+                (cpu.rd(bus, cpu.loc(insn, 1), size)?, insn.immediate(2))
+            } else {
+                (cpu.get_reg(r0), cpu.rd(bus, cpu.loc(insn, 1), size)?)
+            };
+            let (r, f) = alu::op2(Op2::Imul, size, a, b, cpu.rflags);
+            cpu.set_reg(r0, r);
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Mul | M::Imul => {
+            let size = size0(insn);
+            let b = cpu.rd(bus, cpu.loc(insn, 0), size)?;
+            let a = if size == 1 { cpu.gpr[0] & 0xff } else { cpu.gpr[0] };
+            let (lo, hi, f) = alu::mul_wide(m == M::Imul, size, a, b, cpu.rflags);
+            if size == 1 {
+                cpu.set_reg(Register::AX, lo | (hi << 8));
+            } else {
+                set_acc(cpu, size, lo);
+                let r = match size {
+                    2 => Register::DX,
+                    4 => Register::EDX,
+                    _ => Register::RDX,
+                };
+                cpu.set_reg(r, hi);
+            }
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Div | M::Idiv => {
+            let size = size0(insn);
+            let d = cpu.rd(bus, cpu.loc(insn, 0), size)?;
+            let (lo, hi) = if size == 1 {
+                (cpu.gpr[0] & 0xff, (cpu.gpr[0] >> 8) & 0xff)
+            } else {
+                (cpu.gpr[0], cpu.gpr[2])
+            };
+            let Some((q, r, f)) = alu::div_wide(m == M::Idiv, size, lo, hi, d, cpu.rflags) else {
+                return Err(Fault::DivideError.into());
+            };
+            if size == 1 {
+                cpu.set_reg(Register::AX, (q & 0xff) | ((r & 0xff) << 8));
+            } else {
+                set_acc(cpu, size, q);
+                let rr = match size {
+                    2 => Register::DX,
+                    4 => Register::EDX,
+                    _ => Register::RDX,
+                };
+                cpu.set_reg(rr, r);
+            }
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Cbw => {
+            cpu.set_reg(Register::AX, sext(cpu.gpr[0], 1));
+            Ok(())
+        }
+        M::Cwde => {
+            cpu.set_reg(Register::EAX, sext(cpu.gpr[0], 2));
+            Ok(())
+        }
+        M::Cdqe => {
+            cpu.gpr[0] = sext(cpu.gpr[0], 4);
+            Ok(())
+        }
+        M::Cwd => {
+            let v = if cpu.gpr[0] & 0x8000 != 0 { 0xffff } else { 0 };
+            cpu.set_reg(Register::DX, v);
+            Ok(())
+        }
+        M::Cdq => {
+            let v = if cpu.gpr[0] & 0x8000_0000 != 0 { 0xffff_ffff } else { 0 };
+            cpu.set_reg(Register::EDX, v);
+            Ok(())
+        }
+        M::Cqo => {
+            cpu.gpr[2] = if (cpu.gpr[0] as i64) < 0 { u64::MAX } else { 0 };
+            Ok(())
+        }
+        M::Bt | M::Bts | M::Btr | M::Btc => {
+            let size = size0(insn);
+            let bits = (size * 8) as u64;
+            let (l0, bit) = match (insn.op0_kind(), insn.op1_kind()) {
+                (OpKind::Memory, OpKind::Register) => {
+                    // Register bit offsets address memory beyond the operand (signed).
+                    let off = sext(cpu.get_reg(insn.op1_register()), size) as i64;
+                    let byte = off.div_euclid(bits as i64) * size as i64;
+                    let la = cpu.mem_la(insn).wrapping_add(byte as u64);
+                    let la = if cpu.in_64bit_mode() { la } else { la & 0xffff_ffff };
+                    (Loc::Mem(la), off.rem_euclid(bits as i64) as u64)
+                }
+                _ => {
+                    let b = cpu.rd(bus, cpu.loc(insn, 1), size)?;
+                    (cpu.loc(insn, 0), b % bits)
+                }
+            };
+            let a = cpu.rd(bus, l0, size)?;
+            let op = match m {
+                M::Bt => Op2::Bt,
+                M::Bts => Op2::Bts,
+                M::Btr => Op2::Btr,
+                _ => Op2::Btc,
+            };
+            let (r, f) = alu::op2(op, size, a, bit, cpu.rflags);
+            if m != M::Bt {
+                cpu.wr(bus, l0, size, r)?;
+            }
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt => {
+            // Without BMI1/ABM advertised, TZCNT/LZCNT encodings execute as BSF/BSR.
+            let r0 = insn.op0_register();
+            let size = r0.size();
+            let s = cpu.rd(bus, cpu.loc(insn, 1), size)?;
+            let op = if matches!(m, M::Bsf | M::Tzcnt) { Op2::Bsf } else { Op2::Bsr };
+            let (r, f) = alu::op2(op, size, cpu.get_reg(r0), s, cpu.rflags);
+            if s & mask(size) != 0 || size == 4 {
+                cpu.set_reg(r0, r);
+            }
+            cpu.rflags = f;
+            Ok(())
+        }
+        M::Popcnt => {
+            let r0 = insn.op0_register();
+            let size = r0.size();
+            let s = cpu.rd(bus, cpu.loc(insn, 1), size)? & mask(size);
+            cpu.set_reg(r0, u64::from(s.count_ones()));
+            cpu.rflags = (cpu.rflags & !ARITH) | if s == 0 { ZF } else { 0 };
+            Ok(())
+        }
+        M::Bswap => {
+            let r0 = insn.op0_register();
+            let v = cpu.get_reg(r0);
+            let nv = if r0.size() == 8 { v.swap_bytes() } else if r0.size() == 4 { u64::from((v as u32).swap_bytes()) } else { 0 };
+            cpu.set_reg(r0, nv);
+            Ok(())
+        }
+        M::Leave => {
+            let size = insn.stack_pointer_increment().unsigned_abs() as usize;
+            let bp = cpu.gpr[5] & mask(cpu.stack_size());
+            let la = cpu.seg_la(Register::SS, bp);
+            let v = cpu.rmem(bus, la, size)?;
+            cpu.set_rsp(bp.wrapping_add(size as u64));
+            let r = match size {
+                2 => Register::BP,
+                4 => Register::EBP,
+                _ => Register::RBP,
+            };
+            cpu.set_reg(r, v);
+            Ok(())
+        }
+        M::Enter => {
+            let size = match cpu.bitness() {
+                64 => 8,
+                32 => 4,
+                _ => 2,
+            };
+            let alloc = insn.immediate(0) & 0xffff;
+            let level = insn.immediate(1) & 31;
+            let old = cpu.gpr[4];
+            let r = cpu.enter(bus, size, alloc, level);
+            if r.is_err() {
+                cpu.gpr[4] = old;
+            }
+            r.map_err(Stop::from)
+        }
+        M::Nop | M::Pause | M::Lfence | M::Mfence | M::Sfence | M::Prefetchnta | M::Prefetcht0 | M::Prefetcht1
+        | M::Prefetcht2 | M::Prefetchw | M::Prefetch | M::Endbr64 | M::Endbr32 | M::Clflush | M::Clflushopt
+        | M::Clwb => Ok(()),
+        M::Lahf => {
+            let ah = (cpu.rflags & (SF | ZF | AF | PF | CF)) | 2;
+            cpu.set_reg(Register::AH, ah);
+            Ok(())
+        }
+        M::Sahf => {
+            let ah = cpu.get_reg(Register::AH);
+            cpu.rflags = (cpu.rflags & !(SF | ZF | AF | PF | CF)) | (ah & (SF | ZF | AF | PF | CF));
+            Ok(())
+        }
+        M::Clc => {
+            cpu.rflags &= !CF;
+            Ok(())
+        }
+        M::Stc => {
+            cpu.rflags |= CF;
+            Ok(())
+        }
+        M::Cmc => {
+            cpu.rflags ^= CF;
+            Ok(())
+        }
+        M::Cld => {
+            cpu.rflags &= !DF;
+            Ok(())
+        }
+        M::Std => {
+            cpu.rflags |= DF;
+            Ok(())
+        }
+        M::Cli => {
+            if u64::from(cpu.cpl()) > (cpu.rflags >> 12) & 3 && cpu.cr0 & ctl::CR0_PE != 0 {
+                return Err(Fault::GeneralProtection(0).into());
+            }
+            cpu.rflags &= !IF;
+            Ok(())
+        }
+        M::Sti => {
+            if u64::from(cpu.cpl()) > (cpu.rflags >> 12) & 3 && cpu.cr0 & ctl::CR0_PE != 0 {
+                return Err(Fault::GeneralProtection(0).into());
+            }
+            if cpu.rflags & IF == 0 {
+                cpu.rflags |= IF;
+                cpu.check_irq = true;
+                // The next instruction runs before interrupts are recognised.
+                cpu.interrupt_shadow = true;
+            }
+            Ok(())
+        }
+        M::Pushf | M::Pushfd | M::Pushfq => {
+            let size = insn.stack_pointer_increment().unsigned_abs() as usize;
+            // VM and RF are never pushed.
+            cpu.push(bus, size, cpu.rflags & !(RF | VM) & mask(size))?;
+            Ok(())
+        }
+        M::Popf | M::Popfd | M::Popfq => {
+            let size = insn.stack_pointer_increment().unsigned_abs() as usize;
+            let v = cpu.pop(bus, size)?;
+            cpu.write_flags(v, size);
+            Ok(())
+        }
+        M::Hlt => {
+            need_cpl0(cpu)?;
+            cpu.halted = true;
+            Ok(())
+        }
+        M::In => {
+            io_check(cpu)?;
+            let r0 = insn.op0_register();
+            let size = r0.size();
+            let port = if insn.op1_kind() == OpKind::Register { cpu.gpr[2] as u16 } else { insn.immediate(1) as u16 };
+            cpu.stats.pio += 1;
+            let v = bus.io_in(port, size as u8);
+            cpu.set_reg(r0, u64::from(v));
+            Ok(())
+        }
+        M::Out => {
+            io_check(cpu)?;
+            let r1 = insn.op1_register();
+            let size = r1.size();
+            let port = if insn.op0_kind() == OpKind::Register { cpu.gpr[2] as u16 } else { insn.immediate(0) as u16 };
+            cpu.stats.pio += 1;
+            bus.io_out(port, size as u8, cpu.get_reg(r1) as u32);
+            cpu.check_irq = true;
+            Ok(())
+        }
+        M::Movsb | M::Movsw | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq | M::Lodsb | M::Lodsw | M::Lodsd
+        | M::Lodsq | M::Cmpsb | M::Cmpsw | M::Cmpsq | M::Scasb | M::Scasw | M::Scasd | M::Scasq | M::Insb
+        | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd => {
+            let (op, size) = match m {
+                M::Movsb => (StrOp::Movs, 1),
+                M::Movsw => (StrOp::Movs, 2),
+                M::Movsq => (StrOp::Movs, 8),
+                M::Stosb => (StrOp::Stos, 1),
+                M::Stosw => (StrOp::Stos, 2),
+                M::Stosd => (StrOp::Stos, 4),
+                M::Stosq => (StrOp::Stos, 8),
+                M::Lodsb => (StrOp::Lods, 1),
+                M::Lodsw => (StrOp::Lods, 2),
+                M::Lodsd => (StrOp::Lods, 4),
+                M::Lodsq => (StrOp::Lods, 8),
+                M::Cmpsb => (StrOp::Cmps, 1),
+                M::Cmpsw => (StrOp::Cmps, 2),
+                M::Cmpsq => (StrOp::Cmps, 8),
+                M::Scasb => (StrOp::Scas, 1),
+                M::Scasw => (StrOp::Scas, 2),
+                M::Scasd => (StrOp::Scas, 4),
+                M::Scasq => (StrOp::Scas, 8),
+                M::Insb => (StrOp::Ins, 1),
+                M::Insw => (StrOp::Ins, 2),
+                M::Insd => (StrOp::Ins, 4),
+                M::Outsb => (StrOp::Outs, 1),
+                M::Outsw => (StrOp::Outs, 2),
+                _ => (StrOp::Outs, 4),
+            };
+            string_op(cpu, bus, insn, op, size)
+        }
+        M::Movsd if insn.code() == Code::Movsd_m32_m32 => string_op(cpu, bus, insn, StrOp::Movs, 4),
+        M::Cmpsd if insn.code() == Code::Cmpsd_m32_m32 => string_op(cpu, bus, insn, StrOp::Cmps, 4),
+        M::Xlatb => {
+            let asz = string_asize(insn).max(if cpu.in_64bit_mode() { 8 } else { 4 });
+            let off = cpu.gpr[3].wrapping_add(cpu.gpr[0] & 0xff) & mask(asz);
+            let la = cpu.seg_la(insn.memory_segment(), off);
+            let v = cpu.rmem(bus, la, 1)?;
+            cpu.set_reg(Register::AL, v);
+            Ok(())
+        }
+        M::Int3 => crate::interrupt::soft_int(cpu, bus, 3, true).map_err(Stop::from),
+        M::Int => crate::interrupt::soft_int(cpu, bus, insn.immediate(0) as u8, false).map_err(Stop::from),
+        M::Int1 => crate::interrupt::soft_int(cpu, bus, 1, true).map_err(Stop::from),
+        M::Into => {
+            if cpu.rflags & OF != 0 {
+                crate::interrupt::soft_int(cpu, bus, 4, true).map_err(Stop::from)
+            } else {
+                Ok(())
+            }
+        }
+        M::Ud0 | M::Ud1 | M::Ud2 => Err(Fault::InvalidOpcode.into()),
+        M::Syscall => crate::interrupt::syscall(cpu).map_err(Stop::from),
+        M::Sysret | M::Sysretq => crate::interrupt::sysret(cpu, insn).map_err(Stop::from),
+        M::Swapgs => {
+            if !cpu.in_64bit_mode() {
+                return Err(Fault::InvalidOpcode.into());
+            }
+            need_cpl0(cpu)?;
+            std::mem::swap(&mut cpu.seg[sreg::GS].base, &mut cpu.msr.kernel_gs_base);
+            Ok(())
+        }
+        _ => crate::system::execute_system(cpu, bus, insn),
+    }
+}
+
+fn is_far(insn: &Instruction) -> bool {
+    matches!(
+        insn.code(),
+        Code::Jmp_m1616 | Code::Jmp_m1632 | Code::Jmp_m1664 | Code::Call_m1616 | Code::Call_m1632 | Code::Call_m1664
+    )
+}
+
+fn read_far_ptr(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<(u16, u64)> {
+    let la = cpu.mem_la(insn);
+    let osize = match insn.code() {
+        Code::Jmp_m1616 | Code::Call_m1616 => 2,
+        Code::Jmp_m1664 | Code::Call_m1664 => 8,
+        _ => 4,
+    };
+    let off = cpu.rmem(bus, la, osize)?;
+    let sel = cpu.rmem(bus, la + osize as u64, 2)? as u16;
+    Ok((sel, off))
+}
+
+impl Cpu {
+    fn enter(&mut self, bus: &mut dyn Bus, size: usize, alloc: u64, level: u64) -> Res<()> {
+        let bp = self.gpr[5];
+        self.push(bus, size, bp & mask(size))?;
+        let frame = self.rsp();
+        let mut bp_cur = bp;
+        for _ in 1..level {
+            bp_cur = bp_cur.wrapping_sub(size as u64);
+            let la = self.seg_la(Register::SS, bp_cur & mask(self.stack_size()));
+            let v = self.rmem(bus, la, size)?;
+            self.push(bus, size, v)?;
+        }
+        if level > 0 {
+            self.push(bus, size, frame)?;
+        }
+        let r = match size {
+            2 => Register::BP,
+            4 => Register::EBP,
+            _ => Register::RBP,
+        };
+        self.set_reg(r, frame);
+        let sp = self.rsp().wrapping_sub(alloc);
+        self.set_rsp(sp);
+        Ok(())
+    }
+}
+
+/// Helper so LOOP can learn its counter width.
+trait LoopWidth {
+    fn op0_register_or_count(&self) -> usize;
+}
+impl LoopWidth for Instruction {
+    fn op0_register_or_count(&self) -> usize {
+        match self.code() {
+            Code::Loop_rel8_16_CX | Code::Loope_rel8_16_CX | Code::Loopne_rel8_16_CX | Code::Loop_rel8_32_CX
+            | Code::Loope_rel8_32_CX | Code::Loopne_rel8_32_CX => 2,
+            Code::Loop_rel8_16_ECX | Code::Loope_rel8_16_ECX | Code::Loopne_rel8_16_ECX | Code::Loop_rel8_32_ECX
+            | Code::Loope_rel8_32_ECX | Code::Loopne_rel8_32_ECX | Code::Loop_rel8_64_ECX | Code::Loope_rel8_64_ECX
+            | Code::Loopne_rel8_64_ECX => 4,
+            _ => 8,
+        }
+    }
+}
