@@ -1,1 +1,218 @@
-//! emu accelerator (x86emu).
+//! The `emu` accelerator: guest code runs on rustvisor's own x86-64 interpreter (`x86emu`).
+//!
+//! Port I/O and MMIO go to the same [`ExitHandler`] as on KVM. Interrupts come from a
+//! userspace interrupt controller (PIC/IOAPIC/LAPIC, plus the PIT) that the VMM supplies
+//! through [`InterruptController`]; guest time is a nanosecond clock shared with it.
+
+use crate::{CpuState, Error, ExitHandler, RamRegion, Result, Segment, Table, Vcpu, VcpuExit};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use x86emu::{Cpu, CpuConfig, Exit, Seg};
+
+/// Guest clock: nanoseconds since the VM started.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The userspace interrupt controller the emulated vCPU takes interrupts from.
+pub trait InterruptController: Send {
+    /// Whether the CPU's INTR input is asserted.
+    fn interrupt_pending(&mut self) -> bool;
+    /// Interrupt acknowledge: the vector to deliver, now in service.
+    fn acknowledge(&mut self) -> Option<u8>;
+    /// Runs timers up to `now_ns`; returns the next timer deadline in ns, if any.
+    fn poll(&mut self, now_ns: u64) -> Option<u64>;
+}
+
+/// Instructions run between looks at timers and the stop flag.
+const SLICE: u64 = 200_000;
+/// Longest time one [`Vcpu::run`] call keeps the CPU before returning `Interrupted`.
+const RUN_QUANTUM: Duration = Duration::from_millis(20);
+
+/// One vCPU on the emulator.
+pub struct EmuVcpu {
+    cpu: Cpu,
+    ic: Box<dyn InterruptController>,
+    clock: Clock,
+    stop: Arc<AtomicBool>,
+}
+
+struct Adapter<'a> {
+    h: &'a mut dyn ExitHandler,
+    ic: &'a mut dyn InterruptController,
+    clock: &'a Clock,
+}
+
+impl x86emu::Bus for Adapter<'_> {
+    fn io_in(&mut self, port: u16, size: u8) -> u32 {
+        let mut b = [0xffu8; 4];
+        let n = usize::from(size.clamp(1, 4));
+        self.h.pio_read(port, &mut b[..n]);
+        u32::from_le_bytes(b) & if n == 4 { u32::MAX } else { (1u32 << (8 * n)) - 1 }
+    }
+    fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        let n = usize::from(size.clamp(1, 4));
+        self.h.pio_write(port, &value.to_le_bytes()[..n]);
+    }
+    fn mmio_read(&mut self, gpa: u64, size: u8) -> u64 {
+        let mut b = [0xffu8; 8];
+        let n = usize::from(size.clamp(1, 8));
+        self.h.mmio_read(gpa, &mut b[..n]);
+        u64::from_le_bytes(b) & if n == 8 { u64::MAX } else { (1u64 << (8 * n)) - 1 }
+    }
+    fn mmio_write(&mut self, gpa: u64, size: u8, value: u64) {
+        let n = usize::from(size.clamp(1, 8));
+        self.h.mmio_write(gpa, &value.to_le_bytes()[..n]);
+    }
+    fn interrupt_pending(&mut self) -> bool {
+        self.ic.interrupt_pending()
+    }
+    fn ack_interrupt(&mut self) -> Option<u8> {
+        self.ic.acknowledge()
+    }
+    fn now_ns(&mut self) -> u64 {
+        (self.clock)()
+    }
+}
+
+fn seg_to_emu(s: &Segment) -> Seg {
+    let attr = u32::from(s.type_ & 0xf)
+        | (u32::from(s.s) << 4)
+        | (u32::from(s.dpl & 3) << 5)
+        | (u32::from(s.present) << 7)
+        | (u32::from(s.avl) << 12)
+        | (u32::from(s.l) << 13)
+        | (u32::from(s.db) << 14)
+        | (u32::from(s.g) << 15)
+        | (u32::from(s.unusable) << 16);
+    Seg { selector: s.selector, base: s.base, limit: s.limit, attr }
+}
+
+fn seg_from_emu(s: &Seg) -> Segment {
+    Segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: (s.attr & 0xf) as u8,
+        s: s.attr & (1 << 4) != 0,
+        dpl: ((s.attr >> 5) & 3) as u8,
+        present: s.attr & (1 << 7) != 0,
+        avl: s.attr & (1 << 12) != 0,
+        l: s.attr & (1 << 13) != 0,
+        db: s.attr & (1 << 14) != 0,
+        g: s.attr & (1 << 15) != 0,
+        unusable: s.attr & (1 << 16) != 0,
+    }
+}
+
+impl EmuVcpu {
+    /// Creates a vCPU over guest RAM `ram`, taking interrupts from `ic` and time from `clock`.
+    /// `tsc_hz` is the TSC frequency advertised in CPUID leaf 0x15 (and the LAPIC bus clock
+    /// the interrupt controller must use).
+    pub fn new(ram: &[RamRegion], ic: Box<dyn InterruptController>, clock: Clock, tsc_hz: u64, id: u8) -> EmuVcpu {
+        let regions = ram
+            .iter()
+            .map(|r| x86emu::RamRegion { gpa: r.gpa, size: r.size, host: r.host_addr })
+            .collect();
+        let cpu = Cpu::new(regions, CpuConfig { tsc_hz, apic_id: id });
+        EmuVcpu { cpu, ic, clock, stop: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// A flag that makes [`Vcpu::run`] return `Interrupted` at its next check (within one
+    /// slice of instructions) when set; `run` clears it.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The emulated CPU (statistics, tracing).
+    pub fn cpu(&mut self) -> &mut Cpu {
+        &mut self.cpu
+    }
+}
+
+impl Vcpu for EmuVcpu {
+    fn set_state(&mut self, s: &CpuState) -> Result<()> {
+        let c = &mut self.cpu;
+        c.gpr = s.gprs;
+        c.rip = s.rip;
+        c.rflags = s.rflags | 2;
+        for (i, seg) in s.segs.iter().enumerate() {
+            c.seg[i] = seg_to_emu(seg);
+        }
+        c.ldtr = seg_to_emu(&s.ldt);
+        c.tr = seg_to_emu(&s.tr);
+        c.gdtr_base = s.gdt.base;
+        c.gdtr_limit = s.gdt.limit;
+        c.idtr_base = s.idt.base;
+        c.idtr_limit = s.idt.limit;
+        c.cr0 = s.cr0;
+        c.cr2 = s.cr2;
+        c.cr3 = s.cr3;
+        c.cr4 = s.cr4;
+        c.cr8 = s.cr8;
+        c.efer = s.efer;
+        c.flush_caches();
+        Ok(())
+    }
+
+    fn state(&mut self) -> Result<CpuState> {
+        let c = &self.cpu;
+        let mut segs = [Segment::default(); 6];
+        for (i, seg) in segs.iter_mut().enumerate() {
+            *seg = seg_from_emu(&c.seg[i]);
+        }
+        Ok(CpuState {
+            gprs: c.gpr,
+            rip: c.rip,
+            rflags: c.rflags,
+            segs,
+            ldt: seg_from_emu(&c.ldtr),
+            tr: seg_from_emu(&c.tr),
+            gdt: Table { base: c.gdtr_base, limit: c.gdtr_limit },
+            idt: Table { base: c.idtr_base, limit: c.idtr_limit },
+            cr0: c.cr0,
+            cr2: c.cr2,
+            cr3: c.cr3,
+            cr4: c.cr4,
+            cr8: c.cr8,
+            efer: c.efer,
+        })
+    }
+
+    fn run(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit> {
+        let start = Instant::now();
+        loop {
+            if self.stop.swap(false, Ordering::AcqRel) {
+                return Ok(VcpuExit::Interrupted);
+            }
+            let now = (self.clock)();
+            let deadline = self.ic.poll(now);
+            let exit = {
+                let mut bus = Adapter { h: handler, ic: self.ic.as_mut(), clock: &self.clock };
+                self.cpu.run(&mut bus, SLICE)
+            };
+            match exit {
+                Exit::Budget => {}
+                Exit::Halted => {
+                    // Sleep until the next timer, but wake regularly for device input.
+                    let now = (self.clock)();
+                    let wait = deadline.map(|d| d.saturating_sub(now)).unwrap_or(1_000_000).min(1_000_000);
+                    if wait > 0 && !self.ic.interrupt_pending() {
+                        std::thread::sleep(Duration::from_nanos(wait));
+                    }
+                }
+                Exit::HaltedForever => {
+                    // `cli; hlt`: nothing can wake the CPU; Linux ends power-off this way
+                    // when no firmware interface exists.
+                    return Ok(VcpuExit::Shutdown);
+                }
+                Exit::TripleFault(why) => return Ok(VcpuExit::Reset(format!("triple fault: {why}"))),
+                Exit::Unsupported(what) => {
+                    return Err(Error::Internal(format!("emu: unimplemented instruction {what}")));
+                }
+            }
+            if start.elapsed() >= RUN_QUANTUM {
+                return Ok(VcpuExit::Interrupted);
+            }
+        }
+    }
+}

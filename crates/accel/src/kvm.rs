@@ -195,7 +195,10 @@ impl KvmVm {
     fn add_ram(&self, slot: u32, region: &RamRegion) -> Result<()> {
         const PAGE: u64 = 4096;
         let host = region.host_addr as u64;
-        if region.size == 0 || region.gpa % PAGE != 0 || region.size % PAGE != 0 || host % PAGE != 0
+        if region.size == 0
+            || !region.gpa.is_multiple_of(PAGE)
+            || !region.size.is_multiple_of(PAGE)
+            || !host.is_multiple_of(PAGE)
         {
             return Err(Error::Unsupported(format!(
                 "RAM region gpa {:#x} size {:#x} host {:#x}: must be non-empty and 4 KiB aligned",

@@ -1,1 +1,36 @@
-//! Per-VM monitor.
+//! The per-VM monitor: guest memory, the Linux boot protocols, legacy devices and the vCPU
+//! run loop over either accelerator (`kvm` or `emu`).
+
+pub mod arch;
+pub mod config;
+pub mod memory;
+pub mod vm;
+
+pub use config::{Accel, SerialOut, VmConfig};
+pub use vm::{RunOutcome, Vm};
+
+/// Errors of the VMM library. Each names the offending input so the CLI can print one line.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is out of range or malformed.
+    #[error("{field}: {msg}")]
+    Config { field: &'static str, msg: String },
+    /// Reading a kernel or initrd file failed.
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
+    /// The kernel image could not be loaded.
+    #[error("kernel: {0}")]
+    Kernel(String),
+    /// Guest memory could not be set up or written.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The accelerator failed.
+    #[error(transparent)]
+    Accel(#[from] accel::Error),
+    /// A device could not be set up.
+    #[error("device: {0}")]
+    Device(String),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,740 @@
+//! Local xAPIC of a single vCPU, per Intel SDM Vol. 3A chapter 11
+//! ("Advanced Programmable Interrupt Controller (APIC)").
+//!
+//! MMIO page at [`LAPIC_BASE`] (4 KiB); registers are 32 bits wide at
+//! 16-byte strides and must be accessed with aligned 32-bit loads/stores
+//! (narrower loads inside the first dword of a register are also served;
+//! any other access reads as zero / is ignored, never panics).
+//!
+//! | offset | register |
+//! |---|---|
+//! | 0x020 | APIC ID (bits 31:24, default 0) |
+//! | 0x030 | version, read-only [`LAPIC_VERSION`] (version 0x14, 6 LVT entries) |
+//! | 0x080 / 0x090 / 0x0A0 | TPR / APR (reads 0) / PPR |
+//! | 0x0B0 | EOI (write-only) |
+//! | 0x0D0 / 0x0E0 | LDR / DFR |
+//! | 0x0F0 | SVR: bits 7:0 spurious vector, bit 8 APIC software enable |
+//! | 0x100-0x170 / 0x180-0x1F0 / 0x200-0x270 | ISR / TMR / IRR, 256 bits each |
+//! | 0x280 | ESR (write latches accumulated errors) |
+//! | 0x300 / 0x310 | ICR low / high |
+//! | 0x320-0x370 | LVT timer, thermal, perf counters, LINT0, LINT1, error |
+//! | 0x380 / 0x390 / 0x3E0 | timer initial count / current count / divide configuration |
+//!
+//! The APIC timer counts down at `timer_hz / divisor` (the "bus clock"
+//! frequency given at construction) in one-shot or periodic mode;
+//! TSC-deadline mode is not supported (the CPU must not advertise it).
+//! IPIs: fixed/lowest-priority IPIs that target this APIC (self shorthand,
+//! all-including-self, or a matching destination) are accepted; NMI IPIs to
+//! self set the NMI latch; INIT, SIPI and SMI are ignored (single vCPU).
+
+use crate::ioapic::DeliveryMode;
+use crate::Clock;
+
+/// Default guest-physical base address of the local APIC page.
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
+/// Size of the local APIC MMIO page, in bytes.
+pub const LAPIC_SIZE: u64 = 0x1000;
+/// Version register value: version 0x14 (integrated APIC), max LVT entry 5.
+pub const LAPIC_VERSION: u32 = 0x0005_0014;
+/// IA32_APIC_BASE MSR number.
+pub const MSR_IA32_APIC_BASE: u32 = 0x1b;
+
+const APIC_BASE_BSP: u64 = 1 << 8;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
+
+const SVR_ENABLE: u32 = 1 << 8;
+const LVT_MASKED: u32 = 1 << 16;
+const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+
+const LVT_TIMER: usize = 0;
+const LVT_LINT0: usize = 3;
+const LVT_LINT1: usize = 4;
+/// Writable bits of each LVT entry (timer, thermal, perf, LINT0, LINT1, error).
+const LVT_WRITABLE: [u32; 6] = [
+    0x0003_00ff,
+    0x0001_07ff,
+    0x0001_07ff,
+    0x0001_a7ff,
+    0x0001_a7ff,
+    0x0001_00ff,
+];
+
+const ESR_SEND_ILLEGAL_VECTOR: u32 = 1 << 5;
+const ESR_RECV_ILLEGAL_VECTOR: u32 = 1 << 6;
+
+const NS_PER_SEC: u128 = 1_000_000_000;
+
+/// 256-bit vector register (ISR, TMR, IRR).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Bits256([u32; 8]);
+
+impl Bits256 {
+    fn set(&mut self, v: u8) {
+        self.0[usize::from(v >> 5)] |= 1 << (v & 31);
+    }
+    fn clear(&mut self, v: u8) {
+        self.0[usize::from(v >> 5)] &= !(1 << (v & 31));
+    }
+    fn get(&self, v: u8) -> bool {
+        self.0[usize::from(v >> 5)] & (1 << (v & 31)) != 0
+    }
+    fn highest(&self) -> Option<u8> {
+        (0..8usize)
+            .rev()
+            .find(|&i| self.0[i] != 0)
+            .map(|i| (i as u8) * 32 + (31 - self.0[i].leading_zeros()) as u8)
+    }
+}
+
+/// Running APIC timer.
+#[derive(Debug, Clone, Copy)]
+struct Timer {
+    start_ns: u64,
+    /// Counter decrements elapsed before `start_ns` (after a divide change).
+    base_ticks: u64,
+    /// Expirations already delivered.
+    fired: u64,
+}
+
+/// The local APIC.
+pub struct Lapic {
+    id: u8,
+    apic_base: u64,
+    tpr: u8,
+    ldr: u32,
+    dfr: u32,
+    svr: u32,
+    esr: u32,
+    esr_pending: u32,
+    isr: Bits256,
+    tmr: Bits256,
+    irr: Bits256,
+    icr_lo: u32,
+    icr_hi: u32,
+    lvt: [u32; 6],
+    timer_initial: u32,
+    timer_dcr: u32,
+    timer: Option<Timer>,
+    timer_hz: u64,
+    clock: Clock,
+    nmi_pending: bool,
+}
+
+impl Lapic {
+    /// Creates the APIC of the bootstrap processor (APIC ID 0, globally
+    /// enabled at [`LAPIC_BASE`], software-disabled, all LVTs masked).
+    ///
+    /// `timer_hz`: APIC timer input ("bus") clock in Hz before the divider
+    /// (e.g. 1_000_000_000); `clock`: virtual time in ns, read on register
+    /// accesses (current count, initial count writes).
+    pub fn new(timer_hz: u64, clock: Clock) -> Self {
+        let mut l = Self {
+            id: 0,
+            apic_base: LAPIC_BASE | APIC_BASE_BSP | APIC_BASE_ENABLE,
+            tpr: 0,
+            ldr: 0,
+            dfr: 0,
+            svr: 0,
+            esr: 0,
+            esr_pending: 0,
+            isr: Bits256::default(),
+            tmr: Bits256::default(),
+            irr: Bits256::default(),
+            icr_lo: 0,
+            icr_hi: 0,
+            lvt: [0; 6],
+            timer_initial: 0,
+            timer_dcr: 0,
+            timer: None,
+            timer_hz: timer_hz.max(1),
+            clock,
+            nmi_pending: false,
+        };
+        l.reset_registers();
+        l
+    }
+
+    /// Power-up register state (SDM §11.4.7.1), keeping the APIC ID.
+    fn reset_registers(&mut self) {
+        self.tpr = 0;
+        self.ldr = 0;
+        self.dfr = 0xffff_ffff;
+        self.svr = 0xff;
+        self.esr = 0;
+        self.esr_pending = 0;
+        self.isr = Bits256::default();
+        self.tmr = Bits256::default();
+        self.irr = Bits256::default();
+        self.icr_lo = 0;
+        self.icr_hi = 0;
+        self.lvt = [LVT_MASKED; 6];
+        self.timer_initial = 0;
+        self.timer_dcr = 0;
+        self.timer = None;
+    }
+
+    /// IA32_APIC_BASE MSR value (bit 8 BSP, bit 11 global enable, bits
+    /// 35:12 base address).
+    pub fn apic_base(&self) -> u64 {
+        self.apic_base
+    }
+
+    /// Guest write of IA32_APIC_BASE.  Clearing bit 11 globally disables the
+    /// APIC and resets its registers; x2APIC enable (bit 10) is not
+    /// supported and ignored; the BSP bit is read-only.  A relocated base is
+    /// recorded but the MMIO page stays where the bus maps it.
+    pub fn set_apic_base(&mut self, value: u64) {
+        let enable = value & APIC_BASE_ENABLE != 0;
+        if !enable && self.global_enabled() {
+            self.reset_registers();
+        }
+        self.apic_base =
+            (value & 0x0000_000f_ffff_f000) | APIC_BASE_BSP | if enable { APIC_BASE_ENABLE } else { 0 };
+    }
+
+    fn global_enabled(&self) -> bool {
+        self.apic_base & APIC_BASE_ENABLE != 0
+    }
+
+    fn sw_enabled(&self) -> bool {
+        self.svr & SVR_ENABLE != 0
+    }
+
+    /// Whether the APIC is both globally (IA32_APIC_BASE bit 11) and
+    /// software (SVR bit 8) enabled, i.e. accepts and delivers interrupts.
+    pub fn enabled(&self) -> bool {
+        self.global_enabled() && self.sw_enabled()
+    }
+
+    /// Whether the 8259 PIC's INT output reaches the CPU: through LINT0 when
+    /// LVT LINT0 is unmasked with ExtINT delivery (virtual wire mode), or
+    /// directly when the APIC is globally or software disabled.  With the APIC
+    /// enabled and LINT0 masked (or not ExtINT), PIC interrupts are blocked,
+    /// as on hardware in symmetric I/O mode.
+    pub fn accepts_pic_interrupts(&self) -> bool {
+        if !self.enabled() {
+            return true;
+        }
+        let lint0 = self.lvt[LVT_LINT0];
+        lint0 & LVT_MASKED == 0 && DeliveryMode::from_bits(u64::from(lint0)) == DeliveryMode::ExtInt
+    }
+
+    /// APIC ID (bits 31:24 of the ID register).
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Task priority register (0-255).
+    pub fn tpr(&self) -> u8 {
+        self.tpr
+    }
+
+    /// Sets the task priority register (0-255).
+    pub fn set_tpr(&mut self, tpr: u8) {
+        self.tpr = tpr;
+    }
+
+    /// CR8 view of the TPR (bits 7:4 of TPR, 0-15) for 64-bit mode `MOV CR8`.
+    pub fn cr8(&self) -> u64 {
+        u64::from(self.tpr >> 4)
+    }
+
+    /// `MOV CR8, value`: sets TPR = (value & 0xf) << 4.
+    pub fn set_cr8(&mut self, value: u64) {
+        self.tpr = ((value & 0xf) as u8) << 4;
+    }
+
+    /// Processor priority (SDM §11.8.3.1): TPR if its class is at least the
+    /// class of the highest in-service vector, else that class.
+    pub fn ppr(&self) -> u8 {
+        let isrv = self.isr.highest().unwrap_or(0);
+        if self.tpr >> 4 >= isrv >> 4 {
+            self.tpr
+        } else {
+            isrv & 0xf0
+        }
+    }
+
+    /// Returns and clears the NMI latch (set by an NMI IPI or an NMI IOAPIC
+    /// message).  The CPU should deliver an NMI when it returns `true`.
+    pub fn take_nmi(&mut self) -> bool {
+        std::mem::take(&mut self.nmi_pending)
+    }
+
+    /// Latches an NMI for the CPU (see [`Lapic::take_nmi`]).
+    pub fn raise_nmi(&mut self) {
+        self.nmi_pending = true;
+    }
+
+    /// Accepts a fixed interrupt `vector` from the APIC bus or a local
+    /// source: sets its IRR bit, and its TMR bit if `level_triggered`
+    /// (so that its EOI is broadcast to the IOAPIC).
+    ///
+    /// Returns `false` if it was dropped: APIC disabled, or illegal vector
+    /// (0-15, recorded in ESR).  A vector already pending in IRR coalesces.
+    pub fn accept_interrupt(&mut self, vector: u8, level_triggered: bool) -> bool {
+        if !self.enabled() {
+            return false;
+        }
+        if vector < 16 {
+            self.esr_pending |= ESR_RECV_ILLEGAL_VECTOR;
+            return false;
+        }
+        self.irr.set(vector);
+        if level_triggered {
+            self.tmr.set(vector);
+        } else {
+            self.tmr.clear(vector);
+        }
+        true
+    }
+
+    /// Whether the APIC has an interrupt to present to the CPU: the highest
+    /// IRR vector's priority class (bits 7:4) exceeds the PPR's.
+    pub fn has_interrupt(&self) -> bool {
+        self.enabled()
+            && self
+                .irr
+                .highest()
+                .is_some_and(|v| v >> 4 > self.ppr() >> 4)
+    }
+
+    /// Interrupt acknowledge: moves the highest pending vector from IRR to
+    /// ISR and returns it, or `None` if [`Lapic::has_interrupt`] is false.
+    pub fn acknowledge(&mut self) -> Option<u8> {
+        if !self.has_interrupt() {
+            return None;
+        }
+        let v = self.irr.highest()?;
+        self.irr.clear(v);
+        self.isr.set(v);
+        Some(v)
+    }
+
+    /// End of interrupt (a write to the EOI register): retires the highest
+    /// in-service vector.  Returns that vector if its TMR bit is set — the
+    /// caller must then broadcast the EOI to the IOAPIC ([`crate::IoApic::eoi`]).
+    pub fn eoi(&mut self) -> Option<u8> {
+        let v = self.isr.highest()?;
+        self.isr.clear(v);
+        self.tmr.get(v).then_some(v)
+    }
+
+    /// Whether this APIC is a target of `dest` (SDM §11.6.2): physical mode
+    /// matches the APIC ID or broadcast 0xFF; logical mode uses LDR/DFR
+    /// (flat or cluster model).
+    pub fn matches_destination(&self, dest: u8, logical: bool) -> bool {
+        if !logical {
+            return dest == 0xff || dest == self.id;
+        }
+        if dest == 0xff {
+            return true;
+        }
+        let lid = (self.ldr >> 24) as u8;
+        if self.dfr >> 28 == 0xf {
+            lid & dest != 0
+        } else {
+            (dest >> 4 == lid >> 4 || dest >> 4 == 0xf) && (dest & lid & 0xf) != 0
+        }
+    }
+
+    fn divisor(&self) -> u64 {
+        let v = (self.timer_dcr & 3) | ((self.timer_dcr >> 1) & 4);
+        1 << ((v + 1) & 7)
+    }
+
+    fn periodic(&self) -> bool {
+        self.lvt[LVT_TIMER] & LVT_TIMER_PERIODIC != 0
+    }
+
+    /// Counter decrements elapsed at `now` for a running timer.
+    fn timer_elapsed(&self, t: &Timer, now: u64) -> u64 {
+        let ns = u128::from(now.saturating_sub(t.start_ns));
+        let ticks = ns * u128::from(self.timer_hz) / (NS_PER_SEC * u128::from(self.divisor()));
+        t.base_ticks
+            .saturating_add(u64::try_from(ticks).unwrap_or(u64::MAX))
+    }
+
+    /// Virtual time at which the counter has decremented `ticks` times.
+    fn timer_deadline(&self, t: &Timer, ticks: u64) -> u64 {
+        let rel = u128::from(ticks.saturating_sub(t.base_ticks));
+        let ns = (rel * NS_PER_SEC * u128::from(self.divisor())).div_ceil(u128::from(self.timer_hz));
+        t.start_ns
+            .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX))
+    }
+
+    fn current_count(&self, now: u64) -> u32 {
+        let (Some(t), init) = (self.timer.as_ref(), u64::from(self.timer_initial)) else {
+            return 0;
+        };
+        if init == 0 {
+            return 0;
+        }
+        let d = self.timer_elapsed(t, now);
+        let c = if self.periodic() {
+            init - d % init
+        } else {
+            init.saturating_sub(d)
+        };
+        c as u32
+    }
+
+    /// Runs the APIC timer up to `now_ns`: if it expired (once or more
+    /// since the last call), sets the LVT timer vector in IRR (once;
+    /// expirations are coalesced) unless masked.  Returns the virtual time
+    /// (ns) of the next expiration, or `None` if the timer is stopped.
+    pub fn poll(&mut self, now_ns: u64) -> Option<u64> {
+        let mut t = self.timer?;
+        let init = u64::from(self.timer_initial);
+        if init == 0 {
+            return None;
+        }
+        let d = self.timer_elapsed(&t, now_ns);
+        let periodic = self.periodic();
+        let n = if periodic { d / init } else { u64::from(d >= init) };
+        if n > t.fired {
+            t.fired = n;
+            self.timer = Some(t);
+            let lvt = self.lvt[LVT_TIMER];
+            if lvt & LVT_MASKED == 0 {
+                self.accept_interrupt(lvt as u8, false);
+            }
+        }
+        let next = if periodic {
+            n.checked_add(1)?.checked_mul(init)?
+        } else if n == 0 {
+            init
+        } else {
+            return None;
+        };
+        Some(self.timer_deadline(&t, next))
+    }
+
+    fn send_ipi(&mut self) {
+        let lo = self.icr_lo;
+        let vector = lo as u8;
+        let to_self = match (lo >> 18) & 3 {
+            0 => self.matches_destination((self.icr_hi >> 24) as u8, lo & (1 << 11) != 0),
+            1 | 2 => true,
+            _ => false,
+        };
+        if !to_self {
+            return;
+        }
+        match DeliveryMode::from_bits(u64::from(lo)) {
+            DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
+                if vector < 16 {
+                    self.esr_pending |= ESR_SEND_ILLEGAL_VECTOR;
+                } else {
+                    self.accept_interrupt(vector, false);
+                }
+            }
+            DeliveryMode::Nmi => self.nmi_pending = true,
+            mode => tracing::debug!("lapic: ignored IPI with delivery mode {mode:?}"),
+        }
+    }
+
+    /// Reads the 32-bit register at `offset` (16-byte aligned, 0..0x1000).
+    pub fn read_register(&self, offset: u64) -> u32 {
+        let idx = ((offset >> 4) & 7) as usize;
+        match offset {
+            0x020 => u32::from(self.id) << 24,
+            0x030 => LAPIC_VERSION,
+            0x080 => u32::from(self.tpr),
+            0x0a0 => u32::from(self.ppr()),
+            0x0d0 => self.ldr,
+            0x0e0 => self.dfr,
+            0x0f0 => self.svr,
+            0x100..=0x170 => self.isr.0[idx],
+            0x180..=0x1f0 => self.tmr.0[idx],
+            0x200..=0x270 => self.irr.0[idx],
+            0x280 => self.esr,
+            0x300 => self.icr_lo,
+            0x310 => self.icr_hi,
+            0x320..=0x370 => self.lvt[((offset - 0x320) >> 4) as usize],
+            0x380 => self.timer_initial,
+            0x390 => self.current_count((self.clock)()),
+            0x3e0 => self.timer_dcr,
+            // APR, EOI, RRD and reserved registers read as zero.
+            _ => 0,
+        }
+    }
+
+    /// Writes the 32-bit register at `offset` (16-byte aligned).
+    ///
+    /// Returns `Some(vector)` when the write was an EOI of a level-triggered
+    /// interrupt that must be broadcast to the IOAPIC.
+    pub fn write_register(&mut self, offset: u64, value: u32) -> Option<u8> {
+        match offset {
+            0x020 => self.id = (value >> 24) as u8,
+            0x080 => self.tpr = value as u8,
+            0x0b0 => return self.eoi(),
+            0x0d0 => self.ldr = value & 0xff00_0000,
+            0x0e0 => self.dfr = value | 0x0fff_ffff,
+            0x0f0 => {
+                self.svr = value & 0x3ff;
+                if !self.sw_enabled() {
+                    for l in &mut self.lvt {
+                        *l |= LVT_MASKED;
+                    }
+                }
+            }
+            0x280 => {
+                self.esr = std::mem::take(&mut self.esr_pending);
+            }
+            0x300 => {
+                self.icr_lo = value & 0x000c_cfff;
+                self.send_ipi();
+            }
+            0x310 => self.icr_hi = value & 0xff00_0000,
+            0x320..=0x370 => {
+                let i = ((offset - 0x320) >> 4) as usize;
+                let mut v = value & LVT_WRITABLE[i];
+                if i == LVT_LINT0 || i == LVT_LINT1 {
+                    // Remote IRR (bit 14) is read-only.
+                    v |= self.lvt[i] & (1 << 14);
+                }
+                if !self.sw_enabled() {
+                    v |= LVT_MASKED;
+                }
+                self.lvt[i] = v;
+            }
+            0x380 => {
+                self.timer_initial = value;
+                self.timer = (value != 0).then(|| Timer {
+                    start_ns: (self.clock)(),
+                    base_ticks: 0,
+                    fired: 0,
+                });
+            }
+            0x3e0 => {
+                let now = (self.clock)();
+                if let Some(mut t) = self.timer {
+                    t.base_ticks = self.timer_elapsed(&t, now);
+                    t.start_ns = now;
+                    self.timer = Some(t);
+                }
+                self.timer_dcr = value & 0xb;
+            }
+            // Read-only or reserved.
+            _ => {}
+        }
+        None
+    }
+
+    /// Guest load of `data.len()` bytes at `offset` within the APIC page.
+    pub fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
+        let within = (offset & 0xf) as usize;
+        if data.len() <= 4 && within + data.len() <= 4 {
+            let v = self.read_register(offset & 0xff0).to_le_bytes();
+            data.copy_from_slice(&v[within..within + data.len()]);
+        } else {
+            data.fill(0);
+        }
+    }
+
+    /// Guest store at `offset` within the APIC page; only aligned 4-byte
+    /// stores have an effect.  Returns a vector whose EOI must be broadcast
+    /// to the IOAPIC, as [`Lapic::write_register`].
+    pub fn mmio_write(&mut self, offset: u64, data: &[u8]) -> Option<u8> {
+        match <[u8; 4]>::try_from(data) {
+            Ok(b) if offset & 0xf == 0 && offset < LAPIC_SIZE => {
+                self.write_register(offset, u32::from_le_bytes(b))
+            }
+            _ => {
+                tracing::debug!(
+                    "lapic: ignored {}-byte write at offset {offset:#x}",
+                    data.len()
+                );
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    fn lapic(hz: u64) -> (Lapic, Arc<AtomicU64>) {
+        let t = Arc::new(AtomicU64::new(5_000));
+        let tc = t.clone();
+        let mut l = Lapic::new(hz, Arc::new(move || tc.load(Ordering::SeqCst)));
+        l.write_register(0xf0, 0x1ff); // software enable, spurious 0xff
+        (l, t)
+    }
+
+    #[test]
+    fn reset_and_basic_registers() {
+        let t: Clock = Arc::new(|| 0);
+        let mut l = Lapic::new(1_000_000_000, t);
+        assert_eq!(l.read_register(0x30), 0x0005_0014);
+        assert_eq!(l.read_register(0x20), 0);
+        assert_eq!(l.read_register(0xe0), 0xffff_ffff);
+        assert_eq!(l.read_register(0xf0), 0xff);
+        assert_eq!(l.read_register(0x350), LVT_MASKED);
+        assert!(!l.enabled());
+        assert!(l.accepts_pic_interrupts());
+        // Interrupts are dropped while software-disabled.
+        assert!(!l.accept_interrupt(0x40, false));
+        // LVTs stay masked while software-disabled.
+        l.write_register(0x350, 0x700);
+        assert_eq!(l.read_register(0x350), 0x10700);
+        l.write_register(0xf0, 0x1ff);
+        assert!(l.enabled());
+        assert!(!l.accepts_pic_interrupts(), "LINT0 masked");
+        l.write_register(0x350, 0x700);
+        assert!(l.accepts_pic_interrupts(), "virtual wire: LINT0 ExtINT");
+        // Partial reads inside a register; odd accesses are harmless.
+        let mut b = [0u8; 1];
+        l.mmio_read(0x32, &mut b);
+        assert_eq!(b[0], 0x05);
+        let mut b8 = [0u8; 8];
+        l.mmio_read(0x30, &mut b8);
+        assert_eq!(b8, [0; 8]);
+        assert_eq!(l.mmio_write(0x33, &[1, 2, 3, 4]), None);
+        assert_eq!(l.mmio_write(0xff0, &[1, 2]), None);
+        // Global disable via IA32_APIC_BASE: PIC goes straight to the CPU.
+        l.set_apic_base(LAPIC_BASE);
+        assert!(!l.enabled());
+        assert!(l.accepts_pic_interrupts());
+        assert_eq!(l.read_register(0xf0), 0xff, "registers reset");
+        l.set_apic_base(LAPIC_BASE | APIC_BASE_ENABLE);
+        assert_eq!(l.apic_base(), 0xfee0_0900);
+    }
+
+    #[test]
+    fn priority_tpr_and_eoi() {
+        let (mut l, _) = lapic(1_000_000_000);
+        assert!(l.accept_interrupt(0x51, false));
+        assert!(l.accept_interrupt(0x62, false));
+        // TPR class 6 blocks both (class must be strictly greater).
+        l.write_register(0x80, 0x60);
+        assert!(!l.has_interrupt());
+        assert_eq!(l.acknowledge(), None);
+        l.set_cr8(5);
+        assert_eq!(l.read_register(0x80), 0x50);
+        assert!(l.has_interrupt());
+        assert_eq!(l.acknowledge(), Some(0x62));
+        assert_eq!(l.read_register(0xa0), 0x60, "PPR = ISR class");
+        // 0x51 is blocked by the in-service 0x62.
+        assert!(!l.has_interrupt());
+        assert_eq!(l.read_register(0x100 + 0x30) & (1 << 2), 1 << 2, "ISR bit 0x62");
+        assert_eq!(l.write_register(0xb0, 0), None, "edge EOI: no broadcast");
+        // Still blocked by TPR 0x50 (same class as 0x51).
+        assert!(!l.has_interrupt());
+        l.write_register(0x80, 0);
+        assert_eq!(l.acknowledge(), Some(0x51));
+        assert_eq!(l.eoi(), None);
+        assert_eq!(l.eoi(), None);
+        // Illegal vectors are rejected and recorded in ESR.
+        assert!(!l.accept_interrupt(3, false));
+        l.write_register(0x280, 0);
+        assert_eq!(l.read_register(0x280), ESR_RECV_ILLEGAL_VECTOR);
+        // Level-triggered interrupt: EOI reports the vector for the IOAPIC.
+        l.accept_interrupt(0x70, true);
+        assert_eq!(l.acknowledge(), Some(0x70));
+        assert_eq!(l.mmio_write(0xb0, &[0; 4]), Some(0x70));
+    }
+
+    #[test]
+    fn self_ipi() {
+        let (mut l, _) = lapic(1_000_000_000);
+        l.write_register(0x300, 0x0004_0045); // self shorthand, fixed, vector 0x45
+        assert_eq!(l.acknowledge(), Some(0x45));
+        l.write_register(0x310, 0);
+        l.write_register(0x300, 0x46); // physical destination 0 = self
+        assert_eq!(l.irr.highest(), Some(0x46));
+        l.write_register(0x310, 0x0100_0000);
+        l.write_register(0x300, 0x47); // APIC ID 1: not us
+        assert_eq!(l.irr.highest(), Some(0x46));
+        l.write_register(0x300, 0x000c_0048); // all excluding self
+        assert_eq!(l.irr.highest(), Some(0x46));
+        l.write_register(0x300, 0x0004_0400); // NMI to self
+        assert!(l.take_nmi());
+        assert!(!l.take_nmi());
+        l.write_register(0x300, 0x0004_0500); // INIT: ignored
+        l.write_register(0x300, 0x0004_0600); // SIPI: ignored
+        // Logical flat destination.
+        l.write_register(0xd0, 0x0200_0000);
+        l.write_register(0x310, 0x0300_0000);
+        l.write_register(0x300, 0x849);
+        assert_eq!(l.irr.highest(), Some(0x49));
+    }
+
+    #[test]
+    fn oneshot_timer() {
+        // 100 MHz bus clock, divide by 1: 10 ns per count.
+        let (mut l, t) = lapic(100_000_000);
+        l.write_register(0x3e0, 0xb);
+        l.write_register(0x320, 0x30); // one-shot, vector 0x30, unmasked
+        let t0 = t.load(Ordering::SeqCst);
+        l.write_register(0x380, 1000);
+        assert_eq!(l.read_register(0x390), 1000);
+        t.store(t0 + 2_500, Ordering::SeqCst);
+        assert_eq!(l.read_register(0x390), 750);
+        assert_eq!(l.poll(t0 + 2_500), Some(t0 + 10_000));
+        assert!(!l.has_interrupt());
+        assert_eq!(l.poll(t0 + 10_000), None);
+        assert_eq!(l.acknowledge(), Some(0x30));
+        t.store(t0 + 20_000, Ordering::SeqCst);
+        assert_eq!(l.read_register(0x390), 0);
+        assert_eq!(l.poll(t0 + 50_000), None);
+        assert!(!l.has_interrupt(), "one-shot fires once");
+        // Divide by 2 doubles the period.
+        l.write_register(0x3e0, 0x0);
+        let t1 = t.load(Ordering::SeqCst);
+        l.write_register(0x380, 1000);
+        assert_eq!(l.poll(t1), Some(t1 + 20_000));
+        // Writing 0 stops the timer.
+        l.write_register(0x380, 0);
+        assert_eq!(l.poll(t1 + 100_000), None);
+        assert!(!l.has_interrupt());
+    }
+
+    #[test]
+    fn periodic_timer() {
+        let (mut l, t) = lapic(100_000_000);
+        l.write_register(0x3e0, 0xb);
+        l.write_register(0x320, 0x2_0031); // periodic, vector 0x31
+        let t0 = t.load(Ordering::SeqCst);
+        l.write_register(0x380, 100); // 1 us period
+        assert_eq!(l.poll(t0), Some(t0 + 1_000));
+        assert_eq!(l.poll(t0 + 1_000), Some(t0 + 2_000));
+        assert_eq!(l.acknowledge(), Some(0x31));
+        l.eoi();
+        // Several periods late: one interrupt, next deadline on the grid.
+        assert_eq!(l.poll(t0 + 5_500), Some(t0 + 6_000));
+        assert_eq!(l.acknowledge(), Some(0x31));
+        assert_eq!(l.acknowledge(), None);
+        t.store(t0 + 5_500, Ordering::SeqCst);
+        assert_eq!(l.read_register(0x390), 50);
+        // Masked: counts but does not interrupt.
+        l.write_register(0x320, 0x3_0031);
+        assert_eq!(l.poll(t0 + 7_000), Some(t0 + 8_000));
+        assert!(!l.has_interrupt());
+    }
+
+    #[test]
+    fn hostile_accesses() {
+        let (mut l, t) = lapic(0);
+        for off in (0..0x1010u64).step_by(4) {
+            for v in [0u32, 0xffff_ffff, 0x0004_0010, 0x8000_0000] {
+                l.mmio_write(off, &v.to_le_bytes());
+                let mut b = [0u8; 4];
+                l.mmio_read(off, &mut b);
+                l.poll(t.load(Ordering::SeqCst));
+                t.fetch_add(1_000_000_007, Ordering::SeqCst);
+                l.acknowledge();
+                l.eoi();
+            }
+        }
+        l.poll(u64::MAX);
+        l.write_register(0x380, u32::MAX);
+        l.write_register(0x320, 0x2_0040);
+        l.poll(u64::MAX);
+        l.poll(0);
+    }
+}

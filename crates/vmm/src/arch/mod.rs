@@ -1,0 +1,327 @@
+//! x86-64 boot: kernel loading (bzImage through the Linux x86 boot protocol 2.15, ELF
+//! vmlinux through the PVH entry), zero page, e820 map, PVH start_info, boot page tables
+//! and GDT, and the vCPU state at the kernel's entry point.
+
+use accel::{CpuState, Segment, Table};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
+use std::fs::File;
+use std::path::Path;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::memory::{ram_ranges, HIGH_RAM_START};
+use crate::{Error, Result};
+
+/// GPA of the boot GDT.
+pub const GDT_ADDR: u64 = 0x500;
+/// GPA of the PVH `hvm_start_info` (and its memory map after it).
+pub const PVH_INFO_ADDR: u64 = 0x6000;
+/// GPA of the zero page (`struct boot_params`).
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Initial stack pointer for the 64-bit entry.
+pub const BOOT_STACK: u64 = 0x8ff0;
+/// GPA of the boot PML4 (followed by the PDPT and four page directories).
+pub const PML4_ADDR: u64 = 0x9000;
+/// GPA of the kernel command line.
+pub const CMDLINE_ADDR: u64 = 0x20000;
+/// Largest command line accepted, in bytes including the NUL.
+pub const CMDLINE_MAX: usize = 4096;
+/// Where the kernel is loaded (1 MiB), GPA.
+pub const KERNEL_ADDR: u64 = 0x10_0000;
+/// End of conventional memory below the EBDA.
+const EBDA_START: u64 = 0x9_fc00;
+
+/// e820 entry types (ACPI 6.4 Table 15.1).
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+
+/// GDT layout: null, 64-bit code (0x08), data (0x10), TSS (0x18), 32-bit code (0x20).
+const GDT: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0080_8b00_0000_ffff, 0x00cf_9b00_0000_ffff];
+
+/// How the kernel is entered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// bzImage 64-bit entry (startup_64), RSI = zero page.
+    Linux64,
+    /// PVH 32-bit entry, EBX = hvm_start_info.
+    Pvh,
+}
+
+/// Result of loading a kernel.
+#[derive(Clone, Debug)]
+pub struct BootInfo {
+    /// Entry GPA.
+    pub entry: u64,
+    /// Entry protocol.
+    pub kind: EntryKind,
+}
+
+fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
+    let mut v = vec![(0, EBDA_START, E820_RAM), (EBDA_START, KERNEL_ADDR - EBDA_START, E820_RESERVED)];
+    for (gpa, size) in ram_ranges(mem_size) {
+        if gpa == 0 {
+            v.push((KERNEL_ADDR, size - KERNEL_ADDR, E820_RAM));
+        } else {
+            v.push((gpa, size, E820_RAM));
+        }
+    }
+    v
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |err| Error::Io { path: path.display().to_string(), err }
+}
+
+fn mem_err(e: vm_memory::GuestMemoryError) -> Error {
+    Error::Memory(e.to_string())
+}
+
+/// Loads kernel, initrd and command line into guest memory and writes the boot tables.
+///
+/// bzImages (magic "HdrS" at offset 0x202) use the 64-bit boot protocol; ELF images need a
+/// PVH note (XEN_ELFNOTE_PHYS32_ENTRY). Errors: `Error::Kernel` for a file that is neither or
+/// is truncated, `Error::Config` for an initrd that does not fit or an over-long cmdline.
+pub fn load(mem: &GuestMemoryMmap, mem_size: u64, kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<BootInfo> {
+    let mut f = File::open(kernel).map_err(io_err(kernel))?;
+    let mut magic = [0u8; 0x206];
+    let n = std::io::Read::read(&mut f, &mut magic).map_err(io_err(kernel))?;
+    std::io::Seek::rewind(&mut f).map_err(io_err(kernel))?;
+    let is_elf = n >= 4 && magic[..4] == *b"\x7fELF";
+    let is_bz = n >= 0x206 && magic[0x202..0x206] == *b"HdrS";
+    let low_end = ram_ranges(mem_size)[0].1;
+
+    if cmdline.len() + 1 > CMDLINE_MAX {
+        return Err(Error::Config { field: "--cmdline", msg: format!("{} bytes is too long (at most {})", cmdline.len(), CMDLINE_MAX - 1) });
+    }
+    let mut cbytes = cmdline.as_bytes().to_vec();
+    cbytes.push(0);
+    mem.write_slice(&cbytes, GuestAddress(CMDLINE_ADDR)).map_err(mem_err)?;
+    write_gdt_and_page_tables(mem)?;
+
+    let (entry, kind, setup) = if is_bz {
+        let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR)))
+            .map_err(|e| Error::Kernel(format!("{}: not a loadable bzImage: {e}", kernel.display())))?;
+        let hdr = r.setup_header.ok_or_else(|| Error::Kernel("bzImage without setup header".into()))?;
+        if hdr.version < 0x020c || hdr.xloadflags & 1 == 0 {
+            return Err(Error::Kernel(format!(
+                "{}: boot protocol {:#x} has no 64-bit entry (need 2.12+ with XLF_KERNEL_64)",
+                kernel.display(),
+                hdr.version
+            )));
+        }
+        (r.kernel_load.0 + 0x200, EntryKind::Linux64, Some(hdr))
+    } else if is_elf {
+        let r = Elf::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR)))
+            .map_err(|e| Error::Kernel(format!("{}: not a loadable ELF vmlinux: {e}", kernel.display())))?;
+        match r.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(a) => (a.0, EntryKind::Pvh, None),
+            _ => return Err(Error::Kernel(format!("{}: ELF kernel has no PVH entry note", kernel.display()))),
+        }
+    } else {
+        return Err(Error::Kernel(format!("{}: not a kernel (neither a bzImage nor an ELF vmlinux)", kernel.display())));
+    };
+
+    // initrd: as high as allowed, page aligned.
+    let mut initrd_loc = None;
+    if let Some(p) = initrd {
+        let data = std::fs::read(p).map_err(io_err(p))?;
+        let max = setup.map(|h| u64::from(h.initrd_addr_max)).unwrap_or(0xffff_ffff).min(low_end - 1);
+        let size = data.len() as u64;
+        let top = (max + 1) & !0xfff;
+        if size + KERNEL_ADDR * 16 > top {
+            return Err(Error::Config {
+                field: "--initrd",
+                msg: format!("{} bytes does not fit in guest memory ({} MiB); give the VM more --memory", size, mem_size >> 20),
+            });
+        }
+        let addr = (top - size) & !0xfff;
+        mem.write_slice(&data, GuestAddress(addr)).map_err(mem_err)?;
+        initrd_loc = Some((addr, size));
+    }
+
+    let e820 = e820_map(mem_size);
+    match kind {
+        EntryKind::Linux64 => {
+            let mut bp = boot_params::default();
+            // `setup` is Some for bzImages.
+            if let Some(h) = setup {
+                bp.hdr = h;
+            }
+            bp.hdr.type_of_loader = 0xff;
+            bp.hdr.boot_flag = 0xaa55;
+            bp.hdr.header = 0x5372_6448;
+            bp.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+            bp.hdr.cmdline_size = cbytes.len() as u32;
+            bp.hdr.loadflags |= 0x80; // CAN_USE_HEAP
+            bp.hdr.heap_end_ptr = 0xfe00;
+            if let Some((a, s)) = initrd_loc {
+                bp.hdr.ramdisk_image = a as u32;
+                bp.hdr.ramdisk_size = s as u32;
+            }
+            for (i, (addr, size, t)) in e820.iter().enumerate() {
+                bp.e820_table[i] = boot_e820_entry { addr: *addr, size: *size, r#type: *t };
+            }
+            bp.e820_entries = e820.len() as u8;
+            mem.write_obj(bp, GuestAddress(ZERO_PAGE_ADDR)).map_err(mem_err)?;
+        }
+        EntryKind::Pvh => write_pvh_start_info(mem, &e820, initrd_loc)?,
+    }
+    Ok(BootInfo { entry, kind })
+}
+
+/// Writes `hvm_start_info` (Xen PVH ABI, xen/include/public/arch-x86/hvm/start_info.h).
+fn write_pvh_start_info(mem: &GuestMemoryMmap, e820: &[(u64, u64, u32)], initrd: Option<(u64, u64)>) -> Result<()> {
+    let memmap = PVH_INFO_ADDR + 0x40;
+    let modlist = PVH_INFO_ADDR + 0x400;
+    let mut si = Vec::with_capacity(56);
+    si.extend_from_slice(&0x336e_c578u32.to_le_bytes()); // magic
+    si.extend_from_slice(&1u32.to_le_bytes()); // version
+    si.extend_from_slice(&0u32.to_le_bytes()); // flags
+    si.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes()); // nr_modules
+    si.extend_from_slice(&modlist.to_le_bytes());
+    si.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
+    si.extend_from_slice(&0u64.to_le_bytes()); // rsdp
+    si.extend_from_slice(&memmap.to_le_bytes());
+    si.extend_from_slice(&(e820.len() as u32).to_le_bytes());
+    si.extend_from_slice(&0u32.to_le_bytes());
+    mem.write_slice(&si, GuestAddress(PVH_INFO_ADDR)).map_err(mem_err)?;
+    for (i, (addr, size, t)) in e820.iter().enumerate() {
+        let mut e = Vec::with_capacity(24);
+        e.extend_from_slice(&addr.to_le_bytes());
+        e.extend_from_slice(&size.to_le_bytes());
+        e.extend_from_slice(&t.to_le_bytes());
+        e.extend_from_slice(&0u32.to_le_bytes());
+        mem.write_slice(&e, GuestAddress(memmap + 24 * i as u64)).map_err(mem_err)?;
+    }
+    if let Some((a, s)) = initrd {
+        let mut m = Vec::with_capacity(32);
+        m.extend_from_slice(&a.to_le_bytes());
+        m.extend_from_slice(&s.to_le_bytes());
+        m.extend_from_slice(&0u64.to_le_bytes());
+        m.extend_from_slice(&0u64.to_le_bytes());
+        mem.write_slice(&m, GuestAddress(modlist)).map_err(mem_err)?;
+    }
+    Ok(())
+}
+
+/// GDT at [`GDT_ADDR`] and identity page tables for the first 4 GiB (2 MiB pages).
+fn write_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
+    for (i, d) in GDT.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(GDT_ADDR + 8 * i as u64)).map_err(mem_err)?;
+    }
+    let pdpt = PML4_ADDR + 0x1000;
+    mem.write_obj(pdpt | 3, GuestAddress(PML4_ADDR)).map_err(mem_err)?;
+    for g in 0..4u64 {
+        let pd = PML4_ADDR + 0x2000 + g * 0x1000;
+        mem.write_obj(pd | 3, GuestAddress(pdpt + g * 8)).map_err(mem_err)?;
+        for i in 0..512u64 {
+            let pa = (g << 30) | (i << 21);
+            mem.write_obj(pa | 0x83, GuestAddress(pd + i * 8)).map_err(mem_err)?;
+        }
+    }
+    Ok(())
+}
+
+fn seg_from_gdt(index: u16) -> Segment {
+    let d = GDT[index as usize];
+    let hi = (d >> 32) as u32;
+    Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: index * 8,
+        type_: ((hi >> 8) & 0xf) as u8,
+        present: hi & (1 << 15) != 0,
+        dpl: ((hi >> 13) & 3) as u8,
+        db: hi & (1 << 22) != 0,
+        s: hi & (1 << 12) != 0,
+        l: hi & (1 << 21) != 0,
+        g: hi & (1 << 23) != 0,
+        avl: false,
+        unusable: false,
+    }
+}
+
+/// The boot vCPU's register state at the kernel entry.
+pub fn boot_cpu_state(info: &BootInfo) -> CpuState {
+    let mut s = CpuState { rflags: 2, ..CpuState::default() };
+    let data = seg_from_gdt(2);
+    let mut tss = seg_from_gdt(3);
+    tss.limit = 0xfffff;
+    tss.selector = 0x18;
+    s.tr = tss;
+    s.ldt = Segment { unusable: true, type_: 2, ..Segment::default() };
+    s.gdt = Table { base: GDT_ADDR, limit: (GDT.len() * 8 - 1) as u16 };
+    s.idt = Table { base: 0, limit: 0 };
+    s.rip = info.entry;
+    match info.kind {
+        EntryKind::Linux64 => {
+            s.segs = [data, seg_from_gdt(1), data, data, data, data];
+            s.cr0 = 0x8000_0011 | (1 << 16); // PG | ET | PE | WP
+            s.cr3 = PML4_ADDR;
+            s.cr4 = 1 << 5; // PAE
+            s.efer = (1 << 8) | (1 << 10); // LME | LMA
+            s.gprs[accel::state::reg::RSI] = ZERO_PAGE_ADDR;
+            s.gprs[accel::state::reg::RSP] = BOOT_STACK;
+            s.gprs[accel::state::reg::RBP] = BOOT_STACK;
+        }
+        EntryKind::Pvh => {
+            s.segs = [data, seg_from_gdt(4), data, data, data, data];
+            s.cr0 = 0x11; // PE | ET
+            s.gprs[accel::state::reg::RBX] = PVH_INFO_ADDR;
+        }
+    }
+    s
+}
+
+/// Size of RAM above 4 GiB for a given total, in bytes (for CMOS).
+pub fn high_mem(mem_size: u64) -> u64 {
+    ram_ranges(mem_size).iter().filter(|(g, _)| *g >= HIGH_RAM_START).map(|(_, s)| s).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemory;
+
+    #[test]
+    fn e820_covers_ram_and_reserves_bios_area() {
+        let m = e820_map(512 << 20);
+        assert_eq!(m[0], (0, EBDA_START, E820_RAM));
+        assert_eq!(m[1].2, E820_RESERVED);
+        assert_eq!(m[2], (KERNEL_ADDR, (512 << 20) - KERNEL_ADDR, E820_RAM));
+        let m = e820_map(5 << 30);
+        assert_eq!(m.last().copied(), Some((1 << 32, 2 << 30, E820_RAM)));
+    }
+
+    #[test]
+    fn rejects_non_kernel() {
+        let mem = crate::memory::create(64 << 20).unwrap();
+        let dir = std::env::temp_dir().join(format!("rv-notkernel-{}", std::process::id()));
+        std::fs::write(&dir, b"hello, I am not a kernel").unwrap();
+        let e = load(&mem, 64 << 20, &dir, None, "console=ttyS0").unwrap_err();
+        assert!(e.to_string().contains("not a kernel"), "{e}");
+        // truncated bzImage: valid magic, nothing behind it
+        let mut b = vec![0u8; 0x300];
+        b[0x1f1] = 4;
+        b[0x202..0x206].copy_from_slice(b"HdrS");
+        b[0x206] = 0x0f;
+        b[0x207] = 0x02;
+        std::fs::write(&dir, &b).unwrap();
+        let e = load(&mem, 64 << 20, &dir, None, "").unwrap_err();
+        assert!(matches!(e, Error::Kernel(_)), "{e}");
+        let _ = std::fs::remove_file(&dir);
+        assert!(mem.num_regions() == 1);
+    }
+
+    #[test]
+    fn boot_state_64bit_entry() {
+        let s = boot_cpu_state(&BootInfo { entry: 0x100200, kind: EntryKind::Linux64 });
+        assert_eq!(s.rip, 0x100200);
+        assert!(s.segs[1].l && !s.segs[1].db);
+        assert_eq!(s.gprs[6], ZERO_PAGE_ADDR);
+        let s = boot_cpu_state(&BootInfo { entry: 0x1000000, kind: EntryKind::Pvh });
+        assert!(s.segs[1].db && !s.segs[1].l);
+        assert_eq!(s.cr0 & 0x8000_0000, 0);
+        assert_eq!(s.gprs[3], PVH_INFO_ADDR);
+    }
+}

@@ -1,0 +1,136 @@
+//! The validated description of one VM.
+
+use std::path::PathBuf;
+
+/// Which vCPU engine runs the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM where it can run the guest, the emulator otherwise.
+    Auto,
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// rustvisor's x86-64 emulator.
+    Emu,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "emu" => Ok(Accel::Emu),
+            _ => Err(format!("unknown accelerator '{s}' (accepted: auto, kvm, emu)")),
+        }
+    }
+}
+
+/// Where the 8250 console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOut {
+    /// The terminal: stdout for output, stdin for input.
+    Stdio,
+    /// Output appended to a file; no input.
+    File(PathBuf),
+    /// Discarded.
+    Null,
+}
+
+/// Everything needed to build a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// bzImage or ELF vmlinux path.
+    pub kernel: PathBuf,
+    /// Optional initramfs path.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM size in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// Accelerator choice.
+    pub accel: Accel,
+    /// Console destination.
+    pub serial: SerialOut,
+}
+
+/// Smallest guest RAM accepted, in bytes.
+pub const MIN_MEM: u64 = 16 << 20;
+
+/// Parses a memory size such as "512M", "1G", "65536K" or a plain byte count.
+///
+/// Returns an error naming the accepted forms for anything else.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (accepted: a number with an optional K, M or G suffix, e.g. 512M)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Host physical memory in bytes (from sysconf).
+pub fn host_memory() -> u64 {
+    // SAFETY: sysconf only reads system configuration values.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let psize = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if pages <= 0 || psize <= 0 {
+        return u64::MAX;
+    }
+    (pages as u64).saturating_mul(psize as u64)
+}
+
+impl VmConfig {
+    /// Checks ranges; returns `Error::Config` naming the field and the accepted range.
+    pub fn validate(&self) -> crate::Result<()> {
+        let host = host_memory();
+        if self.mem_size < MIN_MEM || self.mem_size > host {
+            return Err(crate::Error::Config {
+                field: "--memory",
+                msg: format!(
+                    "{} bytes is out of range (accepted: {} MiB up to the host's {} MiB)",
+                    self.mem_size,
+                    MIN_MEM >> 20,
+                    host >> 20
+                ),
+            });
+        }
+        if self.cpus == 0 {
+            return Err(crate::Error::Config { field: "--cpus", msg: "must be at least 1".into() });
+        }
+        if !self.kernel.is_file() {
+            return Err(crate::Error::Config {
+                field: "--kernel",
+                msg: format!("{}: no such file", self.kernel.display()),
+            });
+        }
+        if let Some(i) = &self.initrd {
+            if !i.is_file() {
+                return Err(crate::Error::Config { field: "--initrd", msg: format!("{}: no such file", i.display()) });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+}

@@ -1,0 +1,190 @@
+//! `rustvisor`: the command-line front end.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+use clap::{Parser, Subcommand};
+use vmm::config::parse_size;
+use vmm::{Accel, RunOutcome, SerialOut, Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "rustvisor", version, about = "A hypervisor: run VMs on KVM or on rustvisor's x86-64 emulator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot one VM in the foreground with its serial console on this terminal.
+    ///
+    /// The console escape is Ctrl-A then X (quits the VM). The process exits 0 when the guest
+    /// powers off, 1 when it resets or crashes (triple fault, panic with panic=-1), and 2 on
+    /// bad arguments.
+    Run(RunArgs),
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// Kernel: a bzImage (64-bit boot protocol) or an ELF vmlinux with a PVH entry note.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    cmdline: String,
+    /// Guest RAM, e.g. 512M or 1G (at least 16M, at most the host's memory).
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Accelerator: auto (kvm where hardware virtualization can run the guest, else emu),
+    /// kvm or emu.
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// Console: stdio, file=PATH or null.
+    #[arg(long, default_value = "stdio")]
+    serial: String,
+}
+
+fn parse_serial(s: &str) -> Result<SerialOut, String> {
+    match s {
+        "stdio" => Ok(SerialOut::Stdio),
+        "null" => Ok(SerialOut::Null),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if !p.is_empty() => Ok(SerialOut::File(PathBuf::from(p))),
+            _ => Err(format!("--serial: '{s}' is not accepted (accepted: stdio, file=PATH, null)")),
+        },
+    }
+}
+
+/// Puts the terminal in raw mode while alive (so keys reach the guest unprocessed).
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn enable() -> RawTerminal {
+        // SAFETY: isatty only inspects the file descriptor.
+        if unsafe { libc::isatty(0) } != 1 {
+            return RawTerminal(None);
+        }
+        // SAFETY: termios is plain old data; tcgetattr fills it for fd 0, a terminal.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 is a terminal and `t` is a valid termios.
+        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
+            return RawTerminal(None);
+        }
+        let saved = t;
+        // SAFETY: cfmakeraw edits the struct in place.
+        unsafe { libc::cfmakeraw(&mut t) };
+        t.c_oflag |= libc::OPOST | libc::ONLCR;
+        // SAFETY: applies a valid termios to fd 0.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        RawTerminal(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            // SAFETY: restores the termios saved from fd 0.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        }
+    }
+}
+
+fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
+    let bad = |m: String| (2u8, m);
+    let mem_size = parse_size(&a.memory).map_err(|e| bad(format!("--memory: {e}")))?;
+    let accel: Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
+    let serial = parse_serial(&a.serial).map_err(bad)?;
+    let interactive = serial == SerialOut::Stdio;
+    let cfg = VmConfig {
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.cmdline,
+        mem_size,
+        cpus: a.cpus,
+        accel,
+        serial,
+    };
+    let mut vm = Vm::new(&cfg).map_err(|e| match e {
+        vmm::Error::Config { .. } | vmm::Error::Kernel(_) | vmm::Error::Io { .. } => (2, e.to_string()),
+        _ => (1, e.to_string()),
+    })?;
+    tracing::info!("accelerator {}", vm.accel_note);
+    let _raw = if interactive { Some(RawTerminal::enable()) } else { None };
+    if interactive {
+        let serial = vm.serial();
+        let (quit, stop) = vm.quit_handle();
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            let mut escape = false;
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut out = Vec::with_capacity(n);
+                for &b in &buf[..n] {
+                    if escape {
+                        escape = false;
+                        match b {
+                            b'x' | b'X' => {
+                                quit.store(true, Ordering::SeqCst);
+                                stop.store(true, Ordering::SeqCst);
+                                return;
+                            }
+                            0x01 => out.push(0x01),
+                            _ => out.push(b),
+                        }
+                    } else if b == 0x01 {
+                        escape = true;
+                    } else {
+                        out.push(b);
+                    }
+                }
+                let mut rest = &out[..];
+                while !rest.is_empty() {
+                    let took = serial.lock().map(|mut s| s.enqueue_input(rest)).unwrap_or(rest.len());
+                    rest = &rest[took..];
+                    if !rest.is_empty() {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                }
+            }
+        });
+    }
+    match vm.run() {
+        Ok(RunOutcome::PowerOff) => Ok(ExitCode::SUCCESS),
+        Ok(RunOutcome::UserQuit) => {
+            eprintln!("\r\nrustvisor: quit from the console");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(RunOutcome::Reset(why)) => Err((1, format!("guest reset: {why}"))),
+        Err(e) => Err((1, format!("VM stopped: {e}"))),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("RUSTVISOR_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run(a),
+    };
+    match r {
+        Ok(c) => c,
+        Err((code, msg)) => {
+            eprintln!("rustvisor: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
