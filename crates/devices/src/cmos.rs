@@ -93,7 +93,11 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe.saturating_add(era.saturating_mul(400));
-    (if m <= 2 { y.saturating_add(1) } else { y }, m as u32, d as u32)
+    (
+        if m <= 2 { y.saturating_add(1) } else { y },
+        m as u32,
+        d as u32,
+    )
 }
 
 /// Inverse of [`civil_from_days`]; `d` may exceed the month length (it then
@@ -234,8 +238,12 @@ impl Cmos {
             let sec = self.decode(self.regs[REG_SEC]).filter(|&v| v < 60)?;
             let min = self.decode(self.regs[REG_MIN]).filter(|&v| v < 60)?;
             let hour = self.decode_hour(self.regs[REG_HOUR])?;
-            let mday = self.decode(self.regs[REG_MDAY]).filter(|v| (1..=31).contains(v))?;
-            let mon = self.decode(self.regs[REG_MON]).filter(|v| (1..=12).contains(v))?;
+            let mday = self
+                .decode(self.regs[REG_MDAY])
+                .filter(|v| (1..=31).contains(v))?;
+            let mon = self
+                .decode(self.regs[REG_MON])
+                .filter(|v| (1..=12).contains(v))?;
             let year = self.decode(self.regs[REG_YEAR]).filter(|&v| v < 100)?;
             let century = self
                 .decode(self.regs[REG_CENTURY])
@@ -243,12 +251,7 @@ impl Cmos {
                 .unwrap_or(20);
             let y = i64::from(century) * 100 + i64::from(year);
             let days = days_from_civil(y, u32::from(mon), u32::from(mday));
-            Some(
-                days * 86_400
-                    + i64::from(hour) * 3600
-                    + i64::from(min) * 60
-                    + i64::from(sec),
-            )
+            Some(days * 86_400 + i64::from(hour) * 3600 + i64::from(min) * 60 + i64::from(sec))
         })();
         match parsed {
             Some(t) => self.offset = t.saturating_sub((self.wall_clock)()),

@@ -204,7 +204,12 @@ impl IoApic {
         }
     }
 
-    fn write_register(&mut self, index: u8, value: u32, deliver: &mut dyn FnMut(ApicMessage) -> bool) {
+    fn write_register(
+        &mut self,
+        index: u8,
+        value: u32,
+        deliver: &mut dyn FnMut(ApicMessage) -> bool,
+    ) {
         match index {
             0x00 => self.id = ((value >> 24) & 0x0f) as u8,
             0x10..=0x3f => {
@@ -251,7 +256,12 @@ impl IoApic {
     /// Guest store at `offset` from the IOAPIC base; see [`IoApic::mmio_read`]
     /// for the accepted access sizes.  Interrupts caused by the write (e.g.
     /// unmasking an asserted level pin) go to `deliver`.
-    pub fn mmio_write(&mut self, offset: u64, data: &[u8], deliver: &mut dyn FnMut(ApicMessage) -> bool) {
+    pub fn mmio_write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        deliver: &mut dyn FnMut(ApicMessage) -> bool,
+    ) {
         match (offset, data.len()) {
             (0x00, 1..=4) => self.regsel = data[0],
             (0x10, 4) => {
@@ -392,13 +402,13 @@ mod tests {
             wr(&mut io, reg, 0xffff_ffff, &mut out);
             rd(&mut io, reg);
             io.set_irq(u32::from(reg), true, &mut |m| {
-            out.push(m);
-            true
-        });
+                out.push(m);
+                true
+            });
             io.eoi(reg, &mut |m| {
-            out.push(m);
-            true
-        });
+                out.push(m);
+                true
+            });
         }
         let mut b8 = [0u8; 8];
         io.mmio_read(0x10, &mut b8);

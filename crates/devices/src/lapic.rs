@@ -188,8 +188,9 @@ impl Lapic {
         if !enable && self.global_enabled() {
             self.reset_registers();
         }
-        self.apic_base =
-            (value & 0x0000_000f_ffff_f000) | APIC_BASE_BSP | if enable { APIC_BASE_ENABLE } else { 0 };
+        self.apic_base = (value & 0x0000_000f_ffff_f000)
+            | APIC_BASE_BSP
+            | if enable { APIC_BASE_ENABLE } else { 0 };
     }
 
     fn global_enabled(&self) -> bool {
@@ -292,11 +293,7 @@ impl Lapic {
     /// Whether the APIC has an interrupt to present to the CPU: the highest
     /// IRR vector's priority class (bits 7:4) exceeds the PPR's.
     pub fn has_interrupt(&self) -> bool {
-        self.enabled()
-            && self
-                .irr
-                .highest()
-                .is_some_and(|v| v >> 4 > self.ppr() >> 4)
+        self.enabled() && self.irr.highest().is_some_and(|v| v >> 4 > self.ppr() >> 4)
     }
 
     /// Interrupt acknowledge: moves the highest pending vector from IRR to
@@ -358,7 +355,8 @@ impl Lapic {
     /// Virtual time at which the counter has decremented `ticks` times.
     fn timer_deadline(&self, t: &Timer, ticks: u64) -> u64 {
         let rel = u128::from(ticks.saturating_sub(t.base_ticks));
-        let ns = (rel * NS_PER_SEC * u128::from(self.divisor())).div_ceil(u128::from(self.timer_hz));
+        let ns =
+            (rel * NS_PER_SEC * u128::from(self.divisor())).div_ceil(u128::from(self.timer_hz));
         t.start_ns
             .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX))
     }
@@ -391,7 +389,11 @@ impl Lapic {
         }
         let d = self.timer_elapsed(&t, now_ns);
         let periodic = self.periodic();
-        let n = if periodic { d / init } else { u64::from(d >= init) };
+        let n = if periodic {
+            d / init
+        } else {
+            u64::from(d >= init)
+        };
         if n > t.fired {
             t.fired = n;
             self.timer = Some(t);
@@ -621,7 +623,11 @@ mod tests {
         assert_eq!(l.read_register(0xa0), 0x60, "PPR = ISR class");
         // 0x51 is blocked by the in-service 0x62.
         assert!(!l.has_interrupt());
-        assert_eq!(l.read_register(0x100 + 0x30) & (1 << 2), 1 << 2, "ISR bit 0x62");
+        assert_eq!(
+            l.read_register(0x100 + 0x30) & (1 << 2),
+            1 << 2,
+            "ISR bit 0x62"
+        );
         assert_eq!(l.write_register(0xb0, 0), None, "edge EOI: no broadcast");
         // Still blocked by TPR 0x50 (same class as 0x51).
         assert!(!l.has_interrupt());
@@ -657,7 +663,7 @@ mod tests {
         assert!(!l.take_nmi());
         l.write_register(0x300, 0x0004_0500); // INIT: ignored
         l.write_register(0x300, 0x0004_0600); // SIPI: ignored
-        // Logical flat destination.
+                                              // Logical flat destination.
         l.write_register(0xd0, 0x0200_0000);
         l.write_register(0x310, 0x0300_0000);
         l.write_register(0x300, 0x849);

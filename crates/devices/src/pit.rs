@@ -209,7 +209,11 @@ impl Channel {
     }
 
     fn load(&mut self, value: u16, now: u64) {
-        self.reload = if value == 0 { 0x10000 } else { u32::from(value) };
+        self.reload = if value == 0 {
+            0x10000
+        } else {
+            u32::from(value)
+        };
         self.null_count = false;
         self.fired = 0;
         let reload16 = (self.reload & 0xffff) as u16;
@@ -413,9 +417,7 @@ impl Pit {
 
     fn port61(&self, now: u64) -> u8 {
         let refresh = (now / REFRESH_TOGGLE_NS) & 1 != 0;
-        (self.port61 & 0x0f)
-            | (u8::from(refresh) << 4)
-            | (u8::from(self.channels[2].out(now)) << 5)
+        (self.port61 & 0x0f) | (u8::from(refresh) << 4) | (u8::from(self.channels[2].out(now)) << 5)
     }
 
     fn read_byte(&mut self, port: u16, now: u64) -> u8 {
@@ -551,7 +553,10 @@ mod tests {
         let elapsed = e.now() - start;
         // Exactly `latch` ticks (within one poll step).
         let expect = ticks_to_ns(u64::from(latch));
-        assert!(elapsed >= expect && elapsed < expect + 1_000, "{elapsed} vs {expect}");
+        assert!(
+            elapsed >= expect && elapsed < expect + 1_000,
+            "{elapsed} vs {expect}"
+        );
         // OUT stays high; the counter keeps wrapping down.
         e.advance_ticks(5);
         assert_ne!(e.inb(0x61) & 0x20, 0);

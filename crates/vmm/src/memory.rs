@@ -1,7 +1,7 @@
 //! Guest RAM layout (x86 PC): RAM from GPA 0 up to the 32-bit MMIO hole at 3 GiB, the rest
 //! from 4 GiB up.
 
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Start of the 32-bit MMIO hole (LAPIC, IOAPIC, future PCI BARs), GPA.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;

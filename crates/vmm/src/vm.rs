@@ -64,7 +64,7 @@ struct EmuIc(Arc<Mutex<EmuIrqchip>>);
 
 impl InterruptController for EmuIc {
     fn interrupt_pending(&mut self) -> bool {
-        self.0.lock().map(|mut c| c.interrupt_pending()).unwrap_or(false)
+        self.0.lock().map(|c| c.interrupt_pending()).unwrap_or(false)
     }
     fn acknowledge(&mut self) -> Option<u8> {
         self.0.lock().ok().and_then(|mut c| c.acknowledge())

@@ -102,11 +102,12 @@ pub fn load(mem: &GuestMemoryMmap, mem_size: u64, kernel: &Path, initrd: Option<
         let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR)))
             .map_err(|e| Error::Kernel(format!("{}: not a loadable bzImage: {e}", kernel.display())))?;
         let hdr = r.setup_header.ok_or_else(|| Error::Kernel("bzImage without setup header".into()))?;
-        if hdr.version < 0x020c || hdr.xloadflags & 1 == 0 {
+        let (version, xlf) = (hdr.version, hdr.xloadflags);
+        if version < 0x020c || xlf & 1 == 0 {
             return Err(Error::Kernel(format!(
                 "{}: boot protocol {:#x} has no 64-bit entry (need 2.12+ with XLF_KERNEL_64)",
                 kernel.display(),
-                hdr.version
+                version
             )));
         }
         (r.kernel_load.0 + 0x200, EntryKind::Linux64, Some(hdr))
@@ -281,7 +282,7 @@ pub fn high_mem(mem_size: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemory;
+    use vm_memory::GuestMemoryBackend;
 
     #[test]
     fn e820_covers_ram_and_reserves_bios_area() {

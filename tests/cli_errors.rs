@@ -1,0 +1,57 @@
+//! Bad input to `rustvisor run`: one line naming the problem, exit status 2.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rustvisor")).args(args).output().expect("spawn rustvisor");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn tmpfile(name: &str, data: &[u8]) -> String {
+    let p = std::env::temp_dir().join(format!("rv-cli-{}-{name}", std::process::id()));
+    std::fs::write(&p, data).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn not_a_kernel_is_refused() {
+    let k = tmpfile("notkernel", b"just some text, not a kernel at all");
+    let (code, err) = run(&["run", "--kernel", &k, "--accel", "emu", "--serial", "null"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a kernel"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn memory_sizes_are_checked() {
+    let k = tmpfile("k2", b"x");
+    for (m, want) in [("0", "out of range"), ("banana", "not a size"), ("100000G", "out of range")] {
+        let (code, err) = run(&["run", "--kernel", &k, "--memory", m, "--serial", "null"]);
+        assert_eq!(code, 2, "{m}: {err}");
+        assert!(err.contains("--memory") && err.contains(want), "{m}: {err}");
+    }
+}
+
+#[test]
+fn missing_files_and_unknown_values() {
+    let (code, err) = run(&["run", "--kernel", "/nonexistent/vmlinuz", "--serial", "null"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--kernel") && err.contains("no such file"), "{err}");
+    let k = tmpfile("k3", b"x");
+    let (code, err) = run(&["run", "--kernel", &k, "--accel", "xen"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("auto, kvm, emu"), "{err}");
+    let (code, err) = run(&["run", "--kernel", &k, "--serial", "tcp:1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--serial"), "{err}");
+    let (code, _) = run(&["run", "--kernel", &k, "--frobnicate"]);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn emu_refuses_more_than_one_cpu() {
+    let k = tmpfile("k4", b"x");
+    let (code, err) = run(&["run", "--kernel", &k, "--accel", "emu", "--cpus", "2", "--serial", "null"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--cpus"), "{err}");
+}
