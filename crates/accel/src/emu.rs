@@ -113,7 +113,13 @@ impl EmuVcpu {
             .iter()
             .map(|r| x86emu::RamRegion { gpa: r.gpa, size: r.size, host: r.host_addr })
             .collect();
-        let cpu = Cpu::new(regions, CpuConfig { tsc_hz, apic_id: id });
+        let mut cpu = Cpu::new(regions, CpuConfig { tsc_hz, apic_id: id });
+        // Debugging aid: RUSTVISOR_EMU_TRACE=PATH writes every instruction's RIP and GPRs.
+        if let Some(p) = std::env::var_os("RUSTVISOR_EMU_TRACE") {
+            if let Ok(f) = std::fs::File::create(p) {
+                cpu.trace = Some(Box::new(std::io::BufWriter::new(f)));
+            }
+        }
         EmuVcpu { cpu, ic, clock, stop: Arc::new(AtomicBool::new(false)) }
     }
 
@@ -121,6 +127,14 @@ impl EmuVcpu {
     /// slice of instructions) when set; `run` clears it.
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
+    }
+
+    fn log_recent(&self, why: &str) {
+        let c = &self.cpu;
+        tracing::debug!(
+            "emu stop: {why}; rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} cr2={:#x} idt={:#x}/{:#x} stats={:?} recent rips: {:x?}",
+            c.rip, c.gpr[4], c.cr0, c.cr3, c.cr4, c.efer, c.seg[1].selector, c.cr2, c.idtr_base, c.idtr_limit, c.stats, c.recent_rips()
+        );
     }
 
     /// The emulated CPU (statistics, tracing).
@@ -205,8 +219,12 @@ impl Vcpu for EmuVcpu {
                     // when no firmware interface exists.
                     return Ok(VcpuExit::Shutdown);
                 }
-                Exit::TripleFault(why) => return Ok(VcpuExit::Reset(format!("triple fault: {why}"))),
+                Exit::TripleFault(why) => {
+                    self.log_recent(&why);
+                    return Ok(VcpuExit::Reset(format!("triple fault: {why}")));
+                }
                 Exit::Unsupported(what) => {
+                    self.log_recent(&what);
                     return Err(Error::Internal(format!("emu: unimplemented instruction {what}")));
                 }
             }

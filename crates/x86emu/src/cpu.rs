@@ -231,6 +231,9 @@ pub struct Cpu {
     /// Set by instructions that may unmask or raise interrupts (STI, POPF, IRET, port and
     /// MMIO writes): the run loop looks at the interrupt line again before the next one.
     pub(crate) check_irq: bool,
+    /// The RIPs of the last 64 instructions started (a debugging aid for crashes).
+    pub recent: [u64; 64],
+    pub(crate) recent_pos: usize,
     /// Optional instruction trace: (rip, cs.selector) of every retired instruction is
     /// written here when set (debugging against a reference trace).
     pub trace: Option<Box<dyn std::io::Write + Send>>,
@@ -281,6 +284,8 @@ impl Cpu {
             dcache: crate::exec::DecodeCache::new(),
             check_irq: true,
             trace: None,
+            recent: [0; 64],
+            recent_pos: 0,
         }
     }
 
@@ -322,6 +327,11 @@ impl Cpu {
     pub fn flush_caches(&mut self) {
         self.mmu.flush_all();
         self.mmu.flush_code();
+    }
+
+    /// The last instructions started, oldest first.
+    pub fn recent_rips(&self) -> Vec<u64> {
+        (0..64).map(|i| self.recent[(self.recent_pos + i) % 64]).collect()
     }
 
     /// Runs until something the VMM must act on happens, or `budget` instructions retired.

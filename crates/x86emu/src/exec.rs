@@ -148,9 +148,16 @@ fn decode_slow(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SRe
 
 /// Executes one instruction.
 fn step(cpu: &mut Cpu, bus: &mut dyn Bus) -> SRes<()> {
+    cpu.recent[cpu.recent_pos] = cpu.rip;
+    cpu.recent_pos = (cpu.recent_pos + 1) % 64;
     let insn = fetch_decode(cpu)?;
     if let Some(t) = cpu.trace.as_mut() {
-        let _ = writeln!(t, "{:016x} {:04x}", cpu.rip, cpu.seg[sreg::CS].selector);
+        let g = &cpu.gpr;
+        let _ = writeln!(
+            t,
+            "{:x} a={:x} c={:x} d={:x} b={:x} sp={:x} bp={:x} si={:x} di={:x} fl={:x}",
+            cpu.rip, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], cpu.rflags
+        );
     }
     let old = cpu.rip;
     cpu.rip = insn.next_ip();
@@ -1176,7 +1183,11 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             Ok(())
         }
         M::Leave => {
-            let size = insn.stack_pointer_increment().unsigned_abs() as usize;
+            let size = match insn.code() {
+                Code::Leavew => 2,
+                Code::Leaved => 4,
+                _ => 8,
+            };
             let bp = cpu.gpr[5] & mask(cpu.stack_size());
             let la = cpu.seg_la(Register::SS, bp);
             let v = cpu.rmem(bus, la, size)?;

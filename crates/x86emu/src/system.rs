@@ -356,6 +356,9 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
             if crate::fpu::execute(cpu, bus, insn)? {
                 return Ok(());
             }
+            if tmp_x87_control(cpu, bus, insn)? {
+                return Ok(());
+            }
             unsupported(cpu, insn)
         }
     }
@@ -377,3 +380,29 @@ fn unsupported(cpu: &mut Cpu, insn: &Instruction) -> SRes<()> {
 
 #[allow(dead_code)]
 const _IF: u64 = IF;
+
+/// TEMPORARY until fpu.rs lands: x87 control instructions the kernel's early boot uses.
+fn tmp_x87_control(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<bool> {
+    use Mnemonic as M;
+    match insn.mnemonic() {
+        M::Fninit => {
+            cpu.fpu.fcw = 0x37f;
+            cpu.fpu.fsw = 0;
+            cpu.fpu.ftw = 0;
+        }
+        M::Fnstcw => {
+            let l = cpu.loc(insn, 0);
+            cpu.wr(bus, l, 2, u64::from(cpu.fpu.fcw))?;
+        }
+        M::Fldcw => {
+            cpu.fpu.fcw = cpu.rd(bus, cpu.loc(insn, 0), 2)? as u16;
+        }
+        M::Fnstsw => {
+            let l = cpu.loc(insn, 0);
+            cpu.wr(bus, l, 2, u64::from(cpu.fpu.fsw))?;
+        }
+        M::Wait | M::Fnclex => {}
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
