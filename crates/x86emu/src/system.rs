@@ -402,6 +402,76 @@ fn tmp_x87_control(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes
             cpu.wr(bus, l, 2, u64::from(cpu.fpu.fsw))?;
         }
         M::Wait | M::Fnclex => {}
+        M::Fxsave | M::Fxsave64 => {
+            let la = cpu.mem_la(insn);
+            if la & 15 != 0 {
+                return Err(Fault::GeneralProtection(0).into());
+            }
+            let u = cpu.user();
+            cpu.probe_write(la, 512, u)?;
+            let f = cpu.fpu.clone();
+            let w0 = u64::from(f.fcw) | (u64::from(f.fsw) << 16) | (u64::from(f.ftw) << 32) | (u64::from(f.fop) << 48);
+            cpu.wmem(bus, la, 8, w0)?;
+            cpu.wmem(bus, la + 8, 8, f.fip)?;
+            cpu.wmem(bus, la + 16, 8, f.fdp)?;
+            cpu.wmem(bus, la + 24, 8, u64::from(f.mxcsr) | (0xffffu64 << 32))?;
+            for i in 0..8 {
+                let b = f.st[i];
+                cpu.wmem(bus, la + 32 + 16 * i as u64, 8, u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8])))?;
+                cpu.wmem(bus, la + 40 + 16 * i as u64, 8, u64::from(u16::from_le_bytes([b[8], b[9]])))?;
+            }
+            for i in 0..16 {
+                cpu.wmem(bus, la + 160 + 16 * i as u64, 8, f.xmm[i] as u64)?;
+                cpu.wmem(bus, la + 168 + 16 * i as u64, 8, (f.xmm[i] >> 64) as u64)?;
+            }
+        }
+        M::Fxrstor | M::Fxrstor64 => {
+            let la = cpu.mem_la(insn);
+            if la & 15 != 0 {
+                return Err(Fault::GeneralProtection(0).into());
+            }
+            let w0 = cpu.rmem(bus, la, 8)?;
+            let fip = cpu.rmem(bus, la + 8, 8)?;
+            let fdp = cpu.rmem(bus, la + 16, 8)?;
+            let mx = cpu.rmem(bus, la + 24, 4)? as u32;
+            if mx & !0xffff != 0 {
+                return Err(Fault::GeneralProtection(0).into());
+            }
+            let mut st = [[0u8; 16]; 8];
+            for (i, slot) in st.iter_mut().enumerate() {
+                let lo = cpu.rmem(bus, la + 32 + 16 * i as u64, 8)?;
+                let hi = cpu.rmem(bus, la + 40 + 16 * i as u64, 2)?;
+                slot[0..8].copy_from_slice(&lo.to_le_bytes());
+                slot[8..10].copy_from_slice(&(hi as u16).to_le_bytes());
+            }
+            let mut xmm = [0u128; 16];
+            for (i, x) in xmm.iter_mut().enumerate() {
+                let lo = cpu.rmem(bus, la + 160 + 16 * i as u64, 8)?;
+                let hi = cpu.rmem(bus, la + 168 + 16 * i as u64, 8)?;
+                *x = u128::from(lo) | (u128::from(hi) << 64);
+            }
+            let f = &mut cpu.fpu;
+            f.fcw = w0 as u16;
+            f.fsw = (w0 >> 16) as u16;
+            f.ftw = (w0 >> 32) as u8;
+            f.fop = (w0 >> 48) as u16;
+            f.fip = fip;
+            f.fdp = fdp;
+            f.mxcsr = mx;
+            f.st = st;
+            f.xmm = xmm;
+        }
+        M::Ldmxcsr => {
+            let v = cpu.rd(bus, cpu.loc(insn, 0), 4)? as u32;
+            if v & !0xffff != 0 {
+                return Err(Fault::GeneralProtection(0).into());
+            }
+            cpu.fpu.mxcsr = v;
+        }
+        M::Stmxcsr => {
+            let l = cpu.loc(insn, 0);
+            cpu.wr(bus, l, 4, u64::from(cpu.fpu.mxcsr))?;
+        }
         _ => return Ok(false),
     }
     Ok(true)
