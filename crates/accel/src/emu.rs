@@ -24,7 +24,7 @@ pub trait InterruptController: Send {
 }
 
 /// Instructions run between looks at timers and the stop flag.
-const SLICE: u64 = 200_000;
+const SLICE: u64 = 100_000;
 /// Longest time one [`Vcpu::run`] call keeps the CPU before returning `Interrupted`.
 const RUN_QUANTUM: Duration = Duration::from_millis(20);
 
@@ -34,12 +34,27 @@ pub struct EmuVcpu {
     ic: Box<dyn InterruptController>,
     clock: Clock,
     stop: Arc<AtomicBool>,
+    /// Debugging aid (RUSTVISOR_EMU_PROFILE=PATH): guest RIP samples, one per slice.
+    profile: Option<(std::path::PathBuf, std::collections::HashMap<u64, u64>)>,
+}
+
+impl Drop for EmuVcpu {
+    fn drop(&mut self) {
+        if let Some((path, samples)) = self.profile.take() {
+            let mut v: Vec<_> = samples.into_iter().collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1));
+            let text: String = v.iter().map(|(rip, n)| format!("{n} {rip:x}\n")).collect();
+            let _ = std::fs::write(path, text);
+        }
+    }
 }
 
 struct Adapter<'a> {
     h: &'a mut dyn ExitHandler,
     ic: &'a mut dyn InterruptController,
     clock: &'a Clock,
+    /// Next timer deadline (ns) of the interrupt controller.
+    deadline: Option<u64>,
 }
 
 impl x86emu::Bus for Adapter<'_> {
@@ -52,6 +67,8 @@ impl x86emu::Bus for Adapter<'_> {
     fn io_out(&mut self, port: u16, size: u8, value: u32) {
         let n = usize::from(size.clamp(1, 4));
         self.h.pio_write(port, &value.to_le_bytes()[..n]);
+        // The write may have (re)armed a timer: look again at the next check.
+        self.deadline = Some(0);
     }
     fn mmio_read(&mut self, gpa: u64, size: u8) -> u64 {
         let mut b = [0xffu8; 8];
@@ -62,8 +79,16 @@ impl x86emu::Bus for Adapter<'_> {
     fn mmio_write(&mut self, gpa: u64, size: u8, value: u64) {
         let n = usize::from(size.clamp(1, 8));
         self.h.mmio_write(gpa, &value.to_le_bytes()[..n]);
+        self.deadline = Some(0);
     }
     fn interrupt_pending(&mut self) -> bool {
+        // Timers fire on time: the CPU asks here every few thousand instructions.
+        if let Some(d) = self.deadline {
+            let now = (self.clock)();
+            if now >= d {
+                self.deadline = self.ic.poll(now);
+            }
+        }
         self.ic.interrupt_pending()
     }
     fn ack_interrupt(&mut self) -> Option<u8> {
@@ -120,7 +145,8 @@ impl EmuVcpu {
                 cpu.trace = Some(Box::new(std::io::BufWriter::new(f)));
             }
         }
-        EmuVcpu { cpu, ic, clock, stop: Arc::new(AtomicBool::new(false)) }
+        let profile = std::env::var_os("RUSTVISOR_EMU_PROFILE").map(|p| (p.into(), Default::default()));
+        EmuVcpu { cpu, ic, clock, stop: Arc::new(AtomicBool::new(false)), profile }
     }
 
     /// A flag that makes [`Vcpu::run`] return `Interrupted` at its next check (within one
@@ -201,9 +227,12 @@ impl Vcpu for EmuVcpu {
             let now = (self.clock)();
             let deadline = self.ic.poll(now);
             let exit = {
-                let mut bus = Adapter { h: handler, ic: self.ic.as_mut(), clock: &self.clock };
+                let mut bus = Adapter { h: handler, ic: self.ic.as_mut(), clock: &self.clock, deadline };
                 self.cpu.run(&mut bus, SLICE)
             };
+            if let Some((_, samples)) = self.profile.as_mut() {
+                *samples.entry(self.cpu.rip).or_default() += 1;
+            }
             match exit {
                 Exit::Budget => {}
                 Exit::Halted => {

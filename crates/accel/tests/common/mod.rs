@@ -588,10 +588,8 @@ pub fn check_popcnt(io: &TestIo, after: &CpuState) {
 
 /// A 64-bit interrupt gate (type 0xe, DPL 0, present) to `handler` in code segment 0x08.
 fn idt_gate64(handler: u64) -> [u64; 2] {
-    let lo = (handler & 0xffff)
-        | (0x08 << 16)
-        | (0x8e_u64 << 40)
-        | (((handler >> 16) & 0xffff) << 48);
+    let lo =
+        (handler & 0xffff) | (0x08 << 16) | (0x8e_u64 << 40) | (((handler >> 16) & 0xffff) << 48);
     [lo, handler >> 32]
 }
 
@@ -611,10 +609,7 @@ pub fn long_mode_page_fault() -> Guest {
     ram.write_u64(PD_LOW_ADDR + 8, PT_2M_ADDR | P_RW);
     ram.write(PT_2M_ADDR, &[0; 4096]);
     let pte_addr = PT_2M_ADDR + ((PF_LINEAR >> 12) & 0x1ff) * 8;
-    ram.write(
-        PF_TARGET_PAGE + (PF_LINEAR & 0xfff),
-        b"resumed\n\0",
-    );
+    ram.write(PF_TARGET_PAGE + (PF_LINEAR & 0xfff), b"resumed\n\0");
     ram.write(HEX_ADDR, b"0123456789abcdef");
     ram.write(STRING_ADDR, b"CR2=\0");
 
@@ -703,9 +698,7 @@ pub fn check_long_mode_page_fault(g: &Guest, io: &TestIo, after: &CpuState) {
     assert_eq!(after.idt.limit, 15 * 16 - 1);
     // The handler's stack was unwound completely.
     assert_eq!(after.gprs[accel::state::reg::RSP], STACK_TOP);
-    let pte = g
-        .ram
-        .read_u64(PT_2M_ADDR + ((PF_LINEAR >> 12) & 0x1ff) * 8);
+    let pte = g.ram.read_u64(PT_2M_ADDR + ((PF_LINEAR >> 12) & 0x1ff) * 8);
     assert_eq!(pte & !0xfff, PF_TARGET_PAGE);
     // The CPU set the accessed bit when the load went through the new mapping.
     assert_eq!(pte & 0x21, 0x21);
@@ -746,10 +739,7 @@ pub fn real_mode_soft_int() -> Guest {
     h.pop(dx).unwrap();
     h.iret().unwrap();
     let handler_linear = (u64::from(SOFTINT_SEG) << 4) + u64::from(SOFTINT_OFF);
-    ram.write(
-        handler_linear,
-        &h.assemble(u64::from(SOFTINT_OFF)).unwrap(),
-    );
+    ram.write(handler_linear, &h.assemble(u64::from(SOFTINT_OFF)).unwrap());
 
     let mut a = CodeAssembler::new(16).unwrap();
     let mut next = a.create_label();
