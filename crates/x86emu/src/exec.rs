@@ -6,27 +6,30 @@ use crate::regs::{mask, sext, GPR_INFO};
 use crate::{Bus, Fault, Res};
 use iced_x86::{Code, ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
-const DCACHE_SIZE: usize = 1 << 16;
+const BCACHE_SIZE: usize = 1 << 14;
+/// Longest block decoded at once, in instructions.
+const BLOCK_MAX: usize = 64;
 
-#[derive(Clone)]
-struct DEntry {
+/// A straight-line run of decoded instructions within one 4 KiB page, ending at a control
+/// transfer (or an instruction that may change how code is fetched).
+struct Block {
     gpa: u64,
     gen: u32,
+    page: usize,
     bits: u32,
-    insn: Instruction,
+    insns: std::rc::Rc<[Instruction]>,
 }
 
-/// Direct-mapped cache of decoded instructions keyed by GPA; an entry is valid while its
-/// page's code generation is unchanged (a store to the page retires it).
+/// Direct-mapped cache of decoded blocks keyed by the GPA of their first instruction; a
+/// block is valid while its page's code generation is unchanged (a store to the page
+/// retires it).
 pub(crate) struct DecodeCache {
-    e: Vec<DEntry>,
+    e: Vec<Option<Block>>,
 }
 
 impl DecodeCache {
     pub(crate) fn new() -> DecodeCache {
-        DecodeCache {
-            e: vec![DEntry { gpa: u64::MAX, gen: 0, bits: 0, insn: Instruction::default() }; DCACHE_SIZE],
-        }
+        DecodeCache { e: (0..BCACHE_SIZE).map(|_| None).collect() }
     }
 }
 
@@ -72,23 +75,57 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
         // Run a chunk without looking at the interrupt line.
         let chunk = (budget - done).min(4096);
         let mut n = 0;
-        while n < chunk {
-            cpu.interrupt_shadow = false;
-            match step(cpu, bus) {
-                Ok(()) => {}
+        'chunk: while n < chunk {
+            let (insns, page, gen) = match fetch_block(cpu) {
+                Ok(b) => b,
                 Err(Stop::Fault(f)) => {
+                    n += 1;
                     if let Err(e) = crate::interrupt::raise_fault(cpu, bus, f) {
+                        cpu.stats.instructions += n;
                         return e;
                     }
+                    continue;
                 }
                 Err(Stop::Exit(e)) => {
                     cpu.stats.instructions += n;
                     return e;
                 }
-            }
-            n += 1;
-            if cpu.halted || (cpu.check_irq && !cpu.interrupt_shadow) {
-                break;
+            };
+            for insn in insns.iter() {
+                if cpu.rip != insn.ip() {
+                    break;
+                }
+                cpu.interrupt_shadow = false;
+                cpu.recent[cpu.recent_pos] = cpu.rip;
+                cpu.recent_pos = (cpu.recent_pos + 1) % 64;
+                if cpu.trace.is_some() {
+                    write_trace(cpu);
+                }
+                let old = cpu.rip;
+                cpu.rip = insn.next_ip();
+                n += 1;
+                match execute(cpu, bus, insn) {
+                    Ok(()) => {}
+                    Err(Stop::Fault(f)) => {
+                        cpu.rip = old;
+                        if let Err(e) = crate::interrupt::raise_fault(cpu, bus, f) {
+                            cpu.stats.instructions += n;
+                            return e;
+                        }
+                        continue 'chunk;
+                    }
+                    Err(Stop::Exit(e)) => {
+                        cpu.rip = old;
+                        cpu.stats.instructions += n;
+                        return e;
+                    }
+                }
+                if cpu.halted || (cpu.check_irq && !cpu.interrupt_shadow) {
+                    break 'chunk;
+                }
+                if n >= chunk || (page != usize::MAX && cpu.mmu.code_gen[page] != gen) {
+                    continue 'chunk;
+                }
             }
         }
         cpu.stats.instructions += n;
@@ -99,74 +136,102 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
     }
 }
 
-/// Fetches (from the cache or by decoding) the instruction at CS:RIP.
+/// Whether decoding must stop after `insn`: control transfers and instructions that change
+/// paging, segments or the fetch mode.
+fn ends_block(insn: &Instruction) -> bool {
+    use iced_x86::FlowControl;
+    if insn.flow_control() != FlowControl::Next {
+        return true;
+    }
+    match insn.mnemonic() {
+        Mnemonic::Mov => {
+            let r = insn.op0_register();
+            r.is_cr() || r.is_segment_register()
+        }
+        Mnemonic::Wrmsr | Mnemonic::Invlpg | Mnemonic::Lgdt | Mnemonic::Lidt | Mnemonic::Ltr | Mnemonic::Hlt
+        | Mnemonic::Sti | Mnemonic::Popf | Mnemonic::Popfq | Mnemonic::Popfd | Mnemonic::Out | Mnemonic::Lmsw
+        | Mnemonic::Swapgs | Mnemonic::Pop => {
+            insn.mnemonic() != Mnemonic::Pop || insn.op0_register().is_segment_register()
+        }
+        _ => false,
+    }
+}
+
+/// Returns the decoded block starting at CS:RIP (from the cache or freshly decoded), the
+/// RAM page index it lies on (usize::MAX if uncached) and that page's code generation.
 #[inline]
-fn fetch_decode(cpu: &mut Cpu) -> SRes<Instruction> {
+fn fetch_block(cpu: &mut Cpu) -> SRes<(std::rc::Rc<[Instruction]>, usize, u32)> {
     let bits = cpu.bitness();
     let la = if bits == 64 { cpu.rip } else { cpu.seg[sreg::CS].base.wrapping_add(cpu.rip) & 0xffff_ffff };
     let user = cpu.user();
     let gpa = cpu.translate(la, crate::mmu::Access::Exec, user)?;
-    let idx = ((gpa ^ (gpa >> 14)) as usize) & (DCACHE_SIZE - 1);
-    {
-        let e = &cpu.dcache.e[idx];
-        if e.gpa == gpa && e.bits == bits && e.insn.ip() == cpu.rip {
-            let page = cpu.mmu.ram_lookup(gpa).map(|(_, p)| p);
-            if let Some(p) = page {
-                if cpu.mmu.code_gen[p] == e.gen {
-                    return Ok(e.insn);
-                }
-            }
+    let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
+    if let Some(b) = &cpu.dcache.e[idx] {
+        if b.gpa == gpa && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) && b.insns[0].ip() == cpu.rip {
+            return Ok((b.insns.clone(), b.page, b.gen));
         }
     }
-    decode_slow(cpu, la, bits, user, idx)
+    decode_block(cpu, la, bits, user, idx)
 }
 
 #[cold]
-fn decode_slow(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SRes<Instruction> {
-    cpu.stats.decodes += 1;
+fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SRes<(std::rc::Rc<[Instruction]>, usize, u32)> {
     let mut buf = [0u8; 16];
     let (n, loc) = cpu.fetch(la, &mut buf, user)?;
-    let mut dec = Decoder::with_ip(bits, &buf[..n], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
-    let insn = dec.decode();
-    if insn.is_invalid() {
-        if n < 15 && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
-            // The rest lies on a page we could not fetch: raise its fault.
-            let next = (la | 0xfff).wrapping_add(1);
-            cpu.translate(next, crate::mmu::Access::Exec, user)?;
+    let off = (la & 0xfff) as usize;
+    let Some((gpa, page)) = loc.filter(|(_, p)| *p != usize::MAX) else {
+        return Err(Fault::GeneralProtection(0).into());
+    };
+    // Decode straight out of the page.
+    let Some((host, _)) = cpu.mmu.ram_lookup(gpa & !0xfff) else {
+        return Err(Fault::GeneralProtection(0).into());
+    };
+    // SAFETY: `host` maps the whole 4 KiB RAM page that holds `gpa`.
+    let page_bytes = unsafe { std::slice::from_raw_parts(host as *const u8, 4096) };
+    let mut dec = Decoder::with_ip(bits, &page_bytes[off..], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
+    let mut insns = Vec::with_capacity(8);
+    while insns.len() < BLOCK_MAX && dec.can_decode() {
+        let insn = dec.decode();
+        if insn.is_invalid() {
+            break;
         }
-        return Err(Stop::Fault(Fault::InvalidOpcode));
-    }
-    if let Some((gpa, page)) = loc {
-        let crosses = (la & 0xfff) as usize + insn.len() > 4096;
-        if !crosses && page != usize::MAX {
-            let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
-            cpu.dcache.e[idx] = DEntry { gpa, gen, bits, insn };
+        let end = ends_block(&insn);
+        insns.push(insn);
+        if end {
+            break;
         }
     }
-    Ok(insn)
+    cpu.stats.decodes += insns.len() as u64;
+    if insns.is_empty() {
+        // The first instruction crosses the page end (or is invalid): decode it alone from
+        // the bytes fetched across both pages, without caching it.
+        let mut dec = Decoder::with_ip(bits, &buf[..n], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
+        let insn = dec.decode();
+        if insn.is_invalid() {
+            if n < 15 && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
+                let next = (la | 0xfff).wrapping_add(1);
+                cpu.translate(next, crate::mmu::Access::Exec, user)?;
+            }
+            return Err(Stop::Fault(Fault::InvalidOpcode));
+        }
+        return Ok((std::rc::Rc::from(vec![insn]), usize::MAX, 0));
+    }
+    let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
+    let insns: std::rc::Rc<[Instruction]> = std::rc::Rc::from(insns);
+    cpu.dcache.e[idx] = Some(Block { gpa, gen, page, bits, insns: insns.clone() });
+    Ok((insns, page, gen))
 }
 
-/// Executes one instruction.
-fn step(cpu: &mut Cpu, bus: &mut dyn Bus) -> SRes<()> {
-    cpu.recent[cpu.recent_pos] = cpu.rip;
-    cpu.recent_pos = (cpu.recent_pos + 1) % 64;
-    let insn = fetch_decode(cpu)?;
+#[cold]
+fn write_trace(cpu: &mut Cpu) {
+    let g = cpu.gpr;
+    let (rip, fl) = (cpu.rip, cpu.rflags);
     if let Some(t) = cpu.trace.as_mut() {
-        let g = &cpu.gpr;
         let _ = writeln!(
             t,
             "{:x} a={:x} c={:x} d={:x} b={:x} sp={:x} bp={:x} si={:x} di={:x} fl={:x}",
-            cpu.rip, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], cpu.rflags
+            rip, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], fl
         );
-    }
-    let old = cpu.rip;
-    cpu.rip = insn.next_ip();
-    match execute(cpu, bus, &insn) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            cpu.rip = old;
-            Err(e)
-        }
     }
 }
 use std::io::Write as _;

@@ -714,8 +714,8 @@ impl Harness {
 
     /// Error code of the exception the last emulator run stopped on.
     pub fn fault_error_code(&self) -> u64 {
-        let sp = (self.cpu.gpr[RSP] - self.base) as usize;
-        self.get64(sp)
+        let off = (self.cpu.gpr[RSP] - self.base) as usize;
+        self.get64(off)
     }
 }
 

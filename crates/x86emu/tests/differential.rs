@@ -1,0 +1,743 @@
+//! Differential tests: every instruction class the emulator implements is run natively on
+//! the host CPU and in the emulator from the same random initial states (edge values and
+//! random values at every operand size), and the final registers, flags, MXCSR, XMM/MMX
+//! registers, x87 state (FXSAVE64 image) and scratch memory must be identical.
+//! Emulator-only tests check the exceptions that cannot be provoked natively in a test
+//! process (#DE, #GP for misalignment, #NM, #UD, #XM, #MF).
+
+mod common;
+
+use common::*;
+use iced_x86::code_asm::*;
+
+/// Cases per form.
+const N: usize = 40;
+
+type R8 = AsmRegister8;
+type R16 = AsmRegister16;
+type R32 = AsmRegister32;
+type R64 = AsmRegister64;
+
+// Register pairs per size (R12 is reserved as the memory pointer, RSP as the stack).
+const P8: [(R8, R8); 4] = [(al, cl), (bh, dl), (sil, r9b), (r15b, bpl)];
+const P16: [(R16, R16); 3] = [(ax, cx), (dx, r8w), (r13w, si)];
+const P32: [(R32, R32); 3] = [(eax, ecx), (edi, r10d), (r14d, ebp)];
+const P64: [(R64, R64); 3] = [(rax, rcx), (rdx, r11), (r15, rsi)];
+
+/// Points R12 into the middle of scratch memory (any alignment).
+fn ptr_any(st: &mut State, r: &mut Rng, base: u64) {
+    st.gpr[R12] = base + (SCRATCH + 0x1000) as u64 + r.below(0x2000);
+}
+
+/// Points R12 at a 16-byte aligned scratch address.
+fn ptr_aligned(st: &mut State, r: &mut Rng, base: u64) {
+    st.gpr[R12] = (base + (SCRATCH + 0x1000) as u64 + r.below(0x2000)) & !15;
+}
+
+fn scratch_off(st: &State, base: u64, reg: usize) -> usize {
+    (st.gpr[reg] - base) as usize - SCRATCH
+}
+
+fn put_scratch(st: &mut State, off: usize, bytes: &[u8]) {
+    st.scratch[off..off + bytes.len()].copy_from_slice(bytes);
+}
+
+fn run_all(seed: u64, what: &str, forms: Vec<Form>, n: usize, setup: impl Fn(&mut State, &mut Rng, u64)) {
+    let mut c = Checker::new(seed);
+    for f in &forms {
+        c.check(f, n, &setup);
+    }
+    c.finish(what);
+}
+
+// ---------------------------------------------------------------------------------------
+// Integer ALU
+// ---------------------------------------------------------------------------------------
+
+const IMM8: [i32; 6] = [0, 1, -1, 0x7f, -0x80, 0x55];
+const IMM16: [i32; 6] = [0, 1, -1, 0x7fff, -0x8000, 0x1234];
+const IMM32: [i32; 6] = [0, 1, -1, i32::MAX, i32::MIN, 0x1234_5678];
+
+macro_rules! bin_rm_forms {
+    ($f:ident, $op:ident) => {{
+        let n = stringify!($op);
+        $f.push(Form::new(format!("{n} cl,m8"), |a| a.$op(cl, byte_ptr(r12 + 1))));
+        $f.push(Form::new(format!("{n} r9w,m16"), |a| a.$op(r9w, word_ptr(r12 + 1))));
+        $f.push(Form::new(format!("{n} ecx,m32"), |a| a.$op(ecx, dword_ptr(r12 - 3))));
+        $f.push(Form::new(format!("{n} rcx,m64"), |a| a.$op(rcx, qword_ptr(r12 + 8))));
+        bin_forms!($f, $op);
+    }};
+}
+
+macro_rules! bin_forms {
+    ($f:ident, $op:ident) => {{
+        let n = stringify!($op);
+        for (d, s) in P8 {
+            $f.push(Form::new(format!("{n} {d:?},{s:?}"), move |a| a.$op(d, s)));
+        }
+        for (d, s) in P16 {
+            $f.push(Form::new(format!("{n} {d:?},{s:?}"), move |a| a.$op(d, s)));
+        }
+        for (d, s) in P32 {
+            $f.push(Form::new(format!("{n} {d:?},{s:?}"), move |a| a.$op(d, s)));
+        }
+        for (d, s) in P64 {
+            $f.push(Form::new(format!("{n} {d:?},{s:?}"), move |a| a.$op(d, s)));
+        }
+        $f.push(Form::new(format!("{n} m8,cl"), |a| a.$op(byte_ptr(r12 + 1), cl)));
+        $f.push(Form::new(format!("{n} m16,cx"), |a| a.$op(word_ptr(r12 + 1), cx)));
+        $f.push(Form::new(format!("{n} m32,ecx"), |a| a.$op(dword_ptr(r12 - 3), ecx)));
+        $f.push(Form::new(format!("{n} m64,rcx"), |a| a.$op(qword_ptr(r12 + 8), rcx)));
+        for i in IMM8 {
+            $f.push(Form::new(format!("{n} dl,{i}"), move |a| a.$op(dl, i)));
+            $f.push(Form::new(format!("{n} m8,{i}"), move |a| a.$op(byte_ptr(r12), i)));
+        }
+        for i in IMM16 {
+            $f.push(Form::new(format!("{n} dx,{i}"), move |a| a.$op(dx, i)));
+            $f.push(Form::new(format!("{n} m16,{i}"), move |a| a.$op(word_ptr(r12), i)));
+        }
+        for i in IMM32 {
+            $f.push(Form::new(format!("{n} edx,{i}"), move |a| a.$op(edx, i)));
+            $f.push(Form::new(format!("{n} rdx,{i}"), move |a| a.$op(rdx, i)));
+            $f.push(Form::new(format!("{n} m64,{i}"), move |a| a.$op(qword_ptr(r12), i)));
+        }
+        // Accumulator short forms.
+        $f.push(Form::new(format!("{n} al,imm"), |a| a.$op(al, 0x5a)));
+        $f.push(Form::new(format!("{n} eax,imm"), |a| a.$op(eax, 0x1234_5678)));
+    }};
+}
+
+#[test]
+fn alu_binary() {
+    let mut f = Vec::new();
+    bin_rm_forms!(f, add);
+    bin_rm_forms!(f, adc);
+    bin_rm_forms!(f, sub);
+    bin_rm_forms!(f, sbb);
+    bin_rm_forms!(f, and);
+    bin_rm_forms!(f, or);
+    bin_rm_forms!(f, xor);
+    bin_rm_forms!(f, cmp);
+    bin_forms!(f, test);
+    run_all(1, "alu_binary", f, 12, ptr_any);
+}
+
+macro_rules! un_forms {
+    ($f:ident, $op:ident) => {{
+        let n = stringify!($op);
+        for r in [al, bh, sil, r15b] {
+            $f.push(Form::new(format!("{n} {r:?}"), move |a| a.$op(r)));
+        }
+        for r in [ax, r13w] {
+            $f.push(Form::new(format!("{n} {r:?}"), move |a| a.$op(r)));
+        }
+        for r in [ecx, r14d] {
+            $f.push(Form::new(format!("{n} {r:?}"), move |a| a.$op(r)));
+        }
+        for r in [rdx, r9] {
+            $f.push(Form::new(format!("{n} {r:?}"), move |a| a.$op(r)));
+        }
+        $f.push(Form::new(format!("{n} m8"), |a| a.$op(byte_ptr(r12 + 5))));
+        $f.push(Form::new(format!("{n} m16"), |a| a.$op(word_ptr(r12 + 5))));
+        $f.push(Form::new(format!("{n} m32"), |a| a.$op(dword_ptr(r12 + 5))));
+        $f.push(Form::new(format!("{n} m64"), |a| a.$op(qword_ptr(r12 + 5))));
+    }};
+}
+
+#[test]
+fn alu_unary() {
+    let mut f = Vec::new();
+    un_forms!(f, inc);
+    un_forms!(f, dec);
+    un_forms!(f, neg);
+    un_forms!(f, not);
+    run_all(2, "alu_unary", f, N, ptr_any);
+}
+
+/// Shift counts: edge counts for every width, with random upper bits in RCX sometimes.
+fn shift_count(st: &mut State, r: &mut Rng, base: u64) {
+    ptr_any(st, r, base);
+    let c = r.pick(&[0u64, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 255]);
+    st.gpr[RCX] = if r.chance(3) { c | (r.next() << 8) } else { c };
+    if r.chance(4) {
+        st.gpr[RCX] = r.next();
+    }
+}
+
+macro_rules! shift_forms {
+    ($f:ident, $op:ident) => {{
+        let n = stringify!($op);
+        for r in [al, bh, sil, r15b] {
+            $f.push(Form::new(format!("{n} {r:?},1"), move |a| a.$op(r, 1)));
+            $f.push(Form::new(format!("{n} {r:?},cl"), move |a| a.$op(r, cl)));
+        }
+        for r in [ax, r13w] {
+            $f.push(Form::new(format!("{n} {r:?},1"), move |a| a.$op(r, 1)));
+            $f.push(Form::new(format!("{n} {r:?},cl"), move |a| a.$op(r, cl)));
+        }
+        for r in [edx, r14d] {
+            $f.push(Form::new(format!("{n} {r:?},1"), move |a| a.$op(r, 1)));
+            $f.push(Form::new(format!("{n} {r:?},cl"), move |a| a.$op(r, cl)));
+        }
+        for r in [rdx, r9] {
+            $f.push(Form::new(format!("{n} {r:?},1"), move |a| a.$op(r, 1)));
+            $f.push(Form::new(format!("{n} {r:?},cl"), move |a| a.$op(r, cl)));
+        }
+        for c in [0, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 255] {
+            $f.push(Form::new(format!("{n} bl,{c}"), move |a| a.$op(bl, c)));
+            $f.push(Form::new(format!("{n} r8w,{c}"), move |a| a.$op(r8w, c)));
+            $f.push(Form::new(format!("{n} esi,{c}"), move |a| a.$op(esi, c)));
+            $f.push(Form::new(format!("{n} rdi,{c}"), move |a| a.$op(rdi, c)));
+        }
+        $f.push(Form::new(format!("{n} m8,cl"), |a| a.$op(byte_ptr(r12), cl)));
+        $f.push(Form::new(format!("{n} m16,1"), |a| a.$op(word_ptr(r12), 1)));
+        $f.push(Form::new(format!("{n} m32,5"), |a| a.$op(dword_ptr(r12), 5)));
+        $f.push(Form::new(format!("{n} m64,cl"), |a| a.$op(qword_ptr(r12), cl)));
+    }};
+}
+
+#[test]
+fn shifts_rotates() {
+    let mut f = Vec::new();
+    shift_forms!(f, shl);
+    shift_forms!(f, shr);
+    shift_forms!(f, sar);
+    shift_forms!(f, rol);
+    shift_forms!(f, ror);
+    shift_forms!(f, rcl);
+    shift_forms!(f, rcr);
+    run_all(3, "shifts_rotates", f, 16, shift_count);
+}
+
+#[test]
+fn double_shifts() {
+    let mut f = Vec::new();
+    macro_rules! shd {
+        ($op:ident) => {{
+            let n = stringify!($op);
+            f.push(Form::new(format!("{n} ax,dx,cl"), |a| a.$op(ax, dx, cl)));
+            f.push(Form::new(format!("{n} r9d,esi,cl"), |a| a.$op(r9d, esi, cl)));
+            f.push(Form::new(format!("{n} rbx,r10,cl"), |a| a.$op(rbx, r10, cl)));
+            f.push(Form::new(format!("{n} m16,dx,cl"), |a| a.$op(word_ptr(r12), dx, cl)));
+            f.push(Form::new(format!("{n} m32,esi,cl"), |a| a.$op(dword_ptr(r12), esi, cl)));
+            f.push(Form::new(format!("{n} m64,r10,cl"), |a| a.$op(qword_ptr(r12), r10, cl)));
+            for c in [0, 1, 4, 15, 16, 17, 31, 32, 33, 63, 64, 255] {
+                f.push(Form::new(format!("{n} ax,dx,{c}"), move |a| a.$op(ax, dx, c)));
+                f.push(Form::new(format!("{n} r9d,esi,{c}"), move |a| a.$op(r9d, esi, c)));
+                f.push(Form::new(format!("{n} rbx,r10,{c}"), move |a| a.$op(rbx, r10, c)));
+            }
+        }};
+    }
+    shd!(shld);
+    shd!(shrd);
+    run_all(4, "double_shifts", f, N, shift_count);
+}
+
+#[test]
+fn multiply() {
+    let mut f = Vec::new();
+    for r in [bl, r9b] {
+        f.push(Form::new(format!("mul {r:?}"), move |a| a.mul(r)));
+        f.push(Form::new(format!("imul {r:?}"), move |a| a.imul(r)));
+    }
+    f.push(Form::new("mul cx", |a| a.mul(cx)));
+    f.push(Form::new("imul cx", |a| a.imul(cx)));
+    f.push(Form::new("mul esi", |a| a.mul(esi)));
+    f.push(Form::new("imul esi", |a| a.imul(esi)));
+    f.push(Form::new("mul r11", |a| a.mul(r11)));
+    f.push(Form::new("imul r11", |a| a.imul(r11)));
+    f.push(Form::new("mul m8", |a| a.mul(byte_ptr(r12))));
+    f.push(Form::new("imul m16", |a| a.imul(word_ptr(r12))));
+    f.push(Form::new("mul m32", |a| a.mul(dword_ptr(r12))));
+    f.push(Form::new("imul m64", |a| a.imul(qword_ptr(r12))));
+    f.push(Form::new("imul bx,cx", |a| a.imul_2(bx, cx)));
+    f.push(Form::new("imul r8d,esi", |a| a.imul_2(r8d, esi)));
+    f.push(Form::new("imul r15,rdx", |a| a.imul_2(r15, rdx)));
+    f.push(Form::new("imul cx,m16", |a| a.imul_2(cx, word_ptr(r12 + 1))));
+    f.push(Form::new("imul ecx,m32", |a| a.imul_2(ecx, dword_ptr(r12 + 1))));
+    f.push(Form::new("imul rcx,m64", |a| a.imul_2(rcx, qword_ptr(r12 + 1))));
+    for i in [0, 1, -1, 3, 0x7f, -0x80, 0x1234, i32::MAX, i32::MIN] {
+        f.push(Form::new(format!("imul dx,bx,{i}"), move |a| a.imul_3(dx, bx, i.clamp(-0x8000, 0x7fff))));
+        f.push(Form::new(format!("imul edx,r10d,{i}"), move |a| a.imul_3(edx, r10d, i)));
+        f.push(Form::new(format!("imul r13,rbx,{i}"), move |a| a.imul_3(r13, rbx, i)));
+        f.push(Form::new(format!("imul rax,m64,{i}"), move |a| a.imul_3(rax, qword_ptr(r12), i)));
+    }
+    run_all(5, "multiply", f, N, ptr_any);
+}
+
+/// Dividend/divisor pairs that do not fault: (hi, lo, divisor) for `size`-byte operands.
+fn div_operands(r: &mut Rng, size: u32, signed: bool) -> (u64, u64, u64) {
+    let bits = size * 8;
+    let m = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    loop {
+        let d = int_val(r) & m;
+        if d == 0 {
+            continue;
+        }
+        if !signed {
+            let hi = if r.chance(3) { 0 } else { r.next() % d };
+            let lo = int_val(r) & m;
+            return (hi, lo, d);
+        }
+        let dsv = ((d << (64 - bits)) as i64 >> (64 - bits)) as i128;
+        let qmax = (1i128 << (bits - 1)) - 1;
+        let q = (r.next() as i64 as i128) % (qmax + 1);
+        let q = if r.chance(4) { q >> r.below(u64::from(bits)) } else { q };
+        let mut rem = (r.next() as i64 as i128) % dsv.abs();
+        let prod = q * dsv;
+        if prod != 0 && (rem < 0) != (prod < 0) {
+            rem = -rem;
+        }
+        let dividend = prod + rem;
+        let full = dividend as u128;
+        let (hi, lo) = if bits == 64 { ((full >> 64) as u64, full as u64) } else { ((full >> bits) as u64 & m, full as u64 & m) };
+        return (hi, lo, d);
+    }
+}
+
+#[test]
+fn divide() {
+    let mut c = Checker::new(6);
+    // Division leaves all arithmetic flags undefined; only DF is compared.
+    macro_rules! div_case {
+        ($name:expr, $size:expr, $signed:expr, $emit:expr, $dreg:expr) => {{
+            let form = Form::new($name, $emit).flags(DF);
+            c.check(&form, 2 * N, |st, r, base| {
+                ptr_any(st, r, base);
+                let (hi, lo, d) = div_operands(r, $size, $signed);
+                let keep = |old: u64, v: u64| if $size == 8 { v } else { (old & !((1u64 << ($size * 8)) - 1)) | v };
+                if $size == 1 {
+                    st.gpr[RAX] = (st.gpr[RAX] & !0xffff) | (hi << 8) | lo;
+                } else {
+                    st.gpr[RAX] = keep(st.gpr[RAX], lo);
+                    st.gpr[RDX] = keep(st.gpr[RDX], hi);
+                }
+                match $dreg {
+                    Some(reg) => st.gpr[reg] = keep(st.gpr[reg], d),
+                    None => {
+                        let o = scratch_off(st, base, R12);
+                        put_scratch(st, o, &d.to_le_bytes()[..$size as usize]);
+                    }
+                }
+            });
+        }};
+    }
+    div_case!("div bl", 1, false, |a| a.div(bl), Some(RBX));
+    div_case!("idiv bl", 1, true, |a| a.idiv(bl), Some(RBX));
+    div_case!("div cx", 2, false, |a| a.div(cx), Some(RCX));
+    div_case!("idiv cx", 2, true, |a| a.idiv(cx), Some(RCX));
+    div_case!("div esi", 4, false, |a| a.div(esi), Some(RSI));
+    div_case!("idiv esi", 4, true, |a| a.idiv(esi), Some(RSI));
+    div_case!("div r9", 8, false, |a| a.div(r9), Some(R9));
+    div_case!("idiv r9", 8, true, |a| a.idiv(r9), Some(R9));
+    div_case!("div m8", 1, false, |a| a.div(byte_ptr(r12)), None::<usize>);
+    div_case!("idiv m16", 2, true, |a| a.idiv(word_ptr(r12)), None::<usize>);
+    div_case!("div m32", 4, false, |a| a.div(dword_ptr(r12)), None::<usize>);
+    div_case!("idiv m64", 8, true, |a| a.idiv(qword_ptr(r12)), None::<usize>);
+    c.finish("divide");
+}
+
+#[test]
+fn divide_faults_in_emulator() {
+    let mut h = Harness::new();
+    let mut r = Rng::new(7);
+    let cases: Vec<(Form, u64, u64, u64)> = vec![
+        (Form::new("div bl /0", |a| a.div(bl)), 0x1234, 0, 0),
+        (Form::new("div bl ovf", |a| a.div(bl)), 0x1234, 0, 0x12),
+        (Form::new("idiv bl ovf", |a| a.idiv(bl)), 0xff80, 0, 0xff),
+        (Form::new("div cx /0", |a| a.div(cx)), 5, 0, 0),
+        (Form::new("idiv cx ovf", |a| a.idiv(cx)), 0x8000, 0xffff, 0xffff),
+        (Form::new("div esi ovf", |a| a.div(esi)), 0, 7, 7),
+        (Form::new("idiv esi ovf", |a| a.idiv(esi)), 0x8000_0000, 0xffff_ffff, 0xffff_ffff),
+        (Form::new("div r9 /0", |a| a.div(r9)), 1, 0, 0),
+        (Form::new("idiv r9 ovf", |a| a.idiv(r9)), 1 << 63, u64::MAX, u64::MAX),
+        (Form::new("idiv r9 big", |a| a.idiv(r9)), 0, 1, 1),
+    ];
+    for (form, rax_v, rdx_v, d) in cases {
+        h.load(&form);
+        let mut st = State::random(&mut r, h.base);
+        st.gpr[RAX] = rax_v;
+        st.gpr[RDX] = rdx_v;
+        st.gpr[RBX] = d;
+        st.gpr[RCX] = d;
+        st.gpr[RSI] = d;
+        st.gpr[R9] = d;
+        let res = h.run_emu(&st);
+        assert_eq!(res, Err(EmuEnd::Fault(0)), "{}: expected #DE", form.name);
+        assert_eq!(h.cpu.gpr[RAX], rax_v, "{}: RAX changed", form.name);
+        assert_eq!(h.cpu.gpr[RDX], rdx_v, "{}: RDX changed", form.name);
+    }
+}
+
+fn bit_offsets(st: &mut State, r: &mut Rng, base: u64) {
+    st.gpr[R12] = base + (SCRATCH + 0x4000) as u64 + r.below(64);
+    // Register bit offsets: small, around the width, and far (signed, +-0x3000 bytes).
+    for reg in [RCX, RDX, RSI] {
+        let v = match r.below(4) {
+            0 => r.below(70),
+            1 => r.pick(&[15u64, 16, 31, 32, 63, 64, 0xffff, 0x8000, 0x7fff]),
+            _ => (r.below(0x3000 * 16) as i64 - 0x3000 * 8) as u64,
+        };
+        st.gpr[reg] = v;
+    }
+}
+
+#[test]
+fn bit_test() {
+    let mut f = Vec::new();
+    macro_rules! bt_forms {
+        ($op:ident) => {{
+            let n = stringify!($op);
+            f.push(Form::new(format!("{n} ax,cx"), |a| a.$op(ax, cx)));
+            f.push(Form::new(format!("{n} r8d,edx"), |a| a.$op(r8d, edx)));
+            f.push(Form::new(format!("{n} rbx,rsi"), |a| a.$op(rbx, rsi)));
+            f.push(Form::new(format!("{n} m16,cx"), |a| a.$op(word_ptr(r12), cx)));
+            f.push(Form::new(format!("{n} m32,edx"), |a| a.$op(dword_ptr(r12), edx)));
+            f.push(Form::new(format!("{n} m64,rsi"), |a| a.$op(qword_ptr(r12), rsi)));
+            for i in [0, 1, 7, 15, 16, 31, 32, 63, 64, 200, 255] {
+                f.push(Form::new(format!("{n} ax,{i}"), move |a| a.$op(ax, i)));
+                f.push(Form::new(format!("{n} r8d,{i}"), move |a| a.$op(r8d, i)));
+                f.push(Form::new(format!("{n} rbx,{i}"), move |a| a.$op(rbx, i)));
+                f.push(Form::new(format!("{n} m16,{i}"), move |a| a.$op(word_ptr(r12), i)));
+                f.push(Form::new(format!("{n} m64,{i}"), move |a| a.$op(qword_ptr(r12), i)));
+            }
+        }};
+    }
+    bt_forms!(bt);
+    bt_forms!(bts);
+    bt_forms!(btr);
+    bt_forms!(btc);
+    run_all(8, "bit_test", f, 16, bit_offsets);
+}
+
+#[test]
+fn bit_scan_and_bswap() {
+    let mut f = Vec::new();
+    f.push(Form::new("bsf ax,cx", |a| a.bsf(ax, cx)));
+    f.push(Form::new("bsr ax,cx", |a| a.bsr(ax, cx)));
+    f.push(Form::new("bsf r9d,esi", |a| a.bsf(r9d, esi)));
+    f.push(Form::new("bsr r9d,esi", |a| a.bsr(r9d, esi)));
+    f.push(Form::new("bsf rdx,r11", |a| a.bsf(rdx, r11)));
+    f.push(Form::new("bsr rdx,r11", |a| a.bsr(rdx, r11)));
+    f.push(Form::new("bsf ecx,m32", |a| a.bsf(ecx, dword_ptr(r12))));
+    f.push(Form::new("bsr rcx,m64", |a| a.bsr(rcx, qword_ptr(r12))));
+    f.push(Form::new("bsf cx,m16", |a| a.bsf(cx, word_ptr(r12))));
+    f.push(Form::new("bswap eax", |a| a.bswap(eax)));
+    f.push(Form::new("bswap r10d", |a| a.bswap(r10d)));
+    f.push(Form::new("bswap rbx", |a| a.bswap(rbx)));
+    f.push(Form::new("bswap r15", |a| a.bswap(r15)));
+    run_all(9, "bit_scan_and_bswap", f, 4 * N, |st, r, base| {
+        ptr_any(st, r, base);
+        // Zero sources (whole or in the low bits) are the interesting case.
+        for reg in [RCX, RSI, R11] {
+            if r.chance(3) {
+                st.gpr[reg] = if r.chance(2) { 0 } else { st.gpr[reg] & !0xffff_ffff };
+            }
+        }
+        if r.chance(3) {
+            let o = scratch_off(st, base, R12);
+            put_scratch(st, o, &[0; 8]);
+        }
+    });
+}
+
+#[test]
+fn move_extend() {
+    let f = vec![
+        Form::new("movzx ax,bl", |a| a.movzx(ax, bl)),
+        Form::new("movzx ecx,ah", |a| a.movzx(ecx, ah)),
+        Form::new("movzx r9,sil", |a| a.movzx(r9, sil)),
+        Form::new("movzx edx,r10w", |a| a.movzx(edx, r10w)),
+        Form::new("movzx rdx,cx", |a| a.movzx(rdx, cx)),
+        Form::new("movzx si,m8", |a| a.movzx(si, byte_ptr(r12))),
+        Form::new("movzx esi,m8", |a| a.movzx(esi, byte_ptr(r12))),
+        Form::new("movzx rsi,m16", |a| a.movzx(rsi, word_ptr(r12))),
+        Form::new("movsx ax,bl", |a| a.movsx(ax, bl)),
+        Form::new("movsx ecx,ah", |a| a.movsx(ecx, ah)),
+        Form::new("movsx r9,sil", |a| a.movsx(r9, sil)),
+        Form::new("movsx edx,r10w", |a| a.movsx(edx, r10w)),
+        Form::new("movsx rdx,cx", |a| a.movsx(rdx, cx)),
+        Form::new("movsx si,m8", |a| a.movsx(si, byte_ptr(r12))),
+        Form::new("movsx esi,m16", |a| a.movsx(esi, word_ptr(r12))),
+        Form::new("movsx rsi,m8", |a| a.movsx(rsi, byte_ptr(r12))),
+        Form::new("movsxd rax,ebx", |a| a.movsxd(rax, ebx)),
+        Form::new("movsxd r13,r14d", |a| a.movsxd(r13, r14d)),
+        Form::new("movsxd rcx,m32", |a| a.movsxd(rcx, dword_ptr(r12))),
+        Form::new("mov al,m8", |a| a.mov(al, byte_ptr(r12))),
+        Form::new("mov r9w,m16", |a| a.mov(r9w, word_ptr(r12))),
+        Form::new("mov ecx,m32", |a| a.mov(ecx, dword_ptr(r12))),
+        Form::new("mov m32,r11d", |a| a.mov(dword_ptr(r12), r11d)),
+        Form::new("mov m16,imm", |a| a.mov(word_ptr(r12), 0x1234)),
+        Form::new("mov ah,bh", |a| a.mov(ah, bh)),
+        Form::new("mov edx,esi", |a| a.mov(edx, esi)),
+        Form::new("mov rdx,imm64", |a| a.mov(rdx, 0x8765_4321_0fed_cba9u64)),
+        Form::new("mov r8d,imm", |a| a.mov(r8d, 0xffff_fff0u32)),
+        Form::new("xchg ax,r9w", |a| a.xchg(ax, r9w)),
+        Form::new("xchg ecx,m32", |a| a.xchg(dword_ptr(r12), ecx)),
+        Form::new("xchg m64,rdx", |a| a.xchg(qword_ptr(r12), rdx)),
+        Form::new("cbw", |a| a.cbw()),
+        Form::new("cwde", |a| a.cwde()),
+        Form::new("cdqe", |a| a.cdqe()),
+        Form::new("cwd", |a| a.cwd()),
+        Form::new("cdq", |a| a.cdq()),
+        Form::new("cqo", |a| a.cqo()),
+        Form::new("lahf", |a| a.lahf()),
+        Form::new("sahf", |a| a.sahf()),
+        Form::new("clc;cmc", |a| {
+            a.clc()?;
+            a.cmc()
+        }),
+        Form::new("stc", |a| a.stc()),
+        Form::new("popcnt rax,rbx", |a| a.popcnt(rax, rbx)),
+    ];
+    run_all(10, "move_extend", f, N, ptr_any);
+}
+
+#[test]
+fn conditional_moves_and_sets() {
+    let mut f = Vec::new();
+    macro_rules! cc {
+        ($($cmov:ident $set:ident),*) => {{
+            $(
+                f.push(Form::new(stringify!($cmov cx,dx), |a| a.$cmov(cx, dx)));
+                f.push(Form::new(stringify!($cmov r9d,esi), |a| a.$cmov(r9d, esi)));
+                f.push(Form::new(stringify!($cmov rax,r11), |a| a.$cmov(rax, r11)));
+                f.push(Form::new(stringify!($cmov ebx,m32), |a| a.$cmov(ebx, dword_ptr(r12))));
+                f.push(Form::new(stringify!($set al), |a| a.$set(al)));
+                f.push(Form::new(stringify!($set sil), |a| a.$set(sil)));
+                f.push(Form::new(stringify!($set m8), |a| a.$set(byte_ptr(r12))));
+            )*
+        }};
+    }
+    cc!(cmovo seto, cmovno setno, cmovb setb, cmovae setae, cmove sete, cmovne setne, cmovbe setbe,
+        cmova seta, cmovs sets, cmovns setns, cmovp setp, cmovnp setnp, cmovl setl, cmovge setge,
+        cmovle setle, cmovg setg);
+    run_all(11, "conditional_moves_and_sets", f, 24, ptr_any);
+}
+
+#[test]
+fn load_effective_address() {
+    let f = vec![
+        Form::new("lea rax,[rbx+rcx*4+0x10]", |a| a.lea(rax, ptr(rbx + rcx * 4 + 0x10))),
+        Form::new("lea rdx,[rsi+r9*8-0x1000]", |a| a.lea(rdx, ptr(rsi + r9 * 8 - 0x1000))),
+        Form::new("lea r8,[rcx*2]", |a| a.lea(r8, ptr(rcx * 2))),
+        Form::new("lea r8,[rcx*2+0x7fffffff]", |a| a.lea(r8, ptr(rcx * 2 + 0x7fff_ffff))),
+        Form::new("lea rdi,[r13]", |a| a.lea(rdi, ptr(r13))),
+        Form::new("lea rdi,[rbp+r13]", |a| a.lea(rdi, ptr(rbp + r13))),
+        Form::new("lea eax,[rbx+rcx]", |a| a.lea(eax, ptr(rbx + rcx))),
+        Form::new("lea ax,[rbx+rcx*4+3]", |a| a.lea(ax, ptr(rbx + rcx * 4 + 3))),
+        Form::new("lea eax,[ebx+ecx*2+7]", |a| a.lea(eax, ptr(ebx + ecx * 2 + 7))),
+        Form::new("lea rax,[ebx-8]", |a| a.lea(rax, ptr(ebx - 8))),
+        Form::new("lea r11,[rsp+8]", |a| a.lea(r11, ptr(rsp + 8))),
+        Form::new("lea rax,[rip+label]", |a| {
+            let mut l = a.create_label();
+            a.lea(rax, ptr(l))?;
+            a.set_label(&mut l)?;
+            a.nop()
+        }),
+        Form::new("mov rax,[rsp+rcx*8] (bounded)", |a| {
+            a.and(ecx, 0xff)?;
+            a.mov(rax, qword_ptr(rsp + rcx * 8 - 0x800))
+        }),
+    ];
+    run_all(12, "load_effective_address", f, N, ptr_any);
+}
+
+#[test]
+fn exchange_and_compare() {
+    let f = vec![
+        Form::new("xadd bl,cl", |a| a.xadd(bl, cl)),
+        Form::new("xadd dx,r9w", |a| a.xadd(dx, r9w)),
+        Form::new("xadd esi,edi", |a| a.xadd(esi, edi)),
+        Form::new("xadd r10,r11", |a| a.xadd(r10, r11)),
+        Form::new("lock xadd m32,ecx", |a| a.lock().xadd(dword_ptr(r12), ecx)),
+        Form::new("xadd m64,rcx", |a| a.xadd(qword_ptr(r12), rcx)),
+        Form::new("cmpxchg bl,cl", |a| a.cmpxchg(bl, cl)),
+        Form::new("cmpxchg dx,r9w", |a| a.cmpxchg(dx, r9w)),
+        Form::new("cmpxchg esi,edi", |a| a.cmpxchg(esi, edi)),
+        Form::new("cmpxchg r10,r11", |a| a.cmpxchg(r10, r11)),
+        Form::new("lock cmpxchg m8,cl", |a| a.lock().cmpxchg(byte_ptr(r12), cl)),
+        Form::new("cmpxchg m16,cx", |a| a.cmpxchg(word_ptr(r12), cx)),
+        Form::new("lock cmpxchg m32,ecx", |a| a.lock().cmpxchg(dword_ptr(r12), ecx)),
+        Form::new("cmpxchg m64,rcx", |a| a.cmpxchg(qword_ptr(r12), rcx)),
+        Form::new("lock cmpxchg8b m64", |a| a.lock().cmpxchg8b(qword_ptr(r12))),
+        Form::new("cmpxchg16b m128", |a| a.cmpxchg16b(xmmword_ptr(r12))),
+    ];
+    run_all(13, "exchange_and_compare", f, 2 * N, |st, r, base| {
+        ptr_aligned(st, r, base);
+        // Make the comparisons succeed half of the time.
+        if r.chance(2) {
+            let o = scratch_off(st, base, R12);
+            let q0 = u64::from_le_bytes(st.scratch[o..o + 8].try_into().unwrap());
+            let q1 = u64::from_le_bytes(st.scratch[o + 8..o + 16].try_into().unwrap());
+            match r.below(4) {
+                0 => {
+                    st.gpr[RAX] = q0;
+                    st.gpr[RDX] = q1;
+                }
+                1 => {
+                    st.gpr[RAX] = q0 & 0xffff_ffff;
+                    st.gpr[RDX] = q0 >> 32;
+                }
+                2 => st.gpr[RAX] = st.gpr[RSI],
+                _ => {
+                    st.gpr[RAX] = st.gpr[R10];
+                    st.gpr[RBX] = (st.gpr[RBX] & !0xffff) | (st.gpr[RAX] & 0xff);
+                    st.gpr[RDX] = (st.gpr[RDX] & !0xffff) | (st.gpr[RAX] & 0xffff);
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn string_instructions() {
+    let mut f = Vec::new();
+    macro_rules! s {
+        ($name:literal, $($e:tt)*) => {
+            f.push(Form::new($name, |a| a.$($e)*));
+        };
+    }
+    s!("movsb", movsb());
+    s!("movsw", movsw());
+    s!("movsd", movsd());
+    s!("movsq", movsq());
+    s!("rep movsb", rep().movsb());
+    s!("rep movsw", rep().movsw());
+    s!("rep movsd", rep().movsd());
+    s!("rep movsq", rep().movsq());
+    s!("stosb", stosb());
+    s!("stosq", stosq());
+    s!("rep stosb", rep().stosb());
+    s!("rep stosw", rep().stosw());
+    s!("rep stosd", rep().stosd());
+    s!("rep stosq", rep().stosq());
+    s!("lodsb", lodsb());
+    s!("lodsd", lodsd());
+    s!("rep lodsq", rep().lodsq());
+    s!("cmpsb", cmpsb());
+    s!("cmpsq", cmpsq());
+    s!("repe cmpsb", repe().cmpsb());
+    s!("repne cmpsb", repne().cmpsb());
+    s!("repe cmpsw", repe().cmpsw());
+    s!("repe cmpsd", repe().cmpsd());
+    s!("repne cmpsq", repne().cmpsq());
+    s!("scasb", scasb());
+    s!("scasd", scasd());
+    s!("repne scasb", repne().scasb());
+    s!("repe scasb", repe().scasb());
+    s!("repne scasq", repne().scasq());
+    s!("repe scasw", repe().scasw());
+    run_all(14, "string_instructions", f, 2 * N, |st, r, base| {
+        ptr_any(st, r, base);
+        st.rflags = (st.rflags & !DF) | if r.chance(2) { DF } else { 0 };
+        st.gpr[RSI] = base + (SCRATCH + 0x1000) as u64 + r.below(0x1000);
+        st.gpr[RDI] = base + (SCRATCH + 0x4000) as u64 + r.below(0x1000);
+        st.gpr[RCX] = r.pick(&[0, 1, 2, 3, 7, 16, 33, 100]) + r.below(4);
+        // Equal runs for the comparisons, with a random mismatch.
+        let (s, d) = (scratch_off(st, base, RSI), scratch_off(st, base, RDI));
+        let len = 1200;
+        let (lo_s, lo_d) = (s - 600, d - 600);
+        let src: Vec<u8> = st.scratch[lo_s..lo_s + len].to_vec();
+        st.scratch[lo_d..lo_d + len].copy_from_slice(&src);
+        if r.chance(4) {
+            for i in lo_d..lo_d + len {
+                st.scratch[i] = st.gpr[RAX] as u8;
+            }
+        }
+        if r.chance(2) {
+            let k = r.below(len as u64) as usize;
+            st.scratch[lo_d + k] ^= 0x10;
+        }
+        if r.chance(3) {
+            st.gpr[RAX] = u64::from_le_bytes(st.scratch[d..d + 8].try_into().unwrap());
+        }
+    });
+}
+
+#[test]
+fn stack_and_calls() {
+    let f = vec![
+        Form::new("push rbx;pop r9", |a| {
+            a.push(rbx)?;
+            a.pop(r9)
+        }),
+        Form::new("push r15", |a| a.push(r15)),
+        Form::new("push cx;pop dx", |a| {
+            a.push(cx)?;
+            a.pop(dx)
+        }),
+        Form::new("push imm8", |a| a.push(-5)),
+        Form::new("push imm32", |a| a.push(0x1234_5678)),
+        Form::new("push m64", |a| a.push(qword_ptr(r12))),
+        Form::new("pop m64", |a| a.pop(qword_ptr(r12))),
+        Form::new("pop [rsp+8]", |a| a.pop(qword_ptr(rsp + 8))),
+        Form::new("push rsp", |a| a.push(rsp)),
+        Form::new("pop rsp", |a| a.pop(rsp)),
+        Form::new("pushfq", |a| a.pushfq()),
+        Form::new("popfq", |a| {
+            a.and(qword_ptr(rsp), 0x8d5)?;
+            a.popfq()
+        }),
+        Form::new("call/ret", |a| {
+            let mut f1 = a.create_label();
+            let mut end = a.create_label();
+            a.call(f1)?;
+            a.jmp(end)?;
+            a.set_label(&mut f1)?;
+            a.mov(rbx, qword_ptr(rsp))?;
+            a.ret()?;
+            a.set_label(&mut end)?;
+            a.nop()
+        }),
+        Form::new("call r64/ret imm16", |a| {
+            let mut f1 = a.create_label();
+            let mut end = a.create_label();
+            a.lea(rax, ptr(f1))?;
+            a.push(rax)?;
+            a.call(rax)?;
+            a.jmp(end)?;
+            a.set_label(&mut f1)?;
+            a.mov(rbx, qword_ptr(rsp))?;
+            a.ret_1(8)?;
+            a.set_label(&mut end)?;
+            a.nop()
+        }),
+        Form::new("call m64", |a| {
+            let mut f1 = a.create_label();
+            let mut end = a.create_label();
+            a.lea(rax, ptr(f1))?;
+            a.mov(qword_ptr(r12), rax)?;
+            a.call(qword_ptr(r12))?;
+            a.jmp(end)?;
+            a.set_label(&mut f1)?;
+            a.ret()?;
+            a.set_label(&mut end)?;
+            a.nop()
+        }),
+        Form::new("enter/leave", |a| {
+            a.enter(0x20u32, 0u32)?;
+            a.mov(qword_ptr(rbp - 8), rax)?;
+            a.leave()
+        }),
+        Form::new("enter level 2", |a| {
+            a.lea(rbp, ptr(rsp - 0x40))?;
+            a.enter(0x10u32, 2u32)?;
+            a.mov(rcx, rbp)?;
+            a.leave()
+        }),
+        Form::new("jcc/loop", |a| {
+            let mut top = a.create_label();
+            let mut skip = a.create_label();
+            a.and(ecx, 15)?;
+            a.inc(ecx)?;
+            a.set_label(&mut top)?;
+            a.add(rax, rcx)?;
+            a.jo(skip)?;
+            a.adc(rbx, 3)?;
+            a.set_label(&mut skip)?;
+            a.loop_(top)
+        }),
+    ];
+    run_all(15, "stack_and_calls", f, N, ptr_any);
+}
