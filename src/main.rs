@@ -10,7 +10,11 @@ use vmm::config::parse_size;
 use vmm::{Accel, RunOutcome, SerialOut, Vm, VmConfig};
 
 #[derive(Parser)]
-#[command(name = "rustvisor", version, about = "A hypervisor: run VMs on KVM or on rustvisor's x86-64 emulator")]
+#[command(
+    name = "rustvisor",
+    version,
+    about = "A hypervisor: run VMs on KVM or on rustvisor's x86-64 emulator"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -58,7 +62,9 @@ fn parse_serial(s: &str) -> Result<SerialOut, String> {
         "null" => Ok(SerialOut::Null),
         _ => match s.strip_prefix("file=") {
             Some(p) if !p.is_empty() => Ok(SerialOut::File(PathBuf::from(p))),
-            _ => Err(format!("--serial: '{s}' is not accepted (accepted: stdio, file=PATH, null)")),
+            _ => Err(format!(
+                "--serial: '{s}' is not accepted (accepted: stdio, file=PATH, null)"
+            )),
         },
     }
 }
@@ -100,7 +106,10 @@ impl Drop for RawTerminal {
 fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let bad = |m: String| (2u8, m);
     let mem_size = parse_size(&a.memory).map_err(|e| bad(format!("--memory: {e}")))?;
-    let accel: Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
+    let accel: Accel = a
+        .accel
+        .parse()
+        .map_err(|e: String| bad(format!("--accel: {e}")))?;
     let serial = parse_serial(&a.serial).map_err(bad)?;
     let interactive = serial == SerialOut::Stdio;
     let cfg = VmConfig {
@@ -113,11 +122,17 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
         serial,
     };
     let mut vm = Vm::new(&cfg).map_err(|e| match e {
-        vmm::Error::Config { .. } | vmm::Error::Kernel(_) | vmm::Error::Io { .. } => (2, e.to_string()),
+        vmm::Error::Config { .. } | vmm::Error::Kernel(_) | vmm::Error::Io { .. } => {
+            (2, e.to_string())
+        }
         _ => (1, e.to_string()),
     })?;
     tracing::info!("accelerator {}", vm.accel_note);
-    let _raw = if interactive { Some(RawTerminal::enable()) } else { None };
+    let _raw = if interactive {
+        Some(RawTerminal::enable())
+    } else {
+        None
+    };
     if interactive {
         let serial = vm.serial();
         let (quit, stop) = vm.quit_handle();
@@ -151,7 +166,10 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
                 }
                 let mut rest = &out[..];
                 while !rest.is_empty() {
-                    let took = serial.lock().map(|mut s| s.enqueue_input(rest)).unwrap_or(rest.len());
+                    let took = serial
+                        .lock()
+                        .map(|mut s| s.enqueue_input(rest))
+                        .unwrap_or(rest.len());
                     rest = &rest[took..];
                     if !rest.is_empty() {
                         std::thread::sleep(std::time::Duration::from_millis(2));

@@ -8,7 +8,7 @@ use std::time::Instant;
 use accel::emu::{EmuVcpu, InterruptController};
 use accel::kvm::KvmVm;
 use accel::{ExitHandler, Vcpu, VcpuExit};
-use devices::{Cmos, EmuIrqchip, GsiLine, I8042, IrqLine, MmioBus, PioBus, Serial};
+use devices::{Cmos, EmuIrqchip, GsiLine, IrqLine, MmioBus, PioBus, Serial, I8042};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{Accel, SerialOut, VmConfig};
@@ -64,7 +64,10 @@ struct EmuIc(Arc<Mutex<EmuIrqchip>>);
 
 impl InterruptController for EmuIc {
     fn interrupt_pending(&mut self) -> bool {
-        self.0.lock().map(|c| c.interrupt_pending()).unwrap_or(false)
+        self.0
+            .lock()
+            .map(|c| c.interrupt_pending())
+            .unwrap_or(false)
     }
     fn acknowledge(&mut self) -> Option<u8> {
         self.0.lock().ok().and_then(|mut c| c.acknowledge())
@@ -87,6 +90,14 @@ impl IrqLine for KvmIrq {
         }
     }
 }
+
+/// The boot vCPU, its stop flag, the console's interrupt line and the KVM VM (if any).
+type VcpuParts = (
+    Box<dyn Vcpu>,
+    Arc<AtomicBool>,
+    Arc<dyn IrqLine>,
+    Option<Arc<KvmVm>>,
+);
 
 /// A built VM, ready to run.
 pub struct Vm {
@@ -113,7 +124,10 @@ fn serial_sink(out: &SerialOut) -> Result<Box<dyn Write + Send>> {
                 .create(true)
                 .append(true)
                 .open(p)
-                .map_err(|err| Error::Io { path: p.display().to_string(), err })?,
+                .map_err(|err| Error::Io {
+                    path: p.display().to_string(),
+                    err,
+                })?,
         ),
     })
 }
@@ -126,7 +140,11 @@ fn choose_accel(a: Accel) -> Result<(bool, String)> {
         Accel::Emu => Ok((true, "emu: requested".into())),
         Accel::Kvm => {
             if !kvm_ok {
-                return Err(Error::Config { field: "--accel", msg: "kvm: /dev/kvm is not usable on this host (accepted here: emu, auto)".into() });
+                return Err(Error::Config {
+                    field: "--accel",
+                    msg: "kvm: /dev/kvm is not usable on this host (accepted here: emu, auto)"
+                        .into(),
+                });
             }
             if pvm {
                 return Err(Error::Config {
@@ -140,7 +158,10 @@ fn choose_accel(a: Accel) -> Result<(bool, String)> {
             if kvm_ok && !pvm {
                 Ok((false, "kvm: /dev/kvm with hardware virtualization".into()))
             } else if pvm {
-                Ok((true, "emu: /dev/kvm is the PVM backend, which cannot run a stock kernel".into()))
+                Ok((
+                    true,
+                    "emu: /dev/kvm is the PVM backend, which cannot run a stock kernel".into(),
+                ))
             } else {
                 Ok((true, "emu: /dev/kvm is not available".into()))
             }
@@ -154,13 +175,31 @@ impl Vm {
         cfg.validate()?;
         let (is_emu, accel_note) = choose_accel(cfg.accel)?;
         if is_emu && cfg.cpus > 1 {
-            return Err(Error::Config { field: "--cpus", msg: format!("{} vCPUs requested; the emu accelerator runs 1 vCPU for now (accepted: 1)", cfg.cpus) });
+            return Err(Error::Config {
+                field: "--cpus",
+                msg: format!(
+                    "{} vCPUs requested; the emu accelerator runs 1 vCPU for now (accepted: 1)",
+                    cfg.cpus
+                ),
+            });
         }
         if !is_emu && cfg.cpus > 1 {
-            return Err(Error::Config { field: "--cpus", msg: format!("{} vCPUs requested; only 1 is implemented so far (accepted: 1)", cfg.cpus) });
+            return Err(Error::Config {
+                field: "--cpus",
+                msg: format!(
+                    "{} vCPUs requested; only 1 is implemented so far (accepted: 1)",
+                    cfg.cpus
+                ),
+            });
         }
         let mem = memory::create(cfg.mem_size)?;
-        let info = arch::load(&mem, cfg.mem_size, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+        let info = arch::load(
+            &mem,
+            cfg.mem_size,
+            &cfg.kernel,
+            cfg.initrd.as_deref(),
+            &cfg.cmdline,
+        )?;
         let ram = memory::regions(&mem);
 
         let mut pio = PioBus::new();
@@ -170,13 +209,15 @@ impl Vm {
         let clock: devices::Clock = Arc::new(move || start.elapsed().as_nanos() as u64);
         let dev_err = |e: devices::Error| Error::Device(e.to_string());
 
-        let (vcpu, stop, serial_irq, kvm): (Box<dyn Vcpu>, Arc<AtomicBool>, Arc<dyn IrqLine>, Option<Arc<KvmVm>>) = if is_emu {
+        let (vcpu, stop, serial_irq, kvm): VcpuParts = if is_emu {
             let chip = Arc::new(Mutex::new(EmuIrqchip::new(clock.clone(), EMU_TSC_HZ)));
             for (base, len) in [(0x20u16, 2u16), (0xa0, 2), (0x4d0, 2), (0x40, 4), (0x61, 1)] {
                 pio.insert(base, len, chip.clone()).map_err(dev_err)?;
             }
-            mmio.insert(LAPIC_BASE, 0x1000, chip.clone()).map_err(dev_err)?;
-            mmio.insert(IOAPIC_BASE, 0x1000, chip.clone()).map_err(dev_err)?;
+            mmio.insert(LAPIC_BASE, 0x1000, chip.clone())
+                .map_err(dev_err)?;
+            mmio.insert(IOAPIC_BASE, 0x1000, chip.clone())
+                .map_err(dev_err)?;
             let line: Arc<dyn IrqLine> = Arc::new(GsiLine::new(&chip, COM1_IRQ));
             let v = EmuVcpu::new(&ram, Box::new(EmuIc(chip)), clock.clone(), EMU_TSC_HZ, 0);
             let stop = v.stop_flag();
@@ -185,11 +226,17 @@ impl Vm {
             let vm = Arc::new(KvmVm::new(&ram)?);
             let v = vm.create_vcpu(0)?;
             let stop = v.stop_flag();
-            let line: Arc<dyn IrqLine> = Arc::new(KvmIrq { vm: vm.clone(), gsi: COM1_IRQ });
+            let line: Arc<dyn IrqLine> = Arc::new(KvmIrq {
+                vm: vm.clone(),
+                gsi: COM1_IRQ,
+            });
             (Box::new(v), stop, line, Some(vm))
         };
 
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_sink(&cfg.serial)?)));
+        let serial = Arc::new(Mutex::new(Serial::new(
+            serial_irq,
+            serial_sink(&cfg.serial)?,
+        )));
         pio.insert(COM1, 8, serial.clone()).map_err(dev_err)?;
         let (r, s) = (reset.clone(), stop.clone());
         let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
@@ -239,7 +286,9 @@ impl Vm {
                 return Ok(RunOutcome::UserQuit);
             }
             if self.reset.load(Ordering::SeqCst) {
-                return Ok(RunOutcome::Reset("guest requested a reset through the i8042 controller".into()));
+                return Ok(RunOutcome::Reset(
+                    "guest requested a reset through the i8042 controller".into(),
+                ));
             }
             match exit {
                 VcpuExit::Interrupted => {}

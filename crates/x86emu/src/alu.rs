@@ -275,7 +275,14 @@ pub(crate) fn mul_wide(signed: bool, size: usize, a: u64, b: u64, flags: u64) ->
 
 /// One-operand DIV/IDIV of hi:lo by `d`. Returns `None` for #DE (zero divisor or quotient
 /// overflow), else (quotient, remainder, flags).
-pub(crate) fn div_wide(signed: bool, size: usize, lo: u64, hi: u64, d: u64, flags: u64) -> Option<(u64, u64, u64)> {
+pub(crate) fn div_wide(
+    signed: bool,
+    size: usize,
+    lo: u64,
+    hi: u64,
+    d: u64,
+    flags: u64,
+) -> Option<(u64, u64, u64)> {
     let m = crate::regs::mask(size);
     let bits = size as u32 * 8;
     let d = d & m;
@@ -320,7 +327,7 @@ pub(crate) fn div_wide(signed: bool, size: usize, lo: u64, hi: u64, d: u64, flag
 /// Parity flag of the low byte (PF set when the number of set bits is even).
 #[inline]
 pub(crate) fn parity(v: u64) -> bool {
-    (v as u8).count_ones() % 2 == 0
+    (v as u8).count_ones().is_multiple_of(2)
 }
 
 /// Flags after a logical result (as TEST/AND): CF=OF=0, SF/ZF/PF from the result, AF=0.

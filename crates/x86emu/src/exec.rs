@@ -4,7 +4,9 @@ use crate::alu::{self, Op1, Op2};
 use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit};
 use crate::regs::{mask, sext, GPR_INFO};
 use crate::{Bus, Fault, Res};
-use iced_x86::{Code, ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{
+    Code, ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register,
+};
 
 const BCACHE_SIZE: usize = 1 << 14;
 /// Longest block decoded at once, in instructions.
@@ -29,7 +31,9 @@ pub(crate) struct DecodeCache {
 
 impl DecodeCache {
     pub(crate) fn new() -> DecodeCache {
-        DecodeCache { e: (0..BCACHE_SIZE).map(|_| None).collect() }
+        DecodeCache {
+            e: (0..BCACHE_SIZE).map(|_| None).collect(),
+        }
     }
 }
 
@@ -69,7 +73,11 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             }
         }
         if cpu.halted {
-            return if cpu.rflags & IF != 0 { Exit::Halted } else { Exit::HaltedForever };
+            return if cpu.rflags & IF != 0 {
+                Exit::Halted
+            } else {
+                Exit::HaltedForever
+            };
         }
         cpu.check_irq = false;
         // Run a chunk without looking at the interrupt line.
@@ -148,9 +156,20 @@ fn ends_block(insn: &Instruction) -> bool {
             let r = insn.op0_register();
             r.is_cr() || r.is_segment_register()
         }
-        Mnemonic::Wrmsr | Mnemonic::Invlpg | Mnemonic::Lgdt | Mnemonic::Lidt | Mnemonic::Ltr | Mnemonic::Hlt
-        | Mnemonic::Sti | Mnemonic::Popf | Mnemonic::Popfq | Mnemonic::Popfd | Mnemonic::Out | Mnemonic::Lmsw
-        | Mnemonic::Swapgs | Mnemonic::Pop => {
+        Mnemonic::Wrmsr
+        | Mnemonic::Invlpg
+        | Mnemonic::Lgdt
+        | Mnemonic::Lidt
+        | Mnemonic::Ltr
+        | Mnemonic::Hlt
+        | Mnemonic::Sti
+        | Mnemonic::Popf
+        | Mnemonic::Popfq
+        | Mnemonic::Popfd
+        | Mnemonic::Out
+        | Mnemonic::Lmsw
+        | Mnemonic::Swapgs
+        | Mnemonic::Pop => {
             insn.mnemonic() != Mnemonic::Pop || insn.op0_register().is_segment_register()
         }
         _ => false,
@@ -162,12 +181,20 @@ fn ends_block(insn: &Instruction) -> bool {
 #[inline]
 fn fetch_block(cpu: &mut Cpu) -> SRes<(std::rc::Rc<[Instruction]>, usize, u32)> {
     let bits = cpu.bitness();
-    let la = if bits == 64 { cpu.rip } else { cpu.seg[sreg::CS].base.wrapping_add(cpu.rip) & 0xffff_ffff };
+    let la = if bits == 64 {
+        cpu.rip
+    } else {
+        cpu.seg[sreg::CS].base.wrapping_add(cpu.rip) & 0xffff_ffff
+    };
     let user = cpu.user();
     let gpa = cpu.translate(la, crate::mmu::Access::Exec, user)?;
     let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
     if let Some(b) = &cpu.dcache.e[idx] {
-        if b.gpa == gpa && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) && b.insns[0].ip() == cpu.rip {
+        if b.gpa == gpa
+            && b.bits == bits
+            && cpu.mmu.code_gen.get(b.page) == Some(&b.gen)
+            && b.insns[0].ip() == cpu.rip
+        {
             return Ok((b.insns.clone(), b.page, b.gen));
         }
     }
@@ -175,7 +202,13 @@ fn fetch_block(cpu: &mut Cpu) -> SRes<(std::rc::Rc<[Instruction]>, usize, u32)> 
 }
 
 #[cold]
-fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SRes<(std::rc::Rc<[Instruction]>, usize, u32)> {
+fn decode_block(
+    cpu: &mut Cpu,
+    la: u64,
+    bits: u32,
+    user: bool,
+    idx: usize,
+) -> SRes<(std::rc::Rc<[Instruction]>, usize, u32)> {
     let mut buf = [0u8; 16];
     let (n, loc) = cpu.fetch(la, &mut buf, user)?;
     let off = (la & 0xfff) as usize;
@@ -188,7 +221,12 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
     };
     // SAFETY: `host` maps the whole 4 KiB RAM page that holds `gpa`.
     let page_bytes = unsafe { std::slice::from_raw_parts(host as *const u8, 4096) };
-    let mut dec = Decoder::with_ip(bits, &page_bytes[off..], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
+    let mut dec = Decoder::with_ip(
+        bits,
+        &page_bytes[off..],
+        cpu.rip,
+        DecoderOptions::NO_INVALID_CHECK,
+    );
     let mut insns = Vec::with_capacity(8);
     while insns.len() < BLOCK_MAX && dec.can_decode() {
         let insn = dec.decode();
@@ -218,7 +256,13 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
     }
     let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
     let insns: std::rc::Rc<[Instruction]> = std::rc::Rc::from(insns);
-    cpu.dcache.e[idx] = Some(Block { gpa, gen, page, bits, insns: insns.clone() });
+    cpu.dcache.e[idx] = Some(Block {
+        gpa,
+        gen,
+        page,
+        bits,
+        insns: insns.clone(),
+    });
     Ok((insns, page, gen))
 }
 
@@ -330,7 +374,11 @@ impl Cpu {
         let mut asize = 8;
         if base != Register::None {
             if base == Register::RIP || base == Register::EIP {
-                return if base == Register::EIP { a & 0xffff_ffff } else { a };
+                return if base == Register::EIP {
+                    a & 0xffff_ffff
+                } else {
+                    a
+                };
             }
             a = a.wrapping_add(self.get_reg(base));
             asize = base.size();
@@ -570,11 +618,21 @@ enum StrOp {
 /// Maximum iterations of a REP string instruction per step (keeps interrupts timely).
 const REP_CHUNK: u64 = 1 << 14;
 
-fn string_op(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: StrOp, size: usize) -> SRes<()> {
+fn string_op(
+    cpu: &mut Cpu,
+    bus: &mut dyn Bus,
+    insn: &Instruction,
+    op: StrOp,
+    size: usize,
+) -> SRes<()> {
     let asz = string_asize(insn);
     let am = mask(asz);
     let rep = insn.has_rep_prefix() || insn.has_repne_prefix();
-    let step: u64 = if cpu.rflags & DF != 0 { (size as u64).wrapping_neg() } else { size as u64 };
+    let step: u64 = if cpu.rflags & DF != 0 {
+        (size as u64).wrapping_neg()
+    } else {
+        size as u64
+    };
     let src_seg = insn.memory_segment();
     let mut iters = 0u64;
     loop {
@@ -778,7 +836,11 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             let size = size0(insn);
             let l0 = cpu.loc(insn, 0);
             let a = cpu.rd(bus, l0, size)?;
-            let c = if insn.op_count() > 1 { cpu.rd(bus, cpu.loc(insn, 1), 1)? } else { 1 };
+            let c = if insn.op_count() > 1 {
+                cpu.rd(bus, cpu.loc(insn, 1), 1)?
+            } else {
+                1
+            };
             let (r, f) = alu::op2(op2_of(m).unwrap_or(Op2::Shl), size, a, c, cpu.rflags);
             cpu.wr(bus, l0, size, r)?;
             cpu.rflags = f;
@@ -937,86 +999,80 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
                 cpu.probe_write(la, half * 2, cpu.user())?;
                 cpu.wmem(bus, la, half, lo)?;
                 cpu.wmem(bus, la + half as u64, half, hi)?;
-                if half == 4 {
-                    cpu.gpr[0] = lo;
-                    cpu.gpr[2] = hi;
-                } else {
-                    cpu.gpr[0] = lo;
-                    cpu.gpr[2] = hi;
-                }
+                // 32-bit halves zero-extend into RAX/RDX, as 32-bit register writes do.
+                cpu.gpr[0] = lo;
+                cpu.gpr[2] = hi;
                 cpu.rflags &= !ZF;
             }
             Ok(())
         }
-        M::Jmp => {
-            match insn.op0_kind() {
-                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
-                    cpu.rip = insn.near_branch_target();
-                    Ok(())
-                }
-                OpKind::FarBranch16 | OpKind::FarBranch32 => {
-                    let off = if insn.op0_kind() == OpKind::FarBranch16 {
-                        u64::from(insn.far_branch16())
-                    } else {
-                        u64::from(insn.far_branch32())
-                    };
-                    crate::interrupt::far_jump(cpu, bus, insn.far_branch_selector(), off)?;
-                    Ok(())
-                }
-                OpKind::Memory if is_far(insn) => {
-                    let (sel, off) = read_far_ptr(cpu, bus, insn)?;
-                    crate::interrupt::far_jump(cpu, bus, sel, off)?;
-                    Ok(())
-                }
-                _ => {
-                    let size = size0(insn);
-                    let t = cpu.rd(bus, cpu.loc(insn, 0), size)?;
-                    cpu.branch(t)?;
-                    Ok(())
-                }
+        M::Jmp => match insn.op0_kind() {
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                cpu.rip = insn.near_branch_target();
+                Ok(())
             }
-        }
-        M::Call => {
-            match insn.op0_kind() {
-                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
-                    let size = insn.stack_pointer_increment().unsigned_abs() as usize;
-                    cpu.push(bus, size, insn.next_ip())?;
-                    cpu.rip = insn.near_branch_target();
-                    Ok(())
-                }
-                OpKind::FarBranch16 | OpKind::FarBranch32 | OpKind::Memory if is_far(insn) || insn.op0_kind() != OpKind::Memory => {
-                    let (sel, off) = if insn.op0_kind() == OpKind::Memory {
-                        read_far_ptr(cpu, bus, insn)?
-                    } else if insn.op0_kind() == OpKind::FarBranch16 {
-                        (insn.far_branch_selector(), u64::from(insn.far_branch16()))
-                    } else {
-                        (insn.far_branch_selector(), u64::from(insn.far_branch32()))
-                    };
-                    let size = insn.stack_pointer_increment().unsigned_abs() as usize / 2;
-                    let cs = u64::from(cpu.seg[sreg::CS].selector);
-                    let ret = insn.next_ip();
-                    let old_sp = cpu.gpr[4];
-                    cpu.push(bus, size, cs)?;
-                    cpu.push(bus, size, ret)?;
-                    if let Err(e) = crate::interrupt::far_jump(cpu, bus, sel, off) {
-                        cpu.gpr[4] = old_sp;
-                        return Err(e.into());
-                    }
-                    Ok(())
-                }
-                _ => {
-                    let size = size0(insn);
-                    let t = cpu.rd(bus, cpu.loc(insn, 0), size)?;
-                    let ssize = insn.stack_pointer_increment().unsigned_abs() as usize;
-                    if cpu.in_64bit_mode() && ((t as i64) << 16 >> 16) as u64 != t {
-                        return Err(Fault::GeneralProtection(0).into());
-                    }
-                    cpu.push(bus, ssize, insn.next_ip())?;
-                    cpu.rip = t;
-                    Ok(())
-                }
+            OpKind::FarBranch16 | OpKind::FarBranch32 => {
+                let off = if insn.op0_kind() == OpKind::FarBranch16 {
+                    u64::from(insn.far_branch16())
+                } else {
+                    u64::from(insn.far_branch32())
+                };
+                crate::interrupt::far_jump(cpu, bus, insn.far_branch_selector(), off)?;
+                Ok(())
             }
-        }
+            OpKind::Memory if is_far(insn) => {
+                let (sel, off) = read_far_ptr(cpu, bus, insn)?;
+                crate::interrupt::far_jump(cpu, bus, sel, off)?;
+                Ok(())
+            }
+            _ => {
+                let size = size0(insn);
+                let t = cpu.rd(bus, cpu.loc(insn, 0), size)?;
+                cpu.branch(t)?;
+                Ok(())
+            }
+        },
+        M::Call => match insn.op0_kind() {
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                let size = insn.stack_pointer_increment().unsigned_abs() as usize;
+                cpu.push(bus, size, insn.next_ip())?;
+                cpu.rip = insn.near_branch_target();
+                Ok(())
+            }
+            OpKind::FarBranch16 | OpKind::FarBranch32 | OpKind::Memory
+                if is_far(insn) || insn.op0_kind() != OpKind::Memory =>
+            {
+                let (sel, off) = if insn.op0_kind() == OpKind::Memory {
+                    read_far_ptr(cpu, bus, insn)?
+                } else if insn.op0_kind() == OpKind::FarBranch16 {
+                    (insn.far_branch_selector(), u64::from(insn.far_branch16()))
+                } else {
+                    (insn.far_branch_selector(), u64::from(insn.far_branch32()))
+                };
+                let size = insn.stack_pointer_increment().unsigned_abs() as usize / 2;
+                let cs = u64::from(cpu.seg[sreg::CS].selector);
+                let ret = insn.next_ip();
+                let old_sp = cpu.gpr[4];
+                cpu.push(bus, size, cs)?;
+                cpu.push(bus, size, ret)?;
+                if let Err(e) = crate::interrupt::far_jump(cpu, bus, sel, off) {
+                    cpu.gpr[4] = old_sp;
+                    return Err(e.into());
+                }
+                Ok(())
+            }
+            _ => {
+                let size = size0(insn);
+                let t = cpu.rd(bus, cpu.loc(insn, 0), size)?;
+                let ssize = insn.stack_pointer_increment().unsigned_abs() as usize;
+                if cpu.in_64bit_mode() && ((t as i64) << 16 >> 16) as u64 != t {
+                    return Err(Fault::GeneralProtection(0).into());
+                }
+                cpu.push(bus, ssize, insn.next_ip())?;
+                cpu.rip = t;
+                Ok(())
+            }
+        },
         M::Ret => {
             let size = match cpu.bitness() {
                 64 => {
@@ -1043,15 +1099,33 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             };
             let t = cpu.peek(bus, 0, size)?;
             cpu.branch(t)?;
-            let extra = if insn.op_count() > 0 { insn.immediate(0) } else { 0 };
+            let extra = if insn.op_count() > 0 {
+                insn.immediate(0)
+            } else {
+                0
+            };
             let sp = cpu.rsp().wrapping_add(size as u64 + extra);
             cpu.set_rsp(sp);
             Ok(())
         }
         M::Retf => crate::interrupt::far_ret(cpu, bus, insn).map_err(Stop::from),
         M::Iret | M::Iretd | M::Iretq => crate::interrupt::iret(cpu, bus, insn).map_err(Stop::from),
-        M::Jo | M::Jno | M::Jb | M::Jae | M::Je | M::Jne | M::Jbe | M::Ja | M::Js | M::Jns | M::Jp | M::Jnp | M::Jl
-        | M::Jge | M::Jle | M::Jg => {
+        M::Jo
+        | M::Jno
+        | M::Jb
+        | M::Jae
+        | M::Je
+        | M::Jne
+        | M::Jbe
+        | M::Ja
+        | M::Js
+        | M::Jns
+        | M::Jp
+        | M::Jnp
+        | M::Jl
+        | M::Jge
+        | M::Jle
+        | M::Jg => {
             if cond(cpu, insn.condition_code()) {
                 cpu.rip = insn.near_branch_target();
             }
@@ -1084,15 +1158,43 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             }
             Ok(())
         }
-        M::Sete | M::Setne | M::Seto | M::Setno | M::Setb | M::Setae | M::Setbe | M::Seta | M::Sets | M::Setns
-        | M::Setp | M::Setnp | M::Setl | M::Setge | M::Setle | M::Setg => {
+        M::Sete
+        | M::Setne
+        | M::Seto
+        | M::Setno
+        | M::Setb
+        | M::Setae
+        | M::Setbe
+        | M::Seta
+        | M::Sets
+        | M::Setns
+        | M::Setp
+        | M::Setnp
+        | M::Setl
+        | M::Setge
+        | M::Setle
+        | M::Setg => {
             let v = cond(cpu, insn.condition_code()) as u64;
             let l = cpu.loc(insn, 0);
             cpu.wr(bus, l, 1, v)?;
             Ok(())
         }
-        M::Cmove | M::Cmovne | M::Cmovo | M::Cmovno | M::Cmovb | M::Cmovae | M::Cmovbe | M::Cmova | M::Cmovs
-        | M::Cmovns | M::Cmovp | M::Cmovnp | M::Cmovl | M::Cmovge | M::Cmovle | M::Cmovg => {
+        M::Cmove
+        | M::Cmovne
+        | M::Cmovo
+        | M::Cmovno
+        | M::Cmovb
+        | M::Cmovae
+        | M::Cmovbe
+        | M::Cmova
+        | M::Cmovs
+        | M::Cmovns
+        | M::Cmovp
+        | M::Cmovnp
+        | M::Cmovl
+        | M::Cmovge
+        | M::Cmovle
+        | M::Cmovg => {
             let r0 = insn.op0_register();
             let size = r0.size();
             let v = cpu.rd(bus, cpu.loc(insn, 1), size)?;
@@ -1121,7 +1223,11 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
         M::Mul | M::Imul => {
             let size = size0(insn);
             let b = cpu.rd(bus, cpu.loc(insn, 0), size)?;
-            let a = if size == 1 { cpu.gpr[0] & 0xff } else { cpu.gpr[0] };
+            let a = if size == 1 {
+                cpu.gpr[0] & 0xff
+            } else {
+                cpu.gpr[0]
+            };
             let (lo, hi, f) = alu::mul_wide(m == M::Imul, size, a, b, cpu.rflags);
             if size == 1 {
                 cpu.set_reg(Register::AX, lo | (hi << 8));
@@ -1180,7 +1286,11 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             Ok(())
         }
         M::Cdq => {
-            let v = if cpu.gpr[0] & 0x8000_0000 != 0 { 0xffff_ffff } else { 0 };
+            let v = if cpu.gpr[0] & 0x8000_0000 != 0 {
+                0xffff_ffff
+            } else {
+                0
+            };
             cpu.set_reg(Register::EDX, v);
             Ok(())
         }
@@ -1197,7 +1307,11 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
                     let off = sext(cpu.get_reg(insn.op1_register()), size) as i64;
                     let byte = off.div_euclid(bits as i64) * size as i64;
                     let la = cpu.mem_la(insn).wrapping_add(byte as u64);
-                    let la = if cpu.in_64bit_mode() { la } else { la & 0xffff_ffff };
+                    let la = if cpu.in_64bit_mode() {
+                        la
+                    } else {
+                        la & 0xffff_ffff
+                    };
                     (Loc::Mem(la), off.rem_euclid(bits as i64) as u64)
                 }
                 _ => {
@@ -1224,7 +1338,11 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             let r0 = insn.op0_register();
             let size = r0.size();
             let s = cpu.rd(bus, cpu.loc(insn, 1), size)?;
-            let op = if matches!(m, M::Bsf | M::Tzcnt) { Op2::Bsf } else { Op2::Bsr };
+            let op = if matches!(m, M::Bsf | M::Tzcnt) {
+                Op2::Bsf
+            } else {
+                Op2::Bsr
+            };
             let (r, f) = alu::op2(op, size, cpu.get_reg(r0), s, cpu.rflags);
             if s & mask(size) != 0 || size == 4 {
                 cpu.set_reg(r0, r);
@@ -1243,7 +1361,13 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
         M::Bswap => {
             let r0 = insn.op0_register();
             let v = cpu.get_reg(r0);
-            let nv = if r0.size() == 8 { v.swap_bytes() } else if r0.size() == 4 { u64::from((v as u32).swap_bytes()) } else { 0 };
+            let nv = if r0.size() == 8 {
+                v.swap_bytes()
+            } else if r0.size() == 4 {
+                u64::from((v as u32).swap_bytes())
+            } else {
+                0
+            };
             cpu.set_reg(r0, nv);
             Ok(())
         }
@@ -1280,8 +1404,21 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             }
             r.map_err(Stop::from)
         }
-        M::Nop | M::Pause | M::Lfence | M::Mfence | M::Sfence | M::Prefetchnta | M::Prefetcht0 | M::Prefetcht1
-        | M::Prefetcht2 | M::Prefetchw | M::Prefetch | M::Endbr64 | M::Endbr32 | M::Clflush | M::Clflushopt
+        M::Nop
+        | M::Pause
+        | M::Lfence
+        | M::Mfence
+        | M::Sfence
+        | M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw
+        | M::Prefetch
+        | M::Endbr64
+        | M::Endbr32
+        | M::Clflush
+        | M::Clflushopt
         | M::Clwb => Ok(()),
         M::Lahf => {
             let ah = (cpu.rflags & (SF | ZF | AF | PF | CF)) | 2;
@@ -1353,7 +1490,11 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             io_check(cpu)?;
             let r0 = insn.op0_register();
             let size = r0.size();
-            let port = if insn.op1_kind() == OpKind::Register { cpu.gpr[2] as u16 } else { insn.immediate(1) as u16 };
+            let port = if insn.op1_kind() == OpKind::Register {
+                cpu.gpr[2] as u16
+            } else {
+                insn.immediate(1) as u16
+            };
             cpu.stats.pio += 1;
             let v = bus.io_in(port, size as u8);
             cpu.set_reg(r0, u64::from(v));
@@ -1363,15 +1504,40 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             io_check(cpu)?;
             let r1 = insn.op1_register();
             let size = r1.size();
-            let port = if insn.op0_kind() == OpKind::Register { cpu.gpr[2] as u16 } else { insn.immediate(0) as u16 };
+            let port = if insn.op0_kind() == OpKind::Register {
+                cpu.gpr[2] as u16
+            } else {
+                insn.immediate(0) as u16
+            };
             cpu.stats.pio += 1;
             bus.io_out(port, size as u8, cpu.get_reg(r1) as u32);
             cpu.check_irq = true;
             Ok(())
         }
-        M::Movsb | M::Movsw | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq | M::Lodsb | M::Lodsw | M::Lodsd
-        | M::Lodsq | M::Cmpsb | M::Cmpsw | M::Cmpsq | M::Scasb | M::Scasw | M::Scasd | M::Scasq | M::Insb
-        | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd => {
+        M::Movsb
+        | M::Movsw
+        | M::Movsq
+        | M::Stosb
+        | M::Stosw
+        | M::Stosd
+        | M::Stosq
+        | M::Lodsb
+        | M::Lodsw
+        | M::Lodsd
+        | M::Lodsq
+        | M::Cmpsb
+        | M::Cmpsw
+        | M::Cmpsq
+        | M::Scasb
+        | M::Scasw
+        | M::Scasd
+        | M::Scasq
+        | M::Insb
+        | M::Insw
+        | M::Insd
+        | M::Outsb
+        | M::Outsw
+        | M::Outsd => {
             let (op, size) = match m {
                 M::Movsb => (StrOp::Movs, 1),
                 M::Movsw => (StrOp::Movs, 2),
@@ -1411,7 +1577,9 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             Ok(())
         }
         M::Int3 => crate::interrupt::soft_int(cpu, bus, 3, true).map_err(Stop::from),
-        M::Int => crate::interrupt::soft_int(cpu, bus, insn.immediate(0) as u8, false).map_err(Stop::from),
+        M::Int => {
+            crate::interrupt::soft_int(cpu, bus, insn.immediate(0) as u8, false).map_err(Stop::from)
+        }
         M::Int1 => crate::interrupt::soft_int(cpu, bus, 1, true).map_err(Stop::from),
         M::Into => {
             if cpu.rflags & OF != 0 {
@@ -1438,7 +1606,12 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
 fn is_far(insn: &Instruction) -> bool {
     matches!(
         insn.code(),
-        Code::Jmp_m1616 | Code::Jmp_m1632 | Code::Jmp_m1664 | Code::Call_m1616 | Code::Call_m1632 | Code::Call_m1664
+        Code::Jmp_m1616
+            | Code::Jmp_m1632
+            | Code::Jmp_m1664
+            | Code::Call_m1616
+            | Code::Call_m1632
+            | Code::Call_m1664
     )
 }
 
@@ -1488,10 +1661,20 @@ trait LoopWidth {
 impl LoopWidth for Instruction {
     fn op0_register_or_count(&self) -> usize {
         match self.code() {
-            Code::Loop_rel8_16_CX | Code::Loope_rel8_16_CX | Code::Loopne_rel8_16_CX | Code::Loop_rel8_32_CX
-            | Code::Loope_rel8_32_CX | Code::Loopne_rel8_32_CX => 2,
-            Code::Loop_rel8_16_ECX | Code::Loope_rel8_16_ECX | Code::Loopne_rel8_16_ECX | Code::Loop_rel8_32_ECX
-            | Code::Loope_rel8_32_ECX | Code::Loopne_rel8_32_ECX | Code::Loop_rel8_64_ECX | Code::Loope_rel8_64_ECX
+            Code::Loop_rel8_16_CX
+            | Code::Loope_rel8_16_CX
+            | Code::Loopne_rel8_16_CX
+            | Code::Loop_rel8_32_CX
+            | Code::Loope_rel8_32_CX
+            | Code::Loopne_rel8_32_CX => 2,
+            Code::Loop_rel8_16_ECX
+            | Code::Loope_rel8_16_ECX
+            | Code::Loopne_rel8_16_ECX
+            | Code::Loop_rel8_32_ECX
+            | Code::Loope_rel8_32_ECX
+            | Code::Loopne_rel8_32_ECX
+            | Code::Loop_rel8_64_ECX
+            | Code::Loope_rel8_64_ECX
             | Code::Loopne_rel8_64_ECX => 4,
             _ => 8,
         }

@@ -240,7 +240,16 @@ fn narrow(w: &[u8; 16]) -> F80 {
 /// control word and condition codes. Updates the guest's C0-C3 and returns the block; the
 /// exception flags raised are in `sw & EXC` (see [`signal`]).
 fn host(cpu: &mut Cpu, op: X, a: F80, b: F80, m: [u8; 16]) -> X87 {
-    let mut io = X87 { a: wide(a), b: wide(b), m, fl: 2, _pad: 0, env: [0; 28], sw: 0, saved_cw: 0 };
+    let mut io = X87 {
+        a: wide(a),
+        b: wide(b),
+        m,
+        fl: 2,
+        _pad: 0,
+        env: [0; 28],
+        sw: 0,
+        saved_cw: 0,
+    };
     io.env[0..2].copy_from_slice(&(cpu.fpu.fcw | EXC).to_le_bytes());
     io.env[4..6].copy_from_slice(&(cpu.fpu.fsw & CC).to_le_bytes());
     io.env[8..10].copy_from_slice(&0xffffu16.to_le_bytes());
@@ -362,7 +371,13 @@ fn full_tag_word(cpu: &Cpu) -> u16 {
 
 /// Abridged tag byte from a full tag word.
 fn abridge(tw: u16) -> u8 {
-    (0..8).fold(0, |t, p| if (tw >> (2 * p)) & 3 != 3 { t | (1 << p) } else { t })
+    (0..8).fold(0, |t, p| {
+        if (tw >> (2 * p)) & 3 != 3 {
+            t | (1 << p)
+        } else {
+            t
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -460,18 +475,103 @@ fn is_x87(m: Mnemonic) -> bool {
     use Mnemonic as M;
     matches!(
         m,
-        M::Fadd | M::Faddp | M::Fiadd | M::Fsub | M::Fsubp | M::Fisub | M::Fsubr | M::Fsubrp | M::Fisubr
-            | M::Fmul | M::Fmulp | M::Fimul | M::Fdiv | M::Fdivp | M::Fidiv | M::Fdivr | M::Fdivrp | M::Fidivr
-            | M::Fcom | M::Fcomp | M::Fcompp | M::Fucom | M::Fucomp | M::Fucompp | M::Ficom | M::Ficomp
-            | M::Fcomi | M::Fcomip | M::Fucomi | M::Fucomip | M::Ftst | M::Fxam
-            | M::Fchs | M::Fabs | M::Fsqrt | M::Frndint | M::F2xm1 | M::Fsin | M::Fcos | M::Fptan | M::Fsincos
-            | M::Fxtract | M::Fscale | M::Fprem | M::Fprem1 | M::Fpatan | M::Fyl2x | M::Fyl2xp1
-            | M::Fld | M::Fild | M::Fbld | M::Fld1 | M::Fldz | M::Fldpi | M::Fldl2e | M::Fldl2t | M::Fldlg2
-            | M::Fldln2 | M::Fst | M::Fstp | M::Fist | M::Fistp | M::Fbstp | M::Fxch | M::Ffree | M::Ffreep
-            | M::Fincstp | M::Fdecstp | M::Fnop | M::Fninit | M::Finit | M::Fnclex | M::Fclex | M::Fnstcw
-            | M::Fstcw | M::Fldcw | M::Fnstsw | M::Fstsw | M::Fnstenv | M::Fstenv | M::Fldenv | M::Fnsave
-            | M::Fsave | M::Frstor | M::Fneni | M::Fndisi | M::Fnsetpm | M::Feni | M::Fdisi | M::Fsetpm
-            | M::Fcmovb | M::Fcmovnb | M::Fcmove | M::Fcmovne | M::Fcmovbe | M::Fcmovnbe | M::Fcmovu
+        M::Fadd
+            | M::Faddp
+            | M::Fiadd
+            | M::Fsub
+            | M::Fsubp
+            | M::Fisub
+            | M::Fsubr
+            | M::Fsubrp
+            | M::Fisubr
+            | M::Fmul
+            | M::Fmulp
+            | M::Fimul
+            | M::Fdiv
+            | M::Fdivp
+            | M::Fidiv
+            | M::Fdivr
+            | M::Fdivrp
+            | M::Fidivr
+            | M::Fcom
+            | M::Fcomp
+            | M::Fcompp
+            | M::Fucom
+            | M::Fucomp
+            | M::Fucompp
+            | M::Ficom
+            | M::Ficomp
+            | M::Fcomi
+            | M::Fcomip
+            | M::Fucomi
+            | M::Fucomip
+            | M::Ftst
+            | M::Fxam
+            | M::Fchs
+            | M::Fabs
+            | M::Fsqrt
+            | M::Frndint
+            | M::F2xm1
+            | M::Fsin
+            | M::Fcos
+            | M::Fptan
+            | M::Fsincos
+            | M::Fxtract
+            | M::Fscale
+            | M::Fprem
+            | M::Fprem1
+            | M::Fpatan
+            | M::Fyl2x
+            | M::Fyl2xp1
+            | M::Fld
+            | M::Fild
+            | M::Fbld
+            | M::Fld1
+            | M::Fldz
+            | M::Fldpi
+            | M::Fldl2e
+            | M::Fldl2t
+            | M::Fldlg2
+            | M::Fldln2
+            | M::Fst
+            | M::Fstp
+            | M::Fist
+            | M::Fistp
+            | M::Fbstp
+            | M::Fxch
+            | M::Ffree
+            | M::Ffreep
+            | M::Fincstp
+            | M::Fdecstp
+            | M::Fnop
+            | M::Fninit
+            | M::Finit
+            | M::Fnclex
+            | M::Fclex
+            | M::Fnstcw
+            | M::Fstcw
+            | M::Fldcw
+            | M::Fnstsw
+            | M::Fstsw
+            | M::Fnstenv
+            | M::Fstenv
+            | M::Fldenv
+            | M::Fnsave
+            | M::Fsave
+            | M::Frstor
+            | M::Fneni
+            | M::Fndisi
+            | M::Fnsetpm
+            | M::Feni
+            | M::Fdisi
+            | M::Fsetpm
+            | M::Fcmovb
+            | M::Fcmovnb
+            | M::Fcmove
+            | M::Fcmovne
+            | M::Fcmovbe
+            | M::Fcmovnbe
+            | M::Fcmovu
             | M::Fcmovnu
     )
 }
@@ -514,7 +614,15 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
     }
     let no_wait = matches!(
         m,
-        M::Fninit | M::Fnclex | M::Fnstcw | M::Fnstsw | M::Fnstenv | M::Fnsave | M::Fneni | M::Fndisi | M::Fnsetpm
+        M::Fninit
+            | M::Fnclex
+            | M::Fnstcw
+            | M::Fnstsw
+            | M::Fnstenv
+            | M::Fnsave
+            | M::Fneni
+            | M::Fndisi
+            | M::Fnsetpm
     );
     if !no_wait {
         check_pending(cpu)?;
@@ -522,8 +630,18 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
     let control = no_wait
         || matches!(
             m,
-            M::Finit | M::Fclex | M::Fstcw | M::Fstsw | M::Fstenv | M::Fsave | M::Fldcw | M::Fldenv | M::Frstor
-                | M::Feni | M::Fdisi | M::Fsetpm
+            M::Finit
+                | M::Fclex
+                | M::Fstcw
+                | M::Fstsw
+                | M::Fstenv
+                | M::Fsave
+                | M::Fldcw
+                | M::Fldenv
+                | M::Frstor
+                | M::Feni
+                | M::Fdisi
+                | M::Fsetpm
         );
     exec(cpu, bus, insn, m)?;
     if !control {
@@ -541,7 +659,9 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
 fn opcode(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> u16 {
     let la = cpu.seg_la(Register::CS, insn.ip());
     for k in 0..insn.len() as u64 {
-        let Ok(b) = cpu.rmem(bus, la_add(cpu, la, k), 1) else { return 0 };
+        let Ok(b) = cpu.rmem(bus, la_add(cpu, la, k), 1) else {
+            return 0;
+        };
         if (0xd8..=0xdf).contains(&b) {
             let modrm = cpu.rmem(bus, la_add(cpu, la, k + 1), 1).unwrap_or(0);
             return (((b & 7) << 8) | modrm) as u16;
@@ -557,8 +677,24 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
     let msize = insn.memory_size().size();
     let reg = |k: u32| st_index(insn.op_register(k));
     match m {
-        M::Fadd | M::Faddp | M::Fiadd | M::Fsub | M::Fsubp | M::Fisub | M::Fsubr | M::Fsubrp | M::Fisubr | M::Fmul
-        | M::Fmulp | M::Fimul | M::Fdiv | M::Fdivp | M::Fidiv | M::Fdivr | M::Fdivrp | M::Fidivr => {
+        M::Fadd
+        | M::Faddp
+        | M::Fiadd
+        | M::Fsub
+        | M::Fsubp
+        | M::Fisub
+        | M::Fsubr
+        | M::Fsubrp
+        | M::Fisubr
+        | M::Fmul
+        | M::Fmulp
+        | M::Fimul
+        | M::Fdiv
+        | M::Fdivp
+        | M::Fidiv
+        | M::Fdivr
+        | M::Fdivrp
+        | M::Fidivr => {
             let row = match m {
                 M::Fadd | M::Faddp | M::Fiadd => 0,
                 M::Fsub | M::Fsubp | M::Fisub => 1,
@@ -567,8 +703,14 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 M::Fdiv | M::Fdivp | M::Fidiv => 4,
                 _ => 5,
             };
-            let popping = matches!(m, M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp | M::Fdivp | M::Fdivrp);
-            let int = matches!(m, M::Fiadd | M::Fisub | M::Fisubr | M::Fimul | M::Fidiv | M::Fidivr);
+            let popping = matches!(
+                m,
+                M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp | M::Fdivp | M::Fdivrp
+            );
+            let int = matches!(
+                m,
+                M::Fiadd | M::Fisub | M::Fisubr | M::Fimul | M::Fidiv | M::Fidivr
+            );
             let (dst, src, col, img) = if mem {
                 let col = match (int, msize) {
                     (false, 4) => 1,
@@ -598,7 +740,15 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
             }
         }
-        M::Fcom | M::Fcomp | M::Fcompp | M::Fucom | M::Fucomp | M::Fucompp | M::Ficom | M::Ficomp | M::Ftst => {
+        M::Fcom
+        | M::Fcomp
+        | M::Fcompp
+        | M::Fucom
+        | M::Fucomp
+        | M::Fucompp
+        | M::Ficom
+        | M::Ficomp
+        | M::Ftst => {
             let pops = match m {
                 M::Fcomp | M::Fucomp | M::Ficomp => 1,
                 M::Fcompp | M::Fucompp => 2,
@@ -617,7 +767,11 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 (op, None, mem_read(cpu, bus, la, msize)?)
             } else {
                 let s = if insn.op_count() > 1 { reg(1) } else { 1 };
-                (if unordered { X::UcomRr } else { X::ComRr }, Some(s), [0; 16])
+                (
+                    if unordered { X::UcomRr } else { X::ComRr },
+                    Some(s),
+                    [0; 16],
+                )
             };
             if is_empty(cpu, 0) || src.is_some_and(|s| is_empty(cpu, s)) {
                 if underflow(cpu) {
@@ -648,7 +802,11 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
                 return Ok(());
             }
-            let op = if matches!(m, M::Fcomi | M::Fcomip) { X::ComiRr } else { X::UcomiRr };
+            let op = if matches!(m, M::Fcomi | M::Fcomip) {
+                X::ComiRr
+            } else {
+                X::UcomiRr
+            };
             let io = host(cpu, op, get(cpu, 0), get(cpu, s), [0; 16]);
             if signal(cpu, io.sw & EXC) & BLOCK_REG == 0 {
                 cpu.rflags = (cpu.rflags & !ARITH) | (io.fl & ARITH);
@@ -745,7 +903,15 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
             }
         }
-        M::Fld | M::Fild | M::Fbld | M::Fld1 | M::Fldz | M::Fldpi | M::Fldl2e | M::Fldl2t | M::Fldlg2
+        M::Fld
+        | M::Fild
+        | M::Fbld
+        | M::Fld1
+        | M::Fldz
+        | M::Fldpi
+        | M::Fldl2e
+        | M::Fldl2t
+        | M::Fldlg2
         | M::Fldln2 => {
             if !mem && m == M::Fld {
                 // FLD ST(i): the source is read before the push.
@@ -766,7 +932,11 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
                 return Ok(());
             }
-            let img = if mem { mem_read(cpu, bus, la, msize)? } else { [0; 16] };
+            let img = if mem {
+                mem_read(cpu, bus, la, msize)?
+            } else {
+                [0; 16]
+            };
             if full(cpu) {
                 overflow(cpu);
                 return Ok(());
@@ -874,7 +1044,14 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
             set(cpu, 0, b);
             set(cpu, s, a);
         }
-        M::Fcmovb | M::Fcmovnb | M::Fcmove | M::Fcmovne | M::Fcmovbe | M::Fcmovnbe | M::Fcmovu | M::Fcmovnu => {
+        M::Fcmovb
+        | M::Fcmovnb
+        | M::Fcmove
+        | M::Fcmovne
+        | M::Fcmovbe
+        | M::Fcmovnbe
+        | M::Fcmovu
+        | M::Fcmovnu => {
             let s = reg(1);
             if is_empty(cpu, 0) || is_empty(cpu, s) {
                 if underflow(cpu) {
@@ -895,7 +1072,11 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
             }
         }
         M::Fincstp | M::Fdecstp => {
-            let t = if m == M::Fincstp { top(cpu) + 1 } else { top(cpu).wrapping_sub(1) };
+            let t = if m == M::Fincstp {
+                top(cpu) + 1
+            } else {
+                top(cpu).wrapping_sub(1)
+            };
             set_top(cpu, t);
             cpu.fpu.fsw &= !C1;
         }
@@ -995,7 +1176,15 @@ fn env_image(cpu: &Cpu, small: bool) -> [u8; 108] {
     let tw = full_tag_word(cpu);
     let fop = u32::from(cpu.fpu.fop & 0x7ff);
     if small {
-        let words = [cpu.fpu.fcw, cpu.fpu.fsw, tw, cpu.fpu.fip as u16, 0, cpu.fpu.fdp as u16, 0];
+        let words = [
+            cpu.fpu.fcw,
+            cpu.fpu.fsw,
+            tw,
+            cpu.fpu.fip as u16,
+            0,
+            cpu.fpu.fdp as u16,
+            0,
+        ];
         for (i, w) in words.iter().enumerate() {
             e[2 * i..2 * i + 2].copy_from_slice(&w.to_le_bytes());
         }

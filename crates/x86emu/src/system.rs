@@ -36,7 +36,8 @@ pub(crate) fn write_cr_dr(cpu: &mut Cpu, r: Register, v: u64) -> SRes<()> {
         }
         Register::CR4 => {
             // Reject bits for features we do not advertise (VMXE, SMXE, PKE, CET, ...).
-            const OK: u64 = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400;
+            const OK: u64 =
+                0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400;
             if v & !OK != 0 {
                 return Err(Fault::GeneralProtection(0).into());
             }
@@ -210,7 +211,9 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
         }
         M::Rdmsr => {
             need_cpl0(cpu)?;
-            let v = cpu.read_msr(bus, cpu.gpr[1] as u32).ok_or(Fault::GeneralProtection(0))?;
+            let v = cpu
+                .read_msr(bus, cpu.gpr[1] as u32)
+                .ok_or(Fault::GeneralProtection(0))?;
             cpu.gpr[0] = v & 0xffff_ffff;
             cpu.gpr[2] = v >> 32;
             Ok(())
@@ -260,7 +263,12 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
                 if insn.mnemonic() == M::Ltr {
                     return Err(Fault::GeneralProtection(0).into());
                 }
-                cpu.ldtr = crate::cpu::Seg { selector: sel, base: 0, limit: 0, attr: 1 << 16 };
+                cpu.ldtr = crate::cpu::Seg {
+                    selector: sel,
+                    base: 0,
+                    limit: 0,
+                    attr: 1 << 16,
+                };
                 return Ok(());
             }
             let (lo, hi) = read_desc(cpu, bus, sel)?;
@@ -290,7 +298,11 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
                 M::Str => u64::from(cpu.tr.selector),
                 _ => cpu.cr0 & 0xffff,
             };
-            let size = if insn.op0_kind() == OpKind::Register { insn.op0_register().size() } else { 2 };
+            let size = if insn.op0_kind() == OpKind::Register {
+                insn.op0_register().size()
+            } else {
+                2
+            };
             let l = cpu.loc(insn, 0);
             cpu.wr(bus, l, size, v)?;
             Ok(())
@@ -410,15 +422,28 @@ fn tmp_x87_control(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes
             let u = cpu.user();
             cpu.probe_write(la, 512, u)?;
             let f = cpu.fpu.clone();
-            let w0 = u64::from(f.fcw) | (u64::from(f.fsw) << 16) | (u64::from(f.ftw) << 32) | (u64::from(f.fop) << 48);
+            let w0 = u64::from(f.fcw)
+                | (u64::from(f.fsw) << 16)
+                | (u64::from(f.ftw) << 32)
+                | (u64::from(f.fop) << 48);
             cpu.wmem(bus, la, 8, w0)?;
             cpu.wmem(bus, la + 8, 8, f.fip)?;
             cpu.wmem(bus, la + 16, 8, f.fdp)?;
             cpu.wmem(bus, la + 24, 8, u64::from(f.mxcsr) | (0xffffu64 << 32))?;
             for i in 0..8 {
                 let b = f.st[i];
-                cpu.wmem(bus, la + 32 + 16 * i as u64, 8, u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8])))?;
-                cpu.wmem(bus, la + 40 + 16 * i as u64, 8, u64::from(u16::from_le_bytes([b[8], b[9]])))?;
+                cpu.wmem(
+                    bus,
+                    la + 32 + 16 * i as u64,
+                    8,
+                    u64::from_le_bytes(b[0..8].try_into().unwrap_or([0; 8])),
+                )?;
+                cpu.wmem(
+                    bus,
+                    la + 40 + 16 * i as u64,
+                    8,
+                    u64::from(u16::from_le_bytes([b[8], b[9]])),
+                )?;
             }
             for i in 0..16 {
                 cpu.wmem(bus, la + 160 + 16 * i as u64, 8, f.xmm[i] as u64)?;
