@@ -784,3 +784,295 @@ fn known_core_bugs() {
         st.gpr[RAX] = !st.gpr[RSI];
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// SSE / SSE2
+// ---------------------------------------------------------------------------------------
+
+type X = AsmRegisterXmm;
+const XP: [(X, X); 3] = [(xmm0, xmm1), (xmm3, xmm12), (xmm15, xmm7)];
+
+/// SSE setup: aligned R12, random MXCSR (exceptions masked), small shift counts in the
+/// source registers sometimes, and float/int edge data at [R12].
+fn sse_setup(st: &mut State, r: &mut Rng, base: u64) {
+    ptr_aligned(st, r, base);
+    if r.chance(2) {
+        st.random_mxcsr(r);
+    }
+    for i in [1, 7, 12] {
+        if r.chance(3) {
+            let c = r.pick(&[0u128, 1, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255, 1 << 40]);
+            st.xmm[i] = (st.xmm[i] & !u128::from(u64::MAX)) | c;
+        }
+    }
+    let o = scratch_off(st, base, R12);
+    let v = xmm_val(r);
+    put_scratch(st, o, &v.to_le_bytes());
+    if r.chance(4) {
+        // Equal operands for comparisons and min/max.
+        st.xmm[1] = st.xmm[0];
+        st.xmm[12] = st.xmm[3];
+    }
+}
+
+macro_rules! sse_ops {
+    ($f:ident, $mem:ident; $($op:ident),* $(,)?) => {{ $(
+        for (d, s) in XP {
+            $f.push(Form::new(format!("{} {d:?},{s:?}", stringify!($op)), move |a| a.$op(d, s)));
+        }
+        $f.push(Form::new(format!("{} xmm5,mem", stringify!($op)), |a| a.$op(xmm5, $mem(r12))));
+    )* }};
+}
+
+#[test]
+fn sse_integer() {
+    let mut f = Vec::new();
+    sse_ops!(f, xmmword_ptr; paddb, paddw, paddd, paddq, paddsb, paddsw, paddusb, paddusw, psubb, psubw,
+        psubd, psubq, psubsb, psubsw, psubusb, psubusw, pmullw, pmulhw, pmulhuw, pmuludq, pmaddwd,
+        pavgb, pavgw, psadbw, pminub, pmaxub, pminsw, pmaxsw, pcmpeqb, pcmpeqw, pcmpeqd, pcmpgtb,
+        pcmpgtw, pcmpgtd, pand, pandn, por, pxor, andps, andnps, orps, xorps, andpd, andnpd, orpd, xorpd,
+        punpcklbw, punpcklwd, punpckldq, punpcklqdq, punpckhbw, punpckhwd, punpckhdq, punpckhqdq,
+        unpcklps, unpckhps, unpcklpd, unpckhpd, packsswb, packuswb, packssdw, psllw, pslld, psllq,
+        psrlw, psrld, psrlq, psraw, psrad);
+    for c in [0, 1, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 255] {
+        macro_rules! imm_shift {
+            ($($op:ident),*) => {{ $(
+                f.push(Form::new(format!("{} xmm9,{c}", stringify!($op)), move |a| a.$op(xmm9, c)));
+            )* }};
+        }
+        imm_shift!(psllw, pslld, psllq, psrlw, psrld, psrlq, psraw, psrad, pslldq, psrldq);
+    }
+    run_all(20, "sse_integer", f, 16, sse_setup);
+}
+
+#[test]
+fn sse_moves() {
+    let mut f = Vec::new();
+    macro_rules! mov128 {
+        ($($op:ident $off:expr),*) => {{ $(
+            let n = stringify!($op);
+            f.push(Form::new(format!("{n} xmm2,xmm9"), |a| a.$op(xmm2, xmm9)));
+            f.push(Form::new(format!("{n} xmm10,m128"), |a| a.$op(xmm10, xmmword_ptr(r12 + $off))));
+            f.push(Form::new(format!("{n} m128,xmm4"), |a| a.$op(xmmword_ptr(r12 + $off), xmm4)));
+        )* }};
+    }
+    mov128!(movdqa 0, movaps 16, movapd 32, movdqu 3, movups 7, movupd 9);
+    f.push(Form::new("movntdq", |a| a.movntdq(xmmword_ptr(r12), xmm6)));
+    f.push(Form::new("movntps", |a| a.movntps(xmmword_ptr(r12 + 16), xmm6)));
+    f.push(Form::new("movntpd", |a| a.movntpd(xmmword_ptr(r12 + 32), xmm14)));
+    f.push(Form::new("movnti m32", |a| a.movnti(dword_ptr(r12 + 1), ecx)));
+    f.push(Form::new("movnti m64", |a| a.movnti(qword_ptr(r12 + 3), r9)));
+    f.push(Form::new("movd xmm3,ecx", |a| a.movd(xmm3, ecx)));
+    f.push(Form::new("movd xmm11,m32", |a| a.movd(xmm11, dword_ptr(r12 + 2))));
+    f.push(Form::new("movd r9d,xmm4", |a| a.movd(r9d, xmm4)));
+    f.push(Form::new("movd m32,xmm13", |a| a.movd(dword_ptr(r12 + 2), xmm13)));
+    f.push(Form::new("movq xmm3,rcx", |a| a.movq(xmm3, rcx)));
+    f.push(Form::new("movq r10,xmm8", |a| a.movq(r10, xmm8)));
+    f.push(Form::new("movq xmm1,xmm2", |a| a.movq(xmm1, xmm2)));
+    f.push(Form::new("movq xmm9,m64", |a| a.movq(xmm9, qword_ptr(r12 + 5))));
+    f.push(Form::new("movq m64,xmm9", |a| a.movq(qword_ptr(r12 + 5), xmm9)));
+    f.push(Form::new("movss xmm1,xmm2", |a| a.movss(xmm1, xmm2)));
+    f.push(Form::new("movss xmm1,m32", |a| a.movss(xmm1, dword_ptr(r12 + 1))));
+    f.push(Form::new("movss m32,xmm14", |a| a.movss(dword_ptr(r12 + 1), xmm14)));
+    f.push(Form::new("movsd xmm1,xmm2", |a| a.movsd_2(xmm1, xmm2)));
+    f.push(Form::new("movsd xmm8,m64", |a| a.movsd_2(xmm8, qword_ptr(r12 + 1))));
+    f.push(Form::new("movsd m64,xmm0", |a| a.movsd_2(qword_ptr(r12 + 1), xmm0)));
+    f.push(Form::new("movhps xmm1,m64", |a| a.movhps(xmm1, qword_ptr(r12 + 4))));
+    f.push(Form::new("movhps m64,xmm1", |a| a.movhps(qword_ptr(r12 + 4), xmm1)));
+    f.push(Form::new("movlps xmm1,m64", |a| a.movlps(xmm1, qword_ptr(r12 + 4))));
+    f.push(Form::new("movlps m64,xmm1", |a| a.movlps(qword_ptr(r12 + 4), xmm1)));
+    f.push(Form::new("movhpd xmm11,m64", |a| a.movhpd(xmm11, qword_ptr(r12))));
+    f.push(Form::new("movhpd m64,xmm11", |a| a.movhpd(qword_ptr(r12), xmm11)));
+    f.push(Form::new("movlpd xmm11,m64", |a| a.movlpd(xmm11, qword_ptr(r12))));
+    f.push(Form::new("movlpd m64,xmm11", |a| a.movlpd(qword_ptr(r12), xmm11)));
+    f.push(Form::new("movhlps", |a| a.movhlps(xmm5, xmm10)));
+    f.push(Form::new("movlhps", |a| a.movlhps(xmm5, xmm10)));
+    f.push(Form::new("movmskps eax", |a| a.movmskps(eax, xmm3)));
+    f.push(Form::new("movmskps r9", |a| a.movmskps(r9, xmm13)));
+    f.push(Form::new("movmskpd ecx", |a| a.movmskpd(ecx, xmm0)));
+    f.push(Form::new("pmovmskb edx", |a| a.pmovmskb(edx, xmm2)));
+    f.push(Form::new("pmovmskb r11", |a| a.pmovmskb(r11, xmm15)));
+    f.push(Form::new("maskmovdqu", |a| {
+        a.mov(rdi, r12)?;
+        a.maskmovdqu(xmm1, xmm2)
+    }));
+    f.push(Form::new("ldmxcsr/stmxcsr", |a| {
+        a.and(dword_ptr(r12), 0xffbf)?;
+        a.ldmxcsr(dword_ptr(r12))?;
+        a.stmxcsr(dword_ptr(r12 + 8))
+    }));
+    run_all(21, "sse_moves", f, N, sse_setup);
+}
+
+#[test]
+fn sse_shuffles() {
+    let mut f = Vec::new();
+    for i in [0u32, 0x1b, 0x4e, 0xb1, 0xe4, 0xff, 0x39, 0x8d, 0x72] {
+        for (d, s) in XP {
+            f.push(Form::new(format!("pshufd {d:?},{s:?},{i:#x}"), move |a| a.pshufd(d, s, i)));
+            f.push(Form::new(format!("shufps {d:?},{s:?},{i:#x}"), move |a| a.shufps(d, s, i)));
+        }
+        f.push(Form::new(format!("pshuflw {i:#x}"), move |a| a.pshuflw(xmm2, xmm9, i)));
+        f.push(Form::new(format!("pshufhw {i:#x}"), move |a| a.pshufhw(xmm2, xmm9, i)));
+        f.push(Form::new(format!("pshufd m {i:#x}"), move |a| a.pshufd(xmm2, xmmword_ptr(r12), i)));
+        f.push(Form::new(format!("shufps m {i:#x}"), move |a| a.shufps(xmm2, xmmword_ptr(r12), i)));
+        f.push(Form::new(format!("shufpd {i:#x}"), move |a| a.shufpd(xmm6, xmm11, i)));
+        f.push(Form::new(format!("pshuflw m {i:#x}"), move |a| a.pshuflw(xmm14, xmmword_ptr(r12), i)));
+    }
+    for i in [0u32, 1, 2, 3, 4, 5, 6, 7, 9, 0xff] {
+        f.push(Form::new(format!("pextrw eax,xmm3,{i}"), move |a| a.pextrw(eax, xmm3, i)));
+        f.push(Form::new(format!("pextrw r9,xmm13,{i}"), move |a| a.pextrw(r9, xmm13, i)));
+        f.push(Form::new(format!("pinsrw xmm3,ecx,{i}"), move |a| a.pinsrw(xmm3, ecx, i)));
+        f.push(Form::new(format!("pinsrw xmm13,m16,{i}"), move |a| a.pinsrw(xmm13, word_ptr(r12 + 1), i)));
+    }
+    run_all(22, "sse_shuffles", f, 16, sse_setup);
+}
+
+#[test]
+fn sse_float_arith() {
+    let mut f = Vec::new();
+    sse_ops!(f, xmmword_ptr; addps, addpd, subps, subpd, mulps, mulpd, divps, divpd, minps, minpd,
+        maxps, maxpd, sqrtps, sqrtpd, rcpps, rsqrtps, cvtdq2ps, cvtps2dq, cvttps2dq, cvtpd2dq,
+        cvttpd2dq, cvtpd2ps);
+    sse_ops!(f, dword_ptr; addss, subss, mulss, divss, minss, maxss, sqrtss, rcpss, rsqrtss, cvtss2sd);
+    sse_ops!(f, qword_ptr; addsd, subsd, mulsd, divsd, minsd, maxsd, sqrtsd, cvtsd2ss, cvtdq2pd, cvtps2pd);
+    run_all(23, "sse_float_arith", f, 24, sse_setup);
+}
+
+#[test]
+fn sse_float_compare() {
+    let mut f = Vec::new();
+    for p in 0u32..8 {
+        for (d, s) in XP {
+            f.push(Form::new(format!("cmpps {d:?},{s:?},{p}"), move |a| a.cmpps(d, s, p)));
+            f.push(Form::new(format!("cmpsd {d:?},{s:?},{p}"), move |a| a.cmpsd_3(d, s, p)));
+        }
+        f.push(Form::new(format!("cmpss xmm4,xmm9,{p}"), move |a| a.cmpss(xmm4, xmm9, p)));
+        f.push(Form::new(format!("cmppd xmm4,xmm9,{p}"), move |a| a.cmppd(xmm4, xmm9, p)));
+        f.push(Form::new(format!("cmpps m,{p}"), move |a| a.cmpps(xmm4, xmmword_ptr(r12), p)));
+        f.push(Form::new(format!("cmpss m,{p}"), move |a| a.cmpss(xmm4, dword_ptr(r12), p)));
+        f.push(Form::new(format!("cmppd m,{p}"), move |a| a.cmppd(xmm4, xmmword_ptr(r12), p)));
+        f.push(Form::new(format!("cmpsd m,{p}"), move |a| a.cmpsd_3(xmm4, qword_ptr(r12), p)));
+    }
+    sse_ops!(f, dword_ptr; comiss, ucomiss);
+    sse_ops!(f, qword_ptr; comisd, ucomisd);
+    run_all(24, "sse_float_compare", f, 24, sse_setup);
+}
+
+#[test]
+fn sse_conversions() {
+    let f = vec![
+        Form::new("cvtsi2ss xmm1,ecx", |a| a.cvtsi2ss(xmm1, ecx)),
+        Form::new("cvtsi2ss xmm9,r10", |a| a.cvtsi2ss(xmm9, r10)),
+        Form::new("cvtsi2ss xmm1,m32", |a| a.cvtsi2ss(xmm1, dword_ptr(r12))),
+        Form::new("cvtsi2ss xmm1,m64", |a| a.cvtsi2ss(xmm1, qword_ptr(r12))),
+        Form::new("cvtsi2sd xmm1,ecx", |a| a.cvtsi2sd(xmm1, ecx)),
+        Form::new("cvtsi2sd xmm9,r10", |a| a.cvtsi2sd(xmm9, r10)),
+        Form::new("cvtsi2sd xmm1,m32", |a| a.cvtsi2sd(xmm1, dword_ptr(r12))),
+        Form::new("cvtsi2sd xmm1,m64", |a| a.cvtsi2sd(xmm1, qword_ptr(r12))),
+        Form::new("cvtss2si eax,xmm2", |a| a.cvtss2si(eax, xmm2)),
+        Form::new("cvtss2si r9,xmm12", |a| a.cvtss2si(r9, xmm12)),
+        Form::new("cvtss2si eax,m32", |a| a.cvtss2si(eax, dword_ptr(r12))),
+        Form::new("cvttss2si eax,xmm2", |a| a.cvttss2si(eax, xmm2)),
+        Form::new("cvttss2si r9,xmm12", |a| a.cvttss2si(r9, xmm12)),
+        Form::new("cvttss2si r9,m32", |a| a.cvttss2si(r9, dword_ptr(r12))),
+        Form::new("cvtsd2si eax,xmm2", |a| a.cvtsd2si(eax, xmm2)),
+        Form::new("cvtsd2si r9,xmm12", |a| a.cvtsd2si(r9, xmm12)),
+        Form::new("cvtsd2si r9,m64", |a| a.cvtsd2si(r9, qword_ptr(r12))),
+        Form::new("cvttsd2si eax,xmm2", |a| a.cvttsd2si(eax, xmm2)),
+        Form::new("cvttsd2si r9,xmm12", |a| a.cvttsd2si(r9, xmm12)),
+        Form::new("cvttsd2si eax,m64", |a| a.cvttsd2si(eax, qword_ptr(r12))),
+    ];
+    run_all(25, "sse_conversions", f, 4 * N, |st, r, base| {
+        sse_setup(st, r, base);
+        // Integers and in-range floats.
+        for i in [2usize, 12] {
+            if r.chance(2) {
+                let v = r.below(1 << 40) as f64 - (1u64 << 39) as f64;
+                let v = v / (1 << r.below(20)) as f64;
+                st.xmm[i] = if r.chance(2) { u128::from(v.to_bits()) } else { u128::from((v as f32).to_bits()) };
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// MMX
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn mmx() {
+    type M = AsmRegisterMm;
+    const MP: [(M, M); 2] = [(mm0, mm1), (mm3, mm6)];
+    let mut f = Vec::new();
+    macro_rules! mmx_ops {
+        ($mem:ident; $($op:ident),* $(,)?) => {{ $(
+            for (d, s) in MP {
+                f.push(Form::new(format!("{} {d:?},{s:?}", stringify!($op)), move |a| a.$op(d, s)).mmx());
+            }
+            f.push(Form::new(format!("{} mm5,mem", stringify!($op)), |a| a.$op(mm5, $mem(r12 + 1))).mmx());
+        )* }};
+    }
+    mmx_ops!(qword_ptr; paddb, paddw, paddd, paddq, paddsb, paddsw, paddusb, paddusw, psubb, psubw,
+        psubd, psubq, psubsb, psubsw, psubusb, psubusw, pmullw, pmulhw, pmulhuw, pmuludq, pmaddwd,
+        pavgb, pavgw, psadbw, pminub, pmaxub, pminsw, pmaxsw, pcmpeqb, pcmpeqw, pcmpeqd, pcmpgtb,
+        pcmpgtw, pcmpgtd, pand, pandn, por, pxor, packsswb, packuswb, packssdw, punpckhbw, punpckhwd,
+        punpckhdq, psllw, pslld, psllq, psrlw, psrld, psrlq, psraw, psrad);
+    mmx_ops!(dword_ptr; punpcklbw, punpcklwd, punpckldq);
+    for c in [0, 1, 7, 15, 16, 31, 32, 63, 64, 255] {
+        f.push(Form::new(format!("psllw mm2,{c}"), move |a| a.psllw(mm2, c)).mmx());
+        f.push(Form::new(format!("psrad mm2,{c}"), move |a| a.psrad(mm2, c)).mmx());
+        f.push(Form::new(format!("psrlq mm2,{c}"), move |a| a.psrlq(mm2, c)).mmx());
+    }
+    for i in [0u32, 0x1b, 0xe4, 0x4e, 0xff] {
+        f.push(Form::new(format!("pshufw {i:#x}"), move |a| a.pshufw(mm1, mm7, i)).mmx());
+        f.push(Form::new(format!("pshufw m {i:#x}"), move |a| a.pshufw(mm1, qword_ptr(r12), i)).mmx());
+    }
+    for i in [0u32, 1, 2, 3, 5] {
+        f.push(Form::new(format!("pextrw eax,mm3,{i}"), move |a| a.pextrw(eax, mm3, i)).mmx());
+        f.push(Form::new(format!("pinsrw mm3,ecx,{i}"), move |a| a.pinsrw(mm3, ecx, i)).mmx());
+        f.push(Form::new(format!("pinsrw mm3,m16,{i}"), move |a| a.pinsrw(mm3, word_ptr(r12), i)).mmx());
+    }
+    let extra = vec![
+        Form::new("movd mm1,ecx", |a| a.movd(mm1, ecx)),
+        Form::new("movd mm1,m32", |a| a.movd(mm1, dword_ptr(r12))),
+        Form::new("movd r9d,mm2", |a| a.movd(r9d, mm2)),
+        Form::new("movd m32,mm2", |a| a.movd(dword_ptr(r12 + 4), mm2)),
+        Form::new("movq mm1,rcx", |a| a.movq(mm1, rcx)),
+        Form::new("movq r9,mm2", |a| a.movq(r9, mm2)),
+        Form::new("movq mm4,mm6", |a| a.movq(mm4, mm6)),
+        Form::new("movq mm4,m64", |a| a.movq(mm4, qword_ptr(r12 + 3))),
+        Form::new("movq m64,mm4", |a| a.movq(qword_ptr(r12 + 3), mm4)),
+        Form::new("movntq", |a| a.movntq(qword_ptr(r12 + 8), mm5)),
+        Form::new("pmovmskb eax,mm3", |a| a.pmovmskb(eax, mm3)),
+        Form::new("movq2dq", |a| a.movq2dq(xmm3, mm2)),
+        Form::new("movdq2q", |a| a.movdq2q(mm2, xmm13)),
+        Form::new("maskmovq", |a| {
+            a.mov(rdi, r12)?;
+            a.maskmovq(mm1, mm2)
+        }),
+        Form::new("cvtpi2ps xmm1,mm2", |a| a.cvtpi2ps(xmm1, mm2)),
+        Form::new("cvtpi2ps xmm1,m64", |a| a.cvtpi2ps(xmm1, qword_ptr(r12))),
+        Form::new("cvtpi2pd xmm1,mm2", |a| a.cvtpi2pd(xmm1, mm2)),
+        Form::new("cvtps2pi mm1,xmm2", |a| a.cvtps2pi(mm1, xmm2)),
+        Form::new("cvttps2pi mm1,m64", |a| a.cvttps2pi(mm1, qword_ptr(r12))),
+        Form::new("cvtpd2pi mm1,xmm2", |a| a.cvtpd2pi(mm1, xmm2)),
+        Form::new("cvttpd2pi mm1,m128", |a| a.cvttpd2pi(mm1, xmmword_ptr(r12))),
+    ];
+    f.extend(extra.into_iter().map(Form::mmx));
+    // MMX aliasing the x87 registers: TOP, tags and exponents as FXSAVE shows them.
+    f.push(Form::new("movq mm1,rax + x87 state", |a| a.movq(mm1, rax)).x87(3));
+    f.push(Form::new("paddb mm3,mm3 + emms", |a| {
+        a.paddb(mm3, mm3)?;
+        a.emms()
+    })
+    .x87(2));
+    run_all(26, "mmx", f, 16, |st, r, base| {
+        sse_setup(st, r, base);
+        for i in [1usize, 6, 7] {
+            if r.chance(3) {
+                st.mm[i] = r.pick(&[0u64, 1, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255]);
+            }
+        }
+    });
+}
