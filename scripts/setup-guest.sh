@@ -138,10 +138,12 @@ install -m 0755 "$BB_SRC" "$STAGE/bin/busybox"
     mkdir -p "$STAGE/$(dirname "$p")"
     ln -s /bin/busybox "$STAGE/$p"
 done
+# (Listed once into a variable: `busybox --list | grep -q` can die of SIGPIPE under pipefail.)
+applets=$("$STAGE/bin/busybox" --list)
 for a in sh mount uname sha256sum cat echo poweroff reboot sync ls mkdir sleep dd \
          head nproc date insmod modprobe ip ping wget nc mdev dmesg true false seq \
          grep sed awk tr wc cut stty setsid cttyhack base64; do
-    "$STAGE/bin/busybox" --list | grep -qx "$a" || die "busybox-static lacks applet $a"
+    grep -qx "$a" <<<"$applets" || die "busybox-static lacks applet $a"
 done
 
 mknod -m 600 "$STAGE/dev/console" c 5 1

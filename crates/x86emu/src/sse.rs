@@ -23,7 +23,7 @@
 use crate::cpu::{ctl, flags::ARITH, Cpu};
 use crate::exec::SRes;
 use crate::{Bus, Fault, Res};
-use iced_x86::{EncodingKind, Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{Code, EncodingKind, Instruction, Mnemonic, OpKind, Register};
 use std::arch::asm;
 
 /// CR4.OSXMMEXCPT: the OS handles #XM.
@@ -324,7 +324,17 @@ fn opnd(cpu: &Cpu, insn: &Instruction, i: u32) -> V {
             }
         }
         OpKind::Memory => V::Mem(cpu.mem_la(insn)),
-        _ => V::Imm(insn.immediate(i)),
+        OpKind::Immediate8
+        | OpKind::Immediate8_2nd
+        | OpKind::Immediate16
+        | OpKind::Immediate32
+        | OpKind::Immediate64
+        | OpKind::Immediate8to16
+        | OpKind::Immediate8to32
+        | OpKind::Immediate8to64
+        | OpKind::Immediate32to64 => V::Imm(insn.immediate(i)),
+        // Implicit operands (MASKMOVDQU's DS:rDI) are handled by their instruction.
+        _ => V::Imm(0),
     }
 }
 
@@ -653,7 +663,7 @@ fn fp_op(m: Mnemonic) -> Option<F> {
 }
 
 /// Decides what `insn` is; `None` for anything this module does not implement.
-fn classify(insn: &Instruction, has_x: bool, has_m: bool) -> Option<Op> {
+fn classify(insn: &Instruction, has_m: bool) -> Option<Op> {
     use Mnemonic as M;
     let m = insn.mnemonic();
     let imm1 = insn.op1_kind() == OpKind::Immediate8;
@@ -664,7 +674,8 @@ fn classify(insn: &Instruction, has_x: bool, has_m: bool) -> Option<Op> {
         M::Movdqu | M::Movups | M::Movupd => Op::Mov128 { aligned: false },
         M::Movd | M::Movq => Op::MovDQ,
         M::Movss => Op::MovScalar(4),
-        M::Movsd if has_x => Op::MovScalar(8),
+        // MOVSD/CMPSD also name the string instructions (handled by the integer core).
+        M::Movsd if insn.code() != Code::Movsd_m32_m32 => Op::MovScalar(8),
         M::Movhps | M::Movhpd => Op::MovHigh,
         M::Movlps | M::Movlpd => Op::MovLow,
         M::Movhlps => Op::Movhlps,
@@ -695,7 +706,7 @@ fn classify(insn: &Instruction, has_x: bool, has_m: bool) -> Option<Op> {
         M::Cmpps => Op::Cmp(&CMPPS),
         M::Cmpss => Op::Cmp(&CMPSS),
         M::Cmppd => Op::Cmp(&CMPPD),
-        M::Cmpsd if has_x => Op::Cmp(&CMPSD),
+        M::Cmpsd if insn.code() != Code::Cmpsd_m32_m32 => Op::Cmp(&CMPSD),
         M::Comiss => Op::Comi(F::Comiss),
         M::Ucomiss => Op::Comi(F::Ucomiss),
         M::Comisd => Op::Comi(F::Comisd),
@@ -801,13 +812,12 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
             has_m |= r.is_mm();
         }
     }
-    if !has_x && !has_m {
-        return Ok(false);
-    }
-    let Some(op) = classify(insn, has_x, has_m) else {
+    let Some(op) = classify(insn, has_m) else {
         return Ok(false);
     };
-    if has_x {
+    // Instructions without an MM register (including the memory-source conversions such
+    // as CVTSS2SI r, m32) follow the SSE rules.
+    if has_x || !has_m {
         sse_avail(cpu)?;
         if has_m {
             crate::fpu::check_pending(cpu)?;

@@ -1076,3 +1076,284 @@ fn mmx() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// x87
+// ---------------------------------------------------------------------------------------
+
+/// x87 setup: random precision and rounding control (exceptions masked, so the host cannot
+/// trap), aligned R12 with float/integer/BCD data of every format at [R12].
+fn x87_setup(st: &mut State, r: &mut Rng, base: u64) {
+    ptr_aligned(st, r, base);
+    st.fcw = 0x7f | (r.pick(&[0u16, 2, 3, 3]) << 8) | (r.below(4) as u16) << 10;
+    let o = scratch_off(st, base, R12);
+    let mut img = [0u8; 16];
+    match r.below(6) {
+        0 => img[..4].copy_from_slice(&f32_val(r).to_le_bytes()),
+        1 => img[..8].copy_from_slice(&f64_val(r).to_le_bytes()),
+        2 => img[..10].copy_from_slice(&f80_val(r)),
+        3 => img[..8].copy_from_slice(&int_val(r).to_le_bytes()),
+        4 => {
+            // Packed BCD: 18 digits and a sign byte.
+            for b in img.iter_mut().take(9) {
+                *b = (r.below(10) as u8) << 4 | r.below(10) as u8;
+            }
+            img[9] = if r.chance(2) { 0x80 } else { 0 };
+        }
+        _ => img[..2].copy_from_slice(&(r.below(0x20000) as u16).to_le_bytes()),
+    }
+    put_scratch(st, o, &img);
+    if r.chance(4) {
+        st.x87[1] = st.x87[0];
+    }
+    if r.chance(6) {
+        // Small integers make FPREM/FSCALE/FRNDINT and the integer stores interesting.
+        st.x87[0] = f80_from_f64((r.below(2000) as f64 - 1000.0) / 8.0);
+    }
+}
+
+/// 80-bit value of an f64 (exact).
+fn f80_from_f64(v: f64) -> [u8; 10] {
+    let b = v.to_bits();
+    let sign = ((b >> 63) as u16) << 15;
+    let e = ((b >> 52) & 0x7ff) as i32;
+    let m = b & ((1 << 52) - 1);
+    let mut out = [0u8; 10];
+    if e == 0 && m == 0 {
+        out[8..].copy_from_slice(&sign.to_le_bytes());
+        return out;
+    }
+    let mant = (1u64 << 63) | (m << 11);
+    let exp = (e - 1023 + 16383) as u16 | sign;
+    out[..8].copy_from_slice(&mant.to_le_bytes());
+    out[8..].copy_from_slice(&exp.to_le_bytes());
+    out
+}
+
+#[test]
+fn x87_arithmetic() {
+    let mut f = Vec::new();
+    macro_rules! ar {
+        ($op:ident $op2:ident $opp:ident $iop:ident) => {{
+            let n = stringify!($op);
+            f.push(Form::new(format!("{n} st0,st1"), |a| a.$op2(st0, st1)).x87(2));
+            f.push(Form::new(format!("{n} st0,st3"), |a| a.$op2(st0, st3)).x87(4));
+            f.push(Form::new(format!("{n} st2,st0"), |a| a.$op2(st2, st0)).x87(3));
+            f.push(Form::new(format!("{n}p st1,st0"), |a| a.$opp(st1, st0)).x87(2));
+            f.push(Form::new(format!("{n}p st3,st0"), |a| a.$opp(st3, st0)).x87(5));
+            f.push(Form::new(format!("{n} m32"), |a| a.$op(dword_ptr(r12))).x87(1));
+            f.push(Form::new(format!("{n} m64"), |a| a.$op(qword_ptr(r12))).x87(2));
+            f.push(Form::new(format!("{n} m16int"), |a| a.$iop(word_ptr(r12))).x87(1));
+            f.push(Form::new(format!("{n} m32int"), |a| a.$iop(dword_ptr(r12))).x87(3));
+            // Stack underflow (masked): ST(1) empty.
+            f.push(Form::new(format!("{n} st0,st1 underflow"), |a| a.$op2(st0, st1)).x87(1));
+            f.push(Form::new(format!("{n} m32 underflow"), |a| a.$op(dword_ptr(r12))).x87(0));
+        }};
+    }
+    ar!(fadd fadd_2 faddp fiadd);
+    ar!(fsub fsub_2 fsubp fisub);
+    ar!(fsubr fsubr_2 fsubrp fisubr);
+    ar!(fmul fmul_2 fmulp fimul);
+    ar!(fdiv fdiv_2 fdivp fidiv);
+    ar!(fdivr fdivr_2 fdivrp fidivr);
+    run_all(30, "x87_arithmetic", f, 24, x87_setup);
+}
+
+#[test]
+fn x87_compare() {
+    let f = vec![
+        Form::new("fcom st0,st1", |a| a.fcom_2(st0, st1)).x87(2),
+        Form::new("fcom st0,st2", |a| a.fcom_2(st0, st2)).x87(3),
+        Form::new("fcomp st0,st1", |a| a.fcomp_2(st0, st1)).x87(2),
+        Form::new("fcompp", |a| a.fcompp()).x87(3),
+        Form::new("fucom st0,st1", |a| a.fucom(st0, st1)).x87(2),
+        Form::new("fucomp st0,st1", |a| a.fucomp(st0, st1)).x87(2),
+        Form::new("fucompp", |a| a.fucompp()).x87(2),
+        Form::new("fcom m32", |a| a.fcom(dword_ptr(r12))).x87(1),
+        Form::new("fcomp m64", |a| a.fcomp(qword_ptr(r12))).x87(2),
+        Form::new("ficom m16", |a| a.ficom(word_ptr(r12))).x87(1),
+        Form::new("ficomp m32", |a| a.ficomp(dword_ptr(r12))).x87(1),
+        Form::new("fcomi", |a| a.fcomi(st0, st1)).x87(2),
+        Form::new("fcomip", |a| a.fcomip(st0, st3)).x87(4),
+        Form::new("fucomi", |a| a.fucomi(st0, st1)).x87(2),
+        Form::new("fucomip", |a| a.fucomip(st0, st1)).x87(2),
+        Form::new("fcomi underflow", |a| a.fcomi(st0, st1)).x87(1),
+        Form::new("fcom underflow", |a| a.fcom_2(st0, st1)).x87(1),
+        Form::new("ftst", |a| a.ftst()).x87(1),
+        Form::new("ftst empty", |a| a.ftst()).x87(0),
+        Form::new("fxam", |a| a.fxam()).x87(1),
+        Form::new("fxam empty", |a| a.fxam()).x87(0),
+        Form::new("fnstsw ax after fcom", |a| {
+            a.fcom_2(st0, st1)?;
+            a.fnstsw(ax)
+        })
+        .x87(2),
+    ];
+    run_all(31, "x87_compare", f, 3 * N, x87_setup);
+}
+
+#[test]
+fn x87_functions() {
+    let mut f = Vec::new();
+    macro_rules! un {
+        ($($op:ident $n:expr),*) => {{ $(
+            f.push(Form::new(stringify!($op), |a| a.$op()).x87($n));
+        )* }};
+    }
+    un!(fchs 1, fabs 1, fsqrt 1, frndint 1, f2xm1 1, fsin 1, fcos 1, fptan 1, fsincos 1, fxtract 1,
+        fscale 2, fprem 2, fprem1 2, fpatan 2, fyl2x 2, fyl2xp1 2, fchs 0, fsqrt 0, fptan 8, fxtract 0,
+        fscale 1, fpatan 1);
+    run_all(32, "x87_functions", f, 3 * N, |st, r, base| {
+        x87_setup(st, r, base);
+        if r.chance(2) {
+            // Values in the functions' domains.
+            st.x87[0] = f80_from_f64((r.below(2_000_001) as f64 - 1e6) / 1e6);
+            st.x87[1] = f80_from_f64((r.below(2001) as f64 - 1000.0) / 16.0);
+        }
+    });
+}
+
+#[test]
+fn x87_load_store() {
+    let f = vec![
+        Form::new("fld m32", |a| a.fld(dword_ptr(r12))).x87(0),
+        Form::new("fld m64", |a| a.fld(qword_ptr(r12))).x87(3),
+        Form::new("fld m80", |a| a.fld(tbyte_ptr(r12))).x87(1),
+        Form::new("fld m32 overflow", |a| a.fld(dword_ptr(r12))).x87(8),
+        Form::new("fld st2", |a| a.fld(st2)).x87(3),
+        Form::new("fld st2 empty", |a| a.fld(st2)).x87(1),
+        Form::new("fild m16", |a| a.fild(word_ptr(r12))).x87(0),
+        Form::new("fild m32", |a| a.fild(dword_ptr(r12))).x87(1),
+        Form::new("fild m64", |a| a.fild(qword_ptr(r12))).x87(2),
+        Form::new("fbld", |a| a.fbld(tbyte_ptr(r12))).x87(1),
+        Form::new("fld1", |a| a.fld1()).x87(0),
+        Form::new("fldz", |a| a.fldz()).x87(1),
+        Form::new("fldpi", |a| a.fldpi()).x87(0),
+        Form::new("fldl2e", |a| a.fldl2e()).x87(0),
+        Form::new("fldl2t", |a| a.fldl2t()).x87(0),
+        Form::new("fldlg2", |a| a.fldlg2()).x87(0),
+        Form::new("fldln2", |a| a.fldln2()).x87(0),
+        Form::new("fst m32", |a| a.fst(dword_ptr(r12 + 4))).x87(1),
+        Form::new("fstp m32", |a| a.fstp(dword_ptr(r12 + 4))).x87(2),
+        Form::new("fst m64", |a| a.fst(qword_ptr(r12 + 4))).x87(1),
+        Form::new("fstp m64", |a| a.fstp(qword_ptr(r12 + 4))).x87(1),
+        Form::new("fstp m80", |a| a.fstp(tbyte_ptr(r12 + 4))).x87(2),
+        Form::new("fstp m32 empty", |a| a.fstp(dword_ptr(r12 + 4))).x87(0),
+        Form::new("fst st3", |a| a.fst(st3)).x87(4),
+        Form::new("fstp st1", |a| a.fstp(st1)).x87(2),
+        Form::new("fstp st0", |a| a.fstp(st0)).x87(2),
+        Form::new("fist m16", |a| a.fist(word_ptr(r12 + 4))).x87(1),
+        Form::new("fist m32", |a| a.fist(dword_ptr(r12 + 4))).x87(1),
+        Form::new("fistp m16", |a| a.fistp(word_ptr(r12 + 4))).x87(2),
+        Form::new("fistp m32", |a| a.fistp(dword_ptr(r12 + 4))).x87(1),
+        Form::new("fistp m64", |a| a.fistp(qword_ptr(r12 + 4))).x87(1),
+        Form::new("fistp m64 empty", |a| a.fistp(qword_ptr(r12 + 4))).x87(0),
+        Form::new("fbstp", |a| a.fbstp(tbyte_ptr(r12 + 4))).x87(1),
+        Form::new("fild/fadd/fbstp (FDIV check)", |a| {
+            a.fild(dword_ptr(r12))?;
+            a.fadd(dword_ptr(r12 + 4))?;
+            a.fbstp(tbyte_ptr(r12 + 16))
+        })
+        .x87(0),
+    ];
+    run_all(33, "x87_load_store", f, 3 * N, |st, r, base| {
+        x87_setup(st, r, base);
+        if r.chance(3) {
+            st.x87[0] = f80_from_f64((r.next() as i64 >> r.below(64)) as f64);
+        }
+    });
+}
+
+#[test]
+fn x87_stack_and_control() {
+    let mut f = vec![
+        Form::new("fxch st3", |a| a.fxch(st0, st3)).x87(4),
+        Form::new("fxch st1 empty", |a| a.fxch(st0, st1)).x87(1),
+        Form::new("ffree st1", |a| a.ffree(st1)).x87(3),
+        Form::new("ffreep st1", |a| a.ffreep(st1)).x87(3),
+        Form::new("fincstp", |a| a.fincstp()).x87(2),
+        Form::new("fdecstp", |a| a.fdecstp()).x87(2),
+        Form::new("fnop", |a| a.fnop()).x87(1),
+        Form::new("fwait", |a| a.wait()).x87(1),
+        Form::new("fninit", |a| a.fninit()).x87(3),
+        Form::new("fnclex after invalid", |a| {
+            a.fsqrt()?;
+            a.fnclex()
+        })
+        .x87(1),
+        Form::new("fnstcw/fldcw", |a| {
+            a.fnstcw(word_ptr(r12 + 8))?;
+            a.or(word_ptr(r12), 0x3f)?;
+            a.fldcw(word_ptr(r12))?;
+            a.fadd_2(st0, st1)?;
+            a.fnstcw(word_ptr(r12 + 10))
+        })
+        .x87(2),
+        Form::new("fnstsw m16/ax", |a| {
+            a.fdiv_2(st0, st1)?;
+            a.fnstsw(word_ptr(r12 + 8))?;
+            a.fnstsw(ax)
+        })
+        .x87(3),
+        Form::new("fnstenv/fldenv", |a| {
+            a.fsqrt()?;
+            a.fnstenv(ptr(r12 + 32))?;
+            // FIP/FOP/FDP and selectors are model specific: clear them.
+            a.mov(qword_ptr(r12 + 32 + 12), 0)?;
+            a.mov(qword_ptr(r12 + 32 + 20), 0)?;
+            a.fldenv(ptr(r12 + 32))?;
+            a.fld1()
+        })
+        .x87(2),
+        Form::new("fnsave/frstor", |a| {
+            a.fnsave(ptr(r12 + 32))?;
+            a.mov(qword_ptr(r12 + 32 + 12), 0)?;
+            a.mov(qword_ptr(r12 + 32 + 20), 0)?;
+            a.fld1()?;
+            a.frstor(ptr(r12 + 32))
+        })
+        .x87(3),
+        Form::new("fxsave64/fxrstor64", |a| {
+            a.fsqrt()?;
+            a.fxsave64(ptr(r12 + 0x100))?;
+            a.mov(qword_ptr(r12 + 0x100 + 8), 0)?;
+            a.mov(qword_ptr(r12 + 0x100 + 16), 0)?;
+            a.mov(word_ptr(r12 + 0x100 + 6), 0)?;
+            a.mov(dword_ptr(r12 + 0x100 + 28), 0)?;
+            a.fninit()?;
+            a.fxrstor64(ptr(r12 + 0x100))
+        })
+        .x87(3),
+        Form::new("fxsave (32-bit format)", |a| {
+            a.fxsave(ptr(r12 + 0x100))?;
+            a.mov(qword_ptr(r12 + 0x100 + 8), 0)?;
+            a.mov(qword_ptr(r12 + 0x100 + 16), 0)?;
+            a.mov(word_ptr(r12 + 0x100 + 6), 0)?;
+            a.mov(dword_ptr(r12 + 0x100 + 28), 0)?;
+            a.fxrstor(ptr(r12 + 0x100))
+        })
+        .x87(2),
+        Form::new("fxrstor64 random image", |a| {
+            // Valid MXCSR, masked FCW; everything else random.
+            a.and(dword_ptr(r12 + 24), 0xffbf)?;
+            a.or(dword_ptr(r12 + 24), 0x1f80)?;
+            a.or(word_ptr(r12), 0x3f)?;
+            a.and(word_ptr(r12 + 2), 0x7f7f)?;
+            a.fxrstor64(ptr(r12))
+        })
+        .x87(1),
+    ];
+    macro_rules! fcmov {
+        ($($op:ident),*) => {{ $(
+            f.push(Form::new(stringify!($op), |a| a.$op(st0, st2)).x87(3));
+        )* }};
+    }
+    fcmov!(fcmovb, fcmovnb, fcmove, fcmovne, fcmovbe, fcmovnbe, fcmovu, fcmovnu);
+    run_all(34, "x87_stack_and_control", f, N, |st, r, base| {
+        x87_setup(st, r, base);
+        let o = scratch_off(st, base, R12);
+        // A plausible control word at [R12] for FLDCW.
+        let cw = (0x7fu16 | (r.next() as u16 & 0x0f00)).to_le_bytes();
+        st.scratch[o..o + 2].copy_from_slice(&cw);
+    });
+}

@@ -547,6 +547,11 @@ impl Harness {
             a.movdqu(*x, xmmword_ptr(rax + S_XMM + 16 * i))?;
         }
         if form.x87 > 0 {
+            // FNINIT leaves the register contents; zero all eight so FXSAVE images match.
+            a.fninit()?;
+            for _ in 0..8 {
+                a.fldz()?;
+            }
             a.fninit()?;
             a.fldcw(word_ptr(rax + S_FCW))?;
             for i in (0..form.x87).rev() {
