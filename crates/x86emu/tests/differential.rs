@@ -12,6 +12,8 @@ use iced_x86::code_asm::*;
 
 /// Cases per form.
 const N: usize = 40;
+/// Multiplier applied to every case count (the whole file runs in a few seconds at 6).
+const SCALE: usize = 6;
 
 type R8 = AsmRegister8;
 type R16 = AsmRegister16;
@@ -45,7 +47,7 @@ fn put_scratch(st: &mut State, off: usize, bytes: &[u8]) {
 fn run_all(seed: u64, what: &str, forms: Vec<Form>, n: usize, setup: impl Fn(&mut State, &mut Rng, u64)) {
     let mut c = Checker::new(seed);
     for f in &forms {
-        c.check(f, n, &setup);
+        c.check(f, n * SCALE, &setup);
     }
     c.finish(what);
 }
@@ -302,7 +304,7 @@ fn divide() {
     macro_rules! div_case {
         ($name:expr, $size:expr, $signed:expr, $emit:expr, $dreg:expr) => {{
             let form = Form::new($name, $emit).flags(DF);
-            c.check(&form, 2 * N, |st, r, base| {
+            c.check(&form, 2 * N * SCALE, |st, r, base| {
                 ptr_any(st, r, base);
                 let (hi, lo, d) = div_operands(r, $size, $signed);
                 let keep = |old: u64, v: u64| if $size == 8 { v } else { (old & !((1u64 << ($size * 8)) - 1)) | v };
@@ -412,17 +414,18 @@ fn bit_test() {
 
 #[test]
 fn bit_scan_and_bswap() {
-    let mut f = Vec::new();
-    f.push(Form::new("bsf ax,cx", |a| a.bsf(ax, cx)));
-    f.push(Form::new("bsr ax,cx", |a| a.bsr(ax, cx)));
-    f.push(Form::new("bsf rdx,r11", |a| a.bsf(rdx, r11)));
-    f.push(Form::new("bsr rdx,r11", |a| a.bsr(rdx, r11)));
-    f.push(Form::new("bsr rcx,m64", |a| a.bsr(rcx, qword_ptr(r12))));
-    f.push(Form::new("bsf cx,m16", |a| a.bsf(cx, word_ptr(r12))));
-    f.push(Form::new("bswap eax", |a| a.bswap(eax)));
-    f.push(Form::new("bswap r10d", |a| a.bswap(r10d)));
-    f.push(Form::new("bswap rbx", |a| a.bswap(rbx)));
-    f.push(Form::new("bswap r15", |a| a.bswap(r15)));
+    let f = vec![
+        Form::new("bsf ax,cx", |a| a.bsf(ax, cx)),
+        Form::new("bsr ax,cx", |a| a.bsr(ax, cx)),
+        Form::new("bsf rdx,r11", |a| a.bsf(rdx, r11)),
+        Form::new("bsr rdx,r11", |a| a.bsr(rdx, r11)),
+        Form::new("bsr rcx,m64", |a| a.bsr(rcx, qword_ptr(r12))),
+        Form::new("bsf cx,m16", |a| a.bsf(cx, word_ptr(r12))),
+        Form::new("bswap eax", |a| a.bswap(eax)),
+        Form::new("bswap r10d", |a| a.bswap(r10d)),
+        Form::new("bswap rbx", |a| a.bswap(rbx)),
+        Form::new("bswap r15", |a| a.bswap(r15)),
+    ];
     let zero_src = |st: &mut State, r: &mut Rng, base: u64| {
         ptr_any(st, r, base);
         // Zero sources (whole or in the low bits) are the interesting case.
@@ -1281,6 +1284,12 @@ fn x87_stack_and_control() {
             a.fnclex()
         })
         .x87(1),
+        Form::new("fnclex after stack fault", |a| {
+            a.fchs()?;
+            a.fnstsw(ax)?;
+            a.fnclex()
+        })
+        .x87(0),
         Form::new("fnstcw/fldcw", |a| {
             a.fnstcw(word_ptr(r12 + 8))?;
             a.or(word_ptr(r12), 0x3f)?;
@@ -1355,5 +1364,318 @@ fn x87_stack_and_control() {
         // A plausible control word at [R12] for FLDCW.
         let cw = (0x7fu16 | (r.next() as u16 & 0x0f00)).to_le_bytes();
         st.scratch[o..o + 2].copy_from_slice(&cw);
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Exceptions (emulator only: they cannot be provoked natively inside the test process)
+// ---------------------------------------------------------------------------------------
+
+const CR0_EM: i32 = 1 << 2;
+const CR0_TS: i32 = 1 << 3;
+const CR0_MP: i32 = 1 << 1;
+const CR0_NE: i32 = 1 << 5;
+const CR4_OSFXSR: i32 = 1 << 9;
+const CR4_OSXMMEXCPT: i32 = 1 << 10;
+
+/// Emits `cr0 = (cr0 | set) & !clear` (CPL 0 in the emulator).
+fn set_cr0(a: &mut CodeAssembler, set: i32, clear: i32) -> Result<(), iced_x86::IcedError> {
+    a.mov(r13, cr0)?;
+    a.or(r13, set)?;
+    a.and(r13, !clear)?;
+    a.mov(cr0, r13)
+}
+
+fn set_cr4(a: &mut CodeAssembler, set: i32, clear: i32) -> Result<(), iced_x86::IcedError> {
+    a.mov(r13, cr4)?;
+    a.or(r13, set)?;
+    a.and(r13, !clear)?;
+    a.mov(cr4, r13)
+}
+
+struct EmuCase {
+    form: Form,
+    expect: Result<(), u8>,
+}
+
+fn emu_case(name: &str, expect: Result<(), u8>, emit: impl Fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError> + 'static) -> EmuCase {
+    EmuCase { form: Form::new(name, emit), expect }
+}
+
+/// Runs each case in the emulator; `check` gets the harness (CPU state at a fault) and the
+/// stored outputs of a completed run.
+fn run_emu_cases(seed: u64, cases: Vec<EmuCase>, check: impl Fn(&str, &Harness, Option<&Out>)) {
+    let mut h = Harness::new();
+    let mut r = Rng::new(seed);
+    let mut failures = Vec::new();
+    for c in &cases {
+        h.load(&c.form);
+        for _ in 0..SCALE {
+            let mut st = State::random(&mut r, h.base);
+            ptr_aligned(&mut st, &mut r, h.base);
+            let res = h.run_emu(&st);
+            let got = match &res {
+                Ok(_) => Ok(()),
+                Err(EmuEnd::Fault(v)) => Err(*v),
+                Err(e) => {
+                    failures.push(format!("{}: {e:?}", c.form.name));
+                    continue;
+                }
+            };
+            if got != c.expect {
+                failures.push(format!("{}: expected {:?}, got {got:?}", c.form.name, c.expect));
+            } else {
+                check(&c.form.name, &h, res.as_ref().ok());
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn sse_exceptions_in_emulator() {
+    let cases = vec![
+        emu_case("movdqa misaligned load", Err(13), |a| a.movdqa(xmm0, xmmword_ptr(r12 + 1))),
+        emu_case("movaps misaligned store", Err(13), |a| a.movaps(xmmword_ptr(r12 + 8), xmm1)),
+        emu_case("movntdq misaligned", Err(13), |a| a.movntdq(xmmword_ptr(r12 + 4), xmm1)),
+        emu_case("paddb misaligned m128", Err(13), |a| a.paddb(xmm0, xmmword_ptr(r12 + 8))),
+        emu_case("addps misaligned m128", Err(13), |a| a.addps(xmm0, xmmword_ptr(r12 + 2))),
+        emu_case("pshufd misaligned m128", Err(13), |a| a.pshufd(xmm0, xmmword_ptr(r12 + 2), 0)),
+        emu_case("movdqu misaligned ok", Ok(()), |a| a.movdqu(xmm0, xmmword_ptr(r12 + 1))),
+        emu_case("addss unaligned m32 ok", Ok(()), |a| a.addss(xmm0, dword_ptr(r12 + 1))),
+        emu_case("movq unaligned m64 ok", Ok(()), |a| a.movq(xmm0, qword_ptr(r12 + 3))),
+        emu_case("CR0.TS -> #NM", Err(7), |a| {
+            set_cr0(a, CR0_TS, 0)?;
+            a.addps(xmm0, xmm1)
+        }),
+        emu_case("CR0.EM -> #UD", Err(6), |a| {
+            set_cr0(a, CR0_EM, 0)?;
+            a.pxor(xmm0, xmm1)
+        }),
+        emu_case("CR0.EM+TS -> #UD", Err(6), |a| {
+            set_cr0(a, CR0_EM | CR0_TS, 0)?;
+            a.movdqa(xmm0, xmm1)
+        }),
+        emu_case("CR4.OSFXSR=0 -> #UD", Err(6), |a| {
+            set_cr4(a, 0, CR4_OSFXSR)?;
+            a.movaps(xmm0, xmm1)
+        }),
+        emu_case("CR4.OSFXSR=0 ldmxcsr -> #UD", Err(6), |a| {
+            set_cr4(a, 0, CR4_OSFXSR)?;
+            a.ldmxcsr(dword_ptr(r12))
+        }),
+        emu_case("CR0.TS stmxcsr -> #NM", Err(7), |a| {
+            set_cr0(a, CR0_TS, 0)?;
+            a.stmxcsr(dword_ptr(r12))
+        }),
+        emu_case("movnti ignores CR0.TS", Ok(()), |a| {
+            set_cr0(a, CR0_TS, 0)?;
+            a.movnti(qword_ptr(r12), rax)?;
+            set_cr0(a, 0, CR0_TS)
+        }),
+        emu_case("MMX with CR0.EM -> #UD", Err(6), |a| {
+            set_cr0(a, CR0_EM, 0)?;
+            a.paddb(mm0, mm1)
+        }),
+        emu_case("MMX with CR0.TS -> #NM", Err(7), |a| {
+            set_cr0(a, CR0_TS, 0)?;
+            a.movq(mm0, rax)
+        }),
+        emu_case("ldmxcsr reserved bit -> #GP", Err(13), |a| {
+            a.mov(dword_ptr(r12), 0x1_1f80)?;
+            a.ldmxcsr(dword_ptr(r12))
+        }),
+        emu_case("ldmxcsr DAZ ok", Ok(()), |a| {
+            a.mov(dword_ptr(r12), 0x1fc0)?;
+            a.ldmxcsr(dword_ptr(r12))
+        }),
+        emu_case("unmasked #Z -> #XM", Err(19), |a| {
+            a.mov(dword_ptr(r12), 0x1f80 & !0x200)?;
+            a.ldmxcsr(dword_ptr(r12))?;
+            a.mov(eax, 0x3f80_0000)?;
+            a.movd(xmm2, eax)?;
+            a.pxor(xmm3, xmm3)?;
+            a.divss(xmm2, xmm3)
+        }),
+        emu_case("unmasked #Z without OSXMMEXCPT -> #UD", Err(6), |a| {
+            set_cr4(a, 0, CR4_OSXMMEXCPT)?;
+            a.mov(dword_ptr(r12), 0x1f80 & !0x200)?;
+            a.ldmxcsr(dword_ptr(r12))?;
+            a.mov(eax, 0x3f80_0000)?;
+            a.movd(xmm2, eax)?;
+            a.pxor(xmm3, xmm3)?;
+            a.divss(xmm2, xmm3)
+        }),
+        emu_case("unmasked #I cvttss2si -> #XM", Err(19), |a| {
+            a.mov(dword_ptr(r12), 0x1f80 & !0x80)?;
+            a.ldmxcsr(dword_ptr(r12))?;
+            a.mov(eax, 0x7fc0_0000)?;
+            a.movd(xmm2, eax)?;
+            a.mov(r9, 77u64)?;
+            a.cvttss2si(r9, xmm2)
+        }),
+        emu_case("masked #Z completes", Ok(()), |a| {
+            a.mov(eax, 0x3f80_0000)?;
+            a.movd(xmm2, eax)?;
+            a.pxor(xmm3, xmm3)?;
+            a.divss(xmm2, xmm3)
+        }),
+    ];
+    run_emu_cases(40, cases, |name, h, out| {
+        let c = &h.cpu;
+        match name {
+            "unmasked #Z -> #XM" => {
+                assert_eq!(c.fpu.mxcsr & 0x3f, 0x4, "ZE flag set, nothing else");
+                assert_eq!(c.fpu.xmm[2] as u32, 0x3f80_0000, "destination unchanged");
+            }
+            "unmasked #I cvttss2si -> #XM" => {
+                assert_eq!(c.fpu.mxcsr & 1, 1, "IE flag");
+                assert_eq!(c.gpr[R9], 77, "destination unchanged");
+            }
+            "masked #Z completes" => assert_eq!(out.unwrap().mxcsr & 4, 4),
+            "ldmxcsr reserved bit -> #GP" | "movdqa misaligned load" => {
+                assert_eq!(h.fault_error_code(), 0, "{name}: error code")
+            }
+            _ => {}
+        }
+    });
+}
+
+/// Instructions of extensions that are not advertised (SSE3, SSSE3, AVX) are not
+/// executed: kernel code stops the VM with `Exit::Unsupported` (user code would get #UD).
+#[test]
+fn unadvertised_extensions_in_emulator() {
+    let mut h = Harness::new();
+    let mut r = Rng::new(42);
+    let forms = [
+        Form::new("addsubps", |a| a.addsubps(xmm0, xmm1)),
+        Form::new("pshufb", |a| a.pshufb(xmm0, xmm1)),
+        Form::new("pextrw m16", |a| a.pextrw(word_ptr(r12), xmm1, 1)),
+        Form::new("vaddps", |a| a.vaddps(xmm0, xmm1, xmm2)),
+        Form::new("fisttp", |a| a.fisttp(dword_ptr(r12))),
+    ];
+    for f in &forms {
+        h.load(f);
+        let mut st = State::random(&mut r, h.base);
+        ptr_aligned(&mut st, &mut r, h.base);
+        let res = h.run_emu(&st);
+        assert!(
+            matches!(res, Err(EmuEnd::Exit(x86emu::Exit::Unsupported(_)))),
+            "{}: {res:?}",
+            f.name
+        );
+    }
+}
+
+#[test]
+fn x87_exceptions_in_emulator() {
+    let cases = vec![
+        emu_case("x87 with CR0.TS -> #NM", Err(7), |a| {
+            set_cr0(a, CR0_TS, 0)?;
+            a.fld1()
+        }),
+        emu_case("x87 with CR0.EM -> #NM", Err(7), |a| {
+            set_cr0(a, CR0_EM, 0)?;
+            a.fninit()
+        }),
+        emu_case("fwait with MP+TS -> #NM", Err(7), |a| {
+            set_cr0(a, CR0_TS | CR0_MP, 0)?;
+            a.wait()
+        }),
+        emu_case("fwait with TS only ok", Ok(()), |a| {
+            set_cr0(a, CR0_TS, CR0_MP)?;
+            a.wait()?;
+            set_cr0(a, CR0_MP, CR0_TS)
+        }),
+        emu_case("fxsave64 misaligned -> #GP", Err(13), |a| a.fxsave64(ptr(r12 + 8))),
+        emu_case("fxsave with CR0.TS -> #NM", Err(7), |a| {
+            set_cr0(a, CR0_TS, 0)?;
+            a.fxsave64(ptr(r12))
+        }),
+        emu_case("fxrstor64 reserved MXCSR -> #GP", Err(13), |a| {
+            a.fxsave64(ptr(r12))?;
+            a.mov(dword_ptr(r12 + 24), 0x4_1f80)?;
+            a.fxrstor64(ptr(r12))
+        }),
+        emu_case("pending unmasked #I + fwait -> #MF", Err(16), |a| {
+            a.fninit()?;
+            a.mov(word_ptr(r12), 0x37e)?;
+            a.fldcw(word_ptr(r12))?;
+            a.fld1()?;
+            a.fchs()?;
+            a.fsqrt()?;
+            a.fnstsw(ax)?;
+            a.wait()
+        }),
+        emu_case("pending #MF on next x87 op", Err(16), |a| {
+            a.fninit()?;
+            a.mov(word_ptr(r12), 0x37b)?;
+            a.fldcw(word_ptr(r12))?;
+            a.fld1()?;
+            a.fldz()?;
+            a.fdivp(st1, st0)?;
+            a.fld1()
+        }),
+        emu_case("pending #MF on MMX op", Err(16), |a| {
+            a.fninit()?;
+            a.mov(word_ptr(r12), 0x37e)?;
+            a.fldcw(word_ptr(r12))?;
+            a.fld1()?;
+            a.fchs()?;
+            a.fsqrt()?;
+            a.movq(mm0, rax)
+        }),
+        emu_case("pending, CR0.NE=0: fwait ignored", Ok(()), |a| {
+            set_cr0(a, 0, CR0_NE)?;
+            a.fninit()?;
+            a.mov(word_ptr(r12), 0x37e)?;
+            a.fldcw(word_ptr(r12))?;
+            a.fld1()?;
+            a.fchs()?;
+            a.fsqrt()?;
+            a.wait()?;
+            a.fnstsw(ax)?;
+            a.fninit()?;
+            set_cr0(a, CR0_NE, 0)
+        }),
+        emu_case("pending: non-waiting fnstsw/fnclex/fninit ok", Ok(()), |a| {
+            a.fninit()?;
+            a.mov(word_ptr(r12), 0x37e)?;
+            a.fldcw(word_ptr(r12))?;
+            a.fld1()?;
+            a.fchs()?;
+            a.fsqrt()?;
+            a.fnstsw(ax)?;
+            a.mov(r9, rax)?;
+            a.fnstcw(word_ptr(r12 + 8))?;
+            a.fnclex()?;
+            a.wait()?;
+            a.fninit()
+        }),
+        emu_case("fldcw unmasking a flagged exception -> #MF", Err(16), |a| {
+            a.fninit()?;
+            a.fld1()?;
+            a.fchs()?;
+            a.fsqrt()?;
+            a.mov(word_ptr(r12), 0x37e)?;
+            a.fldcw(word_ptr(r12))?;
+            a.fld1()
+        }),
+    ];
+    run_emu_cases(41, cases, |name, h, out| {
+        let c = &h.cpu;
+        match name {
+            "pending unmasked #I + fwait -> #MF" => {
+                // FSW: IE, ES and B set; the NaN was not stored (ST(0) is still -1).
+                assert_eq!(c.gpr[RAX] as u16 & 0x8081, 0x8081, "fnstsw before fwait");
+                assert_eq!(c.fpu.fsw & 0x8081, 0x8081);
+            }
+            "pending #MF on next x87 op" => assert_eq!(c.fpu.fsw & 0x84, 0x84, "ZE and ES"),
+            "pending: non-waiting fnstsw/fnclex/fninit ok" => {
+                assert_eq!(out.unwrap().gpr[R9] as u16 & 0x8081, 0x8081)
+            }
+            "pending, CR0.NE=0: fwait ignored" => assert_eq!(out.unwrap().gpr[RAX] as u16 & 0x8081, 0x8081),
+            _ => {}
+        }
     });
 }

@@ -276,7 +276,7 @@ pub fn f80_val(r: &mut Rng) -> [u8; 10] {
             (0xc90f_daa2_2168_c235, 0x403f),
             (1 << 63, 0x403e),
         ]),
-        1 => (r.next() | (1 << 63), 0x3fff - 70 + r.below(140) as u16 | (r.below(2) as u16) << 15),
+        1 => (r.next() | (1 << 63), (0x3fff - 70 + r.below(140) as u16) | ((r.below(2) as u16) << 15)),
         2 => {
             // An integer value (exact in every integer format), possibly negative.
             let n = r.below(1 << 20) + 1;
@@ -284,7 +284,7 @@ pub fn f80_val(r: &mut Rng) -> [u8; 10] {
             (n << lz, (0x3fff + 63 - lz as u16) | (r.below(2) as u16) << 15)
         }
         3 => (r.next() | (1 << 63), (0x3fff - 16000 + r.below(32000)) as u16 | (r.below(2) as u16) << 15),
-        _ => (r.next() | (1 << 63), 0x3fff - 20 + r.below(40) as u16 | (r.below(2) as u16) << 15),
+        _ => (r.next() | (1 << 63), (0x3fff - 20 + r.below(40) as u16) | ((r.below(2) as u16) << 15)),
     };
     let mut v = [0u8; 10];
     v[..8].copy_from_slice(&mant.to_le_bytes());
@@ -349,10 +349,13 @@ pub struct Out {
     pub mem: Vec<u8>,
 }
 
+/// Emits the instructions under test.
+pub type Emit = Box<dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>>;
+
 /// A snippet under test.
 pub struct Form {
     pub name: String,
-    pub emit: Box<dyn Fn(&mut CodeAssembler) -> Result<(), IcedError>>,
+    pub emit: Emit,
     /// Number of x87 registers loaded from the state (and FXSAVE64 of the final state).
     pub x87: usize,
     /// Load and store MM0-7.
