@@ -386,5 +386,3 @@ fn unsupported(cpu: &mut Cpu, insn: &Instruction) -> SRes<()> {
         insn.ip()
     ))))
 }
-
-
