@@ -40,6 +40,7 @@ pub struct EmuVcpu {
 
 impl Drop for EmuVcpu {
     fn drop(&mut self) {
+        tracing::debug!("emu vCPU statistics: {:?}", self.cpu.stats);
         if let Some((path, samples)) = self.profile.take() {
             let mut v: Vec<_> = samples.into_iter().collect();
             v.sort_by_key(|e| std::cmp::Reverse(e.1));
@@ -196,7 +197,7 @@ impl EmuVcpu {
     fn log_recent(&self, why: &str) {
         let c = &self.cpu;
         tracing::debug!(
-            "emu stop: {why}; rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} cr2={:#x} idt={:#x}/{:#x} stats={:?} recent rips: {:x?}",
+            "emu stop: {why}; rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} cr2={:#x} idt={:#x}/{:#x} stats={:?} recent block starts: {:x?}",
             c.rip, c.gpr[4], c.cr0, c.cr3, c.cr4, c.efer, c.seg[1].selector, c.cr2, c.idtr_base, c.idtr_limit, c.stats, c.recent_rips()
         );
     }

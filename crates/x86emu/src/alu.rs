@@ -64,6 +64,23 @@ macro_rules! bin_asm {
     };
 }
 
+macro_rules! bin_asm_nf {
+    ($ins:literal, $a:ident, $b:ident, $fl:ident, $m:literal) => {
+        // SAFETY: pure register arithmetic whose flags do not depend on the input flags;
+        // PUSHFQ/POP only touch the stack slot they use.
+        unsafe {
+            asm!(
+                concat!($ins, " {a", $m, "}, {b", $m, "}"),
+                "pushfq",
+                "pop {fl}",
+                a = inout(reg) $a,
+                b = in(reg) $b,
+                fl = out(reg) $fl,
+            )
+        }
+    };
+}
+
 macro_rules! shift_asm {
     ($ins:literal, $a:ident, $c:ident, $fl:ident, $m:literal) => {
         // SAFETY: as in bin_asm; the count lives in CL.
@@ -324,27 +341,19 @@ pub(crate) fn div_wide(
     }
 }
 
-/// Parity flag of the low byte (PF set when the number of set bits is even).
-#[inline]
-pub(crate) fn parity(v: u64) -> bool {
-    (v as u8).count_ones().is_multiple_of(2)
-}
-
-/// Flags after a logical result (as TEST/AND): CF=OF=0, SF/ZF/PF from the result, AF=0.
-#[inline]
-pub(crate) fn logic_flags(res: u64, size: usize, flags: u64) -> u64 {
-    use crate::cpu::flags::*;
-    let m = crate::regs::mask(size);
-    let r = res & m;
-    let mut f = flags & !ARITH;
-    if r == 0 {
-        f |= ZF;
+/// ADD, OR, AND, SUB, XOR (and CMP/TEST through SUB/AND): operations whose result flags do
+/// not depend on the incoming flags, so the host runs them without loading guest flags.
+#[inline(always)]
+pub(crate) fn arith(op: Op2, size: usize, a: u64, b: u64, flags: u64) -> (u64, u64) {
+    let mut r = a;
+    let fl: u64;
+    match op {
+        Op2::Add => by_size!(bin_asm_nf, "add", size, r, b, fl),
+        Op2::Or => by_size!(bin_asm_nf, "or", size, r, b, fl),
+        Op2::And => by_size!(bin_asm_nf, "and", size, r, b, fl),
+        Op2::Sub => by_size!(bin_asm_nf, "sub", size, r, b, fl),
+        Op2::Xor => by_size!(bin_asm_nf, "xor", size, r, b, fl),
+        _ => return op2(op, size, a, b, flags),
     }
-    if r >> (size * 8 - 1) & 1 == 1 {
-        f |= SF;
-    }
-    if parity(r) {
-        f |= PF;
-    }
-    f
+    (r, (flags & !ARITH) | (fl & ARITH))
 }

@@ -234,7 +234,10 @@ pub struct Cpu {
     /// Set by instructions that may unmask or raise interrupts (STI, POPF, IRET, port and
     /// MMIO writes): the run loop looks at the interrupt line again before the next one.
     pub(crate) check_irq: bool,
-    /// The RIPs of the last 64 instructions started (a debugging aid for crashes).
+    /// Register-name decoding table (see `regs::GPR_INFO`), kept here so the hot path needs
+    /// no lazy-initialisation check.
+    pub(crate) gpr_info: [u16; 256],
+    /// The RIPs of the last 64 decoded blocks entered (a debugging aid for crashes).
     pub recent: [u64; 64],
     pub(crate) recent_pos: usize,
     /// Optional instruction trace: (rip, cs.selector) of every retired instruction is
@@ -311,6 +314,7 @@ impl Cpu {
             dcache: crate::exec::DecodeCache::new(),
             check_irq: true,
             trace: None,
+            gpr_info: *crate::regs::GPR_INFO,
             recent: [0; 64],
             recent_pos: 0,
         }
@@ -356,7 +360,7 @@ impl Cpu {
         self.mmu.flush_code();
     }
 
-    /// The last instructions started, oldest first.
+    /// The start RIPs of the last blocks entered, oldest first.
     pub fn recent_rips(&self) -> Vec<u64> {
         (0..64)
             .map(|i| self.recent[(self.recent_pos + i) % 64])

@@ -2,13 +2,13 @@
 
 use crate::alu::{self, Op1, Op2};
 use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit};
-use crate::regs::{mask, sext, GPR_INFO};
+use crate::regs::{mask, sext};
 use crate::{Bus, Fault, Res};
 use iced_x86::{
     Code, ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register,
 };
 
-const BCACHE_SIZE: usize = 1 << 14;
+const BCACHE_SIZE: usize = 1 << 15;
 /// Longest block decoded at once, in instructions.
 const BLOCK_MAX: usize = 64;
 
@@ -16,6 +16,8 @@ const BLOCK_MAX: usize = 64;
 /// transfer (or an instruction that may change how code is fetched).
 struct Block {
     gpa: u64,
+    /// RIP of the first instruction.
+    ip: u64,
     gen: u32,
     page: usize,
     bits: u32,
@@ -99,13 +101,13 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                     return e;
                 }
             };
+            cpu.recent[cpu.recent_pos] = cpu.rip;
+            cpu.recent_pos = (cpu.recent_pos + 1) % 64;
             for insn in insns.iter() {
                 if cpu.rip != insn.ip() {
                     break;
                 }
                 cpu.interrupt_shadow = false;
-                cpu.recent[cpu.recent_pos] = cpu.rip;
-                cpu.recent_pos = (cpu.recent_pos + 1) % 64;
                 if cpu.trace.is_some() {
                     write_trace(cpu);
                 }
@@ -190,11 +192,7 @@ fn fetch_block(cpu: &mut Cpu) -> SRes<(std::rc::Rc<[Instruction]>, usize, u32)> 
     let gpa = cpu.translate(la, crate::mmu::Access::Exec, user)?;
     let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
     if let Some(b) = &cpu.dcache.e[idx] {
-        if b.gpa == gpa
-            && b.bits == bits
-            && cpu.mmu.code_gen.get(b.page) == Some(&b.gen)
-            && b.insns[0].ip() == cpu.rip
-        {
+        if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) {
             return Ok((b.insns.clone(), b.page, b.gen));
         }
     }
@@ -258,6 +256,7 @@ fn decode_block(
     let insns: std::rc::Rc<[Instruction]> = std::rc::Rc::from(insns);
     cpu.dcache.e[idx] = Some(Block {
         gpa,
+        ip: cpu.rip,
         gen,
         page,
         bits,
@@ -312,7 +311,7 @@ fn cond(cpu: &Cpu, cc: ConditionCode) -> bool {
 impl Cpu {
     #[inline(always)]
     pub(crate) fn get_reg(&self, r: Register) -> u64 {
-        let info = GPR_INFO[r as usize];
+        let info = self.gpr_info[r as usize];
         if info & 0x8000 != 0 {
             return self.get_other_reg(r);
         }
@@ -346,7 +345,7 @@ impl Cpu {
 
     #[inline(always)]
     pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
-        let info = GPR_INFO[r as usize];
+        let info = self.gpr_info[r as usize];
         if info & 0x8000 != 0 {
             return;
         }
@@ -671,7 +670,7 @@ fn string_op(
             StrOp::Cmps => {
                 let a = cpu.rmem(bus, cpu.seg_la(src_seg, si), size)?;
                 let b = cpu.rmem(bus, cpu.seg_la(Register::ES, di), size)?;
-                let (_, f) = alu::op2(Op2::Sub, size, a, b, cpu.rflags);
+                let (_, f) = alu::arith(Op2::Sub, size, a, b, cpu.rflags);
                 cpu.rflags = f;
                 upd(cpu, REG_RSI, si.wrapping_add(step), asz);
                 upd(cpu, REG_RDI, di.wrapping_add(step), asz);
@@ -679,7 +678,7 @@ fn string_op(
             }
             StrOp::Scas => {
                 let b = cpu.rmem(bus, cpu.seg_la(Register::ES, di), size)?;
-                let (_, f) = alu::op2(Op2::Sub, size, cpu.gpr[0], b, cpu.rflags);
+                let (_, f) = alu::arith(Op2::Sub, size, cpu.gpr[0], b, cpu.rflags);
                 cpu.rflags = f;
                 upd(cpu, REG_RDI, di.wrapping_add(step), asz);
                 zf_stop = Some(f & ZF != 0);
@@ -812,7 +811,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
                 _ => insn.immediate(1),
             };
             let op = op2_of(m).unwrap_or(Op2::Add);
-            let (r, f) = alu::op2(op, size, a, b, cpu.rflags);
+            let (r, f) = alu::arith(op, size, a, b, cpu.rflags);
             cpu.wr(bus, l0, size, r)?;
             cpu.rflags = f;
             Ok(())
@@ -821,7 +820,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             let size = size0(insn);
             let a = cpu.rd(bus, cpu.loc(insn, 0), size)?;
             let b = cpu.rd(bus, cpu.loc(insn, 1), size)?;
-            let (_, f) = alu::op2(Op2::Sub, size, a, b, cpu.rflags);
+            let (_, f) = alu::arith(Op2::Sub, size, a, b, cpu.rflags);
             cpu.rflags = f;
             Ok(())
         }
@@ -829,7 +828,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             let size = size0(insn);
             let a = cpu.rd(bus, cpu.loc(insn, 0), size)?;
             let b = cpu.rd(bus, cpu.loc(insn, 1), size)?;
-            cpu.rflags = alu::logic_flags(a & b, size, cpu.rflags);
+            cpu.rflags = alu::arith(Op2::And, size, a, b, cpu.rflags).1;
             Ok(())
         }
         M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
@@ -958,7 +957,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             let l0 = cpu.loc(insn, 0);
             let a = cpu.rd(bus, l0, size)?;
             let b = cpu.get_reg(insn.op1_register());
-            let (r, f) = alu::op2(Op2::Add, size, a, b, cpu.rflags);
+            let (r, f) = alu::arith(Op2::Add, size, a, b, cpu.rflags);
             cpu.wr(bus, l0, size, r)?;
             cpu.set_reg(insn.op1_register(), a);
             cpu.rflags = f;
@@ -969,7 +968,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             let l0 = cpu.loc(insn, 0);
             let d = cpu.rd(bus, l0, size)?;
             let acc = cpu.gpr[0] & mask(size);
-            let (_, f) = alu::op2(Op2::Sub, size, acc, d, cpu.rflags);
+            let (_, f) = alu::arith(Op2::Sub, size, acc, d, cpu.rflags);
             if f & ZF != 0 {
                 let s = cpu.get_reg(insn.op1_register());
                 cpu.wr(bus, l0, size, s)?;

@@ -13,7 +13,7 @@ use iced_x86::code_asm::*;
 /// Cases per form.
 const N: usize = 40;
 /// Multiplier applied to every case count (the whole file runs in a few seconds at 6).
-const SCALE: usize = 6;
+const SCALE: usize = 4;
 
 type R8 = AsmRegister8;
 type R16 = AsmRegister16;
@@ -663,6 +663,61 @@ fn conditional_moves_and_sets() {
         cmova seta, cmovs sets, cmovns setns, cmovp setp, cmovnp setnp, cmovl setl, cmovge setge,
         cmovle setle, cmovg setg);
     run_all(11, "conditional_moves_and_sets", f, 24, ptr_any);
+}
+
+#[test]
+fn branches() {
+    let mut f = Vec::new();
+    macro_rules! jcc {
+        ($($j:ident),*) => {{ $(
+            f.push(Form::new(stringify!($j), |a| {
+                let mut skip = a.create_label();
+                a.$j(skip)?;
+                a.mov(eax, 1)?;
+                a.set_label(&mut skip)?;
+                a.nop()
+            }));
+        )* }};
+    }
+    jcc!(jo, jno, jb, jae, je, jne, jbe, ja, js, jns, jp, jnp, jl, jge, jle, jg, jrcxz);
+    macro_rules! lp {
+        ($($l:ident),*) => {{ $(
+            f.push(Form::new(stringify!($l), |a| {
+                let mut top = a.create_label();
+                a.and(ecx, 7)?;
+                a.set_label(&mut top)?;
+                a.add(rbx, 1)?;
+                a.cmp(bl, dl)?;
+                a.$l(top)
+            }));
+        )* }};
+    }
+    lp!(loop_, loope, loopne);
+    f.push(Form::new("xlatb", |a| {
+        a.mov(rbx, r12)?;
+        a.xlatb()
+    }));
+    f.push(Form::new("jmp r64", |a| {
+        let mut t = a.create_label();
+        a.lea(rax, ptr(t))?;
+        a.jmp(rax)?;
+        a.mov(ecx, 1)?;
+        a.set_label(&mut t)?;
+        a.nop()
+    }));
+    run_all(16, "branches", f, N, |st, r, base| {
+        ptr_any(st, r, base);
+        if r.chance(2) {
+            st.gpr[RCX] &= if r.chance(2) {
+                0xffff_ffff_0000_0000
+            } else {
+                0
+            };
+        }
+        if r.chance(2) {
+            st.gpr[RDX] = st.gpr[RBX].wrapping_add(r.below(8));
+        }
+    });
 }
 
 #[test]
@@ -1537,6 +1592,15 @@ fn x87_load_store() {
     });
 }
 
+/// Zeroes bytes 416-463 of an FXSAVE image at [R12 + off] (whether they are written is
+/// model specific).
+fn zero_fx_reserved(a: &mut CodeAssembler, off: usize) -> Result<(), iced_x86::IcedError> {
+    for k in 0..6 {
+        a.mov(qword_ptr(r12 + off + 416 + 8 * k), 0)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn x87_stack_and_control() {
     let mut f = vec![
@@ -1599,6 +1663,7 @@ fn x87_stack_and_control() {
             a.mov(qword_ptr(r12 + 0x100 + 16), 0)?;
             a.mov(word_ptr(r12 + 0x100 + 6), 0)?;
             a.mov(dword_ptr(r12 + 0x100 + 28), 0)?;
+            zero_fx_reserved(a, 0x100)?;
             a.fninit()?;
             a.fxrstor64(ptr(r12 + 0x100))
         })
@@ -1609,6 +1674,7 @@ fn x87_stack_and_control() {
             a.mov(qword_ptr(r12 + 0x100 + 16), 0)?;
             a.mov(word_ptr(r12 + 0x100 + 6), 0)?;
             a.mov(dword_ptr(r12 + 0x100 + 28), 0)?;
+            zero_fx_reserved(a, 0x100)?;
             a.fxrstor(ptr(r12 + 0x100))
         })
         .x87(2),
