@@ -22,6 +22,7 @@ struct Block {
     page: usize,
     bits: u32,
     insns: std::rc::Rc<[Instruction]>,
+    uops: std::rc::Rc<[crate::uop::Uop]>,
 }
 
 /// Direct-mapped cache of decoded blocks keyed by the GPA of their first instruction; a
@@ -86,7 +87,7 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
         let chunk = (budget - done).min(4096);
         let mut n = 0;
         'chunk: while n < chunk {
-            let (insns, page, gen) = match fetch_block(cpu) {
+            let (insns, uops, page, gen) = match fetch_block(cpu) {
                 Ok(b) => b,
                 Err(Stop::Fault(f)) => {
                     n += 1;
@@ -103,7 +104,7 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             };
             cpu.recent[cpu.recent_pos] = cpu.rip;
             cpu.recent_pos = (cpu.recent_pos + 1) % 64;
-            for insn in insns.iter() {
+            for (insn, uop) in insns.iter().zip(uops.iter()) {
                 if cpu.rip != insn.ip() {
                     break;
                 }
@@ -114,7 +115,11 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                 let old = cpu.rip;
                 cpu.rip = insn.next_ip();
                 n += 1;
-                match execute(cpu, bus, insn) {
+                let r = match uop {
+                    crate::uop::Uop::Generic => execute(cpu, bus, insn),
+                    u => crate::uop::exec(cpu, bus, u).map_err(Stop::Fault),
+                };
+                match r {
                     Ok(()) => {}
                     Err(Stop::Fault(f)) => {
                         cpu.rip = old;
@@ -145,6 +150,10 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
         }
     }
 }
+
+/// A block handed to the run loop: instructions, their fast forms, RAM page index
+/// (usize::MAX if uncached) and the page's code generation.
+type BlockRef = (std::rc::Rc<[Instruction]>, std::rc::Rc<[crate::uop::Uop]>, usize, u32);
 
 /// Whether decoding must stop after `insn`: control transfers and instructions that change
 /// paging, segments or the fetch mode.
@@ -181,7 +190,7 @@ fn ends_block(insn: &Instruction) -> bool {
 /// Returns the decoded block starting at CS:RIP (from the cache or freshly decoded), the
 /// RAM page index it lies on (usize::MAX if uncached) and that page's code generation.
 #[inline]
-fn fetch_block(cpu: &mut Cpu) -> SRes<(std::rc::Rc<[Instruction]>, usize, u32)> {
+fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     let bits = cpu.bitness();
     let la = if bits == 64 {
         cpu.rip
@@ -193,20 +202,14 @@ fn fetch_block(cpu: &mut Cpu) -> SRes<(std::rc::Rc<[Instruction]>, usize, u32)> 
     let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
     if let Some(b) = &cpu.dcache.e[idx] {
         if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) {
-            return Ok((b.insns.clone(), b.page, b.gen));
+            return Ok((b.insns.clone(), b.uops.clone(), b.page, b.gen));
         }
     }
     decode_block(cpu, la, bits, user, idx)
 }
 
 #[cold]
-fn decode_block(
-    cpu: &mut Cpu,
-    la: u64,
-    bits: u32,
-    user: bool,
-    idx: usize,
-) -> SRes<(std::rc::Rc<[Instruction]>, usize, u32)> {
+fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SRes<BlockRef> {
     let mut buf = [0u8; 16];
     let (n, loc) = cpu.fetch(la, &mut buf, user)?;
     let off = (la & 0xfff) as usize;
@@ -250,9 +253,11 @@ fn decode_block(
             }
             return Err(Stop::Fault(Fault::InvalidOpcode));
         }
-        return Ok((std::rc::Rc::from(vec![insn]), usize::MAX, 0));
+        let uops = std::rc::Rc::from(vec![crate::uop::lower(&insn, bits)]);
+        return Ok((std::rc::Rc::from(vec![insn]), uops, usize::MAX, 0));
     }
     let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
+    let uops: std::rc::Rc<[crate::uop::Uop]> = insns.iter().map(|i| crate::uop::lower(i, bits)).collect();
     let insns: std::rc::Rc<[Instruction]> = std::rc::Rc::from(insns);
     cpu.dcache.e[idx] = Some(Block {
         gpa,
@@ -261,8 +266,9 @@ fn decode_block(
         page,
         bits,
         insns: insns.clone(),
+        uops: uops.clone(),
     });
-    Ok((insns, page, gen))
+    Ok((insns, uops, page, gen))
 }
 
 #[cold]
@@ -280,7 +286,7 @@ fn write_trace(cpu: &mut Cpu) {
 use std::io::Write as _;
 
 #[inline(always)]
-fn cond(cpu: &Cpu, cc: ConditionCode) -> bool {
+pub(crate) fn cond(cpu: &Cpu, cc: ConditionCode) -> bool {
     let f = cpu.rflags;
     let cf = f & CF != 0;
     let zf = f & ZF != 0;

@@ -20,6 +20,7 @@ mod mmu;
 mod regs;
 mod sse;
 mod system;
+mod uop;
 
 pub use cpu::{Cpu, CpuConfig, Exit, Seg, Stats};
 pub use mmu::RamRegion;

@@ -1,0 +1,287 @@
+//! Pre-decoded fast forms of the most frequent 64-bit-mode instructions.
+//!
+//! When a block is decoded, each instruction is also lowered to a [`Uop`]: the common forms
+//! (MOV/LEA/ALU between 32/64-bit registers, immediates and simple memory operands, Jcc,
+//! JMP/CALL rel, RET, PUSH/POP r64) carry their operands pre-extracted, so executing them
+//! needs no calls back into the decoder's operand accessors. Everything else is
+//! [`Uop::Generic`] and runs through the full interpreter. Fast forms have exactly the
+//! semantics of the generic path; the differential tests run through both.
+
+use crate::alu::{self, Op2};
+use crate::cpu::{sreg, Cpu};
+use crate::regs::mask;
+use crate::{Bus, Fault, Res};
+use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
+
+const NONE: u8 = 0xff;
+
+/// A memory operand with 64-bit addressing: base + (index << scale) + disp (+ FS/GS base).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MemOp {
+    base: u8,
+    index: u8,
+    scale: u8,
+    /// 0: no segment base, 1: FS, 2: GS.
+    seg: u8,
+    disp: u64,
+}
+
+impl MemOp {
+    fn from(insn: &Instruction) -> Option<MemOp> {
+        let b = insn.memory_base();
+        let i = insn.memory_index();
+        let seg = match insn.memory_segment() {
+            Register::FS => 1,
+            Register::GS => 2,
+            _ => 0,
+        };
+        let gpr64 = |r: Register| r.is_gpr64();
+        let base = if b == Register::None || b == Register::RIP {
+            NONE
+        } else if gpr64(b) {
+            b.number() as u8
+        } else {
+            return None;
+        };
+        let index = if i == Register::None {
+            NONE
+        } else if gpr64(i) {
+            i.number() as u8
+        } else {
+            return None;
+        };
+        Some(MemOp { base, index, scale: insn.memory_index_scale().trailing_zeros() as u8, seg, disp: insn.memory_displacement64() })
+    }
+
+    #[inline(always)]
+    fn la(&self, cpu: &Cpu) -> u64 {
+        let mut a = self.disp;
+        if self.base != NONE {
+            a = a.wrapping_add(cpu.gpr[self.base as usize]);
+        }
+        if self.index != NONE {
+            a = a.wrapping_add(cpu.gpr[self.index as usize] << self.scale);
+        }
+        match self.seg {
+            1 => a.wrapping_add(cpu.seg[sreg::FS].base),
+            2 => a.wrapping_add(cpu.seg[sreg::GS].base),
+            _ => a,
+        }
+    }
+}
+
+/// Source operand of a fast ALU/MOV form.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Src {
+    Reg(u8),
+    Imm(u64),
+    Mem(MemOp),
+}
+
+/// A pre-decoded instruction.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Uop {
+    /// Run through the full interpreter.
+    Generic,
+    /// MOV r32/64, src.
+    MovR { d: u8, s: Src, sz: u8 },
+    /// MOV m, r32/64 or imm.
+    MovM { m: MemOp, s: Src, sz: u8 },
+    /// LEA r64, m.
+    Lea { d: u8, m: MemOp },
+    /// ADD/OR/AND/SUB/XOR r, src (write = false for CMP/TEST).
+    Alu { op: Op2, d: u8, s: Src, sz: u8, write: bool },
+    /// Jcc rel.
+    Jcc { cc: ConditionCode, target: u64 },
+    /// JMP rel.
+    Jmp { target: u64 },
+    /// CALL rel.
+    Call { target: u64 },
+    /// RET (near, no immediate).
+    Ret,
+    /// PUSH r64.
+    Push { r: u8 },
+    /// POP r64.
+    Pop { r: u8 },
+}
+
+fn gpr(r: Register, sz: usize) -> Option<u8> {
+    if (sz == 8 && r.is_gpr64()) || (sz == 4 && r.is_gpr32()) {
+        Some(r.number() as u8)
+    } else {
+        None
+    }
+}
+
+fn src(insn: &Instruction, i: u32, sz: usize) -> Option<Src> {
+    match insn.op_kind(i) {
+        OpKind::Register => gpr(insn.op_register(i), sz).map(Src::Reg),
+        OpKind::Memory => MemOp::from(insn).map(Src::Mem),
+        OpKind::Immediate8 | OpKind::Immediate16 | OpKind::Immediate32 | OpKind::Immediate64 | OpKind::Immediate8to32
+        | OpKind::Immediate8to64 | OpKind::Immediate32to64 => Some(Src::Imm(insn.immediate(i) & mask(sz))),
+        _ => None,
+    }
+}
+
+/// Lowers `insn` (decoded in 64-bit mode) to a fast form where one exists.
+pub(crate) fn lower(insn: &Instruction, bits: u32) -> Uop {
+    if bits != 64 || insn.has_lock_prefix() || insn.has_rep_prefix() || insn.has_repne_prefix() {
+        return Uop::Generic;
+    }
+    lower64(insn).unwrap_or(Uop::Generic)
+}
+
+fn lower64(insn: &Instruction) -> Option<Uop> {
+    let m = insn.mnemonic();
+    let k0 = insn.op0_kind();
+    Some(match m {
+        Mnemonic::Mov => {
+            if k0 == OpKind::Register {
+                let r0 = insn.op0_register();
+                let sz = r0.size();
+                Uop::MovR { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
+            } else if k0 == OpKind::Memory {
+                let sz = insn.memory_size().size();
+                if sz != 4 && sz != 8 {
+                    return None;
+                }
+                let s = src(insn, 1, sz)?;
+                if let Src::Mem(_) = s {
+                    return None;
+                }
+                Uop::MovM { m: MemOp::from(insn)?, s, sz: sz as u8 }
+            } else {
+                return None;
+            }
+        }
+        Mnemonic::Lea => {
+            let r0 = insn.op0_register();
+            if !r0.is_gpr64() {
+                return None;
+            }
+            Uop::Lea { d: gpr(r0, 8)?, m: MemOp::from(insn)? }
+        }
+        Mnemonic::Add | Mnemonic::Or | Mnemonic::And | Mnemonic::Sub | Mnemonic::Xor | Mnemonic::Cmp | Mnemonic::Test => {
+            if k0 != OpKind::Register {
+                return None;
+            }
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            let d = gpr(r0, sz)?;
+            let s = src(insn, 1, sz)?;
+            let (op, write) = match m {
+                Mnemonic::Add => (Op2::Add, true),
+                Mnemonic::Or => (Op2::Or, true),
+                Mnemonic::And => (Op2::And, true),
+                Mnemonic::Sub => (Op2::Sub, true),
+                Mnemonic::Xor => (Op2::Xor, true),
+                Mnemonic::Cmp => (Op2::Sub, false),
+                _ => (Op2::And, false),
+            };
+            Uop::Alu { op, d, s, sz: sz as u8, write }
+        }
+        Mnemonic::Jo | Mnemonic::Jno | Mnemonic::Jb | Mnemonic::Jae | Mnemonic::Je | Mnemonic::Jne | Mnemonic::Jbe
+        | Mnemonic::Ja | Mnemonic::Js | Mnemonic::Jns | Mnemonic::Jp | Mnemonic::Jnp | Mnemonic::Jl | Mnemonic::Jge
+        | Mnemonic::Jle | Mnemonic::Jg => {
+            if k0 != OpKind::NearBranch64 {
+                return None;
+            }
+            Uop::Jcc { cc: insn.condition_code(), target: insn.near_branch_target() }
+        }
+        Mnemonic::Jmp if k0 == OpKind::NearBranch64 => Uop::Jmp { target: insn.near_branch_target() },
+        Mnemonic::Call if k0 == OpKind::NearBranch64 => Uop::Call { target: insn.near_branch_target() },
+        Mnemonic::Ret if insn.op_count() == 0 && insn.code() == iced_x86::Code::Retnq => Uop::Ret,
+        Mnemonic::Push if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
+            Uop::Push { r: insn.op0_register().number() as u8 }
+        }
+        Mnemonic::Pop if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
+            Uop::Pop { r: insn.op0_register().number() as u8 }
+        }
+        _ => return None,
+    })
+}
+
+#[inline(always)]
+fn set(cpu: &mut Cpu, r: u8, v: u64, sz: u8) {
+    cpu.gpr[r as usize] = if sz == 4 { v & 0xffff_ffff } else { v };
+}
+
+#[inline(always)]
+fn read_src(cpu: &mut Cpu, bus: &mut dyn Bus, s: Src, sz: u8) -> Res<u64> {
+    Ok(match s {
+        Src::Reg(r) => cpu.gpr[r as usize] & mask(sz as usize),
+        Src::Imm(v) => v,
+        Src::Mem(m) => {
+            let la = m.la(cpu);
+            let u = cpu.user();
+            cpu.read_la(bus, la, sz as usize, u)?
+        }
+    })
+}
+
+/// Executes a fast form. RIP already holds the next instruction's address.
+#[inline(always)]
+pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
+    match *u {
+        Uop::Generic => {}
+        Uop::MovR { d, s, sz } => {
+            let v = read_src(cpu, bus, s, sz)?;
+            set(cpu, d, v, sz);
+        }
+        Uop::MovM { m, s, sz } => {
+            let v = read_src(cpu, bus, s, sz)?;
+            let la = m.la(cpu);
+            let u = cpu.user();
+            cpu.write_la(bus, la, sz as usize, v, u)?;
+        }
+        Uop::Lea { d, m } => {
+            let mut a = m.disp;
+            if m.base != NONE {
+                a = a.wrapping_add(cpu.gpr[m.base as usize]);
+            }
+            if m.index != NONE {
+                a = a.wrapping_add(cpu.gpr[m.index as usize] << m.scale);
+            }
+            cpu.gpr[d as usize] = a;
+        }
+        Uop::Alu { op, d, s, sz, write } => {
+            let b = read_src(cpu, bus, s, sz)?;
+            let a = cpu.gpr[d as usize] & mask(sz as usize);
+            let (r, f) = alu::arith(op, sz as usize, a, b, cpu.rflags);
+            cpu.rflags = f;
+            if write {
+                set(cpu, d, r, sz);
+            }
+        }
+        Uop::Jcc { cc, target } => {
+            if crate::exec::cond(cpu, cc) {
+                cpu.rip = target;
+            }
+        }
+        Uop::Jmp { target } => cpu.rip = target,
+        Uop::Call { target } => {
+            let ret = cpu.rip;
+            cpu.push(bus, 8, ret)?;
+            cpu.rip = target;
+        }
+        Uop::Ret => {
+            let t = cpu.peek(bus, 0, 8)?;
+            if ((t as i64) << 16 >> 16) as u64 != t {
+                return Err(Fault::GeneralProtection(0));
+            }
+            cpu.gpr[4] = cpu.gpr[4].wrapping_add(8);
+            cpu.rip = t;
+        }
+        Uop::Push { r } => {
+            let v = cpu.gpr[r as usize];
+            cpu.push(bus, 8, v)?;
+        }
+        Uop::Pop { r } => {
+            let v = cpu.peek(bus, 0, 8)?;
+            cpu.gpr[4] = cpu.gpr[4].wrapping_add(8);
+            cpu.gpr[r as usize] = v;
+        }
+    }
+    Ok(())
+}
+
