@@ -99,23 +99,6 @@ macro_rules! shift_asm {
     };
 }
 
-macro_rules! un_asm {
-    ($ins:literal, $a:ident, $fl:ident, $m:literal) => {
-        // SAFETY: as in bin_asm.
-        unsafe {
-            asm!(
-                "push {fl}",
-                "popfq",
-                concat!($ins, " {a", $m, "}"),
-                "pushfq",
-                "pop {fl}",
-                a = inout(reg) $a,
-                fl = inout(reg) $fl,
-            )
-        }
-    };
-}
-
 macro_rules! by_size {
     ($mac:ident, $ins:literal, $size:expr, $($args:ident),*) => {
         match $size {
@@ -194,20 +177,6 @@ pub(crate) fn op2(op: Op2, size: usize, a: u64, b: u64, flags: u64) -> (u64, u64
                 _ => bin_asm!("imul", r, b, fl, ""),
             }
         }
-    }
-    (r, (flags & !ARITH) | (fl & ARITH))
-}
-
-/// Runs a one-operand operation; returns (result, new RFLAGS).
-#[inline]
-pub(crate) fn op1(op: Op1, size: usize, a: u64, flags: u64) -> (u64, u64) {
-    let mut r = a;
-    let mut fl = (flags & ARITH) | 2;
-    match op {
-        Op1::Inc => by_size!(un_asm, "inc", size, r, fl),
-        Op1::Dec => by_size!(un_asm, "dec", size, r, fl),
-        Op1::Neg => by_size!(un_asm, "neg", size, r, fl),
-        Op1::Not => return (!a, flags),
     }
     (r, (flags & !ARITH) | (fl & ARITH))
 }
@@ -356,4 +325,44 @@ pub(crate) fn arith(op: Op2, size: usize, a: u64, b: u64, flags: u64) -> (u64, u
         _ => return op2(op, size, a, b, flags),
     }
     (r, (flags & !ARITH) | (fl & ARITH))
+}
+
+macro_rules! un_asm_nf {
+    ($ins:literal, $a:ident, $fl:ident, $m:literal) => {
+        // SAFETY: register-only arithmetic whose flags (other than INC/DEC's preserved CF,
+        // merged by the caller) do not depend on input flags.
+        unsafe {
+            asm!(
+                concat!($ins, " {a", $m, "}"),
+                "pushfq",
+                "pop {fl}",
+                a = inout(reg) $a,
+                fl = out(reg) $fl,
+            )
+        }
+    };
+}
+
+/// INC, DEC and NEG without loading guest flags: INC/DEC keep the guest's CF, as the CPU
+/// does; NEG defines all six flags.
+#[inline(always)]
+pub(crate) fn op1(op: Op1, size: usize, a: u64, flags: u64) -> (u64, u64) {
+    let mut r = a;
+    let fl: u64;
+    let keep = match op {
+        Op1::Inc => {
+            by_size!(un_asm_nf, "inc", size, r, fl);
+            ARITH & !crate::cpu::flags::CF
+        }
+        Op1::Dec => {
+            by_size!(un_asm_nf, "dec", size, r, fl);
+            ARITH & !crate::cpu::flags::CF
+        }
+        Op1::Neg => {
+            by_size!(un_asm_nf, "neg", size, r, fl);
+            ARITH
+        }
+        Op1::Not => return (!a, flags),
+    };
+    (r, (flags & !keep) | (fl & keep))
 }

@@ -153,7 +153,12 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
 
 /// A block handed to the run loop: instructions, their fast forms, RAM page index
 /// (usize::MAX if uncached) and the page's code generation.
-type BlockRef = (std::rc::Rc<[Instruction]>, std::rc::Rc<[crate::uop::Uop]>, usize, u32);
+type BlockRef = (
+    std::rc::Rc<[Instruction]>,
+    std::rc::Rc<[crate::uop::Uop]>,
+    usize,
+    u32,
+);
 
 /// Whether decoding must stop after `insn`: control transfers and instructions that change
 /// paging, segments or the fetch mode.
@@ -201,7 +206,11 @@ fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     let gpa = cpu.translate(la, crate::mmu::Access::Exec, user)?;
     let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
     if let Some(b) = &cpu.dcache.e[idx] {
-        if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) {
+        if b.gpa == gpa
+            && b.ip == cpu.rip
+            && b.bits == bits
+            && cpu.mmu.code_gen.get(b.page) == Some(&b.gen)
+        {
             return Ok((b.insns.clone(), b.uops.clone(), b.page, b.gen));
         }
     }
@@ -257,7 +266,8 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
         return Ok((std::rc::Rc::from(vec![insn]), uops, usize::MAX, 0));
     }
     let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
-    let uops: std::rc::Rc<[crate::uop::Uop]> = insns.iter().map(|i| crate::uop::lower(i, bits)).collect();
+    let uops: std::rc::Rc<[crate::uop::Uop]> =
+        insns.iter().map(|i| crate::uop::lower(i, bits)).collect();
     let insns: std::rc::Rc<[Instruction]> = std::rc::Rc::from(insns);
     cpu.dcache.e[idx] = Some(Block {
         gpa,
@@ -979,8 +989,11 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
                 let s = cpu.get_reg(insn.op1_register());
                 cpu.wr(bus, l0, size, s)?;
             } else {
-                // The destination is written back with its own value (locked cycle).
-                cpu.wr(bus, l0, size, d)?;
+                // A memory destination is written back with its own value (the locked
+                // cycle); a register destination is left untouched, upper half included.
+                if let Loc::Mem(_) = l0 {
+                    cpu.wr(bus, l0, size, d)?;
+                }
                 set_acc(cpu, size, d);
             }
             cpu.rflags = f;

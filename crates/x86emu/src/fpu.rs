@@ -1135,7 +1135,8 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
     Ok(())
 }
 
-/// FNINIT state (SDM Vol. 1 Table 8-? "x87 FPU state following FINIT/FNINIT").
+/// FNINIT state (SDM Vol. 2 FINIT/FNINIT): default control word, everything else clear,
+/// all registers empty (their contents are kept).
 fn init(cpu: &mut Cpu) {
     cpu.fpu.fcw = 0x037f;
     cpu.fpu.fsw = 0;

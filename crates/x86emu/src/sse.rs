@@ -743,8 +743,9 @@ fn classify(insn: &Instruction, has_m: bool) -> Option<Op> {
 // Execution
 // ---------------------------------------------------------------------------------------
 
-/// #UD/#NM checks for instructions on XMM registers and MXCSR (SDM Vol. 3 Table 13-? "Action
-/// taken for combinations of OSFXSR, OSXMMEXCPT, EM, MP and TS").
+/// #UD/#NM checks for instructions on XMM registers and MXCSR (SDM Vol. 3, table
+/// "Action Taken for Combinations of OSFXSR, OSXMMEXCPT, SSE, SSE2, EM, MP, and TS"):
+/// EM or !OSFXSR give #UD, which takes precedence over TS giving #NM.
 fn sse_avail(cpu: &Cpu) -> Res<()> {
     if cpu.cr0 & ctl::CR0_EM != 0 || cpu.cr4 & ctl::CR4_OSFXSR == 0 {
         return Err(Fault::InvalidOpcode);
@@ -755,7 +756,8 @@ fn sse_avail(cpu: &Cpu) -> Res<()> {
     Ok(())
 }
 
-/// #UD/#NM/#MF checks for MMX instructions (SDM Vol. 3 Table 12-1).
+/// #UD/#NM/#MF checks for MMX instructions (SDM Vol. 2 exception tables of the MMX
+/// instructions): EM gives #UD, TS #NM, a pending x87 exception #MF.
 fn mmx_avail(cpu: &Cpu) -> Res<()> {
     if cpu.cr0 & ctl::CR0_EM != 0 {
         return Err(Fault::InvalidOpcode);

@@ -50,7 +50,13 @@ impl MemOp {
         } else {
             return None;
         };
-        Some(MemOp { base, index, scale: insn.memory_index_scale().trailing_zeros() as u8, seg, disp: insn.memory_displacement64() })
+        Some(MemOp {
+            base,
+            index,
+            scale: insn.memory_index_scale().trailing_zeros() as u8,
+            seg,
+            disp: insn.memory_displacement64(),
+        })
     }
 
     #[inline(always)]
@@ -90,7 +96,29 @@ pub(crate) enum Uop {
     /// LEA r64, m.
     Lea { d: u8, m: MemOp },
     /// ADD/OR/AND/SUB/XOR r, src (write = false for CMP/TEST).
-    Alu { op: Op2, d: u8, s: Src, sz: u8, write: bool },
+    Alu {
+        op: Op2,
+        d: u8,
+        s: Src,
+        sz: u8,
+        write: bool,
+    },
+    /// CMP/TEST m, r32/64 or imm (any size).
+    CmpM { op: Op2, m: MemOp, s: Src, sz: u8 },
+    /// MOVZX/MOVSX r32/64, m8/m16.
+    MovX {
+        d: u8,
+        m: MemOp,
+        ssz: u8,
+        dsz: u8,
+        signed: bool,
+    },
+    /// INC/DEC r32/64.
+    IncDec { d: u8, sz: u8, dec: bool },
+    /// SHL/SHR/SAR/ROL/ROR r32/64, imm8.
+    Shift { op: Op2, d: u8, c: u8, sz: u8 },
+    /// NOP forms (including multi-byte NOPs and PAUSE).
+    Nop,
     /// Jcc rel.
     Jcc { cc: ConditionCode, target: u64 },
     /// JMP rel.
@@ -117,8 +145,13 @@ fn src(insn: &Instruction, i: u32, sz: usize) -> Option<Src> {
     match insn.op_kind(i) {
         OpKind::Register => gpr(insn.op_register(i), sz).map(Src::Reg),
         OpKind::Memory => MemOp::from(insn).map(Src::Mem),
-        OpKind::Immediate8 | OpKind::Immediate16 | OpKind::Immediate32 | OpKind::Immediate64 | OpKind::Immediate8to32
-        | OpKind::Immediate8to64 | OpKind::Immediate32to64 => Some(Src::Imm(insn.immediate(i) & mask(sz))),
+        OpKind::Immediate8
+        | OpKind::Immediate16
+        | OpKind::Immediate32
+        | OpKind::Immediate64
+        | OpKind::Immediate8to32
+        | OpKind::Immediate8to64
+        | OpKind::Immediate32to64 => Some(Src::Imm(insn.immediate(i) & mask(sz))),
         _ => None,
     }
 }
@@ -139,7 +172,11 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             if k0 == OpKind::Register {
                 let r0 = insn.op0_register();
                 let sz = r0.size();
-                Uop::MovR { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
+                Uop::MovR {
+                    d: gpr(r0, sz)?,
+                    s: src(insn, 1, sz)?,
+                    sz: sz as u8,
+                }
             } else if k0 == OpKind::Memory {
                 let sz = insn.memory_size().size();
                 if sz != 4 && sz != 8 {
@@ -149,7 +186,11 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 if let Src::Mem(_) = s {
                     return None;
                 }
-                Uop::MovM { m: MemOp::from(insn)?, s, sz: sz as u8 }
+                Uop::MovM {
+                    m: MemOp::from(insn)?,
+                    s,
+                    sz: sz as u8,
+                }
             } else {
                 return None;
             }
@@ -159,9 +200,81 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             if !r0.is_gpr64() {
                 return None;
             }
-            Uop::Lea { d: gpr(r0, 8)?, m: MemOp::from(insn)? }
+            Uop::Lea {
+                d: gpr(r0, 8)?,
+                m: MemOp::from(insn)?,
+            }
         }
-        Mnemonic::Add | Mnemonic::Or | Mnemonic::And | Mnemonic::Sub | Mnemonic::Xor | Mnemonic::Cmp | Mnemonic::Test => {
+        Mnemonic::Cmp | Mnemonic::Test if k0 == OpKind::Memory => {
+            let sz = insn.memory_size().size();
+            let s = match insn.op1_kind() {
+                OpKind::Register => Src::Reg(gpr(insn.op1_register(), sz)?),
+                OpKind::Memory => return None,
+                _ => Src::Imm(insn.immediate(1) & mask(sz)),
+            };
+            let op = if m == Mnemonic::Cmp {
+                Op2::Sub
+            } else {
+                Op2::And
+            };
+            Uop::CmpM {
+                op,
+                m: MemOp::from(insn)?,
+                s,
+                sz: sz as u8,
+            }
+        }
+        Mnemonic::Movzx | Mnemonic::Movsx
+            if k0 == OpKind::Register && insn.op1_kind() == OpKind::Memory =>
+        {
+            let r0 = insn.op0_register();
+            let dsz = r0.size();
+            Uop::MovX {
+                d: gpr(r0, dsz)?,
+                m: MemOp::from(insn)?,
+                ssz: insn.memory_size().size() as u8,
+                dsz: dsz as u8,
+                signed: m == Mnemonic::Movsx,
+            }
+        }
+        Mnemonic::Inc | Mnemonic::Dec if k0 == OpKind::Register => {
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            Uop::IncDec {
+                d: gpr(r0, sz)?,
+                sz: sz as u8,
+                dec: m == Mnemonic::Dec,
+            }
+        }
+        Mnemonic::Shl | Mnemonic::Shr | Mnemonic::Sar | Mnemonic::Rol | Mnemonic::Ror
+            if k0 == OpKind::Register
+                && insn.op_count() == 2
+                && insn.op1_kind() == OpKind::Immediate8 =>
+        {
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            let op = match m {
+                Mnemonic::Shl => Op2::Shl,
+                Mnemonic::Shr => Op2::Shr,
+                Mnemonic::Sar => Op2::Sar,
+                Mnemonic::Rol => Op2::Rol,
+                _ => Op2::Ror,
+            };
+            Uop::Shift {
+                op,
+                d: gpr(r0, sz)?,
+                c: insn.immediate8(),
+                sz: sz as u8,
+            }
+        }
+        Mnemonic::Nop | Mnemonic::Pause => Uop::Nop,
+        Mnemonic::Add
+        | Mnemonic::Or
+        | Mnemonic::And
+        | Mnemonic::Sub
+        | Mnemonic::Xor
+        | Mnemonic::Cmp
+        | Mnemonic::Test => {
             if k0 != OpKind::Register {
                 return None;
             }
@@ -178,25 +291,51 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 Mnemonic::Cmp => (Op2::Sub, false),
                 _ => (Op2::And, false),
             };
-            Uop::Alu { op, d, s, sz: sz as u8, write }
+            Uop::Alu {
+                op,
+                d,
+                s,
+                sz: sz as u8,
+                write,
+            }
         }
-        Mnemonic::Jo | Mnemonic::Jno | Mnemonic::Jb | Mnemonic::Jae | Mnemonic::Je | Mnemonic::Jne | Mnemonic::Jbe
-        | Mnemonic::Ja | Mnemonic::Js | Mnemonic::Jns | Mnemonic::Jp | Mnemonic::Jnp | Mnemonic::Jl | Mnemonic::Jge
-        | Mnemonic::Jle | Mnemonic::Jg => {
+        Mnemonic::Jo
+        | Mnemonic::Jno
+        | Mnemonic::Jb
+        | Mnemonic::Jae
+        | Mnemonic::Je
+        | Mnemonic::Jne
+        | Mnemonic::Jbe
+        | Mnemonic::Ja
+        | Mnemonic::Js
+        | Mnemonic::Jns
+        | Mnemonic::Jp
+        | Mnemonic::Jnp
+        | Mnemonic::Jl
+        | Mnemonic::Jge
+        | Mnemonic::Jle
+        | Mnemonic::Jg => {
             if k0 != OpKind::NearBranch64 {
                 return None;
             }
-            Uop::Jcc { cc: insn.condition_code(), target: insn.near_branch_target() }
+            Uop::Jcc {
+                cc: insn.condition_code(),
+                target: insn.near_branch_target(),
+            }
         }
-        Mnemonic::Jmp if k0 == OpKind::NearBranch64 => Uop::Jmp { target: insn.near_branch_target() },
-        Mnemonic::Call if k0 == OpKind::NearBranch64 => Uop::Call { target: insn.near_branch_target() },
+        Mnemonic::Jmp if k0 == OpKind::NearBranch64 => Uop::Jmp {
+            target: insn.near_branch_target(),
+        },
+        Mnemonic::Call if k0 == OpKind::NearBranch64 => Uop::Call {
+            target: insn.near_branch_target(),
+        },
         Mnemonic::Ret if insn.op_count() == 0 && insn.code() == iced_x86::Code::Retnq => Uop::Ret,
-        Mnemonic::Push if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
-            Uop::Push { r: insn.op0_register().number() as u8 }
-        }
-        Mnemonic::Pop if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
-            Uop::Pop { r: insn.op0_register().number() as u8 }
-        }
+        Mnemonic::Push if k0 == OpKind::Register && insn.op0_register().is_gpr64() => Uop::Push {
+            r: insn.op0_register().number() as u8,
+        },
+        Mnemonic::Pop if k0 == OpKind::Register && insn.op0_register().is_gpr64() => Uop::Pop {
+            r: insn.op0_register().number() as u8,
+        },
         _ => return None,
     })
 }
@@ -244,7 +383,13 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             }
             cpu.gpr[d as usize] = a;
         }
-        Uop::Alu { op, d, s, sz, write } => {
+        Uop::Alu {
+            op,
+            d,
+            s,
+            sz,
+            write,
+        } => {
             let b = read_src(cpu, bus, s, sz)?;
             let a = cpu.gpr[d as usize] & mask(sz as usize);
             let (r, f) = alu::arith(op, sz as usize, a, b, cpu.rflags);
@@ -253,6 +398,46 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
                 set(cpu, d, r, sz);
             }
         }
+        Uop::CmpM { op, m, s, sz } => {
+            let b = read_src(cpu, bus, s, sz)?;
+            let la = m.la(cpu);
+            let u = cpu.user();
+            let a = cpu.read_la(bus, la, sz as usize, u)?;
+            cpu.rflags = alu::arith(op, sz as usize, a, b, cpu.rflags).1;
+        }
+        Uop::MovX {
+            d,
+            m,
+            ssz,
+            dsz,
+            signed,
+        } => {
+            let la = m.la(cpu);
+            let u = cpu.user();
+            let v = cpu.read_la(bus, la, ssz as usize, u)?;
+            let v = if signed {
+                crate::regs::sext(v, ssz as usize)
+            } else {
+                v
+            };
+            set(cpu, d, v & mask(dsz as usize), dsz);
+        }
+        Uop::IncDec { d, sz, dec } => {
+            let a = cpu.gpr[d as usize] & mask(sz as usize);
+            let op = if dec { alu::Op1::Dec } else { alu::Op1::Inc };
+            let (r, f) = alu::op1(op, sz as usize, a, cpu.rflags);
+            cpu.rflags = f;
+            set(cpu, d, r, sz);
+        }
+        Uop::Shift { op, d, c, sz } => {
+            let a = cpu.gpr[d as usize] & mask(sz as usize);
+            let (r, f) = alu::op2(op, sz as usize, a, u64::from(c), cpu.rflags);
+            cpu.rflags = f;
+            // A masked count of zero leaves the register (and its upper half) untouched,
+            // except that 32-bit forms still zero-extend.
+            set(cpu, d, r, sz);
+        }
+        Uop::Nop => {}
         Uop::Jcc { cc, target } => {
             if crate::exec::cond(cpu, cc) {
                 cpu.rip = target;
@@ -284,4 +469,3 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
     }
     Ok(())
 }
-

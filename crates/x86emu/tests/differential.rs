@@ -684,7 +684,9 @@ fn branches() {
         ($($l:ident),*) => {{ $(
             f.push(Form::new(stringify!($l), |a| {
                 let mut top = a.create_label();
+                // 1 to 8 iterations (a zero count would mean 2^64).
                 a.and(ecx, 7)?;
+                a.inc(ecx)?;
                 a.set_label(&mut top)?;
                 a.add(rbx, 1)?;
                 a.cmp(bl, dl)?;
@@ -974,20 +976,24 @@ fn stack_and_calls() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Known discrepancies in the integer core (exec.rs), kept out of the passing suite.
-// Run with `cargo test -p x86emu --test differential -- --ignored`.
+// Regression tests for discrepancies found in the integer core (exec.rs).
 // ---------------------------------------------------------------------------------------
 
 /// CMPXCHG r/m32 with a register destination and a failing compare: hardware leaves the
-/// destination register untouched (no zero-extension of its upper half); exec.rs writes
-/// the old value back with a 32-bit register write, clearing bits 63:32.
+/// destination register untouched (no zero-extension of its upper half). exec.rs used to
+/// write the old value back with a 32-bit register write, clearing bits 63:32.
 #[test]
-#[ignore = "core bug in exec.rs (CMPXCHG register write-back), see report"]
-fn known_core_bugs() {
+fn cmpxchg_failure_leaves_register_destination() {
     let f = vec![Form::new("cmpxchg esi,edi", |a| a.cmpxchg(esi, edi))];
-    run_all(99, "known_core_bugs", f, N, |st, _, _| {
-        st.gpr[RAX] = !st.gpr[RSI];
-    });
+    run_all(
+        99,
+        "cmpxchg_failure_leaves_register_destination",
+        f,
+        N,
+        |st, _, _| {
+            st.gpr[RAX] = !st.gpr[RSI];
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------
