@@ -76,3 +76,34 @@ fn emu_refuses_more_than_one_cpu() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--cpus"), "{err}");
 }
+
+#[test]
+fn initrd_larger_than_memory_is_refused() {
+    let kernel = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/vmlinuz");
+    assert!(
+        kernel.exists(),
+        "run scripts/setup-guest.sh first (scripts/test.sh does)"
+    );
+    let big = std::env::temp_dir().join(format!("rv-cli-{}-bigrd", std::process::id()));
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(40 << 20).unwrap();
+    let (code, err) = run(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        big.to_str().unwrap(),
+        "--memory",
+        "32M",
+        "--accel",
+        "emu",
+        "--serial",
+        "null",
+    ]);
+    let _ = std::fs::remove_file(&big);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--initrd") && err.contains("does not fit"),
+        "{err}"
+    );
+}
