@@ -21,6 +21,7 @@
 
 use std::sync::Arc;
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
 pub mod i8042;
@@ -32,6 +33,7 @@ pub mod pic;
 pub mod pit;
 pub mod serial;
 
+pub use acpi_pm::AcpiPm;
 pub use bus::{MmioBus, MmioDevice, PioBus, PioDevice};
 pub use cmos::Cmos;
 pub use i8042::I8042;

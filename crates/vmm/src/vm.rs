@@ -8,7 +8,7 @@ use std::time::Instant;
 use accel::emu::{EmuVcpu, InterruptController};
 use accel::kvm::KvmVm;
 use accel::{ExitHandler, Vcpu, VcpuExit};
-use devices::{Cmos, EmuIrqchip, GsiLine, IrqLine, MmioBus, PioBus, Serial, I8042};
+use devices::{AcpiPm, Cmos, EmuIrqchip, GsiLine, IrqLine, MmioBus, PioBus, Serial, I8042};
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{Accel, SerialOut, VmConfig};
@@ -107,6 +107,8 @@ pub struct Vm {
     bus: DeviceBus,
     serial: Arc<Mutex<Serial>>,
     reset: Arc<AtomicBool>,
+    /// Set by the ACPI PM device when the guest enters S5.
+    power_off: Arc<AtomicBool>,
     quit: Arc<AtomicBool>,
     _kvm: Option<Arc<KvmVm>>,
     /// Which accelerator was chosen, and why.
@@ -205,6 +207,7 @@ impl Vm {
         let mut pio = PioBus::new();
         let mut mmio = MmioBus::new();
         let reset = Arc::new(AtomicBool::new(false));
+        let power_off = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
         let clock: devices::Clock = Arc::new(move || start.elapsed().as_nanos() as u64);
         let dev_err = |e: devices::Error| Error::Device(e.to_string());
@@ -245,6 +248,13 @@ impl Vm {
         }))));
         pio.insert(0x60, 1, i8042.clone()).map_err(dev_err)?;
         pio.insert(0x64, 1, i8042).map_err(dev_err)?;
+        let (pm_stop, pm_off) = (stop.clone(), power_off.clone());
+        let pm = Arc::new(Mutex::new(AcpiPm::new(Box::new(move || {
+            pm_off.store(true, Ordering::SeqCst);
+            pm_stop.store(true, Ordering::SeqCst);
+        }))));
+        pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm)
+            .map_err(dev_err)?;
         let low = memory::ram_ranges(cfg.mem_size)[0].1;
         let cmos = Arc::new(Mutex::new(Cmos::new(low, arch::high_mem(cfg.mem_size))));
         pio.insert(0x70, 2, cmos).map_err(dev_err)?;
@@ -256,6 +266,7 @@ impl Vm {
             bus: DeviceBus { pio, mmio },
             serial,
             reset,
+            power_off,
             quit: Arc::new(AtomicBool::new(false)),
             _kvm: kvm,
             accel_note,
@@ -284,6 +295,9 @@ impl Vm {
             let exit = self.vcpu.run(&mut self.bus)?;
             if self.quit.load(Ordering::SeqCst) {
                 return Ok(RunOutcome::UserQuit);
+            }
+            if self.power_off.load(Ordering::SeqCst) {
+                return Ok(RunOutcome::PowerOff);
             }
             if self.reset.load(Ordering::SeqCst) {
                 return Ok(RunOutcome::Reset(

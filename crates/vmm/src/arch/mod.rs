@@ -2,6 +2,8 @@
 //! vmlinux through the PVH entry), zero page, e820 map, PVH start_info, boot page tables
 //! and GDT, and the vCPU state at the kernel's entry point.
 
+pub mod acpi;
+
 use accel::{CpuState, Segment, Table};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
@@ -189,6 +191,7 @@ pub fn load(
         initrd_loc = Some((addr, size));
     }
 
+    let rsdp = acpi::write_tables(mem)?;
     let e820 = e820_map(mem_size);
     match kind {
         EntryKind::Linux64 => {
@@ -216,10 +219,11 @@ pub fn load(
                 };
             }
             bp.e820_entries = e820.len() as u8;
+            bp.acpi_rsdp_addr = rsdp;
             mem.write_obj(bp, GuestAddress(ZERO_PAGE_ADDR))
                 .map_err(mem_err)?;
         }
-        EntryKind::Pvh => write_pvh_start_info(mem, &e820, initrd_loc)?,
+        EntryKind::Pvh => write_pvh_start_info(mem, &e820, initrd_loc, rsdp)?,
     }
     Ok(BootInfo { entry, kind })
 }
@@ -229,6 +233,7 @@ fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     e820: &[(u64, u64, u32)],
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<()> {
     let memmap = PVH_INFO_ADDR + 0x40;
     let modlist = PVH_INFO_ADDR + 0x400;
@@ -239,7 +244,7 @@ fn write_pvh_start_info(
     si.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes()); // nr_modules
     si.extend_from_slice(&modlist.to_le_bytes());
     si.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
-    si.extend_from_slice(&0u64.to_le_bytes()); // rsdp
+    si.extend_from_slice(&rsdp.to_le_bytes());
     si.extend_from_slice(&memmap.to_le_bytes());
     si.extend_from_slice(&(e820.len() as u32).to_le_bytes());
     si.extend_from_slice(&0u32.to_le_bytes());
