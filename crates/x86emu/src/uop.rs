@@ -103,8 +103,19 @@ pub(crate) enum Uop {
         sz: u8,
         write: bool,
     },
-    /// CMP/TEST m, r32/64 or imm (any size).
-    CmpM { op: Op2, m: MemOp, s: Src, sz: u8 },
+    /// ALU m, r32/64 or imm (any size); write = false for CMP/TEST.
+    AluM { op: Op2, m: MemOp, s: Src, sz: u8, write: bool },
+    /// ADC/SBB/IMUL r32/64, src (operations whose flags go through the host with the
+    /// guest's flags loaded).
+    AluF { op: Op2, d: u8, s: Src, sz: u8 },
+    /// IMUL r32/64, r/m, imm.
+    Imul3 { d: u8, s: Src, imm: u64, sz: u8 },
+    /// SETcc on a low-byte register (not AH/CH/DH/BH).
+    Setcc { cc: ConditionCode, d: u8 },
+    /// CMOVcc r32/64, src.
+    Cmov { cc: ConditionCode, d: u8, s: Src, sz: u8 },
+    /// MOVZX/MOVSX r32/64, r8/r16 (low-byte registers only).
+    MovXR { d: u8, s: u8, ssz: u8, dsz: u8, signed: bool },
     /// MOVZX/MOVSX r32/64, m8/m16.
     MovX {
         d: u8,
@@ -139,6 +150,14 @@ fn gpr(r: Register, sz: usize) -> Option<u8> {
     } else {
         None
     }
+}
+
+/// GPR index of a low-byte register (AL..R15L, SPL..DIL); None for AH/CH/DH/BH.
+fn low8(r: Register) -> Option<u8> {
+    if !r.is_gpr8() || matches!(r, Register::AH | Register::CH | Register::DH | Register::BH) {
+        return None;
+    }
+    Some(r.full_register().number() as u8)
 }
 
 fn src(insn: &Instruction, i: u32, sz: usize) -> Option<Src> {
@@ -205,24 +224,63 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 m: MemOp::from(insn)?,
             }
         }
-        Mnemonic::Cmp | Mnemonic::Test if k0 == OpKind::Memory => {
+        Mnemonic::Cmp | Mnemonic::Test | Mnemonic::Add | Mnemonic::Sub | Mnemonic::And | Mnemonic::Or | Mnemonic::Xor
+            if k0 == OpKind::Memory =>
+        {
             let sz = insn.memory_size().size();
             let s = match insn.op1_kind() {
                 OpKind::Register => Src::Reg(gpr(insn.op1_register(), sz)?),
                 OpKind::Memory => return None,
                 _ => Src::Imm(insn.immediate(1) & mask(sz)),
             };
-            let op = if m == Mnemonic::Cmp {
-                Op2::Sub
-            } else {
-                Op2::And
+            let (op, write) = match m {
+                Mnemonic::Cmp => (Op2::Sub, false),
+                Mnemonic::Test => (Op2::And, false),
+                Mnemonic::Add => (Op2::Add, true),
+                Mnemonic::Sub => (Op2::Sub, true),
+                Mnemonic::And => (Op2::And, true),
+                Mnemonic::Or => (Op2::Or, true),
+                _ => (Op2::Xor, true),
             };
-            Uop::CmpM {
-                op,
-                m: MemOp::from(insn)?,
-                s,
-                sz: sz as u8,
-            }
+            Uop::AluM { op, m: MemOp::from(insn)?, s, sz: sz as u8, write }
+        }
+        Mnemonic::Adc | Mnemonic::Sbb if k0 == OpKind::Register => {
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            let op = if m == Mnemonic::Adc { Op2::Adc } else { Op2::Sbb };
+            Uop::AluF { op, d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
+        }
+        Mnemonic::Imul if k0 == OpKind::Register && insn.op_count() == 2 => {
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            Uop::AluF { op: Op2::Imul, d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
+        }
+        Mnemonic::Imul if k0 == OpKind::Register && insn.op_count() == 3 => {
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            Uop::Imul3 { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, imm: insn.immediate(2) & mask(sz), sz: sz as u8 }
+        }
+        Mnemonic::Sete | Mnemonic::Setne | Mnemonic::Seto | Mnemonic::Setno | Mnemonic::Setb | Mnemonic::Setae
+        | Mnemonic::Setbe | Mnemonic::Seta | Mnemonic::Sets | Mnemonic::Setns | Mnemonic::Setp | Mnemonic::Setnp
+        | Mnemonic::Setl | Mnemonic::Setge | Mnemonic::Setle | Mnemonic::Setg
+            if k0 == OpKind::Register =>
+        {
+            Uop::Setcc { cc: insn.condition_code(), d: low8(insn.op0_register())? }
+        }
+        Mnemonic::Cmove | Mnemonic::Cmovne | Mnemonic::Cmovo | Mnemonic::Cmovno | Mnemonic::Cmovb | Mnemonic::Cmovae
+        | Mnemonic::Cmovbe | Mnemonic::Cmova | Mnemonic::Cmovs | Mnemonic::Cmovns | Mnemonic::Cmovp | Mnemonic::Cmovnp
+        | Mnemonic::Cmovl | Mnemonic::Cmovge | Mnemonic::Cmovle | Mnemonic::Cmovg => {
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            Uop::Cmov { cc: insn.condition_code(), d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
+        }
+        Mnemonic::Movzx | Mnemonic::Movsx if k0 == OpKind::Register && insn.op1_kind() == OpKind::Register => {
+            let r0 = insn.op0_register();
+            let r1 = insn.op1_register();
+            let dsz = r0.size();
+            let ssz = r1.size();
+            let s = if ssz == 1 { low8(r1)? } else if r1.is_gpr16() { r1.number() as u8 } else { return None };
+            Uop::MovXR { d: gpr(r0, dsz)?, s, ssz: ssz as u8, dsz: dsz as u8, signed: m == Mnemonic::Movsx }
         }
         Mnemonic::Movzx | Mnemonic::Movsx
             if k0 == OpKind::Register && insn.op1_kind() == OpKind::Memory =>
@@ -398,12 +456,48 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
                 set(cpu, d, r, sz);
             }
         }
-        Uop::CmpM { op, m, s, sz } => {
+        Uop::AluM { op, m, s, sz, write } => {
             let b = read_src(cpu, bus, s, sz)?;
             let la = m.la(cpu);
             let u = cpu.user();
             let a = cpu.read_la(bus, la, sz as usize, u)?;
-            cpu.rflags = alu::arith(op, sz as usize, a, b, cpu.rflags).1;
+            let (r, f) = alu::arith(op, sz as usize, a, b, cpu.rflags);
+            if write {
+                cpu.write_la(bus, la, sz as usize, r & mask(sz as usize), u)?;
+            }
+            cpu.rflags = f;
+        }
+        Uop::AluF { op, d, s, sz } => {
+            let b = read_src(cpu, bus, s, sz)?;
+            let a = cpu.gpr[d as usize] & mask(sz as usize);
+            let (r, f) = alu::op2(op, sz as usize, a, b, cpu.rflags);
+            cpu.rflags = f;
+            set(cpu, d, r, sz);
+        }
+        Uop::Imul3 { d, s, imm, sz } => {
+            let a = read_src(cpu, bus, s, sz)?;
+            let (r, f) = alu::op2(Op2::Imul, sz as usize, a, imm, cpu.rflags);
+            cpu.rflags = f;
+            set(cpu, d, r, sz);
+        }
+        Uop::Setcc { cc, d } => {
+            let v = u64::from(crate::exec::cond(cpu, cc));
+            let g = &mut cpu.gpr[d as usize];
+            *g = (*g & !0xff) | v;
+        }
+        Uop::Cmov { cc, d, s, sz } => {
+            let v = read_src(cpu, bus, s, sz)?;
+            if crate::exec::cond(cpu, cc) {
+                set(cpu, d, v, sz);
+            } else {
+                let cur = cpu.gpr[d as usize];
+                set(cpu, d, cur, sz);
+            }
+        }
+        Uop::MovXR { d, s, ssz, dsz, signed } => {
+            let v = cpu.gpr[s as usize] & mask(ssz as usize);
+            let v = if signed { crate::regs::sext(v, ssz as usize) } else { v };
+            set(cpu, d, v & mask(dsz as usize), dsz);
         }
         Uop::MovX {
             d,
