@@ -10,11 +10,7 @@ use vmm::config::parse_size;
 use vmm::{Accel, RunOutcome, SerialOut, Vm, VmConfig};
 
 #[derive(Parser)]
-#[command(
-    name = "rustvisor",
-    version,
-    about = "A hypervisor: run VMs on KVM or on rustvisor's x86-64 emulator"
-)]
+#[command(name = "rustvisor", version, about = "A hypervisor: run VMs on KVM or on rustvisor's x86-64 emulator")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -62,9 +58,7 @@ fn parse_serial(s: &str) -> Result<SerialOut, String> {
         "null" => Ok(SerialOut::Null),
         _ => match s.strip_prefix("file=") {
             Some(p) if !p.is_empty() => Ok(SerialOut::File(PathBuf::from(p))),
-            _ => Err(format!(
-                "--serial: '{s}' is not accepted (accepted: stdio, file=PATH, null)"
-            )),
+            _ => Err(format!("--serial: '{s}' is not accepted (accepted: stdio, file=PATH, null)")),
         },
     }
 }
@@ -106,33 +100,17 @@ impl Drop for RawTerminal {
 fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let bad = |m: String| (2u8, m);
     let mem_size = parse_size(&a.memory).map_err(|e| bad(format!("--memory: {e}")))?;
-    let accel: Accel = a
-        .accel
-        .parse()
-        .map_err(|e: String| bad(format!("--accel: {e}")))?;
+    let accel: Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
     let serial = parse_serial(&a.serial).map_err(bad)?;
     let interactive = serial == SerialOut::Stdio;
-    let cfg = VmConfig {
-        kernel: a.kernel,
-        initrd: a.initrd,
-        cmdline: a.cmdline,
-        mem_size,
-        cpus: a.cpus,
-        accel,
-        serial,
-    };
+    let cfg =
+        VmConfig { kernel: a.kernel, initrd: a.initrd, cmdline: a.cmdline, mem_size, cpus: a.cpus, accel, serial };
     let mut vm = Vm::new(&cfg).map_err(|e| match e {
-        vmm::Error::Config { .. } | vmm::Error::Kernel(_) | vmm::Error::Io { .. } => {
-            (2, e.to_string())
-        }
+        vmm::Error::Config { .. } | vmm::Error::Kernel(_) | vmm::Error::Io { .. } => (2, e.to_string()),
         _ => (1, e.to_string()),
     })?;
     tracing::info!("accelerator {}", vm.accel_note);
-    let _raw = if interactive {
-        Some(RawTerminal::enable())
-    } else {
-        None
-    };
+    let _raw = if interactive { Some(RawTerminal::enable()) } else { None };
     if interactive {
         let serial = vm.serial();
         let (quit, stop) = vm.quit_handle();
@@ -166,10 +144,7 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
                 }
                 let mut rest = &out[..];
                 while !rest.is_empty() {
-                    let took = serial
-                        .lock()
-                        .map(|mut s| s.enqueue_input(rest))
-                        .unwrap_or(rest.len());
+                    let took = serial.lock().map(|mut s| s.enqueue_input(rest)).unwrap_or(rest.len());
                     rest = &rest[took..];
                     if !rest.is_empty() {
                         std::thread::sleep(std::time::Duration::from_millis(2));

@@ -11,11 +11,7 @@ fn guest_dir() -> PathBuf {
 
 fn guest_file(name: &str) -> PathBuf {
     let p = guest_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/setup-guest.sh first (scripts/test.sh does)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing: run scripts/setup-guest.sh first (scripts/test.sh does)", p.display());
     p
 }
 
@@ -30,64 +26,31 @@ fn boot(kernel: &str, cmdline: &str, tag: &str) -> (i32, String, String) {
         .arg(guest_file(kernel))
         .arg("--initrd")
         .arg(guest_file("initrd.img"))
-        .args([
-            "--cmdline",
-            cmdline,
-            "--memory",
-            "512M",
-            "--accel",
-            "emu",
-            "--serial",
-        ])
+        .args(["--cmdline", cmdline, "--memory", "512M", "--accel", "emu", "--serial"])
         .arg(format!("file={}", log.display()))
         .output()
         .expect("spawn rustvisor");
     let console = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
     eprintln!("{tag}: {:.1} s wall", start.elapsed().as_secs_f64());
-    (
-        out.status.code().unwrap_or(-1),
-        console,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), console, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn check_test_workload(code: i32, console: &str, stderr: &str) {
-    let tail: String = console
-        .lines()
-        .rev()
-        .take(40)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
+    let tail: String =
+        console.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
     let version = std::fs::read_to_string(guest_file("kernel-version")).unwrap();
     let digest = std::fs::read_to_string(guest_file("rv-test-data.sha256")).unwrap();
+    assert!(console.contains("Linux version"), "no boot banner; stderr: {stderr}\n{tail}");
+    assert!(console.contains("RUSTVISOR-INIT-OK"), "init marker missing; stderr: {stderr}\n{tail}");
+    assert!(console.contains(&format!("RV-UNAME {}", version.trim())), "uname -r differs; stderr: {stderr}\n{tail}");
+    assert!(console.contains(&format!("RV-SHA256 {}", digest.trim())), "sha256sum differs; stderr: {stderr}\n{tail}");
+    assert!(console.contains("RV-DONE"), "workload did not finish; stderr: {stderr}\n{tail}");
     assert!(
-        console.contains("Linux version"),
-        "no boot banner; stderr: {stderr}\n{tail}"
+        console.contains("ACPI: PM: Preparing to enter system sleep state S5"),
+        "power-off did not go through ACPI S5:\n{tail}"
     );
-    assert!(
-        console.contains("RUSTVISOR-INIT-OK"),
-        "init marker missing; stderr: {stderr}\n{tail}"
-    );
-    assert!(
-        console.contains(&format!("RV-UNAME {}", version.trim())),
-        "uname -r differs; stderr: {stderr}\n{tail}"
-    );
-    assert!(
-        console.contains(&format!("RV-SHA256 {}", digest.trim())),
-        "sha256sum differs; stderr: {stderr}\n{tail}"
-    );
-    assert!(
-        console.contains("RV-DONE"),
-        "workload did not finish; stderr: {stderr}\n{tail}"
-    );
-    assert_eq!(
-        code, 0,
-        "guest powered off, so the exit status must be 0; stderr: {stderr}\n{tail}"
-    );
+    assert_eq!(code, 0, "guest powered off, so the exit status must be 0; stderr: {stderr}\n{tail}");
 }
 
 #[test]
@@ -105,24 +68,10 @@ fn pvh_vmlinux_boots_to_userspace_on_emu() {
 #[test]
 fn kernel_panic_ends_with_nonzero_status() {
     // No init in the initramfs and no root device: the kernel panics, and panic=-1 resets.
-    let (code, console, stderr) = boot(
-        "vmlinuz",
-        "console=ttyS0 panic=-1 rdinit=/nonexistent root=/dev/nonexistent",
-        "panic",
-    );
-    assert!(
-        console.contains("Kernel panic"),
-        "expected a panic:\n{console}"
-    );
+    let (code, console, stderr) =
+        boot("vmlinuz", "console=ttyS0 panic=-1 rdinit=/nonexistent root=/dev/nonexistent", "panic");
+    assert!(console.contains("Kernel panic"), "expected a panic:\n{console}");
     assert_eq!(code, 1, "a crash must end with status 1; stderr: {stderr}");
-    assert_eq!(
-        stderr
-            .trim()
-            .lines()
-            .filter(|l| l.starts_with("rustvisor:"))
-            .count(),
-        1,
-        "one-line reason: {stderr}"
-    );
+    assert_eq!(stderr.trim().lines().filter(|l| l.starts_with("rustvisor:")).count(), 1, "one-line reason: {stderr}");
     assert!(stderr.contains("reset"), "{stderr}");
 }

@@ -3,14 +3,8 @@
 use std::process::Command;
 
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
-        .args(args)
-        .output()
-        .expect("spawn rustvisor");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Command::new(env!("CARGO_BIN_EXE_rustvisor")).args(args).output().expect("spawn rustvisor");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn tmpfile(name: &str, data: &[u8]) -> String {
@@ -31,11 +25,7 @@ fn not_a_kernel_is_refused() {
 #[test]
 fn memory_sizes_are_checked() {
     let k = tmpfile("k2", b"x");
-    for (m, want) in [
-        ("0", "out of range"),
-        ("banana", "not a size"),
-        ("100000G", "out of range"),
-    ] {
+    for (m, want) in [("0", "out of range"), ("banana", "not a size"), ("100000G", "out of range")] {
         let (code, err) = run(&["run", "--kernel", &k, "--memory", m, "--serial", "null"]);
         assert_eq!(code, 2, "{m}: {err}");
         assert!(err.contains("--memory") && err.contains(want), "{m}: {err}");
@@ -44,18 +34,9 @@ fn memory_sizes_are_checked() {
 
 #[test]
 fn missing_files_and_unknown_values() {
-    let (code, err) = run(&[
-        "run",
-        "--kernel",
-        "/nonexistent/vmlinuz",
-        "--serial",
-        "null",
-    ]);
+    let (code, err) = run(&["run", "--kernel", "/nonexistent/vmlinuz", "--serial", "null"]);
     assert_eq!(code, 2);
-    assert!(
-        err.contains("--kernel") && err.contains("no such file"),
-        "{err}"
-    );
+    assert!(err.contains("--kernel") && err.contains("no such file"), "{err}");
     let k = tmpfile("k3", b"x");
     let (code, err) = run(&["run", "--kernel", &k, "--accel", "xen"]);
     assert_eq!(code, 2);
@@ -70,9 +51,7 @@ fn missing_files_and_unknown_values() {
 #[test]
 fn emu_refuses_more_than_one_cpu() {
     let k = tmpfile("k4", b"x");
-    let (code, err) = run(&[
-        "run", "--kernel", &k, "--accel", "emu", "--cpus", "2", "--serial", "null",
-    ]);
+    let (code, err) = run(&["run", "--kernel", &k, "--accel", "emu", "--cpus", "2", "--serial", "null"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--cpus"), "{err}");
 }
@@ -80,10 +59,7 @@ fn emu_refuses_more_than_one_cpu() {
 #[test]
 fn initrd_larger_than_memory_is_refused() {
     let kernel = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/vmlinuz");
-    assert!(
-        kernel.exists(),
-        "run scripts/setup-guest.sh first (scripts/test.sh does)"
-    );
+    assert!(kernel.exists(), "run scripts/setup-guest.sh first (scripts/test.sh does)");
     let big = std::env::temp_dir().join(format!("rv-cli-{}-bigrd", std::process::id()));
     let f = std::fs::File::create(&big).unwrap();
     f.set_len(40 << 20).unwrap();
@@ -102,8 +78,5 @@ fn initrd_larger_than_memory_is_refused() {
     ]);
     let _ = std::fs::remove_file(&big);
     assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("--initrd") && err.contains("does not fit"),
-        "{err}"
-    );
+    assert!(err.contains("--initrd") && err.contains("does not fit"), "{err}");
 }

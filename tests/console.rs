@@ -13,15 +13,7 @@ fn openpty() -> (OwnedFd, OwnedFd) {
     let (mut m, mut s) = (0, 0);
     // SAFETY: openpty writes two new descriptors into the given ints; the name, termios and
     // winsize pointers may be null.
-    let r = unsafe {
-        libc::openpty(
-            &mut m,
-            &mut s,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
+    let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
     assert_eq!(r, 0, "openpty failed");
     // SAFETY: both descriptors were just created by openpty and are owned by nobody else.
     unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
@@ -32,10 +24,7 @@ fn wait_for(rx: &mpsc::Receiver<Vec<u8>>, seen: &mut String, needle: &str, timeo
     let end = Instant::now() + timeout;
     while !seen.contains(needle) {
         let left = end.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "timed out waiting for {needle:?}; console so far:\n{seen}"
-        );
+        assert!(!left.is_zero(), "timed out waiting for {needle:?}; console so far:\n{seen}");
         if let Ok(chunk) = rx.recv_timeout(left.min(Duration::from_millis(200))) {
             seen.push_str(&String::from_utf8_lossy(&chunk));
         }
@@ -45,24 +34,14 @@ fn wait_for(rx: &mpsc::Receiver<Vec<u8>>, seen: &mut String, needle: &str, timeo
 #[test]
 fn typing_reaches_the_guest_and_ctrl_a_x_quits() {
     let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest");
-    assert!(
-        guest.join("vmlinuz").exists(),
-        "run scripts/setup-guest.sh first (scripts/test.sh does)"
-    );
+    assert!(guest.join("vmlinuz").exists(), "run scripts/setup-guest.sh first (scripts/test.sh does)");
     let (master, slave) = openpty();
     let mut child = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
         .args(["run", "--kernel"])
         .arg(guest.join("vmlinuz"))
         .arg("--initrd")
         .arg(guest.join("initrd.img"))
-        .args([
-            "--cmdline",
-            "console=ttyS0 panic=-1",
-            "--memory",
-            "512M",
-            "--accel",
-            "emu",
-        ])
+        .args(["--cmdline", "console=ttyS0 panic=-1", "--memory", "512M", "--accel", "emu"])
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave))
         .stderr(Stdio::piped())
@@ -80,12 +59,7 @@ fn typing_reaches_the_guest_and_ctrl_a_x_quits() {
         }
     });
     let mut seen = String::new();
-    wait_for(
-        &rx,
-        &mut seen,
-        "RUSTVISOR-INIT-OK",
-        Duration::from_secs(240),
-    );
+    wait_for(&rx, &mut seen, "RUSTVISOR-INIT-OK", Duration::from_secs(240));
     // The shell prompt comes after the marker; type a command whose output differs from
     // its echo.
     std::thread::sleep(Duration::from_millis(500));
@@ -101,12 +75,7 @@ fn typing_reaches_the_guest_and_ctrl_a_x_quits() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert_eq!(status.code(), Some(0), "stderr: {err}");
     assert!(err.contains("quit from the console"), "stderr: {err}");
 }

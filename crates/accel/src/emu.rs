@@ -63,12 +63,7 @@ impl x86emu::Bus for Adapter<'_> {
         let mut b = [0xffu8; 4];
         let n = usize::from(size.clamp(1, 4));
         self.h.pio_read(port, &mut b[..n]);
-        u32::from_le_bytes(b)
-            & if n == 4 {
-                u32::MAX
-            } else {
-                (1u32 << (8 * n)) - 1
-            }
+        u32::from_le_bytes(b) & if n == 4 { u32::MAX } else { (1u32 << (8 * n)) - 1 }
     }
     fn io_out(&mut self, port: u16, size: u8, value: u32) {
         let n = usize::from(size.clamp(1, 4));
@@ -80,12 +75,7 @@ impl x86emu::Bus for Adapter<'_> {
         let mut b = [0xffu8; 8];
         let n = usize::from(size.clamp(1, 8));
         self.h.mmio_read(gpa, &mut b[..n]);
-        u64::from_le_bytes(b)
-            & if n == 8 {
-                u64::MAX
-            } else {
-                (1u64 << (8 * n)) - 1
-            }
+        u64::from_le_bytes(b) & if n == 8 { u64::MAX } else { (1u64 << (8 * n)) - 1 }
     }
     fn mmio_write(&mut self, gpa: u64, size: u8, value: u64) {
         let n = usize::from(size.clamp(1, 8));
@@ -120,12 +110,7 @@ fn seg_to_emu(s: &Segment) -> Seg {
         | (u32::from(s.db) << 14)
         | (u32::from(s.g) << 15)
         | (u32::from(s.unusable) << 16);
-    Seg {
-        selector: s.selector,
-        base: s.base,
-        limit: s.limit,
-        attr,
-    }
+    Seg { selector: s.selector, base: s.base, limit: s.limit, attr }
 }
 
 fn seg_from_emu(s: &Seg) -> Segment {
@@ -149,43 +134,17 @@ impl EmuVcpu {
     /// Creates a vCPU over guest RAM `ram`, taking interrupts from `ic` and time from `clock`.
     /// `tsc_hz` is the TSC frequency advertised in CPUID leaf 0x15 (and the LAPIC bus clock
     /// the interrupt controller must use).
-    pub fn new(
-        ram: &[RamRegion],
-        ic: Box<dyn InterruptController>,
-        clock: Clock,
-        tsc_hz: u64,
-        id: u8,
-    ) -> EmuVcpu {
-        let regions = ram
-            .iter()
-            .map(|r| x86emu::RamRegion {
-                gpa: r.gpa,
-                size: r.size,
-                host: r.host_addr,
-            })
-            .collect();
-        let mut cpu = Cpu::new(
-            regions,
-            CpuConfig {
-                tsc_hz,
-                apic_id: id,
-            },
-        );
+    pub fn new(ram: &[RamRegion], ic: Box<dyn InterruptController>, clock: Clock, tsc_hz: u64, id: u8) -> EmuVcpu {
+        let regions = ram.iter().map(|r| x86emu::RamRegion { gpa: r.gpa, size: r.size, host: r.host_addr }).collect();
+        let mut cpu = Cpu::new(regions, CpuConfig { tsc_hz, apic_id: id });
         // Debugging aid: RUSTVISOR_EMU_TRACE=PATH writes every instruction's RIP and GPRs.
         if let Some(p) = std::env::var_os("RUSTVISOR_EMU_TRACE") {
             if let Ok(f) = std::fs::File::create(p) {
                 cpu.trace = Some(Box::new(std::io::BufWriter::new(f)));
             }
         }
-        let profile =
-            std::env::var_os("RUSTVISOR_EMU_PROFILE").map(|p| (p.into(), Default::default()));
-        EmuVcpu {
-            cpu,
-            ic,
-            clock,
-            stop: Arc::new(AtomicBool::new(false)),
-            profile,
-        }
+        let profile = std::env::var_os("RUSTVISOR_EMU_PROFILE").map(|p| (p.into(), Default::default()));
+        EmuVcpu { cpu, ic, clock, stop: Arc::new(AtomicBool::new(false)), profile }
     }
 
     /// A flag that makes [`Vcpu::run`] return `Interrupted` at its next check (within one
@@ -246,14 +205,8 @@ impl Vcpu for EmuVcpu {
             segs,
             ldt: seg_from_emu(&c.ldtr),
             tr: seg_from_emu(&c.tr),
-            gdt: Table {
-                base: c.gdtr_base,
-                limit: c.gdtr_limit,
-            },
-            idt: Table {
-                base: c.idtr_base,
-                limit: c.idtr_limit,
-            },
+            gdt: Table { base: c.gdtr_base, limit: c.gdtr_limit },
+            idt: Table { base: c.idtr_base, limit: c.idtr_limit },
             cr0: c.cr0,
             cr2: c.cr2,
             cr3: c.cr3,
@@ -272,12 +225,7 @@ impl Vcpu for EmuVcpu {
             let now = (self.clock)();
             let deadline = self.ic.poll(now);
             let exit = {
-                let mut bus = Adapter {
-                    h: handler,
-                    ic: self.ic.as_mut(),
-                    clock: &self.clock,
-                    deadline,
-                };
+                let mut bus = Adapter { h: handler, ic: self.ic.as_mut(), clock: &self.clock, deadline };
                 self.cpu.run(&mut bus, SLICE)
             };
             if let Some((_, samples)) = self.profile.as_mut() {
@@ -288,10 +236,7 @@ impl Vcpu for EmuVcpu {
                 Exit::Halted => {
                     // Sleep until the next timer, but wake regularly for device input.
                     let now = (self.clock)();
-                    let wait = deadline
-                        .map(|d| d.saturating_sub(now))
-                        .unwrap_or(1_000_000)
-                        .min(1_000_000);
+                    let wait = deadline.map(|d| d.saturating_sub(now)).unwrap_or(1_000_000).min(1_000_000);
                     if wait > 0 && !self.ic.interrupt_pending() {
                         std::thread::sleep(Duration::from_nanos(wait));
                     }
@@ -307,9 +252,7 @@ impl Vcpu for EmuVcpu {
                 }
                 Exit::Unsupported(what) => {
                     self.log_recent(&what);
-                    return Err(Error::Internal(format!(
-                        "emu: unimplemented instruction {what}"
-                    )));
+                    return Err(Error::Internal(format!("emu: unimplemented instruction {what}")));
                 }
             }
             if start.elapsed() >= RUN_QUANTUM {

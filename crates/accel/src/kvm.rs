@@ -27,11 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_run, kvm_userspace_memory_region,
-    CpuId, Msrs, KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION,
-    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_INTERNAL_ERROR_SIMUL_EX,
-    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_pit_config, kvm_run, kvm_userspace_memory_region, CpuId, Msrs,
+    KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    KVM_INTERNAL_ERROR_SIMUL_EX, KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 
@@ -122,10 +121,7 @@ pub struct KvmVm {
 
 impl std::fmt::Debug for KvmVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvmVm")
-            .field("irqchip", &self.irqchip)
-            .field("pvm", &self.pvm)
-            .finish_non_exhaustive()
+        f.debug_struct("KvmVm").field("irqchip", &self.irqchip).field("pvm", &self.pvm).finish_non_exhaustive()
     }
 }
 
@@ -158,18 +154,10 @@ impl KvmVm {
     pub fn new_with_options(ram: &[RamRegion], options: KvmVmOptions) -> Result<Self> {
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let this = Self {
-            kvm,
-            vm,
-            irqchip: options.irqchip,
-            pvm: is_pvm_host(),
-            supported_cpuid,
-        };
+        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        let supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let this = Self { kvm, vm, irqchip: options.irqchip, pvm: is_pvm_host(), supported_cpuid };
         // Memory slots go in before the irqchip and PIT: once those exist, every
         // KVM_SET_USER_MEMORY_REGION waits for an SRCU grace period (measured: ~7 ms per slot
         // versus ~30 us before), which dominated tiny-guest start-up.
@@ -177,16 +165,9 @@ impl KvmVm {
             this.add_ram(slot as u32, region)?;
         }
         if options.irqchip {
-            this.vm
-                .create_irq_chip()
-                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-            let pit = kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            this.vm
-                .create_pit2(pit)
-                .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+            this.vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+            this.vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         }
         Ok(this)
     }
@@ -249,18 +230,12 @@ impl KvmVm {
     /// range; [`Error::Kvm`] when the ioctl fails.
     pub fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
         if !self.irqchip {
-            return Err(Error::Unsupported(
-                "KVM_IRQ_LINE on a VM without in-kernel irqchip".into(),
-            ));
+            return Err(Error::Unsupported("KVM_IRQ_LINE on a VM without in-kernel irqchip".into()));
         }
         if gsi >= IRQCHIP_NUM_PINS {
-            return Err(Error::Unsupported(format!(
-                "GSI {gsi} out of range (0..{IRQCHIP_NUM_PINS})"
-            )));
+            return Err(Error::Unsupported(format!("GSI {gsi} out of range (0..{IRQCHIP_NUM_PINS})")));
         }
-        self.vm
-            .set_irq_line(gsi, level)
-            .map_err(|e| Error::Kvm(format!("KVM_IRQ_LINE gsi {gsi} level {level}: {e}")))
+        self.vm.set_irq_line(gsi, level).map_err(|e| Error::Kvm(format!("KVM_IRQ_LINE gsi {gsi} level {level}: {e}")))
     }
 
     /// Creates vCPU `id` ("KVM_CREATE_VCPU") and prepares it for boot:
@@ -284,29 +259,18 @@ impl KvmVm {
     ///
     /// [`Error::Kvm`] naming the failing ioctl.
     pub fn create_vcpu(&self, id: u8) -> Result<KvmVcpu> {
-        let fd = self
-            .vm
-            .create_vcpu(u64::from(id))
-            .map_err(|e| Error::Kvm(format!("KVM_CREATE_VCPU {id}: {e}")))?;
+        let fd = self.vm.create_vcpu(u64::from(id)).map_err(|e| Error::Kvm(format!("KVM_CREATE_VCPU {id}: {e}")))?;
 
         let mut cpuid = self.supported_cpuid.clone();
         fixup_cpuid(&mut cpuid, id);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
 
         let entries = [
-            kvm_msr_entry {
-                index: MSR_IA32_MISC_ENABLE,
-                data: MSR_IA32_MISC_ENABLE_FAST_STRING,
-                ..Default::default()
-            },
-            kvm_msr_entry {
-                index: MSR_MTRR_DEF_TYPE,
-                data: MTRR_DEF_TYPE_ENABLED_WB,
-                ..Default::default()
-            },
+            kvm_msr_entry { index: MSR_IA32_MISC_ENABLE, data: MSR_IA32_MISC_ENABLE_FAST_STRING, ..Default::default() },
+            kvm_msr_entry { index: MSR_MTRR_DEF_TYPE, data: MTRR_DEF_TYPE_ENABLED_WB, ..Default::default() },
         ];
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|e| Error::Kvm(format!("KVM_SET_MSRS: building kvm_msrs: {e:?}")))?;
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|e| Error::Kvm(format!("KVM_SET_MSRS: building kvm_msrs: {e:?}")))?;
         let written = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if written != entries.len() {
             let failed = entries.get(written).map_or(0, |e| e.index);
@@ -316,11 +280,7 @@ impl KvmVm {
             )));
         }
 
-        let fpu = kvm_fpu {
-            fcw: FPU_DEFAULT_FCW,
-            mxcsr: FPU_DEFAULT_MXCSR,
-            ..Default::default()
-        };
+        let fpu = kvm_fpu { fcw: FPU_DEFAULT_FCW, mxcsr: FPU_DEFAULT_MXCSR, ..Default::default() };
         fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
 
         if self.irqchip {
@@ -329,12 +289,7 @@ impl KvmVm {
             fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         }
 
-        Ok(KvmVcpu {
-            fd,
-            id,
-            pvm: self.pvm,
-            stop: Arc::new(AtomicBool::new(false)),
-        })
+        Ok(KvmVcpu { fd, id, pvm: self.pvm, stop: Arc::new(AtomicBool::new(false)) })
     }
 
     /// The number of memory slots KVM offers ("KVM_CAP_NR_MEMSLOTS").
@@ -389,10 +344,7 @@ pub struct KvmVcpu {
 
 impl std::fmt::Debug for KvmVcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvmVcpu")
-            .field("id", &self.id)
-            .field("pvm", &self.pvm)
-            .finish_non_exhaustive()
+        f.debug_struct("KvmVcpu").field("id", &self.id).field("pvm", &self.pvm).finish_non_exhaustive()
     }
 }
 
@@ -443,8 +395,7 @@ impl KvmVcpu {
         // kvm_run area (a page after the struct), `count * size` bytes long; the mapping lives
         // as long as `self.fd` and nothing else references those bytes during this call.
         // This is the same access kvm-ioctls' own `VcpuFd::run` does.
-        let data =
-            unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
         if size == 0 {
             return;
         }
@@ -488,10 +439,7 @@ impl KvmVcpu {
             // struct; validity is signalled by the flag checked above.
             let insn = unsafe { emul.__bindgen_anon_1.__bindgen_anon_1 };
             let n = usize::from(insn.insn_size).min(insn.insn_bytes.len());
-            msg.push_str(&format!(
-                ", instruction bytes (from rip) {:02x?}",
-                &insn.insn_bytes[..n]
-            ));
+            msg.push_str(&format!(", instruction bytes (from rip) {:02x?}", &insn.insn_bytes[..n]));
         } else {
             msg.push_str(&format!(", data {:x?}", &internal.data[..ndata]));
         }
@@ -519,12 +467,8 @@ impl Vcpu for KvmVcpu {
     fn set_state(&mut self, state: &CpuState) -> Result<()> {
         let mut sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         regs::apply_to_kvm_sregs(state, self.id, &mut sregs);
-        self.fd
-            .set_sregs(&sregs)
-            .map_err(kvm_err("KVM_SET_SREGS"))?;
-        self.fd
-            .set_regs(&regs::to_kvm_regs(state))
-            .map_err(kvm_err("KVM_SET_REGS"))
+        self.fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&regs::to_kvm_regs(state)).map_err(kvm_err("KVM_SET_REGS"))
     }
 
     /// Reads the state back ("KVM_GET_REGS", "KVM_GET_SREGS").
@@ -573,9 +517,7 @@ impl Vcpu for KvmVcpu {
                     KvmExit::Shutdown => Step::Done(Ok(VcpuExit::Reset("triple fault".into()))),
                     KvmExit::SystemEvent(kind, data) => Step::Done(match kind {
                         KVM_SYSTEM_EVENT_SHUTDOWN => Ok(VcpuExit::Shutdown),
-                        KVM_SYSTEM_EVENT_RESET => {
-                            Ok(VcpuExit::Reset("KVM_SYSTEM_EVENT_RESET".into()))
-                        }
+                        KVM_SYSTEM_EVENT_RESET => Ok(VcpuExit::Reset("KVM_SYSTEM_EVENT_RESET".into())),
                         KVM_SYSTEM_EVENT_CRASH => Err(Error::Internal(format!(
                             "guest reported a crash (KVM_SYSTEM_EVENT_CRASH, data {data:x?})"
                         ))),
@@ -589,14 +531,10 @@ impl Vcpu for KvmVcpu {
                          (host cpu {cpu}); the vCPU state is invalid for VM entry"
                     )))),
                     KvmExit::Intr => Step::Done(Ok(VcpuExit::Interrupted)),
-                    KvmExit::MemoryFault { flags, gpa, size } => {
-                        Step::Done(Err(Error::Internal(format!(
-                            "KVM_EXIT_MEMORY_FAULT gpa {gpa:#x} size {size:#x} flags {flags:#x}"
-                        ))))
-                    }
-                    other => Step::Done(Err(Error::Internal(format!(
-                        "unexpected KVM exit {other:?}"
+                    KvmExit::MemoryFault { flags, gpa, size } => Step::Done(Err(Error::Internal(format!(
+                        "KVM_EXIT_MEMORY_FAULT gpa {gpa:#x} size {size:#x} flags {flags:#x}"
                     )))),
+                    other => Step::Done(Err(Error::Internal(format!("unexpected KVM exit {other:?}")))),
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     Step::Done(Ok(VcpuExit::Interrupted))

@@ -39,13 +39,7 @@ impl InterruptController for NoInterrupts {
 fn vcpu_for(g: &Guest) -> EmuVcpu {
     let t0 = Instant::now();
     let clock: Clock = Arc::new(move || t0.elapsed().as_nanos() as u64);
-    let mut vcpu = EmuVcpu::new(
-        &g.ram.regions(),
-        Box::new(NoInterrupts),
-        clock,
-        1_000_000_000,
-        0,
-    );
+    let mut vcpu = EmuVcpu::new(&g.ram.regions(), Box::new(NoInterrupts), clock, 1_000_000_000, 0);
     let st = g.initial_state(vcpu.state().unwrap());
     vcpu.set_state(&st).unwrap();
     vcpu
@@ -161,11 +155,7 @@ fn real_mode_soft_int_through_ivt() {
 fn state_round_trip() {
     let ram = GuestRam::new(RAM_SIZE);
     let gdt = write_gdt(&ram, true);
-    let g = Guest {
-        ram,
-        mode: Mode::Long(gdt),
-        idt: None,
-    };
+    let g = Guest { ram, mode: Mode::Long(gdt), idt: None };
     let mut vcpu = vcpu_for(&g);
     let mut st = vcpu.state().unwrap();
     for (i, r) in st.gprs.iter_mut().enumerate() {

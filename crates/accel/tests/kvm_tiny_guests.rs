@@ -65,10 +65,7 @@ fn real_mode_hello_hlt() {
     let mut io = TestIo::new(t0);
     let exit = vcpu.run(&mut io).unwrap();
     io.report_timing("real mode");
-    eprintln!(
-        "total real-mode run: {:.2} ms",
-        t0.elapsed().as_secs_f64() * 1e3
-    );
+    eprintln!("total real-mode run: {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
     assert_eq!(exit, VcpuExit::Hlt);
     check_real_mode_hello(&io);
 }

@@ -27,12 +27,7 @@ impl AcpiPm {
     /// `power_off` runs when the guest enters S5.
     pub fn new(power_off: Box<dyn Fn() + Send>) -> Self {
         // SCI_EN set: the platform is always in ACPI mode (the FADT has no SMI_CMD).
-        AcpiPm {
-            sts: 0,
-            en: 0,
-            cnt: SCI_EN,
-            power_off,
-        }
+        AcpiPm { sts: 0, en: 0, cnt: SCI_EN, power_off }
     }
 
     fn read_reg(&self, off: u16) -> u16 {

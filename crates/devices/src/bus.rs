@@ -68,19 +68,13 @@ struct Ranges<D: ?Sized> {
 
 impl<D: ?Sized> Clone for Ranges<D> {
     fn clone(&self) -> Self {
-        Self {
-            map: self.map.clone(),
-            limit: self.limit,
-        }
+        Self { map: self.map.clone(), limit: self.limit }
     }
 }
 
 impl<D: ?Sized> Ranges<D> {
     fn new(limit: u128) -> Self {
-        Self {
-            map: BTreeMap::new(),
-            limit,
-        }
+        Self { map: BTreeMap::new(), limit }
     }
 
     fn insert(&mut self, base: u64, len: u64, dev: Arc<Mutex<D>>) -> Result<(), Error> {
@@ -132,9 +126,7 @@ impl Default for PioBus {
 impl PioBus {
     /// Creates an empty bus.
     pub fn new() -> Self {
-        Self {
-            ranges: Ranges::new(0x1_0000),
-        }
+        Self { ranges: Ranges::new(0x1_0000) }
     }
 
     /// Claims ports `[base, base + len)` for `dev`.
@@ -142,12 +134,7 @@ impl PioBus {
     /// Errors: [`Error::Overlap`] if any port is already claimed,
     /// [`Error::InvalidRange`] if `len == 0` or the range passes port 0xffff.
     /// One device may be inserted at several ranges.
-    pub fn insert(
-        &mut self,
-        base: u16,
-        len: u16,
-        dev: Arc<Mutex<dyn PioDevice>>,
-    ) -> Result<(), Error> {
+    pub fn insert(&mut self, base: u16, len: u16, dev: Arc<Mutex<dyn PioDevice>>) -> Result<(), Error> {
         self.ranges.insert(u64::from(base), u64::from(len), dev)
     }
 
@@ -158,9 +145,7 @@ impl PioBus {
 
     /// Returns the device claiming `port` and the base of its range.
     pub fn get(&self, port: u16) -> Option<(u16, Arc<Mutex<dyn PioDevice>>)> {
-        self.ranges
-            .find(u64::from(port))
-            .map(|(b, d)| (b as u16, Arc::clone(d)))
+        self.ranges.find(u64::from(port)).map(|(b, d)| (b as u16, Arc::clone(d)))
     }
 
     /// Dispatches a guest `IN` of `data.len()` bytes from `port`.
@@ -208,21 +193,14 @@ impl Default for MmioBus {
 impl MmioBus {
     /// Creates an empty bus.
     pub fn new() -> Self {
-        Self {
-            ranges: Ranges::new(1u128 << 64),
-        }
+        Self { ranges: Ranges::new(1u128 << 64) }
     }
 
     /// Claims guest-physical bytes `[base, base + len)` for `dev`.
     ///
     /// Errors: [`Error::Overlap`] if any byte is already claimed,
     /// [`Error::InvalidRange`] if `len == 0` or the range wraps past 2^64.
-    pub fn insert(
-        &mut self,
-        base: u64,
-        len: u64,
-        dev: Arc<Mutex<dyn MmioDevice>>,
-    ) -> Result<(), Error> {
+    pub fn insert(&mut self, base: u64, len: u64, dev: Arc<Mutex<dyn MmioDevice>>) -> Result<(), Error> {
         self.ranges.insert(base, len, dev)
     }
 
@@ -297,25 +275,13 @@ mod tests {
         let dev = Arc::new(Mutex::new(Reg::default()));
         bus.insert(0x40, 4, dev.clone()).unwrap();
         bus.insert(0x61, 1, dev.clone()).unwrap();
-        assert_eq!(
-            bus.insert(0x43, 2, dev.clone()),
-            Err(Error::Overlap { base: 0x43, len: 2 })
-        );
-        assert_eq!(
-            bus.insert(0x3e, 3, dev.clone()),
-            Err(Error::Overlap { base: 0x3e, len: 3 })
-        );
+        assert_eq!(bus.insert(0x43, 2, dev.clone()), Err(Error::Overlap { base: 0x43, len: 2 }));
+        assert_eq!(bus.insert(0x3e, 3, dev.clone()), Err(Error::Overlap { base: 0x3e, len: 3 }));
         assert!(bus.insert(0x3c, 4, dev.clone()).is_ok());
         assert!(bus.insert(0x44, 1, dev.clone()).is_ok());
-        assert!(matches!(
-            bus.insert(0xffff, 2, dev.clone()),
-            Err(Error::InvalidRange { .. })
-        ));
+        assert!(matches!(bus.insert(0xffff, 2, dev.clone()), Err(Error::InvalidRange { .. })));
         assert!(bus.insert(0xffff, 1, dev.clone()).is_ok());
-        assert!(matches!(
-            bus.insert(0x100, 0, dev.clone()),
-            Err(Error::InvalidRange { .. })
-        ));
+        assert!(matches!(bus.insert(0x100, 0, dev.clone()), Err(Error::InvalidRange { .. })));
 
         let mut b = [0u8; 2];
         assert!(bus.read(0x42, &mut b));

@@ -93,11 +93,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe.saturating_add(era.saturating_mul(400));
-    (
-        if m <= 2 { y.saturating_add(1) } else { y },
-        m as u32,
-        d as u32,
-    )
+    (if m <= 2 { y.saturating_add(1) } else { y }, m as u32, d as u32)
 }
 
 /// Inverse of [`civil_from_days`]; `d` may exceed the month length (it then
@@ -139,17 +135,9 @@ impl Cmos {
         regs[0x34..0x36].copy_from_slice(&above_16m.to_le_bytes());
         let above_4g = (mem_above_4g / (64 * KIB)).min(0xff_ffff) as u32;
         regs[0x5b..0x5e].copy_from_slice(&above_4g.to_le_bytes()[..3]);
-        let sum: u16 = regs[0x10..0x2e]
-            .iter()
-            .fold(0u16, |a, &b| a.wrapping_add(u16::from(b)));
+        let sum: u16 = regs[0x10..0x2e].iter().fold(0u16, |a, &b| a.wrapping_add(u16::from(b)));
         regs[0x2e..0x30].copy_from_slice(&sum.to_be_bytes());
-        let mut cmos = Self {
-            index: 0,
-            nmi_disabled: false,
-            regs,
-            wall_clock,
-            offset: 0,
-        };
+        let mut cmos = Self { index: 0, nmi_disabled: false, regs, wall_clock, offset: 0 };
         cmos.refresh_time();
         cmos
     }
@@ -238,17 +226,10 @@ impl Cmos {
             let sec = self.decode(self.regs[REG_SEC]).filter(|&v| v < 60)?;
             let min = self.decode(self.regs[REG_MIN]).filter(|&v| v < 60)?;
             let hour = self.decode_hour(self.regs[REG_HOUR])?;
-            let mday = self
-                .decode(self.regs[REG_MDAY])
-                .filter(|v| (1..=31).contains(v))?;
-            let mon = self
-                .decode(self.regs[REG_MON])
-                .filter(|v| (1..=12).contains(v))?;
+            let mday = self.decode(self.regs[REG_MDAY]).filter(|v| (1..=31).contains(v))?;
+            let mon = self.decode(self.regs[REG_MON]).filter(|v| (1..=12).contains(v))?;
             let year = self.decode(self.regs[REG_YEAR]).filter(|&v| v < 100)?;
-            let century = self
-                .decode(self.regs[REG_CENTURY])
-                .filter(|&v| v < 100)
-                .unwrap_or(20);
+            let century = self.decode(self.regs[REG_CENTURY]).filter(|&v| v < 100).unwrap_or(20);
             let y = i64::from(century) * 100 + i64::from(year);
             let days = days_from_civil(y, u32::from(mon), u32::from(mday));
             Some(days * 86_400 + i64::from(hour) * 3600 + i64::from(min) * 60 + i64::from(sec))
@@ -260,10 +241,7 @@ impl Cmos {
     }
 
     fn is_time_reg(idx: usize) -> bool {
-        matches!(
-            idx,
-            REG_SEC | REG_MIN | REG_HOUR | REG_WDAY | REG_MDAY | REG_MON | REG_YEAR | REG_CENTURY
-        )
+        matches!(idx, REG_SEC | REG_MIN | REG_HOUR | REG_WDAY | REG_MDAY | REG_MON | REG_YEAR | REG_CENTURY)
     }
 
     /// Reads CMOS register `index` (0-127) as the guest would.
@@ -352,11 +330,7 @@ mod tests {
     const T0: i64 = 1_709_214_356;
 
     fn cmos_at(t: Arc<AtomicI64>) -> Cmos {
-        Cmos::with_wall_clock(
-            3 * 1024 * MIB,
-            2 * 1024 * MIB,
-            Box::new(move || t.load(Ordering::SeqCst)),
-        )
+        Cmos::with_wall_clock(3 * 1024 * MIB, 2 * 1024 * MIB, Box::new(move || t.load(Ordering::SeqCst)))
     }
 
     fn rd(c: &mut Cmos, idx: u8) -> u8 {

@@ -110,12 +110,7 @@ impl Default for IoApic {
 impl IoApic {
     /// Creates an IOAPIC with ID 0 and every entry masked (reset state).
     pub fn new() -> Self {
-        Self {
-            id: 0,
-            regsel: 0,
-            rte: [RTE_MASKED; NUM_PINS],
-            levels: 0,
-        }
+        Self { id: 0, regsel: 0, rte: [RTE_MASKED; NUM_PINS], levels: 0 }
     }
 
     /// Redirection entry of `pin` (0-23), or `None` for an invalid pin.
@@ -139,9 +134,7 @@ impl IoApic {
         let Some(entry) = self.rte.get_mut(pin) else {
             return;
         };
-        if self.levels & (1 << pin) != 0
-            && *entry & (RTE_LEVEL | RTE_MASKED | RTE_REMOTE_IRR) == RTE_LEVEL
-        {
+        if self.levels & (1 << pin) != 0 && *entry & (RTE_LEVEL | RTE_MASKED | RTE_REMOTE_IRR) == RTE_LEVEL {
             // Remote IRR is set only if some LAPIC accepted the message.
             if deliver(Self::message(*entry)) {
                 *entry |= RTE_REMOTE_IRR;
@@ -204,12 +197,7 @@ impl IoApic {
         }
     }
 
-    fn write_register(
-        &mut self,
-        index: u8,
-        value: u32,
-        deliver: &mut dyn FnMut(ApicMessage) -> bool,
-    ) {
+    fn write_register(&mut self, index: u8, value: u32, deliver: &mut dyn FnMut(ApicMessage) -> bool) {
         match index {
             0x00 => self.id = ((value >> 24) & 0x0f) as u8,
             0x10..=0x3f => {
@@ -256,22 +244,14 @@ impl IoApic {
     /// Guest store at `offset` from the IOAPIC base; see [`IoApic::mmio_read`]
     /// for the accepted access sizes.  Interrupts caused by the write (e.g.
     /// unmasking an asserted level pin) go to `deliver`.
-    pub fn mmio_write(
-        &mut self,
-        offset: u64,
-        data: &[u8],
-        deliver: &mut dyn FnMut(ApicMessage) -> bool,
-    ) {
+    pub fn mmio_write(&mut self, offset: u64, data: &[u8], deliver: &mut dyn FnMut(ApicMessage) -> bool) {
         match (offset, data.len()) {
             (0x00, 1..=4) => self.regsel = data[0],
             (0x10, 4) => {
                 let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
                 self.write_register(self.regsel, value, deliver);
             }
-            _ => tracing::debug!(
-                "ioapic: ignored {}-byte write at offset {offset:#x}",
-                data.len()
-            ),
+            _ => tracing::debug!("ioapic: ignored {}-byte write at offset {offset:#x}", data.len()),
         }
     }
 }

@@ -79,9 +79,7 @@ fn deliver(lapic: &mut Lapic, m: ApicMessage) -> bool {
         return false;
     }
     match m.delivery_mode {
-        DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
-            lapic.accept_interrupt(m.vector, m.level_triggered)
-        }
+        DeliveryMode::Fixed | DeliveryMode::LowestPriority => lapic.accept_interrupt(m.vector, m.level_triggered),
         DeliveryMode::Nmi => {
             lapic.raise_nmi();
             true
@@ -110,11 +108,7 @@ impl EmuIrqchip {
     }
 
     /// Registers `chip` on the buses at [`PIO_RANGES`] and [`MMIO_RANGES`].
-    pub fn attach(
-        chip: &Arc<Mutex<Self>>,
-        pio: &mut PioBus,
-        mmio: &mut MmioBus,
-    ) -> Result<(), Error> {
+    pub fn attach(chip: &Arc<Mutex<Self>>, pio: &mut PioBus, mmio: &mut MmioBus) -> Result<(), Error> {
         for (base, len) in PIO_RANGES {
             pio.insert(base, len, chip.clone())?;
         }
@@ -163,8 +157,7 @@ impl EmuIrqchip {
     /// its RFLAGS.IF allows): from the LAPIC, or from the PIC when it is
     /// routed to the CPU.
     pub fn interrupt_pending(&self) -> bool {
-        (self.lapic.accepts_pic_interrupts() && self.pic.has_interrupt())
-            || self.lapic.has_interrupt()
+        (self.lapic.accepts_pic_interrupts() && self.pic.has_interrupt()) || self.lapic.has_interrupt()
     }
 
     /// Acknowledges the highest-priority pending interrupt and returns its
@@ -274,8 +267,7 @@ impl MmioDevice for EmuIrqchip {
             }
         } else if let Some(off) = gpa.checked_sub(IOAPIC_BASE).filter(|&o| o < IOAPIC_SIZE) {
             let lapic = &mut self.lapic;
-            self.ioapic
-                .mmio_write(off, data, &mut |m| deliver(lapic, m));
+            self.ioapic.mmio_write(off, data, &mut |m| deliver(lapic, m));
         }
     }
 }
@@ -294,11 +286,7 @@ pub struct GsiLine {
 impl GsiLine {
     /// Creates a line driving `gsi` (see [`EmuIrqchip::set_irq`]) of `chip`.
     pub fn new(chip: &Arc<Mutex<EmuIrqchip>>, gsi: u32) -> Self {
-        Self {
-            chip: Arc::downgrade(chip),
-            gsi,
-            notify: None,
-        }
+        Self { chip: Arc::downgrade(chip), gsi, notify: None }
     }
 
     /// Adds a callback run (after the chip is unlocked) whenever the line is
@@ -352,10 +340,7 @@ mod tests {
     fn chip() -> (EmuIrqchip, Arc<AtomicU64>) {
         let t = Arc::new(AtomicU64::new(1_000));
         let tc = t.clone();
-        (
-            EmuIrqchip::new(Arc::new(move || tc.load(Ordering::SeqCst)), 1_000_000_000),
-            t,
-        )
+        (EmuIrqchip::new(Arc::new(move || tc.load(Ordering::SeqCst)), 1_000_000_000), t)
     }
 
     fn outb(c: &mut EmuIrqchip, port: u16, v: u8) {
@@ -503,21 +488,11 @@ mod tests {
         EmuIrqchip::attach(&chip, &mut pio, &mut mmio).unwrap();
         let kicked = Arc::new(AtomicBool::new(false));
         let k = kicked.clone();
-        let line =
-            GsiLine::new(&chip, 4).with_notify(Arc::new(move || k.store(true, Ordering::SeqCst)));
-        let serial = Arc::new(Mutex::new(Serial::new(
-            Arc::new(line),
-            Box::new(std::io::sink()),
-        )));
+        let line = GsiLine::new(&chip, 4).with_notify(Arc::new(move || k.store(true, Ordering::SeqCst)));
+        let serial = Arc::new(Mutex::new(Serial::new(Arc::new(line), Box::new(std::io::sink()))));
         pio.insert(0x3f8, 8, serial.clone()).unwrap();
         // PIC init through the bus.
-        for (p, v) in [
-            (0x20u16, 0x11u8),
-            (0x21, 0x30),
-            (0x21, 0x04),
-            (0x21, 0x01),
-            (0x21, 0x00),
-        ] {
+        for (p, v) in [(0x20u16, 0x11u8), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
             assert!(pio.write(p, &[v]));
         }
         pio.write(0x3f9, &[0x01]); // IER: RDA

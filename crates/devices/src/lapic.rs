@@ -50,14 +50,7 @@ const LVT_TIMER: usize = 0;
 const LVT_LINT0: usize = 3;
 const LVT_LINT1: usize = 4;
 /// Writable bits of each LVT entry (timer, thermal, perf, LINT0, LINT1, error).
-const LVT_WRITABLE: [u32; 6] = [
-    0x0003_00ff,
-    0x0001_07ff,
-    0x0001_07ff,
-    0x0001_a7ff,
-    0x0001_a7ff,
-    0x0001_00ff,
-];
+const LVT_WRITABLE: [u32; 6] = [0x0003_00ff, 0x0001_07ff, 0x0001_07ff, 0x0001_a7ff, 0x0001_a7ff, 0x0001_00ff];
 
 const ESR_SEND_ILLEGAL_VECTOR: u32 = 1 << 5;
 const ESR_RECV_ILLEGAL_VECTOR: u32 = 1 << 6;
@@ -79,10 +72,7 @@ impl Bits256 {
         self.0[usize::from(v >> 5)] & (1 << (v & 31)) != 0
     }
     fn highest(&self) -> Option<u8> {
-        (0..8usize)
-            .rev()
-            .find(|&i| self.0[i] != 0)
-            .map(|i| (i as u8) * 32 + (31 - self.0[i].leading_zeros()) as u8)
+        (0..8usize).rev().find(|&i| self.0[i] != 0).map(|i| (i as u8) * 32 + (31 - self.0[i].leading_zeros()) as u8)
     }
 }
 
@@ -188,9 +178,7 @@ impl Lapic {
         if !enable && self.global_enabled() {
             self.reset_registers();
         }
-        self.apic_base = (value & 0x0000_000f_ffff_f000)
-            | APIC_BASE_BSP
-            | if enable { APIC_BASE_ENABLE } else { 0 };
+        self.apic_base = (value & 0x0000_000f_ffff_f000) | APIC_BASE_BSP | if enable { APIC_BASE_ENABLE } else { 0 };
     }
 
     fn global_enabled(&self) -> bool {
@@ -348,17 +336,14 @@ impl Lapic {
     fn timer_elapsed(&self, t: &Timer, now: u64) -> u64 {
         let ns = u128::from(now.saturating_sub(t.start_ns));
         let ticks = ns * u128::from(self.timer_hz) / (NS_PER_SEC * u128::from(self.divisor()));
-        t.base_ticks
-            .saturating_add(u64::try_from(ticks).unwrap_or(u64::MAX))
+        t.base_ticks.saturating_add(u64::try_from(ticks).unwrap_or(u64::MAX))
     }
 
     /// Virtual time at which the counter has decremented `ticks` times.
     fn timer_deadline(&self, t: &Timer, ticks: u64) -> u64 {
         let rel = u128::from(ticks.saturating_sub(t.base_ticks));
-        let ns =
-            (rel * NS_PER_SEC * u128::from(self.divisor())).div_ceil(u128::from(self.timer_hz));
-        t.start_ns
-            .saturating_add(u64::try_from(ns).unwrap_or(u64::MAX))
+        let ns = (rel * NS_PER_SEC * u128::from(self.divisor())).div_ceil(u128::from(self.timer_hz));
+        t.start_ns.saturating_add(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
     fn current_count(&self, now: u64) -> u32 {
@@ -369,11 +354,7 @@ impl Lapic {
             return 0;
         }
         let d = self.timer_elapsed(t, now);
-        let c = if self.periodic() {
-            init - d % init
-        } else {
-            init.saturating_sub(d)
-        };
+        let c = if self.periodic() { init - d % init } else { init.saturating_sub(d) };
         c as u32
     }
 
@@ -389,11 +370,7 @@ impl Lapic {
         }
         let d = self.timer_elapsed(&t, now_ns);
         let periodic = self.periodic();
-        let n = if periodic {
-            d / init
-        } else {
-            u64::from(d >= init)
-        };
+        let n = if periodic { d / init } else { u64::from(d >= init) };
         if n > t.fired {
             t.fired = n;
             self.timer = Some(t);
@@ -503,11 +480,7 @@ impl Lapic {
             }
             0x380 => {
                 self.timer_initial = value;
-                self.timer = (value != 0).then(|| Timer {
-                    start_ns: (self.clock)(),
-                    base_ticks: 0,
-                    fired: 0,
-                });
+                self.timer = (value != 0).then(|| Timer { start_ns: (self.clock)(), base_ticks: 0, fired: 0 });
             }
             0x3e0 => {
                 let now = (self.clock)();
@@ -540,14 +513,9 @@ impl Lapic {
     /// to the IOAPIC, as [`Lapic::write_register`].
     pub fn mmio_write(&mut self, offset: u64, data: &[u8]) -> Option<u8> {
         match <[u8; 4]>::try_from(data) {
-            Ok(b) if offset & 0xf == 0 && offset < LAPIC_SIZE => {
-                self.write_register(offset, u32::from_le_bytes(b))
-            }
+            Ok(b) if offset & 0xf == 0 && offset < LAPIC_SIZE => self.write_register(offset, u32::from_le_bytes(b)),
             _ => {
-                tracing::debug!(
-                    "lapic: ignored {}-byte write at offset {offset:#x}",
-                    data.len()
-                );
+                tracing::debug!("lapic: ignored {}-byte write at offset {offset:#x}", data.len());
                 None
             }
         }
@@ -623,11 +591,7 @@ mod tests {
         assert_eq!(l.read_register(0xa0), 0x60, "PPR = ISR class");
         // 0x51 is blocked by the in-service 0x62.
         assert!(!l.has_interrupt());
-        assert_eq!(
-            l.read_register(0x100 + 0x30) & (1 << 2),
-            1 << 2,
-            "ISR bit 0x62"
-        );
+        assert_eq!(l.read_register(0x100 + 0x30) & (1 << 2), 1 << 2, "ISR bit 0x62");
         assert_eq!(l.write_register(0xb0, 0), None, "edge EOI: no broadcast");
         // Still blocked by TPR 0x50 (same class as 0x51).
         assert!(!l.has_interrupt());

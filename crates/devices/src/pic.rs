@@ -62,11 +62,7 @@ struct Chip {
 
 impl Chip {
     fn new(is_master: bool) -> Self {
-        Self {
-            elcr_mask: if is_master { 0xf8 } else { 0xde },
-            is_master,
-            ..Self::default()
-        }
+        Self { elcr_mask: if is_master { 0xf8 } else { 0xde }, is_master, ..Self::default() }
     }
 
     fn set_input(&mut self, irq: u8, level: bool) {
@@ -91,9 +87,7 @@ impl Chip {
 
     /// Priority (0 = highest) of the highest-priority bit in `mask`, or 8.
     fn priority(&self, mask: u8) -> u8 {
-        (0..8u8)
-            .find(|p| mask & (1 << ((p + self.priority_add) & 7)) != 0)
-            .unwrap_or(8)
+        (0..8u8).find(|p| mask & (1 << ((p + self.priority_add) & 7)) != 0).unwrap_or(8)
     }
 
     /// The IR input this chip would interrupt for, if any.
@@ -130,13 +124,7 @@ impl Chip {
     fn init_reset(&mut self) {
         let (elcr, elcr_mask, is_master) = (self.elcr, self.elcr_mask, self.is_master);
         let irr = self.irr & elcr;
-        *self = Self {
-            elcr,
-            elcr_mask,
-            is_master,
-            irr,
-            ..Self::default()
-        };
+        *self = Self { elcr, elcr_mask, is_master, irr, ..Self::default() };
     }
 
     fn write_command(&mut self, val: u8) {
@@ -228,9 +216,7 @@ impl Pic {
     /// Creates both PICs in their power-on state (uninitialised, IMR = 0,
     /// vector base 0, all inputs edge-triggered).
     pub fn new() -> Self {
-        Self {
-            chips: [Chip::new(true), Chip::new(false)],
-        }
+        Self { chips: [Chip::new(true), Chip::new(false)] }
     }
 
     /// Propagates the slave's INT output to master input 2.

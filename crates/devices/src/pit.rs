@@ -91,10 +91,7 @@ impl Channel {
             bcd: false,
             reload: 0x10000,
             null_count: true,
-            run: Run::Stopped {
-                count: 0,
-                out: false,
-            },
+            run: Run::Stopped { count: 0, out: false },
             gate,
             write_lsb: None,
             read_msb: false,
@@ -112,10 +109,9 @@ impl Channel {
     fn elapsed(&self, now: u64) -> Option<u64> {
         match self.run {
             Run::Stopped { .. } => None,
-            Run::Counting {
-                start_ns,
-                base_ticks,
-            } => Some(base_ticks.saturating_add(ns_to_ticks(now.saturating_sub(start_ns)))),
+            Run::Counting { start_ns, base_ticks } => {
+                Some(base_ticks.saturating_add(ns_to_ticks(now.saturating_sub(start_ns))))
+            }
             Run::Paused { ticks } => Some(ticks),
         }
     }
@@ -202,38 +198,22 @@ impl Channel {
         self.read_msb = false;
         self.latched_count = None;
         self.latched_status = None;
-        self.run = Run::Stopped {
-            count,
-            out: self.mode != 0,
-        };
+        self.run = Run::Stopped { count, out: self.mode != 0 };
     }
 
     fn load(&mut self, value: u16, now: u64) {
-        self.reload = if value == 0 {
-            0x10000
-        } else {
-            u32::from(value)
-        };
+        self.reload = if value == 0 { 0x10000 } else { u32::from(value) };
         self.null_count = false;
         self.fired = 0;
         let reload16 = (self.reload & 0xffff) as u16;
         self.run = match self.mode {
-            0 | 4 if self.gate => Run::Counting {
-                start_ns: now,
-                base_ticks: 0,
-            },
+            0 | 4 if self.gate => Run::Counting { start_ns: now, base_ticks: 0 },
             0 | 4 => Run::Paused { ticks: 0 },
-            2 | 3 if self.gate => Run::Counting {
-                start_ns: now,
-                base_ticks: 0,
-            },
+            2 | 3 if self.gate => Run::Counting { start_ns: now, base_ticks: 0 },
             // Modes 1/5 wait for a gate trigger; a running one-shot continues.
             _ => match self.run {
                 r @ Run::Counting { .. } if !self.periodic() => r,
-                _ => Run::Stopped {
-                    count: reload16,
-                    out: true,
-                },
+                _ => Run::Stopped { count: reload16, out: true },
             },
         };
     }
@@ -289,10 +269,7 @@ impl Channel {
                     self.run = Run::Paused { ticks };
                 }
                 (true, Run::Paused { ticks }) => {
-                    self.run = Run::Counting {
-                        start_ns: now,
-                        base_ticks: ticks,
-                    };
+                    self.run = Run::Counting { start_ns: now, base_ticks: ticks };
                 }
                 _ => {}
             },
@@ -300,18 +277,12 @@ impl Channel {
                 if gate {
                     // Rising edge: (re)trigger modes 1/5, restart modes 2/3.
                     if !self.null_count {
-                        self.run = Run::Counting {
-                            start_ns: now,
-                            base_ticks: 0,
-                        };
+                        self.run = Run::Counting { start_ns: now, base_ticks: 0 };
                         self.fired = 0;
                     }
                 } else if self.periodic() && matches!(self.run, Run::Counting { .. }) {
                     // Gate low stops modes 2/3 with OUT forced high.
-                    self.run = Run::Stopped {
-                        count: self.count(now),
-                        out: true,
-                    };
+                    self.run = Run::Stopped { count: self.count(now), out: true };
                 }
             }
         }
@@ -337,12 +308,7 @@ impl Pit {
     ///
     /// All channels start unprogrammed (no count loaded, no interrupts).
     pub fn new(clock: Clock, irq0: Arc<dyn IrqLine>) -> Self {
-        Self {
-            channels: [Channel::new(true), Channel::new(true), Channel::new(false)],
-            port61: 0,
-            clock,
-            irq0,
-        }
+        Self { channels: [Channel::new(true), Channel::new(true), Channel::new(false)], port61: 0, clock, irq0 }
     }
 
     fn now(&self) -> u64 {
@@ -359,11 +325,7 @@ impl Pit {
     /// to the PIT ports (which may reprogram channel 0).
     pub fn poll(&mut self, now_ns: u64) -> Option<u64> {
         let ch = &mut self.channels[0];
-        let Run::Counting {
-            start_ns,
-            base_ticks,
-        } = ch.run
-        else {
+        let Run::Counting { start_ns, base_ticks } = ch.run else {
             return None;
         };
         let d = base_ticks.saturating_add(ns_to_ticks(now_ns.saturating_sub(start_ns)));
@@ -553,10 +515,7 @@ mod tests {
         let elapsed = e.now() - start;
         // Exactly `latch` ticks (within one poll step).
         let expect = ticks_to_ns(u64::from(latch));
-        assert!(
-            elapsed >= expect && elapsed < expect + 1_000,
-            "{elapsed} vs {expect}"
-        );
+        assert!(elapsed >= expect && elapsed < expect + 1_000, "{elapsed} vs {expect}");
         // OUT stays high; the counter keeps wrapping down.
         e.advance_ticks(5);
         assert_ne!(e.inb(0x61) & 0x20, 0);

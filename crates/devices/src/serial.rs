@@ -53,10 +53,7 @@ impl Serial {
     /// Creates a UART at an arbitrary base port (COM2 = 0x2f8, COM3 = 0x3e8,
     /// COM4 = 0x2e8).
     pub fn with_base(base: u16, irq: Arc<dyn IrqLine>, out: Box<dyn Write + Send>) -> Self {
-        Self {
-            base,
-            inner: vm_superio::Serial::new(IrqTrigger(irq), out),
-        }
+        Self { base, inner: vm_superio::Serial::new(IrqTrigger(irq), out) }
     }
 
     /// First I/O port of the UART.

@@ -20,9 +20,7 @@ impl std::str::FromStr for Accel {
             "auto" => Ok(Accel::Auto),
             "kvm" => Ok(Accel::Kvm),
             "emu" => Ok(Accel::Emu),
-            _ => Err(format!(
-                "unknown accelerator '{s}' (accepted: auto, kvm, emu)"
-            )),
+            _ => Err(format!("unknown accelerator '{s}' (accepted: auto, kvm, emu)")),
         }
     }
 }
@@ -72,12 +70,9 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         _ => (s, 1),
     };
     let n: u64 = num.parse().map_err(|_| {
-        format!(
-            "'{s}' is not a size (accepted: a number with an optional K, M or G suffix, e.g. 512M)"
-        )
+        format!("'{s}' is not a size (accepted: a number with an optional K, M or G suffix, e.g. 512M)")
     })?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// Host physical memory in bytes (from sysconf).
@@ -108,10 +103,7 @@ impl VmConfig {
             });
         }
         if self.cpus == 0 {
-            return Err(crate::Error::Config {
-                field: "--cpus",
-                msg: "must be at least 1".into(),
-            });
+            return Err(crate::Error::Config { field: "--cpus", msg: "must be at least 1".into() });
         }
         if !self.kernel.is_file() {
             return Err(crate::Error::Config {
@@ -121,10 +113,7 @@ impl VmConfig {
         }
         if let Some(i) = &self.initrd {
             if !i.is_file() {
-                return Err(crate::Error::Config {
-                    field: "--initrd",
-                    msg: format!("{}: no such file", i.display()),
-                });
+                return Err(crate::Error::Config { field: "--initrd", msg: format!("{}: no such file", i.display()) });
             }
         }
         Ok(())

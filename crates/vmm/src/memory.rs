@@ -13,19 +13,14 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_HOLE_START {
         vec![(0, mem_size)]
     } else {
-        vec![
-            (0, MMIO_HOLE_START),
-            (HIGH_RAM_START, mem_size - MMIO_HOLE_START),
-        ]
+        vec![(0, MMIO_HOLE_START), (HIGH_RAM_START, mem_size - MMIO_HOLE_START)]
     }
 }
 
 /// Allocates guest RAM (anonymous private mappings).
 pub fn create(mem_size: u64) -> crate::Result<GuestMemoryMmap> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
-        .into_iter()
-        .map(|(g, s)| (GuestAddress(g), s as usize))
-        .collect();
+    let ranges: Vec<(GuestAddress, usize)> =
+        ram_ranges(mem_size).into_iter().map(|(g, s)| (GuestAddress(g), s as usize)).collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| crate::Error::Memory(e.to_string()))
 }
 
@@ -35,9 +30,7 @@ pub fn regions(mem: &GuestMemoryMmap) -> Vec<accel::RamRegion> {
         .map(|r| accel::RamRegion {
             gpa: r.start_addr().0,
             size: r.len(),
-            host_addr: mem
-                .get_host_address(r.start_addr())
-                .unwrap_or(std::ptr::null_mut()),
+            host_addr: mem.get_host_address(r.start_addr()).unwrap_or(std::ptr::null_mut()),
         })
         .collect()
 }

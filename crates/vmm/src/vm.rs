@@ -64,10 +64,7 @@ struct EmuIc(Arc<Mutex<EmuIrqchip>>);
 
 impl InterruptController for EmuIc {
     fn interrupt_pending(&mut self) -> bool {
-        self.0
-            .lock()
-            .map(|c| c.interrupt_pending())
-            .unwrap_or(false)
+        self.0.lock().map(|c| c.interrupt_pending()).unwrap_or(false)
     }
     fn acknowledge(&mut self) -> Option<u8> {
         self.0.lock().ok().and_then(|mut c| c.acknowledge())
@@ -92,12 +89,7 @@ impl IrqLine for KvmIrq {
 }
 
 /// The boot vCPU, its stop flag, the console's interrupt line and the KVM VM (if any).
-type VcpuParts = (
-    Box<dyn Vcpu>,
-    Arc<AtomicBool>,
-    Arc<dyn IrqLine>,
-    Option<Arc<KvmVm>>,
-);
+type VcpuParts = (Box<dyn Vcpu>, Arc<AtomicBool>, Arc<dyn IrqLine>, Option<Arc<KvmVm>>);
 
 /// A built VM, ready to run.
 pub struct Vm {
@@ -126,10 +118,7 @@ fn serial_sink(out: &SerialOut) -> Result<Box<dyn Write + Send>> {
                 .create(true)
                 .append(true)
                 .open(p)
-                .map_err(|err| Error::Io {
-                    path: p.display().to_string(),
-                    err,
-                })?,
+                .map_err(|err| Error::Io { path: p.display().to_string(), err })?,
         ),
     })
 }
@@ -144,8 +133,7 @@ fn choose_accel(a: Accel) -> Result<(bool, String)> {
             if !kvm_ok {
                 return Err(Error::Config {
                     field: "--accel",
-                    msg: "kvm: /dev/kvm is not usable on this host (accepted here: emu, auto)"
-                        .into(),
+                    msg: "kvm: /dev/kvm is not usable on this host (accepted here: emu, auto)".into(),
                 });
             }
             if pvm {
@@ -160,10 +148,7 @@ fn choose_accel(a: Accel) -> Result<(bool, String)> {
             if kvm_ok && !pvm {
                 Ok((false, "kvm: /dev/kvm with hardware virtualization".into()))
             } else if pvm {
-                Ok((
-                    true,
-                    "emu: /dev/kvm is the PVM backend, which cannot run a stock kernel".into(),
-                ))
+                Ok((true, "emu: /dev/kvm is the PVM backend, which cannot run a stock kernel".into()))
             } else {
                 Ok((true, "emu: /dev/kvm is not available".into()))
             }
@@ -179,29 +164,17 @@ impl Vm {
         if is_emu && cfg.cpus > 1 {
             return Err(Error::Config {
                 field: "--cpus",
-                msg: format!(
-                    "{} vCPUs requested; the emu accelerator runs 1 vCPU for now (accepted: 1)",
-                    cfg.cpus
-                ),
+                msg: format!("{} vCPUs requested; the emu accelerator runs 1 vCPU for now (accepted: 1)", cfg.cpus),
             });
         }
         if !is_emu && cfg.cpus > 1 {
             return Err(Error::Config {
                 field: "--cpus",
-                msg: format!(
-                    "{} vCPUs requested; only 1 is implemented so far (accepted: 1)",
-                    cfg.cpus
-                ),
+                msg: format!("{} vCPUs requested; only 1 is implemented so far (accepted: 1)", cfg.cpus),
             });
         }
         let mem = memory::create(cfg.mem_size)?;
-        let info = arch::load(
-            &mem,
-            cfg.mem_size,
-            &cfg.kernel,
-            cfg.initrd.as_deref(),
-            &cfg.cmdline,
-        )?;
+        let info = arch::load(&mem, cfg.mem_size, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
         let ram = memory::regions(&mem);
 
         let mut pio = PioBus::new();
@@ -217,10 +190,8 @@ impl Vm {
             for (base, len) in [(0x20u16, 2u16), (0xa0, 2), (0x4d0, 2), (0x40, 4), (0x61, 1)] {
                 pio.insert(base, len, chip.clone()).map_err(dev_err)?;
             }
-            mmio.insert(LAPIC_BASE, 0x1000, chip.clone())
-                .map_err(dev_err)?;
-            mmio.insert(IOAPIC_BASE, 0x1000, chip.clone())
-                .map_err(dev_err)?;
+            mmio.insert(LAPIC_BASE, 0x1000, chip.clone()).map_err(dev_err)?;
+            mmio.insert(IOAPIC_BASE, 0x1000, chip.clone()).map_err(dev_err)?;
             let line: Arc<dyn IrqLine> = Arc::new(GsiLine::new(&chip, COM1_IRQ));
             let v = EmuVcpu::new(&ram, Box::new(EmuIc(chip)), clock.clone(), EMU_TSC_HZ, 0);
             let stop = v.stop_flag();
@@ -229,17 +200,11 @@ impl Vm {
             let vm = Arc::new(KvmVm::new(&ram)?);
             let v = vm.create_vcpu(0)?;
             let stop = v.stop_flag();
-            let line: Arc<dyn IrqLine> = Arc::new(KvmIrq {
-                vm: vm.clone(),
-                gsi: COM1_IRQ,
-            });
+            let line: Arc<dyn IrqLine> = Arc::new(KvmIrq { vm: vm.clone(), gsi: COM1_IRQ });
             (Box::new(v), stop, line, Some(vm))
         };
 
-        let serial = Arc::new(Mutex::new(Serial::new(
-            serial_irq,
-            serial_sink(&cfg.serial)?,
-        )));
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_sink(&cfg.serial)?)));
         pio.insert(COM1, 8, serial.clone()).map_err(dev_err)?;
         let (r, s) = (reset.clone(), stop.clone());
         let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
@@ -253,8 +218,7 @@ impl Vm {
             pm_off.store(true, Ordering::SeqCst);
             pm_stop.store(true, Ordering::SeqCst);
         }))));
-        pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm)
-            .map_err(dev_err)?;
+        pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm).map_err(dev_err)?;
         let low = memory::ram_ranges(cfg.mem_size)[0].1;
         let cmos = Arc::new(Mutex::new(Cmos::new(low, arch::high_mem(cfg.mem_size))));
         pio.insert(0x70, 2, cmos).map_err(dev_err)?;
@@ -300,9 +264,7 @@ impl Vm {
                 return Ok(RunOutcome::PowerOff);
             }
             if self.reset.load(Ordering::SeqCst) {
-                return Ok(RunOutcome::Reset(
-                    "guest requested a reset through the i8042 controller".into(),
-                ));
+                return Ok(RunOutcome::Reset("guest requested a reset through the i8042 controller".into()));
             }
             match exit {
                 VcpuExit::Interrupted => {}

@@ -261,14 +261,7 @@ pub(crate) fn mul_wide(signed: bool, size: usize, a: u64, b: u64, flags: u64) ->
 
 /// One-operand DIV/IDIV of hi:lo by `d`. Returns `None` for #DE (zero divisor or quotient
 /// overflow), else (quotient, remainder, flags).
-pub(crate) fn div_wide(
-    signed: bool,
-    size: usize,
-    lo: u64,
-    hi: u64,
-    d: u64,
-    flags: u64,
-) -> Option<(u64, u64, u64)> {
+pub(crate) fn div_wide(signed: bool, size: usize, lo: u64, hi: u64, d: u64, flags: u64) -> Option<(u64, u64, u64)> {
     let m = crate::regs::mask(size);
     let bits = size as u32 * 8;
     let d = d & m;
@@ -296,11 +289,8 @@ pub(crate) fn div_wide(
         }
         Some((q as u64 & m, r as u64 & m, flags))
     } else {
-        let dividend: u128 = if size == 8 {
-            ((hi as u128) << 64) | lo as u128
-        } else {
-            (((hi & m) << bits) | (lo & m)) as u128
-        };
+        let dividend: u128 =
+            if size == 8 { ((hi as u128) << 64) | lo as u128 } else { (((hi & m) << bits) | (lo & m)) as u128 };
         let q = dividend / d as u128;
         if q > m as u128 {
             return None;

@@ -132,17 +132,7 @@ pub struct FpuState {
 
 impl Default for FpuState {
     fn default() -> Self {
-        FpuState {
-            xmm: [0; 16],
-            mxcsr: 0x1f80,
-            fcw: 0x037f,
-            fsw: 0,
-            ftw: 0,
-            st: [[0; 16]; 8],
-            fop: 0,
-            fip: 0,
-            fdp: 0,
-        }
+        FpuState { xmm: [0; 16], mxcsr: 0x1f80, fcw: 0x037f, fsw: 0, ftw: 0, st: [[0; 16]; 8], fop: 0, fip: 0, fdp: 0 }
     }
 }
 
@@ -176,10 +166,7 @@ pub struct CpuConfig {
 
 impl Default for CpuConfig {
     fn default() -> Self {
-        CpuConfig {
-            tsc_hz: 1_000_000_000,
-            apic_id: 0,
-        }
+        CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0 }
     }
 }
 
@@ -258,36 +245,16 @@ impl Cpu {
     /// A CPU in the architectural reset state (real mode, CS:IP = F000:FFF0), with guest RAM
     /// given as host mappings.
     pub fn new(ram: Vec<RamRegion>, config: CpuConfig) -> Cpu {
-        let mut seg = [Seg {
-            selector: 0,
-            base: 0,
-            limit: 0xffff,
-            attr: 0x93,
-        }; 6];
-        seg[sreg::CS] = Seg {
-            selector: 0xf000,
-            base: 0xffff0000,
-            limit: 0xffff,
-            attr: 0x9b,
-        };
+        let mut seg = [Seg { selector: 0, base: 0, limit: 0xffff, attr: 0x93 }; 6];
+        seg[sreg::CS] = Seg { selector: 0xf000, base: 0xffff0000, limit: 0xffff, attr: 0x9b };
         let apic_base = 0xfee0_0000 | (1 << 11) | if config.apic_id == 0 { 1 << 8 } else { 0 };
         Cpu {
             gpr: [0; 16],
             rip: 0xfff0,
             rflags: 2,
             seg,
-            ldtr: Seg {
-                selector: 0,
-                base: 0,
-                limit: 0xffff,
-                attr: 0x82,
-            },
-            tr: Seg {
-                selector: 0,
-                base: 0,
-                limit: 0xffff,
-                attr: 0x8b,
-            },
+            ldtr: Seg { selector: 0, base: 0, limit: 0xffff, attr: 0x82 },
+            tr: Seg { selector: 0, base: 0, limit: 0xffff, attr: 0x8b },
             gdtr_base: 0,
             gdtr_limit: 0xffff,
             idtr_base: 0,
@@ -300,11 +267,7 @@ impl Cpu {
             efer: 0,
             dr: [0, 0, 0, 0, 0xffff0ff0, 0x400, 0xffff0ff0, 0x400],
             xcr0: 1,
-            msr: Msrs {
-                apic_base,
-                pat: 0x0007_0406_0007_0406,
-                ..Msrs::default()
-            },
+            msr: Msrs { apic_base, pat: 0x0007_0406_0007_0406, ..Msrs::default() },
             fpu: FpuState::default(),
             mmu: Mmu::new(ram),
             config,
@@ -362,9 +325,7 @@ impl Cpu {
 
     /// The start RIPs of the last blocks entered, oldest first.
     pub fn recent_rips(&self) -> Vec<u64> {
-        (0..64)
-            .map(|i| self.recent[(self.recent_pos + i) % 64])
-            .collect()
+        (0..64).map(|i| self.recent[(self.recent_pos + i) % 64]).collect()
     }
 
     /// Runs until something the VMM must act on happens, or `budget` instructions retired.

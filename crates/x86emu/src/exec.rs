@@ -4,9 +4,7 @@ use crate::alu::{self, Op1, Op2};
 use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit};
 use crate::regs::{mask, sext};
 use crate::{Bus, Fault, Res};
-use iced_x86::{
-    Code, ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register,
-};
+use iced_x86::{Code, ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
 const BCACHE_SIZE: usize = 1 << 15;
 /// Longest block decoded at once, in instructions.
@@ -34,9 +32,7 @@ pub(crate) struct DecodeCache {
 
 impl DecodeCache {
     pub(crate) fn new() -> DecodeCache {
-        DecodeCache {
-            e: (0..BCACHE_SIZE).map(|_| None).collect(),
-        }
+        DecodeCache { e: (0..BCACHE_SIZE).map(|_| None).collect() }
     }
 }
 
@@ -76,11 +72,7 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             }
         }
         if cpu.halted {
-            return if cpu.rflags & IF != 0 {
-                Exit::Halted
-            } else {
-                Exit::HaltedForever
-            };
+            return if cpu.rflags & IF != 0 { Exit::Halted } else { Exit::HaltedForever };
         }
         cpu.check_irq = false;
         // Run a chunk without looking at the interrupt line.
@@ -153,12 +145,7 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
 
 /// A block handed to the run loop: instructions, their fast forms, RAM page index
 /// (usize::MAX if uncached) and the page's code generation.
-type BlockRef = (
-    std::rc::Rc<[Instruction]>,
-    std::rc::Rc<[crate::uop::Uop]>,
-    usize,
-    u32,
-);
+type BlockRef = (std::rc::Rc<[Instruction]>, std::rc::Rc<[crate::uop::Uop]>, usize, u32);
 
 /// Whether decoding must stop after `insn`: control transfers and instructions that change
 /// paging, segments or the fetch mode.
@@ -185,9 +172,7 @@ fn ends_block(insn: &Instruction) -> bool {
         | Mnemonic::Out
         | Mnemonic::Lmsw
         | Mnemonic::Swapgs
-        | Mnemonic::Pop => {
-            insn.mnemonic() != Mnemonic::Pop || insn.op0_register().is_segment_register()
-        }
+        | Mnemonic::Pop => insn.mnemonic() != Mnemonic::Pop || insn.op0_register().is_segment_register(),
         _ => false,
     }
 }
@@ -197,20 +182,12 @@ fn ends_block(insn: &Instruction) -> bool {
 #[inline]
 fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     let bits = cpu.bitness();
-    let la = if bits == 64 {
-        cpu.rip
-    } else {
-        cpu.seg[sreg::CS].base.wrapping_add(cpu.rip) & 0xffff_ffff
-    };
+    let la = if bits == 64 { cpu.rip } else { cpu.seg[sreg::CS].base.wrapping_add(cpu.rip) & 0xffff_ffff };
     let user = cpu.user();
     let gpa = cpu.translate(la, crate::mmu::Access::Exec, user)?;
     let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
     if let Some(b) = &cpu.dcache.e[idx] {
-        if b.gpa == gpa
-            && b.ip == cpu.rip
-            && b.bits == bits
-            && cpu.mmu.code_gen.get(b.page) == Some(&b.gen)
-        {
+        if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) {
             return Ok((b.insns.clone(), b.uops.clone(), b.page, b.gen));
         }
     }
@@ -231,12 +208,7 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
     };
     // SAFETY: `host` maps the whole 4 KiB RAM page that holds `gpa`.
     let page_bytes = unsafe { std::slice::from_raw_parts(host as *const u8, 4096) };
-    let mut dec = Decoder::with_ip(
-        bits,
-        &page_bytes[off..],
-        cpu.rip,
-        DecoderOptions::NO_INVALID_CHECK,
-    );
+    let mut dec = Decoder::with_ip(bits, &page_bytes[off..], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
     let mut insns = Vec::with_capacity(8);
     while insns.len() < BLOCK_MAX && dec.can_decode() {
         let insn = dec.decode();
@@ -266,18 +238,9 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
         return Ok((std::rc::Rc::from(vec![insn]), uops, usize::MAX, 0));
     }
     let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
-    let uops: std::rc::Rc<[crate::uop::Uop]> =
-        insns.iter().map(|i| crate::uop::lower(i, bits)).collect();
+    let uops: std::rc::Rc<[crate::uop::Uop]> = insns.iter().map(|i| crate::uop::lower(i, bits)).collect();
     let insns: std::rc::Rc<[Instruction]> = std::rc::Rc::from(insns);
-    cpu.dcache.e[idx] = Some(Block {
-        gpa,
-        ip: cpu.rip,
-        gen,
-        page,
-        bits,
-        insns: insns.clone(),
-        uops: uops.clone(),
-    });
+    cpu.dcache.e[idx] = Some(Block { gpa, ip: cpu.rip, gen, page, bits, insns: insns.clone(), uops: uops.clone() });
     Ok((insns, uops, page, gen))
 }
 
@@ -389,11 +352,7 @@ impl Cpu {
         let mut asize = 8;
         if base != Register::None {
             if base == Register::RIP || base == Register::EIP {
-                return if base == Register::EIP {
-                    a & 0xffff_ffff
-                } else {
-                    a
-                };
+                return if base == Register::EIP { a & 0xffff_ffff } else { a };
             }
             a = a.wrapping_add(self.get_reg(base));
             asize = base.size();
@@ -633,21 +592,11 @@ enum StrOp {
 /// Maximum iterations of a REP string instruction per step (keeps interrupts timely).
 const REP_CHUNK: u64 = 1 << 14;
 
-fn string_op(
-    cpu: &mut Cpu,
-    bus: &mut dyn Bus,
-    insn: &Instruction,
-    op: StrOp,
-    size: usize,
-) -> SRes<()> {
+fn string_op(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: StrOp, size: usize) -> SRes<()> {
     let asz = string_asize(insn);
     let am = mask(asz);
     let rep = insn.has_rep_prefix() || insn.has_repne_prefix();
-    let step: u64 = if cpu.rflags & DF != 0 {
-        (size as u64).wrapping_neg()
-    } else {
-        size as u64
-    };
+    let step: u64 = if cpu.rflags & DF != 0 { (size as u64).wrapping_neg() } else { size as u64 };
     let src_seg = insn.memory_segment();
     let mut iters = 0u64;
     loop {
@@ -851,11 +800,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             let size = size0(insn);
             let l0 = cpu.loc(insn, 0);
             let a = cpu.rd(bus, l0, size)?;
-            let c = if insn.op_count() > 1 {
-                cpu.rd(bus, cpu.loc(insn, 1), 1)?
-            } else {
-                1
-            };
+            let c = if insn.op_count() > 1 { cpu.rd(bus, cpu.loc(insn, 1), 1)? } else { 1 };
             let (r, f) = alu::op2(op2_of(m).unwrap_or(Op2::Shl), size, a, c, cpu.rflags);
             cpu.wr(bus, l0, size, r)?;
             cpu.rflags = f;
@@ -1117,11 +1062,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             };
             let t = cpu.peek(bus, 0, size)?;
             cpu.branch(t)?;
-            let extra = if insn.op_count() > 0 {
-                insn.immediate(0)
-            } else {
-                0
-            };
+            let extra = if insn.op_count() > 0 { insn.immediate(0) } else { 0 };
             let sp = cpu.rsp().wrapping_add(size as u64 + extra);
             cpu.set_rsp(sp);
             Ok(())
@@ -1241,11 +1182,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
         M::Mul | M::Imul => {
             let size = size0(insn);
             let b = cpu.rd(bus, cpu.loc(insn, 0), size)?;
-            let a = if size == 1 {
-                cpu.gpr[0] & 0xff
-            } else {
-                cpu.gpr[0]
-            };
+            let a = if size == 1 { cpu.gpr[0] & 0xff } else { cpu.gpr[0] };
             let (lo, hi, f) = alu::mul_wide(m == M::Imul, size, a, b, cpu.rflags);
             if size == 1 {
                 cpu.set_reg(Register::AX, lo | (hi << 8));
@@ -1264,11 +1201,8 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
         M::Div | M::Idiv => {
             let size = size0(insn);
             let d = cpu.rd(bus, cpu.loc(insn, 0), size)?;
-            let (lo, hi) = if size == 1 {
-                (cpu.gpr[0] & 0xff, (cpu.gpr[0] >> 8) & 0xff)
-            } else {
-                (cpu.gpr[0], cpu.gpr[2])
-            };
+            let (lo, hi) =
+                if size == 1 { (cpu.gpr[0] & 0xff, (cpu.gpr[0] >> 8) & 0xff) } else { (cpu.gpr[0], cpu.gpr[2]) };
             let Some((q, r, f)) = alu::div_wide(m == M::Idiv, size, lo, hi, d, cpu.rflags) else {
                 return Err(Fault::DivideError.into());
             };
@@ -1304,11 +1238,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             Ok(())
         }
         M::Cdq => {
-            let v = if cpu.gpr[0] & 0x8000_0000 != 0 {
-                0xffff_ffff
-            } else {
-                0
-            };
+            let v = if cpu.gpr[0] & 0x8000_0000 != 0 { 0xffff_ffff } else { 0 };
             cpu.set_reg(Register::EDX, v);
             Ok(())
         }
@@ -1325,11 +1255,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
                     let off = sext(cpu.get_reg(insn.op1_register()), size) as i64;
                     let byte = off.div_euclid(bits as i64) * size as i64;
                     let la = cpu.mem_la(insn).wrapping_add(byte as u64);
-                    let la = if cpu.in_64bit_mode() {
-                        la
-                    } else {
-                        la & 0xffff_ffff
-                    };
+                    let la = if cpu.in_64bit_mode() { la } else { la & 0xffff_ffff };
                     (Loc::Mem(la), off.rem_euclid(bits as i64) as u64)
                 }
                 _ => {
@@ -1356,11 +1282,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             let r0 = insn.op0_register();
             let size = r0.size();
             let s = cpu.rd(bus, cpu.loc(insn, 1), size)?;
-            let op = if matches!(m, M::Bsf | M::Tzcnt) {
-                Op2::Bsf
-            } else {
-                Op2::Bsr
-            };
+            let op = if matches!(m, M::Bsf | M::Tzcnt) { Op2::Bsf } else { Op2::Bsr };
             let (r, f) = alu::op2(op, size, cpu.get_reg(r0), s, cpu.rflags);
             if s & mask(size) != 0 || size == 4 {
                 cpu.set_reg(r0, r);
@@ -1508,11 +1430,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             io_check(cpu)?;
             let r0 = insn.op0_register();
             let size = r0.size();
-            let port = if insn.op1_kind() == OpKind::Register {
-                cpu.gpr[2] as u16
-            } else {
-                insn.immediate(1) as u16
-            };
+            let port = if insn.op1_kind() == OpKind::Register { cpu.gpr[2] as u16 } else { insn.immediate(1) as u16 };
             cpu.stats.pio += 1;
             let v = bus.io_in(port, size as u8);
             cpu.set_reg(r0, u64::from(v));
@@ -1522,11 +1440,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             io_check(cpu)?;
             let r1 = insn.op1_register();
             let size = r1.size();
-            let port = if insn.op0_kind() == OpKind::Register {
-                cpu.gpr[2] as u16
-            } else {
-                insn.immediate(0) as u16
-            };
+            let port = if insn.op0_kind() == OpKind::Register { cpu.gpr[2] as u16 } else { insn.immediate(0) as u16 };
             cpu.stats.pio += 1;
             bus.io_out(port, size as u8, cpu.get_reg(r1) as u32);
             cpu.check_irq = true;
@@ -1595,9 +1509,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             Ok(())
         }
         M::Int3 => crate::interrupt::soft_int(cpu, bus, 3, true).map_err(Stop::from),
-        M::Int => {
-            crate::interrupt::soft_int(cpu, bus, insn.immediate(0) as u8, false).map_err(Stop::from)
-        }
+        M::Int => crate::interrupt::soft_int(cpu, bus, insn.immediate(0) as u8, false).map_err(Stop::from),
         M::Int1 => crate::interrupt::soft_int(cpu, bus, 1, true).map_err(Stop::from),
         M::Into => {
             if cpu.rflags & OF != 0 {
@@ -1624,12 +1536,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
 fn is_far(insn: &Instruction) -> bool {
     matches!(
         insn.code(),
-        Code::Jmp_m1616
-            | Code::Jmp_m1632
-            | Code::Jmp_m1664
-            | Code::Call_m1616
-            | Code::Call_m1632
-            | Code::Call_m1664
+        Code::Jmp_m1616 | Code::Jmp_m1632 | Code::Jmp_m1664 | Code::Call_m1616 | Code::Call_m1632 | Code::Call_m1664
     )
 }
 

@@ -240,16 +240,7 @@ fn narrow(w: &[u8; 16]) -> F80 {
 /// control word and condition codes. Updates the guest's C0-C3 and returns the block; the
 /// exception flags raised are in `sw & EXC` (see [`signal`]).
 fn host(cpu: &mut Cpu, op: X, a: F80, b: F80, m: [u8; 16]) -> X87 {
-    let mut io = X87 {
-        a: wide(a),
-        b: wide(b),
-        m,
-        fl: 2,
-        _pad: 0,
-        env: [0; 28],
-        sw: 0,
-        saved_cw: 0,
-    };
+    let mut io = X87 { a: wide(a), b: wide(b), m, fl: 2, _pad: 0, env: [0; 28], sw: 0, saved_cw: 0 };
     io.env[0..2].copy_from_slice(&(cpu.fpu.fcw | EXC).to_le_bytes());
     io.env[4..6].copy_from_slice(&(cpu.fpu.fsw & CC).to_le_bytes());
     io.env[8..10].copy_from_slice(&0xffffu16.to_le_bytes());
@@ -371,13 +362,7 @@ fn full_tag_word(cpu: &Cpu) -> u16 {
 
 /// Abridged tag byte from a full tag word.
 fn abridge(tw: u16) -> u8 {
-    (0..8).fold(0, |t, p| {
-        if (tw >> (2 * p)) & 3 != 3 {
-            t | (1 << p)
-        } else {
-            t
-        }
-    })
+    (0..8).fold(0, |t, p| if (tw >> (2 * p)) & 3 != 3 { t | (1 << p) } else { t })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -614,15 +599,7 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
     }
     let no_wait = matches!(
         m,
-        M::Fninit
-            | M::Fnclex
-            | M::Fnstcw
-            | M::Fnstsw
-            | M::Fnstenv
-            | M::Fnsave
-            | M::Fneni
-            | M::Fndisi
-            | M::Fnsetpm
+        M::Fninit | M::Fnclex | M::Fnstcw | M::Fnstsw | M::Fnstenv | M::Fnsave | M::Fneni | M::Fndisi | M::Fnsetpm
     );
     if !no_wait {
         check_pending(cpu)?;
@@ -703,14 +680,8 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 M::Fdiv | M::Fdivp | M::Fidiv => 4,
                 _ => 5,
             };
-            let popping = matches!(
-                m,
-                M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp | M::Fdivp | M::Fdivrp
-            );
-            let int = matches!(
-                m,
-                M::Fiadd | M::Fisub | M::Fisubr | M::Fimul | M::Fidiv | M::Fidivr
-            );
+            let popping = matches!(m, M::Faddp | M::Fsubp | M::Fsubrp | M::Fmulp | M::Fdivp | M::Fdivrp);
+            let int = matches!(m, M::Fiadd | M::Fisub | M::Fisubr | M::Fimul | M::Fidiv | M::Fidivr);
             let (dst, src, col, img) = if mem {
                 let col = match (int, msize) {
                     (false, 4) => 1,
@@ -740,15 +711,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
             }
         }
-        M::Fcom
-        | M::Fcomp
-        | M::Fcompp
-        | M::Fucom
-        | M::Fucomp
-        | M::Fucompp
-        | M::Ficom
-        | M::Ficomp
-        | M::Ftst => {
+        M::Fcom | M::Fcomp | M::Fcompp | M::Fucom | M::Fucomp | M::Fucompp | M::Ficom | M::Ficomp | M::Ftst => {
             let pops = match m {
                 M::Fcomp | M::Fucomp | M::Ficomp => 1,
                 M::Fcompp | M::Fucompp => 2,
@@ -767,11 +730,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 (op, None, mem_read(cpu, bus, la, msize)?)
             } else {
                 let s = if insn.op_count() > 1 { reg(1) } else { 1 };
-                (
-                    if unordered { X::UcomRr } else { X::ComRr },
-                    Some(s),
-                    [0; 16],
-                )
+                (if unordered { X::UcomRr } else { X::ComRr }, Some(s), [0; 16])
             };
             if is_empty(cpu, 0) || src.is_some_and(|s| is_empty(cpu, s)) {
                 if underflow(cpu) {
@@ -802,11 +761,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
                 return Ok(());
             }
-            let op = if matches!(m, M::Fcomi | M::Fcomip) {
-                X::ComiRr
-            } else {
-                X::UcomiRr
-            };
+            let op = if matches!(m, M::Fcomi | M::Fcomip) { X::ComiRr } else { X::UcomiRr };
             let io = host(cpu, op, get(cpu, 0), get(cpu, s), [0; 16]);
             if signal(cpu, io.sw & EXC) & BLOCK_REG == 0 {
                 cpu.rflags = (cpu.rflags & !ARITH) | (io.fl & ARITH);
@@ -903,16 +858,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
             }
         }
-        M::Fld
-        | M::Fild
-        | M::Fbld
-        | M::Fld1
-        | M::Fldz
-        | M::Fldpi
-        | M::Fldl2e
-        | M::Fldl2t
-        | M::Fldlg2
-        | M::Fldln2 => {
+        M::Fld | M::Fild | M::Fbld | M::Fld1 | M::Fldz | M::Fldpi | M::Fldl2e | M::Fldl2t | M::Fldlg2 | M::Fldln2 => {
             if !mem && m == M::Fld {
                 // FLD ST(i): the source is read before the push.
                 let s = reg(0);
@@ -932,11 +878,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
                 return Ok(());
             }
-            let img = if mem {
-                mem_read(cpu, bus, la, msize)?
-            } else {
-                [0; 16]
-            };
+            let img = if mem { mem_read(cpu, bus, la, msize)? } else { [0; 16] };
             if full(cpu) {
                 overflow(cpu);
                 return Ok(());
@@ -1044,14 +986,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
             set(cpu, 0, b);
             set(cpu, s, a);
         }
-        M::Fcmovb
-        | M::Fcmovnb
-        | M::Fcmove
-        | M::Fcmovne
-        | M::Fcmovbe
-        | M::Fcmovnbe
-        | M::Fcmovu
-        | M::Fcmovnu => {
+        M::Fcmovb | M::Fcmovnb | M::Fcmove | M::Fcmovne | M::Fcmovbe | M::Fcmovnbe | M::Fcmovu | M::Fcmovnu => {
             let s = reg(1);
             if is_empty(cpu, 0) || is_empty(cpu, s) {
                 if underflow(cpu) {
@@ -1072,11 +1007,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
             }
         }
         M::Fincstp | M::Fdecstp => {
-            let t = if m == M::Fincstp {
-                top(cpu) + 1
-            } else {
-                top(cpu).wrapping_sub(1)
-            };
+            let t = if m == M::Fincstp { top(cpu) + 1 } else { top(cpu).wrapping_sub(1) };
             set_top(cpu, t);
             cpu.fpu.fsw &= !C1;
         }
@@ -1177,15 +1108,7 @@ fn env_image(cpu: &Cpu, small: bool) -> [u8; 108] {
     let tw = full_tag_word(cpu);
     let fop = u32::from(cpu.fpu.fop & 0x7ff);
     if small {
-        let words = [
-            cpu.fpu.fcw,
-            cpu.fpu.fsw,
-            tw,
-            cpu.fpu.fip as u16,
-            0,
-            cpu.fpu.fdp as u16,
-            0,
-        ];
+        let words = [cpu.fpu.fcw, cpu.fpu.fsw, tw, cpu.fpu.fip as u16, 0, cpu.fpu.fdp as u16, 0];
         for (i, w) in words.iter().enumerate() {
             e[2 * i..2 * i + 2].copy_from_slice(&w.to_le_bytes());
         }

@@ -10,11 +10,8 @@ const ATTR_UNUSABLE: u32 = 1 << 16;
 
 /// Reads the 8-byte descriptor for `sel` from the GDT or LDT. Returns (low, high) dwords.
 pub(crate) fn read_desc(cpu: &mut Cpu, bus: &mut dyn Bus, sel: u16) -> Res<(u32, u32)> {
-    let (base, limit) = if sel & 4 != 0 {
-        (cpu.ldtr.base, cpu.ldtr.limit)
-    } else {
-        (cpu.gdtr_base, u32::from(cpu.gdtr_limit))
-    };
+    let (base, limit) =
+        if sel & 4 != 0 { (cpu.ldtr.base, cpu.ldtr.limit) } else { (cpu.gdtr_base, u32::from(cpu.gdtr_limit)) };
     let off = u64::from(sel & !7);
     if off + 7 > u64::from(limit) {
         return Err(Fault::GeneralProtection(sel & !3));
@@ -30,12 +27,7 @@ pub(crate) fn seg_from_desc(sel: u16, lo: u32, hi: u32) -> Seg {
     if hi & (1 << 23) != 0 {
         limit = (limit << 12) | 0xfff;
     }
-    Seg {
-        selector: sel,
-        base,
-        limit,
-        attr: Seg::attr_from_desc_hi(hi),
-    }
+    Seg { selector: sel, base, limit, attr: Seg::attr_from_desc_hi(hi) }
 }
 
 fn seg_index(r: Register) -> usize {
@@ -73,12 +65,7 @@ pub(crate) fn load_seg_reg(cpu: &mut Cpu, bus: &mut dyn Bus, r: Register, sel: u
         let s = &mut cpu.seg[i];
         s.selector = sel;
         s.base = 0;
-        s.attr = ATTR_UNUSABLE
-            | if i == sreg::SS {
-                u32::from(cpl) << 5 | 0x93
-            } else {
-                0
-            };
+        s.attr = ATTR_UNUSABLE | if i == sreg::SS { u32::from(cpl) << 5 | 0x93 } else { 0 };
         return Ok(());
     }
     let (lo, hi) = read_desc(cpu, bus, sel)?;
@@ -87,11 +74,7 @@ pub(crate) fn load_seg_reg(cpu: &mut Cpu, bus: &mut dyn Bus, r: Register, sel: u
         return Err(Fault::GeneralProtection(sel & !3));
     }
     if seg.attr & 0x80 == 0 {
-        return Err(if i == sreg::SS {
-            Fault::StackFault(sel & !3)
-        } else {
-            Fault::SegmentNotPresent(sel & !3)
-        });
+        return Err(if i == sreg::SS { Fault::StackFault(sel & !3) } else { Fault::SegmentNotPresent(sel & !3) });
     }
     cpu.seg[i] = seg;
     if i == sreg::SS {
@@ -147,11 +130,7 @@ pub(crate) fn far_ret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> R
         Code::Retfq | Code::Retfq_imm16 => 8,
         _ => 4,
     };
-    let extra = if insn.op_count() > 0 {
-        insn.immediate(0)
-    } else {
-        0
-    };
+    let extra = if insn.op_count() > 0 { insn.immediate(0) } else { 0 };
     let off = cpu.peek(bus, 0, size)?;
     let sel = cpu.peek(bus, size as u64, size)? as u16;
     let cpl = cpu.cpl();
@@ -164,13 +143,7 @@ pub(crate) fn far_ret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> R
         cpu.gpr[4] = sp.wrapping_add(extra);
         return Ok(());
     }
-    load_cs(
-        cpu,
-        bus,
-        sel,
-        off,
-        if cpu.cr0 & ctl::CR0_PE != 0 { cpl } else { 0 },
-    )?;
+    load_cs(cpu, bus, sel, off, if cpu.cr0 & ctl::CR0_PE != 0 { cpl } else { 0 })?;
     let sp = cpu.rsp().wrapping_add(2 * size as u64 + extra);
     cpu.set_rsp(sp);
     Ok(())
@@ -180,12 +153,8 @@ pub(crate) fn far_ret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> R
 fn load_ss_for(cpu: &mut Cpu, bus: &mut dyn Bus, sel: u16, cpl: u8) -> Res<()> {
     if sel & !3 == 0 {
         if cpu.efer & ctl::EFER_LMA != 0 && cpl != 3 {
-            cpu.seg[sreg::SS] = Seg {
-                selector: sel,
-                base: 0,
-                limit: 0,
-                attr: ATTR_UNUSABLE | 0x93 | (u32::from(cpl) << 5),
-            };
+            cpu.seg[sreg::SS] =
+                Seg { selector: sel, base: 0, limit: 0, attr: ATTR_UNUSABLE | 0x93 | (u32::from(cpl) << 5) };
             return Ok(());
         }
         return Err(Fault::GeneralProtection(0));
@@ -300,21 +269,14 @@ fn deliver(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, err: Option<u32>, src: Sou
         return Err(Fault::GeneralProtection(idt_err));
     }
     let lo = cpu.read_sys(bus, cpu.idtr_base + off, 8)?;
-    let hi = if long {
-        cpu.read_sys(bus, cpu.idtr_base + off + 8, 8)?
-    } else {
-        0
-    };
+    let hi = if long { cpu.read_sys(bus, cpu.idtr_base + off + 8, 8)? } else { 0 };
     let gtype = ((lo >> 40) & 0xf) as u8;
     let gdpl = ((lo >> 45) & 3) as u8;
     let present = (lo >> 47) & 1 == 1;
     let cpl = cpu.cpl();
     let is_trap = gtype & 1 == 1;
-    let valid = if long {
-        gtype == 0xe || gtype == 0xf
-    } else {
-        gtype == 0xe || gtype == 0xf || gtype == 6 || gtype == 7
-    };
+    let valid =
+        if long { gtype == 0xe || gtype == 0xf } else { gtype == 0xe || gtype == 0xf || gtype == 6 || gtype == 7 };
     if !valid {
         return Err(Fault::GeneralProtection(idt_err));
     }
@@ -329,8 +291,7 @@ fn deliver(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, err: Option<u32>, src: Sou
     if long {
         target |= hi << 32;
     }
-    let (dlo, dhi) =
-        read_desc(cpu, bus, sel).map_err(|_| Fault::GeneralProtection((sel & !3) | ext))?;
+    let (dlo, dhi) = read_desc(cpu, bus, sel).map_err(|_| Fault::GeneralProtection((sel & !3) | ext))?;
     let cs_desc = seg_from_desc(sel, dlo, dhi);
     if cs_desc.attr & 0x18 != 0x18 {
         return Err(Fault::GeneralProtection((sel & !3) | ext));
@@ -428,11 +389,7 @@ pub(crate) fn raise_fault(cpu: &mut Cpu, bus: &mut dyn Bus, f: Fault) -> Result<
         if let Fault::PageFault(addr, _) = cur {
             cpu.cr2 = addr;
         }
-        let src = if matches!(cur, Fault::Breakpoint | Fault::Overflow) {
-            Source::Software
-        } else {
-            Source::Exception
-        };
+        let src = if matches!(cur, Fault::Breakpoint | Fault::Overflow) { Source::Software } else { Source::Exception };
         match deliver(cpu, bus, cur.vector(), cur.error_code(), src) {
             Ok(()) => return Ok(()),
             Err(second) => {
@@ -465,11 +422,7 @@ pub(crate) fn raise_interrupt(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8) -> Resu
 
 /// INT n / INT3 / INTO / INT1: software interrupts. RIP already points past the instruction.
 pub(crate) fn soft_int(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, exception_like: bool) -> Res<()> {
-    let src = if exception_like && vec == 1 {
-        Source::Exception
-    } else {
-        Source::Software
-    };
+    let src = if exception_like && vec == 1 { Source::Exception } else { Source::Software };
     deliver(cpu, bus, vec, None, src)
 }
 
@@ -486,18 +439,8 @@ pub(crate) fn syscall(cpu: &mut Cpu) -> Res<()> {
     } else {
         cpu.rip = cpu.msr.cstar;
     }
-    cpu.seg[sreg::CS] = Seg {
-        selector: sel,
-        base: 0,
-        limit: 0xffff_ffff,
-        attr: 0xa09b,
-    };
-    cpu.seg[sreg::SS] = Seg {
-        selector: sel + 8,
-        base: 0,
-        limit: 0xffff_ffff,
-        attr: 0xc093,
-    };
+    cpu.seg[sreg::CS] = Seg { selector: sel, base: 0, limit: 0xffff_ffff, attr: 0xa09b };
+    cpu.seg[sreg::SS] = Seg { selector: sel + 8, base: 0, limit: 0xffff_ffff, attr: 0xc093 };
     cpu.rflags = (cpu.rflags & !cpu.msr.sfmask & !RF) | 2;
     Ok(())
 }
@@ -517,28 +460,13 @@ pub(crate) fn sysret(cpu: &mut Cpu, insn: &Instruction) -> Res<()> {
         if ((rcx as i64) << 16 >> 16) as u64 != rcx {
             return Err(Fault::GeneralProtection(0));
         }
-        cpu.seg[sreg::CS] = Seg {
-            selector: (base + 16) | 3,
-            base: 0,
-            limit: 0xffff_ffff,
-            attr: 0xa0fb,
-        };
+        cpu.seg[sreg::CS] = Seg { selector: (base + 16) | 3, base: 0, limit: 0xffff_ffff, attr: 0xa0fb };
         cpu.rip = rcx;
     } else {
-        cpu.seg[sreg::CS] = Seg {
-            selector: base | 3,
-            base: 0,
-            limit: 0xffff_ffff,
-            attr: 0xc0fb,
-        };
+        cpu.seg[sreg::CS] = Seg { selector: base | 3, base: 0, limit: 0xffff_ffff, attr: 0xc0fb };
         cpu.rip = cpu.gpr[1] & 0xffff_ffff;
     }
-    cpu.seg[sreg::SS] = Seg {
-        selector: (base + 8) | 3,
-        base: 0,
-        limit: 0xffff_ffff,
-        attr: 0xc0f3,
-    };
+    cpu.seg[sreg::SS] = Seg { selector: (base + 8) | 3, base: 0, limit: 0xffff_ffff, attr: 0xc0f3 };
     let old = cpu.rflags;
     cpu.rflags = (cpu.gpr[11] & 0x3c_7fd7) | 2;
     if old & IF == 0 && cpu.rflags & IF != 0 {

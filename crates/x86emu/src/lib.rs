@@ -107,10 +107,9 @@ impl Fault {
     pub fn error_code(self) -> Option<u32> {
         match self {
             Fault::DoubleFault | Fault::AlignmentCheck => Some(0),
-            Fault::InvalidTss(c)
-            | Fault::SegmentNotPresent(c)
-            | Fault::StackFault(c)
-            | Fault::GeneralProtection(c) => Some(u32::from(c)),
+            Fault::InvalidTss(c) | Fault::SegmentNotPresent(c) | Fault::StackFault(c) | Fault::GeneralProtection(c) => {
+                Some(u32::from(c))
+            }
             Fault::PageFault(_, c) => Some(c),
             _ => None,
         }

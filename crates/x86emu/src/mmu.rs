@@ -43,12 +43,7 @@ pub(crate) struct TlbEntry {
     perm: u8,
 }
 
-const EMPTY: TlbEntry = TlbEntry {
-    tag: 0,
-    host: std::ptr::null_mut(),
-    gpa: 0,
-    perm: 0,
-};
+const EMPTY: TlbEntry = TlbEntry { tag: 0, host: std::ptr::null_mut(), gpa: 0, perm: 0 };
 
 /// Kind of memory access, for permission checks and page-fault error codes.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -75,12 +70,7 @@ impl Mmu {
             page_base.push(pages);
             pages += (r.size / 4096) as usize;
         }
-        Mmu {
-            ram,
-            page_base,
-            tlb: vec![EMPTY; TLB_SIZE].into_boxed_slice(),
-            code_gen: vec![0; pages],
-        }
+        Mmu { ram, page_base, tlb: vec![EMPTY; TLB_SIZE].into_boxed_slice(), code_gen: vec![0; pages] }
     }
 
     /// Host pointer and global page index for a GPA in RAM.
@@ -193,12 +183,7 @@ impl Cpu {
                 perm &= !P_WRITE;
             }
         }
-        let e = TlbEntry {
-            tag: page | TLB_VALID,
-            host,
-            gpa: gpa_page,
-            perm,
-        };
+        let e = TlbEntry { tag: page | TLB_VALID, host, gpa: gpa_page, perm };
         let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
         self.mmu.tlb[idx] = e;
         Ok(e)
@@ -276,11 +261,7 @@ impl Cpu {
                 self.mmu.write_phys_u64(pte_addr, pte);
             }
             let page_mask: u64 = (1u64 << shift) - 1;
-            let base = if level == 1 {
-                pte & ADDR
-            } else {
-                pte & ADDR & !page_mask
-            };
+            let base = if level == 1 { pte & ADDR } else { pte & ADDR & !page_mask };
             let gpa = base | (la & page_mask & !0xfff);
             let mut perm = P_READ;
             if u {
@@ -304,9 +285,7 @@ impl Cpu {
         let la = la & 0xffff_ffff;
         let nxe = self.efer & ctl::EFER_NXE != 0;
         const ADDR: u64 = 0x000f_ffff_ffff_f000;
-        let pdpte = self
-            .mmu
-            .read_phys_u64((self.cr3 & 0xffff_ffe0) + ((la >> 30) & 3) * 8);
+        let pdpte = self.mmu.read_phys_u64((self.cr3 & 0xffff_ffe0) + ((la >> 30) & 3) * 8);
         if pdpte & 1 == 0 {
             return Err(self.pf(la, acc, user, false));
         }
@@ -365,11 +344,7 @@ impl Cpu {
         }
         let (mut w, mut u) = (pde & 2 != 0, pde & 4 != 0);
         let (gpa, pte_addr, pte) = if pde & 0x80 != 0 && self.cr4 & ctl::CR4_PSE != 0 {
-            (
-                u64::from(pde & 0xffc0_0000) | (la & 0x003f_f000),
-                pde_addr,
-                pde,
-            )
+            (u64::from(pde & 0xffc0_0000) | (la & 0x003f_f000), pde_addr, pde)
         } else {
             let pte_addr = u64::from(pde & 0xffff_f000) + ((la >> 12) & 0x3ff) * 4;
             let pte = self.read_phys_u32(pte_addr);
@@ -431,13 +406,7 @@ impl Cpu {
 
     /// Reads `size` (1, 2, 4, 8) bytes at linear address `la`.
     #[inline]
-    pub(crate) fn read_la(
-        &mut self,
-        bus: &mut dyn Bus,
-        la: u64,
-        size: usize,
-        user: bool,
-    ) -> Res<u64> {
+    pub(crate) fn read_la(&mut self, bus: &mut dyn Bus, la: u64, size: usize, user: bool) -> Res<u64> {
         let off = (la & 0xfff) as usize;
         if off + size > 4096 {
             return self.read_split(bus, la, size, user);
@@ -474,14 +443,7 @@ impl Cpu {
 
     /// Writes `size` (1, 2, 4, 8) bytes at linear address `la`.
     #[inline]
-    pub(crate) fn write_la(
-        &mut self,
-        bus: &mut dyn Bus,
-        la: u64,
-        size: usize,
-        val: u64,
-        user: bool,
-    ) -> Res<()> {
+    pub(crate) fn write_la(&mut self, bus: &mut dyn Bus, la: u64, size: usize, val: u64, user: bool) -> Res<()> {
         let off = (la & 0xfff) as usize;
         if off + size > 4096 {
             return self.write_split(bus, la, size, val, user);
@@ -524,14 +486,7 @@ impl Cpu {
     }
 
     #[cold]
-    fn write_split(
-        &mut self,
-        bus: &mut dyn Bus,
-        la: u64,
-        size: usize,
-        val: u64,
-        user: bool,
-    ) -> Res<()> {
+    fn write_split(&mut self, bus: &mut dyn Bus, la: u64, size: usize, val: u64, user: bool) -> Res<()> {
         self.write_slow_entry(la, user)?;
         self.write_slow_entry(la.wrapping_add(size as u64 - 1), user)?;
         for i in 0..size {
@@ -552,12 +507,7 @@ impl Cpu {
 
     /// Fetches up to 15 instruction bytes at linear `la` into `buf`; returns how many were
     /// readable (at least 1 or a fault) and the GPA of the first byte (None if MMIO).
-    pub(crate) fn fetch(
-        &mut self,
-        la: u64,
-        buf: &mut [u8; 16],
-        user: bool,
-    ) -> Res<(usize, Option<(u64, usize)>)> {
+    pub(crate) fn fetch(&mut self, la: u64, buf: &mut [u8; 16], user: bool) -> Res<(usize, Option<(u64, usize)>)> {
         let e = self.tlb_get(la, Access::Exec, user)?;
         let off = (la & 0xfff) as usize;
         let first = (4096 - off).min(15);
@@ -566,24 +516,14 @@ impl Cpu {
         }
         // SAFETY: off + first <= 4096 within a mapped RAM page.
         unsafe { std::ptr::copy_nonoverlapping(e.host.add(off), buf.as_mut_ptr(), first) };
-        let page = self
-            .mmu
-            .ram_lookup(e.gpa)
-            .map(|(_, i)| i)
-            .unwrap_or(usize::MAX);
+        let page = self.mmu.ram_lookup(e.gpa).map(|(_, i)| i).unwrap_or(usize::MAX);
         let mut n = first;
         if first < 15 {
             // The instruction may cross into the next page; fetch it only if mapped.
             if let Ok(e2) = self.tlb_get(la.wrapping_add(first as u64), Access::Exec, user) {
                 if !e2.host.is_null() {
                     // SAFETY: copies 15 - first bytes from the start of a mapped RAM page.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            e2.host,
-                            buf.as_mut_ptr().add(first),
-                            15 - first,
-                        )
-                    };
+                    unsafe { std::ptr::copy_nonoverlapping(e2.host, buf.as_mut_ptr().add(first), 15 - first) };
                     n = 15;
                 }
             }
@@ -635,11 +575,7 @@ mod tests {
     }
 
     fn cpu_with_ram(ram: &mut Vec<u8>) -> Cpu {
-        let r = RamRegion {
-            gpa: 0,
-            size: ram.len() as u64,
-            host: ram.as_mut_ptr(),
-        };
+        let r = RamRegion { gpa: 0, size: ram.len() as u64, host: ram.as_mut_ptr() };
         let mut c = Cpu::new(vec![r], CpuConfig::default());
         c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP;
         c.cr4 = ctl::CR4_PAE;
@@ -665,12 +601,8 @@ mod tests {
         put(&mut ram, 0x4000, 0x8000 | 3);
         let mut c = cpu_with_ram(&mut ram);
         let mut bus = NoBus;
-        c.write_la(&mut bus, 0x40_0010, 8, 0x1122_3344_5566_7788, false)
-            .unwrap();
-        assert_eq!(
-            c.read_la(&mut bus, 0x40_0010, 8, false).unwrap(),
-            0x1122_3344_5566_7788
-        );
+        c.write_la(&mut bus, 0x40_0010, 8, 0x1122_3344_5566_7788, false).unwrap();
+        assert_eq!(c.read_la(&mut bus, 0x40_0010, 8, false).unwrap(), 0x1122_3344_5566_7788);
         drop(c);
         assert_eq!(get(&ram, 0x8010), 0x1122_3344_5566_7788);
         assert_eq!(get(&ram, 0x4000) & 0x60, 0x60, "A and D set on the PTE");
@@ -688,31 +620,16 @@ mod tests {
         let mut c = cpu_with_ram(&mut ram);
         let mut bus = NoBus;
         // not present
-        assert_eq!(
-            c.read_la(&mut bus, 0x2000, 4, false),
-            Err(Fault::PageFault(0x2000, 0))
-        );
+        assert_eq!(c.read_la(&mut bus, 0x2000, 4, false), Err(Fault::PageFault(0x2000, 0)));
         // write to read-only with WP
-        assert_eq!(
-            c.write_la(&mut bus, 0x10, 4, 0, false),
-            Err(Fault::PageFault(0x10, 3))
-        );
+        assert_eq!(c.write_la(&mut bus, 0x10, 4, 0, false), Err(Fault::PageFault(0x10, 3)));
         // user read of supervisor page
-        assert_eq!(
-            c.read_la(&mut bus, 0x10, 4, true),
-            Err(Fault::PageFault(0x10, 5))
-        );
+        assert_eq!(c.read_la(&mut bus, 0x10, 4, true), Err(Fault::PageFault(0x10, 5)));
         // instruction fetch from NX page
         let mut buf = [0u8; 16];
-        assert_eq!(
-            c.fetch(0x1000, &mut buf, false).err(),
-            Some(Fault::PageFault(0x1000, 0x11))
-        );
+        assert_eq!(c.fetch(0x1000, &mut buf, false).err(), Some(Fault::PageFault(0x1000, 0x11)));
         // non-canonical
-        assert_eq!(
-            c.read_la(&mut bus, 0x0000_8000_0000_0000, 8, false),
-            Err(Fault::GeneralProtection(0))
-        );
+        assert_eq!(c.read_la(&mut bus, 0x0000_8000_0000_0000, 8, false), Err(Fault::GeneralProtection(0)));
     }
 
     #[test]
@@ -724,12 +641,8 @@ mod tests {
         put(&mut ram, 0x3008, 0x40_0000 | 0x83); // la 2M..4M -> 4M..6M
         let mut c = cpu_with_ram(&mut ram);
         let mut bus = NoBus;
-        c.write_la(&mut bus, 0x1f_fffc, 8, 0x0102_0304_0506_0708, false)
-            .unwrap();
-        assert_eq!(
-            c.read_la(&mut bus, 0x1f_fffc, 8, false).unwrap(),
-            0x0102_0304_0506_0708
-        );
+        c.write_la(&mut bus, 0x1f_fffc, 8, 0x0102_0304_0506_0708, false).unwrap();
+        assert_eq!(c.read_la(&mut bus, 0x1f_fffc, 8, false).unwrap(), 0x0102_0304_0506_0708);
         drop(c);
         assert_eq!(&ram[0x3f_fffc..0x40_0000], &[8, 7, 6, 5]);
         assert_eq!(&ram[0x40_0000..0x40_0004], &[4, 3, 2, 1]);

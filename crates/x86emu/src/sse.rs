@@ -220,46 +220,10 @@ host_fp_ops! {
     Cmpsd6 = "cmpsd xmm0, xmm1, 6 /* {g} */", Cmpsd7 = "cmpsd xmm0, xmm1, 7 /* {g} */",
 }
 
-const CMPPS: [F; 8] = [
-    F::Cmpps0,
-    F::Cmpps1,
-    F::Cmpps2,
-    F::Cmpps3,
-    F::Cmpps4,
-    F::Cmpps5,
-    F::Cmpps6,
-    F::Cmpps7,
-];
-const CMPSS: [F; 8] = [
-    F::Cmpss0,
-    F::Cmpss1,
-    F::Cmpss2,
-    F::Cmpss3,
-    F::Cmpss4,
-    F::Cmpss5,
-    F::Cmpss6,
-    F::Cmpss7,
-];
-const CMPPD: [F; 8] = [
-    F::Cmppd0,
-    F::Cmppd1,
-    F::Cmppd2,
-    F::Cmppd3,
-    F::Cmppd4,
-    F::Cmppd5,
-    F::Cmppd6,
-    F::Cmppd7,
-];
-const CMPSD: [F; 8] = [
-    F::Cmpsd0,
-    F::Cmpsd1,
-    F::Cmpsd2,
-    F::Cmpsd3,
-    F::Cmpsd4,
-    F::Cmpsd5,
-    F::Cmpsd6,
-    F::Cmpsd7,
-];
+const CMPPS: [F; 8] = [F::Cmpps0, F::Cmpps1, F::Cmpps2, F::Cmpps3, F::Cmpps4, F::Cmpps5, F::Cmpps6, F::Cmpps7];
+const CMPSS: [F; 8] = [F::Cmpss0, F::Cmpss1, F::Cmpss2, F::Cmpss3, F::Cmpss4, F::Cmpss5, F::Cmpss6, F::Cmpss7];
+const CMPPD: [F; 8] = [F::Cmppd0, F::Cmppd1, F::Cmppd2, F::Cmppd3, F::Cmppd4, F::Cmppd5, F::Cmppd6, F::Cmppd7];
+const CMPSD: [F; 8] = [F::Cmpsd0, F::Cmpsd1, F::Cmpsd2, F::Cmpsd3, F::Cmpsd4, F::Cmpsd5, F::Cmpsd6, F::Cmpsd7];
 
 /// The fault for an unmasked SIMD floating-point exception (SDM Vol. 3 §6.15, #XM).
 fn simd_fault(cpu: &Cpu) -> Fault {
@@ -276,13 +240,7 @@ fn simd_fault(cpu: &Cpu) -> Fault {
 fn fp(cpu: &mut Cpu, op: F, a: u128, b: u128, g: u64) -> Res<(u128, u64, u64)> {
     let guest = cpu.fpu.mxcsr;
     // Clear the flags so only this operation's show, and mask every exception.
-    let mut io = Io {
-        a,
-        b,
-        csr: (guest & MXCSR_MASK & !0x3f) | 0x1f80,
-        host_csr: 0,
-        fl: 2,
-    };
+    let mut io = Io { a, b, csr: (guest & MXCSR_MASK & !0x3f) | 0x1f80, host_csr: 0, fl: 2 };
     let g = host_fp(op, &mut io, g);
     let raised = io.csr & 0x3f;
     cpu.fpu.mxcsr |= raised;
@@ -384,14 +342,7 @@ fn read_mem(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, size: usize, aligned: boo
 }
 
 /// Writes `size` bytes (1, 2, 4, 8 or 16) of memory; see [`read_mem`] for `aligned`.
-fn write_mem(
-    cpu: &mut Cpu,
-    bus: &mut dyn Bus,
-    la: u64,
-    size: usize,
-    v: u128,
-    aligned: bool,
-) -> Res<()> {
+fn write_mem(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, size: usize, v: u128, aligned: bool) -> Res<()> {
     if size == 16 {
         if aligned && la & 15 != 0 {
             return Err(Fault::GeneralProtection(0));
@@ -402,12 +353,7 @@ fn write_mem(
         let hi = la_add(cpu, la, 8);
         return cpu.wmem(bus, hi, 8, (v >> 64) as u64);
     }
-    cpu.wmem(
-        bus,
-        la,
-        size.clamp(1, 8),
-        v as u64 & crate::regs::mask(size),
-    )
+    cpu.wmem(bus, la, size.clamp(1, 8), v as u64 & crate::regs::mask(size))
 }
 
 /// Reads a source operand. Memory reads the instruction's memory-operand size.
@@ -440,23 +386,17 @@ fn lane(v: u128, bits: u32, i: u32) -> u128 {
 }
 
 fn pshufd(src: u128, imm: u8) -> u128 {
-    (0..4).fold(0, |r, i| {
-        r | (lane(src, 32, u32::from(imm >> (2 * i)) & 3) << (32 * i))
-    })
+    (0..4).fold(0, |r, i| r | (lane(src, 32, u32::from(imm >> (2 * i)) & 3) << (32 * i)))
 }
 
 /// PSHUFLW on the low four words; the high 64 bits come from `src` unchanged.
 fn pshuflw(src: u128, imm: u8) -> u128 {
-    let lo = (0..4).fold(0, |r, i| {
-        r | (lane(src, 16, u32::from(imm >> (2 * i)) & 3) << (16 * i))
-    });
+    let lo = (0..4).fold(0, |r, i| r | (lane(src, 16, u32::from(imm >> (2 * i)) & 3) << (16 * i)));
     (src & !(u128::from(u64::MAX))) | lo
 }
 
 fn pshufhw(src: u128, imm: u8) -> u128 {
-    let hi = (0..4).fold(0, |r, i| {
-        r | (lane(src, 16, 4 + (u32::from(imm >> (2 * i)) & 3)) << (16 * (4 + i)))
-    });
+    let hi = (0..4).fold(0, |r, i| r | (lane(src, 16, 4 + (u32::from(imm >> (2 * i)) & 3)) << (16 * (4 + i))));
     (src & u128::from(u64::MAX)) | hi
 }
 
@@ -474,9 +414,7 @@ fn shufpd(dst: u128, src: u128, imm: u8) -> u128 {
 
 /// MOVMSKPS/MOVMSKPD/PMOVMSKB: the sign bit of each `bits`-wide lane of the low `n` lanes.
 fn movmsk(v: u128, bits: u32, n: u32) -> u64 {
-    (0..n).fold(0, |r, i| {
-        r | ((((v >> (bits * i + bits - 1)) & 1) as u64) << i)
-    })
+    (0..n).fold(0, |r, i| r | ((((v >> (bits * i + bits - 1)) & 1) as u64) << i))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -668,9 +606,7 @@ fn classify(insn: &Instruction, has_m: bool) -> Option<Op> {
     let m = insn.mnemonic();
     let imm1 = insn.op1_kind() == OpKind::Immediate8;
     Some(match m {
-        M::Movdqa | M::Movaps | M::Movapd | M::Movntdq | M::Movntps | M::Movntpd => {
-            Op::Mov128 { aligned: true }
-        }
+        M::Movdqa | M::Movaps | M::Movapd | M::Movntdq | M::Movntps | M::Movntpd => Op::Mov128 { aligned: true },
         M::Movdqu | M::Movups | M::Movupd => Op::Mov128 { aligned: false },
         M::Movd | M::Movq => Op::MovDQ,
         M::Movss => Op::MovScalar(4),
@@ -689,9 +625,7 @@ fn classify(insn: &Instruction, has_m: bool) -> Option<Op> {
         M::Movntq => Op::Movntq,
         M::Pslldq => Op::ByteShift(true),
         M::Psrldq => Op::ByteShift(false),
-        M::Psllw | M::Pslld | M::Psllq | M::Psrlw | M::Psrld | M::Psrlq | M::Psraw | M::Psrad
-            if imm1 =>
-        {
+        M::Psllw | M::Pslld | M::Psllq | M::Psrlw | M::Psrld | M::Psrlq | M::Psraw | M::Psrad if imm1 => {
             Op::ShiftImm(int_op(m)?)
         }
         M::Pshufd => Op::Pshufd,
@@ -836,11 +770,7 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
 
 fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) -> Res<()> {
     let d = opnd(cpu, insn, 0);
-    let s = if insn.op_count() > 1 {
-        opnd(cpu, insn, 1)
-    } else {
-        V::Imm(0)
-    };
+    let s = if insn.op_count() > 1 { opnd(cpu, insn, 1) } else { V::Imm(0) };
     let imm = |k: u32| insn.immediate(k) as u8;
     match op {
         Op::Mov128 { aligned } => {
@@ -886,14 +816,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
                 let v = read_mem(cpu, bus, la, 8, false)?;
                 cpu.fpu.xmm[i] = (cpu.fpu.xmm[i] & !u128::from(u64::MAX)) | v;
             }
-            (V::Mem(la), V::X(i)) => write_mem(
-                cpu,
-                bus,
-                la,
-                8,
-                cpu.fpu.xmm[i] & u128::from(u64::MAX),
-                false,
-            )?,
+            (V::Mem(la), V::X(i)) => write_mem(cpu, bus, la, 8, cpu.fpu.xmm[i] & u128::from(u64::MAX), false)?,
             _ => return Err(Fault::InvalidOpcode),
         },
         Op::Movhlps | Op::Movlhps => {
@@ -902,11 +825,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
             };
             let (dv, sv) = (cpu.fpu.xmm[i], cpu.fpu.xmm[j]);
             let lo = u128::from(u64::MAX);
-            cpu.fpu.xmm[i] = if matches!(op, Op::Movhlps) {
-                (dv & !lo) | (sv >> 64)
-            } else {
-                (dv & lo) | (sv << 64)
-            };
+            cpu.fpu.xmm[i] = if matches!(op, Op::Movhlps) { (dv & !lo) | (sv >> 64) } else { (dv & lo) | (sv << 64) };
         }
         Op::Movmsk(bits) => {
             let v = read(cpu, bus, insn, s, false)?;
@@ -998,11 +917,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
         Op::Shufps | Op::Shufpd => {
             let a = read(cpu, bus, insn, d, false)?;
             let b = read(cpu, bus, insn, s, true)?;
-            let r = if matches!(op, Op::Shufps) {
-                shufps(a, b, imm(2))
-            } else {
-                shufpd(a, b, imm(2))
-            };
+            let r = if matches!(op, Op::Shufps) { shufps(a, b, imm(2)) } else { shufpd(a, b, imm(2)) };
             write_reg(cpu, d, r);
         }
         Op::Pextrw => {
@@ -1014,11 +929,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
             let a = read(cpu, bus, insn, d, false)?;
             let w = read(cpu, bus, insn, s, false)? & 0xffff;
             let sel = u32::from(imm(2)) & if mmx { 3 } else { 7 };
-            write_reg(
-                cpu,
-                d,
-                (a & !(0xffffu128 << (16 * sel))) | (w << (16 * sel)),
-            );
+            write_reg(cpu, d, (a & !(0xffffu128 << (16 * sel))) | (w << (16 * sel)));
         }
         Op::Fp(f) => {
             let a = read(cpu, bus, insn, d, false)?;

@@ -36,8 +36,7 @@ pub(crate) fn write_cr_dr(cpu: &mut Cpu, r: Register, v: u64) -> SRes<()> {
         }
         Register::CR4 => {
             // Reject bits for features we do not advertise (VMXE, SMXE, PKE, CET, ...).
-            const OK: u64 =
-                0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400;
+            const OK: u64 = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400;
             if v & !OK != 0 {
                 return Err(Fault::GeneralProtection(0).into());
             }
@@ -211,9 +210,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
         }
         M::Rdmsr => {
             need_cpl0(cpu)?;
-            let v = cpu
-                .read_msr(bus, cpu.gpr[1] as u32)
-                .ok_or(Fault::GeneralProtection(0))?;
+            let v = cpu.read_msr(bus, cpu.gpr[1] as u32).ok_or(Fault::GeneralProtection(0))?;
             cpu.gpr[0] = v & 0xffff_ffff;
             cpu.gpr[2] = v >> 32;
             Ok(())
@@ -263,12 +260,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
                 if insn.mnemonic() == M::Ltr {
                     return Err(Fault::GeneralProtection(0).into());
                 }
-                cpu.ldtr = crate::cpu::Seg {
-                    selector: sel,
-                    base: 0,
-                    limit: 0,
-                    attr: 1 << 16,
-                };
+                cpu.ldtr = crate::cpu::Seg { selector: sel, base: 0, limit: 0, attr: 1 << 16 };
                 return Ok(());
             }
             let (lo, hi) = read_desc(cpu, bus, sel)?;
@@ -298,11 +290,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
                 M::Str => u64::from(cpu.tr.selector),
                 _ => cpu.cr0 & 0xffff,
             };
-            let size = if insn.op0_kind() == OpKind::Register {
-                insn.op0_register().size()
-            } else {
-                2
-            };
+            let size = if insn.op0_kind() == OpKind::Register { insn.op0_register().size() } else { 2 };
             let l = cpu.loc(insn, 0);
             cpu.wr(bus, l, size, v)?;
             Ok(())
@@ -379,10 +367,5 @@ fn unsupported(cpu: &mut Cpu, insn: &Instruction) -> SRes<()> {
     if cpu.cpl() == 3 {
         return Err(Fault::InvalidOpcode.into());
     }
-    Err(Stop::Exit(Exit::Unsupported(format!(
-        "{:?} ({:?}) at {:#x}",
-        insn.mnemonic(),
-        insn.code(),
-        insn.ip()
-    ))))
+    Err(Stop::Exit(Exit::Unsupported(format!("{:?} ({:?}) at {:#x}", insn.mnemonic(), insn.code(), insn.ip()))))
 }

@@ -96,13 +96,7 @@ pub(crate) enum Uop {
     /// LEA r64, m.
     Lea { d: u8, m: MemOp },
     /// ADD/OR/AND/SUB/XOR r, src (write = false for CMP/TEST).
-    Alu {
-        op: Op2,
-        d: u8,
-        s: Src,
-        sz: u8,
-        write: bool,
-    },
+    Alu { op: Op2, d: u8, s: Src, sz: u8, write: bool },
     /// ALU m, r32/64 or imm (any size); write = false for CMP/TEST.
     AluM { op: Op2, m: MemOp, s: Src, sz: u8, write: bool },
     /// ADC/SBB/IMUL r32/64, src (operations whose flags go through the host with the
@@ -117,13 +111,7 @@ pub(crate) enum Uop {
     /// MOVZX/MOVSX r32/64, r8/r16 (low-byte registers only).
     MovXR { d: u8, s: u8, ssz: u8, dsz: u8, signed: bool },
     /// MOVZX/MOVSX r32/64, m8/m16.
-    MovX {
-        d: u8,
-        m: MemOp,
-        ssz: u8,
-        dsz: u8,
-        signed: bool,
-    },
+    MovX { d: u8, m: MemOp, ssz: u8, dsz: u8, signed: bool },
     /// INC/DEC r32/64.
     IncDec { d: u8, sz: u8, dec: bool },
     /// SHL/SHR/SAR/ROL/ROR r32/64, imm8.
@@ -191,11 +179,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             if k0 == OpKind::Register {
                 let r0 = insn.op0_register();
                 let sz = r0.size();
-                Uop::MovR {
-                    d: gpr(r0, sz)?,
-                    s: src(insn, 1, sz)?,
-                    sz: sz as u8,
-                }
+                Uop::MovR { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
             } else if k0 == OpKind::Memory {
                 let sz = insn.memory_size().size();
                 if sz != 4 && sz != 8 {
@@ -205,11 +189,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 if let Src::Mem(_) = s {
                     return None;
                 }
-                Uop::MovM {
-                    m: MemOp::from(insn)?,
-                    s,
-                    sz: sz as u8,
-                }
+                Uop::MovM { m: MemOp::from(insn)?, s, sz: sz as u8 }
             } else {
                 return None;
             }
@@ -219,12 +199,15 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             if !r0.is_gpr64() {
                 return None;
             }
-            Uop::Lea {
-                d: gpr(r0, 8)?,
-                m: MemOp::from(insn)?,
-            }
+            Uop::Lea { d: gpr(r0, 8)?, m: MemOp::from(insn)? }
         }
-        Mnemonic::Cmp | Mnemonic::Test | Mnemonic::Add | Mnemonic::Sub | Mnemonic::And | Mnemonic::Or | Mnemonic::Xor
+        Mnemonic::Cmp
+        | Mnemonic::Test
+        | Mnemonic::Add
+        | Mnemonic::Sub
+        | Mnemonic::And
+        | Mnemonic::Or
+        | Mnemonic::Xor
             if k0 == OpKind::Memory =>
         {
             let sz = insn.memory_size().size();
@@ -260,16 +243,42 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             let sz = r0.size();
             Uop::Imul3 { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, imm: insn.immediate(2) & mask(sz), sz: sz as u8 }
         }
-        Mnemonic::Sete | Mnemonic::Setne | Mnemonic::Seto | Mnemonic::Setno | Mnemonic::Setb | Mnemonic::Setae
-        | Mnemonic::Setbe | Mnemonic::Seta | Mnemonic::Sets | Mnemonic::Setns | Mnemonic::Setp | Mnemonic::Setnp
-        | Mnemonic::Setl | Mnemonic::Setge | Mnemonic::Setle | Mnemonic::Setg
+        Mnemonic::Sete
+        | Mnemonic::Setne
+        | Mnemonic::Seto
+        | Mnemonic::Setno
+        | Mnemonic::Setb
+        | Mnemonic::Setae
+        | Mnemonic::Setbe
+        | Mnemonic::Seta
+        | Mnemonic::Sets
+        | Mnemonic::Setns
+        | Mnemonic::Setp
+        | Mnemonic::Setnp
+        | Mnemonic::Setl
+        | Mnemonic::Setge
+        | Mnemonic::Setle
+        | Mnemonic::Setg
             if k0 == OpKind::Register =>
         {
             Uop::Setcc { cc: insn.condition_code(), d: low8(insn.op0_register())? }
         }
-        Mnemonic::Cmove | Mnemonic::Cmovne | Mnemonic::Cmovo | Mnemonic::Cmovno | Mnemonic::Cmovb | Mnemonic::Cmovae
-        | Mnemonic::Cmovbe | Mnemonic::Cmova | Mnemonic::Cmovs | Mnemonic::Cmovns | Mnemonic::Cmovp | Mnemonic::Cmovnp
-        | Mnemonic::Cmovl | Mnemonic::Cmovge | Mnemonic::Cmovle | Mnemonic::Cmovg => {
+        Mnemonic::Cmove
+        | Mnemonic::Cmovne
+        | Mnemonic::Cmovo
+        | Mnemonic::Cmovno
+        | Mnemonic::Cmovb
+        | Mnemonic::Cmovae
+        | Mnemonic::Cmovbe
+        | Mnemonic::Cmova
+        | Mnemonic::Cmovs
+        | Mnemonic::Cmovns
+        | Mnemonic::Cmovp
+        | Mnemonic::Cmovnp
+        | Mnemonic::Cmovl
+        | Mnemonic::Cmovge
+        | Mnemonic::Cmovle
+        | Mnemonic::Cmovg => {
             let r0 = insn.op0_register();
             let sz = r0.size();
             Uop::Cmov { cc: insn.condition_code(), d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
@@ -279,12 +288,16 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             let r1 = insn.op1_register();
             let dsz = r0.size();
             let ssz = r1.size();
-            let s = if ssz == 1 { low8(r1)? } else if r1.is_gpr16() { r1.number() as u8 } else { return None };
+            let s = if ssz == 1 {
+                low8(r1)?
+            } else if r1.is_gpr16() {
+                r1.number() as u8
+            } else {
+                return None;
+            };
             Uop::MovXR { d: gpr(r0, dsz)?, s, ssz: ssz as u8, dsz: dsz as u8, signed: m == Mnemonic::Movsx }
         }
-        Mnemonic::Movzx | Mnemonic::Movsx
-            if k0 == OpKind::Register && insn.op1_kind() == OpKind::Memory =>
-        {
+        Mnemonic::Movzx | Mnemonic::Movsx if k0 == OpKind::Register && insn.op1_kind() == OpKind::Memory => {
             let r0 = insn.op0_register();
             let dsz = r0.size();
             Uop::MovX {
@@ -298,16 +311,10 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         Mnemonic::Inc | Mnemonic::Dec if k0 == OpKind::Register => {
             let r0 = insn.op0_register();
             let sz = r0.size();
-            Uop::IncDec {
-                d: gpr(r0, sz)?,
-                sz: sz as u8,
-                dec: m == Mnemonic::Dec,
-            }
+            Uop::IncDec { d: gpr(r0, sz)?, sz: sz as u8, dec: m == Mnemonic::Dec }
         }
         Mnemonic::Shl | Mnemonic::Shr | Mnemonic::Sar | Mnemonic::Rol | Mnemonic::Ror
-            if k0 == OpKind::Register
-                && insn.op_count() == 2
-                && insn.op1_kind() == OpKind::Immediate8 =>
+            if k0 == OpKind::Register && insn.op_count() == 2 && insn.op1_kind() == OpKind::Immediate8 =>
         {
             let r0 = insn.op0_register();
             let sz = r0.size();
@@ -318,12 +325,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 Mnemonic::Rol => Op2::Rol,
                 _ => Op2::Ror,
             };
-            Uop::Shift {
-                op,
-                d: gpr(r0, sz)?,
-                c: insn.immediate8(),
-                sz: sz as u8,
-            }
+            Uop::Shift { op, d: gpr(r0, sz)?, c: insn.immediate8(), sz: sz as u8 }
         }
         Mnemonic::Nop | Mnemonic::Pause => Uop::Nop,
         Mnemonic::Add
@@ -349,13 +351,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 Mnemonic::Cmp => (Op2::Sub, false),
                 _ => (Op2::And, false),
             };
-            Uop::Alu {
-                op,
-                d,
-                s,
-                sz: sz as u8,
-                write,
-            }
+            Uop::Alu { op, d, s, sz: sz as u8, write }
         }
         Mnemonic::Jo
         | Mnemonic::Jno
@@ -376,24 +372,17 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             if k0 != OpKind::NearBranch64 {
                 return None;
             }
-            Uop::Jcc {
-                cc: insn.condition_code(),
-                target: insn.near_branch_target(),
-            }
+            Uop::Jcc { cc: insn.condition_code(), target: insn.near_branch_target() }
         }
-        Mnemonic::Jmp if k0 == OpKind::NearBranch64 => Uop::Jmp {
-            target: insn.near_branch_target(),
-        },
-        Mnemonic::Call if k0 == OpKind::NearBranch64 => Uop::Call {
-            target: insn.near_branch_target(),
-        },
+        Mnemonic::Jmp if k0 == OpKind::NearBranch64 => Uop::Jmp { target: insn.near_branch_target() },
+        Mnemonic::Call if k0 == OpKind::NearBranch64 => Uop::Call { target: insn.near_branch_target() },
         Mnemonic::Ret if insn.op_count() == 0 && insn.code() == iced_x86::Code::Retnq => Uop::Ret,
-        Mnemonic::Push if k0 == OpKind::Register && insn.op0_register().is_gpr64() => Uop::Push {
-            r: insn.op0_register().number() as u8,
-        },
-        Mnemonic::Pop if k0 == OpKind::Register && insn.op0_register().is_gpr64() => Uop::Pop {
-            r: insn.op0_register().number() as u8,
-        },
+        Mnemonic::Push if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
+            Uop::Push { r: insn.op0_register().number() as u8 }
+        }
+        Mnemonic::Pop if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
+            Uop::Pop { r: insn.op0_register().number() as u8 }
+        }
         _ => return None,
     })
 }
@@ -441,13 +430,7 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             }
             cpu.gpr[d as usize] = a;
         }
-        Uop::Alu {
-            op,
-            d,
-            s,
-            sz,
-            write,
-        } => {
+        Uop::Alu { op, d, s, sz, write } => {
             let b = read_src(cpu, bus, s, sz)?;
             let a = cpu.gpr[d as usize] & mask(sz as usize);
             let (r, f) = alu::arith(op, sz as usize, a, b, cpu.rflags);
@@ -499,21 +482,11 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             let v = if signed { crate::regs::sext(v, ssz as usize) } else { v };
             set(cpu, d, v & mask(dsz as usize), dsz);
         }
-        Uop::MovX {
-            d,
-            m,
-            ssz,
-            dsz,
-            signed,
-        } => {
+        Uop::MovX { d, m, ssz, dsz, signed } => {
             let la = m.la(cpu);
             let u = cpu.user();
             let v = cpu.read_la(bus, la, ssz as usize, u)?;
-            let v = if signed {
-                crate::regs::sext(v, ssz as usize)
-            } else {
-                v
-            };
+            let v = if signed { crate::regs::sext(v, ssz as usize) } else { v };
             set(cpu, d, v & mask(dsz as usize), dsz);
         }
         Uop::IncDec { d, sz, dec } => {

@@ -44,13 +44,7 @@ fn put_scratch(st: &mut State, off: usize, bytes: &[u8]) {
     st.scratch[off..off + bytes.len()].copy_from_slice(bytes);
 }
 
-fn run_all(
-    seed: u64,
-    what: &str,
-    forms: Vec<Form>,
-    n: usize,
-    setup: impl Fn(&mut State, &mut Rng, u64),
-) {
+fn run_all(seed: u64, what: &str, forms: Vec<Form>, n: usize, setup: impl Fn(&mut State, &mut Rng, u64)) {
     let mut c = Checker::new(seed);
     for f in &forms {
         c.check(f, n * SCALE, &setup);
@@ -69,18 +63,10 @@ const IMM32: [i32; 6] = [0, 1, -1, i32::MAX, i32::MIN, 0x1234_5678];
 macro_rules! bin_rm_forms {
     ($f:ident, $op:ident) => {{
         let n = stringify!($op);
-        $f.push(Form::new(format!("{n} cl,m8"), |a| {
-            a.$op(cl, byte_ptr(r12 + 1))
-        }));
-        $f.push(Form::new(format!("{n} r9w,m16"), |a| {
-            a.$op(r9w, word_ptr(r12 + 1))
-        }));
-        $f.push(Form::new(format!("{n} ecx,m32"), |a| {
-            a.$op(ecx, dword_ptr(r12 - 3))
-        }));
-        $f.push(Form::new(format!("{n} rcx,m64"), |a| {
-            a.$op(rcx, qword_ptr(r12 + 8))
-        }));
+        $f.push(Form::new(format!("{n} cl,m8"), |a| a.$op(cl, byte_ptr(r12 + 1))));
+        $f.push(Form::new(format!("{n} r9w,m16"), |a| a.$op(r9w, word_ptr(r12 + 1))));
+        $f.push(Form::new(format!("{n} ecx,m32"), |a| a.$op(ecx, dword_ptr(r12 - 3))));
+        $f.push(Form::new(format!("{n} rcx,m64"), |a| a.$op(rcx, qword_ptr(r12 + 8))));
         bin_forms!($f, $op);
     }};
 }
@@ -100,42 +86,26 @@ macro_rules! bin_forms {
         for (d, s) in P64 {
             $f.push(Form::new(format!("{n} {d:?},{s:?}"), move |a| a.$op(d, s)));
         }
-        $f.push(Form::new(format!("{n} m8,cl"), |a| {
-            a.$op(byte_ptr(r12 + 1), cl)
-        }));
-        $f.push(Form::new(format!("{n} m16,cx"), |a| {
-            a.$op(word_ptr(r12 + 1), cx)
-        }));
-        $f.push(Form::new(format!("{n} m32,ecx"), |a| {
-            a.$op(dword_ptr(r12 - 3), ecx)
-        }));
-        $f.push(Form::new(format!("{n} m64,rcx"), |a| {
-            a.$op(qword_ptr(r12 + 8), rcx)
-        }));
+        $f.push(Form::new(format!("{n} m8,cl"), |a| a.$op(byte_ptr(r12 + 1), cl)));
+        $f.push(Form::new(format!("{n} m16,cx"), |a| a.$op(word_ptr(r12 + 1), cx)));
+        $f.push(Form::new(format!("{n} m32,ecx"), |a| a.$op(dword_ptr(r12 - 3), ecx)));
+        $f.push(Form::new(format!("{n} m64,rcx"), |a| a.$op(qword_ptr(r12 + 8), rcx)));
         for i in IMM8 {
             $f.push(Form::new(format!("{n} dl,{i}"), move |a| a.$op(dl, i)));
-            $f.push(Form::new(format!("{n} m8,{i}"), move |a| {
-                a.$op(byte_ptr(r12), i)
-            }));
+            $f.push(Form::new(format!("{n} m8,{i}"), move |a| a.$op(byte_ptr(r12), i)));
         }
         for i in IMM16 {
             $f.push(Form::new(format!("{n} dx,{i}"), move |a| a.$op(dx, i)));
-            $f.push(Form::new(format!("{n} m16,{i}"), move |a| {
-                a.$op(word_ptr(r12), i)
-            }));
+            $f.push(Form::new(format!("{n} m16,{i}"), move |a| a.$op(word_ptr(r12), i)));
         }
         for i in IMM32 {
             $f.push(Form::new(format!("{n} edx,{i}"), move |a| a.$op(edx, i)));
             $f.push(Form::new(format!("{n} rdx,{i}"), move |a| a.$op(rdx, i)));
-            $f.push(Form::new(format!("{n} m64,{i}"), move |a| {
-                a.$op(qword_ptr(r12), i)
-            }));
+            $f.push(Form::new(format!("{n} m64,{i}"), move |a| a.$op(qword_ptr(r12), i)));
         }
         // Accumulator short forms.
         $f.push(Form::new(format!("{n} al,imm"), |a| a.$op(al, 0x5a)));
-        $f.push(Form::new(format!("{n} eax,imm"), |a| {
-            a.$op(eax, 0x1234_5678)
-        }));
+        $f.push(Form::new(format!("{n} eax,imm"), |a| a.$op(eax, 0x1234_5678)));
     }};
 }
 
@@ -189,9 +159,7 @@ fn alu_unary() {
 /// Shift counts: edge counts for every width, with random upper bits in RCX sometimes.
 fn shift_count(st: &mut State, r: &mut Rng, base: u64) {
     ptr_any(st, r, base);
-    let c = r.pick(&[
-        0u64, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 255,
-    ]);
+    let c = r.pick(&[0u64, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 255]);
     st.gpr[RCX] = if r.chance(3) { c | (r.next() << 8) } else { c };
     if r.chance(4) {
         st.gpr[RCX] = r.next();
@@ -223,16 +191,10 @@ macro_rules! shift_forms {
             $f.push(Form::new(format!("{n} esi,{c}"), move |a| a.$op(esi, c)));
             $f.push(Form::new(format!("{n} rdi,{c}"), move |a| a.$op(rdi, c)));
         }
-        $f.push(Form::new(format!("{n} m8,cl"), |a| {
-            a.$op(byte_ptr(r12), cl)
-        }));
+        $f.push(Form::new(format!("{n} m8,cl"), |a| a.$op(byte_ptr(r12), cl)));
         $f.push(Form::new(format!("{n} m16,1"), |a| a.$op(word_ptr(r12), 1)));
-        $f.push(Form::new(format!("{n} m32,5"), |a| {
-            a.$op(dword_ptr(r12), 5)
-        }));
-        $f.push(Form::new(format!("{n} m64,cl"), |a| {
-            a.$op(qword_ptr(r12), cl)
-        }));
+        $f.push(Form::new(format!("{n} m32,5"), |a| a.$op(dword_ptr(r12), 5)));
+        $f.push(Form::new(format!("{n} m64,cl"), |a| a.$op(qword_ptr(r12), cl)));
     }};
 }
 
@@ -256,31 +218,15 @@ fn double_shifts() {
         ($op:ident) => {{
             let n = stringify!($op);
             f.push(Form::new(format!("{n} ax,dx,cl"), |a| a.$op(ax, dx, cl)));
-            f.push(Form::new(format!("{n} r9d,esi,cl"), |a| {
-                a.$op(r9d, esi, cl)
-            }));
-            f.push(Form::new(format!("{n} rbx,r10,cl"), |a| {
-                a.$op(rbx, r10, cl)
-            }));
-            f.push(Form::new(format!("{n} m16,dx,cl"), |a| {
-                a.$op(word_ptr(r12), dx, cl)
-            }));
-            f.push(Form::new(format!("{n} m32,esi,cl"), |a| {
-                a.$op(dword_ptr(r12), esi, cl)
-            }));
-            f.push(Form::new(format!("{n} m64,r10,cl"), |a| {
-                a.$op(qword_ptr(r12), r10, cl)
-            }));
+            f.push(Form::new(format!("{n} r9d,esi,cl"), |a| a.$op(r9d, esi, cl)));
+            f.push(Form::new(format!("{n} rbx,r10,cl"), |a| a.$op(rbx, r10, cl)));
+            f.push(Form::new(format!("{n} m16,dx,cl"), |a| a.$op(word_ptr(r12), dx, cl)));
+            f.push(Form::new(format!("{n} m32,esi,cl"), |a| a.$op(dword_ptr(r12), esi, cl)));
+            f.push(Form::new(format!("{n} m64,r10,cl"), |a| a.$op(qword_ptr(r12), r10, cl)));
             for c in [0, 1, 4, 15, 16, 17, 31, 32, 33, 63, 64, 255] {
-                f.push(Form::new(format!("{n} ax,dx,{c}"), move |a| {
-                    a.$op(ax, dx, c)
-                }));
-                f.push(Form::new(format!("{n} r9d,esi,{c}"), move |a| {
-                    a.$op(r9d, esi, c)
-                }));
-                f.push(Form::new(format!("{n} rbx,r10,{c}"), move |a| {
-                    a.$op(rbx, r10, c)
-                }));
+                f.push(Form::new(format!("{n} ax,dx,{c}"), move |a| a.$op(ax, dx, c)));
+                f.push(Form::new(format!("{n} r9d,esi,{c}"), move |a| a.$op(r9d, esi, c)));
+                f.push(Form::new(format!("{n} rbx,r10,{c}"), move |a| a.$op(rbx, r10, c)));
             }
         }};
     }
@@ -309,28 +255,14 @@ fn multiply() {
     f.push(Form::new("imul bx,cx", |a| a.imul_2(bx, cx)));
     f.push(Form::new("imul r8d,esi", |a| a.imul_2(r8d, esi)));
     f.push(Form::new("imul r15,rdx", |a| a.imul_2(r15, rdx)));
-    f.push(Form::new("imul cx,m16", |a| {
-        a.imul_2(cx, word_ptr(r12 + 1))
-    }));
-    f.push(Form::new("imul ecx,m32", |a| {
-        a.imul_2(ecx, dword_ptr(r12 + 1))
-    }));
-    f.push(Form::new("imul rcx,m64", |a| {
-        a.imul_2(rcx, qword_ptr(r12 + 1))
-    }));
+    f.push(Form::new("imul cx,m16", |a| a.imul_2(cx, word_ptr(r12 + 1))));
+    f.push(Form::new("imul ecx,m32", |a| a.imul_2(ecx, dword_ptr(r12 + 1))));
+    f.push(Form::new("imul rcx,m64", |a| a.imul_2(rcx, qword_ptr(r12 + 1))));
     for i in [0, 1, -1, 3, 0x7f, -0x80, 0x1234, i32::MAX, i32::MIN] {
-        f.push(Form::new(format!("imul dx,bx,{i}"), move |a| {
-            a.imul_3(dx, bx, i.clamp(-0x8000, 0x7fff))
-        }));
-        f.push(Form::new(format!("imul edx,r10d,{i}"), move |a| {
-            a.imul_3(edx, r10d, i)
-        }));
-        f.push(Form::new(format!("imul r13,rbx,{i}"), move |a| {
-            a.imul_3(r13, rbx, i)
-        }));
-        f.push(Form::new(format!("imul rax,m64,{i}"), move |a| {
-            a.imul_3(rax, qword_ptr(r12), i)
-        }));
+        f.push(Form::new(format!("imul dx,bx,{i}"), move |a| a.imul_3(dx, bx, i.clamp(-0x8000, 0x7fff))));
+        f.push(Form::new(format!("imul edx,r10d,{i}"), move |a| a.imul_3(edx, r10d, i)));
+        f.push(Form::new(format!("imul r13,rbx,{i}"), move |a| a.imul_3(r13, rbx, i)));
+        f.push(Form::new(format!("imul rax,m64,{i}"), move |a| a.imul_3(rax, qword_ptr(r12), i)));
     }
     run_all(5, "multiply", f, N, ptr_any);
 }
@@ -338,11 +270,7 @@ fn multiply() {
 /// Dividend/divisor pairs that do not fault: (hi, lo, divisor) for `size`-byte operands.
 fn div_operands(r: &mut Rng, size: u32, signed: bool) -> (u64, u64, u64) {
     let bits = size * 8;
-    let m = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
+    let m = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
     loop {
         let d = int_val(r) & m;
         if d == 0 {
@@ -356,11 +284,7 @@ fn div_operands(r: &mut Rng, size: u32, signed: bool) -> (u64, u64, u64) {
         let dsv = ((d << (64 - bits)) as i64 >> (64 - bits)) as i128;
         let qmax = (1i128 << (bits - 1)) - 1;
         let q = (r.next() as i64 as i128) % (qmax + 1);
-        let q = if r.chance(4) {
-            q >> r.below(u64::from(bits))
-        } else {
-            q
-        };
+        let q = if r.chance(4) { q >> r.below(u64::from(bits)) } else { q };
         let mut rem = (r.next() as i64 as i128) % dsv.abs();
         let prod = q * dsv;
         if prod != 0 && (rem < 0) != (prod < 0) {
@@ -368,11 +292,8 @@ fn div_operands(r: &mut Rng, size: u32, signed: bool) -> (u64, u64, u64) {
         }
         let dividend = prod + rem;
         let full = dividend as u128;
-        let (hi, lo) = if bits == 64 {
-            ((full >> 64) as u64, full as u64)
-        } else {
-            ((full >> bits) as u64 & m, full as u64 & m)
-        };
+        let (hi, lo) =
+            if bits == 64 { ((full >> 64) as u64, full as u64) } else { ((full >> bits) as u64 & m, full as u64 & m) };
         return (hi, lo, d);
     }
 }
@@ -419,27 +340,9 @@ fn divide() {
     div_case!("div r9", 8, false, |a| a.div(r9), Some(R9));
     div_case!("idiv r9", 8, true, |a| a.idiv(r9), Some(R9));
     div_case!("div m8", 1, false, |a| a.div(byte_ptr(r12)), None::<usize>);
-    div_case!(
-        "idiv m16",
-        2,
-        true,
-        |a| a.idiv(word_ptr(r12)),
-        None::<usize>
-    );
-    div_case!(
-        "div m32",
-        4,
-        false,
-        |a| a.div(dword_ptr(r12)),
-        None::<usize>
-    );
-    div_case!(
-        "idiv m64",
-        8,
-        true,
-        |a| a.idiv(qword_ptr(r12)),
-        None::<usize>
-    );
+    div_case!("idiv m16", 2, true, |a| a.idiv(word_ptr(r12)), None::<usize>);
+    div_case!("div m32", 4, false, |a| a.div(dword_ptr(r12)), None::<usize>);
+    div_case!("idiv m64", 8, true, |a| a.idiv(qword_ptr(r12)), None::<usize>);
     c.finish("divide");
 }
 
@@ -452,26 +355,11 @@ fn divide_faults_in_emulator() {
         (Form::new("div bl ovf", |a| a.div(bl)), 0x1234, 0, 0x12),
         (Form::new("idiv bl ovf", |a| a.idiv(bl)), 0xff80, 0, 0xff),
         (Form::new("div cx /0", |a| a.div(cx)), 5, 0, 0),
-        (
-            Form::new("idiv cx ovf", |a| a.idiv(cx)),
-            0x8000,
-            0xffff,
-            0xffff,
-        ),
+        (Form::new("idiv cx ovf", |a| a.idiv(cx)), 0x8000, 0xffff, 0xffff),
         (Form::new("div esi ovf", |a| a.div(esi)), 0, 7, 7),
-        (
-            Form::new("idiv esi ovf", |a| a.idiv(esi)),
-            0x8000_0000,
-            0xffff_ffff,
-            0xffff_ffff,
-        ),
+        (Form::new("idiv esi ovf", |a| a.idiv(esi)), 0x8000_0000, 0xffff_ffff, 0xffff_ffff),
         (Form::new("div r9 /0", |a| a.div(r9)), 1, 0, 0),
-        (
-            Form::new("idiv r9 ovf", |a| a.idiv(r9)),
-            1 << 63,
-            u64::MAX,
-            u64::MAX,
-        ),
+        (Form::new("idiv r9 ovf", |a| a.idiv(r9)), 1 << 63, u64::MAX, u64::MAX),
         (Form::new("idiv r9 big", |a| a.idiv(r9)), 0, 1, 1),
     ];
     for (form, rax_v, rdx_v, d) in cases {
@@ -512,25 +400,15 @@ fn bit_test() {
             f.push(Form::new(format!("{n} ax,cx"), |a| a.$op(ax, cx)));
             f.push(Form::new(format!("{n} r8d,edx"), |a| a.$op(r8d, edx)));
             f.push(Form::new(format!("{n} rbx,rsi"), |a| a.$op(rbx, rsi)));
-            f.push(Form::new(format!("{n} m16,cx"), |a| {
-                a.$op(word_ptr(r12), cx)
-            }));
-            f.push(Form::new(format!("{n} m32,edx"), |a| {
-                a.$op(dword_ptr(r12), edx)
-            }));
-            f.push(Form::new(format!("{n} m64,rsi"), |a| {
-                a.$op(qword_ptr(r12), rsi)
-            }));
+            f.push(Form::new(format!("{n} m16,cx"), |a| a.$op(word_ptr(r12), cx)));
+            f.push(Form::new(format!("{n} m32,edx"), |a| a.$op(dword_ptr(r12), edx)));
+            f.push(Form::new(format!("{n} m64,rsi"), |a| a.$op(qword_ptr(r12), rsi)));
             for i in [0, 1, 7, 15, 16, 31, 32, 63, 64, 200, 255] {
                 f.push(Form::new(format!("{n} ax,{i}"), move |a| a.$op(ax, i)));
                 f.push(Form::new(format!("{n} r8d,{i}"), move |a| a.$op(r8d, i)));
                 f.push(Form::new(format!("{n} rbx,{i}"), move |a| a.$op(rbx, i)));
-                f.push(Form::new(format!("{n} m16,{i}"), move |a| {
-                    a.$op(word_ptr(r12), i)
-                }));
-                f.push(Form::new(format!("{n} m64,{i}"), move |a| {
-                    a.$op(qword_ptr(r12), i)
-                }));
+                f.push(Form::new(format!("{n} m16,{i}"), move |a| a.$op(word_ptr(r12), i)));
+                f.push(Form::new(format!("{n} m64,{i}"), move |a| a.$op(qword_ptr(r12), i)));
             }
         }};
     }
@@ -560,11 +438,7 @@ fn bit_scan_and_bswap() {
         // Zero sources (whole or in the low bits) are the interesting case.
         for reg in [RCX, RSI, R11] {
             if r.chance(3) {
-                st.gpr[reg] = if r.chance(2) {
-                    0
-                } else {
-                    st.gpr[reg] & !0xffff_ffff
-                };
+                st.gpr[reg] = if r.chance(2) { 0 } else { st.gpr[reg] & !0xffff_ffff };
             }
         }
         if r.chance(3) {
@@ -710,11 +584,7 @@ fn branches() {
     run_all(16, "branches", f, N, |st, r, base| {
         ptr_any(st, r, base);
         if r.chance(2) {
-            st.gpr[RCX] &= if r.chance(2) {
-                0xffff_ffff_0000_0000
-            } else {
-                0
-            };
+            st.gpr[RCX] &= if r.chance(2) { 0xffff_ffff_0000_0000 } else { 0 };
         }
         if r.chance(2) {
             st.gpr[RDX] = st.gpr[RBX].wrapping_add(r.below(8));
@@ -725,25 +595,15 @@ fn branches() {
 #[test]
 fn load_effective_address() {
     let f = vec![
-        Form::new("lea rax,[rbx+rcx*4+0x10]", |a| {
-            a.lea(rax, ptr(rbx + rcx * 4 + 0x10))
-        }),
-        Form::new("lea rdx,[rsi+r9*8-0x1000]", |a| {
-            a.lea(rdx, ptr(rsi + r9 * 8 - 0x1000))
-        }),
+        Form::new("lea rax,[rbx+rcx*4+0x10]", |a| a.lea(rax, ptr(rbx + rcx * 4 + 0x10))),
+        Form::new("lea rdx,[rsi+r9*8-0x1000]", |a| a.lea(rdx, ptr(rsi + r9 * 8 - 0x1000))),
         Form::new("lea r8,[rcx*2]", |a| a.lea(r8, ptr(rcx * 2))),
-        Form::new("lea r8,[rcx*2+0x7fffffff]", |a| {
-            a.lea(r8, ptr(rcx * 2 + 0x7fff_ffff))
-        }),
+        Form::new("lea r8,[rcx*2+0x7fffffff]", |a| a.lea(r8, ptr(rcx * 2 + 0x7fff_ffff))),
         Form::new("lea rdi,[r13]", |a| a.lea(rdi, ptr(r13))),
         Form::new("lea rdi,[rbp+r13]", |a| a.lea(rdi, ptr(rbp + r13))),
         Form::new("lea eax,[rbx+rcx]", |a| a.lea(eax, ptr(rbx + rcx))),
-        Form::new("lea ax,[rbx+rcx*4+3]", |a| {
-            a.lea(ax, ptr(rbx + rcx * 4 + 3))
-        }),
-        Form::new("lea eax,[ebx+ecx*2+7]", |a| {
-            a.lea(eax, ptr(ebx + ecx * 2 + 7))
-        }),
+        Form::new("lea ax,[rbx+rcx*4+3]", |a| a.lea(ax, ptr(rbx + rcx * 4 + 3))),
+        Form::new("lea eax,[ebx+ecx*2+7]", |a| a.lea(eax, ptr(ebx + ecx * 2 + 7))),
         Form::new("lea rax,[ebx-8]", |a| a.lea(rax, ptr(ebx - 8))),
         Form::new("lea r11,[rsp+8]", |a| a.lea(r11, ptr(rsp + 8))),
         Form::new("lea rax,[rip+label]", |a| {
@@ -777,13 +637,9 @@ fn exchange_and_compare() {
             a.cmpxchg(esi, edi)
         }),
         Form::new("cmpxchg r10,r11", |a| a.cmpxchg(r10, r11)),
-        Form::new("lock cmpxchg m8,cl", |a| {
-            a.lock().cmpxchg(byte_ptr(r12), cl)
-        }),
+        Form::new("lock cmpxchg m8,cl", |a| a.lock().cmpxchg(byte_ptr(r12), cl)),
         Form::new("cmpxchg m16,cx", |a| a.cmpxchg(word_ptr(r12), cx)),
-        Form::new("lock cmpxchg m32,ecx", |a| {
-            a.lock().cmpxchg(dword_ptr(r12), ecx)
-        }),
+        Form::new("lock cmpxchg m32,ecx", |a| a.lock().cmpxchg(dword_ptr(r12), ecx)),
         Form::new("cmpxchg m64,rcx", |a| a.cmpxchg(qword_ptr(r12), rcx)),
         Form::new("lock cmpxchg8b m64", |a| a.lock().cmpxchg8b(qword_ptr(r12))),
         Form::new("cmpxchg16b m128", |a| a.cmpxchg16b(xmmword_ptr(r12))),
@@ -985,15 +841,9 @@ fn stack_and_calls() {
 #[test]
 fn cmpxchg_failure_leaves_register_destination() {
     let f = vec![Form::new("cmpxchg esi,edi", |a| a.cmpxchg(esi, edi))];
-    run_all(
-        99,
-        "cmpxchg_failure_leaves_register_destination",
-        f,
-        N,
-        |st, _, _| {
-            st.gpr[RAX] = !st.gpr[RSI];
-        },
-    );
+    run_all(99, "cmpxchg_failure_leaves_register_destination", f, N, |st, _, _| {
+        st.gpr[RAX] = !st.gpr[RSI];
+    });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1012,24 +862,7 @@ fn sse_setup(st: &mut State, r: &mut Rng, base: u64) {
     }
     for i in [1, 7, 12] {
         if r.chance(3) {
-            let c = r.pick(&[
-                0u128,
-                1,
-                3,
-                7,
-                8,
-                15,
-                16,
-                17,
-                31,
-                32,
-                33,
-                63,
-                64,
-                65,
-                255,
-                1 << 40,
-            ]);
+            let c = r.pick(&[0u128, 1, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255, 1 << 40]);
             st.xmm[i] = (st.xmm[i] & !u128::from(u64::MAX)) | c;
         }
     }
@@ -1086,73 +919,33 @@ fn sse_moves() {
     }
     mov128!(movdqa 0, movaps 16, movapd 32, movdqu 3, movups 7, movupd 9);
     f.push(Form::new("movntdq", |a| a.movntdq(xmmword_ptr(r12), xmm6)));
-    f.push(Form::new("movntps", |a| {
-        a.movntps(xmmword_ptr(r12 + 16), xmm6)
-    }));
-    f.push(Form::new("movntpd", |a| {
-        a.movntpd(xmmword_ptr(r12 + 32), xmm14)
-    }));
-    f.push(Form::new("movnti m32", |a| {
-        a.movnti(dword_ptr(r12 + 1), ecx)
-    }));
-    f.push(Form::new("movnti m64", |a| {
-        a.movnti(qword_ptr(r12 + 3), r9)
-    }));
+    f.push(Form::new("movntps", |a| a.movntps(xmmword_ptr(r12 + 16), xmm6)));
+    f.push(Form::new("movntpd", |a| a.movntpd(xmmword_ptr(r12 + 32), xmm14)));
+    f.push(Form::new("movnti m32", |a| a.movnti(dword_ptr(r12 + 1), ecx)));
+    f.push(Form::new("movnti m64", |a| a.movnti(qword_ptr(r12 + 3), r9)));
     f.push(Form::new("movd xmm3,ecx", |a| a.movd(xmm3, ecx)));
-    f.push(Form::new("movd xmm11,m32", |a| {
-        a.movd(xmm11, dword_ptr(r12 + 2))
-    }));
+    f.push(Form::new("movd xmm11,m32", |a| a.movd(xmm11, dword_ptr(r12 + 2))));
     f.push(Form::new("movd r9d,xmm4", |a| a.movd(r9d, xmm4)));
-    f.push(Form::new("movd m32,xmm13", |a| {
-        a.movd(dword_ptr(r12 + 2), xmm13)
-    }));
+    f.push(Form::new("movd m32,xmm13", |a| a.movd(dword_ptr(r12 + 2), xmm13)));
     f.push(Form::new("movq xmm3,rcx", |a| a.movq(xmm3, rcx)));
     f.push(Form::new("movq r10,xmm8", |a| a.movq(r10, xmm8)));
     f.push(Form::new("movq xmm1,xmm2", |a| a.movq(xmm1, xmm2)));
-    f.push(Form::new("movq xmm9,m64", |a| {
-        a.movq(xmm9, qword_ptr(r12 + 5))
-    }));
-    f.push(Form::new("movq m64,xmm9", |a| {
-        a.movq(qword_ptr(r12 + 5), xmm9)
-    }));
+    f.push(Form::new("movq xmm9,m64", |a| a.movq(xmm9, qword_ptr(r12 + 5))));
+    f.push(Form::new("movq m64,xmm9", |a| a.movq(qword_ptr(r12 + 5), xmm9)));
     f.push(Form::new("movss xmm1,xmm2", |a| a.movss(xmm1, xmm2)));
-    f.push(Form::new("movss xmm1,m32", |a| {
-        a.movss(xmm1, dword_ptr(r12 + 1))
-    }));
-    f.push(Form::new("movss m32,xmm14", |a| {
-        a.movss(dword_ptr(r12 + 1), xmm14)
-    }));
+    f.push(Form::new("movss xmm1,m32", |a| a.movss(xmm1, dword_ptr(r12 + 1))));
+    f.push(Form::new("movss m32,xmm14", |a| a.movss(dword_ptr(r12 + 1), xmm14)));
     f.push(Form::new("movsd xmm1,xmm2", |a| a.movsd_2(xmm1, xmm2)));
-    f.push(Form::new("movsd xmm8,m64", |a| {
-        a.movsd_2(xmm8, qword_ptr(r12 + 1))
-    }));
-    f.push(Form::new("movsd m64,xmm0", |a| {
-        a.movsd_2(qword_ptr(r12 + 1), xmm0)
-    }));
-    f.push(Form::new("movhps xmm1,m64", |a| {
-        a.movhps(xmm1, qword_ptr(r12 + 4))
-    }));
-    f.push(Form::new("movhps m64,xmm1", |a| {
-        a.movhps(qword_ptr(r12 + 4), xmm1)
-    }));
-    f.push(Form::new("movlps xmm1,m64", |a| {
-        a.movlps(xmm1, qword_ptr(r12 + 4))
-    }));
-    f.push(Form::new("movlps m64,xmm1", |a| {
-        a.movlps(qword_ptr(r12 + 4), xmm1)
-    }));
-    f.push(Form::new("movhpd xmm11,m64", |a| {
-        a.movhpd(xmm11, qword_ptr(r12))
-    }));
-    f.push(Form::new("movhpd m64,xmm11", |a| {
-        a.movhpd(qword_ptr(r12), xmm11)
-    }));
-    f.push(Form::new("movlpd xmm11,m64", |a| {
-        a.movlpd(xmm11, qword_ptr(r12))
-    }));
-    f.push(Form::new("movlpd m64,xmm11", |a| {
-        a.movlpd(qword_ptr(r12), xmm11)
-    }));
+    f.push(Form::new("movsd xmm8,m64", |a| a.movsd_2(xmm8, qword_ptr(r12 + 1))));
+    f.push(Form::new("movsd m64,xmm0", |a| a.movsd_2(qword_ptr(r12 + 1), xmm0)));
+    f.push(Form::new("movhps xmm1,m64", |a| a.movhps(xmm1, qword_ptr(r12 + 4))));
+    f.push(Form::new("movhps m64,xmm1", |a| a.movhps(qword_ptr(r12 + 4), xmm1)));
+    f.push(Form::new("movlps xmm1,m64", |a| a.movlps(xmm1, qword_ptr(r12 + 4))));
+    f.push(Form::new("movlps m64,xmm1", |a| a.movlps(qword_ptr(r12 + 4), xmm1)));
+    f.push(Form::new("movhpd xmm11,m64", |a| a.movhpd(xmm11, qword_ptr(r12))));
+    f.push(Form::new("movhpd m64,xmm11", |a| a.movhpd(qword_ptr(r12), xmm11)));
+    f.push(Form::new("movlpd xmm11,m64", |a| a.movlpd(xmm11, qword_ptr(r12))));
+    f.push(Form::new("movlpd m64,xmm11", |a| a.movlpd(qword_ptr(r12), xmm11)));
     f.push(Form::new("movhlps", |a| a.movhlps(xmm5, xmm10)));
     f.push(Form::new("movlhps", |a| a.movlhps(xmm5, xmm10)));
     f.push(Form::new("movmskps eax", |a| a.movmskps(eax, xmm3)));
@@ -1177,45 +970,21 @@ fn sse_shuffles() {
     let mut f = Vec::new();
     for i in [0u32, 0x1b, 0x4e, 0xb1, 0xe4, 0xff, 0x39, 0x8d, 0x72] {
         for (d, s) in XP {
-            f.push(Form::new(format!("pshufd {d:?},{s:?},{i:#x}"), move |a| {
-                a.pshufd(d, s, i)
-            }));
-            f.push(Form::new(format!("shufps {d:?},{s:?},{i:#x}"), move |a| {
-                a.shufps(d, s, i)
-            }));
+            f.push(Form::new(format!("pshufd {d:?},{s:?},{i:#x}"), move |a| a.pshufd(d, s, i)));
+            f.push(Form::new(format!("shufps {d:?},{s:?},{i:#x}"), move |a| a.shufps(d, s, i)));
         }
-        f.push(Form::new(format!("pshuflw {i:#x}"), move |a| {
-            a.pshuflw(xmm2, xmm9, i)
-        }));
-        f.push(Form::new(format!("pshufhw {i:#x}"), move |a| {
-            a.pshufhw(xmm2, xmm9, i)
-        }));
-        f.push(Form::new(format!("pshufd m {i:#x}"), move |a| {
-            a.pshufd(xmm2, xmmword_ptr(r12), i)
-        }));
-        f.push(Form::new(format!("shufps m {i:#x}"), move |a| {
-            a.shufps(xmm2, xmmword_ptr(r12), i)
-        }));
-        f.push(Form::new(format!("shufpd {i:#x}"), move |a| {
-            a.shufpd(xmm6, xmm11, i)
-        }));
-        f.push(Form::new(format!("pshuflw m {i:#x}"), move |a| {
-            a.pshuflw(xmm14, xmmword_ptr(r12), i)
-        }));
+        f.push(Form::new(format!("pshuflw {i:#x}"), move |a| a.pshuflw(xmm2, xmm9, i)));
+        f.push(Form::new(format!("pshufhw {i:#x}"), move |a| a.pshufhw(xmm2, xmm9, i)));
+        f.push(Form::new(format!("pshufd m {i:#x}"), move |a| a.pshufd(xmm2, xmmword_ptr(r12), i)));
+        f.push(Form::new(format!("shufps m {i:#x}"), move |a| a.shufps(xmm2, xmmword_ptr(r12), i)));
+        f.push(Form::new(format!("shufpd {i:#x}"), move |a| a.shufpd(xmm6, xmm11, i)));
+        f.push(Form::new(format!("pshuflw m {i:#x}"), move |a| a.pshuflw(xmm14, xmmword_ptr(r12), i)));
     }
     for i in [0u32, 1, 2, 3, 4, 5, 6, 7, 9, 0xff] {
-        f.push(Form::new(format!("pextrw eax,xmm3,{i}"), move |a| {
-            a.pextrw(eax, xmm3, i)
-        }));
-        f.push(Form::new(format!("pextrw r9,xmm13,{i}"), move |a| {
-            a.pextrw(r9, xmm13, i)
-        }));
-        f.push(Form::new(format!("pinsrw xmm3,ecx,{i}"), move |a| {
-            a.pinsrw(xmm3, ecx, i)
-        }));
-        f.push(Form::new(format!("pinsrw xmm13,m16,{i}"), move |a| {
-            a.pinsrw(xmm13, word_ptr(r12 + 1), i)
-        }));
+        f.push(Form::new(format!("pextrw eax,xmm3,{i}"), move |a| a.pextrw(eax, xmm3, i)));
+        f.push(Form::new(format!("pextrw r9,xmm13,{i}"), move |a| a.pextrw(r9, xmm13, i)));
+        f.push(Form::new(format!("pinsrw xmm3,ecx,{i}"), move |a| a.pinsrw(xmm3, ecx, i)));
+        f.push(Form::new(format!("pinsrw xmm13,m16,{i}"), move |a| a.pinsrw(xmm13, word_ptr(r12 + 1), i)));
     }
     run_all(22, "sse_shuffles", f, 16, sse_setup);
 }
@@ -1236,31 +1005,15 @@ fn sse_float_compare() {
     let mut f = Vec::new();
     for p in 0u32..8 {
         for (d, s) in XP {
-            f.push(Form::new(format!("cmpps {d:?},{s:?},{p}"), move |a| {
-                a.cmpps(d, s, p)
-            }));
-            f.push(Form::new(format!("cmpsd {d:?},{s:?},{p}"), move |a| {
-                a.cmpsd_3(d, s, p)
-            }));
+            f.push(Form::new(format!("cmpps {d:?},{s:?},{p}"), move |a| a.cmpps(d, s, p)));
+            f.push(Form::new(format!("cmpsd {d:?},{s:?},{p}"), move |a| a.cmpsd_3(d, s, p)));
         }
-        f.push(Form::new(format!("cmpss xmm4,xmm9,{p}"), move |a| {
-            a.cmpss(xmm4, xmm9, p)
-        }));
-        f.push(Form::new(format!("cmppd xmm4,xmm9,{p}"), move |a| {
-            a.cmppd(xmm4, xmm9, p)
-        }));
-        f.push(Form::new(format!("cmpps m,{p}"), move |a| {
-            a.cmpps(xmm4, xmmword_ptr(r12), p)
-        }));
-        f.push(Form::new(format!("cmpss m,{p}"), move |a| {
-            a.cmpss(xmm4, dword_ptr(r12), p)
-        }));
-        f.push(Form::new(format!("cmppd m,{p}"), move |a| {
-            a.cmppd(xmm4, xmmword_ptr(r12), p)
-        }));
-        f.push(Form::new(format!("cmpsd m,{p}"), move |a| {
-            a.cmpsd_3(xmm4, qword_ptr(r12), p)
-        }));
+        f.push(Form::new(format!("cmpss xmm4,xmm9,{p}"), move |a| a.cmpss(xmm4, xmm9, p)));
+        f.push(Form::new(format!("cmppd xmm4,xmm9,{p}"), move |a| a.cmppd(xmm4, xmm9, p)));
+        f.push(Form::new(format!("cmpps m,{p}"), move |a| a.cmpps(xmm4, xmmword_ptr(r12), p)));
+        f.push(Form::new(format!("cmpss m,{p}"), move |a| a.cmpss(xmm4, dword_ptr(r12), p)));
+        f.push(Form::new(format!("cmppd m,{p}"), move |a| a.cmppd(xmm4, xmmword_ptr(r12), p)));
+        f.push(Form::new(format!("cmpsd m,{p}"), move |a| a.cmpsd_3(xmm4, qword_ptr(r12), p)));
     }
     sse_ops!(f, dword_ptr; comiss, ucomiss);
     sse_ops!(f, qword_ptr; comisd, ucomisd);
@@ -1298,11 +1051,7 @@ fn sse_conversions() {
             if r.chance(2) {
                 let v = r.below(1 << 40) as f64 - (1u64 << 39) as f64;
                 let v = v / (1 << r.below(20)) as f64;
-                st.xmm[i] = if r.chance(2) {
-                    u128::from(v.to_bits())
-                } else {
-                    u128::from((v as f32).to_bits())
-                };
+                st.xmm[i] = if r.chance(2) { u128::from(v.to_bits()) } else { u128::from((v as f32).to_bits()) };
             }
         }
     });
@@ -1338,32 +1087,12 @@ fn mmx() {
     }
     for i in [0u32, 0x1b, 0xe4, 0x4e, 0xff] {
         f.push(Form::new(format!("pshufw {i:#x}"), move |a| a.pshufw(mm1, mm7, i)).mmx());
-        f.push(
-            Form::new(format!("pshufw m {i:#x}"), move |a| {
-                a.pshufw(mm1, qword_ptr(r12), i)
-            })
-            .mmx(),
-        );
+        f.push(Form::new(format!("pshufw m {i:#x}"), move |a| a.pshufw(mm1, qword_ptr(r12), i)).mmx());
     }
     for i in [0u32, 1, 2, 3, 5] {
-        f.push(
-            Form::new(format!("pextrw eax,mm3,{i}"), move |a| {
-                a.pextrw(eax, mm3, i)
-            })
-            .mmx(),
-        );
-        f.push(
-            Form::new(format!("pinsrw mm3,ecx,{i}"), move |a| {
-                a.pinsrw(mm3, ecx, i)
-            })
-            .mmx(),
-        );
-        f.push(
-            Form::new(format!("pinsrw mm3,m16,{i}"), move |a| {
-                a.pinsrw(mm3, word_ptr(r12), i)
-            })
-            .mmx(),
-        );
+        f.push(Form::new(format!("pextrw eax,mm3,{i}"), move |a| a.pextrw(eax, mm3, i)).mmx());
+        f.push(Form::new(format!("pinsrw mm3,ecx,{i}"), move |a| a.pinsrw(mm3, ecx, i)).mmx());
+        f.push(Form::new(format!("pinsrw mm3,m16,{i}"), move |a| a.pinsrw(mm3, word_ptr(r12), i)).mmx());
     }
     let extra = vec![
         Form::new("movd mm1,ecx", |a| a.movd(mm1, ecx)),
@@ -1745,10 +1474,7 @@ fn emu_case(
     expect: Result<(), u8>,
     emit: impl Fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError> + 'static,
 ) -> EmuCase {
-    EmuCase {
-        form: Form::new(name, emit),
-        expect,
-    }
+    EmuCase { form: Form::new(name, emit), expect }
 }
 
 /// Runs each case in the emulator; `check` gets the harness (CPU state at a fault) and the
@@ -1772,10 +1498,7 @@ fn run_emu_cases(seed: u64, cases: Vec<EmuCase>, check: impl Fn(&str, &Harness, 
                 }
             };
             if got != c.expect {
-                failures.push(format!(
-                    "{}: expected {:?}, got {got:?}",
-                    c.form.name, c.expect
-                ));
+                failures.push(format!("{}: expected {:?}, got {got:?}", c.form.name, c.expect));
             } else {
                 check(&c.form.name, &h, res.as_ref().ok());
             }
@@ -1787,33 +1510,15 @@ fn run_emu_cases(seed: u64, cases: Vec<EmuCase>, check: impl Fn(&str, &Harness, 
 #[test]
 fn sse_exceptions_in_emulator() {
     let cases = vec![
-        emu_case("movdqa misaligned load", Err(13), |a| {
-            a.movdqa(xmm0, xmmword_ptr(r12 + 1))
-        }),
-        emu_case("movaps misaligned store", Err(13), |a| {
-            a.movaps(xmmword_ptr(r12 + 8), xmm1)
-        }),
-        emu_case("movntdq misaligned", Err(13), |a| {
-            a.movntdq(xmmword_ptr(r12 + 4), xmm1)
-        }),
-        emu_case("paddb misaligned m128", Err(13), |a| {
-            a.paddb(xmm0, xmmword_ptr(r12 + 8))
-        }),
-        emu_case("addps misaligned m128", Err(13), |a| {
-            a.addps(xmm0, xmmword_ptr(r12 + 2))
-        }),
-        emu_case("pshufd misaligned m128", Err(13), |a| {
-            a.pshufd(xmm0, xmmword_ptr(r12 + 2), 0)
-        }),
-        emu_case("movdqu misaligned ok", Ok(()), |a| {
-            a.movdqu(xmm0, xmmword_ptr(r12 + 1))
-        }),
-        emu_case("addss unaligned m32 ok", Ok(()), |a| {
-            a.addss(xmm0, dword_ptr(r12 + 1))
-        }),
-        emu_case("movq unaligned m64 ok", Ok(()), |a| {
-            a.movq(xmm0, qword_ptr(r12 + 3))
-        }),
+        emu_case("movdqa misaligned load", Err(13), |a| a.movdqa(xmm0, xmmword_ptr(r12 + 1))),
+        emu_case("movaps misaligned store", Err(13), |a| a.movaps(xmmword_ptr(r12 + 8), xmm1)),
+        emu_case("movntdq misaligned", Err(13), |a| a.movntdq(xmmword_ptr(r12 + 4), xmm1)),
+        emu_case("paddb misaligned m128", Err(13), |a| a.paddb(xmm0, xmmword_ptr(r12 + 8))),
+        emu_case("addps misaligned m128", Err(13), |a| a.addps(xmm0, xmmword_ptr(r12 + 2))),
+        emu_case("pshufd misaligned m128", Err(13), |a| a.pshufd(xmm0, xmmword_ptr(r12 + 2), 0)),
+        emu_case("movdqu misaligned ok", Ok(()), |a| a.movdqu(xmm0, xmmword_ptr(r12 + 1))),
+        emu_case("addss unaligned m32 ok", Ok(()), |a| a.addss(xmm0, dword_ptr(r12 + 1))),
+        emu_case("movq unaligned m64 ok", Ok(()), |a| a.movq(xmm0, qword_ptr(r12 + 3))),
         emu_case("CR0.TS -> #NM", Err(7), |a| {
             set_cr0(a, CR0_TS, 0)?;
             a.addps(xmm0, xmm1)
@@ -1929,11 +1634,7 @@ fn unadvertised_extensions_in_emulator() {
         let mut st = State::random(&mut r, h.base);
         ptr_aligned(&mut st, &mut r, h.base);
         let res = h.run_emu(&st);
-        assert!(
-            matches!(res, Err(EmuEnd::Exit(x86emu::Exit::Unsupported(_)))),
-            "{}: {res:?}",
-            f.name
-        );
+        assert!(matches!(res, Err(EmuEnd::Exit(x86emu::Exit::Unsupported(_)))), "{}: {res:?}", f.name);
     }
 }
 
@@ -1957,9 +1658,7 @@ fn x87_exceptions_in_emulator() {
             a.wait()?;
             set_cr0(a, CR0_MP, CR0_TS)
         }),
-        emu_case("fxsave64 misaligned -> #GP", Err(13), |a| {
-            a.fxsave64(ptr(r12 + 8))
-        }),
+        emu_case("fxsave64 misaligned -> #GP", Err(13), |a| a.fxsave64(ptr(r12 + 8))),
         emu_case("fxsave with CR0.TS -> #NM", Err(7), |a| {
             set_cr0(a, CR0_TS, 0)?;
             a.fxsave64(ptr(r12))
@@ -2010,24 +1709,20 @@ fn x87_exceptions_in_emulator() {
             a.fninit()?;
             set_cr0(a, CR0_NE, 0)
         }),
-        emu_case(
-            "pending: non-waiting fnstsw/fnclex/fninit ok",
-            Ok(()),
-            |a| {
-                a.fninit()?;
-                a.mov(word_ptr(r12), 0x37e)?;
-                a.fldcw(word_ptr(r12))?;
-                a.fld1()?;
-                a.fchs()?;
-                a.fsqrt()?;
-                a.fnstsw(ax)?;
-                a.mov(r9, rax)?;
-                a.fnstcw(word_ptr(r12 + 8))?;
-                a.fnclex()?;
-                a.wait()?;
-                a.fninit()
-            },
-        ),
+        emu_case("pending: non-waiting fnstsw/fnclex/fninit ok", Ok(()), |a| {
+            a.fninit()?;
+            a.mov(word_ptr(r12), 0x37e)?;
+            a.fldcw(word_ptr(r12))?;
+            a.fld1()?;
+            a.fchs()?;
+            a.fsqrt()?;
+            a.fnstsw(ax)?;
+            a.mov(r9, rax)?;
+            a.fnstcw(word_ptr(r12 + 8))?;
+            a.fnclex()?;
+            a.wait()?;
+            a.fninit()
+        }),
         emu_case("fldcw unmasking a flagged exception -> #MF", Err(16), |a| {
             a.fninit()?;
             a.fld1()?;

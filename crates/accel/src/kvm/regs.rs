@@ -45,8 +45,8 @@ pub fn to_kvm_regs(state: &CpuState) -> kvm_regs {
 /// Copies the general registers from `regs` into `state`.
 pub fn from_kvm_regs(regs: &kvm_regs, state: &mut CpuState) {
     state.gprs = [
-        regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi, regs.r8,
-        regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+        regs.rax, regs.rcx, regs.rdx, regs.rbx, regs.rsp, regs.rbp, regs.rsi, regs.rdi, regs.r8, regs.r9, regs.r10,
+        regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
     ];
     state.rip = regs.rip;
     state.rflags = regs.rflags;
@@ -90,18 +90,11 @@ pub fn from_kvm_segment(s: &kvm_segment) -> Segment {
 }
 
 fn to_kvm_dtable(t: &Table) -> kvm_dtable {
-    kvm_dtable {
-        base: t.base,
-        limit: t.limit,
-        padding: [0; 3],
-    }
+    kvm_dtable { base: t.base, limit: t.limit, padding: [0; 3] }
 }
 
 fn from_kvm_dtable(t: &kvm_dtable) -> Table {
-    Table {
-        base: t.base,
-        limit: t.limit,
-    }
+    Table { base: t.base, limit: t.limit }
 }
 
 /// Writes the segment, descriptor-table, control-register and EFER parts of `state` into
@@ -130,11 +123,7 @@ pub fn apply_to_kvm_sregs(state: &CpuState, vcpu_id: u8, sregs: &mut kvm_sregs) 
     sregs.cr8 = state.cr8;
     sregs.efer = state.efer;
     if sregs.apic_base == 0 {
-        sregs.apic_base = if vcpu_id == 0 {
-            DEFAULT_APIC_BASE_BSP
-        } else {
-            DEFAULT_APIC_BASE_BSP & !APIC_BASE_BSP
-        };
+        sregs.apic_base = if vcpu_id == 0 { DEFAULT_APIC_BASE_BSP } else { DEFAULT_APIC_BASE_BSP & !APIC_BASE_BSP };
     }
 }
 
@@ -187,20 +176,9 @@ mod tests {
                 unusable: i == 5,
             };
         }
-        st.tr = Segment {
-            type_: 11,
-            present: true,
-            limit: 0x67,
-            ..Default::default()
-        };
-        st.ldt = Segment {
-            unusable: true,
-            ..Default::default()
-        };
-        st.gdt = Table {
-            base: 0x500,
-            limit: 23,
-        };
+        st.tr = Segment { type_: 11, present: true, limit: 0x67, ..Default::default() };
+        st.ldt = Segment { unusable: true, ..Default::default() };
+        st.gdt = Table { base: 0x500, limit: 23 };
         st.idt = Table { base: 0, limit: 0 };
         st.cr0 = 0x8000_0011;
         st.cr2 = 0x1234;
@@ -229,10 +207,7 @@ mod tests {
     #[test]
     fn apic_base_kept_and_ap_default() {
         let st = sample_state();
-        let mut sregs = kvm_sregs {
-            apic_base: 0xfee0_0800,
-            ..Default::default()
-        };
+        let mut sregs = kvm_sregs { apic_base: 0xfee0_0800, ..Default::default() };
         apply_to_kvm_sregs(&st, 0, &mut sregs);
         assert_eq!(sregs.apic_base, 0xfee0_0800);
         let mut sregs = kvm_sregs::default();

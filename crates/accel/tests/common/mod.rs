@@ -84,18 +84,11 @@ impl GuestRam {
             )
         };
         assert_ne!(ptr, libc::MAP_FAILED, "mmap guest RAM");
-        Self {
-            ptr: ptr.cast(),
-            size,
-        }
+        Self { ptr: ptr.cast(), size }
     }
 
     pub fn regions(&self) -> Vec<RamRegion> {
-        vec![RamRegion {
-            gpa: 0,
-            size: self.size as u64,
-            host_addr: self.ptr,
-        }]
+        vec![RamRegion { gpa: 0, size: self.size as u64, host_addr: self.ptr }]
     }
 
     pub fn write(&self, gpa: u64, bytes: &[u8]) {
@@ -166,10 +159,7 @@ impl TestIo {
 
     pub fn report_timing(&self, name: &str) {
         match self.first_byte {
-            Some(d) => eprintln!(
-                "timing: {name}: VM creation to first serial byte {:.2} ms",
-                d.as_secs_f64() * 1e3
-            ),
+            Some(d) => eprintln!("timing: {name}: VM creation to first serial byte {:.2} ms", d.as_secs_f64() * 1e3),
             None => eprintln!("timing: {name}: no serial output"),
         }
     }
@@ -269,19 +259,12 @@ pub fn flat_segment(selector: u16, code: bool, long: bool) -> Segment {
 
 /// Writes a flat GDT (null, code at 0x08, data at 0x10) to `GDT_ADDR` and returns GDTR.
 pub fn write_gdt(ram: &GuestRam, long: bool) -> Table {
-    let code = if long {
-        0x00af_9a00_0000_ffff_u64
-    } else {
-        0x00cf_9a00_0000_ffff
-    };
+    let code = if long { 0x00af_9a00_0000_ffff_u64 } else { 0x00cf_9a00_0000_ffff };
     let data = 0x00cf_9200_0000_ffff_u64;
     ram.write_u64(GDT_ADDR, 0);
     ram.write_u64(GDT_ADDR + 8, code);
     ram.write_u64(GDT_ADDR + 16, data);
-    Table {
-        base: GDT_ADDR,
-        limit: 23,
-    }
+    Table { base: GDT_ADDR, limit: 23 }
 }
 
 /// State for flat 32-bit protected mode (`long == false`) or 64-bit long mode, based on the
@@ -295,21 +278,10 @@ pub fn protected_state(base: CpuState, gdt: Table, long: bool) -> CpuState {
     st.gdt = gdt;
     st.idt = Table { base: 0, limit: 0 };
     for (i, s) in st.segs.iter_mut().enumerate() {
-        *s = if i == 1 {
-            flat_segment(0x08, true, long)
-        } else {
-            flat_segment(0x10, false, long)
-        };
+        *s = if i == 1 { flat_segment(0x08, true, long) } else { flat_segment(0x10, false, long) };
     }
     // A busy TSS: type 11 (required in IA-32e mode by VM entry, valid in 32-bit mode too).
-    st.tr = Segment {
-        base: 0,
-        limit: 0x67,
-        selector: 0,
-        type_: 11,
-        present: true,
-        ..Default::default()
-    };
+    st.tr = Segment { base: 0, limit: 0x67, selector: 0, type_: 11, present: true, ..Default::default() };
     if long {
         st.cr0 = 0x8000_0011; // PG | ET | PE
         st.cr3 = PML4_ADDR;
@@ -370,11 +342,7 @@ pub struct Guest {
 
 impl Guest {
     fn new(mode: Mode, ram: GuestRam) -> Self {
-        Self {
-            ram,
-            mode,
-            idt: None,
-        }
+        Self { ram, mode, idt: None }
     }
 
     /// The initial register state, derived from the vCPU's reset state `base`.
@@ -486,10 +454,7 @@ pub fn long_mode_serial_and_mmio() -> Guest {
 pub fn check_long_mode_serial_and_mmio(io: &TestIo, after: &CpuState) {
     assert_eq!(io.done, Some(0));
     assert_eq!(io.serial_str(), "long mode ok\nMMIO\n");
-    assert_eq!(
-        io.mmio_writes,
-        vec![(MMIO_GPA, 0x1122_3344_5566_7788_u64.to_le_bytes().to_vec())]
-    );
+    assert_eq!(io.mmio_writes, vec![(MMIO_GPA, 0x1122_3344_5566_7788_u64.to_le_bytes().to_vec())]);
     assert_eq!(io.mmio_reads, vec![(MMIO_GPA + 8, 4)]);
     // The state read back is still long mode.
     assert!(after.segs[1].l);
@@ -511,10 +476,7 @@ pub fn triple_fault() -> Guest {
     emit_done(&mut a).unwrap();
     ram.write(CODE_ADDR, &a.assemble(CODE_ADDR).unwrap());
     let mut g = Guest::new(Mode::Protected(gdt), ram);
-    g.idt = Some(Table {
-        base: 0,
-        limit: 0xffff,
-    });
+    g.idt = Some(Table { base: 0, limit: 0xffff });
     g
 }
 
@@ -549,23 +511,9 @@ pub fn unclaimed_port_and_string_io() -> Guest {
 pub fn check_unclaimed_port_and_string_io(io: &TestIo) {
     assert_eq!(
         io.recorded,
-        vec![
-            vec![0xff],
-            vec![0xff, 0xff],
-            vec![0xff, 0xff, 0xff, 0xff],
-            b"a".to_vec(),
-            b"b".to_vec(),
-            b"c".to_vec(),
-        ]
+        vec![vec![0xff], vec![0xff, 0xff], vec![0xff, 0xff, 0xff, 0xff], b"a".to_vec(), b"b".to_vec(), b"c".to_vec(),]
     );
-    assert_eq!(
-        io.pio_reads,
-        vec![
-            (UNCLAIMED_PORT, 1),
-            (UNCLAIMED_PORT, 2),
-            (UNCLAIMED_PORT, 4)
-        ]
-    );
+    assert_eq!(io.pio_reads, vec![(UNCLAIMED_PORT, 1), (UNCLAIMED_PORT, 2), (UNCLAIMED_PORT, 4)]);
 }
 
 /// 64-bit long mode: `popcnt ebx, ecx` with ecx = 0xf0f0 (rbx = 8 afterwards), then done.
@@ -588,8 +536,7 @@ pub fn check_popcnt(io: &TestIo, after: &CpuState) {
 
 /// A 64-bit interrupt gate (type 0xe, DPL 0, present) to `handler` in code segment 0x08.
 fn idt_gate64(handler: u64) -> [u64; 2] {
-    let lo =
-        (handler & 0xffff) | (0x08 << 16) | (0x8e_u64 << 40) | (((handler >> 16) & 0xffff) << 48);
+    let lo = (handler & 0xffff) | (0x08 << 16) | (0x8e_u64 << 40) | (((handler >> 16) & 0xffff) << 48);
     [lo, handler >> 32]
 }
 

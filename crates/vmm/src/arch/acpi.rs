@@ -39,16 +39,11 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> crate::Result<u64> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
     let typ = S5_SLP_TYP as u8;
     let zero = 0u8;
-    let s5 = Name::new(
-        Path::new("_S5_"),
-        &Package::new(vec![&typ, &typ, &zero, &zero]),
-    );
+    let s5 = Name::new(Path::new("_S5_"), &Package::new(vec![&typ, &typ, &zero, &zero]));
     dsdt.append_slice(&aml_bytes(&s5));
-    mem.write_slice(dsdt.as_slice(), GuestAddress(DSDT_ADDR))
-        .map_err(merr)?;
+    mem.write_slice(dsdt.as_slice(), GuestAddress(DSDT_ADDR)).map_err(merr)?;
 
-    mem.write_slice(&aml_bytes(&FACS::new()), GuestAddress(FACS_ADDR))
-        .map_err(merr)?;
+    mem.write_slice(&aml_bytes(&FACS::new()), GuestAddress(FACS_ADDR)).map_err(merr)?;
 
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE, 1)
         .dsdt_64(DSDT_ADDR)
@@ -64,19 +59,13 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> crate::Result<u64> {
     fadt.century = 0x32;
     // IA-PC boot architecture flags: legacy devices and an 8042 are present.
     fadt.iapc_boot_arch = 0x3u16.into();
-    mem.write_slice(&aml_bytes(&fadt.finalize()), GuestAddress(FADT_ADDR))
-        .map_err(merr)?;
+    mem.write_slice(&aml_bytes(&fadt.finalize()), GuestAddress(FADT_ADDR)).map_err(merr)?;
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, 1);
     xsdt.add_entry(FADT_ADDR);
-    mem.write_slice(&aml_bytes(&xsdt), GuestAddress(XSDT_ADDR))
-        .map_err(merr)?;
+    mem.write_slice(&aml_bytes(&xsdt), GuestAddress(XSDT_ADDR)).map_err(merr)?;
 
-    mem.write_slice(
-        &aml_bytes(&Rsdp::new(OEM_ID, XSDT_ADDR)),
-        GuestAddress(RSDP_ADDR),
-    )
-    .map_err(merr)?;
+    mem.write_slice(&aml_bytes(&Rsdp::new(OEM_ID, XSDT_ADDR)), GuestAddress(RSDP_ADDR)).map_err(merr)?;
     Ok(RSDP_ADDR)
 }
 
@@ -96,15 +85,8 @@ mod tests {
         mem.read_slice(&mut rsdp, GuestAddress(RSDP_ADDR)).unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
-        assert_eq!(
-            u64::from_le_bytes(rsdp[24..32].try_into().unwrap()),
-            XSDT_ADDR
-        );
-        for (addr, sig) in [
-            (XSDT_ADDR, b"XSDT"),
-            (FADT_ADDR, b"FACP"),
-            (DSDT_ADDR, b"DSDT"),
-        ] {
+        assert_eq!(u64::from_le_bytes(rsdp[24..32].try_into().unwrap()), XSDT_ADDR);
+        for (addr, sig) in [(XSDT_ADDR, b"XSDT"), (FADT_ADDR, b"FACP"), (DSDT_ADDR, b"DSDT")] {
             let mut hdr = [0u8; 8];
             mem.read_slice(&mut hdr, GuestAddress(addr)).unwrap();
             assert_eq!(&hdr[..4], sig);
@@ -116,9 +98,6 @@ mod tests {
         // The FADT's PM1a control block is where the PM device listens.
         let mut fadt = [0u8; 276];
         mem.read_slice(&mut fadt, GuestAddress(FADT_ADDR)).unwrap();
-        assert_eq!(
-            u32::from_le_bytes(fadt[64..68].try_into().unwrap()),
-            u32::from(PM1A_CNT_BLK)
-        );
+        assert_eq!(u32::from_le_bytes(fadt[64..68].try_into().unwrap()), u32::from(PM1A_CNT_BLK));
     }
 }

@@ -38,13 +38,7 @@ const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 
 /// GDT layout: null, 64-bit code (0x08), data (0x10), TSS (0x18), 32-bit code (0x20).
-const GDT: [u64; 5] = [
-    0,
-    0x00af_9b00_0000_ffff,
-    0x00cf_9300_0000_ffff,
-    0x0080_8b00_0000_ffff,
-    0x00cf_9b00_0000_ffff,
-];
+const GDT: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0080_8b00_0000_ffff, 0x00cf_9b00_0000_ffff];
 
 /// How the kernel is entered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,10 +59,7 @@ pub struct BootInfo {
 }
 
 fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
-    let mut v = vec![
-        (0, EBDA_START, E820_RAM),
-        (EBDA_START, KERNEL_ADDR - EBDA_START, E820_RESERVED),
-    ];
+    let mut v = vec![(0, EBDA_START, E820_RAM), (EBDA_START, KERNEL_ADDR - EBDA_START, E820_RESERVED)];
     for (gpa, size) in ram_ranges(mem_size) {
         if gpa == 0 {
             v.push((KERNEL_ADDR, size - KERNEL_ADDR, E820_RAM));
@@ -80,10 +71,7 @@ fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |err| Error::Io {
-        path: path.display().to_string(),
-        err,
-    }
+    move |err| Error::Io { path: path.display().to_string(), err }
 }
 
 fn mem_err(e: vm_memory::GuestMemoryError) -> Error {
@@ -113,26 +101,18 @@ pub fn load(
     if cmdline.len() + 1 > CMDLINE_MAX {
         return Err(Error::Config {
             field: "--cmdline",
-            msg: format!(
-                "{} bytes is too long (at most {})",
-                cmdline.len(),
-                CMDLINE_MAX - 1
-            ),
+            msg: format!("{} bytes is too long (at most {})", cmdline.len(), CMDLINE_MAX - 1),
         });
     }
     let mut cbytes = cmdline.as_bytes().to_vec();
     cbytes.push(0);
-    mem.write_slice(&cbytes, GuestAddress(CMDLINE_ADDR))
-        .map_err(mem_err)?;
+    mem.write_slice(&cbytes, GuestAddress(CMDLINE_ADDR)).map_err(mem_err)?;
     write_gdt_and_page_tables(mem)?;
 
     let (entry, kind, setup) = if is_bz {
-        let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR))).map_err(|e| {
-            Error::Kernel(format!("{}: not a loadable bzImage: {e}", kernel.display()))
-        })?;
-        let hdr = r
-            .setup_header
-            .ok_or_else(|| Error::Kernel("bzImage without setup header".into()))?;
+        let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR)))
+            .map_err(|e| Error::Kernel(format!("{}: not a loadable bzImage: {e}", kernel.display())))?;
+        let hdr = r.setup_header.ok_or_else(|| Error::Kernel("bzImage without setup header".into()))?;
         let (version, xlf) = (hdr.version, hdr.xloadflags);
         if version < 0x020c || xlf & 1 == 0 {
             return Err(Error::Kernel(format!(
@@ -143,20 +123,11 @@ pub fn load(
         }
         (r.kernel_load.0 + 0x200, EntryKind::Linux64, Some(hdr))
     } else if is_elf {
-        let r = Elf::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR))).map_err(|e| {
-            Error::Kernel(format!(
-                "{}: not a loadable ELF vmlinux: {e}",
-                kernel.display()
-            ))
-        })?;
+        let r = Elf::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR)))
+            .map_err(|e| Error::Kernel(format!("{}: not a loadable ELF vmlinux: {e}", kernel.display())))?;
         match r.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(a) => (a.0, EntryKind::Pvh, None),
-            _ => {
-                return Err(Error::Kernel(format!(
-                    "{}: ELF kernel has no PVH entry note",
-                    kernel.display()
-                )))
-            }
+            _ => return Err(Error::Kernel(format!("{}: ELF kernel has no PVH entry note", kernel.display()))),
         }
     } else {
         return Err(Error::Kernel(format!(
@@ -169,10 +140,7 @@ pub fn load(
     let mut initrd_loc = None;
     if let Some(p) = initrd {
         let data = std::fs::read(p).map_err(io_err(p))?;
-        let max = setup
-            .map(|h| u64::from(h.initrd_addr_max))
-            .unwrap_or(0xffff_ffff)
-            .min(low_end - 1);
+        let max = setup.map(|h| u64::from(h.initrd_addr_max)).unwrap_or(0xffff_ffff).min(low_end - 1);
         let size = data.len() as u64;
         let top = (max + 1) & !0xfff;
         if size + KERNEL_ADDR * 16 > top {
@@ -186,8 +154,7 @@ pub fn load(
             });
         }
         let addr = (top - size) & !0xfff;
-        mem.write_slice(&data, GuestAddress(addr))
-            .map_err(mem_err)?;
+        mem.write_slice(&data, GuestAddress(addr)).map_err(mem_err)?;
         initrd_loc = Some((addr, size));
     }
 
@@ -212,16 +179,11 @@ pub fn load(
                 bp.hdr.ramdisk_size = s as u32;
             }
             for (i, (addr, size, t)) in e820.iter().enumerate() {
-                bp.e820_table[i] = boot_e820_entry {
-                    addr: *addr,
-                    size: *size,
-                    r#type: *t,
-                };
+                bp.e820_table[i] = boot_e820_entry { addr: *addr, size: *size, r#type: *t };
             }
             bp.e820_entries = e820.len() as u8;
             bp.acpi_rsdp_addr = rsdp;
-            mem.write_obj(bp, GuestAddress(ZERO_PAGE_ADDR))
-                .map_err(mem_err)?;
+            mem.write_obj(bp, GuestAddress(ZERO_PAGE_ADDR)).map_err(mem_err)?;
         }
         EntryKind::Pvh => write_pvh_start_info(mem, &e820, initrd_loc, rsdp)?,
     }
@@ -248,16 +210,14 @@ fn write_pvh_start_info(
     si.extend_from_slice(&memmap.to_le_bytes());
     si.extend_from_slice(&(e820.len() as u32).to_le_bytes());
     si.extend_from_slice(&0u32.to_le_bytes());
-    mem.write_slice(&si, GuestAddress(PVH_INFO_ADDR))
-        .map_err(mem_err)?;
+    mem.write_slice(&si, GuestAddress(PVH_INFO_ADDR)).map_err(mem_err)?;
     for (i, (addr, size, t)) in e820.iter().enumerate() {
         let mut e = Vec::with_capacity(24);
         e.extend_from_slice(&addr.to_le_bytes());
         e.extend_from_slice(&size.to_le_bytes());
         e.extend_from_slice(&t.to_le_bytes());
         e.extend_from_slice(&0u32.to_le_bytes());
-        mem.write_slice(&e, GuestAddress(memmap + 24 * i as u64))
-            .map_err(mem_err)?;
+        mem.write_slice(&e, GuestAddress(memmap + 24 * i as u64)).map_err(mem_err)?;
     }
     if let Some((a, s)) = initrd {
         let mut m = Vec::with_capacity(32);
@@ -265,8 +225,7 @@ fn write_pvh_start_info(
         m.extend_from_slice(&s.to_le_bytes());
         m.extend_from_slice(&0u64.to_le_bytes());
         m.extend_from_slice(&0u64.to_le_bytes());
-        mem.write_slice(&m, GuestAddress(modlist))
-            .map_err(mem_err)?;
+        mem.write_slice(&m, GuestAddress(modlist)).map_err(mem_err)?;
     }
     Ok(())
 }
@@ -274,20 +233,16 @@ fn write_pvh_start_info(
 /// GDT at [`GDT_ADDR`] and identity page tables for the first 4 GiB (2 MiB pages).
 fn write_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
     for (i, d) in GDT.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(GDT_ADDR + 8 * i as u64))
-            .map_err(mem_err)?;
+        mem.write_obj(*d, GuestAddress(GDT_ADDR + 8 * i as u64)).map_err(mem_err)?;
     }
     let pdpt = PML4_ADDR + 0x1000;
-    mem.write_obj(pdpt | 3, GuestAddress(PML4_ADDR))
-        .map_err(mem_err)?;
+    mem.write_obj(pdpt | 3, GuestAddress(PML4_ADDR)).map_err(mem_err)?;
     for g in 0..4u64 {
         let pd = PML4_ADDR + 0x2000 + g * 0x1000;
-        mem.write_obj(pd | 3, GuestAddress(pdpt + g * 8))
-            .map_err(mem_err)?;
+        mem.write_obj(pd | 3, GuestAddress(pdpt + g * 8)).map_err(mem_err)?;
         for i in 0..512u64 {
             let pa = (g << 30) | (i << 21);
-            mem.write_obj(pa | 0x83, GuestAddress(pd + i * 8))
-                .map_err(mem_err)?;
+            mem.write_obj(pa | 0x83, GuestAddress(pd + i * 8)).map_err(mem_err)?;
         }
     }
     Ok(())
@@ -314,24 +269,14 @@ fn seg_from_gdt(index: u16) -> Segment {
 
 /// The boot vCPU's register state at the kernel entry.
 pub fn boot_cpu_state(info: &BootInfo) -> CpuState {
-    let mut s = CpuState {
-        rflags: 2,
-        ..CpuState::default()
-    };
+    let mut s = CpuState { rflags: 2, ..CpuState::default() };
     let data = seg_from_gdt(2);
     let mut tss = seg_from_gdt(3);
     tss.limit = 0xfffff;
     tss.selector = 0x18;
     s.tr = tss;
-    s.ldt = Segment {
-        unusable: true,
-        type_: 2,
-        ..Segment::default()
-    };
-    s.gdt = Table {
-        base: GDT_ADDR,
-        limit: (GDT.len() * 8 - 1) as u16,
-    };
+    s.ldt = Segment { unusable: true, type_: 2, ..Segment::default() };
+    s.gdt = Table { base: GDT_ADDR, limit: (GDT.len() * 8 - 1) as u16 };
     s.idt = Table { base: 0, limit: 0 };
     s.rip = info.entry;
     match info.kind {
@@ -356,11 +301,7 @@ pub fn boot_cpu_state(info: &BootInfo) -> CpuState {
 
 /// Size of RAM above 4 GiB for a given total, in bytes (for CMOS).
 pub fn high_mem(mem_size: u64) -> u64 {
-    ram_ranges(mem_size)
-        .iter()
-        .filter(|(g, _)| *g >= HIGH_RAM_START)
-        .map(|(_, s)| s)
-        .sum()
+    ram_ranges(mem_size).iter().filter(|(g, _)| *g >= HIGH_RAM_START).map(|(_, s)| s).sum()
 }
 
 #[cfg(test)]
@@ -400,17 +341,11 @@ mod tests {
 
     #[test]
     fn boot_state_64bit_entry() {
-        let s = boot_cpu_state(&BootInfo {
-            entry: 0x100200,
-            kind: EntryKind::Linux64,
-        });
+        let s = boot_cpu_state(&BootInfo { entry: 0x100200, kind: EntryKind::Linux64 });
         assert_eq!(s.rip, 0x100200);
         assert!(s.segs[1].l && !s.segs[1].db);
         assert_eq!(s.gprs[6], ZERO_PAGE_ADDR);
-        let s = boot_cpu_state(&BootInfo {
-            entry: 0x1000000,
-            kind: EntryKind::Pvh,
-        });
+        let s = boot_cpu_state(&BootInfo { entry: 0x1000000, kind: EntryKind::Pvh });
         assert!(s.segs[1].db && !s.segs[1].l);
         assert_eq!(s.cr0 & 0x8000_0000, 0);
         assert_eq!(s.gprs[3], PVH_INFO_ADDR);

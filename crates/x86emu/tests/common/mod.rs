@@ -83,13 +83,9 @@ pub const DF: u64 = 0x400;
 pub const OF: u64 = 0x800;
 pub const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
 
-const GPRS: [AsmRegister64; 16] = [
-    rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15,
-];
-const XMMS: [AsmRegisterXmm; 16] = [
-    xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14,
-    xmm15,
-];
+const GPRS: [AsmRegister64; 16] = [rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15];
+const XMMS: [AsmRegisterXmm; 16] =
+    [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15];
 const MMS: [AsmRegisterMm; 8] = [mm0, mm1, mm2, mm3, mm4, mm5, mm6, mm7];
 
 /// Whether the host CPU is an AMD one (some "undefined" results differ by vendor; the
@@ -280,27 +276,15 @@ pub fn f80_val(r: &mut Rng) -> [u8; 10] {
             (0xc90f_daa2_2168_c235, 0x403f),
             (1 << 63, 0x403e),
         ]),
-        1 => (
-            r.next() | (1 << 63),
-            (0x3fff - 70 + r.below(140) as u16) | ((r.below(2) as u16) << 15),
-        ),
+        1 => (r.next() | (1 << 63), (0x3fff - 70 + r.below(140) as u16) | ((r.below(2) as u16) << 15)),
         2 => {
             // An integer value (exact in every integer format), possibly negative.
             let n = r.below(1 << 20) + 1;
             let lz = n.leading_zeros();
-            (
-                n << lz,
-                (0x3fff + 63 - lz as u16) | (r.below(2) as u16) << 15,
-            )
+            (n << lz, (0x3fff + 63 - lz as u16) | (r.below(2) as u16) << 15)
         }
-        3 => (
-            r.next() | (1 << 63),
-            (0x3fff - 16000 + r.below(32000)) as u16 | (r.below(2) as u16) << 15,
-        ),
-        _ => (
-            r.next() | (1 << 63),
-            (0x3fff - 20 + r.below(40) as u16) | ((r.below(2) as u16) << 15),
-        ),
+        3 => (r.next() | (1 << 63), (0x3fff - 16000 + r.below(32000)) as u16 | (r.below(2) as u16) << 15),
+        _ => (r.next() | (1 << 63), (0x3fff - 20 + r.below(40) as u16) | ((r.below(2) as u16) << 15)),
     };
     let mut v = [0u8; 10];
     v[..8].copy_from_slice(&mant.to_le_bytes());
@@ -381,17 +365,8 @@ pub struct Form {
 }
 
 impl Form {
-    pub fn new(
-        name: impl Into<String>,
-        emit: impl Fn(&mut CodeAssembler) -> Result<(), IcedError> + 'static,
-    ) -> Form {
-        Form {
-            name: name.into(),
-            emit: Box::new(emit),
-            x87: 0,
-            mmx: false,
-            flags: ARITH | DF,
-        }
+    pub fn new(name: impl Into<String>, emit: impl Fn(&mut CodeAssembler) -> Result<(), IcedError> + 'static) -> Form {
+        Form { name: name.into(), emit: Box::new(emit), x87: 0, mmx: false, flags: ARITH | DF }
     }
     pub fn x87(mut self, n: usize) -> Form {
         self.x87 = n;
@@ -498,33 +473,15 @@ impl Harness {
         put(0x2000 + ((base >> 30) & 511) * 8, 0x3003);
         put(0x3000 + ((base >> 21) & 511) * 8, 0x4003);
         for i in 0..(BLOCK as u64 / 4096) {
-            put(
-                0x4000 + (((base >> 12) & 511) + i) * 8,
-                (BLOCK_GPA + i * 4096) | 3,
-            );
+            put(0x4000 + (((base >> 12) & 511) + i) * 8, (BLOCK_GPA + i * 4096) | 3);
         }
         let ram = vec![
-            RamRegion {
-                gpa: PT_GPA,
-                size: PT_SIZE as u64,
-                host: pt.as_mut_ptr(),
-            },
-            RamRegion {
-                gpa: BLOCK_GPA,
-                size: BLOCK as u64,
-                host: block,
-            },
+            RamRegion { gpa: PT_GPA, size: PT_SIZE as u64, host: pt.as_mut_ptr() },
+            RamRegion { gpa: BLOCK_GPA, size: BLOCK as u64, host: block },
         ];
         let cpu = Cpu::new(ram, CpuConfig::default());
-        let mut h = Harness {
-            block,
-            _pt: pt,
-            cpu,
-            bus: TestBus { pending: false },
-            base,
-            form_x87: 0,
-            form_mmx: false,
-        };
+        let mut h =
+            Harness { block, _pt: pt, cpu, bus: TestBus { pending: false }, base, form_x87: 0, form_mmx: false };
 
         // Exception stubs and the final hlt.
         h.mem_mut()[HANDLERS..HLT_STUB + 16].fill(0xf4);
@@ -533,17 +490,8 @@ impl Harness {
             h.put64(GDT + 8 * i, *d);
         }
         for v in 0..=ENTRY_VECTOR {
-            let target = base
-                + if v == ENTRY_VECTOR {
-                    CODE
-                } else {
-                    HANDLERS + 16 * v
-                } as u64;
-            let lo = (target & 0xffff)
-                | (8 << 16)
-                | (0xe << 40)
-                | (1 << 47)
-                | ((target >> 16) & 0xffff) << 48;
+            let target = base + if v == ENTRY_VECTOR { CODE } else { HANDLERS + 16 * v } as u64;
+            let lo = (target & 0xffff) | (8 << 16) | (0xe << 40) | (1 << 47) | ((target >> 16) & 0xffff) << 48;
             h.put64(IDT + 16 * v, lo);
             h.put64(IDT + 16 * v + 8, target >> 32);
         }
@@ -575,9 +523,7 @@ impl Harness {
 
     /// Assembles the snippet for `form` into the block.
     pub fn load(&mut self, form: &Form) {
-        let code = self
-            .assemble(form)
-            .unwrap_or_else(|e| panic!("assembling {}: {e}", form.name));
+        let code = self.assemble(form).unwrap_or_else(|e| panic!("assembling {}: {e}", form.name));
         assert!(code.len() <= HANDLERS - CODE, "snippet too long");
         self.mem_mut()[CODE..CODE + code.len()].copy_from_slice(&code);
         self.form_x87 = form.x87;
@@ -697,11 +643,7 @@ impl Harness {
         }
         let mut xmm = [0u128; 16];
         for (i, x) in xmm.iter_mut().enumerate() {
-            *x = u128::from_le_bytes(
-                m[OUT + S_XMM + 16 * i..OUT + S_XMM + 16 * i + 16]
-                    .try_into()
-                    .unwrap(),
-            );
+            *x = u128::from_le_bytes(m[OUT + S_XMM + 16 * i..OUT + S_XMM + 16 * i + 16].try_into().unwrap());
         }
         let mut mm = [0u64; 8];
         if self.form_mmx {
@@ -715,11 +657,7 @@ impl Harness {
             mxcsr: u32::from_le_bytes(m[OUT + S_MXCSR..OUT + S_MXCSR + 4].try_into().unwrap()),
             xmm,
             mm,
-            fx: if self.form_x87 > 0 {
-                m[FX_OUT..FX_OUT + 512].to_vec()
-            } else {
-                Vec::new()
-            },
+            fx: if self.form_x87 > 0 { m[FX_OUT..FX_OUT + 512].to_vec() } else { Vec::new() },
             mem: m[SCRATCH..SCRATCH + SCRATCH_LEN].to_vec(),
         }
     }
@@ -749,27 +687,12 @@ impl Harness {
         c.cr4 = CR4;
         c.efer = EFER;
         c.fpu = FpuState::default();
-        c.seg[1] = Seg {
-            selector: 8,
-            base: 0,
-            limit: 0xffff_ffff,
-            attr: 0xa09b,
-        };
+        c.seg[1] = Seg { selector: 8, base: 0, limit: 0xffff_ffff, attr: 0xa09b };
         for i in [0, 2, 3] {
-            c.seg[i] = Seg {
-                selector: 0x10,
-                base: 0,
-                limit: 0xffff_ffff,
-                attr: 0xc093,
-            };
+            c.seg[i] = Seg { selector: 0x10, base: 0, limit: 0xffff_ffff, attr: 0xc093 };
         }
         for i in [4, 5] {
-            c.seg[i] = Seg {
-                selector: 0,
-                base: 0,
-                limit: 0xffff_ffff,
-                attr: 0xc093,
-            };
+            c.seg[i] = Seg { selector: 0, base: 0, limit: 0xffff_ffff, attr: 0xc093 };
         }
         c.gdtr_base = self.base + GDT as u64;
         c.gdtr_limit = 0x17;
@@ -778,11 +701,7 @@ impl Harness {
     }
 
     /// Runs the loaded snippet in the emulator; `tweak` may adjust the CPU first.
-    pub fn run_emu_with(
-        &mut self,
-        st: &State,
-        tweak: impl FnOnce(&mut Cpu),
-    ) -> Result<Out, EmuEnd> {
+    pub fn run_emu_with(&mut self, st: &State, tweak: impl FnOnce(&mut Cpu)) -> Result<Out, EmuEnd> {
         self.write_state(st);
         self.reset_cpu();
         tweak(&mut self.cpu);
@@ -798,10 +717,7 @@ impl Harness {
         if (HANDLERS..HLT_STUB).contains(&rip) {
             return Err(EmuEnd::Fault(((rip - HANDLERS) / 16) as u8));
         }
-        Err(EmuEnd::Exit(Exit::Unsupported(format!(
-            "halted at {:#x}",
-            self.cpu.rip
-        ))))
+        Err(EmuEnd::Exit(Exit::Unsupported(format!("halted at {:#x}", self.cpu.rip))))
     }
 
     pub fn run_emu(&mut self, st: &State) -> Result<Out, EmuEnd> {
@@ -844,16 +760,10 @@ fn diff(form: &Form, st: &State, n: &Out, e: &Out) -> Option<String> {
     let mut s = String::new();
     for i in 0..16 {
         if n.gpr[i] != e.gpr[i] {
-            s += &format!(
-                "  gpr[{i}]: native {:#018x} emu {:#018x}\n",
-                n.gpr[i], e.gpr[i]
-            );
+            s += &format!("  gpr[{i}]: native {:#018x} emu {:#018x}\n", n.gpr[i], e.gpr[i]);
         }
         if n.xmm[i] != e.xmm[i] {
-            s += &format!(
-                "  xmm{i}: native {:#034x} emu {:#034x}\n",
-                n.xmm[i], e.xmm[i]
-            );
+            s += &format!("  xmm{i}: native {:#034x} emu {:#034x}\n", n.xmm[i], e.xmm[i]);
         }
     }
     if (n.rflags ^ e.rflags) & form.flags != 0 {
@@ -881,12 +791,7 @@ fn diff(form: &Form, st: &State, n: &Out, e: &Out) -> Option<String> {
         );
     }
     if n.mem != e.mem {
-        let first = n
-            .mem
-            .iter()
-            .zip(&e.mem)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
+        let first = n.mem.iter().zip(&e.mem).position(|(a, b)| a != b).unwrap_or(0);
         let lo = first & !7;
         s += &format!(
             "  memory differs at block offset {:#x}: native {:02x?} emu {:02x?}\n",
@@ -921,13 +826,7 @@ pub struct Checker {
 
 impl Checker {
     pub fn new(seed: u64) -> Checker {
-        Checker {
-            h: Harness::new(),
-            rng: Rng::new(seed),
-            failures: Vec::new(),
-            cases: 0,
-            forms: 0,
-        }
+        Checker { h: Harness::new(), rng: Rng::new(seed), failures: Vec::new(), cases: 0, forms: 0 }
     }
 
     /// Runs `form` `n` times from random states adjusted by `setup`, natively and in the
@@ -944,10 +843,7 @@ impl Checker {
             self.cases += 1;
             let msg = match emu {
                 Ok(e) => diff(form, &st, &native, &e),
-                Err(end) => Some(format!(
-                    "{}: emulator ended with {end:?}; input {st:x?}",
-                    form.name
-                )),
+                Err(end) => Some(format!("{}: emulator ended with {end:?}; input {st:x?}", form.name)),
             };
             if let Some(m) = msg {
                 fails += 1;
@@ -957,8 +853,7 @@ impl Checker {
             }
         }
         if fails > 2 {
-            self.failures
-                .push(format!("{}: {fails} of {n} cases differ", form.name));
+            self.failures.push(format!("{}: {fails} of {n} cases differ", form.name));
         }
     }
 
