@@ -1605,3 +1605,87 @@ impl LoopWidth for Instruction {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::cpu::{ctl, Cpu, CpuConfig, Exit, Seg};
+    use crate::{Bus, RamRegion};
+
+    struct NoBus;
+    impl Bus for NoBus {
+        fn io_in(&mut self, _: u16, _: u8) -> u32 {
+            !0
+        }
+        fn io_out(&mut self, _: u16, _: u8, _: u32) {}
+        fn mmio_read(&mut self, _: u64, _: u8) -> u64 {
+            !0
+        }
+        fn mmio_write(&mut self, _: u64, _: u8, _: u64) {}
+        fn interrupt_pending(&mut self) -> bool {
+            false
+        }
+        fn ack_interrupt(&mut self) -> Option<u8> {
+            None
+        }
+        fn now_ns(&mut self) -> u64 {
+            0
+        }
+    }
+
+    /// A 64-bit CPU over `ram` with the first 2 MiB identity-mapped.
+    fn long_mode_cpu(ram: &mut [u8]) -> Cpu {
+        let put = |ram: &mut [u8], at: usize, v: u64| ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        put(ram, 0x1000, 0x2000 | 3);
+        put(ram, 0x2000, 0x3000 | 3);
+        put(ram, 0x3000, 0x83);
+        let r = RamRegion { gpa: 0, size: ram.len() as u64, host: ram.as_mut_ptr() };
+        let mut c = Cpu::new(vec![r], CpuConfig::default());
+        c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP | 0x10;
+        c.cr4 = ctl::CR4_PAE;
+        c.cr3 = 0x1000;
+        c.efer = ctl::EFER_LME | ctl::EFER_LMA;
+        c.seg[1] = Seg { selector: 8, base: 0, limit: 0xffff_ffff, attr: 0xa09b };
+        c.gpr[4] = 0x8000;
+        c
+    }
+
+    #[test]
+    fn guest_store_to_cached_code_is_seen() {
+        let mut ram = vec![0u8; 4 << 20];
+        // 0x10000: mov eax, 1 ; hlt
+        ram[0x10000..0x10006].copy_from_slice(&[0xb8, 1, 0, 0, 0, 0xf4]);
+        // 0x20000: mov byte [0x10001], 2 ; hlt
+        ram[0x20000..0x20009].copy_from_slice(&[0xc6, 0x04, 0x25, 0x01, 0x00, 0x01, 0x00, 0x02, 0xf4]);
+        let mut c = long_mode_cpu(&mut ram);
+        let mut bus = NoBus;
+        c.rip = 0x10000;
+        assert_eq!(c.run(&mut bus, 100), Exit::HaltedForever);
+        assert_eq!(c.gpr[0], 1);
+        // The guest patches the immediate of the (now cached) instruction...
+        c.halted = false;
+        c.rip = 0x20000;
+        assert_eq!(c.run(&mut bus, 100), Exit::HaltedForever);
+        // ...and running it again executes the new bytes.
+        c.halted = false;
+        c.rip = 0x10000;
+        assert_eq!(c.run(&mut bus, 100), Exit::HaltedForever);
+        assert_eq!(c.gpr[0], 2);
+    }
+
+    #[test]
+    fn self_modifying_code_within_a_block_stops_the_block() {
+        let mut ram = vec![0u8; 4 << 20];
+        // 0x10000: mov byte [0x1000a], 7 ; mov eax, 0 (imm at 0x1000a) ; hlt
+        // The store patches the very next instruction of the same block.
+        let code = [0xc6, 0x04, 0x25, 0x0a, 0x00, 0x01, 0x00, 0x07, 0xb8, 0x00, 0x00, 0x00, 0x00, 0xf4];
+        // mov eax, imm32 is at 0x10008; its immediate starts at 0x10009.
+        let mut code = code.to_vec();
+        code[3] = 0x09;
+        ram[0x10000..0x10000 + code.len()].copy_from_slice(&code);
+        let mut c = long_mode_cpu(&mut ram);
+        let mut bus = NoBus;
+        c.rip = 0x10000;
+        assert_eq!(c.run(&mut bus, 100), Exit::HaltedForever);
+        assert_eq!(c.gpr[0], 7, "the patched instruction must run with its new immediate");
+    }
+}
