@@ -16,6 +16,8 @@ use crate::{arch, memory, Error, Result};
 
 /// TSC frequency advertised to emulated guests (Hz); also their LAPIC bus clock.
 pub const EMU_TSC_HZ: u64 = 1_000_000_000;
+/// Most vCPUs a VM may have (the MP table's APIC IDs, the IOAPIC taking the next one).
+pub const MAX_CPUS: u8 = 64;
 /// COM1 I/O base and IRQ.
 const COM1: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
@@ -35,9 +37,10 @@ pub enum RunOutcome {
 }
 
 /// The bus a vCPU's exits go to: port I/O and MMIO devices.
+#[derive(Clone)]
 pub struct DeviceBus {
-    pio: PioBus,
-    mmio: MmioBus,
+    pio: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
 }
 
 impl ExitHandler for DeviceBus {
@@ -97,6 +100,8 @@ pub struct Vm {
     vcpu: Box<dyn Vcpu>,
     stop: Arc<AtomicBool>,
     bus: DeviceBus,
+    /// KVM application processors, started on their own threads by [`Vm::run`].
+    aps: Vec<accel::kvm::KvmVcpu>,
     serial: Arc<Mutex<Serial>>,
     reset: Arc<AtomicBool>,
     /// Set by the ACPI PM device when the guest enters S5.
@@ -167,14 +172,18 @@ impl Vm {
                 msg: format!("{} vCPUs requested; the emu accelerator runs 1 vCPU for now (accepted: 1)", cfg.cpus),
             });
         }
-        if !is_emu && cfg.cpus > 1 {
+        if cfg.cpus > MAX_CPUS {
             return Err(Error::Config {
                 field: "--cpus",
-                msg: format!("{} vCPUs requested; only 1 is implemented so far (accepted: 1)", cfg.cpus),
+                msg: format!("{} vCPUs requested (accepted: 1 to {MAX_CPUS})", cfg.cpus),
             });
         }
         let mem = memory::create(cfg.mem_size)?;
         let info = arch::load(&mem, cfg.mem_size, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+        if !is_emu {
+            // The MP table lists every vCPU's local APIC and the in-kernel IOAPIC.
+            arch::mptable::write(&mem, cfg.cpus)?;
+        }
         let ram = memory::regions(&mem);
 
         let mut pio = PioBus::new();
@@ -185,6 +194,7 @@ impl Vm {
         let clock: devices::Clock = Arc::new(move || start.elapsed().as_nanos() as u64);
         let dev_err = |e: devices::Error| Error::Device(e.to_string());
 
+        let mut aps = Vec::new();
         let (vcpu, stop, serial_irq, kvm): VcpuParts = if is_emu {
             let chip = Arc::new(Mutex::new(EmuIrqchip::new(clock.clone(), EMU_TSC_HZ)));
             for (base, len) in [(0x20u16, 2u16), (0xa0, 2), (0x4d0, 2), (0x40, 4), (0x61, 1)] {
@@ -199,6 +209,10 @@ impl Vm {
         } else {
             let vm = Arc::new(KvmVm::new(&ram)?);
             let v = vm.create_vcpu(0)?;
+            // Application processors wait in KVM for the guest's INIT/SIPI (MP spec B.4).
+            for id in 1..cfg.cpus {
+                aps.push(vm.create_vcpu(id)?);
+            }
             let stop = v.stop_flag();
             let line: Arc<dyn IrqLine> = Arc::new(KvmIrq { vm: vm.clone(), gsi: COM1_IRQ });
             (Box::new(v), stop, line, Some(vm))
@@ -227,7 +241,8 @@ impl Vm {
             _memory: mem,
             vcpu,
             stop,
-            bus: DeviceBus { pio, mmio },
+            bus: DeviceBus { pio: Arc::new(pio), mmio: Arc::new(mmio) },
+            aps,
             serial,
             reset,
             power_off,
@@ -255,6 +270,32 @@ impl Vm {
     /// Errors: `Error::Accel` when the accelerator cannot go on (e.g. an instruction the
     /// emulator does not implement, a KVM internal error).
     pub fn run(&mut self) -> Result<RunOutcome> {
+        // Each AP runs on its own thread with its own handle on the (shared, internally
+        // locked) device buses. An AP that stops the VM (reset, power-off, error) raises the
+        // boot vCPU's stop flag so the loop below returns; AP threads end with the process.
+        for mut ap in self.aps.drain(..) {
+            let mut bus = self.bus.clone();
+            let (reset, power_off, stop) = (self.reset.clone(), self.power_off.clone(), self.stop.clone());
+            std::thread::Builder::new()
+                .name(format!("vcpu{}", ap.id()))
+                .spawn(move || loop {
+                    match ap.run(&mut bus) {
+                        Ok(VcpuExit::Interrupted) => {}
+                        Ok(VcpuExit::Hlt) => std::thread::sleep(std::time::Duration::from_millis(1)),
+                        Ok(VcpuExit::Shutdown) => {
+                            power_off.store(true, Ordering::SeqCst);
+                            stop.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(VcpuExit::Reset(_)) | Err(_) => {
+                            reset.store(true, Ordering::SeqCst);
+                            stop.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| Error::Device(format!("vCPU thread: {e}")))?;
+        }
         loop {
             let exit = self.vcpu.run(&mut self.bus)?;
             if self.quit.load(Ordering::SeqCst) {

@@ -3,6 +3,7 @@
 //! and GDT, and the vCPU state at the kernel's entry point.
 
 pub mod acpi;
+pub mod mptable;
 
 use accel::{CpuState, Segment, Table};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
