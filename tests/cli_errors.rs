@@ -80,3 +80,14 @@ fn initrd_larger_than_memory_is_refused() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--initrd") && err.contains("does not fit"), "{err}");
 }
+
+#[test]
+fn cpu_count_is_checked() {
+    let k = tmpfile("k5", b"x");
+    let (code, err) = run(&["run", "--kernel", &k, "--cpus", "0", "--serial", "null"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--cpus") && err.contains("at least 1"), "{err}");
+    let (code, err) = run(&["run", "--kernel", &k, "--cpus", "300", "--serial", "null"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--cpus"), "{err}");
+}
