@@ -46,57 +46,81 @@ pub(crate) enum Op1 {
 }
 
 macro_rules! bin_asm {
-    ($ins:literal, $a:ident, $b:ident, $fl:ident, $m:literal) => {
-        // SAFETY: pure register arithmetic; the flag round trip only touches the stack slot
-        // PUSHFQ/POPFQ use, and only arithmetic flags are loaded.
+    ($ins:literal, $a:ident, $b:ident, $fl:ident, $m:literal) => {{
+        // Guest flags in: OF through an ADD that overflows iff OF is set, the other five
+        // through SAHF. Flags out: LAHF and SETO. (Much cheaper than POPFQ/PUSHFQ.)
+        let seed: u64 = if $fl & crate::cpu::flags::OF != 0 { 0x40 } else { 0 };
+        let h: u64 = $fl & 0xff;
+        let lo: u64;
+        let o: u64;
+        // SAFETY: pure register arithmetic; RAX is declared clobbered for AH.
         unsafe {
             asm!(
-                "push {fl}",
-                "popfq",
+                "add {s:l}, {s:l}",
+                "mov ah, {h:l}",
+                "sahf",
                 concat!($ins, " {a", $m, "}, {b", $m, "}"),
-                "pushfq",
-                "pop {fl}",
+                "lahf",
+                "seto {s:l}",
                 a = inout(reg) $a,
                 b = in(reg) $b,
-                fl = inout(reg) $fl,
+                s = inout(reg) seed => o,
+                h = in(reg_abcd) h,
+                out("rax") lo,
+                options(nostack),
             )
         }
-    };
+        $fl = ((lo >> 8) & 0xd5) | if o & 1 != 0 { crate::cpu::flags::OF } else { 0 };
+    }};
 }
 
 macro_rules! bin_asm_nf {
-    ($ins:literal, $a:ident, $b:ident, $fl:ident, $m:literal) => {
+    ($ins:literal, $a:ident, $b:ident, $fl:ident, $m:literal) => {{
+        let lo: u64;
+        let o: u64;
         // SAFETY: pure register arithmetic whose flags do not depend on the input flags;
-        // PUSHFQ/POP only touch the stack slot they use.
+        // RAX is declared clobbered for LAHF.
         unsafe {
             asm!(
                 concat!($ins, " {a", $m, "}, {b", $m, "}"),
-                "pushfq",
-                "pop {fl}",
+                "lahf",
+                "seto {s:l}",
                 a = inout(reg) $a,
                 b = in(reg) $b,
-                fl = out(reg) $fl,
+                s = out(reg) o,
+                out("rax") lo,
+                options(nostack),
             )
         }
-    };
+        $fl = ((lo >> 8) & 0xd5) | if o & 1 != 0 { crate::cpu::flags::OF } else { 0 };
+    }};
 }
 
 macro_rules! shift_asm {
-    ($ins:literal, $a:ident, $c:ident, $fl:ident, $m:literal) => {
+    ($ins:literal, $a:ident, $c:ident, $fl:ident, $m:literal) => {{
+        let seed: u64 = if $fl & crate::cpu::flags::OF != 0 { 0x40 } else { 0 };
+        let h: u64 = $fl & 0xff;
+        let lo: u64;
+        let o: u64;
         // SAFETY: as in bin_asm; the count lives in CL.
         unsafe {
             asm!(
-                "push {fl}",
-                "popfq",
+                "add {s:l}, {s:l}",
+                "mov ah, {h:l}",
+                "sahf",
                 concat!($ins, " {a", $m, "}, cl"),
-                "pushfq",
-                "pop {fl}",
+                "lahf",
+                "seto {s:l}",
                 a = inout(reg) $a,
                 in("cl") $c as u8,
-                fl = inout(reg) $fl,
+                s = inout(reg) seed => o,
+                h = in(reg_abcd) h,
+                out("rax") lo,
+                options(nostack),
             )
         }
-    };
+        $fl = ((lo >> 8) & 0xd5) | if o & 1 != 0 { crate::cpu::flags::OF } else { 0 };
+    }};
 }
 
 macro_rules! by_size {
@@ -318,19 +342,24 @@ pub(crate) fn arith(op: Op2, size: usize, a: u64, b: u64, flags: u64) -> (u64, u
 }
 
 macro_rules! un_asm_nf {
-    ($ins:literal, $a:ident, $fl:ident, $m:literal) => {
+    ($ins:literal, $a:ident, $fl:ident, $m:literal) => {{
+        let lo: u64;
+        let o: u64;
         // SAFETY: register-only arithmetic whose flags (other than INC/DEC's preserved CF,
         // merged by the caller) do not depend on input flags.
         unsafe {
             asm!(
                 concat!($ins, " {a", $m, "}"),
-                "pushfq",
-                "pop {fl}",
+                "lahf",
+                "seto {s:l}",
                 a = inout(reg) $a,
-                fl = out(reg) $fl,
+                s = out(reg) o,
+                out("rax") lo,
+                options(nostack),
             )
         }
-    };
+        $fl = ((lo >> 8) & 0xd5) | if o & 1 != 0 { crate::cpu::flags::OF } else { 0 };
+    }};
 }
 
 /// INC, DEC and NEG without loading guest flags: INC/DEC keep the guest's CF, as the CPU
