@@ -1607,11 +1607,11 @@ impl LoopWidth for Instruction {
 }
 
 #[cfg(test)]
-mod tests {
-    use crate::cpu::{ctl, Cpu, CpuConfig, Exit, Seg};
+mod tests_support {
+    use crate::cpu::{ctl, Cpu, CpuConfig, Seg};
     use crate::{Bus, RamRegion};
 
-    struct NoBus;
+    pub(crate) struct NoBus;
     impl Bus for NoBus {
         fn io_in(&mut self, _: u16, _: u8) -> u32 {
             !0
@@ -1633,7 +1633,7 @@ mod tests {
     }
 
     /// A 64-bit CPU over `ram` with the first 2 MiB identity-mapped.
-    fn long_mode_cpu(ram: &mut [u8]) -> Cpu {
+    pub(crate) fn long_mode_cpu(ram: &mut [u8]) -> Cpu {
         let put = |ram: &mut [u8], at: usize, v: u64| ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
         put(ram, 0x1000, 0x2000 | 3);
         put(ram, 0x2000, 0x3000 | 3);
@@ -1648,6 +1648,12 @@ mod tests {
         c.gpr[4] = 0x8000;
         c
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use crate::cpu::Exit;
 
     #[test]
     fn guest_store_to_cached_code_is_seen() {
@@ -1687,5 +1693,57 @@ mod tests {
         c.rip = 0x10000;
         assert_eq!(c.run(&mut bus, 100), Exit::HaltedForever);
         assert_eq!(c.gpr[0], 7, "the patched instruction must run with its new immediate");
+    }
+}
+
+#[cfg(test)]
+mod hostile_guest {
+    use super::tests_support::*;
+    use crate::cpu::Exit;
+
+    /// Random bytes executed as kernel code in long mode (with random register values, so
+    /// loads and stores land anywhere) must never panic or hang the emulator: every run ends
+    /// in an exit (usually a triple fault, as no IDT is installed) within its budget.
+    #[test]
+    fn random_code_never_panics() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut ram = vec![0u8; 4 << 20];
+        let mut exits = [0usize; 4];
+        for _ in 0..3000 {
+            for b in ram[0x10000..0x11000].iter_mut() {
+                *b = next() as u8;
+            }
+            let mut c = long_mode_cpu(&mut ram);
+            for r in 0..16 {
+                if r != 4 {
+                    c.gpr[r] = match next() % 4 {
+                        0 => next(),
+                        1 => next() % (4 << 20),
+                        2 => 0,
+                        _ => next() % 0x100,
+                    };
+                }
+            }
+            c.rflags = 2 | (next() & 0xcd5);
+            // Let SSE and x87 instructions run too (CR4.OSFXSR | OSXMMEXCPT).
+            c.cr4 |= (1 << 9) | (1 << 10);
+            c.rip = 0x10000 + next() % 0x800;
+            let e = c.run(&mut NoBus, 2000);
+            exits[match e {
+                Exit::TripleFault(_) => 0,
+                Exit::Budget => 1,
+                Exit::HaltedForever | Exit::Halted => 2,
+                Exit::Unsupported(_) => 3,
+            }] += 1;
+        }
+        // Most random streams fault quickly; the point is that all of them returned.
+        assert_eq!(exits.iter().sum::<usize>(), 3000, "{exits:?}");
+        assert!(exits[0] > 0, "{exits:?}");
     }
 }
