@@ -130,7 +130,7 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                 if cpu.halted || (cpu.check_irq && !cpu.interrupt_shadow) {
                     break 'chunk;
                 }
-                if n >= chunk || (page != usize::MAX && cpu.mmu.code_gen[page] != gen) {
+                if n >= chunk || (uop.may_store() && page != usize::MAX && cpu.mmu.code_gen[page] != gen) {
                     continue 'chunk;
                 }
             }

@@ -297,6 +297,29 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             };
             Uop::MovXR { d: gpr(r0, dsz)?, s, ssz: ssz as u8, dsz: dsz as u8, signed: m == Mnemonic::Movsx }
         }
+        Mnemonic::Movsxd if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
+            let r0 = insn.op0_register();
+            match insn.op1_kind() {
+                OpKind::Memory if insn.memory_size().size() == 4 => {
+                    Uop::MovX { d: gpr(r0, 8)?, m: MemOp::from(insn)?, ssz: 4, dsz: 8, signed: true }
+                }
+                OpKind::Register if insn.op1_register().is_gpr32() => {
+                    Uop::MovXR { d: gpr(r0, 8)?, s: insn.op1_register().number() as u8, ssz: 4, dsz: 8, signed: true }
+                }
+                _ => return None,
+            }
+        }
+        Mnemonic::Test | Mnemonic::Cmp
+            if k0 == OpKind::Register && insn.op0_register().size() == 1 && insn.op1_kind() != OpKind::Memory =>
+        {
+            let d = low8(insn.op0_register())?;
+            let s = match insn.op1_kind() {
+                OpKind::Register => Src::Reg(low8(insn.op1_register())?),
+                _ => Src::Imm(insn.immediate(1) & 0xff),
+            };
+            let op = if m == Mnemonic::Cmp { Op2::Sub } else { Op2::And };
+            Uop::Alu { op, d, s, sz: 1, write: false }
+        }
         Mnemonic::Movzx | Mnemonic::Movsx if k0 == OpKind::Register && insn.op1_kind() == OpKind::Memory => {
             let r0 = insn.op0_register();
             let dsz = r0.size();
@@ -403,6 +426,17 @@ fn read_src(cpu: &mut Cpu, bus: &mut dyn Bus, s: Src, sz: u8) -> Res<u64> {
             cpu.read_la(bus, la, sz as usize, u)?
         }
     })
+}
+
+impl Uop {
+    /// Whether executing this form may store to memory (and so may modify cached code).
+    #[inline(always)]
+    pub(crate) fn may_store(&self) -> bool {
+        matches!(
+            self,
+            Uop::Generic | Uop::MovM { .. } | Uop::AluM { write: true, .. } | Uop::Call { .. } | Uop::Push { .. }
+        )
+    }
 }
 
 /// Executes a fast form. RIP already holds the next instruction's address.
