@@ -951,17 +951,17 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
                 return Err(Fault::GeneralProtection(0).into());
             }
             let lo = cpu.rmem(bus, la, half)?;
-            let hi = cpu.rmem(bus, la + half as u64, half)?;
+            let hi = cpu.rmem(bus, la.wrapping_add(half as u64), half)?;
             let m_ = mask(half);
             if lo == cpu.gpr[0] & m_ && hi == cpu.gpr[2] & m_ {
                 cpu.probe_write(la, half * 2, cpu.user())?;
                 cpu.wmem(bus, la, half, cpu.gpr[3] & m_)?;
-                cpu.wmem(bus, la + half as u64, half, cpu.gpr[1] & m_)?;
+                cpu.wmem(bus, la.wrapping_add(half as u64), half, cpu.gpr[1] & m_)?;
                 cpu.rflags |= ZF;
             } else {
                 cpu.probe_write(la, half * 2, cpu.user())?;
                 cpu.wmem(bus, la, half, lo)?;
-                cpu.wmem(bus, la + half as u64, half, hi)?;
+                cpu.wmem(bus, la.wrapping_add(half as u64), half, hi)?;
                 // 32-bit halves zero-extend into RAX/RDX, as 32-bit register writes do.
                 cpu.gpr[0] = lo;
                 cpu.gpr[2] = hi;
@@ -1548,7 +1548,7 @@ fn read_far_ptr(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<(u1
         _ => 4,
     };
     let off = cpu.rmem(bus, la, osize)?;
-    let sel = cpu.rmem(bus, la + osize as u64, 2)? as u16;
+    let sel = cpu.rmem(bus, la.wrapping_add(osize as u64), 2)? as u16;
     Ok((sel, off))
 }
 

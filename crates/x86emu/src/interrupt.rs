@@ -250,7 +250,7 @@ fn deliver(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, err: Option<u32>, src: Sou
         if off + 3 > u64::from(cpu.idtr_limit) {
             return Err(Fault::GeneralProtection(idt_err));
         }
-        let v = cpu.read_sys(bus, cpu.idtr_base + off, 4)?;
+        let v = cpu.read_sys(bus, cpu.idtr_base.wrapping_add(off), 4)?;
         let fl = cpu.rflags;
         cpu.push(bus, 2, fl & 0xffff)?;
         cpu.push(bus, 2, u64::from(cpu.seg[sreg::CS].selector))?;
@@ -268,8 +268,8 @@ fn deliver(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, err: Option<u32>, src: Sou
     if off + gsize - 1 > u64::from(cpu.idtr_limit) {
         return Err(Fault::GeneralProtection(idt_err));
     }
-    let lo = cpu.read_sys(bus, cpu.idtr_base + off, 8)?;
-    let hi = if long { cpu.read_sys(bus, cpu.idtr_base + off + 8, 8)? } else { 0 };
+    let lo = cpu.read_sys(bus, cpu.idtr_base.wrapping_add(off), 8)?;
+    let hi = if long { cpu.read_sys(bus, cpu.idtr_base.wrapping_add(off + 8), 8)? } else { 0 };
     let gtype = ((lo >> 40) & 0xf) as u8;
     let gdpl = ((lo >> 45) & 3) as u8;
     let present = (lo >> 47) & 1 == 1;
@@ -304,9 +304,9 @@ fn deliver(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, err: Option<u32>, src: Sou
     if long {
         let ist = (lo >> 32) & 7;
         let mut rsp = if ist != 0 {
-            cpu.read_sys(bus, cpu.tr.base + 0x24 + (ist - 1) * 8, 8)?
+            cpu.read_sys(bus, cpu.tr.base.wrapping_add(0x24 + (ist - 1) * 8), 8)?
         } else if new_cpl < cpl {
-            cpu.read_sys(bus, cpu.tr.base + 4 + u64::from(new_cpl) * 8, 8)?
+            cpu.read_sys(bus, cpu.tr.base.wrapping_add(4 + u64::from(new_cpl) * 8), 8)?
         } else {
             old_rsp
         };
@@ -338,8 +338,8 @@ fn deliver(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, err: Option<u32>, src: Sou
         // 32-bit protected mode gate.
         let (mut esp, mut pushed_ss) = (old_rsp & 0xffff_ffff, false);
         if new_cpl < cpl {
-            let ss0 = cpu.read_sys(bus, cpu.tr.base + 8 + u64::from(new_cpl) * 8, 2)? as u16;
-            esp = cpu.read_sys(bus, cpu.tr.base + 4 + u64::from(new_cpl) * 8, 4)?;
+            let ss0 = cpu.read_sys(bus, cpu.tr.base.wrapping_add(8 + u64::from(new_cpl) * 8), 2)? as u16;
+            esp = cpu.read_sys(bus, cpu.tr.base.wrapping_add(4 + u64::from(new_cpl) * 8), 4)?;
             load_ss_for(cpu, bus, ss0, new_cpl)?;
             pushed_ss = true;
         }
@@ -440,7 +440,7 @@ pub(crate) fn syscall(cpu: &mut Cpu) -> Res<()> {
         cpu.rip = cpu.msr.cstar;
     }
     cpu.seg[sreg::CS] = Seg { selector: sel, base: 0, limit: 0xffff_ffff, attr: 0xa09b };
-    cpu.seg[sreg::SS] = Seg { selector: sel + 8, base: 0, limit: 0xffff_ffff, attr: 0xc093 };
+    cpu.seg[sreg::SS] = Seg { selector: sel.wrapping_add(8), base: 0, limit: 0xffff_ffff, attr: 0xc093 };
     cpu.rflags = (cpu.rflags & !cpu.msr.sfmask & !RF) | 2;
     Ok(())
 }
@@ -460,13 +460,13 @@ pub(crate) fn sysret(cpu: &mut Cpu, insn: &Instruction) -> Res<()> {
         if ((rcx as i64) << 16 >> 16) as u64 != rcx {
             return Err(Fault::GeneralProtection(0));
         }
-        cpu.seg[sreg::CS] = Seg { selector: (base + 16) | 3, base: 0, limit: 0xffff_ffff, attr: 0xa0fb };
+        cpu.seg[sreg::CS] = Seg { selector: base.wrapping_add(16) | 3, base: 0, limit: 0xffff_ffff, attr: 0xa0fb };
         cpu.rip = rcx;
     } else {
         cpu.seg[sreg::CS] = Seg { selector: base | 3, base: 0, limit: 0xffff_ffff, attr: 0xc0fb };
         cpu.rip = cpu.gpr[1] & 0xffff_ffff;
     }
-    cpu.seg[sreg::SS] = Seg { selector: (base + 8) | 3, base: 0, limit: 0xffff_ffff, attr: 0xc0f3 };
+    cpu.seg[sreg::SS] = Seg { selector: base.wrapping_add(8) | 3, base: 0, limit: 0xffff_ffff, attr: 0xc0f3 };
     let old = cpu.rflags;
     cpu.rflags = (cpu.gpr[11] & 0x3c_7fd7) | 2;
     if old & IF == 0 && cpu.rflags & IF != 0 {

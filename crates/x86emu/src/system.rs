@@ -227,7 +227,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
             need_cpl0(cpu)?;
             let la = cpu.mem_la(insn);
             let limit = cpu.rmem(bus, la, 2)? as u16;
-            let mut base = cpu.rmem(bus, la + 2, if cpu.in_64bit_mode() { 8 } else { 4 })?;
+            let mut base = cpu.rmem(bus, la.wrapping_add(2), if cpu.in_64bit_mode() { 8 } else { 4 })?;
             if !cpu.in_64bit_mode() && insn.memory_size().size() == 6 && cpu.bitness() == 16 {
                 base &= 0x00ff_ffff;
             }
@@ -250,7 +250,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
             let bsize = if cpu.in_64bit_mode() { 8 } else { 4 };
             cpu.probe_write(la, 2 + bsize, cpu.user())?;
             cpu.wmem(bus, la, 2, u64::from(limit))?;
-            cpu.wmem(bus, la + 2, bsize, base)?;
+            cpu.wmem(bus, la.wrapping_add(2), bsize, base)?;
             Ok(())
         }
         M::Lldt | M::Ltr => {
@@ -266,7 +266,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
             let (lo, hi) = read_desc(cpu, bus, sel)?;
             let mut seg = seg_from_desc(sel, lo, hi);
             if cpu.efer & ctl::EFER_LMA != 0 {
-                let upper = cpu.read_sys(bus, cpu.gdtr_base + u64::from(sel & !7) + 8, 4)?;
+                let upper = cpu.read_sys(bus, cpu.gdtr_base.wrapping_add(u64::from(sel & !7) + 8), 4)?;
                 seg.base |= upper << 32;
             }
             if insn.mnemonic() == M::Ltr {
@@ -275,7 +275,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
                     return Err(Fault::GeneralProtection(sel & !3).into());
                 }
                 // Mark the TSS busy in the GDT.
-                let a = cpu.gdtr_base + u64::from(sel & !7) + 4;
+                let a = cpu.gdtr_base.wrapping_add(u64::from(sel & !7) + 4);
                 cpu.write_sys(bus, a, 4, u64::from(hi | 0x200))?;
                 seg.attr |= 2;
                 cpu.tr = seg;
@@ -337,7 +337,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
             let r0 = insn.op0_register();
             let osize = r0.size();
             let off = cpu.rmem(bus, la, osize)?;
-            let sel = cpu.rmem(bus, la + osize as u64, 2)? as u16;
+            let sel = cpu.rmem(bus, la.wrapping_add(osize as u64), 2)? as u16;
             let sr = match insn.mnemonic() {
                 M::Lss => Register::SS,
                 M::Lfs => Register::FS,
