@@ -21,9 +21,6 @@ pub const MAX_CPUS: u8 = 64;
 /// COM1 I/O base and IRQ.
 const COM1: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
-/// LAPIC and IOAPIC MMIO pages (GPA).
-const LAPIC_BASE: u64 = 0xfee0_0000;
-const IOAPIC_BASE: u64 = 0xfec0_0000;
 
 /// How a VM run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,11 +194,8 @@ impl Vm {
         let mut aps = Vec::new();
         let (vcpu, stop, serial_irq, kvm): VcpuParts = if is_emu {
             let chip = Arc::new(Mutex::new(EmuIrqchip::new(clock.clone(), EMU_TSC_HZ)));
-            for (base, len) in [(0x20u16, 2u16), (0xa0, 2), (0x4d0, 2), (0x40, 4), (0x61, 1)] {
-                pio.insert(base, len, chip.clone()).map_err(dev_err)?;
-            }
-            mmio.insert(LAPIC_BASE, 0x1000, chip.clone()).map_err(dev_err)?;
-            mmio.insert(IOAPIC_BASE, 0x1000, chip.clone()).map_err(dev_err)?;
+            // PIC, ELCR, PIT and port 0x61 ports; LAPIC and IOAPIC pages.
+            EmuIrqchip::attach(&chip, &mut pio, &mut mmio).map_err(dev_err)?;
             let line: Arc<dyn IrqLine> = Arc::new(GsiLine::new(&chip, COM1_IRQ));
             let v = EmuVcpu::new(&ram, Box::new(EmuIc(chip)), clock.clone(), EMU_TSC_HZ, 0);
             let stop = v.stop_flag();
