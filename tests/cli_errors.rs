@@ -91,3 +91,22 @@ fn cpu_count_is_checked() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--cpus"), "{err}");
 }
+
+#[test]
+fn kvm_where_it_cannot_work_is_a_clear_error() {
+    // On a PVM host (like the project's build machines) or without /dev/kvm, an explicit
+    // `--accel kvm` must fail at once with one line, not hang in the guest.
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let no_kvm = !std::path::Path::new("/dev/kvm").exists();
+    if !pvm && !no_kvm {
+        println!("skipping: this host has usable KVM");
+        return;
+    }
+    let k = tmpfile("k6", b"x");
+    let start = std::time::Instant::now();
+    let (code, err) = run(&["run", "--kernel", &k, "--accel", "kvm", "--serial", "null"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--accel") && err.contains("kvm"), "{err}");
+    assert!(err.contains("emu"), "names what is accepted here: {err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+}
