@@ -221,6 +221,8 @@ pub struct Cpu {
     /// Set by instructions that may unmask or raise interrupts (STI, POPF, IRET, port and
     /// MMIO writes): the run loop looks at the interrupt line again before the next one.
     pub(crate) check_irq: bool,
+    /// CPL 3 for the block being executed (set at each block start; used by fast forms).
+    pub(crate) cur_user: bool,
     /// Register-name decoding table (see `regs::GPR_INFO`), kept here so the hot path needs
     /// no lazy-initialisation check.
     pub(crate) gpr_info: [u16; 256],
@@ -277,6 +279,7 @@ impl Cpu {
             dcache: crate::exec::DecodeCache::new(),
             check_irq: true,
             trace: None,
+            cur_user: false,
             gpr_info: *crate::regs::GPR_INFO,
             recent: [0; 64],
             recent_pos: 0,

@@ -19,8 +19,21 @@ struct Block {
     gen: u32,
     page: usize,
     bits: u32,
-    insns: std::rc::Rc<[Instruction]>,
-    uops: std::rc::Rc<[crate::uop::Uop]>,
+    ops: std::rc::Rc<[Op]>,
+}
+
+/// One decoded instruction of a block: its fast form, its addresses and the full decode.
+pub(crate) struct Op {
+    uop: crate::uop::Uop,
+    ip: u64,
+    next_ip: u64,
+    insn: Instruction,
+}
+
+impl Op {
+    fn new(insn: Instruction, bits: u32) -> Op {
+        Op { uop: crate::uop::lower(&insn, bits), ip: insn.ip(), next_ip: insn.next_ip(), insn }
+    }
 }
 
 /// Direct-mapped cache of decoded blocks keyed by the GPA of their first instruction; a
@@ -79,7 +92,7 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
         let chunk = (budget - done).min(4096);
         let mut n = 0;
         'chunk: while n < chunk {
-            let (insns, uops, page, gen) = match fetch_block(cpu) {
+            let (ops, page, gen) = match fetch_block(cpu) {
                 Ok(b) => b,
                 Err(Stop::Fault(f)) => {
                     n += 1;
@@ -96,20 +109,29 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             };
             cpu.recent[cpu.recent_pos] = cpu.rip;
             cpu.recent_pos = (cpu.recent_pos + 1) % 64;
-            for (insn, uop) in insns.iter().zip(uops.iter()) {
-                if cpu.rip != insn.ip() {
+            // The privilege level cannot change inside a block (transfers end blocks).
+            cpu.cur_user = cpu.user();
+            let tracing = cpu.trace.is_some();
+            for op in ops.iter() {
+                if cpu.rip != op.ip {
                     break;
                 }
                 cpu.interrupt_shadow = false;
-                if cpu.trace.is_some() {
+                if tracing {
                     write_trace(cpu);
                 }
                 let old = cpu.rip;
-                cpu.rip = insn.next_ip();
+                cpu.rip = op.next_ip;
                 n += 1;
-                let r = match uop {
-                    crate::uop::Uop::Generic => execute(cpu, bus, insn),
-                    u => crate::uop::exec(cpu, bus, u).map_err(Stop::Fault),
+                let r = match op.uop {
+                    crate::uop::Uop::Generic => {
+                        let r = execute(cpu, bus, &op.insn);
+                        if r.is_ok() && (cpu.halted || (cpu.check_irq && !cpu.interrupt_shadow)) {
+                            break 'chunk;
+                        }
+                        r
+                    }
+                    ref u => crate::uop::exec(cpu, bus, u).map_err(Stop::Fault),
                 };
                 match r {
                     Ok(()) => {}
@@ -127,10 +149,7 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                         return e;
                     }
                 }
-                if cpu.halted || (cpu.check_irq && !cpu.interrupt_shadow) {
-                    break 'chunk;
-                }
-                if n >= chunk || (uop.may_store() && page != usize::MAX && cpu.mmu.code_gen[page] != gen) {
+                if n >= chunk || (op.uop.may_store() && page != usize::MAX && cpu.mmu.code_gen[page] != gen) {
                     continue 'chunk;
                 }
             }
@@ -145,7 +164,7 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
 
 /// A block handed to the run loop: instructions, their fast forms, RAM page index
 /// (usize::MAX if uncached) and the page's code generation.
-type BlockRef = (std::rc::Rc<[Instruction]>, std::rc::Rc<[crate::uop::Uop]>, usize, u32);
+type BlockRef = (std::rc::Rc<[Op]>, usize, u32);
 
 /// Whether decoding must stop after `insn`: control transfers and instructions that change
 /// paging, segments or the fetch mode.
@@ -188,7 +207,7 @@ fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
     if let Some(b) = &cpu.dcache.e[idx] {
         if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) {
-            return Ok((b.insns.clone(), b.uops.clone(), b.page, b.gen));
+            return Ok((b.ops.clone(), b.page, b.gen));
         }
     }
     decode_block(cpu, la, bits, user, idx)
@@ -234,14 +253,12 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
             }
             return Err(Stop::Fault(Fault::InvalidOpcode));
         }
-        let uops = std::rc::Rc::from(vec![crate::uop::lower(&insn, bits)]);
-        return Ok((std::rc::Rc::from(vec![insn]), uops, usize::MAX, 0));
+        return Ok((std::rc::Rc::from(vec![Op::new(insn, bits)]), usize::MAX, 0));
     }
     let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
-    let uops: std::rc::Rc<[crate::uop::Uop]> = insns.iter().map(|i| crate::uop::lower(i, bits)).collect();
-    let insns: std::rc::Rc<[Instruction]> = std::rc::Rc::from(insns);
-    cpu.dcache.e[idx] = Some(Block { gpa, ip: cpu.rip, gen, page, bits, insns: insns.clone(), uops: uops.clone() });
-    Ok((insns, uops, page, gen))
+    let ops: std::rc::Rc<[Op]> = insns.into_iter().map(|i| Op::new(i, bits)).collect();
+    cpu.dcache.e[idx] = Some(Block { gpa, ip: cpu.rip, gen, page, bits, ops: ops.clone() });
+    Ok((ops, page, gen))
 }
 
 #[cold]

@@ -404,9 +404,31 @@ impl Cpu {
         Ok(e.gpa | (la & 0xfff))
     }
 
-    /// Reads `size` (1, 2, 4, 8) bytes at linear address `la`.
-    #[inline]
+    /// Reads `size` (1, 2, 4, 8) bytes at linear address `la`. The TLB-hit RAM case is
+    /// inlined; everything else (miss, MMIO, page-crossing) goes to [`Cpu::read_la_slow`].
+    #[inline(always)]
     pub(crate) fn read_la(&mut self, bus: &mut dyn Bus, la: u64, size: usize, user: bool) -> Res<u64> {
+        let off = (la & 0xfff) as usize;
+        let e = &self.mmu.tlb[((la >> 12) as usize) & (TLB_SIZE - 1)];
+        let need = P_READ | if user { P_USER } else { 0 };
+        if off + size <= 4096 && e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need && !e.host.is_null() {
+            // SAFETY: the entry maps a whole 4 KiB RAM page and off + size <= 4096.
+            unsafe {
+                let p = e.host.add(off);
+                return Ok(match size {
+                    1 => u64::from(p.read()),
+                    2 => u64::from((p as *const u16).read_unaligned()),
+                    4 => u64::from((p as *const u32).read_unaligned()),
+                    _ => (p as *const u64).read_unaligned(),
+                });
+            }
+        }
+        self.read_la_slow(bus, la, size, user)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn read_la_slow(&mut self, bus: &mut dyn Bus, la: u64, size: usize, user: bool) -> Res<u64> {
         let off = (la & 0xfff) as usize;
         if off + size > 4096 {
             return self.read_split(bus, la, size, user);
@@ -441,9 +463,32 @@ impl Cpu {
         Ok(v)
     }
 
-    /// Writes `size` (1, 2, 4, 8) bytes at linear address `la`.
-    #[inline]
+    /// Writes `size` (1, 2, 4, 8) bytes at linear address `la`. The TLB-hit RAM case is
+    /// inlined; everything else goes to [`Cpu::write_la_slow`].
+    #[inline(always)]
     pub(crate) fn write_la(&mut self, bus: &mut dyn Bus, la: u64, size: usize, val: u64, user: bool) -> Res<()> {
+        let off = (la & 0xfff) as usize;
+        let e = &self.mmu.tlb[((la >> 12) as usize) & (TLB_SIZE - 1)];
+        let need = P_WRITE | if user { P_USER } else { 0 };
+        if off + size <= 4096 && e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need && !e.host.is_null() {
+            // SAFETY: the entry maps a whole 4 KiB RAM page and off + size <= 4096.
+            unsafe {
+                let p = e.host.add(off);
+                match size {
+                    1 => p.write(val as u8),
+                    2 => (p as *mut u16).write_unaligned(val as u16),
+                    4 => (p as *mut u32).write_unaligned(val as u32),
+                    _ => (p as *mut u64).write_unaligned(val),
+                }
+            }
+            return Ok(());
+        }
+        self.write_la_slow(bus, la, size, val, user)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn write_la_slow(&mut self, bus: &mut dyn Bus, la: u64, size: usize, val: u64, user: bool) -> Res<()> {
         let off = (la & 0xfff) as usize;
         if off + size > 4096 {
             return self.write_split(bus, la, size, val, user);

@@ -422,7 +422,7 @@ fn read_src(cpu: &mut Cpu, bus: &mut dyn Bus, s: Src, sz: u8) -> Res<u64> {
         Src::Imm(v) => v,
         Src::Mem(m) => {
             let la = m.la(cpu);
-            let u = cpu.user();
+            let u = cpu.cur_user;
             cpu.read_la(bus, la, sz as usize, u)?
         }
     })
@@ -451,7 +451,7 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         Uop::MovM { m, s, sz } => {
             let v = read_src(cpu, bus, s, sz)?;
             let la = m.la(cpu);
-            let u = cpu.user();
+            let u = cpu.cur_user;
             cpu.write_la(bus, la, sz as usize, v, u)?;
         }
         Uop::Lea { d, m } => {
@@ -476,7 +476,7 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         Uop::AluM { op, m, s, sz, write } => {
             let b = read_src(cpu, bus, s, sz)?;
             let la = m.la(cpu);
-            let u = cpu.user();
+            let u = cpu.cur_user;
             let a = cpu.read_la(bus, la, sz as usize, u)?;
             let (r, f) = alu::arith(op, sz as usize, a, b, cpu.rflags);
             if write {
@@ -518,7 +518,7 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         }
         Uop::MovX { d, m, ssz, dsz, signed } => {
             let la = m.la(cpu);
-            let u = cpu.user();
+            let u = cpu.cur_user;
             let v = cpu.read_la(bus, la, ssz as usize, u)?;
             let v = if signed { crate::regs::sext(v, ssz as usize) } else { v };
             set(cpu, d, v & mask(dsz as usize), dsz);
