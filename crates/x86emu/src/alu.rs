@@ -385,3 +385,21 @@ pub(crate) fn op1(op: Op1, size: usize, a: u64, flags: u64) -> (u64, u64) {
     };
     (r, (flags & !keep) | (fl & keep))
 }
+
+/// ADC, SBB and two-operand IMUL, inlined for the fast forms (same semantics as [`op2`]).
+#[inline(always)]
+pub(crate) fn adc_sbb_imul(op: Op2, size: usize, a: u64, b: u64, flags: u64) -> (u64, u64) {
+    let mut r = a;
+    let mut fl = (flags & ARITH) | 2;
+    match op {
+        Op2::Adc => by_size!(bin_asm, "adc", size, r, b, fl),
+        Op2::Sbb => by_size!(bin_asm, "sbb", size, r, b, fl),
+        Op2::Imul => match size {
+            2 => bin_asm!("imul", r, b, fl, ":x"),
+            4 => bin_asm!("imul", r, b, fl, ":e"),
+            _ => bin_asm!("imul", r, b, fl, ""),
+        },
+        _ => return op2(op, size, a, b, flags),
+    }
+    (r, (flags & !ARITH) | (fl & ARITH))
+}

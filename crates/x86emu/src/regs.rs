@@ -23,11 +23,11 @@ pub(crate) static GPR_INFO: LazyLock<[u16; 256]> = LazyLock::new(|| {
 /// Size mask for an operand of `size` bytes.
 #[inline(always)]
 pub(crate) fn mask(size: usize) -> u64 {
-    match size {
-        1 => 0xff,
-        2 => 0xffff,
-        4 => 0xffff_ffff,
-        _ => u64::MAX,
+    // Branch-free: 1 → 0xff, 2 → 0xffff, 4 → 0xffff_ffff, 8 (or anything else) → all ones.
+    if size >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (size * 8)) - 1
     }
 }
 

@@ -439,6 +439,17 @@ impl Uop {
     }
 }
 
+/// PUSH of a qword in 64-bit mode (flat SS, 64-bit RSP); RSP changes only if the store
+/// succeeds.
+#[inline(always)]
+fn push64(cpu: &mut Cpu, bus: &mut dyn Bus, v: u64) -> Res<()> {
+    let sp = cpu.gpr[4].wrapping_sub(8);
+    let u = cpu.cur_user;
+    cpu.write_la(bus, sp, 8, v, u)?;
+    cpu.gpr[4] = sp;
+    Ok(())
+}
+
 /// Executes a fast form. RIP already holds the next instruction's address.
 #[inline(always)]
 pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
@@ -487,13 +498,13 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         Uop::AluF { op, d, s, sz } => {
             let b = read_src(cpu, bus, s, sz)?;
             let a = cpu.gpr[d as usize] & mask(sz as usize);
-            let (r, f) = alu::op2(op, sz as usize, a, b, cpu.rflags);
+            let (r, f) = alu::adc_sbb_imul(op, sz as usize, a, b, cpu.rflags);
             cpu.rflags = f;
             set(cpu, d, r, sz);
         }
         Uop::Imul3 { d, s, imm, sz } => {
             let a = read_src(cpu, bus, s, sz)?;
-            let (r, f) = alu::op2(Op2::Imul, sz as usize, a, imm, cpu.rflags);
+            let (r, f) = alu::adc_sbb_imul(Op2::Imul, sz as usize, a, imm, cpu.rflags);
             cpu.rflags = f;
             set(cpu, d, r, sz);
         }
@@ -547,11 +558,12 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         Uop::Jmp { target } => cpu.rip = target,
         Uop::Call { target } => {
             let ret = cpu.rip;
-            cpu.push(bus, 8, ret)?;
+            push64(cpu, bus, ret)?;
             cpu.rip = target;
         }
         Uop::Ret => {
-            let t = cpu.peek(bus, 0, 8)?;
+            let u = cpu.cur_user;
+            let t = cpu.read_la(bus, cpu.gpr[4], 8, u)?;
             if ((t as i64) << 16 >> 16) as u64 != t {
                 return Err(Fault::GeneralProtection(0));
             }
@@ -560,10 +572,11 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         }
         Uop::Push { r } => {
             let v = cpu.gpr[r as usize];
-            cpu.push(bus, 8, v)?;
+            push64(cpu, bus, v)?;
         }
         Uop::Pop { r } => {
-            let v = cpu.peek(bus, 0, 8)?;
+            let u = cpu.cur_user;
+            let v = cpu.read_la(bus, cpu.gpr[4], 8, u)?;
             cpu.gpr[4] = cpu.gpr[4].wrapping_add(8);
             cpu.gpr[r as usize] = v;
         }
