@@ -23,12 +23,15 @@ pub(crate) static GPR_INFO: LazyLock<[u16; 256]> = LazyLock::new(|| {
 /// Size mask for an operand of `size` bytes.
 #[inline(always)]
 pub(crate) fn mask(size: usize) -> u64 {
-    // Branch-free: 1 → 0xff, 2 → 0xffff, 4 → 0xffff_ffff, 8 (or anything else) → all ones.
-    if size >= 8 {
-        u64::MAX
-    } else {
-        (1u64 << (size * 8)) - 1
-    }
+    // One table load: 1 → 0xff, 2 → 0xffff, 4 → 0xffff_ffff, 8 (or anything else) → all ones.
+    const MASKS: [u64; 16] = {
+        let mut t = [u64::MAX; 16];
+        t[1] = 0xff;
+        t[2] = 0xffff;
+        t[4] = 0xffff_ffff;
+        t
+    };
+    MASKS[size & 15]
 }
 
 /// Sign-extends the low `size` bytes of `v`.
