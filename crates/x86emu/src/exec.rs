@@ -616,6 +616,15 @@ fn string_op(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: StrOp, si
     let step: u64 = if cpu.rflags & DF != 0 { (size as u64).wrapping_neg() } else { size as u64 };
     let src_seg = insn.memory_segment();
     let mut iters = 0u64;
+    if rep
+        && matches!(op, StrOp::Movs | StrOp::Stos)
+        && step == size as u64
+        && asz == 8
+        && cpu.in_64bit_mode()
+        && !matches!(src_seg, Register::FS | Register::GS)
+    {
+        iters = rep_bulk(cpu, op, size)?;
+    }
     loop {
         if rep {
             if cpu.gpr[REG_RCX] & am == 0 {
@@ -700,6 +709,74 @@ fn string_op(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: StrOp, si
             }
         }
     }
+}
+
+/// Forward REP MOVS/STOS in 64-bit mode, a page at a time with host copies (the kernel's
+/// clear_page/copy_page and memset/memcpy). Stops where the per-element path must take
+/// over: an element crossing a page, MMIO, overlapping forward copies, or REP_CHUNK elements
+/// done. Registers are updated after every page, so a fault leaves a restartable state.
+/// Returns the number of elements done.
+fn rep_bulk(cpu: &mut Cpu, op: StrOp, size: usize) -> SRes<u64> {
+    let user = cpu.user();
+    let mut done = 0u64;
+    while done < REP_CHUNK {
+        let count = cpu.gpr[REG_RCX];
+        if count == 0 {
+            break;
+        }
+        let di = cpu.gpr[REG_RDI];
+        let si = cpu.gpr[REG_RSI];
+        let mut n = ((4096 - (di & 0xfff)) / size as u64).min(count).min(REP_CHUNK - done);
+        if op == StrOp::Movs {
+            n = n.min((4096 - (si & 0xfff)) / size as u64);
+        }
+        if n == 0 {
+            break;
+        }
+        let bytes = (n as usize) * size;
+        let dst = cpu.page_host_for_write(di, user)?;
+        if dst.is_null() {
+            break;
+        }
+        match op {
+            StrOp::Stos => {
+                let v = cpu.gpr[0];
+                // SAFETY: `dst` maps the whole 4 KiB page holding `di`, and `bytes` stays
+                // within that page by construction of `n`.
+                unsafe {
+                    let p = dst.add((di & 0xfff) as usize);
+                    match size {
+                        1 => std::ptr::write_bytes(p, v as u8, bytes),
+                        2 => (0..n as usize).for_each(|i| (p as *mut u16).add(i).write_unaligned(v as u16)),
+                        4 => (0..n as usize).for_each(|i| (p as *mut u32).add(i).write_unaligned(v as u32)),
+                        _ => (0..n as usize).for_each(|i| (p as *mut u64).add(i).write_unaligned(v)),
+                    }
+                }
+            }
+            _ => {
+                let src = cpu.page_host_for_read(si, user)?;
+                if src.is_null() {
+                    break;
+                }
+                // SAFETY: both pointers stay within their mapped 4 KiB pages (see `n`).
+                unsafe {
+                    let s = src.add((si & 0xfff) as usize) as *const u8;
+                    let d = dst.add((di & 0xfff) as usize);
+                    // A forward element-wise copy into an overlapping higher destination
+                    // replicates data; memmove would not. Leave that to the slow path.
+                    if (d as usize) > (s as usize) && (d as usize) < (s as usize) + bytes {
+                        break;
+                    }
+                    std::ptr::copy(s, d, bytes);
+                }
+                cpu.gpr[REG_RSI] = si.wrapping_add(bytes as u64);
+            }
+        }
+        cpu.gpr[REG_RDI] = di.wrapping_add(bytes as u64);
+        cpu.gpr[REG_RCX] = count - n;
+        done += n;
+    }
+    Ok(done)
 }
 
 #[inline(always)]

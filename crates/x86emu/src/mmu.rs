@@ -540,6 +540,25 @@ impl Cpu {
         Ok(())
     }
 
+    /// Host address of the 4 KiB page holding `la`, checked for writing (sets D, retires
+    /// cached code on the page); null for MMIO.
+    pub(crate) fn page_host_for_write(&mut self, la: u64, user: bool) -> Res<*mut u8> {
+        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
+        let e = self.mmu.tlb[idx];
+        let need = P_WRITE | if user { P_USER } else { 0 };
+        let e = if e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need {
+            e
+        } else {
+            self.write_slow_entry(la, user)?
+        };
+        Ok(e.host)
+    }
+
+    /// Host address of the 4 KiB page holding `la`, checked for reading; null for MMIO.
+    pub(crate) fn page_host_for_read(&mut self, la: u64, user: bool) -> Res<*mut u8> {
+        Ok(self.tlb_get(la, Access::Read, user)?.host)
+    }
+
     /// Checks that `size` bytes at `la` are writable without writing (for instructions that
     /// must not fault half-way).
     pub(crate) fn probe_write(&mut self, la: u64, size: usize, user: bool) -> Res<()> {
