@@ -1791,6 +1791,61 @@ mod tests {
 }
 
 #[cfg(test)]
+mod rep_string {
+    use super::tests_support::*;
+    use crate::cpu::Exit;
+
+    fn run_at(ram: &mut [u8], code: &[u8], regs: &[(usize, u64)]) -> crate::Cpu {
+        ram[0x10000..0x10000 + code.len()].copy_from_slice(code);
+        let mut c = long_mode_cpu(ram);
+        for &(r, v) in regs {
+            c.gpr[r] = v;
+        }
+        c.rip = 0x10000;
+        let e = c.run(&mut NoBus, 100_000);
+        assert!(matches!(e, Exit::HaltedForever | Exit::TripleFault(_)), "{e:?}");
+        c
+    }
+
+    #[test]
+    fn stosq_across_a_page_boundary() {
+        let mut ram = vec![0u8; 4 << 20];
+        // rep stosq ; hlt
+        let c = run_at(&mut ram, &[0xf3, 0x48, 0xab, 0xf4], &[(0, 0x1122_3344_5566_7788), (1, 4), (7, 0x20ff8)]);
+        assert_eq!((c.gpr[1], c.gpr[7]), (0, 0x21018));
+        drop(c);
+        for i in 0..4 {
+            let at = 0x20ff8 + 8 * i;
+            assert_eq!(u64::from_le_bytes(ram[at..at + 8].try_into().unwrap()), 0x1122_3344_5566_7788);
+        }
+        assert_eq!(&ram[0x21018..0x21020], &[0; 8]);
+    }
+
+    #[test]
+    fn overlapping_forward_movsb_replicates() {
+        let mut ram = vec![0u8; 4 << 20];
+        ram[0x30000] = 0xab;
+        // rep movsb ; hlt  (src 0x30000, dst 0x30001: each byte copies the previous one)
+        let c = run_at(&mut ram, &[0xf3, 0xa4, 0xf4], &[(1, 16), (6, 0x30000), (7, 0x30001)]);
+        assert_eq!(c.gpr[1], 0);
+        drop(c);
+        assert!(ram[0x30000..0x30011].iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn fault_midway_leaves_restartable_registers() {
+        let mut ram = vec![0u8; 4 << 20];
+        // rep stosb from 16 bytes below the end of the mapped 2 MiB: the 17th byte faults.
+        let c = run_at(&mut ram, &[0xf3, 0xaa, 0xf4], &[(0, 0x5a), (1, 32), (7, 0x1f_fff0)]);
+        assert_eq!(c.rip, 0x10000, "RIP stays on the REP instruction");
+        assert_eq!((c.gpr[1], c.gpr[7]), (16, 0x20_0000));
+        assert_eq!(c.cr2, 0x20_0000);
+        drop(c);
+        assert!(ram[0x1f_fff0..0x20_0000].iter().all(|&b| b == 0x5a));
+    }
+}
+
+#[cfg(test)]
 mod hostile_guest {
     use super::tests_support::*;
     use crate::cpu::Exit;
