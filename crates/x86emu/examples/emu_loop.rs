@@ -6,28 +6,7 @@
 use iced_x86::code_asm::*;
 use std::time::Instant;
 use x86emu::cpu::ctl;
-use x86emu::{Bus, Cpu, CpuConfig, Exit, RamRegion, Seg};
-
-struct NoBus;
-impl Bus for NoBus {
-    fn io_in(&mut self, _: u16, _: u8) -> u32 {
-        !0
-    }
-    fn io_out(&mut self, _: u16, _: u8, _: u32) {}
-    fn mmio_read(&mut self, _: u64, _: u8) -> u64 {
-        !0
-    }
-    fn mmio_write(&mut self, _: u64, _: u8, _: u64) {}
-    fn interrupt_pending(&mut self) -> bool {
-        false
-    }
-    fn ack_interrupt(&mut self) -> Option<u8> {
-        None
-    }
-    fn now_ns(&mut self) -> u64 {
-        0
-    }
-}
+use x86emu::{Cpu, CpuConfig, Exit, NullBus, RamRegion, Seg};
 
 fn main() {
     let iterations: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
@@ -79,7 +58,7 @@ fn main() {
     c.rip = 0x10000;
     let t = Instant::now();
     loop {
-        match c.run(&mut NoBus, 1 << 20) {
+        match c.run(&mut NullBus, 1 << 20) {
             Exit::Budget => continue,
             Exit::HaltedForever => break,
             e => panic!("unexpected exit {e:?}"),

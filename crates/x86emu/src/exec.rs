@@ -1703,28 +1703,8 @@ impl LoopWidth for Instruction {
 #[cfg(test)]
 mod tests_support {
     use crate::cpu::{ctl, Cpu, CpuConfig, Seg};
-    use crate::{Bus, RamRegion};
-
-    pub(crate) struct NoBus;
-    impl Bus for NoBus {
-        fn io_in(&mut self, _: u16, _: u8) -> u32 {
-            !0
-        }
-        fn io_out(&mut self, _: u16, _: u8, _: u32) {}
-        fn mmio_read(&mut self, _: u64, _: u8) -> u64 {
-            !0
-        }
-        fn mmio_write(&mut self, _: u64, _: u8, _: u64) {}
-        fn interrupt_pending(&mut self) -> bool {
-            false
-        }
-        fn ack_interrupt(&mut self) -> Option<u8> {
-            None
-        }
-        fn now_ns(&mut self) -> u64 {
-            0
-        }
-    }
+    pub(crate) use crate::NullBus;
+    use crate::RamRegion;
 
     /// A 64-bit CPU over `ram` with the first 2 MiB identity-mapped.
     pub(crate) fn long_mode_cpu(ram: &mut [u8]) -> Cpu {
@@ -1757,7 +1737,7 @@ mod tests {
         // 0x20000: mov byte [0x10001], 2 ; hlt
         ram[0x20000..0x20009].copy_from_slice(&[0xc6, 0x04, 0x25, 0x01, 0x00, 0x01, 0x00, 0x02, 0xf4]);
         let mut c = long_mode_cpu(&mut ram);
-        let mut bus = NoBus;
+        let mut bus = NullBus;
         c.rip = 0x10000;
         assert_eq!(c.run(&mut bus, 100), Exit::HaltedForever);
         assert_eq!(c.gpr[0], 1);
@@ -1783,7 +1763,7 @@ mod tests {
         code[3] = 0x09;
         ram[0x10000..0x10000 + code.len()].copy_from_slice(&code);
         let mut c = long_mode_cpu(&mut ram);
-        let mut bus = NoBus;
+        let mut bus = NullBus;
         c.rip = 0x10000;
         assert_eq!(c.run(&mut bus, 100), Exit::HaltedForever);
         assert_eq!(c.gpr[0], 7, "the patched instruction must run with its new immediate");
@@ -1802,7 +1782,7 @@ mod rep_string {
             c.gpr[r] = v;
         }
         c.rip = 0x10000;
-        let e = c.run(&mut NoBus, 100_000);
+        let e = c.run(&mut NullBus, 100_000);
         assert!(matches!(e, Exit::HaltedForever | Exit::TripleFault(_)), "{e:?}");
         c
     }
@@ -1883,7 +1863,7 @@ mod hostile_guest {
             // Let SSE and x87 instructions run too (CR4.OSFXSR | OSXMMEXCPT).
             c.cr4 |= (1 << 9) | (1 << 10);
             c.rip = 0x10000 + next() % 0x800;
-            let e = c.run(&mut NoBus, 2000);
+            let e = c.run(&mut NullBus, 2000);
             exits[match e {
                 Exit::TripleFault(_) => 0,
                 Exit::Budget => 1,

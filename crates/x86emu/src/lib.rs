@@ -46,6 +46,31 @@ pub trait Bus {
     fn now_ns(&mut self) -> u64;
 }
 
+/// A [`Bus`] with nothing attached: port and MMIO reads return all ones, writes are
+/// dropped, no interrupt is ever pending and time stands still. For tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NullBus;
+
+impl Bus for NullBus {
+    fn io_in(&mut self, _: u16, _: u8) -> u32 {
+        !0
+    }
+    fn io_out(&mut self, _: u16, _: u8, _: u32) {}
+    fn mmio_read(&mut self, _: u64, _: u8) -> u64 {
+        !0
+    }
+    fn mmio_write(&mut self, _: u64, _: u8, _: u64) {}
+    fn interrupt_pending(&mut self) -> bool {
+        false
+    }
+    fn ack_interrupt(&mut self) -> Option<u8> {
+        None
+    }
+    fn now_ns(&mut self) -> u64 {
+        0
+    }
+}
+
 /// Architectural exceptions (Intel SDM Vol. 3 §6.15), with error codes where defined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {

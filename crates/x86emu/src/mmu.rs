@@ -154,6 +154,40 @@ impl Mmu {
     }
 }
 
+/// Reads `size` (1, 2, 4, 8) little-endian bytes at `p`.
+///
+/// # Safety
+/// `p` must be valid for reads of `size` bytes.
+#[inline(always)]
+unsafe fn host_read(p: *const u8, size: usize) -> u64 {
+    // SAFETY: the caller guarantees `size` readable bytes at `p`; unaligned reads are used.
+    unsafe {
+        match size {
+            1 => u64::from(p.read()),
+            2 => u64::from((p as *const u16).read_unaligned()),
+            4 => u64::from((p as *const u32).read_unaligned()),
+            _ => (p as *const u64).read_unaligned(),
+        }
+    }
+}
+
+/// Writes the low `size` (1, 2, 4, 8) bytes of `val` at `p`, little-endian.
+///
+/// # Safety
+/// `p` must be valid for writes of `size` bytes.
+#[inline(always)]
+unsafe fn host_write(p: *mut u8, size: usize, val: u64) {
+    // SAFETY: the caller guarantees `size` writable bytes at `p`; unaligned writes are used.
+    unsafe {
+        match size {
+            1 => p.write(val as u8),
+            2 => (p as *mut u16).write_unaligned(val as u16),
+            4 => (p as *mut u32).write_unaligned(val as u32),
+            _ => (p as *mut u64).write_unaligned(val),
+        }
+    }
+}
+
 #[inline]
 fn is_canonical(la: u64) -> bool {
     ((la as i64) << 16 >> 16) as u64 == la
@@ -413,15 +447,7 @@ impl Cpu {
         let need = P_READ | if user { P_USER } else { 0 };
         if off + size <= 4096 && e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need && !e.host.is_null() {
             // SAFETY: the entry maps a whole 4 KiB RAM page and off + size <= 4096.
-            unsafe {
-                let p = e.host.add(off);
-                return Ok(match size {
-                    1 => u64::from(p.read()),
-                    2 => u64::from((p as *const u16).read_unaligned()),
-                    4 => u64::from((p as *const u32).read_unaligned()),
-                    _ => (p as *const u64).read_unaligned(),
-                });
-            }
+            return Ok(unsafe { host_read(e.host.add(off), size) });
         }
         self.read_la_slow(bus, la, size, user)
     }
@@ -436,15 +462,7 @@ impl Cpu {
         let e = self.tlb_get(la, Access::Read, user)?;
         if !e.host.is_null() {
             // SAFETY: the entry maps a whole 4 KiB RAM page and off + size <= 4096.
-            unsafe {
-                let p = e.host.add(off);
-                return Ok(match size {
-                    1 => u64::from(p.read()),
-                    2 => u64::from((p as *const u16).read_unaligned()),
-                    4 => u64::from((p as *const u32).read_unaligned()),
-                    _ => (p as *const u64).read_unaligned(),
-                });
-            }
+            return Ok(unsafe { host_read(e.host.add(off), size) });
         }
         self.stats.mmio += 1;
         Ok(bus.mmio_read(e.gpa | off as u64, size as u8))
@@ -472,15 +490,7 @@ impl Cpu {
         let need = P_WRITE | if user { P_USER } else { 0 };
         if off + size <= 4096 && e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need && !e.host.is_null() {
             // SAFETY: the entry maps a whole 4 KiB RAM page and off + size <= 4096.
-            unsafe {
-                let p = e.host.add(off);
-                match size {
-                    1 => p.write(val as u8),
-                    2 => (p as *mut u16).write_unaligned(val as u16),
-                    4 => (p as *mut u32).write_unaligned(val as u32),
-                    _ => (p as *mut u64).write_unaligned(val),
-                }
-            }
+            unsafe { host_write(e.host.add(off), size, val) };
             return Ok(());
         }
         self.write_la_slow(bus, la, size, val, user)
@@ -503,15 +513,7 @@ impl Cpu {
         };
         if !e.host.is_null() {
             // SAFETY: the entry maps a whole 4 KiB RAM page and off + size <= 4096.
-            unsafe {
-                let p = e.host.add(off);
-                match size {
-                    1 => p.write(val as u8),
-                    2 => (p as *mut u16).write_unaligned(val as u16),
-                    4 => (p as *mut u32).write_unaligned(val as u32),
-                    _ => (p as *mut u64).write_unaligned(val),
-                }
-            }
+            unsafe { host_write(e.host.add(off), size, val) };
             return Ok(());
         }
         self.stats.mmio += 1;
@@ -616,27 +618,7 @@ impl Cpu {
 mod tests {
     use super::*;
     use crate::cpu::CpuConfig;
-
-    struct NoBus;
-    impl Bus for NoBus {
-        fn io_in(&mut self, _: u16, _: u8) -> u32 {
-            !0
-        }
-        fn io_out(&mut self, _: u16, _: u8, _: u32) {}
-        fn mmio_read(&mut self, _: u64, _: u8) -> u64 {
-            !0
-        }
-        fn mmio_write(&mut self, _: u64, _: u8, _: u64) {}
-        fn interrupt_pending(&mut self) -> bool {
-            false
-        }
-        fn ack_interrupt(&mut self) -> Option<u8> {
-            None
-        }
-        fn now_ns(&mut self) -> u64 {
-            0
-        }
-    }
+    use crate::NullBus;
 
     fn cpu_with_ram(ram: &mut Vec<u8>) -> Cpu {
         let r = RamRegion { gpa: 0, size: ram.len() as u64, host: ram.as_mut_ptr() };
@@ -664,7 +646,7 @@ mod tests {
         put(&mut ram, 0x3000 + 2 * 8, 0x4000 | 7);
         put(&mut ram, 0x4000, 0x8000 | 3);
         let mut c = cpu_with_ram(&mut ram);
-        let mut bus = NoBus;
+        let mut bus = NullBus;
         c.write_la(&mut bus, 0x40_0010, 8, 0x1122_3344_5566_7788, false).unwrap();
         assert_eq!(c.read_la(&mut bus, 0x40_0010, 8, false).unwrap(), 0x1122_3344_5566_7788);
         drop(c);
@@ -682,7 +664,7 @@ mod tests {
         put(&mut ram, 0x4000, 0x8000 | 1); // present, read-only, supervisor
         put(&mut ram, 0x4008, 0x9000 | 3 | (1 << 63)); // NX
         let mut c = cpu_with_ram(&mut ram);
-        let mut bus = NoBus;
+        let mut bus = NullBus;
         // not present
         assert_eq!(c.read_la(&mut bus, 0x2000, 4, false), Err(Fault::PageFault(0x2000, 0)));
         // write to read-only with WP
@@ -704,7 +686,7 @@ mod tests {
         put(&mut ram, 0x3000, 0x20_0000 | 0x83); // la 0..2M -> 2M..4M
         put(&mut ram, 0x3008, 0x40_0000 | 0x83); // la 2M..4M -> 4M..6M
         let mut c = cpu_with_ram(&mut ram);
-        let mut bus = NoBus;
+        let mut bus = NullBus;
         c.write_la(&mut bus, 0x1f_fffc, 8, 0x0102_0304_0506_0708, false).unwrap();
         assert_eq!(c.read_la(&mut bus, 0x1f_fffc, 8, false).unwrap(), 0x0102_0304_0506_0708);
         drop(c);
