@@ -109,7 +109,7 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
         vmm::Error::Config { .. } | vmm::Error::Kernel(_) | vmm::Error::Io { .. } => (2, e.to_string()),
         _ => (1, e.to_string()),
     })?;
-    tracing::info!("accelerator {}", vm.accel_note);
+    tracing::info!("accelerator {} (override with --accel)", vm.accel_note);
     let _raw = if interactive { Some(RawTerminal::enable()) } else { None };
     if interactive {
         let serial = vm.serial();
@@ -166,7 +166,10 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("RUSTVISOR_LOG"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RUSTVISOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
