@@ -421,22 +421,6 @@ fn st_index(r: Register) -> usize {
     (r as usize).wrapping_sub(Register::ST0 as usize) & 7
 }
 
-fn cond(cpu: &Cpu, cc: ConditionCode) -> bool {
-    let f = cpu.rflags;
-    let (cf, zf, pf) = (f & CF != 0, f & ZF != 0, f & PF != 0);
-    match cc {
-        ConditionCode::b => cf,
-        ConditionCode::ae => !cf,
-        ConditionCode::e => zf,
-        ConditionCode::ne => !zf,
-        ConditionCode::be => cf || zf,
-        ConditionCode::a => !cf && !zf,
-        ConditionCode::p => pf,
-        ConditionCode::np => !pf,
-        _ => false,
-    }
-}
-
 fn fcmov_cc(m: Mnemonic) -> ConditionCode {
     use Mnemonic as M;
     match m {
@@ -994,7 +978,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
                 return Ok(());
             }
-            if cond(cpu, fcmov_cc(m)) {
+            if crate::exec::cond(cpu, fcmov_cc(m)) {
                 let v = get(cpu, s);
                 set(cpu, 0, v);
             }
