@@ -95,17 +95,29 @@ pub mod sreg {
 /// Model-specific registers the emulator keeps (Intel SDM Vol. 4).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Msrs {
+    /// IA32_STAR (0xC000_0081): SYSCALL/SYSRET selectors.
     pub star: u64,
+    /// IA32_LSTAR (0xC000_0082): 64-bit SYSCALL entry.
     pub lstar: u64,
+    /// IA32_CSTAR (0xC000_0083): compatibility-mode SYSCALL entry.
     pub cstar: u64,
+    /// IA32_FMASK (0xC000_0084): RFLAGS bits cleared by SYSCALL.
     pub sfmask: u64,
+    /// IA32_KERNEL_GS_BASE (0xC000_0102), swapped with GS.base by SWAPGS.
     pub kernel_gs_base: u64,
+    /// IA32_TSC_AUX (0xC000_0103), read by RDTSCP/RDPID.
     pub tsc_aux: u64,
+    /// IA32_PAT (0x277).
     pub pat: u64,
+    /// IA32_APIC_BASE (0x1B).
     pub apic_base: u64,
+    /// IA32_MISC_ENABLE (0x1A0).
     pub misc_enable: u64,
+    /// IA32_SYSENTER_CS (0x174).
     pub sysenter_cs: u64,
+    /// IA32_SYSENTER_ESP (0x175).
     pub sysenter_esp: u64,
+    /// IA32_SYSENTER_EIP (0x176).
     pub sysenter_eip: u64,
     /// Offset added to the guest-time-derived TSC (written by WRMSR IA32_TSC).
     pub tsc_offset: i64,
@@ -116,6 +128,7 @@ pub struct Msrs {
 pub struct FpuState {
     /// XMM0-15.
     pub xmm: [u128; 16],
+    /// MXCSR.
     pub mxcsr: u32,
     /// x87 control word.
     pub fcw: u16,
@@ -125,8 +138,11 @@ pub struct FpuState {
     pub ftw: u8,
     /// x87 registers ST physical slots 0-7, as 80-bit extended values (low 10 bytes used).
     pub st: [[u8; 16]; 8],
+    /// Last x87 opcode (11 bits).
     pub fop: u16,
+    /// Last x87 instruction pointer.
     pub fip: u64,
+    /// Last x87 data pointer.
     pub fdp: u64,
 }
 
@@ -190,25 +206,43 @@ pub enum Exit {
 pub struct Cpu {
     /// RAX..R15 in hardware order.
     pub gpr: [u64; 16],
+    /// Instruction pointer (offset in CS).
     pub rip: u64,
+    /// RFLAGS (see [`flags`]).
     pub rflags: u64,
     /// ES, CS, SS, DS, FS, GS.
     pub seg: [Seg; 6],
+    /// LDTR.
     pub ldtr: Seg,
+    /// Task register (its base is where IST/RSP0 stacks are read from).
     pub tr: Seg,
+    /// GDTR base (linear address).
     pub gdtr_base: u64,
+    /// GDTR limit in bytes (size - 1).
     pub gdtr_limit: u16,
+    /// IDTR base (linear address).
     pub idtr_base: u64,
+    /// IDTR limit in bytes (size - 1).
     pub idtr_limit: u16,
+    /// CR0 (see [`ctl`]).
     pub cr0: u64,
+    /// CR2: linear address of the last page fault.
     pub cr2: u64,
+    /// CR3: page-table root GPA and flags.
     pub cr3: u64,
+    /// CR4 (see [`ctl`]).
     pub cr4: u64,
+    /// CR8: task priority (4 bits).
     pub cr8: u64,
+    /// IA32_EFER (see [`ctl`]).
     pub efer: u64,
+    /// DR0-DR7.
     pub dr: [u64; 8],
+    /// XCR0 (XSAVE is not advertised; kept at its reset value).
     pub xcr0: u64,
+    /// Other MSRs.
     pub msr: Msrs,
+    /// x87/SSE state.
     pub fpu: FpuState,
     pub(crate) mmu: Mmu,
     pub(crate) config: CpuConfig,

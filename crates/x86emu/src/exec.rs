@@ -109,8 +109,6 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             };
             cpu.recent[cpu.recent_pos] = cpu.rip;
             cpu.recent_pos = (cpu.recent_pos + 1) % 64;
-            // The privilege level cannot change inside a block (transfers end blocks).
-            cpu.cur_user = cpu.user();
             let tracing = cpu.trace.is_some();
             for op in ops.iter() {
                 if cpu.rip != op.ip {
@@ -203,6 +201,9 @@ fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     let bits = cpu.bitness();
     let la = if bits == 64 { cpu.rip } else { cpu.seg[sreg::CS].base.wrapping_add(cpu.rip) & 0xffff_ffff };
     let user = cpu.user();
+    // The privilege level cannot change inside a block (transfers end blocks), so the fast
+    // forms use this for every access of the block.
+    cpu.cur_user = user;
     let gpa = cpu.translate(la, crate::mmu::Access::Exec, user)?;
     let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
     if let Some(b) = &cpu.dcache.e[idx] {
