@@ -1,0 +1,44 @@
+//! virtio 1.2 devices for rustvisor and their transport.
+//!
+//! - [`device`]: the [`VirtioDevice`] contract between a device model and its transport.
+//! - [`pci`]: the modern virtio-pci transport (virtio 1.2 §4.1) with MSI-X.
+//! - [`queue`]: serving a split virtqueue with `virtio-queue`.
+//! - [`worker`]: the per-device epoll thread.
+//! - Devices: [`rng`].
+//!
+//! Every device treats the guest as hostile: malformed descriptor chains, addresses outside
+//! guest memory and out-of-range lengths fail that request (or set `DEVICE_NEEDS_RESET`);
+//! they never panic or hang the VMM.
+
+pub mod block;
+pub mod console;
+pub mod device;
+pub mod net;
+pub mod queue;
+pub mod rng;
+#[doc(hidden)]
+pub mod testing;
+pub mod vsock;
+pub mod worker;
+
+pub use device::{ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt, VirtioDevice};
+
+/// Device IDs (virtio 1.2 §5).
+pub const TYPE_NET: u32 = 1;
+/// Block device.
+pub const TYPE_BLOCK: u32 = 2;
+/// Console.
+pub const TYPE_CONSOLE: u32 = 3;
+/// Entropy source.
+pub const TYPE_RNG: u32 = 4;
+/// Socket device.
+pub const TYPE_VSOCK: u32 = 19;
+
+/// `VIRTIO_F_VERSION_1` (virtio 1.2 §6): a modern (non-legacy) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_INDIRECT_DESC` (§2.7.5.3).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX` (§2.7.7).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Ring features every rustvisor device offers (virtio-queue implements both).
+pub const RING_FEATURES: u64 = VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;

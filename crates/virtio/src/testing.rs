@@ -1,0 +1,110 @@
+//! Test harness: a split virtqueue laid out by hand in a small guest memory, so tests can
+//! write any descriptor table (including hostile ones) and read the used ring back.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::device::GuestMem;
+
+/// Descriptor flags (virtio 1.2 §2.7.5).
+pub const F_NEXT: u16 = 1;
+/// Device-writable buffer.
+pub const F_WRITE: u16 = 2;
+/// Buffer holds an indirect descriptor table.
+pub const F_INDIRECT: u16 = 4;
+
+/// GPA of the descriptor table, available ring and used ring in [`TestQueue`] memory.
+pub const DESC: u64 = 0x1000;
+/// Available ring GPA.
+pub const AVAIL: u64 = 0x3000;
+/// Used ring GPA.
+pub const USED: u64 = 0x4000;
+/// First GPA free for buffers.
+pub const DATA: u64 = 0x10000;
+
+/// A split virtqueue of `size` entries in `mem_size` bytes of guest memory.
+pub struct TestQueue {
+    /// Guest memory.
+    pub mem: GuestMem,
+    /// Queue size.
+    pub size: u16,
+    avail_idx: u16,
+}
+
+impl TestQueue {
+    /// New memory of `mem_size` bytes (≥ 128 KiB) with an empty queue of `size` entries.
+    pub fn new(size: u16, mem_size: usize) -> TestQueue {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).expect("test memory");
+        TestQueue { mem, size, avail_idx: 0 }
+    }
+
+    /// A `virtio_queue::Queue` configured for this layout (ready).
+    pub fn queue(&self) -> Queue {
+        let mut q = Queue::new(self.size).expect("queue");
+        q.set_size(self.size);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        q
+    }
+
+    /// Writes descriptor `index`: buffer `addr`/`len`, `flags`, `next`.
+    pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let a = DESC + u64::from(index) * 16;
+        self.mem.write_obj(addr, GuestAddress(a)).unwrap();
+        self.mem.write_obj(len, GuestAddress(a + 8)).unwrap();
+        self.mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
+        self.mem.write_obj(next, GuestAddress(a + 14)).unwrap();
+    }
+
+    /// Writes a chain of `(addr, len, writable)` buffers at descriptors `first..` and makes it
+    /// available; returns its head index.
+    pub fn add_chain(&mut self, first: u16, bufs: &[(u64, u32, bool)]) -> u16 {
+        for (i, &(addr, len, w)) in bufs.iter().enumerate() {
+            let idx = first + i as u16;
+            let last = i + 1 == bufs.len();
+            let flags = if last { 0 } else { F_NEXT } | if w { F_WRITE } else { 0 };
+            self.set_desc(idx, addr, len, flags, if last { 0 } else { idx + 1 });
+        }
+        self.publish(first);
+        first
+    }
+
+    /// Puts descriptor `head` in the available ring and bumps the available index.
+    pub fn publish(&mut self, head: u16) {
+        let slot = AVAIL + 4 + u64::from(self.avail_idx % self.size) * 2;
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    /// Sets the available index directly (e.g. to a corrupt value).
+    pub fn set_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    /// The used ring's index.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    /// Used ring element `i`: (descriptor head, bytes written).
+    pub fn used(&self, i: u16) -> (u32, u32) {
+        let a = USED + 4 + u64::from(i % self.size) * 8;
+        (self.mem.read_obj(GuestAddress(a)).unwrap(), self.mem.read_obj(GuestAddress(a + 4)).unwrap())
+    }
+
+    /// Reads `len` bytes of guest memory at `gpa`.
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(gpa)).unwrap();
+        v
+    }
+
+    /// Writes `data` to guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(gpa)).unwrap();
+    }
+}
