@@ -146,6 +146,21 @@ for a in sh mount uname sha256sum cat echo poweroff reboot sync ls mkdir sleep d
     grep -qx "$a" <<<"$applets" || die "busybox-static lacks applet $a"
 done
 
+# virtio drivers (modules in Debian's cloud kernel), copied from the same kernel package;
+# /init loads those for the virtio PCI devices it finds.
+KMOD="$GUEST/rootfs-kernel/lib/modules/$KVER/kernel"
+mkdir -p "$STAGE/lib/modules"
+for m in drivers/virtio/virtio drivers/virtio/virtio_ring drivers/virtio/virtio_pci_modern_dev \
+         drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk \
+         net/core/failover drivers/net/net_failover drivers/net/virtio_net \
+         net/vmw_vsock/vsock net/vmw_vsock/vmw_vsock_virtio_transport_common \
+         net/vmw_vsock/vmw_vsock_virtio_transport drivers/char/hw_random/virtio-rng \
+         drivers/char/virtio_console; do
+    f="$KMOD/$m.ko"
+    [ -f "$f" ] || die "kernel package lacks $m.ko"
+    install -m 0644 "$f" "$STAGE/lib/modules/"
+done
+
 mknod -m 600 "$STAGE/dev/console" c 5 1
 mknod -m 666 "$STAGE/dev/null" c 1 3
 
@@ -163,6 +178,19 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null || true
 mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
 echo RUSTVISOR-INIT-OK
+
+# virtio drivers for the virtio PCI devices present (vendor 0x1af4; device 0x1040 + type).
+load() { for m in "$@"; do insmod "/lib/modules/$m.ko" 2>/dev/null; done; }
+ids=$(cat /sys/bus/pci/devices/*/device 2>/dev/null)
+case "$ids" in *0x104[0-9a-f]*|*0x105[0-9a-f]*)
+    load virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+    case "$ids" in *0x1042*) load virtio_blk ;; esac
+    case "$ids" in *0x1041*) load failover net_failover virtio_net ;; esac
+    case "$ids" in *0x1044*) load virtio-rng ;; esac
+    case "$ids" in *0x1043*) load virtio_console ;; esac
+    case "$ids" in *0x1053*) load vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ;; esac
+    echo RV-VIRTIO-LOADED ;;
+esac
 
 cmd= test=
 for arg in $(cat /proc/cmdline); do

@@ -50,6 +50,21 @@ struct RunArgs {
     /// Console: stdio, file=PATH or null.
     #[arg(long, default_value = "stdio")]
     serial: String,
+    /// A virtio-blk disk: path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID]
+    /// (repeatable; the guest sees /dev/vda, /dev/vdb, ... in order).
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<vmm::DiskConfig>,
+    /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC] (repeatable; the TAP is created
+    /// if absent).
+    #[arg(long, value_name = "OPTIONS")]
+    net: Vec<vmm::NetConfig>,
+    /// A virtio-vsock device: cid=N,socket=PATH (host side on Unix sockets, Firecracker's
+    /// convention).
+    #[arg(long, value_name = "OPTIONS")]
+    vsock: Option<vmm::VsockConfig>,
+    /// Add a virtio-rng device fed by the host's getrandom(2).
+    #[arg(long)]
+    rng: bool,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOut, String> {
@@ -103,8 +118,19 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let accel: Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
     let serial = parse_serial(&a.serial).map_err(bad)?;
     let interactive = serial == SerialOut::Stdio;
-    let cfg =
-        VmConfig { kernel: a.kernel, initrd: a.initrd, cmdline: a.cmdline, mem_size, cpus: a.cpus, accel, serial };
+    let cfg = VmConfig {
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.cmdline,
+        mem_size,
+        cpus: a.cpus,
+        accel,
+        serial,
+        disks: a.disk,
+        nets: a.net,
+        vsock: a.vsock,
+        rng: a.rng,
+    };
     let mut vm = Vm::new(&cfg).map_err(|e| match e {
         vmm::Error::Config { .. } | vmm::Error::Kernel(_) | vmm::Error::Io { .. } => (2, e.to_string()),
         _ => (1, e.to_string()),

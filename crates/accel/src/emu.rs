@@ -23,6 +23,10 @@ pub trait InterruptController: Send {
     fn poll(&mut self, now_ns: u64) -> Option<u64>;
 }
 
+/// Reports guest RAM written by devices (DMA) since the last call, as `(GPA, length)`
+/// ranges; see [`EmuVcpu::set_device_writes`].
+pub type DeviceWrites = Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>;
+
 /// Instructions run between looks at timers and the stop flag.
 const SLICE: u64 = 100_000;
 /// Longest time one [`Vcpu::run`] call keeps the CPU before returning `Interrupted`.
@@ -34,6 +38,7 @@ pub struct EmuVcpu {
     ic: Box<dyn InterruptController>,
     clock: Clock,
     stop: Arc<AtomicBool>,
+    device_writes: Option<DeviceWrites>,
     /// Debugging aid (RUSTVISOR_EMU_PROFILE=PATH): guest RIP samples, one per slice.
     profile: Option<(std::path::PathBuf, std::collections::HashMap<u64, u64>)>,
 }
@@ -56,6 +61,7 @@ struct Adapter<'a> {
     clock: &'a Clock,
     /// Next timer deadline (ns) of the interrupt controller.
     deadline: Option<u64>,
+    device_writes: Option<&'a DeviceWrites>,
 }
 
 impl x86emu::Bus for Adapter<'_> {
@@ -97,6 +103,9 @@ impl x86emu::Bus for Adapter<'_> {
     }
     fn now_ns(&mut self) -> u64 {
         (self.clock)()
+    }
+    fn take_device_writes(&mut self) -> Vec<(u64, u64)> {
+        self.device_writes.map(|f| f()).unwrap_or_default()
     }
 }
 
@@ -144,7 +153,14 @@ impl EmuVcpu {
             }
         }
         let profile = std::env::var_os("RUSTVISOR_EMU_PROFILE").map(|p| (p.into(), Default::default()));
-        EmuVcpu { cpu, ic, clock, stop: Arc::new(AtomicBool::new(false)), profile }
+        EmuVcpu { cpu, ic, clock, stop: Arc::new(AtomicBool::new(false)), device_writes: None, profile }
+    }
+
+    /// Makes the vCPU ask `f` for guest RAM written by devices before it looks at the
+    /// interrupt line (every few thousand instructions), retiring code decoded from those
+    /// pages. `f` should be cheap when nothing was written.
+    pub fn set_device_writes(&mut self, f: DeviceWrites) {
+        self.device_writes = Some(f);
     }
 
     /// A flag that makes [`Vcpu::run`] return `Interrupted` at its next check (within one
@@ -225,7 +241,13 @@ impl Vcpu for EmuVcpu {
             let now = (self.clock)();
             let deadline = self.ic.poll(now);
             let exit = {
-                let mut bus = Adapter { h: handler, ic: self.ic.as_mut(), clock: &self.clock, deadline };
+                let mut bus = Adapter {
+                    h: handler,
+                    ic: self.ic.as_mut(),
+                    clock: &self.clock,
+                    deadline,
+                    device_writes: self.device_writes.as_ref(),
+                };
                 self.cpu.run(&mut bus, SLICE)
             };
             if let Some((_, samples)) = self.profile.as_mut() {

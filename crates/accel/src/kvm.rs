@@ -238,6 +238,44 @@ impl KvmVm {
         self.vm.set_irq_line(gsi, level).map_err(|e| Error::Kvm(format!("KVM_IRQ_LINE gsi {gsi} level {level}: {e}")))
     }
 
+    /// Injects a message-signalled interrupt ("KVM_SIGNAL_MSI"): address `addr`
+    /// (0xFEEx_xxxx), data `data` (Intel SDM Vol. 3 §11.11).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] without the in-kernel irqchip; [`Error::Kvm`] when the ioctl
+    /// fails.
+    pub fn signal_msi(&self, addr: u64, data: u32) -> Result<()> {
+        if !self.irqchip {
+            return Err(Error::Unsupported("KVM_SIGNAL_MSI on a VM without in-kernel irqchip".into()));
+        }
+        let msi = kvm_bindings::kvm_msi { address_lo: addr as u32, address_hi: (addr >> 32) as u32, data, ..Default::default() };
+        self.vm.signal_msi(msi).map(|_| ()).map_err(|e| Error::Kvm(format!("KVM_SIGNAL_MSI {addr:#x}/{data:#x}: {e}")))
+    }
+
+    /// Makes 4-byte guest writes to MMIO GPA `gpa` signal `evt` inside KVM
+    /// ("KVM_IOEVENTFD"), without an exit to userspace (virtio queue notifications).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kvm`] when the ioctl fails.
+    pub fn register_ioevent(&self, evt: &vmm_sys_util::eventfd::EventFd, gpa: u64) -> Result<()> {
+        self.vm
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(gpa), kvm_ioctls::NoDatamatch)
+            .map_err(|e| Error::Kvm(format!("KVM_IOEVENTFD {gpa:#x}: {e}")))
+    }
+
+    /// Undoes [`KvmVm::register_ioevent`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kvm`] when the ioctl fails.
+    pub fn unregister_ioevent(&self, evt: &vmm_sys_util::eventfd::EventFd, gpa: u64) -> Result<()> {
+        self.vm
+            .unregister_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(gpa), kvm_ioctls::NoDatamatch)
+            .map_err(|e| Error::Kvm(format!("KVM_IOEVENTFD deassign {gpa:#x}: {e}")))
+    }
+
     /// Creates vCPU `id` ("KVM_CREATE_VCPU") and prepares it for boot:
     ///
     /// - CPUID ("KVM_SET_CPUID2"): everything `KVM_GET_SUPPORTED_CPUID` offers, with the

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use crate::bus::{lock, read_bytes, write_bytes, MmioBus, MmioDevice, PioBus, PioDevice};
 use crate::ioapic::{ApicMessage, DeliveryMode, IoApic, IOAPIC_BASE, IOAPIC_SIZE};
-use crate::irq::IrqLine;
+use crate::irq::{IrqLine, MsiSink};
 use crate::lapic::{Lapic, LAPIC_BASE, LAPIC_SIZE};
 use crate::pic::Pic;
 use crate::pit::Pit;
@@ -133,6 +133,25 @@ impl EmuIrqchip {
         }
         let lapic = &mut self.lapic;
         self.ioapic.set_irq(pin, level, &mut |m| deliver(lapic, m));
+    }
+
+    /// Delivers a message-signalled interrupt (Intel SDM Vol. 3 §11.11): address
+    /// 0xFEEx_xxxx with the destination in bits 19:12 and the destination mode in bit 2;
+    /// data with the vector in bits 7:0, the delivery mode in bits 10:8 and the trigger mode
+    /// in bit 15. Messages to other addresses are dropped. Returns whether it was accepted.
+    pub fn deliver_msi(&mut self, addr: u64, data: u32) -> bool {
+        if addr >> 20 != 0xfee {
+            tracing::debug!("irqchip: dropped MSI to {addr:#x}");
+            return false;
+        }
+        let m = ApicMessage {
+            vector: data as u8,
+            delivery_mode: DeliveryMode::from_bits(u64::from(data)),
+            logical: addr & (1 << 2) != 0,
+            dest: (addr >> 12) as u8,
+            level_triggered: data & (1 << 15) != 0,
+        };
+        deliver(&mut self.lapic, m)
     }
 
     /// Runs the PIT and LAPIC timers up to `now_ns` (raising IRQ 0 and the
@@ -391,6 +410,18 @@ mod tests {
     }
 
     #[test]
+    fn msi_reaches_lapic() {
+        let (mut c, _) = chip();
+        mmio_w32(&mut c, LAPIC_BASE + 0xf0, 0x1ff);
+        assert!(!c.deliver_msi(0xfee0_5000, 0x41), "another APIC ID");
+        assert!(!c.deliver_msi(0xfec0_0000, 0x41), "not an MSI address");
+        assert!(!c.interrupt_pending());
+        assert!(c.deliver_msi(0xfee0_0000, 0x41));
+        assert!(c.interrupt_pending());
+        assert_eq!(c.acknowledge(), Some(0x41));
+    }
+
+    #[test]
     fn pic_direct_then_through_lapic_extint() {
         let (mut c, _) = chip();
         pic_init(&mut c);
@@ -538,5 +569,30 @@ mod tests {
         }
         c.poll(u64::MAX);
         assert_eq!(inb(&mut c, 0x22), 0xff);
+    }
+}
+
+/// The [`MsiSink`] of an [`EmuIrqchip`]: MSIs go to its LAPIC; `notify` runs afterwards (to
+/// wake a halted vCPU).
+pub struct EmuMsi {
+    chip: Weak<Mutex<EmuIrqchip>>,
+    notify: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl EmuMsi {
+    /// An MSI sink for `chip`, calling `notify` after each message if given.
+    pub fn new(chip: &Arc<Mutex<EmuIrqchip>>, notify: Option<Arc<dyn Fn() + Send + Sync>>) -> Self {
+        Self { chip: Arc::downgrade(chip), notify }
+    }
+}
+
+impl MsiSink for EmuMsi {
+    fn send_msi(&self, addr: u64, data: u32) {
+        if let Some(chip) = self.chip.upgrade() {
+            lock(&chip).deliver_msi(addr, data);
+            if let Some(n) = &self.notify {
+                n();
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod block;
 pub mod console;
 pub mod device;
 pub mod net;
+pub mod pci;
 pub mod queue;
 pub mod rng;
 #[doc(hidden)]

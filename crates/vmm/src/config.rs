@@ -53,7 +53,18 @@ pub struct VmConfig {
     pub accel: Accel,
     /// Console destination.
     pub serial: SerialOut,
+    /// virtio-blk disks, in PCI slot order.
+    pub disks: Vec<crate::DiskConfig>,
+    /// virtio-net NICs.
+    pub nets: Vec<crate::NetConfig>,
+    /// The virtio-vsock device.
+    pub vsock: Option<crate::VsockConfig>,
+    /// Whether to add a virtio-rng device (entropy from the host's getrandom).
+    pub rng: bool,
 }
+
+/// Most virtio PCI devices one VM may have (bus 0 has 32 slots; slot 0 is the host bridge).
+pub const MAX_PCI_DEVICES: usize = 31;
 
 /// Smallest guest RAM accepted, in bytes.
 pub const MIN_MEM: u64 = 16 << 20;
@@ -115,6 +126,30 @@ impl VmConfig {
             if !i.is_file() {
                 return Err(crate::Error::Config { field: "--initrd", msg: format!("{}: no such file", i.display()) });
             }
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if !d.path.is_file() {
+                return Err(crate::Error::Config { field: "--disk", msg: format!("{}: no such file", d.path.display()) });
+            }
+            let canon = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            if self.disks[..i].iter().any(|o| canon(&o.path) == canon(&d.path)) {
+                return Err(crate::Error::Config {
+                    field: "--disk",
+                    msg: format!("{}: given twice (each image may back one disk)", d.path.display()),
+                });
+            }
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            if self.nets[..i].iter().any(|o| o.tap == n.tap) {
+                return Err(crate::Error::Config { field: "--net", msg: format!("tap {}: given twice", n.tap) });
+            }
+        }
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng);
+        if devices > MAX_PCI_DEVICES {
+            return Err(crate::Error::Config {
+                field: "--disk/--net",
+                msg: format!("{devices} PCI devices requested (accepted: at most {MAX_PCI_DEVICES})"),
+            });
         }
         Ok(())
     }

@@ -3,10 +3,13 @@
 
 pub mod arch;
 pub mod config;
+pub mod devices_config;
 pub mod memory;
+pub mod virtio_devices;
 pub mod vm;
 
 pub use config::{Accel, SerialOut, VmConfig};
+pub use devices_config::{DiskConfig, DiskFormat, NetConfig, VsockConfig};
 pub use vm::{RunOutcome, Vm};
 
 /// Errors of the VMM library. Each names the offending input so the CLI can print one line.

@@ -5,6 +5,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 /// Start of the 32-bit MMIO hole (LAPIC, IOAPIC, future PCI BARs), GPA.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// PCI memory BAR window (32-bit), GPA: from the start of the hole up to the IOAPIC.
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+/// End (exclusive) of the PCI memory BAR window, GPA.
+pub const PCI_MMIO_END: u64 = 0xfec0_0000;
 /// First GPA above 4 GiB.
 pub const HIGH_RAM_START: u64 = 1 << 32;
 

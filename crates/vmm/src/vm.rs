@@ -8,7 +8,8 @@ use std::time::Instant;
 use accel::emu::{EmuVcpu, InterruptController};
 use accel::kvm::KvmVm;
 use accel::{ExitHandler, Vcpu, VcpuExit};
-use devices::{AcpiPm, Cmos, EmuIrqchip, GsiLine, IrqLine, MmioBus, PioBus, Serial, I8042};
+use devices::{AcpiPm, Cmos, EmuIrqchip, EmuMsi, GsiLine, IrqLine, MmioBus, MsiSink, PciBus, PioBus, Serial, I8042};
+use virtio::DmaLog;
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{Accel, SerialOut, VmConfig};
@@ -88,8 +89,9 @@ impl IrqLine for KvmIrq {
     }
 }
 
-/// The boot vCPU, its stop flag, the console's interrupt line and the KVM VM (if any).
-type VcpuParts = (Box<dyn Vcpu>, Arc<AtomicBool>, Arc<dyn IrqLine>, Option<Arc<KvmVm>>);
+/// The boot vCPU, its stop flag, the console's interrupt line, where MSIs go and the KVM VM
+/// (if any).
+type VcpuParts = (Box<dyn Vcpu>, Arc<AtomicBool>, Arc<dyn IrqLine>, Arc<dyn MsiSink>, Option<Arc<KvmVm>>);
 
 /// A built VM, ready to run.
 pub struct Vm {
@@ -105,6 +107,8 @@ pub struct Vm {
     power_off: Arc<AtomicBool>,
     quit: Arc<AtomicBool>,
     _kvm: Option<Arc<KvmVm>>,
+    /// The virtio devices on PCI bus 0.
+    pub virtio: Vec<crate::virtio_devices::PciVirtio>,
     /// Which accelerator was chosen, and why.
     pub accel_note: String,
     /// Whether the vCPU runs on the emulator.
@@ -191,15 +195,20 @@ impl Vm {
         let clock: devices::Clock = Arc::new(move || start.elapsed().as_nanos() as u64);
         let dev_err = |e: devices::Error| Error::Device(e.to_string());
 
+        let dma = Arc::new(DmaLog::default());
         let mut aps = Vec::new();
-        let (vcpu, stop, serial_irq, kvm): VcpuParts = if is_emu {
+        let (vcpu, stop, serial_irq, msi, kvm): VcpuParts = if is_emu {
             let chip = Arc::new(Mutex::new(EmuIrqchip::new(clock.clone(), EMU_TSC_HZ)));
             // PIC, ELCR, PIT and port 0x61 ports; LAPIC and IOAPIC pages.
             EmuIrqchip::attach(&chip, &mut pio, &mut mmio).map_err(dev_err)?;
             let line: Arc<dyn IrqLine> = Arc::new(GsiLine::new(&chip, COM1_IRQ));
-            let v = EmuVcpu::new(&ram, Box::new(EmuIc(chip)), clock.clone(), EMU_TSC_HZ, 0);
+            let msi: Arc<dyn MsiSink> = Arc::new(EmuMsi::new(&chip, None));
+            let mut v = EmuVcpu::new(&ram, Box::new(EmuIc(chip)), clock.clone(), EMU_TSC_HZ, 0);
+            // Device DMA into pages the emulator decoded code from retires that code.
+            let d = dma.clone();
+            v.set_device_writes(Arc::new(move || if d.pending() { d.take() } else { Vec::new() }));
             let stop = v.stop_flag();
-            (Box::new(v), stop, line, None)
+            (Box::new(v), stop, line, msi, None)
         } else {
             let vm = Arc::new(KvmVm::new(&ram)?);
             let v = vm.create_vcpu(0)?;
@@ -209,7 +218,8 @@ impl Vm {
             }
             let stop = v.stop_flag();
             let line: Arc<dyn IrqLine> = Arc::new(KvmIrq { vm: vm.clone(), gsi: COM1_IRQ });
-            (Box::new(v), stop, line, Some(vm))
+            let msi: Arc<dyn MsiSink> = Arc::new(crate::virtio_devices::KvmMsi(vm.clone()));
+            (Box::new(v), stop, line, msi, Some(vm))
         };
 
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_sink(&cfg.serial)?)));
@@ -231,6 +241,16 @@ impl Vm {
         let cmos = Arc::new(Mutex::new(Cmos::new(low, arch::high_mem(cfg.mem_size))));
         pio.insert(0x70, 2, cmos).map_err(dev_err)?;
 
+        // PCI bus 0 (conf1) with the virtio devices; their BARs sit in the MMIO window.
+        let mut pci = PciBus::new();
+        let ioevents = kvm.clone().map(|vm| {
+            Arc::new(crate::virtio_devices::KvmIoEvents(vm)) as Arc<dyn virtio::pci::IoEventRegistrar>
+        });
+        let virtio = crate::virtio_devices::build(cfg, &mem, &mut pci, msi, dma, ioevents)?;
+        let pci = Arc::new(Mutex::new(pci));
+        pio.insert(devices::pci::CONF1_PORT, devices::pci::CONF1_LEN, pci.clone()).map_err(dev_err)?;
+        mmio.insert(memory::PCI_MMIO_START, memory::PCI_MMIO_END - memory::PCI_MMIO_START, pci).map_err(dev_err)?;
+
         let mut vm = Vm {
             _memory: mem,
             vcpu,
@@ -242,6 +262,7 @@ impl Vm {
             power_off,
             quit: Arc::new(AtomicBool::new(false)),
             _kvm: kvm,
+            virtio,
             accel_note,
             is_emu,
         };

@@ -360,6 +360,21 @@ impl Cpu {
         self.mmu.flush_code();
     }
 
+    /// Retires code decoded from the guest RAM pages overlapping `len` bytes at GPA `gpa`
+    /// (written behind the CPU's back, e.g. by device DMA). Non-RAM addresses are ignored.
+    pub fn invalidate_code(&mut self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa >> 12;
+        let last = gpa.saturating_add(len - 1) >> 12;
+        for page in first..=last {
+            if let Some((_, idx)) = self.mmu.ram_lookup(page << 12) {
+                self.mmu.note_write(idx);
+            }
+        }
+    }
+
     /// The start RIPs of the last blocks entered, oldest first.
     pub fn recent_rips(&self) -> Vec<u64> {
         (0..64).map(|i| self.recent[(self.recent_pos + i) % 64]).collect()

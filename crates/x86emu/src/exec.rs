@@ -74,6 +74,9 @@ pub(crate) enum Loc {
 pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
     let mut done = 0u64;
     loop {
+        for (gpa, len) in bus.take_device_writes() {
+            cpu.invalidate_code(gpa, len);
+        }
         // Interrupt window: IF set and not in an STI/MOV SS shadow.
         if cpu.rflags & IF != 0 && !cpu.interrupt_shadow && bus.interrupt_pending() {
             if let Some(v) = bus.ack_interrupt() {
@@ -1751,6 +1754,50 @@ mod tests {
         c.rip = 0x10000;
         assert_eq!(c.run(&mut bus, 100), Exit::HaltedForever);
         assert_eq!(c.gpr[0], 2);
+    }
+
+    /// A bus whose "device" rewrote guest RAM and reports it once.
+    struct DmaBus(Vec<(u64, u64)>);
+    impl crate::Bus for DmaBus {
+        fn io_in(&mut self, _: u16, _: u8) -> u32 {
+            !0
+        }
+        fn io_out(&mut self, _: u16, _: u8, _: u32) {}
+        fn mmio_read(&mut self, _: u64, _: u8) -> u64 {
+            !0
+        }
+        fn mmio_write(&mut self, _: u64, _: u8, _: u64) {}
+        fn interrupt_pending(&mut self) -> bool {
+            false
+        }
+        fn ack_interrupt(&mut self) -> Option<u8> {
+            None
+        }
+        fn now_ns(&mut self) -> u64 {
+            0
+        }
+        fn take_device_writes(&mut self) -> Vec<(u64, u64)> {
+            std::mem::take(&mut self.0)
+        }
+    }
+
+    #[test]
+    fn device_writes_to_cached_code_are_seen() {
+        let mut ram = vec![0u8; 4 << 20];
+        ram[0x10000..0x10006].copy_from_slice(&[0xb8, 1, 0, 0, 0, 0xf4]);
+        let host = ram.as_mut_ptr();
+        let mut c = long_mode_cpu(&mut ram);
+        c.rip = 0x10000;
+        assert_eq!(c.run(&mut NullBus, 100), Exit::HaltedForever);
+        assert_eq!(c.gpr[0], 1);
+        // DMA rewrites the immediate behind the CPU's back (as a disk read into a page
+        // cache page would), and the bus reports it.
+        // SAFETY: 0x10001 is inside the 4 MiB buffer the CPU was built over.
+        unsafe { host.add(0x10001).write_volatile(3) };
+        c.halted = false;
+        c.rip = 0x10000;
+        assert_eq!(c.run(&mut DmaBus(vec![(0x10001, 1)]), 100), Exit::HaltedForever);
+        assert_eq!(c.gpr[0], 3);
     }
 
     #[test]

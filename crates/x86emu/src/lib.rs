@@ -44,6 +44,13 @@ pub trait Bus {
     fn ack_interrupt(&mut self) -> Option<u8>;
     /// Guest time in nanoseconds since the VM started; drives the TSC.
     fn now_ns(&mut self) -> u64;
+    /// Guest RAM written by devices (DMA) since the last call, as `(GPA, length in bytes)`
+    /// ranges. The CPU retires code it decoded from those pages before it next looks at the
+    /// interrupt line, so a device must report its writes before it raises the interrupt
+    /// that announces them.
+    fn take_device_writes(&mut self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
 }
 
 /// A [`Bus`] with nothing attached: port and MMIO reads return all ones, writes are

@@ -1,9 +1,14 @@
 //! ACPI tables (ACPI 6.4): RSDP → XSDT → FADT (→ FACS, DSDT), built with rust-vmm's
 //! `acpi_tables`. They give the guest a standard power-off path: the FADT points at the
 //! PM1a blocks of `devices::acpi_pm`, and the DSDT's `_S5` object gives the soft-off sleep
-//! type. Interrupt routing stays with the legacy PIC (no MADT yet).
+//! type. The DSDT also describes the PCI host bridge (`\_SB.PCI0`, PNP0A03): bus 0 through
+//! configuration mechanism #1 at ports 0xCF8-0xCFF, and the 32-bit MMIO window where
+//! device BARs live. Devices use MSI-X, so there is no `_PRT`. Interrupt routing for the
+//! legacy devices stays with the PIC in virtual-wire mode on `emu` (no MADT).
 
-use acpi_tables::aml::{Name, Package, Path};
+use acpi_tables::aml::{
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Name, Package, Path, ResourceTemplate, Scope, IO,
+};
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::rsdp::Rsdp;
@@ -31,6 +36,36 @@ fn aml_bytes(a: &dyn Aml) -> Vec<u8> {
     v
 }
 
+/// `\_SB.PCI0`: the PCI host bridge (PCI Firmware 3.2 §4.1, ACPI 6.4 §6.4.3.5 address
+/// space descriptors): bus 0, the conf1 ports, the I/O ports outside them, and the BAR
+/// window [`crate::memory::PCI_MMIO_START`] to [`crate::memory::PCI_MMIO_END`].
+fn pci_host_bridge() -> Vec<u8> {
+    let zero = 0u8;
+    let hid = EISAName::new("PNP0A03");
+    let bus = AddressSpace::<u16>::new_bus_number(0, 0);
+    let conf1 = IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = AddressSpace::<u16>::new_io(0, 0xcf7, None);
+    let io_high = AddressSpace::<u16>::new_io(0xd00, 0xffff, None);
+    let mmio = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        crate::memory::PCI_MMIO_START as u32,
+        (crate::memory::PCI_MMIO_END - 1) as u32,
+        None,
+    );
+    let crs = ResourceTemplate::new(vec![&bus, &conf1, &io_low, &io_high, &mmio]);
+    let (hid_n, adr, seg, uid, bbn, crs_n) = (
+        Name::new(Path::new("_HID"), &hid),
+        Name::new(Path::new("_ADR"), &zero),
+        Name::new(Path::new("_SEG"), &zero),
+        Name::new(Path::new("_UID"), &zero),
+        Name::new(Path::new("_BBN"), &zero),
+        Name::new(Path::new("_CRS"), &crs),
+    );
+    let pci0 = Device::new(Path::new("PCI0"), vec![&hid_n, &adr, &seg, &uid, &bbn, &crs_n]);
+    aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&pci0]))
+}
+
 /// Writes the tables into guest memory; returns the RSDP's GPA.
 pub fn write_tables(mem: &GuestMemoryMmap) -> crate::Result<u64> {
     let merr = |e: vm_memory::GuestMemoryError| crate::Error::Memory(e.to_string());
@@ -41,6 +76,7 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> crate::Result<u64> {
     let zero = 0u8;
     let s5 = Name::new(Path::new("_S5_"), &Package::new(vec![&typ, &typ, &zero, &zero]));
     dsdt.append_slice(&aml_bytes(&s5));
+    dsdt.append_slice(&pci_host_bridge());
     mem.write_slice(dsdt.as_slice(), GuestAddress(DSDT_ADDR)).map_err(merr)?;
 
     mem.write_slice(&aml_bytes(&FACS::new()), GuestAddress(FACS_ADDR)).map_err(merr)?;

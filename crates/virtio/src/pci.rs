@@ -1,0 +1,736 @@
+//! The modern virtio-pci transport (virtio 1.2 §4.1) with MSI-X (PCI 3.0 §6.8.2).
+//!
+//! Everything lives in one 32 KiB memory BAR (BAR 0):
+//!
+//! | offset | structure                                   |
+//! |--------|---------------------------------------------|
+//! | 0x0000 | common configuration (§4.1.4.3)             |
+//! | 0x1000 | ISR status (§4.1.4.5)                       |
+//! | 0x2000 | device-specific configuration (§4.1.4.6)    |
+//! | 0x3000 | notifications, 4 bytes per queue (§4.1.4.4) |
+//! | 0x4000 | MSI-X table, 16 bytes per vector            |
+//! | 0x6000 | MSI-X pending bit array                     |
+//!
+//! Vector count = queues + 1. Legacy INTx is not offered (interrupt pin 0): drivers use
+//! MSI-X. A driver writing a queue notification makes the transport write that queue's
+//! kick eventfd; on KVM the same eventfds are registered as ioeventfds through
+//! [`IoEventRegistrar`], so those writes never leave the kernel.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use devices::pci::{PciConfig, PciDevice, PciId, CMD_BUS_MASTER};
+use devices::MsiSink;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{ActivateContext, DmaLog, GuestMem, Interrupt, VirtioDevice};
+use crate::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+
+/// Size of BAR 0 in bytes.
+pub const BAR_SIZE: u32 = 0x8000;
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x40;
+const ISR: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x2000;
+const DEVICE_CFG_LEN: u64 = 0x1000;
+/// Offset of the notification area in BAR 0.
+pub const NOTIFY: u64 = 0x3000;
+/// Bytes between two queues' notification addresses (`notify_off_multiplier`).
+pub const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x6000;
+/// "No vector" (§4.1.4.3).
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// Device status bits (§2.1).
+pub mod status {
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u8 = 2;
+    /// The driver is ready: the device may serve its queues.
+    pub const DRIVER_OK: u8 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u8 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u8 = 0x80;
+}
+
+/// Registers a queue's kick eventfd at a guest-physical notification address (KVM's
+/// ioeventfd), and removes it again.
+pub trait IoEventRegistrar: Send + Sync {
+    /// Guest writes to `gpa` (4 bytes wide) signal `evt` from now on.
+    fn register(&self, gpa: u64, evt: &EventFd);
+    /// Undoes [`IoEventRegistrar::register`].
+    fn unregister(&self, gpa: u64, evt: &EventFd);
+}
+
+/// MSI-X state shared by the transport (table writes) and the device's interrupts.
+struct Msix {
+    /// Per vector: address low, address high, data, vector control.
+    table: Vec<[u32; 4]>,
+    pending: Vec<bool>,
+    enabled: bool,
+    function_masked: bool,
+    config_vector: u16,
+    queue_vectors: Vec<u16>,
+    sink: Arc<dyn MsiSink>,
+}
+
+impl Msix {
+    fn signal(&mut self, vector: u16) {
+        let v = usize::from(vector);
+        if vector == NO_VECTOR || v >= self.table.len() || !self.enabled {
+            return;
+        }
+        let e = self.table[v];
+        if self.function_masked || e[3] & 1 != 0 {
+            self.pending[v] = true;
+            return;
+        }
+        self.sink.send_msi(u64::from(e[0]) | (u64::from(e[1]) << 32), e[2]);
+    }
+
+    /// Sends what became unmasked while pending.
+    fn flush_pending(&mut self) {
+        for v in 0..self.table.len() {
+            if self.pending[v] && self.enabled && !self.function_masked && self.table[v][3] & 1 == 0 {
+                self.pending[v] = false;
+                self.signal(v as u16);
+            }
+        }
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The device's [`Interrupt`]: ISR bits and MSI-X vectors.
+struct PciInterrupt {
+    msix: Arc<Mutex<Msix>>,
+    isr: Arc<AtomicU8>,
+}
+
+impl Interrupt for PciInterrupt {
+    fn notify_queue(&self, queue: u16) {
+        self.isr.fetch_or(1, Ordering::SeqCst);
+        let mut m = lock(&self.msix);
+        let v = m.queue_vectors.get(usize::from(queue)).copied().unwrap_or(NO_VECTOR);
+        m.signal(v);
+    }
+    fn notify_config(&self) {
+        self.isr.fetch_or(2, Ordering::SeqCst);
+        let mut m = lock(&self.msix);
+        let v = m.config_vector;
+        m.signal(v);
+    }
+}
+
+/// Driver-side configuration of one queue.
+#[derive(Clone, Copy)]
+struct QueueCfg {
+    max: u16,
+    size: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+impl QueueCfg {
+    fn new(max: u16) -> QueueCfg {
+        QueueCfg { max, size: max, enabled: false, desc: 0, driver: 0, device: 0 }
+    }
+}
+
+/// A virtio device on the PCI bus.
+pub struct VirtioPci {
+    config: PciConfig,
+    msix_cap: usize,
+    device: Box<dyn VirtioDevice>,
+    device_features: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_generation: u8,
+    queue_select: u16,
+    queues: Vec<QueueCfg>,
+    msix: Arc<Mutex<Msix>>,
+    isr: Arc<AtomicU8>,
+    /// Kick eventfds, one per queue, while active.
+    kicks: Vec<EventFd>,
+    /// Notification GPAs registered as ioeventfds while active.
+    registered: Vec<u64>,
+    mem: GuestMem,
+    dma: Arc<DmaLog>,
+    ioevents: Option<Arc<dyn IoEventRegistrar>>,
+}
+
+impl VirtioPci {
+    /// Wraps `device` with its BAR 0 at GPA `bar_base` (aligned to [`BAR_SIZE`]); MSIs go to
+    /// `sink`; device DMA is recorded in `dma`; `ioevents` (KVM) takes the kick eventfds.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        bar_base: u32,
+        mem: GuestMem,
+        sink: Arc<dyn MsiSink>,
+        dma: Arc<DmaLog>,
+        ioevents: Option<Arc<dyn IoEventRegistrar>>,
+    ) -> VirtioPci {
+        let ty = device.device_type();
+        let class = match ty {
+            crate::TYPE_NET => 0x02_00_00,
+            crate::TYPE_BLOCK => 0x01_80_00,
+            crate::TYPE_CONSOLE => 0x07_80_00,
+            _ => 0xff_00_00,
+        };
+        let mut config = PciConfig::new(PciId {
+            vendor: 0x1af4,
+            device: 0x1040 + ty as u16,
+            class,
+            revision: 1,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        });
+        config.add_mem_bar32(0, BAR_SIZE, bar_base);
+        let nq = device.queue_max_sizes().len();
+        let vectors = nq + 1;
+        // virtio_pci_cap: vndr, next, len, cfg_type, bar, id, pad[2], offset, length.
+        let cap = |ty: u8, off: u64, len: u64, extra: &[u8]| {
+            let mut c = vec![0x09, 0, (16 + extra.len()) as u8, ty, 0, 0, 0, 0];
+            c.extend_from_slice(&(off as u32).to_le_bytes());
+            c.extend_from_slice(&(len as u32).to_le_bytes());
+            c.extend_from_slice(extra);
+            c
+        };
+        config.add_capability(&cap(1, COMMON, COMMON_LEN, &[]), &[]);
+        config.add_capability(&cap(2, NOTIFY, nq as u64 * u64::from(NOTIFY_MULTIPLIER), &NOTIFY_MULTIPLIER.to_le_bytes()), &[]);
+        config.add_capability(&cap(3, ISR, 4, &[]), &[]);
+        config.add_capability(&cap(4, DEVICE_CFG, DEVICE_CFG_LEN, &[]), &[]);
+        // MSI-X: message control (table size - 1; enable and function mask writable),
+        // table offset/BIR 0, PBA offset/BIR 0.
+        let mut msix = vec![0x11, 0];
+        msix.extend_from_slice(&((vectors - 1) as u16).to_le_bytes());
+        msix.extend_from_slice(&(MSIX_TABLE as u32).to_le_bytes());
+        msix.extend_from_slice(&(MSIX_PBA as u32).to_le_bytes());
+        let msix_cap = config.add_capability(&msix, &[0, 0, 0, 0xc0]).unwrap_or(0);
+        let msix_state = Msix {
+            table: vec![[0, 0, 0, 1]; vectors],
+            pending: vec![false; vectors],
+            enabled: false,
+            function_masked: false,
+            config_vector: NO_VECTOR,
+            queue_vectors: vec![NO_VECTOR; nq],
+            sink,
+        };
+        let queues = device.queue_max_sizes().into_iter().map(QueueCfg::new).collect();
+        let device_features = device.device_features() | VIRTIO_F_VERSION_1;
+        VirtioPci {
+            config,
+            msix_cap,
+            device,
+            device_features,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            queue_select: 0,
+            queues,
+            msix: Arc::new(Mutex::new(msix_state)),
+            isr: Arc::new(AtomicU8::new(0)),
+            kicks: Vec::new(),
+            registered: Vec::new(),
+            mem,
+            dma,
+            ioevents,
+        }
+    }
+
+    /// The device's counters.
+    pub fn counters(&self) -> Arc<crate::Counters> {
+        self.device.counters()
+    }
+
+    /// The device's virtio type (§5).
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    fn common_bytes(&self) -> [u8; COMMON_LEN as usize] {
+        let mut b = [0u8; COMMON_LEN as usize];
+        let put = |b: &mut [u8], off: usize, v: &[u8]| b[off..off + v.len()].copy_from_slice(v);
+        put(&mut b, 0x00, &self.device_feature_select.to_le_bytes());
+        let f = match self.device_feature_select {
+            0 => self.device_features as u32,
+            1 => (self.device_features >> 32) as u32,
+            _ => 0,
+        };
+        put(&mut b, 0x04, &f.to_le_bytes());
+        put(&mut b, 0x08, &self.driver_feature_select.to_le_bytes());
+        let d = match self.driver_feature_select {
+            0 => self.driver_features as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        };
+        put(&mut b, 0x0c, &d.to_le_bytes());
+        let m = lock(&self.msix);
+        put(&mut b, 0x10, &m.config_vector.to_le_bytes());
+        put(&mut b, 0x12, &(self.queues.len() as u16).to_le_bytes());
+        b[0x14] = self.status;
+        b[0x15] = self.config_generation;
+        put(&mut b, 0x16, &self.queue_select.to_le_bytes());
+        if let Some(q) = self.queues.get(usize::from(self.queue_select)) {
+            put(&mut b, 0x18, &q.size.to_le_bytes());
+            let v = m.queue_vectors[usize::from(self.queue_select)];
+            put(&mut b, 0x1a, &v.to_le_bytes());
+            put(&mut b, 0x1c, &u16::from(q.enabled).to_le_bytes());
+            put(&mut b, 0x1e, &self.queue_select.to_le_bytes());
+            put(&mut b, 0x20, &q.desc.to_le_bytes());
+            put(&mut b, 0x28, &q.driver.to_le_bytes());
+            put(&mut b, 0x30, &q.device.to_le_bytes());
+        }
+        b
+    }
+
+    fn common_write(&mut self, off: u64, data: &[u8]) {
+        let mut v8 = [0u8; 8];
+        let n = data.len().min(8);
+        v8[..n].copy_from_slice(&data[..n]);
+        let v = u64::from_le_bytes(v8);
+        let active = self.status & status::DRIVER_OK != 0;
+        let qs = usize::from(self.queue_select);
+        match off {
+            0x00 => self.device_feature_select = v as u32,
+            0x08 => self.driver_feature_select = v as u32,
+            0x0c => {
+                if self.status & status::FEATURES_OK == 0 {
+                    let shift = match self.driver_feature_select {
+                        0 => 0,
+                        1 => 32,
+                        _ => return,
+                    };
+                    let mask = 0xffff_ffffu64 << shift;
+                    self.driver_features = (self.driver_features & !mask) | (((v & 0xffff_ffff) << shift) & mask);
+                }
+            }
+            0x10 => {
+                let mut m = lock(&self.msix);
+                m.config_vector = if usize::from(v as u16) < m.table.len() { v as u16 } else { NO_VECTOR };
+            }
+            0x14 => self.write_status(v as u8),
+            0x16 => self.queue_select = v as u16,
+            0x18 if !active => {
+                if let Some(q) = self.queues.get_mut(qs) {
+                    q.size = (v as u16).min(q.max);
+                }
+            }
+            0x1a => {
+                let mut m = lock(&self.msix);
+                let nv = if usize::from(v as u16) < m.table.len() { v as u16 } else { NO_VECTOR };
+                if let Some(slot) = m.queue_vectors.get_mut(qs) {
+                    *slot = nv;
+                }
+            }
+            0x1c if !active => {
+                if let Some(q) = self.queues.get_mut(qs) {
+                    q.enabled = v & 1 == 1;
+                }
+            }
+            0x20..=0x37 if !active => {
+                if let Some(q) = self.queues.get_mut(qs) {
+                    let field = match off & !7 {
+                        0x20 => &mut q.desc,
+                        0x28 => &mut q.driver,
+                        _ => &mut q.device,
+                    };
+                    match (off & 7, n) {
+                        (0, 8) => *field = v,
+                        (0, 4) => *field = (*field & !0xffff_ffff) | (v & 0xffff_ffff),
+                        (4, 4) => *field = (*field & 0xffff_ffff) | ((v & 0xffff_ffff) << 32),
+                        _ => tracing::debug!("virtio-pci: ignored {n}-byte queue address write at {off:#x}"),
+                    }
+                }
+            }
+            _ => tracing::debug!("virtio-pci: ignored common config write at {off:#x}"),
+        }
+    }
+
+    fn write_status(&mut self, v: u8) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        let mut new = v | (old & status::DEVICE_NEEDS_RESET);
+        if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
+            let ok = self.driver_features & !self.device_features == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                tracing::warn!(
+                    "virtio-pci: driver features {:#x} not acceptable (offered {:#x}, VERSION_1 required)",
+                    self.driver_features,
+                    self.device_features
+                );
+                new &= !status::FEATURES_OK;
+            }
+        }
+        self.status = new;
+        if new & status::DRIVER_OK != 0 && old & status::DRIVER_OK == 0 {
+            if new & status::FEATURES_OK == 0 {
+                self.needs_reset("DRIVER_OK without FEATURES_OK".into());
+                return;
+            }
+            if let Err(e) = self.activate() {
+                self.needs_reset(e);
+            }
+        }
+    }
+
+    fn needs_reset(&mut self, why: String) {
+        tracing::warn!("virtio-pci ({}): device needs reset: {why}", self.device.device_type());
+        self.status |= status::DEVICE_NEEDS_RESET;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        PciInterrupt { msix: self.msix.clone(), isr: self.isr.clone() }.notify_config();
+    }
+
+    fn activate(&mut self) -> Result<(), String> {
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, c) in self.queues.iter().enumerate() {
+            let mut q = Queue::new(c.max).map_err(|e| format!("queue {i}: {e:?}"))?;
+            if c.enabled {
+                q.try_set_size(c.size).map_err(|e| format!("queue {i} size {}: {e:?}", c.size))?;
+                q.try_set_desc_table_address(vm_memory::GuestAddress(c.desc))
+                    .map_err(|e| format!("queue {i} descriptor table {:#x}: {e:?}", c.desc))?;
+                q.try_set_avail_ring_address(vm_memory::GuestAddress(c.driver))
+                    .map_err(|e| format!("queue {i} driver area {:#x}: {e:?}", c.driver))?;
+                q.try_set_used_ring_address(vm_memory::GuestAddress(c.device))
+                    .map_err(|e| format!("queue {i} device area {:#x}: {e:?}", c.device))?;
+                q.set_event_idx(event_idx);
+                q.set_ready(true);
+                if !q.is_valid(&self.mem) {
+                    return Err(format!("queue {i}: rings outside guest memory or misaligned"));
+                }
+            }
+            queues.push(q);
+        }
+        let mut kicks = Vec::new();
+        let mut device_kicks = Vec::new();
+        for _ in 0..self.queues.len() {
+            let e = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+            device_kicks.push(e.try_clone().map_err(|e| format!("eventfd: {e}"))?);
+            kicks.push(e);
+        }
+        if let (Some(r), Some((base, _))) = (&self.ioevents, self.config.mem_bar(0)) {
+            for (i, e) in kicks.iter().enumerate() {
+                let gpa = base + NOTIFY + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+                r.register(gpa, e);
+                self.registered.push(gpa);
+            }
+        }
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            acked_features: self.driver_features,
+            queues,
+            queue_evts: device_kicks,
+            interrupt: Arc::new(PciInterrupt { msix: self.msix.clone(), isr: self.isr.clone() }),
+            dma: self.dma.clone(),
+        };
+        self.kicks = kicks;
+        self.device.activate(ctx).map_err(|e| e.to_string())?;
+        // Buffers made available before DRIVER_OK are served now.
+        for k in &self.kicks {
+            let _ = k.write(1);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        if let Some(r) = &self.ioevents {
+            for (gpa, e) in self.registered.drain(..).zip(self.kicks.iter()) {
+                r.unregister(gpa, e);
+            }
+        }
+        self.registered.clear();
+        self.kicks.clear();
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        for q in &mut self.queues {
+            *q = QueueCfg::new(q.max);
+        }
+        self.isr.store(0, Ordering::SeqCst);
+        let mut m = lock(&self.msix);
+        m.config_vector = NO_VECTOR;
+        m.queue_vectors.fill(NO_VECTOR);
+    }
+
+    fn msix_control_changed(&mut self) {
+        if self.msix_cap == 0 {
+            return;
+        }
+        let ctrl = self.config.get16(self.msix_cap + 2);
+        let mut m = lock(&self.msix);
+        m.enabled = ctrl & (1 << 15) != 0;
+        m.function_masked = ctrl & (1 << 14) != 0;
+        m.flush_pending();
+    }
+
+    fn msix_table_read(&self, off: u64, data: &mut [u8]) {
+        let m = lock(&self.msix);
+        let mut bytes = Vec::with_capacity(m.table.len() * 16);
+        for e in &m.table {
+            for w in e {
+                bytes.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        crate::device::read_config_bytes(&bytes, off, data);
+    }
+
+    fn msix_table_write(&self, off: u64, data: &[u8]) {
+        let mut m = lock(&self.msix);
+        for (i, &b) in data.iter().enumerate() {
+            let o = off as usize + i;
+            let (v, w, byte) = (o / 16, (o % 16) / 4, o % 4);
+            if let Some(e) = m.table.get_mut(v) {
+                let mut le = e[w].to_le_bytes();
+                le[byte] = b;
+                e[w] = u32::from_le_bytes(le);
+            }
+        }
+        m.flush_pending();
+    }
+
+    fn msix_pba_read(&self, off: u64, data: &mut [u8]) {
+        let m = lock(&self.msix);
+        let mut bits = vec![0u8; m.pending.len().div_ceil(64) * 8];
+        for (i, p) in m.pending.iter().enumerate() {
+            if *p {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        crate::device::read_config_bytes(&bits, off, data);
+    }
+}
+
+impl PciDevice for VirtioPci {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        let cap = self.msix_cap;
+        if cap != 0 && offset < cap + 4 && offset + data.len() > cap + 2 {
+            self.msix_control_changed();
+        }
+        if self.config.command() & CMD_BUS_MASTER == 0 && self.status & status::DRIVER_OK != 0 {
+            tracing::debug!("virtio-pci: bus mastering turned off while the device is active");
+        }
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != 0 {
+            return;
+        }
+        match offset {
+            o if o < COMMON + COMMON_LEN => {
+                let b = self.common_bytes();
+                crate::device::read_config_bytes(&b, o, data);
+            }
+            o if (ISR..ISR + 4).contains(&o) => {
+                if o == ISR {
+                    data[0] = self.isr.swap(0, Ordering::SeqCst);
+                }
+            }
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => self.device.read_config(o - DEVICE_CFG, data),
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self.msix_table_read(o - MSIX_TABLE, data),
+            o if o >= MSIX_PBA => self.msix_pba_read(o - MSIX_PBA, data),
+            _ => {}
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != 0 {
+            return;
+        }
+        match offset {
+            o if o < COMMON + COMMON_LEN => self.common_write(o, data),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => self.device.write_config(o - DEVICE_CFG, data),
+            o if (NOTIFY..MSIX_TABLE).contains(&o) => {
+                let q = ((o - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(k) = self.kicks.get(q) {
+                    let _ = k.write(1);
+                }
+            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self.msix_table_write(o - MSIX_TABLE, data),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{TestQueue, AVAIL, DATA, DESC, USED};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    struct ChanSink(Mutex<mpsc::Sender<(u64, u32)>>);
+    impl MsiSink for ChanSink {
+        fn send_msi(&self, addr: u64, data: u32) {
+            let _ = lock(&self.0).send((addr, data));
+        }
+    }
+
+    fn w(dev: &mut VirtioPci, off: u64, v: u64, len: usize) {
+        dev.bar_write(0, off, &v.to_le_bytes()[..len]);
+    }
+    fn r(dev: &mut VirtioPci, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        dev.bar_read(0, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn rng_device(tq: &TestQueue) -> (VirtioPci, mpsc::Receiver<(u64, u32)>) {
+        let (tx, rx) = mpsc::channel();
+        let dev = VirtioPci::new(
+            Box::new(crate::rng::Rng::new()),
+            0xc000_0000,
+            tq.mem.clone(),
+            Arc::new(ChanSink(Mutex::new(tx))),
+            Arc::new(DmaLog::default()),
+            None,
+        );
+        (dev, rx)
+    }
+
+    /// The Linux driver's bring-up sequence (virtio 1.2 §3.1.1) with MSI-X vectors.
+    fn bring_up(dev: &mut VirtioPci, size: u16) {
+        dev.config_write(0x04, &(CMD_BUS_MASTER | devices::pci::CMD_MEMORY).to_le_bytes());
+        let cap = dev.msix_cap;
+        dev.config_write(cap + 2, &(1u16 << 15).to_le_bytes());
+        // Vector 0: config, vector 1: queue 0.
+        for (v, data) in [(0u64, 0x30u64), (1, 0x31)] {
+            w(dev, MSIX_TABLE + v * 16, 0xfee0_0000, 4);
+            w(dev, MSIX_TABLE + v * 16 + 8, data, 4);
+            w(dev, MSIX_TABLE + v * 16 + 12, 0, 4);
+        }
+        w(dev, 0x14, 0, 1);
+        w(dev, 0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER), 1);
+        w(dev, 0x00, 1, 4);
+        assert_ne!(r(dev, 0x04, 4) & 1, 0, "VERSION_1 offered");
+        w(dev, 0x08, 1, 4);
+        w(dev, 0x0c, 1, 4);
+        w(dev, 0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK), 1);
+        assert_ne!(r(dev, 0x14, 1) as u8 & status::FEATURES_OK, 0);
+        w(dev, 0x10, 0, 2);
+        assert_eq!(r(dev, 0x12, 2), 1, "num_queues");
+        w(dev, 0x16, 0, 2);
+        w(dev, 0x18, u64::from(size), 2);
+        w(dev, 0x1a, 1, 2);
+        assert_eq!(r(dev, 0x1a, 2), 1);
+        w(dev, 0x20, DESC, 4);
+        w(dev, 0x24, 0, 4);
+        w(dev, 0x28, AVAIL, 8);
+        w(dev, 0x30, USED, 4);
+        w(dev, 0x34, 0, 4);
+        w(dev, 0x1c, 1, 2);
+        w(dev, 0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK), 1);
+    }
+
+    #[test]
+    fn driver_bring_up_request_and_msix_interrupt() {
+        let mut tq = TestQueue::new(16, 1 << 20);
+        let (mut dev, rx) = rng_device(&tq);
+        bring_up(&mut dev, 16);
+        assert_eq!(r(&mut dev, 0x14, 1) as u8 & status::DEVICE_NEEDS_RESET, 0);
+        tq.add_chain(0, &[(DATA, 64, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        let (addr, data) = rx.recv_timeout(Duration::from_secs(5)).expect("queue interrupt");
+        assert_eq!((addr, data), (0xfee0_0000, 0x31));
+        assert_eq!(tq.used_idx(), 1);
+        assert_eq!(tq.used(0), (0, 64));
+        assert_eq!(r(&mut dev, ISR, 1), 1, "ISR: queue interrupt");
+        assert_eq!(r(&mut dev, ISR, 1), 0, "ISR clears on read");
+        // A masked vector is held pending and sent on unmask.
+        w(&mut dev, MSIX_TABLE + 16 + 12, 1, 4);
+        tq.add_chain(1, &[(DATA + 64, 8, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "masked");
+        assert_eq!(r(&mut dev, MSIX_PBA, 8), 0b10);
+        w(&mut dev, MSIX_TABLE + 16 + 12, 0, 4);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (0xfee0_0000, 0x31));
+        // Reset stops the device and clears its configuration.
+        w(&mut dev, 0x14, 0, 1);
+        assert_eq!(r(&mut dev, 0x14, 1), 0);
+        assert_eq!(r(&mut dev, 0x1a, 2), u64::from(NO_VECTOR));
+    }
+
+    #[test]
+    fn bad_features_and_bad_rings_are_refused() {
+        let tq = TestQueue::new(16, 1 << 20);
+        let (mut dev, rx) = rng_device(&tq);
+        // Without VERSION_1, FEATURES_OK does not stick.
+        w(&mut dev, 0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER), 1);
+        w(&mut dev, 0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK), 1);
+        assert_eq!(r(&mut dev, 0x14, 1) as u8 & status::FEATURES_OK, 0);
+        // Rings outside guest memory: DRIVER_OK ends in DEVICE_NEEDS_RESET and a config
+        // interrupt, not a panic.
+        w(&mut dev, 0x14, 0, 1);
+        bring_up(&mut dev, 16);
+        w(&mut dev, 0x14, 0, 1);
+        let cap = dev.msix_cap;
+        dev.config_write(cap + 2, &(1u16 << 15).to_le_bytes());
+        w(&mut dev, 0x14, 3, 1);
+        w(&mut dev, 0x08, 1, 4);
+        w(&mut dev, 0x0c, 1, 4);
+        w(&mut dev, 0x14, 11, 1);
+        w(&mut dev, 0x10, 0, 2);
+        w(&mut dev, 0x16, 0, 2);
+        w(&mut dev, 0x20, 0xffff_ffff_0000, 8);
+        w(&mut dev, 0x1c, 1, 2);
+        w(&mut dev, 0x14, 15, 1);
+        assert_ne!(r(&mut dev, 0x14, 1) as u8 & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (0xfee0_0000, 0x30));
+        // Queue sizes above the maximum are clamped; out-of-range vectors read NO_VECTOR.
+        w(&mut dev, 0x14, 0, 1);
+        w(&mut dev, 0x18, 4096, 2);
+        assert_eq!(r(&mut dev, 0x18, 2), 256);
+        w(&mut dev, 0x1a, 77, 2);
+        assert_eq!(r(&mut dev, 0x1a, 2), u64::from(NO_VECTOR));
+    }
+
+    #[test]
+    fn random_bar_and_config_accesses_do_not_panic() {
+        let tq = TestQueue::new(16, 1 << 20);
+        let (mut dev, _rx) = rng_device(&tq);
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for _ in 0..20000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = x % u64::from(BAR_SIZE);
+            let len = [1usize, 2, 4, 8][(x >> 40) as usize % 4];
+            if x & (1 << 20) != 0 {
+                dev.bar_write(0, off, &x.to_le_bytes()[..len]);
+            } else {
+                let mut b = [0u8; 8];
+                dev.bar_read(0, off, &mut b[..len]);
+            }
+            if x & (1 << 21) != 0 {
+                dev.config_write((x >> 24) as usize % 256, &x.to_le_bytes()[..len.min(4)]);
+            }
+        }
+        w(&mut dev, 0x14, 0, 1);
+    }
+}
