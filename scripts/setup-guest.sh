@@ -33,6 +33,9 @@ need_tool lz4 lz4
 need_tool cpio cpio
 need_tool readelf binutils
 need_tool dpkg-deb dpkg
+need_tool gcc gcc                  # builds the guest's static rv-vsock helper
+need_tool qemu-img qemu-utils      # the tests make qcow2 images with it
+need_tool mkfs.ext4 e2fsprogs      # ... and ext4 images, read back with debugfs
 
 # Download a package into debs/ unless a .deb for it is already cached.
 # Prints the path of the .deb.
@@ -160,6 +163,9 @@ for m in drivers/virtio/virtio drivers/virtio/virtio_ring drivers/virtio/virtio_
     [ -f "$f" ] || die "kernel package lacks $m.ko"
     install -m 0644 "$f" "$STAGE/lib/modules/"
 done
+
+# AF_VSOCK test helper (busybox has no vsock support), static so it needs no libc.
+gcc -static -O2 -o "$STAGE/bin/rv-vsock" "$(dirname "$0")/guest/rv-vsock.c" || die "building rv-vsock failed"
 
 mknod -m 600 "$STAGE/dev/console" c 5 1
 mknod -m 666 "$STAGE/dev/null" c 1 3

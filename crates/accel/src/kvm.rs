@@ -249,7 +249,12 @@ impl KvmVm {
         if !self.irqchip {
             return Err(Error::Unsupported("KVM_SIGNAL_MSI on a VM without in-kernel irqchip".into()));
         }
-        let msi = kvm_bindings::kvm_msi { address_lo: addr as u32, address_hi: (addr >> 32) as u32, data, ..Default::default() };
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: addr as u32,
+            address_hi: (addr >> 32) as u32,
+            data,
+            ..Default::default()
+        };
         self.vm.signal_msi(msi).map(|_| ()).map_err(|e| Error::Kvm(format!("KVM_SIGNAL_MSI {addr:#x}/{data:#x}: {e}")))
     }
 

@@ -70,6 +70,13 @@ impl IrqLine for RecordingIrq {
     }
 }
 
+/// Where a device's message-signalled interrupts go (PCI 3.0 §6.8): on `emu` the userspace
+/// LAPIC, on KVM `KVM_SIGNAL_MSI`.
+pub trait MsiSink: Send + Sync {
+    /// Sends the MSI with message address `addr` (0xFEEx_xxxx on x86) and data `data`.
+    fn send_msi(&self, addr: u64, data: u32);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,11 +92,4 @@ mod tests {
         assert_eq!(l.edges(), 0);
         NoIrq.pulse();
     }
-}
-
-/// Where a device's message-signalled interrupts go (PCI 3.0 §6.8): on `emu` the userspace
-/// LAPIC, on KVM `KVM_SIGNAL_MSI`.
-pub trait MsiSink: Send + Sync {
-    /// Sends the MSI with message address `addr` (0xFEEx_xxxx on x86) and data `data`.
-    fn send_msi(&self, addr: u64, data: u32);
 }

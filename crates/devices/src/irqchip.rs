@@ -350,6 +350,31 @@ impl IrqLine for GsiLine {
     }
 }
 
+/// The [`MsiSink`] of an [`EmuIrqchip`]: MSIs go to its LAPIC; `notify` runs afterwards (to
+/// wake a halted vCPU).
+pub struct EmuMsi {
+    chip: Weak<Mutex<EmuIrqchip>>,
+    notify: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl EmuMsi {
+    /// An MSI sink for `chip`, calling `notify` after each message if given.
+    pub fn new(chip: &Arc<Mutex<EmuIrqchip>>, notify: Option<Arc<dyn Fn() + Send + Sync>>) -> Self {
+        Self { chip: Arc::downgrade(chip), notify }
+    }
+}
+
+impl MsiSink for EmuMsi {
+    fn send_msi(&self, addr: u64, data: u32) {
+        if let Some(chip) = self.chip.upgrade() {
+            lock(&chip).deliver_msi(addr, data);
+            if let Some(n) = &self.notify {
+                n();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,30 +594,5 @@ mod tests {
         }
         c.poll(u64::MAX);
         assert_eq!(inb(&mut c, 0x22), 0xff);
-    }
-}
-
-/// The [`MsiSink`] of an [`EmuIrqchip`]: MSIs go to its LAPIC; `notify` runs afterwards (to
-/// wake a halted vCPU).
-pub struct EmuMsi {
-    chip: Weak<Mutex<EmuIrqchip>>,
-    notify: Option<Arc<dyn Fn() + Send + Sync>>,
-}
-
-impl EmuMsi {
-    /// An MSI sink for `chip`, calling `notify` after each message if given.
-    pub fn new(chip: &Arc<Mutex<EmuIrqchip>>, notify: Option<Arc<dyn Fn() + Send + Sync>>) -> Self {
-        Self { chip: Arc::downgrade(chip), notify }
-    }
-}
-
-impl MsiSink for EmuMsi {
-    fn send_msi(&self, addr: u64, data: u32) {
-        if let Some(chip) = self.chip.upgrade() {
-            lock(&chip).deliver_msi(addr, data);
-            if let Some(n) = &self.notify {
-                n();
-            }
-        }
     }
 }

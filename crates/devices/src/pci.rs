@@ -99,7 +99,7 @@ impl PciConfig {
     /// Declares BAR `idx` (0-5) as a 32-bit, non-prefetchable memory BAR of `size` bytes (a
     /// power of two ≥ 16) placed at GPA `base` (aligned to `size`).
     pub fn add_mem_bar32(&mut self, idx: usize, size: u32, base: u32) {
-        debug_assert!(size.is_power_of_two() && size >= 16 && base % size == 0);
+        debug_assert!(size.is_power_of_two() && size >= 16 && base.is_multiple_of(size));
         if idx >= 6 {
             return;
         }

@@ -1,0 +1,1431 @@
+//! virtio-blk, the block device (virtio 1.2 §5.2): one request queue serving reads, writes,
+//! flushes, device-ID queries, discards and write-zeroes against a [`DiskImage`].
+//!
+//! A request (§5.2.6) is one descriptor chain: a 16-byte header `{le32 type, le32 reserved,
+//! le64 sector}` in device-readable buffers, then the data (device-readable for writes,
+//! discard/write-zeroes segments; device-writable for reads and GET_ID), then one status byte,
+//! the last byte of the device-writable buffers. Buffers may be split or merged across
+//! descriptors arbitrarily; the device walks the chain itself (including indirect tables,
+//! §2.7.5.3) and checks every index, length and address with checked arithmetic.
+//!
+//! Failure modes, none of which stops the VM:
+//! - a structurally broken chain (loop, index ≥ table size, chain longer than the queue,
+//!   nested or mis-sized indirect table, descriptor table outside guest memory, a readable
+//!   buffer after a writable one, no device-writable byte for the status, or a status byte
+//!   outside guest memory) is returned with used length 0 and nothing written;
+//! - otherwise the status byte reports `VIRTIO_BLK_S_IOERR` (buffers outside guest memory,
+//!   a short header, sector ranges past the capacity or overflowing, data lengths that are not
+//!   a multiple of 512, writes to a read-only disk, host I/O errors) or `VIRTIO_BLK_S_UNSUPP`
+//!   (unknown types, features not negotiated, unknown flags).
+//!
+//! The used length of a chain is the number of data bytes written into its device-writable
+//! buffers plus 1 for the status byte (0 for a dropped chain). Every guest write (data and
+//! status) is recorded in the [`DmaLog`] before the chain goes in the used ring.
+//!
+//! Counters: `requests` counts requests completed with `VIRTIO_BLK_S_OK`, `errors` all others
+//! (dropped chains included); `bytes_written` counts bytes put in guest memory (IN data,
+//! GET_ID), `bytes_read` bytes taken from it (OUT data, DISCARD/WRITE_ZEROES segments).
+//!
+//! Without `VIRTIO_BLK_F_FLUSH` negotiated the cache is write-through (§5.2.4): every write,
+//! discard and write-zeroes is flushed before it completes. With it, data reaches stable
+//! storage on FLUSH (`fdatasync`, or imago's flush + `fsync` for qcow2).
+
+use std::hash::Hasher;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use block::DiskImage;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::device::{
+    read_config_bytes, ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt, VirtioDevice,
+};
+use crate::worker::{EpollCtl, Handler, Worker};
+use crate::{queue, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+
+/// Sector size of the virtio-blk protocol (§5.2.6): `sector` and `capacity` count 512 bytes.
+pub const SECTOR_SIZE: u64 = 512;
+const SECTOR_SHIFT: u32 = 9;
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Length of the GET_ID answer (`VIRTIO_BLK_ID_BYTES`, §5.2.6).
+pub const ID_BYTES: usize = 20;
+
+/// `VIRTIO_BLK_F_SIZE_MAX` (§5.2.3): `size_max` is the largest segment.
+pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
+/// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` is the most data segments per request.
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+/// `VIRTIO_BLK_F_GEOMETRY`: `geometry` is valid.
+pub const VIRTIO_BLK_F_GEOMETRY: u64 = 1 << 4;
+/// `VIRTIO_BLK_F_RO`: the device is read-only.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// `VIRTIO_BLK_F_BLK_SIZE`: `blk_size` is valid.
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+/// `VIRTIO_BLK_F_FLUSH`: the device has a write-back cache and handles FLUSH.
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// `VIRTIO_BLK_F_TOPOLOGY`: `topology` is valid.
+pub const VIRTIO_BLK_F_TOPOLOGY: u64 = 1 << 10;
+/// `VIRTIO_BLK_F_DISCARD`: the device handles DISCARD.
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+/// `VIRTIO_BLK_F_WRITE_ZEROES`: the device handles WRITE_ZEROES.
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+
+/// Request type: read (§5.2.6).
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// Request type: write.
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// Request type: flush the write-back cache.
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// Request type: get the 20-byte device ID (serial).
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// Request type: discard sector ranges.
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+/// Request type: zero sector ranges.
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+
+/// Status: success (§5.2.6).
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Status: I/O error (or a malformed request).
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Status: request type or flags not supported.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`: the range may be deallocated.
+const FLAG_UNMAP: u32 = 1;
+
+/// Most data segments per request (`seg_max`): the queue less header and status.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Most sectors per DISCARD / WRITE_ZEROES segment (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Most segments per DISCARD / WRITE_ZEROES request.
+pub const MAX_DISCARD_SEG: u32 = 32;
+/// Discard alignment hint, in sectors (4 KiB).
+pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+/// Size of the configuration space we expose (through `write_zeroes_may_unmap` and padding).
+pub const CONFIG_SIZE: usize = 60;
+
+/// Largest bounce buffer between guest memory and the image.
+const MAX_CHUNK: usize = 1 << 20;
+const REQ_HEADER_LEN: u64 = 16;
+const SEGMENT_LEN: u64 = 16;
+
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+
+/// The block device.
+pub struct Block {
+    disk: Arc<Mutex<DiskImage>>,
+    readonly: bool,
+    discard: bool,
+    /// Capacity in 512-byte sectors.
+    capacity: u64,
+    id: [u8; ID_BYTES],
+    counters: Arc<Counters>,
+    worker: Option<Worker>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("readonly", &self.readonly)
+            .field("discard", &self.discard)
+            .field("capacity", &self.capacity)
+            .field("id", &String::from_utf8_lossy(&self.id))
+            .field("active", &self.worker.is_some())
+            .finish()
+    }
+}
+
+/// The default device ID for `path`: `rv-` and 16 hex digits of a 64-bit FNV-1a hash of the
+/// canonical path (19 bytes; stable across runs for the same file).
+fn default_id(path: &std::path::Path) -> String {
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut h = Fnv1a::default();
+    h.write(canon.as_os_str().as_encoded_bytes());
+    format!("rv-{:016x}", h.finish())
+}
+
+/// 64-bit FNV-1a (deterministic, unlike `DefaultHasher`).
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+impl Block {
+    /// A new, inactive block device serving `image`.
+    ///
+    /// - `readonly`: offer `VIRTIO_BLK_F_RO` and fail writes with `VIRTIO_BLK_S_IOERR` (also
+    ///   implied when the image was opened read-only).
+    /// - `serial`: the GET_ID answer (§5.2.6), truncated to 20 bytes and zero padded; `None`
+    ///   derives a stable ID from the image path (`rv-` + 16 hex digits).
+    ///
+    /// The capacity is the image size in 512-byte sectors, rounded down.
+    pub fn new(image: DiskImage, readonly: bool, serial: Option<String>) -> Block {
+        let readonly = readonly || image.is_readonly();
+        let discard = !readonly && image.supports_discard();
+        let capacity = image.size() >> SECTOR_SHIFT;
+        let serial = serial.unwrap_or_else(|| default_id(image.path()));
+        let mut id = [0u8; ID_BYTES];
+        let n = serial.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        Block {
+            disk: Arc::new(Mutex::new(image)),
+            readonly,
+            discard,
+            capacity,
+            id,
+            counters: Arc::default(),
+            worker: None,
+        }
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the device is read-only (`VIRTIO_BLK_F_RO`).
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// The 20-byte GET_ID answer (zero padded).
+    pub fn id(&self) -> [u8; ID_BYTES] {
+        self.id
+    }
+
+    /// The configuration space (`struct virtio_blk_config`, §5.2.4), little-endian:
+    /// capacity, size_max (0: not offered), seg_max, geometry (0: not offered), blk_size 512,
+    /// topology (0: not offered), writeback 1, num_queues 1, then the discard and
+    /// write-zeroes limits (0 where those features are not offered).
+    fn config(&self) -> [u8; CONFIG_SIZE] {
+        let mut c = [0u8; CONFIG_SIZE];
+        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        // 8..12 size_max, not offered.
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        // 16..20 geometry, not offered.
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        // 24..32 topology, not offered.
+        c[32] = 1; // writeback (meaningful with CONFIG_WCE, which we do not offer)
+        c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+        if self.discard {
+            c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+            c[44..48].copy_from_slice(&DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
+            c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+            c[56] = 1; // write_zeroes_may_unmap
+        }
+        c
+    }
+}
+
+/// One buffer of a descriptor chain.
+#[derive(Clone, Copy, Debug)]
+struct Buf {
+    addr: u64,
+    len: u32,
+    write: bool,
+}
+
+/// Why a descriptor chain is unusable.
+#[derive(Debug, PartialEq, Eq)]
+enum ChainError {
+    /// A `next` (or head) index ≥ the size of its table.
+    BadIndex(u16),
+    /// A descriptor table entry outside guest memory.
+    TableOutOfMemory(u64),
+    /// More descriptors than the queue size, or a loop.
+    TooLong,
+    /// An indirect descriptor inside an indirect table, or with `NEXT` set.
+    BadIndirect,
+    /// An indirect table whose length is 0, not a multiple of 16, or above 65535 entries.
+    BadIndirectLen(u32),
+    /// A device-readable buffer after a device-writable one (§2.7.4.2).
+    ReadableAfterWritable,
+}
+
+/// Walks the chain from `head` in the descriptor table at `table` of `size` entries, following
+/// one level of indirection; at most `size` buffers in all.
+fn walk_chain(mem: &GuestMem, table: u64, size: u16, head: u16) -> Result<Vec<Buf>, ChainError> {
+    let mut bufs: Vec<Buf> = Vec::new();
+    let (mut table, mut table_size, mut idx) = (table, size, head);
+    let mut indirect = false;
+    let mut visited: u32 = 0;
+    loop {
+        if idx >= table_size {
+            return Err(ChainError::BadIndex(idx));
+        }
+        visited += 1;
+        if visited > u32::from(table_size) {
+            return Err(ChainError::TooLong);
+        }
+        let at = table.checked_add(u64::from(idx) * 16).ok_or(ChainError::TableOutOfMemory(table))?;
+        let d: Descriptor = mem.read_obj(GuestAddress(at)).map_err(|_| ChainError::TableOutOfMemory(at))?;
+        let flags = d.flags();
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            if indirect || flags & VIRTQ_DESC_F_NEXT != 0 {
+                return Err(ChainError::BadIndirect);
+            }
+            let len = d.len();
+            if len == 0 || !len.is_multiple_of(16) || len / 16 > u32::from(u16::MAX) {
+                return Err(ChainError::BadIndirectLen(len));
+            }
+            table = d.addr().0;
+            table_size = (len / 16) as u16;
+            idx = 0;
+            visited = 0;
+            indirect = true;
+            continue;
+        }
+        let write = flags & VIRTQ_DESC_F_WRITE != 0;
+        if !write && bufs.last().is_some_and(|b| b.write) {
+            return Err(ChainError::ReadableAfterWritable);
+        }
+        if bufs.len() >= usize::from(size) {
+            return Err(ChainError::TooLong);
+        }
+        bufs.push(Buf { addr: d.addr().0, len: d.len(), write });
+        if flags & VIRTQ_DESC_F_NEXT == 0 {
+            return Ok(bufs);
+        }
+        idx = d.next();
+    }
+}
+
+/// A list of guest-physical `(gpa, len)` ranges, all checked to lie in guest memory.
+type Regions = Vec<(u64, u64)>;
+
+/// Splits `regions` after `at` bytes.
+fn split_regions(regions: &[(u64, u64)], at: u64) -> (Regions, Regions) {
+    let (mut head, mut tail) = (Vec::new(), Vec::new());
+    let mut left = at;
+    for &(a, l) in regions {
+        if left >= l {
+            head.push((a, l));
+            left -= l;
+        } else if left > 0 {
+            head.push((a, left));
+            tail.push((a + left, l - left));
+            left = 0;
+        } else {
+            tail.push((a, l));
+        }
+    }
+    (head, tail)
+}
+
+fn total(regions: &[(u64, u64)]) -> u64 {
+    regions.iter().map(|r| r.1).sum()
+}
+
+/// Walks guest regions in order, handing out pieces.
+struct Cursor<'a> {
+    regions: &'a [(u64, u64)],
+    idx: usize,
+    off: u64,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(regions: &'a [(u64, u64)]) -> Self {
+        Cursor { regions, idx: 0, off: 0 }
+    }
+
+    /// The next piece `(gpa, len)` of at most `max` bytes, or `None` at the end.
+    fn next(&mut self, max: u64) -> Option<(u64, u64)> {
+        while let Some(&(a, l)) = self.regions.get(self.idx) {
+            if self.off < l && max > 0 {
+                let n = (l - self.off).min(max);
+                // No overflow: a + l was checked when the region was validated.
+                let gpa = a + self.off;
+                self.off += n;
+                return Some((gpa, n));
+            }
+            if max == 0 {
+                return None;
+            }
+            self.idx += 1;
+            self.off = 0;
+        }
+        None
+    }
+}
+
+/// Why a request failed, becoming its status byte.
+#[derive(Debug)]
+enum ReqError {
+    IoErr(String),
+    Unsupp(String),
+}
+
+impl std::fmt::Display for ReqError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReqError::IoErr(m) => write!(f, "I/O error: {m}"),
+            ReqError::Unsupp(m) => write!(f, "unsupported: {m}"),
+        }
+    }
+}
+
+impl ReqError {
+    fn status(&self) -> u8 {
+        match self {
+            ReqError::IoErr(_) => VIRTIO_BLK_S_IOERR,
+            ReqError::Unsupp(_) => VIRTIO_BLK_S_UNSUPP,
+        }
+    }
+}
+
+fn ioerr(msg: impl Into<String>) -> ReqError {
+    ReqError::IoErr(msg.into())
+}
+
+/// State the request handler needs besides the queue.
+pub(crate) struct BlockCtx {
+    pub(crate) disk: Arc<Mutex<DiskImage>>,
+    pub(crate) readonly: bool,
+    /// Capacity in sectors.
+    pub(crate) capacity: u64,
+    pub(crate) id: [u8; ID_BYTES],
+    /// The driver acked `VIRTIO_BLK_F_DISCARD` (and we offered it).
+    pub(crate) discard: bool,
+    /// The driver acked `VIRTIO_BLK_F_WRITE_ZEROES` (and we offered it).
+    pub(crate) write_zeroes: bool,
+    /// `VIRTIO_BLK_F_FLUSH` not negotiated: the cache is write-through (§5.2.5), so every write
+    /// is flushed before it completes.
+    pub(crate) writethrough: bool,
+    pub(crate) dma: Arc<DmaLog>,
+    pub(crate) counters: Arc<Counters>,
+    buf: Vec<u8>,
+}
+
+impl BlockCtx {
+    fn disk(&self) -> MutexGuard<'_, DiskImage> {
+        self.disk.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Byte offset of the range of `len` bytes at `sector`, checked against the capacity.
+    fn range(&self, sector: u64, len: u64) -> Result<u64, ReqError> {
+        let off = sector.checked_mul(SECTOR_SIZE).ok_or_else(|| ioerr("sector overflows"))?;
+        let end = off.checked_add(len).ok_or_else(|| ioerr("range overflows"))?;
+        if end > self.capacity << SECTOR_SHIFT {
+            return Err(ioerr(format!("sectors {sector}+{len}B past the capacity ({} sectors)", self.capacity)));
+        }
+        Ok(off)
+    }
+
+    fn chunk_buf(&mut self, len: u64) -> Vec<u8> {
+        let n = usize::try_from(len).unwrap_or(MAX_CHUNK).min(MAX_CHUNK);
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        buf
+    }
+
+    /// Writes `data` into the guest at `cur`, recording it in the DMA log; returns the bytes
+    /// written.
+    fn scatter(&self, mem: &GuestMem, cur: &mut Cursor, data: &[u8]) -> Result<u64, ReqError> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let Some((gpa, n)) = cur.next((data.len() - done) as u64) else { break };
+            let n = n as usize;
+            mem.write_slice(&data[done..done + n], GuestAddress(gpa))
+                .map_err(|e| ioerr(format!("writing guest memory at {gpa:#x}: {e}")))?;
+            self.dma.record(gpa, n as u64);
+            done += n;
+        }
+        Ok(done as u64)
+    }
+
+    /// Fills `buf` from the guest at `cur`.
+    fn gather(mem: &GuestMem, cur: &mut Cursor, buf: &mut [u8]) -> Result<(), ReqError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let Some((gpa, n)) = cur.next((buf.len() - done) as u64) else {
+                return Err(ioerr("request data shorter than expected"));
+            };
+            let n = n as usize;
+            mem.read_slice(&mut buf[done..done + n], GuestAddress(gpa))
+                .map_err(|e| ioerr(format!("reading guest memory at {gpa:#x}: {e}")))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// VIRTIO_BLK_T_IN: image → guest. Adds the bytes put in the guest to `written`.
+    fn read(&mut self, mem: &GuestMem, sector: u64, data: &[(u64, u64)], written: &mut u64) -> Result<(), ReqError> {
+        let len = total(data);
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            return Err(ioerr(format!("read length {len} not a multiple of 512")));
+        }
+        let mut off = self.range(sector, len)?;
+        let mut buf = self.chunk_buf(len);
+        let mut cur = Cursor::new(data);
+        let mut left = len;
+        let res = (|| {
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                self.disk().read_at(off, &mut buf[..n]).map_err(|e| ioerr(format!("read at {off}: {e}")))?;
+                *written += self.scatter(mem, &mut cur, &buf[..n])?;
+                off += n as u64;
+                left -= n as u64;
+            }
+            Ok(())
+        })();
+        self.buf = buf;
+        res
+    }
+
+    /// VIRTIO_BLK_T_OUT: guest → image. Returns the bytes taken from the guest.
+    fn write(&mut self, mem: &GuestMem, sector: u64, data: &[(u64, u64)]) -> Result<u64, ReqError> {
+        if self.readonly {
+            return Err(ioerr("write to a read-only disk"));
+        }
+        let len = total(data);
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            return Err(ioerr(format!("write length {len} not a multiple of 512")));
+        }
+        let mut off = self.range(sector, len)?;
+        let mut buf = self.chunk_buf(len);
+        let mut cur = Cursor::new(data);
+        let mut left = len;
+        let res = (|| {
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                Self::gather(mem, &mut cur, &mut buf[..n])?;
+                self.disk().write_at(off, &buf[..n]).map_err(|e| ioerr(format!("write at {off}: {e}")))?;
+                off += n as u64;
+                left -= n as u64;
+            }
+            Ok(())
+        })();
+        self.buf = buf;
+        res?;
+        self.after_write()?;
+        Ok(len)
+    }
+
+    fn flush(&self) -> Result<(), ReqError> {
+        self.disk().flush().map_err(|e| ioerr(format!("flush: {e}")))
+    }
+
+    fn after_write(&self) -> Result<(), ReqError> {
+        if self.writethrough {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// VIRTIO_BLK_T_DISCARD / WRITE_ZEROES: every segment is checked before any is executed.
+    fn discard_or_zero(&mut self, mem: &GuestMem, kind: u32, data: &[(u64, u64)]) -> Result<u64, ReqError> {
+        let zeroes = kind == VIRTIO_BLK_T_WRITE_ZEROES;
+        if !(if zeroes { self.write_zeroes } else { self.discard }) {
+            return Err(ReqError::Unsupp("feature not negotiated".into()));
+        }
+        if self.readonly {
+            return Err(ioerr("discard/write-zeroes on a read-only disk"));
+        }
+        let len = total(data);
+        if len == 0 || !len.is_multiple_of(SEGMENT_LEN) {
+            return Err(ReqError::Unsupp(format!("segment data of {len} bytes")));
+        }
+        let count = len / SEGMENT_LEN;
+        if count > u64::from(MAX_DISCARD_SEG) {
+            return Err(ioerr(format!("{count} segments (max {MAX_DISCARD_SEG})")));
+        }
+        let mut raw = vec![0u8; len as usize];
+        Self::gather(mem, &mut Cursor::new(data), &mut raw)?;
+        let mut segs = Vec::with_capacity(count as usize);
+        for s in raw.chunks_exact(SEGMENT_LEN as usize) {
+            let sector = u64::from_le_bytes(s[0..8].try_into().unwrap_or_default());
+            let num = u32::from_le_bytes(s[8..12].try_into().unwrap_or_default());
+            let flags = u32::from_le_bytes(s[12..16].try_into().unwrap_or_default());
+            let known = if zeroes { FLAG_UNMAP } else { 0 };
+            if flags & !known != 0 {
+                return Err(ReqError::Unsupp(format!("flags {flags:#x}")));
+            }
+            if num > MAX_DISCARD_SECTORS {
+                return Err(ioerr(format!("{num} sectors (max {MAX_DISCARD_SECTORS})")));
+            }
+            let bytes = u64::from(num) << SECTOR_SHIFT;
+            let off = self.range(sector, bytes)?;
+            segs.push((off, bytes, flags & FLAG_UNMAP != 0));
+        }
+        {
+            let mut disk = self.disk();
+            for (off, bytes, unmap) in segs {
+                // Discard leaves the range reading as zeros, so it serves WRITE_ZEROES+UNMAP too.
+                let r = if !zeroes || unmap { disk.discard(off, bytes) } else { disk.write_zeroes(off, bytes) };
+                r.map_err(|e| ioerr(format!("discard/write-zeroes at {off}+{bytes}: {e}")))?;
+            }
+        }
+        self.after_write()?;
+        Ok(len)
+    }
+
+    /// Serves the chain at `head`; returns the used length (bytes written into the chain's
+    /// device-writable buffers: data and status), 0 if the chain is unusable.
+    fn serve(&mut self, mem: &GuestMem, table: u64, size: u16, head: u16) -> u32 {
+        let bufs = match walk_chain(mem, table, size, head) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("virtio-blk: dropping malformed chain at {head}: {e:?}");
+                Counters::add(&self.counters.errors, 1);
+                return 0;
+            }
+        };
+        let mut readable: Regions = Vec::new();
+        let mut writable: Regions = Vec::new();
+        for b in bufs.iter().filter(|b| b.len > 0) {
+            if b.write { &mut writable } else { &mut readable }.push((b.addr, u64::from(b.len)));
+        }
+        // The status byte: the last byte of the device-writable buffers.
+        let status_gpa = writable.last().and_then(|&(a, l)| a.checked_add(l - 1));
+        let Some(status_gpa) = status_gpa.filter(|&g| mem.check_range(GuestAddress(g), 1)) else {
+            tracing::warn!("virtio-blk: chain at {head} has no usable status byte");
+            Counters::add(&self.counters.errors, 1);
+            return 0;
+        };
+        let (data_in, _status) = split_regions(&writable, total(&writable) - 1);
+
+        let mut written = 0u64;
+        let res = self.execute(mem, &readable, &data_in, &mut written);
+        let status = match &res {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(e) => {
+                tracing::debug!("virtio-blk: request failed: {e}");
+                e.status()
+            }
+        };
+        if let Err(e) = mem.write_obj(status, GuestAddress(status_gpa)) {
+            // Checked above; only a concurrent memory change could get here.
+            tracing::warn!("virtio-blk: writing status at {status_gpa:#x}: {e}");
+            Counters::add(&self.counters.errors, 1);
+            return 0;
+        }
+        self.dma.record(status_gpa, 1);
+        if res.is_ok() {
+            Counters::add(&self.counters.requests, 1);
+        } else {
+            Counters::add(&self.counters.errors, 1);
+        }
+        // `written` ≤ total(data_in) < 2^32 (a chain's buffers fit in 2^32 bytes); saturate anyway.
+        u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
+    }
+
+    /// Validates buffers, parses the header and runs the request; `written` counts the data
+    /// bytes put in the guest (for the used length) even when the request fails midway.
+    fn execute(
+        &mut self,
+        mem: &GuestMem,
+        readable: &[(u64, u64)],
+        data_in: &[(u64, u64)],
+        written: &mut u64,
+    ) -> Result<(), ReqError> {
+        for &(a, l) in readable.iter().chain(data_in) {
+            let in_mem = usize::try_from(l).is_ok_and(|l| mem.check_range(GuestAddress(a), l));
+            if !in_mem {
+                return Err(ioerr(format!("buffer {a:#x}+{l} outside guest memory")));
+            }
+        }
+        if total(readable) < REQ_HEADER_LEN {
+            return Err(ioerr("request header missing or short"));
+        }
+        let (hdr_regions, data_out) = split_regions(readable, REQ_HEADER_LEN);
+        let mut hdr = [0u8; REQ_HEADER_LEN as usize];
+        Self::gather(mem, &mut Cursor::new(&hdr_regions), &mut hdr)?;
+        let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15]]);
+        match kind {
+            VIRTIO_BLK_T_IN => {
+                let before = *written;
+                let r = self.read(mem, sector, data_in, written);
+                Counters::add(&self.counters.bytes_written, *written - before);
+                r
+            }
+            VIRTIO_BLK_T_OUT => {
+                let n = self.write(mem, sector, &data_out)?;
+                Counters::add(&self.counters.bytes_read, n);
+                Ok(())
+            }
+            VIRTIO_BLK_T_FLUSH => self.flush(),
+            VIRTIO_BLK_T_GET_ID => {
+                let n = (total(data_in) as usize).min(ID_BYTES);
+                let n = self.scatter(mem, &mut Cursor::new(data_in), &self.id[..n])?;
+                *written += n;
+                Counters::add(&self.counters.bytes_written, n);
+                Ok(())
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                let n = self.discard_or_zero(mem, kind, &data_out)?;
+                Counters::add(&self.counters.bytes_read, n);
+                Ok(())
+            }
+            other => Err(ReqError::Unsupp(format!("request type {other}"))),
+        }
+    }
+}
+
+/// The request queue's state on the worker.
+pub(crate) struct BlockQueue {
+    pub(crate) mem: GuestMem,
+    pub(crate) queue: Queue,
+    pub(crate) interrupt: Arc<dyn Interrupt>,
+    pub(crate) ctx: BlockCtx,
+}
+
+impl BlockQueue {
+    /// Serves every available request; returns whether the guest must be interrupted.
+    pub(crate) fn process(&mut self) -> bool {
+        let (table, size) = (self.queue.desc_table(), self.queue.size());
+        let (mem, ctx) = (&self.mem, &mut self.ctx);
+        queue::drain(&mut self.queue, mem, |chain| ctx.serve(mem, table, size, chain.head_index()))
+    }
+}
+
+impl Handler for BlockQueue {
+    fn queue_event(&mut self, _queue: usize, _ctl: &EpollCtl) {
+        if self.process() {
+            self.interrupt.notify_queue(0);
+        }
+    }
+}
+
+impl Block {
+    fn ctx(&self, acked: u64, dma: Arc<DmaLog>) -> BlockCtx {
+        BlockCtx {
+            disk: self.disk.clone(),
+            readonly: self.readonly,
+            capacity: self.capacity,
+            id: self.id,
+            discard: self.discard && acked & VIRTIO_BLK_F_DISCARD != 0,
+            write_zeroes: self.discard && acked & VIRTIO_BLK_F_WRITE_ZEROES != 0,
+            writethrough: acked & VIRTIO_BLK_F_FLUSH == 0,
+            dma,
+            counters: self.counters.clone(),
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+    /// `VERSION_1`, the ring features, `SEG_MAX`, `BLK_SIZE`, `FLUSH`; `RO` when read-only;
+    /// `DISCARD` and `WRITE_ZEROES` when writable and the image supports them.
+    fn device_features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1
+            | crate::RING_FEATURES
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH;
+        if self.readonly {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        if self.discard {
+            f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.worker = None;
+        let queue = ctx.queues.into_iter().next().ok_or_else(|| ActivateError::BadConfig("no request queue".into()))?;
+        let q =
+            BlockQueue { mem: ctx.mem, queue, interrupt: ctx.interrupt, ctx: self.ctx(ctx.acked_features, ctx.dma) };
+        let w = Worker::spawn("virtio-blk", ctx.queue_evts, q).map_err(|e| ActivateError::Host(e.to_string()))?;
+        self.worker = Some(w);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+    fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use block::Format;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use crate::testing::{TestQueue, DATA, F_INDIRECT, F_NEXT, F_WRITE};
+
+    const MEM: usize = 1 << 20;
+    const HDR: u64 = DATA; // request header
+    const BUF: u64 = DATA + 0x1000; // data buffer
+    const ST: u64 = DATA + 0x100; // status byte
+    const DISK_SIZE: u64 = 1 << 20;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "rustvisor-virtio-blk-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    struct NoIrq;
+    impl Interrupt for NoIrq {
+        fn notify_queue(&self, _queue: u16) {}
+        fn notify_config(&self) {}
+    }
+
+    struct Rig {
+        _dir: TempDir,
+        path: PathBuf,
+        tq: TestQueue,
+        bq: BlockQueue,
+        dma: Arc<DmaLog>,
+        counters: Arc<Counters>,
+    }
+
+    fn image(dir: &TempDir, readonly: bool) -> (PathBuf, DiskImage) {
+        let path = dir.0.join("disk.img");
+        if !path.exists() {
+            let content: Vec<u8> = (0..DISK_SIZE).map(|i| (i / 512) as u8).collect();
+            std::fs::write(&path, content).unwrap();
+        }
+        let img = DiskImage::open(&path, Format::Raw, readonly).unwrap();
+        (path, img)
+    }
+
+    const ALL: u64 = VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+
+    fn rig_with(readonly: bool, size: u16, acked: u64) -> Rig {
+        let dir = TempDir::new();
+        let (path, img) = image(&dir, false);
+        let dev = Block::new(img, readonly, Some("test-serial".into()));
+        let tq = TestQueue::new(size, MEM);
+        let dma = Arc::new(DmaLog::default());
+        let bq = BlockQueue {
+            mem: tq.mem.clone(),
+            queue: tq.queue(),
+            interrupt: Arc::new(NoIrq),
+            ctx: dev.ctx(dev.device_features() & (acked | VIRTIO_F_VERSION_1), dma.clone()),
+        };
+        Rig { _dir: dir, path, tq, bq, dma, counters: dev.counters() }
+    }
+
+    fn rig() -> Rig {
+        rig_with(false, 256, ALL)
+    }
+
+    impl Rig {
+        fn header(&self, kind: u32, sector: u64) {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.tq.write(HDR, &h);
+        }
+        fn status(&self) -> u8 {
+            self.tq.read(ST, 1)[0]
+        }
+        /// Runs the queue and returns the newest used element's length, checking one chain
+        /// was used.
+        fn run(&mut self) -> u32 {
+            let before = self.tq.used_idx();
+            self.tq.write(ST, &[0xee]);
+            self.bq.process();
+            assert_eq!(self.tq.used_idx(), before.wrapping_add(1), "exactly one chain used");
+            self.tq.used(before).1
+        }
+        /// A well-formed read of `len` bytes at `sector` into BUF; returns (used len, status).
+        fn read(&mut self, sector: u64, len: u32) -> (u32, u8) {
+            self.header(VIRTIO_BLK_T_IN, sector);
+            self.tq.add_chain(0, &[(HDR, 16, false), (BUF, len, true), (ST, 1, true)]);
+            let used = self.run();
+            (used, self.status())
+        }
+        fn write(&mut self, sector: u64, data: &[u8]) -> (u32, u8) {
+            self.header(VIRTIO_BLK_T_OUT, sector);
+            self.tq.write(BUF, data);
+            self.tq.add_chain(0, &[(HDR, 16, false), (BUF, data.len() as u32, false), (ST, 1, true)]);
+            let used = self.run();
+            (used, self.status())
+        }
+        /// A following well-formed request still works.
+        fn still_works(&mut self) {
+            assert_eq!(self.read(3, 512), (513, VIRTIO_BLK_S_OK));
+            assert_eq!(self.tq.read(BUF, 512), vec![3u8; 512]);
+        }
+        fn file(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+        fn errors(&self) -> u64 {
+            self.counters.errors.load(Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn features_and_config() {
+        let dir = TempDir::new();
+        let (_, img) = image(&dir, false);
+        let dev = Block::new(img, false, None);
+        let f = dev.device_features();
+        assert_eq!(dev.device_type(), TYPE_BLOCK);
+        assert_eq!(dev.queue_max_sizes(), vec![QUEUE_SIZE]);
+        for bit in [VIRTIO_F_VERSION_1, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH] {
+            assert_ne!(f & bit, 0);
+        }
+        assert_eq!(f & crate::RING_FEATURES, crate::RING_FEATURES);
+        assert_ne!(f & VIRTIO_BLK_F_DISCARD, 0);
+        assert_ne!(f & VIRTIO_BLK_F_WRITE_ZEROES, 0);
+        assert_eq!(f & VIRTIO_BLK_F_RO, 0);
+        let mut c = [0u8; CONFIG_SIZE];
+        dev.read_config(0, &mut c);
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), DISK_SIZE / 512);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), SEG_MAX);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+        assert_eq!(u32::from_le_bytes(c[36..40].try_into().unwrap()), MAX_DISCARD_SECTORS);
+        assert_eq!(u32::from_le_bytes(c[40..44].try_into().unwrap()), MAX_DISCARD_SEG);
+        assert_eq!(u32::from_le_bytes(c[48..52].try_into().unwrap()), MAX_DISCARD_SECTORS);
+        assert_eq!(u32::from_le_bytes(c[52..56].try_into().unwrap()), MAX_DISCARD_SEG);
+        assert_eq!(c[56], 1);
+        // Partial and out-of-range reads.
+        let mut b = [0xffu8; 4];
+        dev.read_config(20, &mut b);
+        assert_eq!(b, [0, 2, 0, 0]);
+        dev.read_config(CONFIG_SIZE as u64 - 2, &mut b);
+        assert_eq!(b, [0; 4]);
+        dev.read_config(u64::MAX, &mut b);
+        assert_eq!(b, [0; 4]);
+        // Default serial: derived from the path, stable.
+        let id = dev.id();
+        assert!(id.starts_with(b"rv-") && id[19] == 0, "{id:?}");
+        let (_, img2) = image(&dir, true);
+        assert_eq!(Block::new(img2, false, None).id(), id);
+
+        // Read-only: RO, no discard, no limits.
+        let (_, img) = image(&dir, true);
+        let dev = Block::new(img, false, Some("x".repeat(30)));
+        assert!(dev.readonly());
+        let f = dev.device_features();
+        assert_ne!(f & VIRTIO_BLK_F_RO, 0);
+        assert_eq!(f & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+        dev.read_config(0, &mut c);
+        assert_eq!(&c[36..60], &[0u8; 24]);
+        assert_eq!(dev.id(), [b'x'; 20]);
+    }
+
+    #[test]
+    fn in_out_round_trip() {
+        let mut r = rig();
+        assert_eq!(r.read(5, 1024), (1025, VIRTIO_BLK_S_OK));
+        let back = r.tq.read(BUF, 1024);
+        assert!(back[..512].iter().all(|&b| b == 5) && back[512..].iter().all(|&b| b == 6));
+        let data: Vec<u8> = (0..2048u32).map(|i| (i * 13) as u8).collect();
+        assert_eq!(r.write(10, &data), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(&r.file()[10 * 512..10 * 512 + 2048], &data[..]);
+        r.tq.write(BUF, &[0; 2048]);
+        assert_eq!(r.read(10, 2048), (2049, VIRTIO_BLK_S_OK));
+        assert_eq!(r.tq.read(BUF, 2048), data);
+        // The reads were recorded in the DMA log (data and status).
+        let dma = r.dma.take();
+        assert!(dma.iter().any(|&(g, l)| g == BUF && l >= 2048), "{dma:?}");
+        assert!(dma.iter().any(|&(g, l)| g <= ST && ST < g + l), "{dma:?}");
+        assert_eq!(r.counters.requests.load(Ordering::Relaxed), 3);
+        assert_eq!(r.counters.bytes_written.load(Ordering::Relaxed), 1024 + 2048);
+        assert_eq!(r.counters.bytes_read.load(Ordering::Relaxed), 2048);
+        assert_eq!(r.errors(), 0);
+        // Last sector: fine; one past: IOERR.
+        assert_eq!(r.read(DISK_SIZE / 512 - 1, 512), (513, VIRTIO_BLK_S_OK));
+        assert_eq!(r.read(DISK_SIZE / 512, 512), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(r.read(DISK_SIZE / 512 - 1, 1024), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(r.read(u64::MAX / 512 + 1, 512), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(r.read(u64::MAX / 512, 512), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(r.write(DISK_SIZE / 512, &[1; 512]), (1, VIRTIO_BLK_S_IOERR));
+        // Not a multiple of 512.
+        assert_eq!(r.read(0, 100), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(r.write(0, &[1; 100]), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(r.errors(), 7);
+        r.still_works();
+    }
+
+    #[test]
+    fn scattered_buffers_and_merged_status() {
+        let mut r = rig();
+        // Header split over two descriptors, data over three of odd sizes, status sharing
+        // the last data descriptor.
+        r.header(VIRTIO_BLK_T_IN, 2);
+        r.tq.add_chain(
+            0,
+            &[(HDR, 5, false), (HDR + 5, 11, false), (BUF, 100, true), (BUF + 100, 0, true), (BUF + 100, 925, true)],
+        );
+        r.tq.write(ST, &[0xee]);
+        r.bq.process();
+        assert_eq!(r.tq.used(0).1, 1025);
+        let back = r.tq.read(BUF, 1025);
+        assert!(back[..512].iter().all(|&b| b == 2) && back[512..1024].iter().all(|&b| b == 3));
+        assert_eq!(back[1024], VIRTIO_BLK_S_OK);
+        // A write whose data shares the header's descriptor.
+        let mut req = vec![0u8; 16 + 512];
+        req[0] = VIRTIO_BLK_T_OUT as u8;
+        req[8] = 7;
+        req[16..].fill(0x77);
+        r.tq.write(BUF, &req);
+        r.tq.add_chain(0, &[(BUF, 528, false), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK);
+        assert_eq!(&r.file()[7 * 512..8 * 512], &[0x77; 512]);
+    }
+
+    #[test]
+    fn flush_and_get_id() {
+        let mut r = rig();
+        r.header(VIRTIO_BLK_T_FLUSH, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK);
+
+        r.header(VIRTIO_BLK_T_GET_ID, 0);
+        r.tq.write(BUF, &[0xff; 20]);
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 20, true), (ST, 1, true)]);
+        assert_eq!(r.run(), 21);
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK);
+        let mut want = [0u8; 20];
+        want[..11].copy_from_slice(b"test-serial");
+        assert_eq!(r.tq.read(BUF, 20), want);
+        // A short ID buffer gets what fits.
+        r.tq.write(BUF, &[0xff; 20]);
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 4, true), (ST, 1, true)]);
+        assert_eq!(r.run(), 5);
+        assert_eq!(r.tq.read(BUF, 5), b"test\xff");
+
+        // Unknown request types.
+        for t in [2u32, 10, 14, 0xdead_beef] {
+            r.header(t, 0);
+            r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 512, true), (ST, 1, true)]);
+            assert_eq!(r.run(), 1);
+            assert_eq!(r.status(), VIRTIO_BLK_S_UNSUPP, "type {t}");
+        }
+        r.still_works();
+    }
+
+    #[test]
+    fn writethrough_without_flush_feature() {
+        let mut r = rig_with(false, 256, 0);
+        assert!(r.bq.ctx.writethrough);
+        assert_eq!(r.write(1, &[0x31; 512]), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(&r.file()[512..1024], &[0x31; 512]);
+        // Discard was not negotiated: UNSUPP.
+        r.header(VIRTIO_BLK_T_DISCARD, 0);
+        r.tq.write(BUF, &segment(0, 1, 0));
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 16, false), (ST, 1, true)]);
+        r.run();
+        assert_eq!(r.status(), VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn readonly_write_is_ioerr() {
+        let mut r = rig_with(true, 256, ALL);
+        let before = r.file();
+        assert_eq!(r.write(0, &[9; 512]), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(r.file(), before);
+        // Discard / write-zeroes were not offered: UNSUPP.
+        for t in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            r.header(t, 0);
+            r.tq.write(BUF, &segment(0, 8, 0));
+            r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 16, false), (ST, 1, true)]);
+            r.run();
+            assert_eq!(r.status(), VIRTIO_BLK_S_UNSUPP);
+        }
+        assert_eq!(r.file(), before);
+        r.header(VIRTIO_BLK_T_FLUSH, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (ST, 1, true)]);
+        r.run();
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK);
+        r.still_works();
+    }
+
+    fn segment(sector: u64, num: u32, flags: u32) -> Vec<u8> {
+        let mut s = sector.to_le_bytes().to_vec();
+        s.extend_from_slice(&num.to_le_bytes());
+        s.extend_from_slice(&flags.to_le_bytes());
+        s
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let mut r = rig();
+        let run = |r: &mut Rig, t: u32, segs: &[Vec<u8>]| {
+            r.header(t, 0);
+            let data = segs.concat();
+            r.tq.write(BUF, &data);
+            r.tq.add_chain(0, &[(HDR, 16, false), (BUF, data.len() as u32, false), (ST, 1, true)]);
+            assert_eq!(r.run(), 1);
+            r.status()
+        };
+        assert_eq!(run(&mut r, VIRTIO_BLK_T_DISCARD, &[segment(8, 8, 0), segment(40, 2, 0)]), VIRTIO_BLK_S_OK);
+        assert_eq!(run(&mut r, VIRTIO_BLK_T_WRITE_ZEROES, &[segment(20, 3, 0)]), VIRTIO_BLK_S_OK);
+        assert_eq!(run(&mut r, VIRTIO_BLK_T_WRITE_ZEROES, &[segment(30, 1, FLAG_UNMAP)]), VIRTIO_BLK_S_OK);
+        let f = r.file();
+        for s in 0..64usize {
+            let zero = (8..16).contains(&s) || (40..42).contains(&s) || (20..23).contains(&s) || s == 30;
+            let want = if zero { 0 } else { s as u8 };
+            assert!(f[s * 512..(s + 1) * 512].iter().all(|&b| b == want), "sector {s}");
+        }
+        // Unmap on discard and unknown flags: UNSUPP, nothing done.
+        assert_eq!(run(&mut r, VIRTIO_BLK_T_DISCARD, &[segment(50, 1, FLAG_UNMAP)]), VIRTIO_BLK_S_UNSUPP);
+        assert_eq!(run(&mut r, VIRTIO_BLK_T_WRITE_ZEROES, &[segment(50, 1, 2)]), VIRTIO_BLK_S_UNSUPP);
+        // A bad segment anywhere fails the request before any segment runs.
+        let cap = DISK_SIZE / 512;
+        assert_eq!(run(&mut r, VIRTIO_BLK_T_DISCARD, &[segment(50, 1, 0), segment(cap, 1, 0)]), VIRTIO_BLK_S_IOERR);
+        assert_eq!(run(&mut r, VIRTIO_BLK_T_DISCARD, &[segment(cap - 1, 2, 0)]), VIRTIO_BLK_S_IOERR);
+        assert_eq!(run(&mut r, VIRTIO_BLK_T_DISCARD, &[segment(u64::MAX, 1, 0)]), VIRTIO_BLK_S_IOERR);
+        assert_eq!(
+            run(&mut r, VIRTIO_BLK_T_WRITE_ZEROES, &[segment(0, MAX_DISCARD_SECTORS + 1, 0)]),
+            VIRTIO_BLK_S_IOERR
+        );
+        let many: Vec<Vec<u8>> = (0..=MAX_DISCARD_SEG).map(|i| segment(50 + u64::from(i), 1, 0)).collect();
+        assert_eq!(run(&mut r, VIRTIO_BLK_T_DISCARD, &many), VIRTIO_BLK_S_IOERR);
+        assert!(r.file()[50 * 512..51 * 512].iter().all(|&b| b == 50));
+        // Segment data not a multiple of 16 bytes.
+        r.header(VIRTIO_BLK_T_DISCARD, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 15, false), (ST, 1, true)]);
+        r.run();
+        assert_eq!(r.status(), VIRTIO_BLK_S_UNSUPP);
+        r.still_works();
+    }
+
+    #[test]
+    fn hostile_descriptor_loop() {
+        let mut r = rig();
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.tq.set_desc(0, HDR, 16, F_NEXT, 1);
+        r.tq.set_desc(1, BUF, 512, F_NEXT | F_WRITE, 2);
+        r.tq.set_desc(2, ST, 1, F_NEXT | F_WRITE, 1); // back to 1
+        r.tq.publish(0);
+        assert_eq!(r.run(), 0);
+        assert_eq!(r.status(), 0xee, "nothing written");
+        // A self-loop on the head.
+        r.tq.set_desc(0, HDR, 16, F_NEXT, 0);
+        r.tq.publish(0);
+        assert_eq!(r.run(), 0);
+        r.still_works();
+        assert_eq!(r.errors(), 2);
+    }
+
+    #[test]
+    fn hostile_small_queue_chain_longer_than_queue() {
+        let mut r = rig_with(false, 4, ALL);
+        r.header(VIRTIO_BLK_T_IN, 0);
+        // 4 descriptors of a 4-entry queue, the last pointing back to the first.
+        r.tq.set_desc(0, HDR, 16, F_NEXT, 1);
+        r.tq.set_desc(1, BUF, 512, F_NEXT | F_WRITE, 2);
+        r.tq.set_desc(2, BUF + 512, 0, F_NEXT | F_WRITE, 3);
+        r.tq.set_desc(3, ST, 1, F_NEXT | F_WRITE, 0);
+        r.tq.publish(0);
+        assert_eq!(r.run(), 0);
+        r.still_works();
+    }
+
+    #[test]
+    fn hostile_addresses_outside_memory() {
+        let mut r = rig();
+        let far = 1u64 << 40;
+        // Data buffer outside guest memory: IOERR, nothing read from or written to the disk.
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (far, 512, true), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR);
+        let before = r.file();
+        r.header(VIRTIO_BLK_T_OUT, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 512, false), (MEM as u64 - 256, 512, false), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR);
+        assert_eq!(r.file(), before);
+        // Header outside memory.
+        r.tq.add_chain(0, &[(far, 16, false), (BUF, 512, true), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR);
+        // Address that wraps around.
+        r.tq.add_chain(0, &[(HDR, 16, false), (u64::MAX - 100, 512, true), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR);
+        // Status byte outside memory (or wrapping): nothing can be reported.
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 512, true), (far, 1, true)]);
+        assert_eq!(r.run(), 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (u64::MAX, 2, true)]);
+        assert_eq!(r.run(), 0);
+        r.still_works();
+    }
+
+    #[test]
+    fn hostile_zero_and_huge_lengths() {
+        let mut r = rig();
+        // Zero-length status descriptor and no other writable byte: no status, used 0.
+        r.header(VIRTIO_BLK_T_FLUSH, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (ST, 0, true)]);
+        assert_eq!(r.run(), 0);
+        // Zero-length header: IOERR.
+        r.tq.add_chain(0, &[(HDR, 0, false), (BUF, 512, true), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR);
+        // Zero-length status after a data buffer: the status lands in the data's last byte and
+        // the 511-byte read is refused.
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 512, true), (ST, 0, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.tq.read(BUF + 511, 1)[0], VIRTIO_BLK_S_IOERR);
+        // u32::MAX data buffer: IOERR without touching the disk.
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, u32::MAX, true), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR);
+        r.header(VIRTIO_BLK_T_OUT, 0);
+        r.tq.add_chain(0, &[(HDR, u32::MAX, false), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR);
+        // u32::MAX status buffer: its last byte is outside memory.
+        r.tq.add_chain(0, &[(HDR, 16, false), (ST, u32::MAX, true)]);
+        assert_eq!(r.run(), 0);
+        // Two u32::MAX buffers (total ≥ 2^32).
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, u32::MAX, true), (BUF, u32::MAX, true), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR);
+        r.still_works();
+    }
+
+    #[test]
+    fn hostile_wrong_directions() {
+        let mut r = rig();
+        // Status buffer device-readable after a writable data buffer.
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 512, true), (ST, 1, false)]);
+        assert_eq!(r.run(), 0);
+        assert_eq!(r.status(), 0xee);
+        // All device-readable: nowhere to put the status.
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 512, false), (ST, 1, false)]);
+        assert_eq!(r.run(), 0);
+        // Header in a device-writable buffer: IOERR.
+        let before = r.file();
+        r.header(VIRTIO_BLK_T_OUT, 0);
+        r.tq.add_chain(0, &[(HDR, 16, true), (BUF, 512, true), (ST, 1, true)]);
+        assert_eq!(r.run(), 1);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR);
+        // Write data in a device-writable buffer: not a write of 512 bytes.
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 512, true), (ST, 1, true)]);
+        r.run();
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK, "a zero-length write");
+        assert_eq!(r.file(), before);
+        r.still_works();
+    }
+
+    #[test]
+    fn hostile_next_index_out_of_range() {
+        let mut r = rig();
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.tq.set_desc(0, HDR, 16, F_NEXT, 1);
+        r.tq.set_desc(1, BUF, 512, F_NEXT | F_WRITE, 256);
+        r.tq.publish(0);
+        assert_eq!(r.run(), 0);
+        r.tq.set_desc(1, BUF, 512, F_NEXT | F_WRITE, u16::MAX);
+        r.tq.publish(0);
+        assert_eq!(r.run(), 0);
+        assert_eq!(r.status(), 0xee);
+        r.still_works();
+    }
+
+    #[test]
+    fn hostile_head_index_out_of_range() {
+        let mut r = rig();
+        r.tq.publish(300);
+        r.tq.write(ST, &[0xee]);
+        r.bq.process(); // add_used refuses the bad head; drain stops.
+        assert_eq!(r.status(), 0xee);
+        r.still_works();
+    }
+
+    /// Writes an indirect table at `table` and publishes a head descriptor pointing at it.
+    fn indirect(r: &mut Rig, table: u64, descs: &[(u64, u32, u16, u16)], table_len: u32) {
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let mut d = addr.to_le_bytes().to_vec();
+            d.extend_from_slice(&len.to_le_bytes());
+            d.extend_from_slice(&flags.to_le_bytes());
+            d.extend_from_slice(&next.to_le_bytes());
+            r.tq.write(table + 16 * i as u64, &d);
+        }
+        r.tq.set_desc(0, table, table_len, F_INDIRECT, 0);
+        r.tq.publish(0);
+    }
+
+    #[test]
+    fn indirect_tables() {
+        let mut r = rig();
+        let table = DATA + 0x8000;
+        let good = [(HDR, 16, F_NEXT, 1), (BUF, 512, F_NEXT | F_WRITE, 2), (ST, 1, F_WRITE, 0)];
+        // Well-formed.
+        r.header(VIRTIO_BLK_T_IN, 9);
+        indirect(&mut r, table, &good, 48);
+        assert_eq!(r.run(), 513);
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK);
+        assert_eq!(r.tq.read(BUF, 512), vec![9u8; 512]);
+        // Bad lengths: not a multiple of 16, zero, too short for the chain.
+        for len in [47, 0, 17] {
+            indirect(&mut r, table, &good, len);
+            assert_eq!(r.run(), 0, "len {len}");
+        }
+        indirect(&mut r, table, &good, 32); // next = 2 ≥ 2 entries
+        assert_eq!(r.run(), 0);
+        // Huge table length: rejected, or the table runs outside memory.
+        indirect(&mut r, table, &good, !15);
+        assert_eq!(r.run(), 0);
+        // Table outside guest memory.
+        r.tq.set_desc(0, 1 << 40, 48, F_INDIRECT, 0);
+        r.tq.publish(0);
+        assert_eq!(r.run(), 0);
+        // Nested indirect.
+        indirect(&mut r, table, &[(table, 48, F_INDIRECT, 0)], 16);
+        assert_eq!(r.run(), 0);
+        // Indirect with NEXT.
+        r.tq.set_desc(0, table, 48, F_INDIRECT | F_NEXT, 1);
+        r.tq.publish(0);
+        assert_eq!(r.run(), 0);
+        // Loop inside the table.
+        indirect(&mut r, table, &[(HDR, 16, F_NEXT, 1), (BUF, 512, F_NEXT | F_WRITE, 0)], 32);
+        assert_eq!(r.run(), 0);
+        // More descriptors than the queue size (257 > 256).
+        let mut long: Vec<(u64, u32, u16, u16)> = vec![(HDR, 16, F_NEXT, 1)];
+        for i in 1..256u16 {
+            long.push((BUF, 2, F_NEXT | F_WRITE, i + 1));
+        }
+        long.push((ST, 1, F_WRITE, 0));
+        assert_eq!(long.len(), 257);
+        r.header(VIRTIO_BLK_T_IN, 0);
+        indirect(&mut r, table, &long, 257 * 16);
+        assert_eq!(r.run(), 0);
+        r.still_works();
+    }
+
+    #[test]
+    fn hostile_corrupt_avail_index() {
+        let mut r = rig();
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.tq.set_desc(0, HDR, 16, F_NEXT, 1);
+        r.tq.set_desc(1, BUF, 512, F_NEXT | F_WRITE, 2);
+        r.tq.set_desc(2, ST, 1, F_WRITE, 0);
+        let size = r.tq.size;
+        r.tq.set_avail_idx(size + 10);
+        assert!(!r.bq.process());
+        assert_eq!(r.tq.used_idx(), 0);
+        // The driver repairs its index; the queue works again.
+        r.tq.set_avail_idx(0);
+        r.still_works();
+    }
+
+    #[test]
+    fn activate_serves_kicks_and_reset_stops() {
+        use std::sync::mpsc;
+        struct ChanIrq(Mutex<mpsc::Sender<u16>>);
+        impl Interrupt for ChanIrq {
+            fn notify_queue(&self, q: u16) {
+                let _ = self.0.lock().unwrap().send(q);
+            }
+            fn notify_config(&self) {}
+        }
+        let dir = TempDir::new();
+        let (_, img) = image(&dir, false);
+        let mut dev = Block::new(img, false, None);
+        for round in 0..2u8 {
+            let mut tq = TestQueue::new(256, MEM);
+            let (tx, rx) = mpsc::channel();
+            let kick = EventFd::new(0).unwrap();
+            let ctx = ActivateContext {
+                mem: tq.mem.clone(),
+                acked_features: dev.device_features(),
+                queues: vec![tq.queue()],
+                queue_evts: vec![kick.try_clone().unwrap()],
+                interrupt: Arc::new(ChanIrq(Mutex::new(tx))),
+                dma: Arc::new(DmaLog::default()),
+            };
+            dev.activate(ctx).unwrap();
+            let mut h = [0u8; 16];
+            h[8] = 4 + round;
+            tq.write(HDR, &h);
+            tq.add_chain(0, &[(HDR, 16, false), (BUF, 512, true), (ST, 1, true)]);
+            kick.write(1).unwrap();
+            assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap(), 0);
+            assert_eq!(tq.used_idx(), 1);
+            assert_eq!(tq.read(BUF, 512), vec![4 + round; 512]);
+            assert_eq!(tq.read(ST, 1), [VIRTIO_BLK_S_OK]);
+            dev.reset();
+        }
+        assert_eq!(dev.counters().requests.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn qcow2_backed_device() {
+        let dir = TempDir::new();
+        let p: &Path = &dir.0.join("disk.qcow2");
+        block::create_qcow2(p, 4 << 20, None).unwrap();
+        let img = DiskImage::open(p, Format::Qcow2, false).unwrap();
+        let dev = Block::new(img, false, None);
+        assert_eq!(dev.capacity(), (4 << 20) / 512);
+        let tq = TestQueue::new(256, MEM);
+        let dma = Arc::new(DmaLog::default());
+        let mut r = Rig {
+            bq: BlockQueue {
+                mem: tq.mem.clone(),
+                queue: tq.queue(),
+                interrupt: Arc::new(NoIrq),
+                ctx: dev.ctx(dev.device_features(), dma.clone()),
+            },
+            _dir: dir,
+            path: PathBuf::new(),
+            tq,
+            dma,
+            counters: dev.counters(),
+        };
+        assert_eq!(r.write(100, &[0x5a; 4096]), (1, VIRTIO_BLK_S_OK));
+        r.header(VIRTIO_BLK_T_FLUSH, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (ST, 1, true)]);
+        r.run();
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK);
+        assert_eq!(r.read(100, 4096), (4097, VIRTIO_BLK_S_OK));
+        assert_eq!(r.tq.read(BUF, 4096), vec![0x5a; 4096]);
+        assert_eq!(r.read(0, 512), (513, VIRTIO_BLK_S_OK));
+        assert_eq!(r.tq.read(BUF, 512), vec![0; 512]);
+    }
+}

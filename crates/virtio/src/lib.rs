@@ -17,6 +17,7 @@ pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
+pub mod tap;
 #[doc(hidden)]
 pub mod testing;
 pub mod vsock;

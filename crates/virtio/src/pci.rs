@@ -209,7 +209,10 @@ impl VirtioPci {
             c
         };
         config.add_capability(&cap(1, COMMON, COMMON_LEN, &[]), &[]);
-        config.add_capability(&cap(2, NOTIFY, nq as u64 * u64::from(NOTIFY_MULTIPLIER), &NOTIFY_MULTIPLIER.to_le_bytes()), &[]);
+        config.add_capability(
+            &cap(2, NOTIFY, nq as u64 * u64::from(NOTIFY_MULTIPLIER), &NOTIFY_MULTIPLIER.to_le_bytes()),
+            &[],
+        );
         config.add_capability(&cap(3, ISR, 4, &[]), &[]);
         config.add_capability(&cap(4, DEVICE_CFG, DEVICE_CFG_LEN, &[]), &[]);
         // MSI-X: message control (table size - 1; enable and function mask writable),
@@ -369,7 +372,8 @@ impl VirtioPci {
         let old = self.status;
         let mut new = v | (old & status::DEVICE_NEEDS_RESET);
         if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
-            let ok = self.driver_features & !self.device_features == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            let ok =
+                self.driver_features & !self.device_features == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !ok {
                 tracing::warn!(
                     "virtio-pci: driver features {:#x} not acceptable (offered {:#x}, VERSION_1 required)",
@@ -547,12 +551,11 @@ impl PciDevice for VirtioPci {
                 let b = self.common_bytes();
                 crate::device::read_config_bytes(&b, o, data);
             }
-            o if (ISR..ISR + 4).contains(&o) => {
-                if o == ISR {
-                    data[0] = self.isr.swap(0, Ordering::SeqCst);
-                }
+            // Reading the ISR byte clears it (§4.1.4.5).
+            ISR => data[0] = self.isr.swap(0, Ordering::SeqCst),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE_CFG, data)
             }
-            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => self.device.read_config(o - DEVICE_CFG, data),
             o if (MSIX_TABLE..MSIX_PBA).contains(&o) => self.msix_table_read(o - MSIX_TABLE, data),
             o if o >= MSIX_PBA => self.msix_pba_read(o - MSIX_PBA, data),
             _ => {}
@@ -565,7 +568,9 @@ impl PciDevice for VirtioPci {
         }
         match offset {
             o if o < COMMON + COMMON_LEN => self.common_write(o, data),
-            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => self.device.write_config(o - DEVICE_CFG, data),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE_CFG, data)
+            }
             o if (NOTIFY..MSIX_TABLE).contains(&o) => {
                 let q = ((o - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
                 if let Some(k) = self.kicks.get(q) {

@@ -122,7 +122,8 @@ impl VirtioDevice for Rng {
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let queue = ctx.queues.into_iter().next().ok_or_else(|| ActivateError::BadConfig("no request queue".into()))?;
-        let q = RngQueue { mem: ctx.mem, queue, interrupt: ctx.interrupt, dma: ctx.dma, counters: self.counters.clone() };
+        let q =
+            RngQueue { mem: ctx.mem, queue, interrupt: ctx.interrupt, dma: ctx.dma, counters: self.counters.clone() };
         let w = Worker::spawn("virtio-rng", ctx.queue_evts, q).map_err(|e| ActivateError::Host(e.to_string()))?;
         self.worker = Some(w);
         Ok(())
@@ -134,4 +135,3 @@ impl VirtioDevice for Rng {
         self.counters.clone()
     }
 }
-

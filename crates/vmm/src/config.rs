@@ -129,7 +129,10 @@ impl VmConfig {
         }
         for (i, d) in self.disks.iter().enumerate() {
             if !d.path.is_file() {
-                return Err(crate::Error::Config { field: "--disk", msg: format!("{}: no such file", d.path.display()) });
+                return Err(crate::Error::Config {
+                    field: "--disk",
+                    msg: format!("{}: no such file", d.path.display()),
+                });
             }
             let canon = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
             if self.disks[..i].iter().any(|o| canon(&o.path) == canon(&d.path)) {

@@ -40,6 +40,16 @@ impl IoEventRegistrar for KvmIoEvents {
     }
 }
 
+/// qcow2 when the file starts with the qcow2 magic, raw otherwise.
+fn detect_format(path: &std::path::Path) -> Result<block::Format> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::Config { field: "--disk", msg: format!("{}: {e}", path.display()) })?;
+    let n = f.read(&mut magic).unwrap_or(0);
+    Ok(if n == 4 && magic == block::QCOW2_MAGIC { block::Format::Qcow2 } else { block::Format::Raw })
+}
+
 /// A virtio device on the bus, with its name for logs and counters.
 pub struct PciVirtio {
     /// "rng", "disk0", "net0", "vsock".
@@ -61,6 +71,16 @@ pub fn build(
     ioevents: Option<Arc<dyn IoEventRegistrar>>,
 ) -> Result<Vec<PciVirtio>> {
     let mut models: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let format = match d.format {
+            Some(crate::DiskFormat::Raw) => block::Format::Raw,
+            Some(crate::DiskFormat::Qcow2) => block::Format::Qcow2,
+            None => detect_format(&d.path)?,
+        };
+        let image = block::DiskImage::open(&d.path, format, d.readonly)
+            .map_err(|e| Error::Config { field: "--disk", msg: e.to_string() })?;
+        models.push((format!("disk{i}"), Box::new(virtio::block::Block::new(image, d.readonly, d.serial.clone()))));
+    }
     if cfg.rng {
         models.push(("rng".into(), Box::new(virtio::rng::Rng::new())));
     }

@@ -243,9 +243,9 @@ impl Vm {
 
         // PCI bus 0 (conf1) with the virtio devices; their BARs sit in the MMIO window.
         let mut pci = PciBus::new();
-        let ioevents = kvm.clone().map(|vm| {
-            Arc::new(crate::virtio_devices::KvmIoEvents(vm)) as Arc<dyn virtio::pci::IoEventRegistrar>
-        });
+        let ioevents = kvm
+            .clone()
+            .map(|vm| Arc::new(crate::virtio_devices::KvmIoEvents(vm)) as Arc<dyn virtio::pci::IoEventRegistrar>);
         let virtio = crate::virtio_devices::build(cfg, &mem, &mut pci, msi, dma, ioevents)?;
         let pci = Arc::new(Mutex::new(pci));
         pio.insert(devices::pci::CONF1_PORT, devices::pci::CONF1_LEN, pci.clone()).map_err(dev_err)?;
