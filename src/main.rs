@@ -53,15 +53,15 @@ struct RunArgs {
     /// A virtio-blk disk: path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID]
     /// (repeatable; the guest sees /dev/vda, /dev/vdb, ... in order).
     #[arg(long, value_name = "OPTIONS")]
-    disk: Vec<vmm::DiskConfig>,
+    disk: Vec<String>,
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC] (repeatable; the TAP is created
     /// if absent).
     #[arg(long, value_name = "OPTIONS")]
-    net: Vec<vmm::NetConfig>,
+    net: Vec<String>,
     /// A virtio-vsock device: cid=N,socket=PATH (host side on Unix sockets, Firecracker's
     /// convention).
     #[arg(long, value_name = "OPTIONS")]
-    vsock: Option<vmm::VsockConfig>,
+    vsock: Option<String>,
     /// Add a virtio-rng device fed by the host's getrandom(2).
     #[arg(long)]
     rng: bool,
@@ -118,6 +118,9 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let accel: Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
     let serial = parse_serial(&a.serial).map_err(bad)?;
     let interactive = serial == SerialOut::Stdio;
+    let disks = a.disk.iter().map(|d| d.parse()).collect::<Result<Vec<vmm::DiskConfig>, _>>().map_err(bad)?;
+    let nets = a.net.iter().map(|n| n.parse()).collect::<Result<Vec<vmm::NetConfig>, _>>().map_err(bad)?;
+    let vsock = a.vsock.as_deref().map(str::parse::<vmm::VsockConfig>).transpose().map_err(bad)?;
     let cfg = VmConfig {
         kernel: a.kernel,
         initrd: a.initrd,
@@ -126,9 +129,9 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
         cpus: a.cpus,
         accel,
         serial,
-        disks: a.disk,
-        nets: a.net,
-        vsock: a.vsock,
+        disks,
+        nets,
+        vsock,
         rng: a.rng,
     };
     let mut vm = Vm::new(&cfg).map_err(|e| match e {

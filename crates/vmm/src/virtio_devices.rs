@@ -81,6 +81,11 @@ pub fn build(
             .map_err(|e| Error::Config { field: "--disk", msg: e.to_string() })?;
         models.push((format!("disk{i}"), Box::new(virtio::block::Block::new(image, d.readonly, d.serial.clone()))));
     }
+    for (i, n) in cfg.nets.iter().enumerate() {
+        let tap = virtio::tap::Tap::open(&n.tap).map_err(|e| Error::Config { field: "--net", msg: e.to_string() })?;
+        let mac = n.mac.unwrap_or_else(|| virtio::net::default_mac(&n.tap));
+        models.push((format!("net{i}"), Box::new(virtio::net::Net::new(tap, mac))));
+    }
     if cfg.rng {
         models.push(("rng".into(), Box::new(virtio::rng::Rng::new())));
     }

@@ -1,0 +1,143 @@
+//! Shared by the integration tests that boot the Debian guest made by
+//! scripts/setup-guest.sh on the `emu` accelerator.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The guest artefacts folder.
+pub fn guest_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("guest")
+}
+
+/// A file made by the setup script; panics with a hint when it is missing.
+pub fn guest_file(name: &str) -> PathBuf {
+    let p = guest_dir().join(name);
+    assert!(p.exists(), "{} is missing: run scripts/setup-guest.sh first (scripts/test.sh does)", p.display());
+    p
+}
+
+/// A fresh scratch folder under the system temp dir, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `<tmp>/rv-<tag>-<pid>`.
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("rv-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    /// A path inside the folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `rustvisor run` on emu with the test initramfs, running the shell `script` as the guest
+/// workload (init's `rv.cmd=`), console to `log`, plus `extra` flags.
+pub fn guest_command(script: &str, log: &Path, extra: &[String]) -> Command {
+    use std::io::Write;
+    let mut b64 = Vec::new();
+    {
+        // base64 without a crate: the guest decodes it with busybox base64 -d.
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        for c in script.as_bytes().chunks(3) {
+            let n = (u32::from(c[0]) << 16)
+                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                | u32::from(*c.get(2).unwrap_or(&0));
+            let out =
+                [T[(n >> 18) as usize & 63], T[(n >> 12) as usize & 63], T[(n >> 6) as usize & 63], T[n as usize & 63]];
+            let keep = c.len() + 1;
+            b64.write_all(&out[..keep]).unwrap();
+            for _ in keep..4 {
+                b64.push(b'=');
+            }
+        }
+    }
+    let cmdline = format!("console=ttyS0 panic=-1 rv.cmd={}", String::from_utf8(b64).unwrap());
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rustvisor"));
+    c.args(["run", "--kernel"])
+        .arg(guest_file("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest_file("initrd.img"))
+        .args(["--cmdline", &cmdline, "--memory", "512M", "--accel", "emu", "--serial"])
+        .arg(format!("file={}", log.display()))
+        .args(extra);
+    c
+}
+
+/// Runs the guest to its end; returns (exit status, console text, stderr).
+pub fn run_guest(script: &str, log: &Path, extra: &[String]) -> (i32, String, String) {
+    let start = Instant::now();
+    let out = guest_command(script, log, extra).stdin(Stdio::null()).output().expect("spawn rustvisor");
+    eprintln!("guest run: {:.1} s wall", start.elapsed().as_secs_f64());
+    let console = std::fs::read_to_string(log).unwrap_or_default();
+    (out.status.code().unwrap_or(-1), console, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Waits until the console file `log` contains `needle` (or the child exits, or time runs out).
+pub fn wait_for_console(child: &mut Child, log: &Path, needle: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("rustvisor exited ({st}) before {needle:?}; console:\n{}", tail(&text));
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("timed out waiting for {needle:?}; console:\n{}", tail(&text));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The last 40 lines of `text`.
+pub fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// The value after `key ` on the console line starting with it.
+pub fn console_value<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    console
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix(key)?.strip_prefix(' '))
+        .map(|v| v.split_whitespace().next().unwrap_or(""))
+}
+
+/// Hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs a host command, panicking with its output when it fails; returns stdout.
+pub fn host(cmd: &str, args: &[&str]) -> Vec<u8> {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// Deterministic test content of `len` bytes.
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
