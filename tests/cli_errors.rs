@@ -110,3 +110,78 @@ fn kvm_where_it_cannot_work_is_a_clear_error() {
     assert!(err.contains("emu"), "names what is accepted here: {err}");
     assert!(start.elapsed() < std::time::Duration::from_secs(10));
 }
+
+mod common;
+
+/// Runs `rustvisor run` with the real guest kernel and `extra` device flags; the VM must not
+/// start. Returns (status, stderr).
+fn run_with_devices(extra: &[&str]) -> (i32, String) {
+    let k = common::guest_file("vmlinuz");
+    let mut args = vec!["run", "--kernel", k.to_str().unwrap(), "--accel", "emu", "--serial", "null"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn one_line(err: &str) {
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn bad_disk_options_are_refused_and_images_left_alone() {
+    let dir = common::TempDir::new("cli-disk");
+    let (code, err) = run_with_devices(&["--disk", "path=/nonexistent/disk.img"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--disk") && err.contains("no such file"), "{err}");
+    one_line(&err);
+
+    let img = dir.path("d.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let img_s = img.to_str().unwrap();
+    let (code, err) = run_with_devices(&["--disk", &format!("path={img_s},format=vmdk")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--disk") && err.contains("raw, qcow2"), "{err}");
+    one_line(&err);
+
+    let (code, err) = run_with_devices(&["--disk", &format!("path={img_s}"), "--disk", &format!("path={img_s}")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--disk") && err.contains("twice"), "{err}");
+    one_line(&err);
+
+    // A raw file called qcow2 is refused, not reinterpreted.
+    let (code, err) = run_with_devices(&["--disk", &format!("path={img_s},format=qcow2")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--disk"), "{err}");
+    one_line(&err);
+
+    // A qcow2 whose backing file is gone: the error names it, and neither image changes.
+    let ov = dir.path("ov.qcow2");
+    let ov_s = ov.to_str().unwrap();
+    common::host(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-u", "-b", "/nonexistent/base.raw", "-F", "raw", ov_s, "64M"],
+    );
+    let before = (std::fs::read(&ov).unwrap(), std::fs::read(&img).unwrap());
+    let (code, err) =
+        run_with_devices(&["--disk", &format!("path={img_s}"), "--disk", &format!("path={ov_s},format=qcow2")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--disk") && err.contains("/nonexistent/base.raw"), "{err}");
+    one_line(&err);
+    assert_eq!((std::fs::read(&ov).unwrap(), std::fs::read(&img).unwrap()), before, "a failed start changed an image");
+}
+
+#[test]
+fn bad_net_and_vsock_options_are_refused() {
+    for (flag, val, want) in [
+        ("--net", "tap=abcdefghijklmnopq", "1 to 15 bytes"),
+        ("--net", "tap=a/b", "1 to 15 bytes"),
+        ("--net", "tap=rv0,mac=01:02:03:04:05:06", "unicast"),
+        ("--net", "mac=52:54:00:00:00:01", "tap=NAME"),
+        ("--vsock", "cid=2,socket=/tmp/x", "3 to"),
+        ("--vsock", "cid=3", "socket=PATH"),
+    ] {
+        let (code, err) = run_with_devices(&[flag, val]);
+        assert_eq!(code, 2, "{flag} {val}: {err}");
+        assert!(err.contains(flag) && err.contains(want), "{flag} {val}: {err}");
+        one_line(&err);
+    }
+}
