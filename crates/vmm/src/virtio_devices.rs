@@ -86,6 +86,11 @@ pub fn build(
         let mac = n.mac.unwrap_or_else(|| virtio::net::default_mac(&n.tap));
         models.push((format!("net{i}"), Box::new(virtio::net::Net::new(tap, mac))));
     }
+    if let Some(v) = &cfg.vsock {
+        let dev = virtio::vsock::Vsock::new(v.cid, v.socket.clone())
+            .map_err(|e| Error::Config { field: "--vsock", msg: e.to_string() })?;
+        models.push(("vsock".into(), Box::new(dev)));
+    }
     if cfg.rng {
         models.push(("rng".into(), Box::new(virtio::rng::Rng::new())));
     }
