@@ -65,6 +65,10 @@ struct RunArgs {
     /// Add a virtio-rng device fed by the host's getrandom(2).
     #[arg(long)]
     rng: bool,
+    /// A virtio-console (the guest's /dev/hvc0): stdio, file=PATH or null. Only one of
+    /// --serial and --console may use stdio.
+    #[arg(long)]
+    console: Option<String>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOut, String> {
@@ -117,6 +121,12 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let mem_size = parse_size(&a.memory).map_err(|e| bad(format!("--memory: {e}")))?;
     let accel: Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
     let serial = parse_serial(&a.serial).map_err(bad)?;
+    let console = a
+        .console
+        .as_deref()
+        .map(|c| parse_serial(c).map_err(|e| e.replace("--serial", "--console")))
+        .transpose()
+        .map_err(bad)?;
     let interactive = serial == SerialOut::Stdio;
     let disks = a.disk.iter().map(|d| d.parse()).collect::<Result<Vec<vmm::DiskConfig>, _>>().map_err(bad)?;
     let nets = a.net.iter().map(|n| n.parse()).collect::<Result<Vec<vmm::NetConfig>, _>>().map_err(bad)?;
@@ -133,6 +143,7 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
         nets,
         vsock,
         rng: a.rng,
+        console,
     };
     let mut vm = Vm::new(&cfg).map_err(|e| match e {
         vmm::Error::Config { .. } | vmm::Error::Kernel(_) | vmm::Error::Io { .. } => (2, e.to_string()),

@@ -61,6 +61,9 @@ pub struct VmConfig {
     pub vsock: Option<crate::VsockConfig>,
     /// Whether to add a virtio-rng device (entropy from the host's getrandom).
     pub rng: bool,
+    /// The virtio-console (the guest's /dev/hvc0): where its output goes (and, for `Stdio`,
+    /// where its input comes from); `None` = no virtio-console.
+    pub console: Option<SerialOut>,
 }
 
 /// Most virtio PCI devices one VM may have (bus 0 has 32 slots; slot 0 is the host bridge).
@@ -147,7 +150,18 @@ impl VmConfig {
                 return Err(crate::Error::Config { field: "--net", msg: format!("tap {}: given twice", n.tap) });
             }
         }
-        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng);
+        if self.console == Some(SerialOut::Stdio) && self.serial == SerialOut::Stdio {
+            return Err(crate::Error::Config {
+                field: "--console",
+                msg: "stdio is taken by --serial stdio (accepted: one of --serial/--console on stdio; e.g. --serial null)"
+                    .into(),
+            });
+        }
+        let devices = usize::from(self.console.is_some())
+            + self.disks.len()
+            + self.nets.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng);
         if devices > MAX_PCI_DEVICES {
             return Err(crate::Error::Config {
                 field: "--disk/--net",

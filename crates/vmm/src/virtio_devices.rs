@@ -91,6 +91,26 @@ pub fn build(
             .map_err(|e| Error::Config { field: "--vsock", msg: e.to_string() })?;
         models.push(("vsock".into(), Box::new(dev)));
     }
+    if let Some(out) = &cfg.console {
+        let (output, input): (Box<dyn std::io::Write + Send>, Option<Box<dyn virtio::console::InputSource>>) = match out
+        {
+            crate::SerialOut::Stdio => (Box::new(std::io::stdout()), Some(Box::new(std::io::stdin()))),
+            crate::SerialOut::Null => (Box::new(std::io::sink()), None),
+            crate::SerialOut::File(p) => (
+                Box::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .map_err(|e| Error::Config { field: "--console", msg: format!("{}: {e}", p.display()) })?,
+                ),
+                None,
+            ),
+        };
+        let dev =
+            virtio::console::Console::new(output, input).map_err(|e| Error::Device(format!("virtio-console: {e}")))?;
+        models.push(("console".into(), Box::new(dev)));
+    }
     if cfg.rng {
         models.push(("rng".into(), Box::new(virtio::rng::Rng::new())));
     }
