@@ -3,7 +3,6 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand};
 use vmm::config::parse_size;
@@ -153,7 +152,7 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let _raw = if interactive { Some(RawTerminal::enable()) } else { None };
     if interactive {
         let serial = vm.serial();
-        let (quit, stop) = vm.quit_handle();
+        let ctl = vm.control();
         std::thread::spawn(move || {
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 64];
@@ -169,8 +168,7 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
                         escape = false;
                         match b {
                             b'x' | b'X' => {
-                                quit.store(true, Ordering::SeqCst);
-                                stop.store(true, Ordering::SeqCst);
+                                ctl.quit();
                                 return;
                             }
                             0x01 => out.push(0x01),

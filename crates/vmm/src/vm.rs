@@ -2,8 +2,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex};
 
 use accel::emu::{EmuVcpu, InterruptController};
 use accel::kvm::KvmVm;
@@ -12,6 +11,7 @@ use devices::{AcpiPm, Cmos, EmuIrqchip, EmuMsi, GsiLine, IrqLine, MmioBus, MsiSi
 use virtio::DmaLog;
 use vm_memory::GuestMemoryMmap;
 
+use crate::clock::VirtualClock;
 use crate::config::{Accel, SerialOut, VmConfig};
 use crate::{arch, memory, Error, Result};
 
@@ -89,24 +89,220 @@ impl IrqLine for KvmIrq {
     }
 }
 
-/// The boot vCPU, its stop flag, the console's interrupt line, where MSIs go and the KVM VM
-/// (if any).
-type VcpuParts = (Box<dyn Vcpu>, Arc<AtomicBool>, Arc<dyn IrqLine>, Arc<dyn MsiSink>, Option<Arc<KvmVm>>);
+/// A vCPU handed to its thread.
+struct SendVcpu(Box<dyn Vcpu>);
+
+// SAFETY: the one part of a vCPU that is not `Send` is the emulator's decoded-block cache
+// (`Rc`-shared blocks). Every clone of those `Rc`s lives inside that vCPU (its cache, or the
+// stack of its run loop while it runs), so moving the whole vCPU to another thread moves
+// all clones together and no `Rc` is ever shared between threads. KVM vCPUs are `Send`.
+unsafe impl Send for SendVcpu {}
+
+/// Handles on the legacy devices (for snapshots and the power button).
+pub struct LegacyDevices {
+    /// The 8250 console.
+    pub serial: Arc<Mutex<Serial>>,
+    /// The i8042 (reset line).
+    pub i8042: Arc<Mutex<I8042>>,
+    /// CMOS/RTC.
+    pub cmos: Arc<Mutex<Cmos>>,
+    /// ACPI PM1 blocks.
+    pub pm: Arc<Mutex<AcpiPm>>,
+    /// The userspace interrupt controllers and PIT (emu only).
+    pub irqchip: Option<Arc<Mutex<EmuIrqchip>>>,
+    /// PCI bus 0.
+    pub pci: Arc<Mutex<PciBus>>,
+}
+
+/// How the VM's vCPU threads are told to pause, resume and stop, and how they report back.
+pub struct RunControl {
+    m: Mutex<Ctl>,
+    cv: Condvar,
+    /// Per vCPU: its stop flag, and its thread once started (for a signal kick on KVM).
+    vcpus: Mutex<Vec<(Arc<AtomicBool>, Option<libc::pthread_t>)>>,
+    /// Set by devices: the guest powered off (ACPI S5) or reset (i8042); the user quit.
+    power_off: AtomicBool,
+    reset: AtomicBool,
+    quit: AtomicBool,
+    kvm: bool,
+}
+
+#[derive(Default)]
+struct Ctl {
+    pause: bool,
+    parked: usize,
+    alive: usize,
+    outcome: Option<std::result::Result<RunOutcome, String>>,
+}
+
+/// Signal used to kick a KVM vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl RunControl {
+    fn new(kvm: bool) -> Arc<RunControl> {
+        if kvm {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+                    tracing::warn!("vCPU kick signal handler: {e}");
+                }
+            });
+        }
+        Arc::new(RunControl {
+            m: Mutex::new(Ctl::default()),
+            cv: Condvar::new(),
+            vcpus: Mutex::new(Vec::new()),
+            power_off: AtomicBool::new(false),
+            reset: AtomicBool::new(false),
+            quit: AtomicBool::new(false),
+            kvm,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ctl> {
+        self.m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes every vCPU leave guest mode soon: stop flags, plus a signal on KVM.
+    fn kick_all(&self) {
+        let v = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        for (stop, thread) in v.iter() {
+            stop.store(true, Ordering::SeqCst);
+            if let (true, Some(t)) = (self.kvm, thread) {
+                // SAFETY: `t` is the pthread of a vCPU thread that is still alive (threads
+                // clear their entry before exiting, under this lock).
+                unsafe { libc::pthread_kill(*t, kick_signal()) };
+            }
+        }
+    }
+
+    /// Ends the run with `outcome` (the first reason wins) and stops every vCPU.
+    fn end(&self, outcome: std::result::Result<RunOutcome, String>) {
+        {
+            let mut c = self.lock();
+            if c.outcome.is_none() {
+                c.outcome = Some(outcome);
+            }
+        }
+        self.cv.notify_all();
+        self.kick_all();
+    }
+
+    /// A device or the user asked the VM to end: that outcome, if any.
+    fn requested_end(&self) -> Option<RunOutcome> {
+        if self.quit.load(Ordering::SeqCst) {
+            Some(RunOutcome::UserQuit)
+        } else if self.power_off.load(Ordering::SeqCst) {
+            Some(RunOutcome::PowerOff)
+        } else if self.reset.load(Ordering::SeqCst) {
+            Some(RunOutcome::Reset("guest requested a reset through the i8042 controller".into()))
+        } else {
+            None
+        }
+    }
+
+    /// Asks the user-quit outcome (console escape).
+    pub fn quit(&self) {
+        self.quit.store(true, Ordering::SeqCst);
+        self.kick_all();
+    }
+
+    /// Whether the run has ended (and how).
+    pub fn outcome(&self) -> Option<std::result::Result<RunOutcome, String>> {
+        self.lock().outcome.clone()
+    }
+
+    /// Parks every vCPU outside guest mode; returns once all are parked (or the run ended).
+    pub fn pause(&self) {
+        self.lock().pause = true;
+        loop {
+            self.kick_all();
+            let c = self.lock();
+            if c.parked >= c.alive || c.outcome.is_some() {
+                return;
+            }
+            let _ = self.cv.wait_timeout(c, std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.lock().pause = false;
+        self.cv.notify_all();
+    }
+
+    /// Waits until the run ends; returns its outcome.
+    pub fn wait(&self) -> std::result::Result<RunOutcome, String> {
+        let mut c = self.lock();
+        loop {
+            if let Some(o) = &c.outcome {
+                return o.clone();
+            }
+            c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// One vCPU's loop: runs it until the VM ends, parking while paused.
+    fn vcpu_loop(&self, id: usize, mut vcpu: Box<dyn Vcpu>, mut bus: DeviceBus, emu: bool) {
+        loop {
+            if let Some(o) = self.requested_end() {
+                self.end(Ok(o));
+            }
+            {
+                let mut c = self.lock();
+                if c.outcome.is_some() {
+                    break;
+                }
+                if c.pause {
+                    c.parked += 1;
+                    self.cv.notify_all();
+                    while c.pause && c.outcome.is_none() {
+                        c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+                    }
+                    c.parked -= 1;
+                    continue;
+                }
+            }
+            match vcpu.run(&mut bus) {
+                Ok(VcpuExit::Interrupted) => {}
+                Ok(VcpuExit::Hlt) => {
+                    if !emu {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+                Ok(VcpuExit::Shutdown) => self.end(Ok(RunOutcome::PowerOff)),
+                Ok(VcpuExit::Reset(why)) => self.end(Ok(RunOutcome::Reset(why))),
+                Err(e) => self.end(Err(format!("vCPU {id}: {e}"))),
+            }
+        }
+        let mut v = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = v.get_mut(id) {
+            e.1 = None;
+        }
+        drop(v);
+        let mut c = self.lock();
+        c.alive -= 1;
+        self.cv.notify_all();
+    }
+}
 
 /// A built VM, ready to run.
 pub struct Vm {
-    _memory: GuestMemoryMmap,
-    vcpu: Box<dyn Vcpu>,
-    stop: Arc<AtomicBool>,
+    memory: GuestMemoryMmap,
+    /// The vCPUs (boot vCPU first) until [`Vm::start`] hands them to their threads.
+    vcpus: Vec<Box<dyn Vcpu>>,
     bus: DeviceBus,
-    /// KVM application processors, started on their own threads by [`Vm::run`].
-    aps: Vec<accel::kvm::KvmVcpu>,
-    serial: Arc<Mutex<Serial>>,
-    reset: Arc<AtomicBool>,
-    /// Set by the ACPI PM device when the guest enters S5.
-    power_off: Arc<AtomicBool>,
-    quit: Arc<AtomicBool>,
-    _kvm: Option<Arc<KvmVm>>,
+    ctl: Arc<RunControl>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Legacy device handles.
+    pub devices: LegacyDevices,
+    /// The guest clock (emu).
+    pub clock: Arc<VirtualClock>,
+    kvm: Option<Arc<KvmVm>>,
     /// The virtio devices on PCI bus 0.
     pub virtio: Vec<crate::virtio_devices::PciVirtio>,
     /// Which accelerator was chosen, and why.
@@ -185,61 +381,77 @@ impl Vm {
             // The MP table lists every vCPU's local APIC and the in-kernel IOAPIC.
             arch::mptable::write(&mem, cfg.cpus)?;
         }
-        let ram = memory::regions(&mem);
+        let mut vm = Self::build(cfg, mem, is_emu, accel_note)?;
+        if let Some(v) = vm.vcpus.first_mut() {
+            v.set_state(&arch::boot_cpu_state(&info))?;
+        }
+        Ok(vm)
+    }
 
+    /// Memory, devices and vCPUs for `cfg` over `mem` (already holding the guest), without
+    /// touching vCPU registers.
+    pub(crate) fn build(cfg: &VmConfig, mem: GuestMemoryMmap, is_emu: bool, accel_note: String) -> Result<Vm> {
+        let ram = memory::regions(&mem);
         let mut pio = PioBus::new();
         let mut mmio = MmioBus::new();
-        let reset = Arc::new(AtomicBool::new(false));
-        let power_off = Arc::new(AtomicBool::new(false));
-        let start = Instant::now();
-        let clock: devices::Clock = Arc::new(move || start.elapsed().as_nanos() as u64);
+        let vclock = Arc::new(VirtualClock::new(0));
+        let vc = vclock.clone();
+        let clock: devices::Clock = Arc::new(move || vc.now());
         let dev_err = |e: devices::Error| Error::Device(e.to_string());
+        let ctl = RunControl::new(!is_emu);
 
         let dma = Arc::new(DmaLog::default());
-        let mut aps = Vec::new();
-        let (vcpu, stop, serial_irq, msi, kvm): VcpuParts = if is_emu {
+        let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::new();
+        let mut stops = Vec::new();
+        let (serial_irq, msi, kvm, irqchip): (Arc<dyn IrqLine>, Arc<dyn MsiSink>, Option<Arc<KvmVm>>, _) = if is_emu {
             let chip = Arc::new(Mutex::new(EmuIrqchip::new(clock.clone(), EMU_TSC_HZ)));
             // PIC, ELCR, PIT and port 0x61 ports; LAPIC and IOAPIC pages.
             EmuIrqchip::attach(&chip, &mut pio, &mut mmio).map_err(dev_err)?;
             let line: Arc<dyn IrqLine> = Arc::new(GsiLine::new(&chip, COM1_IRQ));
             let msi: Arc<dyn MsiSink> = Arc::new(EmuMsi::new(&chip, None));
-            let mut v = EmuVcpu::new(&ram, Box::new(EmuIc(chip)), clock.clone(), EMU_TSC_HZ, 0);
+            let mut v = EmuVcpu::new(&ram, Box::new(EmuIc(chip.clone())), clock.clone(), EMU_TSC_HZ, 0);
             // Device DMA into pages the emulator decoded code from retires that code.
             let d = dma.clone();
             v.set_device_writes(Arc::new(move || if d.pending() { d.take() } else { Vec::new() }));
-            let stop = v.stop_flag();
-            (Box::new(v), stop, line, msi, None)
+            stops.push(v.stop_flag());
+            vcpus.push(Box::new(v));
+            (line, msi, None, Some(chip))
         } else {
             let vm = Arc::new(KvmVm::new(&ram)?);
-            let v = vm.create_vcpu(0)?;
             // Application processors wait in KVM for the guest's INIT/SIPI (MP spec B.4).
-            for id in 1..cfg.cpus {
-                aps.push(vm.create_vcpu(id)?);
+            for id in 0..cfg.cpus {
+                let v = vm.create_vcpu(id)?;
+                stops.push(v.stop_flag());
+                vcpus.push(Box::new(v));
             }
-            let stop = v.stop_flag();
             let line: Arc<dyn IrqLine> = Arc::new(KvmIrq { vm: vm.clone(), gsi: COM1_IRQ });
             let msi: Arc<dyn MsiSink> = Arc::new(crate::virtio_devices::KvmMsi(vm.clone()));
-            (Box::new(v), stop, line, msi, Some(vm))
+            (line, msi, Some(vm), None)
         };
+        *ctl.vcpus.lock().unwrap_or_else(|e| e.into_inner()) = stops.into_iter().map(|s| (s, None)).collect();
 
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_sink(&cfg.serial)?)));
         pio.insert(COM1, 8, serial.clone()).map_err(dev_err)?;
-        let (r, s) = (reset.clone(), stop.clone());
+        let c = Arc::downgrade(&ctl);
         let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
-            r.store(true, Ordering::SeqCst);
-            s.store(true, Ordering::SeqCst);
+            if let Some(c) = c.upgrade() {
+                c.reset.store(true, Ordering::SeqCst);
+                c.kick_all();
+            }
         }))));
         pio.insert(0x60, 1, i8042.clone()).map_err(dev_err)?;
-        pio.insert(0x64, 1, i8042).map_err(dev_err)?;
-        let (pm_stop, pm_off) = (stop.clone(), power_off.clone());
+        pio.insert(0x64, 1, i8042.clone()).map_err(dev_err)?;
+        let c = Arc::downgrade(&ctl);
         let pm = Arc::new(Mutex::new(AcpiPm::new(Box::new(move || {
-            pm_off.store(true, Ordering::SeqCst);
-            pm_stop.store(true, Ordering::SeqCst);
+            if let Some(c) = c.upgrade() {
+                c.power_off.store(true, Ordering::SeqCst);
+                c.kick_all();
+            }
         }))));
-        pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm).map_err(dev_err)?;
+        pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm.clone()).map_err(dev_err)?;
         let low = memory::ram_ranges(cfg.mem_size)[0].1;
         let cmos = Arc::new(Mutex::new(Cmos::new(low, arch::high_mem(cfg.mem_size))));
-        pio.insert(0x70, 2, cmos).map_err(dev_err)?;
+        pio.insert(0x70, 2, cmos.clone()).map_err(dev_err)?;
 
         // PCI bus 0 (conf1) with the virtio devices; their BARs sit in the MMIO window.
         let mut pci = PciBus::new();
@@ -249,35 +461,90 @@ impl Vm {
         let virtio = crate::virtio_devices::build(cfg, &mem, &mut pci, msi, dma, ioevents)?;
         let pci = Arc::new(Mutex::new(pci));
         pio.insert(devices::pci::CONF1_PORT, devices::pci::CONF1_LEN, pci.clone()).map_err(dev_err)?;
-        mmio.insert(memory::PCI_MMIO_START, memory::PCI_MMIO_END - memory::PCI_MMIO_START, pci).map_err(dev_err)?;
+        mmio.insert(memory::PCI_MMIO_START, memory::PCI_MMIO_END - memory::PCI_MMIO_START, pci.clone())
+            .map_err(dev_err)?;
 
-        let mut vm = Vm {
-            _memory: mem,
-            vcpu,
-            stop,
+        Ok(Vm {
+            memory: mem,
+            vcpus,
             bus: DeviceBus { pio: Arc::new(pio), mmio: Arc::new(mmio) },
-            aps,
-            serial,
-            reset,
-            power_off,
-            quit: Arc::new(AtomicBool::new(false)),
-            _kvm: kvm,
+            ctl,
+            threads: Vec::new(),
+            devices: LegacyDevices { serial, i8042, cmos, pm, irqchip, pci },
+            clock: vclock,
+            kvm,
             virtio,
             accel_note,
             is_emu,
-        };
-        vm.vcpu.set_state(&arch::boot_cpu_state(&info))?;
-        Ok(vm)
+        })
     }
 
     /// The console UART, for feeding input.
     pub fn serial(&self) -> Arc<Mutex<Serial>> {
-        self.serial.clone()
+        self.devices.serial.clone()
     }
 
-    /// A handle that ends [`Vm::run`] with [`RunOutcome::UserQuit`] when set.
-    pub fn quit_handle(&self) -> (Arc<AtomicBool>, Arc<AtomicBool>) {
-        (self.quit.clone(), self.stop.clone())
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The run control (pause, resume, quit, wait).
+    pub fn control(&self) -> Arc<RunControl> {
+        self.ctl.clone()
+    }
+
+    /// Starts one thread per vCPU (idempotent). On KVM the application processors wait in
+    /// KVM for the guest's INIT/SIPI.
+    ///
+    /// Errors: `Error::Device` when a thread cannot be created.
+    pub fn start(&mut self) -> Result<()> {
+        let emu = self.is_emu;
+        for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let ctl = self.ctl.clone();
+            let bus = self.bus.clone();
+            let v = SendVcpu(v);
+            ctl.lock().alive += 1;
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    let v = v;
+                    {
+                        let mut vs = ctl.vcpus.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(e) = vs.get_mut(id) {
+                            // SAFETY: pthread_self has no preconditions.
+                            e.1 = Some(unsafe { libc::pthread_self() });
+                        }
+                    }
+                    ctl.vcpu_loop(id, v.0, bus, emu);
+                })
+                .map_err(|e| {
+                    self.ctl.lock().alive -= 1;
+                    Error::Device(format!("vCPU thread: {e}"))
+                })?;
+            self.threads.push(t);
+        }
+        Ok(())
+    }
+
+    /// Pauses the vCPUs and the guest clock; returns once no vCPU runs guest code.
+    pub fn pause(&self) {
+        self.ctl.pause();
+        self.clock.pause();
+    }
+
+    /// Resumes after [`Vm::pause`].
+    pub fn resume(&self) {
+        self.clock.resume();
+        self.ctl.resume();
+    }
+
+    /// Stops every vCPU and waits for their threads.
+    pub fn stop(&mut self) {
+        self.ctl.end(Ok(RunOutcome::UserQuit));
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 
     /// Runs the VM until it powers off, resets or the user quits.
@@ -285,53 +552,22 @@ impl Vm {
     /// Errors: `Error::Accel` when the accelerator cannot go on (e.g. an instruction the
     /// emulator does not implement, a KVM internal error).
     pub fn run(&mut self) -> Result<RunOutcome> {
-        // Each AP runs on its own thread with its own handle on the (shared, internally
-        // locked) device buses. An AP that stops the VM (reset, power-off, error) raises the
-        // boot vCPU's stop flag so the loop below returns; AP threads end with the process.
-        for mut ap in self.aps.drain(..) {
-            let mut bus = self.bus.clone();
-            let (reset, power_off, stop) = (self.reset.clone(), self.power_off.clone(), self.stop.clone());
-            std::thread::Builder::new()
-                .name(format!("vcpu{}", ap.id()))
-                .spawn(move || loop {
-                    match ap.run(&mut bus) {
-                        Ok(VcpuExit::Interrupted) => {}
-                        Ok(VcpuExit::Hlt) => std::thread::sleep(std::time::Duration::from_millis(1)),
-                        Ok(VcpuExit::Shutdown) => {
-                            power_off.store(true, Ordering::SeqCst);
-                            stop.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                        Ok(VcpuExit::Reset(_)) | Err(_) => {
-                            reset.store(true, Ordering::SeqCst);
-                            stop.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                    }
-                })
-                .map_err(|e| Error::Device(format!("vCPU thread: {e}")))?;
+        self.start()?;
+        let outcome = self.ctl.wait();
+        self.ctl.kick_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
-        loop {
-            let exit = self.vcpu.run(&mut self.bus)?;
-            if self.quit.load(Ordering::SeqCst) {
-                return Ok(RunOutcome::UserQuit);
-            }
-            if self.power_off.load(Ordering::SeqCst) {
-                return Ok(RunOutcome::PowerOff);
-            }
-            if self.reset.load(Ordering::SeqCst) {
-                return Ok(RunOutcome::Reset("guest requested a reset through the i8042 controller".into()));
-            }
-            match exit {
-                VcpuExit::Interrupted => {}
-                VcpuExit::Hlt => {
-                    if !self.is_emu {
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                }
-                VcpuExit::Shutdown => return Ok(RunOutcome::PowerOff),
-                VcpuExit::Reset(why) => return Ok(RunOutcome::Reset(why)),
-            }
+        outcome.map_err(|e| Error::Accel(accel::Error::Internal(e)))
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop();
         }
+        // Device workers stop with their devices.
+        let _ = &self.kvm;
     }
 }
