@@ -403,6 +403,13 @@ impl VirtioPci {
     }
 
     fn activate(&mut self) -> Result<(), String> {
+        self.activate_queues(false)
+    }
+
+    /// Builds the queues from the driver's configuration and activates the device. With
+    /// `resume`, each queue continues from its used ring's index (a device quiesced for a
+    /// snapshot has completed every chain it took, so next_avail = next_used = used.idx).
+    fn activate_queues(&mut self, resume: bool) -> Result<(), String> {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, c) in self.queues.iter().enumerate() {
@@ -419,6 +426,15 @@ impl VirtioPci {
                 q.set_ready(true);
                 if !q.is_valid(&self.mem) {
                     return Err(format!("queue {i}: rings outside guest memory or misaligned"));
+                }
+                if resume {
+                    use vm_memory::Bytes;
+                    let idx: u16 = self
+                        .mem
+                        .read_obj(vm_memory::GuestAddress(c.device.wrapping_add(2)))
+                        .map_err(|e| format!("queue {i} used index: {e}"))?;
+                    q.set_next_avail(idx);
+                    q.set_next_used(idx);
                 }
             }
             queues.push(q);
@@ -522,6 +538,165 @@ impl VirtioPci {
             }
         }
         crate::device::read_config_bytes(&bits, off, data);
+    }
+}
+
+/// One queue's driver configuration in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueConfigState {
+    /// Queue size chosen by the driver.
+    pub size: u16,
+    /// `queue_enable`.
+    pub enabled: bool,
+    /// Descriptor table, driver area and device area GPAs.
+    pub desc: u64,
+    /// Driver (available) ring GPA.
+    pub driver: u64,
+    /// Device (used) ring GPA.
+    pub device: u64,
+}
+
+/// The transport's state in a snapshot (the device model is rebuilt from the VM
+/// configuration and re-activated from this).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioPciState {
+    /// virtio device type, checked on restore.
+    pub device_type: u32,
+    /// PCI configuration space (256 bytes).
+    pub config_space: Vec<u8>,
+    /// Feature select registers and the driver's accepted features.
+    pub device_feature_select: u32,
+    /// Driver feature select.
+    pub driver_feature_select: u32,
+    /// Accepted features.
+    pub driver_features: u64,
+    /// Device status byte.
+    pub status: u8,
+    /// Configuration generation.
+    pub config_generation: u8,
+    /// `queue_select`.
+    pub queue_select: u16,
+    /// Per queue.
+    pub queues: Vec<QueueConfigState>,
+    /// MSI-X table entries (address low, high, data, control).
+    pub msix_table: Vec<[u32; 4]>,
+    /// MSI-X pending bits.
+    pub msix_pending: Vec<bool>,
+    /// MSI-X enable and function mask.
+    pub msix_enabled: bool,
+    /// Function mask.
+    pub msix_masked: bool,
+    /// Configuration-change vector.
+    pub config_vector: u16,
+    /// Per-queue vectors.
+    pub queue_vectors: Vec<u16>,
+    /// ISR status.
+    pub isr: u8,
+}
+
+impl VirtioPci {
+    /// Stops the device model's worker (waiting for the request in flight) so that neither
+    /// guest memory nor the rings change; the transport keeps its state. Call before saving
+    /// guest memory; [`VirtioPci::resume_device`] starts serving again.
+    pub fn quiesce(&mut self) {
+        self.device.reset();
+        if let Some(r) = &self.ioevents {
+            for (gpa, e) in self.registered.drain(..).zip(self.kicks.iter()) {
+                r.unregister(gpa, e);
+            }
+        }
+        self.registered.clear();
+        self.kicks.clear();
+    }
+
+    /// Serves the queues again after [`VirtioPci::quiesce`] or a restore, continuing from
+    /// the used rings' indices. Does nothing when the driver has not set `DRIVER_OK`.
+    pub fn resume_device(&mut self) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(e) = self.activate_queues(true) {
+            self.needs_reset(e);
+        }
+    }
+
+    /// The transport state (the VM must be paused and the device quiesced).
+    pub fn save_state(&self) -> VirtioPciState {
+        let m = lock(&self.msix);
+        VirtioPciState {
+            device_type: self.device.device_type(),
+            config_space: (0..64).flat_map(|r| self.config.read_reg(r).to_le_bytes()).collect(),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueConfigState {
+                    size: q.size,
+                    enabled: q.enabled,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                })
+                .collect(),
+            msix_table: m.table.clone(),
+            msix_pending: m.pending.clone(),
+            msix_enabled: m.enabled,
+            msix_masked: m.function_masked,
+            config_vector: m.config_vector,
+            queue_vectors: m.queue_vectors.clone(),
+            isr: self.isr.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Loads a saved transport state into this (freshly built, never activated) transport;
+    /// call [`VirtioPci::resume_device`] afterwards. Errors name the mismatching field.
+    pub fn restore_state(&mut self, s: &VirtioPciState) -> Result<(), String> {
+        if s.device_type != self.device.device_type() {
+            return Err(format!(
+                "device type {} in the snapshot, {} in the VM",
+                s.device_type,
+                self.device.device_type()
+            ));
+        }
+        if s.config_space.len() != devices::pci::CONFIG_SIZE {
+            return Err(format!("config space of {} bytes", s.config_space.len()));
+        }
+        if s.queues.len() != self.queues.len() || s.queue_vectors.len() != self.queues.len() {
+            return Err(format!("{} queues in the snapshot, {} in the VM", s.queues.len(), self.queues.len()));
+        }
+        let mut m = lock(&self.msix);
+        if s.msix_table.len() != m.table.len() || s.msix_pending.len() != m.table.len() {
+            return Err(format!("{} MSI-X vectors in the snapshot, {} in the VM", s.msix_table.len(), m.table.len()));
+        }
+        self.config.bytes_mut().copy_from_slice(&s.config_space);
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features & self.device_features;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.queue_select = s.queue_select;
+        for (q, st) in self.queues.iter_mut().zip(&s.queues) {
+            q.size = st.size.min(q.max);
+            q.enabled = st.enabled;
+            q.desc = st.desc;
+            q.driver = st.driver;
+            q.device = st.device;
+        }
+        m.table.clone_from(&s.msix_table);
+        m.pending.clone_from(&s.msix_pending);
+        m.enabled = s.msix_enabled;
+        m.function_masked = s.msix_masked;
+        let n = m.table.len();
+        let vec_ok = |v: u16| if usize::from(v) < n { v } else { NO_VECTOR };
+        m.config_vector = vec_ok(s.config_vector);
+        m.queue_vectors = s.queue_vectors.iter().map(|&v| vec_ok(v)).collect();
+        self.isr.store(s.isr, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -679,6 +854,36 @@ mod tests {
         w(&mut dev, 0x14, 0, 1);
         assert_eq!(r(&mut dev, 0x14, 1), 0);
         assert_eq!(r(&mut dev, 0x1a, 2), u64::from(NO_VECTOR));
+    }
+
+    #[test]
+    fn state_survives_quiesce_save_and_restore_into_a_new_transport() {
+        let mut tq = TestQueue::new(16, 1 << 20);
+        let (mut dev, rx) = rng_device(&tq);
+        bring_up(&mut dev, 16);
+        tq.add_chain(0, &[(DATA, 32, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        rx.recv_timeout(Duration::from_secs(5)).expect("first interrupt");
+        dev.quiesce();
+        let st = dev.save_state();
+        drop(dev);
+        // A new transport (as in a fresh VMM process) over the same guest memory.
+        let (mut dev2, rx2) = rng_device(&tq);
+        dev2.restore_state(&st).unwrap();
+        assert_eq!(dev2.save_state(), st);
+        dev2.resume_device();
+        tq.add_chain(1, &[(DATA + 64, 16, true)]);
+        w(&mut dev2, NOTIFY, 0, 2);
+        assert_eq!(rx2.recv_timeout(Duration::from_secs(5)).unwrap(), (0xfee0_0000, 0x31));
+        assert_eq!(tq.used_idx(), 2, "continues after the first request");
+        assert_eq!(tq.used(1), (1, 16));
+        // A state for another device type, or with the wrong shape, is refused.
+        let mut bad = st.clone();
+        bad.device_type = 2;
+        assert!(dev2.restore_state(&bad).is_err());
+        let mut bad = st;
+        bad.queues.clear();
+        assert!(dev2.restore_state(&bad).is_err());
     }
 
     #[test]
