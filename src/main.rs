@@ -22,7 +22,19 @@ enum Cmd {
     /// The console escape is Ctrl-A then X (quits the VM). The process exits 0 when the guest
     /// powers off, 1 when it resets or crashes (triple fault, panic with panic=-1), and 2 on
     /// bad arguments.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Start an empty VMM driven over its REST API on a Unix socket (mode 0600): create,
+    /// boot, pause, resume, snapshot, restore, ... (see crates/api/openapi.yaml).
+    Vmm(VmmArgs),
+    /// Talk to a VMM's REST API: ping, info, counters, pause, resume, snapshot DIR, ...
+    Api(api::client::ApiArgs),
+}
+
+#[derive(Parser)]
+struct VmmArgs {
+    /// Unix socket to serve the API on.
+    #[arg(long)]
+    api_socket: PathBuf,
 }
 
 #[derive(Parser)]
@@ -68,6 +80,9 @@ struct RunArgs {
     /// --serial and --console may use stdio.
     #[arg(long)]
     console: Option<String>,
+    /// Also serve the VMM's REST API on this Unix socket (pause, resume, snapshot, info, ...).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialOut, String> {
@@ -149,47 +164,12 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
         _ => (1, e.to_string()),
     })?;
     tracing::info!("accelerator {} (override with --accel)", vm.accel_note);
+    if let Some(sock) = a.api_socket.clone() {
+        return run_with_api(vm, cfg, &sock, interactive);
+    }
     let _raw = if interactive { Some(RawTerminal::enable()) } else { None };
     if interactive {
-        let serial = vm.serial();
-        let ctl = vm.control();
-        std::thread::spawn(move || {
-            let mut stdin = std::io::stdin();
-            let mut buf = [0u8; 64];
-            let mut escape = false;
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut out = Vec::with_capacity(n);
-                for &b in &buf[..n] {
-                    if escape {
-                        escape = false;
-                        match b {
-                            b'x' | b'X' => {
-                                ctl.quit();
-                                return;
-                            }
-                            0x01 => out.push(0x01),
-                            _ => out.push(b),
-                        }
-                    } else if b == 0x01 {
-                        escape = true;
-                    } else {
-                        out.push(b);
-                    }
-                }
-                let mut rest = &out[..];
-                while !rest.is_empty() {
-                    let took = serial.lock().map(|mut s| s.enqueue_input(rest)).unwrap_or(rest.len());
-                    rest = &rest[took..];
-                    if !rest.is_empty() {
-                        std::thread::sleep(std::time::Duration::from_millis(2));
-                    }
-                }
-            }
-        });
+        spawn_console_input(vm.serial(), vm.control());
     }
     match vm.run() {
         Ok(RunOutcome::PowerOff) => Ok(ExitCode::SUCCESS),
@@ -202,6 +182,90 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     }
 }
 
+/// Feeds stdin to the 8250 console, handling the Ctrl-A X escape.
+fn spawn_console_input(
+    serial: std::sync::Arc<std::sync::Mutex<vmm::vm::SerialDev>>,
+    ctl: std::sync::Arc<vmm::vm::RunControl>,
+) {
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 64];
+        let mut escape = false;
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut out = Vec::with_capacity(n);
+            for &b in &buf[..n] {
+                if escape {
+                    escape = false;
+                    match b {
+                        b'x' | b'X' => {
+                            ctl.quit();
+                            return;
+                        }
+                        0x01 => out.push(0x01),
+                        _ => out.push(b),
+                    }
+                } else if b == 0x01 {
+                    escape = true;
+                } else {
+                    out.push(b);
+                }
+            }
+            let mut rest = &out[..];
+            while !rest.is_empty() {
+                let took = serial.lock().map(|mut s| s.enqueue_input(rest)).unwrap_or(rest.len());
+                rest = &rest[took..];
+                if !rest.is_empty() {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            }
+        }
+    });
+}
+
+/// `rustvisor run --api-socket`: the VM runs under a [`vmm::controller::VmmController`]; the
+/// process ends when the guest does (same exit statuses as without the API) or on
+/// `vmm.shutdown`.
+fn run_with_api(
+    mut vm: Vm,
+    cfg: VmConfig,
+    sock: &std::path::Path,
+    interactive: bool,
+) -> Result<ExitCode, (u8, String)> {
+    let json = vmm::controller::api_from_config(&cfg);
+    vm.start().map_err(|e| (1, e.to_string()))?;
+    let ctl = vm.control();
+    let _raw = if interactive { Some(RawTerminal::enable()) } else { None };
+    if interactive {
+        spawn_console_input(vm.serial(), ctl.clone());
+    }
+    let controller = std::sync::Arc::new(vmm::controller::VmmController::with_running(vm, cfg, json));
+    let _server = api::server::serve(sock, controller.clone())
+        .map_err(|e| (2, format!("--api-socket: {}: {e}", sock.display())))?;
+    match controller.wait_exit_or_vm_end() {
+        None | Some(Ok(RunOutcome::PowerOff)) => Ok(ExitCode::SUCCESS),
+        Some(Ok(RunOutcome::UserQuit)) => {
+            eprintln!("\r\nrustvisor: quit from the console");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Ok(RunOutcome::Reset(why))) => Err((1, format!("guest reset: {why}"))),
+        Some(Err(e)) => Err((1, format!("VM stopped: {e}"))),
+    }
+}
+
+/// `rustvisor vmm --api-socket PATH`.
+fn vmm_main(a: VmmArgs) -> Result<ExitCode, (u8, String)> {
+    let controller = std::sync::Arc::new(vmm::controller::VmmController::new());
+    let _server = api::server::serve(&a.api_socket, controller.clone())
+        .map_err(|e| (2, format!("--api-socket: {}: {e}", a.api_socket.display())))?;
+    tracing::info!("API on {}", a.api_socket.display());
+    controller.wait_exit();
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -212,7 +276,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Run(a) => run(a),
+        Cmd::Run(a) => run(*a),
+        Cmd::Vmm(a) => vmm_main(a),
+        Cmd::Api(a) => return api::client::run(a),
     };
     match r {
         Ok(c) => c,

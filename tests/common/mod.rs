@@ -44,25 +44,9 @@ impl Drop for TempDir {
 /// `rustvisor run` on emu with the test initramfs, running the shell `script` as the guest
 /// workload (init's `rv.cmd=`), console to `log`, plus `extra` flags.
 pub fn guest_command(script: &str, log: &Path, extra: &[String]) -> Command {
-    use std::io::Write;
-    let mut b64 = Vec::new();
-    {
-        // base64 without a crate: the guest decodes it with busybox base64 -d.
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        for c in script.as_bytes().chunks(3) {
-            let n = (u32::from(c[0]) << 16)
-                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-                | u32::from(*c.get(2).unwrap_or(&0));
-            let out =
-                [T[(n >> 18) as usize & 63], T[(n >> 12) as usize & 63], T[(n >> 6) as usize & 63], T[n as usize & 63]];
-            let keep = c.len() + 1;
-            b64.write_all(&out[..keep]).unwrap();
-            for _ in keep..4 {
-                b64.push(b'=');
-            }
-        }
-    }
-    let cmdline = format!("console=ttyS0 panic=-1 rv.cmd={}", String::from_utf8(b64).unwrap());
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+    let cmdline = format!("console=ttyS0 panic=-1 rv.cmd={b64}");
     let mut c = Command::new(env!("CARGO_BIN_EXE_rustvisor"));
     c.args(["run", "--kernel"])
         .arg(guest_file("vmlinuz"))

@@ -3,12 +3,24 @@
 //! Port I/O and MMIO go to the same [`ExitHandler`] as on KVM. Interrupts come from a
 //! userspace interrupt controller (PIC/IOAPIC/LAPIC, plus the PIT) that the VMM supplies
 //! through [`InterruptController`]; guest time is a nanosecond clock shared with it.
+//!
+//! # Snapshots
+//!
+//! [`EmuVcpu::save_state`] / [`EmuVcpu::restore_state`] capture and reload everything the
+//! emulated CPU needs to continue (see [`x86emu::snapshot`] for the contents and for what is
+//! deliberately left out). The interrupt controller is not part of it: the VMM saves it
+//! separately (`devices::EmuIrqchip::state`). Guest RAM is the VMM's to copy; build the new
+//! vCPU over the restored RAM, restore its state, and make the shared clock continue from
+//! the reading it had at save time (the TSC is derived from it).
 
 use crate::{CpuState, Error, ExitHandler, RamRegion, Result, Segment, Table, Vcpu, VcpuExit};
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use x86emu::{Cpu, CpuConfig, Exit, Seg};
+
+pub use x86emu::StateError;
 
 /// Guest clock: nanoseconds since the VM started.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -26,6 +38,14 @@ pub trait InterruptController: Send {
 /// Reports guest RAM written by devices (DMA) since the last call, as `(GPA, length)`
 /// ranges; see [`EmuVcpu::set_device_writes`].
 pub type DeviceWrites = Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>;
+
+/// Snapshot of one emulated vCPU (see [`EmuVcpu::save_state`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EmuVcpuState {
+    /// The CPU: registers, segment caches, control/debug registers, MSRs, x87/SSE state,
+    /// `hlt` and interrupt-shadow flags, TSC frequency and APIC ID.
+    pub cpu: x86emu::CpuState,
+}
 
 /// Instructions run between looks at timers and the stop flag.
 const SLICE: u64 = 100_000;
@@ -177,6 +197,19 @@ impl EmuVcpu {
         );
     }
 
+    /// Captures the vCPU's state. Call it while the vCPU is not running (between two
+    /// [`Vcpu::run`] calls).
+    pub fn save_state(&self) -> EmuVcpuState {
+        EmuVcpuState { cpu: self.cpu.save_state() }
+    }
+
+    /// Loads a state captured by [`EmuVcpu::save_state`], including the TSC frequency and
+    /// APIC ID it was saved with, and drops all cached translations and decoded code. On
+    /// error (a malformed state; the error names the field) the vCPU is left unchanged.
+    pub fn restore_state(&mut self, s: &EmuVcpuState) -> std::result::Result<(), StateError> {
+        self.cpu.restore_state(&s.cpu)
+    }
+
     /// The emulated CPU (statistics, tracing).
     pub fn cpu(&mut self) -> &mut Cpu {
         &mut self.cpu
@@ -184,6 +217,17 @@ impl EmuVcpu {
 }
 
 impl Vcpu for EmuVcpu {
+    fn save_snapshot(&mut self) -> Result<crate::VcpuSnapshot> {
+        Ok(crate::VcpuSnapshot::Emu(Box::new(self.save_state())))
+    }
+
+    fn restore_snapshot(&mut self, state: &crate::VcpuSnapshot) -> Result<()> {
+        match state {
+            crate::VcpuSnapshot::Emu(s) => self.restore_state(s).map_err(|e| Error::Internal(e.to_string())),
+            crate::VcpuSnapshot::Kvm(_) => Err(Error::Unsupported("a kvm vCPU state on the emu accelerator".into())),
+        }
+    }
+
     fn set_state(&mut self, s: &CpuState) -> Result<()> {
         let c = &mut self.cpu;
         c.gpr = s.gprs;
@@ -281,5 +325,132 @@ impl Vcpu for EmuVcpu {
                 return Ok(VcpuExit::Interrupted);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::code_asm::*;
+
+    struct NoInterrupts;
+
+    impl InterruptController for NoInterrupts {
+        fn interrupt_pending(&mut self) -> bool {
+            false
+        }
+        fn acknowledge(&mut self) -> Option<u8> {
+            None
+        }
+        fn poll(&mut self, _now_ns: u64) -> Option<u64> {
+            None
+        }
+    }
+
+    /// Records port writes; everything else reads as all ones.
+    #[derive(Default)]
+    struct Ports(Vec<(u16, Vec<u8>)>);
+
+    impl ExitHandler for Ports {
+        fn pio_read(&mut self, _port: u16, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn pio_write(&mut self, port: u16, data: &[u8]) {
+            self.0.push((port, data.to_vec()));
+        }
+        fn mmio_read(&mut self, _gpa: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn mmio_write(&mut self, _gpa: u64, _data: &[u8]) {}
+    }
+
+    const RAM: usize = 1 << 20;
+
+    /// Real-mode guest at 0x1000: a loop of arithmetic and stores, then `out 0x80, ax`,
+    /// `cli; hlt`.
+    fn guest_ram() -> Vec<u8> {
+        let mut a = CodeAssembler::new(16).unwrap();
+        let mut top = a.create_label();
+        a.mov(cx, 3000u32).unwrap();
+        a.mov(si, 0x8000u32).unwrap();
+        a.mov(bx, 0x1234u32).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.add(ax, cx).unwrap();
+        a.imul_3(bx, bx, 31).unwrap();
+        a.xor(ax, bx).unwrap();
+        a.mov(word_ptr(si), ax).unwrap();
+        a.add(si, 2).unwrap();
+        a.and(si, 0x9fff).unwrap();
+        a.dec(cx).unwrap();
+        a.jnz(top).unwrap();
+        a.out(0x80, ax).unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+        let code = a.assemble(0x1000).unwrap();
+        let mut ram = vec![0u8; RAM];
+        ram[0x1000..0x1000 + code.len()].copy_from_slice(&code);
+        ram
+    }
+
+    fn vcpu_over(ram: &mut [u8], tsc_hz: u64) -> EmuVcpu {
+        let regions = [RamRegion { gpa: 0, size: RAM as u64, host_addr: ram.as_mut_ptr() }];
+        let clock: Clock = Arc::new(|| 0);
+        EmuVcpu::new(&regions, Box::new(NoInterrupts), clock, tsc_hz, 0)
+    }
+
+    fn run_to_end(v: &mut EmuVcpu, io: &mut Ports) {
+        for _ in 0..1000 {
+            match v.run(io).unwrap() {
+                VcpuExit::Interrupted => continue,
+                VcpuExit::Shutdown => return,
+                other => panic!("unexpected exit {other:?}"),
+            }
+        }
+        panic!("guest did not finish");
+    }
+
+    #[test]
+    fn save_restore_into_new_vcpu_continues_identically() {
+        let mut ram_a = guest_ram();
+        let mut a = vcpu_over(&mut ram_a, 1_000_000_000);
+        let mut st = a.state().unwrap();
+        st.segs[crate::state::seg::CS].base = 0;
+        st.segs[crate::state::seg::CS].selector = 0;
+        st.rip = 0x1000;
+        a.set_state(&st).unwrap();
+        a.cpu().msr.sysenter_eip = 0xabcd;
+        // Partway through the loop.
+        assert_eq!(a.cpu().run(&mut x86emu::NullBus, 5_000), Exit::Budget);
+        let saved = a.save_state();
+        let loaded = saved.clone();
+
+        let mut ram_b = ram_a.clone();
+        let mut b = vcpu_over(&mut ram_b, 42);
+        b.restore_state(&loaded).unwrap();
+        assert_eq!(b.save_state(), saved);
+        assert_eq!(b.state().unwrap(), a.state().unwrap());
+
+        let (mut io_a, mut io_b) = (Ports::default(), Ports::default());
+        run_to_end(&mut a, &mut io_a);
+        run_to_end(&mut b, &mut io_b);
+        assert_eq!(a.save_state(), b.save_state());
+        assert_eq!(io_a.0, io_b.0);
+        assert_eq!(io_a.0.len(), 1);
+        assert_eq!(b.save_state().cpu.msr.sysenter_eip, 0xabcd);
+        assert_eq!(b.save_state().cpu.tsc_hz, 1_000_000_000);
+        assert!(ram_a == ram_b, "guest RAM differs after the restored run");
+    }
+
+    #[test]
+    fn malformed_state_is_an_error() {
+        let mut ram = guest_ram();
+        let mut v = vcpu_over(&mut ram, 1_000_000_000);
+        let good = v.save_state();
+        let mut bad = good.clone();
+        bad.cpu.fpu.mxcsr = u32::MAX;
+        let e = v.restore_state(&bad).unwrap_err();
+        assert_eq!(e.field, "fpu.mxcsr");
+        assert!(e.to_string().contains("fpu.mxcsr"), "{e}");
+        assert_eq!(v.save_state(), good);
     }
 }

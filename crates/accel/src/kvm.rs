@@ -19,8 +19,16 @@
 //! emulator lacks end the run with `KVM_EXIT_INTERNAL_ERROR`, which [`KvmVcpu::run`]
 //! reports as [`Error::Internal`] with a PVM hint. [`is_pvm_host`] detects such a host.
 //! Nothing else in this module differs between PVM and VT-x/AMD-V hosts.
+//!
+//! # Snapshots
+//!
+//! [`KvmVm::save_state`] / [`KvmVm::restore_state`] and [`KvmVcpu::save_state`] /
+//! [`KvmVcpu::restore_state`] capture and reload the state KVM keeps in the kernel (see the
+//! [`snapshot`] module for what is saved, in which order, and what a host may not support);
+//! guest RAM is the caller's to copy.
 
 mod regs;
+pub mod snapshot;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +45,7 @@ use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use crate::{CpuState, Error, ExitHandler, RamRegion, Result, Vcpu, VcpuExit};
 
 pub use regs::DEFAULT_APIC_BASE_BSP;
+pub use snapshot::{KvmPod, KvmVcpuState, KvmVmState, MsrValue, Raw, SkippedState};
 
 /// Guest-physical address given to `KVM_SET_TSS_ADDR`: three pages just below the 4 GiB
 /// BIOS area that Intel VT-x needs for real-mode emulation (same value as Firecracker).
@@ -117,6 +126,8 @@ pub struct KvmVm {
     pvm: bool,
     /// `KVM_GET_SUPPORTED_CPUID` result, fetched once and specialised per vCPU.
     supported_cpuid: CpuId,
+    /// What this host offers for snapshots (capabilities, MSR list), shared with the vCPUs.
+    snap: Arc<snapshot::SnapshotCaps>,
 }
 
 impl std::fmt::Debug for KvmVm {
@@ -157,7 +168,8 @@ impl KvmVm {
         vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         let supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let this = Self { kvm, vm, irqchip: options.irqchip, pvm: is_pvm_host(), supported_cpuid };
+        let snap = Arc::new(snapshot::SnapshotCaps::probe(&kvm, &vm));
+        let this = Self { kvm, vm, irqchip: options.irqchip, pvm: is_pvm_host(), supported_cpuid, snap };
         // Memory slots go in before the irqchip and PIT: once those exist, every
         // KVM_SET_USER_MEMORY_REGION waits for an SRCU grace period (measured: ~7 ms per slot
         // versus ~30 us before), which dominated tiny-guest start-up.
@@ -332,7 +344,14 @@ impl KvmVm {
             fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         }
 
-        Ok(KvmVcpu { fd, id, pvm: self.pvm, stop: Arc::new(AtomicBool::new(false)) })
+        Ok(KvmVcpu {
+            fd,
+            id,
+            pvm: self.pvm,
+            irqchip: self.irqchip,
+            snap: Arc::clone(&self.snap),
+            stop: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// The number of memory slots KVM offers ("KVM_CAP_NR_MEMSLOTS").
@@ -382,6 +401,10 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     id: u8,
     pvm: bool,
+    /// Whether the VM has the in-kernel irqchip (and so this vCPU an in-kernel LAPIC).
+    irqchip: bool,
+    /// The VM's snapshot capabilities (see [`snapshot`]).
+    snap: Arc<snapshot::SnapshotCaps>,
     stop: Arc<AtomicBool>,
 }
 
@@ -407,8 +430,8 @@ impl KvmVcpu {
         self.id
     }
 
-    /// The underlying kvm-ioctls vCPU, for state this type does not wrap (MSRs, LAPIC,
-    /// vCPU events, XSAVE for snapshots).
+    /// The underlying kvm-ioctls vCPU, for state this type does not wrap (individual MSRs,
+    /// the LAPIC, guest debugging); snapshots use [`KvmVcpu::save_state`].
     pub fn vcpu_fd(&self) -> &VcpuFd {
         &self.fd
     }
@@ -420,6 +443,13 @@ impl KvmVcpu {
     /// another thread while the guest computes without exits has no effect until the next
     /// exit; kick the thread with a signal for that (`KVM_RUN` then fails with EINTR, also
     /// reported as `Interrupted`).
+    ///
+    /// When the flag stops `run` right after a port I/O or MMIO exit, `run` first re-enters
+    /// `KVM_RUN` once with `kvm_run.immediate_exit` set: KVM finishes the interrupted
+    /// instruction (an `in` or MMIO load stores its value, rip moves past it) and returns
+    /// without running further guest code. KVM keeps that pending completion in no state
+    /// userspace can read (KVM API "KVM_RUN"), so without it a snapshot taken now
+    /// ([`KvmVcpu::save_state`]) would lose the load or repeat the `out`.
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.stop)
     }
@@ -504,6 +534,17 @@ impl KvmVcpu {
 }
 
 impl Vcpu for KvmVcpu {
+    fn save_snapshot(&mut self) -> Result<crate::VcpuSnapshot> {
+        Ok(crate::VcpuSnapshot::Kvm(Box::new(self.save_state()?)))
+    }
+
+    fn restore_snapshot(&mut self, state: &crate::VcpuSnapshot) -> Result<()> {
+        match state {
+            crate::VcpuSnapshot::Kvm(s) => self.restore_state(s),
+            crate::VcpuSnapshot::Emu(_) => Err(Error::Unsupported("an emu vCPU state on the kvm accelerator".into())),
+        }
+    }
+
     /// Loads `state` ("KVM_SET_REGS", then "KVM_GET_SREGS" + "KVM_SET_SREGS"). Fields
     /// `CpuState` does not cover (pending interrupt bitmap, APIC base) keep their current
     /// value; a zero APIC base becomes [`DEFAULT_APIC_BASE_BSP`] (BSP bit only for vCPU 0).
@@ -541,19 +582,41 @@ impl Vcpu for KvmVcpu {
     /// [`Error::Kvm`] for `KVM_EXIT_FAIL_ENTRY` (with the hardware reason) and other
     /// `KVM_RUN` failures.
     fn run(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit> {
+        let result = self.run_loop(handler);
+        // `run_loop` may have set it to complete a pending I/O before stopping.
+        self.fd.set_kvm_immediate_exit(0);
+        result
+    }
+}
+
+impl KvmVcpu {
+    /// The body of [`Vcpu::run`]; the caller clears `immediate_exit` afterwards.
+    fn run_loop(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit> {
+        // Whether the last exit was port I/O or MMIO that KVM completes on the next KVM_RUN
+        // (the only exits after which the loop comes back here).
+        let mut io_pending = false;
+        // Whether `immediate_exit` is set: the next KVM_RUN completes the pending I/O, then
+        // fails with EINTR (reported as `Interrupted`) before entering the guest.
+        let mut stopping = false;
         loop {
-            if self.stop.swap(false, Ordering::AcqRel) {
-                return Ok(VcpuExit::Interrupted);
+            if !stopping && self.stop.swap(false, Ordering::AcqRel) {
+                if !io_pending {
+                    return Ok(VcpuExit::Interrupted);
+                }
+                self.fd.set_kvm_immediate_exit(1);
+                stopping = true;
             }
             let step = match self.fd.run() {
                 Ok(exit) => match exit {
                     KvmExit::IoIn(..) | KvmExit::IoOut(..) => Step::Io,
                     KvmExit::MmioRead(addr, data) => {
                         handler.mmio_read(addr, data);
+                        io_pending = true;
                         continue;
                     }
                     KvmExit::MmioWrite(addr, data) => {
                         handler.mmio_write(addr, data);
+                        io_pending = true;
                         continue;
                     }
                     KvmExit::Hlt => Step::Done(Ok(VcpuExit::Hlt)),
@@ -585,7 +648,10 @@ impl Vcpu for KvmVcpu {
                 Err(e) => Step::Done(Err(Error::Kvm(format!("KVM_RUN: {e}")))),
             };
             match step {
-                Step::Io => self.complete_io(handler),
+                Step::Io => {
+                    self.complete_io(handler);
+                    io_pending = true;
+                }
                 Step::InternalError => return Err(self.internal_error()),
                 Step::Done(result) => return result,
             }

@@ -86,4 +86,21 @@ pub trait Vcpu {
     /// Runs guest code until something the VMM must act on happens. Port I/O and MMIO are
     /// completed through `handler` inside the call.
     fn run(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit>;
+    /// Everything needed to continue this vCPU elsewhere (a snapshot); call it only while
+    /// the vCPU is not running.
+    fn save_snapshot(&mut self) -> Result<VcpuSnapshot>;
+    /// Loads a state saved by [`Vcpu::save_snapshot`] on the same accelerator.
+    ///
+    /// Errors: [`Error::Unsupported`] for another accelerator's state, or the state's own
+    /// validation error naming the bad field.
+    fn restore_snapshot(&mut self, state: &VcpuSnapshot) -> Result<()>;
+}
+
+/// A vCPU's snapshot state, per accelerator.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum VcpuSnapshot {
+    /// The emulator's CPU.
+    Emu(Box<emu::EmuVcpuState>),
+    /// A KVM vCPU.
+    Kvm(Box<kvm::KvmVcpuState>),
 }

@@ -25,7 +25,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::{read_bytes, write_bytes, PioDevice};
+use crate::StateError;
 
 /// Index port (write: bits 6..0 register index, bit 7 NMI disable).
 pub const INDEX_PORT: u16 = 0x70;
@@ -55,11 +58,34 @@ const MIB: u64 = 1024 * KIB;
 /// A wall clock returning seconds since the UNIX epoch (UTC).
 pub type WallClock = Box<dyn Fn() -> i64 + Send>;
 
+/// Number of CMOS registers (RTC and NVRAM bytes) at indexes 0-127.
+pub const CMOS_SIZE: usize = 128;
+
+/// Snapshot of the CMOS (see [`Cmos::state`]).
+///
+/// The RTC's time base is the wall clock: the snapshot keeps the guest's
+/// offset from it (`offset_secs`), not an absolute time, so after a restore
+/// the RTC shows wall-clock time plus that offset, like a battery-backed
+/// RTC that kept running while the machine was off.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CmosState {
+    /// Selected register index (0-127).
+    pub index: u8,
+    /// Bit 7 of the last index-port write (NMI disabled).
+    pub nmi_disabled: bool,
+    /// The 128 registers: NVRAM bytes, status registers A-D, and the time
+    /// registers as last refreshed or written (they matter while status B's
+    /// SET bit freezes them).
+    pub regs: Vec<u8>,
+    /// Guest-chosen RTC offset from the wall clock, in seconds.
+    pub offset_secs: i64,
+}
+
 /// The CMOS RTC/NVRAM device.  Register it at port 0x70 with length 2.
 pub struct Cmos {
     index: u8,
     nmi_disabled: bool,
-    regs: [u8; 128],
+    regs: [u8; CMOS_SIZE],
     wall_clock: WallClock,
     /// Guest-chosen offset from the wall clock, in seconds.
     offset: i64,
@@ -140,6 +166,34 @@ impl Cmos {
         let mut cmos = Self { index: 0, nmi_disabled: false, regs, wall_clock, offset: 0 };
         cmos.refresh_time();
         cmos
+    }
+
+    /// Snapshot of the registers, index and RTC offset.
+    pub fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            nmi_disabled: self.nmi_disabled,
+            regs: self.regs.to_vec(),
+            offset_secs: self.offset,
+        }
+    }
+
+    /// Checks `s` without applying it (see [`Cmos::restore`]).
+    pub fn validate(&self, s: &CmosState) -> Result<(), StateError> {
+        StateError::check(s.index <= 0x7f, "cmos.index", format!("{:#x} > 0x7f", s.index))?;
+        StateError::check(s.regs.len() == CMOS_SIZE, "cmos.regs", format!("{} bytes, not {CMOS_SIZE}", s.regs.len()))
+    }
+
+    /// Loads a snapshot taken by [`Cmos::state`]; the wall clock stays the
+    /// one given to the constructor (see [`CmosState`] for the time base).
+    /// On error the CMOS is left unchanged.
+    pub fn restore(&mut self, s: &CmosState) -> Result<(), StateError> {
+        self.validate(s)?;
+        self.regs.copy_from_slice(&s.regs);
+        self.index = s.index;
+        self.nmi_disabled = s.nmi_disabled;
+        self.offset = s.offset_secs;
+        Ok(())
     }
 
     /// Whether the guest last wrote the index port with bit 7 set (NMI
@@ -428,6 +482,56 @@ mod tests {
             }
         }
         assert_eq!(rd(&mut c, 0x0d), 0x80);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let t = Arc::new(AtomicI64::new(T0));
+        let mut c = cmos_at(t.clone());
+        wr(&mut c, 0x50, 0xab);
+        wr(&mut c, 0x0b, B_BINARY | B_24H);
+        wr(&mut c, 0x09, 30); // the guest moves the clock to 2030
+        wr(&mut c, 0x0a, 0x2f);
+        c.write(0x70, &[0x8d]); // index 0x0d, NMI disabled
+        let s = c.state();
+        let json = serde_json::to_string(&s).unwrap();
+        let s2: CmosState = serde_json::from_str(&json).unwrap();
+        assert_eq!(s2, s);
+        // Restored a day later on the wall clock: the RTC moved on by a day too.
+        let t2 = Arc::new(AtomicI64::new(T0 + 86_400));
+        let mut d = cmos_at(t2);
+        d.restore(&s2).unwrap();
+        assert_eq!(d.state(), s);
+        assert!(d.nmi_disabled());
+        let mut b = [0];
+        d.read(0x71, &mut b);
+        assert_eq!(b[0], 0x80, "index kept: status D");
+        assert_eq!(rd(&mut d, 0x50), 0xab);
+        assert_eq!(rd(&mut d, 0x0a), 0x2f);
+        assert_eq!(rd(&mut d, 0x09), 30, "binary year 2030");
+        // 2030-02-29 does not exist: the guest's write set 2030-03-01; a day later...
+        assert_eq!(rd(&mut d, 0x07), 2);
+        assert_eq!(rd(&mut d, 0x08), 3);
+        t.store(T0 + 86_400, Ordering::SeqCst);
+        for i in 0..128 {
+            assert_eq!(rd(&mut c, i), rd(&mut d, i), "register {i:#x}");
+        }
+    }
+
+    #[test]
+    fn malformed_state_is_rejected() {
+        let mut c = cmos_at(Arc::new(AtomicI64::new(T0)));
+        let good = c.state();
+        let mut bad = good.clone();
+        bad.regs.truncate(100);
+        assert_eq!(c.restore(&bad).unwrap_err().field, "cmos.regs");
+        let mut bad = good.clone();
+        bad.regs.push(0);
+        assert_eq!(c.restore(&bad).unwrap_err().field, "cmos.regs");
+        let mut bad = good.clone();
+        bad.index = 0x80;
+        assert_eq!(c.restore(&bad).unwrap_err().field, "cmos.index");
+        assert_eq!(c.state(), good);
     }
 
     #[test]

@@ -36,7 +36,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::{read_bytes, write_bytes, PioDevice};
+use crate::StateError;
 
 /// Data port (read: output buffer, write: input buffer / command parameter).
 pub const DATA_PORT: u16 = 0x60;
@@ -56,14 +59,35 @@ const CTR_DEFAULT: u8 = 0x01 | 0x04 | CTR_AUX_DISABLE | 0x40;
 /// Output port: bit 0 = CPU not in reset, bit 1 = A20 enabled.
 const OUTPUT_PORT_DEFAULT: u8 = 0x03;
 
-/// What the next write to the data port means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pending {
+/// What the next write to the data port means (a command awaiting its
+/// parameter byte).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// No command pending: data goes to the (absent) keyboard.
     None,
+    /// After command 0x60: the byte is the new configuration byte.
     WriteCtr,
+    /// After command 0xD1: the byte is the new output port.
     WriteOutputPort,
+    /// After command 0xD2/0xD3: the byte is echoed as keyboard data.
     EchoKbd,
+    /// After command 0xD4: the byte goes to the (absent) AUX device.
     AuxSend,
+}
+
+/// Snapshot of the 8042 (see [`I8042::state`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct I8042State {
+    /// Configuration byte ("CTR"; bit 5, AUX disabled, always set).
+    pub ctr: u8,
+    /// Output port (bit 0 = CPU not in reset, bit 1 = A20).
+    pub output_port: u8,
+    /// Unread output-buffer byte.
+    pub out: Option<u8>,
+    /// The last write went to the command port (status bit 3).
+    pub last_was_cmd: bool,
+    /// Command awaiting its data byte.
+    pub pending: Pending,
 }
 
 /// The 8042 controller.  Register it at port 0x60 (len 1) and port 0x64
@@ -97,6 +121,35 @@ impl I8042 {
     /// `true`; the VMM polls it after each port-I/O exit.
     pub fn with_reset_flag(flag: Arc<AtomicBool>) -> Self {
         Self::new(Box::new(move || flag.store(true, Ordering::SeqCst)))
+    }
+
+    /// Snapshot of the controller's registers.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            output_port: self.output_port,
+            out: self.out,
+            last_was_cmd: self.last_was_cmd,
+            pending: self.pending,
+        }
+    }
+
+    /// Checks `s` without applying it (see [`I8042::restore`]).
+    pub fn validate(&self, s: &I8042State) -> Result<(), StateError> {
+        StateError::check(s.ctr & CTR_AUX_DISABLE != 0, "i8042.ctr", format!("{:#x}: AUX-disable bit clear", s.ctr))
+    }
+
+    /// Loads a snapshot taken by [`I8042::state`], keeping the reset
+    /// callback (which the restore does not call).  On error the controller
+    /// is left unchanged.
+    pub fn restore(&mut self, s: &I8042State) -> Result<(), StateError> {
+        self.validate(s)?;
+        self.ctr = s.ctr;
+        self.output_port = s.output_port;
+        self.out = s.out;
+        self.last_was_cmd = s.last_was_cmd;
+        self.pending = s.pending;
+        Ok(())
     }
 
     fn request_reset(&mut self) {
@@ -209,6 +262,44 @@ mod tests {
         assert!(flag.swap(false, Ordering::SeqCst));
         d.write(0x64, &[0xff]);
         assert!(!flag.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let mut d = I8042::new(Box::new(|| {}));
+        d.write(0x64, &[0x60]);
+        d.write(0x60, &[0x45]); // CTR
+        d.write(0x64, &[0xad]); // disable keyboard
+        d.write(0x64, &[0xd2]);
+        d.write(0x60, &[0x9c]); // echoed byte waits in the output buffer
+        d.write(0x64, &[0xd1]); // output port write pending
+        let s = d.state();
+        assert_eq!(s.pending, Pending::WriteOutputPort);
+        let json = serde_json::to_string(&s).unwrap();
+        let s2: I8042State = serde_json::from_str(&json).unwrap();
+        assert_eq!(s2, s);
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut e = I8042::with_reset_flag(flag.clone());
+        e.restore(&s2).unwrap();
+        assert_eq!(e.state(), s);
+        assert!(!flag.load(Ordering::SeqCst));
+        assert_eq!(inb(&mut e, 0x64), inb(&mut d, 0x64));
+        assert_eq!(inb(&mut e, 0x60), 0x9c);
+        // The pending output-port write completes on the restored controller: reset.
+        e.write(0x60, &[0x00]);
+        assert!(flag.load(Ordering::SeqCst));
+        e.write(0x64, &[0x20]);
+        assert_eq!(inb(&mut e, 0x60), 0x45 | CTR_AUX_DISABLE | CTR_KBD_DISABLE);
+    }
+
+    #[test]
+    fn malformed_state_is_rejected() {
+        let mut d = I8042::new(Box::new(|| {}));
+        let good = d.state();
+        let bad = I8042State { ctr: 0, ..good.clone() };
+        assert_eq!(d.restore(&bad).unwrap_err().field, "i8042.ctr");
+        assert_eq!(d.state(), good);
+        assert!(serde_json::from_str::<Pending>("\"Bogus\"").is_err());
     }
 
     #[test]

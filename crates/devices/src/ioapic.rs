@@ -19,6 +19,10 @@
 //! composed [`crate::irqchip::EmuIrqchip`] routes them to its LAPIC).  A
 //! level-triggered message sets Remote IRR only when accepted.
 
+use serde::{Deserialize, Serialize};
+
+use crate::StateError;
+
 /// Guest-physical base address of the IOAPIC.
 pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 /// Size of the IOAPIC MMIO window mapped by the bus, in bytes.
@@ -90,6 +94,19 @@ pub struct ApicMessage {
     pub level_triggered: bool,
 }
 
+/// Snapshot of the IOAPIC (see [`IoApic::state`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct IoApicState {
+    /// IOAPIC ID (0-15).
+    pub id: u8,
+    /// IOREGSEL: the register index selected for IOWIN.
+    pub regsel: u8,
+    /// Redirection entries 0-23, 64 bits each, with Remote IRR (bit 14).
+    pub rte: [u64; NUM_PINS],
+    /// Asserted input pins (bit *n* = pin *n*, bits 24-31 zero).
+    pub levels: u32,
+}
+
 /// The IOAPIC register state.
 #[derive(Debug, Clone)]
 pub struct IoApic {
@@ -111,6 +128,34 @@ impl IoApic {
     /// Creates an IOAPIC with ID 0 and every entry masked (reset state).
     pub fn new() -> Self {
         Self { id: 0, regsel: 0, rte: [RTE_MASKED; NUM_PINS], levels: 0 }
+    }
+
+    /// Snapshot of the registers and input levels.
+    pub fn state(&self) -> IoApicState {
+        IoApicState { id: self.id, regsel: self.regsel, rte: self.rte, levels: self.levels }
+    }
+
+    /// Checks `s` without applying it (see [`IoApic::restore`]).
+    pub fn validate(&self, s: &IoApicState) -> Result<(), StateError> {
+        StateError::check(s.id <= 0x0f, "ioapic.id", format!("{:#x} > 0xf", s.id))?;
+        StateError::check(s.levels >> NUM_PINS == 0, "ioapic.levels", format!("{:#x}: pins above 23", s.levels))?;
+        for (pin, e) in s.rte.iter().enumerate() {
+            StateError::check(
+                e & !(RTE_WRITABLE | RTE_REMOTE_IRR | RTE_DELIVERY_STATUS) == 0,
+                format!("ioapic.rte[{pin}]"),
+                format!("{e:#x}: reserved bits set"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Loads a snapshot taken by [`IoApic::state`].  Nothing is delivered:
+    /// interrupts already accepted are part of the LAPIC's state.  On error
+    /// the IOAPIC is left unchanged.
+    pub fn restore(&mut self, s: &IoApicState) -> Result<(), StateError> {
+        self.validate(s)?;
+        *self = Self { id: s.id, regsel: s.regsel, rte: s.rte, levels: s.levels };
+        Ok(())
     }
 
     /// Redirection entry of `pin` (0-23), or `None` for an invalid pin.
@@ -372,6 +417,73 @@ mod tests {
         assert_eq!(out.len(), 3);
         wr(&mut io, 0x10 + 20, 0x41 | (1 << 14), &mut out);
         assert_eq!(rd(&mut io, 0x10 + 20), 0x41);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let mut io = IoApic::new();
+        let mut out = Vec::new();
+        wr(&mut io, 0, 0x0300_0000, &mut out);
+        wr(&mut io, 0x10 + 20, 0x41 | (1 << 13) | (1 << 15), &mut out); // pin 10 level
+        wr(&mut io, 0x11 + 20, 0x0200_0000, &mut out);
+        wr(&mut io, 0x10 + 8, 0x24, &mut out); // pin 4 edge
+        io.set_irq(10, true, &mut |m| {
+            out.push(m);
+            true
+        });
+        io.set_irq(4, true, &mut |m| {
+            out.push(m);
+            true
+        });
+        assert_eq!(out.len(), 2);
+        io.mmio_write(0, &[0x15], &mut |_| true); // IOREGSEL left pointing at pin 2 high
+        let s = io.state();
+        let json = serde_json::to_string(&s).unwrap();
+        let s2: IoApicState = serde_json::from_str(&json).unwrap();
+        assert_eq!(s2, s);
+        let mut other = IoApic::new();
+        other.restore(&s2).unwrap();
+        assert_eq!(other.state(), s);
+        let mut b = [0u8; 4];
+        other.mmio_read(0, &mut b);
+        assert_eq!(b[0], 0x15, "IOREGSEL");
+        assert_eq!(rd(&mut other, 0), 0x0300_0000);
+        assert_ne!(rd(&mut other, 0x10 + 20) & (1 << 14), 0, "remote IRR kept");
+        // Pin 4 is still high (no new edge); the EOI re-delivers pin 10 on both.
+        for dev in [&mut io, &mut other] {
+            let mut got = Vec::new();
+            dev.set_irq(4, true, &mut |m| {
+                got.push(m);
+                true
+            });
+            dev.eoi(0x41, &mut |m| {
+                got.push(m);
+                true
+            });
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].vector, 0x41);
+            assert_eq!(got[0].dest, 2);
+        }
+    }
+
+    #[test]
+    fn malformed_state_is_rejected() {
+        let mut io = IoApic::new();
+        let good = io.state();
+        let mut bad = good.clone();
+        bad.rte[23] |= 1 << 40;
+        assert_eq!(io.restore(&bad).unwrap_err().field, "ioapic.rte[23]");
+        let mut bad = good.clone();
+        bad.levels = 1 << 24;
+        assert_eq!(io.restore(&bad).unwrap_err().field, "ioapic.levels");
+        let mut bad = good.clone();
+        bad.id = 0x10;
+        assert_eq!(io.restore(&bad).unwrap_err().field, "ioapic.id");
+        assert_eq!(io.state(), good);
+        // A redirection table of the wrong length does not deserialize.
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["rte"].as_array_mut().unwrap().push(0.into());
+        assert!(serde_json::from_value::<IoApicState>(v).is_err());
     }
 
     #[test]

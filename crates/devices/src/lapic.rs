@@ -27,8 +27,10 @@
 //! all-including-self, or a matching destination) are accepted; NMI IPIs to
 //! self set the NMI latch; INIT, SIPI and SMI are ignored (single vCPU).
 
+use serde::{Deserialize, Serialize};
+
 use crate::ioapic::DeliveryMode;
-use crate::Clock;
+use crate::{Clock, StateError};
 
 /// Default guest-physical base address of the local APIC page.
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
@@ -84,6 +86,68 @@ struct Timer {
     base_ticks: u64,
     /// Expirations already delivered.
     fired: u64,
+}
+
+/// Snapshot of a running APIC timer (see [`LapicState::timer`]).
+///
+/// Times are absolute readings of the shared [`Clock`] in nanoseconds: the
+/// VMM keeps that clock continuous across a snapshot (it restores the clock
+/// offset), so the timer resumes exactly where it was.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LapicTimerState {
+    /// Clock time (ns) from which the current count is measured.
+    pub start_ns: u64,
+    /// Counter decrements that had elapsed before `start_ns` (after a divide
+    /// configuration change).
+    pub base_ticks: u64,
+    /// Expirations already delivered since the initial count was written.
+    pub fired: u64,
+}
+
+/// Snapshot of the local APIC (see [`Lapic::state`]).  Register values are
+/// as the guest reads them at the offsets listed in the module
+/// documentation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LapicState {
+    /// APIC ID (register 0x020 bits 31:24).
+    pub id: u8,
+    /// IA32_APIC_BASE MSR value (base address, bit 8 BSP, bit 11 enable).
+    pub apic_base: u64,
+    /// Task priority register.
+    pub tpr: u8,
+    /// Logical destination register (bits 31:24 used).
+    pub ldr: u32,
+    /// Destination format register (bits 27:0 read as ones).
+    pub dfr: u32,
+    /// Spurious-interrupt vector register (bits 9:0).
+    pub svr: u32,
+    /// Error status register as last latched by a guest write.
+    pub esr: u32,
+    /// Errors accumulated since the last ESR write.
+    pub esr_pending: u32,
+    /// In-service register, 256 bits: bit `v % 32` of word `v / 32` is vector `v`.
+    pub isr: [u32; 8],
+    /// Trigger-mode register (1 = level), same layout as `isr`.
+    pub tmr: [u32; 8],
+    /// Interrupt request register, same layout as `isr`.
+    pub irr: [u32; 8],
+    /// Interrupt command register, low dword.
+    pub icr_lo: u32,
+    /// Interrupt command register, high dword (destination in bits 31:24).
+    pub icr_hi: u32,
+    /// LVT entries: timer, thermal, performance counters, LINT0, LINT1, error.
+    pub lvt: [u32; 6],
+    /// Timer initial count.
+    pub timer_initial: u32,
+    /// Timer divide configuration register (bits 0, 1, 3).
+    pub timer_dcr: u32,
+    /// The running timer, or `None` when stopped (initial count 0 or never written).
+    pub timer: Option<LapicTimerState>,
+    /// Timer input clock in Hz before the divider (the value the guest was
+    /// told, e.g. through CPUID leaf 0x15); restored as well, non-zero.
+    pub timer_hz: u64,
+    /// An NMI (from an IPI or an IOAPIC message) waits for the CPU.
+    pub nmi_pending: bool,
 }
 
 /// The local APIC.
@@ -161,6 +225,89 @@ impl Lapic {
         self.timer_initial = 0;
         self.timer_dcr = 0;
         self.timer = None;
+    }
+
+    /// Snapshot of every register, the timer and the NMI latch.
+    pub fn state(&self) -> LapicState {
+        LapicState {
+            id: self.id,
+            apic_base: self.apic_base,
+            tpr: self.tpr,
+            ldr: self.ldr,
+            dfr: self.dfr,
+            svr: self.svr,
+            esr: self.esr,
+            esr_pending: self.esr_pending,
+            isr: self.isr.0,
+            tmr: self.tmr.0,
+            irr: self.irr.0,
+            icr_lo: self.icr_lo,
+            icr_hi: self.icr_hi,
+            lvt: self.lvt,
+            timer_initial: self.timer_initial,
+            timer_dcr: self.timer_dcr,
+            timer: self.timer.map(|t| LapicTimerState {
+                start_ns: t.start_ns,
+                base_ticks: t.base_ticks,
+                fired: t.fired,
+            }),
+            timer_hz: self.timer_hz,
+            nmi_pending: self.nmi_pending,
+        }
+    }
+
+    /// Checks `s` without applying it (see [`Lapic::restore`]).
+    pub fn validate(&self, s: &LapicState) -> Result<(), StateError> {
+        let base_ok = s.apic_base & !(0x0000_000f_ffff_f000 | APIC_BASE_BSP | APIC_BASE_ENABLE) == 0;
+        StateError::check(base_ok, "lapic.apic_base", format!("{:#x}: reserved bits set", s.apic_base))?;
+        StateError::check(s.ldr & 0x00ff_ffff == 0, "lapic.ldr", format!("{:#x}: reserved bits set", s.ldr))?;
+        StateError::check(s.dfr | 0xf000_0000 == u32::MAX, "lapic.dfr", format!("{:#x}: bits 27:0 not ones", s.dfr))?;
+        StateError::check(s.svr & !0x3ff == 0, "lapic.svr", format!("{:#x}: reserved bits set", s.svr))?;
+        StateError::check(s.esr & !0xff == 0, "lapic.esr", format!("{:#x}: reserved bits set", s.esr))?;
+        StateError::check(
+            s.esr_pending & !0xff == 0,
+            "lapic.esr_pending",
+            format!("{:#x}: reserved bits", s.esr_pending),
+        )?;
+        for (name, bits) in [("lapic.isr", &s.isr), ("lapic.tmr", &s.tmr), ("lapic.irr", &s.irr)] {
+            StateError::check(bits[0] & 0xffff == 0, name, format!("vectors 0-15 set ({:#x})", bits[0] & 0xffff))?;
+        }
+        StateError::check(s.icr_lo & !0x000c_cfff == 0, "lapic.icr_lo", format!("{:#x}: reserved bits", s.icr_lo))?;
+        StateError::check(s.icr_hi & 0x00ff_ffff == 0, "lapic.icr_hi", format!("{:#x}: reserved bits", s.icr_hi))?;
+        for (i, (&v, &w)) in s.lvt.iter().zip(LVT_WRITABLE.iter()).enumerate() {
+            let remote_irr = if i == LVT_LINT0 || i == LVT_LINT1 { 1 << 14 } else { 0 };
+            StateError::check(v & !(w | remote_irr) == 0, format!("lapic.lvt[{i}]"), format!("{v:#x}: reserved bits"))?;
+        }
+        StateError::check(s.timer_dcr & !0xb == 0, "lapic.timer_dcr", format!("{:#x}: reserved bits", s.timer_dcr))?;
+        StateError::check(s.timer_hz != 0, "lapic.timer_hz", "zero")
+    }
+
+    /// Loads a snapshot taken by [`Lapic::state`] (including the timer input
+    /// frequency); the clock stays the one given to [`Lapic::new`].  The
+    /// timer's times are clock readings (see [`LapicTimerState`]).  On error
+    /// the APIC is left unchanged.
+    pub fn restore(&mut self, s: &LapicState) -> Result<(), StateError> {
+        self.validate(s)?;
+        self.id = s.id;
+        self.apic_base = s.apic_base;
+        self.tpr = s.tpr;
+        self.ldr = s.ldr;
+        self.dfr = s.dfr;
+        self.svr = s.svr;
+        self.esr = s.esr;
+        self.esr_pending = s.esr_pending;
+        self.isr = Bits256(s.isr);
+        self.tmr = Bits256(s.tmr);
+        self.irr = Bits256(s.irr);
+        self.icr_lo = s.icr_lo;
+        self.icr_hi = s.icr_hi;
+        self.lvt = s.lvt;
+        self.timer_initial = s.timer_initial;
+        self.timer_dcr = s.timer_dcr;
+        self.timer = s.timer.map(|t| Timer { start_ns: t.start_ns, base_ticks: t.base_ticks, fired: t.fired });
+        self.timer_hz = s.timer_hz;
+        self.nmi_pending = s.nmi_pending;
+        Ok(())
     }
 
     /// IA32_APIC_BASE MSR value (bit 8 BSP, bit 11 global enable, bits
@@ -685,6 +832,84 @@ mod tests {
         l.write_register(0x320, 0x3_0031);
         assert_eq!(l.poll(t0 + 7_000), Some(t0 + 8_000));
         assert!(!l.has_interrupt());
+    }
+
+    #[test]
+    fn state_round_trip_with_running_timer() {
+        // 100 MHz bus clock, divide by 1: 10 ns per count.
+        let (mut l, t) = lapic(100_000_000);
+        l.write_register(0x20, 0x0300_0000);
+        l.write_register(0xd0, 0x0400_0000);
+        l.write_register(0xe0, 0x0fff_ffff); // cluster model
+        l.write_register(0x80, 0x20);
+        l.write_register(0x350, 0x700); // LINT0 ExtINT
+        l.write_register(0x370, 0xfe); // error vector
+        l.write_register(0x310, 0x0300_0000);
+        l.write_register(0x300, 0x0004_4000 | 0x44); // self IPI 0x44 (level bit)
+        l.accept_interrupt(0x61, true);
+        assert_eq!(l.acknowledge(), Some(0x61));
+        l.accept_interrupt(0x30, false);
+        l.accept_interrupt(3, false); // illegal: ESR pending
+        l.raise_nmi();
+        l.write_register(0x3e0, 0xb);
+        l.write_register(0x320, 0x2_0031); // periodic, vector 0x31
+        let t0 = t.load(Ordering::SeqCst);
+        l.write_register(0x380, 100); // 1 us period
+        assert_eq!(l.poll(t0 + 1_500), Some(t0 + 2_000));
+        l.write_register(0x3e0, 0x0); // divide by 2 while running: base_ticks
+        t.store(t0 + 1_700, Ordering::SeqCst);
+        let s = l.state();
+        assert!(s.timer.is_some());
+        let json = serde_json::to_string(&s).unwrap();
+        let s2: LapicState = serde_json::from_str(&json).unwrap();
+        assert_eq!(s2, s);
+        // A fresh APIC in a "new process" whose clock was restored to continue from the
+        // same reading.
+        let t2 = Arc::new(AtomicU64::new(t0 + 1_700));
+        let tc = t2.clone();
+        let mut other = Lapic::new(1, Arc::new(move || tc.load(Ordering::SeqCst)));
+        other.restore(&s2).unwrap();
+        assert_eq!(other.state(), s);
+        for off in (0..0x400).step_by(16) {
+            assert_eq!(l.read_register(off), other.read_register(off), "register {off:#x}");
+        }
+        assert!(other.take_nmi());
+        assert!(l.take_nmi());
+        for now in [t0 + 2_000, t0 + 3_000, t0 + 3_999, t0 + 9_000] {
+            assert_eq!(l.poll(now), other.poll(now), "deadline at {now}");
+            t.store(now, Ordering::SeqCst);
+            t2.store(now, Ordering::SeqCst);
+            assert_eq!(l.read_register(0x390), other.read_register(0x390));
+            assert_eq!(l.acknowledge(), other.acknowledge());
+            assert_eq!(l.eoi(), other.eoi());
+        }
+        assert_eq!(l.state(), other.state());
+    }
+
+    #[test]
+    fn malformed_state_is_rejected() {
+        let (mut l, _) = lapic(1_000_000_000);
+        let good = l.state();
+        type Corrupt = (&'static str, fn(&mut LapicState));
+        let cases: [Corrupt; 8] = [
+            ("lapic.irr", |s| s.irr[0] = 1 << 3),
+            ("lapic.isr", |s| s.isr[0] = 1),
+            ("lapic.lvt[0]", |s| s.lvt[0] = 1 << 20),
+            ("lapic.timer_hz", |s| s.timer_hz = 0),
+            ("lapic.apic_base", |s| s.apic_base |= 1 << 10),
+            ("lapic.dfr", |s| s.dfr = 0),
+            ("lapic.svr", |s| s.svr = 0x1000),
+            ("lapic.timer_dcr", |s| s.timer_dcr = 4),
+        ];
+        for (field, corrupt) in cases {
+            let mut bad = good.clone();
+            corrupt(&mut bad);
+            assert_eq!(l.restore(&bad).unwrap_err().field, field);
+        }
+        assert_eq!(l.state(), good);
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["lvt"].as_array_mut().unwrap().pop();
+        assert!(serde_json::from_value::<LapicState>(v).is_err());
     }
 
     #[test]

@@ -16,6 +16,23 @@
 //! All guest-controlled inputs are treated as hostile: no guest access can
 //! panic; unknown registers read as documented constants and writes to them
 //! are ignored.
+//!
+//! # Snapshots
+//!
+//! Every device with guest-visible state has a serializable state type and a
+//! `state()` / `restore(&state)` pair ([`Pic::state`], [`IoApic::state`],
+//! [`Lapic::state`], [`Pit::state`], [`EmuIrqchip::state`], [`Cmos::state`],
+//! [`Serial::state`], [`I8042::state`], [`AcpiPm::state`]).  Host-side
+//! wiring (clocks, interrupt lines, output writers, reset and power-off
+//! callbacks) is not state: it stays what the constructor was given.
+//! `restore` checks the whole state first and returns a [`StateError`]
+//! naming the bad field, leaving the device unchanged, if it is malformed.
+//!
+//! Timers ([`Pit`], [`Lapic`]) save their deadlines and start times as
+//! absolute readings of the shared [`Clock`] (guest nanoseconds).  The VMM
+//! must keep that clock continuous across a snapshot (restore its offset so
+//! that it resumes at the value it had when the state was saved); timers then
+//! continue exactly where they stopped.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -53,6 +70,28 @@ pub use serial::Serial;
 /// The timers ([`Pit`], [`Lapic`]) read it at every guest register access so
 /// that counters decrease with (virtual) time.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// A device state given to `restore` is malformed (a corrupt or foreign
+/// snapshot).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("invalid device state: {field}: {reason}")]
+pub struct StateError {
+    /// The offending field, as a path from the device (e.g. `pit.channels[2].mode`).
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl StateError {
+    /// Returns `Err(StateError)` for `field` with `reason` unless `ok`.
+    pub(crate) fn check(ok: bool, field: impl Into<String>, reason: impl Into<String>) -> Result<(), StateError> {
+        if ok {
+            Ok(())
+        } else {
+            Err(StateError { field: field.into(), reason: reason.into() })
+        }
+    }
+}
 
 /// Errors returned by this crate.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

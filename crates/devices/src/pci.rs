@@ -266,6 +266,16 @@ impl PciBus {
         Some(slot as u8)
     }
 
+    /// The CONFIG_ADDRESS latch (for snapshots).
+    pub fn config_address(&self) -> u32 {
+        self.config_address
+    }
+
+    /// Restores the CONFIG_ADDRESS latch.
+    pub fn set_config_address(&mut self, v: u32) {
+        self.config_address = v & 0x80ff_fffc;
+    }
+
     /// The function addressed by CONFIG_ADDRESS, if enabled and present, and the register.
     fn selected(&self) -> Option<(Arc<Mutex<dyn PciDevice>>, usize)> {
         let a = self.config_address;

@@ -11,7 +11,10 @@
 //! rotating priority, and spurious IRQ 7/15 on an interrupt acknowledge with
 //! no pending request.  ELCR bits for IRQ 0, 1, 2, 8 and 13 are reserved (0).
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::{read_bytes, write_bytes, PioDevice};
+use crate::StateError;
 
 /// Master PIC command port (data port is +1).
 pub const MASTER_PORT: u16 = 0x20;
@@ -197,6 +200,111 @@ impl Chip {
     }
 }
 
+/// Snapshot of one 8259A (see [`PicState`]).  Bit *n* of the 8-bit registers
+/// is IR input *n* of this chip.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PicChipState {
+    /// Interrupt request register.
+    pub irr: u8,
+    /// Interrupt mask register (OCW1).
+    pub imr: u8,
+    /// In-service register.
+    pub isr: u8,
+    /// Last input levels seen (for edge detection).
+    pub last_level: u8,
+    /// Priority rotation: IR `priority_add` (0-7) has the highest priority.
+    pub priority_add: u8,
+    /// ICW2 vector base (low 3 bits zero).
+    pub irq_base: u8,
+    /// OCW3 RR/RIS: reads of the command port return ISR (else IRR).
+    pub read_isr: bool,
+    /// OCW3 P: the next command-port read is a poll.
+    pub poll: bool,
+    /// OCW3 special mask mode.
+    pub special_mask: bool,
+    /// Initialisation sequence: 0 = ready, 1-3 = expecting ICW2-ICW4.
+    pub init_state: u8,
+    /// ICW1 IC4 (ICW4 follows).
+    pub init4: bool,
+    /// ICW1 SNGL (no cascade).
+    pub single: bool,
+    /// ICW4 AEOI.
+    pub auto_eoi: bool,
+    /// OCW2 rotate in automatic EOI mode.
+    pub rotate_on_auto_eoi: bool,
+    /// ICW4 SFNM.
+    pub special_fully_nested: bool,
+    /// ELCR byte: 1 = level triggered (reserved bits of the chip are 0).
+    pub elcr: u8,
+}
+
+/// Snapshot of the PIC pair and ELCR (see [`Pic::state`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PicState {
+    /// Master (IRQ 0-7, ports 0x20/0x21, ELCR 0x4D0).
+    pub master: PicChipState,
+    /// Slave (IRQ 8-15, ports 0xA0/0xA1, ELCR 0x4D1).
+    pub slave: PicChipState,
+}
+
+impl Chip {
+    fn state(&self) -> PicChipState {
+        PicChipState {
+            irr: self.irr,
+            imr: self.imr,
+            isr: self.isr,
+            last_level: self.last_level,
+            priority_add: self.priority_add,
+            irq_base: self.irq_base,
+            read_isr: self.read_isr,
+            poll: self.poll,
+            special_mask: self.special_mask,
+            init_state: self.init_state,
+            init4: self.init4,
+            single: self.single,
+            auto_eoi: self.auto_eoi,
+            rotate_on_auto_eoi: self.rotate_on_auto_eoi,
+            special_fully_nested: self.special_fully_nested,
+            elcr: self.elcr,
+        }
+    }
+
+    fn validate(&self, s: &PicChipState, name: &str) -> Result<(), StateError> {
+        StateError::check(s.priority_add <= 7, format!("{name}.priority_add"), format!("{} > 7", s.priority_add))?;
+        StateError::check(s.irq_base & 7 == 0, format!("{name}.irq_base"), format!("{:#x}: low bits set", s.irq_base))?;
+        StateError::check(s.init_state <= 3, format!("{name}.init_state"), format!("{} > 3", s.init_state))?;
+        StateError::check(
+            s.elcr & !self.elcr_mask == 0,
+            format!("{name}.elcr"),
+            format!("{:#x}: reserved bits set (writable {:#x})", s.elcr, self.elcr_mask),
+        )
+    }
+
+    fn restore(&mut self, s: &PicChipState) {
+        let (elcr_mask, is_master) = (self.elcr_mask, self.is_master);
+        *self = Self {
+            irr: s.irr,
+            imr: s.imr,
+            isr: s.isr,
+            last_level: s.last_level,
+            priority_add: s.priority_add,
+            irq_base: s.irq_base,
+            read_isr: s.read_isr,
+            poll: s.poll,
+            special_mask: s.special_mask,
+            init_state: s.init_state,
+            init4: s.init4,
+            single: s.single,
+            auto_eoi: s.auto_eoi,
+            rotate_on_auto_eoi: s.rotate_on_auto_eoi,
+            special_fully_nested: s.special_fully_nested,
+            elcr: s.elcr,
+            elcr_mask,
+            is_master,
+        };
+    }
+}
+
 /// The PC/AT pair of 8259A PICs plus ELCR.
 ///
 /// Register the same instance at ports 0x20 (len 2), 0xA0 (len 2) and
@@ -299,6 +407,26 @@ impl Pic {
     /// ELCR of the master (bits 0-7) and slave (8-15): 1 = level triggered.
     pub fn elcr(&self) -> u16 {
         u16::from_le_bytes([self.chips[0].elcr, self.chips[1].elcr])
+    }
+
+    /// Snapshot of both chips and the ELCR.
+    pub fn state(&self) -> PicState {
+        PicState { master: self.chips[0].state(), slave: self.chips[1].state() }
+    }
+
+    /// Checks `s` without applying it (see [`Pic::restore`]).
+    pub fn validate(&self, s: &PicState) -> Result<(), StateError> {
+        self.chips[0].validate(&s.master, "pic.master")?;
+        self.chips[1].validate(&s.slave, "pic.slave")
+    }
+
+    /// Loads a snapshot taken by [`Pic::state`].  On error the PICs are left
+    /// unchanged.
+    pub fn restore(&mut self, s: &PicState) -> Result<(), StateError> {
+        self.validate(s)?;
+        self.chips[0].restore(&s.master);
+        self.chips[1].restore(&s.slave);
+        Ok(())
     }
 
     /// Reads one PIC/ELCR port.
@@ -459,6 +587,67 @@ mod tests {
         pic.write_port(0x20, 0x0c);
         assert_eq!(pic.read_port(0x20), 0x85);
         assert!(!pic.has_interrupt());
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let mut pic = Pic::new();
+        linux_init(&mut pic, false);
+        pic.write_port(0x4d1, 0x04); // IRQ 10 level
+        pic.write_port(0x21, 0x08); // mask IRQ 3
+        pic.set_irq(1, true); // edge, input still high
+        pic.set_irq(3, true);
+        pic.set_irq(4, true);
+        pic.set_irq(4, false);
+        pic.set_irq(10, true);
+        assert_eq!(pic.acknowledge(), Some(0x31));
+        pic.write_port(0x20, 0xc4); // set priority: IR 5 highest
+        pic.write_port(0xa0, 0x0b); // slave: read ISR
+        pic.write_port(0xa0, 0x11); // slave mid-initialisation (expects ICW2)
+        let s = pic.state();
+        let json = serde_json::to_string(&s).unwrap();
+        let s2: PicState = serde_json::from_str(&json).unwrap();
+        assert_eq!(s2, s);
+        let mut other = Pic::new();
+        other.restore(&s2).unwrap();
+        assert_eq!(other.state(), s);
+        // Both behave the same from here on.
+        for p in [&mut pic, &mut other] {
+            p.write_port(0xa1, 0x38);
+            p.write_port(0xa1, 0x02);
+            p.write_port(0xa1, 0x01);
+            p.set_irq(1, false);
+            p.set_irq(1, true);
+        }
+        for _ in 0..4 {
+            assert_eq!(pic.acknowledge(), other.acknowledge());
+            pic.write_port(0x20, 0x20);
+            other.write_port(0x20, 0x20);
+            for port in [0x20, 0x21, 0xa0, 0xa1, 0x4d0, 0x4d1] {
+                assert_eq!(pic.read_port(port), other.read_port(port), "port {port:#x}");
+            }
+        }
+        assert_eq!(pic.state(), other.state());
+    }
+
+    #[test]
+    fn malformed_state_is_rejected() {
+        let mut pic = Pic::new();
+        linux_init(&mut pic, false);
+        let good = pic.state();
+        let mut bad = good.clone();
+        bad.slave.priority_add = 8;
+        assert_eq!(pic.restore(&bad).unwrap_err().field, "pic.slave.priority_add");
+        let mut bad = good.clone();
+        bad.master.elcr = 0x01; // IRQ 0 cannot be level triggered
+        assert_eq!(pic.restore(&bad).unwrap_err().field, "pic.master.elcr");
+        let mut bad = good.clone();
+        bad.master.init_state = 4;
+        assert_eq!(pic.restore(&bad).unwrap_err().field, "pic.master.init_state");
+        let mut bad = good.clone();
+        bad.slave.irq_base = 0x39;
+        assert_eq!(pic.restore(&bad).unwrap_err().field, "pic.slave.irq_base");
+        assert_eq!(pic.state(), good, "unchanged after a rejected restore");
     }
 
     #[test]

@@ -19,9 +19,11 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::bus::{read_bytes, write_bytes, PioDevice};
 use crate::irq::IrqLine;
-use crate::Clock;
+use crate::{Clock, StateError};
 
 /// PIT input clock frequency in Hz.
 pub const PIT_HZ: u64 = 1_193_182;
@@ -58,6 +60,77 @@ enum Run {
     Counting { start_ns: u64, base_ticks: u64 },
     /// Mode 0/4 with gate low: counting suspended after `ticks`.
     Paused { ticks: u64 },
+}
+
+/// Counting state of a PIT channel in a snapshot ([`PitChannelState::run`]).
+///
+/// Times are absolute readings of the shared [`Clock`] in nanoseconds: the
+/// VMM keeps that clock continuous across a snapshot (it restores the clock
+/// offset), so counters resume exactly where they were.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PitRunState {
+    /// Not counting: the counter holds `count` and OUT is `out`.
+    Stopped {
+        /// Counter value.
+        count: u16,
+        /// OUT level.
+        out: bool,
+    },
+    /// Counting since clock time `start_ns`, with `base_ticks` input-clock
+    /// ticks elapsed before it (after a gate pause in modes 0/4).
+    Counting {
+        /// Clock time (ns) counting (re)started.
+        start_ns: u64,
+        /// Input-clock ticks counted before `start_ns`.
+        base_ticks: u64,
+    },
+    /// Mode 0/4 with the gate low: counting suspended after `ticks`
+    /// input-clock ticks.
+    Paused {
+        /// Input-clock ticks counted so far.
+        ticks: u64,
+    },
+}
+
+/// Snapshot of one 8254 counter (see [`PitState`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PitChannelState {
+    /// Counter mode, 0-5.
+    pub mode: u8,
+    /// Access mode: 1 = LSB, 2 = MSB, 3 = LSB then MSB.
+    pub rw: u8,
+    /// BCD flag of the control word (counting is binary).
+    pub bcd: bool,
+    /// Initial count, 1..=0x10000 (a written 0 means 0x10000).
+    pub reload: u32,
+    /// Control word written but no count loaded since (status bit 6).
+    pub null_count: bool,
+    /// Counting state.
+    pub run: PitRunState,
+    /// Gate input level (always high for channels 0 and 1; port 0x61 bit 0
+    /// for channel 2).
+    pub gate: bool,
+    /// First byte of an LSB-then-MSB count write awaiting its MSB.
+    pub write_lsb: Option<u8>,
+    /// Read flip-flop of LSB-then-MSB reads: the next byte read is the MSB.
+    pub read_msb: bool,
+    /// Latched count not yet fully read.
+    pub latched_count: Option<u16>,
+    /// Latched status byte not yet read.
+    pub latched_status: Option<u8>,
+    /// OUT rising edges already signalled since the count was loaded
+    /// (channel 0 interrupts).
+    pub fired: u64,
+}
+
+/// Snapshot of the PIT and port 0x61 (see [`Pit::state`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PitState {
+    /// Channels 0, 1 and 2.
+    pub channels: [PitChannelState; 3],
+    /// Port 0x61 bits 3:0 as last written (bit 0 = channel 2 gate, bit 1 =
+    /// speaker data enable, bits 2-3 parity/IOCHK check enables).
+    pub port61: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -313,6 +386,80 @@ impl Pit {
 
     fn now(&self) -> u64 {
         (self.clock)()
+    }
+
+    /// Snapshot of the three channels and port 0x61.
+    pub fn state(&self) -> PitState {
+        let ch = |c: &Channel| PitChannelState {
+            mode: c.mode,
+            rw: c.rw,
+            bcd: c.bcd,
+            reload: c.reload,
+            null_count: c.null_count,
+            run: match c.run {
+                Run::Stopped { count, out } => PitRunState::Stopped { count, out },
+                Run::Counting { start_ns, base_ticks } => PitRunState::Counting { start_ns, base_ticks },
+                Run::Paused { ticks } => PitRunState::Paused { ticks },
+            },
+            gate: c.gate,
+            write_lsb: c.write_lsb,
+            read_msb: c.read_msb,
+            latched_count: c.latched_count,
+            latched_status: c.latched_status,
+            fired: c.fired,
+        };
+        PitState {
+            channels: [ch(&self.channels[0]), ch(&self.channels[1]), ch(&self.channels[2])],
+            port61: self.port61,
+        }
+    }
+
+    /// Checks `s` without applying it (see [`Pit::restore`]).
+    pub fn validate(&self, s: &PitState) -> Result<(), StateError> {
+        StateError::check(s.port61 & !0x0f == 0, "pit.port61", format!("{:#x}: bits 7:4 set", s.port61))?;
+        for (i, c) in s.channels.iter().enumerate() {
+            let f = |name: &str| format!("pit.channels[{i}].{name}");
+            StateError::check(c.mode <= 5, f("mode"), format!("{} > 5", c.mode))?;
+            StateError::check((1..=3).contains(&c.rw), f("rw"), format!("{} not 1-3", c.rw))?;
+            StateError::check(
+                (1..=0x10000).contains(&c.reload),
+                f("reload"),
+                format!("{:#x} not 1-0x10000", c.reload),
+            )?;
+            let gate = if i == 2 { s.port61 & 1 != 0 } else { true };
+            StateError::check(c.gate == gate, f("gate"), format!("{} disagrees with the wiring", c.gate))?;
+        }
+        Ok(())
+    }
+
+    /// Loads a snapshot taken by [`Pit::state`]; the clock and IRQ 0 line stay
+    /// those given to [`Pit::new`], and nothing is signalled on IRQ 0.  Times
+    /// are clock readings (see [`PitRunState`]).  On error the PIT is left
+    /// unchanged.
+    pub fn restore(&mut self, s: &PitState) -> Result<(), StateError> {
+        self.validate(s)?;
+        for (c, st) in self.channels.iter_mut().zip(s.channels.iter()) {
+            *c = Channel {
+                mode: st.mode,
+                rw: st.rw,
+                bcd: st.bcd,
+                reload: st.reload,
+                null_count: st.null_count,
+                run: match st.run {
+                    PitRunState::Stopped { count, out } => Run::Stopped { count, out },
+                    PitRunState::Counting { start_ns, base_ticks } => Run::Counting { start_ns, base_ticks },
+                    PitRunState::Paused { ticks } => Run::Paused { ticks },
+                },
+                gate: st.gate,
+                write_lsb: st.write_lsb,
+                read_msb: st.read_msb,
+                latched_count: st.latched_count,
+                latched_status: st.latched_status,
+                fired: st.fired,
+            };
+        }
+        self.port61 = s.port61;
+        Ok(())
     }
 
     /// Signals channel 0's OUT rising edges that happened up to `now_ns` on
@@ -619,6 +766,84 @@ mod tests {
         e.advance_ticks(1000);
         assert_eq!(e.pit.poll(e.now()), None);
         assert_eq!(e.irq.take_edges(), 1);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let mut e = Env::new();
+        // Channel 0: periodic IRQ 0 (mode 2, 1000 ticks), one edge signalled.
+        e.outb(0x43, 0x34);
+        e.outb(0x40, 0xe8);
+        e.outb(0x40, 0x03);
+        e.advance_ticks(1500);
+        e.pit.poll(e.now());
+        assert_eq!(e.irq.take_edges(), 1);
+        // Channel 2: mode 0 gated by port 0x61, paused half-way, speaker bit set.
+        e.outb(0x61, 0x03);
+        e.outb(0x43, 0xb0);
+        e.outb(0x42, 0x00);
+        e.outb(0x42, 0x10);
+        e.advance_ticks(300);
+        e.outb(0x61, 0x02);
+        // Channel 1: LSB/MSB count latched and half read, then a half-written count.
+        e.outb(0x43, 0x74);
+        e.outb(0x41, 0x34);
+        e.outb(0x41, 0x12);
+        e.advance_ticks(7);
+        e.outb(0x43, 0x40);
+        assert_eq!(e.inb(0x41), (0x1234u16 - 7).to_le_bytes()[0]);
+        e.outb(0x43, 0xe4); // read-back: status of channel 1
+        e.outb(0x41, 0x99); // LSB of a new count
+        let s = e.pit.state();
+        assert_eq!(s.channels[1].write_lsb, Some(0x99));
+        assert_eq!(s.channels[2].run, PitRunState::Paused { ticks: 300 });
+        let json = serde_json::to_string(&s).unwrap();
+        let s2: PitState = serde_json::from_str(&json).unwrap();
+        assert_eq!(s2, s);
+        // A new PIT whose clock continues from the same reading.
+        let mut f = Env::new();
+        f.t.store(e.now(), Ordering::SeqCst);
+        f.pit.restore(&s2).unwrap();
+        assert_eq!(f.pit.state(), s);
+        assert_eq!(f.irq.take_edges(), 0, "restore signals nothing");
+        for step in 0..6u64 {
+            for env in [&mut e, &mut f] {
+                env.advance_ticks(400 + step);
+            }
+            assert_eq!(e.pit.poll(e.now()), f.pit.poll(f.now()));
+            assert_eq!(e.irq.take_edges(), f.irq.take_edges());
+            for p in [0x40, 0x41, 0x42, 0x61] {
+                assert_eq!(e.inb(p), f.inb(p), "port {p:#x} at step {step}");
+            }
+            if step == 2 {
+                e.outb(0x61, 0x01);
+                f.outb(0x61, 0x01);
+                e.outb(0x41, 0x02);
+                f.outb(0x41, 0x02);
+            }
+        }
+        assert_eq!(e.pit.state(), f.pit.state());
+    }
+
+    #[test]
+    fn malformed_state_is_rejected() {
+        let mut e = Env::new();
+        let good = e.pit.state();
+        type Corrupt = (&'static str, fn(&mut PitState));
+        let cases: [Corrupt; 6] = [
+            ("pit.channels[0].reload", |s| s.channels[0].reload = 0),
+            ("pit.channels[1].reload", |s| s.channels[1].reload = 0x10001),
+            ("pit.channels[2].mode", |s| s.channels[2].mode = 6),
+            ("pit.channels[0].rw", |s| s.channels[0].rw = 0),
+            ("pit.channels[2].gate", |s| s.channels[2].gate = true),
+            ("pit.port61", |s| s.port61 = 0x10),
+        ];
+        for (field, corrupt) in cases {
+            let mut bad = good.clone();
+            corrupt(&mut bad);
+            assert_eq!(e.pit.restore(&bad).unwrap_err().field, field);
+        }
+        assert_eq!(e.pit.state(), good);
     }
 
     #[test]

@@ -7,13 +7,16 @@
 //! output sink.  The receive FIFO holds 64 bytes.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
 
 use crate::bus::{read_bytes, write_bytes, PioDevice};
 use crate::irq::IrqLine;
+use crate::StateError;
 
 /// Base I/O port of COM1.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -35,7 +38,96 @@ impl Trigger for IrqTrigger {
     }
 }
 
-type Inner = vm_superio::Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>;
+/// The trigger inside [`Serial`]: pulses the IRQ line, except while a
+/// snapshot is being loaded (the interrupt controller's own state already
+/// holds any interrupt the UART raised before the snapshot).
+struct LineTrigger {
+    line: Arc<dyn IrqLine>,
+    muted: AtomicBool,
+}
+
+impl LineTrigger {
+    fn new(line: Arc<dyn IrqLine>, muted: bool) -> Self {
+        Self { line, muted: AtomicBool::new(muted) }
+    }
+}
+
+impl Trigger for LineTrigger {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        if !self.muted.load(Ordering::Relaxed) {
+            self.line.pulse();
+        }
+        Ok(())
+    }
+}
+
+type Inner = vm_superio::Serial<LineTrigger, NoEvents, Box<dyn Write + Send>>;
+
+/// Receive FIFO size in bytes.
+pub const FIFO_SIZE: usize = 64;
+
+/// Snapshot of a UART's registers and receive FIFO (see [`Serial::state`]);
+/// the serializable form of `vm_superio::serial::SerialState`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte (DLL).
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte (DLM).
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register (bits 3:0).
+    pub interrupt_enable: u8,
+    /// Interrupt identification register (pending interrupt bits).
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes not yet read by the guest, oldest first (at most
+    /// [`FIFO_SIZE`]).
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialSnapshot {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
 
 /// A 16550A UART at `base..base + 8` (COM1: 0x3f8, IRQ 4).
 pub struct Serial {
@@ -53,7 +145,49 @@ impl Serial {
     /// Creates a UART at an arbitrary base port (COM2 = 0x2f8, COM3 = 0x3e8,
     /// COM4 = 0x2e8).
     pub fn with_base(base: u16, irq: Arc<dyn IrqLine>, out: Box<dyn Write + Send>) -> Self {
-        Self { base, inner: vm_superio::Serial::new(IrqTrigger(irq), out) }
+        Self { base, inner: vm_superio::Serial::new(LineTrigger::new(irq, false), out) }
+    }
+
+    /// Snapshot of the registers and the receive FIFO.  The base port, IRQ
+    /// line and output writer are not part of it.
+    pub fn state(&self) -> SerialSnapshot {
+        self.inner.state().into()
+    }
+
+    /// Checks `s` without applying it (see [`Serial::restore`]).
+    pub fn validate(&self, s: &SerialSnapshot) -> Result<(), StateError> {
+        StateError::check(
+            s.in_buffer.len() <= FIFO_SIZE,
+            "serial.in_buffer",
+            format!("{} bytes, more than the {FIFO_SIZE}-byte FIFO", s.in_buffer.len()),
+        )?;
+        StateError::check(
+            s.interrupt_enable & !0x0f == 0,
+            "serial.interrupt_enable",
+            format!("{:#x}: bits 7:4 set", s.interrupt_enable),
+        )
+    }
+
+    /// Loads a snapshot taken by [`Serial::state`], keeping the IRQ line and
+    /// output writer given to the constructor.  Raises no interrupt: pending
+    /// UART interrupts are in the interrupt controller's own snapshot.  On
+    /// error the UART is left unchanged.
+    pub fn restore(&mut self, s: &SerialSnapshot) -> Result<(), StateError> {
+        self.validate(s)?;
+        let line = Arc::clone(&self.inner.interrupt_evt().line);
+        let sink: Box<dyn Write + Send> = Box::new(std::io::sink());
+        let placeholder = vm_superio::Serial::new(LineTrigger::new(Arc::clone(&line), true), sink);
+        let out = std::mem::replace(&mut self.inner, placeholder).into_writer();
+        let state = vm_superio::serial::SerialState::from(s);
+        match vm_superio::Serial::from_state(&state, LineTrigger::new(line, true), NoEvents, out) {
+            Ok(inner) => self.inner = inner,
+            // Unreachable: the FIFO length was checked and the trigger cannot fail.
+            Err(e) => {
+                return Err(StateError { field: "serial".into(), reason: format!("rejected by the UART model: {e:?}") })
+            }
+        }
+        self.inner.interrupt_evt().muted.store(false, Ordering::Relaxed);
+        Ok(())
     }
 
     /// First I/O port of the UART.
@@ -173,6 +307,63 @@ mod tests {
         assert_eq!(s.enqueue_input(b"c"), 1);
         assert_eq!(irq.take_edges(), 1);
         assert_eq!(inb(&mut s, 0x3f8), b'c');
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let irq = Arc::new(RecordingIrq::new());
+        let mut s = Serial::new(irq.clone(), Box::new(std::io::sink()));
+        s.write(0x3fb, &[0x80]); // DLAB
+        s.write(0x3f8, &[0x01]); // 115200 baud
+        s.write(0x3f9, &[0x00]);
+        s.write(0x3fb, &[0x1b]); // 8E1, DLAB off
+        s.write(0x3fc, &[0x0b]); // DTR RTS OUT2
+        s.write(0x3ff, &[0x77]);
+        assert_eq!(s.enqueue_input(b"hello"), 5);
+        s.write(0x3f9, &[0x01]); // RDA interrupt
+        assert_eq!(inb(&mut s, 0x3f8), b'h');
+        assert_eq!(s.enqueue_input(b"!"), 1); // RDA interrupt pending in IIR
+        irq.take_edges();
+        let st = s.state();
+        assert_eq!(st.in_buffer, b"ello!");
+        assert_eq!(st.interrupt_identification & 0x04, 0x04);
+        let json = serde_json::to_string(&st).unwrap();
+        let st2: SerialSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(st2, st);
+        let buf = SharedBuf::default();
+        let irq2 = Arc::new(RecordingIrq::new());
+        let mut t = Serial::new(irq2.clone(), Box::new(buf.clone()));
+        t.restore(&st2).unwrap();
+        assert_eq!(irq2.edges(), 0, "restore raises no interrupt");
+        assert_eq!(t.state(), st);
+        for port in 0x3f9..=0x3ff {
+            assert_eq!(inb(&mut s, port), inb(&mut t, port), "port {port:#x}");
+        }
+        assert_eq!(t.fifo_capacity(), 59);
+        for &c in b"ello!" {
+            assert_eq!(inb(&mut t, 0x3f8), c);
+        }
+        // The IRQ line and the output writer are the ones given to the constructor.
+        assert_eq!(t.enqueue_input(b"x"), 1);
+        assert_eq!(irq2.take_edges(), 1);
+        t.write(0x3f8, b"!");
+        assert_eq!(&*buf.0.lock().unwrap(), b"!");
+        t.write(0x3fb, &[0x80]);
+        assert_eq!(inb(&mut t, 0x3f8), 0x01, "divisor latch");
+    }
+
+    #[test]
+    fn malformed_state_is_rejected() {
+        let mut s = Serial::new(Arc::new(crate::NoIrq), Box::new(std::io::sink()));
+        s.write(0x3ff, &[0x42]);
+        let good = s.state();
+        let mut bad = good.clone();
+        bad.in_buffer = vec![0; FIFO_SIZE + 1];
+        assert_eq!(s.restore(&bad).unwrap_err().field, "serial.in_buffer");
+        let mut bad = good.clone();
+        bad.interrupt_enable = 0xf0;
+        assert_eq!(s.restore(&bad).unwrap_err().field, "serial.interrupt_enable");
+        assert_eq!(s.state(), good);
     }
 
     #[test]

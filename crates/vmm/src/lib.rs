@@ -4,8 +4,11 @@
 pub mod arch;
 pub mod clock;
 pub mod config;
+pub mod controller;
 pub mod devices_config;
 pub mod memory;
+pub mod snapshot;
+pub mod snapshot_memory;
 pub mod virtio_devices;
 pub mod vm;
 

@@ -1,7 +1,7 @@
 //! Building a VM from a [`VmConfig`] and running it to the end.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use accel::emu::{EmuVcpu, InterruptController};
@@ -39,23 +39,64 @@ pub enum RunOutcome {
 pub struct DeviceBus {
     pio: Arc<PioBus>,
     mmio: Arc<MmioBus>,
+    exits: Arc<ExitCounts>,
+}
+
+/// One vCPU's exits by kind (reported by the API's `vm.counters`).
+#[derive(Debug, Default)]
+pub struct ExitCounts {
+    /// Port I/O reads (`IN`).
+    pub pio_read: AtomicU64,
+    /// Port I/O writes (`OUT`).
+    pub pio_write: AtomicU64,
+    /// MMIO loads.
+    pub mmio_read: AtomicU64,
+    /// MMIO stores.
+    pub mmio_write: AtomicU64,
+    /// Halts seen by the VMM (KVM without in-kernel HLT handling).
+    pub hlt: AtomicU64,
+    /// Returns to the VMM with nothing to do (time slices, signals, pause requests).
+    pub interrupted: AtomicU64,
+}
+
+impl ExitCounts {
+    /// `(kind, count)` pairs.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("pio_read", l(&self.pio_read)),
+            ("pio_write", l(&self.pio_write)),
+            ("mmio_read", l(&self.mmio_read)),
+            ("mmio_write", l(&self.mmio_write)),
+            ("hlt", l(&self.hlt)),
+            ("interrupted", l(&self.interrupted)),
+        ]
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
 }
 
 impl ExitHandler for DeviceBus {
     fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        bump(&self.exits.pio_read);
         if !self.pio.read(port, data) {
             data.fill(0xff);
         }
     }
     fn pio_write(&mut self, port: u16, data: &[u8]) {
+        bump(&self.exits.pio_write);
         let _ = self.pio.write(port, data);
     }
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
+        bump(&self.exits.mmio_read);
         if !self.mmio.read(gpa, data) {
             data.fill(0xff);
         }
     }
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
+        bump(&self.exits.mmio_write);
         let _ = self.mmio.write(gpa, data);
     }
 }
@@ -88,6 +129,13 @@ impl IrqLine for KvmIrq {
         }
     }
 }
+
+/// The console's interrupt line, where MSIs go, the KVM VM (kvm) and the userspace irqchip
+/// (emu).
+type InterruptParts = (Arc<dyn IrqLine>, Arc<dyn MsiSink>, Option<Arc<KvmVm>>, Option<Arc<Mutex<EmuIrqchip>>>);
+
+/// The 8250 console type.
+pub type SerialDev = Serial;
 
 /// A vCPU handed to its thread.
 struct SendVcpu(Box<dyn Vcpu>);
@@ -133,6 +181,9 @@ struct Ctl {
     parked: usize,
     alive: usize,
     outcome: Option<std::result::Result<RunOutcome, String>>,
+    /// Snapshot requests to parked vCPUs: a generation, and each vCPU's answer.
+    snap_gen: u64,
+    snaps: Vec<Option<std::result::Result<accel::VcpuSnapshot, String>>>,
 }
 
 /// Signal used to kick a KVM vCPU thread out of `KVM_RUN`.
@@ -235,6 +286,29 @@ impl RunControl {
         self.cv.notify_all();
     }
 
+    /// Asks every (parked) vCPU for its state; the VM must be paused.
+    ///
+    /// Errors: the VM is not paused, a vCPU failed to save, or no answer within 10 s.
+    pub fn save_vcpus(&self) -> std::result::Result<Vec<accel::VcpuSnapshot>, String> {
+        let n = self.vcpus.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let mut c = self.lock();
+        if !c.pause || c.parked < c.alive || c.alive != n {
+            return Err("the vCPUs are not all paused".into());
+        }
+        c.snap_gen += 1;
+        c.snaps = vec![None; n];
+        self.cv.notify_all();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while c.snaps.iter().any(|s| s.is_none()) {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err("timed out waiting for the vCPUs' state".into());
+            }
+            c = self.cv.wait_timeout(c, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        std::mem::take(&mut c.snaps).into_iter().map(|s| s.unwrap_or_else(|| Err("no answer".into()))).collect()
+    }
+
     /// Waits until the run ends; returns its outcome.
     pub fn wait(&self) -> std::result::Result<RunOutcome, String> {
         let mut c = self.lock();
@@ -248,6 +322,7 @@ impl RunControl {
 
     /// One vCPU's loop: runs it until the VM ends, parking while paused.
     fn vcpu_loop(&self, id: usize, mut vcpu: Box<dyn Vcpu>, mut bus: DeviceBus, emu: bool) {
+        let mut snap_seen = 0u64;
         loop {
             if let Some(o) = self.requested_end() {
                 self.end(Ok(o));
@@ -261,6 +336,18 @@ impl RunControl {
                     c.parked += 1;
                     self.cv.notify_all();
                     while c.pause && c.outcome.is_none() {
+                        if c.snap_gen > snap_seen {
+                            // Save this vCPU's state for a snapshot (it is parked, so stable).
+                            snap_seen = c.snap_gen;
+                            drop(c);
+                            let r = vcpu.save_snapshot().map_err(|e| format!("vCPU {id}: {e}"));
+                            c = self.lock();
+                            if let Some(slot) = c.snaps.get_mut(id) {
+                                *slot = Some(r);
+                            }
+                            self.cv.notify_all();
+                            continue;
+                        }
                         c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
                     }
                     c.parked -= 1;
@@ -268,8 +355,9 @@ impl RunControl {
                 }
             }
             match vcpu.run(&mut bus) {
-                Ok(VcpuExit::Interrupted) => {}
+                Ok(VcpuExit::Interrupted) => bump(&bus.exits.interrupted),
                 Ok(VcpuExit::Hlt) => {
+                    bump(&bus.exits.hlt);
                     if !emu {
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
@@ -294,10 +382,12 @@ impl RunControl {
 pub struct Vm {
     memory: GuestMemoryMmap,
     /// The vCPUs (boot vCPU first) until [`Vm::start`] hands them to their threads.
-    vcpus: Vec<Box<dyn Vcpu>>,
+    vcpus: Vec<SendVcpu>,
     bus: DeviceBus,
     ctl: Arc<RunControl>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Per vCPU exit counters (once started).
+    pub exit_counts: Vec<Arc<ExitCounts>>,
     /// Legacy device handles.
     pub devices: LegacyDevices,
     /// The guest clock (emu).
@@ -383,7 +473,7 @@ impl Vm {
         }
         let mut vm = Self::build(cfg, mem, is_emu, accel_note)?;
         if let Some(v) = vm.vcpus.first_mut() {
-            v.set_state(&arch::boot_cpu_state(&info))?;
+            v.0.set_state(&arch::boot_cpu_state(&info))?;
         }
         Ok(vm)
     }
@@ -401,9 +491,9 @@ impl Vm {
         let ctl = RunControl::new(!is_emu);
 
         let dma = Arc::new(DmaLog::default());
-        let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::new();
+        let mut vcpus: Vec<SendVcpu> = Vec::new();
         let mut stops = Vec::new();
-        let (serial_irq, msi, kvm, irqchip): (Arc<dyn IrqLine>, Arc<dyn MsiSink>, Option<Arc<KvmVm>>, _) = if is_emu {
+        let (serial_irq, msi, kvm, irqchip): InterruptParts = if is_emu {
             let chip = Arc::new(Mutex::new(EmuIrqchip::new(clock.clone(), EMU_TSC_HZ)));
             // PIC, ELCR, PIT and port 0x61 ports; LAPIC and IOAPIC pages.
             EmuIrqchip::attach(&chip, &mut pio, &mut mmio).map_err(dev_err)?;
@@ -414,7 +504,7 @@ impl Vm {
             let d = dma.clone();
             v.set_device_writes(Arc::new(move || if d.pending() { d.take() } else { Vec::new() }));
             stops.push(v.stop_flag());
-            vcpus.push(Box::new(v));
+            vcpus.push(SendVcpu(Box::new(v)));
             (line, msi, None, Some(chip))
         } else {
             let vm = Arc::new(KvmVm::new(&ram)?);
@@ -422,7 +512,7 @@ impl Vm {
             for id in 0..cfg.cpus {
                 let v = vm.create_vcpu(id)?;
                 stops.push(v.stop_flag());
-                vcpus.push(Box::new(v));
+                vcpus.push(SendVcpu(Box::new(v)));
             }
             let line: Arc<dyn IrqLine> = Arc::new(KvmIrq { vm: vm.clone(), gsi: COM1_IRQ });
             let msi: Arc<dyn MsiSink> = Arc::new(crate::virtio_devices::KvmMsi(vm.clone()));
@@ -449,6 +539,12 @@ impl Vm {
             }
         }))));
         pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm.clone()).map_err(dev_err)?;
+        let sci: Arc<dyn IrqLine> = match (&irqchip, &kvm) {
+            (Some(chip), _) => Arc::new(GsiLine::new(chip, arch::acpi::SCI_IRQ.into())),
+            (None, Some(vm)) => Arc::new(KvmIrq { vm: vm.clone(), gsi: arch::acpi::SCI_IRQ.into() }),
+            (None, None) => Arc::new(devices::NoIrq),
+        };
+        pm.lock().unwrap_or_else(|e| e.into_inner()).set_sci(sci);
         let low = memory::ram_ranges(cfg.mem_size)[0].1;
         let cmos = Arc::new(Mutex::new(Cmos::new(low, arch::high_mem(cfg.mem_size))));
         pio.insert(0x70, 2, cmos.clone()).map_err(dev_err)?;
@@ -467,9 +563,10 @@ impl Vm {
         Ok(Vm {
             memory: mem,
             vcpus,
-            bus: DeviceBus { pio: Arc::new(pio), mmio: Arc::new(mmio) },
+            bus: DeviceBus { pio: Arc::new(pio), mmio: Arc::new(mmio), exits: Arc::default() },
             ctl,
             threads: Vec::new(),
+            exit_counts: Vec::new(),
             devices: LegacyDevices { serial, i8042, cmos, pm, irqchip, pci },
             clock: vclock,
             kvm,
@@ -502,8 +599,9 @@ impl Vm {
         let emu = self.is_emu;
         for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let ctl = self.ctl.clone();
-            let bus = self.bus.clone();
-            let v = SendVcpu(v);
+            let mut bus = self.bus.clone();
+            bus.exits = Arc::new(ExitCounts::default());
+            self.exit_counts.push(bus.exits.clone());
             ctl.lock().alive += 1;
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -525,6 +623,36 @@ impl Vm {
             self.threads.push(t);
         }
         Ok(())
+    }
+
+    /// Like [`Vm::start`], with every vCPU parked before it runs guest code (a restored VM
+    /// waits for `vm.resume`).
+    pub fn start_paused(&mut self) -> Result<()> {
+        self.ctl.lock().pause = true;
+        self.clock.pause();
+        self.start()?;
+        self.ctl.pause();
+        Ok(())
+    }
+
+    /// The vCPUs, before [`Vm::start`] (boot vCPU first; empty once started).
+    pub fn vcpus_mut(&mut self) -> impl Iterator<Item = &mut Box<dyn Vcpu>> {
+        self.vcpus.iter_mut().map(|v| &mut v.0)
+    }
+
+    /// Number of vCPUs not yet started.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// The KVM VM, on the kvm accelerator.
+    pub fn kvm(&self) -> Option<&Arc<KvmVm>> {
+        self.kvm.as_ref()
+    }
+
+    /// Presses the guest-visible ACPI power button (the guest decides what to do).
+    pub fn press_power_button(&self) {
+        self.devices.pm.lock().unwrap_or_else(|e| e.into_inner()).press_power_button();
     }
 
     /// Pauses the vCPUs and the guest clock; returns once no vCPU runs guest code.

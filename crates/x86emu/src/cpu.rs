@@ -2,6 +2,7 @@
 
 use crate::mmu::{Mmu, RamRegion};
 use crate::Bus;
+use serde::{Deserialize, Serialize};
 
 /// RFLAGS bits (Intel SDM Vol. 1 §3.4.3).
 #[allow(dead_code)]
@@ -51,7 +52,7 @@ pub mod ctl {
 ///
 /// `attr` uses the VMX access-rights layout (Intel SDM Vol. 3 §24.4.1): bits 0-3 type,
 /// 4 S, 5-6 DPL, 7 P, 12 AVL, 13 L, 14 D/B, 15 G, 16 unusable.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seg {
     /// Visible selector.
     pub selector: u16,
@@ -93,7 +94,7 @@ pub mod sreg {
 }
 
 /// Model-specific registers the emulator keeps (Intel SDM Vol. 4).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Msrs {
     /// IA32_STAR (0xC000_0081): SYSCALL/SYSRET selectors.
     pub star: u64,
@@ -124,7 +125,7 @@ pub struct Msrs {
 }
 
 /// x87/SSE state (the FXSAVE image, Intel SDM Vol. 1 §10.5.1).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FpuState {
     /// XMM0-15.
     pub xmm: [u128; 16],

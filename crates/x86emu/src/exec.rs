@@ -1705,7 +1705,7 @@ impl LoopWidth for Instruction {
 }
 
 #[cfg(test)]
-mod tests_support {
+pub(crate) mod tests_support {
     use crate::cpu::{ctl, Cpu, CpuConfig, Seg};
     pub(crate) use crate::NullBus;
     use crate::RamRegion;

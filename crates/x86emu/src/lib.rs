@@ -18,12 +18,14 @@ mod fpu;
 mod interrupt;
 mod mmu;
 mod regs;
+pub mod snapshot;
 mod sse;
 mod system;
 mod uop;
 
 pub use cpu::{Cpu, CpuConfig, Exit, Seg, Stats};
 pub use mmu::RamRegion;
+pub use snapshot::{CpuState, StateError};
 
 /// What the emulated CPU sees outside RAM: port I/O, MMIO and the interrupt controller.
 ///

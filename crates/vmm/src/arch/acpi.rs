@@ -28,7 +28,7 @@ const DSDT_ADDR: u64 = 0xe_0500;
 const OEM_ID: [u8; 6] = *b"RSTVSR";
 const OEM_TABLE: [u8; 8] = *b"RVISOR  ";
 /// ISA IRQ of the SCI.
-const SCI_IRQ: u16 = 9;
+pub const SCI_IRQ: u16 = 9;
 
 fn aml_bytes(a: &dyn Aml) -> Vec<u8> {
     let mut v = Vec::new();

@@ -1,0 +1,78 @@
+//! The VMM's REST API (in the style of Cloud Hypervisor's and Firecracker's): HTTP/1.1 with
+//! JSON bodies on a Unix socket, under `/api/v1/`. The document `openapi.yaml` beside this
+//! crate describes every route.
+//!
+//! - [`types`]: request and response bodies (serde).
+//! - [`Controller`]: what the server asks of the VMM; the VMM implements it.
+//! - [`server`]: serves a [`Controller`] on a socket.
+//! - [`client`]: calls the API (used by `rustvisor api`).
+//! - [`fileurl`]: the `file://` URLs of `vm.snapshot` and `vm.restore`.
+
+pub mod client;
+pub mod fileurl;
+pub mod server;
+pub mod types;
+
+use types::{Counters, PingInfo, VmConfig, VmInfo};
+
+/// Why a request failed; the server maps each kind to an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// 400: a value is malformed or out of range. `field` names it (e.g. "memory",
+    /// "disks[1].format"); `msg` says what is accepted.
+    #[error("{field}: {msg}")]
+    BadRequest {
+        /// The offending field.
+        field: String,
+        /// What is wrong with it, and what is accepted.
+        msg: String,
+    },
+    /// 409: the VM's current state forbids the action (e.g. resume a running VM).
+    #[error("{action} is not allowed while the VM is {state}")]
+    Conflict {
+        /// The action refused ("resume", "snapshot", ...).
+        action: String,
+        /// The VM's current state ("Running", ...).
+        state: String,
+    },
+    /// 404: no such object (e.g. `vm.info` before `vm.create`).
+    #[error("{0}")]
+    NotFound(String),
+    /// 500: the VMM failed doing something valid (I/O error writing a snapshot, ...).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The VMM behind the API. Every method returns quickly (long work such as booting runs on the
+/// VMM's own threads) and never panics; the server calls them from its own threads.
+pub trait Controller: Send + Sync + 'static {
+    /// `GET /api/v1/vmm.ping`.
+    fn ping(&self) -> PingInfo;
+    /// `PUT /api/v1/vm.create`: validates and stores the configuration (state `Created`).
+    fn create(&self, cfg: VmConfig) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.boot`: builds the VM and starts its vCPUs (`Created` → `Running`).
+    fn boot(&self) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.pause` (`Running` → `Paused`).
+    fn pause(&self) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.resume` (`Paused` → `Running`).
+    fn resume(&self) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.shutdown`: presses the guest's power button, waits a bounded time for
+    /// it to power off, then stops the VM (→ `Shutdown`).
+    fn shutdown(&self) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.reboot`: resets the guest (→ `Running` again).
+    fn reboot(&self) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.delete`: stops the VM if needed and forgets it (→ no VM).
+    fn delete(&self) -> Result<(), ApiError>;
+    /// `GET /api/v1/vm.info`.
+    fn info(&self) -> Result<VmInfo, ApiError>;
+    /// `GET /api/v1/vm.counters`.
+    fn counters(&self) -> Result<Counters, ApiError>;
+    /// `PUT /api/v1/vm.snapshot` `{"destination_url": "file:///dir"}`: the VM must be
+    /// `Paused`; `dir` is the path (created if absent; must be empty or absent).
+    fn snapshot(&self, destination_dir: &str) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.restore` `{"source_url": "file:///dir"}`: into a VMM with no VM; the
+    /// VM comes back `Paused`.
+    fn restore(&self, source_dir: &str) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vmm.shutdown`: stops the VM (if any) and then the VMM process.
+    fn vmm_shutdown(&self);
+}

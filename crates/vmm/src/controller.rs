@@ -1,0 +1,462 @@
+//! The VMM side of the REST API: one VM's life (create, boot, pause, resume, shutdown,
+//! reboot, delete, snapshot, restore) behind [`api::Controller`].
+
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use api::types;
+use api::ApiError;
+
+use crate::config::{Accel, SerialOut, VmConfig};
+use crate::vm::{RunOutcome, Vm};
+use crate::{DiskConfig, DiskFormat, NetConfig, VsockConfig};
+
+/// How long `vm.shutdown` waits for the guest to power off after the power button.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+enum Slot {
+    Empty,
+    Created { cfg: VmConfig, json: types::VmConfig },
+    Live { vm: Box<Vm>, cfg: VmConfig, json: types::VmConfig, booted: Instant, paused: bool },
+    Shutdown { cfg: VmConfig, json: types::VmConfig, accel: String },
+}
+
+impl Slot {
+    fn state(&self) -> &'static str {
+        match self {
+            Slot::Empty => "NotCreated",
+            Slot::Created { .. } => "Created",
+            Slot::Live { paused: false, .. } => "Running",
+            Slot::Live { paused: true, .. } => "Paused",
+            Slot::Shutdown { .. } => "Shutdown",
+        }
+    }
+}
+
+/// The VMM's one VM, driven by API requests.
+pub struct VmmController {
+    slot: Mutex<Slot>,
+    exit: Mutex<bool>,
+    exit_cv: Condvar,
+}
+
+fn bad(field: impl Into<String>, msg: impl Into<String>) -> ApiError {
+    ApiError::BadRequest { field: field.into(), msg: msg.into() }
+}
+
+fn conflict(action: &str, state: &str) -> ApiError {
+    ApiError::Conflict { action: action.into(), state: state.into() }
+}
+
+fn parse_out(field: &str, s: &str) -> Result<SerialOut, ApiError> {
+    match s {
+        "null" => Ok(SerialOut::Null),
+        "stdio" => Ok(SerialOut::Stdio),
+        _ => match s.strip_prefix("file=") {
+            Some(p) if p.starts_with('/') => Ok(SerialOut::File(p.into())),
+            _ => Err(bad(field, format!("'{s}' (accepted: null, stdio, file=/absolute/path)"))),
+        },
+    }
+}
+
+/// Checks an API configuration and turns it into a [`VmConfig`]; errors name the JSON field
+/// and the accepted values.
+pub fn config_from_api(c: &types::VmConfig) -> Result<VmConfig, ApiError> {
+    let host_mib = crate::config::host_memory() >> 20;
+    let min_mib = crate::config::MIN_MEM >> 20;
+    if c.memory_mib < min_mib || c.memory_mib > host_mib {
+        return Err(bad("memory_mib", format!("{} (accepted: {min_mib} to {host_mib})", c.memory_mib)));
+    }
+    if c.cpus == 0 || c.cpus > crate::vm::MAX_CPUS {
+        return Err(bad("cpus", format!("{} (accepted: 1 to {})", c.cpus, crate::vm::MAX_CPUS)));
+    }
+    let accel: Accel = c.accel.parse().map_err(|e: String| bad("accel", e))?;
+    if c.kernel.is_empty() {
+        return Err(bad("kernel", "a path to a bzImage or ELF vmlinux is required"));
+    }
+    if c.cmdline.len() >= crate::arch::CMDLINE_MAX {
+        return Err(bad(
+            "cmdline",
+            format!("{} bytes (accepted: up to {})", c.cmdline.len(), crate::arch::CMDLINE_MAX - 1),
+        ));
+    }
+    let serial = parse_out("serial", &c.serial)?;
+    let console = c.console.as_deref().map(|s| parse_out("console", s)).transpose()?;
+    let mut disks = Vec::new();
+    for (i, d) in c.disks.iter().enumerate() {
+        let format = match d.format.as_deref() {
+            None => None,
+            Some("raw") => Some(DiskFormat::Raw),
+            Some("qcow2") => Some(DiskFormat::Qcow2),
+            Some(f) => return Err(bad(format!("disks[{i}].format"), format!("'{f}' (accepted: raw, qcow2)"))),
+        };
+        if let Some(s) = &d.serial {
+            if s.len() > crate::devices_config::SERIAL_MAX || !s.is_ascii() {
+                return Err(bad(format!("disks[{i}].serial"), "up to 20 ASCII characters"));
+            }
+        }
+        if d.path.is_empty() {
+            return Err(bad(format!("disks[{i}].path"), "an image path is required"));
+        }
+        disks.push(DiskConfig { path: d.path.clone().into(), format, readonly: d.readonly, serial: d.serial.clone() });
+    }
+    let mut nets = Vec::new();
+    for (i, n) in c.nets.iter().enumerate() {
+        if n.tap.contains(',') || n.mac.as_deref().is_some_and(|m| m.contains(',')) {
+            return Err(bad(format!("nets[{i}]"), "',' is not accepted in a TAP name or MAC"));
+        }
+        let mut s = format!("tap={}", n.tap);
+        if let Some(m) = &n.mac {
+            s.push_str(&format!(",mac={m}"));
+        }
+        let parsed: NetConfig = s.parse().map_err(|e: String| bad(format!("nets[{i}]"), e.replace("--net: ", "")))?;
+        nets.push(parsed);
+    }
+    let vsock = match &c.vsock {
+        None => None,
+        Some(v) => {
+            if !(3..=0xffff_fffe).contains(&v.cid) {
+                return Err(bad("vsock.cid", format!("{} (accepted: 3 to 4294967294)", v.cid)));
+            }
+            if v.socket.is_empty() {
+                return Err(bad("vsock.socket", "a Unix socket path is required"));
+            }
+            Some(VsockConfig { cid: v.cid, socket: v.socket.clone().into() })
+        }
+    };
+    Ok(VmConfig {
+        kernel: c.kernel.clone().into(),
+        initrd: c.initrd.clone().map(Into::into),
+        cmdline: c.cmdline.clone(),
+        mem_size: c.memory_mib << 20,
+        cpus: c.cpus,
+        accel,
+        serial,
+        disks,
+        nets,
+        vsock,
+        rng: c.rng,
+        console,
+    })
+}
+
+/// The API form of a command-line configuration (for `vm.info` of a VM started by
+/// `rustvisor run --api-socket`).
+pub fn api_from_config(c: &VmConfig) -> types::VmConfig {
+    let out = |o: &SerialOut| match o {
+        SerialOut::Stdio => "stdio".to_string(),
+        SerialOut::Null => "null".to_string(),
+        SerialOut::File(p) => format!("file={}", p.display()),
+    };
+    types::VmConfig {
+        kernel: c.kernel.display().to_string(),
+        initrd: c.initrd.as_ref().map(|p| p.display().to_string()),
+        cmdline: c.cmdline.clone(),
+        memory_mib: c.mem_size >> 20,
+        cpus: c.cpus,
+        accel: match c.accel {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Emu => "emu",
+        }
+        .into(),
+        serial: out(&c.serial),
+        console: c.console.as_ref().map(out),
+        disks: c
+            .disks
+            .iter()
+            .map(|d| types::DiskConfig {
+                path: d.path.display().to_string(),
+                format: d.format.map(|f| if f == DiskFormat::Raw { "raw" } else { "qcow2" }.into()),
+                readonly: d.readonly,
+                serial: d.serial.clone(),
+            })
+            .collect(),
+        nets: c
+            .nets
+            .iter()
+            .map(|n| types::NetConfig {
+                tap: n.tap.clone(),
+                mac: n.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+            })
+            .collect(),
+        vsock: c.vsock.as_ref().map(|v| types::VsockConfig { cid: v.cid, socket: v.socket.display().to_string() }),
+        rng: c.rng,
+    }
+}
+
+/// Maps a VMM error to the API: configuration problems are the client's (400 naming the
+/// field), the rest are ours (500).
+pub fn api_error(e: crate::Error) -> ApiError {
+    match e {
+        crate::Error::Config { field, msg } => bad(field.trim_start_matches("--"), msg),
+        crate::Error::Kernel(m) => bad("kernel", m),
+        crate::Error::Io { path, err } => bad("kernel", format!("{path}: {err}")),
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+impl Default for VmmController {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VmmController {
+    /// A VMM with no VM.
+    pub fn new() -> VmmController {
+        VmmController { slot: Mutex::new(Slot::Empty), exit: Mutex::new(false), exit_cv: Condvar::new() }
+    }
+
+    /// A VMM that already runs `vm` (started by `rustvisor run --api-socket`).
+    pub fn with_running(vm: Vm, cfg: VmConfig, json: types::VmConfig) -> VmmController {
+        let c = Self::new();
+        *c.lock() = Slot::Live { vm: Box::new(vm), cfg, json, booted: Instant::now(), paused: false };
+        c
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves a VM whose guest ended by itself (power-off, reset, crash) to `Shutdown`.
+    fn reap(slot: &mut Slot) {
+        if let Slot::Live { vm, .. } = slot {
+            if let Some(outcome) = vm.control().outcome() {
+                tracing::info!("VM ended: {outcome:?}");
+                let old = std::mem::replace(slot, Slot::Empty);
+                if let Slot::Live { mut vm, cfg, json, .. } = old {
+                    vm.stop();
+                    let accel = if vm.is_emu { "emu" } else { "kvm" }.to_string();
+                    *slot = Slot::Shutdown { cfg, json, accel };
+                }
+            }
+        }
+    }
+
+    /// Blocks until `vmm.shutdown` (or [`VmmController::request_exit`]).
+    pub fn wait_exit(&self) {
+        let mut e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        while !*e {
+            e = self.exit_cv.wait(e).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Blocks until `vmm.shutdown` or until the VM (if any) ends by itself; returns the VM's
+    /// outcome in the latter case.
+    pub fn wait_exit_or_vm_end(&self) -> Option<Result<RunOutcome, String>> {
+        loop {
+            {
+                let e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+                if *e {
+                    return None;
+                }
+                let _ = self.exit_cv.wait_timeout(e, Duration::from_millis(100));
+            }
+            if let Slot::Live { vm, .. } = &*self.lock() {
+                if let Some(o) = vm.control().outcome() {
+                    return Some(o);
+                }
+            }
+        }
+    }
+
+    /// Makes [`VmmController::wait_exit`] return.
+    pub fn request_exit(&self) {
+        *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.exit_cv.notify_all();
+    }
+
+    fn boot_vm(cfg: &VmConfig) -> Result<Box<Vm>, ApiError> {
+        let mut vm = Vm::new(cfg).map_err(api_error)?;
+        vm.start().map_err(api_error)?;
+        Ok(Box::new(vm))
+    }
+}
+
+impl api::Controller for VmmController {
+    fn ping(&self) -> types::PingInfo {
+        let mut accelerators = Vec::new();
+        if accel::kvm::available() && !accel::kvm::is_pvm_host() {
+            accelerators.push("kvm".to_string());
+        }
+        accelerators.push("emu".to_string());
+        types::PingInfo { version: env!("CARGO_PKG_VERSION").to_string(), accelerators, pid: std::process::id() }
+    }
+
+    fn create(&self, json: types::VmConfig) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        match &*slot {
+            Slot::Empty | Slot::Created { .. } | Slot::Shutdown { .. } => {}
+            s => return Err(conflict("vm.create", s.state())),
+        }
+        let cfg = config_from_api(&json)?;
+        cfg.validate().map_err(api_error)?;
+        *slot = Slot::Created { cfg, json };
+        Ok(())
+    }
+
+    fn boot(&self) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        let (cfg, json) = match &*slot {
+            Slot::Created { cfg, json } | Slot::Shutdown { cfg, json, .. } => (cfg.clone(), json.clone()),
+            s => return Err(conflict("vm.boot", s.state())),
+        };
+        let vm = Self::boot_vm(&cfg)?;
+        *slot = Slot::Live { vm, cfg, json, booted: Instant::now(), paused: false };
+        Ok(())
+    }
+
+    fn pause(&self) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        match &mut *slot {
+            Slot::Live { vm, paused: p @ false, .. } => {
+                vm.pause();
+                *p = true;
+                Ok(())
+            }
+            s => Err(conflict("vm.pause", s.state())),
+        }
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        match &mut *slot {
+            Slot::Live { vm, paused: p @ true, .. } => {
+                vm.resume();
+                *p = false;
+                Ok(())
+            }
+            s => Err(conflict("vm.resume", s.state())),
+        }
+    }
+
+    fn shutdown(&self) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        let Slot::Live { vm, paused, .. } = &mut *slot else {
+            return Err(conflict("vm.shutdown", slot.state()));
+        };
+        if *paused {
+            vm.resume();
+            *paused = false;
+        }
+        // The guest-visible power button; a guest that does not act on it is stopped anyway.
+        vm.press_power_button();
+        let end = Instant::now() + SHUTDOWN_GRACE;
+        while vm.control().outcome().is_none() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let old = std::mem::replace(&mut *slot, Slot::Empty);
+        if let Slot::Live { mut vm, cfg, json, .. } = old {
+            vm.stop();
+            let accel = if vm.is_emu { "emu" } else { "kvm" }.to_string();
+            *slot = Slot::Shutdown { cfg, json, accel };
+        }
+        Ok(())
+    }
+
+    fn reboot(&self) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        let (cfg, json) = match &*slot {
+            Slot::Live { cfg, json, .. } => (cfg.clone(), json.clone()),
+            s => return Err(conflict("vm.reboot", s.state())),
+        };
+        // A reset is a fresh boot of the same configuration (devices, memory and vCPUs anew).
+        *slot = Slot::Created { cfg: cfg.clone(), json: json.clone() };
+        let vm = Self::boot_vm(&cfg)?;
+        *slot = Slot::Live { vm, cfg, json, booted: Instant::now(), paused: false };
+        Ok(())
+    }
+
+    fn delete(&self) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        if let Slot::Empty = &*slot {
+            return Err(ApiError::NotFound("no VM: create one with vm.create".into()));
+        }
+        *slot = Slot::Empty;
+        Ok(())
+    }
+
+    fn info(&self) -> Result<types::VmInfo, ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        let state = slot.state().to_string();
+        match &*slot {
+            Slot::Empty => Err(ApiError::NotFound("no VM: create one with vm.create".into())),
+            Slot::Created { json, .. } => {
+                Ok(types::VmInfo { state, config: json.clone(), uptime_s: 0.0, accelerator: None })
+            }
+            Slot::Live { vm, json, booted, .. } => Ok(types::VmInfo {
+                state,
+                config: json.clone(),
+                uptime_s: booted.elapsed().as_secs_f64(),
+                accelerator: Some(if vm.is_emu { "emu" } else { "kvm" }.into()),
+            }),
+            Slot::Shutdown { json, accel, .. } => {
+                Ok(types::VmInfo { state, config: json.clone(), uptime_s: 0.0, accelerator: Some(accel.clone()) })
+            }
+        }
+    }
+
+    fn counters(&self) -> Result<types::Counters, ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        let Slot::Live { vm, .. } = &*slot else {
+            return Err(conflict("vm.counters", slot.state()));
+        };
+        let vcpus = vm
+            .exit_counts
+            .iter()
+            .map(|e| e.snapshot().into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+            .collect();
+        let mut devices = std::collections::BTreeMap::new();
+        for d in &vm.virtio {
+            let c = d.dev.lock().unwrap_or_else(|e| e.into_inner()).counters();
+            let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            devices.insert(
+                d.name.clone(),
+                types::DeviceCounters {
+                    requests: l(&c.requests),
+                    bytes_read: l(&c.bytes_read),
+                    bytes_written: l(&c.bytes_written),
+                    errors: l(&c.errors),
+                },
+            );
+        }
+        Ok(types::Counters { vcpus, devices })
+    }
+
+    fn snapshot(&self, destination_dir: &str) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        match &*slot {
+            Slot::Live { vm, cfg, json, paused: true, .. } => {
+                crate::snapshot::save(vm, cfg, json, std::path::Path::new(destination_dir))
+            }
+            s => Err(conflict("vm.snapshot", s.state())),
+        }
+    }
+
+    fn restore(&self, source_dir: &str) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        match &*slot {
+            Slot::Empty | Slot::Created { .. } | Slot::Shutdown { .. } => {}
+            s => return Err(conflict("vm.restore", s.state())),
+        }
+        let (vm, cfg, json) = crate::snapshot::restore(std::path::Path::new(source_dir))?;
+        *slot = Slot::Live { vm: Box::new(vm), cfg, json, booted: Instant::now(), paused: true };
+        Ok(())
+    }
+
+    fn vmm_shutdown(&self) {
+        *self.lock() = Slot::Empty;
+        self.request_exit();
+    }
+}

@@ -1,0 +1,235 @@
+//! VM snapshots: a folder with `snapshot.json` (a versioned header, a SHA-256 of the state
+//! and the state itself: VM configuration, vCPUs, interrupt controllers and timers, legacy
+//! devices, virtio transports, guest clock) and `memory.bin` (guest RAM, sparse: see
+//! [`crate::snapshot_memory`]).
+//!
+//! A snapshot is taken from a paused VM. Virtio devices are quiesced first (every request in
+//! flight completes), so each queue's next available and next used index equal its used
+//! ring's index, which the restored device reads back from guest memory. Disk images are not
+//! copied: they must be the same files (as with Firecracker). vsock connections are closed.
+
+use std::path::Path;
+
+use api::types;
+use api::ApiError;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Accel, VmConfig};
+use crate::snapshot_memory::{self, MemoryImage};
+use crate::vm::Vm;
+
+/// `format` of `snapshot.json`.
+pub const FORMAT: &str = "rustvisor-snapshot";
+/// Current snapshot version.
+pub const VERSION: u32 = 1;
+const STATE_FILE: &str = "snapshot.json";
+const MEMORY_FILE: &str = "memory.bin";
+
+/// Everything but guest memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    /// The VM configuration (API form).
+    pub config: types::VmConfig,
+    /// "emu" or "kvm".
+    pub accelerator: String,
+    /// Guest clock, ns (emu).
+    pub clock_ns: u64,
+    /// vCPUs, boot vCPU first.
+    pub vcpus: Vec<accel::VcpuSnapshot>,
+    /// KVM in-kernel irqchip, PIT and clock.
+    pub kvm_vm: Option<accel::kvm::snapshot::KvmVmState>,
+    /// Userspace PIC/IOAPIC/LAPIC/PIT (emu).
+    pub irqchip: Option<devices::irqchip::EmuIrqchipState>,
+    /// 8250.
+    pub serial: devices::serial::SerialSnapshot,
+    /// i8042.
+    pub i8042: devices::i8042::I8042State,
+    /// CMOS/RTC.
+    pub cmos: devices::cmos::CmosState,
+    /// ACPI PM1.
+    pub pm: devices::acpi_pm::AcpiPmState,
+    /// PCI CONFIG_ADDRESS latch.
+    pub pci_config_address: u32,
+    /// Virtio transports in slot order.
+    pub virtio: Vec<virtio::pci::VirtioPciState>,
+    /// Guest memory file.
+    pub memory: MemoryImage,
+}
+
+/// First line of `snapshot.json`; the state's JSON follows on the next line. (Two parts
+/// rather than one document because the state holds 128-bit values, which a generic JSON
+/// value cannot carry, and the digest covers the state's exact bytes.)
+#[derive(Serialize, Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+    /// Hex SHA-256 of the state line.
+    sha256: String,
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+fn hex_sha(b: &[u8]) -> String {
+    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Saves paused `vm` into `dir` (created if absent; must be empty).
+///
+/// Errors: `BadRequest` (field `destination_url`) for a folder that exists and is not empty,
+/// `Internal` for I/O or state errors.
+pub fn save(vm: &Vm, _cfg: &VmConfig, json: &types::VmConfig, dir: &Path) -> Result<(), ApiError> {
+    let dest = |m: String| ApiError::BadRequest { field: "destination_url".into(), msg: m };
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir).map_err(|e| dest(format!("{}: {e}", dir.display())))?.next().is_none();
+        if !empty {
+            return Err(dest(format!("{} is not empty (accepted: an empty or new folder)", dir.display())));
+        }
+    } else {
+        std::fs::create_dir_all(dir).map_err(|e| dest(format!("{}: {e}", dir.display())))?;
+    }
+    let vcpus = vm.control().save_vcpus().map_err(internal)?;
+    let mut transports = Vec::new();
+    for d in &vm.virtio {
+        let mut t = d.dev.lock().unwrap_or_else(|e| e.into_inner());
+        t.quiesce();
+        transports.push(t.save_state());
+    }
+    let result = (|| {
+        let l = &vm.devices;
+        let state = VmState {
+            config: json.clone(),
+            accelerator: if vm.is_emu { "emu" } else { "kvm" }.into(),
+            clock_ns: vm.clock.now(),
+            vcpus,
+            kvm_vm: vm.kvm().map(|k| k.save_state()).transpose().map_err(internal)?,
+            irqchip: l.irqchip.as_ref().map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).state()),
+            serial: l.serial.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            i8042: l.i8042.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            cmos: l.cmos.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            pm: l.pm.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            pci_config_address: l.pci.lock().unwrap_or_else(|e| e.into_inner()).config_address(),
+            virtio: transports,
+            memory: snapshot_memory::save(vm.memory(), &dir.join(MEMORY_FILE), MEMORY_FILE).map_err(internal)?,
+        };
+        let bytes = serde_json::to_vec(&state).map_err(internal)?;
+        let header = Header { format: FORMAT.into(), version: VERSION, sha256: hex_sha(&bytes) };
+        let mut out = serde_json::to_vec(&header).map_err(internal)?;
+        out.push(b'\n');
+        out.extend_from_slice(&bytes);
+        out.push(b'\n');
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let mut f = std::fs::File::create(&tmp).map_err(internal)?;
+        std::io::Write::write_all(&mut f, &out).map_err(internal)?;
+        f.sync_all().map_err(internal)?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(internal)?;
+        Ok(())
+    })();
+    // The VM stays paused; its devices serve their queues again.
+    for d in &vm.virtio {
+        d.dev.lock().unwrap_or_else(|e| e.into_inner()).resume_device();
+    }
+    result
+}
+
+/// Reads and checks `dir`'s state (nothing in `dir` is modified).
+///
+/// Errors: `BadRequest` (field `source_url`) naming the missing or corrupt file.
+pub fn read_state(dir: &Path) -> Result<VmState, ApiError> {
+    let src = |m: String| ApiError::BadRequest { field: "source_url".into(), msg: m };
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read(&path).map_err(|e| src(format!("{}: {e}", path.display())))?;
+    let nl = text.iter().position(|&b| b == b'\n').unwrap_or(text.len());
+    let (head, rest) = text.split_at(nl);
+    let header: Header =
+        serde_json::from_slice(head).map_err(|e| src(format!("{}: not a snapshot header: {e}", path.display())))?;
+    if header.format != FORMAT {
+        return Err(src(format!("{}: format '{}' (accepted: {FORMAT})", path.display(), header.format)));
+    }
+    if header.version != VERSION {
+        return Err(src(format!("{}: version {} (accepted: {VERSION})", path.display(), header.version)));
+    }
+    let body = rest.strip_prefix(b"\n").unwrap_or(rest);
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    if hex_sha(body) != header.sha256 {
+        return Err(src(format!("{}: checksum mismatch (the snapshot is corrupt)", path.display())));
+    }
+    serde_json::from_slice(body).map_err(|e| src(format!("{}: state: {e}", path.display())))
+}
+
+/// Builds a paused VM from the snapshot in `dir`.
+///
+/// Errors: `BadRequest` for a missing or corrupt snapshot or one this host cannot run
+/// (field `source_url`), or for devices that cannot be opened (their field); `Internal`
+/// otherwise.
+pub fn restore(dir: &Path) -> Result<(Vm, VmConfig, types::VmConfig), ApiError> {
+    let src = |m: String| ApiError::BadRequest { field: "source_url".into(), msg: m };
+    let st = read_state(dir)?;
+    let mut cfg = crate::controller::config_from_api(&st.config)?;
+    let is_emu = match st.accelerator.as_str() {
+        "emu" => true,
+        "kvm" => false,
+        a => return Err(src(format!("accelerator '{a}' (accepted: emu, kvm)"))),
+    };
+    cfg.accel = if is_emu { Accel::Emu } else { Accel::Kvm };
+    cfg.validate().map_err(crate::controller::api_error)?;
+    if !is_emu && (!accel::kvm::available() || accel::kvm::is_pvm_host()) && st.config.kernel.is_empty() {
+        return Err(src("a kvm snapshot needs a usable /dev/kvm".into()));
+    }
+    let mem = crate::memory::create(cfg.mem_size).map_err(internal)?;
+    snapshot_memory::load(&mem, &dir.join(&st.memory.file), &st.memory).map_err(src)?;
+    let note = format!("{}: restored from {}", st.accelerator, dir.display());
+    let mut vm = Vm::build(&cfg, mem, is_emu, note).map_err(crate::controller::api_error)?;
+    let corrupt = |what: &str, e: String| src(format!("snapshot corrupt: {what}: {e}"));
+    if let (Some(k), Some(s)) = (vm.kvm(), &st.kvm_vm) {
+        k.restore_state(s).map_err(|e| corrupt("KVM VM state", e.to_string()))?;
+    }
+    {
+        let l = &vm.devices;
+        if let (Some(c), Some(s)) = (&l.irqchip, &st.irqchip) {
+            c.lock().unwrap_or_else(|e| e.into_inner()).restore(s).map_err(|e| corrupt("irqchip", e.to_string()))?;
+        }
+        l.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&st.serial)
+            .map_err(|e| corrupt("serial", e.to_string()))?;
+        l.i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&st.i8042)
+            .map_err(|e| corrupt("i8042", e.to_string()))?;
+        l.cmos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&st.cmos)
+            .map_err(|e| corrupt("cmos", e.to_string()))?;
+        l.pm.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&st.pm)
+            .map_err(|e| corrupt("acpi pm", e.to_string()))?;
+        l.pci.lock().unwrap_or_else(|e| e.into_inner()).set_config_address(st.pci_config_address);
+    }
+    if st.virtio.len() != vm.virtio.len() {
+        return Err(corrupt(
+            "virtio",
+            format!("{} devices, the configuration has {}", st.virtio.len(), vm.virtio.len()),
+        ));
+    }
+    for (d, s) in vm.virtio.iter().zip(&st.virtio) {
+        let mut t = d.dev.lock().unwrap_or_else(|e| e.into_inner());
+        t.restore_state(s).map_err(|e| corrupt(&d.name, e))?;
+        t.resume_device();
+    }
+    if st.vcpus.len() != vm.vcpu_count() {
+        return Err(corrupt("vcpus", format!("{} in the snapshot, {} configured", st.vcpus.len(), vm.vcpu_count())));
+    }
+    for (v, s) in vm.vcpus_mut().zip(&st.vcpus) {
+        v.restore_snapshot(s).map_err(|e| corrupt("vcpu", e.to_string()))?;
+    }
+    vm.clock.set(st.clock_ns);
+    vm.start_paused().map_err(crate::controller::api_error)?;
+    Ok((vm, cfg, st.config))
+}
