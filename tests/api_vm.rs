@@ -1,0 +1,284 @@
+//! The VMM driven over its REST API with the Debian guest on `emu`: lifecycle with a
+//! clock-driven counter (pause stops it, resume continues it, wrong transitions are 409 and
+//! the VM keeps running), and snapshot → kill -9 → restore in a new VMM process, where the
+//! counter, a tmpfs file and a disk write all carry on; corrupt or missing snapshot files are
+//! refused with a clear error and left untouched.
+
+mod common;
+
+use api::client::{Client, ClientError};
+use api::types::{DiskConfig, VmConfig};
+use common::*;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `rustvisor vmm` process, killed when dropped.
+struct Vmm {
+    child: Child,
+    client: Client,
+}
+
+impl Vmm {
+    fn start(sock: &Path) -> Vmm {
+        let child = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
+            .args(["vmm", "--api-socket"])
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let client = Client::new(sock).unwrap().with_timeout(Duration::from_secs(60));
+        let end = Instant::now() + Duration::from_secs(10);
+        while client.ping().is_err() {
+            assert!(Instant::now() < end, "the VMM's API did not come up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Vmm { child, client }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status(r: Result<(), ClientError>) -> u16 {
+    match r {
+        Ok(()) => 200,
+        Err(ClientError::Http { status, .. }) => status,
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+/// The highest `RV-COUNT n` on the console so far.
+fn last_count(log: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().filter_map(|l| l.strip_prefix("RV-COUNT ")?.split_whitespace().next()?.parse().ok()).max()
+}
+
+fn wait_count(log: &Path, at_least: u64, timeout: Duration) -> u64 {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(n) = last_count(log).filter(|n| *n >= at_least) {
+            return n;
+        }
+        assert!(
+            Instant::now() < end,
+            "counter did not reach {at_least}:\n{}",
+            tail(&std::fs::read_to_string(log).unwrap_or_default())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn guest_config(script: &str, log: &Path, disks: Vec<DiskConfig>) -> VmConfig {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+    VmConfig {
+        kernel: guest_file("vmlinuz").display().to_string(),
+        initrd: Some(guest_file("initrd.img").display().to_string()),
+        cmdline: format!("console=ttyS0 panic=-1 rv.cmd={b64}"),
+        memory_mib: 512,
+        cpus: 1,
+        accel: "emu".into(),
+        serial: format!("file={}", log.display()),
+        console: None,
+        disks,
+        nets: vec![],
+        vsock: None,
+        rng: false,
+    }
+}
+
+const COUNTER: &str = "i=0; while true; do echo \"RV-COUNT $i\"; i=$((i+1)); sleep 1; done\n";
+
+#[test]
+fn lifecycle_pause_resume_shutdown_and_conflicts() {
+    let dir = TempDir::new("api-life");
+    let sock = dir.path("api.sock");
+    let log = dir.path("console.log");
+    let vmm = Vmm::start(&sock);
+    let c = &vmm.client;
+    assert_eq!(std::fs::metadata(&sock).unwrap().mode() & 0o777, 0o600, "socket mode");
+    assert_eq!(status(c.boot()), 409, "boot before create");
+    c.create(&guest_config(COUNTER, &log, vec![])).unwrap();
+    assert_eq!(c.info().unwrap().state, "Created");
+    c.boot().unwrap();
+    assert_eq!(status(c.boot()), 409, "boot twice");
+    assert_eq!(status(c.resume()), 409, "resume a running VM");
+    wait_count(&log, 2, Duration::from_secs(120));
+
+    c.pause().unwrap();
+    let info = c.info().unwrap();
+    assert_eq!(info.state, "Paused");
+    assert_eq!(status(c.pause()), 409, "pause a paused VM");
+    let at_pause = last_count(&log).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(last_count(&log).unwrap(), at_pause, "the counter must stop while paused");
+
+    c.resume().unwrap();
+    wait_count(&log, at_pause + 2, Duration::from_secs(30));
+    assert_eq!(status(c.snapshot(&dir.path("snap"))), 409, "snapshot a running VM");
+    assert_eq!(c.info().unwrap().state, "Running", "a refused request leaves the VM running");
+    let counters = c.counters().unwrap();
+    assert!(counters.vcpus[0]["pio_write"] > 0, "{counters:?}");
+
+    c.shutdown().unwrap();
+    assert_eq!(c.info().unwrap().state, "Shutdown");
+    assert_eq!(status(c.pause()), 409, "pause after shutdown");
+    assert!(c.ping().is_ok(), "the VMM outlives its VM");
+    c.delete().unwrap();
+    assert_eq!(status(c.info().map(|_| ())), 404);
+    c.vmm_shutdown().unwrap();
+}
+
+fn file_digests(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            let d = sha256_hex(&std::fs::read(&p).unwrap());
+            (p, d)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn snapshot_kill_restore_continues_the_guest() {
+    let dir = TempDir::new("api-snap");
+    let log = dir.path("console.log");
+    // A disk with an ext4 file system for the guest to write to before the snapshot.
+    let img = dir.path("disk.raw");
+    host("mkfs.ext4", &["-q", "-F", img.to_str().unwrap(), "32M"]);
+    let script = format!(
+        "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt\n\
+         echo tmpfs-$$-marker > /tmp/mark\n\
+         echo disk-written-before-snapshot > /mnt/f && sync\n\
+         i=0; while true; do echo \"RV-COUNT $i $(cat /tmp/mark) $(cat /mnt/f)\"; i=$((i+1)); sleep 1; done\n"
+    );
+    let disks =
+        vec![DiskConfig { path: img.display().to_string(), format: Some("raw".into()), readonly: false, serial: None }];
+    let snap = dir.path("snap");
+    let before;
+    {
+        let vmm = Vmm::start(&dir.path("a.sock"));
+        vmm.client.create(&guest_config(&script, &log, disks)).unwrap();
+        vmm.client.boot().unwrap();
+        wait_count(&log, 3, Duration::from_secs(120));
+        vmm.client.pause().unwrap();
+        before = last_count(&log).unwrap();
+        vmm.client.snapshot(&snap).unwrap();
+        // kill -9 the VMM (Vmm's drop).
+    }
+    // Touched memory only: a 512 MiB guest that used well under half of it.
+    let mem = std::fs::metadata(snap.join("memory.bin")).unwrap();
+    assert_eq!(mem.len(), 512 << 20, "apparent size = guest RAM");
+    assert!(mem.blocks() * 512 < 200 << 20, "memory.bin takes {} MiB on disk", mem.blocks() * 512 >> 20);
+
+    let vmm = Vmm::start(&dir.path("b.sock"));
+    let c = &vmm.client;
+    c.restore(&snap).unwrap();
+    assert_eq!(c.info().unwrap().state, "Paused");
+    assert_eq!(status(c.restore(&snap)), 409, "restore over a live VM");
+    c.resume().unwrap();
+    let after = wait_count(&log, before + 2, Duration::from_secs(60));
+    let text = std::fs::read_to_string(&log).unwrap();
+    // The counter went on from where it was (the first line after the restore is before+1).
+    let counts: Vec<u64> =
+        text.lines().filter_map(|l| l.strip_prefix("RV-COUNT ")?.split_whitespace().next()?.parse().ok()).collect();
+    let pos = counts.iter().rposition(|&n| n == before).unwrap();
+    assert_eq!(counts.get(pos + 1), Some(&(before + 1)), "counter after restore: {counts:?}");
+    assert!(after > before);
+    let last = text.lines().rev().find(|l| l.starts_with("RV-COUNT ")).unwrap();
+    assert!(last.contains("-marker"), "tmpfs file lost: {last}");
+    assert!(last.contains("disk-written-before-snapshot"), "disk write lost: {last}");
+    c.vmm_shutdown().unwrap();
+}
+
+#[test]
+fn corrupt_or_missing_snapshot_is_refused_and_left_alone() {
+    let dir = TempDir::new("api-corrupt");
+    let log = dir.path("console.log");
+    let snap = dir.path("snap");
+    {
+        let vmm = Vmm::start(&dir.path("a.sock"));
+        vmm.client.create(&guest_config(COUNTER, &log, vec![])).unwrap();
+        vmm.client.boot().unwrap();
+        wait_count(&log, 1, Duration::from_secs(120));
+        vmm.client.pause().unwrap();
+        vmm.client.snapshot(&snap).unwrap();
+        assert_eq!(status(vmm.client.snapshot(&snap)), 400, "snapshot into a folder that is not empty");
+    }
+    let vmm = Vmm::start(&dir.path("b.sock"));
+    let c = &vmm.client;
+    let refused = |what: &str| match c.restore(&snap) {
+        Err(ClientError::Http { status: 400, message, .. }) => message,
+        other => panic!("{what}: expected 400, got {other:?}"),
+    };
+    // A flipped byte in the state.
+    let state = snap.join("snapshot.json");
+    let good = std::fs::read(&state).unwrap();
+    let mut bad = good.clone();
+    let k = bad.len() - 20;
+    bad[k] ^= 0x01;
+    std::fs::write(&state, &bad).unwrap();
+    let digests = file_digests(&snap);
+    let m = refused("corrupt state");
+    assert!(m.contains("snapshot.json") && m.contains("checksum"), "{m}");
+    assert_eq!(file_digests(&snap), digests, "a failed restore changed the snapshot");
+    std::fs::write(&state, &good).unwrap();
+    // A flipped byte in guest memory.
+    let memf = snap.join("memory.bin");
+    let mem_good = std::fs::read(&memf).unwrap();
+    let mut mem_bad = mem_good.clone();
+    let nz = mem_bad.iter().rposition(|b| *b != 0).unwrap();
+    mem_bad[nz] ^= 0x80;
+    std::fs::write(&memf, &mem_bad).unwrap();
+    let m = refused("corrupt memory");
+    assert!(m.contains("memory.bin") && m.contains("checksum"), "{m}");
+    // Missing memory file.
+    std::fs::remove_file(&memf).unwrap();
+    let m = refused("missing memory");
+    assert!(m.contains("memory.bin"), "{m}");
+    // Missing folder.
+    let m = match c.restore(&dir.path("nope")) {
+        Err(ClientError::Http { status: 400, message, .. }) => message,
+        other => panic!("missing folder: {other:?}"),
+    };
+    assert!(m.contains("snapshot.json"), "{m}");
+    assert_eq!(status(c.info().map(|_| ())), 404, "no VM after failed restores");
+    assert!(c.ping().is_ok());
+}
+
+#[test]
+fn run_with_api_socket_serves_the_same_api() {
+    let dir = TempDir::new("api-run");
+    let sock = dir.path("run.sock");
+    let log = dir.path("console.log");
+    let extra = ["--api-socket".to_string(), sock.display().to_string()];
+    let mut child = guest_command(COUNTER, &log, &extra).stdin(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let c = Client::new(&sock).unwrap().with_timeout(Duration::from_secs(60));
+    let end = Instant::now() + Duration::from_secs(10);
+    while c.ping().is_err() {
+        assert!(Instant::now() < end, "API did not come up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let info = c.info().unwrap();
+    assert_eq!((info.state.as_str(), info.config.memory_mib), ("Running", 512));
+    wait_count(&log, 1, Duration::from_secs(120));
+    c.pause().unwrap();
+    let n = last_count(&log).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(last_count(&log).unwrap(), n, "paused");
+    c.resume().unwrap();
+    wait_count(&log, n + 1, Duration::from_secs(30));
+    c.vmm_shutdown().unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+}
