@@ -156,11 +156,11 @@ fn snapshot_kill_restore_continues_the_guest() {
     // A disk with an ext4 file system for the guest to write to before the snapshot.
     let img = dir.path("disk.raw");
     host("mkfs.ext4", &["-q", "-F", img.to_str().unwrap(), "32M"]);
-    let script = format!(
+    let script = String::from(
         "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt\n\
          echo tmpfs-$$-marker > /tmp/mark\n\
          echo disk-written-before-snapshot > /mnt/f && sync\n\
-         i=0; while true; do echo \"RV-COUNT $i $(cat /tmp/mark) $(cat /mnt/f)\"; i=$((i+1)); sleep 1; done\n"
+         i=0; while true; do echo \"RV-COUNT $i $(cat /tmp/mark) $(cat /mnt/f)\"; i=$((i+1)); sleep 1; done\n",
     );
     let disks =
         vec![DiskConfig { path: img.display().to_string(), format: Some("raw".into()), readonly: false, serial: None }];
@@ -179,7 +179,7 @@ fn snapshot_kill_restore_continues_the_guest() {
     // Touched memory only: a 512 MiB guest that used well under half of it.
     let mem = std::fs::metadata(snap.join("memory.bin")).unwrap();
     assert_eq!(mem.len(), 512 << 20, "apparent size = guest RAM");
-    assert!(mem.blocks() * 512 < 200 << 20, "memory.bin takes {} MiB on disk", mem.blocks() * 512 >> 20);
+    assert!(mem.blocks() * 512 < 200 << 20, "memory.bin takes {} MiB on disk", (mem.blocks() * 512) >> 20);
 
     let vmm = Vmm::start(&dir.path("b.sock"));
     let c = &vmm.client;
