@@ -282,3 +282,64 @@ fn run_with_api_socket_serves_the_same_api() {
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(0));
 }
+
+#[test]
+fn real_vmm_answers_malformed_requests_with_4xx() {
+    let dir = TempDir::new("api-fuzz");
+    let vmm = Vmm::start(&dir.path("f.sock"));
+    let c = &vmm.client;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let fields = [
+        ("memory_mib", vec!["0", "1", "18446744073709551615", "-5", "\"512\"", "1e30", "null"]),
+        ("cpus", vec!["0", "65", "255", "256", "-1", "true"]),
+        ("accel", vec!["\"xen\"", "1", "\"\"", "[]"]),
+        ("serial", vec!["\"tcp:1\"", "\"file=relative\"", "{}", "7"]),
+        (
+            "disks",
+            vec!["[{\"path\":\"/nonexistent.img\"}]", "[{\"path\":\"/x\",\"format\":\"vmdk\"}]", "[{}]", "\"d\""],
+        ),
+        (
+            "nets",
+            vec!["[{\"tap\":\"abcdefghijklmnopqrst\"}]", "[{\"tap\":\"t0\",\"mac\":\"01:00:00:00:00:00\"}]", "[1]"],
+        ),
+        ("vsock", vec!["{\"cid\":2,\"socket\":\"/tmp/x\"}", "{\"cid\":99999999999,\"socket\":\"/x\"}", "{\"cid\":3}"]),
+        ("bogus_field", vec!["1", "\"x\""]),
+        (
+            "cmdline",
+            vec!["\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"", "5"],
+        ),
+    ];
+    let long_cmdline = format!("\"{}\"", "a".repeat(5000));
+    for i in 0..600 {
+        let mut body = String::from("{\"kernel\":\"/nonexistent/vmlinuz\"");
+        for _ in 0..1 + next() % 3 {
+            let (k, vals) = &fields[(next() % fields.len() as u64) as usize];
+            let v = if *k == "cmdline" && i % 7 == 0 {
+                long_cmdline.as_str()
+            } else {
+                vals[(next() % vals.len() as u64) as usize]
+            };
+            body.push_str(&format!(",\"{k}\":{v}"));
+        }
+        body.push('}');
+        if i % 5 == 0 {
+            // Truncated JSON.
+            body.truncate((next() % body.len() as u64) as usize);
+        }
+        let r = c.request("PUT", "vm.create", Some(body.clone().into_bytes())).unwrap();
+        assert!((400..500).contains(&r.status), "vm.create {body} → {}", r.status);
+        let routes = ["vm.boot", "vm.pause", "vm.resume", "vm.snapshot", "vm.restore", "vm.nope", "vm.info"];
+        let route = routes[(next() % routes.len() as u64) as usize];
+        let junk = format!("{{\"destination_url\":\"{}\"}}", "x".repeat((next() % 100) as usize));
+        let r = c.request("PUT", route, Some(junk.into_bytes())).unwrap();
+        assert!((400..500).contains(&r.status), "{route} → {}", r.status);
+    }
+    assert!(c.ping().is_ok(), "the VMM still answers");
+    assert_eq!(status(c.info().map(|_| ())), 404, "nothing was created");
+}
