@@ -62,7 +62,7 @@ pub mod status {
 /// Registers a queue's kick eventfd at a guest-physical notification address (KVM's
 /// ioeventfd), and removes it again.
 pub trait IoEventRegistrar: Send + Sync {
-    /// Guest writes to `gpa` (4 bytes wide) signal `evt` from now on.
+    /// Guest writes of any width to `gpa` signal `evt` from now on.
     fn register(&self, gpa: u64, evt: &EventFd);
     /// Undoes [`IoEventRegistrar::register`].
     fn unregister(&self, gpa: u64, evt: &EventFd);
@@ -620,6 +620,31 @@ impl VirtioPci {
         }
     }
 
+    /// Keeps the ioeventfds at the notification addresses of BAR 0 as the guest moves it
+    /// (or turns memory decoding off: then none are registered).
+    fn follow_bar(&mut self) {
+        let Some(r) = self.ioevents.clone() else { return };
+        if self.kicks.is_empty() {
+            return;
+        }
+        let want: Vec<u64> = match self.config.mem_bar(0) {
+            Some((base, _)) => {
+                (0..self.kicks.len() as u64).map(|i| base + NOTIFY + i * u64::from(NOTIFY_MULTIPLIER)).collect()
+            }
+            None => Vec::new(),
+        };
+        if want == self.registered {
+            return;
+        }
+        for (gpa, e) in self.registered.drain(..).zip(self.kicks.iter()) {
+            r.unregister(gpa, e);
+        }
+        for (gpa, e) in want.iter().zip(self.kicks.iter()) {
+            r.register(*gpa, e);
+        }
+        self.registered = want;
+    }
+
     /// The transport state (the VM must be paused and the device quiesced).
     pub fn save_state(&self) -> VirtioPciState {
         let m = lock(&self.msix);
@@ -711,6 +736,7 @@ impl PciDevice for VirtioPci {
         if cap != 0 && offset < cap + 4 && offset + data.len() > cap + 2 {
             self.msix_control_changed();
         }
+        self.follow_bar();
         if self.config.command() & CMD_BUS_MASTER == 0 && self.status & status::DRIVER_OK != 0 {
             tracing::debug!("virtio-pci: bus mastering turned off while the device is active");
         }
@@ -884,6 +910,43 @@ mod tests {
         let mut bad = st;
         bad.queues.clear();
         assert!(dev2.restore_state(&bad).is_err());
+    }
+
+    /// Records the notification addresses registered as ioeventfds.
+    #[derive(Default)]
+    struct Registrar(Mutex<Vec<u64>>);
+    impl IoEventRegistrar for Registrar {
+        fn register(&self, gpa: u64, _evt: &EventFd) {
+            lock(&self.0).push(gpa);
+        }
+        fn unregister(&self, gpa: u64, _evt: &EventFd) {
+            lock(&self.0).retain(|g| *g != gpa);
+        }
+    }
+
+    #[test]
+    fn ioeventfds_follow_the_bar() {
+        let tq = TestQueue::new(16, 1 << 20);
+        let (tx, _rx) = mpsc::channel();
+        let reg = Arc::new(Registrar::default());
+        let mut dev = VirtioPci::new(
+            Box::new(crate::rng::Rng::new()),
+            0xc000_0000,
+            tq.mem.clone(),
+            Arc::new(ChanSink(Mutex::new(tx))),
+            Arc::new(DmaLog::default()),
+            Some(reg.clone()),
+        );
+        bring_up(&mut dev, 16);
+        assert_eq!(*lock(&reg.0), vec![0xc000_0000 + NOTIFY]);
+        dev.config_write(0x10, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(*lock(&reg.0), vec![0xd000_0000 + NOTIFY], "moved with the BAR");
+        dev.config_write(0x04, &0u16.to_le_bytes());
+        assert!(lock(&reg.0).is_empty(), "memory decoding off");
+        dev.config_write(0x04, &(CMD_BUS_MASTER | devices::pci::CMD_MEMORY).to_le_bytes());
+        assert_eq!(*lock(&reg.0), vec![0xd000_0000 + NOTIFY]);
+        w(&mut dev, 0x14, 0, 1);
+        assert!(lock(&reg.0).is_empty(), "reset unregisters");
     }
 
     #[test]
