@@ -270,7 +270,63 @@ impl KvmVm {
         self.vm.signal_msi(msi).map(|_| ()).map_err(|e| Error::Kvm(format!("KVM_SIGNAL_MSI {addr:#x}/{data:#x}: {e}")))
     }
 
-    /// Makes 4-byte guest writes to MMIO GPA `gpa` signal `evt` inside KVM
+    /// Installs the VM's GSI routing table ("KVM_SET_GSI_ROUTING"): KVM's default routes
+    /// for the in-kernel irqchip (GSIs 0-15 to the PIC pins and GSIs 0-23 to the IOAPIC
+    /// pins), plus one MSI route per `(gsi, address, data)` in `msi` (GSIs ≥ 24).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unsupported`] without the in-kernel irqchip or for a GSI below 24;
+    /// [`Error::Kvm`] when the ioctl fails.
+    pub fn set_msi_routes(&self, msi: &[(u32, u64, u32)]) -> Result<()> {
+        use kvm_bindings::{
+            kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+        };
+        if !self.irqchip {
+            return Err(Error::Unsupported("MSI routes on a VM without in-kernel irqchip".into()));
+        }
+        let mut entries = Vec::new();
+        let chip = |gsi: u32, irqchip: u32, pin: u32| {
+            let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
+            e.u.irqchip.irqchip = irqchip;
+            e.u.irqchip.pin = pin;
+            e
+        };
+        for gsi in 0..IRQCHIP_NUM_PINS {
+            if gsi < 8 {
+                entries.push(chip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
+            } else if gsi < 16 {
+                entries.push(chip(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
+            }
+            entries.push(chip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for &(gsi, addr, data) in msi {
+            if gsi < IRQCHIP_NUM_PINS {
+                return Err(Error::Unsupported(format!("MSI route on irqchip GSI {gsi}")));
+            }
+            let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
+            e.u.msi.address_lo = addr as u32;
+            e.u.msi.address_hi = (addr >> 32) as u32;
+            e.u.msi.data = data;
+            entries.push(e);
+        }
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| Error::Unsupported(format!("{} GSI routes: {e:?}", entries.len())))?;
+        self.vm.set_gsi_routing(&table).map_err(|e| Error::Kvm(format!("KVM_SET_GSI_ROUTING: {e}")))
+    }
+
+    /// Makes a write to `evt` inject GSI `gsi` ("KVM_IRQFD"); with an MSI route on that
+    /// GSI, the write delivers the MSI without a VMM ioctl.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kvm`] when the ioctl fails.
+    pub fn register_irqfd(&self, evt: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()> {
+        self.vm.register_irqfd(evt, gsi).map_err(|e| Error::Kvm(format!("KVM_IRQFD gsi {gsi}: {e}")))
+    }
+
+    /// Makes guest writes (any width) to MMIO GPA `gpa` signal `evt` inside KVM
     /// ("KVM_IOEVENTFD"), without an exit to userspace (virtio queue notifications).
     ///
     /// # Errors

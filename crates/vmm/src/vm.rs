@@ -515,7 +515,7 @@ impl Vm {
                 vcpus.push(SendVcpu(Box::new(v)));
             }
             let line: Arc<dyn IrqLine> = Arc::new(KvmIrq { vm: vm.clone(), gsi: COM1_IRQ });
-            let msi: Arc<dyn MsiSink> = Arc::new(crate::virtio_devices::KvmMsi(vm.clone()));
+            let msi: Arc<dyn MsiSink> = Arc::new(crate::virtio_devices::KvmMsi::new(vm.clone()));
             (line, msi, Some(vm), None)
         };
         *ctl.vcpus.lock().unwrap_or_else(|e| e.into_inner()) = stops.into_iter().map(|s| (s, None)).collect();

@@ -745,7 +745,8 @@ fn virtio_rng_over_pci_msix_on_kvm() {
     let vm = Arc::new(KvmVm::new(&ram).unwrap());
     assert!(vm.has_irqchip());
     let (mut pio, mut mmio) = (PioBus::new(), MmioBus::new());
-    let msi: Arc<dyn MsiSink> = Arc::new(KvmMsi(vm.clone()));
+    let router = Arc::new(KvmMsi::new(vm.clone()));
+    let msi: Arc<dyn MsiSink> = router.clone();
     let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(KvmIoEvents(vm.clone()));
     let dev = attach_virtio_rng(&mem, &mut pio, &mut mmio, msi, Arc::new(DmaLog::default()), Some(ioevents));
 
@@ -763,4 +764,5 @@ fn virtio_rng_over_pci_msix_on_kvm() {
     check_common("kvm", &io, &mem, &dev);
     // The notification was an ioeventfd inside KVM: it never left the kernel.
     assert_eq!(io.notify_writes, 0, "kvm: the queue notification must not reach the userspace MMIO bus");
+    assert_eq!(router.irqfd_routes(), 1, "kvm: the MSI went through an irqfd and an MSI route");
 }
