@@ -175,9 +175,8 @@ pub fn restore(dir: &Path) -> Result<(Vm, VmConfig, types::VmConfig), ApiError> 
     };
     cfg.accel = if is_emu { Accel::Emu } else { Accel::Kvm };
     cfg.validate().map_err(crate::controller::api_error)?;
-    if !is_emu && (!accel::kvm::available() || accel::kvm::is_pvm_host()) && st.config.kernel.is_empty() {
-        return Err(src("a kvm snapshot needs a usable /dev/kvm".into()));
-    }
+    // The same accelerator checks as a boot (a kvm snapshot needs a usable /dev/kvm).
+    crate::vm::choose_accel(cfg.accel).map_err(|e| src(format!("{} snapshot: {e}", st.accelerator)))?;
     let mem = crate::memory::create(cfg.mem_size).map_err(internal)?;
     snapshot_memory::load(&mem, &dir.join(&st.memory.file), &st.memory).map_err(src)?;
     let note = format!("{}: restored from {}", st.accelerator, dir.display());

@@ -420,7 +420,7 @@ fn serial_sink(out: &SerialOut) -> Result<Box<dyn Write + Send>> {
 pub const KVM_ON_PVM_ENV: &str = "RUSTVISOR_KVM_ON_PVM";
 
 /// Decides the accelerator for `auto` (and checks an explicit `kvm`).
-fn choose_accel(a: Accel) -> Result<(bool, String)> {
+pub(crate) fn choose_accel(a: Accel) -> Result<(bool, String)> {
     let kvm_ok = accel::kvm::available();
     let pvm = accel::kvm::is_pvm_host();
     match a {
