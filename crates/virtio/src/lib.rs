@@ -4,7 +4,8 @@
 //! - [`pci`]: the modern virtio-pci transport (virtio 1.2 §4.1) with MSI-X.
 //! - [`queue`]: serving a split virtqueue with `virtio-queue`.
 //! - [`worker`]: the per-device epoll thread.
-//! - Devices: [`rng`].
+//! - Devices: [`block`] (with `crates/block` for raw and qcow2 images), [`net`] (on a
+//!   [`tap`]), [`vsock`] (host side on Unix sockets), [`rng`] and [`console`].
 //!
 //! Every device treats the guest as hostile: malformed descriptor chains, addresses outside
 //! guest memory and out-of-range lengths fail that request (or set `DEVICE_NEEDS_RESET`);
