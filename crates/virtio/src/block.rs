@@ -1379,6 +1379,7 @@ mod tests {
                 queue_evts: vec![kick.try_clone().unwrap()],
                 interrupt: Arc::new(ChanIrq(Mutex::new(tx))),
                 dma: Arc::new(DmaLog::default()),
+                resumed: false,
             };
             dev.activate(ctx).unwrap();
             let mut h = [0u8; 16];

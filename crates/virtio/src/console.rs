@@ -469,6 +469,7 @@ mod tests {
                 queue_evts: self.kicks.iter().map(|e| e.try_clone().unwrap()).collect(),
                 interrupt: self.irq.clone(),
                 dma: self.dma.clone(),
+                resumed: false,
             };
             self.con.activate(ctx).unwrap();
         }

@@ -103,6 +103,9 @@ pub struct ActivateContext {
     pub interrupt: Arc<dyn Interrupt>,
     /// Where to record guest RAM written by the device.
     pub dma: Arc<DmaLog>,
+    /// The device resumes after a snapshot (restore, or the end of a snapshot) rather than
+    /// starting fresh: host-side connections were lost (vsock sends a transport reset).
+    pub resumed: bool,
 }
 
 /// Error returned by [`VirtioDevice::activate`]; the transport then sets `DEVICE_NEEDS_RESET`.

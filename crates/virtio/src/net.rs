@@ -1236,6 +1236,7 @@ mod tests {
             queue_evts: evts.iter().map(|e| e.try_clone().unwrap()).collect(),
             interrupt: irq,
             dma: Arc::default(),
+            resumed: false,
         })
         .unwrap();
         evts

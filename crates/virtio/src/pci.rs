@@ -460,6 +460,7 @@ impl VirtioPci {
             queue_evts: device_kicks,
             interrupt: Arc::new(PciInterrupt { msix: self.msix.clone(), isr: self.isr.clone() }),
             dma: self.dma.clone(),
+            resumed: resume,
         };
         self.kicks = kicks;
         self.device.activate(ctx).map_err(|e| e.to_string())?;

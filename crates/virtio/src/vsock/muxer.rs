@@ -768,6 +768,10 @@ pub(super) struct VsockWorker {
     /// The tx queue was left alone because `ctrl` is full.
     tx_blocked: bool,
     mux: Muxer,
+    /// The event queue (virtio 1.2 §5.10.6.7).
+    evq: Option<Queue>,
+    /// A transport reset event is owed to the driver (after a snapshot or restore).
+    reset_pending: bool,
 }
 
 impl VsockWorker {
@@ -797,6 +801,7 @@ impl VsockWorker {
             return Err(io::Error::last_os_error());
         }
         let mut queues = ctx.queues.into_iter();
+        let resumed = ctx.resumed;
         let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "missing queues"));
         };
@@ -824,6 +829,8 @@ impl VsockWorker {
             counters,
             tx_blocked: false,
             mux,
+            evq: queues.next(),
+            reset_pending: resumed,
         };
         Ok((ctx.queue_evts, w))
     }
@@ -913,18 +920,59 @@ fn serve_rx(
     (HDR_LEN + data.len()) as u32
 }
 
+impl VsockWorker {
+    /// Sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (id 0, §5.10.6.7) in the first event buffer,
+    /// if one is owed and the driver has posted a buffer: the guest then drops connections
+    /// whose host side is gone (they were closed when the device was quiesced).
+    fn send_transport_reset(&mut self) {
+        use virtio_queue::QueueT;
+        use vm_memory::Bytes;
+        if !self.reset_pending {
+            return;
+        }
+        let Some(q) = self.evq.as_mut() else { return };
+        if !q.ready() {
+            self.reset_pending = false;
+            return;
+        }
+        let Some(chain) = q.pop_descriptor_chain(&self.mem) else { return };
+        let head = chain.head_index();
+        let mut len = 0u32;
+        if let Some(d) = chain.writable().next() {
+            if d.len() >= 4 && self.mem.write_obj(0u32, d.addr()).is_ok() {
+                self.dma.record(d.addr().0, 4);
+                len = 4;
+            }
+        }
+        if len == 0 {
+            Counters::add(&self.counters.errors, 1);
+        }
+        if q.add_used(&self.mem, head, len).is_ok() {
+            self.reset_pending = false;
+            if q.needs_notification(&self.mem).unwrap_or(true) {
+                self.interrupt.notify_queue(2);
+            }
+        }
+    }
+}
+
 impl Handler for VsockWorker {
     fn init(&mut self, ctl: &EpollCtl) -> io::Result<()> {
         ctl.add(self.mux.listener.as_raw_fd(), EventSet::IN, LISTENER_TOKEN)?;
-        ctl.add(self.mux.timer.as_raw_fd(), EventSet::IN, TIMER_TOKEN)
+        ctl.add(self.mux.timer.as_raw_fd(), EventSet::IN, TIMER_TOKEN)?;
+        self.send_transport_reset();
+        Ok(())
     }
 
     fn queue_event(&mut self, queue: usize, ctl: &EpollCtl) {
         match queue as u16 {
             RXQ => {}
             TXQ => self.process_tx(ctl),
-            // The event queue: transport resets are never sent (no migration).
-            _ => return,
+            // The event queue: buffers for the transport reset owed after a snapshot.
+            _ => {
+                self.send_transport_reset();
+                return;
+            }
         }
         self.process_rx(ctl);
     }

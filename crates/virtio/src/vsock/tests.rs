@@ -176,6 +176,7 @@ impl Harness {
             queue_evts: kicks.iter().map(|e| e.try_clone().unwrap()).collect(),
             interrupt: irq.clone(),
             dma: dma.clone(),
+            resumed: false,
         };
         dev.activate(ctx).unwrap();
         Harness { dir, path, dev, rxq, txq, kicks, irq, dma, rx_seen: 0, tx_lost: 0 }
@@ -870,4 +871,36 @@ fn reset_closes_connections() {
     // The listening socket survives a reset.
     assert!(h.path.exists());
     let _keep = &h.dir;
+}
+
+#[test]
+fn resumed_device_sends_a_transport_reset_event() {
+    let dir = TempDir::new();
+    let mut dev = Vsock::new(GUEST_CID, dir.0.join("v.sock")).unwrap();
+    let rxq = TestQueue::new(QUEUE_SIZE, MEM_SIZE);
+    let txq = Ring::new(&rxq.mem, 0x5000, QUEUE_SIZE);
+    let mut evq = Ring::new(&rxq.mem, 0x8000, QUEUE_SIZE);
+    // The driver's event buffer, filled with junk so the event's zero id shows.
+    let ev_buf = 0xa000u64;
+    rxq.mem.write_obj(0xffff_ffffu32, GuestAddress(ev_buf)).unwrap();
+    evq.set_desc(0, ev_buf, 8, 2, 0);
+    evq.publish(0);
+    let kicks: Vec<EventFd> = (0..3).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+    let irq = Arc::new(Irq::default());
+    let ctx = ActivateContext {
+        mem: rxq.mem.clone(),
+        acked_features: dev.device_features(),
+        queues: vec![rxq.queue(), txq.queue(), evq.queue()],
+        queue_evts: kicks.iter().map(|e| e.try_clone().unwrap()).collect(),
+        interrupt: irq.clone(),
+        dma: Arc::new(DmaLog::default()),
+        resumed: true,
+    };
+    dev.activate(ctx).unwrap();
+    wait_for("transport reset event", || evq.used_idx() == 1);
+    let id: u32 = rxq.mem.read_obj(GuestAddress(ev_buf)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    let used_len: u32 = rxq.mem.read_obj(GuestAddress(0x8000 + 0x1800 + 4 + 4)).unwrap();
+    assert_eq!(used_len, 4);
+    wait_for("event queue interrupt", || irq.counts[2].load(Ordering::Relaxed) == 1);
 }
