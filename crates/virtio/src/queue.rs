@@ -17,47 +17,7 @@ pub fn drain<'m>(
     mem: &'m GuestMem,
     mut serve: impl FnMut(DescriptorChain<&'m GuestMem>) -> u32,
 ) -> bool {
-    if !queue.ready() {
-        return false;
-    }
-    let mut used_any = false;
-    loop {
-        if queue.event_idx_enabled() {
-            if let Err(e) = queue.disable_notification(mem) {
-                tracing::warn!("virtqueue: disable notification: {e}");
-                return used_any;
-            }
-        }
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    tracing::warn!("virtqueue: corrupt avail ring: {e}");
-                    return finish(queue, mem, used_any);
-                }
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let len = serve(chain);
-            if let Err(e) = queue.add_used(mem, head, len) {
-                tracing::warn!("virtqueue: add_used: {e}");
-                return finish(queue, mem, used_any);
-            }
-            used_any = true;
-        }
-        if !queue.event_idx_enabled() {
-            break;
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                tracing::warn!("virtqueue: enable notification: {e}");
-                break;
-            }
-        }
-    }
-    finish(queue, mem, used_any)
+    walk(queue, mem, &mut (), |_| true, |_, c| serve(c), true)
 }
 
 fn finish(queue: &mut Queue, mem: &GuestMem, used_any: bool) -> bool {
@@ -78,14 +38,33 @@ pub fn fill<'m, S>(
     queue: &mut Queue,
     mem: &'m GuestMem,
     state: &mut S,
+    has_work: impl FnMut(&mut S) -> bool,
+    serve: impl FnMut(&mut S, DescriptorChain<&'m GuestMem>) -> u32,
+) -> bool {
+    walk(queue, mem, state, has_work, serve, false)
+}
+
+/// The walk behind [`drain`] and [`fill`]. With `quiet`, driver notifications are turned
+/// off while chains are served (they are re-armed before returning, with event index).
+fn walk<'m, S>(
+    queue: &mut Queue,
+    mem: &'m GuestMem,
+    state: &mut S,
     mut has_work: impl FnMut(&mut S) -> bool,
     mut serve: impl FnMut(&mut S, DescriptorChain<&'m GuestMem>) -> u32,
+    quiet: bool,
 ) -> bool {
     if !queue.ready() {
         return false;
     }
     let mut used_any = false;
     loop {
+        if quiet && queue.event_idx_enabled() {
+            if let Err(e) = queue.disable_notification(mem) {
+                tracing::warn!("virtqueue: disable notification: {e}");
+                return used_any;
+            }
+        }
         while has_work(state) {
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
