@@ -163,7 +163,7 @@ fn snapshot_kill_restore_continues_the_guest() {
          i=0; while true; do echo \"RV-COUNT $i $(cat /tmp/mark) $(cat /mnt/f)\"; i=$((i+1)); sleep 1; done\n",
     );
     let disks =
-        vec![DiskConfig { path: img.display().to_string(), format: Some("raw".into()), readonly: false, serial: None }];
+        vec![DiskConfig { path: img.display().to_string(), format: Some("raw".into()), readonly: false, serial: None, ..Default::default() }];
     let snap = dir.path("snap");
     let before;
     {

@@ -61,7 +61,7 @@ fn default_serial() -> String {
 }
 
 /// One disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Image path.
@@ -75,6 +75,12 @@ pub struct DiskConfig {
     /// GET_ID serial (≤ 20 ASCII bytes).
     #[serde(default)]
     pub serial: Option<String>,
+    /// Trust the qcow2 header's backing file names outside the image's directory.
+    #[serde(default)]
+    pub allow_backing_outside: bool,
+    /// Accept an external data file named in the qcow2 header.
+    #[serde(default)]
+    pub allow_data_file: bool,
 }
 
 /// One NIC.

@@ -26,7 +26,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use imago::qcow2::Qcow2;
-use imago::{FormatAccess, FormatCreateBuilder, Storage, StorageCreateOptions, StorageOpenOptions};
+use imago::{FormatAccess, FormatCreateBuilder, Storage, StorageCreateOptions};
+
+mod chain;
+pub use chain::{ImagePolicy, MAX_CHAIN_DEPTH};
 
 /// The first four bytes of every qcow2 image: `QFI\xfb`.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -122,6 +125,65 @@ pub enum Error {
         path: PathBuf,
         /// The backing file, resolved relative to the image's directory.
         backing: PathBuf,
+    },
+    /// The qcow2 header names a backing file without recording its format; probing it would
+    /// let whoever wrote the backing file choose how it is interpreted.
+    #[error(
+        "disk image {}: backing file {} has {} (accepted: raw, qcow2, recorded in the header, e.g. `qemu-img rebase -F raw`)",
+        path.display(),
+        backing.display(),
+        match format { Some(f) => format!("unsupported format {f:?}"), None => "no format recorded".to_string() }
+    )]
+    BackingFormatUnknown {
+        /// The image path as given.
+        path: PathBuf,
+        /// The backing file named in the header, resolved against its image's directory.
+        backing: PathBuf,
+        /// The format recorded in the header, if any.
+        format: Option<String>,
+    },
+    /// A backing (or external data) file lies outside the image's own directory.
+    #[error(
+        "disk image {}: refusing backing file {} outside the image's directory {} (add backing=allow to trust the image's header)",
+        path.display(),
+        backing.display(),
+        directory.display()
+    )]
+    BackingOutsideDirectory {
+        /// The image path as given.
+        path: PathBuf,
+        /// The file named in a header, canonicalised.
+        backing: PathBuf,
+        /// The top image's directory, canonicalised.
+        directory: PathBuf,
+    },
+    /// The backing chain names one image twice.
+    #[error("disk image {}: backing chain loops back to {}", path.display(), backing.display())]
+    BackingLoop {
+        /// The image path as given.
+        path: PathBuf,
+        /// The image that appears a second time.
+        backing: PathBuf,
+    },
+    /// The backing chain is longer than [`MAX_CHAIN_DEPTH`].
+    #[error("disk image {}: backing chain deeper than {max} images", path.display())]
+    BackingChainTooDeep {
+        /// The image path as given.
+        path: PathBuf,
+        /// The deepest chain accepted.
+        max: usize,
+    },
+    /// The qcow2 header asks for an external data file and the policy refuses those.
+    #[error(
+        "disk image {}: refusing external data file {} (add data_file=allow to trust the image's header)",
+        path.display(),
+        data_file.display()
+    )]
+    ExternalDataFile {
+        /// The image path as given.
+        path: PathBuf,
+        /// The data file named in the header, resolved against the image's directory.
+        data_file: PathBuf,
     },
     /// The qcow2 image (or one of its backing images) is invalid or could not be opened.
     #[error("disk image {}: cannot open as qcow2: {source}", path.display())]
@@ -278,7 +340,9 @@ impl DiskImage {
     ///
     /// Opening reads the image (header, qcow2 metadata) but never writes it. For qcow2, the
     /// backing file named in the header (relative names resolve against the image's
-    /// directory) is opened read-only, recursively.
+    /// directory) is opened read-only, recursively, under the strict [`ImagePolicy`]: its
+    /// format must be recorded in the header, it must lie in the image's directory, the chain
+    /// may not loop or exceed [`MAX_CHAIN_DEPTH`], and external data files are refused.
     ///
     /// Errors: [`Error::NotFound`], [`Error::PermissionDenied`] (including a read-write open on
     /// a read-only file system), [`Error::NotAFile`] (directories, character devices...),
@@ -286,6 +350,21 @@ impl DiskImage {
     /// [`Error::BackingFileMissing`], [`Error::Qcow2`] (corrupt or unsupported qcow2: external
     /// data files without a name, unknown incompatible features, ...), [`Error::Io`].
     pub fn open(path: impl AsRef<Path>, format: Format, readonly: bool) -> Result<DiskImage, Error> {
+        DiskImage::open_with(path, format, readonly, ImagePolicy::default())
+    }
+
+    /// [`DiskImage::open`] with an explicit policy for the files a qcow2 header names (see
+    /// [`ImagePolicy`]; `open` uses the strict default).
+    ///
+    /// Errors: those of [`DiskImage::open`], and for qcow2 [`Error::BackingFormatUnknown`],
+    /// [`Error::BackingOutsideDirectory`], [`Error::BackingLoop`],
+    /// [`Error::BackingChainTooDeep`] and [`Error::ExternalDataFile`].
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        format: Format,
+        readonly: bool,
+        policy: ImagePolicy,
+    ) -> Result<DiskImage, Error> {
         let path = path.as_ref();
         let file =
             OpenOptions::new().read(true).write(!readonly).open(path).map_err(|e| open_error(path, readonly, e))?;
@@ -312,7 +391,7 @@ impl DiskImage {
                     (&file).seek(SeekFrom::End(0)).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
                 Backend::Raw(RawFile { file, size, no_punch_hole: false, no_zero_range: false })
             }
-            Format::Qcow2 => Backend::Qcow2(Box::new(open_qcow2(path, file, readonly)?)),
+            Format::Qcow2 => Backend::Qcow2(Box::new(chain::open_qcow2(path, file, readonly, policy)?)),
         };
         Ok(DiskImage { path: path.to_path_buf(), format, readonly, backend })
     }
@@ -447,30 +526,6 @@ fn qcow2_zeroes(q: &FormatAccess<imago::file::File>, offset: u64, len: u64) -> i
         Err(e) if e.kind() == io::ErrorKind::Unsupported => write_zero_buffers(offset, len, |b, o| q.write(b, o)),
         r => r,
     }
-}
-
-/// Opens the qcow2 image `path` (already open as `file`) through imago, checking first that
-/// its backing file exists.
-fn open_qcow2(path: &Path, file: File, readonly: bool) -> Result<FormatAccess<imago::file::File>, Error> {
-    let qerr = |source: io::Error| Error::Qcow2 { path: path.to_path_buf(), source };
-    let opts = StorageOpenOptions::new().filename(path).write(!readonly);
-    let storage = imago::file::File::from_open_file(file, opts).map_err(qerr)?;
-    let mut qcow2 = Qcow2::<imago::file::File>::open_image(storage, !readonly).map_err(qerr)?;
-    if let Some(name) = qcow2.implicit_backing_file() {
-        let backing = resolve_relative(path, Path::new(name));
-        match backing.try_exists() {
-            Ok(true) => {}
-            Ok(false) => return Err(Error::BackingFileMissing { path: path.to_path_buf(), backing }),
-            Err(e) => {
-                return Err(Error::Qcow2 {
-                    path: path.to_path_buf(),
-                    source: io::Error::new(e.kind(), format!("backing file {}: {e}", backing.display())),
-                })
-            }
-        }
-    }
-    qcow2.open_implicit_dependencies().map_err(qerr)?;
-    Ok(FormatAccess::new(qcow2))
 }
 
 /// Creates a new, empty qcow2 v3 image of `size` bytes (virtual) at `path`, with 64 KiB

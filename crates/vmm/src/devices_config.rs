@@ -13,7 +13,8 @@ pub enum DiskFormat {
     Qcow2,
 }
 
-/// One virtio-blk disk (`--disk path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID]`).
+/// One virtio-blk disk
+/// (`--disk path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID][,backing=allow][,data_file=allow]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
     /// Image file.
@@ -24,6 +25,12 @@ pub struct DiskConfig {
     pub readonly: bool,
     /// Serial number returned to GET_ID (at most 20 bytes).
     pub serial: Option<String>,
+    /// Trust the qcow2 header's backing file names: backing files may lie outside the image's
+    /// directory (`backing=allow`). Off by default (see `block::ImagePolicy`).
+    pub allow_backing_outside: bool,
+    /// Accept an external data file named in the qcow2 header (`data_file=allow`). Off by
+    /// default.
+    pub allow_data_file: bool,
 }
 
 /// One virtio-net NIC on a TAP device (`--net tap=NAME[,mac=MAC]`).
@@ -75,7 +82,7 @@ fn parse_bool(flag: &str, key: &str, v: &str) -> Result<bool, String> {
 impl std::str::FromStr for DiskConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let m = parse_kv("--disk", s, &["path", "format", "readonly", "serial"])?;
+        let m = parse_kv("--disk", s, &["path", "format", "readonly", "serial", "backing", "data_file"])?;
         let path = m.get("path").filter(|p| !p.is_empty()).ok_or("--disk: path=IMG is required")?;
         let format = match m.get("format").map(String::as_str) {
             None => None,
@@ -90,7 +97,14 @@ impl std::str::FromStr for DiskConfig {
                 return Err(format!("--disk: serial '{id}' (accepted: up to {SERIAL_MAX} ASCII characters)"));
             }
         }
-        Ok(DiskConfig { path: PathBuf::from(path), format, readonly, serial })
+        let allow = |key: &str| match m.get(key).map(String::as_str) {
+            None | Some("deny") => Ok(false),
+            Some("allow") => Ok(true),
+            Some(v) => Err(format!("--disk: {key}='{v}' (accepted: allow, deny)")),
+        };
+        let allow_backing_outside = allow("backing")?;
+        let allow_data_file = allow("data_file")?;
+        Ok(DiskConfig { path: PathBuf::from(path), format, readonly, serial, allow_backing_outside, allow_data_file })
     }
 }
 
@@ -165,9 +179,15 @@ mod tests {
                 path: "/x.img".into(),
                 format: Some(DiskFormat::Qcow2),
                 readonly: true,
-                serial: Some("abc".into())
+                serial: Some("abc".into()),
+                allow_backing_outside: false,
+                allow_data_file: false,
             }
         );
+        let d: DiskConfig = "path=a.img,backing=allow,data_file=allow".parse().unwrap();
+        assert!(d.allow_backing_outside && d.allow_data_file);
+        let e = "path=a.img,backing=yes".parse::<DiskConfig>().unwrap_err();
+        assert_eq!(e, "--disk: backing='yes' (accepted: allow, deny)");
         let d: DiskConfig = "path=a.img".parse().unwrap();
         assert_eq!((d.format, d.readonly, d.serial), (None, false, None));
         for bad in ["", "format=raw", "path=a,format=vmdk", "path=a,readonly=maybe", "path=a,size=1", "path=a,path=b"] {
