@@ -620,6 +620,12 @@ fn string_op(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: StrOp, si
     let step: u64 = if cpu.rflags & DF != 0 { (size as u64).wrapping_neg() } else { size as u64 };
     let src_seg = insn.memory_segment();
     let mut iters = 0u64;
+    if matches!(op, StrOp::Ins | StrOp::Outs) {
+        // Checked once per execution, before the count (as QEMU, Bochs and KVM's emulator
+        // do): neither the port nor the privilege changes while it runs.
+        let port = cpu.gpr[2] as u16;
+        io_check(cpu, bus, port, size)?;
+    }
     if rep
         && matches!(op, StrOp::Movs | StrOp::Stos)
         && step == size as u64
@@ -679,7 +685,6 @@ fn string_op(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: StrOp, si
                 zf_stop = Some(f & ZF != 0);
             }
             StrOp::Ins => {
-                io_check(cpu)?;
                 let port = cpu.gpr[2] as u16;
                 let la = cpu.seg_la(Register::ES, di);
                 cpu.probe_write(la, size, cpu.user())?;
@@ -689,7 +694,6 @@ fn string_op(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: StrOp, si
                 upd(cpu, REG_RDI, di.wrapping_add(step), asz);
             }
             StrOp::Outs => {
-                io_check(cpu)?;
                 let port = cpu.gpr[2] as u16;
                 let v = cpu.rmem(bus, cpu.seg_la(src_seg, si), size)?;
                 bus.io_out(port, size as u8, v as u32);
@@ -803,10 +807,47 @@ fn set_acc(cpu: &mut Cpu, size: usize, v: u64) {
     cpu.set_reg(r, v);
 }
 
-/// Port I/O permission: CPL <= IOPL (the TSS I/O bitmap is not consulted).
-fn io_check(cpu: &Cpu) -> Res<()> {
-    if cpu.cr0 & ctl::CR0_PE != 0 && u64::from(cpu.cpl()) > (cpu.rflags >> 12) & 3 {
-        return Err(Fault::GeneralProtection(0));
+/// Port I/O permission for an access of `size` bytes at `port` (Intel SDM Vol. 1 §19.5):
+/// always granted in real mode and when CPL <= IOPL outside virtual-8086 mode; otherwise
+/// the TSS I/O permission bitmap decides. Ring 0 never reaches the bitmap.
+#[inline(always)]
+fn io_check(cpu: &mut Cpu, bus: &mut dyn Bus, port: u16, size: usize) -> Res<()> {
+    if cpu.cr0 & ctl::CR0_PE != 0
+        && (u64::from(cpu.seg[sreg::CS].dpl()) > (cpu.rflags >> 12) & 3 || cpu.rflags & VM != 0)
+    {
+        return io_bitmap_check(cpu, bus, port, size);
+    }
+    Ok(())
+}
+
+/// The I/O permission bitmap check of the current TSS (TR), for CPL > IOPL or virtual-8086
+/// mode. The 16-bit map base sits at offset 0x66; the processor reads the two bitmap bytes
+/// holding the bits of `port` and the ports after it, both of which must lie within the TSS
+/// limit (hence the all-ones byte a TSS carries after a full bitmap), and every bit of the
+/// `size` ports accessed must be clear. Anything else is #GP(0). The reads are implicit
+/// supervisor accesses, so they may page-fault like any other.
+#[cold]
+#[inline(never)]
+fn io_bitmap_check(cpu: &mut Cpu, bus: &mut dyn Bus, port: u16, size: usize) -> Res<()> {
+    const GP: Fault = Fault::GeneralProtection(0);
+    // Only a 32/64-bit TSS has an I/O map: type 9 or 11 (bit 1 is "busy"), a system
+    // descriptor (S = 0), usable; and it must be long enough to hold the map base.
+    let limit = u64::from(cpu.tr.limit);
+    if cpu.tr.attr & 0x1_001d != 0x9 || limit < 0x67 {
+        return Err(GP);
+    }
+    // Linear addresses wrap at 4 GiB outside long mode.
+    let (base, amask) = (cpu.tr.base, if cpu.efer & ctl::EFER_LMA != 0 { u64::MAX } else { 0xffff_ffff });
+    let tss_la = move |off: u64| base.wrapping_add(off) & amask;
+    let io_base = cpu.read_sys(bus, tss_la(0x66), 2)?;
+    let off = io_base + u64::from(port >> 3);
+    if off + 1 > limit {
+        return Err(GP);
+    }
+    let bits = cpu.read_sys(bus, tss_la(off), 2)?;
+    let want = ((1u64 << size) - 1) << (port & 7);
+    if bits & want != 0 {
+        return Err(GP);
     }
     Ok(())
 }
@@ -1525,20 +1566,20 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             Ok(())
         }
         M::In => {
-            io_check(cpu)?;
             let r0 = insn.op0_register();
             let size = r0.size();
             let port = if insn.op1_kind() == OpKind::Register { cpu.gpr[2] as u16 } else { insn.immediate(1) as u16 };
+            io_check(cpu, bus, port, size)?;
             cpu.stats.pio += 1;
             let v = bus.io_in(port, size as u8);
             cpu.set_reg(r0, u64::from(v));
             Ok(())
         }
         M::Out => {
-            io_check(cpu)?;
             let r1 = insn.op1_register();
             let size = r1.size();
             let port = if insn.op0_kind() == OpKind::Register { cpu.gpr[2] as u16 } else { insn.immediate(0) as u16 };
+            io_check(cpu, bus, port, size)?;
             cpu.stats.pio += 1;
             bus.io_out(port, size as u8, cpu.get_reg(r1) as u32);
             cpu.check_irq = true;
