@@ -162,8 +162,13 @@ fn snapshot_kill_restore_continues_the_guest() {
          echo disk-written-before-snapshot > /mnt/f && sync\n\
          i=0; while true; do echo \"RV-COUNT $i $(cat /tmp/mark) $(cat /mnt/f)\"; i=$((i+1)); sleep 1; done\n",
     );
-    let disks =
-        vec![DiskConfig { path: img.display().to_string(), format: Some("raw".into()), readonly: false, serial: None, ..Default::default() }];
+    let disks = vec![DiskConfig {
+        path: img.display().to_string(),
+        format: Some("raw".into()),
+        readonly: false,
+        serial: None,
+        ..Default::default()
+    }];
     let snap = dir.path("snap");
     let before;
     {

@@ -135,6 +135,13 @@ pub struct Counters {
     pub vcpus: Vec<std::collections::BTreeMap<String, u64>>,
     /// Per device name ("disk0", "net0", "vsock", "rng", "console") → counters.
     pub devices: std::collections::BTreeMap<String, DeviceCounters>,
+    /// Guest-triggered warnings (corrupt virtqueues, malformed requests, bad feature
+    /// negotiation) since the VMM started.
+    #[serde(default)]
+    pub guest_warnings: u64,
+    /// Of those, the ones not logged (the log takes at most 5 per kind per minute).
+    #[serde(default)]
+    pub guest_warnings_suppressed: u64,
 }
 
 /// One device's counters.

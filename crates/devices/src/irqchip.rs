@@ -82,6 +82,19 @@ pub struct EmuIrqchipState {
     pub pit: PitState,
 }
 
+impl EmuIrqchipState {
+    /// The latest clock reading (ns) the timers' state refers to: the PIT channels' and the
+    /// LAPIC timer's `start_ns`. A clock restored below it would make the guest's timers wait
+    /// out the difference, so a restore must start the clock at or after it.
+    pub fn latest_timer_ns(&self) -> u64 {
+        let pit = self.pit.channels.iter().filter_map(|c| match c.run {
+            crate::pit::PitRunState::Counting { start_ns, .. } => Some(start_ns),
+            _ => None,
+        });
+        pit.chain(self.lapic.timer.map(|t| t.start_ns)).max().unwrap_or(0)
+    }
+}
+
 /// PIC + IOAPIC + LAPIC + PIT for one vCPU.
 pub struct EmuIrqchip {
     pic: Pic,

@@ -36,6 +36,8 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod guest_log;
+
 use std::sync::Arc;
 
 pub mod acpi_pm;

@@ -353,7 +353,7 @@ impl NetQueues {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::warn!("virtio-net: corrupt TX avail ring: {e}");
+                        devices::guest_warn!("virtio-net: corrupt TX avail ring: {e}");
                         Counters::add(&counters.errors, 1);
                         // Ask for a kick once the driver has repaired it.
                         let _ = tx.enable_notification(mem);
@@ -384,7 +384,7 @@ impl NetQueues {
                 }
                 Ok(_) => break,
                 Err(e) => {
-                    tracing::warn!("virtio-net: TX enable notification: {e}");
+                    devices::guest_warn!("virtio-net: TX enable notification: {e}");
                     break;
                 }
             }
@@ -535,7 +535,7 @@ impl NetQueues {
                     return Placed::Starved;
                 }
                 Err(e) => {
-                    tracing::warn!("virtio-net: corrupt RX avail ring: {e}");
+                    devices::guest_warn!("virtio-net: corrupt RX avail ring: {e}");
                     Counters::add(&counters.errors, 1);
                     rx.set_next_avail(start);
                     let _ = rx.enable_notification(mem);

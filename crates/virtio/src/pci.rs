@@ -375,7 +375,7 @@ impl VirtioPci {
             let ok =
                 self.driver_features & !self.device_features == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !ok {
-                tracing::warn!(
+                devices::guest_warn!(
                     "virtio-pci: driver features {:#x} not acceptable (offered {:#x}, VERSION_1 required)",
                     self.driver_features,
                     self.device_features
@@ -396,7 +396,7 @@ impl VirtioPci {
     }
 
     fn needs_reset(&mut self, why: String) {
-        tracing::warn!("virtio-pci ({}): device needs reset: {why}", self.device.device_type());
+        devices::guest_warn!("virtio-pci ({}): device needs reset: {why}", self.device.device_type());
         self.status |= status::DEVICE_NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
         PciInterrupt { msix: self.msix.clone(), isr: self.isr.clone() }.notify_config();
@@ -695,6 +695,13 @@ impl VirtioPci {
         if s.queues.len() != self.queues.len() || s.queue_vectors.len() != self.queues.len() {
             return Err(format!("{} queues in the snapshot, {} in the VM", s.queues.len(), self.queues.len()));
         }
+        for (i, (q, st)) in self.queues.iter().zip(&s.queues).enumerate() {
+            // A split virtqueue's size is a power of 2 no larger than the device's maximum
+            // (virtio 1.2 §2.7); an enabled queue of any other size would stall the guest.
+            if st.size > q.max || (st.size != 0 && !st.size.is_power_of_two()) || (st.enabled && st.size == 0) {
+                return Err(format!("queue {i}: size {} (accepted: a power of 2 up to {})", st.size, q.max));
+            }
+        }
         let mut m = lock(&self.msix);
         if s.msix_table.len() != m.table.len() || s.msix_pending.len() != m.table.len() {
             return Err(format!("{} MSI-X vectors in the snapshot, {} in the VM", s.msix_table.len(), m.table.len()));
@@ -707,7 +714,7 @@ impl VirtioPci {
         self.config_generation = s.config_generation;
         self.queue_select = s.queue_select;
         for (q, st) in self.queues.iter_mut().zip(&s.queues) {
-            q.size = st.size.min(q.max);
+            q.size = st.size;
             q.enabled = st.enabled;
             q.desc = st.desc;
             q.driver = st.driver;

@@ -61,7 +61,7 @@ fn walk<'m, S>(
     loop {
         if quiet && queue.event_idx_enabled() {
             if let Err(e) = queue.disable_notification(mem) {
-                tracing::warn!("virtqueue: disable notification: {e}");
+                devices::guest_warn!("virtqueue: disable notification: {e}");
                 return used_any;
             }
         }
@@ -69,7 +69,7 @@ fn walk<'m, S>(
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
-                    tracing::warn!("virtqueue: corrupt avail ring: {e}");
+                    devices::guest_warn!("virtqueue: corrupt avail ring: {e}");
                     return finish(queue, mem, used_any);
                 }
             };
@@ -77,7 +77,7 @@ fn walk<'m, S>(
             let head = chain.head_index();
             let len = serve(state, chain);
             if let Err(e) = queue.add_used(mem, head, len) {
-                tracing::warn!("virtqueue: add_used: {e}");
+                devices::guest_warn!("virtqueue: add_used: {e}");
                 return finish(queue, mem, used_any);
             }
             used_any = true;
@@ -89,7 +89,7 @@ fn walk<'m, S>(
             Ok(true) => continue,
             Ok(false) => break,
             Err(e) => {
-                tracing::warn!("virtqueue: enable notification: {e}");
+                devices::guest_warn!("virtqueue: enable notification: {e}");
                 break;
             }
         }

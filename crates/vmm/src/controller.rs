@@ -1,7 +1,7 @@
 //! The VMM side of the REST API: one VM's life (create, boot, pause, resume, shutdown,
 //! reboot, delete, snapshot, restore) behind [`api::Controller`].
 
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use api::types;
@@ -13,12 +13,34 @@ use crate::{DiskConfig, DiskFormat, NetConfig, VsockConfig};
 
 /// How long `vm.shutdown` waits for the guest to power off after the power button.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long `vmm.shutdown` tries to stop the VM cleanly (flushing disk images) before the
+/// process ends anyway.
+pub const VMM_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 enum Slot {
     Empty,
-    Created { cfg: VmConfig, json: types::VmConfig },
-    Live { vm: Box<Vm>, cfg: VmConfig, json: types::VmConfig, booted: Instant, paused: bool },
-    Shutdown { cfg: VmConfig, json: types::VmConfig, accel: String },
+    Created {
+        cfg: VmConfig,
+        json: types::VmConfig,
+    },
+    Live {
+        vm: Box<Vm>,
+        cfg: VmConfig,
+        json: types::VmConfig,
+        booted: Instant,
+        paused: bool,
+    },
+    Shutdown {
+        cfg: VmConfig,
+        json: types::VmConfig,
+        accel: String,
+    },
+    /// A long operation (`vm.boot`, `vm.restore`) runs without the lock held; `prev` comes
+    /// back if it fails. Every other request answers at once (409 for actions).
+    Busy {
+        action: &'static str,
+        prev: Box<Slot>,
+    },
 }
 
 impl Slot {
@@ -29,6 +51,8 @@ impl Slot {
             Slot::Live { paused: false, .. } => "Running",
             Slot::Live { paused: true, .. } => "Paused",
             Slot::Shutdown { .. } => "Shutdown",
+            Slot::Busy { action: "vm.boot", .. } => "Booting",
+            Slot::Busy { .. } => "Restoring",
         }
     }
 }
@@ -36,8 +60,24 @@ impl Slot {
 /// The VMM's one VM, driven by API requests.
 pub struct VmmController {
     slot: Mutex<Slot>,
-    exit: Mutex<bool>,
-    exit_cv: Condvar,
+    exit: Arc<ExitFlag>,
+}
+
+/// Set once by `vmm.shutdown`; [`VmmController::wait_exit`] waits for it.
+#[derive(Default)]
+struct ExitFlag {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// A handle that can end the VMM from another thread.
+struct ExitHandle(Arc<ExitFlag>);
+
+impl ExitHandle {
+    fn request(&self) {
+        *self.0.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.0.cv.notify_all();
+    }
 }
 
 fn bad(field: impl Into<String>, msg: impl Into<String>) -> ApiError {
@@ -98,7 +138,14 @@ pub fn config_from_api(c: &types::VmConfig) -> Result<VmConfig, ApiError> {
         if d.path.is_empty() {
             return Err(bad(format!("disks[{i}].path"), "an image path is required"));
         }
-        disks.push(DiskConfig { path: d.path.clone().into(), format, readonly: d.readonly, serial: d.serial.clone() });
+        disks.push(DiskConfig {
+            path: d.path.clone().into(),
+            format,
+            readonly: d.readonly,
+            serial: d.serial.clone(),
+            allow_backing_outside: d.allow_backing_outside,
+            allow_data_file: d.allow_data_file,
+        });
     }
     let mut nets = Vec::new();
     for (i, n) in c.nets.iter().enumerate() {
@@ -170,6 +217,8 @@ pub fn api_from_config(c: &VmConfig) -> types::VmConfig {
                 format: d.format.map(|f| if f == DiskFormat::Raw { "raw" } else { "qcow2" }.into()),
                 readonly: d.readonly,
                 serial: d.serial.clone(),
+                allow_backing_outside: d.allow_backing_outside,
+                allow_data_file: d.allow_data_file,
             })
             .collect(),
         nets: c
@@ -205,7 +254,7 @@ impl Default for VmmController {
 impl VmmController {
     /// A VMM with no VM.
     pub fn new() -> VmmController {
-        VmmController { slot: Mutex::new(Slot::Empty), exit: Mutex::new(false), exit_cv: Condvar::new() }
+        VmmController { slot: Mutex::new(Slot::Empty), exit: Arc::default() }
     }
 
     /// A VMM that already runs `vm` (started by `rustvisor run --api-socket`).
@@ -236,9 +285,9 @@ impl VmmController {
 
     /// Blocks until `vmm.shutdown` (or [`VmmController::request_exit`]).
     pub fn wait_exit(&self) {
-        let mut e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut e = self.exit.done.lock().unwrap_or_else(|e| e.into_inner());
         while !*e {
-            e = self.exit_cv.wait(e).unwrap_or_else(|e| e.into_inner());
+            e = self.exit.cv.wait(e).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -247,11 +296,11 @@ impl VmmController {
     pub fn wait_exit_or_vm_end(&self) -> Option<Result<RunOutcome, String>> {
         loop {
             {
-                let e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+                let e = self.exit.done.lock().unwrap_or_else(|e| e.into_inner());
                 if *e {
                     return None;
                 }
-                let _ = self.exit_cv.wait_timeout(e, Duration::from_millis(100));
+                let _ = self.exit.cv.wait_timeout(e, Duration::from_millis(100));
             }
             if let Slot::Live { vm, .. } = &*self.lock() {
                 if let Some(o) = vm.control().outcome() {
@@ -263,8 +312,41 @@ impl VmmController {
 
     /// Makes [`VmmController::wait_exit`] return.
     pub fn request_exit(&self) {
-        *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.exit_cv.notify_all();
+        self.exit_handle().request();
+    }
+
+    /// Marks `slot` busy with `action` (the caller checked that the action may start).
+    fn begin(slot: &mut Slot, action: &'static str) {
+        let prev = std::mem::replace(slot, Slot::Empty);
+        *slot = Slot::Busy { action, prev: Box::new(prev) };
+    }
+
+    /// Ends the operation [`VmmController::begin`] started: installs its result, or puts the
+    /// previous state back on error. After `vmm.shutdown` a finished VM is dropped instead.
+    fn finish(&self, result: Result<Slot, ApiError>) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        let prev = match std::mem::replace(&mut *slot, Slot::Empty) {
+            Slot::Busy { prev, .. } => *prev,
+            // vmm.shutdown emptied the slot meanwhile: drop what was built.
+            other => {
+                *slot = other;
+                return result.map(drop);
+            }
+        };
+        match result {
+            Ok(new) => {
+                *slot = new;
+                Ok(())
+            }
+            Err(e) => {
+                *slot = prev;
+                Err(e)
+            }
+        }
+    }
+
+    fn exit_handle(&self) -> ExitHandle {
+        ExitHandle(Arc::clone(&self.exit))
     }
 
     fn boot_vm(cfg: &VmConfig) -> Result<Box<Vm>, ApiError> {
@@ -298,15 +380,19 @@ impl api::Controller for VmmController {
     }
 
     fn boot(&self) -> Result<(), ApiError> {
-        let mut slot = self.lock();
-        Self::reap(&mut slot);
-        let (cfg, json) = match &*slot {
-            Slot::Created { cfg, json } | Slot::Shutdown { cfg, json, .. } => (cfg.clone(), json.clone()),
-            s => return Err(conflict("vm.boot", s.state())),
+        let (cfg, json) = {
+            let mut slot = self.lock();
+            Self::reap(&mut slot);
+            let (cfg, json) = match &*slot {
+                Slot::Created { cfg, json } | Slot::Shutdown { cfg, json, .. } => (cfg.clone(), json.clone()),
+                s => return Err(conflict("vm.boot", s.state())),
+            };
+            Self::begin(&mut slot, "vm.boot");
+            (cfg, json)
         };
-        let vm = Self::boot_vm(&cfg)?;
-        *slot = Slot::Live { vm, cfg, json, booted: Instant::now(), paused: false };
-        Ok(())
+        // Opening the kernel, initrd and disks may be slow: other requests answer meanwhile.
+        let vm = Self::boot_vm(&cfg);
+        self.finish(vm.map(|vm| Slot::Live { vm, cfg, json, booted: Instant::now(), paused: false }))
     }
 
     fn pause(&self) -> Result<(), ApiError> {
@@ -376,8 +462,10 @@ impl api::Controller for VmmController {
 
     fn delete(&self) -> Result<(), ApiError> {
         let mut slot = self.lock();
-        if let Slot::Empty = &*slot {
-            return Err(ApiError::NotFound("no VM: create one with vm.create".into()));
+        match &*slot {
+            Slot::Empty => return Err(ApiError::NotFound("no VM: create one with vm.create".into())),
+            s @ Slot::Busy { .. } => return Err(conflict("vm.delete", s.state())),
+            _ => {}
         }
         *slot = Slot::Empty;
         Ok(())
@@ -401,6 +489,12 @@ impl api::Controller for VmmController {
             Slot::Shutdown { json, accel, .. } => {
                 Ok(types::VmInfo { state, config: json.clone(), uptime_s: 0.0, accelerator: Some(accel.clone()) })
             }
+            Slot::Busy { prev, .. } => match &**prev {
+                Slot::Created { json, .. } | Slot::Shutdown { json, .. } => {
+                    Ok(types::VmInfo { state, config: json.clone(), uptime_s: 0.0, accelerator: None })
+                }
+                _ => Err(conflict("vm.info", &state)),
+            },
         }
     }
 
@@ -429,7 +523,8 @@ impl api::Controller for VmmController {
                 },
             );
         }
-        Ok(types::Counters { vcpus, devices })
+        let (guest_warnings, guest_warnings_suppressed) = devices::guest_log::counts();
+        Ok(types::Counters { vcpus, devices, guest_warnings, guest_warnings_suppressed })
     }
 
     fn snapshot(&self, destination_dir: &str) -> Result<(), ApiError> {
@@ -450,13 +545,38 @@ impl api::Controller for VmmController {
             Slot::Empty | Slot::Created { .. } | Slot::Shutdown { .. } => {}
             s => return Err(conflict("vm.restore", s.state())),
         }
-        let (vm, cfg, json) = crate::snapshot::restore(std::path::Path::new(source_dir))?;
-        *slot = Slot::Live { vm: Box::new(vm), cfg, json, booted: Instant::now(), paused: true };
-        Ok(())
+        Self::begin(&mut slot, "vm.restore");
+        drop(slot);
+        // Reading the snapshot may be slow: other requests answer meanwhile.
+        let r = crate::snapshot::restore(std::path::Path::new(source_dir));
+        self.finish(r.map(|(vm, cfg, json)| Slot::Live {
+            vm: Box::new(vm),
+            cfg,
+            json,
+            booted: Instant::now(),
+            paused: true,
+        }))
     }
 
     fn vmm_shutdown(&self) {
-        *self.lock() = Slot::Empty;
+        // Whatever happens below (a VM that will not stop, an operation stuck on a file), the
+        // process ends by the deadline.
+        let spawned = std::thread::Builder::new().name("vmm-shutdown-deadline".into()).spawn({
+            let exit = self.exit_handle();
+            move || {
+                std::thread::sleep(VMM_SHUTDOWN_DEADLINE);
+                tracing::error!("vmm.shutdown: the VM did not stop within {VMM_SHUTDOWN_DEADLINE:?}; exiting anyway");
+                exit.request();
+            }
+        });
+        if spawned.is_err() {
+            tracing::error!("vmm.shutdown: cannot start the deadline thread; exiting at once");
+            self.request_exit();
+            return;
+        }
+        // Stopping the VM drops its devices, which writes back qcow2 metadata caches.
+        let old = std::mem::replace(&mut *self.lock(), Slot::Empty);
+        drop(old);
         self.request_exit();
     }
 }

@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod controller;
 pub mod devices_config;
+pub mod host_files;
 pub mod memory;
 pub mod snapshot;
 pub mod snapshot_memory;

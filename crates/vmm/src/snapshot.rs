@@ -25,6 +25,13 @@ pub const FORMAT: &str = "rustvisor-snapshot";
 pub const VERSION: u32 = 1;
 const STATE_FILE: &str = "snapshot.json";
 const MEMORY_FILE: &str = "memory.bin";
+/// Largest `snapshot.json` read, in bytes: the state is small (a few KiB per vCPU and device)
+/// except for the memory runs list (at most ~40 bytes per run), so this covers guests of
+/// hundreds of GiB while bounding what a file can make the VMM allocate.
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+/// Latest guest clock a snapshot may carry, in ns (about 146 years): far beyond any real
+/// uptime, and far enough below `u64::MAX` that timer arithmetic cannot saturate.
+pub const MAX_CLOCK_NS: u64 = 1 << 62;
 
 /// Everything but guest memory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,7 +147,8 @@ pub fn save(vm: &Vm, _cfg: &VmConfig, json: &types::VmConfig, dir: &Path) -> Res
 pub fn read_state(dir: &Path) -> Result<VmState, ApiError> {
     let src = |m: String| ApiError::BadRequest { field: "source_url".into(), msg: m };
     let path = dir.join(STATE_FILE);
-    let text = std::fs::read(&path).map_err(|e| src(format!("{}: {e}", path.display())))?;
+    let text =
+        crate::host_files::read_bounded(&path, MAX_STATE_BYTES).map_err(|e| src(format!("{}: {e}", path.display())))?;
     let nl = text.iter().position(|&b| b == b'\n').unwrap_or(text.len());
     let (head, rest) = text.split_at(nl);
     let header: Header =
@@ -156,7 +164,41 @@ pub fn read_state(dir: &Path) -> Result<VmState, ApiError> {
     if hex_sha(body) != header.sha256 {
         return Err(src(format!("{}: checksum mismatch (the snapshot is corrupt)", path.display())));
     }
-    serde_json::from_slice(body).map_err(|e| src(format!("{}: state: {e}", path.display())))
+    let st: VmState = serde_json::from_slice(body).map_err(|e| src(format!("{}: state: {e}", path.display())))?;
+    st.validate().map_err(|m| src(format!("{}: {m}", path.display())))?;
+    Ok(st)
+}
+
+impl VmState {
+    /// Checks what serde cannot: fields that would make the restored guest freeze or reach
+    /// outside the snapshot folder. Returns a message starting with the field's name.
+    fn validate(&self) -> Result<(), String> {
+        let file = &self.memory.file;
+        let plain_name = !file.is_empty() && file != "." && file != ".." && !file.contains(['/', '\0']);
+        if !plain_name {
+            return Err(format!("memory.file {file:?} (accepted: a file name inside the snapshot folder)"));
+        }
+        match (self.accelerator.as_str(), &self.irqchip, &self.kvm_vm) {
+            ("emu", Some(_), None) | ("kvm", None, Some(_)) => {}
+            ("emu", None, _) => return Err("irqchip: missing (accepted: the emu interrupt controller state)".into()),
+            ("kvm", _, None) => return Err("kvm_vm: missing (accepted: the KVM VM state)".into()),
+            ("emu" | "kvm", _, _) => {
+                return Err(format!("{} snapshot with state of the other accelerator", self.accelerator))
+            }
+            (a, _, _) => return Err(format!("accelerator '{a}' (accepted: emu, kvm)")),
+        }
+        let timers = self.irqchip.as_ref().map_or(0, |c| c.latest_timer_ns());
+        if self.clock_ns > MAX_CLOCK_NS || self.clock_ns < timers {
+            return Err(format!(
+                "clock_ns {} (accepted: {timers} (the timers' latest reading) to {MAX_CLOCK_NS})",
+                self.clock_ns
+            ));
+        }
+        if self.memory.runs.len() as u64 > self.memory.size / 4096 {
+            return Err(format!("memory.runs: {} runs for {} bytes of RAM", self.memory.runs.len(), self.memory.size));
+        }
+        Ok(())
+    }
 }
 
 /// Builds a paused VM from the snapshot in `dir`.
@@ -178,6 +220,7 @@ pub fn restore(dir: &Path) -> Result<(Vm, VmConfig, types::VmConfig), ApiError> 
     // The same accelerator checks as a boot (a kvm snapshot needs a usable /dev/kvm).
     crate::vm::choose_accel(cfg.accel).map_err(|e| src(format!("{} snapshot: {e}", st.accelerator)))?;
     let mem = crate::memory::create(cfg.mem_size).map_err(internal)?;
+    // `validate` made `memory.file` a plain name: the file is inside `dir`.
     snapshot_memory::load(&mem, &dir.join(&st.memory.file), &st.memory).map_err(src)?;
     let note = format!("{}: restored from {}", st.accelerator, dir.display());
     let mut vm = Vm::build(&cfg, mem, is_emu, note).map_err(crate::controller::api_error)?;

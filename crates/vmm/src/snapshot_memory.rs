@@ -4,7 +4,6 @@
 //! the memory the guest touched. A SHA-256 over every run (its GPA, length and bytes) guards
 //! against corruption.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
@@ -13,6 +12,8 @@ use sha2::{Digest, Sha256};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 const PAGE: usize = 4096;
+/// Bytes copied at a time from the memory file into guest RAM on restore.
+const LOAD_CHUNK: usize = 1 << 20;
 
 /// What the snapshot header records about the memory file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,24 +101,33 @@ pub fn load(mem: &GuestMemoryMmap, path: &Path, img: &MemoryImage) -> Result<(),
     if size != img.size {
         return Err(format!("memory size {} in the snapshot, {} in the VM", img.size, size));
     }
-    let mut f = File::open(path).map_err(|e| io(path, e))?;
-    let flen = f.metadata().map_err(|e| io(path, e))?.len();
+    let (mut f, flen) = crate::host_files::open_regular(path).map_err(|e| io(path, e))?;
     if flen != img.size {
         return Err(format!("{}: {} bytes, expected {} (truncated or wrong file)", path.display(), flen, img.size));
     }
     let mut h = Sha256::new();
-    let mut buf = Vec::new();
+    // Runs are copied through one bounded buffer, so a restore needs no more host memory
+    // than the guest's RAM.
+    let mut buf = vec![0u8; LOAD_CHUNK];
     for &(gpa, len) in &img.runs {
         let end_ok = gpa.checked_add(len).and_then(|e| file_offset(mem, e - 1)).is_some();
         let off = file_offset(mem, gpa).filter(|_| end_ok && len > 0 && len <= 1 << 40);
         let Some(off) = off else {
             return Err(format!("{}: run {gpa:#x}+{len:#x} is outside guest memory", path.display()));
         };
-        buf.resize(len as usize, 0);
         f.seek(SeekFrom::Start(off)).map_err(|e| io(path, e))?;
-        f.read_exact(&mut buf).map_err(|e| io(path, e))?;
-        hash_run(&mut h, gpa, &buf);
-        mem.write_slice(&buf, GuestAddress(gpa)).map_err(|e| format!("guest memory at {gpa:#x}: {e}"))?;
+        h.update(gpa.to_le_bytes());
+        h.update(len.to_le_bytes());
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(LOAD_CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            f.read_exact(chunk).map_err(|e| io(path, e))?;
+            h.update(&*chunk);
+            let at = GuestAddress(gpa + done);
+            mem.write_slice(chunk, at).map_err(|e| format!("guest memory at {:#x}: {e}", at.0))?;
+            done += n as u64;
+        }
     }
     let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if got != img.sha256 {

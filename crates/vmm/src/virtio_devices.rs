@@ -137,7 +137,9 @@ pub fn build(
             Some(crate::DiskFormat::Qcow2) => block::Format::Qcow2,
             None => detect_format(&d.path)?,
         };
-        let image = block::DiskImage::open(&d.path, format, d.readonly)
+        let policy =
+            block::ImagePolicy { allow_backing_outside: d.allow_backing_outside, allow_data_file: d.allow_data_file };
+        let image = block::DiskImage::open_with(&d.path, format, d.readonly, policy)
             .map_err(|e| Error::Config { field: "--disk", msg: e.to_string() })?;
         models.push((format!("disk{i}"), Box::new(virtio::block::Block::new(image, d.readonly, d.serial.clone()))));
     }

@@ -150,7 +150,7 @@ impl Controller for Mock {
         );
         devices
             .insert("net0".to_string(), DeviceCounters { requests: 3, bytes_read: 1500, bytes_written: 60, errors: 1 });
-        Ok(Counters { vcpus: vec![vcpu0, vcpu1], devices })
+        Ok(Counters { vcpus: vec![vcpu0, vcpu1], devices, guest_warnings: 7, guest_warnings_suppressed: 2 })
     }
     fn snapshot(&self, destination_dir: &str) -> Result<(), ApiError> {
         self.check_panic();

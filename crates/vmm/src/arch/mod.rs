@@ -8,7 +8,6 @@ pub mod mptable;
 use accel::{CpuState, Segment, Table};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
-use std::fs::File;
 use std::path::Path;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -31,6 +30,9 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 4096;
 /// Where the kernel is loaded (1 MiB), GPA.
 pub const KERNEL_ADDR: u64 = 0x10_0000;
+/// RAM the kernel needs above its decompressed image before it can use the rest, in bytes
+/// (early page tables, the boot allocator's first blocks, the zero page copy).
+const KERNEL_SLACK: u64 = 8 << 20;
 /// End of conventional memory below the EBDA.
 const EBDA_START: u64 = 0x9_fc00;
 
@@ -91,7 +93,7 @@ pub fn load(
     initrd: Option<&Path>,
     cmdline: &str,
 ) -> Result<BootInfo> {
-    let mut f = File::open(kernel).map_err(io_err(kernel))?;
+    let (mut f, kernel_len) = crate::host_files::open_regular(kernel).map_err(io_err(kernel))?;
     let mut magic = [0u8; 0x206];
     let n = std::io::Read::read(&mut f, &mut magic).map_err(io_err(kernel))?;
     std::io::Seek::rewind(&mut f).map_err(io_err(kernel))?;
@@ -110,10 +112,20 @@ pub fn load(
     mem.write_slice(&cbytes, GuestAddress(CMDLINE_ADDR)).map_err(mem_err)?;
     write_gdt_and_page_tables(mem)?;
 
-    let (entry, kind, setup) = if is_bz {
+    let (entry, kind, setup, kernel_end) = if is_bz {
         let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR)))
             .map_err(|e| Error::Kernel(format!("{}: not a loadable bzImage: {e}", kernel.display())))?;
         let hdr = r.setup_header.ok_or_else(|| Error::Kernel("bzImage without setup header".into()))?;
+        // The boot sector, `setup_sects` sectors of real-mode setup (0 means 4), then
+        // `syssize` 16-byte paragraphs of protected-mode kernel (boot protocol 2.04+).
+        let setup_sects = u64::from(if hdr.setup_sects == 0 { 4 } else { hdr.setup_sects });
+        let want = (setup_sects + 1) * 512 + u64::from(hdr.syssize) * 16;
+        if kernel_len < want {
+            return Err(Error::Kernel(format!(
+                "{}: truncated bzImage: {kernel_len} bytes, its header says {want}",
+                kernel.display()
+            )));
+        }
         let (version, xlf) = (hdr.version, hdr.xloadflags);
         if version < 0x020c || xlf & 1 == 0 {
             return Err(Error::Kernel(format!(
@@ -122,12 +134,16 @@ pub fn load(
                 version
             )));
         }
-        (r.kernel_load.0 + 0x200, EntryKind::Linux64, Some(hdr))
+        // The kernel decompresses itself into `init_size` bytes at its preferred address
+        // (or where it was loaded, if higher): that range must be RAM and stay clear of the
+        // initrd (boot protocol 2.10+, `pref_address` and `init_size`).
+        let end = r.kernel_load.0.max(hdr.pref_address).saturating_add(u64::from(hdr.init_size));
+        (r.kernel_load.0 + 0x200, EntryKind::Linux64, Some(hdr), end)
     } else if is_elf {
         let r = Elf::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR)))
             .map_err(|e| Error::Kernel(format!("{}: not a loadable ELF vmlinux: {e}", kernel.display())))?;
         match r.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(a) => (a.0, EntryKind::Pvh, None),
+            PvhBootCapability::PvhEntryPresent(a) => (a.0, EntryKind::Pvh, None, r.kernel_end),
             _ => return Err(Error::Kernel(format!("{}: ELF kernel has no PVH entry note", kernel.display()))),
         }
     } else {
@@ -137,25 +153,47 @@ pub fn load(
         )));
     };
 
-    // initrd: as high as allowed, page aligned.
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    // What the kernel needs besides its image: room for its first page tables and
+    // allocations before it can use the rest of RAM.
+    let kernel_need = kernel_end.saturating_add(KERNEL_SLACK).next_multiple_of(1 << 20);
+    if kernel_need > low_end {
+        return Err(Error::Config {
+            field: "--memory",
+            msg: format!(
+                "{} MiB is too small for {} (accepted: at least {} MiB for this kernel)",
+                mib(mem_size),
+                kernel.display(),
+                mib(kernel_need)
+            ),
+        });
+    }
+
+    // initrd: as high as allowed, page aligned, above everything the kernel uses. Its size
+    // is checked before anything is read, and it is streamed into guest memory.
     let mut initrd_loc = None;
     if let Some(p) = initrd {
-        let data = std::fs::read(p).map_err(io_err(p))?;
+        let (mut file, size) = crate::host_files::open_regular(p).map_err(io_err(p))?;
         let max = setup.map(|h| u64::from(h.initrd_addr_max)).unwrap_or(0xffff_ffff).min(low_end - 1);
-        let size = data.len() as u64;
         let top = (max + 1) & !0xfff;
-        if size + KERNEL_ADDR * 16 > top {
+        let addr = top.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= kernel_need);
+        let Some(addr) = addr else {
             return Err(Error::Config {
                 field: "--initrd",
                 msg: format!(
-                    "{} bytes does not fit in guest memory ({} MiB); give the VM more --memory",
-                    size,
-                    mem_size >> 20
+                    "{} ({} MiB) does not fit in guest memory ({} MiB) beside the kernel (accepted: --memory of at least {} MiB)",
+                    p.display(),
+                    mib(size),
+                    mib(mem_size),
+                    mib(kernel_need + size.next_multiple_of(0x1000))
                 ),
             });
-        }
-        let addr = (top - size) & !0xfff;
-        mem.write_slice(&data, GuestAddress(addr)).map_err(mem_err)?;
+        };
+        let len = usize::try_from(size).map_err(|_| Error::Config { field: "--initrd", msg: "too large".into() })?;
+        mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len).map_err(|e| match e {
+            vm_memory::GuestMemoryError::IOError(err) => Error::Io { path: p.display().to_string(), err },
+            e => mem_err(e),
+        })?;
         initrd_loc = Some((addr, size));
     }
 
