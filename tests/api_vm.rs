@@ -206,6 +206,50 @@ fn snapshot_kill_restore_continues_the_guest() {
     c.vmm_shutdown().unwrap();
 }
 
+/// `state` (a JSON object's text) with the first `"key":value` scalar set to `value`.
+fn json_set(state: &str, key: &str, value: &str) -> String {
+    let k = format!("\"{key}\":");
+    let at = state.find(&k).unwrap_or_else(|| panic!("{key} not in the state")) + k.len();
+    let end = at + state[at..].find([',', '}']).unwrap();
+    format!("{}{value}{}", &state[..at], &state[end..])
+}
+
+/// `state` with the (object or scalar) value of the first `"key":` replaced by `value`.
+fn json_replace_value(state: &str, key: &str, value: &str) -> String {
+    let k = format!("\"{key}\":");
+    let at = state.find(&k).unwrap() + k.len();
+    let b = state.as_bytes();
+    let end = if b[at] == b'{' {
+        let (mut depth, mut i, mut in_str) = (0, at, false);
+        loop {
+            match b[i] {
+                b'"' if i == 0 || b[i - 1] != b'\\' => in_str = !in_str,
+                b'{' if !in_str => depth += 1,
+                b'}' if !in_str => {
+                    depth -= 1;
+                    if depth == 0 {
+                        break i + 1;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    } else {
+        at + state[at..].find([',', '}']).unwrap()
+    };
+    format!("{}{value}{}", &state[..at], &state[end..])
+}
+
+/// A `snapshot.json` with `state` as its state line and a header (from `good`) whose digest
+/// matches it: a forgery the checksum cannot catch.
+fn with_header(good: &[u8], state: &str) -> Vec<u8> {
+    let head = std::str::from_utf8(&good[..good.iter().position(|b| *b == b'\n').unwrap()]).unwrap();
+    let old = head.split("\"sha256\":\"").nth(1).unwrap().split('"').next().unwrap();
+    let head = head.replace(old, &sha256_hex(state.as_bytes()));
+    format!("{head}\n{state}\n").into_bytes()
+}
+
 #[test]
 fn corrupt_or_missing_snapshot_is_refused_and_left_alone() {
     let dir = TempDir::new("api-corrupt");
@@ -213,7 +257,10 @@ fn corrupt_or_missing_snapshot_is_refused_and_left_alone() {
     let snap = dir.path("snap");
     {
         let vmm = Vmm::start(&dir.path("a.sock"));
-        vmm.client.create(&guest_config(COUNTER, &log, vec![])).unwrap();
+        // With a virtio device, so the state has virtqueues to forge.
+        let mut cfg = guest_config(COUNTER, &log, vec![]);
+        cfg.rng = true;
+        vmm.client.create(&cfg).unwrap();
         vmm.client.boot().unwrap();
         wait_count(&log, 1, Duration::from_secs(120));
         vmm.client.pause().unwrap();
@@ -238,6 +285,58 @@ fn corrupt_or_missing_snapshot_is_refused_and_left_alone() {
     assert!(m.contains("snapshot.json") && m.contains("checksum"), "{m}");
     assert_eq!(file_digests(&snap), digests, "a failed restore changed the snapshot");
     std::fs::write(&state, &good).unwrap();
+
+    // Issue 15 items 4, 6 and 8: forged states with a valid checksum.
+    let secret = dir.path("outside-secret");
+    std::fs::write(&secret, vec![7u8; 4096]).unwrap();
+    let secret_name = format!("../{}", secret.file_name().unwrap().to_str().unwrap());
+    let forgeries: Vec<(&str, Box<dyn Fn(&str) -> String>, &str)> = vec![
+        ("memory.file ../", Box::new(|s| json_set(s, "file", &format!("{secret_name:?}"))), "memory.file"),
+        ("memory.file absolute", Box::new(|s| json_set(s, "file", "\"/etc/passwd\"")), "memory.file"),
+        ("clock_ns 0", Box::new(|s| json_set(s, "clock_ns", "0")), "clock_ns"),
+        ("clock_ns max", Box::new(|s| json_set(s, "clock_ns", "18446744073709551615")), "clock_ns"),
+        ("irqchip null", Box::new(|s| json_replace_value(s, "irqchip", "null")), "irqchip"),
+        ("queue size", Box::new(|s| json_set(&s[s.find("\"queues\"").unwrap()..], "size", "1000")), "size 1000"),
+    ];
+    for (what, edit, want) in forgeries {
+        let body = std::str::from_utf8(&good[good.iter().position(|b| *b == b'\n').unwrap() + 1..]).unwrap().trim_end();
+        let forged = if what == "queue size" {
+            // `edit` worked on the tail from "queues" on: splice it back.
+            let at = body.find("\"queues\"").unwrap();
+            format!("{}{}", &body[..at], edit(body))
+        } else {
+            edit(body)
+        };
+        assert_ne!(forged, body, "{what}: the edit changed nothing");
+        std::fs::write(&state, with_header(&good, &forged)).unwrap();
+        let m = refused(what);
+        assert!(m.contains(want), "{what}: {m}");
+        assert!(!m.contains("4096 bytes"), "{what}: the message leaks the outside file's size: {m}");
+    }
+    std::fs::write(&state, &good).unwrap();
+    // A state file over the size bound is refused before it is read.
+    let huge = dir.path("huge-snap");
+    std::fs::create_dir_all(&huge).unwrap();
+    std::fs::File::create(huge.join("snapshot.json")).unwrap().set_len(1 << 30).unwrap();
+    let m = match c.restore(&huge) {
+        Err(ClientError::Http { status: 400, message, .. }) => message,
+        other => panic!("huge state: {other:?}"),
+    };
+    assert!(m.contains("at most"), "{m}");
+    // FIFOs instead of the files: refused at once, and the VMM keeps answering.
+    for name in ["snapshot.json", "memory.bin"] {
+        let p = snap.join(name);
+        let keep = std::fs::read(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        host("mkfifo", &[p.to_str().unwrap()]);
+        let t = Instant::now();
+        let m = refused(name);
+        assert!(m.contains(name) && m.contains("not a regular file"), "{name}: {m}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{name}: restore took {:?}", t.elapsed());
+        assert!(c.ping().is_ok());
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, keep).unwrap();
+    }
     // A flipped byte in guest memory.
     let memf = snap.join("memory.bin");
     let mem_good = std::fs::read(&memf).unwrap();
@@ -347,4 +446,26 @@ fn real_vmm_answers_malformed_requests_with_4xx() {
     }
     assert!(c.ping().is_ok(), "the VMM still answers");
     assert_eq!(status(c.info().map(|_| ())), 404, "nothing was created");
+}
+
+/// Issue 15 item 5 through the API: a qcow2 backing loop is a 400 at `vm.boot` (it used to
+/// kill the VMM with a stack overflow), and the VMM keeps serving.
+#[test]
+fn backing_loop_is_a_400_and_the_vmm_lives() {
+    let dir = TempDir::new("api-loop");
+    let (a, b) = (dir.path("a.qcow2"), dir.path("b.qcow2"));
+    host("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2", a.to_str().unwrap(), "1M"]);
+    host("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", b.to_str().unwrap(), "1M"]);
+    let vmm = Vmm::start(&dir.path("loop.sock"));
+    let c = &vmm.client;
+    let disks = vec![DiskConfig { path: a.display().to_string(), format: Some("qcow2".into()), ..Default::default() }];
+    c.create(&guest_config(COUNTER, &dir.path("console.log"), disks)).unwrap();
+    match c.boot() {
+        Err(ClientError::Http { status: 400, message, .. }) => {
+            assert!(message.contains("a.qcow2") && message.contains("loops back"), "{message}")
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
+    assert!(c.ping().is_ok(), "the VMM survived");
+    assert_eq!(c.info().unwrap().state, "Created", "the failed boot left the VM as it was");
 }

@@ -62,7 +62,7 @@ fn initrd_larger_than_memory_is_refused() {
     assert!(kernel.exists(), "run scripts/setup-guest.sh first (scripts/test.sh does)");
     let big = std::env::temp_dir().join(format!("rv-cli-{}-bigrd", std::process::id()));
     let f = std::fs::File::create(&big).unwrap();
-    f.set_len(40 << 20).unwrap();
+    f.set_len(120 << 20).unwrap();
     let (code, err) = run(&[
         "run",
         "--kernel",
@@ -70,7 +70,7 @@ fn initrd_larger_than_memory_is_refused() {
         "--initrd",
         big.to_str().unwrap(),
         "--memory",
-        "32M",
+        "128M",
         "--accel",
         "emu",
         "--serial",
@@ -184,4 +184,109 @@ fn bad_net_and_vsock_options_are_refused() {
         assert!(err.contains(flag) && err.contains(want), "{flag} {val}: {err}");
         one_line(&err);
     }
+}
+
+/// Issue 15 items 2, 3 and 5: a qcow2 header is untrusted. Backing files outside the image's
+/// directory, external data files and backing loops are refused at start with one line naming
+/// the image and the file (exit 2, never an abort), and no file is changed.
+#[test]
+fn crafted_qcow2_headers_are_refused() {
+    let images = common::TempDir::new("cli-crafted");
+    let host_dir = common::TempDir::new("cli-crafted-host");
+    // A host file the guest must not reach (stands for /etc/shadow).
+    let secret = host_dir.path("shadow");
+    std::fs::write(&secret, b"root:$6$secret-hash:19000:0:99999:7:::\n").unwrap();
+    let secret_s = secret.to_str().unwrap();
+    let qimg = |args: &[&str]| common::host("qemu-img", args);
+
+    let backing = images.path("backing.qcow2");
+    qimg(&["create", "-q", "-f", "qcow2", "-u", "-b", secret_s, "-F", "raw", backing.to_str().unwrap(), "1M"]);
+    let data = images.path("data.qcow2");
+    qimg(&["create", "-q", "-f", "qcow2", "-o", &format!("data_file={secret_s}"), data.to_str().unwrap(), "1M"]);
+    let (a, b) = (images.path("a.qcow2"), images.path("b.qcow2"));
+    qimg(&["create", "-q", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2", a.to_str().unwrap(), "1M"]);
+    qimg(&["create", "-q", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", b.to_str().unwrap(), "1M"]);
+    let snapshot = |paths: &[&std::path::Path]| paths.iter().map(|p| std::fs::read(p).unwrap()).collect::<Vec<_>>();
+    let all = [backing.as_path(), data.as_path(), a.as_path(), b.as_path(), secret.as_path()];
+    let before = snapshot(&all);
+
+    for (img, want) in [
+        (&backing, vec!["backing.qcow2", secret_s, "outside", "backing=allow"]),
+        (&data, vec!["data.qcow2", "external data file", "data_file=allow"]),
+        (&a, vec!["a.qcow2", "loops back"]),
+    ] {
+        let (code, err) = run_with_devices(&["--disk", &format!("path={},format=qcow2", img.display())]);
+        assert_eq!(code, 2, "{}: {err}", img.display());
+        for w in want {
+            assert!(err.contains(w), "{}: '{w}' missing from: {err}", img.display());
+        }
+        one_line(&err);
+    }
+    // Format detection (no format=) takes the same path.
+    let (code, err) = run_with_devices(&["--disk", &format!("path={}", b.display())]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("loops back"), "{err}");
+    assert_eq!(snapshot(&all), before, "a refused start changed a file");
+}
+
+/// Issue 15 item 9: truncated bzImages are refused (exit 2), and a guest too small for the
+/// kernel is refused with the minimum named instead of triple-faulting.
+#[test]
+fn truncated_kernels_and_too_small_guests_are_refused() {
+    let kernel = common::guest_file("vmlinuz");
+    let whole = std::fs::read(&kernel).unwrap();
+    // The length the header promises (boot protocol: setup sectors, then syssize paragraphs).
+    let setup_sects = match whole[0x1f1] {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let syssize = u32::from_le_bytes(whole[0x1f4..0x1f8].try_into().unwrap()) as usize;
+    let want = (setup_sects + 1) * 512 + syssize * 16;
+    assert!(want <= whole.len());
+    for len in [1 << 20, whole.len() / 2, want - 1] {
+        let k = tmpfile(&format!("trunc-{len}"), &whole[..len]);
+        let (code, err) = run(&["run", "--kernel", &k, "--memory", "256M", "--accel", "emu", "--serial", "null"]);
+        let _ = std::fs::remove_file(&k);
+        assert_eq!(code, 2, "{len} bytes: {err}");
+        assert!(err.contains("truncated"), "{len} bytes: {err}");
+        one_line(&err);
+    }
+    for m in ["48M", "64M"] {
+        let (code, err) =
+            run(&["run", "--kernel", kernel.to_str().unwrap(), "--memory", m, "--accel", "emu", "--serial", "null"]);
+        assert_eq!(code, 2, "{m}: {err}");
+        assert!(err.contains("--memory") && err.contains("at least"), "{m}: {err}");
+        one_line(&err);
+    }
+}
+
+/// Issue 15 item 7: a huge (sparse) initrd is refused by its size before it is read.
+#[test]
+fn huge_initrd_is_refused_before_reading() {
+    let kernel = common::guest_file("vmlinuz");
+    let big = std::env::temp_dir().join(format!("rv-cli-{}-4g-initrd", std::process::id()));
+    std::fs::File::create(&big).unwrap().set_len(4 << 30).unwrap();
+    let start = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
+        .args(["run", "--kernel", kernel.to_str().unwrap(), "--initrd", big.to_str().unwrap()])
+        .args(["--memory", "512M", "--accel", "emu", "--serial", "null"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let mut wstatus = 0;
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet reaped; both pointers are valid for the call.
+    assert_eq!(unsafe { libc::wait4(pid, &mut wstatus, 0, &mut usage) }, pid);
+    let elapsed = start.elapsed();
+    let _ = std::fs::remove_file(&big);
+    assert!(libc::WIFEXITED(wstatus) && libc::WEXITSTATUS(wstatus) == 2, "status {wstatus:#x}: {stderr}");
+    assert!(stderr.contains("--initrd") && stderr.contains("does not fit"), "{stderr}");
+    one_line(&stderr);
+    // Guest RAM is mapped but not touched: peak RSS (KiB) far below the initrd's 4 GiB.
+    assert!(usage.ru_maxrss < 256 << 10, "peak RSS {} KiB", usage.ru_maxrss);
+    assert!(elapsed < std::time::Duration::from_secs(5), "took {elapsed:?}");
 }
