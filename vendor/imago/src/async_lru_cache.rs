@@ -113,6 +113,11 @@ impl<
         }))
     }
 
+    /// The I/O back-end.
+    pub fn backend(&self) -> &B {
+        &self.0.backend
+    }
+
     /// Retrieve an entry from the cache.
     ///
     /// If there is no entry yet, load it via the backend.

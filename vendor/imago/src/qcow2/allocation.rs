@@ -550,6 +550,10 @@ impl<S: Storage> Allocator<S> {
         };
         new_rb.write(self.file.as_ref()).await?;
 
+        // The new refblock's own refcount (in another refblock, so far only in the cache) and its
+        // contents must be on disk before the reftable references it
+        self.caches.commit_refcounts().await?;
+
         self.reftable
             .enter_refblock(rt_index, &new_rb, new_rb_allocation)?;
         self.reftable
@@ -676,6 +680,8 @@ impl<S: Storage> Allocator<S> {
         // TODO: Try to clean that up, though it seems quite hard for little gain.
         self.caches.flush_rb().await?;
         new_rt.write(self.file.as_ref()).await?;
+        // Both must be on disk before the header references the new reftable
+        self.caches.commit_refcounts().await?;
 
         self.header.set_reftable(&new_rt)?;
         self.header
@@ -687,11 +693,17 @@ impl<S: Storage> Allocator<S> {
         if let Some(old_rt_cluster) = old_reftable.get_cluster() {
             let old_rt_size = old_reftable.cluster_count();
             old_reftable.unset_cluster();
+            // The header must no longer reference the old reftable on disk before its refcounts
+            // drop there; if that cannot be ensured, leak it.
             // Do not run `process_clusters_to_free()` here: We are in the middle of allocating
             // clusters, and that function would flip the L2-RB cache dependency. Our caller will
             // drain the list eventually.
-            self.clusters_to_free
-                .push(ClustersToFreeEntry::metadata(old_rt_cluster, old_rt_size));
+            match self.file.sync().await {
+                Ok(()) => self
+                    .clusters_to_free
+                    .push(ClustersToFreeEntry::metadata(old_rt_cluster, old_rt_size)),
+                Err(err) => warn!("Leaking old refcount table {old_rt_cluster:?}: {err}"),
+            }
         }
 
         Ok(())

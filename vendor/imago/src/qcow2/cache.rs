@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::async_lru_cache::AsyncLruCacheBackend;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::trace;
 
 /// I/O back-end for the L2 table cache.
@@ -11,6 +12,10 @@ struct L2CacheBackend<S: Storage> {
 
     /// Qcow2 header.
     header: Arc<Header>,
+
+    /// Set when an L2 table has been written back and the file has not been synced since
+    /// (see [`MetadataCaches::sync_written()`]).
+    unsynced: AtomicBool,
 }
 
 /// I/O back-end for the refblock cache.
@@ -20,6 +25,10 @@ struct RefBlockCacheBackend<S: Storage> {
 
     /// Qcow2 header.
     header: Arc<Header>,
+
+    /// Set when a refblock has been written back and the file has not been synced since
+    /// (see [`MetadataCaches::sync_written()`]).
+    unsynced: AtomicBool,
 }
 
 impl<S: Storage> L2CacheBackend<S> {
@@ -27,7 +36,11 @@ impl<S: Storage> L2CacheBackend<S> {
     ///
     /// `file` is the qcow2 metadata (image) file.
     pub fn new(file: Arc<S>, header: Arc<Header>) -> Self {
-        L2CacheBackend { file, header }
+        L2CacheBackend {
+            file,
+            header,
+            unsynced: AtomicBool::new(false),
+        }
     }
 }
 
@@ -50,6 +63,10 @@ impl<S: Storage> AsyncLruCacheBackend for L2CacheBackend<S> {
 
     async fn flush(&self, l2_cluster: HostCluster, l2_table: &L2Table) -> io::Result<()> {
         trace!("Flushing L2 table");
+        // Set before writing: a spurious sync is harmless, a missed one is not.
+        if l2_table.is_modified() {
+            self.unsynced.store(true, Ordering::Release);
+        }
         l2_table
             .write_if_modified(self.file.as_ref(), l2_cluster)
             .await
@@ -69,7 +86,11 @@ impl<S: Storage> RefBlockCacheBackend<S> {
     ///
     /// `file` is the qcow2 metadata (image) file.
     pub fn new(file: Arc<S>, header: Arc<Header>) -> Self {
-        RefBlockCacheBackend { file, header }
+        RefBlockCacheBackend {
+            file,
+            header,
+            unsynced: AtomicBool::new(false),
+        }
     }
 }
 
@@ -83,6 +104,10 @@ impl<S: Storage> AsyncLruCacheBackend for RefBlockCacheBackend<S> {
     }
 
     async fn flush(&self, rb_cluster: HostCluster, refblock: &RefBlock) -> io::Result<()> {
+        // Set before writing: a spurious sync is harmless, a missed one is not.
+        if refblock.is_modified() {
+            self.unsynced.store(true, Ordering::Release);
+        }
         refblock
             .write_if_modified(self.file.as_ref(), rb_cluster)
             .await
@@ -119,6 +144,16 @@ enum CacheDependency {
 /// to announce them by calling `.l2_depends_on_rb()` for allocations and `.rb_depends_on_l2()` for
 /// freeing).
 ///
+/// Heeding a dependency means: Write back the cache depended on, then, if that wrote anything,
+/// sync the file (a write barrier, so the order also holds across a host crash or power loss,
+/// not only across a crash of this process), and only then write anything from the dependent
+/// cache.  This is what QEMU does with `qcow2_cache_set_dependency()`.
+///
+/// References to new clusters that are written directly to the file instead of through the L2
+/// cache (L1 entries, refcount table entries, the L1 and refcount table pointers in the header)
+/// must likewise come after the refcounts of those clusters are on disk: Use
+/// [`MetadataCaches::commit_refcounts()`] right before writing them.
+///
 /// Announcing a dependency takes the `direction` lock and flushes the other cache while holding
 /// it, so `direction` is the innermost lock: Never acquire a metadata table’s `writer_lock` (the
 /// lock guarding modifications to its entries, e.g. on [`L2Table`]) while holding that direction
@@ -144,6 +179,9 @@ pub(super) struct MetadataCaches<S: Storage> {
     /// preventing the direction from changing mid-operation.  Direction
     /// switch methods take a write guard.
     direction: RwLock<CacheDependency>,
+
+    /// Qcow2 metadata file (synced as a write barrier between dependent caches).
+    file: Arc<S>,
 }
 
 #[maybe_async]
@@ -160,7 +198,59 @@ impl<S: Storage> MetadataCaches<S> {
             l2: AsyncLruCache::new(l2_backend, l2_entries),
             rb: AsyncLruCache::new(rb_backend, rb_entries),
             direction: Default::default(),
+            file: Arc::clone(file),
         }
+    }
+
+    /// Sync the metadata file if `unsynced` (one of the caches' "written since the last sync"
+    /// flags) is set, clearing it.
+    ///
+    /// This is the write barrier between a cache and the cache (or direct write) that depends on
+    /// it.  On error, the flag stays set, so the next attempt syncs again.
+    async fn sync_written(&self, unsynced: &AtomicBool) -> io::Result<()> {
+        if unsynced.swap(false, Ordering::AcqRel) {
+            if let Err(err) = self.file.sync().await {
+                unsynced.store(true, Ordering::Release);
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Write back the refblock cache, and make what was written durable.
+    ///
+    /// For use where the L2 cache depends on the refblock cache.
+    async fn flush_rb_dependency(&self) -> io::Result<()> {
+        self.rb.flush().await?;
+        self.sync_written(&self.rb.backend().unsynced).await
+    }
+
+    /// Write back the L2 cache, and make what was written durable.
+    ///
+    /// For use where the refblock cache depends on the L2 cache.
+    async fn flush_l2_dependency(&self) -> io::Result<()> {
+        self.l2.flush().await?;
+        self.sync_written(&self.l2.backend().unsynced).await
+    }
+
+    /// Make the refcounts of newly allocated clusters durable, before referencing them.
+    ///
+    /// Writes back the refblock cache (after the L2 cache if the refblock cache depends on it),
+    /// then syncs the metadata file unconditionally, so that everything written to the file
+    /// before, including new tables written directly (a new L2 table, refblock, L1 table or
+    /// refcount table), is on disk.
+    ///
+    /// Call this right before writing a reference to newly allocated clusters that does not go
+    /// through the L2 cache: an L1 entry, a refcount table entry, or the L1 table or refcount
+    /// table pointer in the image header.  Otherwise, a crash between the two writes could leave
+    /// a cluster that is in use with a refcount of 0 on disk, which would then be allocated again
+    /// after the image is reopened.
+    pub async fn commit_refcounts(&self) -> io::Result<()> {
+        self.flush_rb().await?;
+        // Force the sync even if the refblocks were clean: the caller may have written tables
+        // directly.
+        self.rb.backend().unsynced.store(true, Ordering::Release);
+        self.sync_written(&self.rb.backend().unsynced).await
     }
 
     /// Make sure the refblock cache is flushed before the L2 cache.
@@ -172,7 +262,7 @@ impl<S: Storage> MetadataCaches<S> {
             return Ok(());
         }
         if *dir == CacheDependency::RbDependsOnL2 {
-            self.l2.flush().await?;
+            self.flush_l2_dependency().await?;
         }
         *dir = CacheDependency::L2DependsOnRb;
         Ok(())
@@ -187,7 +277,7 @@ impl<S: Storage> MetadataCaches<S> {
             return Ok(());
         }
         if *dir == CacheDependency::L2DependsOnRb {
-            self.rb.flush().await?;
+            self.flush_rb_dependency().await?;
         }
         *dir = CacheDependency::RbDependsOnL2;
         Ok(())
@@ -196,12 +286,19 @@ impl<S: Storage> MetadataCaches<S> {
     /// Flush both L2 and refblock cache to disk.
     pub async fn flush_all(&self) -> io::Result<()> {
         let dir = self.direction.read().await;
-        if *dir == CacheDependency::L2DependsOnRb {
-            self.rb.flush().await?;
-            self.l2.flush().await?;
-        } else {
-            self.l2.flush().await?;
-            self.rb.flush().await?;
+        match *dir {
+            CacheDependency::L2DependsOnRb => {
+                self.flush_rb_dependency().await?;
+                self.l2.flush().await?;
+            }
+            CacheDependency::RbDependsOnL2 => {
+                self.flush_l2_dependency().await?;
+                self.rb.flush().await?;
+            }
+            CacheDependency::None => {
+                self.l2.flush().await?;
+                self.rb.flush().await?;
+            }
         }
 
         Ok(())
@@ -217,7 +314,7 @@ impl<S: Storage> MetadataCaches<S> {
         }
 
         if *dir == CacheDependency::L2DependsOnRb {
-            self.rb.flush().await?;
+            self.flush_rb_dependency().await?;
         }
 
         // `unwrap()` is safe: Will never return `Ok(None)` with `may_flush` set to true.
@@ -237,7 +334,7 @@ impl<S: Storage> MetadataCaches<S> {
         let dir = self.direction.read().await;
         if !self.l2.insert(cluster, Arc::clone(&table), false).await? {
             if *dir == CacheDependency::L2DependsOnRb {
-                self.rb.flush().await?;
+                self.flush_rb_dependency().await?;
             }
 
             let inserted = self.l2.insert(cluster, table, true).await?;
@@ -266,7 +363,7 @@ impl<S: Storage> MetadataCaches<S> {
         }
 
         if *dir == CacheDependency::RbDependsOnL2 {
-            self.l2.flush().await?;
+            self.flush_l2_dependency().await?;
         }
 
         // `unwrap()` is safe: Will never return `Ok(None)` with `may_flush` set to true.
@@ -286,7 +383,7 @@ impl<S: Storage> MetadataCaches<S> {
         let dir = self.direction.read().await;
         if !self.rb.insert(cluster, Arc::clone(&rb), false).await? {
             if *dir == CacheDependency::RbDependsOnL2 {
-                self.l2.flush().await?;
+                self.flush_l2_dependency().await?;
             }
 
             let inserted = self.rb.insert(cluster, rb, true).await?;
@@ -301,7 +398,7 @@ impl<S: Storage> MetadataCaches<S> {
     pub async fn flush_rb(&self) -> io::Result<()> {
         let dir = self.direction.read().await;
         if *dir == CacheDependency::RbDependsOnL2 {
-            self.l2.flush().await?;
+            self.flush_l2_dependency().await?;
         }
         self.rb.flush().await
     }

@@ -332,18 +332,28 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         l2_table.set_cluster(l2_allocation.cluster());
         l2_table.write(self.metadata.as_ref()).await?;
 
+        // The new table's refcount (so far only in the refblock cache) and its contents must be
+        // on disk before the L1 entry references it
+        self.caches.commit_refcounts().await?;
+
         l1_locked.enter_l2_table(l1_index, &l2_table, Some(l2_allocation))?;
         l1_locked
             .write_entry(self.metadata.as_ref(), l1_index)
             .await?;
 
-        // Free old L2 table, if any
+        // Free old L2 table, if any.  The L1 entry must no longer reference it on disk before its
+        // refcount drops there; if that cannot be ensured, leak it.
         if let Some(l2_offset) = l1_entry.l2_offset() {
-            self.clusters_to_free.push(ClustersToFreeEntry::metadata(
-                l2_offset.cluster(cb),
-                ClusterCount(1),
-            ));
-            self.process_clusters_to_free().await;
+            match self.metadata.sync().await {
+                Ok(()) => {
+                    self.clusters_to_free.push(ClustersToFreeEntry::metadata(
+                        l2_offset.cluster(cb),
+                        ClusterCount(1),
+                    ));
+                    self.process_clusters_to_free().await;
+                }
+                Err(err) => tracing::warn!("Leaking old L2 table {l2_offset}: {err}"),
+            }
         }
 
         let l2_table = Arc::new(l2_table);
@@ -366,6 +376,9 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         new_l1.set_cluster(l1_allocation.cluster());
         new_l1.write(self.metadata.as_ref()).await?;
 
+        // The new table's refcounts and contents must be on disk before the header references it
+        self.caches.commit_refcounts().await?;
+
         self.header.set_l1_table(&new_l1, Some(l1_allocation))?;
         self.header
             .write_l1_table_pointer(self.metadata.as_ref())
@@ -374,9 +387,16 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         if let Some(old_l1_cluster) = l1_locked.get_cluster() {
             let old_l1_size = l1_locked.cluster_count();
             l1_locked.unset_cluster();
-            self.clusters_to_free
-                .push(ClustersToFreeEntry::metadata(old_l1_cluster, old_l1_size));
-            self.process_clusters_to_free().await;
+            // The header must no longer reference the old table on disk before its refcounts drop
+            // there; if that cannot be ensured, leak it
+            match self.metadata.sync().await {
+                Ok(()) => {
+                    self.clusters_to_free
+                        .push(ClustersToFreeEntry::metadata(old_l1_cluster, old_l1_size));
+                    self.process_clusters_to_free().await;
+                }
+                Err(err) => tracing::warn!("Leaking old L1 table {old_l1_cluster:?}: {err}"),
+            }
         }
 
         *l1_locked = new_l1;
@@ -582,7 +602,7 @@ mod tests {
 
     use super::*;
     use crate::format::drivers::FormatDriverInstance;
-    use crate::test::mem_storage::{MemStorage, MemStorageState};
+    use crate::test::mem_storage::{MemOp, MemStorage, MemStorageState};
     use crate::{DenyImplicitOpenGate, Mapping};
 
     /// Create a 512-byte-cluster image of the given size and refcount width on a [`MemStorage`]
@@ -941,6 +961,119 @@ mod tests {
         let data = state.data.lock();
         let offset = offset as usize;
         u64::from_be_bytes(data[offset..offset + 8].try_into().unwrap())
+    }
+
+    /// Read a big-endian value of `N` bytes from the storage.
+    fn read_be<const N: usize>(state: &MemStorageState, offset: u64) -> u64 {
+        let data = state.data.lock();
+        let offset = offset as usize;
+        data[offset..offset + N]
+            .iter()
+            .fold(0, |acc, &b| (acc << 8) | u64::from(b))
+    }
+
+    /// The on-disk refcount of `cluster` (16-bit refcounts, 512-byte clusters), as a crashed
+    /// process would leave it: only what has been written to the storage counts.
+    fn on_disk_refcount(state: &MemStorageState, header: &Header, cluster: HostCluster) -> u64 {
+        let rb_bits = header.rb_bits();
+        let rt_entry = read_be::<8>(
+            state,
+            header.reftable_offset().0 + cluster.rt_index(rb_bits) as u64 * 8,
+        );
+        let rb_offset = rt_entry & !511;
+        assert_ne!(
+            rb_offset, 0,
+            "{cluster:?} not covered by a refblock on disk"
+        );
+        read_be::<2>(state, rb_offset + cluster.rb_index(rb_bits) as u64 * 2)
+    }
+
+    /// A new L2 table must be counted on disk before the on-disk L1 table references it.
+    /// Otherwise, after a crash, the L2 table's cluster has a refcount of 0 while in use, and is
+    /// handed out again once the image is reopened (e.g. for guest data, overwriting the table).
+    #[maybe_async::test(feature = "sync", async(feature = "async", tokio::test))]
+    async fn test_new_l2_table_counted_before_l1_entry() {
+        let state = Arc::new(MemStorageState::default());
+        let qcow2 = create_image(&state, 1 << 20, 16).await;
+        let cb = qcow2.header.cluster_bits();
+
+        // One L2 table covers 32 KiB: map guest clusters in two of them, without flushing
+        for guest_offset in [0, 64 * 1024] {
+            let mapping = qcow2
+                .prepare_data_mapping(guest_offset, 512, true)
+                .await
+                .unwrap();
+            qcow2.commit_data_mapping(mapping).await.unwrap();
+
+            let l1_index = GuestOffset(guest_offset).l1_index(cb);
+            let l1_entry = read_be::<8>(
+                &state,
+                qcow2.header.l1_table_offset().0 + l1_index as u64 * 8,
+            );
+            let l2_offset = HostOffset(l1_entry & 0x00ff_ffff_ffff_fe00);
+            assert_ne!(l2_offset.0, 0, "L1 entry {l1_index} not written");
+            let l2_cluster = l2_offset.cluster(cb);
+            assert_eq!(
+                on_disk_refcount(&state, &qcow2.header, l2_cluster),
+                1,
+                "L2 table {l2_cluster:?} referenced by the on-disk L1 table, but not counted on disk"
+            );
+        }
+    }
+
+    /// Index of the last op in `ops` before `before` that writes into `range`.
+    fn last_write_into(ops: &[MemOp], before: usize, range: std::ops::Range<u64>) -> Option<usize> {
+        ops[..before].iter().rposition(|op| {
+            matches!(*op, MemOp::Write { offset, len } if offset < range.end && offset + len > range.start)
+        })
+    }
+
+    /// The refblock covering `cluster`, and the L1 table, are written in this order, with a sync
+    /// in between: when a new L2 table is hooked up, and when the caches are written back (the
+    /// L2 cache depends on the refblock cache after allocations).  So the order holds across a
+    /// host crash too, not only across a crash of the process.
+    #[maybe_async::test(feature = "sync", async(feature = "async", tokio::test))]
+    async fn test_refcounts_synced_before_references() {
+        let state = Arc::new(MemStorageState::default());
+        let qcow2 = create_image(&state, 1 << 20, 16).await;
+        let cb = qcow2.header.cluster_bits();
+        let rb_bits = qcow2.header.rb_bits();
+        state.ops.lock().clear();
+
+        let mapping = qcow2.prepare_data_mapping(0, 512, true).await.unwrap();
+        let data_cluster = HostOffset(mapping.offset()).cluster(cb);
+        qcow2.commit_data_mapping(mapping).await.unwrap();
+        qcow2.flush().await.unwrap();
+
+        let l1_offset = qcow2.header.l1_table_offset().0;
+        let l2_offset = {
+            let l1 = qcow2.l1_table.read().await;
+            l1.get(0).l2_offset().unwrap().0
+        };
+        let rb_offset = read_be::<8>(
+            &state,
+            qcow2.header.reftable_offset().0 + data_cluster.rt_index(rb_bits) as u64 * 8,
+        ) & !511;
+        let ops = state.ops.lock().clone();
+        let sync_between = |first: usize, then: usize| ops[first..then].contains(&MemOp::Sync);
+
+        // Hooking up the L2 table: L1 entry after the refblock counting the table, with a sync
+        let l1_write = last_write_into(&ops, ops.len(), l1_offset..l1_offset + 8).unwrap();
+        let rb_write = last_write_into(&ops, l1_write, rb_offset..rb_offset + 512)
+            .expect("refblock not written before the L1 entry");
+        let l2_write = last_write_into(&ops, l1_write, l2_offset..l2_offset + 512)
+            .expect("new L2 table not written before the L1 entry");
+        assert!(sync_between(rb_write, l1_write), "{ops:?}");
+        assert!(sync_between(l2_write, l1_write), "{ops:?}");
+
+        // Flush: the L2 table (mapping the data cluster) after the refblock counting the data
+        // cluster, with a sync
+        let l2_writeback = last_write_into(&ops, ops.len(), l2_offset..l2_offset + 512).unwrap();
+        assert!(l2_writeback > l1_write, "{ops:?}");
+        let rb_writeback = last_write_into(&ops, l2_writeback, rb_offset..rb_offset + 512)
+            .expect("refblock not written before the L2 table");
+        assert!(rb_writeback > l1_write, "{ops:?}");
+        assert!(sync_between(rb_writeback, l2_writeback), "{ops:?}");
     }
 
     /// If a flush is dropped before it has written back a modified L2 table, the table must still

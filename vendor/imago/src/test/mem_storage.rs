@@ -15,11 +15,28 @@ use std::sync::Arc;
 #[cfg(feature = "async")]
 use std::task::{Context, Poll, Waker};
 
+/// A write or sync performed on a [`MemStorage`], in the order they happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemOp {
+    /// `len` bytes written at `offset`.
+    Write {
+        /// Start of the write.
+        offset: u64,
+        /// Length of the write.
+        len: u64,
+    },
+    /// A sync (write barrier).
+    Sync,
+}
+
 /// State shared between a [`MemStorage`] object and the test.
 #[derive(Debug, Default)]
 pub struct MemStorageState {
     /// Storage contents.
     pub data: Mutex<Vec<u8>>,
+
+    /// Writes and syncs performed, in order.
+    pub ops: Mutex<Vec<MemOp>>,
 
     /// While set, writes on `hold_range` are not performed immediately, but entered into `held`.
     #[cfg(feature = "async")]
@@ -103,6 +120,10 @@ impl MemStorageState {
             data.resize(end, 0);
         }
         data[start..end].copy_from_slice(buf);
+        self.ops.lock().push(MemOp::Write {
+            offset,
+            len: buf.len() as u64,
+        });
     }
 
     /// Perform all held writes, even if their futures have been dropped.
@@ -279,6 +300,7 @@ impl Storage for MemStorage {
     }
 
     async fn sync(&self) -> io::Result<()> {
+        self.state.ops.lock().push(MemOp::Sync);
         Ok(())
     }
 
