@@ -7,7 +7,12 @@
 //! `RUSTVISOR_CRASH_CHILD_IMAGE` environment variable) that writes 64 KiB units at scattered
 //! guest offsets (including 0 and 1 GiB) without flushing (or flushing every few writes) and
 //! reports its progress on stdout; the parent SIGKILLs it at a random point, then checks the
-//! image with `qemu-img check` and with the block layer itself.
+//! image with `qemu-img check` and with the block layer itself. ([`crash_child`] is a no-op
+//! when run as an ordinary test.)
+//!
+//! [`crash_consistency_exact_crash_points`] complements the kill loop: it runs the same
+//! workload in process through imago with a file that stops performing writes after the `n`-th
+//! one, which leaves exactly the file a SIGKILL before that write would, for chosen `n`.
 //!
 //! `RUSTVISOR_CRASH_SEED=<n>` replays a run (the seed is printed).
 
@@ -38,7 +43,6 @@ const ENV_WRITES: &str = "RUSTVISOR_CRASH_CHILD_WRITES";
 const ENV_FLUSH_EVERY: &str = "RUSTVISOR_CRASH_CHILD_FLUSH_EVERY";
 /// Prefix of the child's progress lines on stdout (the test harness prints other lines).
 const PROGRESS: &str = "CRASHCHILD";
-const SIGKILL: i32 = 9;
 
 /// splitmix64: a small deterministic generator, so that a failing seed can be replayed.
 struct Rng(u64);
@@ -104,7 +108,7 @@ fn crash_child() {
     for (k, off) in child_offsets(writes).into_iter().enumerate() {
         disk.write_at(off, &pattern(tag, off)).unwrap();
         let done = k as u64 + 1;
-        if flush_every != 0 && done % flush_every == 0 {
+        if flush_every != 0 && done.is_multiple_of(flush_every) {
             disk.flush().unwrap();
             writeln!(out, "{PROGRESS} flushed {done}").unwrap();
         }
@@ -169,6 +173,70 @@ fn make_image(maker: Maker, path: &Path) {
             assert!(o.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&o.stderr));
         }
     }
+}
+
+/// Checks an image after a crash of the process writing `pattern(tag, _)` at `offsets` (in that
+/// order; the first `flushed` were followed by a completed flush): `qemu-img check` (if
+/// `qemu_img`) finds nothing worse than leaks; every unit reads as its data or zeros, word by
+/// word; flushed units are complete; writes after the crash (1 GiB, fresh L2 ranges) leave all
+/// other units as they were. Returns the leaked clusters `qemu-img check` reported.
+fn verify_after_crash(image: &Path, tag: u64, offsets: &[u64], flushed: u64, what: &str, qemu_img: bool) -> u64 {
+    let leaked = if qemu_img { qemu_img_check(image, &format!("{what}, after the crash")) } else { 0 };
+
+    // Reopen with our block layer: every unit the child may have written is either its data
+    // or (not flushed, lost) zeros, word by word; flushed units are complete.
+    let disk = DiskImage::open(image, Format::Qcow2, false).unwrap();
+    let mut before: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut buf = vec![0u8; UNIT as usize];
+    for (k, &off) in offsets.iter().enumerate() {
+        disk.read_at(off, &mut buf).unwrap_or_else(|e| panic!("{what}: reading {off:#x}: {e}"));
+        let want = pattern(tag, off);
+        for (w, (got, exp)) in buf.chunks_exact(8).zip(want.chunks_exact(8)).enumerate() {
+            assert!(
+                got == exp || got == [0; 8],
+                "{what}: guest offset {off:#x} word {w} holds {:#x}, neither its data nor zero",
+                u64::from_le_bytes(got.try_into().unwrap())
+            );
+        }
+        if (k as u64) < flushed {
+            assert!(buf == want, "{what}: write {k} at {off:#x} completed before a flush but was lost");
+        }
+        before.insert(off, buf.clone());
+    }
+
+    // After the crash: a flushed write at 1 GiB and at never-written units (fresh L2 tables and
+    // data clusters) must not change anything else.
+    let new_tag = tag ^ 0x5a5a;
+    let fresh = [ONE_GIB, CHILD_UNITS_SPAN * UNIT, DISK_SIZE - UNIT, CHILD_UNITS_SPAN * UNIT + 513 * UNIT];
+    for off in fresh {
+        disk.write_at(off, &pattern(new_tag, off)).unwrap();
+    }
+    disk.flush().unwrap();
+    let check_all = |disk: &DiskImage, when: &str| {
+        let mut buf = vec![0u8; UNIT as usize];
+        for off in fresh {
+            disk.read_at(off, &mut buf).unwrap();
+            assert!(buf == pattern(new_tag, off), "{what}: {when}: write at {off:#x} after the crash reads back wrong");
+        }
+        for (&off, old) in &before {
+            if fresh.contains(&off) {
+                continue;
+            }
+            disk.read_at(off, &mut buf).unwrap();
+            assert!(
+                &buf == old,
+                "{what}: {when}: guest offset {off:#x} changed after writes elsewhere (clusters aliased)"
+            );
+        }
+    };
+    check_all(&disk, "after writing post-crash");
+    drop(disk);
+    if qemu_img {
+        qemu_img_check(image, &format!("{what}, after writing post-crash"));
+    }
+    let disk = DiskImage::open(image, Format::Qcow2, true).unwrap();
+    check_all(&disk, "reopened");
+    leaked
 }
 
 /// Runs `qemu-img check` and fails on anything worse than leaked clusters. Returns the number
@@ -241,7 +309,7 @@ fn trial(maker: Maker, rng: &mut Rng, flush_every: u64, qemu_img: bool) -> (u64,
     let image = dir.0.join("disk.qcow2");
     make_image(maker, &image);
     let writes = match maker {
-        Maker::QemuImg { cluster_size } if cluster_size < 4096 => 300,
+        Maker::QemuImg { cluster_size } if cluster_size < 4096 => 200,
         _ => 500,
     };
     let tag = rng.next() & 0xffff;
@@ -269,68 +337,13 @@ fn trial(maker: Maker, rng: &mut Rng, flush_every: u64, qemu_img: bool) -> (u64,
     std::thread::sleep(Duration::from_micros(rng.range(0, 300)));
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
-    assert_eq!(status.signal(), Some(SIGKILL), "{what}: child was not killed: {status}");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{what}: child was not killed: {status}");
     // Drain what the child said before it died: the flushed count only grows.
     while let Ok(msg) = rx.recv_timeout(Duration::from_millis(200)) {
         apply(&mut p, &msg);
     }
 
-    let leaked = if qemu_img { qemu_img_check(&image, &format!("{what}, after the crash")) } else { 0 };
-
-    // Reopen with our block layer: every unit the child may have written is either its data
-    // or (not flushed, lost) zeros, word by word; flushed units are complete.
-    let offsets = child_offsets(writes);
-    let disk = DiskImage::open(&image, Format::Qcow2, false).unwrap();
-    let mut before: HashMap<u64, Vec<u8>> = HashMap::new();
-    let mut buf = vec![0u8; UNIT as usize];
-    for (k, &off) in offsets.iter().enumerate() {
-        disk.read_at(off, &mut buf).unwrap_or_else(|e| panic!("{what}: reading {off:#x}: {e}"));
-        let want = pattern(tag, off);
-        for (w, (got, exp)) in buf.chunks_exact(8).zip(want.chunks_exact(8)).enumerate() {
-            assert!(
-                got == exp || got == [0; 8],
-                "{what}: guest offset {off:#x} word {w} holds {:#x}, neither its data nor zero",
-                u64::from_le_bytes(got.try_into().unwrap())
-            );
-        }
-        if (k as u64) < p.flushed {
-            assert!(buf == want, "{what}: write {k} at {off:#x} completed before a flush but was lost");
-        }
-        before.insert(off, buf.clone());
-    }
-
-    // After the crash: a flushed write at 1 GiB and at never-written units (fresh L2 tables and
-    // data clusters) must not change anything else.
-    let new_tag = tag ^ 0x5a5a;
-    let fresh = [ONE_GIB, CHILD_UNITS_SPAN * UNIT, DISK_SIZE - UNIT, CHILD_UNITS_SPAN * UNIT + 513 * UNIT];
-    for off in fresh {
-        disk.write_at(off, &pattern(new_tag, off)).unwrap();
-    }
-    disk.flush().unwrap();
-    let check_all = |disk: &DiskImage, when: &str| {
-        let mut buf = vec![0u8; UNIT as usize];
-        for off in fresh {
-            disk.read_at(off, &mut buf).unwrap();
-            assert!(buf == pattern(new_tag, off), "{what}: {when}: write at {off:#x} after the crash reads back wrong");
-        }
-        for (&off, old) in &before {
-            if fresh.contains(&off) {
-                continue;
-            }
-            disk.read_at(off, &mut buf).unwrap();
-            assert!(
-                &buf == old,
-                "{what}: {when}: guest offset {off:#x} changed after writes elsewhere (clusters aliased)"
-            );
-        }
-    };
-    check_all(&disk, "after writing post-crash");
-    drop(disk);
-    if qemu_img {
-        qemu_img_check(&image, &format!("{what}, after writing post-crash"));
-    }
-    let disk = DiskImage::open(&image, Format::Qcow2, true).unwrap();
-    check_all(&disk, "reopened");
+    let leaked = verify_after_crash(&image, tag, &child_offsets(writes), p.flushed, &what, qemu_img);
     (p.wrote, p.flushed, leaked)
 }
 
@@ -361,7 +374,7 @@ fn crash_consistency_block_created_image() {
             "skipped: qemu-img not installed (qemu-img check of the crashed images; the block layer checks still run)"
         );
     }
-    run_trials("block::create_qcow2", Maker::Block, 8, qemu_img);
+    run_trials("block::create_qcow2", Maker::Block, 6, qemu_img);
 }
 
 #[test]
@@ -370,6 +383,205 @@ fn crash_consistency_qemu_img_created_image() {
         eprintln!("skipped: qemu-img not installed");
         return;
     }
-    run_trials("qemu-img 64k", Maker::QemuImg { cluster_size: 65536 }, 6, true);
-    run_trials("qemu-img 512", Maker::QemuImg { cluster_size: 512 }, 6, true);
+    run_trials("qemu-img 64k", Maker::QemuImg { cluster_size: 65536 }, 4, true);
+    run_trials("qemu-img 512", Maker::QemuImg { cluster_size: 512 }, 5, true);
+}
+
+/// Exact crash points, in process: the image file is reached through [`exact::CrashAfter`],
+/// which performs the first `n` modifying requests and fails all later ones, so the file ends up
+/// exactly as if the process had been killed right before its `n + 1`-th write (all earlier
+/// writes completed, which is what the file keeps across a SIGKILL). Unlike the kill loop, this
+/// hits narrow windows (e.g. between the L1 entry of a new L2 table and the write-back of the
+/// refcount block that counts it) as often as wide ones.
+mod exact {
+    use std::fmt;
+    use std::io;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use imago::io_buffers::{IoVector, IoVectorMut};
+    use imago::qcow2::Qcow2;
+    use imago::storage::drivers::CommonStorageHelper;
+    use imago::storage::PreallocateMode;
+    use imago::{FormatAccess, Storage, StorageOpenOptions};
+
+    /// An image file that "crashes" after `budget` modifying requests: later ones fail without
+    /// reaching the file. Syncs do nothing (a process crash keeps every completed write anyway,
+    /// and this keeps the test fast).
+    #[derive(Debug)]
+    pub struct CrashAfter {
+        inner: imago::file::File,
+        /// Modifying requests still allowed to reach the file.
+        budget: AtomicU64,
+        /// Modifying requests issued (reached the file or not).
+        issued: Arc<AtomicU64>,
+    }
+
+    impl fmt::Display for CrashAfter {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "crash-after({})", self.inner)
+        }
+    }
+
+    impl CrashAfter {
+        /// Takes one request from the budget, or fails as the crashed process would.
+        fn admit(&self) -> io::Result<()> {
+            self.issued.fetch_add(1, Ordering::Relaxed);
+            self.budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                .map(|_| ())
+                .map_err(|_| io::Error::other("simulated crash: write not performed"))
+        }
+    }
+
+    impl Storage for CrashAfter {
+        fn mem_align(&self) -> usize {
+            self.inner.mem_align()
+        }
+        fn req_align(&self) -> usize {
+            self.inner.req_align()
+        }
+        fn zero_align(&self) -> usize {
+            self.inner.zero_align()
+        }
+        fn discard_align(&self) -> usize {
+            self.inner.discard_align()
+        }
+        fn size(&self) -> io::Result<u64> {
+            self.inner.size()
+        }
+        fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> io::Result<PathBuf> {
+            self.inner.resolve_relative_path(relative)
+        }
+        fn get_filename(&self) -> Option<PathBuf> {
+            self.inner.get_filename()
+        }
+        unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+            // SAFETY: forwarded unchanged; our caller upholds `pure_readv`'s contract.
+            unsafe { self.inner.pure_readv(bufv, offset) }
+        }
+        unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+            self.admit()?;
+            // SAFETY: forwarded unchanged; our caller upholds `pure_writev`'s contract.
+            unsafe { self.inner.pure_writev(bufv, offset) }
+        }
+        unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+            self.admit()?;
+            // SAFETY: forwarded unchanged; our caller upholds `pure_write_zeroes`'s contract.
+            unsafe { self.inner.pure_write_zeroes(offset, length) }
+        }
+        unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+            self.admit()?;
+            // SAFETY: forwarded unchanged; our caller upholds the method's contract.
+            unsafe { self.inner.pure_write_allocated_zeroes(offset, length) }
+        }
+        unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
+            self.admit()?;
+            // SAFETY: forwarded unchanged; our caller upholds `pure_discard`'s contract.
+            unsafe { self.inner.pure_discard(offset, length) }
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.inner.flush()
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn settle_writes(&self) -> io::Result<()> {
+            self.inner.settle_writes()
+        }
+        unsafe fn invalidate_cache(&self) -> io::Result<()> {
+            // SAFETY: forwarded unchanged; our caller upholds `invalidate_cache`'s contract.
+            unsafe { self.inner.invalidate_cache() }
+        }
+        fn get_storage_helper(&self) -> &CommonStorageHelper {
+            self.inner.get_storage_helper()
+        }
+        fn resize(&self, new_size: u64, prealloc_mode: PreallocateMode) -> io::Result<()> {
+            self.admit()?;
+            self.inner.resize(new_size, prealloc_mode)
+        }
+    }
+
+    /// Writes `pattern(tag, off)` at each of `offsets` through imago (as `block` does), flushing
+    /// after every `flush_every` writes (0: never), on a file that crashes after `budget`
+    /// modifying requests. Stops at the first error (the crash). Returns the number of writes
+    /// covered by a completed flush and the modifying requests issued.
+    pub fn run(image: &Path, tag: u64, offsets: &[u64], flush_every: u64, budget: u64) -> (u64, u64) {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(image).unwrap();
+        let opts = StorageOpenOptions::new().filename(image).write(true);
+        let inner = imago::file::File::from_open_file(file, opts).unwrap();
+        let issued = Arc::new(AtomicU64::new(0));
+        let storage = CrashAfter { inner, budget: AtomicU64::new(budget), issued: Arc::clone(&issued) };
+        let qcow2 = Qcow2::<CrashAfter>::open_image(storage, true).unwrap();
+        let disk = FormatAccess::new(qcow2);
+        let mut flushed = 0;
+        let result = (|| -> io::Result<()> {
+            for (k, &off) in offsets.iter().enumerate() {
+                disk.write(&super::pattern(tag, off)[..], off)?;
+                let done = k as u64 + 1;
+                if flush_every != 0 && done.is_multiple_of(flush_every) {
+                    disk.flush()?;
+                    flushed = done;
+                }
+            }
+            Ok(())
+        })();
+        let issued = issued.load(Ordering::Relaxed);
+        if budget == u64::MAX {
+            result.unwrap();
+        } else {
+            assert!(result.is_err(), "the workload ended before its simulated crash ({issued} requests)");
+        }
+        // Dropping may try to write the caches back: the crashed file refuses.
+        drop(disk);
+        (flushed, issued)
+    }
+}
+
+/// Exact crash points on `maker`'s image: counts the modifying requests of a workload, then
+/// replays it crashing before the first few (around the first L2 table allocation) and before
+/// one random request in each of `samples` equal parts of the workload, checking the image after
+/// each.
+fn run_exact(name: &str, maker: Maker, writes: u64, flush_every: u64, samples: u32, qemu_img: bool) {
+    let seed = seed();
+    eprintln!("{name}: seed {seed} (RUSTVISOR_CRASH_SEED={seed} replays it)");
+    let mut rng = Rng(seed);
+    let tag = rng.next() & 0xffff;
+    let offsets = child_offsets(writes);
+    let dir = TempDir::new();
+    let fresh = dir.0.join("fresh.qcow2");
+    make_image(maker, &fresh);
+    let image = dir.0.join("disk.qcow2");
+    std::fs::copy(&fresh, &image).unwrap();
+    let (_, total) = exact::run(&image, tag, &offsets, flush_every, u64::MAX);
+    std::fs::remove_file(&image).unwrap();
+    let mut points: Vec<u64> = (0..total.min(8)).collect();
+    // One random point in each of `samples` equal strata, so the whole workload is covered.
+    let samples_u64 = u64::from(samples);
+    points.extend((0..samples_u64).map(|i| {
+        let (lo, hi) = (i * total / samples_u64, ((i + 1) * total / samples_u64).max(i * total / samples_u64 + 1));
+        rng.range(lo, hi - 1)
+    }));
+    for crash_at in points {
+        std::fs::copy(&fresh, &image).unwrap();
+        let (flushed, _) = exact::run(&image, tag, &offsets, flush_every, crash_at);
+        let what = format!("{name}: crash before write request {crash_at} of {total}");
+        verify_after_crash(&image, tag, &offsets, flushed, &what, qemu_img);
+        std::fs::remove_file(&image).unwrap();
+    }
+    eprintln!("{name}: {total} write requests, crashed before {} of them", samples + total.min(8) as u32);
+}
+
+#[test]
+fn crash_consistency_exact_crash_points() {
+    let qemu_img = have_qemu_img();
+    if !qemu_img {
+        eprintln!("skipped: qemu-img not installed (qemu-img check of the crashed images, and the 512-byte cluster images; the block layer checks still run)");
+    } else {
+        run_exact("exact, qemu-img 512", Maker::QemuImg { cluster_size: 512 }, 24, 0, 16, true);
+        run_exact("exact, qemu-img 512, flush/5", Maker::QemuImg { cluster_size: 512 }, 24, 5, 16, true);
+    }
+    run_exact("exact, block::create_qcow2", Maker::Block, 40, 0, 8, qemu_img);
+    run_exact("exact, block::create_qcow2, flush/7", Maker::Block, 40, 7, 8, qemu_img);
 }
