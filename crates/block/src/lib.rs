@@ -9,7 +9,12 @@
 //!   file system does not support them.
 //! - [`Format::Qcow2`]: a thin-provisioned QEMU copy-on-write image, through the `imago`
 //!   crate (synchronous API). Writes allocate clusters on demand; a backing file named in the
-//!   image header is opened read-only and must exist.
+//!   image header is opened read-only and must exist. Metadata reaches the file in dependency
+//!   order (refcounts before the L1/L2 entries that reference new clusters, with an `fsync(2)`
+//!   in between where needed), so after a crash of the VMM or of the host the image is
+//!   consistent: writes not covered by a completed [`DiskImage::flush`] may be lost and
+//!   clusters may be leaked (`qemu-img check -r leaks` reclaims them), but no cluster is ever in
+//!   use with a refcount too low, so later allocations never hand out a cluster in use.
 //!
 //! Opening never modifies the image, and never guesses the format: the caller names it, and a
 //! raw file that carries the qcow2 magic (or a "qcow2" file that does not) is rejected (a guest
@@ -223,8 +228,9 @@ enum Backend {
 /// Reads and writes are synchronous and take byte offsets; every request must lie entirely
 /// within `0..size()`, otherwise it fails with [`io::ErrorKind::InvalidInput`]. Writes,
 /// discards and zeroing on an image opened read-only fail with
-/// [`io::ErrorKind::PermissionDenied`]. Dropping the image flushes qcow2 metadata caches
-/// (but does not `fsync`; call [`DiskImage::flush`] for that).
+/// [`io::ErrorKind::PermissionDenied`]. Dropping the image writes back qcow2 metadata caches
+/// (syncing only where metadata write ordering needs it; call [`DiskImage::flush`] to make
+/// writes durable).
 pub struct DiskImage {
     path: PathBuf,
     format: Format,
