@@ -116,6 +116,12 @@ impl VmConfig {
                 ),
             });
         }
+        if self.mem_size % 4096 != 0 {
+            return Err(crate::Error::Config {
+                field: "--memory",
+                msg: format!("{} bytes is not a whole number of 4 KiB pages (e.g. 512M)", self.mem_size),
+            });
+        }
         if self.cpus == 0 {
             return Err(crate::Error::Config { field: "--cpus", msg: "must be at least 1".into() });
         }

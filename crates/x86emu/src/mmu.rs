@@ -8,7 +8,7 @@ use crate::{Bus, Fault, Res};
 pub struct RamRegion {
     /// Guest physical address of the first byte.
     pub gpa: u64,
-    /// Size in bytes (a multiple of 4096).
+    /// Size in bytes, a multiple of 4096 (a partial last page is not mapped).
     pub size: u64,
     /// Host address of the first byte, valid for `size` bytes while the CPU exists.
     pub host: *mut u8,
@@ -63,7 +63,16 @@ pub(crate) struct Mmu {
 }
 
 impl Mmu {
+    /// Builds the MMU over `ram`. Only whole 4 KiB pages are RAM: a region that does not
+    /// start on a page boundary is dropped and a partial last page is cut off (the VMM refuses
+    /// such layouts; this keeps every RAM access inside the per-page tables regardless).
     pub(crate) fn new(ram: Vec<RamRegion>) -> Mmu {
+        let ram: Vec<RamRegion> = ram
+            .into_iter()
+            .filter(|r| r.gpa % 4096 == 0)
+            .map(|r| RamRegion { size: r.size & !0xfff, ..r })
+            .filter(|r| r.size > 0)
+            .collect();
         let mut page_base = Vec::with_capacity(ram.len());
         let mut pages = 0usize;
         for r in &ram {
@@ -635,6 +644,26 @@ mod tests {
     }
     fn get(ram: &[u8], gpa: usize) -> u64 {
         u64::from_le_bytes(ram[gpa..gpa + 8].try_into().unwrap())
+    }
+
+    /// Issue 8: a RAM size that is not a whole number of pages used to panic on any access
+    /// to the partial last page. The partial page is now not RAM (it goes to the bus, like
+    /// MMIO) and writes to it do not reach the host buffer.
+    #[test]
+    fn partial_last_page_is_not_ram() {
+        let mut ram = vec![0u8; (1 << 20) + 1];
+        let mut c = cpu_with_ram(&mut ram);
+        c.cr0 = 0;
+        c.cr4 = 0;
+        c.efer = 0;
+        let mut bus = NullBus;
+        let edge = 1u64 << 20;
+        c.write_la(&mut bus, edge, 1, 0xab, false).unwrap();
+        assert_ne!(c.read_la(&mut bus, edge, 1, false).unwrap(), 0xab, "the byte went to the bus, not RAM");
+        c.write_la(&mut bus, edge - 1, 1, 0xcd, false).unwrap();
+        assert_eq!(c.read_la(&mut bus, edge - 1, 1, false).unwrap(), 0xcd);
+        drop(c);
+        assert_eq!(ram[1 << 20], 0, "the partial page was not written");
     }
 
     #[test]
