@@ -290,7 +290,8 @@ fn corrupt_or_missing_snapshot_is_refused_and_left_alone() {
     let secret = dir.path("outside-secret");
     std::fs::write(&secret, vec![7u8; 4096]).unwrap();
     let secret_name = format!("../{}", secret.file_name().unwrap().to_str().unwrap());
-    let forgeries: Vec<(&str, Box<dyn Fn(&str) -> String>, &str)> = vec![
+    type Edit<'a> = Box<dyn Fn(&str) -> String + 'a>;
+    let forgeries: Vec<(&str, Edit, &str)> = vec![
         ("memory.file ../", Box::new(|s| json_set(s, "file", &format!("{secret_name:?}"))), "memory.file"),
         ("memory.file absolute", Box::new(|s| json_set(s, "file", "\"/etc/passwd\"")), "memory.file"),
         ("clock_ns 0", Box::new(|s| json_set(s, "clock_ns", "0")), "clock_ns"),

@@ -269,6 +269,8 @@ fn huge_initrd_is_refused_before_reading() {
     let big = std::env::temp_dir().join(format!("rv-cli-{}-4g-initrd", std::process::id()));
     std::fs::File::create(&big).unwrap().set_len(4 << 30).unwrap();
     let start = std::time::Instant::now();
+    // Reaped below by wait4(2), which also returns the child's peak RSS.
+    #[allow(clippy::zombie_processes)]
     let mut child = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
         .args(["run", "--kernel", kernel.to_str().unwrap(), "--initrd", big.to_str().unwrap()])
         .args(["--memory", "512M", "--accel", "emu", "--serial", "null"])

@@ -116,7 +116,7 @@ impl VmConfig {
                 ),
             });
         }
-        if self.mem_size % 4096 != 0 {
+        if !self.mem_size.is_multiple_of(4096) {
             return Err(crate::Error::Config {
                 field: "--memory",
                 msg: format!("{} bytes is not a whole number of 4 KiB pages (e.g. 512M)", self.mem_size),

@@ -69,7 +69,7 @@ impl Mmu {
     pub(crate) fn new(ram: Vec<RamRegion>) -> Mmu {
         let ram: Vec<RamRegion> = ram
             .into_iter()
-            .filter(|r| r.gpa % 4096 == 0)
+            .filter(|r| r.gpa.is_multiple_of(4096))
             .map(|r| RamRegion { size: r.size & !0xfff, ..r })
             .filter(|r| r.size > 0)
             .collect();
