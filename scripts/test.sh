@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The project's test command (README command 2; .ci/run calls exactly this).
 # Builds the Debian guest if it is missing (cached under guest/), then runs every test:
-# unit tests, differential CPU tests, kvm tiny-guest tests and the guest boot tests.
+# formatting, clippy (warnings are errors) and rustdoc first, then every test: unit tests,
+# differential CPU tests, kvm tiny-guest tests and the guest boot tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-guest.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace

@@ -61,8 +61,9 @@ struct RunArgs {
     /// Console: stdio, file=PATH or null.
     #[arg(long, default_value = "stdio")]
     serial: String,
-    /// A virtio-blk disk: path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID]
-    /// (repeatable; the guest sees /dev/vda, /dev/vdb, ... in order).
+    /// A virtio-blk disk: path=IMG, then optionally ,format=raw|qcow2 ,readonly=on ,serial=ID
+    /// ,backing=allow (trust qcow2 backing files outside the image's folder) ,data_file=allow
+    /// (trust its external data file); repeatable: the guest sees /dev/vda, /dev/vdb, ...
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC] (repeatable; the TAP is created

@@ -19,7 +19,7 @@ use types::{Counters, PingInfo, VmConfig, VmInfo};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
     /// 400: a value is malformed or out of range. `field` names it (e.g. "memory",
-    /// "disks[1].format"); `msg` says what is accepted.
+    /// "disks\[1\].format"); `msg` says what is accepted.
     #[error("{field}: {msg}")]
     BadRequest {
         /// The offending field.

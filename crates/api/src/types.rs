@@ -178,7 +178,7 @@ pub struct RestoreRequest {
 pub struct ErrorBody {
     /// What went wrong, for a person.
     pub error: String,
-    /// 400: the offending field ("memory_mib", "disks[1].format", "destination_url"), or "body"
+    /// 400: the offending field ("memory_mib", "disks\[1\].format", "destination_url"), or "body"
     /// when the body as a whole is wrong (not JSON, missing, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
