@@ -275,6 +275,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    vmm::panic_policy::install();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run(*a),

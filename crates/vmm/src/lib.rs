@@ -8,6 +8,7 @@ pub mod controller;
 pub mod devices_config;
 pub mod host_files;
 pub mod memory;
+pub mod panic_policy;
 pub mod snapshot;
 pub mod snapshot_memory;
 pub mod virtio_devices;
