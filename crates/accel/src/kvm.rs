@@ -401,10 +401,53 @@ impl KvmVm {
     }
 }
 
-/// The signal that kicks a vCPU thread out of `KVM_RUN` (SIGRTMIN), once its no-op handler
+thread_local! {
+    /// While this thread is inside [`KvmVcpu::run`]: that vCPU's `kvm_run.immediate_exit`
+    /// byte, which the kick signal's handler sets (null otherwise). Constant-initialised with
+    /// no destructor, so reading it allocates nothing and is safe in a signal handler.
+    static IMMEDIATE_EXIT: std::cell::Cell<*mut u8> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick signal's handler: makes the next (or the current) `KVM_RUN` of the vCPU this
+/// thread is running return at once. A signal handled while the thread is between its
+/// stop-flag check and the `KVM_RUN` ioctl would otherwise be lost: the kernel would see no
+/// pending signal and the vCPU could sleep in `hlt` (Firecracker does the same).
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let immediate_exit = IMMEDIATE_EXIT.with(|p| p.get());
+    if !immediate_exit.is_null() {
+        // SAFETY: the pointer is set only while this thread is inside `KvmVcpu::run`, where
+        // the vCPU (and so its mmap'd `kvm_run`) is alive, and cleared before `run` returns;
+        // a signal handler runs on the thread it interrupts, so that is this `run`. The byte
+        // is shared with the kernel (it reads it at `KVM_RUN` entry): a volatile store of 1
+        // is what the KVM API asks for ("immediate_exit").
+        unsafe { immediate_exit.write_volatile(1) };
+    }
+}
+
+/// Publishes this vCPU's `immediate_exit` byte to [`kick_handler`] for the duration of
+/// [`KvmVcpu::run`].
+struct ImmediateExitSlot;
+
+impl ImmediateExitSlot {
+    fn publish(fd: &mut VcpuFd) -> ImmediateExitSlot {
+        let run: *mut kvm_run = fd.get_kvm_run();
+        // SAFETY: `run` points at the vCPU's live kvm_run mapping; only the field's address
+        // is taken, nothing is read or referenced.
+        let byte = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
+        IMMEDIATE_EXIT.with(|p| p.set(byte));
+        ImmediateExitSlot
+    }
+}
+
+impl Drop for ImmediateExitSlot {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+    }
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (SIGRTMIN), once [`kick_handler`]
 /// is installed; `None` if installing it failed (stoppers then only set the flag).
 fn kick_signal() -> Option<libc::c_int> {
-    extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     static SIGNAL: std::sync::OnceLock<Option<libc::c_int>> = std::sync::OnceLock::new();
     *SIGNAL.get_or_init(|| {
         let signal = libc::SIGRTMIN();
@@ -650,8 +693,11 @@ impl Vcpu for KvmVcpu {
     fn run(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit> {
         let stopper = self.stopper.clone();
         let _running = stopper.enter_run();
+        let slot = ImmediateExitSlot::publish(&mut self.fd);
         let result = self.run_loop(handler);
-        // `run_loop` may have set it to complete a pending I/O before stopping.
+        drop(slot);
+        // `run_loop` or a kick may have set it; a stop requested after this point is still
+        // in the flag, which the next `run` checks before entering the guest.
         self.fd.set_kvm_immediate_exit(0);
         result
     }
