@@ -1,10 +1,10 @@
 //! Building a VM from a [`VmConfig`] and running it to the end.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use accel::{ExitHandler, Hypervisor, Vcpu, VcpuExit, VcpuStopper};
+use accel::{ExitHandler, Hypervisor, Vcpu};
 use devices::{AcpiPm, Cmos, MmioBus, PciBus, PioBus, Serial, I8042};
 use virtio::DmaLog;
 use vm_memory::GuestMemoryMmap;
@@ -13,22 +13,13 @@ use crate::clock::VirtualClock;
 use crate::config::{Accel, SerialOut, VmConfig};
 use crate::{arch, memory, Error, Result};
 
+pub use crate::vstate::{RunControl, RunOutcome, RunState};
+
 /// Most vCPUs a VM may have (the MP table's APIC IDs, the IOAPIC taking the next one).
 pub const MAX_CPUS: u8 = 64;
 /// COM1 I/O base and IRQ.
 const COM1: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
-
-/// How a VM run ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RunOutcome {
-    /// The guest powered itself off.
-    PowerOff,
-    /// The guest asked for a reset (i8042 pulse, reboot) or triple-faulted; the string says which.
-    Reset(String),
-    /// The user quit from the console escape sequence.
-    UserQuit,
-}
 
 /// The bus a vCPU's exits go to: port I/O and MMIO devices.
 #[derive(Clone)]
@@ -74,6 +65,24 @@ fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
+impl DeviceBus {
+    /// Counts a return from `run` with nothing to do.
+    pub(crate) fn count_interrupted(&self) {
+        bump(&self.exits.interrupted);
+    }
+
+    /// Counts a halt the VMM saw.
+    pub(crate) fn count_hlt(&self) {
+        bump(&self.exits.hlt);
+    }
+
+    /// A bus with no devices (tests).
+    #[cfg(test)]
+    pub(crate) fn detached() -> DeviceBus {
+        DeviceBus { pio: Arc::new(PioBus::new()), mmio: Arc::new(MmioBus::new()), exits: Arc::default() }
+    }
+}
+
 impl ExitHandler for DeviceBus {
     fn pio_read(&mut self, port: u16, data: &mut [u8]) {
         bump(&self.exits.pio_read);
@@ -115,194 +124,6 @@ pub struct LegacyDevices {
     pub pm: Arc<Mutex<AcpiPm>>,
     /// PCI bus 0.
     pub pci: Arc<Mutex<PciBus>>,
-}
-
-/// How the VM's vCPU threads are told to pause, resume and stop, and how they report back.
-pub struct RunControl {
-    m: Mutex<Ctl>,
-    cv: Condvar,
-    /// Per vCPU: what makes it leave guest mode.
-    vcpus: Mutex<Vec<VcpuStopper>>,
-    /// Set by devices: the guest powered off (ACPI S5) or reset (i8042); the user quit.
-    power_off: AtomicBool,
-    reset: AtomicBool,
-    quit: AtomicBool,
-}
-
-#[derive(Default)]
-struct Ctl {
-    pause: bool,
-    parked: usize,
-    alive: usize,
-    outcome: Option<std::result::Result<RunOutcome, String>>,
-    /// Snapshot requests to parked vCPUs: a generation, and each vCPU's answer.
-    snap_gen: u64,
-    snaps: Vec<Option<std::result::Result<accel::VcpuSnapshot, String>>>,
-}
-
-impl RunControl {
-    fn new() -> Arc<RunControl> {
-        Arc::new(RunControl {
-            m: Mutex::new(Ctl::default()),
-            cv: Condvar::new(),
-            vcpus: Mutex::new(Vec::new()),
-            power_off: AtomicBool::new(false),
-            reset: AtomicBool::new(false),
-            quit: AtomicBool::new(false),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Ctl> {
-        self.m.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Makes every vCPU leave guest mode soon (see [`VcpuStopper::stop`]).
-    fn kick_all(&self) {
-        for stopper in self.vcpus.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            stopper.stop();
-        }
-    }
-
-    /// Ends the run with `outcome` (the first reason wins) and stops every vCPU.
-    fn end(&self, outcome: std::result::Result<RunOutcome, String>) {
-        {
-            let mut c = self.lock();
-            if c.outcome.is_none() {
-                c.outcome = Some(outcome);
-            }
-        }
-        self.cv.notify_all();
-        self.kick_all();
-    }
-
-    /// A device or the user asked the VM to end: that outcome, if any.
-    fn requested_end(&self) -> Option<RunOutcome> {
-        if self.quit.load(Ordering::SeqCst) {
-            Some(RunOutcome::UserQuit)
-        } else if self.power_off.load(Ordering::SeqCst) {
-            Some(RunOutcome::PowerOff)
-        } else if self.reset.load(Ordering::SeqCst) {
-            Some(RunOutcome::Reset("guest requested a reset through the i8042 controller".into()))
-        } else {
-            None
-        }
-    }
-
-    /// Asks the user-quit outcome (console escape).
-    pub fn quit(&self) {
-        self.quit.store(true, Ordering::SeqCst);
-        self.kick_all();
-    }
-
-    /// Whether the run has ended (and how).
-    pub fn outcome(&self) -> Option<std::result::Result<RunOutcome, String>> {
-        self.lock().outcome.clone()
-    }
-
-    /// Parks every vCPU outside guest mode; returns once all are parked (or the run ended).
-    pub fn pause(&self) {
-        self.lock().pause = true;
-        loop {
-            self.kick_all();
-            let c = self.lock();
-            if c.parked >= c.alive || c.outcome.is_some() {
-                return;
-            }
-            let _ = self.cv.wait_timeout(c, std::time::Duration::from_millis(2));
-        }
-    }
-
-    /// Lets parked vCPUs run again.
-    pub fn resume(&self) {
-        self.lock().pause = false;
-        self.cv.notify_all();
-    }
-
-    /// Asks every (parked) vCPU for its state; the VM must be paused.
-    ///
-    /// Errors: the VM is not paused, a vCPU failed to save, or no answer within 10 s.
-    pub fn save_vcpus(&self) -> std::result::Result<Vec<accel::VcpuSnapshot>, String> {
-        let n = self.vcpus.lock().unwrap_or_else(|e| e.into_inner()).len();
-        let mut c = self.lock();
-        if !c.pause || c.parked < c.alive || c.alive != n {
-            return Err("the vCPUs are not all paused".into());
-        }
-        c.snap_gen += 1;
-        c.snaps = vec![None; n];
-        self.cv.notify_all();
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while c.snaps.iter().any(|s| s.is_none()) {
-            let left = end.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err("timed out waiting for the vCPUs' state".into());
-            }
-            c = self.cv.wait_timeout(c, left).unwrap_or_else(|e| e.into_inner()).0;
-        }
-        std::mem::take(&mut c.snaps).into_iter().map(|s| s.unwrap_or_else(|| Err("no answer".into()))).collect()
-    }
-
-    /// Waits until the run ends; returns its outcome.
-    pub fn wait(&self) -> std::result::Result<RunOutcome, String> {
-        let mut c = self.lock();
-        loop {
-            if let Some(o) = &c.outcome {
-                return o.clone();
-            }
-            c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// One vCPU's loop: runs it until the VM ends, parking while paused.
-    fn vcpu_loop(&self, id: usize, mut vcpu: BoxedVcpu, mut bus: DeviceBus) {
-        let mut snap_seen = 0u64;
-        loop {
-            if let Some(o) = self.requested_end() {
-                self.end(Ok(o));
-            }
-            {
-                let mut c = self.lock();
-                if c.outcome.is_some() {
-                    break;
-                }
-                if c.pause {
-                    c.parked += 1;
-                    self.cv.notify_all();
-                    while c.pause && c.outcome.is_none() {
-                        if c.snap_gen > snap_seen {
-                            // Save this vCPU's state for a snapshot (it is parked, so stable).
-                            snap_seen = c.snap_gen;
-                            drop(c);
-                            let r = vcpu.save_snapshot().map_err(|e| format!("vCPU {id}: {e}"));
-                            c = self.lock();
-                            if let Some(slot) = c.snaps.get_mut(id) {
-                                *slot = Some(r);
-                            }
-                            self.cv.notify_all();
-                            continue;
-                        }
-                        c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
-                    }
-                    c.parked -= 1;
-                    continue;
-                }
-            }
-            match vcpu.run(&mut bus) {
-                Ok(VcpuExit::Interrupted) => bump(&bus.exits.interrupted),
-                Ok(VcpuExit::Hlt) => {
-                    // Only engines without an in-kernel irqchip report it (KVM without
-                    // irqchip): wait a little instead of spinning.
-                    bump(&bus.exits.hlt);
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Ok(VcpuExit::Shutdown) => self.end(Ok(RunOutcome::PowerOff)),
-                Ok(VcpuExit::Reset(why)) => self.end(Ok(RunOutcome::Reset(why))),
-                Err(e) => self.end(Err(format!("vCPU {id}: {e}"))),
-            }
-        }
-        let mut c = self.lock();
-        c.alive -= 1;
-        self.cv.notify_all();
-    }
 }
 
 /// A built VM, ready to run.
@@ -420,7 +241,6 @@ impl Vm {
         accel.set_device_writes(Arc::new(move || if d.pending() { d.take() } else { Vec::new() }));
         // Application processors wait in the accelerator for the guest's INIT/SIPI (MP spec B.4).
         let vcpus = (0..cfg.cpus).map(|id| accel.create_vcpu(id)).collect::<accel::Result<Vec<_>>>()?;
-        *ctl.vcpus.lock().unwrap_or_else(|e| e.into_inner()) = vcpus.iter().map(|v| v.stopper()).collect();
         let serial_irq = accel.irq_line(COM1_IRQ)?;
 
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_sink(&cfg.serial)?)));
@@ -428,8 +248,7 @@ impl Vm {
         let c = Arc::downgrade(&ctl);
         let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
             if let Some(c) = c.upgrade() {
-                c.reset.store(true, Ordering::SeqCst);
-                c.kick_all();
+                c.finish(Ok(RunOutcome::Reset("guest requested a reset through the i8042 controller".into())));
             }
         }))));
         pio.insert(0x60, 1, i8042.clone()).map_err(dev_err)?;
@@ -437,8 +256,7 @@ impl Vm {
         let c = Arc::downgrade(&ctl);
         let pm = Arc::new(Mutex::new(AcpiPm::new(Box::new(move || {
             if let Some(c) = c.upgrade() {
-                c.power_off.store(true, Ordering::SeqCst);
-                c.kick_all();
+                c.finish(Ok(RunOutcome::PowerOff));
             }
         }))));
         pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm.clone()).map_err(dev_err)?;
@@ -497,18 +315,10 @@ impl Vm {
     /// Errors: `Error::Device` when a thread cannot be created.
     pub fn start(&mut self) -> Result<()> {
         for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            let ctl = self.ctl.clone();
             let mut bus = self.bus.clone();
             bus.exits = Arc::new(ExitCounts::default());
             self.exit_counts.push(bus.exits.clone());
-            ctl.lock().alive += 1;
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || ctl.vcpu_loop(id, v, bus))
-                .map_err(|e| {
-                    self.ctl.lock().alive -= 1;
-                    Error::Device(format!("vCPU thread: {e}"))
-                })?;
+            let t = self.ctl.spawn_vcpu(id, v, bus).map_err(|e| Error::Device(format!("vCPU thread: {e}")))?;
             self.threads.push(t);
         }
         Ok(())
@@ -517,11 +327,9 @@ impl Vm {
     /// Like [`Vm::start`], with every vCPU parked before it runs guest code (a restored VM
     /// waits for `vm.resume`).
     pub fn start_paused(&mut self) -> Result<()> {
-        self.ctl.lock().pause = true;
+        self.ctl.pause_before_start();
         self.clock.pause();
-        self.start()?;
-        self.ctl.pause();
-        Ok(())
+        self.start()
     }
 
     /// The vCPUs, before [`Vm::start`] (boot vCPU first; empty once started).
@@ -569,7 +377,7 @@ impl Vm {
 
     /// Stops every vCPU and waits for their threads.
     pub fn stop(&mut self) {
-        self.ctl.end(Ok(RunOutcome::UserQuit));
+        self.ctl.finish(Ok(RunOutcome::UserQuit));
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -582,7 +390,6 @@ impl Vm {
     pub fn run(&mut self) -> Result<RunOutcome> {
         self.start()?;
         let outcome = self.ctl.wait();
-        self.ctl.kick_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
