@@ -139,6 +139,17 @@ impl VmState {
         }
     }
 
+    /// The earliest guest clock reading (ns) this state can continue from: the latest time
+    /// its timers refer to (the emulator's PIT and LAPIC start times; 0 for KVM, whose
+    /// kvmclock is part of the state). A clock restored earlier would make the guest's timers
+    /// wait out the difference.
+    pub fn earliest_clock_ns(&self) -> u64 {
+        match &self.0 {
+            VmStateRepr::Emu1(s) => s.irqchip.latest_timer_ns(),
+            VmStateRepr::Kvm1(_) => 0,
+        }
+    }
+
     /// The layout version within its engine.
     pub fn version(&self) -> u32 {
         match self.0 {

@@ -163,7 +163,9 @@ pub fn read_state(dir: &Path) -> Result<VmState, ApiError> {
     if hex_sha(body) != header.sha256 {
         return Err(src(format!("{}: checksum mismatch (the snapshot is corrupt)", path.display())));
     }
-    let st: VmState = serde_json::from_slice(body).map_err(|e| src(format!("{}: state: {e}", path.display())))?;
+    // The path of the offending field (e.g. `vm.emu/1.irqchip`) goes into the message.
+    let st: VmState = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body))
+        .map_err(|e| src(format!("{}: state: {}: {}", path.display(), e.path(), e.inner())))?;
     st.validate().map_err(|m| src(format!("{}: {m}", path.display())))?;
     Ok(st)
 }
@@ -177,16 +179,7 @@ impl VmState {
         if !plain_name {
             return Err(format!("memory.file {file:?} (accepted: a file name inside the snapshot folder)"));
         }
-        match (self.accelerator.as_str(), &self.irqchip, &self.kvm_vm) {
-            ("emu", Some(_), None) | ("kvm", None, Some(_)) => {}
-            ("emu", None, _) => return Err("irqchip: missing (accepted: the emu interrupt controller state)".into()),
-            ("kvm", _, None) => return Err("kvm_vm: missing (accepted: the KVM VM state)".into()),
-            ("emu" | "kvm", _, _) => {
-                return Err(format!("{} snapshot with state of the other accelerator", self.accelerator))
-            }
-            (a, _, _) => return Err(format!("accelerator '{a}' (accepted: emu, kvm)")),
-        }
-        let timers = self.irqchip.as_ref().map_or(0, |c| c.latest_timer_ns());
+        let timers = self.vm.earliest_clock_ns();
         if self.clock_ns > MAX_CLOCK_NS || self.clock_ns < timers {
             return Err(format!(
                 "clock_ns {} (accepted: {timers} (the timers' latest reading) to {MAX_CLOCK_NS})",
