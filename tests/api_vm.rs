@@ -290,24 +290,26 @@ fn corrupt_or_missing_snapshot_is_refused_and_left_alone() {
     let secret = dir.path("outside-secret");
     std::fs::write(&secret, vec![7u8; 4096]).unwrap();
     let secret_name = format!("../{}", secret.file_name().unwrap().to_str().unwrap());
-    type Edit<'a> = Box<dyn Fn(&str) -> String + 'a>;
-    let forgeries: Vec<(&str, Edit, &str)> = vec![
-        ("memory.file ../", Box::new(|s| json_set(s, "file", &format!("{secret_name:?}"))), "memory.file"),
-        ("memory.file absolute", Box::new(|s| json_set(s, "file", "\"/etc/passwd\"")), "memory.file"),
-        ("clock_ns 0", Box::new(|s| json_set(s, "clock_ns", "0")), "clock_ns"),
-        ("clock_ns max", Box::new(|s| json_set(s, "clock_ns", "18446744073709551615")), "clock_ns"),
-        ("irqchip null", Box::new(|s| json_replace_value(s, "irqchip", "null")), "irqchip"),
-        ("queue size", Box::new(|s| json_set(&s[s.find("\"queues\"").unwrap()..], "size", "1000")), "size 1000"),
+    // (what, the key whose value is forged, found after `anchor`, the new value, the word
+    // the refusal must name).
+    let secret_json = format!("{secret_name:?}");
+    let forgeries: [(&str, &str, &str, &str, &str); 6] = [
+        ("memory.file ../", "\"memory\":", "file", &secret_json, "memory.file"),
+        ("memory.file absolute", "\"memory\":", "file", "\"/etc/passwd\"", "memory.file"),
+        ("clock_ns 0", "{", "clock_ns", "0", "clock_ns"),
+        ("clock_ns max", "{", "clock_ns", "18446744073709551615", "clock_ns"),
+        ("irqchip null", "\"vm\":", "irqchip", "null", "irqchip"),
+        ("queue size", "\"queues\":", "size", "1000", "size 1000"),
     ];
-    for (what, edit, want) in forgeries {
+    for (what, anchor, key, value, want) in forgeries {
         let body = std::str::from_utf8(&good[good.iter().position(|b| *b == b'\n').unwrap() + 1..]).unwrap().trim_end();
-        let forged = if what == "queue size" {
-            // `edit` worked on the tail from "queues" on: splice it back.
-            let at = body.find("\"queues\"").unwrap();
-            format!("{}{}", &body[..at], edit(body))
+        let at = body.find(anchor).unwrap_or_else(|| panic!("{what}: {anchor} not in the state"));
+        let tail = if value == "null" {
+            json_replace_value(&body[at..], key, value)
         } else {
-            edit(body)
+            json_set(&body[at..], key, value)
         };
+        let forged = format!("{}{tail}", &body[..at]);
         assert_ne!(forged, body, "{what}: the edit changed nothing");
         std::fs::write(&state, with_header(&good, &forged)).unwrap();
         let m = refused(what);

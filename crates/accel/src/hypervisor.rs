@@ -22,8 +22,9 @@ pub trait Hypervisor: Send + Sync {
     fn create_vm(&self, spec: &VmSpec<'_>) -> Result<Arc<dyn Vm>>;
 }
 
-/// Which accelerator the user asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Which accelerator the user asked for (serialised as "auto", "kvm" or "emu").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Choice {
     /// KVM where it can run a stock guest kernel, the emulator otherwise.
     Auto,

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 pub use accel::Choice as Accel;
 
 /// Where the 8250 console goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SerialOut {
     /// The terminal: stdout for output, stdin for input.
     Stdio,
@@ -17,8 +18,10 @@ pub enum SerialOut {
     Null,
 }
 
-/// Everything needed to build a VM.
-#[derive(Clone, Debug)]
+/// Everything needed to build a VM. Serialisable for snapshots (`crate::persist`), whose
+/// format version changes with it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// bzImage or ELF vmlinux path.
     pub kernel: PathBuf,

@@ -240,6 +240,20 @@ pub fn api_error(e: crate::Error) -> ApiError {
     }
 }
 
+/// Maps a snapshot error to the API: a bad source or destination is the client's (400 naming
+/// `source_url` / `destination_url`, or the configuration's field), the rest are ours (500).
+fn persist_error(e: crate::persist::Error) -> ApiError {
+    use crate::persist::Error as P;
+    match e {
+        P::Read { .. } | P::Invalid { .. } | P::Corrupt { .. } | P::Accelerator { .. } => {
+            bad("source_url", e.to_string())
+        }
+        P::Destination { .. } => bad("destination_url", e.to_string()),
+        P::Vm(e) => api_error(e),
+        P::Write { .. } | P::Save { .. } => ApiError::Internal(e.to_string()),
+    }
+}
+
 impl Default for VmmController {
     fn default() -> Self {
         Self::new()
@@ -522,8 +536,8 @@ impl api::Controller for VmmController {
         let mut slot = self.lock();
         Self::reap(&mut slot);
         match &*slot {
-            Slot::Live { vm, cfg, json, paused: true, .. } => {
-                crate::snapshot::save(vm, cfg, json, std::path::Path::new(destination_dir))
+            Slot::Live { vm, cfg, paused: true, .. } => {
+                crate::persist::save(vm, cfg, std::path::Path::new(destination_dir)).map_err(persist_error)
             }
             s => Err(conflict("vm.snapshot", s.state())),
         }
@@ -539,13 +553,10 @@ impl api::Controller for VmmController {
         Self::begin(&mut slot, "vm.restore");
         drop(slot);
         // Reading the snapshot may be slow: other requests answer meanwhile.
-        let r = crate::snapshot::restore(std::path::Path::new(source_dir));
-        self.finish(r.map(|(vm, cfg, json)| Slot::Live {
-            vm: Box::new(vm),
-            cfg,
-            json,
-            booted: Instant::now(),
-            paused: true,
+        let r = crate::persist::restore(std::path::Path::new(source_dir)).map_err(persist_error);
+        self.finish(r.map(|(vm, cfg)| {
+            let json = api_from_config(&cfg);
+            Slot::Live { vm: Box::new(vm), cfg, json, booted: Instant::now(), paused: true }
         }))
     }
 

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Disk image format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
     /// A flat image: guest sector N is at byte N*512 of the file.
     Raw,
@@ -15,7 +16,8 @@ pub enum DiskFormat {
 
 /// One virtio-blk disk
 /// (`--disk path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID][,backing=allow][,data_file=allow]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Image file.
     pub path: PathBuf,
@@ -34,7 +36,8 @@ pub struct DiskConfig {
 }
 
 /// One virtio-net NIC on a TAP device (`--net tap=NAME[,mac=MAC]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// TAP interface name (created if absent), 1 to 15 bytes.
     pub tap: String,
@@ -43,7 +46,8 @@ pub struct NetConfig {
 }
 
 /// The virtio-vsock device (`--vsock cid=N,socket=PATH`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     /// Guest context ID, 3 to 2^32-2.
     pub cid: u64,

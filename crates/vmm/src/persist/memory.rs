@@ -7,6 +7,8 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
+use super::Error;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -41,8 +43,16 @@ fn file_offset(mem: &GuestMemoryMmap, gpa: u64) -> Option<u64> {
     None
 }
 
-fn io(path: &Path, e: std::io::Error) -> String {
-    format!("{}: {e}", path.display())
+fn write_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Write { path: path.to_path_buf(), source }
+}
+
+fn read_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Read { path: path.to_path_buf(), source }
+}
+
+fn invalid(path: &Path, msg: String) -> Error {
+    Error::Invalid { path: path.to_path_buf(), msg }
 }
 
 fn hash_run(h: &mut Sha256, gpa: u64, data: &[u8]) {
@@ -54,17 +64,19 @@ fn hash_run(h: &mut Sha256, gpa: u64, data: &[u8]) {
 /// Writes the non-zero pages of `mem` to `path` (created; must not exist).
 ///
 /// The guest must not run, and no device may write guest memory, while this runs.
-/// Errors: a message naming the file.
-pub fn save(mem: &GuestMemoryMmap, path: &Path, file: &str) -> Result<MemoryImage, String> {
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| io(path, e))?;
+/// Errors: [`Error::Write`] naming the file, [`Error::Save`] if guest memory cannot be read.
+pub fn save(mem: &GuestMemoryMmap, path: &Path, file: &str) -> Result<MemoryImage, Error> {
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(write_err(path))?;
     let size: u64 = mem.iter().map(|r| r.len()).sum();
-    f.set_len(size).map_err(|e| io(path, e))?;
+    f.set_len(size).map_err(write_err(path))?;
     let mut h = Sha256::new();
     let mut runs = Vec::new();
     for r in mem.iter() {
         let start = r.start_addr().0;
         let len = r.len() as usize;
-        let host = mem.get_host_address(r.start_addr()).map_err(|e| e.to_string())?;
+        let host = mem
+            .get_host_address(r.start_addr())
+            .map_err(|e| Error::Save { what: "guest memory", msg: e.to_string() })?;
         // SAFETY: `host` maps the whole region (`len` bytes) for the lifetime of `mem`; the VM
         // is paused and its devices quiesced, so nothing writes it while we read.
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
@@ -82,28 +94,30 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path, file: &str) -> Result<MemoryImag
             let e = p.min(len);
             let gpa = start + s as u64;
             let off = file_offset(mem, gpa).unwrap_or(0);
-            f.seek(SeekFrom::Start(off)).map_err(|e| io(path, e))?;
-            f.write_all(&bytes[s..e]).map_err(|e| io(path, e))?;
+            f.seek(SeekFrom::Start(off)).map_err(write_err(path))?;
+            f.write_all(&bytes[s..e]).map_err(write_err(path))?;
             hash_run(&mut h, gpa, &bytes[s..e]);
             runs.push((gpa, (e - s) as u64));
         }
     }
-    f.sync_all().map_err(|e| io(path, e))?;
+    f.sync_all().map_err(write_err(path))?;
     let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     Ok(MemoryImage { file: file.to_string(), size, runs, sha256 })
 }
 
 /// Reads the runs of `img` from `path` into `mem` (fresh, zeroed RAM of the same size),
-/// checking the digest. Errors name the file and what is wrong; nothing is written to the
-/// snapshot.
-pub fn load(mem: &GuestMemoryMmap, path: &Path, img: &MemoryImage) -> Result<(), String> {
+/// checking the digest; nothing is written to the snapshot.
+///
+/// Errors: [`Error::Read`] (missing, not a regular file, unreadable) and [`Error::Invalid`]
+/// (wrong size, a run outside guest memory, checksum mismatch), naming the file.
+pub fn load(mem: &GuestMemoryMmap, path: &Path, img: &MemoryImage) -> Result<(), Error> {
     let size: u64 = mem.iter().map(|r| r.len()).sum();
     if size != img.size {
-        return Err(format!("memory size {} in the snapshot, {} in the VM", img.size, size));
+        return Err(invalid(path, format!("memory.size {} in the snapshot, {} in the VM", img.size, size)));
     }
-    let (mut f, flen) = crate::host_files::open_regular(path).map_err(|e| io(path, e))?;
+    let (mut f, flen) = crate::host_files::open_regular(path).map_err(read_err(path))?;
     if flen != img.size {
-        return Err(format!("{}: {} bytes, expected {} (truncated or wrong file)", path.display(), flen, img.size));
+        return Err(invalid(path, format!("{flen} bytes, expected {} (truncated or wrong file)", img.size)));
     }
     let mut h = Sha256::new();
     // Runs are copied through one bounded buffer, so a restore needs no more host memory
@@ -113,25 +127,26 @@ pub fn load(mem: &GuestMemoryMmap, path: &Path, img: &MemoryImage) -> Result<(),
         let end_ok = gpa.checked_add(len).and_then(|e| file_offset(mem, e - 1)).is_some();
         let off = file_offset(mem, gpa).filter(|_| end_ok && len > 0 && len <= 1 << 40);
         let Some(off) = off else {
-            return Err(format!("{}: run {gpa:#x}+{len:#x} is outside guest memory", path.display()));
+            return Err(invalid(path, format!("memory.runs: {gpa:#x}+{len:#x} is outside guest memory")));
         };
-        f.seek(SeekFrom::Start(off)).map_err(|e| io(path, e))?;
+        f.seek(SeekFrom::Start(off)).map_err(read_err(path))?;
         h.update(gpa.to_le_bytes());
         h.update(len.to_le_bytes());
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(LOAD_CHUNK as u64) as usize;
             let chunk = &mut buf[..n];
-            f.read_exact(chunk).map_err(|e| io(path, e))?;
+            f.read_exact(chunk).map_err(read_err(path))?;
             h.update(&*chunk);
             let at = GuestAddress(gpa + done);
-            mem.write_slice(chunk, at).map_err(|e| format!("guest memory at {:#x}: {e}", at.0))?;
+            mem.write_slice(chunk, at)
+                .map_err(|e| invalid(path, format!("memory.runs: guest memory at {:#x}: {e}", at.0)))?;
             done += n as u64;
         }
     }
     let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     if got != img.sha256 {
-        return Err(format!("{}: checksum mismatch (the memory file is corrupt)", path.display()));
+        return Err(invalid(path, "checksum mismatch (the memory file is corrupt)".into()));
     }
     Ok(())
 }
@@ -165,11 +180,14 @@ mod tests {
         let mut data = std::fs::read(&path).unwrap();
         data[0x20_0000 + 5] ^= 1;
         std::fs::write(&path, &data).unwrap();
-        assert!(load(&crate::memory::create(64 << 20).unwrap(), &path, &img).unwrap_err().contains("checksum"));
+        assert!(load(&crate::memory::create(64 << 20).unwrap(), &path, &img)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
         std::fs::remove_file(&path).unwrap();
-        assert!(load(&fresh, &path, &img).unwrap_err().contains("memory.bin"));
+        assert!(load(&fresh, &path, &img).unwrap_err().to_string().contains("memory.bin"));
         // The wrong size is refused.
-        assert!(load(&crate::memory::create(32 << 20).unwrap(), &path, &img).unwrap_err().contains("size"));
+        assert!(load(&crate::memory::create(32 << 20).unwrap(), &path, &img).unwrap_err().to_string().contains("size"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,23 +1,101 @@
-//! VM snapshots: a folder with `snapshot.json` (a versioned header, a SHA-256 of the state
-//! and the state itself: VM configuration, vCPUs, interrupt controllers and timers, legacy
-//! devices, virtio transports, guest clock) and `memory.bin` (guest RAM, sparse: see
-//! [`crate::snapshot_memory`]).
+//! The persist layer: VM snapshots. A snapshot is a folder with `snapshot.json` (a versioned
+//! header, a SHA-256 of the state and the state itself: VM configuration, vCPUs, the
+//! accelerator's VM state, legacy devices, virtio transports, guest clock) and `memory.bin`
+//! (guest RAM, sparse: see [`memory`]).
+//!
+//! The on-disk types are this module's own ([`VmState`], which holds the VMM's typed
+//! [`VmConfig`], not the REST wire type), versioned by [`VERSION`]; errors are [`Error`], which
+//! names the file and field. Mapping them to HTTP is the controller's business, not this
+//! module's.
 //!
 //! A snapshot is taken from a paused VM. Virtio devices are quiesced first (every request in
 //! flight completes), so each queue's next available and next used index equal its used
 //! ring's index, which the restored device reads back from guest memory. Disk images are not
 //! copied: they must be the same files (as with Firecracker). vsock connections are closed.
 
-use std::path::Path;
+pub mod memory;
 
-use api::types;
-use api::ApiError;
+use std::io;
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::VmConfig;
-use crate::snapshot_memory::{self, MemoryImage};
 use crate::vm::Vm;
+use memory::MemoryImage;
+
+/// Why a snapshot could not be saved or restored. Every variant names the file, field or
+/// device concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A snapshot file could not be opened or read (missing, not a regular file, too large,
+    /// unreadable).
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The host error.
+        #[source]
+        source: io::Error,
+    },
+    /// A snapshot file is not a valid snapshot: wrong format or version, checksum mismatch,
+    /// a malformed or out-of-range field (the message starts with the field's name).
+    #[error("{}: {msg}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, and what is accepted.
+        msg: String,
+    },
+    /// A device or vCPU refused its saved state.
+    #[error("snapshot corrupt: {what}: {msg}")]
+    Corrupt {
+        /// The part ("vcpu", "disk0", "accelerator VM state", ...).
+        what: String,
+        /// Why it was refused.
+        msg: String,
+    },
+    /// The destination folder cannot take a snapshot (exists and is not empty, cannot be
+    /// created).
+    #[error("{}: {msg}", path.display())]
+    Destination {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong, and what is accepted.
+        msg: String,
+    },
+    /// Writing the snapshot failed.
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The host error.
+        #[source]
+        source: io::Error,
+    },
+    /// Saving a part of the VM's state failed.
+    #[error("saving {what}: {msg}")]
+    Save {
+        /// The part.
+        what: &'static str,
+        /// Why.
+        msg: String,
+    },
+    /// This host cannot run the snapshot's accelerator.
+    #[error("{accelerator} snapshot: {source}")]
+    Accelerator {
+        /// The accelerator that saved the snapshot.
+        accelerator: String,
+        /// Why it cannot run here.
+        #[source]
+        source: crate::Error,
+    },
+    /// Building the VM from the snapshot's configuration failed (a disk that cannot be
+    /// opened, guest memory that cannot be allocated, ...).
+    #[error(transparent)]
+    Vm(#[from] crate::Error),
+}
 
 /// `format` of `snapshot.json`.
 pub const FORMAT: &str = "rustvisor-snapshot";
@@ -37,8 +115,8 @@ pub const MAX_CLOCK_NS: u64 = 1 << 62;
 /// Everything but guest memory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmState {
-    /// The VM configuration (API form).
-    pub config: types::VmConfig,
+    /// The VM configuration.
+    pub config: VmConfig,
     /// The accelerator's name ("emu", "kvm"), for the user; restore goes by `vm`.
     pub accelerator: String,
     /// Guest clock, ns.
@@ -75,29 +153,29 @@ struct Header {
     sha256: String,
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::Internal(e.to_string())
+fn write_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Write { path: path.to_path_buf(), source }
 }
 
 fn hex_sha(b: &[u8]) -> String {
     Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Saves paused `vm` into `dir` (created if absent; must be empty).
+/// Saves paused `vm`, built from `cfg`, into `dir` (created if absent; must be empty).
 ///
-/// Errors: `BadRequest` (field `destination_url`) for a folder that exists and is not empty,
-/// `Internal` for I/O or state errors.
-pub fn save(vm: &Vm, _cfg: &VmConfig, json: &types::VmConfig, dir: &Path) -> Result<(), ApiError> {
-    let dest = |m: String| ApiError::BadRequest { field: "destination_url".into(), msg: m };
+/// Errors: [`Error::Destination`] for a folder that exists and is not empty or cannot be
+/// created, [`Error::Write`] and [`Error::Save`] otherwise.
+pub fn save(vm: &Vm, cfg: &VmConfig, dir: &Path) -> Result<(), Error> {
+    let dest = |m: String| Error::Destination { path: dir.to_path_buf(), msg: m };
     if dir.exists() {
-        let empty = std::fs::read_dir(dir).map_err(|e| dest(format!("{}: {e}", dir.display())))?.next().is_none();
+        let empty = std::fs::read_dir(dir).map_err(|e| dest(e.to_string()))?.next().is_none();
         if !empty {
-            return Err(dest(format!("{} is not empty (accepted: an empty or new folder)", dir.display())));
+            return Err(dest("not empty (accepted: an empty or new folder)".into()));
         }
     } else {
-        std::fs::create_dir_all(dir).map_err(|e| dest(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| dest(e.to_string()))?;
     }
-    let vcpus = vm.control().save_vcpus().map_err(internal)?;
+    let vcpus = vm.control().save_vcpus().map_err(|e| Error::Save { what: "vcpus", msg: e.to_string() })?;
     let mut transports = Vec::new();
     for d in &vm.virtio {
         let mut t = d.dev.lock().unwrap_or_else(|e| e.into_inner());
@@ -107,30 +185,34 @@ pub fn save(vm: &Vm, _cfg: &VmConfig, json: &types::VmConfig, dir: &Path) -> Res
     let result = (|| {
         let l = &vm.devices;
         let state = VmState {
-            config: json.clone(),
+            config: cfg.clone(),
             accelerator: vm.accelerator().into(),
             clock_ns: vm.clock.now(),
             vcpus,
-            vm: vm.accel().save_state().map_err(internal)?,
+            vm: vm
+                .accel()
+                .save_state()
+                .map_err(|e| Error::Save { what: "accelerator VM state", msg: e.to_string() })?,
             serial: l.serial.lock().unwrap_or_else(|e| e.into_inner()).state(),
             i8042: l.i8042.lock().unwrap_or_else(|e| e.into_inner()).state(),
             cmos: l.cmos.lock().unwrap_or_else(|e| e.into_inner()).state(),
             pm: l.pm.lock().unwrap_or_else(|e| e.into_inner()).state(),
             pci_config_address: l.pci.lock().unwrap_or_else(|e| e.into_inner()).config_address(),
             virtio: transports,
-            memory: snapshot_memory::save(vm.memory(), &dir.join(MEMORY_FILE), MEMORY_FILE).map_err(internal)?,
+            memory: memory::save(vm.memory(), &dir.join(MEMORY_FILE), MEMORY_FILE)?,
         };
-        let bytes = serde_json::to_vec(&state).map_err(internal)?;
+        let bytes = serde_json::to_vec(&state).map_err(|e| Error::Save { what: "state", msg: e.to_string() })?;
         let header = Header { format: FORMAT.into(), version: VERSION, sha256: hex_sha(&bytes) };
-        let mut out = serde_json::to_vec(&header).map_err(internal)?;
+        let mut out = serde_json::to_vec(&header).map_err(|e| Error::Save { what: "header", msg: e.to_string() })?;
         out.push(b'\n');
         out.extend_from_slice(&bytes);
         out.push(b'\n');
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        let mut f = std::fs::File::create(&tmp).map_err(internal)?;
-        std::io::Write::write_all(&mut f, &out).map_err(internal)?;
-        f.sync_all().map_err(internal)?;
-        std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(internal)?;
+        let mut f = std::fs::File::create(&tmp).map_err(write_err(&tmp))?;
+        std::io::Write::write_all(&mut f, &out).map_err(write_err(&tmp))?;
+        f.sync_all().map_err(write_err(&tmp))?;
+        let path = dir.join(STATE_FILE);
+        std::fs::rename(&tmp, &path).map_err(write_err(&path))?;
         Ok(())
     })();
     // The VM stays paused; its devices serve their queues again.
@@ -142,31 +224,31 @@ pub fn save(vm: &Vm, _cfg: &VmConfig, json: &types::VmConfig, dir: &Path) -> Res
 
 /// Reads and checks `dir`'s state (nothing in `dir` is modified).
 ///
-/// Errors: `BadRequest` (field `source_url`) naming the missing or corrupt file.
-pub fn read_state(dir: &Path) -> Result<VmState, ApiError> {
-    let src = |m: String| ApiError::BadRequest { field: "source_url".into(), msg: m };
+/// Errors: [`Error::Read`] for a missing, non-regular, oversize or unreadable file,
+/// [`Error::Invalid`] naming what is wrong with it.
+pub fn read_state(dir: &Path) -> Result<VmState, Error> {
     let path = dir.join(STATE_FILE);
-    let text =
-        crate::host_files::read_bounded(&path, MAX_STATE_BYTES).map_err(|e| src(format!("{}: {e}", path.display())))?;
+    let src = |m: String| Error::Invalid { path: path.clone(), msg: m };
+    let text = crate::host_files::read_bounded(&path, MAX_STATE_BYTES)
+        .map_err(|source| Error::Read { path: path.clone(), source })?;
     let nl = text.iter().position(|&b| b == b'\n').unwrap_or(text.len());
     let (head, rest) = text.split_at(nl);
-    let header: Header =
-        serde_json::from_slice(head).map_err(|e| src(format!("{}: not a snapshot header: {e}", path.display())))?;
+    let header: Header = serde_json::from_slice(head).map_err(|e| src(format!("not a snapshot header: {e}")))?;
     if header.format != FORMAT {
-        return Err(src(format!("{}: format '{}' (accepted: {FORMAT})", path.display(), header.format)));
+        return Err(src(format!("format '{}' (accepted: {FORMAT})", header.format)));
     }
     if header.version != VERSION {
-        return Err(src(format!("{}: version {} (accepted: {VERSION})", path.display(), header.version)));
+        return Err(src(format!("version {} (accepted: {VERSION})", header.version)));
     }
     let body = rest.strip_prefix(b"\n").unwrap_or(rest);
     let body = body.strip_suffix(b"\n").unwrap_or(body);
     if hex_sha(body) != header.sha256 {
-        return Err(src(format!("{}: checksum mismatch (the snapshot is corrupt)", path.display())));
+        return Err(src("checksum mismatch (the snapshot is corrupt)".into()));
     }
     // The path of the offending field (e.g. `vm.emu/1.irqchip`) goes into the message.
     let st: VmState = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body))
-        .map_err(|e| src(format!("{}: state: {}: {}", path.display(), e.path(), e.inner())))?;
-    st.validate().map_err(|m| src(format!("{}: {m}", path.display())))?;
+        .map_err(|e| src(format!("state: {}: {}", e.path(), e.inner())))?;
+    st.validate().map_err(src)?;
     Ok(st)
 }
 
@@ -193,27 +275,28 @@ impl VmState {
     }
 }
 
-/// Builds a paused VM from the snapshot in `dir`.
+/// Builds a paused VM from the snapshot in `dir`; returns it with its configuration.
 ///
-/// Errors: `BadRequest` for a missing or corrupt snapshot or one this host cannot run
-/// (field `source_url`), or for devices that cannot be opened (their field); `Internal`
-/// otherwise.
-pub fn restore(dir: &Path) -> Result<(Vm, VmConfig, types::VmConfig), ApiError> {
-    let src = |m: String| ApiError::BadRequest { field: "source_url".into(), msg: m };
+/// Errors: [`Error::Read`] / [`Error::Invalid`] for a missing or bad snapshot file,
+/// [`Error::Accelerator`] when this host cannot run the snapshot's accelerator,
+/// [`Error::Corrupt`] when a device or vCPU refuses its state, [`Error::Vm`] when the VM
+/// cannot be built (a disk that cannot be opened, ...).
+pub fn restore(dir: &Path) -> Result<(Vm, VmConfig), Error> {
     let st = read_state(dir)?;
-    let mut cfg = crate::controller::config_from_api(&st.config)?;
+    let mut cfg = st.config.clone();
     // The accelerator that saved the VM state runs it again.
     cfg.accel = st.vm.engine();
-    cfg.validate().map_err(crate::controller::api_error)?;
+    cfg.validate()?;
     // The same accelerator checks as a boot (a kvm snapshot needs a usable /dev/kvm).
-    let selection = crate::vm::choose_accel(cfg.accel).map_err(|e| src(format!("{} snapshot: {e}", st.accelerator)))?;
+    let selection = crate::vm::choose_accel(cfg.accel)
+        .map_err(|source| Error::Accelerator { accelerator: st.accelerator.clone(), source })?;
     let hv = selection.hypervisor.as_ref();
-    let mem = crate::memory::create(cfg.mem_size).map_err(internal)?;
+    let mem = crate::memory::create(cfg.mem_size)?;
     // `validate` made `memory.file` a plain name: the file is inside `dir`.
-    snapshot_memory::load(&mem, &dir.join(&st.memory.file), &st.memory).map_err(src)?;
+    memory::load(&mem, &dir.join(&st.memory.file), &st.memory)?;
     let note = format!("{}: restored from {}", hv.name(), dir.display());
-    let mut vm = Vm::build(&cfg, mem, hv, note).map_err(crate::controller::api_error)?;
-    let corrupt = |what: &str, e: String| src(format!("snapshot corrupt: {what}: {e}"));
+    let mut vm = Vm::build(&cfg, mem, hv, note)?;
+    let corrupt = |what: &str, msg: String| Error::Corrupt { what: what.to_string(), msg };
     vm.accel().restore_state(&st.vm).map_err(|e| corrupt("accelerator VM state", e.to_string()))?;
     {
         let l = &vm.devices;
@@ -256,6 +339,6 @@ pub fn restore(dir: &Path) -> Result<(Vm, VmConfig, types::VmConfig), ApiError> 
         v.restore_snapshot(s).map_err(|e| corrupt("vcpu", e.to_string()))?;
     }
     vm.clock.set(st.clock_ns);
-    vm.start_paused().map_err(crate::controller::api_error)?;
-    Ok((vm, cfg, st.config))
+    vm.start_paused()?;
+    Ok((vm, cfg))
 }
