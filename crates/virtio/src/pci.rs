@@ -18,6 +18,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use devices::pci::{PciConfig, PciDevice, PciId, CMD_BUS_MASTER};
 use devices::MsiSink;
@@ -472,7 +473,8 @@ impl VirtioPci {
     }
 
     fn reset(&mut self) {
-        self.device.reset();
+        // Waits for the worker, as joining it used to.
+        let _ = self.device.reset().wait(Duration::MAX);
         if let Some(r) = &self.ioevents {
             for (gpa, e) in self.registered.drain(..).zip(self.kicks.iter()) {
                 r.unregister(gpa, e);
@@ -600,7 +602,7 @@ impl VirtioPci {
     /// guest memory nor the rings change; the transport keeps its state. Call before saving
     /// guest memory; [`VirtioPci::resume_device`] starts serving again.
     pub fn quiesce(&mut self) {
-        self.device.reset();
+        let _ = self.device.reset().wait(Duration::MAX);
         if let Some(r) = &self.ioevents {
             for (gpa, e) in self.registered.drain(..).zip(self.kicks.iter()) {
                 r.unregister(gpa, e);
@@ -797,7 +799,7 @@ mod tests {
     use super::*;
     use crate::testing::{TestQueue, AVAIL, DATA, DESC, USED};
     use std::sync::mpsc;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     struct ChanSink(Mutex<mpsc::Sender<(u64, u32)>>);
     impl MsiSink for ChanSink {
@@ -989,6 +991,33 @@ mod tests {
         assert_eq!(r(&mut dev, 0x18, 2), 256);
         w(&mut dev, 0x1a, 77, 2);
         assert_eq!(r(&mut dev, 0x1a, 2), u64::from(NO_VECTOR));
+    }
+
+    /// What a driver does to its rings before re-initializing: empty available and used rings.
+    fn clear_rings(tq: &mut TestQueue) {
+        tq.set_avail_idx(0);
+        tq.write(USED, &[0; 4]);
+    }
+
+    #[test]
+    fn reset_and_driver_ok_cycles_reuse_one_worker_thread() {
+        let mut tq = TestQueue::new(16, 1 << 20);
+        let (mut dev, msi) = rng_device(&tq);
+        bring_up(&mut dev, 16);
+        let spawned = crate::worker::spawned_on_this_thread();
+        let t = Instant::now();
+        for i in 0..1000u64 {
+            clear_rings(&mut tq);
+            bring_up(&mut dev, 16);
+            let len = 1 + (i % 64) as u32;
+            tq.add_chain(0, &[(DATA, len, true)]);
+            w(&mut dev, NOTIFY, 0, 2);
+            assert_eq!(msi.recv_timeout(Duration::from_secs(10)).unwrap(), (0xfee0_0000, 0x31), "cycle {i}");
+            assert_eq!(tq.used_idx(), 1, "cycle {i}");
+            assert_eq!(tq.used(0), (0, len), "cycle {i}");
+        }
+        assert_eq!(crate::worker::spawned_on_this_thread(), spawned, "worker threads started by 1000 cycles");
+        assert!(t.elapsed() < Duration::from_secs(60), "1000 cycles took {:?}", t.elapsed());
     }
 
     #[test]
