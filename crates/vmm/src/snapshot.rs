@@ -99,12 +99,17 @@ pub fn save(vm: &Vm, _cfg: &VmConfig, json: &types::VmConfig, dir: &Path) -> Res
     }
     let vcpus = vm.control().save_vcpus().map_err(internal)?;
     let mut transports = Vec::new();
+    let mut quiesced = Ok(());
     for d in &vm.virtio {
         let mut t = d.dev.lock().unwrap_or_else(|e| e.into_inner());
-        t.quiesce();
+        if let Err(e) = t.quiesce(virtio::pci::QUIESCE_TIMEOUT) {
+            quiesced = Err(internal(format!("{}: {e}", d.name)));
+            break;
+        }
         transports.push(t.save_state());
     }
     let result = (|| {
+        quiesced?;
         let l = &vm.devices;
         let state = VmState {
             config: json.clone(),
