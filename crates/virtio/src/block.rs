@@ -41,7 +41,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::device::{
     read_config_bytes, ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt, VirtioDevice,
 };
-use crate::worker::{EpollCtl, Handler, Worker};
+use crate::worker::{Completion, EpollCtl, Handler, Worker};
 use crate::{queue, TYPE_BLOCK, VIRTIO_F_VERSION_1};
 
 /// Sector size of the virtio-blk protocol (§5.2.6): `sector` and `capacity` count 512 bytes.
@@ -123,7 +123,7 @@ pub struct Block {
     capacity: u64,
     id: [u8; ID_BYTES],
     counters: Arc<Counters>,
-    worker: Option<Worker>,
+    worker: Worker<BlockQueue>,
 }
 
 impl std::fmt::Debug for Block {
@@ -133,7 +133,7 @@ impl std::fmt::Debug for Block {
             .field("discard", &self.discard)
             .field("capacity", &self.capacity)
             .field("id", &String::from_utf8_lossy(&self.id))
-            .field("active", &self.worker.is_some())
+            .field("active", &self.worker.is_active())
             .finish()
     }
 }
@@ -191,7 +191,7 @@ impl Block {
             capacity,
             id,
             counters: Arc::default(),
-            worker: None,
+            worker: Worker::new("virtio-blk"),
         }
     }
 
@@ -752,16 +752,13 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config(), offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.worker = None;
         let queue = ctx.queues.into_iter().next().ok_or_else(|| ActivateError::BadConfig("no request queue".into()))?;
         let q =
             BlockQueue { mem: ctx.mem, queue, interrupt: ctx.interrupt, ctx: self.ctx(ctx.acked_features, ctx.dma) };
-        let w = Worker::spawn("virtio-blk", ctx.queue_evts, q).map_err(|e| ActivateError::Host(e.to_string()))?;
-        self.worker = Some(w);
-        Ok(())
+        self.worker.activate(ctx.queue_evts, q).map_err(|e| ActivateError::Host(e.to_string()))
     }
-    fn reset(&mut self) {
-        self.worker = None;
+    fn reset(&mut self) -> Completion {
+        self.worker.reset()
     }
     fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
@@ -1405,6 +1402,7 @@ mod tests {
         let dir = TempDir::new();
         let (_, img) = image(&dir, false);
         let mut dev = Block::new(img, false, None);
+        let spawned = crate::worker::spawned_on_this_thread();
         for round in 0..2u8 {
             let mut tq = TestQueue::new(256, MEM);
             let (tx, rx) = mpsc::channel();
@@ -1428,9 +1426,10 @@ mod tests {
             assert_eq!(tq.used_idx(), 1);
             assert_eq!(tq.read(BUF, 512), vec![4 + round; 512]);
             assert_eq!(tq.read(ST, 1), [VIRTIO_BLK_S_OK]);
-            dev.reset();
+            assert!(dev.reset().wait(std::time::Duration::from_secs(10)), "the reset completes");
         }
         assert_eq!(dev.counters().requests.load(Ordering::Relaxed), 2);
+        assert_eq!(crate::worker::spawned_on_this_thread(), spawned + 1, "one worker thread for both activations");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{read_config_bytes, ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt};
 use crate::queue::{self, ChainBuffers};
-use crate::worker::{EpollCtl, Handler, Worker, FIRST_DEVICE_TOKEN};
+use crate::worker::{Completion, EpollCtl, Handler, Worker, FIRST_DEVICE_TOKEN};
 use crate::{VirtioDevice, TYPE_CONSOLE, VIRTIO_F_VERSION_1};
 
 /// `VIRTIO_CONSOLE_F_SIZE` (§5.3.3): `cols` and `rows` in the configuration are valid.
@@ -87,7 +87,7 @@ pub struct Console {
     source: Arc<Mutex<Option<Box<dyn InputSource>>>>,
     input: Arc<InputQueue>,
     counters: Arc<Counters>,
-    worker: Option<Worker>,
+    worker: Worker<ConsoleWorker>,
 }
 
 impl Console {
@@ -102,7 +102,7 @@ impl Console {
             source: Arc::new(Mutex::new(input)),
             input: Arc::new(InputQueue { bytes: Mutex::new(VecDeque::new()), wake }),
             counters: Arc::default(),
-            worker: None,
+            worker: Worker::new("virtio-console"),
         })
     }
 
@@ -338,13 +338,11 @@ impl VirtioDevice for Console {
             source_fd: None,
             input: self.input.clone(),
         };
-        let w = Worker::spawn("virtio-console", ctx.queue_evts, w).map_err(|e| ActivateError::Host(e.to_string()))?;
-        self.worker = Some(w);
-        Ok(())
+        self.worker.activate(ctx.queue_evts, w).map_err(|e| ActivateError::Host(e.to_string()))
     }
-    fn reset(&mut self) {
+    fn reset(&mut self) -> Completion {
         // Pending input stays queued for the next activation.
-        self.worker = None;
+        self.worker.reset()
     }
     fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
@@ -650,12 +648,14 @@ mod tests {
     #[test]
     fn reset_keeps_pending_input() {
         let mut h = Harness::new(None);
+        let spawned = crate::worker::spawned_on_this_thread();
         h.activate();
-        h.con.reset();
+        assert!(h.con.reset().wait(Duration::from_secs(10)), "the reset completes");
         assert_eq!(h.con.input_sender().send(b"kept"), 4);
         h.rxq = TestQueue::new(QUEUE_SIZE, MEM_SIZE);
         h.txq = TxRing { mem: h.rxq.mem.clone(), avail_idx: 0 };
         h.activate();
         assert_eq!(h.rx(0, 16), b"kept");
+        assert_eq!(crate::worker::spawned_on_this_thread(), spawned + 1, "one worker thread for both activations");
     }
 }

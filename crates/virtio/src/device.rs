@@ -5,7 +5,7 @@
 //! queues carry. When the driver sets `DRIVER_OK` the transport calls
 //! [`VirtioDevice::activate`] with the configured queues, one kick [`EventFd`] per queue and an
 //! [`Interrupt`] handle; the device then serves its queues on its own worker thread (see
-//! [`crate::worker`]) until [`VirtioDevice::reset`].
+//! [`crate::worker`]) until [`VirtioDevice::reset`], which never waits for that thread.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::worker::Completion;
 
 /// Guest memory as the devices see it.
 pub type GuestMem = GuestMemoryMmap;
@@ -154,9 +156,13 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts serving the queues (the driver set `DRIVER_OK`).
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
-    /// The driver reset the device: stop serving the queues (joining any worker) and return
-    /// to the state before activation. Safe to call when not active.
-    fn reset(&mut self);
+    /// Stop serving the queues and return to the state before activation: the driver reset
+    /// the device (virtio 1.2 §2.4), or a snapshot quiesces it. Never blocks: the device tells
+    /// its worker (see [`crate::worker::Worker::reset`]) and returns a [`Completion`] that is
+    /// done once the device no longer reads or writes the queues or guest memory (the
+    /// request in flight, if any, completed). Until then the transport reports the reset as
+    /// in progress (§4.1.4.3.2). Safe to call when not active (then already done).
+    fn reset(&mut self) -> Completion;
     /// The device's counters.
     fn counters(&self) -> Arc<Counters>;
 }

@@ -27,7 +27,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::device::{read_config_bytes, ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt};
 use crate::tap::{Tap, VNET_HDR_LEN};
-use crate::worker::{EpollCtl, Handler, Worker, FIRST_DEVICE_TOKEN};
+use crate::worker::{Completion, EpollCtl, Handler, Worker, FIRST_DEVICE_TOKEN};
 use crate::{VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
 
 /// `VIRTIO_NET_F_MAC` (bit 5): the device has a MAC address in its config space (§5.1.3).
@@ -97,7 +97,7 @@ pub struct Net {
     io: Arc<dyn FrameIo>,
     mac: [u8; 6],
     counters: Arc<Counters>,
-    worker: Option<Worker>,
+    worker: Worker<NetQueues>,
 }
 
 impl Net {
@@ -109,7 +109,7 @@ impl Net {
 
     /// A new, inactive network device whose frames go to and come from `io` instead of a TAP.
     pub fn with_io(io: Arc<dyn FrameIo>, mac: [u8; 6]) -> Net {
-        Net { io, mac, counters: Arc::default(), worker: None }
+        Net { io, mac, counters: Arc::default(), worker: Worker::new("virtio-net") }
     }
 
     /// The guest's MAC address.
@@ -143,7 +143,6 @@ impl VirtioDevice for Net {
         if ctx.queues.len() < 2 || ctx.queue_evts.len() < 2 {
             return Err(ActivateError::BadConfig("virtio-net needs receiveq1 and transmitq1".into()));
         }
-        self.reset();
         let mut queues = ctx.queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err(ActivateError::BadConfig("virtio-net needs receiveq1 and transmitq1".into()));
@@ -158,13 +157,12 @@ impl VirtioDevice for Net {
             self.counters.clone(),
             ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
         );
-        let w = Worker::spawn("virtio-net", ctx.queue_evts, q).map_err(|e| ActivateError::Host(e.to_string()))?;
-        self.worker = Some(w);
-        Ok(())
+        // The worker drops the previous activation's state (if any) before serving this one.
+        self.worker.activate(ctx.queue_evts, q).map_err(|e| ActivateError::Host(e.to_string()))
     }
-    fn reset(&mut self) {
-        // Joins the worker; a received frame it held is dropped.
-        self.worker = None;
+    fn reset(&mut self) -> Completion {
+        // A received frame the worker held is dropped.
+        self.worker.reset()
     }
     fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
@@ -1273,7 +1271,7 @@ mod tests {
         assert_eq!(tq.read(DATA + 0x2000, 62), clean(&f3, 1));
         assert!(irq.0.lock().unwrap().iter().all(|&q| q == RX_QUEUE));
         assert!(irq.0.lock().unwrap().len() >= 3);
-        net.reset();
+        assert!(net.reset().wait(Duration::from_secs(10)), "the reset completes");
         assert_eq!(net.counters().requests.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 
@@ -1291,8 +1289,8 @@ mod tests {
         wait_for("the frame", || tq.used_idx() == 1);
         assert_eq!(peer.recv().unwrap(), clean(&f, 0));
         wait_for("the interrupt", || irq.0.lock().unwrap().contains(&TX_QUEUE));
-        net.reset();
-        net.reset();
+        assert!(net.reset().wait(Duration::from_secs(10)), "the reset completes");
+        assert!(net.reset().is_done(), "a second reset has nothing to stop");
     }
 
     #[test]

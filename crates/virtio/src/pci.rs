@@ -15,9 +15,20 @@
 //! MSI-X. A driver writing a queue notification makes the transport write that queue's
 //! kick eventfd; on KVM the same eventfds are registered as ioeventfds through
 //! [`IoEventRegistrar`], so those writes never leave the kernel.
+//!
+//! **Reset is asynchronous** (§2.4, §4.1.4.3): a write of 0 to `device_status` returns at
+//! once; the device model's worker is told to stop and, while the request it is in (a slow
+//! `fsync`, say) runs on, `device_status` keeps reading its old, non-zero value and the
+//! common configuration ignores writes. Once the worker has let go of the queues the transport
+//! state is reset and 0 is read, which is what the driver waits for before reinitializing
+//! (§4.1.4.3.2; Linux polls `device_status` after writing 0). Nothing on a vCPU path ever
+//! waits for the worker: the transport checks for completion on each access to BAR 0.
+//! Activations wait (without blocking) for the previous stop in the same way, so a device
+//! has at most one activation queued on its worker.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use devices::pci::{PciConfig, PciDevice, PciId, CMD_BUS_MASTER};
 use devices::MsiSink;
@@ -25,6 +36,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{ActivateContext, DmaLog, GuestMem, Interrupt, VirtioDevice};
+use crate::worker::Completion;
 use crate::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Size of BAR 0 in bytes.
@@ -147,6 +159,43 @@ impl QueueCfg {
     }
 }
 
+/// How long [`VirtioPci::quiesce`] callers should let the request in flight take (a slow
+/// `fsync` on a busy host disk can take seconds).
+pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Error from [`VirtioPci::quiesce`].
+#[derive(Debug, thiserror::Error)]
+pub enum QuiesceError {
+    /// The device model's worker was still busy with a request when the time was up; it
+    /// stops once that request completes, and [`VirtioPci::resume_device`] then restarts it.
+    #[error("virtio device type {device_type}: the request in flight did not complete within {timeout:?}")]
+    Timeout {
+        /// virtio device type (§5).
+        device_type: u32,
+        /// How long was waited.
+        timeout: Duration,
+    },
+}
+
+/// What the transport does once the device model has stopped serving its queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterStop {
+    /// Finish the driver's reset: clear the transport state; `device_status` reads 0.
+    Reset,
+    /// Activate the device (the driver set `DRIVER_OK`, or a snapshot ended), continuing
+    /// from the used rings' indices when `resume`.
+    Activate { resume: bool },
+    /// Nothing: quiesced for a snapshot.
+    Stay,
+}
+
+/// A stop of the device model in progress.
+#[derive(Debug)]
+struct Stopping {
+    done: Completion,
+    then: AfterStop,
+}
+
 /// A virtio device on the PCI bus.
 pub struct VirtioPci {
     config: PciConfig,
@@ -169,6 +218,8 @@ pub struct VirtioPci {
     mem: GuestMem,
     dma: Arc<DmaLog>,
     ioevents: Option<Arc<dyn IoEventRegistrar>>,
+    /// The device model was told to stop and has not finished yet.
+    stopping: Option<Stopping>,
 }
 
 impl VirtioPci {
@@ -252,6 +303,7 @@ impl VirtioPci {
             mem,
             dma,
             ioevents,
+            stopping: None,
         }
     }
 
@@ -302,6 +354,11 @@ impl VirtioPci {
     }
 
     fn common_write(&mut self, off: u64, data: &[u8]) {
+        if self.resetting() {
+            // §4.1.4.3.2: the driver waits for device_status to read 0 before reinitializing.
+            tracing::debug!("virtio-pci: common config write at {off:#x} during a reset ignored");
+            return;
+        }
         let mut v8 = [0u8; 8];
         let n = data.len().min(8);
         v8[..n].copy_from_slice(&data[..n]);
@@ -366,7 +423,7 @@ impl VirtioPci {
 
     fn write_status(&mut self, v: u8) {
         if v == 0 {
-            self.reset();
+            self.after_stop(AfterStop::Reset);
             return;
         }
         let old = self.status;
@@ -389,9 +446,62 @@ impl VirtioPci {
                 self.needs_reset("DRIVER_OK without FEATURES_OK".into());
                 return;
             }
-            if let Err(e) = self.activate() {
-                self.needs_reset(e);
+            // A device still active (the driver cleared DRIVER_OK without a reset, which
+            // §2.1.2 forbids, and set it again) or still stopping is stopped first, so its
+            // worker never has more than one activation queued.
+            self.after_stop(AfterStop::Activate { resume: false });
+        }
+    }
+
+    /// Whether a driver-initiated reset is waiting for the device model to stop.
+    fn resetting(&self) -> bool {
+        self.stopping.as_ref().is_some_and(|s| s.then == AfterStop::Reset)
+    }
+
+    /// Tells the device model to stop serving its queues (never blocks) and takes the kick
+    /// eventfds back; returns when the stop is complete.
+    fn stop_device(&mut self) -> Completion {
+        let done = self.device.reset();
+        self.drop_kicks();
+        done
+    }
+
+    /// Has `then` done once the device model has stopped: now, if it is idle; at a later
+    /// access to BAR 0 ([`VirtioPci::poll_stop`]) otherwise. A stop already in progress gets
+    /// `then` instead of what it had, except that a pending driver reset stays one.
+    fn after_stop(&mut self, then: AfterStop) {
+        match &mut self.stopping {
+            Some(s) if s.then == AfterStop::Reset => {}
+            Some(s) => s.then = then,
+            None => {
+                let done = self.stop_device();
+                self.stopping = Some(Stopping { done, then });
             }
+        }
+        self.poll_stop();
+    }
+
+    /// Finishes a stop of the device model that has completed (never blocks).
+    fn poll_stop(&mut self) {
+        if !self.stopping.as_ref().is_some_and(|s| s.done.is_done()) {
+            return;
+        }
+        let Some(s) = self.stopping.take() else { return };
+        match s.then {
+            AfterStop::Reset => self.reset_transport(),
+            AfterStop::Activate { resume } => self.start_device(resume),
+            AfterStop::Stay => {}
+        }
+    }
+
+    /// Activates the device model if the driver has set `DRIVER_OK` and the device does not
+    /// need a reset; an activation that fails sets `DEVICE_NEEDS_RESET`.
+    fn start_device(&mut self, resume: bool) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(e) = self.activate_queues(resume) {
+            self.needs_reset(e);
         }
     }
 
@@ -400,10 +510,6 @@ impl VirtioPci {
         self.status |= status::DEVICE_NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
         PciInterrupt { msix: self.msix.clone(), isr: self.isr.clone() }.notify_config();
-    }
-
-    fn activate(&mut self) -> Result<(), String> {
-        self.activate_queues(false)
     }
 
     /// Builds the queues from the driver's configuration and activates the device. With
@@ -471,8 +577,8 @@ impl VirtioPci {
         Ok(())
     }
 
-    fn reset(&mut self) {
-        self.device.reset();
+    /// Unregisters the kick eventfds (ioeventfds) and drops them.
+    fn drop_kicks(&mut self) {
         if let Some(r) = &self.ioevents {
             for (gpa, e) in self.registered.drain(..).zip(self.kicks.iter()) {
                 r.unregister(gpa, e);
@@ -480,6 +586,12 @@ impl VirtioPci {
         }
         self.registered.clear();
         self.kicks.clear();
+    }
+
+    /// The transport's side of a reset, once the device model has stopped: `device_status`
+    /// reads 0 from now on.
+    fn reset_transport(&mut self) {
+        self.drop_kicks();
         self.status = 0;
         self.driver_features = 0;
         self.device_feature_select = 0;
@@ -596,29 +708,33 @@ pub struct VirtioPciState {
 }
 
 impl VirtioPci {
-    /// Stops the device model's worker (waiting for the request in flight) so that neither
-    /// guest memory nor the rings change; the transport keeps its state. Call before saving
-    /// guest memory; [`VirtioPci::resume_device`] starts serving again.
-    pub fn quiesce(&mut self) {
-        self.device.reset();
-        if let Some(r) = &self.ioevents {
-            for (gpa, e) in self.registered.drain(..).zip(self.kicks.iter()) {
-                r.unregister(gpa, e);
+    /// Stops the device model's worker so that neither guest memory nor the rings change,
+    /// waiting up to `timeout` (see [`QUIESCE_TIMEOUT`]) for the request in flight to
+    /// complete; the transport keeps its state. A driver reset in progress is waited for
+    /// and finished (the state then has `device_status` 0). Call before saving guest memory
+    /// (not from a vCPU: this waits); [`VirtioPci::resume_device`] starts serving again.
+    ///
+    /// Errors: [`QuiesceError::Timeout`] when the worker is still busy after `timeout`; the
+    /// device stays stopped-in-progress, and [`VirtioPci::resume_device`] (which must still
+    /// be called) restarts it once the worker is free.
+    pub fn quiesce(&mut self, timeout: Duration) -> Result<(), QuiesceError> {
+        self.after_stop(AfterStop::Stay);
+        if let Some(s) = &self.stopping {
+            if !s.done.wait(timeout) {
+                return Err(QuiesceError::Timeout { device_type: self.device.device_type(), timeout });
             }
         }
-        self.registered.clear();
-        self.kicks.clear();
+        self.poll_stop();
+        Ok(())
     }
 
     /// Serves the queues again after [`VirtioPci::quiesce`] or a restore, continuing from
-    /// the used rings' indices. Does nothing when the driver has not set `DRIVER_OK`.
+    /// the used rings' indices. Does nothing when the driver has not set `DRIVER_OK`. Never
+    /// blocks: a device still serving (one that was not quiesced, or whose quiesce timed
+    /// out) is stopped first and restarts at the first access to BAR 0 after its worker is
+    /// free, so the used rings' indices are read only once nothing else writes them.
     pub fn resume_device(&mut self) {
-        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
-        }
-        if let Err(e) = self.activate_queues(true) {
-            self.needs_reset(e);
-        }
+        self.after_stop(AfterStop::Activate { resume: true });
     }
 
     /// Keeps the ioeventfds at the notification addresses of BAR 0 as the guest moves it
@@ -739,6 +855,7 @@ impl PciDevice for VirtioPci {
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.poll_stop();
         self.config.write(offset, data);
         let cap = self.msix_cap;
         if cap != 0 && offset < cap + 4 && offset + data.len() > cap + 2 {
@@ -755,6 +872,7 @@ impl PciDevice for VirtioPci {
         if bar != 0 {
             return;
         }
+        self.poll_stop();
         match offset {
             o if o < COMMON + COMMON_LEN => {
                 let b = self.common_bytes();
@@ -775,6 +893,7 @@ impl PciDevice for VirtioPci {
         if bar != 0 {
             return;
         }
+        self.poll_stop();
         match offset {
             o if o < COMMON + COMMON_LEN => self.common_write(o, data),
             o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
@@ -796,8 +915,9 @@ impl PciDevice for VirtioPci {
 mod tests {
     use super::*;
     use crate::testing::{TestQueue, AVAIL, DATA, DESC, USED};
+    use crate::worker::{EpollCtl, Handler, Worker};
     use std::sync::mpsc;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     struct ChanSink(Mutex<mpsc::Sender<(u64, u32)>>);
     impl MsiSink for ChanSink {
@@ -828,6 +948,22 @@ mod tests {
         (dev, rx)
     }
 
+    /// Resets the device as Linux's `vp_modern_set_status(0)` + `vp_modern_get_status` loop
+    /// does (virtio 1.2 §4.1.4.3.2): writes 0, then polls until `device_status` reads 0.
+    fn reset_and_wait(dev: &mut VirtioPci) {
+        w(dev, 0x14, 0, 1);
+        wait_status_zero(dev);
+    }
+
+    /// Polls `device_status` (sleeping 1 ms in between, as Linux does) until it reads 0.
+    fn wait_status_zero(dev: &mut VirtioPci) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r(dev, 0x14, 1) != 0 {
+            assert!(Instant::now() < deadline, "device_status never read 0 after a reset");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The Linux driver's bring-up sequence (virtio 1.2 §3.1.1) with MSI-X vectors.
     fn bring_up(dev: &mut VirtioPci, size: u16) {
         dev.config_write(0x04, &(CMD_BUS_MASTER | devices::pci::CMD_MEMORY).to_le_bytes());
@@ -839,7 +975,7 @@ mod tests {
             w(dev, MSIX_TABLE + v * 16 + 8, data, 4);
             w(dev, MSIX_TABLE + v * 16 + 12, 0, 4);
         }
-        w(dev, 0x14, 0, 1);
+        reset_and_wait(dev);
         w(dev, 0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER), 1);
         w(dev, 0x00, 1, 4);
         assert_ne!(r(dev, 0x04, 4) & 1, 0, "VERSION_1 offered");
@@ -898,7 +1034,7 @@ mod tests {
         tq.add_chain(0, &[(DATA, 32, true)]);
         w(&mut dev, NOTIFY, 0, 2);
         rx.recv_timeout(Duration::from_secs(5)).expect("first interrupt");
-        dev.quiesce();
+        dev.quiesce(QUIESCE_TIMEOUT).unwrap();
         let st = dev.save_state();
         drop(dev);
         // A new transport (as in a fresh VMM process) over the same guest memory.
@@ -969,7 +1105,8 @@ mod tests {
         // interrupt, not a panic.
         w(&mut dev, 0x14, 0, 1);
         bring_up(&mut dev, 16);
-        w(&mut dev, 0x14, 0, 1);
+        // The worker may still be taking up the activation: wait for the reset (§4.1.4.3.2).
+        reset_and_wait(&mut dev);
         let cap = dev.msix_cap;
         dev.config_write(cap + 2, &(1u16 << 15).to_le_bytes());
         w(&mut dev, 0x14, 3, 1);
@@ -984,7 +1121,7 @@ mod tests {
         assert_ne!(r(&mut dev, 0x14, 1) as u8 & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (0xfee0_0000, 0x30));
         // Queue sizes above the maximum are clamped; out-of-range vectors read NO_VECTOR.
-        w(&mut dev, 0x14, 0, 1);
+        reset_and_wait(&mut dev);
         w(&mut dev, 0x18, 4096, 2);
         assert_eq!(r(&mut dev, 0x18, 2), 256);
         w(&mut dev, 0x1a, 77, 2);
@@ -1013,5 +1150,354 @@ mod tests {
             }
         }
         w(&mut dev, 0x14, 0, 1);
+    }
+
+    // Asynchronous reset (virtio 1.2 §2.4, §4.1.4.3.2), quiesce and the persistent worker.
+
+    /// What a driver does to its rings before re-initializing: empty available and used rings.
+    fn clear_rings(tq: &mut TestQueue) {
+        tq.set_avail_idx(0);
+        tq.write(USED, &[0; 4]);
+    }
+
+    /// Shared by [`SlowDevice`] and its handlers.
+    struct Gate {
+        /// One message per request the handler may finish.
+        go: Mutex<mpsc::Receiver<()>>,
+        /// Told each time the handler starts waiting for `go`.
+        entered: Mutex<mpsc::Sender<()>>,
+        /// Calls to [`VirtioDevice::activate`].
+        activations: std::sync::atomic::AtomicU64,
+    }
+
+    /// A one-queue device whose handler, when a request is available, tells the test that it
+    /// started and then waits for the test's go-ahead before serving it (filling its buffers
+    /// with 0xab): a request stuck in a slow host operation (a multi-second fsync on a
+    /// virtio-blk FLUSH, a blocked TAP).
+    struct SlowDevice {
+        gate: Arc<Gate>,
+        worker: Worker<SlowQueue>,
+    }
+
+    struct SlowQueue {
+        mem: GuestMem,
+        queue: Queue,
+        interrupt: Arc<dyn Interrupt>,
+        gate: Arc<Gate>,
+    }
+
+    impl Handler for SlowQueue {
+        fn queue_event(&mut self, _queue: usize, _ctl: &EpollCtl) {
+            let avail = self.queue.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire);
+            if avail.map_or(true, |a| a.0 == self.queue.next_avail()) {
+                return;
+            }
+            let _ = lock(&self.gate.entered).send(());
+            // Bounded so that a broken test cannot leave the thread behind for ever.
+            let _ = lock(&self.gate.go).recv_timeout(Duration::from_secs(30));
+            let mem = &self.mem;
+            let used = crate::queue::drain(&mut self.queue, mem, |chain| {
+                let mut n = 0;
+                for d in chain.writable() {
+                    use vm_memory::Bytes;
+                    let _ = mem.write_slice(&vec![0xab; d.len() as usize], d.addr());
+                    n += d.len();
+                }
+                n
+            });
+            if used {
+                self.interrupt.notify_queue(0);
+            }
+        }
+    }
+
+    impl VirtioDevice for SlowDevice {
+        fn device_type(&self) -> u32 {
+            crate::TYPE_RNG
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16]
+        }
+        fn device_features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn activate(&mut self, ctx: ActivateContext) -> Result<(), crate::ActivateError> {
+            let queue =
+                ctx.queues.into_iter().next().ok_or_else(|| crate::ActivateError::BadConfig("no queue".into()))?;
+            self.gate.activations.fetch_add(1, Ordering::SeqCst);
+            let h = SlowQueue { mem: ctx.mem, queue, interrupt: ctx.interrupt, gate: self.gate.clone() };
+            self.worker.activate(ctx.queue_evts, h).map_err(|e| crate::ActivateError::Host(e.to_string()))
+        }
+        fn reset(&mut self) -> Completion {
+            self.worker.reset()
+        }
+        fn counters(&self) -> Arc<crate::Counters> {
+            Arc::default()
+        }
+    }
+
+    /// A transport over a [`SlowDevice`] and the test's ends of its channels.
+    struct Slow {
+        dev: VirtioPci,
+        /// MSIs sent (address, data).
+        msi: mpsc::Receiver<(u64, u32)>,
+        /// Lets the handler finish one request.
+        go: mpsc::Sender<()>,
+        /// Told each time the handler starts waiting.
+        entered: mpsc::Receiver<()>,
+        /// The device's side of the channels, and its activation count.
+        gate: Arc<Gate>,
+    }
+
+    fn slow_device(tq: &TestQueue) -> Slow {
+        let (msi_tx, msi_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel();
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let gate = Arc::new(Gate { go: Mutex::new(go_rx), entered: Mutex::new(entered_tx), activations: 0.into() });
+        let dev = VirtioPci::new(
+            Box::new(SlowDevice { gate: gate.clone(), worker: Worker::new("virtio-test-slow") }),
+            0xc000_0000,
+            tq.mem.clone(),
+            Arc::new(ChanSink(Mutex::new(msi_tx))),
+            Arc::new(DmaLog::default()),
+            None,
+        );
+        Slow { dev, msi: msi_rx, go: go_tx, entered: entered_rx, gate }
+    }
+
+    #[test]
+    fn reset_does_not_wait_for_a_busy_worker() {
+        let mut tq = TestQueue::new(16, 1 << 20);
+        let Slow { mut dev, msi, go, entered, .. } = slow_device(&tq);
+        bring_up(&mut dev, 16);
+        tq.add_chain(0, &[(DATA, 64, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        entered.recv_timeout(Duration::from_secs(10)).expect("the handler took the request");
+        // The handler is now blocked. Let it go after 500 ms from another thread, so that a
+        // reset that waits for it ends (and fails the timing check) instead of hanging.
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            go.send(()).unwrap();
+            go
+        });
+        let t = Instant::now();
+        w(&mut dev, 0x14, 0, 1);
+        let took = t.elapsed();
+        assert!(took < Duration::from_millis(100), "the status write of 0 took {took:?}");
+        // Until the worker lets go of the queue, the reset is in progress (§4.1.4.3.2).
+        assert_ne!(r(&mut dev, 0x14, 1), 0, "device_status reads non-zero while the request is in flight");
+        assert_eq!(tq.used_idx(), 0);
+        wait_status_zero(&mut dev);
+        // Status 0 is read only after the request in flight completed.
+        assert_eq!(tq.used_idx(), 1, "the request in flight completed before the reset did");
+        assert_eq!(tq.used(0), (0, 64));
+        assert!(t.elapsed() >= Duration::from_millis(400), "reset completed before the handler returned");
+        let go = opener.join().unwrap();
+        assert_eq!(r(&mut dev, 0x1a, 2), u64::from(NO_VECTOR), "transport state reset");
+        while msi.try_recv().is_ok() {}
+        // The device works again after re-initialization.
+        clear_rings(&mut tq);
+        bring_up(&mut dev, 16);
+        go.send(()).unwrap();
+        tq.add_chain(1, &[(DATA + 0x100, 32, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        assert_eq!(msi.recv_timeout(Duration::from_secs(10)).unwrap(), (0xfee0_0000, 0x31));
+        assert_eq!(tq.used_idx(), 1);
+        assert_eq!(tq.used(0), (1, 32));
+        assert_eq!(tq.read(DATA + 0x100, 32), vec![0xab; 32]);
+    }
+
+    #[test]
+    fn reset_and_driver_ok_cycles_reuse_one_worker_thread() {
+        let mut tq = TestQueue::new(16, 1 << 20);
+        let (mut dev, msi) = rng_device(&tq);
+        bring_up(&mut dev, 16);
+        let spawned = crate::worker::spawned_on_this_thread();
+        let t = Instant::now();
+        for i in 0..1000u64 {
+            clear_rings(&mut tq);
+            bring_up(&mut dev, 16);
+            let len = 1 + (i % 64) as u32;
+            tq.add_chain(0, &[(DATA, len, true)]);
+            w(&mut dev, NOTIFY, 0, 2);
+            assert_eq!(msi.recv_timeout(Duration::from_secs(10)).unwrap(), (0xfee0_0000, 0x31), "cycle {i}");
+            assert_eq!(tq.used_idx(), 1, "cycle {i}");
+            assert_eq!(tq.used(0), (0, len), "cycle {i}");
+        }
+        assert_eq!(crate::worker::spawned_on_this_thread(), spawned, "worker threads started by 1000 cycles");
+        assert!(t.elapsed() < Duration::from_secs(60), "1000 cycles took {:?}", t.elapsed());
+        w(&mut dev, 0x14, 0, 1);
+        wait_status_zero(&mut dev);
+    }
+
+    /// Lets the slow handler finish one request after `ms` milliseconds, from another thread.
+    fn open_gate_after(go: mpsc::Sender<()>, ms: u64) -> std::thread::JoinHandle<mpsc::Sender<()>> {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            go.send(()).unwrap();
+            go
+        })
+    }
+
+    #[test]
+    fn quiesce_completes_the_request_in_flight() {
+        let mut tq = TestQueue::new(16, 1 << 20);
+        let Slow { mut dev, msi, go, entered, .. } = slow_device(&tq);
+        bring_up(&mut dev, 16);
+        tq.add_chain(0, &[(DATA, 64, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        entered.recv_timeout(Duration::from_secs(10)).expect("the handler took the request");
+        let opener = open_gate_after(go, 200);
+        dev.quiesce(Duration::from_secs(10)).expect("quiesced");
+        assert_eq!(tq.used_idx(), 1, "the request in flight completed before the snapshot");
+        let st = dev.save_state();
+        assert_ne!(st.status & status::DRIVER_OK, 0);
+        dev.resume_device();
+        let go = opener.join().unwrap();
+        while msi.try_recv().is_ok() {}
+        // Serving continues after the first request.
+        go.send(()).unwrap();
+        tq.add_chain(1, &[(DATA + 0x100, 16, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        assert_eq!(msi.recv_timeout(Duration::from_secs(10)).unwrap(), (0xfee0_0000, 0x31));
+        assert_eq!(tq.used_idx(), 2);
+        assert_eq!(tq.used(1), (1, 16));
+    }
+
+    #[test]
+    fn quiesce_times_out_and_the_device_resumes_once_its_worker_is_free() {
+        let mut tq = TestQueue::new(16, 1 << 20);
+        let Slow { mut dev, msi, go, entered, .. } = slow_device(&tq);
+        bring_up(&mut dev, 16);
+        tq.add_chain(0, &[(DATA, 64, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        entered.recv_timeout(Duration::from_secs(10)).expect("the handler took the request");
+        let t = Instant::now();
+        let e = dev.quiesce(Duration::from_millis(100)).expect_err("the worker is busy");
+        assert!(t.elapsed() < Duration::from_secs(5), "quiesce is bounded");
+        assert!(matches!(e, QuiesceError::Timeout { device_type: crate::TYPE_RNG, .. }), "{e}");
+        // The snapshot is abandoned; resuming does not wait for the worker.
+        let t = Instant::now();
+        dev.resume_device();
+        assert!(t.elapsed() < Duration::from_millis(100));
+        // A second request, posted while the first is stuck, is served with it.
+        tq.add_chain(1, &[(DATA + 0x100, 16, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        go.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tq.used_idx() != 2 {
+            assert!(Instant::now() < deadline, "the old activation finishes its requests");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The next access to BAR 0 restarts the device from the used ring, so nothing is
+        // served twice and new requests are served.
+        assert_ne!(r(&mut dev, 0x14, 1) as u8 & status::DRIVER_OK, 0);
+        while msi.try_recv().is_ok() {}
+        go.send(()).unwrap();
+        tq.add_chain(2, &[(DATA + 0x200, 8, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        assert_eq!(msi.recv_timeout(Duration::from_secs(10)).unwrap(), (0xfee0_0000, 0x31));
+        assert_eq!(tq.used_idx(), 3);
+        assert_eq!([tq.used(0), tq.used(1), tq.used(2)], [(0, 64), (1, 16), (2, 8)]);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(tq.used_idx(), 3, "no request served twice");
+        assert_eq!(dev.quiesce(Duration::from_secs(10)).map_err(|e| e.to_string()), Ok(()));
+    }
+
+    #[test]
+    fn quiesce_finishes_a_driver_reset_in_progress() {
+        let mut tq = TestQueue::new(16, 1 << 20);
+        let Slow { mut dev, go, entered, .. } = slow_device(&tq);
+        bring_up(&mut dev, 16);
+        tq.add_chain(0, &[(DATA, 64, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        entered.recv_timeout(Duration::from_secs(10)).expect("the handler took the request");
+        w(&mut dev, 0x14, 0, 1);
+        assert_ne!(r(&mut dev, 0x14, 1), 0);
+        // Writes during the reset are ignored (the driver must wait for status 0).
+        w(&mut dev, 0x14, u64::from(status::ACKNOWLEDGE), 1);
+        w(&mut dev, 0x16, 0, 2);
+        w(&mut dev, 0x20, 0x1234_5000, 8);
+        assert_eq!(r(&mut dev, 0x20, 8), DESC);
+        let opener = open_gate_after(go, 100);
+        dev.quiesce(Duration::from_secs(10)).expect("quiesced");
+        let st = dev.save_state();
+        assert_eq!(st.status, 0, "the reset finished");
+        assert_eq!(st.queues[0].desc, 0);
+        dev.resume_device();
+        assert_eq!(r(&mut dev, 0x14, 1), 0);
+        opener.join().unwrap();
+    }
+
+    #[test]
+    fn resuming_a_device_that_was_not_quiesced_serves_nothing_twice() {
+        let mut tq = TestQueue::new(16, 1 << 20);
+        let Slow { mut dev, msi, go, entered, .. } = slow_device(&tq);
+        bring_up(&mut dev, 16);
+        tq.add_chain(0, &[(DATA, 64, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        entered.recv_timeout(Duration::from_secs(10)).expect("the handler took the request");
+        // As when an earlier device's quiesce failed: the snapshot resumes every device.
+        let t = Instant::now();
+        dev.resume_device();
+        assert!(t.elapsed() < Duration::from_millis(100), "resume does not wait for the worker");
+        go.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tq.used_idx() != 1 {
+            assert!(Instant::now() < deadline, "the request in flight completes");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_ne!(r(&mut dev, 0x14, 1) as u8 & status::DRIVER_OK, 0);
+        while msi.try_recv().is_ok() {}
+        go.send(()).unwrap();
+        tq.add_chain(1, &[(DATA + 0x100, 16, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        assert_eq!(msi.recv_timeout(Duration::from_secs(10)).unwrap(), (0xfee0_0000, 0x31));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(tq.used_idx(), 2, "no request served twice");
+        assert_eq!([tq.used(0), tq.used(1)], [(0, 64), (1, 16)]);
+    }
+
+    #[test]
+    fn status_writes_while_the_worker_is_stuck_queue_nothing() {
+        let mut tq = TestQueue::new(16, 1 << 20);
+        let Slow { mut dev, msi, go, entered, gate } = slow_device(&tq);
+        bring_up(&mut dev, 16);
+        tq.add_chain(0, &[(DATA, 64, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        entered.recv_timeout(Duration::from_secs(10)).expect("the handler took the request");
+        assert_eq!(gate.activations.load(Ordering::SeqCst), 1);
+        // A hostile driver clears and sets DRIVER_OK without a reset, over and over: the
+        // device is stopped once and activated once, when the worker is free.
+        let (features_ok, driver_ok) = (11u64, 15u64);
+        let t = Instant::now();
+        for _ in 0..10_000 {
+            w(&mut dev, 0x14, features_ok, 1);
+            w(&mut dev, 0x14, driver_ok, 1);
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "status writes never wait: {:?}", t.elapsed());
+        assert_eq!(gate.activations.load(Ordering::SeqCst), 1, "activations queued behind the stuck request");
+        // Then resets, and status writes during them: all O(1), nothing queued.
+        for _ in 0..10_000 {
+            w(&mut dev, 0x14, 0, 1);
+            w(&mut dev, 0x14, driver_ok, 1);
+        }
+        assert_ne!(r(&mut dev, 0x14, 1), 0, "reset in progress");
+        go.send(()).unwrap();
+        wait_status_zero(&mut dev);
+        assert_eq!(tq.used_idx(), 1);
+        assert_eq!(gate.activations.load(Ordering::SeqCst), 1, "the reset cancelled the pending activation");
+        clear_rings(&mut tq);
+        bring_up(&mut dev, 16);
+        assert_eq!(gate.activations.load(Ordering::SeqCst), 2);
+        while msi.try_recv().is_ok() {}
+        go.send(()).unwrap();
+        tq.add_chain(1, &[(DATA + 0x100, 16, true)]);
+        w(&mut dev, NOTIFY, 0, 2);
+        assert_eq!(msi.recv_timeout(Duration::from_secs(10)).unwrap(), (0xfee0_0000, 0x31));
+        assert_eq!(tq.used(0), (1, 16));
     }
 }

@@ -7,7 +7,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt, VirtioDevice};
-use crate::worker::{EpollCtl, Handler, Worker};
+use crate::worker::{Completion, EpollCtl, Handler, Worker};
 use crate::{queue, TYPE_RNG, VIRTIO_F_VERSION_1};
 
 /// Most bytes given for one request (a driver asking for more gets this much).
@@ -17,7 +17,7 @@ const QUEUE_SIZE: u16 = 256;
 /// The entropy device.
 pub struct Rng {
     counters: Arc<Counters>,
-    worker: Option<Worker>,
+    worker: Worker<RngQueue>,
 }
 
 impl Default for Rng {
@@ -29,7 +29,7 @@ impl Default for Rng {
 impl Rng {
     /// A new, inactive entropy device.
     pub fn new() -> Rng {
-        Rng { counters: Arc::default(), worker: None }
+        Rng { counters: Arc::default(), worker: Worker::new("virtio-rng") }
     }
 }
 
@@ -124,12 +124,10 @@ impl VirtioDevice for Rng {
         let queue = ctx.queues.into_iter().next().ok_or_else(|| ActivateError::BadConfig("no request queue".into()))?;
         let q =
             RngQueue { mem: ctx.mem, queue, interrupt: ctx.interrupt, dma: ctx.dma, counters: self.counters.clone() };
-        let w = Worker::spawn("virtio-rng", ctx.queue_evts, q).map_err(|e| ActivateError::Host(e.to_string()))?;
-        self.worker = Some(w);
-        Ok(())
+        self.worker.activate(ctx.queue_evts, q).map_err(|e| ActivateError::Host(e.to_string()))
     }
-    fn reset(&mut self) {
-        self.worker = None;
+    fn reset(&mut self) -> Completion {
+        self.worker.reset()
     }
     fn counters(&self) -> Arc<Counters> {
         self.counters.clone()

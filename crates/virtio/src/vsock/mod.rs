@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::device::{read_config_bytes, ActivateContext, ActivateError, Counters, VirtioDevice};
-use crate::worker::Worker;
+use crate::worker::{Completion, Worker};
 use crate::{TYPE_VSOCK, VIRTIO_F_VERSION_1};
 
 /// Size of each of the three queues (rx 0, tx 1, event 2).
@@ -82,7 +82,7 @@ pub struct Vsock {
     /// (device, inode) of the socket file we bound, to remove only our own on drop.
     bound: (u64, u64),
     counters: Arc<Counters>,
-    worker: Option<Worker>,
+    worker: Worker<muxer::VsockWorker>,
 }
 
 impl Vsock {
@@ -119,7 +119,7 @@ impl Vsock {
             listener,
             bound: (md.dev(), md.ino()),
             counters: Arc::default(),
-            worker: None,
+            worker: Worker::new("virtio-vsock"),
         })
     }
 
@@ -136,7 +136,8 @@ impl Vsock {
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        self.worker = None;
+        // Ends the worker (closing every connection) before the socket file goes.
+        self.worker.shutdown();
         // Remove the socket file if it is still the one we bound.
         if let Ok(md) = std::fs::symlink_metadata(&self.uds_path) {
             if (md.dev(), md.ino()) == self.bound {
@@ -169,13 +170,11 @@ impl VirtioDevice for Vsock {
         let (queue_evts, w) =
             muxer::VsockWorker::new(ctx, self.cid, self.uds_path.clone(), listener, self.counters.clone())
                 .map_err(host)?;
-        let worker = Worker::spawn("virtio-vsock", queue_evts, w).map_err(host)?;
-        self.worker = Some(worker);
-        Ok(())
+        self.worker.activate(queue_evts, w).map_err(host)
     }
-    fn reset(&mut self) {
-        // Dropping the worker closes every connection; host programs see EOF.
-        self.worker = None;
+    fn reset(&mut self) -> Completion {
+        // Dropping the worker's state closes every connection; host programs see EOF.
+        self.worker.reset()
     }
     fn counters(&self) -> Arc<Counters> {
         self.counters.clone()

@@ -866,7 +866,7 @@ fn tx_back_pressure_without_rx_buffers() {
 fn reset_closes_connections() {
     let mut h = Harness::new();
     let (mut s, _) = h.host_connect(3);
-    h.dev.reset();
+    assert!(h.dev.reset().wait(std::time::Duration::from_secs(10)), "the reset completes");
     assert_eof(&mut s);
     // The listening socket survives a reset.
     assert!(h.path.exists());

@@ -177,12 +177,17 @@ pub fn save(vm: &Vm, cfg: &VmConfig, dir: &Path) -> Result<(), Error> {
     }
     let vcpus = vm.control().save_vcpus().map_err(|e| Error::Save { what: "vcpus", msg: e.to_string() })?;
     let mut transports = Vec::new();
+    let mut quiesced = Ok(());
     for d in &vm.virtio {
         let mut t = d.dev.lock().unwrap_or_else(|e| e.into_inner());
-        t.quiesce();
+        if let Err(e) = t.quiesce(virtio::pci::QUIESCE_TIMEOUT) {
+            quiesced = Err(internal(format!("{}: {e}", d.name)));
+            break;
+        }
         transports.push(t.save_state());
     }
     let result = (|| {
+        quiesced?;
         let l = &vm.devices;
         let state = VmState {
             config: cfg.clone(),
