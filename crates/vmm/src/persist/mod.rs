@@ -181,7 +181,7 @@ pub fn save(vm: &Vm, cfg: &VmConfig, dir: &Path) -> Result<(), Error> {
     for d in &vm.virtio {
         let mut t = d.dev.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = t.quiesce(virtio::pci::QUIESCE_TIMEOUT) {
-            quiesced = Err(internal(format!("{}: {e}", d.name)));
+            quiesced = Err(Error::Save { what: "virtio devices (quiesce)", msg: format!("{}: {e}", d.name) });
             break;
         }
         transports.push(t.save_state());
