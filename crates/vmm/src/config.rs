@@ -18,7 +18,7 @@ pub enum SerialOut {
     Null,
 }
 
-/// Everything needed to build a VM. Serialisable for snapshots (`crate::persist`), whose
+/// Everything needed to build a VM. Serialisable for snapshots (the persist layer), whose
 /// format version changes with it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,6 +5,7 @@ pub mod arch;
 pub mod clock;
 pub mod config;
 pub mod controller;
+pub mod device_bus;
 pub mod devices_config;
 pub mod host_files;
 pub mod memory;

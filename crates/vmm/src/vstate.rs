@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use accel::{Vcpu, VcpuExit, VcpuSnapshot, VcpuStopper};
 
-use crate::vm::DeviceBus;
+use crate::device_bus::DeviceBus;
 
 /// How a VM run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
