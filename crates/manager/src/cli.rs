@@ -124,8 +124,8 @@ pub struct CreateArgs {
     pub from_file: Option<PathBuf>,
     /// What to do when the VM ends by itself: no, on-failure (after a crash) or always
     /// (also after a guest power-off).
-    #[arg(long, default_value = "no", value_parser = parse_restart)]
-    pub restart: RestartPolicy,
+    #[arg(long, default_value = "no")]
+    pub restart: String,
     /// Kernel: bzImage or ELF vmlinux.
     #[arg(long, required_unless_present = "from_file")]
     pub kernel: Option<PathBuf>,
@@ -159,10 +159,6 @@ pub struct CreateArgs {
     /// A virtio-console: file=PATH or null.
     #[arg(long)]
     pub console: Option<String>,
-}
-
-fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
-    s.parse()
 }
 
 /// `rustvisor events`: the event and audit log.
@@ -354,6 +350,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Failure> {
 fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
     check_name(&a.name)?;
     let bad = |m: String| failure(2, m);
+    let restart: RestartPolicy = a.restart.parse().map_err(|e| bad(format!("--restart: {e}")))?;
     let config: serde_json::Value = match &a.from_file {
         Some(file) => {
             let text = std::fs::read(file).map_err(|e| bad(format!("--from-file: {}: {e}", file.display())))?;
@@ -409,7 +406,7 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
             serde_json::to_value(vmm::controller::api_from_config(&cfg)).map_err(|e| failure(1, e.to_string()))?
         }
     };
-    let body = serde_json::json!({ "name": a.name, "restart": a.restart, "config": config });
+    let body = serde_json::json!({ "name": a.name, "restart": restart, "config": config });
     // The shape of CreateRequest (a unit test checks it), sent as a JSON value so that the
     // daemon, not this client, names an unknown field of a spec file.
     serde_json::to_vec(&body).map_err(|e| failure(1, e.to_string()))
@@ -556,7 +553,7 @@ mod tests {
         let a = CreateArgs {
             name: "web-1".into(),
             from_file: None,
-            restart: RestartPolicy::OnFailure,
+            restart: "on-failure".into(),
             kernel: Some("/k".into()),
             initrd: None,
             cmdline: "console=ttyS0".into(),
