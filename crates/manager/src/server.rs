@@ -49,6 +49,9 @@ pub const MAX_EVENTS: u32 = 10_000;
 
 type Resp = Response<Full<Bytes>>;
 
+/// An error answer on its way out (boxed: a response is large).
+type Reject = Box<Resp>;
+
 /// Matches `path` against a route template; returns the `{name}` segment (or "" without one).
 fn match_template<'p>(template: &str, path: &'p str) -> Option<&'p str> {
     let mut name = "";
@@ -94,7 +97,7 @@ async fn serve_connection(stream: UnixStream, svc: Arc<Service>) {
     };
     let service = hyper::service::service_fn(move |req| {
         let svc = svc.clone();
-        async move { Ok::<_, Infallible>(handle(req, svc, peer).await.unwrap_or_else(|e| e)) }
+        async move { Ok::<_, Infallible>(handle(req, svc, peer).await.unwrap_or_else(|e| *e)) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(READ_TIMEOUT).max_buf_size(16 * 1024);
@@ -104,7 +107,7 @@ async fn serve_connection(stream: UnixStream, svc: Arc<Service>) {
 }
 
 /// Runs a blocking operation on a thread of its own.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Resp> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Reject> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new().name("daemon-op".into()).spawn(move || {
         let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
@@ -118,7 +121,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     }
 }
 
-async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result<Resp, Resp> {
+async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result<Resp, Reject> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let matched: Vec<(&str, &str, &str)> =
@@ -224,7 +227,7 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
 struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn parse(q: &str) -> Result<Query, Resp> {
+    fn parse(q: &str) -> Result<Query, Reject> {
         let mut pairs = Vec::new();
         for part in q.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
@@ -240,7 +243,7 @@ impl Query {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
-    fn flag(&self, key: &str) -> Result<bool, Resp> {
+    fn flag(&self, key: &str) -> Result<bool, Reject> {
         match self.get(key) {
             None | Some("false") | Some("0") => Ok(false),
             Some("true") | Some("1") | Some("") => Ok(true),
@@ -248,7 +251,7 @@ impl Query {
         }
     }
 
-    fn number(&self, key: &str, min: i64, max: i64) -> Result<Option<i64>, Resp> {
+    fn number(&self, key: &str, min: i64, max: i64) -> Result<Option<i64>, Reject> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => match v.parse::<i64>() {
@@ -259,7 +262,7 @@ impl Query {
     }
 }
 
-async fn read_body(body: Incoming) -> Result<Bytes, Resp> {
+async fn read_body(body: Incoming) -> Result<Bytes, Reject> {
     match tokio::time::timeout(READ_TIMEOUT, Limited::new(body, MAX_BODY_BYTES).collect()).await {
         Ok(Ok(c)) => Ok(c.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
@@ -271,7 +274,7 @@ async fn read_body(body: Incoming) -> Result<Bytes, Resp> {
 }
 
 /// Parses a JSON object body; an error is a 400 naming the field, as the VMM's API does.
-fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Resp> {
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reject> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(bad_request("body", "expected a JSON object"));
     }
@@ -286,7 +289,7 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Resp> {
 }
 
 /// The HTTP answer to a failed operation.
-fn service_error(e: ServiceError) -> Resp {
+fn service_error(e: ServiceError) -> Reject {
     let msg = e.to_string();
     let (status, body) = match e {
         ServiceError::BadRequest { field, .. } => {
@@ -313,16 +316,19 @@ fn service_error(e: ServiceError) -> Resp {
             (StatusCode::INTERNAL_SERVER_ERROR, ErrorBody { error: msg, field: None, operation: None, state: None })
         }
     };
-    json(status, &body)
+    Box::new(json(status, &body))
 }
 
-fn bad_request(field: &str, msg: impl std::fmt::Display) -> Resp {
+fn bad_request(field: &str, msg: impl std::fmt::Display) -> Reject {
     let error = if field == "body" { format!("request body: {msg}") } else { format!("{field}: {msg}") };
-    json(StatusCode::BAD_REQUEST, &ErrorBody { error, field: Some(field.into()), operation: None, state: None })
+    Box::new(json(
+        StatusCode::BAD_REQUEST,
+        &ErrorBody { error, field: Some(field.into()), operation: None, state: None },
+    ))
 }
 
-fn error(status: StatusCode, error: String, field: Option<String>) -> Resp {
-    json(status, &ErrorBody { error, field, operation: None, state: None })
+fn error(status: StatusCode, error: String, field: Option<String>) -> Reject {
+    Box::new(json(status, &ErrorBody { error, field, operation: None, state: None }))
 }
 
 fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp {

@@ -88,7 +88,7 @@ pub enum ServiceError {
         /// What was asked.
         what: &'static str,
         /// The VMM's answer.
-        source: ClientError,
+        source: Box<ClientError>,
     },
     /// 500: the store failed.
     #[error(transparent)]
@@ -494,10 +494,10 @@ impl Service {
             .map_err(|source| ServiceError::Io { what: "starting an API client".into(), source })?
             .with_timeout(Duration::from_secs(30));
         let r = if pause { client.pause() } else { client.resume() };
-        r.map_err(|source| ServiceError::Vmm {
+        r.map_err(|e| ServiceError::Vmm {
             vm: name.into(),
             what: if pause { "vm.pause" } else { "vm.resume" },
-            source,
+            source: Box::new(e),
         })?;
         let mut rt = rec.runtime.clone();
         rt.state = to;
