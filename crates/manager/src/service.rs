@@ -31,6 +31,10 @@ pub const DEFAULT_STOP_TIMEOUT_S: u64 = 30;
 const INFO_POLL: Duration = Duration::from_millis(500);
 /// Consecutive failed `vm.info` calls after which a live VMM is declared hung and killed.
 const MAX_API_FAILURES: u32 = 10;
+/// The supervisor's claim while it looks at (or handles the end of) a VM.
+pub const SUPERVISE: &str = "supervise";
+/// How long a request waits for the supervisor's look at a VM to end.
+pub const SUPERVISE_WAIT: Duration = Duration::from_secs(5);
 
 /// The delay before restart number `restarts + 1`: 1 s, 2 s, 4 s, ... at most 60 s.
 pub fn backoff(restarts: u32) -> Duration {
@@ -198,13 +202,28 @@ impl Service {
     }
 
     /// Claims `name` for `operation`, or says which operation holds it.
+    ///
+    /// The supervisor's routine look at a VM ([`SUPERVISE`]) is short: a request waits up to
+    /// [`SUPERVISE_WAIT`] for it to end rather than being refused. The supervisor itself never
+    /// waits.
     pub fn claim(&self, name: &str, operation: &'static str) -> Result<Claim<'_>, ServiceError> {
-        let mut busy = lock(&self.busy);
-        if let Some(op) = busy.get(name) {
-            return Err(ServiceError::Busy { vm: name.into(), operation: (*op).into() });
+        let end = Instant::now() + SUPERVISE_WAIT;
+        loop {
+            {
+                let mut busy = lock(&self.busy);
+                match busy.get(name) {
+                    None => {
+                        busy.insert(name.into(), operation);
+                        return Ok(Claim { svc: self, name: name.into() });
+                    }
+                    Some(&op) if op != SUPERVISE || operation == SUPERVISE || Instant::now() > end => {
+                        return Err(ServiceError::Busy { vm: name.into(), operation: op.into() });
+                    }
+                    Some(_) => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        busy.insert(name.into(), operation);
-        Ok(Claim { svc: self, name: name.into() })
     }
 
     fn record(&self, name: &str) -> Result<VmRecord, ServiceError> {
@@ -646,7 +665,7 @@ impl Service {
 
     /// Checks one running VM.
     fn check(&self, name: &str) -> Result<(), ServiceError> {
-        let Ok(_claim) = self.claim(name, "supervise") else { return Ok(()) };
+        let Ok(_claim) = self.claim(name, SUPERVISE) else { return Ok(()) };
         let Some(rec) = self.store().get(name)? else { return Ok(()) };
         if !matches!(rec.runtime.state, VmState::Running | VmState::Paused) {
             return Ok(());
@@ -786,6 +805,34 @@ fn config_error(e: api::ApiError) -> ServiceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_operation_at_a_time_and_requests_wait_for_the_supervisor() {
+        let dir = std::env::temp_dir().join(format!("rv-claim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("rustvisor.db")).unwrap();
+        let paths = DaemonPaths { state_dir: dir.clone(), run_dir: dir.clone(), vmm_exe: "/bin/false".into() };
+        let svc = Service::new(paths, store);
+        let start = svc.claim("a", "start").unwrap();
+        match svc.claim("a", "stop") {
+            Err(ServiceError::Busy { operation, .. }) => assert_eq!(operation, "start"),
+            other => panic!("{other:?}"),
+        }
+        assert!(svc.claim("b", "stop").is_ok(), "another VM is free");
+        drop(start);
+        std::thread::scope(|s| {
+            let sup = svc.claim("a", SUPERVISE).unwrap();
+            assert!(svc.claim("a", SUPERVISE).is_err(), "the supervisor never waits");
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                drop(sup);
+            });
+            let t = Instant::now();
+            assert!(svc.claim("a", "stop").is_ok(), "a request waits for the supervisor's look");
+            assert!(t.elapsed() >= Duration::from_millis(40));
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn backoff_doubles_up_to_a_minute() {
