@@ -24,7 +24,7 @@ enum Cmd {
     /// bad arguments.
     Run(Box<RunArgs>),
     /// Start an empty VMM driven over its REST API on a Unix socket (mode 0600): create,
-    /// boot, pause, resume, snapshot, restore, ... (see crates/api/openapi.yaml).
+    /// boot, pause, resume, snapshot, restore, ... (see crates/api-types/openapi.yaml).
     Vmm(VmmArgs),
     /// Talk to a VMM's REST API: ping, info, counters, pause, resume, snapshot DIR, ...
     Api(api::client::ApiArgs),

@@ -12,14 +12,26 @@
 //! separately (`devices::EmuIrqchip::state`). Guest RAM is the VMM's to copy; build the new
 //! vCPU over the restored RAM, restore its state, and make the shared clock continue from
 //! the reading it had at save time (the TSC is derived from it).
+//!
+//! # As a [`crate::Hypervisor`]
+//!
+//! [`EmuHypervisor`] makes [`EmuVm`]s: the VM owns the userspace interrupt controllers
+//! (`devices::EmuIrqchip`: PIC pair, IOAPIC, LAPIC, PIT), serves their ports and MMIO pages
+//! itself before the VMM's [`ExitHandler`] sees an exit (as KVM's in-kernel irqchip does),
+//! and feeds its vCPU from them. [`EmuVcpu`] is the bare CPU underneath, for tests and tools
+//! that bring their own interrupt controller.
 
-use crate::{CpuState, Error, ExitHandler, RamRegion, Result, Segment, Table, Vcpu, VcpuExit};
+mod hypervisor;
+
+use crate::{CpuState, Error, ExitHandler, RamRegion, Result, Segment, Table, Vcpu, VcpuExit, VcpuStopper};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use x86emu::{Cpu, CpuConfig, Exit, Seg};
 
+pub use crate::vm::DeviceWrites;
+pub use hypervisor::{EmuHypervisor, EmuVm, EmuVmState, TSC_HZ};
 pub use x86emu::StateError;
 
 /// Guest clock: nanoseconds since the VM started.
@@ -34,10 +46,6 @@ pub trait InterruptController: Send {
     /// Runs timers up to `now_ns`; returns the next timer deadline in ns, if any.
     fn poll(&mut self, now_ns: u64) -> Option<u64>;
 }
-
-/// Reports guest RAM written by devices (DMA) since the last call, as `(GPA, length)`
-/// ranges; see [`EmuVcpu::set_device_writes`].
-pub type DeviceWrites = Arc<dyn Fn() -> Vec<(u64, u64)> + Send + Sync>;
 
 /// Snapshot of one emulated vCPU (see [`EmuVcpu::save_state`]).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -223,9 +231,15 @@ impl Vcpu for EmuVcpu {
 
     fn restore_snapshot(&mut self, state: &crate::VcpuSnapshot) -> Result<()> {
         match state {
-            crate::VcpuSnapshot::Emu(s) => self.restore_state(s).map_err(|e| Error::Internal(e.to_string())),
+            crate::VcpuSnapshot::Emu(s) => {
+                self.restore_state(s).map_err(|e| Error::InvalidState { what: "emu vCPU", source: Box::new(e) })
+            }
             crate::VcpuSnapshot::Kvm(_) => Err(Error::Unsupported("a kvm vCPU state on the emu accelerator".into())),
         }
+    }
+
+    fn stopper(&self) -> VcpuStopper {
+        VcpuStopper::new(self.stop.clone())
     }
 
     fn set_state(&mut self, s: &CpuState) -> Result<()> {

@@ -20,6 +20,14 @@
 //! reports as [`Error::Internal`] with a PVM hint. [`is_pvm_host`] detects such a host.
 //! Nothing else in this module differs between PVM and VT-x/AMD-V hosts.
 //!
+//! # As a [`crate::Hypervisor`]
+//!
+//! [`KvmHypervisor`] makes [`KvmVm`]s with the production options; [`KvmVm`] implements
+//! [`crate::Vm`]: interrupt lines are "KVM_IRQ_LINE", MSIs go through irqfds and GSI routes
+//! (see [`msi`]), notifications through ioeventfds, and its VM state is [`KvmVmState`].
+//! [`KvmVcpu::stopper`](crate::Vcpu::stopper) kicks the vCPU's thread out of `KVM_RUN`
+//! with a signal (SIGRTMIN, whose no-op handler the first vCPU installs).
+//!
 //! # Snapshots
 //!
 //! [`KvmVm::save_state`] / [`KvmVm::restore_state`] and [`KvmVcpu::save_state`] /
@@ -27,6 +35,8 @@
 //! [`snapshot`] module for what is saved, in which order, and what a host may not support);
 //! guest RAM is the caller's to copy.
 
+mod hypervisor;
+pub mod msi;
 mod regs;
 pub mod snapshot;
 
@@ -42,8 +52,10 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 
-use crate::{CpuState, Error, ExitHandler, RamRegion, Result, Vcpu, VcpuExit};
+use crate::{CpuState, Error, ExitHandler, RamRegion, Result, Vcpu, VcpuExit, VcpuStopper};
 
+pub use hypervisor::KvmHypervisor;
+pub use msi::MAX_MSI_ROUTES;
 pub use regs::DEFAULT_APIC_BASE_BSP;
 pub use snapshot::{KvmPod, KvmVcpuState, KvmVmState, MsrValue, Raw, SkippedState};
 
@@ -121,13 +133,15 @@ impl Default for KvmVmOptions {
 /// unmapped) for as long as this VM or any of its vCPUs exists: KVM keeps using them.
 pub struct KvmVm {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     irqchip: bool,
     pvm: bool,
     /// `KVM_GET_SUPPORTED_CPUID` result, fetched once and specialised per vCPU.
     supported_cpuid: CpuId,
     /// What this host offers for snapshots (capabilities, MSR list), shared with the vCPUs.
     snap: Arc<snapshot::SnapshotCaps>,
+    /// MSIs through irqfds (see [`msi`]).
+    msi: Arc<msi::MsiRouter>,
 }
 
 impl std::fmt::Debug for KvmVm {
@@ -169,7 +183,9 @@ impl KvmVm {
         let supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let snap = Arc::new(snapshot::SnapshotCaps::probe(&kvm, &vm));
-        let this = Self { kvm, vm, irqchip: options.irqchip, pvm: is_pvm_host(), supported_cpuid, snap };
+        let vm = Arc::new(vm);
+        let msi = Arc::new(msi::MsiRouter::new(vm.clone(), options.irqchip, msi::MAX_MSI_ROUTES));
+        let this = Self { kvm, vm, irqchip: options.irqchip, pvm: is_pvm_host(), supported_cpuid, snap, msi };
         // Memory slots go in before the irqchip and PIT: once those exist, every
         // KVM_SET_USER_MEMORY_REGION waits for an SRCU grace period (measured: ~7 ms per slot
         // versus ~30 us before), which dominated tiny-guest start-up.
@@ -261,59 +277,30 @@ impl KvmVm {
         if !self.irqchip {
             return Err(Error::Unsupported("KVM_SIGNAL_MSI on a VM without in-kernel irqchip".into()));
         }
-        let msi = kvm_bindings::kvm_msi {
-            address_lo: addr as u32,
-            address_hi: (addr >> 32) as u32,
-            data,
-            ..Default::default()
-        };
-        self.vm.signal_msi(msi).map(|_| ()).map_err(|e| Error::Kvm(format!("KVM_SIGNAL_MSI {addr:#x}/{data:#x}: {e}")))
+        msi::signal_msi(&self.vm, addr, data)
     }
 
     /// Installs the VM's GSI routing table ("KVM_SET_GSI_ROUTING"): KVM's default routes
     /// for the in-kernel irqchip (GSIs 0-15 to the PIC pins and GSIs 0-23 to the IOAPIC
-    /// pins), plus one MSI route per `(gsi, address, data)` in `msi` (GSIs ≥ 24).
+    /// pins), plus one MSI route per `(gsi, address, data)` in `msi` (GSIs ≥ 24). The VM's
+    /// own MSI sink ([`crate::Vm::msi_sink`]) manages the table itself; use this only on a
+    /// VM whose MSIs go elsewhere.
     ///
     /// # Errors
     ///
     /// [`Error::Unsupported`] without the in-kernel irqchip or for a GSI below 24;
     /// [`Error::Kvm`] when the ioctl fails.
     pub fn set_msi_routes(&self, msi: &[(u32, u64, u32)]) -> Result<()> {
-        use kvm_bindings::{
-            kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-            KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
-        };
         if !self.irqchip {
             return Err(Error::Unsupported("MSI routes on a VM without in-kernel irqchip".into()));
         }
-        let mut entries = Vec::new();
-        let chip = |gsi: u32, irqchip: u32, pin: u32| {
-            let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
-            e.u.irqchip.irqchip = irqchip;
-            e.u.irqchip.pin = pin;
-            e
-        };
-        for gsi in 0..IRQCHIP_NUM_PINS {
-            if gsi < 8 {
-                entries.push(chip(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
-            } else if gsi < 16 {
-                entries.push(chip(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
-            }
-            entries.push(chip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
-        }
-        for &(gsi, addr, data) in msi {
-            if gsi < IRQCHIP_NUM_PINS {
-                return Err(Error::Unsupported(format!("MSI route on irqchip GSI {gsi}")));
-            }
-            let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
-            e.u.msi.address_lo = addr as u32;
-            e.u.msi.address_hi = (addr >> 32) as u32;
-            e.u.msi.data = data;
-            entries.push(e);
-        }
-        let table = KvmIrqRouting::from_entries(&entries)
-            .map_err(|e| Error::Unsupported(format!("{} GSI routes: {e:?}", entries.len())))?;
-        self.vm.set_gsi_routing(&table).map_err(|e| Error::Kvm(format!("KVM_SET_GSI_ROUTING: {e}")))
+        msi::set_gsi_routes(&self.vm, msi)
+    }
+
+    /// How many MSI messages the VM's MSI sink currently delivers through an irqfd (at most
+    /// [`MAX_MSI_ROUTES`]; 0 once routing failed and every MSI uses "KVM_SIGNAL_MSI").
+    pub fn irqfd_routes(&self) -> usize {
+        self.msi.irqfd_routes()
     }
 
     /// Makes a write to `evt` inject GSI `gsi` ("KVM_IRQFD"); with an MSI route on that
@@ -400,20 +387,78 @@ impl KvmVm {
             fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         }
 
-        Ok(KvmVcpu {
-            fd,
-            id,
-            pvm: self.pvm,
-            irqchip: self.irqchip,
-            snap: Arc::clone(&self.snap),
-            stop: Arc::new(AtomicBool::new(false)),
-        })
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopper = match kick_signal() {
+            Some(signal) => VcpuStopper::with_signal(stop.clone(), signal),
+            None => VcpuStopper::new(stop.clone()),
+        };
+        Ok(KvmVcpu { fd, id, pvm: self.pvm, irqchip: self.irqchip, snap: Arc::clone(&self.snap), stop, stopper })
     }
 
     /// The number of memory slots KVM offers ("KVM_CAP_NR_MEMSLOTS").
     pub fn max_memslots(&self) -> usize {
         self.kvm.get_nr_memslots()
     }
+}
+
+thread_local! {
+    /// While this thread is inside [`KvmVcpu::run`]: that vCPU's `kvm_run.immediate_exit`
+    /// byte, which the kick signal's handler sets (null otherwise). Constant-initialised with
+    /// no destructor, so reading it allocates nothing and is safe in a signal handler.
+    static IMMEDIATE_EXIT: std::cell::Cell<*mut u8> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick signal's handler: makes the next (or the current) `KVM_RUN` of the vCPU this
+/// thread is running return at once. A signal handled while the thread is between its
+/// stop-flag check and the `KVM_RUN` ioctl would otherwise be lost: the kernel would see no
+/// pending signal and the vCPU could sleep in `hlt` (Firecracker does the same).
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let immediate_exit = IMMEDIATE_EXIT.with(|p| p.get());
+    if !immediate_exit.is_null() {
+        // SAFETY: the pointer is set only while this thread is inside `KvmVcpu::run`, where
+        // the vCPU (and so its mmap'd `kvm_run`) is alive, and cleared before `run` returns;
+        // a signal handler runs on the thread it interrupts, so that is this `run`. The byte
+        // is shared with the kernel (it reads it at `KVM_RUN` entry): a volatile store of 1
+        // is what the KVM API asks for ("immediate_exit").
+        unsafe { immediate_exit.write_volatile(1) };
+    }
+}
+
+/// Publishes this vCPU's `immediate_exit` byte to [`kick_handler`] for the duration of
+/// [`KvmVcpu::run`].
+struct ImmediateExitSlot;
+
+impl ImmediateExitSlot {
+    fn publish(fd: &mut VcpuFd) -> ImmediateExitSlot {
+        let run: *mut kvm_run = fd.get_kvm_run();
+        // SAFETY: `run` points at the vCPU's live kvm_run mapping; only the field's address
+        // is taken, nothing is read or referenced.
+        let byte = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
+        IMMEDIATE_EXIT.with(|p| p.set(byte));
+        ImmediateExitSlot
+    }
+}
+
+impl Drop for ImmediateExitSlot {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+    }
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (SIGRTMIN), once [`kick_handler`]
+/// is installed; `None` if installing it failed (stoppers then only set the flag).
+fn kick_signal() -> Option<libc::c_int> {
+    static SIGNAL: std::sync::OnceLock<Option<libc::c_int>> = std::sync::OnceLock::new();
+    *SIGNAL.get_or_init(|| {
+        let signal = libc::SIGRTMIN();
+        match vmm_sys_util::signal::register_signal_handler(signal, kick_handler) {
+            Ok(()) => Some(signal),
+            Err(e) => {
+                tracing::warn!("vCPU kick signal handler: {e}; stopping a vCPU waits for its next exit");
+                None
+            }
+        }
+    })
 }
 
 /// Specialises the supported CPUID table for vCPU `id` (see [`KvmVm::create_vcpu`]).
@@ -462,6 +507,8 @@ pub struct KvmVcpu {
     /// The VM's snapshot capabilities (see [`snapshot`]).
     snap: Arc<snapshot::SnapshotCaps>,
     stop: Arc<AtomicBool>,
+    /// Sets `stop` and signals the thread inside `run`.
+    stopper: VcpuStopper,
 }
 
 impl std::fmt::Debug for KvmVcpu {
@@ -590,6 +637,12 @@ impl KvmVcpu {
 }
 
 impl Vcpu for KvmVcpu {
+    /// Sets the [`KvmVcpu::stop_flag`] and sends SIGRTMIN to the thread inside `run`, so a
+    /// vCPU waiting in the kernel (`hlt` with the in-kernel irqchip) returns too.
+    fn stopper(&self) -> VcpuStopper {
+        self.stopper.clone()
+    }
+
     fn save_snapshot(&mut self) -> Result<crate::VcpuSnapshot> {
         Ok(crate::VcpuSnapshot::Kvm(Box::new(self.save_state()?)))
     }
@@ -638,8 +691,13 @@ impl Vcpu for KvmVcpu {
     /// [`Error::Kvm`] for `KVM_EXIT_FAIL_ENTRY` (with the hardware reason) and other
     /// `KVM_RUN` failures.
     fn run(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit> {
+        let stopper = self.stopper.clone();
+        let _running = stopper.enter_run();
+        let slot = ImmediateExitSlot::publish(&mut self.fd);
         let result = self.run_loop(handler);
-        // `run_loop` may have set it to complete a pending I/O before stopping.
+        drop(slot);
+        // `run_loop` or a kick may have set it; a stop requested after this point is still
+        // in the flag, which the next `run` checks before entering the guest.
         self.fd.set_kvm_immediate_exit(0);
         result
     }

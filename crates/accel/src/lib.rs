@@ -1,16 +1,39 @@
-//! vCPU engines behind one interface.
+//! The accelerator seam: everything the VMM needs from the engine that runs guest code,
+//! behind three traits (Cloud Hypervisor's `hypervisor` crate is the model).
 //!
-//! Two accelerators run guest code: [`kvm`] (hardware virtualization through `/dev/kvm`,
-//! rust-vmm `kvm-ioctls`) and [`emu`] (rustvisor's own x86-64 interpreter, `x86emu`).
-//! Both take guest RAM as host mappings ([`RamRegion`]), start from the same architectural
-//! register state ([`CpuState`]) and hand port I/O and MMIO to the same [`ExitHandler`], so
-//! device models never know which one runs.
+//! - [`Hypervisor`]: one engine on this host. [`select`] picks it from the user's
+//!   [`Choice`] (`auto` included, with the reason) and gives a `Box<dyn Hypervisor>`;
+//!   [`Hypervisor::name`] is the accelerator's name for the user ("kvm", "emu").
+//! - [`Vm`]: one virtual machine of that engine, made by [`Hypervisor::create_vm`] over the
+//!   guest RAM the VMM allocated ([`VmSpec`]). It owns the memory registration, the
+//!   interrupt controllers and the ways into them ([`Vm::irq_line`], [`Vm::msi_sink`]),
+//!   ioeventfd registration ([`Vm::register_ioevent`]), what the engine needs to hear about
+//!   device DMA ([`Vm::needs_dma_log`]) and an opaque, versioned save/restore of its
+//!   VM-level state ([`VmState`]).
+//! - [`Vcpu`]: one virtual CPU, made by [`Vm::create_vcpu`]; it runs guest code and hands
+//!   port I/O and MMIO it cannot complete to the VMM's [`ExitHandler`].
+//!
+//! Two engines implement them: [`kvm`] (hardware virtualization through `/dev/kvm`, rust-vmm
+//! `kvm-ioctls`, with the in-kernel irqchip and PIT, MSIs through irqfds and GSI routes) and
+//! [`emu`] (rustvisor's own x86-64 interpreter, `x86emu`, with the userspace PIC, IOAPIC,
+//! LAPIC and PIT of `devices` as its irqchip). Both start from the same architectural
+//! register state ([`CpuState`]), so the VMM and the device models never know which runs.
+//! The concrete engine types stay public for tests and tools that need engine-specific
+//! facilities.
 
 pub mod emu;
+mod hypervisor;
 pub mod kvm;
 pub mod state;
+mod vcpu;
+mod vm;
 
+pub use devices::{IrqLine, MsiSink};
+pub use hypervisor::{select, usable_engines, Choice, Hypervisor, SelectOptions, Selection};
 pub use state::{CpuState, Segment, Table};
+pub use vcpu::{ExitHandler, Vcpu, VcpuExit, VcpuSnapshot, VcpuStopper};
+pub use vm::{Clock, DeviceWrites, Vm, VmSpec, VmState};
+pub use vmm_sys_util::eventfd::EventFd;
 
 /// One contiguous block of guest RAM mapped into the VMM.
 #[derive(Clone, Copy, Debug)]
@@ -30,36 +53,6 @@ unsafe impl Send for RamRegion {}
 // SAFETY: see the `Send` impl above: the type holds no thread-affine state.
 unsafe impl Sync for RamRegion {}
 
-/// What the VMM does with guest port I/O and MMIO accesses that leave the accelerator.
-///
-/// `data.len()` is the access size in bytes (1, 2, 4 or 8). Reads must fill all of `data`;
-/// unclaimed addresses read as all ones, like an empty bus.
-pub trait ExitHandler {
-    /// `in` from I/O port `port`.
-    fn pio_read(&mut self, port: u16, data: &mut [u8]);
-    /// `out` to I/O port `port`.
-    fn pio_write(&mut self, port: u16, data: &[u8]);
-    /// Load from a GPA that is not RAM.
-    fn mmio_read(&mut self, gpa: u64, data: &mut [u8]);
-    /// Store to a GPA that is not RAM.
-    fn mmio_write(&mut self, gpa: u64, data: &[u8]);
-}
-
-/// Why [`Vcpu::run`] returned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VcpuExit {
-    /// The vCPU executed `hlt` (only reported by engines without an in-kernel irqchip, or
-    /// with interrupts disabled so that nothing can wake it).
-    Hlt,
-    /// The guest requested a system reset (triple fault, i8042 pulse reported by the VMM).
-    Reset(String),
-    /// The guest turned itself off.
-    Shutdown,
-    /// The run was interrupted from outside (e.g. [`Vcpu::run`] budget used up, a signal);
-    /// call `run` again.
-    Interrupted,
-}
-
 /// Errors from the accelerators.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -72,35 +65,21 @@ pub enum Error {
     /// A configuration the accelerator does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The requested accelerator cannot run on this host (the message says why and what is
+    /// accepted instead).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A saved state given to a restore is malformed; `what` names the part ("irqchip",
+    /// "vCPU"), the source names the bad field.
+    #[error("invalid {what} state: {source}")]
+    InvalidState {
+        /// The part of the state that was refused.
+        what: &'static str,
+        /// The validation error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// One virtual CPU of either accelerator.
-pub trait Vcpu {
-    /// Loads the architectural register state (used at boot and restore).
-    fn set_state(&mut self, state: &CpuState) -> Result<()>;
-    /// Reads back the architectural register state.
-    fn state(&mut self) -> Result<CpuState>;
-    /// Runs guest code until something the VMM must act on happens. Port I/O and MMIO are
-    /// completed through `handler` inside the call.
-    fn run(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit>;
-    /// Everything needed to continue this vCPU elsewhere (a snapshot); call it only while
-    /// the vCPU is not running.
-    fn save_snapshot(&mut self) -> Result<VcpuSnapshot>;
-    /// Loads a state saved by [`Vcpu::save_snapshot`] on the same accelerator.
-    ///
-    /// Errors: [`Error::Unsupported`] for another accelerator's state, or the state's own
-    /// validation error naming the bad field.
-    fn restore_snapshot(&mut self, state: &VcpuSnapshot) -> Result<()>;
-}
-
-/// A vCPU's snapshot state, per accelerator.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub enum VcpuSnapshot {
-    /// The emulator's CPU.
-    Emu(Box<emu::EmuVcpuState>),
-    /// A KVM vCPU.
-    Kvm(Box<kvm::KvmVcpuState>),
-}

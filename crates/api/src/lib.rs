@@ -1,8 +1,8 @@
 //! The VMM's REST API (in the style of Cloud Hypervisor's and Firecracker's): HTTP/1.1 with
-//! JSON bodies on a Unix socket, under `/api/v1/`. The document `openapi.yaml` beside this
-//! crate describes every route.
+//! JSON bodies on a Unix socket, under `/api/v1/`. The document `openapi.yaml` of the
+//! `api-types` crate describes every route.
 //!
-//! - [`types`]: request and response bodies (serde).
+//! - [`types`]: request and response bodies (serde), re-exported from `api-types`.
 //! - [`Controller`]: what the server asks of the VMM; the VMM implements it.
 //! - [`server`]: serves a [`Controller`] on a socket.
 //! - [`client`]: calls the API (used by `rustvisor api`).
@@ -11,7 +11,8 @@
 pub mod client;
 pub mod fileurl;
 pub mod server;
-pub mod types;
+/// The wire types, from the `api-types` crate.
+pub use api_types as types;
 
 use types::{Counters, PingInfo, VmConfig, VmInfo};
 

@@ -25,19 +25,39 @@ pub trait Interrupt: Send + Sync {
     fn notify_config(&self);
 }
 
-/// Guest RAM written by devices (DMA), reported to the `emu` accelerator so that it retires
-/// code it decoded from those pages before the guest can run it. A device records every
-/// device-writable buffer it filled *before* it puts the chain in the used ring.
-#[derive(Default)]
+/// Guest RAM written by devices (DMA), reported to accelerators that need it (the `emu`
+/// accelerator retires code it decoded from those pages before the guest can run it). A
+/// device records every device-writable buffer it filled *before* it puts the chain in the
+/// used ring. Where the accelerator does not need it, the VMM makes a
+/// [`DmaLog::disabled`] log, which records nothing (so nothing accumulates undrained).
 pub struct DmaLog {
+    enabled: bool,
     pending: AtomicBool,
     ranges: Mutex<Vec<(u64, u64)>>,
 }
 
+impl Default for DmaLog {
+    /// An enabled, empty log.
+    fn default() -> Self {
+        DmaLog { enabled: true, pending: AtomicBool::new(false), ranges: Mutex::new(Vec::new()) }
+    }
+}
+
 impl DmaLog {
-    /// Notes that `len` bytes at GPA `gpa` were written by a device.
+    /// A log that ignores [`DmaLog::record`]: always empty, never pending.
+    pub fn disabled() -> DmaLog {
+        DmaLog { enabled: false, ..DmaLog::default() }
+    }
+
+    /// Whether [`DmaLog::record`] keeps anything.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Notes that `len` bytes at GPA `gpa` were written by a device (nothing for a disabled
+    /// log or a zero length).
     pub fn record(&self, gpa: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || !self.enabled {
             return;
         }
         let mut r = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
@@ -145,5 +165,32 @@ pub trait VirtioDevice: Send {
 pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {
         *b = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|o| src.get(o)).copied().unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dma_log_coalesces_and_a_disabled_one_keeps_nothing() {
+        let log = DmaLog::default();
+        assert!(log.is_enabled() && !log.pending());
+        log.record(0x1000, 0x100);
+        log.record(0x1100, 0x100);
+        log.record(0x5000, 0);
+        log.record(0x8000, 8);
+        assert!(log.pending());
+        assert_eq!(log.take(), vec![(0x1000, 0x200), (0x8000, 8)]);
+        assert!(!log.pending() && log.take().is_empty());
+
+        let off = DmaLog::disabled();
+        assert!(!off.is_enabled());
+        for i in 0..10_000u64 {
+            off.record(i * 0x1000, 0x1000);
+        }
+        assert!(!off.pending());
+        assert!(off.ranges.lock().unwrap().is_empty() && off.ranges.lock().unwrap().capacity() == 0);
+        assert!(off.take().is_empty());
     }
 }

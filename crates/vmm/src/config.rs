@@ -2,28 +2,9 @@
 
 use std::path::PathBuf;
 
-/// Which vCPU engine runs the guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accel {
-    /// KVM where it can run the guest, the emulator otherwise.
-    Auto,
-    /// Hardware virtualization through /dev/kvm.
-    Kvm,
-    /// rustvisor's x86-64 emulator.
-    Emu,
-}
-
-impl std::str::FromStr for Accel {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Accel::Auto),
-            "kvm" => Ok(Accel::Kvm),
-            "emu" => Ok(Accel::Emu),
-            _ => Err(format!("unknown accelerator '{s}' (accepted: auto, kvm, emu)")),
-        }
-    }
-}
+/// Which vCPU engine runs the guest: `auto`, `kvm` or `emu` (the choice type of the
+/// accelerator seam, which also decides what `auto` means on this host).
+pub use accel::Choice as Accel;
 
 /// Where the 8250 console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -201,12 +201,7 @@ pub fn api_from_config(c: &VmConfig) -> types::VmConfig {
         cmdline: c.cmdline.clone(),
         memory_mib: c.mem_size >> 20,
         cpus: c.cpus,
-        accel: match c.accel {
-            Accel::Auto => "auto",
-            Accel::Kvm => "kvm",
-            Accel::Emu => "emu",
-        }
-        .into(),
+        accel: c.accel.to_string(),
         serial: out(&c.serial),
         console: c.console.as_ref().map(out),
         disks: c
@@ -276,7 +271,7 @@ impl VmmController {
                 let old = std::mem::replace(slot, Slot::Empty);
                 if let Slot::Live { mut vm, cfg, json, .. } = old {
                     vm.stop();
-                    let accel = if vm.is_emu { "emu" } else { "kvm" }.to_string();
+                    let accel = vm.accelerator().to_string();
                     *slot = Slot::Shutdown { cfg, json, accel };
                 }
             }
@@ -358,11 +353,7 @@ impl VmmController {
 
 impl api::Controller for VmmController {
     fn ping(&self) -> types::PingInfo {
-        let mut accelerators = Vec::new();
-        if accel::kvm::available() && !accel::kvm::is_pvm_host() {
-            accelerators.push("kvm".to_string());
-        }
-        accelerators.push("emu".to_string());
+        let accelerators = accel::usable_engines().into_iter().map(String::from).collect();
         types::PingInfo { version: env!("CARGO_PKG_VERSION").to_string(), accelerators, pid: std::process::id() }
     }
 
@@ -440,7 +431,7 @@ impl api::Controller for VmmController {
         let old = std::mem::replace(&mut *slot, Slot::Empty);
         if let Slot::Live { mut vm, cfg, json, .. } = old {
             vm.stop();
-            let accel = if vm.is_emu { "emu" } else { "kvm" }.to_string();
+            let accel = vm.accelerator().to_string();
             *slot = Slot::Shutdown { cfg, json, accel };
         }
         Ok(())
@@ -484,7 +475,7 @@ impl api::Controller for VmmController {
                 state,
                 config: json.clone(),
                 uptime_s: booted.elapsed().as_secs_f64(),
-                accelerator: Some(if vm.is_emu { "emu" } else { "kvm" }.into()),
+                accelerator: Some(vm.accelerator().into()),
             }),
             Slot::Shutdown { json, accel, .. } => {
                 Ok(types::VmInfo { state, config: json.clone(), uptime_s: 0.0, accelerator: Some(accel.clone()) })

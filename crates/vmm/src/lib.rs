@@ -13,6 +13,7 @@ pub mod snapshot;
 pub mod snapshot_memory;
 pub mod virtio_devices;
 pub mod vm;
+pub mod vstate;
 
 pub use config::{Accel, SerialOut, VmConfig};
 pub use devices_config::{DiskConfig, DiskFormat, NetConfig, VsockConfig};

@@ -15,14 +15,15 @@ use api::ApiError;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Accel, VmConfig};
+use crate::config::VmConfig;
 use crate::snapshot_memory::{self, MemoryImage};
 use crate::vm::Vm;
 
 /// `format` of `snapshot.json`.
 pub const FORMAT: &str = "rustvisor-snapshot";
-/// Current snapshot version.
-pub const VERSION: u32 = 1;
+/// Current snapshot version (2: the accelerator's VM state is one opaque, versioned
+/// `accel::VmState` instead of per-engine fields).
+pub const VERSION: u32 = 2;
 const STATE_FILE: &str = "snapshot.json";
 const MEMORY_FILE: &str = "memory.bin";
 /// Largest `snapshot.json` read, in bytes: the state is small (a few KiB per vCPU and device)
@@ -38,16 +39,15 @@ pub const MAX_CLOCK_NS: u64 = 1 << 62;
 pub struct VmState {
     /// The VM configuration (API form).
     pub config: types::VmConfig,
-    /// "emu" or "kvm".
+    /// The accelerator's name ("emu", "kvm"), for the user; restore goes by `vm`.
     pub accelerator: String,
-    /// Guest clock, ns (emu).
+    /// Guest clock, ns.
     pub clock_ns: u64,
     /// vCPUs, boot vCPU first.
     pub vcpus: Vec<accel::VcpuSnapshot>,
-    /// KVM in-kernel irqchip, PIT and clock.
-    pub kvm_vm: Option<accel::kvm::snapshot::KvmVmState>,
-    /// Userspace PIC/IOAPIC/LAPIC/PIT (emu).
-    pub irqchip: Option<devices::irqchip::EmuIrqchipState>,
+    /// The accelerator's VM-level state (interrupt controllers, timers, clocks), which also
+    /// names the accelerator that saved it.
+    pub vm: accel::VmState,
     /// 8250.
     pub serial: devices::serial::SerialSnapshot,
     /// i8042.
@@ -108,11 +108,10 @@ pub fn save(vm: &Vm, _cfg: &VmConfig, json: &types::VmConfig, dir: &Path) -> Res
         let l = &vm.devices;
         let state = VmState {
             config: json.clone(),
-            accelerator: if vm.is_emu { "emu" } else { "kvm" }.into(),
+            accelerator: vm.accelerator().into(),
             clock_ns: vm.clock.now(),
             vcpus,
-            kvm_vm: vm.kvm().map(|k| k.save_state()).transpose().map_err(internal)?,
-            irqchip: l.irqchip.as_ref().map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).state()),
+            vm: vm.accel().save_state().map_err(internal)?,
             serial: l.serial.lock().unwrap_or_else(|e| e.into_inner()).state(),
             i8042: l.i8042.lock().unwrap_or_else(|e| e.into_inner()).state(),
             cmos: l.cmos.lock().unwrap_or_else(|e| e.into_inner()).state(),
@@ -164,7 +163,9 @@ pub fn read_state(dir: &Path) -> Result<VmState, ApiError> {
     if hex_sha(body) != header.sha256 {
         return Err(src(format!("{}: checksum mismatch (the snapshot is corrupt)", path.display())));
     }
-    let st: VmState = serde_json::from_slice(body).map_err(|e| src(format!("{}: state: {e}", path.display())))?;
+    // The path of the offending field (e.g. `vm.emu/1.irqchip`) goes into the message.
+    let st: VmState = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body))
+        .map_err(|e| src(format!("{}: state: {}: {}", path.display(), e.path(), e.inner())))?;
     st.validate().map_err(|m| src(format!("{}: {m}", path.display())))?;
     Ok(st)
 }
@@ -178,16 +179,7 @@ impl VmState {
         if !plain_name {
             return Err(format!("memory.file {file:?} (accepted: a file name inside the snapshot folder)"));
         }
-        match (self.accelerator.as_str(), &self.irqchip, &self.kvm_vm) {
-            ("emu", Some(_), None) | ("kvm", None, Some(_)) => {}
-            ("emu", None, _) => return Err("irqchip: missing (accepted: the emu interrupt controller state)".into()),
-            ("kvm", _, None) => return Err("kvm_vm: missing (accepted: the KVM VM state)".into()),
-            ("emu" | "kvm", _, _) => {
-                return Err(format!("{} snapshot with state of the other accelerator", self.accelerator))
-            }
-            (a, _, _) => return Err(format!("accelerator '{a}' (accepted: emu, kvm)")),
-        }
-        let timers = self.irqchip.as_ref().map_or(0, |c| c.latest_timer_ns());
+        let timers = self.vm.earliest_clock_ns();
         if self.clock_ns > MAX_CLOCK_NS || self.clock_ns < timers {
             return Err(format!(
                 "clock_ns {} (accepted: {timers} (the timers' latest reading) to {MAX_CLOCK_NS})",
@@ -210,29 +202,21 @@ pub fn restore(dir: &Path) -> Result<(Vm, VmConfig, types::VmConfig), ApiError> 
     let src = |m: String| ApiError::BadRequest { field: "source_url".into(), msg: m };
     let st = read_state(dir)?;
     let mut cfg = crate::controller::config_from_api(&st.config)?;
-    let is_emu = match st.accelerator.as_str() {
-        "emu" => true,
-        "kvm" => false,
-        a => return Err(src(format!("accelerator '{a}' (accepted: emu, kvm)"))),
-    };
-    cfg.accel = if is_emu { Accel::Emu } else { Accel::Kvm };
+    // The accelerator that saved the VM state runs it again.
+    cfg.accel = st.vm.engine();
     cfg.validate().map_err(crate::controller::api_error)?;
     // The same accelerator checks as a boot (a kvm snapshot needs a usable /dev/kvm).
-    crate::vm::choose_accel(cfg.accel).map_err(|e| src(format!("{} snapshot: {e}", st.accelerator)))?;
+    let selection = crate::vm::choose_accel(cfg.accel).map_err(|e| src(format!("{} snapshot: {e}", st.accelerator)))?;
+    let hv = selection.hypervisor.as_ref();
     let mem = crate::memory::create(cfg.mem_size).map_err(internal)?;
     // `validate` made `memory.file` a plain name: the file is inside `dir`.
     snapshot_memory::load(&mem, &dir.join(&st.memory.file), &st.memory).map_err(src)?;
-    let note = format!("{}: restored from {}", st.accelerator, dir.display());
-    let mut vm = Vm::build(&cfg, mem, is_emu, note).map_err(crate::controller::api_error)?;
+    let note = format!("{}: restored from {}", hv.name(), dir.display());
+    let mut vm = Vm::build(&cfg, mem, hv, note).map_err(crate::controller::api_error)?;
     let corrupt = |what: &str, e: String| src(format!("snapshot corrupt: {what}: {e}"));
-    if let (Some(k), Some(s)) = (vm.kvm(), &st.kvm_vm) {
-        k.restore_state(s).map_err(|e| corrupt("KVM VM state", e.to_string()))?;
-    }
+    vm.accel().restore_state(&st.vm).map_err(|e| corrupt("accelerator VM state", e.to_string()))?;
     {
         let l = &vm.devices;
-        if let (Some(c), Some(s)) = (&l.irqchip, &st.irqchip) {
-            c.lock().unwrap_or_else(|e| e.into_inner()).restore(s).map_err(|e| corrupt("irqchip", e.to_string()))?;
-        }
         l.serial
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -3,7 +3,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use accel::kvm::KvmVm;
 use devices::{MsiSink, PciBus};
 use virtio::pci::{IoEventRegistrar, VirtioPci, BAR_SIZE};
 use virtio::{DmaLog, GuestMem, VirtioDevice};
@@ -13,84 +12,16 @@ use crate::config::VmConfig;
 use crate::memory::{PCI_MMIO_END, PCI_MMIO_START};
 use crate::{Error, Result};
 
-/// First GSI for MSI routes (0-23 are the irqchip's pins).
-const FIRST_MSI_GSI: u32 = 24;
-/// Most MSI routes this VMM installs; further messages use `KVM_SIGNAL_MSI`.
-const MAX_MSI_ROUTES: usize = 512;
+/// Queue notifications as the accelerator's ioeventfds ([`accel::Vm::register_ioevent`]):
+/// the transport registers each queue's kick eventfd at its notification address, so guest
+/// writes there signal it without leaving the accelerator. Give it to the transport only
+/// where [`accel::Vm::supports_ioevents`]; elsewhere notifications arrive as MMIO writes.
+pub struct VmIoEvents(pub Arc<dyn accel::Vm>);
 
-/// MSIs into KVM's in-kernel LAPICs through irqfds and GSI routing: the first time a message
-/// (address, data) is sent it gets a GSI with an MSI route and an irqfd; from then on
-/// sending it is a write to that eventfd. Drivers program their MSI-X vectors once, so the
-/// routing table settles after boot. If routing fails, messages go through
-/// `KVM_SIGNAL_MSI`.
-pub struct KvmMsi {
-    vm: Arc<KvmVm>,
-    routes: Mutex<MsiRoutes>,
-}
-
-#[derive(Default)]
-struct MsiRoutes {
-    by_msg: std::collections::HashMap<(u64, u32), (u32, EventFd)>,
-    broken: bool,
-}
-
-impl KvmMsi {
-    /// A router for `vm` (which must have the in-kernel irqchip).
-    pub fn new(vm: Arc<KvmVm>) -> KvmMsi {
-        KvmMsi { vm, routes: Mutex::new(MsiRoutes::default()) }
-    }
-
-    /// How many messages are delivered through an irqfd (0 after routing failed).
-    pub fn irqfd_routes(&self) -> usize {
-        let r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        if r.broken {
-            0
-        } else {
-            r.by_msg.len()
-        }
-    }
-
-    fn add_route(&self, r: &mut MsiRoutes, addr: u64, data: u32) -> accel::Result<()> {
-        let gsi = FIRST_MSI_GSI + r.by_msg.len() as u32;
-        let mut table: Vec<(u32, u64, u32)> = r.by_msg.iter().map(|(&(a, d), (g, _))| (*g, a, d)).collect();
-        table.push((gsi, addr, data));
-        self.vm.set_msi_routes(&table)?;
-        let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
-            .map_err(|e| accel::Error::Kvm(format!("eventfd: {e}")))?;
-        self.vm.register_irqfd(&evt, gsi)?;
-        r.by_msg.insert((addr, data), (gsi, evt));
-        Ok(())
-    }
-}
-
-impl MsiSink for KvmMsi {
-    fn send_msi(&self, addr: u64, data: u32) {
-        let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        if !r.broken && !r.by_msg.contains_key(&(addr, data)) && r.by_msg.len() < MAX_MSI_ROUTES {
-            if let Err(e) = self.add_route(&mut r, addr, data) {
-                tracing::warn!("MSI routing: {e}; falling back to KVM_SIGNAL_MSI");
-                r.broken = true;
-            }
-        }
-        if let Some((_, evt)) = r.by_msg.get(&(addr, data)) {
-            if evt.write(1).is_ok() {
-                return;
-            }
-        }
-        drop(r);
-        if let Err(e) = self.vm.signal_msi(addr, data) {
-            tracing::warn!("{e}");
-        }
-    }
-}
-
-/// Queue notifications as KVM ioeventfds.
-pub struct KvmIoEvents(pub Arc<KvmVm>);
-
-impl IoEventRegistrar for KvmIoEvents {
+impl IoEventRegistrar for VmIoEvents {
     fn register(&self, gpa: u64, evt: &EventFd) {
         if let Err(e) = self.0.register_ioevent(evt, gpa) {
-            tracing::warn!("{e}; notifications will exit to userspace");
+            tracing::warn!("{e}; notifications at {gpa:#x} will exit to userspace");
         }
     }
     fn unregister(&self, gpa: u64, evt: &EventFd) {

@@ -1,13 +1,11 @@
 //! Building a VM from a [`VmConfig`] and running it to the end.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use accel::emu::{EmuVcpu, InterruptController};
-use accel::kvm::KvmVm;
-use accel::{ExitHandler, Vcpu, VcpuExit};
-use devices::{AcpiPm, Cmos, EmuIrqchip, EmuMsi, GsiLine, IrqLine, MmioBus, MsiSink, PciBus, PioBus, Serial, I8042};
+use accel::{ExitHandler, Hypervisor, Vcpu};
+use devices::{AcpiPm, Cmos, MmioBus, PciBus, PioBus, Serial, I8042};
 use virtio::DmaLog;
 use vm_memory::GuestMemoryMmap;
 
@@ -15,24 +13,13 @@ use crate::clock::VirtualClock;
 use crate::config::{Accel, SerialOut, VmConfig};
 use crate::{arch, memory, Error, Result};
 
-/// TSC frequency advertised to emulated guests (Hz); also their LAPIC bus clock.
-pub const EMU_TSC_HZ: u64 = 1_000_000_000;
+pub use crate::vstate::{RunControl, RunOutcome, RunState};
+
 /// Most vCPUs a VM may have (the MP table's APIC IDs, the IOAPIC taking the next one).
 pub const MAX_CPUS: u8 = 64;
 /// COM1 I/O base and IRQ.
 const COM1: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
-
-/// How a VM run ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RunOutcome {
-    /// The guest powered itself off.
-    PowerOff,
-    /// The guest asked for a reset (i8042 pulse, reboot) or triple-faulted; the string says which.
-    Reset(String),
-    /// The user quit from the console escape sequence.
-    UserQuit,
-}
 
 /// The bus a vCPU's exits go to: port I/O and MMIO devices.
 #[derive(Clone)]
@@ -78,6 +65,24 @@ fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
+impl DeviceBus {
+    /// Counts a return from `run` with nothing to do.
+    pub(crate) fn count_interrupted(&self) {
+        bump(&self.exits.interrupted);
+    }
+
+    /// Counts a halt the VMM saw.
+    pub(crate) fn count_hlt(&self) {
+        bump(&self.exits.hlt);
+    }
+
+    /// A bus with no devices (tests).
+    #[cfg(test)]
+    pub(crate) fn detached() -> DeviceBus {
+        DeviceBus { pio: Arc::new(PioBus::new()), mmio: Arc::new(MmioBus::new()), exits: Arc::default() }
+    }
+}
+
 impl ExitHandler for DeviceBus {
     fn pio_read(&mut self, port: u16, data: &mut [u8]) {
         bump(&self.exits.pio_read);
@@ -101,50 +106,11 @@ impl ExitHandler for DeviceBus {
     }
 }
 
-/// The emulator's view of the userspace irqchip.
-struct EmuIc(Arc<Mutex<EmuIrqchip>>);
-
-impl InterruptController for EmuIc {
-    fn interrupt_pending(&mut self) -> bool {
-        self.0.lock().map(|c| c.interrupt_pending()).unwrap_or(false)
-    }
-    fn acknowledge(&mut self) -> Option<u8> {
-        self.0.lock().ok().and_then(|mut c| c.acknowledge())
-    }
-    fn poll(&mut self, now_ns: u64) -> Option<u64> {
-        self.0.lock().ok().and_then(|mut c| c.poll(now_ns))
-    }
-}
-
-/// An interrupt line into KVM's in-kernel irqchip.
-struct KvmIrq {
-    vm: Arc<KvmVm>,
-    gsi: u32,
-}
-
-impl IrqLine for KvmIrq {
-    fn set_level(&self, level: bool) {
-        if let Err(e) = self.vm.set_irq_line(self.gsi, level) {
-            tracing::warn!("KVM_IRQ_LINE gsi {}: {e}", self.gsi);
-        }
-    }
-}
-
-/// The console's interrupt line, where MSIs go, the KVM VM (kvm) and the userspace irqchip
-/// (emu).
-type InterruptParts = (Arc<dyn IrqLine>, Arc<dyn MsiSink>, Option<Arc<KvmVm>>, Option<Arc<Mutex<EmuIrqchip>>>);
-
 /// The 8250 console type.
 pub type SerialDev = Serial;
 
-/// A vCPU handed to its thread.
-struct SendVcpu(Box<dyn Vcpu>);
-
-// SAFETY: the one part of a vCPU that is not `Send` is the emulator's decoded-block cache
-// (`Rc`-shared blocks). Every clone of those `Rc`s lives inside that vCPU (its cache, or the
-// stack of its run loop while it runs), so moving the whole vCPU to another thread moves
-// all clones together and no `Rc` is ever shared between threads. KVM vCPUs are `Send`.
-unsafe impl Send for SendVcpu {}
+/// A vCPU of the VM's accelerator, ready to move to its thread.
+type BoxedVcpu = Box<dyn Vcpu + Send>;
 
 /// Handles on the legacy devices (for snapshots and the power button).
 pub struct LegacyDevices {
@@ -156,233 +122,19 @@ pub struct LegacyDevices {
     pub cmos: Arc<Mutex<Cmos>>,
     /// ACPI PM1 blocks.
     pub pm: Arc<Mutex<AcpiPm>>,
-    /// The userspace interrupt controllers and PIT (emu only).
-    pub irqchip: Option<Arc<Mutex<EmuIrqchip>>>,
     /// PCI bus 0.
     pub pci: Arc<Mutex<PciBus>>,
-}
-
-/// How the VM's vCPU threads are told to pause, resume and stop, and how they report back.
-pub struct RunControl {
-    m: Mutex<Ctl>,
-    cv: Condvar,
-    /// Per vCPU: its stop flag, and its thread once started (for a signal kick on KVM).
-    vcpus: Mutex<Vec<(Arc<AtomicBool>, Option<libc::pthread_t>)>>,
-    /// Set by devices: the guest powered off (ACPI S5) or reset (i8042); the user quit.
-    power_off: AtomicBool,
-    reset: AtomicBool,
-    quit: AtomicBool,
-    kvm: bool,
-}
-
-#[derive(Default)]
-struct Ctl {
-    pause: bool,
-    parked: usize,
-    alive: usize,
-    outcome: Option<std::result::Result<RunOutcome, String>>,
-    /// Snapshot requests to parked vCPUs: a generation, and each vCPU's answer.
-    snap_gen: u64,
-    snaps: Vec<Option<std::result::Result<accel::VcpuSnapshot, String>>>,
-}
-
-/// Signal used to kick a KVM vCPU thread out of `KVM_RUN`.
-fn kick_signal() -> i32 {
-    libc::SIGRTMIN()
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-impl RunControl {
-    fn new(kvm: bool) -> Arc<RunControl> {
-        if kvm {
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| {
-                if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
-                    tracing::warn!("vCPU kick signal handler: {e}");
-                }
-            });
-        }
-        Arc::new(RunControl {
-            m: Mutex::new(Ctl::default()),
-            cv: Condvar::new(),
-            vcpus: Mutex::new(Vec::new()),
-            power_off: AtomicBool::new(false),
-            reset: AtomicBool::new(false),
-            quit: AtomicBool::new(false),
-            kvm,
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Ctl> {
-        self.m.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Makes every vCPU leave guest mode soon: stop flags, plus a signal on KVM.
-    fn kick_all(&self) {
-        let v = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
-        for (stop, thread) in v.iter() {
-            stop.store(true, Ordering::SeqCst);
-            if let (true, Some(t)) = (self.kvm, thread) {
-                // SAFETY: `t` is the pthread of a vCPU thread that is still alive (threads
-                // clear their entry before exiting, under this lock).
-                unsafe { libc::pthread_kill(*t, kick_signal()) };
-            }
-        }
-    }
-
-    /// Ends the run with `outcome` (the first reason wins) and stops every vCPU.
-    fn end(&self, outcome: std::result::Result<RunOutcome, String>) {
-        {
-            let mut c = self.lock();
-            if c.outcome.is_none() {
-                c.outcome = Some(outcome);
-            }
-        }
-        self.cv.notify_all();
-        self.kick_all();
-    }
-
-    /// A device or the user asked the VM to end: that outcome, if any.
-    fn requested_end(&self) -> Option<RunOutcome> {
-        if self.quit.load(Ordering::SeqCst) {
-            Some(RunOutcome::UserQuit)
-        } else if self.power_off.load(Ordering::SeqCst) {
-            Some(RunOutcome::PowerOff)
-        } else if self.reset.load(Ordering::SeqCst) {
-            Some(RunOutcome::Reset("guest requested a reset through the i8042 controller".into()))
-        } else {
-            None
-        }
-    }
-
-    /// Asks the user-quit outcome (console escape).
-    pub fn quit(&self) {
-        self.quit.store(true, Ordering::SeqCst);
-        self.kick_all();
-    }
-
-    /// Whether the run has ended (and how).
-    pub fn outcome(&self) -> Option<std::result::Result<RunOutcome, String>> {
-        self.lock().outcome.clone()
-    }
-
-    /// Parks every vCPU outside guest mode; returns once all are parked (or the run ended).
-    pub fn pause(&self) {
-        self.lock().pause = true;
-        loop {
-            self.kick_all();
-            let c = self.lock();
-            if c.parked >= c.alive || c.outcome.is_some() {
-                return;
-            }
-            let _ = self.cv.wait_timeout(c, std::time::Duration::from_millis(2));
-        }
-    }
-
-    /// Lets parked vCPUs run again.
-    pub fn resume(&self) {
-        self.lock().pause = false;
-        self.cv.notify_all();
-    }
-
-    /// Asks every (parked) vCPU for its state; the VM must be paused.
-    ///
-    /// Errors: the VM is not paused, a vCPU failed to save, or no answer within 10 s.
-    pub fn save_vcpus(&self) -> std::result::Result<Vec<accel::VcpuSnapshot>, String> {
-        let n = self.vcpus.lock().unwrap_or_else(|e| e.into_inner()).len();
-        let mut c = self.lock();
-        if !c.pause || c.parked < c.alive || c.alive != n {
-            return Err("the vCPUs are not all paused".into());
-        }
-        c.snap_gen += 1;
-        c.snaps = vec![None; n];
-        self.cv.notify_all();
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while c.snaps.iter().any(|s| s.is_none()) {
-            let left = end.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err("timed out waiting for the vCPUs' state".into());
-            }
-            c = self.cv.wait_timeout(c, left).unwrap_or_else(|e| e.into_inner()).0;
-        }
-        std::mem::take(&mut c.snaps).into_iter().map(|s| s.unwrap_or_else(|| Err("no answer".into()))).collect()
-    }
-
-    /// Waits until the run ends; returns its outcome.
-    pub fn wait(&self) -> std::result::Result<RunOutcome, String> {
-        let mut c = self.lock();
-        loop {
-            if let Some(o) = &c.outcome {
-                return o.clone();
-            }
-            c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// One vCPU's loop: runs it until the VM ends, parking while paused.
-    fn vcpu_loop(&self, id: usize, mut vcpu: Box<dyn Vcpu>, mut bus: DeviceBus, emu: bool) {
-        let mut snap_seen = 0u64;
-        loop {
-            if let Some(o) = self.requested_end() {
-                self.end(Ok(o));
-            }
-            {
-                let mut c = self.lock();
-                if c.outcome.is_some() {
-                    break;
-                }
-                if c.pause {
-                    c.parked += 1;
-                    self.cv.notify_all();
-                    while c.pause && c.outcome.is_none() {
-                        if c.snap_gen > snap_seen {
-                            // Save this vCPU's state for a snapshot (it is parked, so stable).
-                            snap_seen = c.snap_gen;
-                            drop(c);
-                            let r = vcpu.save_snapshot().map_err(|e| format!("vCPU {id}: {e}"));
-                            c = self.lock();
-                            if let Some(slot) = c.snaps.get_mut(id) {
-                                *slot = Some(r);
-                            }
-                            self.cv.notify_all();
-                            continue;
-                        }
-                        c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
-                    }
-                    c.parked -= 1;
-                    continue;
-                }
-            }
-            match vcpu.run(&mut bus) {
-                Ok(VcpuExit::Interrupted) => bump(&bus.exits.interrupted),
-                Ok(VcpuExit::Hlt) => {
-                    bump(&bus.exits.hlt);
-                    if !emu {
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
-                }
-                Ok(VcpuExit::Shutdown) => self.end(Ok(RunOutcome::PowerOff)),
-                Ok(VcpuExit::Reset(why)) => self.end(Ok(RunOutcome::Reset(why))),
-                Err(e) => self.end(Err(format!("vCPU {id}: {e}"))),
-            }
-        }
-        let mut v = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = v.get_mut(id) {
-            e.1 = None;
-        }
-        drop(v);
-        let mut c = self.lock();
-        c.alive -= 1;
-        self.cv.notify_all();
-    }
 }
 
 /// A built VM, ready to run.
 pub struct Vm {
     memory: GuestMemoryMmap,
+    /// The accelerator's VM (memory slots, interrupt controllers, VM-level state).
+    accel: Arc<dyn accel::Vm>,
+    /// [`accel::Hypervisor::name`] of the accelerator.
+    accelerator: &'static str,
     /// The vCPUs (boot vCPU first) until [`Vm::start`] hands them to their threads.
-    vcpus: Vec<SendVcpu>,
+    vcpus: Vec<BoxedVcpu>,
     bus: DeviceBus,
     ctl: Arc<RunControl>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -390,15 +142,14 @@ pub struct Vm {
     pub exit_counts: Vec<Arc<ExitCounts>>,
     /// Legacy device handles.
     pub devices: LegacyDevices,
-    /// The guest clock (emu).
+    /// The guest clock (the accelerator's userspace timers run on it; paused with the VM).
     pub clock: Arc<VirtualClock>,
-    kvm: Option<Arc<KvmVm>>,
+    /// Device writes to guest RAM, for accelerators that need them (disabled otherwise).
+    dma: Arc<DmaLog>,
     /// The virtio devices on PCI bus 0.
     pub virtio: Vec<crate::virtio_devices::PciVirtio>,
     /// Which accelerator was chosen, and why.
     pub accel_note: String,
-    /// Whether the vCPU runs on the emulator.
-    pub is_emu: bool,
 }
 
 fn serial_sink(out: &SerialOut) -> Result<Box<dyn Write + Send>> {
@@ -419,72 +170,61 @@ fn serial_sink(out: &SerialOut) -> Result<Box<dyn Write + Send>> {
 /// hand-made guests (the kvm tests use it) but not a stock Linux kernel.
 pub const KVM_ON_PVM_ENV: &str = "RUSTVISOR_KVM_ON_PVM";
 
-/// Decides the accelerator for `auto` (and checks an explicit `kvm`).
-pub(crate) fn choose_accel(a: Accel) -> Result<(bool, String)> {
-    let kvm_ok = accel::kvm::available();
-    let pvm = accel::kvm::is_pvm_host();
-    match a {
-        Accel::Emu => Ok((true, "emu: requested".into())),
-        Accel::Kvm => {
-            if !kvm_ok {
-                return Err(Error::Config {
-                    field: "--accel",
-                    msg: "kvm: /dev/kvm is not usable on this host (accepted here: emu, auto)".into(),
-                });
-            }
-            if pvm && std::env::var_os(KVM_ON_PVM_ENV).is_none() {
-                return Err(Error::Config {
-                    field: "--accel",
-                    msg: "kvm: this host's KVM is the PVM backend (no VT-x/AMD-V), which cannot run a stock Linux kernel (accepted here: emu, auto)".into(),
-                });
-            }
-            Ok((false, "kvm: requested".into()))
-        }
-        Accel::Auto => {
-            if kvm_ok && !pvm {
-                Ok((false, "kvm: /dev/kvm with hardware virtualization".into()))
-            } else if pvm {
-                Ok((true, "emu: /dev/kvm is the PVM backend, which cannot run a stock kernel".into()))
-            } else {
-                Ok((true, "emu: /dev/kvm is not available".into()))
-            }
-        }
-    }
+/// Picks the accelerator for `a` ([`accel::select`]), letting an explicit `kvm` through on
+/// a PVM host when [`KVM_ON_PVM_ENV`] is set.
+///
+/// Errors: `Error::Config` for `--accel` when the requested accelerator cannot run here.
+pub(crate) fn choose_accel(a: Accel) -> Result<accel::Selection> {
+    let options = accel::SelectOptions { allow_kvm_on_pvm: std::env::var_os(KVM_ON_PVM_ENV).is_some() };
+    accel::select(a, options).map_err(|e| match e {
+        accel::Error::Unavailable(msg) => Error::Config { field: "--accel", msg },
+        other => Error::Accel(other),
+    })
 }
 
 impl Vm {
     /// Builds guest memory, loads the kernel and sets up devices and the boot vCPU.
     pub fn new(cfg: &VmConfig) -> Result<Vm> {
         cfg.validate()?;
-        let (is_emu, accel_note) = choose_accel(cfg.accel)?;
-        if is_emu && cfg.cpus > 1 {
+        let selection = choose_accel(cfg.accel)?;
+        let hv = selection.hypervisor.as_ref();
+        let max = hv.max_vcpus().min(MAX_CPUS);
+        if cfg.cpus > max {
             return Err(Error::Config {
                 field: "--cpus",
-                msg: format!("{} vCPUs requested; the emu accelerator runs 1 vCPU for now (accepted: 1)", cfg.cpus),
-            });
-        }
-        if cfg.cpus > MAX_CPUS {
-            return Err(Error::Config {
-                field: "--cpus",
-                msg: format!("{} vCPUs requested (accepted: 1 to {MAX_CPUS})", cfg.cpus),
+                msg: format!(
+                    "{} vCPUs requested; the {} accelerator runs at most {max} (accepted: {})",
+                    cfg.cpus,
+                    hv.name(),
+                    if max == 1 { "1".to_string() } else { format!("1 to {max}") }
+                ),
             });
         }
         let mem = memory::create(cfg.mem_size)?;
         let info = arch::load(&mem, cfg.mem_size, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
-        if !is_emu {
-            // The MP table lists every vCPU's local APIC and the in-kernel IOAPIC.
-            arch::mptable::write(&mem, cfg.cpus)?;
+        let mut vm = Self::build(cfg, mem, hv, selection.reason)?;
+        if vm.accel.symmetric_io_mode() {
+            // The MP table lists every vCPU's local APIC and the IOAPIC.
+            arch::mptable::write(&vm.memory, cfg.cpus)?;
         }
-        let mut vm = Self::build(cfg, mem, is_emu, accel_note)?;
         if let Some(v) = vm.vcpus.first_mut() {
-            v.0.set_state(&arch::boot_cpu_state(&info))?;
+            v.set_state(&arch::boot_cpu_state(&info))?;
         }
         Ok(vm)
     }
 
-    /// Memory, devices and vCPUs for `cfg` over `mem` (already holding the guest), without
-    /// touching vCPU registers.
-    pub(crate) fn build(cfg: &VmConfig, mem: GuestMemoryMmap, is_emu: bool, accel_note: String) -> Result<Vm> {
+    /// Memory, devices and vCPUs for `cfg` over `mem` (already holding the guest) on
+    /// `hypervisor`, without touching vCPU registers. `accel_note` says why that accelerator
+    /// runs it (for the log).
+    ///
+    /// Errors: `Error::Accel` when the accelerator cannot create the VM or a vCPU;
+    /// `Error::Config`/`Error::Device` for devices that cannot be opened or placed.
+    pub(crate) fn build(
+        cfg: &VmConfig,
+        mem: GuestMemoryMmap,
+        hypervisor: &dyn Hypervisor,
+        accel_note: String,
+    ) -> Result<Vm> {
         let ram = memory::regions(&mem);
         let mut pio = PioBus::new();
         let mut mmio = MmioBus::new();
@@ -492,45 +232,23 @@ impl Vm {
         let vc = vclock.clone();
         let clock: devices::Clock = Arc::new(move || vc.now());
         let dev_err = |e: devices::Error| Error::Device(e.to_string());
-        let ctl = RunControl::new(!is_emu);
+        let ctl = RunControl::new();
 
-        let dma = Arc::new(DmaLog::default());
-        let mut vcpus: Vec<SendVcpu> = Vec::new();
-        let mut stops = Vec::new();
-        let (serial_irq, msi, kvm, irqchip): InterruptParts = if is_emu {
-            let chip = Arc::new(Mutex::new(EmuIrqchip::new(clock.clone(), EMU_TSC_HZ)));
-            // PIC, ELCR, PIT and port 0x61 ports; LAPIC and IOAPIC pages.
-            EmuIrqchip::attach(&chip, &mut pio, &mut mmio).map_err(dev_err)?;
-            let line: Arc<dyn IrqLine> = Arc::new(GsiLine::new(&chip, COM1_IRQ));
-            let msi: Arc<dyn MsiSink> = Arc::new(EmuMsi::new(&chip, None));
-            let mut v = EmuVcpu::new(&ram, Box::new(EmuIc(chip.clone())), clock.clone(), EMU_TSC_HZ, 0);
-            // Device DMA into pages the emulator decoded code from retires that code.
-            let d = dma.clone();
-            v.set_device_writes(Arc::new(move || if d.pending() { d.take() } else { Vec::new() }));
-            stops.push(v.stop_flag());
-            vcpus.push(SendVcpu(Box::new(v)));
-            (line, msi, None, Some(chip))
-        } else {
-            let vm = Arc::new(KvmVm::new(&ram)?);
-            // Application processors wait in KVM for the guest's INIT/SIPI (MP spec B.4).
-            for id in 0..cfg.cpus {
-                let v = vm.create_vcpu(id)?;
-                stops.push(v.stop_flag());
-                vcpus.push(SendVcpu(Box::new(v)));
-            }
-            let line: Arc<dyn IrqLine> = Arc::new(KvmIrq { vm: vm.clone(), gsi: COM1_IRQ });
-            let msi: Arc<dyn MsiSink> = Arc::new(crate::virtio_devices::KvmMsi::new(vm.clone()));
-            (line, msi, Some(vm), None)
-        };
-        *ctl.vcpus.lock().unwrap_or_else(|e| e.into_inner()) = stops.into_iter().map(|s| (s, None)).collect();
+        let accel = hypervisor.create_vm(&accel::VmSpec { ram: &ram, clock })?;
+        // Only an accelerator that retires code on device writes gets them recorded.
+        let dma = Arc::new(if accel.needs_dma_log() { DmaLog::default() } else { DmaLog::disabled() });
+        let d = dma.clone();
+        accel.set_device_writes(Arc::new(move || if d.pending() { d.take() } else { Vec::new() }));
+        // Application processors wait in the accelerator for the guest's INIT/SIPI (MP spec B.4).
+        let vcpus = (0..cfg.cpus).map(|id| accel.create_vcpu(id)).collect::<accel::Result<Vec<_>>>()?;
+        let serial_irq = accel.irq_line(COM1_IRQ)?;
 
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_sink(&cfg.serial)?)));
         pio.insert(COM1, 8, serial.clone()).map_err(dev_err)?;
         let c = Arc::downgrade(&ctl);
         let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
             if let Some(c) = c.upgrade() {
-                c.reset.store(true, Ordering::SeqCst);
-                c.kick_all();
+                c.finish(Ok(RunOutcome::Reset("guest requested a reset through the i8042 controller".into())));
             }
         }))));
         pio.insert(0x60, 1, i8042.clone()).map_err(dev_err)?;
@@ -538,16 +256,11 @@ impl Vm {
         let c = Arc::downgrade(&ctl);
         let pm = Arc::new(Mutex::new(AcpiPm::new(Box::new(move || {
             if let Some(c) = c.upgrade() {
-                c.power_off.store(true, Ordering::SeqCst);
-                c.kick_all();
+                c.finish(Ok(RunOutcome::PowerOff));
             }
         }))));
         pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm.clone()).map_err(dev_err)?;
-        let sci: Arc<dyn IrqLine> = match (&irqchip, &kvm) {
-            (Some(chip), _) => Arc::new(GsiLine::new(chip, arch::acpi::SCI_IRQ.into())),
-            (None, Some(vm)) => Arc::new(KvmIrq { vm: vm.clone(), gsi: arch::acpi::SCI_IRQ.into() }),
-            (None, None) => Arc::new(devices::NoIrq),
-        };
+        let sci = accel.irq_line(arch::acpi::SCI_IRQ.into())?;
         pm.lock().unwrap_or_else(|e| e.into_inner()).set_sci(sci);
         let low = memory::ram_ranges(cfg.mem_size)[0].1;
         let cmos = Arc::new(Mutex::new(Cmos::new(low, arch::high_mem(cfg.mem_size))));
@@ -555,10 +268,10 @@ impl Vm {
 
         // PCI bus 0 (conf1) with the virtio devices; their BARs sit in the MMIO window.
         let mut pci = PciBus::new();
-        let ioevents = kvm
-            .clone()
-            .map(|vm| Arc::new(crate::virtio_devices::KvmIoEvents(vm)) as Arc<dyn virtio::pci::IoEventRegistrar>);
-        let virtio = crate::virtio_devices::build(cfg, &mem, &mut pci, msi, dma, ioevents)?;
+        let ioevents = accel.supports_ioevents().then(|| {
+            Arc::new(crate::virtio_devices::VmIoEvents(accel.clone())) as Arc<dyn virtio::pci::IoEventRegistrar>
+        });
+        let virtio = crate::virtio_devices::build(cfg, &mem, &mut pci, accel.msi_sink(), dma.clone(), ioevents)?;
         let pci = Arc::new(Mutex::new(pci));
         pio.insert(devices::pci::CONF1_PORT, devices::pci::CONF1_LEN, pci.clone()).map_err(dev_err)?;
         mmio.insert(memory::PCI_MMIO_START, memory::PCI_MMIO_END - memory::PCI_MMIO_START, pci.clone())
@@ -566,17 +279,18 @@ impl Vm {
 
         Ok(Vm {
             memory: mem,
+            accelerator: hypervisor.name(),
+            accel,
             vcpus,
             bus: DeviceBus { pio: Arc::new(pio), mmio: Arc::new(mmio), exits: Arc::default() },
             ctl,
             threads: Vec::new(),
             exit_counts: Vec::new(),
-            devices: LegacyDevices { serial, i8042, cmos, pm, irqchip, pci },
+            devices: LegacyDevices { serial, i8042, cmos, pm, pci },
             clock: vclock,
-            kvm,
+            dma,
             virtio,
             accel_note,
-            is_emu,
         })
     }
 
@@ -600,30 +314,11 @@ impl Vm {
     ///
     /// Errors: `Error::Device` when a thread cannot be created.
     pub fn start(&mut self) -> Result<()> {
-        let emu = self.is_emu;
         for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            let ctl = self.ctl.clone();
             let mut bus = self.bus.clone();
             bus.exits = Arc::new(ExitCounts::default());
             self.exit_counts.push(bus.exits.clone());
-            ctl.lock().alive += 1;
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    let v = v;
-                    {
-                        let mut vs = ctl.vcpus.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some(e) = vs.get_mut(id) {
-                            // SAFETY: pthread_self has no preconditions.
-                            e.1 = Some(unsafe { libc::pthread_self() });
-                        }
-                    }
-                    ctl.vcpu_loop(id, v.0, bus, emu);
-                })
-                .map_err(|e| {
-                    self.ctl.lock().alive -= 1;
-                    Error::Device(format!("vCPU thread: {e}"))
-                })?;
+            let t = self.ctl.spawn_vcpu(id, v, bus).map_err(|e| Error::Device(format!("vCPU thread: {e}")))?;
             self.threads.push(t);
         }
         Ok(())
@@ -632,16 +327,14 @@ impl Vm {
     /// Like [`Vm::start`], with every vCPU parked before it runs guest code (a restored VM
     /// waits for `vm.resume`).
     pub fn start_paused(&mut self) -> Result<()> {
-        self.ctl.lock().pause = true;
+        self.ctl.pause_before_start();
         self.clock.pause();
-        self.start()?;
-        self.ctl.pause();
-        Ok(())
+        self.start()
     }
 
     /// The vCPUs, before [`Vm::start`] (boot vCPU first; empty once started).
-    pub fn vcpus_mut(&mut self) -> impl Iterator<Item = &mut Box<dyn Vcpu>> {
-        self.vcpus.iter_mut().map(|v| &mut v.0)
+    pub fn vcpus_mut(&mut self) -> impl Iterator<Item = &mut BoxedVcpu> {
+        self.vcpus.iter_mut()
     }
 
     /// Number of vCPUs not yet started.
@@ -649,9 +342,20 @@ impl Vm {
         self.vcpus.len()
     }
 
-    /// The KVM VM, on the kvm accelerator.
-    pub fn kvm(&self) -> Option<&Arc<KvmVm>> {
-        self.kvm.as_ref()
+    /// The accelerator's VM (its VM-level state for snapshots: [`accel::Vm::save_state`]).
+    pub fn accel(&self) -> &Arc<dyn accel::Vm> {
+        &self.accel
+    }
+
+    /// Device writes to guest RAM (DMA) recorded for the accelerator: enabled only where
+    /// [`accel::Vm::needs_dma_log`], so nothing accumulates where no one drains it.
+    pub fn dma_log(&self) -> &Arc<DmaLog> {
+        &self.dma
+    }
+
+    /// The accelerator's name ("kvm", "emu"), for the user.
+    pub fn accelerator(&self) -> &'static str {
+        self.accelerator
     }
 
     /// Presses the guest-visible ACPI power button (the guest decides what to do).
@@ -673,7 +377,7 @@ impl Vm {
 
     /// Stops every vCPU and waits for their threads.
     pub fn stop(&mut self) {
-        self.ctl.end(Ok(RunOutcome::UserQuit));
+        self.ctl.finish(Ok(RunOutcome::UserQuit));
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -686,7 +390,6 @@ impl Vm {
     pub fn run(&mut self) -> Result<RunOutcome> {
         self.start()?;
         let outcome = self.ctl.wait();
-        self.ctl.kick_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -700,6 +403,85 @@ impl Drop for Vm {
             self.stop();
         }
         // Device workers stop with their devices.
-        let _ = &self.kvm;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(accel: Accel) -> VmConfig {
+        VmConfig {
+            kernel: "/nonexistent".into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_size: 16 << 20,
+            cpus: 1,
+            accel,
+            serial: SerialOut::Null,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            rng: false,
+            console: None,
+        }
+    }
+
+    /// Every accelerator this host can build a VM on (kvm also on a PVM host: building needs
+    /// no guest kernel).
+    fn hypervisors() -> Vec<Box<dyn Hypervisor>> {
+        let options = accel::SelectOptions { allow_kvm_on_pvm: true };
+        [Accel::Emu, Accel::Kvm]
+            .into_iter()
+            .filter_map(|c| accel::select(c, options).ok())
+            .map(|s| s.hypervisor)
+            .collect()
+    }
+
+    #[test]
+    fn dma_log_records_only_where_the_accelerator_needs_it() {
+        for hv in hypervisors() {
+            let cfg = config(hv.name().parse().unwrap());
+            let vm = Vm::build(&cfg, memory::create(cfg.mem_size).unwrap(), hv.as_ref(), "test".into()).unwrap();
+            assert_eq!(vm.accelerator(), hv.name());
+            let log = vm.dma_log();
+            assert_eq!(log.is_enabled(), vm.accel().needs_dma_log(), "{}", hv.name());
+            for i in 0..1000u64 {
+                log.record(i << 12, 4096);
+            }
+            if vm.accel().needs_dma_log() {
+                assert!(log.pending(), "{}: device writes are recorded for the engine", hv.name());
+            } else {
+                assert!(!log.pending() && log.take().is_empty(), "{}: nothing kept undrained", hv.name());
+            }
+        }
+    }
+
+    #[test]
+    fn a_vm_saves_and_restores_its_accelerator_state_through_the_seam() {
+        for hv in hypervisors() {
+            let cfg = config(hv.name().parse().unwrap());
+            let build = || Vm::build(&cfg, memory::create(cfg.mem_size).unwrap(), hv.as_ref(), "test".into());
+            let (a, b) = (build().unwrap(), build().unwrap());
+            assert_eq!(a.vcpu_count(), 1);
+            let state = a.accel().save_state().unwrap();
+            assert_eq!(state.engine().to_string(), hv.name(), "the state names its engine");
+            b.accel().restore_state(&state).unwrap();
+            assert_eq!(b.accel().save_state().unwrap().engine(), state.engine());
+        }
+    }
+
+    #[test]
+    fn cpus_beyond_the_accelerator_are_refused_naming_it() {
+        let mut cfg = config(Accel::Emu);
+        cfg.kernel = std::env::current_exe().unwrap();
+        cfg.cpus = 2;
+        match Vm::new(&cfg) {
+            Err(Error::Config { field: "--cpus", msg }) => {
+                assert!(msg.contains("emu accelerator runs at most 1 (accepted: 1)"), "{msg}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("2 vCPUs accepted on emu"),
+        }
     }
 }

@@ -5,33 +5,36 @@
 //! request through a split virtqueue, the queue notification, and the MSI-X interrupt
 //! delivered through the guest's IDT via the local APIC.
 //!
-//! The test wires the devices the way `Vm::build` does: `PciBus` on the conf1 ports and over
-//! the PCI MMIO window, a `VirtioPci` around `virtio::rng::Rng` with its BAR at
-//! 0xC000_0000, and per accelerator
+//! The test wires the devices the way `Vm::build` does, through the accelerator seam
+//! (`accel::Vm`): `PciBus` on the conf1 ports and over the PCI MMIO window, a `VirtioPci`
+//! around `virtio::rng::Rng` with its BAR at 0xC000_0000 whose MSIs go to the VM's
+//! `msi_sink()`, and per accelerator
 //!
-//! - emu: `EmuIrqchip` (LAPIC page at 0xFEE0_0000 on the MMIO bus) fed by `EmuMsi`; queue
-//!   notifications reach the transport through the userspace MMIO bus;
-//! - kvm: the in-kernel irqchip fed by `KvmMsi` (KVM_SIGNAL_MSI), notifications registered as
-//!   ioeventfds through `KvmIoEvents`, so they must never reach the userspace MMIO bus.
+//! - emu: the VM's userspace irqchip (its LAPIC page at 0xFEE0_0000 served inside the VM);
+//!   no ioeventfds, so queue notifications reach the transport through the userspace MMIO
+//!   bus; device DMA is reported to the emulator through the VM's device-writes source;
+//! - kvm: the in-kernel irqchip fed through an irqfd and an MSI route, notifications
+//!   registered as ioeventfds through `VmIoEvents`, so they must never reach the userspace
+//!   MMIO bus; no DMA log is kept.
 //!
 //! The guest reports each check it makes: a failed check writes its step number to the done
 //! port (after writing the offending value to the record port), an unexpected exception
 //! writes 0x80 + vector; success writes 0.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use accel::emu::{EmuVcpu, InterruptController};
+use accel::emu::EmuHypervisor;
 use accel::kvm::KvmVm;
-use accel::{CpuState, ExitHandler, Segment, Table, Vcpu, VcpuExit};
-use devices::{EmuIrqchip, EmuMsi, MmioBus, MsiSink, PciBus, PioBus};
+use accel::{CpuState, ExitHandler, Hypervisor, Segment, Table, Vcpu, VcpuExit, VcpuStopper, VmSpec};
+use devices::{MmioBus, MsiSink, PciBus, PioBus};
 use iced_x86::code_asm::*;
 use virtio::pci::{IoEventRegistrar, VirtioPci};
 use virtio::DmaLog;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::virtio_devices::{KvmIoEvents, KvmMsi};
+use vmm::virtio_devices::VmIoEvents;
 
 const RAM_SIZE: usize = 2 << 20;
 /// BAR 0 of the virtio device (00:01.0), and the PCI MMIO window it sits in.
@@ -531,7 +534,7 @@ fn long_mode_state(base: CpuState) -> CpuState {
 struct Io {
     pio: PioBus,
     mmio: MmioBus,
-    stop: Arc<AtomicBool>,
+    stop: VcpuStopper,
     done: Option<u8>,
     recorded: Vec<u32>,
     /// MMIO writes into the notification area of BAR 0.
@@ -541,7 +544,7 @@ struct Io {
 }
 
 impl Io {
-    fn new(pio: PioBus, mmio: MmioBus, stop: Arc<AtomicBool>) -> Io {
+    fn new(pio: PioBus, mmio: MmioBus, stop: VcpuStopper) -> Io {
         Io { pio, mmio, stop, done: None, recorded: Vec::new(), notify_writes: 0, bar_accesses: 0 }
     }
 
@@ -563,7 +566,7 @@ impl ExitHandler for Io {
         match port {
             DONE_PORT => {
                 self.done = Some(data[0]);
-                self.stop.store(true, Ordering::Release);
+                self.stop.stop();
             }
             RECORD_PORT => {
                 let mut b = [0u8; 4];
@@ -593,21 +596,6 @@ impl ExitHandler for Io {
     }
 }
 
-/// The emulator's view of the userspace irqchip (as `vm.rs`'s `EmuIc`).
-struct EmuIc(Arc<Mutex<EmuIrqchip>>);
-
-impl InterruptController for EmuIc {
-    fn interrupt_pending(&mut self) -> bool {
-        self.0.lock().map(|c| c.interrupt_pending()).unwrap_or(false)
-    }
-    fn acknowledge(&mut self) -> Option<u8> {
-        self.0.lock().ok().and_then(|mut c| c.acknowledge())
-    }
-    fn poll(&mut self, now_ns: u64) -> Option<u64> {
-        self.0.lock().ok().and_then(|mut c| c.poll(now_ns))
-    }
-}
-
 /// The PCI bus with the virtio-rng transport in slot 1, on the conf1 ports and over the PCI
 /// MMIO window of `pio`/`mmio`.
 fn attach_virtio_rng(
@@ -634,35 +622,17 @@ fn attach_virtio_rng(
     dev
 }
 
-/// Signal used to kick a vCPU thread out of `KVM_RUN` when the time is up.
-fn kick_signal() -> i32 {
-    libc::SIGRTMIN()
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
 /// Runs `vcpu` until the guest writes the done port; fails after 20 s. A watchdog thread
-/// sets the stop flag at the deadline and, with `kick`, signals this thread out of
-/// `KVM_RUN` (a halted KVM vCPU with in-kernel irqchip waits in the kernel).
-fn run_bounded(vcpu: &mut dyn Vcpu, io: &mut Io, kick: bool) {
+/// stops the vCPU at the deadline through its stopper (which also kicks a KVM vCPU halted in
+/// the kernel out of `KVM_RUN`).
+fn run_bounded(vcpu: &mut dyn Vcpu, io: &mut Io) {
     const LIMIT: Duration = Duration::from_secs(20);
-    if kick {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler).unwrap());
-    }
     let start = Instant::now();
-    // SAFETY: pthread_self has no preconditions.
-    let me = unsafe { libc::pthread_self() };
     let stop = io.stop.clone();
     let (cancel, cancelled) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if let Err(mpsc::RecvTimeoutError::Timeout) = cancelled.recv_timeout(LIMIT) {
-            stop.store(true, Ordering::SeqCst);
-            if kick {
-                // SAFETY: `me` is the thread running `run_bounded`, which joins this thread
-                // before it returns, so it is alive; the signal has a no-op handler.
-                unsafe { libc::pthread_kill(me, kick_signal()) };
-            }
+            stop.stop();
         }
     });
     let result = loop {
@@ -707,30 +677,29 @@ fn check_common(name: &str, io: &Io, mem: &GuestMemoryMmap, dev: &Arc<Mutex<Virt
 
 #[test]
 fn virtio_rng_over_pci_msix_on_emu() {
-    const TSC_HZ: u64 = 1_000_000_000;
     let t0 = Instant::now();
     let mem = build_guest();
     let ram = vmm::memory::regions(&mem);
-    let clock: devices::Clock = Arc::new(move || t0.elapsed().as_nanos() as u64);
+    let clock: accel::Clock = Arc::new(move || t0.elapsed().as_nanos() as u64);
+    let vm = EmuHypervisor.create_vm(&VmSpec { ram: &ram, clock }).unwrap();
+    assert!(vm.needs_dma_log() && !vm.supports_ioevents());
     let (mut pio, mut mmio) = (PioBus::new(), MmioBus::new());
-    let chip = Arc::new(Mutex::new(EmuIrqchip::new(clock.clone(), TSC_HZ)));
-    EmuIrqchip::attach(&chip, &mut pio, &mut mmio).unwrap();
-    let msi: Arc<dyn MsiSink> = Arc::new(EmuMsi::new(&chip, None));
     let dma = Arc::new(DmaLog::default());
-    let dev = attach_virtio_rng(&mem, &mut pio, &mut mmio, msi, dma.clone(), None);
-
-    let mut vcpu = EmuVcpu::new(&ram, Box::new(EmuIc(chip.clone())), clock, TSC_HZ, 0);
     let d = dma.clone();
-    vcpu.set_device_writes(Arc::new(move || if d.pending() { d.take() } else { Vec::new() }));
+    vm.set_device_writes(Arc::new(move || if d.pending() { d.take() } else { Vec::new() }));
+    let dev = attach_virtio_rng(&mem, &mut pio, &mut mmio, vm.msi_sink(), dma.clone(), None);
+
+    let mut vcpu = vm.create_vcpu(0).unwrap();
     let st = long_mode_state(vcpu.state().unwrap());
     vcpu.set_state(&st).unwrap();
 
-    let mut io = Io::new(pio, mmio, vcpu.stop_flag());
-    run_bounded(&mut vcpu, &mut io, false);
+    let mut io = Io::new(pio, mmio, vcpu.stopper());
+    run_bounded(vcpu.as_mut(), &mut io);
     eprintln!("timing: emu: build + run to done {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
     check_common("emu", &io, &mem, &dev);
     // Without ioeventfds the notification is an ordinary MMIO write to the transport.
     assert_eq!(io.notify_writes, 1, "emu: the queue notification goes through the MMIO bus");
+    assert!(!dma.pending(), "emu: the emulator took the device's DMA report");
 }
 
 #[test]
@@ -742,27 +711,31 @@ fn virtio_rng_over_pci_msix_on_kvm() {
     let t0 = Instant::now();
     let mem = build_guest();
     let ram = vmm::memory::regions(&mem);
-    let vm = Arc::new(KvmVm::new(&ram).unwrap());
-    assert!(vm.has_irqchip());
+    // What `KvmHypervisor::create_vm` makes, kept concrete to read its MSI route count.
+    let kvm = Arc::new(KvmVm::new(&ram).unwrap());
+    assert!(kvm.has_irqchip());
+    let vm: Arc<dyn accel::Vm> = kvm.clone();
+    assert!(!vm.needs_dma_log() && vm.supports_ioevents());
     let (mut pio, mut mmio) = (PioBus::new(), MmioBus::new());
-    let router = Arc::new(KvmMsi::new(vm.clone()));
-    let msi: Arc<dyn MsiSink> = router.clone();
-    let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(KvmIoEvents(vm.clone()));
-    let dev = attach_virtio_rng(&mem, &mut pio, &mut mmio, msi, Arc::new(DmaLog::default()), Some(ioevents));
+    let msi: Arc<dyn MsiSink> = vm.msi_sink();
+    let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(VmIoEvents(vm.clone()));
+    let dma = Arc::new(DmaLog::disabled());
+    let dev = attach_virtio_rng(&mem, &mut pio, &mut mmio, msi, dma.clone(), Some(ioevents));
 
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let st = long_mode_state(vcpu.state().unwrap());
     vcpu.set_state(&st).unwrap();
 
-    let mut io = Io::new(pio, mmio, vcpu.stop_flag());
-    run_bounded(&mut vcpu, &mut io, true);
+    let mut io = Io::new(pio, mmio, vcpu.stopper());
+    run_bounded(vcpu.as_mut(), &mut io);
     eprintln!(
         "timing: kvm{}: build + run to done {:.2} ms",
-        if vm.is_pvm() { " (PVM)" } else { "" },
+        if kvm.is_pvm() { " (PVM)" } else { "" },
         t0.elapsed().as_secs_f64() * 1e3
     );
     check_common("kvm", &io, &mem, &dev);
     // The notification was an ioeventfd inside KVM: it never left the kernel.
     assert_eq!(io.notify_writes, 0, "kvm: the queue notification must not reach the userspace MMIO bus");
-    assert_eq!(router.irqfd_routes(), 1, "kvm: the MSI went through an irqfd and an MSI route");
+    assert_eq!(kvm.irqfd_routes(), 1, "kvm: the MSI went through an irqfd and an MSI route");
+    assert!(!dma.pending() && dma.take().is_empty(), "kvm: no DMA log is kept");
 }

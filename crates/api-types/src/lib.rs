@@ -1,5 +1,12 @@
-//! Request and response bodies of the API (JSON). Unknown fields are refused
-//! (`deny_unknown_fields`), so a typo is a 400 naming the field, not a silently ignored value.
+//! The wire types of the VMM's REST API: request and response bodies (JSON), and the OpenAPI
+//! 3.0 document that describes them ([`OPENAPI_YAML`]). This crate has no HTTP, runtime or CLI
+//! code, so a client, a server or the host manager can share the types without pulling those
+//! in. Unknown fields are refused (`deny_unknown_fields`), so a typo is a 400 naming the
+//! field, not a silently ignored value. A test checks every schema of the document against
+//! these types, field by field, both ways.
+
+/// The OpenAPI 3.0 document of the VMM API (`openapi.yaml` beside this crate).
+pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
 
 use serde::{Deserialize, Serialize};
 

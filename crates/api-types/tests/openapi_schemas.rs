@@ -1,0 +1,119 @@
+//! The OpenAPI document's schemas against the serde types, field by field, both ways: every
+//! property the document lists is a field the type (de)serialises and the reverse, and an
+//! object with only the document's `required` properties deserialises.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use api_types::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+fn schemas() -> serde_yaml::Mapping {
+    let doc: serde_yaml::Value = serde_yaml::from_str(OPENAPI_YAML).expect("openapi.yaml parses");
+    doc["components"]["schemas"].as_mapping().expect("components.schemas").clone()
+}
+
+fn schema_props(name: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let s = schemas();
+    let schema = s.get(name).unwrap_or_else(|| panic!("schema {name} missing"));
+    let props = schema["properties"].as_mapping().unwrap_or_else(|| panic!("{name}: no properties"));
+    let props = props.keys().map(|k| k.as_str().unwrap().to_string()).collect();
+    let required = schema
+        .get("required")
+        .and_then(|r| r.as_sequence())
+        .map(|r| r.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    (props, required)
+}
+
+/// Checks `example` (every optional field set) against schema `name`.
+fn check<T: Serialize + DeserializeOwned>(name: &str, example: &T) {
+    let (props, required) = schema_props(name);
+    let Value::Object(full) = serde_json::to_value(example).unwrap() else { panic!("{name}: not an object") };
+    let keys: BTreeSet<String> = full.keys().cloned().collect();
+    assert_eq!(props, keys, "{name}: schema properties (left) against the type's fields (right)");
+    assert!(required.is_subset(&props), "{name}: required names unknown properties");
+    let minimal: serde_json::Map<String, Value> =
+        full.iter().filter(|(k, _)| required.contains(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    if let Err(e) = serde_json::from_value::<T>(Value::Object(minimal)) {
+        panic!("{name}: an object with only the required properties {required:?} is refused: {e}");
+    }
+}
+
+fn vm_config() -> VmConfig {
+    VmConfig {
+        kernel: "/k".into(),
+        initrd: Some("/i".into()),
+        cmdline: "console=ttyS0".into(),
+        memory_mib: 512,
+        cpus: 1,
+        accel: "emu".into(),
+        serial: "null".into(),
+        console: Some("null".into()),
+        disks: vec![disk()],
+        nets: vec![NetConfig { tap: "tap0".into(), mac: Some("52:54:00:12:34:56".into()) }],
+        vsock: Some(VsockConfig { cid: 3, socket: "/v".into() }),
+        rng: true,
+    }
+}
+
+fn disk() -> DiskConfig {
+    DiskConfig {
+        path: "/d".into(),
+        format: Some("raw".into()),
+        readonly: true,
+        serial: Some("s".into()),
+        allow_backing_outside: true,
+        allow_data_file: true,
+    }
+}
+
+#[test]
+fn every_schema_matches_its_type() {
+    check("VmConfig", &vm_config());
+    check("DiskConfig", &disk());
+    check("NetConfig", &NetConfig { tap: "t".into(), mac: Some("52:54:00:12:34:56".into()) });
+    check("VsockConfig", &VsockConfig { cid: 3, socket: "/v".into() });
+    check("SnapshotRequest", &SnapshotRequest { destination_url: "file:///s".into() });
+    check("RestoreRequest", &RestoreRequest { source_url: "file:///s".into() });
+    check("PingInfo", &PingInfo { version: "1".into(), accelerators: vec!["emu".into()], pid: 1 });
+    check(
+        "VmInfo",
+        &VmInfo { state: "Running".into(), config: vm_config(), uptime_s: 1.0, accelerator: Some("emu".into()) },
+    );
+    let mut devices = BTreeMap::new();
+    devices.insert("disk0".into(), DeviceCounters { requests: 1, bytes_read: 2, bytes_written: 3, errors: 4 });
+    check(
+        "Counters",
+        &Counters {
+            vcpus: vec![BTreeMap::from([("pio".to_string(), 1)])],
+            devices,
+            guest_warnings: 1,
+            guest_warnings_suppressed: 0,
+        },
+    );
+    check("DeviceCounters", &DeviceCounters { requests: 1, bytes_read: 2, bytes_written: 3, errors: 4 });
+    check("ErrorBody", &ErrorBody { error: "e".into(), field: Some("f".into()), state: Some("s".into()) });
+}
+
+#[test]
+fn every_schema_is_checked() {
+    let checked = [
+        "VmConfig",
+        "DiskConfig",
+        "NetConfig",
+        "VsockConfig",
+        "SnapshotRequest",
+        "RestoreRequest",
+        "PingInfo",
+        "VmInfo",
+        "Counters",
+        "DeviceCounters",
+        "ErrorBody",
+    ];
+    for (name, _) in schemas() {
+        let name = name.as_str().unwrap();
+        assert!(checked.contains(&name), "schema {name} has no check in every_schema_matches_its_type");
+    }
+}

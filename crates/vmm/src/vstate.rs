@@ -1,0 +1,436 @@
+//! The vCPU threads and the VM's run state: an explicit state machine driven by messages.
+//!
+//! ```text
+//!            pause()                 finish(outcome): the guest powered off or reset,
+//!  Running ----------> Paused        a vCPU failed, the user quit, the VM is stopped
+//!     ^                  |      Running | Paused ----------> Stopping(outcome)
+//!     +------------------+                                        | last vCPU thread exits
+//!            resume()                                             v
+//!                                                           Finished(outcome)
+//! ```
+//!
+//! Each vCPU thread owns its vCPU and a command channel (pause, resume, save, stop): while
+//! running it looks at the channel between two [`accel::Vcpu::run`] calls, while paused it
+//! blocks on it. The controller sends a command and then stops the vCPU through its
+//! [`VcpuStopper`], so a vCPU in guest mode (or waiting in the kernel) returns from `run`
+//! and reads the command at once: a pause is answered when every vCPU has parked, with no
+//! polling. Devices that end the run (i8042 reset, ACPI power-off) and the console's quit
+//! call [`RunControl::finish`] directly; the first outcome wins.
+
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use accel::{Vcpu, VcpuExit, VcpuSnapshot, VcpuStopper};
+
+use crate::vm::DeviceBus;
+
+/// How a VM run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest powered itself off.
+    PowerOff,
+    /// The guest asked for a reset (i8042 pulse, reboot) or triple-faulted; the string says which.
+    Reset(String),
+    /// The user quit from the console escape sequence.
+    UserQuit,
+}
+
+/// The VM's run state (see the [module docs](self)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// The vCPUs run guest code (also the state of a VM whose threads have not started).
+    Running,
+    /// Every vCPU is parked outside guest mode, its state stable.
+    Paused,
+    /// The run ended with this outcome (`Err`: a vCPU failed, with why); the vCPU threads
+    /// are leaving.
+    Stopping(Result<RunOutcome, String>),
+    /// The run ended and every vCPU thread has exited.
+    Finished(Result<RunOutcome, String>),
+}
+
+impl RunState {
+    /// The outcome, once the run has ended.
+    pub fn outcome(&self) -> Option<&Result<RunOutcome, String>> {
+        match self {
+            RunState::Stopping(o) | RunState::Finished(o) => Some(o),
+            RunState::Running | RunState::Paused => None,
+        }
+    }
+}
+
+/// What a vCPU thread is told.
+enum Command {
+    /// Park outside guest mode, then answer on the sender (dropping it unanswered means the
+    /// thread has exited).
+    Pause(Sender<()>),
+    /// Run guest code again.
+    Resume,
+    /// Answer with the vCPU's snapshot (only while parked).
+    Save(Sender<Result<VcpuSnapshot, String>>),
+    /// Leave the thread.
+    Stop,
+}
+
+/// The controller's side of one vCPU thread.
+struct VcpuLink {
+    commands: Sender<Command>,
+    stopper: VcpuStopper,
+}
+
+/// The run state, and the number of vCPU threads that have not exited.
+struct Shared {
+    state: RunState,
+    threads: usize,
+}
+
+/// How the VM's vCPU threads are told to pause, resume and stop, and what state the run is
+/// in (see the [module docs](self)).
+pub struct RunControl {
+    shared: Mutex<Shared>,
+    /// Notified on every state change ([`RunControl::wait`]).
+    changed: Condvar,
+    vcpus: Mutex<Vec<VcpuLink>>,
+}
+
+/// How long [`RunControl::save_vcpus`] waits for each parked vCPU's answer.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl RunControl {
+    pub(crate) fn new() -> Arc<RunControl> {
+        Arc::new(RunControl {
+            shared: Mutex::new(Shared { state: RunState::Running, threads: 0 }),
+            changed: Condvar::new(),
+            vcpus: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The run state now.
+    pub fn state(&self) -> RunState {
+        lock(&self.shared).state.clone()
+    }
+
+    /// Whether the run has ended (and how).
+    pub fn outcome(&self) -> Option<Result<RunOutcome, String>> {
+        lock(&self.shared).state.outcome().cloned()
+    }
+
+    /// Waits until the run ends; returns its outcome.
+    pub fn wait(&self) -> Result<RunOutcome, String> {
+        let mut s = lock(&self.shared);
+        loop {
+            if let Some(o) = s.state.outcome() {
+                return o.clone();
+            }
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Sends `command()` to every vCPU thread, then stops each vCPU so that it reads it.
+    fn broadcast(&self, mut command: impl FnMut() -> Command) {
+        for link in lock(&self.vcpus).iter() {
+            if link.commands.send(command()).is_ok() {
+                link.stopper.stop();
+            }
+        }
+    }
+
+    /// Ends the run with `outcome` (the first outcome wins; later calls do nothing) and tells
+    /// every vCPU thread to leave. Safe to call from a device inside a vCPU's exit.
+    pub fn finish(&self, outcome: Result<RunOutcome, String>) {
+        {
+            let mut s = lock(&self.shared);
+            if s.state.outcome().is_some() {
+                return;
+            }
+            s.state = if s.threads == 0 { RunState::Finished(outcome) } else { RunState::Stopping(outcome) };
+        }
+        self.changed.notify_all();
+        self.broadcast(|| Command::Stop);
+    }
+
+    /// Ends the run as the user's quit (console escape).
+    pub fn quit(&self) {
+        self.finish(Ok(RunOutcome::UserQuit));
+    }
+
+    /// Running → Paused: parks every vCPU outside guest mode; returns once all are parked
+    /// (a vCPU thread that exits meanwhile counts as parked). Does nothing in another state.
+    pub fn pause(&self) {
+        {
+            let mut s = lock(&self.shared);
+            if s.state != RunState::Running {
+                return;
+            }
+            s.state = RunState::Paused;
+        }
+        self.changed.notify_all();
+        let (ack, acks) = mpsc::channel();
+        self.broadcast(|| Command::Pause(ack.clone()));
+        drop(ack);
+        // Ends when every vCPU has answered and dropped its sender, or exited.
+        for () in acks.iter() {}
+    }
+
+    /// Paused → Running. Does nothing in another state.
+    pub fn resume(&self) {
+        {
+            let mut s = lock(&self.shared);
+            if s.state != RunState::Paused {
+                return;
+            }
+            s.state = RunState::Running;
+        }
+        self.changed.notify_all();
+        for link in lock(&self.vcpus).iter() {
+            let _ = link.commands.send(Command::Resume);
+        }
+    }
+
+    /// Makes vCPU threads started from now on begin parked (a restored VM waits for
+    /// `vm.resume`): Running → Paused before any thread exists.
+    pub(crate) fn pause_before_start(&self) {
+        let mut s = lock(&self.shared);
+        if s.state == RunState::Running {
+            s.state = RunState::Paused;
+        }
+    }
+
+    /// Asks every parked vCPU for its snapshot, boot vCPU first.
+    ///
+    /// Errors: the VM is not paused, a vCPU failed to save (naming it), or a vCPU gave no
+    /// answer within 10 s.
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuSnapshot>, String> {
+        if lock(&self.shared).state != RunState::Paused {
+            return Err("the vCPUs are not all paused".into());
+        }
+        let mut answers = Vec::new();
+        for (id, link) in lock(&self.vcpus).iter().enumerate() {
+            let (reply, answer) = mpsc::channel();
+            link.commands.send(Command::Save(reply)).map_err(|_| format!("vCPU {id}: its thread has exited"))?;
+            answers.push(answer);
+        }
+        answers
+            .into_iter()
+            .enumerate()
+            .map(|(id, answer)| match answer.recv_timeout(SAVE_TIMEOUT) {
+                Ok(r) => r.map_err(|e| format!("vCPU {id}: {e}")),
+                Err(_) => Err(format!("vCPU {id}: no state within {SAVE_TIMEOUT:?}")),
+            })
+            .collect()
+    }
+
+    /// Starts a thread running `vcpu` (index `id`) with its exits going to `bus`; it begins
+    /// parked when the VM is paused.
+    ///
+    /// Errors: the thread cannot be created.
+    pub(crate) fn spawn_vcpu(
+        self: &Arc<Self>,
+        id: usize,
+        vcpu: Box<dyn Vcpu + Send>,
+        bus: DeviceBus,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let (commands, inbox) = mpsc::channel();
+        // The link exists before the thread: commands sent meanwhile wait in the channel.
+        lock(&self.vcpus).push(VcpuLink { commands, stopper: vcpu.stopper() });
+        let paused = {
+            let mut s = lock(&self.shared);
+            s.threads += 1;
+            s.state == RunState::Paused
+        };
+        let ctl = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || ctl.vcpu_thread(id, vcpu, bus, inbox, paused));
+        if spawned.is_err() {
+            lock(&self.vcpus).pop();
+            self.thread_exited();
+        }
+        spawned
+    }
+
+    /// Counts one vCPU thread out; the last one moves Stopping to Finished.
+    fn thread_exited(&self) {
+        {
+            let mut s = lock(&self.shared);
+            s.threads = s.threads.saturating_sub(1);
+            if s.threads == 0 {
+                if let RunState::Stopping(o) = &s.state {
+                    s.state = RunState::Finished(o.clone());
+                }
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// One vCPU thread: runs the vCPU while running, blocks on its commands while parked,
+    /// leaves on `Stop` (or when the controller is gone).
+    fn vcpu_thread(
+        &self,
+        id: usize,
+        mut vcpu: Box<dyn Vcpu + Send>,
+        mut bus: DeviceBus,
+        inbox: Receiver<Command>,
+        mut paused: bool,
+    ) {
+        loop {
+            let command = if paused {
+                match inbox.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => break,
+                }
+            } else {
+                match inbox.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            };
+            match command {
+                Some(Command::Pause(ack)) => {
+                    paused = true;
+                    let _ = ack.send(());
+                }
+                Some(Command::Resume) => paused = false,
+                Some(Command::Save(reply)) => {
+                    let r = if paused {
+                        vcpu.save_snapshot().map_err(|e| e.to_string())
+                    } else {
+                        Err("not paused".to_string())
+                    };
+                    let _ = reply.send(r);
+                }
+                Some(Command::Stop) => break,
+                None => match vcpu.run(&mut bus) {
+                    Ok(VcpuExit::Interrupted) => bus.count_interrupted(),
+                    Ok(VcpuExit::Hlt) => {
+                        // Only engines without an in-kernel irqchip report it (KVM without
+                        // irqchip): wait a little instead of spinning.
+                        bus.count_hlt();
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Ok(VcpuExit::Shutdown) => self.finish(Ok(RunOutcome::PowerOff)),
+                    Ok(VcpuExit::Reset(why)) => self.finish(Ok(RunOutcome::Reset(why))),
+                    Err(e) => self.finish(Err(format!("vCPU {id}: {e}"))),
+                },
+            }
+        }
+        // Answers to commands still queued (a pause's acknowledgement) are dropped with it.
+        drop(inbox);
+        self.thread_exited();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use accel::{CpuState, ExitHandler};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// A vCPU that "runs" in slices of at most 1 ms until stopped, like the emulator, and
+    /// can be told to power off.
+    struct FakeVcpu {
+        stop: Arc<AtomicBool>,
+        runs: Arc<AtomicU64>,
+        power_off: Arc<AtomicBool>,
+    }
+
+    impl Vcpu for FakeVcpu {
+        fn set_state(&mut self, _: &CpuState) -> accel::Result<()> {
+            Ok(())
+        }
+        fn state(&mut self) -> accel::Result<CpuState> {
+            Ok(CpuState::default())
+        }
+        fn run(&mut self, _: &mut dyn ExitHandler) -> accel::Result<VcpuExit> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            for _ in 0..1000 {
+                if self.stop.swap(false, Ordering::SeqCst) {
+                    return Ok(VcpuExit::Interrupted);
+                }
+                if self.power_off.load(Ordering::SeqCst) {
+                    return Ok(VcpuExit::Shutdown);
+                }
+                std::thread::sleep(Duration::from_micros(1));
+            }
+            Ok(VcpuExit::Interrupted)
+        }
+        fn stopper(&self) -> VcpuStopper {
+            VcpuStopper::new(self.stop.clone())
+        }
+        fn save_snapshot(&mut self) -> accel::Result<VcpuSnapshot> {
+            Err(accel::Error::Unsupported("fake".into()))
+        }
+        fn restore_snapshot(&mut self, _: &VcpuSnapshot) -> accel::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn fake() -> (Box<dyn Vcpu + Send>, Arc<AtomicU64>, Arc<AtomicBool>) {
+        let (runs, power_off) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let v = FakeVcpu { stop: Arc::default(), runs: runs.clone(), power_off: power_off.clone() };
+        (Box::new(v), runs, power_off)
+    }
+
+    #[test]
+    fn pause_resume_save_and_the_first_outcome_wins() {
+        let ctl = RunControl::new();
+        let mut threads = Vec::new();
+        let mut runs = Vec::new();
+        let mut power = Vec::new();
+        for id in 0..3 {
+            let (v, r, p) = fake();
+            threads.push(ctl.spawn_vcpu(id, v, DeviceBus::detached()).unwrap());
+            runs.push(r);
+            power.push(p);
+        }
+        assert_eq!(ctl.state(), RunState::Running);
+        assert!(ctl.save_vcpus().unwrap_err().contains("not all paused"));
+        std::thread::sleep(Duration::from_millis(5));
+        ctl.pause();
+        assert_eq!(ctl.state(), RunState::Paused);
+        // Parked: no vCPU runs any more.
+        let before: Vec<u64> = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(before, runs.iter().map(|r| r.load(Ordering::SeqCst)).collect::<Vec<_>>());
+        // Every parked vCPU answers a save (here with its error, naming it).
+        assert!(ctl.save_vcpus().unwrap_err().starts_with("vCPU 0: "));
+        ctl.pause();
+        ctl.resume();
+        assert_eq!(ctl.state(), RunState::Running);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(runs.iter().zip(&before).all(|(r, b)| r.load(Ordering::SeqCst) > *b), "all run again");
+        // The guest powers off on vCPU 1; a later quit changes nothing.
+        power[1].store(true, Ordering::SeqCst);
+        assert_eq!(ctl.wait(), Ok(RunOutcome::PowerOff));
+        ctl.quit();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(ctl.state(), RunState::Finished(Ok(RunOutcome::PowerOff)));
+        // Nothing left to pause or resume.
+        ctl.pause();
+        ctl.resume();
+        assert_eq!(ctl.outcome(), Some(Ok(RunOutcome::PowerOff)));
+    }
+
+    #[test]
+    fn threads_started_paused_never_run_until_resumed_and_stop_while_paused() {
+        let ctl = RunControl::new();
+        ctl.pause_before_start();
+        let (v, runs, _) = fake();
+        let t = ctl.spawn_vcpu(0, v, DeviceBus::detached()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        assert_eq!(ctl.state(), RunState::Paused);
+        ctl.finish(Err("stopped by test".into()));
+        t.join().unwrap();
+        assert_eq!(ctl.state(), RunState::Finished(Err("stopped by test".into())));
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
+}
