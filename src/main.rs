@@ -28,6 +28,13 @@ enum Cmd {
     Vmm(VmmArgs),
     /// Talk to a VMM's REST API: ping, info, counters, pause, resume, snapshot DIR, ...
     Api(api::client::ApiArgs),
+    /// The host manager: keeps VM definitions and an event log, runs one VMM per VM and
+    /// supervises it, serves its API on a Unix socket (see "The host manager" in README.md).
+    Daemon(manager::cli::DaemonArgs),
+    /// Manage the daemon's VMs: create, list, start, stop, kill, pause, resume, delete, info.
+    Vm(manager::cli::VmArgs),
+    /// The daemon's event and audit log.
+    Events(manager::cli::EventsArgs),
 }
 
 #[derive(Parser)]
@@ -281,6 +288,9 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(*a),
         Cmd::Vmm(a) => vmm_main(a),
         Cmd::Api(a) => return api::client::run(a),
+        Cmd::Daemon(a) => return manager::cli::daemon(a),
+        Cmd::Vm(a) => return manager::cli::vm(a),
+        Cmd::Events(a) => return manager::cli::events(a),
     };
     match r {
         Ok(c) => c,

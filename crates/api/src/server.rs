@@ -443,8 +443,10 @@ fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reject> {
     Ok(value)
 }
 
-/// (field, message) for a serde_json error met at `path` ("." for the top level).
-fn describe_json_error(path: &str, e: serde_json::Error) -> (String, String) {
+/// (field, message) for a serde_json error met at `path` ("." for the top level): the field
+/// serde names (a missing or unknown one included) or "body", and a message without serde's
+/// type names. Public so that the daemon's API (crates/manager) reports errors the same way.
+pub fn describe_json_error(path: &str, e: serde_json::Error) -> (String, String) {
     use serde_json::error::Category;
     let at = format!(" at line {} column {}", e.line(), e.column());
     let full = e.to_string();

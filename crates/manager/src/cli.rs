@@ -1,0 +1,602 @@
+//! The command lines: `rustvisor daemon` ([`DaemonArgs`]) and its thin clients
+//! `rustvisor vm ...` ([`VmArgs`]) and `rustvisor events` ([`EventsArgs`]).
+//!
+//! Exit status of the clients: 0 done; 1 the operation failed (the daemon is unreachable, a
+//! VMM failed, another operation is in progress, the VM's state forbids it); 2 bad input
+//! (a malformed flag, an unknown VM, a field the daemon refused: one line naming it and what
+//! is accepted).
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use api::client::{Client, ClientError};
+use serde::de::DeserializeOwned;
+
+use crate::types::{ErrorBody, EventList, RestartPolicy, StopRequest, VmDetails, VmList, VmSummary, NAME_RULE};
+
+/// The daemon's socket when neither `--connect` nor `RUSTVISOR_SOCKET` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/rustvisor/rustvisor.sock";
+
+/// `rustvisor daemon`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// Persistent state: the store (rustvisor.db) and each VM's console log.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/rustvisor")]
+    pub state_dir: PathBuf,
+    /// Runtime files: each VMM's API socket.
+    #[arg(long, value_name = "DIR", default_value = "/run/rustvisor")]
+    pub run_dir: PathBuf,
+    /// The daemon's API socket (mode 0660).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// Where the clients find the daemon.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connect {
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", env = "RUSTVISOR_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
+    pub connect: PathBuf,
+}
+
+/// `rustvisor vm`: manage the daemon's VMs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: VmCommand,
+}
+
+/// The `rustvisor vm` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum VmCommand {
+    /// Define a VM (it is not started). Names: 1-63 characters, a-z or 0-9 first, then
+    /// a-z, 0-9, '-', '_' or '.'.
+    Create(Box<CreateArgs>),
+    /// List the VMs: NAME STATE CPUS MEMORY UPTIME ACCEL PID.
+    List {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a VM (spawns its VMM and boots it).
+    Start {
+        /// The VM.
+        name: String,
+    },
+    /// Stop a VM: the guest's power button, then the VMM; killed if it takes too long.
+    Stop {
+        /// The VM.
+        name: String,
+        /// Kill the VMM at once.
+        #[arg(long)]
+        force: bool,
+        /// Seconds before the VMM is killed (1-3600, default 30).
+        #[arg(long, value_name = "S")]
+        timeout: Option<u64>,
+    },
+    /// Kill a VM's VMM at once.
+    Kill {
+        /// The VM.
+        name: String,
+    },
+    /// Pause a running VM.
+    Pause {
+        /// The VM.
+        name: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM.
+        name: String,
+    },
+    /// Forget a stopped VM and its console log.
+    Delete {
+        /// The VM.
+        name: String,
+        /// Kill it first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// A VM's state, configuration and files.
+    Info {
+        /// The VM.
+        name: String,
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `rustvisor vm create`: the device flags of `rustvisor run`, or a JSON file.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CreateArgs {
+    /// The VM's name.
+    pub name: String,
+    /// The configuration as JSON (the VMM API's VmConfig: crates/api/openapi.yaml) instead
+    /// of the flags below.
+    #[arg(long, value_name = "SPEC.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "cpus", "accel", "disk", "net", "vsock", "rng", "console"])]
+    pub from_file: Option<PathBuf>,
+    /// What to do when the VM ends by itself: no, on-failure (after a crash) or always
+    /// (also after a guest power-off).
+    #[arg(long, default_value = "no")]
+    pub restart: String,
+    /// Kernel: bzImage or ELF vmlinux.
+    #[arg(long, required_unless_present = "from_file")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    pub cmdline: String,
+    /// Guest RAM, e.g. 512M or 1G (whole MiB).
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u8,
+    /// Accelerator: auto, kvm or emu.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    /// A virtio-blk disk, as for `rustvisor run` (repeatable).
+    #[arg(long, value_name = "OPTIONS")]
+    pub disk: Vec<String>,
+    /// A virtio-net NIC, as for `rustvisor run` (repeatable).
+    #[arg(long, value_name = "OPTIONS")]
+    pub net: Vec<String>,
+    /// A virtio-vsock device: cid=N,socket=PATH.
+    #[arg(long, value_name = "OPTIONS")]
+    pub vsock: Option<String>,
+    /// A virtio-rng device.
+    #[arg(long)]
+    pub rng: bool,
+    /// A virtio-console: file=PATH or null.
+    #[arg(long)]
+    pub console: Option<String>,
+}
+
+/// `rustvisor events`: the event and audit log.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// Only this VM's events.
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
+    /// Print the daemon's JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `rustvisor daemon`.
+pub fn daemon(a: DaemonArgs) -> ExitCode {
+    let vmm_exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return fail(1, &format!("cannot find the rustvisor executable: {e}")),
+    };
+    let cfg = crate::daemon::DaemonConfig { state_dir: a.state_dir, run_dir: a.run_dir, socket: a.socket, vmm_exe };
+    match crate::daemon::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+/// A failure of a client command: exit status and one line.
+#[derive(Debug)]
+pub struct Failure {
+    /// 1 (operation failed) or 2 (bad input).
+    pub code: u8,
+    /// What went wrong.
+    pub message: String,
+}
+
+fn failure(code: u8, message: impl Into<String>) -> Failure {
+    Failure { code, message: message.into() }
+}
+
+fn fail(code: u8, msg: &str) -> ExitCode {
+    eprintln!("rustvisor: {}", msg.replace(['\n', '\r'], " "));
+    ExitCode::from(code)
+}
+
+fn finish(r: Result<String, Failure>) -> ExitCode {
+    match r {
+        Ok(text) => {
+            let mut out = io::stdout().lock();
+            match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, &format!("cannot write the output: {e}")),
+            }
+        }
+        Err(f) => fail(f.code, &f.message),
+    }
+}
+
+/// Runs `rustvisor vm ...`.
+pub fn vm(a: VmArgs) -> ExitCode {
+    finish(vm_text(&a))
+}
+
+/// Runs `rustvisor events`.
+pub fn events(a: EventsArgs) -> ExitCode {
+    finish(events_text(&a))
+}
+
+/// The daemon's client for the CLI: each call on a fresh connection.
+struct DaemonClient {
+    client: Client,
+}
+
+impl DaemonClient {
+    fn new(socket: &Path, timeout: Duration) -> Result<DaemonClient, Failure> {
+        let client = Client::new(socket).map_err(|e| failure(1, format!("cannot start the client: {e}")))?;
+        Ok(DaemonClient { client: client.with_timeout(timeout) })
+    }
+
+    /// Sends a request to `route` (under /api/v1/); returns the body of a 2xx answer.
+    fn call(&self, method: &str, route: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, Failure> {
+        let resp = self.client.request(method, route, body).map_err(|e| match e {
+            ClientError::Connect { socket, source } => failure(
+                1,
+                format!("cannot connect to the daemon at {}: {source} (is `rustvisor daemon` running? see --connect, RUSTVISOR_SOCKET)", socket.display()),
+            ),
+            other => failure(1, other.to_string()),
+        })?;
+        if (200..300).contains(&resp.status) {
+            return Ok(resp.body);
+        }
+        let body = serde_json::from_slice::<ErrorBody>(&resp.body).ok();
+        let message = match &body {
+            Some(b) => b.error.clone(),
+            None => String::from_utf8_lossy(&resp.body).chars().take(200).collect(),
+        };
+        // Bad input: a malformed request (400), an unknown VM (404), or a field the daemon
+        // refused (a name in use).
+        let bad_input = matches!(resp.status, 400 | 404) || body.as_ref().is_some_and(|b| b.field.is_some());
+        Err(failure(if bad_input { 2 } else { 1 }, message))
+    }
+
+    fn get<T: DeserializeOwned>(&self, route: &str) -> Result<T, Failure> {
+        decode(&self.call("GET", route, None)?)
+    }
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(body).map_err(|e| failure(1, format!("unexpected answer from the daemon: {e}")))
+}
+
+fn check_name(name: &str) -> Result<(), Failure> {
+    if crate::types::valid_name(name) {
+        Ok(())
+    } else {
+        Err(failure(2, format!("name: '{}' is not a valid VM name ({NAME_RULE})", name.escape_debug())))
+    }
+}
+
+fn vm_text(a: &VmArgs) -> Result<String, Failure> {
+    let socket = &a.connect.connect;
+    let c = DaemonClient::new(socket, Duration::from_secs(120))?;
+    let lifecycle = |verb: &str, name: &str, body: Option<Vec<u8>>, c: &DaemonClient| -> Result<VmSummary, Failure> {
+        check_name(name)?;
+        decode(&c.call("PUT", &format!("vms/{name}/{verb}"), body)?)
+    };
+    Ok(match &a.command {
+        VmCommand::Create(args) => {
+            let body = create_body(args)?;
+            let vm: VmSummary = decode(&c.call("POST", "vms", Some(body))?)?;
+            format!("VM '{}' defined (restart {})\n", vm.name, vm.restart.as_str())
+        }
+        VmCommand::List { json } => {
+            let list: VmList = c.get("vms")?;
+            if *json {
+                to_json(&list)?
+            } else {
+                format_list(&list.vms)
+            }
+        }
+        VmCommand::Start { name } => {
+            let vm = lifecycle("start", name, None, &c)?;
+            format!("VM '{name}' started (pid {})\n", vm.pid.map_or("-".into(), |p| p.to_string()))
+        }
+        VmCommand::Stop { name, force, timeout } => {
+            let req = StopRequest { force: *force, timeout_s: *timeout };
+            let c = DaemonClient::new(socket, Duration::from_secs(timeout.unwrap_or(30).saturating_add(60)))?;
+            let body = serde_json::to_vec(&req).map_err(|e| failure(1, e.to_string()))?;
+            let vm = lifecycle("stop", name, Some(body), &c)?;
+            format!("VM '{name}' stopped ({})\n", vm.reason.unwrap_or_default())
+        }
+        VmCommand::Kill { name } => {
+            lifecycle("kill", name, None, &c)?;
+            format!("VM '{name}' killed\n")
+        }
+        VmCommand::Pause { name } => {
+            lifecycle("pause", name, None, &c)?;
+            format!("VM '{name}' paused\n")
+        }
+        VmCommand::Resume { name } => {
+            lifecycle("resume", name, None, &c)?;
+            format!("VM '{name}' resumed\n")
+        }
+        VmCommand::Delete { name, force } => {
+            check_name(name)?;
+            let q = if *force { "?force=true" } else { "" };
+            c.call("DELETE", &format!("vms/{name}{q}"), None)?;
+            format!("VM '{name}' deleted\n")
+        }
+        VmCommand::Info { name, json } => {
+            check_name(name)?;
+            let d: VmDetails = c.get(&format!("vms/{name}"))?;
+            if *json {
+                to_json(&d)?
+            } else {
+                format_info(&d)
+            }
+        }
+    })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Failure> {
+    serde_json::to_string_pretty(v).map(|s| s + "\n").map_err(|e| failure(1, e.to_string()))
+}
+
+/// The `POST /vms` body from `vm create`'s flags or file; bad flags are exit 2.
+fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
+    check_name(&a.name)?;
+    let bad = |m: String| failure(2, m);
+    let restart: RestartPolicy = a.restart.parse().map_err(|e| bad(format!("--restart: {e}")))?;
+    let config: serde_json::Value = match &a.from_file {
+        Some(file) => {
+            let text = std::fs::read(file).map_err(|e| bad(format!("--from-file: {}: {e}", file.display())))?;
+            // The daemon checks the fields (naming an unknown one); here only that it is JSON.
+            serde_json::from_slice(&text).map_err(|e| bad(format!("--from-file: {}: not JSON: {e}", file.display())))?
+        }
+        None => {
+            let abs =
+                |flag: &str, p: &Path| std::path::absolute(p).map_err(|e| bad(format!("{flag}: {}: {e}", p.display())));
+            let kernel = a.kernel.as_deref().ok_or_else(|| bad("--kernel: required (or --from-file)".into()))?;
+            let mem = vmm::config::parse_size(&a.memory).map_err(|e| bad(format!("--memory: {e}")))?;
+            if mem % (1 << 20) != 0 {
+                return Err(bad(format!("--memory: '{}' is not a whole number of MiB (e.g. 512M, 1G)", a.memory)));
+            }
+            let accel: vmm::Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
+            let mut disks = Vec::new();
+            for d in &a.disk {
+                let mut disk: vmm::DiskConfig = d.parse().map_err(bad)?;
+                disk.path = abs("--disk", &disk.path)?;
+                disks.push(disk);
+            }
+            let nets = a.net.iter().map(|n| n.parse()).collect::<Result<Vec<vmm::NetConfig>, _>>().map_err(bad)?;
+            let vsock = a.vsock.as_deref().map(str::parse::<vmm::VsockConfig>).transpose().map_err(bad)?;
+            let vsock = match vsock {
+                Some(mut v) => {
+                    v.socket = abs("--vsock", &v.socket)?;
+                    Some(v)
+                }
+                None => None,
+            };
+            let console = match a.console.as_deref() {
+                None => None,
+                Some("null") => Some(vmm::SerialOut::Null),
+                Some(c) => match c.strip_prefix("file=").filter(|p| !p.is_empty()) {
+                    Some(p) => Some(vmm::SerialOut::File(abs("--console", Path::new(p))?)),
+                    None => return Err(bad(format!("--console: '{c}' is not accepted (accepted: file=PATH, null)"))),
+                },
+            };
+            let cfg = vmm::VmConfig {
+                kernel: abs("--kernel", kernel)?,
+                initrd: a.initrd.as_deref().map(|p| abs("--initrd", p)).transpose()?,
+                cmdline: a.cmdline.clone(),
+                mem_size: mem,
+                cpus: a.cpus,
+                accel,
+                serial: vmm::SerialOut::Null,
+                disks,
+                nets,
+                vsock,
+                rng: a.rng,
+                console,
+            };
+            serde_json::to_value(vmm::controller::api_from_config(&cfg)).map_err(|e| failure(1, e.to_string()))?
+        }
+    };
+    let body = serde_json::json!({ "name": a.name, "restart": restart, "config": config });
+    // The shape of CreateRequest (a unit test checks it), sent as a JSON value so that the
+    // daemon, not this client, names an unknown field of a spec file.
+    serde_json::to_vec(&body).map_err(|e| failure(1, e.to_string()))
+}
+
+fn events_text(a: &EventsArgs) -> Result<String, Failure> {
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(30))?;
+    let route = match &a.vm {
+        Some(vm) => {
+            check_name(vm)?;
+            format!("events?vm={vm}")
+        }
+        None => "events".into(),
+    };
+    let list: EventList = c.get(&route)?;
+    if a.json {
+        return to_json(&list);
+    }
+    let mut s = String::new();
+    for e in &list.events {
+        let who = match (e.peer_uid, e.peer_pid) {
+            (Some(u), Some(p)) => format!(" [uid {u} pid {p}]"),
+            (Some(u), None) => format!(" [uid {u}]"),
+            _ => String::new(),
+        };
+        s += &format!(
+            "{}  {:<12} {:<14} {}{who}\n",
+            format_time(e.time_ms),
+            e.vm.as_deref().unwrap_or("-"),
+            e.kind,
+            e.detail
+        );
+    }
+    Ok(s)
+}
+
+/// The `vm list` table.
+pub fn format_list(vms: &[VmSummary]) -> String {
+    let mut rows = vec![["NAME", "STATE", "CPUS", "MEMORY", "UPTIME", "ACCEL", "PID"].map(String::from).to_vec()];
+    for v in vms {
+        let state = match &v.operation {
+            Some(op) => format!("{} ({op})", v.state.as_str()),
+            None => v.state.as_str().to_string(),
+        };
+        rows.push(vec![
+            v.name.clone(),
+            state,
+            v.cpus.to_string(),
+            format!("{}M", v.memory_mib),
+            v.uptime_s.map_or("-".into(), format_duration),
+            v.accel.clone(),
+            v.pid.map_or("-".into(), |p| p.to_string()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut s = String::new();
+    for r in &rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        s += line.join("  ").trim_end();
+        s += "\n";
+    }
+    s
+}
+
+fn format_info(d: &VmDetails) -> String {
+    let v = &d.summary;
+    let mut s = format!("name: {}\nstate: {}\n", v.name, v.state.as_str());
+    if let Some(op) = &v.operation {
+        s += &format!("operation: {op}\n");
+    }
+    if let Some(r) = &v.reason {
+        s += &format!("reason: {r}\n");
+    }
+    s += &format!("restart: {} ({} restarts)\n", v.restart.as_str(), v.restarts);
+    if let Some(pid) = v.pid {
+        s += &format!("pid: {pid}\n");
+    }
+    if let Some(u) = v.uptime_s {
+        s += &format!("uptime: {}\n", format_duration(u));
+    }
+    s += &format!("accel: {}\nconsole log: {}\n", v.accel, d.console_log);
+    if let Some(sock) = &d.api_socket {
+        s += &format!("VMM API socket: {sock}\n");
+    }
+    s += &api::client::format_info(&api::types::VmInfo {
+        state: v.state.as_str().into(),
+        config: d.config.clone(),
+        uptime_s: 0.0,
+        accelerator: None,
+    })
+    .lines()
+    .skip(3)
+    .map(|l| format!("{l}\n"))
+    .collect::<String>();
+    s
+}
+
+/// "42s", "3m07s", "2h05m", "3d04h".
+pub fn format_duration(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// Unix milliseconds as "YYYY-MM-DD HH:MM:SS.mmmZ" (UTC).
+pub fn format_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms.rem_euclid(1000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::CreateRequest;
+
+    #[test]
+    fn times_and_durations() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00.000Z");
+        assert_eq!(format_time(951_782_400_123), "2000-02-29 00:00:00.123Z");
+        assert_eq!(format_time(1_700_000_000_000), "2023-11-14 22:13:20.000Z");
+        assert_eq!(format_duration(5.9), "5s");
+        assert_eq!(format_duration(187.0), "3m07s");
+        assert_eq!(format_duration(7500.0), "2h05m");
+        assert_eq!(format_duration(273_600.0), "3d04h");
+    }
+
+    #[test]
+    fn create_body_is_a_create_request() {
+        let a = CreateArgs {
+            name: "web-1".into(),
+            from_file: None,
+            restart: "on-failure".into(),
+            kernel: Some("/k".into()),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            memory: "256M".into(),
+            cpus: 1,
+            accel: "emu".into(),
+            disk: vec!["path=/d.raw,readonly=on".into()],
+            net: vec![],
+            vsock: None,
+            rng: true,
+            console: None,
+        };
+        let req: CreateRequest = serde_json::from_slice(&create_body(&a).unwrap()).unwrap();
+        assert_eq!(req.name, "web-1");
+        assert_eq!(req.restart, RestartPolicy::OnFailure);
+        assert_eq!((req.config.memory_mib, req.config.accel.as_str(), req.config.rng), (256, "emu", true));
+        assert!(req.config.disks[0].readonly);
+        let mut bad = a.clone();
+        bad.memory = "1500K".into();
+        assert_eq!(create_body(&bad).unwrap_err().code, 2);
+        bad.name = "Bad Name".into();
+        let e = create_body(&bad).unwrap_err();
+        assert!(e.message.starts_with("name: "), "{}", e.message);
+    }
+
+    #[test]
+    fn list_table() {
+        let v = VmSummary {
+            name: "a".into(),
+            state: crate::types::VmState::Running,
+            operation: None,
+            cpus: 1,
+            memory_mib: 512,
+            accel: "emu".into(),
+            pid: Some(42),
+            uptime_s: Some(61.0),
+            restart: RestartPolicy::No,
+            restarts: 0,
+            reason: None,
+        };
+        assert_eq!(
+            format_list(&[v]),
+            "NAME  STATE    CPUS  MEMORY  UPTIME  ACCEL  PID\na     running  1     512M    1m01s   emu    42\n"
+        );
+    }
+}

@@ -1,0 +1,375 @@
+//! The daemon's REST API: HTTP/1.1 with JSON bodies on a Unix socket (mode 0660), served by
+//! hyper on the daemon's tokio runtime, in the style of the VMM's server (crates/api).
+//!
+//! - Routes: [`ROUTES`] (what the server dispatches from; `openapi.yaml` lists the same ones,
+//!   which a test checks both ways). `{name}` is one path segment.
+//! - Each request's client credentials (`SO_PEERCRED`: uid, pid) go into the audit log with
+//!   the change they cause.
+//! - Operations block (spawning a VMM, booting): each runs on a thread of its own while the
+//!   server goes on answering.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::service::{Service, ServiceError};
+use crate::store::Peer;
+use crate::types::{CreateRequest, ErrorBody, EventList, StopRequest, VmList};
+
+/// Every route, as (method, path template).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/api/v1/vms"),
+    ("POST", "/api/v1/vms"),
+    ("GET", "/api/v1/vms/{name}"),
+    ("DELETE", "/api/v1/vms/{name}"),
+    ("PUT", "/api/v1/vms/{name}/start"),
+    ("PUT", "/api/v1/vms/{name}/stop"),
+    ("PUT", "/api/v1/vms/{name}/kill"),
+    ("PUT", "/api/v1/vms/{name}/pause"),
+    ("PUT", "/api/v1/vms/{name}/resume"),
+    ("GET", "/api/v1/events"),
+];
+
+/// The largest request body accepted (larger → 413).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How long a client has to send a request's head, and then its body.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most events one `GET /events` returns.
+pub const MAX_EVENTS: u32 = 10_000;
+
+type Resp = Response<Full<Bytes>>;
+
+/// An error answer on its way out (boxed: a response is large).
+type Reject = Box<Resp>;
+
+/// Matches `path` against a route template; returns the `{name}` segment (or "" without one).
+fn match_template<'p>(template: &str, path: &'p str) -> Option<&'p str> {
+    let mut name = "";
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return Some(name),
+            (Some("{name}"), Some(seg)) if !seg.is_empty() => name = seg,
+            (Some(a), Some(b)) if a == b => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(listener: UnixListener, svc: Arc<Service>, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(stream, svc.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("daemon API: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: UnixStream, svc: Arc<Service>) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer { uid: Some(c.uid()), pid: c.pid() },
+        Err(e) => {
+            tracing::warn!("daemon API: no peer credentials: {e}");
+            Peer::default()
+        }
+    };
+    let service = hyper::service::service_fn(move |req| {
+        let svc = svc.clone();
+        async move { Ok::<_, Infallible>(handle(req, svc, peer).await.unwrap_or_else(|e| *e)) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(READ_TIMEOUT).max_buf_size(16 * 1024);
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+        tracing::debug!("daemon API connection: {e}");
+    }
+}
+
+/// Runs a blocking operation on a thread of its own.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Reject> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("daemon-op".into()).spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+    });
+    if let Err(e) = spawned {
+        return Err(error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot start a thread: {e}"), None));
+    }
+    match rx.await {
+        Ok(Ok(v)) => Ok(v),
+        _ => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal error: the operation failed".into(), None)),
+    }
+}
+
+async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result<Resp, Reject> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let matched: Vec<(&str, &str, &str)> =
+        ROUTES.iter().filter_map(|(m, t)| match_template(t, &path).map(|n| (*m, *t, n))).collect();
+    if matched.is_empty() {
+        return Err(error(StatusCode::NOT_FOUND, format!("no such route: {}", shorten(&path)), None));
+    }
+    let Some(&(_, template, name)) = matched.iter().find(|(m, _, _)| *m == req.method().as_str()) else {
+        let allowed: Vec<&str> = matched.iter().map(|(m, _, _)| *m).collect();
+        let mut resp = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} takes {}, not {}", shorten(&path), allowed.join(" or "), shorten(req.method().as_str())),
+            None,
+        );
+        if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+            resp.headers_mut().insert(header::ALLOW, v);
+        }
+        return Err(resp);
+    };
+    let name = name.to_string();
+    if template.contains("{name}") {
+        Service::check_name(&name).map_err(service_error)?;
+    }
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    let method = req.method().clone();
+    let body = if method == Method::GET || method == Method::DELETE {
+        Bytes::new()
+    } else {
+        read_body(req.into_body()).await?
+    };
+    let takes_body = matches!(template, "/api/v1/vms" | "/api/v1/vms/{name}/stop") && method != Method::GET;
+    if !body.is_empty() {
+        if !takes_body {
+            return Err(bad_request("body", "this route takes no request body"));
+        }
+        if !is_json {
+            return Err(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the request body must be Content-Type: application/json".into(),
+                None,
+            ));
+        }
+    }
+    let q = Query::parse(&query)?;
+    let s = svc;
+    match (method.as_str(), template) {
+        ("GET", "/api/v1/vms") => {
+            let vms = blocking(move || s.list()).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &VmList { vms }))
+        }
+        ("POST", "/api/v1/vms") => {
+            if body.is_empty() {
+                return Err(bad_request("body", "a JSON request body is required"));
+            }
+            let req: CreateRequest = parse_json(&body)?;
+            let vm = blocking(move || s.create(req, peer)).await?.map_err(service_error)?;
+            Ok(json(StatusCode::CREATED, &vm))
+        }
+        ("GET", "/api/v1/vms/{name}") => {
+            Ok(json(StatusCode::OK, &blocking(move || s.info(&name)).await?.map_err(service_error)?))
+        }
+        ("DELETE", "/api/v1/vms/{name}") => {
+            let force = q.flag("force")?;
+            blocking(move || s.delete(&name, force, peer)).await?.map_err(service_error)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        ("PUT", "/api/v1/vms/{name}/start") => {
+            Ok(json(StatusCode::OK, &blocking(move || s.start(&name, peer)).await?.map_err(service_error)?))
+        }
+        ("PUT", "/api/v1/vms/{name}/stop") | ("PUT", "/api/v1/vms/{name}/kill") => {
+            let kill = template.ends_with("/kill");
+            let req: StopRequest = if body.is_empty() { StopRequest::default() } else { parse_json(&body)? };
+            Ok(json(StatusCode::OK, &blocking(move || s.stop(&name, &req, kill, peer)).await?.map_err(service_error)?))
+        }
+        ("PUT", "/api/v1/vms/{name}/pause") | ("PUT", "/api/v1/vms/{name}/resume") => {
+            let pause = template.ends_with("/pause");
+            Ok(json(
+                StatusCode::OK,
+                &blocking(move || s.pause_resume(&name, pause, peer)).await?.map_err(service_error)?,
+            ))
+        }
+        ("GET", "/api/v1/events") => {
+            let vm = q.get("vm").map(str::to_string);
+            if let Some(v) = &vm {
+                Service::check_name(v).map_err(|e| bad_request("vm", e.to_string()))?;
+            }
+            let after = q.number("after", 0, i64::MAX)?.unwrap_or(0);
+            let limit = q.number("limit", 1, i64::from(MAX_EVENTS))?.unwrap_or(i64::from(MAX_EVENTS));
+            let limit = u32::try_from(limit).unwrap_or(MAX_EVENTS);
+            let events = blocking(move || s.events(vm.as_deref(), after, limit)).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &EventList { events }))
+        }
+        _ => Err(error(StatusCode::NOT_FOUND, format!("route {template} is not implemented"), None)),
+    }
+}
+
+/// The query string's `key=value` pairs.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: &str) -> Result<Query, Reject> {
+        let mut pairs = Vec::new();
+        for part in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            if !["force", "vm", "after", "limit"].contains(&k) {
+                return Err(bad_request(k, "unknown query parameter (accepted: force, vm, after, limit)"));
+            }
+            pairs.push((k.to_string(), v.to_string()));
+        }
+        Ok(Query(pairs))
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    fn flag(&self, key: &str) -> Result<bool, Reject> {
+        match self.get(key) {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") | Some("") => Ok(true),
+            Some(v) => Err(bad_request(key, format!("'{}' (accepted: true, false)", shorten(v)))),
+        }
+    }
+
+    fn number(&self, key: &str, min: i64, max: i64) -> Result<Option<i64>, Reject> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(bad_request(key, format!("'{}' (accepted: {min} to {max})", shorten(v)))),
+            },
+        }
+    }
+}
+
+async fn read_body(body: Incoming) -> Result<Bytes, Reject> {
+    match tokio::time::timeout(READ_TIMEOUT, Limited::new(body, MAX_BODY_BYTES).collect()).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {MAX_BODY_BYTES} bytes"), None))
+        }
+        Ok(Err(e)) => Err(bad_request("body", format!("cannot read the request body: {e}"))),
+        Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time".into(), None)),
+    }
+}
+
+/// Parses a JSON object body; an error is a 400 naming the field, as the VMM's API does.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reject> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(bad_request("body", "expected a JSON object"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let (field, msg) = api::server::describe_json_error(&path, e.into_inner());
+        bad_request(&field, msg)
+    })?;
+    de.end().map_err(|_| bad_request("body", "unexpected data after the JSON value"))?;
+    Ok(value)
+}
+
+/// The HTTP answer to a failed operation.
+fn service_error(e: ServiceError) -> Reject {
+    let msg = e.to_string();
+    let (status, body) = match e {
+        ServiceError::BadRequest { field, .. } => {
+            (StatusCode::BAD_REQUEST, ErrorBody { error: msg, field: Some(field), operation: None, state: None })
+        }
+        ServiceError::NotFound(_) => {
+            (StatusCode::NOT_FOUND, ErrorBody { error: msg, field: None, operation: None, state: None })
+        }
+        ServiceError::Duplicate(_) => {
+            (StatusCode::CONFLICT, ErrorBody { error: msg, field: Some("name".into()), operation: None, state: None })
+        }
+        ServiceError::Busy { operation, .. } => {
+            (StatusCode::CONFLICT, ErrorBody { error: msg, field: None, operation: Some(operation), state: None })
+        }
+        ServiceError::Conflict { state, .. } => (
+            StatusCode::CONFLICT,
+            ErrorBody { error: msg, field: None, operation: None, state: Some(state.as_str().into()) },
+        ),
+        ServiceError::StartFailed { .. }
+        | ServiceError::Vmm { .. }
+        | ServiceError::Store(_)
+        | ServiceError::Io { .. } => {
+            tracing::warn!("{msg}");
+            (StatusCode::INTERNAL_SERVER_ERROR, ErrorBody { error: msg, field: None, operation: None, state: None })
+        }
+    };
+    Box::new(json(status, &body))
+}
+
+fn bad_request(field: &str, msg: impl std::fmt::Display) -> Reject {
+    let error = if field == "body" { format!("request body: {msg}") } else { format!("{field}: {msg}") };
+    Box::new(json(
+        StatusCode::BAD_REQUEST,
+        &ErrorBody { error, field: Some(field.into()), operation: None, state: None },
+    ))
+}
+
+fn error(status: StatusCode, error: String, field: Option<String>) -> Reject {
+    Box::new(json(status, &ErrorBody { error, field, operation: None, state: None }))
+}
+
+fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp {
+    let (status, bytes) = match serde_json::to_vec(value) {
+        Ok(b) => (status, b),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{{\"error\":\"cannot encode the response: {}\"}}", e.to_string().replace(['"', '\\'], "'"))
+                .into_bytes(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn empty(status: StatusCode) -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(100) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates() {
+        assert_eq!(match_template("/api/v1/vms", "/api/v1/vms"), Some(""));
+        assert_eq!(match_template("/api/v1/vms/{name}", "/api/v1/vms/a"), Some("a"));
+        assert_eq!(match_template("/api/v1/vms/{name}/start", "/api/v1/vms/a/start"), Some("a"));
+        assert_eq!(match_template("/api/v1/vms/{name}", "/api/v1/vms/"), None);
+        assert_eq!(match_template("/api/v1/vms/{name}", "/api/v1/vms/a/start"), None);
+        assert_eq!(match_template("/api/v1/vms", "/api/v1/vmsx"), None);
+    }
+}

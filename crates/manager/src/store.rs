@@ -1,0 +1,446 @@
+//! The daemon's store: one SQLite database (`<state-dir>/rustvisor.db`, WAL journal,
+//! `synchronous=FULL`) holding VM definitions, their runtime (VMM pid, socket, state) and the
+//! event and audit log.
+//!
+//! Every mutation is one transaction that also appends its event, so a daemon killed at any
+//! moment leaves either the whole change or none of it. The schema is versioned
+//! (`schema_version`) and brought up to date by [`MIGRATIONS`] when the store is opened.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::types::{Event, RestartPolicy, VmConfig, VmState};
+
+/// The schema, one step per version: `MIGRATIONS[i]` takes version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: definitions, runtime, events.
+    "CREATE TABLE vms (
+         name       TEXT PRIMARY KEY NOT NULL,
+         spec       TEXT NOT NULL,               -- api::types::VmConfig as JSON
+         restart    TEXT NOT NULL,               -- no | on-failure | always
+         desired    TEXT NOT NULL,               -- running | stopped
+         created_ms INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE runtime (
+         name       TEXT PRIMARY KEY NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+         state      TEXT NOT NULL,               -- stopped | starting | running | paused | crashed
+         pid        INTEGER,
+         socket     TEXT,
+         started_ms INTEGER,
+         accel      TEXT,
+         reason     TEXT,
+         restarts   INTEGER NOT NULL DEFAULT 0
+     ) STRICT;
+     CREATE TABLE events (
+         id         INTEGER PRIMARY KEY AUTOINCREMENT,
+         time_ms    INTEGER NOT NULL,
+         vm         TEXT,
+         kind       TEXT NOT NULL,
+         detail     TEXT NOT NULL,
+         peer_uid   INTEGER,
+         peer_pid   INTEGER
+     ) STRICT;
+     CREATE INDEX events_by_vm ON events(vm, id);",
+];
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value does not decode (the database was edited or is from a newer daemon).
+    #[error("store: VM {vm}: bad stored {what}: {msg}")]
+    Corrupt {
+        /// The VM.
+        vm: String,
+        /// The column.
+        what: &'static str,
+        /// The decoding error.
+        msg: String,
+    },
+    /// The database's schema is newer than this daemon knows.
+    #[error("store: schema version {found} is newer than this rustvisor's {known}")]
+    TooNew {
+        /// The version in the file.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
+    /// A VM of that name is already defined.
+    #[error("a VM named '{0}' already exists")]
+    Duplicate(String),
+    /// No VM of that name.
+    #[error("no VM named '{0}'")]
+    NotFound(String),
+}
+
+/// Who asked for a change: the API client's credentials (`SO_PEERCRED`), or nobody for the
+/// daemon's own actions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's user ID.
+    pub uid: Option<u32>,
+    /// The client's process ID.
+    pub pid: Option<i32>,
+}
+
+/// An event to append with a change.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// The VM concerned.
+    pub vm: Option<String>,
+    /// What happened (see [`Event::kind`]).
+    pub kind: &'static str,
+    /// For a person.
+    pub detail: String,
+    /// Who asked.
+    pub peer: Peer,
+}
+
+impl NewEvent {
+    /// An event about `vm`.
+    pub fn vm(vm: &str, kind: &'static str, detail: impl Into<String>, peer: Peer) -> NewEvent {
+        NewEvent { vm: Some(vm.to_string()), kind, detail: detail.into(), peer }
+    }
+}
+
+/// A VM's runtime row: what runs for it now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Runtime {
+    /// Its state.
+    pub state: VmState,
+    /// The VMM's pid while one exists.
+    pub pid: Option<u32>,
+    /// The VMM's API socket while one exists.
+    pub socket: Option<String>,
+    /// When the VMM was started (Unix ms).
+    pub started_ms: Option<i64>,
+    /// The accelerator in use.
+    pub accel: Option<String>,
+    /// Why it stopped or crashed.
+    pub reason: Option<String>,
+    /// Restarts by the policy since the last start asked through the API.
+    pub restarts: u32,
+}
+
+impl Runtime {
+    /// A VM with no VMM, in `state` for `reason`, keeping the restart count.
+    pub fn down(state: VmState, reason: Option<String>, restarts: u32) -> Runtime {
+        Runtime { state, pid: None, socket: None, started_ms: None, accel: None, reason, restarts }
+    }
+}
+
+/// Everything stored about one VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    /// Its name.
+    pub name: String,
+    /// Its configuration.
+    pub config: VmConfig,
+    /// Its restart policy.
+    pub restart: RestartPolicy,
+    /// Whether it should be running (the user started it and did not stop it).
+    pub desired_running: bool,
+    /// When it was defined (Unix ms).
+    pub created_ms: i64,
+    /// What runs for it now.
+    pub runtime: Runtime,
+}
+
+/// The store (one connection; the daemon serialises access to it).
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if absent) the database at `path` and migrates it to the current
+    /// schema.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(Store { conn })
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0))?)
+    }
+
+    /// Defines a VM (state `stopped`) and logs `event`, in one transaction.
+    pub fn create_vm(
+        &mut self,
+        name: &str,
+        config: &VmConfig,
+        restart: RestartPolicy,
+        event: &NewEvent,
+    ) -> Result<(), StoreError> {
+        let spec = serde_json::to_string(config).map_err(|e| StoreError::Corrupt {
+            vm: name.into(),
+            what: "spec",
+            msg: e.to_string(),
+        })?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM vms WHERE name = ?1)", [name], |r| r.get(0))?;
+        if exists {
+            return Err(StoreError::Duplicate(name.into()));
+        }
+        tx.execute(
+            "INSERT INTO vms (name, spec, restart, desired, created_ms) VALUES (?1, ?2, ?3, 'stopped', ?4)",
+            params![name, spec, restart.as_str(), now_ms()],
+        )?;
+        tx.execute("INSERT INTO runtime (name, state, restarts) VALUES (?1, 'stopped', 0)", [name])?;
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// One VM.
+    pub fn get(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_VM} WHERE v.name = ?1"))?;
+        let row = stmt.query_row([name], raw_row).optional()?;
+        row.map(decode).transpose()
+    }
+
+    /// Every VM, by name.
+    pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_VM} ORDER BY v.name"))?;
+        let rows = stmt.query_map([], raw_row)?.collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(decode).collect()
+    }
+
+    /// Replaces a VM's runtime row, optionally its desired state, and logs `events`, in one
+    /// transaction.
+    pub fn set_runtime(
+        &mut self,
+        name: &str,
+        rt: &Runtime,
+        desired_running: Option<bool>,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE runtime SET state = ?2, pid = ?3, socket = ?4, started_ms = ?5, accel = ?6, reason = ?7,
+                 restarts = ?8 WHERE name = ?1",
+            params![name, rt.state.as_str(), rt.pid, rt.socket, rt.started_ms, rt.accel, rt.reason, rt.restarts],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        if let Some(d) = desired_running {
+            tx.execute(
+                "UPDATE vms SET desired = ?2 WHERE name = ?1",
+                params![name, if d { "running" } else { "stopped" }],
+            )?;
+        }
+        for e in events {
+            insert_event(&tx, e)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets a VM (its runtime row goes with it) and logs `event`, in one transaction.
+    pub fn delete_vm(&mut self, name: &str, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if tx.execute("DELETE FROM vms WHERE name = ?1", [name])? == 0 {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Appends an event on its own.
+    pub fn log(&mut self, event: &NewEvent) -> Result<(), StoreError> {
+        insert_event(&self.conn, event)?;
+        Ok(())
+    }
+
+    /// Events after id `after`, of `vm` if given, oldest first, at most `limit`.
+    pub fn events(&self, vm: Option<&str>, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, time_ms, vm, kind, detail, peer_uid, peer_pid FROM events
+             WHERE id > ?1 AND (?2 IS NULL OR vm = ?2) ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after, vm, limit], |r| {
+            Ok(Event {
+                id: r.get(0)?,
+                time_ms: r.get(1)?,
+                vm: r.get(2)?,
+                kind: r.get(3)?,
+                detail: r.get(4)?,
+                peer_uid: r.get(5)?,
+                peer_pid: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+const SELECT_VM: &str = "SELECT v.name, v.spec, v.restart, v.desired, v.created_ms, r.state, r.pid, r.socket,
+     r.started_ms, r.accel, r.reason, r.restarts FROM vms v JOIN runtime r ON r.name = v.name";
+
+/// A row of [`SELECT_VM`] before decoding.
+type RawRow = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    Option<u32>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    u32,
+);
+
+fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+    ))
+}
+
+fn decode(row: RawRow) -> Result<VmRecord, StoreError> {
+    let (name, spec, restart, desired, created_ms, state, pid, socket, started_ms, accel, reason, restarts) = row;
+    let corrupt = |what, msg: String| StoreError::Corrupt { vm: name.clone(), what, msg };
+    let config: VmConfig = serde_json::from_str(&spec).map_err(|e| corrupt("spec", e.to_string()))?;
+    let restart: RestartPolicy = restart.parse().map_err(|e| corrupt("restart", e))?;
+    let state: VmState = state.parse().map_err(|e| corrupt("state", e))?;
+    Ok(VmRecord {
+        config,
+        restart,
+        desired_running: desired == "running",
+        created_ms,
+        runtime: Runtime { state, pid, socket, started_ms, accel, reason, restarts },
+        name,
+    })
+}
+
+fn insert_event(conn: &Connection, e: &NewEvent) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO events (time_ms, vm, kind, detail, peer_uid, peer_pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![now_ms(), e.vm, e.kind, e.detail, e.peer.uid, e.peer.pid],
+    )?;
+    Ok(())
+}
+
+/// Brings the schema to `MIGRATIONS.len()`, each step in one transaction with its version.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let found: Option<i64> = tx.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).optional()?;
+    let mut version = match found {
+        Some(v) => v,
+        None => {
+            tx.execute("INSERT INTO schema_version (version) VALUES (0)", [])?;
+            0
+        }
+    };
+    if version > known {
+        return Err(StoreError::TooNew { found: version, known });
+    }
+    while version < known {
+        let step = usize::try_from(version).unwrap_or(usize::MAX);
+        tx.execute_batch(MIGRATIONS[step])?;
+        version += 1;
+        tx.execute("UPDATE schema_version SET version = ?1", [version])?;
+        tracing::info!("store: migrated to schema version {version}");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap()
+    }
+
+    fn temp_db(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("rv-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("rustvisor.db")
+    }
+
+    #[test]
+    fn create_update_delete_with_events() {
+        let path = temp_db("cud");
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let peer = Peer { uid: Some(1000), pid: Some(42) };
+        s.create_vm("a", &cfg(), RestartPolicy::OnFailure, &NewEvent::vm("a", "defined", "", peer)).unwrap();
+        assert!(matches!(
+            s.create_vm("a", &cfg(), RestartPolicy::No, &NewEvent::vm("a", "defined", "", peer)),
+            Err(StoreError::Duplicate(_))
+        ));
+        let rt = Runtime {
+            state: VmState::Running,
+            pid: Some(7),
+            socket: Some("/s".into()),
+            started_ms: Some(1),
+            accel: Some("emu".into()),
+            reason: None,
+            restarts: 2,
+        };
+        s.set_runtime("a", &rt, Some(true), &[NewEvent::vm("a", "started", "pid 7", Peer::default())]).unwrap();
+        drop(s);
+        // Reopening finds everything (and does not migrate again).
+        let mut s = Store::open(&path).unwrap();
+        let rec = s.get("a").unwrap().unwrap();
+        assert_eq!(rec.runtime, rt);
+        assert!(rec.desired_running);
+        assert_eq!(rec.restart, RestartPolicy::OnFailure);
+        let ev = s.events(None, 0, 100).unwrap();
+        assert_eq!(ev.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["defined", "started"]);
+        assert_eq!((ev[0].peer_uid, ev[0].peer_pid), (Some(1000), Some(42)));
+        assert_eq!(s.events(Some("b"), 0, 100).unwrap(), vec![]);
+        s.delete_vm("a", &NewEvent::vm("a", "deleted", "", peer)).unwrap();
+        assert!(s.get("a").unwrap().is_none());
+        assert!(matches!(s.set_runtime("a", &rt, None, &[]), Err(StoreError::NotFound(_))));
+        assert_eq!(s.events(Some("a"), 0, 100).unwrap().len(), 3, "events outlive the VM");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let path = temp_db("newer");
+        drop(Store::open(&path).unwrap());
+        let c = Connection::open(&path).unwrap();
+        c.execute("UPDATE schema_version SET version = 99", []).unwrap();
+        drop(c);
+        assert!(matches!(Store::open(&path), Err(StoreError::TooNew { found: 99, .. })));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}

@@ -1,0 +1,177 @@
+//! VMM processes: spawning one per VM in a session of its own (so it outlives the daemon),
+//! finding out whether one still lives and is the one we think, killing and reaping.
+//!
+//! The daemon reaps the VMMs it spawned (`waitpid` through [`Child::try_wait`]) and so learns
+//! their exit status; a VMM it adopted after a restart is not its child, so only its
+//! disappearance can be seen (`/proc/<pid>`).
+
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use api::client::Client;
+
+/// How long a fresh VMM has to answer `vmm.ping`.
+pub const API_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Spawns `exe vmm --api-socket socket` in a new session, stdin from /dev/null and its
+/// stdout and stderr appended to `log`.
+pub fn spawn(exe: &Path, socket: &Path, log: &Path) -> io::Result<Child> {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("vmm").arg("--api-socket").arg(socket).stdin(Stdio::null()).stdout(out).stderr(err);
+    // A log file, not a terminal: no colour codes.
+    cmd.env("NO_COLOR", "1");
+    // SAFETY: the closure runs in the child between fork and exec and only calls setsid(2),
+    // which is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Waits until the VMM `child` answers `vmm.ping` on `socket` with its own pid; returns a
+/// client for it. Fails if the child exits first or [`API_DEADLINE`] passes.
+pub fn wait_api(child: &mut Child, socket: &Path) -> Result<Client, String> {
+    let client = Client::new(socket)
+        .map_err(|e| format!("cannot start an API client: {e}"))?
+        .with_timeout(Duration::from_secs(2));
+    let end = Instant::now() + API_DEADLINE;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("the VMM {}", describe_exit(st)));
+        }
+        match client.ping() {
+            Ok(p) if p.pid == child.id() => return Ok(client.with_timeout(Duration::from_secs(60))),
+            Ok(p) => return Err(format!("another process (pid {}) answers on {}", p.pid, socket.display())),
+            Err(e) if Instant::now() > end => {
+                return Err(format!("the VMM's API did not answer within {API_DEADLINE:?}: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// Whether the VMM on `socket` answers `vmm.ping` as process `pid` (so a reused pid or a
+/// stale socket is never taken for it).
+pub fn answers_as(socket: &Path, pid: u32) -> bool {
+    let Ok(client) = Client::new(socket) else { return false };
+    matches!(client.with_timeout(Duration::from_secs(2)).ping(), Ok(p) if p.pid == pid)
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // "pid (comm) S ...": the state follows the last ')' (comm may hold anything).
+    match stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) {
+        Some(state) => !matches!(state, "Z" | "X" | "x"),
+        None => false,
+    }
+}
+
+/// Sends SIGKILL to `pid` (a process we do not hold a [`Child`] for).
+pub fn kill_pid(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill(2) with a positive pid only sends a signal; no memory is involved.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// Waits up to `timeout` for `pid` to be gone (reaping it through `child` when we hold it).
+pub fn wait_gone(pid: u32, child: Option<&mut Child>, timeout: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + timeout;
+    let mut child = child;
+    loop {
+        if let Some(c) = child.as_deref_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+        } else if !pid_alive(pid) {
+            return None;
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills the VMM `pid` and waits for it (reaping it through `child` when we hold it).
+pub fn kill_and_reap(pid: u32, child: Option<&mut Child>) -> Option<ExitStatus> {
+    match child {
+        Some(c) => {
+            let _ = c.kill();
+            c.wait().ok()
+        }
+        None => {
+            kill_pid(pid);
+            wait_gone(pid, None, Duration::from_secs(5))
+        }
+    }
+}
+
+/// "exited with status 1", "was killed by signal 9 (SIGKILL)".
+pub fn describe_exit(st: ExitStatus) -> String {
+    if let Some(code) = st.code() {
+        return format!("exited with status {code}");
+    }
+    match st.signal() {
+        Some(sig) => format!("was killed by signal {sig}{}", signal_name(sig)),
+        None => format!("ended ({st})"),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGTERM => " (SIGTERM)",
+        libc::SIGABRT => " (SIGABRT: a panic or abort)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGBUS => " (SIGBUS)",
+        libc::SIGINT => " (SIGINT)",
+        libc::SIGHUP => " (SIGHUP)",
+        _ => "",
+    }
+}
+
+/// The VMM's last words in its log: the last line of its last 8 KiB that reports an error
+/// or a panic, cut to 300 characters.
+pub fn last_log_line(log: &Path) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let start = text.len().saturating_sub(8192);
+    let tail = String::from_utf8_lossy(&text[start..]);
+    let line = tail
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.contains("ERROR") || l.contains("panic") || l.starts_with("rustvisor:"))?;
+    Some(line.chars().take(300).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_and_exit_descriptions() {
+        assert!(pid_alive(std::process::id()));
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        assert!(pid_alive(pid));
+        let st = kill_and_reap(pid, Some(&mut child)).unwrap();
+        assert_eq!(describe_exit(st), "was killed by signal 9 (SIGKILL)");
+        assert!(!pid_alive(pid));
+        let st = Command::new("sh").args(["-c", "exit 3"]).status().unwrap();
+        assert_eq!(describe_exit(st), "exited with status 3");
+    }
+}

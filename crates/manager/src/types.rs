@@ -1,0 +1,263 @@
+//! The daemon API's request and response bodies (JSON), described by `openapi.yaml` beside
+//! this crate. Request bodies refuse unknown fields, so a typo is a 400 naming the field.
+
+use serde::{Deserialize, Serialize};
+
+pub use api::types::VmConfig;
+
+/// Allowed VM names, for messages: a lower-case letter or digit, then up to 62 of lower-case
+/// letters, digits, `-`, `_` and `.` (so a name is a safe file name and never an option).
+pub const NAME_RULE: &str = "1 to 63 characters: a-z or 0-9, then a-z, 0-9, '-', '_' or '.'";
+
+/// Checks a VM name against [`NAME_RULE`].
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// What the daemon does when a VM ends without being asked to through the API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never restart: a crashed VM stays `crashed` with the reason.
+    #[default]
+    No,
+    /// Restart after a crash (VMM killed or failed, API dead); a guest power-off stays
+    /// `stopped`.
+    OnFailure,
+    /// Restart after a crash and after a guest power-off.
+    Always,
+}
+
+impl RestartPolicy {
+    /// The policy's name on the wire and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::No => "no",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "no" => Ok(RestartPolicy::No),
+            "on-failure" => Ok(RestartPolicy::OnFailure),
+            "always" => Ok(RestartPolicy::Always),
+            _ => Err(format!("'{s}' (accepted: no, on-failure, always)")),
+        }
+    }
+}
+
+/// A VM's state as the daemon sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Defined, no VMM process (never started, stopped, or the guest powered off).
+    Stopped,
+    /// A VMM process is being started for it (only seen in the store after a daemon crash).
+    Starting,
+    /// The guest runs.
+    Running,
+    /// The guest is paused.
+    Paused,
+    /// The VMM ended without being asked to; `reason` says why.
+    Crashed,
+}
+
+impl VmState {
+    /// The state's name on the wire and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Crashed => "crashed",
+        }
+    }
+
+    /// Whether a VMM process should exist.
+    pub fn is_active(self) -> bool {
+        matches!(self, VmState::Starting | VmState::Running | VmState::Paused)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "stopped" => VmState::Stopped,
+            "starting" => VmState::Starting,
+            "running" => VmState::Running,
+            "paused" => VmState::Paused,
+            "crashed" => VmState::Crashed,
+            _ => return Err(format!("unknown VM state '{s}'")),
+        })
+    }
+}
+
+/// `POST /api/v1/vms`: define a VM (it is not started).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// The VM's name ([`NAME_RULE`]).
+    pub name: String,
+    /// The restart policy; default `no`.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// The VM's configuration, as the VMM's `vm.create` takes it. `serial` must be left
+    /// `null` (the default): the daemon writes the serial console to
+    /// `<state-dir>/vms/<name>/console.log`.
+    pub config: VmConfig,
+}
+
+/// `PUT /api/v1/vms/{name}/stop` (the body is optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Kill the VMM at once instead of pressing the guest's power button first.
+    #[serde(default)]
+    pub force: bool,
+    /// Seconds the graceful stop may take before the VMM is killed (default 30, 1 to 3600).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// One VM in `GET /api/v1/vms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmSummary {
+    /// The VM's name.
+    pub name: String,
+    /// Its state.
+    pub state: VmState,
+    /// The operation in progress on it, if any ("start", "stop", "restart", ...).
+    #[serde(default)]
+    pub operation: Option<String>,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The accelerator in use while it runs ("kvm" or "emu"), else the configured one.
+    pub accel: String,
+    /// The VMM's process ID while it runs.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Seconds since the VMM was started, while it runs.
+    #[serde(default)]
+    pub uptime_s: Option<f64>,
+    /// The restart policy.
+    pub restart: RestartPolicy,
+    /// Restarts by the policy since the last start asked through the API.
+    pub restarts: u32,
+    /// Why the VM is `crashed` or `stopped` (absent when it was never started).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `GET /api/v1/vms/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmDetails {
+    /// What `GET /api/v1/vms` says of it.
+    pub summary: VmSummary,
+    /// Its configuration (with the serial console the daemon set).
+    pub config: VmConfig,
+    /// The serial console's file on the host.
+    pub console_log: String,
+    /// The VMM's API socket while it runs.
+    #[serde(default)]
+    pub api_socket: Option<String>,
+    /// When it was defined (Unix time, milliseconds).
+    pub created_ms: i64,
+}
+
+/// `GET /api/v1/vms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmList {
+    /// Every defined VM, by name.
+    pub vms: Vec<VmSummary>,
+}
+
+/// One entry of the event and audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increasing sequence number.
+    pub id: i64,
+    /// When (Unix time, milliseconds).
+    pub time_ms: i64,
+    /// The VM concerned, if any.
+    #[serde(default)]
+    pub vm: Option<String>,
+    /// What happened: "defined", "started", "start-failed", "stopped", "killed", "paused",
+    /// "resumed", "deleted", "crashed", "restarted", "restart-limit", "adopted",
+    /// "daemon-started", "orphan-stopped".
+    pub kind: String,
+    /// Details for a person (the reason of a crash, the pid of a VMM, ...).
+    pub detail: String,
+    /// The user ID of the API client that asked for it (absent: the daemon itself).
+    #[serde(default)]
+    pub peer_uid: Option<u32>,
+    /// The process ID of that client, when the kernel told it.
+    #[serde(default)]
+    pub peer_pid: Option<i32>,
+}
+
+/// `GET /api/v1/events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventList {
+    /// Events in order, oldest first.
+    pub events: Vec<Event>,
+}
+
+/// The body of every error response (4xx and 5xx).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+    /// 400 (and a 409 for a name in use): the offending input field ("name",
+    /// "config.memory_mib", "body", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// 409: the operation in progress on the VM ("start", "stop", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// 409: the VM's state that forbids the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "0", "web-1", "db_2.prod", &"x".repeat(63)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "_a", "A", "a/b", "a b", "é", &"x".repeat(64), "a\0"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn policy_round_trip() {
+        for p in [RestartPolicy::No, RestartPolicy::OnFailure, RestartPolicy::Always] {
+            assert_eq!(p.as_str().parse::<RestartPolicy>().unwrap(), p);
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{}\"", p.as_str()));
+        }
+        assert!("sometimes".parse::<RestartPolicy>().is_err());
+    }
+}

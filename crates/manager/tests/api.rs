@@ -1,0 +1,203 @@
+//! The daemon's API without booting anything: `openapi.yaml` against the served routes (both
+//! ways) and the wire types, the HTTP status mapping, and a failed start leaving nothing
+//! behind (the "VMM" is a program that exits at once).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use api::client::Client;
+use manager::server::ROUTES;
+use manager::service::{DaemonPaths, Service};
+use manager::store::Store;
+use manager::types::{ErrorBody, Event, EventList, VmDetails, VmState, VmSummary};
+
+fn openapi() -> serde_yaml::Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    serde_yaml::from_str(&text).expect("openapi.yaml parses")
+}
+
+#[test]
+fn openapi_lists_exactly_the_served_routes() {
+    let doc = openapi();
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_mapping().unwrap() {
+        for (method, _) in item.as_mapping().unwrap() {
+            let method = method.as_str().unwrap();
+            if method != "parameters" {
+                documented.insert((method.to_ascii_uppercase(), path.as_str().unwrap().to_string()));
+            }
+        }
+    }
+    let served: BTreeSet<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(served.len(), ROUTES.len(), "ROUTES has duplicates");
+    let missing: Vec<_> = served.difference(&documented).collect();
+    let extra: Vec<_> = documented.difference(&served).collect();
+    assert!(missing.is_empty(), "served but not in openapi.yaml: {missing:?}");
+    assert!(extra.is_empty(), "in openapi.yaml but not served: {extra:?}");
+}
+
+#[test]
+fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
+    let doc = openapi();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    for line in text.lines() {
+        if let Some(r) = line.trim().strip_prefix("$ref: ") {
+            let mut node = &doc;
+            for part in r.trim_matches('"').strip_prefix("#/").expect("local ref").split('/') {
+                node = &node[part];
+            }
+            assert!(!node.is_null(), "dangling $ref {r}");
+        }
+    }
+    // Each schema's properties are exactly the fields serde writes (all optional ones set).
+    let summary = VmSummary {
+        name: "a".into(),
+        state: VmState::Running,
+        operation: Some("stop".into()),
+        cpus: 1,
+        memory_mib: 512,
+        accel: "emu".into(),
+        pid: Some(1),
+        uptime_s: Some(1.0),
+        restart: Default::default(),
+        restarts: 0,
+        reason: Some("r".into()),
+    };
+    let details = VmDetails {
+        summary: summary.clone(),
+        config: serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap(),
+        console_log: "/c".into(),
+        api_socket: Some("/s".into()),
+        created_ms: 0,
+    };
+    let event = Event {
+        id: 1,
+        time_ms: 2,
+        vm: Some("a".into()),
+        kind: "defined".into(),
+        detail: String::new(),
+        peer_uid: Some(0),
+        peer_pid: Some(1),
+    };
+    let error =
+        ErrorBody { error: "e".into(), field: Some("f".into()), operation: Some("o".into()), state: Some("s".into()) };
+    let samples = [
+        ("VmSummary", serde_json::to_value(&summary).unwrap()),
+        ("VmDetails", serde_json::to_value(&details).unwrap()),
+        ("Event", serde_json::to_value(&event).unwrap()),
+        ("EventList", serde_json::to_value(EventList { events: vec![] }).unwrap()),
+        ("Error", serde_json::to_value(&error).unwrap()),
+        ("StopRequest", serde_json::json!({"force": true, "timeout_s": 5})),
+        ("CreateRequest", serde_json::json!({"name": "a", "restart": "no", "config": {}})),
+    ];
+    for (name, value) in samples {
+        let props: BTreeSet<String> = doc["components"]["schemas"][name]["properties"]
+            .as_mapping()
+            .unwrap_or_else(|| panic!("schema {name}"))
+            .keys()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect();
+        let fields: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(props, fields, "schema {name} against the wire type");
+    }
+}
+
+/// A daemon service and server in this process, on a temp folder.
+struct Daemon {
+    dir: PathBuf,
+    socket: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    fn start(tag: &str, vmm_exe: &Path) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("rv-mgr-api-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("rustvisor.db")).unwrap();
+        let paths = DaemonPaths { state_dir: dir.join("state"), run_dir: dir.join("run"), vmm_exe: vmm_exe.into() };
+        let svc = Arc::new(Service::new(paths, store));
+        let socket = dir.join("d.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+                manager::server::serve(listener, svc, async move {
+                    let _ = rx.await;
+                })
+                .await;
+            });
+        });
+        Daemon { dir, socket, stop: Some(tx), thread: Some(thread) }
+    }
+
+    fn call(&self, method: &str, route: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let c = Client::new(&self.socket).unwrap();
+        let r = c.request(method, route, body.map(|b| b.as_bytes().to_vec())).unwrap();
+        let v = if r.body.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(&r.body).unwrap() };
+        (r.status, v)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        let _ = self.thread.take().map(|t| t.join());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const KERNEL_FILE: &str = "/proc/self/exe";
+
+#[test]
+fn statuses_and_a_failed_start_leaves_nothing_behind() {
+    // The test binary itself exists: a file the kernel check accepts.
+    let kernel = std::fs::canonicalize(KERNEL_FILE).unwrap().display().to_string();
+    let d = Daemon::start("status", Path::new("/bin/false"));
+    let create = format!(r#"{{"name": "a", "restart": "on-failure", "config": {{"kernel": "{kernel}"}}}}"#);
+    let (s, v) = d.call("POST", "vms", Some(&create));
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["state"], "stopped");
+
+    let (s, v) = d.call("POST", "vms", Some(&create));
+    assert_eq!((s, v["field"].as_str()), (409, Some("name")), "{v}");
+    let (s, v) = d.call("POST", "vms", Some(r#"{"name": "b", "config": {"kernel": "/k"}, "x": 1}"#));
+    assert_eq!((s, v["field"].as_str()), (400, Some("x")), "{v}");
+    let (s, v) = d.call("POST", "vms", Some(r#"{"name": "b", "config": {"kernel": "/k", "serial": "file=/tmp/x"}}"#));
+    assert_eq!((s, v["field"].as_str()), (400, Some("config.serial")), "{v}");
+    let (s, v) = d.call("GET", "vms/Bad", None);
+    assert_eq!((s, v["field"].as_str()), (400, Some("name")), "{v}");
+    let (s, _) = d.call("GET", "vms/b", None);
+    assert_eq!(s, 404);
+    let (s, _) = d.call("GET", "nothing", None);
+    assert_eq!(s, 404);
+    let (s, v) = d.call("POST", "vms/a/start", None);
+    assert_eq!(s, 405, "{v}");
+    let (s, v) = d.call("GET", "events?bogus=1", None);
+    assert_eq!((s, v["field"].as_str()), (400, Some("bogus")), "{v}");
+    let (s, v) = d.call("PUT", "vms/a/pause", Some("{}"));
+    assert_eq!((s, v["field"].as_str()), (400, Some("body")), "{v}");
+    let (s, v) = d.call("PUT", "vms/a/pause", None);
+    assert_eq!((s, v["state"].as_str()), (409, Some("stopped")), "{v}");
+
+    // The "VMM" exits at once: a 500 naming why, nothing left, the failure logged.
+    let (s, v) = d.call("PUT", "vms/a/start", None);
+    assert_eq!(s, 500, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("start failed: the VMM exited with status 1"), "{v}");
+    let (_, v) = d.call("GET", "vms/a", None);
+    assert_eq!(v["summary"]["state"], "stopped", "{v}");
+    assert!(v["summary"]["pid"].is_null());
+    assert!(!d.dir.join("run/vms/a").exists(), "the run folder is left");
+    let (_, v) = d.call("GET", "events?vm=a", None);
+    let kinds: Vec<&str> = v["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["defined", "start-failed"]);
+    let (s, _) = d.call("DELETE", "vms/a", None);
+    assert_eq!(s, 204);
+    let (_, v) = d.call("GET", "vms", None);
+    assert_eq!(v["vms"], serde_json::json!([]));
+}

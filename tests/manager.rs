@@ -1,0 +1,383 @@
+//! The host manager end to end: a real `rustvisor daemon` with its own state folder, run
+//! folder and socket in a temp folder, driven by `rustvisor vm` and `rustvisor events`, with
+//! real VMMs booting the Debian guest on `emu`.
+//!
+//! - bad input (no VM booted): exit 2 with one line naming the field, store unchanged;
+//! - one test shares its booted VMs across the checks: two VMs started (with a concurrent
+//!   second start of one: a 409), each console its own guest; a guest power-off is
+//!   `stopped` and not restarted; `kill -9` of a VMM with `--restart no` is `crashed` with
+//!   the reason; `kill -9` of the daemon: the new one adopts the running VM (same pid); then
+//!   `kill -9` of that adopted VMM with `on-failure` restarts it (event, count 1); pause,
+//!   resume, stop, delete.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use manager::types::{Event, EventList, VmList, VmState, VmSummary};
+
+/// How long a guest boot may take on `emu` with other tests beside it.
+const BOOT: Duration = Duration::from_secs(300);
+
+/// A daemon in its own folders; dropping it kills it and every VMM it started.
+struct Env {
+    dir: TempDir,
+    daemon: Option<Child>,
+}
+
+impl Env {
+    fn new(tag: &str) -> Env {
+        let mut env = Env { dir: TempDir::new(tag), daemon: None };
+        env.start_daemon();
+        env
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path("rustvisor.sock")
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path("run")
+    }
+
+    fn start_daemon(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
+            .arg("daemon")
+            .arg("--state-dir")
+            .arg(self.dir.path("state"))
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--socket")
+            .arg(self.socket())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        wait_until("the daemon's socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(self.socket()).ok()
+        });
+    }
+
+    /// `kill -9` of the daemon.
+    fn kill_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill().unwrap();
+            d.wait().unwrap();
+        }
+    }
+
+    /// `rustvisor <args> --connect SOCKET`: (exit code, stdout, stderr).
+    fn rv(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
+            .args(args)
+            .arg("--connect")
+            .arg(self.socket())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.rv(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        out
+    }
+
+    /// Runs a command that must be refused as bad input: exit 2, one line naming `field`.
+    fn bad_input(&self, args: &[&str], field: &str) {
+        let (code, out, err) = self.rv(args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err:?}");
+        assert!(err.starts_with("rustvisor: ") && err.contains(field), "{args:?}: {err}");
+    }
+
+    fn list(&self) -> Vec<VmSummary> {
+        serde_json::from_str::<VmList>(&self.ok(&["vm", "list", "--json"])).unwrap().vms
+    }
+
+    fn vm(&self, name: &str) -> VmSummary {
+        self.list().into_iter().find(|v| v.name == name).unwrap_or_else(|| panic!("no VM {name}"))
+    }
+
+    fn events(&self, vm: &str) -> Vec<Event> {
+        serde_json::from_str::<EventList>(&self.ok(&["events", "--json", "--vm", vm])).unwrap().events
+    }
+
+    fn console(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path("state").join("vms").join(name).join("console.log")).unwrap_or_default()
+    }
+
+    /// Creates a VM running the guest script `script`.
+    fn create(&self, name: &str, script: &str, restart: &str) {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+        let cmdline = format!("console=ttyS0 panic=-1 rv.cmd={b64}");
+        let (kernel, initrd) = (guest_file("vmlinuz"), guest_file("initrd.img"));
+        let out = self.ok(&[
+            "vm",
+            "create",
+            name,
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+            "--memory",
+            "512M",
+            "--cpus",
+            "1",
+            "--accel",
+            "emu",
+            "--restart",
+            restart,
+        ]);
+        assert_eq!(out, format!("VM '{name}' defined (restart {restart})\n"));
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.kill_daemon();
+        // Every VMM whose socket is in our run folder.
+        let needle = self.run_dir().display().to_string();
+        for pid in vmm_pids(&needle) {
+            // SAFETY: kill(2) only sends a signal to a process of this test's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// VMM processes (`rustvisor vmm --api-socket PATH`) whose socket path contains `needle`.
+fn vmm_pids(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("\0vmm\0--api-socket\0") && cmd.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| !s[i + 1..].trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: kill(2) only sends a signal to a process of this test's.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+#[test]
+fn bad_input_is_refused_and_leaves_the_store_unchanged() {
+    let env = Env::new("mgr-bad");
+    assert_eq!(std::fs::metadata(env.socket()).unwrap().mode() & 0o777, 0o660, "socket mode");
+    let kernel = guest_file("vmlinuz").display().to_string();
+    env.ok(&["vm", "create", "ok-1", "--kernel", &kernel, "--accel", "emu"]);
+    let (list, events) = (env.ok(&["vm", "list", "--json"]), env.ok(&["events", "--json"]));
+
+    env.bad_input(&["vm", "start", "nope"], "no VM named 'nope'");
+    env.bad_input(&["vm", "info", "nope"], "no VM named 'nope'");
+    env.bad_input(&["vm", "delete", "nope"], "no VM named 'nope'");
+    env.bad_input(&["vm", "create", "Bad/Name", "--kernel", &kernel], "name: ");
+    env.bad_input(&["vm", "create", "x", "--kernel", &kernel, "--cpus", "0"], "config.cpus");
+    env.bad_input(&["vm", "create", "ok-1", "--kernel", &kernel], "name: a VM named 'ok-1' already exists");
+    env.bad_input(&["vm", "create", "m", "--kernel", &kernel, "--memory", "1M"], "config.memory_mib: 1 (accepted: ");
+    env.bad_input(&["vm", "create", "m", "--kernel", &kernel, "--memory", "lots"], "--memory");
+    env.bad_input(&["vm", "create", "d", "--kernel", &kernel, "--disk", "path=/nonexistent/disk.raw"], "config.disks");
+    env.bad_input(&["vm", "create", "r", "--kernel", &kernel, "--restart", "sometimes"], "no, on-failure, always");
+    env.bad_input(&["vm", "create", "k", "--kernel", "/nonexistent/vmlinuz"], "config.kernel");
+    let spec = env.dir.path("spec.json");
+    std::fs::write(&spec, format!(r#"{{"kernel": "{kernel}", "memory_mib": 256, "bogus": 1}}"#)).unwrap();
+    env.bad_input(&["vm", "create", "s", "--from-file", spec.to_str().unwrap()], "config.bogus");
+    std::fs::write(&spec, r#"{"kernel": "relative/vmlinuz"}"#).unwrap();
+    env.bad_input(&["vm", "create", "s", "--from-file", spec.to_str().unwrap()], "config.kernel");
+    env.bad_input(&["vm", "stop", "ok-1", "--timeout", "0"], "timeout_s");
+
+    // Refused in its state, not bad input: exit 1.
+    let (code, _, err) = env.rv(&["vm", "stop", "ok-1"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is stopped: not running"), "{err}");
+
+    assert_eq!(env.ok(&["vm", "list", "--json"]), list, "the VM list changed");
+    assert_eq!(env.ok(&["events", "--json"]), events, "the event log changed");
+    let spec_ok = env.dir.path("ok.json");
+    std::fs::write(&spec_ok, format!(r#"{{"kernel": "{kernel}", "memory_mib": 256}}"#)).unwrap();
+    env.ok(&["vm", "create", "from-file", "--from-file", spec_ok.to_str().unwrap()]);
+    assert_eq!(env.vm("from-file").memory_mib, 256);
+    env.ok(&["vm", "delete", "ok-1"]);
+    assert_eq!(env.list().len(), 1);
+    let table = env.ok(&["vm", "list"]);
+    assert!(
+        table.starts_with("NAME       STATE    CPUS  MEMORY  UPTIME  ACCEL  PID\nfrom-file  stopped  1"),
+        "{table}"
+    );
+
+    // Without a daemon: exit 1 with a hint.
+    let mut env = env;
+    env.kill_daemon();
+    let (code, _, err) = env.rv(&["vm", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is `rustvisor daemon` running?"), "{err}");
+}
+
+const LOOP: &str = "while true; do sleep 1; done";
+
+#[test]
+fn vms_are_supervised_restarted_and_outlive_the_daemon() {
+    let t0 = Instant::now();
+    let mut env = Env::new("mgr-life");
+    env.create("a", &format!("echo VM-A-HERE; {LOOP}"), "on-failure");
+    env.create("b", &format!("echo VM-B-HERE; {LOOP}"), "no");
+    // c's script ends at once: the guest's init then powers off.
+    env.create("c", "echo VM-C-HERE", "on-failure");
+
+    // Start all three at once, and `a` twice: one of the two gets a 409.
+    let results: Vec<(String, (i32, String, String))> = std::thread::scope(|s| {
+        let handles: Vec<_> = ["a", "a", "b", "c"]
+            .into_iter()
+            .map(|n| {
+                let env = &env;
+                s.spawn(move || (n.to_string(), env.rv(&["vm", "start", n])))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let a: Vec<_> = results.iter().filter(|(n, _)| n == "a").map(|(_, r)| r).collect();
+    let (ok, refused): (Vec<&(i32, String, String)>, Vec<_>) = a.iter().copied().partition(|r| r.0 == 0);
+    assert_eq!((ok.len(), refused.len()), (1, 1), "{a:?}");
+    let refusal = &refused[0];
+    assert_eq!(refusal.0, 1, "{refusal:?}");
+    assert!(
+        refusal.2.contains("start is in progress") || refusal.2.contains("already started"),
+        "the refusal names the operation or state: {refusal:?}"
+    );
+    for (n, r) in &results {
+        if n != "a" {
+            assert_eq!(r.0, 0, "start {n}: {r:?}");
+        }
+    }
+    let listed = env.list();
+    for n in ["a", "b"] {
+        let v = listed.iter().find(|v| v.name == n).unwrap();
+        assert_eq!(v.state, VmState::Running, "{v:?}");
+        assert!(alive(v.pid.unwrap()), "{v:?}");
+        assert_eq!(v.accel, "emu");
+    }
+    let table = env.ok(&["vm", "list"]);
+    assert!(table.lines().any(|l| l.starts_with("a ") && l.contains("running") && l.contains("emu")), "{table}");
+
+    // Each console shows its own guest.
+    for (n, mark, other) in [("a", "VM-A-HERE", "VM-B-HERE"), ("b", "VM-B-HERE", "VM-A-HERE")] {
+        let text = wait_until(&format!("{n}'s guest"), BOOT, || {
+            let t = env.console(n);
+            (t.contains("RUSTVISOR-INIT-OK") && t.contains(mark)).then_some(t)
+        });
+        assert!(!text.contains(other), "{n}'s console shows the other guest");
+    }
+    eprintln!("two guests up: {:.1} s", t0.elapsed().as_secs_f64());
+
+    // c's guest powered off: stopped, not restarted although on-failure.
+    let c = wait_until("c to power off", BOOT, || Some(env.vm("c")).filter(|v| v.state == VmState::Stopped));
+    assert!(env.console("c").contains("VM-C-HERE"));
+    assert_eq!(c.reason.as_deref(), Some("the guest powered off"), "{c:?}");
+    assert_eq!(c.restarts, 0);
+    assert!(env.events("c").iter().any(|e| e.kind == "stopped" && e.detail == "the guest powered off"));
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        let c = env.vm("c");
+        assert_eq!((c.state, c.restarts), (VmState::Stopped, 0), "a powered-off guest is not restarted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!std::fs::exists(env.run_dir().join("vms/c/api.sock")).unwrap(), "c's socket is gone");
+
+    // kill -9 of b's VMM (restart no): crashed with the reason.
+    let b_pid = env.vm("b").pid.unwrap();
+    kill9(b_pid);
+    let b = wait_until("b to be crashed", Duration::from_secs(30), || {
+        Some(env.vm("b")).filter(|v| v.state == VmState::Crashed)
+    });
+    let reason = b.reason.unwrap_or_default();
+    assert!(reason.contains(&format!("pid {b_pid}")) && reason.contains("signal 9"), "{reason}");
+    assert_eq!((b.pid, b.restarts), (None, 0));
+    assert!(env.events("b").iter().any(|e| e.kind == "crashed" && e.detail.contains("signal 9")));
+
+    // Pause and resume a.
+    env.ok(&["vm", "pause", "a"]);
+    assert_eq!(env.vm("a").state, VmState::Paused);
+    let (code, _, err) = env.rv(&["vm", "pause", "a"]);
+    assert_eq!(code, 1, "pause twice: {err}");
+    env.ok(&["vm", "resume", "a"]);
+    assert_eq!(env.vm("a").state, VmState::Running);
+
+    // kill -9 of the daemon: the VMM lives on and the next daemon adopts it.
+    let a_pid = env.vm("a").pid.unwrap();
+    env.kill_daemon();
+    assert!(alive(a_pid), "the VMM died with the daemon");
+    env.start_daemon();
+    let a = env.vm("a");
+    assert_eq!((a.state, a.pid), (VmState::Running, Some(a_pid)), "{a:?}");
+    assert!(env.events("a").iter().any(|e| e.kind == "adopted" && e.detail == format!("pid {a_pid}")));
+    assert_eq!(env.vm("b").state, VmState::Crashed, "b stays crashed");
+
+    // kill -9 of a's (adopted) VMM with on-failure: restarted once.
+    kill9(a_pid);
+    let a = wait_until("a to be restarted", Duration::from_secs(60), || {
+        Some(env.vm("a")).filter(|v| v.state == VmState::Running && v.pid != Some(a_pid))
+    });
+    assert_eq!(a.restarts, 1, "{a:?}");
+    let ev = env.events("a");
+    let crashed = ev.iter().position(|e| e.kind == "crashed" && e.detail.contains(&format!("pid {a_pid}"))).unwrap();
+    let restarted = ev.iter().position(|e| e.kind == "restarted").unwrap();
+    assert!(crashed < restarted, "{ev:?}");
+    assert_eq!(ev[restarted].peer_uid, None, "the daemon's own action");
+    wait_until("a's guest after the restart", BOOT, || env.console("a").contains("VM-A-HERE").then_some(()));
+    eprintln!("restarted guest up: {:.1} s", t0.elapsed().as_secs_f64());
+
+    // Stop a gracefully; delete b and c.
+    let a_pid = a.pid.unwrap();
+    let out = env.ok(&["vm", "stop", "a", "--timeout", "20"]);
+    assert!(out.starts_with("VM 'a' stopped"), "{out}");
+    let a = env.vm("a");
+    assert_eq!((a.state, a.pid), (VmState::Stopped, None));
+    assert!(!alive(a_pid), "a's VMM still runs");
+    assert!(!std::fs::exists(env.run_dir().join("vms/a/api.sock")).unwrap());
+    let stopped = env.events("a").into_iter().last().unwrap();
+    assert_eq!(stopped.kind, "stopped");
+    assert!(stopped.peer_uid.is_some() && stopped.peer_pid.is_some(), "{stopped:?}");
+    env.ok(&["vm", "delete", "b"]);
+    env.ok(&["vm", "delete", "c"]);
+    assert_eq!(env.list().iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["a"]);
+    assert!(vmm_pids(&env.run_dir().display().to_string()).is_empty(), "a VMM is left");
+    eprintln!("manager end to end: {:.1} s", t0.elapsed().as_secs_f64());
+}
