@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vmm::config::parse_size;
-use vmm::{Accel, RunOutcome, SerialOut, Vm, VmConfig};
+use vmm::{Accel, ConsoleOut, RunOutcome, Vm, VmConfig};
 
 #[derive(Parser)]
 #[command(name = "rustvisor", version, about = "A hypervisor: run VMs on KVM or on rustvisor's x86-64 emulator")]
@@ -93,15 +93,13 @@ struct RunArgs {
     api_socket: Option<PathBuf>,
 }
 
-fn parse_serial(s: &str) -> Result<SerialOut, String> {
-    match s {
-        "stdio" => Ok(SerialOut::Stdio),
-        "null" => Ok(SerialOut::Null),
-        _ => match s.strip_prefix("file=") {
-            Some(p) if !p.is_empty() => Ok(SerialOut::File(PathBuf::from(p))),
-            _ => Err(format!("--serial: '{s}' is not accepted (accepted: stdio, file=PATH, null)")),
-        },
-    }
+fn parse_out(flag: &str, s: &str) -> Result<ConsoleOut, String> {
+    s.parse().map_err(|e| format!("{flag}: {e}"))
+}
+
+/// A path flag as the configuration's UTF-8 string.
+fn utf8_path(flag: &str, p: PathBuf) -> Result<String, String> {
+    p.into_os_string().into_string().map_err(|p| format!("{flag}: {} is not UTF-8", p.to_string_lossy()))
 }
 
 /// Puts the terminal in raw mode while alive (so keys reach the guest unprocessed).
@@ -142,22 +140,20 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let bad = |m: String| (2u8, m);
     let mem_size = parse_size(&a.memory).map_err(|e| bad(format!("--memory: {e}")))?;
     let accel: Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
-    let serial = parse_serial(&a.serial).map_err(bad)?;
-    let console = a
-        .console
-        .as_deref()
-        .map(|c| parse_serial(c).map_err(|e| e.replace("--serial", "--console")))
-        .transpose()
-        .map_err(bad)?;
-    let interactive = serial == SerialOut::Stdio;
+    if !mem_size.is_multiple_of(1 << 20) {
+        return Err(bad(format!("--memory: {mem_size} bytes is not a whole number of MiB (e.g. 512M, 1G)")));
+    }
+    let serial = parse_out("--serial", &a.serial).map_err(bad)?;
+    let console = a.console.as_deref().map(|c| parse_out("--console", c)).transpose().map_err(bad)?;
+    let interactive = serial == ConsoleOut::Stdio;
     let disks = a.disk.iter().map(|d| d.parse()).collect::<Result<Vec<vmm::DiskConfig>, _>>().map_err(bad)?;
     let nets = a.net.iter().map(|n| n.parse()).collect::<Result<Vec<vmm::NetConfig>, _>>().map_err(bad)?;
     let vsock = a.vsock.as_deref().map(str::parse::<vmm::VsockConfig>).transpose().map_err(bad)?;
     let cfg = VmConfig {
-        kernel: a.kernel,
-        initrd: a.initrd,
+        kernel: utf8_path("--kernel", a.kernel).map_err(bad)?,
+        initrd: a.initrd.map(|p| utf8_path("--initrd", p)).transpose().map_err(bad)?,
         cmdline: a.cmdline,
-        mem_size,
+        memory_mib: mem_size >> 20,
         cpus: a.cpus,
         accel,
         serial,
@@ -243,14 +239,13 @@ fn run_with_api(
     sock: &std::path::Path,
     interactive: bool,
 ) -> Result<ExitCode, (u8, String)> {
-    let json = vmm::controller::api_from_config(&cfg);
     vm.start().map_err(|e| (1, e.to_string()))?;
     let ctl = vm.control();
     let _raw = if interactive { Some(RawTerminal::enable()) } else { None };
     if interactive {
         spawn_console_input(vm.serial(), ctl.clone());
     }
-    let controller = std::sync::Arc::new(vmm::controller::VmmController::with_running(vm, cfg, json));
+    let controller = std::sync::Arc::new(vmm::controller::VmmController::with_running(vm, cfg));
     let _server = api::server::serve(sock, controller.clone())
         .map_err(|e| (2, format!("--api-socket: {}: {e}", sock.display())))?;
     match controller.wait_exit_or_vm_end() {

@@ -84,8 +84,8 @@ fn guest_config(script: &str, log: &Path, disks: Vec<DiskConfig>) -> VmConfig {
         cmdline: format!("console=ttyS0 panic=-1 rv.cmd={b64}"),
         memory_mib: 512,
         cpus: 1,
-        accel: "emu".into(),
-        serial: format!("file={}", log.display()),
+        accel: api::types::Accel::Emu,
+        serial: api::types::ConsoleOut::File(log.to_path_buf()),
         console: None,
         disks,
         nets: vec![],
@@ -164,7 +164,7 @@ fn snapshot_kill_restore_continues_the_guest() {
     );
     let disks = vec![DiskConfig {
         path: img.display().to_string(),
-        format: Some("raw".into()),
+        format: Some(api::types::DiskFormat::Raw),
         readonly: false,
         serial: None,
         ..Default::default()
@@ -461,7 +461,11 @@ fn backing_loop_is_a_400_and_the_vmm_lives() {
     host("qemu-img", &["create", "-q", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", b.to_str().unwrap(), "1M"]);
     let vmm = Vmm::start(&dir.path("loop.sock"));
     let c = &vmm.client;
-    let disks = vec![DiskConfig { path: a.display().to_string(), format: Some("qcow2".into()), ..Default::default() }];
+    let disks = vec![DiskConfig {
+        path: a.display().to_string(),
+        format: Some(api::types::DiskFormat::Qcow2),
+        ..Default::default()
+    }];
     c.create(&guest_config(COUNTER, &dir.path("console.log"), disks)).unwrap();
     match c.boot() {
         Err(ClientError::Http { status: 400, message, .. }) => {

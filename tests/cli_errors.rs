@@ -25,9 +25,12 @@ fn not_a_kernel_is_refused() {
 #[test]
 fn memory_sizes_are_checked() {
     let k = tmpfile("k2", b"x");
-    for (m, want) in
-        [("0", "out of range"), ("banana", "not a size"), ("100000G", "out of range"), ("16777217", "4 KiB pages")]
-    {
+    for (m, want) in [
+        ("0", "out of range"),
+        ("banana", "not a size"),
+        ("100000G", "out of range"),
+        ("16777217", "whole number of MiB"),
+    ] {
         let (code, err) = run(&["run", "--kernel", &k, "--memory", m, "--serial", "null"]);
         assert_eq!(code, 2, "{m}: {err}");
         assert!(err.contains("--memory") && err.contains(want), "{m}: {err}");

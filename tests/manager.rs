@@ -212,7 +212,10 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
     env.bad_input(&["vm", "create", "Bad/Name", "--kernel", &kernel], "name: ");
     env.bad_input(&["vm", "create", "x", "--kernel", &kernel, "--cpus", "0"], "config.cpus");
     env.bad_input(&["vm", "create", "ok-1", "--kernel", &kernel], "name: a VM named 'ok-1' already exists");
-    env.bad_input(&["vm", "create", "m", "--kernel", &kernel, "--memory", "1M"], "config.memory_mib: 1 (accepted: ");
+    env.bad_input(
+        &["vm", "create", "m", "--kernel", &kernel, "--memory", "1M"],
+        "config.memory_mib: 1 MiB is out of range (accepted: ",
+    );
     env.bad_input(&["vm", "create", "m", "--kernel", &kernel, "--memory", "lots"], "--memory");
     env.bad_input(&["vm", "create", "d", "--kernel", &kernel, "--disk", "path=/nonexistent/disk.raw"], "config.disks");
     env.bad_input(&["vm", "create", "r", "--kernel", &kernel, "--restart", "sometimes"], "no, on-failure, always");

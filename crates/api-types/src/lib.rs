@@ -8,9 +8,20 @@
 /// The OpenAPI 3.0 document of the VMM API (`openapi.yaml` beside this crate).
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
 
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
 use serde::{Deserialize, Serialize};
 
-/// The full VM configuration (`PUT vm.create`), mirroring `rustvisor run`'s flags.
+mod cli_syntax;
+pub use cli_syntax::SERIAL_MAX;
+
+/// The VM configuration: one typed description of a VM shared by `rustvisor run`'s flags,
+/// the VMM API (`PUT vm.create`), snapshots and the host manager. Enumerations are enums here
+/// (their JSON form is the same lowercase string as on the command line), so a bad value is
+/// refused while parsing, naming the field and the accepted values; range and host checks
+/// (memory size, files, TAP names, ...) are the VMM's one `validate` function.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -22,22 +33,22 @@ pub struct VmConfig {
     /// Kernel command line.
     #[serde(default = "default_cmdline")]
     pub cmdline: String,
-    /// Guest RAM in MiB (16 up to the host's memory).
+    /// Guest RAM in MiB (at least what the kernel needs, up to the host's memory).
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
     /// vCPUs (1 on emu, 1-64 on kvm).
     #[serde(default = "default_cpus")]
     pub cpus: u8,
-    /// "auto", "kvm" or "emu".
-    #[serde(default = "default_accel")]
-    pub accel: String,
-    /// 8250 console: "null", "file=PATH" ("stdio" is refused: a VMM has no terminal).
-    #[serde(default = "default_serial")]
-    pub serial: String,
-    /// virtio-console: "null" or "file=PATH"; absent = none.
+    /// The accelerator.
     #[serde(default)]
-    pub console: Option<String>,
-    /// virtio-blk disks.
+    pub accel: Accel,
+    /// The 8250 console.
+    #[serde(default)]
+    pub serial: ConsoleOut,
+    /// The virtio-console (`/dev/hvc0`); absent = none.
+    #[serde(default)]
+    pub console: Option<ConsoleOut>,
+    /// virtio-blk disks, in PCI slot order (`/dev/vda`, `/dev/vdb`, ...).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
     /// virtio-net NICs.
@@ -51,6 +62,13 @@ pub struct VmConfig {
     pub rng: bool,
 }
 
+impl VmConfig {
+    /// Guest RAM in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib.saturating_mul(1 << 20)
+    }
+}
+
 fn default_cmdline() -> String {
     "console=ttyS0".into()
 }
@@ -60,26 +78,180 @@ fn default_memory_mib() -> u64 {
 fn default_cpus() -> u8 {
     1
 }
-fn default_accel() -> String {
-    "auto".into()
-}
-fn default_serial() -> String {
-    "null".into()
+
+/// Which vCPU engine runs the guest: JSON and command line `"auto"`, `"kvm"` or `"emu"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Accel {
+    /// KVM where it can run the guest, the emulator otherwise.
+    #[default]
+    Auto,
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// rustvisor's x86-64 emulator.
+    Emu,
 }
 
-/// One disk.
+impl Accel {
+    /// The name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Emu => "emu",
+        }
+    }
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for Accel {
+    type Error = String;
+    fn try_from(s: String) -> Result<Accel, String> {
+        s.parse()
+    }
+}
+
+impl From<Accel> for String {
+    fn from(a: Accel) -> String {
+        a.as_str().to_string()
+    }
+}
+
+impl FromStr for Accel {
+    type Err = String;
+    /// Parses `auto`, `kvm` or `emu`; the error names the accepted values.
+    fn from_str(s: &str) -> Result<Accel, String> {
+        match s {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "emu" => Ok(Accel::Emu),
+            _ => Err(format!("unknown accelerator '{s}' (accepted: auto, kvm, emu)")),
+        }
+    }
+}
+
+/// Where a console's output goes (and, for `Stdio`, where its input comes from): JSON and
+/// command line `"null"`, `"stdio"` or `"file=PATH"`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ConsoleOut {
+    /// Discarded.
+    #[default]
+    Null,
+    /// The VMM's standard output and input.
+    Stdio,
+    /// Appended to a host file (no input).
+    File(PathBuf),
+}
+
+impl FromStr for ConsoleOut {
+    type Err = String;
+    /// Parses `null`, `stdio` or `file=PATH`; the error names the accepted values.
+    fn from_str(s: &str) -> Result<ConsoleOut, String> {
+        match s {
+            "null" => Ok(ConsoleOut::Null),
+            "stdio" => Ok(ConsoleOut::Stdio),
+            _ => match s.strip_prefix("file=") {
+                Some(p) if !p.is_empty() => Ok(ConsoleOut::File(PathBuf::from(p))),
+                _ => Err(format!("'{s}' is not accepted (accepted: stdio, file=PATH, null)")),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for ConsoleOut {
+    type Error = String;
+    fn try_from(s: String) -> Result<ConsoleOut, String> {
+        s.parse()
+    }
+}
+
+impl From<ConsoleOut> for String {
+    fn from(c: ConsoleOut) -> String {
+        c.to_string()
+    }
+}
+
+impl fmt::Display for ConsoleOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConsoleOut::Null => f.write_str("null"),
+            ConsoleOut::Stdio => f.write_str("stdio"),
+            ConsoleOut::File(p) => write!(f, "file={}", p.display()),
+        }
+    }
+}
+
+/// A disk image's format: JSON and command line `"raw"` or `"qcow2"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DiskFormat {
+    /// Guest sector N is at byte N*512 of the file.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for DiskFormat {
+    type Error = String;
+    fn try_from(s: String) -> Result<DiskFormat, String> {
+        s.parse()
+    }
+}
+
+impl From<DiskFormat> for String {
+    fn from(f: DiskFormat) -> String {
+        f.as_str().to_string()
+    }
+}
+
+impl FromStr for DiskFormat {
+    type Err = String;
+    /// Parses `raw` or `qcow2`; the error names the accepted values.
+    fn from_str(s: &str) -> Result<DiskFormat, String> {
+        match s {
+            "raw" => Ok(DiskFormat::Raw),
+            "qcow2" => Ok(DiskFormat::Qcow2),
+            _ => Err(format!("unknown format '{s}' (accepted: raw, qcow2)")),
+        }
+    }
+}
+
+/// One virtio-blk disk (command line:
+/// `path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID][,backing=allow][,data_file=allow]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Image path.
     pub path: String,
-    /// "raw" or "qcow2"; absent = detect.
+    /// The image's format; absent = detected from the file's first bytes.
     #[serde(default)]
-    pub format: Option<String>,
+    pub format: Option<DiskFormat>,
     /// Refuse guest writes.
     #[serde(default)]
     pub readonly: bool,
-    /// GET_ID serial (≤ 20 ASCII bytes).
+    /// GET_ID serial (≤ 20 ASCII bytes, virtio 1.2 §5.2.6).
     #[serde(default)]
     pub serial: Option<String>,
     /// Trust the qcow2 header's backing file names outside the image's directory.
@@ -90,24 +262,68 @@ pub struct DiskConfig {
     pub allow_data_file: bool,
 }
 
-/// One NIC.
+/// A unicast Ethernet address: JSON and command line `"52:54:00:12:34:56"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = String;
+    /// Parses six hex bytes separated by ':'; a multicast address is refused.
+    fn from_str(s: &str) -> Result<MacAddr, String> {
+        let bad = || format!("mac '{s}' (accepted: six hex bytes like 52:54:00:12:34:56, unicast)");
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut mac {
+            let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() || mac[0] & 1 != 0 {
+            return Err(bad());
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<MacAddr, String> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> String {
+        m.to_string()
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// One virtio-net NIC on a TAP device (command line `tap=NAME[,mac=MAC]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// TAP name (1-15 bytes).
+    /// TAP name (1-15 bytes); created if absent.
     pub tap: String,
-    /// "52:54:00:12:34:56"; absent = derived from the TAP name.
+    /// The NIC's address; absent = a stable locally administered address derived from `tap`.
     #[serde(default)]
-    pub mac: Option<String>,
+    pub mac: Option<MacAddr>,
 }
 
-/// The vsock device.
+/// The virtio-vsock device (command line `cid=N,socket=PATH`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     /// Guest CID, 3 to 4294967294.
     pub cid: u64,
-    /// Host Unix socket path.
+    /// Host Unix socket: connect and write `CONNECT <port>\n` to reach a guest port; guest
+    /// connections to host port P go to `<socket>_P`.
     pub socket: String,
 }
 

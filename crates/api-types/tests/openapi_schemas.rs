@@ -48,11 +48,11 @@ fn vm_config() -> VmConfig {
         cmdline: "console=ttyS0".into(),
         memory_mib: 512,
         cpus: 1,
-        accel: "emu".into(),
-        serial: "null".into(),
-        console: Some("null".into()),
+        accel: Accel::Emu,
+        serial: ConsoleOut::Null,
+        console: Some(ConsoleOut::File("/c.log".into())),
         disks: vec![disk()],
-        nets: vec![NetConfig { tap: "tap0".into(), mac: Some("52:54:00:12:34:56".into()) }],
+        nets: vec![NetConfig { tap: "tap0".into(), mac: Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])) }],
         vsock: Some(VsockConfig { cid: 3, socket: "/v".into() }),
         rng: true,
     }
@@ -61,7 +61,7 @@ fn vm_config() -> VmConfig {
 fn disk() -> DiskConfig {
     DiskConfig {
         path: "/d".into(),
-        format: Some("raw".into()),
+        format: Some(DiskFormat::Raw),
         readonly: true,
         serial: Some("s".into()),
         allow_backing_outside: true,
@@ -73,7 +73,7 @@ fn disk() -> DiskConfig {
 fn every_schema_matches_its_type() {
     check("VmConfig", &vm_config());
     check("DiskConfig", &disk());
-    check("NetConfig", &NetConfig { tap: "t".into(), mac: Some("52:54:00:12:34:56".into()) });
+    check("NetConfig", &NetConfig { tap: "t".into(), mac: Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])) });
     check("VsockConfig", &VsockConfig { cid: 3, socket: "/v".into() });
     check("SnapshotRequest", &SnapshotRequest { destination_url: "file:///s".into() });
     check("RestoreRequest", &RestoreRequest { source_url: "file:///s".into() });

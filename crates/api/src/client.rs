@@ -418,7 +418,7 @@ pub fn format_info(i: &VmInfo) -> String {
         s += &format!("console: {console}\n");
     }
     for (n, d) in c.disks.iter().enumerate() {
-        let mut opts = vec![d.format.clone().unwrap_or_else(|| "format detected".into())];
+        let mut opts = vec![d.format.map_or_else(|| "format detected".to_string(), |f| f.to_string())];
         if d.readonly {
             opts.push("read-only".into());
         }

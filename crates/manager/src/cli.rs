@@ -358,8 +358,9 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
             serde_json::from_slice(&text).map_err(|e| bad(format!("--from-file: {}: not JSON: {e}", file.display())))?
         }
         None => {
-            let abs =
-                |flag: &str, p: &Path| std::path::absolute(p).map_err(|e| bad(format!("{flag}: {}: {e}", p.display())));
+            let abs = |flag: &str, p: &str| {
+                std::path::absolute(p).map(|a| a.display().to_string()).map_err(|e| bad(format!("{flag}: {p}: {e}")))
+            };
             let kernel = a.kernel.as_deref().ok_or_else(|| bad("--kernel: required (or --from-file)".into()))?;
             let mem = vmm::config::parse_size(&a.memory).map_err(|e| bad(format!("--memory: {e}")))?;
             if mem % (1 << 20) != 0 {
@@ -381,29 +382,31 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
                 }
                 None => None,
             };
-            let console = match a.console.as_deref() {
-                None => None,
-                Some("null") => Some(vmm::SerialOut::Null),
-                Some(c) => match c.strip_prefix("file=").filter(|p| !p.is_empty()) {
-                    Some(p) => Some(vmm::SerialOut::File(abs("--console", Path::new(p))?)),
-                    None => return Err(bad(format!("--console: '{c}' is not accepted (accepted: file=PATH, null)"))),
-                },
+            let console = match a.console.as_deref().map(str::parse::<vmm::ConsoleOut>).transpose() {
+                Ok(Some(vmm::ConsoleOut::Stdio)) | Err(_) => {
+                    let c = a.console.as_deref().unwrap_or_default();
+                    return Err(bad(format!("--console: '{c}' is not accepted (accepted: file=PATH, null)")));
+                }
+                Ok(Some(vmm::ConsoleOut::File(p))) => {
+                    Some(vmm::ConsoleOut::File(abs("--console", &p.display().to_string())?.into()))
+                }
+                Ok(other) => other,
             };
             let cfg = vmm::VmConfig {
-                kernel: abs("--kernel", kernel)?,
-                initrd: a.initrd.as_deref().map(|p| abs("--initrd", p)).transpose()?,
+                kernel: abs("--kernel", &kernel.display().to_string())?,
+                initrd: a.initrd.as_deref().map(|p| abs("--initrd", &p.display().to_string())).transpose()?,
                 cmdline: a.cmdline.clone(),
-                mem_size: mem,
+                memory_mib: mem >> 20,
                 cpus: a.cpus,
                 accel,
-                serial: vmm::SerialOut::Null,
+                serial: vmm::ConsoleOut::Null,
                 disks,
                 nets,
                 vsock,
                 rng: a.rng,
                 console,
             };
-            serde_json::to_value(vmm::controller::api_from_config(&cfg)).map_err(|e| failure(1, e.to_string()))?
+            serde_json::to_value(&cfg).map_err(|e| failure(1, e.to_string()))?
         }
     };
     let body = serde_json::json!({ "name": a.name, "restart": restart, "config": config });

@@ -255,15 +255,14 @@ impl Service {
     /// `POST /vms`: checks the definition as the VMM would and stores it.
     pub fn create(&self, req: CreateRequest, peer: Peer) -> Result<VmSummary, ServiceError> {
         Self::check_name(&req.name)?;
-        if req.config.serial != "null" {
+        if req.config.serial != vmm::ConsoleOut::Null {
             return Err(bad(
                 "config.serial",
                 "leave it out: the daemon writes the serial console to <state-dir>/vms/<name>/console.log",
             ));
         }
         check_absolute(&req.config)?;
-        let checked = vmm::controller::config_from_api(&req.config).map_err(config_error)?;
-        checked.validate().map_err(|e| config_error(vmm::controller::api_error(e)))?;
+        vmm::config::validate(&req.config).map_err(|e| config_error(vmm::controller::api_error(e)))?;
         let _claim = self.claim(&req.name, "create")?;
         let dir = self.vm_state_dir(&req.name);
         let detail =
@@ -289,7 +288,7 @@ impl Service {
     pub fn info(&self, name: &str) -> Result<VmDetails, ServiceError> {
         let rec = self.record(name)?;
         let mut config = rec.config.clone();
-        config.serial = format!("file={}", self.console_log(name).display());
+        config.serial = vmm::ConsoleOut::File(self.console_log(name));
         Ok(VmDetails {
             summary: self.summary(&rec)?,
             config,
@@ -308,7 +307,7 @@ impl Service {
             operation: lock(&self.busy).get(&rec.name).map(|s| s.to_string()),
             cpus: rec.config.cpus,
             memory_mib: rec.config.memory_mib,
-            accel: rt.accel.clone().filter(|_| active).unwrap_or_else(|| rec.config.accel.clone()),
+            accel: rt.accel.clone().filter(|_| active).unwrap_or_else(|| rec.config.accel.to_string()),
             pid: rt.pid.filter(|_| active),
             uptime_s: rt.started_ms.filter(|_| active).map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
             restart: rec.restart,
@@ -380,7 +379,7 @@ impl Service {
         let booted = (|| {
             let client = supervisor::wait_api(&mut child, &socket)?;
             let mut cfg = rec.config.clone();
-            cfg.serial = format!("file={}", console.display());
+            cfg.serial = vmm::ConsoleOut::File(console.clone());
             client.create(&cfg).map_err(|e| format!("vm.create: {e}"))?;
             client.boot().map_err(|e| format!("vm.boot: {e}"))?;
             Ok::<_, String>(client.info().ok().and_then(|i| i.accelerator))
@@ -773,6 +772,10 @@ impl Service {
 
 /// The daemon runs elsewhere than its clients: every host path must be absolute.
 fn check_absolute(c: &crate::types::VmConfig) -> Result<(), ServiceError> {
+    let console = match &c.console {
+        Some(vmm::ConsoleOut::File(f)) => f.to_str(),
+        _ => None,
+    };
     let mut paths = vec![("config.kernel".to_string(), c.kernel.as_str())];
     if let Some(i) = &c.initrd {
         paths.push(("config.initrd".into(), i));
@@ -783,7 +786,7 @@ fn check_absolute(c: &crate::types::VmConfig) -> Result<(), ServiceError> {
     if let Some(v) = &c.vsock {
         paths.push(("config.vsock.socket".into(), &v.socket));
     }
-    if let Some(f) = c.console.as_deref().and_then(|c| c.strip_prefix("file=")) {
+    if let Some(f) = console {
         paths.push(("config.console".into(), f));
     }
     match paths.into_iter().find(|(_, p)| !p.is_empty() && !p.starts_with('/')) {
@@ -795,8 +798,6 @@ fn check_absolute(c: &crate::types::VmConfig) -> Result<(), ServiceError> {
 /// A VMM configuration error as a daemon one: the field is under `config.`.
 fn config_error(e: api::ApiError) -> ServiceError {
     match e {
-        // VmConfig::validate names the command-line flag: "disk" is the JSON's "disks".
-        api::ApiError::BadRequest { field, msg } if field == "disk" => bad("config.disks", msg),
         api::ApiError::BadRequest { field, msg } => bad(format!("config.{field}"), msg),
         other => bad("config", other.to_string()),
     }

@@ -1,62 +1,31 @@
-//! The validated description of one VM.
+//! The VM configuration and its one validation.
+//!
+//! [`VmConfig`] comes from `api-types`: the same typed description of a VM is built by
+//! `rustvisor run`'s flags, received by the VMM API, stored in snapshots and by the host
+//! manager. Its enumerations are checked while parsing; [`validate`] checks everything else
+//! (ranges, names, files on the host, combinations), once, for every path a VM is built by.
+//! Errors name the field as the command line spells it (`--memory`); the API controller maps
+//! that to the JSON field.
 
-use std::path::PathBuf;
+use std::path::Path;
 
-/// Which vCPU engine runs the guest: `auto`, `kvm` or `emu` (the choice type of the
-/// accelerator seam, which also decides what `auto` means on this host).
-pub use accel::Choice as Accel;
+pub use api_types::{Accel, ConsoleOut, DiskConfig, DiskFormat, MacAddr, NetConfig, VmConfig, VsockConfig, SERIAL_MAX};
 
-/// Where the 8250 console goes.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SerialOut {
-    /// The terminal: stdout for output, stdin for input.
-    Stdio,
-    /// Output appended to a file; no input.
-    File(PathBuf),
-    /// Discarded.
-    Null,
-}
-
-/// Everything needed to build a VM. Serialisable for snapshots (the persist layer), whose
-/// format version changes with it.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmConfig {
-    /// bzImage or ELF vmlinux path.
-    pub kernel: PathBuf,
-    /// Optional initramfs path.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// Guest RAM size in bytes.
-    pub mem_size: u64,
-    /// Number of vCPUs.
-    pub cpus: u8,
-    /// Accelerator choice.
-    pub accel: Accel,
-    /// Console destination.
-    pub serial: SerialOut,
-    /// virtio-blk disks, in PCI slot order.
-    pub disks: Vec<crate::DiskConfig>,
-    /// virtio-net NICs.
-    pub nets: Vec<crate::NetConfig>,
-    /// The virtio-vsock device.
-    pub vsock: Option<crate::VsockConfig>,
-    /// Whether to add a virtio-rng device (entropy from the host's getrandom).
-    pub rng: bool,
-    /// The virtio-console (the guest's /dev/hvc0): where its output goes (and, for `Stdio`,
-    /// where its input comes from); `None` = no virtio-console.
-    pub console: Option<SerialOut>,
-}
+use crate::{Error, Result};
 
 /// Most virtio PCI devices one VM may have (bus 0 has 32 slots; slot 0 is the host bridge).
 pub const MAX_PCI_DEVICES: usize = 31;
 
-/// Smallest guest RAM accepted, in bytes.
-pub const MIN_MEM: u64 = 16 << 20;
+/// Smallest guest RAM accepted, in MiB (the kernel loader then checks what the kernel needs).
+pub const MIN_MEM_MIB: u64 = 16;
 
-/// Parses a memory size such as "512M", "1G", "65536K" or a plain byte count.
+/// Most vCPUs a VM may have (the MP table's APIC IDs, the IOAPIC taking the next one).
+pub const MAX_CPUS: u8 = 64;
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+pub const IFNAME_MAX: usize = 15;
+
+/// Parses a memory size such as "512M", "1G", "65536K" or a plain byte count, in bytes.
 ///
 /// Returns an error naming the accepted forms for anything else.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -85,81 +54,120 @@ pub fn host_memory() -> u64 {
     (pages as u64).saturating_mul(psize as u64)
 }
 
-impl VmConfig {
-    /// Checks ranges; returns `Error::Config` naming the field and the accepted range.
-    pub fn validate(&self) -> crate::Result<()> {
-        let host = host_memory();
-        if self.mem_size < MIN_MEM || self.mem_size > host {
-            return Err(crate::Error::Config {
-                field: "--memory",
-                msg: format!(
-                    "{} bytes is out of range (accepted: {} MiB up to the host's {} MiB)",
-                    self.mem_size,
-                    MIN_MEM >> 20,
-                    host >> 20
-                ),
-            });
-        }
-        if !self.mem_size.is_multiple_of(4096) {
-            return Err(crate::Error::Config {
-                field: "--memory",
-                msg: format!("{} bytes is not a whole number of 4 KiB pages (e.g. 512M)", self.mem_size),
-            });
-        }
-        if self.cpus == 0 {
-            return Err(crate::Error::Config { field: "--cpus", msg: "must be at least 1".into() });
-        }
-        if !self.kernel.is_file() {
-            return Err(crate::Error::Config {
-                field: "--kernel",
-                msg: format!("{}: no such file", self.kernel.display()),
-            });
-        }
-        if let Some(i) = &self.initrd {
-            if !i.is_file() {
-                return Err(crate::Error::Config { field: "--initrd", msg: format!("{}: no such file", i.display()) });
-            }
-        }
-        for (i, d) in self.disks.iter().enumerate() {
-            if !d.path.is_file() {
-                return Err(crate::Error::Config {
-                    field: "--disk",
-                    msg: format!("{}: no such file", d.path.display()),
-                });
-            }
-            let canon = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-            if self.disks[..i].iter().any(|o| canon(&o.path) == canon(&d.path)) {
-                return Err(crate::Error::Config {
-                    field: "--disk",
-                    msg: format!("{}: given twice (each image may back one disk)", d.path.display()),
-                });
-            }
-        }
-        for (i, n) in self.nets.iter().enumerate() {
-            if self.nets[..i].iter().any(|o| o.tap == n.tap) {
-                return Err(crate::Error::Config { field: "--net", msg: format!("tap {}: given twice", n.tap) });
-            }
-        }
-        if self.console == Some(SerialOut::Stdio) && self.serial == SerialOut::Stdio {
-            return Err(crate::Error::Config {
-                field: "--console",
-                msg: "stdio is taken by --serial stdio (accepted: one of --serial/--console on stdio; e.g. --serial null)"
-                    .into(),
-            });
-        }
-        let devices = usize::from(self.console.is_some())
-            + self.disks.len()
-            + self.nets.len()
-            + usize::from(self.vsock.is_some())
-            + usize::from(self.rng);
-        if devices > MAX_PCI_DEVICES {
-            return Err(crate::Error::Config {
-                field: "--disk/--net",
-                msg: format!("{devices} PCI devices requested (accepted: at most {MAX_PCI_DEVICES})"),
-            });
-        }
-        Ok(())
+/// The accelerator seam's name for `a`.
+pub fn engine(a: Accel) -> accel::Choice {
+    match a {
+        Accel::Auto => accel::Choice::Auto,
+        Accel::Kvm => accel::Choice::Kvm,
+        Accel::Emu => accel::Choice::Emu,
     }
+}
+
+/// The configuration's name for the accelerator seam's `c`.
+pub fn accel_of(c: accel::Choice) -> Accel {
+    match c {
+        accel::Choice::Auto => Accel::Auto,
+        accel::Choice::Kvm => Accel::Kvm,
+        accel::Choice::Emu => Accel::Emu,
+    }
+}
+
+fn config(field: &'static str, msg: String) -> Error {
+    Error::Config { field, msg }
+}
+
+fn must_be_file(field: &'static str, path: &str) -> Result<()> {
+    if path.is_empty() {
+        return Err(config(field, "a path is required".into()));
+    }
+    if !Path::new(path).is_file() {
+        return Err(config(field, format!("{path}: no such file")));
+    }
+    Ok(())
+}
+
+/// Checks `cfg` for everything its types do not: ranges, names, host files and combinations.
+///
+/// Errors: [`Error::Config`] naming the field (as the command line spells it) and the accepted
+/// values.
+pub fn validate(cfg: &VmConfig) -> Result<()> {
+    let host_mib = host_memory() >> 20;
+    if cfg.memory_mib < MIN_MEM_MIB || cfg.memory_mib > host_mib {
+        return Err(config(
+            "--memory",
+            format!("{} MiB is out of range (accepted: {MIN_MEM_MIB} to the host's {host_mib} MiB)", cfg.memory_mib),
+        ));
+    }
+    if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
+        return Err(config("--cpus", format!("{} (accepted: at least 1 and at most {MAX_CPUS})", cfg.cpus)));
+    }
+    must_be_file("--kernel", &cfg.kernel)?;
+    if let Some(i) = &cfg.initrd {
+        must_be_file("--initrd", i)?;
+    }
+    if cfg.cmdline.len() >= crate::arch::CMDLINE_MAX {
+        return Err(config(
+            "--cmdline",
+            format!("{} bytes is too long (accepted: up to {})", cfg.cmdline.len(), crate::arch::CMDLINE_MAX - 1),
+        ));
+    }
+    for (i, d) in cfg.disks.iter().enumerate() {
+        must_be_file("--disk", &d.path)?;
+        let canon = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
+        if cfg.disks[..i].iter().any(|o| canon(&o.path) == canon(&d.path)) {
+            return Err(config("--disk", format!("{}: given twice (each image may back one disk)", d.path)));
+        }
+        if let Some(id) = &d.serial {
+            if id.len() > SERIAL_MAX || !id.is_ascii() {
+                return Err(config("--disk", format!("serial '{id}' (accepted: up to {SERIAL_MAX} ASCII characters)")));
+            }
+        }
+    }
+    for (i, n) in cfg.nets.iter().enumerate() {
+        let tap = &n.tap;
+        if tap.is_empty()
+            || tap.len() > IFNAME_MAX
+            || tap.contains(['/', ':', ',']) // ':' marks aliases
+            || tap.chars().any(|c| c.is_whitespace() || c.is_control())
+            || tap == "."
+            || tap == ".."
+        {
+            return Err(config(
+                "--net",
+                format!("tap name '{tap}' (accepted: 1 to {IFNAME_MAX} bytes without '/', ':', ',' or whitespace)"),
+            ));
+        }
+        if cfg.nets[..i].iter().any(|o| o.tap == n.tap) {
+            return Err(config("--net", format!("tap {tap}: given twice")));
+        }
+    }
+    if let Some(v) = &cfg.vsock {
+        if !(3..=0xffff_fffe).contains(&v.cid) {
+            return Err(config("--vsock", format!("cid {} (accepted: 3 to 4294967294)", v.cid)));
+        }
+        if v.socket.is_empty() {
+            return Err(config("--vsock", "socket=PATH is required".into()));
+        }
+    }
+    if cfg.console == Some(ConsoleOut::Stdio) && cfg.serial == ConsoleOut::Stdio {
+        return Err(config(
+            "--console",
+            "stdio is taken by --serial stdio (accepted: one of --serial/--console on stdio; e.g. --serial null)"
+                .into(),
+        ));
+    }
+    let devices = usize::from(cfg.console.is_some())
+        + cfg.disks.len()
+        + cfg.nets.len()
+        + usize::from(cfg.vsock.is_some())
+        + usize::from(cfg.rng);
+    if devices > MAX_PCI_DEVICES {
+        return Err(config(
+            "--disk/--net",
+            format!("{devices} PCI devices requested (accepted: at most {MAX_PCI_DEVICES})"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -174,5 +182,40 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999999G").is_err());
+    }
+
+    fn base() -> VmConfig {
+        serde_json::from_str(r#"{"kernel": "/proc/self/exe", "memory_mib": 64}"#).unwrap()
+    }
+
+    #[test]
+    fn one_validation_names_the_field() {
+        validate(&base()).unwrap();
+        type Edit = Box<dyn Fn(&mut VmConfig)>;
+        let cases: Vec<(Edit, &str, &str)> = vec![
+            (Box::new(|c| c.memory_mib = 1), "--memory", "out of range"),
+            (Box::new(|c| c.cpus = 0), "--cpus", "at least 1"),
+            (Box::new(|c| c.kernel = "/nonexistent".into()), "--kernel", "no such file"),
+            (Box::new(|c| c.cmdline = "x".repeat(5000)), "--cmdline", "too long"),
+            (Box::new(|c| c.nets = vec!["tap=abcdefghijklmnopq".parse().unwrap()]), "--net", "1 to 15 bytes"),
+            (Box::new(|c| c.nets = vec!["tap=t0".parse().unwrap(), "tap=t0".parse().unwrap()]), "--net", "twice"),
+            (Box::new(|c| c.vsock = Some("cid=2,socket=/x".parse().unwrap())), "--vsock", "3 to"),
+            (
+                Box::new(|c| {
+                    c.serial = ConsoleOut::Stdio;
+                    c.console = Some(ConsoleOut::Stdio)
+                }),
+                "--console",
+                "stdio",
+            ),
+        ];
+        for (edit, field, want) in cases {
+            let mut c = base();
+            edit(&mut c);
+            let e = validate(&c).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, Error::Config { field: f, .. } if f == field), "{field}: {msg}");
+            assert!(msg.contains(want), "{field}: {msg}");
+        }
     }
 }

@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 use api::types;
 use api::ApiError;
 
-use crate::config::{Accel, SerialOut, VmConfig};
+use crate::config::VmConfig;
 use crate::vm::{RunOutcome, Vm};
-use crate::{DiskConfig, DiskFormat, NetConfig, VsockConfig};
 
 /// How long `vm.shutdown` waits for the guest to power off after the power button.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -21,18 +20,15 @@ enum Slot {
     Empty,
     Created {
         cfg: VmConfig,
-        json: types::VmConfig,
     },
     Live {
         vm: Box<Vm>,
         cfg: VmConfig,
-        json: types::VmConfig,
         booted: Instant,
         paused: bool,
     },
     Shutdown {
         cfg: VmConfig,
-        json: types::VmConfig,
         accel: String,
     },
     /// A long operation (`vm.boot`, `vm.restore`) runs without the lock held; `prev` comes
@@ -88,144 +84,14 @@ fn conflict(action: &str, state: &str) -> ApiError {
     ApiError::Conflict { action: action.into(), state: state.into() }
 }
 
-fn parse_out(field: &str, s: &str) -> Result<SerialOut, ApiError> {
-    match s {
-        "null" => Ok(SerialOut::Null),
-        "stdio" => Ok(SerialOut::Stdio),
-        _ => match s.strip_prefix("file=") {
-            Some(p) if p.starts_with('/') => Ok(SerialOut::File(p.into())),
-            _ => Err(bad(field, format!("'{s}' (accepted: null, stdio, file=/absolute/path)"))),
-        },
-    }
-}
-
-/// Checks an API configuration and turns it into a [`VmConfig`]; errors name the JSON field
-/// and the accepted values.
-pub fn config_from_api(c: &types::VmConfig) -> Result<VmConfig, ApiError> {
-    let host_mib = crate::config::host_memory() >> 20;
-    let min_mib = crate::config::MIN_MEM >> 20;
-    if c.memory_mib < min_mib || c.memory_mib > host_mib {
-        return Err(bad("memory_mib", format!("{} (accepted: {min_mib} to {host_mib})", c.memory_mib)));
-    }
-    if c.cpus == 0 || c.cpus > crate::vm::MAX_CPUS {
-        return Err(bad("cpus", format!("{} (accepted: 1 to {})", c.cpus, crate::vm::MAX_CPUS)));
-    }
-    let accel: Accel = c.accel.parse().map_err(|e: String| bad("accel", e))?;
-    if c.kernel.is_empty() {
-        return Err(bad("kernel", "a path to a bzImage or ELF vmlinux is required"));
-    }
-    if c.cmdline.len() >= crate::arch::CMDLINE_MAX {
-        return Err(bad(
-            "cmdline",
-            format!("{} bytes (accepted: up to {})", c.cmdline.len(), crate::arch::CMDLINE_MAX - 1),
-        ));
-    }
-    let serial = parse_out("serial", &c.serial)?;
-    let console = c.console.as_deref().map(|s| parse_out("console", s)).transpose()?;
-    let mut disks = Vec::new();
-    for (i, d) in c.disks.iter().enumerate() {
-        let format = match d.format.as_deref() {
-            None => None,
-            Some("raw") => Some(DiskFormat::Raw),
-            Some("qcow2") => Some(DiskFormat::Qcow2),
-            Some(f) => return Err(bad(format!("disks[{i}].format"), format!("'{f}' (accepted: raw, qcow2)"))),
-        };
-        if let Some(s) = &d.serial {
-            if s.len() > crate::devices_config::SERIAL_MAX || !s.is_ascii() {
-                return Err(bad(format!("disks[{i}].serial"), "up to 20 ASCII characters"));
-            }
-        }
-        if d.path.is_empty() {
-            return Err(bad(format!("disks[{i}].path"), "an image path is required"));
-        }
-        disks.push(DiskConfig {
-            path: d.path.clone().into(),
-            format,
-            readonly: d.readonly,
-            serial: d.serial.clone(),
-            allow_backing_outside: d.allow_backing_outside,
-            allow_data_file: d.allow_data_file,
-        });
-    }
-    let mut nets = Vec::new();
-    for (i, n) in c.nets.iter().enumerate() {
-        if n.tap.contains(',') || n.mac.as_deref().is_some_and(|m| m.contains(',')) {
-            return Err(bad(format!("nets[{i}]"), "',' is not accepted in a TAP name or MAC"));
-        }
-        let mut s = format!("tap={}", n.tap);
-        if let Some(m) = &n.mac {
-            s.push_str(&format!(",mac={m}"));
-        }
-        let parsed: NetConfig = s.parse().map_err(|e: String| bad(format!("nets[{i}]"), e.replace("--net: ", "")))?;
-        nets.push(parsed);
-    }
-    let vsock = match &c.vsock {
-        None => None,
-        Some(v) => {
-            if !(3..=0xffff_fffe).contains(&v.cid) {
-                return Err(bad("vsock.cid", format!("{} (accepted: 3 to 4294967294)", v.cid)));
-            }
-            if v.socket.is_empty() {
-                return Err(bad("vsock.socket", "a Unix socket path is required"));
-            }
-            Some(VsockConfig { cid: v.cid, socket: v.socket.clone().into() })
-        }
-    };
-    Ok(VmConfig {
-        kernel: c.kernel.clone().into(),
-        initrd: c.initrd.clone().map(Into::into),
-        cmdline: c.cmdline.clone(),
-        mem_size: c.memory_mib << 20,
-        cpus: c.cpus,
-        accel,
-        serial,
-        disks,
-        nets,
-        vsock,
-        rng: c.rng,
-        console,
-    })
-}
-
-/// The API form of a command-line configuration (for `vm.info` of a VM started by
-/// `rustvisor run --api-socket`).
-pub fn api_from_config(c: &VmConfig) -> types::VmConfig {
-    let out = |o: &SerialOut| match o {
-        SerialOut::Stdio => "stdio".to_string(),
-        SerialOut::Null => "null".to_string(),
-        SerialOut::File(p) => format!("file={}", p.display()),
-    };
-    types::VmConfig {
-        kernel: c.kernel.display().to_string(),
-        initrd: c.initrd.as_ref().map(|p| p.display().to_string()),
-        cmdline: c.cmdline.clone(),
-        memory_mib: c.mem_size >> 20,
-        cpus: c.cpus,
-        accel: c.accel.to_string(),
-        serial: out(&c.serial),
-        console: c.console.as_ref().map(out),
-        disks: c
-            .disks
-            .iter()
-            .map(|d| types::DiskConfig {
-                path: d.path.display().to_string(),
-                format: d.format.map(|f| if f == DiskFormat::Raw { "raw" } else { "qcow2" }.into()),
-                readonly: d.readonly,
-                serial: d.serial.clone(),
-                allow_backing_outside: d.allow_backing_outside,
-                allow_data_file: d.allow_data_file,
-            })
-            .collect(),
-        nets: c
-            .nets
-            .iter()
-            .map(|n| types::NetConfig {
-                tap: n.tap.clone(),
-                mac: n.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
-            })
-            .collect(),
-        vsock: c.vsock.as_ref().map(|v| types::VsockConfig { cid: v.cid, socket: v.socket.display().to_string() }),
-        rng: c.rng,
+/// The JSON field of [`crate::config::VmConfig`] for a command-line flag named in an
+/// [`crate::Error::Config`].
+fn json_field(flag: &str) -> &str {
+    match flag {
+        "--memory" => "memory_mib",
+        "--disk" | "--disk/--net" => "disks",
+        "--net" => "nets",
+        f => f.trim_start_matches("--"),
     }
 }
 
@@ -233,7 +99,7 @@ pub fn api_from_config(c: &VmConfig) -> types::VmConfig {
 /// field), the rest are ours (500).
 pub fn api_error(e: crate::Error) -> ApiError {
     match e {
-        crate::Error::Config { field, msg } => bad(field.trim_start_matches("--"), msg),
+        crate::Error::Config { field, msg } => bad(json_field(field), msg),
         crate::Error::Kernel(m) => bad("kernel", m),
         crate::Error::Io { path, err } => bad("kernel", format!("{path}: {err}")),
         other => ApiError::Internal(other.to_string()),
@@ -267,9 +133,9 @@ impl VmmController {
     }
 
     /// A VMM that already runs `vm` (started by `rustvisor run --api-socket`).
-    pub fn with_running(vm: Vm, cfg: VmConfig, json: types::VmConfig) -> VmmController {
+    pub fn with_running(vm: Vm, cfg: VmConfig) -> VmmController {
         let c = Self::new();
-        *c.lock() = Slot::Live { vm: Box::new(vm), cfg, json, booted: Instant::now(), paused: false };
+        *c.lock() = Slot::Live { vm: Box::new(vm), cfg, booted: Instant::now(), paused: false };
         c
     }
 
@@ -283,10 +149,10 @@ impl VmmController {
             if let Some(outcome) = vm.control().outcome() {
                 tracing::info!("VM ended: {outcome:?}");
                 let old = std::mem::replace(slot, Slot::Empty);
-                if let Slot::Live { mut vm, cfg, json, .. } = old {
+                if let Slot::Live { mut vm, cfg, .. } = old {
                     vm.stop();
                     let accel = vm.accelerator().to_string();
-                    *slot = Slot::Shutdown { cfg, json, accel };
+                    *slot = Slot::Shutdown { cfg, accel };
                 }
             }
         }
@@ -371,33 +237,32 @@ impl api::Controller for VmmController {
         types::PingInfo { version: env!("CARGO_PKG_VERSION").to_string(), accelerators, pid: std::process::id() }
     }
 
-    fn create(&self, json: types::VmConfig) -> Result<(), ApiError> {
+    fn create(&self, cfg: types::VmConfig) -> Result<(), ApiError> {
         let mut slot = self.lock();
         Self::reap(&mut slot);
         match &*slot {
             Slot::Empty | Slot::Created { .. } | Slot::Shutdown { .. } => {}
             s => return Err(conflict("vm.create", s.state())),
         }
-        let cfg = config_from_api(&json)?;
-        cfg.validate().map_err(api_error)?;
-        *slot = Slot::Created { cfg, json };
+        crate::config::validate(&cfg).map_err(api_error)?;
+        *slot = Slot::Created { cfg };
         Ok(())
     }
 
     fn boot(&self) -> Result<(), ApiError> {
-        let (cfg, json) = {
+        let cfg = {
             let mut slot = self.lock();
             Self::reap(&mut slot);
-            let (cfg, json) = match &*slot {
-                Slot::Created { cfg, json } | Slot::Shutdown { cfg, json, .. } => (cfg.clone(), json.clone()),
+            let cfg = match &*slot {
+                Slot::Created { cfg } | Slot::Shutdown { cfg, .. } => cfg.clone(),
                 s => return Err(conflict("vm.boot", s.state())),
             };
             Self::begin(&mut slot, "vm.boot");
-            (cfg, json)
+            cfg
         };
         // Opening the kernel, initrd and disks may be slow: other requests answer meanwhile.
         let vm = Self::boot_vm(&cfg);
-        self.finish(vm.map(|vm| Slot::Live { vm, cfg, json, booted: Instant::now(), paused: false }))
+        self.finish(vm.map(|vm| Slot::Live { vm, cfg, booted: Instant::now(), paused: false }))
     }
 
     fn pause(&self) -> Result<(), ApiError> {
@@ -443,10 +308,10 @@ impl api::Controller for VmmController {
             std::thread::sleep(Duration::from_millis(20));
         }
         let old = std::mem::replace(&mut *slot, Slot::Empty);
-        if let Slot::Live { mut vm, cfg, json, .. } = old {
+        if let Slot::Live { mut vm, cfg, .. } = old {
             vm.stop();
             let accel = vm.accelerator().to_string();
-            *slot = Slot::Shutdown { cfg, json, accel };
+            *slot = Slot::Shutdown { cfg, accel };
         }
         Ok(())
     }
@@ -454,14 +319,14 @@ impl api::Controller for VmmController {
     fn reboot(&self) -> Result<(), ApiError> {
         let mut slot = self.lock();
         Self::reap(&mut slot);
-        let (cfg, json) = match &*slot {
-            Slot::Live { cfg, json, .. } => (cfg.clone(), json.clone()),
+        let cfg = match &*slot {
+            Slot::Live { cfg, .. } => cfg.clone(),
             s => return Err(conflict("vm.reboot", s.state())),
         };
         // A reset is a fresh boot of the same configuration (devices, memory and vCPUs anew).
-        *slot = Slot::Created { cfg: cfg.clone(), json: json.clone() };
+        *slot = Slot::Created { cfg: cfg.clone() };
         let vm = Self::boot_vm(&cfg)?;
-        *slot = Slot::Live { vm, cfg, json, booted: Instant::now(), paused: false };
+        *slot = Slot::Live { vm, cfg, booted: Instant::now(), paused: false };
         Ok(())
     }
 
@@ -482,21 +347,19 @@ impl api::Controller for VmmController {
         let state = slot.state().to_string();
         match &*slot {
             Slot::Empty => Err(ApiError::NotFound("no VM: create one with vm.create".into())),
-            Slot::Created { json, .. } => {
-                Ok(types::VmInfo { state, config: json.clone(), uptime_s: 0.0, accelerator: None })
-            }
-            Slot::Live { vm, json, booted, .. } => Ok(types::VmInfo {
+            Slot::Created { cfg } => Ok(types::VmInfo { state, config: cfg.clone(), uptime_s: 0.0, accelerator: None }),
+            Slot::Live { vm, cfg, booted, .. } => Ok(types::VmInfo {
                 state,
-                config: json.clone(),
+                config: cfg.clone(),
                 uptime_s: booted.elapsed().as_secs_f64(),
                 accelerator: Some(vm.accelerator().into()),
             }),
-            Slot::Shutdown { json, accel, .. } => {
-                Ok(types::VmInfo { state, config: json.clone(), uptime_s: 0.0, accelerator: Some(accel.clone()) })
+            Slot::Shutdown { cfg, accel } => {
+                Ok(types::VmInfo { state, config: cfg.clone(), uptime_s: 0.0, accelerator: Some(accel.clone()) })
             }
             Slot::Busy { prev, .. } => match &**prev {
-                Slot::Created { json, .. } | Slot::Shutdown { json, .. } => {
-                    Ok(types::VmInfo { state, config: json.clone(), uptime_s: 0.0, accelerator: None })
+                Slot::Created { cfg } | Slot::Shutdown { cfg, .. } => {
+                    Ok(types::VmInfo { state, config: cfg.clone(), uptime_s: 0.0, accelerator: None })
                 }
                 _ => Err(conflict("vm.info", &state)),
             },
@@ -554,10 +417,7 @@ impl api::Controller for VmmController {
         drop(slot);
         // Reading the snapshot may be slow: other requests answer meanwhile.
         let r = crate::persist::restore(std::path::Path::new(source_dir)).map_err(persist_error);
-        self.finish(r.map(|(vm, cfg)| {
-            let json = api_from_config(&cfg);
-            Slot::Live { vm: Box::new(vm), cfg, json, booted: Instant::now(), paused: true }
-        }))
+        self.finish(r.map(|(vm, cfg)| Slot::Live { vm: Box::new(vm), cfg, booted: Instant::now(), paused: true }))
     }
 
     fn vmm_shutdown(&self) {

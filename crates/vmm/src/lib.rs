@@ -6,7 +6,6 @@ pub mod clock;
 pub mod config;
 pub mod controller;
 pub mod device_bus;
-pub mod devices_config;
 pub mod host_files;
 pub mod memory;
 pub mod panic_policy;
@@ -15,8 +14,7 @@ pub mod virtio_devices;
 pub mod vm;
 pub mod vstate;
 
-pub use config::{Accel, SerialOut, VmConfig};
-pub use devices_config::{DiskConfig, DiskFormat, NetConfig, VsockConfig};
+pub use config::{Accel, ConsoleOut, DiskConfig, DiskFormat, MacAddr, NetConfig, VmConfig, VsockConfig};
 pub use vm::{RunOutcome, Vm};
 
 /// Errors of the VMM library. Each names the offending input so the CLI can print one line.

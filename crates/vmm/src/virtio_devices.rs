@@ -66,7 +66,7 @@ pub fn build(
         let format = match d.format {
             Some(crate::DiskFormat::Raw) => block::Format::Raw,
             Some(crate::DiskFormat::Qcow2) => block::Format::Qcow2,
-            None => detect_format(&d.path)?,
+            None => detect_format(std::path::Path::new(&d.path))?,
         };
         let policy =
             block::ImagePolicy { allow_backing_outside: d.allow_backing_outside, allow_data_file: d.allow_data_file };
@@ -76,20 +76,20 @@ pub fn build(
     }
     for (i, n) in cfg.nets.iter().enumerate() {
         let tap = virtio::tap::Tap::open(&n.tap).map_err(|e| Error::Config { field: "--net", msg: e.to_string() })?;
-        let mac = n.mac.unwrap_or_else(|| virtio::net::default_mac(&n.tap));
+        let mac = n.mac.map_or_else(|| virtio::net::default_mac(&n.tap), |m| m.0);
         models.push((format!("net{i}"), Box::new(virtio::net::Net::new(tap, mac))));
     }
     if let Some(v) = &cfg.vsock {
-        let dev = virtio::vsock::Vsock::new(v.cid, v.socket.clone())
+        let dev = virtio::vsock::Vsock::new(v.cid, v.socket.clone().into())
             .map_err(|e| Error::Config { field: "--vsock", msg: e.to_string() })?;
         models.push(("vsock".into(), Box::new(dev)));
     }
     if let Some(out) = &cfg.console {
         let (output, input): (Box<dyn std::io::Write + Send>, Option<Box<dyn virtio::console::InputSource>>) = match out
         {
-            crate::SerialOut::Stdio => (Box::new(std::io::stdout()), Some(Box::new(std::io::stdin()))),
-            crate::SerialOut::Null => (Box::new(std::io::sink()), None),
-            crate::SerialOut::File(p) => (
+            crate::ConsoleOut::Stdio => (Box::new(std::io::stdout()), Some(Box::new(std::io::stdin()))),
+            crate::ConsoleOut::Null => (Box::new(std::io::sink()), None),
+            crate::ConsoleOut::File(p) => (
                 Box::new(
                     std::fs::OpenOptions::new()
                         .create(true)

@@ -9,14 +9,14 @@ use virtio::DmaLog;
 use vm_memory::GuestMemoryMmap;
 
 use crate::clock::VirtualClock;
-use crate::config::{Accel, SerialOut, VmConfig};
+use crate::config::{Accel, ConsoleOut, VmConfig};
 use crate::{arch, memory, Error, Result};
 
 pub use crate::device_bus::{DeviceBus, ExitCounts};
 pub use crate::vstate::{RunControl, RunOutcome, RunState};
 
 /// Most vCPUs a VM may have (the MP table's APIC IDs, the IOAPIC taking the next one).
-pub const MAX_CPUS: u8 = 64;
+pub const MAX_CPUS: u8 = crate::config::MAX_CPUS;
 /// COM1 I/O base and IRQ.
 const COM1: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
@@ -67,11 +67,11 @@ pub struct Vm {
     pub accel_note: String,
 }
 
-fn serial_sink(out: &SerialOut) -> Result<Box<dyn Write + Send>> {
+fn serial_sink(out: &ConsoleOut) -> Result<Box<dyn Write + Send>> {
     Ok(match out {
-        SerialOut::Stdio => Box::new(std::io::stdout()),
-        SerialOut::Null => Box::new(std::io::sink()),
-        SerialOut::File(p) => Box::new(
+        ConsoleOut::Stdio => Box::new(std::io::stdout()),
+        ConsoleOut::Null => Box::new(std::io::sink()),
+        ConsoleOut::File(p) => Box::new(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -91,7 +91,7 @@ pub const KVM_ON_PVM_ENV: &str = "RUSTVISOR_KVM_ON_PVM";
 /// Errors: `Error::Config` for `--accel` when the requested accelerator cannot run here.
 pub(crate) fn choose_accel(a: Accel) -> Result<accel::Selection> {
     let options = accel::SelectOptions { allow_kvm_on_pvm: std::env::var_os(KVM_ON_PVM_ENV).is_some() };
-    accel::select(a, options).map_err(|e| match e {
+    accel::select(crate::config::engine(a), options).map_err(|e| match e {
         accel::Error::Unavailable(msg) => Error::Config { field: "--accel", msg },
         other => Error::Accel(other),
     })
@@ -100,7 +100,7 @@ pub(crate) fn choose_accel(a: Accel) -> Result<accel::Selection> {
 impl Vm {
     /// Builds guest memory, loads the kernel and sets up devices and the boot vCPU.
     pub fn new(cfg: &VmConfig) -> Result<Vm> {
-        cfg.validate()?;
+        crate::config::validate(cfg)?;
         let selection = choose_accel(cfg.accel)?;
         let hv = selection.hypervisor.as_ref();
         let max = hv.max_vcpus().min(MAX_CPUS);
@@ -115,8 +115,14 @@ impl Vm {
                 ),
             });
         }
-        let mem = memory::create(cfg.mem_size)?;
-        let info = arch::load(&mem, cfg.mem_size, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+        let mem = memory::create(cfg.memory_bytes())?;
+        let info = arch::load(
+            &mem,
+            cfg.memory_bytes(),
+            std::path::Path::new(&cfg.kernel),
+            cfg.initrd.as_deref().map(std::path::Path::new),
+            &cfg.cmdline,
+        )?;
         let mut vm = Self::build(cfg, mem, hv, selection.reason)?;
         if vm.accel.symmetric_io_mode() {
             // The MP table lists every vCPU's local APIC and the IOAPIC.
@@ -177,8 +183,8 @@ impl Vm {
         pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm.clone()).map_err(dev_err)?;
         let sci = accel.irq_line(arch::acpi::SCI_IRQ.into())?;
         pm.lock().unwrap_or_else(|e| e.into_inner()).set_sci(sci);
-        let low = memory::ram_ranges(cfg.mem_size)[0].1;
-        let cmos = Arc::new(Mutex::new(Cmos::new(low, arch::high_mem(cfg.mem_size))));
+        let low = memory::ram_ranges(cfg.memory_bytes())[0].1;
+        let cmos = Arc::new(Mutex::new(Cmos::new(low, arch::high_mem(cfg.memory_bytes()))));
         pio.insert(0x70, 2, cmos.clone()).map_err(dev_err)?;
 
         // PCI bus 0 (conf1) with the virtio devices; their BARs sit in the MMIO window.
@@ -330,10 +336,10 @@ mod tests {
             kernel: "/nonexistent".into(),
             initrd: None,
             cmdline: String::new(),
-            mem_size: 16 << 20,
+            memory_mib: 16,
             cpus: 1,
             accel,
-            serial: SerialOut::Null,
+            serial: ConsoleOut::Null,
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
@@ -348,7 +354,7 @@ mod tests {
         let options = accel::SelectOptions { allow_kvm_on_pvm: true };
         [Accel::Emu, Accel::Kvm]
             .into_iter()
-            .filter_map(|c| accel::select(c, options).ok())
+            .filter_map(|c| accel::select(crate::config::engine(c), options).ok())
             .map(|s| s.hypervisor)
             .collect()
     }
@@ -357,7 +363,7 @@ mod tests {
     fn dma_log_records_only_where_the_accelerator_needs_it() {
         for hv in hypervisors() {
             let cfg = config(hv.name().parse().unwrap());
-            let vm = Vm::build(&cfg, memory::create(cfg.mem_size).unwrap(), hv.as_ref(), "test".into()).unwrap();
+            let vm = Vm::build(&cfg, memory::create(cfg.memory_bytes()).unwrap(), hv.as_ref(), "test".into()).unwrap();
             assert_eq!(vm.accelerator(), hv.name());
             let log = vm.dma_log();
             assert_eq!(log.is_enabled(), vm.accel().needs_dma_log(), "{}", hv.name());
@@ -376,7 +382,7 @@ mod tests {
     fn a_vm_saves_and_restores_its_accelerator_state_through_the_seam() {
         for hv in hypervisors() {
             let cfg = config(hv.name().parse().unwrap());
-            let build = || Vm::build(&cfg, memory::create(cfg.mem_size).unwrap(), hv.as_ref(), "test".into());
+            let build = || Vm::build(&cfg, memory::create(cfg.memory_bytes()).unwrap(), hv.as_ref(), "test".into());
             let (a, b) = (build().unwrap(), build().unwrap());
             assert_eq!(a.vcpu_count(), 1);
             let state = a.accel().save_state().unwrap();
@@ -389,7 +395,7 @@ mod tests {
     #[test]
     fn cpus_beyond_the_accelerator_are_refused_naming_it() {
         let mut cfg = config(Accel::Emu);
-        cfg.kernel = std::env::current_exe().unwrap();
+        cfg.kernel = std::env::current_exe().unwrap().display().to_string();
         cfg.cpus = 2;
         match Vm::new(&cfg) {
             Err(Error::Config { field: "--cpus", msg }) => {

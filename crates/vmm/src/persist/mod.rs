@@ -290,13 +290,13 @@ pub fn restore(dir: &Path) -> Result<(Vm, VmConfig), Error> {
     let st = read_state(dir)?;
     let mut cfg = st.config.clone();
     // The accelerator that saved the VM state runs it again.
-    cfg.accel = st.vm.engine();
-    cfg.validate()?;
+    cfg.accel = crate::config::accel_of(st.vm.engine());
+    crate::config::validate(&cfg)?;
     // The same accelerator checks as a boot (a kvm snapshot needs a usable /dev/kvm).
     let selection = crate::vm::choose_accel(cfg.accel)
         .map_err(|source| Error::Accelerator { accelerator: st.accelerator.clone(), source })?;
     let hv = selection.hypervisor.as_ref();
-    let mem = crate::memory::create(cfg.mem_size)?;
+    let mem = crate::memory::create(cfg.memory_bytes())?;
     // `validate` made `memory.file` a plain name: the file is inside `dir`.
     memory::load(&mem, &dir.join(&st.memory.file), &st.memory)?;
     let note = format!("{}: restored from {}", hv.name(), dir.display());
