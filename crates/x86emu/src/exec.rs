@@ -1757,7 +1757,7 @@ pub(crate) mod tests_support {
         put(ram, 0x1000, 0x2000 | 3);
         put(ram, 0x2000, 0x3000 | 3);
         put(ram, 0x3000, 0x83);
-        let r = RamRegion { gpa: 0, size: ram.len() as u64, host: ram.as_mut_ptr() };
+        let r = RamRegion { gpa: 0, size: ram.len() as u64, host_addr: ram.as_mut_ptr() };
         let mut c = Cpu::new(vec![r], CpuConfig::default());
         c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP | 0x10;
         c.cr4 = ctl::CR4_PAE;

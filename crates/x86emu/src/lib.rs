@@ -25,7 +25,7 @@ mod uop;
 
 pub use cpu::{Cpu, CpuConfig, Exit, Seg, Stats};
 pub use mmu::RamRegion;
-pub use snapshot::{CpuState, StateError};
+pub use snapshot::{CpuSnapshot, StateError};
 
 /// What the emulated CPU sees outside RAM: port I/O, MMIO and the interrupt controller.
 ///
