@@ -210,6 +210,28 @@ fn is_canonical(la: u64) -> bool {
 }
 
 impl Cpu {
+    /// Drops all cached translations and decoded instructions (after the VMM wrote guest
+    /// memory or page tables behind the CPU's back, e.g. on restore).
+    pub fn flush_caches(&mut self) {
+        self.mmu.flush_all();
+        self.mmu.flush_code();
+    }
+
+    /// Retires code decoded from the guest RAM pages overlapping `len` bytes at GPA `gpa`
+    /// (written behind the CPU's back, e.g. by device DMA). Non-RAM addresses are ignored.
+    pub fn invalidate_code(&mut self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa >> 12;
+        let last = gpa.saturating_add(len - 1) >> 12;
+        for page in first..=last {
+            if let Some((_, idx)) = self.mmu.ram_lookup(page << 12) {
+                self.mmu.note_write(idx);
+            }
+        }
+    }
+
     /// Translates a linear address, filling the TLB. Returns the TLB entry.
     #[cold]
     fn tlb_fill(&mut self, la: u64, acc: Access, user: bool) -> Res<TlbEntry> {

@@ -157,7 +157,7 @@ impl CpuSnapshot {
                 return Err(StateError::new(format!("dr[{i}]"), format!("{:#x}: bits 63:32 set", self.dr[i])));
             }
         }
-        if self.fpu.mxcsr & !crate::sse::MXCSR_MASK != 0 {
+        if self.fpu.mxcsr & !crate::fpstate::MXCSR_MASK != 0 {
             return Err(StateError::new("fpu.mxcsr", format!("{:#x}: reserved bits set", self.fpu.mxcsr)));
         }
         if self.fpu.fop > 0x7ff {
@@ -245,7 +245,7 @@ impl Cpu {
 mod tests {
     use super::*;
     use crate::cpu::Exit;
-    use crate::exec::tests_support::long_mode_cpu;
+    use crate::tests_support::long_mode_cpu;
     use crate::{NullBus, RamRegion};
     use iced_x86::code_asm::*;
 
