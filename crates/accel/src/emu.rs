@@ -23,7 +23,7 @@
 
 mod hypervisor;
 
-use crate::{CpuState, Error, ExitHandler, RamRegion, Result, Segment, Table, Vcpu, VcpuExit, VcpuStopper};
+use crate::{Clock, CpuState, Error, ExitHandler, RamRegion, Result, Segment, Table, Vcpu, VcpuExit, VcpuStopper};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,9 +33,6 @@ use x86emu::{Cpu, CpuConfig, Exit, Seg};
 pub use crate::vm::DeviceWrites;
 pub use hypervisor::{EmuHypervisor, EmuVm, EmuVmState, TSC_HZ};
 pub use x86emu::StateError;
-
-/// Guest clock: nanoseconds since the VM started.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// The userspace interrupt controller the emulated vCPU takes interrupts from.
 pub trait InterruptController: Send {
@@ -51,8 +48,9 @@ pub trait InterruptController: Send {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct EmuVcpuState {
     /// The CPU: registers, segment caches, control/debug registers, MSRs, x87/SSE state,
-    /// `hlt` and interrupt-shadow flags, TSC frequency and APIC ID.
-    pub cpu: x86emu::CpuState,
+    /// `hlt` and interrupt-shadow flags, TSC frequency and APIC ID. This is the emulator's
+    /// own save format, a superset of the architectural [`CpuState`] the seam exchanges.
+    pub cpu: x86emu::CpuSnapshot,
 }
 
 /// Instructions run between looks at timers and the stop flag.
@@ -172,8 +170,7 @@ impl EmuVcpu {
     /// `tsc_hz` is the TSC frequency advertised in CPUID leaf 0x15 (and the LAPIC bus clock
     /// the interrupt controller must use).
     pub fn new(ram: &[RamRegion], ic: Box<dyn InterruptController>, clock: Clock, tsc_hz: u64, id: u8) -> EmuVcpu {
-        let regions = ram.iter().map(|r| x86emu::RamRegion { gpa: r.gpa, size: r.size, host: r.host_addr }).collect();
-        let mut cpu = Cpu::new(regions, CpuConfig { tsc_hz, apic_id: id });
+        let mut cpu = Cpu::new(ram.to_vec(), CpuConfig { tsc_hz, apic_id: id });
         // Debugging aid: RUSTVISOR_EMU_TRACE=PATH writes every instruction's RIP and GPRs.
         if let Some(p) = std::env::var_os("RUSTVISOR_EMU_TRACE") {
             if let Ok(f) = std::fs::File::create(p) {

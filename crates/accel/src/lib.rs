@@ -28,30 +28,17 @@ pub mod state;
 mod vcpu;
 mod vm;
 
-pub use devices::{IrqLine, MsiSink};
+pub use devices::{Clock, IrqLine, MsiSink};
 pub use hypervisor::{select, usable_engines, Choice, Hypervisor, SelectOptions, Selection};
 pub use state::{CpuState, Segment, Table};
 pub use vcpu::{ExitHandler, Vcpu, VcpuExit, VcpuSnapshot, VcpuStopper};
-pub use vm::{Clock, DeviceWrites, Vm, VmSpec, VmState};
+pub use vm::{DeviceWrites, Vm, VmSpec, VmState};
 pub use vmm_sys_util::eventfd::EventFd;
 
-/// One contiguous block of guest RAM mapped into the VMM.
-#[derive(Clone, Copy, Debug)]
-pub struct RamRegion {
-    /// Guest physical address (GPA) of the first byte.
-    pub gpa: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// Host virtual address of the first byte; valid for `size` bytes for the VM's lifetime.
-    pub host_addr: *mut u8,
-}
-
-// SAFETY: a RamRegion is a plain description of a mapping that outlives the VM; the mapping
-// itself is shared guest memory that the guest may change at any time, so no Rust aliasing
-// guarantees are claimed for it by any user of this type.
-unsafe impl Send for RamRegion {}
-// SAFETY: see the `Send` impl above: the type holds no thread-affine state.
-unsafe impl Sync for RamRegion {}
+/// One contiguous block of guest RAM mapped into the VMM. Defined in `x86emu` (the lowest
+/// crate that needs it) and shared by both engines: KVM registers it as a memory slot, the
+/// emulator's MMU maps it.
+pub use x86emu::RamRegion;
 
 /// Errors from the accelerators.
 #[derive(Debug, thiserror::Error)]

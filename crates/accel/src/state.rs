@@ -39,6 +39,11 @@ pub struct Table {
 }
 
 /// Architectural state of one vCPU: general registers, segments, control registers, EFER.
+///
+/// What the VMM sets at boot and reads back, the same for both engines. It is not a snapshot:
+/// each engine saves its complete vCPU state in its own format (`x86emu::CpuSnapshot` for
+/// the emulator, with MSRs, x87/SSE and the internal flags; KVM's ioctl structures for
+/// `kvm`), see [`crate::VcpuSnapshot`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CpuState {
     /// RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15 (hardware encoding order).

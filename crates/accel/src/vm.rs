@@ -7,12 +7,7 @@ use devices::{IrqLine, MsiSink};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{emu, kvm, Choice, RamRegion, Result, Vcpu};
-
-/// Guest clock: nanoseconds of virtual time, never going backwards (the VMM's pausable
-/// clock). Engines with userspace timers (the emulator's PIT, LAPIC timer and TSC) run on
-/// it; KVM keeps its own (kvmclock, part of [`VmState`]).
-pub type Clock = devices::Clock;
+use crate::{emu, kvm, Choice, Clock, RamRegion, Result, Vcpu};
 
 /// Reports guest RAM written by devices (DMA) since the last call, as `(GPA, length in
 /// bytes)` ranges; see [`Vm::needs_dma_log`]. Must be cheap when nothing was written.
@@ -25,7 +20,9 @@ pub struct VmSpec<'a> {
     /// VM or any of its vCPUs exists. Each region must be non-empty and 4 KiB aligned (GPA,
     /// size and host address).
     pub ram: &'a [RamRegion],
-    /// The guest clock.
+    /// The guest clock (the VMM's pausable clock). Engines with userspace timers (the
+    /// emulator's PIT, LAPIC timer and TSC) run on it; KVM keeps its own (kvmclock, part of
+    /// [`VmState`]).
     pub clock: Clock,
 }
 

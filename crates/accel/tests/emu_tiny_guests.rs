@@ -14,7 +14,8 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use accel::emu::{Clock, EmuVcpu, InterruptController};
+use accel::emu::{EmuVcpu, InterruptController};
+use accel::Clock;
 use accel::{Vcpu, VcpuExit};
 use common::*;
 

@@ -47,7 +47,7 @@ fn main() {
     let code = a.assemble(0x10000).unwrap();
     ram[0x10000..0x10000 + code.len()].copy_from_slice(&code);
 
-    let r = RamRegion { gpa: 0, size: ram.len() as u64, host: ram.as_mut_ptr() };
+    let r = RamRegion { gpa: 0, size: ram.len() as u64, host_addr: ram.as_mut_ptr() };
     let mut c = Cpu::new(vec![r], CpuConfig::default());
     c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP | 0x10;
     c.cr4 = ctl::CR4_PAE;

@@ -1,7 +1,11 @@
-//! The vCPU state and the run loop's public face.
+//! The vCPU state: registers, flags, segments, MSRs, x87/SSE state, the [`Cpu`] that holds
+//! them, and the register file as instructions see it.
 
 use crate::mmu::{Mmu, RamRegion};
-use crate::Bus;
+use crate::regs::mask;
+use crate::{Fault, Res};
+use flags::*;
+use iced_x86::{ConditionCode, Instruction, Register};
 use serde::{Deserialize, Serialize};
 
 /// RFLAGS bits (Intel SDM Vol. 1 §3.4.3).
@@ -35,6 +39,7 @@ pub mod ctl {
     pub const CR0_MP: u64 = 1 << 1;
     pub const CR0_EM: u64 = 1 << 2;
     pub const CR0_TS: u64 = 1 << 3;
+    pub const CR0_NE: u64 = 1 << 5;
     pub const CR0_WP: u64 = 1 << 16;
     pub const CR0_PG: u64 = 1 << 31;
     pub const CR4_PSE: u64 = 1 << 4;
@@ -252,7 +257,7 @@ pub struct Cpu {
     pub(crate) halted: bool,
     pub stats: Stats,
     /// Decoded-instruction cache keyed by GPA.
-    pub(crate) dcache: crate::exec::DecodeCache,
+    pub(crate) dcache: crate::decode::DecodeCache,
     /// Set by instructions that may unmask or raise interrupts (STI, POPF, IRET, port and
     /// MMIO writes): the run loop looks at the interrupt line again before the next one.
     pub(crate) check_irq: bool,
@@ -311,7 +316,7 @@ impl Cpu {
             interrupt_shadow: false,
             halted: false,
             stats: Stats::default(),
-            dcache: crate::exec::DecodeCache::new(),
+            dcache: crate::decode::DecodeCache::new(),
             check_irq: true,
             trace: None,
             cur_user: false,
@@ -354,35 +359,210 @@ impl Cpu {
         self.halted
     }
 
-    /// Drops all cached translations and decoded instructions (after the VMM wrote guest
-    /// memory or page tables behind the CPU's back, e.g. on restore).
-    pub fn flush_caches(&mut self) {
-        self.mmu.flush_all();
-        self.mmu.flush_code();
-    }
-
-    /// Retires code decoded from the guest RAM pages overlapping `len` bytes at GPA `gpa`
-    /// (written behind the CPU's back, e.g. by device DMA). Non-RAM addresses are ignored.
-    pub fn invalidate_code(&mut self, gpa: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = gpa >> 12;
-        let last = gpa.saturating_add(len - 1) >> 12;
-        for page in first..=last {
-            if let Some((_, idx)) = self.mmu.ram_lookup(page << 12) {
-                self.mmu.note_write(idx);
-            }
-        }
-    }
-
     /// The start RIPs of the last blocks entered, oldest first.
     pub fn recent_rips(&self) -> Vec<u64> {
         (0..64).map(|i| self.recent[(self.recent_pos + i) % 64]).collect()
     }
+}
 
-    /// Runs until something the VMM must act on happens, or `budget` instructions retired.
-    pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> Exit {
-        crate::exec::run(self, bus, budget)
+/// Whether condition `cc` holds for the current RFLAGS (Jcc, SETcc, CMOVcc, FCMOVcc).
+#[inline(always)]
+pub(crate) fn cond(cpu: &Cpu, cc: ConditionCode) -> bool {
+    let f = cpu.rflags;
+    let cf = f & CF != 0;
+    let zf = f & ZF != 0;
+    let sf = f & SF != 0;
+    let of = f & OF != 0;
+    let pf = f & PF != 0;
+    match cc {
+        ConditionCode::o => of,
+        ConditionCode::no => !of,
+        ConditionCode::b => cf,
+        ConditionCode::ae => !cf,
+        ConditionCode::e => zf,
+        ConditionCode::ne => !zf,
+        ConditionCode::be => cf || zf,
+        ConditionCode::a => !cf && !zf,
+        ConditionCode::s => sf,
+        ConditionCode::ns => !sf,
+        ConditionCode::p => pf,
+        ConditionCode::np => !pf,
+        ConditionCode::l => sf != of,
+        ConditionCode::ge => sf == of,
+        ConditionCode::le => zf || sf != of,
+        ConditionCode::g => !zf && sf == of,
+        ConditionCode::None => true,
+    }
+}
+
+/// The register file as instructions see it: registers by their iced-x86 name, effective
+/// and linear addresses, the stack pointer at the stack's address size, near branches and
+/// RFLAGS writes. Nothing here touches memory.
+impl Cpu {
+    #[inline(always)]
+    pub(crate) fn get_reg(&self, r: Register) -> u64 {
+        let info = self.gpr_info[r as usize];
+        if info & 0x8000 != 0 {
+            return self.get_other_reg(r);
+        }
+        let v = self.gpr[(info & 0xf) as usize];
+        match (info >> 4) & 0xf {
+            1 => {
+                if info & 0x100 != 0 {
+                    (v >> 8) & 0xff
+                } else {
+                    v & 0xff
+                }
+            }
+            2 => v & 0xffff,
+            4 => v & 0xffff_ffff,
+            _ => v,
+        }
+    }
+
+    #[cold]
+    fn get_other_reg(&self, r: Register) -> u64 {
+        match r {
+            Register::ES => u64::from(self.seg[sreg::ES].selector),
+            Register::CS => u64::from(self.seg[sreg::CS].selector),
+            Register::SS => u64::from(self.seg[sreg::SS].selector),
+            Register::DS => u64::from(self.seg[sreg::DS].selector),
+            Register::FS => u64::from(self.seg[sreg::FS].selector),
+            Register::GS => u64::from(self.seg[sreg::GS].selector),
+            _ => 0,
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
+        let info = self.gpr_info[r as usize];
+        if info & 0x8000 != 0 {
+            return;
+        }
+        let slot = &mut self.gpr[(info & 0xf) as usize];
+        match (info >> 4) & 0xf {
+            1 => {
+                if info & 0x100 != 0 {
+                    *slot = (*slot & !0xff00) | ((v & 0xff) << 8);
+                } else {
+                    *slot = (*slot & !0xff) | (v & 0xff);
+                }
+            }
+            2 => *slot = (*slot & !0xffff) | (v & 0xffff),
+            4 => *slot = v & 0xffff_ffff,
+            _ => *slot = v,
+        }
+    }
+
+    /// Effective address (offset within the segment) of the memory operand.
+    #[inline(always)]
+    pub(crate) fn ea(&self, insn: &Instruction) -> u64 {
+        let base = insn.memory_base();
+        let index = insn.memory_index();
+        let mut a = insn.memory_displacement64();
+        let mut asize = 8;
+        if base != Register::None {
+            if base == Register::RIP || base == Register::EIP {
+                return if base == Register::EIP { a & 0xffff_ffff } else { a };
+            }
+            a = a.wrapping_add(self.get_reg(base));
+            asize = base.size();
+        }
+        if index != Register::None {
+            a = a.wrapping_add(self.get_reg(index) << insn.memory_index_scale().trailing_zeros());
+            asize = index.size();
+        }
+        if base == Register::None && index == Register::None {
+            asize = match insn.memory_displ_size() {
+                2 => 2,
+                4 if !self.in_64bit_mode() => 4,
+                _ => 8,
+            };
+        }
+        a & mask(asize)
+    }
+
+    /// Linear address of a segment:offset pair.
+    #[inline(always)]
+    pub(crate) fn seg_la(&self, seg: Register, off: u64) -> u64 {
+        if self.in_64bit_mode() {
+            match seg {
+                Register::FS => self.seg[sreg::FS].base.wrapping_add(off),
+                Register::GS => self.seg[sreg::GS].base.wrapping_add(off),
+                _ => off,
+            }
+        } else {
+            let i = match seg {
+                Register::ES => sreg::ES,
+                Register::CS => sreg::CS,
+                Register::SS => sreg::SS,
+                Register::FS => sreg::FS,
+                Register::GS => sreg::GS,
+                _ => sreg::DS,
+            };
+            self.seg[i].base.wrapping_add(off) & 0xffff_ffff
+        }
+    }
+
+    /// Linear address of the instruction's memory operand.
+    #[inline(always)]
+    pub(crate) fn mem_la(&self, insn: &Instruction) -> u64 {
+        self.seg_la(insn.memory_segment(), self.ea(insn))
+    }
+
+    /// Stack address size in bytes.
+    #[inline(always)]
+    pub(crate) fn stack_size(&self) -> usize {
+        if self.in_64bit_mode() {
+            8
+        } else if self.seg[sreg::SS].big() {
+            4
+        } else {
+            2
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn rsp(&self) -> u64 {
+        self.gpr[4] & mask(self.stack_size())
+    }
+
+    #[inline(always)]
+    pub(crate) fn set_rsp(&mut self, v: u64) {
+        match self.stack_size() {
+            8 => self.gpr[4] = v,
+            4 => self.gpr[4] = v & 0xffff_ffff,
+            _ => self.gpr[4] = (self.gpr[4] & !0xffff) | (v & 0xffff),
+        }
+    }
+
+    /// Sets RIP for a near branch to `target` (already within the code size).
+    #[inline(always)]
+    pub(crate) fn branch(&mut self, target: u64) -> Res<()> {
+        if self.in_64bit_mode() && ((target as i64) << 16 >> 16) as u64 != target {
+            return Err(Fault::GeneralProtection(0));
+        }
+        self.rip = target;
+        Ok(())
+    }
+
+    /// Writes RFLAGS as POPF/IRET do at the current privilege (Intel SDM Vol. 2 POPF).
+    pub(crate) fn write_flags(&mut self, v: u64, size: usize) {
+        let cpl = self.cpl();
+        let iopl = ((self.rflags >> 12) & 3) as u8;
+        let mut modifiable = CF | PF | AF | ZF | SF | TF | DF | OF | NT | AC | ID;
+        if cpl == 0 {
+            modifiable |= IOPL | IF;
+        } else if cpl <= iopl {
+            modifiable |= IF;
+        }
+        if size == 2 {
+            modifiable &= 0xffff;
+        }
+        let old = self.rflags;
+        self.rflags = (self.rflags & !modifiable) | (v & modifiable) | 2;
+        if old & IF == 0 && self.rflags & IF != 0 {
+            self.check_irq = true;
+        }
     }
 }

@@ -1,77 +1,23 @@
-//! The interpreter: decode cache, run loop, operands and the integer instruction set.
+//! The interpreter: the run loop and the integer instruction set (the top layer; see the
+//! crate root for the module layers).
 
 use crate::alu::{self, Op1, Op2};
+use crate::cpu::cond;
 use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit};
+use crate::decode::fetch_block;
+use crate::operand::Loc;
 use crate::regs::{mask, sext};
-use crate::{Bus, Fault, Res};
-use iced_x86::{Code, ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use crate::{Bus, Fault, Res, SRes, Stop};
+use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 
-const BCACHE_SIZE: usize = 1 << 15;
-/// Longest block decoded at once, in instructions.
-const BLOCK_MAX: usize = 64;
-
-/// A straight-line run of decoded instructions within one 4 KiB page, ending at a control
-/// transfer (or an instruction that may change how code is fetched).
-struct Block {
-    gpa: u64,
-    /// RIP of the first instruction.
-    ip: u64,
-    gen: u32,
-    page: usize,
-    bits: u32,
-    ops: std::rc::Rc<[Op]>,
-}
-
-/// One decoded instruction of a block: its fast form, its addresses and the full decode.
-pub(crate) struct Op {
-    uop: crate::uop::Uop,
-    ip: u64,
-    next_ip: u64,
-    insn: Instruction,
-}
-
-impl Op {
-    fn new(insn: Instruction, bits: u32) -> Op {
-        Op { uop: crate::uop::lower(&insn, bits), ip: insn.ip(), next_ip: insn.next_ip(), insn }
+impl Cpu {
+    /// Runs until something the VMM must act on happens, or `budget` instructions retired.
+    pub fn run(&mut self, bus: &mut dyn Bus, budget: u64) -> Exit {
+        run(self, bus, budget)
     }
 }
 
-/// Direct-mapped cache of decoded blocks keyed by the GPA of their first instruction; a
-/// block is valid while its page's code generation is unchanged (a store to the page
-/// retires it).
-pub(crate) struct DecodeCache {
-    e: Vec<Option<Block>>,
-}
-
-impl DecodeCache {
-    pub(crate) fn new() -> DecodeCache {
-        DecodeCache { e: (0..BCACHE_SIZE).map(|_| None).collect() }
-    }
-}
-
-/// Why an instruction did not complete normally.
-pub(crate) enum Stop {
-    Fault(Fault),
-    Exit(Exit),
-}
-
-impl From<Fault> for Stop {
-    fn from(f: Fault) -> Stop {
-        Stop::Fault(f)
-    }
-}
-
-pub(crate) type SRes<T> = std::result::Result<T, Stop>;
-
-/// Where an operand lives.
-#[derive(Clone, Copy)]
-pub(crate) enum Loc {
-    Reg(Register),
-    Mem(u64),
-    Imm(u64),
-}
-
-pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
+fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
     let mut done = 0u64;
     loop {
         for (gpa, len) in bus.take_device_writes() {
@@ -163,108 +109,6 @@ pub(crate) fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
     }
 }
 
-/// A block handed to the run loop: instructions, their fast forms, RAM page index
-/// (usize::MAX if uncached) and the page's code generation.
-type BlockRef = (std::rc::Rc<[Op]>, usize, u32);
-
-/// Whether decoding must stop after `insn`: control transfers and instructions that change
-/// paging, segments or the fetch mode.
-fn ends_block(insn: &Instruction) -> bool {
-    use iced_x86::FlowControl;
-    if insn.flow_control() != FlowControl::Next {
-        return true;
-    }
-    match insn.mnemonic() {
-        Mnemonic::Mov => {
-            let r = insn.op0_register();
-            r.is_cr() || r.is_segment_register()
-        }
-        Mnemonic::Wrmsr
-        | Mnemonic::Invlpg
-        | Mnemonic::Lgdt
-        | Mnemonic::Lidt
-        | Mnemonic::Ltr
-        | Mnemonic::Hlt
-        | Mnemonic::Sti
-        | Mnemonic::Popf
-        | Mnemonic::Popfq
-        | Mnemonic::Popfd
-        | Mnemonic::Out
-        | Mnemonic::Lmsw
-        | Mnemonic::Swapgs
-        | Mnemonic::Pop => insn.mnemonic() != Mnemonic::Pop || insn.op0_register().is_segment_register(),
-        _ => false,
-    }
-}
-
-/// Returns the decoded block starting at CS:RIP (from the cache or freshly decoded), the
-/// RAM page index it lies on (usize::MAX if uncached) and that page's code generation.
-#[inline]
-fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
-    let bits = cpu.bitness();
-    let la = if bits == 64 { cpu.rip } else { cpu.seg[sreg::CS].base.wrapping_add(cpu.rip) & 0xffff_ffff };
-    let user = cpu.user();
-    // The privilege level cannot change inside a block (transfers end blocks), so the fast
-    // forms use this for every access of the block.
-    cpu.cur_user = user;
-    let gpa = cpu.translate(la, crate::mmu::Access::Exec, user)?;
-    let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
-    if let Some(b) = &cpu.dcache.e[idx] {
-        if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) {
-            return Ok((b.ops.clone(), b.page, b.gen));
-        }
-    }
-    decode_block(cpu, la, bits, user, idx)
-}
-
-#[cold]
-fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SRes<BlockRef> {
-    let mut buf = [0u8; 16];
-    let (n, loc) = cpu.fetch(la, &mut buf, user)?;
-    let off = (la & 0xfff) as usize;
-    let Some((gpa, page)) = loc.filter(|(_, p)| *p != usize::MAX) else {
-        return Err(Fault::GeneralProtection(0).into());
-    };
-    // Decode straight out of the page.
-    let Some((host, _)) = cpu.mmu.ram_lookup(gpa & !0xfff) else {
-        return Err(Fault::GeneralProtection(0).into());
-    };
-    // SAFETY: `host` maps the whole 4 KiB RAM page that holds `gpa`.
-    let page_bytes = unsafe { std::slice::from_raw_parts(host as *const u8, 4096) };
-    let mut dec = Decoder::with_ip(bits, &page_bytes[off..], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
-    let mut insns = Vec::with_capacity(8);
-    while insns.len() < BLOCK_MAX && dec.can_decode() {
-        let insn = dec.decode();
-        if insn.is_invalid() {
-            break;
-        }
-        let end = ends_block(&insn);
-        insns.push(insn);
-        if end {
-            break;
-        }
-    }
-    cpu.stats.decodes += insns.len() as u64;
-    if insns.is_empty() {
-        // The first instruction crosses the page end (or is invalid): decode it alone from
-        // the bytes fetched across both pages, without caching it.
-        let mut dec = Decoder::with_ip(bits, &buf[..n], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
-        let insn = dec.decode();
-        if insn.is_invalid() {
-            if n < 15 && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
-                let next = (la | 0xfff).wrapping_add(1);
-                cpu.translate(next, crate::mmu::Access::Exec, user)?;
-            }
-            return Err(Stop::Fault(Fault::InvalidOpcode));
-        }
-        return Ok((std::rc::Rc::from(vec![Op::new(insn, bits)]), usize::MAX, 0));
-    }
-    let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
-    let ops: std::rc::Rc<[Op]> = insns.into_iter().map(|i| Op::new(i, bits)).collect();
-    cpu.dcache.e[idx] = Some(Block { gpa, ip: cpu.rip, gen, page, bits, ops: ops.clone() });
-    Ok((ops, page, gen))
-}
-
 #[cold]
 fn write_trace(cpu: &mut Cpu) {
     let g = cpu.gpr;
@@ -278,279 +122,6 @@ fn write_trace(cpu: &mut Cpu) {
     }
 }
 use std::io::Write as _;
-
-#[inline(always)]
-pub(crate) fn cond(cpu: &Cpu, cc: ConditionCode) -> bool {
-    let f = cpu.rflags;
-    let cf = f & CF != 0;
-    let zf = f & ZF != 0;
-    let sf = f & SF != 0;
-    let of = f & OF != 0;
-    let pf = f & PF != 0;
-    match cc {
-        ConditionCode::o => of,
-        ConditionCode::no => !of,
-        ConditionCode::b => cf,
-        ConditionCode::ae => !cf,
-        ConditionCode::e => zf,
-        ConditionCode::ne => !zf,
-        ConditionCode::be => cf || zf,
-        ConditionCode::a => !cf && !zf,
-        ConditionCode::s => sf,
-        ConditionCode::ns => !sf,
-        ConditionCode::p => pf,
-        ConditionCode::np => !pf,
-        ConditionCode::l => sf != of,
-        ConditionCode::ge => sf == of,
-        ConditionCode::le => zf || sf != of,
-        ConditionCode::g => !zf && sf == of,
-        ConditionCode::None => true,
-    }
-}
-
-impl Cpu {
-    #[inline(always)]
-    pub(crate) fn get_reg(&self, r: Register) -> u64 {
-        let info = self.gpr_info[r as usize];
-        if info & 0x8000 != 0 {
-            return self.get_other_reg(r);
-        }
-        let v = self.gpr[(info & 0xf) as usize];
-        match (info >> 4) & 0xf {
-            1 => {
-                if info & 0x100 != 0 {
-                    (v >> 8) & 0xff
-                } else {
-                    v & 0xff
-                }
-            }
-            2 => v & 0xffff,
-            4 => v & 0xffff_ffff,
-            _ => v,
-        }
-    }
-
-    #[cold]
-    fn get_other_reg(&self, r: Register) -> u64 {
-        match r {
-            Register::ES => u64::from(self.seg[sreg::ES].selector),
-            Register::CS => u64::from(self.seg[sreg::CS].selector),
-            Register::SS => u64::from(self.seg[sreg::SS].selector),
-            Register::DS => u64::from(self.seg[sreg::DS].selector),
-            Register::FS => u64::from(self.seg[sreg::FS].selector),
-            Register::GS => u64::from(self.seg[sreg::GS].selector),
-            _ => 0,
-        }
-    }
-
-    #[inline(always)]
-    pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
-        let info = self.gpr_info[r as usize];
-        if info & 0x8000 != 0 {
-            return;
-        }
-        let slot = &mut self.gpr[(info & 0xf) as usize];
-        match (info >> 4) & 0xf {
-            1 => {
-                if info & 0x100 != 0 {
-                    *slot = (*slot & !0xff00) | ((v & 0xff) << 8);
-                } else {
-                    *slot = (*slot & !0xff) | (v & 0xff);
-                }
-            }
-            2 => *slot = (*slot & !0xffff) | (v & 0xffff),
-            4 => *slot = v & 0xffff_ffff,
-            _ => *slot = v,
-        }
-    }
-
-    /// Effective address (offset within the segment) of the memory operand.
-    #[inline(always)]
-    pub(crate) fn ea(&self, insn: &Instruction) -> u64 {
-        let base = insn.memory_base();
-        let index = insn.memory_index();
-        let mut a = insn.memory_displacement64();
-        let mut asize = 8;
-        if base != Register::None {
-            if base == Register::RIP || base == Register::EIP {
-                return if base == Register::EIP { a & 0xffff_ffff } else { a };
-            }
-            a = a.wrapping_add(self.get_reg(base));
-            asize = base.size();
-        }
-        if index != Register::None {
-            a = a.wrapping_add(self.get_reg(index) << insn.memory_index_scale().trailing_zeros());
-            asize = index.size();
-        }
-        if base == Register::None && index == Register::None {
-            asize = match insn.memory_displ_size() {
-                2 => 2,
-                4 if !self.in_64bit_mode() => 4,
-                _ => 8,
-            };
-        }
-        a & mask(asize)
-    }
-
-    /// Linear address of a segment:offset pair.
-    #[inline(always)]
-    pub(crate) fn seg_la(&self, seg: Register, off: u64) -> u64 {
-        if self.in_64bit_mode() {
-            match seg {
-                Register::FS => self.seg[sreg::FS].base.wrapping_add(off),
-                Register::GS => self.seg[sreg::GS].base.wrapping_add(off),
-                _ => off,
-            }
-        } else {
-            let i = match seg {
-                Register::ES => sreg::ES,
-                Register::CS => sreg::CS,
-                Register::SS => sreg::SS,
-                Register::FS => sreg::FS,
-                Register::GS => sreg::GS,
-                _ => sreg::DS,
-            };
-            self.seg[i].base.wrapping_add(off) & 0xffff_ffff
-        }
-    }
-
-    /// Linear address of the instruction's memory operand.
-    #[inline(always)]
-    pub(crate) fn mem_la(&self, insn: &Instruction) -> u64 {
-        self.seg_la(insn.memory_segment(), self.ea(insn))
-    }
-
-    #[inline(always)]
-    pub(crate) fn loc(&self, insn: &Instruction, i: u32) -> Loc {
-        match insn.op_kind(i) {
-            OpKind::Register => Loc::Reg(insn.op_register(i)),
-            OpKind::Memory => Loc::Mem(self.mem_la(insn)),
-            _ => Loc::Imm(insn.immediate(i)),
-        }
-    }
-
-    #[inline(always)]
-    pub(crate) fn rd(&mut self, bus: &mut dyn Bus, l: Loc, size: usize) -> Res<u64> {
-        match l {
-            Loc::Reg(r) => Ok(self.get_reg(r)),
-            Loc::Mem(la) => {
-                let u = self.user();
-                self.read_la(bus, la, size, u)
-            }
-            Loc::Imm(v) => Ok(v & mask(size)),
-        }
-    }
-
-    #[inline(always)]
-    pub(crate) fn wr(&mut self, bus: &mut dyn Bus, l: Loc, size: usize, v: u64) -> Res<()> {
-        match l {
-            Loc::Reg(r) => {
-                self.set_reg(r, v);
-                Ok(())
-            }
-            Loc::Mem(la) => {
-                let u = self.user();
-                self.write_la(bus, la, size, v & mask(size), u)
-            }
-            Loc::Imm(_) => Err(Fault::InvalidOpcode),
-        }
-    }
-
-    /// Reads `size` bytes at linear `la` with the current privilege.
-    #[inline(always)]
-    pub(crate) fn rmem(&mut self, bus: &mut dyn Bus, la: u64, size: usize) -> Res<u64> {
-        let u = self.user();
-        self.read_la(bus, la, size, u)
-    }
-
-    #[inline(always)]
-    pub(crate) fn wmem(&mut self, bus: &mut dyn Bus, la: u64, size: usize, v: u64) -> Res<()> {
-        let u = self.user();
-        self.write_la(bus, la, size, v, u)
-    }
-
-    /// Stack address size in bytes.
-    #[inline(always)]
-    pub(crate) fn stack_size(&self) -> usize {
-        if self.in_64bit_mode() {
-            8
-        } else if self.seg[sreg::SS].big() {
-            4
-        } else {
-            2
-        }
-    }
-
-    #[inline(always)]
-    pub(crate) fn rsp(&self) -> u64 {
-        self.gpr[4] & mask(self.stack_size())
-    }
-
-    #[inline(always)]
-    pub(crate) fn set_rsp(&mut self, v: u64) {
-        match self.stack_size() {
-            8 => self.gpr[4] = v,
-            4 => self.gpr[4] = v & 0xffff_ffff,
-            _ => self.gpr[4] = (self.gpr[4] & !0xffff) | (v & 0xffff),
-        }
-    }
-
-    #[inline(always)]
-    pub(crate) fn push(&mut self, bus: &mut dyn Bus, size: usize, v: u64) -> Res<()> {
-        let sp = self.rsp().wrapping_sub(size as u64) & mask(self.stack_size());
-        let la = self.seg_la(Register::SS, sp);
-        self.wmem(bus, la, size, v)?;
-        self.set_rsp(sp);
-        Ok(())
-    }
-
-    #[inline(always)]
-    pub(crate) fn pop(&mut self, bus: &mut dyn Bus, size: usize) -> Res<u64> {
-        let sp = self.rsp();
-        let la = self.seg_la(Register::SS, sp);
-        let v = self.rmem(bus, la, size)?;
-        self.set_rsp(sp.wrapping_add(size as u64));
-        Ok(v)
-    }
-
-    /// Reads the value that a POP would return, `off` bytes above the stack top, without
-    /// changing RSP.
-    pub(crate) fn peek(&mut self, bus: &mut dyn Bus, off: u64, size: usize) -> Res<u64> {
-        let sp = self.rsp().wrapping_add(off) & mask(self.stack_size());
-        let la = self.seg_la(Register::SS, sp);
-        self.rmem(bus, la, size)
-    }
-
-    /// Sets RIP for a near branch to `target` (already within the code size).
-    #[inline(always)]
-    pub(crate) fn branch(&mut self, target: u64) -> Res<()> {
-        if self.in_64bit_mode() && ((target as i64) << 16 >> 16) as u64 != target {
-            return Err(Fault::GeneralProtection(0));
-        }
-        self.rip = target;
-        Ok(())
-    }
-
-    /// Writes RFLAGS as POPF/IRET do at the current privilege (Intel SDM Vol. 2 POPF).
-    pub(crate) fn write_flags(&mut self, v: u64, size: usize) {
-        let cpl = self.cpl();
-        let iopl = ((self.rflags >> 12) & 3) as u8;
-        let mut modifiable = CF | PF | AF | ZF | SF | TF | DF | OF | NT | AC | ID;
-        if cpl == 0 {
-            modifiable |= IOPL | IF;
-        } else if cpl <= iopl {
-            modifiable |= IF;
-        }
-        if size == 2 {
-            modifiable &= 0xffff;
-        }
-        let old = self.rflags;
-        self.rflags = (self.rflags & !modifiable) | (v & modifiable) | 2;
-        if old & IF == 0 && self.rflags & IF != 0 {
-            self.check_irq = true;
-        }
-    }
-}
 
 /// Maps ALU mnemonics onto host operations.
 fn op2_of(m: Mnemonic) -> Option<Op2> {
@@ -1746,33 +1317,9 @@ impl LoopWidth for Instruction {
 }
 
 #[cfg(test)]
-pub(crate) mod tests_support {
-    use crate::cpu::{ctl, Cpu, CpuConfig, Seg};
-    pub(crate) use crate::NullBus;
-    use crate::RamRegion;
-
-    /// A 64-bit CPU over `ram` with the first 2 MiB identity-mapped.
-    pub(crate) fn long_mode_cpu(ram: &mut [u8]) -> Cpu {
-        let put = |ram: &mut [u8], at: usize, v: u64| ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
-        put(ram, 0x1000, 0x2000 | 3);
-        put(ram, 0x2000, 0x3000 | 3);
-        put(ram, 0x3000, 0x83);
-        let r = RamRegion { gpa: 0, size: ram.len() as u64, host: ram.as_mut_ptr() };
-        let mut c = Cpu::new(vec![r], CpuConfig::default());
-        c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP | 0x10;
-        c.cr4 = ctl::CR4_PAE;
-        c.cr3 = 0x1000;
-        c.efer = ctl::EFER_LME | ctl::EFER_LMA;
-        c.seg[1] = Seg { selector: 8, base: 0, limit: 0xffff_ffff, attr: 0xa09b };
-        c.gpr[4] = 0x8000;
-        c
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::tests_support::*;
     use crate::cpu::Exit;
+    use crate::tests_support::*;
 
     #[test]
     fn guest_store_to_cached_code_is_seen() {
@@ -1861,8 +1408,8 @@ mod tests {
 
 #[cfg(test)]
 mod rep_string {
-    use super::tests_support::*;
     use crate::cpu::Exit;
+    use crate::tests_support::*;
 
     fn run_at(ram: &mut [u8], code: &[u8], regs: &[(usize, u64)]) -> crate::Cpu {
         ram[0x10000..0x10000 + code.len()].copy_from_slice(code);
@@ -1916,8 +1463,8 @@ mod rep_string {
 
 #[cfg(test)]
 mod hostile_guest {
-    use super::tests_support::*;
     use crate::cpu::Exit;
+    use crate::tests_support::*;
 
     /// Random bytes executed as kernel code in long mode (with random register values, so
     /// loads and stores land anywhere) must never panic or hang the emulator: every run ends

@@ -24,12 +24,10 @@
 //! suppressed for any of those unmasked exceptions.
 
 use crate::cpu::{ctl, flags::*, Cpu};
-use crate::exec::SRes;
-use crate::{Bus, Fault, Res};
+use crate::fpstate::{check_pending, FSW_ES as ES, MXCSR_MASK};
+use crate::{Bus, Fault, Res, SRes};
 use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
 use std::arch::asm;
-
-const CR0_NE: u64 = 1 << 5;
 
 /// FSW bits.
 const IE: u16 = 1 << 0;
@@ -38,7 +36,6 @@ const ZE: u16 = 1 << 2;
 const OE: u16 = 1 << 3;
 const UE: u16 = 1 << 4;
 const SF: u16 = 1 << 6;
-const ES: u16 = 1 << 7;
 const C0: u16 = 1 << 8;
 const C1: u16 = 1 << 9;
 const C2: u16 = 1 << 10;
@@ -54,15 +51,6 @@ type F80 = [u8; 10];
 
 /// The real indefinite (default QNaN), also the packed-BCD indefinite.
 const INDEFINITE: F80 = [0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff];
-
-/// Raises #MF if an unmasked x87 exception is pending and CR0.NE selects native error
-/// reporting (SDM Vol. 1 §8.7). Used by waiting x87 instructions and MMX instructions.
-pub(crate) fn check_pending(cpu: &Cpu) -> Res<()> {
-    if cpu.fpu.fsw & ES != 0 && cpu.cr0 & CR0_NE != 0 {
-        return Err(Fault::FpuError);
-    }
-    Ok(())
-}
 
 // ---------------------------------------------------------------------------------------
 // Host x87 engine
@@ -978,7 +966,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
                 return Ok(());
             }
-            if crate::exec::cond(cpu, fcmov_cc(m)) {
+            if crate::cpu::cond(cpu, fcmov_cc(m)) {
                 let v = get(cpu, s);
                 set(cpu, 0, v);
             }
@@ -1148,7 +1136,7 @@ fn fxsave(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, wide: bool) -> Res<()> {
         img[16..20].copy_from_slice(&(cpu.fpu.fdp as u32).to_le_bytes());
     }
     img[24..28].copy_from_slice(&cpu.fpu.mxcsr.to_le_bytes());
-    img[28..32].copy_from_slice(&crate::sse::MXCSR_MASK.to_le_bytes());
+    img[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());
     for i in 0..8 {
         let o = 32 + 16 * i;
         img[o..o + 10].copy_from_slice(&get(cpu, i));
@@ -1170,7 +1158,7 @@ fn fxrstor(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, wide: bool) -> Res<()> {
     let d = |o: usize| u32::from_le_bytes([img[o], img[o + 1], img[o + 2], img[o + 3]]);
     let q = |o: usize| u64::from(d(o)) | (u64::from(d(o + 4)) << 32);
     let mxcsr = d(24);
-    if mxcsr & !crate::sse::MXCSR_MASK != 0 {
+    if mxcsr & !MXCSR_MASK != 0 {
         return Err(Fault::GeneralProtection(0));
     }
     cpu.fpu.mxcsr = mxcsr;

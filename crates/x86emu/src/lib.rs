@@ -10,13 +10,35 @@
 //! The emulator knows nothing about devices: port I/O, MMIO and interrupt acknowledge go
 //! through the [`Bus`] trait that the VMM implements.
 
+// Modules in layers; each imports only from its own layer or those above it in this list
+// (the crate root's `Bus`, `Fault`, `Res`, `Stop` are at the bottom):
+//
+// 1. state: `cpu` (registers, flags, segments, MSRs, x87/SSE state, the `Cpu` struct and its
+//    register-file accessors), `regs` (register-name table, size masks), `alu` (flag-exact
+//    host arithmetic), `fpstate` (x87/SSE state checks), `cpuid`;
+// 2. memory: `mmu` (RAM, paging, software TLB), `operand` (operands and the stack through
+//    the MMU);
+// 3. decode: `uop` (fast forms of common instructions, and their execution), `decode`
+//    (blocks, the decode cache);
+// 4. execution: `interrupt` (exception and interrupt delivery, segment loads, far
+//    transfers), `fpu` (x87), `sse` (SSE/MMX), `system` (system instructions, MSRs; it
+//    dispatches to `sse` and `fpu`), and `exec` (the run loop and the integer instruction
+//    set, dispatching to `system`).
+//
+// `snapshot` sits beside them (save/restore of the state layer). The one upward name is in
+// `cpu`: the `Cpu` struct owns every layer's state, so it names `mmu::Mmu` and
+// `decode::DecodeCache` as field types and builds them in `Cpu::new`; no code in a lower
+// layer calls into a higher one.
 mod alu;
 pub mod cpu;
 mod cpuid;
+mod decode;
 mod exec;
+mod fpstate;
 mod fpu;
 mod interrupt;
 mod mmu;
+mod operand;
 mod regs;
 pub mod snapshot;
 mod sse;
@@ -25,7 +47,7 @@ mod uop;
 
 pub use cpu::{Cpu, CpuConfig, Exit, Seg, Stats};
 pub use mmu::RamRegion;
-pub use snapshot::{CpuState, StateError};
+pub use snapshot::{CpuSnapshot, StateError};
 
 /// What the emulated CPU sees outside RAM: port I/O, MMIO and the interrupt controller.
 ///
@@ -164,3 +186,45 @@ impl Fault {
 
 /// Result of one instruction step inside the emulator.
 pub(crate) type Res<T> = std::result::Result<T, Fault>;
+
+/// Why an instruction did not complete normally.
+pub(crate) enum Stop {
+    /// An exception to deliver through the IDT.
+    Fault(Fault),
+    /// A reason to leave [`Cpu::run`].
+    Exit(Exit),
+}
+
+impl From<Fault> for Stop {
+    fn from(f: Fault) -> Stop {
+        Stop::Fault(f)
+    }
+}
+
+/// Result of executing one instruction: it completed, faulted, or the run loop must return.
+pub(crate) type SRes<T> = std::result::Result<T, Stop>;
+
+/// Shared by the unit tests of several modules.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use crate::cpu::{ctl, Cpu, CpuConfig, Seg};
+    pub(crate) use crate::NullBus;
+    use crate::RamRegion;
+
+    /// A 64-bit CPU over `ram` with the first 2 MiB identity-mapped.
+    pub(crate) fn long_mode_cpu(ram: &mut [u8]) -> Cpu {
+        let put = |ram: &mut [u8], at: usize, v: u64| ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        put(ram, 0x1000, 0x2000 | 3);
+        put(ram, 0x2000, 0x3000 | 3);
+        put(ram, 0x3000, 0x83);
+        let r = RamRegion { gpa: 0, size: ram.len() as u64, host_addr: ram.as_mut_ptr() };
+        let mut c = Cpu::new(vec![r], CpuConfig::default());
+        c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP | 0x10;
+        c.cr4 = ctl::CR4_PAE;
+        c.cr3 = 0x1000;
+        c.efer = ctl::EFER_LME | ctl::EFER_LMA;
+        c.seg[1] = Seg { selector: 8, base: 0, limit: 0xffff_ffff, attr: 0xa09b };
+        c.gpr[4] = 0x8000;
+        c
+    }
+}

@@ -3,20 +3,27 @@
 use crate::cpu::{ctl, Cpu};
 use crate::{Bus, Fault, Res};
 
-/// One block of guest RAM mapped in the VMM.
+/// One contiguous block of guest RAM mapped in the VMM.
+///
+/// The one definition for the whole hypervisor: `accel` re-exports it as
+/// `accel::RamRegion` (the VMM describes guest memory with it once, for either engine).
 #[derive(Clone, Copy, Debug)]
 pub struct RamRegion {
-    /// Guest physical address of the first byte.
+    /// Guest physical address (GPA) of the first byte.
     pub gpa: u64,
-    /// Size in bytes, a multiple of 4096 (a partial last page is not mapped).
+    /// Size in bytes, a multiple of 4096 (the emulator does not map a partial last page).
     pub size: u64,
-    /// Host address of the first byte, valid for `size` bytes while the CPU exists.
-    pub host: *mut u8,
+    /// Host virtual address of the first byte; valid for `size` bytes for as long as the
+    /// VM (or a [`crate::Cpu`] built over it) exists.
+    pub host_addr: *mut u8,
 }
 
-// SAFETY: the region describes shared guest memory that stays mapped for the VM's lifetime;
-// it carries no thread-affine state.
+// SAFETY: a RamRegion is a plain description of a mapping that outlives the VM; the mapping
+// itself is shared guest memory that the guest may change at any time, so no Rust aliasing
+// guarantees are claimed for it by any user of this type, and it holds no thread-affine state.
 unsafe impl Send for RamRegion {}
+// SAFETY: see the `Send` impl above: sharing the description shares only the address.
+unsafe impl Sync for RamRegion {}
 
 const TLB_SIZE: usize = 1024;
 const TLB_VALID: u64 = 1;
@@ -89,7 +96,7 @@ impl Mmu {
             if gpa >= r.gpa && gpa - r.gpa < r.size {
                 let off = gpa - r.gpa;
                 // SAFETY: off < r.size, so the pointer stays inside the mapped region.
-                let p = unsafe { r.host.add(off as usize) };
+                let p = unsafe { r.host_addr.add(off as usize) };
                 return Some((p, self.page_base[i] + (off >> 12) as usize));
             }
         }
@@ -203,6 +210,28 @@ fn is_canonical(la: u64) -> bool {
 }
 
 impl Cpu {
+    /// Drops all cached translations and decoded instructions (after the VMM wrote guest
+    /// memory or page tables behind the CPU's back, e.g. on restore).
+    pub fn flush_caches(&mut self) {
+        self.mmu.flush_all();
+        self.mmu.flush_code();
+    }
+
+    /// Retires code decoded from the guest RAM pages overlapping `len` bytes at GPA `gpa`
+    /// (written behind the CPU's back, e.g. by device DMA). Non-RAM addresses are ignored.
+    pub fn invalidate_code(&mut self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa >> 12;
+        let last = gpa.saturating_add(len - 1) >> 12;
+        for page in first..=last {
+            if let Some((_, idx)) = self.mmu.ram_lookup(page << 12) {
+                self.mmu.note_write(idx);
+            }
+        }
+    }
+
     /// Translates a linear address, filling the TLB. Returns the TLB entry.
     #[cold]
     fn tlb_fill(&mut self, la: u64, acc: Access, user: bool) -> Res<TlbEntry> {
@@ -630,7 +659,7 @@ mod tests {
     use crate::NullBus;
 
     fn cpu_with_ram(ram: &mut Vec<u8>) -> Cpu {
-        let r = RamRegion { gpa: 0, size: ram.len() as u64, host: ram.as_mut_ptr() };
+        let r = RamRegion { gpa: 0, size: ram.len() as u64, host_addr: ram.as_mut_ptr() };
         let mut c = Cpu::new(vec![r], CpuConfig::default());
         c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP;
         c.cr4 = ctl::CR4_PAE;

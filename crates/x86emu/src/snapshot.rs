@@ -22,7 +22,7 @@
 //! # Time
 //!
 //! The guest TSC is not stored as a count: it is derived from the bus clock
-//! ([`crate::Bus::now_ns`]) scaled to [`CpuState::tsc_hz`], plus [`Msrs::tsc_offset`]. The
+//! ([`crate::Bus::now_ns`]) scaled to [`CpuSnapshot::tsc_hz`], plus [`Msrs::tsc_offset`]. The
 //! VMM keeps its guest clock continuous across a snapshot (it restores the clock's offset),
 //! so restoring `tsc_offset` makes the TSC continue exactly where it stopped.
 
@@ -30,9 +30,18 @@ use crate::cpu::{ctl, Cpu, CpuConfig, FpuState, Msrs, Seg};
 use serde::{Deserialize, Serialize};
 
 /// Guest-visible state of one emulated CPU (see the [module documentation](self) for what is
-/// and is not included).
+/// and is not included): the emulator's own save format.
+///
+/// Not to be confused with `accel::CpuState`, the architectural register file both
+/// accelerators exchange with the VMM (boot state, register reads). That one is a subset
+/// (GPRs, segments in KVM's unpacked form, descriptor tables, control registers, EFER) with
+/// no MSRs, x87/SSE, debug registers, `hlt`/interrupt-shadow flags or CPU configuration; this
+/// one is everything needed to resume the emulator exactly, in its internal layout (segment
+/// access rights packed as in VMX), and is serialized inside snapshots (its field names are
+/// the on-disk JSON keys). The two are kept apart on purpose: KVM saves its own complete state
+/// through its ioctls, so only the emulator needs this format.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct CpuState {
+pub struct CpuSnapshot {
     /// RAX..R15 in hardware encoding order.
     pub gpr: [u64; 16],
     /// Instruction pointer (offset in CS).
@@ -86,11 +95,11 @@ pub struct CpuState {
     pub apic_id: u8,
 }
 
-/// A restored [`CpuState`] is malformed (a corrupt or foreign snapshot).
+/// A restored [`CpuSnapshot`] is malformed (a corrupt or foreign snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid CPU state: {field}: {reason}")]
 pub struct StateError {
-    /// The offending field, as a path into [`CpuState`] (e.g. `fpu.mxcsr`, `seg[1].attr`).
+    /// The offending field, as a path into [`CpuSnapshot`] (e.g. `fpu.mxcsr`, `seg[1].attr`).
     pub field: String,
     /// What is wrong with it.
     pub reason: String,
@@ -112,7 +121,7 @@ const CR4_DEFINED: u64 = 0x7ff;
 /// EFER bits the emulator lets the guest set (see `write_msr`).
 const EFER_DEFINED: u64 = ctl::EFER_SCE | ctl::EFER_LME | ctl::EFER_LMA | ctl::EFER_NXE;
 
-impl CpuState {
+impl CpuSnapshot {
     /// Checks the invariants the emulator itself maintains; a state saved from a running
     /// [`Cpu`] always passes.
     pub fn validate(&self) -> Result<(), StateError> {
@@ -148,7 +157,7 @@ impl CpuState {
                 return Err(StateError::new(format!("dr[{i}]"), format!("{:#x}: bits 63:32 set", self.dr[i])));
             }
         }
-        if self.fpu.mxcsr & !crate::sse::MXCSR_MASK != 0 {
+        if self.fpu.mxcsr & !crate::fpstate::MXCSR_MASK != 0 {
             return Err(StateError::new("fpu.mxcsr", format!("{:#x}: reserved bits set", self.fpu.mxcsr)));
         }
         if self.fpu.fop > 0x7ff {
@@ -164,8 +173,8 @@ impl CpuState {
 impl Cpu {
     /// Captures the CPU's guest-visible state (between two [`Cpu::run`] calls, i.e. at an
     /// instruction boundary).
-    pub fn save_state(&self) -> CpuState {
-        CpuState {
+    pub fn save_state(&self) -> CpuSnapshot {
+        CpuSnapshot {
             gpr: self.gpr,
             rip: self.rip,
             rflags: self.rflags,
@@ -198,8 +207,8 @@ impl Cpu {
     /// TSC frequency and APIC ID. Flushes the TLB and the decoded-code cache, since guest
     /// memory and page tables may have changed behind the CPU's back.
     ///
-    /// On error (a malformed state, see [`CpuState::validate`]) the CPU is left unchanged.
-    pub fn restore_state(&mut self, s: &CpuState) -> Result<(), StateError> {
+    /// On error (a malformed state, see [`CpuSnapshot::validate`]) the CPU is left unchanged.
+    pub fn restore_state(&mut self, s: &CpuSnapshot) -> Result<(), StateError> {
         s.validate()?;
         self.gpr = s.gpr;
         self.rip = s.rip;
@@ -236,7 +245,7 @@ impl Cpu {
 mod tests {
     use super::*;
     use crate::cpu::Exit;
-    use crate::exec::tests_support::long_mode_cpu;
+    use crate::tests_support::long_mode_cpu;
     use crate::{NullBus, RamRegion};
     use iced_x86::code_asm::*;
 
@@ -313,11 +322,11 @@ mod tests {
         assert!(saved.validate().is_ok());
         // Through a serializer, as the VMM stores it.
         let json = serde_json::to_string(&saved).unwrap();
-        let loaded: CpuState = serde_json::from_str(&json).unwrap();
+        let loaded: CpuSnapshot = serde_json::from_str(&json).unwrap();
         assert_eq!(loaded, saved);
 
         let mut ram2 = ram.clone();
-        let region = RamRegion { gpa: 0, size: RAM as u64, host: ram2.as_mut_ptr() };
+        let region = RamRegion { gpa: 0, size: RAM as u64, host_addr: ram2.as_mut_ptr() };
         let mut b = Cpu::new(vec![region], CpuConfig { tsc_hz: 5, apic_id: 9 });
         b.restore_state(&loaded).unwrap();
         assert_eq!(b.save_state(), saved);
@@ -348,7 +357,7 @@ mod tests {
         assert!(s.halted);
         s.interrupt_shadow = true;
         let mut ram2 = ram.clone();
-        let region = RamRegion { gpa: 0, size: RAM as u64, host: ram2.as_mut_ptr() };
+        let region = RamRegion { gpa: 0, size: RAM as u64, host_addr: ram2.as_mut_ptr() };
         let mut b = Cpu::new(vec![region], CpuConfig::default());
         b.restore_state(&s).unwrap();
         assert!(b.is_halted());
@@ -390,7 +399,7 @@ mod tests {
         let mut ram = vec![0u8; RAM];
         let mut c = long_mode_cpu(&mut ram);
         let good = c.save_state();
-        type Corrupt = (&'static str, fn(&mut CpuState));
+        type Corrupt = (&'static str, fn(&mut CpuSnapshot));
         let cases: [Corrupt; 14] = [
             ("rflags", |s| s.rflags = 0),
             ("rflags", |s| s.rflags |= 1 << 40),
@@ -417,6 +426,6 @@ mod tests {
         // Wrong array lengths cannot even be deserialized.
         let mut v = serde_json::to_value(&good).unwrap();
         v["gpr"].as_array_mut().unwrap().pop();
-        assert!(serde_json::from_value::<CpuState>(v).is_err());
+        assert!(serde_json::from_value::<CpuSnapshot>(v).is_err());
     }
 }

@@ -21,17 +21,13 @@
 //! MMX instruction but EMMS sets TOP to 0 and tags all x87 registers valid.
 
 use crate::cpu::{ctl, flags::ARITH, Cpu};
-use crate::exec::SRes;
-use crate::{Bus, Fault, Res};
+use crate::fpstate::{check_pending, MXCSR_MASK};
+use crate::{Bus, Fault, Res, SRes};
 use iced_x86::{Code, EncodingKind, Instruction, Mnemonic, OpKind, Register};
 use std::arch::asm;
 
 /// CR4.OSXMMEXCPT: the OS handles #XM.
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
-
-/// MXCSR bits software may set (reported as MXCSR_MASK by FXSAVE): exception flags, DAZ,
-/// exception masks, rounding control and FTZ.
-pub(crate) const MXCSR_MASK: u32 = 0xffff;
 
 // ---------------------------------------------------------------------------------------
 // Host replay engines
@@ -699,7 +695,7 @@ fn mmx_avail(cpu: &Cpu) -> Res<()> {
     if cpu.cr0 & ctl::CR0_TS != 0 {
         return Err(Fault::DeviceNotAvailable);
     }
-    crate::fpu::check_pending(cpu)
+    check_pending(cpu)
 }
 
 /// Executes an SSE/SSE2 or MMX instruction; returns `Ok(false)` if `insn` is not one.
@@ -756,7 +752,7 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
     if has_x || !has_m {
         sse_avail(cpu)?;
         if has_m {
-            crate::fpu::check_pending(cpu)?;
+            check_pending(cpu)?;
         }
     } else {
         mmx_avail(cpu)?;

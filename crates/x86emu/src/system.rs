@@ -2,9 +2,8 @@
 //! CPUID and the time-stamp counter. Anything not handled here goes on to SSE and x87.
 
 use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit};
-use crate::exec::{SRes, Stop};
 use crate::interrupt::{read_desc, seg_from_desc};
-use crate::{Bus, Fault, Res};
+use crate::{Bus, Fault, Res, SRes, Stop};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 /// MOV to CR0/2/3/4/8 or DR0-7 (Intel SDM Vol. 3 §2.5).

@@ -509,13 +509,13 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             set(cpu, d, r, sz);
         }
         Uop::Setcc { cc, d } => {
-            let v = u64::from(crate::exec::cond(cpu, cc));
+            let v = u64::from(crate::cpu::cond(cpu, cc));
             let g = &mut cpu.gpr[d as usize];
             *g = (*g & !0xff) | v;
         }
         Uop::Cmov { cc, d, s, sz } => {
             let v = read_src(cpu, bus, s, sz)?;
-            if crate::exec::cond(cpu, cc) {
+            if crate::cpu::cond(cpu, cc) {
                 set(cpu, d, v, sz);
             } else {
                 let cur = cpu.gpr[d as usize];
@@ -551,7 +551,7 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         }
         Uop::Nop => {}
         Uop::Jcc { cc, target } => {
-            if crate::exec::cond(cpu, cc) {
+            if crate::cpu::cond(cpu, cc) {
                 cpu.rip = target;
             }
         }

@@ -203,7 +203,7 @@ impl Machine {
             ram[DATA as usize + i] = i as u8 ^ 0x5a;
         }
 
-        let region = RamRegion { gpa: 0, size: RAM as u64, host: ram.as_mut_ptr() };
+        let region = RamRegion { gpa: 0, size: RAM as u64, host_addr: ram.as_mut_ptr() };
         let mut cpu = Cpu::new(vec![region], CpuConfig::default());
         cpu.cr0 = 1 | 2 | 0x10 | 0x20 | (1 << 16) | (1 << 31);
         cpu.cr3 = PML4 as u64;
@@ -709,7 +709,7 @@ fn legacy_machine(tss_base: u32, tss: &TssSpec, code: &[u8]) -> Machine {
     put(u32::from(tss.io_base), &tss.bitmap);
     ram[CODE as usize..CODE as usize + code.len()].copy_from_slice(code);
 
-    let region = RamRegion { gpa: 0, size: RAM as u64, host: ram.as_mut_ptr() };
+    let region = RamRegion { gpa: 0, size: RAM as u64, host_addr: ram.as_mut_ptr() };
     let mut cpu = Cpu::new(vec![region], CpuConfig::default());
     cpu.cr0 = 0x11;
     cpu.gdtr_base = GDT as u64;

@@ -476,8 +476,8 @@ impl Harness {
             put(0x4000 + (((base >> 12) & 511) + i) * 8, (BLOCK_GPA + i * 4096) | 3);
         }
         let ram = vec![
-            RamRegion { gpa: PT_GPA, size: PT_SIZE as u64, host: pt.as_mut_ptr() },
-            RamRegion { gpa: BLOCK_GPA, size: BLOCK as u64, host: block },
+            RamRegion { gpa: PT_GPA, size: PT_SIZE as u64, host_addr: pt.as_mut_ptr() },
+            RamRegion { gpa: BLOCK_GPA, size: BLOCK as u64, host_addr: block },
         ];
         let cpu = Cpu::new(ram, CpuConfig::default());
         let mut h =

@@ -1,0 +1,153 @@
+//! The decode layer: blocks of decoded instructions fetched through the MMU, lowered to
+//! their fast forms ([`crate::uop`]) and cached by guest physical address.
+
+use crate::cpu::{sreg, Cpu};
+use crate::mmu::Access;
+use crate::uop::Uop;
+use crate::{Fault, SRes, Stop};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+
+const BCACHE_SIZE: usize = 1 << 15;
+/// Longest block decoded at once, in instructions.
+const BLOCK_MAX: usize = 64;
+
+/// A straight-line run of decoded instructions within one 4 KiB page, ending at a control
+/// transfer (or an instruction that may change how code is fetched).
+struct Block {
+    gpa: u64,
+    /// RIP of the first instruction.
+    ip: u64,
+    gen: u32,
+    page: usize,
+    bits: u32,
+    ops: std::rc::Rc<[Op]>,
+}
+
+/// One decoded instruction of a block: its fast form, its addresses and the full decode.
+pub(crate) struct Op {
+    pub(crate) uop: Uop,
+    pub(crate) ip: u64,
+    pub(crate) next_ip: u64,
+    pub(crate) insn: Instruction,
+}
+
+impl Op {
+    fn new(insn: Instruction, bits: u32) -> Op {
+        Op { uop: crate::uop::lower(&insn, bits), ip: insn.ip(), next_ip: insn.next_ip(), insn }
+    }
+}
+
+/// Direct-mapped cache of decoded blocks keyed by the GPA of their first instruction; a
+/// block is valid while its page's code generation is unchanged (a store to the page
+/// retires it).
+pub(crate) struct DecodeCache {
+    e: Vec<Option<Block>>,
+}
+
+impl DecodeCache {
+    pub(crate) fn new() -> DecodeCache {
+        DecodeCache { e: (0..BCACHE_SIZE).map(|_| None).collect() }
+    }
+}
+
+/// A block handed to the run loop: instructions, their fast forms, RAM page index
+/// (usize::MAX if uncached) and the page's code generation.
+pub(crate) type BlockRef = (std::rc::Rc<[Op]>, usize, u32);
+
+/// Whether decoding must stop after `insn`: control transfers and instructions that change
+/// paging, segments or the fetch mode.
+fn ends_block(insn: &Instruction) -> bool {
+    use iced_x86::FlowControl;
+    if insn.flow_control() != FlowControl::Next {
+        return true;
+    }
+    match insn.mnemonic() {
+        Mnemonic::Mov => {
+            let r = insn.op0_register();
+            r.is_cr() || r.is_segment_register()
+        }
+        Mnemonic::Wrmsr
+        | Mnemonic::Invlpg
+        | Mnemonic::Lgdt
+        | Mnemonic::Lidt
+        | Mnemonic::Ltr
+        | Mnemonic::Hlt
+        | Mnemonic::Sti
+        | Mnemonic::Popf
+        | Mnemonic::Popfq
+        | Mnemonic::Popfd
+        | Mnemonic::Out
+        | Mnemonic::Lmsw
+        | Mnemonic::Swapgs
+        | Mnemonic::Pop => insn.mnemonic() != Mnemonic::Pop || insn.op0_register().is_segment_register(),
+        _ => false,
+    }
+}
+
+/// Returns the decoded block starting at CS:RIP (from the cache or freshly decoded), the
+/// RAM page index it lies on (usize::MAX if uncached) and that page's code generation.
+#[inline]
+pub(crate) fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
+    let bits = cpu.bitness();
+    let la = if bits == 64 { cpu.rip } else { cpu.seg[sreg::CS].base.wrapping_add(cpu.rip) & 0xffff_ffff };
+    let user = cpu.user();
+    // The privilege level cannot change inside a block (transfers end blocks), so the fast
+    // forms use this for every access of the block.
+    cpu.cur_user = user;
+    let gpa = cpu.translate(la, Access::Exec, user)?;
+    let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
+    if let Some(b) = &cpu.dcache.e[idx] {
+        if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) {
+            return Ok((b.ops.clone(), b.page, b.gen));
+        }
+    }
+    decode_block(cpu, la, bits, user, idx)
+}
+
+#[cold]
+fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SRes<BlockRef> {
+    let mut buf = [0u8; 16];
+    let (n, loc) = cpu.fetch(la, &mut buf, user)?;
+    let off = (la & 0xfff) as usize;
+    let Some((gpa, page)) = loc.filter(|(_, p)| *p != usize::MAX) else {
+        return Err(Fault::GeneralProtection(0).into());
+    };
+    // Decode straight out of the page.
+    let Some((host, _)) = cpu.mmu.ram_lookup(gpa & !0xfff) else {
+        return Err(Fault::GeneralProtection(0).into());
+    };
+    // SAFETY: `host` maps the whole 4 KiB RAM page that holds `gpa`.
+    let page_bytes = unsafe { std::slice::from_raw_parts(host as *const u8, 4096) };
+    let mut dec = Decoder::with_ip(bits, &page_bytes[off..], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
+    let mut insns = Vec::with_capacity(8);
+    while insns.len() < BLOCK_MAX && dec.can_decode() {
+        let insn = dec.decode();
+        if insn.is_invalid() {
+            break;
+        }
+        let end = ends_block(&insn);
+        insns.push(insn);
+        if end {
+            break;
+        }
+    }
+    cpu.stats.decodes += insns.len() as u64;
+    if insns.is_empty() {
+        // The first instruction crosses the page end (or is invalid): decode it alone from
+        // the bytes fetched across both pages, without caching it.
+        let mut dec = Decoder::with_ip(bits, &buf[..n], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
+        let insn = dec.decode();
+        if insn.is_invalid() {
+            if n < 15 && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
+                let next = (la | 0xfff).wrapping_add(1);
+                cpu.translate(next, Access::Exec, user)?;
+            }
+            return Err(Stop::Fault(Fault::InvalidOpcode));
+        }
+        return Ok((std::rc::Rc::from(vec![Op::new(insn, bits)]), usize::MAX, 0));
+    }
+    let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
+    let ops: std::rc::Rc<[Op]> = insns.into_iter().map(|i| Op::new(i, bits)).collect();
+    cpu.dcache.e[idx] = Some(Block { gpa, ip: cpu.rip, gen, page, bits, ops: ops.clone() });
+    Ok((ops, page, gen))
+}
