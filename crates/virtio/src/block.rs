@@ -1432,6 +1432,36 @@ mod tests {
         assert_eq!(crate::worker::spawned_on_this_thread(), spawned + 1, "one worker thread for both activations");
     }
 
+    /// Throughput check, not a pass/fail test: 100k 4 KiB reads through the request queue
+    /// (chain parsing, guest copies, DMA log, used ring) in batches of 64, printing ns per
+    /// request. Run with `cargo test -p virtio --release -- --ignored --nocapture blk_4k`.
+    #[test]
+    #[ignore = "timing measurement; run explicitly"]
+    fn blk_4k_read_throughput() {
+        const N: u32 = 100_000;
+        const BATCH: u16 = 64;
+        let mut r = rig();
+        let start = std::time::Instant::now();
+        let mut done = 0u32;
+        while done < N {
+            let batch = u16::try_from(N - done).unwrap_or(BATCH).min(BATCH);
+            for i in 0..batch {
+                let hdr = DATA + 0x100 * u64::from(i);
+                let buf = DATA + 0x1_0000 + 0x1000 * u64::from(i);
+                let mut h = [0u8; 16];
+                h[8..16].copy_from_slice(&((u64::from(done + u32::from(i)) * 8) % (DISK_SIZE / 512 - 8)).to_le_bytes());
+                r.tq.write(hdr, &h);
+                r.tq.add_chain(3 * i, &[(hdr, 16, false), (buf, 4096, true), (hdr + 16, 1, true)]);
+            }
+            r.bq.process();
+            r.dma.take();
+            done += u32::from(batch);
+        }
+        let ns = start.elapsed().as_nanos() / u128::from(N);
+        assert_eq!(r.counters.requests.load(Ordering::Relaxed), u64::from(N));
+        eprintln!("virtio-blk: {N} 4 KiB reads, {ns} ns/request");
+    }
+
     #[test]
     fn qcow2_backed_device() {
         let dir = TempDir::new();
