@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::Queue;
 
 use crate::device::{ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt, VirtioDevice};
+use crate::queue::{self, Chain, ChainError};
 use crate::worker::{Completion, EpollCtl, Handler, Worker};
-use crate::{queue, TYPE_RNG, VIRTIO_F_VERSION_1};
+use crate::{TYPE_RNG, VIRTIO_F_VERSION_1};
 
 /// Most bytes given for one request (a driver asking for more gets this much).
 pub const MAX_REQUEST: usize = 64 << 10;
@@ -63,38 +63,45 @@ pub(crate) struct RngQueue {
 
 impl RngQueue {
     /// Serves one chain: fills its device-writable buffers (up to [`MAX_REQUEST`] bytes);
-    /// returns the bytes written. Device-readable buffers are ignored; buffers outside guest
-    /// memory end the request with what was written so far.
-    fn serve(chain: DescriptorChain<&GuestMem>, mem: &GuestMem, dma: &DmaLog, counters: &Counters) -> u32 {
-        let mut written = 0usize;
-        let mut buf = vec![0u8; 4096];
-        for desc in chain.writable() {
-            let mut addr = desc.addr().0;
-            let mut left = (desc.len() as usize).min(MAX_REQUEST - written);
-            while left > 0 {
-                let n = left.min(buf.len());
-                if host_random(&mut buf[..n]).is_err() || mem.write_slice(&buf[..n], GuestAddress(addr)).is_err() {
-                    Counters::add(&counters.errors, 1);
-                    return written as u32;
-                }
-                dma.record(addr, n as u64);
-                written += n;
-                left -= n;
-                addr = addr.wrapping_add(n as u64);
+    /// returns the bytes written. Device-readable buffers are ignored; a malformed chain is
+    /// returned unused (counted); a buffer outside guest memory ends the request with what was
+    /// written so far (counted).
+    fn serve(chain: Result<Chain, ChainError>, mem: &GuestMem, dma: &DmaLog, counters: &Counters) -> u32 {
+        let chain = match chain {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("virtio-rng: chain: {e}");
+                Counters::add(&counters.errors, 1);
+                return 0;
             }
-            if written >= MAX_REQUEST {
-                break;
+        };
+        let mut w = chain.writer(mem, dma);
+        w.limit(MAX_REQUEST as u64);
+        let mut buf = [0u8; 4096];
+        while w.remaining() > 0 {
+            let n = w.remaining().min(buf.len() as u64) as usize;
+            let failed = match host_random(&mut buf[..n]) {
+                Err(e) => Some(format!("getrandom: {e}")),
+                Ok(()) => w.write(&buf[..n]).err().map(|e| e.to_string()),
+            };
+            if let Some(e) = failed {
+                tracing::debug!("virtio-rng: {e}");
+                Counters::add(&counters.errors, 1);
+                // At most MAX_REQUEST.
+                return w.written() as u32;
             }
         }
+        // At most MAX_REQUEST.
+        let written = w.written() as u32;
         Counters::add(&counters.requests, 1);
-        Counters::add(&counters.bytes_written, written as u64);
-        written as u32
+        Counters::add(&counters.bytes_written, u64::from(written));
+        written
     }
 
     /// Serves every available request; returns whether the guest must be interrupted.
     pub(crate) fn process(&mut self) -> bool {
         let (mem, dma, counters) = (&self.mem, &self.dma, &self.counters);
-        queue::drain(&mut self.queue, mem, |chain| Self::serve(chain, mem, dma, counters))
+        queue::drain(&mut self.queue, mem, |_, chain| Self::serve(chain, mem, dma, counters))
     }
 }
 
