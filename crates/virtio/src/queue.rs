@@ -563,3 +563,212 @@ impl ChainWriter<'_> {
         self.write(data).map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use virtio_queue::{Queue, QueueT};
+
+    use super::*;
+    use crate::testing::{TestQueue, DATA, DESC, F_INDIRECT, F_NEXT, F_WRITE};
+
+    const SIZE: u16 = 8;
+    const MEM: usize = 1 << 20;
+
+    fn parse(tq: &TestQueue, head: u16) -> Result<Chain, ChainError> {
+        Chain::parse(&tq.mem, DESC, tq.size, head)
+    }
+
+    /// Writes `descs` as an indirect table at `table`.
+    fn table(tq: &TestQueue, table: u64, descs: &[(u64, u32, u16, u16)]) {
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let mut d = addr.to_le_bytes().to_vec();
+            d.extend_from_slice(&len.to_le_bytes());
+            d.extend_from_slice(&flags.to_le_bytes());
+            d.extend_from_slice(&next.to_le_bytes());
+            tq.write(table + 16 * i as u64, &d);
+        }
+    }
+
+    #[test]
+    fn parses_directions_lengths_and_indirect_tables() {
+        let tq = TestQueue::new(SIZE, MEM);
+        tq.set_desc(2, DATA, 5, F_NEXT, 3);
+        tq.set_desc(3, DATA + 0x100, 0, F_NEXT, 4);
+        tq.set_desc(4, DATA + 0x200, 7, F_NEXT | F_WRITE, 5);
+        tq.set_desc(5, DATA + 0x300, 9, F_WRITE, 0);
+        let c = parse(&tq, 2).unwrap();
+        assert_eq!((c.head(), c.descriptors()), (2, 4));
+        assert_eq!(
+            c.segments(Direction::Readable),
+            [Segment { addr: DATA, len: 5 }, Segment { addr: DATA + 0x100, len: 0 }]
+        );
+        assert_eq!((c.len(Direction::Readable), c.len(Direction::Writable)), (5, 16));
+        assert_eq!(c.last_writable_byte(), Some(DATA + 0x300 + 8));
+        assert!(!c.is_empty());
+        // The same buffers behind an indirect descriptor (in the middle of nothing: head).
+        let t = DATA + 0x8000;
+        table(&tq, t, &[(DATA, 5, F_NEXT, 1), (DATA + 0x200, 7, F_NEXT | F_WRITE, 2), (DATA + 0x300, 9, F_WRITE, 0)]);
+        tq.set_desc(0, t, 48, F_INDIRECT, 0);
+        let c = parse(&tq, 0).unwrap();
+        assert_eq!((c.head(), c.descriptors(), c.len(Direction::Writable)), (0, 3, 16));
+    }
+
+    #[test]
+    fn hostile_chains_are_refused() {
+        let tq = TestQueue::new(SIZE, MEM);
+        let t = DATA + 0x8000;
+        // Head and next indices out of range.
+        assert!(matches!(parse(&tq, SIZE), Err(ChainError::BadIndex { index: SIZE, table_size: SIZE })));
+        tq.set_desc(0, DATA, 4, F_NEXT, u16::MAX);
+        assert!(matches!(parse(&tq, 0), Err(ChainError::BadIndex { index: u16::MAX, .. })));
+        // A self-loop and a loop back to the second descriptor.
+        tq.set_desc(0, DATA, 4, F_NEXT, 0);
+        assert!(matches!(parse(&tq, 0), Err(ChainError::TooLong { limit: SIZE })));
+        tq.set_desc(0, DATA, 4, F_NEXT, 1);
+        tq.set_desc(1, DATA, 4, F_NEXT, 2);
+        tq.set_desc(2, DATA, 4, F_NEXT, 1);
+        assert!(matches!(parse(&tq, 0), Err(ChainError::TooLong { .. })));
+        // Readable after writable.
+        tq.set_desc(0, DATA, 4, F_NEXT | F_WRITE, 1);
+        tq.set_desc(1, DATA, 4, 0, 0);
+        assert!(matches!(parse(&tq, 0), Err(ChainError::ReadableAfterWritable)));
+        // Indirect: with NEXT, nested, bad lengths, outside memory, longer than the queue.
+        tq.set_desc(0, t, 16, F_INDIRECT | F_NEXT, 1);
+        assert!(matches!(parse(&tq, 0), Err(ChainError::BadIndirect)));
+        table(&tq, t, &[(t, 16, F_INDIRECT, 0)]);
+        tq.set_desc(0, t, 16, F_INDIRECT, 0);
+        assert!(matches!(parse(&tq, 0), Err(ChainError::BadIndirect)));
+        for len in [0, 24, !15] {
+            tq.set_desc(0, t, len, F_INDIRECT, 0);
+            assert!(matches!(parse(&tq, 0), Err(ChainError::BadIndirectLen(l)) if l == len), "{len}");
+        }
+        tq.set_desc(0, 1 << 40, 16, F_INDIRECT, 0);
+        let e = parse(&tq, 0).unwrap_err();
+        assert!(matches!(e, ChainError::TableOutOfMemory { gpa: 0x100_0000_0000, .. }), "{e:?}");
+        assert!(e.source().is_some(), "the vm-memory error is kept");
+        tq.set_desc(0, u64::MAX - 15, 32, F_INDIRECT, 0);
+        assert!(matches!(parse(&tq, 0), Err(ChainError::TableOutOfMemory { .. })));
+        let long: Vec<_> = (0..=SIZE).map(|i| (DATA, 1, if i < SIZE { F_NEXT } else { 0 }, i + 1)).collect();
+        table(&tq, t, &long);
+        tq.set_desc(0, t, 16 * (u32::from(SIZE) + 1), F_INDIRECT, 0);
+        assert!(matches!(parse(&tq, 0), Err(ChainError::TooLong { limit: SIZE })));
+        // Exactly the queue size is fine.
+        let exact: Vec<_> = (0..SIZE).map(|i| (DATA, 1, if i + 1 < SIZE { F_NEXT } else { 0 }, i + 1)).collect();
+        table(&tq, t, &exact);
+        tq.set_desc(0, t, 16 * u32::from(SIZE), F_INDIRECT, 0);
+        assert_eq!(parse(&tq, 0).unwrap().descriptors(), usize::from(SIZE));
+    }
+
+    #[test]
+    fn validate_checks_direction_and_memory() {
+        let tq = TestQueue::new(SIZE, MEM);
+        let check = |bufs: &[(u64, u32, u16)], dir| {
+            for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+                let next = if i + 1 < bufs.len() { F_NEXT } else { 0 };
+                tq.set_desc(i as u16, addr, len, flags | next, i as u16 + 1);
+            }
+            parse(&tq, 0).unwrap().validate(&tq.mem, dir)
+        };
+        assert_eq!(check(&[(DATA, 4, 0), (DATA, 0, 0), (DATA, 6, 0)], Direction::Readable).unwrap(), 10);
+        assert_eq!(check(&[(DATA, 4, F_WRITE)], Direction::Writable).unwrap(), 4);
+        // A zero-length buffer of the wrong direction still counts.
+        assert!(matches!(
+            check(&[(DATA, 4, 0), (DATA, 0, F_WRITE)], Direction::Readable),
+            Err(ChainError::WrongDirection { expected: Direction::Readable })
+        ));
+        assert!(matches!(check(&[(DATA, 4, 0)], Direction::Writable), Err(ChainError::WrongDirection { .. })));
+        for (addr, len) in [(1u64 << 40, 4u32), (u64::MAX - 2, 4), (MEM as u64 - 2, 4), (DATA, u32::MAX)] {
+            assert!(
+                matches!(check(&[(addr, len, 0)], Direction::Readable), Err(ChainError::OutOfMemory { addr: a, len: l }) if a == addr && l == len),
+                "{addr:#x}+{len}"
+            );
+        }
+        // Zero-length buffers are not checked against memory.
+        assert_eq!(check(&[(u64::MAX, 0, 0)], Direction::Readable).unwrap(), 0);
+    }
+
+    #[test]
+    fn reader_and_writer_walk_segments() {
+        let tq = TestQueue::new(SIZE, MEM);
+        tq.write(DATA, b"abc");
+        tq.write(DATA + 0x100, b"defgh");
+        tq.set_desc(0, DATA, 3, F_NEXT, 1);
+        tq.set_desc(1, DATA + 0x80, 0, F_NEXT, 2);
+        tq.set_desc(2, DATA + 0x100, 5, F_NEXT, 3);
+        tq.set_desc(3, DATA + 0x1000, 2, F_NEXT | F_WRITE, 4);
+        tq.set_desc(4, DATA + 0x2000, 0, F_NEXT | F_WRITE, 5);
+        tq.set_desc(5, DATA + 0x3000, 4, F_WRITE, 0);
+        let c = parse(&tq, 0).unwrap();
+        let mut r = c.reader(&tq.mem);
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).unwrap();
+        assert_eq!((&b, r.remaining()), (b"abcd", 4));
+        assert!(matches!(r.read_exact(&mut [0; 5]), Err(ChainError::TooSmall { len: 4, min: 5 })));
+        assert_eq!(r.read(&mut [0; 16]).unwrap(), 4);
+        assert_eq!(r.read(&mut [0; 16]).unwrap(), 0);
+
+        let dma = DmaLog::default();
+        let mut w = c.writer(&tq.mem, &dma);
+        w.limit(5);
+        assert!(matches!(w.write_all(b"123456"), Err(ChainError::TooSmall { len: 5, min: 6 })));
+        assert_eq!(w.written(), 0, "write_all writes nothing when it cannot write all");
+        assert_eq!(w.write(b"1234567").unwrap(), 5);
+        assert_eq!((w.written(), w.remaining()), (5, 0));
+        assert_eq!(tq.read(DATA + 0x1000, 2), b"12");
+        assert_eq!(tq.read(DATA + 0x3000, 4), b"345\0");
+        assert_eq!(dma.take(), vec![(DATA + 0x1000, 2), (DATA + 0x3000, 3)], "every write is in the DMA log");
+    }
+
+    #[test]
+    fn writer_stops_at_memory_errors_and_keeps_what_it_wrote() {
+        let tq = TestQueue::new(SIZE, MEM);
+        tq.set_desc(0, DATA, 4, F_NEXT | F_WRITE, 1);
+        tq.set_desc(1, 1 << 40, 4, F_NEXT | F_WRITE, 2);
+        tq.set_desc(2, u64::MAX, 4, F_WRITE, 0);
+        let c = parse(&tq, 0).unwrap();
+        let dma = DmaLog::default();
+        let mut w = c.writer(&tq.mem, &dma);
+        let e = w.write(b"abcdefgh").unwrap_err();
+        assert!(matches!(e, ChainError::Memory { gpa: 0x100_0000_0000, .. }), "{e:?}");
+        assert!(e.source().is_some(), "the vm-memory error is kept");
+        assert_eq!((w.written(), dma.take()), (4, vec![(DATA, 4)]));
+        assert_eq!(tq.read(DATA, 4), b"abcd");
+        // Reading from a wrapping address fails too.
+        tq.set_desc(3, u64::MAX, 4, 0, 0);
+        let c = parse(&tq, 3).unwrap();
+        assert!(matches!(
+            c.reader(&tq.mem).read(&mut [0; 4]),
+            Err(ChainError::Memory { .. } | ChainError::OutOfMemory { .. })
+        ));
+    }
+
+    /// An avail ring whose index is readable but whose entries are not: the walk re-checks
+    /// once after re-enabling notifications and then stops instead of spinning.
+    #[test]
+    fn walk_does_not_spin_on_unreadable_avail_entries() {
+        let tq = TestQueue::new(SIZE, MEM);
+        let avail = MEM as u64 - 4; // flags and idx in memory, ring[0] past the end
+        let mut q = Queue::new(SIZE).unwrap();
+        q.set_size(SIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(crate::testing::USED as u32), Some(0));
+        q.set_ready(true);
+        q.set_event_idx(true);
+        tq.mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mem = tq.mem.clone();
+        std::thread::spawn(move || {
+            let mut served = 0;
+            let notify = drain(&mut q, &mem, |_, _| {
+                served += 1;
+                0
+            });
+            let _ = tx.send((notify, served));
+        });
+        let (notify, served) = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("drain returned");
+        assert_eq!((notify, served), (false, 0));
+    }
+}

@@ -140,3 +140,83 @@ impl VirtioDevice for Rng {
         self.counters.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::testing::{TestQueue, DATA, F_NEXT, F_WRITE};
+
+    struct NoIrq;
+    impl Interrupt for NoIrq {
+        fn notify_queue(&self, _queue: u16) {}
+        fn notify_config(&self) {}
+    }
+
+    fn rig() -> (TestQueue, RngQueue) {
+        let tq = TestQueue::new(16, 1 << 20);
+        let q = RngQueue {
+            mem: tq.mem.clone(),
+            queue: tq.queue(),
+            interrupt: Arc::new(NoIrq),
+            dma: Arc::default(),
+            counters: Arc::default(),
+        };
+        (tq, q)
+    }
+
+    #[test]
+    fn fills_writable_buffers_and_logs_them() {
+        let (mut tq, mut q) = rig();
+        tq.write(DATA, &[0x55; 8]);
+        tq.add_chain(
+            0,
+            &[(DATA, 8, false), (DATA + 0x100, 64, true), (DATA + 0x1000, 0, true), (DATA + 0x200, 32, true)],
+        );
+        assert!(q.process());
+        assert_eq!((tq.used_idx(), tq.used(0)), (1, (0, 96)));
+        assert_eq!(tq.read(DATA, 8), [0x55; 8], "device-readable buffers are left alone");
+        assert_ne!(tq.read(DATA + 0x100, 64), vec![0; 64]);
+        assert_eq!(q.dma.take(), vec![(DATA + 0x100, 64), (DATA + 0x200, 32)]);
+        // A request larger than MAX_REQUEST gets MAX_REQUEST bytes.
+        tq.add_chain(4, &[(DATA, 0x30000, true)]);
+        assert!(q.process());
+        assert_eq!(tq.used(1), (4, MAX_REQUEST as u32));
+        assert_eq!(q.counters.requests.load(Ordering::Relaxed), 2);
+        assert_eq!(q.counters.bytes_written.load(Ordering::Relaxed), 96 + MAX_REQUEST as u64);
+        assert_eq!(q.counters.errors.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn hostile_chains() {
+        let (mut tq, mut q) = rig();
+        let errors = |q: &RngQueue| q.counters.errors.load(Ordering::Relaxed);
+        // A loop: returned unused.
+        tq.set_desc(0, DATA, 16, F_NEXT | F_WRITE, 0);
+        tq.publish(0);
+        q.process();
+        assert_eq!((tq.used(0), errors(&q)), ((0, 0), 1));
+        // A buffer outside guest memory after a good one: what was written is reported.
+        tq.add_chain(0, &[(DATA, 16, true), (1 << 40, 16, true), (DATA + 0x100, 16, true)]);
+        q.process();
+        assert_eq!((tq.used(1), errors(&q)), ((0, 16), 2));
+        assert_eq!(q.dma.take(), vec![(DATA, 16)]);
+        // Next index out of range, wrapping address, head out of range.
+        tq.set_desc(0, DATA, 16, F_NEXT | F_WRITE, 99);
+        tq.publish(0);
+        tq.add_chain(1, &[(u64::MAX - 3, 16, true)]);
+        tq.publish(77);
+        q.process();
+        assert_eq!((tq.used_idx(), tq.used(2), tq.used(3)), (4, (0, 0), (1, 0)));
+        assert_eq!(errors(&q), 5);
+        // A corrupt avail index: nothing is served until the driver repairs it.
+        let avail = tq.avail_idx();
+        tq.set_avail_idx(avail.wrapping_add(100));
+        assert!(!q.process());
+        tq.set_avail_idx(avail);
+        tq.add_chain(0, &[(DATA, 8, true)]);
+        assert!(q.process());
+        assert_eq!(tq.used(4), (0, 8));
+    }
+}
