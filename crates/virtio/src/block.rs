@@ -5,8 +5,9 @@
 //! le64 sector}` in device-readable buffers, then the data (device-readable for writes,
 //! discard/write-zeroes segments; device-writable for reads and GET_ID), then one status byte,
 //! the last byte of the device-writable buffers. Buffers may be split or merged across
-//! descriptors arbitrarily; the device walks the chain itself (including indirect tables,
-//! §2.7.5.3) and checks every index, length and address with checked arithmetic.
+//! descriptors arbitrarily; the chain is walked by [`crate::queue::Chain`] (indirect tables
+//! included, §2.7.5.3), which checks every index and length, and every address is checked
+//! with checked arithmetic before it is used.
 //!
 //! Failure modes, none of which stops the VM:
 //! - a structurally broken chain (loop, index ≥ table size, chain longer than the queue,

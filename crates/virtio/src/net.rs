@@ -173,8 +173,9 @@ const TAP_TOKEN: u64 = FIRST_DEVICE_TOKEN;
 /// readiness edge instead of trying again.
 const MAX_READ_ERRORS: u32 = 16;
 
-/// Checks a parsed chain for this device: every buffer of direction `dir` and inside guest
-/// memory, at most `max_total` bytes in all. Returns the chain and its length in bytes.
+/// Checks a parsed chain for this device ([`Chain::validate`]: every buffer of direction
+/// `dir` and inside guest memory) and that it holds at most `max_total` bytes. Returns the
+/// chain and its length in bytes.
 fn checked(
     chain: Result<Chain, ChainError>,
     mem: &GuestMem,
@@ -182,15 +183,10 @@ fn checked(
     max_total: u64,
 ) -> Result<(Chain, u64), ChainError> {
     let chain = chain?;
-    let other = if dir == Direction::Readable { Direction::Writable } else { Direction::Readable };
-    if !chain.segments(other).is_empty() {
-        return Err(ChainError::WrongDirection { expected: dir });
-    }
-    let total = chain.len(dir);
+    let total = chain.validate(mem, dir)?;
     if total > max_total {
         return Err(ChainError::TooBig { len: total, max: max_total });
     }
-    chain.check_memory(mem, dir)?;
     Ok((chain, total))
 }
 
