@@ -9,13 +9,12 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{read_config_bytes, ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt};
-use crate::queue::{self, ChainBuffers};
+use crate::queue::{self, Chain, ChainError, Direction};
 use crate::worker::{Completion, EpollCtl, Handler, Worker, FIRST_DEVICE_TOKEN};
 use crate::{VirtioDevice, TYPE_CONSOLE, VIRTIO_F_VERSION_1};
 
@@ -128,36 +127,40 @@ struct ConsoleWorker {
 }
 
 impl ConsoleWorker {
-    /// Copies one transmit chain to the output; returns 0 (nothing written to the guest).
-    fn serve_tx(chain: DescriptorChain<&GuestMem>, mem: &GuestMem, out: &mut dyn Write, counters: &Counters) -> u32 {
-        let bufs = match ChainBuffers::new(chain, mem, false) {
-            Ok(b) => b,
+    /// Copies one transmit chain (device-readable buffers only, inside guest memory) to the
+    /// output; returns 0 (nothing written to the guest). At most [`MAX_TX_CHAIN`] bytes are
+    /// copied; the rest of a larger chain is dropped and counted as an error.
+    fn serve_tx(chain: Result<Chain, ChainError>, mem: &GuestMem, out: &mut dyn Write, counters: &Counters) -> u32 {
+        let (chain, total) = match chain.and_then(|c| c.validate(mem, Direction::Readable).map(|t| (c, t))) {
+            Ok(c) => c,
             Err(e) => {
                 tracing::debug!("console: transmit chain: {e}");
                 Counters::add(&counters.errors, 1);
                 return 0;
             }
         };
+        let mut reader = chain.reader(mem);
         let mut chunk = [0u8; 4096];
         let mut done = 0u64;
-        for &(addr, len) in &bufs.bufs {
-            let mut off = 0u64;
-            while off < u64::from(len) && done < MAX_TX_CHAIN {
-                let n = (u64::from(len) - off).min(chunk.len() as u64).min(MAX_TX_CHAIN - done) as usize;
-                if mem.read_slice(&mut chunk[..n], GuestAddress(addr + off)).is_err() {
+        while done < MAX_TX_CHAIN {
+            let max = (chunk.len() as u64).min(MAX_TX_CHAIN - done) as usize;
+            let n = match reader.read(&mut chunk[..max]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!("console: transmit chain: {e}");
                     Counters::add(&counters.errors, 1);
                     return 0;
                 }
-                if let Err(e) = out.write_all(&chunk[..n]) {
-                    tracing::warn!("console: output: {e}");
-                    Counters::add(&counters.errors, 1);
-                    return 0;
-                }
-                off += n as u64;
-                done += n as u64;
+            };
+            if let Err(e) = out.write_all(&chunk[..n]) {
+                tracing::warn!("console: output: {e}");
+                Counters::add(&counters.errors, 1);
+                return 0;
             }
+            done += n as u64;
         }
-        if bufs.total > MAX_TX_CHAIN {
+        if total > MAX_TX_CHAIN {
             Counters::add(&counters.errors, 1);
         }
         Counters::add(&counters.requests, 1);
@@ -168,7 +171,7 @@ impl ConsoleWorker {
     fn process_tx(&mut self) {
         let (mem, counters) = (&self.mem, &self.counters);
         let mut out = self.output.lock().unwrap_or_else(|e| e.into_inner());
-        let notify = queue::drain(&mut self.txq, mem, |chain| Self::serve_tx(chain, mem, &mut **out, counters));
+        let notify = queue::drain(&mut self.txq, mem, |_, chain| Self::serve_tx(chain, mem, &mut **out, counters));
         let _ = out.flush();
         drop(out);
         if notify {
@@ -176,32 +179,35 @@ impl ConsoleWorker {
         }
     }
 
-    /// Fills one receive chain from the pending input; returns the bytes written.
+    /// Fills one receive chain (device-writable buffers only, inside guest memory, at least
+    /// one byte) from the pending input; returns the bytes written.
     fn serve_rx(
         pending: &mut VecDeque<u8>,
-        chain: DescriptorChain<&GuestMem>,
+        chain: Result<Chain, ChainError>,
         mem: &GuestMem,
         dma: &DmaLog,
         counters: &Counters,
     ) -> u32 {
-        let bufs = match ChainBuffers::new(chain, mem, true) {
-            Ok(b) if b.total > 0 => b,
-            Ok(_) => {
-                Counters::add(&counters.errors, 1);
-                return 0;
-            }
+        let chain = match chain.and_then(|c| match c.validate(mem, Direction::Writable)? {
+            0 => Err(ChainError::TooSmall { len: 0, min: 1 }),
+            _ => Ok(c),
+        }) {
+            Ok(c) => c,
             Err(e) => {
                 tracing::debug!("console: receive chain: {e}");
                 Counters::add(&counters.errors, 1);
                 return 0;
             }
         };
-        let n = (pending.len() as u64).min(bufs.total) as usize;
-        let data: Vec<u8> = pending.iter().take(n).copied().collect();
-        if !bufs.write_at(mem, dma, 0, &data) {
+        let mut w = chain.writer(mem, dma);
+        let (a, b) = pending.as_slices();
+        if let Err(e) = w.write(a).and_then(|_| w.write(b)) {
+            tracing::debug!("console: receive chain: {e}");
             Counters::add(&counters.errors, 1);
             return 0;
         }
+        // At most the chain's length, which is below 2^32.
+        let n = w.written() as usize;
         pending.drain(..n);
         Counters::add(&counters.requests, 1);
         Counters::add(&counters.bytes_written, n as u64);
@@ -217,7 +223,7 @@ impl ConsoleWorker {
                 mem,
                 &mut *pending,
                 |p| !p.is_empty(),
-                |p, chain| Self::serve_rx(p, chain, mem, dma, counters),
+                |p, _, chain| Self::serve_rx(p, chain, mem, dma, counters),
             )
         };
         if notify {
@@ -354,7 +360,6 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
-    use virtio_queue::QueueT;
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
@@ -398,52 +403,12 @@ mod tests {
         fn notify_config(&self) {}
     }
 
-    /// The transmit queue, at `TX_BASE` in the receive queue's [`TestQueue`] memory.
-    struct TxRing {
-        mem: GuestMem,
-        avail_idx: u16,
-    }
-
-    impl TxRing {
-        fn queue(&self) -> Queue {
-            let mut q = Queue::new(QUEUE_SIZE).unwrap();
-            q.set_size(QUEUE_SIZE);
-            q.set_desc_table_address(Some(TX_BASE as u32), Some(0));
-            q.set_avail_ring_address(Some((TX_BASE + 0x1000) as u32), Some(0));
-            q.set_used_ring_address(Some((TX_BASE + 0x1800) as u32), Some(0));
-            q.set_ready(true);
-            q
-        }
-        fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-            let a = TX_BASE + u64::from(index) * 16;
-            self.mem.write_obj(addr, GuestAddress(a)).unwrap();
-            self.mem.write_obj(len, GuestAddress(a + 8)).unwrap();
-            self.mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
-            self.mem.write_obj(next, GuestAddress(a + 14)).unwrap();
-        }
-        fn publish(&mut self, head: u16) {
-            let slot = TX_BASE + 0x1000 + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
-            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            self.set_avail_idx_raw(self.avail_idx);
-        }
-        fn set_avail_idx_raw(&self, idx: u16) {
-            self.mem.write_obj(idx, GuestAddress(TX_BASE + 0x1000 + 2)).unwrap();
-        }
-        fn used_idx(&self) -> u16 {
-            self.mem.read_obj(GuestAddress(TX_BASE + 0x1800 + 2)).unwrap()
-        }
-        fn used(&self, i: u16) -> (u32, u32) {
-            let a = TX_BASE + 0x1800 + 4 + u64::from(i % QUEUE_SIZE) * 8;
-            (self.mem.read_obj(GuestAddress(a)).unwrap(), self.mem.read_obj(GuestAddress(a + 4)).unwrap())
-        }
-    }
-
     struct Harness {
         con: Console,
         out: SharedBuf,
         rxq: TestQueue,
-        txq: TxRing,
+        /// The transmit queue, at `TX_BASE` in the receive queue's memory.
+        txq: TestQueue,
         kicks: Vec<EventFd>,
         irq: Arc<Irq>,
         dma: Arc<DmaLog>,
@@ -454,7 +419,7 @@ mod tests {
             let out = SharedBuf::default();
             let con = Console::new(Box::new(out.clone()), input).unwrap();
             let rxq = TestQueue::new(QUEUE_SIZE, MEM_SIZE);
-            let txq = TxRing { mem: rxq.mem.clone(), avail_idx: 0 };
+            let txq = TestQueue::at(&rxq.mem, QUEUE_SIZE, TX_BASE);
             let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
             Harness { con, out, rxq, txq, kicks, irq: Arc::default(), dma: Arc::default() }
         }
@@ -484,7 +449,7 @@ mod tests {
         fn tx(&mut self, head: u16) {
             self.txq.publish(head);
             self.kick(1);
-            let (txq, want) = (&self.txq, self.txq.avail_idx);
+            let (txq, want) = (&self.txq, self.txq.avail_idx());
             wait_for("the transmit chain", || txq.used_idx() == want);
         }
 
@@ -590,15 +555,15 @@ mod tests {
     fn hostile_chains_are_dropped_and_counted() {
         let mut h = Harness::new(None);
         h.activate();
-        let tx_cases: Vec<Case<TxRing>> = vec![
-            ("loop", Box::new(|t: &TxRing| t.set_desc(0, DATA, 8, F_NEXT, 0))),
-            ("next out of range", Box::new(|t: &TxRing| t.set_desc(0, DATA, 8, F_NEXT, 500))),
-            ("outside guest memory", Box::new(|t: &TxRing| t.set_desc(0, 1 << 40, 8, 0, 0))),
-            ("u32::MAX length", Box::new(|t: &TxRing| t.set_desc(0, DATA, u32::MAX, 0, 0))),
-            ("device-writable", Box::new(|t: &TxRing| t.set_desc(0, DATA, 8, F_WRITE, 0))),
+        let tx_cases: Vec<Case<TestQueue>> = vec![
+            ("loop", Box::new(|t: &TestQueue| t.set_desc(0, DATA, 8, F_NEXT, 0))),
+            ("next out of range", Box::new(|t: &TestQueue| t.set_desc(0, DATA, 8, F_NEXT, 500))),
+            ("outside guest memory", Box::new(|t: &TestQueue| t.set_desc(0, 1 << 40, 8, 0, 0))),
+            ("u32::MAX length", Box::new(|t: &TestQueue| t.set_desc(0, DATA, u32::MAX, 0, 0))),
+            ("device-writable", Box::new(|t: &TestQueue| t.set_desc(0, DATA, 8, F_WRITE, 0))),
             (
                 "mixed directions",
-                Box::new(|t: &TxRing| {
+                Box::new(|t: &TestQueue| {
                     t.set_desc(0, DATA, 8, F_NEXT, 1);
                     t.set_desc(1, DATA, 8, F_WRITE, 0);
                 }),
@@ -615,10 +580,11 @@ mod tests {
         h.txq.set_desc(0, DATA, 0, 0, 0);
         h.tx(0);
         // A corrupt avail index is ignored.
-        h.txq.set_avail_idx_raw(h.txq.avail_idx.wrapping_add(999));
+        let avail = h.txq.avail_idx();
+        h.txq.set_avail_idx(avail.wrapping_add(999));
         h.kick(1);
         std::thread::sleep(Duration::from_millis(20));
-        h.txq.set_avail_idx_raw(h.txq.avail_idx);
+        h.txq.set_avail_idx(avail);
         // Receive side, with input pending.
         assert_eq!(h.con.input_sender().send(b"in"), 2);
         let rx_cases: Vec<Case<TestQueue>> = vec![
@@ -653,7 +619,7 @@ mod tests {
         assert!(h.con.reset().wait(Duration::from_secs(10)), "the reset completes");
         assert_eq!(h.con.input_sender().send(b"kept"), 4);
         h.rxq = TestQueue::new(QUEUE_SIZE, MEM_SIZE);
-        h.txq = TxRing { mem: h.rxq.mem.clone(), avail_idx: 0 };
+        h.txq = TestQueue::at(&h.rxq.mem, QUEUE_SIZE, TX_BASE);
         h.activate();
         assert_eq!(h.rx(0, 16), b"kept");
         assert_eq!(crate::worker::spawned_on_this_thread(), spawned + 1, "one worker thread for both activations");

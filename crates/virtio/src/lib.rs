@@ -2,7 +2,8 @@
 //!
 //! - [`device`]: the [`VirtioDevice`] contract between a device model and its transport.
 //! - [`pci`]: the modern virtio-pci transport (virtio 1.2 §4.1) with MSI-X.
-//! - [`queue`]: serving a split virtqueue with `virtio-queue`.
+//! - [`queue`]: serving a split virtqueue with `virtio-queue`, and the one descriptor-chain
+//!   abstraction ([`queue::Chain`], [`queue::ChainError`]) every device shares.
 //! - [`worker`]: the per-device epoll thread.
 //! - Devices: [`block`] (with `crates/block` for raw and qcow2 images), [`net`] (on a
 //!   [`tap`]), [`vsock`] (host side on Unix sockets), [`rng`] and [`console`].
@@ -19,8 +20,8 @@ pub mod pci;
 pub mod queue;
 pub mod rng;
 pub mod tap;
-#[doc(hidden)]
-pub mod testing;
+#[cfg(test)]
+mod testing;
 pub mod vsock;
 pub mod worker;
 

@@ -17,15 +17,14 @@
 //! the device waits for the driver to kick the receive queue; nothing spins.
 
 use std::io;
-use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::device::{read_config_bytes, ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt};
+use crate::queue::{self, Chain, ChainError, Direction};
 use crate::tap::{Tap, VNET_HDR_LEN};
 use crate::worker::{Completion, EpollCtl, Handler, Worker, FIRST_DEVICE_TOKEN};
 use crate::{VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
@@ -174,82 +173,26 @@ const TAP_TOKEN: u64 = FIRST_DEVICE_TOKEN;
 /// readiness edge instead of trying again.
 const MAX_READ_ERRORS: u32 = 16;
 
-/// Why a descriptor chain was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChainError {
-    /// No descriptor could be read (head index out of range, table outside guest memory).
-    Empty,
-    /// More descriptors than the queue size (a loop, or an oversized indirect table).
-    TooLong,
-    /// A device-writable buffer in a TX chain, or a device-readable one in an RX chain.
-    WrongDirection,
-    /// More bytes than the device accepts.
-    TooBig,
-    /// A buffer not entirely in guest memory.
-    OutsideMemory,
-    /// The chain ended on a descriptor that says more follow (bad `next`, bad indirect table).
-    Truncated,
-}
-
-/// Walks `chain`, checking every descriptor, and appends its non-empty buffers to `segs` as
-/// `(gpa, len)`. Returns `(total bytes, descriptors)`. `writable` is the direction every
-/// buffer must have; at most `max_descs` descriptors and `max_total` bytes are accepted.
-/// On error `segs` is left as it was.
-fn parse_chain(
-    chain: DescriptorChain<&GuestMem>,
+/// Checks a parsed chain for this device ([`Chain::validate`]: every buffer of direction
+/// `dir` and inside guest memory) and that it holds at most `max_total` bytes. Returns the
+/// chain and its length in bytes.
+fn checked(
+    chain: Result<Chain, ChainError>,
     mem: &GuestMem,
-    writable: bool,
-    max_descs: usize,
+    dir: Direction,
     max_total: u64,
-    segs: &mut Vec<(u64, u32)>,
-) -> Result<(u64, usize), ChainError> {
-    let start = segs.len();
-    let r = (|| {
-        let (mut total, mut n, mut more) = (0u64, 0usize, false);
-        for d in chain {
-            n += 1;
-            if n > max_descs {
-                return Err(ChainError::TooLong);
-            }
-            if d.is_write_only() != writable {
-                return Err(ChainError::WrongDirection);
-            }
-            more = d.has_next();
-            if d.len() == 0 {
-                continue;
-            }
-            total += u64::from(d.len());
-            if total > max_total {
-                return Err(ChainError::TooBig);
-            }
-            let access = if writable { Permissions::Write } else { Permissions::Read };
-            if !mem.check_range(d.addr(), d.len() as usize, access) {
-                return Err(ChainError::OutsideMemory);
-            }
-            segs.push((d.addr().0, d.len()));
-        }
-        match (n, more) {
-            (0, _) => Err(ChainError::Empty),
-            (_, true) => Err(ChainError::Truncated),
-            _ => Ok((total, n)),
-        }
-    })();
-    if r.is_err() {
-        segs.truncate(start);
+) -> Result<(Chain, u64), ChainError> {
+    let chain = chain?;
+    let total = chain.validate(mem, dir)?;
+    if total > max_total {
+        return Err(ChainError::TooBig { len: total, max: max_total });
     }
-    r
-}
-
-/// The next available chain of `queue`: `Ok(None)` when the driver has made none available.
-/// Errors: the avail ring is corrupt (its index more than the queue size ahead) or unreadable.
-fn pop<'m>(queue: &mut Queue, mem: &'m GuestMem) -> Result<Option<DescriptorChain<&'m GuestMem>>, virtio_queue::Error> {
-    Ok(queue.iter(mem)?.next())
+    Ok((chain, total))
 }
 
 /// One receive chain taken for the frame being placed.
 struct RxChain {
-    head: u16,
-    segs: Range<usize>,
+    chain: Chain,
     written: u32,
 }
 
@@ -294,7 +237,6 @@ pub(crate) struct NetQueues {
     rx_pending: Option<usize>,
     /// Frame gathered from a TX chain.
     tx_buf: Vec<u8>,
-    segs: Vec<(u64, u32)>,
     rx_chains: Vec<RxChain>,
     /// Whether the TAP fd is watched for `EPOLLIN`.
     tap_armed: bool,
@@ -326,7 +268,6 @@ impl NetQueues {
             rx_buf: vec![0; MAX_FRAME_LEN + 1],
             rx_pending: None,
             tx_buf: vec![0; MAX_FRAME_LEN],
-            segs: Vec::new(),
             rx_chains: Vec::new(),
             tap_armed: false,
             rx_used: false,
@@ -336,7 +277,7 @@ impl NetQueues {
     /// Sends every available TX chain to `io` and returns them through the used ring (length
     /// 0: TX buffers are device-readable only). Returns whether the guest must be interrupted.
     pub(crate) fn process_tx(&mut self) -> bool {
-        let Self { mem, tx, io, counters, tx_buf, segs, .. } = self;
+        let Self { mem, tx, io, counters, tx_buf, .. } = self;
         if !tx.ready() {
             return false;
         }
@@ -347,8 +288,8 @@ impl NetQueues {
             }
             let mut progressed = false;
             loop {
-                let chain = match pop(tx, mem) {
-                    Ok(Some(c)) => c,
+                let (head, chain) = match queue::pop(tx, mem) {
+                    Ok(Some(popped)) => popped,
                     Ok(None) => break,
                     Err(e) => {
                         devices::guest_warn!("virtio-net: corrupt TX avail ring: {e}");
@@ -358,9 +299,8 @@ impl NetQueues {
                         return used_any && tx.needs_notification(mem).unwrap_or(true);
                     }
                 };
-                let head = chain.head_index();
                 rechecks = 0;
-                Self::send(chain, mem, usize::from(tx.size()), io.as_ref(), counters, tx_buf, segs);
+                Self::send(chain, mem, io.as_ref(), counters, tx_buf);
                 match tx.add_used(mem, head, 0) {
                     Ok(()) => {
                         used_any = true;
@@ -392,37 +332,25 @@ impl NetQueues {
 
     /// Gathers one TX chain (header + frame) and writes it to `io`; malformed chains, frames
     /// outside [`MIN_FRAME_LEN`]..=[`MAX_FRAME_LEN`] and write errors are counted and dropped.
-    fn send(
-        chain: DescriptorChain<&GuestMem>,
-        mem: &GuestMem,
-        max_descs: usize,
-        io: &dyn FrameIo,
-        counters: &Counters,
-        buf: &mut [u8],
-        segs: &mut Vec<(u64, u32)>,
-    ) {
-        segs.clear();
-        let total = match parse_chain(chain, mem, false, max_descs, MAX_FRAME_LEN as u64, segs) {
-            Ok((t, _)) if t as usize >= MIN_FRAME_LEN => t as usize,
-            Ok((t, _)) => {
+    fn send(chain: Result<Chain, ChainError>, mem: &GuestMem, io: &dyn FrameIo, counters: &Counters, buf: &mut [u8]) {
+        let (chain, total) = match checked(chain, mem, Direction::Readable, MAX_FRAME_LEN as u64) {
+            Ok((c, t)) if t as usize >= MIN_FRAME_LEN => (c, t as usize),
+            Ok((_, t)) => {
                 tracing::debug!("virtio-net: TX frame of {t} bytes dropped (too short)");
                 Counters::add(&counters.errors, 1);
                 return;
             }
             Err(e) => {
-                tracing::debug!("virtio-net: TX chain dropped: {e:?}");
+                tracing::debug!("virtio-net: TX chain dropped: {e}");
                 Counters::add(&counters.errors, 1);
                 return;
             }
         };
-        let mut off = 0;
-        for &(addr, len) in segs.iter() {
-            let len = len as usize;
-            if mem.read_slice(&mut buf[off..off + len], GuestAddress(addr)).is_err() {
-                Counters::add(&counters.errors, 1);
-                return;
-            }
-            off += len;
+        // total ≤ MAX_FRAME_LEN = buf.len().
+        if let Err(e) = chain.reader(mem).read_exact(&mut buf[..total]) {
+            tracing::debug!("virtio-net: TX chain dropped: {e}");
+            Counters::add(&counters.errors, 1);
+            return;
         }
         // No offloads were negotiated: flags, gso_type, hdr_len, gso_size, csum_* must be 0 and
         // num_buffers is unused on transmit (§5.1.6.2). Don't let the guest pass anything else
@@ -500,11 +428,10 @@ impl NetQueues {
     /// written (counted) and the frame goes to the next ones. Chains taken for a frame that
     /// does not fit are given back to the available ring.
     fn place(&mut self, len: usize) -> Placed {
-        let Self { mem, rx, dma, counters, rx_buf, segs, rx_chains, mrg_rxbuf, rx_used, .. } = self;
+        let Self { mem, rx, dma, counters, rx_buf, rx_chains, mrg_rxbuf, rx_used, .. } = self;
         let size = usize::from(rx.size());
         let max_chains = if *mrg_rxbuf { size } else { 1 };
         let mut start = rx.next_avail();
-        segs.clear();
         rx_chains.clear();
         let (mut cap, mut descs, mut rechecked) = (0u64, 0usize, false);
         while cap < len as u64 {
@@ -514,8 +441,8 @@ impl NetQueues {
                 Counters::add(&counters.errors, 1);
                 return Placed::Dropped;
             }
-            let chain = match pop(rx, mem) {
-                Ok(Some(c)) => c,
+            let (head, chain) = match queue::pop(rx, mem) {
+                Ok(Some(popped)) => popped,
                 Ok(None) => {
                     // Ask for a kick when buffers come, then check for a race with the driver
                     // (once: an avail ring whose entries cannot be read must not spin).
@@ -541,26 +468,29 @@ impl NetQueues {
                 }
             };
             rechecked = false;
-            let head = chain.head_index();
-            let first = segs.len();
-            match parse_chain(chain, mem, true, size, u64::MAX, segs) {
+            let checked = checked(chain, mem, Direction::Writable, u64::MAX).and_then(|(c, total)| {
                 // Every receive buffer must hold at least the header (§5.1.6.3.1).
-                Ok((total, n)) if total >= VNET_HDR_LEN as u64 => {
-                    rx_chains.push(RxChain { head, segs: first..segs.len(), written: 0 });
-                    cap += total;
-                    descs += n;
+                if total < VNET_HDR_LEN as u64 {
+                    return Err(ChainError::TooSmall { len: total, min: VNET_HDR_LEN as u64 });
                 }
-                r => {
-                    tracing::debug!("virtio-net: RX chain {head} returned unused: {r:?}");
+                Ok((c, total))
+            });
+            match checked {
+                Ok((chain, total)) => {
+                    descs += chain.descriptors();
+                    rx_chains.push(RxChain { chain, written: 0 });
+                    cap += total;
+                }
+                Err(e) => {
+                    tracing::debug!("virtio-net: RX chain {head} returned unused: {e}");
                     Counters::add(&counters.errors, 1);
                     // It and the chains taken before it go back through the used ring empty;
                     // the frame goes on to the next chains.
-                    for c in rx_chains.drain(..).map(|c| c.head).chain([head]) {
+                    for c in rx_chains.drain(..).map(|c| c.chain.head()).chain([head]) {
                         if rx.add_used(mem, c, 0).is_ok() {
                             *rx_used = true;
                         }
                     }
-                    segs.clear();
                     (cap, descs) = (0, 0);
                     start = rx.next_avail();
                 }
@@ -573,24 +503,24 @@ impl NetQueues {
         rx_buf[VNET_HDR_LEN - 2..VNET_HDR_LEN].copy_from_slice(&nbufs.to_le_bytes());
         let mut off = 0usize;
         let mut failed = false;
-        'chains: for c in rx_chains.iter_mut() {
-            for &(addr, slen) in &segs[c.segs.clone()] {
-                if off >= len {
-                    break 'chains;
-                }
-                let n = (slen as usize).min(len - off);
-                dma.record(addr, n as u64);
-                if mem.write_slice(&rx_buf[off..off + n], GuestAddress(addr)).is_err() {
-                    failed = true;
-                    break 'chains;
-                }
-                off += n;
-                c.written += n as u32;
+        for c in rx_chains.iter_mut() {
+            if off >= len {
+                break;
+            }
+            let mut w = c.chain.writer(mem, dma);
+            let res = w.write(&rx_buf[off..len]);
+            // At most the chain's length, below 2^32.
+            c.written = w.written() as u32;
+            off += c.written as usize;
+            if let Err(e) = res {
+                tracing::debug!("virtio-net: RX frame: {e}");
+                failed = true;
+                break;
             }
         }
         for c in rx_chains.iter() {
             let used_len = if failed { 0 } else { c.written };
-            if rx.add_used(mem, c.head, used_len).is_ok() {
+            if rx.add_used(mem, c.chain.head(), used_len).is_ok() {
                 *rx_used = true;
             }
         }

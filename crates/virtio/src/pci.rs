@@ -1196,14 +1196,13 @@ mod tests {
             // Bounded so that a broken test cannot leave the thread behind for ever.
             let _ = lock(&self.gate.go).recv_timeout(Duration::from_secs(30));
             let mem = &self.mem;
-            let used = crate::queue::drain(&mut self.queue, mem, |chain| {
-                let mut n = 0;
-                for d in chain.writable() {
-                    use vm_memory::Bytes;
-                    let _ = mem.write_slice(&vec![0xab; d.len() as usize], d.addr());
-                    n += d.len();
-                }
-                n
+            let used = crate::queue::drain(&mut self.queue, mem, |_, chain| {
+                let Ok(chain) = chain else { return 0 };
+                let dma = DmaLog::disabled();
+                let mut w = chain.writer(mem, &dma);
+                let fill = vec![0xab; w.remaining().min(1 << 20) as usize];
+                let _ = w.write(&fill);
+                w.written() as u32
             });
             if used {
                 self.interrupt.notify_queue(0);

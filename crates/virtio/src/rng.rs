@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestAddress};
+use virtio_queue::Queue;
 
 use crate::device::{ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt, VirtioDevice};
+use crate::queue::{self, Chain, ChainError};
 use crate::worker::{Completion, EpollCtl, Handler, Worker};
-use crate::{queue, TYPE_RNG, VIRTIO_F_VERSION_1};
+use crate::{TYPE_RNG, VIRTIO_F_VERSION_1};
 
 /// Most bytes given for one request (a driver asking for more gets this much).
 pub const MAX_REQUEST: usize = 64 << 10;
@@ -63,38 +63,45 @@ pub(crate) struct RngQueue {
 
 impl RngQueue {
     /// Serves one chain: fills its device-writable buffers (up to [`MAX_REQUEST`] bytes);
-    /// returns the bytes written. Device-readable buffers are ignored; buffers outside guest
-    /// memory end the request with what was written so far.
-    fn serve(chain: DescriptorChain<&GuestMem>, mem: &GuestMem, dma: &DmaLog, counters: &Counters) -> u32 {
-        let mut written = 0usize;
-        let mut buf = vec![0u8; 4096];
-        for desc in chain.writable() {
-            let mut addr = desc.addr().0;
-            let mut left = (desc.len() as usize).min(MAX_REQUEST - written);
-            while left > 0 {
-                let n = left.min(buf.len());
-                if host_random(&mut buf[..n]).is_err() || mem.write_slice(&buf[..n], GuestAddress(addr)).is_err() {
-                    Counters::add(&counters.errors, 1);
-                    return written as u32;
-                }
-                dma.record(addr, n as u64);
-                written += n;
-                left -= n;
-                addr = addr.wrapping_add(n as u64);
+    /// returns the bytes written. Device-readable buffers are ignored; a malformed chain is
+    /// returned unused (counted); a buffer outside guest memory ends the request with what was
+    /// written so far (counted).
+    fn serve(chain: Result<Chain, ChainError>, mem: &GuestMem, dma: &DmaLog, counters: &Counters) -> u32 {
+        let chain = match chain {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("virtio-rng: chain: {e}");
+                Counters::add(&counters.errors, 1);
+                return 0;
             }
-            if written >= MAX_REQUEST {
-                break;
+        };
+        let mut w = chain.writer(mem, dma);
+        w.limit(MAX_REQUEST as u64);
+        let mut buf = [0u8; 4096];
+        while w.remaining() > 0 {
+            let n = w.remaining().min(buf.len() as u64) as usize;
+            let failed = match host_random(&mut buf[..n]) {
+                Err(e) => Some(format!("getrandom: {e}")),
+                Ok(()) => w.write(&buf[..n]).err().map(|e| e.to_string()),
+            };
+            if let Some(e) = failed {
+                tracing::debug!("virtio-rng: {e}");
+                Counters::add(&counters.errors, 1);
+                // At most MAX_REQUEST.
+                return w.written() as u32;
             }
         }
+        // At most MAX_REQUEST.
+        let written = w.written() as u32;
         Counters::add(&counters.requests, 1);
-        Counters::add(&counters.bytes_written, written as u64);
-        written as u32
+        Counters::add(&counters.bytes_written, u64::from(written));
+        written
     }
 
     /// Serves every available request; returns whether the guest must be interrupted.
     pub(crate) fn process(&mut self) -> bool {
         let (mem, dma, counters) = (&self.mem, &self.dma, &self.counters);
-        queue::drain(&mut self.queue, mem, |chain| Self::serve(chain, mem, dma, counters))
+        queue::drain(&mut self.queue, mem, |_, chain| Self::serve(chain, mem, dma, counters))
     }
 }
 
@@ -131,5 +138,85 @@ impl VirtioDevice for Rng {
     }
     fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::testing::{TestQueue, DATA, F_NEXT, F_WRITE};
+
+    struct NoIrq;
+    impl Interrupt for NoIrq {
+        fn notify_queue(&self, _queue: u16) {}
+        fn notify_config(&self) {}
+    }
+
+    fn rig() -> (TestQueue, RngQueue) {
+        let tq = TestQueue::new(16, 1 << 20);
+        let q = RngQueue {
+            mem: tq.mem.clone(),
+            queue: tq.queue(),
+            interrupt: Arc::new(NoIrq),
+            dma: Arc::default(),
+            counters: Arc::default(),
+        };
+        (tq, q)
+    }
+
+    #[test]
+    fn fills_writable_buffers_and_logs_them() {
+        let (mut tq, mut q) = rig();
+        tq.write(DATA, &[0x55; 8]);
+        tq.add_chain(
+            0,
+            &[(DATA, 8, false), (DATA + 0x100, 64, true), (DATA + 0x1000, 0, true), (DATA + 0x200, 32, true)],
+        );
+        assert!(q.process());
+        assert_eq!((tq.used_idx(), tq.used(0)), (1, (0, 96)));
+        assert_eq!(tq.read(DATA, 8), [0x55; 8], "device-readable buffers are left alone");
+        assert_ne!(tq.read(DATA + 0x100, 64), vec![0; 64]);
+        assert_eq!(q.dma.take(), vec![(DATA + 0x100, 64), (DATA + 0x200, 32)]);
+        // A request larger than MAX_REQUEST gets MAX_REQUEST bytes.
+        tq.add_chain(4, &[(DATA, 0x30000, true)]);
+        assert!(q.process());
+        assert_eq!(tq.used(1), (4, MAX_REQUEST as u32));
+        assert_eq!(q.counters.requests.load(Ordering::Relaxed), 2);
+        assert_eq!(q.counters.bytes_written.load(Ordering::Relaxed), 96 + MAX_REQUEST as u64);
+        assert_eq!(q.counters.errors.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn hostile_chains() {
+        let (mut tq, mut q) = rig();
+        let errors = |q: &RngQueue| q.counters.errors.load(Ordering::Relaxed);
+        // A loop: returned unused.
+        tq.set_desc(0, DATA, 16, F_NEXT | F_WRITE, 0);
+        tq.publish(0);
+        q.process();
+        assert_eq!((tq.used(0), errors(&q)), ((0, 0), 1));
+        // A buffer outside guest memory after a good one: what was written is reported.
+        tq.add_chain(0, &[(DATA, 16, true), (1 << 40, 16, true), (DATA + 0x100, 16, true)]);
+        q.process();
+        assert_eq!((tq.used(1), errors(&q)), ((0, 16), 2));
+        assert_eq!(q.dma.take(), vec![(DATA, 16)]);
+        // Next index out of range, wrapping address, head out of range.
+        tq.set_desc(0, DATA, 16, F_NEXT | F_WRITE, 99);
+        tq.publish(0);
+        tq.add_chain(1, &[(u64::MAX - 3, 16, true)]);
+        tq.publish(77);
+        q.process();
+        assert_eq!((tq.used_idx(), tq.used(2), tq.used(3)), (4, (0, 0), (1, 0)));
+        assert_eq!(errors(&q), 5);
+        // A corrupt avail index: nothing is served until the driver repairs it.
+        let avail = tq.avail_idx();
+        tq.set_avail_idx(avail.wrapping_add(100));
+        assert!(!q.process());
+        tq.set_avail_idx(avail);
+        tq.add_chain(0, &[(DATA, 8, true)]);
+        assert!(q.process());
+        assert_eq!(tq.used(4), (0, 8));
     }
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -25,7 +25,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::packet::*;
 use super::{connect_nonblocking, CONN_BUF, MAX_CONNS, MAX_PKT_PAYLOAD};
 use crate::device::{ActivateContext, Counters, DmaLog, GuestMem, Interrupt};
-use crate::queue::{self, ChainBuffers};
+use crate::queue::{self, Chain, ChainError, Direction};
 use crate::worker::{EpollCtl, Handler, FIRST_DEVICE_TOKEN};
 
 const RXQ: u16 = 0;
@@ -720,25 +720,24 @@ impl Muxer {
     }
 }
 
-/// Reads and validates one tx packet; returns `None` (counted) when it is malformed.
-fn parse_tx(chain: DescriptorChain<&GuestMem>, mem: &GuestMem, cid: u64) -> Option<(Header, Vec<u8>)> {
-    let bufs = match ChainBuffers::new(chain, mem, false) {
-        Ok(b) => b,
+/// Reads and validates one tx packet (device-readable buffers only, inside guest memory);
+/// returns `None` (counted by the caller) when it is malformed.
+fn parse_tx(chain: Result<Chain, ChainError>, mem: &GuestMem, cid: u64) -> Option<(Header, Vec<u8>)> {
+    let (chain, total) = match chain.and_then(|c| c.validate(mem, Direction::Readable).map(|t| (c, t))) {
+        Ok(c) => c,
         Err(e) => {
             tracing::debug!("vsock: tx chain: {e}");
             return None;
         }
     };
-    if bufs.total < HDR_LEN as u64 {
-        tracing::debug!("vsock: tx packet shorter than its header");
-        return None;
-    }
+    let mut reader = chain.reader(mem);
     let mut hb = [0u8; HDR_LEN];
-    if !bufs.read_at(mem, 0, &mut hb) {
+    if let Err(e) = reader.read_exact(&mut hb) {
+        tracing::debug!("vsock: tx packet header: {e}");
         return None;
     }
     let h = Header::from_bytes(&hb);
-    if h.len > MAX_PKT_PAYLOAD || u64::from(h.len) > bufs.total - HDR_LEN as u64 {
+    if h.len > MAX_PKT_PAYLOAD || u64::from(h.len) > total - HDR_LEN as u64 {
         tracing::debug!("vsock: tx packet len {} exceeds its buffers", h.len);
         return None;
     }
@@ -750,8 +749,10 @@ fn parse_tx(chain: DescriptorChain<&GuestMem>, mem: &GuestMem, cid: u64) -> Opti
         tracing::debug!("vsock: tx packet op {} with payload", h.op);
         return None;
     }
+    // At most MAX_PKT_PAYLOAD, checked above.
     let mut payload = vec![0u8; h.len as usize];
-    if !bufs.read_at(mem, HDR_LEN as u64, &mut payload) {
+    if let Err(e) = reader.read_exact(&mut payload) {
+        tracing::debug!("vsock: tx packet payload: {e}");
         return None;
     }
     Some((h, payload))
@@ -842,7 +843,7 @@ impl VsockWorker {
             mem,
             &mut self.mux,
             |m| m.ctrl.len() < MAX_CTRL,
-            |m, chain| {
+            |m, _, chain| {
                 match parse_tx(chain, mem, cid) {
                     Some((h, payload)) => {
                         Counters::add(&counters.requests, 1);
@@ -868,7 +869,7 @@ impl VsockWorker {
                 mem,
                 &mut self.mux,
                 |m| m.has_rx_work(),
-                |m, chain| serve_rx(m, chain, mem, dma, counters, ctl),
+                |m, _, chain| serve_rx(m, chain, mem, dma, counters, ctl),
             );
             if notify {
                 self.interrupt.notify_queue(RXQ);
@@ -882,36 +883,37 @@ impl VsockWorker {
     }
 }
 
-/// Fills one rx chain with the next packet; returns the bytes written (0, counted, when the
-/// chain is unusable).
+/// Fills one rx chain (device-writable buffers only, inside guest memory, room for a header)
+/// with the next packet; returns the bytes written (0, counted, when the chain is unusable).
 fn serve_rx(
     m: &mut Muxer,
-    chain: DescriptorChain<&GuestMem>,
+    chain: Result<Chain, ChainError>,
     mem: &GuestMem,
     dma: &DmaLog,
     counters: &Counters,
     ctl: &EpollCtl,
 ) -> u32 {
-    let bufs = match ChainBuffers::new(chain, mem, true) {
-        Ok(b) if b.total >= HDR_LEN as u64 => b,
-        Ok(_) => {
-            tracing::debug!("vsock: rx buffer shorter than a packet header");
-            Counters::add(&counters.errors, 1);
-            return 0;
-        }
+    let checked = chain.and_then(|c| match c.validate(mem, Direction::Writable)? {
+        t if t < HDR_LEN as u64 => Err(ChainError::TooSmall { len: t, min: HDR_LEN as u64 }),
+        t => Ok((c, t)),
+    });
+    let (chain, total) = match checked {
+        Ok(c) => c,
         Err(e) => {
             tracing::debug!("vsock: rx chain: {e}");
             Counters::add(&counters.errors, 1);
             return 0;
         }
     };
-    let cap = (bufs.total - HDR_LEN as u64).min(u64::from(MAX_PKT_PAYLOAD)) as usize;
+    let cap = (total - HDR_LEN as u64).min(u64::from(MAX_PKT_PAYLOAD)) as usize;
     let Some((h, data)) = m.next_rx_packet(cap, ctl) else {
         // Only data was pending and the buffer had no room for any.
         Counters::add(&counters.errors, 1);
         return 0;
     };
-    if !bufs.write_at(mem, dma, 0, &h.to_bytes()) || !bufs.write_at(mem, dma, HDR_LEN as u64, &data) {
+    let mut w = chain.writer(mem, dma);
+    if let Err(e) = w.write_all(&h.to_bytes()).and_then(|()| w.write_all(&data)) {
+        tracing::debug!("vsock: rx packet: {e}");
         Counters::add(&counters.errors, 1);
         return 0;
     }
@@ -926,7 +928,6 @@ impl VsockWorker {
     /// whose host side is gone (they were closed when the device was quiesced).
     fn send_transport_reset(&mut self) {
         use virtio_queue::QueueT;
-        use vm_memory::Bytes;
         if !self.reset_pending {
             return;
         }
@@ -935,14 +936,24 @@ impl VsockWorker {
             self.reset_pending = false;
             return;
         }
-        let Some(chain) = q.pop_descriptor_chain(&self.mem) else { return };
-        let head = chain.head_index();
-        let mut len = 0u32;
-        if let Some(d) = chain.writable().next() {
-            if d.len() >= 4 && self.mem.write_obj(0u32, d.addr()).is_ok() {
-                self.dma.record(d.addr().0, 4);
-                len = 4;
+        let (head, chain) = match queue::pop(q, &self.mem) {
+            Ok(Some(popped)) => popped,
+            Ok(None) => return,
+            Err(e) => {
+                devices::guest_warn!("vsock: corrupt event avail ring: {e}");
+                return;
             }
+        };
+        let mut len = 0u32;
+        match chain {
+            Ok(c) => {
+                let mut w = c.writer(&self.mem, &self.dma);
+                match w.write_all(&0u32.to_le_bytes()) {
+                    Ok(()) => len = 4,
+                    Err(e) => tracing::debug!("vsock: event buffer: {e}"),
+                }
+            }
+            Err(e) => tracing::debug!("vsock: event chain: {e}"),
         }
         if len == 0 {
             Counters::add(&self.counters.errors, 1);

@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::packet::*;
 use super::*;
-use crate::device::{ActivateContext, DmaLog, GuestMem, Interrupt};
+use crate::device::{ActivateContext, DmaLog, Interrupt};
 use crate::testing::{TestQueue, DATA, F_INDIRECT, F_NEXT, F_WRITE};
 
 const GUEST_CID: u64 = 3;
@@ -78,57 +78,13 @@ impl Interrupt for Irq {
     fn notify_config(&self) {}
 }
 
-/// A split virtqueue at `base` in guest memory shared with a [`TestQueue`] (whose own ring
-/// sits below 0x5000): descriptors at `base`, avail ring at `base + 0x1000`, used ring at
-/// `base + 0x1800`.
-struct Ring {
-    mem: GuestMem,
-    base: u64,
-    size: u16,
-    avail_idx: u16,
-}
-
-impl Ring {
-    fn new(mem: &GuestMem, base: u64, size: u16) -> Ring {
-        Ring { mem: mem.clone(), base, size, avail_idx: 0 }
-    }
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).unwrap();
-        q.set_size(self.size);
-        q.set_desc_table_address(Some(self.base as u32), Some(0));
-        q.set_avail_ring_address(Some((self.base + 0x1000) as u32), Some(0));
-        q.set_used_ring_address(Some((self.base + 0x1800) as u32), Some(0));
-        q.set_ready(true);
-        q
-    }
-    fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let a = self.base + u64::from(index) * 16;
-        self.mem.write_obj(addr, GuestAddress(a)).unwrap();
-        self.mem.write_obj(len, GuestAddress(a + 8)).unwrap();
-        self.mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
-        self.mem.write_obj(next, GuestAddress(a + 14)).unwrap();
-    }
-    fn publish(&mut self, head: u16) {
-        let slot = self.base + 0x1000 + 4 + u64::from(self.avail_idx % self.size) * 2;
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_obj(self.avail_idx, GuestAddress(self.base + 0x1000 + 2)).unwrap();
-    }
-    fn set_avail_idx_raw(&self, idx: u16) {
-        self.mem.write_obj(idx, GuestAddress(self.base + 0x1000 + 2)).unwrap();
-    }
-    fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(self.base + 0x1800 + 2)).unwrap()
-    }
-}
-
 /// The guest driver side of one activated device.
 struct Harness {
     dir: TempDir,
     path: PathBuf,
     dev: Vsock,
     rxq: TestQueue,
-    txq: Ring,
+    txq: TestQueue,
     kicks: Vec<EventFd>,
     irq: Arc<Irq>,
     dma: Arc<DmaLog>,
@@ -153,8 +109,8 @@ impl Harness {
         let path = dir.0.join("v.sock");
         let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
         let mut rxq = TestQueue::new(QUEUE_SIZE, MEM_SIZE);
-        let txq = Ring::new(&rxq.mem, 0x5000, QUEUE_SIZE);
-        let evq = Ring::new(&rxq.mem, 0x8000, QUEUE_SIZE);
+        let txq = TestQueue::at(&rxq.mem, QUEUE_SIZE, 0x5000);
+        let evq = TestQueue::at(&rxq.mem, QUEUE_SIZE, 0x8000);
         if post_rx {
             for slot in 0..NRX {
                 rxq.add_chain(slot, &[(rx_addr(slot), RX_BUF, true)]);
@@ -235,7 +191,7 @@ impl Harness {
     }
 
     fn wait_tx(&mut self) {
-        let want = self.txq.avail_idx.wrapping_sub(self.tx_lost);
+        let want = self.txq.avail_idx().wrapping_sub(self.tx_lost);
         let txq = &self.txq;
         wait_for("the tx chain to be used", || txq.used_idx() == want);
     }
@@ -818,11 +774,11 @@ fn hostile_rx_chains_are_dropped_and_counted() {
 #[test]
 fn corrupt_tx_avail_index_does_not_hang() {
     let mut h = Harness::new();
-    h.txq.set_avail_idx_raw(5000);
+    h.txq.set_avail_idx(5000);
     h.kick(1);
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(h.txq.used_idx(), 0);
-    h.txq.set_avail_idx_raw(0);
+    h.txq.set_avail_idx(0);
     // Still serving.
     h.send_rw(1, 2, b"x");
     assert_eq!(h.recv().0.op, OP_RST);
@@ -878,8 +834,8 @@ fn resumed_device_sends_a_transport_reset_event() {
     let dir = TempDir::new();
     let mut dev = Vsock::new(GUEST_CID, dir.0.join("v.sock")).unwrap();
     let rxq = TestQueue::new(QUEUE_SIZE, MEM_SIZE);
-    let txq = Ring::new(&rxq.mem, 0x5000, QUEUE_SIZE);
-    let mut evq = Ring::new(&rxq.mem, 0x8000, QUEUE_SIZE);
+    let txq = TestQueue::at(&rxq.mem, QUEUE_SIZE, 0x5000);
+    let mut evq = TestQueue::at(&rxq.mem, QUEUE_SIZE, 0x8000);
     // The driver's event buffer, filled with junk so the event's zero id shows.
     let ev_buf = 0xa000u64;
     rxq.mem.write_obj(0xffff_ffffu32, GuestAddress(ev_buf)).unwrap();
