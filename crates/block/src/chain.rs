@@ -21,14 +21,14 @@
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{FormatAccess, StorageOpenOptions};
 
-use crate::{open_error, Error, Format, QCOW2_MAGIC};
+use crate::{open_error, Error, Format};
 
 /// Longest backing chain accepted: the top image plus this many backing images.
 pub const MAX_CHAIN_DEPTH: usize = 16;
@@ -169,13 +169,7 @@ impl Walk<'_> {
 
     /// Opens a backing image read-only as `format`, after checking the file's magic agrees.
     fn backing(&mut self, path: &Path, file: File, format: Format, depth: usize) -> Result<Qcow2Access, Error> {
-        let mut magic = [0u8; 4];
-        let found = match file.read_exact_at(&mut magic, 0) {
-            Ok(()) if magic == QCOW2_MAGIC => Format::Qcow2,
-            Ok(()) => Format::Raw,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Format::Raw,
-            Err(e) => return Err(Error::Io { path: path.to_path_buf(), source: e }),
-        };
+        let found = crate::sniff_format(&file, path)?;
         // A raw backing file that happens to start with the qcow2 magic is read as raw, which
         // is harmless (it is read-only and its header is never interpreted); the reverse means
         // the header lies about the file.

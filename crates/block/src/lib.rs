@@ -380,13 +380,7 @@ impl DiskImage {
             return Err(Error::NotAFile { path: path.to_path_buf() });
         }
 
-        let mut magic = [0u8; 4];
-        let found = match file.read_exact_at(&mut magic, 0) {
-            Ok(()) if magic == QCOW2_MAGIC => Format::Qcow2,
-            Ok(()) => Format::Raw,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Format::Raw,
-            Err(e) => return Err(Error::Io { path: path.to_path_buf(), source: e }),
-        };
+        let found = sniff_format(&file, path)?;
         if found != format {
             return Err(Error::FormatMismatch { path: path.to_path_buf(), expected: format, found });
         }
@@ -524,6 +518,31 @@ impl DiskImage {
             Backend::Qcow2(q) => qcow2_zeroes(q, offset, len),
         }
     }
+}
+
+/// What `file`'s first bytes say it is: [`Format::Qcow2`] if it starts with [`QCOW2_MAGIC`],
+/// [`Format::Raw`] otherwise (also when it is shorter than 4 bytes). Only the magic is read;
+/// no header is interpreted.
+///
+/// Errors: [`Error::Io`] naming `path`.
+pub fn sniff_format(file: &File, path: &Path) -> Result<Format, Error> {
+    let mut magic = [0u8; 4];
+    match file.read_exact_at(&mut magic, 0) {
+        Ok(()) if magic == QCOW2_MAGIC => Ok(Format::Qcow2),
+        Ok(()) => Ok(Format::Raw),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Format::Raw),
+        Err(e) => Err(Error::Io { path: path.to_path_buf(), source: e }),
+    }
+}
+
+/// [`sniff_format`] of the file at `path`, for images given without a format (the top image
+/// only: a backing file's format must be recorded in its image's header).
+///
+/// Errors: those of opening (see [`DiskImage::open`]) and [`Error::Io`].
+pub fn detect_format(path: impl AsRef<Path>) -> Result<Format, Error> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|e| open_error(path, true, e))?;
+    sniff_format(&file, path)
 }
 
 /// Qcow2 write-zeroes, falling back to writing zero buffers where imago cannot.

@@ -31,16 +31,6 @@ impl IoEventRegistrar for VmIoEvents {
     }
 }
 
-/// qcow2 when the file starts with the qcow2 magic, raw otherwise.
-fn detect_format(path: &std::path::Path) -> Result<block::Format> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| Error::Config { field: "--disk", msg: format!("{}: {e}", path.display()) })?;
-    let n = f.read(&mut magic).unwrap_or(0);
-    Ok(if n == 4 && magic == block::QCOW2_MAGIC { block::Format::Qcow2 } else { block::Format::Raw })
-}
-
 /// A virtio device on the bus, with its name for logs and counters.
 pub struct PciVirtio {
     /// "rng", "disk0", "net0", "vsock".
@@ -66,7 +56,7 @@ pub fn build(
         let format = match d.format {
             Some(crate::DiskFormat::Raw) => block::Format::Raw,
             Some(crate::DiskFormat::Qcow2) => block::Format::Qcow2,
-            None => detect_format(std::path::Path::new(&d.path))?,
+            None => block::detect_format(&d.path).map_err(|e| Error::Config { field: "--disk", msg: e.to_string() })?,
         };
         let policy =
             block::ImagePolicy { allow_backing_outside: d.allow_backing_outside, allow_data_file: d.allow_data_file };
