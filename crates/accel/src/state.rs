@@ -78,22 +78,36 @@ pub struct CpuState {
 
 /// Register indices into [`CpuState::gprs`].
 pub mod reg {
+    /// RAX, the accumulator register (encoding 0).
     pub const RAX: usize = 0;
+    /// RCX, the counter register (encoding 1).
     pub const RCX: usize = 1;
+    /// RDX, the data register (encoding 2).
     pub const RDX: usize = 2;
+    /// RBX, the base register (encoding 3).
     pub const RBX: usize = 3;
+    /// RSP, the stack pointer register (encoding 4).
     pub const RSP: usize = 4;
+    /// RBP, the frame pointer register (encoding 5).
     pub const RBP: usize = 5;
+    /// RSI, the source index register (encoding 6).
     pub const RSI: usize = 6;
+    /// RDI, the destination index register (encoding 7).
     pub const RDI: usize = 7;
 }
 
 /// Segment indices into [`CpuState::segs`].
 pub mod seg {
+    /// ES, the extra segment (encoding 0).
     pub const ES: usize = 0;
+    /// CS, the code segment (encoding 1).
     pub const CS: usize = 1;
+    /// SS, the stack segment (encoding 2).
     pub const SS: usize = 2;
+    /// DS, the data segment (encoding 3).
     pub const DS: usize = 3;
+    /// FS, the FS (thread-local base) segment (encoding 4).
     pub const FS: usize = 4;
+    /// GS, the GS (per-CPU base) segment (encoding 5).
     pub const GS: usize = 5;
 }

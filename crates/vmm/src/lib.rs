@@ -22,10 +22,21 @@ pub use vm::{RunOutcome, Vm};
 pub enum Error {
     /// A configuration value is out of range or malformed.
     #[error("{field}: {msg}")]
-    Config { field: &'static str, msg: String },
+    Config {
+        /// The field, as the command line spells it (`--memory`, `--disk`, ...).
+        field: &'static str,
+        /// What is wrong with it, and what is accepted.
+        msg: String,
+    },
     /// Reading a kernel or initrd file failed.
     #[error("{path}: {err}")]
-    Io { path: String, err: std::io::Error },
+    Io {
+        /// The file.
+        path: String,
+        /// The host error.
+        #[source]
+        err: std::io::Error,
+    },
     /// The kernel image could not be loaded.
     #[error("kernel: {0}")]
     Kernel(String),
