@@ -21,6 +21,10 @@
 //! that owns a raw disk could otherwise write a qcow2 header pointing at any host file).
 //!
 //! All offsets and lengths are in bytes. Requests must lie within [`DiskImage::size`].
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -300,9 +304,11 @@ fn write_zero_buffers(offset: u64, len: u64, mut write: impl FnMut(&[u8], u64) -
     let zeros = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX).min(ZERO_CHUNK)];
     let mut done = 0u64;
     while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        write(&zeros[..n], offset + done)?;
-        done += n as u64;
+        // The last chunk is the remainder; every other one is the whole buffer.
+        let remaining = usize::try_from(len - done).unwrap_or(usize::MAX);
+        let chunk = zeros.get(..remaining).unwrap_or(&zeros);
+        write(chunk, offset + done)?;
+        done += chunk.len() as u64;
     }
     Ok(())
 }
@@ -644,7 +650,7 @@ mod tests {
         assert_eq!(disk.format(), Format::Raw);
         assert!(!disk.is_readonly());
         assert!(disk.supports_discard());
-        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i & 0xff) as u8).collect();
         disk.write_at(8192, &data).unwrap();
         disk.flush().unwrap();
         let mut back = vec![0u8; 4096];
@@ -790,7 +796,7 @@ mod tests {
             let mut buf = vec![0xffu8; 4096];
             disk.read_at(10 << 20, &mut buf).unwrap();
             assert!(buf.iter().all(|&b| b == 0), "unallocated reads as zeros");
-            let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+            let data: Vec<u8> = (0..8192u32).map(|i| ((i * 7) & 0xff) as u8).collect();
             disk.write_at((32 << 20) - 4096, &data).unwrap(); // spans two clusters
             disk.write_at(512, &data[..512]).unwrap();
             disk.flush().unwrap();
@@ -802,7 +808,7 @@ mod tests {
         let len = std::fs::metadata(&p).unwrap().len();
         assert!(len > empty_len && len < empty_len + (1 << 20), "{empty_len} -> {len}");
         let disk = DiskImage::open(&p, Format::Qcow2, true).unwrap();
-        let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+        let data: Vec<u8> = (0..8192u32).map(|i| ((i * 7) & 0xff) as u8).collect();
         let mut back = vec![0u8; 8192];
         disk.read_at((32 << 20) - 4096, &mut back).unwrap();
         assert_eq!(back, data);

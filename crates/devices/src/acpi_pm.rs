@@ -129,30 +129,25 @@ impl AcpiPm {
 impl PioDevice for AcpiPm {
     fn read(&mut self, port: u16, data: &mut [u8]) {
         // Accesses are byte or word wide; assemble from 16-bit registers.
-        for (i, b) in data.iter_mut().enumerate() {
-            let p = port.wrapping_sub(PM1A_EVT_BLK).wrapping_add(i as u16);
-            let r = self.read_reg(p & !1);
-            *b = if p & 1 == 0 { r as u8 } else { (r >> 8) as u8 };
+        let mut p = port.wrapping_sub(PM1A_EVT_BLK);
+        for b in data.iter_mut() {
+            let [lo, hi] = self.read_reg(p & !1).to_le_bytes();
+            *b = if p & 1 == 0 { lo } else { hi };
+            p = p.wrapping_add(1);
         }
     }
 
     fn write(&mut self, port: u16, data: &[u8]) {
         let off = port.wrapping_sub(PM1A_EVT_BLK);
-        match data.len() {
-            2 | 4 if off & 1 == 0 => {
-                let v = u16::from_le_bytes([data[0], data[1]]);
-                self.write_reg(off, v);
-                if data.len() == 4 {
-                    self.write_reg(off.wrapping_add(2), u16::from_le_bytes([data[2], data[3]]));
-                }
+        match *data {
+            [b0, b1] if off & 1 == 0 => self.write_reg(off, u16::from_le_bytes([b0, b1])),
+            [b0, b1, b2, b3] if off & 1 == 0 => {
+                self.write_reg(off, u16::from_le_bytes([b0, b1]));
+                self.write_reg(off.wrapping_add(2), u16::from_le_bytes([b2, b3]));
             }
-            1 => {
+            [b] => {
                 let cur = self.read_reg(off & !1);
-                let v = if off & 1 == 0 {
-                    (cur & 0xff00) | u16::from(data[0])
-                } else {
-                    (cur & 0xff) | (u16::from(data[0]) << 8)
-                };
+                let v = if off & 1 == 0 { (cur & 0xff00) | u16::from(b) } else { (cur & 0xff) | (u16::from(b) << 8) };
                 self.write_reg(off & !1, v);
             }
             _ => {}

@@ -145,7 +145,8 @@ impl PioBus {
 
     /// Returns the device claiming `port` and the base of its range.
     pub fn get(&self, port: u16) -> Option<(u16, Arc<Mutex<dyn PioDevice>>)> {
-        self.ranges.find(u64::from(port)).map(|(b, d)| (b as u16, Arc::clone(d)))
+        // Every PIO range was inserted with a `u16` base, so the conversion cannot fail.
+        self.ranges.find(u64::from(port)).and_then(|(b, d)| Some((u16::try_from(b).ok()?, Arc::clone(d))))
     }
 
     /// Dispatches a guest `IN` of `data.len()` bytes from `port`.
@@ -253,7 +254,7 @@ mod tests {
 
     impl PioDevice for Reg {
         fn read(&mut self, port: u16, data: &mut [u8]) {
-            data.fill(port as u8);
+            data.fill((port & 0xff) as u8);
         }
         fn write(&mut self, port: u16, data: &[u8]) {
             self.last = Some((u64::from(port), data.to_vec()));
@@ -262,7 +263,7 @@ mod tests {
 
     impl MmioDevice for Reg {
         fn read(&mut self, gpa: u64, data: &mut [u8]) {
-            data.fill(gpa as u8);
+            data.fill((gpa & 0xff) as u8);
         }
         fn write(&mut self, gpa: u64, data: &[u8]) {
             self.last = Some((gpa, data.to_vec()));

@@ -107,9 +107,16 @@ fn from_bcd(v: u8) -> Option<u8> {
     (hi <= 9 && lo <= 9).then_some(hi * 10 + lo)
 }
 
+/// `v` modulo 100, as a byte.  Every RTC field (second, minute, hour, day,
+/// month, year of the century) is below 100, so on them this is the identity.
+fn two_digits(v: i64) -> u8 {
+    // `rem_euclid(100)` is in 0..100, which always fits a byte.
+    u8::try_from(v.rem_euclid(100)).unwrap_or(0)
+}
+
 /// Days since 1970-01-01 → (year, month 1-12, day 1-31), proleptic
 /// Gregorian calendar (H. Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+fn civil_from_days(z: i64) -> (i64, u8, u8) {
     let z = z.saturating_add(719_468);
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -119,7 +126,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe.saturating_add(era.saturating_mul(400));
-    (if m <= 2 { y.saturating_add(1) } else { y }, m as u32, d as u32)
+    (if m <= 2 { y.saturating_add(1) } else { y }, two_digits(m), two_digits(d))
 }
 
 /// Inverse of [`civil_from_days`]; `d` may exceed the month length (it then
@@ -265,11 +272,11 @@ impl Cmos {
         let wday = (days.rem_euclid(7) + 4) % 7; // 1970-01-01 was a Thursday; 0 = Sunday.
         self.regs[REG_SEC] = self.encode((sod % 60) as u8);
         self.regs[REG_MIN] = self.encode((sod / 60 % 60) as u8);
-        self.regs[REG_HOUR] = self.encode_hour((sod / 3600) as u8);
+        self.regs[REG_HOUR] = self.encode_hour(two_digits(sod / 3600));
         self.regs[REG_WDAY] = self.encode(wday as u8 + 1);
-        self.regs[REG_MDAY] = self.encode(d as u8);
-        self.regs[REG_MON] = self.encode(m as u8);
-        self.regs[REG_YEAR] = self.encode(y.rem_euclid(100) as u8);
+        self.regs[REG_MDAY] = self.encode(d);
+        self.regs[REG_MON] = self.encode(m);
+        self.regs[REG_YEAR] = self.encode(two_digits(y));
         self.regs[REG_CENTURY] = self.encode(y.div_euclid(100).clamp(0, 99) as u8);
     }
 
@@ -294,6 +301,19 @@ impl Cmos {
         }
     }
 
+    /// Register `idx`; all-ones past the end (unreachable: callers mask the
+    /// index to 0-127, the size of the register file).
+    fn reg(&self, idx: usize) -> u8 {
+        self.regs.get(idx).copied().unwrap_or(0xff)
+    }
+
+    /// Sets register `idx`; ignored past the end (see [`Self::reg`]).
+    fn set_reg(&mut self, idx: usize, value: u8) {
+        if let Some(r) = self.regs.get_mut(idx) {
+            *r = value;
+        }
+    }
+
     fn is_time_reg(idx: usize) -> bool {
         matches!(idx, REG_SEC | REG_MIN | REG_HOUR | REG_WDAY | REG_MDAY | REG_MON | REG_YEAR | REG_CENTURY)
     }
@@ -306,12 +326,12 @@ impl Cmos {
                 if !self.set_mode() {
                     self.refresh_time();
                 }
-                self.regs[idx]
+                self.reg(idx)
             }
             REG_A => self.regs[REG_A] & 0x7f,
             REG_C => 0,
             REG_D => 0x80,
-            _ => self.regs[idx],
+            _ => self.reg(idx),
         }
     }
 
@@ -321,10 +341,10 @@ impl Cmos {
         match idx {
             _ if Self::is_time_reg(idx) => {
                 if self.set_mode() {
-                    self.regs[idx] = value;
+                    self.set_reg(idx, value);
                 } else {
                     self.refresh_time();
-                    self.regs[idx] = value;
+                    self.set_reg(idx, value);
                     self.set_time_from_regs();
                 }
             }
@@ -341,7 +361,7 @@ impl Cmos {
                 }
             }
             REG_C | REG_D => {}
-            _ => self.regs[idx] = value,
+            _ => self.set_reg(idx, value),
         }
     }
 
@@ -538,7 +558,7 @@ mod tests {
     fn calendar_round_trip() {
         for days in [-800_000i64, -1, 0, 59, 19_782, 47_481, 2_000_000] {
             let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
+            assert_eq!(days_from_civil(y, u32::from(m), u32::from(d)), days);
         }
         assert_eq!(civil_from_days(T0 / 86_400), (2024, 2, 29));
     }

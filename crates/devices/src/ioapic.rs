@@ -193,9 +193,9 @@ impl IoApic {
         let Ok(pin) = usize::try_from(pin) else {
             return;
         };
-        if pin >= NUM_PINS {
+        let Some(&entry) = self.rte.get(pin) else {
             return;
-        }
+        };
         let bit = 1u32 << pin;
         let was = self.levels & bit != 0;
         if level {
@@ -203,7 +203,6 @@ impl IoApic {
         } else {
             self.levels &= !bit;
         }
-        let entry = self.rte[pin];
         if entry & RTE_LEVEL != 0 {
             self.service_level(pin, deliver);
         } else if level && !was && entry & RTE_MASKED == 0 {
@@ -217,9 +216,11 @@ impl IoApic {
     /// with that vector and re-delivers those whose input is still asserted.
     pub fn eoi(&mut self, vector: u8, deliver: &mut dyn FnMut(ApicMessage) -> bool) {
         for pin in 0..NUM_PINS {
-            let e = self.rte[pin];
-            if (e & 0xff) as u8 == vector && e & RTE_REMOTE_IRR != 0 {
-                self.rte[pin] &= !RTE_REMOTE_IRR;
+            let Some(e) = self.rte.get_mut(pin) else {
+                continue;
+            };
+            if (*e & 0xff) as u8 == vector && *e & RTE_REMOTE_IRR != 0 {
+                *e &= !RTE_REMOTE_IRR;
                 self.service_level(pin, deliver);
             }
         }
@@ -231,9 +232,10 @@ impl IoApic {
             0x01 => IOAPIC_VERSION,
             0x02 => u32::from(self.id) << 24,
             0x10..=0x3f => {
-                let e = self.rte[usize::from((index - 0x10) / 2)];
+                // Pin 0-23: always within the redirection table.
+                let e = self.rte.get(usize::from((index - 0x10) / 2)).copied().unwrap_or(0);
                 if index & 1 == 0 {
-                    e as u32
+                    (e & 0xffff_ffff) as u32
                 } else {
                     (e >> 32) as u32
                 }
@@ -247,7 +249,11 @@ impl IoApic {
             0x00 => self.id = ((value >> 24) & 0x0f) as u8,
             0x10..=0x3f => {
                 let pin = usize::from((index - 0x10) / 2);
-                let old = self.rte[pin];
+                // Pin 0-23: always within the redirection table.
+                let Some(slot) = self.rte.get_mut(pin) else {
+                    return;
+                };
+                let old = *slot;
                 let new = if index & 1 == 0 {
                     (old & 0xffff_ffff_0000_0000) | u64::from(value)
                 } else {
@@ -260,7 +266,7 @@ impl IoApic {
                 if e & RTE_LEVEL == 0 {
                     e &= !RTE_REMOTE_IRR;
                 }
-                self.rte[pin] = e;
+                *slot = e;
                 // Unmasking an asserted level-triggered pin delivers it.
                 self.service_level(pin, deliver);
             }
@@ -278,11 +284,10 @@ impl IoApic {
             0x10 => self.read_register(self.regsel),
             _ => 0,
         };
-        if data.len() <= 4 && (offset == 0 || data.len() == 4) {
-            let bytes = value.to_le_bytes();
-            data.copy_from_slice(&bytes[..data.len()]);
-        } else {
-            data.fill(0);
+        let bytes = value.to_le_bytes();
+        match bytes.get(..data.len()) {
+            Some(src) if offset == 0 || data.len() == 4 => data.copy_from_slice(src),
+            _ => data.fill(0),
         }
     }
 
@@ -290,10 +295,10 @@ impl IoApic {
     /// for the accepted access sizes.  Interrupts caused by the write (e.g.
     /// unmasking an asserted level pin) go to `deliver`.
     pub fn mmio_write(&mut self, offset: u64, data: &[u8], deliver: &mut dyn FnMut(ApicMessage) -> bool) {
-        match (offset, data.len()) {
-            (0x00, 1..=4) => self.regsel = data[0],
-            (0x10, 4) => {
-                let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        match (offset, data) {
+            (0x00, &[b0, ..]) if data.len() <= 4 => self.regsel = b0,
+            (0x10, &[b0, b1, b2, b3]) => {
+                let value = u32::from_le_bytes([b0, b1, b2, b3]);
                 self.write_register(self.regsel, value, deliver);
             }
             _ => tracing::debug!("ioapic: ignored {}-byte write at offset {offset:#x}", data.len()),

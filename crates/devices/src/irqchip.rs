@@ -207,10 +207,10 @@ impl EmuIrqchip {
             return false;
         }
         let m = ApicMessage {
-            vector: data as u8,
+            vector: (data & 0xff) as u8,
             delivery_mode: DeliveryMode::from_bits(u64::from(data)),
             logical: addr & (1 << 2) != 0,
-            dest: (addr >> 12) as u8,
+            dest: ((addr >> 12) & 0xff) as u8,
             level_triggered: data & (1 << 15) != 0,
         };
         deliver(&mut self.lapic, m)

@@ -64,17 +64,32 @@ const NS_PER_SEC: u128 = 1_000_000_000;
 struct Bits256([u32; 8]);
 
 impl Bits256 {
+    // `v >> 5` of a `u8` is 0-7, so the word lookups below always succeed.
     fn set(&mut self, v: u8) {
-        self.0[usize::from(v >> 5)] |= 1 << (v & 31);
+        if let Some(w) = self.0.get_mut(usize::from(v >> 5)) {
+            *w |= 1 << (v & 31);
+        }
     }
     fn clear(&mut self, v: u8) {
-        self.0[usize::from(v >> 5)] &= !(1 << (v & 31));
+        if let Some(w) = self.0.get_mut(usize::from(v >> 5)) {
+            *w &= !(1 << (v & 31));
+        }
     }
     fn get(&self, v: u8) -> bool {
-        self.0[usize::from(v >> 5)] & (1 << (v & 31)) != 0
+        self.0.get(usize::from(v >> 5)).is_some_and(|w| w & (1 << (v & 31)) != 0)
+    }
+    /// 32-bit word `i` (0-7) as the guest reads it; zero past the end.
+    fn word(&self, i: usize) -> u32 {
+        self.0.get(i).copied().unwrap_or(0)
     }
     fn highest(&self) -> Option<u8> {
-        (0..8usize).rev().find(|&i| self.0[i] != 0).map(|i| (i as u8) * 32 + (31 - self.0[i].leading_zeros()) as u8)
+        // A non-zero word has at most 31 leading zeros, so the bit number is 0-31.
+        self.0
+            .iter()
+            .zip(0u8..8)
+            .rev()
+            .find(|&(&w, _)| w != 0)
+            .map(|(&w, i)| i * 32 + ((31 - w.leading_zeros()) & 31) as u8)
     }
 }
 
@@ -502,7 +517,8 @@ impl Lapic {
         }
         let d = self.timer_elapsed(t, now);
         let c = if self.periodic() { init - d % init } else { init.saturating_sub(d) };
-        c as u32
+        // `c` is at most `init`, which came from a `u32`.
+        u32::try_from(c).unwrap_or(u32::MAX)
     }
 
     /// Runs the APIC timer up to `now_ns`: if it expired (once or more
@@ -523,7 +539,7 @@ impl Lapic {
             self.timer = Some(t);
             let lvt = self.lvt[LVT_TIMER];
             if lvt & LVT_MASKED == 0 {
-                self.accept_interrupt(lvt as u8, false);
+                self.accept_interrupt((lvt & 0xff) as u8, false);
             }
         }
         let next = if periodic {
@@ -538,7 +554,7 @@ impl Lapic {
 
     fn send_ipi(&mut self) {
         let lo = self.icr_lo;
-        let vector = lo as u8;
+        let vector = (lo & 0xff) as u8;
         let to_self = match (lo >> 18) & 3 {
             0 => self.matches_destination((self.icr_hi >> 24) as u8, lo & (1 << 11) != 0),
             1 | 2 => true,
@@ -571,13 +587,14 @@ impl Lapic {
             0x0d0 => self.ldr,
             0x0e0 => self.dfr,
             0x0f0 => self.svr,
-            0x100..=0x170 => self.isr.0[idx],
-            0x180..=0x1f0 => self.tmr.0[idx],
-            0x200..=0x270 => self.irr.0[idx],
+            0x100..=0x170 => self.isr.word(idx),
+            0x180..=0x1f0 => self.tmr.word(idx),
+            0x200..=0x270 => self.irr.word(idx),
             0x280 => self.esr,
             0x300 => self.icr_lo,
             0x310 => self.icr_hi,
-            0x320..=0x370 => self.lvt[((offset - 0x320) >> 4) as usize],
+            // LVT entries 0-5.
+            0x320..=0x370 => self.lvt.get(((offset - 0x320) >> 4) as usize).copied().unwrap_or(0),
             0x380 => self.timer_initial,
             0x390 => self.current_count((self.clock)()),
             0x3e0 => self.timer_dcr,
@@ -593,7 +610,7 @@ impl Lapic {
     pub fn write_register(&mut self, offset: u64, value: u32) -> Option<u8> {
         match offset {
             0x020 => self.id = (value >> 24) as u8,
-            0x080 => self.tpr = value as u8,
+            0x080 => self.tpr = (value & 0xff) as u8,
             0x0b0 => return self.eoi(),
             0x0d0 => self.ldr = value & 0xff00_0000,
             0x0e0 => self.dfr = value | 0x0fff_ffff,
@@ -614,16 +631,20 @@ impl Lapic {
             }
             0x310 => self.icr_hi = value & 0xff00_0000,
             0x320..=0x370 => {
+                // LVT entries 0-5: always found.
                 let i = ((offset - 0x320) >> 4) as usize;
-                let mut v = value & LVT_WRITABLE[i];
-                if i == LVT_LINT0 || i == LVT_LINT1 {
-                    // Remote IRR (bit 14) is read-only.
-                    v |= self.lvt[i] & (1 << 14);
+                let sw_enabled = self.sw_enabled();
+                if let Some((l, &writable)) = self.lvt.iter_mut().zip(&LVT_WRITABLE).nth(i) {
+                    let mut v = value & writable;
+                    if i == LVT_LINT0 || i == LVT_LINT1 {
+                        // Remote IRR (bit 14) is read-only.
+                        v |= *l & (1 << 14);
+                    }
+                    if !sw_enabled {
+                        v |= LVT_MASKED;
+                    }
+                    *l = v;
                 }
-                if !self.sw_enabled() {
-                    v |= LVT_MASKED;
-                }
-                self.lvt[i] = v;
             }
             0x380 => {
                 self.timer_initial = value;
@@ -647,12 +668,15 @@ impl Lapic {
     /// Guest load of `data.len()` bytes at `offset` within the APIC page.
     pub fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
         let within = (offset & 0xf) as usize;
-        if data.len() <= 4 && within + data.len() <= 4 {
+        let range = within..within.saturating_add(data.len());
+        if range.end <= 4 {
             let v = self.read_register(offset & 0xff0).to_le_bytes();
-            data.copy_from_slice(&v[within..within + data.len()]);
-        } else {
-            data.fill(0);
+            if let Some(src) = v.get(range) {
+                data.copy_from_slice(src);
+                return;
+            }
         }
+        data.fill(0);
     }
 
     /// Guest store at `offset` within the APIC page; only aligned 4-byte

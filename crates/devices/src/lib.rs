@@ -35,6 +35,9 @@
 //! continue exactly where they stopped.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 
 pub mod guest_log;
 

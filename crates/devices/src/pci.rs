@@ -68,10 +68,11 @@ impl PciConfig {
         let mut c = PciConfig { bytes: [0; CONFIG_SIZE], wmask: [0; CONFIG_SIZE], bar_size: [0; 6], next_cap: 0x40 };
         c.put16(0x00, id.vendor);
         c.put16(0x02, id.device);
+        let [prog_if, subclass, base_class, _] = id.class.to_le_bytes();
         c.bytes[0x08] = id.revision;
-        c.bytes[0x09] = id.class as u8;
-        c.bytes[0x0a] = (id.class >> 8) as u8;
-        c.bytes[0x0b] = (id.class >> 16) as u8;
+        c.bytes[0x09] = prog_if;
+        c.bytes[0x0a] = subclass;
+        c.bytes[0x0b] = base_class;
         c.put16(0x2c, id.subsystem_vendor);
         c.put16(0x2e, id.subsystem);
         // Command: I/O, memory, bus master, INTx disable.
@@ -81,32 +82,42 @@ impl PciConfig {
         c
     }
 
+    /// Writes `v` at byte offset `off`; ignored if it does not fit in config space.
     fn put16(&mut self, off: usize, v: u16) {
-        self.bytes[off..off + 2].copy_from_slice(&v.to_le_bytes());
+        if let Some(dst) = span_mut(&mut self.bytes, off, 2) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
     }
 
     /// Reads a little-endian u16 at byte offset `off` (< 255).
     pub fn get16(&self, off: usize) -> u16 {
-        u16::from_le_bytes([self.bytes[off & 0xff], self.bytes[(off + 1) & 0xff]])
+        // Offsets are masked to 0-255, the size of config space.
+        let byte = |o: usize| self.bytes.get(o & 0xff).copied().unwrap_or(0xff);
+        u16::from_le_bytes([byte(off), byte(off.wrapping_add(1))])
     }
 
     /// Reads a little-endian u32 at byte offset `off` (< 253).
     pub fn get32(&self, off: usize) -> u32 {
         let o = off & 0xfc;
-        u32::from_le_bytes(self.bytes[o..o + 4].try_into().unwrap_or([0; 4]))
+        let dword = self.bytes.get(o..).and_then(|s| s.get(..4)).and_then(|s| s.try_into().ok());
+        u32::from_le_bytes(dword.unwrap_or([0; 4]))
     }
 
     /// Declares BAR `idx` (0-5) as a 32-bit, non-prefetchable memory BAR of `size` bytes (a
     /// power of two ≥ 16) placed at GPA `base` (aligned to `size`).
     pub fn add_mem_bar32(&mut self, idx: usize, size: u32, base: u32) {
         debug_assert!(size.is_power_of_two() && size >= 16 && base.is_multiple_of(size));
-        if idx >= 6 {
+        let Some(bar_size) = self.bar_size.get_mut(idx) else {
             return;
-        }
-        self.bar_size[idx] = size;
+        };
+        *bar_size = size;
         let off = BAR0 + idx * 4;
-        self.bytes[off..off + 4].copy_from_slice(&base.to_le_bytes());
-        self.wmask[off..off + 4].copy_from_slice(&(!(size - 1)).to_le_bytes());
+        if let Some(dst) = span_mut(&mut self.bytes, off, 4) {
+            dst.copy_from_slice(&base.to_le_bytes());
+        }
+        if let Some(dst) = span_mut(&mut self.wmask, off, 4) {
+            dst.copy_from_slice(&(!(size - 1)).to_le_bytes());
+        }
     }
 
     /// Appends capability `body` (its first byte is the capability ID; the second, the next
@@ -116,29 +127,49 @@ impl PciConfig {
     pub fn add_capability(&mut self, body: &[u8], writable: &[u8]) -> Option<usize> {
         let off = self.next_cap;
         let len = body.len().max(2).next_multiple_of(4);
-        if off + len > CONFIG_SIZE {
-            return None;
-        }
-        self.bytes[off..off + body.len()].copy_from_slice(body);
-        self.bytes[off + 1] = 0;
-        for (i, m) in writable.iter().enumerate().take(body.len()) {
-            self.wmask[off + i] = *m;
-        }
-        self.wmask[off] = 0;
-        self.wmask[off + 1] = 0;
+        // Capability pointers are bytes: config space is 256 bytes long.
+        let off_u8 = u8::try_from(off).ok()?;
+        let end = off.checked_add(len).filter(|&end| end <= CONFIG_SIZE)?;
         // Link: the header's pointer or the last capability's next field.
-        if self.bytes[CAP_PTR] == 0 {
-            self.bytes[CAP_PTR] = off as u8;
+        let link = if self.bytes[CAP_PTR] == 0 {
+            CAP_PTR
+        } else {
+            // A well-formed list has at most CONFIG_SIZE / 4 entries; a longer walk is a cycle.
+            let mut p = usize::from(self.bytes[CAP_PTR]);
+            let mut link = None;
+            for _ in 0..CONFIG_SIZE / 4 {
+                let next = *self.bytes.get(p + 1)?;
+                if next == 0 {
+                    link = Some(p + 1);
+                    break;
+                }
+                p = usize::from(next);
+            }
+            link?
+        };
+        let (Some(bytes), Some(wmask)) = (self.bytes.get_mut(off..end), self.wmask.get_mut(off..end)) else {
+            return None;
+        };
+        // `len` >= `body.len()` and >= 4: the body and its ID and next bytes fit.
+        if let Some(dst) = bytes.get_mut(..body.len()) {
+            dst.copy_from_slice(body);
+        }
+        for (w, &m) in wmask.iter_mut().zip(writable).take(body.len()) {
+            *w = m;
+        }
+        if let ([_, next, ..], [id_mask, next_mask, ..]) = (bytes, wmask) {
+            *next = 0;
+            *id_mask = 0;
+            *next_mask = 0;
+        }
+        if let Some(l) = self.bytes.get_mut(link) {
+            *l = off_u8;
+        }
+        if link == CAP_PTR {
             let st = self.get16(STATUS) | STATUS_CAP_LIST;
             self.put16(STATUS, st);
-        } else {
-            let mut p = usize::from(self.bytes[CAP_PTR]);
-            while self.bytes[p + 1] != 0 {
-                p = usize::from(self.bytes[p + 1]);
-            }
-            self.bytes[p + 1] = off as u8;
         }
-        self.next_cap = off + len;
+        self.next_cap = end;
         Some(off)
     }
 
@@ -153,13 +184,11 @@ impl PciConfig {
     /// Applies a guest write of `data` (1, 2 or 4 bytes) at byte offset `offset`, honouring
     /// the write masks. Accesses past config space are ignored.
     pub fn write(&mut self, offset: usize, data: &[u8]) {
-        for (i, &b) in data.iter().enumerate() {
-            let o = offset + i;
-            if o >= CONFIG_SIZE {
-                return;
-            }
-            let m = self.wmask[o];
-            self.bytes[o] = (self.bytes[o] & !m) | (b & m);
+        let (Some(bytes), Some(wmask)) = (self.bytes.get_mut(offset..), self.wmask.get(offset..)) else {
+            return;
+        };
+        for ((byte, &m), &b) in bytes.iter_mut().zip(wmask).zip(data) {
+            *byte = (*byte & !m) | (b & m);
         }
     }
 
@@ -183,6 +212,11 @@ impl PciConfig {
         let base = u64::from(self.get32(BAR0 + idx * 4) & !(size - 1));
         Some((base, u64::from(size)))
     }
+}
+
+/// The `len` bytes of `buf` at `off`, if they lie within it.
+fn span_mut(buf: &mut [u8], off: usize, len: usize) -> Option<&mut [u8]> {
+    buf.get_mut(off..)?.get_mut(..len)
 }
 
 /// A PCI function on the bus.
@@ -253,17 +287,18 @@ impl Default for PciBus {
 impl PciBus {
     /// A bus with the host bridge in slot 0.
     pub fn new() -> PciBus {
-        let mut slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>> = vec![None; SLOTS];
-        slots[0] = Some(Arc::new(Mutex::new(HostBridge::default())));
+        let mut slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>> = Vec::with_capacity(SLOTS);
+        slots.push(Some(Arc::new(Mutex::new(HostBridge::default()))));
+        slots.resize(SLOTS, None);
         PciBus { config_address: 0, slots }
     }
 
     /// Puts `dev` in the first free slot; returns its device number, or `None` when all 32
     /// slots are taken.
     pub fn add(&mut self, dev: Arc<Mutex<dyn PciDevice>>) -> Option<u8> {
-        let slot = self.slots.iter().position(|s| s.is_none())?;
-        self.slots[slot] = Some(dev);
-        Some(slot as u8)
+        let (slot, n) = self.slots.iter_mut().zip(0u8..).find(|(s, _)| s.is_none())?;
+        *slot = Some(dev);
+        Some(n)
     }
 
     /// The CONFIG_ADDRESS latch (for snapshots).
@@ -315,15 +350,18 @@ impl PioDevice for PciBus {
         if off < 4 {
             // Only a full dword write at 0xCF8 sets CONFIG_ADDRESS (byte writes to 0xCFB are
             // the legacy mechanism #2 probe and must not disturb it).
-            if off == 0 && data.len() == 4 {
-                self.config_address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & 0x80ff_fffc;
+            if let (0, &[b0, b1, b2, b3]) = (off, data) {
+                self.config_address = u32::from_le_bytes([b0, b1, b2, b3]) & 0x80ff_fffc;
             }
             return;
         }
         if let Some((d, reg)) = self.selected() {
-            let byte = reg * 4 + (off - 4);
-            let len = data.len().min(4 - (off - 4));
-            lock(&d).config_write(byte, &data[..len]);
+            let within = off - 4;
+            // CONFIG_DATA is 4 bytes wide: accesses beyond it are ignored or clipped.
+            let Some(room) = 4usize.checked_sub(within) else {
+                return;
+            };
+            lock(&d).config_write(reg * 4 + within, data.get(..room).unwrap_or(data));
         }
     }
 }
@@ -375,7 +413,7 @@ mod tests {
             self.config.write(offset, data);
         }
         fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-            data.fill(bar as u8 + offset as u8);
+            data.fill(u8::try_from(bar).unwrap() + (offset & 0xff) as u8);
         }
         fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
             self.last_write = Some((bar, offset, data.to_vec()));

@@ -431,13 +431,13 @@ impl Pic {
 
     /// Reads one PIC/ELCR port.
     pub fn read_port(&mut self, port: u16) -> u8 {
-        let (idx, data) = match port {
-            0x20 | 0x21 => (0, port == 0x21),
-            0xa0 | 0xa1 => (1, port == 0xa1),
-            0x4d0 | 0x4d1 => return self.chips[usize::from(port - 0x4d0)].elcr,
+        let (chip, data) = match port {
+            0x20 | 0x21 => (&mut self.chips[0], port == 0x21),
+            0xa0 | 0xa1 => (&mut self.chips[1], port == 0xa1),
+            0x4d0 => return self.chips[0].elcr,
+            0x4d1 => return self.chips[1].elcr,
             _ => return 0xff,
         };
-        let chip = &mut self.chips[idx];
         if chip.poll {
             chip.poll = false;
             let ret = match chip.pending_irq() {
@@ -465,7 +465,7 @@ impl Pic {
             0xa0 => self.chips[1].write_command(value),
             0xa1 => self.chips[1].write_data(value),
             0x4d0 | 0x4d1 => {
-                let chip = &mut self.chips[usize::from(port - 0x4d0)];
+                let chip = if port == 0x4d0 { &mut self.chips[0] } else { &mut self.chips[1] };
                 chip.elcr = value & chip.elcr_mask;
             }
             _ => return,

@@ -41,7 +41,8 @@ const REFRESH_TOGGLE_NS: u64 = 15_085;
 
 /// Whole PIT input-clock ticks in `ns` nanoseconds (floor).
 pub fn ns_to_ticks(ns: u64) -> u64 {
-    (u128::from(ns) * u128::from(PIT_HZ) / NS_PER_SEC) as u64
+    // PIT_HZ < NS_PER_SEC, so the quotient is at most `ns`: it always fits.
+    u64::try_from(u128::from(ns) * u128::from(PIT_HZ) / NS_PER_SEC).unwrap_or(u64::MAX)
 }
 
 /// Nanoseconds until at least `ticks` PIT input-clock ticks have elapsed
@@ -516,7 +517,10 @@ impl Pit {
             }
             return;
         }
-        let ch = &mut self.channels[usize::from(sc)];
+        // `sc` is 0-2 here (3 is read-back, handled above).
+        let Some(ch) = self.channels.get_mut(usize::from(sc)) else {
+            return;
+        };
         if rw == 0 {
             ch.latch_count(now);
         } else {
@@ -531,7 +535,7 @@ impl Pit {
 
     fn read_byte(&mut self, port: u16, now: u64) -> u8 {
         match port {
-            0x40..=0x42 => self.channels[usize::from(port - 0x40)].read_data(now),
+            0x40..=0x42 => self.channels.get_mut(usize::from(port - 0x40)).map_or(0xff, |ch| ch.read_data(now)),
             SPEAKER_PORT => self.port61(now),
             // The control register is write-only.
             _ => 0xff,
@@ -540,7 +544,11 @@ impl Pit {
 
     fn write_byte(&mut self, port: u16, value: u8, now: u64) {
         match port {
-            0x40..=0x42 => self.channels[usize::from(port - 0x40)].write_data(value, now),
+            0x40..=0x42 => {
+                if let Some(ch) = self.channels.get_mut(usize::from(port - 0x40)) {
+                    ch.write_data(value, now);
+                }
+            }
             0x43 => self.write_control(value, now),
             SPEAKER_PORT => {
                 self.port61 = value & 0x0f;
@@ -646,9 +654,9 @@ mod tests {
         let v = (e.inb(0x61) & !0x02) | 0x01;
         e.outb(0x61, v);
         // Mode 0, channel 2, LSB/MSB; latch = 10 ms.
-        let latch: u16 = (PIT_HZ / 100) as u16;
+        let latch = u16::try_from(PIT_HZ / 100).unwrap();
         e.outb(0x43, 0xb0);
-        e.outb(0x42, latch as u8);
+        e.outb(0x42, (latch & 0xff) as u8);
         e.outb(0x42, (latch >> 8) as u8);
         assert_eq!(e.inb(0x61) & 0x20, 0, "OUT low while counting");
         // Poll port 0x61 every 1 us until OUT goes high.
@@ -705,7 +713,7 @@ mod tests {
         let mut e = Env::new();
         let period: u16 = 11_932; // ~10 ms
         e.outb(0x43, 0x34);
-        e.outb(0x40, period as u8);
+        e.outb(0x40, (period & 0xff) as u8);
         e.outb(0x40, (period >> 8) as u8);
         let t0 = e.now();
         let next = e.pit.poll(t0).unwrap();

@@ -219,15 +219,15 @@ impl Serial {
     }
 
     fn read_byte(&mut self, port: u16) -> u8 {
-        match port.wrapping_sub(self.base) {
-            off @ 0..=7 => self.inner.read(off as u8),
+        match u8::try_from(port.wrapping_sub(self.base)) {
+            Ok(off @ 0..=7) => self.inner.read(off),
             _ => 0xff,
         }
     }
 
     fn write_byte(&mut self, port: u16, value: u8) {
-        if let off @ 0..=7 = port.wrapping_sub(self.base) {
-            if let Err(e) = self.inner.write(off as u8, value) {
+        if let Ok(off @ 0..=7) = u8::try_from(port.wrapping_sub(self.base)) {
+            if let Err(e) = self.inner.write(off, value) {
                 tracing::debug!("serial {:#x}: write failed: {e:?}", self.base);
             }
         }
