@@ -435,17 +435,42 @@ pub(crate) fn cond(cpu: &Cpu, cc: ConditionCode) -> bool {
     }
 }
 
+// `Cpu::gpr_info_of` indexes a 256-entry table by `Register as usize`; that is in bounds
+// because iced-x86's `Register` is one byte.
+const _: () = assert!(std::mem::size_of::<Register>() == 1);
+
 /// The register file as instructions see it: registers by their iced-x86 name, effective
 /// and linear addresses, the stack pointer at the stack's address size, near branches and
 /// RFLAGS writes. Nothing here touches memory.
 impl Cpu {
+    /// General register `i` (0 = RAX … 15 = R15, the hardware encoding), all 64 bits.
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // `i & 15` < 16 = gpr.len()
+    pub(crate) fn gpr_at(&self, i: usize) -> u64 {
+        self.gpr[i & 15]
+    }
+
+    /// General register `i` (0 = RAX … 15 = R15), for writing all 64 bits.
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // `i & 15` < 16 = gpr.len()
+    pub(crate) fn gpr_at_mut(&mut self, i: usize) -> &mut u64 {
+        &mut self.gpr[i & 15]
+    }
+
+    /// The `GPR_INFO` word for `r` (see `regs::GPR_INFO`).
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // iced's `Register` is one byte, so `r as usize` < 256 = gpr_info.len()
+    fn gpr_info_of(&self, r: Register) -> u16 {
+        self.gpr_info[r as usize]
+    }
+
     #[inline(always)]
     pub(crate) fn get_reg(&self, r: Register) -> u64 {
-        let info = self.gpr_info[r as usize];
+        let info = self.gpr_info_of(r);
         if info & 0x8000 != 0 {
             return self.get_other_reg(r);
         }
-        let v = self.gpr[(info & 0xf) as usize];
+        let v = self.gpr_at(usize::from(info & 0xf));
         match (info >> 4) & 0xf {
             1 => {
                 if info & 0x100 != 0 {
@@ -475,11 +500,11 @@ impl Cpu {
 
     #[inline(always)]
     pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
-        let info = self.gpr_info[r as usize];
+        let info = self.gpr_info_of(r);
         if info & 0x8000 != 0 {
             return;
         }
-        let slot = &mut self.gpr[(info & 0xf) as usize];
+        let slot = self.gpr_at_mut(usize::from(info & 0xf));
         match (info >> 4) & 0xf {
             1 => {
                 if info & 0x100 != 0 {

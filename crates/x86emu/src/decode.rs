@@ -3,6 +3,7 @@
 
 use crate::cpu::{sreg, Cpu};
 use crate::mmu::Access;
+use crate::regs::host_usize;
 use crate::uop::Uop;
 use crate::{Fault, SRes, Stop};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
@@ -95,7 +96,7 @@ pub(crate) fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     // forms use this for every access of the block.
     cpu.cur_user = user;
     let gpa = cpu.translate(la, Access::Exec, user)?;
-    let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
+    let idx = host_usize(gpa ^ (gpa >> 12)) & (BCACHE_SIZE - 1);
     if let Some(b) = &cpu.dcache.e[idx] {
         if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) {
             return Ok((b.ops.clone(), b.page, b.gen));

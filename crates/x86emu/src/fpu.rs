@@ -25,6 +25,7 @@
 
 use crate::cpu::{ctl, flags::*, Cpu};
 use crate::fpstate::{check_pending, FSW_ES as ES, MXCSR_MASK};
+use crate::regs::{low16, low32};
 use crate::{Bus, Fault, Res, SRes};
 use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
 use std::arch::asm;
@@ -245,6 +246,7 @@ fn top(cpu: &Cpu) -> usize {
     usize::from((cpu.fpu.fsw >> 11) & 7)
 }
 
+#[allow(clippy::cast_possible_truncation)] // `t & 7` < 8
 fn set_top(cpu: &mut Cpu, t: usize) {
     cpu.fpu.fsw = (cpu.fpu.fsw & !(7 << 11)) | (((t & 7) as u16) << 11);
 }
@@ -613,7 +615,7 @@ fn opcode(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> u16 {
         };
         if (0xd8..=0xdf).contains(&b) {
             let modrm = cpu.rmem(bus, la_add(cpu, la, k + 1), 1).unwrap_or(0);
-            return (((b & 7) << 8) | modrm) as u16;
+            return low16(((b & 7) << 8) | modrm);
         }
     }
     0
@@ -988,7 +990,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
         M::Fnclex | M::Fclex => cpu.fpu.fsw &= !(EXC | SF | ES | B),
         M::Fnstcw | M::Fstcw => cpu.wmem(bus, la, 2, u64::from(cpu.fpu.fcw))?,
         M::Fldcw => {
-            let v = cpu.rmem(bus, la, 2)? as u16;
+            let v = low16(cpu.rmem(bus, la, 2)?);
             set_fcw(cpu, v);
         }
         M::Fnstsw | M::Fstsw => {
@@ -1080,7 +1082,7 @@ fn env_image(cpu: &Cpu, small: bool) -> [u8; 108] {
     let tw = full_tag_word(cpu);
     let fop = u32::from(cpu.fpu.fop & 0x7ff);
     if small {
-        let words = [cpu.fpu.fcw, cpu.fpu.fsw, tw, cpu.fpu.fip as u16, 0, cpu.fpu.fdp as u16, 0];
+        let words = [cpu.fpu.fcw, cpu.fpu.fsw, tw, low16(cpu.fpu.fip), 0, low16(cpu.fpu.fdp), 0];
         for (i, w) in words.iter().enumerate() {
             e[2 * i..2 * i + 2].copy_from_slice(&w.to_le_bytes());
         }
@@ -1089,9 +1091,9 @@ fn env_image(cpu: &Cpu, small: bool) -> [u8; 108] {
             0xffff_0000 | u32::from(cpu.fpu.fcw),
             0xffff_0000 | u32::from(cpu.fpu.fsw),
             0xffff_0000 | u32::from(tw),
-            cpu.fpu.fip as u32,
+            low32(cpu.fpu.fip),
             fop << 16,
-            cpu.fpu.fdp as u32,
+            low32(cpu.fpu.fdp),
             0xffff_0000,
         ];
         for (i, d) in dwords.iter().enumerate() {
@@ -1132,8 +1134,8 @@ fn fxsave(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, wide: bool) -> Res<()> {
         img[8..16].copy_from_slice(&cpu.fpu.fip.to_le_bytes());
         img[16..24].copy_from_slice(&cpu.fpu.fdp.to_le_bytes());
     } else {
-        img[8..12].copy_from_slice(&(cpu.fpu.fip as u32).to_le_bytes());
-        img[16..20].copy_from_slice(&(cpu.fpu.fdp as u32).to_le_bytes());
+        img[8..12].copy_from_slice(&low32(cpu.fpu.fip).to_le_bytes());
+        img[16..20].copy_from_slice(&low32(cpu.fpu.fdp).to_le_bytes());
     }
     img[24..28].copy_from_slice(&cpu.fpu.mxcsr.to_le_bytes());
     img[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());

@@ -2,7 +2,7 @@
 //! IRET/RET far/JMP far/SYSCALL/SYSRET).
 
 use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit, Fault2, Seg};
-use crate::regs::mask;
+use crate::regs::{low16, low32, mask};
 use crate::{Bus, Fault, Res};
 use iced_x86::{Code, Instruction, Register};
 
@@ -17,7 +17,7 @@ pub(crate) fn read_desc(cpu: &mut Cpu, bus: &mut dyn Bus, sel: u16) -> Res<(u32,
         return Err(Fault::GeneralProtection(sel & !3));
     }
     let v = cpu.read_sys(bus, base.wrapping_add(off), 8)?;
-    Ok((v as u32, (v >> 32) as u32))
+    Ok((low32(v), (v >> 32) as u32))
 }
 
 /// Builds the cached form of a code/data descriptor.
@@ -132,12 +132,12 @@ pub(crate) fn far_ret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> R
     };
     let extra = if insn.op_count() > 0 { insn.immediate(0) } else { 0 };
     let off = cpu.peek(bus, 0, size)?;
-    let sel = cpu.peek(bus, size as u64, size)? as u16;
+    let sel = low16(cpu.peek(bus, size as u64, size)?);
     let cpl = cpu.cpl();
     let rpl = (sel & 3) as u8;
     if cpu.cr0 & ctl::CR0_PE != 0 && rpl > cpl {
         let sp = cpu.peek(bus, 2 * size as u64 + extra, size)?;
-        let ss = cpu.peek(bus, 3 * size as u64 + extra, size)? as u16;
+        let ss = low16(cpu.peek(bus, 3 * size as u64 + extra, size)?);
         load_cs(cpu, bus, sel, off, rpl)?;
         load_ss_for(cpu, bus, ss, rpl)?;
         cpu.gpr[4] = sp.wrapping_add(extra);
@@ -178,7 +178,7 @@ pub(crate) fn iret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<
     cpu.check_irq = true;
     if cpu.cr0 & ctl::CR0_PE == 0 {
         let ip = cpu.peek(bus, 0, size)?;
-        let cs = cpu.peek(bus, size as u64, size)? as u16;
+        let cs = low16(cpu.peek(bus, size as u64, size)?);
         let fl = cpu.peek(bus, 2 * size as u64, size)?;
         load_cs(cpu, bus, cs, ip, 0)?;
         let sp = cpu.rsp().wrapping_add(3 * size as u64);
@@ -187,7 +187,7 @@ pub(crate) fn iret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<
         return Ok(());
     }
     let ip = cpu.peek(bus, 0, size)?;
-    let cs = cpu.peek(bus, size as u64, size)? as u16;
+    let cs = low16(cpu.peek(bus, size as u64, size)?);
     let fl = cpu.peek(bus, 2 * size as u64, size)?;
     let cpl = cpu.cpl();
     let rpl = (cs & 3) as u8;
@@ -197,7 +197,7 @@ pub(crate) fn iret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<
     let long = cpu.efer & ctl::EFER_LMA != 0;
     if long || rpl > cpl {
         let sp = cpu.peek(bus, 3 * size as u64, size)?;
-        let ss = cpu.peek(bus, 4 * size as u64, size)? as u16;
+        let ss = low16(cpu.peek(bus, 4 * size as u64, size)?);
         // Flags are written with the privilege of the IRET itself.
         let old_cs = cpu.seg[sreg::CS];
         let old_rip = cpu.rip;
@@ -256,7 +256,7 @@ fn deliver(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, err: Option<u32>, src: Sou
         cpu.push(bus, 2, u64::from(cpu.seg[sreg::CS].selector))?;
         cpu.push(bus, 2, cpu.rip & 0xffff)?;
         cpu.rflags &= !(IF | TF | AC);
-        let sel = (v >> 16) as u16;
+        let sel = low16(v >> 16);
         cpu.seg[sreg::CS].selector = sel;
         cpu.seg[sreg::CS].base = u64::from(sel) << 4;
         cpu.rip = v & 0xffff;
@@ -338,7 +338,7 @@ fn deliver(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, err: Option<u32>, src: Sou
         // 32-bit protected mode gate.
         let (mut esp, mut pushed_ss) = (old_rsp & 0xffff_ffff, false);
         if new_cpl < cpl {
-            let ss0 = cpu.read_sys(bus, cpu.tr.base.wrapping_add(8 + u64::from(new_cpl) * 8), 2)? as u16;
+            let ss0 = low16(cpu.read_sys(bus, cpu.tr.base.wrapping_add(8 + u64::from(new_cpl) * 8), 2)?);
             esp = cpu.read_sys(bus, cpu.tr.base.wrapping_add(4 + u64::from(new_cpl) * 8), 4)?;
             load_ss_for(cpu, bus, ss0, new_cpl)?;
             pushed_ss = true;

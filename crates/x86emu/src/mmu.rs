@@ -1,6 +1,7 @@
 //! Guest physical memory, 4-level paging (Intel SDM Vol. 3 §4.5) and the software TLB.
 
 use crate::cpu::{ctl, Cpu};
+use crate::regs::{host_usize, low16, low32, low8, size_u8};
 use crate::{Bus, Fault, Res};
 
 /// One contiguous block of guest RAM mapped in the VMM.
@@ -96,7 +97,7 @@ impl Mmu {
             if gpa >= r.gpa && gpa - r.gpa < r.size {
                 let off = gpa - r.gpa;
                 // SAFETY: off < r.size, so the pointer stays inside the mapped region.
-                let p = unsafe { r.host_addr.add(off as usize) };
+                let p = unsafe { r.host_addr.add(host_usize(off)) };
                 return Some((p, self.page_base[i] + (off >> 12) as usize));
             }
         }
@@ -196,9 +197,9 @@ unsafe fn host_write(p: *mut u8, size: usize, val: u64) {
     // SAFETY: the caller guarantees `size` writable bytes at `p`; unaligned writes are used.
     unsafe {
         match size {
-            1 => p.write(val as u8),
-            2 => (p as *mut u16).write_unaligned(val as u16),
-            4 => (p as *mut u32).write_unaligned(val as u32),
+            1 => p.write(low8(val)),
+            2 => (p as *mut u16).write_unaligned(low16(val)),
+            4 => (p as *mut u32).write_unaligned(low32(val)),
             _ => (p as *mut u64).write_unaligned(val),
         }
     }
@@ -444,7 +445,7 @@ impl Cpu {
 
     fn read_phys_u32(&self, gpa: u64) -> u32 {
         let v = self.mmu.read_phys_u64(gpa & !7);
-        (v >> ((gpa & 4) * 8)) as u32
+        low32(v >> ((gpa & 4) * 8))
     }
 
     fn write_phys_u32(&mut self, gpa: u64, val: u32) {
@@ -503,7 +504,7 @@ impl Cpu {
             return Ok(unsafe { host_read(e.host.add(off), size) });
         }
         self.stats.mmio += 1;
-        Ok(bus.mmio_read(e.gpa | off as u64, size as u8))
+        Ok(bus.mmio_read(e.gpa | off as u64, size_u8(size)))
     }
 
     #[cold]
@@ -555,7 +556,7 @@ impl Cpu {
             return Ok(());
         }
         self.stats.mmio += 1;
-        bus.mmio_write(e.gpa | off as u64, size as u8, val);
+        bus.mmio_write(e.gpa | off as u64, size_u8(size), val);
         Ok(())
     }
 

@@ -22,6 +22,7 @@
 
 use crate::cpu::{ctl, flags::ARITH, Cpu};
 use crate::fpstate::{check_pending, MXCSR_MASK};
+use crate::regs::{low32, low64, low8};
 use crate::{Bus, Fault, Res, SRes};
 use iced_x86::{Code, EncodingKind, Instruction, Mnemonic, OpKind, Register};
 use std::arch::asm;
@@ -345,11 +346,11 @@ fn write_mem(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, size: usize, v: u128, al
         }
         // Both halves or neither.
         cpu.probe_write(la, 16, cpu.user())?;
-        cpu.wmem(bus, la, 8, v as u64)?;
+        cpu.wmem(bus, la, 8, low64(v))?;
         let hi = la_add(cpu, la, 8);
         return cpu.wmem(bus, hi, 8, (v >> 64) as u64);
     }
-    cpu.wmem(bus, la, size.clamp(1, 8), v as u64 & crate::regs::mask(size))
+    cpu.wmem(bus, la, size.clamp(1, 8), low64(v) & crate::regs::mask(size))
 }
 
 /// Reads a source operand. Memory reads the instruction's memory-operand size.
@@ -367,8 +368,8 @@ fn read(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, v: V, aligned: boo
 fn write_reg(cpu: &mut Cpu, v: V, val: u128) {
     match v {
         V::X(i) => cpu.fpu.xmm[i] = val,
-        V::M(i) => mm_set(cpu, i, val as u64),
-        V::G(r) => cpu.set_reg(r, val as u64),
+        V::M(i) => mm_set(cpu, i, low64(val)),
+        V::G(r) => cpu.set_reg(r, low64(val)),
         V::Mem(_) | V::Imm(_) => {}
     }
 }
@@ -708,7 +709,7 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
         M::Ldmxcsr => {
             sse_avail(cpu)?;
             let la = cpu.mem_la(insn);
-            let v = cpu.rmem(bus, la, 4)? as u32;
+            let v = low32(cpu.rmem(bus, la, 4)?);
             if v & !MXCSR_MASK != 0 {
                 return Err(Fault::GeneralProtection(0).into());
             }
@@ -767,7 +768,7 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
 fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) -> Res<()> {
     let d = opnd(cpu, insn, 0);
     let s = if insn.op_count() > 1 { opnd(cpu, insn, 1) } else { V::Imm(0) };
-    let imm = |k: u32| insn.immediate(k) as u8;
+    let imm = |k: u32| low8(insn.immediate(k));
     match op {
         Op::Mov128 { aligned } => {
             if let V::Mem(la) = d {
@@ -784,7 +785,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
                 (V::Mem(_), _) | (_, V::Mem(_)) => insn.memory_size().size(),
                 _ => 8,
             };
-            let v = read(cpu, bus, insn, s, false)? as u64 & crate::regs::mask(size);
+            let v = low64(read(cpu, bus, insn, s, false)?) & crate::regs::mask(size);
             match d {
                 V::Mem(la) => cpu.wmem(bus, la, size, v)?,
                 _ => write_reg(cpu, d, u128::from(v)),
@@ -850,7 +851,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
             }
         }
         Op::Movq2dq | Op::Movdq2q => {
-            let v = read(cpu, bus, insn, s, false)? as u64;
+            let v = low64(read(cpu, bus, insn, s, false)?);
             write_reg(cpu, d, u128::from(v));
         }
         Op::Movntq => {
@@ -951,7 +952,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
                 _ => insn.memory_size().size(),
             };
             let a = read(cpu, bus, insn, d, false)?;
-            let g = read(cpu, bus, insn, s, false)? as u64;
+            let g = low64(read(cpu, bus, insn, s, false)?);
             let (r, _, _) = fp(cpu, if size == 8 { f64op } else { f32op }, a, 0, g)?;
             write_reg(cpu, d, r);
         }
