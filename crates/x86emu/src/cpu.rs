@@ -444,17 +444,23 @@ const _: () = assert!(std::mem::size_of::<Register>() == 1);
 /// RFLAGS writes. Nothing here touches memory.
 impl Cpu {
     /// General register `i` (0 = RAX … 15 = R15, the hardware encoding), all 64 bits.
+    ///
+    /// `i` < 16 by construction: every caller passes an iced-x86 GPR number (0..=15, checked
+    /// when the uop is built) or a `GPR_INFO` index masked with 0xf; guest data never reaches
+    /// it. A plain index is measurably cheaper here than masking with `& 15` (emu_loop,
+    /// callgrind), so an out-of-range `i` would be an emulator bug and would panic.
     #[inline(always)]
-    #[allow(clippy::indexing_slicing)] // `i & 15` < 16 = gpr.len()
+    #[allow(clippy::indexing_slicing)] // `i` < 16 = gpr.len(), see above
     pub(crate) fn gpr_at(&self, i: usize) -> u64 {
-        self.gpr[i & 15]
+        self.gpr[i]
     }
 
-    /// General register `i` (0 = RAX … 15 = R15), for writing all 64 bits.
+    /// General register `i` (0 = RAX … 15 = R15), for writing all 64 bits; `i` < 16 as for
+    /// [`Cpu::gpr_at`].
     #[inline(always)]
-    #[allow(clippy::indexing_slicing)] // `i & 15` < 16 = gpr.len()
+    #[allow(clippy::indexing_slicing)] // `i` < 16 = gpr.len(), see gpr_at
     pub(crate) fn gpr_at_mut(&mut self, i: usize) -> &mut u64 {
-        &mut self.gpr[i & 15]
+        &mut self.gpr[i]
     }
 
     /// The `GPR_INFO` word for `r` (see `regs::GPR_INFO`).
