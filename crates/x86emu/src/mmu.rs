@@ -65,7 +65,7 @@ pub(crate) struct Mmu {
     pub(crate) ram: Vec<RamRegion>,
     /// First page index of each region in `code_gen`.
     page_base: Vec<usize>,
-    tlb: Box<[TlbEntry]>,
+    tlb: Box<[TlbEntry; TLB_SIZE]>,
     /// Per RAM page: generation of decoded code (odd = page holds cached decodes).
     pub(crate) code_gen: Vec<u32>,
 }
@@ -85,20 +85,34 @@ impl Mmu {
         let mut pages = 0usize;
         for r in &ram {
             page_base.push(pages);
-            pages += (r.size / 4096) as usize;
+            pages += host_usize(r.size / 4096);
         }
-        Mmu { ram, page_base, tlb: vec![EMPTY; TLB_SIZE].into_boxed_slice(), code_gen: vec![0; pages] }
+        Mmu { ram, page_base, tlb: Box::new([EMPTY; TLB_SIZE]), code_gen: vec![0; pages] }
+    }
+
+    /// The TLB entry that `la` maps to (direct-mapped by linear page number).
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // the index is masked with TLB_SIZE - 1 (a power of two) < tlb.len()
+    fn tlb_slot(&self, la: u64) -> &TlbEntry {
+        &self.tlb[host_usize(la >> 12) & (TLB_SIZE - 1)]
+    }
+
+    /// The TLB entry that `la` maps to, for filling or flushing it.
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // as in tlb_slot
+    fn tlb_slot_mut(&mut self, la: u64) -> &mut TlbEntry {
+        &mut self.tlb[host_usize(la >> 12) & (TLB_SIZE - 1)]
     }
 
     /// Host pointer and global page index for a GPA in RAM.
     #[inline]
     pub(crate) fn ram_lookup(&self, gpa: u64) -> Option<(*mut u8, usize)> {
-        for (i, r) in self.ram.iter().enumerate() {
+        for (r, &base) in self.ram.iter().zip(&self.page_base) {
             if gpa >= r.gpa && gpa - r.gpa < r.size {
                 let off = gpa - r.gpa;
                 // SAFETY: off < r.size, so the pointer stays inside the mapped region.
                 let p = unsafe { r.host_addr.add(host_usize(off)) };
-                return Some((p, self.page_base[i] + (off >> 12) as usize));
+                return Some((p, base + host_usize(off >> 12)));
             }
         }
         None
@@ -133,16 +147,22 @@ impl Mmu {
 
     /// Marks RAM page `page` as holding cached decodes and revokes fast writes to it.
     pub(crate) fn mark_code(&mut self, page: usize, gpa_page: u64) -> u32 {
-        let g = &mut self.code_gen[page];
-        if *g & 1 == 0 {
-            *g = g.wrapping_add(1);
-            for e in self.tlb.iter_mut() {
-                if e.gpa == gpa_page {
-                    e.perm &= !P_WRITE;
-                }
+        // `page` comes from `ram_lookup`, so it is in range; were it not, generation 0 (even,
+        // "no code") makes every later cache lookup miss instead of trusting stale code.
+        let Some(g) = self.code_gen.get_mut(page) else {
+            return 0;
+        };
+        if *g & 1 == 1 {
+            return *g;
+        }
+        *g = g.wrapping_add(1);
+        let gen = *g;
+        for e in self.tlb.iter_mut() {
+            if e.gpa == gpa_page {
+                e.perm &= !P_WRITE;
             }
         }
-        self.code_gen[page]
+        gen
     }
 
     pub(crate) fn flush_all(&mut self) {
@@ -158,8 +178,7 @@ impl Mmu {
     }
 
     pub(crate) fn flush_page(&mut self, la: u64) {
-        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
-        self.tlb[idx] = EMPTY;
+        *self.tlb_slot_mut(la) = EMPTY;
     }
 
     pub(crate) fn flush_code(&mut self) {
@@ -252,13 +271,13 @@ impl Cpu {
             None => (std::ptr::null_mut(), None),
         };
         if let Some(i) = pidx {
-            if self.mmu.code_gen[i] & 1 == 1 {
+            // An unknown page (not possible: `i` is from `ram_lookup`) is treated as code.
+            if self.mmu.code_gen.get(i).is_none_or(|g| g & 1 == 1) {
                 perm &= !P_WRITE;
             }
         }
         let e = TlbEntry { tag: page | TLB_VALID, host, gpa: gpa_page, perm };
-        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
-        self.mmu.tlb[idx] = e;
+        *self.mmu.tlb_slot_mut(la) = e;
         Ok(e)
     }
 
@@ -458,8 +477,7 @@ impl Cpu {
     /// Looks up (or fills) the TLB entry for `la` with the rights `acc` needs.
     #[inline(always)]
     fn tlb_get(&mut self, la: u64, acc: Access, user: bool) -> Res<TlbEntry> {
-        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
-        let e = self.mmu.tlb[idx];
+        let e = *self.mmu.tlb_slot(la);
         let need = match acc {
             Access::Read => P_READ,
             Access::Write => P_WRITE,
@@ -482,7 +500,7 @@ impl Cpu {
     #[inline(always)]
     pub(crate) fn read_la(&mut self, bus: &mut dyn Bus, la: u64, size: usize, user: bool) -> Res<u64> {
         let off = (la & 0xfff) as usize;
-        let e = &self.mmu.tlb[((la >> 12) as usize) & (TLB_SIZE - 1)];
+        let e = self.mmu.tlb_slot(la);
         let need = P_READ | if user { P_USER } else { 0 };
         if off + size <= 4096 && e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need && !e.host.is_null() {
             // SAFETY: the entry maps a whole 4 KiB RAM page and off + size <= 4096.
@@ -525,7 +543,7 @@ impl Cpu {
     #[inline(always)]
     pub(crate) fn write_la(&mut self, bus: &mut dyn Bus, la: u64, size: usize, val: u64, user: bool) -> Res<()> {
         let off = (la & 0xfff) as usize;
-        let e = &self.mmu.tlb[((la >> 12) as usize) & (TLB_SIZE - 1)];
+        let e = self.mmu.tlb_slot(la);
         let need = P_WRITE | if user { P_USER } else { 0 };
         if off + size <= 4096 && e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need && !e.host.is_null() {
             // SAFETY: the entry maps a whole 4 KiB RAM page and off + size <= 4096.
@@ -542,8 +560,7 @@ impl Cpu {
         if off + size > 4096 {
             return self.write_split(bus, la, size, val, user);
         }
-        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
-        let e = self.mmu.tlb[idx];
+        let e = *self.mmu.tlb_slot(la);
         let need = P_WRITE | if user { P_USER } else { 0 };
         let e = if e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need {
             e
@@ -584,8 +601,7 @@ impl Cpu {
     /// Host address of the 4 KiB page holding `la`, checked for writing (sets D, retires
     /// cached code on the page); null for MMIO.
     pub(crate) fn page_host_for_write(&mut self, la: u64, user: bool) -> Res<*mut u8> {
-        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
-        let e = self.mmu.tlb[idx];
+        let e = *self.mmu.tlb_slot(la);
         let need = P_WRITE | if user { P_USER } else { 0 };
         let e = if e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need {
             e
