@@ -401,7 +401,7 @@ impl Cpu {
 
     /// The start RIPs of the last blocks entered, oldest first.
     pub fn recent_rips(&self) -> Vec<u64> {
-        (0..64).map(|i| self.recent[(self.recent_pos + i) % 64]).collect()
+        self.recent.iter().cycle().skip(self.recent_pos % 64).take(64).copied().collect()
     }
 }
 
@@ -461,6 +461,23 @@ impl Cpu {
     #[allow(clippy::indexing_slicing)] // `i` < 16 = gpr.len(), see gpr_at
     pub(crate) fn gpr_at_mut(&mut self, i: usize) -> &mut u64 {
         &mut self.gpr[i]
+    }
+
+    /// Segment register `i`, an `sreg` index (0 = ES … 5 = GS).
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // callers pass `sreg` constants, all < 6 = seg.len()
+    pub(crate) fn seg_at_mut(&mut self, i: usize) -> &mut Seg {
+        &mut self.seg[i]
+    }
+
+    /// Records `rip` as the start of the block just entered, in the ring of [`Cpu::recent`].
+    #[inline(always)]
+    pub(crate) fn note_recent(&mut self, rip: u64) {
+        let pos = self.recent_pos % 64;
+        if let Some(slot) = self.recent.get_mut(pos) {
+            *slot = rip;
+        }
+        self.recent_pos = (pos + 1) % 64;
     }
 
     /// The `GPR_INFO` word for `r` (see `regs::GPR_INFO`).
@@ -571,7 +588,7 @@ impl Cpu {
                 Register::GS => sreg::GS,
                 _ => sreg::DS,
             };
-            self.seg[i].base.wrapping_add(off) & 0xffff_ffff
+            self.seg.get(i).map_or(0, |s| s.base).wrapping_add(off) & 0xffff_ffff
         }
     }
 

@@ -56,8 +56,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                     return e;
                 }
             };
-            cpu.recent[cpu.recent_pos] = cpu.rip;
-            cpu.recent_pos = (cpu.recent_pos + 1) % 64;
+            cpu.note_recent(cpu.rip);
             let tracing = cpu.trace.is_some();
             for op in ops.iter() {
                 if cpu.rip != op.ip {
@@ -96,7 +95,8 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                         return e;
                     }
                 }
-                if n >= chunk || (op.uop.may_store() && page != usize::MAX && cpu.mmu.code_gen[page] != gen) {
+                if n >= chunk || (op.uop.may_store() && page != usize::MAX && cpu.mmu.code_gen.get(page) != Some(&gen))
+                {
                     continue 'chunk;
                 }
             }

@@ -48,7 +48,7 @@ pub(crate) fn load_seg_reg(cpu: &mut Cpu, bus: &mut dyn Bus, r: Register, sel: u
         return Err(Fault::InvalidOpcode);
     }
     if cpu.cr0 & ctl::CR0_PE == 0 {
-        let s = &mut cpu.seg[i];
+        let s = cpu.seg_at_mut(i);
         s.selector = sel;
         s.base = u64::from(sel) << 4;
         s.attr = (s.attr & !ATTR_UNUSABLE) | 0x80;
@@ -62,7 +62,7 @@ pub(crate) fn load_seg_reg(cpu: &mut Cpu, bus: &mut dyn Bus, r: Register, sel: u
         if i == sreg::SS && !(cpu.in_64bit_mode() && cpl != 3 && u16::from(cpl) == sel & 3) {
             return Err(Fault::GeneralProtection(0));
         }
-        let s = &mut cpu.seg[i];
+        let s = cpu.seg_at_mut(i);
         s.selector = sel;
         s.base = 0;
         s.attr = ATTR_UNUSABLE | if i == sreg::SS { u32::from(cpl) << 5 | 0x93 } else { 0 };
@@ -76,7 +76,7 @@ pub(crate) fn load_seg_reg(cpu: &mut Cpu, bus: &mut dyn Bus, r: Register, sel: u
     if seg.attr & 0x80 == 0 {
         return Err(if i == sreg::SS { Fault::StackFault(sel & !3) } else { Fault::SegmentNotPresent(sel & !3) });
     }
-    cpu.seg[i] = seg;
+    *cpu.seg_at_mut(i) = seg;
     if i == sreg::SS {
         cpu.interrupt_shadow = true;
     }
@@ -215,11 +215,11 @@ pub(crate) fn iret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<
         if rpl > cpl {
             // Data segments the new privilege may not use become null.
             for i in [sreg::ES, sreg::DS, sreg::FS, sreg::GS] {
-                let s = cpu.seg[i];
+                let s = cpu.seg_at_mut(i);
                 let conforming_code = s.attr & 0x1c == 0x1c;
                 if s.attr & ATTR_UNUSABLE == 0 && !conforming_code && s.dpl() < rpl {
-                    cpu.seg[i].selector = 0;
-                    cpu.seg[i].attr |= ATTR_UNUSABLE;
+                    s.selector = 0;
+                    s.attr |= ATTR_UNUSABLE;
                 }
             }
         }

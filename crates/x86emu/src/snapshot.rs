@@ -152,9 +152,9 @@ impl CpuSnapshot {
         if self.efer & ctl::EFER_LMA != 0 && self.cr0 & ctl::CR0_PG == 0 {
             return Err(StateError::new("efer", format!("{:#x}: long mode active without paging", self.efer)));
         }
-        for i in 4..8 {
-            if self.dr[i] >> 32 != 0 {
-                return Err(StateError::new(format!("dr[{i}]"), format!("{:#x}: bits 63:32 set", self.dr[i])));
+        for (i, &d) in self.dr.iter().enumerate().skip(4) {
+            if d >> 32 != 0 {
+                return Err(StateError::new(format!("dr[{i}]"), format!("{d:#x}: bits 63:32 set")));
             }
         }
         if self.fpu.mxcsr & !crate::fpstate::MXCSR_MASK != 0 {

@@ -48,7 +48,9 @@ pub(crate) fn write_cr_dr(cpu: &mut Cpu, r: Register, v: u64) -> SRes<()> {
             cpu.check_irq = true;
         }
         Register::DR0 | Register::DR1 | Register::DR2 | Register::DR3 => {
-            cpu.dr[(r as usize) - (Register::DR0 as usize)] = v;
+            if let Some(d) = cpu.dr.get_mut((r as usize) - (Register::DR0 as usize)) {
+                *d = v;
+            }
         }
         Register::DR6 => cpu.dr[6] = (v & 0xf00f) | 0xffff_0ff0,
         Register::DR7 => cpu.dr[7] = (v & 0xffff_2bff) | 0x400,
@@ -66,7 +68,7 @@ pub(crate) fn read_cr_dr(cpu: &mut Cpu, _bus: &mut dyn Bus, r: Register) -> u64 
         Register::CR4 => cpu.cr4,
         Register::CR8 => cpu.cr8,
         Register::DR0 | Register::DR1 | Register::DR2 | Register::DR3 => {
-            cpu.dr[(r as usize) - (Register::DR0 as usize)]
+            cpu.dr.get((r as usize) - (Register::DR0 as usize)).copied().unwrap_or(0)
         }
         Register::DR6 => cpu.dr[6],
         Register::DR7 => cpu.dr[7],
