@@ -29,7 +29,7 @@
 // `cpu`: the `Cpu` struct owns every layer's state, so it names `mmu::Mmu` and
 // `decode::DecodeCache` as field types and builds them in `Cpu::new`; no code in a lower
 // layer calls into a higher one.
-#![deny(clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::cast_possible_truncation)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 
 // Guest addresses and lengths are `u64` and are turned into host offsets as `usize`; the ALU
