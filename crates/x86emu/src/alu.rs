@@ -8,6 +8,7 @@
 //! given to the host.
 
 use crate::cpu::flags::ARITH;
+use crate::regs::{low64, low8};
 use std::arch::asm;
 
 /// Two-operand ALU operations.
@@ -112,7 +113,7 @@ macro_rules! shift_asm {
                 "lahf",
                 "seto {s:l}",
                 a = inout(reg) $a,
-                in("cl") $c as u8,
+                in("cl") low8($c),
                 s = inout(reg) seed => o,
                 h = in(reg_abcd) h,
                 out("rax") lo,
@@ -225,7 +226,7 @@ pub(crate) fn shd(left: bool, size: usize, a: u64, b: u64, count: u64, flags: u6
                     "pop {fl}",
                     a = inout(reg) r,
                     b = in(reg) b,
-                    in("cl") c as u8,
+                    in("cl") low8(c),
                     fl = inout(reg) fl,
                 )
             }
@@ -287,7 +288,7 @@ pub(crate) fn mul_wide(signed: bool, size: usize, a: u64, b: u64, flags: u64) ->
 /// overflow), else (quotient, remainder, flags).
 pub(crate) fn div_wide(signed: bool, size: usize, lo: u64, hi: u64, d: u64, flags: u64) -> Option<(u64, u64, u64)> {
     let m = crate::regs::mask(size);
-    let bits = size as u32 * 8;
+    let bits = u32::from(crate::regs::size_u8(size)) * 8;
     let d = d & m;
     if d == 0 {
         return None;
@@ -311,7 +312,7 @@ pub(crate) fn div_wide(signed: bool, size: usize, lo: u64, hi: u64, d: u64, flag
         if q < qmin || q > qmax {
             return None;
         }
-        Some((q as u64 & m, r as u64 & m, flags))
+        Some((low64(q as u128) & m, low64(r as u128) & m, flags))
     } else {
         let dividend: u128 =
             if size == 8 { ((hi as u128) << 64) | lo as u128 } else { (((hi & m) << bits) | (lo & m)) as u128 };
@@ -320,7 +321,7 @@ pub(crate) fn div_wide(signed: bool, size: usize, lo: u64, hi: u64, d: u64, flag
             return None;
         }
         let r = dividend % d as u128;
-        Some((q as u64, r as u64, flags))
+        Some((low64(q), low64(r), flags))
     }
 }
 

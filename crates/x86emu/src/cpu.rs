@@ -11,22 +11,39 @@ use serde::{Deserialize, Serialize};
 /// RFLAGS bits (Intel SDM Vol. 1 §3.4.3).
 #[allow(dead_code)]
 pub mod flags {
+    /// Carry flag (bit 0).
     pub const CF: u64 = 1 << 0;
+    /// Parity flag (bit 2): even parity of the low result byte.
     pub const PF: u64 = 1 << 2;
+    /// Auxiliary carry flag (bit 4): carry out of bit 3, for BCD.
     pub const AF: u64 = 1 << 4;
+    /// Zero flag (bit 6).
     pub const ZF: u64 = 1 << 6;
+    /// Sign flag (bit 7): the result's top bit.
     pub const SF: u64 = 1 << 7;
+    /// Trap flag (bit 8): single-step #DB after each instruction.
     pub const TF: u64 = 1 << 8;
+    /// Interrupt enable flag (bit 9): maskable external interrupts are taken when set.
     pub const IF: u64 = 1 << 9;
+    /// Direction flag (bit 10): string instructions step downwards when set.
     pub const DF: u64 = 1 << 10;
+    /// Overflow flag (bit 11): signed overflow.
     pub const OF: u64 = 1 << 11;
+    /// I/O privilege level (bits 12-13, two bits).
     pub const IOPL: u64 = 3 << 12;
+    /// Nested task flag (bit 14).
     pub const NT: u64 = 1 << 14;
+    /// Resume flag (bit 16): suppresses instruction breakpoints for one instruction.
     pub const RF: u64 = 1 << 16;
+    /// Virtual-8086 mode (bit 17).
     pub const VM: u64 = 1 << 17;
+    /// Alignment check / SMAP access override (bit 18).
     pub const AC: u64 = 1 << 18;
+    /// Virtual interrupt flag (bit 19).
     pub const VIF: u64 = 1 << 19;
+    /// Virtual interrupt pending (bit 20).
     pub const VIP: u64 = 1 << 20;
+    /// CPUID-available flag (bit 21): software-toggleable.
     pub const ID: u64 = 1 << 21;
     /// The six arithmetic status flags.
     pub const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
@@ -35,21 +52,37 @@ pub mod flags {
 /// Control-register and EFER bits used by the emulator.
 #[allow(dead_code)]
 pub mod ctl {
+    /// CR0.PE (bit 0): protected mode enable.
     pub const CR0_PE: u64 = 1 << 0;
+    /// CR0.MP (bit 1): WAIT/FWAIT honours CR0.TS.
     pub const CR0_MP: u64 = 1 << 1;
+    /// CR0.EM (bit 2): x87 emulation; x87 instructions raise #NM.
     pub const CR0_EM: u64 = 1 << 2;
+    /// CR0.TS (bit 3): task switched; the next x87/SSE instruction raises #NM.
     pub const CR0_TS: u64 = 1 << 3;
+    /// CR0.NE (bit 5): native x87 error reporting (#MF).
     pub const CR0_NE: u64 = 1 << 5;
+    /// CR0.WP (bit 16): supervisor writes honour read-only pages.
     pub const CR0_WP: u64 = 1 << 16;
+    /// CR0.PG (bit 31): paging enable.
     pub const CR0_PG: u64 = 1 << 31;
+    /// CR4.PSE (bit 4): 4 MiB pages in 32-bit paging.
     pub const CR4_PSE: u64 = 1 << 4;
+    /// CR4.PAE (bit 5): physical address extension (required for long mode).
     pub const CR4_PAE: u64 = 1 << 5;
+    /// CR4.PGE (bit 7): global pages survive CR3 writes.
     pub const CR4_PGE: u64 = 1 << 7;
+    /// CR4.OSFXSR (bit 9): the OS supports FXSAVE/FXRSTOR and SSE.
     pub const CR4_OSFXSR: u64 = 1 << 9;
+    /// CR4.PCIDE (bit 17): process-context identifiers in CR3 bits 0-11.
     pub const CR4_PCIDE: u64 = 1 << 17;
+    /// EFER.SCE (bit 0): SYSCALL/SYSRET enable.
     pub const EFER_SCE: u64 = 1 << 0;
+    /// EFER.LME (bit 8): long mode enable.
     pub const EFER_LME: u64 = 1 << 8;
+    /// EFER.LMA (bit 10): long mode active (set by the CPU when paging turns on with LME).
     pub const EFER_LMA: u64 = 1 << 10;
+    /// EFER.NXE (bit 11): the no-execute bit (63) in page-table entries is honoured.
     pub const EFER_NXE: u64 = 1 << 11;
 }
 
@@ -90,11 +123,17 @@ impl Seg {
 
 /// Segment register indices (hardware encoding order).
 pub mod sreg {
+    /// ES, index 0.
     pub const ES: usize = 0;
+    /// CS, index 1.
     pub const CS: usize = 1;
+    /// SS, index 2.
     pub const SS: usize = 2;
+    /// DS, index 3.
     pub const DS: usize = 3;
+    /// FS, index 4.
     pub const FS: usize = 4;
+    /// GS, index 5.
     pub const GS: usize = 5;
 }
 
@@ -255,6 +294,7 @@ pub struct Cpu {
     /// Interrupts are inhibited for one instruction (after STI / MOV SS / POP SS).
     pub(crate) interrupt_shadow: bool,
     pub(crate) halted: bool,
+    /// Event counters (instructions, decodes, exceptions, interrupts, I/O, TLB misses).
     pub stats: Stats,
     /// Decoded-instruction cache keyed by GPA.
     pub(crate) dcache: crate::decode::DecodeCache,
@@ -361,7 +401,7 @@ impl Cpu {
 
     /// The start RIPs of the last blocks entered, oldest first.
     pub fn recent_rips(&self) -> Vec<u64> {
-        (0..64).map(|i| self.recent[(self.recent_pos + i) % 64]).collect()
+        self.recent.iter().cycle().skip(self.recent_pos % 64).take(64).copied().collect()
     }
 }
 
@@ -395,17 +435,65 @@ pub(crate) fn cond(cpu: &Cpu, cc: ConditionCode) -> bool {
     }
 }
 
+// `Cpu::gpr_info_of` indexes a 256-entry table by `Register as usize`; that is in bounds
+// because iced-x86's `Register` is one byte.
+const _: () = assert!(std::mem::size_of::<Register>() == 1);
+
 /// The register file as instructions see it: registers by their iced-x86 name, effective
 /// and linear addresses, the stack pointer at the stack's address size, near branches and
 /// RFLAGS writes. Nothing here touches memory.
 impl Cpu {
+    /// General register `i` (0 = RAX … 15 = R15, the hardware encoding), all 64 bits.
+    ///
+    /// `i` < 16 by construction: every caller passes an iced-x86 GPR number (0..=15, checked
+    /// when the uop is built) or a `GPR_INFO` index masked with 0xf; guest data never reaches
+    /// it. A plain index is measurably cheaper here than masking with `& 15` (emu_loop,
+    /// callgrind), so an out-of-range `i` would be an emulator bug and would panic.
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // `i` < 16 = gpr.len(), see above
+    pub(crate) fn gpr_at(&self, i: usize) -> u64 {
+        self.gpr[i]
+    }
+
+    /// General register `i` (0 = RAX … 15 = R15), for writing all 64 bits; `i` < 16 as for
+    /// [`Cpu::gpr_at`].
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // `i` < 16 = gpr.len(), see gpr_at
+    pub(crate) fn gpr_at_mut(&mut self, i: usize) -> &mut u64 {
+        &mut self.gpr[i]
+    }
+
+    /// Segment register `i`, an `sreg` index (0 = ES … 5 = GS).
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // callers pass `sreg` constants, all < 6 = seg.len()
+    pub(crate) fn seg_at_mut(&mut self, i: usize) -> &mut Seg {
+        &mut self.seg[i]
+    }
+
+    /// Records `rip` as the start of the block just entered, in the ring of [`Cpu::recent`].
+    #[inline(always)]
+    pub(crate) fn note_recent(&mut self, rip: u64) {
+        let pos = self.recent_pos % 64;
+        if let Some(slot) = self.recent.get_mut(pos) {
+            *slot = rip;
+        }
+        self.recent_pos = (pos + 1) % 64;
+    }
+
+    /// The `GPR_INFO` word for `r` (see `regs::GPR_INFO`).
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // iced's `Register` is one byte, so `r as usize` < 256 = gpr_info.len()
+    fn gpr_info_of(&self, r: Register) -> u16 {
+        self.gpr_info[r as usize]
+    }
+
     #[inline(always)]
     pub(crate) fn get_reg(&self, r: Register) -> u64 {
-        let info = self.gpr_info[r as usize];
+        let info = self.gpr_info_of(r);
         if info & 0x8000 != 0 {
             return self.get_other_reg(r);
         }
-        let v = self.gpr[(info & 0xf) as usize];
+        let v = self.gpr_at(usize::from(info & 0xf));
         match (info >> 4) & 0xf {
             1 => {
                 if info & 0x100 != 0 {
@@ -435,11 +523,11 @@ impl Cpu {
 
     #[inline(always)]
     pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
-        let info = self.gpr_info[r as usize];
+        let info = self.gpr_info_of(r);
         if info & 0x8000 != 0 {
             return;
         }
-        let slot = &mut self.gpr[(info & 0xf) as usize];
+        let slot = self.gpr_at_mut(usize::from(info & 0xf));
         match (info >> 4) & 0xf {
             1 => {
                 if info & 0x100 != 0 {
@@ -500,7 +588,7 @@ impl Cpu {
                 Register::GS => sreg::GS,
                 _ => sreg::DS,
             };
-            self.seg[i].base.wrapping_add(off) & 0xffff_ffff
+            self.seg.get(i).map_or(0, |s| s.base).wrapping_add(off) & 0xffff_ffff
         }
     }
 

@@ -26,8 +26,13 @@ const LEAF1_EDX: u32 = (1 << 0)
     | (1 << 26);
 
 fn regs4(s: &[u8; 16]) -> (u32, u32, u32, u32) {
-    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
-    (w(0), w(4), w(8), w(12))
+    let [a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3] = *s;
+    (
+        u32::from_le_bytes([a0, a1, a2, a3]),
+        u32::from_le_bytes([b0, b1, b2, b3]),
+        u32::from_le_bytes([c0, c1, c2, c3]),
+        u32::from_le_bytes([d0, d1, d2, d3]),
+    )
 }
 
 /// Returns (EAX, EBX, ECX, EDX) for leaf `leaf`, subleaf `sub`.
@@ -40,9 +45,9 @@ pub(crate) fn cpuid(cpu: &Cpu, leaf: u32, _sub: u32) -> (u32, u32, u32, u32) {
             let ebx = (u32::from(cpu.config.apic_id) << 24) | (1 << 16) | (8 << 8);
             (eax, ebx, 0, LEAF1_EDX)
         }
-        0x15 => (1, 1, tsc_hz.min(u64::from(u32::MAX)) as u32, 0),
+        0x15 => (1, 1, u32::try_from(tsc_hz).unwrap_or(u32::MAX), 0),
         0x16 => {
-            let mhz = (tsc_hz / 1_000_000) as u32;
+            let mhz = u32::try_from(tsc_hz / 1_000_000).unwrap_or(u32::MAX);
             (mhz, mhz, 100, 0)
         }
         0x8000_0000 => (0x8000_0008, 0, 0, 0),

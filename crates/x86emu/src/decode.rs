@@ -3,6 +3,7 @@
 
 use crate::cpu::{sreg, Cpu};
 use crate::mmu::Access;
+use crate::regs::host_usize;
 use crate::uop::Uop;
 use crate::{Fault, SRes, Stop};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
@@ -95,8 +96,8 @@ pub(crate) fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     // forms use this for every access of the block.
     cpu.cur_user = user;
     let gpa = cpu.translate(la, Access::Exec, user)?;
-    let idx = ((gpa ^ (gpa >> 12)) as usize) & (BCACHE_SIZE - 1);
-    if let Some(b) = &cpu.dcache.e[idx] {
+    let idx = host_usize(gpa ^ (gpa >> 12)) & (BCACHE_SIZE - 1);
+    if let Some(Some(b)) = cpu.dcache.e.get(idx) {
         if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) {
             return Ok((b.ops.clone(), b.page, b.gen));
         }
@@ -118,7 +119,8 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
     };
     // SAFETY: `host` maps the whole 4 KiB RAM page that holds `gpa`.
     let page_bytes = unsafe { std::slice::from_raw_parts(host as *const u8, 4096) };
-    let mut dec = Decoder::with_ip(bits, &page_bytes[off..], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
+    let mut dec =
+        Decoder::with_ip(bits, page_bytes.get(off..).unwrap_or_default(), cpu.rip, DecoderOptions::NO_INVALID_CHECK);
     let mut insns = Vec::with_capacity(8);
     while insns.len() < BLOCK_MAX && dec.can_decode() {
         let insn = dec.decode();
@@ -135,7 +137,7 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
     if insns.is_empty() {
         // The first instruction crosses the page end (or is invalid): decode it alone from
         // the bytes fetched across both pages, without caching it.
-        let mut dec = Decoder::with_ip(bits, &buf[..n], cpu.rip, DecoderOptions::NO_INVALID_CHECK);
+        let mut dec = Decoder::with_ip(bits, buf.get(..n).unwrap_or(&buf), cpu.rip, DecoderOptions::NO_INVALID_CHECK);
         let insn = dec.decode();
         if insn.is_invalid() {
             if n < 15 && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
@@ -148,6 +150,8 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
     }
     let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
     let ops: std::rc::Rc<[Op]> = insns.into_iter().map(|i| Op::new(i, bits)).collect();
-    cpu.dcache.e[idx] = Some(Block { gpa, ip: cpu.rip, gen, page, bits, ops: ops.clone() });
+    if let Some(slot) = cpu.dcache.e.get_mut(idx) {
+        *slot = Some(Block { gpa, ip: cpu.rip, gen, page, bits, ops: ops.clone() });
+    }
     Ok((ops, page, gen))
 }

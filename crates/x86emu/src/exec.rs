@@ -6,7 +6,7 @@ use crate::cpu::cond;
 use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit};
 use crate::decode::fetch_block;
 use crate::operand::Loc;
-use crate::regs::{mask, sext};
+use crate::regs::{host_usize, low16, low32, low8, mask, sext, size_u8};
 use crate::{Bus, Fault, Res, SRes, Stop};
 use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 
@@ -56,8 +56,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                     return e;
                 }
             };
-            cpu.recent[cpu.recent_pos] = cpu.rip;
-            cpu.recent_pos = (cpu.recent_pos + 1) % 64;
+            cpu.note_recent(cpu.rip);
             let tracing = cpu.trace.is_some();
             for op in ops.iter() {
                 if cpu.rip != op.ip {
@@ -96,7 +95,8 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                         return e;
                     }
                 }
-                if n >= chunk || (op.uop.may_store() && page != usize::MAX && cpu.mmu.code_gen[page] != gen) {
+                if n >= chunk || (op.uop.may_store() && page != usize::MAX && cpu.mmu.code_gen.get(page) != Some(&gen))
+                {
                     continue 'chunk;
                 }
             }
@@ -194,7 +194,7 @@ fn string_op(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: StrOp, si
     if matches!(op, StrOp::Ins | StrOp::Outs) {
         // Checked once per execution, before the count (as QEMU, Bochs and KVM's emulator
         // do): neither the port nor the privilege changes while it runs.
-        let port = cpu.gpr[2] as u16;
+        let port = low16(cpu.gpr[2]);
         io_check(cpu, bus, port, size)?;
     }
     if rep
@@ -256,18 +256,18 @@ fn string_op(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: StrOp, si
                 zf_stop = Some(f & ZF != 0);
             }
             StrOp::Ins => {
-                let port = cpu.gpr[2] as u16;
+                let port = low16(cpu.gpr[2]);
                 let la = cpu.seg_la(Register::ES, di);
                 cpu.probe_write(la, size, cpu.user())?;
-                let v = bus.io_in(port, size as u8);
+                let v = bus.io_in(port, size_u8(size));
                 cpu.stats.pio += 1;
                 cpu.wmem(bus, la, size, u64::from(v))?;
                 upd(cpu, REG_RDI, di.wrapping_add(step), asz);
             }
             StrOp::Outs => {
-                let port = cpu.gpr[2] as u16;
+                let port = low16(cpu.gpr[2]);
                 let v = cpu.rmem(bus, cpu.seg_la(src_seg, si), size)?;
-                bus.io_out(port, size as u8, v as u32);
+                bus.io_out(port, size_u8(size), low32(v));
                 cpu.stats.pio += 1;
                 cpu.check_irq = true;
                 upd(cpu, REG_RSI, si.wrapping_add(step), asz);
@@ -312,7 +312,7 @@ fn rep_bulk(cpu: &mut Cpu, op: StrOp, size: usize) -> SRes<u64> {
         if n == 0 {
             break;
         }
-        let bytes = (n as usize) * size;
+        let bytes = host_usize(n) * size;
         let dst = cpu.page_host_for_write(di, user)?;
         if dst.is_null() {
             break;
@@ -325,10 +325,10 @@ fn rep_bulk(cpu: &mut Cpu, op: StrOp, size: usize) -> SRes<u64> {
                 unsafe {
                     let p = dst.add((di & 0xfff) as usize);
                     match size {
-                        1 => std::ptr::write_bytes(p, v as u8, bytes),
-                        2 => (0..n as usize).for_each(|i| (p as *mut u16).add(i).write_unaligned(v as u16)),
-                        4 => (0..n as usize).for_each(|i| (p as *mut u32).add(i).write_unaligned(v as u32)),
-                        _ => (0..n as usize).for_each(|i| (p as *mut u64).add(i).write_unaligned(v)),
+                        1 => std::ptr::write_bytes(p, low8(v), bytes),
+                        2 => (0..host_usize(n)).for_each(|i| (p as *mut u16).add(i).write_unaligned(low16(v))),
+                        4 => (0..host_usize(n)).for_each(|i| (p as *mut u32).add(i).write_unaligned(low32(v))),
+                        _ => (0..host_usize(n)).for_each(|i| (p as *mut u64).add(i).write_unaligned(v)),
                     }
                 }
             }
@@ -360,10 +360,10 @@ fn rep_bulk(cpu: &mut Cpu, op: StrOp, size: usize) -> SRes<u64> {
 
 #[inline(always)]
 fn upd(cpu: &mut Cpu, r: usize, v: u64, asz: usize) {
-    cpu.gpr[r] = match asz {
+    *cpu.gpr_at_mut(r) = match asz {
         8 => v,
         4 => v & 0xffff_ffff,
-        _ => (cpu.gpr[r] & !0xffff) | (v & 0xffff),
+        _ => (cpu.gpr_at(r) & !0xffff) | (v & 0xffff),
     };
 }
 
@@ -440,7 +440,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             if k0 == OpKind::Register {
                 let r0 = insn.op0_register();
                 if r0.is_segment_register() {
-                    let v = cpu.rd(bus, cpu.loc(insn, 1), 2)? as u16;
+                    let v = low16(cpu.rd(bus, cpu.loc(insn, 1), 2)?);
                     return crate::interrupt::load_seg_reg(cpu, bus, r0, v).map_err(Stop::from);
                 }
                 if r0.is_cr() || r0.is_dr() {
@@ -585,7 +585,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             let size = insn.stack_pointer_increment().unsigned_abs() as usize;
             if insn.op0_kind() == OpKind::Register && insn.op0_register().is_segment_register() {
                 let v = cpu.peek(bus, 0, size)?;
-                crate::interrupt::load_seg_reg(cpu, bus, insn.op0_register(), v as u16)?;
+                crate::interrupt::load_seg_reg(cpu, bus, insn.op0_register(), low16(v))?;
                 let sp = cpu.rsp().wrapping_add(size as u64);
                 cpu.set_rsp(sp);
                 return Ok(());
@@ -1014,7 +1014,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             let nv = if r0.size() == 8 {
                 v.swap_bytes()
             } else if r0.size() == 4 {
-                u64::from((v as u32).swap_bytes())
+                u64::from(low32(v).swap_bytes())
             } else {
                 0
             };
@@ -1139,20 +1139,20 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
         M::In => {
             let r0 = insn.op0_register();
             let size = r0.size();
-            let port = if insn.op1_kind() == OpKind::Register { cpu.gpr[2] as u16 } else { insn.immediate(1) as u16 };
+            let port = if insn.op1_kind() == OpKind::Register { low16(cpu.gpr[2]) } else { low16(insn.immediate(1)) };
             io_check(cpu, bus, port, size)?;
             cpu.stats.pio += 1;
-            let v = bus.io_in(port, size as u8);
+            let v = bus.io_in(port, size_u8(size));
             cpu.set_reg(r0, u64::from(v));
             Ok(())
         }
         M::Out => {
             let r1 = insn.op1_register();
             let size = r1.size();
-            let port = if insn.op0_kind() == OpKind::Register { cpu.gpr[2] as u16 } else { insn.immediate(0) as u16 };
+            let port = if insn.op0_kind() == OpKind::Register { low16(cpu.gpr[2]) } else { low16(insn.immediate(0)) };
             io_check(cpu, bus, port, size)?;
             cpu.stats.pio += 1;
-            bus.io_out(port, size as u8, cpu.get_reg(r1) as u32);
+            bus.io_out(port, size_u8(size), low32(cpu.get_reg(r1)));
             cpu.check_irq = true;
             Ok(())
         }
@@ -1219,7 +1219,7 @@ fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
             Ok(())
         }
         M::Int3 => crate::interrupt::soft_int(cpu, bus, 3, true).map_err(Stop::from),
-        M::Int => crate::interrupt::soft_int(cpu, bus, insn.immediate(0) as u8, false).map_err(Stop::from),
+        M::Int => crate::interrupt::soft_int(cpu, bus, low8(insn.immediate(0)), false).map_err(Stop::from),
         M::Int1 => crate::interrupt::soft_int(cpu, bus, 1, true).map_err(Stop::from),
         M::Into => {
             if cpu.rflags & OF != 0 {
@@ -1258,7 +1258,7 @@ fn read_far_ptr(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<(u1
         _ => 4,
     };
     let off = cpu.rmem(bus, la, osize)?;
-    let sel = cpu.rmem(bus, la.wrapping_add(osize as u64), 2)? as u16;
+    let sel = low16(cpu.rmem(bus, la.wrapping_add(osize as u64), 2)?);
     Ok((sel, off))
 }
 
@@ -1482,7 +1482,7 @@ mod hostile_guest {
         let mut exits = [0usize; 4];
         for _ in 0..3000 {
             for b in ram[0x10000..0x11000].iter_mut() {
-                *b = next() as u8;
+                *b = crate::regs::low8(next());
             }
             let mut c = long_mode_cpu(&mut ram);
             for r in 0..16 {

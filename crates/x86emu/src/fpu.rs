@@ -25,6 +25,7 @@
 
 use crate::cpu::{ctl, flags::*, Cpu};
 use crate::fpstate::{check_pending, FSW_ES as ES, MXCSR_MASK};
+use crate::regs::{low16, low32};
 use crate::{Bus, Fault, Res, SRes};
 use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
 use std::arch::asm;
@@ -48,6 +49,40 @@ const EXC: u16 = 0x3f;
 /// An 80-bit extended-precision value, little-endian (64-bit significand, then sign and
 /// 15-bit exponent).
 type F80 = [u8; 10];
+
+// Byte-image helpers for the fixed layouts (80-bit registers, FNSTENV/FNSAVE/FXSAVE images).
+// Offsets are constants of those layouts and lie inside the fixed-size images; the range
+// checks only keep a layout mistake from panicking: a write out of range is dropped and a
+// read out of range gives zeros.
+
+/// Copies `bytes` into `img` at byte offset `at`.
+fn put(img: &mut [u8], at: usize, bytes: &[u8]) {
+    if let Some(d) = img.get_mut(at..at + bytes.len()) {
+        d.copy_from_slice(bytes);
+    }
+}
+
+/// The `N` bytes of `img` at byte offset `at`.
+fn take<const N: usize>(img: &[u8], at: usize) -> [u8; N] {
+    img.get(at..at + N).and_then(|s| <[u8; N]>::try_from(s).ok()).unwrap_or([0; N])
+}
+
+/// The first `n` bytes of `img` (all of it if shorter).
+fn prefix(img: &[u8], n: usize) -> &[u8] {
+    img.get(..n).unwrap_or(img)
+}
+
+/// Physical x87 register `p` (0..=7) as its 16-byte slot (80-bit value in bytes 0-9).
+#[allow(clippy::indexing_slicing)] // `p & 7` < 8 = st.len()
+fn st_phys(cpu: &Cpu, p: usize) -> &[u8; 16] {
+    &cpu.fpu.st[p & 7]
+}
+
+/// Physical x87 register `p` (0..=7), for writing.
+#[allow(clippy::indexing_slicing)] // `p & 7` < 8 = st.len()
+fn st_phys_mut(cpu: &mut Cpu, p: usize) -> &mut [u8; 16] {
+    &mut cpu.fpu.st[p & 7]
+}
 
 /// The real indefinite (default QNaN), also the packed-BCD indefinite.
 const INDEFINITE: F80 = [0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff];
@@ -203,6 +238,13 @@ host_x87_ops! {
 
 /// Arithmetic operation rows (ADD, SUB, SUBR, MUL, DIV, DIVR) by operand form
 /// (ST/ST, m32fp, m64fp, m16int, m32int).
+/// `ARITH_OPS[row][col]`: `row` (0..=5) and `col` (0..=4) come from exhaustive matches in
+/// the arithmetic group, within the table's 6 x 5 shape.
+#[allow(clippy::indexing_slicing)] // row < 6, col < 5, see above
+fn arith_op(row: usize, col: usize) -> X {
+    ARITH_OPS[row][col]
+}
+
 const ARITH_OPS: [[X; 5]; 6] = [
     [X::AddRr, X::AddM32, X::AddM64, X::AddI16, X::AddI32],
     [X::SubRr, X::SubM32, X::SubM64, X::SubI16, X::SubI32],
@@ -214,14 +256,12 @@ const ARITH_OPS: [[X; 5]; 6] = [
 
 fn wide(v: F80) -> [u8; 16] {
     let mut w = [0u8; 16];
-    w[..10].copy_from_slice(&v);
+    put(&mut w, 0, &v);
     w
 }
 
 fn narrow(w: &[u8; 16]) -> F80 {
-    let mut v = [0u8; 10];
-    v.copy_from_slice(&w[..10]);
-    v
+    take(w, 0)
 }
 
 /// Runs `op` on the host with A = `a`, B = `b` and memory image `m` under the guest's
@@ -245,6 +285,7 @@ fn top(cpu: &Cpu) -> usize {
     usize::from((cpu.fpu.fsw >> 11) & 7)
 }
 
+#[allow(clippy::cast_possible_truncation)] // `t & 7` < 8
 fn set_top(cpu: &mut Cpu, t: usize) {
     cpu.fpu.fsw = (cpu.fpu.fsw & !(7 << 11)) | (((t & 7) as u16) << 11);
 }
@@ -259,15 +300,13 @@ fn is_empty(cpu: &Cpu, i: usize) -> bool {
 }
 
 fn get(cpu: &Cpu, i: usize) -> F80 {
-    let mut v = [0u8; 10];
-    v.copy_from_slice(&cpu.fpu.st[phys(cpu, i)][..10]);
-    v
+    take(st_phys(cpu, phys(cpu, i)), 0)
 }
 
 /// Writes ST(i) and tags it valid.
 fn set(cpu: &mut Cpu, i: usize, v: F80) {
     let p = phys(cpu, i);
-    cpu.fpu.st[p][..10].copy_from_slice(&v);
+    put(st_phys_mut(cpu, p), 0, &v);
     cpu.fpu.ftw |= 1 << p;
 }
 
@@ -324,11 +363,9 @@ fn full_tag(cpu: &Cpu, p: usize) -> u16 {
     if cpu.fpu.ftw & (1 << p) == 0 {
         return 3;
     }
-    let r = &cpu.fpu.st[p];
-    let exp = u16::from_le_bytes([r[8], r[9]]) & 0x7fff;
-    let mut m = [0u8; 8];
-    m.copy_from_slice(&r[..8]);
-    let mant = u64::from_le_bytes(m);
+    let r = st_phys(cpu, p);
+    let exp = u16::from_le_bytes(take(r, 8)) & 0x7fff;
+    let mant = u64::from_le_bytes(take(r, 0));
     if exp == 0x7fff {
         2
     } else if exp == 0 {
@@ -379,7 +416,7 @@ fn mem_read(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, n: usize) -> Res<[u8; 16]
         };
         let a = la_add(cpu, la, k as u64);
         let v = cpu.rmem(bus, a, chunk)?;
-        out[k..k + chunk].copy_from_slice(&v.to_le_bytes()[..chunk]);
+        put(&mut out, k, prefix(&v.to_le_bytes(), chunk));
         k += chunk;
     }
     Ok(out)
@@ -397,7 +434,7 @@ fn mem_write(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, data: &[u8]) -> Res<()> 
             _ => 1,
         };
         let mut b = [0u8; 8];
-        b[..chunk].copy_from_slice(&data[k..k + chunk]);
+        put(&mut b, 0, data.get(k..k + chunk).unwrap_or_default());
         let a = la_add(cpu, la, k as u64);
         cpu.wmem(bus, a, chunk, u64::from_le_bytes(b))?;
         k += chunk;
@@ -613,7 +650,7 @@ fn opcode(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> u16 {
         };
         if (0xd8..=0xdf).contains(&b) {
             let modrm = cpu.rmem(bus, la_add(cpu, la, k + 1), 1).unwrap_or(0);
-            return (((b & 7) << 8) | modrm) as u16;
+            return low16(((b & 7) << 8) | modrm);
         }
     }
     0
@@ -675,7 +712,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 return Ok(());
             }
             let b = src.map(|s| get(cpu, s)).unwrap_or_default();
-            let io = host(cpu, ARITH_OPS[row][col], get(cpu, dst), b, img);
+            let io = host(cpu, arith_op(row, col), get(cpu, dst), b, img);
             if signal(cpu, io.sw & EXC) & BLOCK_REG == 0 {
                 set(cpu, dst, narrow(&io.a));
                 if popping {
@@ -745,7 +782,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
         M::Fxam => {
             if is_empty(cpu, 0) {
                 // Empty: C3 = 1, C2 = 0, C0 = 1; C1 is the sign of the stale contents.
-                let sign = cpu.fpu.st[phys(cpu, 0)][9] & 0x80 != 0;
+                let sign = st_phys(cpu, phys(cpu, 0))[9] & 0x80 != 0;
                 cpu.fpu.fsw = (cpu.fpu.fsw & !CC) | C3 | C0 | if sign { C1 } else { 0 };
                 return Ok(());
             }
@@ -935,7 +972,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 }
                 io.m
             };
-            mem_write(cpu, bus, la, &bytes[..msize])?;
+            mem_write(cpu, bus, la, prefix(&bytes, msize))?;
             if popping {
                 pop(cpu);
             }
@@ -988,7 +1025,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
         M::Fnclex | M::Fclex => cpu.fpu.fsw &= !(EXC | SF | ES | B),
         M::Fnstcw | M::Fstcw => cpu.wmem(bus, la, 2, u64::from(cpu.fpu.fcw))?,
         M::Fldcw => {
-            let v = cpu.rmem(bus, la, 2)? as u16;
+            let v = low16(cpu.rmem(bus, la, 2)?);
             set_fcw(cpu, v);
         }
         M::Fnstsw | M::Fstsw => {
@@ -1001,7 +1038,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
         }
         M::Fnstenv | M::Fstenv => {
             let env = env_image(cpu, msize == 14);
-            mem_write(cpu, bus, la, &env[..msize])?;
+            mem_write(cpu, bus, la, prefix(&env, msize))?;
             // FNSTENV masks all exceptions after saving.
             cpu.fpu.fcw |= EXC;
         }
@@ -1015,9 +1052,9 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
             let mut img = env_image(cpu, small);
             for i in 0..8 {
                 let o = env_len + 10 * i;
-                img[o..o + 10].copy_from_slice(&get(cpu, i));
+                put(&mut img, o, &get(cpu, i));
             }
-            mem_write(cpu, bus, la, &img[..msize])?;
+            mem_write(cpu, bus, la, prefix(&img, msize))?;
             init(cpu);
         }
         M::Frstor => {
@@ -1027,10 +1064,9 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
             load_env(cpu, &img, small);
             for i in 0..8 {
                 let o = env_len + 10 * i;
-                let mut v = [0u8; 10];
-                v.copy_from_slice(&img[o..o + 10]);
+                let v: F80 = take(&img, o);
                 let p = phys(cpu, i);
-                cpu.fpu.st[p][..10].copy_from_slice(&v);
+                put(st_phys_mut(cpu, p), 0, &v);
             }
         }
         _ => return Err(Fault::InvalidOpcode),
@@ -1066,7 +1102,7 @@ fn read_block(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, n: usize) -> Res<Vec<u8
     while k < n {
         let c = (n - k).min(8);
         let img = mem_read(cpu, bus, la_add(cpu, la, k as u64), c)?;
-        out.extend_from_slice(&img[..c]);
+        out.extend_from_slice(prefix(&img, c));
         k += c;
     }
     Ok(out)
@@ -1080,22 +1116,22 @@ fn env_image(cpu: &Cpu, small: bool) -> [u8; 108] {
     let tw = full_tag_word(cpu);
     let fop = u32::from(cpu.fpu.fop & 0x7ff);
     if small {
-        let words = [cpu.fpu.fcw, cpu.fpu.fsw, tw, cpu.fpu.fip as u16, 0, cpu.fpu.fdp as u16, 0];
+        let words = [cpu.fpu.fcw, cpu.fpu.fsw, tw, low16(cpu.fpu.fip), 0, low16(cpu.fpu.fdp), 0];
         for (i, w) in words.iter().enumerate() {
-            e[2 * i..2 * i + 2].copy_from_slice(&w.to_le_bytes());
+            put(&mut e, 2 * i, &w.to_le_bytes());
         }
     } else {
         let dwords = [
             0xffff_0000 | u32::from(cpu.fpu.fcw),
             0xffff_0000 | u32::from(cpu.fpu.fsw),
             0xffff_0000 | u32::from(tw),
-            cpu.fpu.fip as u32,
+            low32(cpu.fpu.fip),
             fop << 16,
-            cpu.fpu.fdp as u32,
+            low32(cpu.fpu.fdp),
             0xffff_0000,
         ];
         for (i, d) in dwords.iter().enumerate() {
-            e[4 * i..4 * i + 4].copy_from_slice(&d.to_le_bytes());
+            put(&mut e, 4 * i, &d.to_le_bytes());
         }
     }
     e
@@ -1103,8 +1139,8 @@ fn env_image(cpu: &Cpu, small: bool) -> [u8; 108] {
 
 /// FLDENV from a protected-mode image.
 fn load_env(cpu: &mut Cpu, img: &[u8], small: bool) {
-    let w = |o: usize| u16::from_le_bytes([img[o], img[o + 1]]);
-    let d = |o: usize| u32::from_le_bytes([img[o], img[o + 1], img[o + 2], img[o + 3]]);
+    let w = |o: usize| u16::from_le_bytes(take(img, o));
+    let d = |o: usize| u32::from_le_bytes(take(img, o));
     let (fcw, fsw, tw) = if small {
         cpu.fpu.fip = u64::from(w(6));
         cpu.fpu.fdp = u64::from(w(10));
@@ -1124,38 +1160,37 @@ fn load_env(cpu: &mut Cpu, img: &[u8], small: bool) {
 /// format (REX.W) with 64-bit FIP/FDP. Bytes 416-511 are not written.
 fn fxsave(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, wide: bool) -> Res<()> {
     let mut img = [0u8; 416];
-    img[0..2].copy_from_slice(&cpu.fpu.fcw.to_le_bytes());
-    img[2..4].copy_from_slice(&cpu.fpu.fsw.to_le_bytes());
+    put(&mut img, 0, &cpu.fpu.fcw.to_le_bytes());
+    put(&mut img, 2, &cpu.fpu.fsw.to_le_bytes());
     img[4] = cpu.fpu.ftw;
-    img[6..8].copy_from_slice(&(cpu.fpu.fop & 0x7ff).to_le_bytes());
+    put(&mut img, 6, &(cpu.fpu.fop & 0x7ff).to_le_bytes());
     if wide {
-        img[8..16].copy_from_slice(&cpu.fpu.fip.to_le_bytes());
-        img[16..24].copy_from_slice(&cpu.fpu.fdp.to_le_bytes());
+        put(&mut img, 8, &cpu.fpu.fip.to_le_bytes());
+        put(&mut img, 16, &cpu.fpu.fdp.to_le_bytes());
     } else {
-        img[8..12].copy_from_slice(&(cpu.fpu.fip as u32).to_le_bytes());
-        img[16..20].copy_from_slice(&(cpu.fpu.fdp as u32).to_le_bytes());
+        put(&mut img, 8, &low32(cpu.fpu.fip).to_le_bytes());
+        put(&mut img, 16, &low32(cpu.fpu.fdp).to_le_bytes());
     }
-    img[24..28].copy_from_slice(&cpu.fpu.mxcsr.to_le_bytes());
-    img[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());
+    put(&mut img, 24, &cpu.fpu.mxcsr.to_le_bytes());
+    put(&mut img, 28, &MXCSR_MASK.to_le_bytes());
     for i in 0..8 {
         let o = 32 + 16 * i;
-        img[o..o + 10].copy_from_slice(&get(cpu, i));
+        put(&mut img, o, &get(cpu, i));
     }
     let nx = if cpu.in_64bit_mode() { 16 } else { 8 };
-    for i in 0..nx {
-        let o = 160 + 16 * i;
-        img[o..o + 16].copy_from_slice(&cpu.fpu.xmm[i].to_le_bytes());
+    for (i, x) in cpu.fpu.xmm.iter().take(nx).enumerate() {
+        put(&mut img, 160 + 16 * i, &x.to_le_bytes());
     }
     let len = 160 + 16 * nx;
-    mem_write(cpu, bus, la, &img[..len])
+    mem_write(cpu, bus, la, prefix(&img, len))
 }
 
 /// FXRSTOR/FXRSTOR64. Reserved MXCSR bits set in the image raise #GP(0).
 fn fxrstor(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, wide: bool) -> Res<()> {
     let nx = if cpu.in_64bit_mode() { 16 } else { 8 };
     let img = read_block(cpu, bus, la, 160 + 16 * nx)?;
-    let w = |o: usize| u16::from_le_bytes([img[o], img[o + 1]]);
-    let d = |o: usize| u32::from_le_bytes([img[o], img[o + 1], img[o + 2], img[o + 3]]);
+    let w = |o: usize| u16::from_le_bytes(take(&img, o));
+    let d = |o: usize| u32::from_le_bytes(take(&img, o));
     let q = |o: usize| u64::from(d(o)) | (u64::from(d(o + 4)) << 32);
     let mxcsr = d(24);
     if mxcsr & !MXCSR_MASK != 0 {
@@ -1164,7 +1199,7 @@ fn fxrstor(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, wide: bool) -> Res<()> {
     cpu.fpu.mxcsr = mxcsr;
     cpu.fpu.fcw = w(0);
     cpu.fpu.fsw = w(2);
-    cpu.fpu.ftw = img[4];
+    cpu.fpu.ftw = img.get(4).copied().unwrap_or(0);
     cpu.fpu.fop = w(6) & 0x7ff;
     if wide {
         cpu.fpu.fip = q(8);
@@ -1176,13 +1211,11 @@ fn fxrstor(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, wide: bool) -> Res<()> {
     for i in 0..8 {
         let o = 32 + 16 * i;
         let p = phys(cpu, i);
-        cpu.fpu.st[p][..10].copy_from_slice(&img[o..o + 10]);
+        let v: F80 = take(&img, o);
+        put(st_phys_mut(cpu, p), 0, &v);
     }
-    for i in 0..nx {
-        let o = 160 + 16 * i;
-        let mut b = [0u8; 16];
-        b.copy_from_slice(&img[o..o + 16]);
-        cpu.fpu.xmm[i] = u128::from_le_bytes(b);
+    for (i, x) in cpu.fpu.xmm.iter_mut().take(nx).enumerate() {
+        *x = u128::from_le_bytes(take(&img, 160 + 16 * i));
     }
     Ok(())
 }

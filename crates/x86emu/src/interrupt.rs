@@ -2,7 +2,7 @@
 //! IRET/RET far/JMP far/SYSCALL/SYSRET).
 
 use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit, Fault2, Seg};
-use crate::regs::mask;
+use crate::regs::{low16, low32, mask};
 use crate::{Bus, Fault, Res};
 use iced_x86::{Code, Instruction, Register};
 
@@ -17,7 +17,7 @@ pub(crate) fn read_desc(cpu: &mut Cpu, bus: &mut dyn Bus, sel: u16) -> Res<(u32,
         return Err(Fault::GeneralProtection(sel & !3));
     }
     let v = cpu.read_sys(bus, base.wrapping_add(off), 8)?;
-    Ok((v as u32, (v >> 32) as u32))
+    Ok((low32(v), (v >> 32) as u32))
 }
 
 /// Builds the cached form of a code/data descriptor.
@@ -48,7 +48,7 @@ pub(crate) fn load_seg_reg(cpu: &mut Cpu, bus: &mut dyn Bus, r: Register, sel: u
         return Err(Fault::InvalidOpcode);
     }
     if cpu.cr0 & ctl::CR0_PE == 0 {
-        let s = &mut cpu.seg[i];
+        let s = cpu.seg_at_mut(i);
         s.selector = sel;
         s.base = u64::from(sel) << 4;
         s.attr = (s.attr & !ATTR_UNUSABLE) | 0x80;
@@ -62,7 +62,7 @@ pub(crate) fn load_seg_reg(cpu: &mut Cpu, bus: &mut dyn Bus, r: Register, sel: u
         if i == sreg::SS && !(cpu.in_64bit_mode() && cpl != 3 && u16::from(cpl) == sel & 3) {
             return Err(Fault::GeneralProtection(0));
         }
-        let s = &mut cpu.seg[i];
+        let s = cpu.seg_at_mut(i);
         s.selector = sel;
         s.base = 0;
         s.attr = ATTR_UNUSABLE | if i == sreg::SS { u32::from(cpl) << 5 | 0x93 } else { 0 };
@@ -76,7 +76,7 @@ pub(crate) fn load_seg_reg(cpu: &mut Cpu, bus: &mut dyn Bus, r: Register, sel: u
     if seg.attr & 0x80 == 0 {
         return Err(if i == sreg::SS { Fault::StackFault(sel & !3) } else { Fault::SegmentNotPresent(sel & !3) });
     }
-    cpu.seg[i] = seg;
+    *cpu.seg_at_mut(i) = seg;
     if i == sreg::SS {
         cpu.interrupt_shadow = true;
     }
@@ -132,12 +132,12 @@ pub(crate) fn far_ret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> R
     };
     let extra = if insn.op_count() > 0 { insn.immediate(0) } else { 0 };
     let off = cpu.peek(bus, 0, size)?;
-    let sel = cpu.peek(bus, size as u64, size)? as u16;
+    let sel = low16(cpu.peek(bus, size as u64, size)?);
     let cpl = cpu.cpl();
     let rpl = (sel & 3) as u8;
     if cpu.cr0 & ctl::CR0_PE != 0 && rpl > cpl {
         let sp = cpu.peek(bus, 2 * size as u64 + extra, size)?;
-        let ss = cpu.peek(bus, 3 * size as u64 + extra, size)? as u16;
+        let ss = low16(cpu.peek(bus, 3 * size as u64 + extra, size)?);
         load_cs(cpu, bus, sel, off, rpl)?;
         load_ss_for(cpu, bus, ss, rpl)?;
         cpu.gpr[4] = sp.wrapping_add(extra);
@@ -178,7 +178,7 @@ pub(crate) fn iret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<
     cpu.check_irq = true;
     if cpu.cr0 & ctl::CR0_PE == 0 {
         let ip = cpu.peek(bus, 0, size)?;
-        let cs = cpu.peek(bus, size as u64, size)? as u16;
+        let cs = low16(cpu.peek(bus, size as u64, size)?);
         let fl = cpu.peek(bus, 2 * size as u64, size)?;
         load_cs(cpu, bus, cs, ip, 0)?;
         let sp = cpu.rsp().wrapping_add(3 * size as u64);
@@ -187,7 +187,7 @@ pub(crate) fn iret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<
         return Ok(());
     }
     let ip = cpu.peek(bus, 0, size)?;
-    let cs = cpu.peek(bus, size as u64, size)? as u16;
+    let cs = low16(cpu.peek(bus, size as u64, size)?);
     let fl = cpu.peek(bus, 2 * size as u64, size)?;
     let cpl = cpu.cpl();
     let rpl = (cs & 3) as u8;
@@ -197,7 +197,7 @@ pub(crate) fn iret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<
     let long = cpu.efer & ctl::EFER_LMA != 0;
     if long || rpl > cpl {
         let sp = cpu.peek(bus, 3 * size as u64, size)?;
-        let ss = cpu.peek(bus, 4 * size as u64, size)? as u16;
+        let ss = low16(cpu.peek(bus, 4 * size as u64, size)?);
         // Flags are written with the privilege of the IRET itself.
         let old_cs = cpu.seg[sreg::CS];
         let old_rip = cpu.rip;
@@ -215,11 +215,11 @@ pub(crate) fn iret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<
         if rpl > cpl {
             // Data segments the new privilege may not use become null.
             for i in [sreg::ES, sreg::DS, sreg::FS, sreg::GS] {
-                let s = cpu.seg[i];
+                let s = cpu.seg_at_mut(i);
                 let conforming_code = s.attr & 0x1c == 0x1c;
                 if s.attr & ATTR_UNUSABLE == 0 && !conforming_code && s.dpl() < rpl {
-                    cpu.seg[i].selector = 0;
-                    cpu.seg[i].attr |= ATTR_UNUSABLE;
+                    s.selector = 0;
+                    s.attr |= ATTR_UNUSABLE;
                 }
             }
         }
@@ -256,7 +256,7 @@ fn deliver(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, err: Option<u32>, src: Sou
         cpu.push(bus, 2, u64::from(cpu.seg[sreg::CS].selector))?;
         cpu.push(bus, 2, cpu.rip & 0xffff)?;
         cpu.rflags &= !(IF | TF | AC);
-        let sel = (v >> 16) as u16;
+        let sel = low16(v >> 16);
         cpu.seg[sreg::CS].selector = sel;
         cpu.seg[sreg::CS].base = u64::from(sel) << 4;
         cpu.rip = v & 0xffff;
@@ -338,7 +338,7 @@ fn deliver(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, err: Option<u32>, src: Sou
         // 32-bit protected mode gate.
         let (mut esp, mut pushed_ss) = (old_rsp & 0xffff_ffff, false);
         if new_cpl < cpl {
-            let ss0 = cpu.read_sys(bus, cpu.tr.base.wrapping_add(8 + u64::from(new_cpl) * 8), 2)? as u16;
+            let ss0 = low16(cpu.read_sys(bus, cpu.tr.base.wrapping_add(8 + u64::from(new_cpl) * 8), 2)?);
             esp = cpu.read_sys(bus, cpu.tr.base.wrapping_add(4 + u64::from(new_cpl) * 8), 4)?;
             load_ss_for(cpu, bus, ss0, new_cpl)?;
             pushed_ss = true;

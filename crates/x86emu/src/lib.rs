@@ -29,6 +29,14 @@
 // `cpu`: the `Cpu` struct owns every layer's state, so it names `mmu::Mmu` and
 // `decode::DecodeCache` as field types and builds them in `Cpu::new`; no code in a lower
 // layer calls into a higher one.
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+
+// Guest addresses and lengths are `u64` and are turned into host offsets as `usize`; the ALU
+// also runs the host's own x86-64 instructions.
+#[cfg(not(all(target_arch = "x86_64", target_pointer_width = "64")))]
+compile_error!("x86emu runs only on 64-bit x86-64 hosts");
+
 mod alu;
 pub mod cpu;
 mod cpuid;

@@ -1,6 +1,7 @@
 //! Guest physical memory, 4-level paging (Intel SDM Vol. 3 §4.5) and the software TLB.
 
 use crate::cpu::{ctl, Cpu};
+use crate::regs::{host_usize, low16, low32, low8, size_u8};
 use crate::{Bus, Fault, Res};
 
 /// One contiguous block of guest RAM mapped in the VMM.
@@ -64,7 +65,7 @@ pub(crate) struct Mmu {
     pub(crate) ram: Vec<RamRegion>,
     /// First page index of each region in `code_gen`.
     page_base: Vec<usize>,
-    tlb: Box<[TlbEntry]>,
+    tlb: Box<[TlbEntry; TLB_SIZE]>,
     /// Per RAM page: generation of decoded code (odd = page holds cached decodes).
     pub(crate) code_gen: Vec<u32>,
 }
@@ -84,20 +85,34 @@ impl Mmu {
         let mut pages = 0usize;
         for r in &ram {
             page_base.push(pages);
-            pages += (r.size / 4096) as usize;
+            pages += host_usize(r.size / 4096);
         }
-        Mmu { ram, page_base, tlb: vec![EMPTY; TLB_SIZE].into_boxed_slice(), code_gen: vec![0; pages] }
+        Mmu { ram, page_base, tlb: Box::new([EMPTY; TLB_SIZE]), code_gen: vec![0; pages] }
+    }
+
+    /// The TLB entry that `la` maps to (direct-mapped by linear page number).
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // the index is masked with TLB_SIZE - 1 (a power of two) < tlb.len()
+    fn tlb_slot(&self, la: u64) -> &TlbEntry {
+        &self.tlb[host_usize(la >> 12) & (TLB_SIZE - 1)]
+    }
+
+    /// The TLB entry that `la` maps to, for filling or flushing it.
+    #[inline(always)]
+    #[allow(clippy::indexing_slicing)] // as in tlb_slot
+    fn tlb_slot_mut(&mut self, la: u64) -> &mut TlbEntry {
+        &mut self.tlb[host_usize(la >> 12) & (TLB_SIZE - 1)]
     }
 
     /// Host pointer and global page index for a GPA in RAM.
     #[inline]
     pub(crate) fn ram_lookup(&self, gpa: u64) -> Option<(*mut u8, usize)> {
-        for (i, r) in self.ram.iter().enumerate() {
+        for (r, &base) in self.ram.iter().zip(&self.page_base) {
             if gpa >= r.gpa && gpa - r.gpa < r.size {
                 let off = gpa - r.gpa;
                 // SAFETY: off < r.size, so the pointer stays inside the mapped region.
-                let p = unsafe { r.host_addr.add(off as usize) };
-                return Some((p, self.page_base[i] + (off >> 12) as usize));
+                let p = unsafe { r.host_addr.add(host_usize(off)) };
+                return Some((p, base + host_usize(off >> 12)));
             }
         }
         None
@@ -132,16 +147,22 @@ impl Mmu {
 
     /// Marks RAM page `page` as holding cached decodes and revokes fast writes to it.
     pub(crate) fn mark_code(&mut self, page: usize, gpa_page: u64) -> u32 {
-        let g = &mut self.code_gen[page];
-        if *g & 1 == 0 {
-            *g = g.wrapping_add(1);
-            for e in self.tlb.iter_mut() {
-                if e.gpa == gpa_page {
-                    e.perm &= !P_WRITE;
-                }
+        // `page` comes from `ram_lookup`, so it is in range; were it not, generation 0 (even,
+        // "no code") makes every later cache lookup miss instead of trusting stale code.
+        let Some(g) = self.code_gen.get_mut(page) else {
+            return 0;
+        };
+        if *g & 1 == 1 {
+            return *g;
+        }
+        *g = g.wrapping_add(1);
+        let gen = *g;
+        for e in self.tlb.iter_mut() {
+            if e.gpa == gpa_page {
+                e.perm &= !P_WRITE;
             }
         }
-        self.code_gen[page]
+        gen
     }
 
     pub(crate) fn flush_all(&mut self) {
@@ -157,8 +178,7 @@ impl Mmu {
     }
 
     pub(crate) fn flush_page(&mut self, la: u64) {
-        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
-        self.tlb[idx] = EMPTY;
+        *self.tlb_slot_mut(la) = EMPTY;
     }
 
     pub(crate) fn flush_code(&mut self) {
@@ -196,9 +216,9 @@ unsafe fn host_write(p: *mut u8, size: usize, val: u64) {
     // SAFETY: the caller guarantees `size` writable bytes at `p`; unaligned writes are used.
     unsafe {
         match size {
-            1 => p.write(val as u8),
-            2 => (p as *mut u16).write_unaligned(val as u16),
-            4 => (p as *mut u32).write_unaligned(val as u32),
+            1 => p.write(low8(val)),
+            2 => (p as *mut u16).write_unaligned(low16(val)),
+            4 => (p as *mut u32).write_unaligned(low32(val)),
             _ => (p as *mut u64).write_unaligned(val),
         }
     }
@@ -251,13 +271,13 @@ impl Cpu {
             None => (std::ptr::null_mut(), None),
         };
         if let Some(i) = pidx {
-            if self.mmu.code_gen[i] & 1 == 1 {
+            // An unknown page (not possible: `i` is from `ram_lookup`) is treated as code.
+            if self.mmu.code_gen.get(i).is_none_or(|g| g & 1 == 1) {
                 perm &= !P_WRITE;
             }
         }
         let e = TlbEntry { tag: page | TLB_VALID, host, gpa: gpa_page, perm };
-        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
-        self.mmu.tlb[idx] = e;
+        *self.mmu.tlb_slot_mut(la) = e;
         Ok(e)
     }
 
@@ -444,7 +464,7 @@ impl Cpu {
 
     fn read_phys_u32(&self, gpa: u64) -> u32 {
         let v = self.mmu.read_phys_u64(gpa & !7);
-        (v >> ((gpa & 4) * 8)) as u32
+        low32(v >> ((gpa & 4) * 8))
     }
 
     fn write_phys_u32(&mut self, gpa: u64, val: u32) {
@@ -457,8 +477,7 @@ impl Cpu {
     /// Looks up (or fills) the TLB entry for `la` with the rights `acc` needs.
     #[inline(always)]
     fn tlb_get(&mut self, la: u64, acc: Access, user: bool) -> Res<TlbEntry> {
-        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
-        let e = self.mmu.tlb[idx];
+        let e = *self.mmu.tlb_slot(la);
         let need = match acc {
             Access::Read => P_READ,
             Access::Write => P_WRITE,
@@ -481,7 +500,7 @@ impl Cpu {
     #[inline(always)]
     pub(crate) fn read_la(&mut self, bus: &mut dyn Bus, la: u64, size: usize, user: bool) -> Res<u64> {
         let off = (la & 0xfff) as usize;
-        let e = &self.mmu.tlb[((la >> 12) as usize) & (TLB_SIZE - 1)];
+        let e = self.mmu.tlb_slot(la);
         let need = P_READ | if user { P_USER } else { 0 };
         if off + size <= 4096 && e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need && !e.host.is_null() {
             // SAFETY: the entry maps a whole 4 KiB RAM page and off + size <= 4096.
@@ -503,7 +522,7 @@ impl Cpu {
             return Ok(unsafe { host_read(e.host.add(off), size) });
         }
         self.stats.mmio += 1;
-        Ok(bus.mmio_read(e.gpa | off as u64, size as u8))
+        Ok(bus.mmio_read(e.gpa | off as u64, size_u8(size)))
     }
 
     #[cold]
@@ -524,7 +543,7 @@ impl Cpu {
     #[inline(always)]
     pub(crate) fn write_la(&mut self, bus: &mut dyn Bus, la: u64, size: usize, val: u64, user: bool) -> Res<()> {
         let off = (la & 0xfff) as usize;
-        let e = &self.mmu.tlb[((la >> 12) as usize) & (TLB_SIZE - 1)];
+        let e = self.mmu.tlb_slot(la);
         let need = P_WRITE | if user { P_USER } else { 0 };
         if off + size <= 4096 && e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need && !e.host.is_null() {
             // SAFETY: the entry maps a whole 4 KiB RAM page and off + size <= 4096.
@@ -541,8 +560,7 @@ impl Cpu {
         if off + size > 4096 {
             return self.write_split(bus, la, size, val, user);
         }
-        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
-        let e = self.mmu.tlb[idx];
+        let e = *self.mmu.tlb_slot(la);
         let need = P_WRITE | if user { P_USER } else { 0 };
         let e = if e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need {
             e
@@ -555,7 +573,7 @@ impl Cpu {
             return Ok(());
         }
         self.stats.mmio += 1;
-        bus.mmio_write(e.gpa | off as u64, size as u8, val);
+        bus.mmio_write(e.gpa | off as u64, size_u8(size), val);
         Ok(())
     }
 
@@ -583,8 +601,7 @@ impl Cpu {
     /// Host address of the 4 KiB page holding `la`, checked for writing (sets D, retires
     /// cached code on the page); null for MMIO.
     pub(crate) fn page_host_for_write(&mut self, la: u64, user: bool) -> Res<*mut u8> {
-        let idx = ((la >> 12) as usize) & (TLB_SIZE - 1);
-        let e = self.mmu.tlb[idx];
+        let e = *self.mmu.tlb_slot(la);
         let need = P_WRITE | if user { P_USER } else { 0 };
         let e = if e.tag == (la & !0xfff) | TLB_VALID && e.perm & need == need {
             e

@@ -152,9 +152,9 @@ impl CpuSnapshot {
         if self.efer & ctl::EFER_LMA != 0 && self.cr0 & ctl::CR0_PG == 0 {
             return Err(StateError::new("efer", format!("{:#x}: long mode active without paging", self.efer)));
         }
-        for i in 4..8 {
-            if self.dr[i] >> 32 != 0 {
-                return Err(StateError::new(format!("dr[{i}]"), format!("{:#x}: bits 63:32 set", self.dr[i])));
+        for (i, &d) in self.dr.iter().enumerate().skip(4) {
+            if d >> 32 != 0 {
+                return Err(StateError::new(format!("dr[{i}]"), format!("{d:#x}: bits 63:32 set")));
             }
         }
         if self.fpu.mxcsr & !crate::fpstate::MXCSR_MASK != 0 {
@@ -261,7 +261,7 @@ mod tests {
         // MSRs: STAR, LSTAR, KERNEL_GS_BASE, TSC_AUX.
         for (msr, v) in [(0xc000_0081u32, 0x0023_0010_0000_0000u64), (0xc000_0082, 0xffff_8000_1234_5000)] {
             a.mov(ecx, msr).unwrap();
-            a.mov(eax, v as u32).unwrap();
+            a.mov(eax, crate::regs::low32(v)).unwrap();
             a.mov(edx, (v >> 32) as u32).unwrap();
             a.wrmsr().unwrap();
         }
@@ -307,7 +307,7 @@ mod tests {
     fn guest() -> (Vec<u8>, Cpu) {
         let mut ram = vec![0u8; RAM];
         let code = program();
-        ram[CODE as usize..CODE as usize + code.len()].copy_from_slice(&code);
+        ram[crate::regs::host_usize(CODE)..crate::regs::host_usize(CODE) + code.len()].copy_from_slice(&code);
         let mut c = long_mode_cpu(&mut ram);
         c.rip = CODE;
         c.cr4 |= ctl::CR4_OSFXSR;
@@ -341,7 +341,9 @@ mod tests {
         assert_eq!(sb.tsc_hz, CpuConfig::default().tsc_hz, "configuration restored");
         assert!(ram == ram2, "guest RAM differs after the restored run");
         // The guest really wrote its results.
-        let f = f64::from_le_bytes(ram[DATA as usize + 0x2000..DATA as usize + 0x2008].try_into().unwrap());
+        let f = f64::from_le_bytes(
+            ram[crate::regs::host_usize(DATA) + 0x2000..crate::regs::host_usize(DATA) + 0x2008].try_into().unwrap(),
+        );
         assert_eq!(f, 500.0);
     }
 
@@ -349,7 +351,7 @@ mod tests {
     fn halted_and_shadow_survive() {
         let mut ram = vec![0u8; RAM];
         // sti; hlt
-        ram[CODE as usize..CODE as usize + 2].copy_from_slice(&[0xfb, 0xf4]);
+        ram[crate::regs::host_usize(CODE)..crate::regs::host_usize(CODE) + 2].copy_from_slice(&[0xfb, 0xf4]);
         let mut a = long_mode_cpu(&mut ram);
         a.rip = CODE;
         assert_eq!(a.run(&mut NullBus, 10), Exit::Halted);

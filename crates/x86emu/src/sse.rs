@@ -22,6 +22,7 @@
 
 use crate::cpu::{ctl, flags::ARITH, Cpu};
 use crate::fpstate::{check_pending, MXCSR_MASK};
+use crate::regs::{low32, low64, low8};
 use crate::{Bus, Fault, Res, SRes};
 use iced_x86::{Code, EncodingKind, Instruction, Mnemonic, OpKind, Register};
 use std::arch::asm;
@@ -292,17 +293,46 @@ fn opnd(cpu: &Cpu, insn: &Instruction, i: u32) -> V {
     }
 }
 
+/// XMM register `i` (0..=15: an iced-x86 XMM register number).
+#[inline(always)]
+#[allow(clippy::indexing_slicing)] // `i & 15` < 16 = xmm.len()
+fn xmm(cpu: &Cpu, i: usize) -> u128 {
+    cpu.fpu.xmm[i & 15]
+}
+
+/// XMM register `i` (0..=15), for writing.
+#[inline(always)]
+#[allow(clippy::indexing_slicing)] // `i & 15` < 16 = xmm.len()
+fn xmm_mut(cpu: &mut Cpu, i: usize) -> &mut u128 {
+    &mut cpu.fpu.xmm[i & 15]
+}
+
+/// The 16-byte slot of physical x87 register `i` (0..=7: an MMX register number).
+#[inline(always)]
+#[allow(clippy::indexing_slicing)] // `i & 7` < 8 = st.len()
+fn st_slot(cpu: &mut Cpu, i: usize) -> &mut [u8; 16] {
+    &mut cpu.fpu.st[i & 7]
+}
+
+/// Entry `k & 7` of an 8-entry CMPPS/CMPSS predicate table (the predicate is imm8 bits 0-2).
+#[allow(clippy::indexing_slicing)] // `k & 7` < 8 = table.len()
+fn cmp_predicate(table: &[F; 8], k: u8) -> F {
+    table[usize::from(k & 7)]
+}
+
 /// MMX register `i` (the mantissa of physical x87 register `i`).
+#[allow(clippy::indexing_slicing)] // `i & 7` < 8 = st.len()
 fn mm_get(cpu: &Cpu, i: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&cpu.fpu.st[i][..8]);
-    u64::from_le_bytes(b)
+    let [b0, b1, b2, b3, b4, b5, b6, b7, ..] = cpu.fpu.st[i & 7];
+    u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7])
 }
 
 /// Writes MMX register `i`; the exponent and sign of the x87 register become all ones.
 fn mm_set(cpu: &mut Cpu, i: usize, v: u64) {
-    let s = &mut cpu.fpu.st[i];
-    s[..8].copy_from_slice(&v.to_le_bytes());
+    let s = st_slot(cpu, i);
+    for (d, b) in s.iter_mut().zip(v.to_le_bytes()) {
+        *d = b;
+    }
     s[8] = 0xff;
     s[9] = 0xff;
 }
@@ -345,17 +375,17 @@ fn write_mem(cpu: &mut Cpu, bus: &mut dyn Bus, la: u64, size: usize, v: u128, al
         }
         // Both halves or neither.
         cpu.probe_write(la, 16, cpu.user())?;
-        cpu.wmem(bus, la, 8, v as u64)?;
+        cpu.wmem(bus, la, 8, low64(v))?;
         let hi = la_add(cpu, la, 8);
         return cpu.wmem(bus, hi, 8, (v >> 64) as u64);
     }
-    cpu.wmem(bus, la, size.clamp(1, 8), v as u64 & crate::regs::mask(size))
+    cpu.wmem(bus, la, size.clamp(1, 8), low64(v) & crate::regs::mask(size))
 }
 
 /// Reads a source operand. Memory reads the instruction's memory-operand size.
 fn read(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, v: V, aligned: bool) -> Res<u128> {
     Ok(match v {
-        V::X(i) => cpu.fpu.xmm[i],
+        V::X(i) => xmm(cpu, i),
         V::M(i) => u128::from(mm_get(cpu, i)),
         V::G(r) => u128::from(cpu.get_reg(r)),
         V::Mem(la) => read_mem(cpu, bus, la, insn.memory_size().size(), aligned)?,
@@ -366,9 +396,9 @@ fn read(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, v: V, aligned: boo
 /// Writes a destination register operand (XMM: all 128 bits; MM: the low 64).
 fn write_reg(cpu: &mut Cpu, v: V, val: u128) {
     match v {
-        V::X(i) => cpu.fpu.xmm[i] = val,
-        V::M(i) => mm_set(cpu, i, val as u64),
-        V::G(r) => cpu.set_reg(r, val as u64),
+        V::X(i) => *xmm_mut(cpu, i) = val,
+        V::M(i) => mm_set(cpu, i, low64(val)),
+        V::G(r) => cpu.set_reg(r, low64(val)),
         V::Mem(_) | V::Imm(_) => {}
     }
 }
@@ -708,7 +738,7 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
         M::Ldmxcsr => {
             sse_avail(cpu)?;
             let la = cpu.mem_la(insn);
-            let v = cpu.rmem(bus, la, 4)? as u32;
+            let v = low32(cpu.rmem(bus, la, 4)?);
             if v & !MXCSR_MASK != 0 {
                 return Err(Fault::GeneralProtection(0).into());
             }
@@ -767,7 +797,7 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
 fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) -> Res<()> {
     let d = opnd(cpu, insn, 0);
     let s = if insn.op_count() > 1 { opnd(cpu, insn, 1) } else { V::Imm(0) };
-    let imm = |k: u32| insn.immediate(k) as u8;
+    let imm = |k: u32| low8(insn.immediate(k));
     match op {
         Op::Mov128 { aligned } => {
             if let V::Mem(la) = d {
@@ -784,7 +814,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
                 (V::Mem(_), _) | (_, V::Mem(_)) => insn.memory_size().size(),
                 _ => 8,
             };
-            let v = read(cpu, bus, insn, s, false)? as u64 & crate::regs::mask(size);
+            let v = low64(read(cpu, bus, insn, s, false)?) & crate::regs::mask(size);
             match d {
                 V::Mem(la) => cpu.wmem(bus, la, size, v)?,
                 _ => write_reg(cpu, d, u128::from(v)),
@@ -793,35 +823,35 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
         Op::MovScalar(size) => {
             let m = (1u128 << (8 * size)) - 1;
             match (d, s) {
-                (V::Mem(la), V::X(i)) => write_mem(cpu, bus, la, size, cpu.fpu.xmm[i] & m, false)?,
-                (V::X(i), V::X(j)) => cpu.fpu.xmm[i] = (cpu.fpu.xmm[i] & !m) | (cpu.fpu.xmm[j] & m),
-                (V::X(i), V::Mem(la)) => cpu.fpu.xmm[i] = read_mem(cpu, bus, la, size, false)?,
+                (V::Mem(la), V::X(i)) => write_mem(cpu, bus, la, size, xmm(cpu, i) & m, false)?,
+                (V::X(i), V::X(j)) => *xmm_mut(cpu, i) = (xmm(cpu, i) & !m) | (xmm(cpu, j) & m),
+                (V::X(i), V::Mem(la)) => *xmm_mut(cpu, i) = read_mem(cpu, bus, la, size, false)?,
                 _ => return Err(Fault::InvalidOpcode),
             }
         }
         Op::MovHigh => match (d, s) {
             (V::X(i), V::Mem(la)) => {
                 let v = read_mem(cpu, bus, la, 8, false)?;
-                cpu.fpu.xmm[i] = (cpu.fpu.xmm[i] & u128::from(u64::MAX)) | (v << 64);
+                *xmm_mut(cpu, i) = (xmm(cpu, i) & u128::from(u64::MAX)) | (v << 64);
             }
-            (V::Mem(la), V::X(i)) => write_mem(cpu, bus, la, 8, cpu.fpu.xmm[i] >> 64, false)?,
+            (V::Mem(la), V::X(i)) => write_mem(cpu, bus, la, 8, xmm(cpu, i) >> 64, false)?,
             _ => return Err(Fault::InvalidOpcode),
         },
         Op::MovLow => match (d, s) {
             (V::X(i), V::Mem(la)) => {
                 let v = read_mem(cpu, bus, la, 8, false)?;
-                cpu.fpu.xmm[i] = (cpu.fpu.xmm[i] & !u128::from(u64::MAX)) | v;
+                *xmm_mut(cpu, i) = (xmm(cpu, i) & !u128::from(u64::MAX)) | v;
             }
-            (V::Mem(la), V::X(i)) => write_mem(cpu, bus, la, 8, cpu.fpu.xmm[i] & u128::from(u64::MAX), false)?,
+            (V::Mem(la), V::X(i)) => write_mem(cpu, bus, la, 8, xmm(cpu, i) & u128::from(u64::MAX), false)?,
             _ => return Err(Fault::InvalidOpcode),
         },
         Op::Movhlps | Op::Movlhps => {
             let (V::X(i), V::X(j)) = (d, s) else {
                 return Err(Fault::InvalidOpcode);
             };
-            let (dv, sv) = (cpu.fpu.xmm[i], cpu.fpu.xmm[j]);
+            let (dv, sv) = (xmm(cpu, i), xmm(cpu, j));
             let lo = u128::from(u64::MAX);
-            cpu.fpu.xmm[i] = if matches!(op, Op::Movhlps) { (dv & !lo) | (sv >> 64) } else { (dv & lo) | (sv << 64) };
+            *xmm_mut(cpu, i) = if matches!(op, Op::Movhlps) { (dv & !lo) | (sv >> 64) } else { (dv & lo) | (sv << 64) };
         }
         Op::Movmsk(bits) => {
             let v = read(cpu, bus, insn, s, false)?;
@@ -850,7 +880,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
             }
         }
         Op::Movq2dq | Op::Movdq2q => {
-            let v = read(cpu, bus, insn, s, false)? as u64;
+            let v = low64(read(cpu, bus, insn, s, false)?);
             write_reg(cpu, d, u128::from(v));
         }
         Op::Movntq => {
@@ -936,7 +966,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
         Op::Cmp(table) => {
             let a = read(cpu, bus, insn, d, false)?;
             let b = read(cpu, bus, insn, s, true)?;
-            let (r, _, _) = fp(cpu, table[usize::from(imm(2) & 7)], a, b, 0)?;
+            let (r, _, _) = fp(cpu, cmp_predicate(table, imm(2)), a, b, 0)?;
             write_reg(cpu, d, r);
         }
         Op::Comi(f) => {
@@ -951,7 +981,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
                 _ => insn.memory_size().size(),
             };
             let a = read(cpu, bus, insn, d, false)?;
-            let g = read(cpu, bus, insn, s, false)? as u64;
+            let g = low64(read(cpu, bus, insn, s, false)?);
             let (r, _, _) = fp(cpu, if size == 8 { f64op } else { f32op }, a, 0, g)?;
             write_reg(cpu, d, r);
         }

@@ -3,6 +3,7 @@
 
 use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit};
 use crate::interrupt::{read_desc, seg_from_desc};
+use crate::regs::{low16, low32, low64};
 use crate::{Bus, Fault, Res, SRes, Stop};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
@@ -47,7 +48,9 @@ pub(crate) fn write_cr_dr(cpu: &mut Cpu, r: Register, v: u64) -> SRes<()> {
             cpu.check_irq = true;
         }
         Register::DR0 | Register::DR1 | Register::DR2 | Register::DR3 => {
-            cpu.dr[(r as usize) - (Register::DR0 as usize)] = v;
+            if let Some(d) = cpu.dr.get_mut((r as usize) - (Register::DR0 as usize)) {
+                *d = v;
+            }
         }
         Register::DR6 => cpu.dr[6] = (v & 0xf00f) | 0xffff_0ff0,
         Register::DR7 => cpu.dr[7] = (v & 0xffff_2bff) | 0x400,
@@ -65,7 +68,7 @@ pub(crate) fn read_cr_dr(cpu: &mut Cpu, _bus: &mut dyn Bus, r: Register) -> u64 
         Register::CR4 => cpu.cr4,
         Register::CR8 => cpu.cr8,
         Register::DR0 | Register::DR1 | Register::DR2 | Register::DR3 => {
-            cpu.dr[(r as usize) - (Register::DR0 as usize)]
+            cpu.dr.get((r as usize) - (Register::DR0 as usize)).copied().unwrap_or(0)
         }
         Register::DR6 => cpu.dr[6],
         Register::DR7 => cpu.dr[7],
@@ -104,7 +107,7 @@ impl Cpu {
     /// Guest TSC: guest time scaled to the advertised frequency, plus the WRMSR offset.
     pub(crate) fn tsc(&self, bus: &mut dyn Bus) -> u64 {
         let ns = bus.now_ns();
-        let t = (u128::from(ns) * u128::from(self.config.tsc_hz) / 1_000_000_000) as u64;
+        let t = low64(u128::from(ns) * u128::from(self.config.tsc_hz) / 1_000_000_000);
         t.wrapping_add(self.msr.tsc_offset as u64)
     }
 
@@ -187,7 +190,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
     use Mnemonic as M;
     match insn.mnemonic() {
         M::Cpuid => {
-            let (a, b, c, d) = crate::cpuid::cpuid(cpu, cpu.gpr[0] as u32, cpu.gpr[1] as u32);
+            let (a, b, c, d) = crate::cpuid::cpuid(cpu, low32(cpu.gpr[0]), low32(cpu.gpr[1]));
             cpu.gpr[0] = u64::from(a);
             cpu.gpr[3] = u64::from(b);
             cpu.gpr[1] = u64::from(c);
@@ -209,7 +212,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
         }
         M::Rdmsr => {
             need_cpl0(cpu)?;
-            let v = cpu.read_msr(bus, cpu.gpr[1] as u32).ok_or(Fault::GeneralProtection(0))?;
+            let v = cpu.read_msr(bus, low32(cpu.gpr[1])).ok_or(Fault::GeneralProtection(0))?;
             cpu.gpr[0] = v & 0xffff_ffff;
             cpu.gpr[2] = v >> 32;
             Ok(())
@@ -217,7 +220,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
         M::Wrmsr => {
             need_cpl0(cpu)?;
             let v = (cpu.gpr[0] & 0xffff_ffff) | (cpu.gpr[2] << 32);
-            if !cpu.write_msr(bus, cpu.gpr[1] as u32, v) {
+            if !cpu.write_msr(bus, low32(cpu.gpr[1]), v) {
                 return Err(Fault::GeneralProtection(0).into());
             }
             Ok(())
@@ -225,7 +228,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
         M::Lgdt | M::Lidt => {
             need_cpl0(cpu)?;
             let la = cpu.mem_la(insn);
-            let limit = cpu.rmem(bus, la, 2)? as u16;
+            let limit = low16(cpu.rmem(bus, la, 2)?);
             let mut base = cpu.rmem(bus, la.wrapping_add(2), if cpu.in_64bit_mode() { 8 } else { 4 })?;
             if !cpu.in_64bit_mode() && insn.memory_size().size() == 6 && cpu.bitness() == 16 {
                 base &= 0x00ff_ffff;
@@ -254,7 +257,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
         }
         M::Lldt | M::Ltr => {
             need_cpl0(cpu)?;
-            let sel = cpu.rd(bus, cpu.loc(insn, 0), 2)? as u16;
+            let sel = low16(cpu.rd(bus, cpu.loc(insn, 0), 2)?);
             if sel & !3 == 0 {
                 if insn.mnemonic() == M::Ltr {
                     return Err(Fault::GeneralProtection(0).into());
@@ -336,7 +339,7 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
             let r0 = insn.op0_register();
             let osize = r0.size();
             let off = cpu.rmem(bus, la, osize)?;
-            let sel = cpu.rmem(bus, la.wrapping_add(osize as u64), 2)? as u16;
+            let sel = low16(cpu.rmem(bus, la.wrapping_add(osize as u64), 2)?);
             let sr = match insn.mnemonic() {
                 M::Lss => Register::SS,
                 M::Lfs => Register::FS,

@@ -39,21 +39,21 @@ impl MemOp {
         let base = if b == Register::None || b == Register::RIP {
             NONE
         } else if gpr64(b) {
-            b.number() as u8
+            u8::try_from(b.number()).ok()?
         } else {
             return None;
         };
         let index = if i == Register::None {
             NONE
         } else if gpr64(i) {
-            i.number() as u8
+            u8::try_from(i.number()).ok()?
         } else {
             return None;
         };
         Some(MemOp {
             base,
             index,
-            scale: insn.memory_index_scale().trailing_zeros() as u8,
+            scale: u8::try_from(insn.memory_index_scale().trailing_zeros()).ok()?,
             seg,
             disp: insn.memory_displacement64(),
         })
@@ -63,10 +63,10 @@ impl MemOp {
     fn la(&self, cpu: &Cpu) -> u64 {
         let mut a = self.disp;
         if self.base != NONE {
-            a = a.wrapping_add(cpu.gpr[self.base as usize]);
+            a = a.wrapping_add(cpu.gpr_at(usize::from(self.base)));
         }
         if self.index != NONE {
-            a = a.wrapping_add(cpu.gpr[self.index as usize] << self.scale);
+            a = a.wrapping_add(cpu.gpr_at(usize::from(self.index)) << self.scale);
         }
         match self.seg {
             1 => a.wrapping_add(cpu.seg[sreg::FS].base),
@@ -134,7 +134,7 @@ pub(crate) enum Uop {
 
 fn gpr(r: Register, sz: usize) -> Option<u8> {
     if (sz == 8 && r.is_gpr64()) || (sz == 4 && r.is_gpr32()) {
-        Some(r.number() as u8)
+        u8::try_from(r.number()).ok()
     } else {
         None
     }
@@ -145,7 +145,7 @@ fn low8(r: Register) -> Option<u8> {
     if !r.is_gpr8() || matches!(r, Register::AH | Register::CH | Register::DH | Register::BH) {
         return None;
     }
-    Some(r.full_register().number() as u8)
+    u8::try_from(r.full_register().number()).ok()
 }
 
 fn src(insn: &Instruction, i: u32, sz: usize) -> Option<Src> {
@@ -179,7 +179,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             if k0 == OpKind::Register {
                 let r0 = insn.op0_register();
                 let sz = r0.size();
-                Uop::MovR { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
+                Uop::MovR { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
             } else if k0 == OpKind::Memory {
                 let sz = insn.memory_size().size();
                 if sz != 4 && sz != 8 {
@@ -189,7 +189,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 if let Src::Mem(_) = s {
                     return None;
                 }
-                Uop::MovM { m: MemOp::from(insn)?, s, sz: sz as u8 }
+                Uop::MovM { m: MemOp::from(insn)?, s, sz: u8::try_from(sz).ok()? }
             } else {
                 return None;
             }
@@ -225,23 +225,28 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 Mnemonic::Or => (Op2::Or, true),
                 _ => (Op2::Xor, true),
             };
-            Uop::AluM { op, m: MemOp::from(insn)?, s, sz: sz as u8, write }
+            Uop::AluM { op, m: MemOp::from(insn)?, s, sz: u8::try_from(sz).ok()?, write }
         }
         Mnemonic::Adc | Mnemonic::Sbb if k0 == OpKind::Register => {
             let r0 = insn.op0_register();
             let sz = r0.size();
             let op = if m == Mnemonic::Adc { Op2::Adc } else { Op2::Sbb };
-            Uop::AluF { op, d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
+            Uop::AluF { op, d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
         }
         Mnemonic::Imul if k0 == OpKind::Register && insn.op_count() == 2 => {
             let r0 = insn.op0_register();
             let sz = r0.size();
-            Uop::AluF { op: Op2::Imul, d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
+            Uop::AluF { op: Op2::Imul, d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
         }
         Mnemonic::Imul if k0 == OpKind::Register && insn.op_count() == 3 => {
             let r0 = insn.op0_register();
             let sz = r0.size();
-            Uop::Imul3 { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, imm: insn.immediate(2) & mask(sz), sz: sz as u8 }
+            Uop::Imul3 {
+                d: gpr(r0, sz)?,
+                s: src(insn, 1, sz)?,
+                imm: insn.immediate(2) & mask(sz),
+                sz: u8::try_from(sz).ok()?,
+            }
         }
         Mnemonic::Sete
         | Mnemonic::Setne
@@ -281,7 +286,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         | Mnemonic::Cmovg => {
             let r0 = insn.op0_register();
             let sz = r0.size();
-            Uop::Cmov { cc: insn.condition_code(), d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: sz as u8 }
+            Uop::Cmov { cc: insn.condition_code(), d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
         }
         Mnemonic::Movzx | Mnemonic::Movsx if k0 == OpKind::Register && insn.op1_kind() == OpKind::Register => {
             let r0 = insn.op0_register();
@@ -291,11 +296,17 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             let s = if ssz == 1 {
                 low8(r1)?
             } else if r1.is_gpr16() {
-                r1.number() as u8
+                u8::try_from(r1.number()).ok()?
             } else {
                 return None;
             };
-            Uop::MovXR { d: gpr(r0, dsz)?, s, ssz: ssz as u8, dsz: dsz as u8, signed: m == Mnemonic::Movsx }
+            Uop::MovXR {
+                d: gpr(r0, dsz)?,
+                s,
+                ssz: u8::try_from(ssz).ok()?,
+                dsz: u8::try_from(dsz).ok()?,
+                signed: m == Mnemonic::Movsx,
+            }
         }
         Mnemonic::Movsxd if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
             let r0 = insn.op0_register();
@@ -303,9 +314,13 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 OpKind::Memory if insn.memory_size().size() == 4 => {
                     Uop::MovX { d: gpr(r0, 8)?, m: MemOp::from(insn)?, ssz: 4, dsz: 8, signed: true }
                 }
-                OpKind::Register if insn.op1_register().is_gpr32() => {
-                    Uop::MovXR { d: gpr(r0, 8)?, s: insn.op1_register().number() as u8, ssz: 4, dsz: 8, signed: true }
-                }
+                OpKind::Register if insn.op1_register().is_gpr32() => Uop::MovXR {
+                    d: gpr(r0, 8)?,
+                    s: u8::try_from(insn.op1_register().number()).ok()?,
+                    ssz: 4,
+                    dsz: 8,
+                    signed: true,
+                },
                 _ => return None,
             }
         }
@@ -326,15 +341,15 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             Uop::MovX {
                 d: gpr(r0, dsz)?,
                 m: MemOp::from(insn)?,
-                ssz: insn.memory_size().size() as u8,
-                dsz: dsz as u8,
+                ssz: u8::try_from(insn.memory_size().size()).ok()?,
+                dsz: u8::try_from(dsz).ok()?,
                 signed: m == Mnemonic::Movsx,
             }
         }
         Mnemonic::Inc | Mnemonic::Dec if k0 == OpKind::Register => {
             let r0 = insn.op0_register();
             let sz = r0.size();
-            Uop::IncDec { d: gpr(r0, sz)?, sz: sz as u8, dec: m == Mnemonic::Dec }
+            Uop::IncDec { d: gpr(r0, sz)?, sz: u8::try_from(sz).ok()?, dec: m == Mnemonic::Dec }
         }
         Mnemonic::Shl | Mnemonic::Shr | Mnemonic::Sar | Mnemonic::Rol | Mnemonic::Ror
             if k0 == OpKind::Register && insn.op_count() == 2 && insn.op1_kind() == OpKind::Immediate8 =>
@@ -348,7 +363,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 Mnemonic::Rol => Op2::Rol,
                 _ => Op2::Ror,
             };
-            Uop::Shift { op, d: gpr(r0, sz)?, c: insn.immediate8(), sz: sz as u8 }
+            Uop::Shift { op, d: gpr(r0, sz)?, c: insn.immediate8(), sz: u8::try_from(sz).ok()? }
         }
         Mnemonic::Nop | Mnemonic::Pause => Uop::Nop,
         Mnemonic::Add
@@ -374,7 +389,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 Mnemonic::Cmp => (Op2::Sub, false),
                 _ => (Op2::And, false),
             };
-            Uop::Alu { op, d, s, sz: sz as u8, write }
+            Uop::Alu { op, d, s, sz: u8::try_from(sz).ok()?, write }
         }
         Mnemonic::Jo
         | Mnemonic::Jno
@@ -401,10 +416,10 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         Mnemonic::Call if k0 == OpKind::NearBranch64 => Uop::Call { target: insn.near_branch_target() },
         Mnemonic::Ret if insn.op_count() == 0 && insn.code() == iced_x86::Code::Retnq => Uop::Ret,
         Mnemonic::Push if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
-            Uop::Push { r: insn.op0_register().number() as u8 }
+            Uop::Push { r: u8::try_from(insn.op0_register().number()).ok()? }
         }
         Mnemonic::Pop if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
-            Uop::Pop { r: insn.op0_register().number() as u8 }
+            Uop::Pop { r: u8::try_from(insn.op0_register().number()).ok()? }
         }
         _ => return None,
     })
@@ -412,13 +427,13 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
 
 #[inline(always)]
 fn set(cpu: &mut Cpu, r: u8, v: u64, sz: u8) {
-    cpu.gpr[r as usize] = if sz == 4 { v & 0xffff_ffff } else { v };
+    *cpu.gpr_at_mut(usize::from(r)) = if sz == 4 { v & 0xffff_ffff } else { v };
 }
 
 #[inline(always)]
 fn read_src(cpu: &mut Cpu, bus: &mut dyn Bus, s: Src, sz: u8) -> Res<u64> {
     Ok(match s {
-        Src::Reg(r) => cpu.gpr[r as usize] & mask(sz as usize),
+        Src::Reg(r) => cpu.gpr_at(usize::from(r)) & mask(sz as usize),
         Src::Imm(v) => v,
         Src::Mem(m) => {
             let la = m.la(cpu);
@@ -468,16 +483,16 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         Uop::Lea { d, m } => {
             let mut a = m.disp;
             if m.base != NONE {
-                a = a.wrapping_add(cpu.gpr[m.base as usize]);
+                a = a.wrapping_add(cpu.gpr_at(usize::from(m.base)));
             }
             if m.index != NONE {
-                a = a.wrapping_add(cpu.gpr[m.index as usize] << m.scale);
+                a = a.wrapping_add(cpu.gpr_at(usize::from(m.index)) << m.scale);
             }
-            cpu.gpr[d as usize] = a;
+            *cpu.gpr_at_mut(usize::from(d)) = a;
         }
         Uop::Alu { op, d, s, sz, write } => {
             let b = read_src(cpu, bus, s, sz)?;
-            let a = cpu.gpr[d as usize] & mask(sz as usize);
+            let a = cpu.gpr_at(usize::from(d)) & mask(sz as usize);
             let (r, f) = alu::arith(op, sz as usize, a, b, cpu.rflags);
             cpu.rflags = f;
             if write {
@@ -497,7 +512,7 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         }
         Uop::AluF { op, d, s, sz } => {
             let b = read_src(cpu, bus, s, sz)?;
-            let a = cpu.gpr[d as usize] & mask(sz as usize);
+            let a = cpu.gpr_at(usize::from(d)) & mask(sz as usize);
             let (r, f) = alu::adc_sbb_imul(op, sz as usize, a, b, cpu.rflags);
             cpu.rflags = f;
             set(cpu, d, r, sz);
@@ -510,7 +525,7 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         }
         Uop::Setcc { cc, d } => {
             let v = u64::from(crate::cpu::cond(cpu, cc));
-            let g = &mut cpu.gpr[d as usize];
+            let g = cpu.gpr_at_mut(usize::from(d));
             *g = (*g & !0xff) | v;
         }
         Uop::Cmov { cc, d, s, sz } => {
@@ -518,12 +533,12 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             if crate::cpu::cond(cpu, cc) {
                 set(cpu, d, v, sz);
             } else {
-                let cur = cpu.gpr[d as usize];
+                let cur = cpu.gpr_at(usize::from(d));
                 set(cpu, d, cur, sz);
             }
         }
         Uop::MovXR { d, s, ssz, dsz, signed } => {
-            let v = cpu.gpr[s as usize] & mask(ssz as usize);
+            let v = cpu.gpr_at(usize::from(s)) & mask(ssz as usize);
             let v = if signed { crate::regs::sext(v, ssz as usize) } else { v };
             set(cpu, d, v & mask(dsz as usize), dsz);
         }
@@ -535,14 +550,14 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             set(cpu, d, v & mask(dsz as usize), dsz);
         }
         Uop::IncDec { d, sz, dec } => {
-            let a = cpu.gpr[d as usize] & mask(sz as usize);
+            let a = cpu.gpr_at(usize::from(d)) & mask(sz as usize);
             let op = if dec { alu::Op1::Dec } else { alu::Op1::Inc };
             let (r, f) = alu::op1(op, sz as usize, a, cpu.rflags);
             cpu.rflags = f;
             set(cpu, d, r, sz);
         }
         Uop::Shift { op, d, c, sz } => {
-            let a = cpu.gpr[d as usize] & mask(sz as usize);
+            let a = cpu.gpr_at(usize::from(d)) & mask(sz as usize);
             let (r, f) = alu::op2(op, sz as usize, a, u64::from(c), cpu.rflags);
             cpu.rflags = f;
             // A masked count of zero leaves the register (and its upper half) untouched,
@@ -571,14 +586,14 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             cpu.rip = t;
         }
         Uop::Push { r } => {
-            let v = cpu.gpr[r as usize];
+            let v = cpu.gpr_at(usize::from(r));
             push64(cpu, bus, v)?;
         }
         Uop::Pop { r } => {
             let u = cpu.cur_user;
             let v = cpu.read_la(bus, cpu.gpr[4], 8, u)?;
             cpu.gpr[4] = cpu.gpr[4].wrapping_add(8);
-            cpu.gpr[r as usize] = v;
+            *cpu.gpr_at_mut(usize::from(r)) = v;
         }
     }
     Ok(())
