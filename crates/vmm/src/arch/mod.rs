@@ -236,35 +236,33 @@ fn write_pvh_start_info(
     initrd: Option<(u64, u64)>,
     rsdp: u64,
 ) -> Result<()> {
+    use linux_loader::loader::elf::start_info::{
+        hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE,
+    };
     let memmap = PVH_INFO_ADDR + 0x40;
     let modlist = PVH_INFO_ADDR + 0x400;
-    let mut si = Vec::with_capacity(56);
-    si.extend_from_slice(&0x336e_c578u32.to_le_bytes()); // magic
-    si.extend_from_slice(&1u32.to_le_bytes()); // version
-    si.extend_from_slice(&0u32.to_le_bytes()); // flags
-    si.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes()); // nr_modules
-    si.extend_from_slice(&modlist.to_le_bytes());
-    si.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
-    si.extend_from_slice(&rsdp.to_le_bytes());
-    si.extend_from_slice(&memmap.to_le_bytes());
-    si.extend_from_slice(&(e820.len() as u32).to_le_bytes());
-    si.extend_from_slice(&0u32.to_le_bytes());
-    mem.write_slice(&si, GuestAddress(PVH_INFO_ADDR)).map_err(mem_err)?;
-    for (i, (addr, size, t)) in e820.iter().enumerate() {
-        let mut e = Vec::with_capacity(24);
-        e.extend_from_slice(&addr.to_le_bytes());
-        e.extend_from_slice(&size.to_le_bytes());
-        e.extend_from_slice(&t.to_le_bytes());
-        e.extend_from_slice(&0u32.to_le_bytes());
-        mem.write_slice(&e, GuestAddress(memmap + 24 * i as u64)).map_err(mem_err)?;
+    let entries = u32::try_from(e820.len()).map_err(|_| Error::Memory("e820 map too long".into()))?;
+    let info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        flags: 0,
+        nr_modules: u32::from(initrd.is_some()),
+        modlist_paddr: modlist,
+        cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr: rsdp,
+        memmap_paddr: memmap,
+        memmap_entries: entries,
+        reserved: 0,
+    };
+    mem.write_obj(info, GuestAddress(PVH_INFO_ADDR)).map_err(mem_err)?;
+    let entry_size = std::mem::size_of::<hvm_memmap_table_entry>() as u64;
+    for (i, &(addr, size, type_)) in e820.iter().enumerate() {
+        let e = hvm_memmap_table_entry { addr, size, type_, reserved: 0 };
+        mem.write_obj(e, GuestAddress(memmap + entry_size * i as u64)).map_err(mem_err)?;
     }
-    if let Some((a, s)) = initrd {
-        let mut m = Vec::with_capacity(32);
-        m.extend_from_slice(&a.to_le_bytes());
-        m.extend_from_slice(&s.to_le_bytes());
-        m.extend_from_slice(&0u64.to_le_bytes());
-        m.extend_from_slice(&0u64.to_le_bytes());
-        mem.write_slice(&m, GuestAddress(modlist)).map_err(mem_err)?;
+    if let Some((paddr, size)) = initrd {
+        let m = hvm_modlist_entry { paddr, size, cmdline_paddr: 0, reserved: 0 };
+        mem.write_obj(m, GuestAddress(modlist)).map_err(mem_err)?;
     }
     Ok(())
 }
