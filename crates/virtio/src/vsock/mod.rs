@@ -203,9 +203,7 @@ pub(crate) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
     let len = libc::socklen_t::try_from(len).map_err(io::Error::other)?;
     // SAFETY: `addr` is a valid sockaddr_un that outlives the call and `len` does not exceed its size.
-    let r = unsafe {
-        libc::connect(fd, (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(), len)
-    };
+    let r = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(), len) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
