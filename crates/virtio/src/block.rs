@@ -623,6 +623,8 @@ impl VirtioDevice for Block {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use std::path::{Path, PathBuf};

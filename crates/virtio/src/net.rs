@@ -581,6 +581,8 @@ impl Handler for NetQueues {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::sync::Mutex;

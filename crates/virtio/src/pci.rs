@@ -952,6 +952,8 @@ impl PciDevice for VirtioPci {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::testing::{TestQueue, AVAIL, DATA, DESC, USED};

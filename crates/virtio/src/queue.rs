@@ -571,6 +571,8 @@ impl ChainWriter<'_> {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::error::Error as _;
 

@@ -143,6 +143,8 @@ impl VirtioDevice for Rng {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::sync::atomic::Ordering;
 
