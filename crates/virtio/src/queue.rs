@@ -367,6 +367,9 @@ impl Chain {
     /// does not overflow).
     ///
     /// Errors: [`ChainError::OutOfMemory`] naming the first buffer that does not.
+    // Out of line: inlined into virtio-blk's `serve`, it made LLVM stop inlining vm-memory's
+    // range iterator there (+4% instructions per 4 KiB read under callgrind).
+    #[inline(never)]
     pub fn check_memory(&self, mem: &GuestMem, dir: Direction) -> Result<(), ChainError> {
         for s in self.segments(dir).iter().filter(|s| s.len > 0) {
             let ok =
