@@ -108,8 +108,9 @@ pub const CONFIG_SIZE: usize = 60;
 
 /// Largest bounce buffer between guest memory and the image.
 const MAX_CHUNK: usize = 1 << 20;
-const REQ_HEADER_LEN: u64 = 16;
-const SEGMENT_LEN: u64 = 16;
+const REQ_HEADER_LEN: usize = 16;
+/// Size of one DISCARD / WRITE_ZEROES segment `{le64 sector, le32 num_sectors, le32 flags}`.
+const SEGMENT_LEN: usize = 16;
 
 /// The block device.
 pub struct Block {
@@ -179,8 +180,9 @@ impl Block {
         let capacity = image.size() >> SECTOR_SHIFT;
         let serial = serial.unwrap_or_else(|| default_id(image.path()));
         let mut id = [0u8; ID_BYTES];
-        let n = serial.len().min(ID_BYTES);
-        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        for (d, &b) in id.iter_mut().zip(serial.as_bytes()) {
+            *d = b;
+        }
         Block {
             disk: Arc::new(Mutex::new(image)),
             readonly,
@@ -217,7 +219,7 @@ impl Block {
         // 8..12 size_max, not offered.
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         // 16..20 geometry, not offered.
-        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c[20..24].copy_from_slice(&(1u32 << SECTOR_SHIFT).to_le_bytes());
         // 24..32 topology, not offered.
         c[32] = 1; // writeback (meaningful with CONFIG_WCE, which we do not offer)
         c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
@@ -272,6 +274,23 @@ fn guest_err(e: ChainError) -> ReqError {
         src = s.source();
     }
     ReqError::IoErr(msg)
+}
+
+/// The first `min(left, buf.len())` bytes of the bounce buffer `buf` (never empty when
+/// `left` and `buf` are not).
+fn bounce(buf: &mut [u8], left: u64) -> Result<&mut [u8], ReqError> {
+    let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+    buf.get_mut(..n).ok_or_else(|| ioerr("bounce buffer"))
+}
+
+/// A DISCARD / WRITE_ZEROES segment (§5.2.6) as `(sector, num_sectors, flags)`.
+fn parse_segment(s: &[u8; SEGMENT_LEN]) -> (u64, u32, u32) {
+    let [a, b, c, d, e, f, g, h, n0, n1, n2, n3, f0, f1, f2, f3] = *s;
+    (
+        u64::from_le_bytes([a, b, c, d, e, f, g, h]),
+        u32::from_le_bytes([n0, n1, n2, n3]),
+        u32::from_le_bytes([f0, f1, f2, f3]),
+    )
 }
 
 /// State the request handler needs besides the queue.
@@ -329,11 +348,11 @@ impl BlockCtx {
         let mut left = len;
         let res = (|| {
             while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                self.disk().read_at(off, &mut buf[..n]).map_err(|e| ioerr(format!("read at {off}: {e}")))?;
-                data.write_all(&buf[..n]).map_err(guest_err)?;
-                off += n as u64;
-                left -= n as u64;
+                let chunk = bounce(&mut buf, left)?;
+                self.disk().read_at(off, chunk).map_err(|e| ioerr(format!("read at {off}: {e}")))?;
+                data.write_all(chunk).map_err(guest_err)?;
+                off += chunk.len() as u64;
+                left -= chunk.len() as u64;
             }
             Ok(())
         })();
@@ -356,11 +375,11 @@ impl BlockCtx {
         let mut left = len;
         let res = (|| {
             while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                data.read_exact(&mut buf[..n]).map_err(guest_err)?;
-                self.disk().write_at(off, &buf[..n]).map_err(|e| ioerr(format!("write at {off}: {e}")))?;
-                off += n as u64;
-                left -= n as u64;
+                let chunk = bounce(&mut buf, left)?;
+                data.read_exact(chunk).map_err(guest_err)?;
+                self.disk().write_at(off, chunk).map_err(|e| ioerr(format!("write at {off}: {e}")))?;
+                off += chunk.len() as u64;
+                left -= chunk.len() as u64;
             }
             Ok(())
         })();
@@ -391,21 +410,23 @@ impl BlockCtx {
             return Err(ioerr("discard/write-zeroes on a read-only disk"));
         }
         let len = data.remaining();
-        if len == 0 || !len.is_multiple_of(SEGMENT_LEN) {
+        if len == 0 || !len.is_multiple_of(SEGMENT_LEN as u64) {
             return Err(ReqError::Unsupp(format!("segment data of {len} bytes")));
         }
-        let count = len / SEGMENT_LEN;
+        let count = len / SEGMENT_LEN as u64;
         if count > u64::from(MAX_DISCARD_SEG) {
             return Err(ioerr(format!("{count} segments (max {MAX_DISCARD_SEG})")));
         }
         // At most MAX_DISCARD_SEG × 16 bytes.
-        let mut raw = vec![0u8; len as usize];
-        data.read_exact(&mut raw).map_err(guest_err)?;
-        let mut segs = Vec::with_capacity(count as usize);
-        for s in raw.chunks_exact(SEGMENT_LEN as usize) {
-            let sector = u64::from_le_bytes(s[0..8].try_into().unwrap_or_default());
-            let num = u32::from_le_bytes(s[8..12].try_into().unwrap_or_default());
-            let flags = u32::from_le_bytes(s[12..16].try_into().unwrap_or_default());
+        let mut raw = [[0u8; SEGMENT_LEN]; MAX_DISCARD_SEG as usize];
+        let raw = usize::try_from(count)
+            .ok()
+            .and_then(|n| raw.get_mut(..n))
+            .ok_or_else(|| ioerr(format!("{count} segments")))?;
+        data.read_exact(raw.as_flattened_mut()).map_err(guest_err)?;
+        let mut segs = Vec::with_capacity(raw.len());
+        for s in &*raw {
+            let (sector, num, flags) = parse_segment(s);
             let known = if zeroes { FLAG_UNMAP } else { 0 };
             if flags & !known != 0 {
                 return Err(ReqError::Unsupp(format!("flags {flags:#x}")));
@@ -486,7 +507,7 @@ impl BlockCtx {
             chain.check_memory(mem, dir).map_err(guest_err)?;
         }
         let mut readable = chain.reader(mem);
-        let mut hdr = [0u8; REQ_HEADER_LEN as usize];
+        let mut hdr = [0u8; REQ_HEADER_LEN];
         if readable.read_exact(&mut hdr).is_err() {
             return Err(ioerr("request header missing or short"));
         }
@@ -505,8 +526,8 @@ impl BlockCtx {
             }
             VIRTIO_BLK_T_FLUSH => self.flush(),
             VIRTIO_BLK_T_GET_ID => {
-                let n = data_in.remaining().min(ID_BYTES as u64) as usize;
-                data_in.write_all(&self.id[..n]).map_err(guest_err)?;
+                // As much of the ID as fits (`write` stops when the room runs out).
+                data_in.write(&self.id).map_err(guest_err)?;
                 Counters::add(&self.counters.bytes_written, data_in.written());
                 Ok(())
             }
@@ -602,6 +623,8 @@ impl VirtioDevice for Block {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use std::path::{Path, PathBuf};

@@ -70,7 +70,7 @@ impl InputSender {
         let n = {
             let mut b = self.q.lock();
             let n = data.len().min(INPUT_BUFFER.saturating_sub(b.len()));
-            b.extend(&data[..n]);
+            b.extend(data.iter().take(n));
             n
         };
         if n > 0 {
@@ -143,8 +143,9 @@ impl ConsoleWorker {
         let mut chunk = [0u8; 4096];
         let mut done = 0u64;
         while done < MAX_TX_CHAIN {
-            let max = (chunk.len() as u64).min(MAX_TX_CHAIN - done) as usize;
-            let n = match reader.read(&mut chunk[..max]) {
+            let max = usize::try_from(MAX_TX_CHAIN - done).map_or(chunk.len(), |m| m.min(chunk.len()));
+            let Some(buf) = chunk.get_mut(..max) else { break };
+            let n = match reader.read(buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) => {
@@ -153,7 +154,9 @@ impl ConsoleWorker {
                     return 0;
                 }
             };
-            if let Err(e) = out.write_all(&chunk[..n]) {
+            // `read` returns at most `buf.len()`.
+            let data = buf.get(..n).unwrap_or_default();
+            if let Err(e) = out.write_all(data) {
                 tracing::warn!("console: output: {e}");
                 Counters::add(&counters.errors, 1);
                 return 0;
@@ -207,11 +210,11 @@ impl ConsoleWorker {
             return 0;
         }
         // At most the chain's length, which is below 2^32.
-        let n = w.written() as usize;
+        let n = usize::try_from(w.written()).unwrap_or(usize::MAX).min(pending.len());
         pending.drain(..n);
         Counters::add(&counters.requests, 1);
         Counters::add(&counters.bytes_written, n as u64);
-        n as u32
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     fn process_rx(&mut self, ctl: &EpollCtl) {
@@ -264,7 +267,7 @@ impl ConsoleWorker {
         let mut src = self.source.lock().unwrap_or_else(|e| e.into_inner());
         let Some(s) = src.as_mut() else { return };
         match s.read(&mut buf) {
-            Ok(n) if n > 0 => self.input.lock().extend(&buf[..n]),
+            Ok(n) if n > 0 => self.input.lock().extend(buf.iter().take(n)),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
             r => {
                 // EOF or a failed input: stop watching it for good.
@@ -290,9 +293,9 @@ impl Handler for ConsoleWorker {
     }
 
     fn queue_event(&mut self, queue: usize, ctl: &EpollCtl) {
-        match queue as u16 {
-            RXQ => self.process_rx(ctl),
-            TXQ => self.process_tx(),
+        match u16::try_from(queue) {
+            Ok(RXQ) => self.process_rx(ctl),
+            Ok(TXQ) => self.process_tx(),
             _ => {}
         }
     }
@@ -356,6 +359,8 @@ impl VirtioDevice for Console {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, Instant};

@@ -12,6 +12,11 @@
 //! guest memory and out-of-range lengths fail that request (or set `DEVICE_NEEDS_RESET`);
 //! they never panic or hang the VMM.
 
+#![deny(missing_docs, clippy::undocumented_unsafe_blocks)]
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::cast_possible_truncation)]
+// Unit tests may index and unwrap their own fixtures.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+
 pub mod block;
 pub mod console;
 pub mod device;

@@ -333,21 +333,24 @@ impl NetQueues {
     /// Gathers one TX chain (header + frame) and writes it to `io`; malformed chains, frames
     /// outside [`MIN_FRAME_LEN`]..=[`MAX_FRAME_LEN`] and write errors are counted and dropped.
     fn send(chain: Result<Chain, ChainError>, mem: &GuestMem, io: &dyn FrameIo, counters: &Counters, buf: &mut [u8]) {
-        let (chain, total) = match checked(chain, mem, Direction::Readable, MAX_FRAME_LEN as u64) {
-            Ok((c, t)) if t as usize >= MIN_FRAME_LEN => (c, t as usize),
-            Ok((_, t)) => {
-                tracing::debug!("virtio-net: TX frame of {t} bytes dropped (too short)");
-                Counters::add(&counters.errors, 1);
-                return;
-            }
+        let (chain, frame) = match checked(chain, mem, Direction::Readable, MAX_FRAME_LEN as u64) {
+            // t ≤ MAX_FRAME_LEN ≤ buf.len(), so the `get_mut` succeeds.
+            Ok((c, t)) => match usize::try_from(t).ok().and_then(|t| buf.get_mut(..t)) {
+                Some(frame) if frame.len() >= MIN_FRAME_LEN => (c, frame),
+                _ => {
+                    tracing::debug!("virtio-net: TX frame of {t} bytes dropped (too short)");
+                    Counters::add(&counters.errors, 1);
+                    return;
+                }
+            },
             Err(e) => {
                 tracing::debug!("virtio-net: TX chain dropped: {e}");
                 Counters::add(&counters.errors, 1);
                 return;
             }
         };
-        // total ≤ MAX_FRAME_LEN = buf.len().
-        if let Err(e) = chain.reader(mem).read_exact(&mut buf[..total]) {
+        let total = frame.len();
+        if let Err(e) = chain.reader(mem).read_exact(frame) {
             tracing::debug!("virtio-net: TX chain dropped: {e}");
             Counters::add(&counters.errors, 1);
             return;
@@ -355,8 +358,8 @@ impl NetQueues {
         // No offloads were negotiated: flags, gso_type, hdr_len, gso_size, csum_* must be 0 and
         // num_buffers is unused on transmit (§5.1.6.2). Don't let the guest pass anything else
         // to the host's stack.
-        buf[..VNET_HDR_LEN].fill(0);
-        match io.write_frame(&buf[..total]) {
+        frame.iter_mut().take(VNET_HDR_LEN).for_each(|b| *b = 0);
+        match io.write_frame(frame) {
             Ok(n) if n == total => {
                 Counters::add(&counters.requests, 1);
                 Counters::add(&counters.bytes_read, total as u64);
@@ -498,9 +501,11 @@ impl NetQueues {
         }
 
         // The header: no offloads, so everything 0 but num_buffers (§5.1.6.4).
-        let nbufs = rx_chains.len() as u16;
-        rx_buf[..VNET_HDR_LEN - 2].fill(0);
-        rx_buf[VNET_HDR_LEN - 2..VNET_HDR_LEN].copy_from_slice(&nbufs.to_le_bytes());
+        // At most the queue size.
+        let [n0, n1] = u16::try_from(rx_chains.len()).unwrap_or(u16::MAX).to_le_bytes();
+        if let Some((hdr, _)) = rx_buf.split_first_chunk_mut::<VNET_HDR_LEN>() {
+            *hdr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, n0, n1];
+        }
         let mut off = 0usize;
         let mut failed = false;
         for c in rx_chains.iter_mut() {
@@ -508,9 +513,10 @@ impl NetQueues {
                 break;
             }
             let mut w = c.chain.writer(mem, dma);
-            let res = w.write(&rx_buf[off..len]);
+            // off < len ≤ rx_buf.len().
+            let res = w.write(rx_buf.get(off..len).unwrap_or_default());
             // At most the chain's length, below 2^32.
-            c.written = w.written() as u32;
+            c.written = u32::try_from(w.written()).unwrap_or(u32::MAX);
             off += c.written as usize;
             if let Err(e) = res {
                 tracing::debug!("virtio-net: RX frame: {e}");
@@ -575,6 +581,8 @@ impl Handler for NetQueues {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::sync::Mutex;

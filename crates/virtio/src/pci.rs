@@ -42,7 +42,9 @@ use crate::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 /// Size of BAR 0 in bytes.
 pub const BAR_SIZE: u32 = 0x8000;
 const COMMON: u64 = 0x0000;
-const COMMON_LEN: u64 = 0x40;
+const COMMON_LEN: u64 = COMMON_BYTES as u64;
+/// Size of the common configuration structure (§4.1.4.3) in bytes.
+const COMMON_BYTES: usize = 0x40;
 const ISR: u64 = 0x1000;
 const DEVICE_CFG: u64 = 0x2000;
 const DEVICE_CFG_LEN: u64 = 0x1000;
@@ -98,9 +100,11 @@ impl Msix {
         if vector == NO_VECTOR || v >= self.table.len() || !self.enabled {
             return;
         }
-        let e = self.table[v];
+        let Some(&e) = self.table.get(v) else { return };
         if self.function_masked || e[3] & 1 != 0 {
-            self.pending[v] = true;
+            if let Some(p) = self.pending.get_mut(v) {
+                *p = true;
+            }
             return;
         }
         self.sink.send_msi(u64::from(e[0]) | (u64::from(e[1]) << 32), e[2]);
@@ -109,12 +113,34 @@ impl Msix {
     /// Sends what became unmasked while pending.
     fn flush_pending(&mut self) {
         for v in 0..self.table.len() {
-            if self.pending[v] && self.enabled && !self.function_masked && self.table[v][3] & 1 == 0 {
-                self.pending[v] = false;
-                self.signal(v as u16);
+            let unmasked = self.table.get(v).is_some_and(|e| e[3] & 1 == 0);
+            let Some(p) = self.pending.get_mut(v) else { continue };
+            if *p && self.enabled && !self.function_masked && unmasked {
+                *p = false;
+                // The table has at most 2048 entries (MSI-X table size is 11 bits).
+                if let Ok(v) = u16::try_from(v) {
+                    self.signal(v);
+                }
             }
         }
     }
+}
+
+/// The low byte of `v`: a register write wider than the register keeps its low bytes.
+fn low_u8(v: u64) -> u8 {
+    v.to_le_bytes()[0]
+}
+
+/// The low 16 bits of `v` (see [`low_u8`]).
+fn low_u16(v: u64) -> u16 {
+    let [a, b, ..] = v.to_le_bytes();
+    u16::from_le_bytes([a, b])
+}
+
+/// The low 32 bits of `v` (see [`low_u8`]).
+fn low_u32(v: u64) -> u32 {
+    let [a, b, c, d, ..] = v.to_le_bytes();
+    u32::from_le_bytes([a, b, c, d])
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -242,7 +268,7 @@ impl VirtioPci {
         };
         let mut config = PciConfig::new(PciId {
             vendor: 0x1af4,
-            device: 0x1040 + ty as u16,
+            device: 0x1040u16.saturating_add(u16::try_from(ty).unwrap_or(u16::MAX)),
             class,
             revision: 1,
             subsystem_vendor: 0x1af4,
@@ -252,10 +278,11 @@ impl VirtioPci {
         let nq = device.queue_max_sizes().len();
         let vectors = nq + 1;
         // virtio_pci_cap: vndr, next, len, cfg_type, bar, id, pad[2], offset, length.
+        // Offsets and lengths are inside the 32 KiB BAR; `extra` is at most 4 bytes.
         let cap = |ty: u8, off: u64, len: u64, extra: &[u8]| {
-            let mut c = vec![0x09, 0, (16 + extra.len()) as u8, ty, 0, 0, 0, 0];
-            c.extend_from_slice(&(off as u32).to_le_bytes());
-            c.extend_from_slice(&(len as u32).to_le_bytes());
+            let mut c = vec![0x09, 0, u8::try_from(16 + extra.len()).unwrap_or(u8::MAX), ty, 0, 0, 0, 0];
+            c.extend_from_slice(&low_u32(off).to_le_bytes());
+            c.extend_from_slice(&low_u32(len).to_le_bytes());
             c.extend_from_slice(extra);
             c
         };
@@ -269,9 +296,10 @@ impl VirtioPci {
         // MSI-X: message control (table size - 1; enable and function mask writable),
         // table offset/BIR 0, PBA offset/BIR 0.
         let mut msix = vec![0x11, 0];
-        msix.extend_from_slice(&((vectors - 1) as u16).to_le_bytes());
-        msix.extend_from_slice(&(MSIX_TABLE as u32).to_le_bytes());
-        msix.extend_from_slice(&(MSIX_PBA as u32).to_le_bytes());
+        // One vector per queue plus the configuration vector: far below the 2048 MSI-X allows.
+        msix.extend_from_slice(&u16::try_from(vectors - 1).unwrap_or(u16::MAX).to_le_bytes());
+        msix.extend_from_slice(&low_u32(MSIX_TABLE).to_le_bytes());
+        msix.extend_from_slice(&low_u32(MSIX_PBA).to_le_bytes());
         let msix_cap = config.add_capability(&msix, &[0, 0, 0, 0xc0]).unwrap_or(0);
         let msix_state = Msix {
             table: vec![[0, 0, 0, 1]; vectors],
@@ -317,32 +345,37 @@ impl VirtioPci {
         self.device.device_type()
     }
 
-    fn common_bytes(&self) -> [u8; COMMON_LEN as usize] {
-        let mut b = [0u8; COMMON_LEN as usize];
-        let put = |b: &mut [u8], off: usize, v: &[u8]| b[off..off + v.len()].copy_from_slice(v);
+    fn common_bytes(&self) -> [u8; COMMON_BYTES] {
+        let mut b = [0u8; COMMON_BYTES];
+        // Every field below is at a constant offset inside the structure.
+        let put = |b: &mut [u8], off: usize, v: &[u8]| {
+            if let Some(d) = b.get_mut(off..off + v.len()) {
+                d.copy_from_slice(v);
+            }
+        };
         put(&mut b, 0x00, &self.device_feature_select.to_le_bytes());
         let f = match self.device_feature_select {
-            0 => self.device_features as u32,
+            0 => low_u32(self.device_features),
             1 => (self.device_features >> 32) as u32,
             _ => 0,
         };
         put(&mut b, 0x04, &f.to_le_bytes());
         put(&mut b, 0x08, &self.driver_feature_select.to_le_bytes());
         let d = match self.driver_feature_select {
-            0 => self.driver_features as u32,
+            0 => low_u32(self.driver_features),
             1 => (self.driver_features >> 32) as u32,
             _ => 0,
         };
         put(&mut b, 0x0c, &d.to_le_bytes());
         let m = lock(&self.msix);
         put(&mut b, 0x10, &m.config_vector.to_le_bytes());
-        put(&mut b, 0x12, &(self.queues.len() as u16).to_le_bytes());
+        put(&mut b, 0x12, &u16::try_from(self.queues.len()).unwrap_or(u16::MAX).to_le_bytes());
         b[0x14] = self.status;
         b[0x15] = self.config_generation;
         put(&mut b, 0x16, &self.queue_select.to_le_bytes());
         if let Some(q) = self.queues.get(usize::from(self.queue_select)) {
             put(&mut b, 0x18, &q.size.to_le_bytes());
-            let v = m.queue_vectors[usize::from(self.queue_select)];
+            let v = m.queue_vectors.get(usize::from(self.queue_select)).copied().unwrap_or(NO_VECTOR);
             put(&mut b, 0x1a, &v.to_le_bytes());
             put(&mut b, 0x1c, &u16::from(q.enabled).to_le_bytes());
             put(&mut b, 0x1e, &self.queue_select.to_le_bytes());
@@ -361,13 +394,15 @@ impl VirtioPci {
         }
         let mut v8 = [0u8; 8];
         let n = data.len().min(8);
-        v8[..n].copy_from_slice(&data[..n]);
+        for (d, &s) in v8.iter_mut().zip(data) {
+            *d = s;
+        }
         let v = u64::from_le_bytes(v8);
         let active = self.status & status::DRIVER_OK != 0;
         let qs = usize::from(self.queue_select);
         match off {
-            0x00 => self.device_feature_select = v as u32,
-            0x08 => self.driver_feature_select = v as u32,
+            0x00 => self.device_feature_select = low_u32(v),
+            0x08 => self.driver_feature_select = low_u32(v),
             0x0c => {
                 if self.status & status::FEATURES_OK == 0 {
                     let shift = match self.driver_feature_select {
@@ -381,18 +416,19 @@ impl VirtioPci {
             }
             0x10 => {
                 let mut m = lock(&self.msix);
-                m.config_vector = if usize::from(v as u16) < m.table.len() { v as u16 } else { NO_VECTOR };
+                let v = low_u16(v);
+                m.config_vector = if usize::from(v) < m.table.len() { v } else { NO_VECTOR };
             }
-            0x14 => self.write_status(v as u8),
-            0x16 => self.queue_select = v as u16,
+            0x14 => self.write_status(low_u8(v)),
+            0x16 => self.queue_select = low_u16(v),
             0x18 if !active => {
                 if let Some(q) = self.queues.get_mut(qs) {
-                    q.size = (v as u16).min(q.max);
+                    q.size = low_u16(v).min(q.max);
                 }
             }
             0x1a => {
                 let mut m = lock(&self.msix);
-                let nv = if usize::from(v as u16) < m.table.len() { v as u16 } else { NO_VECTOR };
+                let nv = if usize::from(low_u16(v)) < m.table.len() { low_u16(v) } else { NO_VECTOR };
                 if let Some(slot) = m.queue_vectors.get_mut(qs) {
                     *slot = nv;
                 }
@@ -631,12 +667,14 @@ impl VirtioPci {
     fn msix_table_write(&self, off: u64, data: &[u8]) {
         let mut m = lock(&self.msix);
         for (i, &b) in data.iter().enumerate() {
-            let o = off as usize + i;
+            let Some(o) = usize::try_from(off).ok().and_then(|o| o.checked_add(i)) else { continue };
             let (v, w, byte) = (o / 16, (o % 16) / 4, o % 4);
-            if let Some(e) = m.table.get_mut(v) {
-                let mut le = e[w].to_le_bytes();
-                le[byte] = b;
-                e[w] = u32::from_le_bytes(le);
+            if let Some(word) = m.table.get_mut(v).and_then(|e| e.get_mut(w)) {
+                let mut le = word.to_le_bytes();
+                if let Some(x) = le.get_mut(byte) {
+                    *x = b;
+                }
+                *word = u32::from_le_bytes(le);
             }
         }
         m.flush_pending();
@@ -645,10 +683,8 @@ impl VirtioPci {
     fn msix_pba_read(&self, off: u64, data: &mut [u8]) {
         let m = lock(&self.msix);
         let mut bits = vec![0u8; m.pending.len().div_ceil(64) * 8];
-        for (i, p) in m.pending.iter().enumerate() {
-            if *p {
-                bits[i / 8] |= 1 << (i % 8);
-            }
+        for (byte, pending) in bits.iter_mut().zip(m.pending.chunks(8)) {
+            *byte = pending.iter().enumerate().fold(0, |acc, (j, &p)| acc | (u8::from(p) << j));
         }
         crate::device::read_config_bytes(&bits, off, data);
     }
@@ -879,7 +915,11 @@ impl PciDevice for VirtioPci {
                 crate::device::read_config_bytes(&b, o, data);
             }
             // Reading the ISR byte clears it (§4.1.4.5).
-            ISR => data[0] = self.isr.swap(0, Ordering::SeqCst),
+            ISR => {
+                if let Some(d) = data.first_mut() {
+                    *d = self.isr.swap(0, Ordering::SeqCst);
+                }
+            }
             o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
                 self.device.read_config(o - DEVICE_CFG, data)
             }
@@ -900,8 +940,8 @@ impl PciDevice for VirtioPci {
                 self.device.write_config(o - DEVICE_CFG, data)
             }
             o if (NOTIFY..MSIX_TABLE).contains(&o) => {
-                let q = ((o - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
-                if let Some(k) = self.kicks.get(q) {
+                let q = (o - NOTIFY) / u64::from(NOTIFY_MULTIPLIER);
+                if let Some(k) = usize::try_from(q).ok().and_then(|q| self.kicks.get(q)) {
                     let _ = k.write(1);
                 }
             }
@@ -912,6 +952,8 @@ impl PciDevice for VirtioPci {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use crate::testing::{TestQueue, AVAIL, DATA, DESC, USED};

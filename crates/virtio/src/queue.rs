@@ -302,11 +302,12 @@ impl Chain {
                     return Err(ChainError::BadIndirect);
                 }
                 let len = d.len();
-                if len == 0 || u64::from(len) % DESC_SIZE != 0 || u64::from(len) / DESC_SIZE > u64::from(u16::MAX) {
-                    return Err(ChainError::BadIndirectLen(len));
-                }
+                let entries = match u16::try_from(u64::from(len) / DESC_SIZE) {
+                    Ok(n) if n > 0 && u64::from(len) % DESC_SIZE == 0 => n,
+                    _ => return Err(ChainError::BadIndirectLen(len)),
+                };
                 table = d.addr().0;
-                table_size = (u64::from(len) / DESC_SIZE) as u16;
+                table_size = entries;
                 idx = 0;
                 visited = 0;
                 indirect = true;
@@ -345,8 +346,9 @@ impl Chain {
     /// The buffers of `dir`, in chain order.
     pub fn segments(&self, dir: Direction) -> &[Segment] {
         match dir {
-            Direction::Readable => &self.segs[..self.first_writable],
-            Direction::Writable => &self.segs[self.first_writable..],
+            // `first_writable` ≤ `segs.len()` by construction ([`Chain::parse`]).
+            Direction::Readable => self.segs.get(..self.first_writable).unwrap_or_default(),
+            Direction::Writable => self.segs.get(self.first_writable..).unwrap_or_default(),
         }
     }
 
@@ -365,6 +367,9 @@ impl Chain {
     /// does not overflow).
     ///
     /// Errors: [`ChainError::OutOfMemory`] naming the first buffer that does not.
+    // Out of line: inlined into virtio-blk's `serve`, it made LLVM stop inlining vm-memory's
+    // range iterator there (+4% instructions per 4 KiB read under callgrind).
+    #[inline(never)]
     pub fn check_memory(&self, mem: &GuestMem, dir: Direction) -> Result<(), ChainError> {
         for s in self.segments(dir).iter().filter(|s| s.len > 0) {
             let ok =
@@ -437,7 +442,10 @@ impl<'c> Cursor<'c> {
         }
         while let Some(s) = self.segs.get(self.idx) {
             if self.off < s.len {
-                let n = u64::from(s.len - self.off).min(self.left).min(max as u64) as usize;
+                // ≤ u32::MAX before the `min(max)`, so the conversion only fails on 16-bit
+                // targets, where `max` is the smaller anyway.
+                let n = u64::from(s.len - self.off).min(self.left);
+                let n = usize::try_from(n).map_or(max, |n| n.min(max));
                 return Some(match s.addr.checked_add(u64::from(self.off)) {
                     Some(gpa) => Ok((gpa, n)),
                     None => Err(ChainError::OutOfMemory { addr: s.addr, len: s.len }),
@@ -451,8 +459,8 @@ impl<'c> Cursor<'c> {
 
     /// Moves past `n` bytes of the piece [`Cursor::peek`] returned.
     fn advance(&mut self, n: usize) {
-        // n ≤ the piece's length ≤ s.len - off (a u32) and ≤ left.
-        self.off += n as u32;
+        // n ≤ the piece's length ≤ s.len - off (a u32) and ≤ left, so neither saturates.
+        self.off = self.off.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
         self.left -= n as u64;
     }
 }
@@ -475,16 +483,17 @@ impl ChainReader<'_> {
     /// Errors: [`ChainError::Memory`] or [`ChainError::OutOfMemory`] when guest memory could
     /// not be read (the bytes before it were read and the cursor stays on the failed piece).
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, ChainError> {
-        let mut done = 0;
-        while let Some(piece) = self.cur.peek(buf.len() - done) {
+        let total = buf.len();
+        let mut rest = buf;
+        while let Some(piece) = self.cur.peek(rest.len()) {
             let (gpa, n) = piece?;
-            self.mem
-                .read_slice(&mut buf[done..done + n], GuestAddress(gpa))
-                .map_err(|source| ChainError::Memory { gpa, source })?;
+            // `peek(max)` returns at most `max` bytes: the split always succeeds.
+            let Some((dst, tail)) = std::mem::take(&mut rest).split_at_mut_checked(n) else { break };
+            self.mem.read_slice(dst, GuestAddress(gpa)).map_err(|source| ChainError::Memory { gpa, source })?;
             self.cur.advance(n);
-            done += n;
+            rest = tail;
         }
-        Ok(done)
+        Ok(total - rest.len())
     }
 
     /// Reads exactly `buf.len()` bytes.
@@ -538,18 +547,18 @@ impl ChainWriter<'_> {
     /// not be written (the bytes before it were written, recorded and counted in
     /// [`ChainWriter::written`]).
     pub fn write(&mut self, data: &[u8]) -> Result<usize, ChainError> {
-        let mut done = 0;
-        while let Some(piece) = self.cur.peek(data.len() - done) {
+        let mut rest = data;
+        while let Some(piece) = self.cur.peek(rest.len()) {
             let (gpa, n) = piece?;
-            self.mem
-                .write_slice(&data[done..done + n], GuestAddress(gpa))
-                .map_err(|source| ChainError::Memory { gpa, source })?;
+            // `peek(max)` returns at most `max` bytes: the split always succeeds.
+            let Some((src, tail)) = rest.split_at_checked(n) else { break };
+            self.mem.write_slice(src, GuestAddress(gpa)).map_err(|source| ChainError::Memory { gpa, source })?;
             self.dma.record(gpa, n as u64);
             self.cur.advance(n);
             self.written += n as u64;
-            done += n;
+            rest = tail;
         }
-        Ok(done)
+        Ok(data.len() - rest.len())
     }
 
     /// Writes all of `data`.
@@ -565,6 +574,8 @@ impl ChainWriter<'_> {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::error::Error as _;
 

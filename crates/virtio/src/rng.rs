@@ -35,9 +35,8 @@ impl Rng {
 
 /// Fills `buf` from the host's getrandom(2).
 fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
+    let mut rest = buf;
+    while !rest.is_empty() {
         // SAFETY: the pointer and length describe the writable slice `rest`.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
         if n < 0 {
@@ -47,7 +46,8 @@ fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
             }
             return Err(e);
         }
-        done += n as usize;
+        // getrandom(2) fills at most `rest.len()` bytes.
+        rest = std::mem::take(&mut rest).get_mut(n as usize..).unwrap_or_default();
     }
     Ok(())
 }
@@ -79,20 +79,21 @@ impl RngQueue {
         w.limit(MAX_REQUEST as u64);
         let mut buf = [0u8; 4096];
         while w.remaining() > 0 {
-            let n = w.remaining().min(buf.len() as u64) as usize;
-            let failed = match host_random(&mut buf[..n]) {
+            let n = usize::try_from(w.remaining()).map_or(buf.len(), |r| r.min(buf.len()));
+            let Some(chunk) = buf.get_mut(..n) else { break };
+            let failed = match host_random(chunk) {
                 Err(e) => Some(format!("getrandom: {e}")),
-                Ok(()) => w.write(&buf[..n]).err().map(|e| e.to_string()),
+                Ok(()) => w.write(chunk).err().map(|e| e.to_string()),
             };
             if let Some(e) = failed {
                 tracing::debug!("virtio-rng: {e}");
                 Counters::add(&counters.errors, 1);
                 // At most MAX_REQUEST.
-                return w.written() as u32;
+                return u32::try_from(w.written()).unwrap_or(u32::MAX);
             }
         }
         // At most MAX_REQUEST.
-        let written = w.written() as u32;
+        let written = u32::try_from(w.written()).unwrap_or(u32::MAX);
         Counters::add(&counters.requests, 1);
         Counters::add(&counters.bytes_written, u64::from(written));
         written
@@ -142,6 +143,8 @@ impl VirtioDevice for Rng {
 }
 
 #[cfg(test)]
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::sync::atomic::Ordering;
 

@@ -53,6 +53,19 @@ pub struct Tap {
 }
 
 /// `name` as a NUL-padded `ifr_name`.
+/// `IFF_*` flags are `c_int` constants but `ifr_flags` is a `short`; those used here are
+/// below `1 << 15` (checked at compile time).
+const _: () = assert!(libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_UP <= i16::MAX as libc::c_int);
+/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` as `ifr_flags`.
+#[allow(clippy::cast_possible_truncation)] // below 1 << 15: asserted above
+const TAP_FLAGS: libc::c_short = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+/// `IFF_UP` as `ifr_flags`.
+#[allow(clippy::cast_possible_truncation)] // below 1 << 15: asserted above
+const IFF_UP: libc::c_short = libc::IFF_UP as libc::c_short;
+/// [`VNET_HDR_LEN`] as the `int` TUNSETVNETHDRSZ takes.
+#[allow(clippy::cast_possible_truncation)] // 12
+const VNET_HDR_LEN_INT: libc::c_int = VNET_HDR_LEN as libc::c_int;
+
 fn ifr_name(name: &str) -> [c_char; libc::IFNAMSIZ] {
     let mut out = [0 as c_char; libc::IFNAMSIZ];
     for (o, b) in out.iter_mut().zip(name.bytes().take(MAX_NAME_LEN)) {
@@ -102,7 +115,7 @@ impl Tap {
         // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         ifr.ifr_name = ifr_name(name);
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        ifr.ifr_ifru.ifru_flags = TAP_FLAGS;
         // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `ifr` is and outlives the call.
         if unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut ifr as *mut libc::ifreq) } < 0 {
             return Err(err("TUNSETIFF"));
@@ -111,7 +124,7 @@ impl Tap {
         let actual: Vec<u8> = ifr.ifr_name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
         let actual = String::from_utf8_lossy(&actual).into_owned();
 
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        let hdr_len = VNET_HDR_LEN_INT;
         // SAFETY: TUNSETVNETHDRSZ reads one `int` through the pointer, which points to `hdr_len`.
         if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &hdr_len as *const libc::c_int) } < 0 {
             return Err(err("TUNSETVNETHDRSZ"));
@@ -155,10 +168,10 @@ impl Tap {
         }
         // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
         let flags = unsafe { ifr.ifr_ifru.ifru_flags };
-        if flags & libc::IFF_UP as libc::c_short != 0 {
+        if flags & IFF_UP != 0 {
             return Ok(());
         }
-        ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+        ifr.ifr_ifru.ifru_flags = flags | IFF_UP;
         // SAFETY: SIOCSIFFLAGS reads one `struct ifreq`, which `ifr` is.
         if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr as *const libc::ifreq) } < 0 {
             return Err(err("SIOCSIFFLAGS"));

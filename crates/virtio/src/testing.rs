@@ -7,6 +7,9 @@
 //! life, while the device rigs own the memory alongside the queue, and it builds well-formed
 //! chains where these tests need raw descriptor writes.
 
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#![allow(clippy::cast_possible_truncation)]
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

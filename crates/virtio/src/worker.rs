@@ -358,7 +358,7 @@ impl<H: Handler> Run<H> {
                 // The handler was dropped while the thread waited: these events are stale.
                 continue;
             }
-            for ev in &events[..n] {
+            for ev in events.iter().take(n) {
                 match ev.data() {
                     WAKE_TOKEN => {
                         let _ = self.wake.read();
@@ -371,10 +371,11 @@ impl<H: Handler> Run<H> {
                         break;
                     }
                     q if q < FIRST_DEVICE_TOKEN => {
+                        let Ok(q) = usize::try_from(q) else { continue };
                         if let Some(a) = s.active.as_mut() {
-                            if let Some(e) = a.queue_evts.get(q as usize) {
+                            if let Some(e) = a.queue_evts.get(q) {
                                 let _ = e.read();
-                                a.handler.queue_event(q as usize, &EpollCtl { epoll: &a.epoll });
+                                a.handler.queue_event(q, &EpollCtl { epoll: &a.epoll });
                             }
                         }
                     }

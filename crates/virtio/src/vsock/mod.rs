@@ -185,7 +185,8 @@ impl VirtioDevice for Vsock {
 /// a listener whose backlog is full fails with `EAGAIN` instead of blocking.
 pub(crate) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let bytes = path.as_os_str().as_bytes();
-    let mut addr = libc::sockaddr_un { sun_family: libc::AF_UNIX as libc::sa_family_t, sun_path: [0; 108] };
+    let family = libc::sa_family_t::try_from(libc::AF_UNIX).map_err(io::Error::other)?;
+    let mut addr = libc::sockaddr_un { sun_family: family, sun_path: [0; 108] };
     if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "Unix socket path too long or invalid"));
     }
@@ -200,10 +201,9 @@ pub(crate) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     // SAFETY: `fd` is a fresh, valid descriptor nobody else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    let len = libc::socklen_t::try_from(len).map_err(io::Error::other)?;
     // SAFETY: `addr` is a valid sockaddr_un that outlives the call and `len` does not exceed its size.
-    let r = unsafe {
-        libc::connect(fd, (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(), len as libc::socklen_t)
-    };
+    let r = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(), len) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -210,7 +210,8 @@ impl Conn {
         } else if self.can_send_data() && !self.rx_buf.is_empty() && self.peer_credit() > 0 && cap > 0 {
             let n = self.rx_buf.len().min(self.peer_credit() as usize).min(cap).min(MAX_PKT_PAYLOAD as usize);
             data.extend(self.rx_buf.drain(..n));
-            self.rx_cnt += n as u32;
+            // n ≤ MAX_PKT_PAYLOAD.
+            self.rx_cnt += u32::try_from(n).unwrap_or(MAX_PKT_PAYLOAD);
             self.header(guest_cid, OP_RW)
         } else if self.can_send_data() && !self.rx_buf.is_empty() && self.peer_credit() == 0 && !self.credit_requested {
             self.credit_requested = true;
@@ -230,7 +231,8 @@ impl Conn {
         } else {
             return None;
         };
-        h.len = data.len() as u32;
+        // At most MAX_PKT_PAYLOAD (only OP_RW carries data).
+        h.len = u32::try_from(data.len()).unwrap_or(MAX_PKT_PAYLOAD);
         // Every packet carries our credit.
         self.send_credit_update = false;
         self.last_fwd_cnt_sent = self.fwd_cnt;
@@ -251,7 +253,8 @@ impl Conn {
             self.tx_buf.drain(..n);
             let own = n.min(self.tx_prefix);
             self.tx_prefix -= own;
-            self.fwd_cnt += (n - own) as u32;
+            // n ≤ the buffered bytes, which the guest's credit keeps below 2^32.
+            self.fwd_cnt += u32::try_from(n - own).unwrap_or(u32::MAX);
         }
         if (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD {
             self.send_credit_update = true;
@@ -265,13 +268,15 @@ impl Conn {
         let mut tmp = [0u8; 16 << 10];
         while self.wants_read() {
             let n = (RX_BUF_MAX - self.rx_buf.len()).min(tmp.len());
-            match self.stream.read(&mut tmp[..n]) {
+            let Some(buf) = tmp.get_mut(..n) else { break };
+            match self.stream.read(buf) {
                 Ok(0) => {
                     self.local_eof = true;
                     // EOF alone may be a half-close; a hang-up means the peer is gone.
                     self.hup |= peer_hung_up(&self.stream);
                 }
-                Ok(n) => self.rx_buf.extend(&tmp[..n]),
+                // `read` returns at most `buf.len()`.
+                Ok(k) => self.rx_buf.extend(buf.get(..k).unwrap_or_default()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -614,12 +619,13 @@ impl Muxer {
         let drop_it = match p.stream.read(&mut tmp) {
             Ok(0) => true,
             Ok(n) => {
-                p.line.extend_from_slice(&tmp[..n]);
+                p.line.extend_from_slice(tmp.get(..n).unwrap_or_default());
                 match p.line.iter().position(|&b| b == b'\n') {
                     Some(nl) => {
                         let Some(p) = self.pending.remove(&token) else { return };
-                        let rest = p.line[nl + 1..].to_vec();
-                        match parse_connect(&p.line[..nl]) {
+                        // `nl` is the position of a byte of the line.
+                        let rest = p.line.get(nl + 1..).unwrap_or_default().to_vec();
+                        match parse_connect(p.line.get(..nl).unwrap_or_default()) {
                             Some(port) => self.connect_host(token, p.stream, port, rest, ctl),
                             None => {
                                 tracing::debug!("vsock: bad CONNECT line from a host program");
@@ -905,7 +911,8 @@ fn serve_rx(
             return 0;
         }
     };
-    let cap = (total - HDR_LEN as u64).min(u64::from(MAX_PKT_PAYLOAD)) as usize;
+    let max = MAX_PKT_PAYLOAD as usize;
+    let cap = usize::try_from(total - HDR_LEN as u64).map_or(max, |c| c.min(max));
     let Some((h, data)) = m.next_rx_packet(cap, ctl) else {
         // Only data was pending and the buffer had no room for any.
         Counters::add(&counters.errors, 1);
@@ -919,7 +926,8 @@ fn serve_rx(
     }
     Counters::add(&counters.requests, 1);
     Counters::add(&counters.bytes_written, data.len() as u64);
-    (HDR_LEN + data.len()) as u32
+    // At most HDR_LEN + MAX_PKT_PAYLOAD.
+    u32::try_from(HDR_LEN + data.len()).unwrap_or(u32::MAX)
 }
 
 impl VsockWorker {
@@ -976,9 +984,9 @@ impl Handler for VsockWorker {
     }
 
     fn queue_event(&mut self, queue: usize, ctl: &EpollCtl) {
-        match queue as u16 {
-            RXQ => {}
-            TXQ => self.process_tx(ctl),
+        match u16::try_from(queue) {
+            Ok(RXQ) => {}
+            Ok(TXQ) => self.process_tx(ctl),
             // The event queue: buffers for the transport reset owed after a snapshot.
             _ => {
                 self.send_transport_reset();

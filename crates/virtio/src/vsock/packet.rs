@@ -61,9 +61,10 @@ pub struct Header {
 impl Header {
     /// Decodes the 44-byte wire form.
     pub fn from_bytes(b: &[u8; HDR_LEN]) -> Header {
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
-        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap_or_default());
+        // Every offset below is a constant inside the 44 bytes: the `get`s never fail.
+        let u64_at = |o: usize| b.get(o..o + 8).and_then(|s| s.try_into().ok()).map_or(0, u64::from_le_bytes);
+        let u32_at = |o: usize| b.get(o..o + 4).and_then(|s| s.try_into().ok()).map_or(0, u32::from_le_bytes);
+        let u16_at = |o: usize| b.get(o..o + 2).and_then(|s| s.try_into().ok()).map_or(0, u16::from_le_bytes);
         Header {
             src_cid: u64_at(0),
             dst_cid: u64_at(8),

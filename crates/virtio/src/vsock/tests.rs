@@ -1,6 +1,9 @@
 //! Device-level tests: the device runs on its real worker thread; the test plays the guest
 //! driver through rings in guest memory and the host programs through real Unix sockets.
 
+// Test fixtures: byte patterns wrap on purpose; sizes and indices are small constants.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
