@@ -57,7 +57,7 @@ use crate::{CpuState, Error, ExitHandler, RamRegion, Result, Vcpu, VcpuExit, Vcp
 pub use hypervisor::KvmHypervisor;
 pub use msi::MAX_MSI_ROUTES;
 pub use regs::DEFAULT_APIC_BASE_BSP;
-pub use snapshot::{KvmPod, KvmVcpuState, KvmVmState, MsrValue, Raw, SkippedState};
+pub use snapshot::{KvmPod, KvmVcpuState, KvmVmState, MsrValue, Raw, RawFpu, SkippedState};
 
 /// Guest-physical address given to `KVM_SET_TSS_ADDR`: three pages just below the 4 GiB
 /// BIOS area that Intel VT-x needs for real-mode emulation (same value as Firecracker).

@@ -71,9 +71,13 @@
 //! # Serialized form
 //!
 //! The state types derive serde's `Serialize`/`Deserialize`. KVM's structures are held as
-//! [`Raw`], which serializes as the structure's byte image (the kernel ABI layout, as
-//! kvm-bindings' own `serde` feature does), so a snapshot is only meant to be restored on
-//! the same architecture with a compatible kernel ABI.
+//! [`Raw`], which uses kvm-bindings' `serde` feature: the structure's byte image (the kernel
+//! ABI layout) as serde `bytes`, so a snapshot is only meant to be restored on the same
+//! architecture with a compatible kernel ABI. `kvm_fpu`, which that feature does not cover,
+//! is held as [`RawFpu`] and serialized in the same form. This is byte for byte the form
+//! rustvisor wrote before it used the crate's impls ("kvm/1" states and kvm vCPU snapshots
+//! did not change). Note that kvm-bindings' deserializer zero-pads or truncates a byte image
+//! of the wrong length instead of refusing it (meant for structures a newer kernel extends).
 
 use std::fmt;
 use std::mem::size_of;
@@ -84,7 +88,9 @@ use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::{kvm_err, KvmVcpu, KvmVm};
 use crate::{Error, Result};
@@ -150,27 +156,23 @@ mod sealed {
     pub trait Sealed {}
 }
 
-/// A KVM UAPI structure that is plain old data: `#[repr(C)]`, made only of integers and
-/// arrays or unions of integers, without implicit padding. Every byte of a value is
-/// therefore initialised and every byte pattern is a valid value, so [`Raw`] can view it
-/// as bytes and rebuild it from bytes.
+/// A KVM UAPI structure that kvm-bindings' `serde` feature covers: it serializes as the
+/// structure's byte image (serde `bytes`) and derives zerocopy's `IntoBytes`/`FromBytes`,
+/// which prove at compile time that the layout has no padding, so [`Raw`] can view it as
+/// bytes and rebuild it from bytes without `unsafe`.
 ///
-/// # Safety
-///
-/// Implemented (sealed) only for the kvm-bindings structures listed in this module, whose
-/// sizes are checked at compile time against the kernel ABI.
-pub unsafe trait KvmPod: Copy + Default + sealed::Sealed {}
+/// Implemented (sealed) only for the structures listed in this module, whose sizes are
+/// checked at compile time against the kernel ABI. `kvm_fpu` is not one of them (the crate
+/// gives it neither serde nor zerocopy impls); see [`RawFpu`].
+pub trait KvmPod:
+    Copy + Default + IntoBytes + FromBytes + Immutable + Serialize + DeserializeOwned + sealed::Sealed
+{
+}
 
 macro_rules! kvm_pod {
     ($($t:ty => $size:expr),* $(,)?) => {$(
         impl sealed::Sealed for $t {}
-        // SAFETY: a kernel UAPI struct of integer fields, integer arrays and (for
-        // kvm_irqchip) a union whose `dummy` byte array covers all of it; its fields are laid
-        // out without implicit padding (with its `serde` feature kvm-bindings derives
-        // zerocopy's `IntoBytes`, which proves that, for all of these but kvm_fpu, whose
-        // fields add up to its 416 bytes),
-        // and the size assertion below pins the layout.
-        unsafe impl KvmPod for $t {}
+        impl KvmPod for $t {}
         const _: () = assert!(size_of::<$t>() == $size);
     )*};
 }
@@ -178,7 +180,6 @@ macro_rules! kvm_pod {
 kvm_pod! {
     kvm_regs => 144,
     kvm_sregs => 312,
-    kvm_fpu => 416,
     kvm_xcrs => 392,
     kvm_debugregs => 128,
     kvm_lapic_state => 1024,
@@ -189,30 +190,22 @@ kvm_pod! {
     kvm_clock_data => 48,
 }
 
-/// A KVM structure held verbatim. Serializes as its byte image (serde `bytes`); equality
-/// compares the bytes.
+/// A KVM structure held verbatim. Serializes with kvm-bindings' own impls (its byte image as
+/// serde `bytes`); equality compares the bytes (kvm-bindings derives neither `Eq` nor, for
+/// `kvm_irqchip`, `PartialEq`/`Debug`, which the state types need).
 #[derive(Clone, Copy, Default)]
 pub struct Raw<T: KvmPod>(pub T);
 
 impl<T: KvmPod> Raw<T> {
     /// The structure's bytes, in the kernel ABI layout.
     pub fn as_bytes(&self) -> &[u8] {
-        // SAFETY: `T: KvmPod` has no padding, so all `size_of::<T>()` bytes of the value are
-        // initialised; the slice borrows `self` and so cannot outlive it.
-        unsafe { std::slice::from_raw_parts((&self.0 as *const T).cast::<u8>(), size_of::<T>()) }
+        self.0.as_bytes()
     }
 
     /// Rebuilds the structure from [`Raw::as_bytes`] output; `None` when `bytes` is not
     /// exactly `size_of::<T>()` long.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != size_of::<T>() {
-            return None;
-        }
-        let mut value = T::default();
-        // SAFETY: `value` is a local of exactly `bytes.len()` bytes that `bytes` cannot
-        // overlap, and any byte pattern is a valid `T` (`KvmPod`).
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut value as *mut T).cast::<u8>(), bytes.len()) };
-        Some(Self(value))
+        T::read_from_bytes(bytes).ok().map(Self)
     }
 }
 
@@ -233,35 +226,121 @@ impl<T: KvmPod> fmt::Debug for Raw<T> {
 
 impl<T: KvmPod> Serialize for Raw<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(self.as_bytes())
+        self.0.serialize(serializer)
     }
 }
 
 impl<'de, T: KvmPod> Deserialize<'de> for Raw<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        struct Visitor<T>(std::marker::PhantomData<T>);
+        T::deserialize(deserializer).map(Self)
+    }
+}
 
-        impl<'de, T: KvmPod> serde::de::Visitor<'de> for Visitor<T> {
-            type Value = Raw<T>;
+/// Size of `kvm_fpu` in the kernel ABI.
+const FPU_SIZE: usize = 416;
+const _: () = assert!(size_of::<kvm_fpu>() == FPU_SIZE);
+
+/// `kvm_fpu` held verbatim. kvm-bindings 0.14's `serde` feature leaves this structure out
+/// (no `Serialize`/`Deserialize`, no zerocopy derives), so it is serialized here, in the same
+/// form as [`Raw`]: its 416-byte kernel ABI image as serde `bytes`, built and parsed field by
+/// field (native byte order), so no `unsafe` is needed. Deserializing requires exactly 416
+/// bytes.
+#[derive(Clone, Copy, Default, PartialEq)]
+pub struct RawFpu(pub kvm_fpu);
+
+/// `kvm_fpu` is integers and integer arrays only, so its `PartialEq` is an equivalence.
+impl Eq for RawFpu {}
+
+impl RawFpu {
+    /// The structure's bytes, in the kernel ABI layout: `fpr`, `fcw`, `fsw`, `ftwx`, `pad1`,
+    /// `last_opcode`, `last_ip`, `last_dp`, `xmm`, `mxcsr`, `pad2`, without padding.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let f = &self.0;
+        let mut out = Vec::with_capacity(FPU_SIZE);
+        f.fpr.iter().for_each(|r| out.extend_from_slice(r));
+        out.extend_from_slice(&f.fcw.to_ne_bytes());
+        out.extend_from_slice(&f.fsw.to_ne_bytes());
+        out.push(f.ftwx);
+        out.push(f.pad1);
+        out.extend_from_slice(&f.last_opcode.to_ne_bytes());
+        out.extend_from_slice(&f.last_ip.to_ne_bytes());
+        out.extend_from_slice(&f.last_dp.to_ne_bytes());
+        f.xmm.iter().for_each(|r| out.extend_from_slice(r));
+        out.extend_from_slice(&f.mxcsr.to_ne_bytes());
+        out.extend_from_slice(&f.pad2.to_ne_bytes());
+        debug_assert_eq!(out.len(), FPU_SIZE);
+        out
+    }
+
+    /// Rebuilds the structure from [`RawFpu::to_bytes`] output; `None` when `bytes` is not
+    /// exactly 416 bytes long.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        fn take<const N: usize>(rest: &mut &[u8]) -> Option<[u8; N]> {
+            let (head, tail) = rest.split_first_chunk::<N>()?;
+            *rest = tail;
+            Some(*head)
+        }
+        if bytes.len() != FPU_SIZE {
+            return None;
+        }
+        let rest = &mut &bytes[..];
+        let mut f = kvm_fpu::default();
+        for r in &mut f.fpr {
+            *r = take(rest)?;
+        }
+        f.fcw = u16::from_ne_bytes(take(rest)?);
+        f.fsw = u16::from_ne_bytes(take(rest)?);
+        f.ftwx = u8::from_ne_bytes(take(rest)?);
+        f.pad1 = u8::from_ne_bytes(take(rest)?);
+        f.last_opcode = u16::from_ne_bytes(take(rest)?);
+        f.last_ip = u64::from_ne_bytes(take(rest)?);
+        f.last_dp = u64::from_ne_bytes(take(rest)?);
+        for r in &mut f.xmm {
+            *r = take(rest)?;
+        }
+        f.mxcsr = u32::from_ne_bytes(take(rest)?);
+        f.pad2 = u32::from_ne_bytes(take(rest)?);
+        Some(Self(f))
+    }
+}
+
+impl fmt::Debug for RawFpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RawFpu({FPU_SIZE} bytes)")
+    }
+}
+
+impl Serialize for RawFpu {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.to_bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for RawFpu {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawFpu;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{} bytes of {}", size_of::<T>(), std::any::type_name::<T>())
+                write!(f, "{FPU_SIZE} bytes of kvm_fpu")
             }
 
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> std::result::Result<Raw<T>, E> {
-                Raw::from_bytes(v).ok_or_else(|| E::invalid_length(v.len(), &self))
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> std::result::Result<RawFpu, E> {
+                RawFpu::from_bytes(v).ok_or_else(|| E::invalid_length(v.len(), &self))
             }
 
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Raw<T>, A::Error> {
-                let mut bytes = Vec::with_capacity(size_of::<T>());
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<RawFpu, A::Error> {
+                let mut bytes = Vec::with_capacity(FPU_SIZE);
                 while let Some(b) = seq.next_element::<u8>()? {
                     bytes.push(b);
                 }
-                Raw::from_bytes(&bytes).ok_or_else(|| serde::de::Error::invalid_length(bytes.len(), &self))
+                RawFpu::from_bytes(&bytes).ok_or_else(|| serde::de::Error::invalid_length(bytes.len(), &self))
             }
         }
 
-        deserializer.deserialize_bytes(Visitor(std::marker::PhantomData))
+        deserializer.deserialize_bytes(Visitor)
     }
 }
 
@@ -304,7 +383,7 @@ pub struct KvmVcpuState {
     /// the 4 KiB "KVM_GET_XSAVE"): x87, SSE, AVX and other XSAVE-managed state.
     pub xsave: Option<Vec<u32>>,
     /// Legacy x87/SSE state ("KVM_GET_FPU"); only saved when XSAVE is not available.
-    pub fpu: Option<Raw<kvm_fpu>>,
+    pub fpu: Option<RawFpu>,
     /// Extended control registers, XCR0 ("KVM_GET_XCRS").
     pub xcrs: Option<Raw<kvm_xcrs>>,
     /// DR0-3, DR6, DR7 ("KVM_GET_DEBUGREGS").
@@ -449,7 +528,7 @@ impl KvmVcpu {
         })?;
         let fpu = match xsave {
             Some(_) => None,
-            None => optional(&mut skipped, "KVM_GET_FPU", None, || fd.get_fpu().map(Raw))?,
+            None => optional(&mut skipped, "KVM_GET_FPU", None, || fd.get_fpu().map(RawFpu))?,
         };
         let xcrs =
             optional(&mut skipped, "KVM_GET_XCRS", missing_cap(caps.xcrs, "KVM_CAP_XCRS"), || fd.get_xcrs().map(Raw))?;
@@ -773,5 +852,64 @@ impl KvmVm {
             self.vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kvm-bindings' impls serialize a [`Raw`] as its byte image, as serde `bytes` (the form
+    /// "kvm/1" states always had), and read that form back.
+    #[test]
+    fn raw_serializes_as_byte_image() {
+        let chip = kvm_irqchip { chip_id: KVM_IRQCHIP_IOAPIC, ..Default::default() };
+        let raw = Raw(chip);
+        let json = serde_json::to_string(&raw).unwrap();
+        assert_eq!(json, serde_json::to_string(&raw.as_bytes().to_vec()).unwrap());
+        assert_eq!(serde_json::from_str::<Raw<kvm_irqchip>>(&json).unwrap(), raw);
+        assert_eq!(Raw::<kvm_irqchip>::from_bytes(raw.as_bytes()), Some(raw));
+        assert_eq!(Raw::<kvm_irqchip>::from_bytes(&raw.as_bytes()[1..]), None);
+    }
+
+    /// [`RawFpu`]'s image follows the kernel ABI offsets of `kvm_fpu`, and its serialized
+    /// form is that image as serde `bytes`, of exactly 416 bytes.
+    #[test]
+    fn fpu_byte_image() {
+        let mut fpu = kvm_fpu {
+            fcw: 0x037f,
+            fsw: 0x1234,
+            ftwx: 0xaa,
+            pad1: 0x55,
+            last_opcode: 0x0102,
+            last_ip: 0x1122_3344_5566_7788,
+            last_dp: u64::MAX - 1,
+            mxcsr: 0x1f80,
+            pad2: 7,
+            ..Default::default()
+        };
+        fpu.fpr[0][0] = 1;
+        fpu.fpr[7][15] = 2;
+        fpu.xmm[0][0] = 3;
+        fpu.xmm[15][15] = 4;
+        let raw = RawFpu(fpu);
+        let bytes = raw.to_bytes();
+        assert_eq!(bytes.len(), size_of::<kvm_fpu>());
+        assert_eq!((bytes[0], bytes[127]), (1, 2));
+        assert_eq!(bytes[128..130], 0x037f_u16.to_ne_bytes());
+        assert_eq!(bytes[130..132], 0x1234_u16.to_ne_bytes());
+        assert_eq!((bytes[132], bytes[133]), (0xaa, 0x55));
+        assert_eq!(bytes[134..136], 0x0102_u16.to_ne_bytes());
+        assert_eq!(bytes[136..144], 0x1122_3344_5566_7788_u64.to_ne_bytes());
+        assert_eq!(bytes[144..152], (u64::MAX - 1).to_ne_bytes());
+        assert_eq!((bytes[152], bytes[407]), (3, 4));
+        assert_eq!(bytes[408..412], 0x1f80_u32.to_ne_bytes());
+        assert_eq!(bytes[412..416], 7_u32.to_ne_bytes());
+        assert_eq!(RawFpu::from_bytes(&bytes), Some(raw));
+        assert_eq!(RawFpu::from_bytes(&bytes[1..]), None);
+        let json = serde_json::to_string(&raw).unwrap();
+        assert_eq!(json, serde_json::to_string(&bytes).unwrap());
+        assert_eq!(serde_json::from_str::<RawFpu>(&json).unwrap(), raw);
+        assert!(serde_json::from_str::<RawFpu>(&serde_json::to_string(&bytes[1..]).unwrap()).is_err());
     }
 }
