@@ -12,6 +12,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
+
 /// Bytes of the `struct virtio_net_hdr_v1` in front of every frame (virtio 1.2 §5.1.6).
 pub const VNET_HDR_LEN: usize = 12;
 /// Longest interface name in bytes (`IFNAMSIZ - 1`; the kernel keeps a NUL terminator).
@@ -109,15 +111,15 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(TUN_PATH)
             .map_err(TapError::OpenTun)?;
-        let fd = file.as_raw_fd();
         let err = |op: &'static str| TapError::Ioctl { op, name: name.to_string(), source: io::Error::last_os_error() };
 
         // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         ifr.ifr_name = ifr_name(name);
         ifr.ifr_ifru.ifru_flags = TAP_FLAGS;
-        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `ifr` is and outlives the call.
-        if unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut ifr as *mut libc::ifreq) } < 0 {
+        // SAFETY: `file` is an open /dev/net/tun descriptor; TUNSETIFF reads and writes one
+        // `struct ifreq`, which `ifr` is and outlives the call; the result is checked.
+        if unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut ifr) } < 0 {
             return Err(err("TUNSETIFF"));
         }
         // The kernel wrote back the actual name (it expands "%d").
@@ -125,12 +127,14 @@ impl Tap {
         let actual = String::from_utf8_lossy(&actual).into_owned();
 
         let hdr_len = VNET_HDR_LEN_INT;
-        // SAFETY: TUNSETVNETHDRSZ reads one `int` through the pointer, which points to `hdr_len`.
-        if unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &hdr_len as *const libc::c_int) } < 0 {
+        // SAFETY: `file` is the TAP descriptor; TUNSETVNETHDRSZ reads one `int` through the
+        // pointer, which points to `hdr_len` (a `c_int`); the result is checked.
+        if unsafe { ioctl_with_ref(&file, libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
             return Err(err("TUNSETVNETHDRSZ"));
         }
-        // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long of TUN_F_* bits).
-        if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+        // SAFETY: `file` is the TAP descriptor; TUNSETOFFLOAD takes its argument by value (an
+        // unsigned long of TUN_F_* bits) and dereferences nothing; the result is checked.
+        if unsafe { ioctl_with_val(&file, libc::TUNSETOFFLOAD, 0) } < 0 {
             return Err(err("TUNSETOFFLOAD"));
         }
         let tap = Tap { file, name: actual };
@@ -162,8 +166,9 @@ impl Tap {
         // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         ifr.ifr_name = ifr_name(&self.name);
-        // SAFETY: SIOCGIFFLAGS reads and writes one `struct ifreq`, which `ifr` is.
-        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr as *mut libc::ifreq) } < 0 {
+        // SAFETY: `sock` is an open socket; SIOCGIFFLAGS reads and writes one `struct ifreq`,
+        // which `ifr` is; the result is checked.
+        if unsafe { ioctl_with_mut_ref(&sock, libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
             return Err(err("SIOCGIFFLAGS"));
         }
         // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
@@ -172,8 +177,9 @@ impl Tap {
             return Ok(());
         }
         ifr.ifr_ifru.ifru_flags = flags | IFF_UP;
-        // SAFETY: SIOCSIFFLAGS reads one `struct ifreq`, which `ifr` is.
-        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr as *const libc::ifreq) } < 0 {
+        // SAFETY: `sock` is an open socket; SIOCSIFFLAGS reads one `struct ifreq`, which `ifr`
+        // is; the result is checked.
+        if unsafe { ioctl_with_ref(&sock, libc::SIOCSIFFLAGS, &ifr) } < 0 {
             return Err(err("SIOCSIFFLAGS"));
         }
         Ok(())
