@@ -128,7 +128,11 @@ fn lifecycle_pause_resume_shutdown_and_conflicts() {
     assert!(counters.vcpus[0]["pio_write"] > 0, "{counters:?}");
 
     c.shutdown().unwrap();
-    assert_eq!(c.info().unwrap().state, "Shutdown");
+    let info = c.info().unwrap();
+    assert_eq!(info.state, "Shutdown");
+    // Stopped through the API (the guest powered off on the button, or was stopped): not a
+    // failure a supervisor would restart.
+    assert!(matches!(info.ended, Some(api::types::VmEnd::Shutdown | api::types::VmEnd::PowerOff)), "{:?}", info.ended);
     assert_eq!(status(c.pause()), 409, "pause after shutdown");
     assert!(c.ping().is_ok(), "the VMM outlives its VM");
     c.delete().unwrap();
@@ -475,4 +479,38 @@ fn backing_loop_is_a_400_and_the_vmm_lives() {
     }
     assert!(c.ping().is_ok(), "the VMM survived");
     assert_eq!(c.info().unwrap().state, "Created", "the failed boot left the VM as it was");
+}
+
+/// `vm.info` says how the VM ended, so a supervisor can tell a guest crash (a failure) from
+/// a power-off: a kernel panic with `panic=-1` resets the guest and is reported as `reset`.
+#[test]
+fn a_guest_crash_is_reported_as_a_reset() {
+    let dir = TempDir::new("api-crash");
+    let log = dir.path("console.log");
+    let vmm = Vmm::start(&dir.path("crash.sock"));
+    let c = &vmm.client;
+    // No init and no root device: the kernel panics early, and panic=-1 resets.
+    let mut cfg = guest_config("", &log, vec![]);
+    cfg.cmdline = "console=ttyS0 panic=-1 rdinit=/nonexistent root=/dev/nonexistent".into();
+    c.create(&cfg).unwrap();
+    c.boot().unwrap();
+    let end = Instant::now() + Duration::from_secs(120);
+    let info = loop {
+        let info = c.info().unwrap();
+        if info.state == "Shutdown" {
+            break info;
+        }
+        assert!(
+            Instant::now() < end,
+            "the guest did not end:\n{}",
+            tail(&std::fs::read_to_string(&log).unwrap_or_default())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(std::fs::read_to_string(&log).unwrap().contains("Kernel panic"), "expected a panic");
+    match &info.ended {
+        Some(api::types::VmEnd::Reset { reason }) => assert!(!reason.is_empty()),
+        other => panic!("expected ended = reset, got {other:?}"),
+    }
+    assert!(info.ended.as_ref().is_some_and(api::types::VmEnd::is_failure));
 }

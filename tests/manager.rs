@@ -5,7 +5,7 @@
 //! - bad input (no VM booted): exit 2 with one line naming the field, store unchanged;
 //! - one test shares its booted VMs across the checks: two VMs started (with a concurrent
 //!   second start of one: a 409), each console its own guest; a guest power-off is
-//!   `stopped` and not restarted; `kill -9` of a VMM with `--restart no` is `crashed` with
+//!   `stopped` and not restarted; a guest kernel crash (panic=-1 resets) is `crashed`; `kill -9` of a VMM with `--restart no` is `crashed` with
 //!   the reason; `kill -9` of the daemon: the new one adopts the running VM (same pid); then
 //!   `kill -9` of that adopted VMM with `on-failure` restarts it (event, count 1); pause,
 //!   resume, stop, delete.
@@ -264,10 +264,12 @@ fn vms_are_supervised_restarted_and_outlive_the_daemon() {
     env.create("b", &format!("echo VM-B-HERE; {LOOP}"), "no");
     // c's script ends at once: the guest's init then powers off.
     env.create("c", "echo VM-C-HERE", "on-failure");
+    // d's guest crashes its kernel; panic=-1 resets it: a failure, with restart no.
+    env.create("d", "echo VM-D-HERE; echo c > /proc/sysrq-trigger", "no");
 
     // Start all three at once, and `a` twice: one of the two gets a 409.
     let results: Vec<(String, (i32, String, String))> = std::thread::scope(|s| {
-        let handles: Vec<_> = ["a", "a", "b", "c"]
+        let handles: Vec<_> = ["a", "a", "b", "c", "d"]
             .into_iter()
             .map(|n| {
                 let env = &env;
@@ -323,6 +325,12 @@ fn vms_are_supervised_restarted_and_outlive_the_daemon() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(!std::fs::exists(env.run_dir().join("vms/c/api.sock")).unwrap(), "c's socket is gone");
+
+    // d's guest crashed: crashed (not stopped), with the VMM's reason, not restarted.
+    let d = wait_until("d to be crashed", BOOT, || Some(env.vm("d")).filter(|v| v.state == VmState::Crashed));
+    assert!(env.console("d").contains("VM-D-HERE"));
+    assert!(d.reason.as_deref().is_some_and(|r| r.starts_with("the guest reset")), "{d:?}");
+    assert_eq!(d.restarts, 0);
 
     // kill -9 of b's VMM (restart no): crashed with the reason.
     let b_pid = env.vm("b").pid.unwrap();
@@ -380,6 +388,7 @@ fn vms_are_supervised_restarted_and_outlive_the_daemon() {
     assert!(stopped.peer_uid.is_some() && stopped.peer_pid.is_some(), "{stopped:?}");
     env.ok(&["vm", "delete", "b"]);
     env.ok(&["vm", "delete", "c"]);
+    env.ok(&["vm", "delete", "d"]);
     assert_eq!(env.list().iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["a"]);
     assert!(vmm_pids(&env.run_dir().display().to_string()).is_empty(), "a VMM is left");
     eprintln!("manager end to end: {:.1} s", t0.elapsed().as_secs_f64());

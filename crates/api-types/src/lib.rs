@@ -349,6 +349,39 @@ pub struct VmInfo {
     pub uptime_s: f64,
     /// The accelerator in use ("kvm" or "emu") once booted.
     pub accelerator: Option<String>,
+    /// How the VM ended, in state `Shutdown`: a supervisor restarts on `reset` and `error`
+    /// (failures), not on `poweroff` or `shutdown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<VmEnd>,
+}
+
+/// How a VM ended (`VmInfo::ended`); JSON `{"kind": "reset", "reason": "triple fault"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum VmEnd {
+    /// The guest powered itself off (ACPI S5).
+    PowerOff,
+    /// `vm.shutdown`: the power button, then a forced stop after the grace period.
+    Shutdown,
+    /// The guest reset or crashed (i8042 reset, triple fault, a kernel panic with `panic=-1`).
+    Reset {
+        /// What happened.
+        reason: String,
+    },
+    /// The VMM stopped the VM on an error (a vCPU failed).
+    Error {
+        /// The error.
+        reason: String,
+    },
+    /// The user quit from the console escape (`rustvisor run` only).
+    UserQuit,
+}
+
+impl VmEnd {
+    /// Whether a supervisor should count it as a failure (`reset`, `error`).
+    pub fn is_failure(&self) -> bool {
+        matches!(self, VmEnd::Reset { .. } | VmEnd::Error { .. })
+    }
 }
 
 /// `GET vm.counters`.

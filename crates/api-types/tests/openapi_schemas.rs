@@ -80,7 +80,13 @@ fn every_schema_matches_its_type() {
     check("PingInfo", &PingInfo { version: "1".into(), accelerators: vec!["emu".into()], pid: 1 });
     check(
         "VmInfo",
-        &VmInfo { state: "Running".into(), config: vm_config(), uptime_s: 1.0, accelerator: Some("emu".into()) },
+        &VmInfo {
+            state: "Shutdown".into(),
+            config: vm_config(),
+            uptime_s: 1.0,
+            accelerator: Some("emu".into()),
+            ended: Some(VmEnd::Reset { reason: "triple fault".into() }),
+        },
     );
     let mut devices = BTreeMap::new();
     devices.insert("disk0".into(), DeviceCounters { requests: 1, bytes_read: 2, bytes_written: 3, errors: 4 });
@@ -93,6 +99,7 @@ fn every_schema_matches_its_type() {
             guest_warnings_suppressed: 0,
         },
     );
+    check("VmEnd", &VmEnd::Error { reason: "vcpu 0 failed".into() });
     check("DeviceCounters", &DeviceCounters { requests: 1, bytes_read: 2, bytes_written: 3, errors: 4 });
     check("ErrorBody", &ErrorBody { error: "e".into(), field: Some("f".into()), state: Some("s".into()) });
 }
@@ -108,6 +115,7 @@ fn every_schema_is_checked() {
         "RestoreRequest",
         "PingInfo",
         "VmInfo",
+        "VmEnd",
         "Counters",
         "DeviceCounters",
         "ErrorBody",

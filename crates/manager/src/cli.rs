@@ -499,6 +499,7 @@ fn format_info(d: &VmDetails) -> String {
         config: d.config.clone(),
         uptime_s: 0.0,
         accelerator: None,
+        ended: None,
     })
     .lines()
     .skip(3)

@@ -711,7 +711,16 @@ impl Service {
         match info {
             Ok(i) if i.state == "Shutdown" => {
                 self.end_vmm(&rec, false, Duration::from_secs(5));
-                self.record_end(&rec, VmState::Stopped, "the guest powered off".into())
+                // A guest reset or crash (triple fault, a panic with panic=-1) is a failure for
+                // the restart policy; a power-off is a stop.
+                let (state, reason) = match &i.ended {
+                    Some(api::types::VmEnd::Reset { reason }) => {
+                        (VmState::Crashed, format!("the guest reset: {reason}"))
+                    }
+                    Some(api::types::VmEnd::Error { reason }) => (VmState::Crashed, format!("the VM failed: {reason}")),
+                    _ => (VmState::Stopped, "the guest powered off".to_string()),
+                };
+                self.record_end(&rec, state, reason)
             }
             Ok(_) => {
                 if let Some(w) = lock(&self.watch).get_mut(name) {

@@ -30,6 +30,7 @@ enum Slot {
     Shutdown {
         cfg: VmConfig,
         accel: String,
+        ended: types::VmEnd,
     },
     /// A long operation (`vm.boot`, `vm.restore`) runs without the lock held; `prev` comes
     /// back if it fails. Every other request answers at once (409 for actions).
@@ -95,6 +96,16 @@ fn json_field(flag: &str) -> &str {
     }
 }
 
+/// The API's account of how a VM ended.
+fn vm_end(outcome: Result<RunOutcome, String>) -> types::VmEnd {
+    match outcome {
+        Ok(RunOutcome::PowerOff) => types::VmEnd::PowerOff,
+        Ok(RunOutcome::UserQuit) => types::VmEnd::UserQuit,
+        Ok(RunOutcome::Reset(reason)) => types::VmEnd::Reset { reason },
+        Err(reason) => types::VmEnd::Error { reason },
+    }
+}
+
 /// Maps a VMM error to the API: configuration problems are the client's (400 naming the
 /// field), the rest are ours (500).
 pub fn api_error(e: crate::Error) -> ApiError {
@@ -152,7 +163,7 @@ impl VmmController {
                 if let Slot::Live { mut vm, cfg, .. } = old {
                     vm.stop();
                     let accel = vm.accelerator().to_string();
-                    *slot = Slot::Shutdown { cfg, accel };
+                    *slot = Slot::Shutdown { cfg, accel, ended: vm_end(outcome) };
                 }
             }
         }
@@ -309,9 +320,11 @@ impl api::Controller for VmmController {
         }
         let old = std::mem::replace(&mut *slot, Slot::Empty);
         if let Slot::Live { mut vm, cfg, .. } = old {
+            // A guest that acted on the button powered off; else it was stopped by force.
+            let ended = vm.control().outcome().map_or(types::VmEnd::Shutdown, vm_end);
             vm.stop();
             let accel = vm.accelerator().to_string();
-            *slot = Slot::Shutdown { cfg, accel };
+            *slot = Slot::Shutdown { cfg, accel, ended };
         }
         Ok(())
     }
@@ -347,19 +360,26 @@ impl api::Controller for VmmController {
         let state = slot.state().to_string();
         match &*slot {
             Slot::Empty => Err(ApiError::NotFound("no VM: create one with vm.create".into())),
-            Slot::Created { cfg } => Ok(types::VmInfo { state, config: cfg.clone(), uptime_s: 0.0, accelerator: None }),
+            Slot::Created { cfg } => {
+                Ok(types::VmInfo { state, config: cfg.clone(), uptime_s: 0.0, accelerator: None, ended: None })
+            }
             Slot::Live { vm, cfg, booted, .. } => Ok(types::VmInfo {
                 state,
                 config: cfg.clone(),
                 uptime_s: booted.elapsed().as_secs_f64(),
                 accelerator: Some(vm.accelerator().into()),
+                ended: None,
             }),
-            Slot::Shutdown { cfg, accel } => {
-                Ok(types::VmInfo { state, config: cfg.clone(), uptime_s: 0.0, accelerator: Some(accel.clone()) })
-            }
+            Slot::Shutdown { cfg, accel, ended } => Ok(types::VmInfo {
+                state,
+                config: cfg.clone(),
+                uptime_s: 0.0,
+                accelerator: Some(accel.clone()),
+                ended: Some(ended.clone()),
+            }),
             Slot::Busy { prev, .. } => match &**prev {
                 Slot::Created { cfg } | Slot::Shutdown { cfg, .. } => {
-                    Ok(types::VmInfo { state, config: cfg.clone(), uptime_s: 0.0, accelerator: None })
+                    Ok(types::VmInfo { state, config: cfg.clone(), uptime_s: 0.0, accelerator: None, ended: None })
                 }
                 _ => Err(conflict("vm.info", &state)),
             },

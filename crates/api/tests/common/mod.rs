@@ -130,6 +130,7 @@ impl Controller for Mock {
                 config: cfg.clone(),
                 uptime_s: if *s == St::Created { 0.0 } else { 12.34 },
                 accelerator: (*s != St::Created).then(|| "kvm".to_string()),
+                ended: None,
             }),
         }
     }
