@@ -366,11 +366,13 @@ pub enum VmEnd {
     /// The guest reset or crashed (i8042 reset, triple fault, a kernel panic with `panic=-1`).
     Reset {
         /// What happened.
+        #[serde(default)]
         reason: String,
     },
     /// The VMM stopped the VM on an error (a vCPU failed).
     Error {
         /// The error.
+        #[serde(default)]
         reason: String,
     },
     /// The user quit from the console escape (`rustvisor run` only).
