@@ -705,6 +705,58 @@ pub struct QueueConfigState {
     pub device: u64,
 }
 
+/// Why [`VirtioPci::restore_state`] refused a saved transport state: the field that does not
+/// match the VM this VMM built, or is out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot is of another device type.
+    #[error("device type {snapshot} in the snapshot, {vm} in the VM")]
+    DeviceType {
+        /// virtio device type in the snapshot.
+        snapshot: u32,
+        /// virtio device type of this transport's device.
+        vm: u32,
+    },
+    /// The saved PCI configuration space has the wrong size.
+    #[error("config space of {len} bytes (expected {want})")]
+    ConfigSpace {
+        /// Its length in the snapshot.
+        len: usize,
+        /// The PCI configuration space size.
+        want: usize,
+    },
+    /// The number of queues (or of their MSI-X vector numbers) differs.
+    #[error("{snapshot} queues in the snapshot, {vm} in the VM")]
+    QueueCount {
+        /// Queues in the snapshot.
+        snapshot: usize,
+        /// Queue vector numbers in the snapshot.
+        vectors: usize,
+        /// Queues of this transport.
+        vm: usize,
+    },
+    /// A queue size that is not a power of 2 up to the queue's maximum (or 0 while enabled).
+    #[error("queue {index}: size {size} (accepted: a power of 2 up to {max})")]
+    QueueSize {
+        /// The queue's index.
+        index: usize,
+        /// Its size in the snapshot.
+        size: u16,
+        /// The largest size the device accepts.
+        max: u16,
+    },
+    /// The number of MSI-X vectors (or of their pending bits) differs.
+    #[error("{snapshot} MSI-X vectors in the snapshot, {vm} in the VM")]
+    MsixVectors {
+        /// MSI-X table entries in the snapshot.
+        snapshot: usize,
+        /// MSI-X pending bits in the snapshot.
+        pending: usize,
+        /// MSI-X vectors of this transport.
+        vm: usize,
+    },
+}
+
 /// The transport's state in a snapshot (the device model is rebuilt from the VM
 /// configuration and re-activated from this).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -833,30 +885,34 @@ impl VirtioPci {
 
     /// Loads a saved transport state into this (freshly built, never activated) transport;
     /// call [`VirtioPci::resume_device`] afterwards. Errors name the mismatching field.
-    pub fn restore_state(&mut self, s: &VirtioPciState) -> Result<(), String> {
+    pub fn restore_state(&mut self, s: &VirtioPciState) -> Result<(), RestoreError> {
         if s.device_type != self.device.device_type() {
-            return Err(format!(
-                "device type {} in the snapshot, {} in the VM",
-                s.device_type,
-                self.device.device_type()
-            ));
+            return Err(RestoreError::DeviceType { snapshot: s.device_type, vm: self.device.device_type() });
         }
         if s.config_space.len() != devices::pci::CONFIG_SIZE {
-            return Err(format!("config space of {} bytes", s.config_space.len()));
+            return Err(RestoreError::ConfigSpace { len: s.config_space.len(), want: devices::pci::CONFIG_SIZE });
         }
         if s.queues.len() != self.queues.len() || s.queue_vectors.len() != self.queues.len() {
-            return Err(format!("{} queues in the snapshot, {} in the VM", s.queues.len(), self.queues.len()));
+            return Err(RestoreError::QueueCount {
+                snapshot: s.queues.len(),
+                vectors: s.queue_vectors.len(),
+                vm: self.queues.len(),
+            });
         }
         for (i, (q, st)) in self.queues.iter().zip(&s.queues).enumerate() {
             // A split virtqueue's size is a power of 2 no larger than the device's maximum
             // (virtio 1.2 §2.7); an enabled queue of any other size would stall the guest.
             if st.size > q.max || (st.size != 0 && !st.size.is_power_of_two()) || (st.enabled && st.size == 0) {
-                return Err(format!("queue {i}: size {} (accepted: a power of 2 up to {})", st.size, q.max));
+                return Err(RestoreError::QueueSize { index: i, size: st.size, max: q.max });
             }
         }
         let mut m = lock(&self.msix);
         if s.msix_table.len() != m.table.len() || s.msix_pending.len() != m.table.len() {
-            return Err(format!("{} MSI-X vectors in the snapshot, {} in the VM", s.msix_table.len(), m.table.len()));
+            return Err(RestoreError::MsixVectors {
+                snapshot: s.msix_table.len(),
+                pending: s.msix_pending.len(),
+                vm: m.table.len(),
+            });
         }
         self.config.bytes_mut().copy_from_slice(&s.config_space);
         self.device_feature_select = s.device_feature_select;
@@ -1092,10 +1148,15 @@ mod tests {
         // A state for another device type, or with the wrong shape, is refused.
         let mut bad = st.clone();
         bad.device_type = 2;
-        assert!(dev2.restore_state(&bad).is_err());
+        assert!(matches!(dev2.restore_state(&bad), Err(RestoreError::DeviceType { snapshot: 2, .. })));
+        let mut bad = st.clone();
+        bad.queues[0].size = 1000;
+        let e = dev2.restore_state(&bad).unwrap_err();
+        assert!(matches!(e, RestoreError::QueueSize { index: 0, size: 1000, .. }), "{e:?}");
+        assert!(e.to_string().contains("queue 0: size 1000"), "{e}");
         let mut bad = st;
         bad.queues.clear();
-        assert!(dev2.restore_state(&bad).is_err());
+        assert!(matches!(dev2.restore_state(&bad), Err(RestoreError::QueueCount { snapshot: 0, .. })));
     }
 
     /// Records the notification addresses registered as ioeventfds.

@@ -334,7 +334,7 @@ pub fn restore(dir: &Path) -> Result<(Vm, VmConfig), Error> {
     }
     for (d, s) in vm.virtio.iter().zip(&st.virtio) {
         let mut t = d.dev.lock().unwrap_or_else(|e| e.into_inner());
-        t.restore_state(s).map_err(|e| corrupt(&d.name, e))?;
+        t.restore_state(s).map_err(|e| corrupt(&d.name, e.to_string()))?;
         t.resume_device();
     }
     if st.vcpus.len() != vm.vcpu_count() {
