@@ -164,7 +164,10 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
         console,
     };
     let mut vm = Vm::new(&cfg).map_err(|e| match e {
-        vmm::Error::Config { .. } | vmm::Error::Kernel(_) | vmm::Error::Io { .. } => (2, e.to_string()),
+        vmm::Error::Config { .. }
+        | vmm::Error::Kernel { .. }
+        | vmm::Error::KernelImage { .. }
+        | vmm::Error::Io { .. } => (2, e.to_string()),
         _ => (1, e.to_string()),
     })?;
     tracing::info!("accelerator {} (override with --accel)", vm.accel_note);

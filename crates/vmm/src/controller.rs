@@ -111,7 +111,10 @@ fn vm_end(outcome: Result<RunOutcome, String>) -> types::VmEnd {
 pub fn api_error(e: crate::Error) -> ApiError {
     match e {
         crate::Error::Config { field, msg } => bad(json_field(field), msg),
-        crate::Error::Kernel(m) => bad("kernel", m),
+        crate::Error::Kernel { path, format, source } => {
+            bad("kernel", format!("{}: not a loadable {format}: {source}", path.display()))
+        }
+        crate::Error::KernelImage { path, problem } => bad("kernel", format!("{}: {problem}", path.display())),
         crate::Error::Io { path, err } => bad("kernel", format!("{path}: {err}")),
         other => ApiError::Internal(other.to_string()),
     }

@@ -25,7 +25,7 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
 pub fn create(mem_size: u64) -> crate::Result<GuestMemoryMmap> {
     let ranges: Vec<(GuestAddress, usize)> =
         ram_ranges(mem_size).into_iter().map(|(g, s)| (GuestAddress(g), s as usize)).collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| crate::Error::Memory(e.to_string()))
+    GuestMemoryMmap::from_ranges(&ranges).map_err(crate::Error::MemoryAlloc)
 }
 
 /// The host mappings of guest RAM, for the accelerators.

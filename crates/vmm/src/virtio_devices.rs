@@ -90,8 +90,8 @@ pub fn build(
                 None,
             ),
         };
-        let dev =
-            virtio::console::Console::new(output, input).map_err(|e| Error::Device(format!("virtio-console: {e}")))?;
+        let dev = virtio::console::Console::new(output, input)
+            .map_err(|source| Error::DeviceIo { name: "virtio-console".into(), source })?;
         models.push(("console".into(), Box::new(dev)));
     }
     if cfg.rng {
@@ -101,7 +101,7 @@ pub fn build(
     for (i, (name, model)) in models.into_iter().enumerate() {
         let base = PCI_MMIO_START + i as u64 * u64::from(BAR_SIZE);
         if base + u64::from(BAR_SIZE) > PCI_MMIO_END {
-            return Err(Error::Device("PCI MMIO window full".into()));
+            return Err(Error::DeviceSpace { name, space: "PCI MMIO window" });
         }
         let dev = Arc::new(Mutex::new(VirtioPci::new(
             model,
@@ -111,7 +111,7 @@ pub fn build(
             dma.clone(),
             ioevents.clone(),
         )));
-        bus.add(dev.clone()).ok_or_else(|| Error::Device("PCI bus 0 is full (32 slots)".into()))?;
+        bus.add(dev.clone()).ok_or_else(|| Error::DeviceSpace { name: name.clone(), space: "PCI bus 0 (32 slots)" })?;
         tracing::debug!("virtio {name}: BAR0 at {base:#x}");
         out.push(PciVirtio { name, dev });
     }

@@ -139,7 +139,8 @@ impl Vm {
     /// runs it (for the log).
     ///
     /// Errors: `Error::Accel` when the accelerator cannot create the VM or a vCPU;
-    /// `Error::Config`/`Error::Device` for devices that cannot be opened or placed.
+    /// `Error::Config`/`Error::Device`/`Error::DeviceIo`/`Error::DeviceSpace` for devices that
+    /// cannot be opened or placed.
     pub(crate) fn build(
         cfg: &VmConfig,
         mem: GuestMemoryMmap,
@@ -152,7 +153,7 @@ impl Vm {
         let vclock = Arc::new(VirtualClock::new(0));
         let vc = vclock.clone();
         let clock: devices::Clock = Arc::new(move || vc.now());
-        let dev_err = |e: devices::Error| Error::Device(e.to_string());
+        let dev_err = |name: &'static str| move |source: devices::Error| Error::Device { name, source };
         let ctl = RunControl::new();
 
         let accel = hypervisor.create_vm(&accel::VmSpec { ram: &ram, clock })?;
@@ -165,27 +166,27 @@ impl Vm {
         let serial_irq = accel.irq_line(COM1_IRQ)?;
 
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_sink(&cfg.serial)?)));
-        pio.insert(COM1, 8, serial.clone()).map_err(dev_err)?;
+        pio.insert(COM1, 8, serial.clone()).map_err(dev_err("serial"))?;
         let c = Arc::downgrade(&ctl);
         let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
             if let Some(c) = c.upgrade() {
                 c.finish(Ok(RunOutcome::Reset("guest requested a reset through the i8042 controller".into())));
             }
         }))));
-        pio.insert(0x60, 1, i8042.clone()).map_err(dev_err)?;
-        pio.insert(0x64, 1, i8042.clone()).map_err(dev_err)?;
+        pio.insert(0x60, 1, i8042.clone()).map_err(dev_err("i8042"))?;
+        pio.insert(0x64, 1, i8042.clone()).map_err(dev_err("i8042"))?;
         let c = Arc::downgrade(&ctl);
         let pm = Arc::new(Mutex::new(AcpiPm::new(Box::new(move || {
             if let Some(c) = c.upgrade() {
                 c.finish(Ok(RunOutcome::PowerOff));
             }
         }))));
-        pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm.clone()).map_err(dev_err)?;
+        pio.insert(devices::acpi_pm::PM1A_EVT_BLK, 6, pm.clone()).map_err(dev_err("acpi-pm"))?;
         let sci = accel.irq_line(arch::acpi::SCI_IRQ.into())?;
         pm.lock().unwrap_or_else(|e| e.into_inner()).set_sci(sci);
         let low = memory::ram_ranges(cfg.memory_bytes())[0].1;
         let cmos = Arc::new(Mutex::new(Cmos::new(low, arch::high_mem(cfg.memory_bytes()))));
-        pio.insert(0x70, 2, cmos.clone()).map_err(dev_err)?;
+        pio.insert(0x70, 2, cmos.clone()).map_err(dev_err("cmos"))?;
 
         // PCI bus 0 (conf1) with the virtio devices; their BARs sit in the MMIO window.
         let mut pci = PciBus::new();
@@ -194,9 +195,9 @@ impl Vm {
         });
         let virtio = crate::virtio_devices::build(cfg, &mem, &mut pci, accel.msi_sink(), dma.clone(), ioevents)?;
         let pci = Arc::new(Mutex::new(pci));
-        pio.insert(devices::pci::CONF1_PORT, devices::pci::CONF1_LEN, pci.clone()).map_err(dev_err)?;
+        pio.insert(devices::pci::CONF1_PORT, devices::pci::CONF1_LEN, pci.clone()).map_err(dev_err("pci"))?;
         mmio.insert(memory::PCI_MMIO_START, memory::PCI_MMIO_END - memory::PCI_MMIO_START, pci.clone())
-            .map_err(dev_err)?;
+            .map_err(dev_err("pci"))?;
 
         Ok(Vm {
             memory: mem,
@@ -233,13 +234,13 @@ impl Vm {
     /// Starts one thread per vCPU (idempotent). On KVM the application processors wait in
     /// KVM for the guest's INIT/SIPI.
     ///
-    /// Errors: `Error::Device` when a thread cannot be created.
+    /// Errors: `Error::VcpuThread` when a thread cannot be created.
     pub fn start(&mut self) -> Result<()> {
         for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let mut bus = self.bus.clone();
             bus.exits = Arc::new(ExitCounts::default());
             self.exit_counts.push(bus.exits.clone());
-            let t = self.ctl.spawn_vcpu(id, v, bus).map_err(|e| Error::Device(format!("vCPU thread: {e}")))?;
+            let t = self.ctl.spawn_vcpu(id, v, bus).map_err(|source| Error::VcpuThread { id, source })?;
             self.threads.push(t);
         }
         Ok(())

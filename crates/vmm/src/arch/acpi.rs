@@ -68,7 +68,7 @@ fn pci_host_bridge() -> Vec<u8> {
 
 /// Writes the tables into guest memory; returns the RSDP's GPA.
 pub fn write_tables(mem: &GuestMemoryMmap) -> crate::Result<u64> {
-    let merr = |e: vm_memory::GuestMemoryError| crate::Error::Memory(e.to_string());
+    let merr = |source: vm_memory::GuestMemoryError| crate::Error::Memory { what: "ACPI tables", source };
 
     // DSDT: just the soft-off sleep type, Name (_S5, Package () { 5, 5, 0, 0 }).
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);

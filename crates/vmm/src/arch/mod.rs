@@ -12,7 +12,7 @@ use std::path::Path;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::memory::{ram_ranges, HIGH_RAM_START};
-use crate::{Error, Result};
+use crate::{Error, KernelProblem, Result};
 
 /// GPA of the boot GDT.
 pub const GDT_ADDR: u64 = 0x500;
@@ -77,15 +77,20 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |err| Error::Io { path: path.display().to_string(), err }
 }
 
-fn mem_err(e: vm_memory::GuestMemoryError) -> Error {
-    Error::Memory(e.to_string())
+fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Error {
+    move |source| Error::Memory { what, source }
+}
+
+fn bad_kernel(path: &Path, problem: KernelProblem) -> Error {
+    Error::KernelImage { path: path.to_path_buf(), problem }
 }
 
 /// Loads kernel, initrd and command line into guest memory and writes the boot tables.
 ///
 /// bzImages (magic "HdrS" at offset 0x202) use the 64-bit boot protocol; ELF images need a
-/// PVH note (XEN_ELFNOTE_PHYS32_ENTRY). Errors: `Error::Kernel` for a file that is neither or
-/// is truncated, `Error::Config` for an initrd that does not fit or an over-long cmdline.
+/// PVH note (XEN_ELFNOTE_PHYS32_ENTRY). Errors: `Error::Kernel` when linux-loader refuses the
+/// image, `Error::KernelImage` for a file that is neither or is truncated, `Error::Config`
+/// for an initrd that does not fit or an over-long cmdline.
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_size: u64,
@@ -109,49 +114,43 @@ pub fn load(
     }
     let mut cbytes = cmdline.as_bytes().to_vec();
     cbytes.push(0);
-    mem.write_slice(&cbytes, GuestAddress(CMDLINE_ADDR)).map_err(mem_err)?;
+    mem.write_slice(&cbytes, GuestAddress(CMDLINE_ADDR)).map_err(mem_err("command line"))?;
     write_gdt_and_page_tables(mem)?;
 
-    let (entry, kind, setup, kernel_end) = if is_bz {
-        let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR)))
-            .map_err(|e| Error::Kernel(format!("{}: not a loadable bzImage: {e}", kernel.display())))?;
-        let hdr = r.setup_header.ok_or_else(|| Error::Kernel("bzImage without setup header".into()))?;
-        // The boot sector, `setup_sects` sectors of real-mode setup (0 means 4), then
-        // `syssize` 16-byte paragraphs of protected-mode kernel (boot protocol 2.04+).
-        let setup_sects = u64::from(if hdr.setup_sects == 0 { 4 } else { hdr.setup_sects });
-        let want = (setup_sects + 1) * 512 + u64::from(hdr.syssize) * 16;
-        if kernel_len < want {
-            return Err(Error::Kernel(format!(
-                "{}: truncated bzImage: {kernel_len} bytes, its header says {want}",
-                kernel.display()
-            )));
-        }
-        let (version, xlf) = (hdr.version, hdr.xloadflags);
-        if version < 0x020c || xlf & 1 == 0 {
-            return Err(Error::Kernel(format!(
-                "{}: boot protocol {:#x} has no 64-bit entry (need 2.12+ with XLF_KERNEL_64)",
-                kernel.display(),
-                version
-            )));
-        }
-        // The kernel decompresses itself into `init_size` bytes at its preferred address
-        // (or where it was loaded, if higher): that range must be RAM and stay clear of the
-        // initrd (boot protocol 2.10+, `pref_address` and `init_size`).
-        let end = r.kernel_load.0.max(hdr.pref_address).saturating_add(u64::from(hdr.init_size));
-        (r.kernel_load.0 + 0x200, EntryKind::Linux64, Some(hdr), end)
-    } else if is_elf {
-        let r = Elf::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR)))
-            .map_err(|e| Error::Kernel(format!("{}: not a loadable ELF vmlinux: {e}", kernel.display())))?;
-        match r.pvh_boot_cap {
-            PvhBootCapability::PvhEntryPresent(a) => (a.0, EntryKind::Pvh, None, r.kernel_end),
-            _ => return Err(Error::Kernel(format!("{}: ELF kernel has no PVH entry note", kernel.display()))),
-        }
-    } else {
-        return Err(Error::Kernel(format!(
-            "{}: not a kernel (neither a bzImage nor an ELF vmlinux)",
-            kernel.display()
-        )));
-    };
+    let (entry, kind, setup, kernel_end) =
+        if is_bz {
+            let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR)))
+                .map_err(|source| Error::Kernel { path: kernel.to_path_buf(), format: "bzImage", source })?;
+            let hdr = r.setup_header.ok_or_else(|| bad_kernel(kernel, KernelProblem::NoSetupHeader))?;
+            // The boot sector, `setup_sects` sectors of real-mode setup (0 means 4), then
+            // `syssize` 16-byte paragraphs of protected-mode kernel (boot protocol 2.04+).
+            let setup_sects = u64::from(if hdr.setup_sects == 0 { 4 } else { hdr.setup_sects });
+            let want = (setup_sects + 1) * 512 + u64::from(hdr.syssize) * 16;
+            if kernel_len < want {
+                return Err(bad_kernel(kernel, KernelProblem::Truncated { len: kernel_len, want }));
+            }
+            let (version, xlf) = (hdr.version, hdr.xloadflags);
+            if version < 0x020c || xlf & 1 == 0 {
+                return Err(bad_kernel(kernel, KernelProblem::No64BitEntry { version, xloadflags: xlf }));
+            }
+            // The kernel decompresses itself into `init_size` bytes at its preferred address
+            // (or where it was loaded, if higher): that range must be RAM and stay clear of the
+            // initrd (boot protocol 2.10+, `pref_address` and `init_size`).
+            let end = r.kernel_load.0.max(hdr.pref_address).saturating_add(u64::from(hdr.init_size));
+            (r.kernel_load.0 + 0x200, EntryKind::Linux64, Some(hdr), end)
+        } else if is_elf {
+            let r = Elf::load(mem, None, &mut f, Some(GuestAddress(KERNEL_ADDR))).map_err(|source| Error::Kernel {
+                path: kernel.to_path_buf(),
+                format: "ELF vmlinux",
+                source,
+            })?;
+            match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(a) => (a.0, EntryKind::Pvh, None, r.kernel_end),
+                _ => return Err(bad_kernel(kernel, KernelProblem::NoPvhNote)),
+            }
+        } else {
+            return Err(bad_kernel(kernel, KernelProblem::NotAKernel));
+        };
 
     let mib = |b: u64| b.div_ceil(1 << 20);
     // What the kernel needs besides its image: room for its first page tables and
@@ -192,7 +191,7 @@ pub fn load(
         let len = usize::try_from(size).map_err(|_| Error::Config { field: "--initrd", msg: "too large".into() })?;
         mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len).map_err(|e| match e {
             vm_memory::GuestMemoryError::IOError(err) => Error::Io { path: p.display().to_string(), err },
-            e => mem_err(e),
+            e => mem_err("initrd")(e),
         })?;
         initrd_loc = Some((addr, size));
     }
@@ -222,7 +221,7 @@ pub fn load(
             }
             bp.e820_entries = e820.len() as u8;
             bp.acpi_rsdp_addr = rsdp;
-            mem.write_obj(bp, GuestAddress(ZERO_PAGE_ADDR)).map_err(mem_err)?;
+            mem.write_obj(bp, GuestAddress(ZERO_PAGE_ADDR)).map_err(mem_err("zero page"))?;
         }
         EntryKind::Pvh => write_pvh_start_info(mem, &e820, initrd_loc, rsdp)?,
     }
@@ -241,7 +240,7 @@ fn write_pvh_start_info(
     };
     let memmap = PVH_INFO_ADDR + 0x40;
     let modlist = PVH_INFO_ADDR + 0x400;
-    let entries = u32::try_from(e820.len()).map_err(|_| Error::Memory("e820 map too long".into()))?;
+    let entries = u32::try_from(e820.len()).map_err(|_| Error::TableTooLong { what: "e820 map", len: e820.len() })?;
     let info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
@@ -254,15 +253,15 @@ fn write_pvh_start_info(
         memmap_entries: entries,
         reserved: 0,
     };
-    mem.write_obj(info, GuestAddress(PVH_INFO_ADDR)).map_err(mem_err)?;
+    mem.write_obj(info, GuestAddress(PVH_INFO_ADDR)).map_err(mem_err("PVH start_info"))?;
     let entry_size = std::mem::size_of::<hvm_memmap_table_entry>() as u64;
     for (i, &(addr, size, type_)) in e820.iter().enumerate() {
         let e = hvm_memmap_table_entry { addr, size, type_, reserved: 0 };
-        mem.write_obj(e, GuestAddress(memmap + entry_size * i as u64)).map_err(mem_err)?;
+        mem.write_obj(e, GuestAddress(memmap + entry_size * i as u64)).map_err(mem_err("PVH memory map"))?;
     }
     if let Some((paddr, size)) = initrd {
         let m = hvm_modlist_entry { paddr, size, cmdline_paddr: 0, reserved: 0 };
-        mem.write_obj(m, GuestAddress(modlist)).map_err(mem_err)?;
+        mem.write_obj(m, GuestAddress(modlist)).map_err(mem_err("PVH module list"))?;
     }
     Ok(())
 }
@@ -270,16 +269,16 @@ fn write_pvh_start_info(
 /// GDT at [`GDT_ADDR`] and identity page tables for the first 4 GiB (2 MiB pages).
 fn write_gdt_and_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
     for (i, d) in GDT.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(GDT_ADDR + 8 * i as u64)).map_err(mem_err)?;
+        mem.write_obj(*d, GuestAddress(GDT_ADDR + 8 * i as u64)).map_err(mem_err("GDT"))?;
     }
     let pdpt = PML4_ADDR + 0x1000;
-    mem.write_obj(pdpt | 3, GuestAddress(PML4_ADDR)).map_err(mem_err)?;
+    mem.write_obj(pdpt | 3, GuestAddress(PML4_ADDR)).map_err(mem_err("page tables"))?;
     for g in 0..4u64 {
         let pd = PML4_ADDR + 0x2000 + g * 0x1000;
-        mem.write_obj(pd | 3, GuestAddress(pdpt + g * 8)).map_err(mem_err)?;
+        mem.write_obj(pd | 3, GuestAddress(pdpt + g * 8)).map_err(mem_err("page tables"))?;
         for i in 0..512u64 {
             let pa = (g << 30) | (i << 21);
-            mem.write_obj(pa | 0x83, GuestAddress(pd + i * 8)).map_err(mem_err)?;
+            mem.write_obj(pa | 0x83, GuestAddress(pd + i * 8)).map_err(mem_err("page tables"))?;
         }
     }
     Ok(())
@@ -371,7 +370,7 @@ mod tests {
         b[0x207] = 0x02;
         std::fs::write(&dir, &b).unwrap();
         let e = load(&mem, 64 << 20, &dir, None, "").unwrap_err();
-        assert!(matches!(e, Error::Kernel(_)), "{e}");
+        assert!(matches!(e, Error::Kernel { format: "bzImage", .. } | Error::KernelImage { .. }), "{e}");
         let _ = std::fs::remove_file(&dir);
         assert!(mem.num_regions() == 1);
     }

@@ -82,7 +82,8 @@ pub fn build(cpus: u8) -> Vec<u8> {
 
 /// Writes the MP table for `cpus` vCPUs into guest memory.
 pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> crate::Result<()> {
-    mem.write_slice(&build(cpus), GuestAddress(MPTABLE_ADDR)).map_err(|e| crate::Error::Memory(e.to_string()))
+    mem.write_slice(&build(cpus), GuestAddress(MPTABLE_ADDR))
+        .map_err(|source| crate::Error::Memory { what: "MP table", source })
 }
 
 #[cfg(test)]
