@@ -261,7 +261,8 @@ async fn serve_connection(stream: UnixStream, state: Arc<State>, _permit: OwnedS
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+/// An HTTP response with a complete body, as every handler here builds it.
+pub type Resp = Response<Full<Bytes>>;
 
 /// An error answer on its way out (boxed: a response is large).
 type Reject = Box<Resp>;
@@ -520,7 +521,9 @@ fn error_response(status: StatusCode, body: ErrorBody) -> Reject {
     Box::new(json_response(status, &body))
 }
 
-fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp {
+/// A response with `value` as its JSON body (`Content-Type: application/json`); a value
+/// that cannot be encoded becomes a 500 with the reason (shared with the daemon's server).
+pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp {
     let (status, bytes) = match serde_json::to_vec(value) {
         Ok(bytes) => (status, bytes),
         Err(e) => (
@@ -535,14 +538,15 @@ fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp {
     resp
 }
 
-fn empty_response(status: StatusCode) -> Resp {
+/// A response with no body.
+pub fn empty_response(status: StatusCode) -> Resp {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = status;
     resp
 }
 
-/// A client-supplied string cut short for an error message.
-fn shorten(s: &str) -> String {
+/// A client-supplied string cut to 100 characters (then "...") for an error message.
+pub fn shorten(s: &str) -> String {
     const MAX: usize = 100;
     match s.char_indices().nth(MAX) {
         Some((i, _)) => format!("{}...", &s[..i]),

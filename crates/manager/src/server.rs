@@ -13,13 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::service::{Service, ServiceError};
@@ -47,7 +46,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most events one `GET /events` returns.
 pub const MAX_EVENTS: u32 = 10_000;
 
-type Resp = Response<Full<Bytes>>;
+use api::server::{empty_response as empty, json_response as json, shorten, Resp};
 
 /// An error answer on its way out (boxed: a response is large).
 type Reject = Box<Resp>;
@@ -329,34 +328,6 @@ fn bad_request(field: &str, msg: impl std::fmt::Display) -> Reject {
 
 fn error(status: StatusCode, error: String, field: Option<String>) -> Reject {
     Box::new(json(status, &ErrorBody { error, field, operation: None, state: None }))
-}
-
-fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp {
-    let (status, bytes) = match serde_json::to_vec(value) {
-        Ok(b) => (status, b),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{{\"error\":\"cannot encode the response: {}\"}}", e.to_string().replace(['"', '\\'], "'"))
-                .into_bytes(),
-        ),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
-}
-
-fn empty(status: StatusCode) -> Resp {
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = status;
-    resp
-}
-
-fn shorten(s: &str) -> String {
-    match s.char_indices().nth(100) {
-        Some((i, _)) => format!("{}...", &s[..i]),
-        None => s.to_string(),
-    }
 }
 
 #[cfg(test)]
