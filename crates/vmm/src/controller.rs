@@ -97,12 +97,12 @@ fn json_field(flag: &str) -> &str {
 }
 
 /// The API's account of how a VM ended.
-fn vm_end(outcome: Result<RunOutcome, String>) -> types::VmEnd {
+fn vm_end(outcome: Result<RunOutcome, crate::vstate::VcpuError>) -> types::VmEnd {
     match outcome {
         Ok(RunOutcome::PowerOff) => types::VmEnd::PowerOff,
         Ok(RunOutcome::UserQuit) => types::VmEnd::UserQuit,
         Ok(RunOutcome::Reset(reason)) => types::VmEnd::Reset { reason },
-        Err(reason) => types::VmEnd::Error { reason },
+        Err(e) => types::VmEnd::Error { reason: e.to_string() },
     }
 }
 
@@ -182,7 +182,7 @@ impl VmmController {
 
     /// Blocks until `vmm.shutdown` or until the VM (if any) ends by itself; returns the VM's
     /// outcome in the latter case.
-    pub fn wait_exit_or_vm_end(&self) -> Option<Result<RunOutcome, String>> {
+    pub fn wait_exit_or_vm_end(&self) -> Option<Result<RunOutcome, crate::vstate::VcpuError>> {
         loop {
             {
                 let e = self.exit.done.lock().unwrap_or_else(|e| e.into_inner());

@@ -81,6 +81,9 @@ pub enum Error {
     /// The accelerator failed.
     #[error(transparent)]
     Accel(#[from] accel::Error),
+    /// A vCPU stopped the run.
+    #[error(transparent)]
+    Vcpu(#[from] vstate::VcpuError),
     /// A device could not be placed on its bus.
     #[error("device: {name}: {source}")]
     Device {

@@ -307,15 +307,15 @@ impl Vm {
 
     /// Runs the VM until it powers off, resets or the user quits.
     ///
-    /// Errors: `Error::Accel` when the accelerator cannot go on (e.g. an instruction the
-    /// emulator does not implement, a KVM internal error).
+    /// Errors: `Error::Vcpu` when a vCPU cannot go on (e.g. an instruction the emulator does
+    /// not implement, a KVM internal error), keeping the accelerator's error as its source.
     pub fn run(&mut self) -> Result<RunOutcome> {
         self.start()?;
         let outcome = self.ctl.wait();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        outcome.map_err(|e| Error::Accel(accel::Error::Internal(e)))
+        outcome.map_err(Error::Vcpu)
     }
 }
 

@@ -36,6 +36,61 @@ pub enum RunOutcome {
     UserQuit,
 }
 
+/// Why the vCPUs stopped the run, or could not be saved.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The accelerator failed running or saving vCPU `id`.
+    #[error("vCPU {id}: {source}")]
+    Accel {
+        /// The vCPU's index (0 = boot vCPU).
+        id: usize,
+        /// The accelerator's error (shared: an outcome is handed to every waiter).
+        #[source]
+        source: Arc<accel::Error>,
+    },
+    /// A snapshot was asked for while not every vCPU was paused.
+    #[error("the vCPUs are not all paused")]
+    NotPaused,
+    /// vCPU `id`'s thread has exited.
+    #[error("vCPU {id}: its thread has exited")]
+    ThreadGone {
+        /// The vCPU's index.
+        id: usize,
+    },
+    /// vCPU `id` gave no state within `timeout`.
+    #[error("vCPU {id}: no state within {timeout:?}")]
+    Timeout {
+        /// The vCPU's index.
+        id: usize,
+        /// How long it was given.
+        timeout: Duration,
+    },
+    /// The VMM stopped the run for a reason of its own (`what` says which).
+    #[error("{what}")]
+    Stopped {
+        /// Why.
+        what: String,
+    },
+}
+
+impl PartialEq for VcpuError {
+    /// Errors are equal when they are the same kind about the same vCPU; an accelerator
+    /// error compares by its message (`accel::Error` is not `PartialEq`).
+    fn eq(&self, other: &Self) -> bool {
+        use VcpuError::*;
+        match (self, other) {
+            (Accel { id: a, source: x }, Accel { id: b, source: y }) => a == b && x.to_string() == y.to_string(),
+            (NotPaused, NotPaused) => true,
+            (ThreadGone { id: a }, ThreadGone { id: b }) => a == b,
+            (Timeout { id: a, timeout: x }, Timeout { id: b, timeout: y }) => a == b && x == y,
+            (Stopped { what: a }, Stopped { what: b }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for VcpuError {}
+
 /// The VM's run state (see the [module docs](self)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunState {
@@ -45,14 +100,14 @@ pub enum RunState {
     Paused,
     /// The run ended with this outcome (`Err`: a vCPU failed, with why); the vCPU threads
     /// are leaving.
-    Stopping(Result<RunOutcome, String>),
+    Stopping(Result<RunOutcome, VcpuError>),
     /// The run ended and every vCPU thread has exited.
-    Finished(Result<RunOutcome, String>),
+    Finished(Result<RunOutcome, VcpuError>),
 }
 
 impl RunState {
     /// The outcome, once the run has ended.
-    pub fn outcome(&self) -> Option<&Result<RunOutcome, String>> {
+    pub fn outcome(&self) -> Option<&Result<RunOutcome, VcpuError>> {
         match self {
             RunState::Stopping(o) | RunState::Finished(o) => Some(o),
             RunState::Running | RunState::Paused => None,
@@ -68,7 +123,7 @@ enum Command {
     /// Run guest code again.
     Resume,
     /// Answer with the vCPU's snapshot (only while parked).
-    Save(Sender<Result<VcpuSnapshot, String>>),
+    Save(Sender<Result<VcpuSnapshot, VcpuError>>),
     /// Leave the thread.
     Stop,
 }
@@ -116,12 +171,12 @@ impl RunControl {
     }
 
     /// Whether the run has ended (and how).
-    pub fn outcome(&self) -> Option<Result<RunOutcome, String>> {
+    pub fn outcome(&self) -> Option<Result<RunOutcome, VcpuError>> {
         lock(&self.shared).state.outcome().cloned()
     }
 
     /// Waits until the run ends; returns its outcome.
-    pub fn wait(&self) -> Result<RunOutcome, String> {
+    pub fn wait(&self) -> Result<RunOutcome, VcpuError> {
         let mut s = lock(&self.shared);
         loop {
             if let Some(o) = s.state.outcome() {
@@ -142,7 +197,7 @@ impl RunControl {
 
     /// Ends the run with `outcome` (the first outcome wins; later calls do nothing) and tells
     /// every vCPU thread to leave. Safe to call from a device inside a vCPU's exit.
-    pub fn finish(&self, outcome: Result<RunOutcome, String>) {
+    pub fn finish(&self, outcome: Result<RunOutcome, VcpuError>) {
         {
             let mut s = lock(&self.shared);
             if s.state.outcome().is_some() {
@@ -205,22 +260,22 @@ impl RunControl {
     ///
     /// Errors: the VM is not paused, a vCPU failed to save (naming it), or a vCPU gave no
     /// answer within 10 s.
-    pub fn save_vcpus(&self) -> Result<Vec<VcpuSnapshot>, String> {
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuSnapshot>, VcpuError> {
         if lock(&self.shared).state != RunState::Paused {
-            return Err("the vCPUs are not all paused".into());
+            return Err(VcpuError::NotPaused);
         }
         let mut answers = Vec::new();
         for (id, link) in lock(&self.vcpus).iter().enumerate() {
             let (reply, answer) = mpsc::channel();
-            link.commands.send(Command::Save(reply)).map_err(|_| format!("vCPU {id}: its thread has exited"))?;
+            link.commands.send(Command::Save(reply)).map_err(|_| VcpuError::ThreadGone { id })?;
             answers.push(answer);
         }
         answers
             .into_iter()
             .enumerate()
             .map(|(id, answer)| match answer.recv_timeout(SAVE_TIMEOUT) {
-                Ok(r) => r.map_err(|e| format!("vCPU {id}: {e}")),
-                Err(_) => Err(format!("vCPU {id}: no state within {SAVE_TIMEOUT:?}")),
+                Ok(r) => r,
+                Err(_) => Err(VcpuError::Timeout { id, timeout: SAVE_TIMEOUT }),
             })
             .collect()
     }
@@ -299,9 +354,9 @@ impl RunControl {
                 Some(Command::Resume) => paused = false,
                 Some(Command::Save(reply)) => {
                     let r = if paused {
-                        vcpu.save_snapshot().map_err(|e| e.to_string())
+                        vcpu.save_snapshot().map_err(|e| VcpuError::Accel { id, source: Arc::new(e) })
                     } else {
-                        Err("not paused".to_string())
+                        Err(VcpuError::NotPaused)
                     };
                     let _ = reply.send(r);
                 }
@@ -316,7 +371,7 @@ impl RunControl {
                     }
                     Ok(VcpuExit::Shutdown) => self.finish(Ok(RunOutcome::PowerOff)),
                     Ok(VcpuExit::Reset(why)) => self.finish(Ok(RunOutcome::Reset(why))),
-                    Err(e) => self.finish(Err(format!("vCPU {id}: {e}"))),
+                    Err(e) => self.finish(Err(VcpuError::Accel { id, source: Arc::new(e) })),
                 },
             }
         }
@@ -390,7 +445,7 @@ mod tests {
             power.push(p);
         }
         assert_eq!(ctl.state(), RunState::Running);
-        assert!(ctl.save_vcpus().unwrap_err().contains("not all paused"));
+        assert_eq!(ctl.save_vcpus().unwrap_err(), VcpuError::NotPaused);
         std::thread::sleep(Duration::from_millis(5));
         ctl.pause();
         assert_eq!(ctl.state(), RunState::Paused);
@@ -399,7 +454,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(before, runs.iter().map(|r| r.load(Ordering::SeqCst)).collect::<Vec<_>>());
         // Every parked vCPU answers a save (here with its error, naming it).
-        assert!(ctl.save_vcpus().unwrap_err().starts_with("vCPU 0: "));
+        assert!(ctl.save_vcpus().unwrap_err().to_string().starts_with("vCPU 0: "));
         ctl.pause();
         ctl.resume();
         assert_eq!(ctl.state(), RunState::Running);
@@ -428,9 +483,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(runs.load(Ordering::SeqCst), 0);
         assert_eq!(ctl.state(), RunState::Paused);
-        ctl.finish(Err("stopped by test".into()));
+        ctl.finish(Err(VcpuError::Stopped { what: "stopped by test".into() }));
         t.join().unwrap();
-        assert_eq!(ctl.state(), RunState::Finished(Err("stopped by test".into())));
+        assert_eq!(ctl.state(), RunState::Finished(Err(VcpuError::Stopped { what: "stopped by test".into() })));
         assert_eq!(runs.load(Ordering::SeqCst), 0);
     }
 }
