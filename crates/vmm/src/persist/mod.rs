@@ -347,3 +347,21 @@ pub fn restore(dir: &Path) -> Result<(Vm, VmConfig), Error> {
     vm.start_paused()?;
     Ok((vm, cfg))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration with every field set, as a snapshot stores it.
+    const FULL_CONFIG: &str = r#"{"kernel":"/k","initrd":"/i","cmdline":"console=ttyS0","memory_mib":512,"cpus":1,"accel":"emu","serial":"file=/s.log","console":"null","disks":[{"path":"/d","format":"qcow2","readonly":true,"serial":"s1","allow_backing_outside":true,"allow_data_file":false}],"nets":[{"tap":"t0","mac":"52:54:00:12:34:56"}],"vsock":{"cid":3,"socket":"/v.sock"},"rng":true}"#;
+
+    /// Snapshots embed the shared typed `VmConfig`, so its serialised shape is part of the
+    /// on-disk format: this pins it to [`VERSION`]. If it fails, the shape changed: bump
+    /// `VERSION` (old snapshots are then refused by version, not misread) and update both.
+    #[test]
+    fn config_shape_is_pinned_to_the_format_version() {
+        let cfg: VmConfig = serde_json::from_str(FULL_CONFIG).unwrap();
+        let again = serde_json::to_string(&cfg).unwrap();
+        assert_eq!((VERSION, again.as_str()), (2, FULL_CONFIG));
+    }
+}
