@@ -9,8 +9,20 @@ use std::path::Path;
 /// What the server says a snapshot/restore URL must look like.
 pub const ACCEPTED_FORM: &str = "expected a file:// URL with an absolute path, e.g. file:///var/lib/rustvisor/snap";
 
-/// The absolute path a `file://` URL names, or why it is refused (a message for a 400).
-pub fn file_url_to_path(url: &str) -> Result<String, String> {
+/// Why a `file://` URL is refused: a message for a 400 that names the accepted form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidFileUrl(String);
+
+/// The absolute path a `file://` URL names.
+///
+/// Errors: [`InvalidFileUrl`] for another scheme, a host, a relative path, `?`/`#`, a bad
+/// `%`-escape, a NUL byte or a path that is not UTF-8.
+pub fn file_url_to_path(url: &str) -> Result<String, InvalidFileUrl> {
+    file_url_to_path_inner(url).map_err(InvalidFileUrl)
+}
+
+fn file_url_to_path_inner(url: &str) -> Result<String, String> {
     let rest = match url.get(..7) {
         Some(scheme) if scheme.eq_ignore_ascii_case("file://") => &url[7..],
         _ => return Err(format!("{ACCEPTED_FORM} (got {})", quote(url))),

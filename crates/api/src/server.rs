@@ -340,12 +340,14 @@ async fn route(req: Request<Incoming>, state: &State, shutdown_requested: &Atomi
         "vm.counters" => json_ok(call(state, name, |c| c.counters()).await?)?,
         "vm.snapshot" => {
             let req: SnapshotRequest = parse_json(&body)?;
-            let dir = fileurl::file_url_to_path(&req.destination_url).map_err(|m| bad_request("destination_url", m))?;
+            let dir = fileurl::file_url_to_path(&req.destination_url)
+                .map_err(|m| bad_request("destination_url", m.to_string()))?;
             no_content(call(state, name, move |c| c.snapshot(&dir)).await?)?
         }
         "vm.restore" => {
             let req: RestoreRequest = parse_json(&body)?;
-            let dir = fileurl::file_url_to_path(&req.source_url).map_err(|m| bad_request("source_url", m))?;
+            let dir =
+                fileurl::file_url_to_path(&req.source_url).map_err(|m| bad_request("source_url", m.to_string()))?;
             no_content(call(state, name, move |c| c.restore(&dir)).await?)?
         }
         "vmm.ping" => json_response(StatusCode::OK, &call(state, name, |c| c.ping()).await?),

@@ -377,7 +377,7 @@ impl Service {
             return Err(e.into());
         }
         let booted = (|| {
-            let client = supervisor::wait_api(&mut child, &socket)?;
+            let client = supervisor::wait_api(&mut child, &socket).map_err(|e| e.to_string())?;
             let mut cfg = rec.config.clone();
             cfg.serial = vmm::ConsoleOut::File(console.clone());
             client.create(&cfg).map_err(|e| format!("vm.create: {e}"))?;

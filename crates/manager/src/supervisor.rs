@@ -38,23 +38,47 @@ pub fn spawn(exe: &Path, socket: &Path, log: &Path) -> io::Result<Child> {
     cmd.spawn()
 }
 
+/// Why a freshly spawned VMM's API did not come up ([`wait_api`]).
+#[derive(Debug, thiserror::Error)]
+pub enum WaitApiError {
+    /// No client could be made for the socket.
+    #[error("cannot start an API client: {0}")]
+    Client(#[source] std::io::Error),
+    /// The VMM exited first (`how` describes its exit).
+    #[error("the VMM {how}")]
+    Exited {
+        /// E.g. "exited with status 2".
+        how: String,
+    },
+    /// Another process answers on the socket.
+    #[error("another process (pid {pid}) answers on {}", socket.display())]
+    WrongPid {
+        /// The process that answered.
+        pid: u32,
+        /// The socket.
+        socket: std::path::PathBuf,
+    },
+    /// [`API_DEADLINE`] passed without an answer.
+    #[error("the VMM's API did not answer within {API_DEADLINE:?}: {0}")]
+    Timeout(#[source] api::client::ClientError),
+}
+
 /// Waits until the VMM `child` answers `vmm.ping` on `socket` with its own pid; returns a
-/// client for it. Fails if the child exits first or [`API_DEADLINE`] passes.
-pub fn wait_api(child: &mut Child, socket: &Path) -> Result<Client, String> {
-    let client = Client::new(socket)
-        .map_err(|e| format!("cannot start an API client: {e}"))?
-        .with_timeout(Duration::from_secs(2));
+/// client for it.
+///
+/// Errors: [`WaitApiError`]: the child exits first, another process answers, or
+/// [`API_DEADLINE`] passes.
+pub fn wait_api(child: &mut Child, socket: &Path) -> Result<Client, WaitApiError> {
+    let client = Client::new(socket).map_err(WaitApiError::Client)?.with_timeout(Duration::from_secs(2));
     let end = Instant::now() + API_DEADLINE;
     loop {
         if let Ok(Some(st)) = child.try_wait() {
-            return Err(format!("the VMM {}", describe_exit(st)));
+            return Err(WaitApiError::Exited { how: describe_exit(st) });
         }
         match client.ping() {
             Ok(p) if p.pid == child.id() => return Ok(client.with_timeout(Duration::from_secs(60))),
-            Ok(p) => return Err(format!("another process (pid {}) answers on {}", p.pid, socket.display())),
-            Err(e) if Instant::now() > end => {
-                return Err(format!("the VMM's API did not answer within {API_DEADLINE:?}: {e}"))
-            }
+            Ok(p) => return Err(WaitApiError::WrongPid { pid: p.pid, socket: socket.to_path_buf() }),
+            Err(e) if Instant::now() > end => return Err(WaitApiError::Timeout(e)),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
