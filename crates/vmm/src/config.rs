@@ -25,10 +25,21 @@ pub const MAX_CPUS: u8 = 64;
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
 
+/// Why a memory size was refused ([`parse_size`]); the message names the accepted forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// Not a number with an optional K, M or G suffix.
+    #[error("'{0}' is not a size (accepted: a number with an optional K, M or G suffix, e.g. 512M)")]
+    NotASize(String),
+    /// More bytes than a `u64` holds.
+    #[error("'{0}' is too large")]
+    TooLarge(String),
+}
+
 /// Parses a memory size such as "512M", "1G", "65536K" or a plain byte count, in bytes.
 ///
-/// Returns an error naming the accepted forms for anything else.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+/// Errors: [`SizeError`].
+pub fn parse_size(s: &str) -> std::result::Result<u64, SizeError> {
     let s = s.trim();
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
@@ -36,10 +47,8 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    let n: u64 = num.parse().map_err(|_| {
-        format!("'{s}' is not a size (accepted: a number with an optional K, M or G suffix, e.g. 512M)")
-    })?;
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    let n: u64 = num.parse().map_err(|_| SizeError::NotASize(s.to_string()))?;
+    n.checked_mul(mult).ok_or_else(|| SizeError::TooLarge(s.to_string()))
 }
 
 /// Host physical memory in bytes (from sysconf).
