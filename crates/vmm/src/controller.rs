@@ -125,7 +125,7 @@ pub fn api_error(e: crate::Error) -> ApiError {
 fn persist_error(e: crate::persist::Error) -> ApiError {
     use crate::persist::Error as P;
     match e {
-        P::Read { .. } | P::Invalid { .. } | P::Corrupt { .. } | P::Accelerator { .. } => {
+        P::Read { .. } | P::Invalid { .. } | P::Corrupt { .. } | P::Mismatch { .. } | P::Accelerator { .. } => {
             bad("source_url", e.to_string())
         }
         P::Destination { .. } => bad("destination_url", e.to_string()),

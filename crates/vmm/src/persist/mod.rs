@@ -49,12 +49,23 @@ pub enum Error {
         msg: String,
     },
     /// A device or vCPU refused its saved state.
-    #[error("snapshot corrupt: {what}: {msg}")]
+    #[error("snapshot corrupt: {what}: {source}")]
     Corrupt {
         /// The part ("vcpu", "disk0", "accelerator VM state", ...).
         what: String,
-        /// Why it was refused.
-        msg: String,
+        /// Why it was refused (the device's or accelerator's error).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The snapshot has a different number of devices or vCPUs than its configuration builds.
+    #[error("snapshot corrupt: {what}: {snapshot} in the snapshot, {vm} in the VM")]
+    Mismatch {
+        /// "virtio devices" or "vcpus".
+        what: &'static str,
+        /// How many the snapshot has.
+        snapshot: usize,
+        /// How many the VM has.
+        vm: usize,
     },
     /// The destination folder cannot take a snapshot (exists and is not empty, cannot be
     /// created).
@@ -301,47 +312,31 @@ pub fn restore(dir: &Path) -> Result<(Vm, VmConfig), Error> {
     memory::load(&mem, &dir.join(&st.memory.file), &st.memory)?;
     let note = format!("{}: restored from {}", hv.name(), dir.display());
     let mut vm = Vm::build(&cfg, mem, hv, note)?;
-    let corrupt = |what: &str, msg: String| Error::Corrupt { what: what.to_string(), msg };
-    vm.accel().restore_state(&st.vm).map_err(|e| corrupt("accelerator VM state", e.to_string()))?;
+    fn corrupt(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Corrupt { what: what.to_string(), source: Box::new(e) }
+    }
+    vm.accel().restore_state(&st.vm).map_err(|e| corrupt("accelerator VM state", e))?;
     {
         let l = &vm.devices;
-        l.serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&st.serial)
-            .map_err(|e| corrupt("serial", e.to_string()))?;
-        l.i8042
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&st.i8042)
-            .map_err(|e| corrupt("i8042", e.to_string()))?;
-        l.cmos
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&st.cmos)
-            .map_err(|e| corrupt("cmos", e.to_string()))?;
-        l.pm.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&st.pm)
-            .map_err(|e| corrupt("acpi pm", e.to_string()))?;
+        l.serial.lock().unwrap_or_else(|e| e.into_inner()).restore(&st.serial).map_err(|e| corrupt("serial", e))?;
+        l.i8042.lock().unwrap_or_else(|e| e.into_inner()).restore(&st.i8042).map_err(|e| corrupt("i8042", e))?;
+        l.cmos.lock().unwrap_or_else(|e| e.into_inner()).restore(&st.cmos).map_err(|e| corrupt("cmos", e))?;
+        l.pm.lock().unwrap_or_else(|e| e.into_inner()).restore(&st.pm).map_err(|e| corrupt("acpi pm", e))?;
         l.pci.lock().unwrap_or_else(|e| e.into_inner()).set_config_address(st.pci_config_address);
     }
     if st.virtio.len() != vm.virtio.len() {
-        return Err(corrupt(
-            "virtio",
-            format!("{} devices, the configuration has {}", st.virtio.len(), vm.virtio.len()),
-        ));
+        return Err(Error::Mismatch { what: "virtio devices", snapshot: st.virtio.len(), vm: vm.virtio.len() });
     }
     for (d, s) in vm.virtio.iter().zip(&st.virtio) {
         let mut t = d.dev.lock().unwrap_or_else(|e| e.into_inner());
-        t.restore_state(s).map_err(|e| corrupt(&d.name, e.to_string()))?;
+        t.restore_state(s).map_err(|e| corrupt(&d.name, e))?;
         t.resume_device();
     }
     if st.vcpus.len() != vm.vcpu_count() {
-        return Err(corrupt("vcpus", format!("{} in the snapshot, {} configured", st.vcpus.len(), vm.vcpu_count())));
+        return Err(Error::Mismatch { what: "vcpus", snapshot: st.vcpus.len(), vm: vm.vcpu_count() });
     }
     for (v, s) in vm.vcpus_mut().zip(&st.vcpus) {
-        v.restore_snapshot(s).map_err(|e| corrupt("vcpu", e.to_string()))?;
+        v.restore_snapshot(s).map_err(|e| corrupt("vcpu", e))?;
     }
     vm.clock.set(st.clock_ns);
     vm.start_paused()?;
