@@ -522,5 +522,11 @@ mod tests {
             out.push(m);
             true
         });
+        // Post-conditions: the read-only version register survived and the state the noise
+        // left is one a snapshot can restore.
+        assert_eq!(rd(&mut io, 1), IOAPIC_VERSION);
+        let st = io.state();
+        io.restore(&st).expect("the state hostile accesses leave restores");
+        assert_eq!(io.state(), st);
     }
 }

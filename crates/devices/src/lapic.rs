@@ -955,5 +955,11 @@ mod tests {
         l.write_register(0x320, 0x2_0040);
         l.poll(u64::MAX);
         l.poll(0);
+        // Post-conditions: the read-only version register survived and the state the noise
+        // left is one a snapshot can restore.
+        assert_eq!(l.read_register(0x30), 0x0005_0014);
+        let st = l.state();
+        l.restore(&st).expect("the state hostile accesses leave restores");
+        assert_eq!(l.state(), st);
     }
 }

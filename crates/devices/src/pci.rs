@@ -512,5 +512,9 @@ mod tests {
             PioDevice::write(&mut bus, port, &x.to_le_bytes()[..len]);
             MmioDevice::write(&mut bus, u64::from(x), &b);
         }
+        // Post-condition: the read-only identity registers survived; enumeration still works.
+        assert_eq!(cfg_read(&mut bus, 0, 0), 0x0d57_8086);
+        assert_eq!(cfg_read(&mut bus, 1, 0), 0x1042_1af4);
+        assert_eq!(cfg_read(&mut bus, 2, 0), 0xffff_ffff, "empty slot");
     }
 }

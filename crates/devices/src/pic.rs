@@ -665,5 +665,14 @@ mod tests {
         let mut w = [0u8; 4];
         pic.read(0x20, &mut w);
         pic.write(0x4d0, &w);
+        // Post-conditions: whatever state the noise left is one a snapshot can restore, and a
+        // fresh Linux initialisation still takes (the mask reads back).
+        let st = pic.state();
+        pic.restore(&st).expect("the state hostile writes leave restores");
+        assert_eq!(pic.state(), st);
+        linux_init(&mut pic, false);
+        assert_eq!((pic.read_port(0x21), pic.read_port(0xa1)), (0x00, 0x00));
+        pic.write_port(0x21, 0x5a);
+        assert_eq!(pic.read_port(0x21), 0x5a);
     }
 }

@@ -1252,6 +1252,11 @@ mod tests {
                 dev.config_write((x >> 24) as usize % 256, &x.to_le_bytes()[..len.min(4)]);
             }
         }
+        // Post-condition: after the noise a driver can still bring the device up.
+        bring_up(&mut dev, 16);
+        let st = r(&mut dev, 0x14, 1) as u8;
+        assert_eq!(st & status::DEVICE_NEEDS_RESET, 0, "device_status {st:#x} after the noise");
+        assert_ne!(st & status::DRIVER_OK, 0, "device_status {st:#x} after the noise");
         w(&mut dev, 0x14, 0, 1);
     }
 

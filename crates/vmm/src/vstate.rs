@@ -458,8 +458,11 @@ mod tests {
         ctl.pause();
         ctl.resume();
         assert_eq!(ctl.state(), RunState::Running);
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(runs.iter().zip(&before).all(|(r, b)| r.load(Ordering::SeqCst) > *b), "all run again");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !runs.iter().zip(&before).all(|(r, b)| r.load(Ordering::SeqCst) > *b) {
+            assert!(std::time::Instant::now() < deadline, "all run again");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // The guest powers off on vCPU 1; a later quit changes nothing.
         power[1].store(true, Ordering::SeqCst);
         assert_eq!(ctl.wait(), Ok(RunOutcome::PowerOff));
