@@ -580,15 +580,7 @@ impl Cpu {
                 _ => off,
             }
         } else {
-            let i = match seg {
-                Register::ES => sreg::ES,
-                Register::CS => sreg::CS,
-                Register::SS => sreg::SS,
-                Register::FS => sreg::FS,
-                Register::GS => sreg::GS,
-                _ => sreg::DS,
-            };
-            self.seg.get(i).map_or(0, |s| s.base).wrapping_add(off) & 0xffff_ffff
+            self.seg.get(seg_index(seg)).map_or(0, |s| s.base).wrapping_add(off) & 0xffff_ffff
         }
     }
 
@@ -652,5 +644,19 @@ impl Cpu {
         if old & IF == 0 && self.rflags & IF != 0 {
             self.check_irq = true;
         }
+    }
+}
+
+/// Index into [`Cpu::seg`] (the [`sreg`] numbering) of segment register `r`; DS for anything
+/// that is not ES, CS, SS, FS or GS (the default data segment).
+#[inline(always)]
+pub(crate) fn seg_index(r: Register) -> usize {
+    match r {
+        Register::ES => sreg::ES,
+        Register::CS => sreg::CS,
+        Register::SS => sreg::SS,
+        Register::FS => sreg::FS,
+        Register::GS => sreg::GS,
+        _ => sreg::DS,
     }
 }

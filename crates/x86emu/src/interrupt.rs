@@ -1,7 +1,7 @@
 //! Exceptions, interrupts and far control transfers (Intel SDM Vol. 3 ch. 5-6, Vol. 2
 //! IRET/RET far/JMP far/SYSCALL/SYSRET).
 
-use crate::cpu::{ctl, flags::*, sreg, Cpu, Exit, Fault2, Seg};
+use crate::cpu::{ctl, flags::*, seg_index, sreg, Cpu, Exit, Fault2, Seg};
 use crate::regs::{low16, low32, mask};
 use crate::{Bus, Fault, Res};
 use iced_x86::{Code, Instruction, Register};
@@ -28,17 +28,6 @@ pub(crate) fn seg_from_desc(sel: u16, lo: u32, hi: u32) -> Seg {
         limit = (limit << 12) | 0xfff;
     }
     Seg { selector: sel, base, limit, attr: Seg::attr_from_desc_hi(hi) }
-}
-
-fn seg_index(r: Register) -> usize {
-    match r {
-        Register::ES => sreg::ES,
-        Register::CS => sreg::CS,
-        Register::SS => sreg::SS,
-        Register::FS => sreg::FS,
-        Register::GS => sreg::GS,
-        _ => sreg::DS,
-    }
 }
 
 /// MOV/POP to a data segment register or SS.
