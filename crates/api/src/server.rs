@@ -429,19 +429,26 @@ fn content_type_is_json(value: Option<&HeaderValue>) -> bool {
 }
 
 /// Parses a JSON body; an error is a 400 naming the field where serde tells it.
-/// Every request body is an object (serde would also take a struct as an array of its fields).
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reject> {
+    parse_json_object(body).map_err(|(field, msg)| bad_request(&field, msg))
+}
+
+/// Parses a request body that must be one JSON object (serde would also take a struct as an
+/// array of its fields) into `T`. Shared by the VMM's and the daemon's servers.
+///
+/// Errors: `(field, message)` for a 400: the field serde names (a missing or unknown one
+/// included, see [`describe_json_error`]) or `"body"` when the body as a whole is wrong.
+pub fn parse_json_object<T: DeserializeOwned>(body: &[u8]) -> Result<T, (String, String)> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(bad_request("body", "expected a JSON object"));
+        return Err(("body".into(), "expected a JSON object".into()));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let (field, msg) = describe_json_error(&path, e.into_inner());
-        bad_request(&field, msg)
+        describe_json_error(&path, e.into_inner())
     })?;
     de.end().map_err(|e| {
-        bad_request("body", format!("unexpected data after the JSON value at line {} column {}", e.line(), e.column()))
+        ("body".to_string(), format!("unexpected data after the JSON value at line {} column {}", e.line(), e.column()))
     })?;
     Ok(value)
 }

@@ -274,17 +274,7 @@ async fn read_body(body: Incoming) -> Result<Bytes, Reject> {
 
 /// Parses a JSON object body; an error is a 400 naming the field, as the VMM's API does.
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reject> {
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(bad_request("body", "expected a JSON object"));
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let (field, msg) = api::server::describe_json_error(&path, e.into_inner());
-        bad_request(&field, msg)
-    })?;
-    de.end().map_err(|_| bad_request("body", "unexpected data after the JSON value"))?;
-    Ok(value)
+    api::server::parse_json_object(body).map_err(|(field, msg)| bad_request(&field, msg))
 }
 
 /// The HTTP answer to a failed operation.
