@@ -14,7 +14,10 @@ use std::time::Duration;
 use api::client::{Client, ClientError};
 use serde::de::DeserializeOwned;
 
-use crate::types::{ErrorBody, EventList, RestartPolicy, StopRequest, VmDetails, VmList, VmSummary, NAME_RULE};
+use crate::types::{
+    ErrorBody, Event, EventList, RestartPolicy, SnapshotInfo, SnapshotList, StopRequest, UpdateRequest, VmDetails,
+    VmList, VmSummary, NAME_RULE,
+};
 
 /// The daemon's socket when neither `--connect` nor `RUSTVISOR_SOCKET` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/rustvisor/rustvisor.sock";
@@ -28,9 +31,20 @@ pub struct DaemonArgs {
     /// Runtime files: each VMM's API socket.
     #[arg(long, value_name = "DIR", default_value = "/run/rustvisor")]
     pub run_dir: PathBuf,
-    /// The daemon's API socket (mode 0660).
+    /// The daemon's API socket (mode 0660; group `rustvisor` when that group exists).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Also serve the API on TCP, e.g. 127.0.0.1:8006, to clients sending
+    /// `Authorization: Bearer <token>` (needs --token-file).
+    #[arg(long, value_name = "ADDR:PORT", requires = "token_file")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// The bearer token for --listen: the file's first line, 16+ characters; the file must be
+    /// mode 0600 or 0400.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Seconds a VM must run for its restart count to go back to 0.
+    #[arg(long, value_name = "S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub restart_reset_after: u64,
 }
 
 /// Where the clients find the daemon.
@@ -111,6 +125,75 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change a VM: its policy at any time, its configuration while it is stopped.
+    Set(Box<SetArgs>),
+    /// A VM's snapshots: create, list, revert, delete.
+    Snapshot {
+        /// The VM.
+        vm: String,
+        /// What to do.
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+}
+
+/// `rustvisor vm snapshot VM ...`.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum SnapshotAction {
+    /// Take a snapshot: the disks, and the guest's RAM and devices if it runs (it is paused
+    /// meanwhile).
+    Create {
+        /// The snapshot's name (the VM name rules).
+        name: String,
+    },
+    /// List the VM's snapshots: NAME CREATED SIZE KIND.
+    List {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring the VM back to a snapshot: its disks and configuration, and its running guest
+    /// for a snapshot taken while it ran. The VM's present state is lost.
+    Revert {
+        /// The snapshot.
+        name: String,
+    },
+    /// Delete a snapshot.
+    Delete {
+        /// The snapshot.
+        name: String,
+    },
+}
+
+/// `rustvisor vm set`: the fields to change (at least one).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SetArgs {
+    /// The VM.
+    pub name: String,
+    /// Guest RAM, e.g. 1G (stopped VMs only).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// vCPUs (stopped VMs only).
+    #[arg(long)]
+    pub cpus: Option<u8>,
+    /// Kernel command line (stopped VMs only).
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// A whole new configuration as JSON (stopped VMs only).
+    #[arg(long, value_name = "SPEC.json")]
+    pub from_file: Option<PathBuf>,
+    /// Restart policy: no, on-failure or always.
+    #[arg(long)]
+    pub restart: Option<String>,
+    /// Start with the host: true or false.
+    #[arg(long)]
+    pub autostart: Option<bool>,
+    /// Autostart order, lower first (0-1000).
+    #[arg(long, value_name = "N")]
+    pub start_order: Option<u32>,
+    /// Seconds to wait after autostarting it before the next VM (0-600).
+    #[arg(long, value_name = "S")]
+    pub start_delay: Option<u32>,
 }
 
 /// `rustvisor vm create`: the device flags of `rustvisor run`, or a JSON file.
@@ -126,6 +209,15 @@ pub struct CreateArgs {
     /// (also after a guest power-off).
     #[arg(long, default_value = "no")]
     pub restart: String,
+    /// Start the VM when the host boots (the daemon's first start after a boot).
+    #[arg(long)]
+    pub autostart: bool,
+    /// Autostart order, lower first (0-1000).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub start_order: u32,
+    /// Seconds to wait after autostarting this VM before the next one (0-600).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub start_delay: u32,
     /// Kernel: bzImage or ELF vmlinux.
     #[arg(long, required_unless_present = "from_file")]
     pub kernel: Option<PathBuf>,
@@ -170,9 +262,12 @@ pub struct EventsArgs {
     /// Only this VM's events.
     #[arg(long, value_name = "NAME")]
     pub vm: Option<String>,
-    /// Print the daemon's JSON.
+    /// Print the daemon's JSON (one object a line with --follow).
     #[arg(long)]
     pub json: bool,
+    /// Keep printing new events as they happen (until interrupted).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 /// Runs `rustvisor daemon`.
@@ -181,9 +276,18 @@ pub fn daemon(a: DaemonArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(1, &format!("cannot find the rustvisor executable: {e}")),
     };
-    let cfg = crate::daemon::DaemonConfig { state_dir: a.state_dir, run_dir: a.run_dir, socket: a.socket, vmm_exe };
+    let cfg = crate::daemon::DaemonConfig {
+        state_dir: a.state_dir,
+        run_dir: a.run_dir,
+        socket: a.socket,
+        vmm_exe,
+        listen: a.listen,
+        token_file: a.token_file,
+        restart_reset_after: Duration::from_secs(a.restart_reset_after),
+    };
     match crate::daemon::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ crate::daemon::DaemonError::Config(_)) => fail(2, &e.to_string()),
         Err(e) => fail(1, &e.to_string()),
     }
 }
@@ -226,6 +330,12 @@ pub fn vm(a: VmArgs) -> ExitCode {
 
 /// Runs `rustvisor events`.
 pub fn events(a: EventsArgs) -> ExitCode {
+    if a.follow {
+        return match follow_events(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => fail(f.code, &f.message),
+        };
+    }
     finish(events_text(&a))
 }
 
@@ -339,7 +449,119 @@ fn vm_text(a: &VmArgs) -> Result<String, Failure> {
                 format_info(&d)
             }
         }
+        VmCommand::Set(args) => {
+            check_name(&args.name)?;
+            let body = set_body(args)?;
+            let _: VmDetails = decode(&c.call("PATCH", &format!("vms/{}", args.name), Some(body))?)?;
+            format!("VM '{}' updated\n", args.name)
+        }
+        VmCommand::Snapshot { vm, action } => {
+            check_name(vm)?;
+            let c = DaemonClient::new(socket, Duration::from_secs(600))?;
+            match action {
+                SnapshotAction::Create { name } => {
+                    let body = serde_json::to_vec(&serde_json::json!({ "name": name }))
+                        .map_err(|e| failure(1, e.to_string()))?;
+                    let s: SnapshotInfo = decode(&c.call("POST", &format!("vms/{vm}/snapshots"), Some(body))?)?;
+                    format!(
+                        "snapshot '{}' of VM '{vm}' created ({}, {})\n",
+                        s.name,
+                        if s.memory { "disks and RAM" } else { "disks only" },
+                        format_bytes(s.size_bytes)
+                    )
+                }
+                SnapshotAction::List { json } => {
+                    let list: SnapshotList = c.get(&format!("vms/{vm}/snapshots"))?;
+                    if *json {
+                        to_json(&list)?
+                    } else {
+                        format_snapshots(&list.snapshots)
+                    }
+                }
+                SnapshotAction::Revert { name } => {
+                    check_name(name)?;
+                    c.call("PUT", &format!("vms/{vm}/snapshots/{name}/revert"), None)?;
+                    format!("VM '{vm}' reverted to snapshot '{name}'\n")
+                }
+                SnapshotAction::Delete { name } => {
+                    check_name(name)?;
+                    c.call("DELETE", &format!("vms/{vm}/snapshots/{name}"), None)?;
+                    format!("snapshot '{name}' of VM '{vm}' deleted\n")
+                }
+            }
+        }
     })
+}
+
+/// The `PATCH /vms/{name}` body from `vm set`'s flags; bad flags are exit 2.
+fn set_body(a: &SetArgs) -> Result<Vec<u8>, Failure> {
+    let bad = |m: String| failure(2, m);
+    let memory_mib = match &a.memory {
+        Some(m) => {
+            let bytes = vmm::config::parse_size(m).map_err(|e| bad(format!("--memory: {e}")))?;
+            if bytes % (1 << 20) != 0 {
+                return Err(bad(format!("--memory: '{m}' is not a whole number of MiB (e.g. 512M, 1G)")));
+            }
+            Some(bytes >> 20)
+        }
+        None => None,
+    };
+    let restart = a
+        .restart
+        .as_deref()
+        .map(str::parse::<RestartPolicy>)
+        .transpose()
+        .map_err(|e| bad(format!("--restart: {e}")))?;
+    let config = match &a.from_file {
+        Some(file) => {
+            let text = std::fs::read(file).map_err(|e| bad(format!("--from-file: {}: {e}", file.display())))?;
+            Some(
+                serde_json::from_slice::<serde_json::Value>(&text)
+                    .map_err(|e| bad(format!("--from-file: {}: not JSON: {e}", file.display())))?,
+            )
+        }
+        None => None,
+    };
+    let req = UpdateRequest {
+        restart,
+        autostart: a.autostart,
+        start_order: a.start_order,
+        start_delay_s: a.start_delay,
+        memory_mib,
+        cpus: a.cpus,
+        cmdline: a.cmdline.clone(),
+        config: None,
+    };
+    let mut body = serde_json::to_value(&req).map_err(|e| failure(1, e.to_string()))?;
+    if body.as_object().is_some_and(|o| o.is_empty()) && config.is_none() {
+        return Err(bad("vm set: nothing to change (give at least one of --memory, --cpus, --cmdline, --from-file, --restart, --autostart, --start-order, --start-delay)".into()));
+    }
+    // Sent as a JSON value so that the daemon names an unknown field of the spec file.
+    if let (Some(c), Some(o)) = (config, body.as_object_mut()) {
+        o.insert("config".into(), c);
+    }
+    serde_json::to_vec(&body).map_err(|e| failure(1, e.to_string()))
+}
+
+/// The `vm snapshot VM list` table.
+pub fn format_snapshots(snaps: &[SnapshotInfo]) -> String {
+    let mut s = format!("{:<20}  {:<24}  {:>9}  KIND\n", "NAME", "CREATED", "SIZE");
+    for x in snaps {
+        let kind = if x.memory { format!("disks+RAM ({})", x.vm_state.as_str()) } else { "disks".into() };
+        s += &format!("{:<20}  {:<24}  {:>9}  {kind}\n", x.name, format_time(x.created_ms), format_bytes(x.size_bytes));
+    }
+    s
+}
+
+/// "512B", "3.0K", "95.2M", "1.5G".
+pub fn format_bytes(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    for (size, unit) in UNITS {
+        if n >= size {
+            return format!("{:.1}{unit}", n as f64 / size as f64);
+        }
+    }
+    format!("{n}B")
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Failure> {
@@ -409,7 +631,28 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
             serde_json::to_value(&cfg).map_err(|e| failure(1, e.to_string()))?
         }
     };
-    let body = serde_json::json!({ "name": a.name, "restart": restart, "config": config });
+    if a.start_order > crate::types::MAX_START_ORDER {
+        return Err(bad(format!(
+            "--start-order: {} (accepted: 0 to {})",
+            a.start_order,
+            crate::types::MAX_START_ORDER
+        )));
+    }
+    if a.start_delay > crate::types::MAX_START_DELAY_S {
+        return Err(bad(format!(
+            "--start-delay: {} (accepted: 0 to {})",
+            a.start_delay,
+            crate::types::MAX_START_DELAY_S
+        )));
+    }
+    let body = serde_json::json!({
+        "name": a.name,
+        "restart": restart,
+        "autostart": a.autostart,
+        "start_order": a.start_order,
+        "start_delay_s": a.start_delay,
+        "config": config,
+    });
     // The shape of CreateRequest (a unit test checks it), sent as a JSON value so that the
     // daemon, not this client, names an unknown field of a spec file.
     serde_json::to_vec(&body).map_err(|e| failure(1, e.to_string()))
@@ -428,22 +671,78 @@ fn events_text(a: &EventsArgs) -> Result<String, Failure> {
     if a.json {
         return to_json(&list);
     }
-    let mut s = String::new();
-    for e in &list.events {
-        let who = match (e.peer_uid, e.peer_pid) {
-            (Some(u), Some(p)) => format!(" [uid {u} pid {p}]"),
-            (Some(u), None) => format!(" [uid {u}]"),
-            _ => String::new(),
-        };
-        s += &format!(
-            "{}  {:<12} {:<14} {}{who}\n",
-            format_time(e.time_ms),
-            e.vm.as_deref().unwrap_or("-"),
-            e.kind,
-            e.detail
-        );
+    Ok(list.events.iter().map(format_event).collect())
+}
+
+/// One line of `rustvisor events`.
+pub fn format_event(e: &Event) -> String {
+    let who = match (e.peer_uid, e.peer_pid, &e.peer_addr) {
+        (Some(u), Some(p), _) => format!(" [uid {u} pid {p}]"),
+        (Some(u), None, _) => format!(" [uid {u}]"),
+        (None, _, Some(addr)) => format!(" [tcp {addr}]"),
+        _ => String::new(),
+    };
+    format!("{}  {:<12} {:<18} {}{who}\n", format_time(e.time_ms), e.vm.as_deref().unwrap_or("-"), e.kind, e.detail)
+}
+
+/// `rustvisor events --follow`: the log so far, then each new event as the daemon commits
+/// it (`GET /api/v1/events?follow=1`, a stream of JSON lines), until interrupted.
+fn follow_events(a: &EventsArgs) -> Result<(), Failure> {
+    use http_body_util::BodyExt;
+    let mut route = String::from("/api/v1/events?follow=1");
+    if let Some(vm) = &a.vm {
+        check_name(vm)?;
+        route += &format!("&vm={vm}");
     }
-    Ok(s)
+    let socket = a.connect.connect.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failure(1, format!("cannot start tokio: {e}")))?;
+    rt.block_on(async move {
+        let io1 = |m: String| failure(1, m);
+        let stream = tokio::net::UnixStream::connect(&socket).await.map_err(|e| {
+            io1(format!(
+                "cannot connect to the daemon at {}: {e} (is `rustvisor daemon` running? see --connect, RUSTVISOR_SOCKET)",
+                socket.display()
+            ))
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| io1(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(route)
+            .header(hyper::header::HOST, "localhost")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| io1(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| io1(e.to_string()))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes).map(|b| b.error).unwrap_or_else(|_| status.to_string());
+            return Err(failure(if status.is_client_error() { 2 } else { 1 }, msg));
+        }
+        let mut buf = Vec::new();
+        let mut out = io::stdout();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| io1(format!("the event stream broke: {e}")))?;
+            let Ok(data) = frame.into_data() else { continue };
+            buf.extend_from_slice(&data);
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let text = if a.json {
+                    String::from_utf8_lossy(&line).into_owned()
+                } else {
+                    let e: Event = serde_json::from_slice(&line)
+                        .map_err(|e| io1(format!("unexpected event from the daemon: {e}")))?;
+                    format_event(&e)
+                };
+                out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| io1(e.to_string()))?;
+            }
+        }
+        Err(io1("the daemon closed the event stream".into()))
+    })
 }
 
 /// The `vm list` table.
@@ -484,6 +783,10 @@ fn format_info(d: &VmDetails) -> String {
         s += &format!("reason: {r}\n");
     }
     s += &format!("restart: {} ({} restarts)\n", v.restart.as_str(), v.restarts);
+    let p = &d.policy;
+    if p.autostart {
+        s += &format!("autostart: yes (order {}, then {}s delay)\n", p.start_order, p.start_delay_s);
+    }
     if let Some(pid) = v.pid {
         s += &format!("pid: {pid}\n");
     }
@@ -558,6 +861,9 @@ mod tests {
             name: "web-1".into(),
             from_file: None,
             restart: "on-failure".into(),
+            autostart: true,
+            start_order: 3,
+            start_delay: 0,
             kernel: Some("/k".into()),
             initrd: None,
             cmdline: "console=ttyS0".into(),
@@ -573,6 +879,7 @@ mod tests {
         let req: CreateRequest = serde_json::from_slice(&create_body(&a).unwrap()).unwrap();
         assert_eq!(req.name, "web-1");
         assert_eq!(req.restart, RestartPolicy::OnFailure);
+        assert!(req.autostart && req.start_order == 3);
         assert_eq!((req.config.memory_mib, req.config.accel.as_str(), req.config.rng), (256, "emu", true));
         assert!(req.config.disks[0].readonly);
         let mut bad = a.clone();
@@ -595,6 +902,7 @@ mod tests {
             pid: Some(42),
             uptime_s: Some(61.0),
             restart: RestartPolicy::No,
+            autostart: false,
             restarts: 0,
             reason: None,
         };

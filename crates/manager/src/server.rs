@@ -7,35 +7,49 @@
 //!   the change they cause.
 //! - Operations block (spawning a VMM, booting): each runs on a thread of its own while the
 //!   server goes on answering.
+//! - `GET /api/v1/events?follow=1` answers with a stream of events, one JSON object a line
+//!   (`application/x-ndjson`), that stays open and gets each new event as it is committed.
+//! - [`serve_tcp`] serves the same API on TCP (`rustvisor daemon --listen`) to clients that
+//!   send `Authorization: Bearer <token>`; others get 401.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::service::{Service, ServiceError};
 use crate::store::Peer;
-use crate::types::{CreateRequest, ErrorBody, EventList, StopRequest, VmList};
+use crate::types::{
+    CreateRequest, ErrorBody, EventList, SnapshotCreate, SnapshotList, StopRequest, UpdateRequest, VmList,
+};
 
 /// Every route, as (method, path template).
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/vms"),
     ("POST", "/api/v1/vms"),
     ("GET", "/api/v1/vms/{name}"),
+    ("PATCH", "/api/v1/vms/{name}"),
     ("DELETE", "/api/v1/vms/{name}"),
     ("PUT", "/api/v1/vms/{name}/start"),
     ("PUT", "/api/v1/vms/{name}/stop"),
     ("PUT", "/api/v1/vms/{name}/kill"),
     ("PUT", "/api/v1/vms/{name}/pause"),
     ("PUT", "/api/v1/vms/{name}/resume"),
+    ("GET", "/api/v1/vms/{name}/snapshots"),
+    ("POST", "/api/v1/vms/{name}/snapshots"),
+    ("DELETE", "/api/v1/vms/{name}/snapshots/{snapshot}"),
+    ("PUT", "/api/v1/vms/{name}/snapshots/{snapshot}/revert"),
     ("GET", "/api/v1/events"),
 ];
 
@@ -51,22 +65,50 @@ use api::server::{empty_response as empty, json_response as json, shorten, Resp}
 /// An error answer on its way out (boxed: a response is large).
 type Reject = Box<Resp>;
 
-/// Matches `path` against a route template; returns the `{name}` segment (or "" without one).
-fn match_template<'p>(template: &str, path: &'p str) -> Option<&'p str> {
-    let mut name = "";
+/// The path parameters of a matched route ("" where the template has none).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Params<'p> {
+    name: &'p str,
+    snapshot: &'p str,
+}
+
+/// Matches `path` against a route template; returns its `{name}` and `{snapshot}` segments.
+fn match_template<'p>(template: &str, path: &'p str) -> Option<Params<'p>> {
+    let mut params = Params::default();
     let mut t = template.split('/');
     let mut p = path.split('/');
     loop {
         match (t.next(), p.next()) {
-            (None, None) => return Some(name),
-            (Some("{name}"), Some(seg)) if !seg.is_empty() => name = seg,
+            (None, None) => return Some(params),
+            (Some("{name}"), Some(seg)) if !seg.is_empty() => params.name = seg,
+            (Some("{snapshot}"), Some(seg)) if !seg.is_empty() => params.snapshot = seg,
             (Some(a), Some(b)) if a == b => {}
             _ => return None,
         }
     }
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// What the server answers with: a whole body, or the event stream of `?follow=1`.
+pub type Out = Response<Either<Full<Bytes>, EventStream>>;
+
+/// The body of `GET /api/v1/events?follow=1`: newline-delimited JSON events, open until the
+/// client goes.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for EventStream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.get_mut().rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Serves the API on the Unix socket `listener` until `shutdown` completes. Clients are
+/// whoever the socket's file mode lets in; their credentials go into the audit log.
 pub async fn serve(listener: UnixListener, svc: Arc<Service>, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
@@ -76,7 +118,14 @@ pub async fn serve(listener: UnixListener, svc: Arc<Service>, shutdown: impl std
         };
         match accepted {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, svc.clone()));
+                let peer = match stream.peer_cred() {
+                    Ok(c) => Peer { uid: Some(c.uid()), pid: c.pid(), addr: None },
+                    Err(e) => {
+                        tracing::warn!("daemon API: no peer credentials: {e}");
+                        Peer::default()
+                    }
+                };
+                tokio::spawn(serve_connection(stream, svc.clone(), peer, None));
             }
             Err(e) => {
                 tracing::warn!("daemon API: accept failed: {e}");
@@ -86,23 +135,124 @@ pub async fn serve(listener: UnixListener, svc: Arc<Service>, shutdown: impl std
     }
 }
 
-async fn serve_connection(stream: UnixStream, svc: Arc<Service>) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => Peer { uid: Some(c.uid()), pid: c.pid() },
-        Err(e) => {
-            tracing::warn!("daemon API: no peer credentials: {e}");
-            Peer::default()
+/// Serves the API on the TCP `listener` until `shutdown` completes, only to requests with
+/// `Authorization: Bearer <token>` (others get 401). The client's address goes into the
+/// audit log.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    svc: Arc<Service>,
+    token: Arc<str>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                let _ = stream.set_nodelay(true);
+                let peer = Peer { uid: None, pid: None, addr: Some(addr) };
+                tokio::spawn(serve_connection(stream, svc.clone(), peer, Some(token.clone())));
+            }
+            Err(e) => {
+                tracing::warn!("daemon API (TCP): accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
-    };
+    }
+}
+
+async fn serve_connection<S>(stream: S, svc: Arc<Service>, peer: Peer, token: Option<Arc<str>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req| {
-        let svc = svc.clone();
-        async move { Ok::<_, Infallible>(handle(req, svc, peer).await.unwrap_or_else(|e| *e)) }
+        let (svc, token) = (svc.clone(), token.clone());
+        async move { Ok::<_, Infallible>(respond(req, svc, peer, token).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(READ_TIMEOUT).max_buf_size(16 * 1024);
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!("daemon API connection: {e}");
     }
+}
+
+/// Checks the bearer token (TCP), then answers: the event stream, or [`handle`]'s answer.
+async fn respond(req: Request<Incoming>, svc: Arc<Service>, peer: Peer, token: Option<Arc<str>>) -> Out {
+    if let Some(t) = token {
+        if !authorized(&req, &t) {
+            let mut resp =
+                *error(StatusCode::UNAUTHORIZED, "a valid 'Authorization: Bearer <token>' is required".into(), None);
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"rustvisor\""));
+            return resp.map(Either::Left);
+        }
+    }
+    if req.method() == Method::GET && req.uri().path() == "/api/v1/events" {
+        let follow = Query::parse(req.uri().query().unwrap_or("")).and_then(|q| Ok((q.flag("follow")?, q)));
+        match follow {
+            Ok((true, q)) => return follow_events(svc, &q).await.unwrap_or_else(|e| (*e).map(Either::Left)),
+            Ok((false, _)) => {}
+            Err(e) => return (*e).map(Either::Left),
+        }
+    }
+    handle(req, svc, peer).await.unwrap_or_else(|e| *e).map(Either::Left)
+}
+
+/// Whether `req` carries `Authorization: Bearer <token>` (compared in constant time).
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    let Some(given) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    let want = token.as_bytes();
+    // Constant time in the token's content (its length is not secret).
+    given.len() == want.len() && given.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// Events of the log, after `after` (and of `vm`), then each new one as it is committed.
+async fn follow_events(svc: Arc<Service>, q: &Query) -> Result<Out, Reject> {
+    let (vm, mut after, _) = events_query(q)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let mut changed = svc.subscribe_events();
+    tokio::spawn(async move {
+        loop {
+            changed.borrow_and_update();
+            let (s, v) = (svc.clone(), vm.clone());
+            let Ok(Ok(batch)) = blocking(move || s.events(v.as_deref(), after, MAX_EVENTS)).await else { return };
+            let full = batch.len() >= MAX_EVENTS as usize;
+            for e in batch {
+                after = e.id;
+                let Ok(mut line) = serde_json::to_vec(&e) else { return };
+                line.push(b'\n');
+                if tx.send(Bytes::from(line)).await.is_err() {
+                    return;
+                }
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let mut resp = Response::new(Either::Right(EventStream { rx }));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    Ok(resp)
+}
+
+/// The `vm`, `after` and `limit` parameters of `GET /events`.
+fn events_query(q: &Query) -> Result<(Option<String>, i64, u32), Reject> {
+    let vm = q.get("vm").map(str::to_string);
+    if let Some(v) = &vm {
+        Service::check_name(v).map_err(|e| bad_request("vm", e.to_string()))?;
+    }
+    let after = q.number("after", 0, i64::MAX)?.unwrap_or(0);
+    let limit = q.number("limit", 1, i64::from(MAX_EVENTS))?.unwrap_or(i64::from(MAX_EVENTS));
+    Ok((vm, after, u32::try_from(limit).unwrap_or(MAX_EVENTS)))
 }
 
 /// Runs a blocking operation on a thread of its own.
@@ -123,12 +273,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result<Resp, Reject> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
-    let matched: Vec<(&str, &str, &str)> =
+    let matched: Vec<(&str, &str, Params<'_>)> =
         ROUTES.iter().filter_map(|(m, t)| match_template(t, &path).map(|n| (*m, *t, n))).collect();
     if matched.is_empty() {
         return Err(error(StatusCode::NOT_FOUND, format!("no such route: {}", shorten(&path)), None));
     }
-    let Some(&(_, template, name)) = matched.iter().find(|(m, _, _)| *m == req.method().as_str()) else {
+    let Some(&(_, template, params)) = matched.iter().find(|(m, _, _)| *m == req.method().as_str()) else {
         let allowed: Vec<&str> = matched.iter().map(|(m, _, _)| *m).collect();
         let mut resp = error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -140,7 +290,8 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
         }
         return Err(resp);
     };
-    let name = name.to_string();
+    let name = params.name.to_string();
+    let snapshot = params.snapshot.to_string();
     if template.contains("{name}") {
         Service::check_name(&name).map_err(service_error)?;
     }
@@ -156,7 +307,13 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
     } else {
         read_body(req.into_body()).await?
     };
-    let takes_body = matches!(template, "/api/v1/vms" | "/api/v1/vms/{name}/stop") && method != Method::GET;
+    let takes_body = matches!(
+        (method.as_str(), template),
+        ("POST", "/api/v1/vms")
+            | ("PATCH", "/api/v1/vms/{name}")
+            | ("PUT", "/api/v1/vms/{name}/stop")
+            | ("POST", "/api/v1/vms/{name}/snapshots")
+    );
     if !body.is_empty() {
         if !takes_body {
             return Err(bad_request("body", "this route takes no request body"));
@@ -207,14 +364,35 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
                 &blocking(move || s.pause_resume(&name, pause, peer)).await?.map_err(service_error)?,
             ))
         }
-        ("GET", "/api/v1/events") => {
-            let vm = q.get("vm").map(str::to_string);
-            if let Some(v) = &vm {
-                Service::check_name(v).map_err(|e| bad_request("vm", e.to_string()))?;
+        ("PATCH", "/api/v1/vms/{name}") => {
+            if body.is_empty() {
+                return Err(bad_request("body", "a JSON request body is required"));
             }
-            let after = q.number("after", 0, i64::MAX)?.unwrap_or(0);
-            let limit = q.number("limit", 1, i64::from(MAX_EVENTS))?.unwrap_or(i64::from(MAX_EVENTS));
-            let limit = u32::try_from(limit).unwrap_or(MAX_EVENTS);
+            let req: UpdateRequest = parse_json(&body)?;
+            Ok(json(StatusCode::OK, &blocking(move || s.update(&name, req, peer)).await?.map_err(service_error)?))
+        }
+        ("GET", "/api/v1/vms/{name}/snapshots") => {
+            let snapshots = blocking(move || s.snapshots(&name)).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &SnapshotList { snapshots }))
+        }
+        ("POST", "/api/v1/vms/{name}/snapshots") => {
+            if body.is_empty() {
+                return Err(bad_request("body", "a JSON request body is required"));
+            }
+            let req: SnapshotCreate = parse_json(&body)?;
+            let info = blocking(move || s.snapshot_create(&name, &req.name, peer)).await?.map_err(service_error)?;
+            Ok(json(StatusCode::CREATED, &info))
+        }
+        ("DELETE", "/api/v1/vms/{name}/snapshots/{snapshot}") => {
+            blocking(move || s.snapshot_delete(&name, &snapshot, peer)).await?.map_err(service_error)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        ("PUT", "/api/v1/vms/{name}/snapshots/{snapshot}/revert") => {
+            let info = blocking(move || s.snapshot_revert(&name, &snapshot, peer)).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &info))
+        }
+        ("GET", "/api/v1/events") => {
+            let (vm, after, limit) = events_query(&q)?;
             let events = blocking(move || s.events(vm.as_deref(), after, limit)).await?.map_err(service_error)?;
             Ok(json(StatusCode::OK, &EventList { events }))
         }
@@ -230,8 +408,8 @@ impl Query {
         let mut pairs = Vec::new();
         for part in q.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
-            if !["force", "vm", "after", "limit"].contains(&k) {
-                return Err(bad_request(k, "unknown query parameter (accepted: force, vm, after, limit)"));
+            if !["force", "vm", "after", "limit", "follow"].contains(&k) {
+                return Err(bad_request(k, "unknown query parameter (accepted: force, vm, after, limit, follow)"));
             }
             pairs.push((k.to_string(), v.to_string()));
         }
@@ -284,10 +462,10 @@ fn service_error(e: ServiceError) -> Reject {
         ServiceError::BadRequest { field, .. } => {
             (StatusCode::BAD_REQUEST, ErrorBody { error: msg, field: Some(field), operation: None, state: None })
         }
-        ServiceError::NotFound(_) => {
+        ServiceError::NotFound(_) | ServiceError::NoSnapshot { .. } => {
             (StatusCode::NOT_FOUND, ErrorBody { error: msg, field: None, operation: None, state: None })
         }
-        ServiceError::Duplicate(_) => {
+        ServiceError::Duplicate(_) | ServiceError::SnapshotExists { .. } => {
             (StatusCode::CONFLICT, ErrorBody { error: msg, field: Some("name".into()), operation: None, state: None })
         }
         ServiceError::Busy { operation, .. } => {
@@ -326,9 +504,14 @@ mod tests {
 
     #[test]
     fn templates() {
-        assert_eq!(match_template("/api/v1/vms", "/api/v1/vms"), Some(""));
-        assert_eq!(match_template("/api/v1/vms/{name}", "/api/v1/vms/a"), Some("a"));
-        assert_eq!(match_template("/api/v1/vms/{name}/start", "/api/v1/vms/a/start"), Some("a"));
+        let named = |name| Some(Params { name, snapshot: "" });
+        assert_eq!(match_template("/api/v1/vms", "/api/v1/vms"), Some(Params::default()));
+        assert_eq!(match_template("/api/v1/vms/{name}", "/api/v1/vms/a"), named("a"));
+        assert_eq!(match_template("/api/v1/vms/{name}/start", "/api/v1/vms/a/start"), named("a"));
+        assert_eq!(
+            match_template("/api/v1/vms/{name}/snapshots/{snapshot}/revert", "/api/v1/vms/a/snapshots/s1/revert"),
+            Some(Params { name: "a", snapshot: "s1" })
+        );
         assert_eq!(match_template("/api/v1/vms/{name}", "/api/v1/vms/"), None);
         assert_eq!(match_template("/api/v1/vms/{name}", "/api/v1/vms/a/start"), None);
         assert_eq!(match_template("/api/v1/vms", "/api/v1/vmsx"), None);

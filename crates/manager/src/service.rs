@@ -9,6 +9,8 @@
 //!   recorded with the VMM's pid before the VMM is driven, so a daemon killed at any point is
 //!   healed by [`Service::reconcile`] at its next start.
 
+mod snapshots;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
@@ -20,7 +22,8 @@ use api::client::{Client, ClientError};
 use crate::store::{now_ms, NewEvent, Peer, Runtime, Store, StoreError, VmRecord};
 use crate::supervisor;
 use crate::types::{
-    valid_name, CreateRequest, Event, RestartPolicy, StopRequest, VmDetails, VmState, VmSummary, NAME_RULE,
+    valid_name, CreateRequest, Event, Policy, RestartPolicy, StopRequest, UpdateRequest, VmDetails, VmState, VmSummary,
+    MAX_START_DELAY_S, MAX_START_ORDER, NAME_RULE,
 };
 
 /// Restarts by the policy before the daemon gives up (the VM stays `crashed`).
@@ -35,6 +38,10 @@ const MAX_API_FAILURES: u32 = 10;
 pub const SUPERVISE: &str = "supervise";
 /// How long a request waits for the supervisor's look at a VM to end.
 pub const SUPERVISE_WAIT: Duration = Duration::from_secs(5);
+/// A VM that has run this long since its last (re)start gets its restart count back to 0,
+/// so an occasional crash weeks apart never reaches [`MAX_RESTARTS`] (the daemon's
+/// `--restart-reset-after`).
+pub const DEFAULT_RESTART_RESET_AFTER: Duration = Duration::from_secs(600);
 
 /// The delay before restart number `restarts + 1`: 1 s, 2 s, 4 s, ... at most 60 s.
 pub fn backoff(restarts: u32) -> Duration {
@@ -58,6 +65,22 @@ pub enum ServiceError {
     /// 409: the name is taken.
     #[error("name: a VM named '{0}' already exists")]
     Duplicate(String),
+    /// 404: the VM has no such snapshot.
+    #[error("VM '{vm}' has no snapshot named '{name}'")]
+    NoSnapshot {
+        /// The VM.
+        vm: String,
+        /// The snapshot asked for.
+        name: String,
+    },
+    /// 409: the VM already has a snapshot of that name.
+    #[error("name: VM '{vm}' already has a snapshot named '{name}'")]
+    SnapshotExists {
+        /// The VM.
+        vm: String,
+        /// The name in use.
+        name: String,
+    },
     /// 409: another operation on the VM is in progress.
     #[error("VM '{vm}': {operation} is in progress; try again when it ends")]
     Busy {
@@ -151,6 +174,8 @@ pub struct Service {
     /// VM name → when the supervisor restarts it.
     restart_at: Mutex<HashMap<String, Instant>>,
     watch: Mutex<HashMap<String, Watch>>,
+    restart_reset_after: Duration,
+    events_tx: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A claim on a VM; dropping it ends the operation.
@@ -181,15 +206,33 @@ enum Launch {
 
 impl Service {
     /// A service over `store`.
-    pub fn new(paths: DaemonPaths, store: Store) -> Service {
+    pub fn new(paths: DaemonPaths, mut store: Store) -> Service {
+        let events_tx = std::sync::Arc::new(tokio::sync::watch::channel(0u64).0);
+        let tx = events_tx.clone();
+        store.set_event_hook(Box::new(move || tx.send_modify(|n| *n = n.wrapping_add(1))));
         Service {
+            events_tx,
             paths,
             store: Mutex::new(store),
             busy: Mutex::default(),
             children: Mutex::default(),
             restart_at: Mutex::default(),
             watch: Mutex::default(),
+            restart_reset_after: DEFAULT_RESTART_RESET_AFTER,
         }
+    }
+
+    /// Sets how long a VM must run before its restart count goes back to 0 (default
+    /// [`DEFAULT_RESTART_RESET_AFTER`]).
+    pub fn with_restart_reset_after(mut self, d: Duration) -> Service {
+        self.restart_reset_after = d;
+        self
+    }
+
+    /// A receiver that sees a change after each store change that appended events (the
+    /// server's `GET /events?follow=1` streams wait on it).
+    pub fn subscribe_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events_tx.subscribe()
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
@@ -263,16 +306,13 @@ impl Service {
         }
         check_absolute(&req.config)?;
         vmm::config::validate(&req.config).map_err(|e| config_error(vmm::controller::api_error(e)))?;
+        let policy = req.policy();
+        check_policy(&policy)?;
         let _claim = self.claim(&req.name, "create")?;
         let dir = self.vm_state_dir(&req.name);
         let detail =
             format!("{} MiB, {} vCPU, restart {}", req.config.memory_mib, req.config.cpus, req.restart.as_str());
-        self.store().create_vm(
-            &req.name,
-            &req.config,
-            req.restart,
-            &NewEvent::vm(&req.name, "defined", detail, peer),
-        )?;
+        self.store().create_vm(&req.name, &req.config, &policy, &NewEvent::vm(&req.name, "defined", detail, peer))?;
         std::fs::create_dir_all(&dir)
             .map_err(|source| ServiceError::Io { what: format!("creating {}", dir.display()), source })?;
         self.summary(&self.record(&req.name)?)
@@ -292,6 +332,7 @@ impl Service {
         Ok(VmDetails {
             summary: self.summary(&rec)?,
             config,
+            policy: rec.policy,
             console_log: self.console_log(name).display().to_string(),
             api_socket: rec.runtime.socket.clone(),
             created_ms: rec.created_ms,
@@ -310,7 +351,8 @@ impl Service {
             accel: rt.accel.clone().filter(|_| active).unwrap_or_else(|| rec.config.accel.to_string()),
             pid: rt.pid.filter(|_| active),
             uptime_s: rt.started_ms.filter(|_| active).map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
-            restart: rec.restart,
+            restart: rec.policy.restart,
+            autostart: rec.policy.autostart,
             restarts: rt.restarts,
             reason: rt.reason.clone(),
         })
@@ -333,13 +375,124 @@ impl Service {
             });
         }
         lock(&self.restart_at).remove(name);
-        self.launch(&rec, peer, Launch::User)?;
+        self.launch(&rec, peer, Launch::User, None)?;
         self.summary(&self.record(name)?)
     }
 
-    /// Starts a VMM for `rec` and boots its VM; on failure nothing is left (no process, no
-    /// socket) and the failure is recorded.
-    fn launch(&self, rec: &VmRecord, peer: Peer, how: Launch) -> Result<(), ServiceError> {
+    /// `PATCH /vms/{name}`: changes a VM's policy (any time) and configuration (not while
+    /// a VMM runs for it).
+    pub fn update(&self, name: &str, req: UpdateRequest, peer: Peer) -> Result<VmDetails, ServiceError> {
+        let _claim = self.claim(name, "update")?;
+        let rec = self.record(name)?;
+        if req.changes_config() && rec.runtime.state.is_active() {
+            return Err(ServiceError::Conflict {
+                vm: name.into(),
+                state: rec.runtime.state,
+                msg: "its configuration changes only while it is stopped (the policy may change now)".into(),
+            });
+        }
+        let mut changed = Vec::new();
+        let mut config = rec.config.clone();
+        if let Some(c) = req.config {
+            if c.serial != vmm::ConsoleOut::Null {
+                return Err(bad("config.serial", "leave it out: the daemon sets the serial console"));
+            }
+            check_absolute(&c)?;
+            config = c;
+            changed.push("config".to_string());
+        }
+        if let Some(m) = req.memory_mib {
+            config.memory_mib = m;
+            changed.push(format!("memory {m} MiB"));
+        }
+        if let Some(c) = req.cpus {
+            config.cpus = c;
+            changed.push(format!("{c} vCPU"));
+        }
+        if let Some(c) = req.cmdline {
+            config.cmdline = c;
+            changed.push("cmdline".into());
+        }
+        vmm::config::validate(&config).map_err(|e| config_error(vmm::controller::api_error(e)))?;
+        let mut policy = rec.policy;
+        if let Some(r) = req.restart {
+            policy.restart = r;
+            changed.push(format!("restart {}", r.as_str()));
+        }
+        if let Some(a) = req.autostart {
+            policy.autostart = a;
+            changed.push(format!("autostart {a}"));
+        }
+        if let Some(o) = req.start_order {
+            policy.start_order = o;
+            changed.push(format!("start order {o}"));
+        }
+        if let Some(d) = req.start_delay_s {
+            policy.start_delay_s = d;
+            changed.push(format!("start delay {d}s"));
+        }
+        check_policy(&policy)?;
+        if changed.is_empty() {
+            return Err(bad("body", "nothing to change (give at least one field)"));
+        }
+        self.store().update_vm(name, &config, &policy, &NewEvent::vm(name, "updated", changed.join(", "), peer))?;
+        self.info(name)
+    }
+
+    /// At the daemon's first start after the host booted (no `autostart.done` in the run
+    /// folder, which lives on a tmpfs such as /run): starts the VMs marked `autostart` that
+    /// are not running, by `start_order` then name, waiting each one's `start_delay_s`
+    /// before the next. A VM that fails to start is logged and skipped.
+    pub fn autostart(&self) {
+        let marker = self.paths.run_dir.join("autostart.done");
+        if std::fs::exists(&marker).unwrap_or(false) {
+            return;
+        }
+        if let Err(e) = std::fs::write(&marker, b"") {
+            tracing::error!("autostart: cannot write {}: {e}; not autostarting", marker.display());
+            return;
+        }
+        let mut recs = match self.store().list() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("autostart: {e}");
+                return;
+            }
+        };
+        recs.retain(|r| r.policy.autostart && !r.runtime.state.is_active());
+        recs.sort_by(|a, b| (a.policy.start_order, &a.name).cmp(&(b.policy.start_order, &b.name)));
+        for rec in recs {
+            let name = rec.name.as_str();
+            let Ok(_claim) = self.claim(name, "autostart") else { continue };
+            let Ok(Some(rec)) = self.store().get(name) else { continue };
+            if rec.runtime.state.is_active() {
+                continue;
+            }
+            let _ = self.store().log(&NewEvent::vm(
+                name,
+                "autostarted",
+                format!("order {}, then {}s delay", rec.policy.start_order, rec.policy.start_delay_s),
+                Peer::default(),
+            ));
+            lock(&self.restart_at).remove(name);
+            if let Err(e) = self.launch(&rec, Peer::default(), Launch::User, None) {
+                tracing::warn!("autostart: {e}");
+                continue;
+            }
+            std::thread::sleep(Duration::from_secs(u64::from(rec.policy.start_delay_s)));
+        }
+    }
+
+    /// Starts a VMM for `rec` and boots its VM, or restores it from the VMM snapshot in
+    /// `restore.0` (resuming it if `restore.1`, else leaving it paused); on failure nothing
+    /// is left (no process, no socket) and the failure is recorded.
+    fn launch(
+        &self,
+        rec: &VmRecord,
+        peer: Peer,
+        how: Launch,
+        restore: Option<(&Path, bool)>,
+    ) -> Result<(), ServiceError> {
         let name = rec.name.as_str();
         let io = |what: String| move |source| ServiceError::Io { what, source };
         let state_dir = self.vm_state_dir(name);
@@ -378,6 +531,13 @@ impl Service {
         }
         let booted = (|| {
             let client = supervisor::wait_api(&mut child, &socket).map_err(|e| e.to_string())?;
+            if let Some((dir, resume)) = restore {
+                client.restore(dir).map_err(|e| format!("vm.restore: {e}"))?;
+                if resume {
+                    client.resume().map_err(|e| format!("vm.resume: {e}"))?;
+                }
+                return Ok::<_, String>(client.info().ok().and_then(|i| i.accelerator));
+            }
             let mut cfg = rec.config.clone();
             cfg.serial = vmm::ConsoleOut::File(console.clone());
             client.create(&cfg).map_err(|e| format!("vm.create: {e}"))?;
@@ -386,7 +546,10 @@ impl Service {
         })();
         match booted {
             Ok(accel) => {
-                rt.state = VmState::Running;
+                rt.state = match restore {
+                    Some((_, false)) => VmState::Paused,
+                    _ => VmState::Running,
+                };
                 rt.accel = accel;
                 let event = match how {
                     Launch::User => NewEvent::vm(name, "started", format!("pid {pid}"), peer),
@@ -616,7 +779,7 @@ impl Service {
         let name = rec.name.as_str();
         let restarts = rec.runtime.restarts;
         let wants = rec.desired_running
-            && match rec.restart {
+            && match rec.policy.restart {
                 RestartPolicy::No => false,
                 RestartPolicy::OnFailure => state == VmState::Crashed,
                 RestartPolicy::Always => true,
@@ -726,7 +889,7 @@ impl Service {
                 if let Some(w) = lock(&self.watch).get_mut(name) {
                     w.api_failures = 0;
                 }
-                Ok(())
+                self.reset_restarts_if_stable(&rec)
             }
             Err(e) => {
                 let failures = {
@@ -744,6 +907,22 @@ impl Service {
         }
     }
 
+    /// Puts the restart count of a VM that has run for `restart_reset_after` back to 0.
+    fn reset_restarts_if_stable(&self, rec: &VmRecord) -> Result<(), ServiceError> {
+        let rt = &rec.runtime;
+        let up_ms = rt.started_ms.map_or(0, |t| now_ms().saturating_sub(t));
+        let stable_ms = i64::try_from(self.restart_reset_after.as_millis()).unwrap_or(i64::MAX);
+        if rt.restarts == 0 || up_ms < stable_ms {
+            return Ok(());
+        }
+        let mut fresh = rt.clone();
+        fresh.restarts = 0;
+        let detail = format!("{} restarts forgotten after {}s of running", rt.restarts, up_ms / 1000);
+        let event = NewEvent::vm(&rec.name, "restarts-reset", detail, Peer::default());
+        self.store().set_runtime(&rec.name, &fresh, None, &[event])?;
+        Ok(())
+    }
+
     /// Restarts `name` if its back-off has passed.
     fn restart_if_due(&self, name: &str) -> Result<(), ServiceError> {
         let due = lock(&self.restart_at).get(name).is_some_and(|t| *t <= Instant::now());
@@ -757,7 +936,7 @@ impl Service {
             return Ok(());
         }
         let attempt = rec.runtime.restarts + 1;
-        match self.launch(&rec, Peer::default(), Launch::Restart(attempt)) {
+        match self.launch(&rec, Peer::default(), Launch::Restart(attempt), None) {
             Ok(()) => Ok(()),
             Err(ServiceError::StartFailed { .. }) if attempt < MAX_RESTARTS => {
                 lock(&self.restart_at).insert(name.into(), Instant::now() + backoff(attempt));
@@ -802,6 +981,17 @@ fn check_absolute(c: &crate::types::VmConfig) -> Result<(), ServiceError> {
         Some((field, p)) => Err(bad(field, format!("'{p}' is relative (accepted: an absolute path)"))),
         None => Ok(()),
     }
+}
+
+/// Checks the start-up policy's numbers.
+fn check_policy(p: &Policy) -> Result<(), ServiceError> {
+    if p.start_order > MAX_START_ORDER {
+        return Err(bad("start_order", format!("{} (accepted: 0 to {MAX_START_ORDER})", p.start_order)));
+    }
+    if p.start_delay_s > MAX_START_DELAY_S {
+        return Err(bad("start_delay_s", format!("{} (accepted: 0 to {MAX_START_DELAY_S})", p.start_delay_s)));
+    }
+    Ok(())
 }
 
 /// A VMM configuration error as a daemon one: the field is under `config.`.

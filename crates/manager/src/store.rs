@@ -1,6 +1,6 @@
 //! The daemon's store: one SQLite database (`<state-dir>/rustvisor.db`, WAL journal,
-//! `synchronous=FULL`) holding VM definitions, their runtime (VMM pid, socket, state) and the
-//! event and audit log.
+//! `synchronous=FULL`) holding VM definitions and policies, their runtime (VMM pid, socket,
+//! state), their snapshots and the event and audit log.
 //!
 //! Every mutation is one transaction that also appends its event, so a daemon killed at any
 //! moment leaves either the whole change or none of it. The schema is versioned
@@ -10,7 +10,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::types::{Event, RestartPolicy, VmConfig, VmState};
+use crate::types::{Event, Policy, RestartPolicy, SnapshotInfo, VmConfig, VmState};
 
 /// The schema, one step per version: `MIGRATIONS[i]` takes version `i` to `i + 1`.
 pub const MIGRATIONS: &[&str] = &[
@@ -42,6 +42,22 @@ pub const MIGRATIONS: &[&str] = &[
          peer_pid   INTEGER
      ) STRICT;
      CREATE INDEX events_by_vm ON events(vm, id);",
+    // 2: start-up policy, snapshots, the TCP client's address in the audit log.
+    "ALTER TABLE vms ADD COLUMN autostart INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE vms ADD COLUMN start_order INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE vms ADD COLUMN start_delay_s INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE events ADD COLUMN peer_addr TEXT;
+     CREATE TABLE snapshots (
+         vm         TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+         name       TEXT NOT NULL,
+         created_ms INTEGER NOT NULL,
+         size_bytes INTEGER NOT NULL,             -- allocated on the host
+         memory     INTEGER NOT NULL,             -- 1: the VMM's state and RAM are in it
+         vm_state   TEXT NOT NULL,                -- the VM's state when it was taken
+         spec       TEXT NOT NULL,                -- the VM's configuration then (JSON)
+         disks      TEXT NOT NULL,                -- JSON: [[disk path, file in the snapshot]]
+         PRIMARY KEY (vm, name)
+     ) STRICT;",
 ];
 
 /// Why a store operation failed.
@@ -76,14 +92,16 @@ pub enum StoreError {
     NotFound(String),
 }
 
-/// Who asked for a change: the API client's credentials (`SO_PEERCRED`), or nobody for the
-/// daemon's own actions.
+/// Who asked for a change: the Unix client's credentials (`SO_PEERCRED`), the TCP client's
+/// address, or nobody for the daemon's own actions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Peer {
     /// The client's user ID.
     pub uid: Option<u32>,
     /// The client's process ID.
     pub pid: Option<i32>,
+    /// The TCP client's address (`--listen`).
+    pub addr: Option<std::net::SocketAddr>,
 }
 
 /// An event to append with a change.
@@ -139,8 +157,8 @@ pub struct VmRecord {
     pub name: String,
     /// Its configuration.
     pub config: VmConfig,
-    /// Its restart policy.
-    pub restart: RestartPolicy,
+    /// Its restart and start-up policy.
+    pub policy: Policy,
     /// Whether it should be running (the user started it and did not stop it).
     pub desired_running: bool,
     /// When it was defined (Unix ms).
@@ -149,10 +167,30 @@ pub struct VmRecord {
     pub runtime: Runtime,
 }
 
+/// A snapshot as stored: what `GET .../snapshots` shows, and what a revert needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRecord {
+    /// Name, time, size, kind.
+    pub info: SnapshotInfo,
+    /// The VM's configuration when it was taken.
+    pub config: VmConfig,
+    /// Each copied disk: (the disk's path, the copy's file name in the snapshot folder).
+    pub disks: Vec<(String, String)>,
+}
+
+/// Called after each committed change that appended events.
+pub type EventHook = Box<dyn Fn() + Send>;
+
 /// The store (one connection; the daemon serialises access to it).
-#[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    on_event: Option<EventHook>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("conn", &self.conn).finish_non_exhaustive()
+    }
 }
 
 /// Unix time in milliseconds.
@@ -173,7 +211,19 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
-        Ok(Store { conn })
+        Ok(Store { conn, on_event: None })
+    }
+
+    /// Calls `hook` after every committed change that appended events (the daemon wakes
+    /// `GET /events?follow=1` streams with it).
+    pub fn set_event_hook(&mut self, hook: EventHook) {
+        self.on_event = Some(hook);
+    }
+
+    fn notify(&self) {
+        if let Some(h) = &self.on_event {
+            h();
+        }
     }
 
     /// The schema version of the open database.
@@ -186,26 +236,56 @@ impl Store {
         &mut self,
         name: &str,
         config: &VmConfig,
-        restart: RestartPolicy,
+        policy: &Policy,
         event: &NewEvent,
     ) -> Result<(), StoreError> {
-        let spec = serde_json::to_string(config).map_err(|e| StoreError::Corrupt {
-            vm: name.into(),
-            what: "spec",
-            msg: e.to_string(),
-        })?;
+        let spec = encode_spec(name, config)?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM vms WHERE name = ?1)", [name], |r| r.get(0))?;
         if exists {
             return Err(StoreError::Duplicate(name.into()));
         }
         tx.execute(
-            "INSERT INTO vms (name, spec, restart, desired, created_ms) VALUES (?1, ?2, ?3, 'stopped', ?4)",
-            params![name, spec, restart.as_str(), now_ms()],
+            "INSERT INTO vms (name, spec, restart, desired, created_ms, autostart, start_order, start_delay_s)
+             VALUES (?1, ?2, ?3, 'stopped', ?4, ?5, ?6, ?7)",
+            params![
+                name,
+                spec,
+                policy.restart.as_str(),
+                now_ms(),
+                policy.autostart,
+                policy.start_order,
+                policy.start_delay_s
+            ],
         )?;
         tx.execute("INSERT INTO runtime (name, state, restarts) VALUES (?1, 'stopped', 0)", [name])?;
         insert_event(&tx, event)?;
         tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Replaces a VM's configuration and policy and logs `event`, in one transaction.
+    pub fn update_vm(
+        &mut self,
+        name: &str,
+        config: &VmConfig,
+        policy: &Policy,
+        event: &NewEvent,
+    ) -> Result<(), StoreError> {
+        let spec = encode_spec(name, config)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE vms SET spec = ?2, restart = ?3, autostart = ?4, start_order = ?5, start_delay_s = ?6
+             WHERE name = ?1",
+            params![name, spec, policy.restart.as_str(), policy.autostart, policy.start_order, policy.start_delay_s],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
         Ok(())
     }
 
@@ -251,6 +331,9 @@ impl Store {
             insert_event(&tx, e)?;
         }
         tx.commit()?;
+        if !events.is_empty() {
+            self.notify();
+        }
         Ok(())
     }
 
@@ -262,19 +345,94 @@ impl Store {
         }
         insert_event(&tx, event)?;
         tx.commit()?;
+        self.notify();
         Ok(())
     }
 
     /// Appends an event on its own.
     pub fn log(&mut self, event: &NewEvent) -> Result<(), StoreError> {
         insert_event(&self.conn, event)?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Records snapshot `s` of `vm` and logs `event`, in one transaction.
+    pub fn add_snapshot(&mut self, vm: &str, s: &SnapshotRecord, event: &NewEvent) -> Result<(), StoreError> {
+        let spec = encode_spec(vm, &s.config)?;
+        let disks = serde_json::to_string(&s.disks).map_err(|e| corrupt(vm, "snapshot disks", e))?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO snapshots (vm, name, created_ms, size_bytes, memory, vm_state, spec, disks)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                vm,
+                s.info.name,
+                s.info.created_ms,
+                i64::try_from(s.info.size_bytes).unwrap_or(i64::MAX),
+                s.info.memory,
+                s.info.vm_state.as_str(),
+                spec,
+                disks
+            ],
+        )?;
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// The snapshots of `vm`, oldest first.
+    pub fn snapshots(&self, vm: &str) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, created_ms, size_bytes, memory, vm_state, spec, disks FROM snapshots
+             WHERE vm = ?1 ORDER BY created_ms, name",
+        )?;
+        let rows = stmt
+            .query_map([vm], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, bool>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(name, created_ms, size, memory, state, spec, disks)| {
+                Ok(SnapshotRecord {
+                    info: SnapshotInfo {
+                        name,
+                        created_ms,
+                        size_bytes: u64::try_from(size).unwrap_or(0),
+                        memory,
+                        vm_state: state.parse().map_err(|e: String| corrupt(vm, "snapshot state", e))?,
+                    },
+                    config: serde_json::from_str(&spec).map_err(|e| corrupt(vm, "snapshot spec", e))?,
+                    disks: serde_json::from_str(&disks).map_err(|e| corrupt(vm, "snapshot disks", e))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets snapshot `name` of `vm` and logs `event`, in one transaction.
+    pub fn delete_snapshot(&mut self, vm: &str, name: &str, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if tx.execute("DELETE FROM snapshots WHERE vm = ?1 AND name = ?2", [vm, name])? == 0 {
+            return Err(StoreError::NotFound(format!("{vm}/{name}")));
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
         Ok(())
     }
 
     /// Events after id `after`, of `vm` if given, oldest first, at most `limit`.
     pub fn events(&self, vm: Option<&str>, after: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, time_ms, vm, kind, detail, peer_uid, peer_pid FROM events
+            "SELECT id, time_ms, vm, kind, detail, peer_uid, peer_pid, peer_addr FROM events
              WHERE id > ?1 AND (?2 IS NULL OR vm = ?2) ORDER BY id LIMIT ?3",
         )?;
         let rows = stmt.query_map(params![after, vm, limit], |r| {
@@ -286,6 +444,7 @@ impl Store {
                 detail: r.get(4)?,
                 peer_uid: r.get(5)?,
                 peer_pid: r.get(6)?,
+                peer_addr: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -293,7 +452,8 @@ impl Store {
 }
 
 const SELECT_VM: &str = "SELECT v.name, v.spec, v.restart, v.desired, v.created_ms, r.state, r.pid, r.socket,
-     r.started_ms, r.accel, r.reason, r.restarts FROM vms v JOIN runtime r ON r.name = v.name";
+     r.started_ms, r.accel, r.reason, r.restarts, v.autostart, v.start_order, v.start_delay_s
+     FROM vms v JOIN runtime r ON r.name = v.name";
 
 /// A row of [`SELECT_VM`] before decoding.
 type RawRow = (
@@ -308,6 +468,9 @@ type RawRow = (
     Option<i64>,
     Option<String>,
     Option<String>,
+    u32,
+    bool,
+    u32,
     u32,
 );
 
@@ -325,18 +488,37 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
         r.get(9)?,
         r.get(10)?,
         r.get(11)?,
+        r.get(12)?,
+        r.get(13)?,
+        r.get(14)?,
     ))
 }
 
 fn decode(row: RawRow) -> Result<VmRecord, StoreError> {
-    let (name, spec, restart, desired, created_ms, state, pid, socket, started_ms, accel, reason, restarts) = row;
+    let (
+        name,
+        spec,
+        restart,
+        desired,
+        created_ms,
+        state,
+        pid,
+        socket,
+        started_ms,
+        accel,
+        reason,
+        restarts,
+        autostart,
+        start_order,
+        start_delay_s,
+    ) = row;
     let corrupt = |what, msg: String| StoreError::Corrupt { vm: name.clone(), what, msg };
     let config: VmConfig = serde_json::from_str(&spec).map_err(|e| corrupt("spec", e.to_string()))?;
     let restart: RestartPolicy = restart.parse().map_err(|e| corrupt("restart", e))?;
     let state: VmState = state.parse().map_err(|e| corrupt("state", e))?;
     Ok(VmRecord {
         config,
-        restart,
+        policy: Policy { restart, autostart, start_order, start_delay_s },
         desired_running: desired == "running",
         created_ms,
         runtime: Runtime { state, pid, socket, started_ms, accel, reason, restarts },
@@ -346,10 +528,19 @@ fn decode(row: RawRow) -> Result<VmRecord, StoreError> {
 
 fn insert_event(conn: &Connection, e: &NewEvent) -> Result<(), StoreError> {
     conn.execute(
-        "INSERT INTO events (time_ms, vm, kind, detail, peer_uid, peer_pid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![now_ms(), e.vm, e.kind, e.detail, e.peer.uid, e.peer.pid],
+        "INSERT INTO events (time_ms, vm, kind, detail, peer_uid, peer_pid, peer_addr)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![now_ms(), e.vm, e.kind, e.detail, e.peer.uid, e.peer.pid, e.peer.addr.map(|a| a.to_string())],
     )?;
     Ok(())
+}
+
+fn corrupt(vm: &str, what: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { vm: vm.into(), what, msg: e.to_string() }
+}
+
+fn encode_spec(vm: &str, config: &VmConfig) -> Result<String, StoreError> {
+    serde_json::to_string(config).map_err(|e| corrupt(vm, "spec", e))
 }
 
 /// Brings the schema to `MIGRATIONS.len()`, each step in one transaction with its version.
@@ -399,10 +590,11 @@ mod tests {
         let path = temp_db("cud");
         let mut s = Store::open(&path).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
-        let peer = Peer { uid: Some(1000), pid: Some(42) };
-        s.create_vm("a", &cfg(), RestartPolicy::OnFailure, &NewEvent::vm("a", "defined", "", peer)).unwrap();
+        let peer = Peer { uid: Some(1000), pid: Some(42), addr: None };
+        let on_failure = Policy { restart: RestartPolicy::OnFailure, ..Policy::default() };
+        s.create_vm("a", &cfg(), &on_failure, &NewEvent::vm("a", "defined", "", peer)).unwrap();
         assert!(matches!(
-            s.create_vm("a", &cfg(), RestartPolicy::No, &NewEvent::vm("a", "defined", "", peer)),
+            s.create_vm("a", &cfg(), &Policy::default(), &NewEvent::vm("a", "defined", "", peer)),
             Err(StoreError::Duplicate(_))
         ));
         let rt = Runtime {
@@ -421,7 +613,7 @@ mod tests {
         let rec = s.get("a").unwrap().unwrap();
         assert_eq!(rec.runtime, rt);
         assert!(rec.desired_running);
-        assert_eq!(rec.restart, RestartPolicy::OnFailure);
+        assert_eq!(rec.policy, on_failure);
         let ev = s.events(None, 0, 100).unwrap();
         assert_eq!(ev.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["defined", "started"]);
         assert_eq!((ev[0].peer_uid, ev[0].peer_pid), (Some(1000), Some(42)));

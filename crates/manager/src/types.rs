@@ -55,6 +55,30 @@ impl std::str::FromStr for RestartPolicy {
     }
 }
 
+/// Limits of the start-up policy's numbers.
+pub const MAX_START_ORDER: u32 = 1000;
+/// The longest `start_delay_s`.
+pub const MAX_START_DELAY_S: u32 = 600;
+
+/// What the daemon does on its own with a VM: restart it when it ends, start it at boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// The restart policy; default `no`.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Start the VM when the daemon first starts after the host booted (default false).
+    #[serde(default)]
+    pub autostart: bool,
+    /// Autostart order: lower first, then by name (0 to [`MAX_START_ORDER`], default 0).
+    #[serde(default)]
+    pub start_order: u32,
+    /// Seconds to wait after autostarting this VM before the next one (0 to
+    /// [`MAX_START_DELAY_S`], default 0).
+    #[serde(default)]
+    pub start_delay_s: u32,
+}
+
 /// A VM's state as the daemon sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -118,10 +142,101 @@ pub struct CreateRequest {
     /// The restart policy; default `no`.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// See [`Policy::autostart`].
+    #[serde(default)]
+    pub autostart: bool,
+    /// See [`Policy::start_order`].
+    #[serde(default)]
+    pub start_order: u32,
+    /// See [`Policy::start_delay_s`].
+    #[serde(default)]
+    pub start_delay_s: u32,
     /// The VM's configuration, as the VMM's `vm.create` takes it. `serial` must be left
     /// `null` (the default): the daemon writes the serial console to
     /// `<state-dir>/vms/<name>/console.log`.
     pub config: VmConfig,
+}
+
+impl CreateRequest {
+    /// The policy part of the request.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            restart: self.restart,
+            autostart: self.autostart,
+            start_order: self.start_order,
+            start_delay_s: self.start_delay_s,
+        }
+    }
+}
+
+/// `PATCH /api/v1/vms/{name}`: change a VM. The policy fields may change at any time; the
+/// configuration only while the VM is not running (stopped or crashed). Absent fields keep
+/// their value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest {
+    /// See [`Policy::restart`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+    /// See [`Policy::autostart`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
+    /// See [`Policy::start_order`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_order: Option<u32>,
+    /// See [`Policy::start_delay_s`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_delay_s: Option<u32>,
+    /// Guest RAM in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u8>,
+    /// The kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// A whole new configuration (applied before the single fields above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<VmConfig>,
+}
+
+impl UpdateRequest {
+    /// Whether the request changes the VM's configuration (not only its policy).
+    pub fn changes_config(&self) -> bool {
+        self.memory_mib.is_some() || self.cpus.is_some() || self.cmdline.is_some() || self.config.is_some()
+    }
+}
+
+/// `POST /api/v1/vms/{name}/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// The snapshot's name ([`NAME_RULE`]; unique per VM).
+    pub name: String,
+}
+
+/// One snapshot of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Its name.
+    pub name: String,
+    /// When it was taken (Unix time, milliseconds).
+    pub created_ms: i64,
+    /// Host disk space it takes (allocated bytes of its files).
+    pub size_bytes: u64,
+    /// Whether it holds the running VM's state and RAM (taken from a running or paused VM;
+    /// a revert resumes the guest where it was); else disks only (taken from a stopped VM).
+    pub memory: bool,
+    /// The VM's state when it was taken.
+    pub vm_state: VmState,
+}
+
+/// `GET /api/v1/vms/{name}/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    /// Oldest first.
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 /// `PUT /api/v1/vms/{name}/stop` (the body is optional).
@@ -160,7 +275,10 @@ pub struct VmSummary {
     pub uptime_s: Option<f64>,
     /// The restart policy.
     pub restart: RestartPolicy,
-    /// Restarts by the policy since the last start asked through the API.
+    /// Whether the VM starts with the host.
+    pub autostart: bool,
+    /// Restarts by the policy since the last start asked through the API (back to 0 once
+    /// the VM has run for the daemon's `--restart-reset-after`).
     pub restarts: u32,
     /// Why the VM is `crashed` or `stopped` (absent when it was never started).
     #[serde(default)]
@@ -174,6 +292,8 @@ pub struct VmDetails {
     pub summary: VmSummary,
     /// Its configuration (with the serial console the daemon set).
     pub config: VmConfig,
+    /// Its restart and start-up policy.
+    pub policy: Policy,
     /// The serial console's file on the host.
     pub console_log: String,
     /// The VMM's API socket while it runs.
@@ -201,8 +321,9 @@ pub struct Event {
     #[serde(default)]
     pub vm: Option<String>,
     /// What happened: "defined", "started", "start-failed", "stopped", "killed", "paused",
-    /// "resumed", "deleted", "crashed", "restarted", "restart-limit", "adopted",
-    /// "daemon-started", "orphan-stopped".
+    /// "resumed", "deleted", "crashed", "restarted", "restart-limit", "restarts-reset",
+    /// "adopted", "autostarted", "updated", "snapshot-created", "snapshot-reverted",
+    /// "snapshot-deleted", "daemon-started", "orphan-stopped".
     pub kind: String,
     /// Details for a person (the reason of a crash, the pid of a VMM, ...).
     pub detail: String,
@@ -212,6 +333,9 @@ pub struct Event {
     /// The process ID of that client, when the kernel told it.
     #[serde(default)]
     pub peer_pid: Option<i32>,
+    /// The TCP client's address (`--listen`), for a request that came over TCP.
+    #[serde(default)]
+    pub peer_addr: Option<String>,
 }
 
 /// `GET /api/v1/events`.

@@ -10,7 +10,10 @@ use api::client::Client;
 use manager::server::ROUTES;
 use manager::service::{DaemonPaths, Service};
 use manager::store::Store;
-use manager::types::{ErrorBody, Event, EventList, VmDetails, VmState, VmSummary};
+use manager::types::{
+    CreateRequest, ErrorBody, Event, EventList, Policy, SnapshotInfo, SnapshotList, UpdateRequest, VmDetails, VmState,
+    VmSummary,
+};
 
 fn openapi() -> serde_yaml::Value {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
@@ -61,12 +64,14 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         pid: Some(1),
         uptime_s: Some(1.0),
         restart: Default::default(),
+        autostart: true,
         restarts: 0,
         reason: Some("r".into()),
     };
     let details = VmDetails {
         summary: summary.clone(),
         config: serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap(),
+        policy: Policy::default(),
         console_log: "/c".into(),
         api_socket: Some("/s".into()),
         created_ms: 0,
@@ -79,6 +84,19 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         detail: String::new(),
         peer_uid: Some(0),
         peer_pid: Some(1),
+        peer_addr: Some("127.0.0.1:5".into()),
+    };
+    let snapshot =
+        SnapshotInfo { name: "s".into(), created_ms: 1, size_bytes: 2, memory: true, vm_state: VmState::Running };
+    let update = UpdateRequest {
+        restart: Some(Default::default()),
+        autostart: Some(true),
+        start_order: Some(1),
+        start_delay_s: Some(2),
+        memory_mib: Some(256),
+        cpus: Some(1),
+        cmdline: Some("x".into()),
+        config: Some(serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap()),
     };
     let error =
         ErrorBody { error: "e".into(), field: Some("f".into()), operation: Some("o".into()), state: Some("s".into()) };
@@ -89,8 +107,21 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         ("EventList", serde_json::to_value(EventList { events: vec![] }).unwrap()),
         ("Error", serde_json::to_value(&error).unwrap()),
         ("StopRequest", serde_json::json!({"force": true, "timeout_s": 5})),
-        ("CreateRequest", serde_json::json!({"name": "a", "restart": "no", "config": {}})),
+        (
+            "CreateRequest",
+            serde_json::json!({"name": "a", "restart": "no", "autostart": true, "start_order": 1,
+                "start_delay_s": 2, "config": {}}),
+        ),
+        ("UpdateRequest", serde_json::to_value(&update).unwrap()),
+        ("Policy", serde_json::to_value(Policy::default()).unwrap()),
+        ("SnapshotInfo", serde_json::to_value(&snapshot).unwrap()),
+        ("SnapshotList", serde_json::to_value(SnapshotList { snapshots: vec![] }).unwrap()),
+        ("SnapshotCreate", serde_json::json!({"name": "s"})),
     ];
+    // The create sample is a CreateRequest (with a configuration).
+    let mut create = samples.iter().find(|s| s.0 == "CreateRequest").unwrap().1.clone();
+    create["config"] = serde_json::json!({"kernel": "/k"});
+    serde_json::from_value::<CreateRequest>(create).unwrap();
     for (name, value) in samples {
         let props: BTreeSet<String> = doc["components"]["schemas"][name]["properties"]
             .as_mapping()

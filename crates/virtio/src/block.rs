@@ -617,6 +617,12 @@ impl VirtioDevice for Block {
     fn reset(&mut self) -> Completion {
         self.worker.reset()
     }
+    fn flush_backend(&self) -> std::io::Result<()> {
+        if self.readonly {
+            return Ok(());
+        }
+        self.disk.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
     fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
     }

@@ -163,6 +163,15 @@ pub trait VirtioDevice: Send {
     /// request in flight, if any, completed). Until then the transport reports the reset as
     /// in progress (§4.1.4.3.2). Safe to call when not active (then already done).
     fn reset(&mut self) -> Completion;
+    /// Makes everything the guest wrote so far durable in the device's host backend (a disk
+    /// image's data and metadata caches written and fsynced), so a copy of the backend taken
+    /// while the device stays quiesced is consistent. Called after a quiesce, never from a
+    /// vCPU. Default: nothing to do.
+    ///
+    /// Errors: the backend's I/O error.
+    fn flush_backend(&self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// The device's counters.
     fn counters(&self) -> Arc<Counters>;
 }

@@ -816,6 +816,14 @@ impl VirtioPci {
         Ok(())
     }
 
+    /// Makes the device's host backend durable ([`VirtioDevice::flush_backend`]); call after
+    /// [`VirtioPci::quiesce`].
+    ///
+    /// Errors: the backend's I/O error.
+    pub fn flush_backend(&self) -> std::io::Result<()> {
+        self.device.flush_backend()
+    }
+
     /// Serves the queues again after [`VirtioPci::quiesce`] or a restore, continuing from
     /// the used rings' indices. Does nothing when the driver has not set `DRIVER_OK`. Never
     /// blocks: a device still serving (one that was not quiesced, or whose quiesce timed

@@ -11,7 +11,10 @@
 //! A snapshot is taken from a paused VM. Virtio devices are quiesced first (every request in
 //! flight completes), so each queue's next available and next used index equal its used
 //! ring's index, which the restored device reads back from guest memory. Disk images are not
-//! copied: they must be the same files (as with Firecracker). vsock connections are closed.
+//! copied: they must be the same files (as with Firecracker). They are flushed (data and
+//! metadata caches written and fsynced), so a copy of them taken while the VM stays paused
+//! after the snapshot is consistent with it (the host manager's snapshots do that). vsock
+//! connections are closed.
 
 pub mod memory;
 
@@ -193,6 +196,10 @@ pub fn save(vm: &Vm, cfg: &VmConfig, dir: &Path) -> Result<(), Error> {
         let mut t = d.dev.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = t.quiesce(virtio::pci::QUIESCE_TIMEOUT) {
             quiesced = Err(Error::Save { what: "virtio devices (quiesce)", msg: format!("{}: {e}", d.name) });
+            break;
+        }
+        if let Err(e) = t.flush_backend() {
+            quiesced = Err(Error::Save { what: "virtio devices (flush)", msg: format!("{}: {e}", d.name) });
             break;
         }
         transports.push(t.save_state());
