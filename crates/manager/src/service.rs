@@ -448,7 +448,7 @@ impl Service {
         if std::fs::exists(&marker).unwrap_or(false) {
             return;
         }
-        if let Err(e) = std::fs::write(&marker, b"") {
+        if let Err(e) = std::fs::create_dir_all(&self.paths.run_dir).and_then(|()| std::fs::write(&marker, b"")) {
             tracing::error!("autostart: cannot write {}: {e}; not autostarting", marker.display());
             return;
         }

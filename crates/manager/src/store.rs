@@ -626,6 +626,76 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_store_migrates_and_keeps_its_vms() {
+        let path = temp_db("v1");
+        {
+            let mut c = Connection::open(&path).unwrap();
+            let tx = c.transaction().unwrap();
+            tx.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);")
+                .unwrap();
+            tx.execute_batch(MIGRATIONS[0]).unwrap();
+            tx.execute(
+                "INSERT INTO vms (name, spec, restart, desired, created_ms) VALUES ('old', ?1, 'always', 'stopped', 5)",
+                [serde_json::to_string(&cfg()).unwrap()],
+            )
+            .unwrap();
+            tx.execute("INSERT INTO runtime (name, state, restarts) VALUES ('old', 'stopped', 0)", []).unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let rec = s.get("old").unwrap().unwrap();
+        assert_eq!(rec.policy, Policy { restart: RestartPolicy::Always, ..Policy::default() });
+        assert!(s.snapshots("old").unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn policy_updates_snapshots_and_the_event_hook() {
+        let path = temp_db("snap");
+        let mut s = Store::open(&path).unwrap();
+        let events = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = events.clone();
+        s.set_event_hook(Box::new(move || {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let ev = |kind| NewEvent::vm("a", kind, "", Peer::default());
+        s.create_vm("a", &cfg(), &Policy::default(), &ev("defined")).unwrap();
+        let p = Policy { restart: RestartPolicy::OnFailure, autostart: true, start_order: 7, start_delay_s: 3 };
+        let mut c2 = cfg();
+        c2.memory_mib = 1024;
+        s.update_vm("a", &c2, &p, &ev("updated")).unwrap();
+        let rec = s.get("a").unwrap().unwrap();
+        assert_eq!((rec.policy, rec.config.memory_mib), (p, 1024));
+        assert!(matches!(s.update_vm("b", &c2, &p, &ev("updated")), Err(StoreError::NotFound(_))));
+
+        let snap = |name: &str, t| SnapshotRecord {
+            info: SnapshotInfo {
+                name: name.into(),
+                created_ms: t,
+                size_bytes: 4096,
+                memory: true,
+                vm_state: VmState::Running,
+            },
+            config: cfg(),
+            disks: vec![("/d.raw".into(), "disk0.img".into())],
+        };
+        s.add_snapshot("a", &snap("s2", 20), &ev("snapshot-created")).unwrap();
+        s.add_snapshot("a", &snap("s1", 10), &ev("snapshot-created")).unwrap();
+        assert!(s.add_snapshot("a", &snap("s1", 30), &ev("snapshot-created")).is_err(), "names are unique per VM");
+        let list = s.snapshots("a").unwrap();
+        assert_eq!(list.iter().map(|x| x.info.name.as_str()).collect::<Vec<_>>(), ["s1", "s2"], "oldest first");
+        assert_eq!(list[0], snap("s1", 10));
+        s.delete_snapshot("a", "s1", &ev("snapshot-deleted")).unwrap();
+        assert!(matches!(s.delete_snapshot("a", "s1", &ev("snapshot-deleted")), Err(StoreError::NotFound(_))));
+        s.delete_vm("a", &ev("deleted")).unwrap();
+        assert!(s.snapshots("a").unwrap().is_empty(), "a VM's snapshots go with it");
+        // defined, updated, 2 snapshots, 1 delete, deleted: each committed change told the hook.
+        assert_eq!(events.load(std::sync::atomic::Ordering::SeqCst), 6);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let path = temp_db("newer");
         drop(Store::open(&path).unwrap());

@@ -134,13 +134,18 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
     }
 }
 
-/// A daemon service and server in this process, on a temp folder.
+/// A daemon service and server in this process, on a temp folder: its Unix socket, and TCP
+/// on a free port with [`TOKEN`].
 struct Daemon {
     dir: PathBuf,
     socket: PathBuf,
+    tcp: std::net::SocketAddr,
+    svc: Arc<Service>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+const TOKEN: &str = "test-token-0123456789abcdef";
 
 impl Daemon {
     fn start(tag: &str, vmm_exe: &Path) -> Daemon {
@@ -153,18 +158,47 @@ impl Daemon {
         let socket = dir.join("d.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
         listener.set_nonblocking(true).unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let tcp_addr = tcp.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let served = svc.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::UnixListener::from_std(listener).unwrap();
-                manager::server::serve(listener, svc, async move {
+                let tcp = tokio::net::TcpListener::from_std(tcp).unwrap();
+                let (stop_tcp, tcp_stopped) = tokio::sync::oneshot::channel::<()>();
+                let t = tokio::spawn(manager::server::serve_tcp(tcp, served.clone(), Arc::from(TOKEN), async move {
+                    let _ = tcp_stopped.await;
+                }));
+                manager::server::serve(listener, served, async move {
                     let _ = rx.await;
                 })
                 .await;
+                let _ = stop_tcp.send(());
+                let _ = t.await;
             });
         });
-        Daemon { dir, socket, stop: Some(tx), thread: Some(thread) }
+        Daemon { dir, socket, tcp: tcp_addr, svc, stop: Some(tx), thread: Some(thread) }
+    }
+
+    /// One HTTP/1.1 request over TCP (`Connection: close`): (status, body).
+    fn tcp_call(&self, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.tcp).unwrap();
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let ctype = if body.is_empty() { "" } else { "Content-Type: application/json\r\n" };
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}{ctype}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
     }
 
     fn call(&self, method: &str, route: &str, body: Option<&str>) -> (u16, serde_json::Value) {
@@ -231,4 +265,122 @@ fn statuses_and_a_failed_start_leaves_nothing_behind() {
     assert_eq!(s, 204);
     let (_, v) = d.call("GET", "vms", None);
     assert_eq!(v["vms"], serde_json::json!([]));
+}
+
+/// A raw `GET /api/v1/events?follow=1` on the Unix socket; returns the stream.
+fn follow(socket: &Path, query: &str) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(s, "GET /api/v1/events?follow=1{query} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+    s
+}
+
+/// Reads `s` until what it sent contains every one of `wanted`, for at most 10 s.
+fn read_until(s: &mut std::os::unix::net::UnixStream, seen: &mut String, wanted: &[&str]) {
+    use std::io::Read;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while !wanted.iter().all(|w| seen.contains(w)) {
+        assert!(std::time::Instant::now() < end, "the stream did not send {wanted:?}; it sent: {seen}");
+        match s.read(&mut buf) {
+            Ok(0) => panic!("the stream ended: {seen}"),
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(_) => {}
+        }
+    }
+}
+
+#[test]
+fn set_snapshots_of_a_stopped_vm_event_stream_tcp_token_and_autostart_order() {
+    let kernel = std::fs::canonicalize(KERNEL_FILE).unwrap().display().to_string();
+    let d = Daemon::start("more", Path::new("/bin/false"));
+    let disk = d.dir.join("disk.raw");
+    std::fs::write(&disk, vec![b'A'; 1 << 20]).unwrap();
+
+    // A follower started before anything happens sees each event as it is committed.
+    let mut stream = follow(&d.socket, "&vm=v");
+    let mut seen = String::new();
+    let create = format!(
+        r#"{{"name": "v", "config": {{"kernel": "{kernel}", "disks": [{{"path": "{}"}}]}}}}"#,
+        disk.display()
+    );
+    assert_eq!(d.call("POST", "vms", Some(&create)).0, 201);
+    read_until(&mut stream, &mut seen, &["200 OK", "application/x-ndjson", r#""kind":"defined""#]);
+
+    // vm set: fields change, bad values are 400s naming the field.
+    let (s, v) = d.call("PATCH", "vms/v", Some(r#"{"memory_mib": 256, "restart": "always", "autostart": true}"#));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((v["config"]["memory_mib"].as_u64(), v["policy"]["restart"].as_str()), (Some(256), Some("always")));
+    assert_eq!(v["summary"]["autostart"], true);
+    for (body, field) in [
+        (r#"{"start_order": 5000}"#, "start_order"),
+        (r#"{"start_delay_s": 601}"#, "start_delay_s"),
+        (r#"{"memory_mib": 1}"#, "config.memory_mib"),
+        (r#"{"bogus": 1}"#, "bogus"),
+        ("{}", "body"),
+    ] {
+        let (s, v) = d.call("PATCH", "vms/v", Some(body));
+        assert_eq!((s, v["field"].as_str()), (400, Some(field)), "{body}: {v}");
+    }
+    read_until(&mut stream, &mut seen, &[r#""kind":"updated""#, "memory 256 MiB"]);
+
+    // A stopped VM's snapshot holds its disks; a revert puts them back.
+    let (s, v) = d.call("POST", "vms/v/snapshots", Some(r#"{"name": "s1"}"#));
+    assert_eq!(s, 201, "{v}");
+    assert_eq!((v["memory"].as_bool(), v["vm_state"].as_str()), (Some(false), Some("stopped")));
+    assert!(v["size_bytes"].as_u64().unwrap() >= 1 << 20, "{v}");
+    let (s, v) = d.call("POST", "vms/v/snapshots", Some(r#"{"name": "s1"}"#));
+    assert_eq!((s, v["field"].as_str()), (409, Some("name")), "{v}");
+    let (s, v) = d.call("POST", "vms/v/snapshots", Some(r#"{"name": "Bad Name"}"#));
+    assert_eq!((s, v["field"].as_str()), (400, Some("name")), "{v}");
+    std::fs::write(&disk, vec![b'B'; 1 << 20]).unwrap();
+    // The configuration goes back too.
+    assert_eq!(d.call("PATCH", "vms/v", Some(r#"{"memory_mib": 512}"#)).0, 200);
+    let (s, v) = d.call("PUT", "vms/v/snapshots/s1/revert", None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(std::fs::read(&disk).unwrap(), vec![b'A'; 1 << 20], "the disk is back");
+    let (_, v) = d.call("GET", "vms/v", None);
+    assert_eq!((v["config"]["memory_mib"].as_u64(), v["summary"]["state"].as_str()), (Some(256), Some("stopped")));
+    assert_eq!(d.call("PUT", "vms/v/snapshots/nope/revert", None).0, 404);
+    let (_, v) = d.call("GET", "vms/v/snapshots", None);
+    assert_eq!(v["snapshots"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(d.call("DELETE", "vms/v/snapshots/s1", None).0, 204);
+    assert_eq!(d.call("DELETE", "vms/v/snapshots/s1", None).0, 404);
+    assert!(!d.dir.join("state/vms/v/snapshots/s1").exists(), "the snapshot's files are gone");
+    read_until(&mut stream, &mut seen, &["snapshot-created", "snapshot-reverted", "snapshot-deleted"]);
+    assert!(!seen.contains(r#""vm":"w""#), "the stream shows only VM v");
+
+    // TCP: only with the token; the audit log has the client's address.
+    let (s, body) = d.tcp_call("GET", "/api/v1/vms", None, "");
+    assert_eq!(s, 401, "{body}");
+    assert_eq!(d.tcp_call("GET", "/api/v1/vms", Some("wrong-token-0123456789abcdef"), "").0, 401);
+    let (s, body) = d.tcp_call("GET", "/api/v1/vms", Some(TOKEN), "");
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains(r#""name":"v""#), "{body}");
+    let create_w = format!(r#"{{"name": "w", "autostart": true, "start_order": 1, "config": {{"kernel": "{kernel}"}}}}"#);
+    let (s, body) = d.tcp_call("POST", "/api/v1/vms", Some(TOKEN), &create_w);
+    assert_eq!(s, 201, "{body}");
+    let (_, v) = d.call("GET", "events?vm=w", None);
+    let addr = v["events"][0]["peer_addr"].as_str().unwrap_or_default().to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{v}");
+    assert!(v["events"][0]["peer_uid"].is_null());
+
+    // Autostart: by order (w: 1, v: 0 → v first), once per host boot. The "VMM" here exits
+    // at once, so each start fails, and is logged.
+    d.svc.autostart();
+    let (_, v) = d.call("GET", "events", None);
+    let auto: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "autostarted")
+        .map(|e| e["vm"].as_str().unwrap())
+        .collect();
+    assert_eq!(auto, ["v", "w"], "{v}");
+    d.svc.autostart();
+    let (_, v2) = d.call("GET", "events?kind=x", None);
+    assert_eq!(v2["field"], "kind", "unknown query parameters are refused");
+    let (_, v2) = d.call("GET", "events", None);
+    assert_eq!(v2["events"].as_array().unwrap().len(), v["events"].as_array().unwrap().len(), "autostart runs once");
 }
