@@ -8,7 +8,10 @@
 //!   `stopped` and not restarted; a guest kernel crash (panic=-1 resets) is `crashed`; `kill -9` of a VMM with `--restart no` is `crashed` with
 //!   the reason; `kill -9` of the daemon: the new one adopts the running VM (same pid); then
 //!   `kill -9` of that adopted VMM with `on-failure` restarts it (event, count 1); pause,
-//!   resume, stop, delete.
+//!   resume, stop, delete; the restart count goes back to 0 after `--restart-reset-after`;
+//! - snapshots of a running VM: the guest writes its disk after the snapshot, a revert
+//!   brings back the old disk and the guest continues from the snapshot (RAM), followed
+//!   live by `events --follow`; autostart after a "host reboot" in order with its delay.
 
 mod common;
 
@@ -27,11 +30,18 @@ const BOOT: Duration = Duration::from_secs(300);
 struct Env {
     dir: TempDir,
     daemon: Option<Child>,
+    daemon_args: Vec<String>,
 }
 
 impl Env {
     fn new(tag: &str) -> Env {
-        let mut env = Env { dir: TempDir::new(tag), daemon: None };
+        Env::with_args(tag, &[])
+    }
+
+    /// A daemon started with `args` besides its folders.
+    fn with_args(tag: &str, args: &[&str]) -> Env {
+        let mut env =
+            Env { dir: TempDir::new(tag), daemon: None, daemon_args: args.iter().map(|a| a.to_string()).collect() };
         env.start_daemon();
         env
     }
@@ -55,6 +65,7 @@ impl Env {
             .arg(self.run_dir())
             .arg("--socket")
             .arg(self.socket())
+            .args(&self.daemon_args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stderr(log)
@@ -122,6 +133,11 @@ impl Env {
 
     /// Creates a VM running the guest script `script`.
     fn create(&self, name: &str, script: &str, restart: &str) {
+        self.create_with(name, script, restart, &[]);
+    }
+
+    /// Creates a VM running the guest script `script`, with more `vm create` flags.
+    fn create_with(&self, name: &str, script: &str, restart: &str, more: &[&str]) {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::STANDARD.encode(script);
         let cmdline = format!("console=ttyS0 panic=-1 rv.cmd={b64}");
@@ -144,7 +160,10 @@ impl Env {
             "emu",
             "--restart",
             restart,
-        ]);
+        ]
+        .into_iter()
+        .chain(more.iter().copied())
+        .collect::<Vec<_>>());
         assert_eq!(out, format!("VM '{name}' defined (restart {restart})\n"));
     }
 }
@@ -259,7 +278,7 @@ const LOOP: &str = "while true; do sleep 1; done";
 #[test]
 fn vms_are_supervised_restarted_and_outlive_the_daemon() {
     let t0 = Instant::now();
-    let mut env = Env::new("mgr-life");
+    let mut env = Env::with_args("mgr-life", &["--restart-reset-after", "20"]);
     env.create("a", &format!("echo VM-A-HERE; {LOOP}"), "on-failure");
     env.create("b", &format!("echo VM-B-HERE; {LOOP}"), "no");
     // c's script ends at once: the guest's init then powers off.
@@ -374,6 +393,9 @@ fn vms_are_supervised_restarted_and_outlive_the_daemon() {
     assert_eq!(ev[restarted].peer_uid, None, "the daemon's own action");
     wait_until("a's guest after the restart", BOOT, || env.console("a").contains("VM-A-HERE").then_some(()));
     eprintln!("restarted guest up: {:.1} s", t0.elapsed().as_secs_f64());
+    // After 20 s of running (--restart-reset-after 20) the count goes back to 0.
+    wait_until("a's restart count to be reset", Duration::from_secs(90), || (env.vm("a").restarts == 0).then_some(()));
+    assert!(env.events("a").iter().any(|e| e.kind == "restarts-reset" && e.detail.starts_with("1 restarts forgotten")));
 
     // Stop a gracefully; delete b and c.
     let a_pid = a.pid.unwrap();
@@ -392,4 +414,112 @@ fn vms_are_supervised_restarted_and_outlive_the_daemon() {
     assert_eq!(env.list().iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["a"]);
     assert!(vmm_pids(&env.run_dir().display().to_string()).is_empty(), "a VMM is left");
     eprintln!("manager end to end: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// A raw disk of `mib` MiB of zeros.
+fn zero_disk(path: &std::path::Path, mib: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(mib << 20).unwrap();
+}
+
+fn disk_head(path: &std::path::Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    String::from_utf8_lossy(&bytes[..16]).into_owned()
+}
+
+#[test]
+fn snapshots_revert_disk_and_ram_and_vms_autostart_in_order() {
+    let t0 = Instant::now();
+    let mut env = Env::new("mgr-snap");
+    let disk = env.dir.path("s.raw");
+    zero_disk(&disk, 8);
+    let disk_flag = format!("path={},format=raw", disk.display());
+    // The guest writes OLD, sleeps, then writes NEW: a snapshot taken during the sleep and
+    // reverted to after NEW must show OLD on the disk and a guest that writes NEW again.
+    let script = "echo SNAP-GUEST-UP; echo OLD-DATA | dd of=/dev/vda conv=fsync 2>/dev/null; echo WROTE-OLD; \
+                  sleep 25; echo NEW-DATA | dd of=/dev/vda conv=fsync 2>/dev/null; echo WROTE-NEW; \
+                  while true; do sleep 1; done";
+    env.create_with(
+        "s",
+        script,
+        "no",
+        &["--disk", &disk_flag, "--autostart", "--start-order", "1", "--start-delay", "3"],
+    );
+    // "late" autostarts after s (order 2) and fails: its kernel is not a kernel.
+    let not_a_kernel = guest_file("initrd.img");
+    env.ok(&["vm", "create", "late", "--kernel", not_a_kernel.to_str().unwrap(), "--accel", "emu", "--autostart"]);
+    env.ok(&["vm", "set", "late", "--start-order", "2"]);
+    env.bad_input(&["vm", "set", "late", "--start-delay", "601"], "start_delay_s");
+
+    // The host "reboots": a new daemon with a fresh run folder autostarts s, then late.
+    env.kill_daemon();
+    std::fs::remove_file(env.run_dir().join("autostart.done")).unwrap();
+    env.start_daemon();
+    wait_until("s to be running", BOOT, || (env.vm("s").state == VmState::Running).then_some(()));
+    let s_auto = env.events("s").into_iter().find(|e| e.kind == "autostarted").expect("s autostarted");
+    let late = wait_until("late to be autostarted", Duration::from_secs(60), || {
+        let ev = env.events("late");
+        ev.iter().any(|e| e.kind == "start-failed").then_some(ev)
+    });
+    let late_auto = late.iter().find(|e| e.kind == "autostarted").unwrap();
+    assert!(late_auto.time_ms >= s_auto.time_ms + 3000, "late waited s's 3 s delay: {s_auto:?} {late_auto:?}");
+    assert_eq!(env.vm("late").state, VmState::Stopped);
+
+    wait_until("s's guest to write OLD", BOOT, || env.console("s").contains("WROTE-OLD").then_some(()));
+    assert_eq!(&disk_head(&disk)[..8], "OLD-DATA");
+    let out = env.ok(&["vm", "snapshot", "s", "create", "before"]);
+    assert!(out.contains("created (disks and RAM"), "{out}");
+    assert_eq!(env.vm("s").state, VmState::Running, "resumed after the snapshot");
+    let snaps: serde_json::Value = serde_json::from_str(&env.ok(&["vm", "snapshot", "s", "list", "--json"])).unwrap();
+    assert_eq!(snaps["snapshots"][0]["name"], "before");
+    assert_eq!(snaps["snapshots"][0]["memory"], true);
+    env.bad_input(&["vm", "snapshot", "s", "revert", "nope"], "no snapshot named 'nope'");
+    let (code, _, err) = env.rv(&["vm", "set", "s", "--memory", "1G"]);
+    assert!(code == 1 && err.contains("only while it is stopped"), "{code} {err}");
+
+    wait_until("s's guest to write NEW", Duration::from_secs(120), || {
+        env.console("s").contains("WROTE-NEW").then_some(())
+    });
+    assert_eq!(&disk_head(&disk)[..8], "NEW-DATA");
+
+    // Follow the events live while reverting.
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
+        .args(["events", "--follow", "--json", "--vm", "s", "--connect"])
+        .arg(env.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = env.ok(&["vm", "snapshot", "s", "revert", "before"]);
+    assert_eq!(out, "VM 's' reverted to snapshot 'before'\n");
+    assert_eq!(&disk_head(&disk)[..8], "OLD-DATA", "the disk is as it was at the snapshot");
+    let s = env.vm("s");
+    assert_eq!(s.state, VmState::Running, "{s:?}");
+    // The guest continues from the snapshot: it writes NEW again, without booting.
+    wait_until("the reverted guest to write NEW again", Duration::from_secs(120), || {
+        env.console("s").contains("WROTE-NEW").then_some(())
+    });
+    let console = env.console("s");
+    assert!(!console.contains("SNAP-GUEST-UP"), "the guest rebooted instead of resuming: {console}");
+    assert_eq!(&disk_head(&disk)[..8], "NEW-DATA");
+    {
+        use std::io::BufRead;
+        let reader = std::io::BufReader::new(follower.stdout.take().unwrap());
+        let mut kinds = Vec::new();
+        for line in reader.lines() {
+            let e: Event = serde_json::from_str(&line.unwrap()).unwrap();
+            kinds.push(e.kind);
+            if kinds.last().is_some_and(|k| k == "snapshot-reverted") {
+                break;
+            }
+        }
+        assert!(kinds.contains(&"snapshot-created".to_string()), "the history comes first: {kinds:?}");
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+
+    env.ok(&["vm", "snapshot", "s", "delete", "before"]);
+    assert!(env.ok(&["vm", "snapshot", "s", "list"]).lines().count() == 1, "only the header is left");
+    env.ok(&["vm", "delete", "s", "--force"]);
+    assert!(!env.dir.path("state/vms/s").exists(), "the VM's snapshots went with it");
+    eprintln!("snapshot test: {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -631,8 +631,10 @@ mod tests {
         {
             let mut c = Connection::open(&path).unwrap();
             let tx = c.transaction().unwrap();
-            tx.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);")
-                .unwrap();
+            tx.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);",
+            )
+            .unwrap();
             tx.execute_batch(MIGRATIONS[0]).unwrap();
             tx.execute(
                 "INSERT INTO vms (name, spec, restart, desired, created_ms) VALUES ('old', ?1, 'always', 'stopped', 5)",

@@ -301,10 +301,8 @@ fn set_snapshots_of_a_stopped_vm_event_stream_tcp_token_and_autostart_order() {
     // A follower started before anything happens sees each event as it is committed.
     let mut stream = follow(&d.socket, "&vm=v");
     let mut seen = String::new();
-    let create = format!(
-        r#"{{"name": "v", "config": {{"kernel": "{kernel}", "disks": [{{"path": "{}"}}]}}}}"#,
-        disk.display()
-    );
+    let create =
+        format!(r#"{{"name": "v", "config": {{"kernel": "{kernel}", "disks": [{{"path": "{}"}}]}}}}"#, disk.display());
     assert_eq!(d.call("POST", "vms", Some(&create)).0, 201);
     read_until(&mut stream, &mut seen, &["200 OK", "application/x-ndjson", r#""kind":"defined""#]);
 
@@ -358,7 +356,8 @@ fn set_snapshots_of_a_stopped_vm_event_stream_tcp_token_and_autostart_order() {
     let (s, body) = d.tcp_call("GET", "/api/v1/vms", Some(TOKEN), "");
     assert_eq!(s, 200, "{body}");
     assert!(body.contains(r#""name":"v""#), "{body}");
-    let create_w = format!(r#"{{"name": "w", "autostart": true, "start_order": 1, "config": {{"kernel": "{kernel}"}}}}"#);
+    let create_w =
+        format!(r#"{{"name": "w", "autostart": true, "start_order": 1, "config": {{"kernel": "{kernel}"}}}}"#);
     let (s, body) = d.tcp_call("POST", "/api/v1/vms", Some(TOKEN), &create_w);
     assert_eq!(s, 201, "{body}");
     let (_, v) = d.call("GET", "events?vm=w", None);
