@@ -523,3 +523,47 @@ fn snapshots_revert_disk_and_ram_and_vms_autostart_in_order() {
     assert!(!env.dir.path("state/vms/s").exists(), "the VM's snapshots went with it");
     eprintln!("snapshot test: {:.1} s", t0.elapsed().as_secs_f64());
 }
+
+#[test]
+fn a_daemon_killed_during_creates_leaves_only_whole_definitions() {
+    let mut env = Env::new("mgr-kill-create");
+    let kernel = guest_file("vmlinuz").display().to_string();
+    let pid = env.daemon.as_ref().unwrap().id();
+    let created = std::thread::scope(|s| {
+        let creator = s.spawn(|| {
+            let mut n = 0;
+            loop {
+                let (code, _, _) = env.rv(&["vm", "create", &format!("c{n}"), "--kernel", &kernel, "--accel", "emu"]);
+                if code != 0 {
+                    return n;
+                }
+                n += 1;
+            }
+        });
+        // Let some creates through, then kill -9 the daemon in the middle of the loop.
+        wait_until("a few creates", Duration::from_secs(60), || {
+            std::fs::read_dir(env.dir.path("state").join("vms")).ok().map(|d| d.count()).filter(|n| *n >= 5)
+        });
+        kill9(pid);
+        creator.join().unwrap()
+    });
+    env.kill_daemon();
+    env.start_daemon();
+    let vms = env.list();
+    // Every create that answered is stored; the one in flight is stored whole or not at all.
+    assert!(vms.len() == created || vms.len() == created + 1, "{} stored, {created} answered", vms.len());
+    let defined = serde_json::from_str::<EventList>(&env.ok(&["events", "--json"]))
+        .unwrap()
+        .events
+        .into_iter()
+        .filter(|e| e.kind == "defined")
+        .count();
+    assert_eq!(defined, vms.len(), "one 'defined' event per stored VM");
+    for v in &vms {
+        let info: serde_json::Value = serde_json::from_str(&env.ok(&["vm", "info", &v.name, "--json"])).unwrap();
+        assert_eq!(info["config"]["kernel"], kernel.as_str(), "{info}");
+        assert_eq!(v.state, VmState::Stopped);
+    }
+    // The store takes new definitions after the crash.
+    env.ok(&["vm", "create", "after", "--kernel", &kernel, "--accel", "emu"]);
+}
