@@ -107,32 +107,42 @@ impl hyper::body::Body for EventStream {
     }
 }
 
+/// A listening socket the server accepts clients on, each with who it is for the audit log.
+trait Accept {
+    /// The connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next client.
+    fn accept_peer(&self) -> impl std::future::Future<Output = std::io::Result<(Self::Io, Peer)>> + Send;
+}
+
+impl Accept for UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept_peer(&self) -> std::io::Result<(Self::Io, Peer)> {
+        let (stream, _) = self.accept().await?;
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer { uid: Some(c.uid()), pid: c.pid(), addr: None },
+            Err(e) => {
+                tracing::warn!("daemon API: no peer credentials: {e}");
+                Peer::default()
+            }
+        };
+        Ok((stream, peer))
+    }
+}
+
+impl Accept for TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept_peer(&self) -> std::io::Result<(Self::Io, Peer)> {
+        let (stream, addr) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, Peer { uid: None, pid: None, addr: Some(addr) }))
+    }
+}
+
 /// Serves the API on the Unix socket `listener` until `shutdown` completes. Clients are
 /// whoever the socket's file mode lets in; their credentials go into the audit log.
 pub async fn serve(listener: UnixListener, svc: Arc<Service>, shutdown: impl std::future::Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            _ = &mut shutdown => return,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let peer = match stream.peer_cred() {
-                    Ok(c) => Peer { uid: Some(c.uid()), pid: c.pid(), addr: None },
-                    Err(e) => {
-                        tracing::warn!("daemon API: no peer credentials: {e}");
-                        Peer::default()
-                    }
-                };
-                tokio::spawn(serve_connection(stream, svc.clone(), peer, None));
-            }
-            Err(e) => {
-                tracing::warn!("daemon API: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    serve_on(listener, svc, None, shutdown).await
 }
 
 /// Serves the API on the TCP `listener` until `shutdown` completes, only to requests with
@@ -144,20 +154,27 @@ pub async fn serve_tcp(
     token: Arc<str>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    serve_on(listener, svc, Some(token), shutdown).await
+}
+
+async fn serve_on<L: Accept>(
+    listener: L,
+    svc: Arc<Service>,
+    token: Option<Arc<str>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             _ = &mut shutdown => return,
-            a = listener.accept() => a,
+            a = listener.accept_peer() => a,
         };
         match accepted {
-            Ok((stream, addr)) => {
-                let _ = stream.set_nodelay(true);
-                let peer = Peer { uid: None, pid: None, addr: Some(addr) };
-                tokio::spawn(serve_connection(stream, svc.clone(), peer, Some(token.clone())));
+            Ok((stream, peer)) => {
+                tokio::spawn(serve_connection(stream, svc.clone(), peer, token.clone()));
             }
             Err(e) => {
-                tracing::warn!("daemon API (TCP): accept failed: {e}");
+                tracing::warn!("daemon API: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
