@@ -32,7 +32,8 @@ enum Cmd {
     /// The host manager: keeps VM definitions and an event log, runs one VMM per VM and
     /// supervises it, serves its API on a Unix socket (see "The host manager" in README.md).
     Daemon(manager::cli::DaemonArgs),
-    /// Manage the daemon's VMs: create, list, start, stop, kill, pause, resume, delete, info.
+    /// Manage the daemon's VMs: create, list, start, stop, kill, pause, resume, delete, info,
+    /// console.
     Vm(manager::cli::VmArgs),
     /// The daemon's event and audit log.
     Events(manager::cli::EventsArgs),
