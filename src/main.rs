@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vmm::config::parse_size;
+use vmm::terminal::RawTerminal;
 use vmm::{Accel, ConsoleOut, RunOutcome, Vm, VmConfig};
 
 #[derive(Parser)]
@@ -31,7 +32,8 @@ enum Cmd {
     /// The host manager: keeps VM definitions and an event log, runs one VMM per VM and
     /// supervises it, serves its API on a Unix socket (see "The host manager" in README.md).
     Daemon(manager::cli::DaemonArgs),
-    /// Manage the daemon's VMs: create, list, start, stop, kill, pause, resume, delete, info.
+    /// Manage the daemon's VMs: create, list, start, stop, kill, pause, resume, delete, info,
+    /// console.
     Vm(manager::cli::VmArgs),
     /// The daemon's event and audit log.
     Events(manager::cli::EventsArgs),
@@ -65,7 +67,8 @@ struct RunArgs {
     /// kvm or emu.
     #[arg(long, default_value = "auto")]
     accel: String,
-    /// Console: stdio, file=PATH or null.
+    /// Console: stdio, file=PATH, socket=PATH[,log=FILE] (a Unix socket several clients may
+    /// attach to; the first one types) or null.
     #[arg(long, default_value = "stdio")]
     serial: String,
     /// A virtio-blk disk: path=IMG, then optionally ,format=raw|qcow2 ,readonly=on ,serial=ID
@@ -100,40 +103,6 @@ fn parse_out(flag: &str, s: &str) -> Result<ConsoleOut, String> {
 /// A path flag as the configuration's UTF-8 string.
 fn utf8_path(flag: &str, p: PathBuf) -> Result<String, String> {
     p.into_os_string().into_string().map_err(|p| format!("{flag}: {} is not UTF-8", p.to_string_lossy()))
-}
-
-/// Puts the terminal in raw mode while alive (so keys reach the guest unprocessed).
-struct RawTerminal(Option<libc::termios>);
-
-impl RawTerminal {
-    fn enable() -> RawTerminal {
-        // SAFETY: isatty only inspects the file descriptor.
-        if unsafe { libc::isatty(0) } != 1 {
-            return RawTerminal(None);
-        }
-        // SAFETY: termios is plain old data; tcgetattr fills it for fd 0, a terminal.
-        let mut t: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: fd 0 is a terminal and `t` is a valid termios.
-        if unsafe { libc::tcgetattr(0, &mut t) } != 0 {
-            return RawTerminal(None);
-        }
-        let saved = t;
-        // SAFETY: cfmakeraw edits the struct in place.
-        unsafe { libc::cfmakeraw(&mut t) };
-        t.c_oflag |= libc::OPOST | libc::ONLCR;
-        // SAFETY: applies a valid termios to fd 0.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
-        RawTerminal(Some(saved))
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        if let Some(t) = self.0 {
-            // SAFETY: restores the termios saved from fd 0.
-            unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
-        }
-    }
 }
 
 fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {

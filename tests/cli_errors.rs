@@ -49,6 +49,10 @@ fn missing_files_and_unknown_values() {
     let (code, err) = run(&["run", "--kernel", &k, "--serial", "tcp:1"]);
     assert_eq!(code, 2);
     assert!(err.contains("--serial"), "{err}");
+    let long = format!("socket=/tmp/{}.sock", "s".repeat(200));
+    let (code, err) = run(&["run", "--kernel", &k, "--serial", &long]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--serial") && err.contains("1 to 107 bytes"), "{err}");
     let (code, _) = run(&["run", "--kernel", &k, "--frobnicate"]);
     assert_eq!(code, 2);
 }

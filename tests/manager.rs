@@ -12,12 +12,18 @@
 //! - snapshots of a running VM: the guest writes its disk after the snapshot, a revert
 //!   brings back the old disk and the guest continues from the snapshot (RAM), followed
 //!   live by `events --follow`; autostart after a "host reboot" in order with its delay.
+//! - consoles (`rustvisor vm console`, on that test's VM `a`): two clients attached, the first
+//!   types and both see the output, the second's input is ignored until the first detaches
+//!   (Ctrl-]) and the VM keeps running; after the daemon's `kill -9` and restart a new
+//!   console works; a console attached when the VMM dies ends with a message.
 
 mod common;
 
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -180,6 +186,109 @@ impl Drop for Env {
     }
 }
 
+/// A `rustvisor vm console NAME` client with its input, output and messages piped.
+struct Console {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Console {
+    /// Attaches to `name` and waits for the client to say it is connected.
+    fn attach(env: &Env, name: &str) -> Console {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
+            .args(["vm", "console", name, "--connect"])
+            .arg(env.socket())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pump = |mut from: Box<dyn Read + Send>| {
+            let buf = Arc::new(Mutex::new(Vec::new()));
+            let b = buf.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = from.read(&mut chunk) {
+                    b.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+            buf
+        };
+        let out = pump(Box::new(child.stdout.take().unwrap()));
+        let err = pump(Box::new(child.stderr.take().unwrap()));
+        let c = Console { stdin: child.stdin.take(), child, out, err };
+        c.wait_err(&format!("Connected to {name} (Ctrl-] detaches)"));
+        c
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    fn messages(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    fn wait_err(&self, want: &str) {
+        wait_until(&format!("{want:?} from the console client"), Duration::from_secs(30), || {
+            self.messages().contains(want).then_some(())
+        });
+    }
+
+    fn wait_out(&self, want: &str, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while !self.text().contains(want) {
+            assert!(Instant::now() < end, "no {want:?} on the console: {:?}", tail(&self.text()));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn type_text(&mut self, text: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(text).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Types `cmd` (and Enter) until the output shows `want`: the shell may not be reading
+    /// yet, so it is typed again every 15 s.
+    fn run(&mut self, cmd: &str, want: &str) {
+        let end = Instant::now() + BOOT;
+        loop {
+            self.type_text(format!("{cmd}\r").as_bytes());
+            let again = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < again {
+                if self.text().contains(want) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(Instant::now() < end, "no {want:?} after typing {cmd:?}: {:?}", tail(&self.text()));
+        }
+    }
+
+    /// Ctrl-]: the client must exit 0 saying the VM keeps running.
+    fn detach(mut self) {
+        self.type_text(&[0x1d]);
+        let status = self.wait_exit();
+        assert_eq!(status, Some(0), "{}", self.messages());
+        assert!(self.messages().contains("the VM keeps running"), "{}", self.messages());
+    }
+
+    fn wait_exit(&mut self) -> Option<i32> {
+        let st = wait_until("the console client to exit", Duration::from_secs(30), || self.child.try_wait().unwrap());
+        st.code()
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// VMM processes (`rustvisor vmm --api-socket PATH`) whose socket path contains `needle`.
 fn vmm_pids(needle: &str) -> Vec<i32> {
     let mut pids = Vec::new();
@@ -246,10 +355,16 @@ fn bad_input_is_refused_and_leaves_the_store_unchanged() {
     env.bad_input(&["vm", "create", "s", "--from-file", spec.to_str().unwrap()], "config.kernel");
     env.bad_input(&["vm", "stop", "ok-1", "--timeout", "0"], "timeout_s");
 
+    env.bad_input(&["vm", "console", "nope"], "no VM named 'nope'");
+    env.bad_input(&["vm", "console", "Bad/Name"], "name: ");
+
     // Refused in its state, not bad input: exit 1.
     let (code, _, err) = env.rv(&["vm", "stop", "ok-1"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is stopped: not running"), "{err}");
+    let (code, _, err) = env.rv(&["vm", "console", "ok-1"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err, "rustvisor: VM 'ok-1' is stopped: no console: the VM is not running (start it first)\n");
 
     assert_eq!(env.ok(&["vm", "list", "--json"]), list, "the VM list changed");
     assert_eq!(env.ok(&["events", "--json"]), events, "the event log changed");
@@ -279,7 +394,8 @@ const LOOP: &str = "while true; do sleep 1; done";
 fn vms_are_supervised_restarted_and_outlive_the_daemon() {
     let t0 = Instant::now();
     let mut env = Env::with_args("mgr-life", &["--restart-reset-after", "20"]);
-    env.create("a", &format!("echo VM-A-HERE; {LOOP}"), "on-failure");
+    // a's guest reads commands from its console (a shell, started again if it ends).
+    env.create("a", "echo VM-A-HERE; while true; do sh; done", "on-failure");
     env.create("b", &format!("echo VM-B-HERE; {LOOP}"), "no");
     // c's script ends at once: the guest's init then powers off.
     env.create("c", "echo VM-C-HERE", "on-failure");
@@ -331,6 +447,31 @@ fn vms_are_supervised_restarted_and_outlive_the_daemon() {
     }
     eprintln!("two guests up: {:.1} s", t0.elapsed().as_secs_f64());
 
+    // Two consoles on a: the first attached types, both see the output; the second's input
+    // is ignored (it is told so) until the first detaches.
+    let nonce = std::process::id();
+    let mut first = Console::attach(&env, "a");
+    let mut second = Console::attach(&env, "a");
+    for c in [&first, &second] {
+        c.wait_out("VM-A-HERE", Duration::from_secs(30)); // the recent output, replayed
+    }
+    second.type_text(format!("echo ignored-$((6*7))-{nonce}\r").as_bytes());
+    second.wait_out("read-only: another console has the keyboard", Duration::from_secs(30));
+    first.run(&format!("echo hello-$((6*7))-{nonce}"), &format!("hello-42-{nonce}"));
+    second.wait_out(&format!("hello-42-{nonce}"), Duration::from_secs(30));
+    for c in [&first, &second] {
+        assert!(!c.text().contains(&format!("ignored-42-{nonce}")), "the read-only console typed: {}", c.text());
+    }
+    let a_pid = env.vm("a").pid.unwrap();
+    first.detach();
+    second.wait_out("this console has the keyboard now", Duration::from_secs(30));
+    second.run(&format!("echo second-$((6*7))-{nonce}"), &format!("second-42-{nonce}"));
+    second.detach();
+    let a = env.vm("a");
+    assert_eq!((a.state, a.pid), (VmState::Running, Some(a_pid)), "the VM keeps running after detaching");
+    assert_eq!(env.events("a").iter().filter(|e| e.kind == "console-attached").count(), 2);
+    eprintln!("consoles: {:.1} s", t0.elapsed().as_secs_f64());
+
     // c's guest powered off: stopped, not restarted although on-failure.
     let c = wait_until("c to power off", BOOT, || Some(env.vm("c")).filter(|v| v.state == VmState::Stopped));
     assert!(env.console("c").contains("VM-C-HERE"));
@@ -380,8 +521,16 @@ fn vms_are_supervised_restarted_and_outlive_the_daemon() {
     assert!(env.events("a").iter().any(|e| e.kind == "adopted" && e.detail == format!("pid {a_pid}")));
     assert_eq!(env.vm("b").state, VmState::Crashed, "b stays crashed");
 
+    // The adopted VM's console works through the new daemon; a console attached when its VMM
+    // dies ends, saying so.
+    let mut console = Console::attach(&env, "a");
+    console.run(&format!("echo adopted-$((6*7))-{nonce}"), &format!("adopted-42-{nonce}"));
+
     // kill -9 of a's (adopted) VMM with on-failure: restarted once.
     kill9(a_pid);
+    assert_eq!(console.wait_exit(), Some(0), "{}", console.messages());
+    assert!(console.messages().contains("The console of a closed"), "{}", console.messages());
+    drop(console);
     let a = wait_until("a to be restarted", Duration::from_secs(60), || {
         Some(env.vm("a")).filter(|v| v.state == VmState::Running && v.pid != Some(a_pid))
     });

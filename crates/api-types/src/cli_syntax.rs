@@ -144,7 +144,18 @@ mod tests {
         assert_eq!(c, crate::ConsoleOut::File("/tmp/c.log".into()));
         assert_eq!(serde_json::to_string(&c).unwrap(), "\"file=/tmp/c.log\"");
         let e = serde_json::from_str::<crate::ConsoleOut>("\"tcp:1\"").unwrap_err().to_string();
-        assert!(e.contains("accepted: stdio, file=PATH, null"), "{e}");
+        assert!(e.contains("accepted: stdio, file=PATH, socket=PATH[,log=FILE], null"), "{e}");
+        for form in ["null", "stdio", "file=/c.log", "socket=/run/c.sock", "socket=/run/c.sock,log=/var/c,1.log"] {
+            let c: crate::ConsoleOut = form.parse().unwrap();
+            assert_eq!(c.to_string(), form, "Display gives back the command line's form");
+            assert_eq!(serde_json::to_string(&c).unwrap(), format!("\"{form}\""));
+            assert_eq!(serde_json::from_str::<crate::ConsoleOut>(&format!("\"{form}\"")).unwrap(), c);
+        }
+        let s: crate::ConsoleOut = "socket=/r/c.sock,log=/l/c.log".parse().unwrap();
+        assert_eq!(s, crate::ConsoleOut::Socket { path: "/r/c.sock".into(), log: Some("/l/c.log".into()) });
+        for bad in ["socket=", "socket=/a,b", "socket=/a,log=", "socket=,log=/l", "file=", "tcp:1"] {
+            assert!(bad.parse::<crate::ConsoleOut>().is_err(), "{bad} accepted");
+        }
         let m: MacAddr = serde_json::from_str("\"52:54:00:12:34:56\"").unwrap();
         assert_eq!(serde_json::to_string(&m).unwrap(), "\"52:54:00:12:34:56\"");
         let e = serde_json::from_str::<crate::Accel>("\"xen\"").unwrap_err().to_string();

@@ -135,8 +135,8 @@ impl FromStr for Accel {
     }
 }
 
-/// Where a console's output goes (and, for `Stdio`, where its input comes from): JSON and
-/// command line `"null"`, `"stdio"` or `"file=PATH"`.
+/// Where a console's output goes (and where its input comes from): JSON and command line
+/// `"null"`, `"stdio"`, `"file=PATH"` or `"socket=PATH[,log=FILE]"`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum ConsoleOut {
@@ -147,19 +147,43 @@ pub enum ConsoleOut {
     Stdio,
     /// Appended to a host file (no input).
     File(PathBuf),
+    /// Served on a Unix socket (mode 0600, created when the VM is built and removed when it
+    /// ends): several clients may attach and watch; the oldest one types. Also appended to
+    /// `log`, rotated to `FILE.1` as it grows. The 8250 only (`--serial`).
+    Socket {
+        /// The Unix socket (at most 107 bytes, without ',').
+        path: PathBuf,
+        /// The log file, if any.
+        log: Option<PathBuf>,
+    },
 }
+
+/// The accepted forms of [`ConsoleOut`], for error messages.
+pub const CONSOLE_FORMS: &str = "stdio, file=PATH, socket=PATH[,log=FILE], null";
 
 impl FromStr for ConsoleOut {
     type Err = String;
-    /// Parses `null`, `stdio` or `file=PATH`; the error names the accepted values.
+    /// Parses `null`, `stdio`, `file=PATH` or `socket=PATH[,log=FILE]` (the socket path
+    /// without ','); the error names the accepted values.
     fn from_str(s: &str) -> Result<ConsoleOut, String> {
+        let refused = || format!("'{s}' is not accepted (accepted: {CONSOLE_FORMS})");
         match s {
             "null" => Ok(ConsoleOut::Null),
             "stdio" => Ok(ConsoleOut::Stdio),
-            _ => match s.strip_prefix("file=") {
-                Some(p) if !p.is_empty() => Ok(ConsoleOut::File(PathBuf::from(p))),
-                _ => Err(format!("'{s}' is not accepted (accepted: stdio, file=PATH, null)")),
-            },
+            _ => {
+                if let Some(p) = s.strip_prefix("file=") {
+                    return if p.is_empty() { Err(refused()) } else { Ok(ConsoleOut::File(PathBuf::from(p))) };
+                }
+                let rest = s.strip_prefix("socket=").ok_or_else(refused)?;
+                let (path, log) = match rest.split_once(",log=") {
+                    Some((p, l)) => (p, Some(l)),
+                    None => (rest, None),
+                };
+                if path.is_empty() || path.contains(',') || log.is_some_and(str::is_empty) {
+                    return Err(refused());
+                }
+                Ok(ConsoleOut::Socket { path: PathBuf::from(path), log: log.map(PathBuf::from) })
+            }
         }
     }
 }
@@ -183,6 +207,8 @@ impl fmt::Display for ConsoleOut {
             ConsoleOut::Null => f.write_str("null"),
             ConsoleOut::Stdio => f.write_str("stdio"),
             ConsoleOut::File(p) => write!(f, "file={}", p.display()),
+            ConsoleOut::Socket { path, log: None } => write!(f, "socket={}", path.display()),
+            ConsoleOut::Socket { path, log: Some(l) } => write!(f, "socket={},log={}", path.display(), l.display()),
         }
     }
 }

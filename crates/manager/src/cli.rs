@@ -117,6 +117,13 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Attach to a running VM's serial console (Ctrl-] detaches; the VM keeps running).
+    /// Several consoles may watch one VM; the first attached types, the others are read-only
+    /// until it leaves. Ends when the VM stops.
+    Console {
+        /// The VM.
+        name: String,
+    },
     /// A VM's state, configuration and files.
     Info {
         /// The VM.
@@ -440,6 +447,10 @@ fn vm_text(a: &VmArgs) -> Result<String, Failure> {
             c.call("DELETE", &format!("vms/{name}{q}"), None)?;
             format!("VM '{name}' deleted\n")
         }
+        VmCommand::Console { name } => {
+            console(socket, name)?;
+            String::new()
+        }
         VmCommand::Info { name, json } => {
             check_name(name)?;
             let d: VmDetails = c.get(&format!("vms/{name}"))?;
@@ -562,6 +573,147 @@ pub fn format_bytes(n: u64) -> String {
         }
     }
     format!("{n}B")
+}
+
+/// The byte that detaches `vm console` (Ctrl-]).
+pub const DETACH: u8 = 0x1d;
+
+/// The failure for a daemon's error answer: its JSON message, exit 2 for bad input (400, 404
+/// or a refused field), 1 otherwise.
+fn answer_failure(status: u16, body: &[u8]) -> Failure {
+    let parsed = serde_json::from_slice::<ErrorBody>(body).ok();
+    let message = match &parsed {
+        Some(b) => b.error.clone(),
+        None if body.is_empty() => format!("the daemon answered HTTP {status}"),
+        None => String::from_utf8_lossy(body).chars().take(200).collect(),
+    };
+    let bad_input = matches!(status, 400 | 404) || parsed.as_ref().is_some_and(|b| b.field.is_some());
+    failure(if bad_input { 2 } else { 1 }, message)
+}
+
+/// Sends the console upgrade request for `name` on a new connection to the daemon; returns
+/// the upgraded connection and the console bytes that came with the `101` answer.
+///
+/// Errors: the daemon is unreachable or answers garbage (1); its error answer
+/// ([`answer_failure`]).
+fn console_connect(socket: &Path, name: &str) -> Result<(std::os::unix::net::UnixStream, Vec<u8>), Failure> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        failure(
+            1,
+            format!(
+                "cannot connect to the daemon at {}: {e} (is `rustvisor daemon` running? see --connect, RUSTVISOR_SOCKET)",
+                socket.display()
+            ),
+        )
+    })?;
+    let io = |e: io::Error| failure(1, format!("the daemon at {}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    let protocol = crate::server::CONSOLE_PROTOCOL;
+    write!(
+        s,
+        "GET /api/v1/vms/{name}/console HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+    )
+    .map_err(io)?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if got.len() > 64 * 1024 {
+            return Err(failure(1, "the daemon's answer has no end of headers"));
+        }
+        match s.read(&mut buf).map_err(io)? {
+            0 => return Err(failure(1, "the daemon closed the connection without answering")),
+            n => got.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).into_owned();
+    let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| {
+        failure(1, format!("unexpected answer from the daemon: {}", head.lines().next().unwrap_or("")))
+    })?;
+    let mut rest = got.split_off(head_end);
+    if status == 101 {
+        s.set_read_timeout(None).map_err(io)?;
+        return Ok((s, rest));
+    }
+    let length = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok()).flatten()
+    });
+    let want = length.unwrap_or(64 * 1024).min(64 * 1024);
+    while rest.len() < want {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => rest.extend_from_slice(&buf[..n]),
+        }
+    }
+    rest.truncate(want);
+    Err(answer_failure(status, &rest))
+}
+
+/// `rustvisor vm console NAME`: the VM's serial console on this terminal (raw mode) until
+/// Ctrl-] (detach: the VM keeps running) or the VM's console closes. Standard input need not
+/// be a terminal: its end stops typing, and the output goes on.
+fn console(socket: &Path, name: &str) -> Result<(), Failure> {
+    use std::io::Read;
+    check_name(name)?;
+    let (stream, early) = console_connect(socket, name)?;
+    let to_vm = stream.try_clone().map_err(|e| failure(1, format!("console: {e}")))?;
+    let raw = vmm::terminal::RawTerminal::enable();
+    eprint!("Connected to {name} (Ctrl-] detaches)\r\n");
+    let detached = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = detached.clone();
+    std::thread::Builder::new()
+        .name("console-input".into())
+        .spawn(move || {
+            let mut to_vm = to_vm;
+            let mut stdin = io::stdin();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let typed = &buf[..n];
+                let (send, detach) = match typed.iter().position(|&b| b == DETACH) {
+                    Some(i) => (&typed[..i], true),
+                    None => (typed, false),
+                };
+                if to_vm.write_all(send).is_err() {
+                    return;
+                }
+                if detach {
+                    d.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let _ = to_vm.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+        })
+        .map_err(|e| failure(1, format!("console: cannot start the input thread: {e}")))?;
+    let mut out = io::stdout().lock();
+    let mut pending = early;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if !pending.is_empty() && out.write_all(&pending).and_then(|()| out.flush()).is_err() {
+            break;
+        }
+        pending.clear();
+        match (&stream).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    drop(raw);
+    if detached.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("\r\nDetached from {name}; the VM keeps running");
+    } else {
+        eprintln!("\r\nThe console of {name} closed (the VM stopped, or the daemon went away)");
+    }
+    Ok(())
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Failure> {

@@ -26,7 +26,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 
 use crate::service::{Service, ServiceError};
 use crate::store::Peer;
@@ -50,8 +50,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/vms/{name}/snapshots"),
     ("DELETE", "/api/v1/vms/{name}/snapshots/{snapshot}"),
     ("PUT", "/api/v1/vms/{name}/snapshots/{snapshot}/revert"),
+    ("GET", "/api/v1/vms/{name}/console"),
     ("GET", "/api/v1/events"),
 ];
+
+/// The console route: an HTTP/1.1 upgrade to [`CONSOLE_PROTOCOL`].
+pub const CONSOLE_ROUTE: &str = "/api/v1/vms/{name}/console";
+/// The `Upgrade` protocol of [`CONSOLE_ROUTE`]: after `101 Switching Protocols` the
+/// connection carries the serial console's raw bytes both ways.
+pub const CONSOLE_PROTOCOL: &str = "rustvisor-console";
 
 /// The largest request body accepted (larger → 413).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -191,7 +198,7 @@ where
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(READ_TIMEOUT).max_buf_size(16 * 1024);
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).with_upgrades().await {
         tracing::debug!("daemon API connection: {e}");
     }
 }
@@ -312,6 +319,9 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
     if template.contains("{name}") {
         Service::check_name(&name).map_err(service_error)?;
     }
+    if template == CONSOLE_ROUTE {
+        return console(req, svc, name, peer).await;
+    }
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -414,6 +424,73 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
             Ok(json(StatusCode::OK, &EventList { events }))
         }
         _ => Err(error(StatusCode::NOT_FOUND, format!("route {template} is not implemented"), None)),
+    }
+}
+
+/// Whether header `name` lists `token` (comma-separated, case-insensitive).
+fn header_lists(headers: &hyper::HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// `GET /api/v1/vms/{name}/console`: checks the VM and connects to its VMM's console socket,
+/// answers `101 Switching Protocols`, then copies bytes both ways until either side ends
+/// (the client detaching ends this connection only; the VM stopping closes the client's).
+/// Errors before the upgrade are JSON: 426 without the upgrade headers, 404, 409 naming the
+/// state, 500 when the socket cannot be reached.
+async fn console(mut req: Request<Incoming>, svc: Arc<Service>, name: String, peer: Peer) -> Result<Resp, Reject> {
+    let h = req.headers();
+    if !header_lists(h, header::CONNECTION, "upgrade") || !header_lists(h, header::UPGRADE, CONSOLE_PROTOCOL) {
+        let mut resp = error(
+            StatusCode::UPGRADE_REQUIRED,
+            format!("this route upgrades the connection: send 'Connection: Upgrade' and 'Upgrade: {CONSOLE_PROTOCOL}'"),
+            None,
+        );
+        resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static(CONSOLE_PROTOCOL));
+        return Err(resp);
+    }
+    let s = svc.clone();
+    let n = name.clone();
+    let socket = blocking(move || s.console_target(&n)).await?.map_err(service_error)?;
+    let vmm = UnixStream::connect(&socket).await.map_err(|source| {
+        service_error(ServiceError::Io {
+            what: format!("VM '{name}': connecting to its console {}", socket.display()),
+            source,
+        })
+    })?;
+    let event = crate::store::NewEvent::vm(&name, "console-attached", "", peer);
+    if let Err(e) = blocking(move || svc.log(&event)).await?.map_err(ServiceError::from) {
+        return Err(service_error(e));
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => proxy(TokioIo::new(upgraded), vmm).await,
+            Err(e) => tracing::debug!("console of VM '{name}': the upgrade failed: {e}"),
+        }
+    });
+    let mut resp = empty(StatusCode::SWITCHING_PROTOCOLS);
+    resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static(CONSOLE_PROTOCOL));
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    Ok(resp)
+}
+
+/// Copies a console client's bytes to the VMM's console socket and back until either side
+/// ends: the client's end (detach) closes the VMM connection, which detaches it there; the
+/// VMM's end (the VM stopped) closes the client's.
+async fn proxy<C: tokio::io::AsyncRead + tokio::io::AsyncWrite>(client: C, vmm: UnixStream) {
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut vmm_rd, mut vmm_wr) = vmm.into_split();
+    tokio::select! {
+        _ = tokio::io::copy(&mut client_rd, &mut vmm_wr) => {}
+        _ = async {
+            let _ = tokio::io::copy(&mut vmm_rd, &mut client_wr).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut client_wr).await;
+        } => {}
     }
 }
 

@@ -286,6 +286,35 @@ impl Service {
         self.vm_state_dir(name).join("console.log")
     }
 
+    /// The serial console's Unix socket of VM `name`, served by its VMM while it runs (so it
+    /// outlives a daemon restart): `<run-dir>/vms/<name>/console.sock`.
+    pub fn console_socket(&self, name: &str) -> PathBuf {
+        self.vm_run_dir(name).join("console.sock")
+    }
+
+    /// The 8250 configuration the daemon gives VM `name`'s VMM: its console socket, logged
+    /// to [`Service::console_log`].
+    fn serial_for(&self, name: &str) -> vmm::ConsoleOut {
+        vmm::ConsoleOut::Socket { path: self.console_socket(name), log: Some(self.console_log(name)) }
+    }
+
+    /// `GET /vms/{name}/console`: the console socket to connect to, for a running or paused
+    /// VM.
+    ///
+    /// Errors: [`ServiceError::NotFound`]; [`ServiceError::Conflict`] naming the state when
+    /// the VM is not running or paused.
+    pub fn console_target(&self, name: &str) -> Result<PathBuf, ServiceError> {
+        let rec = self.record(name)?;
+        match rec.runtime.state {
+            VmState::Running | VmState::Paused => Ok(self.console_socket(name)),
+            state => Err(ServiceError::Conflict {
+                vm: name.into(),
+                state,
+                msg: "no console: the VM is not running (start it first)".into(),
+            }),
+        }
+    }
+
     /// Checks a name given in a request path.
     pub fn check_name(name: &str) -> Result<(), ServiceError> {
         if valid_name(name) {
@@ -328,7 +357,7 @@ impl Service {
     pub fn info(&self, name: &str) -> Result<VmDetails, ServiceError> {
         let rec = self.record(name)?;
         let mut config = rec.config.clone();
-        config.serial = vmm::ConsoleOut::File(self.console_log(name));
+        config.serial = self.serial_for(name);
         Ok(VmDetails {
             summary: self.summary(&rec)?,
             config,
@@ -539,7 +568,7 @@ impl Service {
                 return Ok::<_, String>(client.info().ok().and_then(|i| i.accelerator));
             }
             let mut cfg = rec.config.clone();
-            cfg.serial = vmm::ConsoleOut::File(console.clone());
+            cfg.serial = self.serial_for(name);
             client.create(&cfg).map_err(|e| format!("vm.create: {e}"))?;
             client.boot().map_err(|e| format!("vm.boot: {e}"))?;
             Ok::<_, String>(client.info().ok().and_then(|i| i.accelerator))
@@ -576,6 +605,7 @@ impl Service {
             Err(msg) => {
                 supervisor::kill_and_reap(pid, Some(&mut child));
                 let _ = std::fs::remove_file(&socket);
+                let _ = std::fs::remove_file(self.console_socket(name));
                 let _ = std::fs::remove_dir(&run_dir);
                 let msg = match supervisor::last_log_line(&vmm_log) {
                     Some(last) if !msg.contains(&last) => format!("{msg} (VMM log: {last})"),
@@ -653,6 +683,7 @@ impl Service {
         if let Some(s) = socket {
             let _ = std::fs::remove_file(s);
         }
+        let _ = std::fs::remove_file(self.console_socket(name));
         let _ = std::fs::remove_dir(self.vm_run_dir(name));
         how
     }
@@ -737,6 +768,7 @@ impl Service {
                     format!("the VMM (pid {pid}) ended while the daemon was not running")
                 };
                 let _ = std::fs::remove_file(&socket);
+                let _ = std::fs::remove_file(self.console_socket(name));
                 let _ = std::fs::remove_dir(self.vm_run_dir(name));
                 self.record_end(rec, VmState::Crashed, reason)?;
             } else if rt.state == VmState::Crashed && rec.desired_running && rt.restarts < MAX_RESTARTS {
@@ -769,6 +801,7 @@ impl Service {
                 }
             }
             let _ = std::fs::remove_file(&socket);
+            let _ = std::fs::remove_file(entry.path().join("console.sock"));
             let _ = std::fs::remove_dir(entry.path());
         }
     }
@@ -849,6 +882,7 @@ impl Service {
             if let Some(s) = &rec.runtime.socket {
                 let _ = std::fs::remove_file(s);
             }
+            let _ = std::fs::remove_file(self.console_socket(name));
             let _ = std::fs::remove_dir(self.vm_run_dir(name));
             let last = supervisor::last_log_line(&log).map(|l| format!("; its last log line: {l}")).unwrap_or_default();
             let (state, reason) = match status {

@@ -267,6 +267,118 @@ fn statuses_and_a_failed_start_leaves_nothing_behind() {
     assert_eq!(v["vms"], serde_json::json!([]));
 }
 
+/// Sends `GET /api/v1/<route>` by hand with `headers`; returns the status, the head and the
+/// stream (positioned after the head) with the bytes already read past it.
+fn raw_get(socket: &Path, route: &str, headers: &str) -> (u16, String, std::os::unix::net::UnixStream, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    write!(s, "GET /api/v1/{route} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the head: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head, s, got.split_off(end))
+}
+
+/// Reads from `s` into `got` until it contains `needle` (10 s at most).
+fn read_until(s: &mut std::os::unix::net::UnixStream, got: &mut Vec<u8>, needle: &str) {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(got).contains(needle) {
+        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("no {needle:?} in {:?}: {e}", String::from_utf8_lossy(got)));
+        assert!(n > 0, "closed before {needle:?}: {:?}", String::from_utf8_lossy(got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn console_upgrades_and_proxies_to_the_vmm_console_socket() {
+    use std::io::{Read, Write};
+    const UPGRADE: &str = "Connection: Upgrade\r\nUpgrade: rustvisor-console\r\n";
+    let kernel = std::fs::canonicalize(KERNEL_FILE).unwrap().display().to_string();
+    let d = Daemon::start("console", Path::new("/bin/false"));
+    let (s, v) = d.call("POST", "vms", Some(&format!(r#"{{"name": "a", "config": {{"kernel": "{kernel}"}}}}"#)));
+    assert_eq!(s, 201, "{v}");
+
+    // Errors before the upgrade are JSON.
+    let (s, head, ..) = raw_get(&d.socket, "vms/a/console", "");
+    assert_eq!(s, 426, "{head}");
+    assert!(head.to_ascii_lowercase().contains("upgrade: rustvisor-console"), "{head}");
+    let (s, ..) = raw_get(&d.socket, "vms/nope/console", UPGRADE);
+    assert_eq!(s, 404);
+    let (s, _, mut conn, mut body) = raw_get(&d.socket, "vms/a/console", UPGRADE);
+    assert_eq!(s, 409);
+    read_until(&mut conn, &mut body, "}");
+    let e: ErrorBody = serde_json::from_slice(&body).unwrap();
+    assert_eq!(e.state.as_deref(), Some("stopped"), "{e:?}");
+    assert!(e.error.contains("is stopped: no console"), "{e:?}");
+
+    // A "running" VM whose VMM console is a real console multiplexer with a fake guest.
+    let mut store = Store::open(&d.dir.join("rustvisor.db")).unwrap();
+    let rt = manager::store::Runtime {
+        state: VmState::Running,
+        pid: Some(std::process::id()),
+        socket: None,
+        started_ms: Some(0),
+        accel: Some("emu".into()),
+        reason: None,
+        restarts: 0,
+    };
+    store.set_runtime("a", &rt, Some(true), &[]).unwrap();
+    let run = d.dir.join("run/vms/a");
+    std::fs::create_dir_all(&run).unwrap();
+    let mut mux = vmm::console_mux::ConsoleMux::new(&run.join("console.sock"), None).unwrap();
+    let typed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = typed.clone();
+    mux.start(Box::new(move |b: &[u8]| {
+        t.lock().unwrap().extend_from_slice(b);
+        b.len()
+    }))
+    .unwrap();
+    let mut guest = mux.writer();
+    guest.write_all(b"login: ").unwrap();
+
+    let (s, head, mut first, mut got1) = raw_get(&d.socket, "vms/a/console", UPGRADE);
+    assert_eq!(s, 101, "{head}");
+    let (s, _, mut second, mut got2) = raw_get(&d.socket, "vms/a/console", UPGRADE);
+    assert_eq!(s, 101);
+    read_until(&mut first, &mut got1, "login: ");
+    read_until(&mut second, &mut got2, "login: ");
+    first.write_all(b"root\r").unwrap();
+    second.write_all(b"intruder\r").unwrap();
+    read_until(&mut second, &mut got2, "read-only");
+    guest.write_all(b"# ").unwrap();
+    read_until(&mut first, &mut got1, "# ");
+    read_until(&mut second, &mut got2, "# ");
+    assert_eq!(typed.lock().unwrap().as_slice(), b"root\r", "only the first console types");
+    let (_, v) = d.call("GET", "events?vm=a", None);
+    let attached = v["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "console-attached").count();
+    assert_eq!(attached, 2, "{v}");
+
+    // The first detaches: the second gets the keyboard.
+    drop(first);
+    read_until(&mut second, &mut got2, "has the keyboard now");
+    second.write_all(b"ls\r").unwrap();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !typed.lock().unwrap().ends_with(b"ls\r") {
+        assert!(std::time::Instant::now() < end, "the second console's input never arrived");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The VM ends: the console closes.
+    drop(mux);
+    let mut rest = Vec::new();
+    second.read_to_end(&mut rest).unwrap();
+}
+
 /// A raw `GET /api/v1/events?follow=1` on the Unix socket; returns the stream.
 fn follow(socket: &Path, query: &str) -> std::os::unix::net::UnixStream {
     use std::io::Write;
@@ -277,7 +389,7 @@ fn follow(socket: &Path, query: &str) -> std::os::unix::net::UnixStream {
 }
 
 /// Reads `s` until what it sent contains every one of `wanted`, for at most 10 s.
-fn read_until(s: &mut std::os::unix::net::UnixStream, seen: &mut String, wanted: &[&str]) {
+fn read_stream_until(s: &mut std::os::unix::net::UnixStream, seen: &mut String, wanted: &[&str]) {
     use std::io::Read;
     let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut buf = [0u8; 4096];
@@ -304,7 +416,7 @@ fn set_snapshots_of_a_stopped_vm_event_stream_tcp_token_and_autostart_order() {
     let create =
         format!(r#"{{"name": "v", "config": {{"kernel": "{kernel}", "disks": [{{"path": "{}"}}]}}}}"#, disk.display());
     assert_eq!(d.call("POST", "vms", Some(&create)).0, 201);
-    read_until(&mut stream, &mut seen, &["200 OK", "application/x-ndjson", r#""kind":"defined""#]);
+    read_stream_until(&mut stream, &mut seen, &["200 OK", "application/x-ndjson", r#""kind":"defined""#]);
 
     // vm set: fields change, bad values are 400s naming the field.
     let (s, v) = d.call("PATCH", "vms/v", Some(r#"{"memory_mib": 256, "restart": "always", "autostart": true}"#));
@@ -321,7 +433,7 @@ fn set_snapshots_of_a_stopped_vm_event_stream_tcp_token_and_autostart_order() {
         let (s, v) = d.call("PATCH", "vms/v", Some(body));
         assert_eq!((s, v["field"].as_str()), (400, Some(field)), "{body}: {v}");
     }
-    read_until(&mut stream, &mut seen, &[r#""kind":"updated""#, "memory 256 MiB"]);
+    read_stream_until(&mut stream, &mut seen, &[r#""kind":"updated""#, "memory 256 MiB"]);
 
     // A stopped VM's snapshot holds its disks; a revert puts them back.
     let (s, v) = d.call("POST", "vms/v/snapshots", Some(r#"{"name": "s1"}"#));
@@ -346,7 +458,7 @@ fn set_snapshots_of_a_stopped_vm_event_stream_tcp_token_and_autostart_order() {
     assert_eq!(d.call("DELETE", "vms/v/snapshots/s1", None).0, 204);
     assert_eq!(d.call("DELETE", "vms/v/snapshots/s1", None).0, 404);
     assert!(!d.dir.join("state/vms/v/snapshots/s1").exists(), "the snapshot's files are gone");
-    read_until(&mut stream, &mut seen, &["snapshot-created", "snapshot-reverted", "snapshot-deleted"]);
+    read_stream_until(&mut stream, &mut seen, &["snapshot-created", "snapshot-reverted", "snapshot-deleted"]);
     assert!(!seen.contains(r#""vm":"w""#), "the stream shows only VM v");
 
     // TCP: only with the token; the audit log has the client's address.

@@ -22,6 +22,12 @@ pub const MIN_MEM_MIB: u64 = 16;
 /// Most vCPUs a VM may have (the MP table's APIC IDs, the IOAPIC taking the next one).
 pub const MAX_CPUS: u8 = 64;
 
+/// Why `--console socket=...` is refused (the virtio-console has no socket mode).
+pub const CONSOLE_SOCKET_REFUSED: &str = "socket= is for --serial only (accepted: stdio, file=PATH, null)";
+
+/// Longest Unix socket path, in bytes (`sun_path` less its NUL).
+pub const SOCKET_PATH_MAX: usize = 107;
+
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
 
@@ -158,6 +164,24 @@ pub fn validate(cfg: &VmConfig) -> Result<()> {
             return Err(config("--vsock", "socket=PATH is required".into()));
         }
     }
+    if let ConsoleOut::Socket { path, log } = &cfg.serial {
+        let bytes = path.as_os_str().len();
+        if bytes == 0 || bytes > SOCKET_PATH_MAX || path.as_os_str().as_encoded_bytes().contains(&b',') {
+            return Err(config(
+                "--serial",
+                format!(
+                    "socket path {} ({bytes} bytes) (accepted: 1 to {SOCKET_PATH_MAX} bytes without ',')",
+                    path.display()
+                ),
+            ));
+        }
+        if log.as_ref().is_some_and(|l| l.as_os_str().is_empty()) {
+            return Err(config("--serial", "log= needs a file (accepted: socket=PATH[,log=FILE])".into()));
+        }
+    }
+    if matches!(cfg.console, Some(ConsoleOut::Socket { .. })) {
+        return Err(config("--console", CONSOLE_SOCKET_REFUSED.into()));
+    }
     if cfg.console == Some(ConsoleOut::Stdio) && cfg.serial == ConsoleOut::Stdio {
         return Err(config(
             "--console",
@@ -200,6 +224,9 @@ mod tests {
     #[test]
     fn one_validation_names_the_field() {
         validate(&base()).unwrap();
+        let mut socket = base();
+        socket.serial = "socket=/run/rv/c.sock,log=/var/log/c.log".parse().unwrap();
+        validate(&socket).unwrap();
         type Edit = Box<dyn Fn(&mut VmConfig)>;
         let cases: Vec<(Edit, &str, &str)> = vec![
             (Box::new(|c| c.memory_mib = 1), "--memory", "out of range"),
@@ -209,6 +236,12 @@ mod tests {
             (Box::new(|c| c.nets = vec!["tap=abcdefghijklmnopq".parse().unwrap()]), "--net", "1 to 15 bytes"),
             (Box::new(|c| c.nets = vec!["tap=t0".parse().unwrap(), "tap=t0".parse().unwrap()]), "--net", "twice"),
             (Box::new(|c| c.vsock = Some("cid=2,socket=/x".parse().unwrap())), "--vsock", "3 to"),
+            (
+                Box::new(|c| c.serial = format!("socket=/{}", "s".repeat(SOCKET_PATH_MAX)).parse().unwrap()),
+                "--serial",
+                "1 to 107 bytes",
+            ),
+            (Box::new(|c| c.console = Some("socket=/c.sock".parse().unwrap())), "--console", "--serial only"),
             (
                 Box::new(|c| {
                     c.serial = ConsoleOut::Stdio;

@@ -4,12 +4,14 @@
 pub mod arch;
 pub mod clock;
 pub mod config;
+pub mod console_mux;
 pub mod controller;
 pub mod device_bus;
 pub mod host_files;
 pub mod memory;
 pub mod panic_policy;
 pub mod persist;
+pub mod terminal;
 pub mod virtio_devices;
 pub mod vm;
 pub mod vstate;

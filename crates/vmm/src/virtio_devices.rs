@@ -89,6 +89,10 @@ pub fn build(
                 ),
                 None,
             ),
+            // Refused by `config::validate`.
+            crate::ConsoleOut::Socket { .. } => {
+                return Err(Error::Config { field: "--console", msg: crate::config::CONSOLE_SOCKET_REFUSED.into() })
+            }
         };
         let dev = virtio::console::Console::new(output, input)
             .map_err(|source| Error::DeviceIo { name: "virtio-console".into(), source })?;

@@ -10,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::clock::VirtualClock;
 use crate::config::{Accel, ConsoleOut, VmConfig};
+use crate::console_mux::{ConsoleMux, MuxError};
 use crate::{arch, memory, Error, Result};
 
 pub use crate::device_bus::{DeviceBus, ExitCounts};
@@ -65,20 +66,47 @@ pub struct Vm {
     pub virtio: Vec<crate::virtio_devices::PciVirtio>,
     /// Which accelerator was chosen, and why.
     pub accel_note: String,
+    /// The serial console's socket, for [`ConsoleOut::Socket`] (dropped with the VM: the
+    /// socket goes and its clients see the end of the stream).
+    console: Option<ConsoleMux>,
 }
 
-fn serial_sink(out: &ConsoleOut) -> Result<Box<dyn Write + Send>> {
+/// The 8250's output sink for `out`, and the console socket's multiplexer for
+/// [`ConsoleOut::Socket`] (started once the UART exists, [`start_console`]).
+fn serial_sink(out: &ConsoleOut) -> Result<(Box<dyn Write + Send>, Option<ConsoleMux>)> {
     Ok(match out {
-        ConsoleOut::Stdio => Box::new(std::io::stdout()),
-        ConsoleOut::Null => Box::new(std::io::sink()),
-        ConsoleOut::File(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|err| Error::Io { path: p.display().to_string(), err })?,
+        ConsoleOut::Stdio => (Box::new(std::io::stdout()), None),
+        ConsoleOut::Null => (Box::new(std::io::sink()), None),
+        ConsoleOut::File(p) => (
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|err| Error::Io { path: p.display().to_string(), err })?,
+            ),
+            None,
         ),
+        ConsoleOut::Socket { path, log } => {
+            let mux = ConsoleMux::new(path, log.as_deref()).map_err(|e| match e {
+                MuxError::NotASocket(_) | MuxError::InUse(_) => Error::Config { field: "--serial", msg: e.to_string() },
+                MuxError::Io { source, .. } => Error::DeviceIo { name: format!("serial console {out}"), source },
+            })?;
+            (Box::new(mux.writer()), Some(mux))
+        }
     })
+}
+
+/// Starts `mux` typing into `serial` with the back-pressure of its 64-byte FIFO (what does
+/// not fit is offered again). The thread holds the UART weakly: it never keeps it alive.
+fn start_console(mux: &mut ConsoleMux, serial: &Arc<Mutex<Serial>>) -> Result<()> {
+    let uart = Arc::downgrade(serial);
+    let input = Box::new(move |bytes: &[u8]| match uart.upgrade() {
+        Some(s) => s.lock().unwrap_or_else(|e| e.into_inner()).enqueue_input(bytes),
+        // The VM is going away: the bytes go nowhere.
+        None => bytes.len(),
+    });
+    mux.start(input).map_err(|source| Error::DeviceIo { name: "serial console".into(), source })
 }
 
 /// Environment variable that lets `--accel kvm` run on a PVM host anyway: PVM runs small
@@ -165,7 +193,11 @@ impl Vm {
         let vcpus = (0..cfg.cpus).map(|id| accel.create_vcpu(id)).collect::<accel::Result<Vec<_>>>()?;
         let serial_irq = accel.irq_line(COM1_IRQ)?;
 
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, serial_sink(&cfg.serial)?)));
+        let (sink, mut console) = serial_sink(&cfg.serial)?;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, sink)));
+        if let Some(mux) = &mut console {
+            start_console(mux, &serial)?;
+        }
         pio.insert(COM1, 8, serial.clone()).map_err(dev_err("serial"))?;
         let c = Arc::downgrade(&ctl);
         let i8042 = Arc::new(Mutex::new(I8042::new(Box::new(move || {
@@ -213,12 +245,18 @@ impl Vm {
             dma,
             virtio,
             accel_note,
+            console,
         })
     }
 
     /// The console UART, for feeding input.
     pub fn serial(&self) -> Arc<Mutex<Serial>> {
         self.devices.serial.clone()
+    }
+
+    /// The serial console's socket multiplexer ([`ConsoleOut::Socket`]), if any.
+    pub fn console_mux(&self) -> Option<&ConsoleMux> {
+        self.console.as_ref()
     }
 
     /// Guest memory.

@@ -182,8 +182,12 @@ impl VirtioDevice for Vsock {
 }
 
 /// Connects a non-blocking stream socket to the Unix socket at `path` without ever waiting:
-/// a listener whose backlog is full fails with `EAGAIN` instead of blocking.
-pub(crate) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+/// a listener whose backlog is full fails with `EAGAIN` instead of blocking (also used to
+/// tell a stale socket file, `ECONNREFUSED`, from a live one).
+///
+/// Errors: `InvalidInput` for an empty path, one with a NUL or longer than `sun_path`;
+/// otherwise `socket(2)`'s or `connect(2)`'s.
+pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     let bytes = path.as_os_str().as_bytes();
     let family = libc::sa_family_t::try_from(libc::AF_UNIX).map_err(io::Error::other)?;
     let mut addr = libc::sockaddr_un { sun_family: family, sun_path: [0; 108] };
