@@ -287,10 +287,11 @@ pub(crate) fn firewall_batch(tap: &str, spec: Option<&FirewallSpec>, stateful: b
     use nft::Family::Bridge;
     let table = firewall_table(tap);
     let mut b = nft::Batch::new();
-    b.replace_table(Bridge, &table);
     let Some(spec) = spec else {
+        b.delete_table(Bridge, &table);
         return b;
     };
+    b.replace_table(Bridge, &table);
     for (chain, dir, default) in [("to-vm", Direction::In, spec.default_in), ("from-vm", Direction::Out, spec.default_out)]
     {
         b.add_chain(Bridge, &table, chain);
@@ -407,5 +408,6 @@ mod tests {
         assert!(!stateless.contains("\"ct\""), "{stateless}");
         let del = firewall_batch("rvt-web-0", None, true).to_json();
         assert!(del.contains("\"delete\"") && !del.contains("\"chain\""), "{del}");
+        assert!(del.rfind("\"delete\"") > del.rfind("\"add\""), "ends with the delete: {del}");
     }
 }

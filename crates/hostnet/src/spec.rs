@@ -205,21 +205,21 @@ impl Ipv4Cidr {
     pub fn validate_host(&self, field: &str) -> Result<(), SpecError> {
         let err = |m: String| Err(SpecError::new(field, m));
         if !(8..=30).contains(&self.prefix) {
-            return err(format!("{self}: prefix /{} (accepted: /8 to /30)", self.prefix));
+            return err(format!("{self} (accepted prefixes: /8 to /30)"));
         }
         let a = self.addr;
         if a.is_loopback() || a.is_multicast() || a.is_link_local() || a.is_unspecified() || a.is_broadcast() {
-            return err(format!("{self}: {a} is not a unicast host address"));
+            return err(format!("{self} is not a unicast host address"));
         }
         if a == self.network() {
             let example = Ipv4Addr::from(u32::from(a) + 1);
             return err(format!(
-                "{self}: {a} is the network address; give the host's address, e.g. {example}/{}",
+                "{self} is the network address; give the host's address, e.g. {example}/{}",
                 self.prefix
             ));
         }
         if a == self.broadcast() {
-            return err(format!("{self}: {a} is the broadcast address; give the host's address"));
+            return err(format!("{self} is the broadcast address; give the host's address"));
         }
         Ok(())
     }
