@@ -68,7 +68,7 @@ pub(crate) fn running(spec: &NetworkSpec, run_dir: &Path) -> Option<(i32, bool)>
     let argv: Vec<String> =
         cmdline.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
     let pid_arg = format!("--pid-file={}", pid_file(run_dir, &spec.name).display());
-    if !argv.iter().any(|a| *a == pid_arg) || is_zombie(pid) {
+    if !argv.contains(&pid_arg) || is_zombie(pid) {
         return None;
     }
     let current = argv.get(1..).is_some_and(|rest| rest == args(spec, run_dir).as_slice());
@@ -96,7 +96,8 @@ pub(crate) fn ensure(spec: &NetworkSpec, run_dir: &Path) -> Result<i32, Error> {
         Some((pid, false)) => stop_pid(pid),
         None => {}
     }
-    let bin = crate::nft::find_binary("dnsmasq").ok_or(Error::MissingTool { tool: "dnsmasq", package: "dnsmasq-base" })?;
+    let bin =
+        crate::nft::find_binary("dnsmasq").ok_or(Error::MissingTool { tool: "dnsmasq", package: "dnsmasq-base" })?;
     std::fs::create_dir_all(run_dir)
         .map_err(|source| Error::Io { what: format!("creating {}", run_dir.display()), source })?;
     let out = Command::new(&bin)
@@ -188,7 +189,8 @@ mod tests {
 
     #[test]
     fn args_follow_the_spec() {
-        let mut n = NetworkSpec { subnet: Some("10.77.0.1/24".parse().unwrap()), dhcp: true, ..NetworkSpec::new("lan0") };
+        let mut n =
+            NetworkSpec { subnet: Some("10.77.0.1/24".parse().unwrap()), dhcp: true, ..NetworkSpec::new("lan0") };
         let a = args(&n, Path::new("/run/rv"));
         assert!(a.contains(&"--dhcp-range=10.77.0.2,10.77.0.254,255.255.255.0,1h".to_string()), "{a:?}");
         assert!(a.contains(&"--interface=rv-lan0".to_string()));

@@ -164,7 +164,9 @@ impl FromStr for Rule {
         let bad = |why: &str| {
             SpecError::new(
                 "rule",
-                format!("{s:?}: {why} (expected [allow|deny] in|out tcp|udp|icmp|any[/PORT[-PORT]], e.g. \"in tcp/80\")"),
+                format!(
+                    "{s:?}: {why} (expected [allow|deny] in|out tcp|udp|icmp|any[/PORT[-PORT]], e.g. \"in tcp/80\")"
+                ),
             )
         };
         let mut words: Vec<&str> = s.split_whitespace().collect();
@@ -275,7 +277,9 @@ pub fn stateful_firewall_supported() -> bool {
         b.add_rule(nft::Family::Bridge, table, "forward", vec![nft::ct_established(), nft::accept()]);
         let ok = nft::apply(&b, true).is_ok();
         if !ok {
-            tracing::warn!("the kernel has no bridge connection tracking (nf_conntrack_bridge): VM firewalls are stateless");
+            tracing::warn!(
+                "the kernel has no bridge connection tracking (nf_conntrack_bridge): VM firewalls are stateless"
+            );
         }
         ok
     })
@@ -292,14 +296,19 @@ pub(crate) fn firewall_batch(tap: &str, spec: Option<&FirewallSpec>, stateful: b
         return b;
     };
     b.replace_table(Bridge, &table);
-    for (chain, dir, default) in [("to-vm", Direction::In, spec.default_in), ("from-vm", Direction::Out, spec.default_out)]
+    for (chain, dir, default) in
+        [("to-vm", Direction::In, spec.default_in), ("from-vm", Direction::Out, spec.default_out)]
     {
         b.add_chain(Bridge, &table, chain);
         let (sport, dport) = if dir == Direction::In { (67, 68) } else { (68, 67) };
         let mut fixed = vec![
             vec![if stateful { nft::ct_established() } else { nft::tcp_not_syn_only() }, nft::accept()],
             vec![nft::ether_type("arp"), nft::accept()],
-            vec![nft::port_match("udp", "sport", sport, sport), nft::port_match("udp", "dport", dport, dport), nft::accept()],
+            vec![
+                nft::port_match("udp", "sport", sport, sport),
+                nft::port_match("udp", "dport", dport, dport),
+                nft::accept(),
+            ],
         ];
         for r in spec.rules.iter().filter(|r| r.dir == dir) {
             let mut stmts = Vec::new();
@@ -380,7 +389,12 @@ mod tests {
             default_out: Action::Accept,
         };
         fw.validate().unwrap();
-        fw.rules.push(Rule { dir: Direction::In, proto: Proto::Icmp, port: Some(PortRange { first: 1, last: 1 }), action: Action::Accept });
+        fw.rules.push(Rule {
+            dir: Direction::In,
+            proto: Proto::Icmp,
+            port: Some(PortRange { first: 1, last: 1 }),
+            action: Action::Accept,
+        });
         assert_eq!(fw.validate().unwrap_err().field, "rules[2]");
         fw.rules.pop();
         fw.name = "Web".into();
@@ -401,7 +415,11 @@ mod tests {
         let j = firewall_batch("rvt-web-0", Some(&fw), true).to_json();
         assert!(j.starts_with("{\"nftables\":["), "{j}");
         // add + delete + add: one transaction that replaces the table whether it exists or not
-        assert_eq!(j.matches("\"table\":{\"family\":\"bridge\",\"name\":\"rustvisor-fw-rvt-web-0\"}").count(), 3, "{j}");
+        assert_eq!(
+            j.matches("\"table\":{\"family\":\"bridge\",\"name\":\"rustvisor-fw-rvt-web-0\"}").count(),
+            3,
+            "{j}"
+        );
         assert!(j.contains("\"ct\""), "{j}");
         assert!(j.contains("\"dport\""), "{j}");
         let stateless = firewall_batch("rvt-web-0", Some(&fw), false).to_json();

@@ -344,7 +344,10 @@ pub fn create_tap(nic: &NicAttach) -> Result<()> {
     if let (Some(v), false) = (nic.vlan, bridge.vlan_filtering.unwrap_or(false)) {
         return Err(SpecError::new(
             "vlan",
-            format!("{v}: the network's bridge {} has VLAN filtering off (create it with --vlan-filtering)", nic.bridge),
+            format!(
+                "{v}: the network's bridge {} has VLAN filtering off (create it with --vlan-filtering)",
+                nic.bridge
+            ),
         )
         .into());
     }
@@ -465,7 +468,8 @@ pub fn check(networks: &[NetworkSpec], nics: &[NicAttach], run_dir: &Path) -> Re
     let nl = Nl::new()?;
     let links = nl.links()?;
     let routes = nl.ipv4_routes()?;
-    let name_of = |index: u32| links.iter().find(|l| l.index == index).map_or_else(|| format!("#{index}"), |l| l.name.clone());
+    let name_of =
+        |index: u32| links.iter().find(|l| l.index == index).map_or_else(|| format!("#{index}"), |l| l.name.clone());
     let mut out = Vec::new();
     for spec in networks {
         let subject = format!("network {}", spec.name);
@@ -481,7 +485,10 @@ pub fn check(networks: &[NetworkSpec], nics: &[NicAttach], run_dir: &Path) -> Re
         if matches!(status.bridge, BridgeState::Up | BridgeState::Down) {
             if status.vlan_filtering != spec.vlan_filtering {
                 let (has, wants) = if spec.vlan_filtering { ("off", "on") } else { ("on", "off") };
-                problem(ProblemKind::VlanFilteringMismatch, format!("bridge {br} has VLAN filtering {has}, the network wants it {wants}"));
+                problem(
+                    ProblemKind::VlanFilteringMismatch,
+                    format!("bridge {br} has VLAN filtering {has}, the network wants it {wants}"),
+                );
             }
             if !status.address {
                 if let Some(c) = spec.subnet {
@@ -537,7 +544,10 @@ pub fn check(networks: &[NetworkSpec], nics: &[NicAttach], run_dir: &Path) -> Re
             let filtering = bridge.and_then(|b| b.vlan_filtering).unwrap_or(false);
             let vlans = nl.port_vlans(tap.index)?;
             if !filtering {
-                problem(ProblemKind::VlanMismatch, format!("VLAN {v} wanted, but bridge {} does not filter VLANs", nic.bridge));
+                problem(
+                    ProblemKind::VlanMismatch,
+                    format!("VLAN {v} wanted, but bridge {} does not filter VLANs", nic.bridge),
+                );
             } else if vlans != [(v, true, true)] {
                 let shown: Vec<String> = vlans
                     .iter()
@@ -552,7 +562,8 @@ pub fn check(networks: &[NetworkSpec], nics: &[NicAttach], run_dir: &Path) -> Re
             }
         }
         if nic.firewall.is_some()
-            && !(nft::nft_binary().is_some() && nft::list_table("bridge", &firewall::firewall_table(&nic.tap))?.is_some())
+            && !(nft::nft_binary().is_some()
+                && nft::list_table("bridge", &firewall::firewall_table(&nic.tap))?.is_some())
         {
             problem(
                 ProblemKind::FirewallMissing,

@@ -247,7 +247,9 @@ impl Nl {
     pub(crate) fn set_port_vlan(&self, index: u32, name: &str, vlan: u16) -> Result<(), Error> {
         let current = self.port_vlans(index)?;
         if !current.contains(&(vlan, true, true)) {
-            let msg = LinkBridgeVlan::new(index).vlan(vlan, BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged).build();
+            let msg = LinkBridgeVlan::new(index)
+                .vlan(vlan, BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged)
+                .build();
             self.run(self.h.link().set(msg).execute()).map_err(Self::err(format!("putting {name} on VLAN {vlan}")))?;
         }
         for (vid, _, _) in current.into_iter().filter(|(vid, _, _)| *vid != vlan) {

@@ -179,9 +179,9 @@ impl Batch {
     /// table with what the rest of the batch adds, in one transaction.
     pub(crate) fn delete_table(&mut self, family: Family, name: &str) {
         self.add_table(family, name);
-        self.cmds.push(nftables::schema::NfObject::CmdObject(nftables::schema::NfCmd::Delete(
-            NfListObject::Table(Self::table(family, name)),
-        )));
+        self.cmds.push(nftables::schema::NfObject::CmdObject(nftables::schema::NfCmd::Delete(NfListObject::Table(
+            Self::table(family, name),
+        ))));
     }
 
     /// [`Batch::delete_table`] then [`Batch::add_table`].
@@ -201,7 +201,15 @@ impl Batch {
     }
 
     /// A base chain of type `filter` on `hook` with priority `prio` and policy accept or drop.
-    pub(crate) fn add_base_chain(&mut self, family: Family, table: &str, name: &str, hook: Hook, prio: i32, accept: bool) {
+    pub(crate) fn add_base_chain(
+        &mut self,
+        family: Family,
+        table: &str,
+        name: &str,
+        hook: Hook,
+        prio: i32,
+        accept: bool,
+    ) {
         self.add_typed_chain(family, table, name, NfChainType::Filter, hook, prio, accept);
     }
 

@@ -127,8 +127,8 @@ pub fn bridge_name(network: &str) -> String {
 }
 
 /// The TAP of NIC `nic_index` (0-based) of VM `vm`: `rvt-<vm>-<index>` when that fits in 15
-/// bytes (e.g. `rvt-web-0`), else `rvt-` + 7 upper-case letters hashed from the VM name + `-`
-/// + the index (e.g. `rvt-QZLKMWA-1`). Unique per (VM, NIC): the index is what follows the
+/// bytes (e.g. `rvt-web-0`), else `rvt-`, 7 upper-case letters hashed from the VM name, `-`
+/// and the index (e.g. `rvt-QZLKMWA-1`). Unique per (VM, NIC): the index is what follows the
 /// last `-`, and hashed names (upper case) never equal plain ones (lower case). Never
 /// collides with a [`bridge_name`] (`rvt-` vs `rv-`).
 pub fn tap_name(vm: &str, nic_index: u8) -> String {
@@ -236,7 +236,8 @@ impl FromStr for Ipv4Cidr {
 
     /// Parses `A.B.C.D/N` (N 0 to 32). Errors name the field `subnet`.
     fn from_str(s: &str) -> Result<Ipv4Cidr, SpecError> {
-        let bad = || SpecError::new("subnet", format!("{s:?} (expected an IPv4 address and prefix, e.g. 10.77.0.1/24)"));
+        let bad =
+            || SpecError::new("subnet", format!("{s:?} (expected an IPv4 address and prefix, e.g. 10.77.0.1/24)"));
         let (a, p) = s.split_once('/').ok_or_else(bad)?;
         let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
         let prefix: u8 = p.parse().map_err(|_| bad())?;
@@ -586,7 +587,10 @@ mod tests {
         n.subnet = Some("10.77.0.1/24".parse().unwrap());
         n.validate().unwrap();
         n.isolated = true;
-        assert_eq!(n.validate().unwrap_err().to_string(), "isolated: excludes nat (an isolated network has no host routing)");
+        assert_eq!(
+            n.validate().unwrap_err().to_string(),
+            "isolated: excludes nat (an isolated network has no host routing)"
+        );
         n.isolated = false;
         n.bridge = "a-bridge-name-too-long".into();
         assert_eq!(n.validate().unwrap_err().field, "bridge");

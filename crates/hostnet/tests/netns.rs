@@ -17,7 +17,10 @@ use hostnet::{
 
 fn find(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]).map(|d| d.join(tool)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
 
 fn skip_reason(tools: &[&str]) -> Option<String> {
@@ -43,7 +46,9 @@ fn kill_dnsmasqs(run_dir: &Path) {
         if !e.file_name().to_string_lossy().ends_with(".dnsmasq.pid") {
             continue;
         }
-        let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()) else { continue };
+        let Some(pid) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+            continue;
+        };
         let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
             .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*run_dir.to_string_lossy()));
         if ours {
@@ -82,9 +87,16 @@ fn in_netns(name: &str, tools: &[&str], body: impl FnOnce(&Path) + Send + 'stati
         Err(panic) => std::panic::resume_unwind(panic),
     }
     // The host's own namespace saw nothing.
-    assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(), host_forward, "host ip_forward changed");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        host_forward,
+        "host ip_forward changed"
+    );
     let host_links = run(&["ip", "-o", "link", "show"]);
-    assert!(!host_links.contains("rv-") && !host_links.contains("rvt-"), "a test interface leaked into the host: {host_links}");
+    assert!(
+        !host_links.contains("rv-") && !host_links.contains("rvt-"),
+        "a test interface leaked into the host: {host_links}"
+    );
 }
 
 /// Runs a command (in the calling thread's namespace), panics unless it succeeds, returns
@@ -113,6 +125,21 @@ fn nic(vm: &str, spec: &NetworkSpec) -> NicAttach {
     }
 }
 
+/// Waits until the VMM's open TAP `tap` is a forwarding bridge port with carrier (the kernel
+/// brings a port up shortly after its carrier, through linkwatch: frames sent before are
+/// lost).
+fn wait_forwarding(tap: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let l = &json(&["ip", "-j", "-d", "link", "show", "dev", tap])[0];
+        if l["operstate"] == "UP" && l["linkinfo"]["info_slave_data"]["state"] == "forwarding" {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{tap} does not forward: {l}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
@@ -132,9 +159,15 @@ fn network_with_subnet_dhcp_and_nat_is_created_ensured_and_removed() {
         let addrs = json(&["ip", "-j", "addr", "show", "dev", "rv-lan0"]);
         let a = &addrs[0];
         assert!(a["flags"].as_array().unwrap().iter().any(|f| f == "UP"), "{a}");
-        assert!(a["addr_info"].as_array().unwrap().iter().any(|i| i["local"] == "10.77.0.1" && i["prefixlen"] == 24), "{a}");
+        assert!(
+            a["addr_info"].as_array().unwrap().iter().any(|i| i["local"] == "10.77.0.1" && i["prefixlen"] == 24),
+            "{a}"
+        );
         let table = run(&["nft", "list", "table", "inet", "rustvisor-net-lan0"]);
-        assert!(table.contains("ip saddr 10.77.0.0/24 ip daddr != 10.77.0.0/24 oifname != \"rv-lan0\" masquerade"), "{table}");
+        assert!(
+            table.contains("ip saddr 10.77.0.0/24 ip daddr != 10.77.0.0/24 oifname != \"rv-lan0\" masquerade"),
+            "{table}"
+        );
         assert!(table.contains("iifname \"rv-lan0\" accept"), "{table}");
         assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim(), "1");
         assert!(check(std::slice::from_ref(&spec), &[], run_dir).unwrap().is_empty());
@@ -175,7 +208,11 @@ fn isolated_network_drops_host_routing_but_not_dhcp() {
         assert!(table.contains("iifname \"rv-iso\" drop") && table.contains("oifname \"rv-iso\" drop"), "{table}");
         assert!(table.contains("iifname \"rv-iso\" udp dport 67 accept"), "{table}");
         assert!(!table.contains("masquerade"), "{table}");
-        assert_eq!(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim(), "0", "only nat turns forwarding on");
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap().trim(),
+            "0",
+            "only nat turns forwarding on"
+        );
         remove_network(&spec, run_dir).unwrap();
     });
 }
@@ -200,7 +237,10 @@ fn tap_is_attached_and_the_vmm_can_open_it() {
         // Restoring while the VMM holds it (a daemon restart) keeps it.
         create_tap(&n).unwrap();
         drop(tap);
-        assert!(run(&["ip", "-o", "link", "show", "dev", "rvt-web-0"]).contains("master rv-lan1"), "persistent after close");
+        assert!(
+            run(&["ip", "-o", "link", "show", "dev", "rvt-web-0"]).contains("master rv-lan1"),
+            "persistent after close"
+        );
 
         remove_tap(&n.tap).unwrap();
         let out = Command::new(find("ip").unwrap()).args(["link", "show", "dev", "rvt-web-0"]).output().unwrap();
@@ -299,9 +339,9 @@ fn firewall_is_replaced_while_the_tap_lives() {
         let rules = fw_rules(&n.tap).expect("firewall table");
         assert_eq!(dports(&rules, "to-vm"), vec![80]);
         // The chain ends with the default: drop for `in`, accept for `out`.
-        let last_in = rules.iter().filter(|r| r["chain"] == "to-vm").last().unwrap();
+        let last_in = rules.iter().rfind(|r| r["chain"] == "to-vm").unwrap();
         assert!(last_in["expr"].as_array().unwrap().iter().any(|e| e.get("drop").is_some()), "{last_in}");
-        let last_out = rules.iter().filter(|r| r["chain"] == "from-vm").last().unwrap();
+        let last_out = rules.iter().rfind(|r| r["chain"] == "from-vm").unwrap();
         assert!(last_out["expr"].as_array().unwrap().iter().any(|e| e.get("accept").is_some()), "{last_out}");
         let hooks = run(&["nft", "list", "table", "bridge", "rustvisor-fw-rvt-web-0"]);
         assert!(hooks.contains("oifname \"rvt-web-0\" jump to-vm"), "{hooks}");
@@ -366,14 +406,21 @@ fn check_finds_a_downed_bridge_a_tap_off_its_bridge_a_dead_dnsmasq_and_a_route_c
 
         let problems = check(nets, nics, run_dir).unwrap();
         let kinds: Vec<ProblemKind> = problems.iter().map(|p| p.kind).collect();
-        for k in [ProblemKind::BridgeDown, ProblemKind::TapNotOnBridge, ProblemKind::DnsmasqDead, ProblemKind::RouteClash] {
+        for k in
+            [ProblemKind::BridgeDown, ProblemKind::TapNotOnBridge, ProblemKind::DnsmasqDead, ProblemKind::RouteClash]
+        {
             assert!(kinds.contains(&k), "{k:?} not in {problems:#?}");
         }
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         assert!(text.contains(&"network lan3: bridge rv-lan3 is down".to_string()), "{text:?}");
-        assert!(text.contains(&"nic rvt-web-0: TAP rvt-web-0 is on no bridge, not on bridge rv-lan3".to_string()), "{text:?}");
         assert!(
-            text.contains(&"network lan3: subnet 10.80.0.1/24 clashes with the host route 10.80.0.0/16 on d0".to_string()),
+            text.contains(&"nic rvt-web-0: TAP rvt-web-0 is on no bridge, not on bridge rv-lan3".to_string()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(
+                &"network lan3: subnet 10.80.0.1/24 clashes with the host route 10.80.0.0/16 on d0".to_string()
+            ),
             "{text:?}"
         );
         assert!(text.iter().any(|t| t.starts_with("network lan3: dnsmasq is not running")), "{text:?}");
@@ -423,9 +470,15 @@ fn validation_errors_name_the_field() {
     assert!(e.to_string().starts_with("subnet: 10.77.0.0/24 is the network address"), "{e}");
     spec.subnet = None;
     spec.dhcp = true;
-    assert!(ensure_network(&spec, Path::new("/nonexistent")).unwrap_err().to_string().starts_with("dhcp: needs a subnet"));
+    assert!(ensure_network(&spec, Path::new("/nonexistent"))
+        .unwrap_err()
+        .to_string()
+        .starts_with("dhcp: needs a subnet"));
     spec.name = "Bad Name".into();
-    assert!(ensure_network(&spec, Path::new("/nonexistent")).unwrap_err().to_string().starts_with("name: \"Bad Name\""));
+    assert!(ensure_network(&spec, Path::new("/nonexistent"))
+        .unwrap_err()
+        .to_string()
+        .starts_with("name: \"Bad Name\""));
     let e = "in tcp/70000".parse::<hostnet::Rule>().unwrap_err();
     assert!(e.to_string().starts_with("rule: \"in tcp/70000\""), "{e}");
     let e = hostnet::apply_firewall("bad name", None).unwrap_err();
@@ -471,7 +524,11 @@ fn tcp_arrives(tap: &virtio::tap::Tap, dport: u16, wait: Duration) -> bool {
         match tap.read(&mut buf) {
             Ok(n) => {
                 let f = &buf[virtio::tap::VNET_HDR_LEN..n];
-                if f.len() >= 14 + 20 + 4 && f[12..14] == [0x08, 0x00] && f[14 + 9] == 6 && f[14 + 22..14 + 24] == dport.to_be_bytes() {
+                if f.len() >= 14 + 20 + 4
+                    && f[12..14] == [0x08, 0x00]
+                    && f[14 + 9] == 6
+                    && f[14 + 22..14 + 24] == dport.to_be_bytes()
+                {
                     return true;
                 }
             }
@@ -494,6 +551,8 @@ fn firewall_filters_bridged_traffic_and_a_replacement_takes_effect_at_once() {
         // The "VMs": the VMM's TAP code on each end.
         let ta = virtio::tap::Tap::open(&a.tap).unwrap();
         let tb = virtio::tap::Tap::open(&b.tap).unwrap();
+        wait_forwarding(&a.tap);
+        wait_forwarding(&b.tap);
         let send = |dport: u16| {
             let f = ipv4_frame(a.mac, b.mac.0, [10, 0, 0, 1], [10, 0, 0, 2], 6, &tcp_syn(dport));
             assert_eq!(ta.write(&f).unwrap(), f.len());
@@ -515,5 +574,125 @@ fn firewall_filters_bridged_traffic_and_a_replacement_takes_effect_at_once() {
         send(81);
         assert!(tcp_arrives(&tb, 81, Duration::from_secs(2)), "no firewall: everything passes");
         remove_network(&spec, run_dir).unwrap();
+    });
+}
+
+/// A DHCP client message (RFC 2131) from `mac`, broadcast, with the broadcast flag set, as a
+/// frame behind the vnet header. `kind` is option 53 (1 DISCOVER, 3 REQUEST); `extra` more
+/// options.
+fn dhcp_frame(mac: hostnet::MacAddr, kind: u8, extra: &[u8]) -> Vec<u8> {
+    let mut bootp = vec![0u8; 236];
+    bootp[0] = 1; // BOOTREQUEST
+    bootp[1] = 1; // Ethernet
+    bootp[2] = 6;
+    bootp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    bootp[10] = 0x80; // broadcast flag: the server answers by broadcast
+    bootp[28..34].copy_from_slice(&mac.0);
+    bootp.extend_from_slice(&[99, 130, 83, 99, 53, 1, kind, 12, 3, b'w', b'e', b'b']);
+    bootp.extend_from_slice(extra);
+    bootp.push(255);
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&68u16.to_be_bytes());
+    udp.extend_from_slice(&67u16.to_be_bytes());
+    udp.extend_from_slice(&u16::try_from(8 + bootp.len()).unwrap().to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // no checksum (allowed over IPv4)
+    udp.extend_from_slice(&bootp);
+    ipv4_frame(mac, [0xff; 6], [0, 0, 0, 0], [255, 255, 255, 255], 17, &udp)
+}
+
+/// Waits for a DHCP server message of type `kind` (2 OFFER, 5 ACK) on `tap`; returns
+/// (your address, server identifier).
+fn dhcp_reply(tap: &virtio::tap::Tap, kind: u8) -> Option<([u8; 4], [u8; 4])> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut buf = vec![0u8; 65536];
+    while std::time::Instant::now() < deadline {
+        let n = match tap.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(e) => panic!("reading {}: {e}", tap.name()),
+        };
+        let f = &buf[virtio::tap::VNET_HDR_LEN..n];
+        if f.len() < 14 + 20 + 8 + 240 || f[12..14] != [0x08, 0x00] || f[14 + 9] != 17 {
+            continue;
+        }
+        let ihl = usize::from(f[14] & 0x0f) * 4;
+        let udp = &f[14 + ihl..];
+        if udp[0..2] != 67u16.to_be_bytes() || udp[2..4] != 68u16.to_be_bytes() {
+            continue;
+        }
+        let bootp = &udp[8..];
+        let yiaddr: [u8; 4] = bootp[16..20].try_into().unwrap();
+        let (mut msg, mut server) = (0, [0u8; 4]);
+        let mut opts = &bootp[240..];
+        while opts.len() >= 2 && opts[0] != 255 {
+            let (code, len) = (opts[0], usize::from(opts[1]));
+            let val = &opts[2..2 + len];
+            match code {
+                53 => msg = val[0],
+                54 => server = val.try_into().unwrap(),
+                _ => {}
+            }
+            opts = &opts[2 + len..];
+        }
+        if msg == kind {
+            return Some((yiaddr, server));
+        }
+    }
+    None
+}
+
+/// A DHCP exchange on `n`'s TAP; returns the lease `leases` then shows.
+fn dhcp_lease(spec: &NetworkSpec, n: &NicAttach, run_dir: &Path) -> hostnet::Lease {
+    let tap = virtio::tap::Tap::open(&n.tap).unwrap();
+    wait_forwarding(&n.tap);
+    tap.write(&dhcp_frame(n.mac, 1, &[])).unwrap();
+    let (offered, server) = dhcp_reply(&tap, 2).expect("no DHCPOFFER");
+    assert_eq!(server, spec.subnet.unwrap().addr.octets());
+    assert!(spec.subnet.unwrap().contains(offered.into()), "{offered:?}");
+    let mut req = vec![50, 4];
+    req.extend_from_slice(&offered);
+    req.extend_from_slice(&[54, 4]);
+    req.extend_from_slice(&server);
+    tap.write(&dhcp_frame(n.mac, 3, &req)).unwrap();
+    let (acked, _) = dhcp_reply(&tap, 5).expect("no DHCPACK");
+    assert_eq!(acked, offered);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let lease = loop {
+        let l = hostnet::leases(run_dir, &spec.name).unwrap();
+        if let Some(l) = l.into_iter().find(|l| l.mac == n.mac) {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no lease in {}", run_dir.display());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(lease.ip.octets(), acked);
+    lease
+}
+
+#[test]
+fn a_guest_gets_a_dhcp_lease_and_leases_shows_it() {
+    in_netns("dhcp", &["nft", "dnsmasq", "ip"], |run_dir| {
+        let spec = NetworkSpec { dhcp: true, ..lan("lan5", Some("10.81.0.1/24")) };
+        ensure_network(&spec, run_dir).unwrap();
+        let n = nic("web", &spec);
+        create_tap(&n).unwrap();
+        let lease = dhcp_lease(&spec, &n, run_dir);
+        assert_eq!(lease.hostname.as_deref(), Some("web"));
+        let left = lease.expires.unwrap().duration_since(SystemTime::now()).unwrap();
+        assert!(left > Duration::from_secs(3000) && left <= Duration::from_secs(3600), "{left:?}");
+        remove_network(&spec, run_dir).unwrap();
+
+        // DHCP gets through an isolated network's input rules and a NIC firewall that drops
+        // everything else both ways.
+        let iso = NetworkSpec { dhcp: true, isolated: true, ..lan("lan6", Some("10.82.0.1/24")) };
+        ensure_network(&iso, run_dir).unwrap();
+        let closed = FirewallSpec { default_out: hostnet::Action::Drop, ..fw("closed", &[]) };
+        let n = NicAttach { firewall: Some(closed), ..nic("db", &iso) };
+        create_tap(&n).unwrap();
+        dhcp_lease(&iso, &n, run_dir);
+        remove_network(&iso, run_dir).unwrap();
     });
 }
