@@ -13,6 +13,8 @@
 //! kernel has bridge connection tracking (`nf_conntrack_bridge`, Debian's kernels do), else
 //! statelessly every TCP segment that is not a connection opening (a SYN without ACK); UDP and
 //! ICMP replies then need rules of their own. [`stateful_firewall_supported`] tells which.
+//! IPv6 neighbour discovery is ICMPv6: with a `drop` default, IPv6 guests need `in icmp` and
+//! `out icmp`.
 
 use std::fmt;
 use std::str::FromStr;

@@ -247,13 +247,11 @@ impl Nl {
     pub(crate) fn set_port_vlan(&self, index: u32, name: &str, vlan: u16) -> Result<(), Error> {
         let current = self.port_vlans(index)?;
         if !current.contains(&(vlan, true, true)) {
-            let msg = LinkBridgeVlan::new(index)
-                .vlan(vlan, BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged)
-                .build();
+            let msg = vlan_message(index, vlan, true);
             self.run(self.h.link().set(msg).execute()).map_err(Self::err(format!("putting {name} on VLAN {vlan}")))?;
         }
         for (vid, _, _) in current.into_iter().filter(|(vid, _, _)| *vid != vlan) {
-            let msg = LinkBridgeVlan::new(index).vlan(vid, BridgeVlanInfoFlags::empty()).build();
+            let msg = vlan_message(index, vid, false);
             self.run(self.h.link().del_with_message(msg).execute())
                 .map_err(Self::err(format!("removing VLAN {vid} from {name}")))?;
         }
@@ -286,6 +284,16 @@ impl Nl {
     }
 }
 
+/// The `AF_BRIDGE` link message of `bridge vlan {add,del} dev PORT vid VID [pvid untagged]`.
+fn vlan_message(port: u32, vid: u16, pvid_untagged: bool) -> LinkMessage {
+    let flags = if pvid_untagged {
+        BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged
+    } else {
+        BridgeVlanInfoFlags::empty()
+    };
+    LinkBridgeVlan::new(port).vlan(vid, flags).build()
+}
+
 /// A netlink error, or [`Error::Unsupported`] for `EOPNOTSUPP` when VLAN filtering was asked.
 fn vlan_unsupported(e: rtnetlink::Error, bridge: &str, vlan_filtering: bool) -> Error {
     if vlan_filtering && errno(&e) == Some(libc::EOPNOTSUPP) {
@@ -294,5 +302,37 @@ fn vlan_unsupported(e: rtnetlink::Error, bridge: &str, vlan_filtering: bool) -> 
         ))
     } else {
         Error::Netlink { what: format!("configuring bridge {bridge}"), source: e }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_core::Emitable;
+
+    /// The bytes iproute2's `bridge vlan add dev PORT vid 20 pvid untagged` sends after the
+    /// netlink header: an `ifinfomsg` of family `AF_BRIDGE` for the port, then `IFLA_AF_SPEC`
+    /// holding one `IFLA_BRIDGE_VLAN_INFO { flags: PVID | UNTAGGED, vid: 20 }`.
+    #[test]
+    fn vlan_messages_match_iproute2() {
+        let msg = vlan_message(7, 20, true);
+        let mut buf = vec![0u8; msg.buffer_len()];
+        msg.emit(&mut buf);
+        #[rustfmt::skip]
+        let want: Vec<u8> = [
+            &[7u8, 0, 0, 0][..],             // family AF_BRIDGE, pad, type 0
+            &7u32.to_ne_bytes(),             // ifindex
+            &[0; 8],                         // flags, change
+            &[12, 0, 26, 0],                 // IFLA_AF_SPEC, 12 bytes
+            &[8, 0, 2, 0],                   // IFLA_BRIDGE_VLAN_INFO, 8 bytes
+            &6u16.to_ne_bytes(),             // BRIDGE_VLAN_INFO_PVID | _UNTAGGED
+            &20u16.to_ne_bytes(),            // vid
+        ]
+        .concat();
+        assert_eq!(buf, want);
+        let del = vlan_message(7, 1, false);
+        let mut buf = vec![0u8; del.buffer_len()];
+        del.emit(&mut buf);
+        assert_eq!(&buf[buf.len() - 4..], [0, 0, 1, 0]);
     }
 }

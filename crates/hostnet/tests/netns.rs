@@ -600,9 +600,12 @@ fn dhcp_frame(mac: hostnet::MacAddr, kind: u8, extra: &[u8]) -> Vec<u8> {
     ipv4_frame(mac, [0xff; 6], [0, 0, 0, 0], [255, 255, 255, 255], 17, &udp)
 }
 
+/// (your address, server identifier, router option) of a DHCP server message.
+type DhcpReply = ([u8; 4], [u8; 4], Option<Vec<u8>>);
+
 /// Waits for a DHCP server message of type `kind` (2 OFFER, 5 ACK) on `tap`; returns
-/// (your address, server identifier).
-fn dhcp_reply(tap: &virtio::tap::Tap, kind: u8) -> Option<([u8; 4], [u8; 4])> {
+/// (your address, server identifier, router option).
+fn dhcp_reply(tap: &virtio::tap::Tap, kind: u8) -> Option<DhcpReply> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut buf = vec![0u8; 65536];
     while std::time::Instant::now() < deadline {
@@ -625,7 +628,7 @@ fn dhcp_reply(tap: &virtio::tap::Tap, kind: u8) -> Option<([u8; 4], [u8; 4])> {
         }
         let bootp = &udp[8..];
         let yiaddr: [u8; 4] = bootp[16..20].try_into().unwrap();
-        let (mut msg, mut server) = (0, [0u8; 4]);
+        let (mut msg, mut server, mut router) = (0, [0u8; 4], None);
         let mut opts = &bootp[240..];
         while opts.len() >= 2 && opts[0] != 255 {
             let (code, len) = (opts[0], usize::from(opts[1]));
@@ -633,23 +636,25 @@ fn dhcp_reply(tap: &virtio::tap::Tap, kind: u8) -> Option<([u8; 4], [u8; 4])> {
             match code {
                 53 => msg = val[0],
                 54 => server = val.try_into().unwrap(),
+                3 => router = Some(val.to_vec()),
                 _ => {}
             }
             opts = &opts[2 + len..];
         }
         if msg == kind {
-            return Some((yiaddr, server));
+            return Some((yiaddr, server, router));
         }
     }
     None
 }
 
-/// A DHCP exchange on `n`'s TAP; returns the lease `leases` then shows.
-fn dhcp_lease(spec: &NetworkSpec, n: &NicAttach, run_dir: &Path) -> hostnet::Lease {
+/// A DHCP exchange on `n`'s TAP; returns the lease `leases` then shows and the router option
+/// of the ACK.
+fn dhcp_lease(spec: &NetworkSpec, n: &NicAttach, run_dir: &Path) -> (hostnet::Lease, Option<Vec<u8>>) {
     let tap = virtio::tap::Tap::open(&n.tap).unwrap();
     wait_forwarding(&n.tap);
     tap.write(&dhcp_frame(n.mac, 1, &[])).unwrap();
-    let (offered, server) = dhcp_reply(&tap, 2).expect("no DHCPOFFER");
+    let (offered, server, _) = dhcp_reply(&tap, 2).expect("no DHCPOFFER");
     assert_eq!(server, spec.subnet.unwrap().addr.octets());
     assert!(spec.subnet.unwrap().contains(offered.into()), "{offered:?}");
     let mut req = vec![50, 4];
@@ -657,7 +662,7 @@ fn dhcp_lease(spec: &NetworkSpec, n: &NicAttach, run_dir: &Path) -> hostnet::Lea
     req.extend_from_slice(&[54, 4]);
     req.extend_from_slice(&server);
     tap.write(&dhcp_frame(n.mac, 3, &req)).unwrap();
-    let (acked, _) = dhcp_reply(&tap, 5).expect("no DHCPACK");
+    let (acked, _, router) = dhcp_reply(&tap, 5).expect("no DHCPACK");
     assert_eq!(acked, offered);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let lease = loop {
@@ -669,7 +674,7 @@ fn dhcp_lease(spec: &NetworkSpec, n: &NicAttach, run_dir: &Path) -> hostnet::Lea
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(lease.ip.octets(), acked);
-    lease
+    (lease, router)
 }
 
 #[test]
@@ -679,7 +684,8 @@ fn a_guest_gets_a_dhcp_lease_and_leases_shows_it() {
         ensure_network(&spec, run_dir).unwrap();
         let n = nic("web", &spec);
         create_tap(&n).unwrap();
-        let lease = dhcp_lease(&spec, &n, run_dir);
+        let (lease, router) = dhcp_lease(&spec, &n, run_dir);
+        assert_eq!(router, Some(vec![10, 81, 0, 1]), "the host routes for the guest");
         assert_eq!(lease.hostname.as_deref(), Some("web"));
         let left = lease.expires.unwrap().duration_since(SystemTime::now()).unwrap();
         assert!(left > Duration::from_secs(3000) && left <= Duration::from_secs(3600), "{left:?}");
@@ -692,7 +698,8 @@ fn a_guest_gets_a_dhcp_lease_and_leases_shows_it() {
         let closed = FirewallSpec { default_out: hostnet::Action::Drop, ..fw("closed", &[]) };
         let n = NicAttach { firewall: Some(closed), ..nic("db", &iso) };
         create_tap(&n).unwrap();
-        dhcp_lease(&iso, &n, run_dir);
+        let (_, router) = dhcp_lease(&iso, &n, run_dir);
+        assert_eq!(router, None, "no default route on an isolated network");
         remove_network(&iso, run_dir).unwrap();
     });
 }
