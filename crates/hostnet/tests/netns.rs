@@ -69,6 +69,7 @@ fn in_netns(name: &str, tools: &[&str], body: impl FnOnce(&Path) + Send + 'stati
     let _ = std::fs::remove_dir_all(&run_dir);
     std::fs::create_dir_all(&run_dir).unwrap();
     let host_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let host_links_before = host_link_names();
     let dir = run_dir.clone();
     let result = std::thread::spawn(move || {
         // SAFETY: unshare(2) of this thread's network namespace only; no memory involved.
@@ -92,11 +93,21 @@ fn in_netns(name: &str, tools: &[&str], body: impl FnOnce(&Path) + Send + 'stati
         host_forward,
         "host ip_forward changed"
     );
-    let host_links = run(&["ip", "-o", "link", "show"]);
-    assert!(
-        !host_links.contains("rv-") && !host_links.contains("rvt-"),
-        "a test interface leaked into the host: {host_links}"
-    );
+    let leaked: Vec<String> = host_link_names()
+        .into_iter()
+        .filter(|n| (n.starts_with("rv") || n == "d0") && !host_links_before.contains(n))
+        .collect();
+    assert!(leaked.is_empty(), "test interfaces leaked into the host: {leaked:?}");
+}
+
+/// The names of the host's interfaces (the calling thread is in the host's namespace).
+fn host_link_names() -> Vec<String> {
+    json(&["ip", "-j", "link", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Runs a command (in the calling thread's namespace), panics unless it succeeds, returns
