@@ -15,8 +15,8 @@ use api::client::{Client, ClientError};
 use serde::de::DeserializeOwned;
 
 use crate::types::{
-    ErrorBody, Event, EventList, RestartPolicy, SnapshotInfo, SnapshotList, StopRequest, UpdateRequest, VmDetails,
-    VmList, VmSummary, NAME_RULE,
+    ErrorBody, Event, EventList, FirewallInfo, FirewallList, NetCheck, NetworkInfo, NetworkList, RestartPolicy,
+    SnapshotInfo, SnapshotList, StopRequest, UpdateRequest, VmDetails, VmList, VmSummary, NAME_RULE,
 };
 
 /// The daemon's socket when neither `--connect` nor `RUSTVISOR_SOCKET` says otherwise.
@@ -258,6 +258,123 @@ pub struct CreateArgs {
     /// A virtio-console: file=PATH or null.
     #[arg(long)]
     pub console: Option<String>,
+    /// A NIC on one of the daemon's networks: net=NAME[,vlan=N][,mac=MAC][,firewall=GROUP]
+    /// (repeatable; the daemon makes its TAP when the VM starts).
+    #[arg(long, value_name = "OPTIONS")]
+    pub nic: Vec<String>,
+}
+
+/// `rustvisor net`: the daemon's virtual networks.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NetArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: NetCommand,
+}
+
+/// The `rustvisor net` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum NetCommand {
+    /// Create a network: a Linux bridge `rv-NAME`, with the host's address, DHCP, NAT or
+    /// isolation as asked.
+    Create {
+        /// The network's name (the VM name rules).
+        name: String,
+        /// The host's address on it and the prefix, e.g. 10.77.0.1/24.
+        #[arg(long, value_name = "CIDR")]
+        subnet: Option<String>,
+        /// Serve DHCP to the guests (dnsmasq); needs --subnet.
+        #[arg(long)]
+        dhcp: bool,
+        /// Masquerade the subnet through the host's routes; needs --subnet.
+        #[arg(long)]
+        nat: bool,
+        /// No host routing: guests reach only each other.
+        #[arg(long)]
+        isolated: bool,
+        /// Bridge VLAN filtering, for NICs with vlan=N.
+        #[arg(long)]
+        vlan_filtering: bool,
+    },
+    /// List the networks: NAME BRIDGE SUBNET OPTIONS VMS PROBLEMS.
+    List {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A network's definition, users, leases and problems.
+    Info {
+        /// The network.
+        name: String,
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a network no VM uses.
+    Delete {
+        /// The network.
+        name: String,
+    },
+    /// Compare the host with the networks and running NICs; exit 1 when something is wrong.
+    Check {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `rustvisor firewall`: the daemon's firewall groups.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FirewallArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: FirewallCommand,
+}
+
+/// The rules of `firewall create` and `firewall set`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FirewallRules {
+    /// The group's name.
+    pub name: String,
+    /// Accept matching traffic: `in|out tcp|udp|icmp|any[/PORT[-PORT]]` (repeatable). The
+    /// --deny rules match first, then the --allow rules, then the defaults.
+    #[arg(long, value_name = "RULE")]
+    pub allow: Vec<String>,
+    /// Drop matching traffic, as --allow.
+    #[arg(long, value_name = "RULE")]
+    pub deny: Vec<String>,
+    /// What happens to traffic to the VM no rule matches: accept or drop.
+    #[arg(long, default_value = "accept")]
+    pub default_in: String,
+    /// What happens to traffic from the VM no rule matches: accept or drop.
+    #[arg(long, default_value = "accept")]
+    pub default_out: String,
+}
+
+/// The `rustvisor firewall` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum FirewallCommand {
+    /// Create a group.
+    Create(FirewallRules),
+    /// Replace a group's rules; applied at once to the running VMs in it.
+    Set(FirewallRules),
+    /// List the groups with their rules and users.
+    List {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a group no VM uses.
+    Delete {
+        /// The group.
+        name: String,
+    },
 }
 
 /// `rustvisor events`: the event and audit log.
@@ -333,6 +450,189 @@ fn finish(r: Result<String, Failure>) -> ExitCode {
 /// Runs `rustvisor vm ...`.
 pub fn vm(a: VmArgs) -> ExitCode {
     finish(vm_text(&a))
+}
+
+/// Runs `rustvisor net ...`.
+pub fn net(a: NetArgs) -> ExitCode {
+    match net_text(&a) {
+        Ok((text, healthy)) => {
+            let code = finish(Ok(text));
+            if healthy {
+                code
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(f) => fail(f.code, &f.message),
+    }
+}
+
+/// Runs `rustvisor firewall ...`.
+pub fn firewall(a: FirewallArgs) -> ExitCode {
+    finish(firewall_text(&a))
+}
+
+/// The output of `net ...`, and whether `net check` found nothing wrong.
+fn net_text(a: &NetArgs) -> Result<(String, bool), Failure> {
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(60))?;
+    let bad = |m: String| failure(2, m);
+    Ok(match &a.command {
+        NetCommand::Create { name, subnet, dhcp, nat, isolated, vlan_filtering } => {
+            check_name(name)?;
+            let subnet: Option<crate::types::Ipv4Cidr> =
+                subnet.as_deref().map(str::parse).transpose().map_err(|e| bad(format!("--subnet: {e}")))?;
+            let req = crate::types::NetworkCreate {
+                name: name.clone(),
+                subnet,
+                dhcp: *dhcp,
+                nat: *nat,
+                isolated: *isolated,
+                vlan_filtering: *vlan_filtering,
+            };
+            let body = serde_json::to_vec(&req).map_err(|e| failure(1, e.to_string()))?;
+            let n: NetworkInfo = decode(&c.call("POST", "networks", Some(body))?)?;
+            (format!("network '{}' created (bridge {})\n", n.spec.name, n.spec.bridge), true)
+        }
+        NetCommand::List { json } => {
+            let list: NetworkList = c.get("networks")?;
+            if *json {
+                (to_json(&list)?, true)
+            } else {
+                (format_networks(&list.networks), true)
+            }
+        }
+        NetCommand::Info { name, json } => {
+            check_name(name)?;
+            let n: NetworkInfo = c.get(&format!("networks/{name}"))?;
+            if *json {
+                (to_json(&n)?, true)
+            } else {
+                let mut s = format_networks(std::slice::from_ref(&n));
+                for l in &n.leases {
+                    s += &format!("lease: {} {} {}\n", l.mac, l.ip, l.hostname.as_deref().unwrap_or("-"));
+                }
+                for p in &n.problems {
+                    s += &format!("problem: {p}\n");
+                }
+                (s, true)
+            }
+        }
+        NetCommand::Delete { name } => {
+            check_name(name)?;
+            c.call("DELETE", &format!("networks/{name}"), None)?;
+            (format!("network '{name}' deleted\n"), true)
+        }
+        NetCommand::Check { json } => {
+            let r: NetCheck = c.get("netcheck")?;
+            let healthy = r.problems.is_empty();
+            if *json {
+                (to_json(&r)?, healthy)
+            } else if healthy {
+                ("no problems found\n".into(), true)
+            } else {
+                (r.problems.iter().map(|p| format!("{p}\n")).collect(), false)
+            }
+        }
+    })
+}
+
+/// The `net list` table.
+pub fn format_networks(nets: &[NetworkInfo]) -> String {
+    let mut rows = vec![["NAME", "BRIDGE", "SUBNET", "OPTIONS", "VMS", "PROBLEMS"].map(String::from).to_vec()];
+    for n in nets {
+        let s = &n.spec;
+        let opts: Vec<&str> = [(s.dhcp, "dhcp"), (s.nat, "nat"), (s.isolated, "isolated"), (s.vlan_filtering, "vlans")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+        rows.push(vec![
+            s.name.clone(),
+            s.bridge.clone(),
+            s.subnet.map_or("-".into(), |c| c.to_string()),
+            if opts.is_empty() { "-".into() } else { opts.join(",") },
+            if n.used_by.is_empty() { "-".into() } else { n.used_by.join(",") },
+            n.problems.len().to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Left-aligned columns two spaces apart.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut s = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        s += line.join("  ").trim_end();
+        s += "\n";
+    }
+    s
+}
+
+fn firewall_text(a: &FirewallArgs) -> Result<String, Failure> {
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(60))?;
+    Ok(match &a.command {
+        FirewallCommand::Create(r) | FirewallCommand::Set(r) => {
+            check_name(&r.name)?;
+            let spec = firewall_spec(r)?;
+            let body = serde_json::to_vec(&spec).map_err(|e| failure(1, e.to_string()))?;
+            let create = matches!(a.command, FirewallCommand::Create(_));
+            let f: FirewallInfo = if create {
+                decode(&c.call("POST", "firewalls", Some(body))?)?
+            } else {
+                decode(&c.call("PUT", &format!("firewalls/{}", r.name), Some(body))?)?
+            };
+            format!(
+                "firewall group '{}' {} ({} rules)\n",
+                f.spec.name,
+                if create { "created" } else { "updated" },
+                f.spec.rules.len()
+            )
+        }
+        FirewallCommand::List { json } => {
+            let list: FirewallList = c.get("firewalls")?;
+            if *json {
+                return to_json(&list);
+            }
+            let mut s = String::new();
+            for f in &list.firewalls {
+                let rules: Vec<String> = f.spec.rules.iter().map(ToString::to_string).collect();
+                s += &format!(
+                    "{}: {} | default in {}, out {} | VMs: {}\n",
+                    f.spec.name,
+                    if rules.is_empty() { "-".into() } else { rules.join("; ") },
+                    f.spec.default_in,
+                    f.spec.default_out,
+                    if f.used_by.is_empty() { "-".into() } else { f.used_by.join(",") }
+                );
+            }
+            s
+        }
+        FirewallCommand::Delete { name } => {
+            check_name(name)?;
+            c.call("DELETE", &format!("firewalls/{name}"), None)?;
+            format!("firewall group '{name}' deleted\n")
+        }
+    })
+}
+
+/// The group of `firewall create|set`'s flags: the --deny rules first, then the --allow
+/// rules, each in the order given; bad rules are exit 2.
+fn firewall_spec(r: &FirewallRules) -> Result<crate::types::FirewallSpec, Failure> {
+    let bad = |m: String| failure(2, m);
+    let ordered = r.deny.iter().map(|v| format!("deny {v}")).chain(r.allow.iter().map(|v| format!("allow {v}")));
+    let rules = ordered
+        .into_iter()
+        .map(|text| text.parse::<hostnet::Rule>().map_err(|e| bad(format!("rule '{text}': {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let action = |flag: &str, v: &str| v.parse::<hostnet::Action>().map_err(|e| bad(format!("{flag}: {e}")));
+    Ok(crate::types::FirewallSpec {
+        name: r.name.clone(),
+        rules,
+        default_in: action("--default-in", &r.default_in)?,
+        default_out: action("--default-out", &r.default_out)?,
+    })
 }
 
 /// Runs `rustvisor events`.
@@ -542,6 +842,7 @@ fn set_body(a: &SetArgs) -> Result<Vec<u8>, Failure> {
         cpus: a.cpus,
         cmdline: a.cmdline.clone(),
         config: None,
+        nics: None,
     };
     let mut body = serde_json::to_value(&req).map_err(|e| failure(1, e.to_string()))?;
     if body.as_object().is_some_and(|o| o.is_empty()) && config.is_none() {
@@ -797,8 +1098,10 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
             crate::types::MAX_START_DELAY_S
         )));
     }
+    let nics = a.nic.iter().map(|n| n.parse()).collect::<Result<Vec<crate::types::NicSpec>, _>>().map_err(bad)?;
     let body = serde_json::json!({
         "name": a.name,
+        "nics": nics,
         "restart": restart,
         "autostart": a.autostart,
         "start_order": a.start_order,
@@ -1027,6 +1330,7 @@ mod tests {
             vsock: None,
             rng: true,
             console: None,
+            nic: vec!["net=lan0,vlan=20".into()],
         };
         let req: CreateRequest = serde_json::from_slice(&create_body(&a).unwrap()).unwrap();
         assert_eq!(req.name, "web-1");

@@ -31,7 +31,8 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use crate::service::{Service, ServiceError};
 use crate::store::Peer;
 use crate::types::{
-    CreateRequest, ErrorBody, EventList, SnapshotCreate, SnapshotList, StopRequest, UpdateRequest, VmList,
+    CreateRequest, ErrorBody, EventList, FirewallList, FirewallSpec, NetCheck, NetworkCreate, NetworkList,
+    SnapshotCreate, SnapshotList, StopRequest, UpdateRequest, VmList,
 };
 
 /// Every route, as (method, path template).
@@ -52,6 +53,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/api/v1/vms/{name}/snapshots/{snapshot}/revert"),
     ("GET", "/api/v1/vms/{name}/console"),
     ("GET", "/api/v1/events"),
+    ("GET", "/api/v1/networks"),
+    ("POST", "/api/v1/networks"),
+    ("GET", "/api/v1/networks/{name}"),
+    ("DELETE", "/api/v1/networks/{name}"),
+    ("GET", "/api/v1/netcheck"),
+    ("GET", "/api/v1/firewalls"),
+    ("POST", "/api/v1/firewalls"),
+    ("PUT", "/api/v1/firewalls/{name}"),
+    ("DELETE", "/api/v1/firewalls/{name}"),
 ];
 
 /// The console route: an HTTP/1.1 upgrade to [`CONSOLE_PROTOCOL`].
@@ -340,6 +350,9 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
             | ("PATCH", "/api/v1/vms/{name}")
             | ("PUT", "/api/v1/vms/{name}/stop")
             | ("POST", "/api/v1/vms/{name}/snapshots")
+            | ("POST", "/api/v1/networks")
+            | ("POST", "/api/v1/firewalls")
+            | ("PUT", "/api/v1/firewalls/{name}")
     );
     if !body.is_empty() {
         if !takes_body {
@@ -417,6 +430,42 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
         ("PUT", "/api/v1/vms/{name}/snapshots/{snapshot}/revert") => {
             let info = blocking(move || s.snapshot_revert(&name, &snapshot, peer)).await?.map_err(service_error)?;
             Ok(json(StatusCode::OK, &info))
+        }
+        ("GET", "/api/v1/networks") => {
+            let networks = blocking(move || s.net_list()).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &NetworkList { networks }))
+        }
+        ("POST", "/api/v1/networks") => {
+            let req: NetworkCreate = parse_required(&body)?;
+            Ok(json(StatusCode::CREATED, &blocking(move || s.net_create(&req, peer)).await?.map_err(service_error)?))
+        }
+        ("GET", "/api/v1/networks/{name}") => {
+            Ok(json(StatusCode::OK, &blocking(move || s.net_info(&name)).await?.map_err(service_error)?))
+        }
+        ("DELETE", "/api/v1/networks/{name}") => {
+            blocking(move || s.net_delete(&name, peer)).await?.map_err(service_error)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        ("GET", "/api/v1/netcheck") => {
+            let problems = blocking(move || s.netcheck()).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &NetCheck { problems }))
+        }
+        ("GET", "/api/v1/firewalls") => {
+            let firewalls = blocking(move || s.fw_list()).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &FirewallList { firewalls }))
+        }
+        ("POST", "/api/v1/firewalls") | ("PUT", "/api/v1/firewalls/{name}") => {
+            let spec: FirewallSpec = parse_required(&body)?;
+            let replace = method == Method::PUT;
+            if replace && spec.name != name {
+                return Err(bad_request("name", format!("'{}' differs from the path's '{name}'", shorten(&spec.name))));
+            }
+            let status = if replace { StatusCode::OK } else { StatusCode::CREATED };
+            Ok(json(status, &blocking(move || s.fw_put(&spec, replace, peer)).await?.map_err(service_error)?))
+        }
+        ("DELETE", "/api/v1/firewalls/{name}") => {
+            blocking(move || s.fw_delete(&name, peer)).await?.map_err(service_error)?;
+            Ok(empty(StatusCode::NO_CONTENT))
         }
         ("GET", "/api/v1/events") => {
             let (vm, after, limit) = events_query(&q)?;
@@ -542,6 +591,14 @@ async fn read_body(body: Incoming) -> Result<Bytes, Reject> {
         Ok(Err(e)) => Err(bad_request("body", format!("cannot read the request body: {e}"))),
         Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time".into(), None)),
     }
+}
+
+/// Parses a JSON object body that the route requires.
+fn parse_required<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reject> {
+    if body.is_empty() {
+        return Err(bad_request("body", "a JSON request body is required"));
+    }
+    parse_json(body)
 }
 
 /// Parses a JSON object body; an error is a 400 naming the field, as the VMM's API does.

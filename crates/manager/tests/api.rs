@@ -11,8 +11,9 @@ use manager::server::ROUTES;
 use manager::service::{DaemonPaths, Service};
 use manager::store::Store;
 use manager::types::{
-    CreateRequest, ErrorBody, Event, EventList, Policy, SnapshotInfo, SnapshotList, UpdateRequest, VmDetails, VmState,
-    VmSummary,
+    CreateRequest, ErrorBody, Event, EventList, FirewallInfo, FirewallList, FirewallSpec, LeaseInfo, NetCheck,
+    NetworkCreate, NetworkInfo, NetworkList, NicInfo, NicSpec, Policy, SnapshotInfo, SnapshotList, UpdateRequest,
+    VmDetails, VmState, VmSummary,
 };
 
 fn openapi() -> serde_yaml::Value {
@@ -72,6 +73,7 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         summary: summary.clone(),
         config: serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap(),
         policy: Policy::default(),
+        nics: vec![],
         console_log: "/c".into(),
         api_socket: Some("/s".into()),
         created_ms: 0,
@@ -97,7 +99,31 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         cpus: Some(1),
         cmdline: Some("x".into()),
         config: Some(serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap()),
+        nics: Some(vec![]),
     };
+    let nic: NicSpec = "net=lan0,vlan=20,mac=52:54:00:00:00:01,firewall=web".parse().unwrap();
+    let nic_info = NicInfo { spec: nic.clone(), tap: "rvt-a-0".into(), ip: Some("10.0.0.2".into()) };
+    let net_create = NetworkCreate {
+        name: "lan0".into(),
+        subnet: Some("10.77.0.1/24".parse().unwrap()),
+        dhcp: true,
+        nat: true,
+        isolated: false,
+        vlan_filtering: true,
+    };
+    let net_info = NetworkInfo {
+        spec: net_create.spec(),
+        used_by: vec!["a".into()],
+        problems: vec![],
+        leases: vec![LeaseInfo { mac: "m".into(), ip: "i".into(), hostname: Some("h".into()) }],
+    };
+    let fw = FirewallSpec {
+        name: "web".into(),
+        rules: vec!["allow in tcp/80".parse().unwrap()],
+        default_in: "drop".parse().unwrap(),
+        default_out: "accept".parse().unwrap(),
+    };
+    let fw_info = FirewallInfo { spec: fw.clone(), used_by: vec![] };
     let error =
         ErrorBody { error: "e".into(), field: Some("f".into()), operation: Some("o".into()), state: Some("s".into()) };
     let samples = [
@@ -110,13 +136,24 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         (
             "CreateRequest",
             serde_json::json!({"name": "a", "restart": "no", "autostart": true, "start_order": 1,
-                "start_delay_s": 2, "config": {}}),
+                "start_delay_s": 2, "nics": [], "config": {}}),
         ),
         ("UpdateRequest", serde_json::to_value(&update).unwrap()),
         ("Policy", serde_json::to_value(Policy::default()).unwrap()),
         ("SnapshotInfo", serde_json::to_value(&snapshot).unwrap()),
         ("SnapshotList", serde_json::to_value(SnapshotList { snapshots: vec![] }).unwrap()),
         ("SnapshotCreate", serde_json::json!({"name": "s"})),
+        ("NicSpec", serde_json::to_value(&nic).unwrap()),
+        ("NicInfo", serde_json::to_value(&nic_info).unwrap()),
+        ("NetworkCreate", serde_json::to_value(&net_create).unwrap()),
+        ("NetworkSpec", serde_json::to_value(net_create.spec()).unwrap()),
+        ("NetworkInfo", serde_json::to_value(&net_info).unwrap()),
+        ("LeaseInfo", serde_json::to_value(&net_info.leases[0]).unwrap()),
+        ("NetworkList", serde_json::to_value(NetworkList { networks: vec![] }).unwrap()),
+        ("NetCheck", serde_json::to_value(NetCheck { problems: vec![] }).unwrap()),
+        ("FirewallSpec", serde_json::to_value(&fw).unwrap()),
+        ("FirewallInfo", serde_json::to_value(&fw_info).unwrap()),
+        ("FirewallList", serde_json::to_value(FirewallList { firewalls: vec![] }).unwrap()),
     ];
     // The create sample is a CreateRequest (with a configuration).
     let mut create = samples.iter().find(|s| s.0 == "CreateRequest").unwrap().1.clone();
