@@ -142,7 +142,9 @@ impl Service {
     pub fn netcheck(&self) -> Result<Vec<String>, ServiceError> {
         let nets = self.store().networks()?;
         let mut nics = Vec::new();
-        for rec in self.store().list()? {
+        // (The store's lock must not be held across the loop: nic_attachments takes it.)
+        let recs = self.store().list()?;
+        for rec in recs {
             if rec.runtime.state.is_active() {
                 nics.extend(self.nic_attachments(&rec)?);
             }
@@ -173,7 +175,8 @@ impl Service {
             other => other.into(),
         })?;
         if replace {
-            for rec in self.store().list()? {
+            let recs = self.store().list()?;
+            for rec in recs {
                 if !rec.runtime.state.is_active() {
                     continue;
                 }
@@ -330,7 +333,8 @@ impl Service {
     /// At daemon start: makes every network on the host again (after a host reboot nothing
     /// is left; otherwise this changes nothing). A failure is an event, not fatal.
     pub(super) fn restore_networks(&self) -> Result<(), ServiceError> {
-        for spec in self.store().networks()? {
+        let nets = self.store().networks()?;
+        for spec in nets {
             if let Err(e) = hostnet::ensure_network(&spec, &self.net_run_dir()) {
                 let ev = NewEvent {
                     vm: None,
