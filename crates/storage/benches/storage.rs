@@ -155,7 +155,13 @@ fn main() {
     let dir = base.join(format!("rustvisor-bench-storage-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let pool = Pool::create(dir.join("pool")).unwrap();
-    linked_clones(&pool);
-    backups(&dir, &pool);
+    // `RUSTVISOR_BENCH_ONLY=clone|backup` runs one half.
+    let only = std::env::var("RUSTVISOR_BENCH_ONLY").unwrap_or_default();
+    if only != "backup" {
+        linked_clones(&pool);
+    }
+    if only != "clone" {
+        backups(&dir, &pool);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
