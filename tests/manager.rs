@@ -838,21 +838,22 @@ fn vms_on_a_dhcp_network_reach_each_other_and_a_firewall_changes_live() {
     assert_eq!(info["problems"], serde_json::json!([]), "{info}");
     assert_eq!(env.ok(&["net", "check"]), "no problems found\n");
 
-    // cli pings srv and fetches its page.
+    // cli pings srv and fetches its page. (`timeout 10 wget`, not `wget -T`: busybox's
+    // `wget -T` segfaults in the guest on emu today, an emulator defect noted in the README.)
     let mut c = Console::attach(&env, "cli");
     c.run(&format!("ping -c 1 -W 3 {srv_ip} >/dev/null && echo PING-OK-$((2+2))"), "PING-OK-4");
-    c.run(&format!("wget -q -T 3 -O - http://{srv_ip}/ && echo FETCH-OK-$((1+1))"), "FETCH-OK-2");
+    c.run(&format!("timeout 10 wget -q -O - http://{srv_ip}/ && echo FETCH-OK-$((1+1))"), "FETCH-OK-2");
     assert!(c.text().contains("hello-from-srv"), "{}", tail(&c.text()));
 
     // The firewall drops tcp/80 to srv: the fetch fails, ping still works; then it is lifted.
     env.ok(&["firewall", "set", "web", "--deny", "in tcp/80"]);
     let before = c.text().len();
-    c.type_text(format!("wget -q -T 3 -O - http://{srv_ip}/ || echo FETCH-FAILED-$((3+3))\r").as_bytes());
+    c.type_text(format!("timeout 10 wget -q -O - http://{srv_ip}/ || echo FETCH-FAILED-$((3+3))\r").as_bytes());
     c.wait_out("FETCH-FAILED-6", Duration::from_secs(60));
     assert!(!c.text()[before..].contains("hello-from-srv"), "the page came through the firewall");
     c.run(&format!("ping -c 1 -W 3 {srv_ip} >/dev/null && echo PING2-OK-$((4+4))"), "PING2-OK-8");
     env.ok(&["firewall", "set", "web"]);
-    c.run(&format!("wget -q -T 3 -O - http://{srv_ip}/ && echo FETCH2-OK-$((5+5))"), "FETCH2-OK-10");
+    c.run(&format!("timeout 10 wget -q -O - http://{srv_ip}/ && echo FETCH2-OK-$((5+5))"), "FETCH2-OK-10");
     drop(c);
 
     // In use: the network and the group cannot go; after the VMs, they can.

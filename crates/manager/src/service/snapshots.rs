@@ -23,9 +23,9 @@ use std::time::Duration;
 use api::client::Client;
 
 use super::{bad, lock, Launch, Service, ServiceError};
-use crate::diskcopy;
 use crate::store::{now_ms, NewEvent, Peer, Runtime, SnapshotRecord};
 use crate::types::{valid_name, SnapshotInfo, VmState, NAME_RULE};
+use storage::copy as diskcopy;
 
 /// The VMM's snapshot inside a snapshot folder.
 const VMM_DIR: &str = "vmm";
