@@ -134,6 +134,22 @@ pub enum VmCommand {
     },
     /// Change a VM: its policy at any time, its configuration while it is stopped.
     Set(Box<SetArgs>),
+    /// Make a stopped VM a template: its pool volumes become read-only; it is cloned, never
+    /// started.
+    Template {
+        /// The VM.
+        name: String,
+    },
+    /// A new VM from a VM or template: copies of its pool volumes (`NEW-disk<i>`), new MACs.
+    Clone {
+        /// The VM or template.
+        name: String,
+        /// The new VM's name.
+        new: String,
+        /// Linked clones of the disks (qcow2 overlays; the source must be a template).
+        #[arg(long)]
+        linked: bool,
+    },
     /// A VM's snapshots: create, list, revert, delete.
     Snapshot {
         /// The VM.
@@ -243,7 +259,8 @@ pub struct CreateArgs {
     /// Accelerator: auto, kvm or emu.
     #[arg(long, default_value = "auto")]
     pub accel: String,
-    /// A virtio-blk disk, as for `rustvisor run` (repeatable).
+    /// A virtio-blk disk, as for `rustvisor run`, or a pool volume: vol=POOL/NAME[,readonly=on]
+    /// (repeatable).
     #[arg(long, value_name = "OPTIONS")]
     pub disk: Vec<String>,
     /// A virtio-net NIC, as for `rustvisor run` (repeatable).
@@ -262,6 +279,403 @@ pub struct CreateArgs {
     /// (repeatable; the daemon makes its TAP when the VM starts).
     #[arg(long, value_name = "OPTIONS")]
     pub nic: Vec<String>,
+}
+
+/// `--disk vol=POOL/NAME[,readonly=on]`.
+fn volume_attach(d: &str) -> Result<crate::types::VolumeAttach, Failure> {
+    let mut out = crate::types::VolumeAttach { volume: String::new(), readonly: false };
+    for part in d.split(',') {
+        match part.split_once('=') {
+            Some(("vol", v)) => out.volume = v.to_string(),
+            Some(("readonly", "on" | "true")) => out.readonly = true,
+            Some(("readonly", "off" | "false")) => out.readonly = false,
+            _ => {
+                return Err(failure(
+                    2,
+                    format!("--disk: '{part}' (accepted with vol=: vol=POOL/NAME[,readonly=on|off])"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `rustvisor pool`: storage pools (directories of volumes).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PoolArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: PoolCommand,
+}
+
+/// The `rustvisor pool` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum PoolCommand {
+    /// Create a directory pool (the folder is made if absent).
+    Create {
+        /// The pool's name.
+        name: String,
+        /// Its folder.
+        #[arg(long)]
+        path: PathBuf,
+    },
+    /// List the pools: NAME PATH CAPACITY FREE ALLOCATED VIRTUAL VOLUMES.
+    List {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One pool's space.
+    Info {
+        /// The pool.
+        name: String,
+    },
+    /// Forget an empty pool (its folder stays).
+    Delete {
+        /// The pool.
+        name: String,
+    },
+}
+
+/// `rustvisor volume`: a pool's disk images.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VolumeArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: VolumeCommand,
+}
+
+/// The `rustvisor volume` subcommands; volumes are named `POOL/NAME`.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum VolumeCommand {
+    /// Create a thin volume.
+    Create {
+        /// POOL/NAME.
+        volume: String,
+        /// Its size, e.g. 8G.
+        #[arg(long)]
+        size: String,
+        /// qcow2 (default) or raw (sparse).
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        /// Reserve the space now.
+        #[arg(long)]
+        preallocate: bool,
+    },
+    /// Copy an image file in (checked as untrusted; a qcow2 is flattened).
+    Import {
+        /// POOL/NAME.
+        volume: String,
+        /// The file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The file's format (give it for a raw image a guest wrote); default: detected.
+        #[arg(long)]
+        source_format: Option<String>,
+    },
+    /// Grow a volume (never shrink).
+    Resize {
+        /// POOL/NAME.
+        volume: String,
+        /// The new size, e.g. 16G.
+        #[arg(long)]
+        size: String,
+    },
+    /// Copy a volume, or make a linked clone (a qcow2 overlay on it).
+    Clone {
+        /// POOL/NAME of the source.
+        source: String,
+        /// POOL/NAME of the new volume.
+        target: String,
+        /// A linked clone.
+        #[arg(long)]
+        linked: bool,
+    },
+    /// List a pool's volumes: NAME FORMAT VIRTUAL ALLOCATED BACKING USED-BY.
+    List {
+        /// The pool.
+        pool: String,
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One volume.
+    Info {
+        /// POOL/NAME.
+        volume: String,
+    },
+    /// Delete a volume no VM uses and nothing is built on.
+    Delete {
+        /// POOL/NAME.
+        volume: String,
+    },
+}
+
+/// `rustvisor backup`: VM backups.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: BackupCommand,
+}
+
+/// The `rustvisor backup` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum BackupCommand {
+    /// Back a stopped VM up: its definition and its disks' data, with a checksum.
+    Create {
+        /// The VM.
+        vm: String,
+        /// Where (default <state-dir>/backups).
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// List the backups: ID VM CREATED SIZE.
+    List {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup as a new VM (its disks as new volumes in --pool, new MACs); a
+    /// corrupt backup is refused.
+    Restore {
+        /// The backup's id.
+        id: String,
+        /// The new VM's name (default: the backed-up VM's).
+        #[arg(long = "as")]
+        name: Option<String>,
+        /// The pool for its disks.
+        #[arg(long)]
+        pool: String,
+    },
+    /// Delete a backup.
+    Delete {
+        /// The backup's id.
+        id: String,
+    },
+}
+
+/// `POOL/NAME` → (pool, name); exit 2 otherwise.
+fn split_volume(v: &str) -> Result<(&str, &str), Failure> {
+    match v.split_once('/') {
+        Some((p, n)) if crate::types::valid_name(p) && crate::types::valid_name(n) => Ok((p, n)),
+        _ => Err(failure(2, format!("volume: '{v}' (accepted: POOL/NAME, each {NAME_RULE})"))),
+    }
+}
+
+fn size_flag(flag: &str, s: &str) -> Result<u64, Failure> {
+    vmm::config::parse_size(s).map_err(|e| failure(2, format!("{flag}: {e}")))
+}
+
+/// Runs `rustvisor pool ...`.
+pub fn pool(a: PoolArgs) -> ExitCode {
+    finish(pool_text(&a))
+}
+
+fn pool_text(a: &PoolArgs) -> Result<String, Failure> {
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(600))?;
+    Ok(match &a.command {
+        PoolCommand::Create { name, path } => {
+            check_name(name)?;
+            let path = std::path::absolute(path).map_err(|e| failure(2, format!("--path: {e}")))?;
+            let body = serde_json::to_vec(&serde_json::json!({ "name": name, "path": path }))
+                .map_err(|e| failure(1, e.to_string()))?;
+            let p: crate::types::PoolDetails = decode(&c.call("POST", "pools", Some(body))?)?;
+            format!("pool '{name}' created at {}\n", p.info.path.display())
+        }
+        PoolCommand::List { json } => {
+            let list: crate::types::PoolList = c.get("pools")?;
+            if *json {
+                return to_json(&list);
+            }
+            format_pools(&list.pools)
+        }
+        PoolCommand::Info { name } => {
+            check_name(name)?;
+            let p: crate::types::PoolDetails = c.get(&format!("pools/{name}"))?;
+            format_pools(std::slice::from_ref(&p))
+        }
+        PoolCommand::Delete { name } => {
+            check_name(name)?;
+            c.call("DELETE", &format!("pools/{name}"), None)?;
+            format!("pool '{name}' deleted\n")
+        }
+    })
+}
+
+/// The `pool list` table.
+pub fn format_pools(pools: &[crate::types::PoolDetails]) -> String {
+    let mut rows =
+        vec![["NAME", "PATH", "CAPACITY", "FREE", "ALLOCATED", "VIRTUAL", "VOLUMES"].map(String::from).to_vec()];
+    for p in pools {
+        let i = &p.info;
+        rows.push(vec![
+            p.name.clone(),
+            i.path.display().to_string(),
+            format_bytes(i.capacity_bytes),
+            format_bytes(i.available_bytes),
+            format_bytes(i.allocated_bytes),
+            format_bytes(i.virtual_bytes),
+            i.volumes.to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Runs `rustvisor volume ...`.
+pub fn volume(a: VolumeArgs) -> ExitCode {
+    finish(volume_text(&a))
+}
+
+fn volume_text(a: &VolumeArgs) -> Result<String, Failure> {
+    use crate::types::{VolumeDetails, VolumeList};
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(3600))?;
+    let post = |route: String, body: serde_json::Value| -> Result<VolumeDetails, Failure> {
+        let body = serde_json::to_vec(&body).map_err(|e| failure(1, e.to_string()))?;
+        decode(&c.call("POST", &route, Some(body))?)
+    };
+    Ok(match &a.command {
+        VolumeCommand::Create { volume, size, format, preallocate } => {
+            let (pool, name) = split_volume(volume)?;
+            let size = size_flag("--size", size)?;
+            let v = post(
+                format!("pools/{pool}/volumes"),
+                serde_json::json!({ "name": name, "size_bytes": size, "format": format, "preallocate": preallocate }),
+            )?;
+            format!(
+                "volume {pool}/{name} created ({}, {})\n",
+                v.info.format.as_str(),
+                format_bytes(v.info.virtual_bytes)
+            )
+        }
+        VolumeCommand::Import { volume, from, source_format } => {
+            let (pool, name) = split_volume(volume)?;
+            let from = std::path::absolute(from).map_err(|e| failure(2, format!("--from: {e}")))?;
+            let v = post(
+                format!("pools/{pool}/volumes"),
+                serde_json::json!({ "name": name, "import_from": from, "source_format": source_format }),
+            )?;
+            format!(
+                "volume {pool}/{name} imported ({}, {})\n",
+                v.info.format.as_str(),
+                format_bytes(v.info.virtual_bytes)
+            )
+        }
+        VolumeCommand::Resize { volume, size } => {
+            let (pool, name) = split_volume(volume)?;
+            let size = size_flag("--size", size)?;
+            let body = serde_json::to_vec(&serde_json::json!({ "size_bytes": size }))
+                .map_err(|e| failure(1, e.to_string()))?;
+            let v: VolumeDetails =
+                decode(&c.call("PUT", &format!("pools/{pool}/volumes/{name}/resize"), Some(body))?)?;
+            format!("volume {pool}/{name} resized to {}\n", format_bytes(v.info.virtual_bytes))
+        }
+        VolumeCommand::Clone { source, target, linked } => {
+            let (pool, name) = split_volume(source)?;
+            let (tpool, tname) = split_volume(target)?;
+            post(
+                format!("pools/{pool}/volumes/{name}/clone"),
+                serde_json::json!({ "name": tname, "pool": tpool, "linked": linked }),
+            )?;
+            format!("volume {tpool}/{tname} cloned from {pool}/{name} ({})\n", if *linked { "linked" } else { "full" })
+        }
+        VolumeCommand::List { pool, json } => {
+            check_name(pool)?;
+            let list: VolumeList = c.get(&format!("pools/{pool}/volumes"))?;
+            if *json {
+                return to_json(&list);
+            }
+            format_volumes(&list.volumes)
+        }
+        VolumeCommand::Info { volume } => {
+            let (pool, name) = split_volume(volume)?;
+            let v: VolumeDetails = c.get(&format!("pools/{pool}/volumes/{name}"))?;
+            to_json(&v)?
+        }
+        VolumeCommand::Delete { volume } => {
+            let (pool, name) = split_volume(volume)?;
+            c.call("DELETE", &format!("pools/{pool}/volumes/{name}"), None)?;
+            format!("volume {pool}/{name} deleted\n")
+        }
+    })
+}
+
+/// The `volume list` table.
+pub fn format_volumes(vols: &[crate::types::VolumeDetails]) -> String {
+    let mut rows = vec![["NAME", "FORMAT", "VIRTUAL", "ALLOCATED", "BACKING", "USED-BY"].map(String::from).to_vec()];
+    for v in vols {
+        let i = &v.info;
+        rows.push(vec![
+            format!("{}{}", i.name, if i.read_only { " (ro)" } else { "" }),
+            i.format.as_str().to_string(),
+            format_bytes(i.virtual_bytes),
+            format_bytes(i.allocated_bytes),
+            i.backing.clone().unwrap_or_else(|| "-".into()),
+            if v.used_by.is_empty() { "-".into() } else { v.used_by.join(",") },
+        ]);
+    }
+    table(&rows)
+}
+
+/// Runs `rustvisor backup ...`.
+pub fn backup(a: BackupArgs) -> ExitCode {
+    finish(backup_text(&a))
+}
+
+fn backup_text(a: &BackupArgs) -> Result<String, Failure> {
+    use crate::types::{BackupInfo, BackupList};
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(3600))?;
+    Ok(match &a.command {
+        BackupCommand::Create { vm, to } => {
+            check_name(vm)?;
+            let to = to.as_ref().map(std::path::absolute).transpose().map_err(|e| failure(2, format!("--to: {e}")))?;
+            let body = serde_json::to_vec(&serde_json::json!({ "to": to })).map_err(|e| failure(1, e.to_string()))?;
+            let b: BackupInfo = decode(&c.call("POST", &format!("vms/{vm}/backups"), Some(body))?)?;
+            format!(
+                "backup {} of VM '{vm}' ({}, sha256 {})\n",
+                b.id,
+                format_bytes(u64::try_from(b.bytes).unwrap_or(0)),
+                b.sha256
+            )
+        }
+        BackupCommand::List { json } => {
+            let list: BackupList = c.get("backups")?;
+            if *json {
+                return to_json(&list);
+            }
+            let mut rows = vec![["ID", "VM", "CREATED", "SIZE"].map(String::from).to_vec()];
+            for b in &list.backups {
+                rows.push(vec![
+                    b.id.clone(),
+                    b.vm.clone(),
+                    format_time(b.created_ms),
+                    format_bytes(u64::try_from(b.bytes).unwrap_or(0)),
+                ]);
+            }
+            table(&rows)
+        }
+        BackupCommand::Restore { id, name, pool } => {
+            check_name(id)?;
+            let body = serde_json::to_vec(&serde_json::json!({ "name": name, "pool": pool }))
+                .map_err(|e| failure(1, e.to_string()))?;
+            let v: VmSummary = decode(&c.call("POST", &format!("backups/{id}/restore"), Some(body))?)?;
+            format!("backup {id} restored as VM '{}'\n", v.name)
+        }
+        BackupCommand::Delete { id } => {
+            check_name(id)?;
+            c.call("DELETE", &format!("backups/{id}"), None)?;
+            format!("backup {id} deleted\n")
+        }
+    })
 }
 
 /// `rustvisor net`: the daemon's virtual networks.
@@ -760,6 +1174,19 @@ fn vm_text(a: &VmArgs) -> Result<String, Failure> {
                 format_info(&d)
             }
         }
+        VmCommand::Template { name } => {
+            check_name(name)?;
+            c.call("PUT", &format!("vms/{name}/template"), None)?;
+            format!("VM '{name}' is a template\n")
+        }
+        VmCommand::Clone { name, new, linked } => {
+            check_name(name)?;
+            check_name(new)?;
+            let body = serde_json::to_vec(&serde_json::json!({ "name": new, "linked": linked }))
+                .map_err(|e| failure(1, e.to_string()))?;
+            let _: VmSummary = decode(&c.call("POST", &format!("vms/{name}/clone"), Some(body))?)?;
+            format!("VM '{new}' cloned from '{name}' ({})\n", if *linked { "linked" } else { "full" })
+        }
         VmCommand::Set(args) => {
             check_name(&args.name)?;
             let body = set_body(args)?;
@@ -1043,7 +1470,7 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
             }
             let accel: vmm::Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
             let mut disks = Vec::new();
-            for d in &a.disk {
+            for d in a.disk.iter().filter(|d| !d.starts_with("vol=")) {
                 let mut disk: vmm::DiskConfig = d.parse().map_err(bad)?;
                 disk.path = abs("--disk", &disk.path)?;
                 disks.push(disk);
@@ -1099,9 +1526,12 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
         )));
     }
     let nics = a.nic.iter().map(|n| n.parse()).collect::<Result<Vec<crate::types::NicSpec>, _>>().map_err(bad)?;
+    let volumes =
+        a.disk.iter().filter(|d| d.starts_with("vol=")).map(|d| volume_attach(d)).collect::<Result<Vec<_>, _>>()?;
     let body = serde_json::json!({
         "name": a.name,
         "nics": nics,
+        "volumes": volumes,
         "restart": restart,
         "autostart": a.autostart,
         "start_order": a.start_order,
@@ -1359,6 +1789,7 @@ mod tests {
             uptime_s: Some(61.0),
             restart: RestartPolicy::No,
             autostart: false,
+            template: false,
             restarts: 0,
             reason: None,
         };

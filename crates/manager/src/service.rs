@@ -11,6 +11,7 @@
 
 mod networks;
 mod snapshots;
+mod volumes;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -118,6 +119,12 @@ pub enum ServiceError {
         /// The VMM's answer.
         source: Box<ClientError>,
     },
+    /// 409: refused because of who uses it (the message names them).
+    #[error("{0}")]
+    Refused(String),
+    /// A storage pool, volume or backup operation failed (the status follows its kind).
+    #[error(transparent)]
+    Storage(storage::Error),
     /// 500: the store failed.
     #[error(transparent)]
     Store(StoreError),
@@ -329,8 +336,11 @@ impl Service {
     }
 
     /// `POST /vms`: checks the definition as the VMM would and stores it.
-    pub fn create(&self, req: CreateRequest, peer: Peer) -> Result<VmSummary, ServiceError> {
+    pub fn create(&self, mut req: CreateRequest, peer: Peer) -> Result<VmSummary, ServiceError> {
         Self::check_name(&req.name)?;
+        let volumes = self.resolve_volumes(&req.volumes)?;
+        req.config.disks.extend(volumes);
+        req.volumes.clear();
         if req.config.serial != vmm::ConsoleOut::Null {
             return Err(bad(
                 "config.serial",
@@ -395,6 +405,7 @@ impl Service {
             uptime_s: rt.started_ms.filter(|_| active).map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
             restart: rec.policy.restart,
             autostart: rec.policy.autostart,
+            template: rec.template,
             restarts: rt.restarts,
             reason: rt.reason.clone(),
         })
@@ -415,6 +426,11 @@ impl Service {
                 state: rec.runtime.state,
                 msg: "already started".into(),
             });
+        }
+        if rec.template {
+            return Err(ServiceError::Refused(format!(
+                "VM '{name}' is a template: clone it (rustvisor vm clone {name} NEW [--linked])"
+            )));
         }
         lock(&self.restart_at).remove(name);
         self.launch(&rec, peer, Launch::User, None)?;
@@ -754,6 +770,15 @@ impl Service {
     pub fn delete(&self, name: &str, force: bool, peer: Peer) -> Result<(), ServiceError> {
         let _claim = self.claim(name, "delete")?;
         let rec = self.record(name)?;
+        if rec.template {
+            let clones = self.clones_of(&rec.config.disks)?;
+            if !clones.is_empty() {
+                return Err(ServiceError::Refused(format!(
+                    "template '{name}' has linked clones built on its disks: {}",
+                    clones.join(", ")
+                )));
+            }
+        }
         let mut detail = String::new();
         if rec.runtime.state.is_active() {
             if !force {

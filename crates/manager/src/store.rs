@@ -70,6 +70,21 @@ pub const MIGRATIONS: &[&str] = &[
          created_ms INTEGER NOT NULL
      ) STRICT;
      ALTER TABLE vms ADD COLUMN nics TEXT NOT NULL DEFAULT '[]';  -- JSON [NicSpec]",
+    // 4: storage pools, templates, backups.
+    "CREATE TABLE pools (
+         name       TEXT PRIMARY KEY NOT NULL,
+         path       TEXT NOT NULL UNIQUE,
+         created_ms INTEGER NOT NULL
+     ) STRICT;
+     ALTER TABLE vms ADD COLUMN template INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE backups (
+         id         TEXT PRIMARY KEY NOT NULL,
+         vm         TEXT NOT NULL,                -- the VM's name when it was made (may be gone)
+         path       TEXT NOT NULL,
+         created_ms INTEGER NOT NULL,
+         bytes      INTEGER NOT NULL,
+         sha256     TEXT NOT NULL                 -- the checksum a restore checks
+     ) STRICT;",
 ];
 
 /// Why a store operation failed.
@@ -173,6 +188,8 @@ pub struct VmRecord {
     pub policy: Policy,
     /// Its NICs on the daemon's networks (MACs filled in at create).
     pub nics: Vec<NicSpec>,
+    /// Whether it is a template (read-only disks; it is cloned, never started).
+    pub template: bool,
     /// Whether it should be running (the user started it and did not stop it).
     pub desired_running: bool,
     /// When it was defined (Unix ms).
@@ -190,6 +207,23 @@ pub struct SnapshotRecord {
     pub config: VmConfig,
     /// Each copied disk: (the disk's path, the copy's file name in the snapshot folder).
     pub disks: Vec<(String, String)>,
+}
+
+/// A backup as the store records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackupRow {
+    /// Its id (`<vm>-<time>`).
+    pub id: String,
+    /// The VM it was made of.
+    pub vm: String,
+    /// Its directory.
+    pub path: String,
+    /// When (Unix ms).
+    pub created_ms: i64,
+    /// Size of its files, in bytes.
+    pub bytes: i64,
+    /// Its checksum (SHA-256 of its manifest), checked by a restore.
+    pub sha256: String,
 }
 
 /// Called after each committed change that appended events.
@@ -531,6 +565,93 @@ impl Store {
         Ok(())
     }
 
+    /// Marks VM `name` a template (or not) and logs `event`.
+    pub fn set_template(&mut self, name: &str, template: bool, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if tx.execute("UPDATE vms SET template = ?2 WHERE name = ?1", params![name, template])? == 0 {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// The pools: (name, path), by name.
+    pub fn pools(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT name, path FROM pools ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Records pool `name` at `path` and logs `event`.
+    ///
+    /// Errors: [`StoreError::Duplicate`] when the name or the path is taken.
+    pub fn add_pool(&mut self, name: &str, path: &str, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let taken: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM pools WHERE name = ?1 OR path = ?2)",
+            params![name, path],
+            |r| r.get(0),
+        )?;
+        if taken {
+            return Err(StoreError::Duplicate(name.into()));
+        }
+        tx.execute("INSERT INTO pools (name, path, created_ms) VALUES (?1, ?2, ?3)", params![name, path, now_ms()])?;
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Forgets pool `name` and logs `event`.
+    pub fn delete_pool(&mut self, name: &str, event: &NewEvent) -> Result<(), StoreError> {
+        self.delete_named("pools", name, event)
+    }
+
+    /// The backups, oldest first: (id, vm, path, created_ms, bytes, sha256).
+    pub fn backups(&self) -> Result<Vec<BackupRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, vm, path, created_ms, bytes, sha256 FROM backups ORDER BY created_ms, id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(BackupRow {
+                id: r.get(0)?,
+                vm: r.get(1)?,
+                path: r.get(2)?,
+                created_ms: r.get(3)?,
+                bytes: r.get(4)?,
+                sha256: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Records backup `b` and logs `event`.
+    pub fn add_backup(&mut self, b: &BackupRow, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO backups (id, vm, path, created_ms, bytes, sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![b.id, b.vm, b.path, b.created_ms, b.bytes, b.sha256],
+        )?;
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Forgets backup `id` and logs `event`.
+    pub fn delete_backup(&mut self, id: &str, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if tx.execute("DELETE FROM backups WHERE id = ?1", [id])? == 0 {
+            return Err(StoreError::NotFound(id.into()));
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
     /// Forgets snapshot `name` of `vm` and logs `event`, in one transaction.
     pub fn delete_snapshot(&mut self, vm: &str, name: &str, event: &NewEvent) -> Result<(), StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -566,7 +687,7 @@ impl Store {
 }
 
 const SELECT_VM: &str = "SELECT v.name, v.spec, v.restart, v.desired, v.created_ms, r.state, r.pid, r.socket,
-     r.started_ms, r.accel, r.reason, r.restarts, v.autostart, v.start_order, v.start_delay_s, v.nics
+     r.started_ms, r.accel, r.reason, r.restarts, v.autostart, v.start_order, v.start_delay_s, v.nics, v.template
      FROM vms v JOIN runtime r ON r.name = v.name";
 
 /// A row of [`SELECT_VM`] before decoding.
@@ -587,6 +708,7 @@ type RawRow = (
     u32,
     u32,
     String,
+    bool,
 );
 
 fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
@@ -607,6 +729,7 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
         r.get(13)?,
         r.get(14)?,
         r.get(15)?,
+        r.get(16)?,
     ))
 }
 
@@ -628,6 +751,7 @@ fn decode(row: RawRow) -> Result<VmRecord, StoreError> {
         start_order,
         start_delay_s,
         nics,
+        template,
     ) = row;
     let corrupt = |what, msg: String| StoreError::Corrupt { vm: name.clone(), what, msg };
     let config: VmConfig = serde_json::from_str(&spec).map_err(|e| corrupt("spec", e.to_string()))?;
@@ -636,6 +760,7 @@ fn decode(row: RawRow) -> Result<VmRecord, StoreError> {
     let nics: Vec<NicSpec> = serde_json::from_str(&nics).map_err(|e| corrupt("nics", e.to_string()))?;
     Ok(VmRecord {
         nics,
+        template,
         config,
         policy: Policy { restart, autostart, start_order, start_delay_s },
         desired_running: desired == "running",

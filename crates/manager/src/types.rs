@@ -49,6 +49,149 @@ impl std::str::FromStr for NicSpec {
     }
 }
 
+pub use crate::store::BackupRow as BackupInfo;
+pub use storage::{PoolInfo, VolumeInfo};
+
+/// A disk from a storage pool for `POST /api/v1/vms` (`--disk vol=POOL/NAME[,readonly=on]`):
+/// the daemon adds it to the configuration's disks as the volume's file with its format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAttach {
+    /// `POOL/NAME`.
+    pub volume: String,
+    /// Attach it read-only.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// `POST /api/v1/pools`: a directory pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolCreate {
+    /// The pool's name ([`NAME_RULE`]).
+    pub name: String,
+    /// Its directory (absolute; created if absent, or an existing pool directory).
+    pub path: String,
+}
+
+/// One pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolDetails {
+    /// Its name.
+    pub name: String,
+    /// Its space: capacity, free, allocated and virtual bytes.
+    pub info: PoolInfo,
+}
+
+/// `GET /api/v1/pools`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolList {
+    /// Every pool, by name.
+    pub pools: Vec<PoolDetails>,
+}
+
+/// `POST /api/v1/pools/{name}/volumes`: a new volume (`size_bytes`) or an imported one
+/// (`import_from`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    /// The volume's name ([`NAME_RULE`]).
+    pub name: String,
+    /// Its size in bytes (a multiple of 512); for a new volume.
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    /// `raw` or `qcow2` (default: qcow2 for a new volume, the source's for an import).
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Reserve the space now (refused when it exceeds the pool's free space).
+    #[serde(default)]
+    pub preallocate: bool,
+    /// Copy this host file in (absolute path); its content is checked as untrusted.
+    #[serde(default)]
+    pub import_from: Option<String>,
+    /// The imported file's format (give it for a raw image a guest wrote); default: detected.
+    #[serde(default)]
+    pub source_format: Option<String>,
+}
+
+/// One volume, with the VMs that use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDetails {
+    /// Its pool.
+    pub pool: String,
+    /// Its file, format, sizes, backing volume.
+    pub info: VolumeInfo,
+    /// The VMs with it as a disk.
+    pub used_by: Vec<String>,
+}
+
+/// `GET /api/v1/pools/{name}/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeList {
+    /// The pool's volumes, by name.
+    pub volumes: Vec<VolumeDetails>,
+}
+
+/// `PUT /api/v1/pools/{name}/volumes/{volume}/resize`: grow only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeResize {
+    /// The new size in bytes (a multiple of 512, larger than the present one).
+    pub size_bytes: u64,
+}
+
+/// `POST /api/v1/pools/{name}/volumes/{volume}/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeClone {
+    /// The new volume's name.
+    pub name: String,
+    /// Its pool (default: the source's).
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// A qcow2 overlay on the source (the source must then never change) instead of a copy.
+    #[serde(default)]
+    pub linked: bool,
+}
+
+/// `POST /api/v1/vms/{name}/clone`: a new VM from a VM or template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmClone {
+    /// The new VM's name.
+    pub name: String,
+    /// Linked clones of the disks (the source must be a template).
+    #[serde(default)]
+    pub linked: bool,
+}
+
+/// `POST /api/v1/vms/{name}/backups`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupCreate {
+    /// Where to put it (absolute directory; default `<state-dir>/backups`).
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// `GET /api/v1/backups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupList {
+    /// Oldest first.
+    pub backups: Vec<BackupInfo>,
+}
+
+/// `POST /api/v1/backups/{name}/restore`: a new VM from a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRestore {
+    /// The new VM's name (default: the backed-up VM's, if free).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The pool for its disks.
+    pub pool: String,
+}
+
 /// `POST /api/v1/networks`: a virtual network (a Linux bridge on the host).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -302,6 +445,9 @@ pub struct CreateRequest {
     /// NICs on the daemon's networks.
     #[serde(default)]
     pub nics: Vec<NicSpec>,
+    /// Disks from storage pools, after the configuration's own disks.
+    #[serde(default)]
+    pub volumes: Vec<VolumeAttach>,
     /// The VM's configuration, as the VMM's `vm.create` takes it. `serial` must be left
     /// `null` (the default): the daemon writes the serial console to
     /// `<state-dir>/vms/<name>/console.log`.
@@ -435,6 +581,9 @@ pub struct VmSummary {
     pub restart: RestartPolicy,
     /// Whether the VM starts with the host.
     pub autostart: bool,
+    /// Whether it is a template (cloned, never started).
+    #[serde(default)]
+    pub template: bool,
     /// Restarts by the policy since the last start asked through the API (back to 0 once
     /// the VM has run for the daemon's `--restart-reset-after`).
     pub restarts: u32,

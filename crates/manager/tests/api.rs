@@ -13,7 +13,7 @@ use manager::store::Store;
 use manager::types::{
     CreateRequest, ErrorBody, Event, EventList, FirewallInfo, FirewallList, FirewallSpec, LeaseInfo, NetCheck,
     NetworkCreate, NetworkInfo, NetworkList, NicInfo, NicSpec, Policy, SnapshotInfo, SnapshotList, UpdateRequest,
-    VmDetails, VmState, VmSummary,
+    VmDetails, VmState, VmSummary, VolumeAttach, VolumeCreate,
 };
 
 fn openapi() -> serde_yaml::Value {
@@ -66,6 +66,7 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         uptime_s: Some(1.0),
         restart: Default::default(),
         autostart: true,
+        template: false,
         restarts: 0,
         reason: Some("r".into()),
     };
@@ -136,7 +137,7 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         (
             "CreateRequest",
             serde_json::json!({"name": "a", "restart": "no", "autostart": true, "start_order": 1,
-                "start_delay_s": 2, "nics": [], "config": {}}),
+                "start_delay_s": 2, "nics": [], "volumes": [], "config": {}}),
         ),
         ("UpdateRequest", serde_json::to_value(&update).unwrap()),
         ("Policy", serde_json::to_value(Policy::default()).unwrap()),
@@ -154,7 +155,55 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         ("FirewallSpec", serde_json::to_value(&fw).unwrap()),
         ("FirewallInfo", serde_json::to_value(&fw_info).unwrap()),
         ("FirewallList", serde_json::to_value(FirewallList { firewalls: vec![] }).unwrap()),
+        ("VolumeAttach", serde_json::json!({"volume": "p/v", "readonly": true})),
+        ("PoolCreate", serde_json::json!({"name": "p", "path": "/p"})),
+        ("PoolDetails", serde_json::json!({"name": "p", "info": {}})),
+        ("PoolList", serde_json::json!({"pools": []})),
+        (
+            "VolumeCreate",
+            serde_json::json!({"name": "v", "size_bytes": 1, "format": "raw", "preallocate": true,
+            "import_from": "/f", "source_format": "raw"}),
+        ),
+        ("VolumeDetails", serde_json::json!({"pool": "p", "info": {}, "used_by": []})),
+        ("VolumeList", serde_json::json!({"volumes": []})),
+        ("VolumeResize", serde_json::json!({"size_bytes": 1})),
+        ("VolumeClone", serde_json::json!({"name": "v", "pool": "p", "linked": true})),
+        ("VmClone", serde_json::json!({"name": "v", "linked": true})),
+        ("BackupCreate", serde_json::json!({"to": "/b"})),
+        ("BackupList", serde_json::json!({"backups": []})),
+        ("BackupRestore", serde_json::json!({"name": "v", "pool": "p"})),
+        (
+            "BackupInfo",
+            serde_json::to_value(manager::store::BackupRow {
+                id: "i".into(),
+                vm: "v".into(),
+                path: "/p".into(),
+                created_ms: 1,
+                bytes: 2,
+                sha256: "s".into(),
+            })
+            .unwrap(),
+        ),
     ];
+    // The request samples are what the types accept, and the storage types' fields are the
+    // schemas'.
+    for (name, value) in [
+        ("VolumeAttach", serde_json::to_value(VolumeAttach { volume: "p/v".into(), readonly: true }).unwrap()),
+        ("PoolInfo", serde_json::to_value(samples_pool_info()).unwrap()),
+        ("VolumeInfo", serde_json::to_value(samples_volume_info()).unwrap()),
+    ] {
+        let props: BTreeSet<String> = doc["components"]["schemas"][name]["properties"]
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect();
+        let fields: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(props, fields, "schema {name} against the wire type");
+    }
+    serde_json::from_value::<VolumeCreate>(serde_json::json!({"name": "v", "size_bytes": 1, "format": "raw",
+        "preallocate": true, "import_from": "/f", "source_format": "raw"}))
+    .unwrap();
     // The create sample is a CreateRequest (with a configuration).
     let mut create = samples.iter().find(|s| s.0 == "CreateRequest").unwrap().1.clone();
     create["config"] = serde_json::json!({"kernel": "/k"});
@@ -531,4 +580,28 @@ fn set_snapshots_of_a_stopped_vm_event_stream_tcp_token_and_autostart_order() {
     assert_eq!(v2["field"], "kind", "unknown query parameters are refused");
     let (_, v2) = d.call("GET", "events", None);
     assert_eq!(v2["events"].as_array().unwrap().len(), v["events"].as_array().unwrap().len(), "autostart runs once");
+}
+
+fn samples_pool_info() -> manager::types::PoolInfo {
+    manager::types::PoolInfo {
+        path: "/p".into(),
+        capacity_bytes: 1,
+        available_bytes: 1,
+        allocated_bytes: 1,
+        virtual_bytes: 1,
+        volumes: 1,
+    }
+}
+
+fn samples_volume_info() -> manager::types::VolumeInfo {
+    manager::types::VolumeInfo {
+        name: "v".into(),
+        path: "/p/v.raw".into(),
+        format: storage::Format::Raw,
+        virtual_bytes: 1,
+        allocated_bytes: 1,
+        backing: None,
+        foreign_backing: None,
+        read_only: false,
+    }
 }
