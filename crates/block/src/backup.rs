@@ -320,7 +320,9 @@ impl BackupJob {
         let flush = |from: usize, to: usize| -> Result<(), String> {
             let off = start_off + from as u64;
             let bytes = buf.get(from..to).ok_or("copy buffer")?;
-            target.write_all_at(bytes, off).map_err(|e| format!("writing {} at offset {off}: {e}", self.target_path.display()))
+            target
+                .write_all_at(bytes, off)
+                .map_err(|e| format!("writing {} at offset {off}: {e}", self.target_path.display()))
         };
         for chunk in buf.chunks(g_len) {
             let next = pos + chunk.len();
@@ -649,7 +651,11 @@ mod tests {
         assert!(status.bytes_before_write > 0, "guest writes ran ahead of the copier");
         // The zero ranges (2 MiB of the disk) stayed holes in the export.
         let md = std::fs::metadata(dir.join("export.raw")).unwrap();
-        assert!(md.blocks() * 512 <= md.len() - (2 << 20) + (128 << 10), "export allocates {} bytes", md.blocks() * 512);
+        assert!(
+            md.blocks() * 512 <= md.len() - (2 << 20) + (128 << 10),
+            "export allocates {} bytes",
+            md.blocks() * 512
+        );
     }
 
     #[test]
@@ -689,7 +695,10 @@ mod tests {
         let job = BackupJob::new(0, tf, &tp).unwrap();
         d.attach_backup(job.clone()).unwrap();
         Copier::spawn(job.clone(), Arc::new(Mutex::new(d)), None).unwrap().join();
-        assert_eq!(job.status(), JobStatus { bytes_total: 0, bytes_copied: 0, bytes_before_write: 0, state: JobState::Done });
+        assert_eq!(
+            job.status(),
+            JobStatus { bytes_total: 0, bytes_copied: 0, bytes_before_write: 0, state: JobState::Done }
+        );
         assert_eq!(std::fs::metadata(&tp).unwrap().len(), 0);
     }
 
