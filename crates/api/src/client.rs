@@ -348,7 +348,7 @@ pub enum ApiCommand {
         dir: PathBuf,
     },
     /// Export the running or paused VM's writable disks as of one instant into DIR (created
-    /// if absent; must be empty): one raw sparse image per disk, disk<i>.raw. Returns once
+    /// if absent; must be empty): one raw sparse image per disk, `disk<i>.raw`. Returns once
     /// the copy started; `backup-status` follows it.
     Backup {
         /// The destination directory (relative to the current directory unless absolute).
