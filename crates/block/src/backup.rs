@@ -81,7 +81,7 @@ pub struct JobStatus {
 
 /// What one step of the copier did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
+enum Step {
     /// Copied a run of blocks: this many bytes of the disk read.
     Copied(u64),
     /// Every block is copied.
@@ -377,9 +377,9 @@ impl BackupJob {
         }
     }
 
-    /// One step of the copier: copies the next run of blocks not yet copied. Call with the
+    /// One step of the copier: copies the next run of blocks not yet copied. Called with the
     /// image's lock held (the image the job is attached to).
-    pub fn copy_next(&self, disk: &DiskImage) -> Step {
+    fn copy_next(&self, disk: &DiskImage) -> Step {
         if !self.is_running() {
             return Step::Stopped;
         }
@@ -404,8 +404,14 @@ impl BackupJob {
     /// Ends a job whose copier found every block copied (and that is detached from its
     /// image): extends the target to the disk size, `fsync`s it and closes it, then reports
     /// `Done` (or `Failed`). A job that ended meanwhile (cancelled) keeps its state.
-    pub fn finish(&self) {
-        let target = lock(&self.inner).target.take();
+    fn finish(&self) {
+        let target = {
+            let mut inner = lock(&self.inner);
+            if inner.cursor < self.blocks {
+                return;
+            }
+            inner.target.take()
+        };
         let Some(target) = target else { return };
         let synced = target.set_len(self.size).and_then(|()| target.sync_all());
         drop(target);
