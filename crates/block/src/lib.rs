@@ -21,6 +21,9 @@
 //! that owns a raw disk could otherwise write a qcow2 header pointing at any host file).
 //!
 //! All offsets and lengths are in bytes. Requests must lie within [`DiskImage::size`].
+//!
+//! [`backup`] exports a disk in use as of one instant (copy-before-write), for backups of
+//! running VMs.
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -33,11 +36,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use imago::qcow2::Qcow2;
 use imago::{FormatAccess, FormatCreateBuilder, Storage, StorageCreateOptions};
 
+pub mod backup;
 mod chain;
+pub use backup::{BackupJob, Copier, JobState, JobStatus};
 pub use chain::{ImagePolicy, MAX_CHAIN_DEPTH};
 
 /// The first four bytes of every qcow2 image: `QFI\xfb`.
@@ -235,6 +241,10 @@ enum Backend {
 /// [`io::ErrorKind::PermissionDenied`]. Dropping the image writes back qcow2 metadata caches
 /// (syncing only where metadata write ordering needs it; call [`DiskImage::flush`] to make
 /// writes durable).
+///
+/// A [`BackupJob`] may be attached ([`DiskImage::attach_backup`]): writes, discards and
+/// zeroing then copy the old content of the blocks they touch to the backup first (see
+/// [`backup`]).
 pub struct DiskImage {
     path: PathBuf,
     format: Format,
@@ -242,6 +252,8 @@ pub struct DiskImage {
     /// qcow2 only: the header names a backing file (growing must then hide its tail).
     has_backing: bool,
     backend: Backend,
+    /// The backup whose copy-before-write runs before every change.
+    backup: Option<Arc<BackupJob>>,
 }
 
 /// A run of a disk's guest-visible bytes, as the image's allocation metadata describes it
@@ -414,7 +426,7 @@ impl DiskImage {
             }
             Format::Qcow2 => Backend::Qcow2(Box::new(chain::open_qcow2(path, file, readonly, policy)?)),
         };
-        Ok(DiskImage { path: path.to_path_buf(), format, readonly, has_backing, backend })
+        Ok(DiskImage { path: path.to_path_buf(), format, readonly, has_backing, backend, backup: None })
     }
 
     /// The path the image was opened from.
@@ -477,6 +489,7 @@ impl DiskImage {
     /// errors (`ENOSPC`, ...).
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.check_write(offset, buf.len() as u64)?;
+        self.copy_before_write(offset, buf.len() as u64);
         match &self.backend {
             Backend::Raw(r) => r.file.write_all_at(buf, offset),
             Backend::Qcow2(q) => q.write(buf, offset),
@@ -515,6 +528,7 @@ impl DiskImage {
         if len == 0 {
             return Ok(());
         }
+        self.copy_before_write(offset, len);
         match &mut self.backend {
             Backend::Raw(r) => r.discard(offset, len),
             Backend::Qcow2(q) => match q.discard_to_zero(offset, len) {
@@ -534,6 +548,7 @@ impl DiskImage {
         if len == 0 {
             return Ok(());
         }
+        self.copy_before_write(offset, len);
         match &mut self.backend {
             Backend::Raw(r) => r.write_zeroes(offset, len),
             Backend::Qcow2(q) => qcow2_zeroes(q, offset, len),
@@ -603,6 +618,46 @@ impl DiskImage {
                 };
                 q.resize_grow(new_size, mode)
             }
+        }
+    }
+
+    /// Attaches `job`: from now on every write, discard and write-zeroes first copies the old
+    /// content of the blocks it touches that the job has not copied yet (see [`backup`]).
+    /// The instant of the export is now. A job that ended and is still attached is replaced.
+    ///
+    /// Errors: [`io::ErrorKind::InvalidInput`] when the job was made for another size;
+    /// [`io::ErrorKind::ResourceBusy`] when a running job is attached already.
+    pub fn attach_backup(&mut self, job: Arc<BackupJob>) -> io::Result<()> {
+        if job.size() != self.size() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("backup job for {} bytes, disk of {} bytes", job.size(), self.size()),
+            ));
+        }
+        if self.backup.as_ref().is_some_and(|j| j.is_running()) {
+            return Err(io::Error::new(io::ErrorKind::ResourceBusy, "a backup of this disk is running"));
+        }
+        self.backup = Some(job);
+        Ok(())
+    }
+
+    /// Detaches `job` if it is the one attached (writes no longer check it).
+    pub fn detach_backup(&mut self, job: &BackupJob) {
+        if self.backup.as_ref().is_some_and(|j| std::ptr::eq(Arc::as_ptr(j), job)) {
+            self.backup = None;
+        }
+    }
+
+    /// The attached backup job, if any.
+    pub fn backup(&self) -> Option<&Arc<BackupJob>> {
+        self.backup.as_ref()
+    }
+
+    /// Copy-before-write of the attached job for a change of `len` bytes at `offset`
+    /// (already range-checked). Never fails: a failing backup fails itself.
+    fn copy_before_write(&self, offset: u64, len: u64) {
+        if let Some(job) = &self.backup {
+            job.before_write(self, offset, len);
         }
     }
 }
