@@ -3,6 +3,7 @@
 //! behind (the "VMM" is a program that exits at once).
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -604,4 +605,109 @@ fn samples_volume_info() -> manager::types::VolumeInfo {
         foreign_backing: None,
         read_only: false,
     }
+}
+
+#[test]
+fn pools_volumes_templates_clones_and_backups_of_stopped_vms() {
+    let kernel = std::fs::canonicalize(KERNEL_FILE).unwrap().display().to_string();
+    let d = Daemon::start("storage", Path::new("/bin/false"));
+    let pool_dir = d.dir.join("pool");
+    let (s, v) = d.call("POST", "pools", Some(&format!(r#"{{"name": "p", "path": "{}"}}"#, pool_dir.display())));
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = d.call("POST", "pools", Some(r#"{"name": "q", "path": "relative"}"#));
+    assert_eq!((s, v["field"].as_str()), (400, Some("path")), "{v}");
+
+    // Thin volumes: a 1 GiB raw volume allocates nothing.
+    let (s, v) =
+        d.call("POST", "pools/p/volumes", Some(r#"{"name": "big", "size_bytes": 1073741824, "format": "raw"}"#));
+    assert_eq!(s, 201, "{v}");
+    assert_eq!((v["info"]["virtual_bytes"].as_u64(), v["info"]["allocated_bytes"].as_u64()), (Some(1 << 30), Some(0)));
+    let (s, v) = d.call("POST", "pools/p/volumes", Some(r#"{"name": "base", "size_bytes": 4194304, "format": "raw"}"#));
+    assert_eq!(s, 201, "{v}");
+    let base = v["info"]["path"].as_str().unwrap().to_string();
+    std::fs::OpenOptions::new().write(true).open(&base).unwrap().write_all_at(b"BASE-DATA", 0).unwrap();
+    let (s, v) = d.call("PUT", "pools/p/volumes/big/resize", Some(r#"{"size_bytes": 512}"#));
+    assert_eq!(s, 400, "a shrink is refused: {v}");
+    let (s, v) = d.call("PUT", "pools/p/volumes/big/resize", Some(r#"{"size_bytes": 2147483648}"#));
+    assert_eq!((s, v["info"]["virtual_bytes"].as_u64()), (200, Some(2 << 30)), "{v}");
+    let (s, v) = d.call("GET", "pools/p", None);
+    assert_eq!((s, v["info"]["volumes"].as_u64()), (200, Some(2)), "{v}");
+
+    // A VM on the volume: the volume is in use.
+    let create = format!(
+        r#"{{"name": "src", "volumes": [{{"volume": "p/base"}}], "nics": [], "config": {{"kernel": "{kernel}"}}}}"#
+    );
+    assert_eq!(d.call("POST", "vms", Some(&create)).0, 201);
+    let (_, v) = d.call("GET", "vms/src", None);
+    assert_eq!(v["config"]["disks"][0]["path"], base.as_str(), "{v}");
+    let (s, v) = d.call("DELETE", "pools/p/volumes/base", None);
+    assert!(s == 409 && v["error"].as_str().unwrap().contains("VM(s) src"), "{s} {v}");
+    let (s, v) =
+        d.call("POST", "vms", Some(r#"{"name": "x", "volumes": [{"volume": "p/nope"}], "config": {"kernel": "/k"}}"#));
+    assert_eq!((s, v["field"].as_str()), (400, Some("volumes[0].volume")), "{v}");
+
+    // Backup of the stopped VM, restore as a new VM: the data is there; a corrupt backup is
+    // refused.
+    let (s, b) = d.call("POST", "vms/src/backups", None);
+    assert_eq!(s, 201, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    std::fs::OpenOptions::new().write(true).open(&base).unwrap().write_all_at(b"NEW!-DATA", 0).unwrap();
+    let (s, v) = d.call("POST", &format!("backups/{id}/restore"), Some(r#"{"name": "back", "pool": "p"}"#));
+    assert_eq!(s, 201, "{v}");
+    let (_, v) = d.call("GET", "vms/back", None);
+    let restored = v["config"]["disks"][0]["path"].as_str().unwrap().to_string();
+    assert_ne!(restored, base);
+    assert_eq!(&std::fs::read(&restored).unwrap()[..9], b"BASE-DATA", "the data as of the backup");
+    let manifest = Path::new(b["path"].as_str().unwrap()).join("definition.json");
+    let mut def = std::fs::read(&manifest).unwrap();
+    def[10] ^= 1;
+    std::fs::write(&manifest, def).unwrap();
+    let (s, v) = d.call("POST", &format!("backups/{id}/restore"), Some(r#"{"name": "bad", "pool": "p"}"#));
+    assert!(s >= 400 && v["error"].as_str().unwrap().contains("definition.json"), "{s} {v}");
+    assert_eq!(d.call("GET", "vms/bad", None).0, 404, "nothing was defined");
+
+    // Template, linked clone, refusals.
+    let (s, v) = d.call("POST", "vms/src/clone", Some(r#"{"name": "c1", "linked": true}"#));
+    assert_eq!((s, v["field"].as_str()), (400, Some("linked")), "linked clones need a template: {v}");
+    let (s, v) = d.call("PUT", "vms/src/template", None);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["summary"]["template"].as_bool(), v["config"]["disks"][0]["readonly"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let (s, v) = d.call("PUT", "vms/src/start", None);
+    assert!(s == 409 && v["error"].as_str().unwrap().contains("is a template"), "{s} {v}");
+    let (s, v) = d.call("POST", "vms/src/clone", Some(r#"{"name": "c1", "linked": true}"#));
+    assert_eq!(s, 201, "{v}");
+    let (_, v) = d.call("GET", "vms/c1", None);
+    assert_eq!(v["config"]["disks"][0]["readonly"], false, "{v}");
+    let (_, v) = d.call("GET", "pools/p/volumes/c1-disk0", None);
+    assert_eq!((v["info"]["format"].as_str(), v["info"]["backing"].as_str()), (Some("qcow2"), Some("base")), "{v}");
+    let (s, v) = d.call("DELETE", "vms/src", None);
+    assert!(s == 409 && v["error"].as_str().unwrap().contains("c1"), "the template has a clone: {s} {v}");
+    let (s, v) = d.call("DELETE", "pools/p/volumes/base", None);
+    assert_eq!(s, 409, "{v}");
+    // Full clone: independent data.
+    let (s, v) = d.call("POST", "vms/src/clone", Some(r#"{"name": "c2"}"#));
+    assert_eq!(s, 201, "{v}");
+    let (_, v) = d.call("GET", "pools/p/volumes", None);
+    let names: Vec<&str> =
+        v["volumes"].as_array().unwrap().iter().map(|x| x["info"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["back-disk0", "base", "big", "c1-disk0", "c2-disk0"], "{v}");
+    // Clean up in order: clones and their volumes, then the template (refused while a volume
+    // is built on its disk) and its volume.
+    for vm in ["c1", "c2", "back"] {
+        assert_eq!(d.call("DELETE", &format!("vms/{vm}"), None).0, 204, "{vm}");
+    }
+    for vol in ["c1-disk0", "c2-disk0", "back-disk0"] {
+        let (s, v) = d.call("DELETE", &format!("pools/p/volumes/{vol}"), None);
+        assert_eq!(s, 204, "{vol}: {v}");
+    }
+    assert_eq!(d.call("DELETE", "vms/src", None).0, 204);
+    for vol in ["base", "big"] {
+        let (s, v) = d.call("DELETE", &format!("pools/p/volumes/{vol}"), None);
+        assert_eq!(s, 204, "{vol}: {v}");
+    }
+    assert_eq!(d.call("DELETE", &format!("backups/{id}"), None).0, 204);
+    assert_eq!(d.call("DELETE", "pools/p", None).0, 204);
 }

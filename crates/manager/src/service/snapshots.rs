@@ -197,7 +197,7 @@ impl Service {
     }
 
     /// A client for the VMM of a VM that runs.
-    fn vmm_client(&self, vm: &str, rt: &Runtime) -> Result<Client, ServiceError> {
+    pub(super) fn vmm_client(&self, vm: &str, rt: &Runtime) -> Result<Client, ServiceError> {
         let socket = rt.socket.clone().unwrap_or_default();
         let c = Client::new(&socket)
             .map_err(|source| ServiceError::Io { what: format!("starting an API client for VM {vm}"), source })?;

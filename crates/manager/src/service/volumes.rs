@@ -413,15 +413,18 @@ impl Service {
     }
 
     /// `POST /vms/{name}/backups`: the VM's definition and its disks' data, with a checksum.
-    /// The VM must be stopped (the disks then do not change during the copy).
+    /// A stopped VM's disks are read as they are; a running or paused VM's writable disks are
+    /// first exported by its VMM at one instant (`vm.backup`: the guest pauses for about a
+    /// millisecond, then copy-before-write keeps the export at that instant while the guest
+    /// runs on), and the exports are packed into the backup and removed.
     pub fn backup_create(&self, name: &str, req: &BackupCreate, peer: Peer) -> Result<BackupInfo, ServiceError> {
         let _claim = self.claim(name, "backup")?;
         let rec = self.record(name)?;
-        if rec.runtime.state != VmState::Stopped && rec.runtime.state != VmState::Crashed {
+        if rec.runtime.state == VmState::Starting {
             return Err(ServiceError::Conflict {
                 vm: name.into(),
                 state: rec.runtime.state,
-                msg: "a backup needs a stopped VM (a running VM's backup is not implemented yet)".into(),
+                msg: "wait until it has started".into(),
             });
         }
         let dir = match &req.to {
@@ -431,14 +434,87 @@ impl Service {
             Some(d) => PathBuf::from(d),
             None => self.backups_dir(),
         };
+        // At most 48 + 1 + 13 characters: a valid name, whatever the VM's.
+        let id = format!("{}-{}", name.get(..48).unwrap_or(name), now_ms());
+        let export_dir = dir.join(format!(".{id}.export"));
+        let exports = if rec.runtime.state.is_active() {
+            Some(self.export_disks(name, &rec.runtime, &export_dir)?)
+        } else {
+            None
+        };
+        let result = self.pack_backup(name, &rec, &dir, &id, exports.as_deref(), peer);
+        let _ = std::fs::remove_dir_all(&export_dir);
+        result
+    }
+
+    /// Has the VMM export the writable disks into `dir` at one instant and waits until the
+    /// exports are complete; returns (disk index, export file).
+    fn export_disks(
+        &self,
+        name: &str,
+        rt: &crate::store::Runtime,
+        dir: &Path,
+    ) -> Result<Vec<(u32, String)>, ServiceError> {
+        let client = self.vmm_client(name, rt)?;
+        let vmm_err = |what| move |e| ServiceError::Vmm { vm: name.into(), what, source: Box::new(e) };
+        let started = client.backup(dir, None).map_err(vmm_err("vm.backup"))?;
+        let _ = self.store().log(&NewEvent::vm(
+            name,
+            "backup-started",
+            format!("disks exported at one instant; guest paused {:.2} ms", started.pause_ms),
+            Peer::default(),
+        ));
+        loop {
+            let st = client.backup_status().map_err(vmm_err("vm.backup status"))?;
+            match st.state {
+                api::types::BackupState::Running => std::thread::sleep(std::time::Duration::from_millis(200)),
+                api::types::BackupState::Done => {
+                    return Ok(st.disks.into_iter().map(|d| (d.index, d.target)).collect());
+                }
+                other => {
+                    let why: Vec<String> = st.disks.iter().filter_map(|d| d.error.clone()).collect();
+                    return Err(ServiceError::Io {
+                        what: format!("VM '{name}': exporting its disks ({other:?})"),
+                        source: std::io::Error::other(why.join("; ")),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Writes backup `id` of `rec` into `dir`: its definition, and each disk from `exports`
+    /// (raw point-in-time images by disk index) or, for the others, from its own file.
+    fn pack_backup(
+        &self,
+        name: &str,
+        rec: &crate::store::VmRecord,
+        dir: &Path,
+        id: &str,
+        exports: Option<&[(u32, String)]>,
+        peer: Peer,
+    ) -> Result<BackupInfo, ServiceError> {
         let mut sources = Vec::new();
         for (i, d) in rec.config.disks.iter().enumerate() {
-            let format = match d.format {
-                Some(vmm::DiskFormat::Raw) => storage::Format::Raw,
-                Some(vmm::DiskFormat::Qcow2) => storage::Format::Qcow2,
-                None => block::detect_format(&d.path).map_err(|e| bad(format!("config.disks[{i}]"), e.to_string()))?,
+            let exported = exports.and_then(|e| e.iter().find(|(idx, _)| usize::try_from(*idx).ok() == Some(i)));
+            let source = match exported {
+                Some((_, file)) => storage::BackupSource::new(format!("disk{i}"), file, storage::Format::Raw),
+                None => {
+                    if exports.is_some() && !d.readonly {
+                        return Err(ServiceError::Io {
+                            what: format!("VM '{name}': disk {i}"),
+                            source: std::io::Error::other("the VMM exported no image of it"),
+                        });
+                    }
+                    let format = match d.format {
+                        Some(vmm::DiskFormat::Raw) => storage::Format::Raw,
+                        Some(vmm::DiskFormat::Qcow2) => storage::Format::Qcow2,
+                        None => block::detect_format(&d.path)
+                            .map_err(|e| bad(format!("config.disks[{i}]"), e.to_string()))?,
+                    };
+                    storage::BackupSource::new(format!("disk{i}"), &d.path, format)
+                }
             };
-            sources.push(storage::BackupSource::new(format!("disk{i}"), &d.path, format));
+            sources.push(source);
         }
         let definition = serde_json::to_vec_pretty(&crate::types::CreateRequest {
             name: rec.name.clone(),
@@ -451,8 +527,6 @@ impl Service {
             config: rec.config.clone(),
         })
         .map_err(|e| ServiceError::Io { what: "encoding the definition".into(), source: e.into() })?;
-        // At most 48 + 1 + 13 characters: a valid name, whatever the VM's.
-        let id = format!("{}-{}", name.get(..48).unwrap_or(name), now_ms());
         let info = storage::backup_create(&dir, &id, &definition, &sources).map_err(ServiceError::Storage)?;
         let row = BackupRow {
             id: info.id.clone(),
