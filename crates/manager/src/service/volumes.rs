@@ -527,7 +527,7 @@ impl Service {
             config: rec.config.clone(),
         })
         .map_err(|e| ServiceError::Io { what: "encoding the definition".into(), source: e.into() })?;
-        let info = storage::backup_create(&dir, &id, &definition, &sources).map_err(ServiceError::Storage)?;
+        let info = storage::backup_create(dir, id, &definition, &sources).map_err(ServiceError::Storage)?;
         let row = BackupRow {
             id: info.id.clone(),
             vm: name.into(),
