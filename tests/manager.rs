@@ -868,3 +868,75 @@ fn vms_on_a_dhcp_network_reach_each_other_and_a_firewall_changes_live() {
     assert_eq!(env.ok(&["net", "list"]).lines().count(), 1, "only the header is left");
     eprintln!("network test: {:.1} s", t0.elapsed().as_secs_f64());
 }
+
+/// The kernel command line that runs `script` in the test guest.
+fn script_cmdline(script: &str) -> String {
+    use base64::Engine;
+    format!("console=ttyS0 panic=-1 rv.cmd={}", base64::engine::general_purpose::STANDARD.encode(script))
+}
+
+fn file_head(path: &std::path::Path, n: usize) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    String::from_utf8_lossy(&bytes[..n]).into_owned()
+}
+
+#[test]
+fn a_running_vms_backup_restores_and_a_linked_clone_of_a_template_boots() {
+    let t0 = Instant::now();
+    let env = Env::new("mgr-store");
+    let pool = env.dir.path("pool");
+    env.ok(&["pool", "create", "p", "--path", pool.to_str().unwrap()]);
+    env.ok(&["volume", "create", "p/base", "--size", "16M", "--format", "raw"]);
+    let base = pool.join("base.raw");
+    // The guest writes BEFORE, then, well after the backup, AFTER (its "file deleted").
+    let script = "echo BEFORE-DATA | dd of=/dev/vda conv=fsync 2>/dev/null; echo DISK-READY; sleep 20; \
+                  echo AFTER--DATA | dd of=/dev/vda conv=fsync 2>/dev/null; echo AFTER-WRITTEN; \
+                  while true; do sleep 1; done";
+    env.create_with("src", script, "no", &["--disk", "vol=p/base"]);
+    env.ok(&["vm", "start", "src"]);
+    wait_until("src's guest to write its disk", BOOT, || env.console("src").contains("DISK-READY").then_some(()));
+    let out = env.ok(&["backup", "create", "src"]);
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    assert!(out.starts_with(&format!("backup {id} of VM 'src'")), "{out}");
+    let events = env.events("src");
+    assert!(events.iter().any(|e| e.kind == "backup-started" && e.detail.contains("guest paused")), "{events:?}");
+    wait_until("src's guest to overwrite its disk", Duration::from_secs(120), || {
+        env.console("src").contains("AFTER-WRITTEN").then_some(())
+    });
+    assert_eq!(file_head(&base, 11), "AFTER--DATA");
+
+    // Restored as a new VM: a new volume with the data as of the backup, and the VM boots
+    // and reads it.
+    env.ok(&["backup", "restore", &id, "--as", "back", "--pool", "p"]);
+    assert_eq!(file_head(&pool.join("back-disk0.raw"), 11), "BEFORE-DATA");
+    let read = script_cmdline("echo \"DISK=$(head -c 11 /dev/vda)\"; echo READ-DONE; while true; do sleep 1; done");
+    env.ok(&["vm", "set", "back", "--cmdline", &read]);
+
+    // src becomes a template; a linked clone boots and writes without touching it.
+    env.ok(&["vm", "kill", "src"]);
+    env.ok(&["vm", "template", "src"]);
+    let template_before = std::fs::read(&base).unwrap();
+    env.ok(&["vm", "clone", "src", "c1", "--linked"]);
+    let write = script_cmdline(
+        "echo \"DISK=$(head -c 11 /dev/vda)\"; echo CLONE-DATA! | dd of=/dev/vda conv=fsync 2>/dev/null; \
+         echo CLONE-OK; while true; do sleep 1; done",
+    );
+    env.ok(&["vm", "set", "c1", "--cmdline", &write]);
+    let (code, _, err) = env.rv(&["vm", "start", "src"]);
+    assert!(code == 1 && err.contains("is a template"), "{code} {err}");
+    env.ok(&["vm", "start", "back"]);
+    env.ok(&["vm", "start", "c1"]);
+    wait_until("the restored VM to read its disk", BOOT, || env.console("back").contains("READ-DONE").then_some(()));
+    assert!(env.console("back").contains("DISK=BEFORE-DATA"), "{}", tail(&env.console("back")));
+    wait_until("the clone to write its disk", BOOT, || env.console("c1").contains("CLONE-OK").then_some(()));
+    assert!(env.console("c1").contains("DISK=AFTER--DATA"), "the clone sees the template's data");
+    assert_eq!(std::fs::read(&base).unwrap(), template_before, "the template's volume is unchanged");
+    let vols = env.ok(&["volume", "list", "p"]);
+    assert!(vols.lines().any(|l| l.starts_with("c1-disk0") && l.contains("qcow2") && l.contains(" base ")), "{vols}");
+    // The template cannot go while the clone's volume is built on it.
+    let (code, _, err) = env.rv(&["vm", "delete", "src"]);
+    assert!(code == 1 && err.contains("c1"), "{code} {err}");
+    env.ok(&["vm", "delete", "c1", "--force"]);
+    env.ok(&["vm", "delete", "back", "--force"]);
+    eprintln!("storage test: {:.1} s", t0.elapsed().as_secs_f64());
+}
