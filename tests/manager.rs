@@ -766,9 +766,77 @@ fn a_daemon_killed_during_creates_leaves_only_whole_definitions() {
 /// The guest's DHCP client: busybox udhcpc with a script that puts the lease on eth0; like a
 /// real guest it tries again (an emulated guest on a loaded host can miss a DHCP answer).
 const DHCP: &str =
-    "printf '#!/bin/sh\\n[ \"$1\" = bound ] && ip addr add $ip/$mask dev $interface\\nexit 0\\n' > /tmp/u.sh
+    "printf '#!/bin/sh\\n[ \"$1\" = bound ] || exit 0\\nip addr add $ip/$mask dev $interface\\n[ -n \"$router\" ] && ip route add default via $router\\nexit 0\\n' > /tmp/u.sh
 chmod +x /tmp/u.sh; ip link set lo up; ip link set eth0 up
 for try in 1 2 3; do udhcpc -i eth0 -s /tmp/u.sh -q -n -t 10 -T 3 && echo DHCP-OK && break; done";
+
+/// A network namespace "outside" the daemon's, joined to it by a veth pair (the daemon's
+/// side `DAEMON_SIDE`, the outside `SERVER`), with an HTTP server on `SERVER` that records
+/// its clients' addresses.
+struct Outside {
+    name: String,
+    peers: Arc<Mutex<Vec<String>>>,
+}
+
+impl Outside {
+    const SERVER: &'static str = "192.0.2.1";
+    const DAEMON_SIDE: &'static str = "192.0.2.2";
+
+    fn new(env: &Env, port: u16) -> Outside {
+        let pid = env.daemon.as_ref().unwrap().id();
+        let name = format!("rvtest-out-{}", std::process::id());
+        let dns = format!("--net=/proc/{pid}/ns/net");
+        let run = |cmd: &mut Command| {
+            let st = cmd.status().unwrap();
+            assert!(st.success(), "{cmd:?}");
+        };
+        run(Command::new("ip").args(["netns", "add", &name]));
+        // veth-d in the daemon's namespace, veth-o outside.
+        run(Command::new("nsenter")
+            .args([&dns, "ip", "link", "add", "veth-d", "type", "veth"])
+            .args(["peer", "name", "veth-o", "netns", &name]));
+        let side = format!("{}/24", Self::DAEMON_SIDE);
+        run(Command::new("nsenter").args([&dns, "ip", "addr", "add", &side, "dev", "veth-d"]));
+        run(Command::new("nsenter").args([&dns, "ip", "link", "set", "veth-d", "up"]));
+        let server = format!("{}/24", Self::SERVER);
+        run(Command::new("ip").args(["-n", &name, "addr", "add", &server, "dev", "veth-o"]));
+        run(Command::new("ip").args(["-n", &name, "link", "set", "veth-o", "up"]));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let ns_file = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let seen = peers.clone();
+        std::thread::spawn(move || {
+            // SAFETY: setns only switches this thread's network namespace to the one the open
+            // descriptor refers to.
+            let r = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            let l = std::net::TcpListener::bind((Outside::SERVER, port)).unwrap();
+            tx.send(()).unwrap();
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                if let Ok(a) = c.peer_addr() {
+                    seen.lock().unwrap().push(a.ip().to_string());
+                }
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf);
+                let body = "hello-from-outside\n";
+                let _ = write!(c, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            }
+        });
+        rx.recv().unwrap();
+        Outside { name, peers }
+    }
+
+    fn peers(&self) -> Vec<String> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
 
 /// Whether this host can run the network test; else why not.
 fn network_test_blocker() -> Option<String> {
@@ -796,8 +864,11 @@ fn vms_on_a_dhcp_network_reach_each_other_and_a_firewall_changes_live() {
     }
     let t0 = Instant::now();
     let env = Env::in_netns("mgr-net");
-    env.ok(&["net", "create", "lan0", "--subnet", "10.77.0.1/24", "--dhcp"]);
+    env.ok(&["net", "create", "lan0", "--subnet", "10.77.0.1/24", "--dhcp", "--nat"]);
+    env.ok(&["net", "create", "iso", "--subnet", "10.78.0.1/24", "--dhcp", "--isolated"]);
     env.ok(&["firewall", "create", "web"]);
+    // "Outside": another namespace behind the daemon's, through a veth pair, with a server.
+    let outside = Outside::new(&env, 8080);
     // Bad input: exit 2, one line naming the field, nothing made.
     env.bad_input(&["net", "create", "lan1", "--subnet", "10.77.0.129/25"], "overlaps network lan0");
     env.bad_input(&["net", "create", "lan2", "--dhcp"], "dhcp: needs a subnet");
@@ -807,15 +878,20 @@ fn vms_on_a_dhcp_network_reach_each_other_and_a_firewall_changes_live() {
     env.bad_input(&["vm", "create", "x", "--kernel", &kernel, "--nic", "net=nope"], "nics[0].net");
     env.bad_input(&["vm", "create", "x", "--kernel", &kernel, "--nic", "net=lan0,vlan=20"], "nics[0].vlan");
     let nets: serde_json::Value = serde_json::from_str(&env.ok(&["net", "list", "--json"])).unwrap();
-    assert_eq!(nets["networks"].as_array().unwrap().len(), 1, "{nets}");
+    assert_eq!(nets["networks"].as_array().unwrap().len(), 2, "{nets}");
 
     let srv = format!(
         "{DHCP}; mkdir -p /www; echo hello-from-srv > /www/index.html; httpd -p 80 -h /www; echo SRV-READY; {LOOP}"
     );
     env.create_with("srv", &srv, "no", &["--nic", "net=lan0,firewall=web"]);
     env.create_with("cli", &format!("{DHCP}; echo CLI-READY; while true; do sh; done"), "no", &["--nic", "net=lan0"]);
+    // On the isolated network: a lease, but no way to the host.
+    let iso =
+        format!("{DHCP}; ping -c 2 -W 2 10.78.0.1 >/dev/null && echo HOST-REACHED || echo HOST-UNREACHABLE; {LOOP}");
+    env.create_with("iso", &iso, "no", &["--nic", "net=iso"]);
     env.ok(&["vm", "start", "srv"]);
     env.ok(&["vm", "start", "cli"]);
+    env.ok(&["vm", "start", "iso"]);
     wait_until("srv's guest to serve", BOOT, || env.console("srv").contains("SRV-READY").then_some(()));
     wait_until("cli's guest to get a lease", BOOT, || env.console("cli").contains("CLI-READY").then_some(()));
     for vm in ["srv", "cli"] {
@@ -855,6 +931,18 @@ fn vms_on_a_dhcp_network_reach_each_other_and_a_firewall_changes_live() {
     c.run(&format!("ping -c 1 -W 3 {srv_ip} >/dev/null && echo PING2-OK-$((4+4))"), "PING2-OK-8");
     env.ok(&["firewall", "set", "web"]);
     c.run(&format!("timeout 10 wget -q -O - http://{srv_ip}/ && echo FETCH2-OK-$((5+5))"), "FETCH2-OK-10");
+    // NAT: cli reaches the server outside through the host, masqueraded.
+    c.run(&format!("timeout 10 wget -q -O - http://{}:8080/ && echo OUT-OK-$((6+6))", Outside::SERVER), "OUT-OK-12");
+    assert!(c.text().contains("hello-from-outside"), "{}", tail(&c.text()));
+    let peers = outside.peers();
+    assert!(!peers.is_empty() && peers.iter().all(|p| p == Outside::DAEMON_SIDE), "masqueraded: {peers:?}");
+    wait_until("iso's ping to the host", BOOT, || {
+        let t = env.console("iso");
+        (t.contains("HOST-REACHED") || t.contains("HOST-UNREACHABLE")).then_some(())
+    });
+    let t = env.console("iso");
+    assert!(t.contains("DHCP-OK") && t.contains("HOST-UNREACHABLE"), "{}", tail(&t));
+    env.ok(&["vm", "delete", "iso", "--force"]);
     drop(c);
 
     // In use: the network and the group cannot go; after the VMs, they can.
@@ -865,7 +953,9 @@ fn vms_on_a_dhcp_network_reach_each_other_and_a_firewall_changes_live() {
     env.ok(&["vm", "delete", "cli", "--force"]);
     env.ok(&["firewall", "delete", "web"]);
     env.ok(&["net", "delete", "lan0"]);
+    env.ok(&["net", "delete", "iso"]);
     assert_eq!(env.ok(&["net", "list"]).lines().count(), 1, "only the header is left");
+    drop(outside);
     eprintln!("network test: {:.1} s", t0.elapsed().as_secs_f64());
 }
 
