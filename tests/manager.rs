@@ -863,7 +863,7 @@ fn vms_on_a_dhcp_network_reach_each_other_and_a_firewall_changes_live() {
         return;
     }
     let t0 = Instant::now();
-    let env = Env::in_netns("mgr-net");
+    let mut env = Env::in_netns("mgr-net");
     env.ok(&["net", "create", "lan0", "--subnet", "10.77.0.1/24", "--dhcp", "--nat"]);
     env.ok(&["net", "create", "iso", "--subnet", "10.78.0.1/24", "--dhcp", "--isolated"]);
     env.ok(&["firewall", "create", "web"]);
@@ -943,6 +943,29 @@ fn vms_on_a_dhcp_network_reach_each_other_and_a_firewall_changes_live() {
     let t = env.console("iso");
     assert!(t.contains("DHCP-OK") && t.contains("HOST-UNREACHABLE"), "{}", tail(&t));
     env.ok(&["vm", "delete", "iso", "--force"]);
+    drop(c);
+
+    // A dnsmasq that dies is restarted by the daemon (with an event).
+    let dnsmasq_pid: i32 =
+        std::fs::read_to_string(env.run_dir().join("networks/lan0.dnsmasq.pid")).unwrap().trim().parse().unwrap();
+    // SAFETY: kill(2) only sends a signal to the test's own dnsmasq.
+    unsafe { libc::kill(dnsmasq_pid, libc::SIGKILL) };
+    wait_until("the network to be repaired", Duration::from_secs(30), || {
+        let ev: EventList = serde_json::from_str(&env.ok(&["events", "--json"])).unwrap();
+        ev.events.iter().any(|e| e.kind == "network-repaired" && e.detail.starts_with("lan0")).then_some(())
+    });
+    assert_eq!(env.ok(&["net", "check"]), "no problems found\n");
+    // A "host reboot" of the network side: the daemon dies, the bridge goes; the next daemon
+    // makes it again and puts the running VMs' TAPs back on it.
+    env.kill_daemon();
+    let pid = std::fs::read_to_string(env.run_dir().join("networks/lan0.dnsmasq.pid")).unwrap();
+    let ns = format!("--net=/proc/{}/ns/net", pid.trim());
+    let st = Command::new("nsenter").args([ns.as_str(), "ip", "link", "del", "rv-lan0"]).status().unwrap();
+    assert!(st.success());
+    env.start_daemon();
+    assert_eq!(env.ok(&["net", "check"]), "no problems found\n", "the bridge and TAPs are back");
+    let mut c = Console::attach(&env, "cli");
+    c.run(&format!("ping -c 1 -W 3 {srv_ip} >/dev/null && echo PING3-OK-$((7+7))"), "PING3-OK-14");
     drop(c);
 
     // In use: the network and the group cannot go; after the VMs, they can.
