@@ -39,7 +39,25 @@ pub struct PciVirtio {
     pub dev: Arc<Mutex<VirtioPci>>,
 }
 
-/// Builds the devices `cfg` asks for, in PCI slot order: disks, NICs, vsock, rng.
+/// The devices [`build`] made.
+pub struct Built {
+    /// In PCI slot order.
+    pub devices: Vec<PciVirtio>,
+    /// The balloon's host handle, when the VM has one.
+    pub balloon: Option<virtio::balloon::BalloonHandle>,
+}
+
+/// The balloon device model for `b`.
+pub fn balloon_model(b: &crate::config::BalloonConfig) -> virtio::balloon::Balloon {
+    virtio::balloon::Balloon::new(virtio::balloon::BalloonOptions {
+        deflate_on_oom: b.deflate_on_oom,
+        stats_interval: (b.stats_interval_s > 0).then(|| std::time::Duration::from_secs(b.stats_interval_s.into())),
+        free_page_reporting: b.free_page_reporting,
+    })
+}
+
+/// Builds the devices `cfg` asks for, in PCI slot order: disks, NICs, vsock, console, rng,
+/// balloon.
 ///
 /// Errors: `Error::Config` naming the flag when a backing file, TAP or socket cannot be
 /// opened (nothing on disk is changed in that case).
@@ -50,7 +68,7 @@ pub fn build(
     sink: Arc<dyn MsiSink>,
     dma: Arc<DmaLog>,
     ioevents: Option<Arc<dyn IoEventRegistrar>>,
-) -> Result<Vec<PciVirtio>> {
+) -> Result<Built> {
     let mut models: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let format = match d.format {
@@ -101,6 +119,12 @@ pub fn build(
     if cfg.rng {
         models.push(("rng".into(), Box::new(virtio::rng::Rng::new())));
     }
+    let mut balloon = None;
+    if let Some(b) = &cfg.balloon {
+        let dev = balloon_model(b);
+        balloon = Some(dev.handle());
+        models.push(("balloon".into(), Box::new(dev)));
+    }
     let mut out = Vec::new();
     for (i, (name, model)) in models.into_iter().enumerate() {
         let base = PCI_MMIO_START + i as u64 * u64::from(BAR_SIZE);
@@ -119,5 +143,5 @@ pub fn build(
         tracing::debug!("virtio {name}: BAR0 at {base:#x}");
         out.push(PciVirtio { name, dev });
     }
-    Ok(out)
+    Ok(Built { devices: out, balloon })
 }
