@@ -36,6 +36,9 @@ need_tool dpkg-deb dpkg
 need_tool gcc gcc                  # builds the guest's static rv-vsock helper
 need_tool qemu-img qemu-utils      # the tests make qcow2 images with it
 need_tool mkfs.ext4 e2fsprogs      # ... and ext4 images, read back with debugfs
+need_tool nft nftables             # hostnet: NAT, isolation and VM firewall rules
+need_tool dnsmasq dnsmasq-base     # hostnet: DHCP on virtual networks
+need_tool ip iproute2              # hostnet's tests read links back with ip and bridge
 
 # Download a package into debs/ unless a .deb for it is already cached.
 # Prints the path of the .deb.

@@ -33,10 +33,20 @@ enum Cmd {
     /// supervises it, serves its API on a Unix socket (see "The host manager" in README.md).
     Daemon(manager::cli::DaemonArgs),
     /// Manage the daemon's VMs: create, list, start, stop, kill, pause, resume, delete, info,
-    /// console.
+    /// console, set, snapshot.
     Vm(manager::cli::VmArgs),
     /// The daemon's event and audit log.
     Events(manager::cli::EventsArgs),
+    /// The daemon's storage pools: create, list, info, delete.
+    Pool(manager::cli::PoolArgs),
+    /// Disk images in the daemon's pools: create, import, resize, clone, list, info, delete.
+    Volume(manager::cli::VolumeArgs),
+    /// VM backups: create, list, restore, delete.
+    Backup(manager::cli::BackupArgs),
+    /// The daemon's virtual networks: create, list, info, delete, check.
+    Net(manager::cli::NetArgs),
+    /// The daemon's firewall groups (nftables rules on VMs' NICs): create, set, list, delete.
+    Firewall(manager::cli::FirewallArgs),
 }
 
 #[derive(Parser)]
@@ -272,6 +282,11 @@ fn main() -> ExitCode {
         Cmd::Daemon(a) => return manager::cli::daemon(a),
         Cmd::Vm(a) => return manager::cli::vm(a),
         Cmd::Events(a) => return manager::cli::events(a),
+        Cmd::Net(a) => return manager::cli::net(a),
+        Cmd::Pool(a) => return manager::cli::pool(a),
+        Cmd::Volume(a) => return manager::cli::volume(a),
+        Cmd::Backup(a) => return manager::cli::backup(a),
+        Cmd::Firewall(a) => return manager::cli::firewall(a),
     };
     match r {
         Ok(c) => c,

@@ -581,6 +581,73 @@ pub struct RestoreRequest {
     pub source_url: String,
 }
 
+/// `PUT vm.backup`: a point-in-time export of the running (or paused) VM's writable disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    /// Where to write the export: `file:///absolute/dir` (created if absent; must be empty).
+    /// It gets one raw, sparse image of the virtual disk per writable disk, `disk<i>.raw`
+    /// (`i` = the disk's index in the configuration), and nothing else.
+    pub destination_url: String,
+    /// The most MiB per second the background copy reads (guest writes that copy blocks
+    /// ahead of it are never limited); absent or 0 = unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_mib_s: Option<u64>,
+}
+
+/// A backup job's state: JSON `"running"`, `"done"`, `"failed"` or `"cancelled"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupState {
+    /// Copying.
+    Running,
+    /// The export is complete and fsynced.
+    Done,
+    /// The export could not be written (see `error`); the guest was not affected.
+    Failed,
+    /// Cancelled (`DELETE vm.backup`, or the VM stopped) before it was done.
+    Cancelled,
+}
+
+/// `PUT vm.backup` (once the jobs started) and `GET vm.backup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupStatus {
+    /// The destination folder.
+    pub destination: String,
+    /// How long the guest was paused to start the backup, in milliseconds (with a VM that
+    /// was paused already: how long starting the jobs took).
+    pub pause_ms: f64,
+    /// `running` while any disk's job runs; then `failed` if one failed, else `cancelled` if
+    /// one was cancelled, else `done`.
+    pub state: BackupState,
+    /// One entry per writable disk, in configuration order.
+    pub disks: Vec<BackupDiskStatus>,
+}
+
+/// One disk's backup job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupDiskStatus {
+    /// The disk's index in the configuration (`disks[index]`, device `disk<index>`).
+    pub index: u32,
+    /// The disk's image.
+    pub path: String,
+    /// The export file.
+    pub target: String,
+    /// The virtual disk's size.
+    pub bytes_total: u64,
+    /// Bytes of the disk exported so far (written, or left as a hole where the disk reads as
+    /// zeros); `bytes_total` once done.
+    pub bytes_copied: u64,
+    /// Of `bytes_copied`, those copied early because the guest was about to overwrite them
+    /// (copy-before-write).
+    pub bytes_before_write: u64,
+    /// The job's state.
+    pub state: BackupState,
+    /// Why the job failed, in state `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// The body of every error response (4xx and 5xx).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

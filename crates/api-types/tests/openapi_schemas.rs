@@ -120,6 +120,22 @@ fn every_schema_matches_its_type() {
             guest_warnings_suppressed: 0,
         },
     );
+    check("BackupRequest", &BackupRequest { destination_url: "file:///b".into(), rate_limit_mib_s: Some(8) });
+    let disk_status = BackupDiskStatus {
+        index: 1,
+        path: "/d".into(),
+        target: "/b/disk1.raw".into(),
+        bytes_total: 3,
+        bytes_copied: 2,
+        bytes_before_write: 1,
+        state: BackupState::Failed,
+        error: Some("ENOSPC".into()),
+    };
+    check("BackupDiskStatus", &disk_status);
+    check(
+        "BackupStatus",
+        &BackupStatus { destination: "/b".into(), pause_ms: 1.5, state: BackupState::Failed, disks: vec![disk_status] },
+    );
     check("VmEnd", &VmEnd::Error { reason: "vcpu 0 failed".into() });
     check("DeviceCounters", &DeviceCounters { requests: 1, bytes_read: 2, bytes_written: 3, errors: 4 });
     check("BalloonConfig", &balloon());
@@ -159,9 +175,33 @@ fn every_schema_is_checked() {
         "BalloonInfo",
         "BalloonStats",
         "ErrorBody",
+        "BackupRequest",
+        "BackupStatus",
+        "BackupDiskStatus",
     ];
     for (name, _) in schemas() {
         let name = name.as_str().unwrap();
         assert!(checked.contains(&name), "schema {name} has no check in every_schema_matches_its_type");
+    }
+}
+
+#[test]
+fn backup_state_enums_match_the_type() {
+    let want: BTreeSet<String> = [BackupState::Running, BackupState::Done, BackupState::Failed, BackupState::Cancelled]
+        .iter()
+        .map(|s| serde_json::to_value(s).unwrap().as_str().unwrap().to_string())
+        .collect();
+    let s = schemas();
+    for schema in ["BackupStatus", "BackupDiskStatus"] {
+        let listed: BTreeSet<String> = s[schema]["properties"]["state"]["enum"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{schema}.state: no enum"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(listed, want, "{schema}.state");
+        for v in &listed {
+            serde_json::from_value::<BackupState>(Value::String(v.clone())).unwrap();
+        }
     }
 }

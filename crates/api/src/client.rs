@@ -18,7 +18,8 @@ use serde::Serialize;
 use crate::fileurl::path_to_file_url;
 use crate::server::API_PREFIX;
 use crate::types::{
-    BalloonInfo, BalloonTarget, Counters, ErrorBody, PingInfo, RestoreRequest, SnapshotRequest, VmConfig, VmInfo,
+    BackupRequest, BackupState, BackupStatus, BalloonInfo, BalloonTarget, Counters, ErrorBody, PingInfo,
+    RestoreRequest, SnapshotRequest, VmConfig, VmInfo,
 };
 
 /// The largest response body the client reads.
@@ -147,6 +148,12 @@ impl Client {
         self.call("PUT", name, body).map(drop)
     }
 
+    fn put_json<B: Serialize, T: DeserializeOwned>(&self, name: &str, body: &B) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let resp = self.call("PUT", name, Some(body))?;
+        serde_json::from_slice(&resp).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     /// `GET vmm.ping`.
     pub fn ping(&self) -> Result<PingInfo, ClientError> {
         self.get("vmm.ping")
@@ -217,6 +224,24 @@ impl Client {
     pub fn restore(&self, dir: &Path) -> Result<(), ClientError> {
         let source_url = dir_url(dir)?;
         self.put("vm.restore", Some(&RestoreRequest { source_url }))
+    }
+
+    /// `PUT vm.backup` into directory `dir` (made absolute against the current directory),
+    /// the background copy reading at most `rate_limit_mib_s` MiB/s (`None`: unlimited).
+    /// Returns once the jobs started, with the guest's pause.
+    pub fn backup(&self, dir: &Path, rate_limit_mib_s: Option<u64>) -> Result<BackupStatus, ClientError> {
+        let destination_url = dir_url(dir)?;
+        self.put_json("vm.backup", &BackupRequest { destination_url, rate_limit_mib_s })
+    }
+
+    /// `GET vm.backup`: the latest backup's progress.
+    pub fn backup_status(&self) -> Result<BackupStatus, ClientError> {
+        self.get("vm.backup")
+    }
+
+    /// `DELETE vm.backup`: cancels the running backup.
+    pub fn backup_cancel(&self) -> Result<(), ClientError> {
+        self.call("DELETE", "vm.backup", None).map(drop)
     }
 
     /// `PUT vmm.shutdown`.
@@ -340,6 +365,21 @@ pub enum ApiCommand {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Export the running or paused VM's writable disks as of one instant into DIR (created
+    /// if absent; must be empty): one raw sparse image per disk, `disk<i>.raw`. Returns once
+    /// the copy started; `backup-status` follows it.
+    Backup {
+        /// The destination directory (relative to the current directory unless absolute).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// The most MiB/s the background copy reads (default: unlimited).
+        #[arg(long, value_name = "MIB")]
+        rate_limit: Option<u64>,
+    },
+    /// The latest backup's progress, per disk.
+    BackupStatus,
+    /// Cancel the running backup.
+    BackupCancel,
     /// Stop the VM (if any) and the VMM process.
     VmmShutdown,
 }
@@ -409,6 +449,13 @@ fn execute(args: &ApiArgs, out: &mut dyn Write) -> Result<(), String> {
             let json = serde_json::to_vec(&body).map_err(|err| err.to_string())?;
             ("PUT", "vm.restore", Some(json), Some(format!("VM restored from {} (paused)", dir.display())))
         }
+        ApiCommand::Backup { dir, rate_limit } => {
+            let body = BackupRequest { destination_url: dir_url(dir).map_err(e)?, rate_limit_mib_s: *rate_limit };
+            let json = serde_json::to_vec(&body).map_err(|err| err.to_string())?;
+            ("PUT", "vm.backup", Some(json), None)
+        }
+        ApiCommand::BackupStatus => ("GET", "vm.backup", None, None),
+        ApiCommand::BackupCancel => ("DELETE", "vm.backup", None, Some("backup cancelled".into())),
         ApiCommand::VmmShutdown => ("PUT", "vmm.shutdown", None, Some("VMM shutting down".into())),
     };
     let body = client.call(method, name, body).map_err(e)?;
@@ -425,6 +472,7 @@ fn execute(args: &ApiArgs, out: &mut dyn Write) -> Result<(), String> {
         (ApiCommand::Ping, _) => format_ping(&decode(&body)?),
         (ApiCommand::Info, _) => format_info(&decode(&body)?),
         (ApiCommand::Balloon { .. }, _) => format_balloon(&decode(&body)?),
+        (ApiCommand::Backup { .. } | ApiCommand::BackupStatus, _) => format_backup(&decode(&body)?),
         (_, _) => format_counters(&decode(&body)?),
     };
     out.write_all(text.as_bytes()).map_err(write_err)
@@ -519,6 +567,39 @@ pub fn format_balloon(b: &BalloonInfo) -> String {
         ("hugetlb failures", n(st.hugetlb_failures)),
     ] {
         s += &format!("  {k}: {v}\n");
+    }
+    s
+}
+
+/// `vm.backup`, for a person: the overall state and pause, then one line per disk.
+pub fn format_backup(b: &BackupStatus) -> String {
+    let state = |s: BackupState| match s {
+        BackupState::Running => "running",
+        BackupState::Done => "done",
+        BackupState::Failed => "failed",
+        BackupState::Cancelled => "cancelled",
+    };
+    let mut s =
+        format!("backup to {}: {} (guest paused {:.2} ms to start it)\n", b.destination, state(b.state), b.pause_ms);
+    if b.disks.is_empty() {
+        s += "no writable disk\n";
+    }
+    for d in &b.disks {
+        let pct = if d.bytes_total == 0 { 100.0 } else { d.bytes_copied as f64 * 100.0 / d.bytes_total as f64 };
+        s += &format!(
+            "disk{}: {} {:.1}% ({} of {} bytes) {} -> {}",
+            d.index,
+            state(d.state),
+            pct,
+            d.bytes_copied,
+            d.bytes_total,
+            d.path,
+            d.target
+        );
+        if let Some(err) = &d.error {
+            s += &format!(": {err}");
+        }
+        s += "\n";
     }
     s
 }

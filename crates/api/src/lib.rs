@@ -6,7 +6,7 @@
 //! - [`Controller`]: what the server asks of the VMM; the VMM implements it.
 //! - [`server`]: serves a [`Controller`] on a socket.
 //! - [`client`]: calls the API (used by `rustvisor api`).
-//! - [`fileurl`]: the `file://` URLs of `vm.snapshot` and `vm.restore`.
+//! - [`fileurl`]: the `file://` URLs of `vm.snapshot`, `vm.restore` and `vm.backup`.
 
 pub mod client;
 pub mod fileurl;
@@ -14,7 +14,7 @@ pub mod server;
 /// The wire types, from the `api-types` crate.
 pub use api_types as types;
 
-use types::{BalloonInfo, Counters, PingInfo, VmConfig, VmInfo};
+use types::{BackupStatus, BalloonInfo, Counters, PingInfo, VmConfig, VmInfo};
 
 /// Why a request failed; the server maps each kind to an HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,6 +92,16 @@ pub trait Controller: Send + Sync + 'static {
     /// `PUT /api/v1/vm.restore` `{"source_url": "file:///dir"}`: into a VMM with no VM; the
     /// VM comes back `Paused`.
     fn restore(&self, source_dir: &str) -> Result<(), ApiError>;
+    /// `PUT /api/v1/vm.backup` `{"destination_url": "file:///dir"}`: starts a point-in-time
+    /// export of the `Running` or `Paused` VM's writable disks into `dir` (created if absent;
+    /// must be empty), the background copy reading at most `rate_limit_mib_s` MiB/s (`None`
+    /// or 0: unlimited); returns once the jobs started, with the guest's pause.
+    fn backup(&self, destination_dir: &str, rate_limit_mib_s: Option<u64>) -> Result<BackupStatus, ApiError>;
+    /// `GET /api/v1/vm.backup`: the latest backup's progress (404 when none was started).
+    fn backup_status(&self) -> Result<BackupStatus, ApiError>;
+    /// `DELETE /api/v1/vm.backup`: cancels the running backup's jobs (404 when none was
+    /// started; a finished backup is left as it is).
+    fn backup_cancel(&self) -> Result<(), ApiError>;
     /// `PUT /api/v1/vmm.shutdown`: stops the VM (if any) and then the VMM process.
     fn vmm_shutdown(&self);
 }

@@ -33,7 +33,7 @@ use serde::Serialize;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::types::{BalloonTarget, ErrorBody, RestoreRequest, SnapshotRequest, VmConfig};
+use crate::types::{BackupRequest, BalloonTarget, ErrorBody, RestoreRequest, SnapshotRequest, VmConfig};
 use crate::{fileurl, ApiError, Controller};
 
 /// Every route's path starts with this.
@@ -55,6 +55,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/api/v1/vm.balloon"),
     ("PUT", "/api/v1/vm.snapshot"),
     ("PUT", "/api/v1/vm.restore"),
+    ("PUT", "/api/v1/vm.backup"),
+    ("GET", "/api/v1/vm.backup"),
+    ("DELETE", "/api/v1/vm.backup"),
     ("GET", "/api/v1/vmm.ping"),
     ("PUT", "/api/v1/vmm.shutdown"),
 ];
@@ -307,9 +310,12 @@ async fn route(req: Request<Incoming>, state: &State, shutdown_requested: &Atomi
     }
     let name = path.strip_prefix(API_PREFIX).unwrap_or(&path);
     let is_json = content_type_is_json(req.headers().get(header::CONTENT_TYPE));
-    let put = req.method() == Method::PUT;
-    let body = if put { read_body(req.into_body(), &state.opts).await? } else { Bytes::new() };
-    let takes_body = matches!(name, "vm.create" | "vm.snapshot" | "vm.restore") || (put && name == "vm.balloon");
+    let method = req.method().clone();
+    let is_put = method == Method::PUT;
+    let body = if is_put { read_body(req.into_body(), &state.opts).await? } else { Bytes::new() };
+    let takes_body = matches!(name, "vm.create" | "vm.snapshot" | "vm.restore")
+        || (name == "vm.backup" && is_put)
+        || (name == "vm.balloon" && is_put);
     if takes_body {
         if body.is_empty() {
             return Err(bad_request("body", format!("{name} needs a JSON request body")));
@@ -341,7 +347,7 @@ async fn route(req: Request<Incoming>, state: &State, shutdown_requested: &Atomi
         "vm.delete" => no_content(call(state, name, |c| c.delete()).await?)?,
         "vm.info" => json_ok(call(state, name, |c| c.info()).await?)?,
         "vm.counters" => json_ok(call(state, name, |c| c.counters()).await?)?,
-        "vm.balloon" if put => {
+        "vm.balloon" if is_put => {
             let req: BalloonTarget = parse_json(&body)?;
             no_content(call(state, name, move |c| c.balloon_set(req.target_mib)).await?)?
         }
@@ -358,6 +364,15 @@ async fn route(req: Request<Incoming>, state: &State, shutdown_requested: &Atomi
                 fileurl::file_url_to_path(&req.source_url).map_err(|m| bad_request("source_url", m.to_string()))?;
             no_content(call(state, name, move |c| c.restore(&dir)).await?)?
         }
+        "vm.backup" if method == Method::PUT => {
+            let req: BackupRequest = parse_json(&body)?;
+            let dir = fileurl::file_url_to_path(&req.destination_url)
+                .map_err(|m| bad_request("destination_url", m.to_string()))?;
+            let rate = req.rate_limit_mib_s;
+            json_ok(call(state, name, move |c| c.backup(&dir, rate)).await?)?
+        }
+        "vm.backup" if method == Method::GET => json_ok(call(state, name, |c| c.backup_status()).await?)?,
+        "vm.backup" => no_content(call(state, name, |c| c.backup_cancel()).await?)?,
         "vmm.ping" => json_response(StatusCode::OK, &call(state, name, |c| c.ping()).await?),
         "vmm.shutdown" => {
             shutdown_requested.store(true, Ordering::SeqCst);

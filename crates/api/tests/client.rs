@@ -147,6 +147,17 @@ devices:
     assert!(err.starts_with("rustvisor api: 500 Internal Server Error: cannot write /fail/state"), "{err}");
 
     assert_eq!(ok(s, &["resume"]), "VM resumed\n");
+    // Backup: start, status, cancel.
+    let out = ok(s, &["backup", "/backups/b", "--rate-limit", "16"]);
+    assert_eq!(
+        out,
+        "backup to /backups/b: running (guest paused 1.25 ms to start it)\n\
+         disk0: running 0.0% (0 of 1048576 bytes) /img/root.raw -> /backups/b/disk0.raw\n"
+    );
+    assert_eq!(srv.mock.backup.lock().unwrap().as_ref().unwrap().1, Some(16));
+    assert!(ok(s, &["backup-status"]).starts_with("backup to /backups/b: running"));
+    assert_eq!(ok(s, &["backup-cancel"]), "backup cancelled\n");
+    assert!(ok(s, &["backup-status"]).contains("disk0: cancelled"));
     assert_eq!(ok(s, &["reboot"]), "VM rebooted\n");
     assert_eq!(ok(s, &["shutdown"]), "VM shut down\n");
     assert_eq!(ok(s, &["delete"]), "VM deleted\n");
@@ -236,6 +247,20 @@ fn client_library_calls() {
     c.snapshot(Path::new("/snap/x y")).unwrap();
     assert_eq!(*srv.mock.snapshots.lock().unwrap(), ["/snap/x y"]);
     c.resume().unwrap();
+    match c.backup_status() {
+        Err(ClientError::Http { status: 404, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let b = c.backup(Path::new("/backups/x y"), Some(4)).unwrap();
+    assert_eq!((b.destination.as_str(), b.pause_ms), ("/backups/x y", 1.25));
+    assert_eq!(srv.mock.backup.lock().unwrap().as_ref().unwrap().1, Some(4));
+    assert_eq!(c.backup_status().unwrap(), b);
+    match c.backup(Path::new("/backups/z"), None) {
+        Err(ClientError::Http { status: 409, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    c.backup_cancel().unwrap();
+    assert_eq!(c.backup_status().unwrap().state, api::types::BackupState::Cancelled);
     assert_eq!(c.info().unwrap().config, sample_config());
     assert_eq!(c.counters().unwrap().vcpus.len(), 2);
     c.reboot().unwrap();

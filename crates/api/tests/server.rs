@@ -91,6 +91,7 @@ fn every_route_is_served_with_its_method() {
             (_, "vm.snapshot") => Some(r#"{"destination_url": "file:///s"}"#),
             (_, "vm.restore") => Some(r#"{"source_url": "file:///s"}"#),
             ("PUT", "vm.balloon") => Some(r#"{"target_mib": 1}"#),
+            ("PUT", "vm.backup") => Some(r#"{"destination_url": "file:///b"}"#),
             _ => None,
         };
         let methods: Vec<&str> = ROUTES.iter().filter(|(_, p)| p == path).map(|(m, _)| *m).collect();
@@ -485,4 +486,52 @@ fn balloon_routes() {
     assert_eq!(j["stats_age_s"], 1.25);
     assert_eq!(put(s, "vm.pause", None).status, 204);
     assert_eq!(put(s, "vm.balloon", Some(r#"{"target_mib": 0}"#)).status, 204, "a paused VM too");
+}
+
+#[test]
+fn backup_routes_and_statuses() {
+    let srv = TestServer::start("backup");
+    let s = &srv.socket;
+    let body = r#"{"destination_url": "file:///backups/b%201", "rate_limit_mib_s": 8}"#;
+    assert_eq!(put(s, "vm.backup", Some(body)).status, 404, "no VM");
+    assert_eq!(get(s, "vm.backup").status, 404);
+    assert_eq!(request(s, "DELETE", "vm.backup", None).status, 404);
+    assert_eq!(put(s, "vm.create", Some(r#"{"kernel": "/k"}"#)).status, 204);
+    let r = put(s, "vm.backup", Some(body));
+    assert_eq!((r.status, r.json()["state"].as_str()), (409, Some("Created")));
+    assert_eq!(put(s, "vm.boot", None).status, 204);
+    // Bad bodies: the field named.
+    for (bad, field) in [
+        (r#"{"destination_url": "/b"}"#, "destination_url"),
+        (r#"{"destination_url": "file:///b", "rate_limit_mib_s": -1}"#, "rate_limit_mib_s"),
+        (r#"{"destination_url": "file:///b", "rate_limit_mib_s": "fast"}"#, "rate_limit_mib_s"),
+        (r#"{"destination_url": "file:///b", "compress": true}"#, "compress"),
+        (r#"{}"#, "destination_url"),
+    ] {
+        let r = put(s, "vm.backup", Some(bad));
+        assert_eq!((r.status, r.json()["field"].as_str()), (400, Some(field)), "{bad}");
+    }
+    assert_eq!(put(s, "vm.backup", None).status, 400, "PUT needs a body");
+    let r = put(s, "vm.backup", Some(body));
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!((j["destination"].as_str(), j["state"].as_str()), (Some("/backups/b 1"), Some("running")));
+    assert_eq!(j["disks"][0]["target"], "/backups/b 1/disk0.raw");
+    assert_eq!(srv.mock.backup.lock().unwrap().as_ref().unwrap().1, Some(8));
+    let r = put(s, "vm.backup", Some(body));
+    assert_eq!(r.status, 409, "a backup runs already");
+    let r = get(s, "vm.backup");
+    assert_eq!((r.status, r.json()["disks"][0]["state"].as_str()), (200, Some("running")));
+    let r = request(s, "DELETE", "vm.backup", None);
+    assert_eq!(r.status, 204);
+    assert!(r.body.is_empty());
+    assert_eq!(get(s, "vm.backup").json()["state"], "cancelled");
+    assert_eq!(request(s, "DELETE", "vm.backup", None).status, 204, "cancelling a finished backup is a no-op");
+    // Without a rate limit.
+    let r = put(s, "vm.backup", Some(r#"{"destination_url": "file:///b2"}"#));
+    assert_eq!(r.status, 200);
+    assert_eq!(srv.mock.backup.lock().unwrap().as_ref().unwrap().1, None);
+    // Other methods: 405 naming all three.
+    let r = request(s, "POST", "vm.backup", None);
+    assert_eq!((r.status, r.header("allow")), (405, Some("PUT, GET, DELETE")));
 }

@@ -21,6 +21,9 @@
 //! that owns a raw disk could otherwise write a qcow2 header pointing at any host file).
 //!
 //! All offsets and lengths are in bytes. Requests must lie within [`DiskImage::size`].
+//!
+//! [`backup`] exports a disk in use as of one instant (copy-before-write), for backups of
+//! running VMs.
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -33,11 +36,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use imago::qcow2::Qcow2;
 use imago::{FormatAccess, FormatCreateBuilder, Storage, StorageCreateOptions};
 
+pub mod backup;
 mod chain;
+pub use backup::{BackupJob, Copier, JobState, JobStatus};
 pub use chain::{ImagePolicy, MAX_CHAIN_DEPTH};
 
 /// The first four bytes of every qcow2 image: `QFI\xfb`.
@@ -235,11 +241,31 @@ enum Backend {
 /// [`io::ErrorKind::PermissionDenied`]. Dropping the image writes back qcow2 metadata caches
 /// (syncing only where metadata write ordering needs it; call [`DiskImage::flush`] to make
 /// writes durable).
+///
+/// A [`BackupJob`] may be attached ([`DiskImage::attach_backup`]): writes, discards and
+/// zeroing then copy the old content of the blocks they touch to the backup first (see
+/// [`backup`]).
 pub struct DiskImage {
     path: PathBuf,
     format: Format,
     readonly: bool,
+    /// qcow2 only: the header names a backing file (growing must then hide its tail).
+    has_backing: bool,
     backend: Backend,
+    /// The backup whose copy-before-write runs before every change.
+    backup: Option<Arc<BackupJob>>,
+}
+
+/// A run of a disk's guest-visible bytes, as the image's allocation metadata describes it
+/// (see [`DiskImage::extent`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// `false`: the run reads as zeros without being stored (a hole in a raw file; an
+    /// unallocated or zero qcow2 cluster with no backing data behind it). `true`: the run may
+    /// hold data (it may still read as zeros: the formats do not know).
+    pub data: bool,
+    /// Length of the run in bytes, at least 1 unless the offset is the end of the disk.
+    pub len: u64,
 }
 
 impl fmt::Debug for DiskImage {
@@ -391,6 +417,7 @@ impl DiskImage {
             return Err(Error::FormatMismatch { path: path.to_path_buf(), expected: format, found });
         }
 
+        let has_backing = format == Format::Qcow2 && qcow2_names_backing(&file, path)?;
         let backend = match format {
             Format::Raw => {
                 let size =
@@ -399,7 +426,7 @@ impl DiskImage {
             }
             Format::Qcow2 => Backend::Qcow2(Box::new(chain::open_qcow2(path, file, readonly, policy)?)),
         };
-        Ok(DiskImage { path: path.to_path_buf(), format, readonly, backend })
+        Ok(DiskImage { path: path.to_path_buf(), format, readonly, has_backing, backend, backup: None })
     }
 
     /// The path the image was opened from.
@@ -462,6 +489,7 @@ impl DiskImage {
     /// errors (`ENOSPC`, ...).
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.check_write(offset, buf.len() as u64)?;
+        self.copy_before_write(offset, buf.len() as u64);
         match &self.backend {
             Backend::Raw(r) => r.file.write_all_at(buf, offset),
             Backend::Qcow2(q) => q.write(buf, offset),
@@ -500,6 +528,7 @@ impl DiskImage {
         if len == 0 {
             return Ok(());
         }
+        self.copy_before_write(offset, len);
         match &mut self.backend {
             Backend::Raw(r) => r.discard(offset, len),
             Backend::Qcow2(q) => match q.discard_to_zero(offset, len) {
@@ -519,11 +548,155 @@ impl DiskImage {
         if len == 0 {
             return Ok(());
         }
+        self.copy_before_write(offset, len);
         match &mut self.backend {
             Backend::Raw(r) => r.write_zeroes(offset, len),
             Backend::Qcow2(q) => qcow2_zeroes(q, offset, len),
         }
     }
+}
+
+impl DiskImage {
+    /// Describes the guest-visible bytes from `offset` on, up to `max_len` bytes (and the end of
+    /// the disk): whether they are a run that reads as zeros without being stored, or a run
+    /// that may hold data, and how long that run is. Copying only the data runs copies the
+    /// disk. Raw: `lseek(SEEK_DATA / SEEK_HOLE)` (a file system or block device without them
+    /// reports everything as data). Qcow2: the L1/L2 mapping through the whole backing chain
+    /// (a raw backing file counts as data throughout).
+    ///
+    /// Returns a zero-length extent at or past the end of the disk.
+    ///
+    /// Errors: host I/O errors, or a corrupt qcow2 mapping.
+    pub fn extent(&self, offset: u64, max_len: u64) -> io::Result<Extent> {
+        let len = max_len.min(self.size().saturating_sub(offset));
+        if len == 0 {
+            return Ok(Extent { data: false, len: 0 });
+        }
+        match &self.backend {
+            Backend::Raw(r) => raw_extent(&r.file, offset, len),
+            Backend::Qcow2(q) => {
+                let (mapping, n) = q.get_mapping(offset, len)?;
+                let data = match mapping {
+                    imago::Mapping::Zero { .. } | imago::Mapping::Eof { .. } => false,
+                    // Raw, compressed and anything imago adds later: read it.
+                    _ => true,
+                };
+                Ok(Extent { data, len: n.clamp(1, len) })
+            }
+        }
+    }
+
+    /// Grows the disk to `new_size` bytes; the new range reads as zeros. A `new_size` at or
+    /// below the current size changes nothing (shrinking is never done here). Raw: the file is
+    /// extended sparse (`ftruncate`). Qcow2: imago grows the L1 table and the header's size;
+    /// with a backing file, the new range is marked as zero clusters so a longer backing file
+    /// cannot show through. Call [`DiskImage::flush`] to make it durable.
+    ///
+    /// Errors: [`io::ErrorKind::PermissionDenied`] on a read-only image;
+    /// [`io::ErrorKind::Unsupported`] for a raw host block device; host I/O errors.
+    pub fn grow(&mut self, new_size: u64) -> io::Result<()> {
+        if self.readonly {
+            return Err(read_only_error());
+        }
+        if new_size <= self.size() {
+            return Ok(());
+        }
+        match &mut self.backend {
+            Backend::Raw(r) => {
+                if r.file.metadata()?.file_type().is_block_device() {
+                    return Err(io::Error::new(io::ErrorKind::Unsupported, "cannot grow a host block device"));
+                }
+                r.file.set_len(new_size)?;
+                r.size = new_size;
+                Ok(())
+            }
+            Backend::Qcow2(q) => {
+                let mode = if self.has_backing {
+                    imago::format::PreallocateMode::Zero
+                } else {
+                    imago::format::PreallocateMode::None
+                };
+                q.resize_grow(new_size, mode)
+            }
+        }
+    }
+
+    /// Attaches `job`: from now on every write, discard and write-zeroes first copies the old
+    /// content of the blocks it touches that the job has not copied yet (see [`backup`]).
+    /// The instant of the export is now. A job that ended and is still attached is replaced.
+    ///
+    /// Errors: [`io::ErrorKind::InvalidInput`] when the job was made for another size;
+    /// [`io::ErrorKind::ResourceBusy`] when a running job is attached already.
+    pub fn attach_backup(&mut self, job: Arc<BackupJob>) -> io::Result<()> {
+        if job.size() != self.size() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("backup job for {} bytes, disk of {} bytes", job.size(), self.size()),
+            ));
+        }
+        if self.backup.as_ref().is_some_and(|j| j.is_running()) {
+            return Err(io::Error::new(io::ErrorKind::ResourceBusy, "a backup of this disk is running"));
+        }
+        self.backup = Some(job);
+        Ok(())
+    }
+
+    /// Detaches `job` if it is the one attached (writes no longer check it).
+    pub fn detach_backup(&mut self, job: &BackupJob) {
+        if self.backup.as_ref().is_some_and(|j| std::ptr::eq(Arc::as_ptr(j), job)) {
+            self.backup = None;
+        }
+    }
+
+    /// The attached backup job, if any.
+    pub fn backup(&self) -> Option<&Arc<BackupJob>> {
+        self.backup.as_ref()
+    }
+
+    /// Copy-before-write of the attached job for a change of `len` bytes at `offset`
+    /// (already range-checked). Never fails: a failing backup fails itself.
+    fn copy_before_write(&self, offset: u64, len: u64) {
+        if let Some(job) = &self.backup {
+            job.before_write(self, offset, len);
+        }
+    }
+}
+
+/// [`DiskImage::extent`] for a raw file: `len` (> 0) bytes from `offset` are inside the file.
+fn raw_extent(file: &File, offset: u64, len: u64) -> io::Result<Extent> {
+    let data_at = match lseek(file, offset, libc::SEEK_DATA) {
+        Ok(Some(d)) => d,
+        // No data after `offset`: all hole.
+        Ok(None) => return Ok(Extent { data: false, len }),
+        // No SEEK_DATA here (a block device, an old file system): all data.
+        Err(e) if fallocate_unsupported(&e) => return Ok(Extent { data: true, len }),
+        Err(e) => return Err(e),
+    };
+    if data_at > offset {
+        return Ok(Extent { data: false, len: (data_at - offset).min(len) });
+    }
+    let hole_at = lseek(file, offset, libc::SEEK_HOLE)?.unwrap_or(offset + len);
+    Ok(Extent { data: true, len: hole_at.saturating_sub(offset).clamp(1, len) })
+}
+
+/// `lseek(2)` on `file`; `None` for `ENXIO` (no data / hole at or after `pos`).
+fn lseek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek only moves the offset of a descriptor we hold open; no memory is shared.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+    }
+    Ok(u64::try_from(r).ok())
+}
+
+/// Whether the qcow2 header in `file` names a backing file (`backing_file_offset`, bytes
+/// 8..16, is non-zero). Only that field is read.
+fn qcow2_names_backing(file: &File, path: &Path) -> Result<bool, Error> {
+    let mut field = [0u8; 8];
+    file.read_exact_at(&mut field, 8).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    Ok(u64::from_be_bytes(field) != 0)
 }
 
 /// What `file`'s first bytes say it is: [`Format::Qcow2`] if it starts with [`QCOW2_MAGIC`],
@@ -575,6 +748,24 @@ pub fn create_qcow2(path: impl AsRef<Path>, size: u64, backing: Option<(&str, Fo
         builder = builder.backing(name.to_string(), format.as_str().to_string());
     }
     builder.create().map_err(|e| Error::Qcow2 { path: path.to_path_buf(), source: e })
+}
+
+/// Creates a new qcow2 v3 image of `size` bytes at `path` (which must not exist yet) with
+/// every cluster allocated up front: metadata for the whole disk, and the data area reserved
+/// with `fallocate(2)` (reading as zeros). The file then takes about `size` bytes of host space,
+/// so later guest writes cannot fail for lack of it.
+///
+/// Errors: as for [`create_qcow2`]; `ENOSPC` comes as [`Error::Qcow2`], and the partly
+/// written file is left for the caller to remove.
+pub fn create_qcow2_preallocated(path: impl AsRef<Path>, size: u64) -> Result<(), Error> {
+    let path = path.as_ref();
+    let storage = imago::file::File::create_open(StorageCreateOptions::new().filename(path))
+        .map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    Qcow2::<imago::file::File>::create_builder(storage)
+        .size(size)
+        .preallocate(imago::format::PreallocateMode::FullAllocate)
+        .create()
+        .map_err(|e| Error::Qcow2 { path: path.to_path_buf(), source: e })
 }
 
 /// `name` as imago resolves it: absolute as is, else relative to `image`'s directory.
@@ -881,6 +1072,97 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains("gone.raw") && msg.contains("top.qcow2"), "{msg}");
         }
+    }
+
+    #[test]
+    fn extents_follow_allocation() {
+        let dir = TempDir::new();
+        // Raw: holes and data as the file system reports them.
+        let p = raw_file(&dir, "disk.img", 4 << 20);
+        let disk = DiskImage::open(&p, Format::Raw, false).unwrap();
+        disk.write_at(1 << 20, &[1; 65536]).unwrap();
+        disk.flush().unwrap();
+        let e = disk.extent(0, u64::MAX).unwrap();
+        if e.data {
+            // A file system without SEEK_DATA: everything is data.
+            assert_eq!(e.len, 4 << 20);
+        } else {
+            assert_eq!(e, Extent { data: false, len: 1 << 20 });
+            assert_eq!(disk.extent(1 << 20, u64::MAX).unwrap(), Extent { data: true, len: 65536 });
+            assert!(!disk.extent((1 << 20) + 65536, u64::MAX).unwrap().data);
+            assert_eq!(disk.extent(0, 4096).unwrap(), Extent { data: false, len: 4096 });
+        }
+        assert_eq!(disk.extent(4 << 20, 1).unwrap().len, 0);
+
+        // Qcow2: unallocated clusters are zero runs, written ones data, through a backing file.
+        let q = dir.join("disk.qcow2");
+        qcow2_file(&q, 4 << 20, None);
+        let disk = DiskImage::open(&q, Format::Qcow2, false).unwrap();
+        assert_eq!(disk.extent(0, u64::MAX).unwrap(), Extent { data: false, len: 4 << 20 });
+        disk.write_at(1 << 20, &[1; 4096]).unwrap();
+        assert_eq!(disk.extent(0, u64::MAX).unwrap(), Extent { data: false, len: 1 << 20 });
+        assert_eq!(disk.extent(1 << 20, u64::MAX).unwrap(), Extent { data: true, len: 65536 });
+        assert_eq!(disk.extent((1 << 20) + 65536, 10).unwrap(), Extent { data: false, len: 10 });
+        drop(disk);
+        let top = dir.join("top.qcow2");
+        qcow2_file(&top, 4 << 20, Some(("disk.qcow2", Format::Qcow2)));
+        let disk = DiskImage::open(&top, Format::Qcow2, true).unwrap();
+        assert_eq!(disk.extent(0, u64::MAX).unwrap(), Extent { data: false, len: 1 << 20 });
+        assert!(disk.extent(1 << 20, u64::MAX).unwrap().data);
+    }
+
+    #[test]
+    fn grow_raw_and_qcow2_hides_the_backing_tail() {
+        let dir = TempDir::new();
+        let p = raw_file(&dir, "disk.img", 1 << 20);
+        let mut disk = DiskImage::open(&p, Format::Raw, false).unwrap();
+        disk.grow(2 << 20).unwrap();
+        disk.grow(1 << 20).unwrap(); // never shrinks
+        assert_eq!(disk.size(), 2 << 20);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 20);
+        let mut ro = DiskImage::open(&p, Format::Raw, true).unwrap();
+        assert_eq!(ro.grow(4 << 20).unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+
+        // A 1 MiB overlay over a 2 MiB backing file of 0x42, grown to 2 MiB: the new MiB is
+        // zeros, not the backing file's tail.
+        std::fs::write(dir.join("base.raw"), vec![0x42u8; 2 << 20]).unwrap();
+        let top = dir.join("top.qcow2");
+        qcow2_file(&top, 1 << 20, Some(("base.raw", Format::Raw)));
+        {
+            let mut disk = DiskImage::open(&top, Format::Qcow2, false).unwrap();
+            disk.grow(2 << 20).unwrap();
+            disk.flush().unwrap();
+        }
+        let disk = DiskImage::open(&top, Format::Qcow2, true).unwrap();
+        assert_eq!(disk.size(), 2 << 20);
+        let mut b = vec![0u8; 2 << 20];
+        disk.read_at(0, &mut b).unwrap();
+        assert!(b[..1 << 20].iter().all(|&x| x == 0x42));
+        assert!(b[1 << 20..].iter().all(|&x| x == 0));
+
+        // Without a backing file, growing allocates nothing.
+        let q = dir.join("plain.qcow2");
+        qcow2_file(&q, 1 << 20, None);
+        let before = std::fs::metadata(&q).unwrap().len();
+        let mut disk = DiskImage::open(&q, Format::Qcow2, false).unwrap();
+        disk.grow(1 << 30).unwrap();
+        disk.flush().unwrap();
+        assert_eq!(disk.size(), 1 << 30);
+        assert!(std::fs::metadata(&q).unwrap().len() <= before + 65536);
+    }
+
+    #[test]
+    fn preallocated_qcow2_reserves_its_size() {
+        let dir = TempDir::new();
+        let q = dir.join("full.qcow2");
+        create_qcow2_preallocated(&q, 8 << 20).unwrap();
+        assert!(allocated(&q) >= 8 << 20, "{}", allocated(&q));
+        let disk = DiskImage::open(&q, Format::Qcow2, false).unwrap();
+        assert_eq!(disk.size(), 8 << 20);
+        let mut b = vec![1u8; 8 << 20];
+        disk.read_at(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        assert!(create_qcow2_preallocated(&q, 8 << 20).is_err(), "refuses an existing file");
     }
 
     #[test]

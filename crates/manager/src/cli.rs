@@ -15,8 +15,8 @@ use api::client::{Client, ClientError};
 use serde::de::DeserializeOwned;
 
 use crate::types::{
-    ErrorBody, Event, EventList, RestartPolicy, SnapshotInfo, SnapshotList, StopRequest, UpdateRequest, VmDetails,
-    VmList, VmSummary, NAME_RULE,
+    ErrorBody, Event, EventList, FirewallInfo, FirewallList, NetCheck, NetworkInfo, NetworkList, RestartPolicy,
+    SnapshotInfo, SnapshotList, StopRequest, UpdateRequest, VmDetails, VmList, VmSummary, NAME_RULE,
 };
 
 /// The daemon's socket when neither `--connect` nor `RUSTVISOR_SOCKET` says otherwise.
@@ -134,6 +134,22 @@ pub enum VmCommand {
     },
     /// Change a VM: its policy at any time, its configuration while it is stopped.
     Set(Box<SetArgs>),
+    /// Make a stopped VM a template: its pool volumes become read-only; it is cloned, never
+    /// started.
+    Template {
+        /// The VM.
+        name: String,
+    },
+    /// A new VM from a VM or template: copies of its pool volumes (`NEW-disk<i>`), new MACs.
+    Clone {
+        /// The VM or template.
+        name: String,
+        /// The new VM's name.
+        new: String,
+        /// Linked clones of the disks (qcow2 overlays; the source must be a template).
+        #[arg(long)]
+        linked: bool,
+    },
     /// A VM's snapshots: create, list, revert, delete.
     Snapshot {
         /// The VM.
@@ -243,7 +259,8 @@ pub struct CreateArgs {
     /// Accelerator: auto, kvm or emu.
     #[arg(long, default_value = "auto")]
     pub accel: String,
-    /// A virtio-blk disk, as for `rustvisor run` (repeatable).
+    /// A virtio-blk disk, as for `rustvisor run`, or a pool volume: vol=POOL/NAME[,readonly=on]
+    /// (repeatable).
     #[arg(long, value_name = "OPTIONS")]
     pub disk: Vec<String>,
     /// A virtio-net NIC, as for `rustvisor run` (repeatable).
@@ -258,6 +275,520 @@ pub struct CreateArgs {
     /// A virtio-console: file=PATH or null.
     #[arg(long)]
     pub console: Option<String>,
+    /// A NIC on one of the daemon's networks: net=NAME[,vlan=N][,mac=MAC][,firewall=GROUP]
+    /// (repeatable; the daemon makes its TAP when the VM starts).
+    #[arg(long, value_name = "OPTIONS")]
+    pub nic: Vec<String>,
+}
+
+/// `--disk vol=POOL/NAME[,readonly=on]`.
+fn volume_attach(d: &str) -> Result<crate::types::VolumeAttach, Failure> {
+    let mut out = crate::types::VolumeAttach { volume: String::new(), readonly: false };
+    for part in d.split(',') {
+        match part.split_once('=') {
+            Some(("vol", v)) => out.volume = v.to_string(),
+            Some(("readonly", "on" | "true")) => out.readonly = true,
+            Some(("readonly", "off" | "false")) => out.readonly = false,
+            _ => {
+                return Err(failure(
+                    2,
+                    format!("--disk: '{part}' (accepted with vol=: vol=POOL/NAME[,readonly=on|off])"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `rustvisor pool`: storage pools (directories of volumes).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PoolArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: PoolCommand,
+}
+
+/// The `rustvisor pool` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum PoolCommand {
+    /// Create a directory pool (the folder is made if absent).
+    Create {
+        /// The pool's name.
+        name: String,
+        /// Its folder.
+        #[arg(long)]
+        path: PathBuf,
+    },
+    /// List the pools: NAME PATH CAPACITY FREE ALLOCATED VIRTUAL VOLUMES.
+    List {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One pool's space.
+    Info {
+        /// The pool.
+        name: String,
+    },
+    /// Forget an empty pool (its folder stays).
+    Delete {
+        /// The pool.
+        name: String,
+    },
+}
+
+/// `rustvisor volume`: a pool's disk images.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VolumeArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: VolumeCommand,
+}
+
+/// The `rustvisor volume` subcommands; volumes are named `POOL/NAME`.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum VolumeCommand {
+    /// Create a thin volume.
+    Create {
+        /// POOL/NAME.
+        volume: String,
+        /// Its size, e.g. 8G.
+        #[arg(long)]
+        size: String,
+        /// qcow2 (default) or raw (sparse).
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        /// Reserve the space now.
+        #[arg(long)]
+        preallocate: bool,
+    },
+    /// Copy an image file in (checked as untrusted; a qcow2 is flattened).
+    Import {
+        /// POOL/NAME.
+        volume: String,
+        /// The file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The file's format (give it for a raw image a guest wrote); default: detected.
+        #[arg(long)]
+        source_format: Option<String>,
+    },
+    /// Grow a volume (never shrink).
+    Resize {
+        /// POOL/NAME.
+        volume: String,
+        /// The new size, e.g. 16G.
+        #[arg(long)]
+        size: String,
+    },
+    /// Copy a volume, or make a linked clone (a qcow2 overlay on it).
+    Clone {
+        /// POOL/NAME of the source.
+        source: String,
+        /// POOL/NAME of the new volume.
+        target: String,
+        /// A linked clone.
+        #[arg(long)]
+        linked: bool,
+    },
+    /// List a pool's volumes: NAME FORMAT VIRTUAL ALLOCATED BACKING USED-BY.
+    List {
+        /// The pool.
+        pool: String,
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One volume.
+    Info {
+        /// POOL/NAME.
+        volume: String,
+    },
+    /// Delete a volume no VM uses and nothing is built on.
+    Delete {
+        /// POOL/NAME.
+        volume: String,
+    },
+}
+
+/// `rustvisor backup`: VM backups.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: BackupCommand,
+}
+
+/// The `rustvisor backup` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum BackupCommand {
+    /// Back a stopped VM up: its definition and its disks' data, with a checksum.
+    Create {
+        /// The VM.
+        vm: String,
+        /// Where (default <state-dir>/backups).
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// List the backups: ID VM CREATED SIZE.
+    List {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup as a new VM (its disks as new volumes in --pool, new MACs); a
+    /// corrupt backup is refused.
+    Restore {
+        /// The backup's id.
+        id: String,
+        /// The new VM's name (default: the backed-up VM's).
+        #[arg(long = "as")]
+        name: Option<String>,
+        /// The pool for its disks.
+        #[arg(long)]
+        pool: String,
+    },
+    /// Delete a backup.
+    Delete {
+        /// The backup's id.
+        id: String,
+    },
+}
+
+/// `POOL/NAME` → (pool, name); exit 2 otherwise.
+fn split_volume(v: &str) -> Result<(&str, &str), Failure> {
+    match v.split_once('/') {
+        Some((p, n)) if crate::types::valid_name(p) && crate::types::valid_name(n) => Ok((p, n)),
+        _ => Err(failure(2, format!("volume: '{v}' (accepted: POOL/NAME, each {NAME_RULE})"))),
+    }
+}
+
+fn size_flag(flag: &str, s: &str) -> Result<u64, Failure> {
+    vmm::config::parse_size(s).map_err(|e| failure(2, format!("{flag}: {e}")))
+}
+
+/// Runs `rustvisor pool ...`.
+pub fn pool(a: PoolArgs) -> ExitCode {
+    finish(pool_text(&a))
+}
+
+fn pool_text(a: &PoolArgs) -> Result<String, Failure> {
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(600))?;
+    Ok(match &a.command {
+        PoolCommand::Create { name, path } => {
+            check_name(name)?;
+            let path = std::path::absolute(path).map_err(|e| failure(2, format!("--path: {e}")))?;
+            let body = serde_json::to_vec(&serde_json::json!({ "name": name, "path": path }))
+                .map_err(|e| failure(1, e.to_string()))?;
+            let p: crate::types::PoolDetails = decode(&c.call("POST", "pools", Some(body))?)?;
+            format!("pool '{name}' created at {}\n", p.info.path.display())
+        }
+        PoolCommand::List { json } => {
+            let list: crate::types::PoolList = c.get("pools")?;
+            if *json {
+                return to_json(&list);
+            }
+            format_pools(&list.pools)
+        }
+        PoolCommand::Info { name } => {
+            check_name(name)?;
+            let p: crate::types::PoolDetails = c.get(&format!("pools/{name}"))?;
+            format_pools(std::slice::from_ref(&p))
+        }
+        PoolCommand::Delete { name } => {
+            check_name(name)?;
+            c.call("DELETE", &format!("pools/{name}"), None)?;
+            format!("pool '{name}' deleted\n")
+        }
+    })
+}
+
+/// The `pool list` table.
+pub fn format_pools(pools: &[crate::types::PoolDetails]) -> String {
+    let mut rows =
+        vec![["NAME", "PATH", "CAPACITY", "FREE", "ALLOCATED", "VIRTUAL", "VOLUMES"].map(String::from).to_vec()];
+    for p in pools {
+        let i = &p.info;
+        rows.push(vec![
+            p.name.clone(),
+            i.path.display().to_string(),
+            format_bytes(i.capacity_bytes),
+            format_bytes(i.available_bytes),
+            format_bytes(i.allocated_bytes),
+            format_bytes(i.virtual_bytes),
+            i.volumes.to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Runs `rustvisor volume ...`.
+pub fn volume(a: VolumeArgs) -> ExitCode {
+    finish(volume_text(&a))
+}
+
+fn volume_text(a: &VolumeArgs) -> Result<String, Failure> {
+    use crate::types::{VolumeDetails, VolumeList};
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(3600))?;
+    let post = |route: String, body: serde_json::Value| -> Result<VolumeDetails, Failure> {
+        let body = serde_json::to_vec(&body).map_err(|e| failure(1, e.to_string()))?;
+        decode(&c.call("POST", &route, Some(body))?)
+    };
+    Ok(match &a.command {
+        VolumeCommand::Create { volume, size, format, preallocate } => {
+            let (pool, name) = split_volume(volume)?;
+            let size = size_flag("--size", size)?;
+            let v = post(
+                format!("pools/{pool}/volumes"),
+                serde_json::json!({ "name": name, "size_bytes": size, "format": format, "preallocate": preallocate }),
+            )?;
+            format!(
+                "volume {pool}/{name} created ({}, {})\n",
+                v.info.format.as_str(),
+                format_bytes(v.info.virtual_bytes)
+            )
+        }
+        VolumeCommand::Import { volume, from, source_format } => {
+            let (pool, name) = split_volume(volume)?;
+            let from = std::path::absolute(from).map_err(|e| failure(2, format!("--from: {e}")))?;
+            let v = post(
+                format!("pools/{pool}/volumes"),
+                serde_json::json!({ "name": name, "import_from": from, "source_format": source_format }),
+            )?;
+            format!(
+                "volume {pool}/{name} imported ({}, {})\n",
+                v.info.format.as_str(),
+                format_bytes(v.info.virtual_bytes)
+            )
+        }
+        VolumeCommand::Resize { volume, size } => {
+            let (pool, name) = split_volume(volume)?;
+            let size = size_flag("--size", size)?;
+            let body = serde_json::to_vec(&serde_json::json!({ "size_bytes": size }))
+                .map_err(|e| failure(1, e.to_string()))?;
+            let v: VolumeDetails =
+                decode(&c.call("PUT", &format!("pools/{pool}/volumes/{name}/resize"), Some(body))?)?;
+            format!("volume {pool}/{name} resized to {}\n", format_bytes(v.info.virtual_bytes))
+        }
+        VolumeCommand::Clone { source, target, linked } => {
+            let (pool, name) = split_volume(source)?;
+            let (tpool, tname) = split_volume(target)?;
+            post(
+                format!("pools/{pool}/volumes/{name}/clone"),
+                serde_json::json!({ "name": tname, "pool": tpool, "linked": linked }),
+            )?;
+            format!("volume {tpool}/{tname} cloned from {pool}/{name} ({})\n", if *linked { "linked" } else { "full" })
+        }
+        VolumeCommand::List { pool, json } => {
+            check_name(pool)?;
+            let list: VolumeList = c.get(&format!("pools/{pool}/volumes"))?;
+            if *json {
+                return to_json(&list);
+            }
+            format_volumes(&list.volumes)
+        }
+        VolumeCommand::Info { volume } => {
+            let (pool, name) = split_volume(volume)?;
+            let v: VolumeDetails = c.get(&format!("pools/{pool}/volumes/{name}"))?;
+            to_json(&v)?
+        }
+        VolumeCommand::Delete { volume } => {
+            let (pool, name) = split_volume(volume)?;
+            c.call("DELETE", &format!("pools/{pool}/volumes/{name}"), None)?;
+            format!("volume {pool}/{name} deleted\n")
+        }
+    })
+}
+
+/// The `volume list` table.
+pub fn format_volumes(vols: &[crate::types::VolumeDetails]) -> String {
+    let mut rows = vec![["NAME", "FORMAT", "VIRTUAL", "ALLOCATED", "BACKING", "USED-BY"].map(String::from).to_vec()];
+    for v in vols {
+        let i = &v.info;
+        rows.push(vec![
+            format!("{}{}", i.name, if i.read_only { " (ro)" } else { "" }),
+            i.format.as_str().to_string(),
+            format_bytes(i.virtual_bytes),
+            format_bytes(i.allocated_bytes),
+            i.backing.clone().unwrap_or_else(|| "-".into()),
+            if v.used_by.is_empty() { "-".into() } else { v.used_by.join(",") },
+        ]);
+    }
+    table(&rows)
+}
+
+/// Runs `rustvisor backup ...`.
+pub fn backup(a: BackupArgs) -> ExitCode {
+    finish(backup_text(&a))
+}
+
+fn backup_text(a: &BackupArgs) -> Result<String, Failure> {
+    use crate::types::{BackupInfo, BackupList};
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(3600))?;
+    Ok(match &a.command {
+        BackupCommand::Create { vm, to } => {
+            check_name(vm)?;
+            let to = to.as_ref().map(std::path::absolute).transpose().map_err(|e| failure(2, format!("--to: {e}")))?;
+            let body = serde_json::to_vec(&serde_json::json!({ "to": to })).map_err(|e| failure(1, e.to_string()))?;
+            let b: BackupInfo = decode(&c.call("POST", &format!("vms/{vm}/backups"), Some(body))?)?;
+            format!(
+                "backup {} of VM '{vm}' ({}, sha256 {})\n",
+                b.id,
+                format_bytes(u64::try_from(b.bytes).unwrap_or(0)),
+                b.sha256
+            )
+        }
+        BackupCommand::List { json } => {
+            let list: BackupList = c.get("backups")?;
+            if *json {
+                return to_json(&list);
+            }
+            let mut rows = vec![["ID", "VM", "CREATED", "SIZE"].map(String::from).to_vec()];
+            for b in &list.backups {
+                rows.push(vec![
+                    b.id.clone(),
+                    b.vm.clone(),
+                    format_time(b.created_ms),
+                    format_bytes(u64::try_from(b.bytes).unwrap_or(0)),
+                ]);
+            }
+            table(&rows)
+        }
+        BackupCommand::Restore { id, name, pool } => {
+            check_name(id)?;
+            let body = serde_json::to_vec(&serde_json::json!({ "name": name, "pool": pool }))
+                .map_err(|e| failure(1, e.to_string()))?;
+            let v: VmSummary = decode(&c.call("POST", &format!("backups/{id}/restore"), Some(body))?)?;
+            format!("backup {id} restored as VM '{}'\n", v.name)
+        }
+        BackupCommand::Delete { id } => {
+            check_name(id)?;
+            c.call("DELETE", &format!("backups/{id}"), None)?;
+            format!("backup {id} deleted\n")
+        }
+    })
+}
+
+/// `rustvisor net`: the daemon's virtual networks.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NetArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: NetCommand,
+}
+
+/// The `rustvisor net` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum NetCommand {
+    /// Create a network: a Linux bridge `rv-NAME`, with the host's address, DHCP, NAT or
+    /// isolation as asked.
+    Create {
+        /// The network's name (the VM name rules).
+        name: String,
+        /// The host's address on it and the prefix, e.g. 10.77.0.1/24.
+        #[arg(long, value_name = "CIDR")]
+        subnet: Option<String>,
+        /// Serve DHCP to the guests (dnsmasq); needs --subnet.
+        #[arg(long)]
+        dhcp: bool,
+        /// Masquerade the subnet through the host's routes; needs --subnet.
+        #[arg(long)]
+        nat: bool,
+        /// No host routing: guests reach only each other.
+        #[arg(long)]
+        isolated: bool,
+        /// Bridge VLAN filtering, for NICs with vlan=N.
+        #[arg(long)]
+        vlan_filtering: bool,
+    },
+    /// List the networks: NAME BRIDGE SUBNET OPTIONS VMS PROBLEMS.
+    List {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A network's definition, users, leases and problems.
+    Info {
+        /// The network.
+        name: String,
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a network no VM uses.
+    Delete {
+        /// The network.
+        name: String,
+    },
+    /// Compare the host with the networks and running NICs; exit 1 when something is wrong.
+    Check {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `rustvisor firewall`: the daemon's firewall groups.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FirewallArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub connect: Connect,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: FirewallCommand,
+}
+
+/// The rules of `firewall create` and `firewall set`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FirewallRules {
+    /// The group's name.
+    pub name: String,
+    /// Accept matching traffic: `in|out tcp|udp|icmp|any[/PORT[-PORT]]` (repeatable). The
+    /// --deny rules match first, then the --allow rules, then the defaults.
+    #[arg(long, value_name = "RULE")]
+    pub allow: Vec<String>,
+    /// Drop matching traffic, as --allow.
+    #[arg(long, value_name = "RULE")]
+    pub deny: Vec<String>,
+    /// What happens to traffic to the VM no rule matches: accept or drop.
+    #[arg(long, default_value = "accept")]
+    pub default_in: String,
+    /// What happens to traffic from the VM no rule matches: accept or drop.
+    #[arg(long, default_value = "accept")]
+    pub default_out: String,
+}
+
+/// The `rustvisor firewall` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum FirewallCommand {
+    /// Create a group.
+    Create(FirewallRules),
+    /// Replace a group's rules; applied at once to the running VMs in it.
+    Set(FirewallRules),
+    /// List the groups with their rules and users.
+    List {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a group no VM uses.
+    Delete {
+        /// The group.
+        name: String,
+    },
 }
 
 /// `rustvisor events`: the event and audit log.
@@ -333,6 +864,189 @@ fn finish(r: Result<String, Failure>) -> ExitCode {
 /// Runs `rustvisor vm ...`.
 pub fn vm(a: VmArgs) -> ExitCode {
     finish(vm_text(&a))
+}
+
+/// Runs `rustvisor net ...`.
+pub fn net(a: NetArgs) -> ExitCode {
+    match net_text(&a) {
+        Ok((text, healthy)) => {
+            let code = finish(Ok(text));
+            if healthy {
+                code
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(f) => fail(f.code, &f.message),
+    }
+}
+
+/// Runs `rustvisor firewall ...`.
+pub fn firewall(a: FirewallArgs) -> ExitCode {
+    finish(firewall_text(&a))
+}
+
+/// The output of `net ...`, and whether `net check` found nothing wrong.
+fn net_text(a: &NetArgs) -> Result<(String, bool), Failure> {
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(60))?;
+    let bad = |m: String| failure(2, m);
+    Ok(match &a.command {
+        NetCommand::Create { name, subnet, dhcp, nat, isolated, vlan_filtering } => {
+            check_name(name)?;
+            let subnet: Option<crate::types::Ipv4Cidr> =
+                subnet.as_deref().map(str::parse).transpose().map_err(|e| bad(format!("--subnet: {e}")))?;
+            let req = crate::types::NetworkCreate {
+                name: name.clone(),
+                subnet,
+                dhcp: *dhcp,
+                nat: *nat,
+                isolated: *isolated,
+                vlan_filtering: *vlan_filtering,
+            };
+            let body = serde_json::to_vec(&req).map_err(|e| failure(1, e.to_string()))?;
+            let n: NetworkInfo = decode(&c.call("POST", "networks", Some(body))?)?;
+            (format!("network '{}' created (bridge {})\n", n.spec.name, n.spec.bridge), true)
+        }
+        NetCommand::List { json } => {
+            let list: NetworkList = c.get("networks")?;
+            if *json {
+                (to_json(&list)?, true)
+            } else {
+                (format_networks(&list.networks), true)
+            }
+        }
+        NetCommand::Info { name, json } => {
+            check_name(name)?;
+            let n: NetworkInfo = c.get(&format!("networks/{name}"))?;
+            if *json {
+                (to_json(&n)?, true)
+            } else {
+                let mut s = format_networks(std::slice::from_ref(&n));
+                for l in &n.leases {
+                    s += &format!("lease: {} {} {}\n", l.mac, l.ip, l.hostname.as_deref().unwrap_or("-"));
+                }
+                for p in &n.problems {
+                    s += &format!("problem: {p}\n");
+                }
+                (s, true)
+            }
+        }
+        NetCommand::Delete { name } => {
+            check_name(name)?;
+            c.call("DELETE", &format!("networks/{name}"), None)?;
+            (format!("network '{name}' deleted\n"), true)
+        }
+        NetCommand::Check { json } => {
+            let r: NetCheck = c.get("netcheck")?;
+            let healthy = r.problems.is_empty();
+            if *json {
+                (to_json(&r)?, healthy)
+            } else if healthy {
+                ("no problems found\n".into(), true)
+            } else {
+                (r.problems.iter().map(|p| format!("{p}\n")).collect(), false)
+            }
+        }
+    })
+}
+
+/// The `net list` table.
+pub fn format_networks(nets: &[NetworkInfo]) -> String {
+    let mut rows = vec![["NAME", "BRIDGE", "SUBNET", "OPTIONS", "VMS", "PROBLEMS"].map(String::from).to_vec()];
+    for n in nets {
+        let s = &n.spec;
+        let opts: Vec<&str> = [(s.dhcp, "dhcp"), (s.nat, "nat"), (s.isolated, "isolated"), (s.vlan_filtering, "vlans")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+        rows.push(vec![
+            s.name.clone(),
+            s.bridge.clone(),
+            s.subnet.map_or("-".into(), |c| c.to_string()),
+            if opts.is_empty() { "-".into() } else { opts.join(",") },
+            if n.used_by.is_empty() { "-".into() } else { n.used_by.join(",") },
+            n.problems.len().to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Left-aligned columns two spaces apart.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut s = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        s += line.join("  ").trim_end();
+        s += "\n";
+    }
+    s
+}
+
+fn firewall_text(a: &FirewallArgs) -> Result<String, Failure> {
+    let c = DaemonClient::new(&a.connect.connect, Duration::from_secs(60))?;
+    Ok(match &a.command {
+        FirewallCommand::Create(r) | FirewallCommand::Set(r) => {
+            check_name(&r.name)?;
+            let spec = firewall_spec(r)?;
+            let body = serde_json::to_vec(&spec).map_err(|e| failure(1, e.to_string()))?;
+            let create = matches!(a.command, FirewallCommand::Create(_));
+            let f: FirewallInfo = if create {
+                decode(&c.call("POST", "firewalls", Some(body))?)?
+            } else {
+                decode(&c.call("PUT", &format!("firewalls/{}", r.name), Some(body))?)?
+            };
+            format!(
+                "firewall group '{}' {} ({} rules)\n",
+                f.spec.name,
+                if create { "created" } else { "updated" },
+                f.spec.rules.len()
+            )
+        }
+        FirewallCommand::List { json } => {
+            let list: FirewallList = c.get("firewalls")?;
+            if *json {
+                return to_json(&list);
+            }
+            let mut s = String::new();
+            for f in &list.firewalls {
+                let rules: Vec<String> = f.spec.rules.iter().map(ToString::to_string).collect();
+                s += &format!(
+                    "{}: {} | default in {}, out {} | VMs: {}\n",
+                    f.spec.name,
+                    if rules.is_empty() { "-".into() } else { rules.join("; ") },
+                    f.spec.default_in,
+                    f.spec.default_out,
+                    if f.used_by.is_empty() { "-".into() } else { f.used_by.join(",") }
+                );
+            }
+            s
+        }
+        FirewallCommand::Delete { name } => {
+            check_name(name)?;
+            c.call("DELETE", &format!("firewalls/{name}"), None)?;
+            format!("firewall group '{name}' deleted\n")
+        }
+    })
+}
+
+/// The group of `firewall create|set`'s flags: the --deny rules first, then the --allow
+/// rules, each in the order given; bad rules are exit 2.
+fn firewall_spec(r: &FirewallRules) -> Result<crate::types::FirewallSpec, Failure> {
+    let bad = |m: String| failure(2, m);
+    let ordered = r.deny.iter().map(|v| format!("deny {v}")).chain(r.allow.iter().map(|v| format!("allow {v}")));
+    let rules = ordered
+        .into_iter()
+        .map(|text| text.parse::<hostnet::Rule>().map_err(|e| bad(format!("rule '{text}': {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let action = |flag: &str, v: &str| v.parse::<hostnet::Action>().map_err(|e| bad(format!("{flag}: {e}")));
+    Ok(crate::types::FirewallSpec {
+        name: r.name.clone(),
+        rules,
+        default_in: action("--default-in", &r.default_in)?,
+        default_out: action("--default-out", &r.default_out)?,
+    })
 }
 
 /// Runs `rustvisor events`.
@@ -460,6 +1174,19 @@ fn vm_text(a: &VmArgs) -> Result<String, Failure> {
                 format_info(&d)
             }
         }
+        VmCommand::Template { name } => {
+            check_name(name)?;
+            c.call("PUT", &format!("vms/{name}/template"), None)?;
+            format!("VM '{name}' is a template\n")
+        }
+        VmCommand::Clone { name, new, linked } => {
+            check_name(name)?;
+            check_name(new)?;
+            let body = serde_json::to_vec(&serde_json::json!({ "name": new, "linked": linked }))
+                .map_err(|e| failure(1, e.to_string()))?;
+            let _: VmSummary = decode(&c.call("POST", &format!("vms/{name}/clone"), Some(body))?)?;
+            format!("VM '{new}' cloned from '{name}' ({})\n", if *linked { "linked" } else { "full" })
+        }
         VmCommand::Set(args) => {
             check_name(&args.name)?;
             let body = set_body(args)?;
@@ -542,6 +1269,7 @@ fn set_body(a: &SetArgs) -> Result<Vec<u8>, Failure> {
         cpus: a.cpus,
         cmdline: a.cmdline.clone(),
         config: None,
+        nics: None,
     };
     let mut body = serde_json::to_value(&req).map_err(|e| failure(1, e.to_string()))?;
     if body.as_object().is_some_and(|o| o.is_empty()) && config.is_none() {
@@ -742,7 +1470,7 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
             }
             let accel: vmm::Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
             let mut disks = Vec::new();
-            for d in &a.disk {
+            for d in a.disk.iter().filter(|d| !d.starts_with("vol=")) {
                 let mut disk: vmm::DiskConfig = d.parse().map_err(bad)?;
                 disk.path = abs("--disk", &disk.path)?;
                 disks.push(disk);
@@ -799,8 +1527,13 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
             crate::types::MAX_START_DELAY_S
         )));
     }
+    let nics = a.nic.iter().map(|n| n.parse()).collect::<Result<Vec<crate::types::NicSpec>, _>>().map_err(bad)?;
+    let volumes =
+        a.disk.iter().filter(|d| d.starts_with("vol=")).map(|d| volume_attach(d)).collect::<Result<Vec<_>, _>>()?;
     let body = serde_json::json!({
         "name": a.name,
+        "nics": nics,
+        "volumes": volumes,
         "restart": restart,
         "autostart": a.autostart,
         "start_order": a.start_order,
@@ -1029,6 +1762,7 @@ mod tests {
             vsock: None,
             rng: true,
             console: None,
+            nic: vec!["net=lan0,vlan=20".into()],
         };
         let req: CreateRequest = serde_json::from_slice(&create_body(&a).unwrap()).unwrap();
         assert_eq!(req.name, "web-1");
@@ -1057,6 +1791,7 @@ mod tests {
             uptime_s: Some(61.0),
             restart: RestartPolicy::No,
             autostart: false,
+            template: false,
             restarts: 0,
             reason: None,
         };

@@ -12,7 +12,6 @@
 
 pub mod cli;
 pub mod daemon;
-pub mod diskcopy;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -31,7 +31,9 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use crate::service::{Service, ServiceError};
 use crate::store::Peer;
 use crate::types::{
-    CreateRequest, ErrorBody, EventList, SnapshotCreate, SnapshotList, StopRequest, UpdateRequest, VmList,
+    BackupCreate, BackupList, BackupRestore, CreateRequest, ErrorBody, EventList, FirewallList, FirewallSpec, NetCheck,
+    NetworkCreate, NetworkList, PoolCreate, PoolList, SnapshotCreate, SnapshotList, StopRequest, UpdateRequest,
+    VmClone, VmList, VolumeClone, VolumeCreate, VolumeList, VolumeResize,
 };
 
 /// Every route, as (method, path template).
@@ -52,6 +54,31 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/api/v1/vms/{name}/snapshots/{snapshot}/revert"),
     ("GET", "/api/v1/vms/{name}/console"),
     ("GET", "/api/v1/events"),
+    ("GET", "/api/v1/networks"),
+    ("POST", "/api/v1/networks"),
+    ("GET", "/api/v1/networks/{name}"),
+    ("DELETE", "/api/v1/networks/{name}"),
+    ("GET", "/api/v1/netcheck"),
+    ("GET", "/api/v1/pools"),
+    ("POST", "/api/v1/pools"),
+    ("GET", "/api/v1/pools/{name}"),
+    ("DELETE", "/api/v1/pools/{name}"),
+    ("GET", "/api/v1/pools/{name}/volumes"),
+    ("POST", "/api/v1/pools/{name}/volumes"),
+    ("GET", "/api/v1/pools/{name}/volumes/{volume}"),
+    ("DELETE", "/api/v1/pools/{name}/volumes/{volume}"),
+    ("PUT", "/api/v1/pools/{name}/volumes/{volume}/resize"),
+    ("POST", "/api/v1/pools/{name}/volumes/{volume}/clone"),
+    ("PUT", "/api/v1/vms/{name}/template"),
+    ("POST", "/api/v1/vms/{name}/clone"),
+    ("POST", "/api/v1/vms/{name}/backups"),
+    ("GET", "/api/v1/backups"),
+    ("POST", "/api/v1/backups/{name}/restore"),
+    ("DELETE", "/api/v1/backups/{name}"),
+    ("GET", "/api/v1/firewalls"),
+    ("POST", "/api/v1/firewalls"),
+    ("PUT", "/api/v1/firewalls/{name}"),
+    ("DELETE", "/api/v1/firewalls/{name}"),
 ];
 
 /// The console route: an HTTP/1.1 upgrade to [`CONSOLE_PROTOCOL`].
@@ -72,11 +99,12 @@ use api::server::{empty_response as empty, json_response as json, shorten, Resp}
 /// An error answer on its way out (boxed: a response is large).
 type Reject = Box<Resp>;
 
-/// The path parameters of a matched route ("" where the template has none).
+/// The path parameters of a matched route ("" where the template has none): `{name}`, and
+/// `sub` for `{snapshot}` or `{volume}`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Params<'p> {
     name: &'p str,
-    snapshot: &'p str,
+    sub: &'p str,
 }
 
 /// Matches `path` against a route template; returns its `{name}` and `{snapshot}` segments.
@@ -88,7 +116,7 @@ fn match_template<'p>(template: &str, path: &'p str) -> Option<Params<'p>> {
         match (t.next(), p.next()) {
             (None, None) => return Some(params),
             (Some("{name}"), Some(seg)) if !seg.is_empty() => params.name = seg,
-            (Some("{snapshot}"), Some(seg)) if !seg.is_empty() => params.snapshot = seg,
+            (Some("{snapshot}" | "{volume}"), Some(seg)) if !seg.is_empty() => params.sub = seg,
             (Some(a), Some(b)) if a == b => {}
             _ => return None,
         }
@@ -315,7 +343,8 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
         return Err(resp);
     };
     let name = params.name.to_string();
-    let snapshot = params.snapshot.to_string();
+    let snapshot = params.sub.to_string();
+    let volume = snapshot.clone();
     if template.contains("{name}") {
         Service::check_name(&name).map_err(service_error)?;
     }
@@ -340,6 +369,16 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
             | ("PATCH", "/api/v1/vms/{name}")
             | ("PUT", "/api/v1/vms/{name}/stop")
             | ("POST", "/api/v1/vms/{name}/snapshots")
+            | ("POST", "/api/v1/networks")
+            | ("POST", "/api/v1/firewalls")
+            | ("PUT", "/api/v1/firewalls/{name}")
+            | ("POST", "/api/v1/pools")
+            | ("POST", "/api/v1/pools/{name}/volumes")
+            | ("PUT", "/api/v1/pools/{name}/volumes/{volume}/resize")
+            | ("POST", "/api/v1/pools/{name}/volumes/{volume}/clone")
+            | ("POST", "/api/v1/vms/{name}/clone")
+            | ("POST", "/api/v1/vms/{name}/backups")
+            | ("POST", "/api/v1/backups/{name}/restore")
     );
     if !body.is_empty() {
         if !takes_body {
@@ -417,6 +456,116 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
         ("PUT", "/api/v1/vms/{name}/snapshots/{snapshot}/revert") => {
             let info = blocking(move || s.snapshot_revert(&name, &snapshot, peer)).await?.map_err(service_error)?;
             Ok(json(StatusCode::OK, &info))
+        }
+        ("GET", "/api/v1/networks") => {
+            let networks = blocking(move || s.net_list()).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &NetworkList { networks }))
+        }
+        ("POST", "/api/v1/networks") => {
+            let req: NetworkCreate = parse_required(&body)?;
+            Ok(json(StatusCode::CREATED, &blocking(move || s.net_create(&req, peer)).await?.map_err(service_error)?))
+        }
+        ("GET", "/api/v1/networks/{name}") => {
+            Ok(json(StatusCode::OK, &blocking(move || s.net_info(&name)).await?.map_err(service_error)?))
+        }
+        ("DELETE", "/api/v1/networks/{name}") => {
+            blocking(move || s.net_delete(&name, peer)).await?.map_err(service_error)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        ("GET", "/api/v1/netcheck") => {
+            let problems = blocking(move || s.netcheck()).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &NetCheck { problems }))
+        }
+        ("GET", "/api/v1/pools") => {
+            let pools = blocking(move || s.pool_list()).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &PoolList { pools }))
+        }
+        ("POST", "/api/v1/pools") => {
+            let req: PoolCreate = parse_required(&body)?;
+            Ok(json(StatusCode::CREATED, &blocking(move || s.pool_create(&req, peer)).await?.map_err(service_error)?))
+        }
+        ("GET", "/api/v1/pools/{name}") => {
+            Ok(json(StatusCode::OK, &blocking(move || s.pool_info(&name)).await?.map_err(service_error)?))
+        }
+        ("DELETE", "/api/v1/pools/{name}") => {
+            blocking(move || s.pool_delete(&name, peer)).await?.map_err(service_error)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        ("GET", "/api/v1/pools/{name}/volumes") => {
+            let volumes = blocking(move || s.volume_list(&name)).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &VolumeList { volumes }))
+        }
+        ("POST", "/api/v1/pools/{name}/volumes") => {
+            let req: VolumeCreate = parse_required(&body)?;
+            let v = blocking(move || s.volume_create(&name, &req, peer)).await?.map_err(service_error)?;
+            Ok(json(StatusCode::CREATED, &v))
+        }
+        ("GET", "/api/v1/pools/{name}/volumes/{volume}") => {
+            Ok(json(StatusCode::OK, &blocking(move || s.volume_info(&name, &volume)).await?.map_err(service_error)?))
+        }
+        ("DELETE", "/api/v1/pools/{name}/volumes/{volume}") => {
+            blocking(move || s.volume_delete(&name, &volume, peer)).await?.map_err(service_error)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        ("PUT", "/api/v1/pools/{name}/volumes/{volume}/resize") => {
+            let req: VolumeResize = parse_required(&body)?;
+            let v = blocking(move || s.volume_resize(&name, &volume, req.size_bytes, peer))
+                .await?
+                .map_err(service_error)?;
+            Ok(json(StatusCode::OK, &v))
+        }
+        ("POST", "/api/v1/pools/{name}/volumes/{volume}/clone") => {
+            let req: VolumeClone = parse_required(&body)?;
+            let v = blocking(move || s.volume_clone(&name, &volume, &req, peer)).await?.map_err(service_error)?;
+            Ok(json(StatusCode::CREATED, &v))
+        }
+        ("PUT", "/api/v1/vms/{name}/template") => {
+            let info = blocking(move || s.vm_template(&name, peer).and_then(|()| s.info(&name)))
+                .await?
+                .map_err(service_error)?;
+            Ok(json(StatusCode::OK, &info))
+        }
+        ("POST", "/api/v1/vms/{name}/clone") => {
+            let req: VmClone = parse_required(&body)?;
+            Ok(json(
+                StatusCode::CREATED,
+                &blocking(move || s.vm_clone(&name, &req, peer)).await?.map_err(service_error)?,
+            ))
+        }
+        ("POST", "/api/v1/vms/{name}/backups") => {
+            let req: BackupCreate = if body.is_empty() { BackupCreate::default() } else { parse_json(&body)? };
+            let b = blocking(move || s.backup_create(&name, &req, peer)).await?.map_err(service_error)?;
+            Ok(json(StatusCode::CREATED, &b))
+        }
+        ("GET", "/api/v1/backups") => {
+            let backups = blocking(move || s.backup_list()).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &BackupList { backups }))
+        }
+        ("POST", "/api/v1/backups/{name}/restore") => {
+            let req: BackupRestore = parse_required(&body)?;
+            let v = blocking(move || s.backup_restore(&name, &req, peer)).await?.map_err(service_error)?;
+            Ok(json(StatusCode::CREATED, &v))
+        }
+        ("DELETE", "/api/v1/backups/{name}") => {
+            blocking(move || s.backup_delete(&name, peer)).await?.map_err(service_error)?;
+            Ok(empty(StatusCode::NO_CONTENT))
+        }
+        ("GET", "/api/v1/firewalls") => {
+            let firewalls = blocking(move || s.fw_list()).await?.map_err(service_error)?;
+            Ok(json(StatusCode::OK, &FirewallList { firewalls }))
+        }
+        ("POST", "/api/v1/firewalls") | ("PUT", "/api/v1/firewalls/{name}") => {
+            let spec: FirewallSpec = parse_required(&body)?;
+            let replace = method == Method::PUT;
+            if replace && spec.name != name {
+                return Err(bad_request("name", format!("'{}' differs from the path's '{name}'", shorten(&spec.name))));
+            }
+            let status = if replace { StatusCode::OK } else { StatusCode::CREATED };
+            Ok(json(status, &blocking(move || s.fw_put(&spec, replace, peer)).await?.map_err(service_error)?))
+        }
+        ("DELETE", "/api/v1/firewalls/{name}") => {
+            blocking(move || s.fw_delete(&name, peer)).await?.map_err(service_error)?;
+            Ok(empty(StatusCode::NO_CONTENT))
         }
         ("GET", "/api/v1/events") => {
             let (vm, after, limit) = events_query(&q)?;
@@ -544,6 +693,14 @@ async fn read_body(body: Incoming) -> Result<Bytes, Reject> {
     }
 }
 
+/// Parses a JSON object body that the route requires.
+fn parse_required<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reject> {
+    if body.is_empty() {
+        return Err(bad_request("body", "a JSON request body is required"));
+    }
+    parse_json(body)
+}
+
 /// Parses a JSON object body; an error is a 400 naming the field, as the VMM's API does.
 fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reject> {
     api::server::parse_json_object(body).map_err(|(field, msg)| bad_request(&field, msg))
@@ -569,6 +726,19 @@ fn service_error(e: ServiceError) -> Reject {
             StatusCode::CONFLICT,
             ErrorBody { error: msg, field: None, operation: None, state: Some(state.as_str().into()) },
         ),
+        ServiceError::Refused(_) => {
+            (StatusCode::CONFLICT, ErrorBody { error: msg, field: None, operation: None, state: None })
+        }
+        ServiceError::Storage(e) => {
+            let status = match e.kind() {
+                storage::ErrorKind::BadInput => StatusCode::BAD_REQUEST,
+                storage::ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                storage::ErrorKind::Conflict => StatusCode::CONFLICT,
+                storage::ErrorKind::Corrupt | storage::ErrorKind::Host => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let field = (status == StatusCode::BAD_REQUEST).then(|| "storage".to_string());
+            (status, ErrorBody { error: msg, field, operation: None, state: None })
+        }
         ServiceError::StartFailed { .. }
         | ServiceError::Vmm { .. }
         | ServiceError::Store(_)
@@ -598,13 +768,13 @@ mod tests {
 
     #[test]
     fn templates() {
-        let named = |name| Some(Params { name, snapshot: "" });
+        let named = |name| Some(Params { name, sub: "" });
         assert_eq!(match_template("/api/v1/vms", "/api/v1/vms"), Some(Params::default()));
         assert_eq!(match_template("/api/v1/vms/{name}", "/api/v1/vms/a"), named("a"));
         assert_eq!(match_template("/api/v1/vms/{name}/start", "/api/v1/vms/a/start"), named("a"));
         assert_eq!(
             match_template("/api/v1/vms/{name}/snapshots/{snapshot}/revert", "/api/v1/vms/a/snapshots/s1/revert"),
-            Some(Params { name: "a", snapshot: "s1" })
+            Some(Params { name: "a", sub: "s1" })
         );
         assert_eq!(match_template("/api/v1/vms/{name}", "/api/v1/vms/"), None);
         assert_eq!(match_template("/api/v1/vms/{name}", "/api/v1/vms/a/start"), None);

@@ -9,7 +9,9 @@
 //!   recorded with the VMM's pid before the VMM is driven, so a daemon killed at any point is
 //!   healed by [`Service::reconcile`] at its next start.
 
+mod networks;
 mod snapshots;
+mod volumes;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -117,6 +119,12 @@ pub enum ServiceError {
         /// The VMM's answer.
         source: Box<ClientError>,
     },
+    /// 409: refused because of who uses it (the message names them).
+    #[error("{0}")]
+    Refused(String),
+    /// A storage pool, volume or backup operation failed (the status follows its kind).
+    #[error(transparent)]
+    Storage(storage::Error),
     /// 500: the store failed.
     #[error(transparent)]
     Store(StoreError),
@@ -176,6 +184,8 @@ pub struct Service {
     watch: Mutex<HashMap<String, Watch>>,
     restart_reset_after: Duration,
     events_tx: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// When the supervisor last looked at the networks.
+    net_checked: Mutex<Option<Instant>>,
 }
 
 /// A claim on a VM; dropping it ends the operation.
@@ -219,6 +229,7 @@ impl Service {
             restart_at: Mutex::default(),
             watch: Mutex::default(),
             restart_reset_after: DEFAULT_RESTART_RESET_AFTER,
+            net_checked: Mutex::default(),
         }
     }
 
@@ -325,8 +336,11 @@ impl Service {
     }
 
     /// `POST /vms`: checks the definition as the VMM would and stores it.
-    pub fn create(&self, req: CreateRequest, peer: Peer) -> Result<VmSummary, ServiceError> {
+    pub fn create(&self, mut req: CreateRequest, peer: Peer) -> Result<VmSummary, ServiceError> {
         Self::check_name(&req.name)?;
+        let volumes = self.resolve_volumes(&req.volumes)?;
+        req.config.disks.extend(volumes);
+        req.volumes.clear();
         if req.config.serial != vmm::ConsoleOut::Null {
             return Err(bad(
                 "config.serial",
@@ -338,10 +352,18 @@ impl Service {
         let policy = req.policy();
         check_policy(&policy)?;
         let _claim = self.claim(&req.name, "create")?;
+        let mut nics = req.nics.clone();
+        self.check_nics(&req.name, &mut nics)?;
         let dir = self.vm_state_dir(&req.name);
         let detail =
             format!("{} MiB, {} vCPU, restart {}", req.config.memory_mib, req.config.cpus, req.restart.as_str());
-        self.store().create_vm(&req.name, &req.config, &policy, &NewEvent::vm(&req.name, "defined", detail, peer))?;
+        self.store().create_vm(
+            &req.name,
+            &req.config,
+            &policy,
+            &nics,
+            &NewEvent::vm(&req.name, "defined", detail, peer),
+        )?;
         std::fs::create_dir_all(&dir)
             .map_err(|source| ServiceError::Io { what: format!("creating {}", dir.display()), source })?;
         self.summary(&self.record(&req.name)?)
@@ -362,6 +384,7 @@ impl Service {
             summary: self.summary(&rec)?,
             config,
             policy: rec.policy,
+            nics: self.nic_infos(&rec),
             console_log: self.console_log(name).display().to_string(),
             api_socket: rec.runtime.socket.clone(),
             created_ms: rec.created_ms,
@@ -382,6 +405,7 @@ impl Service {
             uptime_s: rt.started_ms.filter(|_| active).map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
             restart: rec.policy.restart,
             autostart: rec.policy.autostart,
+            template: rec.template,
             restarts: rt.restarts,
             reason: rt.reason.clone(),
         })
@@ -402,6 +426,11 @@ impl Service {
                 state: rec.runtime.state,
                 msg: "already started".into(),
             });
+        }
+        if rec.template {
+            return Err(ServiceError::Refused(format!(
+                "VM '{name}' is a template: clone it (rustvisor vm clone {name} NEW [--linked])"
+            )));
         }
         lock(&self.restart_at).remove(name);
         self.launch(&rec, peer, Launch::User, None)?;
@@ -442,6 +471,12 @@ impl Service {
             config.cmdline = c;
             changed.push("cmdline".into());
         }
+        let mut nics = rec.nics.clone();
+        if let Some(mut n) = req.nics {
+            self.check_nics(name, &mut n)?;
+            changed.push(format!("{} NIC(s)", n.len()));
+            nics = n;
+        }
         vmm::config::validate(&config).map_err(|e| config_error(vmm::controller::api_error(e)))?;
         let mut policy = rec.policy;
         if let Some(r) = req.restart {
@@ -464,7 +499,8 @@ impl Service {
         if changed.is_empty() {
             return Err(bad("body", "nothing to change (give at least one field)"));
         }
-        self.store().update_vm(name, &config, &policy, &NewEvent::vm(name, "updated", changed.join(", "), peer))?;
+        let event = NewEvent::vm(name, "updated", changed.join(", "), peer);
+        self.store().update_vm(name, &config, &policy, &nics, &event)?;
         self.info(name)
     }
 
@@ -536,8 +572,14 @@ impl Service {
         for f in [&console, &vmm_log] {
             let _ = std::fs::rename(f, f.with_extension("log.1"));
         }
-        let mut child = supervisor::spawn(&self.paths.vmm_exe, &socket, &vmm_log)
-            .map_err(io(format!("spawning {} vmm", self.paths.vmm_exe.display())))?;
+        let taps = self.attach_nics(rec)?;
+        let mut child = match supervisor::spawn(&self.paths.vmm_exe, &socket, &vmm_log) {
+            Ok(c) => c,
+            Err(e) => {
+                self.detach_nics(rec);
+                return Err(io(format!("spawning {} vmm", self.paths.vmm_exe.display()))(e));
+            }
+        };
         let pid = child.id();
         let restarts = match how {
             Launch::User => 0,
@@ -556,6 +598,7 @@ impl Service {
         if let Err(e) = self.store().set_runtime(name, &rt, Some(true), &[]) {
             supervisor::kill_and_reap(pid, Some(&mut child));
             let _ = std::fs::remove_file(&socket);
+            self.detach_nics(rec);
             return Err(e.into());
         }
         let booted = (|| {
@@ -569,6 +612,7 @@ impl Service {
             }
             let mut cfg = rec.config.clone();
             cfg.serial = self.serial_for(name);
+            cfg.nets.extend(taps.iter().cloned());
             client.create(&cfg).map_err(|e| format!("vm.create: {e}"))?;
             client.boot().map_err(|e| format!("vm.boot: {e}"))?;
             Ok::<_, String>(client.info().ok().and_then(|i| i.accelerator))
@@ -596,6 +640,7 @@ impl Service {
                 if let Err(e) = stored {
                     supervisor::kill_and_reap(pid, Some(&mut child));
                     let _ = std::fs::remove_file(&socket);
+                    self.detach_nics(rec);
                     return Err(e.into());
                 }
                 lock(&self.children).insert(name.into(), child);
@@ -604,6 +649,7 @@ impl Service {
             }
             Err(msg) => {
                 supervisor::kill_and_reap(pid, Some(&mut child));
+                self.detach_nics(rec);
                 let _ = std::fs::remove_file(&socket);
                 let _ = std::fs::remove_file(self.console_socket(name));
                 let _ = std::fs::remove_dir(&run_dir);
@@ -685,6 +731,7 @@ impl Service {
         }
         let _ = std::fs::remove_file(self.console_socket(name));
         let _ = std::fs::remove_dir(self.vm_run_dir(name));
+        self.detach_nics(rec);
         how
     }
 
@@ -723,6 +770,15 @@ impl Service {
     pub fn delete(&self, name: &str, force: bool, peer: Peer) -> Result<(), ServiceError> {
         let _claim = self.claim(name, "delete")?;
         let rec = self.record(name)?;
+        if rec.template {
+            let clones = self.clones_of(&rec.config.disks)?;
+            if !clones.is_empty() {
+                return Err(ServiceError::Refused(format!(
+                    "template '{name}' has linked clones built on its disks: {}",
+                    clones.join(", ")
+                )));
+            }
+        }
         let mut detail = String::new();
         if rec.runtime.state.is_active() {
             if !force {
@@ -746,6 +802,7 @@ impl Service {
     /// policy), kills a VMM whose start the previous daemon did not finish, and stops VMMs in
     /// the run folder that belong to no VM.
     pub fn reconcile(&self) -> Result<(), ServiceError> {
+        self.restore_networks()?;
         let recs = self.store().list()?;
         let mut owned = Vec::new();
         for rec in &recs {
@@ -756,6 +813,10 @@ impl Service {
                 let socket = rt.socket.clone().unwrap_or_default();
                 let ours = pid != 0 && supervisor::pid_alive(pid) && supervisor::answers_as(Path::new(&socket), pid);
                 if ours && rt.state != VmState::Starting {
+                    // Its TAPs (kept open by the VMM) get their bridge, VLAN and rules back.
+                    if let Err(e) = self.attach_nics(rec) {
+                        tracing::warn!("VM {name}: restoring its NICs: {e}");
+                    }
                     self.store().log(&NewEvent::vm(name, "adopted", format!("pid {pid}"), Peer::default()))?;
                     lock(&self.watch).insert(name.into(), Watch::default());
                     owned.push(name.to_string());
@@ -832,6 +893,7 @@ impl Service {
         if restart {
             lock(&self.restart_at).insert(name.into(), Instant::now() + backoff(restarts));
         }
+        self.detach_nics(rec);
         lock(&self.watch).remove(name);
         Ok(())
     }
@@ -839,6 +901,7 @@ impl Service {
     /// One round of supervision: notices VMMs that ended or whose guest powered off, and
     /// runs the restarts that are due. The daemon calls it a few times a second.
     pub fn supervise(&self) {
+        self.supervise_networks();
         let recs = match self.store().list() {
             Ok(r) => r,
             Err(e) => {

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::types::{Event, Policy, RestartPolicy, SnapshotInfo, VmConfig, VmState};
+use crate::types::{Event, FirewallSpec, NetworkSpec, NicSpec, Policy, RestartPolicy, SnapshotInfo, VmConfig, VmState};
 
 /// The schema, one step per version: `MIGRATIONS[i]` takes version `i` to `i + 1`.
 pub const MIGRATIONS: &[&str] = &[
@@ -57,6 +57,33 @@ pub const MIGRATIONS: &[&str] = &[
          spec       TEXT NOT NULL,                -- the VM's configuration then (JSON)
          disks      TEXT NOT NULL,                -- JSON: [[disk path, file in the snapshot]]
          PRIMARY KEY (vm, name)
+     ) STRICT;",
+    // 3: virtual networks, firewall groups, the VMs' NICs on them.
+    "CREATE TABLE networks (
+         name       TEXT PRIMARY KEY NOT NULL,
+         spec       TEXT NOT NULL,                -- hostnet::NetworkSpec as JSON
+         created_ms INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE firewalls (
+         name       TEXT PRIMARY KEY NOT NULL,
+         spec       TEXT NOT NULL,                -- hostnet::FirewallSpec as JSON
+         created_ms INTEGER NOT NULL
+     ) STRICT;
+     ALTER TABLE vms ADD COLUMN nics TEXT NOT NULL DEFAULT '[]';  -- JSON [NicSpec]",
+    // 4: storage pools, templates, backups.
+    "CREATE TABLE pools (
+         name       TEXT PRIMARY KEY NOT NULL,
+         path       TEXT NOT NULL UNIQUE,
+         created_ms INTEGER NOT NULL
+     ) STRICT;
+     ALTER TABLE vms ADD COLUMN template INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE backups (
+         id         TEXT PRIMARY KEY NOT NULL,
+         vm         TEXT NOT NULL,                -- the VM's name when it was made (may be gone)
+         path       TEXT NOT NULL,
+         created_ms INTEGER NOT NULL,
+         bytes      INTEGER NOT NULL,
+         sha256     TEXT NOT NULL                 -- the checksum a restore checks
      ) STRICT;",
 ];
 
@@ -159,6 +186,10 @@ pub struct VmRecord {
     pub config: VmConfig,
     /// Its restart and start-up policy.
     pub policy: Policy,
+    /// Its NICs on the daemon's networks (MACs filled in at create).
+    pub nics: Vec<NicSpec>,
+    /// Whether it is a template (read-only disks; it is cloned, never started).
+    pub template: bool,
     /// Whether it should be running (the user started it and did not stop it).
     pub desired_running: bool,
     /// When it was defined (Unix ms).
@@ -176,6 +207,23 @@ pub struct SnapshotRecord {
     pub config: VmConfig,
     /// Each copied disk: (the disk's path, the copy's file name in the snapshot folder).
     pub disks: Vec<(String, String)>,
+}
+
+/// A backup as the store records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackupRow {
+    /// Its id (`<vm>-<time>`).
+    pub id: String,
+    /// The VM it was made of.
+    pub vm: String,
+    /// Its directory.
+    pub path: String,
+    /// When (Unix ms).
+    pub created_ms: i64,
+    /// Size of its files, in bytes.
+    pub bytes: i64,
+    /// Its checksum (SHA-256 of its manifest), checked by a restore.
+    pub sha256: String,
 }
 
 /// Called after each committed change that appended events.
@@ -237,17 +285,19 @@ impl Store {
         name: &str,
         config: &VmConfig,
         policy: &Policy,
+        nics: &[NicSpec],
         event: &NewEvent,
     ) -> Result<(), StoreError> {
         let spec = encode_spec(name, config)?;
+        let nics = serde_json::to_string(nics).map_err(|e| corrupt(name, "nics", e))?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM vms WHERE name = ?1)", [name], |r| r.get(0))?;
         if exists {
             return Err(StoreError::Duplicate(name.into()));
         }
         tx.execute(
-            "INSERT INTO vms (name, spec, restart, desired, created_ms, autostart, start_order, start_delay_s)
-             VALUES (?1, ?2, ?3, 'stopped', ?4, ?5, ?6, ?7)",
+            "INSERT INTO vms (name, spec, restart, desired, created_ms, autostart, start_order, start_delay_s, nics)
+             VALUES (?1, ?2, ?3, 'stopped', ?4, ?5, ?6, ?7, ?8)",
             params![
                 name,
                 spec,
@@ -255,7 +305,8 @@ impl Store {
                 now_ms(),
                 policy.autostart,
                 policy.start_order,
-                policy.start_delay_s
+                policy.start_delay_s,
+                nics
             ],
         )?;
         tx.execute("INSERT INTO runtime (name, state, restarts) VALUES (?1, 'stopped', 0)", [name])?;
@@ -271,14 +322,24 @@ impl Store {
         name: &str,
         config: &VmConfig,
         policy: &Policy,
+        nics: &[NicSpec],
         event: &NewEvent,
     ) -> Result<(), StoreError> {
         let spec = encode_spec(name, config)?;
+        let nics = serde_json::to_string(nics).map_err(|e| corrupt(name, "nics", e))?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let n = tx.execute(
-            "UPDATE vms SET spec = ?2, restart = ?3, autostart = ?4, start_order = ?5, start_delay_s = ?6
+            "UPDATE vms SET spec = ?2, restart = ?3, autostart = ?4, start_order = ?5, start_delay_s = ?6, nics = ?7
              WHERE name = ?1",
-            params![name, spec, policy.restart.as_str(), policy.autostart, policy.start_order, policy.start_delay_s],
+            params![
+                name,
+                spec,
+                policy.restart.as_str(),
+                policy.autostart,
+                policy.start_order,
+                policy.start_delay_s,
+                nics
+            ],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound(name.into()));
@@ -417,6 +478,180 @@ impl Store {
             .collect()
     }
 
+    /// The networks, by name.
+    pub fn networks(&self) -> Result<Vec<NetworkSpec>, StoreError> {
+        self.named_specs("networks")
+    }
+
+    /// The firewall groups, by name.
+    pub fn firewalls(&self) -> Result<Vec<FirewallSpec>, StoreError> {
+        self.named_specs("firewalls")
+    }
+
+    fn named_specs<T: serde::de::DeserializeOwned>(&self, table: &'static str) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("SELECT name, spec FROM {table} ORDER BY name"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter().map(|(name, spec)| serde_json::from_str(&spec).map_err(|e| corrupt(&name, table, e))).collect()
+    }
+
+    /// Stores network `spec` (a new one, or a replacement when `replace`) and logs `event`.
+    ///
+    /// Errors: [`StoreError::Duplicate`] for a new one whose name is taken,
+    /// [`StoreError::NotFound`] for a replacement of none.
+    pub fn put_network(&mut self, spec: &NetworkSpec, replace: bool, event: &NewEvent) -> Result<(), StoreError> {
+        let json = serde_json::to_string(spec).map_err(|e| corrupt(&spec.name, "networks", e))?;
+        self.put_named("networks", &spec.name, &json, replace, event)
+    }
+
+    /// Stores firewall group `spec` (a new one, or a replacement when `replace`) and logs
+    /// `event`.
+    ///
+    /// Errors: as [`Store::put_network`].
+    pub fn put_firewall(&mut self, spec: &FirewallSpec, replace: bool, event: &NewEvent) -> Result<(), StoreError> {
+        let json = serde_json::to_string(spec).map_err(|e| corrupt(&spec.name, "firewalls", e))?;
+        self.put_named("firewalls", &spec.name, &json, replace, event)
+    }
+
+    fn put_named(
+        &mut self,
+        table: &'static str,
+        name: &str,
+        spec: &str,
+        replace: bool,
+        event: &NewEvent,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists: bool =
+            tx.query_row(&format!("SELECT EXISTS(SELECT 1 FROM {table} WHERE name = ?1)"), [name], |r| r.get(0))?;
+        match (exists, replace) {
+            (true, false) => return Err(StoreError::Duplicate(name.into())),
+            (false, true) => return Err(StoreError::NotFound(name.into())),
+            (true, true) => {
+                tx.execute(&format!("UPDATE {table} SET spec = ?2 WHERE name = ?1"), params![name, spec])?;
+            }
+            (false, false) => {
+                tx.execute(
+                    &format!("INSERT INTO {table} (name, spec, created_ms) VALUES (?1, ?2, ?3)"),
+                    params![name, spec, now_ms()],
+                )?;
+            }
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Forgets network `name` and logs `event`.
+    pub fn delete_network(&mut self, name: &str, event: &NewEvent) -> Result<(), StoreError> {
+        self.delete_named("networks", name, event)
+    }
+
+    /// Forgets firewall group `name` and logs `event`.
+    pub fn delete_firewall(&mut self, name: &str, event: &NewEvent) -> Result<(), StoreError> {
+        self.delete_named("firewalls", name, event)
+    }
+
+    fn delete_named(&mut self, table: &'static str, name: &str, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if tx.execute(&format!("DELETE FROM {table} WHERE name = ?1"), [name])? == 0 {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Marks VM `name` a template (or not) and logs `event`.
+    pub fn set_template(&mut self, name: &str, template: bool, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if tx.execute("UPDATE vms SET template = ?2 WHERE name = ?1", params![name, template])? == 0 {
+            return Err(StoreError::NotFound(name.into()));
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// The pools: (name, path), by name.
+    pub fn pools(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT name, path FROM pools ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Records pool `name` at `path` and logs `event`.
+    ///
+    /// Errors: [`StoreError::Duplicate`] when the name or the path is taken.
+    pub fn add_pool(&mut self, name: &str, path: &str, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let taken: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM pools WHERE name = ?1 OR path = ?2)",
+            params![name, path],
+            |r| r.get(0),
+        )?;
+        if taken {
+            return Err(StoreError::Duplicate(name.into()));
+        }
+        tx.execute("INSERT INTO pools (name, path, created_ms) VALUES (?1, ?2, ?3)", params![name, path, now_ms()])?;
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Forgets pool `name` and logs `event`.
+    pub fn delete_pool(&mut self, name: &str, event: &NewEvent) -> Result<(), StoreError> {
+        self.delete_named("pools", name, event)
+    }
+
+    /// The backups, oldest first: (id, vm, path, created_ms, bytes, sha256).
+    pub fn backups(&self) -> Result<Vec<BackupRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, vm, path, created_ms, bytes, sha256 FROM backups ORDER BY created_ms, id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(BackupRow {
+                id: r.get(0)?,
+                vm: r.get(1)?,
+                path: r.get(2)?,
+                created_ms: r.get(3)?,
+                bytes: r.get(4)?,
+                sha256: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Records backup `b` and logs `event`.
+    pub fn add_backup(&mut self, b: &BackupRow, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO backups (id, vm, path, created_ms, bytes, sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![b.id, b.vm, b.path, b.created_ms, b.bytes, b.sha256],
+        )?;
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Forgets backup `id` and logs `event`.
+    pub fn delete_backup(&mut self, id: &str, event: &NewEvent) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if tx.execute("DELETE FROM backups WHERE id = ?1", [id])? == 0 {
+            return Err(StoreError::NotFound(id.into()));
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        self.notify();
+        Ok(())
+    }
+
     /// Forgets snapshot `name` of `vm` and logs `event`, in one transaction.
     pub fn delete_snapshot(&mut self, vm: &str, name: &str, event: &NewEvent) -> Result<(), StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -452,7 +687,7 @@ impl Store {
 }
 
 const SELECT_VM: &str = "SELECT v.name, v.spec, v.restart, v.desired, v.created_ms, r.state, r.pid, r.socket,
-     r.started_ms, r.accel, r.reason, r.restarts, v.autostart, v.start_order, v.start_delay_s
+     r.started_ms, r.accel, r.reason, r.restarts, v.autostart, v.start_order, v.start_delay_s, v.nics, v.template
      FROM vms v JOIN runtime r ON r.name = v.name";
 
 /// A row of [`SELECT_VM`] before decoding.
@@ -472,6 +707,8 @@ type RawRow = (
     bool,
     u32,
     u32,
+    String,
+    bool,
 );
 
 fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
@@ -491,6 +728,8 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
         r.get(12)?,
         r.get(13)?,
         r.get(14)?,
+        r.get(15)?,
+        r.get(16)?,
     ))
 }
 
@@ -511,12 +750,17 @@ fn decode(row: RawRow) -> Result<VmRecord, StoreError> {
         autostart,
         start_order,
         start_delay_s,
+        nics,
+        template,
     ) = row;
     let corrupt = |what, msg: String| StoreError::Corrupt { vm: name.clone(), what, msg };
     let config: VmConfig = serde_json::from_str(&spec).map_err(|e| corrupt("spec", e.to_string()))?;
     let restart: RestartPolicy = restart.parse().map_err(|e| corrupt("restart", e))?;
     let state: VmState = state.parse().map_err(|e| corrupt("state", e))?;
+    let nics: Vec<NicSpec> = serde_json::from_str(&nics).map_err(|e| corrupt("nics", e.to_string()))?;
     Ok(VmRecord {
+        nics,
+        template,
         config,
         policy: Policy { restart, autostart, start_order, start_delay_s },
         desired_running: desired == "running",
@@ -592,9 +836,9 @@ mod tests {
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
         let peer = Peer { uid: Some(1000), pid: Some(42), addr: None };
         let on_failure = Policy { restart: RestartPolicy::OnFailure, ..Policy::default() };
-        s.create_vm("a", &cfg(), &on_failure, &NewEvent::vm("a", "defined", "", peer)).unwrap();
+        s.create_vm("a", &cfg(), &on_failure, &[], &NewEvent::vm("a", "defined", "", peer)).unwrap();
         assert!(matches!(
-            s.create_vm("a", &cfg(), &Policy::default(), &NewEvent::vm("a", "defined", "", peer)),
+            s.create_vm("a", &cfg(), &Policy::default(), &[], &NewEvent::vm("a", "defined", "", peer)),
             Err(StoreError::Duplicate(_))
         ));
         let rt = Runtime {
@@ -662,14 +906,14 @@ mod tests {
             seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }));
         let ev = |kind| NewEvent::vm("a", kind, "", Peer::default());
-        s.create_vm("a", &cfg(), &Policy::default(), &ev("defined")).unwrap();
+        s.create_vm("a", &cfg(), &Policy::default(), &[], &ev("defined")).unwrap();
         let p = Policy { restart: RestartPolicy::OnFailure, autostart: true, start_order: 7, start_delay_s: 3 };
         let mut c2 = cfg();
         c2.memory_mib = 1024;
-        s.update_vm("a", &c2, &p, &ev("updated")).unwrap();
+        s.update_vm("a", &c2, &p, &[], &ev("updated")).unwrap();
         let rec = s.get("a").unwrap().unwrap();
         assert_eq!((rec.policy, rec.config.memory_mib), (p, 1024));
-        assert!(matches!(s.update_vm("b", &c2, &p, &ev("updated")), Err(StoreError::NotFound(_))));
+        assert!(matches!(s.update_vm("b", &c2, &p, &[], &ev("updated")), Err(StoreError::NotFound(_))));
 
         let snap = |name: &str, t| SnapshotRecord {
             info: SnapshotInfo {

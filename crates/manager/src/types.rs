@@ -4,6 +4,297 @@
 use serde::{Deserialize, Serialize};
 
 pub use api::types::VmConfig;
+pub use hostnet::{FirewallSpec, Ipv4Cidr, MacAddr, NetworkSpec};
+
+/// A VM's NIC on one of the daemon's networks: `net=lan0[,vlan=20][,mac=..][,firewall=web]`
+/// on the command line. The daemon makes a TAP for it on the network's bridge when the VM
+/// starts and removes it when the VM stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// The network.
+    pub net: String,
+    /// The VLAN (1 to 4094) the NIC is on; needs a network with VLAN filtering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    /// The guest's MAC address; absent at create: the daemon picks one unique on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// The firewall group on the NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<String>,
+}
+
+impl std::str::FromStr for NicSpec {
+    type Err = String;
+    /// Parses `net=NAME[,vlan=N][,mac=MAC][,firewall=NAME]`.
+    fn from_str(s: &str) -> Result<NicSpec, String> {
+        let mut nic = NicSpec { net: String::new(), vlan: None, mac: None, firewall: None };
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                format!("--nic: '{part}' is not key=value (accepted: net=NAME[,vlan=N][,mac=MAC][,firewall=NAME])")
+            })?;
+            match k {
+                "net" => nic.net = v.to_string(),
+                "vlan" => nic.vlan = Some(v.parse().map_err(|_| format!("--nic: vlan '{v}' (accepted: 1 to 4094)"))?),
+                "mac" => nic.mac = Some(v.parse().map_err(|e| format!("--nic: {e}"))?),
+                "firewall" => nic.firewall = Some(v.to_string()),
+                _ => return Err(format!("--nic: unknown key '{k}' (accepted: net, vlan, mac, firewall)")),
+            }
+        }
+        if nic.net.is_empty() {
+            return Err("--nic: net=NAME is required".into());
+        }
+        Ok(nic)
+    }
+}
+
+pub use crate::store::BackupRow as BackupInfo;
+pub use storage::{PoolInfo, VolumeInfo};
+
+/// A disk from a storage pool for `POST /api/v1/vms` (`--disk vol=POOL/NAME[,readonly=on]`):
+/// the daemon adds it to the configuration's disks as the volume's file with its format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAttach {
+    /// `POOL/NAME`.
+    pub volume: String,
+    /// Attach it read-only.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// `POST /api/v1/pools`: a directory pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolCreate {
+    /// The pool's name ([`NAME_RULE`]).
+    pub name: String,
+    /// Its directory (absolute; created if absent, or an existing pool directory).
+    pub path: String,
+}
+
+/// One pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolDetails {
+    /// Its name.
+    pub name: String,
+    /// Its space: capacity, free, allocated and virtual bytes.
+    pub info: PoolInfo,
+}
+
+/// `GET /api/v1/pools`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolList {
+    /// Every pool, by name.
+    pub pools: Vec<PoolDetails>,
+}
+
+/// `POST /api/v1/pools/{name}/volumes`: a new volume (`size_bytes`) or an imported one
+/// (`import_from`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    /// The volume's name ([`NAME_RULE`]).
+    pub name: String,
+    /// Its size in bytes (a multiple of 512); for a new volume.
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    /// `raw` or `qcow2` (default: qcow2 for a new volume, the source's for an import).
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Reserve the space now (refused when it exceeds the pool's free space).
+    #[serde(default)]
+    pub preallocate: bool,
+    /// Copy this host file in (absolute path); its content is checked as untrusted.
+    #[serde(default)]
+    pub import_from: Option<String>,
+    /// The imported file's format (give it for a raw image a guest wrote); default: detected.
+    #[serde(default)]
+    pub source_format: Option<String>,
+}
+
+/// One volume, with the VMs that use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDetails {
+    /// Its pool.
+    pub pool: String,
+    /// Its file, format, sizes, backing volume.
+    pub info: VolumeInfo,
+    /// The VMs with it as a disk.
+    pub used_by: Vec<String>,
+}
+
+/// `GET /api/v1/pools/{name}/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeList {
+    /// The pool's volumes, by name.
+    pub volumes: Vec<VolumeDetails>,
+}
+
+/// `PUT /api/v1/pools/{name}/volumes/{volume}/resize`: grow only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeResize {
+    /// The new size in bytes (a multiple of 512, larger than the present one).
+    pub size_bytes: u64,
+}
+
+/// `POST /api/v1/pools/{name}/volumes/{volume}/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeClone {
+    /// The new volume's name.
+    pub name: String,
+    /// Its pool (default: the source's).
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// A qcow2 overlay on the source (the source must then never change) instead of a copy.
+    #[serde(default)]
+    pub linked: bool,
+}
+
+/// `POST /api/v1/vms/{name}/clone`: a new VM from a VM or template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmClone {
+    /// The new VM's name.
+    pub name: String,
+    /// Linked clones of the disks (the source must be a template).
+    #[serde(default)]
+    pub linked: bool,
+}
+
+/// `POST /api/v1/vms/{name}/backups`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupCreate {
+    /// Where to put it (absolute directory; default `<state-dir>/backups`).
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// `GET /api/v1/backups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupList {
+    /// Oldest first.
+    pub backups: Vec<BackupInfo>,
+}
+
+/// `POST /api/v1/backups/{name}/restore`: a new VM from a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRestore {
+    /// The new VM's name (default: the backed-up VM's, if free).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The pool for its disks.
+    pub pool: String,
+}
+
+/// `POST /api/v1/networks`: a virtual network (a Linux bridge on the host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    /// The network's name ([`NAME_RULE`]); its bridge is `rv-<name>`.
+    pub name: String,
+    /// The host's address on the bridge and the prefix, e.g. `10.77.0.1/24`.
+    #[serde(default)]
+    pub subnet: Option<Ipv4Cidr>,
+    /// Serve DHCP (dnsmasq) on it; needs `subnet`.
+    #[serde(default)]
+    pub dhcp: bool,
+    /// Masquerade the subnet through the host's routes; needs `subnet`.
+    #[serde(default)]
+    pub nat: bool,
+    /// No host routing at all: guests reach only each other.
+    #[serde(default)]
+    pub isolated: bool,
+    /// Bridge VLAN filtering, for NICs with a `vlan`.
+    #[serde(default)]
+    pub vlan_filtering: bool,
+}
+
+impl NetworkCreate {
+    /// The network's spec, with its bridge name.
+    pub fn spec(&self) -> NetworkSpec {
+        NetworkSpec {
+            subnet: self.subnet,
+            dhcp: self.dhcp,
+            nat: self.nat,
+            isolated: self.isolated,
+            vlan_filtering: self.vlan_filtering,
+            ..NetworkSpec::new(&self.name)
+        }
+    }
+}
+
+/// A guest's DHCP lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// The guest's MAC address.
+    pub mac: String,
+    /// The address leased.
+    pub ip: String,
+    /// The name the guest gave, if any.
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+/// One network in `GET /api/v1/networks`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    /// Its definition.
+    pub spec: NetworkSpec,
+    /// The VMs with a NIC on it.
+    pub used_by: Vec<String>,
+    /// What is wrong with it on the host now (empty: all is well).
+    pub problems: Vec<String>,
+    /// The DHCP leases given out.
+    pub leases: Vec<LeaseInfo>,
+}
+
+/// `GET /api/v1/networks`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkList {
+    /// Every network, by name.
+    pub networks: Vec<NetworkInfo>,
+}
+
+/// One firewall group in `GET /api/v1/firewalls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirewallInfo {
+    /// Its definition.
+    pub spec: FirewallSpec,
+    /// The VMs with a NIC in it.
+    pub used_by: Vec<String>,
+}
+
+/// `GET /api/v1/firewalls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirewallList {
+    /// Every group, by name.
+    pub firewalls: Vec<FirewallInfo>,
+}
+
+/// `GET /api/v1/netcheck`: what `rustvisor net check` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetCheck {
+    /// Each misconfiguration found on the host, for a person (empty: all is well).
+    pub problems: Vec<String>,
+}
+
+/// A VM's NIC in `GET /api/v1/vms/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicInfo {
+    /// As defined.
+    pub spec: NicSpec,
+    /// Its TAP on the host.
+    pub tap: String,
+    /// The address the guest leased (networks with DHCP).
+    #[serde(default)]
+    pub ip: Option<String>,
+}
 
 /// Allowed VM names, for messages: a lower-case letter or digit, then up to 62 of lower-case
 /// letters, digits, `-`, `_` and `.` (so a name is a safe file name and never an option).
@@ -151,6 +442,12 @@ pub struct CreateRequest {
     /// See [`Policy::start_delay_s`].
     #[serde(default)]
     pub start_delay_s: u32,
+    /// NICs on the daemon's networks.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    /// Disks from storage pools, after the configuration's own disks.
+    #[serde(default)]
+    pub volumes: Vec<VolumeAttach>,
     /// The VM's configuration, as the VMM's `vm.create` takes it. `serial` must be left
     /// `null` (the default): the daemon writes the serial console to
     /// `<state-dir>/vms/<name>/console.log`.
@@ -199,12 +496,19 @@ pub struct UpdateRequest {
     /// A whole new configuration (applied before the single fields above).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<VmConfig>,
+    /// New NICs on the daemon's networks (replacing all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nics: Option<Vec<NicSpec>>,
 }
 
 impl UpdateRequest {
     /// Whether the request changes the VM's configuration (not only its policy).
     pub fn changes_config(&self) -> bool {
-        self.memory_mib.is_some() || self.cpus.is_some() || self.cmdline.is_some() || self.config.is_some()
+        self.memory_mib.is_some()
+            || self.cpus.is_some()
+            || self.cmdline.is_some()
+            || self.config.is_some()
+            || self.nics.is_some()
     }
 }
 
@@ -277,6 +581,9 @@ pub struct VmSummary {
     pub restart: RestartPolicy,
     /// Whether the VM starts with the host.
     pub autostart: bool,
+    /// Whether it is a template (cloned, never started).
+    #[serde(default)]
+    pub template: bool,
     /// Restarts by the policy since the last start asked through the API (back to 0 once
     /// the VM has run for the daemon's `--restart-reset-after`).
     pub restarts: u32,
@@ -294,6 +601,8 @@ pub struct VmDetails {
     pub config: VmConfig,
     /// Its restart and start-up policy.
     pub policy: Policy,
+    /// Its NICs on the daemon's networks, with their leased addresses.
+    pub nics: Vec<NicInfo>,
     /// The serial console's file on the host.
     pub console_log: String,
     /// The VMM's API socket while it runs.

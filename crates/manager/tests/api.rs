@@ -11,8 +11,9 @@ use manager::server::ROUTES;
 use manager::service::{DaemonPaths, Service};
 use manager::store::Store;
 use manager::types::{
-    CreateRequest, ErrorBody, Event, EventList, Policy, SnapshotInfo, SnapshotList, UpdateRequest, VmDetails, VmState,
-    VmSummary,
+    CreateRequest, ErrorBody, Event, EventList, FirewallInfo, FirewallList, FirewallSpec, LeaseInfo, NetCheck,
+    NetworkCreate, NetworkInfo, NetworkList, NicInfo, NicSpec, Policy, SnapshotInfo, SnapshotList, UpdateRequest,
+    VmDetails, VmState, VmSummary, VolumeAttach, VolumeCreate,
 };
 
 fn openapi() -> serde_yaml::Value {
@@ -65,6 +66,7 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         uptime_s: Some(1.0),
         restart: Default::default(),
         autostart: true,
+        template: false,
         restarts: 0,
         reason: Some("r".into()),
     };
@@ -72,6 +74,7 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         summary: summary.clone(),
         config: serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap(),
         policy: Policy::default(),
+        nics: vec![],
         console_log: "/c".into(),
         api_socket: Some("/s".into()),
         created_ms: 0,
@@ -97,7 +100,31 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         cpus: Some(1),
         cmdline: Some("x".into()),
         config: Some(serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap()),
+        nics: Some(vec![]),
     };
+    let nic: NicSpec = "net=lan0,vlan=20,mac=52:54:00:00:00:01,firewall=web".parse().unwrap();
+    let nic_info = NicInfo { spec: nic.clone(), tap: "rvt-a-0".into(), ip: Some("10.0.0.2".into()) };
+    let net_create = NetworkCreate {
+        name: "lan0".into(),
+        subnet: Some("10.77.0.1/24".parse().unwrap()),
+        dhcp: true,
+        nat: true,
+        isolated: false,
+        vlan_filtering: true,
+    };
+    let net_info = NetworkInfo {
+        spec: net_create.spec(),
+        used_by: vec!["a".into()],
+        problems: vec![],
+        leases: vec![LeaseInfo { mac: "m".into(), ip: "i".into(), hostname: Some("h".into()) }],
+    };
+    let fw = FirewallSpec {
+        name: "web".into(),
+        rules: vec!["allow in tcp/80".parse().unwrap()],
+        default_in: "drop".parse().unwrap(),
+        default_out: "accept".parse().unwrap(),
+    };
+    let fw_info = FirewallInfo { spec: fw.clone(), used_by: vec![] };
     let error =
         ErrorBody { error: "e".into(), field: Some("f".into()), operation: Some("o".into()), state: Some("s".into()) };
     let samples = [
@@ -110,14 +137,73 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         (
             "CreateRequest",
             serde_json::json!({"name": "a", "restart": "no", "autostart": true, "start_order": 1,
-                "start_delay_s": 2, "config": {}}),
+                "start_delay_s": 2, "nics": [], "volumes": [], "config": {}}),
         ),
         ("UpdateRequest", serde_json::to_value(&update).unwrap()),
         ("Policy", serde_json::to_value(Policy::default()).unwrap()),
         ("SnapshotInfo", serde_json::to_value(&snapshot).unwrap()),
         ("SnapshotList", serde_json::to_value(SnapshotList { snapshots: vec![] }).unwrap()),
         ("SnapshotCreate", serde_json::json!({"name": "s"})),
+        ("NicSpec", serde_json::to_value(&nic).unwrap()),
+        ("NicInfo", serde_json::to_value(&nic_info).unwrap()),
+        ("NetworkCreate", serde_json::to_value(&net_create).unwrap()),
+        ("NetworkSpec", serde_json::to_value(net_create.spec()).unwrap()),
+        ("NetworkInfo", serde_json::to_value(&net_info).unwrap()),
+        ("LeaseInfo", serde_json::to_value(&net_info.leases[0]).unwrap()),
+        ("NetworkList", serde_json::to_value(NetworkList { networks: vec![] }).unwrap()),
+        ("NetCheck", serde_json::to_value(NetCheck { problems: vec![] }).unwrap()),
+        ("FirewallSpec", serde_json::to_value(&fw).unwrap()),
+        ("FirewallInfo", serde_json::to_value(&fw_info).unwrap()),
+        ("FirewallList", serde_json::to_value(FirewallList { firewalls: vec![] }).unwrap()),
+        ("VolumeAttach", serde_json::json!({"volume": "p/v", "readonly": true})),
+        ("PoolCreate", serde_json::json!({"name": "p", "path": "/p"})),
+        ("PoolDetails", serde_json::json!({"name": "p", "info": {}})),
+        ("PoolList", serde_json::json!({"pools": []})),
+        (
+            "VolumeCreate",
+            serde_json::json!({"name": "v", "size_bytes": 1, "format": "raw", "preallocate": true,
+            "import_from": "/f", "source_format": "raw"}),
+        ),
+        ("VolumeDetails", serde_json::json!({"pool": "p", "info": {}, "used_by": []})),
+        ("VolumeList", serde_json::json!({"volumes": []})),
+        ("VolumeResize", serde_json::json!({"size_bytes": 1})),
+        ("VolumeClone", serde_json::json!({"name": "v", "pool": "p", "linked": true})),
+        ("VmClone", serde_json::json!({"name": "v", "linked": true})),
+        ("BackupCreate", serde_json::json!({"to": "/b"})),
+        ("BackupList", serde_json::json!({"backups": []})),
+        ("BackupRestore", serde_json::json!({"name": "v", "pool": "p"})),
+        (
+            "BackupInfo",
+            serde_json::to_value(manager::store::BackupRow {
+                id: "i".into(),
+                vm: "v".into(),
+                path: "/p".into(),
+                created_ms: 1,
+                bytes: 2,
+                sha256: "s".into(),
+            })
+            .unwrap(),
+        ),
     ];
+    // The request samples are what the types accept, and the storage types' fields are the
+    // schemas'.
+    for (name, value) in [
+        ("VolumeAttach", serde_json::to_value(VolumeAttach { volume: "p/v".into(), readonly: true }).unwrap()),
+        ("PoolInfo", serde_json::to_value(samples_pool_info()).unwrap()),
+        ("VolumeInfo", serde_json::to_value(samples_volume_info()).unwrap()),
+    ] {
+        let props: BTreeSet<String> = doc["components"]["schemas"][name]["properties"]
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect();
+        let fields: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(props, fields, "schema {name} against the wire type");
+    }
+    serde_json::from_value::<VolumeCreate>(serde_json::json!({"name": "v", "size_bytes": 1, "format": "raw",
+        "preallocate": true, "import_from": "/f", "source_format": "raw"}))
+    .unwrap();
     // The create sample is a CreateRequest (with a configuration).
     let mut create = samples.iter().find(|s| s.0 == "CreateRequest").unwrap().1.clone();
     create["config"] = serde_json::json!({"kernel": "/k"});
@@ -494,4 +580,28 @@ fn set_snapshots_of_a_stopped_vm_event_stream_tcp_token_and_autostart_order() {
     assert_eq!(v2["field"], "kind", "unknown query parameters are refused");
     let (_, v2) = d.call("GET", "events", None);
     assert_eq!(v2["events"].as_array().unwrap().len(), v["events"].as_array().unwrap().len(), "autostart runs once");
+}
+
+fn samples_pool_info() -> manager::types::PoolInfo {
+    manager::types::PoolInfo {
+        path: "/p".into(),
+        capacity_bytes: 1,
+        available_bytes: 1,
+        allocated_bytes: 1,
+        virtual_bytes: 1,
+        volumes: 1,
+    }
+}
+
+fn samples_volume_info() -> manager::types::VolumeInfo {
+    manager::types::VolumeInfo {
+        name: "v".into(),
+        path: "/p/v.raw".into(),
+        format: storage::Format::Raw,
+        virtual_bytes: 1,
+        allocated_bytes: 1,
+        backing: None,
+        foreign_backing: None,
+        read_only: false,
+    }
 }

@@ -27,6 +27,10 @@
 //! (dropped chains included); `bytes_written` counts bytes put in guest memory (IN data,
 //! GET_ID), `bytes_read` bytes taken from it (OUT data, DISCARD/WRITE_ZEROES segments).
 //!
+//! A backup of the disk ([`block::backup`]) hooks in below the device: the image does
+//! copy-before-write for writes, DISCARD and WRITE_ZEROES while a job is attached (see
+//! [`Block::disk`]).
+//!
 //! Without `VIRTIO_BLK_F_FLUSH` negotiated the cache is write-through (§5.2.4): every write,
 //! discard and write-zeroes is flushed before it completes. With it, data reaches stable
 //! storage on FLUSH (`fdatasync`, or imago's flush + `fsync` for qcow2).
@@ -192,6 +196,14 @@ impl Block {
             counters: Arc::default(),
             worker: Worker::new("virtio-blk"),
         }
+    }
+
+    /// The image, shared with the device's worker, which locks it for every request. A
+    /// backup attaches its job to it ([`block::DiskImage::attach_backup`]): writes, DISCARD
+    /// and WRITE_ZEROES then copy the old content of the blocks they touch first, under this
+    /// lock, and never fail because of the backup.
+    pub fn disk(&self) -> Arc<Mutex<DiskImage>> {
+        self.disk.clone()
     }
 
     /// Capacity in 512-byte sectors.
@@ -946,6 +958,57 @@ mod tests {
         s.extend_from_slice(&num.to_le_bytes());
         s.extend_from_slice(&flags.to_le_bytes());
         s
+    }
+
+    /// A backup attached to the device's image: guest writes, DISCARD and WRITE_ZEROES copy
+    /// the old blocks first, the export is the disk as of the attach, and a failing backup
+    /// never fails a request.
+    #[test]
+    fn backup_copy_before_write_through_the_queue() {
+        let mut r = rig();
+        let original = r.file();
+        let target = r._dir.0.join("export.raw");
+        let tf = std::fs::File::options().read(true).write(true).create_new(true).open(&target).unwrap();
+        let job = block::BackupJob::new(DISK_SIZE, tf, &target).unwrap();
+        let disk = r.bq.ctx.disk.clone();
+        disk.lock().unwrap().attach_backup(job.clone()).unwrap();
+        assert_eq!(r.write(10, &[0xab; 1024]), (1, VIRTIO_BLK_S_OK));
+        let seg = |r: &mut Rig, t: u32, sector: u64, n: u32| {
+            r.header(t, 0);
+            r.tq.write(BUF, &segment(sector, n, 0));
+            r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 16, false), (ST, 1, true)]);
+            r.run();
+            r.status()
+        };
+        assert_eq!(seg(&mut r, VIRTIO_BLK_T_DISCARD, 200, 8), VIRTIO_BLK_S_OK);
+        assert_eq!(seg(&mut r, VIRTIO_BLK_T_WRITE_ZEROES, 1000, 300), VIRTIO_BLK_S_OK);
+        // Blocks 0, 1 and 7-10 (64 KiB each) were copied before the changes.
+        let st = job.status();
+        assert_eq!(st.bytes_before_write, 6 * 65536, "{st:?}");
+        let export = std::fs::read(&target).unwrap();
+        assert_eq!(&export[..2 * 65536], &original[..2 * 65536]);
+        assert_eq!(&export[7 * 65536..11 * 65536], &original[7 * 65536..11 * 65536]);
+        // A second write to a copied block copies nothing.
+        assert_eq!(r.write(11, &[0xcd; 512]), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(job.status().bytes_before_write, 6 * 65536);
+        block::Copier::spawn(job.clone(), disk.clone(), None).unwrap().join();
+        assert_eq!(job.status().state, block::JobState::Done);
+        assert_eq!(std::fs::read(&target).unwrap(), original, "the export is the disk at attach time");
+        let now = r.file();
+        assert_eq!(&now[10 * 512..11 * 512], &[0xab; 512]);
+        assert_eq!(&now[11 * 512..12 * 512], &[0xcd; 512]);
+        assert!(now[200 * 512..208 * 512].iter().all(|&b| b == 0));
+
+        // A backup whose target fails (ENOSPC): the guest's requests still succeed.
+        let full = std::fs::File::options().write(true).open("/dev/full").unwrap();
+        let job = block::BackupJob::new(DISK_SIZE, full, "/dev/full").unwrap();
+        disk.lock().unwrap().attach_backup(job.clone()).unwrap();
+        assert_eq!(r.write(500, &[0x11; 512]), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(seg(&mut r, VIRTIO_BLK_T_DISCARD, 600, 8), VIRTIO_BLK_S_OK);
+        assert!(matches!(job.status().state, block::JobState::Failed(_)), "{:?}", job.status());
+        assert_eq!(&r.file()[500 * 512..501 * 512], &[0x11; 512]);
+        assert_eq!(r.errors(), 0);
+        r.still_works();
     }
 
     #[test]

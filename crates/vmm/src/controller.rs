@@ -1,5 +1,5 @@
 //! The VMM side of the REST API: one VM's life (create, boot, pause, resume, shutdown,
-//! reboot, delete, snapshot, restore) behind [`api::Controller`].
+//! reboot, delete, snapshot, restore, backup) behind [`api::Controller`].
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use api::types;
 use api::ApiError;
 
+use crate::backup::Backup;
 use crate::config::VmConfig;
 use crate::vm::{RunOutcome, Vm};
 
@@ -22,6 +23,8 @@ enum Slot {
         cfg: VmConfig,
     },
     Live {
+        /// The latest backup (declared first: it ends before the VM's devices go).
+        backup: Option<Backup>,
         vm: Box<Vm>,
         cfg: VmConfig,
         booted: Instant,
@@ -159,6 +162,18 @@ fn persist_error(e: crate::persist::Error) -> ApiError {
     }
 }
 
+/// Maps a backup error to the API: a bad destination is the client's (400 naming
+/// `destination_url`), the rest are ours (500).
+fn backup_error(e: crate::backup::Error) -> ApiError {
+    match e {
+        crate::backup::Error::Destination { .. } => bad("destination_url", e.to_string()),
+        crate::backup::Error::Disk { .. } => ApiError::Internal(e.to_string()),
+    }
+}
+
+const NO_VM: &str = "no VM: create one with vm.create";
+const NO_BACKUP: &str = "no backup was started on this VM: start one with PUT vm.backup";
+
 impl Default for VmmController {
     fn default() -> Self {
         Self::new()
@@ -174,7 +189,7 @@ impl VmmController {
     /// A VMM that already runs `vm` (started by `rustvisor run --api-socket`).
     pub fn with_running(vm: Vm, cfg: VmConfig) -> VmmController {
         let c = Self::new();
-        *c.lock() = Slot::Live { vm: Box::new(vm), cfg, booted: Instant::now(), paused: false };
+        *c.lock() = Slot::Live { backup: None, vm: Box::new(vm), cfg, booted: Instant::now(), paused: false };
         c
     }
 
@@ -301,7 +316,7 @@ impl api::Controller for VmmController {
         };
         // Opening the kernel, initrd and disks may be slow: other requests answer meanwhile.
         let vm = Self::boot_vm(&cfg);
-        self.finish(vm.map(|vm| Slot::Live { vm, cfg, booted: Instant::now(), paused: false }))
+        self.finish(vm.map(|vm| Slot::Live { backup: None, vm, cfg, booted: Instant::now(), paused: false }))
     }
 
     fn pause(&self) -> Result<(), ApiError> {
@@ -367,7 +382,7 @@ impl api::Controller for VmmController {
         // A reset is a fresh boot of the same configuration (devices, memory and vCPUs anew).
         *slot = Slot::Created { cfg: cfg.clone() };
         let vm = Self::boot_vm(&cfg)?;
-        *slot = Slot::Live { vm, cfg, booted: Instant::now(), paused: false };
+        *slot = Slot::Live { backup: None, vm, cfg, booted: Instant::now(), paused: false };
         Ok(())
     }
 
@@ -508,7 +523,58 @@ impl api::Controller for VmmController {
         drop(slot);
         // Reading the snapshot may be slow: other requests answer meanwhile.
         let r = crate::persist::restore(std::path::Path::new(source_dir)).map_err(persist_error);
-        self.finish(r.map(|(vm, cfg)| Slot::Live { vm: Box::new(vm), cfg, booted: Instant::now(), paused: true }))
+        self.finish(r.map(|(vm, cfg)| Slot::Live {
+            backup: None,
+            vm: Box::new(vm),
+            cfg,
+            booted: Instant::now(),
+            paused: true,
+        }))
+    }
+
+    fn backup(&self, destination_dir: &str, rate_limit_mib_s: Option<u64>) -> Result<types::BackupStatus, ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        let state = slot.state();
+        let Slot::Live { vm, paused, backup, .. } = &mut *slot else {
+            return Err(match &*slot {
+                Slot::Empty => ApiError::NotFound(NO_VM.into()),
+                s => conflict("vm.backup", s.state()),
+            });
+        };
+        if backup.as_ref().is_some_and(Backup::is_running) {
+            return Err(conflict("vm.backup (a backup runs already; DELETE vm.backup cancels it)", state));
+        }
+        let started = Backup::start(vm, *paused, std::path::Path::new(destination_dir), rate_limit_mib_s)
+            .map_err(backup_error)?;
+        let status = started.status();
+        *backup = Some(started);
+        Ok(status)
+    }
+
+    fn backup_status(&self) -> Result<types::BackupStatus, ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        match &*slot {
+            Slot::Live { backup: Some(b), .. } => Ok(b.status()),
+            Slot::Live { backup: None, .. } => Err(ApiError::NotFound(NO_BACKUP.into())),
+            Slot::Empty => Err(ApiError::NotFound(NO_VM.into())),
+            s => Err(conflict("vm.backup", s.state())),
+        }
+    }
+
+    fn backup_cancel(&self) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        match &*slot {
+            Slot::Live { backup: Some(b), .. } => {
+                b.cancel();
+                Ok(())
+            }
+            Slot::Live { backup: None, .. } => Err(ApiError::NotFound(NO_BACKUP.into())),
+            Slot::Empty => Err(ApiError::NotFound(NO_VM.into())),
+            s => Err(conflict("vm.backup", s.state())),
+        }
     }
 
     fn vmm_shutdown(&self) {

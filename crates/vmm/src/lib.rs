@@ -2,6 +2,7 @@
 //! run loop over either accelerator (`kvm` or `emu`).
 
 pub mod arch;
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod console_mux;

@@ -37,6 +37,9 @@ pub struct PciVirtio {
     pub name: String,
     /// The transport (and the device inside it).
     pub dev: Arc<Mutex<VirtioPci>>,
+    /// For a disk: its image, shared with the device (backups attach to it), and its index
+    /// in the configuration.
+    pub disk: Option<(usize, Arc<Mutex<block::DiskImage>>)>,
 }
 
 /// The devices [`build`] made.
@@ -69,7 +72,8 @@ pub fn build(
     dma: Arc<DmaLog>,
     ioevents: Option<Arc<dyn IoEventRegistrar>>,
 ) -> Result<Built> {
-    let mut models: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    type Disk = Option<(usize, Arc<Mutex<block::DiskImage>>)>;
+    let mut models: Vec<(String, Box<dyn VirtioDevice>, Disk)> = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let format = match d.format {
             Some(crate::DiskFormat::Raw) => block::Format::Raw,
@@ -80,17 +84,19 @@ pub fn build(
             block::ImagePolicy { allow_backing_outside: d.allow_backing_outside, allow_data_file: d.allow_data_file };
         let image = block::DiskImage::open_with(&d.path, format, d.readonly, policy)
             .map_err(|e| Error::Config { field: "--disk", msg: e.to_string() })?;
-        models.push((format!("disk{i}"), Box::new(virtio::block::Block::new(image, d.readonly, d.serial.clone()))));
+        let dev = virtio::block::Block::new(image, d.readonly, d.serial.clone());
+        let disk = dev.disk();
+        models.push((format!("disk{i}"), Box::new(dev), Some((i, disk))));
     }
     for (i, n) in cfg.nets.iter().enumerate() {
         let tap = virtio::tap::Tap::open(&n.tap).map_err(|e| Error::Config { field: "--net", msg: e.to_string() })?;
         let mac = n.mac.map_or_else(|| virtio::net::default_mac(&n.tap), |m| m.0);
-        models.push((format!("net{i}"), Box::new(virtio::net::Net::new(tap, mac))));
+        models.push((format!("net{i}"), Box::new(virtio::net::Net::new(tap, mac)), None));
     }
     if let Some(v) = &cfg.vsock {
         let dev = virtio::vsock::Vsock::new(v.cid, v.socket.clone().into())
             .map_err(|e| Error::Config { field: "--vsock", msg: e.to_string() })?;
-        models.push(("vsock".into(), Box::new(dev)));
+        models.push(("vsock".into(), Box::new(dev), None));
     }
     if let Some(out) = &cfg.console {
         let (output, input): (Box<dyn std::io::Write + Send>, Option<Box<dyn virtio::console::InputSource>>) = match out
@@ -114,19 +120,19 @@ pub fn build(
         };
         let dev = virtio::console::Console::new(output, input)
             .map_err(|source| Error::DeviceIo { name: "virtio-console".into(), source })?;
-        models.push(("console".into(), Box::new(dev)));
+        models.push(("console".into(), Box::new(dev), None));
     }
     if cfg.rng {
-        models.push(("rng".into(), Box::new(virtio::rng::Rng::new())));
+        models.push(("rng".into(), Box::new(virtio::rng::Rng::new()), None));
     }
     let mut balloon = None;
     if let Some(b) = &cfg.balloon {
         let dev = balloon_model(b);
         balloon = Some(dev.handle());
-        models.push(("balloon".into(), Box::new(dev)));
+        models.push(("balloon".into(), Box::new(dev), None));
     }
     let mut out = Vec::new();
-    for (i, (name, model)) in models.into_iter().enumerate() {
+    for (i, (name, model, disk)) in models.into_iter().enumerate() {
         let base = PCI_MMIO_START + i as u64 * u64::from(BAR_SIZE);
         if base + u64::from(BAR_SIZE) > PCI_MMIO_END {
             return Err(Error::DeviceSpace { name, space: "PCI MMIO window" });
@@ -141,7 +147,7 @@ pub fn build(
         )));
         bus.add(dev.clone()).ok_or_else(|| Error::DeviceSpace { name: name.clone(), space: "PCI bus 0 (32 slots)" })?;
         tracing::debug!("virtio {name}: BAR0 at {base:#x}");
-        out.push(PciVirtio { name, dev });
+        out.push(PciVirtio { name, dev, disk });
     }
     Ok(Built { devices: out, balloon })
 }

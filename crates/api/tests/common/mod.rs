@@ -12,7 +12,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use api::server::{serve_with, ServerHandle, ServerOptions};
-use api::types::{BalloonInfo, BalloonStats, Counters, DeviceCounters, PingInfo, VmConfig, VmInfo};
+use api::types::{
+    BackupDiskStatus, BackupState, BackupStatus, BalloonInfo, BalloonStats, Counters, DeviceCounters, PingInfo,
+    VmConfig, VmInfo,
+};
 use api::{ApiError, Controller};
 
 /// The test sockets' read and write timeout: a server that takes longer has hung.
@@ -41,6 +44,8 @@ pub struct Mock {
     pub restores: Mutex<Vec<String>>,
     /// The balloon target last set.
     pub balloon_mib: Mutex<u64>,
+    /// The latest backup, with its rate limit.
+    pub backup: Mutex<Option<(BackupStatus, Option<u64>)>>,
 }
 
 impl Mock {
@@ -230,6 +235,56 @@ impl Controller for Mock {
         }
         self.restores.lock().unwrap().push(source_dir.to_string());
         *vm = Some((St::Paused, sample_config()));
+        Ok(())
+    }
+    fn backup(&self, destination_dir: &str, rate_limit_mib_s: Option<u64>) -> Result<BackupStatus, ApiError> {
+        self.check_panic();
+        match self.state() {
+            Some(St::Running | St::Paused) => {}
+            Some(s) => return Err(ApiError::Conflict { action: "vm.backup".into(), state: format!("{s:?}") }),
+            None => return Err(ApiError::NotFound("no VM".into())),
+        }
+        let mut b = self.backup.lock().unwrap();
+        if b.as_ref().is_some_and(|(s, _)| s.state == BackupState::Running) {
+            return Err(ApiError::Conflict { action: "vm.backup (one is running)".into(), state: "Running".into() });
+        }
+        let status = BackupStatus {
+            destination: destination_dir.to_string(),
+            pause_ms: 1.25,
+            state: BackupState::Running,
+            disks: vec![BackupDiskStatus {
+                index: 0,
+                path: "/img/root.raw".into(),
+                target: format!("{destination_dir}/disk0.raw"),
+                bytes_total: 1 << 20,
+                bytes_copied: 0,
+                bytes_before_write: 0,
+                state: BackupState::Running,
+                error: None,
+            }],
+        };
+        *b = Some((status.clone(), rate_limit_mib_s));
+        Ok(status)
+    }
+    fn backup_status(&self) -> Result<BackupStatus, ApiError> {
+        self.check_panic();
+        self.backup
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(s, _)| s.clone())
+            .ok_or_else(|| ApiError::NotFound("no backup".into()))
+    }
+    fn backup_cancel(&self) -> Result<(), ApiError> {
+        self.check_panic();
+        let mut b = self.backup.lock().unwrap();
+        let (s, _) = b.as_mut().ok_or_else(|| ApiError::NotFound("no backup".into()))?;
+        if s.state == BackupState::Running {
+            s.state = BackupState::Cancelled;
+            for d in &mut s.disks {
+                d.state = BackupState::Cancelled;
+            }
+        }
         Ok(())
     }
     fn vmm_shutdown(&self) {

@@ -23,9 +23,9 @@ use std::time::Duration;
 use api::client::Client;
 
 use super::{bad, lock, Launch, Service, ServiceError};
-use crate::diskcopy;
 use crate::store::{now_ms, NewEvent, Peer, Runtime, SnapshotRecord};
 use crate::types::{valid_name, SnapshotInfo, VmState, NAME_RULE};
+use storage::copy as diskcopy;
 
 /// The VMM's snapshot inside a snapshot folder.
 const VMM_DIR: &str = "vmm";
@@ -174,7 +174,7 @@ impl Service {
         if rec.config != s.config {
             rec.config = s.config.clone();
             let ev = NewEvent::vm(vm, "updated", format!("configuration of snapshot {snap}"), peer);
-            self.store().update_vm(vm, &rec.config, &rec.policy, &ev)?;
+            self.store().update_vm(vm, &rec.config, &rec.policy, &rec.nics, &ev)?;
         }
         let detail = format!("{snap}: {}", if s.info.memory { "disks and RAM" } else { "disks" });
         self.store().log(&NewEvent::vm(vm, "snapshot-reverted", detail, peer))?;

@@ -9,6 +9,8 @@
 //! [`replace_with_copy`] puts a copy in place of a file atomically (a temporary file beside
 //! it, fsynced, then `rename(2)` and an fsync of the folder), so a crash leaves either the
 //! old or the new image, never a half-written one.
+//!
+//! (Moved here from `crates/manager/src/diskcopy.rs`, which the manager's snapshots used.)
 
 use std::fs::File;
 use std::io;
@@ -50,7 +52,7 @@ fn copy_into(from: &File, to: &File) -> io::Result<u64> {
 }
 
 /// `lseek(fd, pos, whence)`; `None` when there is no more data (ENXIO).
-fn seek(f: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+pub(crate) fn seek(f: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     let off = libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: lseek only moves the file offset of an fd we hold open.
     let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
