@@ -89,6 +89,8 @@ fn main() {
         nets: vec![],
         vsock: None,
         rng: false,
+        balloon: None,
+        memory_options: Default::default(),
     };
     let (mut child, c, _) = start_vmm(&sock);
     c.create(&cfg).unwrap();

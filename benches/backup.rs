@@ -162,6 +162,8 @@ fn main() {
         nets: vec![],
         vsock: None,
         rng: false,
+        balloon: None,
+        memory_options: Default::default(),
     };
     // One VM per source format, so that each backup exports exactly one 512 MiB disk.
     let sources: Vec<(&str, DiskConfig)> = ["raw", "qcow2"].into_iter().zip(cfg.disks.iter().cloned()).collect();

@@ -161,7 +161,7 @@ for m in drivers/virtio/virtio drivers/virtio/virtio_ring drivers/virtio/virtio_
          net/core/failover drivers/net/net_failover drivers/net/virtio_net \
          net/vmw_vsock/vsock net/vmw_vsock/vmw_vsock_virtio_transport_common \
          net/vmw_vsock/vmw_vsock_virtio_transport drivers/char/hw_random/virtio-rng \
-         drivers/char/virtio_console; do
+         drivers/char/virtio_console drivers/virtio/virtio_balloon; do
     f="$KMOD/$m.ko"
     [ -f "$f" ] || die "kernel package lacks $m.ko"
     install -m 0644 "$f" "$STAGE/lib/modules/"
@@ -197,6 +197,7 @@ case "$ids" in *0x104[0-9a-f]*|*0x105[0-9a-f]*)
     case "$ids" in *0x1041*) load failover net_failover virtio_net ;; esac
     case "$ids" in *0x1044*) load virtio-rng ;; esac
     case "$ids" in *0x1043*) load virtio_console ;; esac
+    case "$ids" in *0x1045*) load virtio_balloon ;; esac
     case "$ids" in *0x1053*) load vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport ;; esac
     echo RV-VIRTIO-LOADED ;;
 esac

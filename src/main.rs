@@ -101,6 +101,15 @@ struct RunArgs {
     /// --serial and --console may use stdio.
     #[arg(long)]
     console: Option<String>,
+    /// A virtio-balloon device (its size is set through the API: vm.balloon); optionally
+    /// deflate_on_oom=on|off (default on), stats_interval_s=N (default 5, 0 = no
+    /// statistics), free_page_reporting=on|off (default off).
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<String>,
+    /// How guest RAM is backed: mergeable=on (KSM may share identical pages), thp=on
+    /// (transparent huge pages) or hugepages=on (2 MiB hugetlbfs pages, reserved at boot).
+    #[arg(long, value_name = "OPTIONS")]
+    memory_options: Option<String>,
     /// Also serve the VMM's REST API on this Unix socket (pause, resume, snapshot, info, ...).
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -128,6 +137,9 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let disks = a.disk.iter().map(|d| d.parse()).collect::<Result<Vec<vmm::DiskConfig>, _>>().map_err(bad)?;
     let nets = a.net.iter().map(|n| n.parse()).collect::<Result<Vec<vmm::NetConfig>, _>>().map_err(bad)?;
     let vsock = a.vsock.as_deref().map(str::parse::<vmm::VsockConfig>).transpose().map_err(bad)?;
+    let balloon = a.balloon.as_deref().map(str::parse::<vmm::BalloonConfig>).transpose().map_err(bad)?;
+    let memory_options =
+        a.memory_options.as_deref().map(str::parse::<vmm::MemoryOptions>).transpose().map_err(bad)?.unwrap_or_default();
     let cfg = VmConfig {
         kernel: utf8_path("--kernel", a.kernel).map_err(bad)?,
         initrd: a.initrd.map(|p| utf8_path("--initrd", p)).transpose().map_err(bad)?,
@@ -141,6 +153,8 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
         vsock,
         rng: a.rng,
         console,
+        balloon,
+        memory_options,
     };
     let mut vm = Vm::new(&cfg).map_err(|e| match e {
         vmm::Error::Config { .. }

@@ -91,6 +91,8 @@ fn guest_config(script: &str, log: &Path, disks: Vec<DiskConfig>) -> VmConfig {
         nets: vec![],
         vsock: None,
         rng: false,
+        balloon: None,
+        memory_options: Default::default(),
     }
 }
 

@@ -183,6 +183,8 @@ fn backup_of_a_running_guest_is_one_instant() {
         nets: vec![],
         vsock: None,
         rng: false,
+        balloon: None,
+        memory_options: Default::default(),
     };
     let vmm = Vmm::start(&dir.path("api.sock"));
     let c = &vmm.client;

@@ -301,3 +301,34 @@ fn huge_initrd_is_refused_before_reading() {
     assert!(usage.ru_maxrss < 256 << 10, "peak RSS {} KiB", usage.ru_maxrss);
     assert!(elapsed < std::time::Duration::from_secs(5), "took {elapsed:?}");
 }
+
+#[test]
+fn balloon_and_memory_options_are_checked() {
+    let k = tmpfile("k-balloon", b"x");
+    for (flag, value, want) in [
+        ("--balloon", "stats_interval_s=x", "--balloon: stats_interval_s='x'"),
+        ("--balloon", "stats_interval_s=4000", "0 (no statistics) to 3600"),
+        ("--balloon", "size=1G", "--balloon: unknown key 'size'"),
+        ("--memory-options", "ksm=on", "--memory-options: unknown key 'ksm'"),
+        ("--memory-options", "hugepages=on,mergeable=on", "cannot be combined"),
+        ("--memory-options", "hugepages=yes,thp=on", "cannot be combined"),
+    ] {
+        let (code, err) = run(&["run", "--kernel", &k, "--serial", "null", flag, value]);
+        assert_eq!(code, 2, "{flag} {value}: {err}");
+        assert!(err.contains(want), "{flag} {value}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    // `--balloon` alone takes the defaults; the (fake) kernel is what fails then.
+    let (code, err) = run(&["run", "--kernel", &k, "--balloon", "--serial", "null", "--accel", "emu"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a kernel"), "{err}");
+    // Huge pages the host does not have free are refused naming the shortfall (a host with
+    // 64 free 2 MiB pages gets as far as the kernel).
+    let (code, err) =
+        run(&["run", "--kernel", &k, "--memory", "128M", "--memory-options", "hugepages=on", "--serial", "null"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--memory-options: hugepages: 64 free 2 MiB huge pages needed") || err.contains("not a kernel"),
+        "{err}"
+    );
+}

@@ -302,6 +302,8 @@ fn kvm_tiny_guest_snapshot_kill_restore_continues_the_counter() {
         nets: vec![],
         vsock: None,
         rng: false,
+        balloon: None,
+        memory_options: Default::default(),
     };
 
     // First VMM: boot, count, pause, snapshot, kill -9.

@@ -1,4 +1,5 @@
-//! The command-line syntax of the device options (`--disk`, `--net`, `--vsock`): comma
+//! The command-line syntax of the device options (`--disk`, `--net`, `--vsock`, `--balloon`,
+//! `--memory-options`): comma
 //! separated `key=value` pairs, in the style of Cloud Hypervisor and QEMU. Parsing checks the
 //! syntax and the enumerations only; values (sizes, names, ranges, files) are checked by the
 //! VMM's one validation of the whole [`VmConfig`](crate::VmConfig). Errors start with the
@@ -7,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use crate::{DiskConfig, NetConfig, VsockConfig};
+use crate::{BalloonConfig, DiskConfig, MemoryOptions, NetConfig, VsockConfig};
 
 /// Largest GET_ID serial, in bytes (virtio 1.2 §5.2.6).
 pub const SERIAL_MAX: usize = 20;
@@ -86,6 +87,40 @@ impl FromStr for VsockConfig {
     }
 }
 
+impl FromStr for BalloonConfig {
+    type Err = String;
+    /// `[deflate_on_oom=on|off][,stats_interval_s=N][,free_page_reporting=on|off]` (empty:
+    /// the defaults).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let m = parse_kv("--balloon", s, &["deflate_on_oom", "stats_interval_s", "free_page_reporting"])?;
+        let d = BalloonConfig::default();
+        let flag =
+            |k: &str, def: bool| m.get(k).map(|v| parse_bool("--balloon", k, v)).transpose().map(|v| v.unwrap_or(def));
+        let stats_interval_s = match m.get("stats_interval_s") {
+            None => d.stats_interval_s,
+            Some(v) => v.parse().map_err(|_| {
+                format!("--balloon: stats_interval_s='{v}' (accepted: 0 to {} seconds)", crate::MAX_STATS_INTERVAL_S)
+            })?,
+        };
+        Ok(BalloonConfig {
+            deflate_on_oom: flag("deflate_on_oom", d.deflate_on_oom)?,
+            stats_interval_s,
+            free_page_reporting: flag("free_page_reporting", d.free_page_reporting)?,
+        })
+    }
+}
+
+impl FromStr for MemoryOptions {
+    type Err = String;
+    /// `[mergeable=on|off][,hugepages=on|off][,thp=on|off]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let m = parse_kv("--memory-options", s, &["mergeable", "hugepages", "thp"])?;
+        let flag =
+            |k: &str| m.get(k).map(|v| parse_bool("--memory-options", k, v)).transpose().map(Option::unwrap_or_default);
+        Ok(MemoryOptions { mergeable: flag("mergeable")?, hugepages: flag("hugepages")?, thp: flag("thp")? })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +171,27 @@ mod tests {
         assert_eq!((v.cid, v.socket.as_str()), (3, "/tmp/v.sock"));
         assert!("cid=x,socket=/x".parse::<VsockConfig>().unwrap_err().contains("3 to"));
         assert!("cid=3".parse::<VsockConfig>().is_err());
+    }
+
+    #[test]
+    fn balloon_and_memory_options() {
+        assert_eq!("".parse::<BalloonConfig>().unwrap(), BalloonConfig::default());
+        let b: BalloonConfig = "deflate_on_oom=off,stats_interval_s=0,free_page_reporting=on".parse().unwrap();
+        assert_eq!(b, BalloonConfig { deflate_on_oom: false, stats_interval_s: 0, free_page_reporting: true });
+        for bad in
+            ["stats_interval_s=x", "stats_interval_s=-1", "size=1", "deflate_on_oom=maybe", "free_page_reporting"]
+        {
+            let e = bad.parse::<BalloonConfig>().unwrap_err();
+            assert!(e.starts_with("--balloon: "), "{bad}: {e}");
+        }
+        let d: BalloonConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(d, BalloonConfig::default());
+        assert!((d.deflate_on_oom, d.stats_interval_s, d.free_page_reporting) == (true, 5, false));
+        let m: MemoryOptions = "mergeable=on,thp=on".parse().unwrap();
+        assert_eq!(m, MemoryOptions { mergeable: true, hugepages: false, thp: true });
+        assert_eq!("".parse::<MemoryOptions>().unwrap(), MemoryOptions::default());
+        assert!("hugepages=2M".parse::<MemoryOptions>().unwrap_err().contains("--memory-options: hugepages"));
+        assert!(serde_json::from_str::<MemoryOptions>(r#"{"ksm": true}"#).is_err());
     }
 
     #[test]

@@ -60,6 +60,12 @@ pub struct VmConfig {
     /// virtio-rng.
     #[serde(default)]
     pub rng: bool,
+    /// virtio-balloon; absent = none (`PUT vm.balloon` then answers 409).
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
+    /// How guest RAM is backed on the host (page sharing, huge pages).
+    #[serde(default)]
+    pub memory_options: MemoryOptions,
 }
 
 impl VmConfig {
@@ -351,6 +357,124 @@ pub struct VsockConfig {
     /// Host Unix socket: connect and write `CONNECT <port>\n` to reach a guest port; guest
     /// connections to host port P go to `<socket>_P`.
     pub socket: String,
+}
+
+/// The virtio-balloon device (command line
+/// `--balloon [deflate_on_oom=on|off][,stats_interval_s=N][,free_page_reporting=on|off]`).
+/// Its size is set at run time with `PUT vm.balloon`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// Offer `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`: the guest takes pages back from the balloon
+    /// rather than run out of memory.
+    #[serde(default = "default_true")]
+    pub deflate_on_oom: bool,
+    /// How often the VMM asks the guest for memory statistics, in seconds (1 to
+    /// [`MAX_STATS_INTERVAL_S`]); 0 = no statistics queue.
+    #[serde(default = "default_stats_interval_s")]
+    pub stats_interval_s: u32,
+    /// Offer free page reporting: the guest reports free memory (2 MiB blocks on Linux),
+    /// which the VMM gives back to the host.
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig { deflate_on_oom: true, stats_interval_s: default_stats_interval_s(), free_page_reporting: false }
+    }
+}
+
+/// Largest [`BalloonConfig::stats_interval_s`].
+pub const MAX_STATS_INTERVAL_S: u32 = 3600;
+
+fn default_true() -> bool {
+    true
+}
+fn default_stats_interval_s() -> u32 {
+    5
+}
+
+/// How guest RAM is backed on the host (command line
+/// `--memory-options [mergeable=on][,hugepages=on][,thp=on]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryOptions {
+    /// Mark guest RAM mergeable (`MADV_MERGEABLE`), so the host's KSM may share identical
+    /// pages between VMs (when `/sys/kernel/mm/ksm/run` is 1).
+    #[serde(default)]
+    pub mergeable: bool,
+    /// Back guest RAM with 2 MiB hugetlbfs pages (`MAP_HUGETLB`), reserved at boot: the host
+    /// must have enough free (`/proc/sys/vm/nr_hugepages`). Not with `mergeable` or `thp`;
+    /// `memory_mib` must be even. A balloon then gives back only whole huge pages (free
+    /// page reporting's 2 MiB blocks).
+    #[serde(default)]
+    pub hugepages: bool,
+    /// Ask for transparent huge pages (`MADV_HUGEPAGE`): best effort, no reservation.
+    #[serde(default)]
+    pub thp: bool,
+}
+
+/// `PUT vm.balloon`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonTarget {
+    /// The balloon's size: MiB of guest RAM the guest is asked to give back (0 to
+    /// `memory_mib`; 0 deflates it completely).
+    pub target_mib: u64,
+}
+
+/// `GET vm.balloon`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BalloonInfo {
+    /// The balloon size asked for, MiB.
+    pub target_mib: u64,
+    /// The balloon size the guest reports (its driver's `actual`), MiB.
+    pub actual_mib: u64,
+    /// The guest's last memory statistics; `null` before the first (or without a
+    /// statistics queue).
+    pub stats: Option<BalloonStats>,
+    /// Seconds since `stats` arrived; `null` with it.
+    pub stats_age_s: Option<f64>,
+    /// MiB of free memory the guest reported (free page reporting) and the VMM gave back to
+    /// the host since the VMM started.
+    pub reported_mib: u64,
+}
+
+/// The guest's memory statistics (virtio 1.2 §5.5.6.3); a value the guest did not report
+/// is absent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStats {
+    /// Bytes swapped in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_in_bytes: Option<u64>,
+    /// Bytes swapped out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_out_bytes: Option<u64>,
+    /// Major page faults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub major_faults: Option<u64>,
+    /// Minor page faults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_faults: Option<u64>,
+    /// Bytes not used at all (`MemFree`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
+    /// Bytes the guest can use, the balloon excluded (`MemTotal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+    /// Bytes available for new work without swapping (`MemAvailable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_bytes: Option<u64>,
+    /// Bytes of disk caches that can be dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_caches_bytes: Option<u64>,
+    /// Successful hugetlb page allocations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_allocations: Option<u64>,
+    /// Failed hugetlb page allocations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_failures: Option<u64>,
 }
 
 /// `GET vmm.ping`.

@@ -55,6 +55,27 @@ fn vm_config() -> VmConfig {
         nets: vec![NetConfig { tap: "tap0".into(), mac: Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])) }],
         vsock: Some(VsockConfig { cid: 3, socket: "/v".into() }),
         rng: true,
+        balloon: Some(balloon()),
+        memory_options: MemoryOptions { mergeable: true, hugepages: false, thp: true },
+    }
+}
+
+fn balloon() -> BalloonConfig {
+    BalloonConfig { deflate_on_oom: false, stats_interval_s: 10, free_page_reporting: true }
+}
+
+fn balloon_stats() -> BalloonStats {
+    BalloonStats {
+        swap_in_bytes: Some(1),
+        swap_out_bytes: Some(2),
+        major_faults: Some(3),
+        minor_faults: Some(4),
+        free_bytes: Some(5),
+        total_bytes: Some(6),
+        available_bytes: Some(7),
+        disk_caches_bytes: Some(8),
+        hugetlb_allocations: Some(9),
+        hugetlb_failures: Some(10),
     }
 }
 
@@ -117,6 +138,20 @@ fn every_schema_matches_its_type() {
     );
     check("VmEnd", &VmEnd::Error { reason: "vcpu 0 failed".into() });
     check("DeviceCounters", &DeviceCounters { requests: 1, bytes_read: 2, bytes_written: 3, errors: 4 });
+    check("BalloonConfig", &balloon());
+    check("MemoryOptions", &MemoryOptions { mergeable: true, hugepages: true, thp: true });
+    check("BalloonTarget", &BalloonTarget { target_mib: 256 });
+    check(
+        "BalloonInfo",
+        &BalloonInfo {
+            target_mib: 256,
+            actual_mib: 128,
+            stats: Some(balloon_stats()),
+            stats_age_s: Some(1.5),
+            reported_mib: 3,
+        },
+    );
+    check("BalloonStats", &balloon_stats());
     check("ErrorBody", &ErrorBody { error: "e".into(), field: Some("f".into()), state: Some("s".into()) });
 }
 
@@ -134,6 +169,11 @@ fn every_schema_is_checked() {
         "VmEnd",
         "Counters",
         "DeviceCounters",
+        "BalloonConfig",
+        "MemoryOptions",
+        "BalloonTarget",
+        "BalloonInfo",
+        "BalloonStats",
         "ErrorBody",
         "BackupRequest",
         "BackupStatus",

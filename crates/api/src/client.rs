@@ -18,8 +18,8 @@ use serde::Serialize;
 use crate::fileurl::path_to_file_url;
 use crate::server::API_PREFIX;
 use crate::types::{
-    BackupRequest, BackupState, BackupStatus, Counters, ErrorBody, PingInfo, RestoreRequest, SnapshotRequest, VmConfig,
-    VmInfo,
+    BackupRequest, BackupState, BackupStatus, BalloonInfo, BalloonTarget, Counters, ErrorBody, PingInfo,
+    RestoreRequest, SnapshotRequest, VmConfig, VmInfo,
 };
 
 /// The largest response body the client reads.
@@ -204,6 +204,16 @@ impl Client {
         self.put::<()>("vm.delete", None)
     }
 
+    /// `PUT vm.balloon`: asks the guest for a balloon of `target_mib` MiB.
+    pub fn balloon_set(&self, target_mib: u64) -> Result<(), ClientError> {
+        self.put("vm.balloon", Some(&BalloonTarget { target_mib }))
+    }
+
+    /// `GET vm.balloon`.
+    pub fn balloon_info(&self) -> Result<BalloonInfo, ClientError> {
+        self.get("vm.balloon")
+    }
+
     /// `PUT vm.snapshot` into directory `dir` (made absolute against the current directory).
     pub fn snapshot(&self, dir: &Path) -> Result<(), ClientError> {
         let destination_url = dir_url(dir)?;
@@ -335,6 +345,14 @@ pub enum ApiCommand {
     Reboot,
     /// Stop the VM if needed and forget it.
     Delete,
+    /// Without SIZE: the balloon's target and actual size and the guest's memory statistics.
+    /// With SIZE (e.g. 256M, 1G; a plain number is MiB): ask the guest to give back that
+    /// much memory (0 deflates the balloon).
+    Balloon {
+        /// The balloon's new size.
+        #[arg(value_name = "SIZE", value_parser = parse_mib)]
+        target_mib: Option<u64>,
+    },
     /// Write a snapshot of the paused VM into DIR (created if absent; must be empty).
     Snapshot {
         /// The snapshot directory (relative to the current directory unless absolute).
@@ -364,6 +382,18 @@ pub enum ApiCommand {
     BackupCancel,
     /// Stop the VM (if any) and the VMM process.
     VmmShutdown,
+}
+
+/// Parses a size in MiB: `N` or `NM` (MiB), `NG` (GiB).
+///
+/// Errors: a message naming the accepted forms.
+pub fn parse_mib(s: &str) -> Result<u64, String> {
+    let bad = || format!("'{s}' is not a size (accepted: N or NM for MiB, NG for GiB, e.g. 256M)");
+    let (num, mult) = match s.strip_suffix(['G', 'g']) {
+        Some(n) => (n, 1024),
+        None => (s.strip_suffix(['M', 'm']).unwrap_or(s), 1),
+    };
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(bad)
 }
 
 /// Runs `rustvisor api` with stdout and stderr.
@@ -404,6 +434,11 @@ fn execute(args: &ApiArgs, out: &mut dyn Write) -> Result<(), String> {
         ApiCommand::Shutdown => ("PUT", "vm.shutdown", None, Some("VM shut down".into())),
         ApiCommand::Reboot => ("PUT", "vm.reboot", None, Some("VM rebooted".into())),
         ApiCommand::Delete => ("PUT", "vm.delete", None, Some("VM deleted".into())),
+        ApiCommand::Balloon { target_mib: None } => ("GET", "vm.balloon", None, None),
+        ApiCommand::Balloon { target_mib: Some(t) } => {
+            let json = serde_json::to_vec(&BalloonTarget { target_mib: *t }).map_err(|err| err.to_string())?;
+            ("PUT", "vm.balloon", Some(json), Some(format!("balloon target set to {t} MiB")))
+        }
         ApiCommand::Snapshot { dir } => {
             let body = SnapshotRequest { destination_url: dir_url(dir).map_err(e)? };
             let json = serde_json::to_vec(&body).map_err(|err| err.to_string())?;
@@ -436,6 +471,7 @@ fn execute(args: &ApiArgs, out: &mut dyn Write) -> Result<(), String> {
         (_, Some(done)) => format!("{done}\n"),
         (ApiCommand::Ping, _) => format_ping(&decode(&body)?),
         (ApiCommand::Info, _) => format_info(&decode(&body)?),
+        (ApiCommand::Balloon { .. }, _) => format_balloon(&decode(&body)?),
         (ApiCommand::Backup { .. } | ApiCommand::BackupStatus, _) => format_backup(&decode(&body)?),
         (_, _) => format_counters(&decode(&body)?),
     };
@@ -488,6 +524,50 @@ pub fn format_info(i: &VmInfo) -> String {
         s += &format!("vsock: cid {}, socket {}\n", v.cid, v.socket);
     }
     s += &format!("rng: {}\n", if c.rng { "yes" } else { "no" });
+    if let Some(b) = &c.balloon {
+        s += &format!(
+            "balloon: deflate on OOM {}, statistics {}, free page reporting {}\n",
+            if b.deflate_on_oom { "yes" } else { "no" },
+            if b.stats_interval_s == 0 { "off".to_string() } else { format!("every {} s", b.stats_interval_s) },
+            if b.free_page_reporting { "yes" } else { "no" }
+        );
+    }
+    let m = &c.memory_options;
+    let opts: Vec<&str> = [(m.mergeable, "mergeable"), (m.hugepages, "hugepages"), (m.thp, "thp")]
+        .iter()
+        .filter(|o| o.0)
+        .map(|o| o.1)
+        .collect();
+    if !opts.is_empty() {
+        s += &format!("memory options: {}\n", opts.join(", "));
+    }
+    s
+}
+
+/// `vm.balloon`, for a person.
+pub fn format_balloon(b: &BalloonInfo) -> String {
+    let mut s =
+        format!("target: {} MiB\nactual: {} MiB\nreported free: {} MiB\n", b.target_mib, b.actual_mib, b.reported_mib);
+    let Some(st) = &b.stats else {
+        return s + "statistics: none yet\n";
+    };
+    s += &format!("statistics ({:.1} s old):\n", b.stats_age_s.unwrap_or(0.0));
+    let mib = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| format!("{} MiB", v >> 20));
+    let n = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    for (k, v) in [
+        ("total", mib(st.total_bytes)),
+        ("free", mib(st.free_bytes)),
+        ("available", mib(st.available_bytes)),
+        ("disk caches", mib(st.disk_caches_bytes)),
+        ("swapped in", mib(st.swap_in_bytes)),
+        ("swapped out", mib(st.swap_out_bytes)),
+        ("major faults", n(st.major_faults)),
+        ("minor faults", n(st.minor_faults)),
+        ("hugetlb allocations", n(st.hugetlb_allocations)),
+        ("hugetlb failures", n(st.hugetlb_failures)),
+    ] {
+        s += &format!("  {k}: {v}\n");
+    }
     s
 }
 

@@ -14,7 +14,7 @@ pub mod server;
 /// The wire types, from the `api-types` crate.
 pub use api_types as types;
 
-use types::{BackupStatus, Counters, PingInfo, VmConfig, VmInfo};
+use types::{BackupStatus, BalloonInfo, Counters, PingInfo, VmConfig, VmInfo};
 
 /// Why a request failed; the server maps each kind to an HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +33,19 @@ pub enum ApiError {
     Conflict {
         /// The action refused ("resume", "snapshot", ...).
         action: String,
+        /// The VM's current state ("Running", ...).
+        state: String,
+    },
+    /// 409: the action needs a device the VM was not created with (e.g. `vm.balloon`
+    /// without a balloon).
+    #[error("{action}: the VM has no {device} device (add one with \"{field}\" at vm.create)")]
+    NoDevice {
+        /// The action refused ("vm.balloon").
+        action: String,
+        /// The device ("balloon").
+        device: String,
+        /// The `VmConfig` field that adds it ("balloon").
+        field: String,
         /// The VM's current state ("Running", ...).
         state: String,
     },
@@ -68,6 +81,11 @@ pub trait Controller: Send + Sync + 'static {
     fn info(&self) -> Result<VmInfo, ApiError>;
     /// `GET /api/v1/vm.counters`.
     fn counters(&self) -> Result<Counters, ApiError>;
+    /// `PUT /api/v1/vm.balloon` `{"target_mib": N}`: asks the guest for a balloon of `N`
+    /// MiB (0 to `memory_mib`); the VM must be `Running` or `Paused` and have a balloon.
+    fn balloon_set(&self, target_mib: u64) -> Result<(), ApiError>;
+    /// `GET /api/v1/vm.balloon`: the balloon's sizes and the guest's memory statistics.
+    fn balloon_info(&self) -> Result<BalloonInfo, ApiError>;
     /// `PUT /api/v1/vm.snapshot` `{"destination_url": "file:///dir"}`: the VM must be
     /// `Paused`; `dir` is the path (created if absent; must be empty or absent).
     fn snapshot(&self, destination_dir: &str) -> Result<(), ApiError>;

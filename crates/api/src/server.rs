@@ -33,7 +33,7 @@ use serde::Serialize;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::types::{BackupRequest, ErrorBody, RestoreRequest, SnapshotRequest, VmConfig};
+use crate::types::{BackupRequest, BalloonTarget, ErrorBody, RestoreRequest, SnapshotRequest, VmConfig};
 use crate::{fileurl, ApiError, Controller};
 
 /// Every route's path starts with this.
@@ -51,6 +51,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/api/v1/vm.delete"),
     ("GET", "/api/v1/vm.info"),
     ("GET", "/api/v1/vm.counters"),
+    ("GET", "/api/v1/vm.balloon"),
+    ("PUT", "/api/v1/vm.balloon"),
     ("PUT", "/api/v1/vm.snapshot"),
     ("PUT", "/api/v1/vm.restore"),
     ("PUT", "/api/v1/vm.backup"),
@@ -311,7 +313,9 @@ async fn route(req: Request<Incoming>, state: &State, shutdown_requested: &Atomi
     let method = req.method().clone();
     let is_put = method == Method::PUT;
     let body = if is_put { read_body(req.into_body(), &state.opts).await? } else { Bytes::new() };
-    let takes_body = matches!(name, "vm.create" | "vm.snapshot" | "vm.restore") || (name == "vm.backup" && is_put);
+    let takes_body = matches!(name, "vm.create" | "vm.snapshot" | "vm.restore")
+        || (name == "vm.backup" && is_put)
+        || (name == "vm.balloon" && is_put);
     if takes_body {
         if body.is_empty() {
             return Err(bad_request("body", format!("{name} needs a JSON request body")));
@@ -343,6 +347,11 @@ async fn route(req: Request<Incoming>, state: &State, shutdown_requested: &Atomi
         "vm.delete" => no_content(call(state, name, |c| c.delete()).await?)?,
         "vm.info" => json_ok(call(state, name, |c| c.info()).await?)?,
         "vm.counters" => json_ok(call(state, name, |c| c.counters()).await?)?,
+        "vm.balloon" if is_put => {
+            let req: BalloonTarget = parse_json(&body)?;
+            no_content(call(state, name, move |c| c.balloon_set(req.target_mib)).await?)?
+        }
+        "vm.balloon" => json_ok(call(state, name, |c| c.balloon_info()).await?)?,
         "vm.snapshot" => {
             let req: SnapshotRequest = parse_json(&body)?;
             let dir = fileurl::file_url_to_path(&req.destination_url)
@@ -525,7 +534,7 @@ fn api_error_response(e: ApiError) -> Reject {
         ApiError::BadRequest { field, .. } => {
             error_response(StatusCode::BAD_REQUEST, ErrorBody { error, field: Some(field), state: None })
         }
-        ApiError::Conflict { state, .. } => {
+        ApiError::Conflict { state, .. } | ApiError::NoDevice { state, .. } => {
             error_response(StatusCode::CONFLICT, ErrorBody { error, field: None, state: Some(state) })
         }
         ApiError::NotFound(_) => error_response(StatusCode::NOT_FOUND, ErrorBody { error, field: None, state: None }),

@@ -56,6 +56,47 @@ fn cli_definition_is_valid() {
     assert!(Cli::try_parse_from(["x", "ping"]).is_err(), "--socket is required");
     assert!(Cli::try_parse_from(["x", "--socket", "/s", "snapshot"]).is_err(), "snapshot needs DIR");
     assert!(Cli::try_parse_from(["x", "--socket", "/s", "frobnicate"]).is_err());
+    let cli = Cli::try_parse_from(["x", "--socket", "/s", "balloon", "1G"]).unwrap();
+    assert_eq!(cli.args.command, ApiCommand::Balloon { target_mib: Some(1024) });
+    let cli = Cli::try_parse_from(["x", "--socket", "/s", "balloon"]).unwrap();
+    assert_eq!(cli.args.command, ApiCommand::Balloon { target_mib: None });
+    for (size, mib) in [("256M", 256), ("256", 256), ("0", 0), ("2g", 2048)] {
+        assert_eq!(api::client::parse_mib(size), Ok(mib), "{size}");
+    }
+    for bad in ["1.5G", "12K", "", "M", "-1", "99999999999999999999G"] {
+        assert!(api::client::parse_mib(bad).unwrap_err().contains("accepted: N or NM"), "{bad}");
+    }
+}
+
+#[test]
+fn cli_balloon() {
+    let srv = TestServer::start("cli-balloon");
+    let s = &srv.socket;
+    let cfg = srv.dir.path().join("vm.json");
+    std::fs::write(&cfg, r#"{"kernel": "/boot/vmlinuz", "balloon": {}, "memory_options": {"mergeable": true}}"#)
+        .unwrap();
+    ok(s, &["create", cfg.to_str().unwrap()]);
+    let info = ok(s, &["info"]);
+    assert!(info.contains("balloon: deflate on OOM yes, statistics every 5 s, free page reporting no\n"), "{info}");
+    assert!(info.contains("memory options: mergeable\n"), "{info}");
+    let err = fails(s, &["balloon", "256M"]);
+    assert!(err.contains("409 Conflict: vm.balloon is not allowed while the VM is Created"), "{err}");
+    ok(s, &["boot"]);
+    assert_eq!(ok(s, &["balloon", "256M"]), "balloon target set to 256 MiB\n");
+    let out = ok(s, &["balloon"]);
+    assert!(
+        out.starts_with("target: 256 MiB\nactual: 128 MiB\nreported free: 6 MiB\nstatistics (1.2 s old):\n"),
+        "{out}"
+    );
+    assert!(out.contains("  total: 512 MiB\n  free: 100 MiB\n  available: -\n"), "{out}");
+    assert!(out.contains("  major faults: 3\n"), "{out}");
+    let json: serde_json::Value = serde_json::from_str(&ok(s, &["--json", "balloon"])).unwrap();
+    assert_eq!(json["target_mib"], 256);
+    let err = fails(s, &["balloon", "1G"]);
+    assert!(err.contains("400 Bad Request: target_mib: 1024 MiB (accepted: 0 to 512)"), "{err}");
+    let c = Client::new(s).unwrap();
+    c.balloon_set(64).unwrap();
+    assert_eq!(c.balloon_info().unwrap().target_mib, 64);
 }
 
 #[test]

@@ -86,11 +86,12 @@ fn every_route_is_served_with_its_method() {
     assert_eq!(put(&srv.socket, "vm.create", Some(r#"{"kernel": "/k"}"#)).status, 204);
     for (method, path) in ROUTES {
         let route = path.strip_prefix("/api/v1/").unwrap();
-        let body = match route {
-            "vm.create" => Some(r#"{"kernel": "/k"}"#),
-            "vm.snapshot" => Some(r#"{"destination_url": "file:///s"}"#),
-            "vm.restore" => Some(r#"{"source_url": "file:///s"}"#),
-            "vm.backup" if *method == "PUT" => Some(r#"{"destination_url": "file:///b"}"#),
+        let body = match (*method, route) {
+            (_, "vm.create") => Some(r#"{"kernel": "/k"}"#),
+            (_, "vm.snapshot") => Some(r#"{"destination_url": "file:///s"}"#),
+            (_, "vm.restore") => Some(r#"{"source_url": "file:///s"}"#),
+            ("PUT", "vm.balloon") => Some(r#"{"target_mib": 1}"#),
+            ("PUT", "vm.backup") => Some(r#"{"destination_url": "file:///b"}"#),
             _ => None,
         };
         let methods: Vec<&str> = ROUTES.iter().filter(|(_, p)| p == path).map(|(m, _)| *m).collect();
@@ -441,6 +442,50 @@ fn stalled_clients_time_out_and_do_not_block_others() {
     let waited = t0.elapsed();
     assert!(waited >= timeout && waited < timeout * 5, "{waited:?}");
     assert_eq!(get(&srv.socket, "vmm.ping").status, 200);
+}
+
+#[test]
+fn balloon_routes() {
+    let srv = TestServer::start("balloon");
+    let s = &srv.socket;
+    assert_eq!(get(s, "vm.balloon").status, 404, "no VM");
+    assert_eq!(put(s, "vm.balloon", Some(r#"{"target_mib": 1}"#)).status, 404);
+    // A VM without a balloon: 409 naming the missing device, with the state.
+    assert_eq!(put(s, "vm.create", Some(r#"{"kernel": "/k"}"#)).status, 204);
+    let r = get(s, "vm.balloon");
+    assert_eq!((r.status, r.json()["state"].as_str()), (409, Some("Created")));
+    assert_eq!(put(s, "vm.boot", None).status, 204);
+    for r in [get(s, "vm.balloon"), put(s, "vm.balloon", Some(r#"{"target_mib": 1}"#))] {
+        assert_eq!((r.status, r.json()["state"].as_str()), (409, Some("Running")));
+        assert_eq!(error_of(&r), "vm.balloon: the VM has no balloon device (add one with \"balloon\" at vm.create)");
+    }
+    assert_eq!(put(s, "vm.delete", None).status, 204);
+    let cfg = r#"{"kernel": "/k", "memory_mib": 512, "balloon": {"stats_interval_s": 2}}"#;
+    assert_eq!(put(s, "vm.create", Some(cfg)).status, 204);
+    assert_eq!(get(s, "vm.info").json()["config"]["balloon"]["deflate_on_oom"], true, "defaults filled in");
+    assert_eq!(put(s, "vm.boot", None).status, 204);
+    for (body, field) in [
+        (r#"{"target_mib": 513}"#, "target_mib"),
+        (r#"{"target_mib": "256M"}"#, "target_mib"),
+        (r#"{"target_mib": -1}"#, "target_mib"),
+        (r#"{}"#, "target_mib"),
+        (r#"{"target_mib": 1, "now": true}"#, "now"),
+        (r#"[256]"#, "body"),
+    ] {
+        let r = put(s, "vm.balloon", Some(body));
+        assert_eq!((r.status, r.json()["field"].as_str()), (400, Some(field)), "{body}: {}", error_of(&r));
+    }
+    assert_eq!(put(s, "vm.balloon", None).status, 400, "PUT needs a body");
+    assert_eq!(put(s, "vm.balloon", Some(r#"{"target_mib": 256}"#)).status, 204);
+    let r = get(s, "vm.balloon");
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!((j["target_mib"].as_u64(), j["actual_mib"].as_u64()), (Some(256), Some(128)));
+    assert_eq!(j["stats"]["total_bytes"], 512u64 << 20);
+    assert!(j["stats"].get("swap_in_bytes").is_none(), "unreported values are absent: {j}");
+    assert_eq!(j["stats_age_s"], 1.25);
+    assert_eq!(put(s, "vm.pause", None).status, 204);
+    assert_eq!(put(s, "vm.balloon", Some(r#"{"target_mib": 0}"#)).status, 204, "a paused VM too");
 }
 
 #[test]

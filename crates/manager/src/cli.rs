@@ -1507,6 +1507,8 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
                 vsock,
                 rng: a.rng,
                 console,
+                balloon: None,
+                memory_options: Default::default(),
             };
             serde_json::to_value(&cfg).map_err(|e| failure(1, e.to_string()))?
         }

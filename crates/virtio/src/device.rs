@@ -143,7 +143,7 @@ pub enum ActivateError {
 
 /// A virtio device model behind a transport.
 pub trait VirtioDevice: Send {
-    /// Device ID (virtio 1.2 §5: 1 net, 2 block, 3 console, 4 entropy, 19 vsock).
+    /// Device ID (virtio 1.2 §5: 1 net, 2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
     fn device_type(&self) -> u32;
     /// Largest size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> Vec<u16>;

@@ -6,7 +6,7 @@
 //!   abstraction ([`queue::Chain`], [`queue::ChainError`]) every device shares.
 //! - [`worker`]: the per-device epoll thread.
 //! - Devices: [`block`] (with `crates/block` for raw and qcow2 images), [`net`] (on a
-//!   [`tap`]), [`vsock`] (host side on Unix sockets), [`rng`] and [`console`].
+//!   [`tap`]), [`vsock`] (host side on Unix sockets), [`rng`], [`console`] and [`balloon`].
 //!
 //! Every device treats the guest as hostile: malformed descriptor chains, addresses outside
 //! guest memory and out-of-range lengths fail that request (or set `DEVICE_NEEDS_RESET`);
@@ -17,6 +17,7 @@
 // Unit tests may index and unwrap their own fixtures.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod device;
@@ -40,6 +41,8 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
 /// Entropy source.
 pub const TYPE_RNG: u32 = 4;
+/// Memory balloon.
+pub const TYPE_BALLOON: u32 = 5;
 /// Socket device.
 pub const TYPE_VSOCK: u32 = 19;
 

@@ -331,11 +331,17 @@ mod tests {
             vsock: None,
             rng: false,
             console: None,
+            balloon: None,
+            memory_options: Default::default(),
         };
         let hv = accel::select(crate::config::engine(Accel::Emu), accel::SelectOptions::default()).unwrap();
-        let vm =
-            Vm::build(&cfg, crate::memory::create(cfg.memory_bytes()).unwrap(), hv.hypervisor.as_ref(), "test".into())
-                .unwrap();
+        let vm = Vm::build(
+            &cfg,
+            crate::memory::create(cfg.memory_bytes(), &Default::default()).unwrap(),
+            hv.hypervisor.as_ref(),
+            "test".into(),
+        )
+        .unwrap();
         (vm, data)
     }
 

@@ -9,7 +9,10 @@
 
 use std::path::Path;
 
-pub use api_types::{Accel, ConsoleOut, DiskConfig, DiskFormat, MacAddr, NetConfig, VmConfig, VsockConfig, SERIAL_MAX};
+pub use api_types::{
+    Accel, BalloonConfig, ConsoleOut, DiskConfig, DiskFormat, MacAddr, MemoryOptions, NetConfig, VmConfig, VsockConfig,
+    MAX_STATS_INTERVAL_S, SERIAL_MAX,
+};
 
 use crate::{Error, Result};
 
@@ -189,11 +192,38 @@ pub fn validate(cfg: &VmConfig) -> Result<()> {
                 .into(),
         ));
     }
+    if let Some(b) = &cfg.balloon {
+        if b.stats_interval_s > MAX_STATS_INTERVAL_S {
+            return Err(config(
+                "--balloon",
+                format!(
+                    "stats_interval_s {} (accepted: 0 (no statistics) to {MAX_STATS_INTERVAL_S} seconds)",
+                    b.stats_interval_s
+                ),
+            ));
+        }
+    }
+    let m = &cfg.memory_options;
+    if m.hugepages && (m.mergeable || m.thp) {
+        return Err(config(
+            "--memory-options",
+            "hugepages cannot be combined with mergeable or thp (KSM does not merge hugetlbfs pages, and they \
+             are huge already) (accepted: hugepages alone, or mergeable and/or thp)"
+                .into(),
+        ));
+    }
+    if m.hugepages && !cfg.memory_mib.is_multiple_of(2) {
+        return Err(config(
+            "--memory-options",
+            format!("hugepages needs a whole number of 2 MiB pages: --memory {} MiB is odd", cfg.memory_mib),
+        ));
+    }
     let devices = usize::from(cfg.console.is_some())
         + cfg.disks.len()
         + cfg.nets.len()
         + usize::from(cfg.vsock.is_some())
-        + usize::from(cfg.rng);
+        + usize::from(cfg.rng)
+        + usize::from(cfg.balloon.is_some());
     if devices > MAX_PCI_DEVICES {
         return Err(config(
             "--disk/--net",
@@ -227,6 +257,10 @@ mod tests {
         let mut socket = base();
         socket.serial = "socket=/run/rv/c.sock,log=/var/log/c.log".parse().unwrap();
         validate(&socket).unwrap();
+        let mut balloon = base();
+        balloon.balloon = Some(BalloonConfig { stats_interval_s: 0, ..BalloonConfig::default() });
+        balloon.memory_options = "mergeable=on,thp=on".parse().unwrap();
+        validate(&balloon).unwrap();
         type Edit = Box<dyn Fn(&mut VmConfig)>;
         let cases: Vec<(Edit, &str, &str)> = vec![
             (Box::new(|c| c.memory_mib = 1), "--memory", "out of range"),
@@ -242,6 +276,29 @@ mod tests {
                 "1 to 107 bytes",
             ),
             (Box::new(|c| c.console = Some("socket=/c.sock".parse().unwrap())), "--console", "--serial only"),
+            (
+                Box::new(|c| c.balloon = Some("stats_interval_s=3601".parse().unwrap())),
+                "--balloon",
+                "0 (no statistics) to 3600",
+            ),
+            (
+                Box::new(|c| c.memory_options = "hugepages=on,mergeable=on".parse().unwrap()),
+                "--memory-options",
+                "cannot be combined",
+            ),
+            (
+                Box::new(|c| c.memory_options = "hugepages=on,thp=on".parse().unwrap()),
+                "--memory-options",
+                "cannot be combined",
+            ),
+            (
+                Box::new(|c| {
+                    c.memory_options.hugepages = true;
+                    c.memory_mib = 65
+                }),
+                "--memory-options",
+                "65 MiB is odd",
+            ),
             (
                 Box::new(|c| {
                     c.serial = ConsoleOut::Stdio;

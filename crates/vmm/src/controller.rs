@@ -95,7 +95,32 @@ fn json_field(flag: &str) -> &str {
         "--memory" => "memory_mib",
         "--disk" | "--disk/--net" => "disks",
         "--net" => "nets",
+        "--memory-options" => "memory_options",
         f => f.trim_start_matches("--"),
+    }
+}
+
+/// 4 KiB balloon pages per MiB.
+const MIB_PAGES: u64 = 256;
+
+/// The running or paused VM and its configuration, for `vm.balloon` (409 otherwise; a VM
+/// without a balloon is the caller's [`no_balloon`]).
+fn live_balloon(slot: &Slot) -> Result<(&Vm, &VmConfig), ApiError> {
+    match slot {
+        Slot::Live { vm, cfg, .. } => Ok((vm, cfg)),
+        Slot::Empty => Err(ApiError::NotFound("no VM: create one with vm.create".into())),
+        // A VM created with a balloon but not booted has no device yet; one without says so.
+        Slot::Created { cfg } | Slot::Shutdown { cfg, .. } if cfg.balloon.is_none() => Err(no_balloon(slot)),
+        s => Err(conflict("vm.balloon", s.state())),
+    }
+}
+
+fn no_balloon(slot: &Slot) -> ApiError {
+    ApiError::NoDevice {
+        action: "vm.balloon".into(),
+        device: "balloon".into(),
+        field: "balloon".into(),
+        state: slot.state().into(),
     }
 }
 
@@ -431,6 +456,49 @@ impl api::Controller for VmmController {
         }
         let (guest_warnings, guest_warnings_suppressed) = devices::guest_log::counts();
         Ok(types::Counters { vcpus, devices, guest_warnings, guest_warnings_suppressed })
+    }
+
+    fn balloon_set(&self, target_mib: u64) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        let (vm, cfg) = live_balloon(&slot)?;
+        let handle = vm.balloon.as_ref().ok_or_else(|| no_balloon(&slot))?;
+        let pages = target_mib.checked_mul(MIB_PAGES).and_then(|p| u32::try_from(p).ok());
+        match pages {
+            Some(p) if target_mib <= cfg.memory_mib => {
+                handle.set_target_pages(p);
+                Ok(())
+            }
+            _ => {
+                Err(bad("target_mib", format!("{target_mib} MiB (accepted: 0 to {}, the guest's RAM)", cfg.memory_mib)))
+            }
+        }
+    }
+
+    fn balloon_info(&self) -> Result<types::BalloonInfo, ApiError> {
+        let mut slot = self.lock();
+        Self::reap(&mut slot);
+        let (vm, _) = live_balloon(&slot)?;
+        let h = vm.balloon.as_ref().ok_or_else(|| no_balloon(&slot))?;
+        let stats = h.stats();
+        Ok(types::BalloonInfo {
+            target_mib: u64::from(h.target_pages()) / MIB_PAGES,
+            actual_mib: u64::from(h.actual_pages()) / MIB_PAGES,
+            stats: stats.map(|(s, _)| types::BalloonStats {
+                swap_in_bytes: s.swap_in,
+                swap_out_bytes: s.swap_out,
+                major_faults: s.major_faults,
+                minor_faults: s.minor_faults,
+                free_bytes: s.free_memory,
+                total_bytes: s.total_memory,
+                available_bytes: s.available_memory,
+                disk_caches_bytes: s.disk_caches,
+                hugetlb_allocations: s.hugetlb_allocations,
+                hugetlb_failures: s.hugetlb_failures,
+            }),
+            stats_age_s: stats.map(|(_, age)| age.as_secs_f64()),
+            reported_mib: h.reported_bytes() >> 20,
+        })
     }
 
     fn snapshot(&self, destination_dir: &str) -> Result<(), ApiError> {

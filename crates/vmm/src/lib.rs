@@ -9,6 +9,7 @@ pub mod console_mux;
 pub mod controller;
 pub mod device_bus;
 pub mod host_files;
+pub mod ksm;
 pub mod memory;
 pub mod panic_policy;
 pub mod persist;
@@ -17,7 +18,9 @@ pub mod virtio_devices;
 pub mod vm;
 pub mod vstate;
 
-pub use config::{Accel, ConsoleOut, DiskConfig, DiskFormat, MacAddr, NetConfig, VmConfig, VsockConfig};
+pub use config::{
+    Accel, BalloonConfig, ConsoleOut, DiskConfig, DiskFormat, MacAddr, MemoryOptions, NetConfig, VmConfig, VsockConfig,
+};
 pub use vm::{RunOutcome, Vm};
 
 use std::path::PathBuf;

@@ -42,7 +42,25 @@ pub struct PciVirtio {
     pub disk: Option<(usize, Arc<Mutex<block::DiskImage>>)>,
 }
 
-/// Builds the devices `cfg` asks for, in PCI slot order: disks, NICs, vsock, rng.
+/// The devices [`build`] made.
+pub struct Built {
+    /// In PCI slot order.
+    pub devices: Vec<PciVirtio>,
+    /// The balloon's host handle, when the VM has one.
+    pub balloon: Option<virtio::balloon::BalloonHandle>,
+}
+
+/// The balloon device model for `b`.
+pub fn balloon_model(b: &crate::config::BalloonConfig) -> virtio::balloon::Balloon {
+    virtio::balloon::Balloon::new(virtio::balloon::BalloonOptions {
+        deflate_on_oom: b.deflate_on_oom,
+        stats_interval: (b.stats_interval_s > 0).then(|| std::time::Duration::from_secs(b.stats_interval_s.into())),
+        free_page_reporting: b.free_page_reporting,
+    })
+}
+
+/// Builds the devices `cfg` asks for, in PCI slot order: disks, NICs, vsock, console, rng,
+/// balloon.
 ///
 /// Errors: `Error::Config` naming the flag when a backing file, TAP or socket cannot be
 /// opened (nothing on disk is changed in that case).
@@ -53,7 +71,7 @@ pub fn build(
     sink: Arc<dyn MsiSink>,
     dma: Arc<DmaLog>,
     ioevents: Option<Arc<dyn IoEventRegistrar>>,
-) -> Result<Vec<PciVirtio>> {
+) -> Result<Built> {
     type Disk = Option<(usize, Arc<Mutex<block::DiskImage>>)>;
     let mut models: Vec<(String, Box<dyn VirtioDevice>, Disk)> = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
@@ -107,6 +125,12 @@ pub fn build(
     if cfg.rng {
         models.push(("rng".into(), Box::new(virtio::rng::Rng::new()), None));
     }
+    let mut balloon = None;
+    if let Some(b) = &cfg.balloon {
+        let dev = balloon_model(b);
+        balloon = Some(dev.handle());
+        models.push(("balloon".into(), Box::new(dev), None));
+    }
     let mut out = Vec::new();
     for (i, (name, model, disk)) in models.into_iter().enumerate() {
         let base = PCI_MMIO_START + i as u64 * u64::from(BAR_SIZE);
@@ -125,5 +149,5 @@ pub fn build(
         tracing::debug!("virtio {name}: BAR0 at {base:#x}");
         out.push(PciVirtio { name, dev, disk });
     }
-    Ok(out)
+    Ok(Built { devices: out, balloon })
 }

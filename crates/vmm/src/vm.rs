@@ -64,6 +64,9 @@ pub struct Vm {
     dma: Arc<DmaLog>,
     /// The virtio devices on PCI bus 0.
     pub virtio: Vec<crate::virtio_devices::PciVirtio>,
+    /// The balloon's host handle (set the target, read the guest's statistics), when the VM
+    /// has a balloon.
+    pub balloon: Option<virtio::balloon::BalloonHandle>,
     /// Which accelerator was chosen, and why.
     pub accel_note: String,
     /// The serial console's socket, for [`ConsoleOut::Socket`] (dropped with the VM: the
@@ -143,7 +146,7 @@ impl Vm {
                 ),
             });
         }
-        let mem = memory::create(cfg.memory_bytes())?;
+        let mem = memory::create(cfg.memory_bytes(), &cfg.memory_options)?;
         let info = arch::load(
             &mem,
             cfg.memory_bytes(),
@@ -225,7 +228,7 @@ impl Vm {
         let ioevents = accel.supports_ioevents().then(|| {
             Arc::new(crate::virtio_devices::VmIoEvents(accel.clone())) as Arc<dyn virtio::pci::IoEventRegistrar>
         });
-        let virtio = crate::virtio_devices::build(cfg, &mem, &mut pci, accel.msi_sink(), dma.clone(), ioevents)?;
+        let built = crate::virtio_devices::build(cfg, &mem, &mut pci, accel.msi_sink(), dma.clone(), ioevents)?;
         let pci = Arc::new(Mutex::new(pci));
         pio.insert(devices::pci::CONF1_PORT, devices::pci::CONF1_LEN, pci.clone()).map_err(dev_err("pci"))?;
         mmio.insert(memory::PCI_MMIO_START, memory::PCI_MMIO_END - memory::PCI_MMIO_START, pci.clone())
@@ -243,7 +246,8 @@ impl Vm {
             devices: LegacyDevices { serial, i8042, cmos, pm, pci },
             clock: vclock,
             dma,
-            virtio,
+            virtio: built.devices,
+            balloon: built.balloon,
             accel_note,
             console,
         })
@@ -384,6 +388,8 @@ mod tests {
             vsock: None,
             rng: false,
             console: None,
+            balloon: None,
+            memory_options: Default::default(),
         }
     }
 
@@ -402,7 +408,13 @@ mod tests {
     fn dma_log_records_only_where_the_accelerator_needs_it() {
         for hv in hypervisors() {
             let cfg = config(hv.name().parse().unwrap());
-            let vm = Vm::build(&cfg, memory::create(cfg.memory_bytes()).unwrap(), hv.as_ref(), "test".into()).unwrap();
+            let vm = Vm::build(
+                &cfg,
+                memory::create(cfg.memory_bytes(), &cfg.memory_options).unwrap(),
+                hv.as_ref(),
+                "test".into(),
+            )
+            .unwrap();
             assert_eq!(vm.accelerator(), hv.name());
             let log = vm.dma_log();
             assert_eq!(log.is_enabled(), vm.accel().needs_dma_log(), "{}", hv.name());
@@ -421,7 +433,14 @@ mod tests {
     fn a_vm_saves_and_restores_its_accelerator_state_through_the_seam() {
         for hv in hypervisors() {
             let cfg = config(hv.name().parse().unwrap());
-            let build = || Vm::build(&cfg, memory::create(cfg.memory_bytes()).unwrap(), hv.as_ref(), "test".into());
+            let build = || {
+                Vm::build(
+                    &cfg,
+                    memory::create(cfg.memory_bytes(), &cfg.memory_options).unwrap(),
+                    hv.as_ref(),
+                    "test".into(),
+                )
+            };
             let (a, b) = (build().unwrap(), build().unwrap());
             assert_eq!(a.vcpu_count(), 1);
             let state = a.accel().save_state().unwrap();

@@ -19,7 +19,7 @@ fn rd<T: vm_memory::ByteValued>(mem: &vm_memory::GuestMemoryMmap, at: u64) -> T 
 #[test]
 fn bzimage_zero_page_e820_cmdline_initrd() {
     let size = 256u64 << 20;
-    let mem = vmm::memory::create(size).unwrap();
+    let mem = vmm::memory::create(size, &Default::default()).unwrap();
     let cmdline = "console=ttyS0 rv.layout=1";
     let info = arch::load(&mem, size, &guest("vmlinuz"), Some(&guest("initrd.img")), cmdline).unwrap();
     assert_eq!(info.kind, EntryKind::Linux64);
@@ -74,7 +74,7 @@ fn bzimage_zero_page_e820_cmdline_initrd() {
 #[test]
 fn pvh_start_info() {
     let size = 256u64 << 20;
-    let mem = vmm::memory::create(size).unwrap();
+    let mem = vmm::memory::create(size, &Default::default()).unwrap();
     let info = arch::load(&mem, size, &guest("vmlinux"), Some(&guest("initrd.img")), "console=ttyS0").unwrap();
     assert_eq!(info.kind, EntryKind::Pvh);
     let si = arch::PVH_INFO_ADDR;

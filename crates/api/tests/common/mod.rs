@@ -12,7 +12,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use api::server::{serve_with, ServerHandle, ServerOptions};
-use api::types::{BackupDiskStatus, BackupState, BackupStatus, Counters, DeviceCounters, PingInfo, VmConfig, VmInfo};
+use api::types::{
+    BackupDiskStatus, BackupState, BackupStatus, BalloonInfo, BalloonStats, Counters, DeviceCounters, PingInfo,
+    VmConfig, VmInfo,
+};
 use api::{ApiError, Controller};
 
 /// The test sockets' read and write timeout: a server that takes longer has hung.
@@ -39,6 +42,8 @@ pub struct Mock {
     released: (Mutex<bool>, Condvar),
     pub snapshots: Mutex<Vec<String>>,
     pub restores: Mutex<Vec<String>>,
+    /// The balloon target last set.
+    pub balloon_mib: Mutex<u64>,
     /// The latest backup, with its rate limit.
     pub backup: Mutex<Option<(BackupStatus, Option<u64>)>>,
 }
@@ -61,6 +66,16 @@ impl Mock {
     fn check_panic(&self) {
         if self.panic.load(Ordering::SeqCst) {
             panic!("mock controller told to panic");
+        }
+    }
+
+    /// The state's name and the configuration of a Running or Paused VM, or Conflict/NotFound.
+    fn live(&self, action: &str) -> Result<(String, VmConfig), ApiError> {
+        self.check_panic();
+        match self.vm.lock().unwrap().as_ref() {
+            None => Err(ApiError::NotFound("no VM: create one first".into())),
+            Some((s @ (St::Running | St::Paused), cfg)) => Ok((format!("{s:?}"), cfg.clone())),
+            Some((s, _)) => Err(ApiError::Conflict { action: action.into(), state: format!("{s:?}") }),
         }
     }
 
@@ -154,6 +169,49 @@ impl Controller for Mock {
         devices
             .insert("net0".to_string(), DeviceCounters { requests: 3, bytes_read: 1500, bytes_written: 60, errors: 1 });
         Ok(Counters { vcpus: vec![vcpu0, vcpu1], devices, guest_warnings: 7, guest_warnings_suppressed: 2 })
+    }
+    fn balloon_set(&self, target_mib: u64) -> Result<(), ApiError> {
+        let (state, cfg) = self.live("vm.balloon")?;
+        if cfg.balloon.is_none() {
+            return Err(ApiError::NoDevice {
+                action: "vm.balloon".into(),
+                device: "balloon".into(),
+                field: "balloon".into(),
+                state,
+            });
+        }
+        if target_mib > cfg.memory_mib {
+            return Err(ApiError::BadRequest {
+                field: "target_mib".into(),
+                msg: format!("{target_mib} MiB (accepted: 0 to {})", cfg.memory_mib),
+            });
+        }
+        *self.balloon_mib.lock().unwrap() = target_mib;
+        Ok(())
+    }
+    fn balloon_info(&self) -> Result<BalloonInfo, ApiError> {
+        let (state, cfg) = self.live("vm.balloon")?;
+        if cfg.balloon.is_none() {
+            return Err(ApiError::NoDevice {
+                action: "vm.balloon".into(),
+                device: "balloon".into(),
+                field: "balloon".into(),
+                state,
+            });
+        }
+        let t = *self.balloon_mib.lock().unwrap();
+        Ok(BalloonInfo {
+            target_mib: t,
+            actual_mib: t / 2,
+            stats: Some(BalloonStats {
+                total_bytes: Some(512 << 20),
+                free_bytes: Some(100 << 20),
+                major_faults: Some(3),
+                ..BalloonStats::default()
+            }),
+            stats_age_s: Some(1.25),
+            reported_mib: 6,
+        })
     }
     fn snapshot(&self, destination_dir: &str) -> Result<(), ApiError> {
         self.check_panic();

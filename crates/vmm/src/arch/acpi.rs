@@ -115,7 +115,7 @@ mod tests {
 
     #[test]
     fn tables_are_linked_and_checksummed() {
-        let mem = crate::memory::create(64 << 20).unwrap();
+        let mem = crate::memory::create(64 << 20, &Default::default()).unwrap();
         assert_eq!(write_tables(&mem).unwrap(), RSDP_ADDR);
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(RSDP_ADDR)).unwrap();

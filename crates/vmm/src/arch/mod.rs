@@ -357,7 +357,7 @@ mod tests {
 
     #[test]
     fn rejects_non_kernel() {
-        let mem = crate::memory::create(64 << 20).unwrap();
+        let mem = crate::memory::create(64 << 20, &Default::default()).unwrap();
         let dir = std::env::temp_dir().join(format!("rv-notkernel-{}", std::process::id()));
         std::fs::write(&dir, b"hello, I am not a kernel").unwrap();
         let e = load(&mem, 64 << 20, &dir, None, "console=ttyS0").unwrap_err();

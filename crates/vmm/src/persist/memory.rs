@@ -160,7 +160,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("rv-snapmem-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mem = crate::memory::create(64 << 20).unwrap();
+        let mem = crate::memory::create(64 << 20, &Default::default()).unwrap();
         mem.write_slice(&[1, 2, 3], GuestAddress(0x1000)).unwrap();
         mem.write_slice(&vec![7u8; 3 * PAGE], GuestAddress(0x20_0000)).unwrap();
         mem.write_obj(0xdead_beefu32, GuestAddress((64 << 20) - 4)).unwrap();
@@ -170,7 +170,7 @@ mod tests {
         // Sparse on disk: far less than 64 MiB allocated.
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&path).unwrap().blocks() * 512 < 1 << 20);
-        let fresh = crate::memory::create(64 << 20).unwrap();
+        let fresh = crate::memory::create(64 << 20, &Default::default()).unwrap();
         load(&fresh, &path, &img).unwrap();
         let mut b = [0u8; 3];
         fresh.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
@@ -180,14 +180,17 @@ mod tests {
         let mut data = std::fs::read(&path).unwrap();
         data[0x20_0000 + 5] ^= 1;
         std::fs::write(&path, &data).unwrap();
-        assert!(load(&crate::memory::create(64 << 20).unwrap(), &path, &img)
+        assert!(load(&crate::memory::create(64 << 20, &Default::default()).unwrap(), &path, &img)
             .unwrap_err()
             .to_string()
             .contains("checksum"));
         std::fs::remove_file(&path).unwrap();
         assert!(load(&fresh, &path, &img).unwrap_err().to_string().contains("memory.bin"));
         // The wrong size is refused.
-        assert!(load(&crate::memory::create(32 << 20).unwrap(), &path, &img).unwrap_err().to_string().contains("size"));
+        assert!(load(&crate::memory::create(32 << 20, &Default::default()).unwrap(), &path, &img)
+            .unwrap_err()
+            .to_string()
+            .contains("size"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -114,8 +114,9 @@ pub enum Error {
 /// `format` of `snapshot.json`.
 pub const FORMAT: &str = "rustvisor-snapshot";
 /// Current snapshot version (2: the accelerator's VM state is one opaque, versioned
-/// `accel::VmState` instead of per-engine fields).
-pub const VERSION: u32 = 2;
+/// `accel::VmState` instead of per-engine fields; 3: the configuration's `balloon` and
+/// `memory_options`, and the balloon's state).
+pub const VERSION: u32 = 3;
 const STATE_FILE: &str = "snapshot.json";
 const MEMORY_FILE: &str = "memory.bin";
 /// Largest `snapshot.json` read, in bytes: the state is small (a few KiB per vCPU and device)
@@ -152,6 +153,8 @@ pub struct VmState {
     pub pci_config_address: u32,
     /// Virtio transports in slot order.
     pub virtio: Vec<virtio::pci::VirtioPciState>,
+    /// The balloon's target and the guest's last account of it, when the VM has a balloon.
+    pub balloon: Option<virtio::balloon::BalloonState>,
     /// Guest memory file.
     pub memory: MemoryImage,
 }
@@ -222,6 +225,7 @@ pub fn save(vm: &Vm, cfg: &VmConfig, dir: &Path) -> Result<(), Error> {
             pm: l.pm.lock().unwrap_or_else(|e| e.into_inner()).state(),
             pci_config_address: l.pci.lock().unwrap_or_else(|e| e.into_inner()).config_address(),
             virtio: transports,
+            balloon: vm.balloon.as_ref().map(virtio::balloon::BalloonHandle::state),
             memory: memory::save(vm.memory(), &dir.join(MEMORY_FILE), MEMORY_FILE)?,
         };
         let bytes = serde_json::to_vec(&state).map_err(|e| Error::Save { what: "state", msg: e.to_string() })?;
@@ -294,6 +298,22 @@ impl VmState {
         if self.memory.runs.len() as u64 > self.memory.size / 4096 {
             return Err(format!("memory.runs: {} runs for {} bytes of RAM", self.memory.runs.len(), self.memory.size));
         }
+        if let Some(b) = &self.balloon {
+            let pages = self.config.memory_bytes() / virtio::balloon::PAGE_SIZE;
+            if u64::from(b.target_pages) > pages {
+                return Err(format!(
+                    "balloon.target_pages {} (accepted: 0 to {pages}, the guest's RAM in 4 KiB pages)",
+                    b.target_pages
+                ));
+            }
+        }
+        if self.balloon.is_some() != self.config.balloon.is_some() {
+            return Err(format!(
+                "balloon: {} in the state, but the configuration {} one",
+                if self.balloon.is_some() { "present" } else { "absent" },
+                if self.config.balloon.is_some() { "has" } else { "has no" }
+            ));
+        }
         Ok(())
     }
 }
@@ -314,7 +334,7 @@ pub fn restore(dir: &Path) -> Result<(Vm, VmConfig), Error> {
     let selection = crate::vm::choose_accel(cfg.accel)
         .map_err(|source| Error::Accelerator { accelerator: st.accelerator.clone(), source })?;
     let hv = selection.hypervisor.as_ref();
-    let mem = crate::memory::create(cfg.memory_bytes())?;
+    let mem = crate::memory::create(cfg.memory_bytes(), &cfg.memory_options)?;
     // `validate` made `memory.file` a plain name: the file is inside `dir`.
     memory::load(&mem, &dir.join(&st.memory.file), &st.memory)?;
     let note = format!("{}: restored from {}", hv.name(), dir.display());
@@ -333,6 +353,10 @@ pub fn restore(dir: &Path) -> Result<(Vm, VmConfig), Error> {
     }
     if st.virtio.len() != vm.virtio.len() {
         return Err(Error::Mismatch { what: "virtio devices", snapshot: st.virtio.len(), vm: vm.virtio.len() });
+    }
+    // The balloon's target and the guest's account, before its device resumes.
+    if let (Some(h), Some(s)) = (&vm.balloon, &st.balloon) {
+        h.restore_state(s);
     }
     for (d, s) in vm.virtio.iter().zip(&st.virtio) {
         let mut t = d.dev.lock().unwrap_or_else(|e| e.into_inner());
@@ -355,7 +379,7 @@ mod tests {
     use super::*;
 
     /// A configuration with every field set, as a snapshot stores it.
-    const FULL_CONFIG: &str = r#"{"kernel":"/k","initrd":"/i","cmdline":"console=ttyS0","memory_mib":512,"cpus":1,"accel":"emu","serial":"file=/s.log","console":"null","disks":[{"path":"/d","format":"qcow2","readonly":true,"serial":"s1","allow_backing_outside":true,"allow_data_file":false}],"nets":[{"tap":"t0","mac":"52:54:00:12:34:56"}],"vsock":{"cid":3,"socket":"/v.sock"},"rng":true}"#;
+    const FULL_CONFIG: &str = r#"{"kernel":"/k","initrd":"/i","cmdline":"console=ttyS0","memory_mib":512,"cpus":1,"accel":"emu","serial":"file=/s.log","console":"null","disks":[{"path":"/d","format":"qcow2","readonly":true,"serial":"s1","allow_backing_outside":true,"allow_data_file":false}],"nets":[{"tap":"t0","mac":"52:54:00:12:34:56"}],"vsock":{"cid":3,"socket":"/v.sock"},"rng":true,"balloon":{"deflate_on_oom":false,"stats_interval_s":10,"free_page_reporting":true},"memory_options":{"mergeable":true,"hugepages":false,"thp":true}}"#;
 
     /// Snapshots embed the shared typed `VmConfig`, so its serialised shape is part of the
     /// on-disk format: this pins it to [`VERSION`]. If it fails, the shape changed: bump
@@ -364,6 +388,6 @@ mod tests {
     fn config_shape_is_pinned_to_the_format_version() {
         let cfg: VmConfig = serde_json::from_str(FULL_CONFIG).unwrap();
         let again = serde_json::to_string(&cfg).unwrap();
-        assert_eq!((VERSION, again.as_str()), (2, FULL_CONFIG));
+        assert_eq!((VERSION, again.as_str()), (3, FULL_CONFIG));
     }
 }
