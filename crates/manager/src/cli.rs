@@ -275,7 +275,7 @@ pub struct CreateArgs {
     /// A virtio-console: file=PATH or null.
     #[arg(long)]
     pub console: Option<String>,
-    /// A NIC on one of the daemon's networks: net=NAME[,vlan=N][,mac=MAC][,firewall=GROUP]
+    /// A NIC on one of the daemon's networks: `net=NAME[,vlan=N][,mac=MAC][,firewall=GROUP]`
     /// (repeatable; the daemon makes its TAP when the VM starts).
     #[arg(long, value_name = "OPTIONS")]
     pub nic: Vec<String>,
@@ -435,7 +435,7 @@ pub enum BackupCommand {
     Create {
         /// The VM.
         vm: String,
-        /// Where (default <state-dir>/backups).
+        /// Where (default `<state-dir>/backups`).
         #[arg(long)]
         to: Option<PathBuf>,
     },
