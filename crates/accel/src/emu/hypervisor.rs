@@ -12,8 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{EmuVcpu, InterruptController, Wakeup};
 use crate::vm::VmStateRepr;
 use crate::{
-    Clock, CpuState, DeviceWrites, Error, ExitHandler, Hypervisor, RamRegion, Result, Vcpu, VcpuExit, VcpuSnapshot,
-    VcpuStopper, Vm, VmSpec, VmState,
+    Clock, CpuState, DeviceWrites, Error, ExitHandler, Hypervisor, IrqTables, RamRegion, Result, Vcpu, VcpuExit,
+    VcpuSnapshot, VcpuStopper, Vm, VmSpec, VmState,
 };
 
 /// TSC frequency advertised to emulated guests in CPUID leaf 0x15 (Hz); also the bus clock
@@ -159,9 +159,10 @@ impl Vm for EmuVm {
         let _ = self.device_writes.set(source);
     }
 
-    fn symmetric_io_mode(&self) -> bool {
-        // The userspace irqchip has one LAPIC and keeps Linux in virtual-wire mode for now.
-        false
+    fn irq_tables(&self) -> IrqTables {
+        // The irqchip is wired like a PC (ISA IRQ 0 on IOAPIC pin 2), which an MP table of
+        // ours does not say; and the Debian kernel reads only the MADT.
+        IrqTables::Madt
     }
 
     fn save_state(&self) -> Result<VmState> {
@@ -387,6 +388,6 @@ mod tests {
         let evt = EventFd::new(0).unwrap();
         assert!(!vm.supports_ioevents());
         assert!(matches!(vm.register_ioevent(&evt, 0xc000_3000), Err(Error::Unsupported(_))));
-        assert!(vm.needs_dma_log() && !vm.symmetric_io_mode());
+        assert!(vm.needs_dma_log() && vm.irq_tables() == IrqTables::Madt);
     }
 }
