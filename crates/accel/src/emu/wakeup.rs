@@ -5,7 +5,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// The doorbell of one emulated vCPU. The vCPU blocks on it while its CPU is halted
-/// ([`Wakeup::wait`], with the time to its next timer deadline as the timeout); other
+/// (with the time to its next timer deadline as the timeout); other
 /// threads ring it when they give it something to do: an interrupt raised by a device
 /// thread (the VM's IRQ lines and MSI sink ring the vCPU whose LAPIC took the interrupt),
 /// or a stop request ([`crate::VcpuStopper::stop`]).

@@ -150,8 +150,8 @@ fn madt(cpus: u8) -> Sdt {
     madt
 }
 
-/// Adds the MADT for `cpus` vCPUs ([`madt`]) to the tables [`write_tables`] wrote, and lists
-/// it in the XSDT.
+/// Adds the MADT for `cpus` vCPUs to the tables [`write_tables`] wrote, and lists it in the
+/// XSDT: local APICs with IDs `0..cpus`, the IOAPIC, ISA IRQ 0 on GSI 2 and LINT1 as NMI.
 pub fn write_madt(mem: &GuestMemoryMmap, cpus: u8) -> crate::Result<()> {
     mem.write_slice(madt(cpus).as_slice(), GuestAddress(MADT_ADDR))
         .map_err(|source| crate::Error::Memory { what: "ACPI tables", source })?;
