@@ -4,11 +4,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// The doorbell of one emulated vCPU. The vCPU blocks on it while its CPU is halted
-/// (with the time to its next timer deadline as the timeout); other
-/// threads ring it when they give it something to do: an interrupt raised by a device
-/// thread (the VM's IRQ lines and MSI sink ring the vCPU whose LAPIC took the interrupt),
-/// or a stop request ([`crate::VcpuStopper::stop`]).
+/// The doorbell of one emulated vCPU. The vCPU blocks on it while its CPU is halted, with
+/// the time to its next timer deadline as the timeout; other threads ring it when they give
+/// it something to do: an interrupt raised by a device thread (the VM's IRQ lines and MSI
+/// sink ring the vCPU whose LAPIC took the interrupt), or a stop request
+/// ([`crate::VcpuStopper::stop`]).
 ///
 /// A ring is never lost: one that comes while the vCPU is not waiting makes its next wait
 /// return at once. Ringing a vCPU that is not waiting costs two atomic operations (no lock,
