@@ -22,6 +22,7 @@
 //! that bring their own interrupt controller.
 
 mod hypervisor;
+mod wakeup;
 
 use crate::{Clock, CpuState, Error, ExitHandler, RamRegion, Result, Segment, Table, Vcpu, VcpuExit, VcpuStopper};
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,7 @@ use x86emu::{Cpu, CpuConfig, Exit, Seg};
 
 pub use crate::vm::DeviceWrites;
 pub use hypervisor::{EmuHypervisor, EmuVm, EmuVmState, TSC_HZ};
+pub use wakeup::Wakeup;
 pub use x86emu::StateError;
 
 /// The userspace interrupt controller the emulated vCPU takes interrupts from.
@@ -64,6 +66,9 @@ pub struct EmuVcpu {
     ic: Box<dyn InterruptController>,
     clock: Clock,
     stop: Arc<AtomicBool>,
+    /// What the vCPU sleeps on while halted (rung by interrupts from other threads and by
+    /// its stopper).
+    wakeup: Arc<Wakeup>,
     device_writes: Option<DeviceWrites>,
     /// Debugging aid (RUSTVISOR_EMU_PROFILE=PATH): guest RIP samples, one per slice.
     profile: Option<(std::path::PathBuf, std::collections::HashMap<u64, u64>)>,
@@ -178,7 +183,29 @@ impl EmuVcpu {
             }
         }
         let profile = std::env::var_os("RUSTVISOR_EMU_PROFILE").map(|p| (p.into(), Default::default()));
-        EmuVcpu { cpu, ic, clock, stop: Arc::new(AtomicBool::new(false)), device_writes: None, profile }
+        EmuVcpu {
+            cpu,
+            ic,
+            clock,
+            stop: Arc::new(AtomicBool::new(false)),
+            wakeup: Arc::new(Wakeup::new()),
+            device_writes: None,
+            profile,
+        }
+    }
+
+    /// Makes the vCPU sleep on `wakeup` while halted, instead of a doorbell of its own: give
+    /// it the one that the threads raising its interrupts ring (see [`Wakeup`]). A halted
+    /// vCPU blocks until its next timer deadline on the guest clock, a ring, or a stop.
+    pub fn with_wakeup(mut self, wakeup: Arc<Wakeup>) -> EmuVcpu {
+        self.wakeup = wakeup;
+        self
+    }
+
+    /// The doorbell this vCPU sleeps on while halted: ring it after raising an interrupt
+    /// for it from another thread.
+    pub fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
     }
 
     /// Makes the vCPU ask `f` for guest RAM written by devices before it looks at the
@@ -189,7 +216,8 @@ impl EmuVcpu {
     }
 
     /// A flag that makes [`Vcpu::run`] return `Interrupted` at its next check (within one
-    /// slice of instructions) when set; `run` clears it.
+    /// slice of instructions) when set; `run` clears it. Setting it does not wake a halted
+    /// vCPU: from other threads use [`Vcpu::stopper`], which also rings its [`Wakeup`].
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
     }
@@ -236,7 +264,7 @@ impl Vcpu for EmuVcpu {
     }
 
     fn stopper(&self) -> VcpuStopper {
-        VcpuStopper::new(self.stop.clone())
+        VcpuStopper::with_wakeup(self.stop.clone(), self.wakeup.clone())
     }
 
     fn set_state(&mut self, s: &CpuState) -> Result<()> {
@@ -288,7 +316,7 @@ impl Vcpu for EmuVcpu {
     }
 
     fn run(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit> {
-        let start = Instant::now();
+        let mut start = Instant::now();
         loop {
             if self.stop.swap(false, Ordering::AcqRel) {
                 return Ok(VcpuExit::Interrupted);
@@ -311,12 +339,9 @@ impl Vcpu for EmuVcpu {
             match exit {
                 Exit::Budget => {}
                 Exit::Halted => {
-                    // Sleep until the next timer, but wake regularly for device input.
-                    let now = (self.clock)();
-                    let wait = deadline.map(|d| d.saturating_sub(now)).unwrap_or(1_000_000).min(1_000_000);
-                    if wait > 0 && !self.ic.interrupt_pending() {
-                        std::thread::sleep(Duration::from_nanos(wait));
-                    }
+                    self.sleep_while_halted();
+                    // The time asleep was not time on the host CPU.
+                    start = Instant::now();
                 }
                 Exit::HaltedForever => {
                     // `cli; hlt`: nothing can wake the CPU; Linux ends power-off this way
@@ -336,6 +361,35 @@ impl Vcpu for EmuVcpu {
                 return Ok(VcpuExit::Interrupted);
             }
         }
+    }
+}
+
+impl EmuVcpu {
+    /// The CPU is halted with interrupts enabled: blocks until something can change that —
+    /// the interrupt controller's next timer deadline (guest time runs at host speed while
+    /// the vCPU runs, so the wait is that many host nanoseconds), an interrupt raised by
+    /// another thread, or a stop — with no periodic wake-ups in between. Returns at once if
+    /// an interrupt is already pending or a timer is due; the caller's loop takes it.
+    fn sleep_while_halted(&mut self) {
+        // Rings from before this point are about interrupts the CPU has already seen, or
+        // are looked at just below (pending interrupts, the stop flag): forget them first,
+        // so a ring after these checks is not lost, and one before them does not cause a
+        // spurious wake-up.
+        self.wakeup.clear();
+        if self.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let now = (self.clock)();
+        let deadline = self.ic.poll(now);
+        if self.ic.interrupt_pending() {
+            return;
+        }
+        let timeout = match deadline {
+            Some(d) if d <= now => return,
+            Some(d) => Some(Duration::from_nanos(d - now)),
+            None => None,
+        };
+        self.wakeup.wait(timeout);
     }
 }
 

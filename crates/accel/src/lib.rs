@@ -32,7 +32,7 @@ pub use devices::{Clock, IrqLine, MsiSink};
 pub use hypervisor::{select, usable_engines, Choice, Hypervisor, SelectOptions, Selection};
 pub use state::{CpuState, Segment, Table};
 pub use vcpu::{ExitHandler, Vcpu, VcpuExit, VcpuSnapshot, VcpuStopper};
-pub use vm::{DeviceWrites, Vm, VmSpec, VmState};
+pub use vm::{DeviceWrites, IrqTables, Vm, VmSpec, VmState};
 pub use vmm_sys_util::eventfd::EventFd;
 
 /// One contiguous block of guest RAM mapped into the VMM. Defined in `x86emu` (the lowest

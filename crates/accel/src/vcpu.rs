@@ -70,7 +70,8 @@ pub enum VcpuSnapshot {
 
 /// Stops a vCPU from another thread: sets the flag its [`Vcpu::run`] checks and, for engines
 /// that sleep in the kernel (KVM), signals the thread that is inside `run` at that moment so
-/// that the `KVM_RUN` ioctl returns. Cheap to clone; outlives the vCPU harmlessly.
+/// that the `KVM_RUN` ioctl returns; for the emulator, rings the vCPU's [`emu::Wakeup`] so
+/// that a vCPU halted in `hlt` stops at once. Cheap to clone; outlives the vCPU harmlessly.
 ///
 /// A stop requested while the thread is between its last flag check and entering the
 /// kernel takes effect at the next exit; callers that must know the vCPU stopped wait for
@@ -83,6 +84,8 @@ pub struct VcpuStopper {
 struct StopperInner {
     flag: Arc<AtomicBool>,
     kick: Option<Kick>,
+    /// The doorbell a halted emulated vCPU sleeps on.
+    wakeup: Option<Arc<emu::Wakeup>>,
 }
 
 /// The thread inside `run`, and the signal that interrupts it.
@@ -104,7 +107,13 @@ impl VcpuStopper {
     /// A stopper that only sets `flag` (engines that look at it often enough by themselves,
     /// like the emulator between instruction slices).
     pub fn new(flag: Arc<AtomicBool>) -> VcpuStopper {
-        VcpuStopper { inner: Arc::new(StopperInner { flag, kick: None }) }
+        VcpuStopper { inner: Arc::new(StopperInner { flag, kick: None, wakeup: None }) }
+    }
+
+    /// A stopper that sets `flag` and then rings `wakeup`, which the vCPU sleeps on while
+    /// halted (the emulator).
+    pub(crate) fn with_wakeup(flag: Arc<AtomicBool>, wakeup: Arc<emu::Wakeup>) -> VcpuStopper {
+        VcpuStopper { inner: Arc::new(StopperInner { flag, kick: None, wakeup: Some(wakeup) }) }
     }
 
     /// A stopper that sets `flag` and sends `signal` to the thread inside [`Vcpu::run`]
@@ -112,12 +121,21 @@ impl VcpuStopper {
     /// installed before the first [`VcpuStopper::stop`] (the default action of a real-time
     /// signal ends the process).
     pub(crate) fn with_signal(flag: Arc<AtomicBool>, signal: libc::c_int) -> VcpuStopper {
-        VcpuStopper { inner: Arc::new(StopperInner { flag, kick: Some(Kick { signal, running: Mutex::new(None) }) }) }
+        VcpuStopper {
+            inner: Arc::new(StopperInner {
+                flag,
+                kick: Some(Kick { signal, running: Mutex::new(None) }),
+                wakeup: None,
+            }),
+        }
     }
 
     /// Asks the vCPU to leave [`Vcpu::run`] with [`VcpuExit::Interrupted`].
     pub fn stop(&self) {
         self.inner.flag.store(true, Ordering::SeqCst);
+        if let Some(w) = &self.inner.wakeup {
+            w.wake();
+        }
         if let Some(k) = &self.inner.kick {
             let running = lock(&k.running);
             if let Some(thread) = *running {

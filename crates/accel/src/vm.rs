@@ -85,10 +85,9 @@ pub trait Vm: Send + Sync {
     /// do not need it drop `source`.
     fn set_device_writes(&self, source: DeviceWrites);
 
-    /// Whether the interrupt controllers serve the guest in symmetric I/O mode (MP spec
-    /// §3.6.2.3), so the VMM should describe every vCPU's local APIC and the IOAPIC in an MP
-    /// table; false keeps the guest in PIC virtual-wire mode.
-    fn symmetric_io_mode(&self) -> bool;
+    /// How the VMM's firmware tables should describe the interrupt controllers (see
+    /// [`IrqTables`]).
+    fn irq_tables(&self) -> IrqTables;
 
     /// Saves the VM-level state the engine keeps outside guest RAM and the vCPUs
     /// (interrupt controllers, timers, clocks). Call it while no vCPU runs.
@@ -107,6 +106,24 @@ pub trait Vm: Send + Sync {
     /// [`crate::Error::InvalidState`] for a malformed one (this VM is then unchanged); the
     /// engine's error when loading fails.
     fn restore_state(&self, state: &VmState) -> Result<()>;
+}
+
+/// How the guest's firmware tables describe a [`Vm`]'s interrupt controllers
+/// ([`Vm::irq_tables`]): the tables decide whether the guest runs in symmetric I/O mode (MP
+/// spec §3.6.2.3: every vCPU's local APIC and the IOAPIC, legacy interrupts through the
+/// IOAPIC) and so whether Linux uses the local APIC timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrqTables {
+    /// None: the guest finds no local APIC configuration and stays in PIC virtual-wire mode,
+    /// with the PIT as its only timer (an engine without interrupt controllers).
+    None,
+    /// An MP table (MP spec 1.4): every vCPU's local APIC and the IOAPIC, ISA IRQ n on
+    /// IOAPIC pin n — KVM's in-kernel irqchip. (Kernels built without
+    /// `CONFIG_X86_MPPARSE`, such as Debian's, ignore it.)
+    MpTable,
+    /// An ACPI MADT: every vCPU's local APIC, the IOAPIC, and ISA IRQ 0 on GSI 2 (an
+    /// interrupt source override, as on a PC) — the emulator's irqchip.
+    Madt,
 }
 
 /// A [`Vm`]'s saved VM-level state: opaque to the VMM, which stores it (serde) and hands it

@@ -38,7 +38,7 @@ const RTE_LEVEL: u64 = 1 << 15;
 const RTE_MASKED: u64 = 1 << 16;
 /// Guest-writable bits: vector, delivery mode, destination mode, polarity,
 /// trigger mode, mask (low dword) and destination (bits 63:56).
-const RTE_WRITABLE: u64 = 0xff00_0000_0001_a7ff;
+const RTE_WRITABLE: u64 = 0xff00_0000_0001_afff;
 
 /// Interrupt delivery modes (ICR / redirection-entry bits 10:8), Intel SDM
 /// Vol. 3 §11.6.1.
@@ -378,6 +378,22 @@ mod tests {
         assert_eq!(out[0].vector, 0x24);
         assert!(!out[0].level_triggered);
         assert_eq!(out[0].delivery_mode, DeliveryMode::Fixed);
+    }
+
+    #[test]
+    fn logical_destination_mode_is_kept() {
+        // Linux's flat APIC driver: logical mode (bit 11), destination 0x01 (CPU 0's LDR).
+        let mut io = IoApic::new();
+        let mut out = Vec::new();
+        wr(&mut io, 0x10 + 8, 0x824, &mut out);
+        wr(&mut io, 0x11 + 8, 0x0100_0000, &mut out);
+        assert_eq!(io.redirection_entry(4), Some(0x0100_0000_0000_0824));
+        io.set_irq(4, true, &mut |m| {
+            out.push(m);
+            true
+        });
+        assert_eq!(out.len(), 1);
+        assert!(out[0].logical && out[0].dest == 1, "{:?}", out[0]);
     }
 
     #[test]

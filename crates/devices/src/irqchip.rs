@@ -371,8 +371,9 @@ impl GsiLine {
     }
 
     /// Adds a callback run (after the chip is unlocked) whenever the line is
-    /// asserted — e.g. to wake a vCPU thread sleeping until its next timer
-    /// deadline when an I/O thread raises an interrupt.
+    /// asserted and the CPU then has an interrupt pending — e.g. to wake a
+    /// vCPU halted until its next timer deadline when an I/O thread raises an
+    /// interrupt.  (A masked line wakes nobody.)
     pub fn with_notify(mut self, notify: Arc<dyn Fn() + Send + Sync>) -> Self {
         self.notify = Some(notify);
         self
@@ -393,8 +394,12 @@ impl GsiLine {
 impl IrqLine for GsiLine {
     fn set_level(&self, level: bool) {
         if let Some(chip) = self.chip.upgrade() {
-            lock(&chip).set_irq(self.gsi, level);
-            if level {
+            let pending = {
+                let mut c = lock(&chip);
+                c.set_irq(self.gsi, level);
+                level && c.interrupt_pending()
+            };
+            if pending {
                 self.kick();
             }
         }
@@ -402,25 +407,29 @@ impl IrqLine for GsiLine {
 
     fn pulse(&self) {
         if let Some(chip) = self.chip.upgrade() {
-            {
+            let pending = {
                 let mut c = lock(&chip);
                 c.set_irq(self.gsi, true);
                 c.set_irq(self.gsi, false);
+                c.interrupt_pending()
+            };
+            if pending {
+                self.kick();
             }
-            self.kick();
         }
     }
 }
 
-/// The [`MsiSink`] of an [`EmuIrqchip`]: MSIs go to its LAPIC; `notify` runs afterwards (to
-/// wake a halted vCPU).
+/// The [`MsiSink`] of an [`EmuIrqchip`]: MSIs go to its LAPIC; `notify` runs afterwards
+/// when the CPU has an interrupt pending (to wake a halted vCPU).
 pub struct EmuMsi {
     chip: Weak<Mutex<EmuIrqchip>>,
     notify: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl EmuMsi {
-    /// An MSI sink for `chip`, calling `notify` after each message if given.
+    /// An MSI sink for `chip`, calling `notify` (if given) after each message that leaves
+    /// an interrupt pending for the CPU.
     pub fn new(chip: &Arc<Mutex<EmuIrqchip>>, notify: Option<Arc<dyn Fn() + Send + Sync>>) -> Self {
         Self { chip: Arc::downgrade(chip), notify }
     }
@@ -429,8 +438,12 @@ impl EmuMsi {
 impl MsiSink for EmuMsi {
     fn send_msi(&self, addr: u64, data: u32) {
         if let Some(chip) = self.chip.upgrade() {
-            lock(&chip).deliver_msi(addr, data);
-            if let Some(n) = &self.notify {
+            let pending = {
+                let mut c = lock(&chip);
+                c.deliver_msi(addr, data);
+                c.interrupt_pending()
+            };
+            if let Some(n) = self.notify.as_ref().filter(|_| pending) {
                 n();
             }
         }
@@ -632,6 +645,38 @@ mod tests {
         drop(mmio);
         drop(chip);
         assert_eq!(serial.lock().unwrap().enqueue_input(b"y"), 1);
+    }
+
+    #[test]
+    fn lines_and_msis_notify_only_when_the_cpu_has_an_interrupt() {
+        let (c, _) = chip();
+        let chip = Arc::new(Mutex::new(c));
+        let kicks = Arc::new(AtomicU64::new(0));
+        let k = kicks.clone();
+        let notify: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            k.fetch_add(1, Ordering::SeqCst);
+        });
+        let line = GsiLine::new(&chip, 4).with_notify(notify.clone());
+        let msi = EmuMsi::new(&chip, Some(notify));
+        // PIC: IRQ 4 masked, the LAPIC disabled (the PIC reaches the CPU directly).
+        for (p, v) in [(0x20u16, 0x11u8), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x10)] {
+            outb(&mut lock(&chip), p, v);
+        }
+        line.pulse();
+        line.set_level(true);
+        line.set_level(false);
+        assert_eq!(kicks.load(Ordering::SeqCst), 0, "a masked line wakes nobody");
+        outb(&mut lock(&chip), 0x21, 0x00);
+        line.pulse();
+        assert_eq!(kicks.load(Ordering::SeqCst), 1);
+        assert_eq!(lock(&chip).acknowledge(), Some(0x34));
+        outb(&mut lock(&chip), 0x20, 0x20);
+        // MSIs: to another APIC nothing; to ours (LAPIC enabled) a kick.
+        mmio_w32(&mut lock(&chip), LAPIC_BASE + 0xf0, 0x1ff);
+        msi.send_msi(0xfee0_5000, 0x41);
+        assert_eq!(kicks.load(Ordering::SeqCst), 1);
+        msi.send_msi(0xfee0_0000, 0x41);
+        assert_eq!(kicks.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -30,7 +30,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ioapic::DeliveryMode;
-use crate::{Clock, StateError};
+use crate::{Clock, StateError, MIN_PERIODIC_TIMER_NS};
 
 /// Default guest-physical base address of the local APIC page.
 pub const LAPIC_BASE: u64 = 0xfee0_0000;
@@ -494,6 +494,13 @@ impl Lapic {
         self.lvt[LVT_TIMER] & LVT_TIMER_PERIODIC != 0
     }
 
+    /// [`MIN_PERIODIC_TIMER_NS`] in counter decrements at the current divider.
+    fn min_periodic_ticks(&self) -> u64 {
+        let ticks = (u128::from(MIN_PERIODIC_TIMER_NS) * u128::from(self.timer_hz))
+            .div_ceil(NS_PER_SEC * u128::from(self.divisor()));
+        u64::try_from(ticks).unwrap_or(u64::MAX)
+    }
+
     /// Counter decrements elapsed at `now` for a running timer.
     fn timer_elapsed(&self, t: &Timer, now: u64) -> u64 {
         let ns = u128::from(now.saturating_sub(t.start_ns));
@@ -533,7 +540,10 @@ impl Lapic {
         }
         let d = self.timer_elapsed(&t, now_ns);
         let periodic = self.periodic();
-        let n = if periodic { d / init } else { u64::from(d >= init) };
+        // Periodic interrupts come at most every MIN_PERIODIC_TIMER_NS; the count keeps
+        // running on the initial count (see `current_count`).
+        let period = if periodic { init.max(self.min_periodic_ticks()) } else { init };
+        let n = if periodic { d / period } else { u64::from(d >= init) };
         if n > t.fired {
             t.fired = n;
             self.timer = Some(t);
@@ -541,9 +551,14 @@ impl Lapic {
             if lvt & LVT_MASKED == 0 {
                 self.accept_interrupt((lvt & 0xff) as u8, false);
             }
+        } else if periodic && n < t.fired {
+            // Counted on another grid (a state saved before the minimum period existed):
+            // count from here on.
+            t.fired = n;
+            self.timer = Some(t);
         }
         let next = if periodic {
-            n.checked_add(1)?.checked_mul(init)?
+            n.checked_add(1)?.checked_mul(period)?
         } else if n == 0 {
             init
         } else {
@@ -841,21 +856,59 @@ mod tests {
         l.write_register(0x3e0, 0xb);
         l.write_register(0x320, 0x2_0031); // periodic, vector 0x31
         let t0 = t.load(Ordering::SeqCst);
-        l.write_register(0x380, 100); // 1 us period
-        assert_eq!(l.poll(t0), Some(t0 + 1_000));
-        assert_eq!(l.poll(t0 + 1_000), Some(t0 + 2_000));
+        l.write_register(0x380, 100_000); // 1 ms period
+        assert_eq!(l.poll(t0), Some(t0 + 1_000_000));
+        assert_eq!(l.poll(t0 + 1_000_000), Some(t0 + 2_000_000));
         assert_eq!(l.acknowledge(), Some(0x31));
         l.eoi();
         // Several periods late: one interrupt, next deadline on the grid.
-        assert_eq!(l.poll(t0 + 5_500), Some(t0 + 6_000));
+        assert_eq!(l.poll(t0 + 5_500_000), Some(t0 + 6_000_000));
         assert_eq!(l.acknowledge(), Some(0x31));
         assert_eq!(l.acknowledge(), None);
-        t.store(t0 + 5_500, Ordering::SeqCst);
-        assert_eq!(l.read_register(0x390), 50);
+        t.store(t0 + 5_500_000, Ordering::SeqCst);
+        assert_eq!(l.read_register(0x390), 50_000);
         // Masked: counts but does not interrupt.
         l.write_register(0x320, 0x3_0031);
-        assert_eq!(l.poll(t0 + 7_000), Some(t0 + 8_000));
+        assert_eq!(l.poll(t0 + 7_000_000), Some(t0 + 8_000_000));
         assert!(!l.has_interrupt());
+    }
+
+    #[test]
+    fn periodic_interrupts_are_spaced_by_the_minimum_period() {
+        // 1 GHz, divide by 1, initial count 1: a 1 ns period. The count runs on it; the
+        // interrupts (and the deadlines the vCPU sleeps to) come every 200 us.
+        let (mut l, t) = lapic(1_000_000_000);
+        l.write_register(0x3e0, 0xb);
+        l.write_register(0x320, 0x2_0031);
+        let t0 = t.load(Ordering::SeqCst);
+        l.write_register(0x380, 1);
+        let min = crate::MIN_PERIODIC_TIMER_NS;
+        assert_eq!(l.poll(t0 + 10), Some(t0 + min));
+        assert!(!l.has_interrupt());
+        assert_eq!(l.poll(t0 + min), Some(t0 + 2 * min));
+        assert_eq!(l.acknowledge(), Some(0x31));
+        l.eoi();
+        t.store(t0 + min + 7, Ordering::SeqCst);
+        assert_eq!(l.read_register(0x390), 1, "the count wraps every ns");
+        // A slower divider shortens the minimum in counts, not in time.
+        l.write_register(0x3e0, 0xa); // divide by 128
+        let d = l.poll(t0 + min + 7).unwrap();
+        assert!(d > t0 + min + 7 && d <= t0 + 2 * min + 7 + 128, "{d}");
+        // (The divider change moved the interrupt grid: whatever it raised is retired.)
+        while l.acknowledge().is_some() {
+            l.eoi();
+        }
+        // A state counted on the 1 ns grid (as an older binary saved it) continues without
+        // going silent for the billion expirations it claims.
+        let mut s = l.state();
+        if let Some(timer) = s.timer.as_mut() {
+            timer.fired = 1 << 40;
+        }
+        l.restore(&s).unwrap();
+        let next = l.poll(t0 + 3 * min).unwrap();
+        assert!(!l.has_interrupt());
+        l.poll(next);
+        assert_eq!(l.acknowledge(), Some(0x31));
     }
 
     #[test]
@@ -878,10 +931,10 @@ mod tests {
         l.write_register(0x3e0, 0xb);
         l.write_register(0x320, 0x2_0031); // periodic, vector 0x31
         let t0 = t.load(Ordering::SeqCst);
-        l.write_register(0x380, 100); // 1 us period
-        assert_eq!(l.poll(t0 + 1_500), Some(t0 + 2_000));
+        l.write_register(0x380, 100_000); // 1 ms period
+        assert_eq!(l.poll(t0 + 1_500_000), Some(t0 + 2_000_000));
         l.write_register(0x3e0, 0x0); // divide by 2 while running: base_ticks
-        t.store(t0 + 1_700, Ordering::SeqCst);
+        t.store(t0 + 1_700_000, Ordering::SeqCst);
         let s = l.state();
         assert!(s.timer.is_some());
         let json = serde_json::to_string(&s).unwrap();
@@ -889,7 +942,7 @@ mod tests {
         assert_eq!(s2, s);
         // A fresh APIC in a "new process" whose clock was restored to continue from the
         // same reading.
-        let t2 = Arc::new(AtomicU64::new(t0 + 1_700));
+        let t2 = Arc::new(AtomicU64::new(t0 + 1_700_000));
         let tc = t2.clone();
         let mut other = Lapic::new(1, Arc::new(move || tc.load(Ordering::SeqCst)));
         other.restore(&s2).unwrap();
@@ -899,7 +952,7 @@ mod tests {
         }
         assert!(other.take_nmi());
         assert!(l.take_nmi());
-        for now in [t0 + 2_000, t0 + 3_000, t0 + 3_999, t0 + 9_000] {
+        for now in [t0 + 2_000_000, t0 + 3_000_000, t0 + 3_999_999, t0 + 9_000_000] {
             assert_eq!(l.poll(now), other.poll(now), "deadline at {now}");
             t.store(now, Ordering::SeqCst);
             t2.store(now, Ordering::SeqCst);

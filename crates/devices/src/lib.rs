@@ -76,6 +76,14 @@ pub use serial::Serial;
 /// that counters decrease with (virtual) time.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
+/// The shortest interval between two interrupts of a periodic timer (PIT channel 0 in modes
+/// 2/3, the LAPIC timer in periodic mode), in ns: 200 µs, KVM's `min_timer_period_us`
+/// default for the same two timers. A guest may program a shorter period (down to 1 ns on
+/// the LAPIC); its counter still reads on the programmed grid, but interrupts come on a grid
+/// of this period, so a hostile guest cannot make the host wake up more often than 5000
+/// times a second through a timer (missed expirations are coalesced, as always).
+pub const MIN_PERIODIC_TIMER_NS: u64 = 200_000;
+
 /// A device state given to `restore` is malformed (a corrupt or foreign
 /// snapshot).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bus::{read_bytes, write_bytes, PioDevice};
 use crate::irq::IrqLine;
+use crate::MIN_PERIODIC_TIMER_NS;
 use crate::{Clock, StateError};
 
 /// PIT input clock frequency in Hz.
@@ -36,6 +37,8 @@ pub const PIT_PORTS: u16 = 4;
 pub const SPEAKER_PORT: u16 = 0x61;
 
 const NS_PER_SEC: u128 = 1_000_000_000;
+/// [`MIN_PERIODIC_TIMER_NS`] in input-clock ticks (239).
+const MIN_PERIODIC_TICKS: u64 = (MIN_PERIODIC_TIMER_NS * PIT_HZ).div_ceil(1_000_000_000);
 /// Period of the port 0x61 bit 4 "refresh request" toggle, in ns.
 const REFRESH_TOGGLE_NS: u64 = 15_085;
 
@@ -222,9 +225,22 @@ impl Channel {
         }
     }
 
-    /// OUT rising edges (interrupt events) that occurred within `d` ticks.
-    fn events(&self, d: u64) -> u64 {
+    /// Ticks between two interrupt events: the reload value, and in the periodic modes at
+    /// least [`MIN_PERIODIC_TIMER_NS`] worth of ticks (the count still runs on the reload
+    /// value; only the interrupts are spaced out).
+    fn irq_period(&self) -> u64 {
         let n = u64::from(self.reload);
+        if self.periodic() {
+            n.max(MIN_PERIODIC_TICKS)
+        } else {
+            n
+        }
+    }
+
+    /// Interrupt events (OUT rising edges, periodic ones at most every
+    /// [`MIN_PERIODIC_TIMER_NS`]) that occurred within `d` ticks.
+    fn events(&self, d: u64) -> u64 {
+        let n = self.irq_period();
         if self.periodic() {
             d / n
         } else {
@@ -232,9 +248,9 @@ impl Channel {
         }
     }
 
-    /// Tick at which event number `k` (1-based) occurs, if any.
+    /// Tick at which interrupt event number `k` (1-based) occurs, if any.
     fn event_tick(&self, k: u64) -> Option<u64> {
-        let n = u64::from(self.reload);
+        let n = self.irq_period();
         if self.periodic() {
             k.checked_mul(n)
         } else {
@@ -481,6 +497,10 @@ impl Pit {
         if n > ch.fired {
             ch.fired = n;
             self.irq0.pulse();
+        } else if n < ch.fired {
+            // Counted on another grid (a state saved before the minimum period existed):
+            // count from here on.
+            ch.fired = n;
         }
         let next = ch.event_tick(n.saturating_add(1))?;
         Some(start_ns.saturating_add(ticks_to_ns(next.saturating_sub(base_ticks))))
@@ -741,6 +761,32 @@ mod tests {
         assert!(!e.pit.out(0, t1 + ticks_to_ns(2048)).unwrap());
         let n = e.pit.poll(t1).unwrap();
         assert_eq!(n, t1 + ticks_to_ns(4096));
+        e.pit.poll(n);
+        assert_eq!(e.irq.take_edges(), 1);
+    }
+
+    #[test]
+    fn periodic_irq0_is_spaced_by_the_minimum_period() {
+        let mut e = Env::new();
+        // Mode 2, reload 1 (838 ns): the count runs on it, IRQ 0 comes every 239 ticks.
+        e.outb(0x43, 0x34);
+        e.outb(0x40, 1);
+        e.outb(0x40, 0);
+        let t0 = e.now();
+        let next = e.pit.poll(t0).unwrap();
+        assert_eq!(next, t0 + ticks_to_ns(MIN_PERIODIC_TICKS));
+        assert!(next - t0 >= MIN_PERIODIC_TIMER_NS);
+        assert_eq!(e.pit.poll(next - 1), Some(next));
+        assert_eq!(e.irq.take_edges(), 0);
+        assert_eq!(e.pit.poll(next), Some(t0 + ticks_to_ns(2 * MIN_PERIODIC_TICKS)));
+        assert_eq!(e.irq.take_edges(), 1);
+        // A state counted on the 838 ns grid continues instead of going silent.
+        let mut s = e.pit.state();
+        s.channels[0].fired = 1 << 40;
+        e.pit.restore(&s).unwrap();
+        let later = t0 + ticks_to_ns(5 * MIN_PERIODIC_TICKS);
+        let n = e.pit.poll(later).unwrap();
+        assert_eq!(e.irq.take_edges(), 0);
         e.pit.poll(n);
         assert_eq!(e.irq.take_edges(), 1);
     }

@@ -155,9 +155,12 @@ impl Vm {
             &cfg.cmdline,
         )?;
         let mut vm = Self::build(cfg, mem, hv, selection.reason)?;
-        if vm.accel.symmetric_io_mode() {
-            // The MP table lists every vCPU's local APIC and the IOAPIC.
-            arch::mptable::write(&vm.memory, cfg.cpus)?;
+        // The interrupt controllers, as the accelerator's irqchip is wired: every vCPU's
+        // local APIC and the IOAPIC.
+        match vm.accel.irq_tables() {
+            accel::IrqTables::None => {}
+            accel::IrqTables::MpTable => arch::mptable::write(&vm.memory, cfg.cpus)?,
+            accel::IrqTables::Madt => arch::acpi::write_madt(&vm.memory, cfg.cpus)?,
         }
         if let Some(v) = vm.vcpus.first_mut() {
             v.set_state(&arch::boot_cpu_state(&info))?;

@@ -82,6 +82,7 @@ mod msr {
     pub const PLATFORM_ID: u32 = 0x17;
     pub const APIC_BASE: u32 = 0x1b;
     pub const FEATURE_CONTROL: u32 = 0x3a;
+    pub const TSC_ADJUST: u32 = 0x3b;
     pub const BIOS_SIGN_ID: u32 = 0x8b;
     pub const MTRRCAP: u32 = 0xfe;
     pub const SYSENTER_CS: u32 = 0x174;
@@ -118,6 +119,9 @@ impl Cpu {
             msr::PLATFORM_ID => 0,
             msr::APIC_BASE => self.msr.apic_base,
             msr::FEATURE_CONTROL => 1, // locked, VMX off
+            // The TSC's offset from guest time (Intel SDM Vol. 3 §18.17.3): what WRMSR to
+            // IA32_TSC or IA32_TSC_ADJUST has added.
+            msr::TSC_ADJUST => self.msr.tsc_offset as u64,
             msr::BIOS_SIGN_ID => 0,
             msr::MTRRCAP => 0,
             msr::MTRR_DEF_TYPE => 0,
@@ -148,6 +152,9 @@ impl Cpu {
                 let now = self.tsc(bus).wrapping_sub(self.msr.tsc_offset as u64);
                 self.msr.tsc_offset = v.wrapping_sub(now) as i64;
             }
+            // Writing the adjustment moves the TSC by the difference; writing the TSC moves
+            // the adjustment (above): both are `tsc_offset`.
+            msr::TSC_ADJUST => self.msr.tsc_offset = v as i64,
             msr::APIC_BASE => self.msr.apic_base = v,
             msr::BIOS_SIGN_ID | msr::MCG_STATUS | msr::MTRR_DEF_TYPE => {}
             msr::SYSENTER_CS => self.msr.sysenter_cs = v,
@@ -370,4 +377,52 @@ fn unsupported(cpu: &mut Cpu, insn: &Instruction) -> SRes<()> {
         return Err(Fault::InvalidOpcode.into());
     }
     Err(Stop::Exit(Exit::Unsupported(format!("{:?} ({:?}) at {:#x}", insn.mnemonic(), insn.code(), insn.ip()))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CpuConfig;
+
+    /// A bus whose clock reads `self.0` ns.
+    struct At(u64);
+
+    impl Bus for At {
+        fn io_in(&mut self, _: u16, _: u8) -> u32 {
+            !0
+        }
+        fn io_out(&mut self, _: u16, _: u8, _: u32) {}
+        fn mmio_read(&mut self, _: u64, _: u8) -> u64 {
+            !0
+        }
+        fn mmio_write(&mut self, _: u64, _: u8, _: u64) {}
+        fn interrupt_pending(&mut self) -> bool {
+            false
+        }
+        fn ack_interrupt(&mut self) -> Option<u8> {
+            None
+        }
+        fn now_ns(&mut self) -> u64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn tsc_adjust_and_tsc_writes_move_each_other() {
+        let mut c = Cpu::new(Vec::new(), CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0 });
+        let mut bus = At(5_000);
+        assert_eq!(c.read_msr(&mut bus, msr::TSC_ADJUST), Some(0));
+        assert_eq!(c.read_msr(&mut bus, msr::TSC), Some(5_000));
+        // Adjust by +1000: the TSC moves by as much.
+        assert!(c.write_msr(&mut bus, msr::TSC_ADJUST, 1_000));
+        assert_eq!(c.read_msr(&mut bus, msr::TSC), Some(6_000));
+        // Write the TSC back by 4000: the adjustment follows (SDM Vol. 3 §18.17.3).
+        assert!(c.write_msr(&mut bus, msr::TSC, 2_000));
+        assert_eq!(c.read_msr(&mut bus, msr::TSC_ADJUST), Some((-3_000i64) as u64));
+        bus.0 = 7_000;
+        assert_eq!(c.read_msr(&mut bus, msr::TSC), Some(4_000));
+        // Back to 0: the TSC is guest time again.
+        assert!(c.write_msr(&mut bus, msr::TSC_ADJUST, 0));
+        assert_eq!(c.read_msr(&mut bus, msr::TSC), Some(7_000));
+    }
 }

@@ -9,11 +9,11 @@ use devices::{EmuIrqchip, EmuMsi, GsiLine, IrqLine, MmioBus, MsiSink, PioBus};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{EmuVcpu, InterruptController};
+use super::{EmuVcpu, InterruptController, Wakeup};
 use crate::vm::VmStateRepr;
 use crate::{
-    Clock, CpuState, DeviceWrites, Error, ExitHandler, Hypervisor, RamRegion, Result, Vcpu, VcpuExit, VcpuSnapshot,
-    VcpuStopper, Vm, VmSpec, VmState,
+    Clock, CpuState, DeviceWrites, Error, ExitHandler, Hypervisor, IrqTables, RamRegion, Result, Vcpu, VcpuExit,
+    VcpuSnapshot, VcpuStopper, Vm, VmSpec, VmState,
 };
 
 /// TSC frequency advertised to emulated guests in CPUID leaf 0x15 (Hz); also the bus clock
@@ -62,6 +62,12 @@ pub struct EmuVm {
     device_writes: Arc<OnceLock<DeviceWrites>>,
     /// Whether vCPU 0 exists (one vCPU per VM).
     vcpu_created: AtomicBool,
+    /// The doorbell vCPU 0 sleeps on while halted, rung by the IRQ lines and the MSI sink
+    /// when an interrupt they raise is pending for the CPU. It exists before the vCPU
+    /// because the VMM wires its devices first. (With several vCPUs, each gets its own, and
+    /// the irqchip must name the LAPICs that took an interrupt so that only those vCPUs
+    /// are woken.)
+    wakeup: Arc<Wakeup>,
 }
 
 impl std::fmt::Debug for EmuVm {
@@ -88,7 +94,15 @@ impl EmuVm {
             mmio: Arc::new(mmio),
             device_writes: Arc::new(OnceLock::new()),
             vcpu_created: AtomicBool::new(false),
+            wakeup: Arc::new(Wakeup::new()),
         })
+    }
+
+    /// What the IRQ lines and the MSI sink run after raising an interrupt the CPU will
+    /// take: wake vCPU 0 if it is halted.
+    fn notify(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let w = self.wakeup.clone();
+        Arc::new(move || w.wake())
     }
 
     /// The userspace interrupt controllers (for tests and debugging).
@@ -107,7 +121,8 @@ impl Vm for EmuVm {
             return Err(Error::Unsupported(format!("the emu accelerator runs 1 vCPU (id 0); vCPU {id} requested")));
         }
         let mut cpu =
-            EmuVcpu::new(&self.ram, Box::new(ChipInterrupts(self.chip.clone())), self.clock.clone(), TSC_HZ, id);
+            EmuVcpu::new(&self.ram, Box::new(ChipInterrupts(self.chip.clone())), self.clock.clone(), TSC_HZ, id)
+                .with_wakeup(self.wakeup.clone());
         let writes = self.device_writes.clone();
         cpu.set_device_writes(Arc::new(move || writes.get().map_or_else(Vec::new, |f| f())));
         Ok(Box::new(PlatformVcpu { cpu, pio: self.pio.clone(), mmio: self.mmio.clone() }))
@@ -117,11 +132,11 @@ impl Vm for EmuVm {
         if gsi >= GSIS {
             return Err(Error::Unsupported(format!("GSI {gsi} out of range (0..{GSIS})")));
         }
-        Ok(Arc::new(GsiLine::new(&self.chip, gsi)))
+        Ok(Arc::new(GsiLine::new(&self.chip, gsi).with_notify(self.notify())))
     }
 
     fn msi_sink(&self) -> Arc<dyn MsiSink> {
-        Arc::new(EmuMsi::new(&self.chip, None))
+        Arc::new(EmuMsi::new(&self.chip, Some(self.notify())))
     }
 
     fn supports_ioevents(&self) -> bool {
@@ -144,9 +159,10 @@ impl Vm for EmuVm {
         let _ = self.device_writes.set(source);
     }
 
-    fn symmetric_io_mode(&self) -> bool {
-        // The userspace irqchip has one LAPIC and keeps Linux in virtual-wire mode for now.
-        false
+    fn irq_tables(&self) -> IrqTables {
+        // The irqchip is wired like a PC (ISA IRQ 0 on IOAPIC pin 2), which an MP table of
+        // ours does not say; and the Debian kernel reads only the MADT.
+        IrqTables::Madt
     }
 
     fn save_state(&self) -> Result<VmState> {
@@ -336,6 +352,34 @@ mod tests {
     }
 
     #[test]
+    fn irq_lines_msis_and_stops_ring_the_vcpus_doorbell() {
+        let vm = vm();
+        let rung = |vm: &EmuVm| vm.wakeup.wait(Some(std::time::Duration::ZERO));
+        assert!(!rung(&vm));
+        // IRQ 4 masked at the PIC: nothing for the CPU, no ring.
+        for (port, v) in [(0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0x21, 0xff)] {
+            devices::PioDevice::write(&mut *vm.lock_chip(), port, &[v]);
+        }
+        let line = vm.irq_line(4).unwrap();
+        line.pulse();
+        assert!(!rung(&vm));
+        devices::PioDevice::write(&mut *vm.lock_chip(), 0x21, &[0xef]);
+        line.pulse();
+        assert!(rung(&vm));
+        assert_eq!(vm.lock_chip().acknowledge(), Some(0x24));
+        devices::PioDevice::write(&mut *vm.lock_chip(), 0x20, &[0x20]);
+        // An MSI to the (enabled) LAPIC.
+        devices::MmioDevice::write(&mut *vm.lock_chip(), 0xfee0_00f0, &0x1ffu32.to_le_bytes());
+        vm.msi_sink().send_msi(0xfee0_0000, 0x41);
+        assert!(rung(&vm));
+        // The vCPU sleeps on the same doorbell, and its stopper rings it.
+        let vcpu = vm.create_vcpu(0).unwrap();
+        assert!(!rung(&vm));
+        vcpu.stopper().stop();
+        assert!(rung(&vm));
+    }
+
+    #[test]
     fn one_vcpu_and_no_ioevents() {
         let vm = vm();
         assert!(vm.create_vcpu(1).is_err());
@@ -344,6 +388,6 @@ mod tests {
         let evt = EventFd::new(0).unwrap();
         assert!(!vm.supports_ioevents());
         assert!(matches!(vm.register_ioevent(&evt, 0xc000_3000), Err(Error::Unsupported(_))));
-        assert!(vm.needs_dma_log() && !vm.symmetric_io_mode());
+        assert!(vm.needs_dma_log() && vm.irq_tables() == IrqTables::Madt);
     }
 }

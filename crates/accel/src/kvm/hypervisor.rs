@@ -8,7 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{kvm_err, KvmVm, IRQCHIP_NUM_PINS};
 use crate::vm::VmStateRepr;
-use crate::{DeviceWrites, Error, Hypervisor, Result, Vcpu, Vm, VmSpec, VmState};
+use crate::{DeviceWrites, Error, Hypervisor, IrqTables, Result, Vcpu, Vm, VmSpec, VmState};
 
 /// KVM as a [`Hypervisor`]: VMs with the in-kernel irqchip and PIT ([`KvmVm::new`]).
 #[derive(Debug)]
@@ -95,8 +95,12 @@ impl Vm for KvmVm {
 
     fn set_device_writes(&self, _source: DeviceWrites) {}
 
-    fn symmetric_io_mode(&self) -> bool {
-        self.irqchip
+    fn irq_tables(&self) -> IrqTables {
+        if self.irqchip {
+            IrqTables::MpTable
+        } else {
+            IrqTables::None
+        }
     }
 
     fn save_state(&self) -> Result<VmState> {
@@ -128,7 +132,7 @@ mod tests {
         assert!(vm.irq_line(4).is_ok());
         assert!(matches!(vm.irq_line(24), Err(Error::Unsupported(_))));
         vm.irq_line(4).unwrap().pulse();
-        assert!(vm.supports_ioevents() && !vm.needs_dma_log() && vm.symmetric_io_mode());
+        assert!(vm.supports_ioevents() && !vm.needs_dma_log() && vm.irq_tables() == IrqTables::MpTable);
         let evt = EventFd::new(0).unwrap();
         vm.register_ioevent(&evt, 0xc000_3000).unwrap();
         vm.unregister_ioevent(&evt, 0xc000_3000).unwrap();

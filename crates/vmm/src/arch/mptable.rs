@@ -1,7 +1,7 @@
 //! Intel MultiProcessor Specification 1.4 tables, so that the guest finds every vCPU's
-//! local APIC and the IOAPIC (used on `kvm` with more than one vCPU; the emulator keeps the
-//! virtual-wire setup for now). Placed at the top of conventional memory (the EBDA area),
-//! where Linux's `smp_scan_config` looks.
+//! local APIC and the IOAPIC (for `kvm`'s in-kernel irqchip; the emulator's is described
+//! by the ACPI MADT, `super::acpi::write_madt`). Placed at the top of conventional memory
+//! (the EBDA area), where Linux's `smp_scan_config` looks.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
