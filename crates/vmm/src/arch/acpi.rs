@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn the_madt_lists_the_local_apics_the_ioapic_and_irq0_on_gsi2() {
-        let mem = crate::memory::create(64 << 20).unwrap();
+        let mem = crate::memory::create(64 << 20, &Default::default()).unwrap();
         write_tables(&mem).unwrap();
         write_madt(&mem, 2).unwrap();
         let xsdt = table(&mem, XSDT_ADDR);
