@@ -11,40 +11,8 @@ use api::types::{DiskConfig, VmConfig};
 use common::*;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-/// A `rustvisor vmm` process, killed when dropped.
-struct Vmm {
-    child: Child,
-    client: Client,
-}
-
-impl Vmm {
-    fn start(sock: &Path) -> Vmm {
-        let child = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
-            .args(["vmm", "--api-socket"])
-            .arg(sock)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let client = Client::new(sock).unwrap().with_timeout(Duration::from_secs(60));
-        let end = Instant::now() + Duration::from_secs(10);
-        while client.ping().is_err() {
-            assert!(Instant::now() < end, "the VMM's API did not come up");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Vmm { child, client }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn status(r: Result<(), ClientError>) -> u16 {
     match r {

@@ -19,37 +19,19 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::client::Client;
 use api::types::{BalloonConfig, MemoryOptions, VmConfig};
 use common::*;
 
-/// A `rustvisor vmm` process, killed when dropped.
-struct Vmm {
-    child: Child,
-    client: Client,
+/// Helpers of this test on the shared [`Vmm`].
+trait VmmExt {
+    /// (VmRSS, RssAnon) of the VMM process in MiB.
+    fn rss_mib(&self) -> (u64, u64);
 }
 
-impl Vmm {
-    fn start(sock: &Path) -> Vmm {
-        let child = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
-            .args(["vmm", "--api-socket"])
-            .arg(sock)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let client = Client::new(sock).unwrap().with_timeout(Duration::from_secs(60));
-        let end = Instant::now() + Duration::from_secs(10);
-        while client.ping().is_err() {
-            assert!(Instant::now() < end, "the VMM's API did not come up");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Vmm { child, client }
-    }
-
+impl VmmExt for Vmm {
     /// (VmRSS, RssAnon) of the VMM process in MiB.
     fn rss_mib(&self) -> (u64, u64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -58,13 +40,6 @@ impl Vmm {
             line.split_whitespace().nth(1).unwrap().parse().unwrap()
         };
         (kib("VmRSS:") >> 10, kib("RssAnon:") >> 10)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -125,3 +125,38 @@ pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A `rustvisor vmm --api-socket SOCK` process with a client for it, killed when dropped.
+pub struct Vmm {
+    /// The process.
+    pub child: Child,
+    /// A client of its API (60 s timeout).
+    pub client: api::client::Client,
+}
+
+impl Vmm {
+    /// Starts the VMM and waits (10 s at most) until its API answers.
+    pub fn start(sock: &Path) -> Vmm {
+        let child = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
+            .args(["vmm", "--api-socket"])
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let client = api::client::Client::new(sock).unwrap().with_timeout(Duration::from_secs(60));
+        let end = Instant::now() + Duration::from_secs(10);
+        while client.ping().is_err() {
+            assert!(Instant::now() < end, "the VMM's API did not come up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Vmm { child, client }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
