@@ -14,35 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn status(r: Result<(), ClientError>) -> u16 {
-    match r {
-        Ok(()) => 200,
-        Err(ClientError::Http { status, .. }) => status,
-        Err(e) => panic!("transport error: {e}"),
-    }
-}
-
-/// The highest `RV-COUNT n` on the console so far.
-fn last_count(log: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines().filter_map(|l| l.strip_prefix("RV-COUNT ")?.split_whitespace().next()?.parse().ok()).max()
-}
-
-fn wait_count(log: &Path, at_least: u64, timeout: Duration) -> u64 {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(n) = last_count(log).filter(|n| *n >= at_least) {
-            return n;
-        }
-        assert!(
-            Instant::now() < end,
-            "counter did not reach {at_least}:\n{}",
-            tail(&std::fs::read_to_string(log).unwrap_or_default())
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn guest_config(script: &str, log: &Path, disks: Vec<DiskConfig>) -> VmConfig {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(script);
@@ -74,25 +45,25 @@ fn lifecycle_pause_resume_shutdown_and_conflicts() {
     let vmm = Vmm::start(&sock);
     let c = &vmm.client;
     assert_eq!(std::fs::metadata(&sock).unwrap().mode() & 0o777, 0o600, "socket mode");
-    assert_eq!(status(c.boot()), 409, "boot before create");
+    assert_eq!(status_code(c.boot()), 409, "boot before create");
     c.create(&guest_config(COUNTER, &log, vec![])).unwrap();
     assert_eq!(c.info().unwrap().state, "Created");
     c.boot().unwrap();
-    assert_eq!(status(c.boot()), 409, "boot twice");
-    assert_eq!(status(c.resume()), 409, "resume a running VM");
+    assert_eq!(status_code(c.boot()), 409, "boot twice");
+    assert_eq!(status_code(c.resume()), 409, "resume a running VM");
     wait_count(&log, 2, Duration::from_secs(120));
 
     c.pause().unwrap();
     let info = c.info().unwrap();
     assert_eq!(info.state, "Paused");
-    assert_eq!(status(c.pause()), 409, "pause a paused VM");
+    assert_eq!(status_code(c.pause()), 409, "pause a paused VM");
     let at_pause = last_count(&log).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(last_count(&log).unwrap(), at_pause, "the counter must stop while paused");
 
     c.resume().unwrap();
     wait_count(&log, at_pause + 2, Duration::from_secs(30));
-    assert_eq!(status(c.snapshot(&dir.path("snap"))), 409, "snapshot a running VM");
+    assert_eq!(status_code(c.snapshot(&dir.path("snap"))), 409, "snapshot a running VM");
     assert_eq!(c.info().unwrap().state, "Running", "a refused request leaves the VM running");
     let counters = c.counters().unwrap();
     assert!(counters.vcpus[0]["pio_write"] > 0, "{counters:?}");
@@ -103,10 +74,10 @@ fn lifecycle_pause_resume_shutdown_and_conflicts() {
     // Stopped through the API (the guest powered off on the button, or was stopped): not a
     // failure a supervisor would restart.
     assert!(matches!(info.ended, Some(api::types::VmEnd::Shutdown | api::types::VmEnd::PowerOff)), "{:?}", info.ended);
-    assert_eq!(status(c.pause()), 409, "pause after shutdown");
+    assert_eq!(status_code(c.pause()), 409, "pause after shutdown");
     assert!(c.ping().is_ok(), "the VMM outlives its VM");
     c.delete().unwrap();
-    assert_eq!(status(c.info().map(|_| ())), 404);
+    assert_eq!(status_code(c.info().map(|_| ())), 404);
     c.vmm_shutdown().unwrap();
 }
 
@@ -164,7 +135,7 @@ fn snapshot_kill_restore_continues_the_guest() {
     let c = &vmm.client;
     c.restore(&snap).unwrap();
     assert_eq!(c.info().unwrap().state, "Paused");
-    assert_eq!(status(c.restore(&snap)), 409, "restore over a live VM");
+    assert_eq!(status_code(c.restore(&snap)), 409, "restore over a live VM");
     c.resume().unwrap();
     let after = wait_count(&log, before + 2, Duration::from_secs(60));
     let text = std::fs::read_to_string(&log).unwrap();
@@ -239,7 +210,7 @@ fn corrupt_or_missing_snapshot_is_refused_and_left_alone() {
         wait_count(&log, 1, Duration::from_secs(120));
         vmm.client.pause().unwrap();
         vmm.client.snapshot(&snap).unwrap();
-        assert_eq!(status(vmm.client.snapshot(&snap)), 400, "snapshot into a folder that is not empty");
+        assert_eq!(status_code(vmm.client.snapshot(&snap)), 400, "snapshot into a folder that is not empty");
     }
     let vmm = Vmm::start(&dir.path("b.sock"));
     let c = &vmm.client;
@@ -333,7 +304,7 @@ fn corrupt_or_missing_snapshot_is_refused_and_left_alone() {
         other => panic!("missing folder: {other:?}"),
     };
     assert!(m.contains("snapshot.json"), "{m}");
-    assert_eq!(status(c.info().map(|_| ())), 404, "no VM after failed restores");
+    assert_eq!(status_code(c.info().map(|_| ())), 404, "no VM after failed restores");
     assert!(c.ping().is_ok());
 }
 
@@ -422,7 +393,7 @@ fn real_vmm_answers_malformed_requests_with_4xx() {
         assert!((400..500).contains(&r.status), "{route} → {}", r.status);
     }
     assert!(c.ping().is_ok(), "the VMM still answers");
-    assert_eq!(status(c.info().map(|_| ())), 404, "nothing was created");
+    assert_eq!(status_code(c.info().map(|_| ())), 404, "nothing was created");
 }
 
 /// Issue 15 item 5 through the API: a qcow2 backing loop is a 400 at `vm.boot` (it used to

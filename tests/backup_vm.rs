@@ -9,42 +9,13 @@
 
 mod common;
 
-use api::client::{Client, ClientError};
+use api::client::Client;
 use api::types::{BackupState, BackupStatus, DiskConfig, DiskFormat, VmConfig};
 use common::*;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn status_code<T>(r: Result<T, ClientError>) -> u16 {
-    match r {
-        Ok(_) => 200,
-        Err(ClientError::Http { status, .. }) => status,
-        Err(e) => panic!("transport error: {e}"),
-    }
-}
-
-/// The highest `RV-COUNT n` on the console so far.
-fn last_count(log: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines().filter_map(|l| l.strip_prefix("RV-COUNT ")?.split_whitespace().next()?.parse().ok()).max()
-}
-
-fn wait_count(log: &Path, at_least: u64, timeout: Duration) -> u64 {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(n) = last_count(log).filter(|n| *n >= at_least) {
-            return n;
-        }
-        assert!(
-            Instant::now() < end,
-            "counter did not reach {at_least}:\n{}",
-            tail(&std::fs::read_to_string(log).unwrap_or_default())
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 const MIB: usize = 1 << 20;
 /// The raw disk: 64 MiB, data in the first 48 MiB, zeros (holes) after.

@@ -160,3 +160,36 @@ impl Drop for Vmm {
         let _ = self.child.wait();
     }
 }
+
+/// The HTTP status of an API call's result: 200 for a success, the status of an HTTP error;
+/// a transport error fails the test.
+pub fn status_code<T>(r: Result<T, api::client::ClientError>) -> u16 {
+    match r {
+        Ok(_) => 200,
+        Err(api::client::ClientError::Http { status, .. }) => status,
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+/// The highest `RV-COUNT n` on the console log `log` so far.
+pub fn last_count(log: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().filter_map(|l| l.strip_prefix("RV-COUNT ")?.split_whitespace().next()?.parse().ok()).max()
+}
+
+/// Waits (at most `timeout`) until the console log shows `RV-COUNT n` with n ≥ `at_least`;
+/// returns n.
+pub fn wait_count(log: &Path, at_least: u64, timeout: Duration) -> u64 {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(n) = last_count(log).filter(|n| *n >= at_least) {
+            return n;
+        }
+        assert!(
+            Instant::now() < end,
+            "counter did not reach {at_least}:\n{}",
+            tail(&std::fs::read_to_string(log).unwrap_or_default())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
