@@ -638,7 +638,7 @@ fn snapshots_revert_disk_and_ram_and_vms_autostart_in_order() {
         "s",
         script,
         "no",
-        &["--disk", &disk_flag, "--autostart", "--start-order", "1", "--start-delay", "3"],
+        &["--disk", &disk_flag, "--autostart", "--start-order", "1", "--start-delay", "3", "--balloon"],
     );
     // "late" autostarts after s (order 2) and fails: its kernel is not a kernel.
     let not_a_kernel = guest_file("initrd.img");
@@ -661,6 +661,12 @@ fn snapshots_revert_disk_and_ram_and_vms_autostart_in_order() {
     assert_eq!(env.vm("late").state, VmState::Stopped);
 
     wait_until("s's guest to write OLD", BOOT, || env.console("s").contains("WROTE-OLD").then_some(()));
+    // The balloon is set on the running VM through the daemon.
+    env.ok(&["vm", "set", "s", "--balloon", "64M"]);
+    let info: serde_json::Value = serde_json::from_str(&env.ok(&["vm", "info", "s", "--json"])).unwrap();
+    assert_eq!(info["balloon"]["target_mib"], 64, "{info}");
+    env.ok(&["vm", "set", "s", "--balloon", "0"]);
+    env.bad_input(&["vm", "set", "s", "--balloon", "4G"], "balloon_mib");
     assert_eq!(&disk_head(&disk)[..8], "OLD-DATA");
     let out = env.ok(&["vm", "snapshot", "s", "create", "before"]);
     assert!(out.contains("created (disks and RAM"), "{out}");

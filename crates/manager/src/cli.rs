@@ -217,6 +217,10 @@ pub struct SetArgs {
     /// Seconds to wait after autostarting it before the next VM (0-600).
     #[arg(long, value_name = "S")]
     pub start_delay: Option<u32>,
+    /// The balloon's size, e.g. 256M: memory taken from the running guest (a VM created
+    /// with `--balloon`); 0 gives it all back.
+    #[arg(long, value_name = "SIZE")]
+    pub balloon: Option<String>,
 }
 
 /// `rustvisor vm create`: the device flags of `rustvisor run`, or a JSON file.
@@ -226,7 +230,7 @@ pub struct CreateArgs {
     pub name: String,
     /// The configuration as JSON (the VMM API's VmConfig: crates/api/openapi.yaml) instead
     /// of the flags below.
-    #[arg(long, value_name = "SPEC.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "cpus", "accel", "disk", "net", "vsock", "rng", "console"])]
+    #[arg(long, value_name = "SPEC.json", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "cpus", "accel", "disk", "net", "vsock", "rng", "console", "balloon"])]
     pub from_file: Option<PathBuf>,
     /// What to do when the VM ends by itself: no, on-failure (after a crash) or always
     /// (also after a guest power-off).
@@ -275,6 +279,10 @@ pub struct CreateArgs {
     /// A virtio-console: file=PATH or null.
     #[arg(long)]
     pub console: Option<String>,
+    /// A virtio-balloon device (then `vm set --balloon SIZE` takes memory back from the
+    /// running guest).
+    #[arg(long)]
+    pub balloon: bool,
     /// A NIC on one of the daemon's networks: `net=NAME[,vlan=N][,mac=MAC][,firewall=GROUP]`
     /// (repeatable; the daemon makes its TAP when the VM starts).
     #[arg(long, value_name = "OPTIONS")]
@@ -1270,6 +1278,13 @@ fn set_body(a: &SetArgs) -> Result<Vec<u8>, Failure> {
         cmdline: a.cmdline.clone(),
         config: None,
         nics: None,
+        balloon_mib: match &a.balloon {
+            Some(b) => {
+                let bytes = vmm::config::parse_size(b).map_err(|e| bad(format!("--balloon: {e}")))?;
+                Some(bytes >> 20)
+            }
+            None => None,
+        },
     };
     let mut body = serde_json::to_value(&req).map_err(|e| failure(1, e.to_string()))?;
     if body.as_object().is_some_and(|o| o.is_empty()) && config.is_none() {
@@ -1507,7 +1522,7 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
                 vsock,
                 rng: a.rng,
                 console,
-                balloon: None,
+                balloon: a.balloon.then(Default::default),
                 memory_options: Default::default(),
             };
             serde_json::to_value(&cfg).map_err(|e| failure(1, e.to_string()))?
@@ -1763,11 +1778,13 @@ mod tests {
             rng: true,
             console: None,
             nic: vec!["net=lan0,vlan=20".into()],
+            balloon: true,
         };
         let req: CreateRequest = serde_json::from_slice(&create_body(&a).unwrap()).unwrap();
         assert_eq!(req.name, "web-1");
         assert_eq!(req.restart, RestartPolicy::OnFailure);
         assert!(req.autostart && req.start_order == 3);
+        assert!(req.config.balloon.is_some(), "--balloon adds the device");
         assert_eq!((req.config.memory_mib, req.config.accel.as_str(), req.config.rng), (256, "emu", true));
         assert!(req.config.disks[0].readonly);
         let mut bad = a.clone();

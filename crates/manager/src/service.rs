@@ -385,6 +385,7 @@ impl Service {
             config,
             policy: rec.policy,
             nics: self.nic_infos(&rec),
+            balloon: self.balloon_info(&rec),
             console_log: self.console_log(name).display().to_string(),
             api_socket: rec.runtime.socket.clone(),
             created_ms: rec.created_ms,
@@ -496,12 +497,53 @@ impl Service {
             changed.push(format!("start delay {d}s"));
         }
         check_policy(&policy)?;
+        if let Some(target) = req.balloon_mib {
+            self.set_balloon(&rec, target)?;
+            changed.push(format!("balloon {target} MiB"));
+        }
         if changed.is_empty() {
             return Err(bad("body", "nothing to change (give at least one field)"));
         }
         let event = NewEvent::vm(name, "updated", changed.join(", "), peer);
         self.store().update_vm(name, &config, &policy, &nics, &event)?;
         self.info(name)
+    }
+
+    /// Sets the balloon of `rec`'s running VMM to `target` MiB.
+    ///
+    /// Errors: 409 when no VMM runs or the VM has no balloon device; 400 when `target`
+    /// exceeds the guest's memory.
+    fn set_balloon(&self, rec: &VmRecord, target: u64) -> Result<(), ServiceError> {
+        if rec.config.balloon.is_none() {
+            return Err(ServiceError::Refused(format!(
+                "VM '{}' has no balloon device (config.balloon; `--balloon` at create)",
+                rec.name
+            )));
+        }
+        if target > rec.config.memory_mib {
+            return Err(bad("balloon_mib", format!("{target} (accepted: 0 to {})", rec.config.memory_mib)));
+        }
+        if !matches!(rec.runtime.state, VmState::Running | VmState::Paused) {
+            return Err(ServiceError::Conflict {
+                vm: rec.name.clone(),
+                state: rec.runtime.state,
+                msg: "the balloon is set on a running or paused VM".into(),
+            });
+        }
+        self.vmm_client(&rec.name, &rec.runtime)?.balloon_set(target).map_err(|e| ServiceError::Vmm {
+            vm: rec.name.clone(),
+            what: "vm.balloon",
+            source: Box::new(e),
+        })
+    }
+
+    /// The balloon's state from `rec`'s VMM, when one runs with a balloon device.
+    fn balloon_info(&self, rec: &VmRecord) -> Option<api::types::BalloonInfo> {
+        if rec.config.balloon.is_none() || !matches!(rec.runtime.state, VmState::Running | VmState::Paused) {
+            return None;
+        }
+        let socket = rec.runtime.socket.clone()?;
+        Client::new(&socket).ok()?.with_timeout(Duration::from_secs(2)).balloon_info().ok()
     }
 
     /// At the daemon's first start after the host booted (no `autostart.done` in the run

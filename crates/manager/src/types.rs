@@ -499,6 +499,10 @@ pub struct UpdateRequest {
     /// New NICs on the daemon's networks (replacing all of them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nics: Option<Vec<NicSpec>>,
+    /// The balloon's size in MiB (memory taken from the guest), set at once on a running or
+    /// paused VM that has a balloon device (`config.balloon`); not stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_mib: Option<u64>,
 }
 
 impl UpdateRequest {
@@ -603,6 +607,10 @@ pub struct VmDetails {
     pub policy: Policy,
     /// Its NICs on the daemon's networks, with their leased addresses.
     pub nics: Vec<NicInfo>,
+    /// The balloon's target and actual size and the guest's statistics, while a VMM with a
+    /// balloon device runs.
+    #[serde(default)]
+    pub balloon: Option<api::types::BalloonInfo>,
     /// The serial console's file on the host.
     pub console_log: String,
     /// The VMM's API socket while it runs.

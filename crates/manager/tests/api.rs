@@ -76,6 +76,7 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         config: serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap(),
         policy: Policy::default(),
         nics: vec![],
+        balloon: None,
         console_log: "/c".into(),
         api_socket: Some("/s".into()),
         created_ms: 0,
@@ -102,6 +103,7 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         cmdline: Some("x".into()),
         config: Some(serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap()),
         nics: Some(vec![]),
+        balloon_mib: Some(128),
     };
     let nic: NicSpec = "net=lan0,vlan=20,mac=52:54:00:00:00:01,firewall=web".parse().unwrap();
     let nic_info = NicInfo { spec: nic.clone(), tap: "rvt-a-0".into(), ip: Some("10.0.0.2".into()) };
