@@ -5,13 +5,15 @@
 //! ([`store`]), runs one VMM process per VM (`rustvisor vmm --api-socket PATH`, driven over
 //! the VMM's REST API) and watches them ([`supervisor`], [`service`]), and serves its own
 //! REST API on a Unix socket ([`server`], wire types in [`types`], described by
-//! `openapi.yaml` beside this crate). [`cli`] holds the command lines.
+//! `openapi.yaml` beside this crate). [`cli`] holds the command lines; [`metrics`] reads what
+//! `GET /metrics` reports from `/proc`.
 //!
 //! Data flows one way: CLI → daemon API → [`service::Service`] operation (one at a time per
 //! VM) → side effect on a VMM → store transaction with its event → answer.
 
 pub mod cli;
 pub mod daemon;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -9,6 +9,8 @@
 //!   server goes on answering.
 //! - `GET /api/v1/events?follow=1` answers with a stream of events, one JSON object a line
 //!   (`application/x-ndjson`), that stays open and gets each new event as it is committed.
+//! - `GET /metrics` (and `/api/v1/metrics`) answers with the VMs' and host's metrics in
+//!   OpenMetrics text ([`Service::metrics`]) for Prometheus to scrape.
 //! - [`serve_tcp`] serves the same API on TCP (`rustvisor daemon --listen`) to clients that
 //!   send `Authorization: Bearer <token>`; others get 401.
 
@@ -28,7 +30,7 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
-use crate::service::{Service, ServiceError};
+use crate::service::{Service, ServiceError, METRICS_CONTENT_TYPE};
 use crate::store::Peer;
 use crate::types::{
     BackupCreate, BackupList, BackupRestore, CreateRequest, ErrorBody, EventList, FirewallList, FirewallSpec, NetCheck,
@@ -79,6 +81,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/firewalls"),
     ("PUT", "/api/v1/firewalls/{name}"),
     ("DELETE", "/api/v1/firewalls/{name}"),
+    ("GET", "/api/v1/metrics"),
+    ("GET", "/metrics"),
 ];
 
 /// The console route: an HTTP/1.1 upgrade to [`CONSOLE_PROTOCOL`].
@@ -471,6 +475,12 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
         ("DELETE", "/api/v1/networks/{name}") => {
             blocking(move || s.net_delete(&name, peer)).await?.map_err(service_error)?;
             Ok(empty(StatusCode::NO_CONTENT))
+        }
+        ("GET", "/api/v1/metrics") | ("GET", "/metrics") => {
+            let text = blocking(move || s.metrics()).await?.map_err(service_error)?;
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+            Ok(resp)
         }
         ("GET", "/api/v1/netcheck") => {
             let problems = blocking(move || s.netcheck()).await?.map_err(service_error)?;

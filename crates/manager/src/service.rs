@@ -9,6 +9,7 @@
 //!   recorded with the VMM's pid before the VMM is driven, so a daemon killed at any point is
 //!   healed by [`Service::reconcile`] at its next start.
 
+mod metrics;
 mod networks;
 mod snapshots;
 mod volumes;
@@ -20,6 +21,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use api::client::{Client, ClientError};
+pub use metrics::METRICS_CONTENT_TYPE;
 
 use crate::store::{now_ms, NewEvent, Peer, Runtime, Store, StoreError, VmRecord};
 use crate::supervisor;

@@ -713,3 +713,94 @@ fn pools_volumes_templates_clones_and_backups_of_stopped_vms() {
     assert_eq!(d.call("DELETE", &format!("backups/{id}"), None).0, 204);
     assert_eq!(d.call("DELETE", "pools/p", None).0, 204);
 }
+
+/// Scrapes `path` over the Unix socket and parses it as Prometheus does: (head, samples).
+fn scrape(socket: &Path, path: &str) -> (String, Vec<prometheus_parse::Sample>) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).unwrap();
+    let (head, text) = got.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    (head.to_string(), prometheus_parse::Scrape::parse(lines).expect("the exposition parses").samples)
+}
+
+/// The value of the sample `metric` with labels `labels`.
+fn value(samples: &[prometheus_parse::Sample], metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let s = samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no {metric}{labels:?} in {samples:#?}"));
+    match s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        ref other => panic!("{metric}: {other:?}"),
+    }
+}
+
+#[test]
+fn metrics_scrape_with_a_prometheus_parser() {
+    let kernel = std::fs::canonicalize(KERNEL_FILE).unwrap().display().to_string();
+    let d = Daemon::start("metrics", Path::new("/bin/false"));
+    for (name, mem, cpus) in [("a", 256, 1), ("b", 1024, 2)] {
+        let body =
+            format!(r#"{{"name": "{name}", "config": {{"kernel": "{kernel}", "memory_mib": {mem}, "cpus": {cpus}}}}}"#);
+        let (s, v) = d.call("POST", "vms", Some(&body));
+        assert_eq!(s, 201, "{v}");
+    }
+    let (head, m) = scrape(&d.socket, "/api/v1/metrics");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text; version=1.0.0"), "{head}");
+    assert_eq!(value(&m, "rustvisor_vms", &[]), 2.0);
+    assert_eq!(value(&m, "rustvisor_vms_running", &[]), 0.0);
+    assert_eq!(value(&m, "rustvisor_vm_memory_configured_bytes", &[("vm", "a")]), 256.0 * 1048576.0);
+    assert_eq!(value(&m, "rustvisor_vm_memory_configured_bytes", &[("vm", "b")]), 1024.0 * 1048576.0);
+    assert_eq!(value(&m, "rustvisor_vm_vcpus", &[("vm", "a")]), 1.0);
+    assert_eq!(value(&m, "rustvisor_vm_vcpus", &[("vm", "b")]), 2.0);
+    assert_eq!(value(&m, "rustvisor_vm_info", &[("vm", "b"), ("state", "stopped")]), 1.0);
+    assert_eq!(value(&m, "rustvisor_vm_up", &[("vm", "a")]), 0.0);
+    assert_eq!(value(&m, "rustvisor_vm_restarts_total", &[("vm", "a")]), 0.0);
+    assert_eq!(value(&m, "rustvisor_host_vcpu_overcommit_ratio", &[]), 0.0);
+    assert!(value(&m, "rustvisor_host_cpus", &[]) >= 1.0);
+    assert!(value(&m, "rustvisor_host_memory_bytes", &[]) > 0.0);
+    assert!(!m.iter().any(|s| s.metric == "rustvisor_vm_cpu_seconds_total"), "no VMM, no CPU time");
+
+    // "b" running, its "VMM" this process with a thread named like a vCPU.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let vcpu = std::thread::Builder::new().name("vcpu1".into()).spawn(move || rx.recv()).unwrap();
+    let mut store = Store::open(&d.dir.join("rustvisor.db")).unwrap();
+    let rt = manager::store::Runtime {
+        state: VmState::Running,
+        pid: Some(std::process::id()),
+        socket: None,
+        started_ms: Some(manager::store::now_ms() - 5000),
+        accel: Some("emu".into()),
+        reason: None,
+        restarts: 3,
+    };
+    store.set_runtime("b", &rt, Some(true), &[]).unwrap();
+    let (_, m) = scrape(&d.socket, "/metrics");
+    drop(tx);
+    let _ = vcpu.join();
+    assert_eq!(value(&m, "rustvisor_vms_running", &[]), 1.0);
+    assert_eq!(value(&m, "rustvisor_vm_up", &[("vm", "b")]), 1.0);
+    assert_eq!(value(&m, "rustvisor_vm_info", &[("vm", "b"), ("state", "running"), ("accel", "emu")]), 1.0);
+    assert_eq!(value(&m, "rustvisor_vm_restarts_total", &[("vm", "b")]), 3.0);
+    assert!(value(&m, "rustvisor_vm_uptime_seconds", &[("vm", "b")]) >= 5.0);
+    assert!(value(&m, "rustvisor_vm_cpu_seconds_total", &[("vm", "b")]) > 0.0);
+    assert!(value(&m, "rustvisor_vm_resident_bytes", &[("vm", "b")]) > 0.0);
+    assert!(value(&m, "rustvisor_vcpu_ready_seconds_total", &[("vm", "b"), ("vcpu", "1")]) >= 0.0);
+    let cpus = value(&m, "rustvisor_host_cpus", &[]);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    assert!(close(value(&m, "rustvisor_host_vcpu_overcommit_ratio", &[]), 2.0 / cpus));
+    let mem = value(&m, "rustvisor_host_memory_bytes", &[]);
+    assert!(close(value(&m, "rustvisor_host_memory_overcommit_ratio", &[]), 1024.0 * 1048576.0 / mem));
+    // Over TCP, with the token.
+    let (s, text) = d.tcp_call("GET", "/metrics", Some(TOKEN), "");
+    assert_eq!(s, 200, "{text}");
+    assert!(text.contains("\nrustvisor_vms ") && text.ends_with("# EOF\n"), "{text}");
+}
