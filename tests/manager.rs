@@ -229,7 +229,28 @@ impl Drop for Env {
             // SAFETY: kill(2) only sends a signal to a process of this test's.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        // And the dnsmasqs of its networks (daemons of their own, with their files in our
+        // run folder), left when a test fails before deleting its networks.
+        for pid in pids_naming(&needle, "dnsmasq") {
+            // SAFETY: kill(2) only sends a signal to a process of this test's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
+}
+
+/// Processes running `program` whose command line contains `needle`.
+fn pids_naming(needle: &str, program: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        let exe = cmd.split('\0').next().unwrap_or("");
+        if exe.rsplit('/').next() == Some(program) && cmd.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// A `rustvisor vm console NAME` client with its input, output and messages piped.
