@@ -517,33 +517,9 @@ fn run(job: &BackupJob, disk: &Mutex<DiskImage>, rate: Option<u64>) {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+    use crate::test_support::TempDir;
     use crate::{create_qcow2, Format};
     use std::os::unix::fs::MetadataExt;
-    use std::sync::atomic::AtomicU32;
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new() -> TempDir {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "rustvisor-backup-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-        fn join(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     /// xorshift64*, for reproducible "guest" workloads.
     struct Rng(u64);

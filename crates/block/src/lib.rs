@@ -777,16 +777,17 @@ fn resolve_relative(image: &Path, name: &Path) -> PathBuf {
     }
 }
 
+/// What this crate's unit tests share.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_support {
+    use std::path::PathBuf;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
+    pub(crate) struct TempDir(pub(crate) PathBuf);
 
     impl TempDir {
-        fn new() -> TempDir {
+        pub(crate) fn new() -> TempDir {
             static N: AtomicU32 = AtomicU32::new(0);
             let p = std::env::temp_dir().join(format!(
                 "rustvisor-block-test-{}-{}",
@@ -796,7 +797,7 @@ mod tests {
             std::fs::create_dir_all(&p).unwrap();
             TempDir(p)
         }
-        fn join(&self, name: &str) -> PathBuf {
+        pub(crate) fn join(&self, name: &str) -> PathBuf {
             self.0.join(name)
         }
     }
@@ -806,6 +807,12 @@ mod tests {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::TempDir;
+    use super::*;
 
     fn raw_file(dir: &TempDir, name: &str, size: u64) -> PathBuf {
         let p = dir.join(name);
