@@ -400,9 +400,22 @@ impl Store {
 
     /// Forgets a VM (its runtime row goes with it) and logs `event`, in one transaction.
     pub fn delete_vm(&mut self, name: &str, event: &NewEvent) -> Result<(), StoreError> {
+        self.change_one("DELETE FROM vms WHERE name = ?1", [name], name, event)
+    }
+
+    /// Runs `sql` (an UPDATE or DELETE of one row) and logs `event`, in one transaction.
+    ///
+    /// Errors: [`StoreError::NotFound`] naming `what` when no row matched (nothing changes).
+    fn change_one(
+        &mut self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        what: &str,
+        event: &NewEvent,
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if tx.execute("DELETE FROM vms WHERE name = ?1", [name])? == 0 {
-            return Err(StoreError::NotFound(name.into()));
+        if tx.execute(sql, params)? == 0 {
+            return Err(StoreError::NotFound(what.into()));
         }
         insert_event(&tx, event)?;
         tx.commit()?;
@@ -555,26 +568,12 @@ impl Store {
     }
 
     fn delete_named(&mut self, table: &'static str, name: &str, event: &NewEvent) -> Result<(), StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if tx.execute(&format!("DELETE FROM {table} WHERE name = ?1"), [name])? == 0 {
-            return Err(StoreError::NotFound(name.into()));
-        }
-        insert_event(&tx, event)?;
-        tx.commit()?;
-        self.notify();
-        Ok(())
+        self.change_one(&format!("DELETE FROM {table} WHERE name = ?1"), [name], name, event)
     }
 
     /// Marks VM `name` a template (or not) and logs `event`.
     pub fn set_template(&mut self, name: &str, template: bool, event: &NewEvent) -> Result<(), StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if tx.execute("UPDATE vms SET template = ?2 WHERE name = ?1", params![name, template])? == 0 {
-            return Err(StoreError::NotFound(name.into()));
-        }
-        insert_event(&tx, event)?;
-        tx.commit()?;
-        self.notify();
-        Ok(())
+        self.change_one("UPDATE vms SET template = ?2 WHERE name = ?1", params![name, template], name, event)
     }
 
     /// The pools: (name, path), by name.
@@ -642,26 +641,12 @@ impl Store {
 
     /// Forgets backup `id` and logs `event`.
     pub fn delete_backup(&mut self, id: &str, event: &NewEvent) -> Result<(), StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if tx.execute("DELETE FROM backups WHERE id = ?1", [id])? == 0 {
-            return Err(StoreError::NotFound(id.into()));
-        }
-        insert_event(&tx, event)?;
-        tx.commit()?;
-        self.notify();
-        Ok(())
+        self.change_one("DELETE FROM backups WHERE id = ?1", [id], id, event)
     }
 
     /// Forgets snapshot `name` of `vm` and logs `event`, in one transaction.
     pub fn delete_snapshot(&mut self, vm: &str, name: &str, event: &NewEvent) -> Result<(), StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if tx.execute("DELETE FROM snapshots WHERE vm = ?1 AND name = ?2", [vm, name])? == 0 {
-            return Err(StoreError::NotFound(format!("{vm}/{name}")));
-        }
-        insert_event(&tx, event)?;
-        tx.commit()?;
-        self.notify();
-        Ok(())
+        self.change_one("DELETE FROM snapshots WHERE vm = ?1 AND name = ?2", [vm, name], &format!("{vm}/{name}"), event)
     }
 
     /// Events after id `after`, of `vm` if given, oldest first, at most `limit`.
