@@ -143,8 +143,9 @@ fn backup_of_a_running_guest_is_one_instant() {
     assert!(started.pause_ms < 1000.0, "{started:?}");
     assert_eq!(status_code(c.backup(&dir.path("second"), None)), 409, "a backup runs already");
     assert!(!dir.path("second").exists());
-    // A snapshot while the backup runs; the backup goes on.
-    std::thread::sleep(Duration::from_secs(2));
+    // A snapshot while the backup runs (after the guest wrote a round more during it); the
+    // backup goes on.
+    wait_count(&log, before + 1, Duration::from_secs(60));
     c.pause().unwrap();
     assert_eq!(c.backup_status().unwrap().state, BackupState::Running);
     c.snapshot(&dir.path("snap")).unwrap();
