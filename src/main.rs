@@ -47,6 +47,9 @@ enum Cmd {
     Net(manager::cli::NetArgs),
     /// The daemon's firewall groups (nftables rules on VMs' NICs): create, set, list, delete.
     Firewall(manager::cli::FirewallArgs),
+    /// How many more VMs of a shape fit on this host under the overcommit policy, and which
+    /// resource runs out first.
+    Capacity(manager::cli::CapacityArgs),
 }
 
 #[derive(Parser)]
@@ -287,6 +290,7 @@ fn main() -> ExitCode {
         Cmd::Volume(a) => return manager::cli::volume(a),
         Cmd::Backup(a) => return manager::cli::backup(a),
         Cmd::Firewall(a) => return manager::cli::firewall(a),
+        Cmd::Capacity(a) => return manager::cli::capacity(a),
     };
     match r {
         Ok(c) => c,

@@ -19,6 +19,10 @@ use crate::types::{
     SnapshotInfo, SnapshotList, StopRequest, UpdateRequest, VmDetails, VmList, VmSummary, NAME_RULE,
 };
 
+mod resources;
+
+pub use resources::{capacity, CapacityArgs, ResourceFlags};
+
 /// The daemon's socket when neither `--connect` nor `RUSTVISOR_SOCKET` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/rustvisor/rustvisor.sock";
 
@@ -45,6 +49,23 @@ pub struct DaemonArgs {
     /// Seconds a VM must run for its restart count to go back to 0.
     #[arg(long, value_name = "S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub restart_reset_after: u64,
+    /// The VMs' parent cgroup, relative to the cgroup hierarchy's root (each VM's VMM runs
+    /// in `<parent>/<vm>`); `none` runs VMs without cgroups.
+    #[arg(long, value_name = "PATH", default_value = "rustvisor.slice")]
+    pub cgroup_parent: String,
+    /// Admission: the most vCPUs of running VMs per host CPU.
+    #[arg(long, value_name = "RATIO", default_value_t = 4.0)]
+    pub cpu_overcommit: f64,
+    /// Admission: the most guest memory of running VMs per byte of host memory.
+    #[arg(long, value_name = "RATIO", default_value_t = 1.0)]
+    pub mem_overcommit: f64,
+    /// The most memory all VMs together may use (e.g. 16G; the parent cgroup's memory
+    /// limit: beyond it the OOM killer picks among the VMs by priority). Default: the host's.
+    #[arg(long, value_name = "SIZE")]
+    pub vm_memory_limit: Option<String>,
+    /// Do not balloon guests automatically when memory runs low.
+    #[arg(long)]
+    pub no_auto_balloon: bool,
 }
 
 /// Where the clients find the daemon.
@@ -221,6 +242,9 @@ pub struct SetArgs {
     /// with `--balloon`); 0 gives it all back.
     #[arg(long, value_name = "SIZE")]
     pub balloon: Option<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub resources: ResourceFlags,
 }
 
 /// `rustvisor vm create`: the device flags of `rustvisor run`, or a JSON file.
@@ -287,6 +311,9 @@ pub struct CreateArgs {
     /// (repeatable; the daemon makes its TAP when the VM starts).
     #[arg(long, value_name = "OPTIONS")]
     pub nic: Vec<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub resources: ResourceFlags,
 }
 
 /// `--disk vol=POOL/NAME[,readonly=on]`.
@@ -822,6 +849,23 @@ pub fn daemon(a: DaemonArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(1, &format!("cannot find the rustvisor executable: {e}")),
     };
+    for (flag, r) in [("--cpu-overcommit", a.cpu_overcommit), ("--mem-overcommit", a.mem_overcommit)] {
+        if !(r.is_finite() && (0.1..=100.0).contains(&r)) {
+            return fail(2, &format!("{flag}: {r} (accepted: 0.1 to 100)"));
+        }
+    }
+    let vm_memory_limit_mib = match a.vm_memory_limit.as_deref().map(vmm::config::parse_size).transpose() {
+        Ok(Some(b)) if b >= 64 << 20 => Some(b >> 20),
+        Ok(None) => None,
+        Ok(Some(_)) => return fail(2, "--vm-memory-limit: below 64M (accepted: a size such as 16G)"),
+        Err(e) => return fail(2, &format!("--vm-memory-limit: {e}")),
+    };
+    let resources = crate::service::ResourceOptions {
+        cgroup_parent: (a.cgroup_parent != "none").then_some(a.cgroup_parent),
+        overcommit: crate::types::OvercommitPolicy { cpu: a.cpu_overcommit, memory: a.mem_overcommit },
+        vm_memory_limit_mib,
+        auto_balloon: !a.no_auto_balloon,
+    };
     let cfg = crate::daemon::DaemonConfig {
         state_dir: a.state_dir,
         run_dir: a.run_dir,
@@ -830,6 +874,7 @@ pub fn daemon(a: DaemonArgs) -> ExitCode {
         listen: a.listen,
         token_file: a.token_file,
         restart_reset_after: Duration::from_secs(a.restart_reset_after),
+        resources,
     };
     match crate::daemon::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
@@ -1197,7 +1242,16 @@ fn vm_text(a: &VmArgs) -> Result<String, Failure> {
         }
         VmCommand::Set(args) => {
             check_name(&args.name)?;
-            let body = set_body(args)?;
+            // The resources are sent whole: the daemon's, with the flags applied.
+            let resources = if args.resources.any() {
+                let d: VmDetails = c.get(&format!("vms/{}", args.name))?;
+                let mut r = d.resources;
+                args.resources.apply(&mut r)?;
+                Some(r)
+            } else {
+                None
+            };
+            let body = set_body(args, resources)?;
             let _: VmDetails = decode(&c.call("PATCH", &format!("vms/{}", args.name), Some(body))?)?;
             format!("VM '{}' updated\n", args.name)
         }
@@ -1240,7 +1294,7 @@ fn vm_text(a: &VmArgs) -> Result<String, Failure> {
 }
 
 /// The `PATCH /vms/{name}` body from `vm set`'s flags; bad flags are exit 2.
-fn set_body(a: &SetArgs) -> Result<Vec<u8>, Failure> {
+fn set_body(a: &SetArgs, resources: Option<crate::types::Resources>) -> Result<Vec<u8>, Failure> {
     let bad = |m: String| failure(2, m);
     let memory_mib = match &a.memory {
         Some(m) => {
@@ -1285,10 +1339,11 @@ fn set_body(a: &SetArgs) -> Result<Vec<u8>, Failure> {
             }
             None => None,
         },
+        resources,
     };
     let mut body = serde_json::to_value(&req).map_err(|e| failure(1, e.to_string()))?;
     if body.as_object().is_some_and(|o| o.is_empty()) && config.is_none() {
-        return Err(bad("vm set: nothing to change (give at least one of --memory, --cpus, --cmdline, --from-file, --restart, --autostart, --start-order, --start-delay)".into()));
+        return Err(bad("vm set: nothing to change (give at least one of --memory, --cpus, --cmdline, --from-file, --restart, --autostart, --start-order, --start-delay, --balloon, or a resource flag such as --cpu-limit)".into()));
     }
     // Sent as a JSON value so that the daemon names an unknown field of the spec file.
     if let (Some(c), Some(o)) = (config, body.as_object_mut()) {
@@ -1545,10 +1600,13 @@ fn create_body(a: &CreateArgs) -> Result<Vec<u8>, Failure> {
     let nics = a.nic.iter().map(|n| n.parse()).collect::<Result<Vec<crate::types::NicSpec>, _>>().map_err(bad)?;
     let volumes =
         a.disk.iter().filter(|d| d.starts_with("vol=")).map(|d| volume_attach(d)).collect::<Result<Vec<_>, _>>()?;
+    let mut resources = crate::types::Resources::default();
+    a.resources.apply(&mut resources)?;
     let body = serde_json::json!({
         "name": a.name,
         "nics": nics,
         "volumes": volumes,
+        "resources": resources,
         "restart": restart,
         "autostart": a.autostart,
         "start_order": a.start_order,
@@ -1710,6 +1768,7 @@ fn format_info(d: &VmDetails) -> String {
     .skip(3)
     .map(|l| format!("{l}\n"))
     .collect::<String>();
+    s += &resources::format_resources(d);
     s
 }
 
@@ -1779,8 +1838,15 @@ mod tests {
             console: None,
             nic: vec!["net=lan0,vlan=20".into()],
             balloon: true,
+            resources: ResourceFlags {
+                cpu_limit: Some("0.5".into()),
+                priority: Some("high".into()),
+                ..Default::default()
+            },
         };
         let req: CreateRequest = serde_json::from_slice(&create_body(&a).unwrap()).unwrap();
+        assert_eq!(req.resources.cpu_limit_percent, Some(50));
+        assert_eq!(req.resources.priority, crate::types::Priority::High);
         assert_eq!(req.name, "web-1");
         assert_eq!(req.restart, RestartPolicy::OnFailure);
         assert!(req.autostart && req.start_order == 3);

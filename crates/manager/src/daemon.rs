@@ -65,6 +65,8 @@ pub struct DaemonConfig {
     pub token_file: Option<PathBuf>,
     /// How long a VM must run for its restart count to go back to 0.
     pub restart_reset_after: Duration,
+    /// cgroups, admission and ballooning.
+    pub resources: crate::service::ResourceOptions,
 }
 
 /// Reads the bearer token of `--token-file`.
@@ -124,7 +126,11 @@ pub fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let store = Store::open(&cfg.state_dir.join("rustvisor.db"))?;
     let paths =
         DaemonPaths { state_dir: cfg.state_dir.clone(), run_dir: cfg.run_dir.clone(), vmm_exe: cfg.vmm_exe.clone() };
-    let svc = Arc::new(Service::new(paths, store).with_restart_reset_after(cfg.restart_reset_after));
+    let svc = Arc::new(
+        Service::new(paths, store)
+            .with_restart_reset_after(cfg.restart_reset_after)
+            .with_resources(cfg.resources.clone()),
+    );
     svc.reconcile()?;
     let listener = bind(&cfg.socket)?;
     let tcp = match cfg.listen {

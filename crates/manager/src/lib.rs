@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod metrics;
+pub mod resources;
 pub mod server;
 pub mod service;
 pub mod store;

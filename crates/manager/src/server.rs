@@ -83,6 +83,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/api/v1/firewalls/{name}"),
     ("GET", "/api/v1/metrics"),
     ("GET", "/metrics"),
+    ("GET", "/api/v1/host"),
+    ("GET", "/api/v1/capacity"),
 ];
 
 /// The console route: an HTTP/1.1 upgrade to [`CONSOLE_PROTOCOL`].
@@ -482,6 +484,17 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
             resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
             Ok(resp)
         }
+        ("GET", "/api/v1/host") => {
+            Ok(json(StatusCode::OK, &blocking(move || s.host_info()).await?.map_err(service_error)?))
+        }
+        ("GET", "/api/v1/capacity") => {
+            let cpus = q.number("cpus", 0, 1024)?.unwrap_or(0) as u64;
+            let memory_mib = q.number("memory_mib", 0, 1 << 40)?.unwrap_or(0) as u64;
+            let disk_bytes = q.number("disk_bytes", 0, i64::MAX)?.map(|n| n as u64);
+            let pool = q.get("pool").map(str::to_string);
+            let c = blocking(move || s.capacity(cpus, memory_mib, disk_bytes, pool.as_deref())).await?;
+            Ok(json(StatusCode::OK, &c.map_err(service_error)?))
+        }
         ("GET", "/api/v1/netcheck") => {
             let problems = blocking(move || s.netcheck()).await?.map_err(service_error)?;
             Ok(json(StatusCode::OK, &NetCheck { problems }))
@@ -661,8 +674,10 @@ impl Query {
         let mut pairs = Vec::new();
         for part in q.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
-            if !["force", "vm", "after", "limit", "follow"].contains(&k) {
-                return Err(bad_request(k, "unknown query parameter (accepted: force, vm, after, limit, follow)"));
+            const KNOWN: [&str; 9] =
+                ["force", "vm", "after", "limit", "follow", "cpus", "memory_mib", "disk_bytes", "pool"];
+            if !KNOWN.contains(&k) {
+                return Err(bad_request(k, format!("unknown query parameter (accepted: {})", KNOWN.join(", "))));
             }
             pairs.push((k.to_string(), v.to_string()));
         }

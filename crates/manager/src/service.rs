@@ -11,6 +11,7 @@
 
 mod metrics;
 mod networks;
+mod resources;
 mod snapshots;
 mod volumes;
 
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use api::client::{Client, ClientError};
 pub use metrics::METRICS_CONTENT_TYPE;
+pub use resources::{ResourceOptions, BALLOON_PERIOD};
 
 use crate::store::{now_ms, NewEvent, Peer, Runtime, Store, StoreError, VmRecord};
 use crate::supervisor;
@@ -188,6 +190,8 @@ pub struct Service {
     events_tx: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     /// When the supervisor last looked at the networks.
     net_checked: Mutex<Option<Instant>>,
+    /// cgroups, the overcommit policy, the balloon policy's memory.
+    res: resources::ResourceState,
 }
 
 /// A claim on a VM; dropping it ends the operation.
@@ -232,7 +236,16 @@ impl Service {
             watch: Mutex::default(),
             restart_reset_after: DEFAULT_RESTART_RESET_AFTER,
             net_checked: Mutex::default(),
+            res: resources::ResourceState::default(),
         }
+    }
+
+    /// Sets the daemon's resource options: the VMs' cgroups (made now; when they cannot be,
+    /// the daemon runs without and `GET /api/v1/host` says why), the overcommit policy and
+    /// the automatic balloon policy.
+    pub fn with_resources(mut self, options: ResourceOptions) -> Service {
+        self.res = resources::ResourceState::new(options);
+        self
     }
 
     /// Sets how long a VM must run before its restart count goes back to 0 (default
@@ -353,6 +366,7 @@ impl Service {
         vmm::config::validate(&req.config).map_err(|e| config_error(vmm::controller::api_error(e)))?;
         let policy = req.policy();
         check_policy(&policy)?;
+        self.check_resources(&req.resources, req.config.cpus, req.config.memory_mib, req.config.balloon.is_some())?;
         let _claim = self.claim(&req.name, "create")?;
         let mut nics = req.nics.clone();
         self.check_nics(&req.name, &mut nics)?;
@@ -364,6 +378,7 @@ impl Service {
             &req.config,
             &policy,
             &nics,
+            &req.resources,
             &NewEvent::vm(&req.name, "defined", detail, peer),
         )?;
         std::fs::create_dir_all(&dir)
@@ -386,6 +401,8 @@ impl Service {
             summary: self.summary(&rec)?,
             config,
             policy: rec.policy,
+            resources: rec.resources.clone(),
+            placement: self.placement(&rec),
             nics: self.nic_infos(&rec),
             balloon: self.balloon_info(&rec),
             console_log: self.console_log(name).display().to_string(),
@@ -499,6 +516,16 @@ impl Service {
             changed.push(format!("start delay {d}s"));
         }
         check_policy(&policy)?;
+        let mut resources = rec.resources.clone();
+        if let Some(r) = req.resources {
+            resources = r;
+            changed.push("resources".into());
+        }
+        self.check_resources(&resources, config.cpus, config.memory_mib, config.balloon.is_some())?;
+        if resources != rec.resources && rec.runtime.state.is_active() {
+            let live = VmRecord { resources: resources.clone(), ..rec.clone() };
+            self.apply_live(&live)?;
+        }
         if let Some(target) = req.balloon_mib {
             self.set_balloon(&rec, target)?;
             changed.push(format!("balloon {target} MiB"));
@@ -507,7 +534,7 @@ impl Service {
             return Err(bad("body", "nothing to change (give at least one field)"));
         }
         let event = NewEvent::vm(name, "updated", changed.join(", "), peer);
-        self.store().update_vm(name, &config, &policy, &nics, &event)?;
+        self.store().update_vm(name, &config, &policy, &nics, &resources, &event)?;
         self.info(name)
     }
 
@@ -603,6 +630,7 @@ impl Service {
         restore: Option<(&Path, bool)>,
     ) -> Result<(), ServiceError> {
         let name = rec.name.as_str();
+        self.admit(rec)?;
         let io = |what: String| move |source| ServiceError::Io { what, source };
         let state_dir = self.vm_state_dir(name);
         let run_dir = self.vm_run_dir(name);
@@ -646,6 +674,7 @@ impl Service {
             return Err(e.into());
         }
         let booted = (|| {
+            self.place(rec, pid)?;
             let client = supervisor::wait_api(&mut child, &socket).map_err(|e| e.to_string())?;
             if let Some((dir, resume)) = restore {
                 client.restore(dir).map_err(|e| format!("vm.restore: {e}"))?;
@@ -663,6 +692,7 @@ impl Service {
         })();
         match booted {
             Ok(accel) => {
+                self.pin(rec, pid, false);
                 rt.state = match restore {
                     Some((_, false)) => VmState::Paused,
                     _ => VmState::Running,
@@ -693,6 +723,7 @@ impl Service {
             }
             Err(msg) => {
                 supervisor::kill_and_reap(pid, Some(&mut child));
+                self.unplace(name);
                 self.detach_nics(rec);
                 let _ = std::fs::remove_file(&socket);
                 let _ = std::fs::remove_file(self.console_socket(name));
@@ -776,6 +807,7 @@ impl Service {
         let _ = std::fs::remove_file(self.console_socket(name));
         let _ = std::fs::remove_dir(self.vm_run_dir(name));
         self.detach_nics(rec);
+        self.unplace(name);
         how
     }
 
@@ -861,6 +893,9 @@ impl Service {
                     if let Err(e) = self.attach_nics(rec) {
                         tracing::warn!("VM {name}: restoring its NICs: {e}");
                     }
+                    if let Err(e) = self.apply_live(rec) {
+                        tracing::warn!("VM {name}: restoring its resources: {e}");
+                    }
                     self.store().log(&NewEvent::vm(name, "adopted", format!("pid {pid}"), Peer::default()))?;
                     lock(&self.watch).insert(name.into(), Watch::default());
                     owned.push(name.to_string());
@@ -938,6 +973,7 @@ impl Service {
             lock(&self.restart_at).insert(name.into(), Instant::now() + backoff(restarts));
         }
         self.detach_nics(rec);
+        self.unplace(name);
         lock(&self.watch).remove(name);
         Ok(())
     }
@@ -946,6 +982,7 @@ impl Service {
     /// runs the restarts that are due. The daemon calls it a few times a second.
     pub fn supervise(&self) {
         self.supervise_networks();
+        self.auto_balloon();
         let recs = match self.store().list() {
             Ok(r) => r,
             Err(e) => {
@@ -992,11 +1029,15 @@ impl Service {
             let _ = std::fs::remove_file(self.console_socket(name));
             let _ = std::fs::remove_dir(self.vm_run_dir(name));
             let last = supervisor::last_log_line(&log).map(|l| format!("; its last log line: {l}")).unwrap_or_default();
-            let (state, reason) = match status {
+            let (state, mut reason) = match status {
                 Some(st) if st.success() => (VmState::Stopped, "the VMM exited with status 0".to_string()),
                 Some(st) => (VmState::Crashed, format!("the VMM (pid {pid}) {}{last}", supervisor::describe_exit(st))),
                 None => (VmState::Crashed, format!("the VMM (pid {pid}) is gone (adopted: exit status unknown){last}")),
             };
+            if let Some(oom) = self.oom_reason(&rec) {
+                reason = format!("the VMM (pid {pid}) was {oom}");
+                self.store().log(&NewEvent::vm(name, "oom-killed", oom, Peer::default()))?;
+            }
             return self.record_end(&rec, state, reason);
         }
         // The guest: a power-off leaves the VMM running with its VM in state Shutdown.
@@ -1030,6 +1071,8 @@ impl Service {
                 if let Some(w) = lock(&self.watch).get_mut(name) {
                     w.api_failures = 0;
                 }
+                // Threads the VMM started since (device workers) get their CPUs too.
+                self.pin(&rec, pid, false);
                 self.reset_restarts_if_stable(&rec)
             }
             Err(e) => {

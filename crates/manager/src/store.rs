@@ -10,7 +10,9 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::types::{Event, FirewallSpec, NetworkSpec, NicSpec, Policy, RestartPolicy, SnapshotInfo, VmConfig, VmState};
+use crate::types::{
+    Event, FirewallSpec, NetworkSpec, NicSpec, Policy, Resources, RestartPolicy, SnapshotInfo, VmConfig, VmState,
+};
 
 /// The schema, one step per version: `MIGRATIONS[i]` takes version `i` to `i + 1`.
 pub const MIGRATIONS: &[&str] = &[
@@ -85,6 +87,9 @@ pub const MIGRATIONS: &[&str] = &[
          bytes      INTEGER NOT NULL,
          sha256     TEXT NOT NULL                 -- the checksum a restore checks
      ) STRICT;",
+    // 5: each VM's share of the host (CPU weight/limit/set, pinning, memory limit, OOM
+    // priority, balloon floor).
+    "ALTER TABLE vms ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';  -- JSON Resources",
 ];
 
 /// Why a store operation failed.
@@ -188,6 +193,8 @@ pub struct VmRecord {
     pub policy: Policy,
     /// Its NICs on the daemon's networks (MACs filled in at create).
     pub nics: Vec<NicSpec>,
+    /// Its share of the host.
+    pub resources: Resources,
     /// Whether it is a template (read-only disks; it is cloned, never started).
     pub template: bool,
     /// Whether it should be running (the user started it and did not stop it).
@@ -286,18 +293,21 @@ impl Store {
         config: &VmConfig,
         policy: &Policy,
         nics: &[NicSpec],
+        resources: &Resources,
         event: &NewEvent,
     ) -> Result<(), StoreError> {
         let spec = encode_spec(name, config)?;
         let nics = serde_json::to_string(nics).map_err(|e| corrupt(name, "nics", e))?;
+        let resources = serde_json::to_string(resources).map_err(|e| corrupt(name, "resources", e))?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM vms WHERE name = ?1)", [name], |r| r.get(0))?;
         if exists {
             return Err(StoreError::Duplicate(name.into()));
         }
         tx.execute(
-            "INSERT INTO vms (name, spec, restart, desired, created_ms, autostart, start_order, start_delay_s, nics)
-             VALUES (?1, ?2, ?3, 'stopped', ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO vms (name, spec, restart, desired, created_ms, autostart, start_order, start_delay_s, nics,
+                              resources)
+             VALUES (?1, ?2, ?3, 'stopped', ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 name,
                 spec,
@@ -306,7 +316,8 @@ impl Store {
                 policy.autostart,
                 policy.start_order,
                 policy.start_delay_s,
-                nics
+                nics,
+                resources
             ],
         )?;
         tx.execute("INSERT INTO runtime (name, state, restarts) VALUES (?1, 'stopped', 0)", [name])?;
@@ -316,20 +327,24 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces a VM's configuration and policy and logs `event`, in one transaction.
+    /// Replaces a VM's configuration, policy, NICs and resources and logs `event`, in one
+    /// transaction.
     pub fn update_vm(
         &mut self,
         name: &str,
         config: &VmConfig,
         policy: &Policy,
         nics: &[NicSpec],
+        resources: &Resources,
         event: &NewEvent,
     ) -> Result<(), StoreError> {
         let spec = encode_spec(name, config)?;
         let nics = serde_json::to_string(nics).map_err(|e| corrupt(name, "nics", e))?;
+        let resources = serde_json::to_string(resources).map_err(|e| corrupt(name, "resources", e))?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let n = tx.execute(
-            "UPDATE vms SET spec = ?2, restart = ?3, autostart = ?4, start_order = ?5, start_delay_s = ?6, nics = ?7
+            "UPDATE vms SET spec = ?2, restart = ?3, autostart = ?4, start_order = ?5, start_delay_s = ?6, nics = ?7,
+                            resources = ?8
              WHERE name = ?1",
             params![
                 name,
@@ -338,7 +353,8 @@ impl Store {
                 policy.autostart,
                 policy.start_order,
                 policy.start_delay_s,
-                nics
+                nics,
+                resources
             ],
         )?;
         if n == 0 {
@@ -672,7 +688,8 @@ impl Store {
 }
 
 const SELECT_VM: &str = "SELECT v.name, v.spec, v.restart, v.desired, v.created_ms, r.state, r.pid, r.socket,
-     r.started_ms, r.accel, r.reason, r.restarts, v.autostart, v.start_order, v.start_delay_s, v.nics, v.template
+     r.started_ms, r.accel, r.reason, r.restarts, v.autostart, v.start_order, v.start_delay_s, v.nics, v.template,
+     v.resources
      FROM vms v JOIN runtime r ON r.name = v.name";
 
 /// A row of [`SELECT_VM`] before decoding.
@@ -694,6 +711,7 @@ type RawRow = (
     u32,
     String,
     bool,
+    String,
 );
 
 fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
@@ -715,6 +733,7 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
         r.get(14)?,
         r.get(15)?,
         r.get(16)?,
+        r.get(17)?,
     ))
 }
 
@@ -737,14 +756,17 @@ fn decode(row: RawRow) -> Result<VmRecord, StoreError> {
         start_delay_s,
         nics,
         template,
+        resources,
     ) = row;
     let corrupt = |what, msg: String| StoreError::Corrupt { vm: name.clone(), what, msg };
     let config: VmConfig = serde_json::from_str(&spec).map_err(|e| corrupt("spec", e.to_string()))?;
     let restart: RestartPolicy = restart.parse().map_err(|e| corrupt("restart", e))?;
     let state: VmState = state.parse().map_err(|e| corrupt("state", e))?;
     let nics: Vec<NicSpec> = serde_json::from_str(&nics).map_err(|e| corrupt("nics", e.to_string()))?;
+    let resources: Resources = serde_json::from_str(&resources).map_err(|e| corrupt("resources", e.to_string()))?;
     Ok(VmRecord {
         nics,
+        resources,
         template,
         config,
         policy: Policy { restart, autostart, start_order, start_delay_s },
@@ -821,9 +843,17 @@ mod tests {
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
         let peer = Peer { uid: Some(1000), pid: Some(42), addr: None };
         let on_failure = Policy { restart: RestartPolicy::OnFailure, ..Policy::default() };
-        s.create_vm("a", &cfg(), &on_failure, &[], &NewEvent::vm("a", "defined", "", peer)).unwrap();
+        s.create_vm("a", &cfg(), &on_failure, &[], &Resources::default(), &NewEvent::vm("a", "defined", "", peer))
+            .unwrap();
         assert!(matches!(
-            s.create_vm("a", &cfg(), &Policy::default(), &[], &NewEvent::vm("a", "defined", "", peer)),
+            s.create_vm(
+                "a",
+                &cfg(),
+                &Policy::default(),
+                &[],
+                &Resources::default(),
+                &NewEvent::vm("a", "defined", "", peer)
+            ),
             Err(StoreError::Duplicate(_))
         ));
         let rt = Runtime {
@@ -891,14 +921,17 @@ mod tests {
             seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }));
         let ev = |kind| NewEvent::vm("a", kind, "", Peer::default());
-        s.create_vm("a", &cfg(), &Policy::default(), &[], &ev("defined")).unwrap();
+        s.create_vm("a", &cfg(), &Policy::default(), &[], &Resources::default(), &ev("defined")).unwrap();
         let p = Policy { restart: RestartPolicy::OnFailure, autostart: true, start_order: 7, start_delay_s: 3 };
         let mut c2 = cfg();
         c2.memory_mib = 1024;
-        s.update_vm("a", &c2, &p, &[], &ev("updated")).unwrap();
+        s.update_vm("a", &c2, &p, &[], &Resources::default(), &ev("updated")).unwrap();
         let rec = s.get("a").unwrap().unwrap();
         assert_eq!((rec.policy, rec.config.memory_mib), (p, 1024));
-        assert!(matches!(s.update_vm("b", &c2, &p, &[], &ev("updated")), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.update_vm("b", &c2, &p, &[], &Resources::default(), &ev("updated")),
+            Err(StoreError::NotFound(_))
+        ));
 
         let snap = |name: &str, t| SnapshotRecord {
             info: SnapshotInfo {

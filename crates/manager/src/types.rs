@@ -370,6 +370,109 @@ pub struct Policy {
     pub start_delay_s: u32,
 }
 
+/// The highest `cpu_weight`.
+pub const MAX_CPU_WEIGHT: u32 = 10_000;
+
+/// How the host's OOM killer ranks a VM's VMM against the others (`oom_score_adj`): the
+/// lowest priority dies first. `critical` VMs are still killable, but after every other VM
+/// and after ordinary host processes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// `oom_score_adj` 800: the first to go.
+    Low,
+    /// `oom_score_adj` 400 (the default): VMs go before host processes.
+    #[default]
+    Normal,
+    /// `oom_score_adj` 0: like a host process.
+    High,
+    /// `oom_score_adj` -500: after every other VM and most host processes.
+    Critical,
+}
+
+impl Priority {
+    /// The name on the wire and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+            Priority::Critical => "critical",
+        }
+    }
+
+    /// The VMM's `oom_score_adj` (-1000 to 1000; Linux `proc(5)`).
+    pub fn oom_score_adj(self) -> i32 {
+        match self {
+            Priority::Low => 800,
+            Priority::Normal => 400,
+            Priority::High => 0,
+            Priority::Critical => -500,
+        }
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "low" => Priority::Low,
+            "normal" => Priority::Normal,
+            "high" => Priority::High,
+            "critical" => Priority::Critical,
+            _ => return Err(format!("'{s}' (accepted: low, normal, high, critical)")),
+        })
+    }
+}
+
+/// A VM's share of the host: its cgroup's CPU weight, limit and CPU set, the pinning of its
+/// vCPU threads, its memory limit, its OOM priority and its automatic balloon floor. All of
+/// it may change while the VM runs (`PATCH /api/v1/vms/{name}` with `resources`), and is
+/// applied at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU weight against the other VMs when the host's CPUs are contended (cgroup v2
+    /// `cpu.weight`, 1 to [`MAX_CPU_WEIGHT`]; default 100; on cgroup v1 `cpu.shares` =
+    /// weight × 1024 / 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// The most CPU time the whole VMM may use, in percent of one host CPU (150 = 1.5 CPUs;
+    /// cgroup `cpu.max` with a 100 ms period, like systemd's `CPUQuota=`). 1 to 100 × host
+    /// CPUs; absent = no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit_percent: Option<u32>,
+    /// The host CPUs the VMM may run on, as a Linux CPU list ("0-3,6"; cgroup
+    /// `cpuset.cpus`); absent = all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpuset: Option<String>,
+    /// vCPU index → the host CPU its thread is pinned to (`sched_setaffinity`); the VMM's
+    /// other threads (devices, API) then run on the remaining CPUs of the set when any
+    /// remain.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub pin: std::collections::BTreeMap<u8, u32>,
+    /// The most memory the VMM may use, in MiB (cgroup `memory.max`): the kernel reclaims
+    /// and then OOM-kills inside the VM's group above it. Absent = guest RAM +
+    /// [`default_memory_overhead_mib`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mib: Option<u64>,
+    /// Which VM the host's OOM killer takes first.
+    #[serde(default)]
+    pub priority: Priority,
+    /// The least guest RAM, in MiB, the automatic balloon policy leaves the guest when the
+    /// host runs short of memory; absent = the VM is never ballooned automatically. Needs a
+    /// balloon device (`config.balloon`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_min_mib: Option<u64>,
+}
+
+/// What a VMM needs beyond its guest's RAM, in MiB, for `guest_mib` of guest RAM: 64 MiB
+/// plus 1/8 of the RAM (device buffers, the emulator's decoded-code caches, the
+/// thread stacks; the VMM of a 512 MiB emu guest that booted Debian keeps about 20 MiB).
+pub fn default_memory_overhead_mib(guest_mib: u64) -> u64 {
+    64 + guest_mib / 8
+}
+
 /// A VM's state as the daemon sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -448,6 +551,9 @@ pub struct CreateRequest {
     /// Disks from storage pools, after the configuration's own disks.
     #[serde(default)]
     pub volumes: Vec<VolumeAttach>,
+    /// Its share of the host's CPUs and memory.
+    #[serde(default)]
+    pub resources: Resources,
     /// The VM's configuration, as the VMM's `vm.create` takes it. `serial` must be left
     /// `null` (the default): the daemon writes the serial console to
     /// `<state-dir>/vms/<name>/console.log`.
@@ -503,6 +609,9 @@ pub struct UpdateRequest {
     /// paused VM that has a balloon device (`config.balloon`); not stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon_mib: Option<u64>,
+    /// New resources (replacing all of them), applied at once to a running VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
 }
 
 impl UpdateRequest {
@@ -605,6 +714,13 @@ pub struct VmDetails {
     pub config: VmConfig,
     /// Its restart and start-up policy.
     pub policy: Policy,
+    /// Its share of the host's CPUs and memory.
+    #[serde(default)]
+    pub resources: Resources,
+    /// While its VMM runs: where the resources are in force (its cgroup, its vCPU
+    /// threads); absent when stopped.
+    #[serde(default)]
+    pub placement: Option<Placement>,
     /// Its NICs on the daemon's networks, with their leased addresses.
     pub nics: Vec<NicInfo>,
     /// The balloon's target and actual size and the guest's statistics, while a VMM with a
@@ -618,6 +734,92 @@ pub struct VmDetails {
     pub api_socket: Option<String>,
     /// When it was defined (Unix time, milliseconds).
     pub created_ms: i64,
+}
+
+/// Where a running VM's resources are in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Its cgroup(s), e.g. "/sys/fs/cgroup/rustvisor.slice/web" (v2) or the v1
+    /// controllers' folders joined by ", "; absent when the daemon runs without cgroups
+    /// (`cgroups` of `GET /api/v1/host` says why).
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// The VMM's `oom_score_adj`.
+    pub oom_score_adj: i32,
+    /// Its vCPU threads.
+    pub vcpu_threads: Vec<VcpuThread>,
+}
+
+/// One vCPU thread of a running VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuThread {
+    /// The vCPU's index.
+    pub vcpu: u32,
+    /// The host thread ID.
+    pub tid: u32,
+    /// The host CPUs it may run on (its affinity, a Linux CPU list).
+    pub affinity: String,
+}
+
+/// The daemon's admission policy: how far the VMs that are up (running or paused) may
+/// overcommit the host. A start beyond it is refused with the numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OvercommitPolicy {
+    /// vCPUs per host CPU (`--cpu-overcommit`, default 4.0).
+    pub cpu: f64,
+    /// Guest memory per byte of host memory (`--mem-overcommit`, default 1.0: no
+    /// overcommit).
+    pub memory: f64,
+}
+
+impl Default for OvercommitPolicy {
+    fn default() -> Self {
+        OvercommitPolicy { cpu: 4.0, memory: 1.0 }
+    }
+}
+
+/// `GET /api/v1/host`: the host's resources, the policy and what the VMs commit of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Online CPUs.
+    pub cpus: u64,
+    /// Memory the VMs may use, in MiB: `MemTotal`, or the daemon's own cgroup memory limit
+    /// when lower.
+    pub memory_mib: u64,
+    /// Memory available now (`MemAvailable`), in MiB.
+    pub memory_available_mib: u64,
+    /// The admission policy.
+    pub overcommit: OvercommitPolicy,
+    /// vCPUs of the VMs that are up.
+    pub committed_vcpus: u64,
+    /// Guest memory of the VMs that are up, in MiB.
+    pub committed_memory_mib: u64,
+    /// VMs up.
+    pub vms_up: u64,
+    /// How VMs are confined: "cgroup v2 at PATH", "cgroup v1 (cpu, cpuset, memory) under
+    /// NAME", or "none: WHY".
+    pub cgroups: String,
+}
+
+/// `GET /api/v1/capacity?cpus=N&memory_mib=M[&disk_bytes=B&pool=P]`: how many more VMs of
+/// that shape fit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// The host and what is committed of it.
+    pub host: HostInfo,
+    /// How many more fit by vCPUs alone.
+    pub by_cpu: u64,
+    /// How many more fit by memory alone.
+    pub by_memory: u64,
+    /// How many more fit by the pool's free space alone (when a disk size was given).
+    #[serde(default)]
+    pub by_disk: Option<u64>,
+    /// The least of the above.
+    pub fit: u64,
+    /// Which resource runs out first ("cpu", "memory" or "disk").
+    pub limited_by: String,
+    /// One line per resource: what is there, what is committed, what the policy allows.
+    pub explanation: Vec<String>,
 }
 
 /// `GET /api/v1/vms`.

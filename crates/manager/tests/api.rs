@@ -12,9 +12,10 @@ use manager::server::ROUTES;
 use manager::service::{DaemonPaths, Service};
 use manager::store::Store;
 use manager::types::{
-    CreateRequest, ErrorBody, Event, EventList, FirewallInfo, FirewallList, FirewallSpec, LeaseInfo, NetCheck,
-    NetworkCreate, NetworkInfo, NetworkList, NicInfo, NicSpec, Policy, SnapshotInfo, SnapshotList, UpdateRequest,
-    VmDetails, VmState, VmSummary, VolumeAttach, VolumeCreate,
+    Capacity, CreateRequest, ErrorBody, Event, EventList, FirewallInfo, FirewallList, FirewallSpec, HostInfo,
+    LeaseInfo, NetCheck, NetworkCreate, NetworkInfo, NetworkList, NicInfo, NicSpec, Placement, Policy, Priority,
+    Resources, SnapshotInfo, SnapshotList, UpdateRequest, VcpuThread, VmDetails, VmState, VmSummary, VolumeAttach,
+    VolumeCreate,
 };
 
 fn openapi() -> serde_yaml::Value {
@@ -71,10 +72,44 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         restarts: 0,
         reason: Some("r".into()),
     };
+    let resources = Resources {
+        cpu_weight: Some(200),
+        cpu_limit_percent: Some(150),
+        cpuset: Some("0-1".into()),
+        pin: [(0, 1)].into(),
+        memory_limit_mib: Some(768),
+        priority: Priority::Low,
+        balloon_min_mib: Some(256),
+    };
+    let host = HostInfo {
+        cpus: 2,
+        memory_mib: 24_000,
+        memory_available_mib: 20_000,
+        overcommit: Default::default(),
+        committed_vcpus: 1,
+        committed_memory_mib: 512,
+        vms_up: 1,
+        cgroups: "none: disabled".into(),
+    };
+    let capacity = Capacity {
+        host: host.clone(),
+        by_cpu: 7,
+        by_memory: 40,
+        by_disk: Some(3),
+        fit: 3,
+        limited_by: "disk".into(),
+        explanation: vec![],
+    };
     let details = VmDetails {
         summary: summary.clone(),
         config: serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap(),
         policy: Policy::default(),
+        resources: resources.clone(),
+        placement: Some(Placement {
+            cgroup: Some("/sys/fs/cgroup/rustvisor.slice/a".into()),
+            oom_score_adj: 400,
+            vcpu_threads: vec![VcpuThread { vcpu: 0, tid: 7, affinity: "0-1".into() }],
+        }),
         nics: vec![],
         balloon: None,
         console_log: "/c".into(),
@@ -104,6 +139,7 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         config: Some(serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap()),
         nics: Some(vec![]),
         balloon_mib: Some(128),
+        resources: Some(resources.clone()),
     };
     let nic: NicSpec = "net=lan0,vlan=20,mac=52:54:00:00:00:01,firewall=web".parse().unwrap();
     let nic_info = NicInfo { spec: nic.clone(), tap: "rvt-a-0".into(), ip: Some("10.0.0.2".into()) };
@@ -140,10 +176,14 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         (
             "CreateRequest",
             serde_json::json!({"name": "a", "restart": "no", "autostart": true, "start_order": 1,
-                "start_delay_s": 2, "nics": [], "volumes": [], "config": {}}),
+                "start_delay_s": 2, "nics": [], "volumes": [], "resources": {}, "config": {}}),
         ),
         ("UpdateRequest", serde_json::to_value(&update).unwrap()),
         ("Policy", serde_json::to_value(Policy::default()).unwrap()),
+        ("Resources", serde_json::to_value(&resources).unwrap()),
+        ("HostInfo", serde_json::to_value(&host).unwrap()),
+        ("Capacity", serde_json::to_value(&capacity).unwrap()),
+        ("OvercommitPolicy", serde_json::to_value(host.overcommit).unwrap()),
         ("SnapshotInfo", serde_json::to_value(&snapshot).unwrap()),
         ("SnapshotList", serde_json::to_value(SnapshotList { snapshots: vec![] }).unwrap()),
         ("SnapshotCreate", serde_json::json!({"name": "s"})),

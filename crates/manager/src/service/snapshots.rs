@@ -174,7 +174,7 @@ impl Service {
         if rec.config != s.config {
             rec.config = s.config.clone();
             let ev = NewEvent::vm(vm, "updated", format!("configuration of snapshot {snap}"), peer);
-            self.store().update_vm(vm, &rec.config, &rec.policy, &rec.nics, &ev)?;
+            self.store().update_vm(vm, &rec.config, &rec.policy, &rec.nics, &rec.resources, &ev)?;
         }
         let detail = format!("{snap}: {}", if s.info.memory { "disks and RAM" } else { "disks" });
         self.store().log(&NewEvent::vm(vm, "snapshot-reverted", detail, peer))?;

@@ -314,7 +314,7 @@ impl Service {
             d.readonly = true;
         }
         let ev = NewEvent::vm(name, "updated", "disks read-only (template)", peer);
-        self.store().update_vm(name, &config, &rec.policy, &rec.nics, &ev)?;
+        self.store().update_vm(name, &config, &rec.policy, &rec.nics, &rec.resources, &ev)?;
         self.store().set_template(name, true, &NewEvent::vm(name, "templated", "", peer))?;
         Ok(())
     }
@@ -389,6 +389,7 @@ impl Service {
                 start_delay_s: rec.policy.start_delay_s,
                 nics: nics.collect(),
                 volumes: Vec::new(),
+                resources: rec.resources.clone(),
                 config: config.clone(),
             };
             self.create(create, peer)
@@ -524,6 +525,7 @@ impl Service {
             start_delay_s: rec.policy.start_delay_s,
             nics: rec.nics.clone(),
             volumes: Vec::new(),
+            resources: rec.resources.clone(),
             config: rec.config.clone(),
         })
         .map_err(|e| ServiceError::Io { what: "encoding the definition".into(), source: e.into() })?;
