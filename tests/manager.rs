@@ -42,6 +42,42 @@ struct Env {
     /// With [`Env::in_netns`]: the network namespace the daemons run in (the first daemon's
     /// fresh one, kept open so a restarted daemon joins it).
     netns: Option<Option<std::fs::File>>,
+    /// The daemon's `--cgroup-parent`: one of its own, removed on drop.
+    cgroup_parent: String,
+}
+
+/// A `--cgroup-parent` for test `tag`'s daemon, unique on the host.
+fn test_cgroup_parent(tag: &str) -> String {
+    format!("rustvisor-test/{tag}-{}", std::process::id())
+}
+
+/// Removes cgroup `parent` and the VM groups in it from every cgroup mount (retrying while
+/// killed VMMs finish exiting).
+fn remove_cgroups(parent: &str) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mounts.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        if !post.starts_with("cgroup") {
+            continue;
+        }
+        let Some(mp) = pre.split_whitespace().nth(4) else { continue };
+        let dir = std::path::Path::new(mp).join(parent);
+        for _ in 0..100 {
+            for vm in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if vm.path().is_dir() {
+                    let _ = std::fs::remove_dir(vm.path());
+                }
+            }
+            if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // "rustvisor-test" itself, unless another test's daemon still uses it.
+        if let Some(top) = dir.parent() {
+            let _ = std::fs::remove_dir(top);
+        }
+    }
 }
 
 impl Env {
@@ -56,6 +92,7 @@ impl Env {
             daemon: None,
             daemon_args: args.iter().map(|a| a.to_string()).collect(),
             netns: None,
+            cgroup_parent: test_cgroup_parent(tag),
         };
         env.start_daemon();
         env
@@ -64,7 +101,13 @@ impl Env {
     /// A daemon (and so its VMMs, TAPs, bridges, dnsmasqs and nftables rules) in a network
     /// namespace of its own, so the test leaves the host's networking alone.
     fn in_netns(tag: &str) -> Env {
-        let mut env = Env { dir: TempDir::new(tag), daemon: None, daemon_args: Vec::new(), netns: Some(None) };
+        let mut env = Env {
+            dir: TempDir::new(tag),
+            daemon: None,
+            daemon_args: Vec::new(),
+            netns: Some(None),
+            cgroup_parent: test_cgroup_parent(tag),
+        };
         env.start_daemon();
         let pid = env.daemon.as_ref().unwrap().id();
         env.netns = Some(Some(std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap()));
@@ -90,6 +133,8 @@ impl Env {
             .arg(self.run_dir())
             .arg("--socket")
             .arg(self.socket())
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
             .args(&self.daemon_args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -190,6 +235,11 @@ impl Env {
 
     /// Creates a VM running the guest script `script`, with more `vm create` flags.
     fn create_with(&self, name: &str, script: &str, restart: &str, more: &[&str]) {
+        self.create_sized(name, script, restart, "512M", more);
+    }
+
+    /// Creates a VM of `memory` running the guest script `script`, with more flags.
+    fn create_sized(&self, name: &str, script: &str, restart: &str, memory: &str, more: &[&str]) {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::STANDARD.encode(script);
         let cmdline = format!("console=ttyS0 panic=-1 rv.cmd={b64}");
@@ -205,7 +255,7 @@ impl Env {
             "--cmdline",
             &cmdline,
             "--memory",
-            "512M",
+            memory,
             "--cpus",
             "1",
             "--accel",
@@ -235,6 +285,7 @@ impl Drop for Env {
             // SAFETY: kill(2) only sends a signal to a process of this test's.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        remove_cgroups(&self.cgroup_parent);
     }
 }
 
@@ -1079,4 +1130,160 @@ fn a_running_vms_backup_restores_and_a_linked_clone_of_a_template_boots() {
     env.ok(&["vm", "delete", "c1", "--force"]);
     env.ok(&["vm", "delete", "back", "--force"]);
     eprintln!("storage test: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// `vm info NAME --json`.
+fn info_json(env: &Env, name: &str) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["vm", "info", name, "--json"])).unwrap()
+}
+
+/// The daemon's cgroups, or why it has none (then the test is skipped).
+fn cgroups_of(env: &Env) -> Result<String, String> {
+    let cap: serde_json::Value = serde_json::from_str(&env.ok(&["capacity", "--json"])).unwrap();
+    let cg = cap["host"]["cgroups"].as_str().unwrap().to_string();
+    if cg.starts_with("none") {
+        Err(cg)
+    } else {
+        Ok(cg)
+    }
+}
+
+/// utime + stime of process `pid`, seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
+}
+
+/// The CPU thread `tid` of `pid` last ran on (`stat` field 39).
+fn last_cpu(pid: u32, tid: u64) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].split_whitespace().nth(36)?.parse().ok()
+}
+
+/// `nr_throttled` of the cgroup folder among `cgroup` (the VM's folders, ", "-joined) that
+/// has the CPU controller.
+fn nr_throttled(cgroup: &str) -> u64 {
+    cgroup
+        .split(", ")
+        .map(std::path::Path::new)
+        .find(|d| d.join("cpu.max").exists() || d.join("cpu.cfs_quota_us").exists())
+        .and_then(|d| std::fs::read_to_string(d.join("cpu.stat")).ok())
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("nr_throttled ").and_then(|n| n.trim().parse().ok())))
+        .expect("cpu.stat nr_throttled")
+}
+
+#[test]
+fn vcpus_are_pinned_cpu_limits_hold_and_admission_counts_vcpus() {
+    let env = Env::with_args("mgr-res", &["--cpu-overcommit", "1.0"]);
+    let cgroups = match cgroups_of(&env) {
+        Ok(c) => c,
+        Err(why) => return eprintln!("skipped: the daemon has no cgroups here ({why})"),
+    };
+    eprintln!("cgroups: {cgroups}");
+    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if host_cpus < 2 {
+        return eprintln!("skipped: pinning apart needs 2 host CPUs, this host has {host_cpus}");
+    }
+    env.create_with("burn", "echo BURN-UP; while :; do :; done", "no", &["--pin", "vcpu0=1", "--priority", "low"]);
+    env.bad_input(&["vm", "set", "burn", "--pin", "vcpu1=0"], "resources.pin");
+    env.bad_input(&["vm", "set", "burn", "--cpuset", "0-999"], "resources.cpuset");
+    env.bad_input(&["vm", "set", "burn", "--cpu-weight", "0"], "resources.cpu_weight");
+    env.bad_input(&["vm", "set", "burn", "--cpu-limit", "lots"], "--cpu-limit");
+    env.ok(&["vm", "start", "burn"]);
+    wait_until("the guest to burn", BOOT, || env.console("burn").contains("BURN-UP").then_some(()));
+
+    // Placement: its cgroup, the OOM priority and the pinned vCPU thread.
+    let info = info_json(&env, "burn");
+    let pid = info["summary"]["pid"].as_u64().unwrap() as u32;
+    let placement = &info["placement"];
+    let cgroup = placement["cgroup"].as_str().expect("a cgroup").to_string();
+    assert!(cgroup.contains("mgr-res"), "{cgroup}");
+    assert_eq!(placement["oom_score_adj"], 800, "priority low: {info}");
+    let vcpu0 = &placement["vcpu_threads"][0];
+    assert_eq!((vcpu0["vcpu"].as_u64(), vcpu0["affinity"].as_str()), (Some(0), Some("1")), "{info}");
+    let tid = vcpu0["tid"].as_u64().unwrap();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(last_cpu(pid, tid), Some(1), "the pinned vCPU thread runs on CPU 1");
+    }
+    let text = env.ok(&["vm", "info", "burn"]);
+    assert!(text.contains("pinned vcpu0=1") && text.contains(&format!("vcpu0: thread {tid} on CPUs 1")), "{text}");
+
+    // Admission: 1 vCPU up + 2 more would be 3 on 2 CPUs at --cpu-overcommit 1.0.
+    let (kernel, initrd) = (guest_file("vmlinuz"), guest_file("initrd.img"));
+    let (k, i) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    env.ok(&["vm", "create", "big", "--kernel", k, "--initrd", i, "--cpus", "2", "--accel", "emu"]);
+    let (code, _, err) = env.rv(&["vm", "start", "big"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("would commit 3 vCPUs on 2 host CPUs") && err.contains("--cpu-overcommit 1"), "{err}");
+    assert_eq!(env.vm("big").state, VmState::Stopped);
+    let cap = env.ok(&["capacity", "--cpus", "1", "--memory", "512M"]);
+    assert!(cap.contains("1 more VMs of 1 vCPU, 512 MiB fit; cpu runs out first"), "{cap}");
+
+    // A CPU limit set live holds the burning guest to half a CPU.
+    let rate = |secs: u64| {
+        let (c0, t0) = (cpu_seconds(pid), Instant::now());
+        std::thread::sleep(Duration::from_secs(secs));
+        (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64()
+    };
+    let before = rate(3);
+    env.ok(&["vm", "set", "burn", "--cpu-limit", "0.5"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let throttled0 = nr_throttled(&cgroup);
+    let limited = rate(6);
+    let throttled = nr_throttled(&cgroup) - throttled0;
+    eprintln!(
+        "burning guest: {before:.2} CPUs before, {limited:.2} with --cpu-limit 0.5 ({throttled} periods throttled)"
+    );
+    assert!(limited <= 0.6, "{limited:.2} CPUs under a 0.5 limit");
+    assert!(throttled > 0, "the limit throttled the VM");
+    if before >= 0.75 {
+        assert!(limited >= 0.4, "{limited:.2} CPUs: the limit should leave it about 0.5");
+    } else {
+        eprintln!("note: the host was too busy ({before:.2} CPUs before) to check the limit's lower bound");
+    }
+
+    // Pins removed live: the vCPU may run anywhere again.
+    env.ok(&["vm", "set", "burn", "--pin", "none", "--cpu-limit", "none"]);
+    let info = info_json(&env, "burn");
+    assert_eq!(info["placement"]["vcpu_threads"][0]["affinity"], format!("0-{}", host_cpus - 1), "{info}");
+    env.ok(&["vm", "kill", "burn"]);
+    let first = cgroup.split(", ").next().unwrap().to_string();
+    wait_until("its cgroup to be removed", Duration::from_secs(10), || {
+        (!std::path::Path::new(&first).exists()).then_some(())
+    });
+}
+
+#[test]
+fn when_the_vms_memory_runs_out_the_lowest_priority_vm_is_killed() {
+    // 600 MiB for all VMs, overcommitted 4×: two booted guests (~140 MiB each) fit, but not
+    // once "high" fills 400 MiB of its RAM.
+    let env = Env::with_args("mgr-oom", &["--vm-memory-limit", "600M", "--mem-overcommit", "4"]);
+    if let Err(why) = cgroups_of(&env) {
+        return eprintln!("skipped: the daemon has no cgroups here ({why})");
+    }
+    env.create_with("low", "echo LOW-UP; while true; do sleep 1; done", "no", &["--priority", "low"]);
+    let fill = "echo HIGH-UP; mkdir -p /mnt/fill; mount -t tmpfs -o size=450m none /mnt/fill; \
+                dd if=/dev/zero of=/mnt/fill/x bs=1M count=400 2>/dev/null && echo HIGH-FILLED; \
+                while true; do sleep 1; done";
+    env.create_sized("high", fill, "no", "768M", &["--priority", "high"]);
+    env.ok(&["vm", "start", "low"]);
+    wait_until("low to boot", BOOT, || env.console("low").contains("LOW-UP").then_some(()));
+    env.ok(&["vm", "start", "high"]);
+    wait_until("high to fill its memory", BOOT, || env.console("high").contains("HIGH-FILLED").then_some(()));
+    let low = wait_until("low to be OOM-killed", Duration::from_secs(60), || {
+        let v = env.vm("low");
+        (v.state == VmState::Crashed).then_some(v)
+    });
+    let reason = low.reason.unwrap_or_default();
+    assert!(reason.contains("OOM killer") && reason.contains("priority low"), "{reason}");
+    assert!(reason.contains("--vm-memory-limit 600 MiB"), "{reason}");
+    let ev = env.events("low");
+    let oom = ev.iter().find(|e| e.kind == "oom-killed").expect("an oom-killed event");
+    eprintln!("low: {}", oom.detail);
+    assert_eq!(env.vm("high").state, VmState::Running, "the important VM survives");
+    let host: serde_json::Value = serde_json::from_str(&env.ok(&["capacity", "--json"])).unwrap();
+    assert_eq!(host["host"]["memory_mib"], 600, "{host}");
+    assert_eq!(host["host"]["vms_up"], 1, "{host}");
 }

@@ -236,7 +236,14 @@ impl Cgroups {
                     }
                     write(&level.join("cgroup.subtree_control"), ctl)?;
                 }
-                (Hierarchy::V1 { .. }, "cpuset") => inherit_cpuset(&dir)?,
+                (Hierarchy::V1 { cpuset: Some(root), .. }, "cpuset") => {
+                    // Each level below the root gets its parent's CPUs and memory nodes.
+                    let mut level = root.clone();
+                    for part in self.parent.components() {
+                        level.push(part);
+                        inherit_cpuset(&level)?;
+                    }
+                }
                 _ => {}
             }
         }
@@ -256,6 +263,19 @@ impl Cgroups {
             Hierarchy::V2 { .. } => write(&dir.join("memory.max"), &bytes.map_or("max".to_string(), |b| b.to_string())),
             Hierarchy::V1 { .. } => {
                 write(&dir.join("memory.limit_in_bytes"), &bytes.map_or("-1".to_string(), |b| b.to_string()))
+            }
+        }
+    }
+
+    /// Whether all VMs together ever hit the parent group's memory limit.
+    pub fn parent_at_limit(&self) -> bool {
+        let Some((_, dir)) = self.parents().into_iter().find(|(c, _)| c.is_empty() || *c == "memory") else {
+            return false;
+        };
+        match self.hierarchy {
+            Hierarchy::V2 { .. } => read(&dir.join("memory.events")).and_then(|e| keyed(&e, "max")).unwrap_or(0) > 0,
+            Hierarchy::V1 { .. } => {
+                read(&dir.join("memory.failcnt")).and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0) > 0
             }
         }
     }
@@ -489,28 +509,29 @@ mod tests {
         std::fs::write(cpuset.join("cpuset.mems"), "0\n").unwrap();
         let v1 = Cgroups::new(
             Hierarchy::V1 { cpu: cpu.clone(), cpuset: Some(cpuset.clone()), memory: memory.clone() },
-            "rv",
+            "a/rv",
         )
         .unwrap();
         let lim = Limits { cpu_weight: 200, cpu_quota_us: Some(50_000), cpuset: None, memory_max: Some(1 << 30) };
         v1.create("web", &lim).unwrap();
         let rd = |p: PathBuf| std::fs::read_to_string(p).unwrap();
-        assert_eq!(rd(cpu.join("rv/web/cpu.shares")), "2048");
-        assert_eq!(rd(cpu.join("rv/web/cpu.cfs_quota_us")), "50000");
-        assert_eq!(rd(memory.join("rv/web/memory.limit_in_bytes")), (1u64 << 30).to_string());
-        assert_eq!(rd(cpuset.join("rv/cpuset.cpus")), "0-3");
-        assert_eq!(rd(cpuset.join("rv/web/cpuset.mems")), "0");
-        assert_eq!(rd(cpuset.join("rv/web/cpuset.cpus")), "0-3");
+        assert_eq!(rd(cpu.join("a/rv/web/cpu.shares")), "2048");
+        assert_eq!(rd(cpu.join("a/rv/web/cpu.cfs_quota_us")), "50000");
+        assert_eq!(rd(memory.join("a/rv/web/memory.limit_in_bytes")), (1u64 << 30).to_string());
+        assert_eq!(rd(cpuset.join("a/rv/cpuset.cpus")), "0-3");
+        assert_eq!(rd(cpuset.join("a/rv/web/cpuset.mems")), "0");
+        assert_eq!(rd(cpuset.join("a/rv/web/cpuset.cpus")), "0-3");
         v1.apply(
             "web",
             &Limits { cpuset: Some(CpuList::of([1])), cpu_quota_us: None, memory_max: None, ..lim.clone() },
         )
         .unwrap();
-        assert_eq!(rd(cpuset.join("rv/web/cpuset.cpus")), "1");
-        assert_eq!(rd(cpu.join("rv/web/cpu.cfs_quota_us")), "-1");
-        assert_eq!(rd(memory.join("rv/web/memory.limit_in_bytes")), "-1");
+        assert_eq!(rd(cpuset.join("a/rv/web/cpuset.cpus")), "1");
+        assert_eq!(rd(cpu.join("a/rv/web/cpu.cfs_quota_us")), "-1");
+        assert_eq!(rd(memory.join("a/rv/web/memory.limit_in_bytes")), "-1");
         assert!(v1.exists("web"));
-        assert!(v1.path_of("web").contains("cpu/rv/web"));
+        assert!(v1.path_of("web").contains("cpu/a/rv/web"));
+        assert_eq!(rd(cpuset.join("a/cpuset.cpus")), "0-3");
 
         let root = tmp.join("v2");
         std::fs::create_dir_all(&root).unwrap();

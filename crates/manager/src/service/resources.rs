@@ -333,10 +333,12 @@ impl Service {
             return None;
         }
         let limit = Self::limits(rec).memory_max.unwrap_or(0) >> 20;
-        let why = if oom.at_limit {
-            format!("its memory limit of {limit} MiB")
-        } else {
-            "the host ran out of memory".to_string()
+        let why = match (oom.at_limit, self.res.options.vm_memory_limit_mib) {
+            (true, _) => format!("its memory limit of {limit} MiB"),
+            (false, Some(all)) if cg.parent_at_limit() => {
+                format!("the VMs together reached --vm-memory-limit {all} MiB")
+            }
+            _ => "the host ran out of memory".to_string(),
         };
         Some(format!(
             "killed by the kernel's OOM killer ({why}; priority {}, oom_score_adj {})",
