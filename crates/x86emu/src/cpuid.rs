@@ -1,5 +1,13 @@
-//! The CPUID the emulator advertises: a plain x86-64 baseline that matches what it
-//! implements (Intel SDM Vol. 2A CPUID).
+//! The CPUID the emulator advertises: exactly the features it implements (Intel SDM Vol. 2A
+//! CPUID).
+//!
+//! That is the x86-64-v2 level plus AES-NI, PCLMULQDQ, MOVBE, RDRAND and RDSEED: SSE through
+//! SSE2 and the x87 FPU, SSE3 (with FISTTP), SSSE3, SSE4.1, SSE4.2 (with CRC32 and POPCNT),
+//! CMPXCHG16B and LAHF/SAHF in 64-bit mode; no AVX, XSAVE, BMI or SHA. The vector extensions
+//! and the random-number instructions are replayed on the host CPU's own instructions (see
+//! `sse.rs`), so each of them is implemented, and advertised, only where the host has it
+//! ([`has`]); x86-64-v2 guests therefore need an x86-64-v2 host. CMPXCHG16B, POPCNT, MOVBE and
+//! LAHF/SAHF are emulated in software and always advertised.
 //!
 //! The vendor is GenuineIntel, family 6 model 0x1c stepping 10 (an in-order Atom): Linux's
 //! vulnerability whitelist marks that model as not speculating, so the guest needs no PTI,
@@ -14,6 +22,63 @@
 //! jiffies clock.
 
 use crate::cpu::Cpu;
+
+/// An instruction-set extension whose instructions run on the host CPU's own instructions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ext {
+    /// SSE3 (CPUID.1:ECX bit 0), including the x87 FISTTP.
+    Sse3,
+    /// SSSE3 (CPUID.1:ECX bit 9).
+    Ssse3,
+    /// SSE4.1 (CPUID.1:ECX bit 19).
+    Sse41,
+    /// SSE4.2 (CPUID.1:ECX bit 20), including CRC32.
+    Sse42,
+    /// AES-NI (CPUID.1:ECX bit 25).
+    Aes,
+    /// PCLMULQDQ (CPUID.1:ECX bit 1).
+    Pclmul,
+    /// RDRAND (CPUID.1:ECX bit 30).
+    Rdrand,
+    /// RDSEED (CPUID.7.0:EBX bit 18).
+    Rdseed,
+}
+
+/// Whether the emulator implements (and advertises) extension `e`: whether the host CPU has
+/// it. The answer is cached by the standard library, so this is cheap enough to ask on
+/// every execution of an instruction.
+#[inline]
+pub(crate) fn has(e: Ext) -> bool {
+    match e {
+        Ext::Sse3 => is_x86_feature_detected!("sse3"),
+        Ext::Ssse3 => is_x86_feature_detected!("ssse3"),
+        Ext::Sse41 => is_x86_feature_detected!("sse4.1"),
+        Ext::Sse42 => is_x86_feature_detected!("sse4.2"),
+        Ext::Aes => is_x86_feature_detected!("aes"),
+        Ext::Pclmul => is_x86_feature_detected!("pclmulqdq"),
+        Ext::Rdrand => is_x86_feature_detected!("rdrand"),
+        Ext::Rdseed => is_x86_feature_detected!("rdseed"),
+    }
+}
+
+/// Features in leaf 1 ECX that are always implemented: CX16 (13), MOVBE (22), POPCNT (23).
+const LEAF1_ECX_SOFT: u32 = (1 << 13) | (1 << 22) | (1 << 23);
+
+/// Leaf 1 ECX: the software features and the host-replayed extensions the host has.
+fn leaf1_ecx() -> u32 {
+    [
+        (Ext::Sse3, 0),
+        (Ext::Pclmul, 1),
+        (Ext::Ssse3, 9),
+        (Ext::Sse41, 19),
+        (Ext::Sse42, 20),
+        (Ext::Aes, 25),
+        (Ext::Rdrand, 30),
+    ]
+    .into_iter()
+    .filter(|&(e, _)| has(e))
+    .fold(LEAF1_ECX_SOFT, |ecx, (_, bit)| ecx | (1 << bit))
+}
 
 /// Features in leaf 1 EDX: FPU PSE TSC MSR PAE CX8 APIC PGE CMOV PAT CLFSH MMX FXSR SSE SSE2.
 const LEAF1_EDX: u32 = (1 << 0)
@@ -50,19 +115,21 @@ pub(crate) fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
         1 => {
             let eax = 0x0001_06ca;
             let ebx = (u32::from(cpu.config.apic_id) << 24) | (1 << 16) | (8 << 8);
-            (eax, ebx, 0, LEAF1_EDX)
+            (eax, ebx, leaf1_ecx(), LEAF1_EDX)
         }
         // Thermal and power management: ARAT only (the local APIC timer runs in every
         // state, which is true of the emulated one), so Linux trusts it as its tick device.
         6 => (1 << 2, 0, 0, 0),
-        // Structured extended features, subleaf 0 (the only one): IA32_TSC_ADJUST.
-        7 if sub == 0 => (0, 1 << 1, 0, 0),
+        // Structured extended features, subleaf 0 (the only one): IA32_TSC_ADJUST, and
+        // RDSEED where the host has it.
+        7 if sub == 0 => (0, (1 << 1) | if has(Ext::Rdseed) { 1 << 18 } else { 0 }, 0, 0),
         0x15 => (1, 1, u32::try_from(tsc_hz).unwrap_or(u32::MAX), 0),
         0x16 => {
             let mhz = u32::try_from(tsc_hz / 1_000_000).unwrap_or(u32::MAX);
             (mhz, mhz, 100, 0)
         }
         0x8000_0000 => (0x8000_0008, 0, 0, 0),
+        // LAHF/SAHF in 64-bit mode (ECX bit 0); SYSCALL, NX, long mode (EDX).
         0x8000_0001 => (0, 0, 1, (1 << 11) | (1 << 20) | (1 << 29)),
         0x8000_0002 => regs4(b"rustvisor emu x8"),
         0x8000_0003 => regs4(b"6-64 CPU\0\0\0\0\0\0\0\0"),
@@ -82,9 +149,34 @@ mod tests {
     fn timer_leaves() {
         let c = Cpu::new(Vec::new(), CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0 });
         assert_eq!(cpuid(&c, 6, 0).0 & (1 << 2), 1 << 2, "ARAT");
-        assert_eq!(cpuid(&c, 7, 0), (0, 1 << 1, 0, 0), "TSC_ADJUST, no more subleaves");
+        assert_eq!(cpuid(&c, 7, 0).1 & !(1 << 18), 1 << 1, "TSC_ADJUST (and maybe RDSEED)");
+        assert_eq!(cpuid(&c, 7, 0).0, 0, "no more subleaves");
         assert_eq!(cpuid(&c, 7, 1), (0, 0, 0, 0));
         assert_eq!(cpuid(&c, 0x8000_0007, 0).3, 1 << 8, "invariant TSC");
         assert_eq!(cpuid(&c, 0x15, 0), (1, 1, 1_000_000_000, 0));
+    }
+
+    #[test]
+    fn feature_bits_match_the_host() {
+        let c = Cpu::new(Vec::new(), CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0 });
+        let ecx = cpuid(&c, 1, 0).2;
+        assert_eq!(ecx & LEAF1_ECX_SOFT, LEAF1_ECX_SOFT, "CX16, MOVBE, POPCNT");
+        let want = [
+            (0, is_x86_feature_detected!("sse3")),
+            (1, is_x86_feature_detected!("pclmulqdq")),
+            (9, is_x86_feature_detected!("ssse3")),
+            (19, is_x86_feature_detected!("sse4.1")),
+            (20, is_x86_feature_detected!("sse4.2")),
+            (25, is_x86_feature_detected!("aes")),
+            (30, is_x86_feature_detected!("rdrand")),
+        ];
+        for (bit, host) in want {
+            assert_eq!(ecx & (1 << bit) != 0, host, "leaf 1 ECX bit {bit}");
+        }
+        // Nothing else: no monitor, VMX, FMA, XSAVE, AVX, F16C, x2APIC, hypervisor bits.
+        let known = want.iter().fold(LEAF1_ECX_SOFT, |m, (b, _)| m | (1 << b));
+        assert_eq!(ecx & !known, 0);
+        assert_eq!(cpuid(&c, 7, 0).1 & (1 << 18) != 0, is_x86_feature_detected!("rdseed"));
+        assert_eq!(cpuid(&c, 0x8000_0001, 0).2, 1, "LAHF/SAHF in 64-bit mode only");
     }
 }

@@ -139,7 +139,8 @@ macro_rules! host_x87_ops {
                     // so it is empty on exit. FLDENV loads a control word with all
                     // exceptions masked, so nothing traps; the host's control word is
                     // saved first and restored last, and FNCLEX drops the flags raised.
-                    // PUSHFQ/POP (FCOMI forms) use the stack, hence no `nostack`.
+                    // PUSHFQ/POP (FCOMI forms) use the stack, hence no `nostack`. FISTTP
+                    // (SSE3) runs only where the host has SSE3 (`execute` checks).
                     unsafe {
                         asm!(
                             "fnstcw word ptr [{p} + 94]",
@@ -233,6 +234,10 @@ host_x87_ops! {
     IstI16 = "fld tbyte ptr [{p}]\nfistp word ptr [{p} + 32]\nfnstsw word ptr [{p} + 92]",
     IstI32 = "fld tbyte ptr [{p}]\nfistp dword ptr [{p} + 32]\nfnstsw word ptr [{p} + 92]",
     IstI64 = "fld tbyte ptr [{p}]\nfistp qword ptr [{p} + 32]\nfnstsw word ptr [{p} + 92]",
+    // SSE3; `execute` runs FISTTP only where the host has SSE3.
+    IsttI16 = "fld tbyte ptr [{p}]\nfisttp word ptr [{p} + 32]\nfnstsw word ptr [{p} + 92]",
+    IsttI32 = "fld tbyte ptr [{p}]\nfisttp dword ptr [{p} + 32]\nfnstsw word ptr [{p} + 92]",
+    IsttI64 = "fld tbyte ptr [{p}]\nfisttp qword ptr [{p} + 32]\nfnstsw word ptr [{p} + 92]",
     Bstp = "fld tbyte ptr [{p}]\nfbstp tbyte ptr [{p} + 32]\nfnstsw word ptr [{p} + 92]",
 }
 
@@ -531,6 +536,7 @@ fn is_x87(m: Mnemonic) -> bool {
             | M::Fstp
             | M::Fist
             | M::Fistp
+            | M::Fisttp
             | M::Fbstp
             | M::Fxch
             | M::Ffree
@@ -600,7 +606,7 @@ pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> S
         }
         _ => {}
     }
-    if !is_x87(m) {
+    if !is_x87(m) || (m == M::Fisttp && !crate::cpuid::has(crate::cpuid::Ext::Sse3)) {
         return Ok(false);
     }
     if cpu.cr0 & (ctl::CR0_EM | ctl::CR0_TS) != 0 {
@@ -917,8 +923,8 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 push_raw(cpu, narrow(&io.a));
             }
         }
-        M::Fst | M::Fstp | M::Fist | M::Fistp | M::Fbstp => {
-            let popping = matches!(m, M::Fstp | M::Fistp | M::Fbstp);
+        M::Fst | M::Fstp | M::Fist | M::Fistp | M::Fisttp | M::Fbstp => {
+            let popping = matches!(m, M::Fstp | M::Fistp | M::Fisttp | M::Fbstp);
             if !mem {
                 // FST/FSTP ST(i).
                 let d = reg(0);
@@ -938,7 +944,7 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                 return Ok(());
             }
             cpu.probe_write(la, msize, cpu.user())?;
-            let int = matches!(m, M::Fist | M::Fistp);
+            let int = matches!(m, M::Fist | M::Fistp | M::Fisttp);
             let bytes: [u8; 16] = if is_empty(cpu, 0) {
                 if !underflow(cpu) {
                     return Ok(());
@@ -962,6 +968,9 @@ fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> Re
                     (M::Fbstp, _) => X::Bstp,
                     (M::Fst | M::Fstp, 4) => X::StM32,
                     (M::Fst | M::Fstp, _) => X::StM64,
+                    (M::Fisttp, 2) => X::IsttI16,
+                    (M::Fisttp, 4) => X::IsttI32,
+                    (M::Fisttp, _) => X::IsttI64,
                     (_, 2) => X::IstI16,
                     (_, 4) => X::IstI32,
                     _ => X::IstI64,

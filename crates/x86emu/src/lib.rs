@@ -3,8 +3,9 @@
 //! An interpreter for the x86-64 architecture as a Linux guest uses it: instructions are
 //! decoded by `iced-x86` and cached by guest physical address (GPA); 4-level paging with
 //! A/D bits, NX, global pages and a software TLB; the exception and interrupt model (IDT,
-//! TSS/IST, error codes, nested faults, triple fault); system instructions and MSRs; SSE2
-//! and the x87 subset Linux needs. ALU flag results are computed by the host CPU itself (the
+//! TSS/IST, error codes, nested faults, triple fault); system instructions and MSRs; the
+//! x86-64-v2 level (SSE to SSE4.2, SSSE3, POPCNT, CMPXCHG16B, LAHF/SAHF) with AES-NI,
+//! PCLMULQDQ, MOVBE, RDRAND and RDSEED, and the x87 subset Linux needs. ALU flag results are computed by the host CPU itself (the
 //! host is x86-64 too), which makes them bit-exact, including "undefined" flags.
 //!
 //! The emulator knows nothing about devices: port I/O, MMIO and interrupt acknowledge go
@@ -21,9 +22,10 @@
 // 3. decode: `uop` (fast forms of common instructions, and their execution), `decode`
 //    (blocks, the decode cache);
 // 4. execution: `interrupt` (exception and interrupt delivery, segment loads, far
-//    transfers), `fpu` (x87), `sse` (SSE/MMX), `system` (system instructions, MSRs; it
-//    dispatches to `sse` and `fpu`), and `exec` (the run loop and the integer instruction
-//    set, dispatching to `system`).
+//    transfers), `fpu` (x87), `sse` (SSE/MMX; its child `sse::ext` has SSE3 to SSE4.2,
+//    AES-NI and PCLMULQDQ), `intext` (CRC32, MOVBE, RDRAND, RDSEED), `system` (system
+//    instructions, MSRs; it dispatches to `intext`, `sse` and `fpu`), and `exec` (the run
+//    loop and the integer instruction set, dispatching to `system`).
 //
 // `snapshot` sits beside them (save/restore of the state layer). The one upward name is in
 // `cpu`: the `Cpu` struct owns every layer's state, so it names `mmu::Mmu` and
@@ -45,6 +47,7 @@ mod exec;
 mod fpstate;
 mod fpu;
 mod interrupt;
+mod intext;
 mod mmu;
 mod operand;
 mod regs;

@@ -1,5 +1,6 @@
 //! SSE/SSE2 instructions on XMM registers, and the MMX instructions on MM registers
-//! (Intel SDM Vol. 1 ch. 9-11, Vol. 2 instruction pages).
+//! (Intel SDM Vol. 1 ch. 9-11, Vol. 2 instruction pages). The later extensions (SSE3 to
+//! SSE4.2, AES-NI, PCLMULQDQ) are in the child module `ext`, on the same machinery.
 //!
 //! Arithmetic is done by the host CPU, which is x86-64 and therefore has SSE2: each guest
 //! operation that has a register-register form is replayed on the host's XMM0/XMM1 in
@@ -26,6 +27,8 @@ use crate::regs::{low32, low64, low8};
 use crate::{Bus, Fault, Res, SRes};
 use iced_x86::{Code, EncodingKind, Instruction, Mnemonic, OpKind, Register};
 use std::arch::asm;
+
+mod ext;
 
 /// CR4.OSXMMEXCPT: the OS handles #XM.
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
@@ -235,16 +238,26 @@ fn simd_fault(cpu: &Cpu) -> Fault {
 /// register, RFLAGS), or the #XM/#UD fault if an unmasked exception occurred (the guest's
 /// MXCSR flags are updated either way).
 fn fp(cpu: &mut Cpu, op: F, a: u128, b: u128, g: u64) -> Res<(u128, u64, u64)> {
+    let mut g = g;
+    let io = fp_run(cpu, a, b, |io| g = host_fp(op, io, g))?;
+    Ok((io.a, g, io.fl))
+}
+
+/// Runs `host` (a replay that loads `io.csr` as the host MXCSR) with XMM0 = `a`, XMM1 =
+/// `b` under the guest's rounding, DAZ and FTZ with every exception masked, merges the
+/// exception flags it raised into the guest's MXCSR, and returns the `Io` afterwards, or the
+/// #XM/#UD fault if one of those flags is unmasked in the guest.
+fn fp_run(cpu: &mut Cpu, a: u128, b: u128, host: impl FnOnce(&mut Io)) -> Res<Io> {
     let guest = cpu.fpu.mxcsr;
     // Clear the flags so only this operation's show, and mask every exception.
     let mut io = Io { a, b, csr: (guest & MXCSR_MASK & !0x3f) | 0x1f80, host_csr: 0, fl: 2 };
-    let g = host_fp(op, &mut io, g);
+    host(&mut io);
     let raised = io.csr & 0x3f;
     cpu.fpu.mxcsr |= raised;
     if raised & !(guest >> 7) & 0x3f != 0 {
         return Err(simd_fault(cpu));
     }
-    Ok((io.a, g, io.fl))
+    Ok(io)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -499,6 +512,8 @@ enum Op {
     Cvtpi2pd,
     /// CVT(T)PS2PI / CVT(T)PD2PI mm, xmm/mem: the SSE2 op producing the dwords.
     CvtToPi(F),
+    /// SSE3, SSSE3, SSE4.1, SSE4.2, AES-NI, PCLMULQDQ.
+    Ext(ext::XOp),
 }
 
 fn int_op(m: Mnemonic) -> Option<H> {
@@ -660,7 +675,7 @@ fn classify(insn: &Instruction, has_m: bool) -> Option<Op> {
         M::Pshufw => Op::Pshufw,
         M::Shufps => Op::Shufps,
         M::Shufpd => Op::Shufpd,
-        // PEXTRW m16 is SSE4.1, which is not advertised.
+        // PEXTRW m16 is SSE4.1 (the `ext` module).
         M::Pextrw if insn.op0_kind() == OpKind::Register => Op::Pextrw,
         M::Pinsrw => Op::Pinsrw,
         M::Cmpps => Op::Cmp(&CMPPS),
@@ -693,7 +708,7 @@ fn classify(insn: &Instruction, has_m: bool) -> Option<Op> {
             } else if let Some(f) = fp_op(m) {
                 Op::Fp(f)
             } else {
-                return None;
+                Op::Ext(ext::classify(insn)?)
             }
         }
     })
@@ -728,7 +743,7 @@ fn mmx_avail(cpu: &Cpu) -> Res<()> {
     check_pending(cpu)
 }
 
-/// Executes an SSE/SSE2 or MMX instruction; returns `Ok(false)` if `insn` is not one.
+/// Executes an SSE-family (SSE to SSE4.2, AES-NI, PCLMULQDQ) or MMX instruction; returns `Ok(false)` if `insn` is not one.
 pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<bool> {
     use Mnemonic as M;
     if insn.encoding() != EncodingKind::Legacy {
@@ -1015,6 +1030,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, op: Op, mmx: bool) 
             let (r, _, _) = fp(cpu, f, 0, b, 0)?;
             write_reg(cpu, d, r & u128::from(u64::MAX));
         }
+        Op::Ext(x) => ext::run(cpu, bus, insn, x, mmx, d, s)?,
     }
     Ok(())
 }

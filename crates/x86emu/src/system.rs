@@ -358,6 +358,12 @@ pub(crate) fn execute_system(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instructio
             cpu.set_reg(r0, off);
             Ok(())
         }
+        M::Crc32 | M::Movbe | M::Rdrand | M::Rdseed => {
+            if crate::intext::execute(cpu, bus, insn)? {
+                return Ok(());
+            }
+            unsupported(cpu, insn)
+        }
         _ => {
             if crate::sse::execute(cpu, bus, insn)? {
                 return Ok(());

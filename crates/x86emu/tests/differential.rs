@@ -26,24 +26,6 @@ const P16: [(R16, R16); 3] = [(ax, cx), (dx, r8w), (r13w, si)];
 const P32: [(R32, R32); 3] = [(eax, ecx), (edi, r10d), (r14d, ebp)];
 const P64: [(R64, R64); 3] = [(rax, rcx), (rdx, r11), (r15, rsi)];
 
-/// Points R12 into the middle of scratch memory (any alignment).
-fn ptr_any(st: &mut State, r: &mut Rng, base: u64) {
-    st.gpr[R12] = base + (SCRATCH + 0x1000) as u64 + r.below(0x2000);
-}
-
-/// Points R12 at a 16-byte aligned scratch address.
-fn ptr_aligned(st: &mut State, r: &mut Rng, base: u64) {
-    st.gpr[R12] = (base + (SCRATCH + 0x1000) as u64 + r.below(0x2000)) & !15;
-}
-
-fn scratch_off(st: &State, base: u64, reg: usize) -> usize {
-    (st.gpr[reg] - base) as usize - SCRATCH
-}
-
-fn put_scratch(st: &mut State, off: usize, bytes: &[u8]) {
-    st.scratch[off..off + bytes.len()].copy_from_slice(bytes);
-}
-
 fn run_all(seed: u64, what: &str, forms: Vec<Form>, n: usize, setup: impl Fn(&mut State, &mut Rng, u64)) {
     let mut c = Checker::new(seed);
     for f in &forms {
@@ -1175,24 +1157,6 @@ fn x87_setup(st: &mut State, r: &mut Rng, base: u64) {
     }
 }
 
-/// 80-bit value of an f64 (exact).
-fn f80_from_f64(v: f64) -> [u8; 10] {
-    let b = v.to_bits();
-    let sign = ((b >> 63) as u16) << 15;
-    let e = ((b >> 52) & 0x7ff) as i32;
-    let m = b & ((1 << 52) - 1);
-    let mut out = [0u8; 10];
-    if e == 0 && m == 0 {
-        out[8..].copy_from_slice(&sign.to_le_bytes());
-        return out;
-    }
-    let mant = (1u64 << 63) | (m << 11);
-    let exp = (e - 1023 + 16383) as u16 | sign;
-    out[..8].copy_from_slice(&mant.to_le_bytes());
-    out[8..].copy_from_slice(&exp.to_le_bytes());
-    out
-}
-
 #[test]
 fn x87_arithmetic() {
     let mut f = Vec::new();
@@ -1616,18 +1580,21 @@ fn sse_exceptions_in_emulator() {
     });
 }
 
-/// Instructions of extensions that are not advertised (SSE3, SSSE3, AVX) are not
-/// executed: kernel code stops the VM with `Exit::Unsupported` (user code would get #UD).
+/// Instructions of extensions that are not advertised (AVX, AVX2, BMI1, ADX, SHA, XSAVE)
+/// are not executed: kernel code stops the VM with `Exit::Unsupported` (user code would get
+/// #UD).
 #[test]
 fn unadvertised_extensions_in_emulator() {
     let mut h = Harness::new();
     let mut r = Rng::new(42);
     let forms = [
-        Form::new("addsubps", |a| a.addsubps(xmm0, xmm1)),
-        Form::new("pshufb", |a| a.pshufb(xmm0, xmm1)),
-        Form::new("pextrw m16", |a| a.pextrw(word_ptr(r12), xmm1, 1)),
         Form::new("vaddps", |a| a.vaddps(xmm0, xmm1, xmm2)),
-        Form::new("fisttp", |a| a.fisttp(dword_ptr(r12))),
+        Form::new("vpshufb", |a| a.vpshufb(xmm0, xmm1, xmm2)),
+        Form::new("vpaddb ymm", |a| a.vpaddb(ymm0, ymm1, ymm2)),
+        Form::new("andn", |a| a.andn(eax, ecx, edx)),
+        Form::new("adcx", |a| a.adcx(eax, ecx)),
+        Form::new("sha1msg1", |a| a.sha1msg1(xmm0, xmm1)),
+        Form::new("xsave", |a| a.xsave(ptr(r12))),
     ];
     for f in &forms {
         h.load(f);

@@ -292,6 +292,24 @@ pub fn f80_val(r: &mut Rng) -> [u8; 10] {
     v
 }
 
+/// 80-bit value of an f64 (exact).
+pub fn f80_from_f64(v: f64) -> [u8; 10] {
+    let b = v.to_bits();
+    let sign = ((b >> 63) as u16) << 15;
+    let e = ((b >> 52) & 0x7ff) as i32;
+    let m = b & ((1 << 52) - 1);
+    let mut out = [0u8; 10];
+    if e == 0 && m == 0 {
+        out[8..].copy_from_slice(&sign.to_le_bytes());
+        return out;
+    }
+    let mant = (1u64 << 63) | (m << 11);
+    let exp = (e - 1023 + 16383) as u16 | sign;
+    out[..8].copy_from_slice(&mant.to_le_bytes());
+    out[8..].copy_from_slice(&exp.to_le_bytes());
+    out
+}
+
 /// Initial state of one run.
 #[derive(Clone, Debug)]
 pub struct State {
@@ -740,6 +758,24 @@ impl Drop for Harness {
             dealloc(self.block, Layout::from_size_align(BLOCK, BLOCK).unwrap());
         }
     }
+}
+
+/// Points R12 into the middle of scratch memory (any alignment).
+pub fn ptr_any(st: &mut State, r: &mut Rng, base: u64) {
+    st.gpr[R12] = base + (SCRATCH + 0x1000) as u64 + r.below(0x2000);
+}
+
+/// Points R12 at a 16-byte aligned scratch address.
+pub fn ptr_aligned(st: &mut State, r: &mut Rng, base: u64) {
+    st.gpr[R12] = (base + (SCRATCH + 0x1000) as u64 + r.below(0x2000)) & !15;
+}
+
+pub fn scratch_off(st: &State, base: u64, reg: usize) -> usize {
+    (st.gpr[reg] - base) as usize - SCRATCH
+}
+
+pub fn put_scratch(st: &mut State, off: usize, bytes: &[u8]) {
+    st.scratch[off..off + bytes.len()].copy_from_slice(bytes);
 }
 
 /// Masks applied to an FXSAVE image before comparing: FOP, FIP, FDP and MXCSR_MASK are
