@@ -287,6 +287,11 @@ pub enum DiskErrorPolicy {
 }
 
 impl DiskErrorPolicy {
+    /// Whether this is the default, [`DiskErrorPolicy::Report`].
+    pub fn is_report(&self) -> bool {
+        *self == DiskErrorPolicy::Report
+    }
+
     /// The name used on the command line and in JSON.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -350,8 +355,9 @@ pub struct DiskConfig {
     #[serde(default)]
     pub allow_data_file: bool,
     /// What a host I/O error on the image does (command line `on-error=`); absent =
-    /// `report`.
-    #[serde(default)]
+    /// `report`, and `report` is not written out (so the serialised shape of existing
+    /// configurations, which snapshots embed, is unchanged).
+    #[serde(default, skip_serializing_if = "DiskErrorPolicy::is_report")]
     pub on_error: DiskErrorPolicy,
 }
 
