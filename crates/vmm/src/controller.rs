@@ -465,6 +465,8 @@ impl api::Controller for VmmController {
             return Err(conflict("vm.shutdown", slot.state()));
         };
         if *paused {
+            // Disks that stalled retry, so that the guest may finish its own shutdown.
+            vm.retry_stalled_disks();
             vm.resume();
             *paused = false;
         }
@@ -736,5 +738,68 @@ impl api::Controller for VmmController {
         let old = std::mem::replace(&mut *self.lock(), Slot::Empty);
         drop(old);
         self.request_exit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::RunState;
+
+    /// A built (not started) emu VM with no devices, and its configuration.
+    fn vm() -> (Box<Vm>, VmConfig) {
+        let cfg: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/nonexistent", "memory_mib": 16, "accel": "emu"}"#).unwrap();
+        let sel = accel::select(accel::Choice::Emu, accel::SelectOptions { allow_kvm_on_pvm: true }).unwrap();
+        let mem = crate::memory::create(cfg.memory_bytes(), &cfg.memory_options).unwrap();
+        (Box::new(Vm::build(&cfg, mem, sel.hypervisor.as_ref(), "test".into()).unwrap()), cfg)
+    }
+
+    fn stalled(name: &str) -> DeviceEvent {
+        DeviceEvent::DiskStalled {
+            name: name.into(),
+            stall: virtio::block::Stall {
+                what: "write at 4096".into(),
+                error: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            },
+        }
+    }
+
+    #[test]
+    fn a_disk_stall_pauses_the_live_vm_with_its_reason_and_resume_clears_it() {
+        let c = VmmController::new();
+        let (vm, cfg) = vm();
+        let ctl = vm.control();
+        *c.lock() = VmmController::live(vm, cfg, false);
+        VmmController::device_event(&mut c.lock(), &Arc::downgrade(&ctl), stalled("disk0"));
+        let info = api::Controller::info(&c).unwrap();
+        assert_eq!(info.state, "Paused");
+        assert_eq!(
+            info.pause_reason.as_deref(),
+            Some("disk disk0: write at 4096: No space left on device (os error 28)")
+        );
+        assert_eq!(ctl.state(), RunState::Paused, "the vCPUs are paused as by vm.pause");
+        // A second stall keeps the first reason.
+        VmmController::device_event(&mut c.lock(), &Arc::downgrade(&ctl), stalled("disk1"));
+        assert!(api::Controller::info(&c).unwrap().pause_reason.unwrap().starts_with("disk disk0: "));
+        api::Controller::resume(&c).unwrap();
+        let info = api::Controller::info(&c).unwrap();
+        assert_eq!((info.state.as_str(), info.pause_reason), ("Running", None));
+        assert_eq!(ctl.state(), RunState::Running);
+    }
+
+    #[test]
+    fn a_stall_from_another_vm_is_ignored() {
+        let c = VmmController::new();
+        let (vm, cfg) = vm();
+        let (old, _) = self::vm();
+        *c.lock() = VmmController::live(vm, cfg, false);
+        VmmController::device_event(&mut c.lock(), &Arc::downgrade(&old.control()), stalled("disk0"));
+        drop(old);
+        let info = api::Controller::info(&c).unwrap();
+        assert_eq!((info.state.as_str(), info.pause_reason), ("Running", None));
+        // And one for a VM that is gone altogether.
+        VmmController::device_event(&mut c.lock(), &Weak::new(), stalled("disk0"));
+        assert_eq!(api::Controller::info(&c).unwrap().state, "Running");
     }
 }
