@@ -9,7 +9,7 @@
 
 mod common;
 
-use api::types::{DiskConfig, DiskErrorPolicy, VmConfig};
+use api::types::{DiskConfig, DiskErrorPolicy, DiskFormat, VmConfig};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,9 +48,9 @@ impl Drop for SmallFs {
     }
 }
 
-/// A 16 MiB tmpfs holding a sparse 32 MiB raw image `disk.raw` and a 12 MiB `filler`: about
-/// 4 MiB of the guest's writes fit.
-fn full_fs(dir: &TempDir) -> Option<(SmallFs, PathBuf, PathBuf)> {
+/// A 16 MiB tmpfs holding a 32 MiB image `disk.<format>` (sparse raw, or a fresh qcow2) and
+/// a 12 MiB `filler`: about 4 MiB of the guest's writes fit.
+fn full_fs(dir: &TempDir, format: DiskFormat) -> Option<(SmallFs, PathBuf, PathBuf)> {
     let fs = match SmallFs::mount(dir.path("fs"), "16M") {
         Ok(fs) => fs,
         Err(why) => {
@@ -58,8 +58,13 @@ fn full_fs(dir: &TempDir) -> Option<(SmallFs, PathBuf, PathBuf)> {
             return None;
         }
     };
-    let img = fs.path("disk.raw");
-    std::fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    let img = fs.path(&format!("disk.{format}"));
+    match format {
+        DiskFormat::Raw => std::fs::File::create(&img).unwrap().set_len(32 << 20).unwrap(),
+        DiskFormat::Qcow2 => {
+            host("qemu-img", &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "32M"]);
+        }
+    }
     let filler = fs.path("filler");
     std::fs::write(&filler, vec![0x55u8; 12 << 20]).unwrap();
     Some((fs, img, filler))
@@ -83,7 +88,7 @@ echo RV-END
 #[test]
 fn report_policy_gives_the_guest_an_io_error_and_the_vm_runs_on() {
     let dir = TempDir::new("disk-errors-report");
-    let Some((_fs, img, _filler)) = full_fs(&dir) else { return };
+    let Some((_fs, img, _filler)) = full_fs(&dir, DiskFormat::Raw) else { return };
     let extra: Vec<String> = vec!["--disk".into(), format!("path={},format=raw,on-error=report", img.display())];
     let (code, console, stderr) = run_guest(WRITE_8M, &dir.path("console.log"), &extra);
     let t = tail(&console);
@@ -144,14 +149,25 @@ fn wait_info(
 
 #[test]
 fn pause_policy_pauses_the_vm_and_resume_completes_the_write() {
-    let dir = TempDir::new("disk-errors-pause");
-    let Some((_fs, img, filler)) = full_fs(&dir) else { return };
+    pause_then_resume(DiskFormat::Raw);
+}
+
+#[test]
+fn pause_policy_on_qcow2_keeps_the_image_consistent() {
+    pause_then_resume(DiskFormat::Qcow2);
+}
+
+/// A disk of `format` with `on-error=pause` fills its file system: the VM pauses, space is
+/// freed, `vm.resume` completes the guest's write, and its data is in the image.
+fn pause_then_resume(format: DiskFormat) {
+    let dir = TempDir::new(&format!("disk-errors-pause-{format}"));
+    let Some((_fs, img, filler)) = full_fs(&dir, format) else { return };
     let log = dir.path("console.log");
     // The script waits at the end so that the counters can be read before the VM goes.
     let script = format!("{WRITE_8M}sleep 600\n");
     let disk = DiskConfig {
         path: img.display().to_string(),
-        format: Some(api::types::DiskFormat::Raw),
+        format: Some(format),
         on_error: DiskErrorPolicy::Pause,
         ..Default::default()
     };
@@ -193,7 +209,16 @@ fn pause_policy_pauses_the_vm_and_resume_completes_the_write() {
     assert_eq!(console_value(&console, "RV-IOERRORS"), Some("0"), "the guest saw no I/O error\n{t}");
     let data = console_value(&console, "RV-DATA").expect("RV-DATA").to_string();
     assert_eq!(console_value(&console, "RV-READBACK"), Some(data.as_str()), "the guest reads its data back\n{t}");
-    let on_disk = std::fs::read(&img).unwrap();
+    let raw = match format {
+        DiskFormat::Raw => img.clone(),
+        DiskFormat::Qcow2 => {
+            host("qemu-img", &["check", "-q", img.to_str().unwrap()]);
+            let raw = dir.path("flat.raw");
+            host("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()]);
+            raw
+        }
+    };
+    let on_disk = std::fs::read(&raw).unwrap();
     assert_eq!(sha256_hex(&on_disk[..8 << 20]), data, "the data is in the image, in order");
 
     let counters = c.counters().unwrap();
