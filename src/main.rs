@@ -86,7 +86,9 @@ struct RunArgs {
     serial: String,
     /// A virtio-blk disk: path=IMG, then optionally ,format=raw|qcow2 ,readonly=on ,serial=ID
     /// ,backing=allow (trust qcow2 backing files outside the image's folder) ,data_file=allow
-    /// (trust its external data file); repeatable: the guest sees /dev/vda, /dev/vdb, ...
+    /// (trust its external data file) ,on-error=report|pause (on a host I/O error such as a
+    /// full disk: fail the guest's request, the default, or keep it and pause the VM until
+    /// vm.resume; pause needs --api-socket); repeatable: the guest sees /dev/vda, /dev/vdb, ...
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<String>,
     /// A virtio-net NIC on a TAP device: tap=NAME[,mac=MAC] (repeatable; the TAP is created
@@ -138,6 +140,15 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let console = a.console.as_deref().map(|c| parse_out("--console", c)).transpose().map_err(bad)?;
     let interactive = serial == ConsoleOut::Stdio;
     let disks = a.disk.iter().map(|d| d.parse()).collect::<Result<Vec<vmm::DiskConfig>, _>>().map_err(bad)?;
+    if a.api_socket.is_none() {
+        if let Some(d) = disks.iter().find(|d| d.on_error == vmm::DiskErrorPolicy::Pause) {
+            return Err(bad(format!(
+                "--disk: path={}: on-error=pause needs --api-socket (a VM paused on a disk error is resumed with \
+                 vm.resume) (accepted without it: on-error=report)",
+                d.path
+            )));
+        }
+    }
     let nets = a.net.iter().map(|n| n.parse()).collect::<Result<Vec<vmm::NetConfig>, _>>().map_err(bad)?;
     let vsock = a.vsock.as_deref().map(str::parse::<vmm::VsockConfig>).transpose().map_err(bad)?;
     let balloon = a.balloon.as_deref().map(str::parse::<vmm::BalloonConfig>).transpose().map_err(bad)?;

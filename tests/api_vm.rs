@@ -123,6 +123,18 @@ fn snapshot_kill_restore_continues_the_guest() {
         wait_count(&log, 3, Duration::from_secs(120));
         vmm.client.pause().unwrap();
         before = last_count(&log).unwrap();
+        // The guest's mount (reads), write and sync (writes, a flush) show in the disk's
+        // counters, each operation timed once.
+        let counters = vmm.client.counters().unwrap();
+        let b = counters.devices["disk0"].block.clone().expect("disk0 has block counters");
+        assert!(b.read_ops > 0 && b.read_bytes >= 1024 && b.write_ops > 0 && b.write_bytes >= 512, "{b:?}");
+        assert!(b.flush_ops > 0, "sync flushes the disk: {b:?}");
+        assert_eq!(
+            (b.read_latency.count, b.write_latency.count, b.flush_latency.count),
+            (b.read_ops, b.write_ops, b.flush_ops),
+            "{b:?}"
+        );
+        assert_eq!(b.error_pauses, 0);
         vmm.client.snapshot(&snap).unwrap();
         // kill -9 the VMM (Vmm's drop).
     }

@@ -156,6 +156,16 @@ fn bad_disk_options_are_refused_and_images_left_alone() {
     assert!(err.contains("--disk") && err.contains("twice"), "{err}");
     one_line(&err);
 
+    let (code, err) = run_with_devices(&["--disk", &format!("path={img_s},on-error=stop")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--disk: on-error") && err.contains("report, pause"), "{err}");
+    one_line(&err);
+    // Nothing could resume a VM paused on a disk error without the API.
+    let (code, err) = run_with_devices(&["--disk", &format!("path={img_s},on-error=pause")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--disk") && err.contains("on-error=pause needs --api-socket"), "{err}");
+    one_line(&err);
+
     // A raw file called qcow2 is refused, not reinterpreted.
     let (code, err) = run_with_devices(&["--disk", &format!("path={img_s},format=qcow2")]);
     assert_eq!(code, 2, "{err}");

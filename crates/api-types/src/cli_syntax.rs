@@ -47,9 +47,10 @@ fn parse_allow(flag: &str, key: &str, v: Option<&String>) -> Result<bool, String
 
 impl FromStr for DiskConfig {
     type Err = String;
-    /// `path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID][,backing=allow][,data_file=allow]`.
+    /// `path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID][,backing=allow][,data_file=allow]
+    /// [,on-error=report|pause]`.
     fn from_str(s: &str) -> Result<Self, String> {
-        let m = parse_kv("--disk", s, &["path", "format", "readonly", "serial", "backing", "data_file"])?;
+        let m = parse_kv("--disk", s, &["path", "format", "readonly", "serial", "backing", "data_file", "on-error"])?;
         let path = m.get("path").filter(|p| !p.is_empty()).ok_or("--disk: path=IMG is required")?;
         let format = m.get("format").map(|f| f.parse().map_err(|e| format!("--disk: {e}"))).transpose()?;
         let readonly = m.get("readonly").map(|v| parse_bool("--disk", "readonly", v)).transpose()?.unwrap_or(false);
@@ -60,6 +61,11 @@ impl FromStr for DiskConfig {
             serial: m.get("serial").cloned(),
             allow_backing_outside: parse_allow("--disk", "backing", m.get("backing"))?,
             allow_data_file: parse_allow("--disk", "data_file", m.get("data_file"))?,
+            on_error: m
+                .get("on-error")
+                .map(|v| v.parse().map_err(|e| format!("--disk: on-error: {e}")))
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -138,8 +144,24 @@ mod tests {
                 serial: Some("abc".into()),
                 allow_backing_outside: false,
                 allow_data_file: false,
+                on_error: crate::DiskErrorPolicy::Report,
             }
         );
+        let d: DiskConfig = "path=a.img,on-error=pause".parse().unwrap();
+        assert_eq!(d.on_error, crate::DiskErrorPolicy::Pause);
+        assert_eq!(
+            "path=a.img,on-error=report".parse::<DiskConfig>().unwrap().on_error,
+            crate::DiskErrorPolicy::Report
+        );
+        assert_eq!(
+            "path=a.img,on-error=stop".parse::<DiskConfig>().unwrap_err(),
+            "--disk: on-error: unknown error policy 'stop' (accepted: report, pause)"
+        );
+        let j: DiskConfig = serde_json::from_str(r#"{"path": "a.img", "on_error": "pause"}"#).unwrap();
+        assert_eq!(j.on_error, crate::DiskErrorPolicy::Pause);
+        assert_eq!(serde_json::from_str::<DiskConfig>(r#"{"path": "a.img"}"#).unwrap().on_error, Default::default());
+        let e = serde_json::from_str::<DiskConfig>(r#"{"path": "a.img", "on_error": "stop"}"#).unwrap_err();
+        assert!(e.to_string().contains("accepted: report, pause"), "{e}");
         let d: DiskConfig = "path=a.img,backing=allow,data_file=allow".parse().unwrap();
         assert!(d.allow_backing_outside && d.allow_data_file);
         assert_eq!(

@@ -270,8 +270,70 @@ impl FromStr for DiskFormat {
     }
 }
 
+/// What a disk does when the host fails an I/O on its image (`EIO`, `ENOSPC`, ...): JSON and
+/// command line `"report"` or `"pause"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DiskErrorPolicy {
+    /// The request fails: the guest gets an I/O error (`VIRTIO_BLK_S_IOERR`) and decides.
+    #[default]
+    Report,
+    /// The request is kept (not completed; the disk's later requests wait behind it) and the
+    /// VMM pauses the VM (`vm.info`: state `Paused` with a `pause_reason`), like QEMU's
+    /// `werror=stop`/`rerror=stop`; `vm.resume` retries the kept request first, and pauses
+    /// again if it fails again. Needs the VMM API (`rustvisor run --api-socket`, or
+    /// `rustvisor vmm`) to resume.
+    Pause,
+}
+
+impl DiskErrorPolicy {
+    /// Whether this is the default, [`DiskErrorPolicy::Report`].
+    pub fn is_report(&self) -> bool {
+        *self == DiskErrorPolicy::Report
+    }
+
+    /// The name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskErrorPolicy::Report => "report",
+            DiskErrorPolicy::Pause => "pause",
+        }
+    }
+}
+
+impl fmt::Display for DiskErrorPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TryFrom<String> for DiskErrorPolicy {
+    type Error = String;
+    fn try_from(s: String) -> Result<DiskErrorPolicy, String> {
+        s.parse()
+    }
+}
+
+impl From<DiskErrorPolicy> for String {
+    fn from(p: DiskErrorPolicy) -> String {
+        p.as_str().to_string()
+    }
+}
+
+impl FromStr for DiskErrorPolicy {
+    type Err = String;
+    /// Parses `report` or `pause`; the error names the accepted values.
+    fn from_str(s: &str) -> Result<DiskErrorPolicy, String> {
+        match s {
+            "report" => Ok(DiskErrorPolicy::Report),
+            "pause" => Ok(DiskErrorPolicy::Pause),
+            _ => Err(format!("unknown error policy '{s}' (accepted: report, pause)")),
+        }
+    }
+}
+
 /// One virtio-blk disk (command line:
-/// `path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID][,backing=allow][,data_file=allow]`).
+/// `path=IMG[,format=raw|qcow2][,readonly=on][,serial=ID][,backing=allow][,data_file=allow][,on-error=report|pause]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -292,6 +354,11 @@ pub struct DiskConfig {
     /// Accept an external data file named in the qcow2 header.
     #[serde(default)]
     pub allow_data_file: bool,
+    /// What a host I/O error on the image does (command line `on-error=`); absent =
+    /// `report`, and `report` is not written out (so the serialised shape of existing
+    /// configurations, which snapshots embed, is unchanged).
+    #[serde(default, skip_serializing_if = "DiskErrorPolicy::is_report")]
+    pub on_error: DiskErrorPolicy,
 }
 
 /// A unicast Ethernet address: JSON and command line `"52:54:00:12:34:56"`.
@@ -503,6 +570,11 @@ pub struct VmInfo {
     /// (failures), not on `poweroff` or `shutdown`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended: Option<VmEnd>,
+    /// In state `Paused`, when the VMM paused the VM by itself: why, e.g. `disk disk0: write
+    /// at 4096: No space left on device (os error 28)` (a disk with `on_error: pause`).
+    /// Cleared by `vm.resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
 }
 
 /// How a VM ended (`VmInfo::ended`); JSON `{"kind": "reset", "reason": "triple fault"}`.
@@ -537,7 +609,7 @@ impl VmEnd {
 }
 
 /// `GET vm.counters`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Counters {
     /// Per vCPU, exits by kind ("pio", "mmio", "hlt", ...) → count.
     pub vcpus: Vec<std::collections::BTreeMap<String, u64>>,
@@ -553,7 +625,7 @@ pub struct Counters {
 }
 
 /// One device's counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct DeviceCounters {
     /// Requests completed.
     pub requests: u64,
@@ -563,6 +635,80 @@ pub struct DeviceCounters {
     pub bytes_written: u64,
     /// Failed requests.
     pub errors: u64,
+    /// A virtio-blk disk's operations, bytes and latencies; absent for other devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<BlockCounters>,
+    /// A virtio-net NIC's packets, bytes, drops and errors; absent for other devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetCounters>,
+}
+
+/// A disk's counters (`DeviceCounters::block`), from the guest's point of view: a read moves
+/// bytes from the disk to the guest. An operation counts when its request completes,
+/// successfully or not (failures are also in `errors`); its bytes only when it succeeded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct BlockCounters {
+    /// Read requests completed.
+    pub read_ops: u64,
+    /// Write requests completed.
+    pub write_ops: u64,
+    /// Flush requests completed.
+    pub flush_ops: u64,
+    /// Bytes read by successful reads.
+    pub read_bytes: u64,
+    /// Bytes written by successful writes.
+    pub write_bytes: u64,
+    /// Times a host I/O error made the disk pause the VM (`on_error: pause`).
+    pub error_pauses: u64,
+    /// Read latency (request taken off the virtqueue → completion written).
+    pub read_latency: LatencyHistogram,
+    /// Write latency.
+    pub write_latency: LatencyHistogram,
+    /// Flush latency.
+    pub flush_latency: LatencyHistogram,
+}
+
+/// A latency histogram in the shape of a Prometheus histogram: bucket `le=bounds_s[i]` is
+/// `cumulative[i]`, bucket `le="+Inf"` and `_count` are `count`, `_sum` is `sum_s`. The
+/// bounds are fixed: 50 µs, 100 µs, 250 µs, 500 µs, 1 ms, 2.5 ms, 5 ms, 10 ms, 25 ms, 50 ms,
+/// 100 ms, 250 ms, 500 ms, 1 s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct LatencyHistogram {
+    /// The finite buckets' upper bounds, seconds, ascending.
+    pub bounds_s: Vec<f64>,
+    /// Cumulative counts: `cumulative[i]` operations took at most `bounds_s[i]` seconds.
+    pub cumulative: Vec<u64>,
+    /// Every operation observed (the `+Inf` bucket).
+    pub count: u64,
+    /// Sum of the latencies, seconds.
+    pub sum_s: f64,
+}
+
+/// A NIC's counters (`DeviceCounters::net`), from the guest's point of view: rx = host →
+/// guest, tx = guest → host; bytes are Ethernet frame bytes (without the virtio-net header).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_packets: u64,
+    /// Bytes of those frames.
+    pub rx_bytes: u64,
+    /// Frames read from the TAP and dropped: too large for the receive buffers the guest
+    /// posted, or whose buffers could not be written.
+    pub rx_dropped: u64,
+    /// Failed TAP reads and frames of a length the device does not take.
+    pub rx_errors: u64,
+    /// Times a frame waited because the guest had no receive buffer posted (the frames wait
+    /// in the host's TAP queue; what the host drops there shows in the TAP's own statistics).
+    pub rx_no_buffers: u64,
+    /// Frames sent by the guest and written to the TAP.
+    pub tx_packets: u64,
+    /// Bytes of those frames.
+    pub tx_bytes: u64,
+    /// Frames the guest sent that were dropped as malformed (bad descriptor chains, buffers
+    /// outside guest memory, frames too short or too long).
+    pub tx_dropped: u64,
+    /// Frames lost to TAP write errors.
+    pub tx_errors: u64,
 }
 
 /// `PUT vm.snapshot`.

@@ -87,6 +87,51 @@ fn disk() -> DiskConfig {
         serial: Some("s".into()),
         allow_backing_outside: true,
         allow_data_file: true,
+        on_error: DiskErrorPolicy::Pause,
+    }
+}
+
+fn histogram() -> LatencyHistogram {
+    LatencyHistogram { bounds_s: vec![0.001, 1.0], cumulative: vec![1, 2], count: 3, sum_s: 2.5 }
+}
+
+fn block_counters() -> BlockCounters {
+    BlockCounters {
+        read_ops: 1,
+        write_ops: 2,
+        flush_ops: 3,
+        read_bytes: 4,
+        write_bytes: 5,
+        error_pauses: 6,
+        read_latency: histogram(),
+        write_latency: histogram(),
+        flush_latency: histogram(),
+    }
+}
+
+fn net_counters() -> NetCounters {
+    NetCounters {
+        rx_packets: 1,
+        rx_bytes: 2,
+        rx_dropped: 3,
+        rx_errors: 4,
+        rx_no_buffers: 5,
+        tx_packets: 6,
+        tx_bytes: 7,
+        tx_dropped: 8,
+        tx_errors: 9,
+    }
+}
+
+/// A device's counters with every optional part set.
+fn device_counters() -> DeviceCounters {
+    DeviceCounters {
+        requests: 1,
+        bytes_read: 2,
+        bytes_written: 3,
+        errors: 4,
+        block: Some(block_counters()),
+        net: Some(net_counters()),
     }
 }
 
@@ -107,10 +152,11 @@ fn every_schema_matches_its_type() {
             uptime_s: 1.0,
             accelerator: Some("emu".into()),
             ended: Some(VmEnd::Reset { reason: "triple fault".into() }),
+            pause_reason: Some("disk disk0: write at 0: No space left on device (os error 28)".into()),
         },
     );
     let mut devices = BTreeMap::new();
-    devices.insert("disk0".into(), DeviceCounters { requests: 1, bytes_read: 2, bytes_written: 3, errors: 4 });
+    devices.insert("disk0".into(), device_counters());
     check(
         "Counters",
         &Counters {
@@ -137,7 +183,10 @@ fn every_schema_matches_its_type() {
         &BackupStatus { destination: "/b".into(), pause_ms: 1.5, state: BackupState::Failed, disks: vec![disk_status] },
     );
     check("VmEnd", &VmEnd::Error { reason: "vcpu 0 failed".into() });
-    check("DeviceCounters", &DeviceCounters { requests: 1, bytes_read: 2, bytes_written: 3, errors: 4 });
+    check("DeviceCounters", &device_counters());
+    check("BlockCounters", &block_counters());
+    check("LatencyHistogram", &histogram());
+    check("NetCounters", &net_counters());
     check("BalloonConfig", &balloon());
     check("MemoryOptions", &MemoryOptions { mergeable: true, hugepages: true, thp: true });
     check("BalloonTarget", &BalloonTarget { target_mib: 256 });
@@ -169,6 +218,9 @@ fn every_schema_is_checked() {
         "VmEnd",
         "Counters",
         "DeviceCounters",
+        "BlockCounters",
+        "LatencyHistogram",
+        "NetCounters",
         "BalloonConfig",
         "MemoryOptions",
         "BalloonTarget",
@@ -204,4 +256,27 @@ fn backup_state_enums_match_the_type() {
             serde_json::from_value::<BackupState>(Value::String(v.clone())).unwrap();
         }
     }
+}
+
+#[test]
+fn older_bodies_without_the_new_fields_still_parse() {
+    // A disk without `on_error`, counters without `block`/`net`, vm.info without
+    // `pause_reason`: what an older VMM or client sends.
+    let d: DiskConfig = serde_json::from_str(r#"{"path": "/d"}"#).unwrap();
+    assert_eq!(d.on_error, DiskErrorPolicy::Report);
+    let v = serde_json::to_value(&d).unwrap();
+    assert!(v.get("on_error").is_none(), "the default is not written out (snapshots pin the shape): {v}");
+    let c: DeviceCounters =
+        serde_json::from_str(r#"{"requests": 1, "bytes_read": 2, "bytes_written": 3, "errors": 4}"#).unwrap();
+    assert_eq!((c.block, c.net), (None, None));
+    let v = serde_json::to_value(DeviceCounters::default()).unwrap();
+    assert!(v.get("block").is_none() && v.get("net").is_none(), "absent, not null: {v}");
+    let s = schemas();
+    let enum_values: Vec<&str> = s["DiskConfig"]["properties"]["on_error"]["enum"]
+        .as_sequence()
+        .expect("DiskConfig.on_error: enum")
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(enum_values, ["report", "pause"]);
 }

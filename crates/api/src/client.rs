@@ -490,7 +490,10 @@ pub fn format_ping(p: &PingInfo) -> String {
 /// `vm.info`, for a person.
 pub fn format_info(i: &VmInfo) -> String {
     let c = &i.config;
-    let mut s = format!("state: {}\nuptime: {:.1} s\n", i.state, i.uptime_s);
+    let mut s = match &i.pause_reason {
+        Some(why) => format!("state: {} ({why})\nuptime: {:.1} s\n", i.state, i.uptime_s),
+        None => format!("state: {}\nuptime: {:.1} s\n", i.state, i.uptime_s),
+    };
     s += &format!("accelerator: {}\n", i.accelerator.as_deref().unwrap_or("-"));
     s += &format!("kernel: {}\n", c.kernel);
     if let Some(initrd) = &c.initrd {
@@ -510,6 +513,9 @@ pub fn format_info(i: &VmInfo) -> String {
         }
         if let Some(serial) = &d.serial {
             opts.push(format!("serial {serial}"));
+        }
+        if d.on_error == crate::types::DiskErrorPolicy::Pause {
+            opts.push("pause on I/O error".into());
         }
         s += &format!("disk{n}: {} ({})\n", d.path, opts.join(", "));
     }
@@ -639,6 +645,46 @@ pub fn format_counters(c: &Counters) -> String {
         }
         s += "devices:\n";
         s += &table(&rows);
+    }
+    let header = |h: &[&str]| vec![h.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    let mut disks = header(&["disk", "reads", "read_bytes", "writes", "write_bytes", "flushes", "error_pauses"]);
+    let mut nics = header(&[
+        "nic",
+        "rx_packets",
+        "rx_bytes",
+        "rx_dropped",
+        "rx_errors",
+        "tx_packets",
+        "tx_bytes",
+        "tx_dropped",
+        "tx_errors",
+    ]);
+    for (name, d) in &c.devices {
+        if let Some(b) = &d.block {
+            let v = [b.read_ops, b.read_bytes, b.write_ops, b.write_bytes, b.flush_ops, b.error_pauses];
+            disks.push(std::iter::once(name.clone()).chain(v.iter().map(u64::to_string)).collect());
+        }
+        if let Some(n) = &d.net {
+            let v = [
+                n.rx_packets,
+                n.rx_bytes,
+                n.rx_dropped,
+                n.rx_errors,
+                n.tx_packets,
+                n.tx_bytes,
+                n.tx_dropped,
+                n.tx_errors,
+            ];
+            nics.push(std::iter::once(name.clone()).chain(v.iter().map(u64::to_string)).collect());
+        }
+    }
+    if disks.len() > 1 {
+        s += "disks:\n";
+        s += &table(&disks);
+    }
+    if nics.len() > 1 {
+        s += "nics:\n";
+        s += &table(&nics);
     }
     s
 }

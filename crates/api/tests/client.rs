@@ -131,6 +131,12 @@ devices:
   device  requests  bytes_read  bytes_written  errors
   disk0         10       40960            512       0
   net0           3        1500             60       1
+disks:
+  disk   reads  read_bytes  writes  write_bytes  flushes  error_pauses
+  disk0      1         512       9        40960        0             0
+nics:
+  nic   rx_packets  rx_bytes  rx_dropped  rx_errors  tx_packets  tx_bytes  tx_dropped  tx_errors
+  net0           1        48           0          0           2      1476           0          1
 ";
     assert_eq!(counters, expected);
 

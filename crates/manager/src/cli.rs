@@ -1763,6 +1763,7 @@ fn format_info(d: &VmDetails) -> String {
         uptime_s: 0.0,
         accelerator: None,
         ended: None,
+        pause_reason: None,
     })
     .lines()
     .skip(3)

@@ -27,6 +27,20 @@
 //! (dropped chains included); `bytes_written` counts bytes put in guest memory (IN data,
 //! GET_ID), `bytes_read` bytes taken from it (OUT data, DISCARD/WRITE_ZEROES segments).
 //!
+//! Statistics ([`BlockStats`], [`VirtioDevice::stats`]): read, write and flush operations,
+//! bytes read and written, and one latency histogram per operation (request taken off the
+//! virtqueue → status written).
+//!
+//! Host I/O errors (the image's file or its host disk failing: `EIO`, `ENOSPC`, ...) follow
+//! the device's error policy. By default (`report`) the request completes with
+//! `VIRTIO_BLK_S_IOERR`. With [`Block::pause_on_error`] (`pause`, like QEMU's
+//! `werror=stop`/`rerror=stop`) the request is *not* completed: it goes back to the front of
+//! the available ring, the queue stops (later requests wait behind it, so nothing is
+//! reordered), a [`Stall`] is sent to the VMM, which pauses the VM, and nothing more happens
+//! until [`RetryHandle::retry`] (on `vm.resume`): the kept request is then served again
+//! first, and if it fails again the queue stops again. Guest errors (bad buffers, ranges,
+//! request types) are always reported to the guest, never a reason to stop.
+//!
 //! A backup of the disk ([`block::backup`]) hooks in below the device: the image does
 //! copy-before-write for writes, DISCARD and WRITE_ZEROES while a job is attached (see
 //! [`Block::disk`]).
@@ -36,17 +50,22 @@
 //! storage on FLUSH (`fdatasync`, or imago's flush + `fsync` for qcow2).
 
 use std::hash::Hasher;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use block::DiskImage;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{
     read_config_bytes, ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt, VirtioDevice,
 };
 use crate::queue::{self, Chain, ChainError, ChainReader, ChainWriter, Direction};
-use crate::worker::{Completion, EpollCtl, Handler, Worker};
+use crate::stats::{self, BlockStats, DeviceStats};
+use crate::worker::{Completion, EpollCtl, Handler, Worker, FIRST_DEVICE_TOKEN};
 use crate::{TYPE_BLOCK, VIRTIO_F_VERSION_1};
 
 /// Sector size of the virtio-blk protocol (§5.2.6): `sector` and `capacity` count 512 bytes.
@@ -116,6 +135,54 @@ const REQ_HEADER_LEN: usize = 16;
 /// Size of one DISCARD / WRITE_ZEROES segment `{le64 sector, le32 num_sectors, le32 flags}`.
 const SEGMENT_LEN: usize = 16;
 
+/// A host I/O error that stopped the request queue of a disk with the `pause` policy
+/// ([`Block::pause_on_error`]): the request stays in the ring until [`RetryHandle::retry`].
+#[derive(Debug)]
+pub struct Stall {
+    /// The operation that failed, e.g. `write at 1048576` (a byte offset in the disk).
+    pub what: String,
+    /// The host's error (`ENOSPC`, `EIO`, ...).
+    pub error: std::io::Error,
+}
+
+impl std::fmt::Display for Stall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.error)
+    }
+}
+
+/// Where a disk with the `pause` policy sends its [`Stall`]s (called on the device's worker
+/// thread; it must not block).
+pub type StallNotifier = Arc<dyn Fn(Stall) + Send + Sync>;
+
+/// Makes a disk stopped by a [`Stall`] serve its queue again, starting with the kept request
+/// ([`Block::retry_handle`]).
+#[derive(Clone)]
+pub struct RetryHandle(Arc<EventFd>);
+
+impl std::fmt::Debug for RetryHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RetryHandle").field(&self.0.as_raw_fd()).finish()
+    }
+}
+
+impl RetryHandle {
+    /// Wakes the device's worker to retry; does nothing when the queue is not stopped.
+    /// Never blocks.
+    pub fn retry(&self) {
+        if let Err(e) = self.0.write(1) {
+            tracing::warn!("virtio-blk: retry: {e}");
+        }
+    }
+}
+
+/// The `pause` policy's state, kept by the device across activations.
+#[derive(Clone)]
+struct PauseOnError {
+    notify: StallNotifier,
+    retry: Arc<EventFd>,
+}
+
 /// The block device.
 pub struct Block {
     disk: Arc<Mutex<DiskImage>>,
@@ -125,6 +192,9 @@ pub struct Block {
     capacity: u64,
     id: [u8; ID_BYTES],
     counters: Arc<Counters>,
+    stats: Arc<BlockStats>,
+    /// `Some`: the `pause` error policy.
+    pause: Option<PauseOnError>,
     worker: Worker<BlockQueue>,
 }
 
@@ -135,6 +205,7 @@ impl std::fmt::Debug for Block {
             .field("discard", &self.discard)
             .field("capacity", &self.capacity)
             .field("id", &String::from_utf8_lossy(&self.id))
+            .field("pause_on_error", &self.pause.is_some())
             .field("active", &self.worker.is_active())
             .finish()
     }
@@ -194,8 +265,27 @@ impl Block {
             capacity,
             id,
             counters: Arc::default(),
+            stats: Arc::default(),
+            pause: None,
             worker: Worker::new("virtio-blk"),
         }
+    }
+
+    /// Switches the device to the `pause` error policy (see the [module docs](self)): a
+    /// host I/O error keeps its request in the ring, stops the queue and is sent to
+    /// `notify`; [`Block::retry_handle`] restarts the queue.
+    ///
+    /// Errors: the retry eventfd cannot be created.
+    pub fn pause_on_error(mut self, notify: StallNotifier) -> std::io::Result<Block> {
+        let retry = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        self.pause = Some(PauseOnError { notify, retry });
+        Ok(self)
+    }
+
+    /// The handle that restarts a queue stopped by a [`Stall`]; `None` with the `report`
+    /// policy.
+    pub fn retry_handle(&self) -> Option<RetryHandle> {
+        self.pause.as_ref().map(|p| RetryHandle(p.retry.clone()))
     }
 
     /// The image, shared with the device's worker, which locks it for every request. A
@@ -250,8 +340,12 @@ impl Block {
 /// Why a request failed, becoming its status byte.
 #[derive(Debug)]
 enum ReqError {
+    /// The request is malformed or out of range (the guest's doing).
     IoErr(String),
+    /// The request type, a flag or a feature is not supported.
     Unsupp(String),
+    /// The image's I/O failed on the host (`what`: the operation and offset).
+    Host { what: String, source: std::io::Error },
 }
 
 impl std::fmt::Display for ReqError {
@@ -259,6 +353,7 @@ impl std::fmt::Display for ReqError {
         match self {
             ReqError::IoErr(m) => write!(f, "I/O error: {m}"),
             ReqError::Unsupp(m) => write!(f, "unsupported: {m}"),
+            ReqError::Host { what, source } => write!(f, "host I/O error: {what}: {source}"),
         }
     }
 }
@@ -266,7 +361,7 @@ impl std::fmt::Display for ReqError {
 impl ReqError {
     fn status(&self) -> u8 {
         match self {
-            ReqError::IoErr(_) => VIRTIO_BLK_S_IOERR,
+            ReqError::IoErr(_) | ReqError::Host { .. } => VIRTIO_BLK_S_IOERR,
             ReqError::Unsupp(_) => VIRTIO_BLK_S_UNSUPP,
         }
     }
@@ -274,6 +369,11 @@ impl ReqError {
 
 fn ioerr(msg: impl Into<String>) -> ReqError {
     ReqError::IoErr(msg.into())
+}
+
+/// A host I/O error of the image during `what`.
+fn host(what: String) -> impl FnOnce(std::io::Error) -> ReqError {
+    move |source| ReqError::Host { what, source }
 }
 
 /// A guest buffer that could not be used: an I/O error, with the chain error and its source
@@ -321,7 +421,23 @@ pub(crate) struct BlockCtx {
     pub(crate) writethrough: bool,
     pub(crate) dma: Arc<DmaLog>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) stats: Arc<BlockStats>,
+    /// `Some`: the `pause` error policy's notifier.
+    pause: Option<StallNotifier>,
+    /// A host I/O error stopped the queue (`pause` policy) and no retry came since.
+    stalled: bool,
+    /// When the kept request was first taken off the virtqueue (its latency starts there).
+    stalled_since: Option<Instant>,
     buf: Vec<u8>,
+}
+
+/// What [`BlockCtx::execute`] learnt about a request besides its result.
+#[derive(Default)]
+struct Outcome {
+    /// The request type, once the header was read.
+    kind: Option<u32>,
+    /// Data bytes taken from the guest (OUT data, DISCARD / WRITE_ZEROES segments).
+    from_guest: u64,
 }
 
 impl BlockCtx {
@@ -361,7 +477,7 @@ impl BlockCtx {
         let res = (|| {
             while left > 0 {
                 let chunk = bounce(&mut buf, left)?;
-                self.disk().read_at(off, chunk).map_err(|e| ioerr(format!("read at {off}: {e}")))?;
+                self.disk().read_at(off, chunk).map_err(host(format!("read at {off}")))?;
                 data.write_all(chunk).map_err(guest_err)?;
                 off += chunk.len() as u64;
                 left -= chunk.len() as u64;
@@ -389,7 +505,7 @@ impl BlockCtx {
             while left > 0 {
                 let chunk = bounce(&mut buf, left)?;
                 data.read_exact(chunk).map_err(guest_err)?;
-                self.disk().write_at(off, chunk).map_err(|e| ioerr(format!("write at {off}: {e}")))?;
+                self.disk().write_at(off, chunk).map_err(host(format!("write at {off}")))?;
                 off += chunk.len() as u64;
                 left -= chunk.len() as u64;
             }
@@ -402,7 +518,7 @@ impl BlockCtx {
     }
 
     fn flush(&self) -> Result<(), ReqError> {
-        self.disk().flush().map_err(|e| ioerr(format!("flush: {e}")))
+        self.disk().flush().map_err(host("flush".into()))
     }
 
     fn after_write(&self) -> Result<(), ReqError> {
@@ -455,7 +571,7 @@ impl BlockCtx {
             for (off, bytes, unmap) in segs {
                 // Discard leaves the range reading as zeros, so it serves WRITE_ZEROES+UNMAP too.
                 let r = if !zeroes || unmap { disk.discard(off, bytes) } else { disk.write_zeroes(off, bytes) };
-                r.map_err(|e| ioerr(format!("discard/write-zeroes at {off}+{bytes}: {e}")))?;
+                r.map_err(host(format!("discard/write-zeroes at {off}+{bytes}")))?;
             }
         }
         self.after_write()?;
@@ -464,14 +580,16 @@ impl BlockCtx {
 
     /// Serves the chain at `head` (parsed, or why it is unusable); returns the used length
     /// (bytes written into the chain's device-writable buffers: data and status), 0 if the
-    /// chain is unusable.
-    fn serve(&mut self, mem: &GuestMem, head: u16, chain: Result<Chain, ChainError>) -> u32 {
+    /// chain is unusable, or `None` when a host I/O error under the `pause` policy keeps the
+    /// request (nothing is written to its status, nothing counted; the queue is stalled).
+    fn serve(&mut self, mem: &GuestMem, head: u16, chain: Result<Chain, ChainError>) -> Option<u32> {
+        let started = self.stalled_since.take().unwrap_or_else(Instant::now);
         let chain = match chain {
             Ok(c) => c,
             Err(e) => {
                 devices::guest_warn!("virtio-blk: dropping malformed chain at {head}: {e}");
                 Counters::add(&self.counters.errors, 1);
-                return 0;
+                return Some(0);
             }
         };
         // The status byte: the last byte of the device-writable buffers.
@@ -479,13 +597,26 @@ impl BlockCtx {
         let Some(status_gpa) = status_gpa.filter(|&g| mem.check_range(GuestAddress(g), 1)) else {
             devices::guest_warn!("virtio-blk: chain at {head} has no usable status byte");
             Counters::add(&self.counters.errors, 1);
-            return 0;
+            return Some(0);
         };
 
         let dma = self.dma.clone();
         let mut data_in = chain.writer(mem, &dma);
         data_in.limit(chain.len(Direction::Writable) - 1);
-        let res = self.execute(mem, &chain, &mut data_in);
+        let mut out = Outcome::default();
+        let res = self.execute(mem, &chain, &mut data_in, &mut out);
+        let res = match (res, &self.pause) {
+            (Err(ReqError::Host { what, source }), Some(notify)) => {
+                let stall = Stall { what, error: source };
+                tracing::warn!("virtio-blk: {stall}; the request is kept and the queue stops until the VM resumes");
+                self.stalled = true;
+                self.stalled_since = Some(started);
+                stats::add(&self.stats.error_pauses, 1);
+                notify(stall);
+                return None;
+            }
+            (r, _) => r,
+        };
         let written = data_in.written();
         let status = match &res {
             Ok(()) => VIRTIO_BLK_S_OK,
@@ -494,11 +625,13 @@ impl BlockCtx {
                 e.status()
             }
         };
+        Counters::add(&self.counters.bytes_written, written);
+        Counters::add(&self.counters.bytes_read, out.from_guest);
         if let Err(e) = mem.write_obj(status, GuestAddress(status_gpa)) {
             // Checked above; only a concurrent memory change could get here.
             devices::guest_warn!("virtio-blk: writing status at {status_gpa:#x}: {e}");
             Counters::add(&self.counters.errors, 1);
-            return 0;
+            return Some(0);
         }
         self.dma.record(status_gpa, 1);
         if res.is_ok() {
@@ -506,15 +639,39 @@ impl BlockCtx {
         } else {
             Counters::add(&self.counters.errors, 1);
         }
+        self.account(out.kind, res.is_ok(), written, out.from_guest, started);
         // `written` ≤ the data buffers' length < 2^32 (a chain's buffers fit in 2^32 bytes);
         // saturate anyway.
-        u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
+        Some(u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX))
+    }
+
+    /// Counts a completed request of type `kind` in the [`BlockStats`].
+    fn account(&self, kind: Option<u32>, ok: bool, to_guest: u64, from_guest: u64, started: Instant) {
+        let s = &*self.stats;
+        let (ops, bytes, latency) = match kind {
+            Some(VIRTIO_BLK_T_IN) => (&s.read_ops, Some((&s.read_bytes, to_guest)), &s.read_latency),
+            Some(VIRTIO_BLK_T_OUT) => (&s.write_ops, Some((&s.write_bytes, from_guest)), &s.write_latency),
+            Some(VIRTIO_BLK_T_FLUSH) => (&s.flush_ops, None, &s.flush_latency),
+            _ => return,
+        };
+        stats::add(ops, 1);
+        if let (true, Some((b, n))) = (ok, bytes) {
+            stats::add(b, n);
+        }
+        latency.record(started.elapsed());
     }
 
     /// Validates buffers, parses the header and runs the request; `data_in` (the
     /// device-writable buffers less the status byte) counts the data bytes put in the guest
-    /// (for the used length) even when the request fails midway.
-    fn execute(&mut self, mem: &GuestMem, chain: &Chain, data_in: &mut ChainWriter) -> Result<(), ReqError> {
+    /// (for the used length) even when the request fails midway; `out` gets the request type
+    /// and the bytes taken from the guest.
+    fn execute(
+        &mut self,
+        mem: &GuestMem,
+        chain: &Chain,
+        data_in: &mut ChainWriter,
+        out: &mut Outcome,
+    ) -> Result<(), ReqError> {
         for dir in [Direction::Readable, Direction::Writable] {
             chain.check_memory(mem, dir).map_err(guest_err)?;
         }
@@ -525,27 +682,21 @@ impl BlockCtx {
         }
         let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15]]);
+        out.kind = Some(kind);
         match kind {
-            VIRTIO_BLK_T_IN => {
-                let r = self.read(sector, data_in);
-                Counters::add(&self.counters.bytes_written, data_in.written());
-                r
-            }
+            VIRTIO_BLK_T_IN => self.read(sector, data_in),
             VIRTIO_BLK_T_OUT => {
-                let n = self.write(sector, &mut readable)?;
-                Counters::add(&self.counters.bytes_read, n);
+                out.from_guest = self.write(sector, &mut readable)?;
                 Ok(())
             }
             VIRTIO_BLK_T_FLUSH => self.flush(),
             VIRTIO_BLK_T_GET_ID => {
                 // As much of the ID as fits (`write` stops when the room runs out).
                 data_in.write(&self.id).map_err(guest_err)?;
-                Counters::add(&self.counters.bytes_written, data_in.written());
                 Ok(())
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                let n = self.discard_or_zero(kind, &mut readable)?;
-                Counters::add(&self.counters.bytes_read, n);
+                out.from_guest = self.discard_or_zero(kind, &mut readable)?;
                 Ok(())
             }
             other => Err(ReqError::Unsupp(format!("request type {other}"))),
@@ -559,19 +710,54 @@ pub(crate) struct BlockQueue {
     pub(crate) queue: Queue,
     pub(crate) interrupt: Arc<dyn Interrupt>,
     pub(crate) ctx: BlockCtx,
+    /// The `pause` policy's retry eventfd (watched from [`Handler::init`]).
+    pub(crate) retry: Option<Arc<EventFd>>,
 }
 
+/// The retry eventfd's epoll token.
+const RETRY_TOKEN: u64 = FIRST_DEVICE_TOKEN;
+
 impl BlockQueue {
-    /// Serves every available request; returns whether the guest must be interrupted.
+    /// Serves every available request, in ring order, unless a host I/O error stalled the
+    /// queue (`pause` policy; then nothing until [`BlockQueue::retry`]); returns whether the
+    /// guest must be interrupted.
     pub(crate) fn process(&mut self) -> bool {
+        if self.ctx.stalled {
+            return false;
+        }
         let (mem, ctx) = (&self.mem, &mut self.ctx);
-        queue::drain(&mut self.queue, mem, |head, chain| ctx.serve(mem, head, chain))
+        queue::drain_in_order(&mut self.queue, mem, |head, chain| ctx.serve(mem, head, chain))
+    }
+
+    /// Lifts a stall: the kept request is served again first, then the rest.
+    pub(crate) fn retry(&mut self) -> bool {
+        self.ctx.stalled = false;
+        self.process()
     }
 }
 
 impl Handler for BlockQueue {
+    fn init(&mut self, ctl: &EpollCtl) -> std::io::Result<()> {
+        if let Some(r) = &self.retry {
+            ctl.add(r.as_raw_fd(), EventSet::IN, RETRY_TOKEN)?;
+        }
+        Ok(())
+    }
     fn queue_event(&mut self, _queue: usize, _ctl: &EpollCtl) {
+        // While stalled a kick changes nothing: the kept request goes first, on a retry.
         if self.process() {
+            self.interrupt.notify_queue(0);
+        }
+    }
+    fn fd_event(&mut self, token: u64, _events: EventSet, _ctl: &EpollCtl) {
+        if token != RETRY_TOKEN {
+            return;
+        }
+        if let Some(r) = &self.retry {
+            // Level-triggered: reading clears it.
+            let _ = r.read();
+        }
+        if self.retry() {
             self.interrupt.notify_queue(0);
         }
     }
@@ -589,6 +775,10 @@ impl Block {
             writethrough: acked & VIRTIO_BLK_F_FLUSH == 0,
             dma,
             counters: self.counters.clone(),
+            stats: self.stats.clone(),
+            pause: self.pause.as_ref().map(|p| p.notify.clone()),
+            stalled: false,
+            stalled_since: None,
             buf: Vec::new(),
         }
     }
@@ -622,8 +812,13 @@ impl VirtioDevice for Block {
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let queue = ctx.queues.into_iter().next().ok_or_else(|| ActivateError::BadConfig("no request queue".into()))?;
-        let q =
-            BlockQueue { mem: ctx.mem, queue, interrupt: ctx.interrupt, ctx: self.ctx(ctx.acked_features, ctx.dma) };
+        let q = BlockQueue {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+            ctx: self.ctx(ctx.acked_features, ctx.dma),
+            retry: self.pause.as_ref().map(|p| p.retry.clone()),
+        };
         self.worker.activate(ctx.queue_evts, q).map_err(|e| ActivateError::Host(e.to_string()))
     }
     fn reset(&mut self) -> Completion {
@@ -637,6 +832,9 @@ impl VirtioDevice for Block {
     }
     fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
+    }
+    fn stats(&self) -> DeviceStats {
+        DeviceStats::Block(self.stats.clone())
     }
 }
 
@@ -718,6 +916,7 @@ mod tests {
             queue: tq.queue(),
             interrupt: Arc::new(NoIrq),
             ctx: dev.ctx(dev.device_features() & (acked | VIRTIO_F_VERSION_1), dma.clone()),
+            retry: None,
         };
         Rig { _dir: dir, path, tq, bq, dma, counters: dev.counters() }
     }
@@ -1317,6 +1516,226 @@ mod tests {
         r.still_works();
     }
 
+    /// Loads one [`BlockStats`] counter.
+    fn load(c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn stats_count_operations_bytes_and_latency_by_kind() {
+        let mut r = rig();
+        assert_eq!(r.read(0, 4096), (4097, VIRTIO_BLK_S_OK));
+        assert_eq!(r.read(8, 512), (513, VIRTIO_BLK_S_OK));
+        // Past the capacity: a failed read, counted as an operation without bytes.
+        assert_eq!(r.read(DISK_SIZE / 512, 512).1, VIRTIO_BLK_S_IOERR);
+        assert_eq!(r.write(3, &[7; 1024]), (1, VIRTIO_BLK_S_OK));
+        r.header(VIRTIO_BLK_T_FLUSH, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (ST, 1, true)]);
+        r.run();
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK);
+        // GET_ID is none of the three.
+        r.header(VIRTIO_BLK_T_GET_ID, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (BUF, 20, true), (ST, 1, true)]);
+        r.run();
+        let s = r.bq.ctx.stats.clone();
+        assert_eq!([load(&s.read_ops), load(&s.write_ops), load(&s.flush_ops)], [3, 1, 1]);
+        assert_eq!([load(&s.read_bytes), load(&s.write_bytes)], [4608, 1024], "successful requests' data");
+        assert_eq!(load(&s.error_pauses), 0);
+        for (h, n) in [(&s.read_latency, 3), (&s.write_latency, 1), (&s.flush_latency, 1)] {
+            let snap = h.snapshot();
+            assert_eq!(snap.count, n);
+            assert!(snap.sum_s > 0.0 && snap.sum_s < 60.0, "{snap:?}");
+            assert!(snap.cumulative.windows(2).all(|w| w[0] <= w[1]) && snap.cumulative[13] <= n, "{snap:?}");
+        }
+        // The common counters keep their meaning.
+        assert_eq!((load(&r.counters.requests), r.errors()), (5, 1));
+        assert_eq!(load(&r.counters.bytes_read), 1024);
+        assert_eq!(load(&r.counters.bytes_written), 4608 + 20);
+        match Block::new(image(&TempDir::new(), false).1, false, None).stats() {
+            DeviceStats::Block(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A rig whose device has the `pause` error policy; the stalls it reports land in the
+    /// returned list.
+    fn rig_pausing() -> (Rig, Arc<Mutex<Vec<String>>>) {
+        let dir = TempDir::new();
+        let (path, img) = image(&dir, false);
+        let stalls = Arc::new(Mutex::new(Vec::new()));
+        let sink = stalls.clone();
+        let dev = Block::new(img, false, None)
+            .pause_on_error(Arc::new(move |s: Stall| sink.lock().unwrap().push(s.to_string())))
+            .unwrap();
+        assert!(dev.retry_handle().is_some());
+        let tq = TestQueue::new(256, MEM);
+        let dma = Arc::new(DmaLog::default());
+        let bq = BlockQueue {
+            mem: tq.mem.clone(),
+            queue: tq.queue(),
+            interrupt: Arc::new(NoIrq),
+            ctx: dev.ctx(dev.device_features(), dma.clone()),
+            retry: dev.pause.as_ref().map(|p| p.retry.clone()),
+        };
+        (Rig { _dir: dir, path, tq, bq, dma, counters: dev.counters() }, stalls)
+    }
+
+    /// Replaces the image under the device by the same file opened read-only (`fail`: every
+    /// write then fails on the host, as on a full file system) or read-write.
+    fn host_fails_writes(r: &Rig, fail: bool) {
+        *r.bq.ctx.disk.lock().unwrap() = DiskImage::open(&r.path, Format::Raw, fail).unwrap();
+    }
+
+    /// Makes a 512-byte write of `fill` at `sector` available, with its buffers in slot `i`
+    /// (descriptors from 10 + 3i); returns (head, status GPA).
+    fn queue_write(r: &mut Rig, i: u16, sector: u64, fill: u8) -> (u16, u64) {
+        let base = DATA + 0x2_0000 + u64::from(i) * 0x1000;
+        let (hdr, st, buf) = (base, base + 0x10, base + 0x100);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        r.tq.write(hdr, &h);
+        r.tq.write(buf, &[fill; 512]);
+        r.tq.write(st, &[0xee]);
+        let head = 10 + 3 * i;
+        r.tq.add_chain(head, &[(hdr, 16, false), (buf, 512, false), (st, 1, true)]);
+        (head, st)
+    }
+
+    #[test]
+    fn report_policy_completes_a_host_error_with_ioerr() {
+        let mut r = rig();
+        host_fails_writes(&r, true);
+        assert_eq!(r.write(5, &[1; 512]), (1, VIRTIO_BLK_S_IOERR));
+        let s = r.bq.ctx.stats.clone();
+        assert_eq!((r.errors(), load(&s.write_ops), load(&s.write_bytes), load(&s.error_pauses)), (1, 1, 0, 0));
+        host_fails_writes(&r, false);
+        assert_eq!(r.write(5, &[1; 512]), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(r.file()[5 * 512..6 * 512], [1; 512]);
+    }
+
+    #[test]
+    fn pause_policy_keeps_the_failing_request_and_retries_it_first() {
+        let (mut r, stalls) = rig_pausing();
+        let (h0, st0) = queue_write(&mut r, 0, 0, 0xa0);
+        r.bq.process();
+        assert_eq!((r.tq.used_idx(), r.tq.used(0).0, r.tq.read(st0, 1)[0]), (1, u32::from(h0), VIRTIO_BLK_S_OK));
+
+        // The host fails writes: the next request is kept, the one behind it waits.
+        host_fails_writes(&r, true);
+        let (h1, st1) = queue_write(&mut r, 1, 1, 0xa1);
+        let (h2, st2) = queue_write(&mut r, 2, 2, 0xa2);
+        assert!(!r.bq.process(), "nothing completed: no interrupt");
+        assert_eq!(r.tq.used_idx(), 1, "neither the failing write nor the one behind it completes");
+        assert_eq!((r.tq.read(st1, 1)[0], r.tq.read(st2, 1)[0]), (0xee, 0xee), "no status written");
+        assert_eq!(
+            virtio_queue::QueueT::next_avail(&r.bq.queue),
+            1,
+            "the kept request is back at the front of the ring"
+        );
+        {
+            let st = stalls.lock().unwrap();
+            assert_eq!(st.len(), 1);
+            assert!(st[0].starts_with("write at 512: "), "{st:?}");
+        }
+        let s = r.bq.ctx.stats.clone();
+        assert_eq!((load(&s.error_pauses), r.errors(), load(&s.write_ops)), (1, 0, 1), "nothing completed");
+
+        // Kicks while stalled change nothing and report nothing more (no busy loop).
+        for _ in 0..3 {
+            assert!(!r.bq.process());
+        }
+        assert_eq!((r.tq.used_idx(), stalls.lock().unwrap().len()), (1, 1));
+
+        // A retry while the host still fails stalls again, with a new report.
+        assert!(!r.bq.retry());
+        assert_eq!((r.tq.used_idx(), stalls.lock().unwrap().len(), load(&s.error_pauses)), (1, 2, 2));
+
+        // Space is back: the kept write completes first, then the one behind it.
+        host_fails_writes(&r, false);
+        assert!(r.bq.retry());
+        assert_eq!(r.tq.used_idx(), 3);
+        assert_eq!((r.tq.used(1).0, r.tq.used(2).0), (u32::from(h1), u32::from(h2)), "ring order kept");
+        assert_eq!((r.tq.read(st1, 1)[0], r.tq.read(st2, 1)[0]), (VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK));
+        let f = r.file();
+        assert_eq!((&f[..512], &f[512..1024], &f[1024..1536]), (&[0xa0; 512][..], &[0xa1; 512][..], &[0xa2; 512][..]));
+        assert_eq!((load(&s.write_ops), load(&s.write_bytes), r.errors()), (3, 1536, 0));
+        assert_eq!(s.write_latency.snapshot().count, 3, "the kept write is timed once, when it completes");
+        assert_eq!(stalls.lock().unwrap().len(), 2);
+        r.still_works();
+    }
+
+    #[test]
+    fn pause_policy_reports_guest_errors_to_the_guest() {
+        let (mut r, stalls) = rig_pausing();
+        // Out of range and malformed: the guest's doing, never a reason to stop.
+        assert_eq!(r.read(DISK_SIZE / 512, 512).1, VIRTIO_BLK_S_IOERR);
+        assert_eq!(r.write(0, &[1; 100]).1, VIRTIO_BLK_S_IOERR);
+        r.header(99, 0);
+        r.tq.add_chain(0, &[(HDR, 16, false), (ST, 1, true)]);
+        r.run();
+        assert_eq!(r.status(), VIRTIO_BLK_S_UNSUPP);
+        assert!(stalls.lock().unwrap().is_empty());
+        r.still_works();
+    }
+
+    #[test]
+    fn the_retry_handle_wakes_a_stalled_worker() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        struct ChanIrq(Mutex<mpsc::Sender<u16>>);
+        impl Interrupt for ChanIrq {
+            fn notify_queue(&self, q: u16) {
+                let _ = self.0.lock().unwrap().send(q);
+            }
+            fn notify_config(&self) {}
+        }
+        let dir = TempDir::new();
+        let (path, img) = image(&dir, false);
+        let (stall_tx, stall_rx) = mpsc::channel();
+        let stall_tx = Mutex::new(stall_tx);
+        let mut dev = Block::new(img, false, None)
+            .pause_on_error(Arc::new(move |s: Stall| {
+                let _ = stall_tx.lock().unwrap().send(s.error.kind());
+            }))
+            .unwrap();
+        let retry = dev.retry_handle().unwrap();
+        let mut tq = TestQueue::new(256, MEM);
+        let (tx, rx) = mpsc::channel();
+        let kick = EventFd::new(0).unwrap();
+        let ctx = ActivateContext {
+            mem: tq.mem.clone(),
+            acked_features: dev.device_features(),
+            queues: vec![tq.queue()],
+            queue_evts: vec![kick.try_clone().unwrap()],
+            interrupt: Arc::new(ChanIrq(Mutex::new(tx))),
+            dma: Arc::new(DmaLog::default()),
+            resumed: false,
+        };
+        dev.activate(ctx).unwrap();
+        *dev.disk().lock().unwrap() = DiskImage::open(&path, Format::Raw, true).unwrap();
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        h[8..16].copy_from_slice(&7u64.to_le_bytes());
+        tq.write(HDR, &h);
+        tq.write(BUF, &[0x77; 512]);
+        tq.write(ST, &[0xee]);
+        tq.add_chain(0, &[(HDR, 16, false), (BUF, 512, false), (ST, 1, true)]);
+        kick.write(1).unwrap();
+        let kind = stall_rx.recv_timeout(Duration::from_secs(10)).expect("a stall is reported");
+        assert_eq!(kind, std::io::ErrorKind::PermissionDenied);
+        kick.write(1).unwrap();
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "no completion while stalled");
+        assert_eq!((tq.used_idx(), tq.read(ST, 1)[0]), (0, 0xee));
+        *dev.disk().lock().unwrap() = DiskImage::open(&path, Format::Raw, false).unwrap();
+        retry.retry();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 0, "the retry completes the request");
+        assert_eq!((tq.used_idx(), tq.read(ST, 1)[0]), (1, VIRTIO_BLK_S_OK));
+        assert_eq!(std::fs::read(&path).unwrap()[7 * 512..8 * 512], [0x77; 512]);
+        assert!(stall_rx.try_recv().is_err(), "one stall only");
+        assert!(dev.reset().wait(Duration::from_secs(10)));
+    }
+
     #[test]
     fn activate_serves_kicks_and_reset_stops() {
         use std::sync::mpsc;
@@ -1406,6 +1825,7 @@ mod tests {
                 queue: tq.queue(),
                 interrupt: Arc::new(NoIrq),
                 ctx: dev.ctx(dev.device_features(), dma.clone()),
+                retry: None,
             },
             _dir: dir,
             path: PathBuf::new(),

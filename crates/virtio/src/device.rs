@@ -174,6 +174,10 @@ pub trait VirtioDevice: Send {
     }
     /// The device's counters.
     fn counters(&self) -> Arc<Counters>;
+    /// The device's statistics beyond [`Counters`] (virtio-blk, virtio-net). Default: none.
+    fn stats(&self) -> crate::DeviceStats {
+        crate::DeviceStats::None
+    }
 }
 
 /// Copies `src` into `data` from `offset`, zero-filling past the end (config-space reads).

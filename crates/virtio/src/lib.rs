@@ -25,6 +25,7 @@ pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
+pub mod stats;
 pub mod tap;
 #[cfg(test)]
 mod testing;
@@ -32,6 +33,7 @@ pub mod vsock;
 pub mod worker;
 
 pub use device::{ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt, VirtioDevice};
+pub use stats::DeviceStats;
 
 /// Device IDs (virtio 1.2 §5).
 pub const TYPE_NET: u32 = 1;

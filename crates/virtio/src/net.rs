@@ -25,6 +25,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::device::{read_config_bytes, ActivateContext, ActivateError, Counters, DmaLog, GuestMem, Interrupt};
 use crate::queue::{self, Chain, ChainError, Direction};
+use crate::stats::{self, DeviceStats, NetStats};
 use crate::tap::{Tap, VNET_HDR_LEN};
 use crate::worker::{Completion, EpollCtl, Handler, Worker, FIRST_DEVICE_TOKEN};
 use crate::{VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1};
@@ -96,6 +97,7 @@ pub struct Net {
     io: Arc<dyn FrameIo>,
     mac: [u8; 6],
     counters: Arc<Counters>,
+    stats: Arc<NetStats>,
     worker: Worker<NetQueues>,
 }
 
@@ -108,7 +110,7 @@ impl Net {
 
     /// A new, inactive network device whose frames go to and come from `io` instead of a TAP.
     pub fn with_io(io: Arc<dyn FrameIo>, mac: [u8; 6]) -> Net {
-        Net { io, mac, counters: Arc::default(), worker: Worker::new("virtio-net") }
+        Net { io, mac, counters: Arc::default(), stats: Arc::default(), worker: Worker::new("virtio-net") }
     }
 
     /// The guest's MAC address.
@@ -153,7 +155,7 @@ impl VirtioDevice for Net {
             self.io.clone(),
             ctx.interrupt,
             ctx.dma,
-            self.counters.clone(),
+            (self.counters.clone(), self.stats.clone()),
             ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
         );
         // The worker drops the previous activation's state (if any) before serving this one.
@@ -165,6 +167,9 @@ impl VirtioDevice for Net {
     }
     fn counters(&self) -> Arc<Counters> {
         self.counters.clone()
+    }
+    fn stats(&self) -> DeviceStats {
+        DeviceStats::Net(self.stats.clone())
     }
 }
 
@@ -230,6 +235,7 @@ pub(crate) struct NetQueues {
     interrupt: Arc<dyn Interrupt>,
     dma: Arc<DmaLog>,
     counters: Arc<Counters>,
+    stats: Arc<NetStats>,
     mrg_rxbuf: bool,
     /// Frame read from `io` ([`MAX_FRAME_LEN`] + 1 bytes: a read filling it was too long).
     rx_buf: Vec<u8>,
@@ -253,7 +259,7 @@ impl NetQueues {
         io: Arc<dyn FrameIo>,
         interrupt: Arc<dyn Interrupt>,
         dma: Arc<DmaLog>,
-        counters: Arc<Counters>,
+        (counters, stats): (Arc<Counters>, Arc<NetStats>),
         mrg_rxbuf: bool,
     ) -> NetQueues {
         NetQueues {
@@ -264,6 +270,7 @@ impl NetQueues {
             interrupt,
             dma,
             counters,
+            stats,
             mrg_rxbuf,
             rx_buf: vec![0; MAX_FRAME_LEN + 1],
             rx_pending: None,
@@ -277,7 +284,7 @@ impl NetQueues {
     /// Sends every available TX chain to `io` and returns them through the used ring (length
     /// 0: TX buffers are device-readable only). Returns whether the guest must be interrupted.
     pub(crate) fn process_tx(&mut self) -> bool {
-        let Self { mem, tx, io, counters, tx_buf, .. } = self;
+        let Self { mem, tx, io, counters, stats, tx_buf, .. } = self;
         if !tx.ready() {
             return false;
         }
@@ -294,13 +301,14 @@ impl NetQueues {
                     Err(e) => {
                         devices::guest_warn!("virtio-net: corrupt TX avail ring: {e}");
                         Counters::add(&counters.errors, 1);
+                        stats::add(&stats.tx_dropped, 1);
                         // Ask for a kick once the driver has repaired it.
                         let _ = tx.enable_notification(mem);
                         return used_any && tx.needs_notification(mem).unwrap_or(true);
                     }
                 };
                 rechecks = 0;
-                Self::send(chain, mem, io.as_ref(), counters, tx_buf);
+                Self::send(chain, mem, io.as_ref(), (counters, stats), tx_buf);
                 match tx.add_used(mem, head, 0) {
                     Ok(()) => {
                         used_any = true;
@@ -332,27 +340,37 @@ impl NetQueues {
 
     /// Gathers one TX chain (header + frame) and writes it to `io`; malformed chains, frames
     /// outside [`MIN_FRAME_LEN`]..=[`MAX_FRAME_LEN`] and write errors are counted and dropped.
-    fn send(chain: Result<Chain, ChainError>, mem: &GuestMem, io: &dyn FrameIo, counters: &Counters, buf: &mut [u8]) {
+    fn send(
+        chain: Result<Chain, ChainError>,
+        mem: &GuestMem,
+        io: &dyn FrameIo,
+        (counters, stats): (&Counters, &NetStats),
+        buf: &mut [u8],
+    ) {
+        let dropped = || {
+            Counters::add(&counters.errors, 1);
+            stats::add(&stats.tx_dropped, 1);
+        };
         let (chain, frame) = match checked(chain, mem, Direction::Readable, MAX_FRAME_LEN as u64) {
             // t ≤ MAX_FRAME_LEN ≤ buf.len(), so the `get_mut` succeeds.
             Ok((c, t)) => match usize::try_from(t).ok().and_then(|t| buf.get_mut(..t)) {
                 Some(frame) if frame.len() >= MIN_FRAME_LEN => (c, frame),
                 _ => {
                     tracing::debug!("virtio-net: TX frame of {t} bytes dropped (too short)");
-                    Counters::add(&counters.errors, 1);
+                    dropped();
                     return;
                 }
             },
             Err(e) => {
                 tracing::debug!("virtio-net: TX chain dropped: {e}");
-                Counters::add(&counters.errors, 1);
+                dropped();
                 return;
             }
         };
         let total = frame.len();
         if let Err(e) = chain.reader(mem).read_exact(frame) {
             tracing::debug!("virtio-net: TX chain dropped: {e}");
-            Counters::add(&counters.errors, 1);
+            dropped();
             return;
         }
         // No offloads were negotiated: flags, gso_type, hdr_len, gso_size, csum_* must be 0 and
@@ -363,14 +381,18 @@ impl NetQueues {
             Ok(n) if n == total => {
                 Counters::add(&counters.requests, 1);
                 Counters::add(&counters.bytes_read, total as u64);
+                stats::add(&stats.tx_packets, 1);
+                stats::add(&stats.tx_bytes, (total - VNET_HDR_LEN) as u64);
             }
             Ok(n) => {
                 tracing::debug!("virtio-net: TX short write ({n} of {total} bytes)");
                 Counters::add(&counters.errors, 1);
+                stats::add(&stats.tx_errors, 1);
             }
             Err(e) => {
                 tracing::debug!("virtio-net: TX write: {e}");
                 Counters::add(&counters.errors, 1);
+                stats::add(&stats.tx_errors, 1);
             }
         }
     }
@@ -396,6 +418,7 @@ impl NetQueues {
                         // A truncated (too long), runt or empty (EOF) read.
                         tracing::debug!("virtio-net: RX frame of {n} bytes dropped");
                         Counters::add(&self.counters.errors, 1);
+                        stats::add(&self.stats.rx_errors, 1);
                         read_errors += 1;
                         if read_errors >= MAX_READ_ERRORS {
                             break Rx::Drained;
@@ -407,6 +430,7 @@ impl NetQueues {
                     Err(e) => {
                         tracing::debug!("virtio-net: RX read: {e}");
                         Counters::add(&self.counters.errors, 1);
+                        stats::add(&self.stats.rx_errors, 1);
                         read_errors += 1;
                         if read_errors >= MAX_READ_ERRORS {
                             break Rx::Drained;
@@ -418,7 +442,10 @@ impl NetQueues {
             self.rx_pending = Some(len);
             match self.place(len) {
                 Placed::Delivered | Placed::Dropped => self.rx_pending = None,
-                Placed::Starved => break Rx::Starved,
+                Placed::Starved => {
+                    stats::add(&self.stats.rx_no_buffers, 1);
+                    break Rx::Starved;
+                }
             }
             frames += 1;
         };
@@ -431,7 +458,7 @@ impl NetQueues {
     /// written (counted) and the frame goes to the next ones. Chains taken for a frame that
     /// does not fit are given back to the available ring.
     fn place(&mut self, len: usize) -> Placed {
-        let Self { mem, rx, dma, counters, rx_buf, rx_chains, mrg_rxbuf, rx_used, .. } = self;
+        let Self { mem, rx, dma, counters, stats, rx_buf, rx_chains, mrg_rxbuf, rx_used, .. } = self;
         let size = usize::from(rx.size());
         let max_chains = if *mrg_rxbuf { size } else { 1 };
         let mut start = rx.next_avail();
@@ -442,6 +469,7 @@ impl NetQueues {
                 tracing::debug!("virtio-net: RX frame of {len} bytes dropped (larger than the receive buffers)");
                 rx.set_next_avail(start);
                 Counters::add(&counters.errors, 1);
+                stats::add(&stats.rx_dropped, 1);
                 return Placed::Dropped;
             }
             let (head, chain) = match queue::pop(rx, mem) {
@@ -458,6 +486,7 @@ impl NetQueues {
                         // Every descriptor is posted and the frame still does not fit.
                         tracing::debug!("virtio-net: RX frame of {len} bytes dropped (larger than the ring)");
                         Counters::add(&counters.errors, 1);
+                        stats::add(&stats.rx_dropped, 1);
                         return Placed::Dropped;
                     }
                     return Placed::Starved;
@@ -532,10 +561,14 @@ impl NetQueues {
         }
         if failed {
             Counters::add(&counters.errors, 1);
+            stats::add(&stats.rx_dropped, 1);
             return Placed::Dropped;
         }
         Counters::add(&counters.requests, 1);
         Counters::add(&counters.bytes_written, len as u64);
+        stats::add(&stats.rx_packets, 1);
+        // len ≥ MIN_FRAME_LEN > VNET_HDR_LEN.
+        stats::add(&stats.rx_bytes, len.saturating_sub(VNET_HDR_LEN) as u64);
         Placed::Delivered
     }
 
@@ -667,6 +700,7 @@ mod tests {
         peer: Seq,
         q: NetQueues,
         counters: Arc<Counters>,
+        stats: Arc<NetStats>,
         dma: Arc<DmaLog>,
     }
 
@@ -683,6 +717,7 @@ mod tests {
             q.set_event_idx(event_idx);
             let (rxq, txq) = if rx { (q, idle) } else { (idle, q) };
             let (counters, dma) = (Arc::<Counters>::default(), Arc::<DmaLog>::default());
+            let stats = Arc::<NetStats>::default();
             let q = NetQueues::new(
                 tq.mem.clone(),
                 rxq,
@@ -690,10 +725,27 @@ mod tests {
                 io,
                 Arc::new(Irq::default()),
                 dma.clone(),
-                counters.clone(),
+                (counters.clone(), stats.clone()),
                 mrg,
             );
-            Rig { tq, peer, q, counters, dma }
+            Rig { tq, peer, q, counters, stats, dma }
+        }
+        /// The [`NetStats`] as (rx_packets, rx_bytes, rx_dropped, rx_errors, rx_no_buffers,
+        /// tx_packets, tx_bytes, tx_dropped, tx_errors).
+        fn stats(&self) -> [u64; 9] {
+            let s = &*self.stats;
+            [
+                &s.rx_packets,
+                &s.rx_bytes,
+                &s.rx_dropped,
+                &s.rx_errors,
+                &s.rx_no_buffers,
+                &s.tx_packets,
+                &s.tx_bytes,
+                &s.tx_dropped,
+                &s.tx_errors,
+            ]
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
         }
         fn errors(&self) -> u64 {
             self.counters.errors.load(std::sync::atomic::Ordering::Relaxed)
@@ -758,6 +810,7 @@ mod tests {
         assert_eq!((r.tq.used_idx(), r.tq.used(0)), (1, (0, 0)));
         assert_eq!((r.requests(), r.errors()), (1, 0));
         assert_eq!(r.counters.bytes_read.load(std::sync::atomic::Ordering::Relaxed), 72);
+        assert_eq!(r.stats(), [0, 0, 0, 0, 0, 1, 60, 0, 0], "one 60-byte Ethernet frame sent");
         // Several chains at once, the header and frame in one buffer.
         for i in 0..3u16 {
             let f = frame(100, i as u8);
@@ -828,6 +881,7 @@ mod tests {
             setup(&mut r.tq);
             r.q.process_tx();
             assert_eq!(r.errors(), i as u64 + 1, "{what}: counted");
+            assert_eq!(r.stats()[7], i as u64 + 1, "{what}: a tx drop");
             assert_eq!(r.peer.recv(), None, "{what}: nothing sent");
             if *what != "head out of range" {
                 assert_eq!(r.tq.used_idx(), used.wrapping_add(1), "{what}: chain returned");
@@ -839,6 +893,8 @@ mod tests {
             assert_eq!(r.peer.recv().unwrap(), clean(&good, 0), "{what}: next frame");
             assert_eq!(r.requests(), i as u64 + 1);
         }
+        let n = cases.len() as u64;
+        assert_eq!(r.stats(), [0, 0, 0, 0, 0, n, n * 52, n, 0], "good frames sent, hostile ones dropped");
     }
 
     #[test]
@@ -847,6 +903,7 @@ mod tests {
         r.tq.set_avail_idx(SIZE + 5);
         assert!(!r.q.process_tx());
         assert_eq!((r.errors(), r.tq.used_idx()), (1, 0));
+        assert_eq!(r.stats()[7], 1, "tx_dropped");
         r.tq.set_avail_idx(0);
         let f = frame(64, 2);
         let bufs = place_tx(&r.tq, &f, &[64]);
@@ -866,6 +923,7 @@ mod tests {
         r.tq.add_chain(0, &bufs);
         assert!(r.q.process_tx());
         assert_eq!((r.errors(), r.requests(), r.tq.used_idx()), (1, 0, 1));
+        assert_eq!(r.stats(), [0, 0, 0, 0, 0, 0, 0, 0, 1], "a TAP write error is a tx error, not a drop");
     }
 
     #[test]
@@ -883,6 +941,7 @@ mod tests {
         assert_eq!(r.dma.take(), vec![(DATA, 20), (DATA + 0x1000, 92)]);
         assert_eq!((r.requests(), r.errors()), (1, 0));
         assert_eq!(r.counters.bytes_written.load(std::sync::atomic::Ordering::Relaxed), 112);
+        assert_eq!(r.stats(), [1, 100, 0, 0, 0, 0, 0, 0, 0], "one 100-byte Ethernet frame received");
         // Nothing more to read: no interrupt, not starved.
         assert_eq!(r.q.process_rx(), (false, Rx::Drained));
     }
@@ -904,6 +963,8 @@ mod tests {
         assert_eq!(r.tq.used(1), (1, 70));
         assert_eq!(r.tq.read(DATA + 0x1000, 70), clean(&f2, 1));
         assert_eq!((r.requests(), r.errors()), (2, 0));
+        // Three waits for buffers, nothing dropped: the frames waited.
+        assert_eq!(r.stats(), [2, 48 + 58, 0, 0, 3, 0, 0, 0, 0]);
     }
 
     /// `avail_event`, where the device says when it wants the next kick (§2.7.10).
@@ -953,6 +1014,7 @@ mod tests {
         assert_eq!((r.errors(), r.requests()), (1, 1));
         assert_eq!((r.tq.used_idx(), r.tq.used(0)), (1, (0, 62)), "the chain took the next frame");
         assert_eq!(r.tq.read(DATA, 62), clean(&small, 1));
+        assert_eq!(r.stats(), [1, 50, 1, 0, 0, 0, 0, 0, 0], "the big frame is an rx drop");
     }
 
     #[test]
@@ -1037,6 +1099,8 @@ mod tests {
         r.peer.send(&f);
         assert_eq!(r.q.process_rx(), (true, Rx::Drained));
         assert_eq!((r.errors(), r.requests()), (3, 1));
+        let eth = (MAX_FRAME_LEN - VNET_HDR_LEN) as u64;
+        assert_eq!(r.stats(), [1, eth, 0, 3, 0, 0, 0, 0, 0], "bad lengths read are rx errors");
         assert_eq!((r.tq.used_idx(), r.tq.used(0)), (1, (0, MAX_FRAME_LEN as u32)));
         assert_eq!(r.tq.read(DATA, MAX_FRAME_LEN), clean(&f, 1));
     }
@@ -1080,7 +1144,7 @@ mod tests {
             Arc::new(Flood(EventFd::new(EFD_NONBLOCK).unwrap())),
             Arc::new(Irq::default()),
             Arc::default(),
-            counters.clone(),
+            (counters.clone(), Arc::default()),
             false,
         );
         let mut tq = tq;
@@ -1332,7 +1396,7 @@ mod tests {
             tap.clone(),
             Arc::new(Irq::default()),
             Arc::default(),
-            Arc::default(),
+            (Arc::default(), Arc::default()),
             false,
         );
         let mut tx_tq = tx_tq;
@@ -1362,7 +1426,7 @@ mod tests {
             tap.clone(),
             Arc::new(Irq::default()),
             Arc::default(),
-            Arc::default(),
+            (Arc::default(), Arc::default()),
             false,
         );
         let inbound = eth(2);

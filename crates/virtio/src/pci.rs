@@ -340,6 +340,11 @@ impl VirtioPci {
         self.device.counters()
     }
 
+    /// The device's statistics beyond its counters ([`VirtioDevice::stats`]).
+    pub fn stats(&self) -> crate::DeviceStats {
+        self.device.stats()
+    }
+
     /// The device's virtio type (§5).
     pub fn device_type(&self) -> u32 {
         self.device.device_type()

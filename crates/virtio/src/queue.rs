@@ -45,7 +45,36 @@ const DESC_SIZE: u64 = 16;
 /// rings outside guest memory) stops the walk: the error is logged (rate-limited) and what
 /// was done so far is reported. Never panics on guest-controlled ring contents.
 pub fn drain(queue: &mut Queue, mem: &GuestMem, mut serve: impl FnMut(u16, Result<Chain, ChainError>) -> u32) -> bool {
-    walk(queue, mem, &mut (), |_| true, |_, h, c| serve(h, c), true)
+    walk(queue, mem, &mut (), |_| true, |_, h, c| Some(serve(h, c)), true)
+}
+
+/// Like [`drain`], for a device that may have to stop in the middle of the ring (virtio-blk's
+/// `pause` error policy): `serve` returns `None` to leave the chain at `head` unserved. It is
+/// then put back at the front of the available ring (the queue's `next_avail` goes back by
+/// one), nothing goes in the used ring for it, the walk stops, and the chains after it stay
+/// in the ring behind it; the next walk takes it first. Notifications are left as they are
+/// (the device decides when to walk again).
+///
+/// Returns whether the driver must be interrupted (for the chains served before). Never
+/// panics on guest-controlled ring contents.
+pub fn drain_in_order(
+    queue: &mut Queue,
+    mem: &GuestMem,
+    mut serve: impl FnMut(u16, Result<Chain, ChainError>) -> Option<u32>,
+) -> bool {
+    let mut kept = false;
+    walk(
+        queue,
+        mem,
+        &mut kept,
+        |kept| !*kept,
+        |kept, h, c| {
+            let r = serve(h, c);
+            *kept = r.is_none();
+            r
+        },
+        true,
+    )
 }
 
 fn finish(queue: &mut Queue, mem: &GuestMem, used_any: bool) -> bool {
@@ -69,7 +98,8 @@ pub fn fill<S>(
     has_work: impl FnMut(&mut S) -> bool,
     serve: impl FnMut(&mut S, u16, Result<Chain, ChainError>) -> u32,
 ) -> bool {
-    walk(queue, mem, state, has_work, serve, false)
+    let mut serve = serve;
+    walk(queue, mem, state, has_work, |s, h, c| Some(serve(s, h, c)), false)
 }
 
 /// Takes the next available chain of `queue` and parses it (see [`Chain::parse`]): `Ok(None)`
@@ -84,14 +114,16 @@ pub fn pop(queue: &mut Queue, mem: &GuestMem) -> Result<Option<(u16, Result<Chai
     Ok(Some((head, Chain::parse(mem, queue.desc_table(), queue.size(), head))))
 }
 
-/// The walk behind [`drain`] and [`fill`]. With `quiet`, driver notifications are turned
-/// off while chains are served (they are re-armed before returning, with event index).
+/// The walk behind [`drain`], [`drain_in_order`] and [`fill`]. With `quiet`, driver
+/// notifications are turned off while chains are served (they are re-armed before
+/// returning, with event index). A chain `serve` leaves unserved (`None`) goes back to the
+/// front of the available ring and ends the walk.
 fn walk<S>(
     queue: &mut Queue,
     mem: &GuestMem,
     state: &mut S,
     mut has_work: impl FnMut(&mut S) -> bool,
-    mut serve: impl FnMut(&mut S, u16, Result<Chain, ChainError>) -> u32,
+    mut serve: impl FnMut(&mut S, u16, Result<Chain, ChainError>) -> Option<u32>,
     quiet: bool,
 ) -> bool {
     if !queue.ready() {
@@ -118,7 +150,11 @@ fn walk<S>(
                     return finish(queue, mem, used_any);
                 }
             };
-            let len = serve(state, head, chain);
+            let Some(len) = serve(state, head, chain) else {
+                // Popping moved next_avail by exactly one: give the chain back.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                return finish(queue, mem, used_any);
+            };
             if let Err(e) = queue.add_used(mem, head, len) {
                 devices::guest_warn!("virtqueue: add_used: {e}");
                 return finish(queue, mem, used_any);

@@ -10,8 +10,8 @@
 use std::path::Path;
 
 pub use api_types::{
-    Accel, BalloonConfig, ConsoleOut, DiskConfig, DiskFormat, MacAddr, MemoryOptions, NetConfig, VmConfig, VsockConfig,
-    MAX_STATS_INTERVAL_S, SERIAL_MAX,
+    Accel, BalloonConfig, ConsoleOut, DiskConfig, DiskErrorPolicy, DiskFormat, MacAddr, MemoryOptions, NetConfig,
+    VmConfig, VsockConfig, MAX_STATS_INTERVAL_S, SERIAL_MAX,
 };
 
 use crate::{Error, Result};

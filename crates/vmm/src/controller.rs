@@ -1,7 +1,14 @@
 //! The VMM side of the REST API: one VM's life (create, boot, pause, resume, shutdown,
 //! reboot, delete, snapshot, restore, backup) behind [`api::Controller`].
+//!
+//! Besides API requests, the controller takes the live VM's device messages
+//! ([`DeviceEvent`]) on a thread of its own ("vm-events", one per VM, ending with the VM's
+//! devices): a disk with `on_error: pause` that stalled on a host I/O error makes it pause
+//! the VM as `vm.pause` does, and record why (`vm.info`'s `pause_reason`); `vm.resume` tells
+//! the stalled disks to retry before the vCPUs go on.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use api::types;
@@ -9,7 +16,8 @@ use api::ApiError;
 
 use crate::backup::Backup;
 use crate::config::VmConfig;
-use crate::vm::{RunOutcome, Vm};
+use crate::virtio_devices::DeviceEvent;
+use crate::vm::{RunControl, RunOutcome, Vm};
 
 /// How long `vm.shutdown` waits for the guest to power off after the power button.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -29,6 +37,8 @@ enum Slot {
         cfg: VmConfig,
         booted: Instant,
         paused: bool,
+        /// Why the VMM paused the VM by itself (a disk's host I/O error); cleared on resume.
+        pause_reason: Option<String>,
     },
     Shutdown {
         cfg: VmConfig,
@@ -57,9 +67,10 @@ impl Slot {
     }
 }
 
-/// The VMM's one VM, driven by API requests.
+/// The VMM's one VM, driven by API requests (and its devices' messages).
 pub struct VmmController {
-    slot: Mutex<Slot>,
+    /// Shared (weakly) with the device-event thread of the live VM.
+    slot: Arc<Mutex<Slot>>,
     exit: Arc<ExitFlag>,
 }
 
@@ -171,6 +182,45 @@ fn backup_error(e: crate::backup::Error) -> ApiError {
     }
 }
 
+fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn histogram(h: &virtio::stats::LatencyHistogram) -> types::LatencyHistogram {
+    let s = h.snapshot();
+    types::LatencyHistogram { bounds_s: s.bounds_s, cumulative: s.cumulative, count: s.count, sum_s: s.sum_s }
+}
+
+/// A disk's statistics for `vm.counters`.
+fn block_counters(b: &virtio::stats::BlockStats) -> types::BlockCounters {
+    types::BlockCounters {
+        read_ops: load(&b.read_ops),
+        write_ops: load(&b.write_ops),
+        flush_ops: load(&b.flush_ops),
+        read_bytes: load(&b.read_bytes),
+        write_bytes: load(&b.write_bytes),
+        error_pauses: load(&b.error_pauses),
+        read_latency: histogram(&b.read_latency),
+        write_latency: histogram(&b.write_latency),
+        flush_latency: histogram(&b.flush_latency),
+    }
+}
+
+/// A NIC's statistics for `vm.counters`.
+fn net_counters(n: &virtio::stats::NetStats) -> types::NetCounters {
+    types::NetCounters {
+        rx_packets: load(&n.rx_packets),
+        rx_bytes: load(&n.rx_bytes),
+        rx_dropped: load(&n.rx_dropped),
+        rx_errors: load(&n.rx_errors),
+        rx_no_buffers: load(&n.rx_no_buffers),
+        tx_packets: load(&n.tx_packets),
+        tx_bytes: load(&n.tx_bytes),
+        tx_dropped: load(&n.tx_dropped),
+        tx_errors: load(&n.tx_errors),
+    }
+}
+
 const NO_VM: &str = "no VM: create one with vm.create";
 const NO_BACKUP: &str = "no backup was started on this VM: start one with PUT vm.backup";
 
@@ -183,14 +233,65 @@ impl Default for VmmController {
 impl VmmController {
     /// A VMM with no VM.
     pub fn new() -> VmmController {
-        VmmController { slot: Mutex::new(Slot::Empty), exit: Arc::default() }
+        VmmController { slot: Arc::new(Mutex::new(Slot::Empty)), exit: Arc::default() }
     }
 
     /// A VMM that already runs `vm` (started by `rustvisor run --api-socket`).
-    pub fn with_running(vm: Vm, cfg: VmConfig) -> VmmController {
+    pub fn with_running(mut vm: Vm, cfg: VmConfig) -> VmmController {
         let c = Self::new();
-        *c.lock() = Slot::Live { backup: None, vm: Box::new(vm), cfg, booted: Instant::now(), paused: false };
+        let (events, ctl) = (vm.take_device_events(), vm.control());
+        *c.lock() = Self::live(Box::new(vm), cfg, false);
+        c.watch(events, &ctl);
         c
+    }
+
+    /// A live VM's slot.
+    fn live(vm: Box<Vm>, cfg: VmConfig, paused: bool) -> Slot {
+        Slot::Live { backup: None, vm, cfg, booted: Instant::now(), paused, pause_reason: None }
+    }
+
+    /// Serves the device messages of the VM whose run control is `ctl` (call once it is in
+    /// the slot) on a thread that ends with the VM's devices. A message from a VM that is no
+    /// longer the live one is ignored.
+    fn watch(&self, events: Option<Receiver<DeviceEvent>>, ctl: &Arc<RunControl>) {
+        let Some(events) = events else { return };
+        let (slot, ctl) = (Arc::downgrade(&self.slot), Arc::downgrade(ctl));
+        let spawned = std::thread::Builder::new().name("vm-events".into()).spawn(move || {
+            for event in events {
+                let Some(slot) = slot.upgrade() else { return };
+                let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                Self::device_event(&mut slot, &ctl, event);
+            }
+        });
+        if let Err(e) = spawned {
+            // The disks that stall then wait, with the VM running, until vm.pause/vm.resume.
+            tracing::error!(
+                "cannot start the device event thread: {e}; disks with on_error=pause will not pause the VM"
+            );
+        }
+    }
+
+    /// Acts on one device message for the VM whose run control is `ctl`.
+    fn device_event(slot: &mut Slot, ctl: &Weak<RunControl>, event: DeviceEvent) {
+        let Slot::Live { vm, paused, pause_reason, .. } = slot else {
+            tracing::debug!("{event} (the VM is not live; ignored)");
+            return;
+        };
+        if !ctl.upgrade().is_some_and(|c| Arc::ptr_eq(&c, &vm.control())) || vm.control().outcome().is_some() {
+            tracing::debug!("{event} (from a VM that is gone; ignored)");
+            return;
+        }
+        match event {
+            DeviceEvent::DiskStalled { .. } => {
+                tracing::warn!("{event}: pausing the VM (vm.resume retries the request)");
+                if !*paused {
+                    vm.pause();
+                    *paused = true;
+                }
+                // The first reason stays until vm.resume.
+                pause_reason.get_or_insert_with(|| event.to_string());
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
@@ -315,8 +416,14 @@ impl api::Controller for VmmController {
             cfg
         };
         // Opening the kernel, initrd and disks may be slow: other requests answer meanwhile.
-        let vm = Self::boot_vm(&cfg);
-        self.finish(vm.map(|vm| Slot::Live { backup: None, vm, cfg, booted: Instant::now(), paused: false }))
+        let mut vm = match Self::boot_vm(&cfg) {
+            Ok(vm) => vm,
+            Err(e) => return self.finish(Err(e)),
+        };
+        let (events, ctl) = (vm.take_device_events(), vm.control());
+        self.finish(Ok(Self::live(vm, cfg, false)))?;
+        self.watch(events, &ctl);
+        Ok(())
     }
 
     fn pause(&self) -> Result<(), ApiError> {
@@ -336,7 +443,13 @@ impl api::Controller for VmmController {
         let mut slot = self.lock();
         Self::reap(&mut slot);
         match &mut *slot {
-            Slot::Live { vm, paused: p @ true, .. } => {
+            Slot::Live { vm, paused: p @ true, pause_reason, .. } => {
+                if let Some(why) = pause_reason.take() {
+                    tracing::info!("vm.resume after {why}: retrying");
+                }
+                // A disk that stalled serves the request it kept first; if that fails again,
+                // its message pauses the VM again.
+                vm.retry_stalled_disks();
                 vm.resume();
                 *p = false;
                 Ok(())
@@ -352,6 +465,8 @@ impl api::Controller for VmmController {
             return Err(conflict("vm.shutdown", slot.state()));
         };
         if *paused {
+            // Disks that stalled retry, so that the guest may finish its own shutdown.
+            vm.retry_stalled_disks();
             vm.resume();
             *paused = false;
         }
@@ -381,8 +496,11 @@ impl api::Controller for VmmController {
         };
         // A reset is a fresh boot of the same configuration (devices, memory and vCPUs anew).
         *slot = Slot::Created { cfg: cfg.clone() };
-        let vm = Self::boot_vm(&cfg)?;
-        *slot = Slot::Live { backup: None, vm, cfg, booted: Instant::now(), paused: false };
+        let mut vm = Self::boot_vm(&cfg)?;
+        let (events, ctl) = (vm.take_device_events(), vm.control());
+        *slot = Self::live(vm, cfg, false);
+        drop(slot);
+        self.watch(events, &ctl);
         Ok(())
     }
 
@@ -403,15 +521,21 @@ impl api::Controller for VmmController {
         let state = slot.state().to_string();
         match &*slot {
             Slot::Empty => Err(ApiError::NotFound("no VM: create one with vm.create".into())),
-            Slot::Created { cfg } => {
-                Ok(types::VmInfo { state, config: cfg.clone(), uptime_s: 0.0, accelerator: None, ended: None })
-            }
-            Slot::Live { vm, cfg, booted, .. } => Ok(types::VmInfo {
+            Slot::Created { cfg } => Ok(types::VmInfo {
+                state,
+                config: cfg.clone(),
+                uptime_s: 0.0,
+                accelerator: None,
+                ended: None,
+                pause_reason: None,
+            }),
+            Slot::Live { vm, cfg, booted, pause_reason, .. } => Ok(types::VmInfo {
                 state,
                 config: cfg.clone(),
                 uptime_s: booted.elapsed().as_secs_f64(),
                 accelerator: Some(vm.accelerator().into()),
                 ended: None,
+                pause_reason: pause_reason.clone(),
             }),
             Slot::Shutdown { cfg, accel, ended } => Ok(types::VmInfo {
                 state,
@@ -419,11 +543,17 @@ impl api::Controller for VmmController {
                 uptime_s: 0.0,
                 accelerator: Some(accel.clone()),
                 ended: Some(ended.clone()),
+                pause_reason: None,
             }),
             Slot::Busy { prev, .. } => match &**prev {
-                Slot::Created { cfg } | Slot::Shutdown { cfg, .. } => {
-                    Ok(types::VmInfo { state, config: cfg.clone(), uptime_s: 0.0, accelerator: None, ended: None })
-                }
+                Slot::Created { cfg } | Slot::Shutdown { cfg, .. } => Ok(types::VmInfo {
+                    state,
+                    config: cfg.clone(),
+                    uptime_s: 0.0,
+                    accelerator: None,
+                    ended: None,
+                    pause_reason: None,
+                }),
                 _ => Err(conflict("vm.info", &state)),
             },
         }
@@ -442,8 +572,16 @@ impl api::Controller for VmmController {
             .collect();
         let mut devices = std::collections::BTreeMap::new();
         for d in &vm.virtio {
-            let c = d.dev.lock().unwrap_or_else(|e| e.into_inner()).counters();
+            let (c, stats) = {
+                let dev = d.dev.lock().unwrap_or_else(|e| e.into_inner());
+                (dev.counters(), dev.stats())
+            };
             let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let (block, net) = match stats {
+                virtio::DeviceStats::None => (None, None),
+                virtio::DeviceStats::Block(b) => (Some(block_counters(&b)), None),
+                virtio::DeviceStats::Net(n) => (None, Some(net_counters(&n))),
+            };
             devices.insert(
                 d.name.clone(),
                 types::DeviceCounters {
@@ -451,6 +589,8 @@ impl api::Controller for VmmController {
                     bytes_read: l(&c.bytes_read),
                     bytes_written: l(&c.bytes_written),
                     errors: l(&c.errors),
+                    block,
+                    net,
                 },
             );
         }
@@ -523,13 +663,14 @@ impl api::Controller for VmmController {
         drop(slot);
         // Reading the snapshot may be slow: other requests answer meanwhile.
         let r = crate::persist::restore(std::path::Path::new(source_dir)).map_err(persist_error);
-        self.finish(r.map(|(vm, cfg)| Slot::Live {
-            backup: None,
-            vm: Box::new(vm),
-            cfg,
-            booted: Instant::now(),
-            paused: true,
-        }))
+        let (mut vm, cfg) = match r {
+            Ok(v) => v,
+            Err(e) => return self.finish(Err(e)),
+        };
+        let (events, ctl) = (vm.take_device_events(), vm.control());
+        self.finish(Ok(Self::live(Box::new(vm), cfg, true)))?;
+        self.watch(events, &ctl);
+        Ok(())
     }
 
     fn backup(&self, destination_dir: &str, rate_limit_mib_s: Option<u64>) -> Result<types::BackupStatus, ApiError> {
@@ -597,5 +738,68 @@ impl api::Controller for VmmController {
         let old = std::mem::replace(&mut *self.lock(), Slot::Empty);
         drop(old);
         self.request_exit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::RunState;
+
+    /// A built (not started) emu VM with no devices, and its configuration.
+    fn vm() -> (Box<Vm>, VmConfig) {
+        let cfg: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/nonexistent", "memory_mib": 16, "accel": "emu"}"#).unwrap();
+        let sel = accel::select(accel::Choice::Emu, accel::SelectOptions { allow_kvm_on_pvm: true }).unwrap();
+        let mem = crate::memory::create(cfg.memory_bytes(), &cfg.memory_options).unwrap();
+        (Box::new(Vm::build(&cfg, mem, sel.hypervisor.as_ref(), "test".into()).unwrap()), cfg)
+    }
+
+    fn stalled(name: &str) -> DeviceEvent {
+        DeviceEvent::DiskStalled {
+            name: name.into(),
+            stall: virtio::block::Stall {
+                what: "write at 4096".into(),
+                error: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            },
+        }
+    }
+
+    #[test]
+    fn a_disk_stall_pauses_the_live_vm_with_its_reason_and_resume_clears_it() {
+        let c = VmmController::new();
+        let (vm, cfg) = vm();
+        let ctl = vm.control();
+        *c.lock() = VmmController::live(vm, cfg, false);
+        VmmController::device_event(&mut c.lock(), &Arc::downgrade(&ctl), stalled("disk0"));
+        let info = api::Controller::info(&c).unwrap();
+        assert_eq!(info.state, "Paused");
+        assert_eq!(
+            info.pause_reason.as_deref(),
+            Some("disk disk0: write at 4096: No space left on device (os error 28)")
+        );
+        assert_eq!(ctl.state(), RunState::Paused, "the vCPUs are paused as by vm.pause");
+        // A second stall keeps the first reason.
+        VmmController::device_event(&mut c.lock(), &Arc::downgrade(&ctl), stalled("disk1"));
+        assert!(api::Controller::info(&c).unwrap().pause_reason.unwrap().starts_with("disk disk0: "));
+        api::Controller::resume(&c).unwrap();
+        let info = api::Controller::info(&c).unwrap();
+        assert_eq!((info.state.as_str(), info.pause_reason), ("Running", None));
+        assert_eq!(ctl.state(), RunState::Running);
+    }
+
+    #[test]
+    fn a_stall_from_another_vm_is_ignored() {
+        let c = VmmController::new();
+        let (vm, cfg) = vm();
+        let (old, _) = self::vm();
+        *c.lock() = VmmController::live(vm, cfg, false);
+        VmmController::device_event(&mut c.lock(), &Arc::downgrade(&old.control()), stalled("disk0"));
+        drop(old);
+        let info = api::Controller::info(&c).unwrap();
+        assert_eq!((info.state.as_str(), info.pause_reason), ("Running", None));
+        // And one for a VM that is gone altogether.
+        VmmController::device_event(&mut c.lock(), &Weak::new(), stalled("disk0"));
+        assert_eq!(api::Controller::info(&c).unwrap().state, "Running");
     }
 }

@@ -19,7 +19,8 @@ pub mod vm;
 pub mod vstate;
 
 pub use config::{
-    Accel, BalloonConfig, ConsoleOut, DiskConfig, DiskFormat, MacAddr, MemoryOptions, NetConfig, VmConfig, VsockConfig,
+    Accel, BalloonConfig, ConsoleOut, DiskConfig, DiskErrorPolicy, DiskFormat, MacAddr, MemoryOptions, NetConfig,
+    VmConfig, VsockConfig,
 };
 pub use vm::{RunOutcome, Vm};
 

@@ -1,6 +1,7 @@
 //! The VM's virtio devices on PCI bus 0: building each device model from its
 //! configuration, wrapping it in the virtio-pci transport and placing its BAR.
 
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use devices::{MsiSink, PciBus};
@@ -31,6 +32,30 @@ impl IoEventRegistrar for VmIoEvents {
     }
 }
 
+/// A message from a device to whoever runs the VM (the API controller takes them with
+/// [`crate::Vm::take_device_events`]): data flows device → controller, never into the vCPUs.
+#[derive(Debug)]
+pub enum DeviceEvent {
+    /// A disk with `on_error: pause` met a host I/O error: it keeps the request and its
+    /// queue waits (see [`virtio::block`]) until [`crate::Vm::retry_stalled_disks`]; the VM
+    /// should be paused meanwhile.
+    DiskStalled {
+        /// The device's name (`disk0`, ...).
+        name: String,
+        /// What failed, with the host's error.
+        stall: virtio::block::Stall,
+    },
+}
+
+impl std::fmt::Display for DeviceEvent {
+    /// `disk disk0: write at 4096: No space left on device (os error 28)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceEvent::DiskStalled { name, stall } => write!(f, "disk {name}: {stall}"),
+        }
+    }
+}
+
 /// A virtio device on the bus, with its name for logs and counters.
 pub struct PciVirtio {
     /// "rng", "disk0", "net0", "vsock".
@@ -40,6 +65,8 @@ pub struct PciVirtio {
     /// For a disk: its image, shared with the device (backups attach to it), and its index
     /// in the configuration.
     pub disk: Option<(usize, Arc<Mutex<block::DiskImage>>)>,
+    /// For a disk with `on_error: pause`: restarts its queue after a stall.
+    pub retry: Option<virtio::block::RetryHandle>,
 }
 
 /// The devices [`build`] made.
@@ -60,10 +87,11 @@ pub fn balloon_model(b: &crate::config::BalloonConfig) -> virtio::balloon::Ballo
 }
 
 /// Builds the devices `cfg` asks for, in PCI slot order: disks, NICs, vsock, console, rng,
-/// balloon.
+/// balloon. Disks with `on_error: pause` send their stalls to `events`.
 ///
 /// Errors: `Error::Config` naming the flag when a backing file, TAP or socket cannot be
-/// opened (nothing on disk is changed in that case).
+/// opened (nothing on disk is changed in that case); `Error::DeviceIo` when a disk's retry
+/// eventfd cannot be created.
 pub fn build(
     cfg: &VmConfig,
     mem: &GuestMem,
@@ -71,8 +99,9 @@ pub fn build(
     sink: Arc<dyn MsiSink>,
     dma: Arc<DmaLog>,
     ioevents: Option<Arc<dyn IoEventRegistrar>>,
+    events: &Sender<DeviceEvent>,
 ) -> Result<Built> {
-    type Disk = Option<(usize, Arc<Mutex<block::DiskImage>>)>;
+    type Disk = Option<(usize, Arc<Mutex<block::DiskImage>>, Option<virtio::block::RetryHandle>)>;
     let mut models: Vec<(String, Box<dyn VirtioDevice>, Disk)> = Vec::new();
     for (i, d) in cfg.disks.iter().enumerate() {
         let format = match d.format {
@@ -84,9 +113,19 @@ pub fn build(
             block::ImagePolicy { allow_backing_outside: d.allow_backing_outside, allow_data_file: d.allow_data_file };
         let image = block::DiskImage::open_with(&d.path, format, d.readonly, policy)
             .map_err(|e| Error::Config { field: "--disk", msg: e.to_string() })?;
-        let dev = virtio::block::Block::new(image, d.readonly, d.serial.clone());
+        let name = format!("disk{i}");
+        let mut dev = virtio::block::Block::new(image, d.readonly, d.serial.clone());
+        if d.on_error == crate::config::DiskErrorPolicy::Pause {
+            let (tx, disk_name) = (events.clone(), name.clone());
+            let notify: virtio::block::StallNotifier = Arc::new(move |stall| {
+                // The receiver is gone only once the VM is going away.
+                let _ = tx.send(DeviceEvent::DiskStalled { name: disk_name.clone(), stall });
+            });
+            dev = dev.pause_on_error(notify).map_err(|source| Error::DeviceIo { name: name.clone(), source })?;
+        }
         let disk = dev.disk();
-        models.push((format!("disk{i}"), Box::new(dev), Some((i, disk))));
+        let retry = dev.retry_handle();
+        models.push((name, Box::new(dev), Some((i, disk, retry))));
     }
     for (i, n) in cfg.nets.iter().enumerate() {
         let tap = virtio::tap::Tap::open(&n.tap).map_err(|e| Error::Config { field: "--net", msg: e.to_string() })?;
@@ -147,7 +186,11 @@ pub fn build(
         )));
         bus.add(dev.clone()).ok_or_else(|| Error::DeviceSpace { name: name.clone(), space: "PCI bus 0 (32 slots)" })?;
         tracing::debug!("virtio {name}: BAR0 at {base:#x}");
-        out.push(PciVirtio { name, dev, disk });
+        let (disk, retry) = match disk {
+            Some((i, image, retry)) => (Some((i, image)), retry),
+            None => (None, None),
+        };
+        out.push(PciVirtio { name, dev, disk, retry });
     }
     Ok(Built { devices: out, balloon })
 }

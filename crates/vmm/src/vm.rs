@@ -72,6 +72,8 @@ pub struct Vm {
     /// The serial console's socket, for [`ConsoleOut::Socket`] (dropped with the VM: the
     /// socket goes and its clients see the end of the stream).
     console: Option<ConsoleMux>,
+    /// Messages from the devices, until [`Vm::take_device_events`].
+    events: Option<std::sync::mpsc::Receiver<crate::virtio_devices::DeviceEvent>>,
 }
 
 /// The 8250's output sink for `out`, and the console socket's multiplexer for
@@ -231,7 +233,9 @@ impl Vm {
         let ioevents = accel.supports_ioevents().then(|| {
             Arc::new(crate::virtio_devices::VmIoEvents(accel.clone())) as Arc<dyn virtio::pci::IoEventRegistrar>
         });
-        let built = crate::virtio_devices::build(cfg, &mem, &mut pci, accel.msi_sink(), dma.clone(), ioevents)?;
+        let (events_tx, events) = std::sync::mpsc::channel();
+        let built =
+            crate::virtio_devices::build(cfg, &mem, &mut pci, accel.msi_sink(), dma.clone(), ioevents, &events_tx)?;
         let pci = Arc::new(Mutex::new(pci));
         pio.insert(devices::pci::CONF1_PORT, devices::pci::CONF1_LEN, pci.clone()).map_err(dev_err("pci"))?;
         mmio.insert(memory::PCI_MMIO_START, memory::PCI_MMIO_END - memory::PCI_MMIO_START, pci.clone())
@@ -253,7 +257,27 @@ impl Vm {
             balloon: built.balloon,
             accel_note,
             console,
+            events: Some(events),
         })
+    }
+
+    /// The devices' messages ([`crate::virtio_devices::DeviceEvent`]: a disk with
+    /// `on_error: pause` that stalled), for whoever runs the VM; `None` once taken. The
+    /// channel ends when the VM's devices are gone. Without a taker, a stalled disk just
+    /// waits (`rustvisor run` refuses `on-error=pause` without `--api-socket`).
+    pub fn take_device_events(&mut self) -> Option<std::sync::mpsc::Receiver<crate::virtio_devices::DeviceEvent>> {
+        self.events.take()
+    }
+
+    /// Tells every disk that stalled on a host I/O error (`on_error: pause`) to retry the
+    /// request it kept, then serve the rest of its queue; disks that did not stall are not
+    /// affected. Never blocks (the retries run on the disks' workers).
+    pub fn retry_stalled_disks(&self) {
+        for d in &self.virtio {
+            if let Some(r) = &d.retry {
+                r.retry();
+            }
+        }
     }
 
     /// The console UART, for feeding input.

@@ -148,6 +148,7 @@ impl Controller for Mock {
                 uptime_s: if *s == St::Created { 0.0 } else { 12.34 },
                 accelerator: (*s != St::Created).then(|| "kvm".to_string()),
                 ended: None,
+                pause_reason: None,
             }),
         }
     }
@@ -164,10 +165,39 @@ impl Controller for Mock {
         let mut devices = BTreeMap::new();
         devices.insert(
             "disk0".to_string(),
-            DeviceCounters { requests: 10, bytes_read: 40960, bytes_written: 512, errors: 0 },
+            DeviceCounters {
+                requests: 10,
+                bytes_read: 40960,
+                bytes_written: 512,
+                errors: 0,
+                block: Some(api::types::BlockCounters {
+                    read_ops: 1,
+                    write_ops: 9,
+                    read_bytes: 512,
+                    write_bytes: 40960,
+                    ..Default::default()
+                }),
+                net: None,
+            },
         );
-        devices
-            .insert("net0".to_string(), DeviceCounters { requests: 3, bytes_read: 1500, bytes_written: 60, errors: 1 });
+        devices.insert(
+            "net0".to_string(),
+            DeviceCounters {
+                requests: 3,
+                bytes_read: 1500,
+                bytes_written: 60,
+                errors: 1,
+                block: None,
+                net: Some(api::types::NetCounters {
+                    rx_packets: 1,
+                    rx_bytes: 48,
+                    tx_packets: 2,
+                    tx_bytes: 1476,
+                    tx_errors: 1,
+                    ..Default::default()
+                }),
+            },
+        );
         Ok(Counters { vcpus: vec![vcpu0, vcpu1], devices, guest_warnings: 7, guest_warnings_suppressed: 2 })
     }
     fn balloon_set(&self, target_mib: u64) -> Result<(), ApiError> {

@@ -289,6 +289,7 @@ impl Service {
                     serial: None,
                     allow_backing_outside: false,
                     allow_data_file: false,
+                    on_error: Default::default(),
                 })
             })
             .collect()
