@@ -1257,9 +1257,10 @@ fn vcpus_are_pinned_cpu_limits_hold_and_admission_counts_vcpus() {
 
 #[test]
 fn when_the_vms_memory_runs_out_the_lowest_priority_vm_is_killed() {
-    // 600 MiB for all VMs, overcommitted 4×: two booted guests (~140 MiB each) fit, but not
-    // once "high" fills 400 MiB of its RAM.
-    let env = Env::with_args("mgr-oom", &["--vm-memory-limit", "600M", "--mem-overcommit", "4"]);
+    // 650 MiB for all VMs, overcommitted 4×: two booted guests (~145 MiB each) fit, and so
+    // does "high" alone once it fills 400 MiB more (~555 MiB), but not both (~700 MiB): the
+    // kernel's OOM killer must take "low" (oom_score_adj 800), not the bigger "high" (0).
+    let env = Env::with_args("mgr-oom", &["--vm-memory-limit", "650M", "--mem-overcommit", "4"]);
     if let Err(why) = cgroups_of(&env) {
         return eprintln!("skipped: the daemon has no cgroups here ({why})");
     }
@@ -1278,12 +1279,12 @@ fn when_the_vms_memory_runs_out_the_lowest_priority_vm_is_killed() {
     });
     let reason = low.reason.unwrap_or_default();
     assert!(reason.contains("OOM killer") && reason.contains("priority low"), "{reason}");
-    assert!(reason.contains("--vm-memory-limit 600 MiB"), "{reason}");
+    assert!(reason.contains("--vm-memory-limit 650 MiB"), "{reason}");
     let ev = env.events("low");
     let oom = ev.iter().find(|e| e.kind == "oom-killed").expect("an oom-killed event");
     eprintln!("low: {}", oom.detail);
     assert_eq!(env.vm("high").state, VmState::Running, "the important VM survives");
     let host: serde_json::Value = serde_json::from_str(&env.ok(&["capacity", "--json"])).unwrap();
-    assert_eq!(host["host"]["memory_mib"], 600, "{host}");
+    assert_eq!(host["host"]["memory_mib"], 650, "{host}");
     assert_eq!(host["host"]["vms_up"], 1, "{host}");
 }
