@@ -14,9 +14,19 @@ pub struct ProcessStats {
     pub cpu_seconds: f64,
     /// Resident memory (`VmRSS`), in bytes.
     pub resident_bytes: u64,
-    /// Per vCPU thread (`vcpu0`, `vcpu1`, ...: the VMM names them so): (index, seconds it
-    /// was runnable but waiting for a host CPU, from `schedstat`'s run delay).
-    pub vcpu_ready_seconds: Vec<(u32, f64)>,
+    /// Per vCPU thread (`vcpu0`, `vcpu1`, ...: the VMM names them so), by index.
+    pub vcpus: Vec<VcpuSample>,
+}
+
+/// One vCPU thread's times.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VcpuSample {
+    /// The vCPU's index.
+    pub index: u32,
+    /// User + system CPU time of the thread, seconds.
+    pub cpu_seconds: f64,
+    /// Seconds it was runnable but waiting for a host CPU (`schedstat`'s run delay).
+    pub ready_seconds: f64,
 }
 
 /// The clock ticks a second of `/proc/PID/stat`'s times.
@@ -76,7 +86,8 @@ pub fn process(pid: u32) -> Option<ProcessStats> {
 fn process_at(dir: &Path) -> Option<ProcessStats> {
     let ticks = parse_stat_cpu_ticks(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
     let resident_bytes = parse_kb_field(&std::fs::read_to_string(dir.join("status")).ok()?, "VmRSS")?;
-    let mut vcpu_ready_seconds = Vec::new();
+    let hz = clock_ticks() as f64;
+    let mut vcpus = Vec::new();
     if let Ok(tasks) = std::fs::read_dir(dir.join("task")) {
         for task in tasks.flatten() {
             let t = task.path();
@@ -84,15 +95,16 @@ fn process_at(dir: &Path) -> Option<ProcessStats> {
                 continue;
             };
             // A thread that ended meanwhile, or a kernel without schedstats: no sample.
-            if let Some(ns) =
-                std::fs::read_to_string(t.join("schedstat")).ok().as_deref().and_then(parse_schedstat_run_delay_ns)
-            {
-                vcpu_ready_seconds.push((index, ns as f64 / 1e9));
+            let ready =
+                std::fs::read_to_string(t.join("schedstat")).ok().as_deref().and_then(parse_schedstat_run_delay_ns);
+            let cpu = std::fs::read_to_string(t.join("stat")).ok().as_deref().and_then(parse_stat_cpu_ticks);
+            if let (Some(ns), Some(ticks)) = (ready, cpu) {
+                vcpus.push(VcpuSample { index, cpu_seconds: ticks as f64 / hz, ready_seconds: ns as f64 / 1e9 });
             }
         }
     }
-    vcpu_ready_seconds.sort_by_key(|(i, _)| *i);
-    Some(ProcessStats { cpu_seconds: ticks as f64 / clock_ticks() as f64, resident_bytes, vcpu_ready_seconds })
+    vcpus.sort_by_key(|v| v.index);
+    Some(ProcessStats { cpu_seconds: ticks as f64 / hz, resident_bytes, vcpus })
 }
 
 /// The host's online CPUs.
@@ -156,7 +168,16 @@ mod tests {
         }
         // A thread named like a vCPU gets a ready-time sample.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let t = std::thread::Builder::new().name("vcpu7".into()).spawn(move || rx.recv()).unwrap();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new()
+            .name("vcpu7".into())
+            .spawn(move || {
+                // The name is set as the thread starts: say when it has.
+                let _ = started_tx.send(());
+                rx.recv()
+            })
+            .unwrap();
+        started.recv().unwrap();
         let p = process(std::process::id()).expect("this process's stats");
         drop(tx);
         let _ = t.join();
@@ -164,7 +185,7 @@ mod tests {
         assert!(p.resident_bytes > 0, "{p:?}");
         let own = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat readable");
         assert!(parse_schedstat_run_delay_ns(&own).is_some(), "{own}");
-        assert!(p.vcpu_ready_seconds.iter().any(|(i, s)| *i == 7 && *s >= 0.0), "{p:?}");
+        assert!(p.vcpus.iter().any(|v| v.index == 7 && v.ready_seconds >= 0.0 && v.cpu_seconds >= 0.0), "{p:?}");
         assert!(host_cpus() >= 1);
         assert!(host_memory_bytes().unwrap() > 0);
         assert!(process(u32::MAX).is_none());

@@ -84,6 +84,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/metrics"),
     ("GET", "/metrics"),
     ("GET", "/api/v1/host"),
+    ("GET", "/api/v1/stats"),
     ("GET", "/api/v1/capacity"),
 ];
 
@@ -483,6 +484,9 @@ async fn handle(req: Request<Incoming>, svc: Arc<Service>, peer: Peer) -> Result
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
             Ok(resp)
+        }
+        ("GET", "/api/v1/stats") => {
+            Ok(json(StatusCode::OK, &blocking(move || s.stats()).await?.map_err(service_error)?))
         }
         ("GET", "/api/v1/host") => {
             Ok(json(StatusCode::OK, &blocking(move || s.host_info()).await?.map_err(service_error)?))

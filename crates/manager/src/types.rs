@@ -822,6 +822,77 @@ pub struct Capacity {
     pub explanation: Vec<String>,
 }
 
+/// `GET /api/v1/stats`: one sample of every VM's counters, for `rustvisor top` (which
+/// turns two samples into rates) and the Prometheus metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// When the sample was taken (Unix time, milliseconds).
+    pub time_ms: i64,
+    /// The host.
+    pub host: HostInfo,
+    /// The host's KSM figures (`/sys/kernel/mm/ksm`), when readable.
+    #[serde(default)]
+    pub ksm: Option<vmm::ksm::HostKsm>,
+    /// Every VM, by name.
+    pub vms: Vec<VmStats>,
+}
+
+/// One VM's counters in [`Stats`]; the process, cgroup, device and balloon parts only
+/// while its VMM runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStats {
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: VmState,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// The accelerator in use while it runs, else the configured one.
+    pub accel: String,
+    /// Restarts by its policy.
+    pub restarts: u32,
+    /// Seconds its VMM has run.
+    #[serde(default)]
+    pub uptime_s: Option<f64>,
+    /// CPU time (user + system) of the whole VMM process, seconds.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
+    /// Resident memory of the VMM process, bytes.
+    #[serde(default)]
+    pub resident_bytes: Option<u64>,
+    /// Guest RAM KSM merged with other pages (`/proc/PID/ksm_merging_pages`), bytes.
+    #[serde(default)]
+    pub ksm_merging_bytes: Option<u64>,
+    /// Per vCPU thread.
+    #[serde(default)]
+    pub vcpus: Vec<VcpuStats>,
+    /// Memory charged to its cgroup, bytes.
+    #[serde(default)]
+    pub cgroup_memory_bytes: Option<u64>,
+    /// Time its cgroup's CPU limit held it back, seconds.
+    #[serde(default)]
+    pub cpu_throttled_seconds: Option<f64>,
+    /// Its devices' counters (the VMM's `vm.counters`: disks `disk0`.., NICs `net0`..).
+    #[serde(default)]
+    pub devices: std::collections::BTreeMap<String, api::types::DeviceCounters>,
+    /// Its balloon (target, actual, the guest's memory statistics).
+    #[serde(default)]
+    pub balloon: Option<api::types::BalloonInfo>,
+}
+
+/// One vCPU thread's times, seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct VcpuStats {
+    /// The vCPU's index.
+    pub vcpu: u32,
+    /// CPU time (user + system) of its thread.
+    pub cpu_seconds: f64,
+    /// Time its thread was runnable but waiting for a host CPU (CPU ready time).
+    pub ready_seconds: f64,
+}
+
 /// `GET /api/v1/vms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmList {

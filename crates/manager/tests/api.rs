@@ -14,8 +14,8 @@ use manager::store::Store;
 use manager::types::{
     Capacity, CreateRequest, ErrorBody, Event, EventList, FirewallInfo, FirewallList, FirewallSpec, HostInfo,
     LeaseInfo, NetCheck, NetworkCreate, NetworkInfo, NetworkList, NicInfo, NicSpec, Placement, Policy, Priority,
-    Resources, SnapshotInfo, SnapshotList, UpdateRequest, VcpuThread, VmDetails, VmState, VmSummary, VolumeAttach,
-    VolumeCreate,
+    Resources, SnapshotInfo, SnapshotList, Stats, UpdateRequest, VcpuStats, VcpuThread, VmDetails, VmState, VmStats,
+    VmSummary, VolumeAttach, VolumeCreate,
 };
 
 fn openapi() -> serde_yaml::Value {
@@ -183,6 +183,29 @@ fn openapi_refs_resolve_and_schemas_match_the_wire_types() {
         ("Resources", serde_json::to_value(&resources).unwrap()),
         ("HostInfo", serde_json::to_value(&host).unwrap()),
         ("Capacity", serde_json::to_value(&capacity).unwrap()),
+        ("Stats", serde_json::to_value(Stats { time_ms: 1, host: host.clone(), ksm: None, vms: vec![] }).unwrap()),
+        (
+            "VmStats",
+            serde_json::to_value(VmStats {
+                name: "a".into(),
+                state: VmState::Running,
+                cpus: 1,
+                memory_mib: 512,
+                accel: "emu".into(),
+                restarts: 0,
+                uptime_s: Some(1.0),
+                cpu_seconds: Some(2.0),
+                resident_bytes: Some(3),
+                ksm_merging_bytes: Some(4),
+                vcpus: vec![VcpuStats { vcpu: 0, cpu_seconds: 1.0, ready_seconds: 0.5 }],
+                cgroup_memory_bytes: Some(5),
+                cpu_throttled_seconds: Some(0.1),
+                devices: Default::default(),
+                balloon: None,
+            })
+            .unwrap(),
+        ),
+        ("VcpuStats", serde_json::to_value(VcpuStats { vcpu: 0, cpu_seconds: 1.0, ready_seconds: 0.5 }).unwrap()),
         ("OvercommitPolicy", serde_json::to_value(host.overcommit).unwrap()),
         ("SnapshotInfo", serde_json::to_value(&snapshot).unwrap()),
         ("SnapshotList", serde_json::to_value(SnapshotList { snapshots: vec![] }).unwrap()),
