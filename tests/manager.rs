@@ -1161,6 +1161,35 @@ fn last_cpu(pid: u32, tid: u64) -> Option<u32> {
     stat[stat.rfind(')')? + 2..].split_whitespace().nth(36)?.parse().ok()
 }
 
+/// `GET /metrics` from the daemon, parsed as Prometheus would.
+fn scrape(env: &Env) -> prometheus_parse::Scrape {
+    let mut s = std::os::unix::net::UnixStream::connect(env.socket()).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// The value of sample `name` whose labels include `want`.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    scrape.samples.iter().find_map(|s| {
+        let ok = s.metric == name && want.iter().all(|(k, v)| s.labels.get(k) == Some(*v));
+        match (ok, &s.value) {
+            (false, _) => None,
+            // OpenMetrics types a counter without its `_total`: the parser sees it untyped.
+            (
+                true,
+                prometheus_parse::Value::Counter(x)
+                | prometheus_parse::Value::Gauge(x)
+                | prometheus_parse::Value::Untyped(x),
+            ) => Some(*x),
+            (true, prometheus_parse::Value::Histogram(h)) => h.last().map(|b| b.count),
+            (true, _) => None,
+        }
+    })
+}
+
 /// `nr_throttled` of the cgroup folder among `cgroup` (the VM's folders, ", "-joined) that
 /// has the CPU controller.
 fn nr_throttled(cgroup: &str) -> u64 {
@@ -1185,7 +1214,18 @@ fn vcpus_are_pinned_cpu_limits_hold_and_admission_counts_vcpus() {
     if host_cpus < 2 {
         return eprintln!("skipped: pinning apart needs 2 host CPUs, this host has {host_cpus}");
     }
-    env.create_with("burn", "echo BURN-UP; while :; do :; done", "no", &["--pin", "vcpu0=1", "--priority", "low"]);
+    let disk = env.dir.path("burn.raw");
+    zero_disk(&disk, 8);
+    let disk_flag = format!("path={},format=raw", disk.display());
+    // The guest writes 64 blocks of 4 KiB to its disk, then burns CPU.
+    let script = "dd if=/dev/zero of=/dev/vda bs=4096 count=64 oflag=direct 2>/dev/null; sync; echo BURN-UP; \
+                  while :; do :; done";
+    env.create_with(
+        "burn",
+        script,
+        "no",
+        &["--pin", "vcpu0=1", "--priority", "low", "--disk", &disk_flag, "--balloon"],
+    );
     env.bad_input(&["vm", "set", "burn", "--pin", "vcpu1=0"], "resources.pin");
     env.bad_input(&["vm", "set", "burn", "--cpuset", "0-999"], "resources.cpuset");
     env.bad_input(&["vm", "set", "burn", "--cpu-weight", "0"], "resources.cpu_weight");
@@ -1243,6 +1283,23 @@ fn vcpus_are_pinned_cpu_limits_hold_and_admission_counts_vcpus() {
     } else {
         eprintln!("note: the host was too busy ({before:.2} CPUs before) to check the limit's lower bound");
     }
+
+    // The metrics show the guest's work: its disk writes with their latencies, its vCPU's
+    // CPU and ready time, its cgroup's memory and the throttling just seen.
+    let m = scrape(&env);
+    let vm = [("vm", "burn")];
+    let disk = [("vm", "burn"), ("disk", "disk0"), ("op", "write")];
+    assert!(sample(&m, "rustvisor_disk_ops_total", &disk).unwrap() >= 64.0, "64 writes of the guest");
+    assert!(sample(&m, "rustvisor_disk_bytes_total", &disk).unwrap() >= 262_144.0);
+    assert!(sample(&m, "rustvisor_disk_latency_seconds", &disk).unwrap() >= 64.0, "each write timed");
+    let vcpu0 = [("vm", "burn"), ("vcpu", "0")];
+    assert!(sample(&m, "rustvisor_vcpu_cpu_seconds_total", &vcpu0).unwrap() > 1.0);
+    assert!(sample(&m, "rustvisor_vcpu_ready_seconds_total", &vcpu0).is_some());
+    assert!(sample(&m, "rustvisor_vm_cgroup_memory_bytes", &vm).unwrap() > 50e6);
+    assert!(sample(&m, "rustvisor_vm_cpu_throttled_seconds_total", &vm).unwrap() > 0.0);
+    assert_eq!(sample(&m, "rustvisor_vm_balloon_target_bytes", &vm), Some(0.0));
+    let ratio = sample(&m, "rustvisor_host_vcpu_overcommit_ratio", &[]).unwrap();
+    assert!((ratio - 1.0 / host_cpus as f64).abs() < 1e-9, "1 vCPU up on {host_cpus} CPUs: {ratio}");
 
     // Pins removed live: the vCPU may run anywhere again.
     env.ok(&["vm", "set", "burn", "--pin", "none", "--cpu-limit", "none"]);
