@@ -50,6 +50,9 @@ enum Cmd {
     /// How many more VMs of a shape fit on this host under the overcommit policy, and which
     /// resource runs out first.
     Capacity(manager::cli::CapacityArgs),
+    /// Failure drills on a private daemon: cpu-overcommit, memory-exhaustion,
+    /// storage-saturation; each prints what it did and measured, and cleans up.
+    Drill(manager::cli::DrillArgs),
 }
 
 #[derive(Parser)]
@@ -302,6 +305,7 @@ fn main() -> ExitCode {
         Cmd::Backup(a) => return manager::cli::backup(a),
         Cmd::Firewall(a) => return manager::cli::firewall(a),
         Cmd::Capacity(a) => return manager::cli::capacity(a),
+        Cmd::Drill(a) => return manager::cli::drill(a),
     };
     match r {
         Ok(c) => c,

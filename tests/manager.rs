@@ -1239,7 +1239,7 @@ fn vcpus_are_pinned_cpu_limits_hold_and_admission_counts_vcpus() {
     let placement = &info["placement"];
     let cgroup = placement["cgroup"].as_str().expect("a cgroup").to_string();
     assert!(cgroup.contains("mgr-res"), "{cgroup}");
-    assert_eq!(placement["oom_score_adj"], 800, "priority low: {info}");
+    assert_eq!(placement["oom_score_adj"], 1000, "priority low: {info}");
     let vcpu0 = &placement["vcpu_threads"][0];
     assert_eq!((vcpu0["vcpu"].as_u64(), vcpu0["affinity"].as_str()), (Some(0), Some("1")), "{info}");
     let tid = vcpu0["tid"].as_u64().unwrap();
@@ -1316,7 +1316,7 @@ fn vcpus_are_pinned_cpu_limits_hold_and_admission_counts_vcpus() {
 fn when_the_vms_memory_runs_out_the_lowest_priority_vm_is_killed() {
     // 650 MiB for all VMs, overcommitted 4×: two booted guests (~145 MiB each) fit, and so
     // does "high" alone once it fills 400 MiB more (~555 MiB), but not both (~700 MiB): the
-    // kernel's OOM killer must take "low" (oom_score_adj 800), not the bigger "high" (0).
+    // kernel's OOM killer must take "low" (oom_score_adj 1000), not the bigger "high" (0).
     let env = Env::with_args("mgr-oom", &["--vm-memory-limit", "650M", "--mem-overcommit", "4"]);
     if let Err(why) = cgroups_of(&env) {
         return eprintln!("skipped: the daemon has no cgroups here ({why})");

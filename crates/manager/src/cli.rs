@@ -19,8 +19,10 @@ use crate::types::{
     SnapshotInfo, SnapshotList, StopRequest, UpdateRequest, VmDetails, VmList, VmSummary, NAME_RULE,
 };
 
+mod drill;
 mod resources;
 
+pub use drill::{drill, Drill, DrillArgs};
 pub use resources::{capacity, CapacityArgs, ResourceFlags};
 
 /// The daemon's socket when neither `--connect` nor `RUSTVISOR_SOCKET` says otherwise.

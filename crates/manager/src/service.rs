@@ -836,6 +836,9 @@ impl Service {
         })?;
         let mut rt = rec.runtime.clone();
         rt.state = to;
+        if !pause {
+            rt.reason = None;
+        }
         let kind = if pause { "paused" } else { "resumed" };
         self.store().set_runtime(name, &rt, None, &[NewEvent::vm(name, kind, "", peer)])?;
         self.summary(&self.record(name)?)
@@ -1067,9 +1070,19 @@ impl Service {
                 };
                 self.record_end(&rec, state, reason)
             }
-            Ok(_) => {
+            Ok(i) => {
                 if let Some(w) = lock(&self.watch).get_mut(name) {
                     w.api_failures = 0;
+                }
+                // The VMM paused the VM by itself (a disk with on-error=pause hit a host
+                // I/O error): the daemon's state follows, with the reason.
+                if i.state == "Paused" && rec.runtime.state == VmState::Running {
+                    let reason = i.pause_reason.clone().unwrap_or_else(|| "paused by its VMM".into());
+                    let mut rt = rec.runtime.clone();
+                    rt.state = VmState::Paused;
+                    rt.reason = Some(reason.clone());
+                    let ev = NewEvent::vm(name, "paused", format!("by its VMM: {reason}"), Peer::default());
+                    self.store().set_runtime(name, &rt, None, &[ev])?;
                 }
                 // Threads the VMM started since (device workers) get their CPUs too.
                 self.pin(&rec, pid, false);

@@ -373,15 +373,17 @@ pub struct Policy {
 /// The highest `cpu_weight`.
 pub const MAX_CPU_WEIGHT: u32 = 10_000;
 
-/// How the host's OOM killer ranks a VM's VMM against the others (`oom_score_adj`): the
-/// lowest priority dies first. `critical` VMs are still killable, but after every other VM
-/// and after ordinary host processes.
+/// How the host's OOM killer ranks a VM's VMM against the others (`oom_score_adj`). The
+/// kernel kills the process with the highest memory use + `oom_score_adj` × (the memory it
+/// may use) / 1000: `low` VMs always go first; between the others the priority is a bias of
+/// half (normal) or none (high) of that memory. `critical` VMs are still killable, but
+/// after every other VM and most host processes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
-    /// `oom_score_adj` 800: the first to go.
+    /// `oom_score_adj` 1000: always the first to go.
     Low,
-    /// `oom_score_adj` 400 (the default): VMs go before host processes.
+    /// `oom_score_adj` 500 (the default): VMs go before host processes.
     #[default]
     Normal,
     /// `oom_score_adj` 0: like a host process.
@@ -404,8 +406,8 @@ impl Priority {
     /// The VMM's `oom_score_adj` (-1000 to 1000; Linux `proc(5)`).
     pub fn oom_score_adj(self) -> i32 {
         match self {
-            Priority::Low => 800,
-            Priority::Normal => 400,
+            Priority::Low => 1000,
+            Priority::Normal => 500,
             Priority::High => 0,
             Priority::Critical => -500,
         }

@@ -290,6 +290,23 @@ impl Cgroups {
         read(&dir.join(file))?.trim().parse().ok()
     }
 
+    /// Removes the (empty) parent group, and the levels above it that are empty.
+    pub fn remove_parent(&self) -> Result<(), CgroupError> {
+        for (_, dir) in self.parents() {
+            let mut d = dir.as_path();
+            for _ in self.parent.components() {
+                match std::fs::remove_dir(d) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(at(d)(e)),
+                }
+                let Some(up) = d.parent() else { break };
+                d = up;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes VM `vm`'s group (kept if it exists) and sets `limits`.
     pub fn create(&self, vm: &str, limits: &Limits) -> Result<(), CgroupError> {
         self.make_parent()?;

@@ -1,0 +1,468 @@
+//! `rustvisor drill NAME`: failure drills. Each runs a private daemon of its own (its
+//! folders in a temp folder, its own cgroup parent), so it never touches the host's VMs;
+//! boots Debian guests on `emu` from the guest that `scripts/setup-guest.sh` builds (its
+//! init runs the base64 shell script of `rv.cmd=`); breaks something; prints what it did
+//! and what it measured; checks the outcome (exit status 0 = the drill passed, 1 = it
+//! failed, with why) and removes everything it made.
+//!
+//! - `cpu-overcommit`: one VM more at a time past the host's CPUs, each burning CPU and
+//!   running a wake-up latency probe (a 100 ms sleep measured by the guest's clock); per
+//!   step the VMs' CPU share, their vCPUs' ready time and the probe's lateness. Passes when
+//!   ready time rises with the overcommit.
+//! - `memory-exhaustion`: VMs given 700 MiB together (`--vm-memory-limit`): an idle
+//!   low-priority VM with a balloon floor and a high-priority VM that fills 480 MiB step by
+//!   step. Shows the balloon policy reclaiming from the idle guest, then the kernel's OOM
+//!   killer taking the low-priority VM. Passes when the victim is the low-priority VM and
+//!   the other keeps running.
+//! - `storage-saturation`: a VM's disk on a 24 MiB file system with 4 MiB free
+//!   (`on-error=pause`); the guest writes 12 MiB. Shows the VM paused with the reason, the
+//!   VMM alive, space freed, the VM resumed and the guest's data whole on the host.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use super::{decode, failure, DaemonClient, Failure};
+use crate::types::{Event, EventList, Stats, VmDetails, VmState, VmSummary};
+
+/// The drills.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drill {
+    /// VMs beyond the host's CPUs: CPU share, ready time and wake-up latency per step.
+    CpuOvercommit,
+    /// VMs beyond their memory: ballooning, then the OOM killer's choice by priority.
+    MemoryExhaustion,
+    /// A disk whose backing store fills: the VM pauses, space is freed, it continues.
+    StorageSaturation,
+}
+
+/// `rustvisor drill`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DrillArgs {
+    /// The drill.
+    #[arg(value_enum)]
+    pub drill: Drill,
+    /// The guest kernel (default: guest/vmlinuz under the current folder).
+    #[arg(long, value_name = "PATH", default_value = "guest/vmlinuz")]
+    pub kernel: PathBuf,
+    /// The guest initramfs, whose init runs `rv.cmd=` (default: guest/initrd.img).
+    #[arg(long, value_name = "PATH", default_value = "guest/initrd.img")]
+    pub initrd: PathBuf,
+    /// cpu-overcommit: how many VMs at most (default: twice the host's CPUs).
+    #[arg(long, value_name = "N")]
+    pub vms: Option<u32>,
+    /// cpu-overcommit: seconds measured per step.
+    #[arg(long, value_name = "S", default_value_t = 6)]
+    pub seconds: u64,
+}
+
+/// `rustvisor drill NAME`.
+pub fn drill(a: DrillArgs) -> ExitCode {
+    let r = (|| {
+        let kernel = std::path::absolute(&a.kernel).map_err(|e| failure(2, format!("--kernel: {e}")))?;
+        let initrd = std::path::absolute(&a.initrd).map_err(|e| failure(2, format!("--initrd: {e}")))?;
+        for (flag, p) in [("--kernel", &kernel), ("--initrd", &initrd)] {
+            if !p.is_file() {
+                return Err(failure(
+                    2,
+                    format!("{flag}: {} is not a file (run scripts/setup-guest.sh, or give the path)", p.display()),
+                ));
+            }
+        }
+        let guest = Guest { kernel, initrd };
+        match a.drill {
+            Drill::CpuOvercommit => cpu_overcommit(&guest, a.vms, a.seconds),
+            Drill::MemoryExhaustion => memory_exhaustion(&guest),
+            Drill::StorageSaturation => storage_saturation(&guest),
+        }
+    })();
+    match r {
+        Ok(()) => {
+            say("PASS");
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            say(&format!("FAIL: {}", f.message));
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Prints a line at once (drills run for minutes).
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn fail(msg: impl Into<String>) -> Failure {
+    failure(1, msg)
+}
+
+/// The guest the drills boot.
+struct Guest {
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+/// A daemon of the drill's own; dropping it kills it and its VMMs and removes its folders
+/// and cgroups.
+struct Private {
+    dir: PathBuf,
+    daemon: Option<Child>,
+    client: DaemonClient,
+    cgroup_parent: String,
+}
+
+impl Private {
+    /// Starts `rustvisor daemon` with `flags` in a fresh temp folder.
+    fn start(tag: &str, flags: &[&str]) -> Result<Private, Failure> {
+        let dir = std::env::temp_dir().join(format!("rustvisor-drill-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
+        let exe = std::env::current_exe().map_err(|e| fail(format!("finding rustvisor: {e}")))?;
+        let socket = dir.join("daemon.sock");
+        let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| fail(e.to_string()))?;
+        let cgroup_parent = format!("rustvisor-drill/{tag}-{}", std::process::id());
+        let child = Command::new(exe)
+            .arg("daemon")
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--cgroup-parent")
+            .arg(&cgroup_parent)
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| fail(format!("starting a daemon: {e}")))?;
+        let end = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if Instant::now() > end {
+                return Err(fail("the drill's daemon did not start (see its log)"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let client = DaemonClient::new(&socket, Duration::from_secs(120))?;
+        say(&format!("private daemon: {} {}", dir.display(), flags.join(" ")));
+        Ok(Private { dir, daemon: Some(child), client, cgroup_parent })
+    }
+
+    /// Defines VM `name` of `memory_mib` running guest `script`, with more fields of the
+    /// create request (`resources`, config additions).
+    fn create(
+        &self,
+        g: &Guest,
+        name: &str,
+        memory_mib: u64,
+        script: &str,
+        config: serde_json::Value,
+        resources: serde_json::Value,
+    ) -> Result<(), Failure> {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+        let mut cfg = serde_json::json!({
+            "kernel": g.kernel, "initrd": g.initrd, "accel": "emu", "memory_mib": memory_mib, "cpus": 1,
+            "cmdline": format!("console=ttyS0 quiet panic=-1 rv.cmd={b64}"),
+        });
+        if let (Some(c), Some(extra)) = (cfg.as_object_mut(), config.as_object()) {
+            c.extend(extra.clone());
+        }
+        let body = serde_json::json!({ "name": name, "config": cfg, "resources": resources });
+        let body = serde_json::to_vec(&body).map_err(|e| fail(e.to_string()))?;
+        let _: VmSummary = decode(&self.client.call("POST", "vms", Some(body))?)?;
+        Ok(())
+    }
+
+    fn start_vm(&self, name: &str) -> Result<(), Failure> {
+        self.client.call("PUT", &format!("vms/{name}/start"), None).map(|_| ())
+    }
+
+    fn info(&self, name: &str) -> Result<VmDetails, Failure> {
+        self.client.get(&format!("vms/{name}"))
+    }
+
+    fn stats(&self) -> Result<Stats, Failure> {
+        self.client.get("stats")
+    }
+
+    fn events(&self, vm: &str) -> Result<Vec<Event>, Failure> {
+        Ok(self.client.get::<EventList>(&format!("events?vm={vm}"))?.events)
+    }
+
+    fn console(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join("state").join("vms").join(name).join("console.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for `marker` on VM `name`'s console.
+    fn wait_console(&self, name: &str, marker: &str, timeout: Duration) -> Result<Duration, Failure> {
+        let t0 = Instant::now();
+        while !self.console(name).contains(marker) {
+            if t0.elapsed() > timeout {
+                return Err(fail(format!("VM {name}: no '{marker}' on its console after {}s", timeout.as_secs())));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// Waits up to `timeout` for VM `name` to be in `state`.
+    fn wait_state(&self, name: &str, state: VmState, timeout: Duration) -> Result<VmDetails, Failure> {
+        let t0 = Instant::now();
+        loop {
+            let d = self.info(name)?;
+            if d.summary.state == state {
+                return Ok(d);
+            }
+            if t0.elapsed() > timeout {
+                return Err(fail(format!(
+                    "VM {name} is {} after {}s, not {state}",
+                    d.summary.state,
+                    timeout.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        if let Ok(list) = self.client.get::<crate::types::VmList>("vms") {
+            for v in list.vms.iter().filter(|v| v.state.is_active()) {
+                let _ = self.client.call("PUT", &format!("vms/{}/kill", v.name), None);
+            }
+        }
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        if let Ok(cg) = crate::resources::cgroup::Cgroups::detect(&self.cgroup_parent) {
+            let _ = cg.remove_parent();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        say("cleaned up: VMs killed, private daemon stopped, its folders and cgroups removed");
+    }
+}
+
+/// The guest's wake-up latency probe: every 100 ms of sleep, how late it woke, in ms, by
+/// its own clock (`/proc/uptime`, 10 ms resolution), printed as `LAT n`.
+const PROBE: &str = "t() { tr -d . < /proc/uptime | cut -d' ' -f1; }; \
+                     while :; do a=$(t); usleep 100000; b=$(t); echo LAT $(( (b - a) * 10 - 100 )); done";
+
+fn cpu_overcommit(g: &Guest, vms: Option<u32>, seconds: u64) -> Result<(), Failure> {
+    let cpus = crate::metrics::host_cpus();
+    let n = vms.unwrap_or(2 * cpus as u32).clamp(1, 16);
+    say(&format!("cpu-overcommit: up to {n} one-vCPU VMs on {cpus} host CPUs, each burning CPU with a latency probe"));
+    let p = Private::start("cpu", &["--cpu-overcommit", "16"])?;
+    let script = format!("echo PROBE-UP; (while :; do :; done) & {PROBE}");
+    say("VMs  vCPU/CPU  CPU per VM  ready per vCPU  probe lateness mean / max");
+    let mut first_ready = None;
+    let mut last_ready = 0.0;
+    for k in 1..=n {
+        let name = format!("burn{k}");
+        p.create(g, &name, 256, &script, serde_json::json!({}), serde_json::json!({}))?;
+        p.start_vm(&name)?;
+        p.wait_console(&name, "PROBE-UP", Duration::from_secs(300))?;
+        std::thread::sleep(Duration::from_secs(1));
+        let logs: Vec<usize> = (1..=k).map(|i| p.console(&format!("burn{i}")).len()).collect();
+        let s0 = p.stats()?;
+        std::thread::sleep(Duration::from_secs(seconds));
+        let s1 = p.stats()?;
+        let wall = (s1.time_ms - s0.time_ms) as f64 / 1000.0;
+        let (mut cpu, mut ready, mut lat) = (Vec::new(), Vec::new(), Vec::new());
+        for v1 in &s1.vms {
+            let Some(v0) = s0.vms.iter().find(|v| v.name == v1.name) else { continue };
+            if let (Some(a), Some(b)) = (v0.cpu_seconds, v1.cpu_seconds) {
+                cpu.push((b - a) / wall);
+            }
+            for c1 in &v1.vcpus {
+                if let Some(c0) = v0.vcpus.iter().find(|c| c.vcpu == c1.vcpu) {
+                    ready.push((c1.ready_seconds - c0.ready_seconds).max(0.0) / wall);
+                }
+            }
+        }
+        for (i, from) in logs.iter().enumerate() {
+            let text = p.console(&format!("burn{}", i + 1));
+            let new = text.get(*from..).unwrap_or("");
+            lat.extend(new.lines().filter_map(|l| l.trim().strip_prefix("LAT ")?.trim().parse::<i64>().ok()));
+        }
+        let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+        let lat_mean = if lat.is_empty() { 0.0 } else { lat.iter().sum::<i64>() as f64 / lat.len() as f64 };
+        let lat_max = lat.iter().copied().max().unwrap_or(0);
+        let r = mean(&ready);
+        say(&format!(
+            "{k:>3}  {:>8.2}  {:>9.0}%  {:>13.0}%  {lat_mean:>8.0} / {lat_max} ms ({} samples)",
+            k as f64 / cpus as f64,
+            mean(&cpu) * 100.0,
+            r * 100.0,
+            lat.len()
+        ));
+        first_ready.get_or_insert(r);
+        last_ready = r;
+    }
+    let first = first_ready.unwrap_or(0.0);
+    if n as u64 > cpus && last_ready <= first + 0.05 {
+        return Err(fail(format!(
+            "ready time did not rise with the overcommit ({:.0}% at 1 VM, {:.0}% at {n})",
+            first * 100.0,
+            last_ready * 100.0
+        )));
+    }
+    Ok(())
+}
+
+fn memory_exhaustion(g: &Guest) -> Result<(), Failure> {
+    say("memory-exhaustion: 700 MiB for all VMs (--vm-memory-limit 700M, 4× overcommitted)");
+    let p = Private::start("mem", &["--vm-memory-limit", "700M", "--mem-overcommit", "4"])?;
+    p.create(
+        g,
+        "idle",
+        512,
+        "echo IDLE-UP; while true; do sleep 1; done",
+        serde_json::json!({"balloon": {"stats_interval_s": 2}}),
+        serde_json::json!({"priority": "low", "balloon_min_mib": 448}),
+    )?;
+    let fill = "echo HIGH-UP; mkdir -p /mnt/f; mount -t tmpfs -o size=500m none /mnt/f; i=0; \
+                while [ $i -lt 24 ]; do dd if=/dev/zero of=/mnt/f/$i bs=1M count=20 2>/dev/null; i=$((i+1)); \
+                echo FILLED $((i*20)) MiB; sleep 1; done; echo HIGH-FILLED; while true; do sleep 1; done";
+    p.create(g, "important", 768, fill, serde_json::json!({}), serde_json::json!({"priority": "high"}))?;
+    say("VM idle: 512 MiB, priority low, balloon floor 448 MiB; VM important: 768 MiB, priority high");
+    p.start_vm("idle")?;
+    p.wait_console("idle", "IDLE-UP", Duration::from_secs(300))?;
+    p.start_vm("important")?;
+    p.wait_console("important", "HIGH-UP", Duration::from_secs(300))?;
+    say("important fills 480 MiB of its RAM, 20 MiB a second");
+    let t0 = Instant::now();
+    let mut seen = 0;
+    while t0.elapsed() < Duration::from_secs(120) {
+        let st = p.stats()?;
+        let idle = p.info("idle")?;
+        let line = format!(
+            "t={:>3}s  available for VMs {:>4} MiB  idle: {}{}  important: {}",
+            t0.elapsed().as_secs(),
+            st.host.memory_available_mib,
+            idle.summary.state,
+            idle.balloon.as_ref().map(|b| format!(" (balloon {} MiB)", b.actual_mib)).unwrap_or_default(),
+            p.console("important").lines().rev().find(|l| l.starts_with("FILLED")).unwrap_or("-"),
+        );
+        say(&line);
+        let ev = p.events("idle")?;
+        for e in ev.iter().skip(seen) {
+            if matches!(e.kind.as_str(), "balloon-inflated" | "balloon-deflated" | "oom-killed") {
+                say(&format!("  event {}: {}", e.kind, e.detail));
+            }
+        }
+        seen = ev.len();
+        if idle.summary.state == VmState::Crashed || p.console("important").contains("HIGH-FILLED") {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = p.info("idle")?;
+    let important = p.info("important")?;
+    let ev = p.events("idle")?;
+    let inflated = ev.iter().filter(|e| e.kind == "balloon-inflated").count();
+    say(&format!("balloon rounds that inflated idle's balloon: {inflated}"));
+    say(&format!(
+        "idle: {} ({}); important: {}",
+        idle.summary.state,
+        idle.summary.reason.as_deref().unwrap_or("-"),
+        important.summary.state
+    ));
+    if idle.summary.state != VmState::Crashed || !ev.iter().any(|e| e.kind == "oom-killed") {
+        return Err(fail("the low-priority VM was not the one OOM-killed"));
+    }
+    if important.summary.state != VmState::Running {
+        return Err(fail("the high-priority VM did not survive"));
+    }
+    Ok(())
+}
+
+/// A tmpfs mount of `mib` MiB at `dir`, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, mib: u64) -> Result<SmallFs, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "rustvisor-drill"])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("running mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount -t tmpfs: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(SmallFs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn storage_saturation(g: &Guest) -> Result<(), Failure> {
+    say("storage-saturation: a VM's disk on a 24 MiB file system with 4 MiB free, on-error=pause");
+    let p = Private::start("disk", &[])?;
+    let fs = match SmallFs::mount(&p.dir.join("small"), 24) {
+        Ok(f) => f,
+        Err(why) => {
+            say(&format!("skipped: cannot make a small file system here ({why})"));
+            return Ok(());
+        }
+    };
+    let image = fs.0.join("disk.raw");
+    let filler = fs.0.join("filler");
+    let io = |e: std::io::Error| fail(e.to_string());
+    std::fs::File::create(&image).and_then(|f| f.set_len(64 << 20)).map_err(io)?;
+    std::fs::write(&filler, vec![0xa5u8; 20 << 20]).map_err(io)?;
+    // 12 MiB of a known pattern, written with O_DIRECT so it reaches the host at once.
+    let script = "echo DISK-UP; yes RUSTVISOR-DRILL-DATA | head -c 12582912 > /tmp/p; \
+                  dd if=/tmp/p of=/dev/vda bs=1M oflag=direct 2>/dev/null; echo DD-EXIT $?; \
+                  while true; do sleep 1; done";
+    let disk = serde_json::json!({"disks": [{"path": image, "format": "raw", "on_error": "pause"}]});
+    p.create(g, "writer", 256, script, disk, serde_json::json!({}))?;
+    p.start_vm("writer")?;
+    p.wait_console("writer", "DISK-UP", Duration::from_secs(300))?;
+    let pid = p.info("writer")?.summary.pid;
+    let t0 = Instant::now();
+    let paused = p.wait_state("writer", VmState::Paused, Duration::from_secs(120))?;
+    say(&format!(
+        "the VM paused {:.1}s into its write: {}",
+        t0.elapsed().as_secs_f64(),
+        paused.summary.reason.as_deref().unwrap_or("-")
+    ));
+    if paused.summary.pid != pid || pid.is_none() {
+        return Err(fail("the VMM did not stay up"));
+    }
+    say(&format!("its VMM (pid {}) is alive; the guest saw no error; freeing 20 MiB", pid.unwrap_or(0)));
+    std::fs::remove_file(&filler).map_err(io)?;
+    p.client.call("PUT", "vms/writer/resume", None)?;
+    p.wait_console("writer", "DD-EXIT", Duration::from_secs(120))?;
+    let exit = p.console("writer").lines().find_map(|l| l.trim().strip_prefix("DD-EXIT ").map(str::to_string));
+    say(&format!("resumed: the guest's write finished (dd exit {})", exit.as_deref().unwrap_or("?")));
+    if exit.as_deref() != Some("0") {
+        return Err(fail("the guest's write failed after the resume"));
+    }
+    let data = std::fs::read(&image).map_err(io)?;
+    let pattern = b"RUSTVISOR-DRILL-DATA\n";
+    let whole =
+        data.len() >= 12 << 20 && data[..12 << 20].iter().enumerate().all(|(i, b)| *b == pattern[i % pattern.len()]);
+    say(&format!("the image holds the guest's 12 MiB: {}", if whole { "yes" } else { "NO" }));
+    if !whole {
+        return Err(fail("the guest's data is not on the disk image"));
+    }
+    // The VMM holds the image open: end it before the file system goes.
+    p.client.call("PUT", "vms/writer/kill", None)?;
+    drop(fs);
+    Ok(())
+}
