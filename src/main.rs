@@ -50,6 +50,9 @@ enum Cmd {
     /// How many more VMs of a shape fit on this host under the overcommit policy, and which
     /// resource runs out first.
     Capacity(manager::cli::CapacityArgs),
+    /// A live view of the daemon's VMs (like virt-top): %CPU, %RDY, memory, disk and network
+    /// rates per VM; q quits, s changes the sort, p pauses; --batch for plain text.
+    Top(manager::cli::TopArgs),
 }
 
 #[derive(Parser)]
@@ -302,6 +305,7 @@ fn main() -> ExitCode {
         Cmd::Backup(a) => return manager::cli::backup(a),
         Cmd::Firewall(a) => return manager::cli::firewall(a),
         Cmd::Capacity(a) => return manager::cli::capacity(a),
+        Cmd::Top(a) => return manager::cli::top(a),
     };
     match r {
         Ok(c) => c,

@@ -20,8 +20,10 @@ use crate::types::{
 };
 
 mod resources;
+mod top;
 
 pub use resources::{capacity, CapacityArgs, ResourceFlags};
+pub use top::{top, TopArgs};
 
 /// The daemon's socket when neither `--connect` nor `RUSTVISOR_SOCKET` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/rustvisor/rustvisor.sock";
