@@ -53,6 +53,9 @@ enum Cmd {
     /// Failure drills on a private daemon: cpu-overcommit, memory-exhaustion,
     /// storage-saturation; each prints what it did and measured, and cleans up.
     Drill(manager::cli::DrillArgs),
+    /// A live view of the daemon's VMs (like virt-top): %CPU, %RDY, memory, disk and network
+    /// rates per VM; q quits, s changes the sort, p pauses; --batch for plain text.
+    Top(manager::cli::TopArgs),
 }
 
 #[derive(Parser)]
@@ -306,6 +309,7 @@ fn main() -> ExitCode {
         Cmd::Firewall(a) => return manager::cli::firewall(a),
         Cmd::Capacity(a) => return manager::cli::capacity(a),
         Cmd::Drill(a) => return manager::cli::drill(a),
+        Cmd::Top(a) => return manager::cli::top(a),
     };
     match r {
         Ok(c) => c,

@@ -21,9 +21,11 @@ use crate::types::{
 
 mod drill;
 mod resources;
+mod top;
 
 pub use drill::{drill, Drill, DrillArgs};
 pub use resources::{capacity, CapacityArgs, ResourceFlags};
+pub use top::{top, TopArgs};
 
 /// The daemon's socket when neither `--connect` nor `RUSTVISOR_SOCKET` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/rustvisor/rustvisor.sock";
