@@ -175,7 +175,7 @@ impl EmuVcpu {
     /// `tsc_hz` is the TSC frequency advertised in CPUID leaf 0x15 (and the LAPIC bus clock
     /// the interrupt controller must use).
     pub fn new(ram: &[RamRegion], ic: Box<dyn InterruptController>, clock: Clock, tsc_hz: u64, id: u8) -> EmuVcpu {
-        let mut cpu = Cpu::new(ram.to_vec(), CpuConfig { tsc_hz, apic_id: id });
+        let mut cpu = Cpu::new(ram.to_vec(), CpuConfig { tsc_hz, apic_id: id, cpus: 1 });
         // Debugging aid: RUSTVISOR_EMU_TRACE=PATH writes every instruction's RIP and GPRs.
         if let Some(p) = std::env::var_os("RUSTVISOR_EMU_TRACE") {
             if let Ok(f) = std::fs::File::create(p) {
