@@ -190,7 +190,7 @@ impl Vm {
         let dev_err = |name: &'static str| move |source: devices::Error| Error::Device { name, source };
         let ctl = RunControl::new();
 
-        let accel = hypervisor.create_vm(&accel::VmSpec { ram: &ram, clock })?;
+        let accel = hypervisor.create_vm(&accel::VmSpec { ram: &ram, clock, cpus: cfg.cpus })?;
         // Only an accelerator that retires code on device writes gets them recorded.
         let dma = Arc::new(if accel.needs_dma_log() { DmaLog::default() } else { DmaLog::disabled() });
         let d = dma.clone();

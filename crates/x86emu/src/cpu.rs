@@ -378,6 +378,31 @@ impl Cpu {
         }
     }
 
+    /// INIT (Intel SDM Vol. 3A §9.1.1, Table 9-1): registers, control registers, MSRs and
+    /// x87/SSE state go back to their power-up values, as after [`Cpu::new`]; the TLB and
+    /// decoded code are dropped. The configuration (APIC ID), statistics and trace stay.
+    /// The caller keeps the vCPU waiting for a startup IPI ([`Cpu::start_up`]) unless it is
+    /// the bootstrap processor.
+    pub fn init(&mut self) {
+        let fresh = Cpu::with_shared(self.mmu.shared.clone(), self.config.clone());
+        let Cpu { stats, trace, recent, recent_pos, .. } = std::mem::replace(self, fresh);
+        self.stats = stats;
+        self.trace = trace;
+        self.recent = recent;
+        self.recent_pos = recent_pos;
+    }
+
+    /// A startup IPI with `vector` (SDM Vol. 3A §11.6.1 and §9.4.4.1): execution begins in
+    /// real mode at CS:IP = `vector`·0x100:0, i.e. physical address `vector`·0x1000.
+    pub fn start_up(&mut self, vector: u8) {
+        let cs = self.seg_at_mut(sreg::CS);
+        cs.selector = u16::from(vector) << 8;
+        cs.base = u64::from(vector) << 12;
+        cs.limit = 0xffff;
+        self.rip = 0;
+        self.halted = false;
+    }
+
     /// Current privilege level (CS.DPL; SS.DPL in real mode is 0).
     #[inline]
     pub fn cpl(&self) -> u8 {
