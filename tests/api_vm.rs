@@ -163,6 +163,52 @@ fn snapshot_kill_restore_continues_the_guest() {
     c.vmm_shutdown().unwrap();
 }
 
+/// A 2-vCPU guest: a counter pinned to vCPU 1 (an application processor) prints, with each
+/// count, a second counter that a loop pinned to vCPU 0 advances. Snapshot, kill -9, restore
+/// in a new VMM: both go on from where they were, so both vCPUs run after the restore.
+#[test]
+fn two_vcpu_snapshot_kill_restore_continues_on_both_vcpus() {
+    let dir = TempDir::new("api-snap-smp");
+    let log = dir.path("console.log");
+    let script = "echo 0 > /tmp/z\n\
+         taskset -c 0 sh -c 'z=0; while true; do z=$((z+1)); echo $z > /tmp/z; sleep 1; done' &\n\
+         taskset -c 1 sh -c 'i=0; while true; do echo \"RV-COUNT $i z=$(cat /tmp/z) cpu=$(cat /proc/self/stat | cut -d\" \" -f39)\"; i=$((i+1)); sleep 1; done'\n";
+    let mut cfg = guest_config(script, &log, vec![]);
+    cfg.cpus = 2;
+    let snap = dir.path("snap");
+    let before;
+    let z_of = |line: &str| -> u64 {
+        line.split("z=").nth(1).and_then(|t| t.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    };
+    let z_before;
+    {
+        let vmm = Vmm::start(&dir.path("a.sock"));
+        vmm.client.create(&cfg).unwrap();
+        vmm.client.boot().unwrap();
+        wait_count(&log, 3, Duration::from_secs(180));
+        vmm.client.pause().unwrap();
+        before = last_count(&log).unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        z_before = z_of(text.lines().rev().find(|l| l.starts_with("RV-COUNT ")).unwrap());
+        vmm.client.snapshot(&snap).unwrap();
+    }
+    let vmm = Vmm::start(&dir.path("b.sock"));
+    let c = &vmm.client;
+    c.restore(&snap).unwrap();
+    assert_eq!(c.info().unwrap().state, "Paused");
+    c.resume().unwrap();
+    wait_count(&log, before + 3, Duration::from_secs(90));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let counts: Vec<u64> =
+        text.lines().filter_map(|l| l.strip_prefix("RV-COUNT ")?.split_whitespace().next()?.parse().ok()).collect();
+    let pos = counts.iter().rposition(|&n| n == before).unwrap();
+    assert_eq!(counts.get(pos + 1), Some(&(before + 1)), "counter after restore: {counts:?}");
+    let last = text.lines().rev().find(|l| l.starts_with("RV-COUNT ")).unwrap();
+    assert!(z_of(last) > z_before, "vCPU 0's loop did not go on after the restore: {last} (before: z={z_before})");
+    assert!(last.contains("cpu=1"), "the counter runs on vCPU 1: {last}");
+    c.vmm_shutdown().unwrap();
+}
+
 /// `state` (a JSON object's text) with the first `"key":value` scalar set to `value`.
 fn json_set(state: &str, key: &str, value: &str) -> String {
     let k = format!("\"{key}\":");

@@ -36,6 +36,103 @@ fn boot(kernel: &str, cmdline: &str, tag: &str) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), console, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Runs `rustvisor run` on emu with `cpus` vCPUs and `script` as the guest's shell script
+/// (`rv.cmd`); returns (exit status, console text, stderr).
+fn boot_smp(cpus: u8, script: &str, tag: &str) -> (i32, String, String) {
+    use base64_script as b64;
+    let cmdline = format!("console=ttyS0 panic=-1 rv.cmd={}", b64::encode(script.as_bytes()));
+    let log = std::env::temp_dir().join(format!("rv-boot-{}-{tag}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_rustvisor"))
+        .args(["run", "--kernel"])
+        .arg(guest_file("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest_file("initrd.img"))
+        .args(["--cmdline", &cmdline, "--memory", "512M", "--accel", "emu", "--cpus", &cpus.to_string(), "--serial"])
+        .arg(format!("file={}", log.display()))
+        .output()
+        .expect("spawn rustvisor");
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    eprintln!("{tag}: {:.1} s wall", start.elapsed().as_secs_f64());
+    (out.status.code().unwrap_or(-1), console, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Base64 for `rv.cmd` (the guest's init decodes it with busybox `base64 -d`).
+mod base64_script {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(data: &[u8]) -> String {
+        let mut out = String::new();
+        for c in data.chunks(3) {
+            let n = (u32::from(c[0]) << 16)
+                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                | u32::from(*c.get(2).unwrap_or(&0));
+            for i in 0..4 {
+                if i <= c.len() {
+                    out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The SMP workload: reports `nproc`, the online CPUs and /proc/cpuinfo's count, then runs
+/// one busy loop pinned to each CPU (`taskset`) and reports each CPU's busy ticks from
+/// /proc/stat over that time.
+const SMP_WORKLOAD: &str = r#"N=$(nproc)
+echo "RV-NPROC $N"
+echo "RV-ONLINE $(cat /sys/devices/system/cpu/online)"
+echo "RV-CPUINFO $(grep -c ^processor /proc/cpuinfo)"
+grep '^cpu[0-9]' /proc/stat > /tmp/s0
+i=0
+while [ $i -lt $N ]; do
+  taskset -c $i sh -c 'n=0; while [ $n -lt 20000 ]; do n=$((n+1)); done; echo RV-LOOP-DONE' &
+  i=$((i+1))
+done
+wait
+grep '^cpu[0-9]' /proc/stat > /tmp/s1
+awk 'NR==FNR{u[$1]=$2+$3+$4;next}{print "RV-STAT",$1,$2+$3+$4-u[$1]}' /tmp/s0 /tmp/s1
+echo RV-SMP-DONE
+"#;
+
+fn check_smp(cpus: u8) {
+    let (code, console, stderr) = boot_smp(cpus, SMP_WORKLOAD, &format!("smp{cpus}"));
+    let console = console.replace('\r', "");
+    let tail: String =
+        console.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    assert!(console.contains("RV-SMP-DONE"), "workload did not finish; stderr: {stderr}\n{tail}");
+    assert!(console.contains(&format!("smp: Brought up 1 node, {cpus} CPUs")), "{tail}");
+    assert!(console.contains(&format!("RV-NPROC {cpus}\n")), "nproc; {tail}");
+    assert!(console.contains(&format!("RV-ONLINE 0-{}\n", cpus - 1)), "online CPUs; {tail}");
+    assert!(console.contains(&format!("RV-CPUINFO {cpus}\n")), "/proc/cpuinfo; {tail}");
+    assert_eq!(console.matches("RV-LOOP-DONE").count(), usize::from(cpus), "{tail}");
+    // Every CPU was busy (user + nice + system ticks at USER_HZ 100) while the loops ran.
+    for cpu in 0..cpus {
+        let line = console
+            .lines()
+            .find(|l| l.starts_with(&format!("RV-STAT cpu{cpu} ")))
+            .unwrap_or_else(|| panic!("no /proc/stat line for cpu{cpu}; {tail}"));
+        let ticks: u64 = line.rsplit(' ').next().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+        assert!(ticks >= 20, "cpu{cpu} did not run the workload ({line}); {tail}");
+    }
+    assert_eq!(code, 0, "the guest powered off; stderr: {stderr}\n{tail}");
+}
+
+#[test]
+fn debian_boots_with_2_vcpus_and_runs_on_both() {
+    check_smp(2);
+}
+
+#[test]
+fn debian_boots_with_4_vcpus_and_runs_on_all() {
+    check_smp(4);
+}
+
 fn check_test_workload(code: i32, console: &str, stderr: &str) {
     let tail: String =
         console.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use x86emu::{Cpu, CpuConfig, Exit, Seg};
+use x86emu::{Cpu, CpuConfig, Exit, Seg, SharedRam};
 
 pub use crate::vm::DeviceWrites;
 pub use hypervisor::{EmuHypervisor, EmuVm, EmuVmState, TSC_HZ};
@@ -44,6 +44,11 @@ pub trait InterruptController: Send {
     fn acknowledge(&mut self) -> Option<u8>;
     /// Runs timers up to `now_ns`; returns the next timer deadline in ns, if any.
     fn poll(&mut self, now_ns: u64) -> Option<u64>;
+    /// Takes the INIT and start-up IPIs sent to this vCPU since the last call (Intel SDM
+    /// Vol. 3A §9.4.4). A controller without IPIs has none.
+    fn take_startup(&mut self) -> devices::Startup {
+        devices::Startup::default()
+    }
 }
 
 /// Snapshot of one emulated vCPU (see [`EmuVcpu::save_state`]).
@@ -53,6 +58,11 @@ pub struct EmuVcpuState {
     /// `hlt` and interrupt-shadow flags, TSC frequency and APIC ID. This is the emulator's
     /// own save format, a superset of the architectural [`CpuState`] the seam exchanges.
     pub cpu: x86emu::CpuSnapshot,
+    /// The vCPU is an application processor waiting for a start-up IPI (after power-on or
+    /// INIT) and runs nothing until one comes. Absent in states saved before SMP support,
+    /// where it is `false` (the one vCPU ran).
+    #[serde(default)]
+    pub wait_for_sipi: bool,
 }
 
 /// Instructions run between looks at timers and the stop flag.
@@ -63,6 +73,10 @@ const RUN_QUANTUM: Duration = Duration::from_millis(20);
 /// One vCPU on the emulator.
 pub struct EmuVcpu {
     cpu: Cpu,
+    /// Index of the vCPU (= its APIC ID); 0 is the bootstrap processor.
+    id: u8,
+    /// An application processor waiting for a start-up IPI (SDM Vol. 3A §9.4.4.1).
+    wait_for_sipi: bool,
     ic: Box<dyn InterruptController>,
     clock: Clock,
     stop: Arc<AtomicBool>,
@@ -175,7 +189,25 @@ impl EmuVcpu {
     /// `tsc_hz` is the TSC frequency advertised in CPUID leaf 0x15 (and the LAPIC bus clock
     /// the interrupt controller must use).
     pub fn new(ram: &[RamRegion], ic: Box<dyn InterruptController>, clock: Clock, tsc_hz: u64, id: u8) -> EmuVcpu {
-        let mut cpu = Cpu::new(ram.to_vec(), CpuConfig { tsc_hz, apic_id: id });
+        let mut v = EmuVcpu::with_shared(SharedRam::new(ram), ic, clock, tsc_hz, id, 1);
+        v.wait_for_sipi = false;
+        v
+    }
+
+    /// Creates vCPU `id` (its APIC ID) of `cpus` over RAM shared with the VM's other vCPUs
+    /// (one [`SharedRam`] per VM; each vCPU then runs on its own thread). vCPU 0 runs from
+    /// its reset state (or the state the VMM sets); the others are application processors
+    /// that wait for INIT and a start-up IPI from the guest, which
+    /// [`InterruptController::take_startup`] reports.
+    pub fn with_shared(
+        shared: Arc<SharedRam>,
+        ic: Box<dyn InterruptController>,
+        clock: Clock,
+        tsc_hz: u64,
+        id: u8,
+        cpus: u8,
+    ) -> EmuVcpu {
+        let mut cpu = Cpu::with_shared(shared, CpuConfig { tsc_hz, apic_id: id, cpus: cpus.max(1) });
         // Debugging aid: RUSTVISOR_EMU_TRACE=PATH writes every instruction's RIP and GPRs.
         if let Some(p) = std::env::var_os("RUSTVISOR_EMU_TRACE") {
             if let Ok(f) = std::fs::File::create(p) {
@@ -185,6 +217,8 @@ impl EmuVcpu {
         let profile = std::env::var_os("RUSTVISOR_EMU_PROFILE").map(|p| (p.into(), Default::default()));
         EmuVcpu {
             cpu,
+            id,
+            wait_for_sipi: id != 0,
             ic,
             clock,
             stop: Arc::new(AtomicBool::new(false)),
@@ -233,14 +267,39 @@ impl EmuVcpu {
     /// Captures the vCPU's state. Call it while the vCPU is not running (between two
     /// [`Vcpu::run`] calls).
     pub fn save_state(&self) -> EmuVcpuState {
-        EmuVcpuState { cpu: self.cpu.save_state() }
+        EmuVcpuState { cpu: self.cpu.save_state(), wait_for_sipi: self.wait_for_sipi }
     }
 
     /// Loads a state captured by [`EmuVcpu::save_state`], including the TSC frequency and
     /// APIC ID it was saved with, and drops all cached translations and decoded code. On
     /// error (a malformed state; the error names the field) the vCPU is left unchanged.
     pub fn restore_state(&mut self, s: &EmuVcpuState) -> std::result::Result<(), StateError> {
-        self.cpu.restore_state(&s.cpu)
+        self.cpu.restore_state(&s.cpu)?;
+        self.wait_for_sipi = s.wait_for_sipi;
+        Ok(())
+    }
+
+    /// Whether the vCPU is an application processor waiting for a start-up IPI.
+    pub fn waits_for_sipi(&self) -> bool {
+        self.wait_for_sipi
+    }
+
+    /// Acts on INIT and start-up IPIs sent to this vCPU: INIT puts the CPU in its INIT
+    /// state (an application processor then waits for a SIPI; the bootstrap processor
+    /// restarts at the reset vector), a SIPI starts a waiting processor at its vector and
+    /// is ignored by any other (SDM Vol. 3A §9.4.4.1, §11.6.1).
+    fn take_startup(&mut self) {
+        let st = self.ic.take_startup();
+        if st.init {
+            self.cpu.init();
+            self.wait_for_sipi = self.id != 0;
+        }
+        if let Some(v) = st.sipi {
+            if self.wait_for_sipi {
+                self.cpu.start_up(v);
+                self.wait_for_sipi = false;
+            }
+        }
     }
 
     /// The emulated CPU (statistics, tracing).
@@ -320,6 +379,18 @@ impl Vcpu for EmuVcpu {
         loop {
             if self.stop.swap(false, Ordering::AcqRel) {
                 return Ok(VcpuExit::Interrupted);
+            }
+            self.take_startup();
+            if self.wait_for_sipi {
+                // Nothing runs until a SIPI (or a stop) rings the doorbell; a ring between
+                // the look above and the wait is kept by the doorbell.
+                self.wakeup.clear();
+                self.take_startup();
+                if self.wait_for_sipi && !self.stop.load(Ordering::Acquire) {
+                    self.wakeup.wait(None);
+                }
+                start = Instant::now();
+                continue;
             }
             let now = (self.clock)();
             let deadline = self.ic.poll(now);

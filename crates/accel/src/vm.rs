@@ -24,6 +24,9 @@ pub struct VmSpec<'a> {
     /// emulator's PIT, LAPIC timer and TSC) run on it; KVM keeps its own (kvmclock, part of
     /// [`VmState`]).
     pub clock: Clock,
+    /// vCPUs the VM will have (1 or more; ids 0..cpus): the emulator builds one LAPIC per
+    /// vCPU; KVM creates them one by one and ignores it.
+    pub cpus: u8,
 }
 
 /// One virtual machine of an accelerator: guest RAM registered, interrupt controllers
@@ -135,9 +138,14 @@ pub struct VmState(pub(crate) VmStateRepr);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) enum VmStateRepr {
-    /// The emulator's userspace irqchip, layout 1.
+    /// The emulator's userspace irqchip, layout 1 (one vCPU; read as layout 2 without the
+    /// application processors' parts).
     #[serde(rename = "emu/1")]
     Emu1(Box<emu::EmuVmState>),
+    /// The emulator's userspace irqchip, layout 2: one LAPIC and pending start-up IPIs per
+    /// vCPU.
+    #[serde(rename = "emu/2")]
+    Emu2(Box<emu::EmuVmState>),
     /// KVM's in-kernel irqchip, PIT and clock, layout 1.
     #[serde(rename = "kvm/1")]
     Kvm1(Box<kvm::KvmVmState>),
@@ -148,7 +156,7 @@ impl VmState {
     /// uses it to pick the hypervisor).
     pub fn engine(&self) -> Choice {
         match self.0 {
-            VmStateRepr::Emu1(_) => Choice::Emu,
+            VmStateRepr::Emu1(_) | VmStateRepr::Emu2(_) => Choice::Emu,
             VmStateRepr::Kvm1(_) => Choice::Kvm,
         }
     }
@@ -159,7 +167,7 @@ impl VmState {
     /// wait out the difference.
     pub fn earliest_clock_ns(&self) -> u64 {
         match &self.0 {
-            VmStateRepr::Emu1(s) => s.irqchip.latest_timer_ns(),
+            VmStateRepr::Emu1(s) | VmStateRepr::Emu2(s) => s.irqchip.latest_timer_ns(),
             VmStateRepr::Kvm1(_) => 0,
         }
     }
@@ -168,6 +176,7 @@ impl VmState {
     pub fn version(&self) -> u32 {
         match self.0 {
             VmStateRepr::Emu1(_) | VmStateRepr::Kvm1(_) => 1,
+            VmStateRepr::Emu2(_) => 2,
         }
     }
 }

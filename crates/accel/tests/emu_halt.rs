@@ -119,7 +119,7 @@ struct Running {
 fn start(ram: GuestRam) -> Running {
     let t0 = Instant::now();
     let clock: Clock = Arc::new(move || t0.elapsed().as_nanos() as u64);
-    let vm = EmuHypervisor.create_vm(&VmSpec { ram: &ram.regions(), clock }).unwrap();
+    let vm = EmuHypervisor.create_vm(&VmSpec { ram: &ram.regions(), clock, cpus: 1 }).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let st = real_mode_state(vcpu.state().unwrap());
     vcpu.set_state(&st).unwrap();

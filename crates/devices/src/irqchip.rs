@@ -1,6 +1,6 @@
-//! Userspace interrupt controller complex for one vCPU of the software CPU
-//! emulator: 8259A PIC pair + ELCR, 82093AA IOAPIC, xAPIC and 8254 PIT,
-//! wired like a PC.
+//! Userspace interrupt controller complex for the vCPUs of the software CPU
+//! emulator: 8259A PIC pair + ELCR, 82093AA IOAPIC, one xAPIC per vCPU
+//! (APIC IDs 0..N-1) and 8254 PIT, wired like a PC.
 //!
 //! Wiring:
 //!
@@ -9,20 +9,37 @@
 //!   drives IOAPIC pin 2 (the usual PC interrupt source override: the
 //!   firmware tables must declare "ISA IRQ 0 → GSI 2"); ISA IRQ 2 is the
 //!   PIC cascade and is ignored.  GSIs 16-23 drive IOAPIC pins 16-23 only.
-//! * IOAPIC messages go to the LAPIC (physical APIC ID 0, or logical
-//!   destinations matching its LDR; fixed, lowest-priority and NMI delivery;
-//!   other modes are dropped).  LAPIC EOIs of level-triggered vectors are
-//!   broadcast back to the IOAPIC.
-//! * The PIC's INT output reaches the CPU through LAPIC LINT0 when it is
-//!   programmed as unmasked ExtINT (virtual wire mode), or directly when the
-//!   LAPIC is globally or software disabled; see
+//! * IOAPIC messages and MSIs go to the LAPICs their destination names
+//!   (physical APIC ID, 0xFF broadcast, or logical flat/cluster destinations
+//!   matching each LDR; Intel SDM Vol. 3A §11.6.2): fixed delivery to every
+//!   target, lowest-priority delivery to the target with the lowest processor
+//!   priority (round robin among equals, §11.6.2.4), NMI and INIT to every
+//!   target; other modes are dropped.  LAPIC EOIs of level-triggered vectors
+//!   are broadcast back to the IOAPIC.
+//! * IPIs written to a LAPIC's ICR (§11.6.1) are routed the same way, with the
+//!   destination shorthands (self, all including self, all excluding self),
+//!   plus INIT (which resets the target LAPIC and leaves an INIT for its vCPU)
+//!   and SIPI (a start-up vector for its vCPU); see [`EmuIrqchip::take_startup`].
+//!   An INIT level de-assert does nothing.
+//! * The PIC's INT output reaches vCPU 0 (the bootstrap processor) through
+//!   its LAPIC's LINT0 when it is programmed as unmasked ExtINT (virtual wire
+//!   mode), or directly when that LAPIC is globally or software disabled; see
 //!   [`Lapic::accepts_pic_interrupts`].
+//! * Each vCPU runs its own LAPIC's timer ([`EmuIrqchip::poll_cpu`]); the PIT
+//!   is run by whichever vCPU polls first.
+//!
+//! Every delivery to a LAPIC records that vCPU in a set of vCPUs to wake
+//! ([`EmuIrqchip::take_kicks`]): whoever made the delivery takes it after
+//! unlocking the chip and wakes those vCPUs if they sleep in `hlt`.
 //!
 //! This type implements [`PioDevice`] for the PIC (0x20-0x21, 0xA0-0xA1),
 //! ELCR (0x4D0-0x4D1) and PIT (0x40-0x43, 0x61) ports listed in
 //! [`PIO_RANGES`], and [`MmioDevice`] for the LAPIC page (0xFEE00000, 4 KiB)
 //! and IOAPIC window (0xFEC00000, 4 KiB) listed in [`MMIO_RANGES`], dispatching
-//! by address; [`EmuIrqchip::attach`] registers all of them on the buses.
+//! by address; [`EmuIrqchip::attach`] registers all of them on the buses.  The
+//! LAPIC page is per vCPU: an accessor that knows which vCPU made the access
+//! uses [`EmuIrqchip::lapic_read`] / [`EmuIrqchip::lapic_write`]; through the
+//! bus it is vCPU 0's.
 //!
 //! # Locking
 //!
@@ -40,7 +57,7 @@ use serde::{Deserialize, Serialize};
 use crate::bus::{lock, read_bytes, write_bytes, MmioBus, MmioDevice, PioBus, PioDevice};
 use crate::ioapic::{ApicMessage, DeliveryMode, IoApic, IoApicState, IOAPIC_BASE, IOAPIC_SIZE};
 use crate::irq::{IrqLine, MsiSink};
-use crate::lapic::{Lapic, LapicState, LAPIC_BASE, LAPIC_SIZE};
+use crate::lapic::{Ipi, Lapic, LapicState, LAPIC_BASE, LAPIC_SIZE};
 use crate::pic::{Pic, PicState};
 use crate::pit::{Pit, PitState};
 use crate::{Clock, Error, StateError};
@@ -70,14 +87,27 @@ impl IrqLine for EdgeCounter {
 /// [`EmuIrqchip::state`]).  Timer times are absolute readings of the shared
 /// clock in ns (see [`crate::pit::PitRunState`] and
 /// [`crate::lapic::LapicTimerState`]).
+///
+/// A state saved with one vCPU before SMP support has no `ap_lapics`,
+/// `init_pending` or `sipi_pending`: they default to empty, which is the
+/// one-vCPU chip.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct EmuIrqchipState {
     /// The 8259A pair and ELCR.
     pub pic: PicState,
     /// The IOAPIC.
     pub ioapic: IoApicState,
-    /// The local APIC.
+    /// vCPU 0's local APIC.
     pub lapic: LapicState,
+    /// The local APICs of vCPUs 1..N, in order.
+    #[serde(default)]
+    pub ap_lapics: Vec<LapicState>,
+    /// Per vCPU (0..N, or empty for none): an INIT IPI the vCPU has not taken yet.
+    #[serde(default)]
+    pub init_pending: Vec<bool>,
+    /// Per vCPU (0..N, or empty for none): a start-up IPI's vector the vCPU has not taken.
+    #[serde(default)]
+    pub sipi_pending: Vec<Option<u8>>,
     /// The 8254 PIT and port 0x61.
     pub pit: PitState,
 }
@@ -91,60 +121,219 @@ impl EmuIrqchipState {
             crate::pit::PitRunState::Counting { start_ns, .. } => Some(start_ns),
             _ => None,
         });
-        pit.chain(self.lapic.timer.map(|t| t.start_ns)).max().unwrap_or(0)
+        let lapics = std::iter::once(&self.lapic).chain(&self.ap_lapics).filter_map(|l| l.timer.map(|t| t.start_ns));
+        pit.chain(lapics).max().unwrap_or(0)
     }
 }
 
-/// PIC + IOAPIC + LAPIC + PIT for one vCPU.
+/// Start-up events an IPI left for a vCPU (see [`EmuIrqchip::take_startup`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Startup {
+    /// An INIT arrived: the vCPU must go to its INIT state (an application processor then
+    /// waits for a SIPI). Its LAPIC was already reset.
+    pub init: bool,
+    /// A start-up IPI arrived with this vector (taken after `init`): a vCPU waiting for a
+    /// SIPI starts in real mode at `vector`·0x1000; any other ignores it (SDM Vol. 3A
+    /// §9.4.4.1 and §11.6.1).
+    pub sipi: Option<u8>,
+}
+
+/// PIC + IOAPIC + one LAPIC per vCPU + PIT.
 pub struct EmuIrqchip {
     pic: Pic,
     ioapic: IoApic,
-    lapic: Lapic,
+    apics: Apics,
     pit: Pit,
     pit_irq0: Arc<EdgeCounter>,
 }
 
-/// Routes an IOAPIC message to the (only) LAPIC; returns whether accepted.
-fn deliver(lapic: &mut Lapic, m: ApicMessage) -> bool {
-    if !lapic.matches_destination(m.dest, m.logical) {
-        return false;
+/// The LAPICs and what their deliveries left for the vCPUs.
+struct Apics {
+    /// LAPIC of vCPU `i` (APIC ID `i`).
+    lapics: Vec<Lapic>,
+    /// Per vCPU: start-up events not yet taken.
+    startup: Vec<Startup>,
+    /// vCPUs (bit `i` for vCPU `i`, the first 64) that got something since the last
+    /// [`EmuIrqchip::take_kicks`].
+    kicks: u64,
+    /// Where the next lowest-priority tie-break starts.
+    rr: usize,
+}
+
+/// Who an interrupt message or IPI is for.
+#[derive(Clone, Copy)]
+enum Dest {
+    /// A physical APIC ID or logical destination (with the mode).
+    Id { dest: u8, logical: bool },
+    /// Every LAPIC.
+    All,
+    /// Every LAPIC but vCPU `n`'s.
+    AllBut(usize),
+    /// vCPU `n`'s LAPIC only.
+    Only(usize),
+}
+
+impl Apics {
+    fn targets(&self, d: Dest) -> impl Iterator<Item = usize> + '_ {
+        self.lapics.iter().enumerate().filter_map(move |(i, l)| {
+            let hit = match d {
+                Dest::Id { dest, logical } => l.matches_destination(dest, logical),
+                Dest::All => true,
+                Dest::AllBut(n) => i != n,
+                Dest::Only(n) => i == n,
+            };
+            hit.then_some(i)
+        })
     }
-    match m.delivery_mode {
-        DeliveryMode::Fixed | DeliveryMode::LowestPriority => lapic.accept_interrupt(m.vector, m.level_triggered),
-        DeliveryMode::Nmi => {
-            lapic.raise_nmi();
-            true
+
+    fn kick(&mut self, i: usize) {
+        if let Some(bit) = u32::try_from(i).ok().and_then(|i| 1u64.checked_shl(i)) {
+            self.kicks |= bit;
         }
-        mode => {
-            tracing::debug!("irqchip: dropped IOAPIC message with delivery mode {mode:?}");
-            false
+    }
+
+    /// Delivers `vector`/`mode` to the LAPICs `d` names (SDM Vol. 3A §11.6.2); returns
+    /// whether any accepted it.
+    fn deliver(&mut self, d: Dest, mode: DeliveryMode, vector: u8, level_triggered: bool) -> bool {
+        let mut any = false;
+        match mode {
+            DeliveryMode::Fixed => {
+                let t: Vec<usize> = self.targets(d).collect();
+                for i in t {
+                    if self.lapics.get_mut(i).is_some_and(|l| l.accept_interrupt(vector, level_triggered)) {
+                        self.kick(i);
+                        any = true;
+                    }
+                }
+            }
+            DeliveryMode::LowestPriority => {
+                // The enabled target with the lowest processor priority; among equals, the
+                // next after the last one chosen.
+                let n = self.lapics.len().max(1);
+                let rr = self.rr;
+                let best = self
+                    .targets(d)
+                    .filter(|&i| self.lapics.get(i).is_some_and(Lapic::enabled))
+                    .min_by_key(|&i| (self.lapics.get(i).map_or(u8::MAX, Lapic::ppr) >> 4, (i + n - rr % n) % n));
+                if let Some(i) = best {
+                    self.rr = i + 1;
+                    if self.lapics.get_mut(i).is_some_and(|l| l.accept_interrupt(vector, level_triggered)) {
+                        self.kick(i);
+                        any = true;
+                    }
+                }
+            }
+            DeliveryMode::Nmi => {
+                let t: Vec<usize> = self.targets(d).collect();
+                for i in t {
+                    if let Some(l) = self.lapics.get_mut(i) {
+                        l.raise_nmi();
+                        self.kick(i);
+                        any = true;
+                    }
+                }
+            }
+            DeliveryMode::Init => {
+                let t: Vec<usize> = self.targets(d).collect();
+                for i in t {
+                    if let (Some(l), Some(s)) = (self.lapics.get_mut(i), self.startup.get_mut(i)) {
+                        l.init();
+                        *s = Startup { init: true, sipi: None };
+                        self.kick(i);
+                        any = true;
+                    }
+                }
+            }
+            DeliveryMode::Startup => {
+                let t: Vec<usize> = self.targets(d).collect();
+                for i in t {
+                    if let Some(s) = self.startup.get_mut(i) {
+                        s.sipi = Some(vector);
+                        self.kick(i);
+                        any = true;
+                    }
+                }
+            }
+            mode => tracing::debug!("irqchip: dropped a message with delivery mode {mode:?}"),
         }
+        any
+    }
+
+    /// An IOAPIC message or MSI.
+    fn message(&mut self, m: ApicMessage) -> bool {
+        if matches!(m.delivery_mode, DeliveryMode::Startup | DeliveryMode::ExtInt) {
+            tracing::debug!("irqchip: dropped an interrupt message with delivery mode {:?}", m.delivery_mode);
+            return false;
+        }
+        let d = if !m.logical && m.dest == 0xff { Dest::All } else { Dest::Id { dest: m.dest, logical: m.logical } };
+        self.deliver(d, m.delivery_mode, m.vector, m.level_triggered)
+    }
+
+    /// An IPI that vCPU `from` wrote to its ICR (SDM Vol. 3A §11.6.1).
+    fn ipi(&mut self, from: usize, ipi: Ipi) {
+        if ipi.mode == DeliveryMode::Init && ipi.level_triggered && !ipi.assert {
+            // INIT level de-assert: only synchronises arbitration IDs on old processors.
+            return;
+        }
+        let d = match ipi.shorthand {
+            1 => Dest::Only(from),
+            2 => Dest::All,
+            3 => Dest::AllBut(from),
+            _ if !ipi.logical && ipi.dest == 0xff => Dest::All,
+            _ => Dest::Id { dest: ipi.dest, logical: ipi.logical },
+        };
+        self.deliver(d, ipi.mode, ipi.vector, false);
     }
 }
 
 impl EmuIrqchip {
-    /// Creates the chip set in its power-on state.
+    /// Creates the chip set for one vCPU in its power-on state.
     ///
     /// `clock`: virtual time in ns shared by the PIT and the LAPIC timer;
     /// `lapic_timer_hz`: LAPIC timer input clock in Hz (before its divider).
     pub fn new(clock: Clock, lapic_timer_hz: u64) -> Self {
+        Self::with_cpus(clock, lapic_timer_hz, 1)
+    }
+
+    /// Creates the chip set for `cpus` vCPUs (at least 1; LAPICs with APIC IDs
+    /// 0..`cpus`, vCPU 0 the bootstrap processor) in its power-on state;
+    /// `clock` and `lapic_timer_hz` as in [`EmuIrqchip::new`].
+    pub fn with_cpus(clock: Clock, lapic_timer_hz: u64, cpus: u8) -> Self {
         let pit_irq0 = Arc::new(EdgeCounter::default());
+        let n = cpus.max(1);
         Self {
             pic: Pic::new(),
             ioapic: IoApic::new(),
-            lapic: Lapic::new(lapic_timer_hz, Arc::clone(&clock)),
+            apics: Apics {
+                lapics: (0..n).map(|id| Lapic::with_id(id, lapic_timer_hz, Arc::clone(&clock))).collect(),
+                startup: vec![Startup::default(); usize::from(n)],
+                kicks: 0,
+                rr: 0,
+            },
             pit: Pit::new(clock, pit_irq0.clone()),
             pit_irq0,
         }
     }
 
-    /// Snapshot of the PIC, IOAPIC, LAPIC and PIT.  Take it while the vCPU
-    /// is stopped (between two runs), together with the CPU's state.
+    /// How many vCPUs (LAPICs) the chip serves.
+    pub fn cpus(&self) -> usize {
+        self.apics.lapics.len()
+    }
+
+    /// Snapshot of the PIC, IOAPIC, LAPICs, pending start-up IPIs and PIT.
+    /// Take it while the vCPUs are stopped (between two runs), together
+    /// with the CPUs' states.
     pub fn state(&self) -> EmuIrqchipState {
+        let mut lapics = self.apics.lapics.iter().map(Lapic::state);
+        let lapic = lapics.next().unwrap_or_else(|| Lapic::new(1, Arc::new(|| 0)).state());
+        let multi = self.apics.lapics.len() > 1;
         EmuIrqchipState {
             pic: self.pic.state(),
             ioapic: self.ioapic.state(),
-            lapic: self.lapic.state(),
+            lapic,
+            ap_lapics: lapics.collect(),
+            init_pending: if multi { self.apics.startup.iter().map(|s| s.init).collect() } else { Vec::new() },
+            sipi_pending: if multi { self.apics.startup.iter().map(|s| s.sipi).collect() } else { Vec::new() },
             pit: self.pit.state(),
         }
     }
@@ -153,17 +342,39 @@ impl EmuIrqchip {
     /// one given to [`EmuIrqchip::new`] (the VMM must make it continue from
     /// the reading it had at save time).  Nothing is delivered or signalled
     /// by the restore itself; call [`EmuIrqchip::poll`] afterwards to get
-    /// the next timer deadline.  All four parts are checked before any is
-    /// changed: on error the chip is left unchanged.
+    /// the next timer deadline.  Every part is checked before any is
+    /// changed: on error (a malformed part, or a state for another number of
+    /// vCPUs) the chip is left unchanged.
     pub fn restore(&mut self, s: &EmuIrqchipState) -> Result<(), StateError> {
+        let n = self.apics.lapics.len();
+        StateError::check(
+            1 + s.ap_lapics.len() == n,
+            "ap_lapics",
+            format!("{} LAPICs saved, the chip has {n}", 1 + s.ap_lapics.len()),
+        )?;
+        for (name, len) in [("init_pending", s.init_pending.len()), ("sipi_pending", s.sipi_pending.len())] {
+            StateError::check(len == 0 || len == n, name, format!("{len} entries for {n} vCPUs"))?;
+        }
         self.pic.validate(&s.pic)?;
         self.ioapic.validate(&s.ioapic)?;
-        self.lapic.validate(&s.lapic)?;
+        let saved = std::iter::once(&s.lapic).chain(&s.ap_lapics);
+        for (l, st) in self.apics.lapics.iter().zip(saved.clone()) {
+            l.validate(st)?;
+        }
         self.pit.validate(&s.pit)?;
         self.pic.restore(&s.pic)?;
         self.ioapic.restore(&s.ioapic)?;
-        self.lapic.restore(&s.lapic)?;
+        for (l, st) in self.apics.lapics.iter_mut().zip(saved) {
+            l.restore(st)?;
+        }
         self.pit.restore(&s.pit)?;
+        for (i, st) in self.apics.startup.iter_mut().enumerate() {
+            *st = Startup {
+                init: s.init_pending.get(i).copied().unwrap_or(false),
+                sipi: s.sipi_pending.get(i).copied().flatten(),
+            };
+        }
+        self.apics.kicks = 0;
         // Edges counted by a `poll` are routed within that call: none is in flight.
         self.pit_irq0.0.store(0, Ordering::SeqCst);
         Ok(())
@@ -192,15 +403,19 @@ impl EmuIrqchip {
         };
         if let Ok(irq @ 0..=15) = u8::try_from(gsi) {
             self.pic.set_irq(irq, level);
+            if self.pic.has_interrupt() {
+                self.apics.kick(0);
+            }
         }
-        let lapic = &mut self.lapic;
-        self.ioapic.set_irq(pin, level, &mut |m| deliver(lapic, m));
+        let apics = &mut self.apics;
+        self.ioapic.set_irq(pin, level, &mut |m| apics.message(m));
     }
 
     /// Delivers a message-signalled interrupt (Intel SDM Vol. 3 §11.11): address
     /// 0xFEEx_xxxx with the destination in bits 19:12 and the destination mode in bit 2;
     /// data with the vector in bits 7:0, the delivery mode in bits 10:8 and the trigger mode
-    /// in bit 15. Messages to other addresses are dropped. Returns whether it was accepted.
+    /// in bit 15. Messages to other addresses are dropped. Returns whether a LAPIC accepted
+    /// it.
     pub fn deliver_msi(&mut self, addr: u64, data: u32) -> bool {
         if addr >> 20 != 0xfee {
             tracing::debug!("irqchip: dropped MSI to {addr:#x}");
@@ -213,55 +428,127 @@ impl EmuIrqchip {
             dest: ((addr >> 12) & 0xff) as u8,
             level_triggered: data & (1 << 15) != 0,
         };
-        deliver(&mut self.lapic, m)
+        self.apics.message(m)
     }
 
-    /// Runs the PIT and LAPIC timers up to `now_ns` (raising IRQ 0 and the
-    /// LAPIC timer interrupt as due) and returns the earliest next deadline
-    /// in ns, if any.  The caller should call it again at that time and after
-    /// guest accesses to the PIT or LAPIC timer registers (which can move
-    /// the deadlines).
+    /// Runs the PIT and vCPU 0's LAPIC timer up to `now_ns`; see [`EmuIrqchip::poll_cpu`].
     pub fn poll(&mut self, now_ns: u64) -> Option<u64> {
+        self.poll_cpu(0, now_ns)
+    }
+
+    /// Runs the PIT and vCPU `cpu`'s LAPIC timer up to `now_ns` (raising
+    /// IRQ 0 and the LAPIC timer interrupt as due) and returns the earliest
+    /// next deadline of the two in ns, if any.  The vCPU should call it again
+    /// at that time and after guest accesses to the PIT or its LAPIC timer
+    /// registers (which can move the deadlines).
+    pub fn poll_cpu(&mut self, cpu: usize, now_ns: u64) -> Option<u64> {
         let pit_next = self.pit.poll(now_ns);
         if self.pit_irq0.0.swap(0, Ordering::SeqCst) > 0 {
             self.set_irq(0, true);
             self.set_irq(0, false);
         }
-        let lapic_next = self.lapic.poll(now_ns);
+        let lapic_next = match self.apics.lapics.get_mut(cpu) {
+            Some(l) => {
+                let before = l.has_interrupt();
+                let next = l.poll(now_ns);
+                if !before && l.has_interrupt() {
+                    self.apics.kick(cpu);
+                }
+                next
+            }
+            None => None,
+        };
         match (pit_next, lapic_next) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
-    /// Whether an external interrupt should be presented to the CPU (when
-    /// its RFLAGS.IF allows): from the LAPIC, or from the PIC when it is
-    /// routed to the CPU.
+    /// Whether an external interrupt should be presented to vCPU 0; see
+    /// [`EmuIrqchip::interrupt_pending_for`].
     pub fn interrupt_pending(&self) -> bool {
-        (self.lapic.accepts_pic_interrupts() && self.pic.has_interrupt()) || self.lapic.has_interrupt()
+        self.interrupt_pending_for(0)
     }
 
-    /// Acknowledges the highest-priority pending interrupt and returns its
-    /// vector: a PIC (ExtINT) interrupt first, as the LAPIC delivers ExtINT
-    /// without priority checks, else the LAPIC's.  `None` if nothing is
-    /// pending.
+    /// Whether an external interrupt should be presented to vCPU `cpu` (when
+    /// its RFLAGS.IF allows): from its LAPIC, or, for vCPU 0, from the PIC
+    /// when it is routed to the CPU.
+    pub fn interrupt_pending_for(&self, cpu: usize) -> bool {
+        let Some(l) = self.apics.lapics.get(cpu) else {
+            return false;
+        };
+        (cpu == 0 && l.accepts_pic_interrupts() && self.pic.has_interrupt()) || l.has_interrupt()
+    }
+
+    /// Acknowledges vCPU 0's highest-priority pending interrupt; see
+    /// [`EmuIrqchip::acknowledge_for`].
     pub fn acknowledge(&mut self) -> Option<u8> {
-        if self.lapic.accepts_pic_interrupts() && self.pic.has_interrupt() {
+        self.acknowledge_for(0)
+    }
+
+    /// Acknowledges the highest-priority interrupt pending for vCPU `cpu`
+    /// and returns its vector: a PIC (ExtINT) interrupt first (vCPU 0 only),
+    /// as the LAPIC delivers ExtINT without priority checks, else the
+    /// LAPIC's.  `None` if nothing is pending.
+    pub fn acknowledge_for(&mut self, cpu: usize) -> Option<u8> {
+        let l = self.apics.lapics.get_mut(cpu)?;
+        if cpu == 0 && l.accepts_pic_interrupts() && self.pic.has_interrupt() {
             return self.pic.acknowledge();
         }
-        self.lapic.acknowledge()
+        l.acknowledge()
     }
 
-    /// Returns and clears a pending NMI (from an NMI IPI or IOAPIC message).
+    /// Returns and clears a pending NMI of vCPU 0 (from an NMI IPI or IOAPIC message).
     pub fn take_nmi(&mut self) -> bool {
-        self.lapic.take_nmi()
+        self.take_nmi_for(0)
+    }
+
+    /// Returns and clears a pending NMI of vCPU `cpu`.
+    pub fn take_nmi_for(&mut self, cpu: usize) -> bool {
+        self.apics.lapics.get_mut(cpu).is_some_and(Lapic::take_nmi)
+    }
+
+    /// Takes the start-up events (INIT, SIPI) IPIs left for vCPU `cpu`.
+    pub fn take_startup(&mut self, cpu: usize) -> Startup {
+        self.apics.startup.get_mut(cpu).map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The vCPUs (bit `i` for vCPU `i`; the first 64) that an interrupt,
+    /// NMI, INIT or SIPI was delivered to since the last call: wake them if
+    /// they sleep.
+    pub fn take_kicks(&mut self) -> u64 {
+        std::mem::take(&mut self.apics.kicks)
     }
 
     /// Broadcasts an EOI for `vector` to the IOAPIC (normally done
     /// automatically when the guest writes the LAPIC EOI register).
     pub fn ioapic_eoi(&mut self, vector: u8) {
-        let lapic = &mut self.lapic;
-        self.ioapic.eoi(vector, &mut |m| deliver(lapic, m));
+        let apics = &mut self.apics;
+        self.ioapic.eoi(vector, &mut |m| apics.message(m));
+    }
+
+    /// Guest load from vCPU `cpu`'s LAPIC page at `offset` (0..0x1000).
+    pub fn lapic_read(&mut self, cpu: usize, offset: u64, data: &mut [u8]) {
+        match self.apics.lapics.get_mut(cpu) {
+            Some(l) => l.mmio_read(offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Guest store to vCPU `cpu`'s LAPIC page at `offset`: EOIs of
+    /// level-triggered vectors reach the IOAPIC, ICR writes send their IPI.
+    pub fn lapic_write(&mut self, cpu: usize, offset: u64, data: &[u8]) {
+        let Some(l) = self.apics.lapics.get_mut(cpu) else {
+            return;
+        };
+        let eoi = l.mmio_write(offset, data);
+        let ipi = l.take_ipi();
+        if let Some(vector) = eoi {
+            self.ioapic_eoi(vector);
+        }
+        if let Some(ipi) = ipi {
+            self.apics.ipi(cpu, ipi);
+        }
     }
 
     /// The PIC pair.
@@ -279,14 +566,25 @@ impl EmuIrqchip {
         &self.ioapic
     }
 
-    /// The local APIC (e.g. for `MOV CR8` and the IA32_APIC_BASE MSR).
+    /// vCPU 0's local APIC.
+    ///
+    /// # Panics
+    ///
+    /// Never: the chip has at least one LAPIC.
+    #[allow(clippy::indexing_slicing)] // `with_cpus` builds at least one LAPIC
     pub fn lapic(&self) -> &Lapic {
-        &self.lapic
+        &self.apics.lapics[0]
     }
 
-    /// The local APIC, mutably.
+    /// vCPU 0's local APIC, mutably.
+    #[allow(clippy::indexing_slicing)] // as in `lapic`
     pub fn lapic_mut(&mut self) -> &mut Lapic {
-        &mut self.lapic
+        &mut self.apics.lapics[0]
+    }
+
+    /// vCPU `cpu`'s local APIC, if there is one.
+    pub fn lapic_of(&self, cpu: usize) -> Option<&Lapic> {
+        self.apics.lapics.get(cpu)
     }
 
     /// The PIT.
@@ -333,7 +631,7 @@ impl PioDevice for EmuIrqchip {
 impl MmioDevice for EmuIrqchip {
     fn read(&mut self, gpa: u64, data: &mut [u8]) {
         if let Some(off) = gpa.checked_sub(LAPIC_BASE).filter(|&o| o < LAPIC_SIZE) {
-            self.lapic.mmio_read(off, data);
+            self.lapic_read(0, off, data);
         } else if let Some(off) = gpa.checked_sub(IOAPIC_BASE).filter(|&o| o < IOAPIC_SIZE) {
             self.ioapic.mmio_read(off, data);
         } else {
@@ -343,12 +641,10 @@ impl MmioDevice for EmuIrqchip {
 
     fn write(&mut self, gpa: u64, data: &[u8]) {
         if let Some(off) = gpa.checked_sub(LAPIC_BASE).filter(|&o| o < LAPIC_SIZE) {
-            if let Some(vector) = self.lapic.mmio_write(off, data) {
-                self.ioapic_eoi(vector);
-            }
+            self.lapic_write(0, off, data);
         } else if let Some(off) = gpa.checked_sub(IOAPIC_BASE).filter(|&o| o < IOAPIC_SIZE) {
-            let lapic = &mut self.lapic;
-            self.ioapic.mmio_write(off, data, &mut |m| deliver(lapic, m));
+            let apics = &mut self.apics;
+            self.ioapic.mmio_write(off, data, &mut |m| apics.message(m));
         }
     }
 }
@@ -361,8 +657,12 @@ impl MmioDevice for EmuIrqchip {
 pub struct GsiLine {
     chip: Weak<Mutex<EmuIrqchip>>,
     gsi: u32,
-    notify: Option<Arc<dyn Fn() + Send + Sync>>,
+    notify: Option<Kick>,
 }
+
+/// What a line or MSI sink runs, after unlocking the chip, with the vCPUs an interrupt was
+/// delivered to (bit `i` for vCPU `i`; see [`EmuIrqchip::take_kicks`]): wake them.
+pub type Kick = Arc<dyn Fn(u64) + Send + Sync>;
 
 impl GsiLine {
     /// Creates a line driving `gsi` (see [`EmuIrqchip::set_irq`]) of `chip`.
@@ -370,11 +670,11 @@ impl GsiLine {
         Self { chip: Arc::downgrade(chip), gsi, notify: None }
     }
 
-    /// Adds a callback run (after the chip is unlocked) whenever the line is
-    /// asserted and the CPU then has an interrupt pending — e.g. to wake a
-    /// vCPU halted until its next timer deadline when an I/O thread raises an
-    /// interrupt.  (A masked line wakes nobody.)
-    pub fn with_notify(mut self, notify: Arc<dyn Fn() + Send + Sync>) -> Self {
+    /// Adds a callback run (after the chip is unlocked) whenever a change of
+    /// the line delivered an interrupt to some vCPUs, with those vCPUs — e.g.
+    /// to wake a vCPU halted until its next timer deadline when an I/O thread
+    /// raises an interrupt.  (A masked line wakes nobody.)
+    pub fn with_notify(mut self, notify: Kick) -> Self {
         self.notify = Some(notify);
         self
     }
@@ -384,9 +684,9 @@ impl GsiLine {
         self.gsi
     }
 
-    fn kick(&self) {
-        if let Some(n) = &self.notify {
-            n();
+    fn kick(&self, cpus: u64) {
+        if let Some(n) = self.notify.as_ref().filter(|_| cpus != 0) {
+            n(cpus);
         }
     }
 }
@@ -394,43 +694,39 @@ impl GsiLine {
 impl IrqLine for GsiLine {
     fn set_level(&self, level: bool) {
         if let Some(chip) = self.chip.upgrade() {
-            let pending = {
+            let kicks = {
                 let mut c = lock(&chip);
                 c.set_irq(self.gsi, level);
-                level && c.interrupt_pending()
+                c.take_kicks()
             };
-            if pending {
-                self.kick();
-            }
+            self.kick(kicks);
         }
     }
 
     fn pulse(&self) {
         if let Some(chip) = self.chip.upgrade() {
-            let pending = {
+            let kicks = {
                 let mut c = lock(&chip);
                 c.set_irq(self.gsi, true);
                 c.set_irq(self.gsi, false);
-                c.interrupt_pending()
+                c.take_kicks()
             };
-            if pending {
-                self.kick();
-            }
+            self.kick(kicks);
         }
     }
 }
 
-/// The [`MsiSink`] of an [`EmuIrqchip`]: MSIs go to its LAPIC; `notify` runs afterwards
-/// when the CPU has an interrupt pending (to wake a halted vCPU).
+/// The [`MsiSink`] of an [`EmuIrqchip`]: MSIs go to the LAPICs they name; `notify` runs
+/// afterwards with the vCPUs that got one (to wake them if halted).
 pub struct EmuMsi {
     chip: Weak<Mutex<EmuIrqchip>>,
-    notify: Option<Arc<dyn Fn() + Send + Sync>>,
+    notify: Option<Kick>,
 }
 
 impl EmuMsi {
-    /// An MSI sink for `chip`, calling `notify` (if given) after each message that leaves
-    /// an interrupt pending for the CPU.
-    pub fn new(chip: &Arc<Mutex<EmuIrqchip>>, notify: Option<Arc<dyn Fn() + Send + Sync>>) -> Self {
+    /// An MSI sink for `chip`, calling `notify` (if given) after each message that was
+    /// delivered, with the vCPUs it went to.
+    pub fn new(chip: &Arc<Mutex<EmuIrqchip>>, notify: Option<Kick>) -> Self {
         Self { chip: Arc::downgrade(chip), notify }
     }
 }
@@ -438,13 +734,13 @@ impl EmuMsi {
 impl MsiSink for EmuMsi {
     fn send_msi(&self, addr: u64, data: u32) {
         if let Some(chip) = self.chip.upgrade() {
-            let pending = {
+            let kicks = {
                 let mut c = lock(&chip);
                 c.deliver_msi(addr, data);
-                c.interrupt_pending()
+                c.take_kicks()
             };
-            if let Some(n) = self.notify.as_ref().filter(|_| pending) {
-                n();
+            if let Some(n) = self.notify.as_ref().filter(|_| kicks != 0) {
+                n(kicks);
             }
         }
     }
@@ -507,6 +803,168 @@ mod tests {
         ] {
             outb(c, p, v);
         }
+    }
+
+    fn smp_chip(cpus: u8) -> EmuIrqchip {
+        let mut c = EmuIrqchip::with_cpus(Arc::new(|| 1_000), 1_000_000_000, cpus);
+        for cpu in 0..usize::from(cpus) {
+            c.lapic_write(cpu, 0xf0, &0x1ffu32.to_le_bytes()); // software-enable
+        }
+        c
+    }
+
+    fn icr(c: &mut EmuIrqchip, from: usize, hi: u32, lo: u32) {
+        c.lapic_write(from, 0x310, &hi.to_le_bytes());
+        c.lapic_write(from, 0x300, &lo.to_le_bytes());
+    }
+
+    fn lapic_r32(c: &mut EmuIrqchip, cpu: usize, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        c.lapic_read(cpu, off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn each_vcpu_has_its_own_lapic() {
+        let mut c = smp_chip(3);
+        for (cpu, id) in [(0, 0), (1, 1), (2, 2)] {
+            assert_eq!(lapic_r32(&mut c, cpu, 0x20) >> 24, id, "APIC ID");
+        }
+        assert_ne!(c.lapic_of(0).unwrap().apic_base() & (1 << 8), 0, "vCPU 0 is the BSP");
+        assert_eq!(c.lapic_of(1).unwrap().apic_base() & (1 << 8), 0, "vCPU 1 is an AP");
+        c.lapic_write(1, 0x80, &0x20u32.to_le_bytes());
+        assert_eq!((lapic_r32(&mut c, 0, 0x80), lapic_r32(&mut c, 1, 0x80)), (0, 0x20), "TPR is per vCPU");
+        assert!(c.lapic_of(3).is_none());
+        assert_eq!(lapic_r32(&mut c, 7, 0x20), u32::MAX, "no such vCPU");
+    }
+
+    #[test]
+    fn fixed_ipis_by_physical_destination_and_shorthand() {
+        let mut c = smp_chip(4);
+        icr(&mut c, 0, 2 << 24, 0x41); // physical 2, fixed 0x41
+        assert_eq!(c.take_kicks(), 1 << 2);
+        assert!(c.interrupt_pending_for(2) && !c.interrupt_pending_for(1) && !c.interrupt_pending_for(0));
+        assert_eq!(c.acknowledge_for(2), Some(0x41));
+        c.lapic_write(2, 0xb0, &[0; 4]);
+        icr(&mut c, 1, 0, 0x0004_0042); // self
+        assert_eq!(c.take_kicks(), 1 << 1);
+        assert_eq!(c.acknowledge_for(1), Some(0x42));
+        c.lapic_write(1, 0xb0, &[0; 4]);
+        icr(&mut c, 1, 0, 0x000c_0043); // all excluding self
+        assert_eq!(c.take_kicks(), 0b1101);
+        for cpu in [0, 2, 3] {
+            assert_eq!(c.acknowledge_for(cpu), Some(0x43));
+        }
+        assert_eq!(c.acknowledge_for(1), None);
+        icr(&mut c, 3, 0, 0x0008_0044); // all including self
+        assert_eq!(c.take_kicks(), 0b1111);
+        icr(&mut c, 3, 0xff << 24, 0x45); // physical broadcast
+        assert_eq!(c.take_kicks(), 0b1111);
+        icr(&mut c, 0, 9 << 24, 0x46); // nobody has APIC ID 9
+        assert_eq!(c.take_kicks(), 0);
+    }
+
+    #[test]
+    fn logical_flat_and_cluster_destinations() {
+        let mut c = smp_chip(4);
+        // Flat model (DFR all ones): LDR bit per vCPU, as Linux sets it.
+        for cpu in 0..4 {
+            c.lapic_write(cpu, 0xd0, &((1u32 << cpu) << 24).to_le_bytes());
+        }
+        icr(&mut c, 0, 0b1010 << 24, 0x850); // logical, vCPUs 1 and 3
+        assert_eq!(c.take_kicks(), 0b1010);
+        // An IOAPIC entry with a logical destination: pin 20 to vCPUs 2 and 3, vector 0x51.
+        ioapic_w(&mut c, 0x10 + 40, 0x51 | (1 << 11));
+        ioapic_w(&mut c, 0x11 + 40, 0b1100 << 24);
+        c.set_irq(20, true);
+        c.set_irq(20, false);
+        assert_eq!(c.take_kicks(), 0b1100);
+        assert_eq!((c.acknowledge_for(2), c.acknowledge_for(3)), (Some(0x51), Some(0x51)));
+        // Cluster model: cluster 1, members 0b0011 are vCPUs 0 and 1.
+        for cpu in 0..4 {
+            c.lapic_write(cpu, 0xe0, &0x0fff_ffffu32.to_le_bytes());
+            let ldr = (0x10 | (1u32 << (cpu % 2))) << 24;
+            c.lapic_write(cpu, 0xd0, &if cpu < 2 { ldr } else { 0x2100_0000 }.to_le_bytes());
+        }
+        icr(&mut c, 2, 0x13 << 24, 0x852);
+        assert_eq!(c.take_kicks(), 0b0011);
+    }
+
+    #[test]
+    fn lowest_priority_picks_the_least_busy_and_rotates_among_equals() {
+        let mut c = smp_chip(3);
+        // vCPU 0 busy (TPR 0x40): lowest priority among all goes to 1 or 2, alternating.
+        c.lapic_write(0, 0x80, &0x40u32.to_le_bytes());
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            assert!(c.deliver_msi(0xfee0_0000 | (0xff << 12), 0x160)); // lowest priority, broadcast
+            got.push(c.take_kicks());
+            for cpu in 0..3 {
+                while c.acknowledge_for(cpu).is_some() {
+                    c.lapic_write(cpu, 0xb0, &[0; 4]);
+                }
+            }
+        }
+        assert_eq!(got, [0b010, 0b100, 0b010, 0b100]);
+        // A physical destination names one vCPU: it gets it whatever its priority.
+        assert!(c.deliver_msi(0xfee0_0000, 0x161));
+        assert_eq!(c.take_kicks(), 0b001);
+    }
+
+    #[test]
+    fn nmi_init_and_sipi_ipis() {
+        let mut c = smp_chip(2);
+        icr(&mut c, 0, 1 << 24, 0x400); // NMI to vCPU 1
+        assert_eq!(c.take_kicks(), 0b10);
+        assert!(!c.take_nmi_for(0) && c.take_nmi_for(1) && !c.take_nmi_for(1));
+        // Linux's wakeup_secondary_cpu_via_init: INIT assert, INIT de-assert, SIPI, SIPI.
+        c.lapic_write(1, 0x80, &0x30u32.to_le_bytes());
+        icr(&mut c, 0, 1 << 24, 0xc500);
+        assert_eq!(c.take_kicks(), 0b10);
+        assert_eq!(lapic_r32(&mut c, 1, 0x80), 0, "INIT reset the target LAPIC");
+        assert_eq!(lapic_r32(&mut c, 1, 0x20) >> 24, 1, "but not its APIC ID");
+        icr(&mut c, 0, 1 << 24, 0x8500);
+        assert_eq!(c.take_kicks(), 0, "INIT level de-assert does nothing");
+        assert_eq!(c.take_startup(1), Startup { init: true, sipi: None });
+        assert_eq!(c.take_startup(1), Startup::default(), "taken once");
+        icr(&mut c, 0, 1 << 24, 0x0698);
+        icr(&mut c, 0, 1 << 24, 0x0698);
+        assert_eq!(c.take_kicks(), 0b10);
+        assert_eq!(c.take_startup(1), Startup { init: false, sipi: Some(0x98) });
+        assert_eq!(c.take_startup(0), Startup::default());
+        // INIT to self (hostile, or a reboot path): recorded for the sender, no hang.
+        icr(&mut c, 0, 0, 0x0004_4500);
+        assert_eq!(c.take_startup(0), Startup { init: true, sipi: None });
+    }
+
+    #[test]
+    fn smp_state_round_trip_and_mismatch() {
+        let mut c = smp_chip(3);
+        c.lapic_write(2, 0x80, &0x20u32.to_le_bytes());
+        icr(&mut c, 0, 1 << 24, 0xc500);
+        icr(&mut c, 0, 1 << 24, 0x0610);
+        icr(&mut c, 0, 2 << 24, 0x77);
+        let s = c.state();
+        assert_eq!((s.ap_lapics.len(), s.init_pending.len(), s.sipi_pending.len()), (2, 3, 3));
+        let json = serde_json::to_string(&s).unwrap();
+        let back: EmuIrqchipState = serde_json::from_str(&json).unwrap();
+        let mut d = EmuIrqchip::with_cpus(Arc::new(|| 1_000), 1_000_000_000, 3);
+        d.restore(&back).unwrap();
+        assert_eq!(d.state(), s);
+        assert_eq!(d.acknowledge_for(2), Some(0x77));
+        assert_eq!(d.take_startup(1), Startup { init: true, sipi: Some(0x10) });
+        let mut one = EmuIrqchip::new(Arc::new(|| 1_000), 1_000_000_000);
+        let before = one.state();
+        assert_eq!(one.restore(&s).unwrap_err().field, "ap_lapics");
+        assert_eq!(one.state(), before);
+        // A one-vCPU state from before SMP (no AP fields) still loads into a one-vCPU chip.
+        let mut old: serde_json::Value = serde_json::to_value(&before).unwrap();
+        for k in ["ap_lapics", "init_pending", "sipi_pending"] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        let old: EmuIrqchipState = serde_json::from_value(old).unwrap();
+        one.restore(&old).unwrap();
+        assert_eq!(one.state(), before);
     }
 
     #[test]
@@ -619,7 +1077,7 @@ mod tests {
         EmuIrqchip::attach(&chip, &mut pio, &mut mmio).unwrap();
         let kicked = Arc::new(AtomicBool::new(false));
         let k = kicked.clone();
-        let line = GsiLine::new(&chip, 4).with_notify(Arc::new(move || k.store(true, Ordering::SeqCst)));
+        let line = GsiLine::new(&chip, 4).with_notify(Arc::new(move |_| k.store(true, Ordering::SeqCst)));
         let serial = Arc::new(Mutex::new(Serial::new(Arc::new(line), Box::new(std::io::sink()))));
         pio.insert(0x3f8, 8, serial.clone()).unwrap();
         // PIC init through the bus.
@@ -653,7 +1111,8 @@ mod tests {
         let chip = Arc::new(Mutex::new(c));
         let kicks = Arc::new(AtomicU64::new(0));
         let k = kicks.clone();
-        let notify: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        let notify: Kick = Arc::new(move |cpus| {
+            assert_eq!(cpus, 1, "vCPU 0 only");
             k.fetch_add(1, Ordering::SeqCst);
         });
         let line = GsiLine::new(&chip, 4).with_notify(notify.clone());

@@ -23,9 +23,11 @@
 //! The APIC timer counts down at `timer_hz / divisor` (the "bus clock"
 //! frequency given at construction) in one-shot or periodic mode;
 //! TSC-deadline mode is not supported (the CPU must not advertise it).
-//! IPIs: fixed/lowest-priority IPIs that target this APIC (self shorthand,
-//! all-including-self, or a matching destination) are accepted; NMI IPIs to
-//! self set the NMI latch; INIT, SIPI and SMI are ignored (single vCPU).
+//! IPIs: a write of ICR low (0x300) latches the command as an [`Ipi`] that
+//! the owner takes with [`Lapic::take_ipi`] and routes to the destination
+//! APICs (`crate::irqchip` does, for every delivery mode: fixed,
+//! lowest-priority, NMI, INIT, SIPI); the delivery-status bit (12) always
+//! reads idle, the IPI being delivered within the write.
 
 use serde::{Deserialize, Serialize};
 
@@ -165,6 +167,27 @@ pub struct LapicState {
     pub nmi_pending: bool,
 }
 
+/// An interprocessor interrupt as the guest wrote it to the ICR (Intel SDM Vol. 3A §11.6.1,
+/// Figure 11-12), for the owner of the APICs to route (see [`Lapic::take_ipi`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipi {
+    /// Vector (bits 7:0); for a SIPI, the start page (the AP starts at `vector`·0x1000).
+    pub vector: u8,
+    /// Delivery mode (bits 10:8).
+    pub mode: DeliveryMode,
+    /// Logical destination mode (bit 11).
+    pub logical: bool,
+    /// Level (bit 14): 0 with level trigger is the INIT level de-assert, which does nothing.
+    pub assert: bool,
+    /// Level-triggered (bit 15).
+    pub level_triggered: bool,
+    /// Destination shorthand (bits 19:18): 0 none (use `dest`), 1 self, 2 all including
+    /// self, 3 all excluding self.
+    pub shorthand: u8,
+    /// Destination (ICR high bits 31:24): an APIC ID, 0xFF for all, or a logical mask.
+    pub dest: u8,
+}
+
 /// The local APIC.
 pub struct Lapic {
     id: u8,
@@ -187,6 +210,8 @@ pub struct Lapic {
     timer_hz: u64,
     clock: Clock,
     nmi_pending: bool,
+    /// An IPI written to the ICR and not yet taken by the owner.
+    outgoing: Option<Ipi>,
 }
 
 impl Lapic {
@@ -197,9 +222,18 @@ impl Lapic {
     /// (e.g. 1_000_000_000); `clock`: virtual time in ns, read on register
     /// accesses (current count, initial count writes).
     pub fn new(timer_hz: u64, clock: Clock) -> Self {
+        Self::with_id(0, timer_hz, clock)
+    }
+
+    /// Creates the APIC with APIC ID `id`: the bootstrap processor's (IA32_APIC_BASE bit 8
+    /// set) when `id` is 0, an application processor's otherwise; globally enabled at
+    /// [`LAPIC_BASE`], software-disabled, all LVTs masked. `timer_hz` and `clock` as in
+    /// [`Lapic::new`].
+    pub fn with_id(id: u8, timer_hz: u64, clock: Clock) -> Self {
+        let bsp = if id == 0 { APIC_BASE_BSP } else { 0 };
         let mut l = Self {
-            id: 0,
-            apic_base: LAPIC_BASE | APIC_BASE_BSP | APIC_BASE_ENABLE,
+            id,
+            apic_base: LAPIC_BASE | bsp | APIC_BASE_ENABLE,
             tpr: 0,
             ldr: 0,
             dfr: 0,
@@ -218,9 +252,18 @@ impl Lapic {
             timer_hz: timer_hz.max(1),
             clock,
             nmi_pending: false,
+            outgoing: None,
         };
         l.reset_registers();
         l
+    }
+
+    /// INIT (SDM §11.4.7.3): every register back to its power-up state except the APIC
+    /// ID; IA32_APIC_BASE is unchanged.
+    pub fn init(&mut self) {
+        self.reset_registers();
+        self.nmi_pending = false;
+        self.outgoing = None;
     }
 
     /// Power-up register state (SDM §11.4.7.1), keeping the APIC ID.
@@ -340,7 +383,8 @@ impl Lapic {
         if !enable && self.global_enabled() {
             self.reset_registers();
         }
-        self.apic_base = (value & 0x0000_000f_ffff_f000) | APIC_BASE_BSP | if enable { APIC_BASE_ENABLE } else { 0 };
+        let bsp = self.apic_base & APIC_BASE_BSP;
+        self.apic_base = (value & 0x0000_000f_ffff_f000) | bsp | if enable { APIC_BASE_ENABLE } else { 0 };
     }
 
     fn global_enabled(&self) -> bool {
@@ -567,28 +611,31 @@ impl Lapic {
         Some(self.timer_deadline(&t, next))
     }
 
+    /// Latches the ICR's command for the owner (see [`Lapic::take_ipi`]). A fixed or
+    /// lowest-priority IPI with an illegal vector (0-15) is not sent and sets the "send
+    /// illegal vector" error (SDM §11.5.3).
     fn send_ipi(&mut self) {
         let lo = self.icr_lo;
-        let vector = (lo & 0xff) as u8;
-        let to_self = match (lo >> 18) & 3 {
-            0 => self.matches_destination((self.icr_hi >> 24) as u8, lo & (1 << 11) != 0),
-            1 | 2 => true,
-            _ => false,
+        let ipi = Ipi {
+            vector: (lo & 0xff) as u8,
+            mode: DeliveryMode::from_bits(u64::from(lo)),
+            logical: lo & (1 << 11) != 0,
+            assert: lo & (1 << 14) != 0,
+            level_triggered: lo & (1 << 15) != 0,
+            shorthand: ((lo >> 18) & 3) as u8,
+            dest: (self.icr_hi >> 24) as u8,
         };
-        if !to_self {
+        if matches!(ipi.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) && ipi.vector < 16 {
+            self.esr_pending |= ESR_SEND_ILLEGAL_VECTOR;
             return;
         }
-        match DeliveryMode::from_bits(u64::from(lo)) {
-            DeliveryMode::Fixed | DeliveryMode::LowestPriority => {
-                if vector < 16 {
-                    self.esr_pending |= ESR_SEND_ILLEGAL_VECTOR;
-                } else {
-                    self.accept_interrupt(vector, false);
-                }
-            }
-            DeliveryMode::Nmi => self.nmi_pending = true,
-            mode => tracing::debug!("lapic: ignored IPI with delivery mode {mode:?}"),
-        }
+        self.outgoing = Some(ipi);
+    }
+
+    /// The IPI the guest last wrote to the ICR, if not taken yet: the owner of the APICs
+    /// delivers it to its destinations (an APIC alone cannot reach the others).
+    pub fn take_ipi(&mut self) -> Option<Ipi> {
+        self.outgoing.take()
     }
 
     /// Reads the 32-bit register at `offset` (16-byte aligned, 0..0x1000).
@@ -796,28 +843,29 @@ mod tests {
     }
 
     #[test]
-    fn self_ipi() {
+    fn icr_writes_latch_ipis_for_the_owner() {
         let (mut l, _) = lapic(1_000_000_000);
-        l.write_register(0x300, 0x0004_0045); // self shorthand, fixed, vector 0x45
-        assert_eq!(l.acknowledge(), Some(0x45));
-        l.write_register(0x310, 0);
-        l.write_register(0x300, 0x46); // physical destination 0 = self
-        assert_eq!(l.irr.highest(), Some(0x46));
-        l.write_register(0x310, 0x0100_0000);
-        l.write_register(0x300, 0x47); // APIC ID 1: not us
-        assert_eq!(l.irr.highest(), Some(0x46));
-        l.write_register(0x300, 0x000c_0048); // all excluding self
-        assert_eq!(l.irr.highest(), Some(0x46));
-        l.write_register(0x300, 0x0004_0400); // NMI to self
-        assert!(l.take_nmi());
-        assert!(!l.take_nmi());
-        l.write_register(0x300, 0x0004_0500); // INIT: ignored
-        l.write_register(0x300, 0x0004_0600); // SIPI: ignored
-                                              // Logical flat destination.
-        l.write_register(0xd0, 0x0200_0000);
+        assert_eq!(l.take_ipi(), None);
         l.write_register(0x310, 0x0300_0000);
-        l.write_register(0x300, 0x849);
-        assert_eq!(l.irr.highest(), Some(0x49));
+        l.write_register(0x300, 0x0004_0045); // self shorthand, fixed, vector 0x45
+        let ipi = l.take_ipi().unwrap();
+        assert_eq!((ipi.vector, ipi.mode, ipi.shorthand, ipi.dest), (0x45, DeliveryMode::Fixed, 1, 3));
+        assert_eq!(l.take_ipi(), None, "taken once");
+        l.write_register(0x300, 0x0000_8500); // INIT level de-assert
+        let ipi = l.take_ipi().unwrap();
+        assert_eq!((ipi.mode, ipi.assert, ipi.level_triggered), (DeliveryMode::Init, false, true));
+        l.write_register(0x300, 0x0000_4698); // SIPI, start page 0x98
+        assert_eq!(l.take_ipi().map(|i| (i.mode, i.vector)), Some((DeliveryMode::Startup, 0x98)));
+        l.write_register(0x300, 0x0000_0849); // logical, fixed 0x49
+        assert!(l.take_ipi().unwrap().logical);
+        // An illegal vector is not sent and is an error.
+        l.write_register(0x300, 0x0004_0005);
+        assert_eq!(l.take_ipi(), None);
+        l.write_register(0x280, 0);
+        assert_eq!(l.read_register(0x280), ESR_SEND_ILLEGAL_VECTOR);
+        // Delivery status always idle.
+        l.write_register(0x300, 0x0004_0046);
+        assert_eq!(l.read_register(0x300) & (1 << 12), 0);
     }
 
     #[test]

@@ -192,7 +192,7 @@ impl Vm {
         let dev_err = |name: &'static str| move |source: devices::Error| Error::Device { name, source };
         let ctl = RunControl::new();
 
-        let accel = hypervisor.create_vm(&accel::VmSpec { ram: &ram, clock })?;
+        let accel = hypervisor.create_vm(&accel::VmSpec { ram: &ram, clock, cpus: cfg.cpus })?;
         // Only an accelerator that retires code on device writes gets them recorded.
         let dma = Arc::new(if accel.needs_dma_log() { DmaLog::default() } else { DmaLog::disabled() });
         let d = dma.clone();
@@ -481,13 +481,19 @@ mod tests {
     fn cpus_beyond_the_accelerator_are_refused_naming_it() {
         let mut cfg = config(Accel::Emu);
         cfg.kernel = std::env::current_exe().unwrap().display().to_string();
-        cfg.cpus = 2;
+        let max = accel::emu::EmuHypervisor.max_vcpus();
+        cfg.cpus = max + 1;
+        if cfg.cpus > MAX_CPUS {
+            // A host with 16 or more CPUs: the configuration's own limit refuses it.
+            assert!(matches!(Vm::new(&cfg), Err(Error::Config { field: "--cpus", .. })));
+            return;
+        }
         match Vm::new(&cfg) {
             Err(Error::Config { field: "--cpus", msg }) => {
-                assert!(msg.contains("emu accelerator runs at most 1 (accepted: 1)"), "{msg}")
+                assert!(msg.contains(&format!("emu accelerator runs at most {max} (accepted: 1 to {max})")), "{msg}")
             }
             Err(e) => panic!("{e}"),
-            Ok(_) => panic!("2 vCPUs accepted on emu"),
+            Ok(_) => panic!("{} vCPUs accepted on emu", cfg.cpus),
         }
     }
 }

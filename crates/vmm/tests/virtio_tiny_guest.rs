@@ -681,7 +681,7 @@ fn virtio_rng_over_pci_msix_on_emu() {
     let mem = build_guest();
     let ram = vmm::memory::regions(&mem);
     let clock: accel::Clock = Arc::new(move || t0.elapsed().as_nanos() as u64);
-    let vm = EmuHypervisor.create_vm(&VmSpec { ram: &ram, clock }).unwrap();
+    let vm = EmuHypervisor.create_vm(&VmSpec { ram: &ram, clock, cpus: 1 }).unwrap();
     assert!(vm.needs_dma_log() && !vm.supports_ioevents());
     let (mut pio, mut mmio) = (PioBus::new(), MmioBus::new());
     let dma = Arc::new(DmaLog::default());

@@ -1,12 +1,13 @@
 //! The vCPU state: registers, flags, segments, MSRs, x87/SSE state, the [`Cpu`] that holds
 //! them, and the register file as instructions see it.
 
-use crate::mmu::{Mmu, RamRegion};
+use crate::mmu::{Mmu, RamRegion, SharedRam};
 use crate::regs::mask;
 use crate::{Fault, Res};
 use flags::*;
 use iced_x86::{ConditionCode, Instruction, Register};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// RFLAGS bits (Intel SDM Vol. 1 §3.4.3).
 #[allow(dead_code)]
@@ -221,13 +222,17 @@ pub struct Stats {
 pub struct CpuConfig {
     /// TSC frequency in Hz advertised in CPUID leaf 0x15 (also the LAPIC bus clock).
     pub tsc_hz: u64,
-    /// Initial APIC ID.
+    /// Initial APIC ID (CPUID leaf 1 EBX bits 31:24, leaf 0xB EDX).
     pub apic_id: u8,
+    /// vCPUs in the VM (1 to 255), all in one package, one thread per core: the topology
+    /// CPUID leaves 1 and 0xB describe (Intel SDM Vol. 3A §9.6, "Detecting Hardware
+    /// Multi-Threading Support and Topology").
+    pub cpus: u8,
 }
 
 impl Default for CpuConfig {
     fn default() -> Self {
-        CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0 }
+        CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0, cpus: 1 }
     }
 }
 
@@ -325,8 +330,15 @@ pub(crate) enum Fault2 {
 
 impl Cpu {
     /// A CPU in the architectural reset state (real mode, CS:IP = F000:FFF0), with guest RAM
-    /// given as host mappings.
+    /// given as host mappings, alone on that RAM.
     pub fn new(ram: Vec<RamRegion>, config: CpuConfig) -> Cpu {
+        Cpu::with_shared(SharedRam::new(&ram), config)
+    }
+
+    /// A CPU in the architectural reset state over RAM that other vCPUs of the same VM share
+    /// (build one [`SharedRam`] per VM and give a clone to each vCPU; each then runs on its
+    /// own thread).
+    pub fn with_shared(shared: Arc<SharedRam>, config: CpuConfig) -> Cpu {
         let mut seg = [Seg { selector: 0, base: 0, limit: 0xffff, attr: 0x93 }; 6];
         seg[sreg::CS] = Seg { selector: 0xf000, base: 0xffff0000, limit: 0xffff, attr: 0x9b };
         let apic_base = 0xfee0_0000 | (1 << 11) | if config.apic_id == 0 { 1 << 8 } else { 0 };
@@ -351,7 +363,7 @@ impl Cpu {
             xcr0: 1,
             msr: Msrs { apic_base, pat: 0x0007_0406_0007_0406, ..Msrs::default() },
             fpu: FpuState::default(),
-            mmu: Mmu::new(ram),
+            mmu: Mmu::new(shared),
             config,
             interrupt_shadow: false,
             halted: false,
@@ -364,6 +376,31 @@ impl Cpu {
             recent: [0; 64],
             recent_pos: 0,
         }
+    }
+
+    /// INIT (Intel SDM Vol. 3A §9.1.1, Table 9-1): registers, control registers, MSRs and
+    /// x87/SSE state go back to their power-up values, as after [`Cpu::new`]; the TLB and
+    /// decoded code are dropped. The configuration (APIC ID), statistics and trace stay.
+    /// The caller keeps the vCPU waiting for a startup IPI ([`Cpu::start_up`]) unless it is
+    /// the bootstrap processor.
+    pub fn init(&mut self) {
+        let fresh = Cpu::with_shared(self.mmu.shared.clone(), self.config.clone());
+        let Cpu { stats, trace, recent, recent_pos, .. } = std::mem::replace(self, fresh);
+        self.stats = stats;
+        self.trace = trace;
+        self.recent = recent;
+        self.recent_pos = recent_pos;
+    }
+
+    /// A startup IPI with `vector` (SDM Vol. 3A §11.6.1 and §9.4.4.1): execution begins in
+    /// real mode at CS:IP = `vector`·0x100:0, i.e. physical address `vector`·0x1000.
+    pub fn start_up(&mut self, vector: u8) {
+        let cs = self.seg_at_mut(sreg::CS);
+        cs.selector = u16::from(vector) << 8;
+        cs.base = u64::from(vector) << 12;
+        cs.limit = 0xffff;
+        self.rip = 0;
+        self.halted = false;
     }
 
     /// Current privilege level (CS.DPL; SS.DPL in real mode is 0).

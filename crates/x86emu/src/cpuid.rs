@@ -107,6 +107,11 @@ fn regs4(s: &[u8; 16]) -> (u32, u32, u32, u32) {
     )
 }
 
+/// Bits of the APIC ID that number the cores of a package of `cpus` vCPUs: ceil(log2(cpus)).
+fn core_id_bits(cpus: u8) -> u32 {
+    u32::from(cpus.max(1)).next_power_of_two().trailing_zeros()
+}
+
 /// Returns (EAX, EBX, ECX, EDX) for leaf `leaf`, subleaf `sub`.
 pub(crate) fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
     let tsc_hz = cpu.config.tsc_hz;
@@ -114,8 +119,24 @@ pub(crate) fn cpuid(cpu: &Cpu, leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
         0 => (0x16, 0x756e_6547, 0x6c65_746e, 0x4965_6e69), // "GenuineIntel"
         1 => {
             let eax = 0x0001_06ca;
-            let ebx = (u32::from(cpu.config.apic_id) << 24) | (1 << 16) | (8 << 8);
-            (eax, ebx, leaf1_ecx(), LEAF1_EDX)
+            // EBX: initial APIC ID (31:24), addressable logical processor IDs in the package
+            // (23:16, with EDX.HTT when above one), CLFLUSH line size in 8-byte units (15:8).
+            let ids = 1u32 << core_id_bits(cpu.config.cpus);
+            let ebx = (u32::from(cpu.config.apic_id) << 24) | (ids.min(255) << 16) | (8 << 8);
+            let htt = if cpu.config.cpus > 1 { 1 << 28 } else { 0 };
+            (eax, ebx, leaf1_ecx(), LEAF1_EDX | htt)
+        }
+        // Extended topology (SDM Vol. 3A §9.6.2): level 0 is SMT (one thread per core),
+        // level 1 the cores (all vCPUs in one package); EAX is the APIC ID shift to the next
+        // level, EBX the logical processors at this level, ECX the level number and type,
+        // EDX the x2APIC ID (= the APIC ID). Subleaves past the last are invalid (ECX type 0).
+        0xb => {
+            let id = u32::from(cpu.config.apic_id);
+            match sub {
+                0 => (0, 1, (1 << 8), id),
+                1 => (core_id_bits(cpu.config.cpus), u32::from(cpu.config.cpus.max(1)), (2 << 8) | 1, id),
+                _ => (0, 0, sub & 0xff, id),
+            }
         }
         // Thermal and power management: ARAT only (the local APIC timer runs in every
         // state, which is true of the emulated one), so Linux trusts it as its tick device.
@@ -147,7 +168,7 @@ mod tests {
 
     #[test]
     fn timer_leaves() {
-        let c = Cpu::new(Vec::new(), CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0 });
+        let c = Cpu::new(Vec::new(), CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0, cpus: 1 });
         assert_eq!(cpuid(&c, 6, 0).0 & (1 << 2), 1 << 2, "ARAT");
         assert_eq!(cpuid(&c, 7, 0).1 & !(1 << 18), 1 << 1, "TSC_ADJUST (and maybe RDSEED)");
         assert_eq!(cpuid(&c, 7, 0).0, 0, "no more subleaves");
@@ -157,8 +178,24 @@ mod tests {
     }
 
     #[test]
+    fn topology_is_one_package_of_single_thread_cores() {
+        for (cpus, shift) in [(1u8, 0u32), (2, 1), (3, 2), (4, 2), (64, 6)] {
+            for id in [0u8, cpus - 1] {
+                let c = Cpu::new(Vec::new(), CpuConfig { tsc_hz: 1_000_000_000, apic_id: id, cpus });
+                let (_, ebx, _, edx) = cpuid(&c, 1, 0);
+                assert_eq!(ebx >> 24, u32::from(id), "leaf 1 initial APIC ID");
+                assert_eq!((ebx >> 16) & 0xff, 1 << shift, "leaf 1 addressable IDs");
+                assert_eq!(edx & (1 << 28) != 0, cpus > 1, "HTT");
+                assert_eq!(cpuid(&c, 0xb, 0), (0, 1, 1 << 8, u32::from(id)), "SMT level");
+                assert_eq!(cpuid(&c, 0xb, 1), (shift, u32::from(cpus), (2 << 8) | 1, u32::from(id)), "core level");
+                assert_eq!(cpuid(&c, 0xb, 2), (0, 0, 2, u32::from(id)), "invalid level");
+            }
+        }
+    }
+
+    #[test]
     fn feature_bits_match_the_host() {
-        let c = Cpu::new(Vec::new(), CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0 });
+        let c = Cpu::new(Vec::new(), CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0, cpus: 1 });
         let ecx = cpuid(&c, 1, 0).2;
         assert_eq!(ecx & LEAF1_ECX_SOFT, LEAF1_ECX_SOFT, "CX16, MOVBE, POPCNT");
         let want = [

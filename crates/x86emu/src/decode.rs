@@ -98,7 +98,7 @@ pub(crate) fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     let gpa = cpu.translate(la, Access::Exec, user)?;
     let idx = host_usize(gpa ^ (gpa >> 12)) & (BCACHE_SIZE - 1);
     if let Some(Some(b)) = cpu.dcache.e.get(idx) {
-        if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.code_gen.get(b.page) == Some(&b.gen) {
+        if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.shared.gen(b.page) == b.gen {
             return Ok((b.ops.clone(), b.page, b.gen));
         }
     }
@@ -113,14 +113,21 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
     let Some((gpa, page)) = loc.filter(|(_, p)| *p != usize::MAX) else {
         return Err(Fault::GeneralProtection(0).into());
     };
-    // Decode straight out of the page.
     let Some((host, _)) = cpu.mmu.ram_lookup(gpa & !0xfff) else {
         return Err(Fault::GeneralProtection(0).into());
     };
-    // SAFETY: `host` maps the whole 4 KiB RAM page that holds `gpa`.
-    let page_bytes = unsafe { std::slice::from_raw_parts(host as *const u8, 4096) };
+    // Mark the page as code before reading it: a store to it from now on (by any vCPU, or
+    // one still in flight, see `SharedRam::mark_code`) retires what is decoded here.
+    let gen = cpu.mmu.shared.mark_code(page);
+    // Decode from a copy of the bytes, so that every instruction is decoded from one
+    // consistent view even while another vCPU stores into the page.
+    let len = (4096 - off).min(BLOCK_MAX * 15);
+    let mut bytes = [0u8; BLOCK_MAX * 15];
+    // SAFETY: `host` maps the whole 4 KiB RAM page that holds `gpa`, and off + len <= 4096;
+    // `bytes` has room for `len` bytes and does not overlap guest RAM.
+    unsafe { std::ptr::copy_nonoverlapping(host.add(off) as *const u8, bytes.as_mut_ptr(), len) };
     let mut dec =
-        Decoder::with_ip(bits, page_bytes.get(off..).unwrap_or_default(), cpu.rip, DecoderOptions::NO_INVALID_CHECK);
+        Decoder::with_ip(bits, bytes.get(..len).unwrap_or_default(), cpu.rip, DecoderOptions::NO_INVALID_CHECK);
     let mut insns = Vec::with_capacity(8);
     while insns.len() < BLOCK_MAX && dec.can_decode() {
         let insn = dec.decode();
@@ -148,7 +155,6 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
         }
         return Ok((std::rc::Rc::from(vec![Op::new(insn, bits)]), usize::MAX, 0));
     }
-    let gen = cpu.mmu.mark_code(page, gpa & !0xfff);
     let ops: std::rc::Rc<[Op]> = insns.into_iter().map(|i| Op::new(i, bits)).collect();
     if let Some(slot) = cpu.dcache.e.get_mut(idx) {
         *slot = Some(Block { gpa, ip: cpu.rip, gen, page, bits, ops: ops.clone() });

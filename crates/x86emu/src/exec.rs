@@ -95,8 +95,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                         return e;
                     }
                 }
-                if n >= chunk || (op.uop.may_store() && page != usize::MAX && cpu.mmu.code_gen.get(page) != Some(&gen))
-                {
+                if n >= chunk || (op.uop.may_store() && page != usize::MAX && cpu.mmu.shared.gen(page) != gen) {
                     continue 'chunk;
                 }
             }
@@ -313,7 +312,7 @@ fn rep_bulk(cpu: &mut Cpu, op: StrOp, size: usize) -> SRes<u64> {
             break;
         }
         let bytes = host_usize(n) * size;
-        let dst = cpu.page_host_for_write(di, user)?;
+        let (dst, dst_gen) = cpu.page_host_for_write(di, user)?;
         if dst.is_null() {
             break;
         }
@@ -351,6 +350,7 @@ fn rep_bulk(cpu: &mut Cpu, op: StrOp, size: usize) -> SRes<u64> {
                 cpu.gpr[REG_RSI] = si.wrapping_add(bytes as u64);
             }
         }
+        dst_gen.written();
         cpu.gpr[REG_RDI] = di.wrapping_add(bytes as u64);
         cpu.gpr[REG_RCX] = count - n;
         done += n;
@@ -430,10 +430,143 @@ fn need_cpl0(cpu: &Cpu) -> Res<()> {
     Ok(())
 }
 
+/// Whether `insn` (with a LOCK prefix, or an XCHG/CMPXCHG8B/CMPXCHG16B) is executed by
+/// [`locked`]: XCHG only with a memory operand, the others always.
+fn locked_form(insn: &Instruction, m: Mnemonic) -> bool {
+    match m {
+        Mnemonic::Xchg => insn.op0_kind() == OpKind::Memory || insn.op1_kind() == OpKind::Memory,
+        _ => true,
+    }
+}
+
+/// The atomic read-modify-write instructions (Intel SDM Vol. 3A §9.1.2.2, "Software
+/// Controlled Bus Locking"): the LOCK-prefixed forms of ADD, ADC, AND, BTC, BTR, BTS,
+/// CMPXCHG, DEC, INC, NEG, NOT, OR, SBB, SUB, XOR and XADD with a memory destination, XCHG
+/// with memory (locked with or without the prefix), CMPXCHG8B and CMPXCHG16B. Each reads,
+/// computes and writes its memory operand as one atomic access ([`Cpu::atomic_rmw`]), so
+/// concurrent vCPUs see them as the hardware's locked cycles. A LOCK prefix on any other
+/// instruction, or with a register destination, raises #UD (SDM Vol. 2A, "LOCK").
+fn locked(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> SRes<()> {
+    use Mnemonic as M;
+    if m == M::Xchg {
+        let (reg, size) = if insn.op0_kind() == OpKind::Memory {
+            (insn.op1_register(), insn.memory_size().size())
+        } else {
+            (insn.op0_register(), insn.memory_size().size())
+        };
+        let la = cpu.mem_la(insn);
+        let v = cpu.get_reg(reg) & mask(size);
+        let old = cpu.atomic_rmw(bus, la, size, &mut |_| Some(v))?;
+        cpu.set_reg(reg, old);
+        return Ok(());
+    }
+    if insn.op0_kind() != OpKind::Memory {
+        return Err(Fault::InvalidOpcode.into());
+    }
+    let size = insn.memory_size().size();
+    let fl = cpu.rflags;
+    match m {
+        M::Add | M::Or | M::Adc | M::Sbb | M::And | M::Sub | M::Xor => {
+            let la = cpu.mem_la(insn);
+            let b = match insn.op1_kind() {
+                OpKind::Register => cpu.get_reg(insn.op1_register()),
+                _ => insn.immediate(1),
+            };
+            let op = op2_of(m).unwrap_or(Op2::Add);
+            let old = cpu.atomic_rmw(bus, la, size, &mut |a| Some(alu::arith(op, size, a, b, fl).0))?;
+            cpu.rflags = alu::arith(op, size, old, b, fl).1;
+        }
+        M::Inc | M::Dec | M::Neg | M::Not => {
+            let la = cpu.mem_la(insn);
+            let op = match m {
+                M::Inc => Op1::Inc,
+                M::Dec => Op1::Dec,
+                M::Neg => Op1::Neg,
+                _ => Op1::Not,
+            };
+            let old = cpu.atomic_rmw(bus, la, size, &mut |a| Some(alu::op1(op, size, a, fl).0))?;
+            cpu.rflags = alu::op1(op, size, old, fl).1;
+        }
+        M::Xadd => {
+            let la = cpu.mem_la(insn);
+            let r = insn.op1_register();
+            let b = cpu.get_reg(r);
+            let old = cpu.atomic_rmw(bus, la, size, &mut |a| Some(alu::arith(Op2::Add, size, a, b, fl).0))?;
+            cpu.rflags = alu::arith(Op2::Add, size, old, b, fl).1;
+            cpu.set_reg(r, old);
+        }
+        M::Cmpxchg => {
+            let la = cpu.mem_la(insn);
+            let acc = cpu.gpr[0] & mask(size);
+            let src = cpu.get_reg(insn.op1_register()) & mask(size);
+            let old = cpu.atomic_rmw(bus, la, size, &mut |d| (d == acc).then_some(src))?;
+            let f = alu::arith(Op2::Sub, size, acc, old, fl).1;
+            if f & ZF == 0 {
+                set_acc(cpu, size, old);
+            }
+            cpu.rflags = f;
+        }
+        M::Bts | M::Btr | M::Btc => {
+            let bits = (size * 8) as u64;
+            let (la, bit) = if insn.op1_kind() == OpKind::Register {
+                // Register bit offsets address memory beyond the operand (signed).
+                let off = sext(cpu.get_reg(insn.op1_register()), size) as i64;
+                let byte = off.div_euclid(bits as i64) * size as i64;
+                let la = cpu.mem_la(insn).wrapping_add(byte as u64);
+                (if cpu.in_64bit_mode() { la } else { la & 0xffff_ffff }, off.rem_euclid(bits as i64) as u64)
+            } else {
+                (cpu.mem_la(insn), insn.immediate(1) % bits)
+            };
+            let op = match m {
+                M::Bts => Op2::Bts,
+                M::Btr => Op2::Btr,
+                _ => Op2::Btc,
+            };
+            let old = cpu.atomic_rmw(bus, la, size, &mut |a| Some(alu::op2(op, size, a, bit, fl).0))?;
+            cpu.rflags = alu::op2(op, size, old, bit, fl).1;
+        }
+        M::Cmpxchg8b => {
+            let la = cpu.mem_la(insn);
+            let expected = (cpu.gpr[0] & 0xffff_ffff) | (cpu.gpr[2] << 32);
+            let new = (cpu.gpr[3] & 0xffff_ffff) | (cpu.gpr[1] << 32);
+            let old = cpu.atomic_rmw(bus, la, 8, &mut |d| (d == expected).then_some(new))?;
+            if old == expected {
+                cpu.rflags |= ZF;
+            } else {
+                // 32-bit halves zero-extend into RAX/RDX, as 32-bit register writes do.
+                cpu.gpr[0] = old & 0xffff_ffff;
+                cpu.gpr[2] = old >> 32;
+                cpu.rflags &= !ZF;
+            }
+        }
+        M::Cmpxchg16b => {
+            let la = cpu.mem_la(insn);
+            if la & 15 != 0 {
+                return Err(Fault::GeneralProtection(0).into());
+            }
+            let expected = u128::from(cpu.gpr[0]) | (u128::from(cpu.gpr[2]) << 64);
+            let new = u128::from(cpu.gpr[3]) | (u128::from(cpu.gpr[1]) << 64);
+            let old = cpu.atomic_cmpxchg16(bus, la, expected, new)?;
+            if old == expected {
+                cpu.rflags |= ZF;
+            } else {
+                cpu.gpr[0] = crate::regs::low64(old);
+                cpu.gpr[2] = crate::regs::low64(old >> 64);
+                cpu.rflags &= !ZF;
+            }
+        }
+        _ => return Err(Fault::InvalidOpcode.into()),
+    }
+    Ok(())
+}
+
 #[inline]
 fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
     use Mnemonic as M;
     let m = insn.mnemonic();
+    if (insn.has_lock_prefix() || matches!(m, M::Xchg | M::Cmpxchg8b | M::Cmpxchg16b)) && locked_form(insn, m) {
+        return locked(cpu, bus, insn, m);
+    }
     match m {
         M::Mov => {
             let k0 = insn.op0_kind();

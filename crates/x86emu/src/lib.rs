@@ -57,7 +57,7 @@ mod system;
 mod uop;
 
 pub use cpu::{Cpu, CpuConfig, Exit, Seg, Stats};
-pub use mmu::RamRegion;
+pub use mmu::{RamRegion, SharedRam};
 pub use snapshot::{CpuSnapshot, StateError};
 
 /// What the emulated CPU sees outside RAM: port I/O, MMIO and the interrupt controller.

@@ -232,7 +232,7 @@ impl Cpu {
         self.fpu = s.fpu.clone();
         self.halted = s.halted;
         self.interrupt_shadow = s.interrupt_shadow;
-        self.config = CpuConfig { tsc_hz: s.tsc_hz, apic_id: s.apic_id };
+        self.config = CpuConfig { tsc_hz: s.tsc_hz, apic_id: s.apic_id, cpus: self.config.cpus };
         // Run-loop scratch state: look at the interrupt line before the first instruction.
         self.check_irq = true;
         self.cur_user = false;
@@ -327,7 +327,7 @@ mod tests {
 
         let mut ram2 = ram.clone();
         let region = RamRegion { gpa: 0, size: RAM as u64, host_addr: ram2.as_mut_ptr() };
-        let mut b = Cpu::new(vec![region], CpuConfig { tsc_hz: 5, apic_id: 9 });
+        let mut b = Cpu::new(vec![region], CpuConfig { tsc_hz: 5, apic_id: 9, cpus: 1 });
         b.restore_state(&loaded).unwrap();
         assert_eq!(b.save_state(), saved);
 

@@ -415,7 +415,7 @@ mod tests {
 
     #[test]
     fn tsc_adjust_and_tsc_writes_move_each_other() {
-        let mut c = Cpu::new(Vec::new(), CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0 });
+        let mut c = Cpu::new(Vec::new(), CpuConfig { tsc_hz: 1_000_000_000, apic_id: 0, cpus: 1 });
         let mut bus = At(5_000);
         assert_eq!(c.read_msr(&mut bus, msr::TSC_ADJUST), Some(0));
         assert_eq!(c.read_msr(&mut bus, msr::TSC), Some(5_000));

@@ -12,9 +12,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{EmuVcpu, InterruptController, Wakeup};
 use crate::vm::VmStateRepr;
 use crate::{
-    Clock, CpuState, DeviceWrites, Error, ExitHandler, Hypervisor, IrqTables, RamRegion, Result, Vcpu, VcpuExit,
-    VcpuSnapshot, VcpuStopper, Vm, VmSpec, VmState,
+    Clock, CpuState, DeviceWrites, Error, ExitHandler, Hypervisor, IrqTables, Result, Vcpu, VcpuExit, VcpuSnapshot,
+    VcpuStopper, Vm, VmSpec, VmState,
 };
+use x86emu::SharedRam;
 
 /// TSC frequency advertised to emulated guests in CPUID leaf 0x15 (Hz); also the bus clock
 /// of the emulated LAPIC timer.
@@ -23,9 +24,14 @@ pub const TSC_HZ: u64 = 1_000_000_000;
 /// Interrupt inputs of the userspace irqchip (PIC pins 0-15, IOAPIC pins 0-23).
 const GSIS: u32 = 24;
 
-/// The emulator as a [`Hypervisor`]: always available, one vCPU per VM for now.
+/// The emulator as a [`Hypervisor`]: always available. Each vCPU runs the emulator on its
+/// own host thread over the shared guest RAM (QEMU's MTTCG model), so a VM may have up to
+/// four vCPUs per host CPU, at most 64 (more would only time-slice the host).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EmuHypervisor;
+
+/// Most vCPUs of one emulated VM.
+pub const MAX_EMU_VCPUS: u8 = 64;
 
 impl Hypervisor for EmuHypervisor {
     fn name(&self) -> &'static str {
@@ -33,7 +39,8 @@ impl Hypervisor for EmuHypervisor {
     }
 
     fn max_vcpus(&self) -> u8 {
-        1
+        let host = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        u8::try_from(host.saturating_mul(4)).unwrap_or(u8::MAX).clamp(1, MAX_EMU_VCPUS)
     }
 
     fn create_vm(&self, spec: &VmSpec<'_>) -> Result<Arc<dyn Vm>> {
@@ -49,30 +56,33 @@ pub struct EmuVmState {
     pub irqchip: EmuIrqchipState,
 }
 
-/// One VM on the emulator: guest RAM, the userspace irqchip (shared as
+/// One VM on the emulator: guest RAM (with the state its vCPUs share about it,
+/// [`SharedRam`]), the userspace irqchip with one LAPIC per vCPU (shared as
 /// `Arc<Mutex<EmuIrqchip>>`, see `devices::irqchip` for its lock order) and the buses that
 /// serve its ports (PIC 0x20/0xA0, ELCR 0x4D0, PIT 0x40-0x43 and 0x61) and MMIO pages
-/// (IOAPIC 0xFEC0_0000, LAPIC 0xFEE0_0000) ahead of the VMM's exit handler.
+/// (IOAPIC 0xFEC0_0000; the LAPIC page 0xFEE0_0000, each vCPU's own) ahead of the VMM's
+/// exit handler.
 pub struct EmuVm {
-    ram: Vec<RamRegion>,
     clock: Clock,
+    shared: Arc<SharedRam>,
     chip: Arc<Mutex<EmuIrqchip>>,
     pio: Arc<PioBus>,
     mmio: Arc<MmioBus>,
     device_writes: Arc<OnceLock<DeviceWrites>>,
-    /// Whether vCPU 0 exists (one vCPU per VM).
-    vcpu_created: AtomicBool,
-    /// The doorbell vCPU 0 sleeps on while halted, rung by the IRQ lines and the MSI sink
-    /// when an interrupt they raise is pending for the CPU. It exists before the vCPU
-    /// because the VMM wires its devices first. (With several vCPUs, each gets its own, and
-    /// the irqchip must name the LAPICs that took an interrupt so that only those vCPUs
-    /// are woken.)
-    wakeup: Arc<Wakeup>,
+    /// Serialises taking the device-write log and retiring the code it names, so that no
+    /// vCPU sees an interrupt before the writes it announces have retired their code.
+    dma_lock: Arc<Mutex<()>>,
+    /// Which vCPUs exist.
+    created: Vec<AtomicBool>,
+    /// The doorbell each vCPU sleeps on while halted (or waiting for a SIPI), rung by the
+    /// IRQ lines, the MSI sink and the other vCPUs' IPIs for the vCPUs the irqchip
+    /// delivered to. They exist before the vCPUs because the VMM wires its devices first.
+    wakeups: Arc<[Arc<Wakeup>]>,
 }
 
 impl std::fmt::Debug for EmuVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmuVm").field("ram", &self.ram).finish_non_exhaustive()
+        f.debug_struct("EmuVm").field("ram", &self.shared).field("vcpus", &self.created.len()).finish_non_exhaustive()
     }
 }
 
@@ -83,26 +93,28 @@ impl EmuVm {
     ///
     /// [`Error::Internal`] if the irqchip's ranges cannot be placed (a bug, not an input).
     pub fn new(spec: &VmSpec<'_>) -> Result<EmuVm> {
-        let chip = Arc::new(Mutex::new(EmuIrqchip::new(spec.clock.clone(), TSC_HZ)));
+        let cpus = spec.cpus.max(1);
+        let chip = Arc::new(Mutex::new(EmuIrqchip::with_cpus(spec.clock.clone(), TSC_HZ, cpus)));
         let (mut pio, mut mmio) = (PioBus::new(), MmioBus::new());
         EmuIrqchip::attach(&chip, &mut pio, &mut mmio).map_err(|e| Error::Internal(format!("emu irqchip: {e}")))?;
         Ok(EmuVm {
-            ram: spec.ram.to_vec(),
             clock: spec.clock.clone(),
+            shared: SharedRam::new(spec.ram),
             chip,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             device_writes: Arc::new(OnceLock::new()),
-            vcpu_created: AtomicBool::new(false),
-            wakeup: Arc::new(Wakeup::new()),
+            dma_lock: Arc::new(Mutex::new(())),
+            created: (0..cpus).map(|_| AtomicBool::new(false)).collect(),
+            wakeups: (0..cpus).map(|_| Arc::new(Wakeup::new())).collect(),
         })
     }
 
-    /// What the IRQ lines and the MSI sink run after raising an interrupt the CPU will
-    /// take: wake vCPU 0 if it is halted.
-    fn notify(&self) -> Arc<dyn Fn() + Send + Sync> {
-        let w = self.wakeup.clone();
-        Arc::new(move || w.wake())
+    /// What the IRQ lines and the MSI sink run after delivering an interrupt: wake the
+    /// vCPUs it went to, if they sleep.
+    fn notify(&self) -> devices::Kick {
+        let w = self.wakeups.clone();
+        Arc::new(move |cpus| wake(&w, cpus))
     }
 
     /// The userspace interrupt controllers (for tests and debugging).
@@ -117,15 +129,38 @@ impl EmuVm {
 
 impl Vm for EmuVm {
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu + Send>> {
-        if id != 0 || self.vcpu_created.swap(true, Ordering::AcqRel) {
-            return Err(Error::Unsupported(format!("the emu accelerator runs 1 vCPU (id 0); vCPU {id} requested")));
+        let n = self.created.len();
+        let (Some(created), Some(wakeup)) = (self.created.get(usize::from(id)), self.wakeups.get(usize::from(id)))
+        else {
+            return Err(Error::Unsupported(format!("vCPU {id} requested; this emu VM has {n} (ids 0 to {})", n - 1)));
+        };
+        if created.swap(true, Ordering::AcqRel) {
+            return Err(Error::Unsupported(format!("vCPU {id} exists already")));
         }
-        let mut cpu =
-            EmuVcpu::new(&self.ram, Box::new(ChipInterrupts(self.chip.clone())), self.clock.clone(), TSC_HZ, id)
-                .with_wakeup(self.wakeup.clone());
-        let writes = self.device_writes.clone();
-        cpu.set_device_writes(Arc::new(move || writes.get().map_or_else(Vec::new, |f| f())));
-        Ok(Box::new(PlatformVcpu { cpu, pio: self.pio.clone(), mmio: self.mmio.clone() }))
+        let ic = ChipInterrupts { chip: self.chip.clone(), cpu: usize::from(id), wakeups: self.wakeups.clone() };
+        let cpus = u8::try_from(n).unwrap_or(u8::MAX);
+        let mut cpu = EmuVcpu::with_shared(self.shared.clone(), Box::new(ic), self.clock.clone(), TSC_HZ, id, cpus)
+            .with_wakeup(wakeup.clone());
+        // Every vCPU drains the device-write log before it looks at its interrupts, and
+        // retires the code those writes hit for all vCPUs (the code generations are shared).
+        let (writes, shared, lock) = (self.device_writes.clone(), self.shared.clone(), self.dma_lock.clone());
+        cpu.set_device_writes(Arc::new(move || {
+            if let Some(f) = writes.get() {
+                let _g = lock.lock().unwrap_or_else(|e| e.into_inner());
+                for (gpa, len) in f() {
+                    shared.invalidate_code(gpa, len);
+                }
+            }
+            Vec::new()
+        }));
+        Ok(Box::new(PlatformVcpu {
+            cpu,
+            cpu_index: usize::from(id),
+            chip: self.chip.clone(),
+            wakeups: self.wakeups.clone(),
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+        }))
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
@@ -166,12 +201,13 @@ impl Vm for EmuVm {
     }
 
     fn save_state(&self) -> Result<VmState> {
-        Ok(VmState(VmStateRepr::Emu1(Box::new(EmuVmState { irqchip: self.lock_chip().state() }))))
+        Ok(VmState(VmStateRepr::Emu2(Box::new(EmuVmState { irqchip: self.lock_chip().state() }))))
     }
 
     fn restore_state(&self, state: &VmState) -> Result<()> {
         match &state.0 {
-            VmStateRepr::Emu1(s) => self
+            // Layout 1 (one vCPU, before SMP) reads as layout 2 without the APs' parts.
+            VmStateRepr::Emu1(s) | VmStateRepr::Emu2(s) => self
                 .lock_chip()
                 .restore(&s.irqchip)
                 .map_err(|e| Error::InvalidState { what: "emu irqchip", source: Box::new(e) }),
@@ -180,25 +216,59 @@ impl Vm for EmuVm {
     }
 }
 
-/// The CPU's view of the irqchip.
-struct ChipInterrupts(Arc<Mutex<EmuIrqchip>>);
-
-impl InterruptController for ChipInterrupts {
-    fn interrupt_pending(&mut self) -> bool {
-        self.0.lock().map(|c| c.interrupt_pending()).unwrap_or(false)
-    }
-    fn acknowledge(&mut self) -> Option<u8> {
-        self.0.lock().ok().and_then(|mut c| c.acknowledge())
-    }
-    fn poll(&mut self, now_ns: u64) -> Option<u64> {
-        self.0.lock().ok().and_then(|mut c| c.poll(now_ns))
+/// Rings the doorbells of the vCPUs in `cpus` (bit `i` for vCPU `i`).
+fn wake(wakeups: &[Arc<Wakeup>], mut cpus: u64) {
+    while cpus != 0 {
+        let i = cpus.trailing_zeros();
+        cpus &= cpus - 1;
+        if let Some(w) = usize::try_from(i).ok().and_then(|i| wakeups.get(i)) {
+            w.wake();
+        }
     }
 }
 
-/// An [`EmuVcpu`] whose port I/O and MMIO go to the VM's irqchip first and to the VMM's
-/// handler otherwise.
+/// One vCPU's view of the irqchip: its LAPIC (and the PIC for vCPU 0). Deliveries that a
+/// poll makes to other vCPUs (the PIT through the IOAPIC) wake them.
+struct ChipInterrupts {
+    chip: Arc<Mutex<EmuIrqchip>>,
+    cpu: usize,
+    wakeups: Arc<[Arc<Wakeup>]>,
+}
+
+impl ChipInterrupts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, EmuIrqchip> {
+        self.chip.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl InterruptController for ChipInterrupts {
+    fn interrupt_pending(&mut self) -> bool {
+        self.lock().interrupt_pending_for(self.cpu)
+    }
+    fn acknowledge(&mut self) -> Option<u8> {
+        self.lock().acknowledge_for(self.cpu)
+    }
+    fn poll(&mut self, now_ns: u64) -> Option<u64> {
+        let (next, kicks) = {
+            let mut c = self.lock();
+            let next = c.poll_cpu(self.cpu, now_ns);
+            (next, c.take_kicks())
+        };
+        wake(&self.wakeups, kicks & !(1u64.checked_shl(u32::try_from(self.cpu).unwrap_or(64)).unwrap_or(0)));
+        next
+    }
+    fn take_startup(&mut self) -> devices::Startup {
+        self.lock().take_startup(self.cpu)
+    }
+}
+
+/// An [`EmuVcpu`] whose port I/O and MMIO go to the VM's irqchip first (its LAPIC page to
+/// its own LAPIC) and to the VMM's handler otherwise.
 struct PlatformVcpu {
     cpu: EmuVcpu,
+    cpu_index: usize,
+    chip: Arc<Mutex<EmuIrqchip>>,
+    wakeups: Arc<[Arc<Wakeup>]>,
     pio: Arc<PioBus>,
     mmio: Arc<MmioBus>,
 }
@@ -211,11 +281,21 @@ struct PlatformVcpu {
 // `Send` themselves.
 unsafe impl Send for PlatformVcpu {}
 
-/// Exit dispatch: the irqchip's ranges, then the VMM.
+/// Where a vCPU's LAPIC page accesses go: its index, the irqchip, the vCPUs' doorbells.
+type LapicRoute<'a> = (usize, &'a Mutex<EmuIrqchip>, &'a [Arc<Wakeup>]);
+
+/// Exit dispatch: the vCPU's LAPIC page, the irqchip's ranges, then the VMM.
 struct PlatformExits<'a> {
+    /// The vCPU and the irqchip holding its LAPIC (`None` in tests of the buses alone).
+    lapic: Option<LapicRoute<'a>>,
     pio: &'a PioBus,
     mmio: &'a MmioBus,
     vmm: &'a mut dyn ExitHandler,
+}
+
+/// The offset in the LAPIC page of `gpa`, if it is in it.
+fn lapic_offset(gpa: u64) -> Option<u64> {
+    gpa.checked_sub(devices::lapic::LAPIC_BASE).filter(|&o| o < devices::lapic::LAPIC_SIZE)
 }
 
 impl ExitHandler for PlatformExits<'_> {
@@ -230,11 +310,25 @@ impl ExitHandler for PlatformExits<'_> {
         }
     }
     fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
+        if let (Some(off), Some((cpu, chip, _))) = (lapic_offset(gpa), self.lapic) {
+            chip.lock().unwrap_or_else(|e| e.into_inner()).lapic_read(cpu, off, data);
+            return;
+        }
         if !self.mmio.read(gpa, data) {
             self.vmm.mmio_read(gpa, data);
         }
     }
     fn mmio_write(&mut self, gpa: u64, data: &[u8]) {
+        if let (Some(off), Some((cpu, chip, wakeups))) = (lapic_offset(gpa), self.lapic) {
+            // An ICR write delivers its IPI here: wake the vCPUs it reached.
+            let kicks = {
+                let mut c = chip.lock().unwrap_or_else(|e| e.into_inner());
+                c.lapic_write(cpu, off, data);
+                c.take_kicks()
+            };
+            wake(wakeups, kicks);
+            return;
+        }
         if !self.mmio.write(gpa, data) {
             self.vmm.mmio_write(gpa, data);
         }
@@ -249,7 +343,12 @@ impl Vcpu for PlatformVcpu {
         self.cpu.state()
     }
     fn run(&mut self, handler: &mut dyn ExitHandler) -> Result<VcpuExit> {
-        let mut exits = PlatformExits { pio: &self.pio, mmio: &self.mmio, vmm: handler };
+        let mut exits = PlatformExits {
+            lapic: Some((self.cpu_index, &self.chip, &self.wakeups)),
+            pio: &self.pio,
+            mmio: &self.mmio,
+            vmm: handler,
+        };
         self.cpu.run(&mut exits)
     }
     fn stopper(&self) -> VcpuStopper {
@@ -292,14 +391,14 @@ mod tests {
     }
 
     fn vm() -> EmuVm {
-        EmuVm::new(&VmSpec { ram: &[], clock: Arc::new(|| 0) }).unwrap()
+        EmuVm::new(&VmSpec { ram: &[], clock: Arc::new(|| 0), cpus: 1 }).unwrap()
     }
 
     #[test]
     fn irqchip_accesses_stay_in_the_vm_and_the_rest_reaches_the_vmm() {
         let vm = vm();
         let mut vmm = Vmm::default();
-        let mut x = PlatformExits { pio: &vm.pio, mmio: &vm.mmio, vmm: &mut vmm };
+        let mut x = PlatformExits { lapic: None, pio: &vm.pio, mmio: &vm.mmio, vmm: &mut vmm };
         // PIC IMR write and read back; PIT; COM1 is the VMM's.
         x.pio_write(0x21, &[0xfb]);
         let mut b = [0u8];
@@ -326,7 +425,7 @@ mod tests {
         vm.irq_line(4).unwrap().pulse();
         assert!(vm.lock_chip().interrupt_pending());
         let saved = vm.save_state().unwrap();
-        assert_eq!((saved.engine(), saved.version()), (crate::Choice::Emu, 1));
+        assert_eq!((saved.engine(), saved.version()), (crate::Choice::Emu, 2));
 
         let other = self::vm();
         assert!(!other.lock_chip().interrupt_pending());
@@ -335,12 +434,19 @@ mod tests {
         assert_eq!(other.save_state().unwrap(), saved);
         // The serialized form names the engine and layout.
         let json = serde_json::to_string(&saved).unwrap();
-        assert!(json.starts_with("{\"emu/1\":"), "{json}");
+        assert!(json.starts_with("{\"emu/2\":"), "{json}");
         let back: VmState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, saved);
+        // Layout 1 (one vCPU, saved before SMP support) still restores.
+        let old = json.replacen("emu/2", "emu/1", 1);
+        let old: VmState = serde_json::from_str(&old).unwrap();
+        assert_eq!(old.version(), 1);
+        let third = self::vm();
+        third.restore_state(&old).unwrap();
+        assert_eq!(third.save_state().unwrap(), saved);
         // A corrupt state is refused naming the part, and leaves the VM as it was.
         let mut bad = saved.clone();
-        if let VmStateRepr::Emu1(s) = &mut bad.0 {
+        if let VmStateRepr::Emu2(s) = &mut bad.0 {
             s.irqchip.pic.master.priority_add = 9;
         }
         let fresh = self::vm();
@@ -354,7 +460,7 @@ mod tests {
     #[test]
     fn irq_lines_msis_and_stops_ring_the_vcpus_doorbell() {
         let vm = vm();
-        let rung = |vm: &EmuVm| vm.wakeup.wait(Some(std::time::Duration::ZERO));
+        let rung = |vm: &EmuVm| vm.wakeups[0].wait(Some(std::time::Duration::ZERO));
         assert!(!rung(&vm));
         // IRQ 4 masked at the PIC: nothing for the CPU, no ring.
         for (port, v) in [(0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0x21, 0xff)] {
@@ -380,14 +486,54 @@ mod tests {
     }
 
     #[test]
-    fn one_vcpu_and_no_ioevents() {
+    fn vcpus_by_id_and_no_ioevents() {
         let vm = vm();
-        assert!(vm.create_vcpu(1).is_err());
+        assert!(vm.create_vcpu(1).is_err(), "a one-vCPU VM");
         assert!(vm.create_vcpu(0).is_ok());
         assert!(matches!(vm.create_vcpu(0), Err(Error::Unsupported(_))));
         let evt = EventFd::new(0).unwrap();
         assert!(!vm.supports_ioevents());
         assert!(matches!(vm.register_ioevent(&evt, 0xc000_3000), Err(Error::Unsupported(_))));
         assert!(vm.needs_dma_log() && vm.irq_tables() == IrqTables::Madt);
+        let smp = EmuVm::new(&VmSpec { ram: &[], clock: Arc::new(|| 0), cpus: 3 }).unwrap();
+        for id in [2, 0, 1] {
+            assert!(smp.create_vcpu(id).is_ok());
+        }
+        assert!(smp.create_vcpu(3).is_err() && smp.create_vcpu(1).is_err());
+        assert!(EmuHypervisor.max_vcpus() >= 4, "four per host CPU");
+    }
+
+    /// An IPI written to one vCPU's LAPIC rings the target vCPU's doorbell only, and an
+    /// MSI to APIC ID 2 rings vCPU 2's.
+    #[test]
+    fn ipis_and_msis_ring_the_target_vcpus_doorbell() {
+        let vm = EmuVm::new(&VmSpec { ram: &[], clock: Arc::new(|| 0), cpus: 3 }).unwrap();
+        let rung = |i: usize| vm.wakeups[i].wait(Some(std::time::Duration::ZERO));
+        let mut vmm = Vmm::default();
+        for cpu in 0..3 {
+            let mut x = PlatformExits {
+                lapic: Some((cpu, &vm.chip, &vm.wakeups)),
+                pio: &vm.pio,
+                mmio: &vm.mmio,
+                vmm: &mut vmm,
+            };
+            x.mmio_write(0xfee0_00f0, &0x1ffu32.to_le_bytes());
+        }
+        let mut x =
+            PlatformExits { lapic: Some((0, &vm.chip, &vm.wakeups)), pio: &vm.pio, mmio: &vm.mmio, vmm: &mut vmm };
+        x.mmio_write(0xfee0_0310, &(1u32 << 24).to_le_bytes());
+        x.mmio_write(0xfee0_0300, &0x41u32.to_le_bytes());
+        assert_eq!((rung(0), rung(1), rung(2)), (false, true, false));
+        // vCPU 1 reads its own LAPIC: its ID and the IPI in its IRR.
+        let mut x =
+            PlatformExits { lapic: Some((1, &vm.chip, &vm.wakeups)), pio: &vm.pio, mmio: &vm.mmio, vmm: &mut vmm };
+        let mut b = [0u8; 4];
+        x.mmio_read(0xfee0_0020, &mut b);
+        assert_eq!(u32::from_le_bytes(b) >> 24, 1);
+        x.mmio_read(0xfee0_0200 + 0x20, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 1 << 1, "vector 0x41 in vCPU 1's IRR");
+        vm.msi_sink().send_msi(0xfee0_2000, 0x42);
+        assert_eq!((rung(0), rung(1), rung(2)), (false, false, true));
+        assert!(vmm.mmio.is_empty(), "LAPIC accesses never reach the VMM");
     }
 }

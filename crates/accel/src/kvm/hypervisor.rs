@@ -110,7 +110,9 @@ impl Vm for KvmVm {
     fn restore_state(&self, state: &VmState) -> Result<()> {
         match &state.0 {
             VmStateRepr::Kvm1(s) => KvmVm::restore_state(self, s),
-            VmStateRepr::Emu1(_) => Err(Error::Unsupported("an emu VM state on the kvm accelerator".into())),
+            VmStateRepr::Emu1(_) | VmStateRepr::Emu2(_) => {
+                Err(Error::Unsupported("an emu VM state on the kvm accelerator".into()))
+            }
         }
     }
 }
@@ -128,7 +130,7 @@ mod tests {
         }
         let hv = KvmHypervisor::new().unwrap();
         assert!(hv.max_vcpus() >= 1);
-        let vm = hv.create_vm(&VmSpec { ram: &[], clock: Arc::new(|| 0) }).unwrap();
+        let vm = hv.create_vm(&VmSpec { ram: &[], clock: Arc::new(|| 0), cpus: 1 }).unwrap();
         assert!(vm.irq_line(4).is_ok());
         assert!(matches!(vm.irq_line(24), Err(Error::Unsupported(_))));
         vm.irq_line(4).unwrap().pulse();
@@ -141,9 +143,9 @@ mod tests {
         let json = serde_json::to_string(&state).unwrap();
         assert!(json.starts_with("{\"kvm/1\":"), "{}", &json[..20]);
         let back: VmState = serde_json::from_str(&json).unwrap();
-        let other = hv.create_vm(&VmSpec { ram: &[], clock: Arc::new(|| 0) }).unwrap();
+        let other = hv.create_vm(&VmSpec { ram: &[], clock: Arc::new(|| 0), cpus: 1 }).unwrap();
         other.restore_state(&back).unwrap();
-        let emu = crate::emu::EmuHypervisor.create_vm(&VmSpec { ram: &[], clock: Arc::new(|| 0) }).unwrap();
+        let emu = crate::emu::EmuHypervisor.create_vm(&VmSpec { ram: &[], clock: Arc::new(|| 0), cpus: 1 }).unwrap();
         let emu_state = emu.save_state().unwrap();
         assert!(matches!(other.restore_state(&emu_state), Err(Error::Unsupported(_))));
         assert!(matches!(emu.restore_state(&state), Err(Error::Unsupported(_))));
