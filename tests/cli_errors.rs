@@ -58,11 +58,14 @@ fn missing_files_and_unknown_values() {
 }
 
 #[test]
-fn emu_refuses_more_than_one_cpu() {
+fn emu_refuses_more_vcpus_than_four_per_host_cpu() {
     let k = tmpfile("k4", b"x");
-    let (code, err) = run(&["run", "--kernel", &k, "--accel", "emu", "--cpus", "2", "--serial", "null"]);
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let too_many = (4 * host + 1).min(65).to_string();
+    let (code, err) = run(&["run", "--kernel", &k, "--accel", "emu", "--cpus", &too_many, "--serial", "null"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--cpus"), "{err}");
+    assert!(err.contains("--cpus") && err.contains("accepted"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 #[test]
