@@ -1314,34 +1314,41 @@ fn vcpus_are_pinned_cpu_limits_hold_and_admission_counts_vcpus() {
 
 #[test]
 fn when_the_vms_memory_runs_out_the_lowest_priority_vm_is_killed() {
-    // 650 MiB for all VMs, overcommitted 4×: two booted guests (~145 MiB each) fit, and so
-    // does "high" alone once it fills 400 MiB more (~555 MiB), but not both (~700 MiB): the
-    // kernel's OOM killer must take "low" (oom_score_adj 1000), not the bigger "high" (0).
-    let env = Env::with_args("mgr-oom", &["--vm-memory-limit", "650M", "--mem-overcommit", "4"]);
+    // 800 MiB for all VMs, overcommitted 4×. "high" boots (~145 MiB) and fills 400 MiB of
+    // its RAM (~555 MiB); then "low" boots (~145 MiB) and takes 300 MiB more: the VMs need
+    // ~1000 MiB. Plain badness would kill the bigger "high"; with oom_score_adj 1000 against
+    // 0 the kernel must take "low", and "high" keeps running. (The last allocation comes
+    // from "low", the victim itself: had "high" been allocating too, the kernel could kill
+    // it as well in the few ms before the first victim's pages are uncharged — seen here.)
+    let env = Env::with_args("mgr-oom", &["--vm-memory-limit", "800M", "--mem-overcommit", "4"]);
     if let Err(why) = cgroups_of(&env) {
         return eprintln!("skipped: the daemon has no cgroups here ({why})");
     }
-    env.create_with("low", "echo LOW-UP; while true; do sleep 1; done", "no", &["--priority", "low"]);
     let fill = "echo HIGH-UP; mkdir -p /mnt/fill; mount -t tmpfs -o size=450m none /mnt/fill; \
                 dd if=/dev/zero of=/mnt/fill/x bs=1M count=400 2>/dev/null && echo HIGH-FILLED; \
                 while true; do sleep 1; done";
     env.create_sized("high", fill, "no", "768M", &["--priority", "high"]);
-    env.ok(&["vm", "start", "low"]);
-    wait_until("low to boot", BOOT, || env.console("low").contains("LOW-UP").then_some(()));
+    let hold = "echo LOW-UP; mkdir -p /mnt/hold; mount -t tmpfs -o size=350m none /mnt/hold; \
+                dd if=/dev/zero of=/mnt/hold/x bs=1M count=300 2>/dev/null; echo LOW-HELD; \
+                while true; do sleep 1; done";
+    env.create_with("low", hold, "no", &["--priority", "low"]);
     env.ok(&["vm", "start", "high"]);
     wait_until("high to fill its memory", BOOT, || env.console("high").contains("HIGH-FILLED").then_some(()));
-    let low = wait_until("low to be OOM-killed", Duration::from_secs(60), || {
+    env.ok(&["vm", "start", "low"]);
+    let low = wait_until("low to be OOM-killed", BOOT, || {
         let v = env.vm("low");
         (v.state == VmState::Crashed).then_some(v)
     });
+    assert!(!env.console("low").contains("LOW-HELD"), "low got its memory");
     let reason = low.reason.unwrap_or_default();
     assert!(reason.contains("OOM killer") && reason.contains("priority low"), "{reason}");
-    assert!(reason.contains("--vm-memory-limit 650 MiB"), "{reason}");
+    assert!(reason.contains("--vm-memory-limit 800 MiB"), "{reason}");
     let ev = env.events("low");
     let oom = ev.iter().find(|e| e.kind == "oom-killed").expect("an oom-killed event");
     eprintln!("low: {}", oom.detail);
+    std::thread::sleep(Duration::from_secs(2));
     assert_eq!(env.vm("high").state, VmState::Running, "the important VM survives");
     let host: serde_json::Value = serde_json::from_str(&env.ok(&["capacity", "--json"])).unwrap();
-    assert_eq!(host["host"]["memory_mib"], 650, "{host}");
+    assert_eq!(host["host"]["memory_mib"], 800, "{host}");
     assert_eq!(host["host"]["vms_up"], 1, "{host}");
 }

@@ -9,11 +9,12 @@
 //!   running a wake-up latency probe (a 100 ms sleep measured by the guest's clock); per
 //!   step the VMs' CPU share, their vCPUs' ready time and the probe's lateness. Passes when
 //!   ready time rises with the overcommit.
-//! - `memory-exhaustion`: VMs given 700 MiB together (`--vm-memory-limit`): an idle
-//!   low-priority VM with a balloon floor and a high-priority VM that fills 480 MiB step by
-//!   step. Shows the balloon policy reclaiming from the idle guest, then the kernel's OOM
-//!   killer taking the low-priority VM. Passes when the victim is the low-priority VM and
-//!   the other keeps running.
+//! - `memory-exhaustion`: VMs given 750 MiB together (`--vm-memory-limit`): an idle
+//!   low-priority VM with a balloon floor and a high-priority VM that fills 435 MiB step by
+//!   step, so that the balloon policy reclaims from the idle guest; then a batch job in the
+//!   idle VM (started through its disk) asks for 300 MiB, and the kernel's OOM killer takes
+//!   the low-priority VM although the other uses more. Passes when the victim is the
+//!   low-priority VM and the other keeps running.
 //! - `storage-saturation`: a VM's disk on a 24 MiB file system with 4 MiB free
 //!   (`on-error=pause`); the guest writes 12 MiB. Shows the VM paused with the reason, the
 //!   VMM alive, space freed, the VM resumed and the guest's data whole on the host.
@@ -319,65 +320,94 @@ fn cpu_overcommit(g: &Guest, vms: Option<u32>, seconds: u64) -> Result<(), Failu
 }
 
 fn memory_exhaustion(g: &Guest) -> Result<(), Failure> {
-    say("memory-exhaustion: 700 MiB for all VMs (--vm-memory-limit 700M, 4× overcommitted)");
-    let p = Private::start("mem", &["--vm-memory-limit", "700M", "--mem-overcommit", "4"])?;
+    say("memory-exhaustion: 750 MiB for all VMs (--vm-memory-limit 750M, 4× overcommitted)");
+    let p = Private::start("mem", &["--vm-memory-limit", "750M", "--mem-overcommit", "4"])?;
+    // The idle VM waits for "GO" on its disk (read with O_DIRECT, written by the drill) to
+    // start a batch job that wants 300 MiB.
+    let trigger = p.dir.join("trigger.raw");
+    std::fs::File::create(&trigger).and_then(|f| f.set_len(1 << 20)).map_err(|e| fail(e.to_string()))?;
+    let idle = "echo IDLE-UP; \
+                until [ \"$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 2)\" = GO ]; \
+                do sleep 1; done; echo IDLE-BATCH; mkdir -p /mnt/b; mount -t tmpfs -o size=350m none /mnt/b; \
+                dd if=/dev/zero of=/mnt/b/x bs=1M count=300 2>/dev/null; echo IDLE-HELD; \
+                while true; do sleep 1; done";
     p.create(
         g,
         "idle",
         512,
-        "echo IDLE-UP; while true; do sleep 1; done",
-        serde_json::json!({"balloon": {"stats_interval_s": 2}}),
-        serde_json::json!({"priority": "low", "balloon_min_mib": 448}),
+        idle,
+        serde_json::json!({"balloon": {"stats_interval_s": 2}, "disks": [{"path": trigger, "format": "raw"}]}),
+        serde_json::json!({"priority": "low", "balloon_min_mib": 384}),
     )?;
-    let fill = "echo HIGH-UP; mkdir -p /mnt/f; mount -t tmpfs -o size=500m none /mnt/f; i=0; \
-                while [ $i -lt 24 ]; do dd if=/dev/zero of=/mnt/f/$i bs=1M count=20 2>/dev/null; i=$((i+1)); \
-                echo FILLED $((i*20)) MiB; sleep 1; done; echo HIGH-FILLED; while true; do sleep 1; done";
+    let fill = "echo HIGH-UP; mkdir -p /mnt/f; mount -t tmpfs -o size=450m none /mnt/f; i=0; \
+                while [ $i -lt 29 ]; do dd if=/dev/zero of=/mnt/f/$i bs=1M count=15 2>/dev/null; i=$((i+1)); \
+                echo FILLED $((i*15)) MiB; sleep 1; done; echo HIGH-FILLED; while true; do sleep 1; done";
     p.create(g, "important", 768, fill, serde_json::json!({}), serde_json::json!({"priority": "high"}))?;
-    say("VM idle: 512 MiB, priority low, balloon floor 448 MiB; VM important: 768 MiB, priority high");
+    say("VM idle: 512 MiB, priority low, balloon floor 384 MiB; VM important: 768 MiB, priority high");
     p.start_vm("idle")?;
     p.wait_console("idle", "IDLE-UP", Duration::from_secs(300))?;
     p.start_vm("important")?;
     p.wait_console("important", "HIGH-UP", Duration::from_secs(300))?;
-    say("important fills 480 MiB of its RAM, 20 MiB a second");
-    let t0 = Instant::now();
+    say("phase 1: important fills 435 MiB of its RAM, 15 MiB a second; the balloon policy reclaims from idle");
     let mut seen = 0;
-    while t0.elapsed() < Duration::from_secs(120) {
-        let st = p.stats()?;
-        let idle = p.info("idle")?;
-        let line = format!(
-            "t={:>3}s  available for VMs {:>4} MiB  idle: {}{}  important: {}",
-            t0.elapsed().as_secs(),
-            st.host.memory_available_mib,
-            idle.summary.state,
-            idle.balloon.as_ref().map(|b| format!(" (balloon {} MiB)", b.actual_mib)).unwrap_or_default(),
-            p.console("important").lines().rev().find(|l| l.starts_with("FILLED")).unwrap_or("-"),
-        );
-        say(&line);
-        let ev = p.events("idle")?;
-        for e in ev.iter().skip(seen) {
-            if matches!(e.kind.as_str(), "balloon-inflated" | "balloon-deflated" | "oom-killed") {
-                say(&format!("  event {}: {}", e.kind, e.detail));
+    let watch = |seen: &mut usize, until: &dyn Fn(&VmDetails) -> bool| -> Result<(), Failure> {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(180) {
+            let st = p.stats()?;
+            let idle = p.info("idle")?;
+            say(&format!(
+                "t={:>3}s  available for VMs {:>4} MiB  idle: {}{}  important: {}",
+                t0.elapsed().as_secs(),
+                st.host.memory_available_mib,
+                idle.summary.state,
+                idle.balloon.as_ref().map(|b| format!(" (balloon {} MiB)", b.actual_mib)).unwrap_or_default(),
+                p.console("important").lines().rev().find(|l| l.starts_with("FILLED")).unwrap_or("-"),
+            ));
+            let ev = p.events("idle")?;
+            for e in ev.iter().skip(*seen) {
+                if matches!(e.kind.as_str(), "balloon-inflated" | "balloon-deflated" | "oom-killed") {
+                    say(&format!("  event {}: {}", e.kind, e.detail));
+                }
             }
+            *seen = ev.len();
+            if until(&idle) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(2));
         }
-        seen = ev.len();
-        if idle.summary.state == VmState::Crashed || p.console("important").contains("HIGH-FILLED") {
-            break;
+        Err(fail("the drill's phase did not end in 180 s"))
+    };
+    // Phase 1 ends once important is full and the balloon policy had its rounds (it looks
+    // every 5 s): at an inflation, or 12 s after the fill.
+    let filled_at = std::cell::Cell::new(None::<Instant>);
+    watch(&mut seen, &|_| {
+        if !p.console("important").contains("HIGH-FILLED") {
+            return false;
         }
-        std::thread::sleep(Duration::from_secs(2));
+        let t = filled_at.get().unwrap_or_else(Instant::now);
+        filled_at.set(Some(t));
+        let inflated = p.events("idle").is_ok_and(|ev| ev.iter().any(|e| e.kind == "balloon-inflated"));
+        inflated || t.elapsed() > Duration::from_secs(12)
+    })?;
+    let inflated = p.events("idle")?.iter().filter(|e| e.kind == "balloon-inflated").count();
+    say(&format!("balloon rounds that inflated idle's balloon: {inflated}"));
+    say("phase 2: idle's batch job asks for 300 MiB more than the VMs have");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&trigger).map_err(|e| fail(e.to_string()))?;
+        f.write_all_at(b"GO", 0).and_then(|()| f.sync_all()).map_err(|e| fail(e.to_string()))?;
     }
+    watch(&mut seen, &|idle| idle.summary.state == VmState::Crashed)?;
     std::thread::sleep(Duration::from_secs(2));
     let idle = p.info("idle")?;
     let important = p.info("important")?;
-    let ev = p.events("idle")?;
-    let inflated = ev.iter().filter(|e| e.kind == "balloon-inflated").count();
-    say(&format!("balloon rounds that inflated idle's balloon: {inflated}"));
     say(&format!(
         "idle: {} ({}); important: {}",
         idle.summary.state,
         idle.summary.reason.as_deref().unwrap_or("-"),
         important.summary.state
     ));
-    if idle.summary.state != VmState::Crashed || !ev.iter().any(|e| e.kind == "oom-killed") {
+    if !p.events("idle")?.iter().any(|e| e.kind == "oom-killed") {
         return Err(fail("the low-priority VM was not the one OOM-killed"));
     }
     if important.summary.state != VmState::Running {
