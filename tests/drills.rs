@@ -1,7 +1,8 @@
 //! `rustvisor drill NAME` end to end: each drill runs its private daemon, boots Debian
 //! guests on `emu`, breaks something, prints what it measured and must pass (exit 0 and
 //! "PASS"), leaving no daemon, VMM, folder, mount or cgroup behind. cpu-overcommit runs at
-//! a small scale (3 VMs on this host's CPUs, 3 s a step) to keep the suite short.
+//! a small scale (3 VMs on this host's CPUs, 3 s a step) to keep the suite short;
+//! bridge-misconfiguration runs its daemon in a network namespace of its own.
 
 mod common;
 
@@ -55,4 +56,12 @@ fn cpu_overcommit_shows_ready_time_rising() {
     let out = drill(&["cpu-overcommit", "--vms", "3", "--seconds", "3"]);
     let rows: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).collect();
     assert_eq!(rows.len(), 3, "one row per step: {out}");
+}
+
+#[test]
+fn bridge_misconfiguration_is_seen_by_net_check_and_repaired() {
+    let out = drill(&["bridge-misconfiguration"]);
+    assert!(out.contains("net check: network lan: bridge rv-lan is down"), "{out}");
+    assert!(out.contains("event network-repaired"), "{out}");
+    assert!(out.contains("answered again after the repair: true"), "{out}");
 }

@@ -368,6 +368,18 @@ pub fn create_tap(nic: &NicAttach) -> Result<()> {
     apply_firewall(&nic.tap, nic.firewall.as_ref())
 }
 
+/// Sets interface `name` up or down (what an operator's `ip link set NAME down` does; the
+/// failure drills use it to break a network on purpose).
+///
+/// Errors: [`Error::Invalid`] for a bad name; [`Error::Conflict`] when no such interface
+/// exists; [`Error::Netlink`].
+pub fn set_link_up(name: &str, up: bool) -> Result<()> {
+    spec::validate_ifname("name", name)?;
+    let nl = Nl::new()?;
+    let link = nl.link(name)?.ok_or_else(|| Error::Conflict(format!("no interface {name}")))?;
+    nl.set_up(link.index, name, up)
+}
+
 /// Deletes TAP `tap` and its firewall table. Nothing missing is an error. A VMM that has the
 /// TAP open loses it (its reads and writes fail).
 ///

@@ -15,6 +15,10 @@
 //!   idle VM (started through its disk) asks for 300 MiB, and the kernel's OOM killer takes
 //!   the low-priority VM although the other uses more. Passes when the victim is the
 //!   low-priority VM and the other keeps running.
+//! - `bridge-misconfiguration`: two VMs on a network of a private daemon in its own network
+//!   namespace, one pinging the other twice a second; the bridge is set down. Shows `net
+//!   check` naming it, the frames one VM sent and the other did not receive, the daemon's
+//!   repair (event `network-repaired`) and the pings answered again.
 //! - `storage-saturation`: a VM's disk on a 24 MiB file system with 4 MiB free
 //!   (`on-error=pause`); the guest writes 12 MiB. Shows the VM paused with the reason, the
 //!   VMM alive, space freed, the VM resumed and the guest's data whole on the host.
@@ -38,6 +42,9 @@ pub enum Drill {
     MemoryExhaustion,
     /// A disk whose backing store fills: the VM pauses, space is freed, it continues.
     StorageSaturation,
+    /// A network's bridge set down under two VMs: net check and the NIC counters show it,
+    /// the daemon repairs it, traffic flows again.
+    BridgeMisconfiguration,
 }
 
 /// `rustvisor drill`.
@@ -78,6 +85,7 @@ pub fn drill(a: DrillArgs) -> ExitCode {
             Drill::CpuOvercommit => cpu_overcommit(&guest, a.vms, a.seconds),
             Drill::MemoryExhaustion => memory_exhaustion(&guest),
             Drill::StorageSaturation => storage_saturation(&guest),
+            Drill::BridgeMisconfiguration => bridge_misconfiguration(&guest),
         }
     })();
     match r {
@@ -121,6 +129,12 @@ struct Private {
 impl Private {
     /// Starts `rustvisor daemon` with `flags` in a fresh temp folder.
     fn start(tag: &str, flags: &[&str]) -> Result<Private, Failure> {
+        Private::start_in(tag, flags, false)
+    }
+
+    /// [`Private::start`], in a network namespace of its own when `netns` (so its bridges,
+    /// TAPs and rules never touch the host's networking).
+    fn start_in(tag: &str, flags: &[&str], netns: bool) -> Result<Private, Failure> {
         let dir = std::env::temp_dir().join(format!("rustvisor-drill-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
@@ -128,7 +142,21 @@ impl Private {
         let socket = dir.join("daemon.sock");
         let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| fail(e.to_string()))?;
         let cgroup_parent = format!("rustvisor-drill/{tag}-{}", std::process::id());
-        let child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        if netns {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the child only calls unshare(2), which is
+            // async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("daemon")
             .arg("--state-dir")
             .arg(dir.join("state"))
@@ -179,6 +207,25 @@ impl Private {
         let body = serde_json::to_vec(&body).map_err(|e| fail(e.to_string()))?;
         let _: VmSummary = decode(&self.client.call("POST", "vms", Some(body))?)?;
         Ok(())
+    }
+
+    /// Runs `f` on a thread inside the daemon's network namespace.
+    fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, Failure> {
+        let pid = self.daemon.as_ref().map(|c| c.id()).ok_or_else(|| fail("no daemon"))?;
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| fail(format!("its netns: {e}")))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns(2) on an open namespace descriptor; it changes only this
+                // thread's network namespace, and the thread ends after `f`.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(fail(format!("entering its netns: {}", std::io::Error::last_os_error())));
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| fail("the netns thread panicked"))?
+        })
     }
 
     fn start_vm(&self, name: &str) -> Result<(), Failure> {
@@ -494,5 +541,101 @@ fn storage_saturation(g: &Guest) -> Result<(), Failure> {
     // The VMM holds the image open: end it before the file system goes.
     p.client.call("PUT", "vms/writer/kill", None)?;
     drop(fs);
+    Ok(())
+}
+
+/// A NIC's frame counters on VM `vm` (the VMM's `net0`): (tx packets, rx packets).
+fn frames(p: &Private, vm: &str) -> Result<(u64, u64), Failure> {
+    let st = p.stats()?;
+    let n = st
+        .vms
+        .iter()
+        .find(|v| v.name == vm)
+        .and_then(|v| v.devices.get("net0"))
+        .and_then(|d| d.net.clone())
+        .ok_or_else(|| fail(format!("VM {vm} has no NIC counters")))?;
+    Ok((n.tx_packets, n.rx_packets))
+}
+
+fn bridge_misconfiguration(g: &Guest) -> Result<(), Failure> {
+    say("bridge-misconfiguration: two VMs on one network; its bridge is set down under them");
+    let p = Private::start_in("net", &[], true)?;
+    let body = serde_json::json!({"name": "lan", "subnet": "10.98.0.1/24"});
+    let body = serde_json::to_vec(&body).map_err(|e| fail(e.to_string()))?;
+    let net: crate::types::NetworkInfo = decode(&p.client.call("POST", "networks", Some(body))?)?;
+    let bridge = net.spec.bridge.clone();
+    let pinger = "ip addr add 10.98.0.11/24 dev eth0; ip link set eth0 up; echo NET-UP; \
+                  while :; do if ping -c 1 -W 1 10.98.0.12 >/dev/null 2>&1; then echo PING-OK; \
+                  else echo PING-LOST; fi; usleep 500000; done";
+    let peer = "ip addr add 10.98.0.12/24 dev eth0; ip link set eth0 up; echo NET-UP; while true; do sleep 1; done";
+    for (name, script) in [("a", pinger), ("b", peer)] {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+        let body = serde_json::json!({
+            "name": name,
+            "nics": [{"net": "lan"}],
+            "config": {"kernel": g.kernel, "initrd": g.initrd, "accel": "emu", "memory_mib": 256, "cpus": 1,
+                       "cmdline": format!("console=ttyS0 quiet panic=-1 rv.cmd={b64}")},
+        });
+        let body = serde_json::to_vec(&body).map_err(|e| fail(e.to_string()))?;
+        let _: VmSummary = decode(&p.client.call("POST", "vms", Some(body))?)?;
+        p.start_vm(name)?;
+    }
+    say(&format!(
+        "network lan: bridge {bridge}, 10.98.0.0/24; VM a (10.98.0.11) pings VM b (10.98.0.12) twice a second"
+    ));
+    p.wait_console("a", "PING-OK", Duration::from_secs(300))?;
+    let count = |text: &str, from: usize| {
+        let new = text.get(from..).unwrap_or("");
+        (new.matches("PING-OK").count(), new.matches("PING-LOST").count())
+    };
+    let mark = p.console("a").len();
+    std::thread::sleep(Duration::from_secs(3));
+    let (ok, lost) = count(&p.console("a"), mark);
+    say(&format!("before: {ok} pings answered, {lost} lost"));
+    let (b_rx0, a_tx0) = (frames(&p, "b")?.1, frames(&p, "a")?.0);
+    let mark = p.console("a").len();
+    let t_break = Instant::now();
+    p.in_netns(|| hostnet::set_link_up(&bridge, false))?.map_err(|e| fail(format!("setting {bridge} down: {e}")))?;
+    say(&format!("broke it: bridge {bridge} set down (as `ip link set {bridge} down` would)"));
+    let check: crate::types::NetCheck = p.client.get("netcheck")?;
+    for problem in &check.problems {
+        say(&format!("  net check: {problem}"));
+    }
+    let seen_by_check = check.problems.iter().any(|l| l.contains(&bridge) && l.contains("down"));
+    // The daemon's supervisor looks at the networks every few seconds and repairs them.
+    let repaired = loop {
+        let ev: Vec<Event> = p.client.get::<EventList>("events")?.events;
+        if let Some(e) = ev.iter().find(|e| e.kind == "network-repaired") {
+            break e.detail.clone();
+        }
+        if t_break.elapsed() > Duration::from_secs(60) {
+            return Err(fail("the daemon did not repair the network within 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let outage = t_break.elapsed();
+    let (a_tx1, b_rx1) = (frames(&p, "a")?.0, frames(&p, "b")?.1);
+    say(&format!(
+        "repaired after {:.1}s (event network-repaired: {repaired}); during the outage a sent {} frames, b received {}",
+        outage.as_secs_f64(),
+        a_tx1.saturating_sub(a_tx0),
+        b_rx1.saturating_sub(b_rx0)
+    ));
+    std::thread::sleep(Duration::from_secs(4));
+    let text = p.console("a");
+    let during_and_after = text.get(mark..).unwrap_or("");
+    let lost = during_and_after.matches("PING-LOST").count();
+    let last_ok = during_and_after.rfind("PING-OK");
+    let last_lost = during_and_after.rfind("PING-LOST");
+    say(&format!("pings lost while it was down: {lost}; answered again after the repair: {}", last_ok > last_lost));
+    if !seen_by_check {
+        return Err(fail("net check did not report the bridge down"));
+    }
+    if lost == 0 {
+        return Err(fail("no ping was lost: the break did not take"));
+    }
+    if last_ok <= last_lost {
+        return Err(fail("pings are not answered after the repair"));
+    }
     Ok(())
 }
