@@ -198,6 +198,13 @@ fn two_vcpu_snapshot_kill_restore_continues_on_both_vcpus() {
     assert_eq!(c.info().unwrap().state, "Paused");
     c.resume().unwrap();
     wait_count(&log, before + 3, Duration::from_secs(90));
+    // The restored VMM names its two vCPU threads, with host thread IDs that are its own.
+    let threads = c.info().unwrap().vcpu_threads;
+    assert_eq!(threads.iter().map(|t| t.vcpu).collect::<Vec<_>>(), [0, 1], "{threads:?}");
+    for t in &threads {
+        let comm = std::fs::read_to_string(format!("/proc/{}/task/{}/comm", vmm.child.id(), t.tid)).unwrap();
+        assert_eq!(comm.trim(), format!("vcpu{}", t.vcpu));
+    }
     let text = std::fs::read_to_string(&log).unwrap();
     let counts: Vec<u64> =
         text.lines().filter_map(|l| l.strip_prefix("RV-COUNT ")?.split_whitespace().next()?.parse().ok()).collect();

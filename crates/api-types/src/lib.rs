@@ -575,6 +575,19 @@ pub struct VmInfo {
     /// Cleared by `vm.resume`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_reason: Option<String>,
+    /// While the VM is live: each vCPU's host thread, so a manager can pin it
+    /// (`sched_setaffinity(2)`) or read its scheduler statistics.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_threads: Vec<VcpuThread>,
+}
+
+/// One vCPU's host thread (`VmInfo::vcpu_threads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuThread {
+    /// The vCPU's index (its APIC ID).
+    pub vcpu: u32,
+    /// The host thread ID (`gettid(2)`; the thread is named `vcpuN`).
+    pub tid: u32,
 }
 
 /// How a VM ended (`VmInfo::ended`); JSON `{"kind": "reset", "reason": "triple fault"}`.

@@ -153,6 +153,7 @@ fn every_schema_matches_its_type() {
             accelerator: Some("emu".into()),
             ended: Some(VmEnd::Reset { reason: "triple fault".into() }),
             pause_reason: Some("disk disk0: write at 0: No space left on device (os error 28)".into()),
+            vcpu_threads: vec![VcpuThread { vcpu: 0, tid: 4242 }],
         },
     );
     let mut devices = BTreeMap::new();
@@ -183,6 +184,7 @@ fn every_schema_matches_its_type() {
         &BackupStatus { destination: "/b".into(), pause_ms: 1.5, state: BackupState::Failed, disks: vec![disk_status] },
     );
     check("VmEnd", &VmEnd::Error { reason: "vcpu 0 failed".into() });
+    check("VcpuThread", &VcpuThread { vcpu: 1, tid: 4243 });
     check("DeviceCounters", &device_counters());
     check("BlockCounters", &block_counters());
     check("LatencyHistogram", &histogram());
@@ -216,6 +218,7 @@ fn every_schema_is_checked() {
         "PingInfo",
         "VmInfo",
         "VmEnd",
+        "VcpuThread",
         "Counters",
         "DeviceCounters",
         "BlockCounters",

@@ -1768,6 +1768,7 @@ fn format_info(d: &VmDetails) -> String {
         accelerator: None,
         ended: None,
         pause_reason: None,
+        vcpu_threads: Vec::new(),
     })
     .lines()
     .skip(3)

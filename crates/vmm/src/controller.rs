@@ -528,6 +528,7 @@ impl api::Controller for VmmController {
                 accelerator: None,
                 ended: None,
                 pause_reason: None,
+                vcpu_threads: Vec::new(),
             }),
             Slot::Live { vm, cfg, booted, pause_reason, .. } => Ok(types::VmInfo {
                 state,
@@ -536,6 +537,13 @@ impl api::Controller for VmmController {
                 accelerator: Some(vm.accelerator().into()),
                 ended: None,
                 pause_reason: pause_reason.clone(),
+                vcpu_threads: vm
+                    .vcpu_tids()
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, tid)| *tid != 0)
+                    .map(|(i, tid)| types::VcpuThread { vcpu: u32::try_from(i).unwrap_or(u32::MAX), tid })
+                    .collect(),
             }),
             Slot::Shutdown { cfg, accel, ended } => Ok(types::VmInfo {
                 state,
@@ -544,6 +552,7 @@ impl api::Controller for VmmController {
                 accelerator: Some(accel.clone()),
                 ended: Some(ended.clone()),
                 pause_reason: None,
+                vcpu_threads: Vec::new(),
             }),
             Slot::Busy { prev, .. } => match &**prev {
                 Slot::Created { cfg } | Slot::Shutdown { cfg, .. } => Ok(types::VmInfo {
@@ -553,6 +562,7 @@ impl api::Controller for VmmController {
                     accelerator: None,
                     ended: None,
                     pause_reason: None,
+                    vcpu_threads: Vec::new(),
                 }),
                 _ => Err(conflict("vm.info", &state)),
             },

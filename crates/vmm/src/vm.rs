@@ -344,6 +344,11 @@ impl Vm {
         &self.dma
     }
 
+    /// Each vCPU's host thread ID, by vCPU index (0 for a thread not started yet).
+    pub fn vcpu_tids(&self) -> Vec<u32> {
+        self.ctl.vcpu_tids()
+    }
+
     /// The accelerator's name ("kvm", "emu"), for the user.
     pub fn accelerator(&self) -> &'static str {
         self.accelerator

@@ -132,6 +132,8 @@ enum Command {
 struct VcpuLink {
     commands: Sender<Command>,
     stopper: VcpuStopper,
+    /// The vCPU thread's host thread ID (0 until the thread has started).
+    tid: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// The run state, and the number of vCPU threads that have not exited.
@@ -291,22 +293,32 @@ impl RunControl {
         bus: DeviceBus,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let (commands, inbox) = mpsc::channel();
+        let tid = Arc::new(std::sync::atomic::AtomicU32::new(0));
         // The link exists before the thread: commands sent meanwhile wait in the channel.
-        lock(&self.vcpus).push(VcpuLink { commands, stopper: vcpu.stopper() });
+        lock(&self.vcpus).push(VcpuLink { commands, stopper: vcpu.stopper(), tid: tid.clone() });
         let paused = {
             let mut s = lock(&self.shared);
             s.threads += 1;
             s.state == RunState::Paused
         };
         let ctl = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || ctl.vcpu_thread(id, vcpu, bus, inbox, paused));
+        let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+            // SAFETY: gettid(2) has no preconditions.
+            let own = unsafe { libc::gettid() };
+            tid.store(u32::try_from(own).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+            ctl.vcpu_thread(id, vcpu, bus, inbox, paused)
+        });
         if spawned.is_err() {
             lock(&self.vcpus).pop();
             self.thread_exited();
         }
         spawned
+    }
+
+    /// Each vCPU's host thread ID, by vCPU index (0 for a thread not started yet), so a
+    /// manager can pin them (`sched_setaffinity`).
+    pub(crate) fn vcpu_tids(&self) -> Vec<u32> {
+        lock(&self.vcpus).iter().map(|l| l.tid.load(std::sync::atomic::Ordering::Relaxed)).collect()
     }
 
     /// Counts one vCPU thread out; the last one moves Stopping to Finished.

@@ -149,6 +149,7 @@ impl Controller for Mock {
                 accelerator: (*s != St::Created).then(|| "kvm".to_string()),
                 ended: None,
                 pause_reason: None,
+                vcpu_threads: Vec::new(),
             }),
         }
     }
