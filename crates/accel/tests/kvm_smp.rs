@@ -111,3 +111,31 @@ fn bsp_starts_ap_with_init_sipi() {
     assert_eq!(ap_io.done, Some(0xa0));
     eprintln!("timing: INIT/SIPI round trip {:.2} ms", t0.elapsed().as_secs_f64() * 1e3);
 }
+
+/// KVM's paravirtual features (CPUID 0x4000_0001 EAX) reach every vCPU as the host's KVM
+/// offers them — among them KVM_FEATURE_STEAL_TIME (bit 5), through which a Linux guest
+/// reads the time its vCPU waited for a host CPU (`st` in top, the guest's view of the
+/// daemon's CPU ready time).
+#[test]
+fn kvm_paravirt_features_such_as_steal_time_reach_every_vcpu() {
+    if !KvmVm::available() {
+        println!("skipped: /dev/kvm unavailable");
+        return;
+    }
+    let leaf =
+        |entries: &[kvm_bindings::kvm_cpuid_entry2]| entries.iter().find(|e| e.function == 0x4000_0001).map(|e| e.eax);
+    let supported = kvm_ioctls::Kvm::new().unwrap().get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+    let offered = leaf(supported.as_slice());
+    let ram = GuestRam::new(RAM_SIZE);
+    let vm = KvmVm::new(&ram.regions()).unwrap();
+    for id in 0..2 {
+        let vcpu = vm.create_vcpu(id).unwrap();
+        let cpuid = vcpu.vcpu_fd().get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        assert_eq!(leaf(cpuid.as_slice()), offered, "vCPU {id}");
+    }
+    match offered {
+        Some(f) if f & (1 << 5) != 0 => println!("KVM_FEATURE_STEAL_TIME offered and passed to the vCPUs ({f:#x})"),
+        Some(f) => println!("note: this host's KVM offers paravirt features {f:#x} without steal time"),
+        None => println!("note: this host's KVM offers no paravirt CPUID leaf"),
+    }
+}
