@@ -169,6 +169,9 @@ done
 
 # AF_VSOCK test helper (busybox has no vsock support), static so it needs no libc.
 gcc -static -O2 -o "$STAGE/bin/rv-vsock" "$(dirname "$0")/guest/rv-vsock.c" || die "building rv-vsock failed"
+# SMP atomic-counter stress test (LOCK read-modify-writes across vCPUs), static as well.
+gcc -static -O2 -pthread -o "$STAGE/bin/rv-atomic" "$(dirname "$0")/guest/rv-atomic.c" \
+    || die "building rv-atomic failed"
 
 mknod -m 600 "$STAGE/dev/console" c 5 1
 mknod -m 666 "$STAGE/dev/null" c 1 3

@@ -83,7 +83,8 @@ mod base64_script {
 
 /// The SMP workload: reports `nproc`, the online CPUs and /proc/cpuinfo's count, then runs
 /// one busy loop pinned to each CPU (`taskset`) and reports each CPU's busy ticks from
-/// /proc/stat over that time.
+/// /proc/stat over that time; then `rv-atomic` (scripts/guest/rv-atomic.c) counts with
+/// locked instructions from one thread per vCPU.
 const SMP_WORKLOAD: &str = r#"N=$(nproc)
 echo "RV-NPROC $N"
 echo "RV-ONLINE $(cat /sys/devices/system/cpu/online)"
@@ -97,6 +98,7 @@ done
 wait
 grep '^cpu[0-9]' /proc/stat > /tmp/s1
 awk 'NR==FNR{u[$1]=$2+$3+$4;next}{print "RV-STAT",$1,$2+$3+$4-u[$1]}' /tmp/s0 /tmp/s1
+rv-atomic $N 1000000
 echo RV-SMP-DONE
 "#;
 
@@ -120,6 +122,12 @@ fn check_smp(cpus: u8) {
         let ticks: u64 = line.rsplit(' ').next().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
         assert!(ticks >= 20, "cpu{cpu} did not run the workload ({line}); {tail}");
     }
+    // N threads, one per vCPU, each 1,000,000 locked increments of four shared counters
+    // (lock xadd aligned, lock cmpxchg across a cache line, lock xadd across a page, lock
+    // inc): exactly N × 1,000,000 each.
+    let n = u64::from(cpus) * 1_000_000;
+    let want = format!("RV-ATOMIC expected={n} xadd={n} cmpxchg={n} split={n} inc={n}");
+    assert!(console.contains(&want), "atomic counters: want {want}; {tail}");
     assert_eq!(code, 0, "the guest powered off; stderr: {stderr}\n{tail}");
 }
 
