@@ -89,6 +89,7 @@ const SMP_WORKLOAD: &str = r#"N=$(nproc)
 echo "RV-NPROC $N"
 echo "RV-ONLINE $(cat /sys/devices/system/cpu/online)"
 echo "RV-CPUINFO $(grep -c ^processor /proc/cpuinfo)"
+echo "RV-FLAGS $(grep -m1 ^flags /proc/cpuinfo | cut -d: -f2) "
 grep '^cpu[0-9]' /proc/stat > /tmp/s0
 i=0
 while [ $i -lt $N ]; do
@@ -122,6 +123,21 @@ fn check_smp(cpus: u8) {
         let ticks: u64 = line.rsplit(' ').next().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
         assert!(ticks >= 20, "cpu{cpu} did not run the workload ({line}); {tail}");
     }
+    // The x86-64-v2 CPU model with AES-NI, PCLMULQDQ, RDRAND, RDSEED and MOVBE: every one
+    // of these flags the host has, the guest's /proc/cpuinfo lists.
+    let host = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let host_flags = host.lines().find(|l| l.starts_with("flags")).unwrap_or("").to_string() + " ";
+    let guest_flags = console.lines().find(|l| l.starts_with("RV-FLAGS ")).unwrap_or_else(|| panic!("{tail}"));
+    for f in ["pni", "ssse3", "sse4_1", "sse4_2", "popcnt", "cx16", "aes", "pclmulqdq", "rdrand", "rdseed", "movbe"] {
+        if host_flags.contains(&format!(" {f} ")) {
+            assert!(guest_flags.contains(&format!(" {f} ")), "guest flags lack {f}: {guest_flags}");
+        }
+    }
+    // With RDRAND the kernel's CRNG is seeded during early boot (it took ~43 s of jitter
+    // entropy without): before init runs.
+    let crng = console.find("random: crng init done");
+    let init = console.find("Run /init as init process");
+    assert!(crng.is_some() && crng < init, "crng init done before /init; {tail}");
     // N threads, one per vCPU, each 1,000,000 locked increments of four shared counters
     // (lock xadd aligned, lock cmpxchg across a cache line, lock xadd across a page, lock
     // inc): exactly N × 1,000,000 each.
