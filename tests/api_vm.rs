@@ -7,33 +7,12 @@
 mod common;
 
 use api::client::{Client, ClientError};
-use api::types::{DiskConfig, VmConfig};
+use api::types::DiskConfig;
 use common::*;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-fn guest_config(script: &str, log: &Path, disks: Vec<DiskConfig>) -> VmConfig {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(script);
-    VmConfig {
-        kernel: guest_file("vmlinuz").display().to_string(),
-        initrd: Some(guest_file("initrd.img").display().to_string()),
-        cmdline: format!("console=ttyS0 panic=-1 rv.cmd={b64}"),
-        memory_mib: 512,
-        cpus: 1,
-        accel: api::types::Accel::Emu,
-        serial: api::types::ConsoleOut::File(log.to_path_buf()),
-        console: None,
-        disks,
-        nets: vec![],
-        vsock: None,
-        rng: false,
-        balloon: None,
-        memory_options: Default::default(),
-    }
-}
 
 const COUNTER: &str = "i=0; while true; do echo \"RV-COUNT $i\"; i=$((i+1)); sleep 1; done\n";
 

@@ -10,7 +10,7 @@
 mod common;
 
 use api::client::Client;
-use api::types::{BackupState, BackupStatus, DiskConfig, DiskFormat, VmConfig};
+use api::types::{BackupState, BackupStatus, DiskConfig, DiskFormat};
 use common::*;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -103,28 +103,15 @@ fn backup_of_a_running_guest_is_one_instant() {
     let ro = dir.path("ro.raw");
     std::fs::write(&ro, pattern(MIB, 11)).unwrap();
 
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(SCRIPT);
-    let cfg = VmConfig {
-        kernel: guest_file("vmlinuz").display().to_string(),
-        initrd: Some(guest_file("initrd.img").display().to_string()),
-        cmdline: format!("console=ttyS0 panic=-1 rv.cmd={b64}"),
-        memory_mib: 512,
-        cpus: 1,
-        accel: api::types::Accel::Emu,
-        serial: api::types::ConsoleOut::File(log.clone()),
-        console: None,
-        disks: vec![
+    let cfg = guest_config(
+        SCRIPT,
+        &log,
+        vec![
             disk(&raw, DiskFormat::Raw, false),
             disk(&top, DiskFormat::Qcow2, false),
             disk(&ro, DiskFormat::Raw, true),
         ],
-        nets: vec![],
-        vsock: None,
-        rng: false,
-        balloon: None,
-        memory_options: Default::default(),
-    };
+    );
     let vmm = Vmm::start(&dir.path("api.sock"));
     let c = &vmm.client;
     c.create(&cfg).unwrap();

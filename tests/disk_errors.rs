@@ -9,7 +9,7 @@
 
 mod common;
 
-use api::types::{DiskConfig, DiskErrorPolicy, DiskFormat, VmConfig};
+use api::types::{DiskConfig, DiskErrorPolicy, DiskFormat};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -100,27 +100,6 @@ fn report_policy_gives_the_guest_an_io_error_and_the_vm_runs_on() {
     assert!(errors > 0, "the guest's kernel logged the I/O errors\n{t}");
 }
 
-fn guest_config(script: &str, log: &Path, disk: DiskConfig) -> VmConfig {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(script);
-    VmConfig {
-        kernel: guest_file("vmlinuz").display().to_string(),
-        initrd: Some(guest_file("initrd.img").display().to_string()),
-        cmdline: format!("console=ttyS0 panic=-1 rv.cmd={b64}"),
-        memory_mib: 512,
-        cpus: 1,
-        accel: api::types::Accel::Emu,
-        serial: api::types::ConsoleOut::File(log.to_path_buf()),
-        console: None,
-        disks: vec![disk],
-        nets: vec![],
-        vsock: None,
-        rng: false,
-        balloon: None,
-        memory_options: Default::default(),
-    }
-}
-
 /// Polls `vm.info` until `done` holds for it (or `timeout` passes: the test fails, showing
 /// the console).
 fn wait_info(
@@ -173,7 +152,7 @@ fn pause_then_resume(format: DiskFormat) {
     };
     let vmm = Vmm::start(&dir.path("api.sock"));
     let c = &vmm.client;
-    c.create(&guest_config(&script, &log, disk)).unwrap();
+    c.create(&guest_config(&script, &log, vec![disk])).unwrap();
     c.boot().unwrap();
 
     // The write fills the file system: the VM pauses, saying why.

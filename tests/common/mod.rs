@@ -193,3 +193,26 @@ pub fn wait_count(log: &Path, at_least: u64, timeout: Duration) -> u64 {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The configuration of an `emu` VM of 512 MiB and one vCPU booting the test guest, whose
+/// init runs `script` (base64 in `rv.cmd=`), with its serial console in `log` and `disks`.
+pub fn guest_config(script: &str, log: &Path, disks: Vec<api::types::DiskConfig>) -> api::types::VmConfig {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(script);
+    api::types::VmConfig {
+        kernel: guest_file("vmlinuz").display().to_string(),
+        initrd: Some(guest_file("initrd.img").display().to_string()),
+        cmdline: format!("console=ttyS0 panic=-1 rv.cmd={b64}"),
+        memory_mib: 512,
+        cpus: 1,
+        accel: api::types::Accel::Emu,
+        serial: api::types::ConsoleOut::File(log.to_path_buf()),
+        console: None,
+        disks,
+        nets: vec![],
+        vsock: None,
+        rng: false,
+        balloon: None,
+        memory_options: Default::default(),
+    }
+}
