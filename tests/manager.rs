@@ -421,6 +421,43 @@ fn vmm_pids(needle: &str) -> Vec<i32> {
     pids
 }
 
+/// A field of `/proc/<pid>/status` (its first value).
+fn status_field(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key}"));
+    line.split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// Checks that VMM `pid` of VM `vm` is jailed: an unprivileged uid, no capabilities,
+/// no_new_privs, PID 1 of namespaces of its own, a root holding only what it was given.
+fn assert_jailed(pid: u32, vm: &str) {
+    let uid: u32 = status_field(pid, "Uid:").parse().unwrap();
+    assert!(uid >= 2_100_000_000, "VMM of {vm} runs as uid {uid}");
+    assert_eq!(status_field(pid, "Gid:"), uid.to_string());
+    for cap in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(status_field(pid, cap), "0000000000000000", "{cap} of {vm}'s VMM");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap();
+    assert_eq!(nspid.split_whitespace().collect::<Vec<_>>(), [pid.to_string().as_str(), "1"], "PID 1 inside");
+    for ns in ["mnt", "pid", "ipc", "uts", "net"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(mine, its, "{vm}'s VMM shares the {ns} namespace (no NICs: its own network namespace)");
+    }
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let mut top: Vec<String> =
+        std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    top.sort();
+    for absent in ["home", "root", "var", "boot", "sys"] {
+        assert!(!top.iter().any(|t| t == absent), "/{absent} is in {vm}'s jail: {top:?}");
+    }
+    assert!(!root.join("etc/passwd").exists(), "{vm}'s jail has /etc/passwd");
+    assert!(!root.join("dev/kvm").exists(), "an emu VM's jail has no /dev/kvm");
+    assert!(root.join("dev/null").exists());
+}
+
 fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
     loop {
@@ -554,6 +591,12 @@ fn vms_are_supervised_restarted_and_outlive_the_daemon() {
     }
     let table = env.ok(&["vm", "list"]);
     assert!(table.lines().any(|l| l.starts_with("a ") && l.contains("running") && l.contains("emu")), "{table}");
+    // Every VMM runs in a jail of its own (the daemon's default).
+    let pid_a = listed.iter().find(|v| v.name == "a").unwrap().pid.unwrap();
+    let pid_b = listed.iter().find(|v| v.name == "b").unwrap().pid.unwrap();
+    assert_jailed(pid_a, "a");
+    assert_jailed(pid_b, "b");
+    assert_ne!(status_field(pid_a, "Uid:"), status_field(pid_b, "Uid:"), "one uid per VM");
 
     // Each console shows its own guest.
     for (n, mark, other) in [("a", "VM-A-HERE", "VM-B-HERE"), ("b", "VM-B-HERE", "VM-A-HERE")] {

@@ -368,6 +368,14 @@ pub fn create_tap(nic: &NicAttach) -> Result<()> {
     apply_firewall(&nic.tap, nic.firewall.as_ref())
 }
 
+/// Gives TAP `tap` (made by [`create_tap`]) to `uid:gid`, so a jailed VMM running as that
+/// user without `CAP_NET_ADMIN` can attach to it.
+///
+/// Errors: [`Error::Io`] (no such TAP, or it is open by another process with other flags).
+pub fn set_tap_owner(tap: &str, uid: u32, gid: u32) -> Result<()> {
+    tap::set_owner(tap, uid, gid)
+}
+
 /// Sets interface `name` up or down (what an operator's `ip link set NAME down` does; the
 /// failure drills use it to break a network on purpose).
 ///

@@ -22,16 +22,24 @@ const TAP_FLAGS: libc::c_short = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VN
 /// Errors: [`Error::Io`] for `/dev/net/tun` or an ioctl (`EBUSY`: the TAP exists and a
 /// process has it open).
 pub(crate) fn create_persistent(name: &str) -> Result<(), Error> {
-    set_persist(name, true)
+    set_persist(name, true, None)
+}
+
+/// Gives persistent TAP `name` to `uid:gid` (`TUNSETOWNER`, `TUNSETGROUP`), so a process of
+/// that user without `CAP_NET_ADMIN` (a jailed VMM) may attach to it.
+///
+/// Errors: [`Error::Io`] as [`create_persistent`].
+pub(crate) fn set_owner(name: &str, uid: u32, gid: u32) -> Result<(), Error> {
+    set_persist(name, true, Some((uid, gid)))
 }
 
 /// Clears the TAP's persistence; the kernel deletes it when no one has it open (at once when
 /// nobody has).
 pub(crate) fn clear_persistent(name: &str) -> Result<(), Error> {
-    set_persist(name, false)
+    set_persist(name, false, None)
 }
 
-fn set_persist(name: &str, on: bool) -> Result<(), Error> {
+fn set_persist(name: &str, on: bool, owner: Option<(u32, u32)>) -> Result<(), Error> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -54,6 +62,16 @@ fn set_persist(name: &str, on: bool) -> Result<(), Error> {
     // dereferences nothing; the result is checked.
     if unsafe { ioctl_with_val(&file, libc::TUNSETPERSIST, libc::c_ulong::from(on)) } < 0 {
         return Err(err("TUNSETPERSIST"));
+    }
+    if let Some((uid, gid)) = owner {
+        // SAFETY: as above; TUNSETOWNER and TUNSETGROUP take the id by value.
+        if unsafe { ioctl_with_val(&file, libc::TUNSETOWNER, libc::c_ulong::from(uid)) } < 0 {
+            return Err(err("TUNSETOWNER"));
+        }
+        // SAFETY: as above.
+        if unsafe { ioctl_with_val(&file, libc::TUNSETGROUP, libc::c_ulong::from(gid)) } < 0 {
+            return Err(err("TUNSETGROUP"));
+        }
     }
     Ok(())
 }

@@ -70,6 +70,11 @@ pub struct DaemonArgs {
     /// Do not balloon guests automatically when memory runs low.
     #[arg(long)]
     pub no_auto_balloon: bool,
+    /// Start each VMM in a jail of its own: new mount, PID, IPC, UTS (and, without NICs,
+    /// network) namespaces, a root holding only the VM's files, an unprivileged uid per VM, no
+    /// capabilities (see the README's threat model). `off` runs VMMs as the daemon's user.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    pub jail: String,
 }
 
 /// Where the clients find the daemon.
@@ -878,6 +883,7 @@ pub fn daemon(a: DaemonArgs) -> ExitCode {
         listen: a.listen,
         token_file: a.token_file,
         restart_reset_after: Duration::from_secs(a.restart_reset_after),
+        jail: a.jail == "on",
         resources,
     };
     match crate::daemon::run(cfg) {

@@ -67,6 +67,8 @@ pub struct DaemonConfig {
     pub restart_reset_after: Duration,
     /// cgroups, admission and ballooning.
     pub resources: crate::service::ResourceOptions,
+    /// Start each VMM in a jail ([`crate::service::Service::with_jail`]).
+    pub jail: bool,
 }
 
 /// Reads the bearer token of `--token-file`.
@@ -129,7 +131,8 @@ pub fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let svc = Arc::new(
         Service::new(paths, store)
             .with_restart_reset_after(cfg.restart_reset_after)
-            .with_resources(cfg.resources.clone()),
+            .with_resources(cfg.resources.clone())
+            .with_jail(cfg.jail),
     );
     svc.reconcile()?;
     let listener = bind(&cfg.socket)?;

@@ -9,6 +9,7 @@
 //!   recorded with the VMM's pid before the VMM is driven, so a daemon killed at any point is
 //!   healed by [`Service::reconcile`] at its next start.
 
+mod jailing;
 mod metrics;
 mod networks;
 mod resources;
@@ -17,7 +18,7 @@ mod volumes;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ pub use metrics::METRICS_CONTENT_TYPE;
 pub use resources::{ResourceOptions, BALLOON_PERIOD};
 
 use crate::store::{now_ms, NewEvent, Peer, Runtime, Store, StoreError, VmRecord};
-use crate::supervisor;
+use crate::supervisor::{self, Child};
 use crate::types::{
     valid_name, CreateRequest, Event, Policy, RestartPolicy, StopRequest, UpdateRequest, VmDetails, VmState, VmSummary,
     MAX_START_DELAY_S, MAX_START_ORDER, NAME_RULE,
@@ -192,6 +193,8 @@ pub struct Service {
     net_checked: Mutex<Option<Instant>>,
     /// cgroups, the overcommit policy, the balloon policy's memory.
     res: resources::ResourceState,
+    /// Whether VMMs start in a jail ([`Service::with_jail`]).
+    jail: bool,
 }
 
 /// A claim on a VM; dropping it ends the operation.
@@ -237,6 +240,7 @@ impl Service {
             restart_reset_after: DEFAULT_RESTART_RESET_AFTER,
             net_checked: Mutex::default(),
             res: resources::ResourceState::default(),
+            jail: false,
         }
     }
 
@@ -245,6 +249,14 @@ impl Service {
     /// the automatic balloon policy.
     pub fn with_resources(mut self, options: ResourceOptions) -> Service {
         self.res = resources::ResourceState::new(options);
+        self
+    }
+
+    /// Starts every VMM in a jail of its own (the `jail` crate: namespaces, a private root
+    /// with only the VM's files, an unprivileged uid per VM, no capabilities); see
+    /// `service/jailing.rs` for what goes in.
+    pub fn with_jail(mut self, on: bool) -> Service {
+        self.jail = on;
         self
     }
 
@@ -645,7 +657,17 @@ impl Service {
             let _ = std::fs::rename(f, f.with_extension("log.1"));
         }
         let taps = self.attach_nics(rec)?;
-        let mut child = match supervisor::spawn(&self.paths.vmm_exe, &socket, &vmm_log) {
+        let mut cfg = rec.config.clone();
+        cfg.serial = self.serial_for(name);
+        cfg.nets.extend(taps.iter().cloned());
+        let jail = match self.jail_for(rec, &cfg) {
+            Ok(j) => j,
+            Err(e) => {
+                self.detach_nics(rec);
+                return Err(e);
+            }
+        };
+        let mut child = match supervisor::spawn(&self.paths.vmm_exe, &socket, &vmm_log, jail.as_ref()) {
             Ok(c) => c,
             Err(e) => {
                 self.detach_nics(rec);
@@ -683,9 +705,6 @@ impl Service {
                 }
                 return Ok::<_, String>(client.info().ok().and_then(|i| i.accelerator));
             }
-            let mut cfg = rec.config.clone();
-            cfg.serial = self.serial_for(name);
-            cfg.nets.extend(taps.iter().cloned());
             client.create(&cfg).map_err(|e| format!("vm.create: {e}"))?;
             client.boot().map_err(|e| format!("vm.boot: {e}"))?;
             Ok::<_, String>(client.info().ok().and_then(|i| i.accelerator))

@@ -373,6 +373,13 @@ impl Store {
         row.map(decode).transpose()
     }
 
+    /// VM `name`'s number: its row id, fixed for the definition's life (the jail's uid is
+    /// derived from it); `None` for an unknown VM.
+    pub fn vm_number(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT rowid FROM vms WHERE name = ?1")?;
+        Ok(stmt.query_row([name], |r| r.get(0)).optional()?)
+    }
+
     /// Every VM, by name.
     pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
         let mut stmt = self.conn.prepare_cached(&format!("{SELECT_VM} ORDER BY v.name"))?;

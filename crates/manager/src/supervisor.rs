@@ -6,9 +6,9 @@
 //! disappearance can be seen (`/proc/<pid>`).
 
 use std::io;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use api::client::Client;
@@ -16,26 +16,39 @@ use api::client::Client;
 /// How long a fresh VMM has to answer `vmm.ping`.
 pub const API_DEADLINE: Duration = Duration::from_secs(10);
 
+/// A VMM this daemon spawned: reaped through `waitpid(2)`.
+pub type Child = jail::Child;
+
+/// Environment variables a VMM gets from the daemon (its environment is otherwise empty):
+/// logging, backtraces and the emulator's switches.
+fn passed_env(name: &std::ffi::OsStr) -> bool {
+    let n = name.as_encoded_bytes();
+    n.starts_with(b"RUST_") || n.starts_with(b"RUSTVISOR_")
+}
+
 /// Spawns `exe vmm --api-socket socket` in a new session, stdin from /dev/null and its
-/// stdout and stderr appended to `log`.
-pub fn spawn(exe: &Path, socket: &Path, log: &Path) -> io::Result<Child> {
+/// stdout and stderr appended to `log`; inside `jail` when given (see the `jail` crate: the
+/// VMM is then PID 1 of its own PID namespace, as an unprivileged user).
+///
+/// Errors: the log cannot be opened, or the jail could not be set up (the message names the
+/// failed step).
+pub fn spawn(exe: &Path, socket: &Path, log: &Path, jail: Option<&jail::Jail>) -> io::Result<Child> {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("vmm").arg("--api-socket").arg(socket).stdin(Stdio::null()).stdout(out).stderr(err);
+    let mut cmd = jail::Command::new(exe);
+    cmd.arg("vmm").arg("--api-socket").arg(socket).stdout(out).stderr(err).setsid(true);
+    for (k, v) in std::env::vars_os().filter(|(k, _)| passed_env(k)) {
+        cmd.env(k, v);
+    }
     // A log file, not a terminal: no colour codes.
     cmd.env("NO_COLOR", "1");
-    // SAFETY: the closure runs in the child between fork and exec and only calls setsid(2),
-    // which is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
+    jail::spawn(&cmd, jail).map_err(io::Error::other)
+}
+
+/// Whether a VMM's `vmm.ping` answer `answered` (the pid it sees for itself) is process
+/// `host_pid`: equal, or `host_pid`'s pid in its own PID namespace (1 for a jailed VMM).
+pub fn is_pid(answered: u32, host_pid: u32) -> bool {
+    answered == host_pid || jail::ns_pid(host_pid) == Some(answered)
 }
 
 /// Why a freshly spawned VMM's API did not come up ([`wait_api`]).
@@ -76,7 +89,7 @@ pub fn wait_api(child: &mut Child, socket: &Path) -> Result<Client, WaitApiError
             return Err(WaitApiError::Exited { how: describe_exit(st) });
         }
         match client.ping() {
-            Ok(p) if p.pid == child.id() => return Ok(client.with_timeout(Duration::from_secs(60))),
+            Ok(p) if is_pid(p.pid, child.id()) => return Ok(client.with_timeout(Duration::from_secs(60))),
             Ok(p) => return Err(WaitApiError::WrongPid { pid: p.pid, socket: socket.to_path_buf() }),
             Err(e) if Instant::now() > end => return Err(WaitApiError::Timeout(e)),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -88,7 +101,7 @@ pub fn wait_api(child: &mut Child, socket: &Path) -> Result<Client, WaitApiError
 /// stale socket is never taken for it).
 pub fn answers_as(socket: &Path, pid: u32) -> bool {
     let Ok(client) = Client::new(socket) else { return false };
-    matches!(client.with_timeout(Duration::from_secs(2)).ping(), Ok(p) if p.pid == pid)
+    matches!(client.with_timeout(Duration::from_secs(2)).ping(), Ok(p) if is_pid(p.pid, pid))
 }
 
 /// Whether process `pid` exists and is not a zombie.
@@ -189,13 +202,15 @@ mod tests {
     #[test]
     fn liveness_and_exit_descriptions() {
         assert!(pid_alive(std::process::id()));
-        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut sleep = jail::Command::new("/bin/sleep");
+        sleep.arg("30");
+        let mut child = jail::spawn(&sleep, None).unwrap();
         let pid = child.id();
         assert!(pid_alive(pid));
         let st = kill_and_reap(pid, Some(&mut child)).unwrap();
         assert_eq!(describe_exit(st), "was killed by signal 9 (SIGKILL)");
         assert!(!pid_alive(pid));
-        let st = Command::new("sh").args(["-c", "exit 3"]).status().unwrap();
+        let st = std::process::Command::new("sh").args(["-c", "exit 3"]).status().unwrap();
         assert_eq!(describe_exit(st), "exited with status 3");
     }
 }

@@ -24,7 +24,7 @@ use crate::types::{
 /// How often the supervisor looks at the networks on the host.
 pub const NETWORK_CHECK_EVERY: Duration = Duration::from_secs(5);
 
-fn net_error(e: hostnet::Error) -> ServiceError {
+pub(super) fn net_error(e: hostnet::Error) -> ServiceError {
     match e {
         hostnet::Error::Invalid(s) => bad(s.field, s.message),
         other => ServiceError::Io { what: "host network".into(), source: std::io::Error::other(other.to_string()) },

@@ -77,6 +77,8 @@ impl Service {
             let _ = std::fs::remove_dir_all(d);
         }
         std::fs::create_dir_all(&partial).map_err(io(format!("creating {}", partial.display())))?;
+        // The VMM (as its jail's user) writes its state into it.
+        self.give_to_jail(vm, &partial)?;
         let result = (|| {
             let client = if state.is_active() { Some(self.vmm_client(vm, &rec.runtime)?) } else { None };
             let vmm_err = |what| move |e| ServiceError::Vmm { vm: vm.into(), what, source: Box::new(e) };

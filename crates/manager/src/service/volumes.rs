@@ -438,7 +438,8 @@ impl Service {
         };
         // At most 48 + 1 + 13 characters: a valid name, whatever the VM's.
         let id = format!("{}-{}", name.get(..48).unwrap_or(name), now_ms());
-        let export_dir = dir.join(format!(".{id}.export"));
+        // The VMM writes the export: into the VM's own folder, which its jail can see.
+        let export_dir = self.vm_state_dir(name).join(format!(".{id}.export"));
         let exports = if rec.runtime.state.is_active() {
             Some(self.export_disks(name, &rec.runtime, &export_dir)?)
         } else {
