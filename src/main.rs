@@ -4,6 +4,8 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod jailed;
+
 use clap::{Parser, Subcommand};
 use vmm::config::parse_size;
 use vmm::terminal::RawTerminal;
@@ -63,6 +65,22 @@ struct VmmArgs {
     /// Unix socket to serve the API on.
     #[arg(long)]
     api_socket: PathBuf,
+    /// Run in a jail (new mount, PID, IPC and UTS namespaces, a root holding only the API
+    /// socket's folder, the --jail-ro/--jail-rw paths and /dev/kvm, /dev/net/tun; an
+    /// unprivileged user without capabilities). The configuration's files must be among the
+    /// given paths.
+    #[arg(long)]
+    jail: bool,
+    /// The jail's user: UID or UID:GID (default 2099999999).
+    #[arg(long, value_name = "UID[:GID]", requires = "jail")]
+    jail_user: Option<String>,
+    /// A file or folder the jailed VMM may read (repeatable).
+    #[arg(long, value_name = "PATH", requires = "jail")]
+    jail_ro: Vec<PathBuf>,
+    /// A file or folder the jailed VMM may write (repeatable; given to the jail's user while
+    /// it runs when it is a file).
+    #[arg(long, value_name = "PATH", requires = "jail")]
+    jail_rw: Vec<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -124,6 +142,15 @@ struct RunArgs {
     /// Also serve the VMM's REST API on this Unix socket (pause, resume, snapshot, info, ...).
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Run the VM in a jail: new mount, PID, IPC and UTS namespaces (and network, without
+    /// --net), a root holding only the VM's files, an unprivileged user without capabilities
+    /// (see "Isolation" in README.md). Writable disks are given to that user while it runs;
+    /// TAPs must exist and belong to it.
+    #[arg(long)]
+    jail: bool,
+    /// The jail's user: UID or UID:GID (default 2099999999).
+    #[arg(long, value_name = "UID[:GID]", requires = "jail")]
+    jail_user: Option<String>,
 }
 
 fn parse_out(flag: &str, s: &str) -> Result<ConsoleOut, String> {
@@ -176,6 +203,17 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
         balloon,
         memory_options,
     };
+    if a.jail && !jailed::in_jail() {
+        let user = jailed::parse_user(a.jail_user.as_deref()).map_err(bad)?;
+        let f = vmm::config::host_files(&cfg).map_err(|e| bad(format!("--jail: {e}")))?;
+        let mut create_in = f.create_in;
+        if let Some(dir) = a.api_socket.as_deref().and_then(|s| std::path::absolute(s).ok()?.parent().map(Into::into)) {
+            create_in.push(dir);
+        }
+        let needs =
+            jailed::Needs { read: f.read, write: f.write, create_in, devices: f.devices, host_network: f.host_network };
+        return jailed::rerun_in_jail(needs, user);
+    }
     let mut vm = Vm::new(&cfg).map_err(|e| match e {
         vmm::Error::Config { .. }
         | vmm::Error::Kernel { .. }
@@ -277,6 +315,26 @@ fn run_with_api(
 
 /// `rustvisor vmm --api-socket PATH`.
 fn vmm_main(a: VmmArgs) -> Result<ExitCode, (u8, String)> {
+    if a.jail && !jailed::in_jail() {
+        let bad = |m: String| (2u8, m);
+        let user = jailed::parse_user(a.jail_user.as_deref()).map_err(bad)?;
+        let abs = |p: &PathBuf| std::path::absolute(p).map_err(|e| bad(format!("--jail: {}: {e}", p.display())));
+        let socket = abs(&a.api_socket)?;
+        let mut create_in: Vec<PathBuf> = socket.parent().map(|d| vec![d.to_path_buf()]).unwrap_or_default();
+        let mut write = Vec::new();
+        for p in &a.jail_rw {
+            let p = abs(p)?;
+            if p.is_dir() {
+                create_in.push(p);
+            } else {
+                write.push(p);
+            }
+        }
+        let read = a.jail_ro.iter().map(abs).collect::<Result<Vec<_>, _>>()?;
+        let devices = vec!["/dev/kvm".into(), "/dev/net/tun".into()];
+        let needs = jailed::Needs { read, write, create_in, devices, host_network: true };
+        return jailed::rerun_in_jail(needs, user);
+    }
     let controller = std::sync::Arc::new(vmm::controller::VmmController::new());
     let _server = api::server::serve(&a.api_socket, controller.clone())
         .map_err(|e| (2, format!("--api-socket: {}: {e}", a.api_socket.display())))?;

@@ -83,6 +83,17 @@ echo RV-END
         format!("path={ro},readonly=on,serial=rv-ro-disk"),
         "--rng".into(),
     ];
+    // The VM runs in a jail (`run --jail`) where the host allows it: its disks, backing file
+    // and console file are all it sees; the jail's user writes the console file in `dir`.
+    // SAFETY: geteuid(2) has no preconditions.
+    let jailed = unsafe { libc::geteuid() } == 0;
+    let mut extra = extra;
+    if jailed {
+        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+        extra.push("--jail".into());
+    } else {
+        eprintln!("skipped: --jail (needs root); the VM runs unjailed");
+    }
     let (code, console, stderr) = run_guest(script, &dir.path("console.log"), &extra);
     let t = tail(&console);
     assert!(console.contains("RV-END"), "workload did not finish; stderr: {stderr}\n{t}");
@@ -109,6 +120,15 @@ echo RV-END
 
     assert_eq!(console_value(&console, "RV-RNG"), Some("virtio_rng.0"), "{t}");
     assert_eq!(console_value(&console, "RV-RNG-BYTES"), Some("64"), "{t}");
+    if jailed {
+        // The writable images were the jail user's for the run, and are root's again.
+        use std::os::unix::fs::MetadataExt as _;
+        for img in [&raw, &qcow] {
+            assert_eq!(std::fs::metadata(img).unwrap().uid(), 0, "{img} given back");
+        }
+        let log_owner = std::fs::metadata(dir.path("console.log")).unwrap().uid();
+        assert_eq!(log_owner, 2_099_999_999, "the console file was written by the jail's user");
+    }
 }
 
 fn e2fsck_replay(img: &str) {

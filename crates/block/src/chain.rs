@@ -57,6 +57,9 @@ struct Walk<'a> {
     policy: ImagePolicy,
     /// `(st_dev, st_ino)` of every image opened so far.
     seen: HashSet<(u64, u64)>,
+    /// The files the header chain named, as named (relative names resolved against the
+    /// naming image's path), with whether each is opened writable.
+    named: Vec<(PathBuf, bool)>,
 }
 
 type Qcow2Access = FormatAccess<imago::file::File>;
@@ -72,8 +75,24 @@ type Qcow2Access = FormatAccess<imago::file::File>;
 pub(crate) fn open_qcow2(path: &Path, file: File, readonly: bool, policy: ImagePolicy) -> Result<Qcow2Access, Error> {
     let canonical = std::fs::canonicalize(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
     let root = canonical.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
-    let mut walk = Walk { top: path, root, policy, seen: HashSet::new() };
+    let mut walk = Walk { top: path, root, policy, seen: HashSet::new(), named: Vec::new() };
     walk.qcow2(path, file, !readonly, 0)
+}
+
+/// The files besides `path` that opening the qcow2 image `path` under `policy` would open
+/// (backing images, an external data file), each as the header names it (relative names
+/// resolved against the naming image's path) with whether it is opened writable (a data file
+/// of a writable image). For a jail that must hold exactly them. The chain is checked as
+/// [`open_qcow2`] checks it, without writing anything.
+///
+/// Errors: as [`open_qcow2`].
+pub fn chain_files(path: &Path, writable: bool, policy: ImagePolicy) -> Result<Vec<(PathBuf, bool)>, Error> {
+    let file = File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    let canonical = std::fs::canonicalize(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    let root = canonical.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let mut walk = Walk { top: path, root, policy, seen: HashSet::new(), named: Vec::new() };
+    walk.qcow2(path, file, false, 0)?;
+    Ok(walk.named.into_iter().map(|(p, data)| (p, data && writable)).collect())
 }
 
 impl Walk<'_> {
@@ -128,6 +147,7 @@ impl Walk<'_> {
                 });
             }
             let resolved = self.resolve(path, &name, self.policy.allow_backing_outside)?;
+            self.named.push((crate::resolve_relative(path, Path::new(&name)), true));
             let f = OpenOptions::new()
                 .read(true)
                 .write(writable)
@@ -159,6 +179,7 @@ impl Walk<'_> {
                     }
                 };
                 let resolved = self.resolve(path, &name, self.policy.allow_backing_outside)?;
+                self.named.push((crate::resolve_relative(path, Path::new(&name)), false));
                 let f = File::open(&resolved).map_err(|e| open_error(&resolved, true, e))?;
                 Some(self.backing(&resolved, f, format, depth + 1)?)
             }

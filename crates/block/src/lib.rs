@@ -44,7 +44,7 @@ use imago::{FormatAccess, FormatCreateBuilder, Storage, StorageCreateOptions};
 pub mod backup;
 mod chain;
 pub use backup::{BackupJob, Copier, JobState, JobStatus};
-pub use chain::{ImagePolicy, MAX_CHAIN_DEPTH};
+pub use chain::{chain_files, ImagePolicy, MAX_CHAIN_DEPTH};
 
 /// The first four bytes of every qcow2 image: `QFI\xfb`.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -901,6 +901,26 @@ mod tests {
             assert!(allocated(&p) < before, "{} !< {before}", allocated(&p));
         }
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20, "size kept");
+    }
+
+    #[test]
+    fn chain_files_lists_the_backing_chain_as_named() {
+        let dir = TempDir::new();
+        let base = raw_file(&dir, "base.raw", 1 << 20);
+        let mid = dir.join("mid.qcow2");
+        create_qcow2(&mid, 1 << 20, Some(("base.raw", Format::Raw))).unwrap();
+        let top = dir.join("top.qcow2");
+        create_qcow2(&top, 1 << 20, Some((mid.to_str().unwrap(), Format::Qcow2))).unwrap();
+        let files = chain_files(&top, true, ImagePolicy::default()).unwrap();
+        assert_eq!(files, vec![(mid.clone(), false), (base, false)]);
+        assert_eq!(chain_files(&mid, false, ImagePolicy::default()).unwrap().len(), 1);
+        // The chain rule holds: a backing file outside the folder is refused.
+        let outside = dir.join("out.qcow2");
+        create_qcow2(&outside, 1 << 20, Some(("/etc/hostname", Format::Raw))).unwrap();
+        assert!(matches!(
+            chain_files(&outside, false, ImagePolicy::default()),
+            Err(Error::BackingOutsideDirectory { .. })
+        ));
     }
 
     #[test]

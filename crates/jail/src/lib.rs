@@ -92,6 +92,9 @@ pub struct Jail {
     pub devices: Vec<PathBuf>,
     /// `RLIMIT_NOFILE` (soft and hard).
     pub max_open_files: u64,
+    /// The folder the program starts in (made in the jail's root if no bind holds it), so
+    /// paths relative to the caller's folder mean the same inside; default `/`.
+    pub workdir: Option<PathBuf>,
 }
 
 impl Jail {
@@ -107,6 +110,7 @@ impl Jail {
             binds: Vec::new(),
             devices: ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"].iter().map(PathBuf::from).collect(),
             max_open_files: 4096,
+            workdir: None,
         }
     }
 
@@ -119,6 +123,26 @@ impl Jail {
     /// Adds a writable bind of `path`.
     pub fn bind_rw(&mut self, path: impl Into<PathBuf>) -> &mut Self {
         self.binds.push(Bind { path: path.into(), writable: true });
+        self
+    }
+
+    /// Adds writable folders `dirs`, writable files `write` and read-only paths `read`,
+    /// leaving out those inside a writable folder (visible there already, and writable
+    /// there: a read-only bind on top would take that away).
+    pub fn bind_all(&mut self, dirs: &[PathBuf], write: &[PathBuf], read: &[PathBuf]) -> &mut Self {
+        let inside_rw = |p: &Path| dirs.iter().any(|d| p.starts_with(d));
+        for d in dirs {
+            if !self.binds.iter().any(|b| b.path == *d) {
+                self.bind_rw(d);
+            }
+        }
+        for (paths, writable) in [(write, true), (read, false)] {
+            for p in paths.iter().filter(|p| !inside_rw(p)) {
+                if !self.binds.iter().any(|b| b.path == *p) {
+                    self.binds.push(Bind { path: p.clone(), writable });
+                }
+            }
+        }
         self
     }
 
@@ -155,6 +179,7 @@ pub struct Command {
     stdout: Option<File>,
     stderr: Option<File>,
     setsid: bool,
+    die_with_parent: bool,
 }
 
 impl Command {
@@ -169,6 +194,7 @@ impl Command {
             stdout: None,
             stderr: None,
             setsid: false,
+            die_with_parent: false,
         }
     }
 
@@ -206,6 +232,13 @@ impl Command {
     /// terminal and process group.
     pub fn setsid(&mut self, on: bool) -> &mut Self {
         self.setsid = on;
+        self
+    }
+
+    /// Has the kernel SIGKILL the program when the thread that spawned it ends
+    /// (`PR_SET_PDEATHSIG`): for a foreground wrapper such as `rustvisor run --jail`.
+    pub fn die_with_parent(&mut self, on: bool) -> &mut Self {
+        self.die_with_parent = on;
         self
     }
 }
@@ -296,6 +329,7 @@ pub fn ns_pid(host_pid: u32) -> Option<u32> {
 /// One system call of the child's setup, with everything it needs prepared.
 enum Step {
     Setsid,
+    DieWithParent,
     Dup2(RawFd, RawFd),
     ResetSignals,
     MountPrivate,
@@ -328,6 +362,7 @@ impl Step {
         let s = |c: &CString| String::from_utf8_lossy(c.as_bytes()).into_owned();
         match self {
             Step::Setsid => "setsid".into(),
+            Step::DieWithParent => "PR_SET_PDEATHSIG".into(),
             Step::Dup2(_, to) => format!("dup2 onto fd {to}"),
             Step::ResetSignals => "reset signals".into(),
             Step::MountPrivate => "make / private".into(),
@@ -454,6 +489,12 @@ fn jail_steps(j: &Jail, steps: &mut Vec<Step>) -> Result<(), Error> {
         steps.push(Step::Remount(dst, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | ro));
         bound.push(b);
     }
+    if let Some(w) = &j.workdir {
+        plain_absolute(w)?;
+        if !bound.iter().any(|b| w.starts_with(&b.path)) {
+            mkdir(w, &mut made, steps)?;
+        }
+    }
     mkdir(Path::new("/proc"), &mut made, steps)?;
     steps.push(Step::MountProc(cstr(&inside(root, Path::new("/proc")))?));
     steps.push(Step::Chdir(cstr(root)?));
@@ -461,6 +502,9 @@ fn jail_steps(j: &Jail, steps: &mut Vec<Step>) -> Result<(), Error> {
     steps.push(Step::DetachOldRoot);
     steps.push(Step::Chdir(CString::from(c"/")));
     steps.push(Step::RemountRootRo);
+    if let Some(w) = &j.workdir {
+        steps.push(Step::Chdir(cstr(w)?));
+    }
     let host =
         CString::new(j.hostname.as_bytes()).map_err(|_| Error::BadPath { what: "hostname has a NUL byte".into() })?;
     steps.push(Step::Hostname(host));
@@ -512,6 +556,7 @@ pub fn spawn(cmd: &Command, jail: Option<&Jail>) -> Result<Child, Error> {
     if cmd.setsid {
         steps.push(Step::Setsid);
     }
+
     for (f, to) in
         [(stdin, 0), (cmd.stdout.as_ref().map(AsRawFd::as_raw_fd), 1), (cmd.stderr.as_ref().map(AsRawFd::as_raw_fd), 2)]
     {
@@ -527,6 +572,10 @@ pub fn spawn(cmd: &Command, jail: Option<&Jail>) -> Result<Child, Error> {
         if j.new_net {
             flags |= libc::c_long::from(libc::CLONE_NEWNET);
         }
+    }
+    // After the uid change, which clears it (prctl(2)).
+    if cmd.die_with_parent {
+        steps.push(Step::DieWithParent);
     }
     steps.push(Step::Exec);
 
@@ -628,6 +677,7 @@ unsafe fn child_step(
     unsafe {
         let r: libc::c_int = match s {
             Step::Setsid => libc::setsid(),
+            Step::DieWithParent => libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
             Step::Dup2(fd, to) => {
                 if fd == to {
                     // Clear close-on-exec instead.

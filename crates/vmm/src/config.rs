@@ -318,3 +318,92 @@ mod tests {
         }
     }
 }
+
+/// The host files a VMM opens for a configuration, for a jail (see the `jail` crate) that
+/// must hold exactly them. Paths are as written in the configuration (made absolute against
+/// the current folder).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFiles {
+    /// Read only: the kernel, the initrd, read-only disks, and the backing files of qcow2
+    /// images (as `block::chain_files` finds them, under the disk's chain policy).
+    pub read: Vec<std::path::PathBuf>,
+    /// Read and written in place: writable disk images (and a writable image's external data
+    /// file, where allowed).
+    pub write: Vec<std::path::PathBuf>,
+    /// Folders in which the VMM creates files or sockets: of socket and file consoles and
+    /// their logs, and of the vsock socket (`<socket>_<port>` files too).
+    pub create_in: Vec<std::path::PathBuf>,
+    /// Device nodes: `/dev/kvm` unless the accelerator is `emu`, `/dev/net/tun` with NICs.
+    pub devices: Vec<std::path::PathBuf>,
+    /// Whether it needs the host's network namespace (its TAPs are there).
+    pub host_network: bool,
+}
+
+/// What the VMM opens on the host for `cfg` ([`HostFiles`]).
+///
+/// Errors: a path that cannot be made absolute (no current folder).
+pub fn host_files(cfg: &VmConfig) -> std::io::Result<HostFiles> {
+    use std::path::PathBuf;
+    let abs = |p: &Path| std::path::absolute(p);
+    let mut f = HostFiles::default();
+    f.read.push(abs(Path::new(&cfg.kernel))?);
+    if let Some(i) = &cfg.initrd {
+        f.read.push(abs(Path::new(i))?);
+    }
+    for d in &cfg.disks {
+        let p = abs(Path::new(&d.path))?;
+        let qcow2 = match d.format {
+            Some(fmt) => fmt == DiskFormat::Qcow2,
+            None => block::detect_format(&p).is_ok_and(|fmt| fmt == block::Format::Qcow2),
+        };
+        if qcow2 {
+            let policy = block::ImagePolicy {
+                allow_backing_outside: d.allow_backing_outside,
+                allow_data_file: d.allow_data_file,
+            };
+            // An image whose chain does not check out is left to the VMM to refuse, with
+            // the block layer's message.
+            for (file, writable) in block::chain_files(&p, !d.readonly, policy).unwrap_or_default() {
+                if writable {
+                    f.write.push(file);
+                } else {
+                    f.read.push(file);
+                }
+            }
+        }
+        if d.readonly {
+            f.read.push(p);
+        } else {
+            f.write.push(p);
+        }
+    }
+    let mut creates: Vec<PathBuf> = Vec::new();
+    for out in std::iter::once(&cfg.serial).chain(cfg.console.iter()) {
+        match out {
+            ConsoleOut::File(p) => creates.push(p.clone()),
+            ConsoleOut::Socket { path, log } => {
+                creates.push(path.clone());
+                creates.extend(log.iter().cloned());
+            }
+            _ => {}
+        }
+    }
+    if let Some(v) = &cfg.vsock {
+        creates.push(PathBuf::from(&v.socket));
+    }
+    for c in creates {
+        if let Some(dir) = abs(&c)?.parent() {
+            if !f.create_in.iter().any(|d| d == dir) {
+                f.create_in.push(dir.to_path_buf());
+            }
+        }
+    }
+    if cfg.accel != Accel::Emu {
+        f.devices.push("/dev/kvm".into());
+    }
+    if !cfg.nets.is_empty() {
+        f.devices.push("/dev/net/tun".into());
+        f.host_network = true;
+    }
+    Ok(f)
+}

@@ -78,105 +78,33 @@ impl Service {
         j.hostname = name.chars().take(64).collect();
         j.add_system_libraries();
         j.bind_ro(&self.paths.vmm_exe);
-        // Folders the VMM writes.
+        // Its own folders, which the VMM writes.
         let mut rw: Vec<PathBuf> = vec![self.vm_state_dir(name), self.vm_run_dir(name)];
         for d in &rw {
             self.give_to_jail(name, d)?;
         }
-        let absolute = |field: &str, p: &str| -> Result<PathBuf, ServiceError> {
-            let p = PathBuf::from(p);
-            if p.is_absolute() {
-                Ok(p)
-            } else {
-                Err(bad(field, format!("'{}' is relative (a jailed VMM needs absolute paths)", p.display())))
-            }
-        };
-        let readable = |field: &str, p: &Path| -> Result<(), ServiceError> {
-            let md = std::fs::metadata(p).map_err(io(format!("{field} {}", p.display())))?;
-            if md.is_dir() || readable_by(&md, uid, gid) {
-                return Ok(());
-            }
-            Err(bad(
-                field,
-                format!(
-                    "{} is not readable by the VM's jail user (uid {uid}): make it world-readable \
-                     (chmod o+r), or run the daemon with --jail off",
-                    p.display()
-                ),
-            ))
-        };
-        let mut ro: Vec<PathBuf> = Vec::new();
-        let mut files_rw: Vec<PathBuf> = Vec::new();
-        let kernel = absolute("kernel", &cfg.kernel)?;
-        readable("kernel", &kernel)?;
-        ro.push(kernel);
-        if let Some(i) = &cfg.initrd {
-            let initrd = absolute("initrd", i)?;
-            readable("initrd", &initrd)?;
-            ro.push(initrd);
-        }
-        for (i, d) in cfg.disks.iter().enumerate() {
-            let field = format!("disks[{i}].path");
-            let p = absolute(&field, &d.path)?;
-            let qcow2 = match d.format {
-                Some(f) => f == api::types::DiskFormat::Qcow2,
-                None => block::detect_format(&p).is_ok_and(|f| f == block::Format::Qcow2),
-            };
-            if qcow2 {
-                // Its backing files lie in its folder (the block layer's rule).
-                if let Some(dir) = p.parent() {
-                    ro.push(dir.to_path_buf());
-                }
-            }
-            if d.readonly {
-                readable(&field, &p)?;
-                ro.push(p);
-            } else {
-                std::os::unix::fs::chown(&p, Some(uid), Some(gid))
-                    .map_err(io(format!("giving {} to uid {uid}", p.display())))?;
-                files_rw.push(p);
+        let files = vmm::config::host_files(cfg).map_err(io("resolving the VM's files".into()))?;
+        for p in &files.read {
+            let md = std::fs::metadata(p).map_err(io(p.display().to_string()))?;
+            if !md.is_dir() && !readable_by(&md, uid, gid) {
+                return Err(bad(
+                    "config",
+                    format!(
+                        "{} is not readable by the VM's jail user (uid {uid}): make it world-readable \
+                         (chmod o+r), or run the daemon with --jail off",
+                        p.display()
+                    ),
+                ));
             }
         }
-        let socket_dirs = cfg
-            .vsock
-            .iter()
-            .map(|v| v.socket.as_str())
-            .chain(cfg.console.iter().filter_map(|c| match c {
-                api::types::ConsoleOut::File(p) => p.to_str(),
-                api::types::ConsoleOut::Socket { path, .. } => path.to_str(),
-                _ => None,
-            }))
-            .collect::<Vec<_>>();
-        for s in socket_dirs {
-            if let Some(dir) = absolute("vsock/console", s)?.parent() {
-                rw.push(dir.to_path_buf());
-            }
+        for p in &files.write {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid))
+                .map_err(io(format!("giving {} to uid {uid}", p.display())))?;
         }
-        if let Some(api::types::ConsoleOut::Socket { log: Some(l), .. }) = &cfg.console {
-            if let Some(dir) = l.parent() {
-                rw.push(dir.to_path_buf());
-            }
-        }
-        // Read-only folders inside a writable one are visible already (and must stay
-        // writable there).
-        let inside_rw = |p: &Path| rw.iter().any(|d| p.starts_with(d));
-        for p in &rw {
-            j.bind_rw(p);
-        }
-        for p in ro.iter().filter(|p| !inside_rw(p)) {
-            j.bind_ro(p);
-        }
-        for p in files_rw.iter().filter(|p| !inside_rw(p)) {
-            j.bind_rw(p);
-        }
-        j.binds.dedup();
-        if cfg.accel != api::types::Accel::Emu {
-            j.devices.push("/dev/kvm".into());
-        }
-        j.new_net = cfg.nets.is_empty();
-        if !cfg.nets.is_empty() {
-            j.devices.push("/dev/net/tun".into());
-        }
+        rw.extend(files.create_in.iter().cloned());
+        j.bind_all(&rw, &files.write, &files.read);
+        j.devices.extend(files.devices);
+        j.new_net = !files.host_network;
         for n in &cfg.nets {
             hostnet::set_tap_owner(&n.tap, uid, gid).map_err(super::networks::net_error)?;
         }
