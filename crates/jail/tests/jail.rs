@@ -40,7 +40,8 @@ fn shell_in_a_jail_sees_only_its_binds_as_an_unprivileged_pid_1() {
          cat /etc/passwd >/dev/null 2>&1 && echo passwd=yes || echo passwd=no; \
          echo ifaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ' '); \
          echo devnull=$(stat -c '%A %u' /dev/null); \
-         echo x > /newfile 2>/dev/null && echo rootfs_write=yes || echo rootfs_write=no",
+         echo x > /newfile 2>/dev/null && echo rootfs_write=yes || echo rootfs_write=no; \
+         cp /bin/true {rw}/t && {rw}/t && echo rw_exec=yes || echo rw_exec=no",
         ro = ro.display(),
         rw = rw.display()
     );
@@ -78,6 +79,15 @@ fn shell_in_a_jail_sees_only_its_binds_as_an_unprivileged_pid_1() {
     assert_eq!(field(&text, "ifaces="), "lo", "a new network namespace has only lo");
     assert_eq!(field(&text, "devnull="), format!("crw------- {uid}"));
     assert_eq!(field(&text, "rootfs_write="), "no", "the jail's root is read-only");
+    // Landlock (where the kernel has it): nothing in a writable bind may be executed.
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) only returns
+    // the ABI version.
+    let abi = unsafe { libc::syscall(444, std::ptr::null::<u8>(), 0usize, 1u32) };
+    if abi >= 1 {
+        assert_eq!(field(&text, "rw_exec="), "no", "Landlock ABI {abi}: no execution from a writable bind");
+    } else {
+        eprintln!("skipped: the Landlock check (this kernel has no Landlock)");
+    }
     // The host sees the jail's root folder empty (the tmpfs is in the child's namespace).
     assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
     std::fs::remove_dir_all(&tmp).unwrap();
