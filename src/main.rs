@@ -63,6 +63,11 @@ struct VmmArgs {
     /// Unix socket to serve the API on.
     #[arg(long)]
     api_socket: PathBuf,
+    /// Seccomp filters on the VMM's threads: on (a forbidden system call stops the VMM with
+    /// "bad system call N (name) on thread T"), log (allowed, and logged by the kernel) or
+    /// off.
+    #[arg(long, default_value = "on", value_name = "on|log|off")]
+    seccomp: seccomp::Mode,
 }
 
 #[derive(Parser)]
@@ -124,6 +129,16 @@ struct RunArgs {
     /// Also serve the VMM's REST API on this Unix socket (pause, resume, snapshot, info, ...).
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Seccomp filters on the VMM's threads: on (a forbidden system call stops the VMM with
+    /// "bad system call N (name) on thread T"), log (allowed, and logged by the kernel) or
+    /// off.
+    #[arg(long, default_value = "on", value_name = "on|log|off")]
+    seccomp: seccomp::Mode,
+}
+
+/// Sets the process's seccomp mode (before any VMM thread starts).
+fn init_seccomp(mode: seccomp::Mode) -> Result<(), (u8, String)> {
+    seccomp::init(mode).map_err(|e| (1, format!("--seccomp {mode}: {e}")))
 }
 
 fn parse_out(flag: &str, s: &str) -> Result<ConsoleOut, String> {
@@ -137,6 +152,7 @@ fn utf8_path(flag: &str, p: PathBuf) -> Result<String, String> {
 
 fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let bad = |m: String| (2u8, m);
+    init_seccomp(a.seccomp)?;
     let mem_size = parse_size(&a.memory).map_err(|e| bad(format!("--memory: {e}")))?;
     let accel: Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
     if !mem_size.is_multiple_of(1 << 20) {
@@ -191,6 +207,9 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     if interactive {
         spawn_console_input(vm.serial(), vm.control());
     }
+    vm.start().map_err(|e| (1, e.to_string()))?;
+    // Set up: from here on this thread waits for the VM's end and tears it down.
+    seccomp::apply(seccomp::Role::Main);
     match vm.run() {
         Ok(RunOutcome::PowerOff) => Ok(ExitCode::SUCCESS),
         Ok(RunOutcome::UserQuit) => {
@@ -207,7 +226,8 @@ fn spawn_console_input(
     serial: std::sync::Arc<std::sync::Mutex<vmm::vm::SerialDev>>,
     ctl: std::sync::Arc<vmm::vm::RunControl>,
 ) {
-    std::thread::spawn(move || {
+    let spawned = std::thread::Builder::new().name("console-input".into()).spawn(move || {
+        seccomp::apply(seccomp::Role::ConsoleInput);
         let mut stdin = std::io::stdin();
         let mut buf = [0u8; 64];
         let mut escape = false;
@@ -244,6 +264,9 @@ fn spawn_console_input(
             }
         }
     });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the console input thread: {e}; the console takes no input");
+    }
 }
 
 /// `rustvisor run --api-socket`: the VM runs under a [`vmm::controller::VmmController`]; the
@@ -264,6 +287,7 @@ fn run_with_api(
     let controller = std::sync::Arc::new(vmm::controller::VmmController::with_running(vm, cfg));
     let _server = api::server::serve(sock, controller.clone())
         .map_err(|e| (2, format!("--api-socket: {}: {e}", sock.display())))?;
+    seccomp::apply(seccomp::Role::Main);
     match controller.wait_exit_or_vm_end() {
         None | Some(Ok(RunOutcome::PowerOff)) => Ok(ExitCode::SUCCESS),
         Some(Ok(RunOutcome::UserQuit)) => {
@@ -277,10 +301,12 @@ fn run_with_api(
 
 /// `rustvisor vmm --api-socket PATH`.
 fn vmm_main(a: VmmArgs) -> Result<ExitCode, (u8, String)> {
+    init_seccomp(a.seccomp)?;
     let controller = std::sync::Arc::new(vmm::controller::VmmController::new());
     let _server = api::server::serve(&a.api_socket, controller.clone())
         .map_err(|e| (2, format!("--api-socket: {}: {e}", a.api_socket.display())))?;
     tracing::info!("API on {}", a.api_socket.display());
+    seccomp::apply(seccomp::Role::Main);
     controller.wait_exit();
     Ok(ExitCode::SUCCESS)
 }
