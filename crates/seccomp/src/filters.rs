@@ -40,6 +40,23 @@ impl Rules {
         self
     }
 
+    /// Adds everything `other` allows.
+    fn merge(&mut self, other: Rules) -> &mut Self {
+        for (nr, rules) in other.map {
+            match rules {
+                None => {
+                    self.allow(nr);
+                }
+                Some(rules) => {
+                    for conds in rules {
+                        self.allow_if(nr, conds);
+                    }
+                }
+            }
+        }
+        self
+    }
+
     /// Whether `nr` is allowed at all (with some arguments).
     pub fn contains(&self, nr: libc::c_long) -> bool {
         self.map.contains_key(&nr)
@@ -208,6 +225,23 @@ pub fn refused(role: Role) -> &'static [i64] {
     }
 }
 
+/// The roles whose threads a thread of `role` starts once filtered: they inherit its filter,
+/// so its list includes theirs (the kernel answers with the strictest of a thread's filters).
+pub fn children(role: Role) -> &'static [Role] {
+    match role {
+        Role::Api => &[
+            Role::VcpuKvm,
+            Role::VcpuEmu,
+            Role::VirtioWorker,
+            Role::SerialConsole,
+            Role::VmEvents,
+            Role::BackupCopier,
+            Role::Shutdown,
+        ],
+        _ => &[],
+    }
+}
+
 /// The rules of `role`.
 pub fn rules(role: Role) -> Rules {
     let mut r = Rules::default();
@@ -223,6 +257,9 @@ pub fn rules(role: Role) -> Rules {
         Role::Shutdown => shutdown(&mut r),
         Role::BackupCopier => backup_copier(&mut r),
         Role::ConsoleInput => console_input(&mut r),
+    }
+    for &child in children(role) {
+        r.merge(rules(child));
     }
     r
 }
@@ -315,6 +352,7 @@ fn vcpu_common(r: &mut Rules) {
     r.allow(libc::SYS_read); // eventfd reads in device resets
     r.allow(libc::SYS_fcntl); // eventfd try_clone on queue activation
     r.allow(libc::SYS_eventfd2); // a queue's kick eventfds, made on DRIVER_OK
+    r.allow(libc::SYS_timerfd_create); // virtio-vsock's connection timer, made on DRIVER_OK
 }
 
 fn vcpu_kvm(r: &mut Rules) {
@@ -365,7 +403,9 @@ fn virtio_worker(r: &mut Rules) {
     r.allow(libc::SYS_sendto);
     r.allow(libc::SYS_shutdown);
     r.allow(libc::SYS_fcntl);
-    // virtio-balloon: giving pages back (madvise is in `base`); its statistics timer.
+    r.allow(libc::SYS_poll); // has a host connection hung up?
+    r.allow_if(libc::SYS_ioctl, vec![eq32(1, c(libc::FIONBIO))]); // set_nonblocking on a connection
+                                                                  // virtio-balloon: giving pages back (madvise is in `base`); its statistics timer.
     r.allow(libc::SYS_timerfd_create);
     r.allow(libc::SYS_timerfd_settime);
     // virtio-rng: getrandom (in `base`).

@@ -407,6 +407,18 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_that_starts_others_allows_what_they_need() {
+        for role in Role::ALL {
+            let parent = filters::rules(role);
+            for &child in filters::children(role) {
+                for nr in filters::rules(child).syscalls() {
+                    assert!(parent.contains(nr), "{role:?} lacks {} of {child:?}", SYSCALL_NAMES[nr as usize]);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn modes_parse() {
         assert_eq!("on".parse::<Mode>(), Ok(Mode::On));
         assert_eq!("log".parse::<Mode>(), Ok(Mode::Log));
