@@ -88,6 +88,24 @@ fn vcpu_threads_are_filtered() {
 }
 
 #[test]
+fn kvm_vcpu_threads_are_filtered() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rustvisor"));
+    c.args(["run", "--kernel"])
+        .arg(guest_file("vmlinuz"))
+        .args(["--memory", "128M", "--accel", "kvm", "--serial", "null"])
+        // A PVM host runs unmodified kernels badly, but the vCPU thread stops before that.
+        .env("RUSTVISOR_KVM_ON_PVM", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    assert_stopped_on(&finish(hook(&mut c, "vcpu").spawn().unwrap()), "vcpu0");
+}
+
+#[test]
 fn device_workers_are_filtered() {
     let dir = TempDir::new("seccomp-worker");
     assert_stopped_on(&finish(run(&dir, "virtio-worker", &["--rng"])), "virtio-rng");

@@ -454,7 +454,7 @@ mod tests {
         let mut power = Vec::new();
         for id in 0..3 {
             let (v, r, p) = fake();
-            threads.push(ctl.spawn_vcpu(id, v, DeviceBus::detached()).unwrap());
+            threads.push(ctl.spawn_vcpu(id, v, DeviceBus::detached(), seccomp::Role::VcpuEmu).unwrap());
             runs.push(r);
             power.push(p);
         }
@@ -496,7 +496,7 @@ mod tests {
         let ctl = RunControl::new();
         ctl.pause_before_start();
         let (v, runs, _) = fake();
-        let t = ctl.spawn_vcpu(0, v, DeviceBus::detached()).unwrap();
+        let t = ctl.spawn_vcpu(0, v, DeviceBus::detached(), seccomp::Role::VcpuEmu).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(runs.load(Ordering::SeqCst), 0);
         assert_eq!(ctl.state(), RunState::Paused);
