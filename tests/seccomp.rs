@@ -128,6 +128,61 @@ fn the_serial_console_mux_is_filtered() {
     assert_stopped_on(&finish(hook(&mut c, "serial-console").spawn().unwrap()), "serial-console");
 }
 
+/// With the filters on (no hook), a client of the console socket gets the guest's output
+/// (the mux makes each client non-blocking: an ioctl its list must allow).
+#[test]
+fn a_console_socket_client_is_served_with_the_filters_on() {
+    use std::io::Read;
+    let dir = TempDir::new("seccomp-mux-client");
+    let sock = dir.path("serial.sock");
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode("echo RV-SECCOMP-MUX; sleep 600");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rustvisor"));
+    c.args(["run", "--kernel"])
+        .arg(guest_file("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest_file("initrd.img"))
+        .args(["--cmdline", &format!("console=ttyS0 panic=-1 rv.cmd={b64}"), "--accel", "emu", "--serial"])
+        .arg(format!("socket={}", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut vm = Kill(c.spawn().unwrap());
+    // Connect early: the mux's ring keeps only the latest output for a late client.
+    let end = Instant::now() + Duration::from_secs(240);
+    let mut client = loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+            break s;
+        }
+        assert!(vm.0.try_wait().unwrap().is_none(), "the VMM ended");
+        assert!(Instant::now() < end, "no console socket");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("RV-SECCOMP-MUX") {
+        if let Some(st) = vm.0.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = vm.0.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("the VMM ended ({st}): {err}");
+        }
+        assert!(Instant::now() < end, "no output on the console socket: {:?}", String::from_utf8_lossy(&seen));
+        match client.read(&mut buf) {
+            Ok(0) => panic!("the console socket closed: {:?}", String::from_utf8_lossy(&seen)),
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+}
+
 #[test]
 fn the_console_input_thread_is_filtered() {
     let dir = TempDir::new("seccomp-input");

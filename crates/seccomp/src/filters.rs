@@ -421,7 +421,8 @@ fn serial_console(r: &mut Rules) {
     r.allow(libc::SYS_sendto);
     r.allow(libc::SYS_shutdown);
     r.allow(libc::SYS_fcntl);
-    r.allow(libc::SYS_poll);
+    r.allow(libc::SYS_poll); // the mux's loop
+    r.allow_if(libc::SYS_ioctl, vec![eq32(1, c(libc::FIONBIO))]); // set_nonblocking on a new client
 }
 
 fn vm_events(r: &mut Rules) {

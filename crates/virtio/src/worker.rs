@@ -4,9 +4,10 @@
 //! Each device has one [`Worker`], whose thread starts when the device is made (on the thread
 //! that builds the VM, not on the vCPU thread whose `DRIVER_OK` first activates it: a thread
 //! inherits its starter's seccomp filter, and a vCPU's allows no thread creation; see the
-//! `seccomp` crate) and is kept until the device is dropped: a driver reset, a `DRIVER_OK` or a snapshot quiesce hands the thread a command
-//! (through a channel, with an eventfd to wake it) instead of creating or joining a thread, so
-//! a guest looping reset → `DRIVER_OK` costs no thread creation. The commands are
+//! `seccomp` crate) and is kept until the device is dropped: a driver reset, a `DRIVER_OK` or
+//! a snapshot quiesce hands the thread a command (through a channel, with an eventfd to wake
+//! it) instead of creating or joining a thread, so a guest looping reset → `DRIVER_OK` costs
+//! no thread creation. The commands are
 //!
 //! - *activate*: drop the handler in service (if any), then serve a new one with new kick
 //!   eventfds (on a fresh epoll set, so nothing the old handler registered lingers);
