@@ -81,6 +81,11 @@ struct VmmArgs {
     /// it runs when it is a file).
     #[arg(long, value_name = "PATH", requires = "jail")]
     jail_rw: Vec<PathBuf>,
+    /// Seccomp filters on the VMM's threads: on (a forbidden system call stops the VMM with
+    /// "bad system call N (name) on thread T"), log (allowed, and logged by the kernel) or
+    /// off.
+    #[arg(long, default_value = "on", value_name = "on|log|off")]
+    seccomp: seccomp::Mode,
 }
 
 #[derive(Parser)]
@@ -151,6 +156,16 @@ struct RunArgs {
     /// The jail's user: UID or UID:GID (default 2099999999).
     #[arg(long, value_name = "UID[:GID]", requires = "jail")]
     jail_user: Option<String>,
+    /// Seccomp filters on the VMM's threads: on (a forbidden system call stops the VMM with
+    /// "bad system call N (name) on thread T"), log (allowed, and logged by the kernel) or
+    /// off.
+    #[arg(long, default_value = "on", value_name = "on|log|off")]
+    seccomp: seccomp::Mode,
+}
+
+/// Sets the process's seccomp mode (before any VMM thread starts).
+fn init_seccomp(mode: seccomp::Mode) -> Result<(), (u8, String)> {
+    seccomp::init(mode).map_err(|e| (1, format!("--seccomp {mode}: {e}")))
 }
 
 fn parse_out(flag: &str, s: &str) -> Result<ConsoleOut, String> {
@@ -164,6 +179,7 @@ fn utf8_path(flag: &str, p: PathBuf) -> Result<String, String> {
 
 fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     let bad = |m: String| (2u8, m);
+    init_seccomp(a.seccomp)?;
     let mem_size = parse_size(&a.memory).map_err(|e| bad(format!("--memory: {e}")))?;
     let accel: Accel = a.accel.parse().map_err(|e: String| bad(format!("--accel: {e}")))?;
     if !mem_size.is_multiple_of(1 << 20) {
@@ -229,6 +245,9 @@ fn run(a: RunArgs) -> Result<ExitCode, (u8, String)> {
     if interactive {
         spawn_console_input(vm.serial(), vm.control());
     }
+    vm.start().map_err(|e| (1, e.to_string()))?;
+    // Set up: from here on this thread waits for the VM's end and tears it down.
+    seccomp::apply(seccomp::Role::Main);
     match vm.run() {
         Ok(RunOutcome::PowerOff) => Ok(ExitCode::SUCCESS),
         Ok(RunOutcome::UserQuit) => {
@@ -245,7 +264,8 @@ fn spawn_console_input(
     serial: std::sync::Arc<std::sync::Mutex<vmm::vm::SerialDev>>,
     ctl: std::sync::Arc<vmm::vm::RunControl>,
 ) {
-    std::thread::spawn(move || {
+    let spawned = std::thread::Builder::new().name("console-input".into()).spawn(move || {
+        seccomp::apply(seccomp::Role::ConsoleInput);
         let mut stdin = std::io::stdin();
         let mut buf = [0u8; 64];
         let mut escape = false;
@@ -282,6 +302,9 @@ fn spawn_console_input(
             }
         }
     });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the console input thread: {e}; the console takes no input");
+    }
 }
 
 /// `rustvisor run --api-socket`: the VM runs under a [`vmm::controller::VmmController`]; the
@@ -302,6 +325,7 @@ fn run_with_api(
     let controller = std::sync::Arc::new(vmm::controller::VmmController::with_running(vm, cfg));
     let _server = api::server::serve(sock, controller.clone())
         .map_err(|e| (2, format!("--api-socket: {}: {e}", sock.display())))?;
+    seccomp::apply(seccomp::Role::Main);
     match controller.wait_exit_or_vm_end() {
         None | Some(Ok(RunOutcome::PowerOff)) => Ok(ExitCode::SUCCESS),
         Some(Ok(RunOutcome::UserQuit)) => {
@@ -315,6 +339,7 @@ fn run_with_api(
 
 /// `rustvisor vmm --api-socket PATH`.
 fn vmm_main(a: VmmArgs) -> Result<ExitCode, (u8, String)> {
+    init_seccomp(a.seccomp)?;
     if a.jail && !jailed::in_jail() {
         let bad = |m: String| (2u8, m);
         let user = jailed::parse_user(a.jail_user.as_deref()).map_err(bad)?;
@@ -339,6 +364,7 @@ fn vmm_main(a: VmmArgs) -> Result<ExitCode, (u8, String)> {
     let _server = api::server::serve(&a.api_socket, controller.clone())
         .map_err(|e| (2, format!("--api-socket: {}: {e}", a.api_socket.display())))?;
     tracing::info!("API on {}", a.api_socket.display());
+    seccomp::apply(seccomp::Role::Main);
     controller.wait_exit();
     Ok(ExitCode::SUCCESS)
 }

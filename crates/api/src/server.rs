@@ -155,6 +155,9 @@ pub fn serve_with(socket: &Path, ctl: Arc<dyn Controller>, opts: ServerOptions) 
         let (stop_tx, stop_rx) = oneshot::channel();
         let state = Arc::new(State { ctl, opts });
         let thread = std::thread::Builder::new().name("api-server".into()).spawn(move || {
+            // The blocking workers (`api-worker`) that carry out requests are started from
+            // this thread and so inherit this filter.
+            seccomp::apply(seccomp::Role::Api);
             rt.block_on(accept_loop(listener, state, stop_rx));
             rt.shutdown_timeout(Duration::from_secs(1));
         })?;
@@ -256,6 +259,7 @@ async fn serve_connection(stream: UnixStream, state: Arc<State>, _permit: OwnedS
         // so that it may stop this server too.
         let ctl = state.ctl.clone();
         let spawned = std::thread::Builder::new().name("api-vmm-shutdown".into()).spawn(move || {
+            seccomp::apply(seccomp::Role::Shutdown);
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctl.vmm_shutdown())).is_err() {
                 tracing::error!("the VMM's vmm_shutdown panicked");
             }

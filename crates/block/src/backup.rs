@@ -448,7 +448,10 @@ impl Copier {
     /// Errors: the thread cannot be created; the job is then failed and detached.
     pub fn spawn(job: Arc<BackupJob>, disk: Arc<Mutex<DiskImage>>, rate: Option<u64>) -> io::Result<Copier> {
         let (j, d) = (job.clone(), disk.clone());
-        let spawned = std::thread::Builder::new().name("backup-copier".into()).spawn(move || run(&j, &d, rate));
+        let spawned = std::thread::Builder::new().name("backup-copier".into()).spawn(move || {
+            seccomp::apply(seccomp::Role::BackupCopier);
+            run(&j, &d, rate)
+        });
         match spawned {
             Ok(thread) => Ok(Copier { job, thread: Some(thread) }),
             Err(e) => {

@@ -157,9 +157,14 @@ pub fn kill_and_reap(pid: u32, child: Option<&mut Child>) -> Option<ExitStatus> 
     }
 }
 
-/// "exited with status 1", "was killed by signal 9 (SIGKILL)".
+/// "exited with status 1", "was killed by signal 9 (SIGKILL)", "exited with status 159 (a
+/// forbidden system call: seccomp)" (the VMM's SIGSYS handler; its log's last line names the
+/// call and the thread).
 pub fn describe_exit(st: ExitStatus) -> String {
     if let Some(code) = st.code() {
+        if code == seccomp::BAD_SYSCALL_EXIT_STATUS {
+            return format!("exited with status {code} (a forbidden system call: seccomp)");
+        }
         return format!("exited with status {code}");
     }
     match st.signal() {
@@ -212,5 +217,7 @@ mod tests {
         assert!(!pid_alive(pid));
         let st = std::process::Command::new("sh").args(["-c", "exit 3"]).status().unwrap();
         assert_eq!(describe_exit(st), "exited with status 3");
+        let st = Command::new("sh").args(["-c", "exit 159"]).status().unwrap();
+        assert_eq!(describe_exit(st), "exited with status 159 (a forbidden system call: seccomp)");
     }
 }

@@ -1748,8 +1748,8 @@ mod tests {
         }
         let dir = TempDir::new();
         let (_, img) = image(&dir, false);
-        let mut dev = Block::new(img, false, None);
         let spawned = crate::worker::spawned_on_this_thread();
+        let mut dev = Block::new(img, false, None);
         for round in 0..2u8 {
             let mut tq = TestQueue::new(256, MEM);
             let (tx, rx) = mpsc::channel();

@@ -618,8 +618,8 @@ mod tests {
 
     #[test]
     fn reset_keeps_pending_input() {
-        let mut h = Harness::new(None);
         let spawned = crate::worker::spawned_on_this_thread();
+        let mut h = Harness::new(None);
         h.activate();
         assert!(h.con.reset().wait(Duration::from_secs(10)), "the reset completes");
         assert_eq!(h.con.input_sender().send(b"kept"), 4);

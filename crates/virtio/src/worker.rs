@@ -1,10 +1,13 @@
 //! A device's worker thread: an epoll loop over the queues' kick eventfds and whatever host
 //! file descriptors the device adds (TAP, Unix sockets), serving a [`Handler`].
 //!
-//! Each device has one [`Worker`], started on its first activation and kept until the device
-//! is dropped: a driver reset, a `DRIVER_OK` or a snapshot quiesce hands the thread a command
-//! (through a channel, with an eventfd to wake it) instead of creating or joining a thread, so
-//! a guest looping reset → `DRIVER_OK` costs no thread creation. The commands are
+//! Each device has one [`Worker`], whose thread starts when the device is made (on the thread
+//! that builds the VM, not on the vCPU thread whose `DRIVER_OK` first activates it: a thread
+//! inherits its starter's seccomp filter, and a vCPU's allows no thread creation; see the
+//! `seccomp` crate) and is kept until the device is dropped: a driver reset, a `DRIVER_OK` or
+//! a snapshot quiesce hands the thread a command (through a channel, with an eventfd to wake
+//! it) instead of creating or joining a thread, so a guest looping reset → `DRIVER_OK` costs
+//! no thread creation. The commands are
 //!
 //! - *activate*: drop the handler in service (if any), then serve a new one with new kick
 //!   eventfds (on a fresh epoll set, so nothing the old handler registered lingers);
@@ -220,9 +223,14 @@ pub struct Worker<H: Handler> {
 }
 
 impl<H: Handler> Worker<H> {
-    /// A worker whose thread (started on the first activation) is named `name`.
+    /// A worker whose thread, named `name`, starts now; if it cannot (out of threads), the
+    /// first activation tries again and reports the error.
     pub fn new(name: &str) -> Worker<H> {
-        Worker { name: name.to_string(), thread: None, active: false, exit_timeout: EXIT_TIMEOUT }
+        let mut w = Worker { name: name.to_string(), thread: None, active: false, exit_timeout: EXIT_TIMEOUT };
+        if let Err(e) = w.start() {
+            tracing::warn!("{name}: cannot start the worker thread yet: {e}");
+        }
+        w
     }
 
     /// Whether a handler was handed over and not reset since.
@@ -246,14 +254,17 @@ impl<H: Handler> Worker<H> {
                 slot: slot.clone(),
                 progress: progress.clone(),
             };
-            let handle = std::thread::Builder::new().name(self.name.clone()).spawn(move || run.run())?;
+            let handle = std::thread::Builder::new().name(self.name.clone()).spawn(move || {
+                seccomp::apply(seccomp::Role::VirtioWorker);
+                run.run()
+            })?;
             SPAWNED.with(|c| c.set(c.get() + 1));
             self.thread = Some(Thread { commands, wake, slot, progress, issued: 0, handle: Some(handle) });
         }
         self.thread.as_mut().ok_or_else(|| io::Error::other("no worker thread"))
     }
 
-    /// Has the thread (started now if this is the first activation) serve `handler`, with
+    /// Has the thread (started now if [`Worker::new`] could not) serve `handler`, with
     /// `queue_evts[i]` as queue `i`'s kick, once it has dropped the handler in service.
     /// Returns without waiting; [`Handler::init`] runs on the thread.
     ///
@@ -464,8 +475,8 @@ mod tests {
 
     #[test]
     fn one_thread_serves_every_activation() {
-        let mut w: Worker<Probe> = Worker::new("worker-test");
         let before = spawned_on_this_thread();
+        let mut w: Worker<Probe> = Worker::new("worker-test");
         assert!(w.reset().is_done(), "reset before any activation");
         let dropped = Arc::new(AtomicU64::new(0));
         for i in 0..200u64 {

@@ -529,7 +529,10 @@ impl ConsoleMux {
             input: VecDeque::new(),
             sink: input,
         };
-        self.thread = Some(std::thread::Builder::new().name("serial-console".into()).spawn(move || mux.run())?);
+        self.thread = Some(std::thread::Builder::new().name("serial-console".into()).spawn(move || {
+            seccomp::apply(seccomp::Role::SerialConsole);
+            mux.run()
+        })?);
         Ok(())
     }
 }

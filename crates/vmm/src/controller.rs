@@ -257,6 +257,7 @@ impl VmmController {
         let Some(events) = events else { return };
         let (slot, ctl) = (Arc::downgrade(&self.slot), Arc::downgrade(ctl));
         let spawned = std::thread::Builder::new().name("vm-events".into()).spawn(move || {
+            seccomp::apply(seccomp::Role::VmEvents);
             for event in events {
                 let Some(slot) = slot.upgrade() else { return };
                 let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -734,6 +735,7 @@ impl api::Controller for VmmController {
         let spawned = std::thread::Builder::new().name("vmm-shutdown-deadline".into()).spawn({
             let exit = self.exit_handle();
             move || {
+                seccomp::apply(seccomp::Role::Shutdown);
                 std::thread::sleep(VMM_SHUTDOWN_DEADLINE);
                 tracing::error!("vmm.shutdown: the VM did not stop within {VMM_SHUTDOWN_DEADLINE:?}; exiting anyway");
                 exit.request();

@@ -305,11 +305,12 @@ impl Vm {
     ///
     /// Errors: `Error::VcpuThread` when a thread cannot be created.
     pub fn start(&mut self) -> Result<()> {
+        let role = if self.accelerator == "kvm" { seccomp::Role::VcpuKvm } else { seccomp::Role::VcpuEmu };
         for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let mut bus = self.bus.clone();
             bus.exits = Arc::new(ExitCounts::default());
             self.exit_counts.push(bus.exits.clone());
-            let t = self.ctl.spawn_vcpu(id, v, bus).map_err(|source| Error::VcpuThread { id, source })?;
+            let t = self.ctl.spawn_vcpu(id, v, bus, role).map_err(|source| Error::VcpuThread { id, source })?;
             self.threads.push(t);
         }
         Ok(())

@@ -283,7 +283,7 @@ impl RunControl {
     }
 
     /// Starts a thread running `vcpu` (index `id`) with its exits going to `bus`; it begins
-    /// parked when the VM is paused.
+    /// parked when the VM is paused. The thread installs `role`'s seccomp filter first.
     ///
     /// Errors: the thread cannot be created.
     pub(crate) fn spawn_vcpu(
@@ -291,6 +291,7 @@ impl RunControl {
         id: usize,
         vcpu: Box<dyn Vcpu + Send>,
         bus: DeviceBus,
+        role: seccomp::Role,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let (commands, inbox) = mpsc::channel();
         let tid = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -303,6 +304,7 @@ impl RunControl {
         };
         let ctl = self.clone();
         let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+            seccomp::apply(role);
             // SAFETY: gettid(2) has no preconditions.
             let own = unsafe { libc::gettid() };
             tid.store(u32::try_from(own).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
@@ -452,7 +454,7 @@ mod tests {
         let mut power = Vec::new();
         for id in 0..3 {
             let (v, r, p) = fake();
-            threads.push(ctl.spawn_vcpu(id, v, DeviceBus::detached()).unwrap());
+            threads.push(ctl.spawn_vcpu(id, v, DeviceBus::detached(), seccomp::Role::VcpuEmu).unwrap());
             runs.push(r);
             power.push(p);
         }
@@ -494,7 +496,7 @@ mod tests {
         let ctl = RunControl::new();
         ctl.pause_before_start();
         let (v, runs, _) = fake();
-        let t = ctl.spawn_vcpu(0, v, DeviceBus::detached()).unwrap();
+        let t = ctl.spawn_vcpu(0, v, DeviceBus::detached(), seccomp::Role::VcpuEmu).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(runs.load(Ordering::SeqCst), 0);
         assert_eq!(ctl.state(), RunState::Paused);
