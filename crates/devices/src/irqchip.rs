@@ -508,6 +508,13 @@ impl EmuIrqchip {
         self.apics.lapics.get_mut(cpu).is_some_and(Lapic::take_nmi)
     }
 
+    /// Whether vCPU `cpu` has an NMI latched, without taking it (a CPU that cannot take
+    /// it yet, its NMIs blocked until an IRET, leaves it latched; one that can wakes from
+    /// `hlt` for it).
+    pub fn nmi_pending_for(&self, cpu: usize) -> bool {
+        self.apics.lapics.get(cpu).is_some_and(Lapic::nmi_pending)
+    }
+
     /// Takes the start-up events (INIT, SIPI) IPIs left for vCPU `cpu`.
     pub fn take_startup(&mut self, cpu: usize) -> Startup {
         self.apics.startup.get_mut(cpu).map(std::mem::take).unwrap_or_default()
@@ -909,6 +916,37 @@ mod tests {
         // A physical destination names one vCPU: it gets it whatever its priority.
         assert!(c.deliver_msi(0xfee0_0000, 0x161));
         assert_eq!(c.take_kicks(), 0b001);
+    }
+
+    /// NMIs from the IOAPIC (a pin with NMI delivery) and from an MSI latch in the target
+    /// LAPIC: visible without taking (`nmi_pending_for`), taken once, several collapse into
+    /// one latch, none is an ordinary interrupt, and the latch is part of the chip's state.
+    #[test]
+    fn ioapic_and_msi_nmis_latch_once_per_vcpu() {
+        let mut c = smp_chip(3);
+        // Pin 20: NMI delivery (mode 4, bits 10:8), physical destination 2, edge.
+        ioapic_w(&mut c, 0x10 + 40, 4 << 8);
+        ioapic_w(&mut c, 0x11 + 40, 2 << 24);
+        c.set_irq(20, true);
+        c.set_irq(20, false);
+        assert_eq!(c.take_kicks(), 0b100, "the target vCPU is woken");
+        assert!(c.nmi_pending_for(2) && !c.nmi_pending_for(0) && !c.nmi_pending_for(1));
+        assert!(c.nmi_pending_for(2), "looking does not take it");
+        assert!(!c.interrupt_pending_for(2), "an NMI is not an INTR");
+        // A second NMI (an MSI with NMI delivery to APIC ID 2) while the first is latched.
+        assert!(c.deliver_msi(0xfee0_0000 | (2 << 12), 0x400));
+        assert_eq!(c.take_kicks(), 0b100);
+        let saved = c.state();
+        assert!(c.take_nmi_for(2));
+        assert!(!c.take_nmi_for(2) && !c.nmi_pending_for(2), "one latch: two NMIs in a row collapse");
+        // The latch survives a save and restore.
+        let mut d = smp_chip(3);
+        d.restore(&saved).unwrap();
+        assert!(d.nmi_pending_for(2) && d.take_nmi_for(2) && !d.take_nmi_for(2));
+        // An MSI NMI to vCPU 0 through the broadcast destination reaches every vCPU.
+        assert!(c.deliver_msi(0xfee0_0000 | (0xff << 12), 0x400));
+        assert_eq!(c.take_kicks(), 0b111);
+        assert!((0..3).all(|cpu| c.take_nmi_for(cpu)));
     }
 
     #[test]
