@@ -2,9 +2,11 @@
  *
  *   rv-records DEVICE SLOTS
  *
- * Writes numbered 512-byte records to the block device DEVICE (opened O_DIRECT | O_SYNC,
- * so each write reaches the virtio-blk device and is flushed before it returns), record n
- * into slot n (byte offset 512 * n), n = 0, 1, ... SLOTS - 1, then stops. Each record is
+ * Writes numbered 512-byte records n = 0, 1, ... to the block device DEVICE of SLOTS
+ * 512-byte slots (opened O_DIRECT | O_SYNC, so each write reaches the virtio-blk device and
+ * is flushed before it returns), record n with nonce x into slot x % SLOTS (byte offset
+ * 512 * (x % SLOTS)): scattered, so that on a qcow2 image most writes allocate a cluster
+ * and update its metadata. It never stops by itself. Each record is
  *   bytes 0-7    "RVREC001"
  *   bytes 8-15   n (little-endian)
  *   bytes 16-23  a nonce from RDRAND, fresh for every record
@@ -50,8 +52,8 @@ int main(int argc, char **argv) {
     unsigned char *buf = aligned_alloc(4096, 4096);
     if (!buf)
         return 1;
-    for (long n = 0; n < slots; n++) {
-        uint64_t nonce = rdrand(), x = nonce | 1, seq = (uint64_t)n;
+    for (uint64_t n = 0;; n++) {
+        uint64_t nonce = rdrand(), x = nonce | 1, seq = n;
         memcpy(buf, "RVREC001", 8);
         memcpy(buf + 8, &seq, 8);
         memcpy(buf + 16, &nonce, 8);
@@ -61,13 +63,11 @@ int main(int argc, char **argv) {
             x ^= x << 17;
             memcpy(buf + i, &x, 8);
         }
-        if (pwrite(fd, buf, 512, (off_t)n * 512) != 512) {
+        if (pwrite(fd, buf, 512, (off_t)(nonce % (uint64_t)slots) * 512) != 512) {
             perror("rv-records: pwrite");
             return 1;
         }
-        printf("RV-REC %lx %016llx\n", n, (unsigned long long)nonce);
+        printf("RV-REC %llx %016llx\n", (unsigned long long)n, (unsigned long long)nonce);
         fflush(stdout);
     }
-    printf("RV-REC-DONE %ld\n", slots);
-    return 0;
 }
