@@ -506,7 +506,7 @@ mod nmi_tests {
             !0
         }
         fn io_out(&mut self, port: u16, _: u8, value: u32) {
-            self.outs.push((port, value as u8));
+            self.outs.push((port, value.to_le_bytes()[0]));
             if self.latch_on_out == Some(port) {
                 self.latch_on_out = None;
                 self.latched = true;
@@ -531,7 +531,7 @@ mod nmi_tests {
     }
 
     fn put(ram: &mut [u8], at: u64, bytes: &[u8]) {
-        let at = at as usize;
+        let at = usize::try_from(at).unwrap();
         ram[at..at + bytes.len()].copy_from_slice(bytes);
     }
 
@@ -584,7 +584,7 @@ mod nmi_tests {
         assert_eq!(c.stats.nmis, 1);
         assert!(c.nmi_blocked(), "blocked until IRET");
         // The frame: RIP inside the loop, CS 8, RFLAGS with IF clear, as an external event.
-        let stack_top = c.gpr[4] as usize;
+        let stack_top = usize::try_from(c.gpr[4]).unwrap();
         let frame: Vec<u64> = (0..5)
             .map(|i| u64::from_le_bytes(ram[stack_top + 8 * i..stack_top + 8 * i + 8].try_into().unwrap()))
             .collect();

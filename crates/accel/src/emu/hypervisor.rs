@@ -665,7 +665,7 @@ mod tests {
         stop.stop();
         t.join().unwrap();
         assert_eq!(*exits.lock().unwrap(), ["stop"]);
-        drop(bsp);
+        // The VM (and with it the vCPU's RAM mapping) goes before the RAM.
         drop(vm);
     }
 
