@@ -137,7 +137,14 @@ impl Vm for EmuVm {
         if created.swap(true, Ordering::AcqRel) {
             return Err(Error::Unsupported(format!("vCPU {id} exists already")));
         }
-        let ic = ChipInterrupts { chip: self.chip.clone(), cpu: usize::from(id), wakeups: self.wakeups.clone() };
+        let nmi_hint = self.lock_chip().nmi_hint();
+        let ic = ChipInterrupts {
+            chip: self.chip.clone(),
+            cpu: usize::from(id),
+            wakeups: self.wakeups.clone(),
+            nmi_bit: 1u64.checked_shl(u32::from(id)).unwrap_or(0),
+            nmi_hint,
+        };
         let cpus = u8::try_from(n).unwrap_or(u8::MAX);
         let mut cpu = EmuVcpu::with_shared(self.shared.clone(), Box::new(ic), self.clock.clone(), TSC_HZ, id, cpus)
             .with_wakeup(wakeup.clone());
@@ -233,11 +240,20 @@ struct ChipInterrupts {
     chip: Arc<Mutex<EmuIrqchip>>,
     cpu: usize,
     wakeups: Arc<[Arc<Wakeup>]>,
+    /// The chip's NMI hint word (`EmuIrqchip::nmi_hint`) and this vCPU's bit in it (0 for
+    /// a vCPU from 64 on, which always asks the chip).
+    nmi_hint: Arc<std::sync::atomic::AtomicU64>,
+    nmi_bit: u64,
 }
 
 impl ChipInterrupts {
     fn lock(&self) -> std::sync::MutexGuard<'_, EmuIrqchip> {
         self.chip.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether an NMI may be latched for this vCPU (no lock taken).
+    fn maybe_nmi(&self) -> bool {
+        self.nmi_bit == 0 || self.nmi_hint.load(Ordering::Acquire) & self.nmi_bit != 0
     }
 }
 
@@ -258,10 +274,10 @@ impl InterruptController for ChipInterrupts {
         next
     }
     fn take_nmi(&mut self) -> bool {
-        self.lock().take_nmi_for(self.cpu)
+        self.maybe_nmi() && self.lock().take_nmi_for(self.cpu)
     }
     fn nmi_pending(&mut self) -> bool {
-        self.lock().nmi_pending_for(self.cpu)
+        self.maybe_nmi() && self.lock().nmi_pending_for(self.cpu)
     }
     fn take_startup(&mut self) -> devices::Startup {
         self.lock().take_startup(self.cpu)
