@@ -80,7 +80,7 @@ pub trait Bus {
     /// Guest time in nanoseconds since the VM started; drives the TSC.
     fn now_ns(&mut self) -> u64;
     /// Takes a non-maskable interrupt latched for this CPU (an NMI IPI, an IOAPIC or MSI
-    /// message with NMI delivery, an LVT LINT pin in NMI mode), clearing the latch. The CPU
+    /// message with NMI delivery), clearing the latch. The CPU
     /// asks only when it can take one at once (not while an NMI handler runs, i.e. before
     /// its IRET, nor in an STI/MOV SS shadow; Intel SDM Vol. 3 §6.7.1), so an NMI that
     /// arrives while blocked stays latched in the interrupt controller, and further ones
