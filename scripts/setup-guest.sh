@@ -172,6 +172,12 @@ gcc -static -O2 -o "$STAGE/bin/rv-vsock" "$(dirname "$0")/guest/rv-vsock.c" || d
 # SMP atomic-counter stress test (LOCK read-modify-writes across vCPUs), static as well.
 gcc -static -O2 -pthread -o "$STAGE/bin/rv-atomic" "$(dirname "$0")/guest/rv-atomic.c" \
     || die "building rv-atomic failed"
+# SMP cross-modifying-code test (one thread patches a function another keeps calling).
+gcc -static -O2 -pthread -o "$STAGE/bin/rv-xmodify" "$(dirname "$0")/guest/rv-xmodify.c" \
+    || die "building rv-xmodify failed"
+# The kill -9 data-safety loop's writer: numbered, synced records on a raw block device.
+gcc -static -O2 -mrdrnd -o "$STAGE/bin/rv-records" "$(dirname "$0")/guest/rv-records.c" \
+    || die "building rv-records failed"
 
 mknod -m 600 "$STAGE/dev/console" c 5 1
 mknod -m 666 "$STAGE/dev/null" c 1 3

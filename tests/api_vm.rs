@@ -165,6 +165,13 @@ fn two_vcpu_snapshot_kill_restore_continues_on_both_vcpus() {
         vmm.client.create(&cfg).unwrap();
         vmm.client.boot().unwrap();
         wait_count(&log, 3, Duration::from_secs(180));
+        // vm.counters lists each vCPU, and each has run: vCPU 0 booted the kernel, vCPU 1
+        // prints the counter (the serial port's writes are port I/O the VMM counts).
+        let counters = vmm.client.counters().unwrap();
+        assert_eq!(counters.vcpus.len(), 2, "{counters:?}");
+        for (i, v) in counters.vcpus.iter().enumerate() {
+            assert!(v["pio_write"] > 0 && v["pio_read"] > 0, "vCPU {i} has not run: {counters:?}");
+        }
         vmm.client.pause().unwrap();
         before = last_count(&log).unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
@@ -177,6 +184,10 @@ fn two_vcpu_snapshot_kill_restore_continues_on_both_vcpus() {
     assert_eq!(c.info().unwrap().state, "Paused");
     c.resume().unwrap();
     wait_count(&log, before + 3, Duration::from_secs(90));
+    // The restored VMM's counters start from zero and show vCPU 1 printing again.
+    let counters = c.counters().unwrap();
+    assert_eq!(counters.vcpus.len(), 2, "{counters:?}");
+    assert!(counters.vcpus[1]["pio_write"] > 0, "vCPU 1 has not run since the restore: {counters:?}");
     // The restored VMM names its two vCPU threads, with host thread IDs that are its own.
     let threads = c.info().unwrap().vcpu_threads;
     assert_eq!(threads.iter().map(|t| t.vcpu).collect::<Vec<_>>(), [0, 1], "{threads:?}");

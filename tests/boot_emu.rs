@@ -84,7 +84,8 @@ mod base64_script {
 /// The SMP workload: reports `nproc`, the online CPUs and /proc/cpuinfo's count, then runs
 /// one busy loop pinned to each CPU (`taskset`) and reports each CPU's busy ticks from
 /// /proc/stat over that time; then `rv-atomic` (scripts/guest/rv-atomic.c) counts with
-/// locked instructions from one thread per vCPU.
+/// locked instructions from one thread per vCPU, `rv-xmodify` (scripts/guest/rv-xmodify.c)
+/// patches a function on CPU 0 that CPU 1 keeps calling, and SysRq l sends NMIs.
 const SMP_WORKLOAD: &str = r#"N=$(nproc)
 echo "RV-NPROC $N"
 echo "RV-ONLINE $(cat /sys/devices/system/cpu/online)"
@@ -100,6 +101,9 @@ wait
 grep '^cpu[0-9]' /proc/stat > /tmp/s1
 awk 'NR==FNR{u[$1]=$2+$3+$4;next}{print "RV-STAT",$1,$2+$3+$4-u[$1]}' /tmp/s0 /tmp/s1
 rv-atomic $N 1000000
+rv-xmodify 1000
+taskset -c 0 sh -c 'echo l > /proc/sysrq-trigger'
+grep '^ *NMI:' /proc/interrupts | sed 's/^ */RV-NMI /'
 echo RV-SMP-DONE
 "#;
 
@@ -144,6 +148,29 @@ fn check_smp(cpus: u8) {
     let n = u64::from(cpus) * 1_000_000;
     let want = format!("RV-ATOMIC expected={n} xadd={n} cmpxchg={n} split={n} inc={n}");
     assert!(console.contains(&want), "atomic counters: want {want}; {tail}");
+    // Cross-modifying code: CPU 0 rewrites a function 1000 times (one aligned 8-byte store
+    // each, changing its opcode and immediate) while CPU 1 keeps calling it: CPU 1 sees
+    // each patch (within 2 s, else a timeout), never a torn instruction, never old code
+    // after newer code.
+    let xmodify = console.lines().find(|l| l.starts_with("RV-XMODIFY ")).unwrap_or_else(|| panic!("{tail}"));
+    eprintln!("smp{cpus}: {xmodify}");
+    assert!(
+        xmodify.starts_with("RV-XMODIFY patches=1000 torn=0 stale=0 timeouts=0 "),
+        "cross-modifying code: {xmodify}; {tail}"
+    );
+    // SysRq l (trigger_all_cpu_backtrace) on CPU 0 sends an NMI IPI to every other CPU;
+    // each takes it and prints its backtrace (or "skipped: idling") from its NMI handler
+    // (the sender waits up to 10 s and gives up otherwise), and /proc/interrupts counts the
+    // NMIs per CPU.
+    for cpu in 1..cpus {
+        assert!(console.contains(&format!("NMI backtrace for cpu {cpu}")), "no NMI backtrace from cpu {cpu}; {tail}");
+    }
+    let nmi = console.lines().find(|l| l.starts_with("RV-NMI NMI:")).unwrap_or_else(|| panic!("{tail}"));
+    let per_cpu: Vec<u64> =
+        nmi.split_whitespace().skip(2).take(usize::from(cpus)).filter_map(|n| n.parse().ok()).collect();
+    assert_eq!(per_cpu.len(), usize::from(cpus), "{nmi}");
+    assert!(per_cpu.iter().skip(1).all(|&n| n >= 1), "every other CPU took an NMI: {nmi}");
+    eprintln!("smp{cpus}: {nmi}");
     assert_eq!(code, 0, "the guest powered off; stderr: {stderr}\n{tail}");
 }
 

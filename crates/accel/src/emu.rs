@@ -44,6 +44,17 @@ pub trait InterruptController: Send {
     fn acknowledge(&mut self) -> Option<u8>;
     /// Runs timers up to `now_ns`; returns the next timer deadline in ns, if any.
     fn poll(&mut self, now_ns: u64) -> Option<u64>;
+    /// Takes a non-maskable interrupt latched for this vCPU (NMI IPI, IOAPIC/MSI message
+    /// with NMI delivery), clearing the latch; the CPU asks only when it can take one (see
+    /// `x86emu::Bus::take_nmi`). A controller without NMIs has none.
+    fn take_nmi(&mut self) -> bool {
+        false
+    }
+    /// Whether an NMI is latched for this vCPU, without taking it (a halted vCPU whose
+    /// NMIs are not blocked wakes for it).
+    fn nmi_pending(&mut self) -> bool {
+        false
+    }
     /// Takes the INIT and start-up IPIs sent to this vCPU since the last call (Intel SDM
     /// Vol. 3A §9.4.4). A controller without IPIs has none.
     fn take_startup(&mut self) -> devices::Startup {
@@ -145,6 +156,9 @@ impl x86emu::Bus for Adapter<'_> {
     }
     fn ack_interrupt(&mut self) -> Option<u8> {
         self.ic.acknowledge()
+    }
+    fn take_nmi(&mut self) -> bool {
+        self.ic.take_nmi()
     }
     fn now_ns(&mut self) -> u64 {
         (self.clock)()
@@ -414,9 +428,15 @@ impl Vcpu for EmuVcpu {
                     // The time asleep was not time on the host CPU.
                     start = Instant::now();
                 }
+                Exit::HaltedForever if self.id != 0 => {
+                    // `cli; hlt` on an application processor: Linux parks CPUs it takes
+                    // offline or stops this way; an NMI, an INIT or a stop ends it.
+                    self.sleep_until_nmi();
+                    start = Instant::now();
+                }
                 Exit::HaltedForever => {
-                    // `cli; hlt`: nothing can wake the CPU; Linux ends power-off this way
-                    // when no firmware interface exists.
+                    // `cli; hlt` on the bootstrap processor: only an NMI could wake it, and
+                    // Linux ends power-off this way when no firmware interface exists.
                     return Ok(VcpuExit::Shutdown);
                 }
                 Exit::TripleFault(why) => {
@@ -438,9 +458,10 @@ impl Vcpu for EmuVcpu {
 impl EmuVcpu {
     /// The CPU is halted with interrupts enabled: blocks until something can change that —
     /// the interrupt controller's next timer deadline (guest time runs at host speed while
-    /// the vCPU runs, so the wait is that many host nanoseconds), an interrupt raised by
-    /// another thread, or a stop — with no periodic wake-ups in between. Returns at once if
-    /// an interrupt is already pending or a timer is due; the caller's loop takes it.
+    /// the vCPU runs, so the wait is that many host nanoseconds), an interrupt or NMI raised
+    /// by another thread, or a stop — with no periodic wake-ups in between. Returns at once
+    /// if an interrupt (or an NMI the CPU may take) is already pending or a timer is due;
+    /// the caller's loop takes it.
     fn sleep_while_halted(&mut self) {
         // Rings from before this point are about interrupts the CPU has already seen, or
         // are looked at just below (pending interrupts, the stop flag): forget them first,
@@ -452,7 +473,7 @@ impl EmuVcpu {
         }
         let now = (self.clock)();
         let deadline = self.ic.poll(now);
-        if self.ic.interrupt_pending() {
+        if self.ic.interrupt_pending() || (!self.cpu.nmi_blocked() && self.ic.nmi_pending()) {
             return;
         }
         let timeout = match deadline {
@@ -461,6 +482,23 @@ impl EmuVcpu {
             None => None,
         };
         self.wakeup.wait(timeout);
+    }
+}
+
+impl EmuVcpu {
+    /// The CPU is halted with interrupts disabled: blocks until an NMI it may take, an INIT
+    /// (acted on here) or a stop, with no time-out. Returns at once if one is already there.
+    fn sleep_until_nmi(&mut self) {
+        // As in `sleep_while_halted`: forget older rings, then look, then wait.
+        self.wakeup.clear();
+        if self.stop.load(Ordering::Acquire) {
+            return;
+        }
+        self.take_startup();
+        if !self.cpu.is_halted() || self.wait_for_sipi || (!self.cpu.nmi_blocked() && self.ic.nmi_pending()) {
+            return;
+        }
+        self.wakeup.wait(None);
     }
 }
 

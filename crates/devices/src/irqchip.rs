@@ -62,6 +62,11 @@ use crate::pic::{Pic, PicState};
 use crate::pit::{Pit, PitState};
 use crate::{Clock, Error, StateError};
 
+/// Bit `i` of a per-vCPU mask (kicks, NMI hints); 0 for vCPUs from 64 on.
+fn cpu_bit(i: usize) -> u64 {
+    u32::try_from(i).ok().and_then(|i| 1u64.checked_shl(i)).unwrap_or(0)
+}
+
 /// I/O port ranges `(base, len)` served by [`EmuIrqchip`]'s [`PioDevice`]
 /// implementation: master PIC, slave PIC, ELCR, PIT, port 0x61.
 pub const PIO_RANGES: [(u16, u16); 5] = [(0x20, 2), (0xa0, 2), (0x4d0, 2), (0x40, 4), (0x61, 1)];
@@ -158,6 +163,9 @@ struct Apics {
     kicks: u64,
     /// Where the next lowest-priority tie-break starts.
     rr: usize,
+    /// Bit `i` set: vCPU `i` (the first 64) may have an NMI latched; see
+    /// [`EmuIrqchip::nmi_hint`].
+    nmi_hint: Arc<AtomicU64>,
 }
 
 /// Who an interrupt message or IPI is for.
@@ -187,9 +195,12 @@ impl Apics {
     }
 
     fn kick(&mut self, i: usize) {
-        if let Some(bit) = u32::try_from(i).ok().and_then(|i| 1u64.checked_shl(i)) {
-            self.kicks |= bit;
-        }
+        self.kicks |= cpu_bit(i);
+    }
+
+    /// Marks vCPU `i`'s NMI hint after its LAPIC latched an NMI.
+    fn hint_nmi(&self, i: usize) {
+        self.nmi_hint.fetch_or(cpu_bit(i), Ordering::Release);
     }
 
     /// Delivers `vector`/`mode` to the LAPICs `d` names (SDM Vol. 3A §11.6.2); returns
@@ -228,6 +239,7 @@ impl Apics {
                 for i in t {
                     if let Some(l) = self.lapics.get_mut(i) {
                         l.raise_nmi();
+                        self.hint_nmi(i);
                         self.kick(i);
                         any = true;
                     }
@@ -309,6 +321,7 @@ impl EmuIrqchip {
                 startup: vec![Startup::default(); usize::from(n)],
                 kicks: 0,
                 rr: 0,
+                nmi_hint: Arc::default(),
             },
             pit: Pit::new(clock, pit_irq0.clone()),
             pit_irq0,
@@ -375,6 +388,8 @@ impl EmuIrqchip {
             };
         }
         self.apics.kicks = 0;
+        let hint = (0..n).filter(|&i| self.apics.lapics.get(i).is_some_and(Lapic::nmi_pending)).map(cpu_bit);
+        self.apics.nmi_hint.store(hint.fold(0, |a, b| a | b), Ordering::Release);
         // Edges counted by a `poll` are routed within that call: none is in flight.
         self.pit_irq0.0.store(0, Ordering::SeqCst);
         Ok(())
@@ -505,7 +520,25 @@ impl EmuIrqchip {
 
     /// Returns and clears a pending NMI of vCPU `cpu`.
     pub fn take_nmi_for(&mut self, cpu: usize) -> bool {
+        self.apics.nmi_hint.fetch_and(!cpu_bit(cpu), Ordering::Release);
         self.apics.lapics.get_mut(cpu).is_some_and(Lapic::take_nmi)
+    }
+
+    /// Bit `i` of the shared word is set while vCPU `i` (of the first 64) may have an NMI
+    /// latched: set with every NMI delivered to it (and on restore), cleared when
+    /// [`EmuIrqchip::take_nmi_for`] takes it, both under the chip's lock. A vCPU reads it
+    /// without the lock and asks the chip only when its bit is set (a vCPU from 64 on
+    /// always asks), so looking for NMIs costs no lock on the run loop's hot path. An NMI
+    /// latched while the bit was being read is seen at the next look.
+    pub fn nmi_hint(&self) -> Arc<AtomicU64> {
+        self.apics.nmi_hint.clone()
+    }
+
+    /// Whether vCPU `cpu` has an NMI latched, without taking it (a CPU that cannot take
+    /// it yet, its NMIs blocked until an IRET, leaves it latched; one that can wakes from
+    /// `hlt` for it).
+    pub fn nmi_pending_for(&self, cpu: usize) -> bool {
+        self.apics.lapics.get(cpu).is_some_and(Lapic::nmi_pending)
     }
 
     /// Takes the start-up events (INIT, SIPI) IPIs left for vCPU `cpu`.
@@ -909,6 +942,41 @@ mod tests {
         // A physical destination names one vCPU: it gets it whatever its priority.
         assert!(c.deliver_msi(0xfee0_0000, 0x161));
         assert_eq!(c.take_kicks(), 0b001);
+    }
+
+    /// NMIs from the IOAPIC (a pin with NMI delivery) and from an MSI latch in the target
+    /// LAPIC: visible without taking (`nmi_pending_for`), taken once, several collapse into
+    /// one latch, none is an ordinary interrupt, and the latch is part of the chip's state.
+    #[test]
+    fn ioapic_and_msi_nmis_latch_once_per_vcpu() {
+        let mut c = smp_chip(3);
+        // Pin 20: NMI delivery (mode 4, bits 10:8), physical destination 2, edge.
+        ioapic_w(&mut c, 0x10 + 40, 4 << 8);
+        ioapic_w(&mut c, 0x11 + 40, 2 << 24);
+        c.set_irq(20, true);
+        c.set_irq(20, false);
+        assert_eq!(c.take_kicks(), 0b100, "the target vCPU is woken");
+        assert!(c.nmi_pending_for(2) && !c.nmi_pending_for(0) && !c.nmi_pending_for(1));
+        assert!(c.nmi_pending_for(2), "looking does not take it");
+        assert!(!c.interrupt_pending_for(2), "an NMI is not an INTR");
+        // A second NMI (an MSI with NMI delivery to APIC ID 2) while the first is latched.
+        assert!(c.deliver_msi(0xfee0_0000 | (2 << 12), 0x400));
+        assert_eq!(c.take_kicks(), 0b100);
+        let saved = c.state();
+        let hint = c.nmi_hint();
+        assert_eq!(hint.load(Ordering::Acquire), 0b100, "the hint names vCPU 2");
+        assert!(c.take_nmi_for(2));
+        assert_eq!(hint.load(Ordering::Acquire), 0, "taken: the hint is clear");
+        assert!(!c.take_nmi_for(2) && !c.nmi_pending_for(2), "one latch: two NMIs in a row collapse");
+        // The latch survives a save and restore.
+        let mut d = smp_chip(3);
+        d.restore(&saved).unwrap();
+        assert_eq!(d.nmi_hint().load(Ordering::Acquire), 0b100, "restored with its hint");
+        assert!(d.nmi_pending_for(2) && d.take_nmi_for(2) && !d.take_nmi_for(2));
+        // An MSI NMI to vCPU 0 through the broadcast destination reaches every vCPU.
+        assert!(c.deliver_msi(0xfee0_0000 | (0xff << 12), 0x400));
+        assert_eq!(c.take_kicks(), 0b111);
+        assert!((0..3).all(|cpu| c.take_nmi_for(cpu)));
     }
 
     #[test]

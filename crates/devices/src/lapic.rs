@@ -456,6 +456,11 @@ impl Lapic {
         std::mem::take(&mut self.nmi_pending)
     }
 
+    /// Whether an NMI is latched (see [`Lapic::take_nmi`]), without clearing it.
+    pub fn nmi_pending(&self) -> bool {
+        self.nmi_pending
+    }
+
     /// Latches an NMI for the CPU (see [`Lapic::take_nmi`]).
     pub fn raise_nmi(&mut self) {
         self.nmi_pending = true;

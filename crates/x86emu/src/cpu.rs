@@ -209,6 +209,8 @@ pub struct Stats {
     pub exceptions: u64,
     /// External interrupts delivered.
     pub interrupts: u64,
+    /// Non-maskable interrupts delivered.
+    pub nmis: u64,
     /// Port I/O accesses.
     pub pio: u64,
     /// MMIO accesses.
@@ -298,6 +300,9 @@ pub struct Cpu {
     pub(crate) config: CpuConfig,
     /// Interrupts are inhibited for one instruction (after STI / MOV SS / POP SS).
     pub(crate) interrupt_shadow: bool,
+    /// NMIs are blocked: an NMI handler runs and has not executed IRET yet (Intel SDM Vol. 3
+    /// §6.7.1). Set when an NMI is delivered, cleared by IRET.
+    pub(crate) nmi_blocked: bool,
     pub(crate) halted: bool,
     /// Event counters (instructions, decodes, exceptions, interrupts, I/O, TLB misses).
     pub stats: Stats,
@@ -366,6 +371,7 @@ impl Cpu {
             mmu: Mmu::new(shared),
             config,
             interrupt_shadow: false,
+            nmi_blocked: false,
             halted: false,
             stats: Stats::default(),
             dcache: crate::decode::DecodeCache::new(),
@@ -434,6 +440,13 @@ impl Cpu {
     /// Whether the CPU sits in `hlt` waiting for an interrupt.
     pub fn is_halted(&self) -> bool {
         self.halted
+    }
+
+    /// Whether NMIs are blocked because an NMI handler has not yet executed IRET (Intel SDM
+    /// Vol. 3 §6.7.1). While they are, a latched NMI neither wakes the CPU from `hlt` nor is
+    /// taken ([`Bus::take_nmi`](crate::Bus::take_nmi) is not asked).
+    pub fn nmi_blocked(&self) -> bool {
+        self.nmi_blocked
     }
 
     /// The start RIPs of the last blocks entered, oldest first.

@@ -23,6 +23,15 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
         for (gpa, len) in bus.take_device_writes() {
             cpu.invalidate_code(gpa, len);
         }
+        // NMI window: whatever IF says, unless an NMI handler has not yet returned (IRET)
+        // or in an STI/MOV SS shadow (SDM Vol. 3 §6.7.1); NMIs come before INTR.
+        if !cpu.nmi_blocked && !cpu.interrupt_shadow && bus.take_nmi() {
+            cpu.halted = false;
+            cpu.stats.nmis += 1;
+            if let Err(e) = crate::interrupt::raise_nmi(cpu, bus) {
+                return e;
+            }
+        }
         // Interrupt window: IF set and not in an STI/MOV SS shadow.
         if cpu.rflags & IF != 0 && !cpu.interrupt_shadow && bus.interrupt_pending() {
             if let Some(v) = bus.ack_interrupt() {

@@ -164,6 +164,8 @@ pub(crate) fn iret(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> Res<
         Code::Iretq => 8,
         _ => 4,
     };
+    // IRET ends NMI blocking (SDM Vol. 3 §6.7.1): a latched NMI may be taken next.
+    cpu.nmi_blocked = false;
     cpu.check_irq = true;
     if cpu.cr0 & ctl::CR0_PE == 0 {
         let ip = cpu.peek(bus, 0, size)?;
@@ -409,6 +411,17 @@ pub(crate) fn raise_interrupt(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8) -> Resu
     }
 }
 
+/// Delivers a non-maskable interrupt: vector 2 through the IDT whatever RFLAGS.IF says, as
+/// an external event, and blocks further NMIs until the next IRET (Intel SDM Vol. 3 §6.7.1;
+/// a fault while delivering it follows the exception rules).
+pub(crate) fn raise_nmi(cpu: &mut Cpu, bus: &mut dyn Bus) -> Result<(), Exit> {
+    cpu.nmi_blocked = true;
+    match deliver(cpu, bus, 2, None, Source::External) {
+        Ok(()) => Ok(()),
+        Err(f) => raise_fault(cpu, bus, f),
+    }
+}
+
 /// INT n / INT3 / INTO / INT1: software interrupts. RIP already points past the instruction.
 pub(crate) fn soft_int(cpu: &mut Cpu, bus: &mut dyn Bus, vec: u8, exception_like: bool) -> Res<()> {
     let src = if exception_like && vec == 1 { Source::Exception } else { Source::Software };
@@ -462,4 +475,224 @@ pub(crate) fn sysret(cpu: &mut Cpu, insn: &Instruction) -> Res<()> {
         cpu.check_irq = true;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod nmi_tests {
+    use crate::cpu::{Cpu, Exit};
+    use crate::tests_support::long_mode_cpu;
+    use crate::Bus;
+    use iced_x86::code_asm::*;
+
+    const RAM: usize = 4 << 20;
+    const GDT: usize = 0x5000;
+    const IDT: usize = 0x6000;
+    const NMI_HANDLER: u64 = 0x7000;
+    const MAIN: u64 = 0x10000;
+    /// Nesting depth of the NMI handler (a dword the handler keeps).
+    const DEPTH: u64 = 0x9000;
+
+    /// An interrupt controller with an NMI latch; each `out` is recorded, and an `out` to
+    /// `latch_on_out` latches one more NMI (one arriving while the handler runs).
+    #[derive(Default)]
+    struct NmiBus {
+        latched: bool,
+        latch_on_out: Option<u16>,
+        outs: Vec<(u16, u8)>,
+    }
+
+    impl Bus for NmiBus {
+        fn io_in(&mut self, _: u16, _: u8) -> u32 {
+            !0
+        }
+        fn io_out(&mut self, port: u16, _: u8, value: u32) {
+            self.outs.push((port, value.to_le_bytes()[0]));
+            if self.latch_on_out == Some(port) {
+                self.latch_on_out = None;
+                self.latched = true;
+            }
+        }
+        fn mmio_read(&mut self, _: u64, _: u8) -> u64 {
+            !0
+        }
+        fn mmio_write(&mut self, _: u64, _: u8, _: u64) {}
+        fn interrupt_pending(&mut self) -> bool {
+            false
+        }
+        fn ack_interrupt(&mut self) -> Option<u8> {
+            None
+        }
+        fn now_ns(&mut self) -> u64 {
+            0
+        }
+        fn take_nmi(&mut self) -> bool {
+            std::mem::take(&mut self.latched)
+        }
+    }
+
+    fn put(ram: &mut [u8], at: u64, bytes: &[u8]) {
+        let at = usize::try_from(at).unwrap();
+        ram[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    fn asm(at: u64, f: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+        let mut a = CodeAssembler::new(64).unwrap();
+        f(&mut a);
+        a.assemble(at).unwrap()
+    }
+
+    /// A 64-bit CPU with a GDT (64-bit code at selector 8), an IDT whose vector 2 is an
+    /// interrupt gate to `handler`, and `main` at [`MAIN`].
+    fn cpu(ram: &mut [u8], handler: &[u8], main: &[u8]) -> Cpu {
+        put(ram, GDT as u64 + 8, &0x00af_9b00_0000_ffffu64.to_le_bytes());
+        let lo = (NMI_HANDLER & 0xffff) | (8 << 16) | (0x8e << 40) | ((NMI_HANDLER >> 16) << 48);
+        put(ram, IDT as u64 + 2 * 16, &lo.to_le_bytes());
+        put(ram, NMI_HANDLER, handler);
+        put(ram, MAIN, main);
+        let mut c = long_mode_cpu(ram);
+        c.gdtr_base = GDT as u64;
+        c.gdtr_limit = 15;
+        c.idtr_base = IDT as u64;
+        c.idtr_limit = 16 * 3 - 1;
+        c.gpr[4] = 0x8_0000;
+        c.rip = MAIN;
+        c
+    }
+
+    #[test]
+    fn nmi_is_taken_with_interrupts_disabled() {
+        let mut ram = vec![0u8; RAM];
+        let handler = asm(NMI_HANDLER, |a| {
+            a.mov(eax, 0x1234u32).unwrap();
+            a.hlt().unwrap();
+        });
+        // cli; a loop that never ends by itself.
+        let main = asm(MAIN, |a| {
+            let mut top = a.create_label();
+            a.cli().unwrap();
+            a.set_label(&mut top).unwrap();
+            a.inc(rbx).unwrap();
+            a.jmp(top).unwrap();
+        });
+        let mut c = cpu(&mut ram, &handler, &main);
+        let mut bus = NmiBus::default();
+        assert_eq!(c.run(&mut bus, 10_000), Exit::Budget);
+        assert!(!c.nmi_blocked());
+        bus.latched = true;
+        assert_eq!(c.run(&mut bus, 10_000), Exit::HaltedForever);
+        assert_eq!(c.gpr[0], 0x1234, "the NMI handler ran");
+        assert_eq!(c.stats.nmis, 1);
+        assert!(c.nmi_blocked(), "blocked until IRET");
+        // The frame: RIP inside the loop, CS 8, RFLAGS with IF clear, as an external event.
+        let stack_top = usize::try_from(c.gpr[4]).unwrap();
+        let frame: Vec<u64> = (0..5)
+            .map(|i| u64::from_le_bytes(ram[stack_top + 8 * i..stack_top + 8 * i + 8].try_into().unwrap()))
+            .collect();
+        assert!((MAIN + 1..MAIN + main.len() as u64).contains(&frame[0]), "{frame:x?}");
+        assert_eq!(frame[1], 8);
+        assert_eq!(frame[2] & crate::cpu::flags::IF, 0);
+        // The blocking is part of the CPU's state and survives a snapshot; older states
+        // (no field) read as not blocked.
+        let s = c.save_state();
+        assert!(s.nmi_blocked);
+        let mut json: serde_json::Value = serde_json::to_value(&s).unwrap();
+        json.as_object_mut().unwrap().remove("nmi_blocked");
+        let old: crate::CpuSnapshot = serde_json::from_value(json).unwrap();
+        assert!(!old.nmi_blocked);
+        let mut ram2 = ram.clone();
+        let mut d = long_mode_cpu(&mut ram2);
+        d.restore_state(&s).unwrap();
+        assert!(d.nmi_blocked());
+    }
+
+    /// The handler counts its nesting depth in [`DEPTH`] and reports it on port 0x80, then
+    /// returns with IRET; the main program reports 0xee on port 0x81 in a loop with IF clear.
+    fn counting_cpu(ram: &mut [u8]) -> Cpu {
+        let handler = asm(NMI_HANDLER, |a| {
+            a.inc(dword_ptr(DEPTH)).unwrap();
+            a.mov(eax, dword_ptr(DEPTH)).unwrap();
+            a.out(0x80, al).unwrap();
+            // Work after the `out`: an NMI latched by it must wait until the IRET.
+            for _ in 0..20 {
+                a.nop().unwrap();
+            }
+            a.dec(dword_ptr(DEPTH)).unwrap();
+            a.iretq().unwrap();
+        });
+        let main = asm(MAIN, |a| {
+            let mut top = a.create_label();
+            a.cli().unwrap();
+            a.set_label(&mut top).unwrap();
+            a.mov(al, 0xeeu32).unwrap();
+            a.out(0x81, al).unwrap();
+            a.jmp(top).unwrap();
+        });
+        cpu(ram, &handler, &main)
+    }
+
+    #[test]
+    fn a_second_nmi_waits_for_iret() {
+        let mut ram = vec![0u8; RAM];
+        let mut c = counting_cpu(&mut ram);
+        // One NMI now, and a second one arriving while its handler runs.
+        let mut bus = NmiBus { latched: true, latch_on_out: Some(0x80), outs: Vec::new() };
+        assert_eq!(c.run(&mut bus, 200), Exit::Budget);
+        let handler_outs: Vec<_> = bus.outs.iter().filter(|o| o.0 == 0x80).map(|o| o.1).collect();
+        assert_eq!(handler_outs, [1, 1], "the second NMI ran after the first handler's IRET, not nested in it");
+        assert_eq!(c.stats.nmis, 2);
+        assert!(!c.nmi_blocked());
+        // Between the two handlers nothing else ran (the latched NMI is taken right at the
+        // IRET), and the main program continued after both.
+        let first_main = bus.outs.iter().position(|o| o.0 == 0x81).unwrap();
+        assert_eq!(first_main, 2, "{:x?}", bus.outs);
+    }
+
+    #[test]
+    fn nmis_while_blocked_collapse_into_one() {
+        let mut ram = vec![0u8; RAM];
+        let mut c = counting_cpu(&mut ram);
+        let mut bus = NmiBus { latched: true, latch_on_out: None, outs: Vec::new() };
+        // Stop inside the handler, before its IRET: the NMI is blocked.
+        assert_eq!(c.run(&mut bus, 3), Exit::Budget);
+        assert!(c.nmi_blocked());
+        // Two more NMIs while blocked: the controller's one latch holds them as one.
+        bus.latched = true;
+        bus.latched = true;
+        assert_eq!(c.run(&mut bus, 200), Exit::Budget);
+        let handler_outs: Vec<_> = bus.outs.iter().filter(|o| o.0 == 0x80).map(|o| o.1).collect();
+        assert_eq!(handler_outs, [1, 1]);
+        assert_eq!(c.stats.nmis, 2);
+    }
+
+    #[test]
+    fn nmi_wakes_a_halted_cpu() {
+        for sti in [true, false] {
+            let mut ram = vec![0u8; RAM];
+            let handler = asm(NMI_HANDLER, |a| {
+                a.mov(ecx, 0x55u32).unwrap();
+                a.iretq().unwrap();
+            });
+            let main = asm(MAIN, |a| {
+                if sti {
+                    a.sti().unwrap();
+                } else {
+                    a.cli().unwrap();
+                }
+                a.hlt().unwrap();
+                a.mov(ebx, 7u32).unwrap();
+                a.cli().unwrap();
+                a.hlt().unwrap();
+            });
+            let mut c = cpu(&mut ram, &handler, &main);
+            let mut bus = NmiBus::default();
+            let halted = if sti { Exit::Halted } else { Exit::HaltedForever };
+            assert_eq!(c.run(&mut bus, 100), halted);
+            assert!(c.is_halted());
+            assert_eq!(c.run(&mut bus, 100), halted, "nothing pending: still halted");
+            bus.latched = true;
+            assert_eq!(c.run(&mut bus, 100), Exit::HaltedForever, "sti={sti}");
+            assert_eq!((c.gpr[1], c.gpr[3]), (0x55, 7), "the handler ran, then the code after hlt (sti={sti})");
+            assert_eq!(c.stats.nmis, 1);
+        }
+    }
 }

@@ -79,6 +79,16 @@ pub trait Bus {
     fn ack_interrupt(&mut self) -> Option<u8>;
     /// Guest time in nanoseconds since the VM started; drives the TSC.
     fn now_ns(&mut self) -> u64;
+    /// Takes a non-maskable interrupt latched for this CPU (an NMI IPI, an IOAPIC or MSI
+    /// message with NMI delivery), clearing the latch. The CPU
+    /// asks only when it can take one at once (not while an NMI handler runs, i.e. before
+    /// its IRET, nor in an STI/MOV SS shadow; Intel SDM Vol. 3 §6.7.1), so an NMI that
+    /// arrives while blocked stays latched in the interrupt controller, and further ones
+    /// collapse into it, as on hardware. It asks regardless of RFLAGS.IF, whenever it looks
+    /// at the interrupt line. The default has none.
+    fn take_nmi(&mut self) -> bool {
+        false
+    }
     /// Guest RAM written by devices (DMA) since the last call, as `(GPA, length in bytes)`
     /// ranges. The CPU retires code it decoded from those pages before it next looks at the
     /// interrupt line, so a device must report its writes before it raises the interrupt

@@ -4,8 +4,8 @@
 //! process: the architectural registers (GPRs, RIP, RFLAGS, segment registers with their
 //! hidden descriptor caches, LDTR, TR, GDTR, IDTR, control and debug registers, XCR0, EFER),
 //! every MSR the emulator keeps ([`Msrs`]), the x87/SSE state ([`FpuState`]), the
-//! `hlt` and interrupt-shadow (STI / MOV SS) flags, and the CPU's static configuration
-//! (TSC frequency and APIC ID, which CPUID reports). [`Cpu::restore_state`] loads it back
+//! `hlt`, interrupt-shadow (STI / MOV SS) and NMI-blocking flags, and the CPU's static
+//! configuration (TSC frequency and APIC ID, which CPUID reports). [`Cpu::restore_state`] loads it back
 //! after checking it, and drops every cached translation and decoded block.
 //!
 //! Deliberately *not* saved (host-side or derived data, rebuilt on demand):
@@ -89,6 +89,12 @@ pub struct CpuSnapshot {
     pub halted: bool,
     /// Interrupts are inhibited for one instruction (after STI, MOV SS or POP SS).
     pub interrupt_shadow: bool,
+    /// NMIs are blocked: an NMI handler has not executed IRET yet (Intel SDM Vol. 3
+    /// §6.7.1). Absent in states saved before NMI delivery, where it is `false` (the CPU
+    /// never took an NMI). A latched NMI waiting behind it is the interrupt controller's
+    /// state, not the CPU's.
+    #[serde(default)]
+    pub nmi_blocked: bool,
     /// TSC frequency in Hz (CPUID leaf 0x15/0x16 and the RDTSC rate); non-zero.
     pub tsc_hz: u64,
     /// APIC ID reported by CPUID leaf 1.
@@ -197,6 +203,7 @@ impl Cpu {
             fpu: self.fpu.clone(),
             halted: self.halted,
             interrupt_shadow: self.interrupt_shadow,
+            nmi_blocked: self.nmi_blocked,
             tsc_hz: self.config.tsc_hz,
             apic_id: self.config.apic_id,
         }
@@ -232,6 +239,7 @@ impl Cpu {
         self.fpu = s.fpu.clone();
         self.halted = s.halted;
         self.interrupt_shadow = s.interrupt_shadow;
+        self.nmi_blocked = s.nmi_blocked;
         self.config = CpuConfig { tsc_hz: s.tsc_hz, apic_id: s.apic_id, cpus: self.config.cpus };
         // Run-loop scratch state: look at the interrupt line before the first instruction.
         self.check_irq = true;

@@ -137,7 +137,14 @@ impl Vm for EmuVm {
         if created.swap(true, Ordering::AcqRel) {
             return Err(Error::Unsupported(format!("vCPU {id} exists already")));
         }
-        let ic = ChipInterrupts { chip: self.chip.clone(), cpu: usize::from(id), wakeups: self.wakeups.clone() };
+        let nmi_hint = self.lock_chip().nmi_hint();
+        let ic = ChipInterrupts {
+            chip: self.chip.clone(),
+            cpu: usize::from(id),
+            wakeups: self.wakeups.clone(),
+            nmi_bit: 1u64.checked_shl(u32::from(id)).unwrap_or(0),
+            nmi_hint,
+        };
         let cpus = u8::try_from(n).unwrap_or(u8::MAX);
         let mut cpu = EmuVcpu::with_shared(self.shared.clone(), Box::new(ic), self.clock.clone(), TSC_HZ, id, cpus)
             .with_wakeup(wakeup.clone());
@@ -233,11 +240,20 @@ struct ChipInterrupts {
     chip: Arc<Mutex<EmuIrqchip>>,
     cpu: usize,
     wakeups: Arc<[Arc<Wakeup>]>,
+    /// The chip's NMI hint word (`EmuIrqchip::nmi_hint`) and this vCPU's bit in it (0 for
+    /// a vCPU from 64 on, which always asks the chip).
+    nmi_hint: Arc<std::sync::atomic::AtomicU64>,
+    nmi_bit: u64,
 }
 
 impl ChipInterrupts {
     fn lock(&self) -> std::sync::MutexGuard<'_, EmuIrqchip> {
         self.chip.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether an NMI may be latched for this vCPU (no lock taken).
+    fn maybe_nmi(&self) -> bool {
+        self.nmi_bit == 0 || self.nmi_hint.load(Ordering::Acquire) & self.nmi_bit != 0
     }
 }
 
@@ -256,6 +272,12 @@ impl InterruptController for ChipInterrupts {
         };
         wake(&self.wakeups, kicks & !(1u64.checked_shl(u32::try_from(self.cpu).unwrap_or(64)).unwrap_or(0)));
         next
+    }
+    fn take_nmi(&mut self) -> bool {
+        self.maybe_nmi() && self.lock().take_nmi_for(self.cpu)
+    }
+    fn nmi_pending(&mut self) -> bool {
+        self.maybe_nmi() && self.lock().nmi_pending_for(self.cpu)
     }
     fn take_startup(&mut self) -> devices::Startup {
         self.lock().take_startup(self.cpu)
@@ -535,5 +557,135 @@ mod tests {
         vm.msi_sink().send_msi(0xfee0_2000, 0x42);
         assert_eq!((rung(0), rung(1), rung(2)), (false, false, true));
         assert!(vmm.mmio.is_empty(), "LAPIC accesses never reach the VMM");
+    }
+
+    use crate::RamRegion;
+
+    /// Guest RAM for a test VM: zeroed, 4 KiB aligned, freed on drop.
+    struct TestRam {
+        ptr: *mut u8,
+        layout: std::alloc::Layout,
+    }
+
+    impl TestRam {
+        fn new(size: usize) -> TestRam {
+            let layout = std::alloc::Layout::from_size_align(size, 4096).unwrap();
+            // SAFETY: the layout has a non-zero size.
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+            assert!(!ptr.is_null());
+            TestRam { ptr, layout }
+        }
+        fn write(&self, gpa: u64, bytes: &[u8]) {
+            assert!(gpa as usize + bytes.len() <= self.layout.size());
+            // SAFETY: in bounds (checked above) of the allocation this struct owns.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(gpa as usize), bytes.len()) };
+        }
+        fn regions(&self) -> Vec<RamRegion> {
+            vec![RamRegion { gpa: 0, size: self.layout.size() as u64, host_addr: self.ptr }]
+        }
+    }
+
+    impl Drop for TestRam {
+        fn drop(&mut self) {
+            // SAFETY: allocated in `new` with this layout; the VM using it is gone by now
+            // (each test drops its VM and vCPUs before the RAM).
+            unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+        }
+    }
+
+    /// Port writes `(port, first byte)` of a vCPU, shared with the test thread.
+    #[derive(Clone, Default)]
+    struct PortLog(Arc<Mutex<Vec<(u16, u8)>>>);
+
+    impl ExitHandler for PortLog {
+        fn pio_read(&mut self, _port: u16, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn pio_write(&mut self, port: u16, data: &[u8]) {
+            self.0.lock().unwrap().push((port, data.first().copied().unwrap_or(0)));
+        }
+        fn mmio_read(&mut self, _gpa: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn mmio_write(&mut self, _gpa: u64, _data: &[u8]) {}
+    }
+
+    impl PortLog {
+        fn wait_for(&self, n: usize) -> Vec<(u16, u8)> {
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let got = self.0.lock().unwrap().clone();
+                if got.len() >= n || std::time::Instant::now() > end {
+                    return got;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// An NMI IPI from vCPU 0 reaches vCPU 1 through the irqchip: it wakes vCPU 1 from
+    /// `cli; hlt` (which on an application processor waits, it does not end the VM), runs
+    /// the NMI handler (real-mode IVT entry 2) and returns after the `hlt`.
+    #[test]
+    fn an_nmi_ipi_wakes_an_application_processor_from_cli_hlt() {
+        use iced_x86::code_asm::*;
+        let ram = TestRam::new(1 << 20);
+        // vCPU 1 starts at 0800:0000 (SIPI vector 8): report 1, `cli; hlt`, report 2, park.
+        let mut a = CodeAssembler::new(16).unwrap();
+        a.cli().unwrap();
+        a.mov(al, 1u32).unwrap();
+        a.out(0x99, al).unwrap();
+        a.hlt().unwrap();
+        a.mov(al, 2u32).unwrap();
+        a.out(0x99, al).unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+        ram.write(0x8000, &a.assemble(0x8000).unwrap());
+        // NMI handler at 0000:9000: report 0x4e, IRET.
+        let mut h = CodeAssembler::new(16).unwrap();
+        h.mov(al, 0x4eu32).unwrap();
+        h.out(0x98, al).unwrap();
+        h.iret().unwrap();
+        ram.write(0x9000, &h.assemble(0x9000).unwrap());
+        ram.write(2 * 4, &0x0000_9000u32.to_le_bytes());
+
+        let regions = ram.regions();
+        let vm = EmuVm::new(&VmSpec { ram: &regions, clock: Arc::new(|| 0), cpus: 2 }).unwrap();
+        let mut ap = vm.create_vcpu(1).unwrap();
+        let stop = ap.stopper();
+        let log = PortLog::default();
+        let (mut handler, exits) = (log.clone(), Arc::new(Mutex::new(Vec::new())));
+        let thread_exits = exits.clone();
+        let t = std::thread::spawn(move || loop {
+            match ap.run(&mut handler) {
+                Ok(VcpuExit::Interrupted) if stop_requested(&thread_exits) => return,
+                Ok(VcpuExit::Interrupted) => {}
+                other => thread_exits.lock().unwrap().push(format!("{other:?}")),
+            }
+        });
+        let mut vmm = Vmm::default();
+        let mut bsp =
+            PlatformExits { lapic: Some((0, &vm.chip, &vm.wakeups)), pio: &vm.pio, mmio: &vm.mmio, vmm: &mut vmm };
+        bsp.mmio_write(0xfee0_0310, &(1u32 << 24).to_le_bytes());
+        bsp.mmio_write(0xfee0_0300, &0x4500u32.to_le_bytes()); // INIT
+        bsp.mmio_write(0xfee0_0300, &0x4608u32.to_le_bytes()); // STARTUP at 0x8000
+        assert_eq!(log.wait_for(1), [(0x99, 1)]);
+        // vCPU 1 is in `cli; hlt` now (or about to be): nothing more happens by itself.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(log.0.lock().unwrap().len(), 1);
+        assert!(exits.lock().unwrap().is_empty(), "cli; hlt on an AP does not end the VM");
+        bsp.mmio_write(0xfee0_0300, &0x0400u32.to_le_bytes()); // NMI
+        assert_eq!(log.wait_for(3), [(0x99, 1), (0x98, 0x4e), (0x99, 2)]);
+        assert!(!vm.lock_chip().nmi_pending_for(1), "taken");
+        exits.lock().unwrap().push("stop".into());
+        stop.stop();
+        t.join().unwrap();
+        assert_eq!(*exits.lock().unwrap(), ["stop"]);
+        // The VM (and with it the vCPU's RAM mapping) goes before the RAM.
+        drop(vm);
+    }
+
+    fn stop_requested(exits: &Mutex<Vec<String>>) -> bool {
+        exits.lock().unwrap().last().is_some_and(|e| e == "stop")
     }
 }
