@@ -217,7 +217,7 @@ mod tests {
         assert!(!pid_alive(pid));
         let st = std::process::Command::new("sh").args(["-c", "exit 3"]).status().unwrap();
         assert_eq!(describe_exit(st), "exited with status 3");
-        let st = Command::new("sh").args(["-c", "exit 159"]).status().unwrap();
+        let st = std::process::Command::new("sh").args(["-c", "exit 159"]).status().unwrap();
         assert_eq!(describe_exit(st), "exited with status 159 (a forbidden system call: seccomp)");
     }
 }
