@@ -380,7 +380,10 @@ impl<S: Storage> Allocator<S> {
     ) -> io::Result<PendingClusters> {
         let mut index = self.first_free_cluster;
         loop {
-            if end_cluster == Some(index) {
+            // `>=`, not `==`: in a corrupt image (a refcount table without the refblock that
+            // covers clusters in use) the search may start past `end_cluster`, and would then
+            // come back to the refblock being created, recursing until the stack overflows.
+            if end_cluster.is_some_and(|end| index >= end) {
                 return Err(io::Error::other("Maximum cluster index reached"));
             }
 
@@ -544,6 +547,17 @@ impl<S: Storage> Allocator<S> {
         } else {
             // Place the refblock such that it covers itself.  Its refcount is stored only in
             // itself, so until it is referenced, there is nothing that could be leaked.
+            //
+            // Only past the end of the file: a range with no refblock holds no cluster in use
+            // in a consistent image, so it lies beyond the file's end.  Inside the file, the
+            // refcount table is missing a refblock for clusters in use (cluster 0, the header,
+            // for the first one): writing there would overwrite them.
+            let file_end = self.file.size()?;
+            if rb_cluster.offset(self.header.cluster_bits()).0 < file_end {
+                return Err(invalid_data(format!(
+                    "Refcount table entry {rt_index} has no refcount block, but the clusters it covers are part of the image file; the image is corrupt"
+                )));
+            }
             new_rb.set_cluster(rb_cluster);
             new_rb.lock_write().await.increment(0)?;
             None
