@@ -1,8 +1,5 @@
 #![no_main]
-//! Fuzz target `kernel_loader`: see crates/fuzzing (its body and input layout).
+//! Fuzz target `kernel_loader`: its body and input layout are `fuzzing::loader::run` (crates/fuzzing),
+//! which `fuzzing::TARGETS` lists under the same name for the corpus replay on stable.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Some(body) = fuzzing::target("kernel_loader") {
-        body(data);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzzing::loader::run(data));

@@ -1,8 +1,5 @@
 #![no_main]
-//! Fuzz target `legacy_devices`: see crates/fuzzing (its body and input layout).
+//! Fuzz target `legacy_devices`: its body and input layout are `fuzzing::legacy::run` (crates/fuzzing),
+//! which `fuzzing::TARGETS` lists under the same name for the corpus replay on stable.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Some(body) = fuzzing::target("legacy_devices") {
-        body(data);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzzing::legacy::run(data));

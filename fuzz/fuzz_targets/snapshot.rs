@@ -1,8 +1,5 @@
 #![no_main]
-//! Fuzz target `snapshot`: see crates/fuzzing (its body and input layout).
+//! Fuzz target `snapshot`: its body and input layout are `fuzzing::snapshot::run` (crates/fuzzing),
+//! which `fuzzing::TARGETS` lists under the same name for the corpus replay on stable.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Some(body) = fuzzing::target("snapshot") {
-        body(data);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzzing::snapshot::run(data));

@@ -1,8 +1,5 @@
 #![no_main]
-//! Fuzz target `x86emu`: see crates/fuzzing (its body and input layout).
+//! Fuzz target `x86emu`: its body and input layout are `fuzzing::emu::run` (crates/fuzzing),
+//! which `fuzzing::TARGETS` lists under the same name for the corpus replay on stable.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Some(body) = fuzzing::target("x86emu") {
-        body(data);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzzing::emu::run(data));

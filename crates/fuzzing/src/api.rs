@@ -3,7 +3,7 @@
 //! options that become the same configuration (`crates/api-types`), and the daemon's side of
 //! the VMM's answers (a VMM is a separate, less trusted process).
 //!
-//! Input: byte 0 picks what the rest is (`% N`, see [`vmm`] and [`daemon`]); the rest is a
+//! Input: byte 0 picks what the rest is (`% N`, see [`vmm()`] and [`daemon()`]); the rest is a
 //! request body, a request target or an option string (UTF-8 where text is wanted: invalid
 //! UTF-8 is refused as a server would refuse it).
 //!

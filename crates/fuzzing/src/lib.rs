@@ -39,27 +39,28 @@ use std::sync::OnceLock;
 pub type Body = fn(&[u8]);
 
 /// Every fuzz target: its name (the `fuzz/fuzz_targets/<name>.rs` file and the
-/// `fuzz/corpus/<name>/` folder) and its body.
-pub const TARGETS: &[(&str, Body)] = &[
-    ("virtio_blk", virtio_dev::blk),
-    ("virtio_net", virtio_dev::net),
-    ("virtio_vsock", virtio_dev::vsock),
-    ("virtio_rng", virtio_dev::rng),
-    ("virtio_console", virtio_dev::console),
-    ("virtio_balloon", virtio_dev::balloon),
-    ("virtio_pci", virtio_pci::run),
-    ("legacy_devices", legacy::run),
-    ("x86emu", emu::run),
-    ("api_vmm", api::vmm),
-    ("api_daemon", api::daemon),
-    ("snapshot", snapshot::run),
-    ("kernel_loader", loader::run),
-    ("qcow2", qcow2::run),
+/// `fuzz/corpus/<name>/` folder), the path of its body in this crate (which that file calls)
+/// and the body.
+pub const TARGETS: &[(&str, &str, Body)] = &[
+    ("virtio_blk", "virtio_dev::blk", virtio_dev::blk),
+    ("virtio_net", "virtio_dev::net", virtio_dev::net),
+    ("virtio_vsock", "virtio_dev::vsock", virtio_dev::vsock),
+    ("virtio_rng", "virtio_dev::rng", virtio_dev::rng),
+    ("virtio_console", "virtio_dev::console", virtio_dev::console),
+    ("virtio_balloon", "virtio_dev::balloon", virtio_dev::balloon),
+    ("virtio_pci", "virtio_pci::run", virtio_pci::run),
+    ("legacy_devices", "legacy::run", legacy::run),
+    ("x86emu", "emu::run", emu::run),
+    ("api_vmm", "api::vmm", api::vmm),
+    ("api_daemon", "api::daemon", api::daemon),
+    ("snapshot", "snapshot::run", snapshot::run),
+    ("kernel_loader", "loader::run", loader::run),
+    ("qcow2", "qcow2::run", qcow2::run),
 ];
 
 /// The body of target `name`, if there is one.
 pub fn target(name: &str) -> Option<Body> {
-    TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+    TARGETS.iter().find(|(n, _, _)| *n == name).map(|(_, _, f)| *f)
 }
 
 /// A folder of this process's own for the files a target needs (disk images, sockets,

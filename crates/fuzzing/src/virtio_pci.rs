@@ -11,9 +11,10 @@
 //!
 //! Operation kinds (`kind % 8`): 0 write CONFIG_ADDRESS (the value's low 32 bits), 1 read
 //! and 2 write CONFIG_DATA at byte `offset & 3`, 3 read and 4 write BAR 0 at `offset` (BAR
-//! 0 at its initial base; the guest may move it), 5 serve the device's ready events, 6 save
-//! the transport's state and restore it (a restore of a state the transport saved must
-//! succeed), 7 quiesce and resume the device (a snapshot). Sizes are `1 << (size % 4)` bytes.
+//! 0 at its initial base; the guest may move it), 5 serve the device's ready events, 6 a
+//! snapshot: quiesce, save the transport's state, resume, and restore the state into a fresh
+//! transport of the same device (which must accept it) and resume that one, 7 quiesce and
+//! resume the device. Sizes are `1 << (size % 4)` bytes.
 
 use std::sync::{Arc, Mutex};
 
@@ -68,7 +69,8 @@ pub fn run(data: &[u8]) {
 pub fn served(data: &[u8]) -> u64 {
     inline::enable();
     let mut i = Input::new(data);
-    let Some(dev) = device(i.u8()) else { return 0 };
+    let kind_byte = i.u8();
+    let Some(dev) = device(kind_byte) else { return 0 };
     let n = usize::from(i.u8());
     let ops = i.bytes(n * 12);
     let image = i.rest();
@@ -76,7 +78,7 @@ pub fn served(data: &[u8]) -> u64 {
     let mem: GuestMem = mem;
     let _ = mem.write_slice(image.get(..image.len().min(0x30000)).unwrap_or_default(), GuestAddress(0));
     let pci_dev =
-        Arc::new(Mutex::new(VirtioPci::new(dev, BAR_BASE, mem, Arc::new(Sink), Arc::new(DmaLog::default()), None)));
+        Arc::new(Mutex::new(VirtioPci::new(dev, BAR_BASE, mem.clone(), Arc::new(Sink), Arc::new(DmaLog::default()), None)));
     let mut bus = PciBus::new();
     if bus.add(pci_dev.clone()).is_none() {
         return 0;
@@ -108,11 +110,22 @@ pub fn served(data: &[u8]) -> u64 {
                 inline::run(16);
             }
             6 => {
-                let mut d = pci_dev.lock().unwrap_or_else(|e| e.into_inner());
-                let saved = d.save_state();
-                if let Err(e) = d.restore_state(&saved) {
+                // A snapshot: the state saved from the quiesced transport goes into a fresh
+                // one, as `vm.restore` does, which must accept it and resume from it.
+                let saved = {
+                    let mut d = pci_dev.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = d.quiesce(std::time::Duration::ZERO);
+                    let saved = d.save_state();
+                    d.resume_device();
+                    saved
+                };
+                let Some(dev) = device(kind_byte) else { continue };
+                let mut fresh = VirtioPci::new(dev, BAR_BASE, mem.clone(), Arc::new(Sink), Arc::new(DmaLog::default()), None);
+                if let Err(e) = fresh.restore_state(&saved) {
                     panic!("virtio-pci refused a state it saved itself: {e}");
                 }
+                fresh.resume_device();
+                inline::run(16);
             }
             _ => {
                 let mut d = pci_dev.lock().unwrap_or_else(|e| e.into_inner());

@@ -22,7 +22,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 fn every_target_replays_its_corpus() {
     let root = corpus_root();
     let mut total = 0;
-    for (name, body) in fuzzing::TARGETS {
+    for (name, _, body) in fuzzing::TARGETS {
         let dir = root.join(name);
         let inputs = files(&dir);
         assert!(!inputs.is_empty(), "{}: no corpus (run the ignored test write_seeds)", dir.display());
@@ -42,10 +42,12 @@ fn every_target_replays_its_corpus() {
 #[test]
 fn every_target_has_a_fuzz_target_file() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/fuzz_targets");
-    for (name, _) in fuzzing::TARGETS {
+    for (name, path, _) in fuzzing::TARGETS {
         let f = dir.join(format!("{name}.rs"));
         let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-        assert!(text.contains(&format!("fuzzing::target(\"{name}\")")), "{} does not run its body", f.display());
+        assert!(text.contains(&format!("fuzzing::{path}(data)")), "{} does not run fuzzing::{path}", f.display());
+        let listed = std::fs::read_to_string(dir.join("../Cargo.toml")).unwrap();
+        assert!(listed.contains(&format!("name = \"{name}\"")), "fuzz/Cargo.toml has no [[bin]] {name}");
     }
 }
 
