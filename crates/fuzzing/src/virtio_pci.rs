@@ -77,8 +77,14 @@ pub fn served(data: &[u8]) -> u64 {
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else { return 0 };
     let mem: GuestMem = mem;
     let _ = mem.write_slice(image.get(..image.len().min(0x30000)).unwrap_or_default(), GuestAddress(0));
-    let pci_dev =
-        Arc::new(Mutex::new(VirtioPci::new(dev, BAR_BASE, mem.clone(), Arc::new(Sink), Arc::new(DmaLog::default()), None)));
+    let pci_dev = Arc::new(Mutex::new(VirtioPci::new(
+        dev,
+        BAR_BASE,
+        mem.clone(),
+        Arc::new(Sink),
+        Arc::new(DmaLog::default()),
+        None,
+    )));
     let mut bus = PciBus::new();
     if bus.add(pci_dev.clone()).is_none() {
         return 0;
@@ -120,7 +126,8 @@ pub fn served(data: &[u8]) -> u64 {
                     saved
                 };
                 let Some(dev) = device(kind_byte) else { continue };
-                let mut fresh = VirtioPci::new(dev, BAR_BASE, mem.clone(), Arc::new(Sink), Arc::new(DmaLog::default()), None);
+                let mut fresh =
+                    VirtioPci::new(dev, BAR_BASE, mem.clone(), Arc::new(Sink), Arc::new(DmaLog::default()), None);
                 if let Err(e) = fresh.restore_state(&saved) {
                     panic!("virtio-pci refused a state it saved itself: {e}");
                 }
