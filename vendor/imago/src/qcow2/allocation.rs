@@ -548,14 +548,12 @@ impl<S: Storage> Allocator<S> {
             // Place the refblock such that it covers itself.  Its refcount is stored only in
             // itself, so until it is referenced, there is nothing that could be leaked.
             //
-            // Only past the end of the file: a range with no refblock holds no cluster in use
-            // in a consistent image, so it lies beyond the file's end.  Inside the file, the
-            // refcount table is missing a refblock for clusters in use (cluster 0, the header,
-            // for the first one): writing there would overwrite them.
-            let file_end = self.file.size()?;
-            if rb_cluster.offset(self.header.cluster_bits()).0 < file_end {
+            // Never over cluster 0: it holds the header, so the first refblock always exists
+            // in a consistent image (even after a crash). A refcount table without it is
+            // corrupt, and writing the refblock there would destroy the header.
+            if rb_cluster.0 == 0 {
                 return Err(invalid_data(format!(
-                    "Refcount table entry {rt_index} has no refcount block, but the clusters it covers are part of the image file; the image is corrupt"
+                    "Refcount table entry {rt_index} has no refcount block, but it covers the image header; the image is corrupt"
                 )));
             }
             new_rb.set_cluster(rb_cluster);
