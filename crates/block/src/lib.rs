@@ -825,6 +825,23 @@ mod tests {
         create_qcow2(path, size, backing).unwrap();
     }
 
+    /// A qcow2 image whose refcount table lacks the refblock for clusters in use (here: cut
+    /// after its header, so the table reads as zeros) fails a write that needs a new cluster
+    /// with an error; it used to recurse in imago's allocator until the stack overflowed
+    /// (found by the `qcow2` fuzz target).
+    #[test]
+    fn qcow2_without_its_first_refblock_fails_writes() {
+        let dir = TempDir::new();
+        let p = dir.join("cut.qcow2");
+        qcow2_file(&p, 16 << 20, None);
+        std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(512).unwrap();
+        let img = DiskImage::open(&p, Format::Qcow2, false).unwrap();
+        assert!(img.write_at(0, &[0x5a; 4096]).is_err());
+        let mut buf = [1u8; 512];
+        img.read_at(1 << 20, &mut buf).unwrap();
+        assert_eq!(buf, [0; 512], "unallocated clusters still read as zeros");
+    }
+
     /// Allocated bytes of the file at `p` (st_blocks × 512).
     fn allocated(p: &Path) -> u64 {
         use std::os::unix::fs::MetadataExt;

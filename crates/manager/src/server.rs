@@ -130,6 +130,28 @@ fn match_template<'p>(template: &str, path: &'p str) -> Option<Params<'p>> {
     }
 }
 
+/// The request-target handling the server does before any operation, for the fuzz targets
+/// (`crates/fuzzing`): matches `target` (`path[?query]`) against [`ROUTES`] for `method`,
+/// checks the `{name}` segment and parses the query string as the routes do. Returns the
+/// route template served, or `None` where the server answers 404, 405 or 400.
+#[doc(hidden)]
+pub fn fuzz_request_target(method: &str, target: &str) -> Option<&'static str> {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (_, template, params) = ROUTES
+        .iter()
+        .filter_map(|(m, t)| match_template(t, path).map(|p| (*m, *t, p)))
+        .find(|(m, _, _)| *m == method)?;
+    if template.contains("{name}") {
+        Service::check_name(params.name).ok()?;
+    }
+    let q = Query::parse(query).ok()?;
+    events_query(&q).ok()?;
+    q.flag("force").ok()?;
+    q.number("cpus", 0, 1024).ok()?;
+    q.number("disk_bytes", 0, i64::MAX).ok()?;
+    Some(template)
+}
+
 /// What the server answers with: a whole body, or the event stream of `?follow=1`.
 pub type Out = Response<Either<Full<Bytes>, EventStream>>;
 

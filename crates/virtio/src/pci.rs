@@ -428,7 +428,17 @@ impl VirtioPci {
             0x16 => self.queue_select = low_u16(v),
             0x18 if !active => {
                 if let Some(q) = self.queues.get_mut(qs) {
-                    q.size = low_u16(v).min(q.max);
+                    // A split virtqueue's size is a power of 2 (virtio 1.2 §2.7; the driver
+                    // MUST NOT write anything else, §4.1.4.3.2): other values, 0 included, are
+                    // ignored, as QEMU ignores 0. Accepting them let a guest enable a queue
+                    // that no restore accepts, so its VM's snapshots could not be restored
+                    // (found by the virtio_pci fuzz target).
+                    let size = low_u16(v).min(q.max);
+                    if size.is_power_of_two() {
+                        q.size = size;
+                    } else {
+                        tracing::debug!("virtio-pci: queue {qs}: size {} ignored (not a power of 2)", low_u16(v));
+                    }
                 }
             }
             0x1a => {
@@ -1236,10 +1246,15 @@ mod tests {
         w(&mut dev, 0x14, 15, 1);
         assert_ne!(r(&mut dev, 0x14, 1) as u8 & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (0xfee0_0000, 0x30));
-        // Queue sizes above the maximum are clamped; out-of-range vectors read NO_VECTOR.
+        // Queue sizes above the maximum are clamped; sizes that are not a power of 2 (0
+        // included) are ignored; out-of-range vectors read NO_VECTOR.
         reset_and_wait(&mut dev);
         w(&mut dev, 0x18, 4096, 2);
         assert_eq!(r(&mut dev, 0x18, 2), 256);
+        w(&mut dev, 0x18, 16, 2);
+        w(&mut dev, 0x18, 0, 2);
+        w(&mut dev, 0x18, 24, 2);
+        assert_eq!(r(&mut dev, 0x18, 2), 16);
         w(&mut dev, 0x1a, 77, 2);
         assert_eq!(r(&mut dev, 0x1a, 2), u64::from(NO_VECTOR));
     }

@@ -45,6 +45,11 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 thread_local! {
     static SPAWNED: Cell<u64> = const { Cell::new(0) };
+    /// [`inline::enable`] was called on this thread.
+    static INLINE: Cell<bool> = const { Cell::new(false) };
+    /// The activations served inline on this thread (see [`inline`]).
+    static INLINE_SLOTS: std::cell::RefCell<Vec<std::sync::Weak<dyn inline::Poll>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Worker threads started by calls made on the calling thread (a vCPU, a test): a count that
@@ -184,6 +189,21 @@ struct Active<H> {
     epoll: Arc<Epoll>,
 }
 
+impl<H: Handler> Active<H> {
+    /// Hands one epoll event (a queue kick or a device fd's readiness) to the handler.
+    fn dispatch(&mut self, token: u64, events: EventSet) {
+        if token < FIRST_DEVICE_TOKEN {
+            let Ok(q) = usize::try_from(token) else { return };
+            if let Some(e) = self.queue_evts.get(q) {
+                let _ = e.read();
+                self.handler.queue_event(q, &EpollCtl { epoll: &self.epoll });
+            }
+        } else {
+            self.handler.fd_event(token, events, &EpollCtl { epoll: &self.epoll });
+        }
+    }
+}
+
 /// What the thread serves, shared with the [`Worker`] so that an idle thread's handler can be
 /// dropped without waiting for it. The thread holds the lock while it runs the handler.
 struct Slot<H> {
@@ -216,6 +236,9 @@ impl<H> Thread<H> {
 pub struct Worker<H: Handler> {
     name: String,
     thread: Option<Thread<H>>,
+    /// Inline mode ([`inline`]): the activation, served on the thread that calls
+    /// [`inline::run`] instead of a worker thread.
+    inline: Option<Arc<Mutex<Slot<H>>>>,
     /// A handler was handed over and not reset since.
     active: bool,
     /// How long [`Worker::shutdown`] waits for the thread ([`EXIT_TIMEOUT`]).
@@ -226,9 +249,13 @@ impl<H: Handler> Worker<H> {
     /// A worker whose thread, named `name`, starts now; if it cannot (out of threads), the
     /// first activation tries again and reports the error.
     pub fn new(name: &str) -> Worker<H> {
-        let mut w = Worker { name: name.to_string(), thread: None, active: false, exit_timeout: EXIT_TIMEOUT };
-        if let Err(e) = w.start() {
-            tracing::warn!("{name}: cannot start the worker thread yet: {e}");
+        let mut w =
+            Worker { name: name.to_string(), thread: None, inline: None, active: false, exit_timeout: EXIT_TIMEOUT };
+        // In inline mode (fuzzing) the device is served on the calling thread: no thread.
+        if !INLINE.with(Cell::get) {
+            if let Err(e) = w.start() {
+                tracing::warn!("{name}: cannot start the worker thread yet: {e}");
+            }
         }
         w
     }
@@ -271,8 +298,42 @@ impl<H: Handler> Worker<H> {
     /// Errors: the thread, its epoll set or its eventfd could not be created, or the thread
     /// has ended (its epoll set failed).
     pub fn activate(&mut self, queue_evts: Vec<EventFd>, handler: H) -> io::Result<()> {
+        if self.inline.is_some() || INLINE.with(Cell::get) {
+            return self.activate_inline(queue_evts, handler);
+        }
         let t = self.start()?;
         t.send(Command::Activate { queue_evts, handler })?;
+        self.active = true;
+        Ok(())
+    }
+
+    /// [`Worker::activate`] in inline mode: the handler is initialised here, on the calling
+    /// thread, and served by [`inline::run`] on this thread.
+    fn activate_inline(&mut self, queue_evts: Vec<EventFd>, mut handler: H) -> io::Result<()> {
+        let slot = match &self.inline {
+            Some(s) => s.clone(),
+            None => {
+                let s = Arc::new(Mutex::new(Slot { active: None, generation: 0 }));
+                let weak: std::sync::Weak<dyn inline::Poll> = Arc::downgrade(&s) as std::sync::Weak<Mutex<Slot<H>>>;
+                INLINE_SLOTS.with(|v| {
+                    let mut v = v.borrow_mut();
+                    v.retain(|w| w.strong_count() > 0);
+                    v.push(weak);
+                });
+                self.inline = Some(s.clone());
+                s
+            }
+        };
+        let old = lock(&slot).active.take();
+        drop(old);
+        let epoll = Epoll::new()?;
+        for (i, e) in queue_evts.iter().enumerate() {
+            epoll.ctl(ControlOperation::Add, e.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))?;
+        }
+        handler.init(&EpollCtl { epoll: &epoll })?;
+        let mut s = lock(&slot);
+        s.generation = s.generation.wrapping_add(1);
+        s.active = Some(Active { handler, queue_evts, epoll: Arc::new(epoll) });
         self.active = true;
         Ok(())
     }
@@ -282,6 +343,12 @@ impl<H: Handler> Worker<H> {
     /// the thread is told to, and does so when the handler call it is in returns (the request
     /// in flight completes first).
     pub fn reset(&mut self) -> Completion {
+        if let Some(slot) = &self.inline {
+            self.active = false;
+            let active = lock(slot).active.take();
+            drop(active);
+            return Completion::done();
+        }
         let Some(t) = &mut self.thread else { return Completion::done() };
         if !std::mem::take(&mut self.active) {
             // Nothing to drop; complete once earlier commands are.
@@ -313,6 +380,11 @@ impl<H: Handler> Worker<H> {
     /// [`EXIT_TIMEOUT`]; a thread that does not end in time (stuck in a host call) is left
     /// to end on its own, with a warning. Done when the `Worker` is dropped.
     pub fn shutdown(&mut self) {
+        if let Some(slot) = self.inline.take() {
+            self.active = false;
+            let active = lock(&slot).active.take();
+            drop(active);
+        }
         let Some(mut t) = self.thread.take() else { return };
         self.active = false;
         let _ = t.send(Command::Exit);
@@ -381,18 +453,9 @@ impl<H: Handler> Run<H> {
                         // The handler may have changed: the rest of the events are stale.
                         break;
                     }
-                    q if q < FIRST_DEVICE_TOKEN => {
-                        let Ok(q) = usize::try_from(q) else { continue };
+                    token => {
                         if let Some(a) = s.active.as_mut() {
-                            if let Some(e) = a.queue_evts.get(q) {
-                                let _ = e.read();
-                                a.handler.queue_event(q, &EpollCtl { epoll: &a.epoll });
-                            }
-                        }
-                    }
-                    t => {
-                        if let Some(a) = s.active.as_mut() {
-                            a.handler.fd_event(t, ev.event_set(), &EpollCtl { epoll: &a.epoll });
+                            a.dispatch(token, ev.event_set());
                         }
                     }
                 }
@@ -445,6 +508,57 @@ impl<H: Handler> Run<H> {
         let active = lock(&self.slot).active.take();
         drop(active);
         self.progress.set(|d| d.store(u64::MAX, Ordering::Release));
+    }
+}
+
+/// Inline mode, for fuzzing and deterministic tests: after [`inline::enable`], devices
+/// activated on this thread get no worker thread; their handlers are served, on this
+/// thread, by [`inline::run`], which hands them every ready event (queue kicks, device fds)
+/// without blocking. Not for a running VM.
+#[doc(hidden)]
+pub mod inline {
+    use super::*;
+
+    /// An activation served inline.
+    pub trait Poll {
+        /// Serves the events ready now (without blocking) once; returns how many there were.
+        fn poll_once(&self) -> usize;
+    }
+
+    impl<H: Handler> Poll for Mutex<Slot<H>> {
+        fn poll_once(&self) -> usize {
+            let mut s = lock(self);
+            let Some(a) = s.active.as_mut() else { return 0 };
+            let mut events = [EpollEvent::default(); 32];
+            let n = match a.epoll.wait(0, &mut events) {
+                Ok(n) => n,
+                Err(_) => return 0,
+            };
+            for ev in events.iter().take(n) {
+                a.dispatch(ev.data(), ev.event_set());
+            }
+            n
+        }
+    }
+
+    /// Devices activated on this thread from now on are served inline (by [`run`]).
+    pub fn enable() {
+        INLINE.with(|c| c.set(true));
+    }
+
+    /// Serves the ready events of every activation made inline on this thread, repeatedly,
+    /// until none is ready or `max_rounds` rounds were made; returns the events served.
+    pub fn run(max_rounds: usize) -> usize {
+        let slots: Vec<_> = INLINE_SLOTS.with(|v| v.borrow().iter().filter_map(std::sync::Weak::upgrade).collect());
+        let mut total = 0;
+        for _ in 0..max_rounds {
+            let n: usize = slots.iter().map(|s| s.poll_once()).sum();
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
     }
 }
 

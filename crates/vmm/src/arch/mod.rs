@@ -155,7 +155,9 @@ pub fn load(
     let mib = |b: u64| b.div_ceil(1 << 20);
     // What the kernel needs besides its image: room for its first page tables and
     // allocations before it can use the rest of RAM.
-    let kernel_need = kernel_end.saturating_add(KERNEL_SLACK).next_multiple_of(1 << 20);
+    // The image's header sets `kernel_end` (a bzImage's `pref_address` and `init_size`): one
+    // near 2^64 must be refused, not wrap to a small need.
+    let kernel_need = kernel_end.saturating_add(KERNEL_SLACK).checked_next_multiple_of(1 << 20).unwrap_or(u64::MAX);
     if kernel_need > low_end {
         return Err(Error::Config {
             field: "--memory",

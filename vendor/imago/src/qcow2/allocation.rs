@@ -380,7 +380,10 @@ impl<S: Storage> Allocator<S> {
     ) -> io::Result<PendingClusters> {
         let mut index = self.first_free_cluster;
         loop {
-            if end_cluster == Some(index) {
+            // `>=`, not `==`: in a corrupt image (a refcount table without the refblock that
+            // covers clusters in use) the search may start past `end_cluster`, and would then
+            // come back to the refblock being created, recursing until the stack overflows.
+            if end_cluster.is_some_and(|end| index >= end) {
                 return Err(io::Error::other("Maximum cluster index reached"));
             }
 
@@ -544,6 +547,15 @@ impl<S: Storage> Allocator<S> {
         } else {
             // Place the refblock such that it covers itself.  Its refcount is stored only in
             // itself, so until it is referenced, there is nothing that could be leaked.
+            //
+            // Never over cluster 0: it holds the header, so the first refblock always exists
+            // in a consistent image (even after a crash). A refcount table without it is
+            // corrupt, and writing the refblock there would destroy the header.
+            if rb_cluster.0 == 0 {
+                return Err(invalid_data(format!(
+                    "Refcount table entry {rt_index} has no refcount block, but it covers the image header; the image is corrupt"
+                )));
+            }
             new_rb.set_cluster(rb_cluster);
             new_rb.lock_write().await.increment(0)?;
             None

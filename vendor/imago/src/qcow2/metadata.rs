@@ -1017,7 +1017,9 @@ impl HeaderExtension {
                 }
                 HeaderExtensionType::FeatureNameTable => {
                     let mut feats = HashMap::new();
-                    for feat in data.chunks(48) {
+                    // Whole 48-byte entries only: a trailing partial entry (a corrupt or
+                    // hostile header) is ignored rather than indexed out of bounds.
+                    for feat in data.chunks_exact(48) {
                         let feat_type: FeatureType = match feat[0].try_into() {
                             Ok(ft) => ft,
                             Err(_) => continue, // skip unrecognized entries
