@@ -22,6 +22,26 @@ struct Block {
     page: usize,
     bits: u32,
     ops: std::rc::Rc<[Op]>,
+    /// Times the block was fetched from the cache (saturating), for the translation tier.
+    hits: u32,
+    /// The block's compiled form (see `crate::jit`); retired with the block.
+    jit: Compiled,
+}
+
+/// Signature of a compiled block: `(cpu, ctx) -> exit code` (see `crate::jit`).
+pub(crate) type JitFn = unsafe extern "C" fn(*mut Cpu, *mut u8) -> u64;
+
+/// What the translation tier made of a cached block.
+#[derive(Clone, Copy)]
+pub(crate) enum Compiled {
+    /// Not compiled (yet).
+    None,
+    /// Nothing to compile (the block starts with an instruction only the interpreter runs).
+    Never,
+    /// Compiled: the entry point, how many leading instructions of the block it runs, the
+    /// JIT epoch it belongs to (code of an older epoch was freed) and the privilege (CPL 3
+    /// or not) its memory accesses check.
+    Code { f: JitFn, len: u32, epoch: u32, user: bool },
 }
 
 /// One decoded instruction of a block: its fast form, its addresses and the full decode.
@@ -51,9 +71,33 @@ impl DecodeCache {
     }
 }
 
-/// A block handed to the run loop: instructions, their fast forms, RAM page index
-/// (usize::MAX if uncached) and the page's code generation.
-pub(crate) type BlockRef = (std::rc::Rc<[Op]>, usize, u32);
+/// A block handed to the run loop.
+pub(crate) struct BlockRef {
+    /// Instructions and their fast forms.
+    pub(crate) ops: std::rc::Rc<[Op]>,
+    /// RAM page index (usize::MAX if uncached).
+    pub(crate) page: usize,
+    /// The page's code generation.
+    pub(crate) gen: u32,
+    /// Decode-cache slot of the block (usize::MAX if uncached).
+    pub(crate) slot: usize,
+    /// Times fetched from the cache.
+    pub(crate) hits: u32,
+    /// Its compiled form.
+    pub(crate) jit: Compiled,
+}
+
+impl DecodeCache {
+    /// Records the compiled form of the block in `slot`, if that slot still holds the block
+    /// starting at `ip` with code generation `gen`.
+    pub(crate) fn set_compiled(&mut self, slot: usize, ip: u64, gen: u32, c: Compiled) {
+        if let Some(Some(b)) = self.e.get_mut(slot) {
+            if b.ip == ip && b.gen == gen {
+                b.jit = c;
+            }
+        }
+    }
+}
 
 /// Whether decoding must stop after `insn`: control transfers and instructions that change
 /// paging, segments or the fetch mode.
@@ -97,9 +141,10 @@ pub(crate) fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     cpu.cur_user = user;
     let gpa = cpu.translate(la, Access::Exec, user)?;
     let idx = host_usize(gpa ^ (gpa >> 12)) & (BCACHE_SIZE - 1);
-    if let Some(Some(b)) = cpu.dcache.e.get(idx) {
+    if let Some(Some(b)) = cpu.dcache.e.get_mut(idx) {
         if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.shared.gen(b.page) == b.gen {
-            return Ok((b.ops.clone(), b.page, b.gen));
+            b.hits = b.hits.saturating_add(1);
+            return Ok(BlockRef { ops: b.ops.clone(), page: b.page, gen: b.gen, slot: idx, hits: b.hits, jit: b.jit });
         }
     }
     decode_block(cpu, la, bits, user, idx)
@@ -153,11 +198,18 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
             }
             return Err(Stop::Fault(Fault::InvalidOpcode));
         }
-        return Ok((std::rc::Rc::from(vec![Op::new(insn, bits)]), usize::MAX, 0));
+        return Ok(BlockRef {
+            ops: std::rc::Rc::from(vec![Op::new(insn, bits)]),
+            page: usize::MAX,
+            gen: 0,
+            slot: usize::MAX,
+            hits: 0,
+            jit: Compiled::Never,
+        });
     }
     let ops: std::rc::Rc<[Op]> = insns.into_iter().map(|i| Op::new(i, bits)).collect();
     if let Some(slot) = cpu.dcache.e.get_mut(idx) {
-        *slot = Some(Block { gpa, ip: cpu.rip, gen, page, bits, ops: ops.clone() });
+        *slot = Some(Block { gpa, ip: cpu.rip, gen, page, bits, ops: ops.clone(), hits: 0, jit: Compiled::None });
     }
-    Ok((ops, page, gen))
+    Ok(BlockRef { ops, page, gen, slot: idx, hits: 0, jit: Compiled::None })
 }

@@ -41,7 +41,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
         let chunk = (budget - done).min(4096);
         let mut n = 0;
         'chunk: while n < chunk {
-            let (ops, page, gen) = match fetch_block(cpu) {
+            let blk = match fetch_block(cpu) {
                 Ok(b) => b,
                 Err(Stop::Fault(f)) => {
                     n += 1;
@@ -58,7 +58,31 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             };
             cpu.note_recent(cpu.rip);
             let tracing = cpu.trace.is_some();
-            for op in ops.iter() {
+            let (page, gen) = (blk.page, blk.gen);
+            let mut skip = 0;
+            // The translation tier: run the block's compiled leading part, if it has one
+            // and it fits in what is left of the chunk (the budget stays exact).
+            if cpu.jit.tier != crate::jit::Tier::Interp && !tracing && blk.slot != usize::MAX && cpu.in_64bit_mode() {
+                if let Some((f, len)) = crate::jit::lookup(cpu, &blk) {
+                    if chunk - n >= u64::from(len) {
+                        let (k, fault) = crate::jit::enter(cpu, bus, f);
+                        n += k;
+                        if let Some(f) = fault {
+                            if let Err(e) = crate::interrupt::raise_fault(cpu, bus, f) {
+                                cpu.stats.instructions += n;
+                                return e;
+                            }
+                            continue 'chunk;
+                        }
+                        if n >= chunk || cpu.mmu.shared.gen(page) != gen {
+                            continue 'chunk;
+                        }
+                        skip = len as usize;
+                    }
+                }
+            }
+            let ops = blk.ops;
+            for op in ops.iter().skip(skip) {
                 if cpu.rip != op.ip {
                     break;
                 }

@@ -48,6 +48,7 @@ mod fpstate;
 mod fpu;
 mod interrupt;
 mod intext;
+pub mod jit;
 mod mmu;
 mod operand;
 mod regs;

@@ -1,0 +1,338 @@
+//! The translation tier: hot 64-bit guest blocks compiled to host code with Cranelift.
+//!
+//! The interpreter (`crate::exec`) stays the reference and runs cold code, rare
+//! instructions and every mode but 64-bit. A decoded block (`crate::decode`) that has been
+//! fetched [`HOT`] times (tier [`Tier::Auto`]; on first use with [`Tier::Jit`]) has its
+//! leading run of fast forms (`crate::uop`, up to the first `Uop::Generic`) compiled into
+//! one host function `extern "C" fn(cpu: *mut Cpu, ctx: *mut JitCtx) -> u64`
+//! (`translate`). The compiled entry is stored in the decode-cache entry of the block, so
+//! whatever retires the block (a store into its page by any vCPU, DMA, a flush) retires the
+//! code with it.
+//!
+//! Semantics are exactly those of the fast forms: guest registers live in SSA variables
+//! (loaded at entry, stored at every exit), memory goes through an inline TLB-hit test and
+//! a call to [`jit_read`]/[`jit_write`] otherwise, arithmetic flags are computed lazily (a
+//! compare feeding a branch becomes a host compare) and materialised bit-exactly (as the
+//! host CPU computes them, see `crate::alu`) wherever they can be observed: at every exit
+//! and before every instruction that may fault, so a fault leaves the architectural state
+//! of the faulting instruction. ADC/SBB/IMUL and shifts call `crate::alu` through
+//! [`jit_alu`].
+//!
+//! Code memory is bounded: past [`CODE_LIMIT`] bytes the whole module is freed and every
+//! compiled entry retired (the epoch moves on), so a guest that rewrites code forever
+//! cannot grow host memory.
+
+mod translate;
+
+use crate::cpu::Cpu;
+use crate::decode::{BlockRef, Compiled, JitFn};
+use crate::{Bus, Fault};
+use cranelift_jit::{JITBuilder, JITModule};
+use std::sync::OnceLock;
+
+/// Which execution tier runs 64-bit guest code (`RUSTVISOR_EMU_TIER`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// The interpreter only.
+    Interp,
+    /// Compile every 64-bit block on its first execution (for tests).
+    Jit,
+    /// Compile blocks once they are hot ([`HOT`] executions).
+    Auto,
+}
+
+impl Tier {
+    /// The tier named by `RUSTVISOR_EMU_TIER` (`interp`, `jit` or `auto`; read once per
+    /// process). Unset or anything else: [`Tier::Interp`].
+    pub fn from_env() -> Tier {
+        static T: OnceLock<Tier> = OnceLock::new();
+        *T.get_or_init(|| match std::env::var("RUSTVISOR_EMU_TIER").as_deref() {
+            Ok("jit") => Tier::Jit,
+            Ok("auto") => Tier::Auto,
+            _ => Tier::Interp,
+        })
+    }
+}
+
+/// Executions of a block after which tier [`Tier::Auto`] compiles it.
+pub(crate) const HOT: u32 = 32;
+
+/// Bytes of generated code a vCPU may hold before all of it is thrown away.
+pub(crate) const CODE_LIMIT: usize = 64 << 20;
+
+/// Counters of the translation tier (per vCPU).
+#[derive(Clone, Debug, Default)]
+pub struct JitStats {
+    /// Blocks compiled.
+    pub compiled: u64,
+    /// Bytes of host code generated (all epochs).
+    pub code_bytes: u64,
+    /// Times the code memory was thrown away (limit reached).
+    pub flushes: u64,
+    /// Entries into compiled code.
+    pub entries: u64,
+    /// Guest instructions retired in compiled code.
+    pub instructions: u64,
+}
+
+/// Per-vCPU JIT state: the Cranelift module holding this vCPU's code and reusable
+/// compilation contexts.
+pub(crate) struct Jit {
+    pub(crate) tier: Tier,
+    module: Option<JITModule>,
+    cl_ctx: Option<cranelift_codegen::Context>,
+    fctx: cranelift_frontend::FunctionBuilderContext,
+    /// Compiled entries of an older epoch belong to freed code.
+    pub(crate) epoch: u32,
+    /// Code bytes in the current module.
+    held: usize,
+    pub(crate) stats: JitStats,
+}
+
+impl Jit {
+    pub(crate) fn new() -> Jit {
+        Jit {
+            tier: Tier::from_env(),
+            module: None,
+            cl_ctx: None,
+            fctx: cranelift_frontend::FunctionBuilderContext::new(),
+            epoch: 0,
+            held: 0,
+            stats: JitStats::default(),
+        }
+    }
+
+    fn free_module(&mut self) {
+        self.cl_ctx = None;
+        if let Some(m) = self.module.take() {
+            // SAFETY: compiled code runs only inside `enter`, which holds `&mut Cpu` (and so
+            // this `Jit`) for the call; none runs now, and moving the epoch on makes every
+            // stored entry of this module stale, so none is called again.
+            unsafe { m.free_memory() };
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        self.held = 0;
+    }
+}
+
+impl Drop for Jit {
+    fn drop(&mut self) {
+        self.free_module();
+    }
+}
+
+fn new_module() -> Option<JITModule> {
+    let b = JITBuilder::with_flags(&[("opt_level", "speed")], cranelift_module::default_libcall_names()).ok()?;
+    Some(JITModule::new(b))
+}
+
+/// Exit kinds in bits 32..40 of a compiled block's return value (bits 0..32: instructions
+/// retired, the faulting one included).
+pub(crate) const EXIT_NORMAL: u64 = 0;
+/// A helper stored a fault in [`JitCtx`]; RIP is the faulting instruction's.
+pub(crate) const EXIT_FAULT: u64 = 1;
+/// #GP(0) raised by generated code (a non-canonical RET target); RIP as for a fault.
+pub(crate) const EXIT_GP: u64 = 2;
+
+/// What compiled code and its helpers share besides the `Cpu` (laid out for generated
+/// code: the offsets are taken with `offset_of!`).
+#[repr(C)]
+pub(crate) struct JitCtx {
+    /// The vCPU's TLB (`mmu::tlb_layout`).
+    pub(crate) tlb: *const u8,
+    /// Flags result of [`jit_alu`].
+    pub(crate) flags_out: u64,
+    /// Non-zero after a helper stored a fault in `fault`.
+    pub(crate) faulted: u64,
+    /// `*mut &mut dyn Bus` of the running `Cpu::run`.
+    bus: *mut u8,
+    fault: Option<Fault>,
+}
+
+/// Reads `size` bytes at linear `la` for generated code (TLB miss, MMIO, page crossing).
+/// On a fault stores it in `ctx` (faulted = 1) and returns 0.
+///
+/// # Safety
+/// `cpu` and `ctx` are the pointers `enter` passed to the compiled block now running.
+pub(crate) unsafe extern "C" fn jit_read(cpu: *mut Cpu, ctx: *mut JitCtx, la: u64, size: u64) -> u64 {
+    // SAFETY: per the contract, both point to live objects that no Rust reference
+    // aliases while compiled code runs; `bus` points to the `&mut dyn Bus` on enter's stack.
+    let (cpu, ctx) = unsafe { (&mut *cpu, &mut *ctx) };
+    // SAFETY: as above.
+    let bus = unsafe { &mut **(ctx.bus as *mut &mut dyn Bus) };
+    let user = cpu.cur_user;
+    match cpu.read_la(bus, la, crate::regs::host_usize(size), user) {
+        Ok(v) => v,
+        Err(f) => {
+            ctx.fault = Some(f);
+            ctx.faulted = 1;
+            0
+        }
+    }
+}
+
+/// Writes the low `size` bytes of `val` at linear `la` for generated code (the slow path);
+/// a fault is stored in `ctx` as for [`jit_read`].
+///
+/// # Safety
+/// As for [`jit_read`].
+pub(crate) unsafe extern "C" fn jit_write(cpu: *mut Cpu, ctx: *mut JitCtx, la: u64, size: u64, val: u64) {
+    // SAFETY: see jit_read.
+    let (cpu, ctx) = unsafe { (&mut *cpu, &mut *ctx) };
+    // SAFETY: see jit_read.
+    let bus = unsafe { &mut **(ctx.bus as *mut &mut dyn Bus) };
+    let user = cpu.cur_user;
+    if let Err(f) = cpu.write_la(bus, la, crate::regs::host_usize(size), val, user) {
+        ctx.fault = Some(f);
+        ctx.faulted = 1;
+    }
+}
+
+/// ALU operations that generated code leaves to `crate::alu` (codes of [`jit_alu`]).
+pub(crate) mod aluop {
+    pub(crate) const ADC: u64 = 0;
+    pub(crate) const SBB: u64 = 1;
+    pub(crate) const IMUL: u64 = 2;
+    pub(crate) const SHL: u64 = 3;
+    pub(crate) const SHR: u64 = 4;
+    pub(crate) const SAR: u64 = 5;
+    pub(crate) const ROL: u64 = 6;
+    pub(crate) const ROR: u64 = 7;
+}
+
+/// `crate::alu` for generated code: `op` (an [`aluop`] code) on `a`, `b` at `size` bytes
+/// with guest flags `flags`; returns the result, the new RFLAGS go to `ctx.flags_out`.
+///
+/// # Safety
+/// `ctx` as for [`jit_read`].
+pub(crate) unsafe extern "C" fn jit_alu(op: u64, size: u64, a: u64, b: u64, flags: u64, ctx: *mut JitCtx) -> u64 {
+    use crate::alu::{self, Op2};
+    let size = crate::regs::host_usize(size);
+    let (r, f) = match op {
+        aluop::ADC => alu::adc_sbb_imul(Op2::Adc, size, a, b, flags),
+        aluop::SBB => alu::adc_sbb_imul(Op2::Sbb, size, a, b, flags),
+        aluop::IMUL => alu::adc_sbb_imul(Op2::Imul, size, a, b, flags),
+        aluop::SHL => alu::op2(Op2::Shl, size, a, b, flags),
+        aluop::SHR => alu::op2(Op2::Shr, size, a, b, flags),
+        aluop::SAR => alu::op2(Op2::Sar, size, a, b, flags),
+        aluop::ROL => alu::op2(Op2::Rol, size, a, b, flags),
+        _ => alu::op2(Op2::Ror, size, a, b, flags),
+    };
+    // SAFETY: see jit_read.
+    unsafe { (*ctx).flags_out = f };
+    r
+}
+
+/// A store by generated code hit a page holding code: retire it.
+///
+/// # Safety
+/// `g` is the non-null `gen` of a TLB entry of the running vCPU.
+pub(crate) unsafe extern "C" fn jit_note_write(g: *const u8) {
+    // SAFETY: per the contract (see mmu::jit_note_write).
+    unsafe { crate::mmu::jit_note_write(g as *const std::sync::atomic::AtomicU32) };
+}
+
+/// The compiled code for block `b` if it should run now: compiles it first when it is hot
+/// enough. `None`: interpret. The caller has checked that the block is in 64-bit mode.
+#[inline]
+pub(crate) fn lookup(cpu: &mut Cpu, b: &BlockRef) -> Option<(JitFn, u32)> {
+    match b.jit {
+        Compiled::Code { f, len, epoch, user } if epoch == cpu.jit.epoch && user == cpu.cur_user => {
+            return Some((f, len));
+        }
+        Compiled::Never => return None,
+        _ => {}
+    }
+    if b.slot == usize::MAX || (cpu.jit.tier == Tier::Auto && b.hits < HOT) {
+        return None;
+    }
+    compile(cpu, b)
+}
+
+#[cold]
+fn compile(cpu: &mut Cpu, b: &BlockRef) -> Option<(JitFn, u32)> {
+    let len = b.ops.iter().take_while(|o| !matches!(o.uop, crate::uop::Uop::Generic)).count();
+    let first_ip = b.ops.first().map_or(0, |o| o.ip);
+    if len == 0 {
+        cpu.dcache.set_compiled(b.slot, first_ip, b.gen, Compiled::Never);
+        return None;
+    }
+    if cpu.jit.held > CODE_LIMIT {
+        cpu.jit.free_module();
+        cpu.jit.stats.flushes += 1;
+    }
+    if cpu.jit.module.is_none() {
+        cpu.jit.module = new_module();
+    }
+    let user = cpu.cur_user;
+    let gen_ptr = cpu.mmu.shared.gen_ptr(b.page) as u64;
+    let jit = &mut cpu.jit;
+    let module = jit.module.as_mut()?;
+    let ops = b.ops.get(..len)?;
+    let env = translate::Env { user, gen_ptr, gen: b.gen };
+    let cl_ctx = jit.cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(module));
+    match translate::compile(module, cl_ctx, &mut jit.fctx, ops, &env) {
+        Some((f, bytes)) => {
+            jit.held += bytes;
+            jit.stats.compiled += 1;
+            jit.stats.code_bytes += bytes as u64;
+            let len = u32::try_from(len).ok()?;
+            let c = Compiled::Code { f, len, epoch: jit.epoch, user };
+            cpu.dcache.set_compiled(b.slot, first_ip, b.gen, c);
+            Some((f, len))
+        }
+        None => {
+            cpu.dcache.set_compiled(b.slot, first_ip, b.gen, Compiled::Never);
+            None
+        }
+    }
+}
+
+/// Runs compiled block `f`. Returns the instructions retired (the faulting one included)
+/// and the fault to raise, if any; RIP, registers and flags are those after the last
+/// instruction retired, or of the faulting instruction.
+#[inline]
+pub(crate) fn enter(cpu: &mut Cpu, bus: &mut dyn Bus, f: JitFn) -> (u64, Option<Fault>) {
+    let mut bus_ref: &mut dyn Bus = bus;
+    let mut ctx = JitCtx {
+        tlb: cpu.mmu.tlb_ptr() as *const u8,
+        flags_out: 0,
+        faulted: 0,
+        bus: &mut bus_ref as *mut &mut dyn Bus as *mut u8,
+        fault: None,
+    };
+    cpu.interrupt_shadow = false;
+    cpu.jit.stats.entries += 1;
+    // SAFETY: `f` was compiled by this vCPU's module in the current epoch (checked by
+    // `lookup`), so its code is live; it accesses the Cpu only through the fields whose
+    // offsets `translate` took, and guest RAM through TLB entries valid for this vCPU, and
+    // calls only the helpers above with these same pointers. No Rust reference to `cpu`
+    // or `ctx` is used while it runs.
+    let r = unsafe { f(cpu as *mut Cpu, &mut ctx as *mut JitCtx as *mut u8) };
+    let n = r & 0xffff_ffff;
+    cpu.jit.stats.instructions += n;
+    let fault = match r >> 32 {
+        EXIT_NORMAL => None,
+        EXIT_GP => Some(Fault::GeneralProtection(0)),
+        _ => Some(ctx.fault.unwrap_or(Fault::GeneralProtection(0))),
+    };
+    (n, fault)
+}
+
+impl Cpu {
+    /// Selects the execution tier of this vCPU (the default comes from
+    /// `RUSTVISOR_EMU_TIER`, see [`Tier::from_env`]).
+    pub fn set_tier(&mut self, tier: Tier) {
+        self.jit.tier = tier;
+    }
+
+    /// The execution tier of this vCPU.
+    pub fn tier(&self) -> Tier {
+        self.jit.tier
+    }
+
+    /// Counters of the translation tier.
+    pub fn jit_stats(&self) -> &JitStats {
+        &self.jit.stats
+    }
+}
