@@ -55,10 +55,10 @@ impl Tier {
 }
 
 /// Executions of a block after which tier [`Tier::Auto`] compiles it.
-pub(crate) const HOT: u32 = 32;
+pub const HOT: u32 = 32;
 
 /// Bytes of generated code a vCPU may hold before all of it is thrown away.
-pub(crate) const CODE_LIMIT: usize = 64 << 20;
+pub const CODE_LIMIT: usize = 64 << 20;
 
 /// Counters of the translation tier (per vCPU).
 #[derive(Clone, Debug, Default)]
@@ -86,6 +86,8 @@ pub(crate) struct Jit {
     pub(crate) epoch: u32,
     /// Code bytes in the current module.
     held: usize,
+    /// Code bytes allowed before the module is thrown away.
+    limit: usize,
     pub(crate) stats: JitStats,
 }
 
@@ -98,6 +100,7 @@ impl Jit {
             fctx: cranelift_frontend::FunctionBuilderContext::new(),
             epoch: 0,
             held: 0,
+            limit: CODE_LIMIT,
             stats: JitStats::default(),
         }
     }
@@ -257,7 +260,7 @@ fn compile(cpu: &mut Cpu, b: &BlockRef) -> Option<(JitFn, u32)> {
         cpu.dcache.set_compiled(b.slot, first_ip, b.gen, Compiled::Never);
         return None;
     }
-    if cpu.jit.held > CODE_LIMIT {
+    if cpu.jit.held > cpu.jit.limit {
         cpu.jit.free_module();
         cpu.jit.stats.flushes += 1;
     }
@@ -329,6 +332,12 @@ impl Cpu {
     /// The execution tier of this vCPU.
     pub fn tier(&self) -> Tier {
         self.jit.tier
+    }
+
+    /// Bytes of generated code this vCPU may hold before all of it is thrown away and
+    /// recompiled on demand (default [`CODE_LIMIT`], 64 MiB).
+    pub fn set_jit_code_limit(&mut self, bytes: usize) {
+        self.jit.limit = bytes;
     }
 
     /// Counters of the translation tier.
