@@ -65,7 +65,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             if cpu.jit.tier != crate::jit::Tier::Interp && !tracing && blk.slot != usize::MAX && cpu.in_64bit_mode() {
                 if let Some((f, len)) = crate::jit::lookup(cpu, &blk) {
                     if chunk - n >= u64::from(len) {
-                        let (k, fault) = crate::jit::enter(cpu, bus, f);
+                        let (k, fault) = crate::jit::enter(cpu, bus, f, chunk - n);
                         n += k;
                         if let Some(f) = fault {
                             if let Err(e) = crate::interrupt::raise_fault(cpu, bus, f) {
@@ -82,7 +82,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                 }
             }
             let ops = blk.ops;
-            for op in ops.iter().skip(skip) {
+            for op in ops.get(skip..).unwrap_or_default() {
                 if cpu.rip != op.ip {
                     break;
                 }

@@ -380,3 +380,24 @@ fn hostile_random_code_in_the_jit_tier() {
     }
     assert!(t.elapsed().as_secs() < 120, "took {:?}", t.elapsed());
 }
+
+#[test]
+fn fault_in_a_later_pass_of_a_compiled_loop() {
+    // A loop that walks up through memory until it reaches the unmapped 4 MiB mark: the
+    // fault comes in a later pass of the same compiled block, after every register of the
+    // block was written.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, (RAM as u64) - 0x1000 * 40)?;
+        a.set_label(&mut top)?;
+        a.add(rax, qword_ptr(rsi))?;
+        a.add(rsi, 0x1000)?;
+        a.inc(rcx)?;
+        a.sub(rdx, rcx)?;
+        a.jmp(top)
+    });
+    let (_, j) = both(&code, 100_000);
+    assert_eq!(j.cpu.rip, HANDLERS + 16 * 14 + 1);
+    assert_eq!(j.cpu.cr2, RAM as u64);
+    assert_eq!(j.cpu.gpr[1], 40);
+}

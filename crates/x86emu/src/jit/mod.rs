@@ -147,6 +147,9 @@ pub(crate) struct JitCtx {
     pub(crate) flags_out: u64,
     /// Non-zero after a helper stored a fault in `fault`.
     pub(crate) faulted: u64,
+    /// Instructions the block may retire in this entry (a block that loops onto itself
+    /// runs again only while a whole pass fits).
+    pub(crate) left: u64,
     /// `*mut &mut dyn Bus` of the running `Cpu::run`.
     bus: *mut u8,
     fault: Option<Fault>,
@@ -295,12 +298,14 @@ fn compile(cpu: &mut Cpu, b: &BlockRef) -> Option<(JitFn, u32)> {
 /// and the fault to raise, if any; RIP, registers and flags are those after the last
 /// instruction retired, or of the faulting instruction.
 #[inline]
-pub(crate) fn enter(cpu: &mut Cpu, bus: &mut dyn Bus, f: JitFn) -> (u64, Option<Fault>) {
+/// At most `left` (>= the block's length) instructions are retired.
+pub(crate) fn enter(cpu: &mut Cpu, bus: &mut dyn Bus, f: JitFn, left: u64) -> (u64, Option<Fault>) {
     let mut bus_ref: &mut dyn Bus = bus;
     let mut ctx = JitCtx {
         tlb: cpu.mmu.tlb_ptr() as *const u8,
         flags_out: 0,
         faulted: 0,
+        left,
         bus: &mut bus_ref as *mut &mut dyn Bus as *mut u8,
         fault: None,
     };

@@ -81,6 +81,8 @@ struct Tr<'a, 'b> {
     written: u16,
     /// RFLAGS variable written so far.
     fl_written: bool,
+    /// Instructions retired by earlier passes of a block that loops onto itself.
+    done: Variable,
     sig_read: SigRef,
     sig_write: SigRef,
     sig_alu: SigRef,
@@ -355,7 +357,8 @@ impl Tr<'_, '_> {
             self.b.ins().store(MF, f, self.cpu, off(offset_of!(Cpu, rflags)));
         }
         self.b.ins().store(MF, rip, self.cpu, off(offset_of!(Cpu, rip)));
-        let code = self.iconst(n | kind << 32);
+        let d = self.b.use_var(self.done);
+        let code = self.b.ins().iadd_imm_s(d, (n | kind << 32) as i64);
         self.b.ins().return_(&[code]);
     }
 
@@ -708,6 +711,48 @@ impl Tr<'_, '_> {
         None
     }
 
+    /// The last instruction `op` (index `i`) of a block, a JMP or Jcc to the block's own
+    /// start: loops to `header` while another whole pass fits in `ctx.left` and the
+    /// block's page is unchanged; exits otherwise.
+    fn loop_back(&mut self, op: &Op, i: usize, header: cranelift_codegen::ir::Block) {
+        let n = i as u64 + 1;
+        let again = self.b.create_block();
+        if let Uop::Jcc { cc, .. } = op.uop {
+            let c = self.cond(cc);
+            let out = self.b.create_block();
+            self.b.ins().brif(c, again, &[], out, &[]);
+            self.b.switch_to_block(out);
+            let rip = self.iconst(op.next_ip);
+            self.exit(rip, n, EXIT_NORMAL);
+        } else {
+            self.b.ins().jump(again, &[]);
+        }
+        self.b.switch_to_block(again);
+        self.settle();
+        let d = self.b.use_var(self.done);
+        let d2 = self.b.ins().iadd_imm_s(d, (2 * n) as i64);
+        let left = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, left)));
+        let fits = self.b.ins().icmp(IntCC::UnsignedLessThanOrEqual, d2, left);
+        let p = self.iconst(self.env.gen_ptr);
+        let g = self.b.ins().load(I32, MemFlagsData::new(), p, 0);
+        let same = self.b.ins().icmp_imm_u(IntCC::Equal, g, i64::from(self.env.gen));
+        let go = self.b.ins().band(fits, same);
+        let cont = self.b.create_block();
+        let stop = self.b.create_block();
+        self.b.ins().brif(go, cont, &[], stop, &[]);
+        self.b.switch_to_block(stop);
+        let target = match op.uop {
+            Uop::Jcc { target, .. } | Uop::Jmp { target } => target,
+            _ => op.next_ip,
+        };
+        let rip = self.iconst(target);
+        self.exit(rip, n, EXIT_NORMAL);
+        self.b.switch_to_block(cont);
+        let d1 = self.b.ins().iadd_imm_s(d, n as i64);
+        self.b.def_var(self.done, d1);
+        self.b.ins().jump(header, &[]);
+    }
+
     fn ext(&mut self, v: Value, ssz: u8, signed: bool) -> Value {
         let t: Type = match ssz {
             1 => I8,
@@ -778,6 +823,19 @@ pub(crate) fn compile(
         }
         let f = b.ins().load(I64, MF, cpu, off(offset_of!(Cpu, rflags)));
         b.def_var(fl, f);
+        let done = b.declare_var(I64);
+        let z = b.ins().iconst(I64, 0);
+        b.def_var(done, z);
+        // A block that ends with a branch back to its own start (a tight loop) runs its
+        // passes here: the back edge goes to `header`.
+        let start = ops.first().map_or(0, |o| o.ip);
+        let self_loop = match ops.last().map(|o| o.uop) {
+            Some(Uop::Jcc { target, .. }) | Some(Uop::Jmp { target }) => target == start,
+            _ => false,
+        };
+        let header = b.create_block();
+        b.ins().jump(header, &[]);
+        b.switch_to_block(header);
         let mut t = Tr {
             b,
             env,
@@ -786,21 +844,34 @@ pub(crate) fn compile(
             regs,
             fl,
             pending: None,
-            written: 0,
-            fl_written: false,
+            // In a loop, any exit may follow a pass that wrote every register the block
+            // names: store them all (unchanged ones store what was loaded).
+            written: if self_loop { used } else { 0 },
+            fl_written: self_loop,
+            done,
             sig_read,
             sig_write,
             sig_alu,
             sig_note,
         };
         let mut rip = None;
+        let n = ops.len();
         for (i, op) in ops.iter().enumerate() {
+            if self_loop && i + 1 == n {
+                t.loop_back(op, i, header);
+                break;
+            }
             rip = t.op(op, i);
             if rip.is_some() {
                 break;
             }
         }
         let last = ops.last()?;
+        if self_loop {
+            t.b.seal_all_blocks();
+            t.b.finalize(tc);
+            return finish(module, ctx);
+        }
         let rip = match rip {
             Some(r) => r,
             None => t.iconst(last.next_ip),
@@ -809,6 +880,11 @@ pub(crate) fn compile(
         t.b.seal_all_blocks();
         t.b.finalize(tc);
     }
+    finish(module, ctx)
+}
+
+/// Compiles the function built in `ctx` into `module`: its entry and code size.
+fn finish(module: &mut JITModule, ctx: &mut cranelift_codegen::Context) -> Option<(JitFn, usize)> {
     let id = module.declare_anonymous_function(&ctx.func.signature).ok()?;
     module.define_function(id, ctx).ok()?;
     let bytes = ctx.compiled_code().map_or(0, |c| c.code_buffer().len());
