@@ -22,10 +22,17 @@ struct Block {
     page: usize,
     bits: u32,
     ops: std::rc::Rc<[Op]>,
-    /// Times the block was fetched from the cache (saturating), for the translation tier.
-    hits: u32,
-    /// The block's compiled form (see `crate::jit`); retired with the block.
-    jit: Compiled,
+    /// The translation tier's view of the block; retired with it.
+    jit: JitSlot,
+}
+
+/// What the translation tier keeps on a cached block.
+#[derive(Clone, Copy)]
+pub(crate) struct JitSlot {
+    /// Executions counted by the translation tier (saturating).
+    pub(crate) hits: u32,
+    /// The block's compiled form.
+    pub(crate) code: Compiled,
 }
 
 /// Signature of a compiled block: `(cpu, ctx) -> exit code` (see `crate::jit`).
@@ -81,20 +88,16 @@ pub(crate) struct BlockRef {
     pub(crate) gen: u32,
     /// Decode-cache slot of the block (usize::MAX if uncached).
     pub(crate) slot: usize,
-    /// Times fetched from the cache.
-    pub(crate) hits: u32,
-    /// Its compiled form.
-    pub(crate) jit: Compiled,
 }
 
 impl DecodeCache {
-    /// Records the compiled form of the block in `slot`, if that slot still holds the block
-    /// starting at `ip` with code generation `gen`.
-    pub(crate) fn set_compiled(&mut self, slot: usize, ip: u64, gen: u32, c: Compiled) {
-        if let Some(Some(b)) = self.e.get_mut(slot) {
-            if b.ip == ip && b.gen == gen {
-                b.jit = c;
-            }
+    /// The translation tier's state of the block in `slot` (the one `fetch_block` just
+    /// returned).
+    #[inline]
+    pub(crate) fn jit_slot(&mut self, slot: usize) -> Option<&mut JitSlot> {
+        match self.e.get_mut(slot) {
+            Some(Some(b)) => Some(&mut b.jit),
+            _ => None,
         }
     }
 }
@@ -143,8 +146,7 @@ pub(crate) fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     let idx = host_usize(gpa ^ (gpa >> 12)) & (BCACHE_SIZE - 1);
     if let Some(Some(b)) = cpu.dcache.e.get_mut(idx) {
         if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.shared.gen(b.page) == b.gen {
-            b.hits = b.hits.saturating_add(1);
-            return Ok(BlockRef { ops: b.ops.clone(), page: b.page, gen: b.gen, slot: idx, hits: b.hits, jit: b.jit });
+            return Ok(BlockRef { ops: b.ops.clone(), page: b.page, gen: b.gen, slot: idx });
         }
     }
     decode_block(cpu, la, bits, user, idx)
@@ -203,13 +205,19 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
             page: usize::MAX,
             gen: 0,
             slot: usize::MAX,
-            hits: 0,
-            jit: Compiled::Never,
         });
     }
     let ops: std::rc::Rc<[Op]> = insns.into_iter().map(|i| Op::new(i, bits)).collect();
     if let Some(slot) = cpu.dcache.e.get_mut(idx) {
-        *slot = Some(Block { gpa, ip: cpu.rip, gen, page, bits, ops: ops.clone(), hits: 0, jit: Compiled::None });
+        *slot = Some(Block {
+            gpa,
+            ip: cpu.rip,
+            gen,
+            page,
+            bits,
+            ops: ops.clone(),
+            jit: JitSlot { hits: 0, code: Compiled::None },
+        });
     }
-    Ok(BlockRef { ops, page, gen, slot: idx, hits: 0, jit: Compiled::None })
+    Ok(BlockRef { ops, page, gen, slot: idx })
 }

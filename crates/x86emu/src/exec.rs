@@ -37,6 +37,8 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             return if cpu.rflags & IF != 0 { Exit::Halted } else { Exit::HaltedForever };
         }
         cpu.check_irq = false;
+        // A branch exit of compiled code to link to the next block (see jit::enter).
+        let mut want = None;
         // Run a chunk without looking at the interrupt line.
         let chunk = (budget - done).min(4096);
         let mut n = 0;
@@ -63,9 +65,10 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             // The translation tier: run the block's compiled leading part, if it has one
             // and it fits in what is left of the chunk (the budget stays exact).
             if cpu.jit.tier != crate::jit::Tier::Interp && !tracing && blk.slot != usize::MAX && cpu.in_64bit_mode() {
-                if let Some((f, len)) = crate::jit::lookup(cpu, &blk) {
+                if let Some((f, len)) = crate::jit::lookup(cpu, &blk, want.take()) {
                     if chunk - n >= u64::from(len) {
-                        let (k, fault) = crate::jit::enter(cpu, bus, f, chunk - n);
+                        let (k, fault, w) = crate::jit::enter(cpu, bus, f, chunk - n, page, gen);
+                        want = w;
                         n += k;
                         if let Some(f) = fault {
                             if let Err(e) = crate::interrupt::raise_fault(cpu, bus, f) {

@@ -84,8 +84,10 @@ pub(crate) struct Jit {
     fctx: cranelift_frontend::FunctionBuilderContext,
     /// Compiled entries of an older epoch belong to freed code.
     pub(crate) epoch: u32,
-    /// Code bytes in the current module.
+    /// Code bytes in the current module (and its link tables).
     held: usize,
+    /// The link tables of the current module's blocks (from `Box::into_raw`).
+    links: Vec<*mut [Link; 2]>,
     /// Code bytes allowed before the module is thrown away.
     limit: usize,
     pub(crate) stats: JitStats,
@@ -100,6 +102,7 @@ impl Jit {
             fctx: cranelift_frontend::FunctionBuilderContext::new(),
             epoch: 0,
             held: 0,
+            links: Vec::new(),
             limit: CODE_LIMIT,
             stats: JitStats::default(),
         }
@@ -113,6 +116,11 @@ impl Jit {
             // stored entry of this module stale, so none is called again.
             unsafe { m.free_memory() };
         }
+        for l in self.links.drain(..) {
+            // SAFETY: each pointer came from Box::into_raw in `compile` and is freed once,
+            // here, when no code that refers to it can run again (see above).
+            drop(unsafe { Box::from_raw(l) });
+        }
         self.epoch = self.epoch.wrapping_add(1);
         self.held = 0;
     }
@@ -125,7 +133,11 @@ impl Drop for Jit {
 }
 
 fn new_module() -> Option<JITModule> {
-    let b = JITBuilder::with_flags(&[("opt_level", "speed")], cranelift_module::default_libcall_names()).ok()?;
+    let b = JITBuilder::with_flags(
+        &[("opt_level", "speed"), ("enable_verifier", "false")],
+        cranelift_module::default_libcall_names(),
+    )
+    .ok()?;
     Some(JITModule::new(b))
 }
 
@@ -136,6 +148,8 @@ pub(crate) const EXIT_NORMAL: u64 = 0;
 pub(crate) const EXIT_FAULT: u64 = 1;
 /// #GP(0) raised by generated code (a non-canonical RET target); RIP as for a fault.
 pub(crate) const EXIT_GP: u64 = 2;
+/// A branch to a block on the same page; `JitCtx::link` points to its [`Link`].
+pub(crate) const EXIT_LINK: u64 = 3;
 
 /// What compiled code and its helpers share besides the `Cpu` (laid out for generated
 /// code: the offsets are taken with `offset_of!`).
@@ -150,6 +164,8 @@ pub(crate) struct JitCtx {
     /// Instructions the block may retire in this entry (a block that loops onto itself
     /// runs again only while a whole pass fits).
     pub(crate) left: u64,
+    /// The link of the exit taken (EXIT_LINK).
+    pub(crate) link: *mut Link,
     /// `*mut &mut dyn Bus` of the running `Cpu::run`.
     bus: *mut u8,
     fault: Option<Fault>,
@@ -238,29 +254,65 @@ pub(crate) unsafe extern "C" fn jit_note_write(g: *const u8) {
     unsafe { crate::mmu::jit_note_write(g as *const std::sync::atomic::AtomicU32) };
 }
 
+/// A link from a branch exit of a compiled block to the compiled block at its target, on
+/// the same page (filled by the run loop, followed by [`enter`] without a lookup).
+#[repr(C)]
+pub(crate) struct Link {
+    /// The target's code (None: not linked yet).
+    pub(crate) f: Option<JitFn>,
+    /// The target's length in instructions.
+    pub(crate) len: u64,
+}
+
+/// A branch exit of compiled code waiting to be linked to the block the run loop fetches
+/// next (see [`enter`]).
+#[derive(Clone, Copy)]
+pub(crate) struct WantLink {
+    link: *mut Link,
+    epoch: u32,
+    rip: u64,
+    page: usize,
+    gen: u32,
+    user: bool,
+}
+
 /// The compiled code for block `b` if it should run now: compiles it first when it is hot
 /// enough. `None`: interpret. The caller has checked that the block is in 64-bit mode.
+/// `want` is the link the previous compiled block asked for: it is filled when `b` is its
+/// target.
 #[inline]
-pub(crate) fn lookup(cpu: &mut Cpu, b: &BlockRef) -> Option<(JitFn, u32)> {
-    match b.jit {
-        Compiled::Code { f, len, epoch, user } if epoch == cpu.jit.epoch && user == cpu.cur_user => {
-            return Some((f, len));
-        }
+pub(crate) fn lookup(cpu: &mut Cpu, b: &BlockRef, want: Option<WantLink>) -> Option<(JitFn, u32)> {
+    let (epoch, user, tier) = (cpu.jit.epoch, cpu.cur_user, cpu.jit.tier);
+    let s = cpu.dcache.jit_slot(b.slot)?;
+    let (f, len) = match s.code {
+        Compiled::Code { f, len, epoch: e, user: u } if e == epoch && u == user => (f, len),
         Compiled::Never => return None,
-        _ => {}
+        _ => {
+            s.hits = s.hits.saturating_add(1);
+            if tier == Tier::Auto && s.hits < HOT {
+                return None;
+            }
+            compile(cpu, b)?
+        }
+    };
+    if let Some(w) = want {
+        let ip = b.ops.first().map_or(0, |o| o.ip);
+        if w.epoch == cpu.jit.epoch && w.rip == ip && w.page == b.page && w.gen == b.gen && w.user == user {
+            // SAFETY: `w.link` points into a link table of the current epoch (checked),
+            // which lives until the module is freed; no reference to it exists.
+            unsafe { *w.link = Link { f: Some(f), len: u64::from(len) } };
+        }
     }
-    if b.slot == usize::MAX || (cpu.jit.tier == Tier::Auto && b.hits < HOT) {
-        return None;
-    }
-    compile(cpu, b)
+    Some((f, len))
 }
 
 #[cold]
 fn compile(cpu: &mut Cpu, b: &BlockRef) -> Option<(JitFn, u32)> {
     let len = b.ops.iter().take_while(|o| !matches!(o.uop, crate::uop::Uop::Generic)).count();
-    let first_ip = b.ops.first().map_or(0, |o| o.ip);
     if len == 0 {
-        cpu.dcache.set_compiled(b.slot, first_ip, b.gen, Compiled::Never);
+        if let Some(s) = cpu.dcache.jit_slot(b.slot) {
+            s.code = Compiled::Never;
+        }
         return None;
     }
     if cpu.jit.held > cpu.jit.limit {
@@ -273,58 +325,97 @@ fn compile(cpu: &mut Cpu, b: &BlockRef) -> Option<(JitFn, u32)> {
     let user = cpu.cur_user;
     let gen_ptr = cpu.mmu.shared.gen_ptr(b.page) as u64;
     let jit = &mut cpu.jit;
+    let links = Box::into_raw(Box::new([Link { f: None, len: 0 }, Link { f: None, len: 0 }]));
+    jit.links.push(links);
+    jit.held += std::mem::size_of::<[Link; 2]>();
     let module = jit.module.as_mut()?;
     let ops = b.ops.get(..len)?;
-    let env = translate::Env { user, gen_ptr, gen: b.gen };
+    let env = translate::Env { user, gen_ptr, gen: b.gen, links: links as u64 };
     let cl_ctx = jit.cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(module));
-    match translate::compile(module, cl_ctx, &mut jit.fctx, ops, &env) {
+    let r = translate::compile(module, cl_ctx, &mut jit.fctx, ops, &env);
+    let code = match r {
         Some((f, bytes)) => {
             jit.held += bytes;
             jit.stats.compiled += 1;
             jit.stats.code_bytes += bytes as u64;
             let len = u32::try_from(len).ok()?;
-            let c = Compiled::Code { f, len, epoch: jit.epoch, user };
-            cpu.dcache.set_compiled(b.slot, first_ip, b.gen, c);
-            Some((f, len))
+            Compiled::Code { f, len, epoch: jit.epoch, user }
         }
-        None => {
-            cpu.dcache.set_compiled(b.slot, first_ip, b.gen, Compiled::Never);
-            None
-        }
+        None => Compiled::Never,
+    };
+    if let Some(s) = cpu.dcache.jit_slot(b.slot) {
+        s.code = code;
+    }
+    match code {
+        Compiled::Code { f, len, .. } => Some((f, len)),
+        _ => None,
     }
 }
 
-/// Runs compiled block `f`. Returns the instructions retired (the faulting one included)
-/// and the fault to raise, if any; RIP, registers and flags are those after the last
-/// instruction retired, or of the faulting instruction.
+/// Runs compiled block `f` (of the block at RAM page `page`, generation `gen`), and the
+/// compiled blocks it is linked to while they fit in `left` instructions (>= the block's
+/// length) and the page keeps its generation. Returns the instructions retired (the
+/// faulting one included), the fault to raise, if any, and the link the last block's exit
+/// asks to be filled; RIP, registers and flags are those after the last instruction
+/// retired, or of the faulting instruction.
 #[inline]
-/// At most `left` (>= the block's length) instructions are retired.
-pub(crate) fn enter(cpu: &mut Cpu, bus: &mut dyn Bus, f: JitFn, left: u64) -> (u64, Option<Fault>) {
+pub(crate) fn enter(
+    cpu: &mut Cpu,
+    bus: &mut dyn Bus,
+    f: JitFn,
+    left: u64,
+    page: usize,
+    gen: u32,
+) -> (u64, Option<Fault>, Option<WantLink>) {
     let mut bus_ref: &mut dyn Bus = bus;
     let mut ctx = JitCtx {
         tlb: cpu.mmu.tlb_ptr() as *const u8,
         flags_out: 0,
         faulted: 0,
         left,
+        link: std::ptr::null_mut(),
         bus: &mut bus_ref as *mut &mut dyn Bus as *mut u8,
         fault: None,
     };
     cpu.interrupt_shadow = false;
-    cpu.jit.stats.entries += 1;
-    // SAFETY: `f` was compiled by this vCPU's module in the current epoch (checked by
-    // `lookup`), so its code is live; it accesses the Cpu only through the fields whose
-    // offsets `translate` took, and guest RAM through TLB entries valid for this vCPU, and
-    // calls only the helpers above with these same pointers. No Rust reference to `cpu`
-    // or `ctx` is used while it runs.
-    let r = unsafe { f(cpu as *mut Cpu, &mut ctx as *mut JitCtx as *mut u8) };
-    let n = r & 0xffff_ffff;
-    cpu.jit.stats.instructions += n;
-    let fault = match r >> 32 {
-        EXIT_NORMAL => None,
-        EXIT_GP => Some(Fault::GeneralProtection(0)),
-        _ => Some(ctx.fault.unwrap_or(Fault::GeneralProtection(0))),
-    };
-    (n, fault)
+    let mut f = f;
+    let mut total = 0u64;
+    loop {
+        cpu.jit.stats.entries += 1;
+        ctx.left = left - total;
+        // SAFETY: `f` was compiled by this vCPU's module in the current epoch (checked by
+        // `lookup`, or a link of this epoch), so its code is live; it accesses the Cpu only
+        // through the fields whose offsets `translate` took, and guest RAM through TLB
+        // entries valid for this vCPU, and calls only the helpers above with these same
+        // pointers. No Rust reference to `cpu` or `ctx` is used while it runs.
+        let r = unsafe { f(cpu as *mut Cpu, &mut ctx as *mut JitCtx as *mut u8) };
+        let n = r & 0xffff_ffff;
+        cpu.jit.stats.instructions += n;
+        total += n;
+        let fault = match r >> 32 {
+            EXIT_NORMAL => return (total, None, None),
+            EXIT_LINK => {
+                let l = ctx.link;
+                // SAFETY: compiled code of this epoch stores a pointer to one of its own
+                // link tables, live while the epoch lasts.
+                let (nf, nlen) = unsafe { ((*l).f, (*l).len) };
+                match nf {
+                    Some(nf) if total + nlen <= left && cpu.mmu.shared.gen(page) == gen => {
+                        f = nf;
+                        continue;
+                    }
+                    Some(_) => return (total, None, None),
+                    None => {
+                        let w = WantLink { link: l, epoch: cpu.jit.epoch, rip: cpu.rip, page, gen, user: cpu.cur_user };
+                        return (total, None, Some(w));
+                    }
+                }
+            }
+            EXIT_GP => Fault::GeneralProtection(0),
+            _ => ctx.fault.unwrap_or(Fault::GeneralProtection(0)),
+        };
+        return (total, Some(fault), None);
+    }
 }
 
 impl Cpu {

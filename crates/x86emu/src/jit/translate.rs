@@ -5,7 +5,7 @@
 //! stores the guest registers it changed, RFLAGS (materialised from the lazily kept
 //! operands of the last flag-setting operation) and RIP.
 
-use super::{aluop, JitCtx, EXIT_FAULT, EXIT_GP, EXIT_NORMAL};
+use super::{aluop, JitCtx, EXIT_FAULT, EXIT_GP, EXIT_LINK, EXIT_NORMAL};
 use crate::alu::Op2;
 use crate::cpu::flags::{ARITH, CF, OF, SF, ZF};
 use crate::cpu::{sreg, Cpu, Seg};
@@ -29,6 +29,9 @@ pub(crate) struct Env {
     pub(crate) gen_ptr: u64,
     /// The generation the block was decoded at: a store that changes it ends the block.
     pub(crate) gen: u32,
+    /// Address of the block's two `super::Link`s: [0] for the branch target (JMP, CALL,
+    /// taken Jcc), [1] for a Jcc's fall-through.
+    pub(crate) links: u64,
 }
 
 /// Kind of the pending (not yet materialised) flag computation.
@@ -360,6 +363,43 @@ impl Tr<'_, '_> {
         let d = self.b.use_var(self.done);
         let code = self.b.ins().iadd_imm_s(d, (n | kind << 32) as i64);
         self.b.ins().return_(&[code]);
+    }
+
+    /// Exit to a constant `target` after `n` instructions: through link `k` when the
+    /// target lies on the block's page (`start`), else a plain exit.
+    fn exit_to(&mut self, target: u64, n: u64, k: u64, start: u64) {
+        let rip = self.iconst(target);
+        if target & !0xfff == start & !0xfff {
+            let l = self.iconst(self.env.links + k * std::mem::size_of::<super::Link>() as u64);
+            self.b.ins().store(MF, l, self.ctx, off(offset_of!(JitCtx, link)));
+            self.exit(rip, n, EXIT_LINK);
+        } else {
+            self.exit(rip, n, EXIT_NORMAL);
+        }
+    }
+
+    /// The last instruction of a block when it is a JMP, CALL or Jcc: exits through links.
+    fn branch(&mut self, op: &Op, i: usize, start: u64) {
+        let n = i as u64 + 1;
+        match op.uop {
+            Uop::Jcc { cc, target } => {
+                let c = self.cond(cc);
+                let taken = self.b.create_block();
+                let not = self.b.create_block();
+                self.b.ins().brif(c, taken, &[], not, &[]);
+                self.b.switch_to_block(taken);
+                self.exit_to(target, n, 0, start);
+                self.b.switch_to_block(not);
+                self.exit_to(op.next_ip, n, 1, start);
+            }
+            Uop::Jmp { target } => self.exit_to(target, n, 0, start),
+            Uop::Call { target } => {
+                let ret = self.iconst(op.next_ip);
+                self.push(ret, op, i);
+                self.exit_to(target, n, 0, start);
+            }
+            _ => {}
+        }
     }
 
     /// Checks ctx.faulted after a helper call: branches to instruction `i`'s fault exit.
@@ -855,10 +895,16 @@ pub(crate) fn compile(
             sig_note,
         };
         let mut rip = None;
+        let mut linked = false;
         let n = ops.len();
         for (i, op) in ops.iter().enumerate() {
             if self_loop && i + 1 == n {
                 t.loop_back(op, i, header);
+                break;
+            }
+            if i + 1 == n && matches!(op.uop, Uop::Jcc { .. } | Uop::Jmp { .. } | Uop::Call { .. }) {
+                t.branch(op, i, start);
+                linked = true;
                 break;
             }
             rip = t.op(op, i);
@@ -867,7 +913,7 @@ pub(crate) fn compile(
             }
         }
         let last = ops.last()?;
-        if self_loop {
+        if self_loop || linked {
             t.b.seal_all_blocks();
             t.b.finalize(tc);
             return finish(module, ctx);
