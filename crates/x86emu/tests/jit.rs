@@ -359,6 +359,7 @@ fn random_insn(r: &mut u64, out: &mut Vec<u8>) {
 fn hostile_random_code_in_the_jit_tier() {
     let t = std::time::Instant::now();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let (mut compiled, mut jit_time, mut interp_time) = (0, 0.0, 0.0);
     for case in 0..300 {
         let mut code = Vec::new();
         while code.len() < 3000 {
@@ -372,12 +373,21 @@ fn hostile_random_code_in_the_jit_tier() {
             }
             // Faults go to the hlt stubs with IF clear; a fault there ends the run.
         }
+        let t0 = std::time::Instant::now();
         let ei = i.run(&mut never(), 20_000);
+        let t1 = std::time::Instant::now();
         let ej = j.run(&mut never(), 20_000);
+        interp_time += (t1 - t0).as_secs_f64();
+        jit_time += t1.elapsed().as_secs_f64();
+        compiled += j.cpu.jit_stats().compiled;
         assert_eq!(ei, ej, "case {case}: exit");
         assert_eq!(i.state(), j.state(), "case {case}: state");
         assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions, "case {case}");
     }
+    eprintln!(
+        "{compiled} blocks compiled; interpreter {interp_time:.2} s, jit tier {jit_time:.2} s ({:.0} us per block)",
+        (jit_time - interp_time) / compiled as f64 * 1e6
+    );
     assert!(t.elapsed().as_secs() < 120, "took {:?}", t.elapsed());
 }
 

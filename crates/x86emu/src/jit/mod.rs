@@ -25,7 +25,7 @@
 mod translate;
 
 use crate::cpu::Cpu;
-use crate::decode::{BlockRef, Compiled, JitFn};
+use crate::decode::{Compiled, JitFn, Op};
 use crate::{Bus, Fault};
 use cranelift_jit::{JITBuilder, JITModule};
 use std::sync::OnceLock;
@@ -264,6 +264,15 @@ pub(crate) struct Link {
     pub(crate) len: u64,
 }
 
+/// Where a cached block is: its RAM page, that page's code generation and its slot in the
+/// decode cache.
+#[derive(Clone, Copy)]
+pub(crate) struct BlockAt {
+    pub(crate) page: usize,
+    pub(crate) gen: u32,
+    pub(crate) slot: usize,
+}
+
 /// A branch exit of compiled code waiting to be linked to the block the run loop fetches
 /// next (see [`enter`]).
 #[derive(Clone, Copy)]
@@ -276,27 +285,34 @@ pub(crate) struct WantLink {
     user: bool,
 }
 
-/// The compiled code for block `b` if it should run now: compiles it first when it is hot
+/// The compiled code for the block `ops` at `b` if it should run now: compiles it first when it is hot
 /// enough. `None`: interpret. The caller has checked that the block is in 64-bit mode.
 /// `want` is the link the previous compiled block asked for: it is filled when `b` is its
 /// target.
 #[inline]
-pub(crate) fn lookup(cpu: &mut Cpu, b: &BlockRef, want: Option<WantLink>) -> Option<(JitFn, u32)> {
+pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLink>) -> Option<(JitFn, u32)> {
     let (epoch, user, tier) = (cpu.jit.epoch, cpu.cur_user, cpu.jit.tier);
     let s = cpu.dcache.jit_slot(b.slot)?;
     let (f, len) = match s.code {
-        Compiled::Code { f, len, epoch: e, user: u } if e == epoch && u == user => (f, len),
+        Compiled::Code { f, len, epoch: e, user: u } if e == epoch => {
+            if u != user {
+                // Compiled for the other privilege (rare): interpret rather than compile
+                // again on every switch.
+                return None;
+            }
+            (f, len)
+        }
         Compiled::Never => return None,
         _ => {
             s.hits = s.hits.saturating_add(1);
             if tier == Tier::Auto && s.hits < HOT {
                 return None;
             }
-            compile(cpu, b)?
+            compile(cpu, ops, b)?
         }
     };
     if let Some(w) = want {
-        let ip = b.ops.first().map_or(0, |o| o.ip);
+        let ip = ops.first().map_or(0, |o| o.ip);
         if w.epoch == cpu.jit.epoch && w.rip == ip && w.page == b.page && w.gen == b.gen && w.user == user {
             // SAFETY: `w.link` points into a link table of the current epoch (checked),
             // which lives until the module is freed; no reference to it exists.
@@ -307,8 +323,8 @@ pub(crate) fn lookup(cpu: &mut Cpu, b: &BlockRef, want: Option<WantLink>) -> Opt
 }
 
 #[cold]
-fn compile(cpu: &mut Cpu, b: &BlockRef) -> Option<(JitFn, u32)> {
-    let len = b.ops.iter().take_while(|o| !matches!(o.uop, crate::uop::Uop::Generic)).count();
+fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
+    let len = ops.iter().take_while(|o| !matches!(o.uop, crate::uop::Uop::Generic)).count();
     if len == 0 {
         if let Some(s) = cpu.dcache.jit_slot(b.slot) {
             s.code = Compiled::Never;
@@ -329,7 +345,7 @@ fn compile(cpu: &mut Cpu, b: &BlockRef) -> Option<(JitFn, u32)> {
     jit.links.push(links);
     jit.held += std::mem::size_of::<[Link; 2]>();
     let module = jit.module.as_mut()?;
-    let ops = b.ops.get(..len)?;
+    let ops = ops.get(..len)?;
     let env = translate::Env { user, gen_ptr, gen: b.gen, links: links as u64 };
     let cl_ctx = jit.cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(module));
     let r = translate::compile(module, cl_ctx, &mut jit.fctx, ops, &env);
