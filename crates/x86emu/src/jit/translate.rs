@@ -106,12 +106,20 @@ impl Tr<'_, '_> {
     }
 
     fn reg(&mut self, r: u8) -> Value {
-        let v = self.regs[usize::from(r & 15)];
+        let v = self.regs.get(usize::from(r & 15)).copied().unwrap_or(self.fl);
         self.b.use_var(v)
     }
 
+    /// The one result of a helper call (its signature returns one I64).
+    fn result(&mut self, call: cranelift_codegen::ir::Inst) -> Value {
+        match self.b.inst_results(call).first() {
+            Some(&v) => v,
+            None => self.b.ins().iconst(I64, 0),
+        }
+    }
+
     fn set_reg64(&mut self, r: u8, v: Value) {
-        let var = self.regs[usize::from(r & 15)];
+        let var = self.regs.get(usize::from(r & 15)).copied().unwrap_or(self.fl);
         self.b.def_var(var, v);
         self.written |= 1 << (r & 15);
     }
@@ -463,7 +471,7 @@ impl Tr<'_, '_> {
         let sz = self.iconst(u64::from(size));
         let f = self.iconst(super::jit_read as *const () as u64);
         let call = self.b.ins().call_indirect(self.sig_read, f, &[self.cpu, self.ctx, la, sz]);
-        let v = self.b.inst_results(call)[0];
+        let v = self.result(call);
         self.b.def_var(t, v);
         self.check_fault(op, i);
         self.b.ins().jump(join, &[]);
@@ -569,7 +577,7 @@ impl Tr<'_, '_> {
         let s = self.iconst(u64::from(sz));
         let fp = self.iconst(super::jit_alu as *const () as u64);
         let call = self.b.ins().call_indirect(self.sig_alu, fp, &[c, s, a, b, f, self.ctx]);
-        let r = self.b.inst_results(call)[0];
+        let r = self.result(call);
         let nf = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, flags_out)));
         self.set_flags(nf);
         r
@@ -843,8 +851,9 @@ pub(crate) fn compile(
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
-        let cpu = b.block_params(entry)[0];
-        let cx = b.block_params(entry)[1];
+        let &[cpu, cx] = b.block_params(entry) else {
+            return None;
+        };
         let regs: [Variable; 16] = std::array::from_fn(|_| b.declare_var(I64));
         let fl = b.declare_var(I64);
         // Load every register the block names, and RFLAGS.
@@ -852,14 +861,9 @@ pub(crate) fn compile(
         for o in ops {
             used |= regs_named(&o.uop);
         }
-        for r in 0..16u8 {
-            if used & (1 << r) != 0 {
-                let v = b.ins().load(I64, MF, cpu, gpr_off(r));
-                b.def_var(regs[usize::from(r)], v);
-            } else {
-                let z = b.ins().iconst(I64, 0);
-                b.def_var(regs[usize::from(r)], z);
-            }
+        for (r, &var) in (0u8..).zip(regs.iter()) {
+            let v = if used & (1 << r) != 0 { b.ins().load(I64, MF, cpu, gpr_off(r)) } else { b.ins().iconst(I64, 0) };
+            b.def_var(var, v);
         }
         let f = b.ins().load(I64, MF, cpu, off(offset_of!(Cpu, rflags)));
         b.def_var(fl, f);
