@@ -11,12 +11,12 @@
 //!
 //! Semantics are exactly those of the fast forms: guest registers live in SSA variables
 //! (loaded at entry, stored at every exit), memory goes through an inline TLB-hit test and
-//! a call to [`jit_read`]/[`jit_write`] otherwise, arithmetic flags are computed lazily (a
+//! a call to `jit_read`/`jit_write` otherwise, arithmetic flags are computed lazily (a
 //! compare feeding a branch becomes a host compare) and materialised bit-exactly (as the
 //! host CPU computes them, see `crate::alu`) wherever they can be observed: at every exit
 //! and before every instruction that may fault, so a fault leaves the architectural state
 //! of the faulting instruction. ADC/SBB/IMUL and shifts call `crate::alu` through
-//! [`jit_alu`].
+//! `jit_alu`.
 //!
 //! Code memory is bounded: past [`CODE_LIMIT`] bytes the whole module is freed and every
 //! compiled entry retired (the epoch moves on), so a guest that rewrites code forever
