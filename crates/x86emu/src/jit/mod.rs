@@ -55,7 +55,10 @@ impl Tier {
 }
 
 /// Executions of a block after which tier [`Tier::Auto`] compiles it.
-pub const HOT: u32 = 32;
+pub const HOT: u32 = 2048;
+
+/// Shortest run of fast forms worth compiling.
+const MIN_LEN: usize = 3;
 
 /// Bytes of generated code a vCPU may hold before all of it is thrown away.
 pub const CODE_LIMIT: usize = 64 << 20;
@@ -325,7 +328,9 @@ pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLin
 #[cold]
 fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     let len = ops.iter().take_while(|o| !matches!(o.uop, crate::uop::Uop::Generic)).count();
-    if len == 0 {
+    // Entering compiled code costs about as much as interpreting two fast forms: shorter
+    // runs stay with the interpreter (the Debian boot is faster that way).
+    if len < MIN_LEN {
         if let Some(s) = cpu.dcache.jit_slot(b.slot) {
             s.code = Compiled::Never;
         }
