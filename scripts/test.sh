@@ -10,3 +10,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace
+# The emulator's differential tests again with every 64-bit block compiled (the translation
+# tier must match the hardware exactly as the interpreter does).
+RUSTVISOR_EMU_TIER=jit cargo test -p x86emu --test differential --test differential_v2 --test smp --test jit

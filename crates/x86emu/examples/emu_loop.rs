@@ -67,4 +67,8 @@ fn main() {
     let dt = t.elapsed().as_secs_f64();
     let n = c.stats.instructions;
     println!("guest instructions: {n}, {dt:.3} s, {:.1} M instructions/s", n as f64 / dt / 1e6);
+    // The final state, to compare tiers (RUSTVISOR_EMU_TIER=interp|jit|auto).
+    let mem = u64::from_le_bytes(ram[0x20008..0x20010].try_into().unwrap())
+        ^ u64::from_le_bytes(ram[0x20010..0x20018].try_into().unwrap()).rotate_left(17);
+    println!("tier {:?}: gpr {:x?} rflags {:#x} mem {mem:#x}", c.tier(), c.gpr, c.rflags);
 }

@@ -308,6 +308,8 @@ pub struct Cpu {
     pub stats: Stats,
     /// Decoded-instruction cache keyed by GPA.
     pub(crate) dcache: crate::decode::DecodeCache,
+    /// The translation tier's state (compiled code of this vCPU).
+    pub(crate) jit: crate::jit::Jit,
     /// Set by instructions that may unmask or raise interrupts (STI, POPF, IRET, port and
     /// MMIO writes): the run loop looks at the interrupt line again before the next one.
     pub(crate) check_irq: bool,
@@ -375,6 +377,7 @@ impl Cpu {
             halted: false,
             stats: Stats::default(),
             dcache: crate::decode::DecodeCache::new(),
+            jit: crate::jit::Jit::new(),
             check_irq: true,
             trace: None,
             cur_user: false,
@@ -390,7 +393,8 @@ impl Cpu {
     /// The caller keeps the vCPU waiting for a startup IPI ([`Cpu::start_up`]) unless it is
     /// the bootstrap processor.
     pub fn init(&mut self) {
-        let fresh = Cpu::with_shared(self.mmu.shared.clone(), self.config.clone());
+        let mut fresh = Cpu::with_shared(self.mmu.shared.clone(), self.config.clone());
+        fresh.jit.tier = self.jit.tier;
         let Cpu { stats, trace, recent, recent_pos, .. } = std::mem::replace(self, fresh);
         self.stats = stats;
         self.trace = trace;

@@ -22,6 +22,33 @@ struct Block {
     page: usize,
     bits: u32,
     ops: std::rc::Rc<[Op]>,
+    /// The translation tier's view of the block; retired with it.
+    jit: JitSlot,
+}
+
+/// What the translation tier keeps on a cached block.
+#[derive(Clone, Copy)]
+pub(crate) struct JitSlot {
+    /// Executions counted by the translation tier (saturating).
+    pub(crate) hits: u32,
+    /// The block's compiled form.
+    pub(crate) code: Compiled,
+}
+
+/// Signature of a compiled block: `(cpu, ctx) -> exit code` (see `crate::jit`).
+pub(crate) type JitFn = unsafe extern "C" fn(*mut Cpu, *mut u8) -> u64;
+
+/// What the translation tier made of a cached block.
+#[derive(Clone, Copy)]
+pub(crate) enum Compiled {
+    /// Not compiled (yet).
+    None,
+    /// Nothing to compile (the block starts with an instruction only the interpreter runs).
+    Never,
+    /// Compiled: the entry point, how many leading instructions of the block it runs, the
+    /// JIT epoch it belongs to (code of an older epoch was freed) and the privilege (CPL 3
+    /// or not) its memory accesses check.
+    Code { f: JitFn, len: u32, epoch: u32, user: bool },
 }
 
 /// One decoded instruction of a block: its fast form, its addresses and the full decode.
@@ -51,9 +78,29 @@ impl DecodeCache {
     }
 }
 
-/// A block handed to the run loop: instructions, their fast forms, RAM page index
-/// (usize::MAX if uncached) and the page's code generation.
-pub(crate) type BlockRef = (std::rc::Rc<[Op]>, usize, u32);
+/// A block handed to the run loop.
+pub(crate) struct BlockRef {
+    /// Instructions and their fast forms.
+    pub(crate) ops: std::rc::Rc<[Op]>,
+    /// RAM page index (usize::MAX if uncached).
+    pub(crate) page: usize,
+    /// The page's code generation.
+    pub(crate) gen: u32,
+    /// Decode-cache slot of the block (usize::MAX if uncached).
+    pub(crate) slot: usize,
+}
+
+impl DecodeCache {
+    /// The translation tier's state of the block in `slot` (the one `fetch_block` just
+    /// returned).
+    #[inline]
+    pub(crate) fn jit_slot(&mut self, slot: usize) -> Option<&mut JitSlot> {
+        match self.e.get_mut(slot) {
+            Some(Some(b)) => Some(&mut b.jit),
+            _ => None,
+        }
+    }
+}
 
 /// Whether decoding must stop after `insn`: control transfers and instructions that change
 /// paging, segments or the fetch mode.
@@ -97,9 +144,9 @@ pub(crate) fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     cpu.cur_user = user;
     let gpa = cpu.translate(la, Access::Exec, user)?;
     let idx = host_usize(gpa ^ (gpa >> 12)) & (BCACHE_SIZE - 1);
-    if let Some(Some(b)) = cpu.dcache.e.get(idx) {
+    if let Some(Some(b)) = cpu.dcache.e.get_mut(idx) {
         if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.shared.gen(b.page) == b.gen {
-            return Ok((b.ops.clone(), b.page, b.gen));
+            return Ok(BlockRef { ops: b.ops.clone(), page: b.page, gen: b.gen, slot: idx });
         }
     }
     decode_block(cpu, la, bits, user, idx)
@@ -153,11 +200,24 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
             }
             return Err(Stop::Fault(Fault::InvalidOpcode));
         }
-        return Ok((std::rc::Rc::from(vec![Op::new(insn, bits)]), usize::MAX, 0));
+        return Ok(BlockRef {
+            ops: std::rc::Rc::from(vec![Op::new(insn, bits)]),
+            page: usize::MAX,
+            gen: 0,
+            slot: usize::MAX,
+        });
     }
     let ops: std::rc::Rc<[Op]> = insns.into_iter().map(|i| Op::new(i, bits)).collect();
     if let Some(slot) = cpu.dcache.e.get_mut(idx) {
-        *slot = Some(Block { gpa, ip: cpu.rip, gen, page, bits, ops: ops.clone() });
+        *slot = Some(Block {
+            gpa,
+            ip: cpu.rip,
+            gen,
+            page,
+            bits,
+            ops: ops.clone(),
+            jit: JitSlot { hits: 0, code: Compiled::None },
+        });
     }
-    Ok((ops, page, gen))
+    Ok(BlockRef { ops, page, gen, slot: idx })
 }

@@ -46,11 +46,13 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             return if cpu.rflags & IF != 0 { Exit::Halted } else { Exit::HaltedForever };
         }
         cpu.check_irq = false;
+        // A branch exit of compiled code to link to the next block (see jit::enter).
+        let mut want = None;
         // Run a chunk without looking at the interrupt line.
         let chunk = (budget - done).min(4096);
         let mut n = 0;
         'chunk: while n < chunk {
-            let (ops, page, gen) = match fetch_block(cpu) {
+            let crate::decode::BlockRef { ops, page, gen, slot } = match fetch_block(cpu) {
                 Ok(b) => b,
                 Err(Stop::Fault(f)) => {
                     n += 1;
@@ -67,7 +69,24 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             };
             cpu.note_recent(cpu.rip);
             let tracing = cpu.trace.is_some();
-            for op in ops.iter() {
+            let mut skip = 0;
+            // The translation tier: run the block's compiled leading part, if it has one
+            // and it fits in what is left of the chunk (the budget stays exact). Out of
+            // line, so that the interpreter's loop stays as it was.
+            if cpu.jit.tier != crate::jit::Tier::Interp && !tracing && slot != usize::MAX {
+                let at = crate::jit::BlockAt { page, gen, slot };
+                let (step, done) = jit_step(cpu, bus, &ops, at, n, chunk, &mut want);
+                n = done;
+                match step {
+                    JitStep::Interpret(k) => skip = k,
+                    JitStep::NextBlock => continue 'chunk,
+                    JitStep::Exit(e) => {
+                        cpu.stats.instructions += n;
+                        return e;
+                    }
+                }
+            }
+            for op in ops.get(skip..).unwrap_or_default() {
                 if cpu.rip != op.ip {
                     break;
                 }
@@ -115,6 +134,54 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             return Exit::Budget;
         }
     }
+}
+
+/// What the run loop does after [`jit_step`].
+enum JitStep {
+    /// Interpret the block from this instruction on.
+    Interpret(usize),
+    /// Fetch the next block.
+    NextBlock,
+    /// Return this from `run`.
+    Exit(Exit),
+}
+
+/// The translation tier's part of a block: runs its compiled code (and linked blocks) when
+/// it has some (compiling it when it is hot) and it fits in what is left of the chunk;
+/// raises a fault it took. `n` counts the instructions retired in the chunk; returns
+/// what to do next and the new count.
+#[inline(never)]
+fn jit_step(
+    cpu: &mut Cpu,
+    bus: &mut dyn Bus,
+    ops: &[crate::decode::Op],
+    at: crate::jit::BlockAt,
+    n: u64,
+    chunk: u64,
+    want: &mut Option<crate::jit::WantLink>,
+) -> (JitStep, u64) {
+    if !cpu.in_64bit_mode() {
+        return (JitStep::Interpret(0), n);
+    }
+    let Some((f, len)) = crate::jit::lookup(cpu, ops, at, want.take()) else {
+        return (JitStep::Interpret(0), n);
+    };
+    if chunk - n < u64::from(len) {
+        return (JitStep::Interpret(0), n);
+    }
+    let (k, fault, w) = crate::jit::enter(cpu, bus, f, chunk - n, at.page, at.gen);
+    *want = w;
+    let n = n + k;
+    if let Some(f) = fault {
+        if let Err(e) = crate::interrupt::raise_fault(cpu, bus, f) {
+            return (JitStep::Exit(e), n);
+        }
+        return (JitStep::NextBlock, n);
+    }
+    if n >= chunk || cpu.mmu.shared.gen(at.page) != at.gen {
+        return (JitStep::NextBlock, n);
+    }
+    (JitStep::Interpret(len as usize), n)
 }
 
 #[cold]

@@ -24,13 +24,15 @@
 // 4. execution: `interrupt` (exception and interrupt delivery, segment loads, far
 //    transfers), `fpu` (x87), `sse` (SSE/MMX; its child `sse::ext` has SSE3 to SSE4.2,
 //    AES-NI and PCLMULQDQ), `intext` (CRC32, MOVBE, RDRAND, RDSEED), `system` (system
-//    instructions, MSRs; it dispatches to `intext`, `sse` and `fpu`), and `exec` (the run
-//    loop and the integer instruction set, dispatching to `system`).
+//    instructions, MSRs; it dispatches to `intext`, `sse` and `fpu`), `jit` (the
+//    translation tier: hot 64-bit blocks of fast forms compiled with Cranelift), and `exec`
+//    (the run loop and the integer instruction set, dispatching to `system` and `jit`).
 //
 // `snapshot` sits beside them (save/restore of the state layer). The one upward name is in
-// `cpu`: the `Cpu` struct owns every layer's state, so it names `mmu::Mmu` and
-// `decode::DecodeCache` as field types and builds them in `Cpu::new`; no code in a lower
-// layer calls into a higher one.
+// `cpu`: the `Cpu` struct owns every layer's state, so it names `mmu::Mmu`,
+// `decode::DecodeCache` and `jit::Jit` as field types and builds them in `Cpu::new`; no
+// code in a lower layer calls into a higher one (the decode cache stores the compiled entry
+// of a block as an opaque function pointer, `decode::Compiled`).
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::cast_possible_truncation)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 
@@ -48,6 +50,7 @@ mod fpstate;
 mod fpu;
 mod interrupt;
 mod intext;
+pub mod jit;
 mod mmu;
 mod operand;
 mod regs;

@@ -28,8 +28,8 @@ unsafe impl Send for RamRegion {}
 // SAFETY: see the `Send` impl above: sharing the description shares only the address.
 unsafe impl Sync for RamRegion {}
 
-const TLB_SIZE: usize = 1024;
-const TLB_VALID: u64 = 1;
+pub(crate) const TLB_SIZE: usize = 1024;
+pub(crate) const TLB_VALID: u64 = 1;
 
 /// Permission bits of a TLB entry.
 pub(crate) const P_USER: u8 = 1;
@@ -43,7 +43,7 @@ pub(crate) const P_GLOBAL: u8 = 8;
 pub(crate) const P_READ: u8 = 16;
 
 /// Code generation bit 0: the page holds decoded code (a store to it must retire that code).
-const GEN_CODE: u32 = 1;
+pub(crate) const GEN_CODE: u32 = 1;
 /// Code generation bit 1: the page was marked as code and every other vCPU's stores made
 /// before the mark are visible (see [`SharedRam::mark_code`]).
 const GEN_FENCED: u32 = 2;
@@ -62,6 +62,23 @@ pub(crate) struct TlbEntry {
     /// GPA of the page.
     gpa: u64,
     perm: u8,
+}
+
+/// Byte layout of a [`TlbEntry`], for code that the translation tier (`crate::jit`)
+/// generates: size of an entry and offsets of `tag` (u64), `host` (pointer), `gen`
+/// (pointer to the page's `AtomicU32` code generation) and `perm` (u8).
+pub(crate) mod tlb_layout {
+    use super::TlbEntry;
+    /// Size of one entry in bytes.
+    pub(crate) const SIZE: usize = std::mem::size_of::<TlbEntry>();
+    /// Offset of `tag` (linear page | TLB_VALID).
+    pub(crate) const TAG: usize = std::mem::offset_of!(TlbEntry, tag);
+    /// Offset of `host` (host page address, null for MMIO).
+    pub(crate) const HOST: usize = std::mem::offset_of!(TlbEntry, host);
+    /// Offset of `gen` (the page's code generation, null for MMIO).
+    pub(crate) const GEN: usize = std::mem::offset_of!(TlbEntry, gen);
+    /// Offset of `perm` (P_* bits).
+    pub(crate) const PERM: usize = std::mem::offset_of!(TlbEntry, perm);
 }
 
 const EMPTY: TlbEntry = TlbEntry { tag: 0, host: std::ptr::null_mut(), gen: std::ptr::null(), gpa: 0, perm: 0 };
@@ -148,7 +165,9 @@ impl SharedRam {
         self.gens.get(page).map_or(0, |g| g.load(Ordering::Acquire))
     }
 
-    fn gen_ptr(&self, page: usize) -> *const AtomicU32 {
+    /// The code generation of RAM page `page` as a pointer (null for an index out of
+    /// range); valid while this `SharedRam` exists.
+    pub(crate) fn gen_ptr(&self, page: usize) -> *const AtomicU32 {
         self.gens.get(page).map_or(std::ptr::null(), |g| g as *const AtomicU32)
     }
 
@@ -289,6 +308,12 @@ impl Mmu {
     pub(crate) fn new(shared: Arc<SharedRam>) -> Mmu {
         shared.cpus.fetch_add(1, Ordering::AcqRel);
         Mmu { shared, tlb: Box::new([EMPTY; TLB_SIZE]) }
+    }
+
+    /// The first entry of the TLB (TLB_SIZE entries, see [`tlb_layout`]), for generated
+    /// code; valid while this `Mmu` exists (the table never moves).
+    pub(crate) fn tlb_ptr(&self) -> *const TlbEntry {
+        self.tlb.as_ptr()
     }
 
     /// The TLB entry that `la` maps to (direct-mapped by linear page number).
@@ -480,6 +505,16 @@ impl PageGen {
             note_write_gen(unsafe { &*self.0 });
         }
     }
+}
+
+/// A store by generated code hit a RAM page whose generation `g` has the code bit set:
+/// retire that page's code (as [`PageGen::written`] does).
+///
+/// # Safety
+/// `g` must come from a TLB entry's `gen` of a live `Mmu` (see [`PageGen`]), non-null.
+pub(crate) unsafe fn jit_note_write(g: *const AtomicU32) {
+    // SAFETY: the caller guarantees `g` points into a live SharedRam's `gens`.
+    note_write_gen(unsafe { &*g });
 }
 
 #[inline]

@@ -13,17 +13,22 @@ use crate::regs::mask;
 use crate::{Bus, Fault, Res};
 use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
 
-const NONE: u8 = 0xff;
+/// No register (in a [`MemOp`]).
+pub(crate) const NONE: u8 = 0xff;
 
 /// A memory operand with 64-bit addressing: base + (index << scale) + disp (+ FS/GS base).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct MemOp {
-    base: u8,
-    index: u8,
-    scale: u8,
+    /// Base GPR, or NONE.
+    pub(crate) base: u8,
+    /// Index GPR, or NONE.
+    pub(crate) index: u8,
+    /// log2 of the index scale.
+    pub(crate) scale: u8,
     /// 0: no segment base, 1: FS, 2: GS.
-    seg: u8,
-    disp: u64,
+    pub(crate) seg: u8,
+    /// Displacement (RIP-relative operands have the absolute address here).
+    pub(crate) disp: u64,
 }
 
 impl MemOp {

@@ -1,0 +1,977 @@
+//! Fast forms (`crate::uop::Uop`) to Cranelift IR, one host function per run of them.
+//!
+//! The generated function has the signature `extern "C" fn(cpu: *mut Cpu, ctx: *mut
+//! JitCtx) -> u64` and returns `retired | kind << 32` (see `super::EXIT_*`). Every exit
+//! stores the guest registers it changed, RFLAGS (materialised from the lazily kept
+//! operands of the last flag-setting operation) and RIP.
+
+use super::{aluop, JitCtx, EXIT_FAULT, EXIT_GP, EXIT_LINK, EXIT_NORMAL};
+use crate::alu::Op2;
+use crate::cpu::flags::{ARITH, CF, OF, SF, ZF};
+use crate::cpu::{sreg, Cpu, Seg};
+use crate::decode::{JitFn, Op};
+use crate::mmu::{tlb_layout, GEN_CODE, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
+use crate::uop::{MemOp, Src, Uop, NONE};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::types::{I16, I32, I64, I8};
+use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_jit::JITModule;
+use cranelift_module::Module;
+use iced_x86::ConditionCode;
+use std::mem::offset_of;
+
+/// What the translation of one block depends on besides its instructions.
+pub(crate) struct Env {
+    /// CPL 3: memory accesses check the U/S permission.
+    pub(crate) user: bool,
+    /// Address of the block's page code generation (`AtomicU32`).
+    pub(crate) gen_ptr: u64,
+    /// The generation the block was decoded at: a store that changes it ends the block.
+    pub(crate) gen: u32,
+    /// Address of the block's two `super::Link`s: [0] for the branch target (JMP, CALL,
+    /// taken Jcc), [1] for a Jcc's fall-through.
+    pub(crate) links: u64,
+}
+
+/// Kind of the pending (not yet materialised) flag computation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pk {
+    Add,
+    Sub,
+    Logic,
+    Inc,
+    Dec,
+}
+
+/// The last flag-setting operation, kept as operands: flags = f(kind, a, b, r) merged into
+/// the RFLAGS variable. `a`, `b`, `r` are zero-extended `sz`-byte values.
+#[derive(Clone, Copy)]
+struct Pending {
+    k: Pk,
+    sz: u8,
+    a: Value,
+    b: Value,
+    r: Value,
+}
+
+fn mask(sz: u8) -> i64 {
+    match sz {
+        1 => 0xff,
+        2 => 0xffff,
+        4 => 0xffff_ffff,
+        _ => -1,
+    }
+}
+
+fn off(o: usize) -> i32 {
+    i32::try_from(o).unwrap_or(i32::MAX)
+}
+
+fn gpr_off(r: u8) -> i32 {
+    off(offset_of!(Cpu, gpr) + 8 * usize::from(r & 15))
+}
+
+struct Tr<'a, 'b> {
+    b: FunctionBuilder<'b>,
+    env: &'a Env,
+    cpu: Value,
+    ctx: Value,
+    regs: [Variable; 16],
+    fl: Variable,
+    pending: Option<Pending>,
+    /// GPRs written so far (stored at every exit).
+    written: u16,
+    /// RFLAGS variable written so far.
+    fl_written: bool,
+    /// Instructions retired by earlier passes of a block that loops onto itself.
+    done: Variable,
+    sig_read: SigRef,
+    sig_write: SigRef,
+    sig_alu: SigRef,
+    sig_note: SigRef,
+}
+
+/// Flags of accesses to the `Cpu`, the context and the TLB (aligned, never trapping).
+const MF: MemFlagsData = MemFlagsData::trusted();
+
+/// Flags of guest RAM accesses (never trapping: the TLB maps them; maybe unaligned).
+fn gm() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+impl Tr<'_, '_> {
+    fn iconst(&mut self, v: u64) -> Value {
+        self.b.ins().iconst(I64, v as i64)
+    }
+
+    fn reg(&mut self, r: u8) -> Value {
+        let v = self.regs.get(usize::from(r & 15)).copied().unwrap_or(self.fl);
+        self.b.use_var(v)
+    }
+
+    /// The one result of a helper call (its signature returns one I64).
+    fn result(&mut self, call: cranelift_codegen::ir::Inst) -> Value {
+        match self.b.inst_results(call).first() {
+            Some(&v) => v,
+            None => self.b.ins().iconst(I64, 0),
+        }
+    }
+
+    fn set_reg64(&mut self, r: u8, v: Value) {
+        let var = self.regs.get(usize::from(r & 15)).copied().unwrap_or(self.fl);
+        self.b.def_var(var, v);
+        self.written |= 1 << (r & 15);
+    }
+
+    /// Writes a 32/64-bit result as MOV does (32-bit writes zero-extend).
+    fn set_reg(&mut self, r: u8, v: Value, sz: u8) {
+        let v = if sz == 4 { self.b.ins().band_imm_s(v, 0xffff_ffff) } else { v };
+        self.set_reg64(r, v);
+    }
+
+    fn masked(&mut self, v: Value, sz: u8) -> Value {
+        if sz == 8 {
+            v
+        } else {
+            self.b.ins().band_imm_s(v, mask(sz))
+        }
+    }
+
+    /// Linear address of a memory operand.
+    fn la(&mut self, m: &MemOp) -> Value {
+        let mut a = self.iconst(m.disp);
+        if m.base != NONE {
+            let r = self.reg(m.base);
+            a = self.b.ins().iadd(a, r);
+        }
+        if m.index != NONE {
+            let r = self.reg(m.index);
+            let s = self.b.ins().ishl_imm_u(r, i64::from(m.scale));
+            a = self.b.ins().iadd(a, s);
+        }
+        let seg = match m.seg {
+            1 => Some(sreg::FS),
+            2 => Some(sreg::GS),
+            _ => None,
+        };
+        if let Some(s) = seg {
+            let o = off(offset_of!(Cpu, seg) + s * std::mem::size_of::<Seg>() + offset_of!(Seg, base));
+            let base = self.b.ins().load(I64, MF, self.cpu, o);
+            a = self.b.ins().iadd(a, base);
+        }
+        a
+    }
+
+    /// The full RFLAGS value now (materialising the pending operation).
+    fn flags(&mut self) -> Value {
+        let old = self.b.use_var(self.fl);
+        let Some(p) = self.pending else { return old };
+        let bits = i64::from(p.sz) * 8;
+        let zero = self.b.ins().iconst(I64, 0);
+        let (cf, of, af) = match p.k {
+            Pk::Logic => (zero, zero, zero),
+            Pk::Add | Pk::Sub | Pk::Inc | Pk::Dec => {
+                let add = matches!(p.k, Pk::Add | Pk::Inc);
+                let cf = if matches!(p.k, Pk::Inc | Pk::Dec) {
+                    self.b.ins().band_imm_s(old, CF as i64)
+                } else {
+                    let c = if add {
+                        self.b.ins().icmp(IntCC::UnsignedLessThan, p.r, p.a)
+                    } else {
+                        self.b.ins().icmp(IntCC::UnsignedLessThan, p.a, p.b)
+                    };
+                    self.b.ins().uextend(I64, c)
+                };
+                // OF: add: (a ^ r) & (b ^ r); sub: (a ^ b) & (a ^ r); top bit.
+                let x = if add {
+                    let t1 = self.b.ins().bxor(p.a, p.r);
+                    let t2 = self.b.ins().bxor(p.b, p.r);
+                    self.b.ins().band(t1, t2)
+                } else {
+                    let t1 = self.b.ins().bxor(p.a, p.b);
+                    let t2 = self.b.ins().bxor(p.a, p.r);
+                    self.b.ins().band(t1, t2)
+                };
+                let o = self.b.ins().ushr_imm_u(x, bits - 1);
+                let o = self.b.ins().band_imm_s(o, 1);
+                let of = self.b.ins().ishl_imm_u(o, 11);
+                let t = self.b.ins().bxor(p.a, p.b);
+                let t = self.b.ins().bxor(t, p.r);
+                let af = self.b.ins().band_imm_s(t, 0x10);
+                (cf, of, af)
+            }
+        };
+        let z = self.b.ins().icmp_imm_s(IntCC::Equal, p.r, 0);
+        let z = self.b.ins().uextend(I64, z);
+        let zf = self.b.ins().ishl_imm_u(z, 6);
+        let s = self.b.ins().ushr_imm_u(p.r, bits - 1);
+        let s = self.b.ins().band_imm_s(s, 1);
+        let sf = self.b.ins().ishl_imm_u(s, 7);
+        let lo = self.b.ins().band_imm_s(p.r, 0xff);
+        let pc = self.b.ins().popcnt(lo);
+        let pc = self.b.ins().band_imm_s(pc, 1);
+        let pc = self.b.ins().bxor_imm_s(pc, 1);
+        let pf = self.b.ins().ishl_imm_u(pc, 2);
+        let keep = if matches!(p.k, Pk::Inc | Pk::Dec) { !(ARITH & !CF) } else { !ARITH };
+        let base = self.b.ins().band_imm_s(old, keep as i64);
+        let f = self.b.ins().bor(base, cf);
+        let f = self.b.ins().bor(f, of);
+        let f = self.b.ins().bor(f, af);
+        let f = self.b.ins().bor(f, zf);
+        let f = self.b.ins().bor(f, sf);
+        self.b.ins().bor(f, pf)
+    }
+
+    /// Materialises pending flags into the RFLAGS variable.
+    fn settle(&mut self) {
+        if self.pending.is_some() {
+            let f = self.flags();
+            self.b.def_var(self.fl, f);
+            self.pending = None;
+            self.fl_written = true;
+        }
+    }
+
+    fn set_flags(&mut self, f: Value) {
+        self.b.def_var(self.fl, f);
+        self.pending = None;
+        self.fl_written = true;
+    }
+
+    fn flag_bit(&mut self, f: Value, bit: u64) -> Value {
+        let t = self.b.ins().band_imm_s(f, bit as i64);
+        self.b.ins().icmp_imm_s(IntCC::NotEqual, t, 0)
+    }
+
+    /// Condition `cc` as an I8 boolean.
+    fn cond(&mut self, cc: ConditionCode) -> Value {
+        use ConditionCode as C;
+        if let Some(p) = self.pending {
+            let bits = i64::from(p.sz) * 8;
+            let sign = |t: &mut Self, v: Value| {
+                let s = t.b.ins().band_imm_s(v, 1i64.wrapping_shl(u32::try_from(bits - 1).unwrap_or(63)));
+                t.b.ins().icmp_imm_s(IntCC::NotEqual, s, 0)
+            };
+            let sx = |t: &mut Self, v: Value| if bits == 64 { v } else { t.b.ins().ishl_imm_u(v, 64 - bits) };
+            let fast = match (p.k, cc) {
+                (_, C::e) => Some(self.b.ins().icmp_imm_s(IntCC::Equal, p.r, 0)),
+                (_, C::ne) => Some(self.b.ins().icmp_imm_s(IntCC::NotEqual, p.r, 0)),
+                (_, C::s) => Some(sign(self, p.r)),
+                (_, C::ns) => {
+                    let s = sign(self, p.r);
+                    Some(self.b.ins().bxor_imm_s(s, 1))
+                }
+                (Pk::Sub, C::b) => Some(self.b.ins().icmp(IntCC::UnsignedLessThan, p.a, p.b)),
+                (Pk::Sub, C::ae) => Some(self.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, p.a, p.b)),
+                (Pk::Sub, C::be) => Some(self.b.ins().icmp(IntCC::UnsignedLessThanOrEqual, p.a, p.b)),
+                (Pk::Sub, C::a) => Some(self.b.ins().icmp(IntCC::UnsignedGreaterThan, p.a, p.b)),
+                (Pk::Sub, C::l | C::ge | C::le | C::g) => {
+                    let a = sx(self, p.a);
+                    let b = sx(self, p.b);
+                    let c = match cc {
+                        C::l => IntCC::SignedLessThan,
+                        C::ge => IntCC::SignedGreaterThanOrEqual,
+                        C::le => IntCC::SignedLessThanOrEqual,
+                        _ => IntCC::SignedGreaterThan,
+                    };
+                    Some(self.b.ins().icmp(c, a, b))
+                }
+                (Pk::Add, C::b) => Some(self.b.ins().icmp(IntCC::UnsignedLessThan, p.r, p.a)),
+                (Pk::Add, C::ae) => Some(self.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, p.r, p.a)),
+                (Pk::Logic, C::b | C::o) => Some(self.b.ins().iconst(I8, 0)),
+                (Pk::Logic, C::ae | C::no) => Some(self.b.ins().iconst(I8, 1)),
+                (Pk::Logic, C::be) => Some(self.b.ins().icmp_imm_s(IntCC::Equal, p.r, 0)),
+                (Pk::Logic, C::a) => Some(self.b.ins().icmp_imm_s(IntCC::NotEqual, p.r, 0)),
+                (Pk::Logic, C::l | C::ge | C::le | C::g) => {
+                    let r = sx(self, p.r);
+                    let c = match cc {
+                        C::l => IntCC::SignedLessThan,
+                        C::ge => IntCC::SignedGreaterThanOrEqual,
+                        C::le => IntCC::SignedLessThanOrEqual,
+                        _ => IntCC::SignedGreaterThan,
+                    };
+                    Some(self.b.ins().icmp_imm_s(c, r, 0))
+                }
+                _ => None,
+            };
+            if let Some(v) = fast {
+                return v;
+            }
+        }
+        let f = self.flags();
+        let bit = |t: &mut Self, b: u64| t.flag_bit(f, b);
+        let not = |t: &mut Self, v: Value| t.b.ins().bxor_imm_s(v, 1);
+        match cc {
+            C::o => bit(self, OF),
+            C::no => {
+                let v = bit(self, OF);
+                not(self, v)
+            }
+            C::b => bit(self, CF),
+            C::ae => {
+                let v = bit(self, CF);
+                not(self, v)
+            }
+            C::e => bit(self, ZF),
+            C::ne => {
+                let v = bit(self, ZF);
+                not(self, v)
+            }
+            C::be => bit(self, CF | ZF),
+            C::a => {
+                let v = bit(self, CF | ZF);
+                not(self, v)
+            }
+            C::s => bit(self, SF),
+            C::ns => {
+                let v = bit(self, SF);
+                not(self, v)
+            }
+            C::p => bit(self, crate::cpu::flags::PF),
+            C::np => {
+                let v = bit(self, crate::cpu::flags::PF);
+                not(self, v)
+            }
+            C::l | C::ge | C::le | C::g => {
+                let s = bit(self, SF);
+                let o = bit(self, OF);
+                let lt = self.b.ins().bxor(s, o);
+                match cc {
+                    C::l => lt,
+                    C::ge => not(self, lt),
+                    C::le => {
+                        let z = bit(self, ZF);
+                        self.b.ins().bor(z, lt)
+                    }
+                    _ => {
+                        let z = bit(self, ZF);
+                        let le = self.b.ins().bor(z, lt);
+                        not(self, le)
+                    }
+                }
+            }
+            C::None => self.b.ins().iconst(I8, 1),
+        }
+    }
+
+    /// Stores changed state, RIP = `rip`, and returns `n | kind << 32`.
+    fn exit(&mut self, rip: Value, n: u64, kind: u64) {
+        for r in 0..16u8 {
+            if self.written & (1 << r) != 0 {
+                let v = self.reg(r);
+                self.b.ins().store(MF, v, self.cpu, gpr_off(r));
+            }
+        }
+        if self.fl_written || self.pending.is_some() {
+            let f = self.flags();
+            self.b.ins().store(MF, f, self.cpu, off(offset_of!(Cpu, rflags)));
+        }
+        self.b.ins().store(MF, rip, self.cpu, off(offset_of!(Cpu, rip)));
+        let d = self.b.use_var(self.done);
+        let code = self.b.ins().iadd_imm_s(d, (n | kind << 32) as i64);
+        self.b.ins().return_(&[code]);
+    }
+
+    /// Exit to a constant `target` after `n` instructions: through link `k` when the
+    /// target lies on the block's page (`start`), else a plain exit.
+    fn exit_to(&mut self, target: u64, n: u64, k: u64, start: u64) {
+        let rip = self.iconst(target);
+        if target & !0xfff == start & !0xfff {
+            let l = self.iconst(self.env.links + k * std::mem::size_of::<super::Link>() as u64);
+            self.b.ins().store(MF, l, self.ctx, off(offset_of!(JitCtx, link)));
+            self.exit(rip, n, EXIT_LINK);
+        } else {
+            self.exit(rip, n, EXIT_NORMAL);
+        }
+    }
+
+    /// The last instruction of a block when it is a JMP, CALL or Jcc: exits through links.
+    fn branch(&mut self, op: &Op, i: usize, start: u64) {
+        let n = i as u64 + 1;
+        match op.uop {
+            Uop::Jcc { cc, target } => {
+                let c = self.cond(cc);
+                let taken = self.b.create_block();
+                let not = self.b.create_block();
+                self.b.ins().brif(c, taken, &[], not, &[]);
+                self.b.switch_to_block(taken);
+                self.exit_to(target, n, 0, start);
+                self.b.switch_to_block(not);
+                self.exit_to(op.next_ip, n, 1, start);
+            }
+            Uop::Jmp { target } => self.exit_to(target, n, 0, start),
+            Uop::Call { target } => {
+                let ret = self.iconst(op.next_ip);
+                self.push(ret, op, i);
+                self.exit_to(target, n, 0, start);
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks ctx.faulted after a helper call: branches to instruction `i`'s fault exit.
+    fn check_fault(&mut self, op: &Op, i: usize) {
+        let f = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, faulted)));
+        let cont = self.b.create_block();
+        let fb = self.b.create_block();
+        self.b.set_cold_block(fb);
+        self.b.ins().brif(f, fb, &[], cont, &[]);
+        self.b.switch_to_block(fb);
+        let rip = self.iconst(op.ip);
+        self.exit(rip, i as u64 + 1, EXIT_FAULT);
+        self.b.switch_to_block(cont);
+    }
+
+    /// The TLB-hit test for an access of `size` bytes at `la`: (condition, host address).
+    fn tlb_hit(&mut self, la: Value, size: u8, write: bool) -> (Value, Value, Value) {
+        let need = (if write { P_WRITE } else { P_READ }) | if self.env.user { P_USER } else { 0 };
+        let tlb = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, tlb)));
+        let idx = self.b.ins().ushr_imm_u(la, 12);
+        let idx = self.b.ins().band_imm_s(idx, (TLB_SIZE - 1) as i64);
+        let idx = self.b.ins().imul_imm_s(idx, tlb_layout::SIZE as i64);
+        let e = self.b.ins().iadd(tlb, idx);
+        let tag = self.b.ins().load(I64, MF, e, off(tlb_layout::TAG));
+        let host = self.b.ins().load(I64, MF, e, off(tlb_layout::HOST));
+        let perm = self.b.ins().uload8(I32, MF, e, off(tlb_layout::PERM));
+        let pg = self.b.ins().band_imm_s(la, !0xfff);
+        let want = self.b.ins().bor_imm_s(pg, TLB_VALID as i64);
+        let c1 = self.b.ins().icmp(IntCC::Equal, tag, want);
+        let pm = self.b.ins().band_imm_s(perm, i64::from(need));
+        let c2 = self.b.ins().icmp_imm_s(IntCC::Equal, pm, i64::from(need));
+        let o = self.b.ins().band_imm_s(la, 0xfff);
+        let c3 = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThanOrEqual, o, 4096 - i64::from(size));
+        let c4 = self.b.ins().icmp_imm_s(IntCC::NotEqual, host, 0);
+        let c = self.b.ins().band(c1, c2);
+        let c = self.b.ins().band(c, c3);
+        let c = self.b.ins().band(c, c4);
+        let addr = self.b.ins().iadd(host, o);
+        (c, addr, e)
+    }
+
+    /// Reads `size` bytes at `la` (zero-extended); a fault exits as instruction `i`.
+    fn read(&mut self, la: Value, size: u8, op: &Op, i: usize) -> Value {
+        let (hit, addr, _) = self.tlb_hit(la, size, false);
+        let fast = self.b.create_block();
+        let slow = self.b.create_block();
+        let join = self.b.create_block();
+        self.b.set_cold_block(slow);
+        let t = self.b.declare_var(I64);
+        self.b.ins().brif(hit, fast, &[], slow, &[]);
+        self.b.switch_to_block(fast);
+        let v = match size {
+            1 => self.b.ins().uload8(I64, gm(), addr, 0),
+            2 => self.b.ins().uload16(I64, gm(), addr, 0),
+            4 => self.b.ins().uload32(gm(), addr, 0),
+            _ => self.b.ins().load(I64, gm(), addr, 0),
+        };
+        self.b.def_var(t, v);
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(slow);
+        let sz = self.iconst(u64::from(size));
+        let f = self.iconst(super::jit_read as *const () as u64);
+        let call = self.b.ins().call_indirect(self.sig_read, f, &[self.cpu, self.ctx, la, sz]);
+        let v = self.result(call);
+        self.b.def_var(t, v);
+        self.check_fault(op, i);
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+        self.b.use_var(t)
+    }
+
+    /// Writes the low `size` bytes of `v` at `la`; a fault exits as instruction `i`.
+    fn write(&mut self, la: Value, size: u8, v: Value, op: &Op, i: usize) {
+        let (hit, addr, e) = self.tlb_hit(la, size, true);
+        let fast = self.b.create_block();
+        let slow = self.b.create_block();
+        let note = self.b.create_block();
+        let join = self.b.create_block();
+        self.b.set_cold_block(slow);
+        self.b.set_cold_block(note);
+        self.b.ins().brif(hit, fast, &[], slow, &[]);
+        self.b.switch_to_block(fast);
+        match size {
+            1 => {
+                self.b.ins().istore8(gm(), v, addr, 0);
+            }
+            2 => {
+                self.b.ins().istore16(gm(), v, addr, 0);
+            }
+            4 => {
+                self.b.ins().istore32(gm(), v, addr, 0);
+            }
+            _ => {
+                self.b.ins().store(gm(), v, addr, 0);
+            }
+        }
+        // PageGen::written: retire code on the page if it holds any.
+        let g = self.b.ins().load(I64, MF, e, off(tlb_layout::GEN));
+        let gz = self.b.ins().icmp_imm_s(IntCC::Equal, g, 0);
+        let chk = self.b.create_block();
+        self.b.ins().brif(gz, join, &[], chk, &[]);
+        self.b.switch_to_block(chk);
+        let gv = self.b.ins().load(I32, MemFlagsData::new(), g, 0);
+        let code = self.b.ins().band_imm_s(gv, i64::from(GEN_CODE));
+        self.b.ins().brif(code, note, &[], join, &[]);
+        self.b.switch_to_block(note);
+        let f = self.iconst(super::jit_note_write as *const () as u64);
+        self.b.ins().call_indirect(self.sig_note, f, &[g]);
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(slow);
+        let sz = self.iconst(u64::from(size));
+        let f = self.iconst(super::jit_write as *const () as u64);
+        self.b.ins().call_indirect(self.sig_write, f, &[self.cpu, self.ctx, la, sz, v]);
+        self.check_fault(op, i);
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+    }
+
+    /// After a store by instruction `i`: if the block's own page changed generation, end
+    /// here (RIP = `next`).
+    fn check_gen(&mut self, next: u64, i: usize) {
+        let p = self.iconst(self.env.gen_ptr);
+        let g = self.b.ins().load(I32, MemFlagsData::new(), p, 0);
+        let same = self.b.ins().icmp_imm_u(IntCC::Equal, g, i64::from(self.env.gen));
+        let out = self.b.create_block();
+        let cont = self.b.create_block();
+        self.b.set_cold_block(out);
+        self.b.ins().brif(same, cont, &[], out, &[]);
+        self.b.switch_to_block(out);
+        let rip = self.iconst(next);
+        self.exit(rip, i as u64 + 1, EXIT_NORMAL);
+        self.b.switch_to_block(cont);
+    }
+
+    fn src(&mut self, s: Src, sz: u8, op: &Op, i: usize) -> Value {
+        match s {
+            Src::Reg(r) => {
+                let v = self.reg(r);
+                self.masked(v, sz)
+            }
+            Src::Imm(v) => self.iconst(v),
+            Src::Mem(m) => {
+                let la = self.la(&m);
+                self.read(la, sz, op, i)
+            }
+        }
+    }
+
+    /// Result and lazy flags of ADD/SUB/AND/OR/XOR at `sz`.
+    fn arith(&mut self, o: Op2, sz: u8, a: Value, b: Value) -> (Value, Option<Pending>) {
+        let (r, k) = match o {
+            Op2::Add => (self.b.ins().iadd(a, b), Pk::Add),
+            Op2::Sub => (self.b.ins().isub(a, b), Pk::Sub),
+            Op2::And => (self.b.ins().band(a, b), Pk::Logic),
+            Op2::Or => (self.b.ins().bor(a, b), Pk::Logic),
+            _ => (self.b.ins().bxor(a, b), Pk::Logic),
+        };
+        let r = self.masked(r, sz);
+        (r, Some(Pending { k, sz, a, b, r }))
+    }
+
+    /// ALU through `crate::alu` (reads and writes RFLAGS).
+    fn alu_call(&mut self, code: u64, sz: u8, a: Value, b: Value) -> Value {
+        self.settle();
+        let f = self.b.use_var(self.fl);
+        let c = self.iconst(code);
+        let s = self.iconst(u64::from(sz));
+        let fp = self.iconst(super::jit_alu as *const () as u64);
+        let call = self.b.ins().call_indirect(self.sig_alu, fp, &[c, s, a, b, f, self.ctx]);
+        let r = self.result(call);
+        let nf = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, flags_out)));
+        self.set_flags(nf);
+        r
+    }
+
+    /// Pushes `v` (64-bit) and updates RSP after the store succeeded.
+    fn push(&mut self, v: Value, op: &Op, i: usize) {
+        let sp = self.reg(4);
+        let sp = self.b.ins().iadd_imm_s(sp, -8);
+        self.write(sp, 8, v, op, i);
+        self.set_reg64(4, sp);
+    }
+
+    /// Translates instruction `i`; returns the RIP after it when it ends the block with a
+    /// computed target (`Some`), None to fall through.
+    fn op(&mut self, op: &Op, i: usize) -> Option<Value> {
+        match op.uop {
+            Uop::Generic | Uop::Nop => {}
+            Uop::MovR { d, s, sz } => {
+                let v = self.src(s, sz, op, i);
+                self.set_reg(d, v, sz);
+            }
+            Uop::MovM { m, s, sz } => {
+                let v = self.src(s, sz, op, i);
+                let la = self.la(&m);
+                self.write(la, sz, v, op, i);
+                self.check_gen(op.next_ip, i);
+            }
+            Uop::Lea { d, m } => {
+                let mut a = self.iconst(m.disp);
+                if m.base != NONE {
+                    let r = self.reg(m.base);
+                    a = self.b.ins().iadd(a, r);
+                }
+                if m.index != NONE {
+                    let r = self.reg(m.index);
+                    let s = self.b.ins().ishl_imm_u(r, i64::from(m.scale));
+                    a = self.b.ins().iadd(a, s);
+                }
+                self.set_reg64(d, a);
+            }
+            Uop::Alu { op: o, d, s, sz, write } => {
+                let b = self.src(s, sz, op, i);
+                let a = self.reg(d);
+                let a = self.masked(a, sz);
+                let (r, p) = self.arith(o, sz, a, b);
+                self.pending = p;
+                if write {
+                    self.set_reg(d, r, sz);
+                }
+            }
+            Uop::AluM { op: o, m, s, sz, write } => {
+                let b = self.src(s, sz, op, i);
+                let la = self.la(&m);
+                let a = self.read(la, sz, op, i);
+                let (r, p) = self.arith(o, sz, a, b);
+                if write {
+                    self.write(la, sz, r, op, i);
+                }
+                self.pending = p;
+                if write {
+                    self.check_gen(op.next_ip, i);
+                }
+            }
+            Uop::AluF { op: o, d, s, sz } => {
+                let b = self.src(s, sz, op, i);
+                let a = self.reg(d);
+                let a = self.masked(a, sz);
+                let code = match o {
+                    Op2::Adc => aluop::ADC,
+                    Op2::Sbb => aluop::SBB,
+                    _ => aluop::IMUL,
+                };
+                let r = self.alu_call(code, sz, a, b);
+                self.set_reg(d, r, sz);
+            }
+            Uop::Imul3 { d, s, imm, sz } => {
+                let a = self.src(s, sz, op, i);
+                let b = self.iconst(imm);
+                let r = self.alu_call(aluop::IMUL, sz, a, b);
+                self.set_reg(d, r, sz);
+            }
+            Uop::Setcc { cc, d } => {
+                let c = self.cond(cc);
+                let c = self.b.ins().uextend(I64, c);
+                let g = self.reg(d);
+                let g = self.b.ins().band_imm_s(g, !0xff);
+                let g = self.b.ins().bor(g, c);
+                self.set_reg64(d, g);
+            }
+            Uop::Cmov { cc, d, s, sz } => {
+                let v = self.src(s, sz, op, i);
+                let c = self.cond(cc);
+                let cur = self.reg(d);
+                let r = self.b.ins().select(c, v, cur);
+                self.set_reg(d, r, sz);
+            }
+            Uop::MovXR { d, s, ssz, dsz, signed } => {
+                let v = self.reg(s);
+                let v = self.ext(v, ssz, signed);
+                let v = self.masked(v, dsz);
+                self.set_reg(d, v, dsz);
+            }
+            Uop::MovX { d, m, ssz, dsz, signed } => {
+                let la = self.la(&m);
+                let v = self.read(la, ssz, op, i);
+                let v = self.ext(v, ssz, signed);
+                let v = self.masked(v, dsz);
+                self.set_reg(d, v, dsz);
+            }
+            Uop::IncDec { d, sz, dec } => {
+                let a = self.reg(d);
+                let a = self.masked(a, sz);
+                let one = self.iconst(1);
+                let r = if dec { self.b.ins().isub(a, one) } else { self.b.ins().iadd(a, one) };
+                let r = self.masked(r, sz);
+                // The pending form keeps CF from the RFLAGS variable: settle first.
+                self.settle();
+                self.pending = Some(Pending { k: if dec { Pk::Dec } else { Pk::Inc }, sz, a, b: one, r });
+                self.set_reg(d, r, sz);
+            }
+            Uop::Shift { op: o, d, c, sz } => {
+                let a = self.reg(d);
+                let a = self.masked(a, sz);
+                let code = match o {
+                    Op2::Shl => aluop::SHL,
+                    Op2::Shr => aluop::SHR,
+                    Op2::Sar => aluop::SAR,
+                    Op2::Rol => aluop::ROL,
+                    _ => aluop::ROR,
+                };
+                let cnt = self.iconst(u64::from(c));
+                let r = self.alu_call(code, sz, a, cnt);
+                self.set_reg(d, r, sz);
+            }
+            Uop::Jcc { cc, target } => {
+                let c = self.cond(cc);
+                let t = self.iconst(target);
+                let n = self.iconst(op.next_ip);
+                return Some(self.b.ins().select(c, t, n));
+            }
+            Uop::Jmp { target } => return Some(self.iconst(target)),
+            Uop::Call { target } => {
+                let ret = self.iconst(op.next_ip);
+                self.push(ret, op, i);
+                return Some(self.iconst(target));
+            }
+            Uop::Ret => {
+                let sp = self.reg(4);
+                let t = self.read(sp, 8, op, i);
+                let sx = self.b.ins().ishl_imm_u(t, 16);
+                let sx = self.b.ins().sshr_imm_u(sx, 16);
+                let canon = self.b.ins().icmp(IntCC::Equal, sx, t);
+                let gp = self.b.create_block();
+                let cont = self.b.create_block();
+                self.b.set_cold_block(gp);
+                self.b.ins().brif(canon, cont, &[], gp, &[]);
+                self.b.switch_to_block(gp);
+                let rip = self.iconst(op.ip);
+                self.exit(rip, i as u64 + 1, EXIT_GP);
+                self.b.switch_to_block(cont);
+                let sp = self.b.ins().iadd_imm_s(sp, 8);
+                self.set_reg64(4, sp);
+                return Some(t);
+            }
+            Uop::Push { r } => {
+                let v = self.reg(r);
+                self.push(v, op, i);
+                self.check_gen(op.next_ip, i);
+            }
+            Uop::Pop { r } => {
+                let sp = self.reg(4);
+                let v = self.read(sp, 8, op, i);
+                let sp = self.b.ins().iadd_imm_s(sp, 8);
+                self.set_reg64(4, sp);
+                self.set_reg64(r, v);
+            }
+        }
+        None
+    }
+
+    /// The last instruction `op` (index `i`) of a block, a JMP or Jcc to the block's own
+    /// start: loops to `header` while another whole pass fits in `ctx.left` and the
+    /// block's page is unchanged; exits otherwise.
+    fn loop_back(&mut self, op: &Op, i: usize, header: cranelift_codegen::ir::Block) {
+        let n = i as u64 + 1;
+        let again = self.b.create_block();
+        if let Uop::Jcc { cc, .. } = op.uop {
+            let c = self.cond(cc);
+            let out = self.b.create_block();
+            self.b.ins().brif(c, again, &[], out, &[]);
+            self.b.switch_to_block(out);
+            let rip = self.iconst(op.next_ip);
+            self.exit(rip, n, EXIT_NORMAL);
+        } else {
+            self.b.ins().jump(again, &[]);
+        }
+        self.b.switch_to_block(again);
+        self.settle();
+        let d = self.b.use_var(self.done);
+        let d2 = self.b.ins().iadd_imm_s(d, (2 * n) as i64);
+        let left = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, left)));
+        let fits = self.b.ins().icmp(IntCC::UnsignedLessThanOrEqual, d2, left);
+        let p = self.iconst(self.env.gen_ptr);
+        let g = self.b.ins().load(I32, MemFlagsData::new(), p, 0);
+        let same = self.b.ins().icmp_imm_u(IntCC::Equal, g, i64::from(self.env.gen));
+        let go = self.b.ins().band(fits, same);
+        let cont = self.b.create_block();
+        let stop = self.b.create_block();
+        self.b.ins().brif(go, cont, &[], stop, &[]);
+        self.b.switch_to_block(stop);
+        let target = match op.uop {
+            Uop::Jcc { target, .. } | Uop::Jmp { target } => target,
+            _ => op.next_ip,
+        };
+        let rip = self.iconst(target);
+        self.exit(rip, n, EXIT_NORMAL);
+        self.b.switch_to_block(cont);
+        let d1 = self.b.ins().iadd_imm_s(d, n as i64);
+        self.b.def_var(self.done, d1);
+        self.b.ins().jump(header, &[]);
+    }
+
+    fn ext(&mut self, v: Value, ssz: u8, signed: bool) -> Value {
+        let t: Type = match ssz {
+            1 => I8,
+            2 => I16,
+            _ => I32,
+        };
+        let n = self.b.ins().ireduce(t, v);
+        if signed {
+            self.b.ins().sextend(I64, n)
+        } else {
+            self.b.ins().uextend(I64, n)
+        }
+    }
+}
+
+/// Compiles `ops` (fast forms only, in order, of one block) into a function of `module`.
+/// Returns its entry and its code size in bytes; None if Cranelift refused it.
+pub(crate) fn compile(
+    module: &mut JITModule,
+    ctx: &mut cranelift_codegen::Context,
+    fctx: &mut FunctionBuilderContext,
+    ops: &[Op],
+    env: &Env,
+) -> Option<(JitFn, usize)> {
+    module.clear_context(ctx);
+    let ptr = I64;
+    let tc = module.target_config();
+    let mut sig = module.make_signature();
+    sig.params.push(AbiParam::new(ptr));
+    sig.params.push(AbiParam::new(ptr));
+    sig.returns.push(AbiParam::new(I64));
+    ctx.func.signature = sig.clone();
+    let cc = sig.call_conv;
+    let mk = |params: &[Type], ret: bool| {
+        let mut s = Signature::new(cc);
+        s.params.extend(params.iter().map(|t| AbiParam::new(*t)));
+        if ret {
+            s.returns.push(AbiParam::new(I64));
+        }
+        s
+    };
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
+        let sig_read = b.import_signature(mk(&[I64, I64, I64, I64], true));
+        let sig_write = b.import_signature(mk(&[I64, I64, I64, I64, I64], false));
+        let sig_alu = b.import_signature(mk(&[I64, I64, I64, I64, I64, I64], true));
+        let sig_note = b.import_signature(mk(&[I64], false));
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let &[cpu, cx] = b.block_params(entry) else {
+            return None;
+        };
+        let regs: [Variable; 16] = std::array::from_fn(|_| b.declare_var(I64));
+        let fl = b.declare_var(I64);
+        // Load every register the block names, and RFLAGS.
+        let mut used = 0u16;
+        for o in ops {
+            used |= regs_named(&o.uop);
+        }
+        for (r, &var) in (0u8..).zip(regs.iter()) {
+            let v = if used & (1 << r) != 0 { b.ins().load(I64, MF, cpu, gpr_off(r)) } else { b.ins().iconst(I64, 0) };
+            b.def_var(var, v);
+        }
+        let f = b.ins().load(I64, MF, cpu, off(offset_of!(Cpu, rflags)));
+        b.def_var(fl, f);
+        let done = b.declare_var(I64);
+        let z = b.ins().iconst(I64, 0);
+        b.def_var(done, z);
+        // A block that ends with a branch back to its own start (a tight loop) runs its
+        // passes here: the back edge goes to `header`.
+        let start = ops.first().map_or(0, |o| o.ip);
+        let self_loop = match ops.last().map(|o| o.uop) {
+            Some(Uop::Jcc { target, .. }) | Some(Uop::Jmp { target }) => target == start,
+            _ => false,
+        };
+        let header = b.create_block();
+        b.ins().jump(header, &[]);
+        b.switch_to_block(header);
+        let mut t = Tr {
+            b,
+            env,
+            cpu,
+            ctx: cx,
+            regs,
+            fl,
+            pending: None,
+            // In a loop, any exit may follow a pass that wrote every register the block
+            // names: store them all (unchanged ones store what was loaded).
+            written: if self_loop { used } else { 0 },
+            fl_written: self_loop,
+            done,
+            sig_read,
+            sig_write,
+            sig_alu,
+            sig_note,
+        };
+        let mut rip = None;
+        let mut linked = false;
+        let n = ops.len();
+        for (i, op) in ops.iter().enumerate() {
+            if self_loop && i + 1 == n {
+                t.loop_back(op, i, header);
+                break;
+            }
+            if i + 1 == n && matches!(op.uop, Uop::Jcc { .. } | Uop::Jmp { .. } | Uop::Call { .. }) {
+                t.branch(op, i, start);
+                linked = true;
+                break;
+            }
+            rip = t.op(op, i);
+            if rip.is_some() {
+                break;
+            }
+        }
+        let last = ops.last()?;
+        if self_loop || linked {
+            t.b.seal_all_blocks();
+            t.b.finalize(tc);
+            return finish(module, ctx);
+        }
+        let rip = match rip {
+            Some(r) => r,
+            None => t.iconst(last.next_ip),
+        };
+        t.exit(rip, ops.len() as u64, EXIT_NORMAL);
+        t.b.seal_all_blocks();
+        t.b.finalize(tc);
+    }
+    finish(module, ctx)
+}
+
+/// Compiles the function built in `ctx` into `module`: its entry and code size.
+fn finish(module: &mut JITModule, ctx: &mut cranelift_codegen::Context) -> Option<(JitFn, usize)> {
+    let id = module.declare_anonymous_function(&ctx.func.signature).ok()?;
+    module.define_function(id, ctx).ok()?;
+    let bytes = ctx.compiled_code().map_or(0, |c| c.code_buffer().len());
+    module.finalize_definitions().ok()?;
+    let p = module.get_finalized_function(id);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` is the entry of a function just compiled with the signature
+    // `extern "C" fn(*mut Cpu, *mut u8) -> u64` (the module's default call convention is the
+    // host's C convention), finalized (executable) in `module`.
+    let f: JitFn = unsafe { std::mem::transmute::<*const u8, JitFn>(p) };
+    Some((f, bytes))
+}
+
+/// Bit mask of the GPRs a fast form names (read or written).
+fn regs_named(u: &Uop) -> u16 {
+    let r = |x: u8| if x == NONE { 0 } else { 1u16 << (x & 15) };
+    let m = |m: &MemOp| r(m.base) | r(m.index);
+    let s = |s: &Src| match s {
+        Src::Reg(x) => r(*x),
+        Src::Imm(_) => 0,
+        Src::Mem(mm) => m(mm),
+    };
+    match u {
+        Uop::Generic | Uop::Nop | Uop::Jcc { .. } | Uop::Jmp { .. } => 0,
+        Uop::MovR { d, s: x, .. } => r(*d) | s(x),
+        Uop::MovM { m: mm, s: x, .. } => m(mm) | s(x),
+        Uop::Lea { d, m: mm } => r(*d) | m(mm),
+        Uop::Alu { d, s: x, .. } | Uop::AluF { d, s: x, .. } | Uop::Imul3 { d, s: x, .. } => r(*d) | s(x),
+        Uop::AluM { m: mm, s: x, .. } => m(mm) | s(x),
+        Uop::Setcc { d, .. } => r(*d),
+        Uop::Cmov { d, s: x, .. } => r(*d) | s(x),
+        Uop::MovXR { d, s: x, .. } => r(*d) | r(*x),
+        Uop::MovX { d, m: mm, .. } => r(*d) | m(mm),
+        Uop::IncDec { d, .. } | Uop::Shift { d, .. } => r(*d),
+        Uop::Call { .. } | Uop::Ret => r(4),
+        Uop::Push { r: x } | Uop::Pop { r: x } => r(*x) | r(4),
+    }
+}

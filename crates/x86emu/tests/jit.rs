@@ -1,0 +1,413 @@
+//! The translation tier (`x86emu::jit`): compiled blocks against the interpreter on
+//! self-modifying code, faults in the middle of a block, interrupts during a long compiled
+//! loop, the code-memory bound, and hostile random code.
+
+use iced_x86::code_asm::*;
+use x86emu::cpu::ctl;
+use x86emu::jit::Tier;
+use x86emu::{Bus, Cpu, CpuConfig, Exit, RamRegion, Seg};
+
+const RAM: usize = 4 << 20;
+const CODE: u64 = 0x10000;
+const IDT: u64 = 0x4000;
+const GDT: u64 = 0x500;
+const HANDLERS: u64 = 0x6000;
+const STACK: u64 = 0x9000;
+/// Not mapped (PDPT entry 1 is empty).
+const UNMAPPED: u64 = 0x4000_0000;
+
+/// A bus whose interrupt line rises after `after` looks at it.
+struct IrqBus {
+    looks: u64,
+    after: u64,
+    vector: u8,
+}
+
+impl Bus for IrqBus {
+    fn io_in(&mut self, _: u16, _: u8) -> u32 {
+        !0
+    }
+    fn io_out(&mut self, _: u16, _: u8, _: u32) {}
+    fn mmio_read(&mut self, _: u64, _: u8) -> u64 {
+        !0
+    }
+    fn mmio_write(&mut self, _: u64, _: u8, _: u64) {}
+    fn interrupt_pending(&mut self) -> bool {
+        self.looks += 1;
+        self.looks > self.after
+    }
+    fn ack_interrupt(&mut self) -> Option<u8> {
+        self.after = u64::MAX;
+        Some(self.vector)
+    }
+    fn now_ns(&mut self) -> u64 {
+        0
+    }
+}
+
+fn never() -> IrqBus {
+    IrqBus { looks: 0, after: u64::MAX, vector: 0 }
+}
+
+/// A 64-bit guest: 4 MiB identity-mapped with 2 MiB pages, a GDT, an IDT whose every
+/// vector goes to a `hlt` stub at HANDLERS + 16·vector, `code` at CODE.
+struct Machine {
+    ram: Vec<u8>,
+    cpu: Cpu,
+}
+
+impl Machine {
+    fn new(code: &[u8], tier: Tier) -> Machine {
+        let mut ram = vec![0u8; RAM];
+        let put = |ram: &mut [u8], at: u64, v: u64| {
+            let at = at as usize;
+            ram[at..at + 8].copy_from_slice(&v.to_le_bytes())
+        };
+        put(&mut ram, 0x1000, 0x2000 | 3);
+        put(&mut ram, 0x2000, 0x3000 | 3);
+        put(&mut ram, 0x3000, 0x83);
+        put(&mut ram, 0x3008, 0x20_0000 | 0x83);
+        put(&mut ram, GDT + 8, 0x00af_9b00_0000_ffff);
+        put(&mut ram, GDT + 16, 0x00cf_9300_0000_ffff);
+        for v in 0..256u64 {
+            let target = HANDLERS + 16 * v;
+            let lo = (target & 0xffff) | (8 << 16) | (0xe << 40) | (1 << 47) | ((target >> 16) & 0xffff) << 48;
+            put(&mut ram, IDT + 16 * v, lo);
+            put(&mut ram, IDT + 16 * v + 8, target >> 32);
+        }
+        ram[HANDLERS as usize..HANDLERS as usize + 4096].fill(0xf4);
+        ram[CODE as usize..CODE as usize + code.len()].copy_from_slice(code);
+        let r = RamRegion { gpa: 0, size: RAM as u64, host_addr: ram.as_mut_ptr() };
+        let mut c = Cpu::new(vec![r], CpuConfig::default());
+        c.set_tier(tier);
+        c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP | 0x10;
+        c.cr4 = ctl::CR4_PAE;
+        c.cr3 = 0x1000;
+        c.efer = ctl::EFER_LME | ctl::EFER_LMA;
+        c.seg[1] = Seg { selector: 8, base: 0, limit: 0xffff_ffff, attr: 0xa09b };
+        for i in [0, 2, 3, 4, 5] {
+            c.seg[i] = Seg { selector: 0x10, base: 0, limit: 0xffff_ffff, attr: 0xc093 };
+        }
+        c.gdtr_base = GDT;
+        c.gdtr_limit = 0x17;
+        c.idtr_base = IDT;
+        c.idtr_limit = 0xfff;
+        c.gpr[4] = STACK;
+        c.rip = CODE;
+        Machine { ram, cpu: c }
+    }
+
+    /// Runs until `hlt` with IF clear (or `max` instructions); returns the exit.
+    fn run(&mut self, bus: &mut IrqBus, max: u64) -> Exit {
+        let mut left = max;
+        loop {
+            let before = self.cpu.stats.instructions;
+            let e = self.cpu.run(bus, left.min(1 << 20));
+            left = left.saturating_sub(self.cpu.stats.instructions - before);
+            match e {
+                Exit::Budget if left > 0 => continue,
+                e => return e,
+            }
+        }
+    }
+
+    fn u64_at(&self, at: u64) -> u64 {
+        let at = at as usize;
+        u64::from_le_bytes(self.ram[at..at + 8].try_into().unwrap())
+    }
+
+    /// Everything an instruction may change that the tests compare.
+    fn state(&self) -> (Vec<u64>, u64, u64, u64, u64) {
+        let stack: u64 = (0..64).map(|i| self.u64_at(STACK - 0x200 + 8 * i)).fold(0, |a, v| a.rotate_left(5) ^ v);
+        let data: u64 = (0..512).map(|i| self.u64_at(0x20000 + 8 * i)).fold(0, |a, v| a.rotate_left(7) ^ v);
+        (self.cpu.gpr.to_vec(), self.cpu.rip, self.cpu.rflags, self.cpu.cr2, stack ^ data.rotate_left(1))
+    }
+}
+
+fn asm(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(CODE).unwrap()
+}
+
+/// Runs `code` in both tiers; asserts the same exit and state, and that compiled code ran.
+fn both(code: &[u8], max: u64) -> (Machine, Machine) {
+    let mut i = Machine::new(code, Tier::Interp);
+    let mut j = Machine::new(code, Tier::Jit);
+    let ei = i.run(&mut never(), max);
+    let ej = j.run(&mut never(), max);
+    assert_eq!(ei, ej, "exit");
+    assert_eq!(i.state(), j.state(), "state (gpr, rip, rflags, cr2, memory)");
+    assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions, "instructions retired");
+    assert!(j.cpu.jit_stats().instructions > 0, "no compiled code ran: {:?}", j.cpu.jit_stats());
+    assert_eq!(i.cpu.jit_stats().entries, 0);
+    (i, j)
+}
+
+#[test]
+fn page_fault_in_the_middle_of_a_compiled_block() {
+    let code = asm(|a| {
+        a.mov(rax, 5u64)?;
+        a.mov(rbx, 0x7fff_ffff_ffff_fffeu64)?;
+        a.add(rbx, rax)?; // OF, SF: flags the fault must keep
+        a.mov(rcx, UNMAPPED + 0x18)?;
+        a.mov(qword_ptr(rcx), rdx)?; // #PF: RIP, RAX, RBX and flags as before it
+        a.mov(rax, 7u64)?;
+        a.add(rax, rax)?;
+        a.hlt()
+    });
+    let (_, j) = both(&code, 1000);
+    // The #PF stub halted; the frame holds the faulting MOV's RIP and the flags of the ADD.
+    assert_eq!(j.cpu.rip, HANDLERS + 16 * 14 + 1);
+    assert_eq!(j.cpu.cr2, UNMAPPED + 0x18);
+    let rsp_ = j.cpu.gpr[4];
+    assert_eq!(j.u64_at(rsp_), 2, "error code: write, not present");
+    let faulting = CODE + 10 + 10 + 3 + 10;
+    assert_eq!(j.u64_at(rsp_ + 8), faulting, "RIP of the faulting instruction");
+    let fl = j.u64_at(rsp_ + 24);
+    // 0x7fff_ffff_ffff_fffe + 5 = 0x8000_0000_0000_0003: OF, SF, AF (0xe + 5 carries out
+    // of bit 3) and PF (0x03 has two bits set); CF and ZF clear.
+    assert_eq!(fl & 0x8d5, 0x894, "flags of the ADD: {fl:#x}");
+    assert_eq!(j.cpu.gpr[0], 5);
+    assert_eq!(j.cpu.gpr[3], 0x8000_0000_0000_0003);
+    // Faults and retired counts are exact: 5 instructions, then the stub's hlt.
+    assert_eq!(j.cpu.stats.instructions, 6);
+}
+
+#[test]
+fn faulting_loads_stores_and_ret_in_every_position() {
+    // A mix of fast forms whose memory operand is unmapped at one position at a time.
+    for pos in 0..6 {
+        let code = asm(|a| {
+            let mut f = a.create_label();
+            a.mov(rsi, 0x20000u64)?;
+            a.mov(rdi, UNMAPPED)?;
+            a.xor(eax, eax)?;
+            for i in 0..6 {
+                let base = if i == pos { rdi } else { rsi };
+                match i {
+                    0 => a.add(rax, qword_ptr(base + 8))?,
+                    1 => a.mov(qword_ptr(base + 16), rax)?,
+                    2 => a.sub(dword_ptr(base + 24), 3)?,
+                    3 => a.movzx(ecx, word_ptr(base + 4))?,
+                    4 => a.cmp(qword_ptr(base), rcx)?,
+                    _ => {
+                        a.mov(rsp, base)?;
+                        a.add(rsp, 0x100)?;
+                        a.call(f)?;
+                    }
+                }
+                a.inc(rax)?;
+            }
+            a.hlt()?;
+            a.set_label(&mut f)?;
+            a.ret()
+        });
+        both(&code, 1000);
+    }
+}
+
+#[test]
+fn self_modifying_code_inside_a_compiled_loop() {
+    // The loop rewrites the immediate of its own `add rbx, imm32` every iteration (and so
+    // retires its own block, compiled or not); the sum shows which code each pass ran.
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    let mut patch = a.create_label();
+    a.mov(rcx, 1000u64).unwrap();
+    a.xor(ebx, ebx).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.mov(rax, rcx).unwrap();
+    a.lea(rdx, ptr(patch)).unwrap();
+    a.mov(dword_ptr(rdx + 3), eax).unwrap(); // imm32 of the add below (48 81 c3 imm32)
+    a.set_label(&mut patch).unwrap();
+    a.add(rbx, 0x1234_5678).unwrap();
+    a.dec(rcx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let (_, j) = both(&code, 100_000);
+    assert_eq!(j.cpu.gpr[3], (1..=1000).sum::<u64>());
+}
+
+#[test]
+fn self_modifying_store_then_fallthrough_in_one_block() {
+    // A store rewrites the next instruction of the same straight-line block.
+    let code = asm(|a| {
+        let mut next = a.create_label();
+        a.lea(rdx, ptr(next))?;
+        a.mov(dword_ptr(rdx + 3), 42)?; // new imm32 of `add rbx, imm32`
+        a.set_label(&mut next)?;
+        a.add(rbx, 0x1111)?;
+        a.hlt()
+    });
+    let (_, j) = both(&code, 1000);
+    assert_eq!(j.cpu.gpr[3], 42);
+}
+
+#[test]
+fn interrupt_arrives_during_a_long_compiled_loop() {
+    // An endless compiled loop: only the interrupt ends it.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.add(rax, 1)?;
+        a.mov(qword_ptr(0x20000u64), rax)?;
+        a.cmp(rax, rbx)?;
+        a.jne(top)
+    });
+    let mut m = Machine::new(&code, Tier::Jit);
+    m.cpu.rflags = 0x202;
+    m.cpu.gpr[3] = u64::MAX;
+    let mut bus = IrqBus { looks: 0, after: 50, vector: 0x40 };
+    let e = m.run(&mut bus, 50_000_000);
+    assert_eq!(e, Exit::HaltedForever);
+    assert_eq!(m.cpu.rip, HANDLERS + 16 * 0x40 + 1, "the interrupt was delivered");
+    assert!(m.cpu.jit_stats().instructions > 100_000, "{:?}", m.cpu.jit_stats());
+    assert_eq!(m.cpu.stats.interrupts, 1);
+    // The interrupted RIP is a block boundary of the loop, and the loop's state is exact.
+    let rsp_ = m.cpu.gpr[4];
+    assert_eq!(m.u64_at(rsp_), CODE);
+    assert_eq!(m.u64_at(0x20000), m.cpu.gpr[0]);
+}
+
+#[test]
+fn budget_stays_exact_with_compiled_blocks() {
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.add(rax, 1)?;
+        a.add(rbx, 2)?;
+        a.add(rcx, 3)?;
+        a.jmp(top)
+    });
+    let mut m = Machine::new(&code, Tier::Jit);
+    for budget in [1u64, 2, 3, 5, 4095, 4096, 4097, 100_003] {
+        let before = m.cpu.stats.instructions;
+        assert_eq!(m.cpu.run(&mut never(), budget), Exit::Budget);
+        assert_eq!(m.cpu.stats.instructions - before, budget);
+    }
+    // Every pass of the loop is 4 instructions: the registers count whole passes.
+    let n = m.cpu.stats.instructions;
+    let passes = n / 4;
+    let (a, b, c) = (m.cpu.gpr[0], m.cpu.gpr[3] / 2, m.cpu.gpr[1] / 3);
+    let rest = n % 4;
+    assert_eq!(
+        (a, b, c),
+        (passes + u64::from(rest >= 1), passes + u64::from(rest >= 2), passes + u64::from(rest >= 3))
+    );
+}
+
+#[test]
+fn code_memory_stays_bounded_under_endless_rewriting() {
+    // Every pass rewrites the loop's own code: each pass compiles a new block. With a small
+    // limit the JIT must throw its code away many times and still compute the same.
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    let mut patch = a.create_label();
+    a.mov(rcx, 3000u64).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.lea(rdx, ptr(patch)).unwrap();
+    a.mov(dword_ptr(rdx + 3), ecx).unwrap();
+    a.set_label(&mut patch).unwrap();
+    a.add(rbx, 0x1234_5678).unwrap();
+    a.xor(rbx, rcx).unwrap();
+    a.dec(rcx).unwrap();
+    a.jnz(top).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut i = Machine::new(&code, Tier::Interp);
+    let mut j = Machine::new(&code, Tier::Jit);
+    j.cpu.set_jit_code_limit(16 << 10);
+    assert_eq!(i.run(&mut never(), 1_000_000), Exit::HaltedForever);
+    assert_eq!(j.run(&mut never(), 1_000_000), Exit::HaltedForever);
+    assert_eq!(i.state(), j.state());
+    let s = j.cpu.jit_stats();
+    assert!(s.compiled >= 3000 && s.flushes > 10, "{s:?}");
+}
+
+/// A random instruction: mostly fast forms over registers that point into the code and
+/// data pages (so stores rewrite code), some random bytes.
+fn random_insn(r: &mut u64, out: &mut Vec<u8>) {
+    let mut next = || {
+        *r ^= *r << 13;
+        *r ^= *r >> 7;
+        *r ^= *r << 17;
+        *r
+    };
+    let k = next() % 16;
+    let modrm = (next() & 0xff) as u8;
+    let rex = 0x48 | (next() & 7) as u8;
+    let ops: [u8; 14] = [0x01, 0x03, 0x29, 0x2b, 0x31, 0x33, 0x39, 0x3b, 0x85, 0x89, 0x8b, 0x8d, 0x21, 0x09];
+    match k {
+        0..=7 => {
+            out.extend([rex, ops[(next() % 14) as usize], modrm]);
+            out.extend((next() as u32).to_le_bytes().iter().take((next() % 5) as usize));
+        }
+        8 => out.extend([0x70 | (next() & 15) as u8, (next() % 32) as u8]),
+        9 => out.push(0x50 | (next() & 7) as u8),
+        10 => out.push(0x58 | (next() & 7) as u8),
+        11 => out.extend([0x0f, 0x40 | (next() & 15) as u8, modrm]),
+        12 => out.extend([0x0f, 0x90 | (next() & 15) as u8, 0xc0 | (modrm & 7)]),
+        13 => out.extend([rex, 0xc1, 0xe0 | (modrm & 0x1f), (next() & 0x3f) as u8]),
+        14 => out.extend([0xe8, (next() % 64) as u8, 0, 0, 0]),
+        _ => out.extend((0..(next() % 6)).map(|_| (next() & 0xff) as u8)),
+    }
+}
+
+#[test]
+fn hostile_random_code_in_the_jit_tier() {
+    let t = std::time::Instant::now();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let (mut compiled, mut jit_time, mut interp_time) = (0, 0.0, 0.0);
+    for case in 0..300 {
+        let mut code = Vec::new();
+        while code.len() < 3000 {
+            random_insn(&mut seed, &mut code);
+        }
+        let mut i = Machine::new(&code, Tier::Interp);
+        let mut j = Machine::new(&code, Tier::Jit);
+        for m in [&mut i, &mut j] {
+            for (k, g) in m.cpu.gpr.iter_mut().enumerate() {
+                *g = if k == 4 { STACK } else { CODE + (k as u64 * 0x123) % 0x1000 };
+            }
+            // Faults go to the hlt stubs with IF clear; a fault there ends the run.
+        }
+        let t0 = std::time::Instant::now();
+        let ei = i.run(&mut never(), 20_000);
+        let t1 = std::time::Instant::now();
+        let ej = j.run(&mut never(), 20_000);
+        interp_time += (t1 - t0).as_secs_f64();
+        jit_time += t1.elapsed().as_secs_f64();
+        compiled += j.cpu.jit_stats().compiled;
+        assert_eq!(ei, ej, "case {case}: exit");
+        assert_eq!(i.state(), j.state(), "case {case}: state");
+        assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions, "case {case}");
+    }
+    eprintln!(
+        "{compiled} blocks compiled; interpreter {interp_time:.2} s, jit tier {jit_time:.2} s ({:.0} us per block)",
+        (jit_time - interp_time) / compiled as f64 * 1e6
+    );
+    assert!(t.elapsed().as_secs() < 120, "took {:?}", t.elapsed());
+}
+
+#[test]
+fn fault_in_a_later_pass_of_a_compiled_loop() {
+    // A loop that walks up through memory until it reaches the unmapped 4 MiB mark: the
+    // fault comes in a later pass of the same compiled block, after every register of the
+    // block was written.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, (RAM as u64) - 0x1000 * 40)?;
+        a.set_label(&mut top)?;
+        a.add(rax, qword_ptr(rsi))?;
+        a.add(rsi, 0x1000)?;
+        a.inc(rcx)?;
+        a.sub(rdx, rcx)?;
+        a.jmp(top)
+    });
+    let (_, j) = both(&code, 100_000);
+    assert_eq!(j.cpu.rip, HANDLERS + 16 * 14 + 1);
+    assert_eq!(j.cpu.cr2, RAM as u64);
+    assert_eq!(j.cpu.gpr[1], 40);
+}
