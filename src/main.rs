@@ -165,6 +165,9 @@ struct RunArgs {
 
 /// Sets the process's seccomp mode (before any VMM thread starts).
 fn init_seccomp(mode: seccomp::Mode) -> Result<(), (u8, String)> {
+    if x86emu::jit::Tier::from_env() != x86emu::jit::Tier::Interp {
+        seccomp::allow_exec_memory();
+    }
     seccomp::init(mode).map_err(|e| (1, format!("--seccomp {mode}: {e}")))
 }
 

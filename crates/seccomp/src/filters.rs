@@ -148,8 +148,14 @@ const KVM_CREATORS: [u64; 8] = [
 fn base(r: &mut Rules) {
     // The allocator (malloc arenas, large blocks) and thread stacks: anonymous or file
     // mappings, never executable.
-    r.allow_if(libc::SYS_mmap, vec![masked32(2, c(libc::PROT_EXEC), 0)]);
-    r.allow_if(libc::SYS_mprotect, vec![masked32(2, c(libc::PROT_EXEC), 0)]);
+    if crate::EXEC_MEMORY.load(std::sync::atomic::Ordering::Relaxed) {
+        // The emu translation tier's code cache (crate::allow_exec_memory).
+        r.allow(libc::SYS_mmap);
+        r.allow(libc::SYS_mprotect);
+    } else {
+        r.allow_if(libc::SYS_mmap, vec![masked32(2, c(libc::PROT_EXEC), 0)]);
+        r.allow_if(libc::SYS_mprotect, vec![masked32(2, c(libc::PROT_EXEC), 0)]);
+    }
     r.allow(libc::SYS_munmap); // frees the above
     r.allow(libc::SYS_mremap); // realloc of large blocks
     r.allow(libc::SYS_brk); // malloc's main arena
@@ -373,9 +379,9 @@ fn vcpu_emu(r: &mut Rules) {
     r.allow_if(libc::SYS_membarrier, vec![eq32(0, MEMBARRIER_CMD_PRIVATE_EXPEDITED)]);
     r.allow_if(libc::SYS_membarrier, vec![eq32(0, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)]);
     // The emulator's memory: guest RAM is mapped once by the control plane; the TLB and the
-    // decoder only allocate. This is the one place to relax if a translation tier's code
-    // cache needs executable memory (mmap/mprotect with PROT_EXEC, e.g. W^X flips): today
-    // `base` refuses PROT_EXEC for every role.
+    // decoder only allocate. The translation tier's code cache (RUSTVISOR_EMU_TIER=jit|auto)
+    // needs executable memory: `base` allows PROT_EXEC then (crate::allow_exec_memory), for
+    // every role since the vCPU threads' parents' filters are stacked on theirs.
 }
 
 fn virtio_worker(r: &mut Rules) {

@@ -168,6 +168,16 @@ static MODE: OnceLock<Mode> = OnceLock::new();
 static BAD_SYSCALL_ROLE: OnceLock<Option<String>> = OnceLock::new();
 /// The test hook fired already (it fires once per process).
 static BAD_SYSCALL_DONE: AtomicBool = AtomicBool::new(false);
+/// Executable memory is allowed ([`allow_exec_memory`]).
+pub(crate) static EXEC_MEMORY: AtomicBool = AtomicBool::new(false);
+
+/// Lets every role map memory executable (`mmap`/`mprotect` with `PROT_EXEC`): for the emu
+/// translation tier's code cache (`RUSTVISOR_EMU_TIER=jit|auto`), which vCPU threads fill
+/// and which their parents' filters (stacked) must allow too. Call before [`apply`] runs on
+/// any thread; without it, `PROT_EXEC` is refused everywhere.
+pub fn allow_exec_memory() {
+    EXEC_MEMORY.store(true, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Sets the process's mode (call once, on the main thread, before any thread that calls
 /// [`apply`] starts) and, for [`Mode::On`], installs the `SIGSYS` handler. Reads the test
