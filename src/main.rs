@@ -376,7 +376,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RUSTVISOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // Cranelift logs every compiled function's IR at info: the translation tier
+                // would flood the VMM's log.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,cranelift_jit=warn,cranelift_codegen=warn")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
