@@ -138,8 +138,9 @@ impl Tr<'_, '_> {
         }
     }
 
-    /// Linear address of a memory operand.
-    fn la(&mut self, m: &MemOp) -> Value {
+    /// Effective address of a memory operand: base + (index << scale) + displacement (what
+    /// LEA computes; no segment base).
+    fn ea(&mut self, m: &MemOp) -> Value {
         let mut a = self.iconst(m.disp);
         if m.base != NONE {
             let r = self.reg(m.base);
@@ -150,6 +151,12 @@ impl Tr<'_, '_> {
             let s = self.b.ins().ishl_imm_u(r, i64::from(m.scale));
             a = self.b.ins().iadd(a, s);
         }
+        a
+    }
+
+    /// Linear address of a memory operand.
+    fn la(&mut self, m: &MemOp) -> Value {
+        let mut a = self.ea(m);
         let seg = match m.seg {
             1 => Some(sreg::FS),
             2 => Some(sreg::GS),
@@ -607,16 +614,7 @@ impl Tr<'_, '_> {
                 self.check_gen(op.next_ip, i);
             }
             Uop::Lea { d, m } => {
-                let mut a = self.iconst(m.disp);
-                if m.base != NONE {
-                    let r = self.reg(m.base);
-                    a = self.b.ins().iadd(a, r);
-                }
-                if m.index != NONE {
-                    let r = self.reg(m.index);
-                    let s = self.b.ins().ishl_imm_u(r, i64::from(m.scale));
-                    a = self.b.ins().iadd(a, s);
-                }
+                let a = self.ea(&m);
                 self.set_reg64(d, a);
             }
             Uop::Alu { op: o, d, s, sz, write } => {
