@@ -83,9 +83,10 @@ pub(crate) fn open_qcow2(path: &Path, file: File, readonly: bool, policy: ImageP
 /// (backing images, an external data file), each as the header names it (relative names
 /// resolved against the naming image's path) with whether it is opened writable (a data file
 /// of a writable image). For a jail that must hold exactly them. The chain is checked as
-/// [`open_qcow2`] checks it, without writing anything.
+/// [`crate::DiskImage::open_with`] checks it, without writing anything.
 ///
-/// Errors: as [`open_qcow2`].
+/// Errors: as [`crate::DiskImage::open_with`] for a qcow2 image: [`Error::BackingFileMissing`],
+/// [`Error::BackingOutsideDirectory`], [`Error::BackingLoop`], [`Error::Qcow2`], ...
 pub fn chain_files(path: &Path, writable: bool, policy: ImagePolicy) -> Result<Vec<(PathBuf, bool)>, Error> {
     let file = File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
     let canonical = std::fs::canonicalize(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
