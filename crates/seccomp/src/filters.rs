@@ -382,6 +382,16 @@ fn vcpu_emu(r: &mut Rules) {
     // decoder only allocate. The translation tier's code cache (RUSTVISOR_EMU_TIER=jit|auto)
     // needs executable memory: `base` allows PROT_EXEC then (crate::allow_exec_memory), for
     // every role since the vCPU threads' parents' filters are stacked on theirs.
+    if crate::EXEC_MEMORY.load(std::sync::atomic::Ordering::Relaxed) {
+        // Tier auto's compiler thread (x86emu::jit's worker), started by the vCPU thread on
+        // its first hot block: it keeps the vCPU's filter (no seccomp call of its own).
+        let thread = c(libc::CLONE_THREAD);
+        r.allow_if(libc::SYS_clone, vec![masked32(0, thread, thread)]);
+        r.allow(libc::SYS_clone3); // answered ENOSYS (see `refused`)
+        r.allow(libc::SYS_set_robust_list); // glibc, in the new thread
+        r.allow(libc::SYS_rseq); // glibc, in the new thread
+        r.allow_if(libc::SYS_prctl, vec![eq32(0, c(libc::PR_SET_NAME))]); // its name
+    }
 }
 
 fn virtio_worker(r: &mut Rules) {

@@ -43,15 +43,18 @@ pub(crate) type JitFn = unsafe extern "C" fn(*mut Cpu, *mut u8) -> u64;
 pub(crate) enum Compiled {
     /// Not compiled (yet).
     None,
-    /// Nothing to compile (the block starts with an instruction only the interpreter runs).
+    /// Not to be compiled (Cranelift refused it).
     Never,
-    /// Compiled: the entry point, how many leading instructions of the block it runs, the
-    /// JIT epoch it belongs to (code of an older epoch was freed) and the privilege (CPL 3
-    /// or not) its memory accesses check.
+    /// Compiled: the entry point, the block's length in instructions, the JIT epoch it
+    /// belongs to (code of an older epoch was freed) and the privilege (CPL 3 or not) its
+    /// memory accesses check.
     Code { f: JitFn, len: u32, epoch: u32, user: bool },
+    /// Being compiled in the background (tier Auto) since this JIT epoch.
+    Pending { epoch: u32 },
 }
 
 /// One decoded instruction of a block: its fast form, its addresses and the full decode.
+#[derive(Clone, Copy)]
 pub(crate) struct Op {
     pub(crate) uop: Uop,
     pub(crate) ip: u64,
@@ -88,6 +91,8 @@ pub(crate) struct BlockRef {
     pub(crate) gen: u32,
     /// Decode-cache slot of the block (usize::MAX if uncached).
     pub(crate) slot: usize,
+    /// GPA of the block's first instruction.
+    pub(crate) gpa: u64,
 }
 
 impl DecodeCache {
@@ -97,6 +102,15 @@ impl DecodeCache {
     pub(crate) fn jit_slot(&mut self, slot: usize) -> Option<&mut JitSlot> {
         match self.e.get_mut(slot) {
             Some(Some(b)) => Some(&mut b.jit),
+            _ => None,
+        }
+    }
+
+    /// The translation tier's state of the block in `slot` if that is still the block at
+    /// `gpa` and `ip` decoded at page generation `gen`.
+    pub(crate) fn jit_slot_of(&mut self, slot: usize, gpa: u64, ip: u64, gen: u32) -> Option<&mut JitSlot> {
+        match self.e.get_mut(slot) {
+            Some(Some(b)) if b.gpa == gpa && b.ip == ip && b.gen == gen => Some(&mut b.jit),
             _ => None,
         }
     }
@@ -146,7 +160,7 @@ pub(crate) fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     let idx = host_usize(gpa ^ (gpa >> 12)) & (BCACHE_SIZE - 1);
     if let Some(Some(b)) = cpu.dcache.e.get_mut(idx) {
         if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.shared.gen(b.page) == b.gen {
-            return Ok(BlockRef { ops: b.ops.clone(), page: b.page, gen: b.gen, slot: idx });
+            return Ok(BlockRef { ops: b.ops.clone(), page: b.page, gen: b.gen, slot: idx, gpa });
         }
     }
     decode_block(cpu, la, bits, user, idx)
@@ -205,6 +219,7 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
             page: usize::MAX,
             gen: 0,
             slot: usize::MAX,
+            gpa,
         });
     }
     let ops: std::rc::Rc<[Op]> = insns.into_iter().map(|i| Op::new(i, bits)).collect();
@@ -219,5 +234,5 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
             jit: JitSlot { hits: 0, code: Compiled::None },
         });
     }
-    Ok(BlockRef { ops, page, gen, slot: idx })
+    Ok(BlockRef { ops, page, gen, slot: idx, gpa })
 }

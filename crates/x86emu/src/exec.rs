@@ -46,13 +46,14 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             return if cpu.rflags & IF != 0 { Exit::Halted } else { Exit::HaltedForever };
         }
         cpu.check_irq = false;
+        crate::jit::poll(cpu);
         // A branch exit of compiled code to link to the next block (see jit::enter).
         let mut want = None;
         // Run a chunk without looking at the interrupt line.
         let chunk = (budget - done).min(4096);
         let mut n = 0;
         'chunk: while n < chunk {
-            let crate::decode::BlockRef { ops, page, gen, slot } = match fetch_block(cpu) {
+            let crate::decode::BlockRef { ops, page, gen, slot, gpa } = match fetch_block(cpu) {
                 Ok(b) => b,
                 Err(Stop::Fault(f)) => {
                     n += 1;
@@ -74,12 +75,13 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             // and it fits in what is left of the chunk (the budget stays exact). Out of
             // line, so that the interpreter's loop stays as it was.
             if cpu.jit.tier != crate::jit::Tier::Interp && !tracing && slot != usize::MAX {
-                let at = crate::jit::BlockAt { page, gen, slot };
+                let at = crate::jit::BlockAt { page, gen, slot, gpa };
                 let (step, done) = jit_step(cpu, bus, &ops, at, n, chunk, &mut want);
                 n = done;
                 match step {
                     JitStep::Interpret(k) => skip = k,
                     JitStep::NextBlock => continue 'chunk,
+                    JitStep::EndChunk => break 'chunk,
                     JitStep::Exit(e) => {
                         cpu.stats.instructions += n;
                         return e;
@@ -142,6 +144,8 @@ enum JitStep {
     Interpret(usize),
     /// Fetch the next block.
     NextBlock,
+    /// Leave the chunk (look at interrupts, or halt).
+    EndChunk,
     /// Return this from `run`.
     Exit(Exit),
 }
@@ -160,7 +164,9 @@ fn jit_step(
     chunk: u64,
     want: &mut Option<crate::jit::WantLink>,
 ) -> (JitStep, u64) {
-    if !cpu.in_64bit_mode() {
+    // An instruction in an STI/MOV SS shadow runs in the interpreter, which opens the
+    // interrupt window right after it.
+    if !cpu.in_64bit_mode() || cpu.interrupt_shadow {
         return (JitStep::Interpret(0), n);
     }
     let Some((f, len)) = crate::jit::lookup(cpu, ops, at, want.take()) else {
@@ -172,11 +178,19 @@ fn jit_step(
     let (k, fault, w) = crate::jit::enter(cpu, bus, f, chunk - n, at.page, at.gen);
     *want = w;
     let n = n + k;
-    if let Some(f) = fault {
-        if let Err(e) = crate::interrupt::raise_fault(cpu, bus, f) {
-            return (JitStep::Exit(e), n);
+    match fault {
+        Some(Stop::Fault(f)) => {
+            if let Err(e) = crate::interrupt::raise_fault(cpu, bus, f) {
+                return (JitStep::Exit(e), n);
+            }
+            return (JitStep::NextBlock, n);
         }
-        return (JitStep::NextBlock, n);
+        Some(Stop::Exit(e)) => return (JitStep::Exit(e), n),
+        None => {}
+    }
+    // An instruction run for compiled code halted or may have opened the interrupt window.
+    if cpu.halted || (cpu.check_irq && !cpu.interrupt_shadow) {
+        return (JitStep::EndChunk, n);
     }
     if n >= chunk || cpu.mmu.shared.gen(at.page) != at.gen {
         return (JitStep::NextBlock, n);
@@ -637,7 +651,7 @@ fn locked(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction, m: Mnemonic) -> 
 }
 
 #[inline]
-fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
+pub(crate) fn execute(cpu: &mut Cpu, bus: &mut dyn Bus, insn: &Instruction) -> SRes<()> {
     use Mnemonic as M;
     let m = insn.mnemonic();
     if (insn.has_lock_prefix() || matches!(m, M::Xchg | M::Cmpxchg8b | M::Cmpxchg16b)) && locked_form(insn, m) {

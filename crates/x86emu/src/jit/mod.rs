@@ -1,15 +1,25 @@
 //! The translation tier: hot 64-bit guest blocks compiled to host code with Cranelift.
 //!
-//! The interpreter (`crate::exec`) stays the reference and runs cold code, rare
-//! instructions and every mode but 64-bit. A decoded block (`crate::decode`) that has been
-//! fetched [`HOT`] times (tier [`Tier::Auto`]; on first use with [`Tier::Jit`]) has its
-//! leading run of fast forms (`crate::uop`, up to the first `Uop::Generic`) compiled into
-//! one host function `extern "C" fn(cpu: *mut Cpu, ctx: *mut JitCtx) -> u64`
-//! (`translate`). The compiled entry is stored in the decode-cache entry of the block, so
-//! whatever retires the block (a store into its page by any vCPU, DMA, a flush) retires the
-//! code with it.
+//! The interpreter (`crate::exec`) stays the reference and runs cold code and every mode
+//! but 64-bit. A decoded block (`crate::decode`) that has been fetched [`HOT`] times (tier
+//! [`Tier::Auto`]; on first use with [`Tier::Jit`]) is compiled whole into one host function
+//! `extern "C" fn(cpu: *mut Cpu, ctx: *mut JitCtx) -> u64` (`translate`): its fast forms
+//! (`crate::uop`) become inline code, every other instruction a call to [`jit_generic`],
+//! which runs it through the interpreter between a store and a reload of the registers. The
+//! compiled entry is stored in the decode-cache entry of the block, so whatever retires the
+//! block (a store into its page by any vCPU, DMA, a flush) retires the code with it.
 //!
-//! Semantics are exactly those of the fast forms: guest registers live in SSA variables
+//! Tier Auto compiles on a thread of its own per vCPU (`worker`): the vCPU interprets a hot
+//! block until its code arrives and never waits for Cranelift. Tier Jit compiles in place.
+//!
+//! Compiled blocks run one after another without the run loop while the chunk's instruction
+//! budget lasts: a direct branch to the same page goes through a [`Link`] of the block
+//! (filled on first use), any other exit (a branch to another page, RET, an indirect
+//! transfer) through the jump cache, a small table from RIP to compiled code checked against
+//! the current translation of RIP, the page's code generation and the epoch (QEMU's
+//! `tb_jmp_cache`).
+//!
+//! Semantics are exactly those of the interpreter: guest registers live in SSA variables
 //! (loaded at entry, stored at every exit), memory goes through an inline TLB-hit test and
 //! a call to `jit_read`/`jit_write` otherwise, arithmetic flags are computed lazily (a
 //! compare feeding a branch becomes a host compare) and materialised bit-exactly (as the
@@ -23,10 +33,12 @@
 //! cannot grow host memory.
 
 mod translate;
+mod worker;
 
 use crate::cpu::Cpu;
 use crate::decode::{Compiled, JitFn, Op};
-use crate::{Bus, Fault};
+use crate::{Bus, Exit, Fault, Stop};
+use iced_x86::Instruction;
 use cranelift_jit::{JITBuilder, JITModule};
 use std::sync::OnceLock;
 
@@ -55,10 +67,7 @@ impl Tier {
 }
 
 /// Executions of a block after which tier [`Tier::Auto`] compiles it.
-pub const HOT: u32 = 2048;
-
-/// Shortest run of fast forms worth compiling in tier [`Tier::Auto`].
-const MIN_LEN: usize = 3;
+pub const HOT: u32 = 256;
 
 /// Bytes of generated code a vCPU may hold before all of it is thrown away.
 pub const CODE_LIMIT: usize = 64 << 20;
@@ -72,10 +81,14 @@ pub struct JitStats {
     pub code_bytes: u64,
     /// Times the code memory was thrown away (limit reached).
     pub flushes: u64,
-    /// Entries into compiled code.
+    /// Entries into compiled code from the run loop.
     pub entries: u64,
+    /// Compiled blocks entered from compiled code (links and the jump cache).
+    pub chained: u64,
     /// Guest instructions retired in compiled code.
     pub instructions: u64,
+    /// Host time spent compiling, nanoseconds.
+    pub compile_ns: u64,
 }
 
 /// Per-vCPU JIT state: the Cranelift module holding this vCPU's code and reusable
@@ -91,6 +104,14 @@ pub(crate) struct Jit {
     held: usize,
     /// The link tables of the current module's blocks (from `Box::into_raw`).
     links: Vec<*mut [Link; 2]>,
+    /// Copies of the instructions of the current module's blocks, which their code passes
+    /// to [`jit_generic`] (owned here so that they live as long as the code, whatever
+    /// happens to the decode cache).
+    insns: Vec<Box<[Instruction]>>,
+    /// The jump cache (see [`JcEntry`]).
+    jc: Box<[JcEntry]>,
+    /// Tier Auto's compiler thread (started on the first hot block).
+    worker: Option<worker::Worker>,
     /// Code bytes allowed before the module is thrown away.
     limit: usize,
     pub(crate) stats: JitStats,
@@ -106,6 +127,9 @@ impl Jit {
             epoch: 0,
             held: 0,
             links: Vec::new(),
+            insns: Vec::new(),
+            jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
+            worker: None,
             limit: CODE_LIMIT,
             stats: JitStats::default(),
         }
@@ -124,7 +148,11 @@ impl Jit {
             // here, when no code that refers to it can run again (see above).
             drop(unsafe { Box::from_raw(l) });
         }
+        self.insns.clear();
         self.epoch = self.epoch.wrapping_add(1);
+        if let Some(w) = self.worker.as_mut() {
+            w.flush();
+        }
         self.held = 0;
     }
 }
@@ -135,7 +163,7 @@ impl Drop for Jit {
     }
 }
 
-fn new_module() -> Option<JITModule> {
+pub(super) fn new_module() -> Option<JITModule> {
     let b = JITBuilder::with_flags(
         &[("opt_level", "speed"), ("enable_verifier", "false")],
         cranelift_module::default_libcall_names(),
@@ -153,6 +181,12 @@ pub(crate) const EXIT_FAULT: u64 = 1;
 pub(crate) const EXIT_GP: u64 = 2;
 /// A branch to a block on the same page; `JitCtx::link` points to its [`Link`].
 pub(crate) const EXIT_LINK: u64 = 3;
+/// [`jit_generic`] met a reason to leave `Cpu::run` (stored in `JitCtx::exit`); RIP is the
+/// instruction's.
+pub(crate) const EXIT_STOP: u64 = 4;
+/// [`jit_generic`] ran an instruction after which the run loop must look at the vCPU
+/// (a transfer, HLT, a mode, privilege or interrupt-window change): no chaining.
+pub(crate) const EXIT_YIELD: u64 = 5;
 
 /// What compiled code and its helpers share besides the `Cpu` (laid out for generated
 /// code: the offsets are taken with `offset_of!`).
@@ -172,6 +206,8 @@ pub(crate) struct JitCtx {
     /// `*mut &mut dyn Bus` of the running `Cpu::run`.
     bus: *mut u8,
     fault: Option<Fault>,
+    /// The reason to leave `Cpu::run` of an [`EXIT_STOP`].
+    exit: Option<Exit>,
 }
 
 /// Reads `size` bytes at linear `la` for generated code (TLB miss, MMIO, page crossing).
@@ -210,6 +246,52 @@ pub(crate) unsafe extern "C" fn jit_write(cpu: *mut Cpu, ctx: *mut JitCtx, la: u
     if let Err(f) = cpu.write_la(bus, la, crate::regs::host_usize(size), val, user) {
         ctx.fault = Some(f);
         ctx.faulted = 1;
+    }
+}
+
+/// Runs `insn` (an instruction of the running block without a fast form) through the
+/// interpreter for generated code, which has stored every register and RFLAGS first and
+/// reloads them after. Returns 0 when the block may go on with its next instruction;
+/// otherwise `1 + (kind << 32)` with `kind` the exit to take now ([`EXIT_YIELD`]: the
+/// instruction retired but branched, halted, changed mode or privilege (`user` is the
+/// block's), opened an interrupt window or shadow; [`EXIT_FAULT`] and [`EXIT_STOP`]: RIP
+/// is the instruction's, the fault or exit is in `ctx`).
+///
+/// # Safety
+/// As for [`jit_read`]; `insn` points to an instruction owned by the module of the running
+/// code (`Jit::insns`).
+pub(crate) unsafe extern "C" fn jit_generic(cpu: *mut Cpu, ctx: *mut JitCtx, insn: *const Instruction, user: u64) -> u64 {
+    // SAFETY: see jit_read; `insn` lives as long as the running code (the contract).
+    let (cpu, ctx, insn) = unsafe { (&mut *cpu, &mut *ctx, &*insn) };
+    // SAFETY: see jit_read.
+    let bus = unsafe { &mut **(ctx.bus as *mut &mut dyn Bus) };
+    let next = insn.next_ip();
+    cpu.interrupt_shadow = false;
+    cpu.rip = next;
+    match crate::exec::execute(cpu, bus, insn) {
+        Ok(()) => {
+            let go_on = cpu.rip == next
+                && !cpu.halted
+                && !cpu.check_irq
+                && !cpu.interrupt_shadow
+                && cpu.cur_user == (user != 0)
+                && cpu.in_64bit_mode();
+            if go_on {
+                0
+            } else {
+                1 + (EXIT_YIELD << 32)
+            }
+        }
+        Err(Stop::Fault(f)) => {
+            cpu.rip = insn.ip();
+            ctx.fault = Some(f);
+            1 + (EXIT_FAULT << 32)
+        }
+        Err(Stop::Exit(e)) => {
+            cpu.rip = insn.ip();
+            ctx.exit = Some(e);
+            1 + (EXIT_STOP << 32)
+        }
     }
 }
 
@@ -274,6 +356,50 @@ pub(crate) struct BlockAt {
     pub(crate) page: usize,
     pub(crate) gen: u32,
     pub(crate) slot: usize,
+    /// GPA of the block's first instruction.
+    pub(crate) gpa: u64,
+}
+
+/// Entries of the jump cache (a power of two).
+const JC_SIZE: usize = 4096;
+
+/// A jump-cache entry: the compiled block last run at linear `rip` (QEMU's
+/// `tb_jmp_cache`). It may be followed from compiled code whose exit lands on `rip` while
+/// `rip` still translates to `gpa`, the block's page keeps generation `gen`, the epoch is
+/// the current one and the privilege the same.
+#[derive(Clone, Copy)]
+struct JcEntry {
+    rip: u64,
+    gpa: u64,
+    f: Option<JitFn>,
+    page: usize,
+    gen: u32,
+    len: u32,
+    epoch: u32,
+    user: bool,
+}
+
+const JC_EMPTY: JcEntry = JcEntry { rip: 0, gpa: 0, f: None, page: 0, gen: 0, len: 0, epoch: 0, user: false };
+
+fn jc_index(rip: u64) -> usize {
+    crate::regs::host_usize(rip ^ (rip >> 12)) & (JC_SIZE - 1)
+}
+
+/// The compiled block to run next at `cpu.rip` from the jump cache, if it is valid and
+/// its length fits in `room` instructions: its code, length, page and generation.
+#[inline]
+fn jc_next(cpu: &mut Cpu, room: u64) -> Option<(JitFn, u32, usize, u32)> {
+    let rip = cpu.rip;
+    let e = *cpu.jit.jc.get(jc_index(rip))?;
+    let f = e.f?;
+    if e.rip != rip || e.epoch != cpu.jit.epoch || e.user != cpu.cur_user || u64::from(e.len) > room {
+        return None;
+    }
+    let gpa = cpu.translate(rip, crate::mmu::Access::Exec, e.user).ok()?;
+    if gpa != e.gpa || cpu.mmu.shared.gen(e.page) != e.gen {
+        return None;
+    }
+    Some((f, e.len, e.page, e.gen))
 }
 
 /// A branch exit of compiled code waiting to be linked to the block the run loop fetches
@@ -306,6 +432,7 @@ pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLin
             (f, len)
         }
         Compiled::Never => return None,
+        Compiled::Pending { epoch: e } if e == epoch => return None,
         _ => {
             s.hits = s.hits.saturating_add(1);
             if tier == Tier::Auto && s.hits < HOT {
@@ -314,8 +441,11 @@ pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLin
             compile(cpu, ops, b)?
         }
     };
+    let ip = ops.first().map_or(0, |o| o.ip);
+    if let Some(e) = cpu.jit.jc.get_mut(jc_index(ip)) {
+        *e = JcEntry { rip: ip, gpa: b.gpa, f: Some(f), page: b.page, gen: b.gen, len, epoch, user };
+    }
     if let Some(w) = want {
-        let ip = ops.first().map_or(0, |o| o.ip);
         if w.epoch == cpu.jit.epoch && w.rip == ip && w.page == b.page && w.gen == b.gen && w.user == user {
             // SAFETY: `w.link` points into a link table of the current epoch (checked),
             // which lives until the module is freed; no reference to it exists.
@@ -327,23 +457,21 @@ pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLin
 
 #[cold]
 fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
-    let len = ops.iter().take_while(|o| !matches!(o.uop, crate::uop::Uop::Generic)).count();
-    // Entering compiled code costs about as much as interpreting two fast forms: in tier
-    // Auto shorter runs stay with the interpreter (the Debian boot is faster that way);
-    // tier Jit compiles every run, for the tests.
-    let min = if cpu.jit.tier == Tier::Auto { MIN_LEN } else { 1 };
-    if len < min {
-        if let Some(s) = cpu.dcache.jit_slot(b.slot) {
-            s.code = Compiled::Never;
-        }
+    let len = u32::try_from(ops.len()).ok()?;
+    if len == 0 {
         return None;
     }
     if cpu.jit.held > cpu.jit.limit {
         cpu.jit.free_module();
         cpu.jit.stats.flushes += 1;
     }
-    if cpu.jit.module.is_none() {
-        cpu.jit.module = new_module();
+    let background = cpu.jit.tier == Tier::Auto;
+    if background && cpu.jit.worker.is_none() {
+        cpu.jit.worker = worker::Worker::start();
+    }
+    if background && cpu.jit.worker.as_ref().is_none_or(|w| w.in_flight >= worker::QUEUE) {
+        // No thread, or enough in flight: interpret and ask again later.
+        return None;
     }
     let user = cpu.cur_user;
     let gen_ptr = cpu.mmu.shared.gen_ptr(b.page) as u64;
@@ -351,21 +479,30 @@ fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     let links = Box::into_raw(Box::new([Link { f: None, len: 0 }, Link { f: None, len: 0 }]));
     jit.links.push(links);
     jit.held += std::mem::size_of::<[Link; 2]>();
+    let insns: Box<[Instruction]> = ops.iter().map(|o| o.insn).collect();
+    jit.held += std::mem::size_of_val(&*insns);
+    let insns_at = insns.as_ptr() as u64;
+    jit.insns.push(insns);
+    let env = translate::Env { user, gen_ptr, gen: b.gen, links: links as u64, insns: insns_at };
+    if background {
+        let rip = ops.first().map_or(0, |o| o.ip);
+        let job = worker::Job { ops: ops.into(), env, epoch: jit.epoch, at: b, rip };
+        if jit.worker.as_mut().is_some_and(|w| w.submit(job)) {
+            if let Some(s) = cpu.dcache.jit_slot(b.slot) {
+                s.code = Compiled::Pending { epoch: cpu.jit.epoch };
+            }
+        }
+        return None;
+    }
+    let t0 = std::time::Instant::now();
+    if jit.module.is_none() {
+        jit.module = new_module();
+    }
     let module = jit.module.as_mut()?;
-    let ops = ops.get(..len)?;
-    let env = translate::Env { user, gen_ptr, gen: b.gen, links: links as u64 };
     let cl_ctx = jit.cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(module));
     let r = translate::compile(module, cl_ctx, &mut jit.fctx, ops, &env);
-    let code = match r {
-        Some((f, bytes)) => {
-            jit.held += bytes;
-            jit.stats.compiled += 1;
-            jit.stats.code_bytes += bytes as u64;
-            let len = u32::try_from(len).ok()?;
-            Compiled::Code { f, len, epoch: jit.epoch, user }
-        }
-        None => Compiled::Never,
-    };
+    let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let code = install(jit, r, len, user, ns);
     if let Some(s) = cpu.dcache.jit_slot(b.slot) {
         s.code = code;
     }
@@ -375,12 +512,54 @@ fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     }
 }
 
+/// Accounts for a compilation's result (of `len` instructions, for privilege `user`, that
+/// took `ns` nanoseconds) and returns the block's new state.
+fn install(jit: &mut Jit, r: Option<(JitFn, usize)>, len: u32, user: bool, ns: u64) -> Compiled {
+    jit.stats.compile_ns += ns;
+    match r {
+        Some((f, bytes)) => {
+            jit.held += bytes;
+            jit.stats.compiled += 1;
+            jit.stats.code_bytes += bytes as u64;
+            Compiled::Code { f, len, epoch: jit.epoch, user }
+        }
+        None => Compiled::Never,
+    }
+}
+
+/// Installs the blocks the compiler thread (tier Auto) finished, where they are still
+/// in the decode cache unchanged. Cheap when there are none.
+#[inline]
+pub(crate) fn poll(cpu: &mut Cpu) {
+    if cpu.jit.worker.as_ref().is_some_and(|w| w.in_flight > 0) {
+        poll_done(cpu);
+    }
+}
+
+#[cold]
+fn poll_done(cpu: &mut Cpu) {
+    while let Some(d) = cpu.jit.worker.as_mut().and_then(|w| w.poll()) {
+        if d.epoch != cpu.jit.epoch {
+            // Compiled into freed memory (or about to be): never used.
+            continue;
+        }
+        let code = install(&mut cpu.jit, d.code, d.len, d.user, d.ns);
+        let live = cpu.mmu.shared.gen(d.at.page) == d.at.gen;
+        if let (true, Some(s)) = (live, cpu.dcache.jit_slot_of(d.at.slot, d.at.gpa, d.rip, d.at.gen)) {
+            s.code = code;
+            if let (Compiled::Code { f, len, epoch, user }, Some(e)) = (code, cpu.jit.jc.get_mut(jc_index(d.rip))) {
+                *e = JcEntry { rip: d.rip, gpa: d.at.gpa, f: Some(f), page: d.at.page, gen: d.at.gen, len, epoch, user };
+            }
+        }
+    }
+}
+
 /// Runs compiled block `f` (of the block at RAM page `page`, generation `gen`), and the
 /// compiled blocks it is linked to while they fit in `left` instructions (>= the block's
 /// length) and the page keeps its generation. Returns the instructions retired (the
-/// faulting one included), the fault to raise, if any, and the link the last block's exit
-/// asks to be filled; RIP, registers and flags are those after the last instruction
-/// retired, or of the faulting instruction.
+/// faulting one included), the fault to raise or the exit to take, if any, and the link
+/// the last block's exit asks to be filled; RIP, registers and flags are those after the
+/// last instruction retired, or of the faulting instruction.
 #[inline]
 pub(crate) fn enter(
     cpu: &mut Cpu,
@@ -389,7 +568,7 @@ pub(crate) fn enter(
     left: u64,
     page: usize,
     gen: u32,
-) -> (u64, Option<Fault>, Option<WantLink>) {
+) -> (u64, Option<Stop>, Option<WantLink>) {
     let mut bus_ref: &mut dyn Bus = bus;
     let mut ctx = JitCtx {
         tlb: cpu.mmu.tlb_ptr() as *const u8,
@@ -399,12 +578,13 @@ pub(crate) fn enter(
         link: std::ptr::null_mut(),
         bus: &mut bus_ref as *mut &mut dyn Bus as *mut u8,
         fault: None,
+        exit: None,
     };
     cpu.interrupt_shadow = false;
-    let mut f = f;
+    let (mut f, mut page, mut gen) = (f, page, gen);
     let mut total = 0u64;
+    cpu.jit.stats.entries += 1;
     loop {
-        cpu.jit.stats.entries += 1;
         ctx.left = left - total;
         // SAFETY: `f` was compiled by this vCPU's module in the current epoch (checked by
         // `lookup`, or a link of this epoch), so its code is live; it accesses the Cpu only
@@ -416,7 +596,15 @@ pub(crate) fn enter(
         cpu.jit.stats.instructions += n;
         total += n;
         let fault = match r >> 32 {
-            EXIT_NORMAL => return (total, None, None),
+            EXIT_NORMAL => match jc_next(cpu, left - total) {
+                Some((nf, _, p, g)) => {
+                    (f, page, gen) = (nf, p, g);
+                    cpu.jit.stats.chained += 1;
+                    continue;
+                }
+                None => return (total, None, None),
+            },
+            EXIT_YIELD => return (total, None, None),
             EXIT_LINK => {
                 let l = ctx.link;
                 // SAFETY: compiled code of this epoch stores a pointer to one of its own
@@ -425,17 +613,28 @@ pub(crate) fn enter(
                 match nf {
                     Some(nf) if total + nlen <= left && cpu.mmu.shared.gen(page) == gen => {
                         f = nf;
+                        cpu.jit.stats.chained += 1;
                         continue;
                     }
                     Some(_) => return (total, None, None),
-                    None => {
-                        let w = WantLink { link: l, epoch: cpu.jit.epoch, rip: cpu.rip, page, gen, user: cpu.cur_user };
-                        return (total, None, Some(w));
-                    }
+                    None => match jc_next(cpu, left - total) {
+                        Some((nf, nlen, p, g)) if p == page && g == gen => {
+                            // SAFETY: as above; no reference to the link exists.
+                            unsafe { *l = Link { f: Some(nf), len: u64::from(nlen) } };
+                            f = nf;
+                            cpu.jit.stats.chained += 1;
+                            continue;
+                        }
+                        _ => {
+                            let w = WantLink { link: l, epoch: cpu.jit.epoch, rip: cpu.rip, page, gen, user: cpu.cur_user };
+                            return (total, None, Some(w));
+                        }
+                    },
                 }
             }
-            EXIT_GP => Fault::GeneralProtection(0),
-            _ => ctx.fault.unwrap_or(Fault::GeneralProtection(0)),
+            EXIT_GP => Stop::Fault(Fault::GeneralProtection(0)),
+            EXIT_STOP => Stop::Exit(ctx.exit.take().unwrap_or(Exit::Unsupported("translated block stopped".into()))),
+            _ => Stop::Fault(ctx.fault.unwrap_or(Fault::GeneralProtection(0))),
         };
         return (total, Some(fault), None);
     }

@@ -6,6 +6,7 @@
 //! operands of the last flag-setting operation) and RIP.
 
 use super::{aluop, JitCtx, EXIT_FAULT, EXIT_GP, EXIT_LINK, EXIT_NORMAL};
+use iced_x86::Instruction;
 use crate::alu::Op2;
 use crate::cpu::flags::{ARITH, CF, OF, SF, ZF};
 use crate::cpu::{sreg, Cpu, Seg};
@@ -32,6 +33,9 @@ pub(crate) struct Env {
     /// Address of the block's two `super::Link`s: [0] for the branch target (JMP, CALL,
     /// taken Jcc), [1] for a Jcc's fall-through.
     pub(crate) links: u64,
+    /// Address of copies of the block's instructions (`[Instruction]`, one per
+    /// instruction, in order) for [`super::jit_generic`].
+    pub(crate) insns: u64,
 }
 
 /// Kind of the pending (not yet materialised) flag computation.
@@ -90,6 +94,11 @@ struct Tr<'a, 'b> {
     sig_write: SigRef,
     sig_alu: SigRef,
     sig_note: SigRef,
+    sig_gen: SigRef,
+    /// GPRs the block names (loaded at entry, reloaded after an interpreted instruction).
+    used: u16,
+    /// The block loops onto itself: every exit stores every register in `used`.
+    self_loop: bool,
 }
 
 /// Flags of accesses to the `Cpu`, the context and the TLB (aligned, never trapping).
@@ -590,6 +599,49 @@ impl Tr<'_, '_> {
         r
     }
 
+    /// Instruction `i` without a fast form: stores the registers and RFLAGS, runs it through
+    /// [`super::jit_generic`], exits if it asks to, and reloads the registers and RFLAGS.
+    fn generic(&mut self, i: usize) {
+        for r in 0..16u8 {
+            if self.written & (1 << r) != 0 {
+                let v = self.reg(r);
+                self.b.ins().store(MF, v, self.cpu, gpr_off(r));
+            }
+        }
+        if self.fl_written || self.pending.is_some() {
+            let f = self.flags();
+            self.b.ins().store(MF, f, self.cpu, off(offset_of!(Cpu, rflags)));
+        }
+        let insn = self.iconst(self.env.insns + (i * std::mem::size_of::<Instruction>()) as u64);
+        let user = self.iconst(u64::from(self.env.user));
+        let fp = self.iconst(super::jit_generic as *const () as u64);
+        let call = self.b.ins().call_indirect(self.sig_gen, fp, &[self.cpu, self.ctx, insn, user]);
+        let st = self.result(call);
+        let out = self.b.create_block();
+        let cont = self.b.create_block();
+        self.b.ins().brif(st, out, &[], cont, &[]);
+        // Everything is stored already: return `done + i + 1 + kind << 32`.
+        self.b.switch_to_block(out);
+        let d = self.b.use_var(self.done);
+        let code = self.b.ins().iadd(d, st);
+        let code = self.b.ins().iadd_imm_s(code, i as i64);
+        self.b.ins().return_(&[code]);
+        self.b.switch_to_block(cont);
+        for (r, &var) in (0u8..).zip(self.regs.iter()) {
+            if self.used & (1 << r) != 0 {
+                let v = self.b.ins().load(I64, MF, self.cpu, gpr_off(r));
+                self.b.def_var(var, v);
+            }
+        }
+        let f = self.b.ins().load(I64, MF, self.cpu, off(offset_of!(Cpu, rflags)));
+        self.b.def_var(self.fl, f);
+        self.pending = None;
+        if !self.self_loop {
+            self.written = 0;
+            self.fl_written = false;
+        }
+    }
+
     /// Pushes `v` (64-bit) and updates RSP after the store succeeded.
     fn push(&mut self, v: Value, op: &Op, i: usize) {
         let sp = self.reg(4);
@@ -602,7 +654,13 @@ impl Tr<'_, '_> {
     /// computed target (`Some`), None to fall through.
     fn op(&mut self, op: &Op, i: usize) -> Option<Value> {
         match op.uop {
-            Uop::Generic | Uop::Nop => {}
+            Uop::Nop => {}
+            Uop::Generic => {
+                self.generic(i);
+                if op.uop.may_store() {
+                    self.check_gen(op.next_ip, i);
+                }
+            }
             Uop::MovR { d, s, sz } => {
                 let v = self.src(s, sz, op, i);
                 self.set_reg(d, v, sz);
@@ -846,6 +904,7 @@ pub(crate) fn compile(
         let sig_write = b.import_signature(mk(&[I64, I64, I64, I64, I64], false));
         let sig_alu = b.import_signature(mk(&[I64, I64, I64, I64, I64, I64], true));
         let sig_note = b.import_signature(mk(&[I64], false));
+        let sig_gen = b.import_signature(mk(&[I64, I64, I64, I64], true));
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -895,6 +954,9 @@ pub(crate) fn compile(
             sig_write,
             sig_alu,
             sig_note,
+            sig_gen,
+            used,
+            self_loop,
         };
         let mut rip = None;
         let mut linked = false;

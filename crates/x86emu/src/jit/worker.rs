@@ -1,0 +1,165 @@
+//! Background compilation for tier [`super::Tier::Auto`]: a compiler thread per vCPU
+//! with its own Cranelift module, so that a vCPU never waits for Cranelift. The vCPU
+//! keeps interpreting a hot block until its code arrives ([`Worker::poll`]) and is
+//! installed in the decode cache (if the block is still there, unchanged).
+//!
+//! Code memory belongs to the thread's module; the vCPU frees it by moving its epoch on
+//! and sending [`Worker::flush`] (code of an older epoch is never entered again, and
+//! results of an older epoch are dropped unseen). At most [`QUEUE`] compilations are in
+//! flight, so a guest cannot grow the queues.
+
+use super::translate;
+use super::BlockAt;
+use crate::decode::{JitFn, Op};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+
+/// Compilations a vCPU may have in flight.
+pub(crate) const QUEUE: usize = 64;
+
+/// A block to compile.
+pub(crate) struct Job {
+    /// Its instructions (copies: the decode cache may drop them meanwhile).
+    pub(crate) ops: Box<[Op]>,
+    pub(crate) env: translate::Env,
+    /// The vCPU's epoch when it asked.
+    pub(crate) epoch: u32,
+    pub(crate) at: BlockAt,
+    /// RIP of its first instruction.
+    pub(crate) rip: u64,
+}
+
+/// A compiled block (or a refusal) for the vCPU to install.
+pub(crate) struct Done {
+    /// The entry and code size in bytes; None if Cranelift refused the block.
+    pub(crate) code: Option<(JitFn, usize)>,
+    pub(crate) epoch: u32,
+    pub(crate) at: BlockAt,
+    pub(crate) rip: u64,
+    /// Instructions in the block.
+    pub(crate) len: u32,
+    /// The privilege its accesses check.
+    pub(crate) user: bool,
+    /// Host time the compilation took, nanoseconds.
+    pub(crate) ns: u64,
+}
+
+enum Msg {
+    Compile(Box<Job>),
+    /// Free every code byte compiled so far (the vCPU moved its epoch on).
+    Flush,
+}
+
+/// The vCPU's side of its compiler thread.
+pub(crate) struct Worker {
+    tx: Option<SyncSender<Msg>>,
+    rx: Receiver<Done>,
+    thread: Option<JoinHandle<()>>,
+    /// Jobs sent and not yet polled back.
+    pub(crate) in_flight: usize,
+}
+
+impl Worker {
+    /// Starts the compiler thread; None if the host refuses a thread.
+    pub(crate) fn start() -> Option<Worker> {
+        // One more slot than QUEUE for a Flush message.
+        let (tx, jobs) = sync_channel(QUEUE + 1);
+        let (done, rx) = channel();
+        let thread =
+            std::thread::Builder::new().name("emu-jit".into()).spawn(move || compiler(jobs, done)).ok()?;
+        Some(Worker { tx: Some(tx), rx, thread: Some(thread), in_flight: 0 })
+    }
+
+    /// Queues `job`; false when [`QUEUE`] jobs are in flight or the thread is gone.
+    pub(crate) fn submit(&mut self, job: Job) -> bool {
+        if self.in_flight >= QUEUE {
+            return false;
+        }
+        let Some(tx) = &self.tx else { return false };
+        match tx.try_send(Msg::Compile(Box::new(job))) {
+            Ok(()) => {
+                self.in_flight += 1;
+                true
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Asks the thread to free its code memory (after the vCPU moved its epoch on).
+    pub(crate) fn flush(&mut self) {
+        if let Some(tx) = &self.tx {
+            // Blocks only while the queue is full, which the thread is draining.
+            let _ = tx.send(Msg::Flush);
+        }
+    }
+
+    /// A finished compilation, if one is waiting.
+    #[inline]
+    pub(crate) fn poll(&mut self) -> Option<Done> {
+        if self.in_flight == 0 {
+            return None;
+        }
+        let d = self.rx.try_recv().ok()?;
+        self.in_flight -= 1;
+        Some(d)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it finished the job at hand; it frees
+        // its module, whose code no one can run any more (the vCPU is going away).
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The compiler thread: compiles jobs in order until the queue closes.
+fn compiler(jobs: Receiver<Msg>, done: Sender<Done>) {
+    let mut module: Option<cranelift_jit::JITModule> = None;
+    let mut cl_ctx: Option<cranelift_codegen::Context> = None;
+    let mut fctx = cranelift_frontend::FunctionBuilderContext::new();
+    while let Ok(m) = jobs.recv() {
+        match m {
+            Msg::Flush => {
+                cl_ctx = None;
+                if let Some(m) = module.take() {
+                    // SAFETY: the vCPU moved its epoch on before sending Flush, so it never
+                    // enters code of this module again (every stored entry, link and
+                    // jump-cache entry of it is stale), and it does not run compiled code
+                    // while it sends (it sends from its compile path, outside `enter`).
+                    unsafe { m.free_memory() };
+                }
+            }
+            Msg::Compile(j) => {
+                let t0 = std::time::Instant::now();
+                if module.is_none() {
+                    module = super::new_module();
+                }
+                let code = module.as_mut().and_then(|m| {
+                    let c = cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(m));
+                    translate::compile(m, c, &mut fctx, &j.ops, &j.env)
+                });
+                let d = Done {
+                    code,
+                    epoch: j.epoch,
+                    at: j.at,
+                    rip: j.rip,
+                    len: u32::try_from(j.ops.len()).unwrap_or(u32::MAX),
+                    user: j.env.user,
+                    ns: u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX),
+                };
+                if done.send(d).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(m) = module.take() {
+        // SAFETY: the queue closed: the vCPU (and its Jit) is being dropped and runs no
+        // compiled code any more.
+        unsafe { m.free_memory() };
+    }
+}
