@@ -55,13 +55,13 @@ pub enum Tier {
 
 impl Tier {
     /// The tier named by `RUSTVISOR_EMU_TIER` (`interp`, `jit` or `auto`; read once per
-    /// process). Unset or anything else: [`Tier::Interp`].
+    /// process). Unset or anything else: [`Tier::Auto`].
     pub fn from_env() -> Tier {
         static T: OnceLock<Tier> = OnceLock::new();
         *T.get_or_init(|| match std::env::var("RUSTVISOR_EMU_TIER").as_deref() {
             Ok("jit") => Tier::Jit,
-            Ok("auto") => Tier::Auto,
-            _ => Tier::Interp,
+            Ok("interp") => Tier::Interp,
+            _ => Tier::Auto,
         })
     }
 }
