@@ -41,6 +41,8 @@ pub(crate) const P_EXEC: u8 = 4;
 pub(crate) const P_GLOBAL: u8 = 8;
 /// Readable at all (always set on valid entries).
 pub(crate) const P_READ: u8 = 16;
+/// The page is RAM (`host` is not null): the translation tier's inline accesses need it.
+pub(crate) const P_RAM: u8 = 32;
 
 /// Code generation bit 0: the page holds decoded code (a store to it must retire that code).
 pub(crate) const GEN_CODE: u32 = 1;
@@ -570,6 +572,7 @@ impl Cpu {
             Some((p, i)) => (p, self.mmu.shared.gen_ptr(i)),
             None => (std::ptr::null_mut(), std::ptr::null()),
         };
+        let perm = if host.is_null() { perm } else { perm | P_RAM };
         let e = TlbEntry { tag: page | TLB_VALID, host, gen, gpa: gpa_page, perm };
         *self.mmu.tlb_slot_mut(la) = e;
         Ok(e)

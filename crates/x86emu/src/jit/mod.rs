@@ -38,8 +38,8 @@ mod worker;
 use crate::cpu::Cpu;
 use crate::decode::{Compiled, JitFn, Op};
 use crate::{Bus, Exit, Fault, Stop};
-use iced_x86::Instruction;
 use cranelift_jit::{JITBuilder, JITModule};
+use iced_x86::Instruction;
 use std::sync::OnceLock;
 
 /// Which execution tier runs 64-bit guest code (`RUSTVISOR_EMU_TIER`).
@@ -260,7 +260,12 @@ pub(crate) unsafe extern "C" fn jit_write(cpu: *mut Cpu, ctx: *mut JitCtx, la: u
 /// # Safety
 /// As for [`jit_read`]; `insn` points to an instruction owned by the module of the running
 /// code (`Jit::insns`).
-pub(crate) unsafe extern "C" fn jit_generic(cpu: *mut Cpu, ctx: *mut JitCtx, insn: *const Instruction, user: u64) -> u64 {
+pub(crate) unsafe extern "C" fn jit_generic(
+    cpu: *mut Cpu,
+    ctx: *mut JitCtx,
+    insn: *const Instruction,
+    user: u64,
+) -> u64 {
     // SAFETY: see jit_read; `insn` lives as long as the running code (the contract).
     let (cpu, ctx, insn) = unsafe { (&mut *cpu, &mut *ctx, &*insn) };
     // SAFETY: see jit_read.
@@ -293,6 +298,45 @@ pub(crate) unsafe extern "C" fn jit_generic(cpu: *mut Cpu, ctx: *mut JitCtx, ins
             1 + (EXIT_STOP << 32)
         }
     }
+}
+
+/// Kinds of lazily kept flag computations, for [`jit_flags`].
+pub(crate) mod flagk {
+    pub(crate) const ADD: u64 = 0;
+    pub(crate) const SUB: u64 = 1;
+    pub(crate) const LOGIC: u64 = 2;
+    pub(crate) const INC: u64 = 3;
+    pub(crate) const DEC: u64 = 4;
+}
+
+/// RFLAGS after an operation kept lazily by generated code: `ks` = kind ([`flagk`]) << 8 |
+/// operand size in bytes; `a`, `b`, `r` the zero-extended operands and result; `old` the
+/// RFLAGS before. The same computation as `translate`'s inline one (and so as the host
+/// CPU's, see `crate::alu`), for rarely taken exits.
+pub(crate) extern "C" fn jit_flags(ks: u64, a: u64, b: u64, r: u64, old: u64) -> u64 {
+    use crate::cpu::flags::{ARITH, CF};
+    let (kind, bits) = (ks >> 8, (ks & 0xff) * 8);
+    let top = bits.clamp(1, 64) - 1;
+    let incdec = kind == flagk::INC || kind == flagk::DEC;
+    let (cf, of, af) = if kind == flagk::LOGIC {
+        (0, 0, 0)
+    } else {
+        let add = kind == flagk::ADD || kind == flagk::INC;
+        let cf = if incdec {
+            old & CF
+        } else if add {
+            u64::from(r < a)
+        } else {
+            u64::from(a < b)
+        };
+        let x = if add { (a ^ r) & (b ^ r) } else { (a ^ b) & (a ^ r) };
+        (cf, ((x >> top) & 1) << 11, (a ^ b ^ r) & 0x10)
+    };
+    let zf = u64::from(r == 0) << 6;
+    let sf = ((r >> top) & 1) << 7;
+    let pf = u64::from((r & 0xff).count_ones() & 1 == 0) << 2;
+    let keep = if incdec { !(ARITH & !CF) } else { !ARITH };
+    (old & keep) | cf | of | af | zf | sf | pf
 }
 
 /// ALU operations that generated code leaves to `crate::alu` (codes of [`jit_alu`]).
@@ -548,7 +592,8 @@ fn poll_done(cpu: &mut Cpu) {
         if let (true, Some(s)) = (live, cpu.dcache.jit_slot_of(d.at.slot, d.at.gpa, d.rip, d.at.gen)) {
             s.code = code;
             if let (Compiled::Code { f, len, epoch, user }, Some(e)) = (code, cpu.jit.jc.get_mut(jc_index(d.rip))) {
-                *e = JcEntry { rip: d.rip, gpa: d.at.gpa, f: Some(f), page: d.at.page, gen: d.at.gen, len, epoch, user };
+                *e =
+                    JcEntry { rip: d.rip, gpa: d.at.gpa, f: Some(f), page: d.at.page, gen: d.at.gen, len, epoch, user };
             }
         }
     }
@@ -626,7 +671,8 @@ pub(crate) fn enter(
                             continue;
                         }
                         _ => {
-                            let w = WantLink { link: l, epoch: cpu.jit.epoch, rip: cpu.rip, page, gen, user: cpu.cur_user };
+                            let w =
+                                WantLink { link: l, epoch: cpu.jit.epoch, rip: cpu.rip, page, gen, user: cpu.cur_user };
                             return (total, None, Some(w));
                         }
                     },

@@ -6,13 +6,13 @@
 //! operands of the last flag-setting operation) and RIP.
 
 use super::{aluop, JitCtx, EXIT_FAULT, EXIT_GP, EXIT_LINK, EXIT_NORMAL};
-use iced_x86::Instruction;
 use crate::alu::Op2;
 use crate::cpu::flags::{ARITH, CF, OF, SF, ZF};
 use crate::cpu::{sreg, Cpu, Seg};
 use crate::decode::{JitFn, Op};
-use crate::mmu::{tlb_layout, GEN_CODE, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
+use crate::mmu::{tlb_layout, GEN_CODE, P_RAM, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
 use crate::uop::{MemOp, Src, Uop, NONE};
+use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{I16, I32, I64, I8};
 use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
@@ -20,6 +20,7 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::JITModule;
 use cranelift_module::Module;
 use iced_x86::ConditionCode;
+use iced_x86::Instruction;
 use std::mem::offset_of;
 
 /// What the translation of one block depends on besides its instructions.
@@ -59,6 +60,20 @@ struct Pending {
     r: Value,
 }
 
+impl Pending {
+    /// `kind << 8 | size` for [`super::jit_flags`].
+    fn code(&self) -> u64 {
+        let k = match self.k {
+            Pk::Add => super::flagk::ADD,
+            Pk::Sub => super::flagk::SUB,
+            Pk::Logic => super::flagk::LOGIC,
+            Pk::Inc => super::flagk::INC,
+            Pk::Dec => super::flagk::DEC,
+        };
+        k << 8 | u64::from(self.sz)
+    }
+}
+
 fn mask(sz: u8) -> i64 {
     match sz {
         1 => 0xff,
@@ -95,10 +110,16 @@ struct Tr<'a, 'b> {
     sig_alu: SigRef,
     sig_note: SigRef,
     sig_gen: SigRef,
+    sig_flags: SigRef,
     /// GPRs the block names (loaded at entry, reloaded after an interpreted instruction).
     used: u16,
     /// The block loops onto itself: every exit stores every register in `used`.
     self_loop: bool,
+    /// The entry block's terminator (constants go before it, see `k`).
+    entry_jump: cranelift_codegen::ir::Inst,
+    consts: std::collections::HashMap<(Type, i64), Value>,
+    /// `ctx.tlb`, loaded once at entry.
+    tlb: Value,
 }
 
 /// Flags of accesses to the `Cpu`, the context and the TLB (aligned, never trapping).
@@ -111,7 +132,72 @@ fn gm() -> MemFlagsData {
 
 impl Tr<'_, '_> {
     fn iconst(&mut self, v: u64) -> Value {
-        self.b.ins().iconst(I64, v as i64)
+        self.k(I64, v as i64)
+    }
+
+    /// The constant `v` of type `ty`. Constants that fit an x86 immediate are made once, in
+    /// the entry block (fewer IR instructions to compile; instruction selection still folds
+    /// them into immediates); others where they are used.
+    fn k(&mut self, ty: Type, v: i64) -> Value {
+        if i32::try_from(v).is_err() {
+            return self.b.ins().iconst(ty, v);
+        }
+        if let Some(&x) = self.consts.get(&(ty, v)) {
+            return x;
+        }
+        let mut cur = FuncCursor::new(self.b.func).at_inst(self.entry_jump);
+        let x = cur.ins().iconst(ty, v);
+        self.consts.insert((ty, v), x);
+        x
+    }
+
+    fn ty(&self, x: Value) -> Type {
+        self.b.func.dfg.value_type(x)
+    }
+
+    fn andi(&mut self, x: Value, c: i64) -> Value {
+        let k = self.k(self.ty(x), c);
+        self.b.ins().band(x, k)
+    }
+
+    fn ori(&mut self, x: Value, c: i64) -> Value {
+        let k = self.k(self.ty(x), c);
+        self.b.ins().bor(x, k)
+    }
+
+    fn xori(&mut self, x: Value, c: i64) -> Value {
+        let k = self.k(self.ty(x), c);
+        self.b.ins().bxor(x, k)
+    }
+
+    fn addi(&mut self, x: Value, c: i64) -> Value {
+        let k = self.k(self.ty(x), c);
+        self.b.ins().iadd(x, k)
+    }
+
+    fn muli(&mut self, x: Value, c: i64) -> Value {
+        let k = self.k(self.ty(x), c);
+        self.b.ins().imul(x, k)
+    }
+
+    fn shli(&mut self, x: Value, c: i64) -> Value {
+        let k = self.k(I64, c);
+        self.b.ins().ishl(x, k)
+    }
+
+    fn ushri(&mut self, x: Value, c: i64) -> Value {
+        let k = self.k(I64, c);
+        self.b.ins().ushr(x, k)
+    }
+
+    fn sshri(&mut self, x: Value, c: i64) -> Value {
+        let k = self.k(I64, c);
+        self.b.ins().sshr(x, k)
+    }
+
+    fn cmpi(&mut self, cc: IntCC, x: Value, c: i64) -> Value {
+        let k = self.k(self.ty(x), c);
+        self.b.ins().icmp(cc, x, k)
     }
 
     fn reg(&mut self, r: u8) -> Value {
@@ -135,7 +221,7 @@ impl Tr<'_, '_> {
 
     /// Writes a 32/64-bit result as MOV does (32-bit writes zero-extend).
     fn set_reg(&mut self, r: u8, v: Value, sz: u8) {
-        let v = if sz == 4 { self.b.ins().band_imm_s(v, 0xffff_ffff) } else { v };
+        let v = if sz == 4 { self.andi(v, 0xffff_ffff) } else { v };
         self.set_reg64(r, v);
     }
 
@@ -143,7 +229,7 @@ impl Tr<'_, '_> {
         if sz == 8 {
             v
         } else {
-            self.b.ins().band_imm_s(v, mask(sz))
+            self.andi(v, mask(sz))
         }
     }
 
@@ -157,7 +243,7 @@ impl Tr<'_, '_> {
         }
         if m.index != NONE {
             let r = self.reg(m.index);
-            let s = self.b.ins().ishl_imm_u(r, i64::from(m.scale));
+            let s = self.shli(r, i64::from(m.scale));
             a = self.b.ins().iadd(a, s);
         }
         a
@@ -190,7 +276,7 @@ impl Tr<'_, '_> {
             Pk::Add | Pk::Sub | Pk::Inc | Pk::Dec => {
                 let add = matches!(p.k, Pk::Add | Pk::Inc);
                 let cf = if matches!(p.k, Pk::Inc | Pk::Dec) {
-                    self.b.ins().band_imm_s(old, CF as i64)
+                    self.andi(old, CF as i64)
                 } else {
                     let c = if add {
                         self.b.ins().icmp(IntCC::UnsignedLessThan, p.r, p.a)
@@ -209,28 +295,28 @@ impl Tr<'_, '_> {
                     let t2 = self.b.ins().bxor(p.a, p.r);
                     self.b.ins().band(t1, t2)
                 };
-                let o = self.b.ins().ushr_imm_u(x, bits - 1);
-                let o = self.b.ins().band_imm_s(o, 1);
-                let of = self.b.ins().ishl_imm_u(o, 11);
+                let o = self.ushri(x, bits - 1);
+                let o = self.andi(o, 1);
+                let of = self.shli(o, 11);
                 let t = self.b.ins().bxor(p.a, p.b);
                 let t = self.b.ins().bxor(t, p.r);
-                let af = self.b.ins().band_imm_s(t, 0x10);
+                let af = self.andi(t, 0x10);
                 (cf, of, af)
             }
         };
-        let z = self.b.ins().icmp_imm_s(IntCC::Equal, p.r, 0);
+        let z = self.cmpi(IntCC::Equal, p.r, 0);
         let z = self.b.ins().uextend(I64, z);
-        let zf = self.b.ins().ishl_imm_u(z, 6);
-        let s = self.b.ins().ushr_imm_u(p.r, bits - 1);
-        let s = self.b.ins().band_imm_s(s, 1);
-        let sf = self.b.ins().ishl_imm_u(s, 7);
-        let lo = self.b.ins().band_imm_s(p.r, 0xff);
+        let zf = self.shli(z, 6);
+        let s = self.ushri(p.r, bits - 1);
+        let s = self.andi(s, 1);
+        let sf = self.shli(s, 7);
+        let lo = self.andi(p.r, 0xff);
         let pc = self.b.ins().popcnt(lo);
-        let pc = self.b.ins().band_imm_s(pc, 1);
-        let pc = self.b.ins().bxor_imm_s(pc, 1);
-        let pf = self.b.ins().ishl_imm_u(pc, 2);
+        let pc = self.andi(pc, 1);
+        let pc = self.xori(pc, 1);
+        let pf = self.shli(pc, 2);
         let keep = if matches!(p.k, Pk::Inc | Pk::Dec) { !(ARITH & !CF) } else { !ARITH };
-        let base = self.b.ins().band_imm_s(old, keep as i64);
+        let base = self.andi(old, keep as i64);
         let f = self.b.ins().bor(base, cf);
         let f = self.b.ins().bor(f, of);
         let f = self.b.ins().bor(f, af);
@@ -256,8 +342,8 @@ impl Tr<'_, '_> {
     }
 
     fn flag_bit(&mut self, f: Value, bit: u64) -> Value {
-        let t = self.b.ins().band_imm_s(f, bit as i64);
-        self.b.ins().icmp_imm_s(IntCC::NotEqual, t, 0)
+        let t = self.andi(f, bit as i64);
+        self.cmpi(IntCC::NotEqual, t, 0)
     }
 
     /// Condition `cc` as an I8 boolean.
@@ -266,17 +352,17 @@ impl Tr<'_, '_> {
         if let Some(p) = self.pending {
             let bits = i64::from(p.sz) * 8;
             let sign = |t: &mut Self, v: Value| {
-                let s = t.b.ins().band_imm_s(v, 1i64.wrapping_shl(u32::try_from(bits - 1).unwrap_or(63)));
-                t.b.ins().icmp_imm_s(IntCC::NotEqual, s, 0)
+                let s = t.andi(v, 1i64.wrapping_shl(u32::try_from(bits - 1).unwrap_or(63)));
+                t.cmpi(IntCC::NotEqual, s, 0)
             };
-            let sx = |t: &mut Self, v: Value| if bits == 64 { v } else { t.b.ins().ishl_imm_u(v, 64 - bits) };
+            let sx = |t: &mut Self, v: Value| if bits == 64 { v } else { t.shli(v, 64 - bits) };
             let fast = match (p.k, cc) {
-                (_, C::e) => Some(self.b.ins().icmp_imm_s(IntCC::Equal, p.r, 0)),
-                (_, C::ne) => Some(self.b.ins().icmp_imm_s(IntCC::NotEqual, p.r, 0)),
+                (_, C::e) => Some(self.cmpi(IntCC::Equal, p.r, 0)),
+                (_, C::ne) => Some(self.cmpi(IntCC::NotEqual, p.r, 0)),
                 (_, C::s) => Some(sign(self, p.r)),
                 (_, C::ns) => {
                     let s = sign(self, p.r);
-                    Some(self.b.ins().bxor_imm_s(s, 1))
+                    Some(self.xori(s, 1))
                 }
                 (Pk::Sub, C::b) => Some(self.b.ins().icmp(IntCC::UnsignedLessThan, p.a, p.b)),
                 (Pk::Sub, C::ae) => Some(self.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, p.a, p.b)),
@@ -297,8 +383,8 @@ impl Tr<'_, '_> {
                 (Pk::Add, C::ae) => Some(self.b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, p.r, p.a)),
                 (Pk::Logic, C::b | C::o) => Some(self.b.ins().iconst(I8, 0)),
                 (Pk::Logic, C::ae | C::no) => Some(self.b.ins().iconst(I8, 1)),
-                (Pk::Logic, C::be) => Some(self.b.ins().icmp_imm_s(IntCC::Equal, p.r, 0)),
-                (Pk::Logic, C::a) => Some(self.b.ins().icmp_imm_s(IntCC::NotEqual, p.r, 0)),
+                (Pk::Logic, C::be) => Some(self.cmpi(IntCC::Equal, p.r, 0)),
+                (Pk::Logic, C::a) => Some(self.cmpi(IntCC::NotEqual, p.r, 0)),
                 (Pk::Logic, C::l | C::ge | C::le | C::g) => {
                     let r = sx(self, p.r);
                     let c = match cc {
@@ -307,7 +393,7 @@ impl Tr<'_, '_> {
                         C::le => IntCC::SignedLessThanOrEqual,
                         _ => IntCC::SignedGreaterThan,
                     };
-                    Some(self.b.ins().icmp_imm_s(c, r, 0))
+                    Some(self.cmpi(c, r, 0))
                 }
                 _ => None,
             };
@@ -317,7 +403,7 @@ impl Tr<'_, '_> {
         }
         let f = self.flags();
         let bit = |t: &mut Self, b: u64| t.flag_bit(f, b);
-        let not = |t: &mut Self, v: Value| t.b.ins().bxor_imm_s(v, 1);
+        let not = |t: &mut Self, v: Value| t.xori(v, 1);
         match cc {
             C::o => bit(self, OF),
             C::no => {
@@ -373,6 +459,16 @@ impl Tr<'_, '_> {
 
     /// Stores changed state, RIP = `rip`, and returns `n | kind << 32`.
     fn exit(&mut self, rip: Value, n: u64, kind: u64) {
+        self.exit_as(rip, n, kind, false);
+    }
+
+    /// [`Self::exit`] on a rarely taken path: pending flags are materialised by a call to
+    /// [`super::jit_flags`] rather than inline (less code to compile).
+    fn exit_cold(&mut self, rip: Value, n: u64, kind: u64) {
+        self.exit_as(rip, n, kind, true);
+    }
+
+    fn exit_as(&mut self, rip: Value, n: u64, kind: u64, cold: bool) {
         for r in 0..16u8 {
             if self.written & (1 << r) != 0 {
                 let v = self.reg(r);
@@ -380,12 +476,21 @@ impl Tr<'_, '_> {
             }
         }
         if self.fl_written || self.pending.is_some() {
-            let f = self.flags();
+            let f = match self.pending {
+                Some(p) if cold => {
+                    let ks = self.iconst(p.code());
+                    let old = self.b.use_var(self.fl);
+                    let fp = self.iconst(super::jit_flags as *const () as u64);
+                    let call = self.b.ins().call_indirect(self.sig_flags, fp, &[ks, p.a, p.b, p.r, old]);
+                    self.result(call)
+                }
+                _ => self.flags(),
+            };
             self.b.ins().store(MF, f, self.cpu, off(offset_of!(Cpu, rflags)));
         }
         self.b.ins().store(MF, rip, self.cpu, off(offset_of!(Cpu, rip)));
         let d = self.b.use_var(self.done);
-        let code = self.b.ins().iadd_imm_s(d, (n | kind << 32) as i64);
+        let code = self.addi(d, (n | kind << 32) as i64);
         self.b.ins().return_(&[code]);
     }
 
@@ -435,32 +540,30 @@ impl Tr<'_, '_> {
         self.b.ins().brif(f, fb, &[], cont, &[]);
         self.b.switch_to_block(fb);
         let rip = self.iconst(op.ip);
-        self.exit(rip, i as u64 + 1, EXIT_FAULT);
+        self.exit_cold(rip, i as u64 + 1, EXIT_FAULT);
         self.b.switch_to_block(cont);
     }
 
     /// The TLB-hit test for an access of `size` bytes at `la`: (condition, host address).
     fn tlb_hit(&mut self, la: Value, size: u8, write: bool) -> (Value, Value, Value) {
-        let need = (if write { P_WRITE } else { P_READ }) | if self.env.user { P_USER } else { 0 };
-        let tlb = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, tlb)));
-        let idx = self.b.ins().ushr_imm_u(la, 12);
-        let idx = self.b.ins().band_imm_s(idx, (TLB_SIZE - 1) as i64);
-        let idx = self.b.ins().imul_imm_s(idx, tlb_layout::SIZE as i64);
-        let e = self.b.ins().iadd(tlb, idx);
+        // RAM (not MMIO), the access allowed, and the page of the last byte the entry's (an
+        // access that crosses into the next page cannot match: that page has another slot).
+        let need = P_RAM | (if write { P_WRITE } else { P_READ }) | if self.env.user { P_USER } else { 0 };
+        let idx = self.ushri(la, 12);
+        let idx = self.andi(idx, (TLB_SIZE - 1) as i64);
+        let idx = self.muli(idx, tlb_layout::SIZE as i64);
+        let e = self.b.ins().iadd(self.tlb, idx);
         let tag = self.b.ins().load(I64, MF, e, off(tlb_layout::TAG));
-        let host = self.b.ins().load(I64, MF, e, off(tlb_layout::HOST));
         let perm = self.b.ins().uload8(I32, MF, e, off(tlb_layout::PERM));
-        let pg = self.b.ins().band_imm_s(la, !0xfff);
-        let want = self.b.ins().bor_imm_s(pg, TLB_VALID as i64);
+        let last = if size > 1 { self.addi(la, i64::from(size) - 1) } else { la };
+        let pg = self.andi(last, !0xfff);
+        let want = self.ori(pg, TLB_VALID as i64);
         let c1 = self.b.ins().icmp(IntCC::Equal, tag, want);
-        let pm = self.b.ins().band_imm_s(perm, i64::from(need));
-        let c2 = self.b.ins().icmp_imm_s(IntCC::Equal, pm, i64::from(need));
-        let o = self.b.ins().band_imm_s(la, 0xfff);
-        let c3 = self.b.ins().icmp_imm_s(IntCC::UnsignedLessThanOrEqual, o, 4096 - i64::from(size));
-        let c4 = self.b.ins().icmp_imm_s(IntCC::NotEqual, host, 0);
+        let pm = self.andi(perm, i64::from(need));
+        let c2 = self.cmpi(IntCC::Equal, pm, i64::from(need));
         let c = self.b.ins().band(c1, c2);
-        let c = self.b.ins().band(c, c3);
-        let c = self.b.ins().band(c, c4);
+        let host = self.b.ins().load(I64, MF, e, off(tlb_layout::HOST));
+        let o = self.andi(la, 0xfff);
         let addr = self.b.ins().iadd(host, o);
         (c, addr, e)
     }
@@ -522,12 +625,12 @@ impl Tr<'_, '_> {
         }
         // PageGen::written: retire code on the page if it holds any.
         let g = self.b.ins().load(I64, MF, e, off(tlb_layout::GEN));
-        let gz = self.b.ins().icmp_imm_s(IntCC::Equal, g, 0);
+        let gz = self.cmpi(IntCC::Equal, g, 0);
         let chk = self.b.create_block();
         self.b.ins().brif(gz, join, &[], chk, &[]);
         self.b.switch_to_block(chk);
         let gv = self.b.ins().load(I32, MemFlagsData::new(), g, 0);
-        let code = self.b.ins().band_imm_s(gv, i64::from(GEN_CODE));
+        let code = self.andi(gv, i64::from(GEN_CODE));
         self.b.ins().brif(code, note, &[], join, &[]);
         self.b.switch_to_block(note);
         let f = self.iconst(super::jit_note_write as *const () as u64);
@@ -547,14 +650,14 @@ impl Tr<'_, '_> {
     fn check_gen(&mut self, next: u64, i: usize) {
         let p = self.iconst(self.env.gen_ptr);
         let g = self.b.ins().load(I32, MemFlagsData::new(), p, 0);
-        let same = self.b.ins().icmp_imm_u(IntCC::Equal, g, i64::from(self.env.gen));
+        let same = self.cmpi(IntCC::Equal, g, i64::from(self.env.gen));
         let out = self.b.create_block();
         let cont = self.b.create_block();
         self.b.set_cold_block(out);
         self.b.ins().brif(same, cont, &[], out, &[]);
         self.b.switch_to_block(out);
         let rip = self.iconst(next);
-        self.exit(rip, i as u64 + 1, EXIT_NORMAL);
+        self.exit_cold(rip, i as u64 + 1, EXIT_NORMAL);
         self.b.switch_to_block(cont);
     }
 
@@ -624,7 +727,7 @@ impl Tr<'_, '_> {
         self.b.switch_to_block(out);
         let d = self.b.use_var(self.done);
         let code = self.b.ins().iadd(d, st);
-        let code = self.b.ins().iadd_imm_s(code, i as i64);
+        let code = self.addi(code, i as i64);
         self.b.ins().return_(&[code]);
         self.b.switch_to_block(cont);
         for (r, &var) in (0u8..).zip(self.regs.iter()) {
@@ -645,7 +748,7 @@ impl Tr<'_, '_> {
     /// Pushes `v` (64-bit) and updates RSP after the store succeeded.
     fn push(&mut self, v: Value, op: &Op, i: usize) {
         let sp = self.reg(4);
-        let sp = self.b.ins().iadd_imm_s(sp, -8);
+        let sp = self.addi(sp, -8);
         self.write(sp, 8, v, op, i);
         self.set_reg64(4, sp);
     }
@@ -720,7 +823,7 @@ impl Tr<'_, '_> {
                 let c = self.cond(cc);
                 let c = self.b.ins().uextend(I64, c);
                 let g = self.reg(d);
-                let g = self.b.ins().band_imm_s(g, !0xff);
+                let g = self.andi(g, !0xff);
                 let g = self.b.ins().bor(g, c);
                 self.set_reg64(d, g);
             }
@@ -784,8 +887,8 @@ impl Tr<'_, '_> {
             Uop::Ret => {
                 let sp = self.reg(4);
                 let t = self.read(sp, 8, op, i);
-                let sx = self.b.ins().ishl_imm_u(t, 16);
-                let sx = self.b.ins().sshr_imm_u(sx, 16);
+                let sx = self.shli(t, 16);
+                let sx = self.sshri(sx, 16);
                 let canon = self.b.ins().icmp(IntCC::Equal, sx, t);
                 let gp = self.b.create_block();
                 let cont = self.b.create_block();
@@ -793,9 +896,9 @@ impl Tr<'_, '_> {
                 self.b.ins().brif(canon, cont, &[], gp, &[]);
                 self.b.switch_to_block(gp);
                 let rip = self.iconst(op.ip);
-                self.exit(rip, i as u64 + 1, EXIT_GP);
+                self.exit_cold(rip, i as u64 + 1, EXIT_GP);
                 self.b.switch_to_block(cont);
-                let sp = self.b.ins().iadd_imm_s(sp, 8);
+                let sp = self.addi(sp, 8);
                 self.set_reg64(4, sp);
                 return Some(t);
             }
@@ -807,7 +910,7 @@ impl Tr<'_, '_> {
             Uop::Pop { r } => {
                 let sp = self.reg(4);
                 let v = self.read(sp, 8, op, i);
-                let sp = self.b.ins().iadd_imm_s(sp, 8);
+                let sp = self.addi(sp, 8);
                 self.set_reg64(4, sp);
                 self.set_reg64(r, v);
             }
@@ -834,12 +937,12 @@ impl Tr<'_, '_> {
         self.b.switch_to_block(again);
         self.settle();
         let d = self.b.use_var(self.done);
-        let d2 = self.b.ins().iadd_imm_s(d, (2 * n) as i64);
+        let d2 = self.addi(d, (2 * n) as i64);
         let left = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, left)));
         let fits = self.b.ins().icmp(IntCC::UnsignedLessThanOrEqual, d2, left);
         let p = self.iconst(self.env.gen_ptr);
         let g = self.b.ins().load(I32, MemFlagsData::new(), p, 0);
-        let same = self.b.ins().icmp_imm_u(IntCC::Equal, g, i64::from(self.env.gen));
+        let same = self.cmpi(IntCC::Equal, g, i64::from(self.env.gen));
         let go = self.b.ins().band(fits, same);
         let cont = self.b.create_block();
         let stop = self.b.create_block();
@@ -852,7 +955,7 @@ impl Tr<'_, '_> {
         let rip = self.iconst(target);
         self.exit(rip, n, EXIT_NORMAL);
         self.b.switch_to_block(cont);
-        let d1 = self.b.ins().iadd_imm_s(d, n as i64);
+        let d1 = self.addi(d, n as i64);
         self.b.def_var(self.done, d1);
         self.b.ins().jump(header, &[]);
     }
@@ -905,6 +1008,7 @@ pub(crate) fn compile(
         let sig_alu = b.import_signature(mk(&[I64, I64, I64, I64, I64, I64], true));
         let sig_note = b.import_signature(mk(&[I64], false));
         let sig_gen = b.import_signature(mk(&[I64, I64, I64, I64], true));
+        let sig_flags = b.import_signature(mk(&[I64, I64, I64, I64, I64], true));
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -918,15 +1022,16 @@ pub(crate) fn compile(
         for o in ops {
             used |= regs_named(&o.uop);
         }
+        let zero = b.ins().iconst(I64, 0);
         for (r, &var) in (0u8..).zip(regs.iter()) {
-            let v = if used & (1 << r) != 0 { b.ins().load(I64, MF, cpu, gpr_off(r)) } else { b.ins().iconst(I64, 0) };
+            let v = if used & (1 << r) != 0 { b.ins().load(I64, MF, cpu, gpr_off(r)) } else { zero };
             b.def_var(var, v);
         }
+        let tlb = b.ins().load(I64, MF, cx, off(offset_of!(JitCtx, tlb)));
         let f = b.ins().load(I64, MF, cpu, off(offset_of!(Cpu, rflags)));
         b.def_var(fl, f);
         let done = b.declare_var(I64);
-        let z = b.ins().iconst(I64, 0);
-        b.def_var(done, z);
+        b.def_var(done, zero);
         // A block that ends with a branch back to its own start (a tight loop) runs its
         // passes here: the back edge goes to `header`.
         let start = ops.first().map_or(0, |o| o.ip);
@@ -935,7 +1040,7 @@ pub(crate) fn compile(
             _ => false,
         };
         let header = b.create_block();
-        b.ins().jump(header, &[]);
+        let entry_jump = b.ins().jump(header, &[]);
         b.switch_to_block(header);
         let mut t = Tr {
             b,
@@ -955,8 +1060,12 @@ pub(crate) fn compile(
             sig_alu,
             sig_note,
             sig_gen,
+            sig_flags,
             used,
             self_loop,
+            entry_jump,
+            consts: std::collections::HashMap::from([((I64, 0), zero)]),
+            tlb,
         };
         let mut rip = None;
         let mut linked = false;

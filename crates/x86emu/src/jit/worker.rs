@@ -65,8 +65,7 @@ impl Worker {
         // One more slot than QUEUE for a Flush message.
         let (tx, jobs) = sync_channel(QUEUE + 1);
         let (done, rx) = channel();
-        let thread =
-            std::thread::Builder::new().name("emu-jit".into()).spawn(move || compiler(jobs, done)).ok()?;
+        let thread = std::thread::Builder::new().name("emu-jit".into()).spawn(move || compiler(jobs, done)).ok()?;
         Some(Worker { tx: Some(tx), rx, thread: Some(thread), in_flight: 0 })
     }
 
