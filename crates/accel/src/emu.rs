@@ -101,7 +101,7 @@ pub struct EmuVcpu {
 
 impl Drop for EmuVcpu {
     fn drop(&mut self) {
-        tracing::debug!("emu vCPU statistics: {:?}", self.cpu.stats);
+        tracing::debug!("emu vCPU statistics: {:?}; translation tier: {:?}", self.cpu.stats, self.cpu.jit_stats());
         if let Some((path, samples)) = self.profile.take() {
             let mut v: Vec<_> = samples.into_iter().collect();
             v.sort_by_key(|e| std::cmp::Reverse(e.1));

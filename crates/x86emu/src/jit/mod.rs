@@ -4,7 +4,7 @@
 //! but 64-bit. A decoded block (`crate::decode`) that has been fetched [`HOT`] times (tier
 //! [`Tier::Auto`]; on first use with [`Tier::Jit`]) is compiled whole into one host function
 //! `extern "C" fn(cpu: *mut Cpu, ctx: *mut JitCtx) -> u64` (`translate`): its fast forms
-//! (`crate::uop`) become inline code, every other instruction a call to [`jit_generic`],
+//! (`crate::uop`) become inline code, every other instruction a call to `jit_generic`,
 //! which runs it through the interpreter between a store and a reload of the registers. The
 //! compiled entry is stored in the decode-cache entry of the block, so whatever retires the
 //! block (a store into its page by any vCPU, DMA, a flush) retires the code with it.
@@ -13,7 +13,7 @@
 //! block until its code arrives and never waits for Cranelift. Tier Jit compiles in place.
 //!
 //! Compiled blocks run one after another without the run loop while the chunk's instruction
-//! budget lasts: a direct branch to the same page goes through a [`Link`] of the block
+//! budget lasts: a direct branch to the same page goes through a `Link` of the block
 //! (filled on first use), any other exit (a branch to another page, RET, an indirect
 //! transfer) through the jump cache, a small table from RIP to compiled code checked against
 //! the current translation of RIP, the page's code generation and the epoch (QEMU's
@@ -25,8 +25,9 @@
 //! compare feeding a branch becomes a host compare) and materialised bit-exactly (as the
 //! host CPU computes them, see `crate::alu`) wherever they can be observed: at every exit
 //! and before every instruction that may fault, so a fault leaves the architectural state
-//! of the faulting instruction. ADC/SBB/IMUL and shifts call `crate::alu` through
-//! `jit_alu`.
+//! of the faulting instruction (exits rarely taken materialise them through
+//! `jit_flags`). ADC, SBB, IMUL, shifts and rotates compute their results inline; their
+//! flags, where observed, come from `crate::alu` through `jit_alu_flags`.
 //!
 //! Code memory is bounded: past [`CODE_LIMIT`] bytes the whole module is freed and every
 //! compiled entry retired (the epoch moves on), so a guest that rewrites code forever
@@ -194,8 +195,6 @@ pub(crate) const EXIT_YIELD: u64 = 5;
 pub(crate) struct JitCtx {
     /// The vCPU's TLB (`mmu::tlb_layout`).
     pub(crate) tlb: *const u8,
-    /// Flags result of [`jit_alu`].
-    pub(crate) flags_out: u64,
     /// Non-zero after a helper stored a fault in `fault`.
     pub(crate) faulted: u64,
     /// Instructions the block may retire in this entry (a block that loops onto itself
@@ -339,7 +338,8 @@ pub(crate) extern "C" fn jit_flags(ks: u64, a: u64, b: u64, r: u64, old: u64) ->
     (old & keep) | cf | of | af | zf | sf | pf
 }
 
-/// ALU operations that generated code leaves to `crate::alu` (codes of [`jit_alu`]).
+/// ALU operations whose flags generated code leaves to `crate::alu` (codes of
+/// [`jit_alu_flags`]).
 pub(crate) mod aluop {
     pub(crate) const ADC: u64 = 0;
     pub(crate) const SBB: u64 = 1;
@@ -351,15 +351,13 @@ pub(crate) mod aluop {
     pub(crate) const ROR: u64 = 7;
 }
 
-/// `crate::alu` for generated code: `op` (an [`aluop`] code) on `a`, `b` at `size` bytes
-/// with guest flags `flags`; returns the result, the new RFLAGS go to `ctx.flags_out`.
-///
-/// # Safety
-/// `ctx` as for [`jit_read`].
-pub(crate) unsafe extern "C" fn jit_alu(op: u64, size: u64, a: u64, b: u64, flags: u64, ctx: *mut JitCtx) -> u64 {
+/// RFLAGS after `op` (an [`aluop`] code) on `a`, `b` at `size` bytes with guest flags
+/// `flags` before it, as `crate::alu` (the host CPU) computes them: generated code
+/// computes such results inline and asks for their flags only where they are observed.
+pub(crate) extern "C" fn jit_alu_flags(op: u64, size: u64, a: u64, b: u64, flags: u64) -> u64 {
     use crate::alu::{self, Op2};
     let size = crate::regs::host_usize(size);
-    let (r, f) = match op {
+    let (_, f) = match op {
         aluop::ADC => alu::adc_sbb_imul(Op2::Adc, size, a, b, flags),
         aluop::SBB => alu::adc_sbb_imul(Op2::Sbb, size, a, b, flags),
         aluop::IMUL => alu::adc_sbb_imul(Op2::Imul, size, a, b, flags),
@@ -369,9 +367,7 @@ pub(crate) unsafe extern "C" fn jit_alu(op: u64, size: u64, a: u64, b: u64, flag
         aluop::ROL => alu::op2(Op2::Rol, size, a, b, flags),
         _ => alu::op2(Op2::Ror, size, a, b, flags),
     };
-    // SAFETY: see jit_read.
-    unsafe { (*ctx).flags_out = f };
-    r
+    f
 }
 
 /// A store by generated code hit a page holding code: retire it.
@@ -617,7 +613,6 @@ pub(crate) fn enter(
     let mut bus_ref: &mut dyn Bus = bus;
     let mut ctx = JitCtx {
         tlb: cpu.mmu.tlb_ptr() as *const u8,
-        flags_out: 0,
         faulted: 0,
         left,
         link: std::ptr::null_mut(),

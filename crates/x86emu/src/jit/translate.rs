@@ -47,6 +47,9 @@ enum Pk {
     Logic,
     Inc,
     Dec,
+    /// An operation whose flags come from `crate::alu` ([`super::jit_alu_flags`], an
+    /// [`aluop`] code): shifts, rotates, IMUL, ADC, SBB. `b` is the count of a shift.
+    Helper(u64),
 }
 
 /// The last flag-setting operation, kept as operands: flags = f(kind, a, b, r) merged into
@@ -69,6 +72,7 @@ impl Pending {
             Pk::Logic => super::flagk::LOGIC,
             Pk::Inc => super::flagk::INC,
             Pk::Dec => super::flagk::DEC,
+            Pk::Helper(_) => super::flagk::LOGIC,
         };
         k << 8 | u64::from(self.sz)
     }
@@ -107,7 +111,6 @@ struct Tr<'a, 'b> {
     done: Variable,
     sig_read: SigRef,
     sig_write: SigRef,
-    sig_alu: SigRef,
     sig_note: SigRef,
     sig_gen: SigRef,
     sig_flags: SigRef,
@@ -269,10 +272,17 @@ impl Tr<'_, '_> {
     fn flags(&mut self) -> Value {
         let old = self.b.use_var(self.fl);
         let Some(p) = self.pending else { return old };
+        if let Pk::Helper(code) = p.k {
+            let c = self.iconst(code);
+            let s = self.iconst(u64::from(p.sz));
+            let fp = self.iconst(super::jit_alu_flags as *const () as u64);
+            let call = self.b.ins().call_indirect(self.sig_flags, fp, &[c, s, p.a, p.b, old]);
+            return self.result(call);
+        }
         let bits = i64::from(p.sz) * 8;
         let zero = self.b.ins().iconst(I64, 0);
         let (cf, of, af) = match p.k {
-            Pk::Logic => (zero, zero, zero),
+            Pk::Logic | Pk::Helper(_) => (zero, zero, zero),
             Pk::Add | Pk::Sub | Pk::Inc | Pk::Dec => {
                 let add = matches!(p.k, Pk::Add | Pk::Inc);
                 let cf = if matches!(p.k, Pk::Inc | Pk::Dec) {
@@ -335,12 +345,6 @@ impl Tr<'_, '_> {
         }
     }
 
-    fn set_flags(&mut self, f: Value) {
-        self.b.def_var(self.fl, f);
-        self.pending = None;
-        self.fl_written = true;
-    }
-
     fn flag_bit(&mut self, f: Value, bit: u64) -> Value {
         let t = self.andi(f, bit as i64);
         self.cmpi(IntCC::NotEqual, t, 0)
@@ -349,7 +353,14 @@ impl Tr<'_, '_> {
     /// Condition `cc` as an I8 boolean.
     fn cond(&mut self, cc: ConditionCode) -> Value {
         use ConditionCode as C;
-        if let Some(p) = self.pending {
+        if let Some(p) = self.pending.filter(|p| match p.k {
+            // Only shifts set ZF and SF from the result (rotates keep them, IMUL leaves
+            // them undefined): their fast forms are below; the rest ask crate::alu.
+            Pk::Helper(c) => {
+                matches!(c, aluop::SHL | aluop::SHR | aluop::SAR) && matches!(cc, C::e | C::ne | C::s | C::ns)
+            }
+            _ => true,
+        }) {
             let bits = i64::from(p.sz) * 8;
             let sign = |t: &mut Self, v: Value| {
                 let s = t.andi(v, 1i64.wrapping_shl(u32::try_from(bits - 1).unwrap_or(63)));
@@ -477,7 +488,7 @@ impl Tr<'_, '_> {
         }
         if self.fl_written || self.pending.is_some() {
             let f = match self.pending {
-                Some(p) if cold => {
+                Some(p) if cold && !matches!(p.k, Pk::Helper(_)) => {
                     let ks = self.iconst(p.code());
                     let old = self.b.use_var(self.fl);
                     let fp = self.iconst(super::jit_flags as *const () as u64);
@@ -688,20 +699,6 @@ impl Tr<'_, '_> {
         (r, Some(Pending { k, sz, a, b, r }))
     }
 
-    /// ALU through `crate::alu` (reads and writes RFLAGS).
-    fn alu_call(&mut self, code: u64, sz: u8, a: Value, b: Value) -> Value {
-        self.settle();
-        let f = self.b.use_var(self.fl);
-        let c = self.iconst(code);
-        let s = self.iconst(u64::from(sz));
-        let fp = self.iconst(super::jit_alu as *const () as u64);
-        let call = self.b.ins().call_indirect(self.sig_alu, fp, &[c, s, a, b, f, self.ctx]);
-        let r = self.result(call);
-        let nf = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, flags_out)));
-        self.set_flags(nf);
-        r
-    }
-
     /// Instruction `i` without a fast form: stores the registers and RFLAGS, runs it through
     /// [`super::jit_generic`], exits if it asks to, and reloads the registers and RFLAGS.
     fn generic(&mut self, i: usize) {
@@ -805,18 +802,33 @@ impl Tr<'_, '_> {
                 let b = self.src(s, sz, op, i);
                 let a = self.reg(d);
                 let a = self.masked(a, sz);
-                let code = match o {
-                    Op2::Adc => aluop::ADC,
-                    Op2::Sbb => aluop::SBB,
-                    _ => aluop::IMUL,
+                // The flags before (CF for ADC/SBB, and what crate::alu keeps) settled.
+                self.settle();
+                let (r, code) = match o {
+                    Op2::Adc | Op2::Sbb => {
+                        let f = self.b.use_var(self.fl);
+                        let cf = self.andi(f, CF as i64);
+                        if o == Op2::Adc {
+                            let t = self.b.ins().iadd(a, b);
+                            (self.b.ins().iadd(t, cf), aluop::ADC)
+                        } else {
+                            let t = self.b.ins().isub(a, b);
+                            (self.b.ins().isub(t, cf), aluop::SBB)
+                        }
+                    }
+                    _ => (self.b.ins().imul(a, b), aluop::IMUL),
                 };
-                let r = self.alu_call(code, sz, a, b);
+                let r = self.masked(r, sz);
+                self.pending = Some(Pending { k: Pk::Helper(code), sz, a, b, r });
                 self.set_reg(d, r, sz);
             }
             Uop::Imul3 { d, s, imm, sz } => {
                 let a = self.src(s, sz, op, i);
                 let b = self.iconst(imm);
-                let r = self.alu_call(aluop::IMUL, sz, a, b);
+                self.settle();
+                let r = self.b.ins().imul(a, b);
+                let r = self.masked(r, sz);
+                self.pending = Some(Pending { k: Pk::Helper(aluop::IMUL), sz, a, b, r });
                 self.set_reg(d, r, sz);
             }
             Uop::Setcc { cc, d } => {
@@ -861,16 +873,36 @@ impl Tr<'_, '_> {
             Uop::Shift { op: o, d, c, sz } => {
                 let a = self.reg(d);
                 let a = self.masked(a, sz);
-                let code = match o {
-                    Op2::Shl => aluop::SHL,
-                    Op2::Shr => aluop::SHR,
-                    Op2::Sar => aluop::SAR,
-                    Op2::Rol => aluop::ROL,
-                    _ => aluop::ROR,
-                };
-                let cnt = self.iconst(u64::from(c));
-                let r = self.alu_call(code, sz, a, cnt);
-                self.set_reg(d, r, sz);
+                // The CPU masks the count; a masked count of 0 changes no flag (the register
+                // is still written: a 32-bit one is zero-extended).
+                let n = i64::from(c) & if sz == 8 { 63 } else { 31 };
+                if n == 0 {
+                    self.set_reg(d, a, sz);
+                } else {
+                    self.settle();
+                    let bits = i64::from(sz) * 8;
+                    let (r, code) = match o {
+                        Op2::Shl => (self.shli(a, n), aluop::SHL),
+                        Op2::Shr => (self.ushri(a, n), aluop::SHR),
+                        Op2::Sar => {
+                            let x = if bits == 64 { a } else { self.shli(a, 64 - bits) };
+                            (self.sshri(x, n + 64 - bits), aluop::SAR)
+                        }
+                        Op2::Rol | Op2::Ror => {
+                            let ty = if sz == 8 { I64 } else { I32 };
+                            let x = if sz == 8 { a } else { self.b.ins().ireduce(I32, a) };
+                            let k = self.k(I64, n);
+                            let y = if o == Op2::Rol { self.b.ins().rotl(x, k) } else { self.b.ins().rotr(x, k) };
+                            let y = if ty == I64 { y } else { self.b.ins().uextend(I64, y) };
+                            (y, if o == Op2::Rol { aluop::ROL } else { aluop::ROR })
+                        }
+                        _ => return None,
+                    };
+                    let r = self.masked(r, sz);
+                    let cnt = self.iconst(n as u64);
+                    self.pending = Some(Pending { k: Pk::Helper(code), sz, a, b: cnt, r });
+                    self.set_reg(d, r, sz);
+                }
             }
             Uop::Jcc { cc, target } => {
                 let c = self.cond(cc);
@@ -1005,7 +1037,6 @@ pub(crate) fn compile(
         let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
         let sig_read = b.import_signature(mk(&[I64, I64, I64, I64], true));
         let sig_write = b.import_signature(mk(&[I64, I64, I64, I64, I64], false));
-        let sig_alu = b.import_signature(mk(&[I64, I64, I64, I64, I64, I64], true));
         let sig_note = b.import_signature(mk(&[I64], false));
         let sig_gen = b.import_signature(mk(&[I64, I64, I64, I64], true));
         let sig_flags = b.import_signature(mk(&[I64, I64, I64, I64, I64], true));
@@ -1057,7 +1088,6 @@ pub(crate) fn compile(
             done,
             sig_read,
             sig_write,
-            sig_alu,
             sig_note,
             sig_gen,
             sig_flags,
