@@ -98,8 +98,12 @@ pub(crate) enum Uop {
     MovR { d: u8, s: Src, sz: u8 },
     /// MOV m, r32/64 or imm.
     MovM { m: MemOp, s: Src, sz: u8 },
-    /// LEA r64, m.
-    Lea { d: u8, m: MemOp },
+    /// LEA r64, m (`sz` 8) or LEA r32, m (`sz` 4: the address truncated, zero-extended).
+    Lea { d: u8, m: MemOp, sz: u8 },
+    /// NOT or NEG r32/64.
+    Unary { neg: bool, d: u8, sz: u8 },
+    /// SHL/SHR/SAR r32/64, CL.
+    ShiftCl { op: Op2, d: u8, sz: u8 },
     /// ADD/OR/AND/SUB/XOR r, src (write = false for CMP/TEST).
     Alu { op: Op2, d: u8, s: Src, sz: u8, write: bool },
     /// ALU m, r32/64 or imm (any size); write = false for CMP/TEST.
@@ -187,10 +191,15 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 Uop::MovR { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
             } else if k0 == OpKind::Memory {
                 let sz = insn.memory_size().size();
-                if sz != 4 && sz != 8 {
-                    return None;
-                }
-                let s = src(insn, 1, sz)?;
+                let s = match (sz, insn.op1_kind()) {
+                    (4 | 8, _) => src(insn, 1, sz)?,
+                    (1, OpKind::Register) => Src::Reg(low8(insn.op1_register())?),
+                    (2, OpKind::Register) if insn.op1_register().is_gpr16() => {
+                        Src::Reg(u8::try_from(insn.op1_register().number()).ok()?)
+                    }
+                    (1 | 2, OpKind::Immediate8 | OpKind::Immediate16) => Src::Imm(insn.immediate(1) & mask(sz)),
+                    _ => return None,
+                };
                 if let Src::Mem(_) = s {
                     return None;
                 }
@@ -201,10 +210,28 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         }
         Mnemonic::Lea => {
             let r0 = insn.op0_register();
-            if !r0.is_gpr64() {
+            let sz = r0.size();
+            Uop::Lea { d: gpr(r0, sz)?, m: MemOp::from(insn)?, sz: u8::try_from(sz).ok()? }
+        }
+        Mnemonic::Not | Mnemonic::Neg if k0 == OpKind::Register => {
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            Uop::Unary { neg: m == Mnemonic::Neg, d: gpr(r0, sz)?, sz: u8::try_from(sz).ok()? }
+        }
+        Mnemonic::Shl | Mnemonic::Shr | Mnemonic::Sar
+            if k0 == OpKind::Register && insn.op_count() == 2 && insn.op1_kind() == OpKind::Register =>
+        {
+            if insn.op1_register() != Register::CL {
                 return None;
             }
-            Uop::Lea { d: gpr(r0, 8)?, m: MemOp::from(insn)? }
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            let op = match m {
+                Mnemonic::Shl => Op2::Shl,
+                Mnemonic::Shr => Op2::Shr,
+                _ => Op2::Sar,
+            };
+            Uop::ShiftCl { op, d: gpr(r0, sz)?, sz: u8::try_from(sz).ok()? }
         }
         Mnemonic::Cmp
         | Mnemonic::Test
@@ -329,12 +356,11 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 _ => return None,
             }
         }
-        Mnemonic::Test | Mnemonic::Cmp
-            if k0 == OpKind::Register && insn.op0_register().size() == 1 && insn.op1_kind() != OpKind::Memory =>
-        {
+        Mnemonic::Test | Mnemonic::Cmp if k0 == OpKind::Register && insn.op0_register().size() == 1 => {
             let d = low8(insn.op0_register())?;
             let s = match insn.op1_kind() {
                 OpKind::Register => Src::Reg(low8(insn.op1_register())?),
+                OpKind::Memory => Src::Mem(MemOp::from(insn)?),
                 _ => Src::Imm(insn.immediate(1) & 0xff),
             };
             let op = if m == Mnemonic::Cmp { Op2::Sub } else { Op2::And };
@@ -485,7 +511,7 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             let u = cpu.cur_user;
             cpu.write_la(bus, la, sz as usize, v, u)?;
         }
-        Uop::Lea { d, m } => {
+        Uop::Lea { d, m, sz } => {
             let mut a = m.disp;
             if m.base != NONE {
                 a = a.wrapping_add(cpu.gpr_at(usize::from(m.base)));
@@ -493,7 +519,21 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             if m.index != NONE {
                 a = a.wrapping_add(cpu.gpr_at(usize::from(m.index)) << m.scale);
             }
-            *cpu.gpr_at_mut(usize::from(d)) = a;
+            set(cpu, d, a, sz);
+        }
+        Uop::Unary { neg, d, sz } => {
+            let a = cpu.gpr_at(usize::from(d)) & mask(sz as usize);
+            let op = if neg { alu::Op1::Neg } else { alu::Op1::Not };
+            let (r, f) = alu::op1(op, sz as usize, a, cpu.rflags);
+            cpu.rflags = f;
+            set(cpu, d, r & mask(sz as usize), sz);
+        }
+        Uop::ShiftCl { op, d, sz } => {
+            let a = cpu.gpr_at(usize::from(d)) & mask(sz as usize);
+            let c = cpu.gpr[1] & 0xff;
+            let (r, f) = alu::op2(op, sz as usize, a, c, cpu.rflags);
+            cpu.rflags = f;
+            set(cpu, d, r, sz);
         }
         Uop::Alu { op, d, s, sz, write } => {
             let b = read_src(cpu, bus, s, sz)?;

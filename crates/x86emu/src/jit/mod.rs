@@ -349,6 +349,8 @@ pub(crate) mod aluop {
     pub(crate) const SAR: u64 = 5;
     pub(crate) const ROL: u64 = 6;
     pub(crate) const ROR: u64 = 7;
+    /// Or'ed into a shift's code when its count is only known at run time (it may be 0).
+    pub(crate) const DYN: u64 = 0x100;
 }
 
 /// RFLAGS after `op` (an [`aluop`] code) on `a`, `b` at `size` bytes with guest flags
@@ -357,7 +359,7 @@ pub(crate) mod aluop {
 pub(crate) extern "C" fn jit_alu_flags(op: u64, size: u64, a: u64, b: u64, flags: u64) -> u64 {
     use crate::alu::{self, Op2};
     let size = crate::regs::host_usize(size);
-    let (_, f) = match op {
+    let (_, f) = match op & !aluop::DYN {
         aluop::ADC => alu::adc_sbb_imul(Op2::Adc, size, a, b, flags),
         aluop::SBB => alu::adc_sbb_imul(Op2::Sbb, size, a, b, flags),
         aluop::IMUL => alu::adc_sbb_imul(Op2::Imul, size, a, b, flags),

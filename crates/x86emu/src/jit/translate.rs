@@ -771,9 +771,46 @@ impl Tr<'_, '_> {
                 self.write(la, sz, v, op, i);
                 self.check_gen(op.next_ip, i);
             }
-            Uop::Lea { d, m } => {
+            Uop::Lea { d, m, sz } => {
                 let a = self.ea(&m);
-                self.set_reg64(d, a);
+                self.set_reg(d, a, sz);
+            }
+            Uop::Unary { neg, d, sz } => {
+                let a = self.reg(d);
+                let a = self.masked(a, sz);
+                if neg {
+                    let zero = self.iconst(0);
+                    let r = self.b.ins().isub(zero, a);
+                    let r = self.masked(r, sz);
+                    self.pending = Some(Pending { k: Pk::Sub, sz, a: zero, b: a, r });
+                    self.set_reg(d, r, sz);
+                } else {
+                    let r = self.b.ins().bnot(a);
+                    let r = self.masked(r, sz);
+                    self.set_reg(d, r, sz);
+                }
+            }
+            Uop::ShiftCl { op: o, d, sz } => {
+                let a = self.reg(d);
+                let a = self.masked(a, sz);
+                let c = self.reg(1);
+                let n = self.andi(c, if sz == 8 { 63 } else { 31 });
+                // A count of 0 changes no flag: crate::alu knows (the DYN code keeps the
+                // fast conditions away).
+                self.settle();
+                let bits = i64::from(sz) * 8;
+                let (r, code) = match o {
+                    Op2::Shl => (self.b.ins().ishl(a, n), aluop::SHL),
+                    Op2::Shr => (self.b.ins().ushr(a, n), aluop::SHR),
+                    _ => {
+                        let x = if bits == 64 { a } else { self.shli(a, 64 - bits) };
+                        let n2 = if bits == 64 { n } else { self.addi(n, 64 - bits) };
+                        (self.b.ins().sshr(x, n2), aluop::SAR)
+                    }
+                };
+                let r = self.masked(r, sz);
+                self.pending = Some(Pending { k: Pk::Helper(code | aluop::DYN), sz, a, b: n, r });
+                self.set_reg(d, r, sz);
             }
             Uop::Alu { op: o, d, s, sz, write } => {
                 let b = self.src(s, sz, op, i);
@@ -1162,7 +1199,9 @@ fn regs_named(u: &Uop) -> u16 {
         Uop::Generic | Uop::Nop | Uop::Jcc { .. } | Uop::Jmp { .. } => 0,
         Uop::MovR { d, s: x, .. } => r(*d) | s(x),
         Uop::MovM { m: mm, s: x, .. } => m(mm) | s(x),
-        Uop::Lea { d, m: mm } => r(*d) | m(mm),
+        Uop::Lea { d, m: mm, .. } => r(*d) | m(mm),
+        Uop::Unary { d, .. } => r(*d),
+        Uop::ShiftCl { d, .. } => r(*d) | r(1),
         Uop::Alu { d, s: x, .. } | Uop::AluF { d, s: x, .. } | Uop::Imul3 { d, s: x, .. } => r(*d) | s(x),
         Uop::AluM { m: mm, s: x, .. } => m(mm) | s(x),
         Uop::Setcc { d, .. } => r(*d),
