@@ -118,7 +118,7 @@ impl DecodeCache {
 
 /// Whether decoding must stop after `insn`: control transfers and instructions that change
 /// paging, segments or the fetch mode.
-fn ends_block(insn: &Instruction) -> bool {
+pub(crate) fn ends_block(insn: &Instruction) -> bool {
     use iced_x86::FlowControl;
     if insn.flow_control() != FlowControl::Next {
         return true;

@@ -274,7 +274,10 @@ pub(crate) unsafe extern "C" fn jit_generic(
     cpu.rip = next;
     match crate::exec::execute(cpu, bus, insn) {
         Ok(()) => {
+            // Instructions that end a decoded block (they change translations, segments,
+            // the interrupt flag...) end a chain of compiled blocks too.
             let go_on = cpu.rip == next
+                && !crate::decode::ends_block(insn)
                 && !cpu.halted
                 && !cpu.check_irq
                 && !cpu.interrupt_shadow
@@ -428,17 +431,25 @@ fn jc_index(rip: u64) -> usize {
 }
 
 /// The compiled block to run next at `cpu.rip` from the jump cache, if it is valid and
-/// its length fits in `room` instructions: its code, length, page and generation.
+/// its length fits in `room` instructions: its code, length, page and generation. The
+/// block that just ran lies on linear page `la_page`, RAM page `page`: a target on the same
+/// linear page is on the same RAM page (compiled code runs no instruction that changes
+/// translations: `jit_generic` yields after those), so only other pages are translated.
 #[inline]
-fn jc_next(cpu: &mut Cpu, room: u64) -> Option<(JitFn, u32, usize, u32)> {
+fn jc_next(cpu: &mut Cpu, room: u64, la_page: u64, page: usize) -> Option<(JitFn, u32, usize, u32)> {
     let rip = cpu.rip;
     let e = *cpu.jit.jc.get(jc_index(rip))?;
     let f = e.f?;
     if e.rip != rip || e.epoch != cpu.jit.epoch || e.user != cpu.cur_user || u64::from(e.len) > room {
         return None;
     }
-    let gpa = cpu.translate(rip, crate::mmu::Access::Exec, e.user).ok()?;
-    if gpa != e.gpa || cpu.mmu.shared.gen(e.page) != e.gen {
+    if rip & !0xfff != la_page || e.page != page {
+        let gpa = cpu.translate(rip, crate::mmu::Access::Exec, e.user).ok()?;
+        if gpa != e.gpa {
+            return None;
+        }
+    }
+    if cpu.mmu.shared.gen(e.page) != e.gen {
         return None;
     }
     Some((f, e.len, e.page, e.gen))
@@ -624,6 +635,7 @@ pub(crate) fn enter(
     };
     cpu.interrupt_shadow = false;
     let (mut f, mut page, mut gen) = (f, page, gen);
+    let mut la_page = cpu.rip & !0xfff;
     let mut total = 0u64;
     cpu.jit.stats.entries += 1;
     loop {
@@ -638,9 +650,10 @@ pub(crate) fn enter(
         cpu.jit.stats.instructions += n;
         total += n;
         let fault = match r >> 32 {
-            EXIT_NORMAL => match jc_next(cpu, left - total) {
+            EXIT_NORMAL => match jc_next(cpu, left - total, la_page, page) {
                 Some((nf, _, p, g)) => {
                     (f, page, gen) = (nf, p, g);
+                    la_page = cpu.rip & !0xfff;
                     cpu.jit.stats.chained += 1;
                     continue;
                 }
@@ -659,7 +672,7 @@ pub(crate) fn enter(
                         continue;
                     }
                     Some(_) => return (total, None, None),
-                    None => match jc_next(cpu, left - total) {
+                    None => match jc_next(cpu, left - total, la_page, page) {
                         Some((nf, nlen, p, g)) if p == page && g == gen => {
                             // SAFETY: as above; no reference to the link exists.
                             unsafe { *l = Link { f: Some(nf), len: u64::from(nlen) } };
