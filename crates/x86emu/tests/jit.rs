@@ -411,3 +411,51 @@ fn fault_in_a_later_pass_of_a_compiled_loop() {
     assert_eq!(j.cpu.cr2, RAM as u64);
     assert_eq!(j.cpu.gpr[1], 40);
 }
+
+#[test]
+fn auto_tier_compiles_in_the_background_and_agrees_with_the_interpreter() {
+    // A hot loop that calls a function on another page (a cross-page CALL and a RET through
+    // the jump cache) and mixes fast forms with instructions only the interpreter runs
+    // (BSWAP, PUSHFQ/POPFQ, CPUID, XCHG), so compiled blocks call back into it.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        let mut func = a.create_label();
+        let mut done = a.create_label();
+        a.mov(r8, 300_000u64)?;
+        a.mov(rsi, 0x20000u64)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, qword_ptr(rsi))?;
+        a.add(rax, r8)?;
+        a.bswap(rax)?;
+        a.mov(ecx, r8d)?;
+        a.shl(rax, cl)?;
+        a.call(func)?;
+        a.pushfq()?;
+        a.popfq()?;
+        a.xchg(rbx, rdx)?;
+        a.mov(qword_ptr(rsi), rax)?;
+        a.dec(r8)?;
+        a.jne(top)?;
+        a.jmp(done)?;
+        a.db(&[0x90; 4096])?;
+        a.set_label(&mut func)?;
+        a.imul_3(rdx, rax, 7)?;
+        a.adc(rbx, rdx)?;
+        a.neg(ebx)?;
+        a.ret()?;
+        a.set_label(&mut done)?;
+        a.cli()?;
+        a.hlt()
+    });
+    let mut i = Machine::new(&code, Tier::Interp);
+    let mut j = Machine::new(&code, Tier::Auto);
+    let ei = i.run(&mut never(), 50_000_000);
+    let ej = j.run(&mut never(), 50_000_000);
+    assert_eq!(ei, Exit::HaltedForever);
+    assert_eq!(ei, ej, "exit");
+    assert_eq!(i.state(), j.state(), "state (gpr, rip, rflags, cr2, memory)");
+    assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions, "instructions retired");
+    let s = j.cpu.jit_stats();
+    assert!(s.compiled >= 2 && s.instructions > 1_000_000, "the hot blocks ran compiled: {s:?}");
+    assert!(s.chained > 100_000, "compiled blocks ran one after another: {s:?}");
+}

@@ -553,7 +553,10 @@ fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     }
     let module = jit.module.as_mut()?;
     let cl_ctx = jit.cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(module));
-    let r = translate::compile(module, cl_ctx, &mut jit.fctx, ops, &env);
+    let r = translate::compile(module, cl_ctx, &mut jit.fctx, ops, &env).and_then(|(id, bytes)| {
+        module.finalize_definitions().ok()?;
+        Some((translate::entry(module, id)?, bytes))
+    });
     let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let code = install(jit, r, len, user, ns);
     if let Some(s) = cpu.dcache.jit_slot(b.slot) {

@@ -18,7 +18,7 @@ use cranelift_codegen::ir::types::{I16, I32, I64, I8};
 use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::JITModule;
-use cranelift_module::Module;
+use cranelift_module::{FuncId, Module};
 use iced_x86::ConditionCode;
 use iced_x86::Instruction;
 use std::mem::offset_of;
@@ -1044,15 +1044,16 @@ impl Tr<'_, '_> {
     }
 }
 
-/// Compiles `ops` (fast forms only, in order, of one block) into a function of `module`.
-/// Returns its entry and its code size in bytes; None if Cranelift refused it.
+/// Compiles `ops` (the instructions of one block, in order) into a function of `module`,
+/// to be finalized with others. Returns its id and its code size in bytes; None if
+/// Cranelift refused it.
 pub(crate) fn compile(
     module: &mut JITModule,
     ctx: &mut cranelift_codegen::Context,
     fctx: &mut FunctionBuilderContext,
     ops: &[Op],
     env: &Env,
-) -> Option<(JitFn, usize)> {
+) -> Option<(FuncId, usize)> {
     module.clear_context(ctx);
     let ptr = I64;
     let tc = module.target_config();
@@ -1156,7 +1157,7 @@ pub(crate) fn compile(
         if self_loop || linked {
             t.b.seal_all_blocks();
             t.b.finalize(tc);
-            return finish(module, ctx);
+            return define(module, ctx);
         }
         let rip = match rip {
             Some(r) => r,
@@ -1166,15 +1167,21 @@ pub(crate) fn compile(
         t.b.seal_all_blocks();
         t.b.finalize(tc);
     }
-    finish(module, ctx)
+    define(module, ctx)
 }
 
-/// Compiles the function built in `ctx` into `module`: its entry and code size.
-fn finish(module: &mut JITModule, ctx: &mut cranelift_codegen::Context) -> Option<(JitFn, usize)> {
+/// Compiles the function built in `ctx` into `module` (not yet finalized): its id and code
+/// size in bytes.
+fn define(module: &mut JITModule, ctx: &mut cranelift_codegen::Context) -> Option<(FuncId, usize)> {
     let id = module.declare_anonymous_function(&ctx.func.signature).ok()?;
     module.define_function(id, ctx).ok()?;
     let bytes = ctx.compiled_code().map_or(0, |c| c.code_buffer().len());
-    module.finalize_definitions().ok()?;
+    Some((id, bytes))
+}
+
+/// The entry of function `id` of `module`, defined by [`compile`] and finalized since
+/// (`JITModule::finalize_definitions`, once for any number of functions).
+pub(crate) fn entry(module: &JITModule, id: FuncId) -> Option<JitFn> {
     let p = module.get_finalized_function(id);
     if p.is_null() {
         return None;
@@ -1183,7 +1190,7 @@ fn finish(module: &mut JITModule, ctx: &mut cranelift_codegen::Context) -> Optio
     // `extern "C" fn(*mut Cpu, *mut u8) -> u64` (the module's default call convention is the
     // host's C convention), finalized (executable) in `module`.
     let f: JitFn = unsafe { std::mem::transmute::<*const u8, JitFn>(p) };
-    Some((f, bytes))
+    Some(f)
 }
 
 /// Bit mask of the GPRs a fast form names (read or written).

@@ -115,13 +115,19 @@ impl Drop for Worker {
     }
 }
 
-/// The compiler thread: compiles jobs in order until the queue closes.
+/// Jobs compiled before one finalization (one `mprotect` of the new code, instead of one
+/// per block).
+const BATCH: usize = 16;
+
+/// The compiler thread: compiles jobs in order until the queue closes; the jobs waiting
+/// together (up to [`BATCH`]) are finalized together.
 fn compiler(jobs: Receiver<Msg>, done: Sender<Done>) {
     let mut module: Option<cranelift_jit::JITModule> = None;
     let mut cl_ctx: Option<cranelift_codegen::Context> = None;
     let mut fctx = cranelift_frontend::FunctionBuilderContext::new();
-    while let Ok(m) = jobs.recv() {
-        match m {
+    let mut next = jobs.recv().ok();
+    'jobs: while let Some(m) = next.take() {
+        let job = match m {
             Msg::Flush => {
                 cl_ctx = None;
                 if let Some(m) = module.take() {
@@ -131,29 +137,58 @@ fn compiler(jobs: Receiver<Msg>, done: Sender<Done>) {
                     // while it sends (it sends from its compile path, outside `enter`).
                     unsafe { m.free_memory() };
                 }
+                next = jobs.recv().ok();
+                continue;
             }
-            Msg::Compile(j) => {
-                let t0 = std::time::Instant::now();
-                if module.is_none() {
-                    module = super::new_module();
-                }
-                let code = module.as_mut().and_then(|m| {
-                    let c = cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(m));
-                    translate::compile(m, c, &mut fctx, &j.ops, &j.env)
-                });
-                let d = Done {
-                    code,
-                    epoch: j.epoch,
-                    at: j.at,
-                    rip: j.rip,
-                    len: u32::try_from(j.ops.len()).unwrap_or(u32::MAX),
-                    user: j.env.user,
-                    ns: u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX),
-                };
-                if done.send(d).is_err() {
+            Msg::Compile(j) => j,
+        };
+        let mut batch = vec![job];
+        while batch.len() < BATCH {
+            match jobs.try_recv() {
+                Ok(Msg::Compile(j)) => batch.push(j),
+                Ok(flush) => {
+                    // Handled after this batch.
+                    next = Some(flush);
                     break;
                 }
+                Err(_) => break,
             }
+        }
+        if module.is_none() {
+            module = super::new_module();
+        }
+        let mut defined = Vec::with_capacity(batch.len());
+        for j in &batch {
+            let t0 = std::time::Instant::now();
+            let r = module.as_mut().and_then(|m| {
+                let c = cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(m));
+                translate::compile(m, c, &mut fctx, &j.ops, &j.env)
+            });
+            defined.push((r, t0.elapsed()));
+        }
+        let t0 = std::time::Instant::now();
+        let finalized = module.as_mut().is_some_and(|m| m.finalize_definitions().is_ok());
+        let fin = t0.elapsed() / u32::try_from(batch.len()).unwrap_or(1);
+        for (j, (r, took)) in batch.into_iter().zip(defined) {
+            let code = match (finalized, r, module.as_ref()) {
+                (true, Some((id, bytes)), Some(m)) => translate::entry(m, id).map(|f| (f, bytes)),
+                _ => None,
+            };
+            let d = Done {
+                code,
+                epoch: j.epoch,
+                at: j.at,
+                rip: j.rip,
+                len: u32::try_from(j.ops.len()).unwrap_or(u32::MAX),
+                user: j.env.user,
+                ns: u64::try_from((took + fin).as_nanos()).unwrap_or(u64::MAX),
+            };
+            if done.send(d).is_err() {
+                break 'jobs;
+            }
+        }
+        if next.is_none() {
+            next = jobs.recv().ok();
         }
     }
     if let Some(m) = module.take() {
