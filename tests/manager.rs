@@ -1320,11 +1320,14 @@ fn vcpus_are_pinned_cpu_limits_hold_and_admission_counts_vcpus() {
         "burning guest: {before:.2} CPUs before, {limited:.2} with --cpu-limit 0.5 ({throttled} periods throttled)"
     );
     assert!(limited <= 0.6, "{limited:.2} CPUs under a 0.5 limit");
-    assert!(throttled > 0, "the limit throttled the VM");
     if before >= 0.75 {
+        assert!(throttled > 0, "the limit throttled the VM");
         assert!(limited >= 0.4, "{limited:.2} CPUs: the limit should leave it about 0.5");
     } else {
-        eprintln!("note: the host was too busy ({before:.2} CPUs before) to check the limit's lower bound");
+        // A guest the host already holds under the limit is never throttled.
+        eprintln!(
+            "note: the host was too busy ({before:.2} CPUs before) to see the limit throttle the VM or check its lower bound"
+        );
     }
 
     // The metrics show the guest's work: its disk writes with their latencies, its vCPU's
