@@ -68,7 +68,7 @@ impl Tier {
 }
 
 /// Executions of a block after which tier [`Tier::Auto`] compiles it.
-pub const HOT: u32 = 256;
+pub const HOT: u32 = 1024;
 
 /// Bytes of generated code a vCPU may hold before all of it is thrown away.
 pub const CODE_LIMIT: usize = 64 << 20;
