@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Idle benchmark: host CPU of an idle guest on rustvisor's emu accelerator and, in the same
+# run and over the same window, of the same kernel + initramfs under QEMU TCG (-M microvm,
+# Debian's qemu-system-x86, a reference only). Both guests boot to the busybox shell of the
+# test initramfs (no rv.test=1, so they stay up) and sit idle; after both have printed the
+# init marker and SETTLE seconds have passed, the script samples each process's
+# utime+stime (/proc/PID/stat, all threads) over IDLE seconds and prints
+#   rustvisor-emu-idle-cpu-percent: X   (% of one host core)
+#   qemu-tcg-idle-cpu-percent: Y
+#   ratio-emu-vs-qemu-idle: X/Y
+# plus, per host thread, its CPU share and voluntary context switches per second (each is
+# one wake-up from a blocking wait), as a first hint of where idle time goes.
+#
+# Environment: IDLE (default 30 s), SETTLE (default 10 s), KERNEL (emu's kernel, default
+# guest/vmlinuz; QEMU microvm boots guest/vmlinux, the same kernel as an ELF with PVH),
+# CPUS (vCPUs of both guests, default 1), EMU_ARGS / QEMU_ARGS (more arguments for either,
+# split on spaces), RUSTVISOR_EMU_TIER (passed through: interp, jit or auto).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IDLE=${IDLE:-30}
+SETTLE=${SETTLE:-10}
+KERNEL=${KERNEL:-guest/vmlinuz}
+CPUS=${CPUS:-1}
+read -r -a emu_args <<<"${EMU_ARGS:-}"
+read -r -a qemu_args <<<"${QEMU_ARGS:-}"
+MARK=RUSTVISOR-INIT-OK
+bash scripts/setup-guest.sh >/dev/null 2>&1
+cargo build --release -q
+RV="${CARGO_TARGET_DIR:-target}/release/rustvisor"
+command -v qemu-system-x86_64 >/dev/null || {
+    echo "qemu-system-x86_64 missing (apt-get install qemu-system-x86)" >&2
+    exit 1
+}
+
+TMP=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+HZ=$(getconf CLK_TCK)
+# utime+stime of process $1 in clock ticks (fields 14 and 15 of /proc/PID/stat; the comm
+# field may hold spaces, so count from the closing parenthesis).
+ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+# One line per thread of $1: "tid name ticks voluntary_switches".
+threads() {
+    local t
+    for t in /proc/"$1"/task/*; do
+        printf '%s %s %s %s\n' "${t##*/}" "$(tr ' ' '_' <"$t/comm")" \
+            "$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$t/stat")" \
+            "$(awk '/^voluntary_ctxt_switches/ { print $2 }' "$t/status")"
+    done 2>/dev/null
+}
+
+# rustvisor: serial to a file, stdin closed.
+"$RV" run --kernel "$KERNEL" --initrd guest/initrd.img --cmdline "console=ttyS0" \
+    --memory 512M --cpus "$CPUS" --accel emu --serial "file=$TMP/emu.log" "${emu_args[@]}" </dev/null >"$TMP/emu.out" 2>&1 &
+emu=$!
+pids+=("$emu")
+# QEMU TCG, as scripts/qemu-reference.sh runs it; tsc_early_khz avoids its known PIT
+# calibration flake under TCG (see there), it does not change how the guest idles.
+HOST_KHZ=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
+qemu-system-x86_64 -accel tcg -M microvm -cpu qemu64 -m 512 -smp "$CPUS" -display none -no-reboot \
+    -serial "file:$TMP/qemu.log" -monitor none -kernel guest/vmlinux -initrd guest/initrd.img \
+    -append "console=ttyS0 tsc_early_khz=$HOST_KHZ" "${qemu_args[@]}" </dev/null >"$TMP/qemu.out" 2>&1 &
+qemu=$!
+pids+=("$qemu")
+
+deadline=$((SECONDS + 300))
+for log in emu qemu; do
+    while ! grep -q "$MARK" "$TMP/$log.log" 2>/dev/null; do
+        if ! kill -0 "${!log}" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+            echo "$log guest did not reach $MARK" >&2
+            cat "$TMP/$log.out" "$TMP/$log.log" >&2 2>/dev/null || true
+            exit 1
+        fi
+        sleep 0.2
+    done
+done
+sleep "$SETTLE"
+
+threads "$emu" >"$TMP/emu.t0"
+threads "$qemu" >"$TMP/qemu.t0"
+e0=$(ticks "$emu") q0=$(ticks "$qemu") t0=$EPOCHREALTIME
+sleep "$IDLE"
+e1=$(ticks "$emu") q1=$(ticks "$qemu") t1=$EPOCHREALTIME
+threads "$emu" >"$TMP/emu.t1"
+threads "$qemu" >"$TMP/qemu.t1"
+
+pct() { awk -v a="$1" -v b="$2" -v hz="$HZ" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.2f", (b - a) / hz / (t1 - t0) * 100 }'; }
+per_thread() {
+    echo "# $1 threads over the window: tid name cpu-percent wakeups-per-second"
+    awk -v hz="$HZ" -v s="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" '
+        NR == FNR { cpu[$1] = $3; sw[$1] = $4; next }
+        { printf "#   %s %s %.2f %.1f\n", $1, $2, ($3 - cpu[$1]) / hz / s * 100, ($4 - sw[$1]) / s }' \
+        "$TMP/$1.t0" "$TMP/$1.t1"
+}
+per_thread emu
+per_thread qemu
+e=$(pct "$e0" "$e1")
+q=$(pct "$q0" "$q1")
+echo "setup: emu ${RUSTVISOR_EMU_TIER:-default tier} $KERNEL --cpus $CPUS ${EMU_ARGS:-}; qemu -smp $CPUS ${QEMU_ARGS:-}"
+echo "host-load-average: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "idle-window-seconds: $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')"
+echo "rustvisor-emu-idle-cpu-percent: $e"
+echo "qemu-tcg-idle-cpu-percent: $q"
+echo "ratio-emu-vs-qemu-idle: $(awk -v a="$e" -v b="$q" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "inf" }')"
