@@ -17,7 +17,10 @@
 # split on spaces), RUSTVISOR_EMU_TIER (passed through: interp, jit or auto), RUSTVISOR (the
 # binary to measure; default: build this tree's release binary), BEFORE (optional: another
 # rustvisor binary, e.g. one built from an older commit, booted the same way and measured
-# over the same window: rustvisor-before-idle-cpu-percent and ratio-emu-vs-before-idle).
+# over the same window: rustvisor-before-idle-cpu-percent and ratio-emu-vs-before-idle),
+# QEMU_MACHINE (default microvm, as scripts/qemu-reference.sh; `pc` gives the guest an HPET
+# and ACPI PM timer, so it refines its TSC calibration and runs tickless like the emu guest,
+# where on microvm with tsc_early_khz it keeps the TSC-early clocksource and a 250 Hz tick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IDLE=${IDLE:-30}
@@ -78,12 +81,18 @@ if [ -n "${BEFORE:-}" ]; then
     names+=(before)
     rustvisor before "$BEFORE"
 fi
-# QEMU TCG, as scripts/qemu-reference.sh runs it; tsc_early_khz avoids its known PIT
-# calibration flake under TCG (see there), it does not change how the guest idles.
+# QEMU TCG, as scripts/qemu-reference.sh runs it. On microvm, tsc_early_khz avoids its known
+# PIT calibration flake under TCG (see there); `pc` has an HPET and PM timer to fall back on.
 HOST_KHZ=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
-qemu-system-x86_64 -accel tcg -M microvm -cpu qemu64 -m 512 -smp "$CPUS" -display none -no-reboot \
+QEMU_MACHINE=${QEMU_MACHINE:-microvm}
+qemu_append="console=ttyS0 tsc_early_khz=$HOST_KHZ"
+if [ "$QEMU_MACHINE" != microvm ]; then
+    qemu_args+=(-nic none)
+    qemu_append="console=ttyS0"
+fi
+qemu-system-x86_64 -accel tcg -M "$QEMU_MACHINE" -cpu qemu64 -m 512 -smp "$CPUS" -display none -no-reboot \
     -serial "file:$TMP/qemu.log" -monitor none -kernel guest/vmlinux -initrd guest/initrd.img \
-    -append "console=ttyS0 tsc_early_khz=$HOST_KHZ" "${qemu_args[@]}" </dev/null >"$TMP/qemu.out" 2>&1 &
+    -append "$qemu_append" "${qemu_args[@]}" </dev/null >"$TMP/qemu.out" 2>&1 &
 pid[qemu]=$!
 names+=(qemu)
 
@@ -118,7 +127,7 @@ for n in "${names[@]}"; do
         "$TMP/$n.t0" "$TMP/$n.t1"
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "inf" }'; }
-echo "setup: emu ${RUSTVISOR_EMU_TIER:-default tier} $KERNEL --cpus $CPUS ${EMU_ARGS:-}; qemu -smp $CPUS ${QEMU_ARGS:-}"
+echo "setup: emu ${RUSTVISOR_EMU_TIER:-default tier} $KERNEL --cpus $CPUS ${EMU_ARGS:-}; qemu -M $QEMU_MACHINE -smp $CPUS ${QEMU_ARGS:-}"
 echo "host-load-average: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "idle-window-seconds: $(printf '%.1f' "$secs")"
 echo "rustvisor-emu-idle-cpu-percent: ${pct[emu]}"
