@@ -348,8 +348,9 @@ impl VmmController {
     }
 
     /// Blocks until `vmm.shutdown` or until the live VM (if any) ends by itself; returns the
-    /// VM's outcome in the latter case. Sleeps in between: the end of a VM's run wakes it
-    /// (see [`VmmController::watch`]).
+    /// VM's outcome in the latter case. Sleeps in between: the end of the run of every VM
+    /// made live in this VMM wakes it (a [`RunControl::on_end`] hook), and so does
+    /// `vmm.shutdown`.
     pub fn wait_exit_or_vm_end(&self) -> Option<Result<RunOutcome, crate::vstate::VcpuError>> {
         loop {
             let seen = {
