@@ -77,8 +77,25 @@ pub struct VmmController {
 /// Set once by `vmm.shutdown`; [`VmmController::wait_exit`] waits for it.
 #[derive(Default)]
 struct ExitFlag {
-    done: Mutex<bool>,
+    state: Mutex<ExitState>,
+    /// Notified when `state` changes.
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct ExitState {
+    /// `vmm.shutdown` (or [`VmmController::request_exit`]) was asked for.
+    done: bool,
+    /// How many runs of VMs that were live in this VMM have ended (each one's
+    /// [`RunControl::on_end`] counts it), so that [`VmmController::wait_exit_or_vm_end`]
+    /// sleeps until one does instead of polling.
+    vm_ends: u64,
+}
+
+impl ExitFlag {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExitState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A handle that can end the VMM from another thread.
@@ -86,7 +103,7 @@ struct ExitHandle(Arc<ExitFlag>);
 
 impl ExitHandle {
     fn request(&self) {
-        *self.0.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.0.lock().done = true;
         self.0.cv.notify_all();
     }
 }
@@ -253,7 +270,15 @@ impl VmmController {
     /// Serves the device messages of the VM whose run control is `ctl` (call once it is in
     /// the slot) on a thread that ends with the VM's devices. A message from a VM that is no
     /// longer the live one is ignored.
+    /// Also makes the end of that run wake [`VmmController::wait_exit_or_vm_end`].
     fn watch(&self, events: Option<Receiver<DeviceEvent>>, ctl: &Arc<RunControl>) {
+        let exit = Arc::downgrade(&self.exit);
+        ctl.on_end(Box::new(move || {
+            if let Some(exit) = exit.upgrade() {
+                exit.lock().vm_ends += 1;
+                exit.cv.notify_all();
+            }
+        }));
         let Some(events) = events else { return };
         let (slot, ctl) = (Arc::downgrade(&self.slot), Arc::downgrade(ctl));
         let spawned = std::thread::Builder::new().name("vm-events".into()).spawn(move || {
@@ -316,27 +341,34 @@ impl VmmController {
 
     /// Blocks until `vmm.shutdown` (or [`VmmController::request_exit`]).
     pub fn wait_exit(&self) {
-        let mut e = self.exit.done.lock().unwrap_or_else(|e| e.into_inner());
-        while !*e {
+        let mut e = self.exit.lock();
+        while !e.done {
             e = self.exit.cv.wait(e).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// Blocks until `vmm.shutdown` or until the VM (if any) ends by itself; returns the VM's
-    /// outcome in the latter case.
+    /// Blocks until `vmm.shutdown` or until the live VM (if any) ends by itself; returns the
+    /// VM's outcome in the latter case. Sleeps in between: the end of the run of every VM
+    /// made live in this VMM wakes it (a [`RunControl::on_end`] hook), and so does
+    /// `vmm.shutdown`.
     pub fn wait_exit_or_vm_end(&self) -> Option<Result<RunOutcome, crate::vstate::VcpuError>> {
         loop {
-            {
-                let e = self.exit.done.lock().unwrap_or_else(|e| e.into_inner());
-                if *e {
+            let seen = {
+                let e = self.exit.lock();
+                if e.done {
                     return None;
                 }
-                let _ = self.exit.cv.wait_timeout(e, Duration::from_millis(100));
-            }
+                e.vm_ends
+            };
             if let Slot::Live { vm, .. } = &*self.lock() {
                 if let Some(o) = vm.control().outcome() {
                     return Some(o);
                 }
+            }
+            // A run that ended after `seen` was read has counted itself: no lost wake-up.
+            let mut e = self.exit.lock();
+            while !e.done && e.vm_ends == seen {
+                e = self.exit.cv.wait(e).unwrap_or_else(|e| e.into_inner());
             }
         }
     }
@@ -813,5 +845,57 @@ mod tests {
         // And one for a VM that is gone altogether.
         VmmController::device_event(&mut c.lock(), &Weak::new(), stalled("disk0"));
         assert_eq!(api::Controller::info(&c).unwrap().state, "Running");
+    }
+
+    /// `rustvisor run --api-socket` waits here: the end of the live VM's run wakes it at
+    /// once (no polling), with the outcome; a VM that is no longer live does not; and
+    /// `vmm.shutdown` wakes it with none.
+    #[test]
+    fn wait_exit_or_vm_end_wakes_on_the_live_vms_end_and_on_shutdown() {
+        let c = Arc::new(VmmController::new());
+        let (first, cfg) = vm();
+        let ctl = first.control();
+        *c.lock() = VmmController::live(first, cfg, false);
+        c.watch(None, &ctl);
+        let waiter = std::thread::spawn({
+            let c = c.clone();
+            move || c.wait_exit_or_vm_end()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "returned before the VM ended");
+        ctl.finish(Ok(RunOutcome::PowerOff));
+        let t = Instant::now();
+        while !waiter.is_finished() {
+            assert!(t.elapsed() < Duration::from_secs(10), "the end of the run did not wake the waiter");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(matches!(waiter.join().unwrap(), Some(Ok(RunOutcome::PowerOff))));
+
+        // A VM that was live, then replaced: its end wakes the waiter, which goes back to
+        // sleep; vmm.shutdown then ends the wait with no outcome.
+        let c = Arc::new(VmmController::new());
+        let (old, cfg) = vm();
+        let old_ctl = old.control();
+        *c.lock() = VmmController::live(old, cfg, false);
+        c.watch(None, &old_ctl);
+        let waiter = std::thread::spawn({
+            let c = c.clone();
+            move || c.wait_exit_or_vm_end()
+        });
+        let (new, cfg) = vm();
+        let new_ctl = new.control();
+        let gone = std::mem::replace(&mut *c.lock(), VmmController::live(new, cfg, false));
+        c.watch(None, &new_ctl);
+        old_ctl.finish(Ok(RunOutcome::UserQuit));
+        drop(gone);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "the end of a VM that is no longer live ended the wait");
+        c.request_exit();
+        let t = Instant::now();
+        while !waiter.is_finished() {
+            assert!(t.elapsed() < Duration::from_secs(10), "vmm.shutdown did not wake the waiter");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(waiter.join().unwrap().is_none());
     }
 }

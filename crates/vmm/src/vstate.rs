@@ -149,7 +149,12 @@ pub struct RunControl {
     /// Notified on every state change ([`RunControl::wait`]).
     changed: Condvar,
     vcpus: Mutex<Vec<VcpuLink>>,
+    /// Run once, by the first [`RunControl::finish`] (see [`RunControl::on_end`]).
+    on_end: Mutex<Vec<EndHook>>,
 }
+
+/// What [`RunControl::on_end`] runs when the run ends.
+pub type EndHook = Box<dyn FnOnce() + Send>;
 
 /// How long [`RunControl::save_vcpus`] waits for each parked vCPU's answer.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -164,6 +169,7 @@ impl RunControl {
             shared: Mutex::new(Shared { state: RunState::Running, threads: 0 }),
             changed: Condvar::new(),
             vcpus: Mutex::new(Vec::new()),
+            on_end: Mutex::new(Vec::new()),
         })
     }
 
@@ -209,6 +215,27 @@ impl RunControl {
         }
         self.changed.notify_all();
         self.broadcast(|| Command::Stop);
+        let hooks = std::mem::take(&mut *lock(&self.on_end));
+        for hook in hooks {
+            hook();
+        }
+    }
+
+    /// Runs `hook` once when the run ends ([`RunControl::finish`], on the thread that ends
+    /// it, with no lock of this `RunControl` held), or now if it has ended already: how a
+    /// thread that waits for other things too learns of the end without polling. The hook
+    /// must not block; each call adds one (they are dropped once run).
+    pub fn on_end(&self, hook: EndHook) {
+        // `finish` sets the outcome before it takes the hooks' lock: a hook pushed while
+        // the outcome was not set (under that lock) is taken by its drain, and one that
+        // sees the outcome set runs here.
+        let mut hooks = lock(&self.on_end);
+        if lock(&self.shared).state.outcome().is_none() {
+            hooks.push(hook);
+            return;
+        }
+        drop(hooks);
+        hook();
     }
 
     /// Ends the run as the user's quit (console escape).
@@ -504,5 +531,43 @@ mod tests {
         t.join().unwrap();
         assert_eq!(ctl.state(), RunState::Finished(Err(VcpuError::Stopped { what: "stopped by test".into() })));
         assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn end_hooks_run_once_at_the_end_or_at_once_after_it() {
+        let ctl = RunControl::new();
+        let ran = Arc::new(AtomicU64::new(0));
+        for _ in 0..2 {
+            let r = ran.clone();
+            ctl.on_end(Box::new(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "not before the end");
+        ctl.finish(Ok(RunOutcome::PowerOff));
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        // A later outcome runs nothing again; a hook added after the end runs at once.
+        ctl.quit();
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        let r = ran.clone();
+        ctl.on_end(Box::new(move || {
+            r.fetch_add(10, Ordering::SeqCst);
+        }));
+        assert_eq!(ran.load(Ordering::SeqCst), 12);
+        // A hook racing with the end runs exactly once either way.
+        for _ in 0..200 {
+            let ctl = RunControl::new();
+            let ran = Arc::new(AtomicU64::new(0));
+            let t = std::thread::spawn({
+                let ctl = ctl.clone();
+                move || ctl.finish(Ok(RunOutcome::PowerOff))
+            });
+            let r = ran.clone();
+            ctl.on_end(Box::new(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }));
+            t.join().unwrap();
+            assert_eq!(ran.load(Ordering::SeqCst), 1);
+        }
     }
 }
