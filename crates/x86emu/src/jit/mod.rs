@@ -248,13 +248,18 @@ pub(crate) unsafe extern "C" fn jit_write(cpu: *mut Cpu, ctx: *mut JitCtx, la: u
     }
 }
 
+/// Bit of [`jit_generic`]'s `how`: yield to the run loop after the instruction, whatever it
+/// did (it ends a decoded block: it may change translations, segments, the interrupt flag).
+pub(crate) const GEN_YIELD: u64 = 2;
+
 /// Runs `insn` (an instruction of the running block without a fast form) through the
 /// interpreter for generated code, which has stored every register and RFLAGS first and
-/// reloads them after. Returns 0 when the block may go on with its next instruction;
-/// otherwise `1 + (kind << 32)` with `kind` the exit to take now ([`EXIT_YIELD`]: the
-/// instruction retired but branched, halted, changed mode or privilege (`user` is the
-/// block's), opened an interrupt window or shadow; [`EXIT_FAULT`] and [`EXIT_STOP`]: RIP
-/// is the instruction's, the fault or exit is in `ctx`).
+/// reloads them after. `how`: bit 0 the block's privilege (CPL 3), [`GEN_YIELD`]. Returns
+/// 0 when the block may go on with its next instruction; otherwise `1 + (kind << 32)` with
+/// `kind` the exit to take now ([`EXIT_YIELD`]: the instruction retired but branched,
+/// halted, changed mode or privilege, opened an interrupt window or shadow, or `how` asked
+/// to yield; [`EXIT_FAULT`] and [`EXIT_STOP`]: RIP is the instruction's, the fault or exit
+/// is in `ctx`).
 ///
 /// # Safety
 /// As for [`jit_read`]; `insn` points to an instruction owned by the module of the running
@@ -263,7 +268,7 @@ pub(crate) unsafe extern "C" fn jit_generic(
     cpu: *mut Cpu,
     ctx: *mut JitCtx,
     insn: *const Instruction,
-    user: u64,
+    how: u64,
 ) -> u64 {
     // SAFETY: see jit_read; `insn` lives as long as the running code (the contract).
     let (cpu, ctx, insn) = unsafe { (&mut *cpu, &mut *ctx, &*insn) };
@@ -274,14 +279,12 @@ pub(crate) unsafe extern "C" fn jit_generic(
     cpu.rip = next;
     match crate::exec::execute(cpu, bus, insn) {
         Ok(()) => {
-            // Instructions that end a decoded block (they change translations, segments,
-            // the interrupt flag...) end a chain of compiled blocks too.
             let go_on = cpu.rip == next
-                && !crate::decode::ends_block(insn)
+                && how & GEN_YIELD == 0
                 && !cpu.halted
                 && !cpu.check_irq
                 && !cpu.interrupt_shadow
-                && cpu.cur_user == (user != 0)
+                && cpu.cur_user == (how & 1 != 0)
                 && cpu.in_64bit_mode();
             if go_on {
                 0
@@ -430,6 +433,14 @@ fn jc_index(rip: u64) -> usize {
     crate::regs::host_usize(rip ^ (rip >> 12)) & (JC_SIZE - 1)
 }
 
+/// Records compiled block `code` of the block at `b` (first instruction at `rip`) in the
+/// jump cache.
+fn jc_fill(jit: &mut Jit, rip: u64, b: &BlockAt, code: Compiled) {
+    if let (Compiled::Code { f, len, epoch, user }, Some(e)) = (code, jit.jc.get_mut(jc_index(rip))) {
+        *e = JcEntry { rip, gpa: b.gpa, f: Some(f), page: b.page, gen: b.gen, len, epoch, user };
+    }
+}
+
 /// The compiled block to run next at `cpu.rip` from the jump cache, if it is valid and
 /// its length fits in `room` instructions: its code, length, page and generation. The
 /// block that just ran lies on linear page `la_page`, RAM page `page`: a target on the same
@@ -495,9 +506,7 @@ pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLin
         }
     };
     let ip = ops.first().map_or(0, |o| o.ip);
-    if let Some(e) = cpu.jit.jc.get_mut(jc_index(ip)) {
-        *e = JcEntry { rip: ip, gpa: b.gpa, f: Some(f), page: b.page, gen: b.gen, len, epoch, user };
-    }
+    jc_fill(&mut cpu.jit, ip, &b, Compiled::Code { f, len, epoch, user });
     if let Some(w) = want {
         if w.epoch == cpu.jit.epoch && w.rip == ip && w.page == b.page && w.gen == b.gen && w.user == user {
             // SAFETY: `w.link` points into a link table of the current epoch (checked),
@@ -603,10 +612,7 @@ fn poll_done(cpu: &mut Cpu) {
         let live = cpu.mmu.shared.gen(d.at.page) == d.at.gen;
         if let (true, Some(s)) = (live, cpu.dcache.jit_slot_of(d.at.slot, d.at.gpa, d.rip, d.at.gen)) {
             s.code = code;
-            if let (Compiled::Code { f, len, epoch, user }, Some(e)) = (code, cpu.jit.jc.get_mut(jc_index(d.rip))) {
-                *e =
-                    JcEntry { rip: d.rip, gpa: d.at.gpa, f: Some(f), page: d.at.page, gen: d.at.gen, len, epoch, user };
-            }
+            jc_fill(&mut cpu.jit, d.rip, &d.at, code);
         }
     }
 }

@@ -64,17 +64,18 @@ struct Pending {
 }
 
 impl Pending {
-    /// `kind << 8 | size` for [`super::jit_flags`].
-    fn code(&self) -> u64 {
+    /// `kind << 8 | size` for [`super::jit_flags`]; None for [`Pk::Helper`] (its flags come
+    /// from `crate::alu`).
+    fn code(&self) -> Option<u64> {
         let k = match self.k {
             Pk::Add => super::flagk::ADD,
             Pk::Sub => super::flagk::SUB,
             Pk::Logic => super::flagk::LOGIC,
             Pk::Inc => super::flagk::INC,
             Pk::Dec => super::flagk::DEC,
-            Pk::Helper(_) => super::flagk::LOGIC,
+            Pk::Helper(_) => return None,
         };
-        k << 8 | u64::from(self.sz)
+        Some(k << 8 | u64::from(self.sz))
     }
 }
 
@@ -480,25 +481,7 @@ impl Tr<'_, '_> {
     }
 
     fn exit_as(&mut self, rip: Value, n: u64, kind: u64, cold: bool) {
-        for r in 0..16u8 {
-            if self.written & (1 << r) != 0 {
-                let v = self.reg(r);
-                self.b.ins().store(MF, v, self.cpu, gpr_off(r));
-            }
-        }
-        if self.fl_written || self.pending.is_some() {
-            let f = match self.pending {
-                Some(p) if cold && !matches!(p.k, Pk::Helper(_)) => {
-                    let ks = self.iconst(p.code());
-                    let old = self.b.use_var(self.fl);
-                    let fp = self.iconst(super::jit_flags as *const () as u64);
-                    let call = self.b.ins().call_indirect(self.sig_flags, fp, &[ks, p.a, p.b, p.r, old]);
-                    self.result(call)
-                }
-                _ => self.flags(),
-            };
-            self.b.ins().store(MF, f, self.cpu, off(offset_of!(Cpu, rflags)));
-        }
+        self.store_state(cold);
         self.b.ins().store(MF, rip, self.cpu, off(offset_of!(Cpu, rip)));
         let d = self.b.use_var(self.done);
         let code = self.addi(d, (n | kind << 32) as i64);
@@ -699,9 +682,10 @@ impl Tr<'_, '_> {
         (r, Some(Pending { k, sz, a, b, r }))
     }
 
-    /// Instruction `i` without a fast form: stores the registers and RFLAGS, runs it through
-    /// [`super::jit_generic`], exits if it asks to, and reloads the registers and RFLAGS.
-    fn generic(&mut self, i: usize) {
+    /// Stores the GPRs written so far and RFLAGS (if changed) into the `Cpu`. `cold`: on a
+    /// rarely taken path, where pending flags are materialised by a call to
+    /// [`super::jit_flags`] rather than inline (less code to compile).
+    fn store_state(&mut self, cold: bool) {
         for r in 0..16u8 {
             if self.written & (1 << r) != 0 {
                 let v = self.reg(r);
@@ -709,13 +693,32 @@ impl Tr<'_, '_> {
             }
         }
         if self.fl_written || self.pending.is_some() {
-            let f = self.flags();
+            let f = match self.pending.and_then(|p| Some((p, p.code()?))) {
+                Some((p, ks)) if cold => {
+                    let ks = self.iconst(ks);
+                    let old = self.b.use_var(self.fl);
+                    let fp = self.iconst(super::jit_flags as *const () as u64);
+                    let call = self.b.ins().call_indirect(self.sig_flags, fp, &[ks, p.a, p.b, p.r, old]);
+                    self.result(call)
+                }
+                _ => self.flags(),
+            };
             self.b.ins().store(MF, f, self.cpu, off(offset_of!(Cpu, rflags)));
         }
-        let insn = self.iconst(self.env.insns + (i * std::mem::size_of::<Instruction>()) as u64);
-        let user = self.iconst(u64::from(self.env.user));
+    }
+
+    /// Instruction `i` (`insn`) without a fast form: stores the registers and RFLAGS, runs
+    /// it through [`super::jit_generic`], exits if it asks to, and reloads the registers and
+    /// RFLAGS.
+    fn generic(&mut self, i: usize, insn: &Instruction) {
+        self.store_state(false);
+        let at = self.iconst(self.env.insns + (i * std::mem::size_of::<Instruction>()) as u64);
+        // An instruction that ends a decoded block (it changes translations, segments, the
+        // interrupt flag...) also ends a chain of compiled blocks.
+        let how = u64::from(self.env.user) | if crate::decode::ends_block(insn) { super::GEN_YIELD } else { 0 };
+        let how = self.iconst(how);
         let fp = self.iconst(super::jit_generic as *const () as u64);
-        let call = self.b.ins().call_indirect(self.sig_gen, fp, &[self.cpu, self.ctx, insn, user]);
+        let call = self.b.ins().call_indirect(self.sig_gen, fp, &[self.cpu, self.ctx, at, how]);
         let st = self.result(call);
         let out = self.b.create_block();
         let cont = self.b.create_block();
@@ -756,10 +759,9 @@ impl Tr<'_, '_> {
         match op.uop {
             Uop::Nop => {}
             Uop::Generic => {
-                self.generic(i);
-                if op.uop.may_store() {
-                    self.check_gen(op.next_ip, i);
-                }
+                self.generic(i, &op.insn);
+                // It may have stored into the block's own page.
+                self.check_gen(op.next_ip, i);
             }
             Uop::MovR { d, s, sz } => {
                 let v = self.src(s, sz, op, i);
