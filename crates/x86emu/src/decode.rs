@@ -8,7 +8,21 @@ use crate::uop::Uop;
 use crate::{Fault, SRes, Stop};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
 
+/// Blocks the decode cache holds: [`WAYS`]-way set associative.
 const BCACHE_SIZE: usize = 1 << 15;
+/// Ways per set: two hot blocks whose GPAs map to the same set (a loop and its caller, 32
+/// KiB apart, thrashed a direct-mapped cache in a Debian boot, and each eviction threw the
+/// block's compiled code away) both stay cached.
+const WAYS: usize = 2;
+/// log2 of the number of sets.
+const SET_BITS: u32 = (BCACHE_SIZE / WAYS).trailing_zeros();
+
+/// The first slot of the set of the block at `gpa` (Fibonacci hashing: every bit of the
+/// GPA moves the set, unlike `gpa ^ gpa >> 12`, under which code 32 KiB apart collided).
+#[inline]
+fn set_base(gpa: u64) -> usize {
+    host_usize(gpa.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SET_BITS)) * WAYS
+}
 /// Longest block decoded at once, in instructions.
 const BLOCK_MAX: usize = 64;
 
@@ -68,16 +82,20 @@ impl Op {
     }
 }
 
-/// Direct-mapped cache of decoded blocks keyed by the GPA of their first instruction; a
+/// Set-associative cache of decoded blocks keyed by the GPA of their first instruction; a
 /// block is valid while its page's code generation is unchanged (a store to the page
-/// retires it).
+/// retires it). A miss replaces an empty or retired way first, else the way of the set
+/// used least recently.
 pub(crate) struct DecodeCache {
+    /// Slot `set * WAYS + way`.
     e: Vec<Option<Block>>,
+    /// Per set: the way hit or filled last.
+    mru: Vec<u8>,
 }
 
 impl DecodeCache {
     pub(crate) fn new() -> DecodeCache {
-        DecodeCache { e: (0..BCACHE_SIZE).map(|_| None).collect() }
+        DecodeCache { e: (0..BCACHE_SIZE).map(|_| None).collect(), mru: vec![0; BCACHE_SIZE / WAYS] }
     }
 }
 
@@ -107,12 +125,26 @@ impl DecodeCache {
     }
 
     /// The translation tier's state of the block in `slot` if that is still the block at
-    /// `gpa` and `ip` decoded at page generation `gen`.
+    /// `gpa` and `ip` decoded at page generation `gen` (blocks do not move between ways).
     pub(crate) fn jit_slot_of(&mut self, slot: usize, gpa: u64, ip: u64, gen: u32) -> Option<&mut JitSlot> {
         match self.e.get_mut(slot) {
             Some(Some(b)) if b.gpa == gpa && b.ip == ip && b.gen == gen => Some(&mut b.jit),
             _ => None,
         }
+    }
+
+    /// The slot a block decoded now at `gpa` goes to: an empty way of its set, else one
+    /// whose page moved on (`gen_now` gives a page's current generation), else the way not
+    /// used last.
+    fn victim(&self, base: usize, gen_now: impl Fn(usize) -> u32) -> usize {
+        for w in 0..WAYS {
+            match self.e.get(base + w) {
+                Some(Some(b)) if gen_now(b.page) == b.gen => {}
+                _ => return base + w,
+            }
+        }
+        let mru = usize::from(self.mru.get(base / WAYS).copied().unwrap_or(0));
+        base + (mru + 1) % WAYS
     }
 }
 
@@ -157,17 +189,23 @@ pub(crate) fn fetch_block(cpu: &mut Cpu) -> SRes<BlockRef> {
     // forms use this for every access of the block.
     cpu.cur_user = user;
     let gpa = cpu.translate(la, Access::Exec, user)?;
-    let idx = host_usize(gpa ^ (gpa >> 12)) & (BCACHE_SIZE - 1);
-    if let Some(Some(b)) = cpu.dcache.e.get_mut(idx) {
-        if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.shared.gen(b.page) == b.gen {
-            return Ok(BlockRef { ops: b.ops.clone(), page: b.page, gen: b.gen, slot: idx, gpa });
+    let base = set_base(gpa);
+    for w in 0..WAYS {
+        if let Some(Some(b)) = cpu.dcache.e.get(base + w) {
+            if b.gpa == gpa && b.ip == cpu.rip && b.bits == bits && cpu.mmu.shared.gen(b.page) == b.gen {
+                let r = BlockRef { ops: b.ops.clone(), page: b.page, gen: b.gen, slot: base + w, gpa };
+                if let Some(m) = cpu.dcache.mru.get_mut(base / WAYS) {
+                    *m = u8::try_from(w).unwrap_or(0);
+                }
+                return Ok(r);
+            }
         }
     }
-    decode_block(cpu, la, bits, user, idx)
+    decode_block(cpu, la, bits, user, base)
 }
 
 #[cold]
-fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SRes<BlockRef> {
+fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, base: usize) -> SRes<BlockRef> {
     let mut buf = [0u8; 16];
     let (n, loc) = cpu.fetch(la, &mut buf, user)?;
     let off = (la & 0xfff) as usize;
@@ -223,6 +261,11 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
         });
     }
     let ops: std::rc::Rc<[Op]> = insns.into_iter().map(|i| Op::new(i, bits)).collect();
+    let shared = &cpu.mmu.shared;
+    let idx = cpu.dcache.victim(base, |p| shared.gen(p));
+    if let Some(m) = cpu.dcache.mru.get_mut(base / WAYS) {
+        *m = u8::try_from(idx - base).unwrap_or(0);
+    }
     if let Some(slot) = cpu.dcache.e.get_mut(idx) {
         *slot = Some(Block {
             gpa,
@@ -235,4 +278,41 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, idx: usize) -> SR
         });
     }
     Ok(BlockRef { ops, page, gen, slot: idx, gpa })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CpuConfig, RamRegion};
+
+    /// Two blocks whose GPAs fall in the same set, run alternately (a loop and its caller in
+    /// a Debian boot did this), both stay cached: each is decoded once, and each keeps its
+    /// translation-tier state (hit count) across the other's fetches.
+    #[test]
+    fn blocks_of_one_set_both_stay_cached() {
+        let mut ram = vec![0u8; 1 << 20];
+        // Two GPAs in the same set, on different pages: NOP; HLT at each.
+        let a = 0x1000u64;
+        let b = (a + 0x1000..ram.len() as u64 - 2).find(|&g| set_base(g) == set_base(a)).expect("a colliding GPA");
+        for g in [a, b] {
+            let g = host_usize(g);
+            ram[g] = 0x90;
+            ram[g + 1] = 0xf4;
+        }
+        let r = RamRegion { gpa: 0, size: ram.len() as u64, host_addr: ram.as_mut_ptr() };
+        let mut cpu = Cpu::new(vec![r], CpuConfig::default());
+        cpu.seg[sreg::CS].base = 0;
+        for round in 0..10u32 {
+            for g in [a, b] {
+                cpu.rip = g;
+                let blk = fetch_block(&mut cpu).unwrap_or_else(|_| panic!("fetch at {g:#x}"));
+                assert_eq!(blk.gpa, g);
+                let s = cpu.dcache.jit_slot(blk.slot).expect("cached");
+                assert_eq!(s.hits, round, "block at {g:#x} lost its state");
+                s.hits += 1;
+            }
+        }
+        // NOP and HLT (HLT ends the block), decoded once per block.
+        assert_eq!(cpu.stats.decodes, 4);
+    }
 }
