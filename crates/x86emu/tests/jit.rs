@@ -412,6 +412,90 @@ fn fault_in_a_later_pass_of_a_compiled_loop() {
     assert_eq!(j.cpu.gpr[1], 40);
 }
 
+/// A chain of operations whose flags compiled code keeps lazily, each depending on the
+/// flags before it (SHR, IMUL, INC keeping CF, ADC, ROL, DEC, shift by CL), on data from a
+/// xorshift generator: the flags are observed by conditions that need the whole chain
+/// (SETB/SETO/SETP/SETL after INC/DEC/ROL), by PUSHFQ (an interpreted instruction), by a
+/// page fault in a later pass of the loop, and by the next block after a CALL. Same state as
+/// the interpreter in every case.
+#[test]
+fn chained_lazy_flags_are_exact_wherever_they_are_observed() {
+    for observe in 0..4 {
+        let code = asm(|a| {
+            let mut top = a.create_label();
+            let mut f = a.create_label();
+            a.mov(r8, 0x9e37_79b9_7f4a_7c15u64)?;
+            a.mov(r9, 0x0123_4567_89ab_cdefu64)?;
+            // 50 passes before the load reaches the unmapped 4 MiB mark.
+            a.mov(rsi, (RAM as u64) - 8 * 50)?;
+            a.mov(r14, 200u64)?;
+            a.set_label(&mut top)?;
+            // xorshift64 in r8.
+            a.mov(rax, r8)?;
+            a.shl(rax, 13)?;
+            a.xor(r8, rax)?;
+            a.mov(rax, r8)?;
+            a.shr(rax, 7)?;
+            a.xor(r8, rax)?;
+            a.mov(rax, r8)?;
+            a.shl(rax, 17)?;
+            a.xor(r8, rax)?;
+            // The chain: nothing in it sets every flag.
+            a.mov(rax, r8)?;
+            a.add(rax, r9)?;
+            a.shr(rax, 7)?;
+            a.imul_2(rbx, rax)?;
+            a.inc(rdx)?;
+            a.adc(rbx, rax)?;
+            a.rol(rbx, 3)?;
+            a.mov(ecx, r8d)?;
+            a.sar(r10, cl)?;
+            a.dec(r10d)?;
+            match observe {
+                0 => {
+                    a.setb(r11b)?;
+                    a.add(r12, r11)?;
+                    a.seto(r11b)?;
+                    a.add(r12, r11)?;
+                    a.setp(r11b)?;
+                    a.add(r12, r11)?;
+                    a.setl(r11b)?;
+                    a.add(r12, r11)?;
+                }
+                1 => {
+                    a.pushfq()?;
+                    a.pop(r11)?;
+                    a.add(r12, r11)?;
+                }
+                2 => {
+                    a.mov(r11, qword_ptr(rsi))?;
+                    a.add(rsi, 8)?;
+                    a.adc(r12, r11)?;
+                }
+                _ => {
+                    a.call(f)?;
+                    a.add(r12, r11)?;
+                }
+            }
+            a.dec(r14)?;
+            a.jnz(top)?;
+            a.hlt()?;
+            // On another page: the flags cross a block boundary.
+            for _ in 0..4096 {
+                a.nop()?;
+            }
+            a.set_label(&mut f)?;
+            a.pushfq()?;
+            a.pop(r11)?;
+            a.ret()
+        });
+        let (i, _) = both(&code, 1_000_000);
+        if observe == 2 {
+            assert_eq!(i.cpu.cr2, RAM as u64, "the load faulted at the 4 MiB mark");
+        }
+    }
+}
+
 #[test]
 fn auto_tier_compiles_in_the_background_and_agrees_with_the_interpreter() {
     // A hot loop that calls a function on another page (a cross-page CALL and a RET through

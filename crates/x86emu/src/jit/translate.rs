@@ -79,6 +79,9 @@ impl Pending {
     }
 }
 
+/// Longest chain of flag operations kept lazily (see `Tr::below`) before it is settled.
+const CHAIN: usize = 8;
+
 fn mask(sz: u8) -> i64 {
     match sz {
         1 => 0xff,
@@ -104,6 +107,12 @@ struct Tr<'a, 'b> {
     regs: [Variable; 16],
     fl: Variable,
     pending: Option<Pending>,
+    /// Operations before `pending` whose flags are not in the RFLAGS variable yet, oldest
+    /// first: each one's flags depend on the ones before it (INC/DEC keep CF; ADC, SBB,
+    /// shifts, rotates and IMUL go through `crate::alu` with the flags before), so they
+    /// are materialised, in order, only where flags are observed. ADD, SUB and logic
+    /// operations set every arithmetic flag and clear the chain.
+    below: Vec<Pending>,
     /// GPRs written so far (stored at every exit).
     written: u16,
     /// RFLAGS variable written so far.
@@ -269,10 +278,57 @@ impl Tr<'_, '_> {
         a
     }
 
-    /// The full RFLAGS value now (materialising the pending operation).
+    /// The full RFLAGS value now (materialising the chained and pending operations).
     fn flags(&mut self) -> Value {
-        let old = self.b.use_var(self.fl);
-        let Some(p) = self.pending else { return old };
+        let old = self.base(false);
+        match self.pending {
+            Some(p) => self.apply(p, old),
+            None => old,
+        }
+    }
+
+    /// RFLAGS before the pending operation: the RFLAGS variable with the chained operations
+    /// applied. `cold`: on a rarely taken path, through calls to [`super::jit_flags`]
+    /// rather than inline code where it can.
+    fn base(&mut self, cold: bool) -> Value {
+        let mut f = self.b.use_var(self.fl);
+        for i in 0..self.below.len() {
+            let Some(&p) = self.below.get(i) else { break };
+            f = match p.code() {
+                Some(ks) if cold => self.flags_call(ks, p, f),
+                _ => self.apply(p, f),
+            };
+        }
+        f
+    }
+
+    /// RFLAGS after pending operation `p` (kind and size `ks`) from `old`, through a call
+    /// to [`super::jit_flags`].
+    fn flags_call(&mut self, ks: u64, p: Pending, old: Value) -> Value {
+        let ks = self.iconst(ks);
+        let fp = self.iconst(super::jit_flags as *const () as u64);
+        let call = self.b.ins().call_indirect(self.sig_flags, fp, &[ks, p.a, p.b, p.r, old]);
+        self.result(call)
+    }
+
+    /// Makes `p` the pending flag operation (see `below`).
+    fn set_pending(&mut self, p: Pending) {
+        if matches!(p.k, Pk::Add | Pk::Sub | Pk::Logic) {
+            self.below.clear();
+        } else if let Some(prev) = self.pending.take() {
+            if self.below.len() < CHAIN {
+                self.below.push(prev);
+            } else {
+                self.pending = Some(prev);
+                self.settle();
+            }
+        }
+        self.pending = Some(p);
+    }
+
+    /// RFLAGS after pending operation `p` from RFLAGS `old` (inline code, or the call to
+    /// `crate::alu` for [`Pk::Helper`]).
+    fn apply(&mut self, p: Pending, old: Value) -> Value {
         if let Pk::Helper(code) = p.k {
             let c = self.iconst(code);
             let s = self.iconst(u64::from(p.sz));
@@ -336,14 +392,27 @@ impl Tr<'_, '_> {
         self.b.ins().bor(f, pf)
     }
 
-    /// Materialises pending flags into the RFLAGS variable.
+    /// Materialises the chained and pending flags into the RFLAGS variable.
     fn settle(&mut self) {
         if self.pending.is_some() {
             let f = self.flags();
             self.b.def_var(self.fl, f);
             self.pending = None;
+            self.below.clear();
             self.fl_written = true;
         }
+    }
+
+    /// CF now, as 0 or 1 (for ADC and SBB): from the pending operation's operands when it
+    /// is an ADD, SUB or logic operation, else from the settled RFLAGS.
+    fn carry(&mut self) -> Value {
+        if self.pending.is_some_and(|p| matches!(p.k, Pk::Add | Pk::Sub | Pk::Logic)) {
+            let c = self.cond(ConditionCode::b);
+            return self.b.ins().uextend(I64, c);
+        }
+        self.settle();
+        let f = self.b.use_var(self.fl);
+        self.andi(f, CF as i64)
     }
 
     fn flag_bit(&mut self, f: Value, bit: u64) -> Value {
@@ -413,7 +482,9 @@ impl Tr<'_, '_> {
                 return v;
             }
         }
-        let f = self.flags();
+        // Settled, so that further conditions on the same flags reuse them.
+        self.settle();
+        let f = self.b.use_var(self.fl);
         let bit = |t: &mut Self, b: u64| t.flag_bit(f, b);
         let not = |t: &mut Self, v: Value| t.xori(v, 1);
         match cc {
@@ -670,7 +741,7 @@ impl Tr<'_, '_> {
     }
 
     /// Result and lazy flags of ADD/SUB/AND/OR/XOR at `sz`.
-    fn arith(&mut self, o: Op2, sz: u8, a: Value, b: Value) -> (Value, Option<Pending>) {
+    fn arith(&mut self, o: Op2, sz: u8, a: Value, b: Value) -> (Value, Pending) {
         let (r, k) = match o {
             Op2::Add => (self.b.ins().iadd(a, b), Pk::Add),
             Op2::Sub => (self.b.ins().isub(a, b), Pk::Sub),
@@ -679,7 +750,7 @@ impl Tr<'_, '_> {
             _ => (self.b.ins().bxor(a, b), Pk::Logic),
         };
         let r = self.masked(r, sz);
-        (r, Some(Pending { k, sz, a, b, r }))
+        (r, Pending { k, sz, a, b, r })
     }
 
     /// Stores the GPRs written so far and RFLAGS (if changed) into the `Cpu`. `cold`: on a
@@ -693,15 +764,17 @@ impl Tr<'_, '_> {
             }
         }
         if self.fl_written || self.pending.is_some() {
-            let f = match self.pending.and_then(|p| Some((p, p.code()?))) {
-                Some((p, ks)) if cold => {
-                    let ks = self.iconst(ks);
-                    let old = self.b.use_var(self.fl);
-                    let fp = self.iconst(super::jit_flags as *const () as u64);
-                    let call = self.b.ins().call_indirect(self.sig_flags, fp, &[ks, p.a, p.b, p.r, old]);
-                    self.result(call)
+            let f = if cold {
+                let old = self.base(true);
+                match self.pending {
+                    Some(p) => match p.code() {
+                        Some(ks) => self.flags_call(ks, p, old),
+                        None => self.apply(p, old),
+                    },
+                    None => old,
                 }
-                _ => self.flags(),
+            } else {
+                self.flags()
             };
             self.b.ins().store(MF, f, self.cpu, off(offset_of!(Cpu, rflags)));
         }
@@ -739,6 +812,7 @@ impl Tr<'_, '_> {
         let f = self.b.ins().load(I64, MF, self.cpu, off(offset_of!(Cpu, rflags)));
         self.b.def_var(self.fl, f);
         self.pending = None;
+        self.below.clear();
         if !self.self_loop {
             self.written = 0;
             self.fl_written = false;
@@ -784,7 +858,7 @@ impl Tr<'_, '_> {
                     let zero = self.iconst(0);
                     let r = self.b.ins().isub(zero, a);
                     let r = self.masked(r, sz);
-                    self.pending = Some(Pending { k: Pk::Sub, sz, a: zero, b: a, r });
+                    self.set_pending(Pending { k: Pk::Sub, sz, a: zero, b: a, r });
                     self.set_reg(d, r, sz);
                 } else {
                     let r = self.b.ins().bnot(a);
@@ -799,7 +873,6 @@ impl Tr<'_, '_> {
                 let n = self.andi(c, if sz == 8 { 63 } else { 31 });
                 // A count of 0 changes no flag: crate::alu knows (the DYN code keeps the
                 // fast conditions away).
-                self.settle();
                 let bits = i64::from(sz) * 8;
                 let (r, code) = match o {
                     Op2::Shl => (self.b.ins().ishl(a, n), aluop::SHL),
@@ -811,7 +884,7 @@ impl Tr<'_, '_> {
                     }
                 };
                 let r = self.masked(r, sz);
-                self.pending = Some(Pending { k: Pk::Helper(code | aluop::DYN), sz, a, b: n, r });
+                self.set_pending(Pending { k: Pk::Helper(code | aluop::DYN), sz, a, b: n, r });
                 self.set_reg(d, r, sz);
             }
             Uop::Alu { op: o, d, s, sz, write } => {
@@ -819,7 +892,7 @@ impl Tr<'_, '_> {
                 let a = self.reg(d);
                 let a = self.masked(a, sz);
                 let (r, p) = self.arith(o, sz, a, b);
-                self.pending = p;
+                self.set_pending(p);
                 if write {
                     self.set_reg(d, r, sz);
                 }
@@ -832,7 +905,7 @@ impl Tr<'_, '_> {
                 if write {
                     self.write(la, sz, r, op, i);
                 }
-                self.pending = p;
+                self.set_pending(p);
                 if write {
                     self.check_gen(op.next_ip, i);
                 }
@@ -841,12 +914,11 @@ impl Tr<'_, '_> {
                 let b = self.src(s, sz, op, i);
                 let a = self.reg(d);
                 let a = self.masked(a, sz);
-                // The flags before (CF for ADC/SBB, and what crate::alu keeps) settled.
-                self.settle();
+                // The flags before stay lazy: they reach crate::alu only where these are
+                // observed.
                 let (r, code) = match o {
                     Op2::Adc | Op2::Sbb => {
-                        let f = self.b.use_var(self.fl);
-                        let cf = self.andi(f, CF as i64);
+                        let cf = self.carry();
                         if o == Op2::Adc {
                             let t = self.b.ins().iadd(a, b);
                             (self.b.ins().iadd(t, cf), aluop::ADC)
@@ -858,16 +930,15 @@ impl Tr<'_, '_> {
                     _ => (self.b.ins().imul(a, b), aluop::IMUL),
                 };
                 let r = self.masked(r, sz);
-                self.pending = Some(Pending { k: Pk::Helper(code), sz, a, b, r });
+                self.set_pending(Pending { k: Pk::Helper(code), sz, a, b, r });
                 self.set_reg(d, r, sz);
             }
             Uop::Imul3 { d, s, imm, sz } => {
                 let a = self.src(s, sz, op, i);
                 let b = self.iconst(imm);
-                self.settle();
                 let r = self.b.ins().imul(a, b);
                 let r = self.masked(r, sz);
-                self.pending = Some(Pending { k: Pk::Helper(aluop::IMUL), sz, a, b, r });
+                self.set_pending(Pending { k: Pk::Helper(aluop::IMUL), sz, a, b, r });
                 self.set_reg(d, r, sz);
             }
             Uop::Setcc { cc, d } => {
@@ -904,9 +975,8 @@ impl Tr<'_, '_> {
                 let one = self.iconst(1);
                 let r = if dec { self.b.ins().isub(a, one) } else { self.b.ins().iadd(a, one) };
                 let r = self.masked(r, sz);
-                // The pending form keeps CF from the RFLAGS variable: settle first.
-                self.settle();
-                self.pending = Some(Pending { k: if dec { Pk::Dec } else { Pk::Inc }, sz, a, b: one, r });
+                // Keeps CF of the flags before (chained, see `below`).
+                self.set_pending(Pending { k: if dec { Pk::Dec } else { Pk::Inc }, sz, a, b: one, r });
                 self.set_reg(d, r, sz);
             }
             Uop::Shift { op: o, d, c, sz } => {
@@ -918,7 +988,6 @@ impl Tr<'_, '_> {
                 if n == 0 {
                     self.set_reg(d, a, sz);
                 } else {
-                    self.settle();
                     let bits = i64::from(sz) * 8;
                     let (r, code) = match o {
                         Op2::Shl => (self.shli(a, n), aluop::SHL),
@@ -939,7 +1008,7 @@ impl Tr<'_, '_> {
                     };
                     let r = self.masked(r, sz);
                     let cnt = self.iconst(n as u64);
-                    self.pending = Some(Pending { k: Pk::Helper(code), sz, a, b: cnt, r });
+                    self.set_pending(Pending { k: Pk::Helper(code), sz, a, b: cnt, r });
                     self.set_reg(d, r, sz);
                 }
             }
@@ -1121,6 +1190,7 @@ pub(crate) fn compile(
             regs,
             fl,
             pending: None,
+            below: Vec::new(),
             // In a loop, any exit may follow a pass that wrote every register the block
             // names: store them all (unchanged ones store what was loaded).
             written: if self_loop { used } else { 0 },
