@@ -429,8 +429,9 @@ struct JcEntry {
 
 const JC_EMPTY: JcEntry = JcEntry { rip: 0, gpa: 0, f: None, page: 0, gen: 0, len: 0, epoch: 0, user: false };
 
+/// The jump-cache entry of `rip` (Fibonacci hashing, as the decode cache's sets).
 fn jc_index(rip: u64) -> usize {
-    crate::regs::host_usize(rip ^ (rip >> 12)) & (JC_SIZE - 1)
+    crate::regs::host_usize(rip.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - JC_SIZE.trailing_zeros()))
 }
 
 /// Records compiled block `code` of the block at `b` (first instruction at `rip`) in the
