@@ -49,8 +49,16 @@ pub(crate) struct JitSlot {
     pub(crate) code: Compiled,
 }
 
-/// Signature of a compiled block: `(cpu, ctx) -> exit code` (see `crate::jit`).
-pub(crate) type JitFn = unsafe extern "C" fn(*mut Cpu, *mut u8) -> u64;
+/// The entry of a compiled block: a function `(cpu, ctx) -> exit code` in Cranelift's
+/// `tail` calling convention (so that blocks can jump to each other), called from Rust only
+/// through the translation tier's trampoline (see `crate::jit`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(transparent)]
+pub(crate) struct JitFn(pub(crate) std::ptr::NonNull<u8>);
+
+// SAFETY: a JitFn is the address of finalized, never-written code; sending it to another
+// thread (the compiler thread's results) shares nothing mutable.
+unsafe impl Send for JitFn {}
 
 /// What the translation tier made of a cached block.
 #[derive(Clone, Copy)]

@@ -14,8 +14,11 @@
 //!
 //! Compiled blocks run one after another without the run loop while the chunk's instruction
 //! budget lasts: a direct branch to the same page goes through a `Link` of the block
-//! (filled on first use), any other exit (a branch to another page, RET, an indirect
-//! transfer) through the jump cache, a small table from RIP to compiled code checked against
+//! (filled on first use), which the block's own code follows with a tail call of the
+//! target's code when the target fits in the budget and the page kept its generation
+//! (blocks use Cranelift's `tail` convention; Rust enters them through a trampoline). Any
+//! other exit (a branch to another page, RET, an indirect transfer) returns to [`enter`],
+//! which follows the jump cache, a small table from RIP to compiled code checked against
 //! the current translation of RIP, the page's code generation and the epoch (QEMU's
 //! `tb_jmp_cache`).
 //!
@@ -166,11 +169,31 @@ impl Drop for Jit {
 
 pub(super) fn new_module() -> Option<JITModule> {
     let b = JITBuilder::with_flags(
-        &[("opt_level", "speed"), ("enable_verifier", "false")],
+        &[("opt_level", "speed"), ("enable_verifier", "false"), ("preserve_frame_pointers", "true")],
         cranelift_module::default_libcall_names(),
     )
     .ok()?;
     Some(JITModule::new(b))
+}
+
+/// How Rust calls a compiled block (which uses Cranelift's `tail` convention, so that
+/// blocks can tail-call each other): `tramp(cpu, ctx, block)`.
+type Tramp = unsafe extern "C" fn(*mut Cpu, *mut u8, *const u8) -> u64;
+
+/// The trampoline, compiled once per process into a module of its own that is never freed
+/// (a few dozen bytes). None if Cranelift or the host refuses: then nothing is compiled.
+fn trampoline() -> Option<Tramp> {
+    static T: OnceLock<Option<usize>> = OnceLock::new();
+    let p = (*T.get_or_init(|| {
+        let mut m = new_module()?;
+        let p = translate::trampoline(&mut m)?;
+        // Its code must outlive every vCPU: the module is never freed.
+        std::mem::forget(m);
+        Some(p as usize)
+    }))?;
+    // SAFETY: `p` is the finalized entry of the function `translate::trampoline` compiled
+    // with exactly this signature in the host's C convention, in memory never freed.
+    Some(unsafe { std::mem::transmute::<*const u8, Tramp>(p as *const u8) })
 }
 
 /// Exit kinds in bits 32..40 of a compiled block's return value (bits 0..32: instructions
@@ -202,6 +225,11 @@ pub(crate) struct JitCtx {
     pub(crate) left: u64,
     /// The link of the exit taken (EXIT_LINK).
     pub(crate) link: *mut Link,
+    /// Instructions retired by blocks that were left through a followed link (a tail call
+    /// to the next block's code): added to the count the last block returns.
+    pub(crate) retired: u64,
+    /// Links followed by compiled code in this call.
+    pub(crate) chained: u64,
     /// `*mut &mut dyn Bus` of the running `Cpu::run`.
     bus: *mut u8,
     fault: Option<Fault>,
@@ -520,6 +548,7 @@ pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLin
 
 #[cold]
 fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
+    trampoline()?;
     let len = u32::try_from(ops.len()).ok()?;
     if len == 0 {
         return None;
@@ -633,12 +662,18 @@ pub(crate) fn enter(
     page: usize,
     gen: u32,
 ) -> (u64, Option<Stop>, Option<WantLink>) {
+    let Some(tramp) = trampoline() else {
+        // Unreachable: nothing is compiled without a trampoline.
+        return (0, Some(Stop::Exit(Exit::Unsupported("no trampoline for compiled code".into()))), None);
+    };
     let mut bus_ref: &mut dyn Bus = bus;
     let mut ctx = JitCtx {
         tlb: cpu.mmu.tlb_ptr() as *const u8,
         faulted: 0,
         left,
         link: std::ptr::null_mut(),
+        retired: 0,
+        chained: 0,
         bus: &mut bus_ref as *mut &mut dyn Bus as *mut u8,
         fault: None,
         exit: None,
@@ -650,13 +685,17 @@ pub(crate) fn enter(
     cpu.jit.stats.entries += 1;
     loop {
         ctx.left = left - total;
+        ctx.retired = 0;
+        ctx.chained = 0;
         // SAFETY: `f` was compiled by this vCPU's module in the current epoch (checked by
-        // `lookup`, or a link of this epoch), so its code is live; it accesses the Cpu only
-        // through the fields whose offsets `translate` took, and guest RAM through TLB
-        // entries valid for this vCPU, and calls only the helpers above with these same
-        // pointers. No Rust reference to `cpu` or `ctx` is used while it runs.
-        let r = unsafe { f(cpu as *mut Cpu, &mut ctx as *mut JitCtx as *mut u8) };
-        let n = r & 0xffff_ffff;
+        // `lookup`, or a link of this epoch), so its code is live, in the `tail` convention
+        // the trampoline calls; it accesses the Cpu only through the fields whose offsets
+        // `translate` took, and guest RAM through TLB entries valid for this vCPU, calls
+        // only the helpers above with these same pointers, and follows only links of its
+        // own epoch. No Rust reference to `cpu` or `ctx` is used while it runs.
+        let r = unsafe { tramp(cpu as *mut Cpu, &mut ctx as *mut JitCtx as *mut u8, f.0.as_ptr()) };
+        let n = (r & 0xffff_ffff) + ctx.retired;
+        cpu.jit.stats.chained += ctx.chained;
         cpu.jit.stats.instructions += n;
         total += n;
         let fault = match r >> 32 {

@@ -16,6 +16,7 @@ use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{I16, I32, I64, I8};
 use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
+use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::JITModule;
 use cranelift_module::{FuncId, Module};
@@ -124,6 +125,8 @@ struct Tr<'a, 'b> {
     sig_note: SigRef,
     sig_gen: SigRef,
     sig_flags: SigRef,
+    /// Compiled blocks' own signature (links are followed by tail calls).
+    sig_block: SigRef,
     /// GPRs the block names (loaded at entry, reloaded after an interpreted instruction).
     used: u16,
     /// The block loops onto itself: every exit stores every register in `used`.
@@ -561,15 +564,49 @@ impl Tr<'_, '_> {
 
     /// Exit to a constant `target` after `n` instructions: through link `k` when the
     /// target lies on the block's page (`start`), else a plain exit.
+    /// A link that is filled is followed right here, by a tail call of the target's code,
+    /// when its length fits in `JitCtx::left` and the page kept its generation (what
+    /// [`super::enter`] checks); instructions retired so far are added to
+    /// `JitCtx::retired`. Otherwise the block returns [`EXIT_LINK`].
     fn exit_to(&mut self, target: u64, n: u64, k: u64, start: u64) {
         let rip = self.iconst(target);
-        if target & !0xfff == start & !0xfff {
-            let l = self.iconst(self.env.links + k * std::mem::size_of::<super::Link>() as u64);
-            self.b.ins().store(MF, l, self.ctx, off(offset_of!(JitCtx, link)));
-            self.exit(rip, n, EXIT_LINK);
-        } else {
+        if target & !0xfff != start & !0xfff {
             self.exit(rip, n, EXIT_NORMAL);
+            return;
         }
+        let l = self.iconst(self.env.links + k * std::mem::size_of::<super::Link>() as u64);
+        self.store_state(false);
+        self.b.ins().store(MF, rip, self.cpu, off(offset_of!(Cpu, rip)));
+        let d = self.b.use_var(self.done);
+        let total = self.addi(d, n as i64);
+        let f = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, f)));
+        let len = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, len)));
+        let need = self.b.ins().iadd(total, len);
+        let left = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, left)));
+        let fits = self.b.ins().icmp(IntCC::UnsignedLessThanOrEqual, need, left);
+        let p = self.iconst(self.env.gen_ptr);
+        let g = self.b.ins().load(I32, MemFlagsData::new(), p, 0);
+        let same = self.cmpi(IntCC::Equal, g, i64::from(self.env.gen));
+        let linked = self.cmpi(IntCC::NotEqual, f, 0);
+        let go = self.b.ins().band(fits, same);
+        let go = self.b.ins().band(go, linked);
+        let follow = self.b.create_block();
+        let back = self.b.create_block();
+        self.b.ins().brif(go, follow, &[], back, &[]);
+        self.b.switch_to_block(follow);
+        let left = self.b.ins().isub(left, total);
+        self.b.ins().store(MF, left, self.ctx, off(offset_of!(JitCtx, left)));
+        let r = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, retired)));
+        let r = self.b.ins().iadd(r, total);
+        self.b.ins().store(MF, r, self.ctx, off(offset_of!(JitCtx, retired)));
+        let c = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, chained)));
+        let c = self.addi(c, 1);
+        self.b.ins().store(MF, c, self.ctx, off(offset_of!(JitCtx, chained)));
+        self.b.ins().return_call_indirect(self.sig_block, f, &[self.cpu, self.ctx]);
+        self.b.switch_to_block(back);
+        self.b.ins().store(MF, l, self.ctx, off(offset_of!(JitCtx, link)));
+        let code = self.addi(total, (EXIT_LINK << 32) as i64);
+        self.b.ins().return_(&[code]);
     }
 
     /// The last instruction of a block when it is a JMP, CALL or Jcc: exits through links.
@@ -1126,14 +1163,11 @@ pub(crate) fn compile(
     env: &Env,
 ) -> Option<(FuncId, usize)> {
     module.clear_context(ctx);
-    let ptr = I64;
     let tc = module.target_config();
-    let mut sig = module.make_signature();
-    sig.params.push(AbiParam::new(ptr));
-    sig.params.push(AbiParam::new(ptr));
-    sig.returns.push(AbiParam::new(I64));
+    // Helpers are Rust `extern "C"` functions: the host's convention.
+    let cc = module.make_signature().call_conv;
+    let sig = block_sig(module);
     ctx.func.signature = sig.clone();
-    let cc = sig.call_conv;
     let mk = |params: &[Type], ret: bool| {
         let mut s = Signature::new(cc);
         s.params.extend(params.iter().map(|t| AbiParam::new(*t)));
@@ -1149,6 +1183,7 @@ pub(crate) fn compile(
         let sig_note = b.import_signature(mk(&[I64], false));
         let sig_gen = b.import_signature(mk(&[I64, I64, I64, I64], true));
         let sig_flags = b.import_signature(mk(&[I64, I64, I64, I64, I64], true));
+        let sig_block = b.import_signature(sig);
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -1201,6 +1236,7 @@ pub(crate) fn compile(
             sig_note,
             sig_gen,
             sig_flags,
+            sig_block,
             used,
             self_loop,
             entry_jump,
@@ -1255,14 +1291,52 @@ fn define(module: &mut JITModule, ctx: &mut cranelift_codegen::Context) -> Optio
 /// (`JITModule::finalize_definitions`, once for any number of functions).
 pub(crate) fn entry(module: &JITModule, id: FuncId) -> Option<JitFn> {
     let p = module.get_finalized_function(id);
-    if p.is_null() {
-        return None;
+    std::ptr::NonNull::new(p.cast_mut()).map(JitFn)
+}
+
+/// The signature of every compiled block: `(cpu, ctx) -> u64` in the `tail` convention.
+fn block_sig(module: &JITModule) -> Signature {
+    let mut sig = module.make_signature();
+    sig.params.push(AbiParam::new(I64));
+    sig.params.push(AbiParam::new(I64));
+    sig.returns.push(AbiParam::new(I64));
+    sig.call_conv = CallConv::Tail;
+    sig
+}
+
+/// Compiles the trampoline through which Rust enters compiled blocks:
+/// `extern "C" fn(cpu, ctx, block) -> u64` calling `block(cpu, ctx)` in the `tail`
+/// convention. None if Cranelift refuses.
+pub(crate) fn trampoline(module: &mut JITModule) -> Option<*const u8> {
+    let mut ctx = cranelift_module::Module::make_context(module);
+    let mut fctx = FunctionBuilderContext::new();
+    let tc = module.target_config();
+    let mut sig = module.make_signature();
+    for _ in 0..3 {
+        sig.params.push(AbiParam::new(I64));
     }
-    // SAFETY: `p` is the entry of a function just compiled with the signature
-    // `extern "C" fn(*mut Cpu, *mut u8) -> u64` (the module's default call convention is the
-    // host's C convention), finalized (executable) in `module`.
-    let f: JitFn = unsafe { std::mem::transmute::<*const u8, JitFn>(p) };
-    Some(f)
+    sig.returns.push(AbiParam::new(I64));
+    ctx.func.signature = sig;
+    let tail = block_sig(module);
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        let sig_block = b.import_signature(tail);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let &[cpu, cx, f] = b.block_params(entry) else {
+            return None;
+        };
+        let call = b.ins().call_indirect(sig_block, f, &[cpu, cx]);
+        let r = *b.inst_results(call).first()?;
+        b.ins().return_(&[r]);
+        b.seal_all_blocks();
+        b.finalize(tc);
+    }
+    let id = module.declare_anonymous_function(&ctx.func.signature).ok()?;
+    module.define_function(id, &mut ctx).ok()?;
+    module.finalize_definitions().ok()?;
+    Some(module.get_finalized_function(id))
 }
 
 /// Bit mask of the GPRs a fast form names (read or written).
