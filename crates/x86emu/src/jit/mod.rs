@@ -17,7 +17,7 @@
 //! (filled on first use), which the block's own code follows with a tail call of the
 //! target's code when the target fits in the budget and the page kept its generation
 //! (blocks use Cranelift's `tail` convention; Rust enters them through a trampoline). Any
-//! other exit (a branch to another page, RET, an indirect transfer) returns to [`enter`],
+//! other exit (a branch to another page, RET, an indirect transfer) returns to `enter`,
 //! which follows the jump cache, a small table from RIP to compiled code checked against
 //! the current translation of RIP, the page's code generation and the epoch (QEMU's
 //! `tb_jmp_cache`).
