@@ -26,7 +26,7 @@ time_to_marker() {
 
 for kernel in vmlinuz vmlinux; do
     : > "$log"
-    t=$(time_to_marker ./target/release/rustvisor run --kernel "guest/$kernel" --initrd guest/initrd.img \
+    t=$(time_to_marker "${CARGO_TARGET_DIR:-target}/release/rustvisor" run --kernel "guest/$kernel" --initrd guest/initrd.img \
         --cmdline "console=ttyS0 panic=-1 rv.test=1" --memory 512M --accel emu --serial "file=$log")
     printf 'rustvisor-emu-%s-init-marker-seconds: %.2f\n' "$kernel" "$t"
     eval "emu_$kernel=$t"

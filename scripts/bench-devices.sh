@@ -55,7 +55,7 @@ echo "RV-BENCH-NET \$a \$b"
 GUEST
 )
 log="$work/console.log"
-ip netns exec "$ns" ./target/release/rustvisor run --kernel guest/vmlinuz --initrd guest/initrd.img \
+ip netns exec "$ns" "${CARGO_TARGET_DIR:-target}/release/rustvisor" run --kernel guest/vmlinuz --initrd guest/initrd.img \
     --memory 512M --accel emu --serial "file=$log" --disk "path=$img,format=raw" --net tap=rvtap0 \
     --cmdline "console=ttyS0 panic=-1 rv.cmd=$(printf '%s\n' "$script" | base64 -w0)" >/dev/null 2>&1
 span() { awk -v k="$1" '$1 == k { print $3 - $2 }' "$log"; }

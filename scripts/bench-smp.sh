@@ -34,7 +34,7 @@ measure() {
 
 declare -A boot work
 for n in 1 2; do
-    read -r b w < <(measure ./target/release/rustvisor run --kernel guest/vmlinuz --initrd guest/initrd.img \
+    read -r b w < <(measure "${CARGO_TARGET_DIR:-target}/release/rustvisor" run --kernel guest/vmlinuz --initrd guest/initrd.img \
         --cmdline "$APPEND" --memory 512M --cpus "$n" --accel emu --serial "file=$log")
     boot[emu$n]=$b work[emu$n]=$w
     printf 'rustvisor-emu-cpus%d: boot-to-init %ss, 2-process workload %ss\n' "$n" "$b" "$w"
