@@ -23,7 +23,8 @@
 #    TSC fails under TCG and the guest hangs (see scripts/qemu-reference.sh); TCG's TSC runs
 #    at the host's rate, and emu's guest reads its TSC rate from CPUID leaf 0x15 instead.
 # 3. Prints, per run, the host's wall time from the VMM's start to systemd's "Reached target
-#    Multi-User System", to the benchmark's start and to the VMM's exit (after power-off), and
+#    Multi-User System", to the benchmark's start and to the VMM's exit (after power-off), the
+#    host's load average before the boot (other work on the host slows both VMMs), and
 #    each step's guest-measured seconds (the guest's clock, from the RV-STEP serial lines) and
 #    check value; then a table of medians: emu, QEMU, emu/QEMU. A check that differs between
 #    emu and QEMU is reported as a MISMATCH. Serial logs are kept in guest/userland/logs/.
@@ -48,7 +49,7 @@ ONLY=${ONLY:-}
 CMDLINE="console=ttyS0 root=/dev/vda rw panic=-1 quiet systemd.show_status=1${EXTRA_CMDLINE:+ $EXTRA_CMDLINE}"
 UL=$ROOT/guest/userland
 SRC=$ROOT/scripts/guest/userland
-STEPS=(python openssl xz gcc nbody sqlite)
+STEPS=(python sha256 aes xz gcc nbody sqlite)
 
 log() { echo "[bench-userland] $*" >&2; }
 die() { echo "[bench-userland] ERROR: $*" >&2; exit 1; }
@@ -171,6 +172,7 @@ boot() {
     local name=$1 run=$2 out=$UL/logs/$1-$2.log start line now rc="" argv
     if [ "$name" = emu ]; then argv=("${EMU[@]}"); else argv=("${QEMU[@]}"); fi
     cp --sparse=always "$UL/rootfs.ext4" "$DISK"
+    R[$name,$run,load]=$(cut -d' ' -f1-3 /proc/loadavg)
     start=$EPOCHREALTIME
     : > "$out"
     while IFS= read -r line; do
@@ -204,7 +206,7 @@ for ((i = 1; i <= RUNS; i++)); do
     for v in "${VMMS[@]}"; do
         log "run $i/$RUNS: $v"
         boot "$v" "$i"
-        line="$v run $i: exit ${R[$v,$i,rc]}"
+        line="$v run $i: exit ${R[$v,$i,rc]}, host load before ${R[$v,$i,load]}"
         for f in "${FIELDS[@]}"; do line+=", $f ${R[$v,$i,$f]:--}"; done
         echo "$line"
         for s in "${STEPS[@]}"; do
@@ -214,7 +216,7 @@ for ((i = 1; i <= RUNS; i++)); do
 done
 
 # --- 3. the table ----------------------------------------------------------------------------
-median() { tr ' ' '\n' | grep -E '^[0-9.]+$' | sort -n | awk '{v[NR]=$1} END {if (NR==0) print "-"; else print v[int((NR+1)/2)]}'; }
+median() { tr ' ' '\n' | { grep -E '^[0-9.]+$' || true; } | sort -n | awk '{v[NR]=$1} END {if (NR==0) print "-"; else print v[int((NR+1)/2)]}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/ && b > 0) printf "%.2f", a / b; else print "-"}'; }
 med() { # <vmm> <field>
     local i vals=""
