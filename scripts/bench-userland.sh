@@ -22,7 +22,9 @@
 #    microvm has no HPET or PM timer, and on a busy host the kernel's PIT calibration of the
 #    TSC fails under TCG and the guest hangs (see scripts/qemu-reference.sh); TCG's TSC runs
 #    at the host's rate, and emu's guest reads its TSC rate from CPUID leaf 0x15 instead.
-# 3. Prints, per run, the host's wall time from the VMM's start to systemd's "Reached target
+# 3. Prints, per run, the boot's phases by the guest's clock (kernel to "Run /init",
+#    initramfs-tools' /init to systemd in the real root, systemd to the benchmark), the host's
+#    wall time from the VMM's start to systemd's "Reached target
 #    Multi-User System", to the benchmark's start and to the VMM's exit (after power-off), the
 #    host's load average before the boot (other work on the host slows both VMMs), and
 #    each step's guest-measured seconds (the guest's clock, from the RV-STEP serial lines) and
@@ -186,6 +188,8 @@ boot() {
             *"Reached target"*"Multi-User System"*) R[$name,$run,multiuser]=$now ;;
             RV-BENCH-START*) R[$name,$run,start]=$now ;;
             RV-BENCH-DONE*) R[$name,$run,done]=$now ;;
+            RV-BOOT\ *)
+                read -r _ R[$name,$run,kernel] R[$name,$run,initramfs] R[$name,$run,systemd] <<<"$line" ;;
             RV-STEP\ *)
                 read -r _ s secs src check <<<"$line"
                 R[$name,$run,$s]=$secs
@@ -201,7 +205,7 @@ boot() {
 VMMS=(emu qemu)
 case "$ONLY" in emu) VMMS=(emu) ;; qemu) VMMS=(qemu) ;; "") need_tool qemu-system-x86_64 qemu-system-x86 ;; *) die "ONLY=emu|qemu|image" ;; esac
 [ "$ONLY" != qemu ] || need_tool qemu-system-x86_64 qemu-system-x86
-FIELDS=(multiuser start "${STEPS[@]}" done total)
+FIELDS=(kernel initramfs systemd multiuser start "${STEPS[@]}" done total)
 for ((i = 1; i <= RUNS; i++)); do
     for v in "${VMMS[@]}"; do
         log "run $i/$RUNS: $v"
@@ -225,6 +229,9 @@ med() { # <vmm> <field>
 }
 label() {
     case "$1" in
+        kernel) echo "boot: kernel, to Run /init (guest clock)" ;;
+        initramfs) echo "boot: initramfs, to systemd (guest clock)" ;;
+        systemd) echo "boot: systemd, to benchmark (guest clock)" ;;
         multiuser) echo "boot to multi-user.target (host wall)" ;;
         start) echo "boot to benchmark start (host wall)" ;;
         done) echo "boot + all steps (host wall)" ;;
@@ -235,11 +242,11 @@ label() {
 echo
 echo "Debian bookworm userland, kernel $(cat "$UL/kernel-version"), $MEMORY, 1 vCPU, median of $RUNS run(s);"
 echo "QEMU: -accel tcg -M microvm,pcie=on -cpu $QEMU_CPU, virtio-blk-pci; emu: $BIN"
-printf '| %-40s | %9s | %9s | %9s |\n' "seconds" "emu" "QEMU TCG" "emu/QEMU"
-printf '|%s|%s|%s|%s|\n' "------------------------------------------" "-----------" "-----------" "-----------"
+printf '| %-42s | %9s | %9s | %9s |\n' "seconds" "emu" "QEMU TCG" "emu/QEMU"
+printf '|%s|%s|%s|%s|\n' "--------------------------------------------" "-----------" "-----------" "-----------"
 for f in "${FIELDS[@]}"; do
     e=$(med emu "$f") q=$(med qemu "$f")
-    printf '| %-40s | %9s | %9s | %9s |\n' "$(label "$f")" "$e" "$q" "$(ratio "$e" "$q")"
+    printf '| %-42s | %9s | %9s | %9s |\n' "$(label "$f")" "$e" "$q" "$(ratio "$e" "$q")"
 done
 # The steps' results must not depend on the CPU.
 if [ -z "$ONLY" ]; then

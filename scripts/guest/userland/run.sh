@@ -2,6 +2,9 @@
 # The guest side of scripts/bench-userland.sh: run by rv-bench.service once the Debian
 # benchmark image reaches multi-user.target. Prints to the console (the serial port):
 #   RV-BENCH-START <guest uptime s> <cpu features>
+#   RV-BOOT <kernel s> <initramfs s> <systemd s>             the boot's phases by the guest's
+#       clock: to the kernel's "Run /init" (dmesg), from there to systemd's start in the real
+#       root (UserspaceTimestampMonotonic), from there to this script's start
 #   RV-STEP <name> <seconds> <exit status> <check...>     one line per step, seconds measured
 #                                                         by the guest's own clock
 #   RV-BENCH-DONE <guest uptime s>
@@ -25,7 +28,12 @@ export PYTHONHASHSEED=0 LC_ALL=C
 
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' \
     | grep -xE 'sse4_2|ssse3|popcnt|aes|pclmulqdq|avx|avx2|avx512f|sha_ni|rdrand|bmi2' | tr '\n' ',')
-echo "RV-BENCH-START $(cut -d' ' -f1 /proc/uptime) ${flags%,}"
+up=$(cut -d' ' -f1 /proc/uptime)
+echo "RV-BENCH-START $up ${flags%,}"
+init=$(dmesg | sed -n 's/^\[ *\([0-9.]*\)\] Run \/init as init process.*/\1/p' | head -n1)
+sd=$(systemctl show -p UserspaceTimestampMonotonic --value)
+awk -v i="${init:-0}" -v s="${sd:-0}" -v u="$up" \
+    'BEGIN {printf "RV-BOOT %.2f %.2f %.2f\n", i, s / 1e6 - i, u - s / 1e6}'
 
 # step NAME COMMAND...: runs COMMAND, whose last output line is the check.
 step() {
