@@ -22,14 +22,15 @@
 #    microvm has no HPET or PM timer, and on a busy host the kernel's PIT calibration of the
 #    TSC fails under TCG and the guest hangs (see scripts/qemu-reference.sh); TCG's TSC runs
 #    at the host's rate, and emu's guest reads its TSC rate from CPUID leaf 0x15 instead.
-# 3. Prints, per run, the boot's phases by the guest's clock (kernel to "Run /init",
-#    initramfs-tools' /init to systemd in the real root, systemd to the benchmark), the host's
-#    wall time from the VMM's start to systemd's "Reached target
-#    Multi-User System", to the benchmark's start and to the VMM's exit (after power-off), the
-#    host's load average before the boot (other work on the host slows both VMMs), and
-#    each step's guest-measured seconds (the guest's clock, from the RV-STEP serial lines) and
-#    check value; then a table of medians: emu, QEMU, emu/QEMU. A check that differs between
-#    emu and QEMU is reported as a MISMATCH. Serial logs are kept in guest/userland/logs/.
+# 3. Prints, per run: the boot's phases by the guest's clock (kernel to "Run /init",
+#    initramfs-tools' /init to systemd in the real root, systemd to the benchmark); the host's
+#    wall time from the VMM's start to systemd's "Reached target Multi-User System", to the
+#    benchmark's start and to the VMM's exit (after power-off); the host's load average
+#    before the boot (other work on the host slows both VMMs); each step's seconds by the
+#    guest's clock (from its RV-STEP serial line) and its check value. Then a table of
+#    medians: emu, QEMU, emu/QEMU. A check that differs between emu and QEMU is reported as a
+#    MISMATCH. Serial logs, each line prefixed by the host's seconds since the VMM started,
+#    are kept in guest/userland/logs/.
 #
 # Needs: root (mmdebstrap, chroot, mkfs.ext4 -d), the host's apt sources (network access to
 # the Debian mirror for the first build; mmdebstrap is apt-get installed if missing), QEMU
@@ -37,9 +38,8 @@
 # Env: BIN (default: ${CARGO_TARGET_DIR:-target}/release/rustvisor after cargo build
 # --release), RUNS, MEMORY, QEMU_CPU (default Westmere,+movbe,+rdrand: the feature set emu
 # advertises, x86-64-v2 + AES-NI/PCLMULQDQ/MOVBE/RDRAND, less RDSEED, which TCG lacks, so
-# the guest's libraries take the same code paths under both), ONLY (emu|qemu: boot only that one; image:
-# build the image and stop), BOOT_TIMEOUT,
-# EXTRA_CMDLINE.
+# the guest's libraries take the same code paths under both), ONLY (emu or qemu: boot only
+# that one; image: build the image and stop), BOOT_TIMEOUT, EXTRA_CMDLINE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
