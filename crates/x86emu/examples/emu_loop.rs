@@ -3,18 +3,13 @@
 //! instructions and the time taken; run it under `valgrind --tool=callgrind` for a
 //! host-instructions-per-guest-instruction figure that does not depend on machine noise.
 
+mod common;
+
 use iced_x86::code_asm::*;
-use std::time::Instant;
-use x86emu::cpu::ctl;
-use x86emu::{Cpu, CpuConfig, Exit, NullBus, RamRegion, Seg};
 
 fn main() {
     let iterations: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
     let mut ram = vec![0u8; 4 << 20];
-    let put = |ram: &mut [u8], at: usize, v: u64| ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
-    put(&mut ram, 0x1000, 0x2000 | 3);
-    put(&mut ram, 0x2000, 0x3000 | 3);
-    put(&mut ram, 0x3000, 0x83);
 
     let mut a = CodeAssembler::new(64).unwrap();
     let mut top = a.create_label();
@@ -44,27 +39,7 @@ fn main() {
     a.cmp(r8, r9).unwrap();
     a.cmovb(r9, r8).unwrap();
     a.ret().unwrap();
-    let code = a.assemble(0x10000).unwrap();
-    ram[0x10000..0x10000 + code.len()].copy_from_slice(&code);
-
-    let r = RamRegion { gpa: 0, size: ram.len() as u64, host_addr: ram.as_mut_ptr() };
-    let mut c = Cpu::new(vec![r], CpuConfig::default());
-    c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP | 0x10;
-    c.cr4 = ctl::CR4_PAE;
-    c.cr3 = 0x1000;
-    c.efer = ctl::EFER_LME | ctl::EFER_LMA;
-    c.seg[1] = Seg { selector: 8, base: 0, limit: 0xffff_ffff, attr: 0xa09b };
-    c.gpr[4] = 0x8000;
-    c.rip = 0x10000;
-    let t = Instant::now();
-    loop {
-        match c.run(&mut NullBus, 1 << 20) {
-            Exit::Budget => continue,
-            Exit::HaltedForever => break,
-            e => panic!("unexpected exit {e:?}"),
-        }
-    }
-    let dt = t.elapsed().as_secs_f64();
+    let (c, dt) = common::run_code(&mut ram, &mut a);
     let n = c.stats.instructions;
     println!("guest instructions: {n}, {dt:.3} s, {:.1} M instructions/s", n as f64 / dt / 1e6);
     // The final state, to compare tiers (RUSTVISOR_EMU_TIER=interp|jit|auto).

@@ -5,18 +5,14 @@
 //! of the guest instructions of the test guest's boot). Prints nanoseconds per guest
 //! instruction; compare `RUSTVISOR_EMU_TIER=interp|jit|auto`.
 
+mod common;
+
+use common::put;
 use iced_x86::code_asm::*;
-use std::time::Instant;
-use x86emu::cpu::ctl;
-use x86emu::{Cpu, CpuConfig, Exit, NullBus, RamRegion, Seg};
 
 fn main() {
     let calls: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let mut ram = vec![0u8; 4 << 20];
-    let put = |ram: &mut [u8], at: usize, v: u64| ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
-    put(&mut ram, 0x1000, 0x2000 | 3);
-    put(&mut ram, 0x2000, 0x3000 | 3);
-    put(&mut ram, 0x3000, 0x83);
     for i in 0..64 {
         put(&mut ram, 0x30000 + i * 8, 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1));
     }
@@ -95,27 +91,7 @@ fn main() {
     a.pop(r13).unwrap();
     a.pop(r14).unwrap();
     a.ret().unwrap();
-    let code = a.assemble(0x10000).unwrap();
-    ram[0x10000..0x10000 + code.len()].copy_from_slice(&code);
-
-    let r = RamRegion { gpa: 0, size: ram.len() as u64, host_addr: ram.as_mut_ptr() };
-    let mut c = Cpu::new(vec![r], CpuConfig::default());
-    c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP | 0x10;
-    c.cr4 = ctl::CR4_PAE;
-    c.cr3 = 0x1000;
-    c.efer = ctl::EFER_LME | ctl::EFER_LMA;
-    c.seg[1] = Seg { selector: 8, base: 0, limit: 0xffff_ffff, attr: 0xa09b };
-    c.gpr[4] = 0x8000;
-    c.rip = 0x10000;
-    let t = Instant::now();
-    loop {
-        match c.run(&mut NullBus, 1 << 20) {
-            Exit::Budget => continue,
-            Exit::HaltedForever => break,
-            e => panic!("unexpected exit {e:?}"),
-        }
-    }
-    let dt = t.elapsed().as_secs_f64();
+    let (c, dt) = common::run_code(&mut ram, &mut a);
     let n = c.stats.instructions;
     println!("guest instructions: {n}, {dt:.3} s, {:.2} ns per guest instruction", dt * 1e9 / n as f64);
     // The final state, to compare tiers.
