@@ -3,7 +3,7 @@
 
 use crate::cpu::{sreg, Cpu};
 use crate::mmu::Access;
-use crate::regs::host_usize;
+use crate::regs::hash_index;
 use crate::uop::Uop;
 use crate::{Fault, SRes, Stop};
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
@@ -21,7 +21,7 @@ const SET_BITS: u32 = (BCACHE_SIZE / WAYS).trailing_zeros();
 /// GPA moves the set, unlike `gpa ^ gpa >> 12`, under which code 32 KiB apart collided).
 #[inline]
 fn set_base(gpa: u64) -> usize {
-    host_usize(gpa.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SET_BITS)) * WAYS
+    hash_index(gpa, SET_BITS) * WAYS
 }
 /// Longest block decoded at once, in instructions.
 const BLOCK_MAX: usize = 64;
@@ -303,7 +303,7 @@ mod tests {
         let a = 0x1000u64;
         let b = (a + 0x1000..ram.len() as u64 - 2).find(|&g| set_base(g) == set_base(a)).expect("a colliding GPA");
         for g in [a, b] {
-            let g = host_usize(g);
+            let g = crate::regs::host_usize(g);
             ram[g] = 0x90;
             ram[g + 1] = 0xf4;
         }

@@ -97,3 +97,11 @@ pub(crate) fn size_u8(size: usize) -> u8 {
 pub(crate) fn host_usize(v: u64) -> usize {
     v as usize
 }
+
+/// An index in `0..1 << bits` (1 <= `bits` <= 63) for key `v`, by Fibonacci hashing: every
+/// bit of the key moves the index (the decode cache's sets and the jump cache, indexed by
+/// guest addresses whose low and page bits alone collide).
+#[inline(always)]
+pub(crate) fn hash_index(v: u64, bits: u32) -> usize {
+    host_usize(v.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits))
+}

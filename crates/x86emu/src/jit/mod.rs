@@ -3,9 +3,10 @@
 //! The interpreter (`crate::exec`) stays the reference and runs cold code and every mode
 //! but 64-bit. A decoded block (`crate::decode`) that has been fetched [`HOT`] times (tier
 //! [`Tier::Auto`]; on first use with [`Tier::Jit`]) is compiled whole into one host function
-//! `extern "C" fn(cpu: *mut Cpu, ctx: *mut JitCtx) -> u64` (`translate`): its fast forms
-//! (`crate::uop`) become inline code, every other instruction a call to `jit_generic`,
-//! which runs it through the interpreter between a store and a reload of the registers. The
+//! `fn(cpu: *mut Cpu, ctx: *mut JitCtx) -> u64` in Cranelift's `tail` convention
+//! (`translate`): its fast forms (`crate::uop`) become inline code, every other instruction
+//! a call to `jit_generic`, which runs it through the interpreter between a store and a
+//! reload of the registers. The
 //! compiled entry is stored in the decode-cache entry of the block, so whatever retires the
 //! block (a store into its page by any vCPU, DMA, a flush) retires the code with it.
 //!
@@ -457,9 +458,9 @@ struct JcEntry {
 
 const JC_EMPTY: JcEntry = JcEntry { rip: 0, gpa: 0, f: None, page: 0, gen: 0, len: 0, epoch: 0, user: false };
 
-/// The jump-cache entry of `rip` (Fibonacci hashing, as the decode cache's sets).
+/// The jump-cache entry of `rip`.
 fn jc_index(rip: u64) -> usize {
-    crate::regs::host_usize(rip.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - JC_SIZE.trailing_zeros()))
+    crate::regs::hash_index(rip, JC_SIZE.trailing_zeros())
 }
 
 /// Records compiled block `code` of the block at `b` (first instruction at `rip`) in the
@@ -713,28 +714,24 @@ pub(crate) fn enter(
                 let l = ctx.link;
                 // SAFETY: compiled code of this epoch stores a pointer to one of its own
                 // link tables, live while the epoch lasts.
-                let (nf, nlen) = unsafe { ((*l).f, (*l).len) };
-                match nf {
-                    Some(nf) if total + nlen <= left && cpu.mmu.shared.gen(page) == gen => {
+                let filled = unsafe { (*l).f.is_some() };
+                if filled {
+                    // The block's own code follows a filled link; it comes back only when
+                    // the target did not fit in the budget or the page changed.
+                    return (total, None, None);
+                }
+                match jc_next(cpu, left - total, la_page, page) {
+                    Some((nf, nlen, p, g)) if p == page && g == gen => {
+                        // SAFETY: as above; no reference to the link exists.
+                        unsafe { *l = Link { f: Some(nf), len: u64::from(nlen) } };
                         f = nf;
                         cpu.jit.stats.chained += 1;
                         continue;
                     }
-                    Some(_) => return (total, None, None),
-                    None => match jc_next(cpu, left - total, la_page, page) {
-                        Some((nf, nlen, p, g)) if p == page && g == gen => {
-                            // SAFETY: as above; no reference to the link exists.
-                            unsafe { *l = Link { f: Some(nf), len: u64::from(nlen) } };
-                            f = nf;
-                            cpu.jit.stats.chained += 1;
-                            continue;
-                        }
-                        _ => {
-                            let w =
-                                WantLink { link: l, epoch: cpu.jit.epoch, rip: cpu.rip, page, gen, user: cpu.cur_user };
-                            return (total, None, Some(w));
-                        }
-                    },
+                    _ => {
+                        let w = WantLink { link: l, epoch: cpu.jit.epoch, rip: cpu.rip, page, gen, user: cpu.cur_user };
+                        return (total, None, Some(w));
+                    }
                 }
             }
             EXIT_GP => Stop::Fault(Fault::GeneralProtection(0)),

@@ -555,19 +555,26 @@ impl Tr<'_, '_> {
     }
 
     fn exit_as(&mut self, rip: Value, n: u64, kind: u64, cold: bool) {
-        self.store_state(cold);
-        self.b.ins().store(MF, rip, self.cpu, off(offset_of!(Cpu, rip)));
-        let d = self.b.use_var(self.done);
-        let code = self.addi(d, (n | kind << 32) as i64);
+        let total = self.leave(rip, n, cold);
+        let code = self.addi(total, (kind << 32) as i64);
         self.b.ins().return_(&[code]);
     }
 
+    /// Stores changed state and RIP = `rip` for leaving after the block's first `n`
+    /// instructions; returns the instructions this function retired (earlier passes of a
+    /// self-loop included).
+    fn leave(&mut self, rip: Value, n: u64, cold: bool) -> Value {
+        self.store_state(cold);
+        self.b.ins().store(MF, rip, self.cpu, off(offset_of!(Cpu, rip)));
+        let d = self.b.use_var(self.done);
+        self.addi(d, n as i64)
+    }
+
     /// Exit to a constant `target` after `n` instructions: through link `k` when the
-    /// target lies on the block's page (`start`), else a plain exit.
-    /// A link that is filled is followed right here, by a tail call of the target's code,
-    /// when its length fits in `JitCtx::left` and the page kept its generation (what
-    /// [`super::enter`] checks); instructions retired so far are added to
-    /// `JitCtx::retired`. Otherwise the block returns [`EXIT_LINK`].
+    /// target lies on the block's page (`start`), else a plain exit. A filled link is
+    /// followed right here, by a tail call of the target's code, when its length fits in
+    /// `JitCtx::left` and the page kept its generation; instructions retired so far are
+    /// added to `JitCtx::retired`. Otherwise the block returns [`EXIT_LINK`].
     fn exit_to(&mut self, target: u64, n: u64, k: u64, start: u64) {
         let rip = self.iconst(target);
         if target & !0xfff != start & !0xfff {
@@ -575,10 +582,7 @@ impl Tr<'_, '_> {
             return;
         }
         let l = self.iconst(self.env.links + k * std::mem::size_of::<super::Link>() as u64);
-        self.store_state(false);
-        self.b.ins().store(MF, rip, self.cpu, off(offset_of!(Cpu, rip)));
-        let d = self.b.use_var(self.done);
-        let total = self.addi(d, n as i64);
+        let total = self.leave(rip, n, false);
         let f = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, f)));
         let len = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, len)));
         let need = self.b.ins().iadd(total, len);
