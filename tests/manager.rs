@@ -1393,7 +1393,9 @@ fn when_the_vms_memory_runs_out_the_lowest_priority_vm_is_killed() {
     let oom = ev.iter().find(|e| e.kind == "oom-killed").expect("an oom-killed event");
     eprintln!("low: {}", oom.detail);
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(env.vm("high").state, VmState::Running, "the important VM survives");
+    let high = env.vm("high");
+    let events: Vec<String> = env.events("high").iter().map(|e| format!("{}: {}", e.kind, e.detail)).collect();
+    assert_eq!(high.state, VmState::Running, "the important VM survives: {:?}; events {events:?}", high.reason);
     let host: serde_json::Value = serde_json::from_str(&env.ok(&["capacity", "--json"])).unwrap();
     assert_eq!(host["host"]["memory_mib"], 800, "{host}");
     assert_eq!(host["host"]["vms_up"], 1, "{host}");
