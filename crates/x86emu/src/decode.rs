@@ -45,6 +45,9 @@ struct Block {
 pub(crate) struct JitSlot {
     /// Executions counted by the translation tier (saturating).
     pub(crate) hits: u32,
+    /// The vCPU's retired-instruction count / 1024 when the first execution was counted
+    /// (wrapping): how fast the block became hot orders the compiler's queue.
+    pub(crate) born: u32,
     /// The block's compiled form.
     pub(crate) code: Compiled,
 }
@@ -282,7 +285,7 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, base: usize) -> S
             page,
             bits,
             ops: ops.clone(),
-            jit: JitSlot { hits: 0, code: Compiled::None },
+            jit: JitSlot { hits: 0, born: 0, code: Compiled::None },
         });
     }
     Ok(BlockRef { ops, page, gen, slot: idx, gpa })

@@ -27,6 +27,9 @@ pub(crate) struct Job {
     pub(crate) at: BlockAt,
     /// RIP of its first instruction.
     pub(crate) rip: u64,
+    /// How long the block took to become hot, in thousands of instructions the vCPU
+    /// retired: the queue compiles the lowest first.
+    pub(crate) age: u32,
 }
 
 /// A compiled block (or a refusal) for the vCPU to install.
@@ -119,41 +122,52 @@ impl Drop for Worker {
 /// per block).
 const BATCH: usize = 16;
 
-/// The compiler thread: compiles jobs in order until the queue closes; the jobs waiting
-/// together (up to [`BATCH`]) are finalized together.
+/// The compiler thread: takes every job waiting, compiles up to [`BATCH`] of them, the
+/// hottest first (lowest [`Job::age`]: a loop that became hot in a few thousand
+/// instructions runs interpreted until its code arrives, while a block that took a billion
+/// instructions to get there barely runs), finalizes them together and sends them back;
+/// until the queue closes. The others wait for the next round, so a job waits at most
+/// until no hotter one is queued; the vCPU keeps at most [`QUEUE`] in flight.
 fn compiler(jobs: Receiver<Msg>, done: Sender<Done>) {
     let mut module: Option<cranelift_jit::JITModule> = None;
     let mut cl_ctx: Option<cranelift_codegen::Context> = None;
     let mut fctx = cranelift_frontend::FunctionBuilderContext::new();
-    let mut next = jobs.recv().ok();
-    'jobs: while let Some(m) = next.take() {
-        let job = match m {
-            Msg::Flush => {
-                cl_ctx = None;
-                if let Some(m) = module.take() {
-                    // SAFETY: the vCPU moved its epoch on before sending Flush, so it never
-                    // enters code of this module again (every stored entry, link and
-                    // jump-cache entry of it is stale), and it does not run compiled code
-                    // while it sends (it sends from its compile path, outside `enter`).
-                    unsafe { m.free_memory() };
-                }
-                next = jobs.recv().ok();
-                continue;
-            }
-            Msg::Compile(j) => j,
-        };
-        let mut batch = vec![job];
-        while batch.len() < BATCH {
-            match jobs.try_recv() {
-                Ok(Msg::Compile(j)) => batch.push(j),
-                Ok(flush) => {
-                    // Handled after this batch.
-                    next = Some(flush);
-                    break;
-                }
-                Err(_) => break,
-            }
+    let mut queued: Vec<Box<Job>> = Vec::new();
+    'jobs: loop {
+        // Wait while nothing is queued, then take everything waiting.
+        let mut msg = if queued.is_empty() { jobs.recv().ok() } else { jobs.try_recv().ok() };
+        if msg.is_none() && queued.is_empty() {
+            // The queue closed: the vCPU is going away.
+            break;
         }
+        while let Some(m) = msg.take() {
+            match m {
+                Msg::Compile(j) => queued.push(j),
+                Msg::Flush => {
+                    // Every job queued so far belongs to the epoch that ended: answered
+                    // without code (the vCPU drops answers of an older epoch unseen).
+                    for j in queued.drain(..) {
+                        if done.send(refusal(&j)).is_err() {
+                            break 'jobs;
+                        }
+                    }
+                    cl_ctx = None;
+                    if let Some(m) = module.take() {
+                        // SAFETY: the vCPU moved its epoch on before sending Flush, so it
+                        // never enters code of this module again (every stored entry, link
+                        // and jump-cache entry of it is stale), and it does not run compiled
+                        // code while it sends (it sends from its compile path, outside
+                        // `enter`).
+                        unsafe { m.free_memory() };
+                    }
+                }
+            }
+            msg = jobs.try_recv().ok();
+        }
+        if queued.is_empty() {
+            continue;
+        }
+        let batch = hottest(&mut queued, |j| j.age, BATCH);
         if module.is_none() {
             module = super::new_module();
         }
@@ -174,26 +188,53 @@ fn compiler(jobs: Receiver<Msg>, done: Sender<Done>) {
                 (true, Some((id, bytes)), Some(m)) => translate::entry(m, id).map(|f| (f, bytes)),
                 _ => None,
             };
-            let d = Done {
-                code,
-                epoch: j.epoch,
-                at: j.at,
-                rip: j.rip,
-                len: u32::try_from(j.ops.len()).unwrap_or(u32::MAX),
-                user: j.env.user,
-                ns: u64::try_from((took + fin).as_nanos()).unwrap_or(u64::MAX),
-            };
+            let d = Done { code, ns: u64::try_from((took + fin).as_nanos()).unwrap_or(u64::MAX), ..refusal(&j) };
             if done.send(d).is_err() {
                 break 'jobs;
             }
-        }
-        if next.is_none() {
-            next = jobs.recv().ok();
         }
     }
     if let Some(m) = module.take() {
         // SAFETY: the queue closed: the vCPU (and its Jit) is being dropped and runs no
         // compiled code any more.
         unsafe { m.free_memory() };
+    }
+}
+
+/// Takes the `n` items of lowest `age` out of `queued`, lowest first (of equal ages, the
+/// one queued first).
+fn hottest<T>(queued: &mut Vec<T>, age: impl Fn(&T) -> u32, n: usize) -> Vec<T> {
+    // Stable: arrival order kept among equal ages.
+    queued.sort_by_key(|j| age(j));
+    queued.drain(..n.min(queued.len())).collect()
+}
+
+/// The answer to `j` without code.
+fn refusal(j: &Job) -> Done {
+    Done {
+        code: None,
+        epoch: j.epoch,
+        at: j.at,
+        rip: j.rip,
+        len: u32::try_from(j.ops.len()).unwrap_or(u32::MAX),
+        user: j.env.user,
+        ns: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hottest;
+
+    #[test]
+    fn the_blocks_that_became_hot_fastest_are_compiled_first() {
+        // (age, arrival)
+        let mut q: Vec<(u32, u32)> = vec![(900, 0), (3, 1), (50, 2), (3, 3), (0, 4), (7000, 5)];
+        let b = hottest(&mut q, |j| j.0, 3);
+        assert_eq!(b, vec![(0, 4), (3, 1), (3, 3)]);
+        let b = hottest(&mut q, |j| j.0, 3);
+        assert_eq!(b, vec![(50, 2), (900, 0), (7000, 5)]);
+        assert!(q.is_empty());
+        assert!(hottest(&mut q, |j| j.0, 3).is_empty());
     }
 }
