@@ -7,7 +7,8 @@
 #   2. Host instructions per guest instruction of crates/x86emu/examples/emu_loop.rs under
 #      callgrind (noise-free), tier interp and tier jit (every block compiled in place).
 #   3. Nanoseconds per guest instruction of crates/x86emu/examples/mpi_loop.rs (the RSA
-#      multiply-subtract loop that is half of the boot's guest instructions), interp and auto.
+#      multiply-subtract loop that is half of the boot's guest instructions) and of
+#      examples/nbody_loop.rs (the n-body step in scalar SSE2 double), interp and auto.
 # Needs the guest from scripts/setup-guest.sh; QEMU and valgrind are optional (skipped with
 # a note when missing). Prints one "name: value" line per figure, then a table.
 set -euo pipefail
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 bash scripts/setup-guest.sh >/dev/null 2>&1
 cargo build --release -q
-cargo build --release -q -p x86emu --example emu_loop --example mpi_loop
+cargo build --release -q -p x86emu --example emu_loop --example mpi_loop --example nbody_loop
 bin=${CARGO_TARGET_DIR:-target}/release
 MARK=RUSTVISOR-INIT-OK
 log=$(mktemp)
@@ -79,10 +80,12 @@ else
     echo "emu-loop: skipped: valgrind is not installed"
 fi
 
-declare -A mpi
+declare -A mpi nbody
 for tier in interp auto; do
     mpi[$tier]=$(RUSTVISOR_EMU_TIER=$tier "$bin/examples/mpi_loop" | awk '/ns per guest instruction/ {print $(NF-4)}')
     printf 'mpi-loop-%s-ns-per-guest-instruction: %s\n' "$tier" "${mpi[$tier]}"
+    nbody[$tier]=$(RUSTVISOR_EMU_TIER=$tier "$bin/examples/nbody_loop" | awk '/ns per guest instruction/ {print $(NF-4)}')
+    printf 'nbody-loop-%s-ns-per-guest-instruction: %s\n' "$tier" "${nbody[$tier]}"
 done
 
 echo
@@ -95,3 +98,4 @@ if [[ -n ${hpg[interp]:-} ]]; then
     printf '\nemu_loop host instructions per guest instruction: interp %s, jit %s\n' "${hpg[interp]}" "${hpg[jit]}"
 fi
 printf 'mpi_loop ns per guest instruction: interp %s, auto %s\n' "${mpi[interp]}" "${mpi[auto]}"
+printf 'nbody_loop ns per guest instruction: interp %s, auto %s\n' "${nbody[interp]}" "${nbody[auto]}"

@@ -100,7 +100,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                 cpu.rip = op.next_ip;
                 n += 1;
                 let r = match op.uop {
-                    crate::uop::Uop::Generic => {
+                    crate::uop::Uop::Generic | crate::uop::Uop::Sse(_) => {
                         let r = execute(cpu, bus, &op.insn);
                         if r.is_ok() && (cpu.halted || (cpu.check_irq && !cpu.interrupt_shadow)) {
                             break 'chunk;
@@ -175,7 +175,15 @@ fn jit_step(
     if chunk - n < u64::from(len) {
         return (JitStep::Interpret(0), n);
     }
+    // Compiled SSE arithmetic collects its exception flags in the host's MXCSR.
+    let fp = cpu.jit.host_fp;
+    if fp {
+        crate::jit::discard_fp_flags();
+    }
     let (k, fault, w) = crate::jit::enter(cpu, bus, f, chunk - n, at.page, at.gen);
+    if fp {
+        crate::jit::collect_fp_flags(cpu);
+    }
     *want = w;
     let n = n + k;
     match fault {

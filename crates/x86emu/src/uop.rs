@@ -89,11 +89,114 @@ pub(crate) enum Src {
     Mem(MemOp),
 }
 
+/// An XMM-or-memory source of an SSE fast form.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Xs {
+    /// XMM register 0..=15.
+    X(u8),
+    /// Memory.
+    M(MemOp),
+}
+
+/// Floating-point operation of an SSE fast form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FpOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Sqrt,
+}
+
+/// The lanes an SSE floating-point operation works on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lanes {
+    /// Scalar single (low 32 bits; the rest of the destination kept).
+    Ss,
+    /// Scalar double (low 64 bits; the rest kept).
+    Sd,
+    /// Packed single (4 lanes).
+    Ps,
+    /// Packed double (2 lanes).
+    Pd,
+}
+
+impl Lanes {
+    /// Bytes of a memory source operand.
+    pub(crate) fn mem_size(self) -> u8 {
+        match self {
+            Lanes::Ss => 4,
+            Lanes::Sd => 8,
+            Lanes::Ps | Lanes::Pd => 16,
+        }
+    }
+}
+
+/// 128-bit bitwise and integer operations of an SSE fast form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum VecOp {
+    And,
+    /// `!d & s` (PANDN/ANDNPS/ANDNPD).
+    Andn,
+    Or,
+    Xor,
+    /// PADDD/PSUBD/PADDQ/PSUBQ.
+    AddD,
+    SubD,
+    AddQ,
+    SubQ,
+}
+
+/// An SSE fast form: compiled inline by the translation tier (the interpreter runs these
+/// through the full SSE path, `crate::sse`, which stays the reference). Every form first
+/// checks what the SSE path checks (CR0.EM/TS, CR4.OSFXSR; for floating point, an MXCSR
+/// with every exception masked, round to nearest, no DAZ/FTZ; a memory operand the TLB
+/// maps and, where legacy SSE requires it, 16-byte aligned) and hands the instruction to
+/// the interpreter where that does not hold.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Sse {
+    /// XMM d = s, 128 bits (MOVAPS/MOVAPD/MOVDQA with `aligned`, MOVUPS/MOVUPD/MOVDQU).
+    Mov { d: u8, s: Xs, aligned: bool },
+    /// The low `size` bytes (4, 8 or 16) of XMM s to memory (MOVSS/MOVD, MOVSD/MOVQ,
+    /// MOVAPS/MOVUPS... m, xmm).
+    Store { m: MemOp, s: u8, size: u8, aligned: bool },
+    /// XMM d = the low `size` bytes (4 or 8) of s, zero-extended (MOVSS/MOVSD xmm, m;
+    /// MOVD/MOVQ xmm, m; MOVQ xmm, xmm).
+    LoadZ { d: u8, s: Xs, size: u8 },
+    /// The low `size` bytes (4 or 8) of XMM d = those of XMM s, the rest kept (MOVSS/MOVSD
+    /// xmm, xmm).
+    Merge { d: u8, s: u8, size: u8 },
+    /// XMM d = GPR s zero-extended (MOVD/MOVQ xmm, r32/r64; `size` 4 or 8).
+    FromGpr { d: u8, s: u8, size: u8 },
+    /// GPR d = the low `size` bytes of XMM s (MOVD/MOVQ r32/r64, xmm).
+    ToGpr { d: u8, s: u8, size: u8 },
+    /// ADD/SUB/MUL/DIV/SQRT SS/SD/PS/PD: d = d op s (SQRT: d = sqrt s), lane-wise.
+    Fp { op: FpOp, lanes: Lanes, d: u8, s: Xs },
+    /// PAND/PANDN/POR/PXOR (and the PS/PD forms), PADDD/PSUBD/PADDQ/PSUBQ: d = d op s.
+    Vec { op: VecOp, d: u8, s: Xs },
+    /// UCOMISS (`dbl` false) / UCOMISD: ZF, PF, CF from comparing XMM a with s; OF, SF,
+    /// AF cleared.
+    Ucomi { dbl: bool, a: u8, s: Xs },
+    /// CVTSI2SS / CVTSI2SD (`dbl`): the low lane of XMM d = the signed `ssz`-byte (4 or 8)
+    /// integer s.
+    CvtI2F { dbl: bool, d: u8, s: Src, ssz: u8 },
+}
+
+impl Sse {
+    /// Whether the form does floating-point arithmetic (which runs on the host's MXCSR).
+    pub(crate) fn host_fp(&self) -> bool {
+        matches!(self, Sse::Fp { .. } | Sse::Ucomi { .. } | Sse::CvtI2F { .. })
+    }
+}
+
 /// A pre-decoded instruction.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Uop {
     /// Run through the full interpreter.
     Generic,
+    /// An SSE form the translation tier compiles inline (the interpreter runs it as
+    /// `Generic`).
+    Sse(Sse),
     /// MOV r32/64, src.
     MovR { d: u8, s: Src, sz: u8 },
     /// MOV m, r32/64 or imm.
@@ -180,7 +283,139 @@ pub(crate) fn lower(insn: &Instruction, bits: u32) -> Uop {
     lower64(insn).unwrap_or(Uop::Generic)
 }
 
+/// XMM register number of `r`.
+fn xmm(r: Register) -> Option<u8> {
+    if r.is_xmm() {
+        u8::try_from(r.number()).ok()
+    } else {
+        None
+    }
+}
+
+/// Operand `i` as an XMM register or memory.
+fn xs(insn: &Instruction, i: u32) -> Option<Xs> {
+    match insn.op_kind(i) {
+        OpKind::Register => xmm(insn.op_register(i)).map(Xs::X),
+        OpKind::Memory => MemOp::from(insn).map(Xs::M),
+        _ => None,
+    }
+}
+
+/// The SSE fast forms (legacy encodings only: VEX forms are not in the CPU model).
+fn lower_sse(insn: &Instruction) -> Option<Sse> {
+    use iced_x86::Code as C;
+    if insn.encoding() != iced_x86::EncodingKind::Legacy {
+        return None;
+    }
+    let x0 = || xmm(insn.op0_register());
+    let fp = |op: FpOp, lanes: Lanes| Some(Sse::Fp { op, lanes, d: x0()?, s: xs(insn, 1)? });
+    let vec = |op: VecOp| Some(Sse::Vec { op, d: x0()?, s: xs(insn, 1)? });
+    let gpr_of = |r: Register| u8::try_from(r.full_register().number()).ok();
+    Some(match insn.code() {
+        C::Movaps_xmm_xmmm128 | C::Movapd_xmm_xmmm128 | C::Movdqa_xmm_xmmm128 => {
+            Sse::Mov { d: x0()?, s: xs(insn, 1)?, aligned: true }
+        }
+        C::Movups_xmm_xmmm128 | C::Movupd_xmm_xmmm128 | C::Movdqu_xmm_xmmm128 => {
+            Sse::Mov { d: x0()?, s: xs(insn, 1)?, aligned: false }
+        }
+        C::Movaps_xmmm128_xmm
+        | C::Movapd_xmmm128_xmm
+        | C::Movdqa_xmmm128_xmm
+        | C::Movups_xmmm128_xmm
+        | C::Movupd_xmmm128_xmm
+        | C::Movdqu_xmmm128_xmm => {
+            let s = xmm(insn.op1_register())?;
+            let aligned = matches!(insn.code(), C::Movaps_xmmm128_xmm | C::Movapd_xmmm128_xmm | C::Movdqa_xmmm128_xmm);
+            match xs(insn, 0)? {
+                Xs::X(d) => Sse::Mov { d, s: Xs::X(s), aligned },
+                Xs::M(m) => Sse::Store { m, s, size: 16, aligned },
+            }
+        }
+        C::Movsd_xmm_xmmm64 | C::Movss_xmm_xmmm32 => {
+            let size = if insn.code() == C::Movsd_xmm_xmmm64 { 8 } else { 4 };
+            match xs(insn, 1)? {
+                Xs::X(s) => Sse::Merge { d: x0()?, s, size },
+                m => Sse::LoadZ { d: x0()?, s: m, size },
+            }
+        }
+        C::Movsd_xmmm64_xmm | C::Movss_xmmm32_xmm => {
+            let size = if insn.code() == C::Movsd_xmmm64_xmm { 8 } else { 4 };
+            let s = xmm(insn.op1_register())?;
+            match xs(insn, 0)? {
+                Xs::X(d) => Sse::Merge { d, s, size },
+                Xs::M(m) => Sse::Store { m, s, size, aligned: false },
+            }
+        }
+        C::Movq_xmm_xmmm64 => Sse::LoadZ { d: x0()?, s: xs(insn, 1)?, size: 8 },
+        C::Movq_xmmm64_xmm => {
+            let s = xmm(insn.op1_register())?;
+            match xs(insn, 0)? {
+                Xs::X(d) => Sse::LoadZ { d, s: Xs::X(s), size: 8 },
+                Xs::M(m) => Sse::Store { m, s, size: 8, aligned: false },
+            }
+        }
+        C::Movd_xmm_rm32 | C::Movq_xmm_rm64 => {
+            let size = if insn.code() == C::Movd_xmm_rm32 { 4 } else { 8 };
+            match insn.op1_kind() {
+                OpKind::Register => Sse::FromGpr { d: x0()?, s: gpr_of(insn.op1_register())?, size },
+                _ => Sse::LoadZ { d: x0()?, s: Xs::M(MemOp::from(insn)?), size },
+            }
+        }
+        C::Movd_rm32_xmm | C::Movq_rm64_xmm => {
+            let size = if insn.code() == C::Movd_rm32_xmm { 4 } else { 8 };
+            let s = xmm(insn.op1_register())?;
+            match insn.op0_kind() {
+                OpKind::Register => Sse::ToGpr { d: gpr_of(insn.op0_register())?, s, size },
+                _ => Sse::Store { m: MemOp::from(insn)?, s, size, aligned: false },
+            }
+        }
+        C::Addss_xmm_xmmm32 => fp(FpOp::Add, Lanes::Ss)?,
+        C::Addsd_xmm_xmmm64 => fp(FpOp::Add, Lanes::Sd)?,
+        C::Addps_xmm_xmmm128 => fp(FpOp::Add, Lanes::Ps)?,
+        C::Addpd_xmm_xmmm128 => fp(FpOp::Add, Lanes::Pd)?,
+        C::Subss_xmm_xmmm32 => fp(FpOp::Sub, Lanes::Ss)?,
+        C::Subsd_xmm_xmmm64 => fp(FpOp::Sub, Lanes::Sd)?,
+        C::Subps_xmm_xmmm128 => fp(FpOp::Sub, Lanes::Ps)?,
+        C::Subpd_xmm_xmmm128 => fp(FpOp::Sub, Lanes::Pd)?,
+        C::Mulss_xmm_xmmm32 => fp(FpOp::Mul, Lanes::Ss)?,
+        C::Mulsd_xmm_xmmm64 => fp(FpOp::Mul, Lanes::Sd)?,
+        C::Mulps_xmm_xmmm128 => fp(FpOp::Mul, Lanes::Ps)?,
+        C::Mulpd_xmm_xmmm128 => fp(FpOp::Mul, Lanes::Pd)?,
+        C::Divss_xmm_xmmm32 => fp(FpOp::Div, Lanes::Ss)?,
+        C::Divsd_xmm_xmmm64 => fp(FpOp::Div, Lanes::Sd)?,
+        C::Divps_xmm_xmmm128 => fp(FpOp::Div, Lanes::Ps)?,
+        C::Divpd_xmm_xmmm128 => fp(FpOp::Div, Lanes::Pd)?,
+        C::Sqrtss_xmm_xmmm32 => fp(FpOp::Sqrt, Lanes::Ss)?,
+        C::Sqrtsd_xmm_xmmm64 => fp(FpOp::Sqrt, Lanes::Sd)?,
+        C::Sqrtps_xmm_xmmm128 => fp(FpOp::Sqrt, Lanes::Ps)?,
+        C::Sqrtpd_xmm_xmmm128 => fp(FpOp::Sqrt, Lanes::Pd)?,
+        C::Pand_xmm_xmmm128 | C::Andps_xmm_xmmm128 | C::Andpd_xmm_xmmm128 => vec(VecOp::And)?,
+        C::Pandn_xmm_xmmm128 | C::Andnps_xmm_xmmm128 | C::Andnpd_xmm_xmmm128 => vec(VecOp::Andn)?,
+        C::Por_xmm_xmmm128 | C::Orps_xmm_xmmm128 | C::Orpd_xmm_xmmm128 => vec(VecOp::Or)?,
+        C::Pxor_xmm_xmmm128 | C::Xorps_xmm_xmmm128 | C::Xorpd_xmm_xmmm128 => vec(VecOp::Xor)?,
+        C::Paddd_xmm_xmmm128 => vec(VecOp::AddD)?,
+        C::Psubd_xmm_xmmm128 => vec(VecOp::SubD)?,
+        C::Paddq_xmm_xmmm128 => vec(VecOp::AddQ)?,
+        C::Psubq_xmm_xmmm128 => vec(VecOp::SubQ)?,
+        C::Ucomiss_xmm_xmmm32 => Sse::Ucomi { dbl: false, a: x0()?, s: xs(insn, 1)? },
+        C::Ucomisd_xmm_xmmm64 => Sse::Ucomi { dbl: true, a: x0()?, s: xs(insn, 1)? },
+        C::Cvtsi2ss_xmm_rm32 | C::Cvtsi2ss_xmm_rm64 | C::Cvtsi2sd_xmm_rm32 | C::Cvtsi2sd_xmm_rm64 => {
+            let dbl = matches!(insn.code(), C::Cvtsi2sd_xmm_rm32 | C::Cvtsi2sd_xmm_rm64);
+            let ssz: u8 = if matches!(insn.code(), C::Cvtsi2ss_xmm_rm32 | C::Cvtsi2sd_xmm_rm32) { 4 } else { 8 };
+            let s = match insn.op1_kind() {
+                OpKind::Register => Src::Reg(gpr_of(insn.op1_register())?),
+                _ => Src::Mem(MemOp::from(insn)?),
+            };
+            Sse::CvtI2F { dbl, d: x0()?, s, ssz }
+        }
+        _ => return None,
+    })
+}
+
 fn lower64(insn: &Instruction) -> Option<Uop> {
+    if let Some(s) = lower_sse(insn) {
+        return Some(Uop::Sse(s));
+    }
     let m = insn.mnemonic();
     let k0 = insn.op0_kind();
     Some(match m {
@@ -480,7 +715,12 @@ impl Uop {
     pub(crate) fn may_store(&self) -> bool {
         matches!(
             self,
-            Uop::Generic | Uop::MovM { .. } | Uop::AluM { write: true, .. } | Uop::Call { .. } | Uop::Push { .. }
+            Uop::Generic
+                | Uop::Sse(_)
+                | Uop::MovM { .. }
+                | Uop::AluM { write: true, .. }
+                | Uop::Call { .. }
+                | Uop::Push { .. }
         )
     }
 }
@@ -500,7 +740,7 @@ fn push64(cpu: &mut Cpu, bus: &mut dyn Bus, v: u64) -> Res<()> {
 #[inline(always)]
 pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
     match *u {
-        Uop::Generic => {}
+        Uop::Generic | Uop::Sse(_) => {}
         Uop::MovR { d, s, sz } => {
             let v = read_src(cpu, bus, s, sz)?;
             set(cpu, d, v, sz);
@@ -642,4 +882,57 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{lower, Sse, Uop};
+    use iced_x86::{Decoder, DecoderOptions};
+
+    fn lowered(bytes: &[u8]) -> Uop {
+        let insn = Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
+        lower(&insn, 64)
+    }
+
+    #[test]
+    fn sse_forms_with_mandatory_prefixes_are_lowered() {
+        // movsd xmm1,[rax]; movss [rdi+8],xmm2; addsd xmm0,xmm1; sqrtsd xmm3,xmm3;
+        // cvtsi2sd xmm0,rax; movq xmm0,rax; movq rax,xmm0; ucomisd xmm0,xmm1;
+        // movapd xmm1,xmm2; pxor xmm0,xmm0; movdqu xmm0,[rsi]; paddd xmm0,xmm1
+        let cases: &[(&[u8], &str)] = &[
+            (&[0xf2, 0x0f, 0x10, 0x08], "LoadZ"),
+            (&[0xf3, 0x0f, 0x11, 0x57, 0x08], "Store"),
+            (&[0xf2, 0x0f, 0x58, 0xc1], "Fp"),
+            (&[0xf2, 0x0f, 0x51, 0xdb], "Fp"),
+            (&[0xf2, 0x48, 0x0f, 0x2a, 0xc0], "CvtI2F"),
+            (&[0x66, 0x48, 0x0f, 0x6e, 0xc0], "FromGpr"),
+            (&[0x66, 0x48, 0x0f, 0x7e, 0xc0], "ToGpr"),
+            (&[0x66, 0x0f, 0x2e, 0xc1], "Ucomi"),
+            (&[0x66, 0x0f, 0x28, 0xca], "Mov"),
+            (&[0x66, 0x0f, 0xef, 0xc0], "Vec"),
+            (&[0xf3, 0x0f, 0x6f, 0x06], "Mov"),
+            (&[0x66, 0x0f, 0xfe, 0xc1], "Vec"),
+        ];
+        for (bytes, want) in cases {
+            let u = lowered(bytes);
+            let got = match u {
+                Uop::Sse(s) => match s {
+                    Sse::Mov { .. } => "Mov",
+                    Sse::Store { .. } => "Store",
+                    Sse::LoadZ { .. } => "LoadZ",
+                    Sse::Merge { .. } => "Merge",
+                    Sse::FromGpr { .. } => "FromGpr",
+                    Sse::ToGpr { .. } => "ToGpr",
+                    Sse::Fp { .. } => "Fp",
+                    Sse::Vec { .. } => "Vec",
+                    Sse::Ucomi { .. } => "Ucomi",
+                    Sse::CvtI2F { .. } => "CvtI2F",
+                },
+                _ => "not lowered",
+            };
+            assert_eq!(got, *want, "{bytes:02x?}: {u:?}");
+        }
+        // The string MOVSD (A5) is not an SSE form.
+        assert!(matches!(lowered(&[0xa5]), Uop::Generic));
+    }
 }

@@ -543,3 +543,115 @@ fn auto_tier_compiles_in_the_background_and_agrees_with_the_interpreter() {
     assert!(s.compiled >= 2 && s.instructions > 1_000_000, "the hot blocks ran compiled: {s:?}");
     assert!(s.chained > 100_000, "compiled blocks ran one after another: {s:?}");
 }
+
+#[test]
+fn sse_arithmetic_compiled_inline_agrees_with_the_interpreter() {
+    // A loop of the scalar and packed SSE2 forms compiled inline (moves, ADD/SUB/MUL/DIV/
+    // SQRT, UCOMISD into a branch, CVTSI2SD, MOVQ to and from GPRs, PXOR/PADDQ), with a NaN
+    // operand of a commutative operation (which NaN x86 returns depends on operand order)
+    // and a division by zero (ZE), run under the default MXCSR, then under round-down (the
+    // inline forms hand every instruction to the interpreter); each phase ends with
+    // STMXCSR (the flags the host collected for the guest).
+    let code = asm(|a| {
+        let mut phase = a.create_label();
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(rsi, 0x20000u64)?;
+        a.xor(ebx, ebx)?;
+        a.mov(r9, 2u64)?;
+        a.set_label(&mut phase)?;
+        a.ldmxcsr(dword_ptr(rsi + r9 * 4 + 96))?; // 0x1f80, then 0x3f80 (round down)
+        a.mov(r8, 20_000u64)?;
+        a.set_label(&mut top)?;
+        a.cvtsi2sd(xmm0, r8)?;
+        a.movsd_2(xmm1, qword_ptr(rsi))?;
+        a.mulsd(xmm1, xmm0)?;
+        a.addsd(xmm1, qword_ptr(rsi + 8))?;
+        a.sqrtsd(xmm2, xmm1)?;
+        a.divsd(xmm2, xmm0)?;
+        a.movapd(xmm3, xmm2)?;
+        a.subsd(xmm3, xmm1)?;
+        a.ucomisd(xmm3, xmm2)?;
+        a.jbe(skip)?;
+        a.inc(rbx)?;
+        a.set_label(&mut skip)?;
+        a.movsd_2(xmm5, qword_ptr(rsi + 24))?; // NaN
+        a.addsd(xmm1, xmm5)?; // the first operand is a number, the second the NaN
+        a.mulpd(xmm5, xmmword_ptr(rsi + 32))?; // a NaN lane and a number lane
+        a.movupd(xmmword_ptr(rsi + 48), xmm5)?;
+        a.divsd(xmm0, qword_ptr(rsi + 80))?; // / 0.0: ZE
+        a.movq(rax, xmm2)?;
+        a.add(rbx, rax)?;
+        a.movq(xmm4, rbx)?;
+        a.pxor(xmm6, xmm4)?;
+        a.paddq(xmm6, xmm2)?;
+        a.movsd_2(qword_ptr(rsi + 16), xmm3)?;
+        a.dec(r8)?;
+        a.jne(top)?;
+        a.stmxcsr(dword_ptr(rsi + r9 * 4 + 64))?; // default at +72, round-down at +68
+        a.dec(r9)?;
+        a.jne(phase)?;
+        a.movups(xmmword_ptr(rsi + 112), xmm6)?;
+        a.hlt()
+    });
+    let data: [(u64, u64); 7] = [
+        (0, 2.5f64.to_bits()),
+        (8, 0.125f64.to_bits()),
+        (24, 0x7ff8_0000_dead_beef),
+        (32, 0xfff0_0000_0000_0001), // an SNaN lane
+        (40, 3.0f64.to_bits()),
+        (80, 0),
+        (100, 0x1f80_0000_3f80), // at +100: 0x3f80, at +104: 0x1f80
+    ];
+    let machine = |tier| {
+        let mut m = Machine::new(&code, tier);
+        m.cpu.cr4 |= ctl::CR4_OSFXSR;
+        for (o, v) in data {
+            let at = (0x20000 + o) as usize;
+            m.ram[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        m
+    };
+    let (mut i, mut j) = (machine(Tier::Interp), machine(Tier::Jit));
+    let ei = i.run(&mut never(), 10_000_000);
+    let ej = j.run(&mut never(), 10_000_000);
+    assert_eq!(ei, Exit::HaltedForever);
+    assert_eq!(ei, ej, "exit");
+    assert_eq!(i.state(), j.state(), "state (gpr, rip, rflags, cr2, memory)");
+    assert_eq!(i.cpu.fpu.xmm, j.cpu.fpu.xmm, "XMM registers");
+    assert_eq!(i.cpu.fpu.mxcsr, j.cpu.fpu.mxcsr, "MXCSR");
+    assert_eq!(j.u64_at(0x20000 + 72) & 0xffff_ffff, 0x1fa5, "MXCSR after the default phase");
+    assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions, "instructions retired");
+    assert!(j.cpu.jit_stats().instructions > 400_000, "{:?}", j.cpu.jit_stats());
+}
+
+#[test]
+fn mxcsr_flags_raised_by_compiled_code_are_the_guests_when_run_returns() {
+    // A loop of nothing but inline SSE arithmetic (no helper call collects the flags on
+    // the way) stopped by the budget: 2.5 / 0.0 raised ZE in its first pass.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, 0x20000u64)?;
+        a.mov(r8, 1_000_000u64)?;
+        a.movsd_2(xmm0, qword_ptr(rsi))?;
+        a.set_label(&mut top)?;
+        a.divsd(xmm0, qword_ptr(rsi + 8))?;
+        a.addsd(xmm1, xmm0)?;
+        a.dec(r8)?;
+        a.jne(top)?;
+        a.hlt()
+    });
+    let machine = |tier| {
+        let mut m = Machine::new(&code, tier);
+        m.cpu.cr4 |= ctl::CR4_OSFXSR;
+        m.ram[0x20000..0x20008].copy_from_slice(&2.5f64.to_bits().to_le_bytes());
+        m
+    };
+    let (mut i, mut j) = (machine(Tier::Interp), machine(Tier::Jit));
+    assert_eq!(i.cpu.run(&mut never(), 5_000), Exit::Budget);
+    assert_eq!(j.cpu.run(&mut never(), 5_000), Exit::Budget);
+    assert_eq!((i.cpu.rip, i.cpu.fpu.xmm), (j.cpu.rip, j.cpu.fpu.xmm));
+    assert_eq!(i.cpu.fpu.mxcsr, 0x1f84, "zero divide");
+    assert_eq!(j.cpu.fpu.mxcsr, i.cpu.fpu.mxcsr, "MXCSR at the budget's end");
+    assert!(j.cpu.jit_stats().instructions > 4_000, "{:?}", j.cpu.jit_stats());
+}

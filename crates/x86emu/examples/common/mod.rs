@@ -9,7 +9,7 @@ pub fn put(ram: &mut [u8], at: usize, v: u64) {
 }
 
 /// A 64-bit CPU over `ram` (at GPA 0, its first 2 MiB identity-mapped by page tables at
-/// 0x1000-0x3fff) with `code` at 0x10000 and RIP there, RSP 0x8000.
+/// 0x1000-0x3fff) with `code` at 0x10000 and RIP there, RSP 0x8000, SSE enabled.
 pub fn long_mode_cpu(ram: &mut [u8], code: &[u8]) -> Cpu {
     put(ram, 0x1000, 0x2000 | 3);
     put(ram, 0x2000, 0x3000 | 3);
@@ -18,7 +18,7 @@ pub fn long_mode_cpu(ram: &mut [u8], code: &[u8]) -> Cpu {
     let r = RamRegion { gpa: 0, size: ram.len() as u64, host_addr: ram.as_mut_ptr() };
     let mut c = Cpu::new(vec![r], CpuConfig::default());
     c.cr0 = ctl::CR0_PE | ctl::CR0_PG | ctl::CR0_WP | 0x10;
-    c.cr4 = ctl::CR4_PAE;
+    c.cr4 = ctl::CR4_PAE | ctl::CR4_OSFXSR;
     c.cr3 = 0x1000;
     c.efer = ctl::EFER_LME | ctl::EFER_LMA;
     c.seg[1] = Seg { selector: 8, base: 0, limit: 0xffff_ffff, attr: 0xa09b };

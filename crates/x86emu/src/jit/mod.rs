@@ -120,6 +120,9 @@ pub(crate) struct Jit {
     /// Code bytes allowed before the module is thrown away.
     limit: usize,
     pub(crate) stats: JitStats,
+    /// Compiled code of this vCPU may run SSE arithmetic inline, whose exception flags
+    /// the host's MXCSR collects (see [`collect_fp_flags`]).
+    pub(crate) host_fp: bool,
 }
 
 impl Jit {
@@ -137,6 +140,7 @@ impl Jit {
             worker: None,
             limit: CODE_LIMIT,
             stats: JitStats::default(),
+            host_fp: false,
         }
     }
 
@@ -253,14 +257,22 @@ pub(crate) unsafe extern "C" fn jit_read(cpu: *mut Cpu, ctx: *mut JitCtx, la: u6
     // SAFETY: as above.
     let bus = unsafe { &mut **(ctx.bus as *mut &mut dyn Bus) };
     let user = cpu.cur_user;
-    match cpu.read_la(bus, la, crate::regs::host_usize(size), user) {
+    let fp = cpu.jit.host_fp;
+    if fp {
+        collect_fp_flags(cpu);
+    }
+    let r = match cpu.read_la(bus, la, crate::regs::host_usize(size), user) {
         Ok(v) => v,
         Err(f) => {
             ctx.fault = Some(f);
             ctx.faulted = 1;
             0
         }
+    };
+    if fp {
+        discard_fp_flags();
     }
+    r
 }
 
 /// Writes the low `size` bytes of `val` at linear `la` for generated code (the slow path);
@@ -274,9 +286,59 @@ pub(crate) unsafe extern "C" fn jit_write(cpu: *mut Cpu, ctx: *mut JitCtx, la: u
     // SAFETY: see jit_read.
     let bus = unsafe { &mut **(ctx.bus as *mut &mut dyn Bus) };
     let user = cpu.cur_user;
+    let fp = cpu.jit.host_fp;
+    if fp {
+        collect_fp_flags(cpu);
+    }
     if let Err(f) = cpu.write_la(bus, la, crate::regs::host_usize(size), val, user) {
         ctx.fault = Some(f);
         ctx.faulted = 1;
+    }
+    if fp {
+        discard_fp_flags();
+    }
+}
+
+/// The host thread's MXCSR.
+#[inline]
+fn host_mxcsr() -> u32 {
+    let mut v = 0u32;
+    // SAFETY: STMXCSR writes the 4 bytes of `v`; SSE is part of x86-64.
+    unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut v, options(nostack, preserves_flags)) };
+    v
+}
+
+/// Clears the host MXCSR's exception flags (bits 0-5), keeping its control bits.
+#[inline]
+fn clear_host_flags(csr: u32) {
+    let v = csr & !0x3f;
+    // SAFETY: LDMXCSR of a value STMXCSR returned with flags cleared: no reserved bit set,
+    // the host's own masks and rounding kept.
+    unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &v, options(nostack, preserves_flags, readonly)) };
+}
+
+/// Compiled SSE arithmetic (`translate`, fast forms of `crate::uop::Sse`) runs on the
+/// host's SSE unit under the host thread's MXCSR, which equals the guest's up to the flags
+/// (checked inline); the exception flags it raises accumulate in the host MXCSR. This
+/// moves them into the guest's MXCSR and clears them: after compiled code ran and before
+/// any Rust code it calls (which may use floating point itself, or read or replace the
+/// guest's MXCSR: STMXCSR, LDMXCSR, FXSAVE, XRSTOR... in the interpreter).
+#[inline]
+pub(crate) fn collect_fp_flags(cpu: &mut Cpu) {
+    let h = host_mxcsr();
+    if h & 0x3f != 0 {
+        cpu.fpu.mxcsr |= h & 0x3f;
+        clear_host_flags(h);
+    }
+}
+
+/// Clears flags the host MXCSR holds that are not the guest's (raised by Rust code), before
+/// compiled code runs or after a helper it called returns.
+#[inline]
+pub(crate) fn discard_fp_flags() {
+    let h = host_mxcsr();
+    if h & 0x3f != 0 {
+        clear_host_flags(h);
     }
 }
 
@@ -309,7 +371,15 @@ pub(crate) unsafe extern "C" fn jit_generic(
     let next = insn.next_ip();
     cpu.interrupt_shadow = false;
     cpu.rip = next;
-    match crate::exec::execute(cpu, bus, insn) {
+    let fp = cpu.jit.host_fp;
+    if fp {
+        collect_fp_flags(cpu);
+    }
+    let r = crate::exec::execute(cpu, bus, insn);
+    if fp {
+        discard_fp_flags();
+    }
+    match r {
         Ok(()) => {
             let go_on = cpu.rip == next
                 && how & GEN_YIELD == 0
@@ -555,6 +625,7 @@ pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLin
 }
 
 /// A [`crate::decode::JitSlot::born`] stamp: retired instructions / 1024, wrapping.
+#[allow(clippy::cast_possible_truncation)] // wrapping by design
 fn stamp(instructions: u64) -> u32 {
     (instructions >> 10) as u32
 }
@@ -577,6 +648,9 @@ fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     if background && cpu.jit.worker.as_ref().is_none_or(|w| w.in_flight >= worker::QUEUE) {
         // No thread, or enough in flight: interpret and ask again later.
         return None;
+    }
+    if ops.iter().any(|o| matches!(o.uop, crate::uop::Uop::Sse(s) if s.host_fp())) {
+        cpu.jit.host_fp = true;
     }
     let user = cpu.cur_user;
     let gen_ptr = cpu.mmu.shared.gen_ptr(b.page) as u64;

@@ -8,13 +8,14 @@
 use super::{aluop, JitCtx, EXIT_FAULT, EXIT_GP, EXIT_LINK, EXIT_NORMAL};
 use crate::alu::Op2;
 use crate::cpu::flags::{ARITH, CF, OF, SF, ZF};
-use crate::cpu::{sreg, Cpu, Seg};
+use crate::cpu::{ctl, sreg, Cpu, FpuState, Seg};
 use crate::decode::{JitFn, Op};
 use crate::mmu::{tlb_layout, GEN_CODE, P_RAM, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
-use crate::uop::{MemOp, Src, Uop, NONE};
+use crate::uop::{FpOp, Lanes, MemOp, Src, Sse, Uop, VecOp, Xs, NONE};
 use cranelift_codegen::cursor::{Cursor, FuncCursor};
+use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{I16, I32, I64, I8};
+use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2, I16, I32, I32X4, I64, I64X2, I8};
 use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
 use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -99,6 +100,16 @@ fn off(o: usize) -> i32 {
 fn gpr_off(r: u8) -> i32 {
     off(offset_of!(Cpu, gpr) + 8 * usize::from(r & 15))
 }
+
+/// Offset in the `Cpu` of XMM register `x` (16 bytes, little-endian lanes).
+fn xmm_off(x: u8) -> i32 {
+    off(offset_of!(Cpu, fpu) + offset_of!(FpuState, xmm) + 16 * usize::from(x & 15))
+}
+
+/// MXCSR up to the exception flags under which compiled SSE arithmetic runs on the host
+/// as it would on the guest: every exception masked, round to nearest, no DAZ or FTZ
+/// (the power-on value, and the host thread's own).
+pub(crate) const MXCSR_HOST: u32 = 0x1f80;
 
 struct Tr<'a, 'b> {
     b: FunctionBuilder<'b>,
@@ -729,7 +740,20 @@ impl Tr<'_, '_> {
                 self.b.ins().store(gm(), v, addr, 0);
             }
         }
-        // PageGen::written: retire code on the page if it holds any.
+        self.note_store(e, note, join);
+        self.b.switch_to_block(slow);
+        let sz = self.iconst(u64::from(size));
+        let f = self.iconst(super::jit_write as *const () as u64);
+        self.b.ins().call_indirect(self.sig_write, f, &[self.cpu, self.ctx, la, sz, v]);
+        self.check_fault(op, i);
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+    }
+
+    /// After a store through TLB entry `e` (the current block ends here): retires code on
+    /// the page if it holds any (`PageGen::written`, called in the cold block `note`), then
+    /// goes on at `join`.
+    fn note_store(&mut self, e: Value, note: cranelift_codegen::ir::Block, join: cranelift_codegen::ir::Block) {
         let g = self.b.ins().load(I64, MF, e, off(tlb_layout::GEN));
         let gz = self.cmpi(IntCC::Equal, g, 0);
         let chk = self.b.create_block();
@@ -742,13 +766,6 @@ impl Tr<'_, '_> {
         let f = self.iconst(super::jit_note_write as *const () as u64);
         self.b.ins().call_indirect(self.sig_note, f, &[g]);
         self.b.ins().jump(join, &[]);
-        self.b.switch_to_block(slow);
-        let sz = self.iconst(u64::from(size));
-        let f = self.iconst(super::jit_write as *const () as u64);
-        self.b.ins().call_indirect(self.sig_write, f, &[self.cpu, self.ctx, la, sz, v]);
-        self.check_fault(op, i);
-        self.b.ins().jump(join, &[]);
-        self.b.switch_to_block(join);
     }
 
     /// After a store by instruction `i`: if the block's own page changed generation, end
@@ -860,6 +877,288 @@ impl Tr<'_, '_> {
         }
     }
 
+    /// I8 condition: SSE instructions run (CR0.EM and CR0.TS clear, CR4.OSFXSR set, as
+    /// `crate::sse` checks) and, with `fp`, the guest's MXCSR is [`MXCSR_HOST`] up to the
+    /// exception flags, so that the host computes what the guest's SSE unit would.
+    fn sse_ok(&mut self, fp: bool) -> Value {
+        let cr0 = self.b.ins().load(I64, MF, self.cpu, off(offset_of!(Cpu, cr0)));
+        let cr4 = self.b.ins().load(I64, MF, self.cpu, off(offset_of!(Cpu, cr4)));
+        let a = self.andi(cr0, (ctl::CR0_EM | ctl::CR0_TS) as i64);
+        let c = self.cmpi(IntCC::Equal, a, 0);
+        let x = self.andi(cr4, ctl::CR4_OSFXSR as i64);
+        let c2 = self.cmpi(IntCC::NotEqual, x, 0);
+        let mut c = self.b.ins().band(c, c2);
+        if fp {
+            let o = off(offset_of!(Cpu, fpu) + offset_of!(FpuState, mxcsr));
+            let m = self.b.ins().load(I32, MF, self.cpu, o);
+            let m = self.andi(m, 0xffc0);
+            let c3 = self.cmpi(IntCC::Equal, m, i64::from(MXCSR_HOST));
+            c = self.b.ins().band(c, c3);
+        }
+        c
+    }
+
+    /// The TLB test of an SSE memory operand of `size` bytes: (condition, host address,
+    /// TLB entry); with `aligned`, the address must also be a multiple of 16 (else the
+    /// interpreter raises the #GP legacy SSE requires).
+    fn sse_mem(&mut self, m: &MemOp, size: u8, write: bool, aligned: bool) -> (Value, Value, Value) {
+        let la = self.la(m);
+        let (mut c, addr, e) = self.tlb_hit(la, size, write);
+        if aligned {
+            let lo = self.andi(la, 15);
+            let a = self.cmpi(IntCC::Equal, lo, 0);
+            c = self.b.ins().band(c, a);
+        }
+        (c, addr, e)
+    }
+
+    /// Branches on `ok` to a new block, where the caller emits the fast form, or to the
+    /// cold block running instruction `i` in the interpreter ([`Self::sse_slow`]); returns
+    /// the block both continue at (the caller jumps there from the fast form) and the cold
+    /// block (the fast form may still give up by jumping there, before it changed anything).
+    fn sse_split(
+        &mut self,
+        ok: Value,
+        i: usize,
+        reload: Option<u8>,
+        flags: bool,
+    ) -> (cranelift_codegen::ir::Block, cranelift_codegen::ir::Block) {
+        let fast = self.b.create_block();
+        let slow = self.b.create_block();
+        let join = self.b.create_block();
+        self.b.set_cold_block(slow);
+        self.b.ins().brif(ok, fast, &[], slow, &[]);
+        self.b.switch_to_block(slow);
+        self.sse_slow(i, reload, flags);
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(fast);
+        (join, slow)
+    }
+
+    /// Instruction `i` through [`super::jit_generic`] where its fast form's checks failed:
+    /// the registers and RFLAGS stored first; the block ends if it faulted or must stop,
+    /// else GPR `reload` (the one it writes) and, with `flags`, RFLAGS are reloaded.
+    fn sse_slow(&mut self, i: usize, reload: Option<u8>, flags: bool) {
+        self.store_state(true);
+        let at = self.iconst(self.env.insns + (i * std::mem::size_of::<Instruction>()) as u64);
+        let how = self.iconst(u64::from(self.env.user));
+        let fp = self.iconst(super::jit_generic as *const () as u64);
+        let call = self.b.ins().call_indirect(self.sig_gen, fp, &[self.cpu, self.ctx, at, how]);
+        let st = self.result(call);
+        let out = self.b.create_block();
+        let cont = self.b.create_block();
+        self.b.set_cold_block(out);
+        self.b.ins().brif(st, out, &[], cont, &[]);
+        // Everything is stored already: return `done + i + 1 + kind << 32`.
+        self.b.switch_to_block(out);
+        let d = self.b.use_var(self.done);
+        let code = self.b.ins().iadd(d, st);
+        let code = self.addi(code, i as i64);
+        self.b.ins().return_(&[code]);
+        self.b.switch_to_block(cont);
+        if let Some(r) = reload {
+            let v = self.b.ins().load(I64, MF, self.cpu, gpr_off(r));
+            self.set_reg64(r, v);
+        }
+        if flags {
+            let f = self.b.ins().load(I64, MF, self.cpu, off(offset_of!(Cpu, rflags)));
+            self.b.def_var(self.fl, f);
+        }
+    }
+
+    /// Loads a value of type `ty` from source `s`: an XMM register's low bytes, or the
+    /// guest memory at host address `addr` (checked by the caller).
+    fn xload(&mut self, ty: Type, s: &Xs, addr: Option<Value>) -> Value {
+        match (s, addr) {
+            (Xs::M(_), Some(a)) => self.b.ins().load(ty, gm(), a, 0),
+            (Xs::X(x), _) => self.b.ins().load(ty, MF, self.cpu, xmm_off(*x)),
+            // Not reached: `sse` checks every memory operand and passes its address.
+            (Xs::M(_), None) => self.b.ins().load(ty, MF, self.cpu, xmm_off(0)),
+        }
+    }
+
+    /// Stores `v` (64 bits) into the low half of XMM `d` and zeroes the high half.
+    fn xset_low64(&mut self, d: u8, v: Value) {
+        self.b.ins().store(MF, v, self.cpu, xmm_off(d));
+        let z = self.iconst(0);
+        self.b.ins().store(MF, z, self.cpu, xmm_off(d) + 8);
+    }
+
+    /// SSE fast form `s` of instruction `i`.
+    fn sse(&mut self, s: Sse, op: &Op, i: usize) {
+        // The memory operand, if any: its size, whether it is written, alignment.
+        let mem = match s {
+            Sse::Mov { s: Xs::M(m), aligned, .. } => Some((m, 16, false, aligned)),
+            Sse::Store { m, size, aligned, .. } => Some((m, size, true, aligned)),
+            Sse::LoadZ { s: Xs::M(m), size, .. } => Some((m, size, false, false)),
+            Sse::Fp { s: Xs::M(m), lanes, .. } => Some((m, lanes.mem_size(), false, lanes.mem_size() == 16)),
+            Sse::Vec { s: Xs::M(m), .. } => Some((m, 16, false, true)),
+            Sse::Ucomi { s: Xs::M(m), dbl, .. } => Some((m, if dbl { 8 } else { 4 }, false, false)),
+            Sse::CvtI2F { s: Src::Mem(m), ssz, .. } => Some((m, ssz, false, false)),
+            _ => None,
+        };
+        if let Sse::Ucomi { .. } = s {
+            // Both paths define the RFLAGS variable.
+            self.settle();
+        }
+        let mut ok = self.sse_ok(s.host_fp());
+        let (mut addr, mut entry) = (None, None);
+        if let Some((m, size, write, aligned)) = mem {
+            let (c, a, e) = self.sse_mem(&m, size, write, aligned);
+            ok = self.b.ins().band(ok, c);
+            (addr, entry) = (Some(a), Some(e));
+        }
+        let reload = if let Sse::ToGpr { d, .. } = s { Some(d) } else { None };
+        let (join, slow) = self.sse_split(ok, i, reload, matches!(s, Sse::Ucomi { .. }));
+        match s {
+            Sse::Mov { d, s: src, .. } => {
+                let v = self.xload(I64X2, &src, addr);
+                self.b.ins().store(MF, v, self.cpu, xmm_off(d));
+            }
+            Sse::Store { s: x, size, .. } => {
+                let ty = match size {
+                    4 => I32,
+                    8 => I64,
+                    _ => I64X2,
+                };
+                let v = self.b.ins().load(ty, MF, self.cpu, xmm_off(x));
+                if let (Some(a), Some(e)) = (addr, entry) {
+                    self.b.ins().store(gm(), v, a, 0);
+                    let note = self.b.create_block();
+                    self.b.set_cold_block(note);
+                    self.note_store(e, note, join);
+                    self.b.switch_to_block(join);
+                    self.check_gen(op.next_ip, i);
+                    return;
+                }
+            }
+            Sse::LoadZ { d, s: src, size } => {
+                let v = if size == 4 {
+                    let v = self.xload(I32, &src, addr);
+                    self.b.ins().uextend(I64, v)
+                } else {
+                    self.xload(I64, &src, addr)
+                };
+                self.xset_low64(d, v);
+            }
+            Sse::Merge { d, s: x, size } => {
+                let ty = if size == 4 { I32 } else { I64 };
+                let v = self.b.ins().load(ty, MF, self.cpu, xmm_off(x));
+                self.b.ins().store(MF, v, self.cpu, xmm_off(d));
+            }
+            Sse::FromGpr { d, s: r, size } => {
+                let v = self.reg(r);
+                let v = self.masked(v, size);
+                self.xset_low64(d, v);
+            }
+            Sse::ToGpr { d, s: x, size } => {
+                let v = if size == 4 {
+                    self.b.ins().uload32(MF, self.cpu, xmm_off(x))
+                } else {
+                    self.b.ins().load(I64, MF, self.cpu, xmm_off(x))
+                };
+                self.set_reg(d, v, size);
+            }
+            Sse::Fp { op: f, lanes, d, s: src } => {
+                let ty = match lanes {
+                    Lanes::Ss => F32,
+                    Lanes::Sd => F64,
+                    Lanes::Ps => F32X4,
+                    Lanes::Pd => F64X2,
+                };
+                let b = self.xload(ty, &src, addr);
+                let r = if f == FpOp::Sqrt {
+                    self.b.ins().sqrt(b)
+                } else {
+                    let a = self.b.ins().load(ty, MF, self.cpu, xmm_off(d));
+                    if matches!(f, FpOp::Add | FpOp::Mul) {
+                        // Which NaN operand x86 returns depends on the operand order, which
+                        // Cranelift may swap for commutative operations: NaN operands go to
+                        // the interpreter.
+                        let uno = self.b.ins().fcmp(FloatCC::Unordered, a, b);
+                        let uno = if ty.is_vector() { self.b.ins().vany_true(uno) } else { uno };
+                        let go = self.b.create_block();
+                        self.b.ins().brif(uno, slow, &[], go, &[]);
+                        self.b.switch_to_block(go);
+                    }
+                    match f {
+                        FpOp::Add => self.b.ins().fadd(a, b),
+                        FpOp::Sub => self.b.ins().fsub(a, b),
+                        FpOp::Mul => self.b.ins().fmul(a, b),
+                        _ => self.b.ins().fdiv(a, b),
+                    }
+                };
+                // Scalar forms store only the low lane: the rest of XMM d is kept.
+                self.b.ins().store(MF, r, self.cpu, xmm_off(d));
+            }
+            Sse::Vec { op: v, d, s: src } => {
+                let ty = match v {
+                    VecOp::AddD | VecOp::SubD => I32X4,
+                    _ => I64X2,
+                };
+                let b = self.xload(ty, &src, addr);
+                let a = self.b.ins().load(ty, MF, self.cpu, xmm_off(d));
+                let r = match v {
+                    VecOp::And => self.b.ins().band(a, b),
+                    VecOp::Andn => self.b.ins().band_not(b, a),
+                    VecOp::Or => self.b.ins().bor(a, b),
+                    VecOp::Xor => self.b.ins().bxor(a, b),
+                    VecOp::AddD | VecOp::AddQ => self.b.ins().iadd(a, b),
+                    VecOp::SubD | VecOp::SubQ => self.b.ins().isub(a, b),
+                };
+                self.b.ins().store(MF, r, self.cpu, xmm_off(d));
+            }
+            Sse::Ucomi { dbl, a, s: src } => {
+                let ty = if dbl { F64 } else { F32 };
+                let y = self.xload(ty, &src, addr);
+                let x = self.b.ins().load(ty, MF, self.cpu, xmm_off(a));
+                let uno = self.b.ins().fcmp(FloatCC::Unordered, x, y);
+                let lt = self.b.ins().fcmp(FloatCC::LessThan, x, y);
+                let eq = self.b.ins().fcmp(FloatCC::Equal, x, y);
+                let zf = self.b.ins().bor(eq, uno);
+                let cf = self.b.ins().bor(lt, uno);
+                let zf = self.b.ins().uextend(I64, zf);
+                let pf = self.b.ins().uextend(I64, uno);
+                let cf = self.b.ins().uextend(I64, cf);
+                let zf = self.shli(zf, 6);
+                let pf = self.shli(pf, 2);
+                let old = self.b.use_var(self.fl);
+                let f = self.andi(old, !(ARITH as i64));
+                let f = self.b.ins().bor(f, zf);
+                let f = self.b.ins().bor(f, pf);
+                let f = self.b.ins().bor(f, cf);
+                self.b.def_var(self.fl, f);
+            }
+            Sse::CvtI2F { dbl, d, s: src, ssz } => {
+                let v = match (src, addr) {
+                    (Src::Mem(_), Some(a)) => {
+                        if ssz == 4 {
+                            self.b.ins().load(I32, gm(), a, 0)
+                        } else {
+                            self.b.ins().load(I64, gm(), a, 0)
+                        }
+                    }
+                    (Src::Reg(r), _) => {
+                        let v = self.reg(r);
+                        if ssz == 4 {
+                            self.b.ins().ireduce(I32, v)
+                        } else {
+                            v
+                        }
+                    }
+                    _ => self.iconst(0),
+                };
+                let r = self.b.ins().fcvt_from_sint(if dbl { F64 } else { F32 }, v);
+                self.b.ins().store(MF, r, self.cpu, xmm_off(d));
+            }
+        }
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+        if let Sse::Ucomi { .. } = s {
+            self.fl_written = true;
+        }
+    }
+
     /// Pushes `v` (64-bit) and updates RSP after the store succeeded.
     fn push(&mut self, v: Value, op: &Op, i: usize) {
         let sp = self.reg(4);
@@ -873,6 +1172,7 @@ impl Tr<'_, '_> {
     fn op(&mut self, op: &Op, i: usize) -> Option<Value> {
         match op.uop {
             Uop::Nop => {}
+            Uop::Sse(x) => self.sse(x, op, i),
             Uop::Generic => {
                 self.generic(i, &op.insn);
                 // It may have stored into the block's own page.
@@ -1354,6 +1654,18 @@ fn regs_named(u: &Uop) -> u16 {
     };
     match u {
         Uop::Generic | Uop::Nop | Uop::Jcc { .. } | Uop::Jmp { .. } => 0,
+        Uop::Sse(x) => match x {
+            Sse::Mov { s: Xs::M(mm), .. }
+            | Sse::LoadZ { s: Xs::M(mm), .. }
+            | Sse::Fp { s: Xs::M(mm), .. }
+            | Sse::Vec { s: Xs::M(mm), .. }
+            | Sse::Ucomi { s: Xs::M(mm), .. }
+            | Sse::Store { m: mm, .. } => m(mm),
+            Sse::FromGpr { s: g, .. } => r(*g),
+            Sse::ToGpr { d, .. } => r(*d),
+            Sse::CvtI2F { s: x, .. } => s(x),
+            _ => 0,
+        },
         Uop::MovR { d, s: x, .. } => r(*d) | s(x),
         Uop::MovM { m: mm, s: x, .. } => m(mm) | s(x),
         Uop::Lea { d, m: mm, .. } => r(*d) | m(mm),
