@@ -238,6 +238,10 @@ pub(crate) enum Uop {
     Call { target: u64 },
     /// RET (near, no immediate).
     Ret,
+    /// JMP r/m64 (near, indirect).
+    JmpInd { s: Src },
+    /// CALL r/m64 (near, indirect).
+    CallInd { s: Src },
     /// PUSH r64.
     Push { r: u8 },
     /// POP r64.
@@ -681,6 +685,8 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         Mnemonic::Jmp if k0 == OpKind::NearBranch64 => Uop::Jmp { target: insn.near_branch_target() },
         Mnemonic::Call if k0 == OpKind::NearBranch64 => Uop::Call { target: insn.near_branch_target() },
         Mnemonic::Ret if insn.op_count() == 0 && insn.code() == iced_x86::Code::Retnq => Uop::Ret,
+        Mnemonic::Jmp if insn.code() == iced_x86::Code::Jmp_rm64 => Uop::JmpInd { s: src(insn, 0, 8)? },
+        Mnemonic::Call if insn.code() == iced_x86::Code::Call_rm64 => Uop::CallInd { s: src(insn, 0, 8)? },
         Mnemonic::Push if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
             Uop::Push { r: u8::try_from(insn.op0_register().number()).ok()? }
         }
@@ -720,6 +726,7 @@ impl Uop {
                 | Uop::MovM { .. }
                 | Uop::AluM { write: true, .. }
                 | Uop::Call { .. }
+                | Uop::CallInd { .. }
                 | Uop::Push { .. }
         )
     }
@@ -868,6 +875,23 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
                 return Err(Fault::GeneralProtection(0));
             }
             cpu.gpr[4] = cpu.gpr[4].wrapping_add(8);
+            cpu.rip = t;
+        }
+        Uop::JmpInd { s } => {
+            let t = read_src(cpu, bus, s, 8)?;
+            if ((t as i64) << 16 >> 16) as u64 != t {
+                return Err(Fault::GeneralProtection(0));
+            }
+            cpu.rip = t;
+        }
+        Uop::CallInd { s } => {
+            // The target is read and checked before the push (SDM Vol. 2 CALL).
+            let t = read_src(cpu, bus, s, 8)?;
+            if ((t as i64) << 16 >> 16) as u64 != t {
+                return Err(Fault::GeneralProtection(0));
+            }
+            let ret = cpu.rip;
+            push64(cpu, bus, ret)?;
             cpu.rip = t;
         }
         Uop::Push { r } => {

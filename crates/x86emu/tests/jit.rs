@@ -655,3 +655,51 @@ fn mxcsr_flags_raised_by_compiled_code_are_the_guests_when_run_returns() {
     assert_eq!(j.cpu.fpu.mxcsr, i.cpu.fpu.mxcsr, "MXCSR at the budget's end");
     assert!(j.cpu.jit_stats().instructions > 4_000, "{:?}", j.cpu.jit_stats());
 }
+
+#[test]
+fn indirect_jumps_and_calls_run_compiled_and_fault_exactly() {
+    // A dispatch loop through a jump table in memory (a bytecode interpreter's shape), an
+    // indirect CALL through a register and one through memory, then a JMP to a
+    // non-canonical address: #GP with RIP and RSP of the JMP, in both tiers.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        let mut back = a.create_label();
+        let mut func = a.create_label();
+        let mut h: Vec<CodeLabel> = (0..4).map(|_| a.create_label()).collect();
+        a.mov(rsi, 0x20000u64)?;
+        for (k, l) in h.iter().enumerate() {
+            a.lea(rdx, ptr(*l))?;
+            a.mov(qword_ptr(rsi + 8 * k as i32), rdx)?;
+        }
+        a.lea(rdx, ptr(func))?;
+        a.mov(qword_ptr(rsi + 32), rdx)?;
+        a.mov(r8, 100_000u64)?;
+        a.set_label(&mut top)?;
+        a.mov(eax, r8d)?;
+        a.and(eax, 3)?;
+        a.jmp(qword_ptr(rsi + rax * 8))?;
+        a.set_label(&mut h[0])?;
+        a.add(rbx, r8)?;
+        a.jmp(back)?;
+        a.set_label(&mut h[1])?;
+        a.xor(rbx, r8)?;
+        a.call(rdx)?;
+        a.jmp(back)?;
+        a.set_label(&mut h[2])?;
+        a.call(qword_ptr(rsi + 32))?;
+        a.jmp(back)?;
+        a.set_label(&mut h[3])?;
+        a.rol(rbx, 3)?;
+        a.set_label(&mut back)?;
+        a.dec(r8)?;
+        a.jne(top)?;
+        a.mov(rax, 0x8000_0000_0000_0000u64)?;
+        a.jmp(rax)?;
+        a.set_label(&mut func)?;
+        a.imul_3(rbx, rbx, 5)?;
+        a.ret()
+    });
+    let (_, j) = both(&code, 5_000_000);
+    assert_eq!(j.cpu.rip, HANDLERS + 16 * 13 + 1, "#GP delivered");
+    assert!(j.cpu.jit_stats().chained > 100_000, "{:?}", j.cpu.jit_stats());
+}

@@ -1383,6 +1383,26 @@ impl Tr<'_, '_> {
                 self.set_reg64(4, sp);
                 return Some(t);
             }
+            Uop::JmpInd { s } | Uop::CallInd { s } => {
+                let t = self.src(s, 8, op, i);
+                let sx = self.shli(t, 16);
+                let sx = self.sshri(sx, 16);
+                let canon = self.b.ins().icmp(IntCC::Equal, sx, t);
+                let gp = self.b.create_block();
+                let cont = self.b.create_block();
+                self.b.set_cold_block(gp);
+                self.b.ins().brif(canon, cont, &[], gp, &[]);
+                self.b.switch_to_block(gp);
+                let rip = self.iconst(op.ip);
+                self.exit_cold(rip, i as u64 + 1, EXIT_GP);
+                self.b.switch_to_block(cont);
+                if let Uop::CallInd { .. } = op.uop {
+                    let ret = self.iconst(op.next_ip);
+                    self.push(ret, op, i);
+                }
+                // The run of compiled blocks goes on through the jump cache (`enter`).
+                return Some(t);
+            }
             Uop::Push { r } => {
                 let v = self.reg(r);
                 self.push(v, op, i);
@@ -1679,6 +1699,8 @@ fn regs_named(u: &Uop) -> u16 {
         Uop::MovX { d, m: mm, .. } => r(*d) | m(mm),
         Uop::IncDec { d, .. } | Uop::Shift { d, .. } => r(*d),
         Uop::Call { .. } | Uop::Ret => r(4),
+        Uop::JmpInd { s: x } => s(x),
+        Uop::CallInd { s: x } => s(x) | r(4),
         Uop::Push { r: x } | Uop::Pop { r: x } => r(*x) | r(4),
     }
 }
