@@ -140,11 +140,32 @@ pub(crate) enum VecOp {
     Andn,
     Or,
     Xor,
-    /// PADDD/PSUBD/PADDQ/PSUBQ.
+    /// PADDB/W/D/Q, PSUBB/W/D/Q.
+    AddB,
+    AddW,
     AddD,
-    SubD,
     AddQ,
+    SubB,
+    SubW,
+    SubD,
     SubQ,
+    /// PCMPEQB/W/D: all ones in equal lanes.
+    CmpEqB,
+    CmpEqW,
+    CmpEqD,
+    /// PMINUB, PMAXUB.
+    MinUB,
+    MaxUB,
+    /// PSHUFB (SSSE3).
+    Pshufb,
+}
+
+/// Shifts of every lane by an immediate count (PSLLW/D/Q, PSRLW/D/Q, PSRAW/D).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum VShift {
+    Shl,
+    Shr,
+    Sar,
 }
 
 /// An SSE fast form: compiled inline by the translation tier (the interpreter runs these
@@ -174,6 +195,17 @@ pub(crate) enum Sse {
     Fp { op: FpOp, lanes: Lanes, d: u8, s: Xs },
     /// PAND/PANDN/POR/PXOR (and the PS/PD forms), PADDD/PSUBD/PADDQ/PSUBQ: d = d op s.
     Vec { op: VecOp, d: u8, s: Xs },
+    /// Lane-wise shift of XMM d by `count` (the immediate: counts of the lane width or more
+    /// give zeros, or sign copies for PSRA); `bits` the lane width (16, 32, 64).
+    ShiftImm { op: VShift, bits: u8, d: u8, count: u8 },
+    /// PSLLDQ (`left`) / PSRLDQ: XMM d shifted by `count` bytes (16 or more: zero).
+    ByteShift { left: bool, d: u8, count: u8 },
+    /// PSHUFD: dword i of XMM d = dword `imm >> 2i & 3` of s.
+    Pshufd { d: u8, s: Xs, imm: u8 },
+    /// PALIGNR (SSSE3): XMM d = bytes `imm..imm + 16` of the 32 bytes d:s (s low).
+    Palignr { d: u8, s: Xs, imm: u8 },
+    /// PMOVMSKB r32/r64, xmm: GPR d = the top bit of each byte of XMM s.
+    Pmovmskb { d: u8, s: u8 },
     /// UCOMISS (`dbl` false) / UCOMISD: ZF, PF, CF from comparing XMM a with s; OF, SF,
     /// AF cleared.
     Ucomi { dbl: bool, a: u8, s: Xs },
@@ -397,10 +429,48 @@ fn lower_sse(insn: &Instruction) -> Option<Sse> {
         C::Pandn_xmm_xmmm128 | C::Andnps_xmm_xmmm128 | C::Andnpd_xmm_xmmm128 => vec(VecOp::Andn)?,
         C::Por_xmm_xmmm128 | C::Orps_xmm_xmmm128 | C::Orpd_xmm_xmmm128 => vec(VecOp::Or)?,
         C::Pxor_xmm_xmmm128 | C::Xorps_xmm_xmmm128 | C::Xorpd_xmm_xmmm128 => vec(VecOp::Xor)?,
+        C::Paddb_xmm_xmmm128 => vec(VecOp::AddB)?,
+        C::Paddw_xmm_xmmm128 => vec(VecOp::AddW)?,
         C::Paddd_xmm_xmmm128 => vec(VecOp::AddD)?,
-        C::Psubd_xmm_xmmm128 => vec(VecOp::SubD)?,
         C::Paddq_xmm_xmmm128 => vec(VecOp::AddQ)?,
+        C::Psubb_xmm_xmmm128 => vec(VecOp::SubB)?,
+        C::Psubw_xmm_xmmm128 => vec(VecOp::SubW)?,
+        C::Psubd_xmm_xmmm128 => vec(VecOp::SubD)?,
         C::Psubq_xmm_xmmm128 => vec(VecOp::SubQ)?,
+        C::Pcmpeqb_xmm_xmmm128 => vec(VecOp::CmpEqB)?,
+        C::Pcmpeqw_xmm_xmmm128 => vec(VecOp::CmpEqW)?,
+        C::Pcmpeqd_xmm_xmmm128 => vec(VecOp::CmpEqD)?,
+        C::Pminub_xmm_xmmm128 => vec(VecOp::MinUB)?,
+        C::Pmaxub_xmm_xmmm128 => vec(VecOp::MaxUB)?,
+        C::Pshufb_xmm_xmmm128 => vec(VecOp::Pshufb)?,
+        C::Psllw_xmm_imm8
+        | C::Pslld_xmm_imm8
+        | C::Psllq_xmm_imm8
+        | C::Psrlw_xmm_imm8
+        | C::Psrld_xmm_imm8
+        | C::Psrlq_xmm_imm8
+        | C::Psraw_xmm_imm8
+        | C::Psrad_xmm_imm8 => {
+            let (op, bits) = match insn.code() {
+                C::Psllw_xmm_imm8 => (VShift::Shl, 16),
+                C::Pslld_xmm_imm8 => (VShift::Shl, 32),
+                C::Psllq_xmm_imm8 => (VShift::Shl, 64),
+                C::Psrlw_xmm_imm8 => (VShift::Shr, 16),
+                C::Psrld_xmm_imm8 => (VShift::Shr, 32),
+                C::Psrlq_xmm_imm8 => (VShift::Shr, 64),
+                C::Psraw_xmm_imm8 => (VShift::Sar, 16),
+                _ => (VShift::Sar, 32),
+            };
+            Sse::ShiftImm { op, bits, d: x0()?, count: insn.immediate8() }
+        }
+        C::Pslldq_xmm_imm8 | C::Psrldq_xmm_imm8 => {
+            Sse::ByteShift { left: insn.code() == C::Pslldq_xmm_imm8, d: x0()?, count: insn.immediate8() }
+        }
+        C::Pshufd_xmm_xmmm128_imm8 => Sse::Pshufd { d: x0()?, s: xs(insn, 1)?, imm: insn.immediate8() },
+        C::Palignr_xmm_xmmm128_imm8 => Sse::Palignr { d: x0()?, s: xs(insn, 1)?, imm: insn.immediate8() },
+        C::Pmovmskb_r32_xmm | C::Pmovmskb_r64_xmm => {
+            Sse::Pmovmskb { d: gpr_of(insn.op0_register())?, s: xmm(insn.op1_register())? }
+        }
         C::Ucomiss_xmm_xmmm32 => Sse::Ucomi { dbl: false, a: x0()?, s: xs(insn, 1)? },
         C::Ucomisd_xmm_xmmm64 => Sse::Ucomi { dbl: true, a: x0()?, s: xs(insn, 1)? },
         C::Cvtsi2ss_xmm_rm32 | C::Cvtsi2ss_xmm_rm64 | C::Cvtsi2sd_xmm_rm32 | C::Cvtsi2sd_xmm_rm64 => {
@@ -936,6 +1006,14 @@ mod tests {
             (&[0x66, 0x0f, 0xef, 0xc0], "Vec"),
             (&[0xf3, 0x0f, 0x6f, 0x06], "Mov"),
             (&[0x66, 0x0f, 0xfe, 0xc1], "Vec"),
+            // pshufb xmm0,xmm1; palignr xmm0,xmm1,4; psrld xmm2,7; pshufd xmm0,xmm1,0x1b;
+            // pmovmskb eax,xmm0; psrldq xmm3,8
+            (&[0x66, 0x0f, 0x38, 0x00, 0xc1], "Vec"),
+            (&[0x66, 0x0f, 0x3a, 0x0f, 0xc1, 0x04], "Palignr"),
+            (&[0x66, 0x0f, 0x72, 0xd2, 0x07], "ShiftImm"),
+            (&[0x66, 0x0f, 0x70, 0xc1, 0x1b], "Pshufd"),
+            (&[0x66, 0x0f, 0xd7, 0xc0], "Pmovmskb"),
+            (&[0x66, 0x0f, 0x73, 0xdb, 0x08], "ByteShift"),
         ];
         for (bytes, want) in cases {
             let u = lowered(bytes);
@@ -951,6 +1029,11 @@ mod tests {
                     Sse::Vec { .. } => "Vec",
                     Sse::Ucomi { .. } => "Ucomi",
                     Sse::CvtI2F { .. } => "CvtI2F",
+                    Sse::ShiftImm { .. } => "ShiftImm",
+                    Sse::ByteShift { .. } => "ByteShift",
+                    Sse::Pshufd { .. } => "Pshufd",
+                    Sse::Palignr { .. } => "Palignr",
+                    Sse::Pmovmskb { .. } => "Pmovmskb",
                 },
                 _ => "not lowered",
             };

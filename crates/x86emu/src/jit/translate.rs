@@ -11,12 +11,12 @@ use crate::cpu::flags::{ARITH, CF, OF, SF, ZF};
 use crate::cpu::{ctl, sreg, Cpu, FpuState, Seg};
 use crate::decode::{JitFn, Op};
 use crate::mmu::{tlb_layout, GEN_CODE, P_RAM, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
-use crate::uop::{FpOp, Lanes, MemOp, Src, Sse, Uop, VecOp, Xs, NONE};
+use crate::uop::{FpOp, Lanes, MemOp, Src, Sse, Uop, VShift, VecOp, Xs, NONE};
 use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2, I16, I32, I32X4, I64, I64X2, I8};
-use cranelift_codegen::ir::{AbiParam, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
+use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2, I16, I16X8, I32, I32X4, I64, I64X2, I8, I8X16};
+use cranelift_codegen::ir::{AbiParam, ConstantData, InstBuilder, MemFlagsData, SigRef, Signature, Type, Value};
 use cranelift_codegen::isa::CallConv;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::JITModule;
@@ -977,6 +977,13 @@ impl Tr<'_, '_> {
         }
     }
 
+    /// Cranelift's `shuffle` of I8X16 `a` and `b` (mask bytes 0-15 pick from `a`, 16-31
+    /// from `b`).
+    fn shuffle(&mut self, a: Value, b: Value, mask: &[u8]) -> Value {
+        let imm = self.b.func.dfg.immediates.push(ConstantData::from(mask));
+        self.b.ins().shuffle(a, b, imm)
+    }
+
     /// Stores `v` (64 bits) into the low half of XMM `d` and zeroes the high half.
     fn xset_low64(&mut self, d: u8, v: Value) {
         self.b.ins().store(MF, v, self.cpu, xmm_off(d));
@@ -992,7 +999,9 @@ impl Tr<'_, '_> {
             Sse::Store { m, size, aligned, .. } => Some((m, size, true, aligned)),
             Sse::LoadZ { s: Xs::M(m), size, .. } => Some((m, size, false, false)),
             Sse::Fp { s: Xs::M(m), lanes, .. } => Some((m, lanes.mem_size(), false, lanes.mem_size() == 16)),
-            Sse::Vec { s: Xs::M(m), .. } => Some((m, 16, false, true)),
+            Sse::Vec { s: Xs::M(m), .. } | Sse::Pshufd { s: Xs::M(m), .. } | Sse::Palignr { s: Xs::M(m), .. } => {
+                Some((m, 16, false, true))
+            }
             Sse::Ucomi { s: Xs::M(m), dbl, .. } => Some((m, if dbl { 8 } else { 4 }, false, false)),
             Sse::CvtI2F { s: Src::Mem(m), ssz, .. } => Some((m, ssz, false, false)),
             _ => None,
@@ -1008,7 +1017,10 @@ impl Tr<'_, '_> {
             ok = self.b.ins().band(ok, c);
             (addr, entry) = (Some(a), Some(e));
         }
-        let reload = if let Sse::ToGpr { d, .. } = s { Some(d) } else { None };
+        let reload = match s {
+            Sse::ToGpr { d, .. } | Sse::Pmovmskb { d, .. } => Some(d),
+            _ => None,
+        };
         let (join, slow) = self.sse_split(ok, i, reload, matches!(s, Sse::Ucomi { .. }));
         match s {
             Sse::Mov { d, s: src, .. } => {
@@ -1092,21 +1104,86 @@ impl Tr<'_, '_> {
                 self.b.ins().store(MF, r, self.cpu, xmm_off(d));
             }
             Sse::Vec { op: v, d, s: src } => {
+                use VecOp as V;
                 let ty = match v {
-                    VecOp::AddD | VecOp::SubD => I32X4,
+                    V::AddB | V::SubB | V::CmpEqB | V::MinUB | V::MaxUB | V::Pshufb => I8X16,
+                    V::AddW | V::SubW | V::CmpEqW => I16X8,
+                    V::AddD | V::SubD | V::CmpEqD => I32X4,
                     _ => I64X2,
                 };
                 let b = self.xload(ty, &src, addr);
                 let a = self.b.ins().load(ty, MF, self.cpu, xmm_off(d));
                 let r = match v {
-                    VecOp::And => self.b.ins().band(a, b),
-                    VecOp::Andn => self.b.ins().band_not(b, a),
-                    VecOp::Or => self.b.ins().bor(a, b),
-                    VecOp::Xor => self.b.ins().bxor(a, b),
-                    VecOp::AddD | VecOp::AddQ => self.b.ins().iadd(a, b),
-                    VecOp::SubD | VecOp::SubQ => self.b.ins().isub(a, b),
+                    V::And => self.b.ins().band(a, b),
+                    V::Andn => self.b.ins().band_not(b, a),
+                    V::Or => self.b.ins().bor(a, b),
+                    V::Xor => self.b.ins().bxor(a, b),
+                    V::AddB | V::AddW | V::AddD | V::AddQ => self.b.ins().iadd(a, b),
+                    V::SubB | V::SubW | V::SubD | V::SubQ => self.b.ins().isub(a, b),
+                    V::CmpEqB | V::CmpEqW | V::CmpEqD => self.b.ins().icmp(IntCC::Equal, a, b),
+                    V::MinUB => self.b.ins().umin(a, b),
+                    V::MaxUB => self.b.ins().umax(a, b),
+                    V::Pshufb => self.b.ins().x86_pshufb(a, b),
                 };
                 self.b.ins().store(MF, r, self.cpu, xmm_off(d));
+            }
+            Sse::ShiftImm { op: sh, bits, d, count } => {
+                let ty = match bits {
+                    16 => I16X8,
+                    32 => I32X4,
+                    _ => I64X2,
+                };
+                let v = self.b.ins().load(ty, MF, self.cpu, xmm_off(d));
+                let r = if count >= bits && sh != VShift::Sar {
+                    self.b.ins().bxor(v, v)
+                } else {
+                    let n = self.b.ins().iconst(I32, i64::from(count.min(bits - 1)));
+                    match sh {
+                        VShift::Shl => self.b.ins().ishl(v, n),
+                        VShift::Shr => self.b.ins().ushr(v, n),
+                        VShift::Sar => self.b.ins().sshr(v, n),
+                    }
+                };
+                self.b.ins().store(MF, r, self.cpu, xmm_off(d));
+            }
+            Sse::ByteShift { left, d, count } => {
+                let v = self.b.ins().load(I8X16, MF, self.cpu, xmm_off(d));
+                let zero = self.b.ins().bxor(v, v);
+                // Index 16 picks a byte of `zero`.
+                let mask: Vec<u8> = (0..16u8)
+                    .map(|i| {
+                        let from = if left { i.checked_sub(count) } else { i.checked_add(count).filter(|&j| j < 16) };
+                        from.unwrap_or(16)
+                    })
+                    .collect();
+                let r = self.shuffle(v, zero, &mask);
+                self.b.ins().store(MF, r, self.cpu, xmm_off(d));
+            }
+            Sse::Pshufd { d, s: src, imm } => {
+                let v = self.xload(I8X16, &src, addr);
+                let mask: Vec<u8> = (0..16u8).map(|i| 4 * ((imm >> (2 * (i / 4))) & 3) + i % 4).collect();
+                let r = self.shuffle(v, v, &mask);
+                self.b.ins().store(MF, r, self.cpu, xmm_off(d));
+            }
+            Sse::Palignr { d, s: src, imm } => {
+                let lo = self.xload(I8X16, &src, addr);
+                let hi = self.b.ins().load(I8X16, MF, self.cpu, xmm_off(d));
+                let zero = self.b.ins().bxor(hi, hi);
+                // Byte k of the 32 bytes hi:lo is lo[k] (k < 16) or hi[k - 16]; past 32: 0.
+                let r = if imm < 16 {
+                    let mask: Vec<u8> = (0..16u8).map(|i| i + imm).collect();
+                    self.shuffle(lo, hi, &mask)
+                } else {
+                    let mask: Vec<u8> =
+                        (0..16u8).map(|i| i.checked_add(imm - 16).filter(|&j| j < 16).unwrap_or(16)).collect();
+                    self.shuffle(hi, zero, &mask)
+                };
+                self.b.ins().store(MF, r, self.cpu, xmm_off(d));
+            }
+            Sse::Pmovmskb { d, s: x } => {
+                let v = self.b.ins().load(I8X16, MF, self.cpu, xmm_off(x));
+                let m = self.b.ins().vhigh_bits(I64, v);
+                self.set_reg64(d, m);
             }
             Sse::Ucomi { dbl, a, s: src } => {
                 let ty = if dbl { F64 } else { F32 };
@@ -1682,7 +1759,8 @@ fn regs_named(u: &Uop) -> u16 {
             | Sse::Ucomi { s: Xs::M(mm), .. }
             | Sse::Store { m: mm, .. } => m(mm),
             Sse::FromGpr { s: g, .. } => r(*g),
-            Sse::ToGpr { d, .. } => r(*d),
+            Sse::ToGpr { d, .. } | Sse::Pmovmskb { d, .. } => r(*d),
+            Sse::Pshufd { s: Xs::M(mm), .. } | Sse::Palignr { s: Xs::M(mm), .. } => m(mm),
             Sse::CvtI2F { s: x, .. } => s(x),
             _ => 0,
         },
