@@ -288,6 +288,16 @@ fn gpr(r: Register, sz: usize) -> Option<u8> {
     }
 }
 
+/// GPR index of a register of `sz` bytes: a low-byte register (not AH/CH/DH/BH), a 16-,
+/// 32- or 64-bit one.
+fn gpr_sized(r: Register, sz: usize) -> Option<u8> {
+    match sz {
+        1 => low8(r),
+        2 if r.is_gpr16() => u8::try_from(r.number()).ok(),
+        _ => gpr(r, sz),
+    }
+}
+
 /// GPR index of a low-byte register (AL..R15L, SPL..DIL); None for AH/CH/DH/BH.
 fn low8(r: Register) -> Option<u8> {
     if !r.is_gpr8() || matches!(r, Register::AH | Register::CH | Register::DH | Register::BH) {
@@ -298,7 +308,7 @@ fn low8(r: Register) -> Option<u8> {
 
 fn src(insn: &Instruction, i: u32, sz: usize) -> Option<Src> {
     match insn.op_kind(i) {
-        OpKind::Register => gpr(insn.op_register(i), sz).map(Src::Reg),
+        OpKind::Register => gpr_sized(insn.op_register(i), sz).map(Src::Reg),
         OpKind::Memory => MemOp::from(insn).map(Src::Mem),
         OpKind::Immediate8
         | OpKind::Immediate16
@@ -497,7 +507,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             if k0 == OpKind::Register {
                 let r0 = insn.op0_register();
                 let sz = r0.size();
-                Uop::MovR { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
+                Uop::MovR { d: gpr_sized(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
             } else if k0 == OpKind::Memory {
                 let sz = insn.memory_size().size();
                 let s = match (sz, insn.op1_kind()) {
@@ -525,7 +535,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         Mnemonic::Not | Mnemonic::Neg if k0 == OpKind::Register => {
             let r0 = insn.op0_register();
             let sz = r0.size();
-            Uop::Unary { neg: m == Mnemonic::Neg, d: gpr(r0, sz)?, sz: u8::try_from(sz).ok()? }
+            Uop::Unary { neg: m == Mnemonic::Neg, d: gpr_sized(r0, sz)?, sz: u8::try_from(sz).ok()? }
         }
         Mnemonic::Shl | Mnemonic::Shr | Mnemonic::Sar
             if k0 == OpKind::Register && insn.op_count() == 2 && insn.op1_kind() == OpKind::Register =>
@@ -572,12 +582,12 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             let r0 = insn.op0_register();
             let sz = r0.size();
             let op = if m == Mnemonic::Adc { Op2::Adc } else { Op2::Sbb };
-            Uop::AluF { op, d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
+            Uop::AluF { op, d: gpr_sized(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
         }
         Mnemonic::Imul if k0 == OpKind::Register && insn.op_count() == 2 => {
             let r0 = insn.op0_register();
             let sz = r0.size();
-            Uop::AluF { op: Op2::Imul, d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
+            Uop::AluF { op: Op2::Imul, d: gpr_sized(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
         }
         Mnemonic::Imul if k0 == OpKind::Register && insn.op_count() == 3 => {
             let r0 = insn.op0_register();
@@ -689,7 +699,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         Mnemonic::Inc | Mnemonic::Dec if k0 == OpKind::Register => {
             let r0 = insn.op0_register();
             let sz = r0.size();
-            Uop::IncDec { d: gpr(r0, sz)?, sz: u8::try_from(sz).ok()?, dec: m == Mnemonic::Dec }
+            Uop::IncDec { d: gpr_sized(r0, sz)?, sz: u8::try_from(sz).ok()?, dec: m == Mnemonic::Dec }
         }
         Mnemonic::Shl | Mnemonic::Shr | Mnemonic::Sar | Mnemonic::Rol | Mnemonic::Ror
             if k0 == OpKind::Register && insn.op_count() == 2 && insn.op1_kind() == OpKind::Immediate8 =>
@@ -703,9 +713,14 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 Mnemonic::Rol => Op2::Rol,
                 _ => Op2::Ror,
             };
-            Uop::Shift { op, d: gpr(r0, sz)?, c: insn.immediate8(), sz: u8::try_from(sz).ok()? }
+            if sz < 4 && matches!(op, Op2::Rol | Op2::Ror) {
+                return None;
+            }
+            Uop::Shift { op, d: gpr_sized(r0, sz)?, c: insn.immediate8(), sz: u8::try_from(sz).ok()? }
         }
         Mnemonic::Nop | Mnemonic::Pause => Uop::Nop,
+        // RAX = sign-extended EAX: MOVSXD RAX, EAX.
+        Mnemonic::Cdqe => Uop::MovXR { d: 0, s: 0, ssz: 4, dsz: 8, signed: true },
         Mnemonic::Add
         | Mnemonic::Or
         | Mnemonic::And
@@ -718,7 +733,7 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             }
             let r0 = insn.op0_register();
             let sz = r0.size();
-            let d = gpr(r0, sz)?;
+            let d = gpr_sized(r0, sz)?;
             let s = src(insn, 1, sz)?;
             let (op, write) = match m {
                 Mnemonic::Add => (Op2::Add, true),
@@ -769,7 +784,13 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
 
 #[inline(always)]
 fn set(cpu: &mut Cpu, r: u8, v: u64, sz: u8) {
-    *cpu.gpr_at_mut(usize::from(r)) = if sz == 4 { v & 0xffff_ffff } else { v };
+    let g = cpu.gpr_at_mut(usize::from(r));
+    *g = match sz {
+        // 8- and 16-bit writes keep the rest of the register.
+        1 | 2 => (*g & !mask(sz as usize)) | (v & mask(sz as usize)),
+        4 => v & 0xffff_ffff,
+        _ => v,
+    };
 }
 
 #[inline(always)]

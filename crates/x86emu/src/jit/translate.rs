@@ -248,7 +248,17 @@ impl Tr<'_, '_> {
 
     /// Writes a 32/64-bit result as MOV does (32-bit writes zero-extend).
     fn set_reg(&mut self, r: u8, v: Value, sz: u8) {
-        let v = if sz == 4 { self.andi(v, 0xffff_ffff) } else { v };
+        let v = match sz {
+            // 8- and 16-bit writes keep the rest of the register.
+            1 | 2 => {
+                let old = self.reg(r);
+                let keep = self.andi(old, !mask(sz));
+                let low = self.andi(v, mask(sz));
+                self.b.ins().bor(keep, low)
+            }
+            4 => self.andi(v, 0xffff_ffff),
+            _ => v,
+        };
         self.set_reg64(r, v);
     }
 
@@ -1412,7 +1422,8 @@ impl Tr<'_, '_> {
                         Op2::Shr => (self.ushri(a, n), aluop::SHR),
                         Op2::Sar => {
                             let x = if bits == 64 { a } else { self.shli(a, 64 - bits) };
-                            (self.sshri(x, n + 64 - bits), aluop::SAR)
+                            // 8/16-bit counts may pass the width: all sign bits.
+                            (self.sshri(x, (n + 64 - bits).min(63)), aluop::SAR)
                         }
                         Op2::Rol | Op2::Ror => {
                             let ty = if sz == 8 { I64 } else { I32 };
