@@ -16,6 +16,9 @@ use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
 /// No register (in a [`MemOp`]).
 pub(crate) const NONE: u8 = 0xff;
 
+/// Or'ed into a [`Uop::MovXR`] source: the high byte (bits 8-15) of GPR 0-3 (AH..BH).
+pub(crate) const HIGH8: u8 = 0x10;
+
 /// A memory operand with 64-bit addressing: base + (index << scale) + disp (+ FS/GS base).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct MemOp {
@@ -252,8 +255,14 @@ pub(crate) enum Uop {
     Setcc { cc: ConditionCode, d: u8 },
     /// CMOVcc r32/64, src.
     Cmov { cc: ConditionCode, d: u8, s: Src, sz: u8 },
-    /// MOVZX/MOVSX r32/64, r8/r16 (low-byte registers only).
+    /// MOVZX/MOVSX r32/64, r8/r16; `s` is a GPR number, or [`HIGH8`] | 0..=3 for
+    /// AH/CH/DH/BH.
     MovXR { d: u8, s: u8, ssz: u8, dsz: u8, signed: bool },
+    /// BSWAP r32/r64.
+    Bswap { d: u8, sz: u8 },
+    /// BSF r32/64, r/m (and TZCNT, which executes as BSF without BMI1 in the CPU model): a
+    /// zero source leaves the destination (a 32-bit one zero-extended).
+    Bsf { d: u8, s: Src, sz: u8 },
     /// MOVZX/MOVSX r32/64, m8/m16.
     MovX { d: u8, m: MemOp, ssz: u8, dsz: u8, signed: bool },
     /// INC/DEC r32/64.
@@ -645,7 +654,12 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             let dsz = r0.size();
             let ssz = r1.size();
             let s = if ssz == 1 {
-                low8(r1)?
+                match r1 {
+                    Register::AH | Register::CH | Register::DH | Register::BH => {
+                        HIGH8 | u8::try_from(r1.number() - Register::AH.number()).ok()?
+                    }
+                    _ => low8(r1)?,
+                }
             } else if r1.is_gpr16() {
                 u8::try_from(r1.number()).ok()?
             } else {
@@ -721,6 +735,16 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         Mnemonic::Nop | Mnemonic::Pause => Uop::Nop,
         // RAX = sign-extended EAX: MOVSXD RAX, EAX.
         Mnemonic::Cdqe => Uop::MovXR { d: 0, s: 0, ssz: 4, dsz: 8, signed: true },
+        Mnemonic::Bswap if k0 == OpKind::Register => {
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            Uop::Bswap { d: gpr(r0, sz)?, sz: u8::try_from(sz).ok()? }
+        }
+        Mnemonic::Bsf | Mnemonic::Tzcnt if k0 == OpKind::Register => {
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            Uop::Bsf { d: gpr(r0, sz)?, s: src(insn, 1, sz)?, sz: u8::try_from(sz).ok()? }
+        }
         Mnemonic::Add
         | Mnemonic::Or
         | Mnemonic::And
@@ -921,7 +945,8 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             }
         }
         Uop::MovXR { d, s, ssz, dsz, signed } => {
-            let v = cpu.gpr_at(usize::from(s)) & mask(ssz as usize);
+            let v = if s & HIGH8 != 0 { cpu.gpr_at(usize::from(s & 3)) >> 8 } else { cpu.gpr_at(usize::from(s)) };
+            let v = v & mask(ssz as usize);
             let v = if signed { crate::regs::sext(v, ssz as usize) } else { v };
             set(cpu, d, v & mask(dsz as usize), dsz);
         }
@@ -931,6 +956,20 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             let v = cpu.read_la(bus, la, ssz as usize, u)?;
             let v = if signed { crate::regs::sext(v, ssz as usize) } else { v };
             set(cpu, d, v & mask(dsz as usize), dsz);
+        }
+        Uop::Bswap { d, sz } => {
+            let v = cpu.gpr_at(usize::from(d));
+            let r = if sz == 8 { v.swap_bytes() } else { u64::from(crate::regs::low32(v).swap_bytes()) };
+            set(cpu, d, r, sz);
+        }
+        Uop::Bsf { d, s, sz } => {
+            let b = read_src(cpu, bus, s, sz)?;
+            let a = cpu.gpr_at(usize::from(d)) & mask(sz as usize);
+            let (r, f) = alu::op2(Op2::Bsf, sz as usize, a, b, cpu.rflags);
+            if b != 0 || sz == 4 {
+                set(cpu, d, r, sz);
+            }
+            cpu.rflags = f;
         }
         Uop::IncDec { d, sz, dec } => {
             let a = cpu.gpr_at(usize::from(d)) & mask(sz as usize);

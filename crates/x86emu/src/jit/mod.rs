@@ -457,6 +457,7 @@ pub(crate) mod aluop {
     pub(crate) const SAR: u64 = 5;
     pub(crate) const ROL: u64 = 6;
     pub(crate) const ROR: u64 = 7;
+    pub(crate) const BSF: u64 = 8;
     /// Or'ed into a shift's code when its count is only known at run time (it may be 0).
     pub(crate) const DYN: u64 = 0x100;
 }
@@ -475,6 +476,7 @@ pub(crate) extern "C" fn jit_alu_flags(op: u64, size: u64, a: u64, b: u64, flags
         aluop::SHR => alu::op2(Op2::Shr, size, a, b, flags),
         aluop::SAR => alu::op2(Op2::Sar, size, a, b, flags),
         aluop::ROL => alu::op2(Op2::Rol, size, a, b, flags),
+        aluop::BSF => alu::op2(Op2::Bsf, size, a, b, flags),
         _ => alu::op2(Op2::Ror, size, a, b, flags),
     };
     f

@@ -11,7 +11,7 @@ use crate::cpu::flags::{ARITH, CF, OF, SF, ZF};
 use crate::cpu::{ctl, sreg, Cpu, FpuState, Seg};
 use crate::decode::{JitFn, Op};
 use crate::mmu::{tlb_layout, GEN_CODE, P_RAM, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
-use crate::uop::{FpOp, Lanes, MemOp, Src, Sse, Uop, VShift, VecOp, Xs, NONE};
+use crate::uop::{FpOp, Lanes, MemOp, Src, Sse, Uop, VShift, VecOp, Xs, HIGH8, NONE};
 use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -1385,7 +1385,12 @@ impl Tr<'_, '_> {
                 self.set_reg(d, r, sz);
             }
             Uop::MovXR { d, s, ssz, dsz, signed } => {
-                let v = self.reg(s);
+                let v = if s & HIGH8 != 0 {
+                    let v = self.reg(s & 3);
+                    self.ushri(v, 8)
+                } else {
+                    self.reg(s)
+                };
                 let v = self.ext(v, ssz, signed);
                 let v = self.masked(v, dsz);
                 self.set_reg(d, v, dsz);
@@ -1396,6 +1401,29 @@ impl Tr<'_, '_> {
                 let v = self.ext(v, ssz, signed);
                 let v = self.masked(v, dsz);
                 self.set_reg(d, v, dsz);
+            }
+            Uop::Bswap { d, sz } => {
+                let v = self.reg(d);
+                let r = if sz == 8 {
+                    self.b.ins().bswap(v)
+                } else {
+                    let x = self.b.ins().ireduce(I32, v);
+                    let x = self.b.ins().bswap(x);
+                    self.b.ins().uextend(I64, x)
+                };
+                self.set_reg(d, r, sz);
+            }
+            Uop::Bsf { d, s, sz } => {
+                let b = self.src(s, sz, op, i);
+                let a = self.reg(d);
+                let a = self.masked(a, sz);
+                let zero = self.cmpi(IntCC::Equal, b, 0);
+                let c = self.b.ins().ctz(b);
+                // A zero source leaves the destination (written back: a 32-bit one is
+                // zero-extended).
+                let r = self.b.ins().select(zero, a, c);
+                self.set_pending(Pending { k: Pk::Helper(aluop::BSF), sz, a, b, r });
+                self.set_reg(d, r, sz);
             }
             Uop::IncDec { d, sz, dec } => {
                 let a = self.reg(d);
@@ -1784,7 +1812,9 @@ fn regs_named(u: &Uop) -> u16 {
         Uop::AluM { m: mm, s: x, .. } => m(mm) | s(x),
         Uop::Setcc { d, .. } => r(*d),
         Uop::Cmov { d, s: x, .. } => r(*d) | s(x),
-        Uop::MovXR { d, s: x, .. } => r(*d) | r(*x),
+        Uop::MovXR { d, s: x, .. } => r(*d) | r(*x & !HIGH8),
+        Uop::Bswap { d, .. } => r(*d),
+        Uop::Bsf { d, s: x, .. } => r(*d) | s(x),
         Uop::MovX { d, m: mm, .. } => r(*d) | m(mm),
         Uop::IncDec { d, .. } | Uop::Shift { d, .. } => r(*d),
         Uop::Call { .. } | Uop::Ret => r(4),
