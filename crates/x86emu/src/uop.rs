@@ -161,6 +161,12 @@ pub(crate) enum VecOp {
     MaxUB,
     /// PSHUFB (SSSE3).
     Pshufb,
+    /// PUNPCKL/PUNPCKH BW, WD, DQ, QDQ (and UNPCKL/UNPCKH PS/PD): lanes of the low (`high`
+    /// false) or high halves of d and s interleaved, d first; `lane` in bytes (1, 2, 4, 8).
+    Unpack {
+        high: bool,
+        lane: u8,
+    },
 }
 
 /// Shifts of every lane by an immediate count (PSLLW/D/Q, PSRLW/D/Q, PSRAW/D).
@@ -462,6 +468,14 @@ fn lower_sse(insn: &Instruction) -> Option<Sse> {
         C::Pminub_xmm_xmmm128 => vec(VecOp::MinUB)?,
         C::Pmaxub_xmm_xmmm128 => vec(VecOp::MaxUB)?,
         C::Pshufb_xmm_xmmm128 => vec(VecOp::Pshufb)?,
+        C::Punpcklbw_xmm_xmmm128 => vec(VecOp::Unpack { high: false, lane: 1 })?,
+        C::Punpcklwd_xmm_xmmm128 => vec(VecOp::Unpack { high: false, lane: 2 })?,
+        C::Punpckldq_xmm_xmmm128 | C::Unpcklps_xmm_xmmm128 => vec(VecOp::Unpack { high: false, lane: 4 })?,
+        C::Punpcklqdq_xmm_xmmm128 | C::Unpcklpd_xmm_xmmm128 => vec(VecOp::Unpack { high: false, lane: 8 })?,
+        C::Punpckhbw_xmm_xmmm128 => vec(VecOp::Unpack { high: true, lane: 1 })?,
+        C::Punpckhwd_xmm_xmmm128 => vec(VecOp::Unpack { high: true, lane: 2 })?,
+        C::Punpckhdq_xmm_xmmm128 | C::Unpckhps_xmm_xmmm128 => vec(VecOp::Unpack { high: true, lane: 4 })?,
+        C::Punpckhqdq_xmm_xmmm128 | C::Unpckhpd_xmm_xmmm128 => vec(VecOp::Unpack { high: true, lane: 8 })?,
         C::Psllw_xmm_imm8
         | C::Pslld_xmm_imm8
         | C::Psllq_xmm_imm8

@@ -1116,7 +1116,7 @@ impl Tr<'_, '_> {
             Sse::Vec { op: v, d, s: src } => {
                 use VecOp as V;
                 let ty = match v {
-                    V::AddB | V::SubB | V::CmpEqB | V::MinUB | V::MaxUB | V::Pshufb => I8X16,
+                    V::AddB | V::SubB | V::CmpEqB | V::MinUB | V::MaxUB | V::Pshufb | V::Unpack { .. } => I8X16,
                     V::AddW | V::SubW | V::CmpEqW => I16X8,
                     V::AddD | V::SubD | V::CmpEqD => I32X4,
                     _ => I64X2,
@@ -1134,6 +1134,18 @@ impl Tr<'_, '_> {
                     V::MinUB => self.b.ins().umin(a, b),
                     V::MaxUB => self.b.ins().umax(a, b),
                     V::Pshufb => self.b.ins().x86_pshufb(a, b),
+                    V::Unpack { high, lane } => {
+                        // Output lane j: lane j/2 (+ half) of d for even j, of s (bytes
+                        // 16-31 of the shuffle's input) for odd j.
+                        let half = if high { 8 } else { 0 };
+                        let mask: Vec<u8> = (0..16u8)
+                            .map(|k| {
+                                let (j, byte) = (k / lane, k % lane);
+                                half + (j / 2) * lane + byte + if j % 2 == 1 { 16 } else { 0 }
+                            })
+                            .collect();
+                        self.shuffle(a, b, &mask)
+                    }
                 };
                 self.b.ins().store(MF, r, self.cpu, xmm_off(d));
             }
