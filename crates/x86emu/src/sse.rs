@@ -29,6 +29,7 @@ use iced_x86::{Code, EncodingKind, Instruction, Mnemonic, OpKind, Register};
 use std::arch::asm;
 
 mod ext;
+pub(crate) use ext::jit_aes;
 
 /// CR4.OSXMMEXCPT: the OS handles #XM.
 const CR4_OSXMMEXCPT: u64 = 1 << 10;

@@ -215,6 +215,10 @@ pub(crate) enum Sse {
     Palignr { d: u8, s: Xs, imm: u8 },
     /// PMOVMSKB r32/r64, xmm: GPR d = the top bit of each byte of XMM s.
     Pmovmskb { d: u8, s: u8 },
+    /// AESENC (`kind` 0), AESENCLAST (1), AESDEC (2), AESDECLAST (3): one round on XMM d
+    /// with the round key s (lowered only where the host has AES-NI, as the CPU model
+    /// advertises it only then).
+    Aes { kind: u8, d: u8, s: Xs },
     /// UCOMISS (`dbl` false) / UCOMISD: ZF, PF, CF from comparing XMM a with s; OF, SF,
     /// AF cleared.
     Ucomi { dbl: bool, a: u8, s: Xs },
@@ -501,6 +505,17 @@ fn lower_sse(insn: &Instruction) -> Option<Sse> {
         }
         C::Pshufd_xmm_xmmm128_imm8 => Sse::Pshufd { d: x0()?, s: xs(insn, 1)?, imm: insn.immediate8() },
         C::Palignr_xmm_xmmm128_imm8 => Sse::Palignr { d: x0()?, s: xs(insn, 1)?, imm: insn.immediate8() },
+        C::Aesenc_xmm_xmmm128 | C::Aesenclast_xmm_xmmm128 | C::Aesdec_xmm_xmmm128 | C::Aesdeclast_xmm_xmmm128
+            if crate::cpuid::has(crate::cpuid::Ext::Aes) =>
+        {
+            let kind = match insn.code() {
+                C::Aesenc_xmm_xmmm128 => 0,
+                C::Aesenclast_xmm_xmmm128 => 1,
+                C::Aesdec_xmm_xmmm128 => 2,
+                _ => 3,
+            };
+            Sse::Aes { kind, d: x0()?, s: xs(insn, 1)? }
+        }
         C::Pmovmskb_r32_xmm | C::Pmovmskb_r64_xmm => {
             Sse::Pmovmskb { d: gpr_of(insn.op0_register())?, s: xmm(insn.op1_register())? }
         }
@@ -1089,6 +1104,10 @@ mod tests {
             (&[0x66, 0x0f, 0xd7, 0xc0], "Pmovmskb"),
             (&[0x66, 0x0f, 0x73, 0xdb, 0x08], "ByteShift"),
         ];
+        // aesenc xmm0,xmm1 (where the host has AES-NI)
+        if crate::cpuid::has(crate::cpuid::Ext::Aes) {
+            assert!(matches!(lowered(&[0x66, 0x0f, 0x38, 0xdc, 0xc1]), Uop::Sse(Sse::Aes { kind: 0, d: 0, .. })));
+        }
         for (bytes, want) in cases {
             let u = lowered(bytes);
             let got = match u {
@@ -1108,6 +1127,7 @@ mod tests {
                     Sse::Pshufd { .. } => "Pshufd",
                     Sse::Palignr { .. } => "Palignr",
                     Sse::Pmovmskb { .. } => "Pmovmskb",
+                    Sse::Aes { .. } => "Aes",
                 },
                 _ => "not lowered",
             };

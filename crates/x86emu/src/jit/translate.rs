@@ -134,6 +134,8 @@ struct Tr<'a, 'b> {
     sig_read: SigRef,
     sig_write: SigRef,
     sig_note: SigRef,
+    /// `crate::sse::jit_aes`.
+    sig_aes: SigRef,
     sig_gen: SigRef,
     sig_flags: SigRef,
     /// Compiled blocks' own signature (links are followed by tail calls).
@@ -1009,9 +1011,10 @@ impl Tr<'_, '_> {
             Sse::Store { m, size, aligned, .. } => Some((m, size, true, aligned)),
             Sse::LoadZ { s: Xs::M(m), size, .. } => Some((m, size, false, false)),
             Sse::Fp { s: Xs::M(m), lanes, .. } => Some((m, lanes.mem_size(), false, lanes.mem_size() == 16)),
-            Sse::Vec { s: Xs::M(m), .. } | Sse::Pshufd { s: Xs::M(m), .. } | Sse::Palignr { s: Xs::M(m), .. } => {
-                Some((m, 16, false, true))
-            }
+            Sse::Vec { s: Xs::M(m), .. }
+            | Sse::Pshufd { s: Xs::M(m), .. }
+            | Sse::Palignr { s: Xs::M(m), .. }
+            | Sse::Aes { s: Xs::M(m), .. } => Some((m, 16, false, true)),
             Sse::Ucomi { s: Xs::M(m), dbl, .. } => Some((m, if dbl { 8 } else { 4 }, false, false)),
             Sse::CvtI2F { s: Src::Mem(m), ssz, .. } => Some((m, ssz, false, false)),
             _ => None,
@@ -1201,6 +1204,18 @@ impl Tr<'_, '_> {
                     self.shuffle(hi, zero, &mask)
                 };
                 self.b.ins().store(MF, r, self.cpu, xmm_off(d));
+            }
+            Sse::Aes { kind, d, s: src } => {
+                // The host's AESENC/AESDEC on the register in the Cpu (no GPR or flag).
+                let dp = self.addi(self.cpu, i64::from(xmm_off(d)));
+                let sp = match (src, addr) {
+                    (Xs::M(_), Some(a)) => a,
+                    (Xs::X(x), _) => self.addi(self.cpu, i64::from(xmm_off(x))),
+                    (Xs::M(_), None) => dp,
+                };
+                let k = self.iconst(u64::from(kind));
+                let f = self.iconst(crate::sse::jit_aes as *const () as u64);
+                self.b.ins().call_indirect(self.sig_aes, f, &[dp, sp, k]);
             }
             Sse::Pmovmskb { d, s: x } => {
                 let v = self.b.ins().load(I8X16, MF, self.cpu, xmm_off(x));
@@ -1633,6 +1648,7 @@ pub(crate) fn compile(
         let sig_read = b.import_signature(mk(&[I64, I64, I64, I64], true));
         let sig_write = b.import_signature(mk(&[I64, I64, I64, I64, I64], false));
         let sig_note = b.import_signature(mk(&[I64], false));
+        let sig_aes = b.import_signature(mk(&[I64, I64, I64], false));
         let sig_gen = b.import_signature(mk(&[I64, I64, I64, I64], true));
         let sig_flags = b.import_signature(mk(&[I64, I64, I64, I64, I64], true));
         let sig_block = b.import_signature(sig);
@@ -1686,6 +1702,7 @@ pub(crate) fn compile(
             sig_read,
             sig_write,
             sig_note,
+            sig_aes,
             sig_gen,
             sig_flags,
             sig_block,
@@ -1811,7 +1828,9 @@ fn regs_named(u: &Uop) -> u16 {
             | Sse::Store { m: mm, .. } => m(mm),
             Sse::FromGpr { s: g, .. } => r(*g),
             Sse::ToGpr { d, .. } | Sse::Pmovmskb { d, .. } => r(*d),
-            Sse::Pshufd { s: Xs::M(mm), .. } | Sse::Palignr { s: Xs::M(mm), .. } => m(mm),
+            Sse::Pshufd { s: Xs::M(mm), .. } | Sse::Palignr { s: Xs::M(mm), .. } | Sse::Aes { s: Xs::M(mm), .. } => {
+                m(mm)
+            }
             Sse::CvtI2F { s: x, .. } => s(x),
             _ => 0,
         },

@@ -140,6 +140,28 @@ int_ops! {
     pclmulqdq = "pclmulqdq xmm0, xmm1, {i}",
 }
 
+/// AESENC (`kind` 0), AESENCLAST (1), AESDEC (2) or AESDECLAST (3) of the state at `d`
+/// with the round key at `s`, for compiled code (`crate::jit`): the host's instruction, as
+/// the interpreter runs it. Only reachable for a fast form lowered where
+/// `cpuid::has(Ext::Aes)` (the host has AES-NI).
+///
+/// # Safety
+/// `d` points to a live XMM register of the running vCPU that no Rust reference aliases,
+/// `s` to 16 readable bytes (an XMM register or guest RAM through the TLB).
+pub(crate) unsafe extern "C" fn jit_aes(d: *mut u128, s: *const u128, kind: u64) {
+    // SAFETY: per the contract; unaligned accesses are allowed for both.
+    let (a, b) = unsafe { (d.read_unaligned(), s.read_unaligned()) };
+    let mut io = Io { a, b, csr: 0, host_csr: 0, fl: 0 };
+    match kind {
+        0 => aesenc::<0>(&mut io, 0, 0, 0),
+        1 => aesenclast::<0>(&mut io, 0, 0, 0),
+        2 => aesdec::<0>(&mut io, 0, 0, 0),
+        _ => aesdeclast::<0>(&mut io, 0, 0, 0),
+    };
+    // SAFETY: per the contract.
+    unsafe { d.write_unaligned(io.a) };
+}
+
 fp_ops! {
     // SSE3
     addsubps = "addsubps xmm0, xmm1 /* {i} */", addsubpd = "addsubpd xmm0, xmm1 /* {i} */",
