@@ -660,6 +660,22 @@ impl Tr<'_, '_> {
         }
     }
 
+    /// A branch target `t` of instruction `i` must be canonical: #GP(0) exit otherwise
+    /// (SDM Vol. 2 RET, JMP, CALL in 64-bit mode).
+    fn check_canonical(&mut self, t: Value, op: &Op, i: usize) {
+        let sx = self.shli(t, 16);
+        let sx = self.sshri(sx, 16);
+        let canon = self.b.ins().icmp(IntCC::Equal, sx, t);
+        let gp = self.b.create_block();
+        let cont = self.b.create_block();
+        self.b.set_cold_block(gp);
+        self.b.ins().brif(canon, cont, &[], gp, &[]);
+        self.b.switch_to_block(gp);
+        let rip = self.iconst(op.ip);
+        self.exit_cold(rip, i as u64 + 1, EXIT_GP);
+        self.b.switch_to_block(cont);
+    }
+
     /// Checks ctx.faulted after a helper call: branches to instruction `i`'s fault exit.
     fn check_fault(&mut self, op: &Op, i: usize) {
         let f = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, faulted)));
@@ -1511,34 +1527,14 @@ impl Tr<'_, '_> {
             Uop::Ret => {
                 let sp = self.reg(4);
                 let t = self.read(sp, 8, op, i);
-                let sx = self.shli(t, 16);
-                let sx = self.sshri(sx, 16);
-                let canon = self.b.ins().icmp(IntCC::Equal, sx, t);
-                let gp = self.b.create_block();
-                let cont = self.b.create_block();
-                self.b.set_cold_block(gp);
-                self.b.ins().brif(canon, cont, &[], gp, &[]);
-                self.b.switch_to_block(gp);
-                let rip = self.iconst(op.ip);
-                self.exit_cold(rip, i as u64 + 1, EXIT_GP);
-                self.b.switch_to_block(cont);
+                self.check_canonical(t, op, i);
                 let sp = self.addi(sp, 8);
                 self.set_reg64(4, sp);
                 return Some(t);
             }
             Uop::JmpInd { s } | Uop::CallInd { s } => {
                 let t = self.src(s, 8, op, i);
-                let sx = self.shli(t, 16);
-                let sx = self.sshri(sx, 16);
-                let canon = self.b.ins().icmp(IntCC::Equal, sx, t);
-                let gp = self.b.create_block();
-                let cont = self.b.create_block();
-                self.b.set_cold_block(gp);
-                self.b.ins().brif(canon, cont, &[], gp, &[]);
-                self.b.switch_to_block(gp);
-                let rip = self.iconst(op.ip);
-                self.exit_cold(rip, i as u64 + 1, EXIT_GP);
-                self.b.switch_to_block(cont);
+                self.check_canonical(t, op, i);
                 if let Uop::CallInd { .. } = op.uop {
                     let ret = self.iconst(op.next_ip);
                     self.push(ret, op, i);
