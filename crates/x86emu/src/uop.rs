@@ -270,6 +270,9 @@ pub(crate) enum Uop {
     MovXR { d: u8, s: u8, ssz: u8, dsz: u8, signed: bool },
     /// BSWAP r32/r64.
     Bswap { d: u8, sz: u8 },
+    /// DIV r/m32, r/m64 (unsigned): EDX:EAX or RDX:RAX / s, quotient to RAX, remainder to
+    /// RDX; #DE for a zero divisor or a quotient that does not fit; flags unchanged.
+    Div { s: Src, sz: u8 },
     /// BSF r32/64, r/m (and TZCNT, which executes as BSF without BMI1 in the CPU model): a
     /// zero source leaves the destination (a 32-bit one zero-extended).
     Bsf { d: u8, s: Src, sz: u8 },
@@ -764,6 +767,10 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         Mnemonic::Nop | Mnemonic::Pause => Uop::Nop,
         // RAX = sign-extended EAX: MOVSXD RAX, EAX.
         Mnemonic::Cdqe => Uop::MovXR { d: 0, s: 0, ssz: 4, dsz: 8, signed: true },
+        Mnemonic::Div if matches!(insn.code(), iced_x86::Code::Div_rm32 | iced_x86::Code::Div_rm64) => {
+            let sz = if insn.code() == iced_x86::Code::Div_rm32 { 4 } else { 8 };
+            Uop::Div { s: src(insn, 0, sz)?, sz: u8::try_from(sz).ok()? }
+        }
         Mnemonic::Bswap if k0 == OpKind::Register => {
             let r0 = insn.op0_register();
             let sz = r0.size();
@@ -985,6 +992,16 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             let v = cpu.read_la(bus, la, ssz as usize, u)?;
             let v = if signed { crate::regs::sext(v, ssz as usize) } else { v };
             set(cpu, d, v & mask(dsz as usize), dsz);
+        }
+        Uop::Div { s, sz } => {
+            let d = read_src(cpu, bus, s, sz)?;
+            let m = mask(sz as usize);
+            let (lo, hi) = (cpu.gpr[0] & m, cpu.gpr[2] & m);
+            let Some((q, r, _)) = alu::div_wide(false, sz as usize, lo, hi, d, 0) else {
+                return Err(Fault::DivideError);
+            };
+            set(cpu, 0, q, sz);
+            set(cpu, 2, r, sz);
         }
         Uop::Bswap { d, sz } => {
             let v = cpu.gpr_at(usize::from(d));

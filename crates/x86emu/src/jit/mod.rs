@@ -407,6 +407,19 @@ pub(crate) unsafe extern "C" fn jit_generic(
     }
 }
 
+/// DIV of the 128-bit `hi:lo` by `d` for generated code: the quotient, the remainder
+/// stored at `rem`. The caller checked `d != 0` and `hi < d` (the quotient fits).
+///
+/// # Safety
+/// `rem` points to 8 writable bytes (a stack slot of the calling code).
+pub(crate) unsafe extern "C" fn jit_div128(lo: u64, hi: u64, d: u64, rem: *mut u64) -> u64 {
+    let n = (u128::from(hi) << 64) | u128::from(lo);
+    let d = u128::from(d.max(1));
+    // SAFETY: per the contract.
+    unsafe { rem.write(crate::regs::low64(n % d)) };
+    crate::regs::low64(n / d)
+}
+
 /// Kinds of lazily kept flag computations, for [`jit_flags`].
 pub(crate) mod flagk {
     pub(crate) const ADD: u64 = 0;

@@ -948,7 +948,7 @@ impl Tr<'_, '_> {
         &mut self,
         ok: Value,
         i: usize,
-        reload: Option<u8>,
+        reload: &[u8],
         flags: bool,
     ) -> (cranelift_codegen::ir::Block, cranelift_codegen::ir::Block) {
         let fast = self.b.create_block();
@@ -966,7 +966,7 @@ impl Tr<'_, '_> {
     /// Instruction `i` through [`super::jit_generic`] where its fast form's checks failed:
     /// the registers and RFLAGS stored first; the block ends if it faulted or must stop,
     /// else GPR `reload` (the one it writes) and, with `flags`, RFLAGS are reloaded.
-    fn sse_slow(&mut self, i: usize, reload: Option<u8>, flags: bool) {
+    fn sse_slow(&mut self, i: usize, reload: &[u8], flags: bool) {
         self.store_state(true);
         let at = self.iconst(self.env.insns + (i * std::mem::size_of::<Instruction>()) as u64);
         let how = self.iconst(u64::from(self.env.user));
@@ -984,7 +984,7 @@ impl Tr<'_, '_> {
         let code = self.addi(code, i as i64);
         self.b.ins().return_(&[code]);
         self.b.switch_to_block(cont);
-        if let Some(r) = reload {
+        for &r in reload {
             let v = self.b.ins().load(I64, MF, self.cpu, gpr_off(r));
             self.set_reg64(r, v);
         }
@@ -1046,9 +1046,9 @@ impl Tr<'_, '_> {
             ok = self.b.ins().band(ok, c);
             (addr, entry) = (Some(a), Some(e));
         }
-        let reload = match s {
-            Sse::ToGpr { d, .. } | Sse::Pmovmskb { d, .. } => Some(d),
-            _ => None,
+        let reload: &[u8] = match s {
+            Sse::ToGpr { d, .. } | Sse::Pmovmskb { d, .. } => &[d],
+            _ => &[],
         };
         let (join, slow) = self.sse_split(ok, i, reload, matches!(s, Sse::Ucomi { .. }));
         match s {
@@ -1444,6 +1444,37 @@ impl Tr<'_, '_> {
                 let v = self.ext(v, ssz, signed);
                 let v = self.masked(v, dsz);
                 self.set_reg(d, v, dsz);
+            }
+            Uop::Div { s, sz } => {
+                let b = self.src(s, sz, op, i);
+                let lo = self.reg(0);
+                let lo = self.masked(lo, sz);
+                let hi = self.reg(2);
+                let hi = self.masked(hi, sz);
+                // A zero divisor or a quotient too wide (hi >= divisor): the interpreter
+                // raises #DE.
+                let fits = self.b.ins().icmp(IntCC::UnsignedLessThan, hi, b);
+                let (join, _) = self.sse_split(fits, i, &[0, 2], false);
+                let (q, r) = if sz == 4 {
+                    let h = self.shli(hi, 32);
+                    let n = self.b.ins().bor(h, lo);
+                    (self.b.ins().udiv(n, b), self.b.ins().urem(n, b))
+                } else {
+                    let slot = self.b.create_sized_stack_slot(cranelift_codegen::ir::StackSlotData::new(
+                        cranelift_codegen::ir::StackSlotKind::ExplicitSlot,
+                        8,
+                        3,
+                    ));
+                    let p = self.b.ins().stack_addr(I64, slot, 0);
+                    let f = self.iconst(super::jit_div128 as *const () as u64);
+                    let call = self.b.ins().call_indirect(self.sig_read, f, &[lo, hi, b, p]);
+                    let q = self.result(call);
+                    (q, self.b.ins().load(I64, MF, p, 0))
+                };
+                self.set_reg(0, q, sz);
+                self.set_reg(2, r, sz);
+                self.b.ins().jump(join, &[]);
+                self.b.switch_to_block(join);
             }
             Uop::Bswap { d, sz } => {
                 let v = self.reg(d);
@@ -1841,6 +1872,7 @@ fn regs_named(u: &Uop) -> u16 {
         Uop::Cmov { d, s: x, .. } => r(*d) | s(x),
         Uop::MovXR { d, s: x, .. } => r(*d) | r(*x & !HIGH8),
         Uop::Bswap { d, .. } => r(*d),
+        Uop::Div { s: x, .. } => s(x) | r(0) | r(2),
         Uop::Bsf { d, s: x, .. } => r(*d) | s(x),
         Uop::MovX { d, m: mm, .. } => r(*d) | m(mm),
         Uop::IncDec { d, .. } | Uop::Shift { d, .. } => r(*d),
