@@ -16,8 +16,9 @@
 //!   the low-priority VM although the other uses more. Passes when the victim is the
 //!   low-priority VM and the other keeps running.
 //! - `bridge-misconfiguration`: two VMs on a network of a private daemon in its own network
-//!   namespace, one pinging the other twice a second; the bridge is set down. Shows `net
-//!   check` naming it, the frames one VM sent and the other did not receive, the daemon's
+//!   namespace, one pinging the other ten times a second (so that even an outage the
+//!   supervisor repairs within half a second loses pings); the bridge is set down. Shows
+//!   `net check` naming it, the frames one VM sent and the other did not receive, the daemon's
 //!   repair (event `network-repaired`) and the pings answered again.
 //! - `storage-saturation`: a VM's disk on a 24 MiB file system with 4 MiB free
 //!   (`on-error=pause`); the guest writes 12 MiB. Shows the VM paused with the reason, the
@@ -576,7 +577,7 @@ fn bridge_misconfiguration(g: &Guest) -> Result<(), Failure> {
     let bridge = net.spec.bridge.clone();
     let pinger = "ip addr add 10.98.0.11/24 dev eth0; ip link set eth0 up; echo NET-UP; \
                   while :; do if ping -c 1 -W 1 10.98.0.12 >/dev/null 2>&1; then echo PING-OK; \
-                  else echo PING-LOST; fi; usleep 500000; done";
+                  else echo PING-LOST; fi; usleep 100000; done";
     let peer = "ip addr add 10.98.0.12/24 dev eth0; ip link set eth0 up; echo NET-UP; while true; do sleep 1; done";
     for (name, script) in [("a", pinger), ("b", peer)] {
         let b64 = base64::engine::general_purpose::STANDARD.encode(script);
@@ -591,7 +592,7 @@ fn bridge_misconfiguration(g: &Guest) -> Result<(), Failure> {
         p.start_vm(name)?;
     }
     say(&format!(
-        "network lan: bridge {bridge}, 10.98.0.0/24; VM a (10.98.0.11) pings VM b (10.98.0.12) twice a second"
+        "network lan: bridge {bridge}, 10.98.0.0/24; VM a (10.98.0.11) pings VM b (10.98.0.12) ten times a second"
     ));
     p.wait_console("a", "PING-OK", Duration::from_secs(300))?;
     let count = |text: &str, from: usize| {
