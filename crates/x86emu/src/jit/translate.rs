@@ -665,27 +665,26 @@ impl Tr<'_, '_> {
     fn check_canonical(&mut self, t: Value, op: &Op, i: usize) {
         let sx = self.shli(t, 16);
         let sx = self.sshri(sx, 16);
-        let canon = self.b.ins().icmp(IntCC::Equal, sx, t);
-        let gp = self.b.create_block();
-        let cont = self.b.create_block();
-        self.b.set_cold_block(gp);
-        self.b.ins().brif(canon, cont, &[], gp, &[]);
-        self.b.switch_to_block(gp);
-        let rip = self.iconst(op.ip);
-        self.exit_cold(rip, i as u64 + 1, EXIT_GP);
-        self.b.switch_to_block(cont);
+        let bad = self.b.ins().icmp(IntCC::NotEqual, sx, t);
+        self.exit_if(bad, op, i, EXIT_GP);
     }
 
     /// Checks ctx.faulted after a helper call: branches to instruction `i`'s fault exit.
     fn check_fault(&mut self, op: &Op, i: usize) {
         let f = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, faulted)));
+        self.exit_if(f, op, i, EXIT_FAULT);
+    }
+
+    /// Where `bad` is non-zero: the cold exit `kind` as instruction `i` (RIP its own, state
+    /// before it); code goes on after it otherwise.
+    fn exit_if(&mut self, bad: Value, op: &Op, i: usize, kind: u64) {
+        let out = self.b.create_block();
         let cont = self.b.create_block();
-        let fb = self.b.create_block();
-        self.b.set_cold_block(fb);
-        self.b.ins().brif(f, fb, &[], cont, &[]);
-        self.b.switch_to_block(fb);
+        self.b.set_cold_block(out);
+        self.b.ins().brif(bad, out, &[], cont, &[]);
+        self.b.switch_to_block(out);
         let rip = self.iconst(op.ip);
-        self.exit_cold(rip, i as u64 + 1, EXIT_FAULT);
+        self.exit_cold(rip, i as u64 + 1, kind);
         self.b.switch_to_block(cont);
     }
 
@@ -941,10 +940,10 @@ impl Tr<'_, '_> {
     }
 
     /// Branches on `ok` to a new block, where the caller emits the fast form, or to the
-    /// cold block running instruction `i` in the interpreter ([`Self::sse_slow`]); returns
+    /// cold block running instruction `i` in the interpreter ([`Self::interpret_cold`]); returns
     /// the block both continue at (the caller jumps there from the fast form) and the cold
     /// block (the fast form may still give up by jumping there, before it changed anything).
-    fn sse_split(
+    fn guarded(
         &mut self,
         ok: Value,
         i: usize,
@@ -957,7 +956,7 @@ impl Tr<'_, '_> {
         self.b.set_cold_block(slow);
         self.b.ins().brif(ok, fast, &[], slow, &[]);
         self.b.switch_to_block(slow);
-        self.sse_slow(i, reload, flags);
+        self.interpret_cold(i, reload, flags);
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(fast);
         (join, slow)
@@ -965,8 +964,8 @@ impl Tr<'_, '_> {
 
     /// Instruction `i` through [`super::jit_generic`] where its fast form's checks failed:
     /// the registers and RFLAGS stored first; the block ends if it faulted or must stop,
-    /// else GPR `reload` (the one it writes) and, with `flags`, RFLAGS are reloaded.
-    fn sse_slow(&mut self, i: usize, reload: &[u8], flags: bool) {
+    /// else the GPRs in `reload` (those it writes) and, with `flags`, RFLAGS are reloaded.
+    fn interpret_cold(&mut self, i: usize, reload: &[u8], flags: bool) {
         self.store_state(true);
         let at = self.iconst(self.env.insns + (i * std::mem::size_of::<Instruction>()) as u64);
         let how = self.iconst(u64::from(self.env.user));
@@ -1050,7 +1049,7 @@ impl Tr<'_, '_> {
             Sse::ToGpr { d, .. } | Sse::Pmovmskb { d, .. } => &[d],
             _ => &[],
         };
-        let (join, slow) = self.sse_split(ok, i, reload, matches!(s, Sse::Ucomi { .. }));
+        let (join, slow) = self.guarded(ok, i, reload, matches!(s, Sse::Ucomi { .. }));
         match s {
             Sse::Mov { d, s: src, .. } => {
                 let v = self.xload(I64X2, &src, addr);
@@ -1454,7 +1453,7 @@ impl Tr<'_, '_> {
                 // A zero divisor or a quotient too wide (hi >= divisor): the interpreter
                 // raises #DE.
                 let fits = self.b.ins().icmp(IntCC::UnsignedLessThan, hi, b);
-                let (join, _) = self.sse_split(fits, i, &[0, 2], false);
+                let (join, _) = self.guarded(fits, i, &[0, 2], false);
                 let (q, r) = if sz == 4 {
                     let h = self.shli(hi, 32);
                     let n = self.b.ins().bor(h, lo);
