@@ -180,7 +180,7 @@ fn jit_step(
     if fp {
         crate::jit::discard_fp_flags();
     }
-    let (k, fault, w) = crate::jit::enter(cpu, bus, f, chunk - n, at.page, at.gen);
+    let (k, fault, w) = crate::jit::enter(cpu, bus, f, chunk - n, at.page);
     if fp {
         crate::jit::collect_fp_flags(cpu);
     }

@@ -81,6 +81,8 @@ pub(crate) mod tlb_layout {
     pub(crate) const GEN: usize = std::mem::offset_of!(TlbEntry, gen);
     /// Offset of `perm` (P_* bits).
     pub(crate) const PERM: usize = std::mem::offset_of!(TlbEntry, perm);
+    /// Offset of `gpa` (GPA of the page, u64).
+    pub(crate) const GPA: usize = std::mem::offset_of!(TlbEntry, gpa);
 }
 
 const EMPTY: TlbEntry = TlbEntry { tag: 0, host: std::ptr::null_mut(), gen: std::ptr::null(), gpa: 0, perm: 0 };

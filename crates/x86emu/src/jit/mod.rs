@@ -18,10 +18,13 @@
 //! (filled on first use), which the block's own code follows with a tail call of the
 //! target's code when the target fits in the budget and the page kept its generation
 //! (blocks use Cranelift's `tail` convention; Rust enters them through a trampoline). Any
-//! other exit (a branch to another page, RET, an indirect transfer) returns to `enter`,
-//! which follows the jump cache, a small table from RIP to compiled code checked against
-//! the current translation of RIP, the page's code generation and the epoch (QEMU's
-//! `tb_jmp_cache`).
+//! other exit (a branch to another page, RET, an indirect transfer, the end of a loop or of
+//! a block) tail-calls the jump-cache probe (`translate::probe`, QEMU's
+//! `lookup_and_goto_ptr`), which goes on in the compiled block that the jump cache (a small
+//! table from RIP to compiled code, QEMU's `tb_jmp_cache`) holds for RIP if RIP still
+//! translates to it through the TLB, its page kept its code generation and the epoch and
+//! privilege are the current ones; otherwise the block returns to `enter`, which looks
+//! again (filling the TLB) and returns to the run loop on a miss.
 //!
 //! Semantics are exactly those of the interpreter: guest registers live in SSA variables
 //! (loaded at entry, stored at every exit), memory goes through an inline TLB-hit test and
@@ -42,6 +45,7 @@ mod worker;
 
 use crate::cpu::Cpu;
 use crate::decode::{Compiled, JitFn, Op};
+use crate::regs::host_usize;
 use crate::{Bus, Exit, Fault, Stop};
 use cranelift_jit::{JITBuilder, JITModule};
 use iced_x86::Instruction;
@@ -188,20 +192,29 @@ pub(super) fn new_module() -> Option<JITModule> {
 /// blocks can tail-call each other): `tramp(cpu, ctx, block)`.
 type Tramp = unsafe extern "C" fn(*mut Cpu, *mut u8, *const u8) -> u64;
 
-/// The trampoline, compiled once per process into a module of its own that is never freed
-/// (a few dozen bytes). None if Cranelift or the host refuses: then nothing is compiled.
-fn trampoline() -> Option<Tramp> {
-    static T: OnceLock<Option<usize>> = OnceLock::new();
-    let p = (*T.get_or_init(|| {
+/// The code every vCPU's blocks share, compiled once per process into a module of its own
+/// that is never freed (a few hundred bytes): the trampoline and the jump-cache probe
+/// (`translate::probe`, its address). None if Cranelift or the host refuses: then nothing
+/// is compiled.
+fn shared_code() -> Option<(Tramp, u64)> {
+    static T: OnceLock<Option<(usize, usize)>> = OnceLock::new();
+    let (t, p) = (*T.get_or_init(|| {
         let mut m = new_module()?;
-        let p = translate::trampoline(&mut m)?;
+        let t = translate::trampoline(&mut m)?;
+        let p = translate::probe(&mut m)?;
         // Its code must outlive every vCPU: the module is never freed.
         std::mem::forget(m);
-        Some(p as usize)
+        Some((t as usize, p as usize))
     }))?;
-    // SAFETY: `p` is the finalized entry of the function `translate::trampoline` compiled
+    // SAFETY: `t` is the finalized entry of the function `translate::trampoline` compiled
     // with exactly this signature in the host's C convention, in memory never freed.
-    Some(unsafe { std::mem::transmute::<*const u8, Tramp>(p as *const u8) })
+    let tramp = unsafe { std::mem::transmute::<*const u8, Tramp>(t as *const u8) };
+    Some((tramp, p as u64))
+}
+
+/// The trampoline (see [`shared_code`]).
+fn trampoline() -> Option<Tramp> {
+    shared_code().map(|c| c.0)
 }
 
 /// Exit kinds in bits 32..40 of a compiled block's return value (bits 0..32: instructions
@@ -243,6 +256,18 @@ pub(crate) struct JitCtx {
     fault: Option<Fault>,
     /// The reason to leave `Cpu::run` of an [`EXIT_STOP`].
     exit: Option<Exit>,
+    /// The vCPU's jump cache (`[JcEntry; JC_SIZE]`), for `translate::probe`.
+    pub(crate) jc: *const JcEntry,
+    /// The code generations of the RAM pages (`SharedRam::gen_ptr(0)`), for the probe.
+    pub(crate) gens: *const u8,
+    /// The current epoch, for the probe.
+    pub(crate) epoch: u64,
+    /// The privilege (1: CPL 3) of the running code, for the probe.
+    pub(crate) user: u64,
+    /// RAM page and code generation of the block that took an [`EXIT_LINK`] (the link's
+    /// target must lie on that page, decoded at that generation, to be filled).
+    pub(crate) link_page: u64,
+    pub(crate) link_gen: u64,
 }
 
 /// Reads `size` bytes at linear `la` for generated code (TLB miss, MMIO, page crossing).
@@ -526,14 +551,16 @@ pub(crate) struct BlockAt {
 }
 
 /// Entries of the jump cache (a power of two).
-const JC_SIZE: usize = 4096;
+pub(crate) const JC_SIZE: usize = 4096;
 
 /// A jump-cache entry: the compiled block last run at linear `rip` (QEMU's
 /// `tb_jmp_cache`). It may be followed from compiled code whose exit lands on `rip` while
 /// `rip` still translates to `gpa`, the block's page keeps generation `gen`, the epoch is
-/// the current one and the privilege the same.
+/// the current one and the privilege the same (by `enter`, and by generated code through
+/// `translate::probe`, which reads it at the offsets of `jc_layout`).
 #[derive(Clone, Copy)]
-struct JcEntry {
+#[repr(C)]
+pub(crate) struct JcEntry {
     rip: u64,
     gpa: u64,
     f: Option<JitFn>,
@@ -544,9 +571,29 @@ struct JcEntry {
     user: bool,
 }
 
+/// Byte layout of a [`JcEntry`] for generated code.
+pub(crate) mod jc_layout {
+    use super::JcEntry;
+    use std::mem::offset_of;
+    pub(crate) const SIZE: usize = std::mem::size_of::<JcEntry>();
+    pub(crate) const RIP: usize = offset_of!(JcEntry, rip);
+    pub(crate) const GPA: usize = offset_of!(JcEntry, gpa);
+    /// The code (`Option<JitFn>`: 0 for none).
+    pub(crate) const F: usize = offset_of!(JcEntry, f);
+    pub(crate) const PAGE: usize = offset_of!(JcEntry, page);
+    /// u32.
+    pub(crate) const GEN: usize = offset_of!(JcEntry, gen);
+    /// u32.
+    pub(crate) const LEN: usize = offset_of!(JcEntry, len);
+    /// u32.
+    pub(crate) const EPOCH: usize = offset_of!(JcEntry, epoch);
+    /// u8 (bool).
+    pub(crate) const USER: usize = offset_of!(JcEntry, user);
+}
+
 const JC_EMPTY: JcEntry = JcEntry { rip: 0, gpa: 0, f: None, page: 0, gen: 0, len: 0, epoch: 0, user: false };
 
-/// The jump-cache entry of `rip`.
+/// The jump-cache entry of `rip` (`translate::probe` computes the same).
 fn jc_index(rip: u64) -> usize {
     crate::regs::hash_index(rip, JC_SIZE.trailing_zeros())
 }
@@ -560,10 +607,11 @@ fn jc_fill(jit: &mut Jit, rip: u64, b: &BlockAt, code: Compiled) {
 }
 
 /// The compiled block to run next at `cpu.rip` from the jump cache, if it is valid and
-/// its length fits in `room` instructions: its code, length, page and generation. The
-/// block that just ran lies on linear page `la_page`, RAM page `page`: a target on the same
-/// linear page is on the same RAM page (compiled code runs no instruction that changes
-/// translations: `jit_generic` yields after those), so only other pages are translated.
+/// its length fits in `room` instructions: its code, length, page and generation. A block
+/// that ran in this `enter` call lies on linear page `la_page`, RAM page `page`: a target
+/// on the same linear page is on the same RAM page (compiled code runs no instruction that
+/// changes translations: `jit_generic` yields after those), so only other pages are
+/// translated.
 #[inline]
 fn jc_next(cpu: &mut Cpu, room: u64, la_page: u64, page: usize) -> Option<(JitFn, u32, usize, u32)> {
     let rip = cpu.rip;
@@ -677,7 +725,9 @@ fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     jit.held += std::mem::size_of_val(&*insns);
     let insns_at = insns.as_ptr() as u64;
     jit.insns.push(insns);
-    let env = translate::Env { user, gen_ptr, gen: b.gen, links: links as u64, insns: insns_at };
+    let (_, probe) = shared_code()?;
+    let env =
+        translate::Env { user, gen_ptr, gen: b.gen, page: b.page as u64, links: links as u64, insns: insns_at, probe };
     if background {
         let rip = ops.first().map_or(0, |o| o.ip);
         // Thousands of instructions the vCPU retired while the block's hits grew from 1
@@ -754,9 +804,9 @@ fn poll_done(cpu: &mut Cpu) {
     }
 }
 
-/// Runs compiled block `f` (of the block at RAM page `page`, generation `gen`), and the
-/// compiled blocks it is linked to while they fit in `left` instructions (>= the block's
-/// length) and the page keeps its generation. Returns the instructions retired (the
+/// Runs compiled block `f` (of the block at RAM page `page`), and the compiled blocks it
+/// leads to through links and the jump cache while they fit in `left` instructions (>= the
+/// block's length) and their pages keep their generations. Returns the instructions retired (the
 /// faulting one included), the fault to raise or the exit to take, if any, and the link
 /// the last block's exit asks to be filled; RIP, registers and flags are those after the
 /// last instruction retired, or of the faulting instruction.
@@ -767,7 +817,6 @@ pub(crate) fn enter(
     f: JitFn,
     left: u64,
     page: usize,
-    gen: u32,
 ) -> (u64, Option<Stop>, Option<WantLink>) {
     let Some(tramp) = trampoline() else {
         // Unreachable: nothing is compiled without a trampoline.
@@ -784,9 +833,15 @@ pub(crate) fn enter(
         bus: &mut bus_ref as *mut &mut dyn Bus as *mut u8,
         fault: None,
         exit: None,
+        jc: cpu.jit.jc.as_ptr(),
+        gens: cpu.mmu.shared.gen_ptr(0).cast(),
+        epoch: u64::from(cpu.jit.epoch),
+        user: u64::from(cpu.cur_user),
+        link_page: 0,
+        link_gen: 0,
     };
     cpu.interrupt_shadow = false;
-    let (mut f, mut page, mut gen) = (f, page, gen);
+    let (mut f, mut page) = (f, page);
     let mut la_page = cpu.rip & !0xfff;
     let mut total = 0u64;
     cpu.jit.stats.entries += 1;
@@ -799,7 +854,9 @@ pub(crate) fn enter(
         // the trampoline calls; it accesses the Cpu only through the fields whose offsets
         // `translate` took, and guest RAM through TLB entries valid for this vCPU, calls
         // only the helpers above with these same pointers, and follows only links of its
-        // own epoch. No Rust reference to `cpu` or `ctx` is used while it runs.
+        // own epoch and (through the probe) jump-cache entries of the epoch in `ctx`, the
+        // current one, read from the jump cache `ctx.jc` points to, which this Cpu owns.
+        // No Rust reference to `cpu` or `ctx` is used while it runs.
         let r = unsafe { tramp(cpu as *mut Cpu, &mut ctx as *mut JitCtx as *mut u8, f.0.as_ptr()) };
         let n = (r & 0xffff_ffff) + ctx.retired;
         cpu.jit.stats.chained += ctx.chained;
@@ -807,8 +864,8 @@ pub(crate) fn enter(
         total += n;
         let fault = match r >> 32 {
             EXIT_NORMAL => match jc_next(cpu, left - total, la_page, page) {
-                Some((nf, _, p, g)) => {
-                    (f, page, gen) = (nf, p, g);
+                Some((nf, _, p, _)) => {
+                    (f, page) = (nf, p);
                     la_page = cpu.rip & !0xfff;
                     cpu.jit.stats.chained += 1;
                     continue;
@@ -826,16 +883,28 @@ pub(crate) fn enter(
                     // the target did not fit in the budget or the page changed.
                     return (total, None, None);
                 }
+                // The block that took the exit (maybe reached through the probe, on
+                // another page than the one this call started on) and the target lie on
+                // one page: its page and the generation it was decoded at.
+                let (lp, lg) = (host_usize(ctx.link_page), u32::try_from(ctx.link_gen).unwrap_or(0));
                 match jc_next(cpu, left - total, la_page, page) {
-                    Some((nf, nlen, p, g)) if p == page && g == gen => {
+                    Some((nf, nlen, p, g)) if p == lp && g == lg => {
                         // SAFETY: as above; no reference to the link exists.
                         unsafe { *l = Link { f: Some(nf), len: u64::from(nlen) } };
-                        f = nf;
+                        (f, page) = (nf, p);
+                        la_page = cpu.rip & !0xfff;
                         cpu.jit.stats.chained += 1;
                         continue;
                     }
                     _ => {
-                        let w = WantLink { link: l, epoch: cpu.jit.epoch, rip: cpu.rip, page, gen, user: cpu.cur_user };
+                        let w = WantLink {
+                            link: l,
+                            epoch: cpu.jit.epoch,
+                            rip: cpu.rip,
+                            page: lp,
+                            gen: lg,
+                            user: cpu.cur_user,
+                        };
                         return (total, None, Some(w));
                     }
                 }

@@ -33,12 +33,16 @@ pub(crate) struct Env {
     pub(crate) gen_ptr: u64,
     /// The generation the block was decoded at: a store that changes it ends the block.
     pub(crate) gen: u32,
+    /// The RAM page index of the block.
+    pub(crate) page: u64,
     /// Address of the block's two `super::Link`s: [0] for the branch target (JMP, CALL,
     /// taken Jcc), [1] for a Jcc's fall-through.
     pub(crate) links: u64,
     /// Address of copies of the block's instructions (`[Instruction]`, one per
     /// instruction, in order) for [`super::jit_generic`].
     pub(crate) insns: u64,
+    /// Address of the jump-cache probe ([`probe`]).
+    pub(crate) probe: u64,
 }
 
 /// Kind of the pending (not yet materialised) flag computation.
@@ -140,6 +144,8 @@ struct Tr<'a, 'b> {
     sig_flags: SigRef,
     /// Compiled blocks' own signature (links are followed by tail calls).
     sig_block: SigRef,
+    /// [`probe`]'s signature.
+    sig_probe: SigRef,
     /// GPRs the block names (loaded at entry, reloaded after an interpreted instruction).
     used: u16,
     /// The block loops onto itself: every exit stores every register in `used`.
@@ -577,6 +583,15 @@ impl Tr<'_, '_> {
         self.exit_as(rip, n, kind, true);
     }
 
+    /// Stores changed state and RIP = `rip` and goes on in the compiled block at `rip`
+    /// through the jump cache ([`probe`]), else returns like [`Self::exit`] with
+    /// [`EXIT_NORMAL`].
+    fn exit_probe(&mut self, rip: Value, n: u64) {
+        let total = self.leave(rip, n, false);
+        let p = self.iconst(self.env.probe);
+        self.b.ins().return_call_indirect(self.sig_probe, p, &[self.cpu, self.ctx, total]);
+    }
+
     fn exit_as(&mut self, rip: Value, n: u64, kind: u64, cold: bool) {
         let total = self.leave(rip, n, cold);
         let code = self.addi(total, (kind << 32) as i64);
@@ -601,7 +616,7 @@ impl Tr<'_, '_> {
     fn exit_to(&mut self, target: u64, n: u64, k: u64, start: u64) {
         let rip = self.iconst(target);
         if target & !0xfff != start & !0xfff {
-            self.exit(rip, n, EXIT_NORMAL);
+            self.exit_probe(rip, n);
             return;
         }
         let l = self.iconst(self.env.links + k * std::mem::size_of::<super::Link>() as u64);
@@ -632,6 +647,10 @@ impl Tr<'_, '_> {
         self.b.ins().return_call_indirect(self.sig_block, f, &[self.cpu, self.ctx]);
         self.b.switch_to_block(back);
         self.b.ins().store(MF, l, self.ctx, off(offset_of!(JitCtx, link)));
+        let page = self.iconst(self.env.page);
+        self.b.ins().store(MF, page, self.ctx, off(offset_of!(JitCtx, link_page)));
+        let gen = self.iconst(u64::from(self.env.gen));
+        self.b.ins().store(MF, gen, self.ctx, off(offset_of!(JitCtx, link_gen)));
         let code = self.addi(total, (EXIT_LINK << 32) as i64);
         self.b.ins().return_(&[code]);
     }
@@ -1599,8 +1618,12 @@ impl Tr<'_, '_> {
             let out = self.b.create_block();
             self.b.ins().brif(c, again, &[], out, &[]);
             self.b.switch_to_block(out);
-            let rip = self.iconst(op.next_ip);
-            self.exit(rip, n, EXIT_NORMAL);
+            // The loop ends: on to the next block (the fall-through link, or the probe).
+            let start = match op.uop {
+                Uop::Jcc { target, .. } => target,
+                _ => op.ip,
+            };
+            self.exit_to(op.next_ip, n, 1, start);
         } else {
             self.b.ins().jump(again, &[]);
         }
@@ -1678,6 +1701,7 @@ pub(crate) fn compile(
         let sig_gen = b.import_signature(mk(&[I64, I64, I64, I64], true));
         let sig_flags = b.import_signature(mk(&[I64, I64, I64, I64, I64], true));
         let sig_block = b.import_signature(sig);
+        let sig_probe = b.import_signature(probe_sig(module));
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -1732,6 +1756,7 @@ pub(crate) fn compile(
             sig_gen,
             sig_flags,
             sig_block,
+            sig_probe,
             used,
             self_loop,
             entry_jump,
@@ -1766,7 +1791,7 @@ pub(crate) fn compile(
             Some(r) => r,
             None => t.iconst(last.next_ip),
         };
-        t.exit(rip, ops.len() as u64, EXIT_NORMAL);
+        t.exit_probe(rip, ops.len() as u64);
         t.b.seal_all_blocks();
         t.b.finalize(tc);
     }
@@ -1797,6 +1822,126 @@ fn block_sig(module: &JITModule) -> Signature {
     sig.returns.push(AbiParam::new(I64));
     sig.call_conv = CallConv::Tail;
     sig
+}
+
+/// The signature of [`probe`]: `(cpu, ctx, retired) -> u64` in the `tail` convention.
+fn probe_sig(module: &JITModule) -> Signature {
+    let mut sig = block_sig(module);
+    sig.params.push(AbiParam::new(I64));
+    sig
+}
+
+/// Compiles the jump-cache probe (QEMU's `lookup_and_goto_ptr`), tail-called by a block's
+/// exits whose target is not a link (RET, indirect transfers, other pages, the end of the
+/// block) after it stored its state and RIP: `probe(cpu, ctx, retired)` with `retired` the
+/// instructions the exiting block retired. It continues in the compiled block that the
+/// jump cache holds for RIP when `enter` would (`super::jc_next`): the entry is RIP's, of
+/// the current epoch and privilege, its length fits in `JitCtx::left`, RIP translates to
+/// its GPA through a TLB entry that allows execution (no TLB fill here: a miss returns),
+/// and its page kept its generation. Otherwise it returns `retired` (an [`EXIT_NORMAL`]),
+/// and `enter` looks again. Shared by every block of every vCPU (everything it reads comes
+/// through `ctx`). None if Cranelift refuses.
+pub(crate) fn probe(module: &mut JITModule) -> Option<*const u8> {
+    use super::jc_layout as jl;
+    use crate::mmu::{tlb_layout, P_EXEC, P_USER, TLB_SIZE, TLB_VALID};
+    let mut ctx = cranelift_module::Module::make_context(module);
+    let mut fctx = FunctionBuilderContext::new();
+    let tc = module.target_config();
+    ctx.func.signature = probe_sig(module);
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        let sig_block = b.import_signature(block_sig(module));
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let &[cpu, cx, total] = b.block_params(entry) else {
+            return None;
+        };
+        let ld = |b: &mut FunctionBuilder, ty: Type, base: Value, o: usize| b.ins().load(ty, MF, base, off(o));
+        let rip = ld(&mut b, I64, cpu, offset_of!(Cpu, rip));
+        // super::jc_index: Fibonacci hashing.
+        let bits = super::JC_SIZE.trailing_zeros();
+        let h = b.ins().imul_imm_s(rip, 0x9e37_79b9_7f4a_7c15_u64 as i64);
+        let h = b.ins().ushr_imm_s(h, i64::from(64 - bits));
+        let h = b.ins().imul_imm_s(h, jl::SIZE as i64);
+        let jc = ld(&mut b, I64, cx, offset_of!(JitCtx, jc));
+        let e = b.ins().iadd(jc, h);
+        let erip = ld(&mut b, I64, e, jl::RIP);
+        let f = ld(&mut b, I64, e, jl::F);
+        let epoch = b.ins().uload32(MF, e, off(jl::EPOCH));
+        let user = b.ins().uload8(I64, MF, e, off(jl::USER));
+        let len = b.ins().uload32(MF, e, off(jl::LEN));
+        let cur_epoch = ld(&mut b, I64, cx, offset_of!(JitCtx, epoch));
+        let cur_user = ld(&mut b, I64, cx, offset_of!(JitCtx, user));
+        let left = ld(&mut b, I64, cx, offset_of!(JitCtx, left));
+        let c1 = b.ins().icmp(IntCC::Equal, erip, rip);
+        let c2 = b.ins().icmp_imm_s(IntCC::NotEqual, f, 0);
+        let c3 = b.ins().icmp(IntCC::Equal, epoch, cur_epoch);
+        let c4 = b.ins().icmp(IntCC::Equal, user, cur_user);
+        let need = b.ins().iadd(total, len);
+        let c5 = b.ins().icmp(IntCC::UnsignedLessThanOrEqual, need, left);
+        let ok = b.ins().band(c1, c2);
+        let ok = b.ins().band(ok, c3);
+        let ok = b.ins().band(ok, c4);
+        let ok = b.ins().band(ok, c5);
+        let check = b.create_block();
+        let miss = b.create_block();
+        b.ins().brif(ok, check, &[], miss, &[]);
+        b.switch_to_block(check);
+        // RIP's TLB entry (as `Cpu::translate` hits it for an instruction fetch).
+        let tlb = ld(&mut b, I64, cx, offset_of!(JitCtx, tlb));
+        let ti = b.ins().ushr_imm_s(rip, 12);
+        let ti = b.ins().band_imm_s(ti, (TLB_SIZE - 1) as i64);
+        let ti = b.ins().imul_imm_s(ti, tlb_layout::SIZE as i64);
+        let te = b.ins().iadd(tlb, ti);
+        let tag = ld(&mut b, I64, te, tlb_layout::TAG);
+        let perm = b.ins().uload8(I64, MF, te, off(tlb_layout::PERM));
+        let tgpa = ld(&mut b, I64, te, tlb_layout::GPA);
+        let pg = b.ins().band_imm_s(rip, !0xfff_i64);
+        let want = b.ins().bor_imm_s(pg, TLB_VALID as i64);
+        let t1 = b.ins().icmp(IntCC::Equal, tag, want);
+        // P_EXEC, and P_USER at CPL 3 (P_USER is bit 0, like `user`).
+        debug_assert_eq!(P_USER, 1);
+        let needp = b.ins().bor_imm_s(cur_user, i64::from(P_EXEC));
+        let has = b.ins().band(perm, needp);
+        let t2 = b.ins().icmp(IntCC::Equal, has, needp);
+        let o = b.ins().band_imm_s(rip, 0xfff);
+        let gpa = b.ins().bor(tgpa, o);
+        let egpa = ld(&mut b, I64, e, jl::GPA);
+        let t3 = b.ins().icmp(IntCC::Equal, gpa, egpa);
+        // The page's code generation (`SharedRam` keeps them in one array of u32).
+        let gens = ld(&mut b, I64, cx, offset_of!(JitCtx, gens));
+        let page = ld(&mut b, I64, e, jl::PAGE);
+        let ga = b.ins().imul_imm_s(page, 4);
+        let ga = b.ins().iadd(gens, ga);
+        let g = b.ins().uload32(MemFlagsData::new(), ga, 0);
+        let eg = b.ins().uload32(MF, e, off(jl::GEN));
+        let t4 = b.ins().icmp(IntCC::Equal, g, eg);
+        let ok = b.ins().band(t1, t2);
+        let ok = b.ins().band(ok, t3);
+        let ok = b.ins().band(ok, t4);
+        let hit = b.create_block();
+        b.ins().brif(ok, hit, &[], miss, &[]);
+        b.switch_to_block(hit);
+        // As a followed link: the budget shrinks, the retired count grows.
+        let l2 = b.ins().isub(left, total);
+        b.ins().store(MF, l2, cx, off(offset_of!(JitCtx, left)));
+        let r = ld(&mut b, I64, cx, offset_of!(JitCtx, retired));
+        let r = b.ins().iadd(r, total);
+        b.ins().store(MF, r, cx, off(offset_of!(JitCtx, retired)));
+        let c = ld(&mut b, I64, cx, offset_of!(JitCtx, chained));
+        let c = b.ins().iadd_imm_s(c, 1);
+        b.ins().store(MF, c, cx, off(offset_of!(JitCtx, chained)));
+        b.ins().return_call_indirect(sig_block, f, &[cpu, cx]);
+        b.switch_to_block(miss);
+        b.ins().return_(&[total]);
+        b.seal_all_blocks();
+        b.finalize(tc);
+    }
+    let id = module.declare_anonymous_function(&ctx.func.signature).ok()?;
+    module.define_function(id, &mut ctx).ok()?;
+    module.finalize_definitions().ok()?;
+    Some(module.get_finalized_function(id))
 }
 
 /// Compiles the trampoline through which Rust enters compiled blocks:
