@@ -464,7 +464,14 @@ fn memory_exhaustion(g: &Guest) -> Result<(), Failure> {
         return Err(fail("the low-priority VM was not the one OOM-killed"));
     }
     if important.summary.state != VmState::Running {
-        return Err(fail("the high-priority VM did not survive"));
+        let ev = p.events("important")?;
+        let ev: Vec<String> = ev.iter().map(|e| format!("{}: {}", e.kind, e.detail)).collect();
+        return Err(fail(format!(
+            "the high-priority VM did not survive: {} ({}); its events: {}",
+            important.summary.state,
+            important.summary.reason.as_deref().unwrap_or("-"),
+            ev.join("; ")
+        )));
     }
     Ok(())
 }
