@@ -1938,8 +1938,14 @@ pub(crate) fn probe(module: &mut JITModule) -> Option<*const u8> {
         b.seal_all_blocks();
         b.finalize(tc);
     }
+    define_finalized(module, &mut ctx)
+}
+
+/// Compiles the function built in `ctx` into `module` and finalizes it: its entry. For
+/// the code compiled once per process (`super::shared_code`).
+fn define_finalized(module: &mut JITModule, ctx: &mut cranelift_codegen::Context) -> Option<*const u8> {
     let id = module.declare_anonymous_function(&ctx.func.signature).ok()?;
-    module.define_function(id, &mut ctx).ok()?;
+    module.define_function(id, ctx).ok()?;
     module.finalize_definitions().ok()?;
     Some(module.get_finalized_function(id))
 }
@@ -1973,10 +1979,7 @@ pub(crate) fn trampoline(module: &mut JITModule) -> Option<*const u8> {
         b.seal_all_blocks();
         b.finalize(tc);
     }
-    let id = module.declare_anonymous_function(&ctx.func.signature).ok()?;
-    module.define_function(id, &mut ctx).ok()?;
-    module.finalize_definitions().ok()?;
-    Some(module.get_finalized_function(id))
+    define_finalized(module, &mut ctx)
 }
 
 /// Bit mask of the GPRs a fast form names (read or written).
