@@ -280,6 +280,9 @@ pub(crate) enum Uop {
     MovX { d: u8, m: MemOp, ssz: u8, dsz: u8, signed: bool },
     /// INC/DEC r32/64.
     IncDec { d: u8, sz: u8, dec: bool },
+    /// INC/DEC m (any size, no LOCK prefix: locked forms stay with the interpreter's
+    /// atomic path).
+    IncDecM { m: MemOp, sz: u8, dec: bool },
     /// SHL/SHR/SAR/ROL/ROR r32/64, imm8.
     Shift { op: Op2, d: u8, c: u8, sz: u8 },
     /// NOP forms (including multi-byte NOPs and PAUSE).
@@ -742,6 +745,11 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
                 signed: m == Mnemonic::Movsx,
             }
         }
+        Mnemonic::Inc | Mnemonic::Dec if k0 == OpKind::Memory => Uop::IncDecM {
+            m: MemOp::from(insn)?,
+            sz: u8::try_from(insn.memory_size().size()).ok()?,
+            dec: m == Mnemonic::Dec,
+        },
         Mnemonic::Inc | Mnemonic::Dec if k0 == OpKind::Register => {
             let r0 = insn.op0_register();
             let sz = r0.size();
@@ -876,6 +884,7 @@ impl Uop {
                 | Uop::Sse(_)
                 | Uop::MovM { .. }
                 | Uop::AluM { write: true, .. }
+                | Uop::IncDecM { .. }
                 | Uop::Call { .. }
                 | Uop::CallInd { .. }
                 | Uop::Push { .. }
@@ -1023,6 +1032,15 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             let (r, f) = alu::op1(op, sz as usize, a, cpu.rflags);
             cpu.rflags = f;
             set(cpu, d, r, sz);
+        }
+        Uop::IncDecM { m, sz, dec } => {
+            let la = m.la(cpu);
+            let u = cpu.cur_user;
+            let a = cpu.read_la(bus, la, sz as usize, u)?;
+            let op = if dec { alu::Op1::Dec } else { alu::Op1::Inc };
+            let (r, f) = alu::op1(op, sz as usize, a, cpu.rflags);
+            cpu.write_la(bus, la, sz as usize, r & mask(sz as usize), u)?;
+            cpu.rflags = f;
         }
         Uop::Shift { op, d, c, sz } => {
             let a = cpu.gpr_at(usize::from(d)) & mask(sz as usize);

@@ -834,3 +834,45 @@ fn jump_cache_probe_follows_other_pages_only_while_their_translation_and_code_ho
     assert!(j.cpu.jit_stats().chained > N, "{:?}", j.cpu.jit_stats());
     assert_eq!((j.cpu.rip, j.cpu.cr2), (HANDLERS + 16 * 14 + 1, CALLEE), "#PF on fetching CALLEE");
 }
+
+#[test]
+fn memory_increments_and_decrements_agree_with_the_interpreter() {
+    // INC/DEC of a byte, word, dword and qword in memory, crossing their signed and
+    // unsigned edges, with CF set or clear before (they keep it) and every flag observed
+    // (PUSHFQ, Jcc); then INC of an unmapped dword: #PF with the state before it.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(rsi, 0x20000u64)?;
+        a.mov(byte_ptr(rsi), 0x7e)?;
+        a.mov(word_ptr(rsi + 2), 1)?;
+        a.mov(dword_ptr(rsi + 4), 0x7fff_fffe)?;
+        a.mov(qword_ptr(rsi + 8), 2)?;
+        a.mov(r8, 600u64)?;
+        a.set_label(&mut top)?;
+        a.bt(r8, 0)?;
+        a.inc(byte_ptr(rsi))?;
+        a.pushfq()?;
+        a.pop(rax)?;
+        a.add(rbx, rax)?;
+        a.dec(word_ptr(rsi + 2))?;
+        a.pushfq()?;
+        a.pop(rax)?;
+        a.xor(rbx, rax)?;
+        a.bt(r8, 1)?;
+        a.inc(dword_ptr(rsi + 4))?;
+        a.jno(skip)?;
+        a.add(rbx, 0x1000)?;
+        a.set_label(&mut skip)?;
+        a.dec(qword_ptr(rsi + 8))?;
+        a.adc(rbx, 7)?;
+        a.rol(rbx, 5)?;
+        a.dec(r8)?;
+        a.jne(top)?;
+        a.mov(rdi, UNMAPPED)?;
+        a.inc(dword_ptr(rdi + 4))?;
+        a.hlt()
+    });
+    let (_, j) = both(&code, 1_000_000);
+    assert_eq!((j.cpu.rip, j.cpu.cr2), (HANDLERS + 16 * 14 + 1, UNMAPPED + 4), "#PF on the INC");
+}

@@ -1527,6 +1527,16 @@ impl Tr<'_, '_> {
                 self.set_pending(Pending { k: if dec { Pk::Dec } else { Pk::Inc }, sz, a, b: one, r });
                 self.set_reg(d, r, sz);
             }
+            Uop::IncDecM { m, sz, dec } => {
+                let la = self.la(&m);
+                let a = self.read(la, sz, op, i);
+                let one = self.iconst(1);
+                let r = if dec { self.b.ins().isub(a, one) } else { self.b.ins().iadd(a, one) };
+                let r = self.masked(r, sz);
+                self.write(la, sz, r, op, i);
+                self.set_pending(Pending { k: if dec { Pk::Dec } else { Pk::Inc }, sz, a, b: one, r });
+                self.check_gen(op.next_ip, i);
+            }
             Uop::Shift { op: o, d, c, sz } => {
                 let a = self.reg(d);
                 let a = self.masked(a, sz);
@@ -2023,6 +2033,7 @@ fn regs_named(u: &Uop) -> u16 {
         Uop::Bsf { d, s: x, .. } => r(*d) | s(x),
         Uop::MovX { d, m: mm, .. } => r(*d) | m(mm),
         Uop::IncDec { d, .. } | Uop::Shift { d, .. } => r(*d),
+        Uop::IncDecM { m: mm, .. } => m(mm),
         Uop::Call { .. } | Uop::Ret => r(4),
         Uop::JmpInd { s: x } => s(x),
         Uop::CallInd { s: x } => s(x) | r(4),
