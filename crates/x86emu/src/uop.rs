@@ -337,6 +337,7 @@ fn src(insn: &Instruction, i: u32, sz: usize) -> Option<Src> {
         OpKind::Memory => MemOp::from(insn).map(Src::Mem),
         OpKind::Immediate8
         | OpKind::Immediate16
+        | OpKind::Immediate8to16
         | OpKind::Immediate32
         | OpKind::Immediate64
         | OpKind::Immediate8to32

@@ -876,3 +876,35 @@ fn memory_increments_and_decrements_agree_with_the_interpreter() {
     let (_, j) = both(&code, 1_000_000);
     assert_eq!((j.cpu.rip, j.cpu.cr2), (HANDLERS + 16 * 14 + 1, UNMAPPED + 4), "#PF on the INC");
 }
+
+#[test]
+fn sixteen_bit_alu_with_a_sign_extended_imm8_agrees_with_the_interpreter() {
+    // CMP/ADD/SUB/AND/OR/XOR r16, imm8 (sign-extended to 16 bits: `cmp ax, -1` is the
+    // 16-bit 0xffff) over values crossing the 16-bit edges, flags observed after each.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(r8, 70_000u64)?;
+        a.set_label(&mut top)?;
+        a.mov(eax, r8d)?;
+        a.cmp(ax, -1)?;
+        a.pushfq()?;
+        a.pop(rdx)?;
+        a.add(rbx, rdx)?;
+        a.add(ax, 0x7f)?;
+        a.sub(cx, -128)?;
+        a.and(dx, -2)?;
+        a.or(si, 5)?;
+        a.xor(di, -3)?;
+        a.pushfq()?;
+        a.pop(rdx)?;
+        a.xor(rbx, rdx)?;
+        a.add(rbx, rax)?;
+        a.add(rbx, rcx)?;
+        a.rol(rbx, 3)?;
+        a.sub(r8, 7)?;
+        a.ja(top)?;
+        a.hlt()
+    });
+    let (_, j) = both(&code, 2_000_000);
+    assert!(j.cpu.jit_stats().instructions > 100_000, "{:?}", j.cpu.jit_stats());
+}
