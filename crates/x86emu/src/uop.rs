@@ -608,7 +608,8 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         {
             let sz = insn.memory_size().size();
             let s = match insn.op1_kind() {
-                OpKind::Register => Src::Reg(gpr(insn.op1_register(), sz)?),
+                // Any size; AH..BH are not fast-form operands.
+                OpKind::Register => Src::Reg(gpr_sized(insn.op1_register(), sz)?),
                 OpKind::Memory => return None,
                 _ => Src::Imm(insn.immediate(1) & mask(sz)),
             };

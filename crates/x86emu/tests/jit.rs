@@ -908,3 +908,46 @@ fn sixteen_bit_alu_with_a_sign_extended_imm8_agrees_with_the_interpreter() {
     let (_, j) = both(&code, 2_000_000);
     assert!(j.cpu.jit_stats().instructions > 100_000, "{:?}", j.cpu.jit_stats());
 }
+
+#[test]
+fn byte_and_word_memory_alu_with_a_register_agrees_with_the_interpreter() {
+    // CMP/TEST/ADD/SUB/AND/OR/XOR m8, r8 and m16, r16 (xz's match finder compares bytes and
+    // words in memory with registers), flags observed, the register's upper bits set (only
+    // the low byte or word counts); then CMP of an unmapped word: #PF.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, 0x20000u64)?;
+        a.mov(r8, 5000u64)?;
+        a.mov(rcx, 0x1234_5678_9abc_de00u64)?;
+        a.set_label(&mut top)?;
+        a.mov(eax, r8d)?;
+        a.imul_3(eax, eax, 0x9e37)?;
+        a.mov(word_ptr(rsi + 6), ax)?;
+        a.mov(cl, al)?;
+        a.xor(cl, 0x55)?;
+        a.cmp(byte_ptr(rsi + 7), cl)?;
+        a.pushfq()?;
+        a.pop(rdx)?;
+        a.add(rbx, rdx)?;
+        a.cmp(word_ptr(rsi + 6), cx)?;
+        a.adc(rbx, 3)?;
+        a.test(byte_ptr(rsi + 6), r8b)?;
+        a.sbb(rbx, 1)?;
+        a.add(byte_ptr(rsi + 8), cl)?;
+        a.sub(word_ptr(rsi + 10), cx)?;
+        a.and(byte_ptr(rsi + 12), al)?;
+        a.or(word_ptr(rsi + 14), ax)?;
+        a.xor(byte_ptr(rsi + 16), r8b)?;
+        a.pushfq()?;
+        a.pop(rdx)?;
+        a.xor(rbx, rdx)?;
+        a.rol(rbx, 7)?;
+        a.dec(r8)?;
+        a.jne(top)?;
+        a.mov(rdi, UNMAPPED)?;
+        a.cmp(word_ptr(rdi + 2), cx)?;
+        a.hlt()
+    });
+    let (_, j) = both(&code, 1_000_000);
+    assert_eq!((j.cpu.rip, j.cpu.cr2), (HANDLERS + 16 * 14 + 1, UNMAPPED + 2), "#PF on the CMP");
+}
