@@ -252,7 +252,8 @@ pub(crate) enum Uop {
     Unary { neg: bool, d: u8, sz: u8 },
     /// SHL/SHR/SAR r32/64, CL.
     ShiftCl { op: Op2, d: u8, sz: u8 },
-    /// ADD/OR/AND/SUB/XOR r, src (write = false for CMP/TEST).
+    /// ADD/OR/AND/SUB/XOR r, src (write = false for CMP/TEST). For CMP/TEST r8, `d` may
+    /// be [`HIGH8`] | 0..=3 for AH/CH/DH/BH (`test ah, 2` tests IF in saved flags).
     Alu { op: Op2, d: u8, s: Src, sz: u8, write: bool },
     /// ALU m, r32/64 or imm (any size); write = false for CMP/TEST.
     AluM { op: Op2, m: MemOp, s: Src, sz: u8, write: bool },
@@ -727,7 +728,13 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             }
         }
         Mnemonic::Test | Mnemonic::Cmp if k0 == OpKind::Register && insn.op0_register().size() == 1 => {
-            let d = low8(insn.op0_register())?;
+            let r0 = insn.op0_register();
+            let d = match r0 {
+                Register::AH | Register::CH | Register::DH | Register::BH => {
+                    HIGH8 | u8::try_from(r0.number() - Register::AH.number()).ok()?
+                }
+                _ => low8(r0)?,
+            };
             let s = match insn.op1_kind() {
                 OpKind::Register => Src::Reg(low8(insn.op1_register())?),
                 OpKind::Memory => Src::Mem(MemOp::from(insn)?),
@@ -946,7 +953,8 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
         }
         Uop::Alu { op, d, s, sz, write } => {
             let b = read_src(cpu, bus, s, sz)?;
-            let a = cpu.gpr_at(usize::from(d)) & mask(sz as usize);
+            let a = if d & HIGH8 != 0 { cpu.gpr_at(usize::from(d & 3)) >> 8 } else { cpu.gpr_at(usize::from(d)) };
+            let a = a & mask(sz as usize);
             let (r, f) = alu::arith(op, sz as usize, a, b, cpu.rflags);
             cpu.rflags = f;
             if write {

@@ -951,3 +951,43 @@ fn byte_and_word_memory_alu_with_a_register_agrees_with_the_interpreter() {
     let (_, j) = both(&code, 1_000_000);
     assert_eq!((j.cpu.rip, j.cpu.cr2), (HANDLERS + 16 * 14 + 1, UNMAPPED + 2), "#PF on the CMP");
 }
+
+#[test]
+fn test_and_cmp_of_high_byte_registers_agree_with_the_interpreter() {
+    // TEST/CMP of AH, CH, DH, BH with an immediate or a low-byte register (Linux tests IF in
+    // saved flags with `test ah, 2`), flags observed after each, the full registers random.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(r8, 20_000u64)?;
+        a.mov(r9, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.set_label(&mut top)?;
+        a.imul_2(r9, r9)?;
+        a.add(r9, r8)?;
+        a.mov(rax, r9)?;
+        a.rol(r9, 13)?;
+        a.mov(rcx, r9)?;
+        a.rol(r9, 11)?;
+        a.mov(rdx, r9)?;
+        a.test(ah, 2)?;
+        a.jz(skip)?;
+        a.add(rbx, 1)?;
+        a.set_label(&mut skip)?;
+        a.cmp(ch, 0x80)?;
+        a.adc(rbx, 0)?;
+        a.test(dh, cl)?;
+        a.pushfq()?;
+        a.pop(rsi)?;
+        a.xor(rbx, rsi)?;
+        a.cmp(bh, dl)?;
+        a.pushfq()?;
+        a.pop(rsi)?;
+        a.add(rbx, rsi)?;
+        a.rol(rbx, 9)?;
+        a.dec(r8)?;
+        a.jne(top)?;
+        a.hlt()
+    });
+    let (_, j) = both(&code, 2_000_000);
+    assert!(j.cpu.jit_stats().instructions > 100_000, "{:?}", j.cpu.jit_stats());
+}

@@ -1378,7 +1378,13 @@ impl Tr<'_, '_> {
             }
             Uop::Alu { op: o, d, s, sz, write } => {
                 let b = self.src(s, sz, op, i);
-                let a = self.reg(d);
+                let a = if d & HIGH8 != 0 {
+                    // AH..BH (CMP/TEST only: never written).
+                    let v = self.reg(d & 3);
+                    self.ushri(v, 8)
+                } else {
+                    self.reg(d)
+                };
                 let a = self.masked(a, sz);
                 let (r, p) = self.arith(o, sz, a, b);
                 self.set_pending(p);
