@@ -695,7 +695,8 @@ fn stamp(instructions: u64) -> u32 {
 
 #[cold]
 fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
-    trampoline()?;
+    // Nothing is compiled without the shared code (trampoline and probe).
+    let (_, probe) = shared_code()?;
     let len = u32::try_from(ops.len()).ok()?;
     if len == 0 {
         return None;
@@ -725,7 +726,6 @@ fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     jit.held += std::mem::size_of_val(&*insns);
     let insns_at = insns.as_ptr() as u64;
     jit.insns.push(insns);
-    let (_, probe) = shared_code()?;
     let env =
         translate::Env { user, gen_ptr, gen: b.gen, page: b.page as u64, links: links as u64, insns: insns_at, probe };
     if background {

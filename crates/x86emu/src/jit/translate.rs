@@ -609,7 +609,7 @@ impl Tr<'_, '_> {
     }
 
     /// Exit to a constant `target` after `n` instructions: through link `k` when the
-    /// target lies on the block's page (`start`), else a plain exit. A filled link is
+    /// target lies on the block's page (`start`), else through the probe. A filled link is
     /// followed right here, by a tail call of the target's code, when its length fits in
     /// `JitCtx::left` and the page kept its generation; instructions retired so far are
     /// added to `JitCtx::retired`. Otherwise the block returns [`EXIT_LINK`].
@@ -636,15 +636,7 @@ impl Tr<'_, '_> {
         let back = self.b.create_block();
         self.b.ins().brif(go, follow, &[], back, &[]);
         self.b.switch_to_block(follow);
-        let left = self.b.ins().isub(left, total);
-        self.b.ins().store(MF, left, self.ctx, off(offset_of!(JitCtx, left)));
-        let r = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, retired)));
-        let r = self.b.ins().iadd(r, total);
-        self.b.ins().store(MF, r, self.ctx, off(offset_of!(JitCtx, retired)));
-        let c = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, chained)));
-        let c = self.addi(c, 1);
-        self.b.ins().store(MF, c, self.ctx, off(offset_of!(JitCtx, chained)));
-        self.b.ins().return_call_indirect(self.sig_block, f, &[self.cpu, self.ctx]);
+        follow_to(&mut self.b, [self.cpu, self.ctx], left, total, f, self.sig_block);
         self.b.switch_to_block(back);
         self.b.ins().store(MF, l, self.ctx, off(offset_of!(JitCtx, link)));
         let page = self.iconst(self.env.page);
@@ -1840,6 +1832,22 @@ fn block_sig(module: &JITModule) -> Signature {
     sig
 }
 
+/// Goes on in compiled block `f` (a followed link, or a jump-cache entry the probe
+/// checked): `JitCtx::left` (`left`, loaded) shrinks and `JitCtx::retired` grows by the
+/// `total` instructions the block that leaves retired, `JitCtx::chained` counts it; then a
+/// tail call of `f` with `(cpu, ctx)`.
+fn follow_to(b: &mut FunctionBuilder, [cpu, cx]: [Value; 2], left: Value, total: Value, f: Value, sig_block: SigRef) {
+    let l2 = b.ins().isub(left, total);
+    b.ins().store(MF, l2, cx, off(offset_of!(JitCtx, left)));
+    let r = b.ins().load(I64, MF, cx, off(offset_of!(JitCtx, retired)));
+    let r = b.ins().iadd(r, total);
+    b.ins().store(MF, r, cx, off(offset_of!(JitCtx, retired)));
+    let c = b.ins().load(I64, MF, cx, off(offset_of!(JitCtx, chained)));
+    let c = b.ins().iadd_imm_s(c, 1);
+    b.ins().store(MF, c, cx, off(offset_of!(JitCtx, chained)));
+    b.ins().return_call_indirect(sig_block, f, &[cpu, cx]);
+}
+
 /// The signature of [`probe`]: `(cpu, ctx, retired) -> u64` in the `tail` convention.
 fn probe_sig(module: &JITModule) -> Signature {
     let mut sig = block_sig(module);
@@ -1917,7 +1925,7 @@ pub(crate) fn probe(module: &mut JITModule) -> Option<*const u8> {
         let want = b.ins().bor_imm_s(pg, TLB_VALID as i64);
         let t1 = b.ins().icmp(IntCC::Equal, tag, want);
         // P_EXEC, and P_USER at CPL 3 (P_USER is bit 0, like `user`).
-        debug_assert_eq!(P_USER, 1);
+        const _: () = assert!(P_USER == 1);
         let needp = b.ins().bor_imm_s(cur_user, i64::from(P_EXEC));
         let has = b.ins().band(perm, needp);
         let t2 = b.ins().icmp(IntCC::Equal, has, needp);
@@ -1939,16 +1947,7 @@ pub(crate) fn probe(module: &mut JITModule) -> Option<*const u8> {
         let hit = b.create_block();
         b.ins().brif(ok, hit, &[], miss, &[]);
         b.switch_to_block(hit);
-        // As a followed link: the budget shrinks, the retired count grows.
-        let l2 = b.ins().isub(left, total);
-        b.ins().store(MF, l2, cx, off(offset_of!(JitCtx, left)));
-        let r = ld(&mut b, I64, cx, offset_of!(JitCtx, retired));
-        let r = b.ins().iadd(r, total);
-        b.ins().store(MF, r, cx, off(offset_of!(JitCtx, retired)));
-        let c = ld(&mut b, I64, cx, offset_of!(JitCtx, chained));
-        let c = b.ins().iadd_imm_s(c, 1);
-        b.ins().store(MF, c, cx, off(offset_of!(JitCtx, chained)));
-        b.ins().return_call_indirect(sig_block, f, &[cpu, cx]);
+        follow_to(&mut b, [cpu, cx], left, total, f, sig_block);
         b.switch_to_block(miss);
         b.ins().return_(&[total]);
         b.seal_all_blocks();
