@@ -51,6 +51,10 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
         let mut want = None;
         // Run a chunk without looking at the interrupt line.
         let chunk = (budget - done).min(4096);
+        // Whether the chunk ends before the budget does: then a compiled block that does
+        // not fit in what is left of it ends the chunk early instead of being interpreted
+        // (the next chunk runs it compiled); only the budget's own end is exact.
+        let soft_end = budget - done > chunk;
         let mut n = 0;
         'chunk: while n < chunk {
             let crate::decode::BlockRef { ops, page, gen, slot, gpa } = match fetch_block(cpu) {
@@ -76,7 +80,7 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
             // line, so that the interpreter's loop stays as it was.
             if cpu.jit.tier != crate::jit::Tier::Interp && !tracing && slot != usize::MAX {
                 let at = crate::jit::BlockAt { page, gen, slot, gpa };
-                let (step, done) = jit_step(cpu, bus, &ops, at, n, chunk, &mut want);
+                let (step, done) = jit_step(cpu, bus, &ops, at, (n, chunk, soft_end), &mut want);
                 n = done;
                 match step {
                     JitStep::Interpret(k) => skip = k,
@@ -152,16 +156,16 @@ enum JitStep {
 
 /// The translation tier's part of a block: runs its compiled code (and linked blocks) when
 /// it has some (compiling it when it is hot) and it fits in what is left of the chunk;
-/// raises a fault it took. `n` counts the instructions retired in the chunk; returns
-/// what to do next and the new count.
+/// raises a fault it took. `n` counts the instructions retired in the chunk of `chunk`
+/// instructions, which `soft_end` says may end early; returns what to do next and the
+/// new count.
 #[inline(never)]
 fn jit_step(
     cpu: &mut Cpu,
     bus: &mut dyn Bus,
     ops: &[crate::decode::Op],
     at: crate::jit::BlockAt,
-    n: u64,
-    chunk: u64,
+    (n, chunk, soft_end): (u64, u64, bool),
     want: &mut Option<crate::jit::WantLink>,
 ) -> (JitStep, u64) {
     // An instruction in an STI/MOV SS shadow runs in the interpreter, which opens the
@@ -173,6 +177,10 @@ fn jit_step(
         return (JitStep::Interpret(0), n);
     };
     if chunk - n < u64::from(len) {
+        if soft_end && n > 0 {
+            // The next chunk starts with this block (`lookup` has linked it already).
+            return (JitStep::EndChunk, n);
+        }
         return (JitStep::Interpret(0), n);
     }
     // Compiled SSE arithmetic collects its exception flags in the host's MXCSR.

@@ -298,6 +298,32 @@ fn budget_stays_exact_with_compiled_blocks() {
     );
 }
 
+/// A compiled block that does not fit in what is left of one of the run loop's chunks (its
+/// interrupt checks, every 4096 instructions) ends the chunk early and runs compiled in the
+/// next one: only the end of the budget itself is interpreted (it was: the rest of every
+/// chunk, and the next chunk started in the middle of the block).
+#[test]
+fn compiled_blocks_run_compiled_across_the_run_loops_chunks() {
+    // 7 instructions per pass: no number of passes fills a chunk.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        for r in [rax, rbx, rcx, rdx, rsi, rdi] {
+            a.add(r, 1)?;
+        }
+        a.jmp(top)
+    });
+    let mut m = Machine::new(&code, Tier::Jit);
+    let budget = 100_003;
+    assert_eq!(m.cpu.run(&mut never(), budget), Exit::Budget);
+    assert_eq!(m.cpu.stats.instructions, budget);
+    let interpreted = budget - m.cpu.jit_stats().instructions;
+    assert!(interpreted < 7, "{interpreted} instructions interpreted; {:?}", m.cpu.jit_stats());
+    // 100_003 = 14_286 passes and 1 instruction.
+    assert_eq!(m.cpu.gpr[0], 14_287);
+    assert_eq!(m.cpu.gpr[7], 14_286);
+}
+
 #[test]
 fn code_memory_stays_bounded_under_endless_rewriting() {
     // Every pass rewrites the loop's own code: each pass compiles a new block. With a small
