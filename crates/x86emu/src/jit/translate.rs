@@ -653,6 +653,9 @@ impl Tr<'_, '_> {
         match op.uop {
             Uop::Jcc { cc, target } => {
                 let c = self.cond(cc);
+                // Exactly one of the two exits runs: the state they both store is stored
+                // once, before the branch (the same code at run time, half the IR).
+                self.store_before_exits();
                 let taken = self.b.create_block();
                 let not = self.b.create_block();
                 self.b.ins().brif(c, taken, &[], not, &[]);
@@ -874,6 +877,16 @@ impl Tr<'_, '_> {
             };
             self.b.ins().store(MF, f, self.cpu, off(offset_of!(Cpu, rflags)));
         }
+    }
+
+    /// Stores the changed state (as [`Self::store_state`]) where every path from here on
+    /// leaves the block: nothing is left to store at the exits.
+    fn store_before_exits(&mut self) {
+        self.store_state(false);
+        self.written = 0;
+        self.fl_written = false;
+        self.pending = None;
+        self.below.clear();
     }
 
     /// Instruction `i` (`insn`) without a fast form: stores the registers and RFLAGS, runs
