@@ -36,10 +36,13 @@
 //! `jit_flags`). ADC, SBB, IMUL, shifts and rotates compute their results inline; their
 //! flags, where observed, come from `crate::alu` through `jit_alu_flags`.
 //!
-//! Code memory is bounded: past [`CODE_LIMIT`] bytes the whole module is freed and every
-//! compiled entry retired (the epoch moves on), so a guest that rewrites code forever
-//! cannot grow host memory.
+//! Code memory (`codemem`) is one region per module mapped twice, written through a
+//! read-write view and run through a read-execute one, so handing new code over costs no
+//! system call. It is bounded: past [`CODE_LIMIT`] bytes the whole module is freed and
+//! every compiled entry retired (the epoch moves on), so a guest that rewrites code
+//! forever cannot grow host memory.
 
+mod codemem;
 mod translate;
 mod worker;
 
@@ -48,6 +51,7 @@ use crate::decode::{Compiled, JitFn, Op};
 use crate::regs::host_usize;
 use crate::{Bus, Exit, Fault, Stop};
 use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::FuncId;
 use iced_x86::Instruction;
 use std::sync::OnceLock;
 
@@ -104,7 +108,7 @@ pub struct JitStats {
 /// compilation contexts.
 pub(crate) struct Jit {
     pub(crate) tier: Tier,
-    module: Option<JITModule>,
+    module: Option<CodeModule>,
     cl_ctx: Option<cranelift_codegen::Context>,
     fctx: cranelift_frontend::FunctionBuilderContext,
     /// Compiled entries of an older epoch belong to freed code.
@@ -154,7 +158,7 @@ impl Jit {
             // SAFETY: compiled code runs only inside `enter`, which holds `&mut Cpu` (and so
             // this `Jit`) for the call; none runs now, and moving the epoch on makes every
             // stored entry of this module stale, so none is called again.
-            unsafe { m.free_memory() };
+            unsafe { m.m.free_memory() };
         }
         for l in self.links.drain(..) {
             // SAFETY: each pointer came from Box::into_raw in `compile` and is freed once,
@@ -176,16 +180,42 @@ impl Drop for Jit {
     }
 }
 
-pub(super) fn new_module() -> Option<JITModule> {
+/// Bytes of code memory a module maps beyond [`CODE_LIMIT`]: the code compiled after the
+/// limit was passed and before the vCPU threw the module away (at most `worker::QUEUE`
+/// blocks in flight).
+const CODE_HEADROOM: usize = 64 << 20;
+
+/// A Cranelift module whose code lives in a [`codemem::DualMapped`] region: written at one
+/// address, run at another.
+pub(crate) struct CodeModule {
+    pub(crate) m: JITModule,
+    /// [`codemem::DualMapped::exec_offset`].
+    exec: isize,
+}
+
+impl CodeModule {
+    /// The address function `id` (defined and finalized) runs at.
+    pub(crate) fn entry(&self, id: FuncId) -> *const u8 {
+        // An address in the other mapping of the same pages, which the region exposed.
+        let at = self.m.get_finalized_function(id).expose_provenance().wrapping_add_signed(self.exec);
+        std::ptr::with_exposed_provenance(at)
+    }
+}
+
+/// A module with `size` bytes of code memory; None if Cranelift or the host refuses.
+pub(super) fn new_module(size: usize) -> Option<CodeModule> {
     // opt_level none: the translator already emits simple IR (constants made once, no
     // redundant loads); Cranelift's e-graph pass cost a third of the compile time for no
     // measurable gain in the code (a boot: compiler thread 2.5 s -> 2.0 s, vCPU ~5 % less).
-    let b = JITBuilder::with_flags(
+    let mut b = JITBuilder::with_flags(
         &[("opt_level", "none"), ("enable_verifier", "false"), ("preserve_frame_pointers", "true")],
         cranelift_module::default_libcall_names(),
     )
     .ok()?;
-    Some(JITModule::new(b))
+    let mem = codemem::DualMapped::new(size).ok()?;
+    let exec = mem.exec_offset();
+    b.memory_provider(Box::new(mem));
+    Some(CodeModule { m: JITModule::new(b), exec })
 }
 
 /// How Rust calls a compiled block (which uses Cranelift's `tail` convention, so that
@@ -199,7 +229,7 @@ type Tramp = unsafe extern "C" fn(*mut Cpu, *mut u8, *const u8) -> u64;
 fn shared_code() -> Option<(Tramp, u64)> {
     static T: OnceLock<Option<(usize, usize)>> = OnceLock::new();
     let (t, p) = (*T.get_or_init(|| {
-        let mut m = new_module()?;
+        let mut m = new_module(64 << 10)?;
         let t = translate::trampoline(&mut m)?;
         let p = translate::probe(&mut m)?;
         // Its code must outlive every vCPU: the module is never freed.
@@ -745,12 +775,12 @@ fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     }
     let t0 = std::time::Instant::now();
     if jit.module.is_none() {
-        jit.module = new_module();
+        jit.module = new_module(CODE_LIMIT + CODE_HEADROOM);
     }
     let module = jit.module.as_mut()?;
-    let cl_ctx = jit.cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(module));
-    let r = translate::compile(module, cl_ctx, &mut jit.fctx, ops, &env).and_then(|(id, bytes)| {
-        module.finalize_definitions().ok()?;
+    let cl_ctx = jit.cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(&module.m));
+    let r = translate::compile(&mut module.m, cl_ctx, &mut jit.fctx, ops, &env).and_then(|(id, bytes)| {
+        module.m.finalize_definitions().ok()?;
         Some((translate::entry(module, id)?, bytes))
     });
     let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -930,9 +960,9 @@ impl Cpu {
     }
 
     /// Bytes of generated code this vCPU may hold before all of it is thrown away and
-    /// recompiled on demand (default [`CODE_LIMIT`], 64 MiB).
+    /// recompiled on demand (default and most [`CODE_LIMIT`], 64 MiB).
     pub fn set_jit_code_limit(&mut self, bytes: usize) {
-        self.jit.limit = bytes;
+        self.jit.limit = bytes.min(CODE_LIMIT);
     }
 
     /// Counters of the translation tier.

@@ -12,6 +12,7 @@ use crate::cpu::{ctl, sreg, Cpu, FpuState, Seg};
 use crate::decode::{JitFn, Op};
 use crate::mmu::{tlb_layout, GEN_CODE, P_RAM, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
 use crate::uop::{FpOp, Lanes, MemOp, Src, Sse, Uop, VShift, VecOp, Xs, HIGH8, NONE};
+use cranelift_codegen::binemit::Reloc;
 use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::condcodes::IntCC;
@@ -1824,14 +1825,20 @@ pub(crate) fn compile(
 fn define(module: &mut JITModule, ctx: &mut cranelift_codegen::Context) -> Option<(FuncId, usize)> {
     let id = module.declare_anonymous_function(&ctx.func.signature).ok()?;
     module.define_function(id, ctx).ok()?;
-    let bytes = ctx.compiled_code().map_or(0, |c| c.code_buffer().len());
-    Some((id, bytes))
+    let code = ctx.compiled_code()?;
+    // Code is written at another address than the one it runs at (`super::codemem`):
+    // a relocation relative to where it is written would be wrong. Blocks call helpers
+    // through absolute addresses, so none has one; refused if one ever does.
+    if code.buffer.relocs().iter().any(|r| !matches!(r.kind, Reloc::Abs4 | Reloc::Abs8)) {
+        return None;
+    }
+    Some((id, code.code_buffer().len()))
 }
 
 /// The entry of function `id` of `module`, defined by [`compile`] and finalized since
 /// (`JITModule::finalize_definitions`, once for any number of functions).
-pub(crate) fn entry(module: &JITModule, id: FuncId) -> Option<JitFn> {
-    let p = module.get_finalized_function(id);
+pub(crate) fn entry(module: &super::CodeModule, id: FuncId) -> Option<JitFn> {
+    let p = module.entry(id);
     std::ptr::NonNull::new(p.cast_mut()).map(JitFn)
 }
 
@@ -1878,9 +1885,10 @@ fn probe_sig(module: &JITModule) -> Signature {
 /// and its page kept its generation. Otherwise it returns `retired` (an [`EXIT_NORMAL`]),
 /// and `enter` looks again. Shared by every block of every vCPU (everything it reads comes
 /// through `ctx`). None if Cranelift refuses.
-pub(crate) fn probe(module: &mut JITModule) -> Option<*const u8> {
+pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
     use super::jc_layout as jl;
     use crate::mmu::{tlb_layout, P_EXEC, P_USER, TLB_SIZE, TLB_VALID};
+    let module = &mut code.m;
     let mut ctx = cranelift_module::Module::make_context(module);
     let mut fctx = FunctionBuilderContext::new();
     let tc = module.target_config();
@@ -1966,22 +1974,22 @@ pub(crate) fn probe(module: &mut JITModule) -> Option<*const u8> {
         b.seal_all_blocks();
         b.finalize(tc);
     }
-    define_finalized(module, &mut ctx)
+    define_finalized(code, &mut ctx)
 }
 
 /// Compiles the function built in `ctx` into `module` and finalizes it: its entry. For
 /// the code compiled once per process (`super::shared_code`).
-fn define_finalized(module: &mut JITModule, ctx: &mut cranelift_codegen::Context) -> Option<*const u8> {
-    let id = module.declare_anonymous_function(&ctx.func.signature).ok()?;
-    module.define_function(id, ctx).ok()?;
-    module.finalize_definitions().ok()?;
-    Some(module.get_finalized_function(id))
+fn define_finalized(module: &mut super::CodeModule, ctx: &mut cranelift_codegen::Context) -> Option<*const u8> {
+    let (id, _) = define(&mut module.m, ctx)?;
+    module.m.finalize_definitions().ok()?;
+    Some(module.entry(id))
 }
 
 /// Compiles the trampoline through which Rust enters compiled blocks:
 /// `extern "C" fn(cpu, ctx, block) -> u64` calling `block(cpu, ctx)` in the `tail`
 /// convention. None if Cranelift refuses.
-pub(crate) fn trampoline(module: &mut JITModule) -> Option<*const u8> {
+pub(crate) fn trampoline(code: &mut super::CodeModule) -> Option<*const u8> {
+    let module = &mut code.m;
     let mut ctx = cranelift_module::Module::make_context(module);
     let mut fctx = FunctionBuilderContext::new();
     let tc = module.target_config();
@@ -2007,7 +2015,7 @@ pub(crate) fn trampoline(module: &mut JITModule) -> Option<*const u8> {
         b.seal_all_blocks();
         b.finalize(tc);
     }
-    define_finalized(module, &mut ctx)
+    define_finalized(code, &mut ctx)
 }
 
 /// Bit mask of the GPRs a fast form names (read or written).

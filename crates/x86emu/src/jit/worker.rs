@@ -118,9 +118,11 @@ impl Drop for Worker {
     }
 }
 
-/// Jobs compiled before one finalization (one `mprotect` of the new code, instead of one
-/// per block).
-const BATCH: usize = 16;
+/// Jobs compiled before their code is handed over. One: finalizing costs nothing (the code
+/// memory is mapped executable already, see `super::codemem`), so the hottest job waiting
+/// is sent back as soon as it is compiled. (With Cranelift's own code memory, each
+/// finalization was an `mprotect` and a TLB shootdown, and batches of 16 paid for it.)
+const BATCH: usize = 1;
 
 /// The compiler thread: takes every job waiting, compiles up to [`BATCH`] of them, the
 /// hottest first (lowest [`Job::age`]: a loop that became hot in a few thousand
@@ -129,7 +131,7 @@ const BATCH: usize = 16;
 /// until the queue closes. The others wait for the next round, so a job waits at most
 /// until no hotter one is queued; the vCPU keeps at most [`QUEUE`] in flight.
 fn compiler(jobs: Receiver<Msg>, done: Sender<Done>) {
-    let mut module: Option<cranelift_jit::JITModule> = None;
+    let mut module: Option<super::CodeModule> = None;
     let mut cl_ctx: Option<cranelift_codegen::Context> = None;
     let mut fctx = cranelift_frontend::FunctionBuilderContext::new();
     let mut queued: Vec<Box<Job>> = Vec::new();
@@ -158,7 +160,7 @@ fn compiler(jobs: Receiver<Msg>, done: Sender<Done>) {
                         // and jump-cache entry of it is stale), and it does not run compiled
                         // code while it sends (it sends from its compile path, outside
                         // `enter`).
-                        unsafe { m.free_memory() };
+                        unsafe { m.m.free_memory() };
                     }
                 }
             }
@@ -169,19 +171,19 @@ fn compiler(jobs: Receiver<Msg>, done: Sender<Done>) {
         }
         let batch = hottest(&mut queued, |j| j.age, BATCH);
         if module.is_none() {
-            module = super::new_module();
+            module = super::new_module(super::CODE_LIMIT + super::CODE_HEADROOM);
         }
         let mut defined = Vec::with_capacity(batch.len());
         for j in &batch {
             let t0 = std::time::Instant::now();
             let r = module.as_mut().and_then(|m| {
-                let c = cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(m));
-                translate::compile(m, c, &mut fctx, &j.ops, &j.env)
+                let c = cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(&m.m));
+                translate::compile(&mut m.m, c, &mut fctx, &j.ops, &j.env)
             });
             defined.push((r, t0.elapsed()));
         }
         let t0 = std::time::Instant::now();
-        let finalized = module.as_mut().is_some_and(|m| m.finalize_definitions().is_ok());
+        let finalized = module.as_mut().is_some_and(|m| m.m.finalize_definitions().is_ok());
         let fin = t0.elapsed() / u32::try_from(batch.len()).unwrap_or(1);
         for (j, (r, took)) in batch.into_iter().zip(defined) {
             let code = match (finalized, r, module.as_ref()) {
@@ -197,7 +199,7 @@ fn compiler(jobs: Receiver<Msg>, done: Sender<Done>) {
     if let Some(m) = module.take() {
         // SAFETY: the queue closed: the vCPU (and its Jit) is being dropped and runs no
         // compiled code any more.
-        unsafe { m.free_memory() };
+        unsafe { m.m.free_memory() };
     }
 }
 
