@@ -185,11 +185,11 @@ impl Drop for Jit {
 /// blocks in flight).
 const CODE_HEADROOM: usize = 64 << 20;
 
-/// A Cranelift module whose code lives in a [`codemem::DualMapped`] region: written at one
-/// address, run at another.
+/// A Cranelift module whose code lives in a [`codemem::DualMapped`] region (written at one
+/// address, run at another), or in Cranelift's own memory where the host refuses that.
 pub(crate) struct CodeModule {
     pub(crate) m: JITModule,
-    /// [`codemem::DualMapped::exec_offset`].
+    /// [`codemem::DualMapped::exec_offset`] (0 in Cranelift's own memory).
     exec: isize,
 }
 
@@ -212,9 +212,16 @@ pub(super) fn new_module(size: usize) -> Option<CodeModule> {
         cranelift_module::default_libcall_names(),
     )
     .ok()?;
-    let mem = codemem::DualMapped::new(size).ok()?;
-    let exec = mem.exec_offset();
-    b.memory_provider(Box::new(mem));
+    // Where the host refuses the second mapping (valgrind does), Cranelift's own memory:
+    // code written and run at one address, `mprotect`ed when finalized.
+    let exec = match codemem::DualMapped::new(size) {
+        Ok(mem) => {
+            let exec = mem.exec_offset();
+            b.memory_provider(Box::new(mem));
+            exec
+        }
+        Err(_) => 0,
+    };
     Some(CodeModule { m: JITModule::new(b), exec })
 }
 

@@ -1826,7 +1826,7 @@ fn define(module: &mut JITModule, ctx: &mut cranelift_codegen::Context) -> Optio
     let id = module.declare_anonymous_function(&ctx.func.signature).ok()?;
     module.define_function(id, ctx).ok()?;
     let code = ctx.compiled_code()?;
-    // Code is written at another address than the one it runs at (`super::codemem`):
+    // Code may be written at another address than the one it runs at (`super::codemem`):
     // a relocation relative to where it is written would be wrong. Blocks call helpers
     // through absolute addresses, so none has one; refused if one ever does.
     if code.buffer.relocs().iter().any(|r| !matches!(r.kind, Reloc::Abs4 | Reloc::Abs8)) {
