@@ -304,6 +304,15 @@ pub(crate) enum Uop {
     Push { r: u8 },
     /// POP r64.
     Pop { r: u8 },
+    /// PUSH imm8/imm32 (sign-extended to 64 bits, in `v`).
+    PushI { v: u64 },
+    /// PUSHFQ: RFLAGS with VM and RF cleared (SDM Vol. 2 PUSHF).
+    Pushf,
+    /// MOV r32/r64, Sreg: the selector of segment register `s` (`crate::cpu::sreg`),
+    /// zero-extended.
+    MovSreg { d: u8, s: u8, sz: u8 },
+    /// SETcc m8.
+    SetccM { cc: ConditionCode, m: MemOp },
 }
 
 fn gpr(r: Register, sz: usize) -> Option<u8> {
@@ -549,6 +558,22 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
     let m = insn.mnemonic();
     let k0 = insn.op0_kind();
     Some(match m {
+        Mnemonic::Mov
+            if k0 == OpKind::Register
+                && insn.op1_kind() == OpKind::Register
+                && insn.op1_register().is_segment_register() =>
+        {
+            let r0 = insn.op0_register();
+            let sz = r0.size();
+            if sz < 4 {
+                return None;
+            }
+            Uop::MovSreg {
+                d: gpr(r0, sz)?,
+                s: u8::try_from(insn.op1_register().number()).ok()?,
+                sz: u8::try_from(sz).ok()?,
+            }
+        }
         Mnemonic::Mov => {
             if k0 == OpKind::Register {
                 let r0 = insn.op0_register();
@@ -666,6 +691,26 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         {
             Uop::Setcc { cc: insn.condition_code(), d: low8(insn.op0_register())? }
         }
+        Mnemonic::Sete
+        | Mnemonic::Setne
+        | Mnemonic::Seto
+        | Mnemonic::Setno
+        | Mnemonic::Setb
+        | Mnemonic::Setae
+        | Mnemonic::Setbe
+        | Mnemonic::Seta
+        | Mnemonic::Sets
+        | Mnemonic::Setns
+        | Mnemonic::Setp
+        | Mnemonic::Setnp
+        | Mnemonic::Setl
+        | Mnemonic::Setge
+        | Mnemonic::Setle
+        | Mnemonic::Setg
+            if k0 == OpKind::Memory =>
+        {
+            Uop::SetccM { cc: insn.condition_code(), m: MemOp::from(insn)? }
+        }
         Mnemonic::Cmove
         | Mnemonic::Cmovne
         | Mnemonic::Cmovo
@@ -781,7 +826,15 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             }
             Uop::Shift { op, d: gpr_sized(r0, sz)?, c: insn.immediate8(), sz: u8::try_from(sz).ok()? }
         }
-        Mnemonic::Nop | Mnemonic::Pause => Uop::Nop,
+        // A prefetch is a hint: it never faults (SDM Vol. 2 PREFETCHh).
+        Mnemonic::Nop
+        | Mnemonic::Pause
+        | Mnemonic::Prefetchnta
+        | Mnemonic::Prefetcht0
+        | Mnemonic::Prefetcht1
+        | Mnemonic::Prefetcht2
+        | Mnemonic::Prefetchw
+        | Mnemonic::Prefetch => Uop::Nop,
         // RAX = sign-extended EAX: MOVSXD RAX, EAX.
         Mnemonic::Cdqe => Uop::MovXR { d: 0, s: 0, ssz: 4, dsz: 8, signed: true },
         Mnemonic::Div if matches!(insn.code(), iced_x86::Code::Div_rm32 | iced_x86::Code::Div_rm64) => {
@@ -852,6 +905,13 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         Mnemonic::Push if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
             Uop::Push { r: u8::try_from(insn.op0_register().number()).ok()? }
         }
+        Mnemonic::Push
+            if matches!(k0, OpKind::Immediate8to64 | OpKind::Immediate32to64)
+                && insn.stack_pointer_increment() == -8 =>
+        {
+            Uop::PushI { v: insn.immediate(0) }
+        }
+        Mnemonic::Pushfq => Uop::Pushf,
         Mnemonic::Pop if k0 == OpKind::Register && insn.op0_register().is_gpr64() => {
             Uop::Pop { r: u8::try_from(insn.op0_register().number()).ok()? }
         }
@@ -897,6 +957,9 @@ impl Uop {
                 | Uop::Call { .. }
                 | Uop::CallInd { .. }
                 | Uop::Push { .. }
+                | Uop::PushI { .. }
+                | Uop::Pushf
+                | Uop::SetccM { .. }
         )
     }
 }
@@ -1108,6 +1171,20 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             cpu.gpr[4] = cpu.gpr[4].wrapping_add(8);
             *cpu.gpr_at_mut(usize::from(r)) = v;
         }
+        Uop::PushI { v } => push64(cpu, bus, v)?,
+        Uop::Pushf => {
+            let v = cpu.rflags & !(crate::cpu::flags::RF | crate::cpu::flags::VM);
+            push64(cpu, bus, v)?;
+        }
+        Uop::MovSreg { d, s, sz } => {
+            let v = cpu.seg.get(usize::from(s)).map_or(0, |g| u64::from(g.selector));
+            set(cpu, d, v, sz);
+        }
+        Uop::SetccM { cc, m } => {
+            let v = u64::from(crate::cpu::cond(cpu, cc));
+            let u = cpu.cur_user;
+            cpu.write_la(bus, m.la(cpu), 1, v, u)?;
+        }
     }
     Ok(())
 }
@@ -1120,6 +1197,25 @@ mod tests {
     fn lowered(bytes: &[u8]) -> Uop {
         let insn = Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode();
         lower(&insn, 64)
+    }
+
+    #[test]
+    fn stack_segment_and_hint_forms_are_lowered_only_in_their_64_bit_shapes() {
+        // push -5; push 0x12345678; pushfq; mov eax,ss; mov rcx,ds; prefetcht0 [rax];
+        // setne [rbx+8]
+        assert!(matches!(lowered(&[0x6a, 0xfb]), Uop::PushI { v: 0xffff_ffff_ffff_fffb }));
+        assert!(matches!(lowered(&[0x68, 0x78, 0x56, 0x34, 0x12]), Uop::PushI { v: 0x1234_5678 }));
+        assert!(matches!(lowered(&[0x9c]), Uop::Pushf));
+        assert!(matches!(lowered(&[0x8c, 0xd0]), Uop::MovSreg { d: 0, s: 2, sz: 4 }));
+        assert!(matches!(lowered(&[0x48, 0x8c, 0xd9]), Uop::MovSreg { d: 1, s: 3, sz: 8 }));
+        assert!(matches!(lowered(&[0x0f, 0x18, 0x08]), Uop::Nop));
+        assert!(matches!(lowered(&[0x0f, 0x95, 0x43, 0x08]), Uop::SetccM { .. }));
+        // push word 5 (16-bit operand size), pushf (16-bit), mov ax,ss and mov ss,ax: the
+        // interpreter's.
+        assert!(matches!(lowered(&[0x66, 0x6a, 0x05]), Uop::Generic));
+        assert!(matches!(lowered(&[0x66, 0x9c]), Uop::Generic));
+        assert!(matches!(lowered(&[0x66, 0x8c, 0xd0]), Uop::Generic));
+        assert!(matches!(lowered(&[0x8e, 0xd0]), Uop::Generic));
     }
 
     #[test]

@@ -1017,3 +1017,52 @@ fn test_and_cmp_of_high_byte_registers_agree_with_the_interpreter() {
     let (_, j) = both(&code, 2_000_000);
     assert!(j.cpu.jit_stats().instructions > 100_000, "{:?}", j.cpu.jit_stats());
 }
+
+#[test]
+fn pushes_segment_reads_prefetches_and_memory_setcc_agree_with_the_interpreter() {
+    // PUSH imm8/imm32, PUSHFQ after flags set by a compare, MOV r32/r64 from a segment
+    // register (zero-extended), PREFETCHT0 of an unmapped address (never faults), SETcc
+    // into memory; a loop so the values depend on earlier passes, then a SETcc whose
+    // store faults (#PF: the state before it, flags included).
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(r12, 300u64)?;
+        a.mov(rbx, 0x20000u64)?;
+        a.mov(rdi, 0x8000_0000_0000_0001u64)?;
+        a.set_label(&mut top)?;
+        a.mov(rcx, -1i64)?;
+        a.mov(ecx, cs)?;
+        a.mov(rdx, -1i64)?;
+        a.mov(rdx, ds)?;
+        a.prefetcht0(byte_ptr(UNMAPPED + 0x40))?;
+        a.add(rdi, r12)?;
+        a.cmp(rdi, rsi)?;
+        a.setb(byte_ptr(rbx + r12))?;
+        a.setl(byte_ptr(rbx + r12 + 0x200))?;
+        a.pushfq()?;
+        a.pop(rsi)?;
+        a.push(0x7fff_1234)?;
+        a.push(-3)?;
+        a.pop(rax)?;
+        a.pop(r8)?;
+        a.add(rax, r8)?;
+        a.xor(rsi, rax)?;
+        a.dec(r12)?;
+        a.jnz(top)?;
+        a.mov(r9, UNMAPPED)?;
+        a.cmp(rdi, rsi)?;
+        a.setne(byte_ptr(r9 + 5))?;
+        a.hlt()
+    });
+    let (_, j) = both(&code, 100_000);
+    assert_eq!(j.cpu.gpr[1], 8, "mov ecx, cs zero-extends");
+    assert_eq!(j.cpu.gpr[2], 0x10, "mov rdx, ds");
+    assert_eq!(j.cpu.gpr[0], 0x7fff_1234 - 3);
+    assert_eq!(j.cpu.cr2, UNMAPPED + 5, "the SETcc store faulted");
+    assert_eq!(j.u64_at(j.cpu.gpr[4] + 8), CODE + code.len() as u64 - 1 - 5, "RIP of the faulting SETcc");
+    // Every pass stored 0 or 1 at both places.
+    for k in 1..=300u64 {
+        assert!(j.ram[(0x20000 + k) as usize] <= 1 && j.ram[(0x20200 + k) as usize] <= 1);
+    }
+    assert!(j.cpu.jit_stats().instructions > 5_000, "{:?}", j.cpu.jit_stats());
+}

@@ -1618,6 +1618,30 @@ impl Tr<'_, '_> {
                 self.push(v, op, i);
                 self.check_gen(op.next_ip, i);
             }
+            Uop::PushI { v } => {
+                let v = self.iconst(v);
+                self.push(v, op, i);
+                self.check_gen(op.next_ip, i);
+            }
+            Uop::Pushf => {
+                let f = self.flags();
+                let f = self.andi(f, !(crate::cpu::flags::RF | crate::cpu::flags::VM) as i64);
+                self.push(f, op, i);
+                self.check_gen(op.next_ip, i);
+            }
+            Uop::MovSreg { d, s, sz } => {
+                let s = usize::from(s).min(5);
+                let o = off(offset_of!(Cpu, seg) + s * std::mem::size_of::<Seg>() + offset_of!(Seg, selector));
+                let v = self.b.ins().uload16(I64, MF, self.cpu, o);
+                self.set_reg(d, v, sz);
+            }
+            Uop::SetccM { cc, m } => {
+                let c = self.cond(cc);
+                let c = self.b.ins().uextend(I64, c);
+                let la = self.la(&m);
+                self.write(la, 1, c, op, i);
+                self.check_gen(op.next_ip, i);
+            }
             Uop::Pop { r } => {
                 let sp = self.reg(4);
                 let v = self.read(sp, 8, op, i);
@@ -2064,5 +2088,8 @@ fn regs_named(u: &Uop) -> u16 {
         Uop::JmpInd { s: x } => s(x),
         Uop::CallInd { s: x } => s(x) | r(4),
         Uop::Push { r: x } | Uop::Pop { r: x } => r(*x) | r(4),
+        Uop::PushI { .. } | Uop::Pushf => r(4),
+        Uop::MovSreg { d, .. } => r(*d),
+        Uop::SetccM { m: mm, .. } => m(mm),
     }
 }
