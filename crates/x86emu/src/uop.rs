@@ -686,31 +686,11 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
         | Mnemonic::Setl
         | Mnemonic::Setge
         | Mnemonic::Setle
-        | Mnemonic::Setg
-            if k0 == OpKind::Register =>
-        {
-            Uop::Setcc { cc: insn.condition_code(), d: low8(insn.op0_register())? }
-        }
-        Mnemonic::Sete
-        | Mnemonic::Setne
-        | Mnemonic::Seto
-        | Mnemonic::Setno
-        | Mnemonic::Setb
-        | Mnemonic::Setae
-        | Mnemonic::Setbe
-        | Mnemonic::Seta
-        | Mnemonic::Sets
-        | Mnemonic::Setns
-        | Mnemonic::Setp
-        | Mnemonic::Setnp
-        | Mnemonic::Setl
-        | Mnemonic::Setge
-        | Mnemonic::Setle
-        | Mnemonic::Setg
-            if k0 == OpKind::Memory =>
-        {
-            Uop::SetccM { cc: insn.condition_code(), m: MemOp::from(insn)? }
-        }
+        | Mnemonic::Setg => match k0 {
+            OpKind::Register => Uop::Setcc { cc: insn.condition_code(), d: low8(insn.op0_register())? },
+            OpKind::Memory => Uop::SetccM { cc: insn.condition_code(), m: MemOp::from(insn)? },
+            _ => return None,
+        },
         Mnemonic::Cmove
         | Mnemonic::Cmovne
         | Mnemonic::Cmovo
