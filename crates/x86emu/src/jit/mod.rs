@@ -182,8 +182,10 @@ impl Drop for Jit {
 
 /// Bytes of code memory a module maps beyond [`CODE_LIMIT`]: the code compiled after the
 /// limit was passed and before the vCPU threw the module away (at most `worker::QUEUE`
-/// blocks in flight).
-const CODE_HEADROOM: usize = 64 << 20;
+/// blocks in flight, tens of KiB each). Kept small: a host with strict overcommit
+/// (`vm.overcommit_memory=2`) charges the whole shared mapping. A block that does not
+/// fit is not compiled.
+const CODE_HEADROOM: usize = 16 << 20;
 
 /// A Cranelift module whose code lives in a [`codemem::DualMapped`] region (written at one
 /// address, run at another), or in Cranelift's own memory where the host refuses that.
