@@ -88,13 +88,6 @@ const XMMS: [AsmRegisterXmm; 16] =
     [xmm0, xmm1, xmm2, xmm3, xmm4, xmm5, xmm6, xmm7, xmm8, xmm9, xmm10, xmm11, xmm12, xmm13, xmm14, xmm15];
 const MMS: [AsmRegisterMm; 8] = [mm0, mm1, mm2, mm3, mm4, mm5, mm6, mm7];
 
-/// Whether the host CPU is an AMD one (some "undefined" results differ by vendor; the
-/// emulator advertises and follows Intel).
-pub fn host_is_amd() -> bool {
-    let r = std::arch::x86_64::__cpuid(0);
-    r.ebx == 0x6874_7541 // "Auth"enticAMD
-}
-
 /// xorshift64* pseudo-random numbers (fixed seeds: runs are reproducible).
 pub struct Rng(u64);
 
