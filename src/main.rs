@@ -372,7 +372,27 @@ fn vmm_main(a: VmmArgs) -> Result<ExitCode, (u8, String)> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Under `perf record` (which sets `PERF_BUILDID_DIR`): the emulator's compiled code is
+/// described in `/tmp/perf-PID.map` through a file opened here, before any thread or seccomp
+/// filter exists, and the variable is removed, so that Cranelift does not open the file
+/// itself for each function (a seccomp-filtered vCPU thread may not open files: it
+/// stopped the VMM). Child VMMs of the daemon inherit no map.
+fn perf_map_from_env() {
+    if std::env::var_os("PERF_BUILDID_DIR").is_none() {
+        return;
+    }
+    // Edition 2021: safe to call, but it must not race with reads of the environment on
+    // other threads; this runs first in `main`, before any thread exists.
+    std::env::remove_var("PERF_BUILDID_DIR");
+    let path = format!("/tmp/perf-{}.map", std::process::id());
+    match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+        Ok(f) => x86emu::jit::set_perf_map(f),
+        Err(e) => eprintln!("rustvisor: perf map {path}: {e}; compiled guest code has no symbols"),
+    }
+}
+
 fn main() -> ExitCode {
+    perf_map_from_env();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RUSTVISOR_LOG")

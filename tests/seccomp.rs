@@ -364,3 +364,33 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// Under `perf record` (which sets `PERF_BUILDID_DIR`), Cranelift's JIT opened
+/// `/tmp/perf-PID.map` for every compiled function from the filtered vCPU thread and
+/// panicked on the refusal, stopping the VMM. The VMM opens the map before its filters and
+/// describes each compiled block in it; the guest runs to its end.
+#[test]
+fn under_perf_record_compiled_blocks_are_mapped_and_the_vm_runs_to_its_end() {
+    let dir = TempDir::new("seccomp-perf-map");
+    let log = dir.path("console.log");
+    let mut c = guest_command("echo RV-PERF-MAP-DONE", &log, &[]);
+    c.env("PERF_BUILDID_DIR", dir.path("buildid")).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    let map = std::path::PathBuf::from(format!("/tmp/perf-{}.map", child.id()));
+    let out = finish(child);
+    let text = std::fs::read_to_string(&map).unwrap_or_default();
+    let _ = std::fs::remove_file(&map);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "status {}; stderr:\n{stderr}", out.status);
+    assert!(std::fs::read_to_string(&log).unwrap().contains("RV-PERF-MAP-DONE"), "stderr:\n{stderr}");
+    // `START SIZE NAME`, hexadecimal: the shared code, then blocks named by guest RIP.
+    let blocks: Vec<&str> = text.lines().filter(|l| l.contains(" rv-emu block 0x")).collect();
+    assert!(blocks.len() > 100, "{} blocks in {}:\n{text:.2000}", blocks.len(), map.display());
+    for l in &blocks {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert!(
+            u64::from_str_radix(f[0], 16).is_ok_and(|a| a > 0) && u64::from_str_radix(f[1], 16).is_ok_and(|s| s > 0),
+            "{l}"
+        );
+    }
+}

@@ -227,6 +227,35 @@ pub(super) fn new_module(size: usize) -> Option<CodeModule> {
     Some(CodeModule { m: JITModule::new(b), exec })
 }
 
+/// Where compiled code is described for `perf` (see [`set_perf_map`]).
+static PERF_MAP: OnceLock<std::sync::Mutex<std::fs::File>> = OnceLock::new();
+
+/// Describes every block compiled from now on in `map`, one line per function in the
+/// format `perf report` reads from `/tmp/perf-PID.map`: `START SIZE NAME` (hexadecimal
+/// host address and size in bytes; the name carries the guest RIP of the block). The file
+/// is opened by the caller before the VMM's threads and seccomp filters start, and only
+/// written to afterwards. Only the first call takes effect.
+///
+/// Cranelift's own JIT writes such a map when `PERF_BUILDID_DIR` is set (`perf record`
+/// sets it), by opening the file for every function, which a seccomp-filtered thread may
+/// not do: a process that calls this should remove that variable first.
+pub fn set_perf_map(map: std::fs::File) {
+    let _ = PERF_MAP.set(std::sync::Mutex::new(map));
+}
+
+/// Appends compiled code at `at`, `size` bytes, to the perf map if there is one.
+pub(crate) fn perf_map_note(at: *const u8, size: usize, what: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Some(m) = PERF_MAP.get() {
+        if let Ok(mut f) = m.lock() {
+            // One write per line, so that lines of concurrent compiler threads do not mix;
+            // a failed write loses a symbol, nothing else.
+            let line = format!("{:x} {size:x} {what}\n", at.addr());
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
+
 /// How Rust calls a compiled block (which uses Cranelift's `tail` convention, so that
 /// blocks can tail-call each other): `tramp(cpu, ctx, block)`.
 type Tramp = unsafe extern "C" fn(*mut Cpu, *mut u8, *const u8) -> u64;
@@ -790,7 +819,10 @@ fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     let cl_ctx = jit.cl_ctx.get_or_insert_with(|| cranelift_module::Module::make_context(&module.m));
     let r = translate::compile(&mut module.m, cl_ctx, &mut jit.fctx, ops, &env).and_then(|(id, bytes)| {
         module.m.finalize_definitions().ok()?;
-        Some((translate::entry(module, id)?, bytes))
+        let f = translate::entry(module, id)?;
+        let rip = ops.first().map_or(0, |o| o.ip);
+        perf_map_note(f.0.as_ptr(), bytes, format_args!("rv-emu block {rip:#x}"));
+        Some((f, bytes))
     });
     let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let code = install(jit, r, len, user, ns);

@@ -2004,9 +2004,11 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
 /// Compiles the function built in `ctx` into `module` and finalizes it: its entry. For
 /// the code compiled once per process (`super::shared_code`).
 fn define_finalized(module: &mut super::CodeModule, ctx: &mut cranelift_codegen::Context) -> Option<*const u8> {
-    let (id, _) = define(&mut module.m, ctx)?;
+    let (id, bytes) = define(&mut module.m, ctx)?;
     module.m.finalize_definitions().ok()?;
-    Some(module.entry(id))
+    let at = module.entry(id);
+    super::perf_map_note(at, bytes, format_args!("rv-emu shared code"));
+    Some(at)
 }
 
 /// Compiles the trampoline through which Rust enters compiled blocks:

@@ -187,7 +187,10 @@ fn compiler(jobs: Receiver<Msg>, done: Sender<Done>) {
         let fin = t0.elapsed() / u32::try_from(batch.len()).unwrap_or(1);
         for (j, (r, took)) in batch.into_iter().zip(defined) {
             let code = match (finalized, r, module.as_ref()) {
-                (true, Some((id, bytes)), Some(m)) => translate::entry(m, id).map(|f| (f, bytes)),
+                (true, Some((id, bytes)), Some(m)) => translate::entry(m, id).map(|f| {
+                    super::perf_map_note(f.0.as_ptr(), bytes, format_args!("rv-emu block {:#x}", j.rip));
+                    (f, bytes)
+                }),
                 _ => None,
             };
             let d = Done { code, ns: u64::try_from((took + fin).as_nanos()).unwrap_or(u64::MAX), ..refusal(&j) };
