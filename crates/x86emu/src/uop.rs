@@ -313,6 +313,14 @@ pub(crate) enum Uop {
     MovSreg { d: u8, s: u8, sz: u8 },
     /// SETcc m8.
     SetccM { cc: ConditionCode, m: MemOp },
+    /// BT/BTS/BTR/BTC r/m16/32/64, imm8 (no LOCK): bit `bit` (the immediate modulo the
+    /// operand's width) of `s` (a register or memory, never an immediate) to CF, the other
+    /// flags as `crate::alu` computes them; BTS/BTR/BTC then set, clear or complement it.
+    /// `op` is `Op2::Bt`, `Bts`, `Btr` or `Btc` (SDM Vol. 2A BT).
+    BitI { op: Op2, s: Src, bit: u8, sz: u8 },
+    /// CLI: clears RFLAGS.IF. The interpreter raises #GP(0) where CPL > IOPL; compiled
+    /// code has the form only in blocks compiled for CPL 0.
+    Cli,
 }
 
 fn gpr(r: Register, sz: usize) -> Option<u8> {
@@ -826,6 +834,27 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             let sz = r0.size();
             Uop::Bswap { d: gpr(r0, sz)?, sz: u8::try_from(sz).ok()? }
         }
+        Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc if insn.op1_kind() == OpKind::Immediate8 => {
+            let (s, sz) = if k0 == OpKind::Register {
+                let r0 = insn.op0_register();
+                let sz = r0.size();
+                if sz == 1 {
+                    return None;
+                }
+                (Src::Reg(gpr_sized(r0, sz)?), sz)
+            } else {
+                (Src::Mem(MemOp::from(insn)?), insn.memory_size().size())
+            };
+            let op = match m {
+                Mnemonic::Bt => Op2::Bt,
+                Mnemonic::Bts => Op2::Bts,
+                Mnemonic::Btr => Op2::Btr,
+                _ => Op2::Btc,
+            };
+            let bits = u32::try_from(sz * 8).ok()?;
+            Uop::BitI { op, s, bit: u8::try_from(insn.immediate8() as u32 % bits).ok()?, sz: u8::try_from(sz).ok()? }
+        }
+        Mnemonic::Cli => Uop::Cli,
         Mnemonic::Bsf | Mnemonic::Tzcnt if k0 == OpKind::Register => {
             let r0 = insn.op0_register();
             let sz = r0.size();
@@ -940,6 +969,7 @@ impl Uop {
                 | Uop::PushI { .. }
                 | Uop::Pushf
                 | Uop::SetccM { .. }
+                | Uop::BitI { op: Op2::Bts | Op2::Btr | Op2::Btc, s: Src::Mem(_), .. }
         )
     }
 }
@@ -1156,6 +1186,38 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
             let v = cpu.rflags & !(crate::cpu::flags::RF | crate::cpu::flags::VM);
             push64(cpu, bus, v)?;
         }
+        Uop::BitI { op, s, bit, sz } => {
+            let (szu, b) = (sz as usize, u64::from(bit));
+            match s {
+                Src::Reg(d) => {
+                    let a = cpu.gpr_at(usize::from(d)) & mask(szu);
+                    let (r, f) = alu::op2(op, szu, a, b, cpu.rflags);
+                    if op != Op2::Bt {
+                        set(cpu, d, r, sz);
+                    }
+                    cpu.rflags = f;
+                }
+                Src::Mem(m) => {
+                    let la = m.la(cpu);
+                    let u = cpu.cur_user;
+                    let a = cpu.read_la(bus, la, szu, u)?;
+                    let (r, f) = alu::op2(op, szu, a, b, cpu.rflags);
+                    if op != Op2::Bt {
+                        cpu.write_la(bus, la, szu, r & mask(szu), u)?;
+                    }
+                    cpu.rflags = f;
+                }
+                // Never lowered with an immediate operand.
+                Src::Imm(_) => {}
+            }
+        }
+        Uop::Cli => {
+            // 64-bit mode: protected mode, so only CPL against IOPL decides.
+            if u64::from(cpu.cpl()) > (cpu.rflags >> 12) & 3 {
+                return Err(Fault::GeneralProtection(0));
+            }
+            cpu.rflags &= !crate::cpu::flags::IF;
+        }
         Uop::MovSreg { d, s, sz } => {
             let v = cpu.seg.get(usize::from(s)).map_or(0, |g| u64::from(g.selector));
             set(cpu, d, v, sz);
@@ -1196,6 +1258,30 @@ mod tests {
         assert!(matches!(lowered(&[0x66, 0x9c]), Uop::Generic));
         assert!(matches!(lowered(&[0x66, 0x8c, 0xd0]), Uop::Generic));
         assert!(matches!(lowered(&[0x8e, 0xd0]), Uop::Generic));
+    }
+
+    #[test]
+    fn bit_tests_by_an_immediate_and_cli_are_lowered() {
+        use super::{MemOp, Src};
+        use crate::alu::Op2;
+        // bt rax,3; btr qword [rdi+8],70 (bit 70 mod 64); bts ax,17 (bit 17 mod 16); cli
+        assert!(matches!(
+            lowered(&[0x48, 0x0f, 0xba, 0xe0, 0x03]),
+            Uop::BitI { op: Op2::Bt, s: Src::Reg(0), bit: 3, sz: 8 }
+        ));
+        assert!(matches!(
+            lowered(&[0x48, 0x0f, 0xba, 0x77, 0x08, 0x46]),
+            Uop::BitI { op: Op2::Btr, s: Src::Mem(MemOp { base: 7, disp: 8, .. }), bit: 6, sz: 8 }
+        ));
+        assert!(matches!(
+            lowered(&[0x66, 0x0f, 0xba, 0xe8, 0x11]),
+            Uop::BitI { op: Op2::Bts, s: Src::Reg(0), bit: 1, sz: 2 }
+        ));
+        assert!(matches!(lowered(&[0xfa]), Uop::Cli));
+        // lock btr qword [rdi],1 (atomic) and bt rax,rcx (a register bit offset): the
+        // interpreter's.
+        assert!(matches!(lowered(&[0xf0, 0x48, 0x0f, 0xba, 0x37, 0x01]), Uop::Generic));
+        assert!(matches!(lowered(&[0x48, 0x0f, 0xa3, 0xc8]), Uop::Generic));
     }
 
     #[test]

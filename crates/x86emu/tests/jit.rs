@@ -1066,3 +1066,45 @@ fn pushes_segment_reads_prefetches_and_memory_setcc_agree_with_the_interpreter()
     }
     assert!(j.cpu.jit_stats().instructions > 5_000, "{:?}", j.cpu.jit_stats());
 }
+
+#[test]
+fn bit_tests_by_an_immediate_and_cli_agree_with_the_interpreter() {
+    // BT/BTS/BTR/BTC by an immediate on registers (16/32/64-bit) and memory, each BT
+    // observed by a JC/ADC (CF), CLI at CPL 0; a loop so the bits depend on earlier passes,
+    // then a BTS whose store faults (#PF: the state before it, flags included).
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.sti()?;
+        a.nop()?;
+        a.mov(r12, 200u64)?;
+        a.mov(rbx, 0x20000u64)?;
+        a.mov(rsi, 0x5a5a_1234_8765_f0f0u64)?;
+        a.set_label(&mut top)?;
+        a.cli()?;
+        a.bt(rsi, 3)?;
+        a.adc(r8, 0)?;
+        a.btc(rsi, 63)?;
+        a.bts(esi, 40)?; // bit 40 mod 32: zero-extends ESI
+        a.btr(si, 17)?;
+        a.bt(qword_ptr(rbx + r12 * 8), 0)?;
+        a.jc(skip)?;
+        a.bts(qword_ptr(rbx + r12 * 8), 0)?;
+        a.set_label(&mut skip)?;
+        a.btc(dword_ptr(rbx + r12 * 8 + 4), 33)?;
+        a.btr(word_ptr(rbx + r12 * 8 + 2), 5)?;
+        a.add(rsi, r12)?;
+        a.rol(rsi, 7)?;
+        a.dec(r12)?;
+        a.jnz(top)?;
+        a.mov(r9, UNMAPPED)?;
+        a.bt(rsi, 9)?;
+        a.bts(qword_ptr(r9 + 8), 2)?;
+        a.hlt()
+    });
+    let (_, j) = both(&code, 100_000);
+    assert_eq!(j.cpu.cr2, UNMAPPED + 8, "the BTS store faulted");
+    assert_eq!(j.u64_at(j.cpu.gpr[4] + 24) & 0x200, 0, "IF cleared by CLI (the #PF frame's RFLAGS)");
+    assert_eq!(j.u64_at(j.cpu.gpr[4] + 8), CODE + code.len() as u64 - 1 - 6, "RIP of the faulting BTS");
+    assert!(j.cpu.jit_stats().instructions > 2_500, "{:?}", j.cpu.jit_stats());
+}

@@ -564,6 +564,10 @@ pub(crate) mod aluop {
     pub(crate) const ROL: u64 = 6;
     pub(crate) const ROR: u64 = 7;
     pub(crate) const BSF: u64 = 8;
+    pub(crate) const BT: u64 = 9;
+    pub(crate) const BTS: u64 = 10;
+    pub(crate) const BTR: u64 = 11;
+    pub(crate) const BTC: u64 = 12;
     /// Or'ed into a shift's code when its count is only known at run time (it may be 0).
     pub(crate) const DYN: u64 = 0x100;
 }
@@ -583,6 +587,10 @@ pub(crate) extern "C" fn jit_alu_flags(op: u64, size: u64, a: u64, b: u64, flags
         aluop::SAR => alu::op2(Op2::Sar, size, a, b, flags),
         aluop::ROL => alu::op2(Op2::Rol, size, a, b, flags),
         aluop::BSF => alu::op2(Op2::Bsf, size, a, b, flags),
+        aluop::BT => alu::op2(Op2::Bt, size, a, b, flags),
+        aluop::BTS => alu::op2(Op2::Bts, size, a, b, flags),
+        aluop::BTR => alu::op2(Op2::Btr, size, a, b, flags),
+        aluop::BTC => alu::op2(Op2::Btc, size, a, b, flags),
         _ => alu::op2(Op2::Ror, size, a, b, flags),
     };
     f

@@ -1629,6 +1629,61 @@ impl Tr<'_, '_> {
                 self.push(f, op, i);
                 self.check_gen(op.next_ip, i);
             }
+            Uop::BitI { op: o, s, bit, sz } => {
+                let code = match o {
+                    Op2::Bt => aluop::BT,
+                    Op2::Bts => aluop::BTS,
+                    Op2::Btr => aluop::BTR,
+                    _ => aluop::BTC,
+                };
+                let (a, la) = match s {
+                    Src::Reg(d) => {
+                        let v = self.reg(d);
+                        (self.masked(v, sz), None)
+                    }
+                    Src::Mem(m) => {
+                        let la = self.la(&m);
+                        (self.read(la, sz, op, i), Some(la))
+                    }
+                    Src::Imm(_) => {
+                        // Never lowered so.
+                        self.generic(i, &op.insn);
+                        return None;
+                    }
+                };
+                let m = 1i64 << (bit & 63);
+                let r = match o {
+                    Op2::Bt => a,
+                    Op2::Bts => self.ori(a, m),
+                    Op2::Btr => self.andi(a, !m),
+                    _ => self.xori(a, m),
+                };
+                let r = self.masked(r, sz);
+                let b = self.iconst(u64::from(bit));
+                match (s, la) {
+                    _ if o == Op2::Bt => {}
+                    (Src::Reg(d), _) => self.set_reg(d, r, sz),
+                    (_, Some(la)) => self.write(la, sz, r, op, i),
+                    _ => {}
+                }
+                // After the store: a fault in it leaves the flags as they were.
+                self.set_pending(Pending { k: Pk::Helper(code), sz, a, b, r });
+                if la.is_some() && o != Op2::Bt {
+                    self.check_gen(op.next_ip, i);
+                }
+            }
+            Uop::Cli => {
+                if self.env.user {
+                    // CPL 3: #GP(0) unless IOPL is 3, which the interpreter checks.
+                    self.generic(i, &op.insn);
+                } else {
+                    // IF is not among the lazily kept flags: cleared in the variable.
+                    let f = self.b.use_var(self.fl);
+                    let f = self.andi(f, !(crate::cpu::flags::IF as i64));
+                    self.b.def_var(self.fl, f);
+                    self.fl_written = true;
+                }
+            }
             Uop::MovSreg { d, s, sz } => {
                 let s = usize::from(s).min(5);
                 let o = off(offset_of!(Cpu, seg) + s * std::mem::size_of::<Seg>() + offset_of!(Seg, selector));
@@ -2054,7 +2109,8 @@ fn regs_named(u: &Uop) -> u16 {
         Src::Mem(mm) => m(mm),
     };
     match u {
-        Uop::Generic | Uop::Nop | Uop::Jcc { .. } | Uop::Jmp { .. } => 0,
+        Uop::Generic | Uop::Nop | Uop::Jcc { .. } | Uop::Jmp { .. } | Uop::Cli => 0,
+        Uop::BitI { s: x, .. } => s(x),
         Uop::Sse(x) => match x {
             Sse::Mov { s: Xs::M(mm), .. }
             | Sse::LoadZ { s: Xs::M(mm), .. }
