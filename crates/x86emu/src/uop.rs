@@ -318,6 +318,11 @@ pub(crate) enum Uop {
     /// flags as `crate::alu` computes them; BTS/BTR/BTC then set, clear or complement it.
     /// `op` is `Op2::Bt`, `Bts`, `Btr` or `Btc` (SDM Vol. 2A BT).
     BitI { op: Op2, s: Src, bit: u8, sz: u8 },
+    /// CMPXCHG m32/m64, r32/r64 (no LOCK): compares the accumulator with the memory
+    /// operand (flags as CMP), stores `s` there if equal, else stores the operand back
+    /// unchanged (the locked cycle's write) and loads it into the accumulator (EAX
+    /// zero-extended); an equal compare leaves RAX whole (SDM Vol. 2A CMPXCHG).
+    CmpxchgM { m: MemOp, s: u8, sz: u8 },
     /// CLI: clears RFLAGS.IF. The interpreter raises #GP(0) where CPL > IOPL; compiled
     /// code has the form only in blocks compiled for CPL 0.
     Cli,
@@ -855,6 +860,11 @@ fn lower64(insn: &Instruction) -> Option<Uop> {
             Uop::BitI { op, s, bit: u8::try_from(insn.immediate8() as u32 % bits).ok()?, sz: u8::try_from(sz).ok()? }
         }
         Mnemonic::Cli => Uop::Cli,
+        Mnemonic::Cmpxchg if k0 == OpKind::Memory && insn.op1_kind() == OpKind::Register => {
+            let r1 = insn.op1_register();
+            let sz = r1.size();
+            Uop::CmpxchgM { m: MemOp::from(insn)?, s: gpr(r1, sz)?, sz: u8::try_from(sz).ok()? }
+        }
         Mnemonic::Bsf | Mnemonic::Tzcnt if k0 == OpKind::Register => {
             let r0 = insn.op0_register();
             let sz = r0.size();
@@ -970,6 +980,7 @@ impl Uop {
                 | Uop::Pushf
                 | Uop::SetccM { .. }
                 | Uop::BitI { op: Op2::Bts | Op2::Btr | Op2::Btc, s: Src::Mem(_), .. }
+                | Uop::CmpxchgM { .. }
         )
     }
 }
@@ -1211,6 +1222,22 @@ pub(crate) fn exec(cpu: &mut Cpu, bus: &mut dyn Bus, u: &Uop) -> Res<()> {
                 Src::Imm(_) => {}
             }
         }
+        Uop::CmpxchgM { m, s, sz } => {
+            let la = m.la(cpu);
+            let u = cpu.cur_user;
+            let szu = sz as usize;
+            let d = cpu.read_la(bus, la, szu, u)?;
+            let acc = cpu.gpr[0] & mask(szu);
+            let (_, f) = alu::arith(Op2::Sub, szu, acc, d, cpu.rflags);
+            if f & crate::cpu::flags::ZF != 0 {
+                let v = cpu.gpr_at(usize::from(s)) & mask(szu);
+                cpu.write_la(bus, la, szu, v, u)?;
+            } else {
+                cpu.write_la(bus, la, szu, d, u)?;
+                set(cpu, 0, d, sz);
+            }
+            cpu.rflags = f;
+        }
         Uop::Cli => {
             // 64-bit mode: protected mode, so only CPL against IOPL decides.
             if u64::from(cpu.cpl()) > (cpu.rflags >> 12) & 3 {
@@ -1261,7 +1288,7 @@ mod tests {
     }
 
     #[test]
-    fn bit_tests_by_an_immediate_and_cli_are_lowered() {
+    fn bit_tests_by_an_immediate_cli_and_cmpxchg_are_lowered() {
         use super::{MemOp, Src};
         use crate::alu::Op2;
         // bt rax,3; btr qword [rdi+8],70 (bit 70 mod 64); bts ax,17 (bit 17 mod 16); cli
@@ -1278,6 +1305,12 @@ mod tests {
             Uop::BitI { op: Op2::Bts, s: Src::Reg(0), bit: 1, sz: 2 }
         ));
         assert!(matches!(lowered(&[0xfa]), Uop::Cli));
+        // cmpxchg [rdi],ecx; cmpxchg [rdi+8],rcx; lock cmpxchg [rdi],ecx and cmpxchg
+        // [rdi],cx: the interpreter's (atomic; 16-bit).
+        assert!(matches!(lowered(&[0x0f, 0xb1, 0x0f]), Uop::CmpxchgM { s: 1, sz: 4, .. }));
+        assert!(matches!(lowered(&[0x48, 0x0f, 0xb1, 0x4f, 0x08]), Uop::CmpxchgM { s: 1, sz: 8, .. }));
+        assert!(matches!(lowered(&[0xf0, 0x0f, 0xb1, 0x0f]), Uop::Generic));
+        assert!(matches!(lowered(&[0x66, 0x0f, 0xb1, 0x0f]), Uop::Generic));
         // lock btr qword [rdi],1 (atomic) and bt rax,rcx (a register bit offset): the
         // interpreter's.
         assert!(matches!(lowered(&[0xf0, 0x48, 0x0f, 0xba, 0x37, 0x01]), Uop::Generic));

@@ -631,6 +631,7 @@ fn exchange_and_compare() {
         Form::new("lock cmpxchg m8,cl", |a| a.lock().cmpxchg(byte_ptr(r12), cl)),
         Form::new("cmpxchg m16,cx", |a| a.cmpxchg(word_ptr(r12), cx)),
         Form::new("lock cmpxchg m32,ecx", |a| a.lock().cmpxchg(dword_ptr(r12), ecx)),
+        Form::new("cmpxchg m32,ecx", |a| a.cmpxchg(dword_ptr(r12), ecx)),
         Form::new("cmpxchg m64,rcx", |a| a.cmpxchg(qword_ptr(r12), rcx)),
         Form::new("lock cmpxchg8b m64", |a| a.lock().cmpxchg8b(qword_ptr(r12))),
         Form::new("cmpxchg16b m128", |a| a.cmpxchg16b(xmmword_ptr(r12))),

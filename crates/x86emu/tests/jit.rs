@@ -1108,3 +1108,46 @@ fn bit_tests_by_an_immediate_and_cli_agree_with_the_interpreter() {
     assert_eq!(j.u64_at(j.cpu.gpr[4] + 8), CODE + code.len() as u64 - 1 - 6, "RIP of the faulting BTS");
     assert!(j.cpu.jit_stats().instructions > 2_500, "{:?}", j.cpu.jit_stats());
 }
+
+#[test]
+fn memory_cmpxchg_agrees_with_the_interpreter() {
+    // CMPXCHG m64 and m32 without LOCK, equal on even passes and unequal on odd ones (RAX
+    // whole or loaded, EAX zero-extended), ZF observed by SETZ; then one whose access
+    // faults (#PF: the state before it, flags included).
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(r12, 300u64)?;
+        a.mov(rbx, 0x20000u64)?;
+        a.mov(r10, 0u64)?;
+        a.set_label(&mut top)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.mov(rdx, r12)?;
+        a.and(edx, 1)?;
+        a.add(rax, rdx)?;
+        a.lea(rcx, qword_ptr(rax + r12 * 2))?;
+        a.cmpxchg(qword_ptr(rbx), rcx)?;
+        a.setz(dl)?;
+        a.add(r10, rdx)?;
+        a.mov(rax, -1i64)?;
+        a.mov(eax, dword_ptr(rbx + 8))?;
+        a.mov(rdx, r12)?;
+        a.shl(rdx, 40)?;
+        a.or(rax, rdx)?;
+        a.xor(eax, r12d)?;
+        a.mov(ecx, r12d)?;
+        a.cmpxchg(dword_ptr(rbx + 8), ecx)?;
+        a.adc(r10, 0)?;
+        a.add(r11, rax)?;
+        a.dec(r12)?;
+        a.jnz(top)?;
+        a.mov(r9, UNMAPPED)?;
+        a.cmp(rax, r10)?;
+        a.cmpxchg(dword_ptr(r9 + 16), ecx)?;
+        a.hlt()
+    });
+    let (_, j) = both(&code, 100_000);
+    assert_eq!(j.cpu.cr2, UNMAPPED + 16, "the CMPXCHG faulted");
+    assert_eq!(j.u64_at(j.cpu.gpr[4] + 8), CODE + code.len() as u64 - 1 - 5, "RIP of the faulting CMPXCHG");
+    assert!(j.cpu.gpr[10] >= 150, "even passes' 64-bit compares succeeded: {}", j.cpu.gpr[10]);
+    assert!(j.cpu.jit_stats().instructions > 5_000, "{:?}", j.cpu.jit_stats());
+}

@@ -1672,6 +1672,25 @@ impl Tr<'_, '_> {
                     self.check_gen(op.next_ip, i);
                 }
             }
+            Uop::CmpxchgM { m, s, sz } => {
+                let la = self.la(&m);
+                let d = self.read(la, sz, op, i);
+                let acc0 = self.reg(0);
+                let acc = self.masked(acc0, sz);
+                let v = self.reg(s);
+                let v = self.masked(v, sz);
+                let eq = self.b.ins().icmp(IntCC::Equal, acc, d);
+                // Unequal: the operand is written back unchanged (the locked cycle).
+                let new = self.b.ins().select(eq, v, d);
+                self.write(la, sz, new, op, i);
+                let r = self.b.ins().isub(acc, d);
+                let r = self.masked(r, sz);
+                self.set_pending(Pending { k: Pk::Sub, sz, a: acc, b: d, r });
+                // Equal: RAX whole; else the operand (zero-extended from 32 bits).
+                let na = self.b.ins().select(eq, acc0, d);
+                self.set_reg64(0, na);
+                self.check_gen(op.next_ip, i);
+            }
             Uop::Cli => {
                 if self.env.user {
                     // CPL 3: #GP(0) unless IOPL is 3, which the interpreter checks.
@@ -2111,6 +2130,7 @@ fn regs_named(u: &Uop) -> u16 {
     match u {
         Uop::Generic | Uop::Nop | Uop::Jcc { .. } | Uop::Jmp { .. } | Uop::Cli => 0,
         Uop::BitI { s: x, .. } => s(x),
+        Uop::CmpxchgM { m: mm, s: x, .. } => r(0) | r(*x) | m(mm),
         Uop::Sse(x) => match x {
             Sse::Mov { s: Xs::M(mm), .. }
             | Sse::LoadZ { s: Xs::M(mm), .. }
