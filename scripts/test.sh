@@ -13,3 +13,6 @@ cargo test --workspace
 # The emulator's differential tests again with every 64-bit block compiled (the translation
 # tier must match the hardware exactly as the interpreter does).
 RUSTVISOR_EMU_TIER=jit cargo test -p x86emu --test differential --test differential_v2 --test smp --test jit
+# And with every 64-bit block given baseline code only (the template tier that runs warm
+# blocks before Cranelift compiles them).
+RUSTVISOR_EMU_TIER=base cargo test -p x86emu --test differential --test differential_v2 --test smp --test jit

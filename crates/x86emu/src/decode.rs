@@ -53,6 +53,9 @@ pub(crate) struct JitSlot {
     pub(crate) born: u32,
     /// The block's compiled form.
     pub(crate) code: Compiled,
+    /// The block's baseline code (`crate::jit::baseline`), if any: valid while its epoch
+    /// is the vCPU's baseline epoch, for the privilege it was compiled for (true: CPL 3).
+    pub(crate) base: Option<(crate::jit::BaseFn, u32, bool)>,
 }
 
 /// The entry of a compiled block: a function `(cpu, ctx) -> exit code` in Cranelift's
@@ -288,7 +291,7 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, base: usize) -> S
             page,
             bits,
             ops: ops.clone(),
-            jit: JitSlot { hits: 0, born: 0, code: Compiled::None },
+            jit: JitSlot { hits: 0, born: 0, code: Compiled::None, base: None },
         });
     }
     Ok(BlockRef { ops, page, gen, slot: idx, gpa })

@@ -173,8 +173,11 @@ fn jit_step(
     if !cpu.in_64bit_mode() || cpu.interrupt_shadow {
         return (JitStep::Interpret(0), n);
     }
-    let Some((f, len)) = crate::jit::lookup(cpu, ops, at, want.take()) else {
+    let Some(code) = crate::jit::lookup(cpu, ops, at, want.take()) else {
         return (JitStep::Interpret(0), n);
+    };
+    let len = match code {
+        crate::jit::Code::Opt(_, len) | crate::jit::Code::Base(_, len) => len,
     };
     if chunk - n < u64::from(len) {
         if soft_end && n > 0 {
@@ -188,7 +191,13 @@ fn jit_step(
     if fp {
         crate::jit::discard_fp_flags();
     }
-    let (k, fault, w) = crate::jit::enter(cpu, bus, f, chunk - n, at.page);
+    let (k, fault, w) = match code {
+        crate::jit::Code::Opt(f, _) => crate::jit::enter(cpu, bus, f, chunk - n, at.page),
+        crate::jit::Code::Base(f, _) => {
+            let (k, fault) = crate::jit::enter_base(cpu, bus, f);
+            (k, fault, None)
+        }
+    };
     if fp {
         crate::jit::collect_fp_flags(cpu);
     }

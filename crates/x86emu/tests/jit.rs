@@ -1,6 +1,9 @@
 //! The translation tier (`x86emu::jit`): compiled blocks against the interpreter on
 //! self-modifying code, faults in the middle of a block, interrupts during a long compiled
 //! loop, the code-memory bound, and hostile random code.
+//!
+//! The compiled tier under test is Cranelift's ([`compiled_tier()`]), or the baseline tier's
+//! with `RUSTVISOR_EMU_TIER=base` (scripts/test.sh runs this file both ways).
 
 use iced_x86::code_asm::*;
 use x86emu::cpu::ctl;
@@ -15,6 +18,25 @@ const HANDLERS: u64 = 0x6000;
 const STACK: u64 = 0x9000;
 /// Not mapped (PDPT entry 1 is empty).
 const UNMAPPED: u64 = 0x4000_0000;
+
+/// The compiled tier under test (see the module docs).
+fn compiled_tier() -> Tier {
+    match std::env::var("RUSTVISOR_EMU_TIER").as_deref() {
+        Ok("base") => Tier::Base,
+        _ => Tier::Jit,
+    }
+}
+
+/// Blocks compiled by the tier under test.
+fn blocks_compiled(s: &x86emu::jit::JitStats) -> u64 {
+    s.compiled + s.base_compiled
+}
+
+/// Whether the tier under test runs blocks one after another without the run loop
+/// (Cranelift's links and jump-cache probe; the baseline tier returns after every block).
+fn chains() -> bool {
+    compiled_tier() == Tier::Jit
+}
 
 /// A bus whose interrupt line rises after `after` looks at it.
 struct IrqBus {
@@ -133,7 +155,7 @@ fn asm(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
 /// Runs `code` in both tiers; asserts the same exit and state, and that compiled code ran.
 fn both(code: &[u8], max: u64) -> (Machine, Machine) {
     let mut i = Machine::new(code, Tier::Interp);
-    let mut j = Machine::new(code, Tier::Jit);
+    let mut j = Machine::new(code, compiled_tier());
     let ei = i.run(&mut never(), max);
     let ej = j.run(&mut never(), max);
     assert_eq!(ei, ej, "exit");
@@ -256,7 +278,7 @@ fn interrupt_arrives_during_a_long_compiled_loop() {
         a.cmp(rax, rbx)?;
         a.jne(top)
     });
-    let mut m = Machine::new(&code, Tier::Jit);
+    let mut m = Machine::new(&code, compiled_tier());
     m.cpu.rflags = 0x202;
     m.cpu.gpr[3] = u64::MAX;
     let mut bus = IrqBus { looks: 0, after: 50, vector: 0x40 };
@@ -281,7 +303,7 @@ fn budget_stays_exact_with_compiled_blocks() {
         a.add(rcx, 3)?;
         a.jmp(top)
     });
-    let mut m = Machine::new(&code, Tier::Jit);
+    let mut m = Machine::new(&code, compiled_tier());
     for budget in [1u64, 2, 3, 5, 4095, 4096, 4097, 100_003] {
         let before = m.cpu.stats.instructions;
         assert_eq!(m.cpu.run(&mut never(), budget), Exit::Budget);
@@ -313,7 +335,7 @@ fn compiled_blocks_run_compiled_across_the_run_loops_chunks() {
         }
         a.jmp(top)
     });
-    let mut m = Machine::new(&code, Tier::Jit);
+    let mut m = Machine::new(&code, compiled_tier());
     let budget = 100_003;
     assert_eq!(m.cpu.run(&mut never(), budget), Exit::Budget);
     assert_eq!(m.cpu.stats.instructions, budget);
@@ -343,13 +365,13 @@ fn code_memory_stays_bounded_under_endless_rewriting() {
     a.hlt().unwrap();
     let code = a.assemble(CODE).unwrap();
     let mut i = Machine::new(&code, Tier::Interp);
-    let mut j = Machine::new(&code, Tier::Jit);
+    let mut j = Machine::new(&code, compiled_tier());
     j.cpu.set_jit_code_limit(16 << 10);
     assert_eq!(i.run(&mut never(), 1_000_000), Exit::HaltedForever);
     assert_eq!(j.run(&mut never(), 1_000_000), Exit::HaltedForever);
     assert_eq!(i.state(), j.state());
     let s = j.cpu.jit_stats();
-    assert!(s.compiled >= 3000 && s.flushes > 10, "{s:?}");
+    assert!(blocks_compiled(s) >= 3000 && s.flushes > 10, "{s:?}");
 }
 
 /// A random instruction: mostly fast forms over registers that point into the code and
@@ -392,7 +414,7 @@ fn hostile_random_code_in_the_jit_tier() {
             random_insn(&mut seed, &mut code);
         }
         let mut i = Machine::new(&code, Tier::Interp);
-        let mut j = Machine::new(&code, Tier::Jit);
+        let mut j = Machine::new(&code, compiled_tier());
         for m in [&mut i, &mut j] {
             for (k, g) in m.cpu.gpr.iter_mut().enumerate() {
                 *g = if k == 4 { STACK } else { CODE + (k as u64 * 0x123) % 0x1000 };
@@ -405,7 +427,7 @@ fn hostile_random_code_in_the_jit_tier() {
         let ej = j.run(&mut never(), 20_000);
         interp_time += (t1 - t0).as_secs_f64();
         jit_time += t1.elapsed().as_secs_f64();
-        compiled += j.cpu.jit_stats().compiled;
+        compiled += blocks_compiled(j.cpu.jit_stats());
         assert_eq!(ei, ej, "case {case}: exit");
         assert_eq!(i.state(), j.state(), "case {case}: state");
         assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions, "case {case}");
@@ -638,7 +660,7 @@ fn sse_arithmetic_compiled_inline_agrees_with_the_interpreter() {
         }
         m
     };
-    let (mut i, mut j) = (machine(Tier::Interp), machine(Tier::Jit));
+    let (mut i, mut j) = (machine(Tier::Interp), machine(compiled_tier()));
     let ei = i.run(&mut never(), 10_000_000);
     let ej = j.run(&mut never(), 10_000_000);
     assert_eq!(ei, Exit::HaltedForever);
@@ -673,7 +695,7 @@ fn mxcsr_flags_raised_by_compiled_code_are_the_guests_when_run_returns() {
         m.ram[0x20000..0x20008].copy_from_slice(&2.5f64.to_bits().to_le_bytes());
         m
     };
-    let (mut i, mut j) = (machine(Tier::Interp), machine(Tier::Jit));
+    let (mut i, mut j) = (machine(Tier::Interp), machine(compiled_tier()));
     assert_eq!(i.cpu.run(&mut never(), 5_000), Exit::Budget);
     assert_eq!(j.cpu.run(&mut never(), 5_000), Exit::Budget);
     assert_eq!((i.cpu.rip, i.cpu.fpu.xmm), (j.cpu.rip, j.cpu.fpu.xmm));
@@ -727,7 +749,7 @@ fn indirect_jumps_and_calls_run_compiled_and_fault_exactly() {
     });
     let (_, j) = both(&code, 5_000_000);
     assert_eq!(j.cpu.rip, HANDLERS + 16 * 13 + 1, "#GP delivered");
-    assert!(j.cpu.jit_stats().chained > 100_000, "{:?}", j.cpu.jit_stats());
+    assert!(!chains() || j.cpu.jit_stats().chained > 100_000, "{:?}", j.cpu.jit_stats());
 }
 
 #[test]
@@ -848,7 +870,7 @@ fn jump_cache_probe_follows_other_pages_only_while_their_translation_and_code_ho
         m
     };
     let mut i = setup(Tier::Interp);
-    let mut j = setup(Tier::Jit);
+    let mut j = setup(compiled_tier());
     for budget in [1u64, 9, 4097, 7777, 12_345, 100_000] {
         let (ei, ej) = (i.run(&mut never(), budget), j.run(&mut never(), budget));
         assert_eq!(ei, ej, "exit after a budget of {budget}");
@@ -857,7 +879,7 @@ fn jump_cache_probe_follows_other_pages_only_while_their_translation_and_code_ho
     }
     // Passes count down from N to 1; each change follows the call of its pass.
     assert_eq!(j.cpu.gpr[3], (q + 1) + 1000 * q + q + 7 * (q - 1), "{:?}", j.cpu.jit_stats());
-    assert!(j.cpu.jit_stats().chained > N, "{:?}", j.cpu.jit_stats());
+    assert!(!chains() || j.cpu.jit_stats().chained > N, "{:?}", j.cpu.jit_stats());
     assert_eq!((j.cpu.rip, j.cpu.cr2), (HANDLERS + 16 * 14 + 1, CALLEE), "#PF on fetching CALLEE");
 }
 

@@ -1,7 +1,10 @@
-//! The translation tier: hot 64-bit guest blocks compiled to host code with Cranelift.
+//! The translation tier: warm 64-bit guest blocks assembled from templates (`baseline`),
+//! hot ones compiled to host code with Cranelift.
 //!
 //! The interpreter (`crate::exec`) stays the reference and runs cold code and every mode
-//! but 64-bit. A decoded block (`crate::decode`) that has been fetched [`HOT`] times (tier
+//! but 64-bit. Tier [`Tier::Auto`] gives a block baseline code once it ran [`WARM`] times
+//! (assembled on the vCPU's thread in microseconds, see `baseline`) and Cranelift's code
+//! once it ran [`HOT`] times; what follows describes Cranelift's tier. A decoded block (`crate::decode`) that has been fetched [`HOT`] times (tier
 //! [`Tier::Auto`]; on first use with [`Tier::Jit`]) is compiled whole into one host function
 //! `fn(cpu: *mut Cpu, ctx: *mut JitCtx) -> u64` in Cranelift's `tail` convention
 //! (`translate`): its fast forms (`crate::uop`) become inline code, every other instruction
@@ -42,6 +45,7 @@
 //! every compiled entry retired (the epoch moves on), so a guest that rewrites code
 //! forever cannot grow host memory.
 
+mod baseline;
 mod codemem;
 mod translate;
 mod worker;
@@ -55,6 +59,8 @@ use cranelift_module::FuncId;
 use iced_x86::Instruction;
 use std::sync::OnceLock;
 
+pub(crate) use baseline::BaseFn;
+
 /// Which execution tier runs 64-bit guest code (`RUSTVISOR_EMU_TIER`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
@@ -62,18 +68,23 @@ pub enum Tier {
     Interp,
     /// Compile every 64-bit block on its first execution (for tests).
     Jit,
-    /// Compile blocks once they are hot ([`HOT`] executions).
+    /// Compile every 64-bit block on its first execution with the baseline tier only (for
+    /// tests).
+    Base,
+    /// Baseline code for blocks run [`WARM`] times, Cranelift's for blocks run [`HOT`]
+    /// times.
     Auto,
 }
 
 impl Tier {
     /// The tier named by `RUSTVISOR_EMU_TIER` (`interp`, `jit` or `auto`; read once per
-    /// process). Unset or anything else: [`Tier::Auto`].
+    /// process; `base` for [`Tier::Base`]). Unset or anything else: [`Tier::Auto`].
     pub fn from_env() -> Tier {
         static T: OnceLock<Tier> = OnceLock::new();
         *T.get_or_init(|| match std::env::var("RUSTVISOR_EMU_TIER").as_deref() {
             Ok("jit") => Tier::Jit,
             Ok("interp") => Tier::Interp,
+            Ok("base") => Tier::Base,
             _ => Tier::Auto,
         })
     }
@@ -81,6 +92,9 @@ impl Tier {
 
 /// Executions of a block after which tier [`Tier::Auto`] compiles it.
 pub const HOT: u32 = 1024;
+
+/// Executions of a block after which tier [`Tier::Auto`] gives it baseline code.
+pub const WARM: u32 = 16;
 
 /// Bytes of generated code a vCPU may hold before all of it is thrown away.
 pub const CODE_LIMIT: usize = 64 << 20;
@@ -102,6 +116,16 @@ pub struct JitStats {
     pub instructions: u64,
     /// Host time spent compiling, nanoseconds.
     pub compile_ns: u64,
+    /// Blocks given baseline code.
+    pub base_compiled: u64,
+    /// Bytes of baseline code generated (all epochs).
+    pub base_bytes: u64,
+    /// Entries into baseline code.
+    pub base_entries: u64,
+    /// Guest instructions retired in baseline code.
+    pub base_instructions: u64,
+    /// Host time spent assembling baseline code, nanoseconds.
+    pub base_ns: u64,
 }
 
 /// Per-vCPU JIT state: the Cranelift module holding this vCPU's code and reusable
@@ -125,6 +149,11 @@ pub(crate) struct Jit {
     jc: Box<[JcEntry]>,
     /// Tier Auto's compiler thread (started on the first hot block).
     worker: Option<worker::Worker>,
+    /// Baseline code (made on the first warm block; None after the host refused it).
+    base: Option<baseline::BaseCode>,
+    base_refused: bool,
+    /// Baseline code of an older epoch was thrown away.
+    pub(crate) base_epoch: u32,
     /// Code bytes allowed before the module is thrown away.
     limit: usize,
     pub(crate) stats: JitStats,
@@ -146,6 +175,9 @@ impl Jit {
             insns: Vec::new(),
             jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
             worker: None,
+            base: None,
+            base_refused: false,
+            base_epoch: 0,
             limit: CODE_LIMIT,
             stats: JitStats::default(),
             host_fp: false,
@@ -720,47 +752,107 @@ pub(crate) struct WantLink {
     user: bool,
 }
 
+/// Compiled code of a block, from one tier or the other.
+#[derive(Clone, Copy)]
+pub(crate) enum Code {
+    /// Cranelift's code (run by [`enter`]) and the block's length.
+    Opt(JitFn, u32),
+    /// Baseline code (run by [`enter_base`]) and the block's length.
+    Base(BaseFn, u32),
+}
+
 /// The compiled code for the block `ops` at `b` if it should run now: compiles it first when it is hot
 /// enough. `None`: interpret. The caller has checked that the block is in 64-bit mode.
 /// `want` is the link the previous compiled block asked for: it is filled when `b` is its
 /// target.
 #[inline]
-pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLink>) -> Option<(JitFn, u32)> {
+pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLink>) -> Option<Code> {
     let (epoch, user, tier) = (cpu.jit.epoch, cpu.cur_user, cpu.jit.tier);
     let now = cpu.stats.instructions;
     let s = cpu.dcache.jit_slot(b.slot)?;
-    let (f, len) = match s.code {
+    let hits = match s.code {
         Compiled::Code { f, len, epoch: e, user: u } if e == epoch => {
             if u != user {
                 // Compiled for the other privilege (rare): interpret rather than compile
                 // again on every switch.
                 return None;
             }
-            (f, len)
+            let ip = ops.first().map_or(0, |o| o.ip);
+            jc_fill(&mut cpu.jit, ip, &b, Compiled::Code { f, len, epoch, user });
+            if let Some(w) = want {
+                if w.epoch == cpu.jit.epoch && w.rip == ip && w.page == b.page && w.gen == b.gen && w.user == user {
+                    // SAFETY: `w.link` points into a link table of the current epoch
+                    // (checked), which lives until the module is freed; no reference to it
+                    // exists.
+                    unsafe { *w.link = Link { f: Some(f), len: u64::from(len) } };
+                }
+            }
+            return Some(Code::Opt(f, len));
         }
-        Compiled::Never => return None,
-        Compiled::Pending { epoch: e } if e == epoch => return None,
+        Compiled::Never => HOT,
+        Compiled::Pending { epoch: e } if e == epoch => HOT,
         _ => {
             if s.hits == 0 {
                 s.born = stamp(now);
             }
             s.hits = s.hits.saturating_add(1);
-            if tier == Tier::Auto && s.hits < HOT {
-                return None;
+            if (tier == Tier::Jit || (tier == Tier::Auto && s.hits >= HOT)) && compile(cpu, ops, b).is_some() {
+                return lookup(cpu, ops, b, want);
             }
-            compile(cpu, ops, b)?
+            cpu.dcache.jit_slot(b.slot)?.hits
         }
     };
-    let ip = ops.first().map_or(0, |o| o.ip);
-    jc_fill(&mut cpu.jit, ip, &b, Compiled::Code { f, len, epoch, user });
-    if let Some(w) = want {
-        if w.epoch == cpu.jit.epoch && w.rip == ip && w.page == b.page && w.gen == b.gen && w.user == user {
-            // SAFETY: `w.link` points into a link table of the current epoch (checked),
-            // which lives until the module is freed; no reference to it exists.
-            unsafe { *w.link = Link { f: Some(f), len: u64::from(len) } };
+    // Not (yet) Cranelift's: baseline code where it is warm.
+    if !matches!(tier, Tier::Base | Tier::Auto) {
+        return None;
+    }
+    let s = cpu.dcache.jit_slot(b.slot)?;
+    if let Some((f, e, u)) = s.base {
+        if e == cpu.jit.base_epoch && u == user {
+            return Some(Code::Base(f, u32::try_from(ops.len()).ok()?));
         }
     }
-    Some((f, len))
+    if tier == Tier::Auto && hits < WARM {
+        return None;
+    }
+    compile_base(cpu, ops, b)
+}
+
+/// Gives the block `ops` at `b` baseline code (on the vCPU's thread: microseconds).
+#[cold]
+fn compile_base(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<Code> {
+    let len = u32::try_from(ops.len()).ok().filter(|&l| l > 0)?;
+    if cpu.jit.base_refused {
+        return None;
+    }
+    let user = cpu.cur_user;
+    let gen_ptr = cpu.mmu.shared.gen_ptr(b.page) as u64;
+    let t0 = std::time::Instant::now();
+    let jit = &mut cpu.jit;
+    if jit.base.is_none() {
+        jit.base = baseline::BaseCode::new();
+        jit.base_refused = jit.base.is_none();
+    }
+    let base = jit.base.as_mut()?;
+    // Room for the largest block (tens of KiB) is always left: past that, everything goes.
+    if base.used() + (256 << 10) > jit.limit.min(baseline::BASE_LIMIT) {
+        base.clear();
+        jit.base_epoch = jit.base_epoch.wrapping_add(1);
+        jit.stats.flushes += 1;
+    }
+    let r = base.compile(ops, user, gen_ptr, b.gen);
+    let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    jit.stats.base_ns += ns;
+    let (f, bytes) = r?;
+    jit.stats.base_compiled += 1;
+    jit.stats.base_bytes += bytes as u64;
+    let rip = ops.first().map_or(0, |o| o.ip);
+    perf_map_note(f.0.as_ptr(), bytes, format_args!("rv-emu base {rip:#x}"));
+    let epoch = jit.base_epoch;
+    if let Some(s) = cpu.dcache.jit_slot(b.slot) {
+        s.base = Some((f, epoch, user));
+    }
+    Some(Code::Base(f, len))
 }
 
 /// A [`crate::decode::JitSlot::born`] stamp: retired instructions / 1024, wrapping.
@@ -996,6 +1088,55 @@ pub(crate) fn enter(
     }
 }
 
+/// Runs baseline code `f` of the block at the current RIP (which fits in what is left of
+/// the chunk). Returns the instructions retired (the faulting one included) and the fault
+/// to raise or the exit to take, if any; RIP, registers and flags are those after the last
+/// instruction retired, or of the faulting instruction.
+#[inline]
+pub(crate) fn enter_base(cpu: &mut Cpu, bus: &mut dyn Bus, f: BaseFn) -> (u64, Option<Stop>) {
+    let mut bus_ref: &mut dyn Bus = bus;
+    let mut ctx = JitCtx {
+        tlb: cpu.mmu.tlb_ptr() as *const u8,
+        faulted: 0,
+        left: 0,
+        link: std::ptr::null_mut(),
+        retired: 0,
+        chained: 0,
+        bus: &mut bus_ref as *mut &mut dyn Bus as *mut u8,
+        fault: None,
+        exit: None,
+        jc: cpu.jit.jc.as_ptr(),
+        gens: cpu.mmu.shared.gen_ptr(0).cast(),
+        epoch: u64::from(cpu.jit.epoch),
+        user: u64::from(cpu.cur_user),
+        link_page: 0,
+        link_gen: 0,
+    };
+    cpu.interrupt_shadow = false;
+    cpu.jit.stats.base_entries += 1;
+    // SAFETY: `f` is baseline code of this vCPU's current baseline epoch (checked by
+    // `lookup`), so its memory is live and holds a function of exactly this signature
+    // (`baseline`'s prologue and epilogue follow the System V ABI). It accesses the Cpu
+    // only at the offsets `baseline` took, guest RAM through TLB entries valid for this
+    // vCPU, and calls only the helpers above with these same pointers. No Rust reference
+    // to `cpu` or `ctx` is used while it runs.
+    let r = unsafe {
+        let code =
+            std::mem::transmute::<*const u8, unsafe extern "sysv64" fn(*mut Cpu, *mut JitCtx) -> u64>(f.0.as_ptr());
+        code(cpu as *mut Cpu, &mut ctx as *mut JitCtx)
+    };
+    let n = r & 0xffff_ffff;
+    cpu.jit.stats.base_instructions += n;
+    cpu.jit.stats.instructions += n;
+    let stop = match r >> 32 {
+        EXIT_NORMAL | EXIT_YIELD => None,
+        EXIT_GP => Some(Stop::Fault(Fault::GeneralProtection(0))),
+        EXIT_STOP => Some(Stop::Exit(ctx.exit.take().unwrap_or(Exit::Unsupported("baseline block stopped".into())))),
+        _ => Some(Stop::Fault(ctx.fault.unwrap_or(Fault::GeneralProtection(0)))),
+    };
+    (n, stop)
+}
+
 impl Cpu {
     /// Selects the execution tier of this vCPU (the default comes from
     /// `RUSTVISOR_EMU_TIER`, see [`Tier::from_env`]).
@@ -1009,7 +1150,8 @@ impl Cpu {
     }
 
     /// Bytes of generated code this vCPU may hold before all of it is thrown away and
-    /// recompiled on demand (default and most [`CODE_LIMIT`], 64 MiB).
+    /// recompiled on demand (default and most [`CODE_LIMIT`], 64 MiB; the baseline tier's
+    /// code is bounded by the smaller of this and its own 32 MiB).
     pub fn set_jit_code_limit(&mut self, bytes: usize) {
         self.jit.limit = bytes.min(CODE_LIMIT);
     }
