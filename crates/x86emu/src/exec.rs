@@ -191,13 +191,7 @@ fn jit_step(
     if fp {
         crate::jit::discard_fp_flags();
     }
-    let (k, fault, w) = match code {
-        crate::jit::Code::Opt(f, _) => crate::jit::enter(cpu, bus, f, chunk - n, at.page),
-        crate::jit::Code::Base(f, _) => {
-            let (k, fault) = crate::jit::enter_base(cpu, bus, f);
-            (k, fault, None)
-        }
-    };
+    let (k, fault, w) = crate::jit::enter(cpu, bus, code, chunk - n, at.page);
     if fp {
         crate::jit::collect_fp_flags(cpu);
     }

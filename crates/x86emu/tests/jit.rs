@@ -593,6 +593,40 @@ fn auto_tier_compiles_in_the_background_and_agrees_with_the_interpreter() {
 }
 
 #[test]
+fn warm_blocks_get_baseline_code_chain_and_still_become_hot() {
+    // Two blocks that only ever run one after another: once warm they get baseline code
+    // and follow each other through the baseline jump cache without the run loop, yet
+    // their runs are still counted, so they reach Cranelift.
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        let mut mid = a.create_label();
+        a.mov(r8, 200_000u64)?;
+        a.set_label(&mut top)?;
+        a.add(rax, r8)?;
+        a.xor(rbx, rax)?;
+        a.rol(rbx, 3)?;
+        a.jmp(mid)?;
+        a.set_label(&mut mid)?;
+        a.dec(r8)?;
+        a.jne(top)?;
+        a.cli()?;
+        a.hlt()
+    });
+    let mut i = Machine::new(&code, Tier::Interp);
+    let mut j = Machine::new(&code, Tier::Auto);
+    let ei = i.run(&mut never(), 10_000_000);
+    let ej = j.run(&mut never(), 10_000_000);
+    assert_eq!(ei, Exit::HaltedForever);
+    assert_eq!(ei, ej, "exit");
+    assert_eq!(i.state(), j.state(), "state (gpr, rip, rflags, cr2, memory)");
+    assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions, "instructions retired");
+    let s = j.cpu.jit_stats();
+    assert!(s.base_compiled >= 2 && s.base_instructions > 1_000, "warm blocks ran baseline code: {s:?}");
+    assert!(s.base_entries < 200, "baseline blocks ran one after another: {s:?}");
+    assert!(s.compiled >= 2, "blocks that ran only chained became hot: {s:?}");
+}
+
+#[test]
 fn sse_arithmetic_compiled_inline_agrees_with_the_interpreter() {
     // A loop of the scalar and packed SSE2 forms compiled inline (moves, ADD/SUB/MUL/DIV/
     // SQRT, UCOMISD into a branch, CVTSI2SD, MOVQ to and from GPRs, PXOR/PADDQ), with a NaN

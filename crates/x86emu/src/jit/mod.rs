@@ -154,6 +154,8 @@ pub(crate) struct Jit {
     base_refused: bool,
     /// Baseline code of an older epoch was thrown away.
     pub(crate) base_epoch: u32,
+    /// The baseline tier's jump cache (see [`BjcEntry`]).
+    bjc: Box<[BjcEntry]>,
     /// Code bytes allowed before the module is thrown away.
     limit: usize,
     pub(crate) stats: JitStats,
@@ -178,6 +180,7 @@ impl Jit {
             base: None,
             base_refused: false,
             base_epoch: 0,
+            bjc: vec![BJC_EMPTY; JC_SIZE].into_boxed_slice(),
             limit: CODE_LIMIT,
             stats: JitStats::default(),
             host_fp: false,
@@ -711,7 +714,73 @@ fn jc_index(rip: u64) -> usize {
 fn jc_fill(jit: &mut Jit, rip: u64, b: &BlockAt, code: Compiled) {
     if let (Compiled::Code { f, len, epoch, user }, Some(e)) = (code, jit.jc.get_mut(jc_index(rip))) {
         *e = JcEntry { rip, gpa: b.gpa, f: Some(f), page: b.page, gen: b.gen, len, epoch, user };
+        // The block's baseline code is not chained to any more: Cranelift's runs.
+        if let Some(be) = jit.bjc.get_mut(jc_index(rip)).filter(|be| be.rip == rip) {
+            be.f = None;
+        }
     }
+}
+
+/// A baseline jump-cache entry: the block with baseline code last run at linear `rip`,
+/// followed by [`enter_base`] from the block before it (as [`JcEntry`], plus the block's
+/// decode-cache slot and the runs counted since its hits were last updated).
+#[derive(Clone, Copy)]
+struct BjcEntry {
+    rip: u64,
+    gpa: u64,
+    f: Option<BaseFn>,
+    page: usize,
+    slot: usize,
+    gen: u32,
+    len: u32,
+    epoch: u32,
+    user: bool,
+    runs: u32,
+}
+
+const BJC_EMPTY: BjcEntry =
+    BjcEntry { rip: 0, gpa: 0, f: None, page: 0, slot: 0, gen: 0, len: 0, epoch: 0, user: false, runs: 0 };
+
+/// Runs counted in a [`BjcEntry`] before they are added to the block's hits.
+const BJC_BATCH: u32 = 64;
+
+/// The baseline block to run next at `cpu.rip` from the baseline jump cache, if it is
+/// valid, fits in `room` instructions and is not due for Cranelift: its code, length and
+/// RAM page (see [`jc_next`] for `la_page` and `page`). Every [`BJC_BATCH`] runs the block's
+/// hits in the decode cache grow by as much, so that blocks that run only chained still
+/// become hot; a block due for Cranelift goes back to the run loop, which compiles it.
+#[inline]
+fn bjc_next(cpu: &mut Cpu, room: u64, la_page: u64, page: usize) -> Option<(BaseFn, u32, usize)> {
+    let rip = cpu.rip;
+    let e = *cpu.jit.bjc.get(jc_index(rip))?;
+    let f = e.f?;
+    if e.rip != rip || e.epoch != cpu.jit.base_epoch || e.user != cpu.cur_user || u64::from(e.len) > room {
+        return None;
+    }
+    if rip & !0xfff != la_page || e.page != page {
+        let gpa = cpu.translate(rip, crate::mmu::Access::Exec, e.user).ok()?;
+        if gpa != e.gpa {
+            return None;
+        }
+    }
+    if cpu.mmu.shared.gen(e.page) != e.gen {
+        return None;
+    }
+    let runs = e.runs + 1;
+    if runs >= BJC_BATCH {
+        let auto = cpu.jit.tier == Tier::Auto;
+        if let Some(be) = cpu.jit.bjc.get_mut(jc_index(rip)) {
+            be.runs = 0;
+        }
+        let s = cpu.dcache.jit_slot_of(e.slot, e.gpa, rip, e.gen)?;
+        s.hits = s.hits.saturating_add(BJC_BATCH);
+        if auto && s.hits >= HOT && !matches!(s.code, Compiled::Never | Compiled::Pending { .. }) {
+            return None;
+        }
+    } else if let Some(be) = cpu.jit.bjc.get_mut(jc_index(rip)) {
+        be.runs = runs;
+    }
+    Some((f, e.len, e.page))
 }
 
 /// The compiled block to run next at `cpu.rip` from the jump cache, if it is valid and
@@ -809,7 +878,9 @@ pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLin
     let s = cpu.dcache.jit_slot(b.slot)?;
     if let Some((f, e, u)) = s.base {
         if e == cpu.jit.base_epoch && u == user {
-            return Some(Code::Base(f, u32::try_from(ops.len()).ok()?));
+            let len = u32::try_from(ops.len()).ok()?;
+            bjc_fill(&mut cpu.jit, ops, &b, f, len, user);
+            return Some(Code::Base(f, len));
         }
     }
     if tier == Tier::Auto && hits < WARM {
@@ -849,10 +920,26 @@ fn compile_base(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<Code> {
     let rip = ops.first().map_or(0, |o| o.ip);
     perf_map_note(f.0.as_ptr(), bytes, format_args!("rv-emu base {rip:#x}"));
     let epoch = jit.base_epoch;
+    bjc_fill(jit, ops, &b, f, len, user);
     if let Some(s) = cpu.dcache.jit_slot(b.slot) {
         s.base = Some((f, epoch, user));
     }
     Some(Code::Base(f, len))
+}
+
+/// Records baseline code `f` of the block `ops` (`len` instructions) at `b` in the
+/// baseline jump cache, for the current epoch and privilege.
+fn bjc_fill(jit: &mut Jit, ops: &[Op], b: &BlockAt, f: BaseFn, len: u32, user: bool) {
+    let rip = ops.first().map_or(0, |o| o.ip);
+    let epoch = jit.base_epoch;
+    if let Some(e) = jit.bjc.get_mut(jc_index(rip)) {
+        if e.rip == rip && e.f == Some(f) && e.epoch == epoch && e.user == user && e.gen == b.gen {
+            // Keep the runs counted.
+            return;
+        }
+        *e =
+            BjcEntry { rip, gpa: b.gpa, f: Some(f), page: b.page, slot: b.slot, gen: b.gen, len, epoch, user, runs: 0 };
+    }
 }
 
 /// A [`crate::decode::JitSlot::born`] stamp: retired instructions / 1024, wrapping.
@@ -975,8 +1062,10 @@ fn poll_done(cpu: &mut Cpu) {
     }
 }
 
-/// Runs compiled block `f` (of the block at RAM page `page`), and the compiled blocks it
-/// leads to through links and the jump cache while they fit in `left` instructions (>= the
+/// Runs compiled block `code` (of the block at RAM page `page`; Cranelift's or baseline
+/// code), and the compiled blocks it leads to through links and the jump caches of both
+/// tiers (a block ended normally goes on in the next block's Cranelift code, else in its
+/// baseline code: [`chain_next`]) while they fit in `left` instructions (>= the
 /// block's length) and their pages keep their generations. Returns the instructions retired (the
 /// faulting one included), the fault to raise or the exit to take, if any, and the link
 /// the last block's exit asks to be filled; RIP, registers and flags are those after the
@@ -985,7 +1074,7 @@ fn poll_done(cpu: &mut Cpu) {
 pub(crate) fn enter(
     cpu: &mut Cpu,
     bus: &mut dyn Bus,
-    f: JitFn,
+    code: Code,
     left: u64,
     page: usize,
 ) -> (u64, Option<Stop>, Option<WantLink>) {
@@ -1012,14 +1101,45 @@ pub(crate) fn enter(
         link_gen: 0,
     };
     cpu.interrupt_shadow = false;
-    let (mut f, mut page) = (f, page);
+    let (mut cur, mut page) = (code, page);
     let mut la_page = cpu.rip & !0xfff;
     let mut total = 0u64;
-    cpu.jit.stats.entries += 1;
+    match code {
+        Code::Opt(..) => cpu.jit.stats.entries += 1,
+        Code::Base(..) => cpu.jit.stats.base_entries += 1,
+    }
     loop {
         ctx.left = left - total;
         ctx.retired = 0;
         ctx.chained = 0;
+        let f = match cur {
+            Code::Opt(f, _) => f,
+            Code::Base(f, _) => {
+                let r = run_base(cpu, &mut ctx, f);
+                let n = r & 0xffff_ffff;
+                cpu.jit.stats.base_instructions += n;
+                cpu.jit.stats.instructions += n;
+                total += n;
+                match r >> 32 {
+                    EXIT_NORMAL => match chain_next(cpu, left - total, la_page, page) {
+                        Some((c, p)) => {
+                            (cur, page) = (c, p);
+                            la_page = cpu.rip & !0xfff;
+                            cpu.jit.stats.chained += 1;
+                            continue;
+                        }
+                        None => return (total, None, None),
+                    },
+                    EXIT_YIELD => return (total, None, None),
+                    EXIT_GP => return (total, Some(Stop::Fault(Fault::GeneralProtection(0))), None),
+                    EXIT_STOP => {
+                        let e = ctx.exit.take().unwrap_or(Exit::Unsupported("baseline block stopped".into()));
+                        return (total, Some(Stop::Exit(e)), None);
+                    }
+                    _ => return (total, Some(Stop::Fault(ctx.fault.unwrap_or(Fault::GeneralProtection(0)))), None),
+                }
+            }
+        };
         // SAFETY: `f` was compiled by this vCPU's module in the current epoch (checked by
         // `lookup`, or a link of this epoch), so its code is live, in the `tail` convention
         // the trampoline calls; it accesses the Cpu only through the fields whose offsets
@@ -1034,9 +1154,9 @@ pub(crate) fn enter(
         cpu.jit.stats.instructions += n;
         total += n;
         let fault = match r >> 32 {
-            EXIT_NORMAL => match jc_next(cpu, left - total, la_page, page) {
-                Some((nf, _, p, _)) => {
-                    (f, page) = (nf, p);
+            EXIT_NORMAL => match chain_next(cpu, left - total, la_page, page) {
+                Some((c, p)) => {
+                    (cur, page) = (c, p);
                     la_page = cpu.rip & !0xfff;
                     cpu.jit.stats.chained += 1;
                     continue;
@@ -1062,12 +1182,20 @@ pub(crate) fn enter(
                     Some((nf, nlen, p, g)) if p == lp && g == lg => {
                         // SAFETY: as above; no reference to the link exists.
                         unsafe { *l = Link { f: Some(nf), len: u64::from(nlen) } };
-                        (f, page) = (nf, p);
+                        (cur, page) = (Code::Opt(nf, nlen), p);
                         la_page = cpu.rip & !0xfff;
                         cpu.jit.stats.chained += 1;
                         continue;
                     }
                     _ => {
+                        // The target has no Cranelift code yet: its baseline code, if it
+                        // has some (the link is filled on a later exit, once it has).
+                        if let Some((bf, blen, p)) = bjc_next(cpu, left - total, la_page, page) {
+                            (cur, page) = (Code::Base(bf, blen), p);
+                            la_page = cpu.rip & !0xfff;
+                            cpu.jit.stats.chained += 1;
+                            continue;
+                        }
                         let w = WantLink {
                             link: l,
                             epoch: cpu.jit.epoch,
@@ -1088,53 +1216,32 @@ pub(crate) fn enter(
     }
 }
 
-/// Runs baseline code `f` of the block at the current RIP (which fits in what is left of
-/// the chunk). Returns the instructions retired (the faulting one included) and the fault
-/// to raise or the exit to take, if any; RIP, registers and flags are those after the last
-/// instruction retired, or of the faulting instruction.
+/// Runs baseline code `f` of the block at the current RIP once: its exit word.
 #[inline]
-pub(crate) fn enter_base(cpu: &mut Cpu, bus: &mut dyn Bus, f: BaseFn) -> (u64, Option<Stop>) {
-    let mut bus_ref: &mut dyn Bus = bus;
-    let mut ctx = JitCtx {
-        tlb: cpu.mmu.tlb_ptr() as *const u8,
-        faulted: 0,
-        left: 0,
-        link: std::ptr::null_mut(),
-        retired: 0,
-        chained: 0,
-        bus: &mut bus_ref as *mut &mut dyn Bus as *mut u8,
-        fault: None,
-        exit: None,
-        jc: cpu.jit.jc.as_ptr(),
-        gens: cpu.mmu.shared.gen_ptr(0).cast(),
-        epoch: u64::from(cpu.jit.epoch),
-        user: u64::from(cpu.cur_user),
-        link_page: 0,
-        link_gen: 0,
-    };
-    cpu.interrupt_shadow = false;
-    cpu.jit.stats.base_entries += 1;
+fn run_base(cpu: &mut Cpu, ctx: &mut JitCtx, f: BaseFn) -> u64 {
     // SAFETY: `f` is baseline code of this vCPU's current baseline epoch (checked by
-    // `lookup`), so its memory is live and holds a function of exactly this signature
-    // (`baseline`'s prologue and epilogue follow the System V ABI). It accesses the Cpu
-    // only at the offsets `baseline` took, guest RAM through TLB entries valid for this
-    // vCPU, and calls only the helpers above with these same pointers. No Rust reference
-    // to `cpu` or `ctx` is used while it runs.
-    let r = unsafe {
+    // `lookup` or `bjc_next`), so its memory is live and holds a function of exactly this
+    // signature (`baseline`'s prologue and epilogue follow the System V ABI). It accesses
+    // the Cpu only at the offsets `baseline` took, guest RAM through TLB entries valid for
+    // this vCPU, and calls only the helpers above with these same pointers (`ctx` is
+    // `enter`'s). No Rust reference to `cpu` or `ctx` is used while it runs.
+    unsafe {
         let code =
             std::mem::transmute::<*const u8, unsafe extern "sysv64" fn(*mut Cpu, *mut JitCtx) -> u64>(f.0.as_ptr());
-        code(cpu as *mut Cpu, &mut ctx as *mut JitCtx)
-    };
-    let n = r & 0xffff_ffff;
-    cpu.jit.stats.base_instructions += n;
-    cpu.jit.stats.instructions += n;
-    let stop = match r >> 32 {
-        EXIT_NORMAL | EXIT_YIELD => None,
-        EXIT_GP => Some(Stop::Fault(Fault::GeneralProtection(0))),
-        EXIT_STOP => Some(Stop::Exit(ctx.exit.take().unwrap_or(Exit::Unsupported("baseline block stopped".into())))),
-        _ => Some(Stop::Fault(ctx.fault.unwrap_or(Fault::GeneralProtection(0)))),
-    };
-    (n, stop)
+        code(cpu as *mut Cpu, ctx as *mut JitCtx)
+    }
+}
+
+/// The compiled block to run next at `cpu.rip` after a block ended normally: Cranelift's
+/// from the jump cache, else baseline code from the baseline jump cache (see [`jc_next`],
+/// [`bjc_next`]); with its RAM page.
+#[inline]
+fn chain_next(cpu: &mut Cpu, room: u64, la_page: u64, page: usize) -> Option<(Code, usize)> {
+    if let Some((f, len, p, _)) = jc_next(cpu, room, la_page, page) {
+        return Some((Code::Opt(f, len), p));
+    }
+    let (f, len, p) = bjc_next(cpu, room, la_page, page)?;
+    Some((Code::Base(f, len), p))
 }
 
 impl Cpu {
