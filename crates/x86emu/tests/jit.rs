@@ -32,12 +32,6 @@ fn blocks_compiled(s: &x86emu::jit::JitStats) -> u64 {
     s.compiled + s.base_compiled
 }
 
-/// Whether the tier under test runs blocks one after another without the run loop
-/// (Cranelift's links and jump-cache probe; the baseline tier returns after every block).
-fn chains() -> bool {
-    compiled_tier() == Tier::Jit
-}
-
 /// A bus whose interrupt line rises after `after` looks at it.
 struct IrqBus {
     looks: u64,
@@ -595,12 +589,13 @@ fn auto_tier_compiles_in_the_background_and_agrees_with_the_interpreter() {
 #[test]
 fn warm_blocks_get_baseline_code_chain_and_still_become_hot() {
     // Two blocks that only ever run one after another: once warm they get baseline code
-    // and follow each other through the baseline jump cache without the run loop, yet
-    // their runs are still counted, so they reach Cranelift.
+    // and follow each other through the baseline probe without the run loop, yet their
+    // runs are still counted, so they reach Cranelift (whose compiler thread may be slow
+    // on a loaded host: the loop runs until both are compiled, at most a minute).
     let code = asm(|a| {
         let mut top = a.create_label();
         let mut mid = a.create_label();
-        a.mov(r8, 200_000u64)?;
+        a.mov(r8, u64::MAX)?;
         a.set_label(&mut top)?;
         a.add(rax, r8)?;
         a.xor(rbx, rax)?;
@@ -612,17 +607,20 @@ fn warm_blocks_get_baseline_code_chain_and_still_become_hot() {
         a.cli()?;
         a.hlt()
     });
-    let mut i = Machine::new(&code, Tier::Interp);
     let mut j = Machine::new(&code, Tier::Auto);
-    let ei = i.run(&mut never(), 10_000_000);
-    let ej = j.run(&mut never(), 10_000_000);
-    assert_eq!(ei, Exit::HaltedForever);
-    assert_eq!(ei, ej, "exit");
+    let t = std::time::Instant::now();
+    while j.cpu.jit_stats().compiled < 2 && t.elapsed().as_secs() < 60 {
+        assert_eq!(j.run(&mut never(), 1_000_000), Exit::Budget);
+    }
+    let n = j.cpu.stats.instructions;
+    let mut i = Machine::new(&code, Tier::Interp);
+    assert_eq!(i.run(&mut never(), n), Exit::Budget);
     assert_eq!(i.state(), j.state(), "state (gpr, rip, rflags, cr2, memory)");
-    assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions, "instructions retired");
+    assert_eq!(i.cpu.stats.instructions, n, "instructions retired");
     let s = j.cpu.jit_stats();
     assert!(s.base_compiled >= 2 && s.base_instructions > 1_000, "warm blocks ran baseline code: {s:?}");
-    assert!(s.base_entries < 200, "baseline blocks ran one after another: {s:?}");
+    // From the run loop at most once per chunk of 4,096 instructions (and while warming).
+    assert!(s.base_entries < n / 2_000 + 100, "baseline blocks ran one after another: {s:?}");
     assert!(s.compiled >= 2, "blocks that ran only chained became hot: {s:?}");
 }
 
@@ -783,7 +781,7 @@ fn indirect_jumps_and_calls_run_compiled_and_fault_exactly() {
     });
     let (_, j) = both(&code, 5_000_000);
     assert_eq!(j.cpu.rip, HANDLERS + 16 * 13 + 1, "#GP delivered");
-    assert!(!chains() || j.cpu.jit_stats().chained > 100_000, "{:?}", j.cpu.jit_stats());
+    assert!(j.cpu.jit_stats().chained > 100_000, "{:?}", j.cpu.jit_stats());
 }
 
 #[test]
@@ -913,7 +911,7 @@ fn jump_cache_probe_follows_other_pages_only_while_their_translation_and_code_ho
     }
     // Passes count down from N to 1; each change follows the call of its pass.
     assert_eq!(j.cpu.gpr[3], (q + 1) + 1000 * q + q + 7 * (q - 1), "{:?}", j.cpu.jit_stats());
-    assert!(!chains() || j.cpu.jit_stats().chained > N, "{:?}", j.cpu.jit_stats());
+    assert!(j.cpu.jit_stats().chained > N, "{:?}", j.cpu.jit_stats());
     assert_eq!((j.cpu.rip, j.cpu.cr2), (HANDLERS + 16 * 14 + 1, CALLEE), "#PF on fetching CALLEE");
 }
 

@@ -27,11 +27,11 @@
 //! address kept across a helper call; RAX, RCX, RDX, RSI, RDI, R8 scratch; one 8-byte
 //! stack slot at [RSP].
 
-use super::{codemem::DualMapped, JitCtx, EXIT_FAULT, EXIT_GP, EXIT_NORMAL, GEN_YIELD};
+use super::{bjc_layout, codemem::DualMapped, JitCtx, BJC_BATCH, EXIT_FAULT, EXIT_GP, EXIT_NORMAL, GEN_YIELD, JC_SIZE};
 use crate::alu::Op2;
 use crate::cpu::{flags, sreg, Cpu, Seg};
 use crate::decode::Op;
-use crate::mmu::{tlb_layout, GEN_CODE, P_RAM, P_READ, P_USER, P_WRITE, TLB_SIZE};
+use crate::mmu::{tlb_layout, GEN_CODE, P_EXEC, P_RAM, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
 use crate::uop::{MemOp, Src, Uop, HIGH8, NONE};
 use cranelift_jit::{JITMemoryKind, JITMemoryProvider};
 use dynasmrt::{dynasm, x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
@@ -57,6 +57,12 @@ pub(crate) struct BaseCode {
     used: usize,
     insns: Vec<Box<[Instruction]>>,
     asm: Option<VecAssembler<X64Relocation>>,
+    /// The baseline probe's code (see [`probe`]), copied to the start of the region.
+    probe_code: Vec<u8>,
+    /// Where the probe runs.
+    probe: u64,
+    /// Bytes of every block's prologue: where the probe enters a block.
+    body: usize,
 }
 
 impl BaseCode {
@@ -65,7 +71,30 @@ impl BaseCode {
     pub(crate) fn new() -> Option<BaseCode> {
         let mem = DualMapped::new(BASE_LIMIT).ok()?;
         let exec = mem.exec_offset();
-        Some(BaseCode { mem, exec, used: 0, insns: Vec::new(), asm: None })
+        let mut a = VecAssembler::<X64Relocation>::new(0);
+        prologue(&mut a);
+        let body = a.offset().0;
+        let mut a = VecAssembler::<X64Relocation>::new(0);
+        probe(&mut a, body);
+        let probe_code = a.finalize().ok()?;
+        let mut b = BaseCode { mem, exec, used: 0, insns: Vec::new(), asm: None, probe_code, probe: 0, body };
+        b.install_probe()?;
+        Some(b)
+    }
+
+    /// Copies the probe to the start of the (empty) region.
+    fn install_probe(&mut self) -> Option<()> {
+        let n = self.probe_code.len();
+        let at = self.mem.allocate(n, 16, JITMemoryKind::Executable).ok()?;
+        // SAFETY: `allocate` returned room for `n` bytes in the read-write view.
+        unsafe { std::ptr::copy_nonoverlapping(self.probe_code.as_ptr(), at, n) };
+        self.probe = at.expose_provenance().wrapping_add_signed(self.exec) as u64;
+        super::perf_map_note(
+            std::ptr::with_exposed_provenance::<u8>(self.probe as usize),
+            n,
+            format_args!("rv-emu base probe"),
+        );
+        Some(())
     }
 
     /// Forgets all code (the caller moved the baseline epoch on, so none runs again).
@@ -74,6 +103,8 @@ impl BaseCode {
         unsafe { self.mem.free_memory() };
         self.used = 0;
         self.insns.clear();
+        // Back at the start of the region, where it was: it cannot fail.
+        let _ = self.install_probe();
     }
 
     /// Bytes of code and instruction copies held.
@@ -86,12 +117,12 @@ impl BaseCode {
     /// when the region is full (the caller clears it) or nothing could be assembled.
     pub(crate) fn compile(&mut self, ops: &[Op], user: bool, gen_ptr: u64, gen: u32) -> Option<(BaseFn, usize)> {
         let insns: Box<[Instruction]> = ops.iter().map(|o| o.insn).collect();
-        let env = Env { user, gen_ptr, gen, insns: insns.as_ptr() as u64 };
+        let env = Env { user, gen_ptr, gen, insns: insns.as_ptr() as u64, probe: self.probe, body: self.body };
         let mut asm = self.asm.take().unwrap_or_else(|| VecAssembler::new(0));
         let code = {
             let mut e = Emit { a: &mut asm, env: &env, cold: Vec::new(), fault: vec![None; ops.len()], ret: None };
-            e.block(ops);
-            asm.take().ok()
+            let ok = e.block(ops);
+            asm.take().ok().filter(|_| ok)
         };
         self.asm = Some(asm);
         let code = code?;
@@ -114,6 +145,10 @@ struct Env {
     gen: u32,
     /// Address of the block's first `Instruction` copy.
     insns: u64,
+    /// Where the baseline probe runs.
+    probe: u64,
+    /// Bytes of the prologue (checked).
+    body: usize,
 }
 
 /// Code placed after the block's main path (rarely run).
@@ -206,35 +241,46 @@ impl Emit<'_> {
         at
     }
 
-    /// Stores RIP = `rip` and returns `word`.
+    /// Stores RIP = `rip` and returns `word`; a normal exit goes on through the probe.
     fn exit(&mut self, rip: u64, word: u64) {
-        let ret = self.ret_label();
-        let (to, word) = (rip.cast_signed(), word.cast_signed());
+        let to = rip.cast_signed();
         dynasm!(self.a
             ; .arch x64
             ; mov rax, QWORD to
             ; mov [rbx + off(RIP)], rax
-            ; mov rax, QWORD word
-            ; jmp =>ret
         );
+        self.leave(word);
     }
 
-    fn block(&mut self, ops: &[Op]) {
-        dynasm!(self.a
-            ; .arch x64
-            ; push rbp
-            ; mov rbp, rsp
-            ; push rbx
-            ; push r12
-            ; push r13
-            ; push r14
-            ; push r15
-            ; sub rsp, 8
-            ; mov rbx, rdi
-            ; mov r12, rsi
-            ; mov r13, [rsi + off(offset_of!(JitCtx, tlb))]
-            ; mov r14, [rbx + off(RFLAGS)]
-        );
+    /// Leaves the block (RIP stored): returns `word`, or for a normal exit adds its count
+    /// to `JitCtx::retired` and jumps to the probe, which goes on in the next block.
+    fn leave(&mut self, word: u64) {
+        if word >> 32 == EXIT_NORMAL {
+            let n = i32::try_from(word & 0xffff_ffff).unwrap_or(0);
+            let p = self.env.probe.cast_signed();
+            dynasm!(self.a
+                ; .arch x64
+                ; add QWORD [r12 + off(offset_of!(JitCtx, retired))], n
+                ; mov rax, QWORD p
+                ; jmp rax
+            );
+        } else {
+            let ret = self.ret_label();
+            let w = word.cast_signed();
+            dynasm!(self.a
+                ; .arch x64
+                ; mov rax, QWORD w
+                ; jmp =>ret
+            );
+        }
+    }
+
+    /// Emits the block; false if its prologue is not the probe's (never).
+    fn block(&mut self, ops: &[Op]) -> bool {
+        prologue(self.a);
+        if self.a.offset().0 != self.env.body {
+            return false;
+        }
         let mut ended = false;
         for (i, op) in ops.iter().enumerate() {
             if self.op(i, op, i + 1 == ops.len()) {
@@ -247,22 +293,12 @@ impl Emit<'_> {
             self.exit(last, ops.len() as u64);
         }
         let ret = self.ret_label();
-        dynasm!(self.a
-            ; .arch x64
-            ; =>ret
-            ; mov [rbx + off(RFLAGS)], r14
-            ; add rsp, 8
-            ; pop r15
-            ; pop r14
-            ; pop r13
-            ; pop r12
-            ; pop rbx
-            ; pop rbp
-            ; ret
-        );
+        dynasm!(self.a ; .arch x64 ; =>ret);
+        epilogue(self.a);
         for c in std::mem::take(&mut self.cold) {
             self.emit_cold(c);
         }
+        true
     }
 
     fn emit_cold(&mut self, c: Cold) {
@@ -847,16 +883,10 @@ impl Emit<'_> {
         );
     }
 
-    /// Exits with RIP = RAX, returning `word`.
+    /// Exits with RIP = RAX (as [`Self::exit`]).
     fn exit_to_rax(&mut self, word: u64) {
-        let ret = self.ret_label();
-        let w = word.cast_signed();
-        dynasm!(self.a
-            ; .arch x64
-            ; mov [rbx + off(RIP)], rax
-            ; mov rax, QWORD w
-            ; jmp =>ret
-        );
+        dynasm!(self.a ; .arch x64 ; mov [rbx + off(RIP)], rax);
+        self.leave(word);
     }
 
     /// Instruction `i` through `jit_generic` (registers are in the `Cpu` already; RFLAGS is
@@ -932,4 +962,127 @@ fn shift_ext(op: Op2) -> Option<u8> {
         Op2::Sar => 7,
         _ => return None,
     })
+}
+
+/// Every block's prologue: saves the callee-saved registers it uses, keeps RSP 16-byte
+/// aligned for helper calls, loads RBX = cpu, R12 = ctx, R13 = the TLB, R14 = RFLAGS.
+fn prologue(a: &mut VecAssembler<X64Relocation>) {
+    dynasm!(a
+        ; .arch x64
+        ; push rbp
+        ; mov rbp, rsp
+        ; push rbx
+        ; push r12
+        ; push r13
+        ; push r14
+        ; push r15
+        ; sub rsp, 8
+        ; mov rbx, rdi
+        ; mov r12, rsi
+        ; mov r13, [rsi + off(offset_of!(JitCtx, tlb))]
+        ; mov r14, [rbx + off(RFLAGS)]
+    );
+}
+
+/// Every block's epilogue (RAX = the exit word): stores RFLAGS and returns.
+fn epilogue(a: &mut VecAssembler<X64Relocation>) {
+    dynasm!(a
+        ; .arch x64
+        ; mov [rbx + off(RFLAGS)], r14
+        ; add rsp, 8
+        ; pop r15
+        ; pop r14
+        ; pop r13
+        ; pop r12
+        ; pop rbx
+        ; pop rbp
+        ; ret
+    );
+}
+
+/// The baseline probe (QEMU's `lookup_and_goto_ptr` for this tier), jumped to by a block's
+/// normal exits in the block's frame after they stored RIP and added their count to
+/// `JitCtx::retired`. It goes on in the baseline code that the baseline jump cache holds
+/// for RIP when `super::bjc_next` would without its batch of hits: the entry is RIP's,
+/// of the current baseline epoch and privilege, its length fits in what is left of
+/// `JitCtx::left`, RIP translates to its GPA through a TLB entry that allows execution (a
+/// miss returns), its page kept its generation, and fewer than `BJC_BATCH` runs were
+/// counted in it (the Rust side adds the batch to the block's hits). It enters the block
+/// after its prologue (`body` bytes), with the registers as they are. Otherwise it returns
+/// an exit word of 0 (`EXIT_NORMAL`, the count being in `JitCtx::retired`).
+fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
+    const _: () = assert!(P_USER == 1);
+    let miss = a.new_dynamic_label();
+    let bits = JC_SIZE.trailing_zeros();
+    let esz = off(bjc_layout::SIZE);
+    let tsz = off(tlb_layout::SIZE);
+    let tmask = off(TLB_SIZE - 1);
+    let ctx = |f: usize| off(f);
+    let fib = 0x9e37_79b9_7f4a_7c15_u64.cast_signed();
+    let body = off(body);
+    dynasm!(a
+        ; .arch x64
+        ; mov rsi, [rbx + off(RIP)]
+        // super::jc_index: Fibonacci hashing.
+        ; mov rax, QWORD fib
+        ; imul rax, rsi
+        ; shr rax, (64 - bits) as i8
+        ; imul eax, eax, esz
+        ; add rax, [r12 + ctx(offset_of!(JitCtx, bjc))]
+        ; cmp rsi, [rax + off(bjc_layout::RIP)]
+        ; jne =>miss
+        ; mov rdi, [rax + off(bjc_layout::F)]
+        ; test rdi, rdi
+        ; jz =>miss
+        ; mov ecx, [rax + off(bjc_layout::EPOCH)]
+        ; cmp rcx, [r12 + ctx(offset_of!(JitCtx, base_epoch))]
+        ; jne =>miss
+        ; movzx ecx, BYTE [rax + off(bjc_layout::USER)]
+        ; cmp rcx, [r12 + ctx(offset_of!(JitCtx, user))]
+        ; jne =>miss
+        ; mov ecx, [rax + off(bjc_layout::LEN)]
+        ; add rcx, [r12 + ctx(offset_of!(JitCtx, retired))]
+        ; cmp rcx, [r12 + ctx(offset_of!(JitCtx, left))]
+        ; ja =>miss
+        // RIP's TLB entry, as `Cpu::translate` hits it for an instruction fetch: the tag,
+        // P_EXEC (and P_USER, bit 0 like `JitCtx::user`, at CPL 3), the GPA.
+        ; mov rdx, rsi
+        ; shr rdx, 12
+        ; and edx, tmask
+        ; imul edx, edx, tsz
+        ; add rdx, r13
+        ; mov rcx, rsi
+        ; and rcx, -4096
+        ; or rcx, TLB_VALID as i32
+        ; cmp rcx, [rdx + off(tlb_layout::TAG)]
+        ; jne =>miss
+        ; movzx ecx, BYTE [rdx + off(tlb_layout::PERM)]
+        ; mov r8, [r12 + ctx(offset_of!(JitCtx, user))]
+        ; or r8d, i32::from(P_EXEC)
+        ; and ecx, r8d
+        ; cmp ecx, r8d
+        ; jne =>miss
+        ; mov rcx, rsi
+        ; and ecx, 0xfff
+        ; or rcx, [rdx + off(tlb_layout::GPA)]
+        ; cmp rcx, [rax + off(bjc_layout::GPA)]
+        ; jne =>miss
+        // The page's code generation (`SharedRam` keeps them in one array of u32).
+        ; mov rcx, [rax + off(bjc_layout::PAGE)]
+        ; mov rdx, [r12 + ctx(offset_of!(JitCtx, gens))]
+        ; mov ecx, [rdx + rcx * 4]
+        ; cmp ecx, [rax + off(bjc_layout::GEN)]
+        ; jne =>miss
+        ; mov ecx, [rax + off(bjc_layout::RUNS)]
+        ; inc ecx
+        ; cmp ecx, BJC_BATCH as i32
+        ; jae =>miss
+        ; mov [rax + off(bjc_layout::RUNS)], ecx
+        ; inc QWORD [r12 + ctx(offset_of!(JitCtx, chained))]
+        ; add rdi, body
+        ; jmp rdi
+        ; =>miss
+        ; xor eax, eax
+    );
+    epilogue(a);
 }

@@ -371,6 +371,10 @@ pub(crate) struct JitCtx {
     /// target must lie on that page, decoded at that generation, to be filled).
     pub(crate) link_page: u64,
     pub(crate) link_gen: u64,
+    /// The vCPU's baseline jump cache (`[BjcEntry; JC_SIZE]`), for the baseline probe.
+    pub(crate) bjc: *const u8,
+    /// The current baseline epoch, for the baseline probe.
+    pub(crate) base_epoch: u64,
 }
 
 /// Reads `size` bytes at linear `la` for generated code (TLB miss, MMIO, page crossing).
@@ -725,7 +729,8 @@ fn jc_fill(jit: &mut Jit, rip: u64, b: &BlockAt, code: Compiled) {
 /// followed by [`enter_base`] from the block before it (as [`JcEntry`], plus the block's
 /// decode-cache slot and the runs counted since its hits were last updated).
 #[derive(Clone, Copy)]
-struct BjcEntry {
+#[repr(C)]
+pub(crate) struct BjcEntry {
     rip: u64,
     gpa: u64,
     f: Option<BaseFn>,
@@ -738,11 +743,33 @@ struct BjcEntry {
     runs: u32,
 }
 
+/// Byte layout of a [`BjcEntry`] for the baseline probe.
+pub(crate) mod bjc_layout {
+    use super::BjcEntry;
+    use std::mem::offset_of;
+    pub(crate) const SIZE: usize = std::mem::size_of::<BjcEntry>();
+    pub(crate) const RIP: usize = offset_of!(BjcEntry, rip);
+    pub(crate) const GPA: usize = offset_of!(BjcEntry, gpa);
+    /// The code (`Option<BaseFn>`: 0 for none).
+    pub(crate) const F: usize = offset_of!(BjcEntry, f);
+    pub(crate) const PAGE: usize = offset_of!(BjcEntry, page);
+    /// u32.
+    pub(crate) const GEN: usize = offset_of!(BjcEntry, gen);
+    /// u32.
+    pub(crate) const LEN: usize = offset_of!(BjcEntry, len);
+    /// u32.
+    pub(crate) const EPOCH: usize = offset_of!(BjcEntry, epoch);
+    /// u8 (bool).
+    pub(crate) const USER: usize = offset_of!(BjcEntry, user);
+    /// u32.
+    pub(crate) const RUNS: usize = offset_of!(BjcEntry, runs);
+}
+
 const BJC_EMPTY: BjcEntry =
     BjcEntry { rip: 0, gpa: 0, f: None, page: 0, slot: 0, gen: 0, len: 0, epoch: 0, user: false, runs: 0 };
 
 /// Runs counted in a [`BjcEntry`] before they are added to the block's hits.
-const BJC_BATCH: u32 = 64;
+pub(crate) const BJC_BATCH: u32 = 64;
 
 /// The baseline block to run next at `cpu.rip` from the baseline jump cache, if it is
 /// valid, fits in `room` instructions and is not due for Cranelift: its code, length and
@@ -1099,6 +1126,8 @@ pub(crate) fn enter(
         user: u64::from(cpu.cur_user),
         link_page: 0,
         link_gen: 0,
+        bjc: cpu.jit.bjc.as_ptr().cast(),
+        base_epoch: u64::from(cpu.jit.base_epoch),
     };
     cpu.interrupt_shadow = false;
     let (mut cur, mut page) = (code, page);
@@ -1116,7 +1145,10 @@ pub(crate) fn enter(
             Code::Opt(f, _) => f,
             Code::Base(f, _) => {
                 let r = run_base(cpu, &mut ctx, f);
-                let n = r & 0xffff_ffff;
+                // Blocks the code followed through the baseline probe left their counts
+                // in `ctx.retired`.
+                let n = (r & 0xffff_ffff) + ctx.retired;
+                cpu.jit.stats.chained += ctx.chained;
                 cpu.jit.stats.base_instructions += n;
                 cpu.jit.stats.instructions += n;
                 total += n;
