@@ -88,12 +88,9 @@ impl BaseCode {
         let at = self.mem.allocate(n, 16, JITMemoryKind::Executable).ok()?;
         // SAFETY: `allocate` returned room for `n` bytes in the read-write view.
         unsafe { std::ptr::copy_nonoverlapping(self.probe_code.as_ptr(), at, n) };
-        self.probe = at.expose_provenance().wrapping_add_signed(self.exec) as u64;
-        super::perf_map_note(
-            std::ptr::with_exposed_provenance::<u8>(self.probe as usize),
-            n,
-            format_args!("rv-emu base probe"),
-        );
+        let run = at.expose_provenance().wrapping_add_signed(self.exec);
+        self.probe = run as u64;
+        super::perf_map_note(std::ptr::with_exposed_provenance::<u8>(run), n, format_args!("rv-emu base probe"));
         Some(())
     }
 
@@ -1013,7 +1010,8 @@ fn epilogue(a: &mut VecAssembler<X64Relocation>) {
 fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
     const _: () = assert!(P_USER == 1);
     let miss = a.new_dynamic_label();
-    let bits = JC_SIZE.trailing_zeros();
+    let shift = i8::try_from(64 - JC_SIZE.trailing_zeros()).unwrap_or(52);
+    let valid = i32::try_from(TLB_VALID).unwrap_or(1);
     let esz = off(bjc_layout::SIZE);
     let tsz = off(tlb_layout::SIZE);
     let tmask = off(TLB_SIZE - 1);
@@ -1026,7 +1024,7 @@ fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
         // super::jc_index: Fibonacci hashing.
         ; mov rax, QWORD fib
         ; imul rax, rsi
-        ; shr rax, (64 - bits) as i8
+        ; shr rax, shift
         ; imul eax, eax, esz
         ; add rax, [r12 + ctx(offset_of!(JitCtx, bjc))]
         ; cmp rsi, [rax + off(bjc_layout::RIP)]
@@ -1053,7 +1051,7 @@ fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
         ; add rdx, r13
         ; mov rcx, rsi
         ; and rcx, -4096
-        ; or rcx, TLB_VALID as i32
+        ; or rcx, valid
         ; cmp rcx, [rdx + off(tlb_layout::TAG)]
         ; jne =>miss
         ; movzx ecx, BYTE [rdx + off(tlb_layout::PERM)]
