@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The emu accelerator's execution tiers against QEMU TCG, in the same run:
 #   1. Boot of the Debian test guest (bzImage) to its init marker, RUNS (3) alternated runs
-#      of each of: rustvisor emu with RUSTVISOR_EMU_TIER=interp, with =auto (the default,
-#      the translation tier), and qemu-system-x86_64 -accel tcg -M microvm (the reference,
+#      of each of: rustvisor emu with RUSTVISOR_EMU_TIER=interp, with =base (the baseline
+#      tier alone), with =auto (the default: baseline code for warm blocks, Cranelift's
+#      for hot ones), and qemu-system-x86_64 -accel tcg -M microvm (the reference,
 #      scripts/qemu-reference.sh); medians, and each one's ratio to QEMU's.
 #   2. Host instructions per guest instruction of crates/x86emu/examples/emu_loop.rs under
 #      callgrind (noise-free), tier interp and tier jit (every block compiled in place).
 #   3. Nanoseconds per guest instruction of crates/x86emu/examples/mpi_loop.rs (the RSA
 #      multiply-subtract loop that is half of the boot's guest instructions) and of
-#      examples/nbody_loop.rs (the n-body step in scalar SSE2 double), interp and auto.
+#      examples/nbody_loop.rs (the n-body step in scalar SSE2 double), interp, base and auto.
 # Needs the guest from scripts/setup-guest.sh; QEMU and valgrind are optional (skipped with
 # a note when missing). Prints one "name: value" line per figure, then a table.
 set -euo pipefail
@@ -45,11 +46,11 @@ emu() {
         --cmdline "console=ttyS0 panic=-1 rv.test=1" --memory 512M --accel emu --serial "file=$log"
 }
 
-declare -A t=([interp]="" [auto]="" [qemu]="")
+declare -A t=([interp]="" [base]="" [auto]="" [qemu]="")
 have_qemu=1
 command -v qemu-system-x86_64 >/dev/null || have_qemu=0
 for ((i = 1; i <= RUNS; i++)); do
-    for tier in interp auto; do
+    for tier in interp base auto; do
         t[$tier]+=" $(time_to_marker emu "$tier")"
     done
     if ((have_qemu)); then
@@ -57,7 +58,7 @@ for ((i = 1; i <= RUNS; i++)); do
     fi
 done
 declare -A m
-for k in interp auto qemu; do
+for k in interp base auto qemu; do
     m[$k]=$(echo "${t[$k]}" | median)
     printf 'boot-%s-seconds: %s (runs:%s)\n' "$k" "${m[$k]}" "${t[$k]}"
 done
@@ -81,7 +82,7 @@ else
 fi
 
 declare -A mpi nbody
-for tier in interp auto; do
+for tier in interp base auto; do
     mpi[$tier]=$(RUSTVISOR_EMU_TIER=$tier "$bin/examples/mpi_loop" | awk '/ns per guest instruction/ {print $(NF-4)}')
     printf 'mpi-loop-%s-ns-per-guest-instruction: %s\n' "$tier" "${mpi[$tier]}"
     nbody[$tier]=$(RUSTVISOR_EMU_TIER=$tier "$bin/examples/nbody_loop" | awk '/ns per guest instruction/ {print $(NF-4)}')
@@ -93,9 +94,10 @@ printf '| %-38s | %9s | %11s |\n' "boot to init marker (median of $RUNS)" second
 printf '|%s|%s|%s|\n' "----------------------------------------" "-----------" "-------------"
 printf '| %-38s | %9s | %11s |\n' "QEMU TCG (-M microvm)" "${m[qemu]}" "1.00"
 printf '| %-38s | %9s | %11s |\n' "rustvisor emu, interp" "${m[interp]}" "$(ratio "${m[interp]}" "${m[qemu]}")"
+printf '| %-38s | %9s | %11s |\n' "rustvisor emu, base (baseline tier)" "${m[base]}" "$(ratio "${m[base]}" "${m[qemu]}")"
 printf '| %-38s | %9s | %11s |\n' "rustvisor emu, auto (translation tier)" "${m[auto]}" "$(ratio "${m[auto]}" "${m[qemu]}")"
 if [[ -n ${hpg[interp]:-} ]]; then
     printf '\nemu_loop host instructions per guest instruction: interp %s, jit %s\n' "${hpg[interp]}" "${hpg[jit]}"
 fi
-printf 'mpi_loop ns per guest instruction: interp %s, auto %s\n' "${mpi[interp]}" "${mpi[auto]}"
-printf 'nbody_loop ns per guest instruction: interp %s, auto %s\n' "${nbody[interp]}" "${nbody[auto]}"
+printf 'mpi_loop ns per guest instruction: interp %s, base %s, auto %s\n' "${mpi[interp]}" "${mpi[base]}" "${mpi[auto]}"
+printf 'nbody_loop ns per guest instruction: interp %s, base %s, auto %s\n' "${nbody[interp]}" "${nbody[base]}" "${nbody[auto]}"

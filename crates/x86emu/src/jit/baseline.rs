@@ -47,7 +47,7 @@ pub(crate) struct BaseFn(pub(crate) std::ptr::NonNull<u8>);
 unsafe impl Send for BaseFn {}
 
 /// Bytes of baseline code a vCPU may hold before all of it is thrown away.
-pub(crate) const BASE_LIMIT: usize = 32 << 20;
+pub(crate) const BASE_LIMIT: usize = 16 << 20;
 
 /// A vCPU's baseline code: one [`DualMapped`] region filled from the start, and the
 /// copies of the instructions its calls to `jit_generic` point to.
@@ -240,13 +240,22 @@ impl Emit<'_> {
 
     /// Stores RIP = `rip` and returns `word`; a normal exit goes on through the probe.
     fn exit(&mut self, rip: u64, word: u64) {
-        let to = rip.cast_signed();
-        dynasm!(self.a
-            ; .arch x64
-            ; mov rax, QWORD to
-            ; mov [rbx + off(RIP)], rax
-        );
+        self.store_rip(rip);
         self.leave(word);
+    }
+
+    /// RIP = `rip` (an imm32 sign-extended where it fits: kernel and low user addresses).
+    fn store_rip(&mut self, rip: u64) {
+        if let Ok(v) = i32::try_from(rip.cast_signed()) {
+            dynasm!(self.a ; .arch x64 ; mov QWORD [rbx + off(RIP)], v);
+        } else {
+            let to = rip.cast_signed();
+            dynasm!(self.a
+                ; .arch x64
+                ; mov rax, QWORD to
+                ; mov [rbx + off(RIP)], rax
+            );
+        }
     }
 
     /// Leaves the block (RIP stored): returns `word`, or for a normal exit adds its count
@@ -365,9 +374,16 @@ impl Emit<'_> {
     /// RSI = the effective address of `m` (no segment base); clobbers RAX.
     fn ea(&mut self, m: &MemOp) {
         let disp = m.disp.cast_signed();
-        dynasm!(self.a ; .arch x64 ; mov rsi, QWORD disp);
-        if m.base != NONE {
-            dynasm!(self.a ; .arch x64 ; add rsi, [rbx + gpr(m.base)]);
+        match (m.base != NONE, i32::try_from(disp)) {
+            (true, Ok(0)) => dynasm!(self.a ; .arch x64 ; mov rsi, [rbx + gpr(m.base)]),
+            (true, Ok(d)) => dynasm!(self.a ; .arch x64 ; mov rsi, [rbx + gpr(m.base)] ; add rsi, d),
+            (false, Ok(d)) => dynasm!(self.a ; .arch x64 ; mov rsi, d),
+            (b, Err(_)) => {
+                dynasm!(self.a ; .arch x64 ; mov rsi, QWORD disp);
+                if b {
+                    dynasm!(self.a ; .arch x64 ; add rsi, [rbx + gpr(m.base)]);
+                }
+            }
         }
         if m.index != NONE {
             dynasm!(self.a ; .arch x64 ; mov rax, [rbx + gpr(m.index)]);

@@ -1290,7 +1290,7 @@ impl Cpu {
 
     /// Bytes of generated code this vCPU may hold before all of it is thrown away and
     /// recompiled on demand (default and most [`CODE_LIMIT`], 64 MiB; the baseline tier's
-    /// code is bounded by the smaller of this and its own 32 MiB).
+    /// code is bounded by the smaller of this and its own 16 MiB).
     pub fn set_jit_code_limit(&mut self, bytes: usize) {
         self.jit.limit = bytes.min(CODE_LIMIT);
     }
