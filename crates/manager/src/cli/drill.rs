@@ -408,12 +408,14 @@ fn memory_exhaustion(g: &Guest) -> Result<(), Failure> {
         while t0.elapsed() < Duration::from_secs(180) {
             let st = p.stats()?;
             let idle = p.info("idle")?;
+            let important = p.info("important")?;
             say(&format!(
-                "t={:>3}s  available for VMs {:>4} MiB  idle: {}{}  important: {}",
+                "t={:>3}s  available for VMs {:>4} MiB  idle: {}{}  important: {} {}",
                 t0.elapsed().as_secs(),
                 st.host.memory_available_mib,
                 idle.summary.state,
                 idle.balloon.as_ref().map(|b| format!(" (balloon {} MiB)", b.actual_mib)).unwrap_or_default(),
+                important.summary.state,
                 p.console("important").lines().rev().find(|l| l.starts_with("FILLED")).unwrap_or("-"),
             ));
             let ev = p.events("idle")?;
@@ -423,6 +425,12 @@ fn memory_exhaustion(g: &Guest) -> Result<(), Failure> {
                 }
             }
             *seen = ev.len();
+            if important.summary.state == VmState::Crashed {
+                for e in p.events("important")? {
+                    say(&format!("  important's event {}: {}", e.kind, e.detail));
+                }
+                return Err(fail("the high-priority VM crashed"));
+            }
             if until(&idle) {
                 return Ok(());
             }
