@@ -117,7 +117,14 @@ impl BaseCode {
         let env = Env { user, gen_ptr, gen, insns: insns.as_ptr() as u64, probe: self.probe, body: self.body };
         let mut asm = self.asm.take().unwrap_or_else(|| VecAssembler::new(0));
         let code = {
-            let mut e = Emit { a: &mut asm, env: &env, cold: Vec::new(), fault: vec![None; ops.len()], ret: None };
+            let mut e = Emit {
+                a: &mut asm,
+                env: &env,
+                cold: Vec::new(),
+                fault: vec![None; ops.len()],
+                ret: None,
+                cc_in_dl: None,
+            };
             let ok = e.block(ops);
             asm.take().ok().filter(|_| ok)
         };
@@ -193,6 +200,9 @@ struct Emit<'a> {
     fault: Vec<Option<DynamicLabel>>,
     /// The shared epilogue (RAX = the exit word).
     ret: Option<DynamicLabel>,
+    /// The instruction (a Jcc) whose condition the instruction before it left in DL
+    /// (SETcc right after the host's CMP/TEST/ALU, before the flags were merged).
+    cc_in_dl: Option<usize>,
 }
 
 impl Emit<'_> {
@@ -289,7 +299,7 @@ impl Emit<'_> {
         }
         let mut ended = false;
         for (i, op) in ops.iter().enumerate() {
-            if self.op(i, op, i + 1 == ops.len()) {
+            if self.op(i, op, ops.get(i + 1)) {
                 ended = true;
                 break;
             }
@@ -578,7 +588,8 @@ impl Emit<'_> {
     }
 
     /// Emits instruction `i`; returns whether it ended the block (an exit on every path).
-    fn op(&mut self, i: usize, op: &Op, last: bool) -> bool {
+    fn op(&mut self, i: usize, op: &Op, next_op: Option<&Op>) -> bool {
+        let last = next_op.is_none();
         let (ip, next) = (op.ip, op.next_ip);
         let done = (i as u64 + 1) | (EXIT_NORMAL << 32);
         match op.uop {
@@ -608,6 +619,14 @@ impl Emit<'_> {
                 self.load_reg(d, sz);
                 // op rax, rdx
                 self.rr(sz, code - 1, code, 0xd0);
+                // A Jcc right after (CMP/TEST + Jcc): its condition from the host's flags
+                // now, into DL (the source is not needed any more).
+                if let Some(Op { uop: Uop::Jcc { cc, .. }, .. }) = next_op {
+                    if let Some(n) = cc_num(*cc) {
+                        self.bytes(&[0x0f, 0x90 + n, 0xc2]); // setcc dl
+                        self.cc_in_dl = Some(i + 1);
+                    }
+                }
                 self.flags_out();
                 if write {
                     self.set(d, sz);
@@ -641,10 +660,14 @@ impl Emit<'_> {
             Uop::Jcc { cc, target } => {
                 let Some(n) = cc_num(cc) else { return self.generic(i, op) };
                 let taken = self.cold_exit(target, done);
-                self.flags_in();
-                // jcc rel32 to the cold exit: SETcc + TEST keeps dynasm's label handling.
-                self.bytes(&[0x0f, 0x90 + n, 0xc0]);
-                dynasm!(self.a ; .arch x64 ; test al, al ; jnz =>taken);
+                if self.cc_in_dl == Some(i) {
+                    dynasm!(self.a ; .arch x64 ; test dl, dl ; jnz =>taken);
+                } else {
+                    self.flags_in();
+                    // jcc rel32 to the cold exit: SETcc + TEST keeps dynasm's label handling.
+                    self.bytes(&[0x0f, 0x90 + n, 0xc0]);
+                    dynasm!(self.a ; .arch x64 ; test al, al ; jnz =>taken);
+                }
                 if last {
                     self.exit(next, done);
                     return true;
