@@ -18,8 +18,9 @@
 //! and `super::jit_read`/`super::jit_write` otherwise; a store retires code on the page it
 //! hits (`super::jit_note_write`) and ends the block when the block's own page changed.
 //! Every other instruction is a call to `super::jit_generic` (registers and flags are
-//! already in the `Cpu`). Every exit stores RIP and RFLAGS and returns to the run loop
-//! (`super::enter_base`): no chaining in this tier.
+//! already in the `Cpu`). A normal exit stores RIP and goes on in the next block through
+//! the baseline probe ([`probe`]), which returns to `super::enter` (storing RFLAGS) when
+//! it finds none; every other exit returns there.
 //!
 //! A block's code is `extern "sysv64" fn(cpu: *mut Cpu, ctx: *mut JitCtx) -> u64` returning
 //! the same exit word as Cranelift's blocks (instructions retired, kind << 32). Host
@@ -27,7 +28,7 @@
 //! address kept across a helper call; RAX, RCX, RDX, RSI, RDI, R8 scratch; one 8-byte
 //! stack slot at [RSP].
 
-use super::{bjc_layout, codemem::DualMapped, JitCtx, BJC_BATCH, EXIT_FAULT, EXIT_GP, EXIT_NORMAL, GEN_YIELD, JC_SIZE};
+use super::{codemem::DualMapped, jc_layout, JitCtx, BJC_BATCH, EXIT_FAULT, EXIT_GP, EXIT_NORMAL, GEN_YIELD, JC_SIZE};
 use crate::alu::Op2;
 use crate::cpu::{flags, sreg, Cpu, Seg};
 use crate::decode::Op;
@@ -157,10 +158,9 @@ struct Env {
 
 /// Code placed after the block's main path (rarely run).
 enum Cold {
-    /// TLB miss of a read of `size` bytes (la in RSI): `jit_read`, result in RAX.
-    Read { at: DynamicLabel, join: DynamicLabel, size: u8, fault: DynamicLabel },
-    /// TLB miss of a write of `size` bytes (la in RSI, value in RDX).
-    Write { at: DynamicLabel, join: DynamicLabel, size: u8, fault: DynamicLabel },
+    /// TLB miss of an access of `size` bytes (la in RSI): `jit_read` (result in RAX), or
+    /// for a `write` `jit_write` (value in RDX).
+    Miss { at: DynamicLabel, join: DynamicLabel, size: u8, write: bool, fault: DynamicLabel },
     /// A store hit a page holding code (its generation's address in RAX).
     Note { at: DynamicLabel, join: DynamicLabel },
     /// An exit with RIP `rip` returning `word`.
@@ -321,29 +321,16 @@ impl Emit<'_> {
         let ret = self.ret_label();
         let faulted = off(offset_of!(JitCtx, faulted));
         match c {
-            Cold::Read { at, join, size, fault } => {
-                let f = super::jit_read as *const () as i64;
+            Cold::Miss { at, join, size, write, fault } => {
+                dynasm!(self.a ; .arch x64 ; =>at ; mov rdi, rbx);
+                let f = if write {
+                    dynasm!(self.a ; .arch x64 ; mov r8, rdx);
+                    super::jit_write as *const () as i64
+                } else {
+                    super::jit_read as *const () as i64
+                };
                 dynasm!(self.a
                     ; .arch x64
-                    ; =>at
-                    ; mov rdi, rbx
-                    ; mov rdx, rsi
-                    ; mov rsi, r12
-                    ; mov ecx, i32::from(size)
-                    ; mov rax, QWORD f
-                    ; call rax
-                    ; cmp QWORD [r12 + faulted], 0
-                    ; jne =>fault
-                    ; jmp =>join
-                );
-            }
-            Cold::Write { at, join, size, fault } => {
-                let f = super::jit_write as *const () as i64;
-                dynasm!(self.a
-                    ; .arch x64
-                    ; =>at
-                    ; mov rdi, rbx
-                    ; mov r8, rdx
                     ; mov rdx, rsi
                     ; mov rsi, r12
                     ; mov ecx, i32::from(size)
@@ -458,7 +445,7 @@ impl Emit<'_> {
         }
         dynasm!(self.a ; .arch x64 ; =>join);
         let fault = self.fault_label(i, ip);
-        self.cold.push(Cold::Read { at: slow, join, size, fault });
+        self.cold.push(Cold::Miss { at: slow, join, size, write: false, fault });
     }
 
     /// Writes the low `size` bytes of RDX at linear RSI (a fault exits as instruction `i`),
@@ -484,7 +471,7 @@ impl Emit<'_> {
             ; =>join
         );
         let fault = self.fault_label(i, ip);
-        self.cold.push(Cold::Write { at: slow, join, size, fault });
+        self.cold.push(Cold::Miss { at: slow, join, size, write: true, fault });
         self.cold.push(Cold::Note { at: note, join });
     }
 
@@ -1051,7 +1038,7 @@ fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
     let miss = a.new_dynamic_label();
     let shift = i8::try_from(64 - JC_SIZE.trailing_zeros()).unwrap_or(52);
     let valid = i32::try_from(TLB_VALID).unwrap_or(1);
-    let esz = off(bjc_layout::SIZE);
+    let esz = off(jc_layout::SIZE);
     let tsz = off(tlb_layout::SIZE);
     let tmask = off(TLB_SIZE - 1);
     let ctx = |f: usize| off(f);
@@ -1066,18 +1053,18 @@ fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
         ; shr rax, shift
         ; imul eax, eax, esz
         ; add rax, [r12 + ctx(offset_of!(JitCtx, bjc))]
-        ; cmp rsi, [rax + off(bjc_layout::RIP)]
+        ; cmp rsi, [rax + off(jc_layout::RIP)]
         ; jne =>miss
-        ; mov rdi, [rax + off(bjc_layout::F)]
+        ; mov rdi, [rax + off(jc_layout::F)]
         ; test rdi, rdi
         ; jz =>miss
-        ; mov ecx, [rax + off(bjc_layout::EPOCH)]
+        ; mov ecx, [rax + off(jc_layout::EPOCH)]
         ; cmp rcx, [r12 + ctx(offset_of!(JitCtx, base_epoch))]
         ; jne =>miss
-        ; movzx ecx, BYTE [rax + off(bjc_layout::USER)]
+        ; movzx ecx, BYTE [rax + off(jc_layout::USER)]
         ; cmp rcx, [r12 + ctx(offset_of!(JitCtx, user))]
         ; jne =>miss
-        ; mov ecx, [rax + off(bjc_layout::LEN)]
+        ; mov ecx, [rax + off(jc_layout::LEN)]
         ; add rcx, [r12 + ctx(offset_of!(JitCtx, retired))]
         ; cmp rcx, [r12 + ctx(offset_of!(JitCtx, left))]
         ; ja =>miss
@@ -1102,19 +1089,19 @@ fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
         ; mov rcx, rsi
         ; and ecx, 0xfff
         ; or rcx, [rdx + off(tlb_layout::GPA)]
-        ; cmp rcx, [rax + off(bjc_layout::GPA)]
+        ; cmp rcx, [rax + off(jc_layout::GPA)]
         ; jne =>miss
         // The page's code generation (`SharedRam` keeps them in one array of u32).
-        ; mov rcx, [rax + off(bjc_layout::PAGE)]
+        ; mov rcx, [rax + off(jc_layout::PAGE)]
         ; mov rdx, [r12 + ctx(offset_of!(JitCtx, gens))]
         ; mov ecx, [rdx + rcx * 4]
-        ; cmp ecx, [rax + off(bjc_layout::GEN)]
+        ; cmp ecx, [rax + off(jc_layout::GEN)]
         ; jne =>miss
-        ; mov ecx, [rax + off(bjc_layout::RUNS)]
+        ; mov ecx, [rax + off(jc_layout::RUNS)]
         ; inc ecx
         ; cmp ecx, BJC_BATCH as i32
         ; jae =>miss
-        ; mov [rax + off(bjc_layout::RUNS)], ecx
+        ; mov [rax + off(jc_layout::RUNS)], ecx
         ; inc QWORD [r12 + ctx(offset_of!(JitCtx, chained))]
         ; add rdi, body
         ; jmp rdi

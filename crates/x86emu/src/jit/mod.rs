@@ -146,7 +146,7 @@ pub(crate) struct Jit {
     /// happens to the decode cache).
     insns: Vec<Box<[Instruction]>>,
     /// The jump cache (see [`JcEntry`]).
-    jc: Box<[JcEntry]>,
+    jc: Box<[JcEntry<JitFn>]>,
     /// Tier Auto's compiler thread (started on the first hot block).
     worker: Option<worker::Worker>,
     /// Baseline code (made on the first warm block; None after the host refused it).
@@ -154,8 +154,8 @@ pub(crate) struct Jit {
     base_refused: bool,
     /// Baseline code of an older epoch was thrown away.
     pub(crate) base_epoch: u32,
-    /// The baseline tier's jump cache (see [`BjcEntry`]).
-    bjc: Box<[BjcEntry]>,
+    /// The baseline tier's jump cache (see [`JcEntry`]).
+    bjc: Box<[JcEntry<BaseFn>]>,
     /// Code bytes allowed before the module is thrown away.
     limit: usize,
     pub(crate) stats: JitStats,
@@ -175,12 +175,12 @@ impl Jit {
             held: 0,
             links: Vec::new(),
             insns: Vec::new(),
-            jc: vec![JC_EMPTY; JC_SIZE].into_boxed_slice(),
+            jc: vec![JcEntry::EMPTY; JC_SIZE].into_boxed_slice(),
             worker: None,
             base: None,
             base_refused: false,
             base_epoch: 0,
-            bjc: vec![BJC_EMPTY; JC_SIZE].into_boxed_slice(),
+            bjc: vec![JcEntry::EMPTY; JC_SIZE].into_boxed_slice(),
             limit: CODE_LIMIT,
             stats: JitStats::default(),
             host_fp: false,
@@ -359,8 +359,8 @@ pub(crate) struct JitCtx {
     fault: Option<Fault>,
     /// The reason to leave `Cpu::run` of an [`EXIT_STOP`].
     exit: Option<Exit>,
-    /// The vCPU's jump cache (`[JcEntry; JC_SIZE]`), for `translate::probe`.
-    pub(crate) jc: *const JcEntry,
+    /// The vCPU's jump cache (`[JcEntry<JitFn>; JC_SIZE]`), for `translate::probe`.
+    pub(crate) jc: *const JcEntry<JitFn>,
     /// The code generations of the RAM pages (`SharedRam::gen_ptr(0)`), for the probe.
     pub(crate) gens: *const u8,
     /// The current epoch, for the probe.
@@ -371,7 +371,8 @@ pub(crate) struct JitCtx {
     /// target must lie on that page, decoded at that generation, to be filled).
     pub(crate) link_page: u64,
     pub(crate) link_gen: u64,
-    /// The vCPU's baseline jump cache (`[BjcEntry; JC_SIZE]`), for the baseline probe.
+    /// The vCPU's baseline jump cache (`[JcEntry<BaseFn>; JC_SIZE]`), for the baseline
+    /// probe.
     pub(crate) bjc: *const u8,
     /// The current baseline epoch, for the baseline probe.
     pub(crate) base_epoch: u64,
@@ -669,44 +670,58 @@ pub(crate) struct BlockAt {
 pub(crate) const JC_SIZE: usize = 4096;
 
 /// A jump-cache entry: the compiled block last run at linear `rip` (QEMU's
-/// `tb_jmp_cache`). It may be followed from compiled code whose exit lands on `rip` while
-/// `rip` still translates to `gpa`, the block's page keeps generation `gen`, the epoch is
-/// the current one and the privilege the same (by `enter`, and by generated code through
-/// `translate::probe`, which reads it at the offsets of `jc_layout`).
+/// `tb_jmp_cache`), with code of type `F` (Cranelift's [`JitFn`] or baseline [`BaseFn`]:
+/// one table of each per vCPU). It may be followed from compiled code whose exit lands on
+/// `rip` while `rip` still translates to `gpa`, the block's page keeps generation `gen`,
+/// the epoch (of its tier) is the current one and the privilege the same (by `enter`, and
+/// by generated code through `translate::probe` and the baseline probe, which read it at
+/// the offsets of `jc_layout`). `slot` and `runs` are the baseline table's: the block's
+/// decode-cache slot and the runs counted since its hits were last updated.
 #[derive(Clone, Copy)]
 #[repr(C)]
-pub(crate) struct JcEntry {
+pub(crate) struct JcEntry<F> {
     rip: u64,
     gpa: u64,
-    f: Option<JitFn>,
+    f: Option<F>,
     page: usize,
+    slot: usize,
     gen: u32,
     len: u32,
     epoch: u32,
     user: bool,
+    runs: u32,
 }
 
-/// Byte layout of a [`JcEntry`] for generated code.
+/// Byte layout of a [`JcEntry`] (of either code type: both are a non-null pointer) for
+/// generated code.
 pub(crate) mod jc_layout {
-    use super::JcEntry;
+    use super::{BaseFn, JcEntry, JitFn};
     use std::mem::offset_of;
-    pub(crate) const SIZE: usize = std::mem::size_of::<JcEntry>();
-    pub(crate) const RIP: usize = offset_of!(JcEntry, rip);
-    pub(crate) const GPA: usize = offset_of!(JcEntry, gpa);
-    /// The code (`Option<JitFn>`: 0 for none).
-    pub(crate) const F: usize = offset_of!(JcEntry, f);
-    pub(crate) const PAGE: usize = offset_of!(JcEntry, page);
+    pub(crate) const SIZE: usize = std::mem::size_of::<JcEntry<JitFn>>();
+    const _: () = assert!(SIZE == std::mem::size_of::<JcEntry<BaseFn>>());
+    pub(crate) const RIP: usize = offset_of!(JcEntry<JitFn>, rip);
+    pub(crate) const GPA: usize = offset_of!(JcEntry<JitFn>, gpa);
+    /// The code (`Option<JitFn>` or `Option<BaseFn>`: 0 for none).
+    pub(crate) const F: usize = offset_of!(JcEntry<JitFn>, f);
+    const _: () = assert!(F == offset_of!(JcEntry<BaseFn>, f));
+    pub(crate) const PAGE: usize = offset_of!(JcEntry<JitFn>, page);
     /// u32.
-    pub(crate) const GEN: usize = offset_of!(JcEntry, gen);
+    pub(crate) const GEN: usize = offset_of!(JcEntry<JitFn>, gen);
     /// u32.
-    pub(crate) const LEN: usize = offset_of!(JcEntry, len);
+    pub(crate) const LEN: usize = offset_of!(JcEntry<JitFn>, len);
     /// u32.
-    pub(crate) const EPOCH: usize = offset_of!(JcEntry, epoch);
+    pub(crate) const EPOCH: usize = offset_of!(JcEntry<JitFn>, epoch);
     /// u8 (bool).
-    pub(crate) const USER: usize = offset_of!(JcEntry, user);
+    pub(crate) const USER: usize = offset_of!(JcEntry<JitFn>, user);
+    /// u32 (the baseline table's).
+    pub(crate) const RUNS: usize = offset_of!(JcEntry<JitFn>, runs);
+    const _: () = assert!(RUNS == offset_of!(JcEntry<BaseFn>, runs));
 }
 
-const JC_EMPTY: JcEntry = JcEntry { rip: 0, gpa: 0, f: None, page: 0, gen: 0, len: 0, epoch: 0, user: false };
+impl<F> JcEntry<F> {
+    const EMPTY: JcEntry<F> =
+        JcEntry { rip: 0, gpa: 0, f: None, page: 0, slot: 0, gen: 0, len: 0, epoch: 0, user: false, runs: 0 };
+}
 
 /// The jump-cache entry of `rip` (`translate::probe` computes the same).
 fn jc_index(rip: u64) -> usize {
@@ -717,7 +732,7 @@ fn jc_index(rip: u64) -> usize {
 /// jump cache.
 fn jc_fill(jit: &mut Jit, rip: u64, b: &BlockAt, code: Compiled) {
     if let (Compiled::Code { f, len, epoch, user }, Some(e)) = (code, jit.jc.get_mut(jc_index(rip))) {
-        *e = JcEntry { rip, gpa: b.gpa, f: Some(f), page: b.page, gen: b.gen, len, epoch, user };
+        *e = JcEntry { rip, gpa: b.gpa, f: Some(f), page: b.page, slot: b.slot, gen: b.gen, len, epoch, user, runs: 0 };
         // The block's baseline code is not chained to any more: Cranelift's runs.
         if let Some(be) = jit.bjc.get_mut(jc_index(rip)).filter(|be| be.rip == rip) {
             be.f = None;
@@ -725,50 +740,7 @@ fn jc_fill(jit: &mut Jit, rip: u64, b: &BlockAt, code: Compiled) {
     }
 }
 
-/// A baseline jump-cache entry: the block with baseline code last run at linear `rip`,
-/// followed by [`enter_base`] from the block before it (as [`JcEntry`], plus the block's
-/// decode-cache slot and the runs counted since its hits were last updated).
-#[derive(Clone, Copy)]
-#[repr(C)]
-pub(crate) struct BjcEntry {
-    rip: u64,
-    gpa: u64,
-    f: Option<BaseFn>,
-    page: usize,
-    slot: usize,
-    gen: u32,
-    len: u32,
-    epoch: u32,
-    user: bool,
-    runs: u32,
-}
-
-/// Byte layout of a [`BjcEntry`] for the baseline probe.
-pub(crate) mod bjc_layout {
-    use super::BjcEntry;
-    use std::mem::offset_of;
-    pub(crate) const SIZE: usize = std::mem::size_of::<BjcEntry>();
-    pub(crate) const RIP: usize = offset_of!(BjcEntry, rip);
-    pub(crate) const GPA: usize = offset_of!(BjcEntry, gpa);
-    /// The code (`Option<BaseFn>`: 0 for none).
-    pub(crate) const F: usize = offset_of!(BjcEntry, f);
-    pub(crate) const PAGE: usize = offset_of!(BjcEntry, page);
-    /// u32.
-    pub(crate) const GEN: usize = offset_of!(BjcEntry, gen);
-    /// u32.
-    pub(crate) const LEN: usize = offset_of!(BjcEntry, len);
-    /// u32.
-    pub(crate) const EPOCH: usize = offset_of!(BjcEntry, epoch);
-    /// u8 (bool).
-    pub(crate) const USER: usize = offset_of!(BjcEntry, user);
-    /// u32.
-    pub(crate) const RUNS: usize = offset_of!(BjcEntry, runs);
-}
-
-const BJC_EMPTY: BjcEntry =
-    BjcEntry { rip: 0, gpa: 0, f: None, page: 0, slot: 0, gen: 0, len: 0, epoch: 0, user: false, runs: 0 };
-
-/// Runs counted in a [`BjcEntry`] before they are added to the block's hits.
+/// Runs counted in a baseline [`JcEntry`] before they are added to the block's hits.
 pub(crate) const BJC_BATCH: u32 = 64;
 
 /// The baseline block to run next at `cpu.rip` from the baseline jump cache, if it is
@@ -780,19 +752,7 @@ pub(crate) const BJC_BATCH: u32 = 64;
 fn bjc_next(cpu: &mut Cpu, room: u64, la_page: u64, page: usize) -> Option<(BaseFn, u32, usize)> {
     let rip = cpu.rip;
     let e = *cpu.jit.bjc.get(jc_index(rip))?;
-    let f = e.f?;
-    if e.rip != rip || e.epoch != cpu.jit.base_epoch || e.user != cpu.cur_user || u64::from(e.len) > room {
-        return None;
-    }
-    if rip & !0xfff != la_page || e.page != page {
-        let gpa = cpu.translate(rip, crate::mmu::Access::Exec, e.user).ok()?;
-        if gpa != e.gpa {
-            return None;
-        }
-    }
-    if cpu.mmu.shared.gen(e.page) != e.gen {
-        return None;
-    }
+    let f = jc_valid(cpu, &e, cpu.jit.base_epoch, room, la_page, page)?;
     let runs = e.runs + 1;
     if runs >= BJC_BATCH {
         let auto = cpu.jit.tier == Tier::Auto;
@@ -818,10 +778,19 @@ fn bjc_next(cpu: &mut Cpu, room: u64, la_page: u64, page: usize) -> Option<(Base
 /// translated.
 #[inline]
 fn jc_next(cpu: &mut Cpu, room: u64, la_page: u64, page: usize) -> Option<(JitFn, u32, usize, u32)> {
+    let e = *cpu.jit.jc.get(jc_index(cpu.rip))?;
+    let f = jc_valid(cpu, &e, cpu.jit.epoch, room, la_page, page)?;
+    Some((f, e.len, e.page, e.gen))
+}
+
+/// Entry `e`'s code if it may run next at `cpu.rip` (see [`jc_next`]): RIP's, of epoch
+/// `epoch` and the current privilege, fits in `room`, RIP still translates to its GPA and
+/// its page kept its generation.
+#[inline]
+fn jc_valid<F: Copy>(cpu: &mut Cpu, e: &JcEntry<F>, epoch: u32, room: u64, la_page: u64, page: usize) -> Option<F> {
     let rip = cpu.rip;
-    let e = *cpu.jit.jc.get(jc_index(rip))?;
     let f = e.f?;
-    if e.rip != rip || e.epoch != cpu.jit.epoch || e.user != cpu.cur_user || u64::from(e.len) > room {
+    if e.rip != rip || e.epoch != epoch || e.user != cpu.cur_user || u64::from(e.len) > room {
         return None;
     }
     if rip & !0xfff != la_page || e.page != page {
@@ -833,7 +802,7 @@ fn jc_next(cpu: &mut Cpu, room: u64, la_page: u64, page: usize) -> Option<(JitFn
     if cpu.mmu.shared.gen(e.page) != e.gen {
         return None;
     }
-    Some((f, e.len, e.page, e.gen))
+    Some(f)
 }
 
 /// A branch exit of compiled code waiting to be linked to the block the run loop fetches
@@ -853,7 +822,7 @@ pub(crate) struct WantLink {
 pub(crate) enum Code {
     /// Cranelift's code (run by [`enter`]) and the block's length.
     Opt(JitFn, u32),
-    /// Baseline code (run by [`enter_base`]) and the block's length.
+    /// Baseline code (run by [`enter`]) and the block's length.
     Base(BaseFn, u32),
 }
 
@@ -964,8 +933,7 @@ fn bjc_fill(jit: &mut Jit, ops: &[Op], b: &BlockAt, f: BaseFn, len: u32, user: b
             // Keep the runs counted.
             return;
         }
-        *e =
-            BjcEntry { rip, gpa: b.gpa, f: Some(f), page: b.page, slot: b.slot, gen: b.gen, len, epoch, user, runs: 0 };
+        *e = JcEntry { rip, gpa: b.gpa, f: Some(f), page: b.page, slot: b.slot, gen: b.gen, len, epoch, user, runs: 0 };
     }
 }
 
