@@ -1109,49 +1109,26 @@ pub(crate) fn enter(
         ctx.left = left - total;
         ctx.retired = 0;
         ctx.chained = 0;
-        let f = match cur {
-            Code::Opt(f, _) => f,
-            Code::Base(f, _) => {
-                let r = run_base(cpu, &mut ctx, f);
-                // Blocks the code followed through the baseline probe left their counts
-                // in `ctx.retired`.
-                let n = (r & 0xffff_ffff) + ctx.retired;
-                cpu.jit.stats.chained += ctx.chained;
-                cpu.jit.stats.base_instructions += n;
-                cpu.jit.stats.instructions += n;
-                total += n;
-                match r >> 32 {
-                    EXIT_NORMAL => match chain_next(cpu, left - total, la_page, page) {
-                        Some((c, p)) => {
-                            (cur, page) = (c, p);
-                            la_page = cpu.rip & !0xfff;
-                            cpu.jit.stats.chained += 1;
-                            continue;
-                        }
-                        None => return (total, None, None),
-                    },
-                    EXIT_YIELD => return (total, None, None),
-                    EXIT_GP => return (total, Some(Stop::Fault(Fault::GeneralProtection(0))), None),
-                    EXIT_STOP => {
-                        let e = ctx.exit.take().unwrap_or(Exit::Unsupported("baseline block stopped".into()));
-                        return (total, Some(Stop::Exit(e)), None);
-                    }
-                    _ => return (total, Some(Stop::Fault(ctx.fault.unwrap_or(Fault::GeneralProtection(0)))), None),
-                }
-            }
+        let r = match cur {
+            Code::Base(f, _) => run_base(cpu, &mut ctx, f),
+            // SAFETY: `f` was compiled by this vCPU's module in the current epoch (checked
+            // by `lookup`, or a link of this epoch), so its code is live, in the `tail`
+            // convention the trampoline calls; it accesses the Cpu only through the fields
+            // whose offsets `translate` took, and guest RAM through TLB entries valid for
+            // this vCPU, calls only the helpers above with these same pointers, and follows
+            // only links of its own epoch and (through the probe) jump-cache entries of the
+            // epoch in `ctx`, the current one, read from the jump cache `ctx.jc` points to,
+            // which this Cpu owns. No Rust reference to `cpu` or `ctx` is used while it runs.
+            Code::Opt(f, _) => unsafe { tramp(cpu as *mut Cpu, &mut ctx as *mut JitCtx as *mut u8, f.0.as_ptr()) },
         };
-        // SAFETY: `f` was compiled by this vCPU's module in the current epoch (checked by
-        // `lookup`, or a link of this epoch), so its code is live, in the `tail` convention
-        // the trampoline calls; it accesses the Cpu only through the fields whose offsets
-        // `translate` took, and guest RAM through TLB entries valid for this vCPU, calls
-        // only the helpers above with these same pointers, and follows only links of its
-        // own epoch and (through the probe) jump-cache entries of the epoch in `ctx`, the
-        // current one, read from the jump cache `ctx.jc` points to, which this Cpu owns.
-        // No Rust reference to `cpu` or `ctx` is used while it runs.
-        let r = unsafe { tramp(cpu as *mut Cpu, &mut ctx as *mut JitCtx as *mut u8, f.0.as_ptr()) };
+        // Blocks followed by the code itself (links, either tier's probe) left their counts
+        // in `ctx.retired`.
         let n = (r & 0xffff_ffff) + ctx.retired;
         cpu.jit.stats.chained += ctx.chained;
         cpu.jit.stats.instructions += n;
+        if matches!(cur, Code::Base(..)) {
+            cpu.jit.stats.base_instructions += n;
+        }
         total += n;
         let fault = match r >> 32 {
             EXIT_NORMAL => match chain_next(cpu, left - total, la_page, page) {
