@@ -1110,7 +1110,9 @@ pub(crate) fn enter(
         ctx.retired = 0;
         ctx.chained = 0;
         let r = match cur {
-            Code::Base(f, _) => run_base(cpu, &mut ctx, f),
+            // SAFETY: `f` came from `lookup` or `chain_next` (through `bjc_next`), which
+            // checked its baseline epoch is the current one; `ctx` was built above.
+            Code::Base(f, _) => unsafe { run_base(cpu, &mut ctx, f) },
             // SAFETY: `f` was compiled by this vCPU's module in the current epoch (checked
             // by `lookup`, or a link of this epoch), so its code is live, in the `tail`
             // convention the trampoline calls; it accesses the Cpu only through the fields
@@ -1194,14 +1196,17 @@ pub(crate) fn enter(
 }
 
 /// Runs baseline code `f` of the block at the current RIP once: its exit word.
+///
+/// # Safety
+/// `f` is baseline code of `cpu`'s current baseline epoch (checked by `lookup` or
+/// `bjc_next`), and `ctx` is the context `enter` built for `cpu` in this call.
 #[inline]
-fn run_base(cpu: &mut Cpu, ctx: &mut JitCtx, f: BaseFn) -> u64 {
-    // SAFETY: `f` is baseline code of this vCPU's current baseline epoch (checked by
-    // `lookup` or `bjc_next`), so its memory is live and holds a function of exactly this
+unsafe fn run_base(cpu: &mut Cpu, ctx: &mut JitCtx, f: BaseFn) -> u64 {
+    // SAFETY: per the contract `f`'s memory is live and holds a function of exactly this
     // signature (`baseline`'s prologue and epilogue follow the System V ABI). It accesses
     // the Cpu only at the offsets `baseline` took, guest RAM through TLB entries valid for
-    // this vCPU, and calls only the helpers above with these same pointers (`ctx` is
-    // `enter`'s). No Rust reference to `cpu` or `ctx` is used while it runs.
+    // this vCPU, and calls only the helpers above with these same pointers. No Rust
+    // reference to `cpu` or `ctx` is used while it runs.
     unsafe {
         let code =
             std::mem::transmute::<*const u8, unsafe extern "sysv64" fn(*mut Cpu, *mut JitCtx) -> u64>(f.0.as_ptr());
