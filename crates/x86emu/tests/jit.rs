@@ -454,6 +454,47 @@ fn fault_in_a_later_pass_of_a_compiled_loop() {
     assert_eq!(j.cpu.gpr[1], 40);
 }
 
+/// A self-loop whose passes start with register moves, LEA and an ADD (every arithmetic
+/// flag overwritten before anything could observe them): compiled code does not
+/// materialise the flags on its back edge, only where the loop stops. Budgets that end
+/// anywhere in a pass (the stop comes at a back edge, the rest is interpreted), ADC reading
+/// the pass's CF, INC keeping it and a Jcc on CMP's flags: the same state, RFLAGS
+/// included, as the interpreter after every split; and the same after a later pass faults
+/// (a load after the head, in a loop whose head may not drop them).
+#[test]
+fn flags_left_dead_on_a_compiled_loops_back_edge_are_exact_where_it_stops() {
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(rbx, 0x8000_0000_0000_0001u64)?;
+        a.mov(rax, 0x7fff_ffff_ffff_fff0u64)?;
+        a.set_label(&mut top)?;
+        a.mov(rdx, rax)?;
+        a.lea(rsi, qword_ptr(rax + 1))?;
+        a.add(rax, rbx)?;
+        a.adc(rcx, 0)?;
+        a.inc(rdi)?;
+        a.cmp(rdi, 1_000_000)?;
+        a.jne(top)
+    });
+    for max in [9u64, 10, 11, 12, 13, 14, 15, 50, 4095, 4096, 4097, 10_001, 100_003] {
+        let (_, j) = both(&code, max);
+        assert!(j.cpu.gpr[7] > 0);
+    }
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(rsi, (RAM as u64) - 0x1000 * 40)?;
+        a.set_label(&mut top)?;
+        a.mov(rdx, rax)?;
+        a.add(rax, qword_ptr(rsi))?;
+        a.add(rsi, 0x1000)?;
+        a.adc(rcx, 0)?;
+        a.cmp(rcx, rdx)?;
+        a.jmp(top)
+    });
+    let (_, j) = both(&code, 100_000);
+    assert_eq!(j.cpu.cr2, RAM as u64);
+}
+
 /// A chain of operations whose flags compiled code keeps lazily, each depending on the
 /// flags before it (SHR, IMUL, INC keeping CF, ADC, ROL, DEC, shift by CL), on data from a
 /// xorshift generator: the flags are observed by conditions that need the whole chain

@@ -119,6 +119,8 @@ pub(crate) const MXCSR_HOST: u32 = 0x1f80;
 struct Tr<'a, 'b> {
     b: FunctionBuilder<'b>,
     env: &'a Env,
+    /// The block's instructions.
+    ops: &'a [Op],
     cpu: Value,
     ctx: Value,
     regs: [Variable; 16],
@@ -191,12 +193,33 @@ impl Tr<'_, '_> {
         self.b.func.dfg.value_type(x)
     }
 
+    /// `x & c`. Masks to the low 8, 16 or 32 bits of a 64-bit value are zero extensions
+    /// (one MOVZX or 32-bit MOV, no immediate: `0xffff_ffff` does not fit one).
     fn andi(&mut self, x: Value, c: i64) -> Value {
-        let k = self.k(self.ty(x), c);
+        let ty = self.ty(x);
+        if c == -1 {
+            return x;
+        }
+        if ty == I64 {
+            let narrow = match c {
+                0xff => Some(I8),
+                0xffff => Some(I16),
+                0xffff_ffff => Some(I32),
+                _ => None,
+            };
+            if let Some(t) = narrow {
+                let n = self.b.ins().ireduce(t, x);
+                return self.b.ins().uextend(I64, n);
+            }
+        }
+        let k = self.k(ty, c);
         self.b.ins().band(x, k)
     }
 
     fn ori(&mut self, x: Value, c: i64) -> Value {
+        if c == 0 {
+            return x;
+        }
         let k = self.k(self.ty(x), c);
         self.b.ins().bor(x, k)
     }
@@ -282,17 +305,23 @@ impl Tr<'_, '_> {
     /// Effective address of a memory operand: base + (index << scale) + displacement (what
     /// LEA computes; no segment base).
     fn ea(&mut self, m: &MemOp) -> Value {
-        let mut a = self.iconst(m.disp);
+        let mut a = None;
         if m.base != NONE {
-            let r = self.reg(m.base);
-            a = self.b.ins().iadd(a, r);
+            a = Some(self.reg(m.base));
         }
         if m.index != NONE {
             let r = self.reg(m.index);
-            let s = self.shli(r, i64::from(m.scale));
-            a = self.b.ins().iadd(a, s);
+            let s = if m.scale == 0 { r } else { self.shli(r, i64::from(m.scale)) };
+            a = Some(match a {
+                Some(x) => self.b.ins().iadd(x, s),
+                None => s,
+            });
         }
-        a
+        match a {
+            Some(x) if m.disp == 0 => x,
+            Some(x) => self.addi(x, m.disp as i64),
+            None => self.iconst(m.disp),
+        }
     }
 
     /// Linear address of a memory operand.
@@ -370,9 +399,9 @@ impl Tr<'_, '_> {
             return self.result(call);
         }
         let bits = i64::from(p.sz) * 8;
-        let zero = self.b.ins().iconst(I64, 0);
+        // `a`, `b` and `r` are zero-extended: bit `bits - 1` shifted down is 0 or 1.
         let (cf, of, af) = match p.k {
-            Pk::Logic | Pk::Helper(_) => (zero, zero, zero),
+            Pk::Logic | Pk::Helper(_) => (None, None, None),
             Pk::Add | Pk::Sub | Pk::Inc | Pk::Dec => {
                 let add = matches!(p.k, Pk::Add | Pk::Inc);
                 let cf = if matches!(p.k, Pk::Inc | Pk::Dec) {
@@ -396,19 +425,17 @@ impl Tr<'_, '_> {
                     self.b.ins().band(t1, t2)
                 };
                 let o = self.ushri(x, bits - 1);
-                let o = self.andi(o, 1);
                 let of = self.shli(o, 11);
                 let t = self.b.ins().bxor(p.a, p.b);
                 let t = self.b.ins().bxor(t, p.r);
                 let af = self.andi(t, 0x10);
-                (cf, of, af)
+                (Some(cf), Some(of), Some(af))
             }
         };
         let z = self.cmpi(IntCC::Equal, p.r, 0);
         let z = self.b.ins().uextend(I64, z);
         let zf = self.shli(z, 6);
         let s = self.ushri(p.r, bits - 1);
-        let s = self.andi(s, 1);
         let sf = self.shli(s, 7);
         let lo = self.andi(p.r, 0xff);
         let pc = self.b.ins().popcnt(lo);
@@ -416,10 +443,10 @@ impl Tr<'_, '_> {
         let pc = self.xori(pc, 1);
         let pf = self.shli(pc, 2);
         let keep = if matches!(p.k, Pk::Inc | Pk::Dec) { !(ARITH & !CF) } else { !ARITH };
-        let base = self.andi(old, keep as i64);
-        let f = self.b.ins().bor(base, cf);
-        let f = self.b.ins().bor(f, of);
-        let f = self.b.ins().bor(f, af);
+        let mut f = self.andi(old, keep as i64);
+        for x in [cf, of, af].into_iter().flatten() {
+            f = self.b.ins().bor(f, x);
+        }
         let f = self.b.ins().bor(f, zf);
         let f = self.b.ins().bor(f, sf);
         self.b.ins().bor(f, pf)
@@ -622,20 +649,24 @@ impl Tr<'_, '_> {
         }
         let l = self.iconst(self.env.links + k * std::mem::size_of::<super::Link>() as u64);
         let total = self.leave(rip, n, false);
+        // One compare and branch per condition (each icmp fuses with its brif).
+        let follow = self.b.create_block();
+        let back = self.b.create_block();
+        let (fits_at, gen_at) = (self.b.create_block(), self.b.create_block());
         let f = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, f)));
+        let linked = self.cmpi(IntCC::NotEqual, f, 0);
+        self.b.ins().brif(linked, fits_at, &[], back, &[]);
+        self.b.switch_to_block(fits_at);
         let len = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, len)));
         let need = self.b.ins().iadd(total, len);
         let left = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, left)));
         let fits = self.b.ins().icmp(IntCC::UnsignedLessThanOrEqual, need, left);
+        self.b.ins().brif(fits, gen_at, &[], back, &[]);
+        self.b.switch_to_block(gen_at);
         let p = self.iconst(self.env.gen_ptr);
         let g = self.b.ins().load(I32, MemFlagsData::new(), p, 0);
         let same = self.cmpi(IntCC::Equal, g, i64::from(self.env.gen));
-        let linked = self.cmpi(IntCC::NotEqual, f, 0);
-        let go = self.b.ins().band(fits, same);
-        let go = self.b.ins().band(go, linked);
-        let follow = self.b.create_block();
-        let back = self.b.create_block();
-        self.b.ins().brif(go, follow, &[], back, &[]);
+        self.b.ins().brif(same, follow, &[], back, &[]);
         self.b.switch_to_block(follow);
         follow_to(&mut self.b, [self.cpu, self.ctx], left, total, f, self.sig_block);
         self.b.switch_to_block(back);
@@ -703,40 +734,69 @@ impl Tr<'_, '_> {
         self.b.switch_to_block(cont);
     }
 
-    /// The TLB-hit test for an access of `size` bytes at `la`: (condition, host address).
-    fn tlb_hit(&mut self, la: Value, size: u8, write: bool) -> (Value, Value, Value) {
-        // RAM (not MMIO), the access allowed, and the page of the last byte the entry's (an
-        // access that crosses into the next page cannot match: that page has another slot).
+    /// The TLB entry for an access of `size` bytes at `la`, its tag, the tag a hit has and
+    /// the permissions it needs: RAM (not MMIO), the access allowed, and the page of the
+    /// last byte the entry's (an access that crosses into the next page cannot match: that
+    /// page has another slot).
+    fn tlb_parts(&mut self, la: Value, size: u8, write: bool) -> (Value, Value, Value, u8) {
         let need = P_RAM | (if write { P_WRITE } else { P_READ }) | if self.env.user { P_USER } else { 0 };
         let idx = self.ushri(la, 12);
         let idx = self.andi(idx, (TLB_SIZE - 1) as i64);
         let idx = self.muli(idx, tlb_layout::SIZE as i64);
         let e = self.b.ins().iadd(self.tlb, idx);
         let tag = self.b.ins().load(I64, MF, e, off(tlb_layout::TAG));
-        let perm = self.b.ins().uload8(I32, MF, e, off(tlb_layout::PERM));
         let last = if size > 1 { self.addi(la, i64::from(size) - 1) } else { la };
         let pg = self.andi(last, !0xfff);
         let want = self.ori(pg, TLB_VALID as i64);
-        let c1 = self.b.ins().icmp(IntCC::Equal, tag, want);
+        (e, tag, want, need)
+    }
+
+    /// Whether TLB entry `e` allows an access that needs permissions `need`.
+    fn tlb_allows(&mut self, e: Value, need: u8) -> Value {
+        let perm = self.b.ins().uload8(I32, MF, e, off(tlb_layout::PERM));
         let pm = self.andi(perm, i64::from(need));
-        let c2 = self.cmpi(IntCC::Equal, pm, i64::from(need));
-        let c = self.b.ins().band(c1, c2);
+        self.cmpi(IntCC::Equal, pm, i64::from(need))
+    }
+
+    /// The host address of `la` through TLB entry `e` (a hit).
+    fn tlb_host(&mut self, e: Value, la: Value) -> Value {
         let host = self.b.ins().load(I64, MF, e, off(tlb_layout::HOST));
         let o = self.andi(la, 0xfff);
-        let addr = self.b.ins().iadd(host, o);
-        (c, addr, e)
+        self.b.ins().iadd(host, o)
+    }
+
+    /// The TLB-hit test for an access of `size` bytes at `la`: branches to `slow` on a miss
+    /// and goes on (in a new block) on a hit, with the host address and the TLB entry.
+    fn tlb_hit(&mut self, la: Value, size: u8, write: bool, slow: cranelift_codegen::ir::Block) -> (Value, Value) {
+        let (e, tag, want, need) = self.tlb_parts(la, size, write);
+        // One compare and branch per condition (each icmp fuses with its brif).
+        let c1 = self.b.ins().icmp(IntCC::Equal, tag, want);
+        let (perm_at, fast) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(c1, perm_at, &[], slow, &[]);
+        self.b.switch_to_block(perm_at);
+        let c2 = self.tlb_allows(e, need);
+        self.b.ins().brif(c2, fast, &[], slow, &[]);
+        self.b.switch_to_block(fast);
+        (self.tlb_host(e, la), e)
+    }
+
+    /// The TLB-hit test for an access of `size` bytes at `la` as a condition (for the SSE
+    /// forms' combined checks): (condition, host address, TLB entry).
+    fn tlb_cond(&mut self, la: Value, size: u8, write: bool) -> (Value, Value, Value) {
+        let (e, tag, want, need) = self.tlb_parts(la, size, write);
+        let c1 = self.b.ins().icmp(IntCC::Equal, tag, want);
+        let c2 = self.tlb_allows(e, need);
+        let c = self.b.ins().band(c1, c2);
+        (c, self.tlb_host(e, la), e)
     }
 
     /// Reads `size` bytes at `la` (zero-extended); a fault exits as instruction `i`.
     fn read(&mut self, la: Value, size: u8, op: &Op, i: usize) -> Value {
-        let (hit, addr, _) = self.tlb_hit(la, size, false);
-        let fast = self.b.create_block();
         let slow = self.b.create_block();
         let join = self.b.create_block();
         self.b.set_cold_block(slow);
         let t = self.b.declare_var(I64);
-        self.b.ins().brif(hit, fast, &[], slow, &[]);
-        self.b.switch_to_block(fast);
+        let (addr, _) = self.tlb_hit(la, size, false, slow);
         let v = match size {
             1 => self.b.ins().uload8(I64, gm(), addr, 0),
             2 => self.b.ins().uload16(I64, gm(), addr, 0),
@@ -759,15 +819,12 @@ impl Tr<'_, '_> {
 
     /// Writes the low `size` bytes of `v` at `la`; a fault exits as instruction `i`.
     fn write(&mut self, la: Value, size: u8, v: Value, op: &Op, i: usize) {
-        let (hit, addr, e) = self.tlb_hit(la, size, true);
-        let fast = self.b.create_block();
         let slow = self.b.create_block();
         let note = self.b.create_block();
         let join = self.b.create_block();
         self.b.set_cold_block(slow);
         self.b.set_cold_block(note);
-        self.b.ins().brif(hit, fast, &[], slow, &[]);
-        self.b.switch_to_block(fast);
+        let (addr, e) = self.tlb_hit(la, size, true, slow);
         match size {
             1 => {
                 self.b.ins().istore8(gm(), v, addr, 0);
@@ -955,7 +1012,7 @@ impl Tr<'_, '_> {
     /// interpreter raises the #GP legacy SSE requires).
     fn sse_mem(&mut self, m: &MemOp, size: u8, write: bool, aligned: bool) -> (Value, Value, Value) {
         let la = self.la(m);
-        let (mut c, addr, e) = self.tlb_hit(la, size, write);
+        let (mut c, addr, e) = self.tlb_cond(la, size, write);
         if aligned {
             let lo = self.andi(la, 15);
             let a = self.cmpi(IntCC::Equal, lo, 0);
@@ -1748,18 +1805,25 @@ impl Tr<'_, '_> {
             self.b.ins().jump(again, &[]);
         }
         self.b.switch_to_block(again);
-        self.settle();
+        // Flags the next pass overwrites before anything can observe them are not
+        // materialised on the back edge, only where the loop stops.
+        let dead = self.flags_dead_at_head();
+        if !dead {
+            self.settle();
+        }
         let d = self.b.use_var(self.done);
         let d2 = self.addi(d, (2 * n) as i64);
         let left = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, left)));
+        let cont = self.b.create_block();
+        let stop = self.b.create_block();
+        let same_gen = self.b.create_block();
         let fits = self.b.ins().icmp(IntCC::UnsignedLessThanOrEqual, d2, left);
+        self.b.ins().brif(fits, same_gen, &[], stop, &[]);
+        self.b.switch_to_block(same_gen);
         let p = self.iconst(self.env.gen_ptr);
         let g = self.b.ins().load(I32, MemFlagsData::new(), p, 0);
         let same = self.cmpi(IntCC::Equal, g, i64::from(self.env.gen));
-        let go = self.b.ins().band(fits, same);
-        let cont = self.b.create_block();
-        let stop = self.b.create_block();
-        self.b.ins().brif(go, cont, &[], stop, &[]);
+        self.b.ins().brif(same, cont, &[], stop, &[]);
         self.b.switch_to_block(stop);
         let target = match op.uop {
             Uop::Jcc { target, .. } | Uop::Jmp { target } => target,
@@ -1768,9 +1832,34 @@ impl Tr<'_, '_> {
         let rip = self.iconst(target);
         self.exit(rip, n, EXIT_NORMAL);
         self.b.switch_to_block(cont);
+        if dead {
+            // The RFLAGS variable keeps the non-arithmetic flags (only the pending
+            // operations' arithmetic flags are dropped).
+            self.pending = None;
+            self.below.clear();
+        }
         let d1 = self.addi(d, n as i64);
         self.b.def_var(self.done, d1);
         self.b.ins().jump(header, &[]);
+    }
+
+    /// Whether a pass of this self-loop overwrites every arithmetic flag before anything
+    /// can read them or leave the block: its first instructions up to an ADD, SUB, CMP,
+    /// AND, OR, XOR or TEST with register or immediate operands neither read flags nor
+    /// access memory nor exit (register moves, LEA, NOP).
+    fn flags_dead_at_head(&self) -> bool {
+        for op in self.ops {
+            match op.uop {
+                Uop::Alu {
+                    op: Op2::Add | Op2::Sub | Op2::And | Op2::Or | Op2::Xor,
+                    s: Src::Reg(_) | Src::Imm(_),
+                    ..
+                } => return true,
+                Uop::MovR { s: Src::Reg(_) | Src::Imm(_), .. } | Uop::MovXR { .. } | Uop::Lea { .. } | Uop::Nop => {}
+                _ => return false,
+            }
+        }
+        false
     }
 
     fn ext(&mut self, v: Value, ssz: u8, signed: bool) -> Value {
@@ -1858,6 +1947,7 @@ pub(crate) fn compile(
         let mut t = Tr {
             b,
             env,
+            ops,
             cpu,
             ctx: cx,
             regs,
@@ -2009,28 +2099,32 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
         let h = b.ins().imul_imm_s(h, jl::SIZE as i64);
         let jc = ld(&mut b, I64, cx, offset_of!(JitCtx, jc));
         let e = b.ins().iadd(jc, h);
-        let erip = ld(&mut b, I64, e, jl::RIP);
-        let f = ld(&mut b, I64, e, jl::F);
-        let epoch = b.ins().uload32(MF, e, off(jl::EPOCH));
-        let user = b.ins().uload8(I64, MF, e, off(jl::USER));
-        let len = b.ins().uload32(MF, e, off(jl::LEN));
-        let cur_epoch = ld(&mut b, I64, cx, offset_of!(JitCtx, epoch));
-        let cur_user = ld(&mut b, I64, cx, offset_of!(JitCtx, user));
-        let left = ld(&mut b, I64, cx, offset_of!(JitCtx, left));
-        let c1 = b.ins().icmp(IntCC::Equal, erip, rip);
-        let c2 = b.ins().icmp_imm_s(IntCC::NotEqual, f, 0);
-        let c3 = b.ins().icmp(IntCC::Equal, epoch, cur_epoch);
-        let c4 = b.ins().icmp(IntCC::Equal, user, cur_user);
-        let need = b.ins().iadd(total, len);
-        let c5 = b.ins().icmp(IntCC::UnsignedLessThanOrEqual, need, left);
-        let ok = b.ins().band(c1, c2);
-        let ok = b.ins().band(ok, c3);
-        let ok = b.ins().band(ok, c4);
-        let ok = b.ins().band(ok, c5);
-        let check = b.create_block();
         let miss = b.create_block();
-        b.ins().brif(ok, check, &[], miss, &[]);
-        b.switch_to_block(check);
+        // One compare and branch per condition (each icmp fuses with its brif).
+        let check = |b: &mut FunctionBuilder, ok: Value| {
+            let next = b.create_block();
+            b.ins().brif(ok, next, &[], miss, &[]);
+            b.switch_to_block(next);
+        };
+        let erip = ld(&mut b, I64, e, jl::RIP);
+        let c = b.ins().icmp(IntCC::Equal, erip, rip);
+        check(&mut b, c);
+        let f = ld(&mut b, I64, e, jl::F);
+        let c = b.ins().icmp_imm_s(IntCC::NotEqual, f, 0);
+        check(&mut b, c);
+        let epoch = b.ins().uload32(MF, e, off(jl::EPOCH));
+        let cur_epoch = ld(&mut b, I64, cx, offset_of!(JitCtx, epoch));
+        let c = b.ins().icmp(IntCC::Equal, epoch, cur_epoch);
+        check(&mut b, c);
+        let user = b.ins().uload8(I64, MF, e, off(jl::USER));
+        let cur_user = ld(&mut b, I64, cx, offset_of!(JitCtx, user));
+        let c = b.ins().icmp(IntCC::Equal, user, cur_user);
+        check(&mut b, c);
+        let len = b.ins().uload32(MF, e, off(jl::LEN));
+        let left = ld(&mut b, I64, cx, offset_of!(JitCtx, left));
+        let need = b.ins().iadd(total, len);
+        let c = b.ins().icmp(IntCC::UnsignedLessThanOrEqual, need, left);
+        check(&mut b, c);
         // RIP's TLB entry (as `Cpu::translate` hits it for an instruction fetch).
         let tlb = ld(&mut b, I64, cx, offset_of!(JitCtx, tlb));
         let ti = b.ins().ushr_imm_s(rip, 12);
@@ -2038,20 +2132,23 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
         let ti = b.ins().imul_imm_s(ti, tlb_layout::SIZE as i64);
         let te = b.ins().iadd(tlb, ti);
         let tag = ld(&mut b, I64, te, tlb_layout::TAG);
-        let perm = b.ins().uload8(I64, MF, te, off(tlb_layout::PERM));
-        let tgpa = ld(&mut b, I64, te, tlb_layout::GPA);
         let pg = b.ins().band_imm_s(rip, !0xfff_i64);
         let want = b.ins().bor_imm_s(pg, TLB_VALID as i64);
-        let t1 = b.ins().icmp(IntCC::Equal, tag, want);
+        let c = b.ins().icmp(IntCC::Equal, tag, want);
+        check(&mut b, c);
         // P_EXEC, and P_USER at CPL 3 (P_USER is bit 0, like `user`).
         const _: () = assert!(P_USER == 1);
+        let perm = b.ins().uload8(I64, MF, te, off(tlb_layout::PERM));
         let needp = b.ins().bor_imm_s(cur_user, i64::from(P_EXEC));
         let has = b.ins().band(perm, needp);
-        let t2 = b.ins().icmp(IntCC::Equal, has, needp);
+        let c = b.ins().icmp(IntCC::Equal, has, needp);
+        check(&mut b, c);
+        let tgpa = ld(&mut b, I64, te, tlb_layout::GPA);
         let o = b.ins().band_imm_s(rip, 0xfff);
         let gpa = b.ins().bor(tgpa, o);
         let egpa = ld(&mut b, I64, e, jl::GPA);
-        let t3 = b.ins().icmp(IntCC::Equal, gpa, egpa);
+        let c = b.ins().icmp(IntCC::Equal, gpa, egpa);
+        check(&mut b, c);
         // The page's code generation (`SharedRam` keeps them in one array of u32).
         let gens = ld(&mut b, I64, cx, offset_of!(JitCtx, gens));
         let page = ld(&mut b, I64, e, jl::PAGE);
@@ -2059,13 +2156,8 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
         let ga = b.ins().iadd(gens, ga);
         let g = b.ins().uload32(MemFlagsData::new(), ga, 0);
         let eg = b.ins().uload32(MF, e, off(jl::GEN));
-        let t4 = b.ins().icmp(IntCC::Equal, g, eg);
-        let ok = b.ins().band(t1, t2);
-        let ok = b.ins().band(ok, t3);
-        let ok = b.ins().band(ok, t4);
-        let hit = b.create_block();
-        b.ins().brif(ok, hit, &[], miss, &[]);
-        b.switch_to_block(hit);
+        let c = b.ins().icmp(IntCC::Equal, g, eg);
+        check(&mut b, c);
         follow_to(&mut b, [cpu, cx], left, total, f, sig_block);
         b.switch_to_block(miss);
         b.ins().return_(&[total]);
