@@ -13,7 +13,6 @@ use crate::decode::{JitFn, Op};
 use crate::mmu::{tlb_layout, GEN_CODE, P_RAM, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
 use crate::uop::{FpOp, Lanes, MemOp, Src, Sse, Uop, VShift, VecOp, Xs, HIGH8, NONE};
 use cranelift_codegen::binemit::Reloc;
-use cranelift_codegen::cursor::{Cursor, FuncCursor};
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::types::{F32, F32X4, F64, F64X2, I16, I16X8, I32, I32X4, I64, I64X2, I8, I8X16};
@@ -153,9 +152,8 @@ struct Tr<'a, 'b> {
     used: u16,
     /// The block loops onto itself: every exit stores every register in `used`.
     self_loop: bool,
-    /// The entry block's terminator (constants go before it, see `k`).
-    entry_jump: cranelift_codegen::ir::Inst,
-    consts: std::collections::HashMap<(Type, i64), Value>,
+    /// Constants made in the current IR block (see `k`): the block, and each constant.
+    consts: (Option<cranelift_codegen::ir::Block>, Vec<(Type, i64, Value)>),
     /// `ctx.tlb`, loaded once at entry.
     tlb: Value,
 }
@@ -173,19 +171,20 @@ impl Tr<'_, '_> {
         self.k(I64, v as i64)
     }
 
-    /// The constant `v` of type `ty`. Constants that fit an x86 immediate are made once, in
-    /// the entry block (fewer IR instructions to compile; instruction selection still folds
-    /// them into immediates); others where they are used.
+    /// The constant `v` of type `ty`, made once per IR block where it is used. (Made once
+    /// in the entry block, constants that instruction selection could not fold into an
+    /// immediate lived in registers across the whole function: callee-saved ones, saved
+    /// and restored by every block's prologue and exits.)
     fn k(&mut self, ty: Type, v: i64) -> Value {
-        if i32::try_from(v).is_err() {
-            return self.b.ins().iconst(ty, v);
+        let cur = self.b.current_block();
+        if self.consts.0 != cur {
+            self.consts = (cur, Vec::new());
         }
-        if let Some(&x) = self.consts.get(&(ty, v)) {
+        if let Some(&(_, _, x)) = self.consts.1.iter().find(|c| c.0 == ty && c.1 == v) {
             return x;
         }
-        let mut cur = FuncCursor::new(self.b.func).at_inst(self.entry_jump);
-        let x = cur.ins().iconst(ty, v);
-        self.consts.insert((ty, v), x);
+        let x = self.b.ins().iconst(ty, v);
+        self.consts.1.push((ty, v, x));
         x
     }
 
@@ -1942,7 +1941,7 @@ pub(crate) fn compile(
             _ => false,
         };
         let header = b.create_block();
-        let entry_jump = b.ins().jump(header, &[]);
+        b.ins().jump(header, &[]);
         b.switch_to_block(header);
         let mut t = Tr {
             b,
@@ -1969,8 +1968,7 @@ pub(crate) fn compile(
             sig_probe,
             used,
             self_loop,
-            entry_jump,
-            consts: std::collections::HashMap::from([((I64, 0), zero)]),
+            consts: (None, Vec::new()),
             tlb,
         };
         let mut rip = None;
