@@ -666,8 +666,12 @@ pub(crate) struct BlockAt {
     pub(crate) gpa: u64,
 }
 
-/// Entries of the jump cache (a power of two).
-pub(crate) const JC_SIZE: usize = 4096;
+/// Entries of the jump cache (a power of two): 1 MiB per table, two tables per vCPU. A
+/// boot of the test guest compiles ~45,000 blocks (baseline) and ~4,300 (Cranelift): with
+/// QEMU's 4,096 entries, collisions sent 1.5 M block exits per boot back to the run loop
+/// (no entry for the next block in either table); with 16,384, 0.5 M, and a third fewer
+/// entries into compiled code from the run loop.
+pub(crate) const JC_SIZE: usize = 16384;
 
 /// A jump-cache entry: the compiled block last run at linear `rip` (QEMU's
 /// `tb_jmp_cache`), with code of type `F` (Cranelift's [`JitFn`] or baseline [`BaseFn`]:
