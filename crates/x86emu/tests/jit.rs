@@ -315,7 +315,7 @@ fn budget_stays_exact_with_compiled_blocks() {
 }
 
 /// A compiled block that does not fit in what is left of one of the run loop's chunks (its
-/// interrupt checks, every 4096 instructions) ends the chunk early and runs compiled in the
+/// interrupt checks, every 16,384 instructions) ends the chunk early and runs compiled in the
 /// next one: only the end of the budget itself is interpreted (it was: the rest of every
 /// chunk, and the next chunk started in the middle of the block).
 #[test]
