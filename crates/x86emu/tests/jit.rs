@@ -956,6 +956,72 @@ fn jump_cache_probe_follows_other_pages_only_while_their_translation_and_code_ho
     assert_eq!((j.cpu.rip, j.cpu.cr2), (HANDLERS + 16 * 14 + 1, CALLEE), "#PF on fetching CALLEE");
 }
 
+/// A jump to the block's own page goes on in compiled code only while the jump-cache entry
+/// for the target is the block at the target's GPA. CALLEE's page is two physical pages in
+/// turn, holding the same first block (`mov eax, 1; jmp +0x10`) and different second ones
+/// (`add eax, 10; ret` and `add eax, 1000; ret`); halfway the guest maps the second one at
+/// CALLEE (INVLPG), so that the jump-cache entry for CALLEE + 0x10 still holds the first
+/// page's block when the new first block jumps there. Same state as the interpreter at
+/// every budget exit. (A chaining shortcut that left out the GPA check failed it.)
+#[test]
+fn baseline_exits_within_a_page_follow_only_the_block_at_their_targets_gpa() {
+    const N: u64 = 400;
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(r8, N)?;
+        a.mov(r9, CALLEE)?;
+        a.xor(ebx, ebx)?;
+        a.set_label(&mut top)?;
+        a.call(r9)?;
+        a.add(rbx, rax)?;
+        a.cmp(r8, (N / 2) as i32)?;
+        a.jne(skip)?;
+        a.mov(rax, (CALLEE + 0x1000) | 3)?;
+        a.mov(qword_ptr(PT + 0x100 * 8), rax)?;
+        a.invlpg(qword_ptr(r9))?;
+        a.set_label(&mut skip)?;
+        a.dec(r8)?;
+        a.jne(top)?;
+        a.hlt()
+    });
+    let setup = |tier: Tier| {
+        let mut m = Machine::new(&code, tier);
+        let put = |ram: &mut [u8], at: u64, v: u64| {
+            let at = at as usize;
+            ram[at..at + 8].copy_from_slice(&v.to_le_bytes())
+        };
+        put(&mut m.ram, 0x3008, PT | 3);
+        for i in 0..512u64 {
+            put(&mut m.ram, PT + 8 * i, (0x20_0000 + 0x1000 * i) | 3);
+        }
+        for (page, add) in [(CALLEE, 10u32), (CALLEE + 0x1000, 1000)] {
+            let at = page as usize;
+            // mov eax, 1; jmp rel32 to +0x10
+            m.ram[at] = 0xb8;
+            m.ram[at + 1..at + 5].copy_from_slice(&1u32.to_le_bytes());
+            m.ram[at + 5] = 0xe9;
+            m.ram[at + 6..at + 10].copy_from_slice(&(0x10i32 - 10).to_le_bytes());
+            // add eax, imm32; ret
+            m.ram[at + 0x10] = 0x05;
+            m.ram[at + 0x11..at + 0x15].copy_from_slice(&add.to_le_bytes());
+            m.ram[at + 0x15] = 0xc3;
+        }
+        m
+    };
+    for tier in [Tier::Base, Tier::Auto] {
+        let mut i = setup(Tier::Interp);
+        let mut j = setup(tier);
+        for budget in [1u64, 9, 777, 4097, 100_000] {
+            let (ei, ej) = (i.run(&mut never(), budget), j.run(&mut never(), budget));
+            assert_eq!(ei, ej, "{tier:?}: exit after a budget of {budget}");
+            assert_eq!(i.state(), j.state(), "{tier:?}: state after a budget of {budget}");
+        }
+        assert_eq!(j.cpu.gpr[3], (N / 2 + 1) * 11 + (N / 2 - 1) * 1001, "{tier:?}: {:?}", j.cpu.jit_stats());
+        assert!(j.cpu.jit_stats().base_instructions > 0, "{tier:?}: {:?}", j.cpu.jit_stats());
+    }
+}
+
 #[test]
 fn memory_increments_and_decrements_agree_with_the_interpreter() {
     // INC/DEC of a byte, word, dword and qword in memory, crossing their signed and
