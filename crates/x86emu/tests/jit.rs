@@ -660,7 +660,7 @@ fn warm_blocks_get_baseline_code_chain_and_still_become_hot() {
     assert_eq!(i.cpu.stats.instructions, n, "instructions retired");
     let s = j.cpu.jit_stats();
     assert!(s.base_compiled >= 2 && s.base_instructions > 1_000, "warm blocks ran baseline code: {s:?}");
-    // From the run loop at most once per chunk of 4,096 instructions (and while warming).
+    // From the run loop at most once per chunk of 16,384 instructions (and while warming).
     assert!(s.base_entries < n / 2_000 + 100, "baseline blocks ran one after another: {s:?}");
     assert!(s.compiled >= 2, "blocks that ran only chained became hot: {s:?}");
 }
