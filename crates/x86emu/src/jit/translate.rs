@@ -178,7 +178,9 @@ impl Tr<'_, '_> {
     fn k(&mut self, ty: Type, v: i64) -> Value {
         let cur = self.b.current_block();
         if self.consts.0 != cur {
-            self.consts = (cur, Vec::new());
+            // Kept allocated: this runs for every IR block the translator emits into.
+            self.consts.0 = cur;
+            self.consts.1.clear();
         }
         if let Some(&(_, _, x)) = self.consts.1.iter().find(|c| c.0 == ty && c.1 == v) {
             return x;
