@@ -310,6 +310,8 @@ struct Console {
     stdin: Option<ChildStdin>,
     out: Arc<Mutex<Vec<u8>>>,
     err: Arc<Mutex<Vec<u8>>>,
+    /// The threads copying its stdout and stderr (they end at the pipes' EOF).
+    pumps: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Console {
@@ -326,17 +328,17 @@ impl Console {
         let pump = |mut from: Box<dyn Read + Send>| {
             let buf = Arc::new(Mutex::new(Vec::new()));
             let b = buf.clone();
-            std::thread::spawn(move || {
+            let thread = std::thread::spawn(move || {
                 let mut chunk = [0u8; 4096];
                 while let Ok(n @ 1..) = from.read(&mut chunk) {
                     b.lock().unwrap().extend_from_slice(&chunk[..n]);
                 }
             });
-            buf
+            (buf, thread)
         };
-        let out = pump(Box::new(child.stdout.take().unwrap()));
-        let err = pump(Box::new(child.stderr.take().unwrap()));
-        let c = Console { stdin: child.stdin.take(), child, out, err };
+        let (out, out_pump) = pump(Box::new(child.stdout.take().unwrap()));
+        let (err, err_pump) = pump(Box::new(child.stderr.take().unwrap()));
+        let c = Console { stdin: child.stdin.take(), child, out, err, pumps: vec![out_pump, err_pump] };
         c.wait_err(&format!("Connected to {name} (Ctrl-] detaches)"));
         c
     }
@@ -394,8 +396,13 @@ impl Console {
         assert!(self.messages().contains("the VM keeps running"), "{}", self.messages());
     }
 
+    /// Waits for the client to exit and for its last output to be read (what it wrote just
+    /// before exiting may still be in the pipes when it is reaped).
     fn wait_exit(&mut self) -> Option<i32> {
         let st = wait_until("the console client to exit", Duration::from_secs(30), || self.child.try_wait().unwrap());
+        for pump in self.pumps.drain(..) {
+            pump.join().unwrap();
+        }
         st.code()
     }
 }
