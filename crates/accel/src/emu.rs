@@ -160,6 +160,9 @@ impl x86emu::Bus for Adapter<'_> {
     fn take_nmi(&mut self) -> bool {
         self.ic.take_nmi()
     }
+    fn nmi_pending(&mut self) -> bool {
+        self.ic.nmi_pending()
+    }
     fn now_ns(&mut self) -> u64 {
         (self.clock)()
     }

@@ -195,6 +195,23 @@ pub(crate) fn ends_block(insn: &Instruction) -> bool {
     }
 }
 
+/// Whether `insn` ends decoded blocks only because it may open the interrupt window (or
+/// latch an I/O device's interrupt): STI, IRET, OUT, POPF. Compiled code that runs one goes
+/// on when no interrupt (or NMI) is pending right after it (see `jit::jit_generic`).
+pub(crate) fn opens_window(insn: &Instruction) -> bool {
+    matches!(
+        insn.mnemonic(),
+        Mnemonic::Sti
+            | Mnemonic::Iret
+            | Mnemonic::Iretd
+            | Mnemonic::Iretq
+            | Mnemonic::Out
+            | Mnemonic::Popf
+            | Mnemonic::Popfd
+            | Mnemonic::Popfq
+    )
+}
+
 /// Returns the decoded block starting at CS:RIP (from the cache or freshly decoded), the
 /// RAM page index it lies on (usize::MAX if uncached) and that page's code generation.
 #[inline]

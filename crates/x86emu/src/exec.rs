@@ -117,7 +117,15 @@ fn run(cpu: &mut Cpu, bus: &mut dyn Bus, budget: u64) -> Exit {
                         }
                         r
                     }
-                    ref u => crate::uop::exec(cpu, bus, u).map_err(Stop::Fault),
+                    ref u => {
+                        let r = crate::uop::exec(cpu, bus, u).map_err(Stop::Fault);
+                        // The instruction an STI shadow covered (compiled code left the
+                        // window check to the run loop): look at the interrupt line now.
+                        if r.is_ok() && cpu.check_irq && !cpu.interrupt_shadow {
+                            break 'chunk;
+                        }
+                        r
+                    }
                 };
                 match r {
                     Ok(()) => {}
@@ -174,9 +182,11 @@ fn jit_step(
     (n, chunk, soft_end): (u64, u64, bool),
     want: &mut Option<crate::jit::WantLink>,
 ) -> (JitStep, u64) {
-    // An instruction in an STI/MOV SS shadow runs in the interpreter, which opens the
-    // interrupt window right after it.
-    if !cpu.in_64bit_mode() || cpu.interrupt_shadow {
+    // An instruction in an STI shadow with the interrupt line to look at right after it
+    // runs in the interpreter, which looks there. Otherwise compiled code may run it: it
+    // runs a block's first instruction before anything looks at the interrupt line (and
+    // `enter` ends the shadow).
+    if !cpu.in_64bit_mode() || (cpu.interrupt_shadow && cpu.check_irq) {
         return (JitStep::Interpret(0), n);
     }
     let Some(code) = crate::jit::lookup(cpu, ops, at, want.take()) else {

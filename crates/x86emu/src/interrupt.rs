@@ -528,6 +528,9 @@ mod nmi_tests {
         fn take_nmi(&mut self) -> bool {
             std::mem::take(&mut self.latched)
         }
+        fn nmi_pending(&mut self) -> bool {
+            self.latched
+        }
     }
 
     fn put(ram: &mut [u8], at: u64, bytes: &[u8]) {

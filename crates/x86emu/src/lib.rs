@@ -92,6 +92,11 @@ pub trait Bus {
     fn take_nmi(&mut self) -> bool {
         false
     }
+    /// Whether an NMI is latched for this CPU, without taking it: compiled code asks after
+    /// an IRET (which ends NMI blocking) whether it must stop for one. The default has none.
+    fn nmi_pending(&mut self) -> bool {
+        false
+    }
     /// Guest RAM written by devices (DMA) since the last call, as `(GPA, length in bytes)`
     /// ranges. The CPU retires code it decoded from those pages before it next looks at the
     /// interrupt line, so a device must report its writes before it raises the interrupt

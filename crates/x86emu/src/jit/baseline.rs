@@ -28,7 +28,7 @@
 //! address kept across a helper call; RAX, RCX, RDX, RSI, RDI, R8 scratch; one 8-byte
 //! stack slot at [RSP].
 
-use super::{codemem::DualMapped, jc_layout, JitCtx, BJC_BATCH, EXIT_FAULT, EXIT_GP, EXIT_NORMAL, GEN_YIELD, JC_SIZE};
+use super::{codemem::DualMapped, jc_layout, JitCtx, BJC_BATCH, EXIT_FAULT, EXIT_GP, EXIT_NORMAL, JC_SIZE};
 use crate::alu::Op2;
 use crate::cpu::{flags, sreg, Cpu, Seg};
 use crate::decode::Op;
@@ -917,7 +917,7 @@ impl Emit<'_> {
     /// the helper asks to exit.
     fn generic(&mut self, i: usize, op: &Op) -> bool {
         let at = (self.env.insns + (i * std::mem::size_of::<Instruction>()) as u64).cast_signed();
-        let how = u64::from(self.env.user) | if crate::decode::ends_block(&op.insn) { GEN_YIELD } else { 0 };
+        let how = super::generic_how(&op.insn, self.env.user);
         let how = i32::try_from(how).unwrap_or(0);
         let f = super::jit_generic as *const () as i64;
         let out = self.a.new_dynamic_label();

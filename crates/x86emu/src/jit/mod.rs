@@ -479,14 +479,43 @@ pub(crate) fn discard_fp_flags() {
 /// did (it ends a decoded block: it may change translations, segments, the interrupt flag).
 pub(crate) const GEN_YIELD: u64 = 2;
 
+/// Bit of [`jit_generic`]'s `how` (with [`GEN_YIELD`]): the instruction ends its block only
+/// because it may open the interrupt window (`crate::decode::opens_window`): when no
+/// interrupt or NMI is pending right after it, and it left the CPU in 64-bit mode at the
+/// block's privilege, it ends the block like a branch ([`EXIT_NORMAL`]) instead of
+/// yielding to the run loop.
+pub(crate) const GEN_WINDOW: u64 = 4;
+
+/// `how` for [`jit_generic`] running `insn` in a block of privilege `user`.
+pub(crate) fn generic_how(insn: &Instruction, user: bool) -> u64 {
+    let mut how = u64::from(user);
+    if crate::decode::ends_block(insn) {
+        how |= GEN_YIELD;
+        if crate::decode::opens_window(insn) {
+            how |= GEN_WINDOW;
+        }
+    }
+    how
+}
+
+/// Whether the run loop would deliver something at once: an NMI (when not blocked) or,
+/// with RFLAGS.IF set, an external interrupt. Asked by compiled code only after an
+/// instruction that set `Cpu::check_irq`.
+fn window_pending(cpu: &Cpu, bus: &mut dyn Bus) -> bool {
+    (!cpu.nmi_blocked && bus.nmi_pending()) || (cpu.rflags & crate::cpu::flags::IF != 0 && bus.interrupt_pending())
+}
+
 /// Runs `insn` (an instruction of the running block without a fast form) through the
 /// interpreter for generated code, which has stored every register and RFLAGS first and
-/// reloads them after. `how`: bit 0 the block's privilege (CPL 3), [`GEN_YIELD`]. Returns
-/// 0 when the block may go on with its next instruction; otherwise `1 + (kind << 32)` with
-/// `kind` the exit to take now ([`EXIT_YIELD`]: the instruction retired but branched,
-/// halted, changed mode or privilege, opened an interrupt window or shadow, or `how` asked
-/// to yield; [`EXIT_FAULT`] and [`EXIT_STOP`]: RIP is the instruction's, the fault or exit
-/// is in `ctx`).
+/// reloads them after. `how`: bit 0 the block's privilege (CPL 3), [`GEN_YIELD`],
+/// [`GEN_WINDOW`]. An instruction that sets `Cpu::check_irq` asks the bus at once whether
+/// an interrupt or NMI is pending, and clears it when none is. Returns 0 when the block
+/// may go on with its next instruction; otherwise `1 + (kind << 32)` with `kind` the exit
+/// to take now ([`EXIT_NORMAL`]: a [`GEN_WINDOW`] instruction retired with nothing pending,
+/// in 64-bit mode at the block's privilege; [`EXIT_YIELD`]: the instruction retired but
+/// branched, halted, changed mode or privilege, left something pending, opened an STI/MOV
+/// SS shadow, or `how` asked to yield; [`EXIT_FAULT`] and [`EXIT_STOP`]: RIP is the
+/// instruction's, the fault or exit is in `ctx`).
 ///
 /// # Safety
 /// As for [`jit_read`]; `insn` points to an instruction owned by the module of the running
@@ -514,15 +543,20 @@ pub(crate) unsafe extern "C" fn jit_generic(
     }
     match r {
         Ok(()) => {
-            let go_on = cpu.rip == next
-                && how & GEN_YIELD == 0
-                && !cpu.halted
-                && !cpu.check_irq
-                && !cpu.interrupt_shadow
-                && cpu.cur_user == (how & 1 != 0)
-                && cpu.in_64bit_mode();
-            if go_on {
+            // The instruction may have opened the interrupt window (STI, IRET, POPF) or
+            // raised a device's interrupt (OUT): the run loop need only look now when
+            // something is pending; otherwise it looks at the end of the chunk, as for an
+            // interrupt that arrives while compiled code runs.
+            if cpu.check_irq && !cpu.halted && !window_pending(cpu, bus) {
+                cpu.check_irq = false;
+            }
+            let stay = !cpu.halted && !cpu.check_irq && cpu.user() == (how & 1 != 0) && cpu.in_64bit_mode();
+            if stay && cpu.rip == next && how & GEN_YIELD == 0 && !cpu.interrupt_shadow {
                 0
+            } else if stay && how & GEN_WINDOW != 0 {
+                // It ends its block: `enter` goes on in the block at RIP. (An STI shadow
+                // still covers that block's first instruction: see `enter`.)
+                1
             } else {
                 1 + (EXIT_YIELD << 32)
             }
@@ -1139,6 +1173,9 @@ pub(crate) fn enter(
         let fault = match r >> 32 {
             EXIT_NORMAL => match chain_next(cpu, left - total, la_page, page) {
                 Some((c, p)) => {
+                    // The next block's first instruction runs before anything could look
+                    // at the interrupt line: it is the one an STI shadow covered.
+                    cpu.interrupt_shadow = false;
                     (cur, page) = (c, p);
                     la_page = cpu.rip & !0xfff;
                     cpu.jit.stats.chained += 1;

@@ -956,7 +956,7 @@ impl Tr<'_, '_> {
         let at = self.iconst(self.env.insns + (i * std::mem::size_of::<Instruction>()) as u64);
         // An instruction that ends a decoded block (it changes translations, segments, the
         // interrupt flag...) also ends a chain of compiled blocks.
-        let how = u64::from(self.env.user) | if crate::decode::ends_block(insn) { super::GEN_YIELD } else { 0 };
+        let how = super::generic_how(insn, self.env.user);
         let how = self.iconst(how);
         let fp = self.iconst(super::jit_generic as *const () as u64);
         let call = self.b.ins().call_indirect(self.sig_gen, fp, &[self.cpu, self.ctx, at, how]);
