@@ -663,6 +663,7 @@ fn warm_blocks_get_baseline_code_chain_and_still_become_hot() {
     assert!(s.base_compiled >= 2 && s.base_instructions > 1_000, "warm blocks ran baseline code: {s:?}");
     // From the run loop at most once per chunk of 16,384 instructions (and while warming).
     assert!(s.base_entries < n / 2_000 + 100, "baseline blocks ran one after another: {s:?}");
+    assert!(s.base_links >= 1, "the baseline exits to the other block were linked: {s:?}");
     assert!(s.compiled >= 2, "blocks that ran only chained became hot: {s:?}");
 }
 
@@ -1394,4 +1395,56 @@ fn an_interrupt_pending_at_sti_is_taken_after_the_shadowed_instruction() {
             assert!(m.cpu.jit_stats().instructions > 0, "{:?}", m.cpu.jit_stats());
         }
     }
+}
+
+/// Baseline exits to a constant target on their block's page are linked (a patched jump to
+/// the target's chain entry): the loop's blocks follow each other without the probe or the
+/// run loop, the budget stays exact, and code rewritten on the page is decoded again (the
+/// chain entry checks the page's generation).
+#[test]
+fn baseline_exits_to_their_own_page_are_linked_and_stay_exact() {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut top = a.create_label();
+    let mut mid = a.create_label();
+    let mut skip = a.create_label();
+    a.mov(rcx, 3000u64).unwrap();
+    a.set_label(&mut top).unwrap();
+    a.add(rax, 1).unwrap();
+    a.jmp(mid).unwrap();
+    a.set_label(&mut mid).unwrap();
+    a.add(rbx, rax).unwrap();
+    a.cmp(rax, 2000).unwrap();
+    a.jne(skip).unwrap();
+    // Once, at pass 2,000: the ADD below adds 5 from now on.
+    a.lea(rsi, ptr(skip)).unwrap();
+    a.mov(byte_ptr(rsi + 3), 5).unwrap();
+    a.set_label(&mut skip).unwrap();
+    a.add(rdx, 1).unwrap(); // 48 83 C2 01
+    a.dec(rcx).unwrap();
+    a.jnz(top).unwrap();
+    a.cli().unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    let mut i = Machine::new(&code, Tier::Interp);
+    let mut j = Machine::new(&code, Tier::Base);
+    assert_eq!(i.run(&mut never(), 1_000_000), Exit::HaltedForever);
+    // In odd slices: every slice ends exactly at its budget, wherever that falls.
+    loop {
+        let before = j.cpu.stats.instructions;
+        match j.cpu.run(&mut never(), 997) {
+            Exit::Budget => assert_eq!(j.cpu.stats.instructions - before, 997),
+            e => {
+                assert_eq!(e, Exit::HaltedForever);
+                break;
+            }
+        }
+    }
+    assert_eq!(i.state(), j.state(), "state (gpr, rip, rflags, cr2, memory)");
+    assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions, "instructions retired");
+    assert_eq!(j.cpu.gpr[2], 1999 + 1001 * 5, "the rewritten ADD ran from pass 2,000 on");
+    let s = j.cpu.jit_stats();
+    assert!(s.base_links >= 3, "{s:?}");
+    // From the run loop about once per slice, and after the rewrite.
+    let slices = j.cpu.stats.instructions / 997 + 1;
+    assert!(s.base_entries < slices + 50, "{} entries for {slices} slices: {s:?}", s.base_entries);
 }

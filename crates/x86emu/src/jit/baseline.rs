@@ -38,6 +38,7 @@ use cranelift_jit::{JITMemoryKind, JITMemoryProvider};
 use dynasmrt::{dynasm, x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 use iced_x86::{ConditionCode, Instruction};
 use std::mem::offset_of;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The entry of a block's baseline code (see the module docs for its signature).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -64,7 +65,16 @@ pub(crate) struct BaseCode {
     probe: u64,
     /// Bytes of every block's prologue: where the probe enters a block.
     body: usize,
+    /// Bytes of every block's chain entry, which precedes its prologue (see [`chain_entry`]).
+    chain: usize,
+    /// The blocks' run counters (see [`chain_entry`]), in chunks that never move.
+    counts: Vec<Box<[AtomicU32]>>,
+    /// Counters handed out from the last chunk.
+    counts_used: usize,
 }
+
+/// Counters per chunk of [`BaseCode::counts`].
+const COUNT_CHUNK: usize = 1024;
 
 impl BaseCode {
     /// A region of [`BASE_LIMIT`] bytes; None where the host refuses the double mapping
@@ -76,9 +86,25 @@ impl BaseCode {
         prologue(&mut a);
         let body = a.offset().0;
         let mut a = VecAssembler::<X64Relocation>::new(0);
+        let labels = [a.new_dynamic_label(), a.new_dynamic_label(), a.new_dynamic_label()];
+        chain_entry(&mut a, &Env::default(), labels);
+        let chain = a.offset().0;
+        let mut a = VecAssembler::<X64Relocation>::new(0);
         probe(&mut a, body);
         let probe_code = a.finalize().ok()?;
-        let mut b = BaseCode { mem, exec, used: 0, insns: Vec::new(), asm: None, probe_code, probe: 0, body };
+        let mut b = BaseCode {
+            mem,
+            exec,
+            used: 0,
+            insns: Vec::new(),
+            asm: None,
+            probe_code,
+            probe: 0,
+            body,
+            chain,
+            counts: Vec::new(),
+            counts_used: COUNT_CHUNK,
+        };
         b.install_probe()?;
         Some(b)
     }
@@ -101,6 +127,8 @@ impl BaseCode {
         unsafe { self.mem.free_memory() };
         self.used = 0;
         self.insns.clear();
+        self.counts.clear();
+        self.counts_used = COUNT_CHUNK;
         // Back at the start of the region, where it was: it cannot fail.
         let _ = self.install_probe();
     }
@@ -115,7 +143,19 @@ impl BaseCode {
     /// when the region is full (the caller clears it) or nothing could be assembled.
     pub(crate) fn compile(&mut self, ops: &[Op], user: bool, gen_ptr: u64, gen: u32) -> Option<(BaseFn, usize)> {
         let insns: Box<[Instruction]> = ops.iter().map(|o| o.insn).collect();
-        let env = Env { user, gen_ptr, gen, insns: insns.as_ptr() as u64, probe: self.probe, body: self.body };
+        let cnt = self.counter();
+        let env = Env {
+            user,
+            gen_ptr,
+            gen,
+            insns: insns.as_ptr() as u64,
+            probe: self.probe,
+            body: self.body,
+            chain: self.chain,
+            start: ops.first().map_or(0, |o| o.ip) & !0xfff,
+            len: u32::try_from(ops.len()).ok()?,
+            cnt: cnt as u64,
+        };
         let mut asm = self.asm.take().unwrap_or_else(|| VecAssembler::new(0));
         let code = {
             let mut e = Emit {
@@ -137,13 +177,66 @@ impl BaseCode {
         unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), at, code.len()) };
         self.used += code.len() + std::mem::size_of_val(&*insns);
         self.insns.push(insns);
-        let run = at.expose_provenance().wrapping_add_signed(self.exec);
+        // The block's entry is its prologue, after its chain entry.
+        let run = at.expose_provenance().wrapping_add_signed(self.exec).wrapping_add(self.chain);
         let f = std::ptr::NonNull::new(std::ptr::with_exposed_provenance_mut::<u8>(run))?;
         Some((BaseFn(f), code.len()))
+    }
+
+    /// A fresh run counter (at [`BJC_BATCH`]) for a block's chain entry.
+    fn counter(&mut self) -> *const AtomicU32 {
+        if self.counts_used == COUNT_CHUNK {
+            self.counts.push((0..COUNT_CHUNK).map(|_| AtomicU32::new(BJC_BATCH)).collect());
+            self.counts_used = 0;
+        }
+        let chunk = self.counts.last().map_or(std::ptr::null(), |c| c.as_ptr());
+        // SAFETY: counts_used < COUNT_CHUNK, the chunk's length.
+        let c = unsafe { chunk.add(self.counts_used) };
+        self.counts_used += 1;
+        self.used += 4;
+        c
+    }
+
+    /// Links the normal exit at `site` (the address of its `jmp rel32`, still jumping to the
+    /// next instruction: the exit's way to the probe) to block `to`'s chain entry. The caller
+    /// checked that the exit's constant target is `to`'s RIP, on the page of the exiting
+    /// block's first instruction, and that `to` is code of this region for the privilege
+    /// that block runs at. False (nothing written) if `site` is not such an exit of this
+    /// region.
+    pub(crate) fn link(&mut self, site: u64, to: BaseFn) -> bool {
+        let Some(w) = self.mem.writable(site, 5) else { return false };
+        let target = (to.0.as_ptr().expose_provenance() as u64).wrapping_sub(self.chain as u64);
+        let Ok(rel) = i32::try_from(target.wrapping_sub(site.wrapping_add(5)).cast_signed()) else { return false };
+        // SAFETY: `writable` checked the 5 bytes lie in allocated code, in the read-write
+        // view; no Rust reference to that memory exists, and none of this region's code
+        // runs while the vCPU's thread is here.
+        unsafe {
+            if w.read() != 0xe9 || w.add(1).cast::<[u8; 4]>().read() != [0; 4] {
+                return false;
+            }
+            w.add(1).cast::<[u8; 4]>().write(rel.to_le_bytes());
+        }
+        true
+    }
+
+    /// Makes the chain entry whose counter is at `cnt` (from `JitCtx::credit`) leave on
+    /// every run: its block has Cranelift code now, which the run loop enters instead.
+    pub(crate) fn retire_counter(&self, cnt: u64) {
+        let size = std::mem::size_of::<AtomicU32>() as u64;
+        for chunk in &self.counts {
+            let start = chunk.as_ptr() as u64;
+            if (start..start + size * COUNT_CHUNK as u64).contains(&cnt) && (cnt - start).is_multiple_of(size) {
+                if let Some(c) = chunk.get(usize::try_from((cnt - start) / size).unwrap_or(usize::MAX)) {
+                    c.store(1, Ordering::Relaxed);
+                }
+                return;
+            }
+        }
     }
 }
 
 /// What the templates of one block need to know.
+#[derive(Default)]
 struct Env {
     user: bool,
     gen_ptr: u64,
@@ -154,6 +247,15 @@ struct Env {
     probe: u64,
     /// Bytes of the prologue (checked).
     body: usize,
+    /// Bytes of the chain entry (checked).
+    chain: usize,
+    /// The linear page of the block's first instruction: exits to constant targets on it
+    /// can be linked.
+    start: u64,
+    /// The block's instructions.
+    len: u32,
+    /// Address of the block's run counter (an `AtomicU32`).
+    cnt: u64,
 }
 
 /// Code placed after the block's main path (rarely run).
@@ -163,8 +265,8 @@ enum Cold {
     Miss { at: DynamicLabel, join: DynamicLabel, size: u8, write: bool, fault: DynamicLabel },
     /// A store hit a page holding code (its generation's address in RAX).
     Note { at: DynamicLabel, join: DynamicLabel },
-    /// An exit with RIP `rip` returning `word`.
-    Exit { at: DynamicLabel, rip: u64, word: u64 },
+    /// An exit with RIP `rip` returning `word` (that may be linked: see [`Emit::exit_link`]).
+    Exit { at: DynamicLabel, rip: u64, word: u64, link: bool },
     /// `jit_generic` asked to exit (its word in RAX) after `before` instructions.
     Generic { at: DynamicLabel, before: u64 },
 }
@@ -235,7 +337,7 @@ impl Emit<'_> {
             return *l;
         }
         let at = self.a.new_dynamic_label();
-        self.cold.push(Cold::Exit { at, rip: ip, word: (i as u64 + 1) | (EXIT_FAULT << 32) });
+        self.cold.push(Cold::Exit { at, rip: ip, word: (i as u64 + 1) | (EXIT_FAULT << 32), link: false });
         if let Some(s) = self.fault.get_mut(i) {
             *s = Some(at);
         }
@@ -244,8 +346,45 @@ impl Emit<'_> {
 
     fn cold_exit(&mut self, rip: u64, word: u64) -> DynamicLabel {
         let at = self.a.new_dynamic_label();
-        self.cold.push(Cold::Exit { at, rip, word });
+        self.cold.push(Cold::Exit { at, rip, word, link: false });
         at
+    }
+
+    /// [`Self::cold_exit`] of a branch to the constant `rip` (see [`Self::exit_link`]).
+    fn cold_exit_link(&mut self, rip: u64, word: u64) -> DynamicLabel {
+        let at = self.a.new_dynamic_label();
+        self.cold.push(Cold::Exit { at, rip, word, link: true });
+        at
+    }
+
+    /// [`Self::exit`] of a branch or fall-through to the constant `rip`. A normal exit to the
+    /// page of the block's first instruction can be linked: it jumps to the probe through a
+    /// `jmp rel32` to its next instruction, with its own address in `JitCtx::link_site`;
+    /// `super::enter` points that jump at the target block's chain entry when the target
+    /// has baseline code. (Within that page, the target translates to the page the block
+    /// itself was entered on: compiled code runs nothing that changes translations.)
+    fn exit_link(&mut self, rip: u64, word: u64) {
+        if word >> 32 != EXIT_NORMAL || rip & !0xfff != self.env.start {
+            return self.exit(rip, word);
+        }
+        self.store_rip(rip);
+        let n = i32::try_from(word & 0xffff_ffff).unwrap_or(0);
+        let p = self.env.probe.cast_signed();
+        let site = self.a.new_dynamic_label();
+        dynasm!(self.a
+            ; .arch x64
+            ; add QWORD [r12 + off(offset_of!(JitCtx, retired))], n
+            ; =>site
+        );
+        // jmp rel32 to the next instruction (until linked).
+        self.bytes(&[0xe9, 0, 0, 0, 0]);
+        dynasm!(self.a
+            ; .arch x64
+            ; lea rax, [=>site]
+            ; mov [r12 + off(offset_of!(JitCtx, link_site))], rax
+            ; mov rax, QWORD p
+            ; jmp rax
+        );
     }
 
     /// Stores RIP = `rip` and returns `word`; a normal exit goes on through the probe.
@@ -293,10 +432,17 @@ impl Emit<'_> {
 
     /// Emits the block; false if its prologue is not the probe's (never).
     fn block(&mut self, ops: &[Op]) -> bool {
-        prologue(self.a);
-        if self.a.offset().0 != self.env.body {
+        let [stale, credit, body] =
+            [self.a.new_dynamic_label(), self.a.new_dynamic_label(), self.a.new_dynamic_label()];
+        chain_entry(self.a, self.env, [stale, credit, body]);
+        if self.a.offset().0 != self.env.chain {
             return false;
         }
+        prologue(self.a);
+        if self.a.offset().0 != self.env.chain + self.env.body {
+            return false;
+        }
+        dynasm!(self.a ; .arch x64 ; =>body);
         let mut ended = false;
         for (i, op) in ops.iter().enumerate() {
             if self.op(i, op, ops.get(i + 1)) {
@@ -306,11 +452,22 @@ impl Emit<'_> {
         }
         if !ended {
             let last = ops.last().map_or(0, |o| o.next_ip);
-            self.exit(last, ops.len() as u64);
+            self.exit_link(last, ops.len() as u64);
         }
         let ret = self.ret_label();
         dynasm!(self.a ; .arch x64 ; =>ret);
         epilogue(self.a);
+        // The chain entry's ways out: RIP is the block's own (its predecessor stored it).
+        let batch = i32::try_from(BJC_BATCH).unwrap_or(i32::MAX);
+        dynasm!(self.a
+            ; .arch x64
+            ; =>credit
+            ; mov DWORD [rax], batch
+            ; mov [r12 + off(offset_of!(JitCtx, credit))], rax
+            ; =>stale
+            ; xor eax, eax
+            ; jmp =>ret
+        );
         for c in std::mem::take(&mut self.cold) {
             self.emit_cold(c);
         }
@@ -352,9 +509,13 @@ impl Emit<'_> {
                     ; jmp =>join
                 );
             }
-            Cold::Exit { at, rip, word } => {
+            Cold::Exit { at, rip, word, link } => {
                 dynasm!(self.a ; .arch x64 ; =>at);
-                self.exit(rip, word);
+                if link {
+                    self.exit_link(rip, word);
+                } else {
+                    self.exit(rip, word);
+                }
             }
             Cold::Generic { at, before } => {
                 let b = i32::try_from(before).unwrap_or(i32::MAX);
@@ -646,7 +807,7 @@ impl Emit<'_> {
             }
             Uop::Jcc { cc, target } => {
                 let Some(n) = cc_num(cc) else { return self.generic(i, op) };
-                let taken = self.cold_exit(target, done);
+                let taken = self.cold_exit_link(target, done);
                 if self.cc_in_dl == Some(i) {
                     dynasm!(self.a ; .arch x64 ; test dl, dl ; jnz =>taken);
                 } else {
@@ -656,19 +817,19 @@ impl Emit<'_> {
                     dynasm!(self.a ; .arch x64 ; test al, al ; jnz =>taken);
                 }
                 if last {
-                    self.exit(next, done);
+                    self.exit_link(next, done);
                     return true;
                 }
             }
             Uop::Jmp { target } => {
-                self.exit(target, done);
+                self.exit_link(target, done);
                 return true;
             }
             Uop::Call { target } => {
                 let n = next.cast_signed();
                 dynasm!(self.a ; .arch x64 ; mov rdx, QWORD n);
                 self.push(i, ip);
-                self.exit(target, done);
+                self.exit_link(target, done);
                 return true;
             }
             Uop::Ret => {
@@ -987,6 +1148,38 @@ fn shift_ext(op: Op2) -> Option<u8> {
     })
 }
 
+/// Every block's chain entry, placed before its prologue: where a linked exit of a block
+/// on the same page jumps (in that block's frame, RIP stored, its count added to
+/// `JitCtx::retired`). It goes on in the block's body when the block's page kept its
+/// generation, the block's length fits in what is left of `JitCtx::left`, and its run
+/// counter has not run out; the counter counts down [`super::BJC_BATCH`] runs, after which
+/// the block leaves (`credit`: the counter reset, its address in `JitCtx::credit`) so that
+/// `super::enter` counts the batch toward Cranelift's threshold, as the probe's batches
+/// are. Otherwise (`stale`) it returns an exit word of 0 (`EXIT_NORMAL`). (This vCPU's
+/// own stores to the page end the block that made them before it links on; the generation
+/// check catches other vCPUs' stores, as the probe's does.) Every
+/// instruction has a fixed size (checked), so every chain entry is as long.
+fn chain_entry(a: &mut VecAssembler<X64Relocation>, env: &Env, [stale, credit, body]: [DynamicLabel; 3]) {
+    let (p, g) = (env.gen_ptr.cast_signed(), env.gen.cast_signed());
+    let len = i32::try_from(env.len).unwrap_or(i32::MAX);
+    let cnt = env.cnt.cast_signed();
+    dynasm!(a
+        ; .arch x64
+        ; mov rax, QWORD p
+        ; cmp DWORD [rax], g
+        ; jne =>stale
+        ; mov rcx, [r12 + off(offset_of!(JitCtx, retired))]
+        ; add rcx, len
+        ; cmp rcx, [r12 + off(offset_of!(JitCtx, left))]
+        ; ja =>stale
+        ; mov rax, QWORD cnt
+        ; dec DWORD [rax]
+        ; jz =>credit
+        ; inc QWORD [r12 + off(offset_of!(JitCtx, chained))]
+        ; jmp =>body
+    );
+}
+
 /// Every block's prologue: saves the callee-saved registers it uses, keeps RSP 16-byte
 /// aligned for helper calls, loads RBX = cpu, R12 = ctx, R13 = the TLB, R14 = RFLAGS.
 fn prologue(a: &mut VecAssembler<X64Relocation>) {
@@ -1096,6 +1289,9 @@ fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
         ; mov rdx, [r12 + ctx(offset_of!(JitCtx, gens))]
         ; mov ecx, [rdx + rcx * 4]
         ; cmp ecx, [rax + off(jc_layout::GEN)]
+        ; jne =>miss
+        // A linkable exit: `super::enter` links it on the way to the block.
+        ; cmp QWORD [r12 + ctx(offset_of!(JitCtx, link_site))], 0
         ; jne =>miss
         ; mov ecx, [rax + off(jc_layout::RUNS)]
         ; inc ecx

@@ -83,6 +83,20 @@ impl DualMapped {
     }
 }
 
+impl DualMapped {
+    /// The read-write address of `len` bytes of allocated code at `exec` (an address in the
+    /// read-execute view), if they lie in what was allocated.
+    pub(crate) fn writable(&self, exec: u64, len: usize) -> Option<*mut u8> {
+        let rx = self.rx.as_ptr().expose_provenance() as u64;
+        let off = usize::try_from(exec.checked_sub(rx)?).ok()?;
+        if off.checked_add(len)? > self.pos {
+            return None;
+        }
+        // SAFETY: off + len <= pos <= size: inside the read-write mapping.
+        Some(unsafe { self.rw.as_ptr().add(off) })
+    }
+}
+
 impl JITMemoryProvider for DualMapped {
     /// Room for `size` bytes of code aligned to `align` in the read-write view. Errors:
     /// `Unsupported` for data (the translation tier defines none), `InvalidInput` for an

@@ -126,6 +126,8 @@ pub struct JitStats {
     pub base_instructions: u64,
     /// Host time spent assembling baseline code, nanoseconds.
     pub base_ns: u64,
+    /// Baseline exits linked straight to their target's baseline code.
+    pub base_links: u64,
 }
 
 /// Per-vCPU JIT state: the Cranelift module holding this vCPU's code and reusable
@@ -376,6 +378,13 @@ pub(crate) struct JitCtx {
     pub(crate) bjc: *const u8,
     /// The current baseline epoch, for the baseline probe.
     pub(crate) base_epoch: u64,
+    /// Address of the `jmp rel32` of the baseline exit that just went to the probe, when
+    /// it can be linked (`baseline::Emit::exit_link`); the probe then leaves its target to
+    /// `enter`, which links it.
+    pub(crate) link_site: u64,
+    /// Address of the run counter of a baseline block whose chain entry counted a batch
+    /// of runs (`baseline::chain_entry`), for `enter`.
+    pub(crate) credit: u64,
 }
 
 /// Reads `size` bytes at linear `la` for generated code (TLB miss, MMIO, page crossing).
@@ -1134,6 +1143,8 @@ pub(crate) fn enter(
         link_gen: 0,
         bjc: cpu.jit.bjc.as_ptr().cast(),
         base_epoch: u64::from(cpu.jit.base_epoch),
+        link_site: 0,
+        credit: 0,
     };
     cpu.interrupt_shadow = false;
     let (mut cur, mut page) = (code, page);
@@ -1147,6 +1158,8 @@ pub(crate) fn enter(
         ctx.left = left - total;
         ctx.retired = 0;
         ctx.chained = 0;
+        ctx.link_site = 0;
+        ctx.credit = 0;
         let r = match cur {
             // SAFETY: `f` came from `lookup` or `chain_next` (through `bjc_next`), which
             // checked its baseline epoch is the current one; `ctx` was built above.
@@ -1170,9 +1183,18 @@ pub(crate) fn enter(
             cpu.jit.stats.base_instructions += n;
         }
         total += n;
+        let (site, credit) = (std::mem::take(&mut ctx.link_site), std::mem::take(&mut ctx.credit));
         let fault = match r >> 32 {
-            EXIT_NORMAL => match chain_next(cpu, left - total, la_page, page) {
+            EXIT_NORMAL => match chain_next_base(cpu, left - total, la_page, page, credit) {
                 Some((c, p)) => {
+                    if let (true, Code::Base(f, _), Some(base)) = (site != 0, c, cpu.jit.base.as_mut()) {
+                        // `site` is a baseline exit to this constant RIP on its block's
+                        // first page (so on the page that block was entered on), which
+                        // `chain_next` found baseline code of this region and privilege for.
+                        if base.link(site, f) {
+                            cpu.jit.stats.base_links += 1;
+                        }
+                    }
                     // The next block's first instruction runs before anything could look
                     // at the interrupt line: it is the one an STI shadow covered.
                     cpu.interrupt_shadow = false;
@@ -1234,6 +1256,25 @@ pub(crate) fn enter(
         };
         return (total, Some(fault), None);
     }
+}
+
+/// [`chain_next`] after a normal exit; `credit` (from `JitCtx::credit`): the run counter of
+/// the baseline block at RIP, entered through links, ran out: its batch of runs counts
+/// toward Cranelift's threshold (through `bjc_next`), and once the block has Cranelift code
+/// its chain entry leaves on every run, so that it is entered there.
+#[inline]
+fn chain_next_base(cpu: &mut Cpu, room: u64, la_page: u64, page: usize, credit: u64) -> Option<(Code, usize)> {
+    if credit != 0 {
+        let rip = cpu.rip;
+        if let Some(e) = cpu.jit.bjc.get_mut(jc_index(rip)).filter(|e| e.rip == rip) {
+            e.runs = BJC_BATCH - 1;
+        }
+    }
+    let next = chain_next(cpu, room, la_page, page);
+    if let (true, Some((Code::Opt(..), _)), Some(base)) = (credit != 0, next, cpu.jit.base.as_ref()) {
+        base.retire_counter(credit);
+    }
+    next
 }
 
 /// Runs baseline code `f` of the block at the current RIP once: its exit word.
