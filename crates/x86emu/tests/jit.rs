@@ -1448,3 +1448,43 @@ fn baseline_exits_to_their_own_page_are_linked_and_stay_exact() {
     let slices = j.cpu.stats.instructions / 997 + 1;
     assert!(s.base_entries < slices + 50, "{} entries for {slices} slices: {s:?}", s.base_entries);
 }
+
+/// Blocks of both tiers follow each other in compiled code (either tier's probe finds the
+/// other's code, and tail-calls it) while the auto tier moves them from the interpreter to
+/// baseline code to Cranelift's at different times: a loop that calls a function on
+/// another page, with flags live across the transfers, ends in the interpreter's state.
+#[test]
+fn blocks_of_both_tiers_follow_each_other_and_agree_with_the_interpreter() {
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        let mut func = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(r8, 300_000u64)?;
+        a.set_label(&mut top)?;
+        a.add(rax, r8)?;
+        a.call(func)?;
+        a.jz(skip)?;
+        a.test(r8, 7)?;
+        a.jnz(skip)?;
+        a.rol(rbx, 1)?;
+        a.set_label(&mut skip)?;
+        a.dec(r8)?;
+        a.jnz(top)?;
+        a.cli()?;
+        a.hlt()?;
+        a.db(&[0xcc; 4096])?;
+        // CF of the caller's ADD, and ZF of the XOR through the RET.
+        a.set_label(&mut func)?;
+        a.adc(rcx, rbx)?;
+        a.xor(rbx, rax)?;
+        a.ret()
+    });
+    let mut i = Machine::new(&code, Tier::Interp);
+    let mut j = Machine::new(&code, Tier::Auto);
+    assert_eq!(i.run(&mut never(), 10_000_000), Exit::HaltedForever);
+    assert_eq!(j.run(&mut never(), 10_000_000), Exit::HaltedForever);
+    assert_eq!(i.state(), j.state(), "state (gpr, rip, rflags, cr2, memory)");
+    assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions, "instructions retired");
+    let s = j.cpu.jit_stats();
+    assert!(s.base_instructions > 0 && s.instructions > s.base_instructions, "both tiers ran: {s:?}");
+}

@@ -18,15 +18,18 @@
 //! and `super::jit_read`/`super::jit_write` otherwise; a store retires code on the page it
 //! hits (`super::jit_note_write`) and ends the block when the block's own page changed.
 //! Every other instruction is a call to `super::jit_generic` (registers and flags are
-//! already in the `Cpu`). A normal exit stores RIP and goes on in the next block through
-//! the baseline probe ([`probe`]), which returns to `super::enter` (storing RFLAGS) when
-//! it finds none; every other exit returns there.
+//! already in the `Cpu`). A normal exit stores RIP and goes on in the next block: through
+//! a patched jump to its chain entry when the target is a constant on the block's page
+//! ([`Emit::exit_link`], [`chain_entry`]), else through the baseline probe ([`probe`]),
+//! which finds baseline or Cranelift code, or returns to `super::enter` (storing RFLAGS)
+//! when it finds none; every other exit returns there.
 //!
 //! A block's code is `extern "sysv64" fn(cpu: *mut Cpu, ctx: *mut JitCtx) -> u64` returning
-//! the same exit word as Cranelift's blocks (instructions retired, kind << 32). Host
-//! registers: RBX = cpu, R12 = ctx, R13 = the TLB, R14 = guest RFLAGS, R15 = a linear
-//! address kept across a helper call; RAX, RCX, RDX, RSI, RDI, R8 scratch; one 8-byte
-//! stack slot at [RSP].
+//! the same exit word as Cranelift's blocks (instructions retired, kind << 32); Cranelift's
+//! `tail` convention passes two arguments, saves registers and returns as System V does,
+//! so that either tier's code tail-calls the other's. Host registers: RBX = cpu, R12 =
+//! ctx, R13 = the TLB, R14 = guest RFLAGS, R15 = a linear address kept across a helper
+//! call; RAX, RCX, RDX, RSI, RDI, R8, R9 scratch; one 8-byte stack slot at [RSP].
 
 use super::{codemem::DualMapped, jc_layout, JitCtx, BJC_BATCH, EXIT_FAULT, EXIT_GP, EXIT_NORMAL, JC_SIZE};
 use crate::alu::Op2;
@@ -38,7 +41,7 @@ use cranelift_jit::{JITMemoryKind, JITMemoryProvider};
 use dynasmrt::{dynasm, x64::X64Relocation, DynamicLabel, DynasmApi, DynasmLabelApi, VecAssembler};
 use iced_x86::{ConditionCode, Instruction};
 use std::mem::offset_of;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 
 /// The entry of a block's baseline code (see the module docs for its signature).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -219,18 +222,23 @@ impl BaseCode {
         true
     }
 
-    /// Makes the chain entry whose counter is at `cnt` (from `JitCtx::credit`) leave on
-    /// every run: its block has Cranelift code now, which the run loop enters instead.
-    pub(crate) fn retire_counter(&self, cnt: u64) {
-        let size = std::mem::size_of::<AtomicU32>() as u64;
-        for chunk in &self.counts {
-            let start = chunk.as_ptr() as u64;
-            if (start..start + size * COUNT_CHUNK as u64).contains(&cnt) && (cnt - start).is_multiple_of(size) {
-                if let Some(c) = chunk.get(usize::try_from((cnt - start) / size).unwrap_or(usize::MAX)) {
-                    c.store(1, Ordering::Relaxed);
-                }
+    /// Sends the chain entry at `entry` (from `JitCtx::credit`) to the probe: its block has
+    /// Cranelift code now, which the probe finds (the baseline jump cache no longer holds
+    /// the block), so that linked exits to it go on there. Nothing is written unless
+    /// `entry` is a chain entry of this region.
+    pub(crate) fn retire_chain_entry(&mut self, entry: u64) {
+        let Some(w) = self.mem.writable(entry, self.chain) else { return };
+        let Ok(rel) = i32::try_from(self.probe.wrapping_sub(entry.wrapping_add(5)).cast_signed()) else { return };
+        // SAFETY: as in `link`: allocated code of this region, in the read-write view, not
+        // running now.
+        unsafe {
+            // Every chain entry starts with `mov rax, imm64` (REX.W B8).
+            if w.cast::<[u8; 2]>().read() != [0x48, 0xb8] {
                 return;
             }
+            let mut jmp = [0xe9, 0, 0, 0, 0];
+            jmp[1..].copy_from_slice(&rel.to_le_bytes());
+            w.cast::<[u8; 5]>().write(jmp);
         }
     }
 }
@@ -374,6 +382,7 @@ impl Emit<'_> {
         dynasm!(self.a
             ; .arch x64
             ; add QWORD [r12 + off(offset_of!(JitCtx, retired))], n
+            ; sub QWORD [r12 + off(offset_of!(JitCtx, left))], n
             ; =>site
         );
         // jmp rel32 to the next instruction (until linked).
@@ -407,8 +416,9 @@ impl Emit<'_> {
         }
     }
 
-    /// Leaves the block (RIP stored): returns `word`, or for a normal exit adds its count
-    /// to `JitCtx::retired` and jumps to the probe, which goes on in the next block.
+    /// Leaves the block (RIP stored): returns `word`, or for a normal exit moves its count
+    /// from `JitCtx::left` to `JitCtx::retired` and jumps to the probe, which goes on in the
+    /// next block.
     fn leave(&mut self, word: u64) {
         if word >> 32 == EXIT_NORMAL {
             let n = i32::try_from(word & 0xffff_ffff).unwrap_or(0);
@@ -416,6 +426,7 @@ impl Emit<'_> {
             dynasm!(self.a
                 ; .arch x64
                 ; add QWORD [r12 + off(offset_of!(JitCtx, retired))], n
+                ; sub QWORD [r12 + off(offset_of!(JitCtx, left))], n
                 ; mov rax, QWORD p
                 ; jmp rax
             );
@@ -434,6 +445,8 @@ impl Emit<'_> {
     fn block(&mut self, ops: &[Op]) -> bool {
         let [stale, credit, body] =
             [self.a.new_dynamic_label(), self.a.new_dynamic_label(), self.a.new_dynamic_label()];
+        let entry = self.a.new_dynamic_label();
+        dynasm!(self.a ; .arch x64 ; =>entry);
         chain_entry(self.a, self.env, [stale, credit, body]);
         if self.a.offset().0 != self.env.chain {
             return false;
@@ -463,6 +476,7 @@ impl Emit<'_> {
             ; .arch x64
             ; =>credit
             ; mov DWORD [rax], batch
+            ; lea rax, [=>entry]
             ; mov [r12 + off(offset_of!(JitCtx, credit))], rax
             ; =>stale
             ; xor eax, eax
@@ -1149,8 +1163,8 @@ fn shift_ext(op: Op2) -> Option<u8> {
 }
 
 /// Every block's chain entry, placed before its prologue: where a linked exit of a block
-/// on the same page jumps (in that block's frame, RIP stored, its count added to
-/// `JitCtx::retired`). It goes on in the block's body when the block's page kept its
+/// on the same page jumps (in that block's frame, RIP stored, its count moved from
+/// `JitCtx::left` to `JitCtx::retired`). It goes on in the block's body when the block's page kept its
 /// generation, the block's length fits in what is left of `JitCtx::left`, and its run
 /// counter has not run out; the counter counts down [`super::BJC_BATCH`] runs, after which
 /// the block leaves (`credit`: the counter reset, its address in `JitCtx::credit`) so that
@@ -1168,10 +1182,8 @@ fn chain_entry(a: &mut VecAssembler<X64Relocation>, env: &Env, [stale, credit, b
         ; mov rax, QWORD p
         ; cmp DWORD [rax], g
         ; jne =>stale
-        ; mov rcx, [r12 + off(offset_of!(JitCtx, retired))]
-        ; add rcx, len
-        ; cmp rcx, [r12 + off(offset_of!(JitCtx, left))]
-        ; ja =>stale
+        ; cmp QWORD [r12 + off(offset_of!(JitCtx, left))], len
+        ; jb =>stale
         ; mov rax, QWORD cnt
         ; dec DWORD [rax]
         ; jz =>credit
@@ -1217,48 +1229,101 @@ fn epilogue(a: &mut VecAssembler<X64Relocation>) {
 }
 
 /// The baseline probe (QEMU's `lookup_and_goto_ptr` for this tier), jumped to by a block's
-/// normal exits in the block's frame after they stored RIP and added their count to
-/// `JitCtx::retired`. It goes on in the baseline code that the baseline jump cache holds
-/// for RIP when `super::bjc_next` would without its batch of hits: the entry is RIP's,
-/// of the current baseline epoch and privilege, its length fits in what is left of
-/// `JitCtx::left`, RIP translates to its GPA through a TLB entry that allows execution (a
-/// miss returns), its page kept its generation, and fewer than `BJC_BATCH` runs were
-/// counted in it (the Rust side adds the batch to the block's hits). It enters the block
-/// after its prologue (`body` bytes), with the registers as they are. Otherwise it returns
-/// an exit word of 0 (`EXIT_NORMAL`, the count being in `JitCtx::retired`).
+/// normal exits in the block's frame after they stored RIP and moved their count from
+/// `JitCtx::left` to `JitCtx::retired`. It goes on in the baseline code that the baseline
+/// jump cache holds for RIP when `super::bjc_next` would without its batch of hits: the
+/// entry is RIP's, of the current baseline epoch and privilege, its length fits in what is
+/// left (`JitCtx::left`), RIP translates to its GPA through a TLB entry that allows
+/// execution (a miss returns), its page kept its generation, and fewer than `BJC_BATCH`
+/// runs were counted in it (the Rust side adds the batch to the block's hits). It enters
+/// the block after its prologue (`body` bytes), with the registers as they are. Else, when
+/// Cranelift's jump cache holds code for RIP under the same conditions (of the current
+/// epoch), it leaves the frame and jumps to it as a tail call with `(cpu, ctx)` (Cranelift's
+/// `tail` convention passes them, saves registers and returns as System V does, so that
+/// code returns to this block's caller). Otherwise it returns an exit word of 0
+/// (`EXIT_NORMAL`, the count being in `JitCtx::retired`).
 fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
-    const _: () = assert!(P_USER == 1);
-    let miss = a.new_dynamic_label();
+    let (bmiss, miss) = (a.new_dynamic_label(), a.new_dynamic_label());
     let shift = i8::try_from(64 - JC_SIZE.trailing_zeros()).unwrap_or(52);
-    let valid = i32::try_from(TLB_VALID).unwrap_or(1);
     let esz = off(jc_layout::SIZE);
-    let tsz = off(tlb_layout::SIZE);
-    let tmask = off(TLB_SIZE - 1);
     let ctx = |f: usize| off(f);
     let fib = 0x9e37_79b9_7f4a_7c15_u64.cast_signed();
     let body = off(body);
     dynasm!(a
         ; .arch x64
         ; mov rsi, [rbx + off(RIP)]
-        // super::jc_index: Fibonacci hashing.
+        // super::jc_index: Fibonacci hashing (R9: the entry's offset in either table).
         ; mov rax, QWORD fib
         ; imul rax, rsi
         ; shr rax, shift
-        ; imul eax, eax, esz
-        ; add rax, [r12 + ctx(offset_of!(JitCtx, bjc))]
+        ; imul r9d, eax, esz
+        ; mov rax, [r12 + ctx(offset_of!(JitCtx, bjc))]
+        ; add rax, r9
+    );
+    probe_entry(a, offset_of!(JitCtx, base_epoch), bmiss);
+    dynasm!(a
+        ; .arch x64
+        // A linkable exit: `super::enter` links it on the way to the block.
+        ; cmp QWORD [r12 + ctx(offset_of!(JitCtx, link_site))], 0
+        ; jne =>miss
+        ; mov ecx, [rax + off(jc_layout::RUNS)]
+        ; inc ecx
+        ; cmp ecx, BJC_BATCH as i32
+        ; jae =>miss
+        ; mov [rax + off(jc_layout::RUNS)], ecx
+        ; inc QWORD [r12 + ctx(offset_of!(JitCtx, chained))]
+        ; add rdi, body
+        ; jmp rdi
+        ; =>bmiss
+        ; mov rax, [r12 + ctx(offset_of!(JitCtx, jc))]
+        ; add rax, r9
+    );
+    probe_entry(a, offset_of!(JitCtx, epoch), miss);
+    dynasm!(a
+        ; .arch x64
+        ; inc QWORD [r12 + ctx(offset_of!(JitCtx, chained))]
+        ; mov QWORD [r12 + ctx(offset_of!(JitCtx, link_site))], 0
+        ; mov rax, rdi
+        ; mov rdi, rbx
+        ; mov rsi, r12
+        ; mov [rbx + off(RFLAGS)], r14
+        ; add rsp, 8
+        ; pop r15
+        ; pop r14
+        ; pop r13
+        ; pop r12
+        ; pop rbx
+        ; pop rbp
+        ; jmp rax
+        ; =>miss
+        ; xor eax, eax
+    );
+    epilogue(a);
+}
+
+/// The probe's checks of the jump-cache entry at RAX for RIP = RSI (see [`probe`]): on
+/// success RDI = its code; else jumps to `miss`. `epoch`: the `JitCtx` field holding the
+/// table's current epoch. Clobbers RCX, RDX, R8.
+fn probe_entry(a: &mut VecAssembler<X64Relocation>, epoch: usize, miss: DynamicLabel) {
+    const _: () = assert!(P_USER == 1);
+    let valid = i32::try_from(TLB_VALID).unwrap_or(1);
+    let tsz = off(tlb_layout::SIZE);
+    let tmask = off(TLB_SIZE - 1);
+    let ctx = |f: usize| off(f);
+    dynasm!(a
+        ; .arch x64
         ; cmp rsi, [rax + off(jc_layout::RIP)]
         ; jne =>miss
         ; mov rdi, [rax + off(jc_layout::F)]
         ; test rdi, rdi
         ; jz =>miss
         ; mov ecx, [rax + off(jc_layout::EPOCH)]
-        ; cmp rcx, [r12 + ctx(offset_of!(JitCtx, base_epoch))]
+        ; cmp rcx, [r12 + ctx(epoch)]
         ; jne =>miss
         ; movzx ecx, BYTE [rax + off(jc_layout::USER)]
         ; cmp rcx, [r12 + ctx(offset_of!(JitCtx, user))]
         ; jne =>miss
         ; mov ecx, [rax + off(jc_layout::LEN)]
-        ; add rcx, [r12 + ctx(offset_of!(JitCtx, retired))]
         ; cmp rcx, [r12 + ctx(offset_of!(JitCtx, left))]
         ; ja =>miss
         // RIP's TLB entry, as `Cpu::translate` hits it for an instruction fetch: the tag,
@@ -1290,19 +1355,5 @@ fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
         ; mov ecx, [rdx + rcx * 4]
         ; cmp ecx, [rax + off(jc_layout::GEN)]
         ; jne =>miss
-        // A linkable exit: `super::enter` links it on the way to the block.
-        ; cmp QWORD [r12 + ctx(offset_of!(JitCtx, link_site))], 0
-        ; jne =>miss
-        ; mov ecx, [rax + off(jc_layout::RUNS)]
-        ; inc ecx
-        ; cmp ecx, BJC_BATCH as i32
-        ; jae =>miss
-        ; mov [rax + off(jc_layout::RUNS)], ecx
-        ; inc QWORD [r12 + ctx(offset_of!(JitCtx, chained))]
-        ; add rdi, body
-        ; jmp rdi
-        ; =>miss
-        ; xor eax, eax
     );
-    epilogue(a);
 }

@@ -346,8 +346,9 @@ pub(crate) struct JitCtx {
     pub(crate) tlb: *const u8,
     /// Non-zero after a helper stored a fault in `fault`.
     pub(crate) faulted: u64,
-    /// Instructions the block may retire in this entry (a block that loops onto itself
-    /// runs again only while a whole pass fits).
+    /// Instructions the running block and those after it may retire in this entry (a
+    /// block that loops onto itself runs again only while a whole pass fits); a block left
+    /// for another in compiled code (either tier) moves its count from here to `retired`.
     pub(crate) left: u64,
     /// The link of the exit taken (EXIT_LINK).
     pub(crate) link: *mut Link,
@@ -382,8 +383,8 @@ pub(crate) struct JitCtx {
     /// it can be linked (`baseline::Emit::exit_link`); the probe then leaves its target to
     /// `enter`, which links it.
     pub(crate) link_site: u64,
-    /// Address of the run counter of a baseline block whose chain entry counted a batch
-    /// of runs (`baseline::chain_entry`), for `enter`.
+    /// Address of the chain entry of a baseline block whose run counter counted a batch of
+    /// runs (`baseline::chain_entry`), for `enter`.
     pub(crate) credit: u64,
 }
 
@@ -1271,8 +1272,8 @@ fn chain_next_base(cpu: &mut Cpu, room: u64, la_page: u64, page: usize, credit: 
         }
     }
     let next = chain_next(cpu, room, la_page, page);
-    if let (true, Some((Code::Opt(..), _)), Some(base)) = (credit != 0, next, cpu.jit.base.as_ref()) {
-        base.retire_counter(credit);
+    if let (true, Some((Code::Opt(..), _)), Some(base)) = (credit != 0, next, cpu.jit.base.as_mut()) {
+        base.retire_chain_entry(credit);
     }
     next
 }

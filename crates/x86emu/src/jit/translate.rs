@@ -2070,9 +2070,11 @@ fn probe_sig(module: &JITModule) -> Signature {
 /// jump cache holds for RIP when `enter` would (`super::jc_next`): the entry is RIP's, of
 /// the current epoch and privilege, its length fits in `JitCtx::left`, RIP translates to
 /// its GPA through a TLB entry that allows execution (no TLB fill here: a miss returns),
-/// and its page kept its generation. Otherwise it returns `retired` (an [`EXIT_NORMAL`]),
-/// and `enter` looks again. Shared by every block of every vCPU (everything it reads comes
-/// through `ctx`). None if Cranelift refuses.
+/// and its page kept its generation. Else it continues, under the same conditions, in the
+/// baseline code that the baseline jump cache holds for RIP (of the current baseline
+/// epoch), counting its runs as the baseline probe does. Otherwise it returns `retired` (an
+/// [`EXIT_NORMAL`]), and `enter` looks again. Shared by every block of every vCPU
+/// (everything it reads comes through `ctx`). None if Cranelift refuses.
 pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
     use super::jc_layout as jl;
     use crate::mmu::{tlb_layout, P_EXEC, P_USER, TLB_SIZE, TLB_VALID};
@@ -2092,72 +2094,98 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
         };
         let ld = |b: &mut FunctionBuilder, ty: Type, base: Value, o: usize| b.ins().load(ty, MF, base, off(o));
         let rip = ld(&mut b, I64, cpu, offset_of!(Cpu, rip));
-        // super::jc_index: Fibonacci hashing.
+        // super::jc_index: Fibonacci hashing (the entry's offset in either table).
         let bits = super::JC_SIZE.trailing_zeros();
         let h = b.ins().imul_imm_s(rip, 0x9e37_79b9_7f4a_7c15_u64 as i64);
         let h = b.ins().ushr_imm_s(h, i64::from(64 - bits));
         let h = b.ins().imul_imm_s(h, jl::SIZE as i64);
-        let jc = ld(&mut b, I64, cx, offset_of!(JitCtx, jc));
-        let e = b.ins().iadd(jc, h);
+        let bmiss = b.create_block();
         let miss = b.create_block();
         // One compare and branch per condition (each icmp fuses with its brif).
-        let check = |b: &mut FunctionBuilder, ok: Value| {
+        let check = |b: &mut FunctionBuilder, ok: Value, miss: cranelift_codegen::ir::Block| {
             let next = b.create_block();
             b.ins().brif(ok, next, &[], miss, &[]);
             b.switch_to_block(next);
         };
-        let erip = ld(&mut b, I64, e, jl::RIP);
-        let c = b.ins().icmp(IntCC::Equal, erip, rip);
-        check(&mut b, c);
-        let f = ld(&mut b, I64, e, jl::F);
-        let c = b.ins().icmp_imm_s(IntCC::NotEqual, f, 0);
-        check(&mut b, c);
-        let epoch = b.ins().uload32(MF, e, off(jl::EPOCH));
+        // The checks of the entry at `e` of the table whose current epoch is `cur_epoch`
+        // (see the doc above); its code on success, else to `miss`.
+        let entry = |b: &mut FunctionBuilder,
+                     e: Value,
+                     cur_epoch: Value,
+                     miss: cranelift_codegen::ir::Block|
+         -> (Value, Value) {
+            let erip = ld(b, I64, e, jl::RIP);
+            let c = b.ins().icmp(IntCC::Equal, erip, rip);
+            check(b, c, miss);
+            let f = ld(b, I64, e, jl::F);
+            let c = b.ins().icmp_imm_s(IntCC::NotEqual, f, 0);
+            check(b, c, miss);
+            let epoch = b.ins().uload32(MF, e, off(jl::EPOCH));
+            let c = b.ins().icmp(IntCC::Equal, epoch, cur_epoch);
+            check(b, c, miss);
+            let user = b.ins().uload8(I64, MF, e, off(jl::USER));
+            let cur_user = ld(b, I64, cx, offset_of!(JitCtx, user));
+            let c = b.ins().icmp(IntCC::Equal, user, cur_user);
+            check(b, c, miss);
+            let len = b.ins().uload32(MF, e, off(jl::LEN));
+            let left = ld(b, I64, cx, offset_of!(JitCtx, left));
+            let need = b.ins().iadd(total, len);
+            let c = b.ins().icmp(IntCC::UnsignedLessThanOrEqual, need, left);
+            check(b, c, miss);
+            // RIP's TLB entry (as `Cpu::translate` hits it for an instruction fetch).
+            let tlb = ld(b, I64, cx, offset_of!(JitCtx, tlb));
+            let ti = b.ins().ushr_imm_s(rip, 12);
+            let ti = b.ins().band_imm_s(ti, (TLB_SIZE - 1) as i64);
+            let ti = b.ins().imul_imm_s(ti, tlb_layout::SIZE as i64);
+            let te = b.ins().iadd(tlb, ti);
+            let tag = ld(b, I64, te, tlb_layout::TAG);
+            let pg = b.ins().band_imm_s(rip, !0xfff_i64);
+            let want = b.ins().bor_imm_s(pg, TLB_VALID as i64);
+            let c = b.ins().icmp(IntCC::Equal, tag, want);
+            check(b, c, miss);
+            // P_EXEC, and P_USER at CPL 3 (P_USER is bit 0, like `user`).
+            const _: () = assert!(P_USER == 1);
+            let perm = b.ins().uload8(I64, MF, te, off(tlb_layout::PERM));
+            let needp = b.ins().bor_imm_s(cur_user, i64::from(P_EXEC));
+            let has = b.ins().band(perm, needp);
+            let c = b.ins().icmp(IntCC::Equal, has, needp);
+            check(b, c, miss);
+            let tgpa = ld(b, I64, te, tlb_layout::GPA);
+            let o = b.ins().band_imm_s(rip, 0xfff);
+            let gpa = b.ins().bor(tgpa, o);
+            let egpa = ld(b, I64, e, jl::GPA);
+            let c = b.ins().icmp(IntCC::Equal, gpa, egpa);
+            check(b, c, miss);
+            // The page's code generation (`SharedRam` keeps them in one array of u32).
+            let gens = ld(b, I64, cx, offset_of!(JitCtx, gens));
+            let page = ld(b, I64, e, jl::PAGE);
+            let ga = b.ins().imul_imm_s(page, 4);
+            let ga = b.ins().iadd(gens, ga);
+            let g = b.ins().uload32(MemFlagsData::new(), ga, 0);
+            let eg = b.ins().uload32(MF, e, off(jl::GEN));
+            let c = b.ins().icmp(IntCC::Equal, g, eg);
+            check(b, c, miss);
+            (f, left)
+        };
+        let jc = ld(&mut b, I64, cx, offset_of!(JitCtx, jc));
+        let e = b.ins().iadd(jc, h);
         let cur_epoch = ld(&mut b, I64, cx, offset_of!(JitCtx, epoch));
-        let c = b.ins().icmp(IntCC::Equal, epoch, cur_epoch);
-        check(&mut b, c);
-        let user = b.ins().uload8(I64, MF, e, off(jl::USER));
-        let cur_user = ld(&mut b, I64, cx, offset_of!(JitCtx, user));
-        let c = b.ins().icmp(IntCC::Equal, user, cur_user);
-        check(&mut b, c);
-        let len = b.ins().uload32(MF, e, off(jl::LEN));
-        let left = ld(&mut b, I64, cx, offset_of!(JitCtx, left));
-        let need = b.ins().iadd(total, len);
-        let c = b.ins().icmp(IntCC::UnsignedLessThanOrEqual, need, left);
-        check(&mut b, c);
-        // RIP's TLB entry (as `Cpu::translate` hits it for an instruction fetch).
-        let tlb = ld(&mut b, I64, cx, offset_of!(JitCtx, tlb));
-        let ti = b.ins().ushr_imm_s(rip, 12);
-        let ti = b.ins().band_imm_s(ti, (TLB_SIZE - 1) as i64);
-        let ti = b.ins().imul_imm_s(ti, tlb_layout::SIZE as i64);
-        let te = b.ins().iadd(tlb, ti);
-        let tag = ld(&mut b, I64, te, tlb_layout::TAG);
-        let pg = b.ins().band_imm_s(rip, !0xfff_i64);
-        let want = b.ins().bor_imm_s(pg, TLB_VALID as i64);
-        let c = b.ins().icmp(IntCC::Equal, tag, want);
-        check(&mut b, c);
-        // P_EXEC, and P_USER at CPL 3 (P_USER is bit 0, like `user`).
-        const _: () = assert!(P_USER == 1);
-        let perm = b.ins().uload8(I64, MF, te, off(tlb_layout::PERM));
-        let needp = b.ins().bor_imm_s(cur_user, i64::from(P_EXEC));
-        let has = b.ins().band(perm, needp);
-        let c = b.ins().icmp(IntCC::Equal, has, needp);
-        check(&mut b, c);
-        let tgpa = ld(&mut b, I64, te, tlb_layout::GPA);
-        let o = b.ins().band_imm_s(rip, 0xfff);
-        let gpa = b.ins().bor(tgpa, o);
-        let egpa = ld(&mut b, I64, e, jl::GPA);
-        let c = b.ins().icmp(IntCC::Equal, gpa, egpa);
-        check(&mut b, c);
-        // The page's code generation (`SharedRam` keeps them in one array of u32).
-        let gens = ld(&mut b, I64, cx, offset_of!(JitCtx, gens));
-        let page = ld(&mut b, I64, e, jl::PAGE);
-        let ga = b.ins().imul_imm_s(page, 4);
-        let ga = b.ins().iadd(gens, ga);
-        let g = b.ins().uload32(MemFlagsData::new(), ga, 0);
-        let eg = b.ins().uload32(MF, e, off(jl::GEN));
-        let c = b.ins().icmp(IntCC::Equal, g, eg);
-        check(&mut b, c);
+        let (f, left) = entry(&mut b, e, cur_epoch, bmiss);
+        follow_to(&mut b, [cpu, cx], left, total, f, sig_block);
+        // No Cranelift code: the block's baseline code (its prologue takes `(cpu, ctx)` in
+        // registers and returns as the `tail` convention does), counting its runs as the
+        // baseline probe does (a full batch goes back to `enter`, which adds it to the
+        // block's hits).
+        b.switch_to_block(bmiss);
+        let bjc = ld(&mut b, I64, cx, offset_of!(JitCtx, bjc));
+        let e = b.ins().iadd(bjc, h);
+        let cur_epoch = ld(&mut b, I64, cx, offset_of!(JitCtx, base_epoch));
+        let (f, left) = entry(&mut b, e, cur_epoch, miss);
+        let runs = b.ins().uload32(MF, e, off(jl::RUNS));
+        let runs = b.ins().iadd_imm_s(runs, 1);
+        let c = b.ins().icmp_imm_s(IntCC::UnsignedLessThan, runs, i64::from(super::BJC_BATCH));
+        check(&mut b, c, miss);
+        b.ins().istore32(MF, runs, e, off(jl::RUNS));
         follow_to(&mut b, [cpu, cx], left, total, f, sig_block);
         b.switch_to_block(miss);
         b.ins().return_(&[total]);
