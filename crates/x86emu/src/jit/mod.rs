@@ -1161,6 +1161,7 @@ pub(crate) fn enter(
         ctx.chained = 0;
         ctx.link_site = 0;
         ctx.credit = 0;
+        ctx.link = std::ptr::null_mut();
         let r = match cur {
             // SAFETY: `f` came from `lookup` or `chain_next` (through `bjc_next`), which
             // checked its baseline epoch is the current one; `ctx` was built above.

@@ -641,7 +641,10 @@ impl Tr<'_, '_> {
     /// target lies on the block's page (`start`), else through the probe. A filled link is
     /// followed right here, by a tail call of the target's code, when its length fits in
     /// `JitCtx::left` and the page kept its generation; instructions retired so far are
-    /// added to `JitCtx::retired`. Otherwise the block returns [`EXIT_LINK`].
+    /// added to `JitCtx::retired`. A link not filled yet goes to the probe with the link in
+    /// `JitCtx::link`: it goes on in the target's baseline code, or returns [`EXIT_LINK`]
+    /// (so that `enter` fills the link with Cranelift code). Otherwise the block returns
+    /// [`EXIT_LINK`].
     fn exit_to(&mut self, target: u64, n: u64, k: u64, start: u64) {
         let rip = self.iconst(target);
         if target & !0xfff != start & !0xfff {
@@ -654,9 +657,10 @@ impl Tr<'_, '_> {
         let follow = self.b.create_block();
         let back = self.b.create_block();
         let (fits_at, gen_at) = (self.b.create_block(), self.b.create_block());
+        let unfilled = self.b.create_block();
         let f = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, f)));
         let linked = self.cmpi(IntCC::NotEqual, f, 0);
-        self.b.ins().brif(linked, fits_at, &[], back, &[]);
+        self.b.ins().brif(linked, fits_at, &[], unfilled, &[]);
         self.b.switch_to_block(fits_at);
         let len = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, len)));
         let need = self.b.ins().iadd(total, len);
@@ -670,14 +674,25 @@ impl Tr<'_, '_> {
         self.b.ins().brif(same, follow, &[], back, &[]);
         self.b.switch_to_block(follow);
         follow_to(&mut self.b, [self.cpu, self.ctx], left, total, f, self.sig_block);
+        // Not filled (the target has no Cranelift code yet, or it was not run yet): the
+        // probe goes on in the target's baseline code, else returns EXIT_LINK.
+        self.b.switch_to_block(unfilled);
+        self.store_link(l);
+        let p = self.iconst(self.env.probe);
+        self.b.ins().return_call_indirect(self.sig_probe, p, &[self.cpu, self.ctx, total]);
         self.b.switch_to_block(back);
+        self.store_link(l);
+        let code = self.addi(total, (EXIT_LINK << 32) as i64);
+        self.b.ins().return_(&[code]);
+    }
+
+    /// `JitCtx::link` = `l` with this block's page and generation (an EXIT_LINK's).
+    fn store_link(&mut self, l: Value) {
         self.b.ins().store(MF, l, self.ctx, off(offset_of!(JitCtx, link)));
         let page = self.iconst(self.env.page);
         self.b.ins().store(MF, page, self.ctx, off(offset_of!(JitCtx, link_page)));
         let gen = self.iconst(u64::from(self.env.gen));
         self.b.ins().store(MF, gen, self.ctx, off(offset_of!(JitCtx, link_gen)));
-        let code = self.addi(total, (EXIT_LINK << 32) as i64);
-        self.b.ins().return_(&[code]);
     }
 
     /// The last instruction of a block when it is a JMP, CALL or Jcc: exits through links.
@@ -2073,7 +2088,9 @@ fn probe_sig(module: &JITModule) -> Signature {
 /// and its page kept its generation. Else it continues, under the same conditions, in the
 /// baseline code that the baseline jump cache holds for RIP (of the current baseline
 /// epoch), counting its runs as the baseline probe does. Otherwise it returns `retired` (an
-/// [`EXIT_NORMAL`]), and `enter` looks again. Shared by every block of every vCPU
+/// [`EXIT_NORMAL`]), and `enter` looks again. Reached from a link not filled yet
+/// (`JitCtx::link` set), it leaves Cranelift code to `enter` (returning [`EXIT_LINK`]),
+/// which fills the link. Shared by every block of every vCPU
 /// (everything it reads comes through `ctx`). None if Cranelift refuses.
 pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
     use super::jc_layout as jl;
@@ -2167,10 +2184,15 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
             check(b, c, miss);
             (f, left)
         };
+        // A link exit not filled yet (see `Translator::exit_to`): `enter` fills it with
+        // Cranelift code, so that is left to it.
+        let link = ld(&mut b, I64, cx, offset_of!(JitCtx, link));
         let jc = ld(&mut b, I64, cx, offset_of!(JitCtx, jc));
         let e = b.ins().iadd(jc, h);
         let cur_epoch = ld(&mut b, I64, cx, offset_of!(JitCtx, epoch));
         let (f, left) = entry(&mut b, e, cur_epoch, bmiss);
+        let c = b.ins().icmp_imm_s(IntCC::Equal, link, 0);
+        check(&mut b, c, miss);
         follow_to(&mut b, [cpu, cx], left, total, f, sig_block);
         // No Cranelift code: the block's baseline code (its prologue takes `(cpu, ctx)` in
         // registers and returns as the `tail` convention does), counting its runs as the
@@ -2186,9 +2208,16 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
         let c = b.ins().icmp_imm_s(IntCC::UnsignedLessThan, runs, i64::from(super::BJC_BATCH));
         check(&mut b, c, miss);
         b.ins().istore32(MF, runs, e, off(jl::RUNS));
+        let zero = b.ins().iconst(I64, 0);
+        b.ins().store(MF, zero, cx, off(offset_of!(JitCtx, link)));
         follow_to(&mut b, [cpu, cx], left, total, f, sig_block);
         b.switch_to_block(miss);
-        b.ins().return_(&[total]);
+        // `total` (EXIT_NORMAL), or EXIT_LINK for a link exit.
+        let kind = b.ins().iconst(I64, (super::EXIT_LINK << 32) as i64);
+        let none = b.ins().iconst(I64, 0);
+        let k = b.ins().select(link, kind, none);
+        let code = b.ins().iadd(total, k);
+        b.ins().return_(&[code]);
         b.seal_all_blocks();
         b.finalize(tc);
     }
