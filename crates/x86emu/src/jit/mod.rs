@@ -689,15 +689,28 @@ pub(crate) unsafe extern "C" fn jit_note_write(g: *const u8) {
     unsafe { crate::mmu::jit_note_write(g as *const std::sync::atomic::AtomicU32) };
 }
 
-/// A link from a branch exit of a compiled block to the compiled block at its target, on
-/// the same page (filled by the run loop, followed by [`enter`] without a lookup).
+/// A link from a branch exit of a compiled block to the compiled block at its constant
+/// target (filled by `enter` or the run loop, followed by the block's code without a
+/// lookup: see `translate::Translator::exit_to`).
 #[repr(C)]
 pub(crate) struct Link {
     /// The target's code (None: not linked yet).
     pub(crate) f: Option<JitFn>,
     /// The target's length in instructions.
     pub(crate) len: u64,
+    /// For a target on another page than the block's: the GPA of the target's page, its
+    /// RAM page and that page's generation when the target was decoded.
+    pub(crate) gpa: u64,
+    pub(crate) page: u64,
+    pub(crate) gen: u64,
 }
+
+impl Link {
+    const EMPTY: Link = Link { f: None, len: 0, gpa: 0, page: 0, gen: 0 };
+}
+
+/// `JitCtx::link_page` of an exit whose link leads to another page.
+pub(crate) const FAR_LINK: u64 = u64::MAX;
 
 /// Where a cached block is: its RAM page, that page's code generation and its slot in the
 /// decode cache.
@@ -893,11 +906,25 @@ pub(crate) fn lookup(cpu: &mut Cpu, ops: &[Op], b: BlockAt, want: Option<WantLin
             let ip = ops.first().map_or(0, |o| o.ip);
             jc_fill(&mut cpu.jit, ip, &b, Compiled::Code { f, len, epoch, user });
             if let Some(w) = want {
-                if w.epoch == cpu.jit.epoch && w.rip == ip && w.page == b.page && w.gen == b.gen && w.user == user {
+                // A link to another page holds the target's translation, which the run loop
+                // has just checked (fetching the block).
+                let far = w.page == host_usize(FAR_LINK);
+                if w.epoch == cpu.jit.epoch
+                    && w.rip == ip
+                    && (far || (w.page == b.page && w.gen == b.gen))
+                    && w.user == user
+                {
+                    let l = Link {
+                        f: Some(f),
+                        len: u64::from(len),
+                        gpa: b.gpa & !0xfff,
+                        page: b.page as u64,
+                        gen: u64::from(b.gen),
+                    };
                     // SAFETY: `w.link` points into a link table of the current epoch
                     // (checked), which lives until the module is freed; no reference to it
                     // exists.
-                    unsafe { *w.link = Link { f: Some(f), len: u64::from(len) } };
+                    unsafe { *w.link = l };
                 }
             }
             return Some(Code::Opt(f, len));
@@ -1017,7 +1044,7 @@ fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     let user = cpu.cur_user;
     let gen_ptr = cpu.mmu.shared.gen_ptr(b.page) as u64;
     let jit = &mut cpu.jit;
-    let links = Box::into_raw(Box::new([Link { f: None, len: 0 }, Link { f: None, len: 0 }]));
+    let links = Box::into_raw(Box::new([Link::EMPTY, Link::EMPTY]));
     jit.links.push(links);
     jit.held += std::mem::size_of::<[Link; 2]>();
     let insns: Box<[Instruction]> = ops.iter().map(|o| o.insn).collect();
@@ -1222,10 +1249,14 @@ pub(crate) fn enter(
                 // another page than the one this call started on) and the target lie on
                 // one page: its page and the generation it was decoded at.
                 let (lp, lg) = (host_usize(ctx.link_page), u32::try_from(ctx.link_gen).unwrap_or(0));
+                let far = lp == host_usize(FAR_LINK);
                 match jc_next(cpu, left - total, la_page, page) {
-                    Some((nf, nlen, p, g)) if p == lp && g == lg => {
+                    // (`jc_next` checked a target on another page translates to its GPA.)
+                    Some((nf, nlen, p, g)) if far || (p == lp && g == lg) => {
+                        let gpa = cpu.jit.jc.get(jc_index(cpu.rip)).map_or(0, |e| e.gpa & !0xfff);
+                        let link = Link { f: Some(nf), len: u64::from(nlen), gpa, page: p as u64, gen: u64::from(g) };
                         // SAFETY: as above; no reference to the link exists.
-                        unsafe { *l = Link { f: Some(nf), len: u64::from(nlen) } };
+                        unsafe { *l = link };
                         (cur, page) = (Code::Opt(nf, nlen), p);
                         la_page = cpu.rip & !0xfff;
                         cpu.jit.stats.chained += 1;

@@ -10,7 +10,7 @@ use crate::alu::Op2;
 use crate::cpu::flags::{ARITH, CF, OF, SF, ZF};
 use crate::cpu::{ctl, sreg, Cpu, FpuState, Seg};
 use crate::decode::{JitFn, Op};
-use crate::mmu::{tlb_layout, GEN_CODE, P_RAM, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
+use crate::mmu::{tlb_layout, GEN_CODE, P_EXEC, P_RAM, P_READ, P_USER, P_WRITE, TLB_SIZE, TLB_VALID};
 use crate::uop::{FpOp, Lanes, MemOp, Src, Sse, Uop, VShift, VecOp, Xs, HIGH8, NONE};
 use cranelift_codegen::binemit::Reloc;
 use cranelift_codegen::ir::condcodes::FloatCC;
@@ -637,20 +637,19 @@ impl Tr<'_, '_> {
         self.addi(d, n as i64)
     }
 
-    /// Exit to a constant `target` after `n` instructions: through link `k` when the
-    /// target lies on the block's page (`start`), else through the probe. A filled link is
-    /// followed right here, by a tail call of the target's code, when its length fits in
-    /// `JitCtx::left` and the page kept its generation; instructions retired so far are
-    /// added to `JitCtx::retired`. A link not filled yet goes to the probe with the link in
-    /// `JitCtx::link`: it goes on in the target's baseline code, or returns [`EXIT_LINK`]
-    /// (so that `enter` fills the link with Cranelift code). Otherwise the block returns
-    /// [`EXIT_LINK`].
+    /// Exit to a constant `target` after `n` instructions, through link `k`. A filled link
+    /// is followed right here, by a tail call of the target's code, when its length fits in
+    /// `JitCtx::left` and the target's page kept its generation (for a target on the block's
+    /// page (`start`), this block's page: the target translates to it as this block did);
+    /// a target on another page must also still translate to the link's GPA through a TLB
+    /// entry that allows execution, else the probe takes the exit. Instructions retired so
+    /// far are added to `JitCtx::retired`. A link not filled yet goes to the probe with the
+    /// link in `JitCtx::link`: it goes on in the target's baseline code, or returns
+    /// [`EXIT_LINK`] (so that `enter` fills the link with Cranelift code). Otherwise the
+    /// block returns [`EXIT_LINK`].
     fn exit_to(&mut self, target: u64, n: u64, k: u64, start: u64) {
         let rip = self.iconst(target);
-        if target & !0xfff != start & !0xfff {
-            self.exit_probe(rip, n);
-            return;
-        }
+        let far = target & !0xfff != start & !0xfff;
         let l = self.iconst(self.env.links + k * std::mem::size_of::<super::Link>() as u64);
         let total = self.leave(rip, n, false);
         // One compare and branch per condition (each icmp fuses with its brif).
@@ -668,28 +667,63 @@ impl Tr<'_, '_> {
         let fits = self.b.ins().icmp(IntCC::UnsignedLessThanOrEqual, need, left);
         self.b.ins().brif(fits, gen_at, &[], back, &[]);
         self.b.switch_to_block(gen_at);
-        let p = self.iconst(self.env.gen_ptr);
-        let g = self.b.ins().load(I32, MemFlagsData::new(), p, 0);
-        let same = self.cmpi(IntCC::Equal, g, i64::from(self.env.gen));
-        self.b.ins().brif(same, follow, &[], back, &[]);
+        if far {
+            let probe = self.b.create_block();
+            let check = |t: &mut Self, ok: Value| {
+                let next = t.b.create_block();
+                t.b.ins().brif(ok, next, &[], probe, &[]);
+                t.b.switch_to_block(next);
+            };
+            // The target's page kept its generation.
+            let gens = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, gens)));
+            let page = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, page)));
+            let ga = self.muli(page, 4);
+            let ga = self.b.ins().iadd(gens, ga);
+            let g = self.b.ins().uload32(MemFlagsData::new(), ga, 0);
+            let lg = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, gen)));
+            let c = self.b.ins().icmp(IntCC::Equal, g, lg);
+            check(self, c);
+            // RIP's TLB entry, as `Cpu::translate` hits it for an instruction fetch.
+            let idx = (target >> 12) & (TLB_SIZE as u64 - 1);
+            let te = self.b.ins().iadd_imm_s(self.tlb, (idx * tlb_layout::SIZE as u64) as i64);
+            let tag = self.b.ins().load(I64, MF, te, off(tlb_layout::TAG));
+            let c = self.cmpi(IntCC::Equal, tag, ((target & !0xfff) | TLB_VALID) as i64);
+            check(self, c);
+            let c = self.tlb_allows(te, P_EXEC | if self.env.user { P_USER } else { 0 });
+            check(self, c);
+            let tgpa = self.b.ins().load(I64, MF, te, off(tlb_layout::GPA));
+            let lgpa = self.b.ins().load(I64, MF, l, off(offset_of!(super::Link, gpa)));
+            let c = self.b.ins().icmp(IntCC::Equal, tgpa, lgpa);
+            self.b.ins().brif(c, follow, &[], probe, &[]);
+            // The translation or the code changed (or the TLB entry went): the probe looks.
+            self.b.switch_to_block(probe);
+            let p = self.iconst(self.env.probe);
+            self.b.ins().return_call_indirect(self.sig_probe, p, &[self.cpu, self.ctx, total]);
+        } else {
+            let p = self.iconst(self.env.gen_ptr);
+            let g = self.b.ins().load(I32, MemFlagsData::new(), p, 0);
+            let same = self.cmpi(IntCC::Equal, g, i64::from(self.env.gen));
+            self.b.ins().brif(same, follow, &[], back, &[]);
+        }
         self.b.switch_to_block(follow);
         follow_to(&mut self.b, [self.cpu, self.ctx], left, total, f, self.sig_block);
         // Not filled (the target has no Cranelift code yet, or it was not run yet): the
         // probe goes on in the target's baseline code, else returns EXIT_LINK.
         self.b.switch_to_block(unfilled);
-        self.store_link(l);
+        self.store_link(l, far);
         let p = self.iconst(self.env.probe);
         self.b.ins().return_call_indirect(self.sig_probe, p, &[self.cpu, self.ctx, total]);
         self.b.switch_to_block(back);
-        self.store_link(l);
+        self.store_link(l, far);
         let code = self.addi(total, (EXIT_LINK << 32) as i64);
         self.b.ins().return_(&[code]);
     }
 
-    /// `JitCtx::link` = `l` with this block's page and generation (an EXIT_LINK's).
-    fn store_link(&mut self, l: Value) {
+    /// `JitCtx::link` = `l` with this block's page (`super::FAR_LINK` for a link to
+    /// another page) and generation (an EXIT_LINK's).
+    fn store_link(&mut self, l: Value, far: bool) {
         self.b.ins().store(MF, l, self.ctx, off(offset_of!(JitCtx, link)));
-        let page = self.iconst(self.env.page);
+        let page = self.iconst(if far { super::FAR_LINK } else { self.env.page });
         self.b.ins().store(MF, page, self.ctx, off(offset_of!(JitCtx, link_page)));
         let gen = self.iconst(u64::from(self.env.gen));
         self.b.ins().store(MF, gen, self.ctx, off(offset_of!(JitCtx, link_gen)));
@@ -2094,7 +2128,6 @@ fn probe_sig(module: &JITModule) -> Signature {
 /// (everything it reads comes through `ctx`). None if Cranelift refuses.
 pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
     use super::jc_layout as jl;
-    use crate::mmu::{tlb_layout, P_EXEC, P_USER, TLB_SIZE, TLB_VALID};
     let module = &mut code.m;
     let mut ctx = cranelift_module::Module::make_context(module);
     let mut fctx = FunctionBuilderContext::new();
