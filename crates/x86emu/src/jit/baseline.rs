@@ -381,7 +381,6 @@ impl Emit<'_> {
         let site = self.a.new_dynamic_label();
         dynasm!(self.a
             ; .arch x64
-            ; add QWORD [r12 + off(offset_of!(JitCtx, retired))], n
             ; sub QWORD [r12 + off(offset_of!(JitCtx, left))], n
             ; =>site
         );
@@ -416,8 +415,8 @@ impl Emit<'_> {
         }
     }
 
-    /// Leaves the block (RIP stored): returns `word`, or for a normal exit moves its count
-    /// from `JitCtx::left` to `JitCtx::retired` and jumps to the probe, which goes on in the
+    /// Leaves the block (RIP stored): returns `word`, or for a normal exit takes its count
+    /// from `JitCtx::left` and jumps to the probe, which goes on in the
     /// next block.
     fn leave(&mut self, word: u64) {
         if word >> 32 == EXIT_NORMAL {
@@ -425,7 +424,6 @@ impl Emit<'_> {
             let p = self.env.probe.cast_signed();
             dynasm!(self.a
                 ; .arch x64
-                ; add QWORD [r12 + off(offset_of!(JitCtx, retired))], n
                 ; sub QWORD [r12 + off(offset_of!(JitCtx, left))], n
                 ; mov rax, QWORD p
                 ; jmp rax
@@ -1163,8 +1161,8 @@ fn shift_ext(op: Op2) -> Option<u8> {
 }
 
 /// Every block's chain entry, placed before its prologue: where a linked exit of a block
-/// on the same page jumps (in that block's frame, RIP stored, its count moved from
-/// `JitCtx::left` to `JitCtx::retired`). It goes on in the block's body when the block's page kept its
+/// on the same page jumps (in that block's frame, RIP stored, its count taken from
+/// `JitCtx::left`). It goes on in the block's body when the block's page kept its
 /// generation, the block's length fits in what is left of `JitCtx::left`, and its run
 /// counter has not run out; the counter counts down [`super::BJC_BATCH`] runs, after which
 /// the block leaves (`credit`: the counter reset, its address in `JitCtx::credit`) so that
@@ -1230,7 +1228,7 @@ fn epilogue(a: &mut VecAssembler<X64Relocation>) {
 
 /// The baseline probe (QEMU's `lookup_and_goto_ptr` for this tier), jumped to by a block's
 /// normal exits in the block's frame after they stored RIP and moved their count from
-/// `JitCtx::left` to `JitCtx::retired`. It goes on in the baseline code that the baseline
+/// `JitCtx::left`. It goes on in the baseline code that the baseline
 /// jump cache holds for RIP when `super::bjc_next` would without its batch of hits: the
 /// entry is RIP's, of the current baseline epoch and privilege, its length fits in what is
 /// left (`JitCtx::left`), RIP translates to its GPA through a TLB entry that allows
@@ -1241,7 +1239,7 @@ fn epilogue(a: &mut VecAssembler<X64Relocation>) {
 /// epoch), it leaves the frame and jumps to it as a tail call with `(cpu, ctx)` (Cranelift's
 /// `tail` convention passes them, saves registers and returns as System V does, so that
 /// code returns to this block's caller). Otherwise it returns an exit word of 0
-/// (`EXIT_NORMAL`, the count being in `JitCtx::retired`).
+/// (`EXIT_NORMAL`, the count being taken from `JitCtx::left`).
 fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
     let (bmiss, miss) = (a.new_dynamic_label(), a.new_dynamic_label());
     let shift = i8::try_from(64 - JC_SIZE.trailing_zeros()).unwrap_or(52);

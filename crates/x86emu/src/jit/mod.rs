@@ -348,13 +348,11 @@ pub(crate) struct JitCtx {
     pub(crate) faulted: u64,
     /// Instructions the running block and those after it may retire in this entry (a
     /// block that loops onto itself runs again only while a whole pass fits); a block left
-    /// for another in compiled code (either tier) moves its count from here to `retired`.
+    /// for another in compiled code (either tier) takes its count from here, so that what
+    /// it went down by is what those blocks retired.
     pub(crate) left: u64,
     /// The link of the exit taken (EXIT_LINK).
     pub(crate) link: *mut Link,
-    /// Instructions retired by blocks that were left through a followed link (a tail call
-    /// to the next block's code): added to the count the last block returns.
-    pub(crate) retired: u64,
     /// Links followed by compiled code in this call.
     pub(crate) chained: u64,
     /// `*mut &mut dyn Bus` of the running `Cpu::run`.
@@ -1158,7 +1156,6 @@ pub(crate) fn enter(
         faulted: 0,
         left,
         link: std::ptr::null_mut(),
-        retired: 0,
         chained: 0,
         bus: &mut bus_ref as *mut &mut dyn Bus as *mut u8,
         fault: None,
@@ -1183,8 +1180,8 @@ pub(crate) fn enter(
         Code::Base(..) => cpu.jit.stats.base_entries += 1,
     }
     loop {
-        ctx.left = left - total;
-        ctx.retired = 0;
+        let start = left - total;
+        ctx.left = start;
         ctx.chained = 0;
         ctx.link_site = 0;
         ctx.credit = 0;
@@ -1203,9 +1200,9 @@ pub(crate) fn enter(
             // which this Cpu owns. No Rust reference to `cpu` or `ctx` is used while it runs.
             Code::Opt(f, _) => unsafe { tramp(cpu as *mut Cpu, &mut ctx as *mut JitCtx as *mut u8, f.0.as_ptr()) },
         };
-        // Blocks followed by the code itself (links, either tier's probe) left their counts
-        // in `ctx.retired`.
-        let n = (r & 0xffff_ffff) + ctx.retired;
+        // Blocks followed by the code itself (links, either tier's probe) took their counts
+        // from `ctx.left`.
+        let n = (r & 0xffff_ffff) + (start - ctx.left);
         cpu.jit.stats.chained += ctx.chained;
         cpu.jit.stats.instructions += n;
         if matches!(cur, Code::Base(..)) {

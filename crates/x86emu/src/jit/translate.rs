@@ -643,7 +643,7 @@ impl Tr<'_, '_> {
     /// page (`start`), this block's page: the target translates to it as this block did);
     /// a target on another page must also still translate to the link's GPA through a TLB
     /// entry that allows execution, else the probe takes the exit. Instructions retired so
-    /// far are added to `JitCtx::retired`. A link not filled yet goes to the probe with the
+    /// far are taken from `JitCtx::left`. A link not filled yet goes to the probe with the
     /// link in `JitCtx::link`: it goes on in the target's baseline code, or returns
     /// [`EXIT_LINK`] (so that `enter` fills the link with Cranelift code). Otherwise the
     /// block returns [`EXIT_LINK`].
@@ -2090,15 +2090,12 @@ fn block_sig(module: &JITModule) -> Signature {
 }
 
 /// Goes on in compiled block `f` (a followed link, or a jump-cache entry the probe
-/// checked): `JitCtx::left` (`left`, loaded) shrinks and `JitCtx::retired` grows by the
-/// `total` instructions the block that leaves retired, `JitCtx::chained` counts it; then a
-/// tail call of `f` with `(cpu, ctx)`.
+/// checked): `JitCtx::left` (`left`, loaded) shrinks by the `total` instructions the block
+/// that leaves retired (`enter` counts them from there), `JitCtx::chained` counts it; then
+/// a tail call of `f` with `(cpu, ctx)`.
 fn follow_to(b: &mut FunctionBuilder, [cpu, cx]: [Value; 2], left: Value, total: Value, f: Value, sig_block: SigRef) {
     let l2 = b.ins().isub(left, total);
     b.ins().store(MF, l2, cx, off(offset_of!(JitCtx, left)));
-    let r = b.ins().load(I64, MF, cx, off(offset_of!(JitCtx, retired)));
-    let r = b.ins().iadd(r, total);
-    b.ins().store(MF, r, cx, off(offset_of!(JitCtx, retired)));
     let c = b.ins().load(I64, MF, cx, off(offset_of!(JitCtx, chained)));
     let c = b.ins().iadd_imm_s(c, 1);
     b.ins().store(MF, c, cx, off(offset_of!(JitCtx, chained)));
