@@ -871,8 +871,16 @@ const PT2: u64 = 0x3_1000;
 
 #[test]
 fn jump_cache_probe_follows_other_pages_only_while_their_translation_and_code_hold() {
+    calls_to_another_page_follow_only_while_its_translation_and_code_hold(false);
+}
+
+/// The calls of `jump_cache_probe_follows_other_pages_only_while_their_translation_and_
+/// code_hold`, indirect (`direct` false: through the jump cache) or direct (through a link
+/// checked against the target's TLB entry).
+fn calls_to_another_page_follow_only_while_its_translation_and_code_hold(direct: bool) {
     // A loop calls a function on another page (an indirect CALL, then its RET back: both
-    // exits go on through the jump cache from compiled code). `mov eax, 1; ret` lies at
+    // exits go on through the jump cache from compiled code; a direct CALL follows a
+    // link to the other page). `mov eax, 1; ret` lies at
     // physical CALLEE, `mov eax, 1000; ret` at CALLEE + 0x1000. The guest, counting
     // down from N:
     // - at 3N/4 maps CALLEE onto the second page (INVLPG) and reads it, so that its TLB
@@ -891,7 +899,11 @@ fn jump_cache_probe_follows_other_pages_only_while_their_translation_and_code_ho
         a.mov(r9, CALLEE)?;
         a.xor(ebx, ebx)?;
         a.set_label(&mut top)?;
-        a.call(r9)?;
+        if direct {
+            a.call(CALLEE)?;
+        } else {
+            a.call(r9)?;
+        }
         a.add(rbx, rax)?;
         a.cmp(r8, (3 * q) as i32)?;
         a.jne(skip[0])?;
@@ -919,7 +931,11 @@ fn jump_cache_probe_follows_other_pages_only_while_their_translation_and_code_ho
         a.bts(qword_ptr(PT + 0x100 * 8), 63)?;
         a.invlpg(qword_ptr(r9))?;
         a.mov(rax, qword_ptr(r9))?;
-        a.call(r9)?;
+        if direct {
+            a.call(CALLEE)?;
+        } else {
+            a.call(r9)?;
+        }
         a.hlt()
     });
     let setup = |tier: Tier| {
@@ -1493,90 +1509,5 @@ fn blocks_of_both_tiers_follow_each_other_and_agree_with_the_interpreter() {
 /// code do (a link followed without its GPA check failed this).
 #[test]
 fn direct_calls_to_other_pages_follow_links_only_while_their_translation_and_code_hold() {
-    // As `jump_cache_probe_follows_other_pages_only_while_their_translation_and_code_hold`
-    // with a direct CALL, whose exit follows a link to the other page (checked against the
-    // TLB entry of the target) rather than the jump cache. `mov eax, 1; ret` lies at
-    // physical CALLEE, `mov eax, 1000; ret` at CALLEE + 0x1000. The guest, counting
-    // down from N:
-    // - at 3N/4 maps CALLEE onto the second page (INVLPG) and reads it, so that its TLB
-    //   slot holds the new translation while the jump cache still holds the old block;
-    // - at N/2 maps it back (INVLPG) and reads ALIAS, so that the slot holds another linear
-    //   page whose GPA is the cached block's;
-    // - at N/4 rewrites the immediate of the code it calls.
-    // The sum shows which code each pass ran; the state must match the interpreter's at
-    // every budget exit, including budgets ending inside the chain.
-    const N: u64 = 4000;
-    let q = N / 4;
-    let code = asm(|a| {
-        let mut top = a.create_label();
-        let mut skip = [a.create_label(), a.create_label(), a.create_label()];
-        a.mov(r8, N)?;
-        a.mov(r9, CALLEE)?;
-        a.xor(ebx, ebx)?;
-        a.set_label(&mut top)?;
-        a.call(CALLEE)?;
-        a.add(rbx, rax)?;
-        a.cmp(r8, (3 * q) as i32)?;
-        a.jne(skip[0])?;
-        a.mov(rax, (CALLEE + 0x1000) | 3)?;
-        a.mov(qword_ptr(PT + 0x100 * 8), rax)?;
-        a.invlpg(qword_ptr(r9))?;
-        a.mov(rax, qword_ptr(r9))?;
-        a.set_label(&mut skip[0])?;
-        a.cmp(r8, (2 * q) as i32)?;
-        a.jne(skip[1])?;
-        a.mov(rax, CALLEE | 3)?;
-        a.mov(qword_ptr(PT + 0x100 * 8), rax)?;
-        a.invlpg(qword_ptr(r9))?;
-        a.mov(rax, qword_ptr(ALIAS))?;
-        a.set_label(&mut skip[1])?;
-        a.cmp(r8, q as i32)?;
-        a.jne(skip[2])?;
-        // The imm32 of `mov eax, imm32` (b8 imm32).
-        a.mov(dword_ptr(CALLEE + 1), 7)?;
-        a.set_label(&mut skip[2])?;
-        a.dec(r8)?;
-        a.jne(top)?;
-        // Last, CALLEE becomes no-execute (its TLB slot refilled by a read): the call
-        // faults (#PF on the fetch, the handler's HLT).
-        a.bts(qword_ptr(PT + 0x100 * 8), 63)?;
-        a.invlpg(qword_ptr(r9))?;
-        a.mov(rax, qword_ptr(r9))?;
-        a.call(CALLEE)?;
-        a.hlt()
-    });
-    let setup = |tier: Tier| {
-        let mut m = Machine::new(&code, tier);
-        m.cpu.efer |= ctl::EFER_NXE;
-        let put = |ram: &mut [u8], at: u64, v: u64| {
-            let at = at as usize;
-            ram[at..at + 8].copy_from_slice(&v.to_le_bytes())
-        };
-        // 2-4 MiB through a page table, identity-mapped; ALIAS through another.
-        put(&mut m.ram, 0x3008, PT | 3);
-        for i in 0..512u64 {
-            put(&mut m.ram, PT + 8 * i, (0x20_0000 + 0x1000 * i) | 3);
-        }
-        put(&mut m.ram, 0x3018, PT2 | 3);
-        put(&mut m.ram, PT2 + 0x100 * 8, (CALLEE + 0x1000) | 3);
-        for (at, v) in [(CALLEE, 1u32), (CALLEE + 0x1000, 1000)] {
-            let at = at as usize;
-            m.ram[at] = 0xb8;
-            m.ram[at + 1..at + 5].copy_from_slice(&v.to_le_bytes());
-            m.ram[at + 5] = 0xc3;
-        }
-        m
-    };
-    let mut i = setup(Tier::Interp);
-    let mut j = setup(compiled_tier());
-    for budget in [1u64, 9, 4097, 7777, 12_345, 100_000] {
-        let (ei, ej) = (i.run(&mut never(), budget), j.run(&mut never(), budget));
-        assert_eq!(ei, ej, "exit after a budget of {budget}");
-        assert_eq!(i.state(), j.state(), "state after a budget of {budget}");
-        assert_eq!(i.cpu.stats.instructions, j.cpu.stats.instructions);
-    }
-    // Passes count down from N to 1; each change follows the call of its pass.
-    assert_eq!(j.cpu.gpr[3], (q + 1) + 1000 * q + q + 7 * (q - 1), "{:?}", j.cpu.jit_stats());
-    assert!(j.cpu.jit_stats().chained > N, "{:?}", j.cpu.jit_stats());
-    assert_eq!((j.cpu.rip, j.cpu.cr2), (HANDLERS + 16 * 14 + 1, CALLEE), "#PF on fetching CALLEE");
+    calls_to_another_page_follow_only_while_its_translation_and_code_hold(true);
 }

@@ -1212,6 +1212,13 @@ fn prologue(a: &mut VecAssembler<X64Relocation>) {
 
 /// Every block's epilogue (RAX = the exit word): stores RFLAGS and returns.
 fn epilogue(a: &mut VecAssembler<X64Relocation>) {
+    leave_frame(a);
+    dynasm!(a ; .arch x64 ; ret);
+}
+
+/// Stores RFLAGS and takes down the frame [`prologue`] made, restoring the caller's
+/// registers (RAX, RCX, RDX, RSI, RDI and R8-R11 untouched).
+fn leave_frame(a: &mut VecAssembler<X64Relocation>) {
     dynasm!(a
         ; .arch x64
         ; mov [rbx + off(RFLAGS)], r14
@@ -1222,7 +1229,6 @@ fn epilogue(a: &mut VecAssembler<X64Relocation>) {
         ; pop r12
         ; pop rbx
         ; pop rbp
-        ; ret
     );
 }
 
@@ -1284,14 +1290,10 @@ fn probe(a: &mut VecAssembler<X64Relocation>, body: usize) {
         ; mov rax, rdi
         ; mov rdi, rbx
         ; mov rsi, r12
-        ; mov [rbx + off(RFLAGS)], r14
-        ; add rsp, 8
-        ; pop r15
-        ; pop r14
-        ; pop r13
-        ; pop r12
-        ; pop rbx
-        ; pop rbp
+    );
+    leave_frame(a);
+    dynasm!(a
+        ; .arch x64
         ; jmp rax
         ; =>miss
         ; xor eax, eax
