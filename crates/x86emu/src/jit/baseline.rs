@@ -1185,7 +1185,6 @@ fn chain_entry(a: &mut VecAssembler<X64Relocation>, env: &Env, [stale, credit, b
         ; mov rax, QWORD cnt
         ; dec DWORD [rax]
         ; jz =>credit
-        ; inc QWORD [r12 + off(offset_of!(JitCtx, chained))]
         ; jmp =>body
     );
 }

@@ -110,7 +110,9 @@ pub struct JitStats {
     pub flushes: u64,
     /// Entries into compiled code from the run loop.
     pub entries: u64,
-    /// Compiled blocks entered from compiled code (links and the jump cache).
+    /// Compiled blocks entered after another through a jump cache (either tier's probe, or
+    /// `enter` between blocks); links and patched jumps are not counted (a count there
+    /// cost a read-modify-write of the context per block transition).
     pub chained: u64,
     /// Guest instructions retired in compiled code.
     pub instructions: u64,
@@ -353,7 +355,7 @@ pub(crate) struct JitCtx {
     pub(crate) left: u64,
     /// The link of the exit taken (EXIT_LINK).
     pub(crate) link: *mut Link,
-    /// Links followed by compiled code in this call.
+    /// Blocks entered through either tier's probe in this call.
     pub(crate) chained: u64,
     /// `*mut &mut dyn Bus` of the running `Cpu::run`.
     bus: *mut u8,

@@ -2091,15 +2091,19 @@ fn block_sig(module: &JITModule) -> Signature {
 
 /// Goes on in compiled block `f` (a followed link, or a jump-cache entry the probe
 /// checked): `JitCtx::left` (`left`, loaded) shrinks by the `total` instructions the block
-/// that leaves retired (`enter` counts them from there), `JitCtx::chained` counts it; then
-/// a tail call of `f` with `(cpu, ctx)`.
+/// that leaves retired (`enter` counts them from there); then a tail call of `f` with
+/// `(cpu, ctx)`.
 fn follow_to(b: &mut FunctionBuilder, [cpu, cx]: [Value; 2], left: Value, total: Value, f: Value, sig_block: SigRef) {
     let l2 = b.ins().isub(left, total);
     b.ins().store(MF, l2, cx, off(offset_of!(JitCtx, left)));
+    b.ins().return_call_indirect(sig_block, f, &[cpu, cx]);
+}
+
+/// `JitCtx::chained` += 1 (a block entered through a jump cache).
+fn count_chained(b: &mut FunctionBuilder, cx: Value) {
     let c = b.ins().load(I64, MF, cx, off(offset_of!(JitCtx, chained)));
     let c = b.ins().iadd_imm_s(c, 1);
     b.ins().store(MF, c, cx, off(offset_of!(JitCtx, chained)));
-    b.ins().return_call_indirect(sig_block, f, &[cpu, cx]);
 }
 
 /// The signature of [`probe`]: `(cpu, ctx, retired) -> u64` in the `tail` convention.
@@ -2223,6 +2227,7 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
         let (f, left) = entry(&mut b, e, cur_epoch, bmiss);
         let c = b.ins().icmp_imm_s(IntCC::Equal, link, 0);
         check(&mut b, c, miss);
+        count_chained(&mut b, cx);
         follow_to(&mut b, [cpu, cx], left, total, f, sig_block);
         // No Cranelift code: the block's baseline code (its prologue takes `(cpu, ctx)` in
         // registers and returns as the `tail` convention does), counting its runs as the
@@ -2240,6 +2245,7 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
         b.ins().istore32(MF, runs, e, off(jl::RUNS));
         let zero = b.ins().iconst(I64, 0);
         b.ins().store(MF, zero, cx, off(offset_of!(JitCtx, link)));
+        count_chained(&mut b, cx);
         follow_to(&mut b, [cpu, cx], left, total, f, sig_block);
         b.switch_to_block(miss);
         // `total` (EXIT_NORMAL), or EXIT_LINK for a link exit.
