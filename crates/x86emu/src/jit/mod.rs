@@ -353,7 +353,8 @@ pub(crate) struct JitCtx {
     /// for another in compiled code (either tier) takes its count from here, so that what
     /// it went down by is what those blocks retired.
     pub(crate) left: u64,
-    /// The link of the exit taken (EXIT_LINK).
+    /// The link of the exit taken (EXIT_LINK), or of a link exit not filled yet on its way
+    /// through the probe (null otherwise: `enter` clears it before every run).
     pub(crate) link: *mut Link,
     /// Blocks entered through either tier's probe in this call.
     pub(crate) chained: u64,
@@ -1185,8 +1186,7 @@ pub(crate) fn enter(
         let start = left - total;
         ctx.left = start;
         ctx.chained = 0;
-        ctx.link_site = 0;
-        ctx.credit = 0;
+        // (`link_site` and `credit` are taken after every run, below.)
         ctx.link = std::ptr::null_mut();
         let r = match cur {
             // SAFETY: `f` came from `lookup` or `chain_next` (through `bjc_next`), which
@@ -1290,10 +1290,11 @@ pub(crate) fn enter(
     }
 }
 
-/// [`chain_next`] after a normal exit; `credit` (from `JitCtx::credit`): the run counter of
-/// the baseline block at RIP, entered through links, ran out: its batch of runs counts
-/// toward Cranelift's threshold (through `bjc_next`), and once the block has Cranelift code
-/// its chain entry leaves on every run, so that it is entered there.
+/// [`chain_next`] after a normal exit; `credit` (from `JitCtx::credit`, the chain entry of
+/// the baseline block at RIP): the block's run counter, counting runs entered through
+/// links, ran out. Its batch of runs counts toward Cranelift's threshold (through
+/// `bjc_next`), and once the block has Cranelift code its chain entry is sent to the probe,
+/// which finds that code.
 #[inline]
 fn chain_next_base(cpu: &mut Cpu, room: u64, la_page: u64, page: usize, credit: u64) -> Option<(Code, usize)> {
     if credit != 0 {
