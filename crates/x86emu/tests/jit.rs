@@ -7,6 +7,7 @@
 
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
+use iced_x86::ConditionCode;
 use x86emu::cpu::ctl;
 use x86emu::jit::Tier;
 use x86emu::{Bus, Cpu, CpuConfig, Exit, RamRegion, Seg};
@@ -578,6 +579,241 @@ fn chained_lazy_flags_are_exact_wherever_they_are_observed() {
             assert_eq!(i.cpu.cr2, RAM as u64, "the load faulted at the 4 MiB mark");
         }
     }
+}
+
+/// Flags a Cranelift block leaves lazily at its exits (an ADD, SUB, CMP, logic operation,
+/// INC or DEC of every size, kept as operands instead of RFLAGS) are exact wherever a later
+/// block observes them: a Jcc, SETcc, CMOVcc or ADC at its head, an interpreted PUSHFQ, a
+/// PUSHFQ after a block that does not touch them, a page fault at its head (the frame's
+/// RFLAGS), the head of a loop, and an interrupt taken between blocks (its frame). Same
+/// state as the interpreter, in slices of odd budgets too.
+#[test]
+fn flags_left_lazily_at_block_exits_are_exact_where_later_blocks_observe_them() {
+    let conds = [
+        ConditionCode::b,
+        ConditionCode::o,
+        ConditionCode::p,
+        ConditionCode::l,
+        ConditionCode::be,
+        ConditionCode::s,
+        ConditionCode::e,
+        ConditionCode::g,
+        ConditionCode::a,
+        ConditionCode::ge,
+    ];
+    for observe in 0..7 {
+        let code = asm(|a| {
+            let mut top = a.create_label();
+            a.mov(r8, 0x9e37_79b9_7f4a_7c15u64)?;
+            // Observer 5 loads 10 times a pass: the 30th pass faults at the 4 MiB mark.
+            a.mov(rsi, (RAM as u64) - 8 * 10 * 29)?;
+            a.mov(r14, 2000u64)?;
+            a.set_label(&mut top)?;
+            // xorshift64 in r8; RAX and RBX its halves and rotations.
+            for (sh, left) in [(13, true), (7, false), (17, true)] {
+                a.mov(rax, r8)?;
+                if left {
+                    a.shl(rax, sh)?;
+                } else {
+                    a.shr(rax, sh)?;
+                }
+                a.xor(r8, rax)?;
+            }
+            for (k, &cc) in conds.iter().enumerate() {
+                a.mov(rax, r8)?;
+                a.mov(rbx, r8)?;
+                a.ror(rbx, (7 * k + 3) as u32)?;
+                a.mov(ecx, ebx)?;
+                // The block's last flag operation, left lazily at its exit.
+                match k {
+                    0 => a.add(al, bl)?,
+                    1 => a.sub(ax, bx)?,
+                    2 => a.cmp(eax, ebx)?,
+                    3 => a.cmp(rax, rbx)?,
+                    4 => a.and(bx, ax)?,
+                    5 => a.xor(ebx, eax)?,
+                    6 | 7 => {
+                        // INC and DEC keep CF, of the block before.
+                        if k == 6 {
+                            a.cmp(rbx, rax)?;
+                        } else {
+                            a.add(rbx, rax)?;
+                        }
+                        let mut mid = a.create_label();
+                        a.jmp(mid)?;
+                        a.set_label(&mut mid)?;
+                        if k == 6 {
+                            a.inc(al)?
+                        } else {
+                            a.dec(rbx)?
+                        }
+                    }
+                    8 => a.add(rax, rbx)?,
+                    _ => a.or(cl, bl)?,
+                }
+                if observe == 6 {
+                    a.mov(r11d, 3)?;
+                }
+                let mut next = a.create_label();
+                a.jmp(next)?;
+                a.set_label(&mut next)?;
+                match observe {
+                    0 => {
+                        let mut skip = a.create_label();
+                        match cc {
+                            ConditionCode::b => a.jb(skip)?,
+                            ConditionCode::o => a.jo(skip)?,
+                            ConditionCode::p => a.jp(skip)?,
+                            ConditionCode::l => a.jl(skip)?,
+                            ConditionCode::be => a.jbe(skip)?,
+                            ConditionCode::s => a.js(skip)?,
+                            ConditionCode::e => a.je(skip)?,
+                            ConditionCode::g => a.jg(skip)?,
+                            ConditionCode::a => a.ja(skip)?,
+                            _ => a.jge(skip)?,
+                        }
+                        a.add(r12, (k + 1) as i32)?;
+                        a.set_label(&mut skip)?;
+                    }
+                    1 => {
+                        a.setb(r9b)?;
+                        a.seto(r10b)?;
+                        a.setp(r11b)?;
+                        a.setl(r13b)?;
+                        a.setbe(r15b)?;
+                        a.sets(dl)?;
+                        a.cmovg(rdi, rbx)?;
+                        a.cmovae(rbp, rax)?;
+                        for r in [r9, r10, r11, r13, r15, rdx] {
+                            a.rol(r12, 1)?;
+                            a.add(r12, r)?;
+                        }
+                    }
+                    2 => a.adc(r12, rax)?,
+                    3 | 4 => {
+                        if observe == 4 {
+                            // A block that leaves them as they are.
+                            a.mov(r11, rax)?;
+                            let mut on = a.create_label();
+                            a.jmp(on)?;
+                            a.set_label(&mut on)?;
+                        }
+                        a.pushfq()?;
+                        a.pop(r11)?;
+                        a.rol(r12, 5)?;
+                        a.xor(r12, r11)?;
+                    }
+                    5 => {
+                        a.mov(r11, qword_ptr(rsi))?;
+                        a.lea(rsi, qword_ptr(rsi + 8))?;
+                        a.adc(r12, r11)?;
+                    }
+                    _ => {
+                        // A loop whose head reads the flags of the block before it (the
+                        // NOP's block runs its first pass).
+                        let mut l = a.create_label();
+                        a.nop()?;
+                        a.set_label(&mut l)?;
+                        a.adc(r12, rax)?;
+                        a.rol(rax, 9)?;
+                        a.dec(r11d)?;
+                        a.jnz(l)?;
+                    }
+                }
+            }
+            a.dec(r14)?;
+            a.jnz(top)?;
+            a.cli()?;
+            a.hlt()
+        });
+        let (i, _) = both(&code, 1_000_000);
+        if observe == 5 {
+            assert_eq!(i.cpu.cr2, RAM as u64, "the load at the head of a block faulted");
+        }
+        // In slices of odd budgets (interrupt checks and budgets end runs between blocks).
+        let mut j = Machine::new(&code, compiled_tier());
+        loop {
+            match j.cpu.run(&mut never(), 997) {
+                Exit::Budget => {}
+                e => {
+                    assert!(matches!(e, Exit::HaltedForever));
+                    break;
+                }
+            }
+        }
+        assert_eq!(i.state(), j.state(), "observer {observe}, in slices");
+        // An interrupt taken between two blocks: its frame holds the flags the interpreter
+        // has after as many instructions.
+        if observe == 3 {
+            for after in [1u64, 3, 6, 9] {
+                let mut j = Machine::new(&code, compiled_tier());
+                j.cpu.rflags = 0x202;
+                let mut bus = IrqBus { looks: 0, after, vector: 0x40 };
+                assert_eq!(j.run(&mut bus, 10_000_000), Exit::HaltedForever);
+                assert_eq!(j.cpu.stats.interrupts, 1, "interrupt after {after} looks");
+                let frame = j.cpu.gpr[4];
+                // Every instruction but the handler's HLT ran before the interrupt.
+                let mut i = Machine::new(&code, Tier::Interp);
+                i.cpu.rflags = 0x202;
+                assert_eq!(i.run(&mut never(), j.cpu.stats.instructions - 1), Exit::Budget);
+                assert_eq!(j.u64_at(frame), i.cpu.rip, "interrupted RIP");
+                assert_eq!(j.u64_at(frame + 16), i.cpu.rflags, "RFLAGS in the frame, after {after} looks");
+            }
+        }
+    }
+}
+
+/// A hot loop (Cranelift code) calls, through a register, 256 functions that each run too
+/// rarely for Cranelift but often enough for baseline code: the flags its ADD left lazily
+/// are materialised for the baseline code its probe goes on in, which reads them (ADC, a
+/// Jcc at its head). Same state as the interpreter.
+#[test]
+fn flags_left_lazily_reach_baseline_code_the_probe_goes_on_in() {
+    const FUNCS: u64 = CODE + 0x1000;
+    let code = asm(|a| {
+        let mut top = a.create_label();
+        a.mov(r8, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.mov(r14, 256 * 300u64)?;
+        a.set_label(&mut top)?;
+        a.mov(rbx, r14)?;
+        a.and(ebx, 255)?;
+        a.shl(ebx, 5)?;
+        a.add(rbx, FUNCS as i32)?;
+        for (sh, left) in [(13, true), (7, false), (17, true)] {
+            a.mov(rax, r8)?;
+            if left {
+                a.shl(rax, sh)?;
+            } else {
+                a.shr(rax, sh)?;
+            }
+            a.xor(r8, rax)?;
+        }
+        a.mov(rax, r8)?;
+        a.add(rax, r9)?;
+        a.call(rbx)?;
+        a.rol(r9, 1)?;
+        a.add(r9, rax)?;
+        a.dec(r14)?;
+        a.jnz(top)?;
+        a.cli()?;
+        a.hlt()
+    });
+    // 256 functions of 32 bytes on the next page: `adc r12, rax; jb +3; add r13, 1; ret`.
+    let mut code = code;
+    code.resize(0x1000, 0xcc);
+    for _ in 0..256 {
+        let f = [0x49, 0x11, 0xc4, 0x72, 0x04, 0x49, 0x83, 0xc5, 0x01, 0xc3];
+        let mut slot = [0xccu8; 32];
+        slot[..f.len()].copy_from_slice(&f);
+        code.extend_from_slice(&slot);
+    }
+    let mut i = Machine::new(&code, Tier::Interp);
+    let mut j = Machine::new(&code, Tier::Auto);
+    assert_eq!(i.run(&mut never(), 100_000_000), Exit::HaltedForever);
+    assert_eq!(j.run(&mut never(), 100_000_000), Exit::HaltedForever);
+    assert_eq!(i.state(), j.state(), "state (gpr, rip, rflags, cr2, memory)");
+    let s = j.cpu.jit_stats();
+    assert!(s.base_instructions > 0 && s.instructions > s.base_instructions, "both tiers ran: {s:?}");
 }
 
 #[test]

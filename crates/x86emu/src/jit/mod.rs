@@ -387,6 +387,28 @@ pub(crate) struct JitCtx {
     /// Address of the chain entry of a baseline block whose run counter counted a batch of
     /// runs (`baseline::chain_entry`), for `enter`.
     pub(crate) credit: u64,
+    /// The arithmetic flags left lazily by the last Cranelift block (QEMU's `cc_op`): 0, or
+    /// the `kind << 8 | size` of [`jit_flags`] for an operation on `lf_a`, `lf_b` giving
+    /// `lf_r`, which RFLAGS's arithmetic flags are then computed from (`Cpu::rflags`
+    /// holds the others, and CF before an INC or DEC). Set only at Cranelift blocks' exits
+    /// and read by the next block where it looks at flags; made 0 (RFLAGS materialised)
+    /// before anything else runs: a helper that needs RFLAGS, the baseline code the probe
+    /// goes on in, and `enter` after every run ([`JitCtx::settle_flags`]).
+    pub(crate) lf_kind: u64,
+    pub(crate) lf_a: u64,
+    pub(crate) lf_b: u64,
+    pub(crate) lf_r: u64,
+}
+
+impl JitCtx {
+    /// Materialises the lazily kept arithmetic flags (`lf_kind`) into `cpu.rflags`.
+    #[inline]
+    fn settle_flags(&mut self, cpu: &mut Cpu) {
+        if self.lf_kind != 0 {
+            cpu.rflags = jit_flags(self.lf_kind, self.lf_a, self.lf_b, self.lf_r, cpu.rflags);
+            self.lf_kind = 0;
+        }
+    }
 }
 
 /// Reads `size` bytes at linear `la` for generated code (TLB miss, MMIO, page crossing).
@@ -1173,6 +1195,10 @@ pub(crate) fn enter(
         base_epoch: u64::from(cpu.jit.base_epoch),
         link_site: 0,
         credit: 0,
+        lf_kind: 0,
+        lf_a: 0,
+        lf_b: 0,
+        lf_r: 0,
     };
     cpu.interrupt_shadow = false;
     let (mut cur, mut page) = (code, page);
@@ -1202,6 +1228,7 @@ pub(crate) fn enter(
             // which this Cpu owns. No Rust reference to `cpu` or `ctx` is used while it runs.
             Code::Opt(f, _) => unsafe { tramp(cpu as *mut Cpu, &mut ctx as *mut JitCtx as *mut u8, f.0.as_ptr()) },
         };
+        ctx.settle_flags(cpu);
         // Blocks followed by the code itself (links, either tier's probe) took their counts
         // from `ctx.left`.
         let n = (r & 0xffff_ffff) + (start - ctx.left);

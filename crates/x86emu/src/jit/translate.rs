@@ -85,6 +85,20 @@ impl Pending {
     }
 }
 
+/// Where the arithmetic flags left by the block's predecessor are, at this point of the
+/// translation (`JitCtx::lf_kind`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lf {
+    /// RFLAGS is the one the context's lazy record gives from the RFLAGS variable (the
+    /// variable itself when the record is clear): read only where flags are looked at.
+    Live,
+    /// A later operation replaced them (the pending one), but the record is still in the
+    /// context: exits replace it.
+    Stale,
+    /// The record is clear (the RFLAGS variable and the pending operations are exact).
+    Clear,
+}
+
 /// Longest chain of flag operations kept lazily (see `Tr::below`) before it is settled.
 const CHAIN: usize = 8;
 
@@ -135,6 +149,8 @@ struct Tr<'a, 'b> {
     written: u16,
     /// RFLAGS variable written so far.
     fl_written: bool,
+    /// The predecessor's lazily kept flags (the bottom of the chain below `below`).
+    lf: Lf,
     /// Instructions retired by earlier passes of a block that loops onto itself.
     done: Variable,
     sig_read: SigRef,
@@ -350,11 +366,11 @@ impl Tr<'_, '_> {
         }
     }
 
-    /// RFLAGS before the pending operation: the RFLAGS variable with the chained operations
-    /// applied. `cold`: on a rarely taken path, through calls to [`super::jit_flags`]
+    /// RFLAGS before the pending operation: the RFLAGS variable (materialised from the
+    /// predecessor's lazy record while that is live) with the chained operations applied. `cold`: on a rarely taken path, through calls to [`super::jit_flags`]
     /// rather than inline code where it can.
     fn base(&mut self, cold: bool) -> Value {
-        let mut f = self.b.use_var(self.fl);
+        let mut f = if self.lf == Lf::Live { self.materialize_lazy() } else { self.b.use_var(self.fl) };
         for i in 0..self.below.len() {
             let Some(&p) = self.below.get(i) else { break };
             f = match p.code() {
@@ -374,10 +390,40 @@ impl Tr<'_, '_> {
         self.result(call)
     }
 
+    /// The RFLAGS variable = RFLAGS from the predecessor's lazy record (`JitCtx::lf_kind`,
+    /// cleared) where the record is set; returns it. It leaves the translation's state
+    /// (`lf`) as it is: on a path that joins others again the record and the variable
+    /// still give RFLAGS (callers on the main path make `lf` [`Lf::Clear`]).
+    fn materialize_lazy(&mut self) -> Value {
+        let old = self.b.use_var(self.fl);
+        let kind = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, lf_kind)));
+        let set = self.b.create_block();
+        let join = self.b.create_block();
+        let f = self.b.append_block_param(join, I64);
+        self.b.ins().brif(kind, set, &[], join, &[old.into()]);
+        self.b.switch_to_block(set);
+        let a = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, lf_a)));
+        let b = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, lf_b)));
+        let r = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, lf_r)));
+        let fp = self.iconst(super::jit_flags as *const () as u64);
+        let call = self.b.ins().call_indirect(self.sig_flags, fp, &[kind, a, b, r, old]);
+        let v = self.result(call);
+        let zero = self.iconst(0);
+        self.b.ins().store(MF, zero, self.ctx, off(offset_of!(JitCtx, lf_kind)));
+        self.b.ins().jump(join, &[v.into()]);
+        self.b.switch_to_block(join);
+        self.b.def_var(self.fl, f);
+        self.fl_written = true;
+        f
+    }
+
     /// Makes `p` the pending flag operation (see `below`).
     fn set_pending(&mut self, p: Pending) {
         if matches!(p.k, Pk::Add | Pk::Sub | Pk::Logic) {
             self.below.clear();
+            if self.lf == Lf::Live {
+                self.lf = Lf::Stale;
+            }
         } else if let Some(prev) = self.pending.take() {
             if self.below.len() < CHAIN {
                 self.below.push(prev);
@@ -461,6 +507,11 @@ impl Tr<'_, '_> {
             self.pending = None;
             self.below.clear();
             self.fl_written = true;
+        } else if self.lf == Lf::Live {
+            self.materialize_lazy();
+        }
+        if self.lf == Lf::Live {
+            self.lf = Lf::Clear;
         }
     }
 
@@ -631,7 +682,7 @@ impl Tr<'_, '_> {
     /// instructions; returns the instructions this function retired (earlier passes of a
     /// self-loop included).
     fn leave(&mut self, rip: Value, n: u64, cold: bool) -> Value {
-        self.store_state(cold);
+        self.store_exit(cold);
         self.b.ins().store(MF, rip, self.cpu, off(offset_of!(Cpu, rip)));
         let d = self.b.use_var(self.done);
         self.addi(d, n as i64)
@@ -960,17 +1011,23 @@ impl Tr<'_, '_> {
         (r, Pending { k, sz, a, b, r })
     }
 
-    /// Stores the GPRs written so far and RFLAGS (if changed) into the `Cpu`. `cold`: on a
-    /// rarely taken path, where pending flags are materialised by a call to
-    /// [`super::jit_flags`] rather than inline (less code to compile).
-    fn store_state(&mut self, cold: bool) {
+    /// Stores the GPRs written so far into the `Cpu`.
+    fn store_gprs(&mut self) {
         for r in 0..16u8 {
             if self.written & (1 << r) != 0 {
                 let v = self.reg(r);
                 self.b.ins().store(MF, v, self.cpu, gpr_off(r));
             }
         }
-        if self.fl_written || self.pending.is_some() {
+    }
+
+    /// Stores the GPRs written so far and the whole RFLAGS (if changed) into the `Cpu`, and
+    /// clears the context's lazy flags: for a helper that runs instructions. `cold`: on a
+    /// rarely taken path, where pending flags are materialised by a call to
+    /// [`super::jit_flags`] rather than inline (less code to compile).
+    fn store_state(&mut self, cold: bool) {
+        self.store_gprs();
+        if self.fl_written || self.pending.is_some() || self.lf == Lf::Live {
             let f = if cold {
                 let old = self.base(true);
                 match self.pending {
@@ -985,16 +1042,65 @@ impl Tr<'_, '_> {
             };
             self.b.ins().store(MF, f, self.cpu, off(offset_of!(Cpu, rflags)));
         }
+        if self.lf == Lf::Stale {
+            let zero = self.iconst(0);
+            self.b.ins().store(MF, zero, self.ctx, off(offset_of!(JitCtx, lf_kind)));
+        }
     }
 
-    /// Stores the changed state (as [`Self::store_state`]) where every path from here on
+    /// Stores the GPRs written so far into the `Cpu`, and the flags for leaving the block:
+    /// an ADD, SUB, logic, INC or DEC pending is left lazily in the context
+    /// (`JitCtx::lf_kind`: four stores, where computing RFLAGS takes ~25 instructions),
+    /// for the next block to read only if it looks at them before it overwrites them; a
+    /// live lazy record of the predecessor is left where it is. `cold`: as for
+    /// [`Self::store_state`].
+    fn store_exit(&mut self, cold: bool) {
+        self.store_gprs();
+        let rflags = off(offset_of!(Cpu, rflags));
+        match self.pending {
+            Some(p) if p.code().is_some() => {
+                if matches!(p.k, Pk::Inc | Pk::Dec) || !self.below.is_empty() {
+                    // RFLAGS before it (INC and DEC keep CF).
+                    let f = self.base(cold);
+                    self.b.ins().store(MF, f, self.cpu, rflags);
+                } else if self.fl_written {
+                    let f = self.b.use_var(self.fl);
+                    self.b.ins().store(MF, f, self.cpu, rflags);
+                }
+                let ks = self.iconst(p.code().unwrap_or(0));
+                self.b.ins().store(MF, ks, self.ctx, off(offset_of!(JitCtx, lf_kind)));
+                if p.k != Pk::Logic {
+                    // (Logic operations' flags come from the result alone.)
+                    self.b.ins().store(MF, p.a, self.ctx, off(offset_of!(JitCtx, lf_a)));
+                    self.b.ins().store(MF, p.b, self.ctx, off(offset_of!(JitCtx, lf_b)));
+                }
+                self.b.ins().store(MF, p.r, self.ctx, off(offset_of!(JitCtx, lf_r)));
+            }
+            Some(_) => self.store_state(cold),
+            None => {
+                // (A live record stays where it is.)
+                if self.fl_written {
+                    let f = self.b.use_var(self.fl);
+                    self.b.ins().store(MF, f, self.cpu, rflags);
+                }
+                if self.lf == Lf::Stale {
+                    let zero = self.iconst(0);
+                    self.b.ins().store(MF, zero, self.ctx, off(offset_of!(JitCtx, lf_kind)));
+                }
+            }
+        }
+    }
+
+    /// Stores the changed state (as [`Self::store_exit`]) where every path from here on
     /// leaves the block: nothing is left to store at the exits.
     fn store_before_exits(&mut self) {
-        self.store_state(false);
+        self.store_exit(false);
         self.written = 0;
         self.fl_written = false;
         self.pending = None;
         self.below.clear();
+        // The `Cpu` and the context hold RFLAGS now (as for a predecessor's record).
+        self.lf = Lf::Live;
     }
 
     /// Instruction `i` (`insn`) without a fast form: stores the registers and RFLAGS, runs
@@ -1030,6 +1136,7 @@ impl Tr<'_, '_> {
         self.b.def_var(self.fl, f);
         self.pending = None;
         self.below.clear();
+        self.lf = Lf::Clear;
         if !self.self_loop {
             self.written = 0;
             self.fl_written = false;
@@ -1992,8 +2099,6 @@ pub(crate) fn compile(
             _ => false,
         };
         let header = b.create_block();
-        b.ins().jump(header, &[]);
-        b.switch_to_block(header);
         let mut t = Tr {
             b,
             env,
@@ -2021,7 +2126,21 @@ pub(crate) fn compile(
             self_loop,
             consts: (None, Vec::new()),
             tlb,
+            lf: Lf::Live,
         };
+        if self_loop {
+            // Every pass starts in the same state: the predecessor's flags are dropped
+            // where a pass overwrites them before anything can look at them, else
+            // materialised once here.
+            if t.flags_dead_at_head() {
+                t.lf = Lf::Stale;
+            } else {
+                t.materialize_lazy();
+                t.lf = Lf::Clear;
+            }
+        }
+        t.b.ins().jump(header, &[]);
+        t.b.switch_to_block(header);
         let mut rip = None;
         let mut linked = false;
         let n = ops.len();
@@ -2246,6 +2365,30 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
         let zero = b.ins().iconst(I64, 0);
         b.ins().store(MF, zero, cx, off(offset_of!(JitCtx, link)));
         count_chained(&mut b, cx);
+        // Baseline code reads RFLAGS from the `Cpu`: the lazily kept flags are
+        // materialised first (`JitCtx::lf_kind`).
+        let kind = ld(&mut b, I64, cx, offset_of!(JitCtx, lf_kind));
+        let set = b.create_block();
+        let go = b.create_block();
+        b.ins().brif(kind, set, &[], go, &[]);
+        b.switch_to_block(set);
+        let la = ld(&mut b, I64, cx, offset_of!(JitCtx, lf_a));
+        let lb = ld(&mut b, I64, cx, offset_of!(JitCtx, lf_b));
+        let lr = ld(&mut b, I64, cx, offset_of!(JitCtx, lf_r));
+        let old = ld(&mut b, I64, cpu, offset_of!(Cpu, rflags));
+        let mut fs = Signature::new(module.make_signature().call_conv);
+        for _ in 0..5 {
+            fs.params.push(AbiParam::new(I64));
+        }
+        fs.returns.push(AbiParam::new(I64));
+        let sig_flags = b.import_signature(fs);
+        let fp = b.ins().iconst(I64, super::jit_flags as *const () as i64);
+        let call = b.ins().call_indirect(sig_flags, fp, &[kind, la, lb, lr, old]);
+        let fl = *b.inst_results(call).first()?;
+        b.ins().store(MF, fl, cpu, off(offset_of!(Cpu, rflags)));
+        b.ins().store(MF, zero, cx, off(offset_of!(JitCtx, lf_kind)));
+        b.ins().jump(go, &[]);
+        b.switch_to_block(go);
         follow_to(&mut b, [cpu, cx], left, total, f, sig_block);
         b.switch_to_block(miss);
         // `total` (EXIT_NORMAL), or EXIT_LINK for a link exit.
