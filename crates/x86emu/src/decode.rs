@@ -314,6 +314,44 @@ fn decode_block(cpu: &mut Cpu, la: u64, bits: u32, user: bool, base: usize) -> S
     Ok(BlockRef { ops, page, gen, slot: idx, gpa })
 }
 
+/// The instructions of the block at 64-bit `ip` on RAM page `page` (at GPA `page_gpa`),
+/// decoded as [`fetch_block`] would while the page keeps generation `gen`, but not cached:
+/// for the translation tier's traces, which go on from a block to another on its page.
+/// None if the page's generation moved on, or no whole instruction decodes at `ip` within
+/// the page.
+pub(crate) fn decode_on_page(cpu: &Cpu, page: usize, gen: u32, page_gpa: u64, ip: u64) -> Option<Vec<Op>> {
+    let (host, p) = cpu.mmu.ram_lookup(page_gpa & !0xfff)?;
+    if p != page {
+        return None;
+    }
+    let off = (ip & 0xfff) as usize;
+    let len = (4096 - off).min(BLOCK_MAX * 15);
+    let mut bytes = [0u8; BLOCK_MAX * 15];
+    // SAFETY: `host` maps the whole 4 KiB RAM page at `page_gpa` (RAM regions are whole
+    // pages, as `decode_block` relies on), and off + len <= 4096; `bytes` has room for
+    // `len` bytes and does not overlap guest RAM.
+    unsafe { std::ptr::copy_nonoverlapping(host.add(off) as *const u8, bytes.as_mut_ptr(), len) };
+    // The page was marked as code when its first block was decoded: a store to it since
+    // has moved its generation on (and one after this look retires the trace as well).
+    if cpu.mmu.shared.gen(page) != gen {
+        return None;
+    }
+    let mut dec = Decoder::with_ip(64, bytes.get(..len).unwrap_or_default(), ip, DecoderOptions::NO_INVALID_CHECK);
+    let mut ops = Vec::new();
+    while ops.len() < BLOCK_MAX && dec.can_decode() {
+        let insn = dec.decode();
+        if insn.is_invalid() {
+            break;
+        }
+        let end = ends_block(&insn);
+        ops.push(Op::new(insn, 64));
+        if end {
+            break;
+        }
+    }
+    (!ops.is_empty()).then_some(ops)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -816,6 +816,86 @@ fn flags_left_lazily_reach_baseline_code_the_probe_goes_on_in() {
     assert!(s.base_instructions > 0 && s.instructions > s.base_instructions, "both tiers ran: {s:?}");
 }
 
+/// Blocks compiled with the blocks they jump and call to on their page (traces): a loop
+/// of JMPs and a CALL runs as one compiled loop; a fault in a later block of the trace, a
+/// store into the trace's own code (the rewritten ADD runs from then on), and a CALL
+/// whose return address overwrites the function it calls (its stack on the trace's page)
+/// leave the state the interpreter has, in slices of odd budgets too.
+#[test]
+fn traces_through_jumps_and_calls_on_a_page_stay_exact() {
+    for variant in 0..3 {
+        let code = asm(|a| {
+            let mut top = a.create_label();
+            let (mut b1, mut b2, mut f, mut patched) =
+                (a.create_label(), a.create_label(), a.create_label(), a.create_label());
+            // (Every pass of variant 2 retires its page's code: it is compiled again.)
+            a.mov(rcx, if variant == 2 { 200u64 } else { 3000 })?;
+            a.mov(rsi, (RAM as u64) - 8 * 2500)?;
+            if variant == 2 {
+                // The stack on the code's page, just above the called function: the CALL's
+                // push overwrites the function the trace goes on to.
+                a.lea(rsp, ptr(f))?;
+                a.add(rsp, 8)?;
+            }
+            a.set_label(&mut top)?;
+            a.add(rax, rcx)?;
+            a.jmp(b1)?;
+            a.set_label(&mut b1)?;
+            if variant == 1 {
+                // Once, at pass 2,000 from the end: the ADD below adds 5 from then on.
+                let mut skip = a.create_label();
+                a.cmp(rcx, 1000)?;
+                a.jne(skip)?;
+                a.lea(rdi, ptr(patched))?;
+                a.mov(byte_ptr(rdi + 3), 5)?;
+                a.set_label(&mut skip)?;
+            }
+            a.call(f)?;
+            a.xor(rbx, rax)?;
+            a.jmp(b2)?;
+            a.set_label(&mut b2)?;
+            if variant == 0 {
+                // Faults at the 4 MiB mark, at pass 2,500.
+                a.add(rdx, qword_ptr(rsi))?;
+                a.add(rsi, 8)?;
+            } else {
+                a.nop()?;
+            }
+            a.set_label(&mut patched)?;
+            a.add(rdx, 1)?; // 48 83 C2 01
+            a.dec(rcx)?;
+            a.jnz(top)?;
+            a.cli()?;
+            a.hlt()?;
+            a.set_label(&mut f)?;
+            a.rol(rax, 3)?;
+            a.ret()?;
+            a.db(&[0xcc; 0x500])
+        });
+        let (i, j) = both(&code, 1_000_000);
+        let s = j.cpu.jit_stats();
+        if compiled_tier() == Tier::Jit {
+            assert!(s.traces >= 1, "variant {variant}: a block was compiled with the blocks it jumps to: {s:?}");
+        }
+        match variant {
+            0 => assert_eq!(i.cpu.cr2, RAM as u64, "the load in the trace's later block faulted"),
+            1 => assert_eq!(i.cpu.gpr[2], 2000 + 1000 * 5, "the rewritten ADD ran from pass 2,000 on"),
+            _ => assert_ne!(i.u64_at(i.cpu.gpr[4]), 0, "the return address stored"),
+        }
+        let mut k = Machine::new(&code, compiled_tier());
+        loop {
+            match k.cpu.run(&mut never(), 997) {
+                Exit::Budget => {}
+                e => {
+                    assert!(matches!(e, Exit::HaltedForever));
+                    break;
+                }
+            }
+        }
+        assert_eq!(i.state(), k.state(), "variant {variant}, in slices");
+    }
+}
+
 #[test]
 fn auto_tier_compiles_in_the_background_and_agrees_with_the_interpreter() {
     // A hot loop that calls a function on another page (a cross-page CALL and a RET through

@@ -130,6 +130,9 @@ pub struct JitStats {
     pub base_ns: u64,
     /// Baseline exits linked straight to their target's baseline code.
     pub base_links: u64,
+    /// Blocks compiled (or sent to be) with the blocks they jump or call to on their page
+    /// (see `trace`).
+    pub traces: u64,
 }
 
 /// Per-vCPU JIT state: the Cranelift module holding this vCPU's code and reusable
@@ -1041,12 +1044,49 @@ fn stamp(instructions: u64) -> u32 {
     (instructions >> 10) as u32
 }
 
+/// Most instructions in a trace (see [`trace`]).
+const TRACE_MAX: usize = 64;
+
+/// The block `ops` at `b` followed, within its page, by the blocks it goes on to
+/// unconditionally: the target of its last instruction when that is a direct JMP or
+/// CALL, and so on while the trace stays under [`TRACE_MAX`] instructions and visits no
+/// instruction twice (QEMU's blocks end at every branch and chain with one patched jump; a
+/// Cranelift block's transition to the next costs its frame, the state it stores and
+/// loads, and the link's checks, which a trace saves). None if it goes nowhere: the block
+/// alone. Every block of a trace lies on one page decoded at one generation, so that the
+/// page's generation covers all of it. (Going on at a Jcc's fall-through as well, with the
+/// taken side leaving through a link of its own, doubled the code and the compile time,
+/// left more of the boot to baseline code and cost 17 % of the vCPU's time.)
+fn trace(cpu: &Cpu, ops: &[Op], b: &BlockAt) -> Option<Vec<Op>> {
+    use crate::uop::Uop;
+    let start = ops.first()?.ip;
+    let mut t: Option<Vec<Op>> = None;
+    loop {
+        let all = t.as_deref().unwrap_or(ops);
+        let last = all.last()?;
+        let next = match last.uop {
+            Uop::Jmp { target } | Uop::Call { target } => target,
+            _ => break,
+        };
+        if next & !0xfff != start & !0xfff || all.iter().any(|o| o.ip == next) || all.len() >= TRACE_MAX {
+            break;
+        }
+        let Some(more) = crate::decode::decode_on_page(cpu, b.page, b.gen, b.gpa, next) else { break };
+        if all.len() + more.len() > TRACE_MAX {
+            break;
+        }
+        let mut v = t.take().unwrap_or_else(|| ops.to_vec());
+        v.extend(more);
+        t = Some(v);
+    }
+    t
+}
+
 #[cold]
 fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
     // Nothing is compiled without the shared code (trampoline and probe).
     let (_, probe) = shared_code()?;
-    let len = u32::try_from(ops.len()).ok()?;
-    if len == 0 {
+    if ops.is_empty() {
         return None;
     }
     if cpu.jit.held > cpu.jit.limit {
@@ -1061,6 +1101,12 @@ fn compile(cpu: &mut Cpu, ops: &[Op], b: BlockAt) -> Option<(JitFn, u32)> {
         // No thread, or enough in flight: interpret and ask again later.
         return None;
     }
+    let traced = trace(cpu, ops, &b);
+    if traced.is_some() {
+        cpu.jit.stats.traces += 1;
+    }
+    let ops = traced.as_deref().unwrap_or(ops);
+    let len = u32::try_from(ops.len()).ok()?;
     if ops.iter().any(|o| matches!(o.uop, crate::uop::Uop::Sse(s) if s.host_fp())) {
         cpu.jit.host_fp = true;
     }

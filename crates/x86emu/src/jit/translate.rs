@@ -2154,6 +2154,21 @@ pub(crate) fn compile(
                 linked = true;
                 break;
             }
+            // Inside a trace (see `super::trace`): the next instruction is where this one
+            // goes.
+            if let Some(next) = ops.get(i + 1).map(|o| o.ip) {
+                match op.uop {
+                    Uop::Jmp { target } if target == next => continue,
+                    Uop::Call { target } if target == next => {
+                        let ret = t.iconst(op.next_ip);
+                        t.push(ret, op, i);
+                        // The return address may have landed on the trace's page.
+                        t.check_gen(target, i);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             rip = t.op(op, i);
             if rip.is_some() {
                 break;
