@@ -230,6 +230,7 @@ fn jit_step(
     if n >= chunk || cpu.mmu.shared.gen(at.page) != at.gen {
         return (JitStep::NextBlock, n);
     }
+    // (After a trace, longer than the block, nothing of the block is left.)
     (JitStep::Interpret(len as usize), n)
 }
 

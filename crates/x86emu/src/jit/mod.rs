@@ -907,7 +907,8 @@ pub(crate) struct WantLink {
 /// Compiled code of a block, from one tier or the other.
 #[derive(Clone, Copy)]
 pub(crate) enum Code {
-    /// Cranelift's code (run by [`enter`]) and the block's length.
+    /// Cranelift's code (run by [`enter`]) and the block's length (a trace's: more than
+    /// the block's own instructions, see [`trace`]).
     Opt(JitFn, u32),
     /// Baseline code (run by [`enter`]) and the block's length.
     Base(BaseFn, u32),

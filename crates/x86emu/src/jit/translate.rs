@@ -2,8 +2,9 @@
 //!
 //! The generated function has the signature `extern "C" fn(cpu: *mut Cpu, ctx: *mut
 //! JitCtx) -> u64` and returns `retired | kind << 32` (see `super::EXIT_*`). Every exit
-//! stores the guest registers it changed, RFLAGS (materialised from the lazily kept
-//! operands of the last flag-setting operation) and RIP.
+//! stores the guest registers it changed, RIP, and RFLAGS or, for a pending ADD, SUB,
+//! logic operation, INC or DEC, its operands (`JitCtx::lf_kind`, which the next block reads
+//! only where it looks at the flags).
 
 use super::{aluop, JitCtx, EXIT_FAULT, EXIT_GP, EXIT_LINK, EXIT_NORMAL};
 use crate::alu::Op2;
@@ -367,8 +368,9 @@ impl Tr<'_, '_> {
     }
 
     /// RFLAGS before the pending operation: the RFLAGS variable (materialised from the
-    /// predecessor's lazy record while that is live) with the chained operations applied. `cold`: on a rarely taken path, through calls to [`super::jit_flags`]
-    /// rather than inline code where it can.
+    /// predecessor's lazy record while that is live) with the chained operations applied.
+    /// `cold`: on a rarely taken path, through calls to [`super::jit_flags`] rather than
+    /// inline code where it can.
     fn base(&mut self, cold: bool) -> Value {
         let mut f = if self.lf == Lf::Live { self.materialize_lazy() } else { self.b.use_var(self.fl) };
         for i in 0..self.below.len() {
