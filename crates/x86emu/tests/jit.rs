@@ -129,6 +129,17 @@ impl Machine {
         }
     }
 
+    /// Runs in calls of `slice` instructions each (no interrupts) until one ends otherwise
+    /// than on its budget; returns that exit.
+    fn run_in_slices(&mut self, slice: u64) -> Exit {
+        loop {
+            match self.cpu.run(&mut never(), slice) {
+                Exit::Budget => {}
+                e => return e,
+            }
+        }
+    }
+
     fn u64_at(&self, at: u64) -> u64 {
         let at = at as usize;
         u64::from_le_bytes(self.ram[at..at + 8].try_into().unwrap())
@@ -146,6 +157,20 @@ fn asm(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();
     f(&mut a).unwrap();
     a.assemble(CODE).unwrap()
+}
+
+/// One step of xorshift64 on R8 (clobbers RAX).
+fn xorshift_r8(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    for (sh, left) in [(13, true), (7, false), (17, true)] {
+        a.mov(rax, r8)?;
+        if left {
+            a.shl(rax, sh)?;
+        } else {
+            a.shr(rax, sh)?;
+        }
+        a.xor(r8, rax)?;
+    }
+    Ok(())
 }
 
 /// Runs `code` in both tiers; asserts the same exit and state, and that compiled code ran.
@@ -515,16 +540,7 @@ fn chained_lazy_flags_are_exact_wherever_they_are_observed() {
             a.mov(rsi, (RAM as u64) - 8 * 50)?;
             a.mov(r14, 200u64)?;
             a.set_label(&mut top)?;
-            // xorshift64 in r8.
-            a.mov(rax, r8)?;
-            a.shl(rax, 13)?;
-            a.xor(r8, rax)?;
-            a.mov(rax, r8)?;
-            a.shr(rax, 7)?;
-            a.xor(r8, rax)?;
-            a.mov(rax, r8)?;
-            a.shl(rax, 17)?;
-            a.xor(r8, rax)?;
+            xorshift_r8(a)?;
             // The chain: nothing in it sets every flag.
             a.mov(rax, r8)?;
             a.add(rax, r9)?;
@@ -609,16 +625,7 @@ fn flags_left_lazily_at_block_exits_are_exact_where_later_blocks_observe_them() 
             a.mov(rsi, (RAM as u64) - 8 * 10 * 29)?;
             a.mov(r14, 2000u64)?;
             a.set_label(&mut top)?;
-            // xorshift64 in r8; RAX and RBX its halves and rotations.
-            for (sh, left) in [(13, true), (7, false), (17, true)] {
-                a.mov(rax, r8)?;
-                if left {
-                    a.shl(rax, sh)?;
-                } else {
-                    a.shr(rax, sh)?;
-                }
-                a.xor(r8, rax)?;
-            }
+            xorshift_r8(a)?;
             for (k, &cc) in conds.iter().enumerate() {
                 a.mov(rax, r8)?;
                 a.mov(rbx, r8)?;
@@ -732,15 +739,7 @@ fn flags_left_lazily_at_block_exits_are_exact_where_later_blocks_observe_them() 
         }
         // In slices of odd budgets (interrupt checks and budgets end runs between blocks).
         let mut j = Machine::new(&code, compiled_tier());
-        loop {
-            match j.cpu.run(&mut never(), 997) {
-                Exit::Budget => {}
-                e => {
-                    assert!(matches!(e, Exit::HaltedForever));
-                    break;
-                }
-            }
-        }
+        assert_eq!(j.run_in_slices(997), Exit::HaltedForever);
         assert_eq!(i.state(), j.state(), "observer {observe}, in slices");
         // An interrupt taken between two blocks: its frame holds the flags the interpreter
         // has after as many instructions.
@@ -779,15 +778,7 @@ fn flags_left_lazily_reach_baseline_code_the_probe_goes_on_in() {
         a.and(ebx, 255)?;
         a.shl(ebx, 5)?;
         a.add(rbx, FUNCS as i32)?;
-        for (sh, left) in [(13, true), (7, false), (17, true)] {
-            a.mov(rax, r8)?;
-            if left {
-                a.shl(rax, sh)?;
-            } else {
-                a.shr(rax, sh)?;
-            }
-            a.xor(r8, rax)?;
-        }
+        xorshift_r8(a)?;
         a.mov(rax, r8)?;
         a.add(rax, r9)?;
         a.call(rbx)?;
@@ -883,15 +874,7 @@ fn traces_through_jumps_and_calls_on_a_page_stay_exact() {
             _ => assert_ne!(i.u64_at(i.cpu.gpr[4]), 0, "the return address stored"),
         }
         let mut k = Machine::new(&code, compiled_tier());
-        loop {
-            match k.cpu.run(&mut never(), 997) {
-                Exit::Budget => {}
-                e => {
-                    assert!(matches!(e, Exit::HaltedForever));
-                    break;
-                }
-            }
-        }
+        assert_eq!(k.run_in_slices(997), Exit::HaltedForever);
         assert_eq!(i.state(), k.state(), "variant {variant}, in slices");
     }
 }
