@@ -404,14 +404,7 @@ impl Tr<'_, '_> {
         let f = self.b.append_block_param(join, I64);
         self.b.ins().brif(kind, set, &[], join, &[old.into()]);
         self.b.switch_to_block(set);
-        let a = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, lf_a)));
-        let b = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, lf_b)));
-        let r = self.b.ins().load(I64, MF, self.ctx, off(offset_of!(JitCtx, lf_r)));
-        let fp = self.iconst(super::jit_flags as *const () as u64);
-        let call = self.b.ins().call_indirect(self.sig_flags, fp, &[kind, a, b, r, old]);
-        let v = self.result(call);
-        let zero = self.iconst(0);
-        self.b.ins().store(MF, zero, self.ctx, off(offset_of!(JitCtx, lf_kind)));
+        let v = lazy_flags(&mut self.b, self.ctx, kind, old, self.sig_flags);
         self.b.ins().jump(join, &[v.into()]);
         self.b.switch_to_block(join);
         self.b.def_var(self.fl, f);
@@ -1023,6 +1016,15 @@ impl Tr<'_, '_> {
         }
     }
 
+    /// Clears the context's lazy flags where they were overwritten since (exits and helper
+    /// calls replace a record that no longer holds).
+    fn clear_stale(&mut self) {
+        if self.lf == Lf::Stale {
+            let zero = self.iconst(0);
+            self.b.ins().store(MF, zero, self.ctx, off(offset_of!(JitCtx, lf_kind)));
+        }
+    }
+
     /// Stores the GPRs written so far and the whole RFLAGS (if changed) into the `Cpu`, and
     /// clears the context's lazy flags: for a helper that runs instructions. `cold`: on a
     /// rarely taken path, where pending flags are materialised by a call to
@@ -1044,10 +1046,7 @@ impl Tr<'_, '_> {
             };
             self.b.ins().store(MF, f, self.cpu, off(offset_of!(Cpu, rflags)));
         }
-        if self.lf == Lf::Stale {
-            let zero = self.iconst(0);
-            self.b.ins().store(MF, zero, self.ctx, off(offset_of!(JitCtx, lf_kind)));
-        }
+        self.clear_stale();
     }
 
     /// Stores the GPRs written so far into the `Cpu`, and the flags for leaving the block:
@@ -1085,10 +1084,7 @@ impl Tr<'_, '_> {
                     let f = self.b.use_var(self.fl);
                     self.b.ins().store(MF, f, self.cpu, rflags);
                 }
-                if self.lf == Lf::Stale {
-                    let zero = self.iconst(0);
-                    self.b.ins().store(MF, zero, self.ctx, off(offset_of!(JitCtx, lf_kind)));
-                }
+                self.clear_stale();
             }
         }
     }
@@ -2235,6 +2231,21 @@ fn follow_to(b: &mut FunctionBuilder, [cpu, cx]: [Value; 2], left: Value, total:
     b.ins().return_call_indirect(sig_block, f, &[cpu, cx]);
 }
 
+/// RFLAGS from the context's lazy record of kind `kind` (non-zero; see `JitCtx::lf_kind`)
+/// over `old`, through [`super::jit_flags`] (signature `sig_flags`); clears the record.
+fn lazy_flags(b: &mut FunctionBuilder, cx: Value, kind: Value, old: Value, sig_flags: SigRef) -> Value {
+    let ld = |b: &mut FunctionBuilder, o: usize| b.ins().load(I64, MF, cx, off(o));
+    let la = ld(b, offset_of!(JitCtx, lf_a));
+    let lb = ld(b, offset_of!(JitCtx, lf_b));
+    let lr = ld(b, offset_of!(JitCtx, lf_r));
+    let fp = b.ins().iconst(I64, super::jit_flags as *const () as i64);
+    let call = b.ins().call_indirect(sig_flags, fp, &[kind, la, lb, lr, old]);
+    let f = b.inst_results(call).first().copied().unwrap_or(old);
+    let zero = b.ins().iconst(I64, 0);
+    b.ins().store(MF, zero, cx, off(offset_of!(JitCtx, lf_kind)));
+    f
+}
+
 /// `JitCtx::chained` += 1 (a block entered through a jump cache).
 fn count_chained(b: &mut FunctionBuilder, cx: Value) {
     let c = b.ins().load(I64, MF, cx, off(offset_of!(JitCtx, chained)));
@@ -2389,21 +2400,13 @@ pub(crate) fn probe(code: &mut super::CodeModule) -> Option<*const u8> {
         let go = b.create_block();
         b.ins().brif(kind, set, &[], go, &[]);
         b.switch_to_block(set);
-        let la = ld(&mut b, I64, cx, offset_of!(JitCtx, lf_a));
-        let lb = ld(&mut b, I64, cx, offset_of!(JitCtx, lf_b));
-        let lr = ld(&mut b, I64, cx, offset_of!(JitCtx, lf_r));
         let old = ld(&mut b, I64, cpu, offset_of!(Cpu, rflags));
         let mut fs = Signature::new(module.make_signature().call_conv);
-        for _ in 0..5 {
-            fs.params.push(AbiParam::new(I64));
-        }
+        fs.params.extend([AbiParam::new(I64); 5]);
         fs.returns.push(AbiParam::new(I64));
         let sig_flags = b.import_signature(fs);
-        let fp = b.ins().iconst(I64, super::jit_flags as *const () as i64);
-        let call = b.ins().call_indirect(sig_flags, fp, &[kind, la, lb, lr, old]);
-        let fl = *b.inst_results(call).first()?;
+        let fl = lazy_flags(&mut b, cx, kind, old, sig_flags);
         b.ins().store(MF, fl, cpu, off(offset_of!(Cpu, rflags)));
-        b.ins().store(MF, zero, cx, off(offset_of!(JitCtx, lf_kind)));
         b.ins().jump(go, &[]);
         b.switch_to_block(go);
         follow_to(&mut b, [cpu, cx], left, total, f, sig_block);
